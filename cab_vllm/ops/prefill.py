@@ -1,0 +1,193 @@
+"""Block-sparse causal prefill over vLLM's paged KV cache (varlen batch, GQA), Triton.
+
+One program handles one query tile (a block-aligned run of up to ``block_size`` query rows of one sequence)
+for one query head, and streams only the key blocks selected for that tile's KV head, with an online
+softmax (FlashAttention-2 style, base-2 exponent). Causality inside the diagonal block is applied per token.
+Twin: ops.reference.paged_prefill_ref.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
+from cab_vllm.ops.reference import paged_prefill_ref
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from cab_vllm.ops._triton import paged_coords
+
+    @triton.jit
+    def _sparse_prefill_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr,
+        bt_ptr, qsl_ptr, seqlen_ptr,
+        tseq_ptr, tqb_ptr, tidx_ptr, tcnt_ptr,
+        scale_log2,
+        stride_qs, stride_qt, stride_qh,
+        stride_os, stride_ot, stride_oh,
+        stride_kpage, stride_kpos, stride_kh,
+        stride_vpage, stride_vpos, stride_vh,
+        stride_bt, stride_ti_t, stride_ti_h, stride_tc_t,
+        page_size, group,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // group
+        s = tl.load(tseq_ptr + t).to(tl.int64)
+        mb = tl.load(tqb_ptr + t)
+        q0 = tl.load(qsl_ptr + s)
+        q1 = tl.load(qsl_ptr + s + 1)
+        seq_len = tl.load(seqlen_ptr + s)
+        ctx = seq_len - (q1 - q0)
+
+        rows = mb * BLOCK + tl.arange(0, BLOCK)
+        row_ok = (rows >= ctx) & (rows < seq_len)
+        tok = (q0 + rows - ctx).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + s * stride_qs + tok[:, None] * stride_qt + h * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+        cnt = tl.load(tcnt_ptr + t * stride_tc_t + kvh)
+        idx_base = tidx_ptr + t.to(tl.int64) * stride_ti_t + kvh * stride_ti_h
+        for i in range(0, cnt):
+            kb = tl.load(idx_base + i)
+            kpos = kb * BLOCK + tl.arange(0, BLOCK)
+            k_ok = kpos < seq_len
+            page, slot = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
+                        mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * scale_log2
+            allowed = k_ok[None, :] & (kpos[None, :] <= rows[:, None])
+            qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
+                        mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + s * stride_os + tok[:, None] * stride_ot + h * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+class PrefillTiles(NamedTuple):
+    """Query tiles of a varlen batch and their key-block selection.
+
+    seq [T] int32        sequence of each tile
+    qblock [T] int32     absolute query block (position // block_size) of each tile
+    indices [T, Hkv, K]  int32 selected key blocks (absolute), ascending, -1 padded
+    counts [T, Hkv]      int32 number of valid entries in indices
+    """
+
+    seq: torch.Tensor
+    qblock: torch.Tensor
+    indices: torch.Tensor
+    counts: torch.Tensor
+
+
+def _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size):
+    check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"q dtype {q.dtype} unsupported: fp16/bf16/fp32")
+    check(key_cache.dtype == q.dtype and value_cache.dtype == q.dtype,
+          f"q ({q.dtype}), key_cache ({key_cache.dtype}) and value_cache ({value_cache.dtype}) must share a dtype")
+    check(key_cache.dim() == 4 and value_cache.shape == key_cache.shape,
+          f"key_cache/value_cache must both be [num_pages, page_size, Hkv, D], got {tuple(key_cache.shape)} "
+          f"and {tuple(value_cache.shape)}")
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = key_cache.shape[2]
+    check(key_cache.shape[3] == d, f"head dim of q ({d}) and cache ({key_cache.shape[3]}) differ")
+    check(d >= 16, f"head dim {d} < 16 is not supported")
+    check(hq % hkv == 0, f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    check(block_size >= 16 and block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two >= 16")
+    check(q.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1,
+          "the head dimension of q and the caches must be contiguous (stride 1)")
+    check(block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32, "block_table and seq_lens must be int32")
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache), ("block_table", block_table),
+                    ("seq_lens", seq_lens)):
+        check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}")
+    return hq, hkv, d
+
+
+def paged_sparse_prefill(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tiles: PrefillTiles,
+    block_size: int,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Block-sparse causal attention of a varlen batch of new tokens over a paged KV cache.
+
+    q [T, Hq, D] fp16/bf16/fp32: new tokens, sequences packed by query_start_loc [S+1] int32.
+    key_cache, value_cache [num_pages, page_size, Hkv, D]: any strides with a contiguous last dim (pass
+        vLLM's kv_cache[0] / kv_cache[1] views as they are). The cache already holds the new tokens.
+    block_table [S, max_pages] int32; seq_lens [S] int32: tokens in the cache, new ones included.
+    tiles: PrefillTiles; every query row should be covered by exactly one tile (rows of no tile are not
+        written). block_size: tokens per selection block (a power of two, not tied to page_size).
+    Returns out [T, Hq, D] in q.dtype.
+    """
+    hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
+    check(q.dim() == 3, f"q must be [T, Hq, D], got {tuple(q.shape)}")
+    check(query_start_loc.dtype == torch.int32 and query_start_loc.numel() == seq_lens.numel() + 1,
+          "query_start_loc must be int32 [S+1]")
+    check(tiles.indices.dim() == 3 and tiles.indices.shape[1] == hkv and tiles.counts.shape == tiles.indices.shape[:2],
+          f"tiles.indices must be [T, Hkv={hkv}, K] and tiles.counts [T, Hkv]")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if resolve_impl(impl, q, key_cache) == "torch":
+        res = paged_prefill_ref(q, key_cache, value_cache, block_table, query_start_loc, seq_lens, *tiles,
+                                block_size, scale)
+        if out is None:
+            return res
+        out.copy_(res)
+        return out
+    if out is None:
+        out = torch.zeros_like(q)
+    _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_start_loc, seq_lens, tiles,
+                           block_size, scale, (0, q.stride(0), q.stride(1)), (0, out.stride(0), out.stride(1)), hq)
+    return out
+
+
+def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_start_loc, seq_lens, tiles,
+                           block_size, scale, q_strides, o_strides, num_q_heads):
+    """Launch over T tiles x Hq heads. q_strides/o_strides = (per sequence, per token, per head): the address
+    of row r of sequence s is s * per_sequence + (query_start_loc[s] + r - ctx_s) * per_token, so a packed
+    varlen q passes per_sequence = 0 and a dense [B, Hq, N, D] q passes stride(0) - N * stride(2)."""
+    d, hkv = q.shape[-1], key_cache.shape[2]
+    ntiles = tiles.seq.shape[0]
+    if ntiles == 0:
+        return
+    idx, cnt = tiles.indices, tiles.counts
+    check(idx.dtype == torch.int32 and cnt.dtype == torch.int32, "tile indices/counts must be int32")
+    check(tiles.seq.dtype == torch.int32 and tiles.qblock.dtype == torch.int32, "tile seq/qblock must be int32")
+    check(idx.stride(-1) == 1 and cnt.stride(-1) == 1, "tile indices/counts must be contiguous in their last dim")
+    _sparse_prefill_kernel[(ntiles, num_q_heads)](
+        q, key_cache, value_cache, out,
+        block_table, query_start_loc, seq_lens,
+        tiles.seq, tiles.qblock, idx, cnt,
+        scale * 1.4426950408889634,
+        *q_strides, *o_strides,
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_table.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
+        key_cache.shape[1], num_q_heads // hkv,
+        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size,
+        num_warps=4 if d <= 64 else 8, num_stages=2,
+    )
