@@ -1,0 +1,223 @@
+"""Coarse block geometry: per-block pooling of Q/K and the block-score estimators built on it.
+
+Estimators (CABConfig.estimator) give a row-stochastic estimate A [B, Hq, M, M] of how much attention the
+queries of block i pay to the keys of block j (causal, zero above the diagonal):
+
+  max_l2   the seed's choice: one representative per block, the token of largest L2 norm; A = causal
+           softmax of q_c . k_c / sqrt(D) (+ log of the key block's token count).
+  mean     same with mean-pooled representatives.
+  topr     r representatives per block by norm; logit = max over the r x r pairs.
+  bounds   Quest-style: the mean query of the block against per-dimension key min/max, an upper bound of
+           q . k over the key block: sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo (two matmuls).
+  sampled  exact: the last ``sample_rows`` real query rows of each query block against every key, softmax
+           per row, attention mass summed per key block and averaged over the rows (MInference/XAttention
+           style). Never materialises the M x N scores (fused Triton kernel, two passes).
+
+Pooling reads Q and K once (Triton kernel; twin: reference.coarsen_ref).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
+from cab_vllm.ops import reference as ref
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _pool_kernel(
+        x_ptr, rep_ptr, mean_ptr, lo_ptr, hi_ptr,
+        n_tokens,
+        stride_xb, stride_xh, stride_xn,
+        stride_ob, stride_oh, stride_om,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+        DO_REP: tl.constexpr, DO_MEAN: tl.constexpr, DO_BOUNDS: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        m = tl.program_id(2).to(tl.int64)
+        pos = m * BLOCK + tl.arange(0, BLOCK)
+        ok = pos < n_tokens
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        mask = ok[:, None] & d_ok[None, :]
+        x = tl.load(x_ptr + b * stride_xb + h * stride_xh + pos[:, None] * stride_xn + d[None, :], mask=mask,
+                    other=0.0)
+        xf = x.to(tl.float32)
+        obase = b * stride_ob + h * stride_oh + m * stride_om
+        if DO_REP:
+            norms = tl.where(ok, tl.sum(xf * xf, 1), -1.0)
+            best = tl.max(norms, 0)
+            # first token reaching the maximum norm
+            first = tl.min(tl.where(norms == best, tl.arange(0, BLOCK), BLOCK), 0)
+            rep = tl.sum(tl.where((tl.arange(0, BLOCK) == first)[:, None], x, 0.0), 0)
+            tl.store(rep_ptr + obase + d, rep.to(rep_ptr.dtype.element_ty), mask=d_ok)
+        if DO_MEAN:
+            cnt = tl.sum(ok.to(tl.float32), 0)
+            tl.store(mean_ptr + obase + d, tl.sum(xf, 0) / cnt, mask=d_ok)
+        if DO_BOUNDS:
+            lo = tl.min(tl.where(mask, x, float("inf")), 0)
+            hi = tl.max(tl.where(mask, x, float("-inf")), 0)
+            tl.store(lo_ptr + obase + d, lo.to(lo_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(hi_ptr + obase + d, hi.to(hi_ptr.dtype.element_ty), mask=d_ok)
+
+    @triton.jit
+    def _sampled_mass_kernel(
+        q_ptr, k_ptr, a_ptr, qblk_ptr,
+        n_tokens, rows, scale_log2, group,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_ab, stride_ah, stride_ai,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, ROWS_PAD: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        i = tl.program_id(2)
+        kvh = (h // group).to(tl.int64)
+        mb = tl.load(qblk_ptr + i)
+        end = tl.minimum((mb + 1) * BLOCK, n_tokens)
+        r0 = tl.maximum(mb * BLOCK, end - rows)
+        rpos = r0 + tl.arange(0, ROWS_PAD)
+        r_ok = rpos < end
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rpos[:, None] * stride_qn + d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        kbase = k_ptr + b * stride_kb + kvh * stride_kh
+        # pass 1: per-row log-sum-exp over the causal keys
+        m_i = tl.full([ROWS_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([ROWS_PAD], dtype=tl.float32)
+        for j in range(0, mb + 1):
+            kpos = j * BLOCK + tl.arange(0, BLOCK)
+            k = tl.load(kbase + kpos[:, None] * stride_kn + d[None, :],
+                        mask=(kpos < n_tokens)[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where((kpos[None, :] <= rpos[:, None]) & r_ok[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
+        nrows = (end - r0).to(tl.float32)
+        # pass 2: attention mass per key block, averaged over the rows
+        abase = a_ptr + b * stride_ab + h * stride_ah + i * stride_ai
+        for j in range(0, mb + 1):
+            kpos = j * BLOCK + tl.arange(0, BLOCK)
+            k = tl.load(kbase + kpos[:, None] * stride_kn + d[None, :],
+                        mask=(kpos < n_tokens)[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            p = tl.where((kpos[None, :] <= rpos[:, None]) & r_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+            tl.store(abase + j, tl.sum(tl.sum(p, 1), 0) / nrows)
+
+
+def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = False, bounds: bool = False,
+         impl: str = "auto") -> dict[str, torch.Tensor]:
+    """One pass over x [B, H, N, D] giving the requested per-block statistics, each [B, H, M, D]:
+    'max_l2' (x.dtype), 'mean' (float32), 'lo' and 'hi' (x.dtype). A partial last block pools its valid tokens."""
+    check(x.dim() == 4, f"x must be [B, H, N, D], got {tuple(x.shape)}")
+    check(x.shape[2] >= 1, "x has no tokens")
+    if resolve_impl(impl, x) == "torch":
+        out = {}
+        if max_l2:
+            out["max_l2"] = ref.coarsen_ref(x, block_size, "max_l2")
+        if mean:
+            out["mean"] = ref.coarsen_ref(x, block_size, "mean")
+        if bounds:
+            out["lo"], out["hi"] = ref.coarsen_ref(x, block_size, "bounds")
+        return out
+    b, h, n, d = x.shape
+    check(x.stride(-1) == 1, "x must have a contiguous last dim")
+    m = ref.num_blocks(n, block_size)
+    shape = (b, h, m, d)
+    rep = torch.empty(shape, dtype=x.dtype, device=x.device) if max_l2 else None
+    mn = torch.empty(shape, dtype=torch.float32, device=x.device) if mean else None
+    lo = torch.empty(shape, dtype=x.dtype, device=x.device) if bounds else None
+    hi = torch.empty(shape, dtype=x.dtype, device=x.device) if bounds else None
+    any_out = next(t for t in (rep, mn, lo, hi) if t is not None)
+    _pool_kernel[(b, h, m)](
+        x, rep if rep is not None else any_out, mn if mn is not None else any_out,
+        lo if lo is not None else any_out, hi if hi is not None else any_out,
+        n, x.stride(0), x.stride(1), x.stride(2),
+        any_out.stride(0), any_out.stride(1), any_out.stride(2),
+        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size,
+        DO_REP=max_l2, DO_MEAN=mean, DO_BOUNDS=bounds, num_warps=4,
+    )
+    out = {}
+    if max_l2:
+        out["max_l2"] = rep
+    if mean:
+        out["mean"] = mn
+    if bounds:
+        out["lo"], out["hi"] = lo, hi
+    return out
+
+
+def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, rows: int,
+                            q_blocks: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """Exact block attention mass of the last ``rows`` query tokens of each query block in ``q_blocks``.
+
+    q [B, Hq, N, D], k [B, Hkv, N, D]; q_blocks [Mq] int (default: all M blocks).
+    Returns A [B, Hq, Mq, M] float32, row-stochastic over the causal key blocks.
+    """
+    b, hq, n, d = q.shape
+    m = ref.num_blocks(n, block_size)
+    if q_blocks is None:
+        q_blocks = torch.arange(m, device=q.device)
+    check(1 <= rows <= block_size, f"rows={rows} must be in [1, block_size={block_size}]")
+    if resolve_impl(impl, q, k) == "torch":
+        return ref.sampled_block_attention_ref(q, k, block_size, rows, q_blocks)
+    check(q.stride(-1) == 1 and k.stride(-1) == 1, "q and k must have a contiguous last dim")
+    qb = q_blocks.to(device=q.device, dtype=torch.int32).contiguous()
+    a = torch.zeros(b, hq, qb.numel(), m, dtype=torch.float32, device=q.device)
+    if qb.numel() == 0:
+        return a
+    _sampled_mass_kernel[(b, hq, qb.numel())](
+        q, k, a, qb, n, rows, 1.4426950408889634 / math.sqrt(d), hq // k.shape[1],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        a.stride(0), a.stride(1), a.stride(2),
+        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, ROWS_PAD=max(16, next_pow2(rows)),
+        num_warps=4,
+    )
+    return a
+
+
+def block_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str, num_reps: int = 4,
+                 impl: str = "auto") -> torch.Tensor:
+    """Estimated logits [B, Hq, M, M] float32 for the one-pass estimators (max_l2, mean, topr, bounds)."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    check(hq % hkv == 0, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if estimator == "topr" or resolve_impl(impl, q, k) == "torch":
+        return ref.block_logits_ref(q, k, block_size, estimator, num_reps)
+    scale = 1.0 / math.sqrt(d)
+    g = hq // hkv
+    b, m = q.shape[0], ref.num_blocks(q.shape[2], block_size)
+
+    def grouped(x):  # [B, Hq, M, D] -> [B, Hkv, G*M, D] so one matmul serves the whole group
+        return x.reshape(b, hkv, g * m, d)
+
+    if estimator in ("max_l2", "mean"):
+        qc = pool(q, block_size, **{estimator: True}, impl=impl)[estimator].float()
+        kc = pool(k, block_size, **{estimator: True}, impl=impl)[estimator].float()
+        out = grouped(qc) @ kc.transpose(-1, -2)
+    elif estimator == "bounds":
+        qm = pool(q, block_size, mean=True, impl=impl)["mean"]
+        kb = pool(k, block_size, bounds=True, impl=impl)
+        qg = grouped(qm)
+        out = qg.clamp(min=0) @ kb["hi"].float().transpose(-1, -2) + qg.clamp(max=0) @ kb["lo"].float().transpose(-1, -2)
+    else:
+        raise ValueError(f"estimator {estimator!r} has no logits")
+    return (out * scale).view(b, hq, m, m)
+
+
+def estimate_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str,
+                             num_reps: int = 4, sample_rows: int = 4, impl: str = "auto") -> torch.Tensor:
+    """Row-stochastic estimated block attention A [B, Hq, M, M] float32 (see the module docstring)."""
+    if estimator == "sampled":
+        return sampled_block_attention(q, k, block_size, sample_rows, impl=impl)
+    logits = block_logits(q, k, block_size, estimator, num_reps, impl=impl)
+    return ref.logits_to_block_attention(logits, q.shape[2], block_size)

@@ -1,0 +1,94 @@
+"""Block-selection policies, side by side, all at the same budget (CABConfig.keep_counts).
+
+Every policy keeps the sink and local blocks, then fills the rest of each query block's budget by its own
+rule. Selections are per KV head (Hsel = Hkv): the G query heads of a group share one selection, so a
+kernel reads each selected key block once per group.
+
+  dense      every causal block (sparsity ignored).
+  streaming  sink + the most recent blocks (StreamingLLM).
+  random     sink + local + uniformly random causal blocks (seeded).
+  magnitude  highest estimated attention mass, max over the group's heads (keeps a block any head needs).
+  curvature  most-negative curvature F of the group's mean graph (the seed's bridges).
+  h2o        heavy hitters: largest attention mass accumulated over all earlier query blocks, plus a recent
+             window (h2o_recent_share of the free budget) — coarse, block-level H2O.
+  cab        the product default: magnitude on the configured estimator, with the answer-producing rows
+             (the sequence's last ``exact_rows`` query tokens, i.e. the last query block) scored exactly
+             against every key, and ``curvature_share`` of the free budget given to most-negative F first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cab_vllm.config import CABConfig
+from cab_vllm.ops.coarsen import estimate_block_attention, sampled_block_attention
+from cab_vllm.ops.curvature import curvature
+from cab_vllm.ops.reference import causal_block_mask
+from cab_vllm.ops.select import forced_mask, select_tiered, select_topk
+
+
+def group_reduce(a: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query-head A [B, Hq, M, M] -> (max over the group, mean over the group), each [B, Hkv, M, M]."""
+    b, hq, mq, mk = a.shape
+    ag = a.view(b, num_kv_heads, hq // num_kv_heads, mq, mk)
+    return ag.amax(2), ag.mean(2)
+
+
+def _free_counts(keep: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    return (keep - forced.sum(-1)).clamp(min=0)
+
+
+def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABConfig, impl: str = "auto"
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply cfg.policy to estimated block attention (both [B, Hkv, M, M], row-stochastic, causal).
+
+    Returns (indices [B, Hkv, M, K] int32 ascending -1 padded, counts [B, Hkv, M] int32).
+    """
+    m, dev = a_max.shape[-1], a_max.device
+    allowed = causal_block_mask(m, dev)
+    policy = cfg.policy
+    keep = (cfg.replace(sparsity=0.0) if policy == "dense" else cfg).keep_counts(m, dev)
+    forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, dev)
+    fx = forced.expand_as(a_max)
+    if policy == "dense":
+        return select_topk(torch.where(allowed, 0.0, float("-inf")).expand_as(a_max), keep)
+    if policy == "streaming":
+        recency = torch.arange(m, device=dev, dtype=torch.float32).expand_as(a_max)
+        return select_tiered([fx, recency], keep, allowed)
+    if policy == "random":
+        gen = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.rand(a_max.shape, generator=gen).to(dev)
+        return select_tiered([fx, noise], keep, allowed)
+    if policy == "magnitude":
+        return select_tiered([fx, a_max], keep, allowed)
+    if policy == "curvature":
+        return select_tiered([fx, -curvature(a_mean, impl=impl)], keep, allowed)
+    if policy == "h2o":
+        acc = a_mean.cumsum(dim=-2)  # mass each key block has collected from query blocks <= i
+        n_recent = torch.round(_free_counts(keep, forced) * cfg.h2o_recent_share).long()
+        i = torch.arange(m, device=dev)
+        # the n_recent blocks just left of the local window
+        lo = (i - cfg.local_blocks + 1 - n_recent)[:, None]
+        recent = (i[None, :] >= lo) & allowed
+        return select_tiered([fx, recent.expand_as(a_max), acc], keep, allowed)
+    if policy == "cab":
+        tiers = [fx]
+        if cfg.curvature_share > 0:
+            n_curv = torch.round(_free_counts(keep, forced) * cfg.curvature_share).long()
+            curv_pri = torch.where(fx, float("-inf"), -curvature(a_mean, impl=impl))
+            ci, cc = select_topk(curv_pri.masked_fill(~allowed, float("-inf")), torch.minimum(n_curv, keep))
+            chosen = torch.zeros(*a_max.shape[:-1], m + 1, dtype=torch.bool, device=dev)
+            chosen.scatter_(-1, torch.where(ci >= 0, ci.long(), m), True)
+            tiers.append(chosen[..., :m])
+        return select_tiered(tiers + [a_max], keep, allowed)
+    raise ValueError(f"unknown policy {policy!r}")
+
+
+def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto") -> torch.Tensor:
+    """Estimated per-query-head block attention [B, Hq, M, M] for cfg (cab adds the exact last rows)."""
+    a = estimate_block_attention(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl)
+    if cfg.policy == "cab" and cfg.exact_rows > 0:
+        m = a.shape[-1]
+        last = torch.tensor([m - 1], device=q.device)
+        a[:, :, m - 1] = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl)[:, :, 0]
+    return a
