@@ -92,3 +92,43 @@ def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto
         last = torch.tensor([m - 1], device=q.device)
         a[:, :, m - 1] = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl)[:, :, 0]
     return a
+
+
+DECODE_POLICIES = ("cab", "magnitude", "streaming", "random", "dense")
+
+
+def select_decode_blocks(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor, seq_lens: torch.Tensor,
+                         cfg: CABConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key blocks for one decode query per sequence (Quest-style: the real query against block bounds).
+
+    q [S, Hq, D]; k_lo, k_hi [S, Hkv, Mmax, D]: per-block elementwise min/max of the keys (as ops.coarsen.pool
+    gives, cached per full block by the backend); seq_lens [S] (the query sits at seq_lens - 1).
+    The query's block m = (seq_len - 1) // block_size keeps CABConfig.keep_counts(m + 1)[-1] blocks.
+    Returns (indices [S, Hkv, K] int32 ascending -1 padded, counts [S, Hkv] int32).
+    """
+    if cfg.policy not in DECODE_POLICIES:
+        raise ValueError(f"policy {cfg.policy!r} has no decode-time selection; decode supports {DECODE_POLICIES}")
+    s, hq, d = q.shape
+    hkv, mmax = k_lo.shape[1], k_lo.shape[2]
+    dev = q.device
+    last = ((seq_lens.long() - 1) // cfg.block_size)  # [S]
+    jj = torch.arange(mmax, device=dev)
+    valid = jj[None, :] <= last[:, None]  # [S, Mmax]
+    ccfg = cfg.replace(sparsity=0.0) if cfg.policy == "dense" else cfg
+    keep = ccfg.keep_counts(mmax, dev)[last]  # [S]
+    forced = ((jj[None, :] < cfg.sink_blocks) | (jj[None, :] > last[:, None] - cfg.local_blocks)) & valid
+    if cfg.policy in ("cab", "magnitude"):
+        qf = q.float().view(s, hkv, hq // hkv, d)
+        logits = (qf.clamp(min=0) @ k_hi.float().transpose(-1, -2) + qf.clamp(max=0) @ k_lo.float().transpose(-1, -2))
+        score = (logits / d**0.5).amax(2)  # [S, Hkv, Mmax]: max over the group's heads
+    elif cfg.policy == "streaming":
+        score = jj.float().expand(s, hkv, mmax)
+    elif cfg.policy == "random":
+        gen = torch.Generator().manual_seed(cfg.seed)
+        score = torch.rand(s, hkv, mmax, generator=gen).to(dev)
+    else:
+        score = torch.zeros(s, hkv, mmax, device=dev)
+    pri = 0.5 + torch.atan(score.double()) / torch.pi + 2.0 * forced[:, None].double()
+    pri = pri.masked_fill(~valid[:, None], float("-inf"))
+    idx, cnt = select_topk(pri.transpose(0, 1), keep)  # rows = sequences
+    return idx.transpose(0, 1).contiguous(), cnt.transpose(0, 1).contiguous()
