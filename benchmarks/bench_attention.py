@@ -126,6 +126,33 @@ def decode_rows(n: int, batch: int, hq: int, hkv: int, d: int, sparsities, rows:
     torch.cuda.empty_cache()
 
 
+def predictor_stages(n: int, hq: int, hkv: int, d: int, rows: list[dict]) -> None:
+    """Where the default predictor's time goes (one 95%-sparsity selection)."""
+    from cab_vllm.ops.coarsen import block_logits, sampled_block_attention
+    from cab_vllm.ops.reference import logits_to_block_attention
+    from cab_vllm.policies import group_reduce, select_from_attention
+
+    cfg = cab_vllm.CABConfig(sparsity=0.95)
+    q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+    logits = block_logits(q, k, 64, cfg.estimator)
+    a = logits_to_block_attention(logits, n, 64)
+    m = a.shape[-1]
+    amax, amean = group_reduce(a, hkv)
+    stages = {
+        "pool+logits": lambda: block_logits(q, k, 64, cfg.estimator),
+        "softmax": lambda: logits_to_block_attention(logits, n, 64),
+        "exact_last_rows": lambda: sampled_block_attention(q, k, 64, cfg.exact_rows,
+                                                           torch.tensor([m - 1], device="cuda")),
+        "group_reduce": lambda: group_reduce(a, hkv),
+        "select": lambda: select_from_attention(amax, amean, cfg),
+    }
+    for name, fn in stages.items():
+        ms = bench(fn)
+        rows.append(dict(kind="predictor_stage", n=n, name=name, ms=ms))
+        print(f"  predictor stage N={n} {name:<16} {ms:8.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
@@ -141,6 +168,7 @@ def main() -> None:
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=time.strftime("%Y-%m-%d"), hq=hq, hkv=hkv, d=d, dtype="bf16", cab_config=repr(cab_vllm.CABConfig()))
     print(meta, flush=True)
+    predictor_stages(max(a.lengths), hq, hkv, d, rows)
     for n in a.lengths:
         prefill_rows(n, hq, hkv, d, a.sparsities, rows)
     for b in a.decode_batches:
@@ -151,6 +179,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         perf = r.get("tflops", r.get("gbps", 0.0))
+        if r["kind"] == "predictor_stage":
+            continue
         sp = r.get("speedup_vs_fa2", r.get("speedup_vs_dense", ""))
         sp = f"{sp:.1f}x" if sp != "" else ""
         print(f"| {r['kind']} | {r['n']} | {r.get('batch', 1)} | {r['name']} | {r['ms']:.3f} | {perf:.0f} | {sp} |")

@@ -24,7 +24,7 @@ from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import estimate_block_attention, sampled_block_attention
 from cab_vllm.ops.curvature import curvature
 from cab_vllm.ops.reference import causal_block_mask
-from cab_vllm.ops.select import forced_mask, select_tiered, select_topk
+from cab_vllm.ops.select import decode_priority, forced_mask, select_tiered, select_topk
 
 
 def group_reduce(a: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,37 +98,34 @@ DECODE_POLICIES = ("cab", "magnitude", "streaming", "random", "dense")
 
 
 def select_decode_blocks(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor, seq_lens: torch.Tensor,
-                         cfg: CABConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                         cfg: CABConfig, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Key blocks for one decode query per sequence (Quest-style: the real query against block bounds).
 
     q [S, Hq, D]; k_lo, k_hi [S, Hkv, Mmax, D]: per-block elementwise min/max of the keys (as ops.coarsen.pool
-    gives, cached per full block by the backend); seq_lens [S] (the query sits at seq_lens - 1).
+    gives, cached per full block by the backend); seq_lens [S] int32 (the query sits at seq_lens - 1).
     The query's block m = (seq_len - 1) // block_size keeps CABConfig.keep_counts(m + 1)[-1] blocks.
-    Returns (indices [S, Hkv, K] int32 ascending -1 padded, counts [S, Hkv] int32).
+    Returns (indices [S, Hkv, K] int32 ascending -1 padded, counts [S, Hkv] int32); no host sync.
     """
     if cfg.policy not in DECODE_POLICIES:
         raise ValueError(f"policy {cfg.policy!r} has no decode-time selection; decode supports {DECODE_POLICIES}")
-    s, hq, d = q.shape
-    hkv, mmax = k_lo.shape[1], k_lo.shape[2]
+    s, hkv, mmax = q.shape[0], k_lo.shape[1], k_lo.shape[2]
     dev = q.device
-    last = ((seq_lens.long() - 1) // cfg.block_size)  # [S]
-    jj = torch.arange(mmax, device=dev)
-    valid = jj[None, :] <= last[:, None]  # [S, Mmax]
     ccfg = cfg.replace(sparsity=0.0) if cfg.policy == "dense" else cfg
-    keep = ccfg.keep_counts(mmax, dev)[last]  # [S]
-    forced = ((jj[None, :] < cfg.sink_blocks) | (jj[None, :] > last[:, None] - cfg.local_blocks)) & valid
+    keep_all = ccfg.keep_counts(mmax)
+    keep = keep_all.to(dev)[(seq_lens.long() - 1) // cfg.block_size]  # [S]
     if cfg.policy in ("cab", "magnitude"):
-        qf = q.float().view(s, hkv, hq // hkv, d)
-        logits = (qf.clamp(min=0) @ k_hi.float().transpose(-1, -2) + qf.clamp(max=0) @ k_lo.float().transpose(-1, -2))
-        score = (logits / d**0.5).amax(2)  # [S, Hkv, Mmax]: max over the group's heads
-    elif cfg.policy == "streaming":
-        score = jj.float().expand(s, hkv, mmax)
-    elif cfg.policy == "random":
-        gen = torch.Generator().manual_seed(cfg.seed)
-        score = torch.rand(s, hkv, mmax, generator=gen).to(dev)
+        pri = decode_priority(q, k_lo, k_hi, seq_lens, cfg.block_size, cfg.sink_blocks, cfg.local_blocks, impl)
     else:
-        score = torch.zeros(s, hkv, mmax, device=dev)
-    pri = 0.5 + torch.atan(score.double()) / torch.pi + 2.0 * forced[:, None].double()
-    pri = pri.masked_fill(~valid[:, None], float("-inf"))
-    idx, cnt = select_topk(pri.transpose(0, 1), keep)  # rows = sequences
+        jj = torch.arange(mmax, device=dev)
+        if cfg.policy == "streaming":
+            score = jj.float().expand(s, hkv, mmax)
+        elif cfg.policy == "random":
+            score = torch.rand(s, hkv, mmax, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
+        else:
+            score = torch.zeros(s, hkv, mmax, device=dev)
+        last = (seq_lens.long() - 1) // cfg.block_size
+        forced = (jj[None, :] < cfg.sink_blocks) | (jj[None, :] > last[:, None] - cfg.local_blocks)
+        pri = score.masked_fill(forced[:, None], float("inf"))
+        pri = pri.masked_fill((jj[None, :] > last[:, None])[:, None], float("-inf"))
+    idx, cnt = select_topk(pri.transpose(0, 1), keep, kmax=int(keep_all[-1]))  # rows = sequences
     return idx.transpose(0, 1).contiguous(), cnt.transpose(0, 1).contiguous()

@@ -67,52 +67,62 @@ if HAS_TRITON:
             tl.store(hi_ptr + obase + d, hi.to(hi_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit
-    def _sampled_mass_kernel(
-        q_ptr, k_ptr, a_ptr, qblk_ptr,
-        n_tokens, rows, scale_log2, group,
+    def _sampled_kernel(
+        q_ptr, k_ptr, qblk_ptr, part_ptr, lse_ptr, a_ptr,
+        n_tokens, rows, scale_log2, group, num_splits,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_ab, stride_ah, stride_ai,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, ROWS_PAD: tl.constexpr,
+        MASS_PASS: tl.constexpr,
     ):
+        """Program (b, h, i * num_splits + split) scores the sampled rows of query block qblk[i] against key
+        blocks split, split + num_splits, ... Pass 1 (MASS_PASS=False) writes each row's partial max and sum
+        to part [B, Hq, Mq, splits, 2, ROWS_PAD]; pass 2 reads the merged lse [B, Hq, Mq, ROWS_PAD] (base 2)
+        and writes the per-key-block mass averaged over the rows."""
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
-        i = tl.program_id(2)
+        i = tl.program_id(2) // num_splits
+        split = tl.program_id(2) % num_splits
         kvh = (h // group).to(tl.int64)
         mb = tl.load(qblk_ptr + i)
         end = tl.minimum((mb + 1) * BLOCK, n_tokens)
         r0 = tl.maximum(mb * BLOCK, end - rows)
-        rpos = r0 + tl.arange(0, ROWS_PAD)
+        r = tl.arange(0, ROWS_PAD)
+        rpos = r0 + r
         r_ok = rpos < end
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rpos[:, None] * stride_qn + d[None, :],
                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         kbase = k_ptr + b * stride_kb + kvh * stride_kh
-        # pass 1: per-row log-sum-exp over the causal keys
-        m_i = tl.full([ROWS_PAD], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([ROWS_PAD], dtype=tl.float32)
-        for j in range(0, mb + 1):
+        row_id = (b * tl.num_programs(1) + h) * (tl.num_programs(2) // num_splits) + i
+        if MASS_PASS:
+            lse = tl.load(lse_ptr + row_id * ROWS_PAD + r)
+            nrows = (end - r0).to(tl.float32)
+            abase = a_ptr + b * stride_ab + h * stride_ah + i * stride_ai
+        else:
+            m_i = tl.full([ROWS_PAD], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([ROWS_PAD], dtype=tl.float32)
+        for j in range(split, mb + 1, num_splits):
             kpos = j * BLOCK + tl.arange(0, BLOCK)
             k = tl.load(kbase + kpos[:, None] * stride_kn + d[None, :],
                         mask=(kpos < n_tokens)[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale_log2
-            s = tl.where((kpos[None, :] <= rpos[:, None]) & r_ok[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-            m_i = m_new
-        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
-        nrows = (end - r0).to(tl.float32)
-        # pass 2: attention mass per key block, averaged over the rows
-        abase = a_ptr + b * stride_ab + h * stride_ah + i * stride_ai
-        for j in range(0, mb + 1):
-            kpos = j * BLOCK + tl.arange(0, BLOCK)
-            k = tl.load(kbase + kpos[:, None] * stride_kn + d[None, :],
-                        mask=(kpos < n_tokens)[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            p = tl.where((kpos[None, :] <= rpos[:, None]) & r_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-            tl.store(abase + j, tl.sum(tl.sum(p, 1), 0) / nrows)
+            ok = (kpos[None, :] <= rpos[:, None]) & r_ok[:, None]
+            if MASS_PASS:
+                p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+                tl.store(abase + j, tl.sum(tl.sum(p, 1), 0) / nrows)
+            else:
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+                m_i = m_new
+        if not MASS_PASS:
+            pbase = part_ptr + (row_id * num_splits + split) * 2 * ROWS_PAD
+            tl.store(pbase + r, m_i)
+            tl.store(pbase + ROWS_PAD + r, l_i)
 
 
 def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = False, bounds: bool = False,
@@ -173,16 +183,27 @@ def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, r
         return ref.sampled_block_attention_ref(q, k, block_size, rows, q_blocks)
     check(q.stride(-1) == 1 and k.stride(-1) == 1, "q and k must have a contiguous last dim")
     qb = q_blocks.to(device=q.device, dtype=torch.int32).contiguous()
-    a = torch.zeros(b, hq, qb.numel(), m, dtype=torch.float32, device=q.device)
-    if qb.numel() == 0:
+    mq = qb.numel()
+    a = torch.zeros(b, hq, mq, m, dtype=torch.float32, device=q.device)
+    if mq == 0:
         return a
-    _sampled_mass_kernel[(b, hq, qb.numel())](
-        q, k, a, qb, n, rows, 1.4426950408889634 / math.sqrt(d), hq // k.shape[1],
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        a.stride(0), a.stride(1), a.stride(2),
-        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, ROWS_PAD=max(16, next_pow2(rows)),
-        num_warps=4,
-    )
+    # split the key blocks over programs when there are few query blocks (the exact last rows at 128k)
+    splits = int(max(1, min(-(-m // 8), -(-1024 // (b * hq * mq)))))
+    rp = max(16, next_pow2(rows))
+    part = torch.empty(b, hq, mq, splits, 2, rp, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, mq, rp, dtype=torch.float32, device=q.device)
+    args = dict(HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, ROWS_PAD=rp, num_warps=4)
+    common = (n, rows, 1.4426950408889634 / math.sqrt(d), hq // k.shape[1], splits,
+              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              a.stride(0), a.stride(1), a.stride(2))
+    grid = (b, hq, mq * splits)
+    _sampled_kernel[grid](q, k, qb, part, lse, a, *common, MASS_PASS=False, **args)
+    pm, pl = part[..., 0, :], part[..., 1, :]
+    mx = pm.amax(3, keepdim=True)
+    mx_safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    tot = (pl * torch.exp2(pm - mx_safe)).sum(3)
+    lse.copy_(torch.where(tot > 0, mx_safe.squeeze(3) + torch.log2(tot.clamp(min=1e-30)), torch.zeros_like(tot)))
+    _sampled_kernel[grid](q, k, qb, part, lse, a, *common, MASS_PASS=True, **args)
     return a
 
 

@@ -34,11 +34,13 @@ if HAS_TRITON:
         stride_vpage, stride_vpos, stride_vh,
         stride_bt, stride_ti_t, stride_ti_h, stride_tc_t,
         page_size, group,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
     ):
+        # HEADS query heads of one GQA group share the program: the rows of the tile are (head, position)
+        # pairs, so every selected key block is loaded once for all of them and the MMA is HEADS x taller.
         t = tl.program_id(0)
-        h = tl.program_id(1)
-        kvh = h // group
+        h0 = tl.program_id(1) * HEADS
+        kvh = h0 // group
         s = tl.load(tseq_ptr + t).to(tl.int64)
         mb = tl.load(tqb_ptr + t)
         q0 = tl.load(qsl_ptr + s)
@@ -46,17 +48,19 @@ if HAS_TRITON:
         seq_len = tl.load(seqlen_ptr + s)
         ctx = seq_len - (q1 - q0)
 
-        rows = mb * BLOCK + tl.arange(0, BLOCK)
+        r = tl.arange(0, HEADS * BLOCK)
+        heads = h0 + r // BLOCK
+        rows = mb * BLOCK + r % BLOCK
         row_ok = (rows >= ctx) & (rows < seq_len)
         tok = (q0 + rows - ctx).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q = tl.load(q_ptr + s * stride_qs + tok[:, None] * stride_qt + h * stride_qh + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_off = s * stride_qs + tok * stride_qt + heads * stride_qh
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-        m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK], dtype=tl.float32)
-        acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([HEADS * BLOCK], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([HEADS * BLOCK], dtype=tl.float32)
+        acc = tl.zeros([HEADS * BLOCK, BLOCK_D], dtype=tl.float32)
         cnt = tl.load(tcnt_ptr + t * stride_tc_t + kvh)
         idx_base = tidx_ptr + t.to(tl.int64) * stride_ti_t + kvh * stride_ti_h
         for i in range(0, cnt):
@@ -80,8 +84,9 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + s * stride_os + tok[:, None] * stride_ot + h * stride_oh + d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        o_off = s * stride_os + tok * stride_ot + heads * stride_oh
+        tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
 
 
 class PrefillTiles(NamedTuple):
@@ -165,6 +170,15 @@ def paged_sparse_prefill(
     return out
 
 
+def heads_per_program(group: int, block_size: int, head_dim: int) -> int:
+    """Query heads packed into one prefill program: the largest power of two dividing the group size
+    that keeps the tile at <= 128 rows (the FA2-sized tile on Hopper)."""
+    h = 1
+    while group % (2 * h) == 0 and 2 * h * block_size <= 128:
+        h *= 2
+    return h
+
+
 def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_start_loc, seq_lens, tiles,
                            block_size, scale, q_strides, o_strides, num_q_heads):
     """Launch over T tiles x Hq heads. q_strides/o_strides = (per sequence, per token, per head): the address
@@ -178,7 +192,9 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     check(idx.dtype == torch.int32 and cnt.dtype == torch.int32, "tile indices/counts must be int32")
     check(tiles.seq.dtype == torch.int32 and tiles.qblock.dtype == torch.int32, "tile seq/qblock must be int32")
     check(idx.stride(-1) == 1 and cnt.stride(-1) == 1, "tile indices/counts must be contiguous in their last dim")
-    _sparse_prefill_kernel[(ntiles, num_q_heads)](
+    group = num_q_heads // hkv
+    heads = heads_per_program(group, block_size, d)
+    _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out,
         block_table, query_start_loc, seq_lens,
         tiles.seq, tiles.qblock, idx, cnt,
@@ -187,7 +203,7 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
-        key_cache.shape[1], num_q_heads // hkv,
-        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size,
-        num_warps=4 if d <= 64 else 8, num_stages=2,
+        key_cache.shape[1], group,
+        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, HEADS=heads,
+        num_warps=4 if heads * block_size * d <= 64 * 64 else 8, num_stages=2,
     )

