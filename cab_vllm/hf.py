@@ -1,0 +1,153 @@
+"""Zero-shot swap of CAB (or any baseline policy) into a pretrained transformers model.
+
+    import cab_vllm.hf as cab_hf
+    cab_hf.register()                                        # adds attn_implementation="cab"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="cab")
+    with cab_hf.using(CABConfig(sparsity=0.95, policy="h2o")):
+        model.generate(...)
+
+Prefill (query length == key length) runs select_blocks + sparse_attention on the model's post-RoPE Q/K.
+Decode (one query token) selects per step: Quest-style bounds with the real query for cab/magnitude, the
+policy's own rule for streaming/random/dense; h2o and curvature have no decode rule of their own, so they keep
+the key blocks chosen for the prompt's last query block plus every block that starts after the prompt.
+Outside ``using(...)`` (or with cfg None) the layer computes dense causal attention through the same code.
+``capture()`` records each layer's post-RoPE (query, key) of a prefill, for calibration.
+Only unpadded causal batches are supported (a padding mask raises).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from cab_vllm.api import select_blocks, sparse_attention
+from cab_vllm.config import CABConfig
+from cab_vllm.ops.coarsen import pool
+from cab_vllm.ops.decode import paged_sparse_decode
+from cab_vllm.ops.reference import num_blocks
+from cab_vllm.policies import DECODE_POLICIES, select_decode_blocks
+
+ATTN_NAME = "cab"
+
+
+def _new_stats() -> dict:
+    return {"prefill_calls": 0, "decode_calls": 0, "kept": 0, "causal": 0}
+
+
+@dataclass
+class _State:
+    cfg: CABConfig | None = None
+    impl: str = "auto"
+    captures: list | None = None
+    prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
+    stats: dict = field(default_factory=lambda: _new_stats())
+
+
+_STATE = _State()
+
+
+@contextlib.contextmanager
+def using(cfg: CABConfig | None, impl: str = "auto"):
+    """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
+    counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal)."""
+    prev = (_STATE.cfg, _STATE.impl, _STATE.prompt_sel, _STATE.stats)
+    _STATE.cfg, _STATE.impl, _STATE.prompt_sel, _STATE.stats = cfg, impl, {}, _new_stats()
+    try:
+        yield _STATE.stats
+    finally:
+        _STATE.cfg, _STATE.impl, _STATE.prompt_sel, _STATE.stats = prev
+
+
+@contextlib.contextmanager
+def capture():
+    """Collect (layer_idx, query [B, Hq, N, D], key [B, Hkv, N, D]) of every prefill inside the block."""
+    prev = _STATE.captures
+    _STATE.captures = []
+    try:
+        yield _STATE.captures
+    finally:
+        _STATE.captures = prev
+
+
+def _check_mask(attention_mask, nq: int, nk: int) -> None:
+    if attention_mask is None:
+        return
+    m = attention_mask
+    if m.dtype != torch.bool:
+        m = m >= 0  # additive float mask: 0 = attend, -inf = masked
+    m = m[..., -nq:, -nk:]
+    qpos = torch.arange(nk - nq, nk, device=m.device)
+    causal = torch.arange(nk, device=m.device)[None, :] <= qpos[:, None]
+    if not torch.equal(m.expand(m.shape[0], m.shape[1], nq, nk), causal.expand(m.shape[0], m.shape[1], nq, nk)):
+        raise ValueError("CAB attention supports unpadded causal batches only (got a padding or custom mask)")
+
+
+def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.Tensor:
+    b, hq, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    bs = cfg.block_size
+    kc, vc = k.transpose(1, 2), v.transpose(1, 2)  # [B, N, Hkv, D]: one page per sequence
+    bt = torch.arange(b, device=q.device, dtype=torch.int32)[:, None]
+    seq_lens = torch.full((b,), n, device=q.device, dtype=torch.int32)
+    layer = getattr(module, "layer_idx", 0)
+    if cfg.policy in DECODE_POLICIES:
+        bnd = pool(k, bs, bounds=True, impl=impl)
+        idx, cnt = select_decode_blocks(q[:, :, 0], bnd["lo"], bnd["hi"], seq_lens, cfg, impl=impl)
+    else:
+        if layer not in _STATE.prompt_sel:
+            raise ValueError(f"policy {cfg.policy!r} decodes from its prompt selection, but layer {layer} saw no prompt")
+        pidx, pcnt, pblocks = _STATE.prompt_sel[layer]
+        new = torch.arange(pblocks, num_blocks(n, bs), device=q.device, dtype=torch.int32)
+        idx = torch.cat([pidx, new.expand(b, hkv, -1)], dim=-1)
+        idx = torch.where(idx < 0, torch.iinfo(torch.int32).max, idx).sort(-1).values
+        cnt = pcnt + new.numel()
+        idx = torch.where(idx == torch.iinfo(torch.int32).max, -1, idx).contiguous()
+    _STATE.stats["decode_calls"] += 1
+    _STATE.stats["kept"] += int(cnt.sum())
+    _STATE.stats["causal"] += cnt.numel() * num_blocks(n, bs)
+    qd = q[:, :, 0].contiguous()
+    k_impl = impl if impl != "auto" else ("triton" if q.is_cuda else "torch")
+    out, _ = paged_sparse_decode(qd, kc, vc, bt, seq_lens, idx, cnt, bs, scale, impl=k_impl)
+    return out[:, :, None]
+
+
+def cab_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers attention function: query [B, Hq, Nq, D], key/value [B, Hkv, Nk, D] ->
+    (output [B, Nq, Hq, D], None)."""
+    if dropout:
+        raise ValueError("CAB attention is inference-only (dropout must be 0)")
+    nq, nk = query.shape[2], key.shape[2]
+    _check_mask(attention_mask, nq, nk)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
+    cfg, impl = _STATE.cfg, _STATE.impl
+    if _STATE.captures is not None and nq == nk:
+        _STATE.captures.append((getattr(module, "layer_idx", len(_STATE.captures)), query.detach(), key.detach()))
+    if cfg is None:
+        cfg = CABConfig(policy="dense")
+    if nq == nk:
+        sel = select_blocks(query, key, cfg, impl=impl)
+        out = sparse_attention(query, key, value, sel, scale=scale, impl=impl)
+        _STATE.stats["prefill_calls"] += 1
+        _STATE.stats["kept"] += int(sel.counts.sum())
+        m = sel.num_blocks
+        _STATE.stats["causal"] += sel.counts[..., 0].numel() * m * (m + 1) // 2
+        layer = getattr(module, "layer_idx", 0)
+        _STATE.prompt_sel[layer] = (sel.indices[:, :, -1], sel.counts[:, :, -1], m)
+    elif nq == 1:
+        out = _decode(module, query, key, value, cfg, scale, impl)
+    else:
+        raise ValueError(f"CAB attention handles prefill (Nq == Nk) or one-token decode, got Nq={nq}, Nk={nk}")
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register attn_implementation="cab" with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, cab_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
