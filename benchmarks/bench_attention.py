@@ -128,29 +128,26 @@ def decode_rows(n: int, batch: int, hq: int, hkv: int, d: int, sparsities, rows:
 
 def predictor_stages(n: int, hq: int, hkv: int, d: int, rows: list[dict]) -> None:
     """Where the default predictor's time goes (one 95%-sparsity selection)."""
-    from cab_vllm.ops.coarsen import block_logits, sampled_block_attention
-    from cab_vllm.ops.reference import logits_to_block_attention
-    from cab_vllm.policies import group_reduce, select_from_attention
+    from cab_vllm.ops.coarsen import block_logits, estimate_grouped, sampled_block_attention
+    from cab_vllm.policies import select_from_attention
 
     cfg = cab_vllm.CABConfig(sparsity=0.95)
     q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
-    logits = block_logits(q, k, 64, cfg.estimator)
-    a = logits_to_block_attention(logits, n, 64)
-    m = a.shape[-1]
-    amax, amean = group_reduce(a, hkv)
+    amax, amean = estimate_grouped(q, k, 64, cfg.estimator)
+    m = amax.shape[-1]
     stages = {
         "pool+logits": lambda: block_logits(q, k, 64, cfg.estimator),
-        "softmax": lambda: logits_to_block_attention(logits, n, 64),
+        "pool+logits+softmax+group": lambda: estimate_grouped(q, k, 64, cfg.estimator),
         "exact_last_rows": lambda: sampled_block_attention(q, k, 64, cfg.exact_rows,
                                                            torch.tensor([m - 1], device="cuda")),
-        "group_reduce": lambda: group_reduce(a, hkv),
         "select": lambda: select_from_attention(amax, amean, cfg),
+        "total (select_blocks)": lambda: cab_vllm.select_blocks(q, k, cfg),
     }
     for name, fn in stages.items():
         ms = bench(fn)
         rows.append(dict(kind="predictor_stage", n=n, name=name, ms=ms))
-        print(f"  predictor stage N={n} {name:<16} {ms:8.3f} ms", flush=True)
+        print(f"  predictor stage N={n} {name:<26} {ms:8.3f} ms", flush=True)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from cab_vllm.config import CABConfig
 from cab_vllm.ops._triton import check, resolve_impl
 from cab_vllm.ops.prefill import PrefillTiles, _sparse_prefill_launch
 from cab_vllm.ops.reference import num_blocks, sparse_attention_ref
-from cab_vllm.policies import estimate, group_reduce, select_from_attention
+from cab_vllm.policies import estimate, select_from_attention
 
 NEEDS_ESTIMATE = ("cab", "curvature", "magnitude", "h2o")
 
@@ -74,7 +74,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig | None = None
     m = num_blocks(q.shape[2], cfg.block_size)
     hkv = k.shape[1]
     if cfg.policy in NEEDS_ESTIMATE:
-        a_max, a_mean = group_reduce(estimate(q, k, cfg, impl=impl), hkv)
+        a_max, a_mean = estimate(q, k, cfg, impl=impl)
     else:
         a_max = a_mean = torch.zeros(q.shape[0], hkv, m, m, device=q.device)
     idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl)

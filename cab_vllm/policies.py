@@ -21,17 +21,10 @@ from __future__ import annotations
 import torch
 
 from cab_vllm.config import CABConfig
-from cab_vllm.ops.coarsen import estimate_block_attention, sampled_block_attention
+from cab_vllm.ops.coarsen import estimate_grouped, group_reduce, sampled_block_attention
 from cab_vllm.ops.curvature import curvature
 from cab_vllm.ops.reference import causal_block_mask
 from cab_vllm.ops.select import decode_priority, forced_mask, select_tiered, select_topk
-
-
-def group_reduce(a: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query-head A [B, Hq, M, M] -> (max over the group, mean over the group), each [B, Hkv, M, M]."""
-    b, hq, mq, mk = a.shape
-    ag = a.view(b, num_kv_heads, hq // num_kv_heads, mq, mk)
-    return ag.amax(2), ag.mean(2)
 
 
 def _free_counts(keep: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
@@ -84,14 +77,18 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     raise ValueError(f"unknown policy {policy!r}")
 
 
-def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto") -> torch.Tensor:
-    """Estimated per-query-head block attention [B, Hq, M, M] for cfg (cab adds the exact last rows)."""
-    a = estimate_block_attention(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl)
+def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimated block attention per KV head for cfg: (max over the group's heads, mean), each
+    [B, Hkv, M, M]. The cab policy replaces the last query block's row by exact scores of its last
+    ``exact_rows`` query tokens (the rows that produce the answer)."""
+    a_max, a_mean = estimate_grouped(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl)
     if cfg.policy == "cab" and cfg.exact_rows > 0:
-        m = a.shape[-1]
+        m = a_max.shape[-1]
         last = torch.tensor([m - 1], device=q.device)
-        a[:, :, m - 1] = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl)[:, :, 0]
-    return a
+        ex = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl)
+        emax, emean = group_reduce(ex, k.shape[1])
+        a_max[:, :, m - 1], a_mean[:, :, m - 1] = emax[:, :, 0], emean[:, :, 0]
+    return a_max, a_mean
 
 
 DECODE_POLICIES = ("cab", "magnitude", "streaming", "random", "dense")

@@ -23,7 +23,8 @@ from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import sampled_block_attention
 from cab_vllm.ops.reference import causal_block_mask, selection_to_block_mask
 from cab_vllm.ops.select import forced_mask, select_tiered
-from cab_vllm.policies import estimate, group_reduce, select_from_attention
+from cab_vllm.ops.coarsen import group_reduce
+from cab_vllm.policies import estimate, select_from_attention
 
 ORACLE = "oracle"
 
@@ -106,7 +107,7 @@ def calibrate_captures(captures: list, needle_span: tuple[int, int], settings: l
             if st.policy == ORACLE:
                 idx, cnt = oracle_selection(ex["a"][None], hkv, cfg)
             else:
-                a_max, a_mean = group_reduce(estimate(q, k, cfg, impl="torch"), hkv)
+                a_max, a_mean = estimate(q, k, cfg, impl="torch")
                 idx, cnt = select_from_attention(a_max, a_mean, cfg, impl="torch")
             timings[st.name] = timings.get(st.name, 0.0) + time.perf_counter() - t0
             mask = selection_to_block_mask(idx[0], cnt[0], ex["a"].shape[-1])

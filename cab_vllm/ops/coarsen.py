@@ -18,6 +18,7 @@ Pooling reads Q and K once (Triton kernel; twin: reference.coarsen_ref).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -124,6 +125,35 @@ if HAS_TRITON:
             tl.store(pbase + r, m_i)
             tl.store(pbase + ROWS_PAD + r, l_i)
 
+    @triton.jit
+    def _softmax_group_kernel(
+        logit_ptr, amax_ptr, amean_ptr, n_tokens, m, group,
+        stride_lb, stride_lh, stride_li, stride_ob, stride_oh, stride_oi,
+        BLOCK: tl.constexpr, COLS: tl.constexpr,
+    ):
+        """Row i of every query head of one GQA group: causal softmax of logit + log(block length), then
+        the max and the mean over the group's heads. Never writes the per-head probabilities."""
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
+        i = tl.program_id(2).to(tl.int64)
+        j = tl.arange(0, COLS)
+        ok = j <= i
+        loglen = tl.log(tl.maximum(tl.minimum(n_tokens - j * BLOCK, BLOCK), 1).to(tl.float32))
+        amax = tl.zeros([COLS], dtype=tl.float32)
+        asum = tl.zeros([COLS], dtype=tl.float32)
+        for g in range(0, group):
+            h = kvh * group + g
+            z = tl.load(logit_ptr + b * stride_lb + h * stride_lh + i * stride_li + j, mask=ok, other=float("-inf"))
+            z = tl.where(ok, z + loglen, float("-inf"))
+            e = tl.exp(z - tl.max(z, 0))
+            p = e / tl.sum(e, 0)
+            amax = tl.maximum(amax, p)
+            asum += p
+        obase = b * stride_ob + kvh * stride_oh + i * stride_oi
+        tl.store(amax_ptr + obase + j, amax, mask=j < m)
+        tl.store(amean_ptr + obase + j, asum / group, mask=j < m)
+
+
 
 def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = False, bounds: bool = False,
          impl: str = "auto") -> dict[str, torch.Tensor]:
@@ -207,6 +237,20 @@ def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, r
     return a
 
 
+@contextlib.contextmanager
+def _tf32_matmul(enabled: bool):
+    """TF32 tensor cores for the fp32 estimator matmuls (rel. error ~5e-4, ~8x faster on Hopper)."""
+    if not enabled:
+        yield
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 def block_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str, num_reps: int = 4,
                  impl: str = "auto") -> torch.Tensor:
     """Estimated logits [B, Hq, M, M] float32 for the one-pass estimators (max_l2, mean, topr, bounds)."""
@@ -221,17 +265,19 @@ def block_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: s
     def grouped(x):  # [B, Hq, M, D] -> [B, Hkv, G*M, D] so one matmul serves the whole group
         return x.reshape(b, hkv, g * m, d)
 
-    if estimator in ("max_l2", "mean"):
-        qc = pool(q, block_size, **{estimator: True}, impl=impl)[estimator].float()
-        kc = pool(k, block_size, **{estimator: True}, impl=impl)[estimator].float()
-        out = grouped(qc) @ kc.transpose(-1, -2)
-    elif estimator == "bounds":
-        qm = pool(q, block_size, mean=True, impl=impl)["mean"]
-        kb = pool(k, block_size, bounds=True, impl=impl)
-        qg = grouped(qm)
-        out = qg.clamp(min=0) @ kb["hi"].float().transpose(-1, -2) + qg.clamp(max=0) @ kb["lo"].float().transpose(-1, -2)
-    else:
+    if estimator not in ("max_l2", "mean", "bounds"):
         raise ValueError(f"estimator {estimator!r} has no logits")
+    with _tf32_matmul(q.is_cuda):
+        if estimator in ("max_l2", "mean"):
+            qc = pool(q, block_size, **{estimator: True}, impl=impl)[estimator].float()
+            kc = pool(k, block_size, **{estimator: True}, impl=impl)[estimator].float()
+            out = grouped(qc) @ kc.transpose(-1, -2)
+        else:
+            qm = pool(q, block_size, mean=True, impl=impl)["mean"]
+            kb = pool(k, block_size, bounds=True, impl=impl)
+            # sum_d max(q lo, q hi) = [q+, q-] . [hi, lo]: one matmul over 2D
+            qg = grouped(qm)
+            out = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1) @ torch.cat([kb["hi"], kb["lo"]], -1).float().transpose(-1, -2)
     return (out * scale).view(b, hq, m, m)
 
 
@@ -242,3 +288,32 @@ def estimate_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, 
         return sampled_block_attention(q, k, block_size, sample_rows, impl=impl)
     logits = block_logits(q, k, block_size, estimator, num_reps, impl=impl)
     return ref.logits_to_block_attention(logits, q.shape[2], block_size)
+
+
+def group_reduce(a: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query-head A [B, Hq, M, M] -> (max over each GQA group, mean over it), each [B, Hkv, M, M]."""
+    b, hq, mq, mk = a.shape
+    ag = a.view(b, num_kv_heads, hq // num_kv_heads, mq, mk)
+    return ag.amax(2), ag.mean(2)
+
+
+def estimate_grouped(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str, num_reps: int = 4,
+                     sample_rows: int = 4, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimated block attention reduced over each GQA group: (max, mean), each [B, Hkv, M, M] float32.
+
+    On the Triton path the logit estimators go through one fused causal-softmax + group-reduce kernel that
+    never writes the per-head probabilities."""
+    hkv = k.shape[1]
+    if estimator == "sampled" or resolve_impl(impl, q, k) == "torch":
+        return group_reduce(estimate_block_attention(q, k, block_size, estimator, num_reps, sample_rows, impl),
+                                hkv)
+    logits = block_logits(q, k, block_size, estimator, num_reps, impl=impl)
+    b, hq, m, _ = logits.shape
+    amax = torch.empty(b, hkv, m, m, dtype=torch.float32, device=q.device)
+    amean = torch.empty_like(amax)
+    _softmax_group_kernel[(b, hkv, m)](
+        logits, amax, amean, q.shape[2], m, hq // hkv,
+        logits.stride(0), logits.stride(1), logits.stride(2), amax.stride(0), amax.stride(1), amax.stride(2),
+        BLOCK=block_size, COLS=next_pow2(m), num_warps=4 if m <= 1024 else 8,
+    )
+    return amax, amean

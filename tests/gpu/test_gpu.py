@@ -12,7 +12,7 @@ import torch
 
 import cab_vllm
 from cab_vllm.ops import reference as ref
-from cab_vllm.ops.coarsen import block_logits, pool, sampled_block_attention
+from cab_vllm.ops.coarsen import block_logits, estimate_grouped, pool, sampled_block_attention
 from cab_vllm.ops.curvature import curvature
 from cab_vllm.ops.decode import paged_sparse_decode
 from cab_vllm.ops.flex import flex_sparse_attention
@@ -136,7 +136,11 @@ def test_estimators_bf16_match_twin(estimator):
     k = torch.randn(1, 8, 8192 + 37, 128, device=DEV, dtype=torch.bfloat16)
     got = block_logits(q, k, 64, estimator)
     want = block_logits(q, k, 64, estimator, impl="torch")
-    assert rel(got, want) < 1e-3
+    assert rel(got, want) < 2e-3  # TF32 matmuls on the GPU
+    gmax, gmean = estimate_grouped(q, k, 64, estimator)
+    wmax, wmean = estimate_grouped(q, k, 64, estimator, impl="torch")
+    assert (gmax - wmax).abs().max() < 1e-2 and (gmean - wmean).abs().max() < 1e-2
+    assert torch.allclose(gmean.sum(-1), torch.ones_like(gmean.sum(-1)), atol=1e-4)
     st = pool(k, 64, bounds=True)
     sr = pool(k, 64, bounds=True, impl="torch")
     assert torch.equal(st["lo"], sr["lo"]) and torch.equal(st["hi"], sr["hi"])
