@@ -18,6 +18,8 @@ kernel reads each selected key block once per group.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cab_vllm.config import CABConfig
@@ -94,6 +96,12 @@ def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto
 DECODE_POLICIES = ("cab", "magnitude", "streaming", "random", "dense")
 
 
+@functools.lru_cache(maxsize=64)
+def _keep_table(cfg: CABConfig, num_blocks: int, device: str) -> torch.Tensor:
+    """Device-resident keep_counts(num_blocks): decode steps index it without a host-to-device copy."""
+    return cfg.keep_counts(num_blocks).to(device)
+
+
 def select_decode_blocks(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor, seq_lens: torch.Tensor,
                          cfg: CABConfig, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Key blocks for one decode query per sequence (Quest-style: the real query against block bounds).
@@ -107,9 +115,8 @@ def select_decode_blocks(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor
         raise ValueError(f"policy {cfg.policy!r} has no decode-time selection; decode supports {DECODE_POLICIES}")
     s, hkv, mmax = q.shape[0], k_lo.shape[1], k_lo.shape[2]
     dev = q.device
-    ccfg = cfg.replace(sparsity=0.0) if cfg.policy == "dense" else cfg
-    keep_all = ccfg.keep_counts(mmax)
-    keep = keep_all.to(dev)[(seq_lens.long() - 1) // cfg.block_size]  # [S]
+    keep_all = _keep_table(cfg.replace(sparsity=0.0) if cfg.policy == "dense" else cfg, mmax, str(dev))
+    keep = keep_all[(seq_lens.long() - 1) // cfg.block_size]  # [S]
     if cfg.policy in ("cab", "magnitude"):
         pri = decode_priority(q, k_lo, k_hi, seq_lens, cfg.block_size, cfg.sink_blocks, cfg.local_blocks, impl)
     else:
