@@ -170,6 +170,10 @@ def paged_sparse_prefill(
     return out
 
 
+# benchmarks/tune_prefill.py sets these to sweep launch parameters; empty in normal use
+LAUNCH_OVERRIDE: dict[str, int] = {}
+
+
 def heads_per_program(group: int, block_size: int, head_dim: int) -> int:
     """Query heads packed into one prefill program: the largest power of two dividing the group size
     that keeps the tile at <= 128 rows (the FA2-sized tile on Hopper)."""
@@ -193,7 +197,9 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     check(tiles.seq.dtype == torch.int32 and tiles.qblock.dtype == torch.int32, "tile seq/qblock must be int32")
     check(idx.stride(-1) == 1 and cnt.stride(-1) == 1, "tile indices/counts must be contiguous in their last dim")
     group = num_q_heads // hkv
-    heads = heads_per_program(group, block_size, d)
+    heads = LAUNCH_OVERRIDE.get("heads") or heads_per_program(group, block_size, d)
+    num_warps = LAUNCH_OVERRIDE.get("num_warps") or (4 if heads * block_size * d <= 64 * 64 else 8)
+    num_stages = LAUNCH_OVERRIDE.get("num_stages") or 2
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out,
         block_table, query_start_loc, seq_lens,
@@ -205,5 +211,5 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
         block_table.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
         key_cache.shape[1], group,
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, HEADS=heads,
-        num_warps=4 if heads * block_size * d <= 64 * 64 else 8, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
