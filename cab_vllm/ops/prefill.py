@@ -176,9 +176,9 @@ LAUNCH_OVERRIDE: dict[str, int] = {}
 
 def heads_per_program(group: int, block_size: int, head_dim: int) -> int:
     """Query heads packed into one prefill program: the largest power of two dividing the group size
-    that keeps the tile at <= 128 rows (the FA2-sized tile on Hopper)."""
+    that keeps the tile at <= 256 rows (each selected key block is then loaded once for all of them)."""
     h = 1
-    while group % (2 * h) == 0 and 2 * h * block_size <= 128:
+    while group % (2 * h) == 0 and 2 * h * block_size <= 256:
         h *= 2
     return h
 
@@ -198,8 +198,11 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     check(idx.stride(-1) == 1 and cnt.stride(-1) == 1, "tile indices/counts must be contiguous in their last dim")
     group = num_q_heads // hkv
     heads = LAUNCH_OVERRIDE.get("heads") or heads_per_program(group, block_size, d)
-    num_warps = LAUNCH_OVERRIDE.get("num_warps") or (4 if heads * block_size * d <= 64 * 64 else 8)
-    num_stages = LAUNCH_OVERRIDE.get("num_stages") or 2
+    rows = heads * block_size
+    # measured on an H200 (benchmarks/results/tune_prefill_h200_2026-11-28.log, D=128, N=32k):
+    # 256 rows: 8 warps, 2 stages (326 TFLOP/s dense); 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
+    num_warps = LAUNCH_OVERRIDE.get("num_warps") or (8 if rows >= 256 else 4)
+    num_stages = LAUNCH_OVERRIDE.get("num_stages") or {64: 3, 128: 1}.get(rows, 2)
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out,
         block_table, query_start_loc, seq_lens,
