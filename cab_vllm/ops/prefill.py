@@ -123,6 +123,10 @@ def _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size):
     for name, t in (("key_cache", key_cache), ("value_cache", value_cache), ("block_table", block_table),
                     ("seq_lens", seq_lens)):
         check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}")
+    check(block_table.dim() == 2 and block_table.stride(-1) == 1,
+          f"block_table must be [S, max_pages] with contiguous rows, got shape {tuple(block_table.shape)} "
+          f"strides {block_table.stride()}")
+    check(seq_lens.dim() == 1 and seq_lens.stride(0) == 1, "seq_lens must be a contiguous 1-D tensor")
     return hq, hkv, d
 
 
@@ -151,8 +155,9 @@ def paged_sparse_prefill(
     """
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
     check(q.dim() == 3, f"q must be [T, Hq, D], got {tuple(q.shape)}")
-    check(query_start_loc.dtype == torch.int32 and query_start_loc.numel() == seq_lens.numel() + 1,
-          "query_start_loc must be int32 [S+1]")
+    check(query_start_loc.dtype == torch.int32 and query_start_loc.dim() == 1
+          and query_start_loc.numel() == seq_lens.numel() + 1 and query_start_loc.stride(0) == 1,
+          "query_start_loc must be a contiguous int32 [S+1]")
     check(tiles.indices.dim() == 3 and tiles.indices.shape[1] == hkv and tiles.counts.shape == tiles.indices.shape[:2],
           f"tiles.indices must be [T, Hkv={hkv}, K] and tiles.counts [T, Hkv]")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -195,7 +200,8 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     idx, cnt = tiles.indices, tiles.counts
     check(idx.dtype == torch.int32 and cnt.dtype == torch.int32, "tile indices/counts must be int32")
     check(tiles.seq.dtype == torch.int32 and tiles.qblock.dtype == torch.int32, "tile seq/qblock must be int32")
-    check(idx.stride(-1) == 1 and cnt.stride(-1) == 1, "tile indices/counts must be contiguous in their last dim")
+    check((idx.shape[-1] == 1 or idx.stride(-1) == 1) and (cnt.shape[-1] == 1 or cnt.stride(-1) == 1),
+          "tile indices/counts must be contiguous in their last dim")
     group = num_q_heads // hkv
     heads = LAUNCH_OVERRIDE.get("heads") or heads_per_program(group, block_size, d)
     rows = heads * block_size

@@ -125,7 +125,9 @@ def decode_priority(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor, seq
         return decode_priority_ref(q, k_lo, k_hi, seq_lens, block_size, sink_blocks, local_blocks)
     s, hq, d = q.shape
     hkv, mmax = k_lo.shape[1], k_lo.shape[2]
-    k_lo, k_hi = k_lo.contiguous(), k_hi.contiguous()
+    k_lo, k_hi, seq_lens = k_lo.contiguous(), k_hi.contiguous(), seq_lens.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     out = torch.empty(s, hkv, mmax, dtype=torch.float32, device=q.device)
     bj = 64
     _decode_priority_kernel[(s, hkv, triton.cdiv(mmax, bj))](
