@@ -82,7 +82,7 @@ if HAS_TRITON:
         to part [B, Hq, Mq, splits, 2, ROWS_PAD]; pass 2 reads the merged lse [B, Hq, Mq, ROWS_PAD] (base 2)
         and writes the per-key-block mass averaged over the rows."""
         b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
+        h = tl.program_id(1).to(tl.int64)
         i = tl.program_id(2) // num_splits
         split = tl.program_id(2) % num_splits
         kvh = (h // group).to(tl.int64)
@@ -90,7 +90,7 @@ if HAS_TRITON:
         end = tl.minimum((mb + 1) * BLOCK, n_tokens)
         r0 = tl.maximum(mb * BLOCK, end - rows)
         r = tl.arange(0, ROWS_PAD)
-        rpos = r0 + r
+        rpos = (r0 + r).to(tl.int64)  # offsets past 2**31 elements at long contexts
         r_ok = rpos < end
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
@@ -106,7 +106,7 @@ if HAS_TRITON:
             m_i = tl.full([ROWS_PAD], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([ROWS_PAD], dtype=tl.float32)
         for j in range(split, mb + 1, num_splits):
-            kpos = j * BLOCK + tl.arange(0, BLOCK)
+            kpos = (j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
             k = tl.load(kbase + kpos[:, None] * stride_kn + d[None, :],
                         mask=(kpos < n_tokens)[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale_log2

@@ -179,11 +179,13 @@ def paged_sparse_prefill(
 LAUNCH_OVERRIDE: dict[str, int] = {}
 
 
-def heads_per_program(group: int, block_size: int, head_dim: int) -> int:
+def heads_per_program(group: int, block_size: int, head_dim: int, elem_size: int = 2) -> int:
     """Query heads packed into one prefill program: the largest power of two dividing the group size
-    that keeps the tile at <= 256 rows (each selected key block is then loaded once for all of them)."""
+    that keeps the tile at <= 256 rows and the query tile at <= 64 KiB (fp32 at D=128: 128 rows; more runs out
+    of shared memory). Each selected key block is then loaded once for all of them."""
     h = 1
-    while group % (2 * h) == 0 and 2 * h * block_size <= 256:
+    while (group % (2 * h) == 0 and 2 * h * block_size <= 256
+           and 2 * h * block_size * head_dim * elem_size <= 64 * 1024):
         h *= 2
     return h
 
@@ -203,7 +205,7 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     check((idx.shape[-1] == 1 or idx.stride(-1) == 1) and (cnt.shape[-1] == 1 or cnt.stride(-1) == 1),
           "tile indices/counts must be contiguous in their last dim")
     group = num_q_heads // hkv
-    heads = LAUNCH_OVERRIDE.get("heads") or heads_per_program(group, block_size, d)
+    heads = LAUNCH_OVERRIDE.get("heads") or heads_per_program(group, block_size, d, q.element_size())
     rows = heads * block_size
     # measured on an H200 (benchmarks/results/tune_prefill_h200_2026-11-28.log, D=128, N=32k):
     # 256 rows: 8 warps, 2 stages (326 TFLOP/s dense); 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages

@@ -1,0 +1,323 @@
+"""ops.coarsen: pooling and block-score estimators, Triton (interpreted on CPU) vs the PyTorch twin vs float64
+brute force."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import KERNEL_FP32_TOL, TOL, rel_err, skip_if_interpreted_bf16_dot
+from cab_vllm.ops import reference as ref
+from cab_vllm.ops.coarsen import (block_logits, estimate_block_attention, estimate_grouped, group_reduce, pool,
+                                  sampled_block_attention)
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+# (N, Hq, Hkv, D, block_size): awkward lengths, GQA ratios 1 / 4 / 7, head dims 64 / 128
+SHAPES = [
+    pytest.param(1, 2, 2, 64, 64, id="N1-g1-d64"),
+    pytest.param(63, 4, 1, 128, 16, id="N63-g4-d128-bs16"),
+    pytest.param(97, 7, 1, 64, 64, id="N97-g7-d64"),
+    pytest.param(97, 8, 2, 128, 32, id="N97-g4-d128-bs32"),
+    pytest.param(70, 4, 2, 80, 16, id="N70-g2-d80-bs16"),
+    pytest.param(1000, 2, 1, 64, 64, id="N1000-g2-d64"),
+]
+
+
+def _qk(n, hq, hkv, d, dtype, seed=0, b=1, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, n, d, generator=gen).to(device, dtype)
+    k = torch.randn(b, hkv, n, d, generator=gen).to(device, dtype)
+    return q, k
+
+
+def _blocks64(x: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    """x [B, H, N, D] -> per-block float64 slices [B, H, len_m, D] (valid tokens only)."""
+    return [x[:, :, s: s + block_size].cpu().double() for s in range(0, x.shape[2], block_size)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# pool: Triton vs torch
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,hq,hkv,d,bs", SHAPES)
+def test_pool_triton_matches_torch(n, hq, hkv, d, bs, dtype, device):
+    _, k = _qk(n, hq, hkv, d, dtype, device=device)
+    got = pool(k, bs, max_l2=True, mean=True, bounds=True, impl="triton")
+    want = pool(k, bs, max_l2=True, mean=True, bounds=True, impl="torch")
+    m = ref.num_blocks(n, bs)
+    assert set(got) == {"max_l2", "mean", "lo", "hi"}
+    for name in ("max_l2", "lo", "hi"):  # pure selections: bit-exact, in the input dtype
+        assert got[name].dtype == dtype and got[name].shape == (1, hkv, m, d)
+        assert torch.equal(got[name], want[name]), name
+    assert got["mean"].dtype == torch.float32
+    torch.testing.assert_close(got["mean"], want["mean"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["max_l2", "mean", "bounds"])
+def test_pool_single_statistic(which, device):
+    """Asking for one statistic returns exactly that one (the kernel's unused outputs are aliased)."""
+    _, k = _qk(97, 2, 2, 64, torch.float32, device=device)
+    got = pool(k, 64, **{which: True}, impl="triton")
+    want = pool(k, 64, **{which: True}, impl="torch")
+    assert set(got) == set(want) == ({"lo", "hi"} if which == "bounds" else {which})
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+
+
+def test_pool_max_l2_first_on_ties(device):
+    """Two tokens of equal norm: the first one is the representative, in both implementations."""
+    x = torch.zeros(1, 1, 64, 64, device=device)
+    x[0, 0, 5, 0] = 3.0
+    x[0, 0, 9, 1] = -3.0  # same norm, later
+    x[0, 0, 12, 2] = 1.0
+    for impl in ("triton", "torch"):
+        rep = pool(x, 64, max_l2=True, impl=impl)["max_l2"][0, 0, 0]
+        assert torch.equal(rep, x[0, 0, 5]), impl
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference twins vs float64 brute force
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,bs", [(1, 16), (63, 16), (97, 64), (130, 32)], ids=["N1", "N63", "N97", "N130"])
+def test_coarsen_ref_matches_brute_force(n, bs, dtype):
+    _, k = _qk(n, 3, 3, 64, dtype, seed=1)
+    rep = ref.coarsen_ref(k, bs, "max_l2")
+    mean = ref.coarsen_ref(k, bs, "mean")
+    lo, hi = ref.coarsen_ref(k, bs, "bounds")
+    for m, blk in enumerate(_blocks64(k, bs)):
+        norms = blk.pow(2).sum(-1)  # [B, H, len]
+        # the representative is a token of the block with the largest norm
+        best = norms.amax(-1)
+        rn = rep[:, :, m].double().pow(2).sum(-1)
+        torch.testing.assert_close(rn, best, rtol=1e-12, atol=0)
+        assert ((blk - rep[:, :, m, None].double()).abs().amax(-1) == 0).any(-1).all()
+        torch.testing.assert_close(mean[:, :, m].double(), blk.mean(2), rtol=1e-6, atol=1e-6)
+        # bounds: elementwise min/max over the valid tokens only (a partial block ignores its padding)
+        assert torch.equal(lo[:, :, m].double(), blk.amin(2))
+        assert torch.equal(hi[:, :, m].double(), blk.amax(2))
+
+
+def test_topr_ref_picks_largest_norms():
+    _, k = _qk(97, 2, 2, 64, torch.float32, seed=2)
+    reps, valid = ref.topr_ref(k, 64, 4)
+    assert reps.shape == (1, 2, 2, 4, 64) and valid.all()
+    for m, blk in enumerate(_blocks64(k, 64)):
+        want = blk.pow(2).sum(-1).topk(4, dim=-1).values  # [B, H, 4] descending
+        got = reps[:, :, m].double().pow(2).sum(-1)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # a block with fewer tokens than r marks the missing representatives invalid
+    reps, valid = ref.topr_ref(k[:, :, :66], 64, 4)
+    assert valid[:, :, 1].sum(-1).eq(2).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 1), (7, 1)], ids=["g1", "g4", "g7"])
+def test_bounds_logits_upper_bound_every_token_score(hq, hkv, dtype):
+    """Quest bound: the bounds logit of (i, j) >= q_mean_i . k_t / sqrt(D) for every token t of key block j,
+    and it is attained when the key block has one token."""
+    n, bs, d = 97, 16, 64
+    q, k = _qk(n, hq, hkv, d, dtype, seed=3)
+    logits = ref.block_logits_ref(q, k, bs, "bounds").double()
+    qm = torch.stack([b.mean(2) for b in _blocks64(q, bs)], 2)  # [B, Hq, M, D] float64
+    kx = k.double().repeat_interleave(hq // hkv, 1)
+    true = qm @ kx.transpose(-1, -2) / math.sqrt(d)  # [B, Hq, M, N]
+    m = ref.num_blocks(n, bs)
+    true_max = torch.stack([true[..., j * bs: (j + 1) * bs].amax(-1) for j in range(m)], -1)
+    slack = TOL[dtype] * true_max.abs().amax()
+    assert (logits >= true_max - slack).all()
+    # the last key block has a single token (97 = 6 * 16 + 1): the bound is tight there
+    torch.testing.assert_close(logits[..., -1], true_max[..., -1], rtol=TOL[dtype], atol=float(slack))
+
+
+@pytest.mark.parametrize("estimator", ["max_l2", "mean"])
+def test_representative_logits_are_dot_products(estimator):
+    q, k = _qk(97, 8, 2, 128, torch.float32, seed=4)
+    logits = ref.block_logits_ref(q, k, 32, estimator).double()
+    qc = ref.coarsen_ref(q, 32, estimator).double()
+    kc = ref.coarsen_ref(k, 32, estimator).double().repeat_interleave(4, 1)
+    torch.testing.assert_close(logits, qc @ kc.transpose(-1, -2) / math.sqrt(128), rtol=1e-5, atol=1e-5)
+
+
+def test_topr_logits_max_over_pairs():
+    q, k = _qk(80, 4, 2, 64, torch.float32, seed=5)
+    logits = ref.block_logits_ref(q, k, 32, "topr", num_reps=3).double()
+    qr, _ = ref.topr_ref(q, 32, 3)
+    kr, kv = ref.topr_ref(k, 32, 3)
+    for h in range(4):
+        for i in range(3):
+            for j in range(3):
+                kk = kr[0, h // 2, j][kv[0, h // 2, j]].double()
+                want = (qr[0, h, i].double() @ kk.T).amax() / 8.0
+                assert abs(float(logits[0, h, i, j]) - float(want)) < 1e-5
+
+
+def test_logits_to_block_attention_weights_by_block_length():
+    """Equal logits: each causal key block gets attention proportional to its token count."""
+    n, bs = 100, 32  # blocks of 32, 32, 32, 4 tokens
+    a = ref.logits_to_block_attention(torch.zeros(1, 1, 4, 4), n, bs)[0, 0].double()
+    lens = torch.tensor([32.0, 32, 32, 4], dtype=torch.float64)
+    for i in range(4):
+        torch.testing.assert_close(a[i, : i + 1], lens[: i + 1] / lens[: i + 1].sum())
+        assert (a[i, i + 1:] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# block_logits / estimate: Triton vs torch vs float64
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("estimator", ["max_l2", "mean", "bounds"])
+@pytest.mark.parametrize("n,hq,hkv,d,bs", SHAPES)
+def test_block_logits_triton_matches_torch(n, hq, hkv, d, bs, estimator, dtype, device):
+    q, k = _qk(n, hq, hkv, d, dtype, seed=6, device=device)
+    got = block_logits(q, k, bs, estimator, impl="triton")
+    want = block_logits(q, k, bs, estimator, impl="torch")
+    m = ref.num_blocks(n, bs)
+    assert got.shape == want.shape == (1, hq, m, m) and got.dtype == torch.float32
+    # both compute in fp32 from identical pooled inputs: only summation order (and TF32 on a GPU) differs
+    assert rel_err(got, want) < KERNEL_FP32_TOL
+    # and both agree with the float64 brute force up to the input dtype's precision
+    qd, kd = q.cpu().double(), k.cpu().double()
+    if estimator == "bounds":
+        qm = torch.stack([b.mean(2) for b in _blocks64(qd, bs)], 2)
+        lo = torch.stack([b.amin(2) for b in _blocks64(kd, bs)], 2).repeat_interleave(hq // hkv, 1)
+        hi = torch.stack([b.amax(2) for b in _blocks64(kd, bs)], 2).repeat_interleave(hq // hkv, 1)
+        brute = torch.maximum(qm[:, :, :, None] * lo[:, :, None], qm[:, :, :, None] * hi[:, :, None]).sum(-1)
+    else:
+        qc = ref.coarsen_ref(qd, bs, estimator)
+        kc = ref.coarsen_ref(kd, bs, estimator).repeat_interleave(hq // hkv, 1)
+        brute = qc @ kc.transpose(-1, -2)
+    assert rel_err(got, brute / math.sqrt(d)) < max(TOL[dtype], KERNEL_FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("estimator", ["max_l2", "mean", "bounds", "topr", "sampled"])
+@pytest.mark.parametrize("n,hq,hkv,d,bs", [SHAPES[0], SHAPES[2], SHAPES[3]])
+def test_estimate_grouped_triton_matches_torch(n, hq, hkv, d, bs, estimator, dtype, device):
+    """The fused causal-softmax + group-reduce kernel equals group_reduce of the twin's per-head estimate."""
+    if estimator == "sampled":
+        skip_if_interpreted_bf16_dot(dtype)
+    q, k = _qk(n, hq, hkv, d, dtype, seed=7, device=device)
+    gmax, gmean = estimate_grouped(q, k, bs, estimator, impl="triton")
+    per_head = estimate_block_attention(q, k, bs, estimator, impl="torch")
+    wmax, wmean = group_reduce(per_head, hkv)
+    m = ref.num_blocks(n, bs)
+    assert gmax.shape == gmean.shape == (1, hkv, m, m)
+    tol = 1e-5 if device == "cpu" else 1e-2  # TF32 logits on a GPU, and bf16 dots for sampled there
+    torch.testing.assert_close(gmax, wmax, rtol=tol, atol=tol / 10)
+    torch.testing.assert_close(gmean, wmean, rtol=tol, atol=tol / 10)
+    causal = ref.causal_block_mask(m, device)
+    assert (gmean[..., ~causal] == 0).all() and (gmax[..., ~causal] == 0).all()
+    torch.testing.assert_close(gmean.sum(-1), torch.ones(1, hkv, m, device=device), rtol=0, atol=1e-5)
+    assert (gmax >= gmean - 1e-7).all() and (gmax <= 1 + 1e-6).all()
+
+
+def test_group_reduce_is_max_and_mean_over_each_group():
+    a = torch.rand(2, 6, 5, 5)
+    amax, amean = group_reduce(a, 2)
+    for kvh in range(2):
+        torch.testing.assert_close(amax[:, kvh], a[:, 3 * kvh: 3 * kvh + 3].amax(1))
+        torch.testing.assert_close(amean[:, kvh], a[:, 3 * kvh: 3 * kvh + 3].mean(1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampled_block_attention: Triton vs torch vs float64
+# ----------------------------------------------------------------------------------------------------
+def _sampled_brute(q, k, bs, rows, q_blocks):
+    """Float64: the last `rows` rows of each listed query block, causal softmax over all keys, mass per key
+    block, mean over the rows."""
+    b, hq, n, d = q.shape
+    kx = k.double().repeat_interleave(hq // k.shape[1], 1)
+    m = ref.num_blocks(n, bs)
+    out = torch.zeros(b, hq, len(q_blocks), m, dtype=torch.float64)
+    for ii, mb in enumerate(q_blocks):
+        end = min((mb + 1) * bs, n)
+        r0 = max(mb * bs, end - rows)
+        for t in range(r0, end):
+            s = q[:, :, t].double()[:, :, None] @ kx[:, :, : t + 1].transpose(-1, -2) / math.sqrt(d)
+            p = torch.softmax(s[:, :, 0], -1)
+            for j in range(m):
+                out[:, :, ii, j] += p[..., j * bs: (j + 1) * bs].sum(-1)
+        out[:, :, ii] /= end - r0
+    return out
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("rows", [1, 4, 16], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("n,hq,hkv,d,bs", SHAPES)
+def test_sampled_block_attention(n, hq, hkv, d, bs, rows, dtype, device):
+    skip_if_interpreted_bf16_dot(dtype)
+    q, k = _qk(n, hq, hkv, d, dtype, seed=8, device=device)
+    got = sampled_block_attention(q, k, bs, rows, impl="triton")
+    want = sampled_block_attention(q, k, bs, rows, impl="torch")
+    m = ref.num_blocks(n, bs)
+    assert got.shape == (1, hq, m, m)
+    atol = TOL[dtype] if dtype != torch.float32 else KERNEL_FP32_TOL
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    torch.testing.assert_close(got.sum(-1), torch.ones(1, hq, m, device=device), rtol=0, atol=1e-5)
+    assert (got[..., ~ref.causal_block_mask(m, device)] == 0).all()
+    if n <= 100:  # float64 brute force is a Python loop over rows
+        brute = _sampled_brute(q.cpu(), k.cpu(), bs, rows, list(range(m)))
+        torch.testing.assert_close(want.cpu().double(), brute, rtol=0, atol=2 * atol)
+
+
+@pytest.mark.parametrize("q_blocks", [[62], [0, 31, 62], [5, 5]], ids=["last", "three", "repeated"])
+def test_sampled_block_attention_subset_of_query_blocks(q_blocks, device):
+    """A few query blocks over many key blocks: the kernel splits the key range over programs (the exact last
+    rows of the cab policy); the result must not depend on the split."""
+    q, k = _qk(1000, 2, 1, 64, torch.float32, seed=9, device=device)
+    qb = torch.tensor(q_blocks, device=device)
+    got = sampled_block_attention(q, k, 16, 8, qb, impl="triton")
+    want = sampled_block_attention(q, k, 16, 8, qb, impl="torch")
+    assert got.shape == (1, 2, len(q_blocks), 63)
+    torch.testing.assert_close(got, want, rtol=0, atol=KERNEL_FP32_TOL)
+    brute = _sampled_brute(q.cpu(), k.cpu(), 16, 8, q_blocks)
+    torch.testing.assert_close(got.cpu().double(), brute, rtol=0, atol=KERNEL_FP32_TOL)
+
+
+def test_sampled_rejects_rows_out_of_range():
+    q, k = _qk(40, 2, 2, 64, torch.float32)
+    for rows in (0, 17):
+        with pytest.raises(ValueError, match="rows"):
+            sampled_block_attention(q, k, 16, rows, impl="torch")
+
+
+_OFFSETS_SCRIPT = """
+import math, sys, torch
+from cab_vllm.ops.coarsen import sampled_block_attention
+n, hq, d, bs, rows = 300032, 64, 128, 64, 16
+gen = torch.Generator(device="cuda").manual_seed(0)
+bnhd = sys.argv[1] == "bnhd"
+q = torch.randn((1, n, hq, d) if bnhd else (1, hq, n, d), device="cuda", dtype=torch.bfloat16, generator=gen)
+q = q.transpose(1, 2) if bnhd else q
+k = torch.randn(1, 1, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+m = n // bs
+got = sampled_block_attention(q, k, bs, rows, torch.tensor([m - 1], device="cuda"))[0, :, 0]
+s = (q[:, :, n - rows:].float() @ k.float().transpose(-1, -2)) / math.sqrt(d)
+pos = torch.arange(n, device="cuda")
+s = s.masked_fill(pos[None, :] > pos[n - rows:, None], float("-inf"))
+want = torch.softmax(s, -1).view(1, hq, rows, m, bs).sum(-1).mean(2)[0]
+print("REL_ERR", float((got - want).norm() / want.norm()), "ROWSUM", float((got.sum(-1) - 1).abs().max()))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_sampled_block_attention_offsets_past_int32(layout):
+    """q with > 2^31 elements (64 heads x 300k tokens x 128, 4.9 GB bf16): the head offset h * stride_h
+    (BHND) and the row offset pos * stride_n (BNHD) pass 2^31 and must be computed in int64 (habit 3). The
+    last block's exact mass is checked against a direct computation. Runs in a subprocess: an illegal
+    address would poison the CUDA context of every later test."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _OFFSETS_SCRIPT, layout], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fields = res.stdout.split()
+    rel, rowsum = float(fields[fields.index("REL_ERR") + 1]), float(fields[fields.index("ROWSUM") + 1])
+    assert rel < 1e-2 and rowsum < 1e-3, res.stdout
