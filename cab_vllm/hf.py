@@ -10,7 +10,7 @@ Prefill (query length == key length) runs select_blocks + sparse_attention on th
 Decode (one query token) selects per step: Quest-style bounds with the real query for cab/magnitude, the
 policy's own rule for streaming/random/dense; h2o and curvature have no decode rule of their own, so they keep
 the key blocks chosen for the prompt's last query block plus every block that starts after the prompt.
-Outside ``using(...)`` (or with cfg None) the layer computes dense causal attention through the same code.
+Outside ``using(...)`` (or with cfg None, or policy "dense") the layer computes dense causal attention (SDPA).
 ``capture()`` records each layer's post-RoPE (query, key) of a prefill, for calibration.
 Only unpadded causal batches are supported (a padding mask raises).
 """
@@ -126,8 +126,14 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
     cfg, impl = _STATE.cfg, _STATE.impl
     if _STATE.captures is not None and nq == nk:
         _STATE.captures.append((getattr(module, "layer_idx", len(_STATE.captures)), query.detach(), key.detach()))
-    if cfg is None:
-        cfg = CABConfig(policy="dense")
+    if cfg is None or cfg.policy == "dense":
+        # dense: the same causal attention through SDPA (fast on CPU; the kernels are tested equal to it)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=nq == nk, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+        if nq != nk and nq != 1:
+            raise ValueError(f"CAB attention handles prefill (Nq == Nk) or one-token decode, got Nq={nq}, Nk={nk}")
+        _STATE.stats["prefill_calls" if nq == nk else "decode_calls"] += 1
+        return out.transpose(1, 2).contiguous(), None
     if nq == nk:
         sel = select_blocks(query, key, cfg, impl=impl)
         out = sparse_attention(query, key, value, sel, scale=scale, impl=impl)
