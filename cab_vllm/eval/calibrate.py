@@ -168,7 +168,7 @@ def capture_prompt(model, input_ids: list[int]) -> list:
     return [(layer, q, k) for layer, q, k in caps]
 
 
-__all__ = ["Setting", "calibrate_captures", "capture_prompt", "default_settings", "seed_setting", "default_setting"]
+__all__ = ["ORACLE", "Setting", "calibrate_captures", "capture_prompt", "default_settings", "seed_setting", "default_setting"]
 
 
 def summarize(rows: list[dict]) -> str:
