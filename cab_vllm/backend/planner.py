@@ -1,0 +1,534 @@
+"""Per-batch planning for the vLLM backend, in plain PyTorch (no vLLM import: unit-testable, and usable on a
+GPU machine without vLLM).
+
+Inputs are vLLM's per-batch tensors (CommonAttentionMetadata): query_start_loc [S+1], seq_lens [S],
+block_table [S, max_pages], slot_mapping [T] (slot = page * page_size + offset, -1 = padding).
+
+  EngineSettings     engine-wide defaults from CAB_* environment variables, validated through CABConfig.
+  request_config     one request's CABConfig from its SamplingParams.extra_args ({"cab_sparsity", "cab_policy"}).
+  plan_batch         host-side split of a batch into decode rows (1 query token) and prefill rows (>1), and the
+                     dense/sparse decision per row (seq_len < dense_threshold -> dense).
+  BoundsCache        per-layer per-(physical page, unit) key min/max, updated when a unit's last slot is written;
+                     decode selection reads block bounds from it instead of re-pooling the whole context.
+  prefill_selection  one request's key-block selection for the query blocks of its new tokens.
+  decode_selection   key blocks for the decode rows (Quest-style bounds with the real query).
+  prefill_tiles      the PrefillTiles of a varlen batch of prefills, padded to one K.
+  run_prefill / run_decode  the attention itself: our Triton kernels (impl 'triton') or a PyTorch path ('torch').
+
+Chunked prefill with a cached prefix: the estimate is computed over the full context (keys gathered from the
+paged cache) with zero query rows for the prefix, and only the rows of the query blocks that hold new tokens
+are used. A query block that straddles the prefix/new boundary is estimated from its new rows only (its
+pooled query is diluted by the zero rows: ranking within a row is kept for the bounds estimator, the softmax
+temperature is not). The estimate costs O(M^2) per chunk, recomputed for every chunk of a long prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cab_vllm.config import POLICIES, CABConfig
+from cab_vllm.ops.decode import paged_sparse_decode
+from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
+from cab_vllm.ops.reference import gather_paged_ref, num_blocks
+from cab_vllm.policies import DECODE_POLICIES, estimate, select_decode_blocks, select_from_attention
+
+# Per-process counters (requests/rows per step, not per layer): proof the backend ran and how often it went dense.
+METRICS: Counter = Counter()
+
+# Policies without a decode-time rule use the bounds rule (the cab default) for decode rows.
+DECODE_FALLBACK = {p: (p if p in DECODE_POLICIES else "cab") for p in POLICIES}
+
+ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
+    "CAB_SPARSITY": ("sparsity", float),
+    "CAB_POLICY": ("policy", str),
+    "CAB_BLOCK_SIZE": ("block_size", int),
+    "CAB_ESTIMATOR": ("estimator", str),
+    "CAB_SINK_BLOCKS": ("sink_blocks", int),
+    "CAB_LOCAL_BLOCKS": ("local_blocks", int),
+    "CAB_EXACT_ROWS": ("exact_rows", int),
+    "CAB_CURVATURE_SHARE": ("curvature_share", float),
+}
+IMPLS = ("auto", "torch", "triton")
+REQUEST_KEYS = ("cab_sparsity", "cab_policy")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Engine-wide defaults. cfg: the default CABConfig; dense_threshold: contexts of fewer tokens run dense;
+    impl: 'auto' (Triton kernels on CUDA, PyTorch on CPU), 'torch' or 'triton' (CPU needs TRITON_INTERPRET=1)."""
+
+    cfg: CABConfig = CABConfig()
+    dense_threshold: int = 1024
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dense_threshold, int) or self.dense_threshold < 0:
+            raise ValueError(f"dense_threshold={self.dense_threshold!r} is invalid: expected an integer >= 0")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl={self.impl!r} is invalid: expected one of {IMPLS}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
+        """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
+        CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DENSE_THRESHOLD, CAB_IMPL); unset ones keep
+        the defaults. A bad value raises ValueError naming the variable."""
+        env = os.environ if environ is None else environ
+        changes: dict[str, object] = {}
+        for var, (field, parse) in ENV_FIELDS.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                changes[field] = parse(raw.strip())
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not a valid {parse.__name__}") from None
+        try:
+            cfg = CABConfig().replace(**changes)
+        except ValueError as e:
+            names = {f: v for v, (f, _) in ENV_FIELDS.items()}
+            field = next((f for f in changes if f"CABConfig.{f}=" in str(e)), None)
+            raise ValueError(f"{names.get(field, 'CAB_*')}: {e}") from None
+        raw_thr = env.get("CAB_DENSE_THRESHOLD", "").strip()
+        try:
+            thr = int(raw_thr) if raw_thr else cls.dense_threshold
+        except ValueError:
+            raise ValueError(f"CAB_DENSE_THRESHOLD={raw_thr!r} is not a valid int") from None
+        if thr < 0:
+            raise ValueError(f"CAB_DENSE_THRESHOLD={thr} is invalid: expected an integer >= 0")
+        impl = env.get("CAB_IMPL", "").strip() or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"CAB_IMPL={impl!r} is invalid: expected one of {IMPLS}")
+        return cls(cfg, thr, impl)
+
+
+def _sparsity_value(sp: object) -> float:
+    if isinstance(sp, str):  # OpenAI vllm_xargs may carry numbers as strings
+        try:
+            sp = float(sp)
+        except ValueError:
+            raise ValueError(f"cab_sparsity={sp!r} is invalid: expected a number in [0, 1)") from None
+    if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not math.isfinite(sp) or not 0.0 <= sp < 1.0:
+        raise ValueError(f"cab_sparsity={sp!r} is invalid: expected a number in [0, 1)")
+    return float(sp)
+
+
+def validate_request_args(extra_args: Mapping[str, object] | None) -> None:
+    """Raise ValueError with a clear message when a request's cab_* extra_args are invalid."""
+    if not extra_args:
+        return
+    if extra_args.get("cab_sparsity") is not None:
+        _sparsity_value(extra_args["cab_sparsity"])
+    pol = extra_args.get("cab_policy")
+    if pol is not None and (not isinstance(pol, str) or pol not in POLICIES):
+        raise ValueError(f"cab_policy={pol!r} is invalid: expected one of {', '.join(POLICIES)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _replaced(base: CABConfig, sparsity: float | None, policy: str | None) -> CABConfig:
+    changes: dict[str, object] = {}
+    if sparsity is not None:
+        changes["sparsity"] = float(sparsity)
+    if policy is not None:
+        changes["policy"] = policy
+    return base.replace(**changes) if changes else base
+
+
+def request_config(base: CABConfig, extra_args: Mapping[str, object] | None) -> CABConfig:
+    """The CABConfig of one request: ``base`` with its cab_sparsity / cab_policy (validated) applied."""
+    validate_request_args(extra_args)
+    if not extra_args:
+        return base
+    sp = extra_args.get("cab_sparsity")
+    return _replaced(base, None if sp is None else _sparsity_value(sp), extra_args.get("cab_policy"))
+
+
+@dataclass
+class BatchPlan:
+    """Host-side plan of one batch (shared by every layer of the step).
+
+    decode_rows / prefill_rows: request rows (batch order) with 1 / more than 1 new token.
+    cfgs: the CABConfig of every row (per-request knobs applied; policy 'dense' for rows below the threshold).
+    dense: per row, whether it runs dense. qsl, seq_lens: host copies (lists).
+    """
+
+    decode_rows: list[int]
+    prefill_rows: list[int]
+    cfgs: list[CABConfig]
+    dense: list[bool]
+    qsl: list[int]
+    seq_lens: list[int]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens)
+
+
+def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: torch.Tensor | Sequence[int],
+               cfgs: Sequence[CABConfig], dense_threshold: int, count: bool = True) -> BatchPlan:
+    """Split a batch into decode and prefill rows and decide dense vs sparse per row.
+
+    A row goes dense when its context (seq_len) is below ``dense_threshold`` or its sparsity is 0 (the result is
+    the same; dense skips the selection). ``count`` adds the decisions to METRICS.
+    """
+    qsl = [int(x) for x in query_start_loc_cpu]
+    sl = [int(x) for x in seq_lens_cpu]
+    n = len(sl)
+    if len(qsl) != n + 1 or len(cfgs) != n:
+        raise ValueError(f"batch of {n} rows has {len(qsl)} query offsets and {len(cfgs)} configs")
+    dec, pre, out_cfgs, dense = [], [], [], []
+    for r in range(n):
+        q_len = qsl[r + 1] - qsl[r]
+        if q_len <= 0:  # padding row
+            out_cfgs.append(cfgs[r])
+            dense.append(True)
+            continue
+        d = sl[r] < dense_threshold or cfgs[r].policy == "dense" or cfgs[r].sparsity == 0.0
+        out_cfgs.append(cfgs[r].replace(policy="dense") if d and cfgs[r].policy != "dense" else cfgs[r])
+        dense.append(d)
+        (dec if q_len == 1 else pre).append(r)
+        if count:
+            METRICS[("decode" if q_len == 1 else "prefill") + ("_dense" if d else "_sparse")] += 1
+    return BatchPlan(dec, pre, out_cfgs, dense, qsl, sl)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key bounds per (physical page, unit): unit = gcd(page_size, block_size) consecutive slots of one page.
+# ---------------------------------------------------------------------------------------------------------------
+class BoundsCache:
+    """Per-layer elementwise min/max of the keys of every full unit of the paged cache.
+
+    lo, hi [num_pages, units_per_page, Hkv, D] in the cache dtype. A unit's bounds are (re)computed when its
+    last slot is written (update), so a page that is freed and reused is refreshed when refilled, and pages
+    shared through prefix caching keep valid bounds. Partial units hold stale values: they are only ever part
+    of the query's own (forced) block. block_bounds gathers the bounds of whole selection blocks.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.page_size, self.block_size = page_size, block_size
+        self.unit = math.gcd(page_size, block_size)
+        self.units_per_page = page_size // self.unit
+        shape = (num_pages, self.units_per_page, num_kv_heads, head_dim)
+        self.lo = torch.zeros(shape, dtype=dtype, device=device)
+        self.hi = torch.zeros(shape, dtype=dtype, device=device)
+
+    def completed_slots(self, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Slots (int64) of this step that complete a unit (host sync; shared by all layers of the step)."""
+        s = slot_mapping.long()
+        return s[(s >= 0) & (s % self.unit == self.unit - 1)]
+
+    def update(self, key_cache: torch.Tensor, done_slots: torch.Tensor) -> None:
+        """Recompute the bounds of the units whose last slot is in done_slots; key_cache [pages, page_size,
+        Hkv, D] (any strides), already holding this step's keys."""
+        if done_slots.numel() == 0:
+            return
+        page = done_slots // self.page_size
+        first = done_slots % self.page_size - (self.unit - 1)
+        pos = first[:, None] + torch.arange(self.unit, device=done_slots.device)
+        k = key_cache[page[:, None], pos]  # [U, unit, Hkv, D]
+        u = first // self.unit
+        self.lo[page, u] = k.amin(1)
+        self.hi[page, u] = k.amax(1)
+
+    def block_bounds(self, block_table: torch.Tensor, max_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) [S, Hkv, max_blocks, D] of selection blocks 0..max_blocks-1 of every row of block_table
+        [S, max_pages] (blocks past a row's length hold garbage: the selection masks them)."""
+        per_block = self.block_size // self.unit
+        t = torch.arange(max_blocks * per_block, device=block_table.device)  # logical unit index
+        tok = t * self.unit
+        col = (tok // self.page_size).clamp(max=block_table.shape[1] - 1)
+        page = block_table.long()[:, col]  # [S, U]
+        u = (tok % self.page_size) // self.unit
+        lo = self.lo[page, u[None, :]]  # [S, U, Hkv, D]
+        hi = self.hi[page, u[None, :]]
+        s, _, h, d = lo.shape
+        lo = lo.view(s, max_blocks, per_block, h, d).amin(2).transpose(1, 2)
+        hi = hi.view(s, max_blocks, per_block, h, d).amax(2).transpose(1, 2)
+        return lo.contiguous(), hi.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# selection
+# ---------------------------------------------------------------------------------------------------------------
+def _all_blocks(first_qb: int, last_qb: int, hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense causal selection for query blocks first_qb..last_qb: ([R, Hkv, last_qb+1], [R, Hkv])."""
+    r = last_qb - first_qb + 1
+    j = torch.arange(last_qb + 1, device=device, dtype=torch.int32)
+    qb = torch.arange(first_qb, last_qb + 1, device=device, dtype=torch.int32)
+    idx = torch.where(j[None, :] <= qb[:, None], j[None, :], -1)
+    return idx[:, None].expand(r, hkv, last_qb + 1).contiguous(), (qb + 1)[:, None].expand(r, hkv).contiguous()
+
+
+def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor, cfg: CABConfig, impl: str = "auto"
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Selection for the query blocks holding one request's new tokens.
+
+    q_new [Hq, nq, D]: the new queries (positions N-nq .. N-1); k_all [Hkv, N, D]: all keys of the request
+    (cached prefix + new). Returns (indices [R, Hkv, K] int32 ascending -1 padded, counts [R, Hkv] int32,
+    first query block) for the R = last - first + 1 query blocks from (N - nq) // bs to (N - 1) // bs.
+    """
+    hq, nq, d = q_new.shape
+    hkv, n = k_all.shape[0], k_all.shape[1]
+    bs = cfg.block_size
+    first, last = (n - nq) // bs, (n - 1) // bs
+    if cfg.policy == "dense":
+        idx, cnt = _all_blocks(first, last, hkv, q_new.device)
+        return idx, cnt, first
+    q = q_new if nq == n else F.pad(q_new, (0, 0, n - nq, 0))  # zero query rows for the cached prefix
+    qb, kb = q[None], k_all[None]
+    if cfg.policy in ("cab", "curvature", "magnitude", "h2o"):
+        a_max, a_mean = estimate(qb, kb, cfg, impl=impl)
+    else:
+        m = num_blocks(n, bs)
+        a_max = a_mean = torch.zeros(1, hkv, m, m, device=q.device)
+    idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl)
+    return idx[0, :, first:last + 1].transpose(0, 1).contiguous(), cnt[0, :, first:last + 1].t().contiguous(), first
+
+
+def _pad_k(idx: torch.Tensor, k: int) -> torch.Tensor:
+    return idx if idx.shape[-1] == k else F.pad(idx, (0, k - idx.shape[-1]), value=-1)
+
+
+def prefill_tiles(parts: Sequence[tuple[int, torch.Tensor, torch.Tensor, int]]) -> PrefillTiles:
+    """Concatenate per-request selections [(row in the launch, indices [R, Hkv, K_r], counts [R, Hkv], first
+    query block)] into one PrefillTiles padded to max K_r."""
+    kmax = max(p[1].shape[-1] for p in parts)
+    dev = parts[0][1].device
+    seq = torch.cat([torch.full((p[1].shape[0],), p[0], dtype=torch.int32, device=dev) for p in parts])
+    qb = torch.cat([torch.arange(p[3], p[3] + p[1].shape[0], dtype=torch.int32, device=dev) for p in parts])
+    idx = torch.cat([_pad_k(p[1], kmax) for p in parts]).contiguous()
+    cnt = torch.cat([p[2] for p in parts]).contiguous()
+    return PrefillTiles(seq, qb, idx, cnt)
+
+
+def decode_selection(q: torch.Tensor, num_kv_heads: int, bounds: BoundsCache | None, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, cfgs: Sequence[CABConfig], impl: str = "auto",
+                     key_cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key blocks for decode rows: q [S, Hq, D]; block_table [S, P]; seq_lens [S] int32 (host-known values in
+    ``cfgs`` order). Rows sharing a config are selected together. Without a BoundsCache the block bounds are
+    pooled from key_cache (the slow path, for tests). Returns (indices [S, Hkv, K], counts [S, Hkv])."""
+    s = q.shape[0]
+    bs = cfgs[0].block_size
+    sl = [int(x) for x in seq_lens.tolist()]
+    mmax = max(num_blocks(n, bs) for n in sl)
+    groups: dict[CABConfig, list[int]] = {}
+    for r, c in enumerate(cfgs):
+        groups.setdefault(c, []).append(r)
+    need_bounds = any(DECODE_FALLBACK[c.policy] in ("cab", "magnitude") for c in groups)
+    lo = hi = None
+    if need_bounds:
+        if bounds is not None:
+            lo, hi = bounds.block_bounds(block_table, mmax)
+        else:
+            lo, hi = _pool_bounds(key_cache, block_table, sl, bs, mmax)
+    hkv = num_kv_heads
+    idx = torch.full((s, hkv, mmax), -1, dtype=torch.int32, device=q.device)
+    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=q.device)
+    for c, rows in groups.items():
+        dc = c.replace(policy=DECODE_FALLBACK[c.policy])
+        rt = torch.tensor(rows, device=q.device)
+        if lo is None or dc.policy not in ("cab", "magnitude"):
+            z = torch.zeros(len(rows), hkv, mmax, q.shape[-1], dtype=q.dtype, device=q.device)
+            gi, gc = select_decode_blocks(q[rt], z, z, seq_lens[rt], dc, impl=impl)
+        else:
+            gi, gc = select_decode_blocks(q[rt], lo[rt], hi[rt], seq_lens[rt], dc, impl=impl)
+        idx[rt, :, : gi.shape[-1]] = gi
+        cnt[rt] = gc
+    return idx, cnt
+
+
+def _pool_bounds(key_cache, block_table, seq_lens, bs, mmax):
+    rows_lo, rows_hi = [], []
+    for r, n in enumerate(seq_lens):
+        k = gather_paged_ref(key_cache, block_table[r], n)  # [Hkv, n, D]
+        kp = F.pad(k, (0, 0, 0, mmax * bs - n), value=float("nan")).view(k.shape[0], mmax, bs, k.shape[-1])
+        rows_lo.append(torch.nan_to_num(kp.float().nan_to_num(float("inf")).amin(2), posinf=0.0).to(k.dtype))
+        rows_hi.append(torch.nan_to_num(kp.float().nan_to_num(float("-inf")).amax(2), neginf=0.0).to(k.dtype))
+    return torch.stack(rows_lo), torch.stack(rows_hi)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------------------------
+def resolve(impl: str, device: torch.device) -> str:
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return impl
+
+
+def _tiled_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor,
+                          first: int, ctx: int, bs: int, scale: float, budget: int = 1 << 25) -> torch.Tensor:
+    """PyTorch block-sparse prefill of one request: compute grows with the selected blocks only.
+
+    q [Hq, nq, D] at positions ctx..ctx+nq-1; k, v [Hkv, N, D]; idx [R, Hkv, K] / cnt [R, Hkv]: the selection
+    of query blocks first..first+R-1. Each tile gathers its selected key blocks and runs one SDPA call with a
+    causal/validity mask, tiles batched ``budget`` gathered elements at a time. Returns [nq, Hq, D]."""
+    hq, nq, d = q.shape
+    hkv, n = k.shape[0], k.shape[1]
+    g, r, kk = hq // hkv, idx.shape[0], idx.shape[-1]
+    m = num_blocks(n, bs)
+    kp = F.pad(k, (0, 0, 0, m * bs - n)).view(hkv, m, bs, d)
+    vp = F.pad(v, (0, 0, 0, m * bs - n)).view(hkv, m, bs, d)
+    lo = first * bs
+    rows = lo + torch.arange(r * bs, device=q.device)
+    valid = (rows >= ctx) & (rows < n)
+    qt = q.new_zeros(hq, r * bs, d)
+    qt[:, valid] = q[:, rows[valid] - ctx]
+    qt = qt.view(hkv, g, r, bs, d).permute(2, 0, 1, 3, 4).reshape(r, hkv, g * bs, d)
+    out = torch.empty(r, hkv, g * bs, d, dtype=q.dtype, device=q.device)
+    hh = torch.arange(hkv, device=q.device)[None, :, None]
+    jj = torch.arange(bs, device=q.device)
+    step = max(1, budget // max(1, hkv * kk * bs * d))
+    for r0 in range(0, r, step):
+        r1 = min(r, r0 + step)
+        ii = idx[r0:r1].long()
+        live = ii >= 0
+        ii = ii.clamp(min=0)
+        kg = kp[hh, ii].reshape(r1 - r0, hkv, kk * bs, d)
+        vg = vp[hh, ii].reshape(r1 - r0, hkv, kk * bs, d)
+        kpos = (ii[..., None] * bs + jj).reshape(r1 - r0, hkv, kk * bs)
+        kok = (live & (torch.arange(kk, device=q.device) < cnt[r0:r1, :, None]))[..., None].expand(
+            *live.shape, bs).reshape(r1 - r0, hkv, kk * bs) & (kpos < n)
+        qpos = (lo + torch.arange(r0, r1, device=q.device)[:, None] * bs + jj).repeat(1, g)  # [c, g*bs]
+        mask = kok[:, :, None, :] & (kpos[:, :, None, :] <= qpos[:, None, :, None])
+        # rows of a tile before the chunk's first new token may see no key: give them key 0 (discarded below)
+        mask[..., 0] |= ~mask.any(-1)
+        out[r0:r1] = F.scaled_dot_product_attention(qt[r0:r1], kg, vg, attn_mask=mask, scale=scale)
+    out = out.view(r, hkv, g, bs, d).permute(1, 2, 0, 3, 4).reshape(hq, r * bs, d)
+    return out[:, valid].transpose(0, 1)
+
+
+def run_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+                query_start_loc: torch.Tensor, seq_lens: torch.Tensor, sels: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+                block_size: int, scale: float, out: torch.Tensor, impl: str = "auto") -> None:
+    """Block-sparse causal attention for a batch of prefill rows.
+
+    q [T, Hq, D] packed by query_start_loc [S+1] (int32, starting at 0); seq_lens [S] int32; block_table [S, P];
+    sels[s] = (indices [R, Hkv, K], counts [R, Hkv], first query block) from prefill_selection; out [T, Hq, D]
+    is written. impl 'triton' runs ops.prefill.paged_sparse_prefill over PrefillTiles; 'torch' gathers each
+    request's K/V and runs SDPA over each tile's selected key blocks (_tiled_sparse_prefill)."""
+    if resolve(impl, q.device) == "triton":
+        tiles = prefill_tiles([(s, i, c, f) for s, (i, c, f) in enumerate(sels)])
+        paged_sparse_prefill(q, key_cache, value_cache, block_table, query_start_loc, seq_lens, tiles, block_size,
+                             scale, out=out, impl="triton")
+        return
+    qsl, sl = query_start_loc.tolist(), seq_lens.tolist()
+    for s, (idx, cnt, first) in enumerate(sels):
+        n, q0, q1 = sl[s], qsl[s], qsl[s + 1]
+        k = gather_paged_ref(key_cache, block_table[s], n)
+        v = gather_paged_ref(value_cache, block_table[s], n)
+        out[q0:q1] = _tiled_sparse_prefill(q[q0:q1].transpose(0, 1), k, v, idx, cnt, first, n - (q1 - q0),
+                                           block_size, scale)
+
+
+def _torch_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, bs: int, scale: float
+                  ) -> torch.Tensor:
+    """PyTorch sparse decode that reads only the selected blocks (through the block table). Returns [S, Hq, D]."""
+    s, hq, d = q.shape
+    hkv, ps = key_cache.shape[2], key_cache.shape[1]
+    g, kk = hq // hkv, indices.shape[-1]
+    ii = indices.long()
+    live = (ii >= 0) & (torch.arange(kk, device=q.device) < counts[..., None])
+    pos = ii.clamp(min=0)[..., None] * bs + torch.arange(bs, device=q.device)  # [S, Hkv, K, bs]
+    ok = live[..., None] & (pos < seq_lens.long()[:, None, None, None])
+    pos = torch.where(ok, pos, 0)
+    page = torch.gather(block_table.long(), 1, (pos // ps).reshape(s, -1)).view_as(pos)
+    h = torch.arange(hkv, device=q.device)[None, :, None, None]
+    kg = key_cache[page, pos % ps, h].reshape(s, hkv, kk * bs, d).float()
+    vg = value_cache[page, pos % ps, h].reshape(s, hkv, kk * bs, d).float()
+    sc = (q.view(s, hkv, g, d).float() @ kg.transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~ok.reshape(s, hkv, 1, kk * bs), float("-inf"))
+    return (torch.softmax(sc, -1) @ vg).reshape(s, hq, d).to(q.dtype)
+
+
+def run_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, block_size: int, scale: float,
+               out: torch.Tensor, impl: str = "auto") -> None:
+    """One query per row at position seq_lens-1 over its selected blocks; writes out [S, Hq, D].
+    impl 'triton': ops.decode.paged_sparse_decode (split-K); 'torch': _torch_decode."""
+    if resolve(impl, q.device) == "triton":
+        paged_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, indices, counts, block_size, scale,
+                            out=out, impl="triton")
+        return
+    out.copy_(_torch_decode(q, key_cache, value_cache, block_table, seq_lens, indices, counts, block_size, scale))
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store key/value [T, Hkv, D] at slot_mapping [T] (slot = page * page_size + offset; -1 skipped) of the
+    caches [num_pages, page_size, Hkv, D] (any strides). The PyTorch twin of vLLM's reshape_and_cache_flash."""
+    n = slot_mapping.shape[0]
+    s = slot_mapping.long()
+    ok = s >= 0
+    s, k, v = s[ok], key[:n][ok], value[:n][ok]
+    page, off = s // key_cache.shape[1], s % key_cache.shape[1]
+    key_cache[page, off] = k.to(key_cache.dtype)
+    value_cache[page, off] = v.to(value_cache.dtype)
+
+
+def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+           seq_lens: torch.Tensor, plan: BatchPlan, bounds: BoundsCache, done_slots: torch.Tensor, scale: float,
+           out: torch.Tensor, impl: str = "auto", record: dict | None = None) -> torch.Tensor:
+    """One layer of the backend: refresh the key bounds, select and attend for every row of the plan.
+
+    q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
+    this step's keys; block_table [S, P] int32; seq_lens [S] int32 (device); bounds: this layer's BoundsCache;
+    done_slots: the step's unit-completing slots (BoundsCache.completed_slots). Writes and returns out [T, Hq, D].
+    record: if a dict, receives the selections ('decode': (indices, counts) of plan.decode_rows; 'prefill': a
+    list of (indices, counts, first query block) per plan.prefill_rows) for tests.
+    """
+    bs = bounds.block_size
+    hkv = key_cache.shape[2]
+    dev = q.device
+    sel_impl = "triton" if resolve(impl, dev) == "triton" and dev.type == "cuda" else "torch"
+    bounds.update(key_cache, done_slots)
+    if plan.decode_rows:
+        rows = plan.decode_rows
+        rt = torch.tensor(rows, device=dev)
+        tok = torch.tensor([plan.qsl[r] for r in rows], device=dev)
+        bt, sl = block_table[rt], seq_lens[rt]
+        qd = q[tok]
+        idx, cnt = decode_selection(qd, hkv, bounds, bt, sl, [plan.cfgs[r] for r in rows], impl=sel_impl)
+        if record is not None:
+            record["decode"] = (idx, cnt)
+        od = torch.empty_like(qd)
+        run_decode(qd, key_cache, value_cache, bt, sl, idx, cnt, bs, scale, od, impl)
+        out[tok] = od
+    if plan.prefill_rows:
+        rows = plan.prefill_rows
+        sels, toks, qsl_sub = [], [], [0]
+        for r in rows:
+            q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
+            cfg = plan.cfgs[r]
+            k_all = (key_cache.new_empty(hkv, n, 0) if cfg.policy == "dense"
+                     else gather_paged_ref(key_cache, block_table[r], n))
+            sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl))
+            toks.append(torch.arange(q0, q1, device=dev))
+            qsl_sub.append(qsl_sub[-1] + q1 - q0)
+        if record is not None:
+            record["prefill"] = sels
+        rt = torch.tensor(rows, device=dev)
+        contiguous = rows == list(range(rows[0], rows[-1] + 1))
+        a, b = plan.qsl[rows[0]], plan.qsl[rows[-1] + 1]
+        tok = None if contiguous else torch.cat(toks)
+        qp = q[a:b] if contiguous else q[tok]
+        op = out[a:b] if contiguous else torch.empty_like(qp)
+        run_prefill(qp, key_cache, value_cache, block_table[rt], torch.tensor(qsl_sub, dtype=torch.int32, device=dev),
+                    seq_lens[rt], sels, bs, scale, op, impl)
+        if not contiguous:
+            out[tok] = op
+    return out
+
+
+def as_dict(settings: EngineSettings) -> dict:
+    return {"dense_threshold": settings.dense_threshold, "impl": settings.impl, **dataclasses.asdict(settings.cfg)}

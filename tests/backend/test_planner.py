@@ -1,0 +1,204 @@
+"""CPU tests of the backend's planning and kernel path, without vLLM (cab_vllm.backend.planner)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from backend_harness import PagedSim, dense_rows, rel_err
+from cab_vllm.api import select_blocks
+from cab_vllm.backend.planner import (
+    METRICS,
+    EngineSettings,
+    decode_selection,
+    plan_batch,
+    prefill_selection,
+    request_config,
+    validate_request_args,
+)
+from cab_vllm.config import CABConfig
+
+
+# -- knobs ----------------------------------------------------------------------------------------------------
+def test_settings_from_env_defaults_and_overrides():
+    s = EngineSettings.from_env({})
+    assert s.cfg == CABConfig() and s.dense_threshold == 1024 and s.impl == "auto"
+    s = EngineSettings.from_env({"CAB_SPARSITY": "0.5", "CAB_POLICY": "streaming", "CAB_BLOCK_SIZE": "32",
+                                 "CAB_DENSE_THRESHOLD": "0", "CAB_IMPL": "torch"})
+    assert (s.cfg.sparsity, s.cfg.policy, s.cfg.block_size, s.dense_threshold, s.impl) == \
+        (0.5, "streaming", 32, 0, "torch")
+
+
+@pytest.mark.parametrize("env, var", [
+    ({"CAB_SPARSITY": "1.5"}, "CAB_SPARSITY"), ({"CAB_SPARSITY": "lots"}, "CAB_SPARSITY"),
+    ({"CAB_POLICY": "nope"}, "CAB_POLICY"), ({"CAB_BLOCK_SIZE": "48"}, "CAB_BLOCK_SIZE"),
+    ({"CAB_DENSE_THRESHOLD": "-1"}, "CAB_DENSE_THRESHOLD"), ({"CAB_IMPL": "cuda"}, "CAB_IMPL"),
+], ids=["sparsity-range", "sparsity-type", "policy", "block-size", "threshold", "impl"])
+def test_settings_from_env_rejects_bad_values(env, var):
+    with pytest.raises(ValueError, match=var):
+        EngineSettings.from_env(env)
+
+
+def test_request_config():
+    base = CABConfig(sparsity=0.9)
+    assert request_config(base, None) is base
+    assert request_config(base, {"other": 1}) == base
+    c = request_config(base, {"cab_sparsity": 0.5, "cab_policy": "streaming"})
+    assert (c.sparsity, c.policy, c.block_size) == (0.5, "streaming", base.block_size)
+    assert request_config(base, {"cab_sparsity": "0.25"}).sparsity == 0.25  # vllm_xargs strings
+    for bad in ({"cab_sparsity": 1.0}, {"cab_sparsity": -0.1}, {"cab_sparsity": "half"}, {"cab_sparsity": True},
+                {"cab_sparsity": float("nan")}, {"cab_policy": "fast"}, {"cab_policy": 3}):
+        with pytest.raises(ValueError, match="cab_"):
+            validate_request_args(bad)
+
+
+def test_plan_batch_split_threshold_and_metrics():
+    METRICS.clear()
+    cfg = CABConfig(sparsity=0.8)
+    # rows: decode at 100 tokens, decode at 5000, prefill of 300 new over 4000, prefill at 50, sparsity-0 prefill
+    qsl = [0, 1, 2, 302, 352, 452]
+    sl = [100, 5000, 4300, 50, 3000]
+    cfgs = [cfg, cfg, cfg, cfg, cfg.replace(sparsity=0.0)]
+    p = plan_batch(qsl, sl, cfgs, dense_threshold=1000)
+    assert p.decode_rows == [0, 1] and p.prefill_rows == [2, 3, 4]
+    assert p.dense == [True, False, False, True, True]
+    assert [c.policy for c in p.cfgs] == ["dense", "cab", "cab", "dense", "dense"]
+    assert METRICS["decode_dense"] == 1 and METRICS["decode_sparse"] == 1
+    assert METRICS["prefill_sparse"] == 1 and METRICS["prefill_dense"] == 2
+
+
+# -- key bounds -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page_size", [16, 64, 128], ids=lambda p: f"page{p}")
+def test_bounds_cache_matches_pooled_keys(page_size):
+    torch.manual_seed(0)
+    hq, hkv, d, bs = 4, 2, 32, 64
+    lens = [333, 70, 1000]
+    k = [torch.randn(hkv, n, d) for n in lens]
+    q = [torch.randn(hq, n, d) for n in lens]
+    sim = PagedSim(q, k, k, page_size, CABConfig(block_size=bs))
+    # fill in uneven steps, as the engine would (chunks, then single tokens)
+    sim.step([(0, 100), (1, 70), (2, 513)])
+    sim.step([(0, 200), (2, 487)])
+    for _ in range(33):
+        sim.step([(0, 1)])
+    mmax = max(lens) // bs + 1
+    lo, hi = sim.bounds.block_bounds(sim.block_table, mmax)
+    for s, n in enumerate(lens):
+        full = n // bs
+        kk = k[s][:, : full * bs].view(hkv, full, bs, d)
+        torch.testing.assert_close(lo[s, :, :full], kk.amin(2))
+        torch.testing.assert_close(hi[s, :, :full], kk.amax(2))
+
+
+# -- selection ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["cab", "magnitude", "streaming", "h2o"])
+def test_prefill_selection_full_prompt_equals_library(policy):
+    torch.manual_seed(1)
+    cfg = CABConfig(sparsity=0.7, policy=policy)
+    q, k = torch.randn(1, 6, 700, 64), torch.randn(1, 2, 700, 64)
+    idx, cnt, first = prefill_selection(q[0], k[0], cfg)
+    sel = select_blocks(q, k, cfg)
+    assert first == 0
+    torch.testing.assert_close(cnt, sel.counts[0].t())
+    torch.testing.assert_close(idx, sel.indices[0].transpose(0, 1))
+
+
+def test_prefill_selection_chunk_rows():
+    """A chunk over a cached prefix selects only its own query blocks, each with the configured budget."""
+    torch.manual_seed(2)
+    cfg = CABConfig(sparsity=0.5)
+    k = torch.randn(2, 1000, 64)
+    idx, cnt, first = prefill_selection(torch.randn(6, 300, 64), k, cfg)
+    assert first == 700 // 64 and idx.shape[0] == 999 // 64 - first + 1
+    keep = cfg.keep_counts(999 // 64 + 1)[first:]
+    assert torch.equal(cnt.long(), keep[:, None].expand_as(cnt))
+    assert bool(((idx <= torch.arange(first, first + idx.shape[0])[:, None, None]) | (idx < 0)).all())
+
+
+def test_decode_selection_cached_bounds_equal_pooled():
+    torch.manual_seed(3)
+    hq, hkv, d = 4, 2, 64
+    lens = [900, 300, 1500]
+    k = [torch.randn(hkv, n, d) for n in lens]
+    q = [torch.randn(hq, n, d) for n in lens]
+    sim = PagedSim(q, k, k, 16, CABConfig(sparsity=0.8))
+    sim.step([(s, n - 1) for s, n in enumerate(lens)])
+    out, md = sim.step([(s, 1) for s in range(3)])
+    qd = torch.stack([q[s][:, n - 1] for s, n in enumerate(lens)])
+    cfgs = [CABConfig(sparsity=0.8), CABConfig(sparsity=0.5), CABConfig(sparsity=0.8, policy="streaming")]
+    a = decode_selection(qd, hkv, sim.bounds, md["block_table"], md["seq_lens"], cfgs)
+    b = decode_selection(qd, hkv, None, md["block_table"], md["seq_lens"], cfgs, key_cache=sim.key_cache)
+    assert torch.equal(a[1], b[1])
+    assert torch.equal(a[0], b[0])
+    m = [(n - 1) // 64 + 1 for n in lens]
+    assert a[1][0, 0] == cfgs[0].keep_counts(m[0])[-1] and a[1][1, 0] == cfgs[1].keep_counts(m[1])[-1]
+
+
+# -- attention through the paged cache ------------------------------------------------------------------------
+# Triton on these CPU tensors runs interpreted (conftest sets TRITON_INTERPRET=1 when there is no GPU)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+IMPLS = ["torch", "triton"] if INTERPRETED else ["torch"]
+
+
+def _sim(lens, hq, hkv, d, dtype, page_size, cfg, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda h, n: torch.randn(h, n, d, generator=gen).to(dtype)  # noqa: E731
+    return PagedSim([mk(hq, n) for n in lens], [mk(hkv, n) for n in lens], [mk(hkv, n) for n in lens], page_size,
+                    cfg, seed=seed)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("page_size", [16, 128], ids=lambda p: f"page{p}")
+def test_dense_mixed_batch_matches_reference(impl, page_size):
+    """Sparsity 0 (and contexts under the threshold): prefills, a chunked prefill over a cached prefix, and
+    decodes in one batch equal dense causal attention."""
+    lens = [260, 97, 700, 130]
+    hq, hkv, d = 6, 2, 64
+    sim = _sim(lens, hq, hkv, d, torch.float32, page_size, CABConfig(sparsity=0.0))
+    sim.step([(0, 259), (2, 400), (3, 130)])
+    # decodes first (vLLM order), then a new prompt, then the rest of the chunked prefill
+    out, _ = sim.step([(0, 1), (1, 97), (2, 300)], dense_threshold=0, impl=impl)
+    ref = torch.cat([dense_rows(sim.q, sim.k, sim.v, 0, 259, 260), dense_rows(sim.q, sim.k, sim.v, 1, 0, 97),
+                     dense_rows(sim.q, sim.k, sim.v, 2, 400, 700)])
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("page_size", [16, 64], ids=lambda p: f"page{p}")
+def test_sparse_mixed_batch_triton_equals_torch(page_size):
+    """Same plan and selection through the Triton tile kernels (interpreted) and the PyTorch path."""
+    if not INTERPRETED:
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors)")
+    lens = [700, 1100, 300]
+    hq, hkv, d = 4, 2, 64
+    cfg = CABConfig(sparsity=0.5)
+    outs = []
+    for impl in IMPLS:
+        sim = _sim(lens, hq, hkv, d, torch.float32, page_size, cfg, seed=5)
+        sim.step([(0, 699), (1, 600)], dense_threshold=0, impl=impl)
+        cfgs = [cfg, cfg.replace(sparsity=0.7), cfg.replace(policy="streaming")]
+        out, _ = sim.step([(0, 1), (1, 500), (2, 300)], cfgs=cfgs, dense_threshold=0, impl=impl)
+        outs.append(out)
+    assert rel_err(outs[1], outs[0]) < 1e-5
+    assert not torch.isnan(outs[0]).any()
+
+
+def test_decode_equals_last_prefill_row():
+    lens = [777]
+    cfg = CABConfig(sparsity=0.6, policy="streaming")  # same rule at prefill and decode
+    a = _sim(lens, 4, 2, 64, torch.float32, 16, cfg, seed=7)
+    a.step([(0, 776)], dense_threshold=0)
+    dec, _ = a.step([(0, 1)], dense_threshold=0)
+    b = _sim(lens, 4, 2, 64, torch.float32, 16, cfg, seed=7)
+    pre, _ = b.step([(0, 777)], dense_threshold=0)
+    assert rel_err(dec[0], pre[-1]) < 1e-5
+
+
+def test_bf16_sparsity_zero_within_dtype_tolerance():
+    lens = [500, 90]
+    sim = _sim(lens, 6, 2, 64, torch.bfloat16, 16, CABConfig(sparsity=0.0))
+    sim.step([(0, 499)])
+    out, _ = sim.step([(0, 1), (1, 90)], dense_threshold=0)
+    ref = torch.cat([dense_rows(sim.q, sim.k, sim.v, 0, 499, 500), dense_rows(sim.q, sim.k, sim.v, 1, 0, 90)])
+    assert rel_err(out, ref) < 2e-2
