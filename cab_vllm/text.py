@@ -125,7 +125,7 @@ class RReader:
     def read(self):
         """The next item: None for NULL, str for a symbol, RObject for vectors / lists / pairlists."""
         flags = self.int()
-        typ, has_attr, has_tag = flags & 0xFF, bool(flags & (1 << 9)), bool(flags & (1 << 10))
+        typ, has_attr = flags & 0xFF, bool(flags & (1 << 9))
         if typ in (self.NILVALUE, self.NIL) or typ in self.SPECIAL_ENVS:
             return None
         if typ == self.REF:
@@ -164,7 +164,7 @@ class RReader:
             out = RObject(self._unpack("d", self.length(), 8))
         elif typ == self.CPLX:
             v = self._unpack("d", 2 * self.length(), 8)
-            out = RObject(complex(re_, im) for re_, im in zip(v[::2], v[1::2]))
+            out = RObject(complex(re_, im) for re_, im in zip(v[::2], v[1::2], strict=True))
         elif typ == self.RAW:
             n = self.length()
             out = RObject(self.data[self.pos : self.pos + n])
@@ -213,7 +213,7 @@ class RReader:
     @staticmethod
     def _set_attrs(obj: RObject, pairlist) -> None:
         if isinstance(pairlist, RObject):
-            obj.attrs.update(zip(pairlist.attrs.get("names") or [], pairlist))
+            obj.attrs.update(zip(pairlist.attrs.get("names") or [], pairlist, strict=False))  # untagged: dropped
 
 
 def unserialize(data: bytes):
@@ -253,12 +253,14 @@ def _lazyload_object(chunk: bytes, compressed: int) -> bytes:
 def read_lazyload(rdx: Path, rdb: Path) -> dict:
     """{variable: R object} of an R lazy-load database (the .rdx index and .rdb objects, as R's lazyLoad)."""
     index = unserialize(_decompress_file(Path(rdx).read_bytes()))
-    fields = dict(zip(index.names, index))
+    if not isinstance(index, RObject) or not index.names or "variables" not in index.names:
+        raise ValueError(f"{rdx} is not an R lazy-load index (a named list with 'variables')")
+    fields = dict(zip(index.names, index, strict=True))
     variables, compressed = fields["variables"], fields.get("compressed")
     compressed = int(compressed[0]) if compressed else 0
     blob = Path(rdb).read_bytes()
     out = {}
-    for name, (offset, length) in zip(variables.names, variables):
+    for name, (offset, length) in zip(variables.names, variables, strict=True):
         chunk = blob[int(offset) : int(offset) + int(length)]
         out[name] = unserialize(_lazyload_object(chunk, compressed))
     return out

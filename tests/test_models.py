@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from cab_vllm.models import MARKER, MODELS, prepare_model
+from cab_vllm.models import MARKER, MODELS, _sha256, cache_root, prepare_model
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +76,8 @@ def test_qwen_prepares_and_finds_a_pass_key():
     from cab_vllm.text import answer_has_passkey, passkey_prompt
 
     path = prepare_model("qwen2.5-coder-0.5b-instruct")
-    assert MODELS["qwen2.5-coder-0.5b-instruct"].sha256 in (path / MARKER).read_text()
+    gguf = cache_root() / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
+    assert _sha256(gguf) == MODELS["qwen2.5-coder-0.5b-instruct"].sha256
     cfg = AutoConfig.from_pretrained(path)
     assert cfg.model_type == "qwen2" and (cfg.num_attention_heads, cfg.num_key_value_heads) == (14, 2)
     assert cfg.max_position_embeddings == 32768
