@@ -21,8 +21,7 @@ import torch
 
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import sampled_block_attention
-from cab_vllm.ops.reference import causal_block_mask, selection_to_block_mask
-from cab_vllm.ops.select import forced_mask, select_tiered
+from cab_vllm.ops.reference import selection_to_block_mask
 from cab_vllm.ops.coarsen import group_reduce
 from cab_vllm.policies import estimate, select_from_attention
 
@@ -57,11 +56,10 @@ class Setting:
 
 
 def oracle_selection(a_exact: torch.Tensor, num_kv_heads: int, cfg: CABConfig):
-    """Keep, per KV head, the blocks of largest exact attention mass (max over the group's heads)."""
-    a_max, _ = group_reduce(a_exact, num_kv_heads)
-    m = a_max.shape[-1]
-    forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, a_max.device).expand_as(a_max)
-    return select_tiered([forced, a_max], cfg.keep_counts(m, a_max.device), causal_block_mask(m, a_max.device))
+    """Keep, per KV head, the blocks of largest exact attention mass (max over the group's heads): the
+    magnitude policy applied to the exact block attention."""
+    a_max, a_mean = group_reduce(a_exact, num_kv_heads)
+    return select_from_attention(a_max, a_mean, cfg.replace(policy="magnitude"))
 
 
 @torch.no_grad()
