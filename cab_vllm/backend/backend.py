@@ -54,6 +54,7 @@ from vllm.v1.attention.backend import (
 )
 
 from cab_vllm.backend import trace
+from cab_vllm.backend.stats import STATS
 from cab_vllm.backend.planner import (
     METRICS,
     BatchPlan,
@@ -182,6 +183,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         seq_lens_cpu = cm.seq_lens[:n].cpu()
         cfgs = self._request_cfgs(n)
         plan = plan_batch(qsl_cpu, seq_lens_cpu, cfgs, self.settings.dense_threshold)
+        STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold)
         if self._trace:
             rows = [[plan.qsl[r + 1] - plan.qsl[r], plan.seq_lens[r], cfgs[r].sparsity, cfgs[r].policy, plan.dense[r]]
                     for r in range(n)]

@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from cab_vllm.backend.stats import STATS
 from cab_vllm.config import POLICIES, CABConfig
 from cab_vllm.ops.decode import paged_sparse_decode
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
@@ -491,14 +492,16 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     hkv = key_cache.shape[2]
     dev = q.device
     sel_impl = "triton" if resolve(impl, dev) == "triton" and dev.type == "cuda" else "torch"
-    bounds.update(key_cache, done_slots)
+    with STATS.timed("bounds", dev):
+        bounds.update(key_cache, done_slots)
     if plan.decode_rows:
         rows = plan.decode_rows
         rt = torch.tensor(rows, device=dev)
         tok = torch.tensor([plan.qsl[r] for r in rows], device=dev)
         bt, sl = block_table[rt], seq_lens[rt]
         qd = q[tok]
-        idx, cnt = decode_selection(qd, hkv, bounds, bt, sl, [plan.cfgs[r] for r in rows], impl=sel_impl)
+        with STATS.timed("decode", dev):
+            idx, cnt = decode_selection(qd, hkv, bounds, bt, sl, [plan.cfgs[r] for r in rows], impl=sel_impl)
         if record is not None:
             record["decode"] = (idx, cnt)
         od = torch.empty_like(qd)
@@ -507,14 +510,15 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     if plan.prefill_rows:
         rows = plan.prefill_rows
         sels, toks, qsl_sub = [], [], [0]
-        for r in rows:
-            q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
-            cfg = plan.cfgs[r]
-            k_all = (key_cache.new_empty(hkv, n, 0) if cfg.policy == "dense"
-                     else gather_paged_ref(key_cache, block_table[r], n))
-            sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl))
-            toks.append(torch.arange(q0, q1, device=dev))
-            qsl_sub.append(qsl_sub[-1] + q1 - q0)
+        with STATS.timed("prefill", dev):
+            for r in rows:
+                q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
+                cfg = plan.cfgs[r]
+                k_all = (key_cache.new_empty(hkv, n, 0) if cfg.policy == "dense"
+                         else gather_paged_ref(key_cache, block_table[r], n))
+                sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl))
+                toks.append(torch.arange(q0, q1, device=dev))
+                qsl_sub.append(qsl_sub[-1] + q1 - q0)
         if record is not None:
             record["prefill"] = sels
         rt = torch.tensor(rows, device=dev)

@@ -1,0 +1,237 @@
+"""CAB's own serving figures, recorded where the attention runs (vLLM's worker process) and exported through
+prometheus_client.
+
+  STATS.record_plan(plan, cfgs, block_size)   once per step, from the metadata builder: key blocks kept vs
+                  causal (the achieved sparsity, from CABConfig.keep_counts on the host: no device sync), rows and
+                  query tokens per requested sparsity / policy / mode, and the rows that ran dense and why.
+  STATS.timed(phase, device)                   around block selection in the forward (the predictor): host
+                  wall time on the CPU; on CUDA a pair of CUDA events, read lazily at the next step (never a
+                  sync), so it is GPU time.
+
+Metrics (counters, so a scrape of several processes sums correctly; PromQL ratios give the figures):
+
+  cab_kept_key_blocks_total{phase,sparsity}     key blocks attended (per query block, per KV head group)
+  cab_causal_key_blocks_total{phase,sparsity}   key blocks a dense causal pass would attend
+      achieved sparsity = 1 - kept / causal (for one requested sparsity, or summed over all)
+  cab_rows_total{phase,sparsity,policy,mode}    request rows per step (a decode request counts once a step, a
+                                                prefill once per chunk); mode = sparse | dense
+  cab_query_tokens_total{phase,sparsity,policy,mode}   new query tokens those rows processed
+  cab_dense_rows_total{phase,reason}            rows run dense: below_threshold (context < CAB_DENSE_THRESHOLD),
+                                                sparsity_zero, policy_dense
+  cab_predictor_seconds_total{phase}            block-selection time (prefill, decode, bounds = key-bounds cache
+                                                refresh), summed over layers
+  cab_predictor_step_seconds                    histogram of the selection time of one step (all layers)
+
+``sparsity`` labels are the request's sparsity rounded to two decimals ("0.70"). Across processes (vLLM's
+API server, engine core and workers) the figures meet in prometheus_client's multiprocess mode:
+PROMETHEUS_MULTIPROC_DIR must be set before any of those processes imports prometheus_client (cab-serve does
+it). Without prometheus_client, or with CAB_METRICS=0, only the in-process ``totals`` Counter is kept.
+Imports neither vLLM nor torch at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import threading
+import time
+from collections import Counter
+from typing import Iterator, Sequence
+
+PHASES = ("prefill", "decode")
+DENSE_REASONS = ("below_threshold", "sparsity_zero", "policy_dense")
+STEP_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_MAX_PENDING_EVENTS = 8192  # CUDA event pairs awaiting completion (bounded: dropped oldest first, counted)
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_prefix(sparsity: float, forced: int, num_blocks: int) -> tuple[int, ...]:
+    """Prefix sums of the key blocks kept by query blocks 0..num_blocks-1 (CABConfig.keep_counts in Python):
+    entry m = sum of keep(0..m-1). Cached per (sparsity, forced, size); sizes grow by doubling."""
+    out = [0]
+    for m in range(num_blocks):
+        m1 = m + 1
+        want = math.ceil((1.0 - sparsity) * m1 - 1e-9)
+        out.append(out[-1] + min(m1, max(min(m1, forced), want)))
+    return tuple(out)
+
+
+def kept_blocks(sparsity: float, forced: int, first: int, last: int) -> int:
+    """Key blocks kept by query blocks first..last (inclusive) at this sparsity (``forced`` = sink + local)."""
+    size = 64
+    while size <= last:
+        size *= 2
+    p = _kept_prefix(float(sparsity), int(forced), size)
+    return p[last + 1] - p[first]
+
+
+def causal_blocks(first: int, last: int) -> int:
+    """Key blocks a dense causal pass attends for query blocks first..last: sum of (m + 1)."""
+    return (last + 1) * (last + 2) // 2 - first * (first + 1) // 2
+
+
+def dense_reason(cfg, seq_len: int, dense_threshold: int) -> str | None:
+    """Why a row with this (requested) CABConfig runs dense, or None if it runs sparse (as plan_batch decides)."""
+    if cfg.policy == "dense":
+        return "policy_dense"
+    if cfg.sparsity == 0.0:
+        return "sparsity_zero"
+    if seq_len < dense_threshold:
+        return "below_threshold"
+    return None
+
+
+class Stats:
+    """Per-process recorder. ``totals`` (a Counter keyed by (metric, labels...)) always holds the figures; the
+    Prometheus metrics are created on first use when prometheus_client imports and CAB_METRICS != '0'."""
+
+    def __init__(self) -> None:
+        self.totals: Counter = Counter()
+        self._lock = threading.Lock()
+        self._prom = None  # None: not tried yet; False: unavailable; else a dict of metrics
+        self._children: dict = {}
+        self._pending_events: list = []  # [(phase, start_event, end_event)]
+        self._pending_host: Counter = Counter()  # phase -> seconds (CPU timings since the last step)
+
+    # -- exporting --------------------------------------------------------------------------------------------
+    def _metrics(self):
+        if self._prom is None:
+            self._prom = False
+            if os.environ.get("CAB_METRICS", "1") != "0":
+                try:
+                    import prometheus_client as pc
+                except ImportError:
+                    pc = None
+                if pc is not None:
+                    self._prom = self._create(pc)
+        return self._prom
+
+    @staticmethod
+    def _create(pc) -> dict:
+        def counter(name, doc, labels):
+            try:
+                return pc.Counter(name, doc, labels)
+            except ValueError:  # already registered in this process (e.g. tests re-creating Stats)
+                return pc.REGISTRY._names_to_collectors[name]
+
+        def histogram(name, doc):
+            try:
+                return pc.Histogram(name, doc, buckets=STEP_BUCKETS)
+            except ValueError:
+                return pc.REGISTRY._names_to_collectors[name]
+
+        return {
+            "kept": counter("cab_kept_key_blocks", "Key blocks attended by CAB (per query block, per KV head group)",
+                            ["phase", "sparsity"]),
+            "causal": counter("cab_causal_key_blocks", "Key blocks a dense causal pass would attend",
+                              ["phase", "sparsity"]),
+            "rows": counter("cab_rows", "Request rows per step (decode: one per request per step; prefill: one "
+                            "per chunk)", ["phase", "sparsity", "policy", "mode"]),
+            "tokens": counter("cab_query_tokens", "New query tokens processed", ["phase", "sparsity", "policy",
+                                                                                  "mode"]),
+            "dense": counter("cab_dense_rows", "Rows run dense, by reason", ["phase", "reason"]),
+            "predictor": counter("cab_predictor_seconds", "Block-selection (predictor) time, summed over layers",
+                                 ["phase"]),
+            "dropped": counter("cab_predictor_timings_dropped", "CUDA predictor timings dropped (never completed)",
+                               []),
+            "step": histogram("cab_predictor_step_seconds", "Block-selection time of one step, all layers"),
+        }
+
+    def _inc(self, key: tuple, amount: float) -> None:
+        self.totals[key] += amount
+        prom = self._metrics()
+        if not prom:
+            return
+        child = self._children.get(key)
+        if child is None:
+            metric = prom[key[0]]
+            child = metric.labels(*key[1:]) if len(key) > 1 else metric
+            self._children[key] = child
+        child.inc(amount)
+
+    # -- recording --------------------------------------------------------------------------------------------
+    def record_plan(self, plan, cfgs: Sequence, block_size: int, dense_threshold: int) -> None:
+        """Account one step's plan (cab_vllm.backend.planner.BatchPlan) with the rows' requested CABConfigs
+        ``cfgs`` (before plan_batch turns dense rows into policy 'dense'); also flushes the predictor timings
+        of the previous step. Host arithmetic on the plan's lists only."""
+        step: Counter = Counter()
+        for r in range(plan.num_reqs):
+            q_len = plan.qsl[r + 1] - plan.qsl[r]
+            if q_len <= 0:
+                continue
+            n = plan.seq_lens[r]
+            cfg = cfgs[r]
+            phase = "decode" if q_len == 1 else "prefill"
+            sp = f"{cfg.sparsity:.2f}"
+            first, last = (n - q_len) // block_size, (n - 1) // block_size
+            causal = causal_blocks(first, last)
+            if plan.dense[r]:
+                kept, mode = causal, "dense"
+                reason = dense_reason(cfg, n, dense_threshold)
+                if reason is not None:
+                    step[("dense", phase, reason)] += 1
+            else:
+                kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, first, last)
+                mode = "sparse"
+            step[("kept", phase, sp)] += kept
+            step[("causal", phase, sp)] += causal
+            step[("rows", phase, sp, cfg.policy, mode)] += 1
+            step[("tokens", phase, sp, cfg.policy, mode)] += q_len
+        with self._lock:
+            for key, v in step.items():
+                self._inc(key, v)
+            self._flush_timings()
+
+    @contextlib.contextmanager
+    def timed(self, phase: str, device) -> Iterator[None]:
+        """Time the block selection inside the ``with``: host wall time, or CUDA events on a CUDA device."""
+        if getattr(device, "type", device) == "cuda":
+            import torch
+
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            with self._lock:
+                self._pending_events.append((phase, start, end))
+                if len(self._pending_events) > _MAX_PENDING_EVENTS:
+                    del self._pending_events[0]
+                    self._inc(("dropped",), 1)
+            return
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._pending_host[phase] += dt
+
+    def _flush_timings(self) -> None:
+        """Move finished timings into the counters (caller holds the lock). CUDA pairs not finished yet stay."""
+        per_phase: Counter = Counter(self._pending_host)
+        self._pending_host.clear()
+        if self._pending_events:
+            keep = []
+            for phase, start, end in self._pending_events:
+                if end.query():
+                    per_phase[phase] += start.elapsed_time(end) / 1000.0
+                else:
+                    keep.append((phase, start, end))
+            self._pending_events = keep
+        if not per_phase:
+            return
+        for phase, secs in per_phase.items():
+            self._inc(("predictor", phase), secs)
+        total = sum(per_phase.values())
+        self.totals[("step",)] += 1
+        prom = self._metrics()
+        if prom:
+            prom["step"].observe(total)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_timings()
+
+
+STATS = Stats()
