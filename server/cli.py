@@ -115,6 +115,13 @@ def resolve_model(args: argparse.Namespace) -> None:
             args.served_model_name = [name]
         if args.tokenizer is None:
             args.tokenizer = args.model
+        return
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith(("/", "./", "../", "~")):  # a folder, not a hub id
+        if not path.is_dir():
+            raise ValueError(f"{name} is not a folder (nor a packaged model: {', '.join(MODELS)})")
+        prepare_model(str(path))  # checks for config.json
+        args.model = str(path)
 
 
 def model_rope(model: str) -> tuple[dict, int | None]:
@@ -181,6 +188,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     """Parse and check the command line; set the CAB_* engine environment. Returns (args, api_keys).
     Exits with an argparse error naming the flag for bad values."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1):  # vLLM's parser reads '-0.1' as a dotted flag: keep the value attached
+        if argv[i] == "--sparsity":
+            argv[i:i + 2] = [f"--sparsity={argv[i + 1]}"]
+            break
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.api_server_count not in (None, 1) or args.headless or getattr(args, "grpc", False):

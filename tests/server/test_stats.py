@@ -1,0 +1,96 @@
+"""cab_vllm.backend.stats without an engine: the host-side block counts agree with CABConfig.keep_counts (what
+the selection keeps), dense reasons follow plan_batch, predictor timings are flushed per step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cab_vllm.backend.planner import plan_batch
+from cab_vllm.backend.stats import Stats, causal_blocks, kept_blocks
+from cab_vllm.config import CABConfig
+
+
+@pytest.fixture
+def stats(monkeypatch) -> Stats:
+    monkeypatch.setenv("CAB_METRICS", "0")  # totals only: no process-global Prometheus metrics in the test run
+    return Stats()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.7, 0.9, 0.95, 0.99])
+@pytest.mark.parametrize("sink, local", [(1, 1), (2, 3)])
+def test_kept_blocks_match_keep_counts(sparsity, sink, local):
+    cfg = CABConfig(sparsity=sparsity, sink_blocks=sink, local_blocks=local)
+    keep = cfg.keep_counts(300).tolist()
+    rng = random.Random(0)
+    for first, last in [(0, 0), (0, 1), (0, 299), (5, 5), (63, 64), (127, 255)] + \
+            [tuple(sorted(rng.sample(range(300), 2))) for _ in range(10)]:
+        assert kept_blocks(sparsity, sink + local, first, last) == sum(keep[first:last + 1])
+        assert causal_blocks(first, last) == sum(m + 1 for m in range(first, last + 1))
+
+
+def test_record_plan_counts_rows_tokens_blocks_and_dense_reasons(stats):
+    bs = 64
+    base = CABConfig()
+    s7 = base.replace(sparsity=0.7)
+    # rows: decode at 3000 (sparse), prefill 1000 new tokens of 5000 (sparse, 0.7), short prefill (below the
+    # threshold), decode with sparsity 0, prefill with policy dense, a padding row
+    qsl = [0, 1, 1001, 1101, 1102, 2102, 2102]
+    seq = [3000, 5000, 100, 4000, 2000, 0]
+    cfgs = [base, s7, base, base.replace(sparsity=0.0), base.replace(policy="dense"), base]
+    plan = plan_batch(qsl, seq, cfgs, dense_threshold=1024, count=False)
+    stats.record_plan(plan, cfgs, bs, 1024)
+    t = stats.totals
+    assert t[("rows", "decode", "0.90", "cab", "sparse")] == 1
+    assert t[("rows", "prefill", "0.70", "cab", "sparse")] == 1
+    assert t[("tokens", "prefill", "0.70", "cab", "sparse")] == 1000
+    assert t[("rows", "prefill", "0.90", "cab", "dense")] == 1 and t[("tokens", "prefill", "0.90", "cab", "dense")] == 100
+    assert t[("rows", "decode", "0.00", "cab", "dense")] == 1
+    assert t[("rows", "prefill", "0.90", "dense", "dense")] == 1
+    assert t[("dense", "prefill", "below_threshold")] == 1
+    assert t[("dense", "decode", "sparsity_zero")] == 1
+    assert t[("dense", "prefill", "policy_dense")] == 1
+    assert sum(v for k, v in t.items() if k[0] == "rows") == 5  # the padding row is not counted
+    # achieved sparsity inputs: the 0.7 prefill covers query blocks 62..78 of a 5000-token context
+    first, last = (5000 - 1000) // bs, (5000 - 1) // bs
+    keep = s7.keep_counts(last + 1).tolist()
+    assert t[("kept", "prefill", "0.70")] == sum(keep[first:])
+    assert t[("causal", "prefill", "0.70")] == sum(range(first + 1, last + 2))
+    achieved = 1 - t[("kept", "prefill", "0.70")] / t[("causal", "prefill", "0.70")]
+    assert 0.65 < achieved <= 0.7
+    # dense rows keep every causal block
+    assert t[("kept", "decode", "0.00")] == t[("causal", "decode", "0.00")] == 4000 // bs + 1
+    m = (3000 - 1) // bs
+    assert t[("kept", "decode", "0.90")] == base.keep_counts(m + 1)[-1].item()
+
+
+def test_predictor_timings_flush_on_the_next_step(stats):
+    plan = plan_batch([0, 1], [10], [CABConfig()], dense_threshold=0, count=False)
+    with stats.timed("decode", "cpu"):
+        sum(range(10000))
+    with stats.timed("bounds", "cpu"):
+        pass
+    assert stats.totals[("predictor", "decode")] == 0  # pending until the builder's next step
+    stats.record_plan(plan, [CABConfig()], 64, 0)
+    assert stats.totals[("predictor", "decode")] > 0 and stats.totals[("predictor", "bounds")] >= 0
+    assert stats.totals[("step",)] == 1
+    stats.record_plan(plan, [CABConfig()], 64, 0)
+    assert stats.totals[("step",)] == 1  # no new timings, no new step sample
+
+
+def test_prometheus_export(monkeypatch):
+    """With prometheus_client, the same figures land in the process registry under the documented names."""
+    pc = pytest.importorskip("prometheus_client")
+    monkeypatch.setenv("CAB_METRICS", "1")
+    s = Stats()
+    cfg = CABConfig(sparsity=0.55)
+    plan = plan_batch([0, 2048], [2048], [cfg], dense_threshold=0, count=False)
+
+    def value(name, **labels):
+        return pc.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = value("cab_rows_total", phase="prefill", sparsity="0.55", policy="cab", mode="sparse")
+    s.record_plan(plan, [cfg], 64, 0)
+    assert value("cab_rows_total", phase="prefill", sparsity="0.55", policy="cab", mode="sparse") == before + 1
+    assert value("cab_causal_key_blocks_total", phase="prefill", sparsity="0.55") >= 32 * 33 // 2
