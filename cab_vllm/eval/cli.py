@@ -1,0 +1,259 @@
+"""cab-exp: the experiments of issue 5 from one command line.
+
+    cab-exp niah     --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --trials 5   (A: needle grid)
+    cab-exp ppl      --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --windows 4  (B: ppl vs latency)
+    cab-exp ablation --model qwen2.5-coder-0.5b-instruct                                   (D: equal-budget ablation)
+    cab-exp bridge   --lengths 16384 65536 131072                                          (seed graph + planted needles)
+    cab-exp plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
+
+Every run appends one JSONL row per setting to --out and skips settings already there (resume after a stop).
+``--config FILE`` reads defaults for any flag from a JSON file (experiments/configs/); flags given win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+POLICY_GRID = ["dense", "cab", "h2o", "streaming", "magnitude", "random"]
+ABLATION = ["cab", "curvature", "magnitude", "random", "cab:curvature_share=0.25", "cab:curvature_share=0.5",
+            "cab:curvature_share=1.0", "cab:estimator=max_l2", "cab:estimator=mean", "cab:estimator=topr",
+            "cab:estimator=sampled", "cab:exact_rows=0", "curvature:estimator=max_l2"]
+
+
+def _unit(name: str):
+    def parse(s: str) -> float:
+        try:
+            x = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not 0.0 <= x < 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {x}")
+        return x
+    return parse
+
+
+def _depth(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"depth must be a number, got {s!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"depth must be in [0, 1], got {x}")
+    return x
+
+
+def _positive_int(s: str) -> int:
+    try:
+        x = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if x < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {x}")
+    return x
+
+
+def _variant(s: str):
+    from cab_vllm.eval.common import Variant
+
+    try:
+        return Variant.parse(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _model_args(p: argparse.ArgumentParser, lengths: list[int]) -> None:
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
+                   help="a prepared model name (cab_vllm.models) or a Hugging Face model folder")
+    p.add_argument("--lengths", type=_positive_int, nargs="+", default=lengths, help="prompt/window tokens")
+    p.add_argument("--sparsities", type=_unit("sparsity"), nargs="+", default=[0.9, 0.95, 0.98, 0.99])
+    p.add_argument("--yarn", type=float, default=None, help="YaRN rope-scaling factor (e.g. 2 for 64k, 4 for 128k)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--impl", choices=["auto", "triton", "torch", "flex"], default="auto")
+    p.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _niah_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--depths", type=_depth, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--trials", type=_positive_int, default=5)
+    p.add_argument("--haystack", choices=["austen", "filler"], default="austen")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    p.add_argument("--batch-tokens", type=_positive_int, default=131072, help="prompt tokens per generate() batch")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _ppl_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--windows", type=_positive_int, default=4)
+    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
+                   help="time attention per cell (default: on CUDA only)")
+    p.add_argument("--latency-reps", type=_positive_int, default=5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cab-exp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("niah", help="A: passkey grid (lengths x depths x trials x policies x sparsities)")
+    _model_args(p, [4096, 8192, 16384, 32768])
+    _niah_args(p)
+    p.add_argument("--policies", type=_variant, nargs="+", default=POLICY_GRID,
+                   help="variants: policy[:field=value,...], e.g. cab:curvature_share=0.5")
+    p.add_argument("--out", default="experiments/results/niah.jsonl")
+
+    p = sub.add_parser("ppl", help="B: perplexity vs attention latency on Austen windows")
+    _model_args(p, [4096, 8192, 16384, 32768])
+    _ppl_args(p)
+    p.add_argument("--policies", type=_variant, nargs="+", default=POLICY_GRID)
+    p.add_argument("--out", default="experiments/results/ppl.jsonl")
+
+    p = sub.add_parser("ablation", help="D: equal-budget ablation (policies, curvature share, estimators)")
+    _model_args(p, [8192])
+    _niah_args(p)
+    _ppl_args(p)
+    p.add_argument("--policies", type=_variant, nargs="+", default=ABLATION)
+    p.add_argument("--skip", choices=["niah", "ppl"], default=None, help="run only one of the two measurements")
+    p.add_argument("--out", default="experiments/results/ablation", help="prefix: PREFIX_niah.jsonl, PREFIX_ppl.jsonl")
+
+    p = sub.add_parser("bridge", help="the seed's bridge graph + planted low-norm needles at long lengths")
+    p.add_argument("--lengths", type=_positive_int, nargs="+", default=[16384, 32768, 65536, 131072])
+    p.add_argument("--sparsities", type=_unit("sparsity"), nargs="+", default=[0.9, 0.95, 0.98, 0.99])
+    p.add_argument("--policies", type=_variant, nargs="+",
+                   default=POLICY_GRID + ["curvature", "curvature:estimator=max_l2", "cab:curvature_share=0.5"])
+    p.add_argument("--seeds", type=_positive_int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument("--impl", choices=["auto", "triton", "torch", "flex"], default="auto")
+    p.add_argument("--out", default="experiments/results/bridge.jsonl")
+
+    p = sub.add_parser("plot", help="heatmaps, Pareto plots and markdown tables from JSONL files")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--outdir", type=Path, default=Path("experiments/plots"))
+    return ap
+
+
+def _resolve(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"cab-exp: --device {device} but CUDA is not available here")
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+def _config_defaults(argv: list[str]) -> list[str]:
+    """Expand ``--config FILE`` into flags placed before the command line's own (which then win)."""
+    if "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise SystemExit("cab-exp: --config needs a file")
+    path = Path(argv[i + 1])
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"cab-exp: cannot read config {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"cab-exp: {path} must hold a JSON object of flag: value")
+    rest = argv[:i] + argv[i + 2:]
+    cmd, tail = rest[:1], rest[1:]
+    flags = []
+    for k, v in cfg.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, list):
+            flags += [flag, *map(str, v)]
+        else:
+            flags += [flag, str(v)]
+    return cmd + flags + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _config_defaults(list(sys.argv[1:] if argv is None else argv))
+    a = build_parser().parse_args(argv)
+    if hasattr(a, "policies"):  # list defaults bypass argparse's type=
+        a.policies = [_variant(p) if isinstance(p, str) else p for p in a.policies]
+    if a.cmd == "plot":
+        return _plot(a)
+    if a.cmd == "bridge":
+        return _bridge(a)
+
+    from cab_vllm.eval.common import Jsonl, load_model
+
+    device, dtype = _resolve(a.device, a.dtype)
+    model, tok, _ = load_model(a.model, device, dtype, yarn=a.yarn)
+    name = Path(a.model).name if Path(a.model).is_dir() else a.model
+    progress = not a.quiet
+    if a.cmd in ("ppl", "ablation") and a.latency is None:
+        a.latency = device.startswith("cuda")
+    n = 0
+    if a.cmd == "niah" or (a.cmd == "ablation" and a.skip != "niah"):
+        from cab_vllm.eval.niah import KEY, run_niah
+
+        out = Jsonl(a.out if a.cmd == "niah" else f"{a.out}_niah.jsonl", KEY)
+        n += run_niah(model, tok, name, out, a.lengths, a.depths, a.trials, a.policies, a.sparsities, a.haystack,
+                      a.yarn, a.max_new_tokens, a.batch_tokens, a.impl, a.seed, a.time_budget, progress)
+    if a.cmd == "ppl" or (a.cmd == "ablation" and a.skip != "ppl"):
+        from cab_vllm.eval.ppl import KEY, run_ppl
+
+        out = Jsonl(a.out if a.cmd == "ppl" else f"{a.out}_ppl.jsonl", KEY)
+        n += run_ppl(model, tok, name, out, a.lengths, a.windows, a.policies, a.sparsities, a.yarn, a.latency,
+                     a.latency_reps, a.impl, a.time_budget, progress)
+    print(f"cab-exp {a.cmd}: {n} new rows")
+    return 0
+
+
+def _bridge(a) -> int:
+    from cab_vllm.eval.bridge import seed_graph_rows, synthetic_retrieval
+    from cab_vllm.eval.plots import bridge_markdown
+
+    device, dtype = _resolve(a.device, a.dtype)
+    rows = seed_graph_rows(a.sparsities) + synthetic_retrieval(a.lengths, a.policies, a.sparsities, a.seeds,
+                                                                device, dtype, a.impl)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "device": device}) + "\n")
+    print(bridge_markdown(rows))
+    return 0
+
+
+def _plot(a) -> int:
+    from cab_vllm.eval.plots import (bridge_markdown, niah_heatmaps, niah_markdown, pareto_plot, ppl_markdown,
+                                     read_jsonl)
+
+    missing = [str(f) for f in a.files if not f.exists()]
+    if missing:
+        raise SystemExit(f"cab-exp plot: no such file(s): {missing}")
+    rows = read_jsonl(*a.files)
+    niah = [r for r in rows if "passkey" in r]
+    ppl = [r for r in rows if r.get("kind") in ("ppl", "latency")]
+    bridge = [r for r in rows if "experiment" in r]
+    if not (niah or ppl or bridge):
+        raise SystemExit("cab-exp plot: the files hold no niah, ppl or bridge rows")
+    a.outdir.mkdir(parents=True, exist_ok=True)
+    made = []
+    if niah:
+        made += niah_heatmaps(niah, a.outdir)
+        print(niah_markdown(niah), end="\n\n")
+    if ppl:
+        made += pareto_plot(ppl, a.outdir)
+        print(ppl_markdown(ppl), end="\n\n")
+    if bridge:
+        print(bridge_markdown(bridge), end="\n\n")
+    for p in made:
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Shared pieces of the experiments: policy variants, model loading (with YaRN), resumable JSONL, timing."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from cab_vllm.config import POLICIES, CABConfig
+
+_FIELDS = {f for f in CABConfig.__dataclass_fields__} - {"sparsity", "policy"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A policy with optional CABConfig overrides, written ``policy[:field=value,...]``.
+
+    Examples: ``dense``, ``cab``, ``cab:curvature_share=0.5``, ``curvature:estimator=max_l2`` (the seed)."""
+
+    spec: str
+    policy: str
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        policy, _, rest = spec.strip().partition(":")
+        if policy not in POLICIES:
+            raise ValueError(f"variant {spec!r}: unknown policy {policy!r} (expected one of {', '.join(POLICIES)})")
+        overrides = []
+        for item in filter(None, (s.strip() for s in rest.split(","))):
+            key, eq, raw = item.partition("=")
+            if not eq:
+                raise ValueError(f"variant {spec!r}: {item!r} is not field=value")
+            if key not in _FIELDS:
+                raise ValueError(f"variant {spec!r}: {key!r} is not a CABConfig field (one of {sorted(_FIELDS)})")
+            default = CABConfig.__dataclass_fields__[key].default
+            try:
+                value = type(default)(raw) if not isinstance(default, str) else raw
+            except ValueError as e:
+                raise ValueError(f"variant {spec!r}: {key}={raw!r} is not a {type(default).__name__}") from e
+            overrides.append((key, value))
+        v = cls(spec.strip(), policy, tuple(overrides))
+        v.config(0.9)  # validate the overrides now, not in the middle of a sweep
+        return v
+
+    @property
+    def is_dense(self) -> bool:
+        return self.policy == "dense"
+
+    def config(self, sparsity: float) -> CABConfig | None:
+        """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""
+        if self.is_dense or sparsity == 0:
+            return None
+        return CABConfig(policy=self.policy, sparsity=sparsity, **dict(self.overrides))
+
+
+def cells(variants: Iterable[Variant], sparsities: Iterable[float]) -> list[tuple[Variant, float]]:
+    """(variant, sparsity) pairs to run: dense once at sparsity 0, every other variant at each sparsity > 0."""
+    out, seen = [], set()
+    sparsities = list(sparsities)
+    for v in variants:
+        for s in ([0.0] if v.is_dense else [s for s in sparsities if s > 0]):
+            if (v.spec, s) not in seen:
+                seen.add((v.spec, s))
+                out.append((v, s))
+    return out
+
+
+def yarn_rope(config, factor: float) -> None:
+    """Extend ``config``'s context by ``factor`` with YaRN (as Qwen2.5's model card does past 32k)."""
+    if not factor > 1:
+        raise ValueError(f"yarn factor must be > 1, got {factor}")
+    rp = dict(getattr(config, "rope_parameters", None) or {})
+    if rp.get("rope_type", "default") != "default":
+        raise ValueError(f"the model already uses rope_type={rp.get('rope_type')!r}")
+    orig = config.max_position_embeddings
+    rp.update(rope_type="yarn", factor=float(factor), original_max_position_embeddings=orig)
+    config.rope_parameters = rp
+    config.max_position_embeddings = int(orig * factor)
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, yarn: float | None = None):
+    """(model, tokenizer, path) for a prepared model name or HF folder, attention swapped to CAB (dense until
+    ``cab_vllm.hf.using(cfg)``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from cab_vllm import hf
+    from cab_vllm.models import prepare_model
+
+    hf.register()
+    path = prepare_model(name)
+    config = AutoConfig.from_pretrained(path)
+    if yarn:
+        yarn_rope(config, yarn)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation=hf.ATTN_NAME, dtype=dtype)
+    model = model.to(device).eval()
+    if yarn and getattr(model.model.rotary_emb, "rope_type", None) != "yarn":
+        raise RuntimeError("YaRN was requested but the model's rotary embedding ignored it")
+    return model, AutoTokenizer.from_pretrained(path), path
+
+
+def context_limit(model) -> int:
+    return int(model.config.max_position_embeddings)
+
+
+class Jsonl:
+    """Append-only JSONL results with resume: rows whose ``key`` fields match an existing row are skipped."""
+
+    def __init__(self, path: str | Path, key: tuple[str, ...]):
+        self.path, self.key = Path(path), key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        if self.path.exists():
+            for i, line in enumerate(self.path.read_text().splitlines()):
+                if line.strip():
+                    try:
+                        self.rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{self.path}:{i + 1} is not JSON ({e}); move the file away") from e
+        self.done = {self._key(r) for r in self.rows}
+
+    def _key(self, row: dict) -> tuple:
+        return tuple(row.get(k) for k in self.key)
+
+    def has(self, **fields) -> bool:
+        return self._key(fields) in self.done
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+        self.done.add(self._key(row))
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Clock:
+    """Wall time with a device sync on both ends."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.t0
+
+
+class Deadline:
+    """A time budget in seconds (None or <= 0 = unlimited)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = time.monotonic() + seconds if seconds and seconds > 0 else math.inf
+
+    def passed(self) -> bool:
+        return time.monotonic() > self.end
+
+
+def env_info(device) -> dict:
+    d = torch.device(device)
+    info = {"torch": torch.__version__, "device": d.type}
+    if d.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(d)
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
