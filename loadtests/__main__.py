@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import math
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def _json_object(s: str) -> dict:
     return v
 
 
+def _nonce(s: str) -> str:
+    if not s or not all(c.isalnum() for c in s):
+        raise argparse.ArgumentTypeError(f"{s!r} must be letters and digits")
+    return s
+
+
 def _label(s: str) -> str:
     if not s or any(c in s for c in "/\\\0") or s.startswith("."):
         raise argparse.ArgumentTypeError(f"{s!r} cannot name a file (no slashes, no leading dot)")
@@ -104,7 +111,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--tokenizer", help="Hugging Face tokenizer for exact prompt lengths (default: the server's "
                                        "/tokenize, else 4 characters a token)")
     r.add_argument("--text", choices=lp.TEXTS, default="auto", help="prompt text (auto: Austen if available)")
-    r.add_argument("--seed", type=int, default=0, help="prompts and arrival times")
+    r.add_argument("--seed", type=int, default=0, help="prompt text and arrival times")
+    r.add_argument("--prompt-nonce", type=_nonce, default=None,
+                   help="tag that makes this run's prompts unique (default: random), so a prefix cache filled "
+                        "by an earlier run cannot serve them")
     r.add_argument("--warmup", type=_nonneg_int, default=1, help="untimed requests sent first (default 1)")
     r.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per request")
     r.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
@@ -181,8 +191,9 @@ def cmd_run(args) -> int:
         if not counter.exact:
             print("loadtests: no tokenizer (--tokenizer) and no /tokenize on the server: prompt lengths are "
                   "estimated at 4 characters a token; the server's usage counts are recorded", file=sys.stderr)
+        nonce = args.prompt_nonce or secrets.token_hex(4)
         allp, source = lp.build_prompts(args.num_requests + args.warmup, args.prompt_tokens, counter,
-                                        args.text, args.seed)
+                                        args.text, args.seed, nonce)
     except (SetupError, ValueError, RuntimeError, OSError) as e:
         print(f"loadtests run: {e}", file=sys.stderr)
         return 3
@@ -204,6 +215,7 @@ def cmd_run(args) -> int:
         "num_requests": args.num_requests, "concurrency": conc,
         "rate": None if math.isinf(args.rate) else args.rate, "extra_body": args.extra_body,
         "ignore_eos": args.ignore_eos, "text": source, "token_counter": counter.name, "seed": args.seed,
+        "prompt_nonce": nonce,
         "warmup": args.warmup, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     summary = report.summarize(records, duration, label, config)

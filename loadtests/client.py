@@ -38,7 +38,7 @@ class RequestRecord:
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     last_token: float | None = None  # sent -> last token chunk
-    e2e: float | None = None  # sent -> end of stream
+    e2e: float | None = None  # sent -> end of stream (failed: sent -> the failure; never in the percentiles)
     output_tokens: int | None = None
     output_tokens_from: str | None = None  # 'usage' (server's count) or 'chunks' (token chunks seen)
     prompt_tokens: int | None = None  # the server's usage.prompt_tokens

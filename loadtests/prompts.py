@@ -1,10 +1,11 @@
 """Prompts of a target length in tokens, distinct from each other so a prefix cache cannot serve them.
 
 Text: Jane Austen's novels through ``cab_vllm.text.austen_books`` (natural text; cached after the first call),
-else a seeded synthetic word stream. Each prompt starts with its own tag and at its own seeded offset in the
-text, so two prompts of one run share no prefix (vLLM's prefix cache would otherwise turn the second prefill
-into a cache hit and the TTFT would measure nothing). The same seed gives the same prompts, so a dense run and
-a CAB run see identical inputs.
+else a seeded synthetic word stream. Each prompt starts with a tag ``[request NONCE-I]`` and at its own seeded
+offset in the text. The nonce differs between runs (random unless given), so no two prompts sent to one server
+share a prefix: vLLM's prefix cache would otherwise serve a repeated prompt from the cache and the TTFT would
+measure nothing. The same seed gives the same text, so a dense run and a CAB run see the same inputs up to the
+tag.
 
 Token counts: an exact count needs the server's tokenizer. In order of preference: a Hugging Face tokenizer
 (``--tokenizer``, needs transformers), the server's ``POST /tokenize`` (vLLM's api_server has it), else
@@ -145,9 +146,9 @@ class Prompt:
 
 
 def build_prompts(n: int, n_tokens: int, counter: TokenCounter, text: str = "auto", seed: int = 0,
-                  tag: str = "request") -> tuple[list[Prompt], str]:
-    """``n`` prompts of about ``n_tokens`` tokens each, distinct from their first token on. Returns (prompts,
-    text source)."""
+                  nonce: str = "0") -> tuple[list[Prompt], str]:
+    """``n`` prompts of about ``n_tokens`` tokens each, distinct from their first tokens on (tag
+    ``[request NONCE-I] ``); the text depends on ``seed`` only. Returns (prompts, text source)."""
     if n < 1 or n_tokens < 1:
         raise ValueError(f"need n >= 1 and n_tokens >= 1 (got n={n}, n_tokens={n_tokens})")
     body_all, source = corpus(text, seed)
@@ -159,6 +160,6 @@ def build_prompts(n: int, n_tokens: int, counter: TokenCounter, text: str = "aut
     for i in range(n):
         start = rng.randrange(0, len(body_all) - need)
         start = body_all.find(" ", start) + 1  # start on a word
-        prompt, got = fit_prompt(f"[{tag} {seed}-{i}] ", body_all[start: start + need], n_tokens, counter)
+        prompt, got = fit_prompt(f"[request {nonce}-{i}] ", body_all[start: start + need], n_tokens, counter)
         out.append(Prompt(prompt, got))
     return out, source
