@@ -167,9 +167,9 @@ def count_aborts(engine_client) -> None:
 async def build_cab_app(engine_client, args: Namespace, api_keys: list[str] | None = None):
     """vLLM's OpenAI app over ``engine_client`` (args: the parsed cab-serve / vLLM serve namespace, with
     args.api_key None: keys go to ``api_keys``), plus the CAB layers above. Returns the FastAPI app."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
+    from server import vllm_api
 
+    build_app, init_app_state = vllm_api.build_app(), vllm_api.init_app_state()
     supported_tasks = await engine_client.get_supported_tasks()
     app = build_app(args, supported_tasks, engine_client.model_config)
     await init_app_state(engine_client, app.state, args, supported_tasks)

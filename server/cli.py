@@ -63,9 +63,11 @@ def json_object_arg(value: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """vLLM's serve parser (every engine and frontend flag) with cab-serve's flags and defaults."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from server import vllm_api
+
+    make_arg_parser = vllm_api.make_arg_parser()
     parser = FlexibleArgumentParser(
         prog="cab-serve", description="OpenAI-compatible server: vLLM's async engine with CAB block-sparse "
         "attention. Every `vllm serve` flag is accepted.")
@@ -236,11 +238,12 @@ async def serve(args: argparse.Namespace, api_keys: list[str]) -> None:
     import signal
 
     import vllm.envs as envs
-    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
-    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 
+    from server import vllm_api
     from server.app import build_cab_app
+
+    build_async_engine_client = vllm_api.build_async_engine_client()
+    serve_http, setup_server = vllm_api.serve_http(), vllm_api.setup_server()
 
     def _interrupt_init(*_) -> None:  # SIGTERM before uvicorn installs its handlers
         raise KeyboardInterrupt("terminated")
@@ -255,7 +258,7 @@ async def serve(args: argparse.Namespace, api_keys: list[str]) -> None:
                 raise StartupError(explain_config_error(e, args)) from None
             app = await build_cab_app(engine_client, args, api_keys)
             kwargs = {}
-            log_config = get_uvicorn_log_config(args)
+            log_config = vllm_api.uvicorn_log_config(args)
             if log_config is not None:
                 kwargs["log_config"] = log_config
             shutdown_task = await serve_http(
@@ -288,14 +291,14 @@ def main(argv: list[str] | None = None) -> None:
         args, keys = parse_args(argv)
         import uvloop
 
-        from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
-        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
         from vllm.logger import configure_logging_from_args
 
-        cli_env_setup()
+        from server import vllm_api
+
+        vllm_api.cli_env_setup()()
         configure_logging_from_args(args)
         try:
-            validate_parsed_serve_args(args)
+            vllm_api.validate_parsed_serve_args()(args)
         except (TypeError, ValueError) as e:
             raise StartupError(str(e)) from None
         uvloop.run(serve(args, keys))
