@@ -121,20 +121,26 @@ def fit_prompt(head: str, body: str, n_tokens: int, counter: TokenCounter, max_i
 
     n_chars = int(n_tokens * CHARS_PER_TOKEN)
     best: tuple[int, str, int] | None = None
+    seen: set[int] = set()
     for _ in range(max_iter):
         prompt = make(n_chars)
+        size = len(prompt) - len(head)
+        if size in seen:  # a cycle between two neighbouring cuts: keep the best of them
+            break
+        seen.add(size)
         got = counter.count(prompt)
         if best is None or abs(got - n_tokens) < best[0]:
             best = (abs(got - n_tokens), prompt, got)
         if got == n_tokens:
             break
-        ratio = (len(prompt) - len(head)) / max(got - counter.count(head), 1)
-        step = round((n_tokens - got) * ratio)
-        if step == 0:
-            step = 1 if got < n_tokens else -1
-        if step > 0 and len(prompt) - len(head) >= len(body) - 1:
+        if got < n_tokens and size >= len(body) - 1:
             raise ValueError(f"the text ({len(body)} characters) is too short for a {n_tokens}-token prompt")
-        n_chars = len(prompt) - len(head) + step
+        step = round((n_tokens - got) * size / max(got - counter.count(head), 1))
+        if abs(n_tokens - got) <= 2 or step == 0:  # close: move one whitespace boundary at a time
+            nxt = body.find(" ", size + 1)
+            n_chars = (nxt if nxt >= 0 else len(body)) if got < n_tokens else max(body.rfind(" ", 0, size), 0)
+        else:
+            n_chars = size + step
     assert best is not None
     return best[1], best[2]
 
