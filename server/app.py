@@ -164,6 +164,28 @@ def count_aborts(engine_client) -> None:
     engine_client.abort = abort
 
 
+def document_cab_fields(app) -> None:
+    """Add ``sparsity`` / ``attention_policy`` to the request schemas of the two CAB paths in /openapi.json."""
+    from server.fields import CABFields
+
+    props = CABFields.model_json_schema()["properties"]
+    orig = app.openapi
+
+    def openapi():
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = orig()
+        for path in CAB_PATHS:
+            body = schema.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {})
+            ref = body.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
+            comp = schema.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[-1])
+            if comp is not None:
+                comp.setdefault("properties", {}).update(props)
+        return schema
+
+    app.openapi = openapi
+
+
 async def build_cab_app(engine_client, args: Namespace, api_keys: list[str] | None = None):
     """vLLM's OpenAI app over ``engine_client`` (args: the parsed cab-serve / vLLM serve namespace, with
     args.api_key None: keys go to ``api_keys``), plus the CAB layers above. Returns the FastAPI app."""
@@ -174,6 +196,7 @@ async def build_cab_app(engine_client, args: Namespace, api_keys: list[str] | No
     app = build_app(args, supported_tasks, engine_client.model_config)
     await init_app_state(engine_client, app.state, args, supported_tasks)
     count_aborts(engine_client)
+    document_cab_fields(app)
     from starlette.middleware import Middleware
 
     # outermost first: the key check, then the CAB fields, then vLLM's own middleware. vLLM's build_app has

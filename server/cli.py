@@ -276,7 +276,8 @@ async def serve(args: argparse.Namespace, api_keys: list[str]) -> None:
 def setup_metrics_dir() -> tempfile.TemporaryDirectory | None:
     """Prometheus multiprocess mode for the whole process tree (must run before prometheus_client is imported:
     it picks its value store at import). Returns the folder to clean up, or None when the user set one."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the user's (must be empty at start: stale files add up)
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
         return None
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before cab-serve set PROMETHEUS_MULTIPROC_DIR")

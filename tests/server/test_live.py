@@ -302,11 +302,20 @@ def test_openai_client_raises_typed_errors(server):
         server.openai(key="wrong").models.list()
 
 
+def test_openapi_documents_the_cab_fields(server):
+    with server.client() as c:
+        schema = c.get("/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        props = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]["properties"]
+        assert {"sparsity", "attention_policy", "vllm_xargs", "model"} <= set(props), path
+
+
 def test_auth(server):
     for key in (None, "wrong"):
         with server.client(key=key) as c:
             for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/invocations"),
-                                 ("POST", "/tokenize")):
+                                 ("POST", "/tokenize"), ("GET", "/openapi.json")):
                 err = assert_openai_error(c.request(method, path, json=CHAT), 401)
                 assert err["type"] == "AuthenticationError"
     with server.client(key=None) as c:  # probes and scrapers stay open
