@@ -5,9 +5,9 @@
 #   bash experiments/device.sh join qwen                       (carry .gpu_carry/austen.json.gz .whl)
 #   bash experiments/device.sh exp <cab-exp args...>           (results kept in .gpu_store/results, copied to $OUT)
 set -euo pipefail
-STORE=.gpu_store
+STORE=${CAB_GPU_STORE:-$HOME/.cab_gpu_store}
 mkdir -p "$STORE/cache/gguf" "$STORE/cache/text" "$STORE/results"
-export CAB_CACHE_DIR=$PWD/$STORE/cache PYTHONPATH=$PWD/$STORE/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export CAB_CACHE_DIR=$STORE/cache PYTHONPATH=$STORE/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
 declare -A GGUF=([qwen]=qwen2.5-coder-0.5b-instruct [smol]=smollm2-135m-instruct)
 cmd=$1; shift
