@@ -17,28 +17,14 @@ import json
 import torch
 
 from cab_vllm.config import POLICIES, CABConfig
+from cab_vllm.eval.bridge import BRIDGE, M, NEEDLE, SINK, SPLIT, bridge_graph, curvature64
 from cab_vllm.policies import select_from_attention
 
-M, SPLIT, NEEDLE, SINK, BRIDGE = 100, 50, 10, 0.1, 0.01
 
-
-def bridge_graph() -> torch.Tensor:
-    a = torch.zeros(M, M, dtype=torch.float64)
-    a[0, 0] = 1.0
-    for i in range(1, M):
-        lo = 1 if i < SPLIT else SPLIT
-        a[i, 0] = SINK
-        a[i, lo: i + 1] = (1 - SINK) / (i + 1 - lo)
-    a[M - 1, SPLIT:] = (1 - SINK - BRIDGE) / (M - SPLIT)
-    a[M - 1, NEEDLE] = BRIDGE
+def test_graph_is_causal_row_stochastic():
+    a = bridge_graph()
     assert torch.allclose(a.sum(-1), torch.ones(M, dtype=torch.float64))
     assert (a.triu(1) == 0).all()
-    return a
-
-
-def curvature64(a: torch.Tensor) -> torch.Tensor:
-    """F = 4A - D_i (row sum) - D_j (column sum) + 3 A.A, float64, as documented in ops/curvature.py."""
-    return 4 * a - a.sum(-1, keepdim=True) - a.sum(-2, keepdim=True) + 3 * (a @ a)
 
 
 def test_bridge_needle(tmp_path):

@@ -1,0 +1,236 @@
+"""cab-exp: variants, resumable JSONL, YaRN, the chunked NLL, the needle grid / ppl / bridge runners on a real
+small model (SmolLM2, CPU), plots and the CLI's input errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cab_vllm.config import CABConfig
+from cab_vllm.eval import cli
+from cab_vllm.eval.bridge import planted_needle, seed_graph_rows, synthetic_retrieval
+from cab_vllm.eval.common import Jsonl, Variant, cells, yarn_rope
+from cab_vllm.eval.ppl import window_offsets
+
+
+# ------------------------------------------------------------------------------------------------ pure logic
+def test_variant_parse():
+    v = Variant.parse("cab:curvature_share=0.5,estimator=max_l2,exact_rows=0")
+    cfg = v.config(0.95)
+    assert cfg == CABConfig(policy="cab", sparsity=0.95, curvature_share=0.5, estimator="max_l2", exact_rows=0)
+    assert Variant.parse("dense").config(0.9) is None
+    assert Variant.parse("streaming").config(0.0) is None  # sparsity 0 is dense attention
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("bogus", "unknown policy"),
+    ("cab:nonsense=1", "not a CABConfig field"),
+    ("cab:curvature_share", "not field=value"),
+    ("cab:exact_rows=many", "is not a int"),
+    ("cab:curvature_share=2", "curvature_share"),  # validated by CABConfig at parse time
+    ("cab:sparsity=0.5", "not a CABConfig field"),  # sparsity comes from the grid, not the variant
+])
+def test_variant_errors(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        Variant.parse(spec)
+
+
+def test_cells_run_dense_once():
+    vs = [Variant.parse(s) for s in ("dense", "cab", "h2o")]
+    got = [(v.spec, s) for v, s in cells(vs, [0.0, 0.9, 0.95])]
+    assert got == [("dense", 0.0), ("cab", 0.9), ("cab", 0.95), ("h2o", 0.9), ("h2o", 0.95)]
+
+
+def test_jsonl_resume(tmp_path):
+    p = tmp_path / "r.jsonl"
+    j = Jsonl(p, ("a", "b"))
+    j.write({"a": 1, "b": 0.5, "x": "first"})
+    assert j.has(a=1, b=0.5) and not j.has(a=1, b=0.9)
+    j2 = Jsonl(p, ("a", "b"))
+    assert j2.has(a=1, b=0.5) and len(j2.rows) == 1
+    p.write_text(p.read_text() + "{broken\n")
+    with pytest.raises(ValueError, match="not JSON"):
+        Jsonl(p, ("a",))
+
+
+def test_window_offsets():
+    assert window_offsets(1000, 100, 3) == [0, 450, 900]
+    assert window_offsets(1000, 100, 1) == [0]
+    with pytest.raises(ValueError, match="exceeds the corpus"):
+        window_offsets(50, 100, 2)
+
+
+def test_yarn_rope_config():
+    from transformers import Qwen2Config
+
+    c = Qwen2Config(max_position_embeddings=32768)
+    yarn_rope(c, 4)
+    assert c.max_position_embeddings == 131072
+    assert c.rope_parameters["rope_type"] == "yarn" and c.rope_parameters["factor"] == 4.0
+    assert c.rope_parameters["original_max_position_embeddings"] == 32768
+    with pytest.raises(ValueError, match="already uses"):
+        yarn_rope(c, 2)
+    with pytest.raises(ValueError, match="> 1"):
+        yarn_rope(Qwen2Config(), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ bridge
+def test_seed_graph_rows_match_the_bridge_check():
+    rows = {(r["variant"], r["sparsity"]): r for r in seed_graph_rows((0.9,))}
+    assert rows[("dense", 0.9)]["keeps_needle"]
+    for v in ("cab", "curvature", "magnitude", "h2o", "streaming", "cab:curvature_share=1.0"):
+        assert not rows[(v, 0.9)]["keeps_needle"], v
+    assert rows[("cab", 0.9)]["needle_rank"]["curvature"] > 8  # outside the last row's 8 free slots
+
+
+def test_planted_needle_is_low_norm_and_retrieved_by_dense():
+    q, k, v, pos, vals = planted_needle(1024, seed=3)
+    norms = k[0].norm(dim=-1)
+    for h in range(k.shape[1]):
+        assert norms[h, pos[h]] < norms[h].median()  # the needle key is below the typical key norm
+    rows = synthetic_retrieval([4096], [Variant.parse("dense"), Variant.parse("cab"),
+                                        Variant.parse("curvature:estimator=max_l2")], [0.9], seeds=1, impl="torch")
+    by = {r["variant"]: r for r in rows}
+    assert by["dense"]["needle_cosine"] > 0.95 and by["dense"]["rel_err_last_block"] == 0
+    # cab scores the last rows exactly: it keeps the needle and matches dense; max-L2 pooling cannot see it
+    assert by["cab"]["needle_kept"] == 1.0 and by["cab"]["rel_err_last_block"] < 1e-3
+    assert by["curvature:estimator=max_l2"]["needle_kept"] == 0.0
+    assert by["curvature:estimator=max_l2"]["needle_cosine"] < 0.5
+
+
+# ------------------------------------------------------------------------------------------------ real model
+@pytest.fixture(scope="module")
+def smol():
+    from cab_vllm.eval.common import load_model
+
+    model, tok, _ = load_model("smollm2-135m-instruct", "cpu", torch.float32)
+    return model, tok
+
+
+def test_token_nll_matches_transformers_loss(smol):
+    from cab_vllm.eval.ppl import token_nll
+
+    model, tok = smol
+    ids = torch.tensor(tok("It is a truth universally acknowledged, that a single man in possession of a good "
+                           "fortune, must be in want of a wife. " * 8)["input_ids"])
+    nll = token_nll(model, ids, chunk=37)  # chunks that do not divide the length
+    with torch.no_grad():
+        ref = model(input_ids=ids[None], labels=ids[None]).loss
+    assert nll.shape == (ids.numel() - 1,)
+    assert torch.allclose(nll.mean(), ref, rtol=1e-4)
+
+
+def test_niah_runner_writes_and_resumes(smol, tmp_path):
+    from cab_vllm.eval.niah import KEY, run_niah
+
+    model, tok = smol
+    out = Jsonl(tmp_path / "niah.jsonl", KEY)
+    vs = [Variant.parse("dense"), Variant.parse("streaming")]
+    n = run_niah(model, tok, "smol", out, [768], [0.0, 1.0], 1, vs, [0.75], haystack="filler", max_new_tokens=10,
+                 impl="torch", progress=False)
+    assert n == 4
+    rows = out.rows
+    assert {(r["variant"], r["depth"]) for r in rows} == {("dense", 0.0), ("dense", 1.0), ("streaming", 0.0),
+                                                         ("streaming", 1.0)}
+    for r in rows:
+        assert r["n_tokens"] == 768 and len(r["passkey"]) in (5, 6)
+        assert r["correct"] == (r["passkey"] in r["answer"])
+    dense = [r for r in rows if r["variant"] == "dense"]
+    stream = [r for r in rows if r["variant"] == "streaming"]
+    assert all(r["density"] == 1.0 for r in dense)
+    assert all(0 < r["density"] < 0.6 for r in stream)  # 75% of the causal blocks dropped, sink/local forced
+    again = run_niah(model, tok, "smol", Jsonl(tmp_path / "niah.jsonl", KEY), [768], [0.0, 1.0], 1, vs, [0.75],
+                     haystack="filler", max_new_tokens=10, impl="torch", progress=False)
+    assert again == 0  # every cell already there
+
+
+def test_niah_rejects_lengths_past_the_context(smol, tmp_path):
+    from cab_vllm.eval.niah import KEY, run_niah
+
+    model, tok = smol
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        run_niah(model, tok, "smol", Jsonl(tmp_path / "x.jsonl", KEY), [9000], [0.5], 1, [Variant.parse("dense")],
+                 [0.9], progress=False)
+
+
+def test_ppl_runner_dense_vs_sparse(smol, tmp_path):
+    from cab_vllm.eval.ppl import KEY, run_ppl, summary
+
+    model, tok = smol
+    corpus = torch.tensor(tok("The grass is green. " * 300 + "Emma Woodhouse, handsome, clever, and rich. " * 60,
+                              add_special_tokens=False)["input_ids"])
+    out = Jsonl(tmp_path / "ppl.jsonl", KEY)
+    n = run_ppl(model, tok, "smol", out, [1024], 2, [Variant.parse("dense"), Variant.parse("random")], [0.9],
+                latency=True, latency_reps=1, impl="torch", progress=False, corpus=corpus)
+    assert n == 2 * 2 + 2  # two windows per cell + a latency row per cell
+    s = summary(out.rows)
+    dense, rand = s[("smol", None, 1024, "dense", 0.0)], s[("smol", None, 1024, "random", 0.9)]
+    assert math.isfinite(dense["ppl"]) and dense["attention_s"] > 0 and rand["attention_s"] > 0
+    assert rand["ppl"] > dense["ppl"]  # dropping 90% of the blocks at random costs perplexity
+    ppl_rows = [r for r in out.rows if r["kind"] == "ppl"]
+    assert {r["offset"] for r in ppl_rows} == {0, corpus.numel() - 1024}
+
+
+def test_yarn_model_loads(smol):
+    from cab_vllm.eval.common import load_model
+
+    model, _, _ = load_model("smollm2-135m-instruct", "cpu", torch.float32, yarn=2.0)
+    assert model.config.max_position_embeddings == 16384
+    assert model.model.rotary_emb.rope_type == "yarn"
+    base = smol[0].model.rotary_emb.inv_freq
+    assert not torch.allclose(model.model.rotary_emb.inv_freq, base)  # YaRN rescales the frequencies
+
+
+# ------------------------------------------------------------------------------------------------ CLI + plots
+@pytest.mark.parametrize("argv, msg", [
+    (["niah", "--sparsities", "1.0"], "sparsity must be in"),
+    (["niah", "--depths", "1.5"], "depth must be in"),
+    (["niah", "--trials", "0"], "positive integer"),
+    (["niah", "--policies", "cab:oops=1"], "not a CABConfig field"),
+    (["ppl", "--windows", "x"], "positive integer"),
+])
+def test_cli_rejects_bad_input(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_cli_config_file_defaults(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"lengths": [2048, 4096], "windows": 2, "latency": False}))
+    argv = cli._config_defaults(["ppl", "--config", str(cfg), "--windows", "3"])
+    a = cli.build_parser().parse_args(argv)
+    assert a.lengths == [2048, 4096] and a.windows == 3 and a.latency is False  # the command line wins
+    with pytest.raises(SystemExit):  # a key the subcommand does not have is an error, not ignored
+        cli.build_parser().parse_args(cli._config_defaults(["niah", "--config", str(cfg)]))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="JSON object"):
+        cli._config_defaults(["niah", "--config", str(bad)])
+
+
+def test_cli_plot(tmp_path, capsys):
+    rows = []
+    for v, s in [("dense", 0.0), ("cab", 0.95)]:
+        for n in (4096, 8192):
+            for d in (0.0, 0.5):
+                rows.append({"model": "m", "yarn": None, "haystack": "austen", "length": n, "depth": d, "trial": 0,
+                             "variant": v, "sparsity": s, "passkey": "12345", "correct": v == "dense" or d == 0.0})
+            rows.append({"kind": "ppl", "model": "m", "yarn": None, "length": n, "window": 0, "variant": v,
+                         "sparsity": s, "nll": 3.0 + s, "nll_last_quarter": 3.1 + s})
+            rows.append({"kind": "latency", "model": "m", "yarn": None, "length": n, "window": 0, "variant": v,
+                         "sparsity": s, "attention_s": 0.1 if v == "dense" else 0.02})
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert cli.main(["plot", str(f), "--outdir", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "| m | cab | 0.95 | 0.50 | 0.50 | 0.50 |" in out
+    assert "5.0x" in out  # dense 100 ms / cab 20 ms
+    assert (tmp_path / "plots" / "niah_m.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "pareto_m_4096.png").exists()
+    with pytest.raises(SystemExit, match="no such file"):
+        cli.main(["plot", str(tmp_path / "missing.jsonl")])
