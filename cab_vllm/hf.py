@@ -41,6 +41,7 @@ def _new_stats() -> dict:
 class _State:
     cfg: CABConfig | None = None
     impl: str = "auto"
+    phases: str = "both"
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -49,16 +50,25 @@ class _State:
 _STATE = _State()
 
 
+PHASES = ("both", "prefill", "decode")
+
+
 @contextlib.contextmanager
-def using(cfg: CABConfig | None, impl: str = "auto"):
+def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both"):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
-    counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal)."""
-    prev = (_STATE.cfg, _STATE.impl, _STATE.prompt_sel, _STATE.stats)
-    _STATE.cfg, _STATE.impl, _STATE.prompt_sel, _STATE.stats = cfg, impl, {}, _new_stats()
+    counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
+    phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
+    of where sparsity costs accuracy. "decode" needs a policy with a decode rule of its own."""
+    if phases not in PHASES:
+        raise ValueError(f"phases={phases!r} must be one of {PHASES}")
+    if phases == "decode" and cfg is not None and cfg.policy not in DECODE_POLICIES and cfg.policy != "dense":
+        raise ValueError(f"policy {cfg.policy!r} decodes from its prompt selection; it cannot run decode-only")
+    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.prompt_sel, _STATE.stats)
+    _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.prompt_sel, _STATE.stats = cfg, impl, phases, {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
-        _STATE.cfg, _STATE.impl, _STATE.prompt_sel, _STATE.stats = prev
+        _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.prompt_sel, _STATE.stats = prev
 
 
 @contextlib.contextmanager
@@ -124,6 +134,8 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
     _check_mask(attention_mask, nq, nk)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
     cfg, impl = _STATE.cfg, _STATE.impl
+    if (_STATE.phases == "prefill" and nq != nk) or (_STATE.phases == "decode" and nq == nk):
+        cfg = None  # this phase runs dense
     if _STATE.captures is not None and nq == nk:
         _STATE.captures.append((getattr(module, "layer_idx", len(_STATE.captures)), query.detach(), key.detach()))
     if cfg is None or cfg.policy == "dense":

@@ -20,7 +20,8 @@ _FIELDS = {f for f in CABConfig.__dataclass_fields__} - {"sparsity", "policy"}
 class Variant:
     """A policy with optional CABConfig overrides, written ``policy[:field=value,...]``.
 
-    Examples: ``dense``, ``cab``, ``cab:curvature_share=0.5``, ``curvature:estimator=max_l2`` (the seed)."""
+    Examples: ``dense``, ``cab``, ``cab:curvature_share=0.5``, ``curvature:estimator=max_l2`` (the seed).
+    The extra key ``phases=prefill|decode`` sparsifies only that phase (cab_vllm.hf.using)."""
 
     spec: str
     policy: str
@@ -36,6 +37,13 @@ class Variant:
             key, eq, raw = item.partition("=")
             if not eq:
                 raise ValueError(f"variant {spec!r}: {item!r} is not field=value")
+            if key == "phases":
+                from cab_vllm.hf import PHASES
+
+                if raw not in PHASES:
+                    raise ValueError(f"variant {spec!r}: phases={raw!r} must be one of {PHASES}")
+                overrides.append((key, raw))
+                continue
             if key not in _FIELDS:
                 raise ValueError(f"variant {spec!r}: {key!r} is not a CABConfig field (one of {sorted(_FIELDS)})")
             default = CABConfig.__dataclass_fields__[key].default
@@ -49,6 +57,10 @@ class Variant:
         return v
 
     @property
+    def phases(self) -> str:
+        return dict(self.overrides).get("phases", "both")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
@@ -56,7 +68,8 @@ class Variant:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""
         if self.is_dense or sparsity == 0:
             return None
-        return CABConfig(policy=self.policy, sparsity=sparsity, **dict(self.overrides))
+        kw = {k: v for k, v in self.overrides if k != "phases"}
+        return CABConfig(policy=self.policy, sparsity=sparsity, **kw)
 
 
 def cells(variants: Iterable[Variant], sparsities: Iterable[float]) -> list[tuple[Variant, float]]:

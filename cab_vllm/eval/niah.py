@@ -76,7 +76,7 @@ def run_niah(model, tok, model_name: str, out: Jsonl, lengths, depths, trials: i
                 if deadline.passed():
                     bar.close()
                     return written
-                with hf.using(variant.config(sp), impl=impl) as stats:
+                with hf.using(variant.config(sp), impl=impl, phases=variant.phases) as stats:
                     answers, secs = generate(model, tok, batch, max_new_tokens)
                 density = stats["kept"] / stats["causal"] if stats["causal"] else 1.0
                 for it, ans in zip(batch, answers):
