@@ -234,3 +234,32 @@ def test_cli_plot(tmp_path, capsys):
     assert (tmp_path / "plots" / "pareto_m_4096.png").exists()
     with pytest.raises(SystemExit, match="no such file"):
         cli.main(["plot", str(tmp_path / "missing.jsonl")])
+
+
+def test_phases_sparsify_one_phase_only(smol):
+    from cab_vllm import hf
+
+    model, tok = smol
+    ids = torch.tensor([tok("The grass is green. " * 120)["input_ids"][:600]])
+    cfg = CABConfig(policy="cab", sparsity=0.8)
+    kept = {}
+    for phases in hf.PHASES:
+        with torch.no_grad(), hf.using(cfg, impl="torch", phases=phases) as st:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                           pad_token_id=tok.eos_token_id)
+        kept[phases] = (st["kept"], st["causal"])
+    layers = model.config.num_hidden_layers
+    m = math.ceil(600 / 64)
+    prefill_causal = layers * model.config.num_key_value_heads * m * (m + 1) // 2
+    assert kept["prefill"][1] == prefill_causal  # only the prefill was sparse (and counted)
+    assert kept["both"][1] > prefill_causal and kept["decode"][1] == kept["both"][1] - prefill_causal
+    assert kept["both"][0] == kept["prefill"][0] + kept["decode"][0]
+    with pytest.raises(ValueError, match="cannot run decode-only"):
+        with hf.using(CABConfig(policy="h2o"), phases="decode"):
+            pass
+    with pytest.raises(ValueError, match="phases="):
+        with hf.using(cfg, phases="sometimes"):
+            pass
+    assert Variant.parse("cab:phases=prefill").phases == "prefill"
+    with pytest.raises(ValueError, match="phases="):
+        Variant.parse("cab:phases=never")
