@@ -23,36 +23,25 @@ ABLATION = ["cab", "curvature", "magnitude", "random", "cab:curvature_share=0.25
             "cab:estimator=sampled", "cab:exact_rows=0", "curvature:estimator=max_l2"]
 
 
-def _unit(name: str):
-    def parse(s: str) -> float:
+def _number(name: str, kind: type, ok, allowed: str):
+    """An argparse type: ``kind`` parsed from the string, then checked with ``ok``; errors name the flag."""
+    def parse(s: str):
         try:
-            x = float(s)
+            x = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
-        if not 0.0 <= x < 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {x}")
+            raise argparse.ArgumentTypeError(f"{name} must be {allowed}, got {s!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"{name} must be {allowed}, got {x}")
         return x
     return parse
 
 
-def _depth(s: str) -> float:
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"depth must be a number, got {s!r}") from None
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"depth must be in [0, 1], got {x}")
-    return x
+def _unit(name: str):
+    return _number(name, float, lambda x: 0.0 <= x < 1.0, "in [0, 1)")
 
 
-def _positive_int(s: str) -> int:
-    try:
-        x = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if x < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {x}")
-    return x
+_depth = _number("depth", float, lambda x: 0.0 <= x <= 1.0, "in [0, 1]")
+_positive_int = _number("the value", int, lambda x: x >= 1, "a positive integer")
 
 
 def _variant(s: str):
