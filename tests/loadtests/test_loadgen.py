@@ -7,18 +7,39 @@ import asyncio
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from loadtests import client as lc
-from loadtests import prompts as lp
-from loadtests import report
-from loadtests.__main__ import main
+# the repo root (loadtests is not an installed package) and this folder (fake_openai) on sys.path; kept out of a
+# conftest.py here, whose module name would shadow tests/conftest.py's helpers for `from conftest import ...`
+for _p in (str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from fake_openai import FakeServer  # noqa: E402
+from loadtests import client as lc  # noqa: E402
+from loadtests import prompts as lp  # noqa: E402
+from loadtests import report  # noqa: E402
+from loadtests.__main__ import main  # noqa: E402
 
 TTFT, ITL = 0.2, 0.05  # the fake server's delays (s)
 SLACK = 0.15  # scheduling slack allowed on a busy 2-core machine (s)
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    with FakeServer() as server:
+        yield server
+
+
+@pytest.fixture
+def bodies(fake_server):
+    """The request bodies the fake server receives during one test."""
+    fake_server.app.state.bodies.clear()
+    return fake_server.app.state.bodies
 
 
 def run_cli(fake_server, tmp_path, *extra, fake=None, n=4, conc=2, out=8, prompt=200, label="t"):
