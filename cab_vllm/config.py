@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 POLICIES = ("cab", "curvature", "magnitude", "h2o", "streaming", "random", "dense")
 ESTIMATORS = ("max_l2", "mean", "topr", "bounds", "sampled")
+DECODE_RULES = ("bounds", "prompt")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class CABConfig:
                       the rest goes to the highest estimated attention mass.
     h2o_recent_share  h2o policy: fraction of the non-forced budget given to the most recent blocks.
     seed              RNG seed of the random policy.
+    decode_rule       how cab/magnitude pick blocks for a decode step: "bounds" (Quest-style upper bounds with
+                      the step's real query, re-chosen every step) or "prompt" (SnapKV-style: the blocks the
+                      prompt's last query block kept, plus every block after the prompt). Policies without a
+                      decode rule of their own (h2o, curvature) always use "prompt". The vLLM backend
+                      implements "bounds" only (transformers adapter: both).
     """
 
     block_size: int = 64
@@ -44,6 +50,7 @@ class CABConfig:
     curvature_share: float = 0.0
     h2o_recent_share: float = 0.5
     seed: int = 0
+    decode_rule: str = "bounds"
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:
@@ -79,6 +86,8 @@ class CABConfig:
             raise bad("h2o_recent_share", "a number in [0, 1]")
         if not is_int(self.seed):
             raise bad("seed", "an integer")
+        if self.decode_rule not in DECODE_RULES:
+            raise bad("decode_rule", f"one of {', '.join(DECODE_RULES)}")
 
     def replace(self, **changes: object) -> "CABConfig":
         """A copy with ``changes`` applied (validated again)."""

@@ -72,6 +72,9 @@ class EngineSettings:
     impl: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cfg.decode_rule != "bounds":
+            raise ValueError(f"decode_rule={self.cfg.decode_rule!r}: the vLLM backend implements decode_rule='bounds' "
+                             "only (the prompt rule runs in the transformers adapter, cab_vllm.hf)")
         if not isinstance(self.dense_threshold, int) or self.dense_threshold < 0:
             raise ValueError(f"dense_threshold={self.dense_threshold!r} is invalid: expected an integer >= 0")
         if self.impl not in IMPLS:

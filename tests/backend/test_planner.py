@@ -202,3 +202,9 @@ def test_bf16_sparsity_zero_within_dtype_tolerance():
     out, _ = sim.step([(0, 1), (1, 90)], dense_threshold=0)
     ref = torch.cat([dense_rows(sim.q, sim.k, sim.v, 0, 499, 500), dense_rows(sim.q, sim.k, sim.v, 1, 0, 90)])
     assert rel_err(out, ref) < 2e-2
+
+
+def test_settings_reject_the_prompt_decode_rule():
+    # the prompt (SnapKV-style) decode rule exists in the transformers adapter only: no silent bounds fallback
+    with pytest.raises(ValueError, match="implements decode_rule='bounds' only"):
+        EngineSettings(CABConfig(decode_rule="prompt"))

@@ -263,3 +263,24 @@ def test_phases_sparsify_one_phase_only(smol):
     assert Variant.parse("cab:phases=prefill").phases == "prefill"
     with pytest.raises(ValueError, match="phases="):
         Variant.parse("cab:phases=never")
+
+
+def test_prompt_decode_rule_keeps_the_prompt_selection(smol):
+    from cab_vllm import hf
+
+    model, tok = smol
+    ids = torch.tensor([tok("The grass is green. " * 120)["input_ids"][:600]])  # 10 blocks; 3 new tokens stay in block 9
+    cfg = CABConfig(policy="cab", sparsity=0.8, decode_rule="prompt")
+    out = {}
+    for phases in ("both", "prefill"):
+        with torch.no_grad(), hf.using(cfg, impl="torch", phases=phases) as st:
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+        out[phases] = (st["kept"], gen)
+    layers, hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    last_row = int(cfg.keep_counts(10)[-1])
+    # two decode steps per layer and KV head, each keeping exactly the prompt's last-row blocks (no new block)
+    assert out["both"][0] - out["prefill"][0] == 2 * layers * hkv * last_row
+    with pytest.raises(ValueError, match="cannot run decode-only"):
+        with hf.using(cfg, phases="decode"):
+            pass
