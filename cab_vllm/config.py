@@ -34,8 +34,9 @@ class CABConfig:
     decode_rule       how cab/magnitude pick blocks for a decode step: "bounds" (Quest-style upper bounds with
                       the step's real query, re-chosen every step) or "prompt" (SnapKV-style: the blocks the
                       prompt's last query block kept, plus every block after the prompt). Policies without a
-                      decode rule of their own (h2o, curvature) always use "prompt". The vLLM backend
-                      implements "bounds" only (transformers adapter: both).
+                      decode rule of their own (h2o, curvature) use "prompt" in the transformers adapter;
+                      in the vLLM backend they use it with decode_rule="prompt" and cab's bounds rule
+                      otherwise. "prompt" keeps the needle far better for cab (experiments/RESULTS.md).
     """
 
     block_size: int = 64
@@ -88,6 +89,11 @@ class CABConfig:
             raise bad("seed", "an integer")
         if self.decode_rule not in DECODE_RULES:
             raise bad("decode_rule", f"one of {', '.join(DECODE_RULES)}")
+
+    @property
+    def decodes_from_prompt(self) -> bool:
+        """Whether decode steps use the prompt rule (decode_rule="prompt" and a policy that scores blocks)."""
+        return self.decode_rule == "prompt" and self.policy in ("cab", "magnitude", "h2o", "curvature")
 
     def replace(self, **changes: object) -> "CABConfig":
         """A copy with ``changes`` applied (validated again)."""

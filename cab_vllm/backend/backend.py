@@ -60,6 +60,7 @@ from cab_vllm.backend.planner import (
     BatchPlan,
     BoundsCache,
     EngineSettings,
+    PromptSelections,
     attend,
     plan_batch,
     request_config,
@@ -144,25 +145,33 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         runner = _find_runner()
         self._runner = weakref.ref(runner) if runner is not None else None
         if runner is None:
+            if self.settings.cfg.decode_rule == "prompt":
+                raise RuntimeError("CAB_DECODE_RULE=prompt needs the model runner's request ids, and the V1 model "
+                                   "runner was not found (Model Runner V2?): set VLLM_USE_V2_MODEL_RUNNER=0 or "
+                                   "CAB_DECODE_RULE=bounds")
             logger.warning("CAB: model runner not found; per-request cab_sparsity/cab_policy are ignored "
                            "(engine defaults apply)")
         self._warned: set[str] = set()
         self._trace = bool(os.environ.get("CAB_TRACE_DIR"))
         trace("builder")
 
-    def _request_cfgs(self, num_reqs: int) -> list:
+    def _request_cfgs(self, num_reqs: int) -> tuple[list, list | None, frozenset | None, list | None]:
+        """(configs, request ids, ids of every request the runner holds, prompt lengths) for the batch rows."""
         base = self.settings.cfg
         runner = self._runner() if self._runner is not None else None
         if runner is None:
-            return [base] * num_reqs
+            return [base] * num_reqs, None, None, None
         try:
-            req_ids = runner.input_batch.req_ids[:num_reqs]
+            req_ids = list(runner.input_batch.req_ids[:num_reqs])
             reqs = runner.requests
         except AttributeError:
-            return [base] * num_reqs
-        cfgs = []
+            if base.decode_rule == "prompt":
+                raise RuntimeError("CAB_DECODE_RULE=prompt: the model runner exposes no request ids") from None
+            return [base] * num_reqs, None, None, None
+        cfgs, prompt_lens = [], []
         for rid in req_ids:
             st = reqs.get(rid) if rid is not None else None
+            prompt_lens.append(getattr(st, "num_prompt_tokens", None))
             sp = getattr(st, "sampling_params", None)
             extra = getattr(sp, "extra_args", None)
             try:
@@ -173,7 +182,9 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
                     logger.warning("CAB: request %s: %s; using the engine defaults", rid, e)
                 cfgs.append(base)
         cfgs.extend([base] * (num_reqs - len(cfgs)))
-        return cfgs
+        req_ids.extend([None] * (num_reqs - len(req_ids)))
+        prompt_lens.extend([None] * (num_reqs - len(prompt_lens)))
+        return cfgs, req_ids, frozenset(reqs), prompt_lens
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> CABMetadata:
@@ -181,8 +192,9 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         n = cm.num_reqs
         qsl_cpu = cm.query_start_loc_cpu[: n + 1]
         seq_lens_cpu = cm.seq_lens[:n].cpu()
-        cfgs = self._request_cfgs(n)
-        plan = plan_batch(qsl_cpu, seq_lens_cpu, cfgs, self.settings.dense_threshold)
+        cfgs, req_ids, live, prompt_lens = self._request_cfgs(n)
+        plan = plan_batch(qsl_cpu, seq_lens_cpu, cfgs, self.settings.dense_threshold, req_ids=req_ids, live=live,
+                          prompt_lens=prompt_lens)
         STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold)
         if self._trace:
             rows = [[plan.qsl[r + 1] - plan.qsl[r], plan.seq_lens[r], cfgs[r].sparsity, cfgs[r].policy, plan.dense[r]]
@@ -232,6 +244,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.settings = EngineSettings.from_env()  # a bad CAB_* value fails engine start here, with its name
         self.bounds: BoundsCache | None = None
+        self.prompts = PromptSelections()  # decode_rule="prompt": each request's prompt selection, this layer
         self._traced = False
 
     # -- cache write ------------------------------------------------------------------------------------------
@@ -265,6 +278,6 @@ class CABImpl(AttentionImpl[CABMetadata]):
         md = attn_metadata
         attend(query.view(-1, self.num_heads, self.head_size), key_cache, value_cache, md.block_table, md.seq_lens,
                md.plan, self.bounds, md.done_slots, self.scale, output.view(-1, self.num_heads, self.head_size),
-               self.settings.impl)
+               self.settings.impl, prompts=self.prompts)
         return output
 

@@ -11,7 +11,8 @@ block_table [S, max_pages], slot_mapping [T] (slot = page * page_size + offset, 
   BoundsCache        per-layer per-(physical page, unit) key min/max, updated when a unit's last slot is written;
                      decode selection reads block bounds from it instead of re-pooling the whole context.
   prefill_selection  one request's key-block selection for the query blocks of its new tokens.
-  decode_selection   key blocks for the decode rows (Quest-style bounds with the real query).
+  decode_selection   key blocks for the decode rows (Quest-style bounds with the real query, or the prompt rule).
+  PromptSelections   per-layer store of each request's prompt selection for decode_rule="prompt".
   prefill_tiles      the PrefillTiles of a varlen batch of prefills, padded to one K.
   run_prefill / run_decode  the attention itself: our Triton kernels (impl 'triton') or a PyTorch path ('torch').
 
@@ -57,6 +58,7 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_LOCAL_BLOCKS": ("local_blocks", int),
     "CAB_EXACT_ROWS": ("exact_rows", int),
     "CAB_CURVATURE_SHARE": ("curvature_share", float),
+    "CAB_DECODE_RULE": ("decode_rule", str),
 }
 IMPLS = ("auto", "torch", "triton")
 REQUEST_KEYS = ("cab_sparsity", "cab_policy")
@@ -72,9 +74,6 @@ class EngineSettings:
     impl: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.cfg.decode_rule != "bounds":
-            raise ValueError(f"decode_rule={self.cfg.decode_rule!r}: the vLLM backend implements decode_rule='bounds' "
-                             "only (the prompt rule runs in the transformers adapter, cab_vllm.hf)")
         if not isinstance(self.dense_threshold, int) or self.dense_threshold < 0:
             raise ValueError(f"dense_threshold={self.dense_threshold!r} is invalid: expected an integer >= 0")
         if self.impl not in IMPLS:
@@ -83,7 +82,7 @@ class EngineSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
-        CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DENSE_THRESHOLD, CAB_IMPL); unset ones keep
+        CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_DENSE_THRESHOLD, CAB_IMPL); unset ones keep
         the defaults. A bad value raises ValueError naming the variable."""
         env = os.environ if environ is None else environ
         changes: dict[str, object] = {}
@@ -162,6 +161,9 @@ class BatchPlan:
     decode_rows / prefill_rows: request rows (batch order) with 1 / more than 1 new token.
     cfgs: the CABConfig of every row (per-request knobs applied; policy 'dense' for rows below the threshold).
     dense: per row, whether it runs dense. qsl, seq_lens: host copies (lists).
+    req_ids: per row, the engine's request id (None: unknown); live: the ids of every request the engine still
+    holds (None: unknown). Both are needed by decode_rule="prompt" (PromptSelections); prompt_lens (per row,
+    None: unknown) lets the metrics count what that rule keeps.
     """
 
     decode_rows: list[int]
@@ -170,6 +172,9 @@ class BatchPlan:
     dense: list[bool]
     qsl: list[int]
     seq_lens: list[int]
+    req_ids: list | None = None
+    live: frozenset | None = None
+    prompt_lens: list | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -177,7 +182,8 @@ class BatchPlan:
 
 
 def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: torch.Tensor | Sequence[int],
-               cfgs: Sequence[CABConfig], dense_threshold: int, count: bool = True) -> BatchPlan:
+               cfgs: Sequence[CABConfig], dense_threshold: int, count: bool = True, req_ids: Sequence | None = None,
+               live: frozenset | None = None, prompt_lens: Sequence | None = None) -> BatchPlan:
     """Split a batch into decode and prefill rows and decide dense vs sparse per row.
 
     A row goes dense when its context (seq_len) is below ``dense_threshold`` or its sparsity is 0 (the result is
@@ -188,6 +194,8 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
     n = len(sl)
     if len(qsl) != n + 1 or len(cfgs) != n:
         raise ValueError(f"batch of {n} rows has {len(qsl)} query offsets and {len(cfgs)} configs")
+    if req_ids is not None and len(req_ids) != n:
+        raise ValueError(f"batch of {n} rows has {len(req_ids)} request ids")
     dec, pre, out_cfgs, dense = [], [], [], []
     for r in range(n):
         q_len = qsl[r + 1] - qsl[r]
@@ -201,7 +209,10 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
         (dec if q_len == 1 else pre).append(r)
         if count:
             METRICS[("decode" if q_len == 1 else "prefill") + ("_dense" if d else "_sparse")] += 1
-    return BatchPlan(dec, pre, out_cfgs, dense, qsl, sl)
+            if q_len == 1 and not d and uses_prompt_rule(cfgs[r]):
+                METRICS["decode_prompt_rule"] += 1
+    return BatchPlan(dec, pre, out_cfgs, dense, qsl, sl, None if req_ids is None else list(req_ids), live,
+                     None if prompt_lens is None else list(prompt_lens))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,12 +325,53 @@ def prefill_tiles(parts: Sequence[tuple[int, torch.Tensor, torch.Tensor, int]]) 
     return PrefillTiles(seq, qb, idx, cnt)
 
 
+def uses_prompt_rule(cfg: CABConfig) -> bool:
+    return cfg.decodes_from_prompt
+
+
+class PromptSelections:
+    """decode_rule="prompt" (SnapKV-style), one per layer: for each request, the key blocks its prompt's last
+    query block kept (the rows that ask the question; cab scores them exactly). Decode steps attend to those
+    blocks plus every block after the prompt. A request whose prompt ran dense (or that is unknown here) keeps
+    every block. Entries of requests the engine no longer holds are dropped each step (``prune``)."""
+
+    def __init__(self) -> None:
+        self.store: dict = {}  # request id -> (indices [Hkv, K] int32, counts [Hkv] int32, prompt blocks)
+
+    def put(self, rid, indices: torch.Tensor, counts: torch.Tensor, prompt_blocks: int) -> None:
+        self.store[rid] = (indices, counts, prompt_blocks)
+
+    def forget(self, rid) -> None:
+        self.store.pop(rid, None)
+
+    def prune(self, live: frozenset) -> None:
+        for rid in [r for r in self.store if r not in live]:
+            del self.store[rid]
+
+    def row(self, rid, n_blocks: int, hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices [Hkv, n_blocks] ascending, -1 padded; counts [Hkv]) for a decode step at n_blocks blocks."""
+        entry = self.store.get(rid)
+        if entry is None:
+            idx = torch.arange(n_blocks, device=device, dtype=torch.int32).expand(hkv, n_blocks).contiguous()
+            return idx, torch.full((hkv,), n_blocks, device=device, dtype=torch.int32)
+        pidx, pcnt, pblocks = entry
+        new = torch.arange(pblocks, n_blocks, device=device, dtype=torch.int32)
+        big = torch.iinfo(torch.int32).max
+        idx = torch.cat([torch.where(pidx < 0, big, pidx), new.expand(hkv, -1)], dim=-1).sort(-1).values
+        idx = torch.where(idx == big, -1, idx)[:, :n_blocks]
+        out = torch.full((hkv, n_blocks), -1, device=device, dtype=torch.int32)
+        out[:, : idx.shape[-1]] = idx
+        return out, pcnt + new.numel()
+
+
 def decode_selection(q: torch.Tensor, num_kv_heads: int, bounds: BoundsCache | None, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, cfgs: Sequence[CABConfig], impl: str = "auto",
-                     key_cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     key_cache: torch.Tensor | None = None, prompts: PromptSelections | None = None,
+                     req_ids: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Key blocks for decode rows: q [S, Hq, D]; block_table [S, P]; seq_lens [S] int32 (host-known values in
     ``cfgs`` order). Rows sharing a config are selected together. Without a BoundsCache the block bounds are
-    pooled from key_cache (the slow path, for tests). Returns (indices [S, Hkv, K], counts [S, Hkv])."""
+    pooled from key_cache (the slow path, for tests). Rows whose config uses decode_rule="prompt" read their
+    prompt's selection from ``prompts`` by ``req_ids`` [S]. Returns (indices [S, Hkv, K], counts [S, Hkv])."""
     s = q.shape[0]
     bs = cfgs[0].block_size
     sl = [int(x) for x in seq_lens.tolist()]
@@ -327,7 +379,7 @@ def decode_selection(q: torch.Tensor, num_kv_heads: int, bounds: BoundsCache | N
     groups: dict[CABConfig, list[int]] = {}
     for r, c in enumerate(cfgs):
         groups.setdefault(c, []).append(r)
-    need_bounds = any(DECODE_FALLBACK[c.policy] in ("cab", "magnitude") for c in groups)
+    need_bounds = any(DECODE_FALLBACK[c.policy] in ("cab", "magnitude") and not uses_prompt_rule(c) for c in groups)
     lo = hi = None
     if need_bounds:
         if bounds is not None:
@@ -338,6 +390,14 @@ def decode_selection(q: torch.Tensor, num_kv_heads: int, bounds: BoundsCache | N
     idx = torch.full((s, hkv, mmax), -1, dtype=torch.int32, device=q.device)
     cnt = torch.zeros(s, hkv, dtype=torch.int32, device=q.device)
     for c, rows in groups.items():
+        if uses_prompt_rule(c):
+            if prompts is None or req_ids is None:
+                raise ValueError("decode_rule='prompt' needs the layer's PromptSelections and the rows' request ids")
+            for r in rows:
+                ri, rc = prompts.row(req_ids[r], num_blocks(sl[r], bs), hkv, q.device)
+                idx[r, :, : ri.shape[-1]] = ri
+                cnt[r] = rc
+            continue
         dc = c.replace(policy=DECODE_FALLBACK[c.policy])
         rt = torch.tensor(rows, device=q.device)
         if lo is None or dc.policy not in ("cab", "magnitude"):
@@ -482,7 +542,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
 
 def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
            seq_lens: torch.Tensor, plan: BatchPlan, bounds: BoundsCache, done_slots: torch.Tensor, scale: float,
-           out: torch.Tensor, impl: str = "auto", record: dict | None = None) -> torch.Tensor:
+           out: torch.Tensor, impl: str = "auto", record: dict | None = None,
+           prompts: PromptSelections | None = None) -> torch.Tensor:
     """One layer of the backend: refresh the key bounds, select and attend for every row of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
@@ -490,6 +551,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     done_slots: the step's unit-completing slots (BoundsCache.completed_slots). Writes and returns out [T, Hq, D].
     record: if a dict, receives the selections ('decode': (indices, counts) of plan.decode_rows; 'prefill': a
     list of (indices, counts, first query block) per plan.prefill_rows) for tests.
+    prompts: this layer's PromptSelections (needed when a row uses decode_rule="prompt"; plan.req_ids too).
     """
     bs = bounds.block_size
     hkv = key_cache.shape[2]
@@ -497,6 +559,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     sel_impl = "triton" if resolve(impl, dev) == "triton" and dev.type == "cuda" else "torch"
     with STATS.timed("bounds", dev):
         bounds.update(key_cache, done_slots)
+    if prompts is not None and plan.live is not None:
+        prompts.prune(plan.live)
     if plan.decode_rows:
         rows = plan.decode_rows
         rt = torch.tensor(rows, device=dev)
@@ -504,7 +568,9 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
         bt, sl = block_table[rt], seq_lens[rt]
         qd = q[tok]
         with STATS.timed("decode", dev):
-            idx, cnt = decode_selection(qd, hkv, bounds, bt, sl, [plan.cfgs[r] for r in rows], impl=sel_impl)
+            rids = None if plan.req_ids is None else [plan.req_ids[r] for r in rows]
+            idx, cnt = decode_selection(qd, hkv, bounds, bt, sl, [plan.cfgs[r] for r in rows], impl=sel_impl,
+                                        prompts=prompts, req_ids=rids)
         if record is not None:
             record["decode"] = (idx, cnt)
         od = torch.empty_like(qd)
@@ -520,6 +586,12 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                 k_all = (key_cache.new_empty(hkv, n, 0) if cfg.policy == "dense"
                          else gather_paged_ref(key_cache, block_table[r], n))
                 sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl))
+                if cfg.decode_rule == "prompt" and prompts is not None and plan.req_ids is not None:
+                    # the chunk's last query block: after the prompt's final chunk, the question's selection
+                    if uses_prompt_rule(cfg):
+                        prompts.put(plan.req_ids[r], sels[-1][0][-1], sels[-1][1][-1], num_blocks(n, bs))
+                    else:
+                        prompts.forget(plan.req_ids[r])  # dense (or a policy with its own rule): keep all
                 toks.append(torch.arange(q0, q1, device=dev))
                 qsl_sub.append(qsl_sub[-1] + q1 - q0)
         if record is not None:

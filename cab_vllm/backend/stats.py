@@ -172,6 +172,16 @@ class Stats:
                 reason = dense_reason(cfg, n, dense_threshold)
                 if reason is not None:
                     step[("dense", phase, reason)] += 1
+            elif phase == "decode" and cfg.decodes_from_prompt:
+                # the prompt's last query block's budget + every block after the prompt; a prompt that ran dense
+                # (or an unknown one) keeps every block
+                pl = plan.prompt_lens[r] if plan.prompt_lens is not None else None
+                if pl is None or dense_reason(cfg, pl, dense_threshold) is not None:
+                    kept = causal
+                else:
+                    mp = (pl - 1) // block_size
+                    kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp) + last - mp
+                mode = "sparse"
             else:
                 kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, first, last)
                 mode = "sparse"

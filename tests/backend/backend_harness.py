@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from cab_vllm.backend.planner import BoundsCache, attend, plan_batch, write_kv
+from cab_vllm.backend.planner import BoundsCache, PromptSelections, attend, plan_batch, write_kv
 from cab_vllm.config import CABConfig
 
 
@@ -41,6 +41,7 @@ class PagedSim:
         self.key_cache, self.value_cache = kv[..., :d], kv[..., d:]
         self.bounds = BoundsCache(total, page_size, hkv, d, cfg.block_size, dtype, dev)
         self.done = [0] * len(k)  # tokens already in the cache per sequence
+        self.prompts = PromptSelections()  # request id of sequence s: f"req-{s}"
 
     def slots(self, s: int, a: int, b: int) -> torch.Tensor:
         pos = torch.arange(a, b, device=self.block_table.device)
@@ -68,13 +69,15 @@ class PagedSim:
         qsl_t = torch.tensor(qsl, dtype=torch.int32)
         sl_t = torch.tensor(sl, dtype=torch.int32)
         cfgs = cfgs or [self.cfg] * len(rows)
-        plan = plan_batch(qsl_t, sl_t, cfgs, dense_threshold, count=False)
+        live = frozenset(f"req-{s}" for s in range(len(self.k)) if s not in getattr(self, "finished", ()))
+        plan = plan_batch(qsl_t, sl_t, cfgs, dense_threshold, count=False, req_ids=[f"req-{s}" for s, _ in rows],
+                          live=live)
         bt = self.block_table[torch.tensor([s for s, _ in rows], device=dev)]
         out = torch.full((q.shape[0], hq, d), float("nan"), dtype=q.dtype, device=dev)
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         record: dict = {}
         attend(q, self.key_cache, self.value_cache, bt, sl_t.to(dev), plan, self.bounds,
-               self.bounds.completed_slots(slot_mapping), scale, out, impl, record=record)
+               self.bounds.completed_slots(slot_mapping), scale, out, impl, record=record, prompts=self.prompts)
         return out, dict(query_start_loc=qsl_t, seq_lens=sl_t, block_table=bt, slot_mapping=slot_mapping, plan=plan,
                          rows=rows, **record)
 

@@ -137,6 +137,21 @@ def test_passkey_sparse(model, tmp_path, record_property):
     assert found[0.5], f"50% sparsity lost the pass key: {texts[0.5]!r}"
 
 
+def test_passkey_prompt_decode_rule(model, tmp_path):
+    """CAB_DECODE_RULE=prompt in the engine, with chunked prefill: decode rows read each request's prompt
+    selection (counted), and the pass key is still found at 50%."""
+    sparsities = [0.5, 0.9]
+    job = {"model": model, "backend": "CUSTOM", "chat": False, "max_model_len": 4096,
+           "requests": [{"prompt": passkey_prompt(), "max_tokens": 8, "extra_args": {"cab_sparsity": s}}
+                        for s in sparsities],
+           "engine_kwargs": {"max_num_batched_tokens": 1024, "enable_chunked_prefill": True}}
+    res = run_engine(tmp_path, job, env={"CAB_DECODE_RULE": "prompt"})
+    texts = {s: o["text"] for s, o in zip(sparsities, res["outputs"])}
+    print(f"prompt decode rule: {texts}")
+    assert res["metrics"].get("decode_prompt_rule", 0) >= 2 * 7  # both requests, every decode step after the first
+    assert PASSKEY in texts[0.5], texts
+
+
 # -- (d) mixed batches with per-request sparsity, (e) bad values rejected ------------------------------------
 @pytest.fixture(scope="module")
 def mixed_run(model, tmp_path_factory):

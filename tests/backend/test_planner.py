@@ -204,7 +204,59 @@ def test_bf16_sparsity_zero_within_dtype_tolerance():
     assert rel_err(out, ref) < 2e-2
 
 
-def test_settings_reject_the_prompt_decode_rule():
-    # the prompt (SnapKV-style) decode rule exists in the transformers adapter only: no silent bounds fallback
-    with pytest.raises(ValueError, match="implements decode_rule='bounds' only"):
-        EngineSettings(CABConfig(decode_rule="prompt"))
+def test_settings_decode_rule_from_env():
+    assert EngineSettings.from_env({"CAB_DECODE_RULE": "prompt"}).cfg.decode_rule == "prompt"
+    assert EngineSettings.from_env({}).cfg.decode_rule == "bounds"
+    with pytest.raises(ValueError, match="CAB_DECODE_RULE"):
+        EngineSettings.from_env({"CAB_DECODE_RULE": "sometimes"})
+
+
+@pytest.mark.parametrize("policy", ["cab", "h2o"])
+def test_prompt_decode_rule_reuses_the_prompts_last_block(policy):
+    """decode_rule="prompt": after a chunked prefill, every decode step attends to the blocks the prompt's last
+    query block kept plus the blocks after the prompt; the output equals attention restricted to them."""
+    torch.manual_seed(3)
+    hq, hkv, d, n_prompt, n_dec = 4, 2, 32, 700, 80
+    q = [torch.randn(hq, n_prompt + n_dec, d)]
+    k = [torch.randn(hkv, n_prompt + n_dec, d)]
+    v = [torch.randn(hkv, n_prompt + n_dec, d)]
+    cfg = CABConfig(policy=policy, sparsity=0.8, decode_rule="prompt")
+    sim = PagedSim(q, k, v, page_size=16, cfg=cfg)
+    sim.step([(0, 300)])
+    _, md = sim.step([(0, n_prompt - 300)])  # the prompt's final chunk
+    pidx, pcnt, _ = md["prefill"][0]
+    last_idx, last_cnt = pidx[-1], pcnt[-1]  # [Hkv, K], [Hkv]: the prompt's last query block
+    m_prompt = (n_prompt - 1) // 64 + 1
+    assert sim.prompts.store["req-0"][2] == m_prompt
+    for step in range(n_dec - 1):
+        out, md = sim.step([(0, 1)])
+        assert rel_err_of(sim, out, md) < 1e-5
+        n = n_prompt + step + 1
+        m = (n - 1) // 64 + 1
+        idx, cnt = md["decode"][0][0], md["decode"][1][0]
+        for h in range(hkv):
+            got = idx[h, : int(cnt[h])].tolist()
+            want = sorted(last_idx[h, : int(last_cnt[h])].tolist() + list(range(m_prompt, m)))
+            assert got == want, (step, h)
+    sim.finished = {0}  # the engine no longer holds req-0: its entry goes at the next step
+    out, md = sim.step([(0, 1)])
+    assert "req-0" not in sim.prompts.store  # finished requests are dropped
+
+
+def test_prompt_decode_rule_after_a_dense_prompt_keeps_everything():
+    torch.manual_seed(4)
+    hq, hkv, d = 2, 1, 16
+    q, k, v = [torch.randn(hq, 400, d)], [torch.randn(hkv, 400, d)], [torch.randn(hkv, 400, d)]
+    cfg = CABConfig(policy="cab", sparsity=0.9, decode_rule="prompt")
+    sim = PagedSim(q, k, v, page_size=16, cfg=cfg)
+    sim.step([(0, 390)], dense_threshold=391)  # the prompt runs dense (below the threshold)
+    assert "req-0" not in sim.prompts.store
+    out, md = sim.step([(0, 1)], dense_threshold=0)  # the decode row is sparse: it keeps every block
+    assert md["decode"][1][0].tolist() == [(391 - 1) // 64 + 1]
+    assert rel_err_of(sim, out, md) < 1e-5
+
+
+def rel_err_of(sim, out, md):
+    from backend_harness import check_step
+
+    return check_step(sim, out, md)

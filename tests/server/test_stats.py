@@ -94,3 +94,25 @@ def test_prometheus_export(monkeypatch):
     s.record_plan(plan, [cfg], 64, 0)
     assert value("cab_rows_total", phase="prefill", sparsity="0.55", policy="cab", mode="sparse") == before + 1
     assert value("cab_causal_key_blocks_total", phase="prefill", sparsity="0.55") >= 32 * 33 // 2
+
+
+def test_prompt_decode_rule_counts_what_it_keeps(stats):
+    """decode_rule="prompt": a decode row keeps the prompt's last query block's budget plus the blocks after the
+    prompt (what PromptSelections.row returns); a prompt that ran dense, or an unknown one, keeps everything."""
+    import torch
+
+    from cab_vllm.backend.planner import PromptSelections
+
+    cfg = CABConfig(sparsity=0.9, decode_rule="prompt")
+    seq, prompt = [2100, 2100, 2100], [2048, 500, None]
+    plan = plan_batch([0, 1, 2, 3], seq, [cfg] * 3, dense_threshold=1024, count=False, req_ids=["a", "b", "c"],
+                      prompt_lens=prompt)
+    stats.record_plan(plan, [cfg] * 3, 64, 1024)
+    m_prompt, m = 2048 // 64, (2100 - 1) // 64 + 1
+    ps = PromptSelections()
+    keep = int(cfg.keep_counts(m_prompt)[-1])
+    ps.put("a", torch.arange(keep, dtype=torch.int32)[None], torch.tensor([keep], dtype=torch.int32), m_prompt)
+    _, real = ps.row("a", m, 1, "cpu")
+    _, dense_b = ps.row("b", m, 1, "cpu")  # b's prompt ran dense (below the threshold): no entry
+    expected = int(real[0]) + 2 * int(dense_b[0])
+    assert stats.totals[("kept", "decode", "0.90")] == expected == keep + (m - m_prompt) + 2 * m
