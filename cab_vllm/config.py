@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 POLICIES = ("cab", "curvature", "magnitude", "h2o", "streaming", "random", "dense")
 ESTIMATORS = ("max_l2", "mean", "topr", "bounds", "sampled")
-DECODE_RULES = ("bounds", "prompt")
+DECODE_RULES = ("auto", "bounds", "prompt")
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,11 @@ class CABConfig:
                       the rest goes to the highest estimated attention mass.
     h2o_recent_share  h2o policy: fraction of the non-forced budget given to the most recent blocks.
     seed              RNG seed of the random policy.
-    decode_rule       how cab/magnitude pick blocks for a decode step: "bounds" (Quest-style upper bounds with
-                      the step's real query, re-chosen every step) or "prompt" (SnapKV-style: the blocks the
-                      prompt's last query block kept, plus every block after the prompt). Policies without a
-                      decode rule of their own (h2o, curvature) use "prompt" in the transformers adapter;
-                      in the vLLM backend they use it with decode_rule="prompt" and cab's bounds rule
-                      otherwise. "prompt" keeps the needle far better for cab (experiments/RESULTS.md).
+    decode_rule       how cab/magnitude/h2o/curvature pick blocks for a decode step: "bounds" (Quest-style
+                      upper bounds with the step's real query, re-chosen every step; h2o/curvature use cab's),
+                      "prompt" (SnapKV-style: the blocks the prompt's last query block kept, plus every block
+                      after the prompt) or "auto" (the measured best: "prompt" for cab, h2o and curvature,
+                      "bounds" for magnitude; experiments/RESULTS.md). streaming/random/dense keep their own.
     """
 
     block_size: int = 64
@@ -51,7 +50,7 @@ class CABConfig:
     curvature_share: float = 0.0
     h2o_recent_share: float = 0.5
     seed: int = 0
-    decode_rule: str = "bounds"
+    decode_rule: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:
@@ -92,8 +91,11 @@ class CABConfig:
 
     @property
     def decodes_from_prompt(self) -> bool:
-        """Whether decode steps use the prompt rule (decode_rule="prompt" and a policy that scores blocks)."""
-        return self.decode_rule == "prompt" and self.policy in ("cab", "magnitude", "h2o", "curvature")
+        """Whether decode steps use the prompt rule (see decode_rule; "auto" resolved per policy)."""
+        rule = self.decode_rule
+        if rule == "auto":
+            rule = "bounds" if self.policy == "magnitude" else "prompt"
+        return rule == "prompt" and self.policy in ("cab", "magnitude", "h2o", "curvature")
 
     def replace(self, **changes: object) -> "CABConfig":
         """A copy with ``changes`` applied (validated again)."""

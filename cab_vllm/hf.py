@@ -7,10 +7,10 @@
         model.generate(...)
 
 Prefill (query length == key length) runs select_blocks + sparse_attention on the model's post-RoPE Q/K.
-Decode (one query token) selects per step: Quest-style bounds with the real query for cab/magnitude
-(``decode_rule="bounds"``), the policy's own rule for streaming/random/dense; h2o and curvature have no decode
-rule of their own, so they — and cab/magnitude with ``decode_rule="prompt"`` — keep the key blocks chosen for the
-prompt's last query block plus every block that starts after the prompt.
+Decode (one query token): with the prompt rule (CABConfig.decode_rule "prompt", or "auto" for cab/h2o/curvature)
+a step keeps the key blocks chosen for the prompt's last query block plus every block that starts after the
+prompt; with "bounds" (and "auto" for magnitude) it re-selects per step from Quest-style bounds with the real
+query (h2o/curvature through cab's rule); streaming/random/dense keep their own rules.
 Outside ``using(...)`` (or with cfg None, or policy "dense") the layer computes dense causal attention (SDPA).
 ``capture()`` records each layer's post-RoPE (query, key) of a prefill, for calibration.
 Only unpadded causal batches are supported (a padding mask raises).
@@ -62,8 +62,7 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both"):
     of where sparsity costs accuracy. "decode" needs a policy with a decode rule of its own."""
     if phases not in PHASES:
         raise ValueError(f"phases={phases!r} must be one of {PHASES}")
-    if phases == "decode" and cfg is not None and (cfg.policy not in DECODE_POLICIES or cfg.decode_rule == "prompt") \
-            and cfg.policy != "dense":
+    if phases == "decode" and cfg is not None and cfg.decodes_from_prompt:
         raise ValueError(f"policy {cfg.policy!r} decodes from its prompt selection; it cannot run decode-only")
     prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.prompt_sel, _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.prompt_sel, _STATE.stats = cfg, impl, phases, {}, _new_stats()
@@ -105,9 +104,10 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     bt = torch.arange(b, device=q.device, dtype=torch.int32)[:, None]
     seq_lens = torch.full((b,), n, device=q.device, dtype=torch.int32)
     layer = getattr(module, "layer_idx", 0)
-    if cfg.policy in DECODE_POLICIES and not (cfg.decode_rule == "prompt" and cfg.policy in ("cab", "magnitude")):
+    if not cfg.decodes_from_prompt:  # the policy's own rule, or Quest-style bounds (h2o/curvature: cab's)
+        dc = cfg if cfg.policy in DECODE_POLICIES else cfg.replace(policy="cab")
         bnd = pool(k, bs, bounds=True, impl=impl)
-        idx, cnt = select_decode_blocks(q[:, :, 0], bnd["lo"], bnd["hi"], seq_lens, cfg, impl=impl)
+        idx, cnt = select_decode_blocks(q[:, :, 0], bnd["lo"], bnd["hi"], seq_lens, dc, impl=impl)
     else:
         if layer not in _STATE.prompt_sel:
             raise ValueError(f"policy {cfg.policy!r} decodes from its prompt selection, but layer {layer} saw no prompt")

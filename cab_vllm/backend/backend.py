@@ -33,6 +33,7 @@ attention, fp8 KV cache.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -145,15 +146,24 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         runner = _find_runner()
         self._runner = weakref.ref(runner) if runner is not None else None
         if runner is None:
-            if self.settings.cfg.decode_rule == "prompt":
-                raise RuntimeError("CAB_DECODE_RULE=prompt needs the model runner's request ids, and the V1 model "
-                                   "runner was not found (Model Runner V2?): set VLLM_USE_V2_MODEL_RUNNER=0 or "
-                                   "CAB_DECODE_RULE=bounds")
+            self._no_request_ids()
             logger.warning("CAB: model runner not found; per-request cab_sparsity/cab_policy are ignored "
                            "(engine defaults apply)")
         self._warned: set[str] = set()
         self._trace = bool(os.environ.get("CAB_TRACE_DIR"))
         trace("builder")
+
+    def _no_request_ids(self) -> None:
+        """Without request ids the prompt decode rule cannot run: an explicit CAB_DECODE_RULE=prompt stops the
+        start; the "auto" default switches the engine to the bounds rule, with a warning."""
+        cfg = self.settings.cfg
+        if cfg.decode_rule == "prompt" and cfg.decodes_from_prompt:
+            raise RuntimeError("CAB_DECODE_RULE=prompt needs the V1 model runner's request ids, which were not found "
+                               "(Model Runner V2?): set VLLM_USE_V2_MODEL_RUNNER=0 or CAB_DECODE_RULE=bounds")
+        if cfg.decode_rule == "auto":
+            logger.warning("CAB: no request ids from the model runner: decode_rule 'auto' runs as 'bounds' (set "
+                           "VLLM_USE_V2_MODEL_RUNNER=0 for the prompt rule)")
+            self.settings = dataclasses.replace(self.settings, cfg=cfg.replace(decode_rule="bounds"))
 
     def _request_cfgs(self, num_reqs: int) -> tuple[list, list | None, frozenset | None, list | None]:
         """(configs, request ids, ids of every request the runner holds, prompt lengths) for the batch rows."""
@@ -165,9 +175,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             req_ids = list(runner.input_batch.req_ids[:num_reqs])
             reqs = runner.requests
         except AttributeError:
-            if base.decode_rule == "prompt":
-                raise RuntimeError("CAB_DECODE_RULE=prompt: the model runner exposes no request ids") from None
-            return [base] * num_reqs, None, None, None
+            self._no_request_ids()
+            return [self.settings.cfg] * num_reqs, None, None, None
         cfgs, prompt_lens = [], []
         for rid in req_ids:
             st = reqs.get(rid) if rid is not None else None

@@ -127,7 +127,7 @@ def test_decode_selection_cached_bounds_equal_pooled():
     sim.step([(s, n - 1) for s, n in enumerate(lens)])
     out, md = sim.step([(s, 1) for s in range(3)])
     qd = torch.stack([q[s][:, n - 1] for s, n in enumerate(lens)])
-    cfgs = [CABConfig(sparsity=0.8), CABConfig(sparsity=0.5), CABConfig(sparsity=0.8, policy="streaming")]
+    cfgs = [CABConfig(sparsity=0.8, decode_rule="bounds"), CABConfig(sparsity=0.5, decode_rule="bounds"), CABConfig(sparsity=0.8, policy="streaming")]
     a = decode_selection(qd, hkv, sim.bounds, md["block_table"], md["seq_lens"], cfgs)
     b = decode_selection(qd, hkv, None, md["block_table"], md["seq_lens"], cfgs, key_cache=sim.key_cache)
     assert torch.equal(a[1], b[1])
@@ -206,7 +206,10 @@ def test_bf16_sparsity_zero_within_dtype_tolerance():
 
 def test_settings_decode_rule_from_env():
     assert EngineSettings.from_env({"CAB_DECODE_RULE": "prompt"}).cfg.decode_rule == "prompt"
-    assert EngineSettings.from_env({}).cfg.decode_rule == "bounds"
+    assert EngineSettings.from_env({}).cfg.decode_rule == "auto"
+    assert EngineSettings.from_env({}).cfg.decodes_from_prompt  # auto + cab -> the prompt rule
+    assert not CABConfig(policy="magnitude").decodes_from_prompt  # auto + magnitude -> bounds
+    assert not CABConfig(decode_rule="bounds").decodes_from_prompt
     with pytest.raises(ValueError, match="CAB_DECODE_RULE"):
         EngineSettings.from_env({"CAB_DECODE_RULE": "sometimes"})
 

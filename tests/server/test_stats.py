@@ -32,7 +32,7 @@ def test_kept_blocks_match_keep_counts(sparsity, sink, local):
 
 def test_record_plan_counts_rows_tokens_blocks_and_dense_reasons(stats):
     bs = 64
-    base = CABConfig()
+    base = CABConfig(decode_rule="bounds")  # the decode row below: the per-step (bounds) budget
     s7 = base.replace(sparsity=0.7)
     # rows: decode at 3000 (sparse), prefill 1000 new tokens of 5000 (sparse, 0.7), short prefill (below the
     # threshold), decode with sparsity 0, prefill with policy dense, a padding row
