@@ -263,3 +263,21 @@ def rel_err_of(sim, out, md):
     from backend_harness import check_step
 
     return check_step(sim, out, md)
+
+
+def test_without_request_ids_auto_runs_bounds_and_prompt_stops():
+    """No request ids from the model runner (e.g. Model Runner V2): the 'auto' default switches the engine to the
+    bounds rule; an explicit CAB_DECODE_RULE=prompt stops the start with a message."""
+    from types import SimpleNamespace
+
+    from cab_vllm.backend.backend import CABMetadataBuilder
+
+    b = SimpleNamespace(settings=EngineSettings.from_env({}))
+    CABMetadataBuilder._no_request_ids(b)
+    assert b.settings.cfg.decode_rule == "bounds" and not b.settings.cfg.decodes_from_prompt
+    b = SimpleNamespace(settings=EngineSettings.from_env({"CAB_DECODE_RULE": "prompt"}))
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        CABMetadataBuilder._no_request_ids(b)
+    b = SimpleNamespace(settings=EngineSettings.from_env({"CAB_DECODE_RULE": "prompt", "CAB_POLICY": "streaming"}))
+    CABMetadataBuilder._no_request_ids(b)  # streaming never uses the prompt rule: nothing to stop
+    assert b.settings.cfg.decode_rule == "prompt"
