@@ -29,7 +29,7 @@ from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import pool
 from cab_vllm.ops.decode import paged_sparse_decode
 from cab_vllm.ops.reference import num_blocks
-from cab_vllm.policies import DECODE_POLICIES, select_decode_blocks
+from cab_vllm.policies import DECODE_POLICIES, extend_prompt_selection, select_decode_blocks
 
 ATTN_NAME = "cab"
 
@@ -112,11 +112,7 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
         if layer not in _STATE.prompt_sel:
             raise ValueError(f"policy {cfg.policy!r} decodes from its prompt selection, but layer {layer} saw no prompt")
         pidx, pcnt, pblocks = _STATE.prompt_sel[layer]
-        new = torch.arange(pblocks, num_blocks(n, bs), device=q.device, dtype=torch.int32)
-        idx = torch.cat([pidx, new.expand(b, hkv, -1)], dim=-1)
-        idx = torch.where(idx < 0, torch.iinfo(torch.int32).max, idx).sort(-1).values
-        cnt = pcnt + new.numel()
-        idx = torch.where(idx == torch.iinfo(torch.int32).max, -1, idx).contiguous()
+        idx, cnt = extend_prompt_selection(pidx, pcnt, pblocks, num_blocks(n, bs))
     _STATE.stats["decode_calls"] += 1
     _STATE.stats["kept"] += int(cnt.sum())
     _STATE.stats["causal"] += cnt.numel() * num_blocks(n, bs)

@@ -96,6 +96,21 @@ def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto
 DECODE_POLICIES = ("cab", "magnitude", "streaming", "random", "dense")
 
 
+def extend_prompt_selection(indices: torch.Tensor, counts: torch.Tensor, prompt_blocks: int, num_blocks_now: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt decode rule (CABConfig.decode_rule): a prompt's last-query-block selection plus every key
+    block that starts after the prompt.
+
+    indices [..., K] int32 ascending, -1 padded (all < prompt_blocks); counts [...] int32 ->
+    (indices [..., K + num_blocks_now - prompt_blocks] ascending, -1 padded; counts + the new blocks).
+    """
+    new = torch.arange(prompt_blocks, num_blocks_now, device=indices.device, dtype=torch.int32)
+    big = torch.iinfo(torch.int32).max
+    idx = torch.cat([torch.where(indices < 0, big, indices), new.expand(*indices.shape[:-1], -1)], dim=-1)
+    idx = idx.sort(-1).values
+    return torch.where(idx == big, -1, idx).contiguous(), counts + new.numel()
+
+
 @functools.lru_cache(maxsize=64)
 def _keep_table(cfg: CABConfig, num_blocks: int, device: str) -> torch.Tensor:
     """Device-resident keep_counts(num_blocks): decode steps index it without a host-to-device copy."""

@@ -41,7 +41,8 @@ from cab_vllm.config import POLICIES, CABConfig
 from cab_vllm.ops.decode import paged_sparse_decode
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.reference import gather_paged_ref, num_blocks
-from cab_vllm.policies import DECODE_POLICIES, estimate, select_decode_blocks, select_from_attention
+from cab_vllm.policies import (DECODE_POLICIES, estimate, extend_prompt_selection, select_decode_blocks,
+                               select_from_attention)
 
 # Per-process counters (requests/rows per step, not per layer): proof the backend ran and how often it went dense.
 METRICS: Counter = Counter()
@@ -349,19 +350,12 @@ class PromptSelections:
             del self.store[rid]
 
     def row(self, rid, n_blocks: int, hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices [Hkv, n_blocks] ascending, -1 padded; counts [Hkv]) for a decode step at n_blocks blocks."""
+        """(indices [Hkv, <= n_blocks] ascending, -1 padded; counts [Hkv]) for a decode step at n_blocks blocks."""
         entry = self.store.get(rid)
         if entry is None:
             idx = torch.arange(n_blocks, device=device, dtype=torch.int32).expand(hkv, n_blocks).contiguous()
             return idx, torch.full((hkv,), n_blocks, device=device, dtype=torch.int32)
-        pidx, pcnt, pblocks = entry
-        new = torch.arange(pblocks, n_blocks, device=device, dtype=torch.int32)
-        big = torch.iinfo(torch.int32).max
-        idx = torch.cat([torch.where(pidx < 0, big, pidx), new.expand(hkv, -1)], dim=-1).sort(-1).values
-        idx = torch.where(idx == big, -1, idx)[:, :n_blocks]
-        out = torch.full((hkv, n_blocks), -1, device=device, dtype=torch.int32)
-        out[:, : idx.shape[-1]] = idx
-        return out, pcnt + new.numel()
+        return extend_prompt_selection(*entry, n_blocks)  # K <= prompt blocks, so the width is <= n_blocks
 
 
 def decode_selection(q: torch.Tensor, num_kv_heads: int, bounds: BoundsCache | None, block_table: torch.Tensor,

@@ -29,6 +29,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _len_label(n: int, yarn) -> str:
     s = f"{n // 1024}k" if n % 1024 == 0 else str(n)
     return f"{s}*" if yarn else s
@@ -68,11 +75,7 @@ def niah_heatmaps(rows: list[dict], outdir: str | Path) -> list[Path]:
             ax.set_xticks(range(len(cols)), [_len_label(*c) for c in cols], fontsize=6, rotation=90)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=6)
         fig.suptitle(f"passkey accuracy, {model} (rows: needle depth; *: YaRN)", fontsize=9)
-        fig.tight_layout()
-        p = outdir / f"niah_{model}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(plt, fig, outdir / f"niah_{model}.png"))
     return paths
 
 
@@ -100,11 +103,7 @@ def pareto_plot(rows: list[dict], outdir: str | Path, metric: str = "ppl_last_qu
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_title(f"{model}, {_len_label(n, yarn)} tokens", fontsize=9)
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        p = outdir / f"pareto_{model}_{n}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(plt, fig, outdir / f"pareto_{model}_{n}.png"))
     return paths
 
 
