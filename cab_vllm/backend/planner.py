@@ -580,12 +580,12 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                 k_all = (key_cache.new_empty(hkv, n, 0) if cfg.policy == "dense"
                          else gather_paged_ref(key_cache, block_table[r], n))
                 sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl))
-                if cfg.decode_rule == "prompt" and prompts is not None and plan.req_ids is not None:
+                if prompts is not None and plan.req_ids is not None:
                     # the chunk's last query block: after the prompt's final chunk, the question's selection
                     if uses_prompt_rule(cfg):
                         prompts.put(plan.req_ids[r], sels[-1][0][-1], sels[-1][1][-1], num_blocks(n, bs))
                     else:
-                        prompts.forget(plan.req_ids[r])  # dense (or a policy with its own rule): keep all
+                        prompts.forget(plan.req_ids[r])  # dense (or a per-step rule): decode keeps nothing from it
                 toks.append(torch.arange(q0, q1, device=dev))
                 qsl_sub.append(qsl_sub[-1] + q1 - q0)
         if record is not None:

@@ -214,8 +214,8 @@ def test_settings_decode_rule_from_env():
         EngineSettings.from_env({"CAB_DECODE_RULE": "sometimes"})
 
 
-@pytest.mark.parametrize("policy", ["cab", "h2o"])
-def test_prompt_decode_rule_reuses_the_prompts_last_block(policy):
+@pytest.mark.parametrize("policy, rule", [("cab", "prompt"), ("h2o", "prompt"), ("cab", "auto"), ("h2o", "auto")])
+def test_prompt_decode_rule_reuses_the_prompts_last_block(policy, rule):
     """decode_rule="prompt": after a chunked prefill, every decode step attends to the blocks the prompt's last
     query block kept plus the blocks after the prompt; the output equals attention restricted to them."""
     torch.manual_seed(3)
@@ -223,7 +223,7 @@ def test_prompt_decode_rule_reuses_the_prompts_last_block(policy):
     q = [torch.randn(hq, n_prompt + n_dec, d)]
     k = [torch.randn(hkv, n_prompt + n_dec, d)]
     v = [torch.randn(hkv, n_prompt + n_dec, d)]
-    cfg = CABConfig(policy=policy, sparsity=0.8, decode_rule="prompt")
+    cfg = CABConfig(policy=policy, sparsity=0.8, decode_rule=rule)
     sim = PagedSim(q, k, v, page_size=16, cfg=cfg)
     sim.step([(0, 300)])
     _, md = sim.step([(0, n_prompt - 300)])  # the prompt's final chunk
