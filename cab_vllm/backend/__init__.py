@@ -40,6 +40,7 @@ def register() -> None:
     if os.environ.get("CAB_OVERRIDE_CPU_ATTN") == "1":  # CPU without the platform plugin: replace CPU_ATTN itself
         register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
     _hook_request_validation()
+    _hook_cache_salt()
     trace("register")
 
 
@@ -76,3 +77,36 @@ def _hook_request_validation() -> None:
 
     _validate_params._cab_hooked = True
     InputProcessor._validate_params = _validate_params
+
+
+def attention_salt(extra_args) -> str:
+    """The part of a request's prefix-cache key that CAB adds: its effective sparsity and policy (engine
+    defaults from CAB_* applied). KV computed under one attention config is never reused under another."""
+    from cab_vllm.backend.planner import EngineSettings, request_config
+
+    cfg = request_config(EngineSettings.from_env().cfg, extra_args or None)
+    return f"cab:{cfg.sparsity!r}:{cfg.policy}"
+
+
+def _hook_cache_salt() -> None:
+    """Wrap InputProcessor.process_inputs (request admission, every vLLM entry point) so the request's
+    cache_salt includes attention_salt: vLLM's prefix-cache hash ignores extra_args, so without it a dense
+    request would reuse KV computed at 0.9 sparsity. A user's own cache_salt is kept in front."""
+    try:
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError:
+        logger.warning("cab_vllm: cannot salt the prefix cache by sparsity on this vLLM version")
+        return
+    orig = InputProcessor.process_inputs
+    if getattr(orig, "_cab_hooked", False):
+        return
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        req = orig(self, request_id, prompt, params, *args, **kwargs)
+        if _cab_selected(self.vllm_config) and getattr(req, "sampling_params", None) is not None:
+            salt = attention_salt(getattr(req.sampling_params, "extra_args", None))
+            req.cache_salt = f"{req.cache_salt}|{salt}" if req.cache_salt else salt
+        return req
+
+    process_inputs._cab_hooked = True
+    InputProcessor.process_inputs = process_inputs

@@ -56,15 +56,19 @@ from vllm.v1.attention.backend import (
 
 from cab_vllm.backend import trace
 from cab_vllm.backend.stats import STATS
+from cab_vllm.backend import compat
 from cab_vllm.backend.planner import (
     METRICS,
     BatchPlan,
     BoundsCache,
+    DecodeWorkspace,
     EngineSettings,
-    PromptSelections,
+    PromptSlots,
+    PromptTable,
     attend,
     plan_batch,
     request_config,
+    route_rows,
     write_kv,
 )
 
@@ -99,7 +103,18 @@ class CABBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls):
-        return None  # the kernels read through strides: any layout
+        return None  # the kernels read through strides: any layout (vLLM >= 0.32)
+
+    # vLLM 0.26-0.31 ask the backend for the cache's logical shape and physical order: FlashAttention's, so
+    # vLLM's FlashAttention kernels (which run the dense rows) and ours read the same tensor.
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        return compat.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        return compat.kv_cache_stride_order(include_num_layers_dimension)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -116,7 +131,13 @@ class CABMetadata:
     block_table: torch.Tensor  # [S, max_pages] int32
     slot_mapping: torch.Tensor  # [T] int64
     plan: BatchPlan
-    done_slots: torch.Tensor  # slots completing a bounds unit this step (int64)
+    done_slots: torch.Tensor  # prefill slots completing a bounds unit this step (int64)
+    fa: object = None  # vLLM's FlashAttentionMetadata for the dense rows (CUDA), else None
+    routes: object = None  # DecodeRoutes of the decode rows (device, fixed addresses), table filled per layer
+    keep: torch.Tensor | None = None  # [decode rows] int32 blocks kept by MODE_BOUNDS/RECENT/RANDOM rows
+    run_fa: bool = False  # some row runs dense through FlashAttention
+    run_cab_decode: bool = False  # some decode row is sparse
+    run_cab_prefill: bool = False  # some prefill row is sparse (or dense without FlashAttention)
 
 
 def _find_runner():
@@ -134,9 +155,39 @@ def _find_runner():
     return None
 
 
+class _PinnedRing:
+    """A few pinned host buffers taken in turn for the per-step host-to-device copy of the routes: a buffer is
+    rewritten only after the copy that last read it has finished (its event), never stalling the stream."""
+
+    def __init__(self, shape, n: int = 4):
+        self.bufs = [torch.zeros(shape, dtype=torch.int32, pin_memory=True) for _ in range(n)]
+        self.events = [None] * n
+        self.i = 0
+
+    def next(self) -> tuple[torch.Tensor, int]:
+        self.i = (self.i + 1) % len(self.bufs)
+        ev = self.events[self.i]
+        if ev is not None:
+            ev.synchronize()
+        return self.bufs[self.i], self.i
+
+    def recorded(self, i: int) -> None:
+        ev = torch.cuda.Event()
+        ev.record()
+        self.events[i] = ev
+
+
 class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
-    reorder_batch_threshold: int | None = 1  # decodes first (not relied upon: rows are indexed explicitly)
+    reorder_batch_threshold: int | None = 1  # decodes first: the decode kernels read rows 0..D-1
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """Decode steps are captured in full CUDA graphs on CUDA (the plan lives in fixed device buffers, the
+        forward reads nothing on the host); prefill and mixed steps run attention eagerly (piecewise)."""
+        if compat.flash_attention() is not None:
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -151,6 +202,15 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
                            "(engine defaults apply)")
         self._warned: set[str] = set()
         self._trace = bool(os.environ.get("CAB_TRACE_DIR"))
+        sched = vllm_config.scheduler_config
+        cap = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+        self.rows = max(int(sched.max_num_seqs), int(cap))
+        self.slots = PromptSlots(int(sched.max_num_seqs))
+        fa = compat.flash_attention()
+        self.fa = fa[1](kv_cache_spec, layer_names, vllm_config, device) if fa is not None else None
+        self._routes = torch.zeros(5, self.rows, dtype=torch.int32, device=device)
+        self._fa_seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=device)
+        self._ring = _PinnedRing((5, self.rows)) if torch.device(device).type == "cuda" else None
         trace("builder")
 
     def _no_request_ids(self) -> None:
@@ -200,35 +260,65 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         cm = common_attn_metadata
         n = cm.num_reqs
         qsl_cpu = cm.query_start_loc_cpu[: n + 1]
-        seq_lens_cpu = cm.seq_lens[:n].cpu()
+        seq_lens_cpu = compat.host_seq_lens(cm, n)
         cfgs, req_ids, live, prompt_lens = self._request_cfgs(n)
         plan = plan_batch(qsl_cpu, seq_lens_cpu, cfgs, self.settings.dense_threshold, req_ids=req_ids, live=live,
                           prompt_lens=prompt_lens)
+        route_rows(plan, self.slots, fa_dense=self.fa is not None)
         STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold)
         if self._trace:
             rows = [[plan.qsl[r + 1] - plan.qsl[r], plan.seq_lens[r], cfgs[r].sparsity, cfgs[r].policy, plan.dense[r]]
                     for r in range(n)]
             trace("plan " + json.dumps(rows))
-        slots = cm.slot_mapping[: cm.num_actual_tokens].long()
-        done = slots[(slots >= 0) & (slots % self.unit == self.unit - 1)]  # = BoundsCache.completed_slots
+        live_rows = [r for r in range(n) if plan.qsl[r + 1] > plan.qsl[r]]
+        run_fa = self.fa is not None and any(plan.dense[r] for r in live_rows)
+        run_cab_decode = any(m != 0 for m in plan.modes)
+        run_cab_prefill = any(not (self.fa is not None and plan.dense[r]) for r in plan.prefill_rows)
+        d = len(plan.decode_rows)
+        # per-row routes -> one host-to-device copy into fixed buffers (rows past the batch: MODE_SKIP)
+        if self._ring is not None:
+            host, ri = self._ring.next()
+        else:
+            host, ri = torch.zeros(5, self.rows, dtype=torch.int32), None
+        host.zero_()
+        if d:
+            host[:4, :d] = torch.tensor([plan.modes, plan.slots, plan.pblocks, plan.keep], dtype=torch.int32)
+        if n:
+            host[4, :n] = torch.tensor([1 if plan.dense[r] else 0 for r in range(n)], dtype=torch.int32)
+        self._routes.copy_(host, non_blocking=ri is not None)
+        if ri is not None:
+            self._ring.recorded(ri)
+        fa_md = None
+        if self.fa is not None:
+            torch.mul(cm.seq_lens[:n], self._routes[4, :n], out=self._fa_seq_lens[:n])
+            self._fa_seq_lens[n:].zero_()
+            fa_md = self.fa.build(common_prefix_len, cm.replace(seq_lens=self._fa_seq_lens[:n]), fast_build)
+        slots = cm.slot_mapping[: cm.num_actual_tokens]
+        if plan.prefill_rows:
+            ps = slots[plan.qsl[plan.prefill_rows[0]]:].long()
+            done = ps[(ps >= 0) & (ps % self.unit == self.unit - 1)]  # = BoundsCache.completed_slots
+        else:
+            done = slots[:0].long()
+        from cab_vllm.ops.decode import DecodeRoutes
+
+        empty = self._routes[0, :0]
+        routes = DecodeRoutes(self._routes[0, :d], self._routes[1, :d], empty, empty, self._routes[2, :d], empty, empty)
         return CABMetadata(cm.num_actual_tokens, cm.query_start_loc[: n + 1], cm.seq_lens[:n],
-                           cm.block_table_tensor[:n], slots, plan, done)
+                           cm.block_table_tensor[:n], slots, plan, done, fa=fa_md, routes=routes,
+                           keep=self._routes[3, :d], run_fa=run_fa, run_cab_decode=run_cab_decode,
+                           run_cab_prefill=run_cab_prefill)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> CABMetadata:
+        md = self.build(0, common_attn_metadata)
+        md.run_fa = self.fa is not None
+        md.run_cab_decode = True
+        return md
 
 
 def _unit(page_size: int, block_size: int) -> int:
     import math
 
     return math.gcd(page_size, block_size)
-
-
-def _split_kv(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(key_cache, value_cache), each [num_pages, page_size, Hkv, D] views (any strides).
-
-    vLLM 0.32/0.33: logical [num_pages, Hkv, page_size, 2*D]; older API: [2, num_pages, page_size, Hkv, D]."""
-    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
-        return kv_cache[0], kv_cache[1]
-    kv = kv_cache.transpose(1, 2)
-    return kv[..., :head_size], kv[..., head_size: 2 * head_size]
 
 
 class CABImpl(AttentionImpl[CABMetadata]):
@@ -253,20 +343,45 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.settings = EngineSettings.from_env()  # a bad CAB_* value fails engine start here, with its name
         self.bounds: BoundsCache | None = None
-        self.prompts = PromptSelections()  # decode_rule="prompt": each request's prompt selection, this layer
+        self.table: PromptTable | None = None  # decode_rule="prompt": each request's prompt selection, this layer
+        self.workspace: DecodeWorkspace | None = None
         self._traced = False
+        self._vcfg = compat.current_vllm_config()
+        _check_engine_features(self._vcfg)
+        fa = compat.flash_attention()
+        self.fa = None
+        if fa is not None:
+            self.fa = fa[2](num_heads, head_size, scale, self.num_kv_heads, None, None, kv_cache_dtype, None,
+                            attn_type, kv_sharing_target_layer_name, None)
 
     # -- cache write ------------------------------------------------------------------------------------------
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        key_cache, value_cache = _split_kv(kv_cache, self.head_size)
-        if kv_cache.is_cuda:
-            from vllm.v1.attention.ops.triton_reshape_and_cache_flash import triton_reshape_and_cache_flash
-
-            triton_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, self.kv_cache_dtype,
-                                           layer._k_scale, layer._v_scale)
+        if self.fa is not None:  # vLLM's own cache write for this layout
+            self.fa.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
             return
+        key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
         write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+    # -- buffers ----------------------------------------------------------------------------------------------
+    def _buffers(self, key_cache: torch.Tensor) -> None:
+        """This layer's bounds cache and prompt table, and the engine's shared decode workspace. First made in
+        the profiling run (the table and workspace), so vLLM counts them before it sizes the KV cache."""
+        cfg = self.settings.cfg
+        dev = key_cache.device
+        vc = self._vcfg
+        max_len = vc.model_config.max_model_len if vc is not None else 1 << 15
+        rows = vc.scheduler_config.max_num_seqs if vc is not None else 256
+        cap = getattr(vc.compilation_config, "max_cudagraph_capture_size", None) or 0 if vc is not None else 0
+        max_blocks = -(-max_len // cfg.block_size)
+        if self.table is None:
+            self.table = PromptTable(rows, self.num_kv_heads, max_blocks, dev)
+        if self.workspace is None:
+            self.workspace = _shared_workspace(max(rows, cap), self.num_heads, self.num_kv_heads, self.head_size,
+                                               max_blocks, dev)
+        if key_cache.numel() and (self.bounds is None or self.bounds.lo.shape[0] != key_cache.shape[0]):
+            self.bounds = BoundsCache(key_cache.shape[0], key_cache.shape[1], self.num_kv_heads, self.head_size,
+                                      cfg.block_size, key_cache.dtype, dev)
 
     # -- attention --------------------------------------------------------------------------------------------
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -274,19 +389,70 @@ class CABImpl(AttentionImpl[CABMetadata]):
                 output_block_scale=None) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("CAB backend: fused output quantization is not supported")
-        if attn_metadata is None:  # profiling run
+        key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
+        if attn_metadata is None:  # profiling run: allocate (counted by vLLM's memory profile) and compile
+            self._buffers(key_cache)
+            if query.is_cuda:
+                _warm_up(self, query)
             return output.fill_(0)
         if not self._traced:
             self._traced = True
             METRICS["layers"] += 1
             trace("forward")
-        key_cache, value_cache = _split_kv(kv_cache, self.head_size)
-        if self.bounds is None or self.bounds.lo.shape[0] != key_cache.shape[0]:
-            self.bounds = BoundsCache(key_cache.shape[0], key_cache.shape[1], self.num_kv_heads, self.head_size,
-                                      self.settings.cfg.block_size, key_cache.dtype, key_cache.device)
+        self._buffers(key_cache)
         md = attn_metadata
+        capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.fa is not None and (md.run_fa or capturing):
+            self.fa.forward(layer, query, key, value, kv_cache, md.fa, output)
+        decodes = bool(md.plan.decode_rows)
+        if not (decodes or md.run_cab_prefill or md.done_slots.numel()):
+            return output
+        routes = md.routes._replace(tab_idx=self.table.idx, tab_cnt=self.table.cnt,
+                                    sel_idx=self.workspace.sel_idx[: len(md.plan.decode_rows)],
+                                    sel_cnt=self.workspace.sel_cnt[: len(md.plan.decode_rows)])
         attend(query.view(-1, self.num_heads, self.head_size), key_cache, value_cache, md.block_table, md.seq_lens,
                md.plan, self.bounds, md.done_slots, self.scale, output.view(-1, self.num_heads, self.head_size),
-               self.settings.impl, prompts=self.prompts)
+               self.settings.impl, table=self.table, slot_mapping=md.slot_mapping, routes=routes, keep=md.keep,
+               workspace=self.workspace, skip_dense=self.fa is not None,
+               decode_attention=md.run_cab_decode or capturing, prefills=md.run_cab_prefill)
         return output
 
+
+_WORKSPACES: dict = {}
+
+
+def _shared_workspace(rows, num_heads, num_kv_heads, head_size, max_blocks, device) -> DecodeWorkspace:
+    key = (str(device), rows, num_heads, num_kv_heads, head_size, max_blocks)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = DecodeWorkspace(rows, num_heads, num_kv_heads, head_size, max_blocks, device)
+    return ws
+
+
+_WARMED: set = set()
+
+
+def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
+    """Compile the Triton kernels during engine start (once per process and shape), so the first request does
+    not pay for it: a small decode and prefill on scratch tensors with this layer's head geometry and dtype."""
+    key = (impl.num_heads, impl.num_kv_heads, impl.head_size, query.dtype)
+    if key in _WARMED:
+        return
+    _WARMED.add(key)
+    from cab_vllm.backend.warmup import warm_up_kernels
+
+    warm_up_kernels(impl.num_heads, impl.num_kv_heads, impl.head_size, query.dtype, query.device,
+                    impl.settings.cfg, impl.workspace)
+
+
+def _check_engine_features(vcfg) -> None:
+    """Features the backend cannot honour stop the engine at start, naming the feature."""
+    if vcfg is None:
+        return
+    if getattr(vcfg, "speculative_config", None) is not None:
+        raise NotImplementedError("CAB backend does not support speculative decoding (speculative_config is set); "
+                                  "use --attention-backend FLASH_ATTN for speculative decoding")
+    cache = getattr(vcfg, "cache_config", None)
+    dtype = str(getattr(cache, "cache_dtype", "auto") or "auto")
+    if dtype.startswith("fp8"):
+        raise NotImplementedError(f"CAB backend does not support an fp8 KV cache (kv_cache_dtype={dtype})")

@@ -176,6 +176,14 @@ class BatchPlan:
     req_ids: list | None = None
     live: frozenset | None = None
     prompt_lens: list | None = None
+    # filled by route_rows: per decode row (plan.decode_rows order) its MODE_*, prompt-table slot, prompt block
+    # count and blocks to keep; per prefill row (plan.prefill_rows order) the slot whose prompt selection
+    # this chunk stores, with the query block to store (None: nothing to store)
+    modes: list | None = None
+    slots: list | None = None
+    pblocks: list | None = None
+    keep: list | None = None
+    store: list | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -330,32 +338,112 @@ def uses_prompt_rule(cfg: CABConfig) -> bool:
     return cfg.decodes_from_prompt
 
 
-class PromptSelections:
-    """decode_rule="prompt" (SnapKV-style), one per layer: for each request, the key blocks its prompt's last
-    query block kept (the rows that ask the question; cab scores them exactly). Decode steps attend to those
-    blocks plus every block after the prompt. A request whose prompt ran dense (or that is unknown here) keeps
-    every block. Entries of requests the engine no longer holds are dropped each step (``prune``)."""
+class PromptSlots:
+    """Builder side of decode_rule="prompt": a slot of the per-layer PromptTables for every live request, and
+    which requests have a stored prompt selection. Host bookkeeping only (once per step)."""
 
-    def __init__(self) -> None:
-        self.store: dict = {}  # request id -> (indices [Hkv, K] int32, counts [Hkv] int32, prompt blocks)
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.of: dict = {}  # request id -> slot
+        self.stored: dict = {}  # request id -> prompt blocks of its stored selection
+        self.exhausted = 0  # requests that found no free slot (they decode with the bounds rule)
 
-    def put(self, rid, indices: torch.Tensor, counts: torch.Tensor, prompt_blocks: int) -> None:
-        self.store[rid] = (indices, counts, prompt_blocks)
+    def sync(self, live) -> None:
+        """Free the slots of requests the engine no longer holds."""
+        if live is None or not self.of:
+            return
+        for rid in self.of.keys() - live:
+            self.free.append(self.of.pop(rid))
+            self.stored.pop(rid, None)
 
-    def forget(self, rid) -> None:
-        self.store.pop(rid, None)
+    def slot(self, rid) -> int | None:
+        if rid is None:
+            return None
+        got = self.of.get(rid)
+        if got is None and self.free:
+            got = self.of[rid] = self.free.pop()
+        if got is None:
+            self.exhausted += 1
+        return got
 
-    def prune(self, live: frozenset) -> None:
-        for rid in [r for r in self.store if r not in live]:
-            del self.store[rid]
 
-    def row(self, rid, n_blocks: int, hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices [Hkv, <= n_blocks] ascending, -1 padded; counts [Hkv]) for a decode step at n_blocks blocks."""
-        entry = self.store.get(rid)
-        if entry is None:
-            idx = torch.arange(n_blocks, device=device, dtype=torch.int32).expand(hkv, n_blocks).contiguous()
-            return idx, torch.full((hkv,), n_blocks, device=device, dtype=torch.int32)
-        return extend_prompt_selection(*entry, n_blocks)  # K <= prompt blocks, so the width is <= n_blocks
+class PromptTable:
+    """Per-layer store of each request's prompt selection (decode_rule="prompt"), on device: idx [slots, Hkv,
+    max_blocks] (int16 while block indices fit, else int32) and cnt [slots, Hkv] int32. Written by the prefill
+    chunk that holds the prompt's last token; read by routed decode (CUDA-graph safe: fixed addresses)."""
+
+    def __init__(self, num_slots: int, num_kv_heads: int, max_blocks: int, device) -> None:
+        dt = torch.int16 if max_blocks <= torch.iinfo(torch.int16).max else torch.int32
+        self.idx = torch.zeros(num_slots, num_kv_heads, max(1, max_blocks), dtype=dt, device=device)
+        self.cnt = torch.zeros(num_slots, num_kv_heads, dtype=torch.int32, device=device)
+
+    def put(self, slot: int, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """indices [Hkv, K] ascending -1 padded, counts [Hkv]."""
+        k = min(indices.shape[-1], self.idx.shape[-1])
+        self.idx[slot, :, :k] = indices[:, :k].to(self.idx.dtype)
+        self.cnt[slot] = counts.to(torch.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.idx.numel() * self.idx.element_size() + self.cnt.numel() * 4
+
+
+def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool) -> None:
+    """Decide, once per step on the host, where every row's attention comes from (fills plan.modes, slots,
+    pblocks, keep, store). Dense decode rows: MODE_SKIP when vLLM's FlashAttention runs them (fa_dense),
+    else MODE_ALL. Sparse decode rows: MODE_PROMPT when the request's prompt selection is stored, else the
+    step's own selection: MODE_BOUNDS (cab/magnitude/h2o/curvature), MODE_RECENT (streaming), MODE_RANDOM.
+    A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection."""
+    from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP
+
+    if slots is not None:
+        slots.sync(plan.live)
+    modes, sl, pbs, keep = [], [], [], []
+    for r in plan.decode_rows:
+        cfg, n = plan.cfgs[r], plan.seq_lens[r]
+        rid = plan.req_ids[r] if plan.req_ids is not None else None
+        slot, pb, k = 0, 0, 0
+        if plan.dense[r]:
+            mode = MODE_SKIP if fa_dense else MODE_ALL
+        elif uses_prompt_rule(cfg) and slots is not None and rid in slots.stored:
+            mode, slot, pb = MODE_PROMPT, slots.of[rid], slots.stored[rid]
+        else:
+            mode = {"streaming": MODE_RECENT, "random": MODE_RANDOM}.get(cfg.policy, MODE_BOUNDS)
+            k = keep_count(cfg, n)
+        modes.append(mode)
+        sl.append(slot)
+        pbs.append(pb)
+        keep.append(k)
+    store = []
+    for r in plan.prefill_rows:
+        cfg, n = plan.cfgs[r], plan.seq_lens[r]
+        rid = plan.req_ids[r] if plan.req_ids is not None else None
+        pl = plan.prompt_lens[r] if plan.prompt_lens is not None else None
+        q_len = plan.qsl[r + 1] - plan.qsl[r]
+        entry = None
+        if slots is not None and rid is not None:
+            end = pl if pl is not None else n  # unknown prompt length: this chunk's end
+            holds_end = n - q_len <= end - 1 < n
+            if holds_end and not plan.dense[r] and uses_prompt_rule(cfg):
+                slot = slots.slot(rid)
+                if slot is not None:
+                    entry = (slot, (end - 1) // cfg.block_size)
+                    slots.stored[rid] = entry[1] + 1
+            elif holds_end:
+                slots.stored.pop(rid, None)  # the prompt ran dense (or uses a per-step rule): nothing stored
+        store.append(entry)
+    plan.modes, plan.slots, plan.pblocks, plan.keep, plan.store = modes, sl, pbs, keep, store
+
+
+def keep_count(cfg: CABConfig, seq_len: int) -> int:
+    """Key blocks a decode query at position seq_len - 1 keeps (CABConfig.keep_counts of its query block)."""
+    return _keep_last(cfg, (seq_len - 1) // cfg.block_size + 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _keep_last(cfg: CABConfig, m: int) -> int:
+    return int(cfg.keep_counts(m)[-1])
 
 
 def decode_selection(q: torch.Tensor, num_kv_heads: int, bounds: BoundsCache | None, block_table: torch.Tensor,
@@ -534,45 +622,134 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
     value_cache[page, off] = v.to(value_cache.dtype)
 
 
+def decode_routes(plan: BatchPlan, table: PromptTable | None, num_kv_heads: int, max_blocks: int, device,
+                  workspace: "DecodeWorkspace | None" = None):
+    """Device DecodeRoutes for plan.decode_rows (route_rows must have run) and the rows' keep counts. With a
+    workspace the step's selection buffers are its persistent ones (CUDA graphs), else fresh tensors."""
+    from cab_vllm.ops.decode import DecodeRoutes
+
+    d = len(plan.decode_rows)
+    host = torch.tensor([plan.modes, plan.slots, plan.pblocks, plan.keep], dtype=torch.int32).reshape(4, d)
+    dev = host.to(device)
+    if workspace is not None:
+        sel_idx, sel_cnt = workspace.sel_idx[:d], workspace.sel_cnt[:d]
+    else:
+        sel_idx = torch.full((d, num_kv_heads, max(1, max_blocks)), -1, dtype=torch.int32, device=device)
+        sel_cnt = torch.zeros(d, num_kv_heads, dtype=torch.int32, device=device)
+    if table is None:
+        table = PromptTable(1, num_kv_heads, 1, device)
+    return DecodeRoutes(dev[0], dev[1], table.idx, table.cnt, dev[2], sel_idx, sel_cnt), dev[3]
+
+
+class DecodeWorkspace:
+    """Persistent per-step decode buffers shared by the layers of one engine (fixed addresses, so CUDA graphs
+    can replay them): selection [rows, Hkv, max_blocks] + counts, scores [rows, Hkv, Mpad], split-K partials."""
+
+    def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_blocks: int, device):
+        from cab_vllm.ops._triton import next_pow2
+        from cab_vllm.ops.decode import default_num_splits
+
+        self.rows, self.max_blocks = rows, max(1, max_blocks)
+        self.mpad = next_pow2(self.max_blocks)
+        self.sel_idx = torch.full((rows, num_kv_heads, self.max_blocks), -1, dtype=torch.int32, device=device)
+        self.sel_cnt = torch.zeros(rows, num_kv_heads, dtype=torch.int32, device=device)
+        self.scores = torch.zeros(rows, num_kv_heads, self.mpad, dtype=torch.float32, device=device)
+        cap = max(r * default_num_splits(r, num_kv_heads, self.max_blocks) for r in range(1, rows + 1))
+        self.part_o = torch.zeros(cap * num_heads * head_dim, dtype=torch.float32, device=device)
+        self.part_lse = torch.zeros(cap * num_heads, dtype=torch.float32, device=device)
+        self.lse = torch.zeros(rows, num_heads, dtype=torch.float32, device=device)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+
+    def splits(self, rows: int) -> int:
+        from cab_vllm.ops.decode import default_num_splits
+
+        return default_num_splits(rows, self.num_kv_heads, self.max_blocks)
+
+    def partials(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = self.splits(rows)
+        n = rows * self.num_heads * k
+        return (self.part_o[: n * self.head_dim].view(rows, self.num_heads, k, self.head_dim),
+                self.part_lse[:n].view(rows, self.num_heads, k), self.lse)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sel_idx, self.sel_cnt, self.scores, self.part_o,
+                                                           self.part_lse, self.lse))
+
+
 def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
            seq_lens: torch.Tensor, plan: BatchPlan, bounds: BoundsCache, done_slots: torch.Tensor, scale: float,
-           out: torch.Tensor, impl: str = "auto", record: dict | None = None,
-           prompts: PromptSelections | None = None) -> torch.Tensor:
-    """One layer of the backend: refresh the key bounds, select and attend for every row of the plan.
+           out: torch.Tensor, impl: str = "auto", record: dict | None = None, table: PromptTable | None = None,
+           slot_mapping: torch.Tensor | None = None, routes=None, keep: torch.Tensor | None = None,
+           workspace: DecodeWorkspace | None = None, skip_dense: bool = False, decode_attention: bool = True,
+           prefills: bool = True) -> torch.Tensor:
+    """One layer of the backend: refresh the key bounds, select and attend for the rows of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
     this step's keys; block_table [S, P] int32; seq_lens [S] int32 (device); bounds: this layer's BoundsCache;
-    done_slots: the step's unit-completing slots (BoundsCache.completed_slots). Writes and returns out [T, Hq, D].
-    record: if a dict, receives the selections ('decode': (indices, counts) of plan.decode_rows; 'prefill': a
-    list of (indices, counts, first query block) per plan.prefill_rows) for tests.
-    prompts: this layer's PromptSelections (needed when a row uses decode_rule="prompt"; plan.req_ids too).
+    done_slots: unit-completing slots of the step's prefill tokens (BoundsCache.completed_slots);
+    slot_mapping [T]: the step's slots (decode rows update their bounds from it). route_rows must have run on
+    the plan. routes/keep: the builder's device DecodeRoutes (built here when None); table: this layer's
+    PromptTable (decode_rule="prompt"). skip_dense: dense rows are left to another kernel (vLLM's
+    FlashAttention). decode_attention=False: decode rows only update their key bounds (every row is dense and
+    another kernel runs it); prefills=False: prefill rows are left alone. Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
+    (indices, counts) of plan.decode_rows; 'prefill': (indices, counts, first query block) per plan.prefill_rows).
     """
+    from cab_vllm.ops.decode import routed_decode, routed_indices
+    from cab_vllm.ops.select import decode_select
+
     bs = bounds.block_size
     hkv = key_cache.shape[2]
     dev = q.device
     sel_impl = "triton" if resolve(impl, dev) == "triton" and dev.type == "cuda" else "torch"
-    with STATS.timed("bounds", dev):
-        bounds.update(key_cache, done_slots)
-    if prompts is not None and plan.live is not None:
-        prompts.prune(plan.live)
+    if done_slots.numel():
+        with STATS.timed("bounds", dev):
+            bounds.update(key_cache, done_slots)
     if plan.decode_rows:
         rows = plan.decode_rows
-        rt = torch.tensor(rows, device=dev)
-        tok = torch.tensor([plan.qsl[r] for r in rows], device=dev)
-        bt, sl = block_table[rt], seq_lens[rt]
-        qd = q[tok]
+        d = len(rows)
+        prefix = rows[-1] == d - 1 and plan.qsl[d] == d  # decode rows first, one token each (vLLM's order)
+        if prefix:
+            qd, bt, sl = q[:d], block_table[:d], seq_lens[:d]
+            sm = slot_mapping[:d] if slot_mapping is not None else None
+        else:
+            rt = torch.tensor(rows, device=dev)
+            tok = torch.tensor([plan.qsl[r] for r in rows], device=dev)
+            qd, bt, sl = q[tok], block_table[rt], seq_lens[rt]
+            sm = slot_mapping[tok] if slot_mapping is not None else None
+        mmax = workspace.max_blocks if workspace is not None else max(num_blocks(plan.seq_lens[r], bs) for r in rows)
+        if routes is None:
+            routes, keep = decode_routes(plan, table, hkv, mmax, dev, workspace)
+        if sm is None:
+            sm = torch.full((d,), -1, dtype=torch.int64, device=dev)
+        cfg0 = plan.cfgs[rows[0]]
+        if workspace is not None:
+            scores = workspace.scores[:d]
+        else:
+            from cab_vllm.ops._triton import next_pow2
+
+            scores = torch.empty(d, hkv, next_pow2(mmax), dtype=torch.float32, device=dev)
         with STATS.timed("decode", dev):
-            rids = None if plan.req_ids is None else [plan.req_ids[r] for r in rows]
-            idx, cnt = decode_selection(qd, hkv, bounds, bt, sl, [plan.cfgs[r] for r in rows], impl=sel_impl,
-                                        prompts=prompts, req_ids=rids)
+            decode_select(qd, bounds.lo, bounds.hi, key_cache, bt, sl, sm, routes.modes, keep, bs, cfg0.sink_blocks,
+                          cfg0.local_blocks, cfg0.seed, routes.sel_idx, routes.sel_cnt, scores, impl=sel_impl)
         if record is not None:
-            record["decode"] = (idx, cnt)
-        od = torch.empty_like(qd)
-        run_decode(qd, key_cache, value_cache, bt, sl, idx, cnt, bs, scale, od, impl)
-        out[tok] = od
-    if plan.prefill_rows:
-        rows = plan.prefill_rows
+            record["decode"] = routed_indices(routes, sl, bs, d)
+    if plan.decode_rows and decode_attention:
+        od = out[:d] if prefix else torch.empty_like(qd)
+        if workspace is not None:
+            ws, ns = workspace.partials(d), workspace.splits(d)
+        else:
+            from cab_vllm.ops.decode import default_num_splits
+
+            ws, ns = None, default_num_splits(d, hkv, mmax)
+        routed_decode(qd, key_cache, value_cache, bt, sl, routes, bs, scale, od, ns, ws, impl=impl)
+        if not prefix:
+            live = routes.modes != 0
+            out[tok[live]] = od[live]
+    rows = [r for r in plan.prefill_rows if not (skip_dense and plan.dense[r])] if prefills else []
+    if rows:
         sels, toks, qsl_sub = [], [], [0]
+        store = dict(zip(plan.prefill_rows, plan.store or [None] * len(plan.prefill_rows)))
         with STATS.timed("prefill", dev):
             for r in rows:
                 q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
@@ -580,12 +757,11 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                 k_all = (key_cache.new_empty(hkv, n, 0) if cfg.policy == "dense"
                          else gather_paged_ref(key_cache, block_table[r], n))
                 sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl))
-                if prompts is not None and plan.req_ids is not None:
-                    # the chunk's last query block: after the prompt's final chunk, the question's selection
-                    if uses_prompt_rule(cfg):
-                        prompts.put(plan.req_ids[r], sels[-1][0][-1], sels[-1][1][-1], num_blocks(n, bs))
-                    else:
-                        prompts.forget(plan.req_ids[r])  # dense (or a per-step rule): decode keeps nothing from it
+                entry = store.get(r)
+                if entry is not None and table is not None:
+                    slot, qb = entry
+                    idx, cnt, first = sels[-1]
+                    table.put(slot, idx[qb - first], cnt[qb - first])
                 toks.append(torch.arange(q0, q1, device=dev))
                 qsl_sub.append(qsl_sub[-1] + q1 - q0)
         if record is not None:

@@ -200,6 +200,9 @@ class Stats:
         if getattr(device, "type", device) == "cuda":
             import torch
 
+            if torch.cuda.is_current_stream_capturing():  # a CUDA graph replays it: events cannot be recorded
+                yield
+                return
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()

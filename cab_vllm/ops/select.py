@@ -113,6 +113,7 @@ try:
     _HAS_TRITON = True
 except ImportError:
     _HAS_TRITON = False
+    triton = tl = None
 
 
 def decode_priority(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor, seq_lens: torch.Tensor,
@@ -138,3 +139,250 @@ def decode_priority(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor, seq
         num_warps=4,
     )
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# decode, CUDA-graph safe: per-row routed selection straight from the paged bounds cache (two launches)
+# ----------------------------------------------------------------------------------------------------
+def hash_score(j: torch.Tensor, h: int | torch.Tensor, n: int | torch.Tensor, seed: int) -> torch.Tensor:
+    """Seeded integer hash in [0, 2^24) of (key block j, KV head h, context length n): the random decode
+    policy's per-step scores (int64 arithmetic; the Triton kernel computes the same numbers)."""
+    x = (j * 1000003 + h * 7919 + n * 104729 + seed * 15485863) & 0x7FFFFFFF
+    x = ((x ^ (x >> 13)) * 1274126177) & 0x7FFFFFFF
+    x = x ^ (x >> 16)
+    return x & 0xFFFFFF
+
+
+def _bounds_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bt_row: torch.Tensor, m: int,
+                   block_size: int, page_size: int) -> torch.Tensor:
+    """[Hkv, m] Quest upper bounds (max over the group's heads, / sqrt(D)) of q [Hq, D] against key blocks
+    0..m-1 of one sequence, from the unit bounds lo/hi [pages, units_per_page, Hkv, D]."""
+    hkv, d = lo.shape[2], lo.shape[3]
+    unit = page_size // lo.shape[1]
+    per_block = block_size // unit
+    tok = torch.arange(m * per_block, device=q.device) * unit
+    page = bt_row.long()[(tok // page_size).clamp(max=bt_row.shape[0] - 1)]
+    ui = (tok % page_size) // unit
+    blo = lo[page, ui].view(m, per_block, hkv, d).amin(1).float().transpose(0, 1)  # [Hkv, m, D]
+    bhi = hi[page, ui].view(m, per_block, hkv, d).amax(1).float().transpose(0, 1)
+    qf = q.float().view(hkv, q.shape[0] // hkv, 1, d)
+    ub = torch.maximum(qf * blo[:, None], qf * bhi[:, None]).sum(-1)  # [Hkv, G, m]
+    return ub.amax(1) / d**0.5
+
+
+def decode_scores_ref(q, lo, hi, block_table, seq_lens, modes, block_size, page_size, sink_blocks, local_blocks,
+                      seed, mpad):
+    """Twin of decode_select's scores: [S, Hkv, mpad] float32 priorities of rows in MODE_BOUNDS (Quest upper
+    bound), MODE_RECENT (block index) and MODE_RANDOM (hash_score); +inf for sink/local blocks, -inf past the
+    query's block. Rows in other modes stay -inf."""
+    from cab_vllm.ops.decode import MODE_BOUNDS, MODE_RANDOM, MODE_RECENT
+
+    hkv = lo.shape[2]
+    out = torch.full((q.shape[0], hkv, mpad), float("-inf"), dtype=torch.float32, device=q.device)
+    jj = torch.arange(mpad, device=q.device)
+    for s in range(q.shape[0]):
+        mode, n = int(modes[s]), int(seq_lens[s])
+        if mode not in (MODE_BOUNDS, MODE_RECENT, MODE_RANDOM):
+            continue
+        last = (n - 1) // block_size
+        j = jj[: last + 1]
+        if mode == MODE_BOUNDS:
+            sc = _bounds_scores(q[s], lo, hi, block_table[s], last + 1, block_size, page_size)
+        elif mode == MODE_RECENT:
+            sc = j.float().expand(hkv, -1)
+        else:
+            sc = torch.stack([hash_score(j, h, n, seed) for h in range(hkv)]).float()
+        forced = (j < sink_blocks) | (j > last - local_blocks)
+        out[s, :, : last + 1] = sc.masked_fill(forced, float("inf"))
+    return out
+
+
+def update_unit_bounds_ref(key_cache: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, slots: torch.Tensor) -> None:
+    """Recompute the bounds of the units whose last slot is in slots (int, -1 = none): the twin of the bounds
+    update inside decode_select (and of BoundsCache.update)."""
+    page_size = key_cache.shape[1]
+    unit = page_size // lo.shape[1]
+    sl = slots.long()
+    sl = sl[(sl >= 0) & (sl % unit == unit - 1)]
+    if sl.numel() == 0:
+        return
+    page, first = sl // page_size, sl % page_size - (unit - 1)
+    k = key_cache[page[:, None], first[:, None] + torch.arange(unit, device=sl.device)]  # [U, unit, Hkv, D]
+    lo[page, first // unit] = k.amin(1)
+    hi[page, first // unit] = k.amax(1)
+
+
+def decode_select(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, key_cache: torch.Tensor,
+                  block_table: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor, modes: torch.Tensor,
+                  keep: torch.Tensor, block_size: int, sink_blocks: int, local_blocks: int, seed: int,
+                  out_idx: torch.Tensor, out_cnt: torch.Tensor, scores: torch.Tensor, impl: str = "auto") -> None:
+    """One decode step's block selection for every row, CUDA-graph safe (fixed launches, no host sync).
+
+    q [S, Hq, D]; lo, hi [pages, units_per_page, Hkv, D]: the layer's key bounds per page unit, updated here
+    for the units this step's tokens complete (slot_mapping [S], -1 = none; key_cache [pages, page_size, Hkv,
+    D] holds the step's keys); block_table [S, P] int32; seq_lens [S] int32; modes [S] int32 (MODE_*; rows in
+    MODE_BOUNDS / MODE_RECENT / MODE_RANDOM are selected, the others only update bounds); keep [S] int32: blocks
+    each row keeps. Writes out_idx [S, Hkv, K] int32 (ascending, -1 padded) and out_cnt [S, Hkv] int32 for the
+    selected rows; scores [S, Hkv, Mpad] float32 is scratch (Mpad a power of two >= every row's block count)."""
+    from cab_vllm.ops._triton import next_pow2, resolve_impl
+    from cab_vllm.ops.decode import SELECTED_MODES
+
+    ns, hq, d = q.shape
+    pages, upp, hkv, _ = lo.shape
+    page_size = key_cache.shape[1]
+    mpad = scores.shape[-1]
+    check_ok = (page_size % upp == 0 and block_size % (page_size // upp) == 0 and mpad == next_pow2(mpad)
+                and out_idx.shape[-1] <= mpad and scores.shape[0] >= ns)
+    if not check_ok:
+        raise ValueError(f"decode_select: inconsistent shapes (page_size {page_size}, units per page {upp}, "
+                         f"block_size {block_size}, scores {tuple(scores.shape)}, out_idx {tuple(out_idx.shape)})")
+    if ns == 0:
+        return
+    if resolve_impl(impl, q, key_cache) == "torch":
+        pri = decode_scores_ref(q, lo, hi, block_table, seq_lens, modes, block_size, page_size, sink_blocks,
+                                local_blocks, seed, mpad)
+        update_unit_bounds_ref(key_cache, lo, hi, slot_mapping[:ns])
+        kk = out_idx.shape[-1]
+        for s in range(ns):
+            if int(modes[s]) not in SELECTED_MODES:
+                continue
+            m = (int(seq_lens[s]) - 1) // block_size + 1
+            idx, cnt = select_topk(pri[s][:, None], keep[s: s + 1].long().clamp(max=m), kmax=kk)  # rows = Hkv
+            out_idx[s] = PAD
+            out_idx[s, :, : idx.shape[-1]] = idx[:, 0]
+            out_cnt[s] = cnt[:, 0]
+        return
+    unit = page_size // upp
+    bj = 64
+    block_d = max(16, next_pow2(d))
+    group = hq // hkv
+    _decode_scores_kernel[(ns, hkv, triton.cdiv(mpad, bj))](
+        q, lo, hi, block_table, seq_lens, modes, scores,
+        1.0 / d**0.5, group, block_size, page_size, unit, sink_blocks, local_blocks, seed,
+        q.stride(0), q.stride(1), lo.stride(0), lo.stride(1), lo.stride(2), hi.stride(0), hi.stride(1),
+        hi.stride(2), block_table.stride(0), scores.stride(0), scores.stride(1),
+        HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_J=bj,
+        PER_BLOCK=block_size // unit, num_warps=4,
+    )
+    kk = out_idx.shape[-1]
+    _decode_topk_kernel[(ns, hkv)](
+        scores, keep, seq_lens, modes, out_idx, out_cnt, slot_mapping, key_cache, lo, hi,
+        block_size, page_size, unit, kk,
+        scores.stride(0), scores.stride(1), out_idx.stride(0), out_idx.stride(1), out_cnt.stride(0),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), lo.stride(0), lo.stride(1), lo.stride(2),
+        hi.stride(0), hi.stride(1), hi.stride(2),
+        HEAD_DIM=d, BLOCK_D=block_d, MPAD=mpad, KPAD=next_pow2(kk), UNIT=unit,
+        num_warps=4 if mpad <= 4096 else 8,
+    )
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _decode_scores_kernel(
+        q_ptr, lo_ptr, hi_ptr, bt_ptr, seqlen_ptr, mode_ptr, out_ptr,
+        scale, group, block_size, page_size, unit, sink_blocks, local_blocks, seed,
+        stride_qs, stride_qh, stride_lp, stride_lu, stride_lh, stride_hp, stride_hu, stride_hh,
+        stride_bt, stride_os, stride_oh,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
+        PER_BLOCK: tl.constexpr,
+    ):
+        s = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+        mode = tl.load(mode_ptr + s)
+        n = tl.load(seqlen_ptr + s)
+        last = (n - 1) // block_size
+        if (mode >= 3) & (tl.program_id(2) * BLOCK_J <= last):
+            j_ok = j <= last
+            if mode == 3:
+                g = tl.arange(0, GROUP_PAD)
+                d = tl.arange(0, BLOCK_D)
+                g_ok = g < group
+                d_ok = d < HEAD_DIM
+                q = tl.load(q_ptr + s * stride_qs + (kvh * group + g)[:, None] * stride_qh + d[None, :],
+                            mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                blo = tl.full([BLOCK_J, BLOCK_D], float("inf"), dtype=tl.float32)
+                bhi = tl.full([BLOCK_J, BLOCK_D], float("-inf"), dtype=tl.float32)
+                for t in tl.static_range(PER_BLOCK):
+                    tok = (j * PER_BLOCK + t) * unit
+                    page = tl.load(bt_ptr + s * stride_bt + tok // page_size, mask=j_ok, other=0).to(tl.int64)
+                    ui = ((tok % page_size) // unit).to(tl.int64)
+                    m2 = j_ok[:, None] & d_ok[None, :]
+                    lo = tl.load(lo_ptr + (page * stride_lp + ui * stride_lu + kvh * stride_lh)[:, None] + d[None, :],
+                                 mask=m2, other=0.0).to(tl.float32)
+                    hi = tl.load(hi_ptr + (page * stride_hp + ui * stride_hu + kvh * stride_hh)[:, None] + d[None, :],
+                                 mask=m2, other=0.0).to(tl.float32)
+                    blo = tl.minimum(blo, lo)
+                    bhi = tl.maximum(bhi, hi)
+                ub = tl.dot(tl.maximum(q, 0.0), tl.trans(bhi), input_precision="ieee") + \
+                    tl.dot(tl.minimum(q, 0.0), tl.trans(blo), input_precision="ieee")
+                score = tl.max(tl.where(g_ok[:, None], ub, float("-inf")), 0) * scale
+            elif mode == 4:
+                score = j.to(tl.float32)
+            else:
+                x = (j.to(tl.int64) * 1000003 + kvh * 7919 + n.to(tl.int64) * 104729 + seed * 15485863) & 0x7FFFFFFF
+                x = ((x ^ (x >> 13)) * 1274126177) & 0x7FFFFFFF
+                x = x ^ (x >> 16)
+                score = (x & 0xFFFFFF).to(tl.float32)
+            forced = (j < sink_blocks) | (j > last - local_blocks)
+            score = tl.where(forced, float("inf"), score)
+            score = tl.where(j_ok, score, float("-inf"))
+            tl.store(out_ptr + s * stride_os + kvh * stride_oh + j, score, mask=j_ok)
+
+    @triton.jit
+    def _decode_topk_kernel(
+        sc_ptr, keep_ptr, seqlen_ptr, mode_ptr, idx_ptr, cnt_ptr, slot_ptr, k_ptr, lo_ptr, hi_ptr,
+        block_size, page_size, unit, kmax,
+        stride_ss, stride_sh, stride_is, stride_ih, stride_cs,
+        stride_kp, stride_kpos, stride_kh, stride_lp, stride_lu, stride_lh, stride_hp, stride_hu, stride_hh,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
+        UNIT: tl.constexpr,
+    ):
+        s = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        # 1. key bounds of the unit this row's new token completes (every row, whatever its mode)
+        slot = tl.load(slot_ptr + s).to(tl.int64)
+        done = (slot >= 0) & (slot % unit == unit - 1)
+        page = tl.where(done, slot // page_size, 0)
+        first = tl.where(done, slot % page_size - (unit - 1), 0)
+        t = tl.arange(0, UNIT)
+        d = tl.arange(0, BLOCK_D)
+        m2 = tl.where(done, (d[None, :] < HEAD_DIM) & (t[:, None] >= 0), False)
+        kk = tl.load(k_ptr + page * stride_kp + (first + t)[:, None] * stride_kpos + kvh * stride_kh + d[None, :],
+                     mask=m2, other=0.0)
+        u = first // unit
+        tl.store(lo_ptr + page * stride_lp + u * stride_lu + kvh * stride_lh + d, tl.min(kk, 0),
+                 mask=tl.where(done, d < HEAD_DIM, False))
+        tl.store(hi_ptr + page * stride_hp + u * stride_hu + kvh * stride_hh + d, tl.max(kk, 0),
+                 mask=tl.where(done, d < HEAD_DIM, False))
+        # 2. top-k of the row's scores (rows whose mode selects)
+        mode = tl.load(mode_ptr + s)
+        if mode >= 3:
+            n = tl.load(seqlen_ptr + s)
+            last = (n - 1) // block_size
+            jj = tl.arange(0, MPAD)
+            sc = tl.load(sc_ptr + s * stride_ss + kvh * stride_sh + jj, mask=jj <= last, other=float("-inf"))
+            k = tl.minimum(tl.load(keep_ptr + s), last + 1)
+            # order-preserving integer key of each float, in [0, 2^32)
+            b = sc.to(tl.int32, bitcast=True)
+            b = b ^ ((b >> 31) & 0x7FFFFFFF)
+            key = b.to(tl.int64) + 2147483648
+            thr = tl.zeros([1], dtype=tl.int64)
+            for bit in tl.static_range(31, -1, -1):
+                cand = thr | (1 << bit)
+                c = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+                thr = tl.where(c >= k, cand, thr)
+            gt = key[None, :] > thr[:, None]
+            tie = key[None, :] == thr[:, None]
+            n_gt = tl.sum(gt.to(tl.int32), 1)
+            tie_rank = tl.cumsum(tie.to(tl.int32), 1)
+            take = gt | (tie & (tie_rank <= (k - n_gt)[:, None]))
+            pos = tl.cumsum(take.to(tl.int32), 1) - 1
+            base = idx_ptr + s * stride_is + kvh * stride_ih
+            tl.store(base + pos, (jj[None, :] + pos * 0).to(tl.int32), mask=take)
+            cnt = tl.sum(take.to(tl.int32), 1)
+            kp = tl.arange(0, KPAD)
+            tl.store(base + kp[None, :], tl.full([1, KPAD], -1, dtype=tl.int32),
+                     mask=(kp[None, :] >= cnt[:, None]) & (kp[None, :] < kmax))
+            tl.store(cnt_ptr + s * stride_cs + kvh + tl.zeros([1], dtype=tl.int64), cnt)

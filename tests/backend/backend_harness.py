@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from cab_vllm.backend.planner import BoundsCache, PromptSelections, attend, plan_batch, write_kv
+from cab_vllm.backend.planner import BoundsCache, PromptSlots, PromptTable, attend, plan_batch, route_rows, write_kv
 from cab_vllm.config import CABConfig
 
 
@@ -41,7 +41,9 @@ class PagedSim:
         self.key_cache, self.value_cache = kv[..., :d], kv[..., d:]
         self.bounds = BoundsCache(total, page_size, hkv, d, cfg.block_size, dtype, dev)
         self.done = [0] * len(k)  # tokens already in the cache per sequence
-        self.prompts = PromptSelections()  # request id of sequence s: f"req-{s}"
+        self.prompt_lens: dict = {}  # sequence -> prompt length (unknown: a chunk's end is taken as the prompt's)
+        self.prompt_slots = PromptSlots(len(k) + 2)  # request id of sequence s: f"req-{s}"
+        self.table = PromptTable(len(k) + 2, hkv, max(pages) * page_size // cfg.block_size + 1, dev)
 
     def slots(self, s: int, a: int, b: int) -> torch.Tensor:
         pos = torch.arange(a, b, device=self.block_table.device)
@@ -71,13 +73,15 @@ class PagedSim:
         cfgs = cfgs or [self.cfg] * len(rows)
         live = frozenset(f"req-{s}" for s in range(len(self.k)) if s not in getattr(self, "finished", ()))
         plan = plan_batch(qsl_t, sl_t, cfgs, dense_threshold, count=False, req_ids=[f"req-{s}" for s, _ in rows],
-                          live=live)
+                          live=live, prompt_lens=[self.prompt_lens.get(s) for s, _ in rows])
+        route_rows(plan, self.prompt_slots, fa_dense=False)
         bt = self.block_table[torch.tensor([s for s, _ in rows], device=dev)]
         out = torch.full((q.shape[0], hq, d), float("nan"), dtype=q.dtype, device=dev)
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         record: dict = {}
         attend(q, self.key_cache, self.value_cache, bt, sl_t.to(dev), plan, self.bounds,
-               self.bounds.completed_slots(slot_mapping), scale, out, impl, record=record, prompts=self.prompts)
+               self.bounds.completed_slots(slot_mapping), scale, out, impl, record=record, table=self.table,
+               slot_mapping=slot_mapping)
         return out, dict(query_start_loc=qsl_t, seq_lens=sl_t, block_table=bt, slot_mapping=slot_mapping, plan=plan,
                          rows=rows, **record)
 

@@ -19,6 +19,7 @@ from cab_vllm.backend.planner import (
     validate_request_args,
 )
 from cab_vllm.config import CABConfig
+from cab_vllm.ops.decode import MODE_BOUNDS
 
 
 # -- knobs ----------------------------------------------------------------------------------------------------
@@ -225,12 +226,14 @@ def test_prompt_decode_rule_reuses_the_prompts_last_block(policy, rule):
     v = [torch.randn(hkv, n_prompt + n_dec, d)]
     cfg = CABConfig(policy=policy, sparsity=0.8, decode_rule=rule)
     sim = PagedSim(q, k, v, page_size=16, cfg=cfg)
-    sim.step([(0, 300)])
+    sim.prompt_lens[0] = n_prompt
+    _, md = sim.step([(0, 300)])
+    assert md["plan"].store == [None]  # the first chunk does not hold the prompt's end: nothing stored
     _, md = sim.step([(0, n_prompt - 300)])  # the prompt's final chunk
     pidx, pcnt, _ = md["prefill"][0]
     last_idx, last_cnt = pidx[-1], pcnt[-1]  # [Hkv, K], [Hkv]: the prompt's last query block
     m_prompt = (n_prompt - 1) // 64 + 1
-    assert sim.prompts.store["req-0"][2] == m_prompt
+    assert sim.prompt_slots.stored["req-0"] == m_prompt
     for step in range(n_dec - 1):
         out, md = sim.step([(0, 1)])
         assert rel_err_of(sim, out, md) < 1e-5
@@ -243,19 +246,20 @@ def test_prompt_decode_rule_reuses_the_prompts_last_block(policy, rule):
             assert got == want, (step, h)
     sim.finished = {0}  # the engine no longer holds req-0: its entry goes at the next step
     out, md = sim.step([(0, 1)])
-    assert "req-0" not in sim.prompts.store  # finished requests are dropped
+    assert "req-0" not in sim.prompt_slots.of and "req-0" not in sim.prompt_slots.stored  # finished requests are dropped
 
 
-def test_prompt_decode_rule_after_a_dense_prompt_keeps_everything():
+def test_prompt_decode_rule_after_a_dense_prompt_selects_by_bounds():
     torch.manual_seed(4)
     hq, hkv, d = 2, 1, 16
     q, k, v = [torch.randn(hq, 400, d)], [torch.randn(hkv, 400, d)], [torch.randn(hkv, 400, d)]
     cfg = CABConfig(policy="cab", sparsity=0.9, decode_rule="prompt")
     sim = PagedSim(q, k, v, page_size=16, cfg=cfg)
     sim.step([(0, 390)], dense_threshold=391)  # the prompt runs dense (below the threshold)
-    assert "req-0" not in sim.prompts.store
-    out, md = sim.step([(0, 1)], dense_threshold=0)  # the decode row is sparse: it keeps every block
-    assert md["decode"][1][0].tolist() == [(391 - 1) // 64 + 1]
+    assert "req-0" not in sim.prompt_slots.stored
+    out, md = sim.step([(0, 1)], dense_threshold=0)  # the decode row is sparse, with no stored prompt selection:
+    assert md["plan"].modes == [MODE_BOUNDS]  # it selects by key bounds with its own query (Quest), at the budget
+    assert md["decode"][1][0].tolist() == [cfg.keep_counts((391 - 1) // 64 + 1)[-1].item()]
     assert rel_err_of(sim, out, md) < 1e-5
 
 

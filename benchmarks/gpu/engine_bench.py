@@ -1,0 +1,98 @@
+"""Time to first token and time per output token inside a CUDA vLLM engine: CAB (--attention-backend CUSTOM)
+against vLLM's FLASH_ATTN on the same machine, on a Llama-3.1-8B-shaped model with dummy weights (nothing to
+carry), batch 1, random prompt token ids, CUDA graphs on, chunked prefill on, prefix caching off.
+
+  python benchmarks/gpu/engine_bench.py --backend FLASH_ATTN --lens 512,4096,32768,131072 --out fa.jsonl
+  python benchmarks/gpu/engine_bench.py --backend CUSTOM --sparsity 0.95 ... --out cab95.jsonl
+
+One engine per process (run the backends one after the other). Each JSON line: backend, sparsity, n, ttft_s
+(median of --reps), tpot_ms ((time of 1+T tokens - TTFT) / T, median of --reps), the greedy output ids of a
+fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GPU memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=49152,
+                max_position_embeddings=135168, rope_theta=500000.0, rms_norm_eps=1e-5, torch_dtype="bfloat16",
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backend", required=True, choices=["FLASH_ATTN", "CUSTOM"])
+    ap.add_argument("--sparsity", type=float, default=None, help="CAB_SPARSITY for CUSTOM")
+    ap.add_argument("--lens", default="512,4096,32768,131072")
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    if a.sparsity is not None:
+        os.environ["CAB_SPARSITY"] = str(a.sparsity)
+    lens = [int(x) for x in a.lens.split(",")]
+    import torch
+    from vllm import LLM, SamplingParams
+
+    d = tempfile.mkdtemp()
+    json.dump(dict(LLAMA_8B, num_hidden_layers=a.layers), open(os.path.join(d, "config.json"), "w"))
+    t0 = time.time()
+    llm = LLM(d, load_format="dummy", attention_backend=a.backend, max_model_len=max(lens) + 512,
+              gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=False, skip_tokenizer_init=True,
+              tensor_parallel_size=a.tp, enforce_eager=a.eager, seed=0)
+    init_s = time.time() - t0
+    mem0 = torch.cuda.memory_allocated() if a.tp == 1 else 0
+    torch.cuda.reset_peak_memory_stats()
+    rows = []
+
+    def gen(ids, n_out):
+        sp = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True, detokenize=False)
+        t = time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)
+        return time.perf_counter() - t, list(out[0].outputs[0].token_ids)
+
+    rng = random.Random(0)
+    probe = [rng.randrange(100, 40000) for _ in range(2000)]
+    t_first, probe_out = gen(probe, 24)  # the first request: as fast as the second when kernels warmed at start
+    t_second, _ = gen(probe, 24)
+    for n in lens:
+        ids = [random.Random(n + r).randrange(100, 40000) for r in range(n)]
+        gen(ids[: min(n, 2048)], 2)
+        ttft, tot = [], []
+        for _ in range(a.reps):
+            ttft.append(gen(ids, 1)[0])
+            tot.append(gen(ids, 1 + a.decode_tokens)[0])
+        ttft_s = statistics.median(ttft)
+        tpot = statistics.median([(t - ttft_s) / a.decode_tokens * 1e3 for t in tot])
+        row = dict(backend=a.backend, sparsity=a.sparsity, n=n, ttft_s=round(ttft_s, 4), tpot_ms=round(tpot, 3),
+                   ttft_runs=[round(x, 4) for x in ttft], reps=a.reps, decode_tokens=a.decode_tokens, layers=a.layers,
+                   tp=a.tp, eager=a.eager)
+        rows.append(row)
+        print("RES", json.dumps(row), flush=True)
+    peak = torch.cuda.max_memory_allocated() if a.tp == 1 else 0
+    summary = dict(backend=a.backend, sparsity=a.sparsity, init_s=round(init_s, 1), first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
+                   probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
+                   peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp)
+    print("SUM", json.dumps(summary), flush=True)
+    with open(a.out, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.write(json.dumps(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()

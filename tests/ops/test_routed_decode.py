@@ -1,0 +1,151 @@
+"""The CUDA-graph-safe decode path: ops.select.decode_select (key-bounds update + per-row selection in two
+launches) and ops.decode.routed_decode (rows routed by mode: skipped, prompt rule from a stored table, all blocks,
+or the step's selection). Triton (interpreted on CPU) against the PyTorch twins and a float64 oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import KERNEL_FP32_TOL, make_paged_cache, make_varlen_batch, rel_err
+from cab_vllm.backend.planner import PromptTable
+from cab_vllm.ops._triton import next_pow2
+from cab_vllm.ops.decode import (MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP,
+                                 DecodeRoutes, routed_decode, routed_indices)
+from cab_vllm.ops.reference import paged_decode_ref
+from cab_vllm.ops.select import decode_scores_ref, decode_select, hash_score, update_unit_bounds_ref
+
+LENS = [1, 200, 63, 97, 333, 130]
+MODES = [MODE_ALL, MODE_PROMPT, MODE_BOUNDS, MODE_SKIP, MODE_RECENT, MODE_RANDOM]
+
+
+def _unit_bounds(kc, page):
+    """Unit bounds (unit = page, block 64) of a whole paged cache: [pages, 1, Hkv, D] min/max."""
+    return kc.amin(1, keepdim=True).clone(), kc.amax(1, keepdim=True).clone()
+
+
+def _case(hq=4, hkv=2, d=32, page=16, seed=0, dtype=torch.float32, device="cpu"):
+    batch = make_varlen_batch([(n, 1) for n in LENS], hq, hkv, d, dtype, seed=seed, device=device)
+    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout="kv_pair", seed=seed + 1)
+    q = torch.stack([x[:, -1] for x in batch["q"]])  # [S, Hq, D]: the query at seq_len - 1
+    sl = torch.tensor(LENS, dtype=torch.int32, device=device)
+    return batch, kc, vc, bt, q, sl
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_decode_select_matches_the_twin(impl, device):
+    torch.manual_seed(0)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    lo, hi = _unit_bounds(kc, 16)
+    s, hkv = q.shape[0], kc.shape[2]
+    mmax = 8
+    modes = torch.tensor(MODES, dtype=torch.int32, device=device)
+    keep = torch.tensor([0, 0, 2, 0, 3, 4], dtype=torch.int32, device=device)
+    idx = torch.full((s, hkv, mmax), 7, dtype=torch.int32, device=device)
+    cnt = torch.full((s, hkv), 99, dtype=torch.int32, device=device)
+    scores = torch.empty(s, hkv, next_pow2(mmax), device=device)
+    sm = torch.full((s,), -1, dtype=torch.int64, device=device)
+    decode_select(q, lo, hi, kc, bt, sl, sm, modes, keep, 64, 1, 1, 3, idx, cnt, scores, impl=impl)
+    pri = decode_scores_ref(q, lo, hi, bt, sl, modes, 64, 16, 1, 1, 3, next_pow2(mmax))
+    for r, mode in enumerate(MODES):
+        if mode not in (MODE_BOUNDS, MODE_RECENT, MODE_RANDOM):
+            assert cnt[r].tolist() == [99] * hkv  # rows of other modes are not written
+            continue
+        m = (LENS[r] - 1) // 64 + 1
+        want = min(int(keep[r]), m)
+        for h in range(hkv):
+            c = int(cnt[r, h])
+            got = idx[r, h, :c].tolist()
+            assert c == want and got == sorted(set(got)) and all(0 <= j < m for j in got)
+            assert (idx[r, h, c:] == -1).all()
+            # the chosen blocks are a top-`want` set of the twin's priorities (ties may pick other indices)
+            p = pri[r, h, :m]
+            assert sorted(p[got].tolist(), reverse=True) == sorted(p.tolist(), reverse=True)[:want]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_decode_select_updates_completed_unit_bounds(impl, device):
+    torch.manual_seed(1)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    lo, hi = _unit_bounds(kc, 16)
+    lo2, hi2 = lo.clone(), hi.clone()
+    page = int(bt[1, 3])
+    lo[page].fill_(123.0)  # stale: the step's token completes this unit
+    hi[page].fill_(-123.0)
+    s, hkv = q.shape[0], kc.shape[2]
+    sm = torch.full((s,), -1, dtype=torch.int64, device=device)
+    sm[1] = page * 16 + 15  # the unit's last slot
+    sm[4] = int(bt[4, 0]) * 16 + 3  # not a unit's last slot: nothing to do
+    modes = torch.zeros(s, dtype=torch.int32, device=device)  # every row skipped: bounds are still kept up
+    keep = torch.zeros(s, dtype=torch.int32, device=device)
+    idx = torch.zeros(s, hkv, 4, dtype=torch.int32, device=device)
+    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
+    decode_select(q, lo, hi, kc, bt, sl, sm, modes, keep, 64, 1, 1, 0, idx, cnt, torch.empty(s, hkv, 8), impl=impl)
+    assert torch.equal(lo[page, 0], kc[page].amin(0)) and torch.equal(hi[page, 0], kc[page].amax(0))
+    other = torch.arange(lo.shape[0]) != page
+    assert torch.allclose(lo[other], lo2[other], equal_nan=True) and torch.allclose(hi[other], hi2[other], equal_nan=True)
+    lo3, hi3 = lo2.clone(), hi2.clone()
+    lo3[page].fill_(5.0)
+    update_unit_bounds_ref(kc, lo3, hi3, sm)  # the twin agrees
+    assert torch.allclose(lo3, lo, equal_nan=True)
+
+
+def test_hash_score_is_deterministic_and_spread():
+    j = torch.arange(4096)
+    a, b = hash_score(j, 1, 500, 0), hash_score(j, 1, 500, 0)
+    assert torch.equal(a, b) and (a >= 0).all() and (a < 1 << 24).all()
+    assert len(set(a.tolist())) > 4000  # nearly no collisions
+    assert not torch.equal(a, hash_score(j, 1, 501, 0))  # a new step draws anew
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_routed_decode_matches_oracle_per_mode(impl, dtype, device):
+    torch.manual_seed(2)
+    batch, kc, vc, bt, q, sl = _case(dtype=dtype, device=device)
+    s, hq, d = q.shape
+    hkv = kc.shape[2]
+    table = PromptTable(4, hkv, 8, device)
+    table.put(2, torch.tensor([[0, 2, -1], [1, 2, -1]], dtype=torch.int32), torch.tensor([2, 2], dtype=torch.int32))
+    slots = torch.tensor([0, 2, 0, 0, 0, 0], dtype=torch.int32, device=device)
+    pblocks = torch.tensor([0, 3, 0, 0, 0, 0], dtype=torch.int32, device=device)  # row 1: 200 tokens = 4 blocks
+    sel_idx = torch.full((s, hkv, 8), -1, dtype=torch.int32, device=device)
+    sel_cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
+    for r, m in enumerate(MODES):
+        if m in (MODE_BOUNDS, MODE_RECENT, MODE_RANDOM):
+            nb = (LENS[r] - 1) // 64 + 1
+            pick = sorted({0, nb - 1})
+            sel_idx[r, :, : len(pick)] = torch.tensor(pick, dtype=torch.int32)
+            sel_cnt[r] = len(pick)
+    routes = DecodeRoutes(torch.tensor(MODES, dtype=torch.int32, device=device), slots, table.idx, table.cnt,
+                          pblocks, sel_idx, sel_cnt)
+    out = torch.full_like(q, float("nan"))
+    routed_decode(q, kc, vc, bt, sl, routes, 64, 1 / math.sqrt(d), out, num_splits=3, impl=impl)
+    idx, cnt = routed_indices(routes, sl, 64)
+    assert idx[1, 0, : int(cnt[1, 0])].tolist() == [0, 2, 3]  # the prompt's {0, 2} + every block from 3
+    ref, _ = paged_decode_ref(q.double(), kc.double(), vc.double(), bt, sl, idx, cnt, 64, 1 / math.sqrt(d))
+    tol = {torch.float32: max(KERNEL_FP32_TOL, 1e-5), torch.float16: 5e-3}[dtype]
+    for r, m in enumerate(MODES):
+        if m == MODE_SKIP:
+            assert torch.isnan(out[r]).all()  # left to another kernel: never written
+        else:
+            assert rel_err(out[r], ref[r]) < tol, (r, m)
+
+
+def test_routed_decode_with_a_workspace_equals_fresh_buffers(device):
+    from cab_vllm.backend.planner import DecodeWorkspace
+
+    torch.manual_seed(3)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    s, hkv = q.shape[0], kc.shape[2]
+    ws = DecodeWorkspace(8, q.shape[1], hkv, q.shape[2], 8, device)
+    modes = torch.full((s,), MODE_ALL, dtype=torch.int32, device=device)
+    z = torch.zeros(s, dtype=torch.int32, device=device)
+    routes = DecodeRoutes(modes, z, torch.zeros(1, hkv, 1, dtype=torch.int32), torch.zeros(1, hkv, dtype=torch.int32),
+                          z, ws.sel_idx[:s], ws.sel_cnt[:s])
+    a, b = torch.empty_like(q), torch.empty_like(q)
+    routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, a, ws.splits(s), ws.partials(s), impl="triton")
+    routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, b, ws.splits(s), None, impl="triton")
+    assert torch.equal(a, b)
