@@ -364,22 +364,21 @@ class CABImpl(AttentionImpl[CABMetadata]):
         write_kv(key, value, key_cache, value_cache, slot_mapping)
 
     # -- buffers ----------------------------------------------------------------------------------------------
-    def _buffers(self, key_cache: torch.Tensor) -> None:
+    def _buffers(self, key_cache: torch.Tensor | None, dev) -> None:
         """This layer's bounds cache and prompt table, and the engine's shared decode workspace. First made in
         the profiling run (the table and workspace), so vLLM counts them before it sizes the KV cache."""
         cfg = self.settings.cfg
-        dev = key_cache.device
         vc = self._vcfg
         max_len = vc.model_config.max_model_len if vc is not None else 1 << 15
         rows = vc.scheduler_config.max_num_seqs if vc is not None else 256
-        cap = getattr(vc.compilation_config, "max_cudagraph_capture_size", None) or 0 if vc is not None else 0
+        cap = (getattr(vc.compilation_config, "max_cudagraph_capture_size", None) or 0) if vc is not None else 0
         max_blocks = -(-max_len // cfg.block_size)
         if self.table is None:
             self.table = PromptTable(rows, self.num_kv_heads, max_blocks, dev)
         if self.workspace is None:
             self.workspace = _shared_workspace(max(rows, cap), self.num_heads, self.num_kv_heads, self.head_size,
                                                max_blocks, dev)
-        if key_cache.numel() and (self.bounds is None or self.bounds.lo.shape[0] != key_cache.shape[0]):
+        if key_cache is not None and key_cache.numel() and (self.bounds is None or self.bounds.lo.shape[0] != key_cache.shape[0]):
             self.bounds = BoundsCache(key_cache.shape[0], key_cache.shape[1], self.num_kv_heads, self.head_size,
                                       cfg.block_size, key_cache.dtype, dev)
 
@@ -389,9 +388,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
                 output_block_scale=None) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("CAB backend: fused output quantization is not supported")
-        key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
         if attn_metadata is None:  # profiling run: allocate (counted by vLLM's memory profile) and compile
-            self._buffers(key_cache)
+            self._buffers(None, query.device)
             if query.is_cuda:
                 _warm_up(self, query)
             return output.fill_(0)
@@ -399,7 +397,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
             self._traced = True
             METRICS["layers"] += 1
             trace("forward")
-        self._buffers(key_cache)
+        key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
+        self._buffers(key_cache, key_cache.device)
         md = attn_metadata
         capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.fa is not None and (md.run_fa or capturing):

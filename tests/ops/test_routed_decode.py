@@ -82,9 +82,9 @@ def test_decode_select_updates_completed_unit_bounds(impl, device):
     keep = torch.zeros(s, dtype=torch.int32, device=device)
     idx = torch.zeros(s, hkv, 4, dtype=torch.int32, device=device)
     cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
-    decode_select(q, lo, hi, kc, bt, sl, sm, modes, keep, 64, 1, 1, 0, idx, cnt, torch.empty(s, hkv, 8), impl=impl)
+    decode_select(q, lo, hi, kc, bt, sl, sm, modes, keep, 64, 1, 1, 0, idx, cnt, torch.empty(s, hkv, 8, device=device), impl=impl)
     assert torch.equal(lo[page, 0], kc[page].amin(0)) and torch.equal(hi[page, 0], kc[page].amax(0))
-    other = torch.arange(lo.shape[0]) != page
+    other = torch.arange(lo.shape[0], device=lo.device) != page
     assert torch.allclose(lo[other], lo2[other], equal_nan=True) and torch.allclose(hi[other], hi2[other], equal_nan=True)
     lo3, hi3 = lo2.clone(), hi2.clone()
     lo3[page].fill_(5.0)
@@ -108,7 +108,8 @@ def test_routed_decode_matches_oracle_per_mode(impl, dtype, device):
     s, hq, d = q.shape
     hkv = kc.shape[2]
     table = PromptTable(4, hkv, 8, device)
-    table.put(2, torch.tensor([[0, 2, -1], [1, 2, -1]], dtype=torch.int32), torch.tensor([2, 2], dtype=torch.int32))
+    table.put(2, torch.tensor([[0, 2, -1], [1, 2, -1]], dtype=torch.int32, device=device),
+              torch.tensor([2, 2], dtype=torch.int32, device=device))
     slots = torch.tensor([0, 2, 0, 0, 0, 0], dtype=torch.int32, device=device)
     pblocks = torch.tensor([0, 3, 0, 0, 0, 0], dtype=torch.int32, device=device)  # row 1: 200 tokens = 4 blocks
     sel_idx = torch.full((s, hkv, 8), -1, dtype=torch.int32, device=device)
@@ -143,7 +144,8 @@ def test_routed_decode_with_a_workspace_equals_fresh_buffers(device):
     ws = DecodeWorkspace(8, q.shape[1], hkv, q.shape[2], 8, device)
     modes = torch.full((s,), MODE_ALL, dtype=torch.int32, device=device)
     z = torch.zeros(s, dtype=torch.int32, device=device)
-    routes = DecodeRoutes(modes, z, torch.zeros(1, hkv, 1, dtype=torch.int32), torch.zeros(1, hkv, dtype=torch.int32),
+    routes = DecodeRoutes(modes, z, torch.zeros(1, hkv, 1, dtype=torch.int32, device=device),
+                          torch.zeros(1, hkv, dtype=torch.int32, device=device),
                           z, ws.sel_idx[:s], ws.sel_cnt[:s])
     a, b = torch.empty_like(q), torch.empty_like(q)
     routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, a, ws.splits(s), ws.partials(s), impl="triton")
