@@ -211,6 +211,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         self._routes = torch.zeros(5, self.rows, dtype=torch.int32, device=device)
         self._fa_seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=device)
         self._ring = _PinnedRing((5, self.rows)) if torch.device(device).type == "cuda" else None
+        self._record = compat.tensor_parallel_rank() == 0  # the step's figures are counted once, not per rank
         trace("builder")
 
     def _no_request_ids(self) -> None:
@@ -265,7 +266,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         plan = plan_batch(qsl_cpu, seq_lens_cpu, cfgs, self.settings.dense_threshold, req_ids=req_ids, live=live,
                           prompt_lens=prompt_lens)
         route_rows(plan, self.slots, fa_dense=self.fa is not None)
-        STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold)
+        if self._record:
+            STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold)
         if self._trace:
             rows = [[plan.qsl[r + 1] - plan.qsl[r], plan.seq_lens[r], cfgs[r].sparsity, cfgs[r].policy, plan.dense[r]]
                     for r in range(n)]

@@ -87,3 +87,13 @@ def current_vllm_config():
         except Exception:  # noqa: BLE001 - no config set (unit tests)
             return None
     return get_current_vllm_config_or_none()
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's tensor-parallel rank (0 when vLLM's parallel state is not set up, e.g. in unit tests)."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (ImportError, AssertionError, AttributeError, RuntimeError):
+        return 0

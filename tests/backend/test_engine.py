@@ -311,3 +311,37 @@ def test_tensor_parallel_ranks_plan_their_own_heads(tiny_gqa_model, tmp_path):
     assert len(ranks) == 2, dict(two["trace"])
     assert all(any(e.startswith("plan ") for e in two["trace"][p]) for p in ranks)
     assert one["outputs"][0]["token_ids"] == two["outputs"][0]["token_ids"]
+
+
+# -- prefix caching keeps attention configs apart -------------------------------------------------------------
+def test_prefix_cache_never_mixes_sparsities(model, tmp_path):
+    """vLLM's prefix-cache key ignores extra_args; CAB salts it with the effective sparsity and policy. The same
+    prompt at 0.99, then dense, gives exactly a fresh engine's dense output; a repeat at the same sparsity still
+    reuses the cached prefix (its prefill computes only the prompt's uncached tail)."""
+    prompt = passkey_prompt(target_words=600)
+    req = lambda s: {"prompt": prompt, "max_tokens": 12, "extra_args": {"cab_sparsity": s}}  # noqa: E731
+    kw = {"enable_prefix_caching": True, "max_num_batched_tokens": 2048}
+    env = {"CAB_DENSE_THRESHOLD": "0"}
+    res = run_engine(tmp_path / "shared", {"model": model, "backend": "CUSTOM", "requests": [req(0.99), req(0.0),
+                                           req(0.0), req(0.99)], "batches": [[0], [1], [2], [3]],
+                                           "engine_kwargs": kw}, env=env)
+    fresh = run_engine(tmp_path / "fresh", {"model": model, "backend": "CUSTOM", "requests": [req(0.0)],
+                                            "engine_kwargs": kw}, env=env)
+    assert res["outputs"][1]["token_ids"] == fresh["outputs"][0]["token_ids"]
+    assert res["outputs"][2]["token_ids"] == fresh["outputs"][0]["token_ids"]
+    n = res["prompt_lens"][0]
+    # prefill rows that end the prompt, in step order: (new tokens, sparsity)
+    ends = [(r[0], r[2]) for st in plans(res["trace"]) for r in st if r[1] == n]
+    assert len(ends) == 4, ends
+    (q0, s0), (q1, s1), (q2, s2), (q3, s3) = ends
+    assert (s0, s1, s2, s3) == (0.99, 0.0, 0.0, 0.99)
+    assert q0 == n and q1 == n  # the dense request found nothing of the 0.99 request's KV to reuse
+    assert q2 < n and q3 < n  # repeats at the same sparsity hit the cache
+
+
+def test_attention_salt():
+    from cab_vllm.backend import attention_salt
+
+    assert attention_salt({"cab_sparsity": 0.5}) != attention_salt({"cab_sparsity": 0.0})
+    assert attention_salt({"cab_sparsity": 0.5}) == attention_salt({"cab_sparsity": "0.5"})
+    assert attention_salt({"cab_policy": "streaming"}) != attention_salt(None)
