@@ -437,7 +437,7 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
     """Compile the Triton kernels during engine start (once per process and shape), so the first request does
     not pay for it: a small decode and prefill on scratch tensors with this layer's head geometry and dtype."""
     key = (impl.num_heads, impl.num_kv_heads, impl.head_size, query.dtype)
-    if key in _WARMED:
+    if key in _WARMED or os.environ.get("CAB_WARMUP", "1") == "0":
         return
     _WARMED.add(key)
     from cab_vllm.backend.warmup import warm_up_kernels

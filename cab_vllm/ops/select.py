@@ -306,9 +306,11 @@ if _HAS_TRITON:
                 bhi = tl.full([BLOCK_J, BLOCK_D], float("-inf"), dtype=tl.float32)
                 for t in tl.static_range(PER_BLOCK):
                     tok = (j * PER_BLOCK + t) * unit
-                    page = tl.load(bt_ptr + s * stride_bt + tok // page_size, mask=j_ok, other=0).to(tl.int64)
+                    # units past the sequence's end (in its last, always forced, block) have no page: skip them
+                    t_ok = j_ok & (tok < n)
+                    page = tl.load(bt_ptr + s * stride_bt + tok // page_size, mask=t_ok, other=0).to(tl.int64)
                     ui = ((tok % page_size) // unit).to(tl.int64)
-                    m2 = j_ok[:, None] & d_ok[None, :]
+                    m2 = t_ok[:, None] & d_ok[None, :]
                     lo = tl.load(lo_ptr + (page * stride_lp + ui * stride_lu + kvh * stride_lh)[:, None] + d[None, :],
                                  mask=m2, other=0.0).to(tl.float32)
                     hi = tl.load(hi_ptr + (page * stride_hp + ui * stride_hu + kvh * stride_hh)[:, None] + d[None, :],
