@@ -191,7 +191,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.settings = EngineSettings.from_env()
+        self.settings = compat.engine_settings()
         self.page_size = kv_cache_spec.block_size
         self.unit = _unit(self.page_size, self.settings.cfg.block_size)
         runner = _find_runner()
@@ -296,11 +296,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             self._fa_seq_lens[n:].zero_()
             fa_md = self.fa.build(common_prefix_len, cm.replace(seq_lens=self._fa_seq_lens[:n]), fast_build)
         slots = cm.slot_mapping[: cm.num_actual_tokens]
-        if plan.prefill_rows:
-            ps = slots[plan.qsl[plan.prefill_rows[0]]:].long()
-            done = ps[(ps >= 0) & (ps % self.unit == self.unit - 1)]  # = BoundsCache.completed_slots
-        else:
-            done = slots[:0].long()
+        done = slots[:0]  # no bounds cache in the engine: decode selection reads key min/max from the cache
         from cab_vllm.ops.decode import DecodeRoutes
 
         empty = self._routes[0, :0]
@@ -343,8 +339,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self.settings = EngineSettings.from_env()  # a bad CAB_* value fails engine start here, with its name
-        self.bounds: BoundsCache | None = None
+        self.settings = compat.engine_settings()  # a bad CAB_* value fails engine start here, with its name
         self.table: PromptTable | None = None  # decode_rule="prompt": each request's prompt selection, this layer
         self.workspace: DecodeWorkspace | None = None
         self._traced = False
@@ -367,8 +362,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
 
     # -- buffers ----------------------------------------------------------------------------------------------
     def _buffers(self, key_cache: torch.Tensor | None, dev) -> None:
-        """This layer's bounds cache and prompt table, and the engine's shared decode workspace. First made in
-        the profiling run (the table and workspace), so vLLM counts them before it sizes the KV cache."""
+        """This layer's prompt table and the engine's shared decode workspace, made in the profiling run, so
+        vLLM counts them before it sizes the KV cache."""
         cfg = self.settings.cfg
         vc = self._vcfg
         max_len = vc.model_config.max_model_len if vc is not None else 1 << 15
@@ -380,9 +375,6 @@ class CABImpl(AttentionImpl[CABMetadata]):
         if self.workspace is None:
             self.workspace = _shared_workspace(max(rows, cap), self.num_heads, self.num_kv_heads, self.head_size,
                                                max_blocks, dev)
-        if key_cache is not None and key_cache.numel() and (self.bounds is None or self.bounds.lo.shape[0] != key_cache.shape[0]):
-            self.bounds = BoundsCache(key_cache.shape[0], key_cache.shape[1], self.num_kv_heads, self.head_size,
-                                      cfg.block_size, key_cache.dtype, dev)
 
     # -- attention --------------------------------------------------------------------------------------------
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -405,17 +397,16 @@ class CABImpl(AttentionImpl[CABMetadata]):
         capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.fa is not None and (md.run_fa or capturing):
             self.fa.forward(layer, query, key, value, kv_cache, md.fa, output)
-        decodes = bool(md.plan.decode_rows)
-        if not (decodes or md.run_cab_prefill or md.done_slots.numel()):
+        decode_attention = md.run_cab_decode or capturing
+        if not (decode_attention or md.run_cab_prefill):
             return output
         routes = md.routes._replace(tab_idx=self.table.idx, tab_cnt=self.table.cnt,
                                     sel_idx=self.workspace.sel_idx[: len(md.plan.decode_rows)],
                                     sel_cnt=self.workspace.sel_cnt[: len(md.plan.decode_rows)])
         attend(query.view(-1, self.num_heads, self.head_size), key_cache, value_cache, md.block_table, md.seq_lens,
-               md.plan, self.bounds, md.done_slots, self.scale, output.view(-1, self.num_heads, self.head_size),
-               self.settings.impl, table=self.table, slot_mapping=md.slot_mapping, routes=routes, keep=md.keep,
-               workspace=self.workspace, skip_dense=self.fa is not None,
-               decode_attention=md.run_cab_decode or capturing, prefills=md.run_cab_prefill)
+               md.plan, None, None, self.scale, output.view(-1, self.num_heads, self.head_size),
+               self.settings.impl, table=self.table, routes=routes, keep=md.keep, workspace=self.workspace,
+               skip_dense=self.fa is not None, decode_attention=decode_attention, prefills=md.run_cab_prefill)
         return output
 
 

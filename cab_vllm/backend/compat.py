@@ -97,3 +97,23 @@ def tensor_parallel_rank() -> int:
         return int(get_tensor_model_parallel_rank())
     except (ImportError, AssertionError, AttributeError, RuntimeError):
         return 0
+
+
+# Contexts below this run dense through vLLM's FlashAttention on CUDA (CAB_DENSE_THRESHOLD overrides): measured
+# on an H200 (8B geometry, BENCHMARKS.md), CAB's sparse prefill is slower than FlashAttention-3 at 4k tokens and
+# faster from 32k; rows below the threshold pay none of CAB's selection.
+CUDA_DENSE_THRESHOLD = 16384
+
+
+def engine_settings():
+    """EngineSettings from CAB_* variables; with vLLM's FlashAttention at hand (CUDA) and CAB_DENSE_THRESHOLD
+    unset, the dense threshold is CUDA_DENSE_THRESHOLD."""
+    import dataclasses
+    import os
+
+    from cab_vllm.backend.planner import EngineSettings
+
+    s = EngineSettings.from_env()
+    if not os.environ.get("CAB_DENSE_THRESHOLD", "").strip() and flash_attention() is not None:
+        s = dataclasses.replace(s, dense_threshold=CUDA_DENSE_THRESHOLD)
+    return s

@@ -686,42 +686,38 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     """One layer of the backend: refresh the key bounds, select and attend for the rows of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
-    this step's keys; block_table [S, P] int32; seq_lens [S] int32 (device); bounds: this layer's BoundsCache;
-    done_slots: unit-completing slots of the step's prefill tokens (BoundsCache.completed_slots);
-    slot_mapping [T]: the step's slots (decode rows update their bounds from it). route_rows must have run on
-    the plan. routes/keep: the builder's device DecodeRoutes (built here when None); table: this layer's
+    this step's keys; block_table [S, P] int32; seq_lens [S] int32 (device); bounds, done_slots: an optional
+    BoundsCache kept up to date with the step's unit-completing slots (the engine keeps none: decode selection
+    reads key min/max from the cache itself); slot_mapping: unused (kept for callers). route_rows must have run
+    on the plan. routes/keep: the builder's device DecodeRoutes (built here when None); table: this layer's
     PromptTable (decode_rule="prompt"). skip_dense: dense rows are left to another kernel (vLLM's
-    FlashAttention). decode_attention=False: decode rows only update their key bounds (every row is dense and
-    another kernel runs it); prefills=False: prefill rows are left alone. Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
+    FlashAttention). decode_attention=False: decode rows are left alone (every one is dense and another kernel
+    runs it); prefills=False: prefill rows are left alone. Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
     (indices, counts) of plan.decode_rows; 'prefill': (indices, counts, first query block) per plan.prefill_rows).
     """
     from cab_vllm.ops.decode import routed_decode, routed_indices
     from cab_vllm.ops.select import decode_select
 
-    bs = bounds.block_size
+    bs = plan.cfgs[0].block_size if plan.cfgs else 64
     hkv = key_cache.shape[2]
     dev = q.device
     sel_impl = "triton" if resolve(impl, dev) == "triton" and dev.type == "cuda" else "torch"
-    if done_slots.numel():
+    if bounds is not None and done_slots is not None and done_slots.numel():
         with STATS.timed("bounds", dev):
             bounds.update(key_cache, done_slots)
-    if plan.decode_rows:
+    if plan.decode_rows and decode_attention:
         rows = plan.decode_rows
         d = len(rows)
         prefix = rows[-1] == d - 1 and plan.qsl[d] == d  # decode rows first, one token each (vLLM's order)
         if prefix:
             qd, bt, sl = q[:d], block_table[:d], seq_lens[:d]
-            sm = slot_mapping[:d] if slot_mapping is not None else None
         else:
             rt = torch.tensor(rows, device=dev)
             tok = torch.tensor([plan.qsl[r] for r in rows], device=dev)
             qd, bt, sl = q[tok], block_table[rt], seq_lens[rt]
-            sm = slot_mapping[tok] if slot_mapping is not None else None
         mmax = workspace.max_blocks if workspace is not None else max(num_blocks(plan.seq_lens[r], bs) for r in rows)
         if routes is None:
             routes, keep = decode_routes(plan, table, hkv, mmax, dev, workspace)
-        if sm is None:
-            sm = torch.full((d,), -1, dtype=torch.int64, device=dev)
         cfg0 = plan.cfgs[rows[0]]
         if workspace is not None:
             scores = workspace.scores[:d]
@@ -730,11 +726,10 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
 
             scores = torch.empty(d, hkv, next_pow2(mmax), dtype=torch.float32, device=dev)
         with STATS.timed("decode", dev):
-            decode_select(qd, bounds.lo, bounds.hi, key_cache, bt, sl, sm, routes.modes, keep, bs, cfg0.sink_blocks,
-                          cfg0.local_blocks, cfg0.seed, routes.sel_idx, routes.sel_cnt, scores, impl=sel_impl)
+            decode_select(qd, key_cache, bt, sl, routes.modes, keep, bs, cfg0.sink_blocks, cfg0.local_blocks, cfg0.seed,
+                          routes.sel_idx, routes.sel_cnt, scores, impl=sel_impl)
         if record is not None:
             record["decode"] = routed_indices(routes, sl, bs, d)
-    if plan.decode_rows and decode_attention:
         od = out[:d] if prefix else torch.empty_like(qd)
         if workspace is not None:
             ws, ns = workspace.partials(d), workspace.splits(d)

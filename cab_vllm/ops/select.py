@@ -8,6 +8,7 @@ runs through torch.topk / torch.sort, which are GPU kernels already, so this op 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cab_vllm.ops.reference import causal_block_mask
 
@@ -153,31 +154,30 @@ def hash_score(j: torch.Tensor, h: int | torch.Tensor, n: int | torch.Tensor, se
     return x & 0xFFFFFF
 
 
-def _bounds_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bt_row: torch.Tensor, m: int,
-                   block_size: int, page_size: int) -> torch.Tensor:
-    """[Hkv, m] Quest upper bounds (max over the group's heads, / sqrt(D)) of q [Hq, D] against key blocks
-    0..m-1 of one sequence, from the unit bounds lo/hi [pages, units_per_page, Hkv, D]."""
-    hkv, d = lo.shape[2], lo.shape[3]
-    unit = page_size // lo.shape[1]
-    per_block = block_size // unit
-    tok = torch.arange(m * per_block, device=q.device) * unit
-    page = bt_row.long()[(tok // page_size).clamp(max=bt_row.shape[0] - 1)]
-    ui = (tok % page_size) // unit
-    blo = lo[page, ui].view(m, per_block, hkv, d).amin(1).float().transpose(0, 1)  # [Hkv, m, D]
-    bhi = hi[page, ui].view(m, per_block, hkv, d).amax(1).float().transpose(0, 1)
+def _bounds_scores(q: torch.Tensor, key_cache: torch.Tensor, bt_row: torch.Tensor, n: int, block_size: int
+                   ) -> torch.Tensor:
+    """[Hkv, m] Quest upper bounds (max over the group's heads, / sqrt(D)) of q [Hq, D] against the m key blocks of
+    one sequence of n tokens, from the elementwise min/max of each block's keys, read from the paged cache."""
+    from cab_vllm.ops.reference import gather_paged_ref
+
+    k = gather_paged_ref(key_cache, bt_row, n).float()  # [Hkv, n, D]
+    hkv, _, d = k.shape
+    m = -(-n // block_size)
+    kp = F.pad(k, (0, 0, 0, m * block_size - n), value=float("nan")).view(hkv, m, block_size, d)
+    lo = kp.nan_to_num(float("inf")).amin(2)
+    hi = kp.nan_to_num(float("-inf")).amax(2)
     qf = q.float().view(hkv, q.shape[0] // hkv, 1, d)
-    ub = torch.maximum(qf * blo[:, None], qf * bhi[:, None]).sum(-1)  # [Hkv, G, m]
+    ub = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum(-1)  # [Hkv, G, m]
     return ub.amax(1) / d**0.5
 
 
-def decode_scores_ref(q, lo, hi, block_table, seq_lens, modes, block_size, page_size, sink_blocks, local_blocks,
-                      seed, mpad):
+def decode_scores_ref(q, key_cache, block_table, seq_lens, modes, block_size, sink_blocks, local_blocks, seed, mpad):
     """Twin of decode_select's scores: [S, Hkv, mpad] float32 priorities of rows in MODE_BOUNDS (Quest upper
-    bound), MODE_RECENT (block index) and MODE_RANDOM (hash_score); +inf for sink/local blocks, -inf past the
-    query's block. Rows in other modes stay -inf."""
+    bound from each block's key min/max), MODE_RECENT (block index) and MODE_RANDOM (hash_score); +inf for
+    sink/local blocks, -inf past the query's block. Rows in other modes stay -inf."""
     from cab_vllm.ops.decode import MODE_BOUNDS, MODE_RANDOM, MODE_RECENT
 
-    hkv = lo.shape[2]
+    hkv = key_cache.shape[2]
     out = torch.full((q.shape[0], hkv, mpad), float("-inf"), dtype=torch.float32, device=q.device)
     jj = torch.arange(mpad, device=q.device)
     for s in range(q.shape[0]):
@@ -187,7 +187,7 @@ def decode_scores_ref(q, lo, hi, block_table, seq_lens, modes, block_size, page_
         last = (n - 1) // block_size
         j = jj[: last + 1]
         if mode == MODE_BOUNDS:
-            sc = _bounds_scores(q[s], lo, hi, block_table[s], last + 1, block_size, page_size)
+            sc = _bounds_scores(q[s], key_cache, block_table[s], n, block_size)
         elif mode == MODE_RECENT:
             sc = j.float().expand(hkv, -1)
         else:
@@ -197,51 +197,35 @@ def decode_scores_ref(q, lo, hi, block_table, seq_lens, modes, block_size, page_
     return out
 
 
-def update_unit_bounds_ref(key_cache: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, slots: torch.Tensor) -> None:
-    """Recompute the bounds of the units whose last slot is in slots (int, -1 = none): the twin of the bounds
-    update inside decode_select (and of BoundsCache.update)."""
-    page_size = key_cache.shape[1]
-    unit = page_size // lo.shape[1]
-    sl = slots.long()
-    sl = sl[(sl >= 0) & (sl % unit == unit - 1)]
-    if sl.numel() == 0:
-        return
-    page, first = sl // page_size, sl % page_size - (unit - 1)
-    k = key_cache[page[:, None], first[:, None] + torch.arange(unit, device=sl.device)]  # [U, unit, Hkv, D]
-    lo[page, first // unit] = k.amin(1)
-    hi[page, first // unit] = k.amax(1)
+def decode_select(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  modes: torch.Tensor, keep: torch.Tensor, block_size: int, sink_blocks: int, local_blocks: int,
+                  seed: int, out_idx: torch.Tensor, out_cnt: torch.Tensor, scores: torch.Tensor, impl: str = "auto"
+                  ) -> None:
+    """One decode step's block selection for every row, CUDA-graph safe (two launches, no host sync).
 
-
-def decode_select(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, key_cache: torch.Tensor,
-                  block_table: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor, modes: torch.Tensor,
-                  keep: torch.Tensor, block_size: int, sink_blocks: int, local_blocks: int, seed: int,
-                  out_idx: torch.Tensor, out_cnt: torch.Tensor, scores: torch.Tensor, impl: str = "auto") -> None:
-    """One decode step's block selection for every row, CUDA-graph safe (fixed launches, no host sync).
-
-    q [S, Hq, D]; lo, hi [pages, units_per_page, Hkv, D]: the layer's key bounds per page unit, updated here
-    for the units this step's tokens complete (slot_mapping [S], -1 = none; key_cache [pages, page_size, Hkv,
-    D] holds the step's keys); block_table [S, P] int32; seq_lens [S] int32; modes [S] int32 (MODE_*; rows in
-    MODE_BOUNDS / MODE_RECENT / MODE_RANDOM are selected, the others only update bounds); keep [S] int32: blocks
-    each row keeps. Writes out_idx [S, Hkv, K] int32 (ascending, -1 padded) and out_cnt [S, Hkv] int32 for the
-    selected rows; scores [S, Hkv, Mpad] float32 is scratch (Mpad a power of two >= every row's block count)."""
+    q [S, Hq, D]; key_cache [pages, page_size, Hkv, D] (any strides); block_table [S, P] int32; seq_lens [S]
+    int32; modes [S] int32 (MODE_*: rows in MODE_BOUNDS / MODE_RECENT / MODE_RANDOM are selected, the others are
+    left alone); keep [S] int32: blocks each selected row keeps. MODE_BOUNDS scores every key block by the Quest
+    upper bound of the real query against the block's key min/max, computed from the cache on the fly (one read
+    of the row's keys: no bounds cache to keep or to fit in memory). Writes out_idx [S, Hkv, K] int32 (ascending,
+    -1 padded) and out_cnt [S, Hkv] int32 for the selected rows; scores [S, Hkv, Mpad] float32 is scratch (Mpad a
+    power of two >= every row's block count)."""
     from cab_vllm.ops._triton import next_pow2, resolve_impl
     from cab_vllm.ops.decode import SELECTED_MODES
 
     ns, hq, d = q.shape
-    pages, upp, hkv, _ = lo.shape
+    hkv = key_cache.shape[2]
     page_size = key_cache.shape[1]
     mpad = scores.shape[-1]
-    check_ok = (page_size % upp == 0 and block_size % (page_size // upp) == 0 and mpad == next_pow2(mpad)
-                and out_idx.shape[-1] <= mpad and scores.shape[0] >= ns)
-    if not check_ok:
-        raise ValueError(f"decode_select: inconsistent shapes (page_size {page_size}, units per page {upp}, "
-                         f"block_size {block_size}, scores {tuple(scores.shape)}, out_idx {tuple(out_idx.shape)})")
+    if not (mpad == next_pow2(mpad) and out_idx.shape[-1] <= mpad and scores.shape[0] >= ns
+            and out_idx.shape[:2] == (out_idx.shape[0], hkv) and out_idx.shape[0] >= ns):
+        raise ValueError(f"decode_select: inconsistent shapes (scores {tuple(scores.shape)}, out_idx "
+                         f"{tuple(out_idx.shape)}, {ns} rows, {hkv} KV heads)")
     if ns == 0:
         return
     if resolve_impl(impl, q, key_cache) == "torch":
-        pri = decode_scores_ref(q, lo, hi, block_table, seq_lens, modes, block_size, page_size, sink_blocks,
-                                local_blocks, seed, mpad)
-        update_unit_bounds_ref(key_cache, lo, hi, slot_mapping[:ns])
+        pri = decode_scores_ref(q, key_cache, block_table, seq_lens, modes, block_size, sink_blocks, local_blocks,
+                                seed, mpad)
         kk = out_idx.shape[-1]
         for s in range(ns):
             if int(modes[s]) not in SELECTED_MODES:
@@ -252,27 +236,22 @@ def decode_select(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, key_cache
             out_idx[s, :, : idx.shape[-1]] = idx[:, 0]
             out_cnt[s] = cnt[:, 0]
         return
-    unit = page_size // upp
-    bj = 64
+    bj = 16
     block_d = max(16, next_pow2(d))
     group = hq // hkv
     _decode_scores_kernel[(ns, hkv, triton.cdiv(mpad, bj))](
-        q, lo, hi, block_table, seq_lens, modes, scores,
-        1.0 / d**0.5, group, block_size, page_size, unit, sink_blocks, local_blocks, seed,
-        q.stride(0), q.stride(1), lo.stride(0), lo.stride(1), lo.stride(2), hi.stride(0), hi.stride(1),
-        hi.stride(2), block_table.stride(0), scores.stride(0), scores.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_J=bj,
-        PER_BLOCK=block_size // unit, num_warps=4,
+        q, key_cache, block_table, seq_lens, modes, scores,
+        1.0 / d**0.5, group, block_size, page_size, sink_blocks, local_blocks, seed,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        block_table.stride(0), scores.stride(0), scores.stride(1),
+        HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_J=bj, BLOCK=block_size,
+        num_warps=4,
     )
     kk = out_idx.shape[-1]
     _decode_topk_kernel[(ns, hkv)](
-        scores, keep, seq_lens, modes, out_idx, out_cnt, slot_mapping, key_cache, lo, hi,
-        block_size, page_size, unit, kk,
+        scores, keep, seq_lens, modes, out_idx, out_cnt, block_size, kk,
         scores.stride(0), scores.stride(1), out_idx.stride(0), out_idx.stride(1), out_cnt.stride(0),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), lo.stride(0), lo.stride(1), lo.stride(2),
-        hi.stride(0), hi.stride(1), hi.stride(2),
-        HEAD_DIM=d, BLOCK_D=block_d, MPAD=mpad, KPAD=next_pow2(kk), UNIT=unit,
-        num_warps=4 if mpad <= 4096 else 8,
+        MPAD=mpad, KPAD=next_pow2(kk), num_warps=4 if mpad <= 4096 else 8,
     )
 
 
@@ -280,12 +259,11 @@ if _HAS_TRITON:
 
     @triton.jit
     def _decode_scores_kernel(
-        q_ptr, lo_ptr, hi_ptr, bt_ptr, seqlen_ptr, mode_ptr, out_ptr,
-        scale, group, block_size, page_size, unit, sink_blocks, local_blocks, seed,
-        stride_qs, stride_qh, stride_lp, stride_lu, stride_lh, stride_hp, stride_hu, stride_hh,
-        stride_bt, stride_os, stride_oh,
+        q_ptr, k_ptr, bt_ptr, seqlen_ptr, mode_ptr, out_ptr,
+        scale, group, block_size, page_size, sink_blocks, local_blocks, seed,
+        stride_qs, stride_qh, stride_kp, stride_kpos, stride_kh, stride_bt, stride_os, stride_oh,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
-        PER_BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         s = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
@@ -304,19 +282,18 @@ if _HAS_TRITON:
                             mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
                 blo = tl.full([BLOCK_J, BLOCK_D], float("inf"), dtype=tl.float32)
                 bhi = tl.full([BLOCK_J, BLOCK_D], float("-inf"), dtype=tl.float32)
-                for t in tl.static_range(PER_BLOCK):
-                    tok = (j * PER_BLOCK + t) * unit
-                    # units past the sequence's end (in its last, always forced, block) have no page: skip them
-                    t_ok = j_ok & (tok < n)
+                for t in range(0, BLOCK):
+                    tok = j * BLOCK + t
+                    t_ok = j_ok & (tok < n)  # tokens past the sequence's end have no page
                     page = tl.load(bt_ptr + s * stride_bt + tok // page_size, mask=t_ok, other=0).to(tl.int64)
-                    ui = ((tok % page_size) // unit).to(tl.int64)
+                    slot = (tok % page_size).to(tl.int64)
                     m2 = t_ok[:, None] & d_ok[None, :]
-                    lo = tl.load(lo_ptr + (page * stride_lp + ui * stride_lu + kvh * stride_lh)[:, None] + d[None, :],
-                                 mask=m2, other=0.0).to(tl.float32)
-                    hi = tl.load(hi_ptr + (page * stride_hp + ui * stride_hu + kvh * stride_hh)[:, None] + d[None, :],
-                                 mask=m2, other=0.0).to(tl.float32)
-                    blo = tl.minimum(blo, lo)
-                    bhi = tl.maximum(bhi, hi)
+                    k = tl.load(k_ptr + (page * stride_kp + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
+                                mask=m2, other=0.0).to(tl.float32)
+                    blo = tl.minimum(blo, tl.where(m2, k, float("inf")))
+                    bhi = tl.maximum(bhi, tl.where(m2, k, float("-inf")))
+                blo = tl.where(blo == float("inf"), 0.0, blo)
+                bhi = tl.where(bhi == float("-inf"), 0.0, bhi)
                 ub = tl.dot(tl.maximum(q, 0.0), tl.trans(bhi), input_precision="ieee") + \
                     tl.dot(tl.minimum(q, 0.0), tl.trans(blo), input_precision="ieee")
                 score = tl.max(tl.where(g_ok[:, None], ub, float("-inf")), 0) * scale
@@ -334,31 +311,12 @@ if _HAS_TRITON:
 
     @triton.jit
     def _decode_topk_kernel(
-        sc_ptr, keep_ptr, seqlen_ptr, mode_ptr, idx_ptr, cnt_ptr, slot_ptr, k_ptr, lo_ptr, hi_ptr,
-        block_size, page_size, unit, kmax,
+        sc_ptr, keep_ptr, seqlen_ptr, mode_ptr, idx_ptr, cnt_ptr, block_size, kmax,
         stride_ss, stride_sh, stride_is, stride_ih, stride_cs,
-        stride_kp, stride_kpos, stride_kh, stride_lp, stride_lu, stride_lh, stride_hp, stride_hu, stride_hh,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
-        UNIT: tl.constexpr,
+        MPAD: tl.constexpr, KPAD: tl.constexpr,
     ):
         s = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
-        # 1. key bounds of the unit this row's new token completes (every row, whatever its mode)
-        slot = tl.load(slot_ptr + s).to(tl.int64)
-        done = (slot >= 0) & (slot % unit == unit - 1)
-        page = tl.where(done, slot // page_size, 0)
-        first = tl.where(done, slot % page_size - (unit - 1), 0)
-        t = tl.arange(0, UNIT)
-        d = tl.arange(0, BLOCK_D)
-        m2 = tl.where(done, (d[None, :] < HEAD_DIM) & (t[:, None] >= 0), False)
-        kk = tl.load(k_ptr + page * stride_kp + (first + t)[:, None] * stride_kpos + kvh * stride_kh + d[None, :],
-                     mask=m2, other=0.0)
-        u = first // unit
-        tl.store(lo_ptr + page * stride_lp + u * stride_lu + kvh * stride_lh + d, tl.min(kk, 0),
-                 mask=tl.where(done, d < HEAD_DIM, False))
-        tl.store(hi_ptr + page * stride_hp + u * stride_hu + kvh * stride_hh + d, tl.max(kk, 0),
-                 mask=tl.where(done, d < HEAD_DIM, False))
-        # 2. top-k of the row's scores (rows whose mode selects)
         mode = tl.load(mode_ptr + s)
         if mode >= 3:
             n = tl.load(seqlen_ptr + s)
