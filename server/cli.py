@@ -50,6 +50,27 @@ def sparsity_arg(value: str) -> float:
     return s
 
 
+DEFAULT_KEEP_ALIVE = 75
+
+
+def keep_alive_arg(value: str) -> int:
+    try:
+        s = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, got {value!r}") from None
+    if s < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, got {value!r}")
+    return s
+
+
+def keep_alive_seconds(args: argparse.Namespace) -> int:
+    """--keep-alive-timeout, else $VLLM_HTTP_TIMEOUT_KEEP_ALIVE when set, else DEFAULT_KEEP_ALIVE."""
+    if getattr(args, "keep_alive_timeout", None) is not None:
+        return args.keep_alive_timeout
+    env = os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "").strip()
+    return keep_alive_arg(env) if env else DEFAULT_KEEP_ALIVE
+
+
 def json_object_arg(value: str) -> dict:
     try:
         obj = json.loads(value)
@@ -83,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON merged into the model config's rope_parameters to extend its context, e.g. "
                      "'{\"rope_type\": \"yarn\", \"factor\": 4}'; for yarn/llama3/longrope the model's "
                      "max_position_embeddings becomes original x factor. For anything else use --hf-overrides.")
+    cab.add_argument("--keep-alive-timeout", type=keep_alive_arg, default=None,
+                     help="seconds an idle HTTP keep-alive connection stays open (default: "
+                     "$VLLM_HTTP_TIMEOUT_KEEP_ALIVE if set, else 75: longer than the 60 s idle timeout of common "
+                     "load balancers, so a pooled connection is never closed under a client mid-request)")
     parser.set_defaults(model=None, host="127.0.0.1", attention_backend="CUSTOM")
     for action in parser._actions:
         if "--model" in action.option_strings:
@@ -237,7 +262,6 @@ async def serve(args: argparse.Namespace, api_keys: list[str]) -> None:
     import contextlib
     import signal
 
-    import vllm.envs as envs
 
     from server import vllm_api
     from server.app import build_cab_app
@@ -264,7 +288,7 @@ async def serve(args: argparse.Namespace, api_keys: list[str]) -> None:
             shutdown_task = await serve_http(
                 app, sock=sock, enable_ssl_refresh=args.enable_ssl_refresh, host=args.host, port=args.port,
                 log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
-                timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, ssl_keyfile=args.ssl_keyfile,
+                timeout_keep_alive=keep_alive_seconds(args), ssl_keyfile=args.ssl_keyfile,
                 ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
                 ssl_ciphers=args.ssl_ciphers, h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
                 h11_max_header_count=args.h11_max_header_count, **kwargs)

@@ -157,6 +157,7 @@ class Stats:
         ``cfgs`` (before plan_batch turns dense rows into policy 'dense'); also flushes the predictor timings
         of the previous step. Host arithmetic on the plan's lists only."""
         step: Counter = Counter()
+        decode_index = {r: i for i, r in enumerate(plan.decode_rows)}
         for r in range(plan.num_reqs):
             q_len = plan.qsl[r + 1] - plan.qsl[r]
             if q_len <= 0:
@@ -164,7 +165,7 @@ class Stats:
             n = plan.seq_lens[r]
             cfg = cfgs[r]
             phase = "decode" if q_len == 1 else "prefill"
-            sp = f"{cfg.sparsity:.2f}"
+            sp = sparsity_label(cfg.sparsity)
             first, last = (n - q_len) // block_size, (n - 1) // block_size
             causal = causal_blocks(first, last)
             if plan.dense[r]:
@@ -172,6 +173,16 @@ class Stats:
                 reason = dense_reason(cfg, n, dense_threshold)
                 if reason is not None:
                     step[("dense", phase, reason)] += 1
+            elif phase == "decode" and plan.modes is not None:
+                # route_rows decided the row's source: the stored prompt selection (its budget + every block after
+                # the prompt) or the step's own selection (the query block's budget)
+                i = decode_index[r]
+                if plan.modes[i] == 1:  # MODE_PROMPT
+                    mp = plan.pblocks[i] - 1
+                    kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp) + last - mp
+                else:
+                    kept = plan.keep[i]
+                mode = "sparse"
             elif phase == "decode" and cfg.decodes_from_prompt:
                 # the prompt's last query block's budget + every block after the prompt; a prompt that ran dense
                 # (or an unknown one) keeps every block
@@ -248,3 +259,10 @@ class Stats:
 
 
 STATS = Stats()
+
+
+def sparsity_label(sparsity: float) -> str:
+    """The ``sparsity`` label of the metrics: two decimals ("0.90") when that is exact, else every digit needed
+    ("0.995", "0.999999"), so no label rounds to a value the API would reject (e.g. "1.00")."""
+    two = f"{sparsity:.2f}"
+    return two if float(two) == sparsity else repr(float(sparsity))

@@ -16,7 +16,7 @@ from starlette.routing import Route  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from cab_vllm.backend.planner import validate_request_args  # noqa: E402
-from server.app import APIKeyMiddleware, CABFieldsMiddleware  # noqa: E402
+from server.app import MAX_JSON_DEPTH, APIKeyMiddleware, CABFieldsMiddleware  # noqa: E402
 from server.fields import CABFieldError, apply_cab_fields  # noqa: E402
 
 BASE = {"model": "m", "prompt": "hi", "max_tokens": 4}
@@ -106,8 +106,7 @@ def test_middleware_rewrites_the_body_and_its_length():
 
 def test_middleware_leaves_other_requests_alone():
     c = make_client()
-    body = {**BASE, "sparsity": 0.7}
-    assert c.post("/v1/embeddings", json=body).json()["body"] == body  # not a CAB path
+    assert c.post("/v1/embeddings", json=BASE).json()["body"] == BASE  # nothing of CAB's in it
     raw = b'{"model": "m", "sparsity": '  # not JSON: vLLM answers it
     r = c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert r.json()["body"] == raw.decode() and r.json()["raw_length"] == len(raw)
@@ -137,3 +136,73 @@ def test_api_key_guards_everything_but_probes():
     assert c.post("/v1/completions", json={**BASE, "sparsity": 5}).status_code == 401
     for path in ("/health", "/metrics"):
         assert c.get(path).status_code == 200
+
+
+def test_cab_fields_honoured_on_invocations_and_refused_elsewhere():
+    """/invocations dispatches to the completion endpoints: the fields are honoured there. On any other endpoint
+    they would be silently ignored, so they are refused, naming the field."""
+    c = make_client()
+    got = c.post("/invocations", json={**BASE, "sparsity": 0.5}).json()["body"]
+    assert got["vllm_xargs"] == {"cab_sparsity": 0.5} and "sparsity" not in got
+    for field, value in (("sparsity", 5), ("sparsity", 0.5), ("attention_policy", "cab")):
+        err = assert_openai_error(c.post("/v1/embeddings", json={**BASE, field: value}), 400, field)
+        assert "/v1/embeddings" in err["message"] and "/v1/chat/completions" in err["message"]
+
+
+def test_vllm_xargs_errors_name_vllm_xargs():
+    c = make_client()
+    for bad in ({"cab_sparsity": 1.5}, {"cab_sparsity": "lots"}, {"cab_policy": "fastest"}):
+        err = assert_openai_error(c.post("/v1/completions", json={**BASE, "vllm_xargs": bad}), 400, "vllm_xargs")
+        assert "cab_" in err["message"]
+    ok = c.post("/v1/completions", json={**BASE, "vllm_xargs": {"cab_sparsity": "0.5", "other": 1}})
+    assert ok.status_code == 200
+
+
+def test_deeply_nested_body_is_a_400_not_a_500():
+    c = make_client()
+    for depth in (MAX_JSON_DEPTH + 5, 1000, 100_000):
+        raw = '{"model": "m", "prompt": "hi", "x": ' + "[" * depth + "]" * depth + "}"
+        for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
+            r = c.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] in (None, "x") and "nests deeper" in err["message"] and err["code"] == 400
+    shallow = {**BASE, "x": [[[1]]]}
+    assert c.post("/v1/completions", json=shallow).json()["body"] == shallow
+
+
+@pytest.mark.parametrize("field", ["stop", "bad_words", "prompt"])
+def test_lone_surrogates_are_a_400(field):
+    c = make_client()
+    raw = ('{"model": "m", "prompt": "hi", "%s": ["ok", "\\udfff"]}' % field).encode()
+    if field == "prompt":
+        raw = b'{"model": "m", "prompt": "a\\ud800b"}'
+    r = c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    err = assert_openai_error(r, 400, field)
+    assert "surrogate" in err["message"]
+    ok = c.post("/v1/completions", json={**BASE, "stop": ["\u00e9\U0001F600"]})  # real non-ASCII text is fine
+    assert ok.status_code == 200
+
+
+def test_structured_outputs_must_be_an_object():
+    c = make_client()
+    for bad in (1.5, "json", [1]):
+        assert_openai_error(c.post("/v1/chat/completions", json={**BASE, "structured_outputs": bad}), 400,
+                            "structured_outputs")
+    for good in (None, {"json": {"type": "object"}}):
+        assert c.post("/v1/chat/completions", json={**BASE, "structured_outputs": good}).status_code == 200
+
+
+def test_models_root_does_not_leak_local_paths():
+    from server.app import ModelsRootMiddleware
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": "m", "root": "/home/srv/models/m", "object": "model"},
+            {"id": "hub", "root": "Org/hub-model", "object": "model"}]})
+
+    app = Starlette(routes=[Route("/v1/models", models)])
+    app.add_middleware(ModelsRootMiddleware)
+    r = TestClient(app).get("/v1/models")
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
+    assert [m["root"] for m in r.json()["data"]] == ["m", "Org/hub-model"]

@@ -142,6 +142,7 @@ def test_models(server):
     assert r.status_code == 200
     data = r.json()["data"]
     assert [m["id"] for m in data] == [MODEL] and data[0]["max_model_len"] == MAX_MODEL_LEN
+    assert data[0]["root"] == MODEL  # not the server's model folder
 
 
 def test_chat_with_the_openai_client(server):
@@ -264,7 +265,11 @@ COMP = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
     ("/v1/completions", {**COMP, "sparsity": "high"}, 400, "sparsity"),
     ("/v1/chat/completions", {**CHAT, "attention_policy": "bridges"}, 400, "attention_policy"),
     ("/v1/completions", {**COMP, "sparsity": 0.5, "vllm_xargs": {"cab_sparsity": 0.6}}, 400, "sparsity"),
-    ("/v1/completions", {**COMP, "vllm_xargs": {"cab_sparsity": 2}}, 400, None),
+    ("/v1/completions", {**COMP, "vllm_xargs": {"cab_sparsity": 2}}, 400, "vllm_xargs"),
+    ("/v1/chat/completions", {**CHAT, "structured_outputs": 1.5}, 400, "structured_outputs"),
+    ("/v1/responses", {"model": MODEL, "input": "hi", "sparsity": 5}, 400, "sparsity"),
+    ("/v1/chat/completions/batch", {"model": MODEL, "messages": [[{"role": "user", "content": "hi"}]],
+                                    "sparsity": 0.5}, 400, "sparsity"),
     ("/v1/completions", {**COMP, "max_tokens": "many"}, 400, None),
     ("/v1/chat/completions", {"model": MODEL}, 400, None),
     ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, None),
@@ -273,7 +278,7 @@ COMP = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
     ("/v1/completions", {**COMP, "model": "gpt-4"}, 404, None),
     ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, None),
 ], ids=["sparsity-above-1", "sparsity-negative", "sparsity-string", "policy-unknown", "conflicting-duplicates",
-        "xargs-out-of-range", "wrong-type", "missing-messages", "messages-not-list", "prompt-over-max-len",
+        "xargs-out-of-range", "structured-outputs-number", "responses-sparsity", "batch-sparsity", "wrong-type", "missing-messages", "messages-not-list", "prompt-over-max-len",
         "bad-temperature", "unknown-model", "unknown-model-chat"])
 def test_client_errors_use_the_openai_schema(server, path, body, status, param):
     with server.client() as c:
@@ -284,8 +289,15 @@ def test_client_errors_use_the_openai_schema(server, path, body, status, param):
         assert "maximum context length" in err["message"] or str(MAX_MODEL_LEN) in err["message"]
 
 
-@pytest.mark.parametrize("raw", [b'{"model": "x", "prompt": ', b"not json at all", b"[1, 2, 3]", b'"a string"', b""],
-                         ids=["truncated", "not-json", "array", "string", "empty"])
+DEEP = b'{"model": "%s", "prompt": "hi", "x": ' % MODEL.encode() + b"[" * 1000 + b"]" * 1000 + b"}"
+SURROGATE_STOP = b'{"model": "%s", "prompt": "hi", "max_tokens": 2, "stop": ["\\udfff"]}' % MODEL.encode()
+SURROGATE_BAD_WORDS = b'{"model": "%s", "prompt": "hi", "max_tokens": 2, "bad_words": ["a\\ud800"]}' % MODEL.encode()
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "x", "prompt": ', b"not json at all", b"[1, 2, 3]", b'"a string"', b"",
+                                 DEEP, SURROGATE_STOP, SURROGATE_BAD_WORDS],
+                         ids=["truncated", "not-json", "array", "string", "empty", "nested-1000", "surrogate-stop",
+                              "surrogate-bad-words"])
 def test_malformed_bodies_are_400(server, raw):
     with server.client() as c:
         r = c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
@@ -321,6 +333,29 @@ def test_auth(server):
     with server.client(key=None) as c:  # probes and scrapers stay open
         assert c.get("/health").status_code == 200
         assert c.get("/metrics").status_code == 200
+
+
+def test_idle_keep_alive_connection_survives_a_pause(server):
+    """A pooled connection that sits idle longer than uvicorn's 5 s default is still open (cab-serve keeps idle
+    connections 75 s by default), so a client pausing between requests gets no read error."""
+    host, port = server.url.removeprefix("http://").split(":")
+    req = (f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+           f"Connection: keep-alive\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        for i in range(2):
+            sock.sendall(req)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                assert chunk, f"the server closed the idle connection before request {i + 1}"
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200"), data[:200]
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+            while len(rest) < length:
+                rest += sock.recv(65536)
+            if i == 0:
+                time.sleep(7)
 
 
 # -- disconnects and engine death --------------------------------------------------------------------------------

@@ -97,22 +97,35 @@ def test_prometheus_export(monkeypatch):
 
 
 def test_prompt_decode_rule_counts_what_it_keeps(stats):
-    """decode_rule="prompt": a decode row keeps the prompt's last query block's budget plus the blocks after the
-    prompt (what PromptSelections.row returns); a prompt that ran dense, or an unknown one, keeps everything."""
-    import torch
-
-    from cab_vllm.backend.planner import PromptSelections
+    """decode_rule="prompt": a decode row whose prompt selection is stored keeps the prompt's last query block's
+    budget plus the blocks after the prompt; a row without one (its prompt ran dense, or came whole from the
+    prefix cache) selects at its own query block's budget, and is counted so."""
+    from cab_vllm.backend.planner import PromptSlots, route_rows
 
     cfg = CABConfig(sparsity=0.9, decode_rule="prompt")
-    seq, prompt = [2100, 2100, 2100], [2048, 500, None]
+    slots = PromptSlots(4)
+    # step 1: the prompts of a (2048 tokens, sparse) and b (500 tokens, dense) finish
+    pre = plan_batch([0, 2048, 2548], [2048, 500], [cfg] * 2, dense_threshold=1024, count=False,
+                     req_ids=["a", "b"], prompt_lens=[2048, 500], live=frozenset("ab"))
+    route_rows(pre, slots, fa_dense=True)
+    assert slots.stored == {"a": 2048 // 64}
+    # step 2: decodes of a, b and c (c: unknown prompt), all past the threshold
+    seq = [2100, 2100, 2100]
     plan = plan_batch([0, 1, 2, 3], seq, [cfg] * 3, dense_threshold=1024, count=False, req_ids=["a", "b", "c"],
-                      prompt_lens=prompt)
+                      prompt_lens=[2048, 500, None], live=frozenset("abc"))
+    route_rows(plan, slots, fa_dense=True)
+    assert plan.modes == [1, 3, 3]  # MODE_PROMPT, then MODE_BOUNDS twice
     stats.record_plan(plan, [cfg] * 3, 64, 1024)
     m_prompt, m = 2048 // 64, (2100 - 1) // 64 + 1
-    ps = PromptSelections()
-    keep = int(cfg.keep_counts(m_prompt)[-1])
-    ps.put("a", torch.arange(keep, dtype=torch.int32)[None], torch.tensor([keep], dtype=torch.int32), m_prompt)
-    _, real = ps.row("a", m, 1, "cpu")
-    _, dense_b = ps.row("b", m, 1, "cpu")  # b's prompt ran dense (below the threshold): no entry
-    expected = int(real[0]) + 2 * int(dense_b[0])
-    assert stats.totals[("kept", "decode", "0.90")] == expected == keep + (m - m_prompt) + 2 * m
+    keep_prompt = int(cfg.keep_counts(m_prompt)[-1])
+    keep_now = int(cfg.keep_counts(m)[-1])
+    assert stats.totals[("kept", "decode", "0.90")] == keep_prompt + (m - m_prompt) + 2 * keep_now
+    assert stats.totals[("causal", "decode", "0.90")] == 3 * m
+
+
+def test_sparsity_label_keeps_every_digit_it_needs():
+    from cab_vllm.backend.stats import sparsity_label
+
+    assert sparsity_label(0.9) == "0.90" and sparsity_label(0.0) == "0.00" and sparsity_label(0.95) == "0.95"
+    for s in (0.995, 0.999999, 0.123456):
+        assert sparsity_label(s) == repr(s) and float(sparsity_label(s)) == s and float(sparsity_label(s)) < 1.0
