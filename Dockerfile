@@ -3,7 +3,7 @@
 # attention backend.
 #
 # Base image: the official vLLM OpenAI image, pinned to v0.33.0, the newest vLLM release in the range this
-# package supports (pyproject.toml: vllm>=0.32,<0.34; the plugin was written against the 0.32/0.33 sources). It
+# package supports (pyproject.toml: vllm>=0.26,<0.34; measured on a GPU with 0.26, not yet with 0.33). It
 # already holds CUDA torch, Triton, vLLM and everything the server needs (fastapi, uvicorn, pydantic, httpx,
 # prometheus-client), so only this package is added, with --no-deps. v0.33.0 ships torch 2.14 built for CUDA 13:
 # the node needs a driver that supports CUDA 13; for an older driver build on a v0.32.x tag
@@ -25,7 +25,9 @@ WORKDIR /opt/cab-vllm
 COPY . .
 # The package with --no-deps (the image has torch/triton/vLLM), then only the server extra's modules that the
 # image lacks; the build fails here if cab-serve or the plugin did not install (checked from / so the
-# source tree in the working directory cannot stand in for the installed packages).
+# source tree in the working directory cannot stand in for the installed packages: python -P). $missing is split
+# into package names on purpose (SC2086).
+# hadolint ignore=SC2086
 RUN set -eux; \
     if command -v uv >/dev/null 2>&1; then PIP="uv pip install --system"; else PIP="python3 -m pip install"; fi; \
     $PIP --no-deps .; \
@@ -35,11 +37,12 @@ RUN set -eux; \
     done; \
     if [ -n "$missing" ]; then $PIP $missing; fi; \
     command -v cab-serve; \
-    cd / && python3 -c "import cab_vllm.backend, server.cli, vllm; print('cab_vllm on vllm', vllm.__version__)"
+    python3 -P -c "import cab_vllm.backend, server.cli, vllm; print('cab_vllm on vllm', vllm.__version__)"
 
 # Non-root user; /models is the model / cache volume (Hugging Face cache, prepared models, vLLM's compile cache).
 RUN set -eux; \
-    useradd --create-home --uid "${CAB_UID}" --user-group --shell /usr/sbin/nologin cab; \
+    groupadd --gid "${CAB_UID}" cab; \
+    useradd --create-home --uid "${CAB_UID}" --gid "${CAB_UID}" --shell /usr/sbin/nologin cab; \
     mkdir -p /models/huggingface /models/cab /models/vllm; \
     chown -R cab:cab /models
 ENV HF_HOME=/models/huggingface \
@@ -51,7 +54,7 @@ ENV HF_HOME=/models/huggingface \
 # VLLM_USE_V2_MODEL_RUNNER=0: per-request sparsity/policy are read from the V1 model runner's batch; under the V2
 # runner every request would get the engine defaults (README, "Notes and limits").
 VOLUME ["/models"]
-USER cab
+USER ${CAB_UID}:${CAB_UID}
 WORKDIR /home/cab
 
 EXPOSE 8000

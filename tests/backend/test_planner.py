@@ -285,3 +285,28 @@ def test_without_request_ids_auto_runs_bounds_and_prompt_stops():
     b = SimpleNamespace(settings=EngineSettings.from_env({"CAB_DECODE_RULE": "prompt", "CAB_POLICY": "streaming"}))
     CABMetadataBuilder._no_request_ids(b)  # streaming never uses the prompt rule: nothing to stop
     assert b.settings.cfg.decode_rule == "prompt"
+
+
+def test_recompute_after_preemption_stores_the_prompts_own_block():
+    """A preempted request is prefilled again over its prompt and the tokens it had generated: the stored
+    selection is the query block holding the prompt's last token, not the chunk's last block; a full prefix-cache
+    hit (a one-token 'prefill' that vLLM schedules as a decode) finds no stored selection and selects by bounds."""
+    from cab_vllm.backend.planner import PromptSlots, route_rows
+    from cab_vllm.ops.decode import MODE_BOUNDS, MODE_PROMPT
+
+    cfg = CABConfig(sparsity=0.9)
+    slots = PromptSlots(2)
+    # recompute: prompt of 1000 tokens + 300 generated, in one chunk of 1300
+    plan = plan_batch([0, 1300], [1300], [cfg], dense_threshold=0, count=False, req_ids=["r"], prompt_lens=[1000],
+                      live=frozenset({"r"}))
+    route_rows(plan, slots, fa_dense=True)
+    assert plan.store == [(slots.of["r"], (1000 - 1) // 64)] and slots.stored["r"] == (1000 - 1) // 64 + 1
+    dec = plan_batch([0, 1], [1301], [cfg], dense_threshold=0, count=False, req_ids=["r"], prompt_lens=[1000],
+                     live=frozenset({"r"}))
+    route_rows(dec, slots, fa_dense=True)
+    assert dec.modes == [MODE_PROMPT] and dec.pblocks == [(1000 - 1) // 64 + 1]
+    # a whole-prompt prefix-cache hit: its only computed prompt token arrives as a one-token row
+    hit = plan_batch([0, 1], [1000], [cfg], dense_threshold=0, count=False, req_ids=["h"], prompt_lens=[1000],
+                     live=frozenset({"r", "h"}))
+    route_rows(hit, slots, fa_dense=True)
+    assert hit.modes == [MODE_BOUNDS] and hit.keep == [int(cfg.keep_counts((1000 - 1) // 64 + 1)[-1])]

