@@ -310,3 +310,18 @@ def test_recompute_after_preemption_stores_the_prompts_own_block():
                      live=frozenset({"r", "h"}))
     route_rows(hit, slots, fa_dense=True)
     assert hit.modes == [MODE_BOUNDS] and hit.keep == [int(cfg.keep_counts((1000 - 1) // 64 + 1)[-1])]
+
+
+def test_features_the_backend_cannot_honour_stop_the_start():
+    from types import SimpleNamespace
+
+    from cab_vllm.backend.backend import _check_engine_features
+
+    ok = SimpleNamespace(speculative_config=None, cache_config=SimpleNamespace(cache_dtype="auto"))
+    _check_engine_features(ok)
+    _check_engine_features(None)  # no config (unit use): nothing to check
+    with pytest.raises(NotImplementedError, match="speculative decoding"):
+        _check_engine_features(SimpleNamespace(speculative_config=object(), cache_config=ok.cache_config))
+    with pytest.raises(NotImplementedError, match="fp8 KV cache"):
+        _check_engine_features(SimpleNamespace(speculative_config=None,
+                                               cache_config=SimpleNamespace(cache_dtype="fp8_e4m3")))
