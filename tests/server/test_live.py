@@ -358,6 +358,86 @@ def test_idle_keep_alive_connection_survives_a_pause(server):
                 time.sleep(7)
 
 
+# -- robustness: a bounded property-based fuzz and a short soak ----------------------------------------------------
+FUZZ_CASES = int(os.environ.get("CAB_FUZZ_CASES", "200"))
+SOAK_SECONDS = float(os.environ.get("CAB_SOAK_SECONDS", "20"))
+
+
+def _fuzz_strategy():
+    from hypothesis import strategies as st
+
+    text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(["\udfff", "a\ud800", ""])
+    scalar = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False) | text
+    value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+                         max_leaves=8)
+    fields = {  # the request fields clients send, with values of any JSON type
+        "model": st.sampled_from([MODEL, "gpt-4", ""]) | value, "prompt": st.sampled_from(["hi", ""]) | value,
+        "messages": st.just([{"role": "user", "content": "hi"}]) | value, "max_tokens": st.integers(-5, 3) | value,
+        "temperature": st.floats(-1, 3, allow_nan=False) | value, "stop": value, "bad_words": value,
+        "n": st.integers(-1, 2) | value, "logprobs": value, "stream": st.booleans() | value, "seed": value,
+        "sparsity": st.floats(-0.5, 1.5, allow_nan=False) | value, "attention_policy": st.sampled_from(
+            ["cab", "dense", "nope"]) | value, "vllm_xargs": st.dictionaries(st.sampled_from(
+                ["cab_sparsity", "cab_policy", "other"]), value, max_size=2) | value,
+        "structured_outputs": value, "response_format": value, "logit_bias": value, "top_p": value,
+    }
+    return st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/responses", "/invocations",
+                                      "/tokenize"]),
+                     st.fixed_dictionaries({}, optional=fields))
+
+
+def test_fuzzed_requests_never_get_a_5xx(server):
+    """Hypothesis draws request bodies (known fields with values of any JSON type, lone surrogates, deep values)
+    for the OpenAI endpoints: every answer is below 500 and the server stays healthy. FUZZ_CASES cases
+    (CAB_FUZZ_CASES; 200 in CI: a longer run is a command, see README)."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+
+    seen = []
+    with server.client() as c:
+        @settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(_fuzz_strategy())
+        def run(case):
+            path, body = case
+            if body.get("max_tokens") is None:  # absent or null: the chat default is the whole context (slow)
+                body = {**body, "max_tokens": 2}
+            r = c.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+            seen.append(r.status_code)
+            assert r.status_code < 500, (path, body, r.status_code, r.text[:500])
+
+        run()
+        assert c.get("/health").status_code == 200
+    assert len(seen) == FUZZ_CASES and any(s == 200 for s in seen) and any(400 <= s < 500 for s in seen)
+
+
+def test_short_soak_of_concurrent_streams(server):
+    """SOAK_SECONDS of 8 concurrent streaming clients with mixed sparsities: no errors, /health stays 200."""
+    import concurrent.futures as cf
+
+    stop = time.monotonic() + SOAK_SECONDS
+    errors: list = []
+
+    def worker(i: int) -> int:
+        done = 0
+        with server.client() as c:
+            while time.monotonic() < stop:
+                body = {**COMP, "prompt": f"Count to five ({i}-{done}).", "max_tokens": 4, "stream": True,
+                        "sparsity": [0.0, 0.5, 0.9][(i + done) % 3]}
+                with c.stream("POST", "/v1/completions", json=body) as r:
+                    text = "".join(r.iter_text())
+                    if r.status_code != 200 or "data: [DONE]" not in text:
+                        errors.append((r.status_code, text[:300]))
+                done += 1
+        return done
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        counts = list(ex.map(worker, range(8)))
+    assert not errors, errors[:3]
+    assert sum(counts) >= 8
+    with server.client() as c:
+        assert c.get("/health").status_code == 200
+
+
 # -- disconnects and engine death --------------------------------------------------------------------------------
 def test_client_disconnect_aborts_the_request(server):
     """A client that closes a long stream mid-way: the API server aborts the request in the engine (the abort
