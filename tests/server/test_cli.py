@@ -49,8 +49,9 @@ def parse_error(capsys, argv: list[str]) -> str:
     (["--rope-scaling", '{"factor": 4}'], "argument --rope-scaling: --rope-scaling needs a rope_type"),
     (["--model", "/nonexistent/model-folder-xyz"], "argument --model:"),
     (["--api-server-count", "2"], "cab-serve runs one API server process"),
+    (["--keep-alive-timeout", "0"], "argument --keep-alive-timeout: expected a whole number of seconds >= 1"),
 ], ids=["sparsity-above-1", "sparsity-negative", "sparsity-nan", "sparsity-text", "policy-unknown",
-        "rope-not-json", "rope-not-object", "rope-no-type", "model-missing", "api-server-count"])
+        "rope-not-json", "rope-not-object", "rope-no-type", "model-missing", "api-server-count", "keep-alive-0"])
 def test_bad_flags_name_the_flag(capsys, argv, expected):
     err = parse_error(capsys, argv)
     assert expected in err, err
@@ -138,3 +139,24 @@ def test_cab_serve_exits_with_a_clear_message():
     assert p.returncode == 2, p.stderr[-3000:]
     assert "cab-serve: error: --max-model-len 65536 is more than this model allows: 8192 tokens" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_cpu_turns_off_the_broken_aot_compile_cache(monkeypatch):
+    from vllm.platforms import current_platform
+
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    cli.cpu_compile_cache()
+    assert os.environ.get("VLLM_USE_AOT_COMPILE") == ("0" if current_platform.is_cpu() else None)
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")  # the user's choice wins
+    cli.cpu_compile_cache()
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
+
+
+def test_keep_alive_flag(monkeypatch, model_dir):
+    monkeypatch.delenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", raising=False)
+    args, _ = cli.parse_args([])
+    assert cli.keep_alive_seconds(args) == cli.DEFAULT_KEEP_ALIVE == 75
+    args, _ = cli.parse_args(["--keep-alive-timeout", "300"])
+    assert cli.keep_alive_seconds(args) == 300
+    monkeypatch.setenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "20")
+    assert cli.keep_alive_seconds(cli.parse_args([])[0]) == 20
