@@ -36,7 +36,7 @@ def run(a) -> dict:
     sps = [float(x) for x in a.sparsities.split(",")] if a.backend == "CUSTOM" else [None]
     kw = dict(max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization, seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=a.max_num_batched_tokens,
-              enable_chunked_prefill=True, enforce_eager=a.eager)
+              enable_chunked_prefill=True, enforce_eager=a.eager, dtype=a.dtype)
     if a.backend != "default":
         kw["attention_backend"] = a.backend
     if a.hf_overrides:
@@ -46,9 +46,8 @@ def run(a) -> dict:
     def params(sp, n):
         return SamplingParams(temperature=0, max_tokens=n, extra_args=None if sp is None else {"cab_sparsity": sp})
 
-    chats = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=True)
-             for c in CHATS]
-    chats = [list(c["input_ids"]) if isinstance(c, dict) else list(c) for c in chats]
+    chats = [tok(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                         tokenize=False), add_special_tokens=False)["input_ids"] for c in CHATS]
     long_ids = passkey_prompt(tok, a.long_prompt, 0.5, seed=99).input_ids if a.long_prompt else None
     out = {"backend": a.backend, "model": a.model, "greedy": {}, "passkey": []}
     for sp in sps:
@@ -107,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     ap.add_argument("--hf-overrides", default=None, help="JSON, e.g. YaRN rope parameters for 64k")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--dtype", default="auto", help="float32 on CPU: bf16 near-ties flip greedy tokens between "
+                    "two correct attention kernels")
     ap.add_argument("--out")
     ap.add_argument("--compare", nargs="+", metavar="JSON", help="baseline JSON, then the runs to compare")
     a = ap.parse_args(argv)
