@@ -268,8 +268,9 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         if self._record:
             STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold)
         if self._trace:
-            rows = [[plan.qsl[r + 1] - plan.qsl[r], plan.seq_lens[r], cfgs[r].sparsity, cfgs[r].policy, plan.dense[r]]
-                    for r in range(n)]
+            mode = dict(zip(plan.decode_rows, plan.modes))  # decode rows: where their blocks come from (MODE_*)
+            rows = [[plan.qsl[r + 1] - plan.qsl[r], plan.seq_lens[r], cfgs[r].sparsity, cfgs[r].policy, plan.dense[r],
+                     mode.get(r)] for r in range(n)]
             trace("plan " + json.dumps(rows))
         live_rows = [r for r in range(n) if plan.qsl[r + 1] > plan.qsl[r]]
         run_fa = self.fa is not None and any(plan.dense[r] for r in live_rows)

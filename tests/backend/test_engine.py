@@ -181,7 +181,7 @@ def test_mixed_batch_per_request_sparsity(mixed_run):
     assert any(len({(r[2], r[3]) for r in st}) >= 2 for st in mixed), "no mixed step had different configs"
     checked = 0
     for st in steps:
-        for q_len, seq_len, sp, pol, dense in st:
+        for q_len, seq_len, sp, pol, dense, _mode in st:
             # identify the request: a decode row sits within 8 tokens past its prompt; a prefill row that ends
             # a prompt has seq_len == prompt length (prompt lengths are far apart)
             owner = [i for i, n in enumerate(lens) if (q_len == 1 and n < seq_len <= n + 8) or seq_len == n]
@@ -345,3 +345,25 @@ def test_attention_salt():
     assert attention_salt({"cab_sparsity": 0.5}) != attention_salt({"cab_sparsity": 0.0})
     assert attention_salt({"cab_sparsity": 0.5}) == attention_salt({"cab_sparsity": "0.5"})
     assert attention_salt({"cab_policy": "streaming"}) != attention_salt(None)
+
+
+
+def test_full_prefix_cache_hit_decodes_sparse(model, tmp_path):
+    """A prompt served entirely from the prefix cache reaches the backend as a one-token row (vLLM recomputes the
+    last prompt token): with no stored prompt selection it decodes with its own Quest-bound selection at the
+    request's budget (MODE_BOUNDS = 3), sparse, not silently dense; the first request used its prompt's selection
+    (MODE_PROMPT = 1). Pages of 16 tokens and a prompt of 16k + 1 tokens make the hit exact."""
+    ids = [int(x) for x in range(1000, 1000 + 16 * 40 + 1)]  # 641 tokens
+    req = {"prompt_token_ids": ids, "max_tokens": 4, "extra_args": {"cab_sparsity": 0.9}}
+    res = run_engine(tmp_path, {"model": model, "backend": "CUSTOM", "requests": [req, req], "batches": [[0], [1]],
+                                "engine_kwargs": {"enable_prefix_caching": True, "block_size": 16,
+                                                  "max_num_batched_tokens": 2048}},
+                     env={"CAB_DENSE_THRESHOLD": "0"})
+    n = len(ids)
+    rows = [r for st in plans(res["trace"]) for r in st]
+    first = [r for r in rows if r[1] == n]
+    assert first[0][0] == n and first[1][0] == 1, first  # computed in full, then a full hit: one token
+    assert first[1][4] is False and first[1][5] == 3  # sparse, selecting by key bounds
+    decodes = [r for r in rows if r[0] == 1 and r[1] > n]
+    assert {r[5] for r in decodes} == {1, 3}  # request 0 decodes by its prompt rule, request 1 by bounds
+    assert all(o["token_ids"] for o in res["outputs"])

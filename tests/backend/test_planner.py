@@ -325,3 +325,18 @@ def test_features_the_backend_cannot_honour_stop_the_start():
     with pytest.raises(NotImplementedError, match="fp8 KV cache"):
         _check_engine_features(SimpleNamespace(speculative_config=None,
                                                cache_config=SimpleNamespace(cache_dtype="fp8_e4m3")))
+
+
+def test_prompt_slots_follow_the_engines_internal_request_ids():
+    """vLLM makes request ids unique inside the engine (the client's id + a random suffix), so two requests sent
+    with one client id are two slots here; a finished request frees only its own slot."""
+    from cab_vllm.backend.planner import PromptSlots
+
+    slots = PromptSlots(2)
+    a, b = slots.slot("req-7-1a2b3c4d"), slots.slot("req-7-9f8e7d6c")
+    assert a is not None and b is not None and a != b
+    slots.stored.update({"req-7-1a2b3c4d": 3, "req-7-9f8e7d6c": 5})
+    slots.sync(frozenset({"req-7-9f8e7d6c"}))
+    assert slots.of == {"req-7-9f8e7d6c": b} and slots.stored == {"req-7-9f8e7d6c": 5}
+    assert slots.slot("new") == a  # the freed slot is reused
+    assert slots.slot("one-too-many") is None and slots.exhausted == 1  # full: that request decodes by bounds
