@@ -211,6 +211,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         self._fa_seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=device)
         self._ring = _PinnedRing((5, self.rows)) if torch.device(device).type == "cuda" else None
         self._record = compat.tensor_parallel_rank() == 0  # the step's figures are counted once, not per rank
+        STATS.recording = self._record
         trace("builder")
 
     def _no_request_ids(self) -> None:

@@ -89,6 +89,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.totals: Counter = Counter()
+        self.recording = True  # False on tensor-parallel ranks other than 0: the step is counted once
         self._lock = threading.Lock()
         self._prom = None  # None: not tried yet; False: unavailable; else a dict of metrics
         self._children: dict = {}
@@ -207,7 +208,11 @@ class Stats:
 
     @contextlib.contextmanager
     def timed(self, phase: str, device) -> Iterator[None]:
-        """Time the block selection inside the ``with``: host wall time, or CUDA events on a CUDA device."""
+        """Time the block selection inside the ``with``: host wall time, or CUDA events on a CUDA device. A process
+        that does not record (``recording`` False: tensor-parallel ranks other than 0) times nothing."""
+        if not self.recording:
+            yield
+            return
         if getattr(device, "type", device) == "cuda":
             import torch
 

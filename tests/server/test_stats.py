@@ -129,3 +129,11 @@ def test_sparsity_label_keeps_every_digit_it_needs():
     assert sparsity_label(0.9) == "0.90" and sparsity_label(0.0) == "0.00" and sparsity_label(0.95) == "0.95"
     for s in (0.995, 0.999999, 0.123456):
         assert sparsity_label(s) == repr(s) and float(sparsity_label(s)) == s and float(sparsity_label(s)) < 1.0
+
+
+def test_a_process_that_does_not_record_times_nothing(stats):
+    stats.recording = False  # a tensor-parallel rank other than 0
+    with stats.timed("decode", "cpu"):
+        sum(range(1000))
+    assert not stats._pending_host and not stats._pending_events
+    stats.recording = True
