@@ -55,13 +55,12 @@ from vllm.v1.attention.backend import (
 
 from cab_vllm.backend import trace
 from cab_vllm.backend.stats import STATS
+from cab_vllm.ops.decode import DecodeRoutes
 from cab_vllm.backend import compat
 from cab_vllm.backend.planner import (
     METRICS,
     BatchPlan,
-    BoundsCache,
     DecodeWorkspace,
-    EngineSettings,
     PromptSlots,
     PromptTable,
     attend,
@@ -122,7 +121,7 @@ class CABBackend(AttentionBackend):
 
 @dataclass
 class CABMetadata:
-    """One step's metadata (shared by all layers). Tensors are vLLM's; plan and done_slots are ours."""
+    """One step's metadata (shared by all layers). Tensors are vLLM's; the plan and the routes are ours."""
 
     num_actual_tokens: int
     query_start_loc: torch.Tensor  # [S+1] int32
@@ -130,7 +129,6 @@ class CABMetadata:
     block_table: torch.Tensor  # [S, max_pages] int32
     slot_mapping: torch.Tensor  # [T] int64
     plan: BatchPlan
-    done_slots: torch.Tensor  # prefill slots completing a bounds unit this step (int64)
     fa: object = None  # vLLM's FlashAttentionMetadata for the dense rows (CUDA), else None
     routes: object = None  # DecodeRoutes of the decode rows (device, fixed addresses), table filled per layer
     keep: torch.Tensor | None = None  # [decode rows] int32 blocks kept by MODE_BOUNDS/RECENT/RANDOM rows
@@ -192,7 +190,6 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.settings = compat.engine_settings()
         self.page_size = kv_cache_spec.block_size
-        self.unit = _unit(self.page_size, self.settings.cfg.block_size)
         runner = _find_runner()
         self._runner = weakref.ref(runner) if runner is not None else None
         if runner is None:
@@ -297,13 +294,10 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             self._fa_seq_lens[n:].zero_()
             fa_md = self.fa.build(common_prefix_len, cm.replace(seq_lens=self._fa_seq_lens[:n]), fast_build)
         slots = cm.slot_mapping[: cm.num_actual_tokens]
-        done = slots[:0]  # no bounds cache in the engine: decode selection reads key min/max from the cache
-        from cab_vllm.ops.decode import DecodeRoutes
-
         empty = self._routes[0, :0]
         routes = DecodeRoutes(self._routes[0, :d], self._routes[1, :d], empty, empty, self._routes[2, :d], empty, empty)
         return CABMetadata(cm.num_actual_tokens, cm.query_start_loc[: n + 1], cm.seq_lens[:n],
-                           cm.block_table_tensor[:n], slots, plan, done, fa=fa_md, routes=routes,
+                           cm.block_table_tensor[:n], slots, plan, fa=fa_md, routes=routes,
                            keep=self._routes[3, :d], run_fa=run_fa, run_cab_decode=run_cab_decode,
                            run_cab_prefill=run_cab_prefill)
 
@@ -312,12 +306,6 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         md.run_fa = self.fa is not None
         md.run_cab_decode = True
         return md
-
-
-def _unit(page_size: int, block_size: int) -> int:
-    import math
-
-    return math.gcd(page_size, block_size)
 
 
 class CABImpl(AttentionImpl[CABMetadata]):
@@ -405,7 +393,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
                                     sel_idx=self.workspace.sel_idx[: len(md.plan.decode_rows)],
                                     sel_cnt=self.workspace.sel_cnt[: len(md.plan.decode_rows)])
         attend(query.view(-1, self.num_heads, self.head_size), key_cache, value_cache, md.block_table, md.seq_lens,
-               md.plan, None, None, self.scale, output.view(-1, self.num_heads, self.head_size),
+               md.plan, self.scale, output.view(-1, self.num_heads, self.head_size),
                self.settings.impl, table=self.table, routes=routes, keep=md.keep, workspace=self.workspace,
                skip_dense=self.fa is not None, decode_attention=decode_attention, prefills=md.run_cab_prefill)
         return output

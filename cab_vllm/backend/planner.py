@@ -8,13 +8,12 @@ block_table [S, max_pages], slot_mapping [T] (slot = page * page_size + offset, 
   request_config     one request's CABConfig from its SamplingParams.extra_args ({"cab_sparsity", "cab_policy"}).
   plan_batch         host-side split of a batch into decode rows (1 query token) and prefill rows (>1), and the
                      dense/sparse decision per row (seq_len < dense_threshold -> dense).
-  BoundsCache        per-layer per-(physical page, unit) key min/max, updated when a unit's last slot is written;
-                     decode selection reads block bounds from it instead of re-pooling the whole context.
+  route_rows         per decode row, where its key blocks come from (MODE_*), its prompt-table slot and budget;
+                     per prefill row, whether it stores the prompt's selection (PromptSlots / PromptTable).
   prefill_selection  one request's key-block selection for the query blocks of its new tokens.
-  decode_selection   key blocks for the decode rows (Quest-style bounds with the real query, or the prompt rule).
-  PromptSelections   per-layer store of each request's prompt selection for decode_rule="prompt".
   prefill_tiles      the PrefillTiles of a varlen batch of prefills, padded to one K.
-  run_prefill / run_decode  the attention itself: our Triton kernels (impl 'triton') or a PyTorch path ('torch').
+  attend             one layer: routed decode (ops.select.decode_select + ops.decode.routed_decode) and the
+                     sparse prefill (run_prefill: our Triton kernels, or a PyTorch path on CPU).
 
 Chunked prefill with a cached prefix: the estimate is computed over the full context (keys gathered from the
 paged cache) with zero query rows for the prefix, and only the rows of the query blocks that hold new tokens
@@ -38,17 +37,12 @@ import torch.nn.functional as F
 
 from cab_vllm.backend.stats import STATS
 from cab_vllm.config import POLICIES, CABConfig
-from cab_vllm.ops.decode import paged_sparse_decode
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.reference import gather_paged_ref, num_blocks
-from cab_vllm.policies import (DECODE_POLICIES, estimate, extend_prompt_selection, select_decode_blocks,
-                               select_from_attention)
+from cab_vllm.policies import estimate, select_from_attention
 
 # Per-process counters (requests/rows per step, not per layer): proof the backend ran and how often it went dense.
 METRICS: Counter = Counter()
-
-# Policies without a decode-time rule use the bounds rule (the cab default) for decode rows.
-DECODE_FALLBACK = {p: (p if p in DECODE_POLICIES else "cab") for p in POLICIES}
 
 ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_SPARSITY": ("sparsity", float),
@@ -225,62 +219,6 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Key bounds per (physical page, unit): unit = gcd(page_size, block_size) consecutive slots of one page.
-# ---------------------------------------------------------------------------------------------------------------
-class BoundsCache:
-    """Per-layer elementwise min/max of the keys of every full unit of the paged cache.
-
-    lo, hi [num_pages, units_per_page, Hkv, D] in the cache dtype. A unit's bounds are (re)computed when its
-    last slot is written (update), so a page that is freed and reused is refreshed when refilled, and pages
-    shared through prefix caching keep valid bounds. Partial units hold stale values: they are only ever part
-    of the query's own (forced) block. block_bounds gathers the bounds of whole selection blocks.
-    """
-
-    def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.page_size, self.block_size = page_size, block_size
-        self.unit = math.gcd(page_size, block_size)
-        self.units_per_page = page_size // self.unit
-        shape = (num_pages, self.units_per_page, num_kv_heads, head_dim)
-        self.lo = torch.zeros(shape, dtype=dtype, device=device)
-        self.hi = torch.zeros(shape, dtype=dtype, device=device)
-
-    def completed_slots(self, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Slots (int64) of this step that complete a unit (host sync; shared by all layers of the step)."""
-        s = slot_mapping.long()
-        return s[(s >= 0) & (s % self.unit == self.unit - 1)]
-
-    def update(self, key_cache: torch.Tensor, done_slots: torch.Tensor) -> None:
-        """Recompute the bounds of the units whose last slot is in done_slots; key_cache [pages, page_size,
-        Hkv, D] (any strides), already holding this step's keys."""
-        if done_slots.numel() == 0:
-            return
-        page = done_slots // self.page_size
-        first = done_slots % self.page_size - (self.unit - 1)
-        pos = first[:, None] + torch.arange(self.unit, device=done_slots.device)
-        k = key_cache[page[:, None], pos]  # [U, unit, Hkv, D]
-        u = first // self.unit
-        self.lo[page, u] = k.amin(1)
-        self.hi[page, u] = k.amax(1)
-
-    def block_bounds(self, block_table: torch.Tensor, max_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lo, hi) [S, Hkv, max_blocks, D] of selection blocks 0..max_blocks-1 of every row of block_table
-        [S, max_pages] (blocks past a row's length hold garbage: the selection masks them)."""
-        per_block = self.block_size // self.unit
-        t = torch.arange(max_blocks * per_block, device=block_table.device)  # logical unit index
-        tok = t * self.unit
-        col = (tok // self.page_size).clamp(max=block_table.shape[1] - 1)
-        page = block_table.long()[:, col]  # [S, U]
-        u = (tok % self.page_size) // self.unit
-        lo = self.lo[page, u[None, :]]  # [S, U, Hkv, D]
-        hi = self.hi[page, u[None, :]]
-        s, _, h, d = lo.shape
-        lo = lo.view(s, max_blocks, per_block, h, d).amin(2).transpose(1, 2)
-        hi = hi.view(s, max_blocks, per_block, h, d).amax(2).transpose(1, 2)
-        return lo.contiguous(), hi.contiguous()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # selection
 # ---------------------------------------------------------------------------------------------------------------
 def _all_blocks(first_qb: int, last_qb: int, hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,62 +384,6 @@ def _keep_last(cfg: CABConfig, m: int) -> int:
     return int(cfg.keep_counts(m)[-1])
 
 
-def decode_selection(q: torch.Tensor, num_kv_heads: int, bounds: BoundsCache | None, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, cfgs: Sequence[CABConfig], impl: str = "auto",
-                     key_cache: torch.Tensor | None = None, prompts: PromptSelections | None = None,
-                     req_ids: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key blocks for decode rows: q [S, Hq, D]; block_table [S, P]; seq_lens [S] int32 (host-known values in
-    ``cfgs`` order). Rows sharing a config are selected together. Without a BoundsCache the block bounds are
-    pooled from key_cache (the slow path, for tests). Rows whose config uses decode_rule="prompt" read their
-    prompt's selection from ``prompts`` by ``req_ids`` [S]. Returns (indices [S, Hkv, K], counts [S, Hkv])."""
-    s = q.shape[0]
-    bs = cfgs[0].block_size
-    sl = [int(x) for x in seq_lens.tolist()]
-    mmax = max(num_blocks(n, bs) for n in sl)
-    groups: dict[CABConfig, list[int]] = {}
-    for r, c in enumerate(cfgs):
-        groups.setdefault(c, []).append(r)
-    need_bounds = any(DECODE_FALLBACK[c.policy] in ("cab", "magnitude") and not uses_prompt_rule(c) for c in groups)
-    lo = hi = None
-    if need_bounds:
-        if bounds is not None:
-            lo, hi = bounds.block_bounds(block_table, mmax)
-        else:
-            lo, hi = _pool_bounds(key_cache, block_table, sl, bs, mmax)
-    hkv = num_kv_heads
-    idx = torch.full((s, hkv, mmax), -1, dtype=torch.int32, device=q.device)
-    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=q.device)
-    for c, rows in groups.items():
-        if uses_prompt_rule(c):
-            if prompts is None or req_ids is None:
-                raise ValueError("decode_rule='prompt' needs the layer's PromptSelections and the rows' request ids")
-            for r in rows:
-                ri, rc = prompts.row(req_ids[r], num_blocks(sl[r], bs), hkv, q.device)
-                idx[r, :, : ri.shape[-1]] = ri
-                cnt[r] = rc
-            continue
-        dc = c.replace(policy=DECODE_FALLBACK[c.policy])
-        rt = torch.tensor(rows, device=q.device)
-        if lo is None or dc.policy not in ("cab", "magnitude"):
-            z = torch.zeros(len(rows), hkv, mmax, q.shape[-1], dtype=q.dtype, device=q.device)
-            gi, gc = select_decode_blocks(q[rt], z, z, seq_lens[rt], dc, impl=impl)
-        else:
-            gi, gc = select_decode_blocks(q[rt], lo[rt], hi[rt], seq_lens[rt], dc, impl=impl)
-        idx[rt, :, : gi.shape[-1]] = gi
-        cnt[rt] = gc
-    return idx, cnt
-
-
-def _pool_bounds(key_cache, block_table, seq_lens, bs, mmax):
-    rows_lo, rows_hi = [], []
-    for r, n in enumerate(seq_lens):
-        k = gather_paged_ref(key_cache, block_table[r], n)  # [Hkv, n, D]
-        kp = F.pad(k, (0, 0, 0, mmax * bs - n), value=float("nan")).view(k.shape[0], mmax, bs, k.shape[-1])
-        rows_lo.append(torch.nan_to_num(kp.float().nan_to_num(float("inf")).amin(2), posinf=0.0).to(k.dtype))
-        rows_hi.append(torch.nan_to_num(kp.float().nan_to_num(float("-inf")).amax(2), neginf=0.0).to(k.dtype))
-    return torch.stack(rows_lo), torch.stack(rows_hi)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------------------------
@@ -576,39 +458,6 @@ def run_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
                                            block_size, scale)
 
 
-def _torch_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
-                  seq_lens: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, bs: int, scale: float
-                  ) -> torch.Tensor:
-    """PyTorch sparse decode that reads only the selected blocks (through the block table). Returns [S, Hq, D]."""
-    s, hq, d = q.shape
-    hkv, ps = key_cache.shape[2], key_cache.shape[1]
-    g, kk = hq // hkv, indices.shape[-1]
-    ii = indices.long()
-    live = (ii >= 0) & (torch.arange(kk, device=q.device) < counts[..., None])
-    pos = ii.clamp(min=0)[..., None] * bs + torch.arange(bs, device=q.device)  # [S, Hkv, K, bs]
-    ok = live[..., None] & (pos < seq_lens.long()[:, None, None, None])
-    pos = torch.where(ok, pos, 0)
-    page = torch.gather(block_table.long(), 1, (pos // ps).reshape(s, -1)).view_as(pos)
-    h = torch.arange(hkv, device=q.device)[None, :, None, None]
-    kg = key_cache[page, pos % ps, h].reshape(s, hkv, kk * bs, d).float()
-    vg = value_cache[page, pos % ps, h].reshape(s, hkv, kk * bs, d).float()
-    sc = (q.view(s, hkv, g, d).float() @ kg.transpose(-1, -2)) * scale
-    sc = sc.masked_fill(~ok.reshape(s, hkv, 1, kk * bs), float("-inf"))
-    return (torch.softmax(sc, -1) @ vg).reshape(s, hq, d).to(q.dtype)
-
-
-def run_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
-               seq_lens: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, block_size: int, scale: float,
-               out: torch.Tensor, impl: str = "auto") -> None:
-    """One query per row at position seq_lens-1 over its selected blocks; writes out [S, Hq, D].
-    impl 'triton': ops.decode.paged_sparse_decode (split-K); 'torch': _torch_decode."""
-    if resolve(impl, q.device) == "triton":
-        paged_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, indices, counts, block_size, scale,
-                            out=out, impl="triton")
-        return
-    out.copy_(_torch_decode(q, key_cache, value_cache, block_table, seq_lens, indices, counts, block_size, scale))
-
-
 def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store key/value [T, Hkv, D] at slot_mapping [T] (slot = page * page_size + offset; -1 skipped) of the
@@ -678,18 +527,15 @@ class DecodeWorkspace:
 
 
 def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
-           seq_lens: torch.Tensor, plan: BatchPlan, bounds: BoundsCache, done_slots: torch.Tensor, scale: float,
-           out: torch.Tensor, impl: str = "auto", record: dict | None = None, table: PromptTable | None = None,
-           slot_mapping: torch.Tensor | None = None, routes=None, keep: torch.Tensor | None = None,
+           seq_lens: torch.Tensor, plan: BatchPlan, scale: float, out: torch.Tensor, impl: str = "auto",
+           record: dict | None = None, table: PromptTable | None = None, routes=None, keep: torch.Tensor | None = None,
            workspace: DecodeWorkspace | None = None, skip_dense: bool = False, decode_attention: bool = True,
            prefills: bool = True) -> torch.Tensor:
-    """One layer of the backend: refresh the key bounds, select and attend for the rows of the plan.
+    """One layer of the backend: select and attend for the rows of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
-    this step's keys; block_table [S, P] int32; seq_lens [S] int32 (device); bounds, done_slots: an optional
-    BoundsCache kept up to date with the step's unit-completing slots (the engine keeps none: decode selection
-    reads key min/max from the cache itself); slot_mapping: unused (kept for callers). route_rows must have run
-    on the plan. routes/keep: the builder's device DecodeRoutes (built here when None); table: this layer's
+    this step's keys; block_table [S, P] int32; seq_lens [S] int32 (device). route_rows must have run on the
+    plan (decode rows that select by key bounds read each block's key min/max from the cache). routes/keep: the builder's device DecodeRoutes (built here when None); table: this layer's
     PromptTable (decode_rule="prompt"). skip_dense: dense rows are left to another kernel (vLLM's
     FlashAttention). decode_attention=False: decode rows are left alone (every one is dense and another kernel
     runs it); prefills=False: prefill rows are left alone. Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
@@ -702,9 +548,6 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     hkv = key_cache.shape[2]
     dev = q.device
     sel_impl = "triton" if resolve(impl, dev) == "triton" and dev.type == "cuda" else "torch"
-    if bounds is not None and done_slots is not None and done_slots.numel():
-        with STATS.timed("bounds", dev):
-            bounds.update(key_cache, done_slots)
     if plan.decode_rows and decode_attention:
         rows = plan.decode_rows
         d = len(rows)

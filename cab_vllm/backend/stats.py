@@ -178,23 +178,13 @@ class Stats:
                     step[("dense", phase, reason)] += 1
             elif phase == "decode" and plan.modes is not None:
                 # route_rows decided the row's source: the stored prompt selection (its budget + every block after
-                # the prompt) or the step's own selection (the query block's budget)
+                # the prompt) or the step's own selection (the query block's budget, as in the else branch)
                 i = decode_index[r]
                 if plan.modes[i] == 1:  # MODE_PROMPT
                     mp = plan.pblocks[i] - 1
                     kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp) + last - mp
                 else:
                     kept = plan.keep[i]
-                mode = "sparse"
-            elif phase == "decode" and cfg.decodes_from_prompt:
-                # the prompt's last query block's budget + every block after the prompt; a prompt that ran dense
-                # (or an unknown one) keeps every block
-                pl = plan.prompt_lens[r] if plan.prompt_lens is not None else None
-                if pl is None or dense_reason(cfg, pl, dense_threshold) is not None:
-                    kept = causal
-                else:
-                    mp = (pl - 1) // block_size
-                    kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp) + last - mp
                 mode = "sparse"
             else:
                 kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, first, last)

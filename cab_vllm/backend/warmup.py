@@ -39,8 +39,8 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
                           prompt_lens=[prompt_len])
         route_rows(plan, slots, fa_dense=False)
         out = torch.empty_like(q)
-        attend(q, key_cache, value_cache, bt, torch.tensor([b], dtype=torch.int32, device=device), plan, None,
-               None, scale, out, table=table, workspace=workspace)
+        attend(q, key_cache, value_cache, bt, torch.tensor([b], dtype=torch.int32, device=device), plan, scale, out,
+               table=table, workspace=workspace)
 
     # two prompts in two chunks each, one with lengths that are multiples of 16 and one without (Triton compiles
     # the two apart); the final chunk stores the prompt selection, then a decode step reads it (the prompt rule)

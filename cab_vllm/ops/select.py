@@ -82,6 +82,26 @@ try:
     import triton.language as tl
 
     @triton.jit
+    def _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr):
+        """The decode queries of KV head kvh's group, [GROUP_PAD, BLOCK_D] float32, with the row and column masks."""
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, BLOCK_D)
+        g_ok = g < group
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + s * stride_qs + (kvh * group + g)[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        return q, g_ok, d, d_ok
+
+    @triton.jit
+    def _quest_bound(q, lo, hi, g_ok, scale):
+        """Per key block, max over the group's heads of sum_d max(q_d lo_d, q_d hi_d), times scale: q [G, D];
+        lo, hi [J, D] float32 -> [J]."""
+        ub = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee") + \
+            tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")
+        return tl.max(tl.where(g_ok[:, None], ub, float("-inf")), 0) * scale
+
+    @triton.jit
     def _decode_priority_kernel(
         q_ptr, lo_ptr, hi_ptr, seqlen_ptr, out_ptr,
         scale, group, mmax, block_size, sink_blocks, local_blocks,
@@ -91,21 +111,14 @@ try:
         s = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, BLOCK_D)
-        g_ok = g < group
-        d_ok = d < HEAD_DIM
-        q = tl.load(q_ptr + s * stride_qs + (kvh * group + g)[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
         last = (tl.load(seqlen_ptr + s) - 1) // block_size
         j_ok = (j < mmax) & (j <= last)
         boff = s * stride_bs + kvh * stride_bh + j[:, None] * stride_bm + d[None, :]
         bmask = j_ok[:, None] & d_ok[None, :]
         lo = tl.load(lo_ptr + boff, mask=bmask, other=0.0).to(tl.float32)
         hi = tl.load(hi_ptr + boff, mask=bmask, other=0.0).to(tl.float32)
-        ub = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee") + \
-            tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")
-        score = tl.max(tl.where(g_ok[:, None], ub, float("-inf")), 0) * scale
+        score = _quest_bound(q, lo, hi, g_ok, scale)
         forced = (j < sink_blocks) | (j > last - local_blocks)
         score = tl.where(forced, float("inf"), score)
         score = tl.where(j <= last, score, float("-inf"))
@@ -274,12 +287,8 @@ if _HAS_TRITON:
         if (mode >= 3) & (tl.program_id(2) * BLOCK_J <= last):
             j_ok = j <= last
             if mode == 3:
-                g = tl.arange(0, GROUP_PAD)
-                d = tl.arange(0, BLOCK_D)
-                g_ok = g < group
-                d_ok = d < HEAD_DIM
-                q = tl.load(q_ptr + s * stride_qs + (kvh * group + g)[:, None] * stride_qh + d[None, :],
-                            mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D,
+                                                GROUP_PAD)
                 blo = tl.full([BLOCK_J, BLOCK_D], float("inf"), dtype=tl.float32)
                 bhi = tl.full([BLOCK_J, BLOCK_D], float("-inf"), dtype=tl.float32)
                 for t in range(0, BLOCK):
@@ -294,9 +303,7 @@ if _HAS_TRITON:
                     bhi = tl.maximum(bhi, tl.where(m2, k, float("-inf")))
                 blo = tl.where(blo == float("inf"), 0.0, blo)
                 bhi = tl.where(bhi == float("-inf"), 0.0, bhi)
-                ub = tl.dot(tl.maximum(q, 0.0), tl.trans(bhi), input_precision="ieee") + \
-                    tl.dot(tl.minimum(q, 0.0), tl.trans(blo), input_precision="ieee")
-                score = tl.max(tl.where(g_ok[:, None], ub, float("-inf")), 0) * scale
+                score = _quest_bound(q, blo, bhi, g_ok, scale)
             elif mode == 4:
                 score = j.to(tl.float32)
             else:

@@ -1,6 +1,6 @@
 """Drive the backend's kernel path (cab_vllm.backend.planner.attend) with vLLM's exact per-batch tensors, without
 vLLM: query_start_loc, seq_lens, a randomly permuted block table (page 0 = null page), slot_mapping, and the KV
-cache written through the slots step by step (so the key-bounds cache is filled the way the engine fills it).
+cache written through the slots step by step, the way the engine fills it.
 Shared by the CPU tests (small sizes) and the GPU test (4k-128k, bf16)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from cab_vllm.backend.planner import BoundsCache, PromptSlots, PromptTable, attend, plan_batch, route_rows, write_kv
+from cab_vllm.backend.planner import PromptSlots, PromptTable, attend, plan_batch, route_rows, write_kv
 from cab_vllm.config import CABConfig
 
 
@@ -39,7 +39,6 @@ class PagedSim:
         self.kv = torch.full((total, hkv, page_size, 2 * d), float("nan"), dtype=dtype, device=dev)
         kv = self.kv.transpose(1, 2)
         self.key_cache, self.value_cache = kv[..., :d], kv[..., d:]
-        self.bounds = BoundsCache(total, page_size, hkv, d, cfg.block_size, dtype, dev)
         self.done = [0] * len(k)  # tokens already in the cache per sequence
         self.prompt_lens: dict = {}  # sequence -> prompt length (unknown: a chunk's end is taken as the prompt's)
         self.prompt_slots = PromptSlots(len(k) + 2)  # request id of sequence s: f"req-{s}"
@@ -79,9 +78,8 @@ class PagedSim:
         out = torch.full((q.shape[0], hq, d), float("nan"), dtype=q.dtype, device=dev)
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         record: dict = {}
-        attend(q, self.key_cache, self.value_cache, bt, sl_t.to(dev), plan, self.bounds,
-               self.bounds.completed_slots(slot_mapping), scale, out, impl, record=record, table=self.table,
-               slot_mapping=slot_mapping)
+        attend(q, self.key_cache, self.value_cache, bt, sl_t.to(dev), plan, scale, out, impl, record=record,
+               table=self.table)
         return out, dict(query_start_loc=qsl_t, seq_lens=sl_t, block_table=bt, slot_mapping=slot_mapping, plan=plan,
                          rows=rows, **record)
 

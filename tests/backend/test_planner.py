@@ -12,7 +12,6 @@ from cab_vllm.api import select_blocks
 from cab_vllm.backend.planner import (
     METRICS,
     EngineSettings,
-    decode_selection,
     plan_batch,
     prefill_selection,
     request_config,
@@ -70,29 +69,6 @@ def test_plan_batch_split_threshold_and_metrics():
     assert METRICS["prefill_sparse"] == 1 and METRICS["prefill_dense"] == 2
 
 
-# -- key bounds -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("page_size", [16, 64, 128], ids=lambda p: f"page{p}")
-def test_bounds_cache_matches_pooled_keys(page_size):
-    torch.manual_seed(0)
-    hq, hkv, d, bs = 4, 2, 32, 64
-    lens = [333, 70, 1000]
-    k = [torch.randn(hkv, n, d) for n in lens]
-    q = [torch.randn(hq, n, d) for n in lens]
-    sim = PagedSim(q, k, k, page_size, CABConfig(block_size=bs))
-    # fill in uneven steps, as the engine would (chunks, then single tokens)
-    sim.step([(0, 100), (1, 70), (2, 513)])
-    sim.step([(0, 200), (2, 487)])
-    for _ in range(33):
-        sim.step([(0, 1)])
-    mmax = max(lens) // bs + 1
-    lo, hi = sim.bounds.block_bounds(sim.block_table, mmax)
-    for s, n in enumerate(lens):
-        full = n // bs
-        kk = k[s][:, : full * bs].view(hkv, full, bs, d)
-        torch.testing.assert_close(lo[s, :, :full], kk.amin(2))
-        torch.testing.assert_close(hi[s, :, :full], kk.amax(2))
-
-
 # -- selection ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", ["cab", "magnitude", "streaming", "h2o"])
 def test_prefill_selection_full_prompt_equals_library(policy):
@@ -116,25 +92,6 @@ def test_prefill_selection_chunk_rows():
     keep = cfg.keep_counts(999 // 64 + 1)[first:]
     assert torch.equal(cnt.long(), keep[:, None].expand_as(cnt))
     assert bool(((idx <= torch.arange(first, first + idx.shape[0])[:, None, None]) | (idx < 0)).all())
-
-
-def test_decode_selection_cached_bounds_equal_pooled():
-    torch.manual_seed(3)
-    hq, hkv, d = 4, 2, 64
-    lens = [900, 300, 1500]
-    k = [torch.randn(hkv, n, d) for n in lens]
-    q = [torch.randn(hq, n, d) for n in lens]
-    sim = PagedSim(q, k, k, 16, CABConfig(sparsity=0.8))
-    sim.step([(s, n - 1) for s, n in enumerate(lens)])
-    out, md = sim.step([(s, 1) for s in range(3)])
-    qd = torch.stack([q[s][:, n - 1] for s, n in enumerate(lens)])
-    cfgs = [CABConfig(sparsity=0.8, decode_rule="bounds"), CABConfig(sparsity=0.5, decode_rule="bounds"), CABConfig(sparsity=0.8, policy="streaming")]
-    a = decode_selection(qd, hkv, sim.bounds, md["block_table"], md["seq_lens"], cfgs)
-    b = decode_selection(qd, hkv, None, md["block_table"], md["seq_lens"], cfgs, key_cache=sim.key_cache)
-    assert torch.equal(a[1], b[1])
-    assert torch.equal(a[0], b[0])
-    m = [(n - 1) // 64 + 1 for n in lens]
-    assert a[1][0, 0] == cfgs[0].keep_counts(m[0])[-1] and a[1][1, 0] == cfgs[1].keep_counts(m[1])[-1]
 
 
 # -- attention through the paged cache ------------------------------------------------------------------------
