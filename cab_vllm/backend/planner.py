@@ -12,7 +12,7 @@ block_table [S, max_pages], slot_mapping [T] (slot = page * page_size + offset, 
                      per prefill row, whether it stores the prompt's selection (PromptSlots / PromptTable).
   prefill_selection  one request's key-block selection for the query blocks of its new tokens.
   prefill_tiles      the PrefillTiles of a varlen batch of prefills, padded to one K.
-  attend             one layer: routed decode (ops.select.decode_select + ops.decode.routed_decode) and the
+  attend             one layer: routed decode (ops.decode.routed_decode: selection + attention, one launch) and the
                      sparse prefill (run_prefill: our Triton kernels, or a PyTorch path on CPU).
 
 Chunked prefill with a cached prefix: the estimate is computed over the full context (keys gathered from the
@@ -496,7 +496,7 @@ class DecodeWorkspace:
 
     def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_blocks: int, device):
         from cab_vllm.ops._triton import next_pow2
-        from cab_vllm.ops.decode import default_num_splits
+        from cab_vllm.ops.decode import default_num_splits, sync_size
 
         self.rows, self.max_blocks = rows, max(1, max_blocks)
         self.mpad = next_pow2(self.max_blocks)
@@ -507,6 +507,7 @@ class DecodeWorkspace:
         self.part_o = torch.zeros(cap * num_heads * head_dim, dtype=torch.float32, device=device)
         self.part_lse = torch.zeros(cap * num_heads, dtype=torch.float32, device=device)
         self.lse = torch.zeros(rows, num_heads, dtype=torch.float32, device=device)
+        self.sync = torch.zeros(sync_size(rows, num_kv_heads), dtype=torch.int32, device=device)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
     def splits(self, rows: int) -> int:
@@ -514,16 +515,19 @@ class DecodeWorkspace:
 
         return default_num_splits(rows, self.num_kv_heads, self.max_blocks)
 
-    def partials(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def partials(self, rows: int):
+        """The DecodeScratch of a step of `rows` decode rows."""
+        from cab_vllm.ops.decode import DecodeScratch
+
         k = self.splits(rows)
         n = rows * self.num_heads * k
-        return (self.part_o[: n * self.head_dim].view(rows, self.num_heads, k, self.head_dim),
-                self.part_lse[:n].view(rows, self.num_heads, k), self.lse)
+        return DecodeScratch(self.part_o[: n * self.head_dim].view(rows, self.num_heads, k, self.head_dim),
+                             self.part_lse[:n].view(rows, self.num_heads, k), self.lse, self.sync)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.sel_idx, self.sel_cnt, self.scores, self.part_o,
-                                                           self.part_lse, self.lse))
+                                                           self.part_lse, self.lse, self.sync))
 
 
 def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
@@ -541,8 +545,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     runs it); prefills=False: prefill rows are left alone. Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
     (indices, counts) of plan.decode_rows; 'prefill': (indices, counts, first query block) per plan.prefill_rows).
     """
-    from cab_vllm.ops.decode import routed_decode, routed_indices
-    from cab_vllm.ops.select import decode_select
+    from cab_vllm.ops.decode import Selection, routed_decode, routed_indices
 
     bs = plan.cfgs[0].block_size if plan.cfgs else 64
     hkv = key_cache.shape[2]
@@ -568,11 +571,6 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
             from cab_vllm.ops._triton import next_pow2
 
             scores = torch.empty(d, hkv, next_pow2(mmax), dtype=torch.float32, device=dev)
-        with STATS.timed("decode", dev):
-            decode_select(qd, key_cache, bt, sl, routes.modes, keep, bs, cfg0.sink_blocks, cfg0.local_blocks, cfg0.seed,
-                          routes.sel_idx, routes.sel_cnt, scores, impl=sel_impl)
-        if record is not None:
-            record["decode"] = routed_indices(routes, sl, bs, d)
         od = out[:d] if prefix else torch.empty_like(qd)
         if workspace is not None:
             ws, ns = workspace.partials(d), workspace.splits(d)
@@ -580,7 +578,12 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
             from cab_vllm.ops.decode import default_num_splits
 
             ws, ns = None, default_num_splits(d, hkv, mmax)
-        routed_decode(qd, key_cache, value_cache, bt, sl, routes, bs, scale, od, ns, ws, impl=impl)
+        select = Selection(keep, scores, cfg0.sink_blocks, cfg0.local_blocks, cfg0.seed)
+        with STATS.timed("decode", dev):
+            routed_decode(qd, key_cache, value_cache, bt, sl, routes, bs, scale, od, ns, ws, impl=impl,
+                          select=select)
+        if record is not None:
+            record["decode"] = routed_indices(routes, sl, bs, d)
         if not prefix:
             live = routes.modes != 0
             out[tok[live]] = od[live]

@@ -18,8 +18,10 @@ Metrics (counters, so a scrape of several processes sums correctly; PromQL ratio
   cab_query_tokens_total{phase,sparsity,policy,mode}   new query tokens those rows processed
   cab_dense_rows_total{phase,reason}            rows run dense: below_threshold (context < CAB_DENSE_THRESHOLD),
                                                 sparsity_zero, policy_dense
-  cab_predictor_seconds_total{phase}            block-selection time (prefill, decode, bounds = key-bounds cache
-                                                refresh), summed over layers
+  cab_predictor_seconds_total{phase}            block-selection time summed over layers: prefill = estimate +
+                                                select per chunk; decode = the one decode launch (selection
+                                                fused with attention), eager steps only (CUDA-graph replays
+                                                run no host code and are not timed)
   cab_predictor_step_seconds                    histogram of the selection time of one step (all layers)
 
 ``sparsity`` labels are the request's sparsity rounded to two decimals ("0.70"). Across processes (vLLM's

@@ -1,8 +1,12 @@
-"""Block-sparse decode over vLLM's paged KV cache: split-K over the selected blocks + log-sum-exp merge.
+"""Block-sparse decode over vLLM's paged KV cache: split-K over the selected blocks + log-sum-exp merge, and
+(routed decode) the step's own block selection, all in one launch.
 
-One program handles one (sequence, KV head, split): the G query heads of the group are packed as the rows
-of one tile, so each selected key block is read once per group. Partial outputs and their base-2 LSE go to
-a scratch buffer; a second kernel merges the splits. Twin: ops.reference.paged_decode_ref.
+One attention program handles one (sequence, KV head, split): the G query heads of the group are packed as the
+rows of one tile, so each selected key block is read once per group. Partial outputs and their base-2 LSE go to
+a scratch buffer; the last split of each (sequence, KV head) to finish merges them. In a CUDA graph every
+launch costs microseconds even when it has nothing to do (short prompts run on vLLM's FlashAttention), so the
+selection, the attention and the merge share one launch. Twins: ops.reference.paged_decode_ref and
+ops.select.decode_select's PyTorch path.
 """
 
 from __future__ import annotations
@@ -32,127 +36,203 @@ if HAS_TRITON:
     import triton.language as tl
 
     from cab_vllm.ops._triton import paged_coords
+    from cab_vllm.ops.select import (MAX_SCORE_PROGRAMS, SCORE_TILE, _group_query, _score_blocks,
+                                     _topk_blocks)
 
     @triton.jit
-    def _sparse_decode_kernel(
-        q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr,
-        bt_ptr, seqlen_ptr, idx_ptr, cnt_ptr,
-        mode_ptr, slot_ptr, tab_idx_ptr, tab_cnt_ptr, tab_blocks_ptr,
-        scale_log2,
+    def _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
+                      tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
+                      s, kvh, split, mode, seq_len, scale_log2, num_heads, group, num_splits, page_size,
+                      stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh,
+                      stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
+                      stride_pos, stride_poh, stride_pok,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr):
+        """Split `split` of row s, KV head kvh: the group's queries over their share of the row's key blocks
+        (mode 1: the stored prompt selection + every block after the prompt; 2: every causal block; else the
+        step's idx/cnt) -> normalized partial output and base-2 LSE (-inf when empty) in po/plse."""
+        nb = (seq_len + BLOCK - 1) // BLOCK
+        c1 = nb * 0
+        pb = nb
+        tab_base = tab_idx_ptr
+        if mode == 1:
+            slot = tl.load(slot_ptr + s).to(tl.int64)
+            c1 = tl.load(tab_cnt_ptr + slot * stride_tcs + kvh)
+            pb = tl.load(tab_blocks_ptr + s)
+            tab_base = tab_idx_ptr + slot * stride_ts + kvh * stride_th
+            cnt = c1 + tl.maximum(nb - pb, 0)
+        elif mode == 2:
+            cnt = nb
+        else:
+            cnt = tl.load(cnt_ptr + s * stride_cs + kvh, cache_modifier=".cg")
+        per = tl.cdiv(cnt, num_splits)
+        i0 = split * per
+        i1 = tl.minimum(i0 + per, cnt)
+
+        q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
+        q = q.to(k_ptr.dtype.element_ty)
+        heads = kvh * group + tl.arange(0, GROUP_PAD)
+        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+        idx_base = idx_ptr + s * stride_is + kvh * stride_ih
+        for i in range(i0, i1):
+            if mode == 1:
+                if i < c1:
+                    kb = tl.load(tab_base + i).to(tl.int32)
+                else:
+                    kb = pb + (i - c1)
+            elif mode == 2:
+                kb = i
+            else:
+                kb = tl.load(idx_base + i, cache_modifier=".cg")
+            kpos = kb * BLOCK + tl.arange(0, BLOCK)
+            k_ok = kpos < seq_len
+            page, slot_in = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None]
+                        + d[None, :], mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * scale_log2
+            qk = tl.where(k_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None]
+                        + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :],
+                 out, mask=g_ok[:, None] & d_ok[None, :])
+        # part_lse is a contiguous [S, Hq, num_splits] buffer
+        tl.store(plse_ptr + (s * num_heads + heads) * num_splits + split, lse, mask=g_ok)
+
+    @triton.jit
+    def _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
+                     stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr):
+        """Log-sum-exp merge of the group's split partials (written by other programs: read from L2) into o
+        [S, Hq, D] and lse [S, Hq] (natural log)."""
+        g = tl.arange(0, GROUP_PAD)
+        g_ok = g < group
+        heads = kvh * group + g
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        tot = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+        for k in range(0, num_splits):
+            lse_k = tl.load(plse_ptr + (s * num_heads + heads) * num_splits + k, mask=g_ok, other=float("-inf"),
+                            cache_modifier=".cg")
+            o_k = tl.load(po_ptr + s * stride_pos + heads[:, None] * stride_poh + k * stride_pok + d[None, :],
+                          mask=g_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, lse_k)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse_k - m_safe)
+            acc = acc * alpha[:, None] + o_k * w[:, None]
+            tot = tot * alpha + w
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        out = acc / tl.where(tot > 0.0, tot, 1.0)[:, None]
+        tl.store(o_ptr + s * stride_os + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+        total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
+                         float("-inf"))
+        tl.store(lse_ptr + s * num_heads + heads, total, mask=g_ok)
+
+    @triton.jit
+    def _decode_step_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, seqlen_ptr,
+        mode_ptr, slot_ptr, tab_idx_ptr, tab_cnt_ptr, tab_blocks_ptr, idx_ptr, cnt_ptr,
+        keep_ptr, sc_ptr, po_ptr, plse_ptr, o_ptr, lse_ptr, sync_ptr,
+        scale_log2, sel_scale,
+        num_heads, num_kv_heads, num_splits, n_tiles, n_score, n_total, sync_rows, page_size,
+        sink_blocks, local_blocks, seed, kmax,
         stride_qs, stride_qh,
         stride_kpage, stride_kpos, stride_kh,
         stride_vpage, stride_vpos, stride_vh,
         stride_bt, stride_is, stride_ih, stride_cs,
         stride_ts, stride_th, stride_tcs,
+        stride_ss, stride_sh,
         stride_pos, stride_poh, stride_pok,
-        page_size, group, num_splits,
+        stride_os, stride_oh,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
-        ROUTED: tl.constexpr,
+        BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
+        ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr,
     ):
-        # ROUTED: each row's mode says where its key blocks come from (MODE_* in this module): SKIP rows are
-        # left to another kernel, PROMPT rows read their request's stored prompt selection (tab_*) plus every
-        # block after the prompt, ALL rows read every causal block, the others read the step's selection
-        # (idx/cnt). Not ROUTED: every row reads idx/cnt.
-        s = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
-        seq_len = tl.load(seqlen_ptr + s)
-        mode = 3
-        if ROUTED:
+        # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
+        # MODE_RECENT / MODE_RANDOM; n_tiles programs per (row, KV head) score its blocks, the last to finish
+        # keeps the top keep[s]); programs [n_score, n_total) attend (ATTEND: one per (row, KV head, split);
+        # the last split of a (row, KV head) merges the group's partials). sync_ptr (int32, zero between
+        # launches; every counter is reset by the program that reads it last): [0] ticket, then per (row, KV
+        # head) [scored tiles | selection ready | finished splits], sync_rows rows each.
+        # ROUTED: each row's mode says where its key blocks come from (MODE_* in this module), else every row
+        # reads idx/cnt. Attention programs of selected rows wait for their selection: programs take their role
+        # from a ticket in the order they started, so every selection program a waiter needs is running or done.
+        if SELECT:
+            t = tl.atomic_add(sync_ptr, 1)
+            if t == n_total - 1:
+                tl.atomic_xchg(sync_ptr, 0)  # every program has its ticket: ready for the next launch
+        else:
+            t = tl.program_id(0)
+        group = num_heads // num_kv_heads
+        scored = sync_ptr + 1
+        ready = scored + sync_rows * num_kv_heads
+        finished = ready + sync_rows * num_kv_heads
+        if t < n_score:
+            per = num_kv_heads * n_tiles
+            s = (t // per).to(tl.int64)
+            kvh = (t % per) // n_tiles
             mode = tl.load(mode_ptr + s)
-        if mode != 0:
-            nb = (seq_len + BLOCK - 1) // BLOCK
-            c1 = nb * 0
-            pb = nb
-            tab_base = tab_idx_ptr
-            if mode == 1:
-                slot = tl.load(slot_ptr + s).to(tl.int64)
-                c1 = tl.load(tab_cnt_ptr + slot * stride_tcs + kvh)
-                pb = tl.load(tab_blocks_ptr + s)
-                tab_base = tab_idx_ptr + slot * stride_ts + kvh * stride_th
-                cnt = c1 + tl.maximum(nb - pb, 0)
-            elif mode == 2:
-                cnt = nb
-            else:
-                cnt = tl.load(cnt_ptr + s * stride_cs + kvh)
-            per = tl.cdiv(cnt, num_splits)
-            i0 = split * per
-            i1 = tl.minimum(i0 + per, cnt)
-
-            g = tl.arange(0, GROUP_PAD)
-            g_ok = g < group
-            heads = kvh * group + g
-            d = tl.arange(0, BLOCK_D)
-            d_ok = d < HEAD_DIM
-            q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + d[None, :],
-                        mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-
-            m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-            acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-            idx_base = idx_ptr + s * stride_is + kvh * stride_ih
-            for i in range(i0, i1):
-                if mode == 1:
-                    if i < c1:
-                        kb = tl.load(tab_base + i).to(tl.int32)
-                    else:
-                        kb = pb + (i - c1)
-                elif mode == 2:
-                    kb = i
-                else:
-                    kb = tl.load(idx_base + i)
-                kpos = kb * BLOCK + tl.arange(0, BLOCK)
-                k_ok = kpos < seq_len
-                page, slot_in = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
-                kv_mask = k_ok[:, None] & d_ok[None, :]
-                k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None]
-                            + d[None, :], mask=kv_mask, other=0.0)
-                qk = tl.dot(q, tl.trans(k)) * scale_log2
-                qk = tl.where(k_ok[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(qk - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None]
-                            + d[None, :], mask=kv_mask, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
-            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-            lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-            tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :],
-                     out, mask=g_ok[:, None] & d_ok[None, :])
-            # part_lse is a contiguous [S, Hq, num_splits] buffer
-            tl.store(plse_ptr + (s * tl.num_programs(1) * group + heads) * num_splits + split, lse, mask=g_ok)
-
-    @triton.jit
-    def _merge_splits_kernel(
-        po_ptr, plse_ptr, o_ptr, lse_ptr, mode_ptr,
-        stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-        num_heads, num_splits,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr, ROUTED: tl.constexpr,
-    ):
-        s = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        live = h >= 0
-        if ROUTED:
-            live = tl.load(mode_ptr + s) != 0  # SKIP rows are another kernel's
-        k = tl.arange(0, SPLIT_PAD)
-        k_ok = tl.where(live, k < num_splits, False)
-        lse = tl.load(plse_ptr + (s * num_heads + h) * num_splits + k, mask=k_ok, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp2(lse - m_safe)
-        tot = tl.sum(w, 0)
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_DIM
-        po = tl.load(po_ptr + s * stride_pos + h * stride_poh + k[:, None] * stride_pok + d[None, :],
-                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        out = tl.sum(po * w[:, None], 0) / tl.where(tot > 0.0, tot, 1.0)
-        tl.store(o_ptr + s * stride_os + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=tl.where(live, d_ok, False))
-        total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
-                         float("-inf"))
-        tl.store(lse_ptr + s * num_heads + h + k * 0, total + k * 0.0, mask=tl.where(live, k == 0, False))
+            if mode >= 3:
+                n = tl.load(seqlen_ptr + s)
+                _score_blocks(q_ptr, k_ptr, bt_ptr, sc_ptr, s, kvh, t % n_tiles, n_tiles, mode, n,
+                              sel_scale, group, page_size, sink_blocks, local_blocks, seed,
+                              stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt, stride_ss,
+                              stride_sh, HEAD_DIM, BLOCK_D, GROUP_PAD, BLOCK_J, BLOCK)
+                tl.debug_barrier()
+                c = tl.atomic_add(scored + s * num_kv_heads + kvh, 1, sem="acq_rel")
+                if c == n_tiles - 1:
+                    tl.atomic_xchg(scored + s * num_kv_heads + kvh, 0)
+                    _topk_blocks(sc_ptr, keep_ptr, idx_ptr, cnt_ptr, s, kvh, (n - 1) // BLOCK, kmax,
+                                 stride_ss, stride_sh, stride_is, stride_ih, stride_cs, MPAD, KPAD)
+                    if ATTEND:
+                        tl.debug_barrier()
+                        tl.atomic_xchg(ready + s * num_kv_heads + kvh, 1, sem="release")
+        else:
+            u = t - n_score
+            per = num_kv_heads * num_splits
+            s = (u // per).to(tl.int64)
+            kvh = (u % per) // num_splits
+            split = u % num_splits
+            mode = 3
+            if ROUTED:
+                mode = tl.load(mode_ptr + s)
+            if mode != 0:
+                if SELECT:
+                    if mode >= 3:
+                        r = tl.atomic_add(ready + s * num_kv_heads + kvh, 0, sem="acquire")
+                        while r == 0:
+                            r = tl.atomic_add(ready + s * num_kv_heads + kvh, 0, sem="acquire")
+                _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
+                              tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
+                              s, kvh, split, mode, tl.load(seqlen_ptr + s), scale_log2, num_heads, group,
+                              num_splits, page_size,
+                              stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos,
+                              stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
+                              stride_pos, stride_poh, stride_pok, HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD)
+                tl.debug_barrier()
+                c = tl.atomic_add(finished + s * num_kv_heads + kvh, 1, sem="acq_rel")
+                if c == num_splits - 1:
+                    tl.atomic_xchg(finished + s * num_kv_heads + kvh, 0)
+                    if SELECT:
+                        tl.atomic_xchg(ready + s * num_kv_heads + kvh, 0)  # every split is past its wait
+                    _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
+                                 stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                                 HEAD_DIM, BLOCK_D, GROUP_PAD)
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, target_programs: int = 264) -> int:
@@ -201,8 +281,8 @@ def paged_sparse_decode(
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty(ns, hq, dtype=torch.float32, device=q.device)
-    _decode_launch(q, key_cache, value_cache, block_table, seq_lens, indices.contiguous(), counts.contiguous(),
-                   None, block_size, scale, num_splits, out, lse, None)
+    step_launch(q, key_cache, value_cache, block_table, seq_lens, indices.contiguous(), counts.contiguous(),
+                block_size=block_size, scale=scale, num_splits=num_splits, out=out, lse=lse)
     return out, lse
 
 
@@ -235,26 +315,37 @@ def routed_decode(
     scale: float,
     out: torch.Tensor,
     num_splits: int,
-    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    workspace: DecodeScratch | None = None,
     impl: str = "auto",
+    select: Selection | None = None,
 ) -> torch.Tensor:
     """Decode attention for rows routed by ``routes`` (DecodeRoutes): one query per row at seq_lens - 1;
     rows in MODE_SKIP are not written. q [S, Hq, D]; out [S, Hq, D] (written in place, returned).
-    num_splits must not depend on the step's data (a CUDA graph replays it); workspace: preallocated
-    (part_o [>=S, Hq, num_splits, D] fp32, part_lse [>=S, Hq, num_splits] fp32, lse [>=S, Hq] fp32)."""
+    With ``select``, rows in SELECTED_MODES first get the step's selection into routes.sel_idx/sel_cnt
+    (ops.select.decode_select's rule) in the same launch: one launch for the whole step.
+    num_splits must not depend on the step's data (a CUDA graph replays it); workspace: DecodeScratch."""
+    from cab_vllm.ops.select import check_selection, decode_select
+
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
     ns = q.shape[0]
     check(routes.modes.shape[0] >= ns and routes.slots.shape[0] >= ns, "routes must cover every row of q")
     check(routes.sel_idx.shape[1] == hkv and routes.tab_idx.shape[1] == hkv, "routes are not for this layer's heads")
+    if select is not None:
+        check_selection(ns, hkv, select.scores, routes.sel_idx, routes.sel_cnt)
     if resolve_impl(impl, q, key_cache) == "torch":
+        if select is not None:
+            decode_select(q, key_cache, block_table, seq_lens, routes.modes, select.keep, block_size,
+                          select.sink_blocks, select.local_blocks, select.seed, routes.sel_idx, routes.sel_cnt,
+                          select.scores, impl="torch")
         idx, cnt = routed_indices(routes, seq_lens, block_size, ns)
         o, _ = paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, idx, cnt, block_size, scale)
         live = routes.modes[:ns] != MODE_SKIP
         out[live] = o[live]
         return out
-    lse = torch.empty(ns, hq, dtype=torch.float32, device=q.device) if workspace is None else workspace[2][:ns]
-    _decode_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt, routes,
-                   block_size, scale, num_splits, out, lse, workspace)
+    lse = torch.empty(ns, hq, dtype=torch.float32, device=q.device) if workspace is None else workspace.lse[:ns]
+    step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
+                block_size=block_size, routes=routes, select=select, scale=scale, num_splits=num_splits, out=out,
+                lse=lse, scratch=workspace)
     return out
 
 
@@ -290,22 +381,58 @@ def routed_indices(routes: "DecodeRoutes", seq_lens: torch.Tensor, block_size: i
     return idx.to(dev), cnt.to(dev)
 
 
-def _decode_launch(q, key_cache, value_cache, block_table, seq_lens, indices, counts, routes, block_size, scale,
-                   num_splits, out, lse, workspace):
+class DecodeScratch(NamedTuple):
+    """Preallocated buffers of one decode launch (fixed addresses for CUDA graphs): part_o [>=S, Hq, splits, D]
+    and part_lse [>=S, Hq, splits] fp32 split partials, lse [>=S, Hq] fp32, sync int32 zeros of at least
+    sync_size(S, Hkv) (the launch leaves it zero)."""
+
+    part_o: torch.Tensor
+    part_lse: torch.Tensor
+    lse: torch.Tensor
+    sync: torch.Tensor
+
+
+class Selection(NamedTuple):
+    """The step's own selection, made in the decode launch for rows in SELECTED_MODES: keep [S] int32 blocks per
+    row; scores [>=S, Hkv, Mpad] float32 scratch (Mpad a power of two >= every row's block count); the sink and
+    local blocks every selection keeps and the random policy's seed."""
+
+    keep: torch.Tensor
+    scores: torch.Tensor
+    sink_blocks: int
+    local_blocks: int
+    seed: int
+
+
+def sync_size(rows: int, num_kv_heads: int) -> int:
+    """int32 counters a decode launch of `rows` rows needs (DecodeScratch.sync)."""
+    return 1 + 3 * rows * num_kv_heads
+
+
+def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, counts, *, block_size, modes=None,
+                routes=None, select=None, attend=True, scale=1.0, num_splits=1, out=None, lse=None, scratch=None):
+    """One Triton launch for a decode step (see _decode_step_kernel): with ``select`` the rows in
+    SELECTED_MODES (by ``modes``, or routes.modes) first get their top-``keep`` blocks into indices/counts;
+    with ``attend`` every row (routed by ``routes`` when given, else by indices/counts) attends into out/lse."""
     check(isinstance(num_splits, int) and num_splits >= 1, f"num_splits={num_splits!r} must be an int >= 1")
     ns, hq, d = q.shape
     hkv = key_cache.shape[2]
     if ns == 0:
         return
     group = hq // hkv
-    if workspace is None:
-        part_o = torch.empty(ns, hq, num_splits, d, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(ns, hq, num_splits, dtype=torch.float32, device=q.device)
+    dev = q.device
+    if scratch is None:
+        part_o = torch.empty(ns, hq, num_splits, d, dtype=torch.float32, device=dev) if attend else q
+        part_lse = torch.empty(ns, hq, num_splits, dtype=torch.float32, device=dev) if attend else q
+        sync = torch.zeros(sync_size(ns, hkv), dtype=torch.int32, device=dev)
     else:
-        part_o, part_lse = workspace[0], workspace[1]
-        check(part_o.shape[0] >= ns and part_o.shape[1:] == (hq, num_splits, d) and part_o.is_contiguous()
-              and part_lse.shape[1:] == (hq, num_splits) and part_lse.is_contiguous(),
+        part_o, part_lse, _, sync = scratch
+        check(not attend or (part_o.shape[0] >= ns and part_o.shape[1:] == (hq, num_splits, d)
+                             and part_o.is_contiguous() and part_lse.shape[1:] == (hq, num_splits)
+                             and part_lse.is_contiguous()),
               "decode workspace does not match (rows, heads, splits, head dim)")
+        check(sync.dtype == torch.int32 and sync.numel() >= sync_size(ns, hkv), "decode sync buffer is too small")
+    sync_rows = (sync.numel() - 1) // (3 * hkv)
     block_d = max(16, next_pow2(d))
     routed = routes is not None
     if routed:
@@ -313,27 +440,37 @@ def _decode_launch(q, key_cache, value_cache, block_table, seq_lens, indices, co
                                                       routes.tab_blocks)
         check(tab_idx.stride(-1) == 1 and tab_cnt.stride(-1) == 1, "prompt table rows must be contiguous")
     else:
-        modes = slots = tab_blocks = seq_lens
+        slots = tab_blocks = seq_lens
         tab_idx, tab_cnt = indices, counts
-    _sparse_decode_kernel[(ns, hkv, num_splits)](
-        q, key_cache, value_cache, part_o, part_lse,
-        block_table, seq_lens, indices, counts,
-        modes, slots, tab_idx, tab_cnt, tab_blocks,
-        scale * LOG2E,
+        modes = seq_lens if modes is None else modes
+    if select is not None:
+        keep, scores = select.keep, select.scores
+        mpad = scores.shape[-1]
+        n_tiles = min(triton.cdiv(mpad, SCORE_TILE), MAX_SCORE_PROGRAMS)
+    else:
+        keep, scores, mpad, n_tiles = seq_lens, part_lse, 1, 0
+    n_score = ns * hkv * n_tiles
+    n_total = n_score + (ns * hkv * num_splits if attend else 0)
+    v = value_cache if value_cache is not None else key_cache
+    o = out if out is not None else q
+    lse_t = lse if lse is not None else part_lse
+    kk = indices.shape[-1]
+    _decode_step_kernel[(n_total,)](
+        q, key_cache, v, block_table, seq_lens,
+        modes, slots, tab_idx, tab_cnt, tab_blocks, indices, counts,
+        keep, scores, part_o, part_lse, o, lse_t, sync,
+        scale * LOG2E, 1.0 / math.sqrt(d),
+        hq, hkv, num_splits, n_tiles, n_score, n_total, sync_rows, key_cache.shape[1],
+        select.sink_blocks if select else 0, select.local_blocks if select else 0, select.seed if select else 0, kk,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
         block_table.stride(0), indices.stride(0), indices.stride(1), counts.stride(0),
         tab_idx.stride(0), tab_idx.stride(1), tab_cnt.stride(0),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        key_cache.shape[1], group, num_splits,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)), ROUTED=routed,
-        num_warps=4, num_stages=2,
-    )
-    _merge_splits_kernel[(ns, hq)](
-        part_o, part_lse, out, lse, modes,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), out.stride(0), out.stride(1),
-        hq, num_splits,
-        HEAD_DIM=d, BLOCK_D=block_d, SPLIT_PAD=max(2, next_pow2(num_splits)), ROUTED=routed,
-        num_warps=4,
+        scores.stride(0), scores.stride(1) if scores.dim() > 1 else 0,
+        part_o.stride(0), part_o.stride(1) if part_o.dim() > 1 else 0, part_o.stride(2) if part_o.dim() > 2 else 0,
+        o.stride(0), o.stride(1),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
+        BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
+        ATTEND=attend, num_warps=4, num_stages=2,
     )

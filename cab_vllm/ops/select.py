@@ -210,11 +210,29 @@ def decode_scores_ref(q, key_cache, block_table, seq_lens, modes, block_size, si
     return out
 
 
+def check_selection(ns: int, hkv: int, scores: torch.Tensor, out_idx: torch.Tensor, out_cnt: torch.Tensor) -> None:
+    """decode_select's buffers fit ns rows of hkv KV heads: scores [>=ns, Hkv, Mpad] float32 (Mpad a power of two
+    >= K), out_idx [>=ns, Hkv, K] int32, out_cnt [>=ns, Hkv] int32."""
+    from cab_vllm.ops._triton import next_pow2
+
+    mpad = scores.shape[-1]
+    ok = (scores.dim() == 3 and scores.dtype == torch.float32 and mpad == next_pow2(mpad)
+          and scores.shape[:2] == (scores.shape[0], hkv) and scores.shape[0] >= ns
+          and out_idx.dim() == 3 and out_idx.dtype == torch.int32 and out_idx.shape[-1] <= mpad
+          and out_idx.shape[:2] == (out_idx.shape[0], hkv) and out_idx.shape[0] >= ns
+          and out_cnt.dtype == torch.int32 and out_cnt.shape[1:] == (hkv,) and out_cnt.shape[0] >= ns)
+    if not ok:
+        raise ValueError(f"decode selection: inconsistent buffers (scores {tuple(scores.shape)} {scores.dtype}, "
+                         f"out_idx {tuple(out_idx.shape)} {out_idx.dtype}, out_cnt {tuple(out_cnt.shape)}) for "
+                         f"{ns} rows of {hkv} KV heads")
+
+
 def decode_select(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                   modes: torch.Tensor, keep: torch.Tensor, block_size: int, sink_blocks: int, local_blocks: int,
                   seed: int, out_idx: torch.Tensor, out_cnt: torch.Tensor, scores: torch.Tensor, impl: str = "auto"
                   ) -> None:
-    """One decode step's block selection for every row, CUDA-graph safe (two launches, no host sync).
+    """One decode step's block selection for every row, CUDA-graph safe (one launch, no host sync; routed_decode
+    can make it in its own launch).
 
     q [S, Hq, D]; key_cache [pages, page_size, Hkv, D] (any strides); block_table [S, P] int32; seq_lens [S]
     int32; modes [S] int32 (MODE_*: rows in MODE_BOUNDS / MODE_RECENT / MODE_RANDOM are selected, the others are
@@ -226,14 +244,9 @@ def decode_select(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.T
     from cab_vllm.ops._triton import next_pow2, resolve_impl
     from cab_vllm.ops.decode import SELECTED_MODES
 
-    ns, hq, d = q.shape
-    hkv = key_cache.shape[2]
-    page_size = key_cache.shape[1]
+    ns = q.shape[0]
+    check_selection(ns, key_cache.shape[2], scores, out_idx, out_cnt)
     mpad = scores.shape[-1]
-    if not (mpad == next_pow2(mpad) and out_idx.shape[-1] <= mpad and scores.shape[0] >= ns
-            and out_idx.shape[:2] == (out_idx.shape[0], hkv) and out_idx.shape[0] >= ns):
-        raise ValueError(f"decode_select: inconsistent shapes (scores {tuple(scores.shape)}, out_idx "
-                         f"{tuple(out_idx.shape)}, {ns} rows, {hkv} KV heads)")
     if ns == 0:
         return
     if resolve_impl(impl, q, key_cache) == "torch":
@@ -249,46 +262,32 @@ def decode_select(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.T
             out_idx[s, :, : idx.shape[-1]] = idx[:, 0]
             out_cnt[s] = cnt[:, 0]
         return
-    bj = 16
-    block_d = max(16, next_pow2(d))
-    group = hq // hkv
-    _decode_scores_kernel[(ns, hkv, triton.cdiv(mpad, bj))](
-        q, key_cache, block_table, seq_lens, modes, scores,
-        1.0 / d**0.5, group, block_size, page_size, sink_blocks, local_blocks, seed,
-        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        block_table.stride(0), scores.stride(0), scores.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=max(16, next_pow2(group)), BLOCK_J=bj, BLOCK=block_size,
-        num_warps=4,
-    )
-    kk = out_idx.shape[-1]
-    _decode_topk_kernel[(ns, hkv)](
-        scores, keep, seq_lens, modes, out_idx, out_cnt, block_size, kk,
-        scores.stride(0), scores.stride(1), out_idx.stride(0), out_idx.stride(1), out_cnt.stride(0),
-        MPAD=mpad, KPAD=next_pow2(kk), num_warps=4 if mpad <= 4096 else 8,
-    )
+    from cab_vllm.ops.decode import Selection, step_launch
+
+    step_launch(q, key_cache, None, block_table, seq_lens, out_idx, out_cnt, block_size=block_size, modes=modes,
+                select=Selection(keep, scores, sink_blocks, local_blocks, seed), attend=False)
 
 
 if _HAS_TRITON:
 
+    SCORE_TILE = 16  # key blocks a selection program scores at a time
+    MAX_SCORE_PROGRAMS = 16  # programs per (row, KV head) that score its blocks (each loops over its tiles)
+
     @triton.jit
-    def _decode_scores_kernel(
-        q_ptr, k_ptr, bt_ptr, seqlen_ptr, mode_ptr, out_ptr,
-        scale, group, block_size, page_size, sink_blocks, local_blocks, seed,
-        stride_qs, stride_qh, stride_kp, stride_kpos, stride_kh, stride_bt, stride_os, stride_oh,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        s = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1)
-        j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
-        mode = tl.load(mode_ptr + s)
-        n = tl.load(seqlen_ptr + s)
-        last = (n - 1) // block_size
-        if (mode >= 3) & (tl.program_id(2) * BLOCK_J <= last):
+    def _score_blocks(q_ptr, k_ptr, bt_ptr, sc_ptr, s, kvh, first, stride, mode, n,
+                      scale, group, page_size, sink_blocks, local_blocks, seed,
+                      stride_qs, stride_qh, stride_kp, stride_kpos, stride_kh, stride_bt, stride_ss, stride_sh,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        """Priorities of key blocks first, first + stride, ... (tiles of BLOCK_J) of row s, KV head kvh, into
+        sc[s, kvh, :]: mode 3 the Quest bound of the group's queries against each block's key min/max (read from
+        the paged cache), 4 the block index (recency), 5 hash_score; +inf for sink/local blocks."""
+        last = (n - 1) // BLOCK
+        q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
+        for j0 in range(first * BLOCK_J, last + 1, stride * BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
             j_ok = j <= last
             if mode == 3:
-                q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D,
-                                                GROUP_PAD)
                 blo = tl.full([BLOCK_J, BLOCK_D], float("inf"), dtype=tl.float32)
                 bhi = tl.full([BLOCK_J, BLOCK_D], float("-inf"), dtype=tl.float32)
                 for t in range(0, BLOCK):
@@ -297,8 +296,8 @@ if _HAS_TRITON:
                     page = tl.load(bt_ptr + s * stride_bt + tok // page_size, mask=t_ok, other=0).to(tl.int64)
                     slot = (tok % page_size).to(tl.int64)
                     m2 = t_ok[:, None] & d_ok[None, :]
-                    k = tl.load(k_ptr + (page * stride_kp + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
-                                mask=m2, other=0.0).to(tl.float32)
+                    k = tl.load(k_ptr + (page * stride_kp + slot * stride_kpos + kvh * stride_kh)[:, None]
+                                + d[None, :], mask=m2, other=0.0).to(tl.float32)
                     blo = tl.minimum(blo, tl.where(m2, k, float("inf")))
                     bhi = tl.maximum(bhi, tl.where(m2, k, float("-inf")))
                 blo = tl.where(blo == float("inf"), 0.0, blo)
@@ -313,43 +312,37 @@ if _HAS_TRITON:
                 score = (x & 0xFFFFFF).to(tl.float32)
             forced = (j < sink_blocks) | (j > last - local_blocks)
             score = tl.where(forced, float("inf"), score)
-            score = tl.where(j_ok, score, float("-inf"))
-            tl.store(out_ptr + s * stride_os + kvh * stride_oh + j, score, mask=j_ok)
+            tl.store(sc_ptr + s * stride_ss + kvh * stride_sh + j, score, mask=j_ok)
 
     @triton.jit
-    def _decode_topk_kernel(
-        sc_ptr, keep_ptr, seqlen_ptr, mode_ptr, idx_ptr, cnt_ptr, block_size, kmax,
-        stride_ss, stride_sh, stride_is, stride_ih, stride_cs,
-        MPAD: tl.constexpr, KPAD: tl.constexpr,
-    ):
-        s = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1)
-        mode = tl.load(mode_ptr + s)
-        if mode >= 3:
-            n = tl.load(seqlen_ptr + s)
-            last = (n - 1) // block_size
-            jj = tl.arange(0, MPAD)
-            sc = tl.load(sc_ptr + s * stride_ss + kvh * stride_sh + jj, mask=jj <= last, other=float("-inf"))
-            k = tl.minimum(tl.load(keep_ptr + s), last + 1)
-            # order-preserving integer key of each float, in [0, 2^32)
-            b = sc.to(tl.int32, bitcast=True)
-            b = b ^ ((b >> 31) & 0x7FFFFFFF)
-            key = b.to(tl.int64) + 2147483648
-            thr = tl.zeros([1], dtype=tl.int64)
-            for bit in tl.static_range(31, -1, -1):
-                cand = thr | (1 << bit)
-                c = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
-                thr = tl.where(c >= k, cand, thr)
-            gt = key[None, :] > thr[:, None]
-            tie = key[None, :] == thr[:, None]
-            n_gt = tl.sum(gt.to(tl.int32), 1)
-            tie_rank = tl.cumsum(tie.to(tl.int32), 1)
-            take = gt | (tie & (tie_rank <= (k - n_gt)[:, None]))
-            pos = tl.cumsum(take.to(tl.int32), 1) - 1
-            base = idx_ptr + s * stride_is + kvh * stride_ih
-            tl.store(base + pos, (jj[None, :] + pos * 0).to(tl.int32), mask=take)
-            cnt = tl.sum(take.to(tl.int32), 1)
-            kp = tl.arange(0, KPAD)
-            tl.store(base + kp[None, :], tl.full([1, KPAD], -1, dtype=tl.int32),
-                     mask=(kp[None, :] >= cnt[:, None]) & (kp[None, :] < kmax))
-            tl.store(cnt_ptr + s * stride_cs + kvh + tl.zeros([1], dtype=tl.int64), cnt)
+    def _topk_blocks(sc_ptr, keep_ptr, idx_ptr, cnt_ptr, s, kvh, last, kmax,
+                     stride_ss, stride_sh, stride_is, stride_ih, stride_cs,
+                     MPAD: tl.constexpr, KPAD: tl.constexpr):
+        """Keep the keep[s] highest of blocks 0..last's priorities (another program's writes: read from L2):
+        idx[s, kvh, :] ascending, -1 padded to kmax, cnt[s, kvh]. Exact bitwise threshold search, ties by index."""
+        jj = tl.arange(0, MPAD)
+        sc = tl.load(sc_ptr + s * stride_ss + kvh * stride_sh + jj, mask=jj <= last, other=float("-inf"),
+                     cache_modifier=".cg")
+        k = tl.minimum(tl.load(keep_ptr + s), last + 1)
+        # order-preserving integer key of each float, in [0, 2^32)
+        b = sc.to(tl.int32, bitcast=True)
+        b = b ^ ((b >> 31) & 0x7FFFFFFF)
+        key = b.to(tl.int64) + 2147483648
+        thr = tl.zeros([1], dtype=tl.int64)
+        for bit in tl.static_range(31, -1, -1):
+            cand = thr | (1 << bit)
+            c = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+            thr = tl.where(c >= k, cand, thr)
+        gt = key[None, :] > thr[:, None]
+        tie = key[None, :] == thr[:, None]
+        n_gt = tl.sum(gt.to(tl.int32), 1)
+        tie_rank = tl.cumsum(tie.to(tl.int32), 1)
+        take = gt | (tie & (tie_rank <= (k - n_gt)[:, None]))
+        pos = tl.cumsum(take.to(tl.int32), 1) - 1
+        base = idx_ptr + s * stride_is + kvh * stride_ih
+        tl.store(base + pos, (jj[None, :] + pos * 0).to(tl.int32), mask=take)
+        cnt = tl.sum(take.to(tl.int32), 1)
+        kp = tl.arange(0, KPAD)
+        tl.store(base + kp[None, :], tl.full([1, KPAD], -1, dtype=tl.int32),
+                 mask=(kp[None, :] >= cnt[:, None]) & (kp[None, :] < kmax))
+        tl.store(cnt_ptr + s * stride_cs + kvh + tl.zeros([1], dtype=tl.int64), cnt)

@@ -139,3 +139,69 @@ def test_routed_decode_with_a_workspace_equals_fresh_buffers(device):
     routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, a, ws.splits(s), ws.partials(s), impl="triton")
     routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, b, ws.splits(s), None, impl="triton")
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("keep", [[0, 0, 2, 0, 3, 4], [0, 0, 1, 0, 9, 2]], ids=["k234", "k192"])
+def test_one_launch_selects_then_attends_like_the_twins(keep, device):
+    """routed_decode(select=...): the step's selection and the attention in one launch (every mode in one batch,
+    one workspace reused across launches) equals decode_select + routed_decode of the PyTorch twins, and leaves
+    its sync counters at zero for the next launch (a CUDA graph replays it as is)."""
+    from cab_vllm.backend.planner import DecodeWorkspace
+    from cab_vllm.ops.decode import Selection
+
+    torch.manual_seed(5)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    s, hq, d = q.shape
+    hkv = kc.shape[2]
+    table = PromptTable(4, hkv, 8, device)
+    table.put(1, torch.tensor([[0, 1, -1], [2, -1, -1]], dtype=torch.int32, device=device),
+              torch.tensor([2, 1], dtype=torch.int32, device=device))
+    modes = torch.tensor(MODES, dtype=torch.int32, device=device)
+    slots = torch.tensor([0, 1, 0, 0, 0, 0], dtype=torch.int32, device=device)
+    pblocks = torch.tensor([0, 3, 0, 0, 0, 0], dtype=torch.int32, device=device)
+    keep_t = torch.tensor(keep, dtype=torch.int32, device=device)
+    ws = DecodeWorkspace(8, hq, hkv, d, 8, device)
+    outs = {}
+    for impl in ("torch", "triton", "triton"):
+        ws.sel_idx.fill_(7)
+        ws.sel_cnt.fill_(99)
+        routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:s], ws.sel_cnt[:s])
+        out = torch.full_like(q, float("nan"))
+        routed_decode(q, kc, vc, bt, sl, routes, 64, 1 / math.sqrt(d), out, ws.splits(s), ws.partials(s), impl=impl,
+                      select=Selection(keep_t, ws.scores[:s], 1, 1, 3))
+        assert int(ws.sync.abs().sum()) == 0
+        got = (out.clone(), *routed_indices(routes, sl, 64))
+        if impl in outs:
+            # replays are deterministic (MODE_SKIP rows stay NaN: never written)
+            assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) for a, b in zip(outs[impl], got))
+        outs[impl] = got
+    (o_t, i_t, c_t), (o_k, i_k, c_k) = outs["torch"], outs["triton"]
+    assert torch.equal(c_t, c_k)
+    for r, m in enumerate(MODES):
+        if m == MODE_SKIP:
+            assert torch.isnan(o_k[r]).all() and int(c_k[r].sum()) == 0
+            continue
+        if m != MODE_BOUNDS:  # bounds ties may pick other blocks (same priorities); recency/hash have no ties
+            assert torch.equal(i_t[r], i_k[r]), (r, m)
+        assert rel_err(o_k[r], o_t[r]) < max(KERNEL_FP32_TOL, 1e-5) or m == MODE_BOUNDS, (r, m)
+    # the bounds row: its own selection, checked by attending to exactly the blocks it chose
+    r = MODES.index(MODE_BOUNDS)
+    ref, _ = paged_decode_ref(q.double(), kc.double(), vc.double(), bt, sl, i_k, c_k, 64, 1 / math.sqrt(d))
+    assert rel_err(o_k[r], ref[r]) < max(KERNEL_FP32_TOL, 1e-5)
+
+
+def test_selection_buffers_are_checked(device):
+    from cab_vllm.ops.decode import Selection
+
+    _, kc, vc, bt, q, sl = _case(device=device)
+    s, hkv = q.shape[0], kc.shape[2]
+    modes = torch.full((s,), MODE_BOUNDS, dtype=torch.int32, device=device)
+    z = torch.zeros(s, dtype=torch.int32, device=device)
+    idx = torch.zeros(s, hkv, 8, dtype=torch.int32, device=device)
+    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
+    routes = DecodeRoutes(modes, z, idx, cnt, z, idx, cnt)
+    for scores in (torch.zeros(s, hkv, 6, device=device), torch.zeros(s, hkv, 4, device=device),
+                   torch.zeros(s - 1, hkv, 8, device=device), torch.zeros(s, hkv, 8, dtype=torch.float64, device=device)):
+        with pytest.raises(ValueError, match="inconsistent buffers"):
+            routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.empty_like(q), 2,
+                          select=Selection(z, scores, 1, 1, 0))
