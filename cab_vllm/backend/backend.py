@@ -55,7 +55,7 @@ from vllm.v1.attention.backend import (
 
 from cab_vllm.backend import trace
 from cab_vllm.backend.stats import STATS
-from cab_vllm.ops.decode import DecodeRoutes
+from cab_vllm.ops.decode import SELECTED_MODES, DecodeRoutes
 from cab_vllm.backend import compat
 from cab_vllm.backend.planner import (
     METRICS,
@@ -204,9 +204,9 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         self.slots = PromptSlots(int(sched.max_num_seqs))
         fa = compat.flash_attention()
         self.fa = fa[1](kv_cache_spec, layer_names, vllm_config, device) if fa is not None else None
-        self._routes = torch.zeros(5, self.rows, dtype=torch.int32, device=device)
+        self._routes = torch.zeros(6, self.rows, dtype=torch.int32, device=device)
         self._fa_seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=device)
-        self._ring = _PinnedRing((5, self.rows)) if torch.device(device).type == "cuda" else None
+        self._ring = _PinnedRing((6, self.rows)) if torch.device(device).type == "cuda" else None
         self._record = compat.tensor_parallel_rank() == 0  # the step's figures are counted once, not per rank
         STATS.recording = self._record
         trace("builder")
@@ -279,12 +279,13 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         if self._ring is not None:
             host, ri = self._ring.next()
         else:
-            host, ri = torch.zeros(5, self.rows, dtype=torch.int32), None
+            host, ri = torch.zeros(6, self.rows, dtype=torch.int32), None
         host.zero_()
         if d:
             host[:4, :d] = torch.tensor([plan.modes, plan.slots, plan.pblocks, plan.keep], dtype=torch.int32)
         if n:
             host[4, :n] = torch.tensor([1 if plan.dense[r] else 0 for r in range(n)], dtype=torch.int32)
+        host[5, 0] = int(any(m in SELECTED_MODES for m in plan.modes))  # some row selects its own blocks
         self._routes.copy_(host, non_blocking=ri is not None)
         if ri is not None:
             self._ring.recorded(ri)
@@ -295,7 +296,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             fa_md = self.fa.build(common_prefix_len, cm.replace(seq_lens=self._fa_seq_lens[:n]), fast_build)
         slots = cm.slot_mapping[: cm.num_actual_tokens]
         empty = self._routes[0, :0]
-        routes = DecodeRoutes(self._routes[0, :d], self._routes[1, :d], empty, empty, self._routes[2, :d], empty, empty)
+        routes = DecodeRoutes(self._routes[0, :d], self._routes[1, :d], empty, empty, self._routes[2, :d], empty, empty,
+                              self._routes[5, :1])
         return CABMetadata(cm.num_actual_tokens, cm.query_start_loc[: n + 1], cm.seq_lens[:n],
                            cm.block_table_tensor[:n], slots, plan, fa=fa_md, routes=routes,
                            keep=self._routes[3, :d], run_fa=run_fa, run_cab_decode=run_cab_decode,

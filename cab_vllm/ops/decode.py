@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
+from cab_vllm.ops._triton import HAS_TRITON, check, interpreting, next_pow2, resolve_impl
 from cab_vllm.ops.prefill import _check_common
 from cab_vllm.ops.reference import paged_decode_ref
 
@@ -112,42 +112,37 @@ if HAS_TRITON:
     @triton.jit
     def _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
                      stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr):
         """Log-sum-exp merge of the group's split partials (written by other programs: read from L2) into o
-        [S, Hq, D] and lse [S, Hq] (natural log)."""
-        g = tl.arange(0, GROUP_PAD)
-        g_ok = g < group
-        heads = kvh * group + g
+        [S, Hq, D] and lse [S, Hq] (natural log). One head at a time, all its splits in one load."""
+        k = tl.arange(0, SPLIT_PAD)
+        k_ok = k < num_splits
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-        tot = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-        for k in range(0, num_splits):
-            lse_k = tl.load(plse_ptr + (s * num_heads + heads) * num_splits + k, mask=g_ok, other=float("-inf"),
-                            cache_modifier=".cg")
-            o_k = tl.load(po_ptr + s * stride_pos + heads[:, None] * stride_poh + k * stride_pok + d[None, :],
-                          mask=g_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, lse_k)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            w = tl.exp2(lse_k - m_safe)
-            acc = acc * alpha[:, None] + o_k * w[:, None]
-            tot = tot * alpha + w
-            m = m_new
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        out = acc / tl.where(tot > 0.0, tot, 1.0)[:, None]
-        tl.store(o_ptr + s * stride_os + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=g_ok[:, None] & d_ok[None, :])
-        total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
-                         float("-inf"))
-        tl.store(lse_ptr + s * num_heads + heads, total, mask=g_ok)
+        for g in range(0, group):
+            h = kvh * group + g
+            lse = tl.load(plse_ptr + (s * num_heads + h) * num_splits + k, mask=k_ok, other=float("-inf"),
+                          cache_modifier=".cg")
+            po = tl.load(po_ptr + s * stride_pos + h * stride_poh + k[:, None] * stride_pok + d[None, :],
+                         mask=k_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+            m = tl.max(lse, 0)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            w = tl.exp2(lse - m_safe)
+            tot = tl.sum(w, 0)
+            out = tl.sum(po * w[:, None], 0) / tl.where(tot > 0.0, tot, 1.0)
+            tl.store(o_ptr + s * stride_os + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+            total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
+                             float("-inf"))
+            tl.store(lse_ptr + s * num_heads + h + k * 0, total + k * 0.0, mask=k == 0)
 
-    @triton.jit
+    # The counts that change with the batch stay runtime values (no Triton specialization on == 1 or % 16), and the
+    # merge's split tile has one size on a GPU (MAX_SPLITS; the interpreter, which runs tiles element by element,
+    # gets the smallest): a decode step compiles once per engine, not once per CUDA-graph batch size.
+    @triton.jit(do_not_specialize=["num_splits", "n_tiles", "n_score", "n_total", "sync_rows"])
     def _decode_step_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seqlen_ptr,
         mode_ptr, slot_ptr, tab_idx_ptr, tab_cnt_ptr, tab_blocks_ptr, idx_ptr, cnt_ptr,
-        keep_ptr, sc_ptr, po_ptr, plse_ptr, o_ptr, lse_ptr, sync_ptr,
+        keep_ptr, sc_ptr, need_ptr, po_ptr, plse_ptr, o_ptr, lse_ptr, sync_ptr,
         scale_log2, sel_scale,
         num_heads, num_kv_heads, num_splits, n_tiles, n_score, n_total, sync_rows, page_size,
         sink_blocks, local_blocks, seed, kmax,
@@ -160,7 +155,7 @@ if HAS_TRITON:
         stride_pos, stride_poh, stride_pok,
         stride_os, stride_oh,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
-        BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
+        BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, SPLIT_PAD: tl.constexpr,
         ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr,
     ):
         # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
@@ -172,12 +167,12 @@ if HAS_TRITON:
         # ROUTED: each row's mode says where its key blocks come from (MODE_* in this module), else every row
         # reads idx/cnt. Attention programs of selected rows wait for their selection: programs take their role
         # from a ticket in the order they started, so every selection program a waiter needs is running or done.
+        t = tl.program_id(0)
         if SELECT:
-            t = tl.atomic_add(sync_ptr, 1)
-            if t == n_total - 1:
-                tl.atomic_xchg(sync_ptr, 0)  # every program has its ticket: ready for the next launch
-        else:
-            t = tl.program_id(0)
+            if tl.load(need_ptr) != 0:  # some row selects: waits ahead, so roles come from tickets
+                t = tl.atomic_add(sync_ptr, 1)
+                if t == n_total - 1:
+                    tl.atomic_xchg(sync_ptr, 0)  # every program has its ticket: ready for the next launch
         group = num_heads // num_kv_heads
         scored = sync_ptr + 1
         ready = scored + sync_rows * num_kv_heads
@@ -232,13 +227,16 @@ if HAS_TRITON:
                         tl.atomic_xchg(ready + s * num_kv_heads + kvh, 0)  # every split is past its wait
                     _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
                                  stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                                 HEAD_DIM, BLOCK_D, GROUP_PAD)
+                                 HEAD_DIM, BLOCK_D, SPLIT_PAD)
+
+
+MAX_SPLITS = 64  # split-K partials per (row, head), at most
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, target_programs: int = 264) -> int:
     """Enough splits to fill ~2 waves of an H100 (132 SMs) while keeping >= 4 blocks per split."""
     want = max(1, -(-target_programs // max(1, num_seqs * num_kv_heads)))
-    return int(max(1, min(want, -(-max_blocks // 4), 64)))
+    return int(max(1, min(want, -(-max_blocks // 4), MAX_SPLITS)))
 
 
 def paged_sparse_decode(
@@ -293,7 +291,8 @@ class DecodeRoutes(NamedTuple):
     tab_idx [slots, Hkv, Kt] int16/int32 and tab_cnt [slots, Hkv] int32: each slot's stored prompt selection
     (ascending, for this layer); tab_blocks [S] int32: per row, its prompt's block count (blocks from there on
     are all kept); sel_idx [S, Hkv, K] int32 / sel_cnt [S, Hkv] int32: the step's selection for MODE_BOUNDS,
-    MODE_RECENT and MODE_RANDOM rows (decode_select)."""
+    MODE_RECENT and MODE_RANDOM rows (decode_select); selecting [1] int32: nonzero when some row is in one of those
+    modes (known to the metadata builder; None: routed_decode derives it on the device)."""
 
     modes: torch.Tensor
     slots: torch.Tensor
@@ -302,6 +301,7 @@ class DecodeRoutes(NamedTuple):
     tab_blocks: torch.Tensor
     sel_idx: torch.Tensor
     sel_cnt: torch.Tensor
+    selecting: torch.Tensor | None = None
 
 
 def routed_decode(
@@ -395,13 +395,15 @@ class DecodeScratch(NamedTuple):
 class Selection(NamedTuple):
     """The step's own selection, made in the decode launch for rows in SELECTED_MODES: keep [S] int32 blocks per
     row; scores [>=S, Hkv, Mpad] float32 scratch (Mpad a power of two >= every row's block count); the sink and
-    local blocks every selection keeps and the random policy's seed."""
+    local blocks every selection keeps and the random policy's seed; selecting: an int32 device scalar, nonzero
+    when some row is in SELECTED_MODES (the builder knows it on the host; None: computed on the device)."""
 
     keep: torch.Tensor
     scores: torch.Tensor
     sink_blocks: int
     local_blocks: int
     seed: int
+    selecting: torch.Tensor | None = None
 
 
 def sync_size(rows: int, num_kv_heads: int) -> int:
@@ -414,7 +416,8 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
     """One Triton launch for a decode step (see _decode_step_kernel): with ``select`` the rows in
     SELECTED_MODES (by ``modes``, or routes.modes) first get their top-``keep`` blocks into indices/counts;
     with ``attend`` every row (routed by ``routes`` when given, else by indices/counts) attends into out/lse."""
-    check(isinstance(num_splits, int) and num_splits >= 1, f"num_splits={num_splits!r} must be an int >= 1")
+    check(isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS,
+          f"num_splits={num_splits!r} must be an int in [1, {MAX_SPLITS}]")
     ns, hq, d = q.shape
     hkv = key_cache.shape[2]
     if ns == 0:
@@ -447,8 +450,9 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         keep, scores = select.keep, select.scores
         mpad = scores.shape[-1]
         n_tiles = min(triton.cdiv(mpad, SCORE_TILE), MAX_SCORE_PROGRAMS)
+        need = select.selecting if select.selecting is not None else (modes[:ns] >= MODE_BOUNDS).any().to(torch.int32)
     else:
-        keep, scores, mpad, n_tiles = seq_lens, part_lse, 1, 0
+        keep, scores, mpad, n_tiles, need = seq_lens, part_lse, 1, 0, seq_lens
     n_score = ns * hkv * n_tiles
     n_total = n_score + (ns * hkv * num_splits if attend else 0)
     v = value_cache if value_cache is not None else key_cache
@@ -458,7 +462,7 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
     _decode_step_kernel[(n_total,)](
         q, key_cache, v, block_table, seq_lens,
         modes, slots, tab_idx, tab_cnt, tab_blocks, indices, counts,
-        keep, scores, part_o, part_lse, o, lse_t, sync,
+        keep, scores, need, part_o, part_lse, o, lse_t, sync,
         scale * LOG2E, 1.0 / math.sqrt(d),
         hq, hkv, num_splits, n_tiles, n_score, n_total, sync_rows, key_cache.shape[1],
         select.sink_blocks if select else 0, select.local_blocks if select else 0, select.seed if select else 0, kk,
@@ -471,6 +475,6 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         part_o.stride(0), part_o.stride(1) if part_o.dim() > 1 else 0, part_o.stride(2) if part_o.dim() > 2 else 0,
         o.stride(0), o.stride(1),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
-        BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
+        BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), SPLIT_PAD=max(2, next_pow2(num_splits)) if interpreting() else MAX_SPLITS, ROUTED=routed, SELECT=select is not None,
         ATTEND=attend, num_warps=4, num_stages=2,
     )

@@ -186,6 +186,7 @@ def _bad_inputs():
         ("counts-wrong-shape", lambda a: a.update(counts=a["counts"][:-1])),
         ("q-not-3d", lambda a: a.update(q=a["q"][None])),
         ("num-splits-zero", lambda a: a.update(num_splits=0)),
+        ("num-splits-over-the-merge-tile", lambda a: a.update(num_splits=65)),
     ]
 
 

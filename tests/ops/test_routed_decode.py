@@ -205,3 +205,30 @@ def test_selection_buffers_are_checked(device):
         with pytest.raises(ValueError, match="inconsistent buffers"):
             routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.empty_like(q), 2,
                           select=Selection(z, scores, 1, 1, 0))
+
+
+def test_a_step_without_selecting_rows_takes_no_tickets(device):
+    """The builder's `selecting` flag 0 (no row selects its own blocks): the launch runs by program id, gives the
+    same output as with the flag derived on the device, and leaves every counter at zero."""
+    from cab_vllm.backend.planner import DecodeWorkspace
+    from cab_vllm.ops.decode import Selection
+
+    torch.manual_seed(7)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    s, hq, d = q.shape
+    hkv = kc.shape[2]
+    ws = DecodeWorkspace(8, hq, hkv, d, 8, device)
+    modes = torch.tensor([MODE_ALL, MODE_SKIP, MODE_ALL, MODE_ALL, MODE_SKIP, MODE_ALL], dtype=torch.int32,
+                         device=device)
+    z = torch.zeros(s, dtype=torch.int32, device=device)
+    outs = []
+    for flag in (None, torch.zeros(1, dtype=torch.int32, device=device)):
+        routes = DecodeRoutes(modes, z, torch.zeros(1, hkv, 1, dtype=torch.int32, device=device),
+                              torch.zeros(1, hkv, dtype=torch.int32, device=device), z, ws.sel_idx[:s], ws.sel_cnt[:s],
+                              flag)
+        out = torch.zeros_like(q)
+        routed_decode(q, kc, vc, bt, sl, routes, 64, 0.3, out, ws.splits(s), ws.partials(s), impl="triton",
+                      select=Selection(z, ws.scores[:s], 1, 1, 0, routes.selecting))
+        assert int(ws.sync.abs().sum()) == 0
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and outs[0][0].abs().sum() > 0 and outs[0][1].abs().sum() == 0
