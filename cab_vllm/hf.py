@@ -98,7 +98,7 @@ def _check_mask(attention_mask, nq: int, nk: int) -> None:
 
 def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.Tensor:
     b, hq, _, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
+    n = k.shape[2]
     bs = cfg.block_size
     kc, vc = k.transpose(1, 2), v.transpose(1, 2)  # [B, N, Hkv, D]: one page per sequence
     bt = torch.arange(b, device=q.device, dtype=torch.int32)[:, None]

@@ -18,59 +18,17 @@ from pathlib import Path
 
 import httpx
 
+from cab_vllm import argtypes
 from loadtests import client as lc
 from loadtests import prompts as lp
 from loadtests import report
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
-    return v
-
-
-def _rate(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number (requests/s, or inf for a closed loop)") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{s} must be > 0 (requests/s, or inf for a closed loop)")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{s} must be a finite number > 0")
-    return v
-
-
-def _json_object(s: str) -> dict:
-    try:
-        v = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {s!r}") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"sparsity\": 0.9}}', got {s!r}")
-    return v
+_positive_int = argtypes.positive_int
+_nonneg_int = argtypes.nonneg_int
+_positive_float = argtypes.positive_float
+_rate = argtypes.checked(float, lambda x: x > 0, "requests/s > 0, or inf for a closed loop")
+_json_object = argtypes.json_object('{"sparsity": 0.9}')
 
 
 def _nonce(s: str) -> str:

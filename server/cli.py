@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 
+from cab_vllm import argtypes
 from cab_vllm.config import POLICIES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -40,14 +40,9 @@ class StartupError(Exception):
     """A configuration the engine refused before it started; the message is for the user."""
 
 
-def sparsity_arg(value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
-    if not math.isfinite(s) or not 0.0 <= s < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
-    return s
+sparsity_arg = argtypes.sparsity
+keep_alive_arg = argtypes.seconds
+json_object_arg = argtypes.json_object('{"rope_type": "yarn", "factor": 4}')
 
 
 DEFAULT_KEEP_ALIVE = 75
@@ -66,33 +61,12 @@ def cpu_compile_cache() -> None:
         os.environ["VLLM_USE_AOT_COMPILE"] = "0"
 
 
-def keep_alive_arg(value: str) -> int:
-    try:
-        s = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, got {value!r}") from None
-    if s < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 1, got {value!r}")
-    return s
-
-
 def keep_alive_seconds(args: argparse.Namespace) -> int:
     """--keep-alive-timeout, else $VLLM_HTTP_TIMEOUT_KEEP_ALIVE when set, else DEFAULT_KEEP_ALIVE."""
     if getattr(args, "keep_alive_timeout", None) is not None:
         return args.keep_alive_timeout
     env = os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "").strip()
     return keep_alive_arg(env) if env else DEFAULT_KEEP_ALIVE
-
-
-def json_object_arg(value: str) -> dict:
-    try:
-        obj = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {value!r}") from None
-    if not isinstance(obj, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"rope_type\": \"yarn\", "
-                                         f"\"factor\": 4}}', got {value!r}")
-    return obj
 
 
 def build_parser() -> argparse.ArgumentParser:

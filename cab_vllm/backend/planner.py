@@ -24,7 +24,6 @@ temperature is not). The estimate costs O(M^2) per chunk, recomputed for every c
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -619,6 +618,3 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
             out[tok] = op
     return out
 
-
-def as_dict(settings: EngineSettings) -> dict:
-    return {"dense_threshold": settings.dense_threshold, "impl": settings.impl, **dataclasses.asdict(settings.cfg)}

@@ -252,11 +252,6 @@ class Stats:
         if prom:
             prom["step"].observe(total)
 
-    def flush(self) -> None:
-        with self._lock:
-            self._flush_timings()
-
-
 STATS = Stats()
 
 

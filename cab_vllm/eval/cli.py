@@ -17,31 +17,17 @@ import json
 import sys
 from pathlib import Path
 
+from cab_vllm import argtypes
+
 POLICY_GRID = ["dense", "cab", "h2o", "streaming", "magnitude", "random"]
 ABLATION = ["cab", "curvature", "magnitude", "random", "cab:curvature_share=0.25", "cab:curvature_share=0.5",
             "cab:curvature_share=1.0", "cab:estimator=max_l2", "cab:estimator=mean", "cab:estimator=topr",
             "cab:estimator=sampled", "cab:exact_rows=0", "curvature:estimator=max_l2"]
 
 
-def _number(name: str, kind: type, ok, allowed: str):
-    """An argparse type: ``kind`` parsed from the string, then checked with ``ok``; errors name the flag."""
-    def parse(s: str):
-        try:
-            x = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be {allowed}, got {s!r}") from None
-        if not ok(x):
-            raise argparse.ArgumentTypeError(f"{name} must be {allowed}, got {x}")
-        return x
-    return parse
-
-
-def _unit(name: str):
-    return _number(name, float, lambda x: 0.0 <= x < 1.0, "in [0, 1)")
-
-
-_depth = _number("depth", float, lambda x: 0.0 <= x <= 1.0, "in [0, 1]")
-_positive_int = _number("the value", int, lambda x: x >= 1, "a positive integer")
+_unit = argtypes.sparsity
+_depth = argtypes.fraction
+_positive_int = argtypes.positive_int
 
 
 def _variant(s: str):
@@ -57,7 +43,7 @@ def _model_args(p: argparse.ArgumentParser, lengths: list[int]) -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                    help="a prepared model name (cab_vllm.models) or a Hugging Face model folder")
     p.add_argument("--lengths", type=_positive_int, nargs="+", default=lengths, help="prompt/window tokens")
-    p.add_argument("--sparsities", type=_unit("sparsity"), nargs="+", default=[0.9, 0.95, 0.98, 0.99])
+    p.add_argument("--sparsities", type=_unit, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
     p.add_argument("--yarn", type=float, default=None, help="YaRN rope-scaling factor (e.g. 2 for 64k, 4 for 128k)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
@@ -110,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bridge", help="the seed's bridge graph + planted low-norm needles at long lengths")
     p.add_argument("--lengths", type=_positive_int, nargs="+", default=[16384, 32768, 65536, 131072])
-    p.add_argument("--sparsities", type=_unit("sparsity"), nargs="+", default=[0.9, 0.95, 0.98, 0.99])
+    p.add_argument("--sparsities", type=_unit, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
     p.add_argument("--policies", type=_variant, nargs="+",
                    default=POLICY_GRID + ["curvature", "curvature:estimator=max_l2", "cab:curvature_share=0.5"])
     p.add_argument("--seeds", type=_positive_int, default=3)

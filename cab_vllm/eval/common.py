@@ -179,16 +179,3 @@ class Deadline:
 
     def passed(self) -> bool:
         return time.monotonic() > self.end
-
-
-def env_info(device) -> dict:
-    d = torch.device(device)
-    info = {"torch": torch.__version__, "device": d.type}
-    if d.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(d)
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info

@@ -241,7 +241,7 @@ def decode_select(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.T
     of the row's keys: no bounds cache to keep or to fit in memory). Writes out_idx [S, Hkv, K] int32 (ascending,
     -1 padded) and out_cnt [S, Hkv] int32 for the selected rows; scores [S, Hkv, Mpad] float32 is scratch (Mpad a
     power of two >= every row's block count)."""
-    from cab_vllm.ops._triton import next_pow2, resolve_impl
+    from cab_vllm.ops._triton import resolve_impl
     from cab_vllm.ops.decode import SELECTED_MODES
 
     ns = q.shape[0]

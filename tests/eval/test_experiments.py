@@ -186,11 +186,11 @@ def test_yarn_model_loads(smol):
 
 # ------------------------------------------------------------------------------------------------ CLI + plots
 @pytest.mark.parametrize("argv, msg", [
-    (["niah", "--sparsities", "1.0"], "sparsity must be in"),
-    (["niah", "--depths", "1.5"], "depth must be in"),
-    (["niah", "--trials", "0"], "positive integer"),
+    (["niah", "--sparsities", "1.0"], "argument --sparsities: expected a number in [0, 1), got '1.0'"),
+    (["niah", "--depths", "1.5"], "argument --depths: expected a number in [0, 1], got '1.5'"),
+    (["niah", "--trials", "0"], "expected an integer >= 1, got '0'"),
     (["niah", "--policies", "cab:oops=1"], "not a CABConfig field"),
-    (["ppl", "--windows", "x"], "positive integer"),
+    (["ppl", "--windows", "x"], "expected an integer >= 1, got 'x'"),
 ])
 def test_cli_rejects_bad_input(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:

@@ -368,13 +368,13 @@ def test_compare_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--concurrency", "0"], "must be >= 1"),
-    (["--num-requests", "x"], "is not an integer"),
-    (["--rate", "0"], "must be > 0"),
-    (["--rate", "fast"], "is not a number"),
-    (["--extra-body", "[1, 2]"], "must be a JSON object"),
+    (["--concurrency", "0"], "argument --concurrency: expected an integer >= 1, got '0'"),
+    (["--num-requests", "x"], "argument --num-requests: expected an integer >= 1, got 'x'"),
+    (["--rate", "0"], "expected requests/s > 0, or inf for a closed loop"),
+    (["--rate", "fast"], "expected requests/s > 0"),
+    (["--extra-body", "[1, 2]"], "expected a JSON object such as"),
     (["--extra-body", "{bad"], "not valid JSON"),
-    (["--prompt-tokens", "-5"], "must be >= 1"),
+    (["--prompt-tokens", "-5"], "expected an integer >= 1, got '-5'"),
     (["--label", "a/b"], "cannot name a file"),
     (["--endpoint", "embeddings"], "invalid choice"),
     (["--timeout", "nan"], "finite number"),
