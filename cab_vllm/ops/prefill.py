@@ -22,7 +22,9 @@ if HAS_TRITON:
 
     from cab_vllm.ops._triton import paged_coords
 
-    @triton.jit
+    # the selection's strides follow its per-chunk width K: left unspecialized so one compile (in the engine's
+    # warm-up) serves every chunk
+    @triton.jit(do_not_specialize=["stride_ti_t", "stride_ti_h"])
     def _sparse_prefill_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr,
         bt_ptr, qsl_ptr, seqlen_ptr,
