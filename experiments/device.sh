@@ -1,32 +1,32 @@
 #!/usr/bin/env bash
-# Drive the experiments on the lent GPU machine (no vLLM, no internet; the repo root is the working dir).
-# The models travel as GGUF pieces of < 64 MiB over consecutive calls to a warm machine:
-#   bash experiments/device.sh piece qwen 0 ... piece qwen 7   (carry .gpu_carry/qwen.N)
-#   bash experiments/device.sh join qwen                       (carry .gpu_carry/austen.json.gz .whl)
-#   bash experiments/device.sh exp <cab-exp args...>           (results kept in .gpu_store/results, copied to $OUT)
+# Run the experiments on a GPU machine without network access (vLLM not needed; run from the repository root).
+# Bring the packaged models (GGUF), Austen's text and the wheels the machine lacks (e.g. gguf) with
+# benchmarks/gpu/carry.sh, in pieces if your transfer has a size limit. On a machine with the cache filled:
+#   bash benchmarks/gpu/carry.sh pack .gpu_carry/x 60 ~/.cache/cab_vllm:gguf/qwen2.5-coder-0.5b-instruct.gguf \
+#        ~/.cache/cab_vllm:text/austen.json .whl
+# on the GPU machine, with each piece in DIR:  bash benchmarks/gpu/carry.sh keep DIR; then once:
+#   bash benchmarks/gpu/carry.sh unpack
+#   bash experiments/device.sh prepare qwen2.5-coder-0.5b-instruct   (checks the GGUF digest, converts it)
+#   bash experiments/device.sh exp <cab-exp args...>                 (results as cab-exp writes them; copied to $OUT if set)
 set -euo pipefail
-STORE=${CAB_GPU_STORE:-$HOME/.cab_gpu_store}
-mkdir -p "$STORE/cache/gguf" "$STORE/cache/text" "$STORE/results"
-export CAB_CACHE_DIR=$STORE/cache PYTHONPATH=$STORE/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+STORE=${STORE:-/tmp/cabstore}
+mkdir -p "$STORE/in/gguf" "$STORE/in/text" "$STORE/site"
+export CAB_CACHE_DIR=$STORE/in PYTHONPATH=$STORE/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
-declare -A GGUF=([qwen]=qwen2.5-coder-0.5b-instruct [smol]=smollm2-135m-instruct)
-cmd=$1; shift
+cmd=${1:-}; shift || true
 case $cmd in
-  piece)  # piece NAME N: keep the carried piece on the machine
-    mv ".gpu_carry/$1.$2" "$STORE/"; ls -la "$STORE" | grep -c "$1\." ;;
-  join)   # join NAME: verify, install the gguf wheel and Austen text, convert to an HF folder
-    name=${GGUF[$1]}; out=$STORE/cache/gguf/$name.gguf
-    cat $(ls "$STORE/$1".* | sort -t. -k3 -n) > "$out.part"
-    got=$(sha256sum "$out.part" | cut -d' ' -f1)
+  prepare)  # prepare NAME: verify the carried GGUF, install carried wheels, convert to a Hugging Face folder
+    name=$1; gguf=$STORE/in/gguf/$name.gguf
+    got=$(sha256sum "$gguf" | cut -d' ' -f1)
     want=$($PY -c "from cab_vllm.models import MODELS; print(MODELS['$name'].sha256)")
-    [ "$got" = "$want" ] || { echo "sha256 mismatch for $name: $got"; exit 1; }
-    mv "$out.part" "$out"; rm -f "$STORE/$1".*
-    if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --target "$STORE/site" .whl/*.whl; fi
-    [ -f .gpu_carry/austen.json.gz ] && gunzip -c .gpu_carry/austen.json.gz > "$STORE/cache/text/austen.json"
+    [ "$got" = "$want" ] || { echo "sha256 mismatch for $name: $got (want $want)"; exit 1; }
+    if [ -d "$STORE/in/.whl" ]; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --target "$STORE/site" "$STORE"/in/.whl/*.whl
+    fi
     $PY -m cab_vllm.models prepare "$name" ;;
-  exp)    # exp <cab-exp args>: run, then hand the results back
+  exp)      # exp <cab-exp args>: run, then hand the results back
     rc=0; $PY -m cab_vllm.eval.cli "$@" || rc=$?
-    cp "$STORE"/results/*.jsonl "${OUT:-/tmp}/" 2>/dev/null || true
+    [ -n "${OUT:-}" ] && cp experiments/results/*.jsonl "$OUT/" 2>/dev/null || true
     exit $rc ;;
-  *) echo "unknown step $cmd"; exit 2 ;;
+  *) echo "usage: device.sh prepare NAME | exp ARGS..."; exit 2 ;;
 esac
