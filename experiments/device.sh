@@ -18,14 +18,14 @@ case $cmd in
   prepare)  # prepare NAME: verify the carried GGUF, install carried wheels, convert to a Hugging Face folder
     name=$1; gguf=$STORE/in/gguf/$name.gguf
     got=$(sha256sum "$gguf" | cut -d' ' -f1)
-    want=$($PY -c "from cab_vllm.models import MODELS; print(MODELS['$name'].sha256)")
+    want=$($PY -c "from cab_models.models import MODELS; print(MODELS['$name'].sha256)")
     [ "$got" = "$want" ] || { echo "sha256 mismatch for $name: $got (want $want)"; exit 1; }
     if [ -d "$STORE/in/.whl" ]; then
       $PY -m pip install -q --no-index --no-deps --no-compile --target "$STORE/site" "$STORE"/in/.whl/*.whl
     fi
-    $PY -m cab_vllm.models prepare "$name" ;;
+    $PY -m cab_models.models prepare "$name" ;;
   exp)      # exp <cab-exp args>: run, then hand the results back
-    rc=0; $PY -m cab_vllm.eval.cli "$@" || rc=$?
+    rc=0; $PY -m cab_experiments.cli "$@" || rc=$?
     [ -n "${OUT:-}" ] && cp experiments/results/*.jsonl "$OUT/" 2>/dev/null || true
     exit $rc ;;
   *) echo "usage: device.sh prepare NAME | exp ARGS..."; exit 2 ;;

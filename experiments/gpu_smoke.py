@@ -15,9 +15,9 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from cab_vllm import hf
-    from cab_vllm.eval.bridge import synthetic_retrieval
-    from cab_vllm.eval.common import Variant, yarn_rope
-    from cab_vllm.eval.ppl import attention_latency, token_nll
+    from cab_experiments.bridge import synthetic_retrieval
+    from cab_experiments.common import Variant, yarn_rope
+    from cab_experiments.ppl import attention_latency, token_nll
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32

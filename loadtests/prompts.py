@@ -1,6 +1,6 @@
 """Prompts of a target length in tokens, distinct from each other so a prefix cache cannot serve them.
 
-Text: Jane Austen's novels through ``cab_vllm.text.austen_books`` (natural text; cached after the first call),
+Text: Jane Austen's novels through ``cab_models.text.austen_books`` (natural text; cached after the first call),
 else a seeded synthetic word stream. Each prompt starts with a tag ``[request NONCE-I]`` and at its own seeded
 offset in the text. The nonce differs between runs (random unless given), so no two prompts sent to one server
 share a prefix: vLLM's prefix cache would otherwise serve a repeated prompt from the cache and the TTFT would
@@ -89,7 +89,7 @@ def corpus(text: str, seed: int = 0, min_chars: int = 2_000_000) -> tuple[str, s
         raise ValueError(f"text={text!r} must be one of {TEXTS}")
     if text in ("auto", "austen"):
         try:
-            from cab_vllm.text import austen_books
+            from cab_models.text import austen_books
 
             return "\n\n".join(austen_books().values()), "austen"
         except (ImportError, RuntimeError, OSError) as e:

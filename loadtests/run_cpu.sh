@@ -18,7 +18,7 @@ N=${N:-4}
 OUT_TOKENS=${OUT_TOKENS:-16}
 SYSTEMS=${SYSTEMS:-"dense cab-0.0 cab-0.9"}
 read -r -a SERVER_ARGS <<< "${SERVER_ARGS---enforce-eager}"
-MODEL=$("$PY" -m cab_vllm.models prepare smollm2-135m-instruct)
+MODEL=$("$PY" -m cab_models.models prepare smollm2-135m-instruct)
 mkdir -p "$OUT"
 
 SERVER_PID=

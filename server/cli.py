@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _packaged() -> list[str]:
-    from cab_vllm.models import MODELS
+    from cab_models.models import MODELS
 
     return list(MODELS)
 
@@ -118,7 +118,7 @@ def _flag_given(argv: list[str], *names: str) -> bool:
 
 def resolve_model(args: argparse.Namespace) -> None:
     """args.model: a packaged name (or none: the default) becomes its prepared folder, served under its name."""
-    from cab_vllm.models import MODELS, prepare_model
+    from cab_models.models import MODELS, prepare_model
 
     if getattr(args, "model_tag", None):
         args.model = args.model_tag

@@ -17,7 +17,7 @@ import json
 import torch
 
 from cab_vllm.config import POLICIES, CABConfig
-from cab_vllm.eval.bridge import BRIDGE, M, NEEDLE, SINK, SPLIT, bridge_graph, curvature64
+from cab_experiments.bridge import BRIDGE, M, NEEDLE, SINK, SPLIT, bridge_graph, curvature64
 from cab_vllm.policies import select_from_attention
 
 

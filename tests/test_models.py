@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from cab_vllm.models import MARKER, MODELS, _sha256, cache_root, prepare_model
+from cab_models.models import MARKER, MODELS, _sha256, cache_root, prepare_model
 
 
 @pytest.fixture(scope="session")
@@ -59,12 +59,12 @@ def test_prepare_accepts_folders_and_rejects_unknown(smollm2, tmp_path):
 
 
 def test_cli_prints_the_folder(smollm2):
-    cmd = [sys.executable, "-m", "cab_vllm.models", "prepare", "smollm2-135m-instruct",
+    cmd = [sys.executable, "-m", "cab_models.models", "prepare", "smollm2-135m-instruct",
            "--cache-dir", str(smollm2.parent.parent)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(smollm2)
-    proc = subprocess.run([sys.executable, "-m", "cab_vllm.models", "prepare", "gpt-17"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "cab_models.models", "prepare", "gpt-17"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "unknown model" in proc.stderr
 
@@ -73,7 +73,7 @@ def test_cli_prints_the_folder(smollm2):
 def test_qwen_prepares_and_finds_a_pass_key():
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from cab_vllm.text import answer_has_passkey, passkey_prompt
+    from cab_models.text import answer_has_passkey, passkey_prompt
 
     path = prepare_model("qwen2.5-coder-0.5b-instruct")
     gguf = cache_root() / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"

@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 
-from cab_vllm.text import (RReader, _insert_needle, answer_has_passkey, austen_books, needle_sentence,
+from cab_models.text import (RReader, _insert_needle, answer_has_passkey, austen_books, needle_sentence,
                            passkey_prompt, read_lazyload, unserialize)
 
 
@@ -191,7 +191,7 @@ def test_austen_books(books):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from cab_vllm.models import prepare_model
+    from cab_models.models import prepare_model
 
     return AutoTokenizer.from_pretrained(prepare_model("smollm2-135m-instruct"))
 

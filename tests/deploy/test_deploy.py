@@ -208,7 +208,7 @@ def test_env_knobs_are_real_cab_variables():
     """Every CAB_* variable the deployment sets is read by the engine (EngineSettings.from_env), by the model
     cache (CAB_CACHE_DIR) or by the entrypoint (CAB_API_KEY); the values pass the engine's validation."""
     from cab_vllm.backend.planner import EngineSettings
-    from cab_vllm.models import cache_root
+    from cab_models.models import cache_root
 
     engine = engine_env_names()
     assert {"CAB_SPARSITY", "CAB_POLICY", "CAB_DENSE_THRESHOLD"} <= engine

@@ -1,7 +1,7 @@
 """Calibration on a real model (small, CPU): the default policy keeps the needle better than the seed's pipeline.
 
 SmolLM2-135M-Instruct, a 2k-token passkey prompt; the full grid (Qwen, natural text, 4k-8k) is run by
-`python -m cab_vllm.eval.calibrate` and reported in experiments/results/.
+`python -m cab_experiments.calibrate` and reported in experiments/results/.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cab_vllm.eval.calibrate import ORACLE, Setting, calibrate_captures, capture_prompt, default_setting, seed_setting
+from cab_experiments.calibrate import ORACLE, Setting, calibrate_captures, capture_prompt, default_setting, seed_setting
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,8 @@ def captured():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cab_vllm import hf
-    from cab_vllm.models import prepare_model
-    from cab_vllm.text import passkey_prompt
+    from cab_models.models import prepare_model
+    from cab_models.text import passkey_prompt
 
     hf.register()
     path = prepare_model("smollm2-135m-instruct")

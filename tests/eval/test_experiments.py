@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cab_vllm.config import CABConfig
-from cab_vllm.eval import cli
-from cab_vllm.eval.bridge import planted_needle, seed_graph_rows, synthetic_retrieval
-from cab_vllm.eval.common import Jsonl, Variant, cells, yarn_rope
-from cab_vllm.eval.ppl import window_offsets
+from cab_experiments import cli
+from cab_experiments.bridge import planted_needle, seed_graph_rows, synthetic_retrieval
+from cab_experiments.common import Jsonl, Variant, cells, yarn_rope
+from cab_experiments.ppl import window_offsets
 
 
 # ------------------------------------------------------------------------------------------------ pure logic
@@ -104,14 +104,14 @@ def test_planted_needle_is_low_norm_and_retrieved_by_dense():
 # ------------------------------------------------------------------------------------------------ real model
 @pytest.fixture(scope="module")
 def smol():
-    from cab_vllm.eval.common import load_model
+    from cab_experiments.common import load_model
 
     model, tok, _ = load_model("smollm2-135m-instruct", "cpu", torch.float32)
     return model, tok
 
 
 def test_token_nll_matches_transformers_loss(smol):
-    from cab_vllm.eval.ppl import token_nll
+    from cab_experiments.ppl import token_nll
 
     model, tok = smol
     ids = torch.tensor(tok("It is a truth universally acknowledged, that a single man in possession of a good "
@@ -124,7 +124,7 @@ def test_token_nll_matches_transformers_loss(smol):
 
 
 def test_niah_runner_writes_and_resumes(smol, tmp_path):
-    from cab_vllm.eval.niah import KEY, run_niah
+    from cab_experiments.niah import KEY, run_niah
 
     model, tok = smol
     out = Jsonl(tmp_path / "niah.jsonl", KEY)
@@ -148,7 +148,7 @@ def test_niah_runner_writes_and_resumes(smol, tmp_path):
 
 
 def test_niah_rejects_lengths_past_the_context(smol, tmp_path):
-    from cab_vllm.eval.niah import KEY, run_niah
+    from cab_experiments.niah import KEY, run_niah
 
     model, tok = smol
     with pytest.raises(ValueError, match="exceed the model's context"):
@@ -157,7 +157,7 @@ def test_niah_rejects_lengths_past_the_context(smol, tmp_path):
 
 
 def test_ppl_runner_dense_vs_sparse(smol, tmp_path):
-    from cab_vllm.eval.ppl import KEY, run_ppl, summary
+    from cab_experiments.ppl import KEY, run_ppl, summary
 
     model, tok = smol
     corpus = torch.tensor(tok("The grass is green. " * 300 + "Emma Woodhouse, handsome, clever, and rich. " * 60,
@@ -175,7 +175,7 @@ def test_ppl_runner_dense_vs_sparse(smol, tmp_path):
 
 
 def test_yarn_model_loads(smol):
-    from cab_vllm.eval.common import load_model
+    from cab_experiments.common import load_model
 
     model, _, _ = load_model("smollm2-135m-instruct", "cpu", torch.float32, yarn=2.0)
     assert model.config.max_position_embeddings == 16384

@@ -294,10 +294,10 @@ def test_prompts_exact_length_distinct_reproducible(n_tokens):
 
 
 def test_prompts_austen_when_cached():
-    from cab_vllm.models import cache_root
+    from cab_models.models import cache_root
 
     if not (cache_root() / "text" / "austen.json").exists():
-        pytest.skip("Austen text not cached on this machine (cab_vllm.text.austen_books downloads it)")
+        pytest.skip("Austen text not cached on this machine (cab_models.text.austen_books downloads it)")
     ps, source = lp.build_prompts(2, 500, lp.heuristic_counter(), text="auto")
     # chars/4 moves in steps of whole words, so the fit lands within a word of the target
     assert source == "austen" and all(abs(p.tokens - 500) <= 5 for p in ps)

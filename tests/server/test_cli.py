@@ -26,7 +26,7 @@ def clean_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir() -> str:
-    from cab_vllm.models import prepare_model
+    from cab_models.models import prepare_model
 
     return str(prepare_model("smollm2-135m-instruct"))
 

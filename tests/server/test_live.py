@@ -70,7 +70,7 @@ def server(tmp_path_factory) -> Server:
     if os.environ.get("CAB_TEST_SERVER_URL"):  # development: a server already started with the flags below
         yield Server(None, os.environ["CAB_TEST_SERVER_URL"].rstrip("/"), Path("/nonexistent"))
         return
-    from cab_vllm.models import prepare_model
+    from cab_models.models import prepare_model
 
     prepare_model(MODEL)  # outside the start timeout (downloads and converts on a fresh machine)
     exe = Path(sys.executable).parent / "cab-serve"

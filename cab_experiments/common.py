@@ -103,7 +103,7 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from cab_vllm import hf
-    from cab_vllm.models import prepare_model
+    from cab_models.models import prepare_model
 
     hf.register()
     path = prepare_model(name)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from cab_vllm import hf
-from cab_vllm.eval.common import Clock, Deadline, Jsonl, Variant, cells, context_limit
-from cab_vllm.text import answer_has_passkey, passkey_prompt
+from cab_experiments.common import Clock, Deadline, Jsonl, Variant, cells, context_limit
+from cab_models.text import answer_has_passkey, passkey_prompt
 
 KEY = ("model", "yarn", "haystack", "length", "depth", "trial", "variant", "sparsity")
 

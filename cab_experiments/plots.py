@@ -7,8 +7,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from cab_vllm.eval.niah import accuracy_table
-from cab_vllm.eval.ppl import summary as ppl_summary
+from cab_experiments.niah import accuracy_table
+from cab_experiments.ppl import summary as ppl_summary
 
 
 def read_jsonl(*paths) -> list[dict]:

@@ -16,7 +16,7 @@ import torch
 
 from cab_vllm.api import select_blocks, sparse_attention
 from cab_vllm.config import POLICIES, CABConfig
-from cab_vllm.eval.common import Variant
+from cab_experiments.common import Variant
 from cab_vllm.ops.reference import dense_attention_ref
 from cab_vllm.policies import select_from_attention
 

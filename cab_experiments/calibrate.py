@@ -198,10 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cab_vllm import hf
-    from cab_vllm.models import prepare_model
-    from cab_vllm.text import passkey_prompt
+    from cab_models.models import prepare_model
+    from cab_models.text import passkey_prompt
 
-    ap = argparse.ArgumentParser(prog="python -m cab_vllm.eval.calibrate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m cab_experiments.calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])

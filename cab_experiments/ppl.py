@@ -18,13 +18,13 @@ import torch.nn.functional as F
 
 from cab_vllm import hf
 from cab_vllm.api import select_blocks, sparse_attention
-from cab_vllm.eval.common import Clock, Deadline, Jsonl, Variant, cells, context_limit
+from cab_experiments.common import Clock, Deadline, Jsonl, Variant, cells, context_limit
 
 KEY = ("kind", "model", "yarn", "length", "window", "variant", "sparsity")
 
 
 def corpus_ids(tok, cache_dir=None) -> torch.Tensor:
-    from cab_vllm.text import austen_books
+    from cab_models.text import austen_books
 
     text = "\n\n".join(austen_books(cache_dir).values())
     return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

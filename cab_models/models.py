@@ -10,7 +10,7 @@ the tokenizer and its chat template. A finished folder carries a marker file (wr
 work happens in a temporary folder renamed into place under a file lock, so concurrent preparers do not collide.
 
 Cache layout (``$CAB_CACHE_DIR``, else ``~/.cache/cab_vllm``): ``gguf/<name>.gguf``, ``models/<name>/``,
-``locks/``. CLI: ``python -m cab_vllm.models prepare NAME [--cache-dir DIR]`` prints the folder.
+``locks/``. CLI: ``python -m cab_models.models prepare NAME [--cache-dir DIR]`` prints the folder.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def prepare_model(name: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cab_vllm.models", description="Prepare offline models.")
+    ap = argparse.ArgumentParser(prog="python -m cab_models.models", description="Prepare offline models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="download + convert once; print the HF folder")
     pp.add_argument("name", help=f"one of {sorted(MODELS)}, or an HF folder")

@@ -31,7 +31,7 @@ _positive_int = argtypes.positive_int
 
 
 def _variant(s: str):
-    from cab_vllm.eval.common import Variant
+    from cab_experiments.common import Variant
 
     try:
         return Variant.parse(s)
@@ -41,7 +41,7 @@ def _variant(s: str):
 
 def _model_args(p: argparse.ArgumentParser, lengths: list[int]) -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
-                   help="a prepared model name (cab_vllm.models) or a Hugging Face model folder")
+                   help="a prepared model name (cab_models.models) or a Hugging Face model folder")
     p.add_argument("--lengths", type=_positive_int, nargs="+", default=lengths, help="prompt/window tokens")
     p.add_argument("--sparsities", type=_unit, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
     p.add_argument("--yarn", type=float, default=None, help="YaRN rope-scaling factor (e.g. 2 for 64k, 4 for 128k)")
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "bridge":
         return _bridge(a)
 
-    from cab_vllm.eval.common import Jsonl, load_model
+    from cab_experiments.common import Jsonl, load_model
 
     device, dtype = _resolve(a.device, a.dtype)
     model, tok, _ = load_model(a.model, device, dtype, yarn=a.yarn)
@@ -171,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         a.latency = device.startswith("cuda")
     n = 0
     if a.cmd == "niah" or (a.cmd == "ablation" and a.skip != "niah"):
-        from cab_vllm.eval.niah import KEY, run_niah
+        from cab_experiments.niah import KEY, run_niah
 
         out = Jsonl(a.out if a.cmd == "niah" else f"{a.out}_niah.jsonl", KEY)
         n += run_niah(model, tok, name, out, a.lengths, a.depths, a.trials, a.policies, a.sparsities, a.haystack,
                       a.yarn, a.max_new_tokens, a.batch_tokens, a.impl, a.seed, a.time_budget, progress)
     if a.cmd == "ppl" or (a.cmd == "ablation" and a.skip != "ppl"):
-        from cab_vllm.eval.ppl import KEY, run_ppl
+        from cab_experiments.ppl import KEY, run_ppl
 
         out = Jsonl(a.out if a.cmd == "ppl" else f"{a.out}_ppl.jsonl", KEY)
         n += run_ppl(model, tok, name, out, a.lengths, a.windows, a.policies, a.sparsities, a.yarn, a.latency,
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bridge(a) -> int:
-    from cab_vllm.eval.bridge import seed_graph_rows, synthetic_retrieval
-    from cab_vllm.eval.plots import bridge_markdown
+    from cab_experiments.bridge import seed_graph_rows, synthetic_retrieval
+    from cab_experiments.plots import bridge_markdown
 
     device, dtype = _resolve(a.device, a.dtype)
     rows = seed_graph_rows(a.sparsities) + synthetic_retrieval(a.lengths, a.policies, a.sparsities, a.seeds,
@@ -203,7 +203,7 @@ def _bridge(a) -> int:
 
 
 def _plot(a) -> int:
-    from cab_vllm.eval.plots import (bridge_markdown, niah_heatmaps, niah_markdown, pareto_plot, ppl_markdown,
+    from cab_experiments.plots import (bridge_markdown, niah_heatmaps, niah_markdown, pareto_plot, ppl_markdown,
                                      read_jsonl)
 
     missing = [str(f) for f in a.files if not f.exists()]

@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cab_vllm.models import cache_root, file_lock
+from cab_models.models import cache_root, file_lock
 
 BOOKS = {  # R variable in janeaustenr -> title (janeaustenr's own titles, in publication order)
     "sensesensibility": "Sense & Sensibility",
