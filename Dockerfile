@@ -24,9 +24,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/cab-vllm
 COPY . .
 # The package with --no-deps (the image has torch/triton/vLLM), then only the server extra's modules that the
-# image lacks; the build fails here if cab-serve or the plugin did not install (checked from / so the
-# source tree in the working directory cannot stand in for the installed packages: python -P). $missing is split
-# into package names on purpose (SC2086).
+# image lacks; the build fails here if cab-serve, the plugin or the packaged-model code (cab_models) did not
+# install (checked from / so the source tree in the working directory cannot stand in for the installed packages:
+# python -P). $missing is split into package names on purpose (SC2086).
 # hadolint ignore=SC2086
 RUN set -eux; \
     if command -v uv >/dev/null 2>&1; then PIP="uv pip install --system"; else PIP="python3 -m pip install"; fi; \
@@ -37,7 +37,7 @@ RUN set -eux; \
     done; \
     if [ -n "$missing" ]; then $PIP $missing; fi; \
     command -v cab-serve; \
-    python3 -P -c "import cab_vllm.backend, server.cli, vllm; print('cab_vllm on vllm', vllm.__version__)"
+    python3 -P -c "import cab_vllm.backend, server.cli, vllm, cab_models.models; print('cab_vllm on vllm', vllm.__version__)"
 
 # Non-root user; /models is the model / cache volume (Hugging Face cache, prepared models, vLLM's compile cache).
 RUN set -eux; \

@@ -158,6 +158,7 @@ def test_image_installs_package_without_deps_and_checks_cab_serve():
     runs = " ".join(instr("RUN"))
     assert re.search(r"\$PIP --no-deps \.", runs) and "command -v cab-serve" in runs
     assert "python3 -P -c \"import cab_vllm.backend, server.cli, vllm" in runs  # installed, not the tree (-P)
+    assert "cab_models.models" in runs  # cab-serve's packaged default model
     # the server extra's modules are checked: every package of pyproject's server extra appears
     server = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["server"]
     for req in server:
@@ -246,7 +247,7 @@ def test_dockerignore_excludes_heavy_and_private_paths():
     lines = {x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines()}
     for p in (".venv", ".git", "**/__pycache__", "loadtests/results", "benchmarks/results", "experiments/results"):
         assert p in lines, f".dockerignore lacks {p}"
-    for needed in ("cab_vllm", "server", "pyproject.toml", "deploy", "README.md"):
+    for needed in ("cab_vllm", "server", "cab_models", "pyproject.toml", "deploy", "README.md"):
         assert needed not in lines
 
 

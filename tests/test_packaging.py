@@ -1,0 +1,65 @@
+"""The core package stays core: ``cab_vllm`` (config, API, policies, ops, vLLM backend, transformers adapter) pulls
+in none of model preparation / text (``cab_models``) or the experiments (``cab_experiments``), nor their heavy
+dependencies; every package and console script is shipped by setuptools."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_CORE = ("cab_models", "cab_experiments", "transformers", "gguf", "matplotlib")
+
+
+def test_import_cab_vllm_pulls_in_nothing_of_models_text_or_experiments():
+    """In a fresh interpreter (other tests' imports would hide it): the library and its vLLM backend plugin."""
+    code = ("import json, sys, cab_vllm, cab_vllm.backend; "
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {NOT_CORE!r})))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == []
+
+
+def _imported_top_levels(package: str) -> dict[str, set[str]]:
+    """file -> top-level modules it imports (anywhere in the file, lazily or not)."""
+    out = {}
+    for f in sorted((ROOT / package).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        out[str(f.relative_to(ROOT))] = names
+    return out
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("cab_vllm", {"cab_models", "cab_experiments", "server"}),  # not even lazily
+    ("server", {"cab_experiments"}),  # the server needs cab_models (its packaged default model), not experiments
+    ("cab_models", {"cab_experiments", "server"}),
+])
+def test_layering(package, forbidden):
+    bad = {f: sorted(names & forbidden) for f, names in _imported_top_levels(package).items() if names & forbidden}
+    assert not bad, f"{package} imports what it must not: {bad}"
+
+
+def test_packages_and_console_scripts_are_shipped():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = meta["tool"]["setuptools"]["packages"]["find"]["include"]
+    tops = {pat.rstrip("*") for pat in include}
+    assert {"cab_vllm", "server", "cab_models", "cab_experiments"} <= tops, include
+    for name, target in meta["project"]["scripts"].items():
+        module, _, func = target.partition(":")
+        assert module.split(".")[0] in tops, f"{name}: {module} is not packaged ({include})"
+        source = (ROOT / Path(*module.split("."))).with_suffix(".py")
+        assert source.exists() and f"def {func}(" in source.read_text(), f"{name}: {target} not found"
+    assert meta["project"]["scripts"]["cab-exp"] == "cab_experiments.cli:main"
