@@ -417,7 +417,10 @@ def test_sampled_q_offset_equals_zero_padded_q(n, nq, hq, hkv, impl, device):
     assert got_rows.shape == (1, hq, m - first, m)
     torch.testing.assert_close(got_rows, want, rtol=0, atol=KERNEL_FP32_TOL)
     last = torch.tensor([m - 1], device=device)
-    got_raw = sampled_block_attention(q_full[:, :, n - nq:], k, bs, rows, last, impl=impl, q_offset=n - nq)
+    # the raw queries as a view into a NaN-prefixed buffer: a kernel that reads before q_offset poisons its output
+    buf = torch.full_like(q_full, float("nan"))
+    buf[:, :, n - nq:] = q_full[:, :, n - nq:]
+    got_raw = sampled_block_attention(buf[:, :, n - nq:], k, bs, rows, last, impl=impl, q_offset=n - nq)
     torch.testing.assert_close(got_raw, want[:, :, -1:], rtol=0, atol=KERNEL_FP32_TOL)
     # the default query blocks are the ones q reaches
     torch.testing.assert_close(sampled_block_attention(q_rows, k, bs, rows, impl="torch", q_offset=first * bs),
