@@ -205,7 +205,8 @@ def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = Fa
 
 
 def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, rows: int,
-                            q_blocks: torch.Tensor | None = None, impl: str = "auto", q_offset: int = 0) -> torch.Tensor:
+                            q_blocks: torch.Tensor | None = None, impl: str = "auto", q_offset: int = 0
+                            ) -> torch.Tensor:
     """Exact block attention mass of the last ``rows`` query tokens of each query block in ``q_blocks``.
 
     k [B, Hkv, N, D]; q [B, Hq, N - q_offset, D]: the queries at token positions q_offset .. N-1 (earlier

@@ -66,7 +66,8 @@ def topr_ref(x: torch.Tensor, block_size: int, r: int) -> tuple[torch.Tensor, to
 
 
 # ----------------------------------------------------------------------------------------------------
-# estimators: row-stochastic estimated block attention A [B, Hq, M, M] (causal, zero above diagonal)
+# estimators: row-stochastic estimated block attention A [B, Hq, M, M] (causal, zero above diagonal), or its
+# rows q_block_offset .. M-1 from the queries of those blocks only
 # ----------------------------------------------------------------------------------------------------
 def causal_block_mask(m: int, device=None, first: int = 0, rows: int | None = None) -> torch.Tensor:
     """[rows, M] bool, True where key block j <= query block i, for the query blocks i = first .. first+rows-1
