@@ -14,6 +14,13 @@ kernel reads each selected key block once per group.
   cab        the product default: magnitude on the configured estimator, with the answer-producing rows
              (the sequence's last ``exact_rows`` query tokens, i.e. the last query block) scored exactly
              against every key, and ``curvature_share`` of the free budget given to most-negative F first.
+
+Row-local policies (rows_only): dense, streaming, magnitude and cab without a curvature share choose a query
+block's key blocks from that block's own row of the estimate, so the selection of query blocks first .. M-1
+(a chunk of a prompt) needs only those rows: estimate(..., q_block_offset=first) and
+select_from_attention(..., q_block_offset=first) compute them at O((M - first) M) cost, identical to the
+rows first .. M-1 of the square. curvature and h2o read other rows (column sums, A.A, the cumulative mass)
+and random draws its noise over the whole square: they need the full [M, M] estimate.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import estimate_grouped, group_reduce, sampled_block_attention
 from cab_vllm.ops.curvature import curvature
-from cab_vllm.ops.reference import causal_block_mask
+from cab_vllm.ops.reference import causal_block_mask, num_blocks
 from cab_vllm.ops.select import decode_priority, forced_mask, select_tiered, select_topk
 
 
@@ -33,17 +40,32 @@ def _free_counts(keep: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     return (keep - forced.sum(-1)).clamp(min=0)
 
 
-def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABConfig, impl: str = "auto"
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply cfg.policy to estimated block attention (both [B, Hkv, M, M], row-stochastic, causal).
+def rows_only(cfg: CABConfig) -> bool:
+    """Whether cfg.policy selects each query block from its own row of the estimate alone (see the module
+    docstring): then a subset of the rows can be estimated and selected without the full square."""
+    return cfg.policy in ("dense", "streaming", "magnitude") or (cfg.policy == "cab" and cfg.curvature_share == 0)
 
-    Returns (indices [B, Hkv, M, K] int32 ascending -1 padded, counts [B, Hkv, M] int32).
+
+def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABConfig, impl: str = "auto",
+                          q_block_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply cfg.policy to estimated block attention (both [B, Hkv, Mq, M], row-stochastic, causal).
+
+    Row r is query block q_block_offset + r; q_block_offset = 0 with Mq = M is the full square, any other
+    row subset needs a rows_only policy (ValueError otherwise) and gives the rows q_block_offset ..
+    q_block_offset + Mq - 1 of the square's selection.
+    Returns (indices [B, Hkv, Mq, K] int32 ascending -1 padded, counts [B, Hkv, Mq] int32).
     """
-    m, dev = a_max.shape[-1], a_max.device
-    allowed = causal_block_mask(m, dev)
+    mq, m, dev = a_max.shape[-2], a_max.shape[-1], a_max.device
+    first = q_block_offset
+    if first < 0 or first + mq > m:
+        raise ValueError(f"{mq} query blocks from block {first} do not fit {m} key blocks")
+    if (first, mq) != (0, m) and not rows_only(cfg):
+        raise ValueError(f"policy {cfg.policy!r} (curvature_share={cfg.curvature_share}) needs the full "
+                         f"[M, M] estimate, got rows {first}..{first + mq - 1} of {m}")
+    allowed = causal_block_mask(m, dev, first, mq)
     policy = cfg.policy
-    keep = (cfg.replace(sparsity=0.0) if policy == "dense" else cfg).keep_counts(m, dev)
-    forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, dev)
+    keep = (cfg.replace(sparsity=0.0) if policy == "dense" else cfg).keep_counts(first + mq, dev)[first:]
+    forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, dev, first, mq)
     fx = forced.expand_as(a_max)
     if policy == "dense":
         return select_topk(torch.where(allowed, 0.0, float("-inf")).expand_as(a_max), keep)
@@ -79,17 +101,21 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     raise ValueError(f"unknown policy {policy!r}")
 
 
-def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto", q_block_offset: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated block attention per KV head for cfg: (max over the group's heads, mean), each
-    [B, Hkv, M, M]. The cab policy replaces the last query block's row by exact scores of its last
-    ``exact_rows`` query tokens (the rows that produce the answer)."""
-    a_max, a_mean = estimate_grouped(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl)
+    [B, Hkv, Mq, M]. k [B, Hkv, N, D] holds all keys; q [B, Hq, N - q_block_offset * bs, D] the queries of
+    query blocks q_block_offset .. M-1 (Mq = M - q_block_offset; 0: the full square; see
+    coarsen.estimate_block_attention). The cab policy replaces the last query block's row by exact scores
+    of its last ``exact_rows`` query tokens (the rows that produce the answer)."""
+    a_max, a_mean = estimate_grouped(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl,
+                                     q_block_offset=q_block_offset)
     if cfg.policy == "cab" and cfg.exact_rows > 0:
-        m = a_max.shape[-1]
-        last = torch.tensor([m - 1], device=q.device)
-        ex = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl)
+        last = torch.tensor([num_blocks(k.shape[2], cfg.block_size) - 1], device=q.device)
+        ex = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl,
+                                     q_offset=q_block_offset * cfg.block_size)
         emax, emean = group_reduce(ex, k.shape[1])
-        a_max[:, :, m - 1], a_mean[:, :, m - 1] = emax[:, :, 0], emean[:, :, 0]
+        a_max[:, :, -1], a_mean[:, :, -1] = emax[:, :, 0], emean[:, :, 0]
     return a_max, a_mean
 
 

@@ -188,3 +188,24 @@ def pack_selection(rows: list[list[list[int]]], kmax: int) -> tuple[torch.Tensor
             idx[r, h, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             cnt[r, h] = len(blocks)
     return idx, cnt
+
+
+def assert_same_selection(idx: torch.Tensor, cnt: torch.Tensor, want_idx: torch.Tensor, want_cnt: torch.Tensor,
+                          score: torch.Tensor | None = None, atol: float = 0.0) -> None:
+    """Two selections of the same rows (indices [..., K] -1 padded, counts [...]) are equal: counts and shapes
+    exactly; indices exactly, except (when ``score`` [..., M], the reference's priorities, is given) in rows
+    whose differently picked blocks have scores within ``atol`` of each other: near-ties of an estimate
+    computed in another order. Compared as sorted score lists per row, so a real difference fails."""
+    assert idx.shape == want_idx.shape, (idx.shape, want_idx.shape)
+    assert torch.equal(cnt.cpu(), want_cnt.cpu()), "counts differ"
+    if score is None or torch.equal(idx.cpu(), want_idx.cpu()):
+        assert torch.equal(idx.cpu(), want_idx.cpu()), "indices differ"
+        return
+    m = score.shape[-1]
+    got = block_mask_of(idx, cnt, m).reshape(-1, m)
+    want = block_mask_of(want_idx, want_cnt, m).reshape(-1, m)
+    s = score.detach().cpu().double().reshape(-1, m)
+    assert s.shape[0] == got.shape[0], "score rows differ from the selection's rows"
+    for r in (got != want).any(-1).nonzero().flatten().tolist():
+        a, b = s[r][got[r]].sort().values, s[r][want[r]].sort().values
+        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda e: f"row {r} picks other blocks: {e}")

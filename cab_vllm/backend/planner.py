@@ -15,11 +15,16 @@ block_table [S, max_pages], slot_mapping [T] (slot = page * page_size + offset, 
   attend             one layer: routed decode (ops.decode.routed_decode: selection + attention, one launch) and the
                      sparse prefill (run_prefill: our Triton kernels, or a PyTorch path on CPU).
 
-Chunked prefill with a cached prefix: the estimate is computed over the full context (keys gathered from the
-paged cache) with zero query rows for the prefix, and only the rows of the query blocks that hold new tokens
-are used. A query block that straddles the prefix/new boundary is estimated from its new rows only (its
-pooled query is diluted by the zero rows: ranking within a row is kept for the bounds estimator, the softmax
-temperature is not). The estimate costs O(M^2) per chunk, recomputed for every chunk of a long prompt.
+Chunked prefill with a cached prefix: the chunk's query blocks first..M-1 are estimated against the keys of the
+full context (gathered from the paged cache). For the row-local policies (policies.rows_only: cab without a
+curvature share, the default; magnitude, streaming, dense) only those rows are computed: the chunk's queries
+are zero-padded in front to the start of block first and the estimate and the selection run on the
+[M - first, M] rows, O((M - first) M) per chunk, so a prompt's chunks together cost about one full estimate.
+curvature, h2o, random and cab with curvature_share > 0 need the full square: their q is zero-padded over the
+whole prefix and the [M, M] estimate, O(M^2), is recomputed for every chunk, of which the rows first..M-1 are
+kept. Either way a query block that straddles the prefix/new boundary is estimated from its new rows plus
+zero rows for its prefix part (its pooled query is diluted: ranking within a row is kept for the bounds
+estimator, the softmax temperature is not), and both give the same selection for the row-local policies.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from cab_vllm.backend.stats import STATS
 from cab_vllm.config import POLICIES, CABConfig
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.reference import gather_paged_ref, num_blocks
-from cab_vllm.policies import estimate, select_from_attention
+from cab_vllm.policies import estimate, rows_only, select_from_attention
 
 # Per-process counters (requests/rows per step, not per layer): proof the backend ran and how often it went dense.
 METRICS: Counter = Counter()
@@ -236,6 +241,8 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor, cfg: CABConfig, 
     q_new [Hq, nq, D]: the new queries (positions N-nq .. N-1); k_all [Hkv, N, D]: all keys of the request
     (cached prefix + new). Returns (indices [R, Hkv, K] int32 ascending -1 padded, counts [R, Hkv] int32,
     first query block) for the R = last - first + 1 query blocks from (N - nq) // bs to (N - 1) // bs.
+    Row-local policies (policies.rows_only) estimate and select those R rows only; the others compute the
+    full [M, M] square and keep its rows first..last (see the module docstring). The selection is the same.
     """
     hq, nq, d = q_new.shape
     hkv, n = k_all.shape[0], k_all.shape[1]
@@ -244,15 +251,19 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor, cfg: CABConfig, 
     if cfg.policy == "dense":
         idx, cnt = _all_blocks(first, last, hkv, q_new.device)
         return idx, cnt, first
-    q = q_new if nq == n else F.pad(q_new, (0, 0, n - nq, 0))  # zero query rows for the cached prefix
+    # zero query rows for the cached prefix: back to the start of block `first` (row path) or of the sequence
+    off = first if rows_only(cfg) else 0
+    pad = n - nq - off * bs
+    q = F.pad(q_new, (0, 0, pad, 0)) if pad else q_new
     qb, kb = q[None], k_all[None]
     if cfg.policy in ("cab", "curvature", "magnitude", "h2o"):
-        a_max, a_mean = estimate(qb, kb, cfg, impl=impl)
+        a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off)
     else:
         m = num_blocks(n, bs)
-        a_max = a_mean = torch.zeros(1, hkv, m, m, device=q.device)
-    idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl)
-    return idx[0, :, first:last + 1].transpose(0, 1).contiguous(), cnt[0, :, first:last + 1].t().contiguous(), first
+        a_max = a_mean = torch.zeros(1, hkv, m - off, m, device=q.device)
+    idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl, q_block_offset=off)
+    r = slice(first - off, last + 1 - off)
+    return idx[0, :, r].transpose(0, 1).contiguous(), cnt[0, :, r].t().contiguous(), first
 
 
 def _pad_k(idx: torch.Tensor, k: int) -> torch.Tensor:

@@ -13,6 +13,10 @@ queries of block i pay to the keys of block j (causal, zero above the diagonal):
            per row, attention mass summed per key block and averaged over the rows (MInference/XAttention
            style). Never materialises the M x N scores (fused Triton kernel, two passes).
 
+Row subsets: given the queries of query blocks first .. M-1 only (q_block_offset = first; a chunk of a
+prompt, zero-padded in front to the start of its first block) and all N keys, every estimator returns the
+rows first .. M-1 of the square, A [B, Hq, M - first, M], at O((M - first) M) cost.
+
 Pooling reads Q and K once (Triton kernel; twin: reference.coarsen_ref).
 """
 
@@ -70,7 +74,7 @@ if HAS_TRITON:
     @triton.jit
     def _sampled_kernel(
         q_ptr, k_ptr, qblk_ptr, part_ptr, lse_ptr, a_ptr,
-        n_tokens, rows, scale_log2, group, num_splits,
+        n_tokens, q_offset, rows, scale_log2, group, num_splits,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_ab, stride_ah, stride_ai,
@@ -78,7 +82,8 @@ if HAS_TRITON:
         MASS_PASS: tl.constexpr,
     ):
         """Program (b, h, i * num_splits + split) scores the sampled rows of query block qblk[i] against key
-        blocks split, split + num_splits, ... Pass 1 (MASS_PASS=False) writes each row's partial max and sum
+        blocks split, split + num_splits, ... q row 0 is token position q_offset (earlier positions are zero
+        queries). Pass 1 (MASS_PASS=False) writes each row's partial max and sum
         to part [B, Hq, Mq, splits, 2, ROWS_PAD]; pass 2 reads the merged lse [B, Hq, Mq, ROWS_PAD] (base 2)
         and writes the per-key-block mass averaged over the rows."""
         b = tl.program_id(0).to(tl.int64)
@@ -94,8 +99,9 @@ if HAS_TRITON:
         r_ok = rpos < end
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rpos[:, None] * stride_qn + d[None, :],
-                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        q_ok = r_ok & (rpos >= q_offset)  # rows before q_offset: zero queries (a chunk's cached prefix)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + (rpos - q_offset)[:, None] * stride_qn + d[None, :],
+                    mask=q_ok[:, None] & d_ok[None, :], other=0.0)
         kbase = k_ptr + b * stride_kb + kvh * stride_kh
         row_id = (b * tl.num_programs(1) + h) * (tl.num_programs(2) // num_splits) + i
         if MASS_PASS:
@@ -127,17 +133,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _softmax_group_kernel(
-        logit_ptr, amax_ptr, amean_ptr, n_tokens, m, group,
+        logit_ptr, amax_ptr, amean_ptr, n_tokens, m, q_block_offset, group,
         stride_lb, stride_lh, stride_li, stride_ob, stride_oh, stride_oi,
         BLOCK: tl.constexpr, COLS: tl.constexpr,
     ):
-        """Row i of every query head of one GQA group: causal softmax of logit + log(block length), then
-        the max and the mean over the group's heads. Never writes the per-head probabilities."""
+        """Row i (query block q_block_offset + i) of every query head of one GQA group: causal softmax over
+        the m key blocks of logit + log(block length of n_tokens keys), then the max and the mean over the
+        group's heads. Never writes the per-head probabilities."""
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
         i = tl.program_id(2).to(tl.int64)
         j = tl.arange(0, COLS)
-        ok = j <= i
+        ok = j <= q_block_offset + i
         loglen = tl.log(tl.maximum(tl.minimum(n_tokens - j * BLOCK, BLOCK), 1).to(tl.float32))
         amax = tl.zeros([COLS], dtype=tl.float32)
         asum = tl.zeros([COLS], dtype=tl.float32)
@@ -198,19 +205,24 @@ def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = Fa
 
 
 def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, rows: int,
-                            q_blocks: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+                            q_blocks: torch.Tensor | None = None, impl: str = "auto", q_offset: int = 0
+                            ) -> torch.Tensor:
     """Exact block attention mass of the last ``rows`` query tokens of each query block in ``q_blocks``.
 
-    q [B, Hq, N, D], k [B, Hkv, N, D]; q_blocks [Mq] int (default: all M blocks).
+    k [B, Hkv, N, D]; q [B, Hq, N - q_offset, D]: the queries at token positions q_offset .. N-1 (earlier
+    positions count as zero queries, as a chunk's cached prefix does in a zero-padded q; q_offset = 0: q
+    holds every position). q_blocks [Mq] int: absolute query blocks (default: q_offset // bs .. M-1).
     Returns A [B, Hq, Mq, M] float32, row-stochastic over the causal key blocks.
     """
-    b, hq, n, d = q.shape
+    b, hq, nq, d = q.shape
+    n = k.shape[2]
+    check(0 <= q_offset and q_offset + nq == n, f"q ({nq} rows at position {q_offset}) must end with the keys ({n})")
     m = ref.num_blocks(n, block_size)
     if q_blocks is None:
-        q_blocks = torch.arange(m, device=q.device)
+        q_blocks = torch.arange(q_offset // block_size, m, device=q.device)
     check(1 <= rows <= block_size, f"rows={rows} must be in [1, block_size={block_size}]")
     if resolve_impl(impl, q, k) == "torch":
-        return ref.sampled_block_attention_ref(q, k, block_size, rows, q_blocks)
+        return ref.sampled_block_attention_ref(q, k, block_size, rows, q_blocks, q_offset)
     check(q.stride(-1) == 1 and k.stride(-1) == 1, "q and k must have a contiguous last dim")
     qb = q_blocks.to(device=q.device, dtype=torch.int32).contiguous()
     mq = qb.numel()
@@ -223,7 +235,7 @@ def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, r
     part = torch.empty(b, hq, mq, splits, 2, rp, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, mq, rp, dtype=torch.float32, device=q.device)
     args = dict(HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, ROWS_PAD=rp, num_warps=4)
-    common = (n, rows, 1.4426950408889634 / math.sqrt(d), hq // k.shape[1], splits,
+    common = (n, q_offset, rows, 1.4426950408889634 / math.sqrt(d), hq // k.shape[1], splits,
               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               a.stride(0), a.stride(1), a.stride(2))
     grid = (b, hq, mq * splits)
@@ -253,17 +265,19 @@ def _tf32_matmul(enabled: bool):
 
 def block_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str, num_reps: int = 4,
                  impl: str = "auto") -> torch.Tensor:
-    """Estimated logits [B, Hq, M, M] float32 for the one-pass estimators (max_l2, mean, topr, bounds)."""
+    """Estimated logits [B, Hq, Mq, Mk] float32 for the one-pass estimators (max_l2, mean, topr, bounds):
+    q [B, Hq, Nq, D] and k [B, Hkv, Nk, D] are pooled in blocks separately (Mq = ceil(Nq / bs), Mk = ceil(Nk /
+    bs)); Nq = Nk gives the square, a block-aligned tail of q the rows of its query blocks."""
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     check(hq % hkv == 0, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if estimator == "topr" or resolve_impl(impl, q, k) == "torch":
         return ref.block_logits_ref(q, k, block_size, estimator, num_reps)
     scale = 1.0 / math.sqrt(d)
     g = hq // hkv
-    b, m = q.shape[0], ref.num_blocks(q.shape[2], block_size)
+    b, mq, mk = q.shape[0], ref.num_blocks(q.shape[2], block_size), ref.num_blocks(k.shape[2], block_size)
 
-    def grouped(x):  # [B, Hq, M, D] -> [B, Hkv, G*M, D] so one matmul serves the whole group
-        return x.reshape(b, hkv, g * m, d)
+    def grouped(x):  # [B, Hq, Mq, D] -> [B, Hkv, G*Mq, D] so one matmul serves the whole group
+        return x.reshape(b, hkv, g * mq, d)
 
     if estimator not in ("max_l2", "mean", "bounds"):
         raise ValueError(f"estimator {estimator!r} has no logits")
@@ -278,42 +292,58 @@ def block_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: s
             # sum_d max(q lo, q hi) = [q+, q-] . [hi, lo]: one matmul over 2D
             qg = grouped(qm)
             out = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1) @ torch.cat([kb["hi"], kb["lo"]], -1).float().transpose(-1, -2)
-    return (out * scale).view(b, hq, m, m)
+    return (out * scale).view(b, hq, mq, mk)
+
+
+def _check_rows(q: torch.Tensor, k: torch.Tensor, block_size: int, q_block_offset: int) -> None:
+    """q holds the query positions q_block_offset * bs .. N-1 of the N = k.shape[2] keys."""
+    check(q_block_offset >= 0 and q_block_offset * block_size + q.shape[2] == k.shape[2],
+          f"q of {q.shape[2]} tokens from query block {q_block_offset} (block size {block_size}) must end with "
+          f"the {k.shape[2]} keys")
 
 
 def estimate_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str,
-                             num_reps: int = 4, sample_rows: int = 4, impl: str = "auto") -> torch.Tensor:
-    """Row-stochastic estimated block attention A [B, Hq, M, M] float32 (see the module docstring)."""
+                             num_reps: int = 4, sample_rows: int = 4, impl: str = "auto",
+                             q_block_offset: int = 0) -> torch.Tensor:
+    """Row-stochastic estimated block attention A [B, Hq, Mq, M] float32 (see the module docstring).
+
+    k [B, Hkv, N, D]; q [B, Hq, N - q_block_offset * bs, D] holds the queries of query blocks
+    q_block_offset .. M-1 (Mq = M - q_block_offset rows; 0: the full square). A chunk of a longer prompt
+    passes its queries zero-padded in front to the start of its first block."""
+    _check_rows(q, k, block_size, q_block_offset)
     if estimator == "sampled":
-        return sampled_block_attention(q, k, block_size, sample_rows, impl=impl)
+        return sampled_block_attention(q, k, block_size, sample_rows, impl=impl, q_offset=q_block_offset * block_size)
     logits = block_logits(q, k, block_size, estimator, num_reps, impl=impl)
-    return ref.logits_to_block_attention(logits, q.shape[2], block_size)
+    return ref.logits_to_block_attention(logits, k.shape[2], block_size, q_block_offset)
 
 
 def group_reduce(a: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query-head A [B, Hq, M, M] -> (max over each GQA group, mean over it), each [B, Hkv, M, M]."""
+    """Per-query-head A [B, Hq, Mq, Mk] -> (max over each GQA group, mean over it), each [B, Hkv, Mq, Mk]."""
     b, hq, mq, mk = a.shape
     ag = a.view(b, num_kv_heads, hq // num_kv_heads, mq, mk)
     return ag.amax(2), ag.mean(2)
 
 
 def estimate_grouped(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str, num_reps: int = 4,
-                     sample_rows: int = 4, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Estimated block attention reduced over each GQA group: (max, mean), each [B, Hkv, M, M] float32.
+                     sample_rows: int = 4, impl: str = "auto", q_block_offset: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimated block attention reduced over each GQA group: (max, mean), each [B, Hkv, Mq, M] float32 for
+    the query blocks q_block_offset .. M-1 that q holds (see estimate_block_attention; 0: the [M, M] square).
 
     On the Triton path the logit estimators go through one fused causal-softmax + group-reduce kernel that
     never writes the per-head probabilities."""
     hkv = k.shape[1]
     if estimator == "sampled" or resolve_impl(impl, q, k) == "torch":
-        return group_reduce(estimate_block_attention(q, k, block_size, estimator, num_reps, sample_rows, impl),
-                                hkv)
+        return group_reduce(estimate_block_attention(q, k, block_size, estimator, num_reps, sample_rows, impl,
+                                                     q_block_offset), hkv)
+    _check_rows(q, k, block_size, q_block_offset)
     logits = block_logits(q, k, block_size, estimator, num_reps, impl=impl)
-    b, hq, m, _ = logits.shape
-    amax = torch.empty(b, hkv, m, m, dtype=torch.float32, device=q.device)
+    b, hq, mq, mk = logits.shape
+    amax = torch.empty(b, hkv, mq, mk, dtype=torch.float32, device=q.device)
     amean = torch.empty_like(amax)
-    _softmax_group_kernel[(b, hkv, m)](
-        logits, amax, amean, q.shape[2], m, hq // hkv,
+    _softmax_group_kernel[(b, hkv, mq)](
+        logits, amax, amean, k.shape[2], mk, q_block_offset, hq // hkv,
         logits.stride(0), logits.stride(1), logits.stride(2), amax.stride(0), amax.stride(1), amax.stride(2),
-        BLOCK=block_size, COLS=next_pow2(m), num_warps=4 if m <= 1024 else 8,
+        BLOCK=block_size, COLS=next_pow2(mk), num_warps=4 if mk <= 1024 else 8,
     )
     return amax, amean

@@ -66,12 +66,15 @@ def topr_ref(x: torch.Tensor, block_size: int, r: int) -> tuple[torch.Tensor, to
 
 
 # ----------------------------------------------------------------------------------------------------
-# estimators: row-stochastic estimated block attention A [B, Hq, M, M] (causal, zero above diagonal)
+# estimators: row-stochastic estimated block attention A [B, Hq, M, M] (causal, zero above diagonal), or its
+# rows q_block_offset .. M-1 from the queries of those blocks only
 # ----------------------------------------------------------------------------------------------------
-def causal_block_mask(m: int, device=None) -> torch.Tensor:
-    """[M, M] bool, True where key block j <= query block i."""
-    i = torch.arange(m, device=device)
-    return i[None, :] <= i[:, None]
+def causal_block_mask(m: int, device=None, first: int = 0, rows: int | None = None) -> torch.Tensor:
+    """[rows, M] bool, True where key block j <= query block i, for the query blocks i = first .. first+rows-1
+    (default: first .. M-1; first = 0 gives the [M, M] square)."""
+    rows = m - first if rows is None else rows
+    i = torch.arange(first, first + rows, device=device)
+    return torch.arange(m, device=device)[None, :] <= i[:, None]
 
 
 def block_lengths(n: int, block_size: int, device=None) -> torch.Tensor:
@@ -88,17 +91,24 @@ def _gqa_expand(k: torch.Tensor, hq: int) -> torch.Tensor:
     return k.repeat_interleave(hq // hkv, dim=1)
 
 
-def logits_to_block_attention(logits: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
-    """Causal row softmax of block logits [.., M, M], weighting each key block by its token count."""
-    m = logits.shape[-1]
+def logits_to_block_attention(logits: torch.Tensor, n: int, block_size: int, q_block_offset: int = 0) -> torch.Tensor:
+    """Causal row softmax of block logits [.., Mq, Mk], weighting each key block by its token count.
+
+    n: key tokens (Mk = ceil(n / bs) key blocks); row r is query block q_block_offset + r, so it sees key
+    blocks j <= q_block_offset + r (q_block_offset = 0 with Mq = Mk: the full square)."""
+    mq, mk = logits.shape[-2], logits.shape[-1]
+    if mk != num_blocks(n, block_size) or q_block_offset + mq > mk:
+        raise ValueError(f"logits [.., {mq}, {mk}] at query block {q_block_offset} do not fit {n} key tokens "
+                         f"in blocks of {block_size}")
     lens = block_lengths(n, block_size, logits.device).to(torch.float32)
     z = logits.float() + lens.log()
-    z = z.masked_fill(~causal_block_mask(m, logits.device), NEG_INF)
+    z = z.masked_fill(~causal_block_mask(mk, logits.device, q_block_offset, mq), NEG_INF)
     return torch.softmax(z, dim=-1)
 
 
 def block_logits_ref(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str, num_reps: int = 4) -> torch.Tensor:
-    """Estimated logit of every (query block, key block) pair, [B, Hq, M, M] float32 (1/sqrt(D) scaled).
+    """Estimated logit of every (query block, key block) pair, [B, Hq, Mq, Mk] float32 (1/sqrt(D) scaled), for
+    q [B, Hq, Nq, D] and k [B, Hkv, Nk, D] pooled separately (Mq = ceil(Nq / bs), Mk = ceil(Nk / bs)).
 
     max_l2 / mean: one representative per block, q_c . k_c.
     topr:          max over the r x r representative pairs.
@@ -127,25 +137,34 @@ def block_logits_ref(q: torch.Tensor, k: torch.Tensor, block_size: int, estimato
 
 
 def sampled_block_attention_ref(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, rows: int, q_blocks: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, block_size: int, rows: int, q_blocks: torch.Tensor | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Exact block attention mass of the last ``rows`` valid query tokens of each query block.
 
-    For query block m, rows t in [end - rows, end), end = min((m+1) bs, N), clipped to the block: each row's
-    causal softmax over all keys is summed per key block and averaged over the rows. Returns A [B, Hq, Mq, M]
-    float32 for the query blocks ``q_blocks`` (default: all M), row-stochastic.
+    k [B, Hkv, N, D]; q [B, Hq, N - q_offset, D] holds the queries at token positions q_offset .. N-1 (query
+    positions before q_offset count as zero queries: a chunk's cached prefix). For query block m, rows t in
+    [end - rows, end), end = min((m+1) bs, N), clipped to the block: each row's causal softmax over all keys
+    is summed per key block and averaged over the rows. Returns A [B, Hq, Mq, M] float32 for the absolute
+    query blocks ``q_blocks`` (default: q_offset // bs .. M-1, the blocks q reaches), row-stochastic.
     """
-    b, hq, n, d = q.shape
+    b, hq, nq, d = q.shape
+    n = k.shape[2]
+    if q_offset < 0 or q_offset + nq != n:
+        raise ValueError(f"q ({nq} rows at position {q_offset}) must end with the keys ({n})")
     m = num_blocks(n, block_size)
     if q_blocks is None:
-        q_blocks = torch.arange(m, device=q.device)
+        q_blocks = torch.arange(q_offset // block_size, m, device=q.device)
     kx = _gqa_expand(k, hq).float()
     pos = torch.arange(n, device=q.device)
     out = torch.zeros(b, hq, len(q_blocks), m, device=q.device)
     for i, mb in enumerate(q_blocks.tolist()):
         start, end = mb * block_size, min((mb + 1) * block_size, n)
         r0 = max(start, end - rows)
-        qs = q[:, :, r0:end].float()
+        qs = q.new_zeros(b, hq, end - r0, d, dtype=torch.float32)
+        lo = max(r0, q_offset)
+        if lo < end:
+            qs[:, :, lo - r0:] = q[:, :, lo - q_offset:end - q_offset].float()
         s = qs @ kx.transpose(-1, -2) / math.sqrt(d)
         s = s.masked_fill(pos[None, :] > pos[r0:end, None], NEG_INF)
         p = torch.softmax(s, dim=-1)

@@ -15,12 +15,16 @@ from cab_vllm.ops.reference import causal_block_mask
 PAD = -1
 
 
-def forced_mask(m: int, sink_blocks: int, local_blocks: int, device=None) -> torch.Tensor:
-    """[M, M] bool: sink blocks (j < sink) and the local window (i - local < j <= i), causal."""
-    i = torch.arange(m, device=device)
-    sink = i[None, :] < sink_blocks
-    local = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - local_blocks)
-    return (sink | local) & causal_block_mask(m, device)
+def forced_mask(m: int, sink_blocks: int, local_blocks: int, device=None, first: int = 0,
+                rows: int | None = None) -> torch.Tensor:
+    """[rows, M] bool: sink blocks (j < sink) and the local window (i - local < j <= i), causal, for the query
+    blocks i = first .. first+rows-1 (default: first .. M-1; first = 0 gives the [M, M] square)."""
+    causal = causal_block_mask(m, device, first, rows)
+    i = torch.arange(first, first + causal.shape[0], device=device)
+    j = torch.arange(m, device=device)
+    sink = j[None, :] < sink_blocks
+    local = j[None, :] > i[:, None] - local_blocks
+    return (sink | local) & causal
 
 
 def select_topk(priority: torch.Tensor, keep: torch.Tensor, kmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import cab_vllm.backend.planner as planner
 from backend_harness import PagedSim, dense_rows, rel_err
+from conftest import KERNEL_FP32_TOL, assert_same_selection
 from cab_vllm.api import select_blocks
 from cab_vllm.backend.planner import (
     METRICS,
@@ -19,6 +22,8 @@ from cab_vllm.backend.planner import (
 )
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.decode import MODE_BOUNDS
+from cab_vllm.ops.reference import num_blocks
+from cab_vllm.policies import estimate, select_from_attention
 
 
 # -- knobs ----------------------------------------------------------------------------------------------------
@@ -94,10 +99,103 @@ def test_prefill_selection_chunk_rows():
     assert bool(((idx <= torch.arange(first, first + idx.shape[0])[:, None, None]) | (idx < 0)).all())
 
 
-# -- attention through the paged cache ------------------------------------------------------------------------
 # Triton on these CPU tensors runs interpreted (conftest sets TRITON_INTERPRET=1 when there is no GPU)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["torch", "triton"] if INTERPRETED else ["torch"]
+
+
+# -- chunked prefill: the row path (policies.rows_only) against the full square -------------------------------
+def _square_selection(q_new, k_all, cfg, impl):
+    """What prefill_selection computed before the row path, for every policy: q zero-padded over the whole
+    cached prefix, the [M, M] estimate and selection, rows first..last kept. Returns (indices, counts, first,
+    the square's a_max rows [R, Hkv, M] for estimating policies, else None)."""
+    nq, (hkv, n) = q_new.shape[1], k_all.shape[:2]
+    bs = cfg.block_size
+    first, last, m = (n - nq) // bs, (n - 1) // bs, num_blocks(n, bs)
+    q = F.pad(q_new, (0, 0, n - nq, 0))[None]
+    score = None
+    if cfg.policy in ("cab", "curvature", "magnitude", "h2o"):
+        a_max, a_mean = estimate(q, k_all[None], cfg, impl=impl)
+        score = a_max[0, :, first:].transpose(0, 1)
+    else:
+        a_max = a_mean = torch.zeros(1, hkv, m, m)
+    idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl)
+    rows = slice(first, last + 1)
+    return idx[0, :, rows].transpose(0, 1), cnt[0, :, rows].t(), first, score
+
+
+# (N, nq), block size 16: a 397-token prompt in chunks of 150 (first, mid-block start, last), a chunk at a block
+# start, one token, a few tokens inside the last block, a last block of one token (385 = 24 * 16 + 1)
+PREFILL_CHUNKS = [(150, 150), (300, 150), (397, 97), (397, 237), (397, 1), (397, 5), (385, 40)]
+TRITON_CHUNKS = [(300, 150), (397, 97), (397, 5), (385, 40)]  # the interpreter is slow: the non-trivial ones
+ROW_CFGS = [pytest.param(CABConfig(block_size=16, sparsity=0.7, policy=p, estimator=e), id=f"{p}-{e}")
+            for p in ("cab", "magnitude") for e in ("max_l2", "mean", "topr", "bounds", "sampled")] + [
+    pytest.param(CABConfig(block_size=16, sparsity=0.7, policy=p), id=p) for p in ("streaming", "dense")]
+SQUARE_CFGS = [pytest.param(CABConfig(block_size=16, sparsity=0.7, policy=p), id=p)
+               for p in ("curvature", "h2o", "random")] + [
+    pytest.param(CABConfig(block_size=16, sparsity=0.7, curvature_share=0.3), id="cab-curvature")]
+
+
+def _chunk_inputs(n, nq, hq, hkv, seed, d=32):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(hq, nq, d, generator=gen), torch.randn(hkv, n, d, generator=gen)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 1)], ids=["g1", "g4"])
+@pytest.mark.parametrize("cfg", ROW_CFGS)
+def test_prefill_selection_rows_equal_the_square(cfg, hq, hkv, impl):
+    """The row path (the chunk's query blocks only; cab with its exact last rows) selects what the full square
+    did, chunk by chunk, for every estimator; near-ties of estimates summed in another order may swap (none
+    on the CPU). Interpreted Triton (slow): GQA 4 only, fewer chunks, magnitude (cab's estimate without the
+    exact rows) with one estimator, and the sampled square through the twin."""
+    interpreted = impl == "triton" and INTERPRETED
+    if interpreted and (hkv == hq or cfg.policy == "magnitude" and cfg.estimator != "bounds"):
+        pytest.skip("interpreted Triton: the GQA-4 cab cases cover the estimators")
+    square_impl = "torch" if interpreted and cfg.estimator == "sampled" else impl
+    for c, (n, nq) in enumerate(TRITON_CHUNKS if interpreted else PREFILL_CHUNKS):
+        q_new, k = _chunk_inputs(n, nq, hq, hkv, seed=c)
+        idx, cnt, first = prefill_selection(q_new, k, cfg, impl=impl)
+        widx, wcnt, wfirst, score = _square_selection(q_new, k, cfg, square_impl)
+        assert first == wfirst == (n - nq) // 16 and idx.shape[0] == (n - 1) // 16 - first + 1
+        assert_same_selection(idx, cnt, widx, wcnt, score, atol=KERNEL_FP32_TOL)
+
+
+@pytest.mark.parametrize("cfg", ROW_CFGS[::5] + ROW_CFGS[-2:] + SQUARE_CFGS)
+def test_prefill_selection_takes_the_row_path_only_when_the_policy_allows(cfg, monkeypatch):
+    """Row-local policies estimate and select the chunk's R rows only (q padded back to the start of its first
+    block); curvature, h2o, random and cab with a curvature share still go through the [M, M] square (q padded
+    over the whole prefix) and select exactly what they did; dense needs neither."""
+    seen = []
+
+    def spy_estimate(q, k, cfg_, impl="auto", q_block_offset=0):
+        seen.append(("estimate", q.shape[2], q_block_offset))
+        return estimate(q, k, cfg_, impl=impl, q_block_offset=q_block_offset)
+
+    def spy_select(a_max, a_mean, cfg_, impl="auto", q_block_offset=0):
+        seen.append(("select", tuple(a_max.shape[-2:]), q_block_offset))
+        return select_from_attention(a_max, a_mean, cfg_, impl=impl, q_block_offset=q_block_offset)
+
+    monkeypatch.setattr(planner, "estimate", spy_estimate)
+    monkeypatch.setattr(planner, "select_from_attention", spy_select)
+    n, nq, m = 397, 100, 25
+    first = (n - nq) // 16
+    q_new, k = _chunk_inputs(n, nq, 4, 2, seed=9)
+    idx, cnt, got_first = prefill_selection(q_new, k, cfg, impl="torch")
+    estimates = cfg.policy in ("cab", "curvature", "magnitude", "h2o")
+    if cfg.policy == "dense":
+        want = []
+    elif planner.rows_only(cfg):
+        want = [("estimate", n - first * 16, first)] * estimates + [("select", (m - first, m), first)]
+    else:
+        want = [("estimate", n, 0)] * estimates + [("select", (m, m), 0)]
+    assert seen == want
+    widx, wcnt, wfirst, _ = _square_selection(q_new, k, cfg, "torch")
+    assert got_first == wfirst == first
+    assert_same_selection(idx, cnt, widx, wcnt)
+
+
+# -- attention through the paged cache ------------------------------------------------------------------------
 
 
 def _sim(lens, hq, hkv, d, dtype, page_size, cfg, seed=0):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import KERNEL_FP32_TOL, TOL, rel_err, skip_if_interpreted_bf16_dot
+from conftest import KERNEL_FP32_TOL, TOL, interpreting, rel_err, skip_if_interpreted_bf16_dot
 from cab_vllm.ops import reference as ref
 from cab_vllm.ops.coarsen import (block_logits, estimate_block_attention, estimate_grouped, group_reduce, pool,
                                   sampled_block_attention)
@@ -321,3 +321,125 @@ def test_sampled_block_attention_offsets_past_int32(layout):
     fields = res.stdout.split()
     rel, rowsum = float(fields[fields.index("REL_ERR") + 1]), float(fields[fields.index("ROWSUM") + 1])
     assert rel < 1e-2 and rowsum < 1e-3, res.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# row subsets: a chunk's query blocks first .. M-1 against all N keys (chunked prefill)
+# ----------------------------------------------------------------------------------------------------
+ROW_IMPLS = ["torch", "triton"]
+# (N, nq): the chunk holds the last nq of N tokens, block size 16. The whole prompt (first chunk), a chunk
+# starting mid-block, at a block start, one token, a few tokens inside the last block, a last block of one
+# token (385 = 24 * 16 + 1)
+CHUNKS = [pytest.param(150, 150, id="first"), pytest.param(300, 150, id="mid-block"),
+          pytest.param(397, 97, id="last"), pytest.param(397, 237, id="block-start"),
+          pytest.param(397, 1, id="nq1"), pytest.param(397, 5, id="nq5"), pytest.param(385, 40, id="tail1")]
+GQA = [pytest.param(2, 2, id="g1"), pytest.param(4, 1, id="g4")]
+
+
+def _chunk(n, nq, hq, hkv, d=32, bs=16, seed=0, device="cpu"):
+    """(q_full [1, Hq, N, D]: zero rows for the prefix then the chunk's queries, q_rows: its rows from the start
+    of the chunk's first query block, k [1, Hkv, N, D], first)."""
+    gen = torch.Generator().manual_seed(seed)
+    q_new = torch.randn(1, hq, nq, d, generator=gen)
+    k = torch.randn(1, hkv, n, d, generator=gen).to(device)
+    q_full = torch.nn.functional.pad(q_new, (0, 0, n - nq, 0)).to(device)
+    first = (n - nq) // bs
+    return q_full, q_full[:, :, first * bs:].contiguous(), k, first
+
+
+@pytest.mark.parametrize("impl", ROW_IMPLS)
+@pytest.mark.parametrize("hq,hkv", GQA)
+@pytest.mark.parametrize("n,nq", CHUNKS)
+@pytest.mark.parametrize("estimator", ["max_l2", "mean", "topr", "bounds", "sampled"])
+def test_row_estimate_equals_rows_of_the_square(estimator, n, nq, hq, hkv, impl, device):
+    """estimate_grouped of the chunk's query blocks (q zero-padded in front to block `first`) equals rows
+    first .. M-1 of the full square's estimate (q zero-padded over the whole prefix), same impl (the sampled
+    square through the twin: the interpreted kernel is slow on it; test_sampled_block_attention ties the two)."""
+    if estimator == "sampled" and impl == "triton" and interpreting() and (n, hq) != (300, 4):
+        pytest.skip("interpreted: test_sampled_q_offset_equals_zero_padded_q covers the kernel, one chunk the call")
+    bs = 16
+    q_full, q_rows, k, first = _chunk(n, nq, hq, hkv, device=device)
+    m = ref.num_blocks(n, bs)
+    amax, amean = estimate_grouped(q_rows, k, bs, estimator, num_reps=3, sample_rows=5, impl=impl,
+                                   q_block_offset=first)
+    square_impl = "torch" if estimator == "sampled" and interpreting() else impl
+    wmax, wmean = estimate_grouped(q_full, k, bs, estimator, num_reps=3, sample_rows=5, impl=square_impl)
+    assert amax.shape == amean.shape == (1, hkv, m - first, m)
+    torch.testing.assert_close(amax, wmax[:, :, first:], rtol=KERNEL_FP32_TOL, atol=KERNEL_FP32_TOL / 10)
+    torch.testing.assert_close(amean, wmean[:, :, first:], rtol=KERNEL_FP32_TOL, atol=KERNEL_FP32_TOL / 10)
+    # causal within the rows: row r sees key blocks 0 .. first + r, and sums to one
+    causal = ref.causal_block_mask(m, device, first)
+    assert (amean[..., ~causal] == 0).all() and (amean[..., causal] > 0).all()
+    torch.testing.assert_close(amean.sum(-1), torch.ones_like(amean[..., 0]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ROW_IMPLS)
+@pytest.mark.parametrize("estimator", ["max_l2", "mean", "topr", "bounds"])
+def test_block_logits_rectangular(estimator, impl, device):
+    """Logits of Mq query blocks against Mk key blocks: the rows of the square for a block-aligned tail of q."""
+    q_full, q_rows, k, first = _chunk(300, 150, 8, 2, device=device)
+    got = block_logits(q_rows, k, 16, estimator, num_reps=3, impl=impl)
+    want = block_logits(q_full, k, 16, estimator, num_reps=3, impl=impl)
+    assert got.shape == (1, 8, 19 - first, 19)
+    torch.testing.assert_close(got, want[:, :, first:], rtol=KERNEL_FP32_TOL, atol=KERNEL_FP32_TOL)
+
+
+def test_logits_to_block_attention_rows():
+    """Row r of a row subset is query block first + r: causal up to it, key blocks weighted by the token
+    count of the n keys; a shape that does not fit the keys is refused."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 7, 7, generator=gen)
+    full = ref.logits_to_block_attention(logits, 100, 16)
+    rows = ref.logits_to_block_attention(logits[:, :, 4:], 100, 16, q_block_offset=4)
+    torch.testing.assert_close(rows, full[:, :, 4:], rtol=0, atol=0)
+    assert (rows[..., 0, 5:] == 0).all() and (rows[..., 0, :5] > 0).all()
+    with pytest.raises(ValueError):
+        ref.logits_to_block_attention(logits[:, :, 4:], 100, 16, q_block_offset=5)
+    with pytest.raises(ValueError):
+        ref.logits_to_block_attention(logits, 120, 16)
+
+
+@pytest.mark.parametrize("impl", ROW_IMPLS)
+@pytest.mark.parametrize("hq,hkv", GQA)
+@pytest.mark.parametrize("n,nq", [c for c in CHUNKS if c.id not in ("first", "block-start")])  # both: the test above
+def test_sampled_q_offset_equals_zero_padded_q(n, nq, hq, hkv, impl, device):
+    """sampled_block_attention with q row 0 at position q_offset equals the zero-padded q, also where the
+    sampled rows reach into the prefix (zero queries: uniform over their causal keys): the chunk's raw queries
+    (q_offset = N - nq, the cab exact rows) and its block-aligned rows (q_offset = first * bs)."""
+    if impl == "triton" and interpreting() and hq == hkv:
+        pytest.skip("interpreted (slow): GQA 4 covers the kernel")
+    bs, rows = 16, 16
+    q_full, q_rows, k, first = _chunk(n, nq, hq, hkv, device=device)
+    m = ref.num_blocks(n, bs)
+    qb = torch.arange(first, m, device=device)
+    want = sampled_block_attention(q_full, k, bs, rows, qb, impl="torch" if interpreting() else impl)
+    got_rows = sampled_block_attention(q_rows, k, bs, rows, qb, impl=impl, q_offset=first * bs)
+    assert got_rows.shape == (1, hq, m - first, m)
+    torch.testing.assert_close(got_rows, want, rtol=0, atol=KERNEL_FP32_TOL)
+    last = torch.tensor([m - 1], device=device)
+    # the raw queries as a view into a NaN-prefixed buffer: a kernel that reads before q_offset poisons its output
+    buf = torch.full_like(q_full, float("nan"))
+    buf[:, :, n - nq:] = q_full[:, :, n - nq:]
+    got_raw = sampled_block_attention(buf[:, :, n - nq:], k, bs, rows, last, impl=impl, q_offset=n - nq)
+    torch.testing.assert_close(got_raw, want[:, :, -1:], rtol=0, atol=KERNEL_FP32_TOL)
+    # the default query blocks are the ones q reaches
+    torch.testing.assert_close(sampled_block_attention(q_rows, k, bs, rows, impl="torch", q_offset=first * bs),
+                               want, rtol=0, atol=KERNEL_FP32_TOL)
+
+
+def test_sampled_q_offset_brute_force():
+    """The twin against float64 brute force on the zero-padded q (zero rows inside the sampled rows)."""
+    q_full, _, k, _ = _chunk(100, 3, 4, 2, seed=4)
+    got = ref.sampled_block_attention_ref(q_full[:, :, 97:], k, 16, 8, torch.tensor([6]), q_offset=97)
+    torch.testing.assert_close(got.double(), _sampled_brute(q_full, k, 16, 8, [6]), rtol=0, atol=1e-6)
+
+
+def test_row_estimate_rejects_misaligned_q():
+    q_full, q_rows, k, first = _chunk(300, 150, 2, 2)
+    for est in ("bounds", "sampled"):
+        with pytest.raises(ValueError, match="must end with"):
+            estimate_grouped(q_rows[:, :, 1:], k, 16, est, impl="torch", q_block_offset=first)
+        with pytest.raises(ValueError, match="must end with"):
+            estimate_grouped(q_rows, k, 16, est, impl="torch", q_block_offset=first + 1)
+    with pytest.raises(ValueError, match="must end with"):
+        sampled_block_attention(q_rows, k, 16, 4, impl="torch", q_offset=first * 16 + 1)

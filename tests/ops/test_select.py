@@ -16,7 +16,7 @@ from conftest import block_mask_of
 from cab_vllm.config import POLICIES, CABConfig
 from cab_vllm.ops.reference import causal_block_mask
 from cab_vllm.ops.select import decode_priority, decode_priority_ref, forced_mask, select_tiered, select_topk
-from cab_vllm.policies import DECODE_POLICIES, select_decode_blocks, select_from_attention
+from cab_vllm.policies import DECODE_POLICIES, rows_only, select_decode_blocks, select_from_attention
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99]
 SINK_LOCAL = [pytest.param(1, 1, id="sink1-local1"), pytest.param(0, 1, id="sink0-local1"),
@@ -254,6 +254,74 @@ def test_random_is_deterministic_given_seed():
     # the choice ignores the scores
     i4, _ = select_from_attention(a_max.flip(-1), a_mean, cfg)
     assert torch.equal(i1, i4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# row subsets (a chunk's query blocks first .. M-1): row-local policies only
+# ----------------------------------------------------------------------------------------------------
+ROW_POLICIES = [pytest.param(CABConfig(policy=p, sparsity=0.7), id=p) for p in ("dense", "streaming", "magnitude")] + [
+    pytest.param(CABConfig(policy="cab", sparsity=0.7), id="cab")]
+SQUARE_POLICIES = [pytest.param(CABConfig(policy=p, sparsity=0.7), id=p) for p in ("curvature", "h2o", "random")] + [
+    pytest.param(CABConfig(policy="cab", sparsity=0.7, curvature_share=0.25), id="cab-curvature")]
+
+
+def test_rows_only_policies():
+    assert [rows_only(p.values[0]) for p in ROW_POLICIES] == [True] * len(ROW_POLICIES)
+    assert [rows_only(p.values[0]) for p in SQUARE_POLICIES] == [False] * len(SQUARE_POLICIES)
+
+
+@pytest.mark.parametrize("sink,local", SINK_LOCAL)
+@pytest.mark.parametrize("first", [0, 1, 17, 36], ids=lambda f: f"first{f}")
+@pytest.mark.parametrize("cfg", ROW_POLICIES)
+def test_row_subset_equals_rows_of_the_square(cfg, first, sink, local):
+    """select_from_attention on rows first .. M-1 of the estimate gives exactly those rows of the square's
+    selection (same indices, counts and K): budgets keep_counts(M)[first:], forced and causal masks sliced."""
+    m = 37
+    cfg = cfg.replace(sink_blocks=sink, local_blocks=local)
+    a_max, a_mean = graphs(2, 3, m, seed=5)
+    idx, cnt = select_from_attention(a_max, a_mean, cfg, impl="torch")
+    ri, rc = select_from_attention(a_max[:, :, first:].contiguous(), a_mean[:, :, first:].contiguous(), cfg,
+                                   impl="torch", q_block_offset=first)
+    assert ri.shape == (2, 3, m - first, idx.shape[-1])
+    assert torch.equal(ri, idx[:, :, first:]) and torch.equal(rc, cnt[:, :, first:])
+    # the format checks of the square hold row by row: causal up to query block first + r, forced blocks kept
+    live = torch.arange(ri.shape[-1]) < rc[..., None]
+    assert ((ri <= torch.arange(first, m)[:, None]) | ~live).all(), "a non-causal block was selected"
+    mask = block_mask_of(ri, rc, m)
+    assert (mask | ~forced_mask(m, sink, local, first=first)).all()
+
+
+def test_row_subset_of_a_row_subset():
+    """Rows first .. first + R - 1 that stop short of M - 1 (a general window) are the square's rows too."""
+    m, cfg = 20, CABConfig(policy="magnitude", sparsity=0.6, sink_blocks=2, local_blocks=2)
+    a_max, a_mean = graphs(1, 2, m, seed=6)
+    idx, cnt = select_from_attention(a_max, a_mean, cfg)
+    ri, rc = select_from_attention(a_max[:, :, 5:9], a_mean[:, :, 5:9], cfg, q_block_offset=5)
+    k = int(cfg.keep_counts(9)[-1])
+    assert torch.equal(rc, cnt[:, :, 5:9]) and torch.equal(ri, idx[:, :, 5:9, :k])
+
+
+@pytest.mark.parametrize("cfg", SQUARE_POLICIES)
+def test_row_subset_refused_by_policies_that_need_the_square(cfg):
+    a_max, a_mean = graphs(1, 2, 12, seed=7)
+    select_from_attention(a_max, a_mean, cfg, impl="torch")  # the square is fine
+    with pytest.raises(ValueError, match="full"):
+        select_from_attention(a_max[:, :, 4:], a_mean[:, :, 4:], cfg, impl="torch", q_block_offset=4)
+    with pytest.raises(ValueError, match="full"):
+        select_from_attention(a_max[:, :, :4], a_mean[:, :, :4], cfg, impl="torch")
+
+
+def test_row_subset_must_fit_the_key_blocks():
+    a_max, a_mean = graphs(1, 1, 12, seed=8)
+    with pytest.raises(ValueError, match="do not fit"):
+        select_from_attention(a_max[:, :, 4:], a_mean[:, :, 4:], CABConfig(), q_block_offset=5)
+
+
+def test_masks_row_subsets():
+    for m, first in [(9, 0), (9, 4), (9, 8)]:
+        assert torch.equal(causal_block_mask(m, first=first), causal_block_mask(m)[first:])
+        assert torch.equal(forced_mask(m, 2, 3, first=first), forced_mask(m, 2, 3)[first:])
+        assert torch.equal(forced_mask(m, 1, 2, first=first, rows=1), forced_mask(m, 1, 2)[first:first + 1])
 
 
 # ----------------------------------------------------------------------------------------------------
