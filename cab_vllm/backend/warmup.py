@@ -52,4 +52,14 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
         slots.stored.clear()
         step(n, n + 1, sparse.replace(policy=policy), n)
     if torch.device(device).type == "cuda":
+        # the estimate's softmax compiles once per power of two of the key-block count: make every one the
+        # engine's contexts can reach (a 1-row softmax each)
+        from cab_vllm.ops._triton import next_pow2
+        from cab_vllm.ops.coarsen import softmax_group
+
+        p = 16
+        while p <= next_pow2(workspace.max_blocks):
+            logits = torch.zeros(1, num_heads, 1, p, dtype=torch.float32, device=device)
+            softmax_group(logits, p * cfg.block_size, num_kv_heads, cfg.block_size, q_block_offset=p - 1)
+            p *= 2
         torch.cuda.synchronize(device)

@@ -34,7 +34,10 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # sizes that follow the context length stay unspecialized (Triton would compile again for every value that is
+    # 1 or a multiple of 16): one compile per kernel serves every chunk of every prompt. Token strides are
+    # multiples of the head dim, so their specialization never changes and keeps the loads vectorized.
+    @triton.jit(do_not_specialize=["n_tokens"])
     def _pool_kernel(
         x_ptr, rep_ptr, mean_ptr, lo_ptr, hi_ptr,
         n_tokens,
@@ -71,7 +74,7 @@ if HAS_TRITON:
             tl.store(lo_ptr + obase + d, lo.to(lo_ptr.dtype.element_ty), mask=d_ok)
             tl.store(hi_ptr + obase + d, hi.to(hi_ptr.dtype.element_ty), mask=d_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens", "q_offset", "num_splits", "stride_ab", "stride_ah", "stride_ai"])
     def _sampled_kernel(
         q_ptr, k_ptr, qblk_ptr, part_ptr, lse_ptr, a_ptr,
         n_tokens, q_offset, rows, scale_log2, group, num_splits,
@@ -131,7 +134,8 @@ if HAS_TRITON:
             tl.store(pbase + r, m_i)
             tl.store(pbase + ROWS_PAD + r, l_i)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens", "m", "q_block_offset", "stride_lb", "stride_lh", "stride_li",
+                                   "stride_ob", "stride_oh", "stride_oi"])
     def _softmax_group_kernel(
         logit_ptr, amax_ptr, amean_ptr, n_tokens, m, q_block_offset, group,
         stride_lb, stride_lh, stride_li, stride_ob, stride_oh, stride_oi,
@@ -338,11 +342,19 @@ def estimate_grouped(q: torch.Tensor, k: torch.Tensor, block_size: int, estimato
                                                      q_block_offset), hkv)
     _check_rows(q, k, block_size, q_block_offset)
     logits = block_logits(q, k, block_size, estimator, num_reps, impl=impl)
+    return softmax_group(logits, k.shape[2], hkv, block_size, q_block_offset)
+
+
+def softmax_group(logits: torch.Tensor, n_tokens: int, num_kv_heads: int, block_size: int, q_block_offset: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton: causal softmax of block logits [B, Hq, Mq, Mk] (row r = query block q_block_offset + r; key block
+    j weighted by its token count out of n_tokens), reduced over each GQA group -> (max, mean) [B, Hkv, Mq, Mk].
+    One compile per power of two of Mk (the engine's warm-up makes them all)."""
     b, hq, mq, mk = logits.shape
-    amax = torch.empty(b, hkv, mq, mk, dtype=torch.float32, device=q.device)
+    amax = torch.empty(b, num_kv_heads, mq, mk, dtype=torch.float32, device=logits.device)
     amean = torch.empty_like(amax)
-    _softmax_group_kernel[(b, hkv, mq)](
-        logits, amax, amean, k.shape[2], mk, q_block_offset, hq // hkv,
+    _softmax_group_kernel[(b, num_kv_heads, mq)](
+        logits, amax, amean, n_tokens, mk, q_block_offset, hq // num_kv_heads,
         logits.stride(0), logits.stride(1), logits.stride(2), amax.stride(0), amax.stride(1), amax.stride(2),
         BLOCK=block_size, COLS=next_pow2(mk), num_warps=4 if mk <= 1024 else 8,
     )
