@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from cab_vllm.ops._triton import HAS_TRITON, check, interpreting, next_pow2, resolve_impl
+from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 from cab_vllm.ops.prefill import _check_common
 from cab_vllm.ops.reference import paged_decode_ref
 
@@ -112,32 +112,41 @@ if HAS_TRITON:
     @triton.jit
     def _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
                      stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_PAD: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr):
         """Log-sum-exp merge of the group's split partials (written by other programs: read from L2) into o
-        [S, Hq, D] and lse [S, Hq] (natural log). One head at a time, all its splits in one load."""
-        k = tl.arange(0, SPLIT_PAD)
-        k_ok = k < num_splits
+        [S, Hq, D] and lse [S, Hq] (natural log): split by split, the group's heads as the rows of one tile.
+        (An engine run with a head-by-head merge, all splits in one [64, D] tile, decoded at 128k in 7.7 ms per
+        token against 6.2 with this merge on the H200; other changes lay between the two runs: BENCHMARKS.md.)"""
+        g = tl.arange(0, GROUP_PAD)
+        g_ok = g < group
+        heads = kvh * group + g
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        for g in range(0, group):
-            h = kvh * group + g
-            lse = tl.load(plse_ptr + (s * num_heads + h) * num_splits + k, mask=k_ok, other=float("-inf"),
-                          cache_modifier=".cg")
-            po = tl.load(po_ptr + s * stride_pos + h * stride_poh + k[:, None] * stride_pok + d[None, :],
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-            m = tl.max(lse, 0)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            w = tl.exp2(lse - m_safe)
-            tot = tl.sum(w, 0)
-            out = tl.sum(po * w[:, None], 0) / tl.where(tot > 0.0, tot, 1.0)
-            tl.store(o_ptr + s * stride_os + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
-            total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
-                             float("-inf"))
-            tl.store(lse_ptr + s * num_heads + h + k * 0, total + k * 0.0, mask=k == 0)
+        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        tot = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+        for k in range(0, num_splits):
+            lse_k = tl.load(plse_ptr + (s * num_heads + heads) * num_splits + k, mask=g_ok, other=float("-inf"),
+                            cache_modifier=".cg")
+            o_k = tl.load(po_ptr + s * stride_pos + heads[:, None] * stride_poh + k * stride_pok + d[None, :],
+                          mask=g_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, lse_k)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse_k - m_safe)
+            acc = acc * alpha[:, None] + o_k * w[:, None]
+            tot = tot * alpha + w
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        out = acc / tl.where(tot > 0.0, tot, 1.0)[:, None]
+        tl.store(o_ptr + s * stride_os + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+        total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
+                         float("-inf"))
+        tl.store(lse_ptr + s * num_heads + heads, total, mask=g_ok)
 
-    # The counts that change with the batch stay runtime values (no Triton specialization on == 1 or % 16), and the
-    # merge's split tile has one size on a GPU (MAX_SPLITS; the interpreter, which runs tiles element by element,
-    # gets the smallest): a decode step compiles once per engine, not once per CUDA-graph batch size.
+    # The counts that change with the batch stay runtime values (no Triton specialization on == 1 or % 16): a decode
+    # step compiles once per engine, not once per CUDA-graph batch size.
     @triton.jit(do_not_specialize=["num_splits", "n_tiles", "n_score", "n_total", "sync_rows"])
     def _decode_step_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seqlen_ptr,
@@ -155,7 +164,7 @@ if HAS_TRITON:
         stride_pos, stride_poh, stride_pok,
         stride_os, stride_oh,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
-        BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, SPLIT_PAD: tl.constexpr,
+        BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
         ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr,
     ):
         # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
@@ -227,7 +236,7 @@ if HAS_TRITON:
                         tl.atomic_xchg(ready + s * num_kv_heads + kvh, 0)  # every split is past its wait
                     _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
                                  stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                                 HEAD_DIM, BLOCK_D, SPLIT_PAD)
+                                 HEAD_DIM, BLOCK_D, GROUP_PAD)
 
 
 MAX_SPLITS = 64  # split-K partials per (row, head), at most
@@ -475,6 +484,6 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         part_o.stride(0), part_o.stride(1) if part_o.dim() > 1 else 0, part_o.stride(2) if part_o.dim() > 2 else 0,
         o.stride(0), o.stride(1),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
-        BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), SPLIT_PAD=max(2, next_pow2(num_splits)) if interpreting() else MAX_SPLITS, ROUTED=routed, SELECT=select is not None,
+        BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
         ATTEND=attend, num_warps=4, num_stages=2,
     )
