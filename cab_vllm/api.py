@@ -9,7 +9,7 @@ import torch
 
 from cab_vllm.config import CABConfig
 from cab_vllm.ops._triton import check, resolve_impl
-from cab_vllm.ops.prefill import PrefillTiles, _sparse_prefill_launch
+from cab_vllm.ops.prefill import PrefillTiles, dense_sparse_prefill
 from cab_vllm.ops.reference import num_blocks, sparse_attention_ref
 from cab_vllm.policies import estimate, select_from_attention
 
@@ -100,17 +100,4 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: Sel
         return flex_sparse_attention(q, k, v, sel.indices, sel.counts, sel.block_size, scale)
     if resolve_impl(impl, q, k) == "torch":
         return sparse_attention_ref(q, k, v, sel.indices, sel.counts, sel.block_size, scale)[0]
-    check(q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "q, k, v need a contiguous last dim")
-    out = torch.empty_like(q)
-    dev = q.device
-    # A dense [B, H, N, D] tensor is a paged cache of B pages of N tokens: page b of sequence b.
-    block_table = torch.arange(b, device=dev, dtype=torch.int32)[:, None]
-    seq_lens = torch.full((b,), n, device=dev, dtype=torch.int32)
-    qsl = torch.arange(b + 1, device=dev, dtype=torch.int32) * n
-    kc = k.transpose(1, 2)  # [B, N, Hkv, D] view: (page, slot, head, dim)
-    vc = v.transpose(1, 2)
-    q_str = (q.stride(0) - n * q.stride(2), q.stride(2), q.stride(1))
-    o_str = (out.stride(0) - n * out.stride(2), out.stride(2), out.stride(1))
-    _sparse_prefill_launch(q, kc, vc, out, block_table, qsl, seq_lens, sel.to_tiles(), sel.block_size, scale,
-                           q_str, o_str, hq)
-    return out
+    return dense_sparse_prefill(q, k, v, sel.to_tiles(), sel.block_size, scale)

@@ -192,6 +192,24 @@ def heads_per_program(group: int, block_size: int, head_dim: int, elem_size: int
     return h
 
 
+def dense_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: PrefillTiles, block_size: int,
+                         scale: float) -> torch.Tensor:
+    """The sparse prefill kernel on dense inputs: q [B, Hq, N, D], k, v [B, Hkv, N, D] (contiguous last dim) seen as
+    a paged cache of one N-token page per sequence; tiles cover every query block. Returns out [B, Hq, N, D]."""
+    check(q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "q, k, v need a contiguous last dim")
+    b, hq, n, _ = q.shape
+    out = torch.empty_like(q)
+    dev = q.device
+    block_table = torch.arange(b, device=dev, dtype=torch.int32)[:, None]  # page b holds sequence b
+    seq_lens = torch.full((b,), n, device=dev, dtype=torch.int32)
+    qsl = torch.arange(b + 1, device=dev, dtype=torch.int32) * n
+    kc, vc = k.transpose(1, 2), v.transpose(1, 2)  # [B, N, Hkv, D] views: (page, slot, head, dim)
+    q_str = (q.stride(0) - n * q.stride(2), q.stride(2), q.stride(1))
+    o_str = (out.stride(0) - n * out.stride(2), out.stride(2), out.stride(1))
+    _sparse_prefill_launch(q, kc, vc, out, block_table, qsl, seq_lens, tiles, block_size, scale, q_str, o_str, hq)
+    return out
+
+
 def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_start_loc, seq_lens, tiles,
                            block_size, scale, q_strides, o_strides, num_q_heads):
     """Launch over T tiles x Hq heads. q_strides/o_strides = (per sequence, per token, per head): the address
