@@ -33,7 +33,7 @@ from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import estimate_grouped, group_reduce, sampled_block_attention
 from cab_vllm.ops.curvature import curvature
 from cab_vllm.ops.reference import causal_block_mask, num_blocks
-from cab_vllm.ops.select import decode_priority, forced_mask, select_tiered, select_topk
+from cab_vllm.ops.select import decode_priority, forced_mask, is_forced, select_tiered, select_topk
 
 
 def _free_counts(keep: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
@@ -169,7 +169,7 @@ def select_decode_blocks(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor
         else:
             score = torch.zeros(s, hkv, mmax, device=dev)
         last = (seq_lens.long() - 1) // cfg.block_size
-        forced = (jj[None, :] < cfg.sink_blocks) | (jj[None, :] > last[:, None] - cfg.local_blocks)
+        forced = is_forced(jj[None, :], last[:, None], cfg.sink_blocks, cfg.local_blocks)
         pri = score.masked_fill(forced[:, None], float("inf"))
         pri = pri.masked_fill((jj[None, :] > last[:, None])[:, None], float("-inf"))
     idx, cnt = select_topk(pri.transpose(0, 1), keep, kmax=int(keep_all[-1]))  # rows = sequences

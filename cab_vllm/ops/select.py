@@ -15,6 +15,13 @@ from cab_vllm.ops.reference import causal_block_mask
 PAD = -1
 
 
+def is_forced(j, last, sink_blocks: int, local_blocks: int):
+    """The sink/local guarantee: key block j is always kept by a query in block ``last`` when it is a sink block
+    (j < sink_blocks) or in the local window (j > last - local_blocks; causality is checked apart). Tensors
+    broadcast. Its Triton twin is _forced, used by the decode kernels."""
+    return (j < sink_blocks) | (j > last - local_blocks)
+
+
 def forced_mask(m: int, sink_blocks: int, local_blocks: int, device=None, first: int = 0,
                 rows: int | None = None) -> torch.Tensor:
     """[rows, M] bool: sink blocks (j < sink) and the local window (i - local < j <= i), causal, for the query
@@ -22,9 +29,7 @@ def forced_mask(m: int, sink_blocks: int, local_blocks: int, device=None, first:
     causal = causal_block_mask(m, device, first, rows)
     i = torch.arange(first, first + causal.shape[0], device=device)
     j = torch.arange(m, device=device)
-    sink = j[None, :] < sink_blocks
-    local = j[None, :] > i[:, None] - local_blocks
-    return (sink | local) & causal
+    return is_forced(j[None, :], i[:, None], sink_blocks, local_blocks) & causal
 
 
 def select_topk(priority: torch.Tensor, keep: torch.Tensor, kmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +81,7 @@ def decode_priority_ref(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor,
     score = ub.amax(2) / d**0.5
     last = (seq_lens.long() - 1) // block_size
     jj = torch.arange(mmax, device=q.device)
-    forced = (jj[None, :] < sink_blocks) | (jj[None, :] > last[:, None] - local_blocks)
+    forced = is_forced(jj[None, :], last[:, None], sink_blocks, local_blocks)
     score = score.masked_fill(forced[:, None], float("inf"))
     return score.masked_fill((jj[None, :] > last[:, None])[:, None], float("-inf"))
 
@@ -96,6 +101,11 @@ try:
         q = tl.load(q_ptr + s * stride_qs + (kvh * group + g)[:, None] * stride_qh + d[None, :],
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         return q, g_ok, d, d_ok
+
+    @triton.jit
+    def _forced(j, last, sink_blocks, local_blocks):
+        """Triton twin of is_forced (the sink/local guarantee)."""
+        return (j < sink_blocks) | (j > last - local_blocks)
 
     @triton.jit
     def _quest_bound(q, lo, hi, g_ok, scale):
@@ -123,8 +133,7 @@ try:
         lo = tl.load(lo_ptr + boff, mask=bmask, other=0.0).to(tl.float32)
         hi = tl.load(hi_ptr + boff, mask=bmask, other=0.0).to(tl.float32)
         score = _quest_bound(q, lo, hi, g_ok, scale)
-        forced = (j < sink_blocks) | (j > last - local_blocks)
-        score = tl.where(forced, float("inf"), score)
+        score = tl.where(_forced(j, last, sink_blocks, local_blocks), float("inf"), score)
         score = tl.where(j <= last, score, float("-inf"))
         tl.store(out_ptr + s * stride_os + kvh * stride_oh + j, score, mask=j < mmax)
 
@@ -209,8 +218,7 @@ def decode_scores_ref(q, key_cache, block_table, seq_lens, modes, block_size, si
             sc = j.float().expand(hkv, -1)
         else:
             sc = torch.stack([hash_score(j, h, n, seed) for h in range(hkv)]).float()
-        forced = (j < sink_blocks) | (j > last - local_blocks)
-        out[s, :, : last + 1] = sc.masked_fill(forced, float("inf"))
+        out[s, :, : last + 1] = sc.masked_fill(is_forced(j, last, sink_blocks, local_blocks), float("inf"))
     return out
 
 
@@ -314,8 +322,7 @@ if _HAS_TRITON:
                 x = ((x ^ (x >> 13)) * 1274126177) & 0x7FFFFFFF
                 x = x ^ (x >> 16)
                 score = (x & 0xFFFFFF).to(tl.float32)
-            forced = (j < sink_blocks) | (j > last - local_blocks)
-            score = tl.where(forced, float("inf"), score)
+            score = tl.where(_forced(j, last, sink_blocks, local_blocks), float("inf"), score)
             tl.store(sc_ptr + s * stride_ss + kvh * stride_sh + j, score, mask=j_ok)
 
     @triton.jit
