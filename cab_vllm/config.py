@@ -106,9 +106,15 @@ class CABConfig:
 
     def keep_counts(self, num_q_blocks: int, device=None):
         """Key blocks kept by query blocks 0..num_q_blocks-1, as an int64 tensor [num_q_blocks]."""
-        import torch
+        return keep_counts(self.sparsity, self.sink_blocks + self.local_blocks, num_q_blocks, device)
 
-        m1 = torch.arange(1, num_q_blocks + 1, device=device, dtype=torch.float64)
-        forced = torch.clamp(m1, max=float(self.sink_blocks + self.local_blocks))
-        want = torch.ceil((1.0 - self.sparsity) * m1 - 1e-9)
-        return torch.minimum(m1, torch.maximum(forced, want)).to(torch.int64)
+
+def keep_counts(sparsity: float, forced: int, num_q_blocks: int, device=None):
+    """The budget rule, the one place it is written: query block m (0-based) keeps
+    min(m + 1, max(min(m + 1, forced), ceil((1 - sparsity) * (m + 1)))) key blocks; forced = sink + local blocks.
+    int64 tensor [num_q_blocks] (CABConfig.keep_counts; the step metrics sum it)."""
+    import torch
+
+    m1 = torch.arange(1, num_q_blocks + 1, device=device, dtype=torch.float64)
+    want = torch.ceil((1.0 - sparsity) * m1 - 1e-9)
+    return torch.minimum(m1, torch.maximum(torch.clamp(m1, max=float(forced)), want)).to(torch.int64)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import threading
 import time
@@ -50,14 +49,11 @@ _MAX_PENDING_EVENTS = 8192  # CUDA event pairs awaiting completion (bounded: dro
 
 @functools.lru_cache(maxsize=256)
 def _kept_prefix(sparsity: float, forced: int, num_blocks: int) -> tuple[int, ...]:
-    """Prefix sums of the key blocks kept by query blocks 0..num_blocks-1 (CABConfig.keep_counts in Python):
-    entry m = sum of keep(0..m-1). Cached per (sparsity, forced, size); sizes grow by doubling."""
-    out = [0]
-    for m in range(num_blocks):
-        m1 = m + 1
-        want = math.ceil((1.0 - sparsity) * m1 - 1e-9)
-        out.append(out[-1] + min(m1, max(min(m1, forced), want)))
-    return tuple(out)
+    """Prefix sums of the key blocks kept by query blocks 0..num_blocks-1 (config.keep_counts): entry m = sum of
+    keep(0..m-1). Cached per (sparsity, forced, size); sizes grow by doubling."""
+    from cab_vllm.config import keep_counts
+
+    return (0, *keep_counts(sparsity, forced, num_blocks).cumsum(0).tolist())
 
 
 def kept_blocks(sparsity: float, forced: int, first: int, last: int) -> int:

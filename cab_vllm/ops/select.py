@@ -8,7 +8,6 @@ runs through torch.topk / torch.sort, which are GPU kernels already, so this op 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from cab_vllm.ops.reference import causal_block_mask
 
@@ -184,14 +183,11 @@ def _bounds_scores(q: torch.Tensor, key_cache: torch.Tensor, bt_row: torch.Tenso
                    ) -> torch.Tensor:
     """[Hkv, m] Quest upper bounds (max over the group's heads, / sqrt(D)) of q [Hq, D] against the m key blocks of
     one sequence of n tokens, from the elementwise min/max of each block's keys, read from the paged cache."""
-    from cab_vllm.ops.reference import gather_paged_ref
+    from cab_vllm.ops.reference import coarsen_ref, gather_paged_ref
 
     k = gather_paged_ref(key_cache, bt_row, n).float()  # [Hkv, n, D]
     hkv, _, d = k.shape
-    m = -(-n // block_size)
-    kp = F.pad(k, (0, 0, 0, m * block_size - n), value=float("nan")).view(hkv, m, block_size, d)
-    lo = kp.nan_to_num(float("inf")).amin(2)
-    hi = kp.nan_to_num(float("-inf")).amax(2)
+    lo, hi = (x[0] for x in coarsen_ref(k[None], block_size, "bounds"))  # [Hkv, m, D] each
     qf = q.float().view(hkv, q.shape[0] // hkv, 1, d)
     ub = torch.maximum(qf * lo[:, None], qf * hi[:, None]).sum(-1)  # [Hkv, G, m]
     return ub.amax(1) / d**0.5
