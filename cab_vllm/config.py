@@ -97,6 +97,18 @@ class CABConfig:
             rule = "bounds" if self.policy == "magnitude" else "prompt"
         return rule == "prompt" and self.policy in ("cab", "magnitude", "h2o", "curvature")
 
+    @property
+    def decode_scoring(self) -> str:
+        """How a decode step picks its key blocks, the one dispatch the engine and the adapter share: "all"
+        (dense), "prompt" (the prompt's stored selection, decodes_from_prompt), "recent" (streaming), "random",
+        or "bounds" (Quest-style upper bounds with the real query: cab, magnitude, and h2o/curvature off the prompt
+        rule). A "prompt" row whose prompt selection is not stored falls back to "bounds"."""
+        if self.policy == "dense":
+            return "all"
+        if self.decodes_from_prompt:
+            return "prompt"
+        return {"streaming": "recent", "random": "random"}.get(self.policy, "bounds")
+
     def replace(self, **changes: object) -> "CABConfig":
         """A copy with ``changes`` applied (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

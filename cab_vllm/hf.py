@@ -29,7 +29,7 @@ from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import pool
 from cab_vllm.ops.decode import paged_sparse_decode
 from cab_vllm.ops.reference import num_blocks
-from cab_vllm.policies import DECODE_POLICIES, extend_prompt_selection, select_decode_blocks
+from cab_vllm.policies import extend_prompt_selection, select_decode_blocks
 
 ATTN_NAME = "cab"
 
@@ -104,10 +104,9 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     bt = torch.arange(b, device=q.device, dtype=torch.int32)[:, None]
     seq_lens = torch.full((b,), n, device=q.device, dtype=torch.int32)
     layer = getattr(module, "layer_idx", 0)
-    if not cfg.decodes_from_prompt:  # the policy's own rule, or Quest-style bounds (h2o/curvature: cab's)
-        dc = cfg if cfg.policy in DECODE_POLICIES else cfg.replace(policy="cab")
+    if cfg.decode_scoring != "prompt":  # the policy's own per-step rule (CABConfig.decode_scoring)
         bnd = pool(k, bs, bounds=True, impl=impl)
-        idx, cnt = select_decode_blocks(q[:, :, 0], bnd["lo"], bnd["hi"], seq_lens, dc, impl=impl)
+        idx, cnt = select_decode_blocks(q[:, :, 0], bnd["lo"], bnd["hi"], seq_lens, cfg, impl=impl)
     else:
         if layer not in _STATE.prompt_sel:
             raise ValueError(f"policy {cfg.policy!r} decodes from its prompt selection, but layer {layer} saw no prompt")

@@ -119,8 +119,6 @@ def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto
     return a_max, a_mean
 
 
-DECODE_POLICIES = ("cab", "magnitude", "streaming", "random", "dense")
-
 
 def extend_prompt_selection(indices: torch.Tensor, counts: torch.Tensor, prompt_blocks: int, num_blocks_now: int
                             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,19 +150,19 @@ def select_decode_blocks(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor
     The query's block m = (seq_len - 1) // block_size keeps CABConfig.keep_counts(m + 1)[-1] blocks.
     Returns (indices [S, Hkv, K] int32 ascending -1 padded, counts [S, Hkv] int32); no host sync.
     """
-    if cfg.policy not in DECODE_POLICIES:
-        raise ValueError(f"policy {cfg.policy!r} has no decode-time selection; decode supports {DECODE_POLICIES}")
+    # a prompt-rule policy without its prompt selection decodes by the bounds, as the engine's rows do
+    scoring = "bounds" if cfg.decode_scoring == "prompt" else cfg.decode_scoring
     s, hkv, mmax = q.shape[0], k_lo.shape[1], k_lo.shape[2]
     dev = q.device
-    keep_all = _keep_table(cfg.replace(sparsity=0.0) if cfg.policy == "dense" else cfg, mmax, str(dev))
+    keep_all = _keep_table(cfg.replace(sparsity=0.0) if scoring == "all" else cfg, mmax, str(dev))
     keep = keep_all[(seq_lens.long() - 1) // cfg.block_size]  # [S]
-    if cfg.policy in ("cab", "magnitude"):
+    if scoring == "bounds":
         pri = decode_priority(q, k_lo, k_hi, seq_lens, cfg.block_size, cfg.sink_blocks, cfg.local_blocks, impl)
     else:
         jj = torch.arange(mmax, device=dev)
-        if cfg.policy == "streaming":
+        if scoring == "recent":
             score = jj.float().expand(s, hkv, mmax)
-        elif cfg.policy == "random":
+        elif scoring == "random":
             score = torch.rand(s, hkv, mmax, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
         else:
             score = torch.zeros(s, hkv, mmax, device=dev)

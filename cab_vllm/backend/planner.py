@@ -216,7 +216,7 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
         (dec if q_len == 1 else pre).append(r)
         if count:
             METRICS[("decode" if q_len == 1 else "prefill") + ("_dense" if d else "_sparse")] += 1
-            if q_len == 1 and not d and uses_prompt_rule(cfgs[r]):
+            if q_len == 1 and not d and cfgs[r].decode_scoring == "prompt":
                 METRICS["decode_prompt_rule"] += 1
     return BatchPlan(dec, pre, out_cfgs, dense, qsl, sl, None if req_ids is None else list(req_ids), live,
                      None if prompt_lens is None else list(prompt_lens))
@@ -280,10 +280,6 @@ def prefill_tiles(parts: Sequence[tuple[int, torch.Tensor, torch.Tensor, int]]) 
     idx = torch.cat([_pad_k(p[1], kmax) for p in parts]).contiguous()
     cnt = torch.cat([p[2] for p in parts]).contiguous()
     return PrefillTiles(seq, qb, idx, cnt)
-
-
-def uses_prompt_rule(cfg: CABConfig) -> bool:
-    return cfg.decodes_from_prompt
 
 
 class PromptSlots:
@@ -354,10 +350,10 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool) -> No
         slot, pb, k = 0, 0, 0
         if plan.dense[r]:
             mode = MODE_SKIP if fa_dense else MODE_ALL
-        elif uses_prompt_rule(cfg) and slots is not None and rid in slots.stored:
+        elif cfg.decode_scoring == "prompt" and slots is not None and rid in slots.stored:
             mode, slot, pb = MODE_PROMPT, slots.of[rid], slots.stored[rid]
         else:
-            mode = {"streaming": MODE_RECENT, "random": MODE_RANDOM}.get(cfg.policy, MODE_BOUNDS)
+            mode = {"recent": MODE_RECENT, "random": MODE_RANDOM}.get(cfg.decode_scoring, MODE_BOUNDS)
             k = keep_count(cfg, n)
         modes.append(mode)
         sl.append(slot)
@@ -373,7 +369,7 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool) -> No
         if slots is not None and rid is not None:
             end = pl if pl is not None else n  # unknown prompt length: this chunk's end
             holds_end = n - q_len <= end - 1 < n
-            if holds_end and not plan.dense[r] and uses_prompt_rule(cfg):
+            if holds_end and not plan.dense[r] and cfg.decode_scoring == "prompt":
                 slot = slots.slot(rid)
                 if slot is not None:
                     entry = (slot, (end - 1) // cfg.block_size)

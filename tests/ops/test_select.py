@@ -16,7 +16,7 @@ from conftest import block_mask_of
 from cab_vllm.config import POLICIES, CABConfig
 from cab_vllm.ops.reference import causal_block_mask
 from cab_vllm.ops.select import decode_priority, decode_priority_ref, forced_mask, select_tiered, select_topk
-from cab_vllm.policies import DECODE_POLICIES, rows_only, select_decode_blocks, select_from_attention
+from cab_vllm.policies import rows_only, select_decode_blocks, select_from_attention
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99]
 SINK_LOCAL = [pytest.param(1, 1, id="sink1-local1"), pytest.param(0, 1, id="sink0-local1"),
@@ -399,7 +399,7 @@ def test_decode_priority_triton_matches_torch(hq, hkv, d, device):
         assert torch.isposinf(got[s, :, 0]).all() and torch.isposinf(got[s, :, max(0, last - 1): last + 1]).all()
 
 
-@pytest.mark.parametrize("policy", DECODE_POLICIES)
+@pytest.mark.parametrize("policy", ["cab", "magnitude", "streaming", "random", "dense"])
 def test_select_decode_blocks(policy, device):
     bs, hq, hkv, d = 64, 8, 2, 64
     mmax = -(-max(SEQ_LENS) // bs)
@@ -435,12 +435,20 @@ def test_select_decode_blocks(policy, device):
                 assert row == list(range(last + 1))
 
 
-@pytest.mark.parametrize("policy", sorted(set(POLICIES) - set(DECODE_POLICIES)))
-def test_select_decode_blocks_rejects_prefill_only_policies(policy):
-    q = torch.randn(1, 2, 64)
-    lo, hi = _bounds(1, 2, 1, 64, seed=0)
-    with pytest.raises(ValueError, match="decode"):
-        select_decode_blocks(q, lo, hi, torch.tensor([5], dtype=torch.int32), CABConfig(policy=policy))
+@pytest.mark.parametrize("policy", ["h2o", "curvature"])
+def test_prefill_only_policies_decode_by_the_bounds_like_cab(policy):
+    """CABConfig.decode_scoring: h2o and curvature have no decode rule of their own; off the prompt rule they
+    score blocks by the Quest bound, exactly as cab does (the engine routes them to MODE_BOUNDS)."""
+    q = torch.randn(3, 4, 64)
+    lo, hi = _bounds(3, 2, 6, 64, seed=4)
+    sl = torch.tensor([300, 64, 350], dtype=torch.int32)
+    cfg = CABConfig(policy=policy, sparsity=0.6, decode_rule="bounds")
+    assert cfg.decode_scoring == "bounds" and CABConfig(policy=policy).decode_scoring == "prompt"
+    got = select_decode_blocks(q, lo, hi, sl, cfg, impl="torch")
+    want = select_decode_blocks(q, lo, hi, sl, cfg.replace(policy="cab"), impl="torch")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert {CABConfig(policy=p, decode_rule="bounds").decode_scoring for p in POLICIES} == \
+        {"all", "recent", "random", "bounds"}
 
 
 def test_decode_priority_strided_seq_lens_rejected_or_honoured(device):
