@@ -96,7 +96,7 @@ def check_fields(path: str, data: dict) -> dict:
     ``attention_policy`` become vllm_xargs (validated), and cab_* keys already in vllm_xargs are validated
     (400 naming vllm_xargs). On any other path the two fields are refused: they would be silently ignored.
     ``structured_outputs`` must be an object (vLLM answers other JSON values with a 500)."""
-    from cab_vllm.backend.planner import validate_request_args
+    from cab_vllm.backend.plan import validate_request_args
 
     if path not in HONOURED_PATHS:
         for field in FIELDS:

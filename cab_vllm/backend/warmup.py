@@ -1,6 +1,6 @@
 """Compile the backend's Triton kernels during engine start (vLLM's profiling run), so the first request is as
 fast as the second: one sparse chunked prefill and one decode step of each routed mode, on scratch tensors with
-the model's head geometry and dtype, through the same code path as the engine (planner.attend)."""
+the model's head geometry and dtype, through the same code path as the engine (attention.attend)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from cab_vllm.backend.planner import (DecodeWorkspace, PromptSlots, PromptTable, attend, plan_batch,
-                                      route_rows, write_kv)
+from cab_vllm.backend.plan import PromptSlots, plan_batch, route_rows
+from cab_vllm.backend.attention import DecodeWorkspace, PromptTable, attend, write_kv
 from cab_vllm.config import CABConfig
 
 

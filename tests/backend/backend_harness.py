@@ -1,4 +1,4 @@
-"""Drive the backend's kernel path (cab_vllm.backend.planner.attend) with vLLM's exact per-batch tensors, without
+"""Drive the backend's kernel path (cab_vllm.backend.attention.attend) with vLLM's exact per-batch tensors, without
 vLLM: query_start_loc, seq_lens, a randomly permuted block table (page 0 = null page), slot_mapping, and the KV
 cache written through the slots step by step, the way the engine fills it.
 Shared by the CPU tests (small sizes) and the GPU test (4k-128k, bf16)."""
@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from cab_vllm.backend.planner import PromptSlots, PromptTable, attend, plan_batch, route_rows, write_kv
+from cab_vllm.backend.plan import PromptSlots, plan_batch, route_rows
+from cab_vllm.backend.attention import PromptTable, attend, write_kv
 from cab_vllm.config import CABConfig
 
 

@@ -73,7 +73,7 @@ def main(job_path: str, out_path: str) -> None:
         runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
         info["backends"] = sorted({f"{g.backend.__module__}.{g.backend.__name__}" for gs in runner.attn_groups
                                    for g in gs})
-        from cab_vllm.backend.planner import METRICS
+        from cab_vllm.backend.plan import METRICS
 
         info["metrics"] = dict(METRICS)
     except AttributeError:

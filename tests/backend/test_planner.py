@@ -1,4 +1,4 @@
-"""CPU tests of the backend's planning and kernel path, without vLLM (cab_vllm.backend.planner)."""
+"""CPU tests of the backend's planning and kernel path, without vLLM (cab_vllm.backend.plan and .attention)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cab_vllm.backend.planner as planner
+import cab_vllm.backend.attention as attention
 from backend_harness import PagedSim, dense_rows, rel_err
 from conftest import KERNEL_FP32_TOL, assert_same_selection
 from cab_vllm.api import select_blocks
-from cab_vllm.backend.planner import (
-    METRICS,
-    EngineSettings,
-    plan_batch,
-    prefill_selection,
-    request_config,
-    validate_request_args,
-)
+from cab_vllm.backend.plan import METRICS, EngineSettings, plan_batch, request_config, validate_request_args
+from cab_vllm.backend.attention import prefill_selection
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.decode import MODE_BOUNDS
 from cab_vllm.ops.reference import num_blocks
@@ -176,8 +170,8 @@ def test_prefill_selection_takes_the_row_path_only_when_the_policy_allows(cfg, m
         seen.append(("select", tuple(a_max.shape[-2:]), q_block_offset))
         return select_from_attention(a_max, a_mean, cfg_, impl=impl, q_block_offset=q_block_offset)
 
-    monkeypatch.setattr(planner, "estimate", spy_estimate)
-    monkeypatch.setattr(planner, "select_from_attention", spy_select)
+    monkeypatch.setattr(attention, "estimate", spy_estimate)
+    monkeypatch.setattr(attention, "select_from_attention", spy_select)
     n, nq, m = 397, 100, 25
     first = (n - nq) // 16
     q_new, k = _chunk_inputs(n, nq, 4, 2, seed=9)
@@ -185,7 +179,7 @@ def test_prefill_selection_takes_the_row_path_only_when_the_policy_allows(cfg, m
     estimates = cfg.policy in ("cab", "curvature", "magnitude", "h2o")
     if cfg.policy == "dense":
         want = []
-    elif planner.rows_only(cfg):
+    elif attention.rows_only(cfg):
         want = [("estimate", n - first * 16, first)] * estimates + [("select", (m - first, m), first)]
     else:
         want = [("estimate", n, 0)] * estimates + [("select", (m, m), 0)]
@@ -346,7 +340,7 @@ def test_recompute_after_preemption_stores_the_prompts_own_block():
     """A preempted request is prefilled again over its prompt and the tokens it had generated: the stored
     selection is the query block holding the prompt's last token, not the chunk's last block; a full prefix-cache
     hit (a one-token 'prefill' that vLLM schedules as a decode) finds no stored selection and selects by bounds."""
-    from cab_vllm.backend.planner import PromptSlots, route_rows
+    from cab_vllm.backend.plan import PromptSlots, route_rows
     from cab_vllm.ops.decode import MODE_BOUNDS, MODE_PROMPT
 
     cfg = CABConfig(sparsity=0.9)
@@ -385,7 +379,7 @@ def test_features_the_backend_cannot_honour_stop_the_start():
 def test_prompt_slots_follow_the_engines_internal_request_ids():
     """vLLM makes request ids unique inside the engine (the client's id + a random suffix), so two requests sent
     with one client id are two slots here; a finished request frees only its own slot."""
-    from cab_vllm.backend.planner import PromptSlots
+    from cab_vllm.backend.plan import PromptSlots
 
     slots = PromptSlots(2)
     a, b = slots.slot("req-7-1a2b3c4d"), slots.slot("req-7-9f8e7d6c")

@@ -1,4 +1,4 @@
-"""The backend's kernel path (planner.attend: Triton prefill tiles + split-K decode) driven with vLLM's exact
+"""The backend's kernel path (attention.attend: Triton prefill tiles + split-K decode) driven with vLLM's exact
 per-batch tensors (query_start_loc, seq_lens, permuted block tables with a null page 0, slot_mapping written
 step by step) against attention restricted to the recorded selection (dense rows: plain causal attention).
 

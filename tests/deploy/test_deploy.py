@@ -89,7 +89,7 @@ def pod_container() -> dict:
 
 def engine_env_names() -> set[str]:
     """The variables EngineSettings.from_env actually looks up (recorded, not copied from its docstring)."""
-    from cab_vllm.backend.planner import EngineSettings
+    from cab_vllm.backend.plan import EngineSettings
 
     class Recorder(dict):
         seen: set[str] = set()
@@ -208,7 +208,7 @@ def test_default_cmd_long_context_with_rope_scaling(tmp_path):
 def test_env_knobs_are_real_cab_variables():
     """Every CAB_* variable the deployment sets is read by the engine (EngineSettings.from_env), by the model
     cache (CAB_CACHE_DIR) or by the entrypoint (CAB_API_KEY); the values pass the engine's validation."""
-    from cab_vllm.backend.planner import EngineSettings
+    from cab_vllm.backend.plan import EngineSettings
     from cab_models.models import cache_root
 
     engine = engine_env_names()

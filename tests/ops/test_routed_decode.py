@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_FP32_TOL, make_paged_cache, make_varlen_batch, rel_err
-from cab_vllm.backend.planner import PromptTable
+from cab_vllm.backend.attention import PromptTable
 from cab_vllm.ops._triton import next_pow2
 from cab_vllm.ops.decode import (MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP,
                                  DecodeRoutes, routed_decode, routed_indices)
@@ -124,7 +124,7 @@ def test_routed_decode_matches_oracle_per_mode(impl, dtype, device):
 
 
 def test_routed_decode_with_a_workspace_equals_fresh_buffers(device):
-    from cab_vllm.backend.planner import DecodeWorkspace
+    from cab_vllm.backend.attention import DecodeWorkspace
 
     torch.manual_seed(3)
     _, kc, vc, bt, q, sl = _case(device=device)
@@ -146,7 +146,7 @@ def test_one_launch_selects_then_attends_like_the_twins(keep, device):
     """routed_decode(select=...): the step's selection and the attention in one launch (every mode in one batch,
     one workspace reused across launches) equals decode_select + routed_decode of the PyTorch twins, and leaves
     its sync counters at zero for the next launch (a CUDA graph replays it as is)."""
-    from cab_vllm.backend.planner import DecodeWorkspace
+    from cab_vllm.backend.attention import DecodeWorkspace
     from cab_vllm.ops.decode import Selection
 
     torch.manual_seed(5)
@@ -210,7 +210,7 @@ def test_selection_buffers_are_checked(device):
 def test_a_step_without_selecting_rows_takes_no_tickets(device):
     """The builder's `selecting` flag 0 (no row selects its own blocks): the launch runs by program id, gives the
     same output as with the flag derived on the device, and leaves every counter at zero."""
-    from cab_vllm.backend.planner import DecodeWorkspace
+    from cab_vllm.backend.attention import DecodeWorkspace
     from cab_vllm.ops.decode import Selection
 
     torch.manual_seed(7)

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from cab_vllm.backend.planner import validate_request_args  # noqa: E402
+from cab_vllm.backend.plan import validate_request_args  # noqa: E402
 from server.app import MAX_JSON_DEPTH, APIKeyMiddleware, CABFieldsMiddleware  # noqa: E402
 from server.fields import CABFieldError, apply_cab_fields  # noqa: E402
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from cab_vllm.backend.planner import plan_batch
+from cab_vllm.backend.plan import plan_batch
 from cab_vllm.backend.stats import Stats, causal_blocks, kept_blocks
 from cab_vllm.config import CABConfig
 
@@ -100,7 +100,7 @@ def test_prompt_decode_rule_counts_what_it_keeps(stats):
     """decode_rule="prompt": a decode row whose prompt selection is stored keeps the prompt's last query block's
     budget plus the blocks after the prompt; a row without one (its prompt ran dense, or came whole from the
     prefix cache) selects at its own query block's budget, and is counted so."""
-    from cab_vllm.backend.planner import PromptSlots, route_rows
+    from cab_vllm.backend.plan import PromptSlots, route_rows
 
     cfg = CABConfig(sparsity=0.9, decode_rule="prompt")
     slots = PromptSlots(4)

@@ -1,0 +1,296 @@
+"""Per-step planning for the vLLM backend, on the host (the metadata builder's side; no vLLM import:
+unit-testable, and usable on a GPU machine without vLLM).
+
+Inputs are vLLM's per-batch tensors (CommonAttentionMetadata): query_start_loc [S+1], seq_lens [S],
+block_table [S, max_pages], slot_mapping [T] (slot = page * page_size + offset, -1 = padding).
+
+  EngineSettings     engine-wide defaults from CAB_* environment variables, validated through CABConfig.
+  request_config     one request's CABConfig from its SamplingParams.extra_args ({"cab_sparsity", "cab_policy"}).
+  plan_batch         host-side split of a batch into decode rows (1 query token) and prefill rows (>1), and the
+                     dense/sparse decision per row (seq_len < dense_threshold -> dense).
+  route_rows         per decode row, where its key blocks come from (MODE_*), its prompt-table slot and budget;
+                     per prefill row, whether it stores the prompt's selection (PromptSlots).
+
+The device side, run per layer by the attention impl, is backend.attention.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from cab_vllm.config import POLICIES, CABConfig
+
+# Per-process counters (requests/rows per step, not per layer): proof the backend ran and how often it went dense.
+METRICS: Counter = Counter()
+
+
+ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
+    "CAB_SPARSITY": ("sparsity", float),
+    "CAB_POLICY": ("policy", str),
+    "CAB_BLOCK_SIZE": ("block_size", int),
+    "CAB_ESTIMATOR": ("estimator", str),
+    "CAB_SINK_BLOCKS": ("sink_blocks", int),
+    "CAB_LOCAL_BLOCKS": ("local_blocks", int),
+    "CAB_EXACT_ROWS": ("exact_rows", int),
+    "CAB_CURVATURE_SHARE": ("curvature_share", float),
+    "CAB_DECODE_RULE": ("decode_rule", str),
+}
+
+
+IMPLS = ("auto", "torch", "triton")
+
+
+REQUEST_KEYS = ("cab_sparsity", "cab_policy")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Engine-wide defaults. cfg: the default CABConfig; dense_threshold: contexts of fewer tokens run dense;
+    impl: 'auto' (Triton kernels on CUDA, PyTorch on CPU), 'torch' or 'triton' (CPU needs TRITON_INTERPRET=1)."""
+
+    cfg: CABConfig = CABConfig()
+    dense_threshold: int = 1024
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dense_threshold, int) or self.dense_threshold < 0:
+            raise ValueError(f"dense_threshold={self.dense_threshold!r} is invalid: expected an integer >= 0")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl={self.impl!r} is invalid: expected one of {IMPLS}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
+        """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
+        CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_DENSE_THRESHOLD, CAB_IMPL); unset ones keep
+        the defaults. A bad value raises ValueError naming the variable."""
+        env = os.environ if environ is None else environ
+        changes: dict[str, object] = {}
+        for var, (field, parse) in ENV_FIELDS.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                changes[field] = parse(raw.strip())
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not a valid {parse.__name__}") from None
+        try:
+            cfg = CABConfig().replace(**changes)
+        except ValueError as e:
+            names = {f: v for v, (f, _) in ENV_FIELDS.items()}
+            field = next((f for f in changes if f"CABConfig.{f}=" in str(e)), None)
+            raise ValueError(f"{names.get(field, 'CAB_*')}: {e}") from None
+        raw_thr = env.get("CAB_DENSE_THRESHOLD", "").strip()
+        try:
+            thr = int(raw_thr) if raw_thr else cls.dense_threshold
+        except ValueError:
+            raise ValueError(f"CAB_DENSE_THRESHOLD={raw_thr!r} is not a valid int") from None
+        if thr < 0:
+            raise ValueError(f"CAB_DENSE_THRESHOLD={thr} is invalid: expected an integer >= 0")
+        impl = env.get("CAB_IMPL", "").strip() or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"CAB_IMPL={impl!r} is invalid: expected one of {IMPLS}")
+        return cls(cfg, thr, impl)
+
+
+def _sparsity_value(sp: object) -> float:
+    if isinstance(sp, str):  # OpenAI vllm_xargs may carry numbers as strings
+        try:
+            sp = float(sp)
+        except ValueError:
+            raise ValueError(f"cab_sparsity={sp!r} is invalid: expected a number in [0, 1)") from None
+    if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not math.isfinite(sp) or not 0.0 <= sp < 1.0:
+        raise ValueError(f"cab_sparsity={sp!r} is invalid: expected a number in [0, 1)")
+    return float(sp)
+
+
+def validate_request_args(extra_args: Mapping[str, object] | None) -> None:
+    """Raise ValueError with a clear message when a request's cab_* extra_args are invalid."""
+    if not extra_args:
+        return
+    if extra_args.get("cab_sparsity") is not None:
+        _sparsity_value(extra_args["cab_sparsity"])
+    pol = extra_args.get("cab_policy")
+    if pol is not None and (not isinstance(pol, str) or pol not in POLICIES):
+        raise ValueError(f"cab_policy={pol!r} is invalid: expected one of {', '.join(POLICIES)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _replaced(base: CABConfig, sparsity: float | None, policy: str | None) -> CABConfig:
+    changes: dict[str, object] = {}
+    if sparsity is not None:
+        changes["sparsity"] = float(sparsity)
+    if policy is not None:
+        changes["policy"] = policy
+    return base.replace(**changes) if changes else base
+
+
+def request_config(base: CABConfig, extra_args: Mapping[str, object] | None) -> CABConfig:
+    """The CABConfig of one request: ``base`` with its cab_sparsity / cab_policy (validated) applied."""
+    validate_request_args(extra_args)
+    if not extra_args:
+        return base
+    sp = extra_args.get("cab_sparsity")
+    return _replaced(base, None if sp is None else _sparsity_value(sp), extra_args.get("cab_policy"))
+
+
+@dataclass
+class BatchPlan:
+    """Host-side plan of one batch (shared by every layer of the step).
+
+    decode_rows / prefill_rows: request rows (batch order) with 1 / more than 1 new token.
+    cfgs: the CABConfig of every row (per-request knobs applied; policy 'dense' for rows below the threshold).
+    dense: per row, whether it runs dense. qsl, seq_lens: host copies (lists).
+    req_ids: per row, the engine's request id (None: unknown); live: the ids of every request the engine still
+    holds (None: unknown). Both are needed by decode_rule="prompt" (PromptSelections); prompt_lens (per row,
+    None: unknown) lets the metrics count what that rule keeps.
+    """
+
+    decode_rows: list[int]
+    prefill_rows: list[int]
+    cfgs: list[CABConfig]
+    dense: list[bool]
+    qsl: list[int]
+    seq_lens: list[int]
+    req_ids: list | None = None
+    live: frozenset | None = None
+    prompt_lens: list | None = None
+    # filled by route_rows: per decode row (plan.decode_rows order) its MODE_*, prompt-table slot, prompt block
+    # count and blocks to keep; per prefill row (plan.prefill_rows order) the slot whose prompt selection
+    # this chunk stores, with the query block to store (None: nothing to store)
+    modes: list | None = None
+    slots: list | None = None
+    pblocks: list | None = None
+    keep: list | None = None
+    store: list | None = None
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens)
+
+
+def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: torch.Tensor | Sequence[int],
+               cfgs: Sequence[CABConfig], dense_threshold: int, count: bool = True, req_ids: Sequence | None = None,
+               live: frozenset | None = None, prompt_lens: Sequence | None = None) -> BatchPlan:
+    """Split a batch into decode and prefill rows and decide dense vs sparse per row.
+
+    A row goes dense when its context (seq_len) is below ``dense_threshold`` or its sparsity is 0 (the result is
+    the same; dense skips the selection). ``count`` adds the decisions to METRICS.
+    """
+    qsl = [int(x) for x in query_start_loc_cpu]
+    sl = [int(x) for x in seq_lens_cpu]
+    n = len(sl)
+    if len(qsl) != n + 1 or len(cfgs) != n:
+        raise ValueError(f"batch of {n} rows has {len(qsl)} query offsets and {len(cfgs)} configs")
+    if req_ids is not None and len(req_ids) != n:
+        raise ValueError(f"batch of {n} rows has {len(req_ids)} request ids")
+    dec, pre, out_cfgs, dense = [], [], [], []
+    for r in range(n):
+        q_len = qsl[r + 1] - qsl[r]
+        if q_len <= 0:  # padding row
+            out_cfgs.append(cfgs[r])
+            dense.append(True)
+            continue
+        d = sl[r] < dense_threshold or cfgs[r].policy == "dense" or cfgs[r].sparsity == 0.0
+        out_cfgs.append(cfgs[r].replace(policy="dense") if d and cfgs[r].policy != "dense" else cfgs[r])
+        dense.append(d)
+        (dec if q_len == 1 else pre).append(r)
+        if count:
+            METRICS[("decode" if q_len == 1 else "prefill") + ("_dense" if d else "_sparse")] += 1
+            if q_len == 1 and not d and cfgs[r].decode_scoring == "prompt":
+                METRICS["decode_prompt_rule"] += 1
+    return BatchPlan(dec, pre, out_cfgs, dense, qsl, sl, None if req_ids is None else list(req_ids), live,
+                     None if prompt_lens is None else list(prompt_lens))
+
+
+class PromptSlots:
+    """Builder side of decode_rule="prompt": a slot of the per-layer PromptTables for every live request, and
+    which requests have a stored prompt selection. Host bookkeeping only (once per step)."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.of: dict = {}  # request id -> slot
+        self.stored: dict = {}  # request id -> prompt blocks of its stored selection
+        self.exhausted = 0  # requests that found no free slot (they decode with the bounds rule)
+
+    def sync(self, live) -> None:
+        """Free the slots of requests the engine no longer holds."""
+        if live is None or not self.of:
+            return
+        for rid in self.of.keys() - live:
+            self.free.append(self.of.pop(rid))
+            self.stored.pop(rid, None)
+
+    def slot(self, rid) -> int | None:
+        if rid is None:
+            return None
+        got = self.of.get(rid)
+        if got is None and self.free:
+            got = self.of[rid] = self.free.pop()
+        if got is None:
+            self.exhausted += 1
+        return got
+
+
+def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool) -> None:
+    """Decide, once per step on the host, where every row's attention comes from (fills plan.modes, slots,
+    pblocks, keep, store). Dense decode rows: MODE_SKIP when vLLM's FlashAttention runs them (fa_dense),
+    else MODE_ALL. Sparse decode rows: MODE_PROMPT when the request's prompt selection is stored, else the
+    step's own selection: MODE_BOUNDS (cab/magnitude/h2o/curvature), MODE_RECENT (streaming), MODE_RANDOM.
+    A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection."""
+    from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP
+
+    if slots is not None:
+        slots.sync(plan.live)
+    modes, sl, pbs, keep = [], [], [], []
+    for r in plan.decode_rows:
+        cfg, n = plan.cfgs[r], plan.seq_lens[r]
+        rid = plan.req_ids[r] if plan.req_ids is not None else None
+        slot, pb, k = 0, 0, 0
+        if plan.dense[r]:
+            mode = MODE_SKIP if fa_dense else MODE_ALL
+        elif cfg.decode_scoring == "prompt" and slots is not None and rid in slots.stored:
+            mode, slot, pb = MODE_PROMPT, slots.of[rid], slots.stored[rid]
+        else:
+            mode = {"recent": MODE_RECENT, "random": MODE_RANDOM}.get(cfg.decode_scoring, MODE_BOUNDS)
+            k = keep_count(cfg, n)
+        modes.append(mode)
+        sl.append(slot)
+        pbs.append(pb)
+        keep.append(k)
+    store = []
+    for r in plan.prefill_rows:
+        cfg, n = plan.cfgs[r], plan.seq_lens[r]
+        rid = plan.req_ids[r] if plan.req_ids is not None else None
+        pl = plan.prompt_lens[r] if plan.prompt_lens is not None else None
+        q_len = plan.qsl[r + 1] - plan.qsl[r]
+        entry = None
+        if slots is not None and rid is not None:
+            end = pl if pl is not None else n  # unknown prompt length: this chunk's end
+            holds_end = n - q_len <= end - 1 < n
+            if holds_end and not plan.dense[r] and cfg.decode_scoring == "prompt":
+                slot = slots.slot(rid)
+                if slot is not None:
+                    entry = (slot, (end - 1) // cfg.block_size)
+                    slots.stored[rid] = entry[1] + 1
+            elif holds_end:
+                slots.stored.pop(rid, None)  # the prompt ran dense (or uses a per-step rule): nothing stored
+        store.append(entry)
+    plan.modes, plan.slots, plan.pblocks, plan.keep, plan.store = modes, sl, pbs, keep, store
+
+
+def keep_count(cfg: CABConfig, seq_len: int) -> int:
+    """Key blocks a decode query at position seq_len - 1 keeps (CABConfig.keep_counts of its query block)."""
+    return _keep_last(cfg, (seq_len - 1) // cfg.block_size + 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _keep_last(cfg: CABConfig, m: int) -> int:
+    return int(cfg.keep_counts(m)[-1])
