@@ -1,0 +1,114 @@
+"""One decode step of CAB on a GPU, kernel by kernel, to see where its time goes (no vLLM needed).
+
+    python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
+
+Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16), one layer. For each
+context length and batch it times, in a CUDA graph (as the engine replays it), the one-launch routed decode
+(ops.decode.routed_decode) in the modes the engine uses:
+  prompt   the request's stored prompt selection (the default rule) + the blocks after the prompt
+  bounds   the step's own selection by key bounds (scores + top-k in the same launch)
+  skip     every row left to FlashAttention (what short requests pay for CAB being in the graph)
+and, for comparison, the plain split-K kernel on the same blocks (ops.decode.paged_sparse_decode, no routing,
+no selection role) and dense decode through the same kernel (every block). Prints microseconds per launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from cab_vllm.backend.attention import DecodeWorkspace, PromptTable
+from cab_vllm.config import CABConfig
+from cab_vllm.ops.decode import (MODE_BOUNDS, MODE_PROMPT, MODE_SKIP, DecodeRoutes, Selection, paged_sparse_decode,
+                                 routed_decode)
+
+HQ, HKV, D, PAGE, BS = 32, 8, 128, 16, 64
+
+
+def graph_time_us(fn, reps: int = 200) -> float:
+    """Mean time of `reps` replays of a CUDA graph holding one call of fn (after a warm-up call), in µs."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000.0 / reps
+
+
+def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us) -> dict:
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    pages_per_seq = math.ceil(n / PAGE)
+    kc = torch.randn(rows * pages_per_seq + 1, PAGE, HKV, D, device=dev, dtype=dt)
+    vc = torch.randn_like(kc)
+    bt = (1 + torch.arange(rows * pages_per_seq, device=dev, dtype=torch.int32)).view(rows, pages_per_seq)
+    sl = torch.full((rows,), n, device=dev, dtype=torch.int32)
+    q = torch.randn(rows, HQ, D, device=dev, dtype=dt)
+    out = torch.empty_like(q)
+    m = math.ceil(n / BS)
+    cfg = CABConfig(sparsity=sparsity)
+    keep = int(cfg.keep_counts(m)[-1])
+    ws = DecodeWorkspace(rows, HQ, HKV, D, m, dev)
+    table = PromptTable(rows, HKV, m, dev)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for r in range(rows):  # a stored prompt selection of `keep` blocks per head (sink + local + random others)
+        for h in range(HKV):
+            pick = sorted({0, m - 1} | set((torch.randperm(m - 2, generator=gen)[: keep - 2] + 1).tolist()))
+            table.idx[r, h, : len(pick)] = torch.tensor(pick, dtype=table.idx.dtype)
+            table.cnt[r, h] = len(pick)
+    slots = torch.arange(rows, device=dev, dtype=torch.int32)
+    pblocks = torch.full((rows,), m, device=dev, dtype=torch.int32)
+    keep_t = torch.full((rows,), keep, device=dev, dtype=torch.int32)
+    res = {"n": n, "rows": rows, "sparsity": sparsity, "kept_blocks": keep, "blocks": m, "splits": ws.splits(rows)}
+
+    def routed(mode: int):
+        modes = torch.full((rows,), mode, device=dev, dtype=torch.int32)
+        flag = torch.tensor([1 if mode == MODE_BOUNDS else 0], device=dev, dtype=torch.int32)
+        routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows], flag)
+        sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed, flag)
+        return lambda: routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows),
+                                     ws.partials(rows), impl="triton", select=sel)
+
+    res["prompt_us"] = timer(routed(MODE_PROMPT))
+    res["bounds_us"] = timer(routed(MODE_BOUNDS))
+    res["skip_us"] = timer(routed(MODE_SKIP))
+    idx = table.idx[:rows].to(torch.int32).contiguous()
+    cnt = table.cnt[:rows].contiguous()
+    res["plain_same_blocks_us"] = timer(
+        lambda: paged_sparse_decode(q, kc, vc, bt, sl, idx, cnt, BS, num_splits=ws.splits(rows), out=out))
+    all_idx = torch.arange(m, device=dev, dtype=torch.int32).expand(rows, HKV, m).contiguous()
+    all_cnt = torch.full((rows, HKV), m, device=dev, dtype=torch.int32)
+    res["plain_dense_us"] = timer(
+        lambda: paged_sparse_decode(q, kc, vc, bt, sl, all_idx, all_cnt, BS, num_splits=ws.splits(rows), out=out))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lens", default="4096,32768,131072")
+    ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--sparsity", type=float, default=0.95)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_profile.py needs a CUDA GPU")
+    print(f"{'n':>7} {'rows':>4} {'kept':>5} {'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} "
+          f"{'plain':>8} {'dense':>8}  (us per launch, CUDA graph)")
+    for n in (int(x) for x in a.lens.split(",")):
+        for rows in (int(x) for x in a.rows.split(",")):
+            r = profile(n, rows, a.sparsity)
+            print(f"{n:>7} {rows:>4} {r['kept_blocks']:>5} {r['splits']:>6} {r['prompt_us']:>8.1f} "
+                  f"{r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} {r['plain_same_blocks_us']:>8.1f} "
+                  f"{r['plain_dense_us']:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
