@@ -22,8 +22,8 @@ if HAS_TRITON:
 
     from cab_vllm.ops._triton import paged_coords
 
-    # the selection's strides follow its per-chunk width K: left unspecialized so one compile (in the engine's
-    # warm-up) serves every chunk
+    # the selection's strides follow its per-chunk width K: left unspecialized so K's value (1, a multiple of 16 or
+    # not) does not decide which compile a chunk needs
     @triton.jit(do_not_specialize=["stride_ti_t", "stride_ti_h"])
     def _sparse_prefill_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr,
