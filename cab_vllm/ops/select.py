@@ -168,7 +168,7 @@ def decode_priority(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor, seq
 
 
 # ----------------------------------------------------------------------------------------------------
-# decode, CUDA-graph safe: per-row routed selection straight from the paged bounds cache (two launches)
+# decode, CUDA-graph safe: per-row routed selection from the paged cache (scored and top-k in the decode launch)
 # ----------------------------------------------------------------------------------------------------
 def hash_score(j: torch.Tensor, h: int | torch.Tensor, n: int | torch.Tensor, seed: int) -> torch.Tensor:
     """Seeded integer hash in [0, 2^24) of (key block j, KV head h, context length n): the random decode

@@ -1,6 +1,7 @@
-"""The CUDA-graph-safe decode path: ops.select.decode_select (key-bounds update + per-row selection in two
-launches) and ops.decode.routed_decode (rows routed by mode: skipped, prompt rule from a stored table, all blocks,
-or the step's selection). Triton (interpreted on CPU) against the PyTorch twins and a float64 oracle."""
+"""The CUDA-graph-safe decode path: ops.select.decode_select (the step's per-row selection from key bounds,
+recency or a hash) and ops.decode.routed_decode (rows routed by mode: skipped, prompt rule from a stored table, all
+blocks, or the step's selection; with select=, selection and attention in one launch). Triton (interpreted on CPU)
+against the PyTorch twins and a float64 oracle."""
 
 from __future__ import annotations
 
