@@ -74,7 +74,7 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         modes = torch.full((rows,), mode, device=dev, dtype=torch.int32)
         flag = torch.tensor([1 if mode == MODE_BOUNDS else 0], device=dev, dtype=torch.int32)
         routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows], flag)
-        sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed, flag)
+        sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed)
         return lambda: routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows),
                                      ws.partials(rows), impl="triton", select=sel)
 

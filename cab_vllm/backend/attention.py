@@ -310,7 +310,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
             from cab_vllm.ops.decode import default_num_splits
 
             ws, ns = None, default_num_splits(d, hkv, mmax)
-        select = Selection(keep, scores, cfg0.sink_blocks, cfg0.local_blocks, cfg0.seed, routes.selecting)
+        select = Selection(keep, scores, cfg0.sink_blocks, cfg0.local_blocks, cfg0.seed)
         with STATS.timed("decode", dev):
             routed_decode(qd, key_cache, value_cache, bt, sl, routes, bs, scale, od, ns, ws, impl=impl,
                           select=select)

@@ -52,8 +52,8 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
         slots.stored.clear()
         step(n, n + 1, sparse.replace(policy=policy), n)
     if torch.device(device).type == "cuda":
-        # the estimate's softmax compiles once per power of two of the key-block count: make every one the
-        # engine's contexts can reach (a 1-row softmax each)
+        # the estimate's softmax compiles once per power of two of the key-block count: make every one from 16
+        # blocks (1024 tokens) up to the engine's longest context (a 1-row softmax each)
         from cab_vllm.ops._triton import next_pow2
         from cab_vllm.ops.coarsen import softmax_group
 

@@ -404,15 +404,14 @@ class DecodeScratch(NamedTuple):
 class Selection(NamedTuple):
     """The step's own selection, made in the decode launch for rows in SELECTED_MODES: keep [S] int32 blocks per
     row; scores [>=S, Hkv, Mpad] float32 scratch (Mpad a power of two >= every row's block count); the sink and
-    local blocks every selection keeps and the random policy's seed; selecting: an int32 device scalar, nonzero
-    when some row is in SELECTED_MODES (the builder knows it on the host; None: computed on the device)."""
+    local blocks every selection keeps and the random policy's seed. Whether any row selects at all comes with
+    the routes (DecodeRoutes.selecting)."""
 
     keep: torch.Tensor
     scores: torch.Tensor
     sink_blocks: int
     local_blocks: int
     seed: int
-    selecting: torch.Tensor | None = None
 
 
 def sync_size(rows: int, num_kv_heads: int) -> int:
@@ -459,7 +458,8 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         keep, scores = select.keep, select.scores
         mpad = scores.shape[-1]
         n_tiles = min(triton.cdiv(mpad, SCORE_TILE), MAX_SCORE_PROGRAMS)
-        need = select.selecting if select.selecting is not None else (modes[:ns] >= MODE_BOUNDS).any().to(torch.int32)
+        flag = routes.selecting if routed else None
+        need = flag if flag is not None else (modes[:ns] >= MODE_BOUNDS).any().to(torch.int32)
     else:
         keep, scores, mpad, n_tiles, need = seq_lens, part_lse, 1, 0, seq_lens
     n_score = ns * hkv * n_tiles

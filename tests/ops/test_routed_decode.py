@@ -229,7 +229,7 @@ def test_a_step_without_selecting_rows_takes_no_tickets(device):
                               flag)
         out = torch.zeros_like(q)
         routed_decode(q, kc, vc, bt, sl, routes, 64, 0.3, out, ws.splits(s), ws.partials(s), impl="triton",
-                      select=Selection(z, ws.scores[:s], 1, 1, 0, routes.selecting))
+                      select=Selection(z, ws.scores[:s], 1, 1, 0))
         assert int(ws.sync.abs().sum()) == 0
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and outs[0][0].abs().sum() > 0 and outs[0][1].abs().sum() == 0
