@@ -119,7 +119,6 @@ def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto
     return a_max, a_mean
 
 
-
 def extend_prompt_selection(indices: torch.Tensor, counts: torch.Tensor, prompt_blocks: int, num_blocks_now: int
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt decode rule (CABConfig.decode_rule): a prompt's last-query-block selection plus every key

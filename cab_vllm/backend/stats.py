@@ -85,11 +85,9 @@ class Stats:
     """Per-process recorder. ``totals`` (a Counter keyed by (metric, labels...)) always holds the figures; the
     Prometheus metrics are created on first use when prometheus_client imports and CAB_METRICS != '0'."""
 
-    recording: bool = True  # False on tensor-parallel ranks other than 0 (the builder sets it)
-
     def __init__(self) -> None:
         self.totals: Counter = Counter()
-        self.recording = True  # False on tensor-parallel ranks other than 0: the step is counted once
+        self.recording = True  # False on tensor-parallel ranks other than 0 (the builder sets it): counted once
         self._lock = threading.Lock()
         self._prom = None  # None: not tried yet; False: unavailable; else a dict of metrics
         self._children: dict = {}
