@@ -22,7 +22,7 @@ import torch
 from cab_vllm.backend.attention import DecodeWorkspace, PromptTable
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.decode import (MODE_BOUNDS, MODE_PROMPT, MODE_SKIP, DecodeRoutes, Selection, paged_sparse_decode,
-                                 routed_decode)
+                                 routed_decode, step_launch)
 
 HQ, HKV, D, PAGE, BS = 32, 8, 128, 16, 64
 
@@ -45,7 +45,7 @@ def graph_time_us(fn, reps: int = 200) -> float:
     return start.elapsed_time(end) * 1000.0 / reps
 
 
-def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us) -> dict:
+def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int = 4) -> dict:
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     pages_per_seq = math.ceil(n / PAGE)
     kc = torch.randn(rows * pages_per_seq + 1, PAGE, HKV, D, device=dev, dtype=dt)
@@ -76,11 +76,28 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows], flag)
         sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed)
         return lambda: routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows),
-                                     ws.partials(rows), impl="triton", select=sel)
+                                     ws.partials(rows), impl="triton", select=sel, min_blocks_per_split=min_per)
+
+    def two_launches(mode: int):  # the step's selection in its own launch, then attention without a selection role
+        modes = torch.full((rows,), mode, device=dev, dtype=torch.int32)
+        flag = torch.tensor([1 if mode == MODE_BOUNDS else 0], device=dev, dtype=torch.int32)
+        routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows], flag)
+        sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed)
+        scratch = ws.partials(rows)
+
+        def run():
+            step_launch(q, kc, vc, bt, sl, routes.sel_idx, routes.sel_cnt, block_size=BS, routes=routes, select=sel,
+                        attend=False, scratch=scratch)
+            routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows), scratch,
+                          impl="triton", min_blocks_per_split=min_per)
+        return run
 
     res["prompt_us"] = timer(routed(MODE_PROMPT))
     res["bounds_us"] = timer(routed(MODE_BOUNDS))
     res["skip_us"] = timer(routed(MODE_SKIP))
+    res["prompt_two_us"] = timer(two_launches(MODE_PROMPT))
+    res["bounds_two_us"] = timer(two_launches(MODE_BOUNDS))
+    res["skip_two_us"] = timer(two_launches(MODE_SKIP))
     idx = table.idx[:rows].to(torch.int32).contiguous()
     cnt = table.cnt[:rows].contiguous()
     res["plain_same_blocks_us"] = timer(
@@ -97,17 +114,25 @@ def main() -> None:
     ap.add_argument("--lens", default="4096,32768,131072")
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--sparsity", type=float, default=0.95)
+    ap.add_argument("--min-per", default="4", help="blocks per split at least (comma list to compare)")
+    ap.add_argument("--target-programs", type=int, default=None, help="split-K programs per step to aim for")
     a = ap.parse_args()
+    if a.target_programs is not None:
+        import cab_vllm.ops.decode as decode_ops
+        decode_ops.TARGET_PROGRAMS = a.target_programs
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py needs a CUDA GPU")
-    print(f"{'n':>7} {'rows':>4} {'kept':>5} {'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} "
-          f"{'plain':>8} {'dense':>8}  (us per launch, CUDA graph)")
+    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'kept':>5} {'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} "
+          f"{'prompt2':>8} {'bounds2':>8} {'skip2':>7} {'plain':>8} {'dense':>8}  (us per step, CUDA graph; "
+          f"2: selection and attention in two launches)")
     for n in (int(x) for x in a.lens.split(",")):
         for rows in (int(x) for x in a.rows.split(",")):
-            r = profile(n, rows, a.sparsity)
-            print(f"{n:>7} {rows:>4} {r['kept_blocks']:>5} {r['splits']:>6} {r['prompt_us']:>8.1f} "
-                  f"{r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} {r['plain_same_blocks_us']:>8.1f} "
-                  f"{r['plain_dense_us']:>8.1f}")
+            for mp in (int(x) for x in a.min_per.split(",")):
+                r = profile(n, rows, a.sparsity, min_per=mp)
+                print(f"{n:>7} {rows:>4} {mp:>9} {r['kept_blocks']:>5} {r['splits']:>6} {r['prompt_us']:>8.1f} "
+                      f"{r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} {r['prompt_two_us']:>8.1f} "
+                      f"{r['bounds_two_us']:>8.1f} {r['skip_two_us']:>7.1f} {r['plain_same_blocks_us']:>8.1f} "
+                      f"{r['plain_dense_us']:>8.1f}")
 
 
 if __name__ == "__main__":

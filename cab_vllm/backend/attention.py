@@ -5,7 +5,7 @@ the rows a step's plan (backend.plan) routed to CAB. Plain PyTorch + our Triton 
   prefill_tiles      the PrefillTiles of a varlen batch of prefills, padded to one K.
   PromptTable        per layer, each request's stored prompt selection (decode_rule="prompt").
   DecodeWorkspace    the decode step's persistent buffers, shared by the layers (fixed addresses: CUDA graphs).
-  attend             one layer: routed decode (ops.decode.routed_decode: selection + attention, one launch) and the
+  attend             one layer: routed decode (ops.decode.routed_decode: selection, then attention + merge) and the
                      sparse prefill (run_prefill: our Triton kernels, or a PyTorch path on CPU).
 
 Chunked prefill with a cached prefix: the chunk's query blocks first..M-1 are estimated against the keys of the

@@ -8,8 +8,8 @@ Flow per step:
                   metadata for the dense rows (sparse rows get sequence length 0 there).
   impl.do_kv_cache_update  vLLM's FlashAttention cache write on CUDA; an index_put on CPU.
   impl.forward    per layer, a thin dispatch: vLLM's FlashAttention for the dense rows (CUDA), then
-                  attention.attend for the sparse rows: decode rows through routed_decode (selection, split-K
-                  attention and merge in one launch), prefill rows through the estimate/select/sparse-prefill path.
+                  attention.attend for the sparse rows: decode rows through routed_decode (a selection launch,
+                  then split-K attention and merge in one), prefill rows through the estimate/select/sparse-prefill path.
 
 CUDA graphs: UNIFORM_SINGLE_TOKEN_DECODE on CUDA. Decode batches replay a full graph holding FlashAttention and
 CAB's decode kernels; the forward reads nothing on the host and the per-step plan lives in fixed device buffers

@@ -1,11 +1,13 @@
 """Block-sparse decode over vLLM's paged KV cache: split-K over the selected blocks + log-sum-exp merge, and
-(routed decode) the step's own block selection, all in one launch.
+(routed decode) the step's own block selection: one launch for the selection, one for attention and merge.
 
 One attention program handles one (sequence, KV head, split): the G query heads of the group are packed as the
 rows of one tile, so each selected key block is read once per group. Partial outputs and their base-2 LSE go to
 a scratch buffer; the last split of each (sequence, KV head) to finish merges them. In a CUDA graph every
 launch costs microseconds even when it has nothing to do (short prompts run on vLLM's FlashAttention), so the
-selection, the attention and the merge share one launch. Twins: ops.reference.paged_decode_ref and
+attention and the merge share one launch, and the selection's programs return at once when no row selects. The
+kernel can also run selection and attention in one launch (programs take roles from a start-order ticket), but
+on the H200 that costs the attention role 1.5x at 8 rows of 128k, so routed_decode uses two. Twins: ops.reference.paged_decode_ref and
 ops.select.decode_select's PyTorch path.
 """
 
@@ -40,16 +42,41 @@ if HAS_TRITON:
                                      _topk_blocks)
 
     @triton.jit
+    def _attend_block(q, k_ptr, v_ptr, bt_ptr, kb, s, kvh, seq_len, scale_log2, page_size,
+                      stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh, stride_bt,
+                      m_i, l_i, acc, d, d_ok, BLOCK: tl.constexpr):
+        """Online-softmax step of the group's queries q [G, D] over key block kb of row s (paged): new (m, l, acc)."""
+        kpos = kb * BLOCK + tl.arange(0, BLOCK)
+        k_ok = kpos < seq_len
+        page, slot_in = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
+                    mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2
+        qk = tl.where(k_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
                       tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
-                      s, kvh, split, mode, seq_len, scale_log2, num_heads, group, num_splits, page_size,
+                      s, kvh, split, mode, seq_len, scale_log2, num_heads, group, num_splits, min_per, page_size,
                       stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh,
                       stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
                       stride_pos, stride_poh, stride_pok,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr):
         """Split `split` of row s, KV head kvh: the group's queries over their share of the row's key blocks
         (mode 1: the stored prompt selection + every block after the prompt; 2: every causal block; else the
-        step's idx/cnt) -> normalized partial output and base-2 LSE (-inf when empty) in po/plse."""
+        step's idx/cnt) -> normalized partial output and base-2 LSE in po/plse. A split takes at least min_per
+        blocks, so a short selection uses fewer splits than were launched (the rest return at once and the merge
+        reads fewer partials). Returns the number of splits the (row, KV head) uses."""
         nb = (seq_len + BLOCK - 1) // BLOCK
         c1 = nb * 0
         pb = nb
@@ -64,17 +91,21 @@ if HAS_TRITON:
             cnt = nb
         else:
             cnt = tl.load(cnt_ptr + s * stride_cs + kvh, cache_modifier=".cg")
-        per = tl.cdiv(cnt, num_splits)
+        per = tl.maximum(tl.cdiv(cnt, num_splits), min_per)
+        used = tl.cdiv(cnt, per)
         i0 = split * per
-        i1 = tl.minimum(i0 + per, cnt)
+        i1 = tl.minimum(i0 + per, cnt)  # <= i0 for a split past `used`: no iterations, nothing stored
 
         q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
         q = q.to(k_ptr.dtype.element_ty)
         heads = kvh * group + tl.arange(0, GROUP_PAD)
+        live = g_ok & (tl.arange(0, GROUP_PAD) * 0 + split < used)  # the group's heads, in a split that is used
         m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
         idx_base = idx_ptr + s * stride_is + kvh * stride_ih
+        # One loop with the block's source chosen inside it: an engine-shaped profile (8 rows at 128k) ran this
+        # loop 1.6x faster than one loop per source under `if mode` or a branch-free loop with masked loads.
         for i in range(i0, i1):
             if mode == 1:
                 if i < c1:
@@ -85,36 +116,24 @@ if HAS_TRITON:
                 kb = i
             else:
                 kb = tl.load(idx_base + i, cache_modifier=".cg")
-            kpos = kb * BLOCK + tl.arange(0, BLOCK)
-            k_ok = kpos < seq_len
-            page, slot_in = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None]
-                        + d[None, :], mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * scale_log2
-            qk = tl.where(k_ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None]
-                        + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, bt_ptr, kb, s, kvh, seq_len, scale_log2, page_size,
+                                          stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos,
+                                          stride_vh, stride_bt, m_i, l_i, acc, d, d_ok, BLOCK)
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :],
-                 out, mask=g_ok[:, None] & d_ok[None, :])
+                 out, mask=live[:, None] & d_ok[None, :])
         # part_lse is a contiguous [S, Hq, num_splits] buffer
-        tl.store(plse_ptr + (s * num_heads + heads) * num_splits + split, lse, mask=g_ok)
+        tl.store(plse_ptr + (s * num_heads + heads) * num_splits + split, lse, mask=live)
+        return used
 
     @triton.jit
-    def _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
+    def _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
                      stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr):
         """Log-sum-exp merge of the group's split partials (written by other programs: read from L2) into o
-        [S, Hq, D] and lse [S, Hq] (natural log): split by split, the group's heads as the rows of one tile.
+        [S, Hq, D] and lse [S, Hq] (natural log): the first `used` splits, split by split, the group's heads as the
+        rows of one tile.
         (An engine run with a head-by-head merge, all splits in one [64, D] tile, decoded at 128k in 7.7 ms per
         token against 6.2 with this merge on the H200; other changes lay between the two runs: BENCHMARKS.md.)"""
         g = tl.arange(0, GROUP_PAD)
@@ -125,7 +144,7 @@ if HAS_TRITON:
         m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
         tot = tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-        for k in range(0, num_splits):
+        for k in range(0, used):
             lse_k = tl.load(plse_ptr + (s * num_heads + heads) * num_splits + k, mask=g_ok, other=float("-inf"),
                             cache_modifier=".cg")
             o_k = tl.load(po_ptr + s * stride_pos + heads[:, None] * stride_poh + k * stride_pok + d[None, :],
@@ -147,13 +166,13 @@ if HAS_TRITON:
 
     # The counts that change with the batch stay runtime values (no Triton specialization on == 1 or % 16): a decode
     # step compiles once per engine, not once per CUDA-graph batch size.
-    @triton.jit(do_not_specialize=["num_splits", "n_tiles", "n_score", "n_total", "sync_rows"])
+    @triton.jit(do_not_specialize=["num_splits", "n_tiles", "n_score", "n_total", "sync_rows", "min_per"])
     def _decode_step_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seqlen_ptr,
         mode_ptr, slot_ptr, tab_idx_ptr, tab_cnt_ptr, tab_blocks_ptr, idx_ptr, cnt_ptr,
         keep_ptr, sc_ptr, need_ptr, po_ptr, plse_ptr, o_ptr, lse_ptr, sync_ptr,
         scale_log2, sel_scale,
-        num_heads, num_kv_heads, num_splits, n_tiles, n_score, n_total, sync_rows, page_size,
+        num_heads, num_kv_heads, num_splits, n_tiles, n_score, n_total, sync_rows, min_per, page_size,
         sink_blocks, local_blocks, seed, kmax,
         stride_qs, stride_qh,
         stride_kpage, stride_kpos, stride_kh,
@@ -221,29 +240,35 @@ if HAS_TRITON:
                         r = tl.atomic_add(ready + s * num_kv_heads + kvh, 0, sem="acquire")
                         while r == 0:
                             r = tl.atomic_add(ready + s * num_kv_heads + kvh, 0, sem="acquire")
-                _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
-                              tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
-                              s, kvh, split, mode, tl.load(seqlen_ptr + s), scale_log2, num_heads, group,
-                              num_splits, page_size,
-                              stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos,
-                              stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
-                              stride_pos, stride_poh, stride_pok, HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD)
+                used = _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
+                                     tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
+                                     s, kvh, split, mode, tl.load(seqlen_ptr + s), scale_log2, num_heads, group,
+                                     num_splits, min_per, page_size,
+                                     stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
+                                     stride_vpos, stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts,
+                                     stride_th, stride_tcs, stride_pos, stride_poh, stride_pok,
+                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD)
                 tl.debug_barrier()
                 c = tl.atomic_add(finished + s * num_kv_heads + kvh, 1, sem="acq_rel")
                 if c == num_splits - 1:
                     tl.atomic_xchg(finished + s * num_kv_heads + kvh, 0)
                     if SELECT:
                         tl.atomic_xchg(ready + s * num_kv_heads + kvh, 0)  # every split is past its wait
-                    _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
+                    _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
                                  stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
                                  HEAD_DIM, BLOCK_D, GROUP_PAD)
 
 
 MAX_SPLITS = 64  # split-K partials per (row, head), at most
+MIN_BLOCKS_PER_SPLIT = 4  # a (row, KV head) with fewer than num_splits * this many blocks uses fewer splits
 
 
-def default_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, target_programs: int = 264) -> int:
+TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, target_programs: int | None = None) -> int:
     """Enough splits to fill ~2 waves of an H100 (132 SMs) while keeping >= 4 blocks per split."""
+    target_programs = TARGET_PROGRAMS if target_programs is None else target_programs
     want = max(1, -(-target_programs // max(1, num_seqs * num_kv_heads)))
     return int(max(1, min(want, -(-max_blocks // 4), MAX_SPLITS)))
 
@@ -327,11 +352,12 @@ def routed_decode(
     workspace: DecodeScratch | None = None,
     impl: str = "auto",
     select: Selection | None = None,
+    min_blocks_per_split: int = MIN_BLOCKS_PER_SPLIT,
 ) -> torch.Tensor:
     """Decode attention for rows routed by ``routes`` (DecodeRoutes): one query per row at seq_lens - 1;
     rows in MODE_SKIP are not written. q [S, Hq, D]; out [S, Hq, D] (written in place, returned).
     With ``select``, rows in SELECTED_MODES first get the step's selection into routes.sel_idx/sel_cnt
-    (ops.select.decode_select's rule) in the same launch: one launch for the whole step.
+    (ops.select.decode_select's rule) in a launch of their own, just before the attention's.
     num_splits must not depend on the step's data (a CUDA graph replays it); workspace: DecodeScratch."""
     from cab_vllm.ops.select import check_selection, decode_select
 
@@ -352,9 +378,14 @@ def routed_decode(
         out[live] = o[live]
         return out
     lse = torch.empty(ns, hq, dtype=torch.float32, device=q.device) if workspace is None else workspace.lse[:ns]
+    if select is not None:
+        # The selection in a launch of its own (its programs return at once when no row selects): sharing one
+        # launch with the attention cost the attention 1.5x at 8 rows of 128k on the H200 (BENCHMARKS.md).
+        step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
+                    block_size=block_size, routes=routes, select=select, attend=False, scratch=workspace)
     step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
-                block_size=block_size, routes=routes, select=select, scale=scale, num_splits=num_splits, out=out,
-                lse=lse, scratch=workspace)
+                block_size=block_size, routes=routes, scale=scale, num_splits=num_splits, out=out,
+                lse=lse, scratch=workspace, min_blocks_per_split=min_blocks_per_split)
     return out
 
 
@@ -420,12 +451,15 @@ def sync_size(rows: int, num_kv_heads: int) -> int:
 
 
 def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, counts, *, block_size, modes=None,
-                routes=None, select=None, attend=True, scale=1.0, num_splits=1, out=None, lse=None, scratch=None):
+                routes=None, select=None, attend=True, scale=1.0, num_splits=1, out=None, lse=None, scratch=None,
+                min_blocks_per_split=MIN_BLOCKS_PER_SPLIT):
     """One Triton launch for a decode step (see _decode_step_kernel): with ``select`` the rows in
     SELECTED_MODES (by ``modes``, or routes.modes) first get their top-``keep`` blocks into indices/counts;
     with ``attend`` every row (routed by ``routes`` when given, else by indices/counts) attends into out/lse."""
     check(isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS,
           f"num_splits={num_splits!r} must be an int in [1, {MAX_SPLITS}]")
+    check(isinstance(min_blocks_per_split, int) and min_blocks_per_split >= 1,
+          f"min_blocks_per_split={min_blocks_per_split!r} must be an int >= 1")
     ns, hq, d = q.shape
     hkv = key_cache.shape[2]
     if ns == 0:
@@ -473,7 +507,7 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         modes, slots, tab_idx, tab_cnt, tab_blocks, indices, counts,
         keep, scores, need, part_o, part_lse, o, lse_t, sync,
         scale * LOG2E, 1.0 / math.sqrt(d),
-        hq, hkv, num_splits, n_tiles, n_score, n_total, sync_rows, key_cache.shape[1],
+        hq, hkv, num_splits, n_tiles, n_score, n_total, sync_rows, min_blocks_per_split, key_cache.shape[1],
         select.sink_blocks if select else 0, select.local_blocks if select else 0, select.seed if select else 0, kk,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),

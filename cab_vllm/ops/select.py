@@ -335,21 +335,22 @@ if _HAS_TRITON:
         b = sc.to(tl.int32, bitcast=True)
         b = b ^ ((b >> 31) & 0x7FFFFFFF)
         key = b.to(tl.int64) + 2147483648
+        # 1-D tiles throughout: Triton 3.6 fails to lower a cumsum over a [1, 512+] tile in this kernel (an assertion
+        # in its scan lowering on the H200), while 1-D scans lower at every width.
         thr = tl.zeros([1], dtype=tl.int64)
         for bit in tl.static_range(31, -1, -1):
             cand = thr | (1 << bit)
-            c = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+            c = tl.sum((key >= cand).to(tl.int32), 0)
             thr = tl.where(c >= k, cand, thr)
-        gt = key[None, :] > thr[:, None]
-        tie = key[None, :] == thr[:, None]
-        n_gt = tl.sum(gt.to(tl.int32), 1)
-        tie_rank = tl.cumsum(tie.to(tl.int32), 1)
-        take = gt | (tie & (tie_rank <= (k - n_gt)[:, None]))
-        pos = tl.cumsum(take.to(tl.int32), 1) - 1
+        gt = key > thr
+        tie = key == thr
+        n_gt = tl.sum(gt.to(tl.int32), 0)
+        tie_rank = tl.cumsum(tie.to(tl.int32), 0)
+        take = gt | (tie & (tie_rank <= k - n_gt))
+        pos = tl.cumsum(take.to(tl.int32), 0) - 1
         base = idx_ptr + s * stride_is + kvh * stride_ih
-        tl.store(base + pos, (jj[None, :] + pos * 0).to(tl.int32), mask=take)
-        cnt = tl.sum(take.to(tl.int32), 1)
+        tl.store(base + pos, jj.to(tl.int32), mask=take)
+        cnt = tl.sum(take.to(tl.int32), 0)
         kp = tl.arange(0, KPAD)
-        tl.store(base + kp[None, :], tl.full([1, KPAD], -1, dtype=tl.int32),
-                 mask=(kp[None, :] >= cnt[:, None]) & (kp[None, :] < kmax))
-        tl.store(cnt_ptr + s * stride_cs + kvh + tl.zeros([1], dtype=tl.int64), cnt)
+        tl.store(base + kp, tl.full([KPAD], -1, dtype=tl.int32), mask=(kp >= cnt) & (kp < kmax))
+        tl.store(cnt_ptr + s * stride_cs + kvh, cnt)
