@@ -233,3 +233,71 @@ def test_a_step_without_selecting_rows_takes_no_tickets(device):
         assert int(ws.sync.abs().sum()) == 0
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and outs[0][0].abs().sum() > 0 and outs[0][1].abs().sum() == 0
+
+
+def _wide_select(n: int, device: str):
+    """decode_select of bounds, recency and hash rows over n tokens (n / 64 blocks: a wide top-k tile)."""
+    hq, hkv, d, page = 2, 1, 16, 64
+    batch = make_varlen_batch([(n, 1)] * 3, hq, hkv, d, torch.float32, seed=11, device=device)
+    kc, _, bt = make_paged_cache(batch["k"], batch["v"], page, seed=12)
+    q = torch.stack([x[:, -1] for x in batch["q"]])
+    sl = torch.full((3,), n, dtype=torch.int32, device=device)
+    modes = torch.tensor([MODE_BOUNDS, MODE_RECENT, MODE_RANDOM], dtype=torch.int32, device=device)
+    m = -(-n // 64)
+    keep = torch.tensor([m // 20, m // 7, m // 3], dtype=torch.int32, device=device)
+    idx = torch.full((3, hkv, m), 7, dtype=torch.int32, device=device)
+    cnt = torch.zeros(3, hkv, dtype=torch.int32, device=device)
+    scores = torch.empty(3, hkv, next_pow2(m), device=device)
+    decode_select(q, kc, bt, sl, modes, keep, 64, 1, 2, 5, idx, cnt, scores, impl="triton")
+    pri = decode_scores_ref(q, kc, bt, sl, modes, 64, 1, 2, 5, next_pow2(m))
+    for r in range(3):
+        c = int(cnt[r, 0])
+        got = idx[r, 0, :c].tolist()
+        assert c == int(keep[r]) and got == sorted(set(got)) and (idx[r, 0, c:] == -1).all()
+        p = pri[r, 0, :m]
+        assert sorted(p[got].tolist(), reverse=True) == sorted(p.tolist(), reverse=True)[:c]
+
+
+def test_top_k_of_a_wide_score_row_matches_the_twin(device):
+    """513 blocks (a 1024-wide tile, as a 32k context has): the tile width at which Triton 3.6 once failed to
+    compile the top-k's scan on the H200."""
+    _wide_select(513 * 64 - 17, device)
+
+
+@pytest.mark.gpu
+def test_top_k_at_128k_matches_the_twin():
+    _wide_select(131072 - 3, "cuda")
+
+
+def test_short_selections_use_fewer_splits_with_the_same_output(device):
+    """min_blocks_per_split: a (row, KV head) whose blocks fill fewer splits than launched leaves the rest empty
+    and the merge reads only the used ones; the output does not depend on it (beyond summation order)."""
+    torch.manual_seed(9)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    s, hq, d = q.shape
+    hkv = kc.shape[2]
+    table = PromptTable(4, hkv, 8, device)
+    table.put(1, torch.tensor([[0, 1, -1], [2, -1, -1]], dtype=torch.int32, device=device),
+              torch.tensor([2, 1], dtype=torch.int32, device=device))
+    modes = torch.tensor([MODE_ALL, MODE_PROMPT, MODE_ALL, MODE_SKIP, MODE_ALL, MODE_ALL], dtype=torch.int32,
+                         device=device)
+    slots = torch.tensor([0, 1, 0, 0, 0, 0], dtype=torch.int32, device=device)
+    pblocks = torch.tensor([0, 3, 0, 0, 0, 0], dtype=torch.int32, device=device)
+    idx = torch.zeros(s, hkv, 8, dtype=torch.int32, device=device)
+    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
+    routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, idx, cnt)
+    outs = []
+    for min_per in (1, 2, 3, 100):
+        out = torch.zeros_like(q)
+        routed_decode(q, kc, vc, bt, sl, routes, 64, 1 / math.sqrt(d), out, 4, impl="triton",
+                      min_blocks_per_split=min_per)
+        outs.append(out)
+    ri, rc = routed_indices(routes, sl, 64)
+    ref, _ = paged_decode_ref(q.double(), kc.double(), vc.double(), bt, sl, ri, rc, 64, 1 / math.sqrt(d))
+    live = modes != MODE_SKIP
+    for out in outs:
+        assert rel_err(out[live], ref[live]) < max(KERNEL_FP32_TOL, 1e-5)
+        assert (out[~live] == 0).all()
+    with pytest.raises(ValueError, match="min_blocks_per_split"):
+        routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.zeros_like(q), 4, impl="triton",
+                      min_blocks_per_split=0)
