@@ -3,13 +3,15 @@
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16), one layer. For each
-context length and batch it times, in a CUDA graph (as the engine replays it), the one-launch routed decode
-(ops.decode.routed_decode) in the modes the engine uses:
+context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
+(ops.decode.routed_decode: a selection launch, then attention + merge) in the modes the engine uses:
   prompt   the request's stored prompt selection (the default rule) + the blocks after the prompt
-  bounds   the step's own selection by key bounds (scores + top-k in the same launch)
+  bounds   the step's own selection by key bounds (scores + top-k)
   skip     every row left to FlashAttention (what short requests pay for CAB being in the graph)
+the same three with selection and attention in ONE launch (prompt1, bounds1, skip1: step_launch with both roles),
 and, for comparison, the plain split-K kernel on the same blocks (ops.decode.paged_sparse_decode, no routing,
-no selection role) and dense decode through the same kernel (every block). Prints microseconds per launch.
+no selection role) and dense decode through the same kernel (every block). Prints microseconds per step. By
+default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from cab_vllm.ops.decode import (MODE_BOUNDS, MODE_PROMPT, MODE_SKIP, DecodeRout
 HQ, HKV, D, PAGE, BS = 32, 8, 128, 16, 64
 
 
-def graph_time_us(fn, reps: int = 200) -> float:
-    """Mean time of `reps` replays of a CUDA graph holding one call of fn (after a warm-up call), in µs."""
+_FLUSH: torch.Tensor | None = None  # set by main: a 256 MiB buffer zeroed before each timed call (cold L2)
+
+
+def _replay_us(fn, reps: int) -> float:
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -43,6 +47,21 @@ def graph_time_us(fn, reps: int = 200) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000.0 / reps
+
+
+def graph_time_us(fn, reps: int = 200) -> float:
+    """Mean time of one call of fn replayed in a CUDA graph, in µs. With _FLUSH set, every replay first zeroes a
+    buffer larger than L2 (as the engine's other layers do between two calls of one layer's attention) and the
+    time of that zeroing alone is subtracted."""
+    if _FLUSH is None:
+        return _replay_us(fn, reps)
+    flush = _FLUSH
+
+    def flushed():
+        flush.zero_()
+        fn()
+
+    return _replay_us(flushed, reps) - _replay_us(flush.zero_, reps)
 
 
 def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int = 4) -> dict:
@@ -78,26 +97,22 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         return lambda: routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows),
                                      ws.partials(rows), impl="triton", select=sel, min_blocks_per_split=min_per)
 
-    def two_launches(mode: int):  # the step's selection in its own launch, then attention without a selection role
+    def one_launch(mode: int):  # selection and attention in one launch (programs take roles from a ticket)
         modes = torch.full((rows,), mode, device=dev, dtype=torch.int32)
         flag = torch.tensor([1 if mode == MODE_BOUNDS else 0], device=dev, dtype=torch.int32)
         routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows], flag)
         sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed)
         scratch = ws.partials(rows)
-
-        def run():
-            step_launch(q, kc, vc, bt, sl, routes.sel_idx, routes.sel_cnt, block_size=BS, routes=routes, select=sel,
-                        attend=False, scratch=scratch)
-            routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows), scratch,
-                          impl="triton", min_blocks_per_split=min_per)
-        return run
+        return lambda: step_launch(q, kc, vc, bt, sl, routes.sel_idx, routes.sel_cnt, block_size=BS, routes=routes,
+                                   select=sel, scale=1 / math.sqrt(D), num_splits=ws.splits(rows), out=out,
+                                   lse=ws.lse[:rows], scratch=scratch, min_blocks_per_split=min_per)
 
     res["prompt_us"] = timer(routed(MODE_PROMPT))
     res["bounds_us"] = timer(routed(MODE_BOUNDS))
     res["skip_us"] = timer(routed(MODE_SKIP))
-    res["prompt_two_us"] = timer(two_launches(MODE_PROMPT))
-    res["bounds_two_us"] = timer(two_launches(MODE_BOUNDS))
-    res["skip_two_us"] = timer(two_launches(MODE_SKIP))
+    res["prompt_one_us"] = timer(one_launch(MODE_PROMPT))
+    res["bounds_one_us"] = timer(one_launch(MODE_BOUNDS))
+    res["skip_one_us"] = timer(one_launch(MODE_SKIP))
     idx = table.idx[:rows].to(torch.int32).contiguous()
     cnt = table.cnt[:rows].contiguous()
     res["plain_same_blocks_us"] = timer(
@@ -116,22 +131,27 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.95)
     ap.add_argument("--min-per", default="4", help="blocks per split at least (comma list to compare)")
     ap.add_argument("--target-programs", type=int, default=None, help="split-K programs per step to aim for")
+    ap.add_argument("--warm-l2", action="store_true",
+                    help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
     if a.target_programs is not None:
         import cab_vllm.ops.decode as decode_ops
         decode_ops.TARGET_PROGRAMS = a.target_programs
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py needs a CUDA GPU")
+    global _FLUSH
+    if not a.warm_l2:
+        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'kept':>5} {'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} "
-          f"{'prompt2':>8} {'bounds2':>8} {'skip2':>7} {'plain':>8} {'dense':>8}  (us per step, CUDA graph; "
-          f"2: selection and attention in two launches)")
+          f"{'prompt1':>8} {'bounds1':>8} {'skip1':>7} {'plain':>8} {'dense':>8}  (us per step, CUDA graph; "
+          f"1: selection and attention in one launch; L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
         for rows in (int(x) for x in a.rows.split(",")):
             for mp in (int(x) for x in a.min_per.split(",")):
                 r = profile(n, rows, a.sparsity, min_per=mp)
                 print(f"{n:>7} {rows:>4} {mp:>9} {r['kept_blocks']:>5} {r['splits']:>6} {r['prompt_us']:>8.1f} "
-                      f"{r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} {r['prompt_two_us']:>8.1f} "
-                      f"{r['bounds_two_us']:>8.1f} {r['skip_two_us']:>7.1f} {r['plain_same_blocks_us']:>8.1f} "
+                      f"{r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} {r['prompt_one_us']:>8.1f} "
+                      f"{r['bounds_one_us']:>8.1f} {r['skip_one_us']:>7.1f} {r['plain_same_blocks_us']:>8.1f} "
                       f"{r['plain_dense_us']:>8.1f}")
 
 

@@ -1,6 +1,6 @@
 """The CUDA-graph-safe decode path: ops.select.decode_select (the step's per-row selection from key bounds,
 recency or a hash) and ops.decode.routed_decode (rows routed by mode: skipped, prompt rule from a stored table, all
-blocks, or the step's selection; with select=, selection and attention in one launch). Triton (interpreted on CPU)
+blocks, or the step's selection; with select=, a selection launch before the attention's). Triton (interpreted on CPU)
 against the PyTorch twins and a float64 oracle."""
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ def test_routed_decode_with_a_workspace_equals_fresh_buffers(device):
 
 
 @pytest.mark.parametrize("keep", [[0, 0, 2, 0, 3, 4], [0, 0, 1, 0, 9, 2]], ids=["k234", "k192"])
-def test_one_launch_selects_then_attends_like_the_twins(keep, device):
-    """routed_decode(select=...): the step's selection and the attention in one launch (every mode in one batch,
+def test_routed_decode_selects_then_attends_like_the_twins(keep, device):
+    """routed_decode(select=...): the step's selection, then the attention (every mode in one batch,
     one workspace reused across launches) equals decode_select + routed_decode of the PyTorch twins, and leaves
     its sync counters at zero for the next launch (a CUDA graph replays it as is)."""
     from cab_vllm.backend.attention import DecodeWorkspace
@@ -301,3 +301,42 @@ def test_short_selections_use_fewer_splits_with_the_same_output(device):
     with pytest.raises(ValueError, match="min_blocks_per_split"):
         routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.zeros_like(q), 4, impl="triton",
                       min_blocks_per_split=0)
+
+
+def test_selection_and_attention_in_one_launch_equal_two_launches(device):
+    """step_launch with both roles (programs take roles from a ticket; attention waits for its selection) gives
+    what routed_decode's two launches give, for every mode in one batch, and leaves the counters at zero."""
+    from cab_vllm.backend.attention import DecodeWorkspace
+    from cab_vllm.ops.decode import Selection, step_launch
+
+    torch.manual_seed(6)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    s, hq, d = q.shape
+    hkv = kc.shape[2]
+    table = PromptTable(4, hkv, 8, device)
+    table.put(1, torch.tensor([[0, 1, -1], [2, -1, -1]], dtype=torch.int32, device=device),
+              torch.tensor([2, 1], dtype=torch.int32, device=device))
+    modes = torch.tensor(MODES, dtype=torch.int32, device=device)
+    slots = torch.tensor([0, 1, 0, 0, 0, 0], dtype=torch.int32, device=device)
+    pblocks = torch.tensor([0, 3, 0, 0, 0, 0], dtype=torch.int32, device=device)
+    keep = torch.tensor([0, 0, 2, 0, 3, 4], dtype=torch.int32, device=device)
+    ws = DecodeWorkspace(8, hq, hkv, d, 8, device)
+    outs = []
+    for one in (False, True):
+        ws.sel_idx.fill_(7)
+        ws.sel_cnt.fill_(99)
+        routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:s], ws.sel_cnt[:s])
+        sel = Selection(keep, ws.scores[:s], 1, 1, 3)
+        out = torch.zeros_like(q)
+        if one:
+            step_launch(q, kc, vc, bt, sl, routes.sel_idx, routes.sel_cnt, block_size=64, routes=routes, select=sel,
+                        scale=1 / math.sqrt(d), num_splits=ws.splits(s), out=out, lse=ws.lse[:s],
+                        scratch=ws.partials(s))
+        else:
+            routed_decode(q, kc, vc, bt, sl, routes, 64, 1 / math.sqrt(d), out, ws.splits(s), ws.partials(s),
+                          impl="triton", select=sel)
+        assert int(ws.sync.abs().sum()) == 0
+        outs.append((out, *routed_indices(routes, sl, 64)))
+    (o2, i2, c2), (o1, i1, c1) = outs
+    assert torch.equal(i2, i1) and torch.equal(c2, c1)
+    assert rel_err(o1, o2) < max(KERNEL_FP32_TOL, 1e-6)
