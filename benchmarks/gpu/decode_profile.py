@@ -64,7 +64,8 @@ def graph_time_us(fn, reps: int = 200) -> float:
     return _replay_us(flushed, reps) - _replay_us(flush.zero_, reps)
 
 
-def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int = 4) -> dict:
+def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int = 4,
+            bpi: int = 1) -> dict:
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     pages_per_seq = math.ceil(n / PAGE)
     kc = torch.randn(rows * pages_per_seq + 1, PAGE, HKV, D, device=dev, dtype=dt)
@@ -95,7 +96,8 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows], flag)
         sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed)
         return lambda: routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows),
-                                     ws.partials(rows), impl="triton", select=sel, min_blocks_per_split=min_per)
+                                     ws.partials(rows), impl="triton", select=sel, min_blocks_per_split=min_per,
+                                     blocks_per_iter=bpi)
 
     def one_launch(mode: int):  # selection and attention in one launch (programs take roles from a ticket)
         modes = torch.full((rows,), mode, device=dev, dtype=torch.int32)
@@ -105,7 +107,8 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         scratch = ws.partials(rows)
         return lambda: step_launch(q, kc, vc, bt, sl, routes.sel_idx, routes.sel_cnt, block_size=BS, routes=routes,
                                    select=sel, scale=1 / math.sqrt(D), num_splits=ws.splits(rows), out=out,
-                                   lse=ws.lse[:rows], scratch=scratch, min_blocks_per_split=min_per)
+                                   lse=ws.lse[:rows], scratch=scratch, min_blocks_per_split=min_per,
+                                   blocks_per_iter=bpi)
 
     res["prompt_us"] = timer(routed(MODE_PROMPT))
     res["bounds_us"] = timer(routed(MODE_BOUNDS))
@@ -130,6 +133,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--sparsity", type=float, default=0.95)
     ap.add_argument("--min-per", default="4", help="blocks per split at least (comma list to compare)")
+    ap.add_argument("--blocks-per-iter", default="1", help="key blocks per loop iteration (comma list: 1,2,4,8)")
     ap.add_argument("--target-programs", type=int, default=None, help="split-K programs per step to aim for")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
@@ -142,14 +146,14 @@ def main() -> None:
     global _FLUSH
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'kept':>5} {'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} "
+    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'bpi':>4} {'kept':>5} {'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} "
           f"{'prompt1':>8} {'bounds1':>8} {'skip1':>7} {'plain':>8} {'dense':>8}  (us per step, CUDA graph; "
           f"1: selection and attention in one launch; L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
         for rows in (int(x) for x in a.rows.split(",")):
-            for mp in (int(x) for x in a.min_per.split(",")):
-                r = profile(n, rows, a.sparsity, min_per=mp)
-                print(f"{n:>7} {rows:>4} {mp:>9} {r['kept_blocks']:>5} {r['splits']:>6} {r['prompt_us']:>8.1f} "
+            for mp, bpi in ((int(x), int(y)) for x in a.min_per.split(",") for y in a.blocks_per_iter.split(",")):
+                r = profile(n, rows, a.sparsity, min_per=mp, bpi=bpi)
+                print(f"{n:>7} {rows:>4} {mp:>9} {bpi:>4} {r['kept_blocks']:>5} {r['splits']:>6} {r['prompt_us']:>8.1f} "
                       f"{r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} {r['prompt_one_us']:>8.1f} "
                       f"{r['bounds_one_us']:>8.1f} {r['skip_one_us']:>7.1f} {r['plain_same_blocks_us']:>8.1f} "
                       f"{r['plain_dense_us']:>8.1f}")

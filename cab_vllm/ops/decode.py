@@ -42,12 +42,11 @@ if HAS_TRITON:
                                      _topk_blocks)
 
     @triton.jit
-    def _attend_block(q, k_ptr, v_ptr, bt_ptr, kb, s, kvh, seq_len, scale_log2, page_size,
-                      stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh, stride_bt,
-                      m_i, l_i, acc, d, d_ok, BLOCK: tl.constexpr):
-        """Online-softmax step of the group's queries q [G, D] over key block kb of row s (paged): new (m, l, acc)."""
-        kpos = kb * BLOCK + tl.arange(0, BLOCK)
-        k_ok = kpos < seq_len
+    def _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, k_ok, s, kvh, scale_log2, page_size,
+                     stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh, stride_bt,
+                     m_i, l_i, acc, d, d_ok):
+        """Online-softmax step of the group's queries q [G, D] over the keys at positions kpos [T] (where k_ok) of
+        row s (paged): new (m, l, acc)."""
         page, slot_in = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
@@ -71,7 +70,8 @@ if HAS_TRITON:
                       stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh,
                       stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
                       stride_pos, stride_poh, stride_pok,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
+                      BLOCKS_PER_ITER: tl.constexpr):
         """Split `split` of row s, KV head kvh: the group's queries over their share of the row's key blocks
         (mode 1: the stored prompt selection + every block after the prompt; 2: every causal block; else the
         step's idx/cnt) -> normalized partial output and base-2 LSE in po/plse. A split takes at least min_per
@@ -104,21 +104,40 @@ if HAS_TRITON:
         l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
         idx_base = idx_ptr + s * stride_is + kvh * stride_ih
-        # One loop with the block's source chosen inside it: an engine-shaped profile (8 rows at 128k) ran this
-        # loop 1.6x faster than one loop per source under `if mode` or a branch-free loop with masked loads.
-        for i in range(i0, i1):
-            if mode == 1:
-                if i < c1:
-                    kb = tl.load(tab_base + i).to(tl.int32)
+        # One loop with the block's source chosen inside it: on the H200 (8 rows at 128k, attention launch alone)
+        # this loop ran 1.6x faster than one loop per source, each under its own `if mode`.
+        if BLOCKS_PER_ITER == 1:
+            for i in range(i0, i1):
+                if mode == 1:
+                    if i < c1:
+                        kb = tl.load(tab_base + i).to(tl.int32)
+                    else:
+                        kb = pb + (i - c1)
+                elif mode == 2:
+                    kb = i
                 else:
-                    kb = pb + (i - c1)
-            elif mode == 2:
-                kb = i
-            else:
-                kb = tl.load(idx_base + i, cache_modifier=".cg")
-            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, bt_ptr, kb, s, kvh, seq_len, scale_log2, page_size,
-                                          stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos,
-                                          stride_vh, stride_bt, m_i, l_i, acc, d, d_ok, BLOCK)
+                    kb = tl.load(idx_base + i, cache_modifier=".cg")
+                kpos = kb * BLOCK + tl.arange(0, BLOCK)
+                m_i, l_i, acc = _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, kpos < seq_len, s, kvh, scale_log2,
+                                             page_size, stride_kpage, stride_kpos, stride_kh, stride_vpage,
+                                             stride_vpos, stride_vh, stride_bt, m_i, l_i, acc, d, d_ok)
+        else:
+            # BLOCKS_PER_ITER key blocks as one tile: more loads in flight per program (decode is latency-bound)
+            lane = tl.arange(0, BLOCKS_PER_ITER * BLOCK)
+            for i in range(i0, i1, BLOCKS_PER_ITER):
+                j = i + lane // BLOCK
+                j_ok = j < i1
+                if mode == 1:
+                    kt = tl.load(tab_base + j, mask=j_ok & (j < c1), other=0).to(tl.int32)
+                    kb = tl.where(j < c1, kt, pb + (j - c1))
+                elif mode == 2:
+                    kb = j
+                else:
+                    kb = tl.load(idx_base + j, mask=j_ok, other=0, cache_modifier=".cg")
+                kpos = kb * BLOCK + lane % BLOCK
+                m_i, l_i, acc = _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, j_ok & (kpos < seq_len), s, kvh,
+                                             scale_log2, page_size, stride_kpage, stride_kpos, stride_kh,
+                                             stride_vpage, stride_vpos, stride_vh, stride_bt, m_i, l_i, acc, d, d_ok)
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :],
@@ -184,7 +203,7 @@ if HAS_TRITON:
         stride_os, stride_oh,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
-        ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr,
+        ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr,
     ):
         # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
         # MODE_RECENT / MODE_RANDOM; n_tiles programs per (row, KV head) score its blocks, the last to finish
@@ -247,7 +266,7 @@ if HAS_TRITON:
                                      stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
                                      stride_vpos, stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts,
                                      stride_th, stride_tcs, stride_pos, stride_poh, stride_pok,
-                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD)
+                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD, BLOCKS_PER_ITER)
                 tl.debug_barrier()
                 c = tl.atomic_add(finished + s * num_kv_heads + kvh, 1, sem="acq_rel")
                 if c == num_splits - 1:
@@ -261,6 +280,7 @@ if HAS_TRITON:
 
 MAX_SPLITS = 64  # split-K partials per (row, head), at most
 MIN_BLOCKS_PER_SPLIT = 4  # a (row, KV head) with fewer than num_splits * this many blocks uses fewer splits
+BLOCKS_PER_ITER = 1  # key blocks one attention program loads per loop iteration (a tile of this many blocks)
 
 
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
@@ -353,6 +373,7 @@ def routed_decode(
     impl: str = "auto",
     select: Selection | None = None,
     min_blocks_per_split: int = MIN_BLOCKS_PER_SPLIT,
+    blocks_per_iter: int | None = None,
 ) -> torch.Tensor:
     """Decode attention for rows routed by ``routes`` (DecodeRoutes): one query per row at seq_lens - 1;
     rows in MODE_SKIP are not written. q [S, Hq, D]; out [S, Hq, D] (written in place, returned).
@@ -385,7 +406,8 @@ def routed_decode(
                     block_size=block_size, routes=routes, select=select, attend=False, scratch=workspace)
     step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
                 block_size=block_size, routes=routes, scale=scale, num_splits=num_splits, out=out,
-                lse=lse, scratch=workspace, min_blocks_per_split=min_blocks_per_split)
+                lse=lse, scratch=workspace, min_blocks_per_split=min_blocks_per_split,
+                blocks_per_iter=blocks_per_iter)
     return out
 
 
@@ -452,7 +474,7 @@ def sync_size(rows: int, num_kv_heads: int) -> int:
 
 def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, counts, *, block_size, modes=None,
                 routes=None, select=None, attend=True, scale=1.0, num_splits=1, out=None, lse=None, scratch=None,
-                min_blocks_per_split=MIN_BLOCKS_PER_SPLIT):
+                min_blocks_per_split=MIN_BLOCKS_PER_SPLIT, blocks_per_iter=None):
     """One Triton launch for a decode step (see _decode_step_kernel): with ``select`` the rows in
     SELECTED_MODES (by ``modes``, or routes.modes) first get their top-``keep`` blocks into indices/counts;
     with ``attend`` every row (routed by ``routes`` when given, else by indices/counts) attends into out/lse."""
@@ -460,6 +482,8 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
           f"num_splits={num_splits!r} must be an int in [1, {MAX_SPLITS}]")
     check(isinstance(min_blocks_per_split, int) and min_blocks_per_split >= 1,
           f"min_blocks_per_split={min_blocks_per_split!r} must be an int >= 1")
+    blocks_per_iter = BLOCKS_PER_ITER if blocks_per_iter is None else blocks_per_iter
+    check(blocks_per_iter in (1, 2, 4, 8), f"blocks_per_iter={blocks_per_iter!r} must be 1, 2, 4 or 8")
     ns, hq, d = q.shape
     hkv = key_cache.shape[2]
     if ns == 0:
@@ -519,5 +543,5 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         o.stride(0), o.stride(1),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
         BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
-        ATTEND=attend, num_warps=4, num_stages=2,
+        ATTEND=attend, BLOCKS_PER_ITER=blocks_per_iter, num_warps=4, num_stages=2,
     )

@@ -340,3 +340,39 @@ def test_selection_and_attention_in_one_launch_equal_two_launches(device):
     (o2, i2, c2), (o1, i1, c1) = outs
     assert torch.equal(i2, i1) and torch.equal(c2, c1)
     assert rel_err(o1, o2) < max(KERNEL_FP32_TOL, 1e-6)
+
+
+@pytest.mark.parametrize("bpi", [2, 4], ids=lambda b: f"bpi{b}")
+def test_several_blocks_per_iteration_match_the_oracle(bpi, device):
+    """blocks_per_iter > 1: each attention program loads that many key blocks as one tile (a pair/quad may
+    straddle the end of a split, of the prompt table and of the sequence) and still equals the oracle."""
+    torch.manual_seed(10)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    s, hq, d = q.shape
+    hkv = kc.shape[2]
+    table = PromptTable(4, hkv, 8, device)
+    table.put(2, torch.tensor([[0, 1, 2], [1, -1, -1]], dtype=torch.int32, device=device),
+              torch.tensor([3, 1], dtype=torch.int32, device=device))
+    modes = torch.tensor([MODE_ALL, MODE_PROMPT, MODE_ALL, MODE_SKIP, MODE_PROMPT, MODE_ALL], dtype=torch.int32,
+                         device=device)
+    slots = torch.tensor([0, 2, 0, 0, 2, 0], dtype=torch.int32, device=device)
+    pblocks = torch.tensor([0, 3, 0, 0, 4, 0], dtype=torch.int32, device=device)
+    idx = torch.zeros(s, hkv, 8, dtype=torch.int32, device=device)
+    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
+    routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, idx, cnt)
+    ri, rc = routed_indices(routes, sl, 64)
+    ref, _ = paged_decode_ref(q.double(), kc.double(), vc.double(), bt, sl, ri, rc, 64, 1 / math.sqrt(d))
+    live = modes != MODE_SKIP
+    for splits, min_per in ((1, 1), (3, 1), (2, 3)):
+        out = torch.zeros_like(q)
+        routed_decode(q, kc, vc, bt, sl, routes, 64, 1 / math.sqrt(d), out, splits, impl="triton",
+                      min_blocks_per_split=min_per, blocks_per_iter=bpi)
+        assert rel_err(out[live], ref[live]) < max(KERNEL_FP32_TOL, 1e-5), (splits, min_per)
+    # explicit indices (the plain kernel's path) too
+    out = torch.zeros_like(q)
+    routed_decode(q, kc, vc, bt, sl, DecodeRoutes(torch.full_like(modes, MODE_BOUNDS), slots, table.idx, table.cnt,
+                                                  pblocks, ri, rc), 64, 1 / math.sqrt(d), out, 2, impl="triton",
+                  blocks_per_iter=bpi)
+    assert rel_err(out[live], ref[live]) < max(KERNEL_FP32_TOL, 1e-5)
+    with pytest.raises(ValueError, match="blocks_per_iter"):
+        routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.zeros_like(q), 2, impl="triton", blocks_per_iter=3)
