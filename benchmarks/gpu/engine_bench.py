@@ -29,6 +29,45 @@ LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_s
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
+class PhaseTimer:
+    """CUDA-event timing of CAB's prefill phases inside the engine (the engine runs in this process): gathering a
+    chunk's keys from the paged cache (attention.gather_paged_ref), its block selection
+    (attention.prefill_selection: estimate + select) and its sparse attention (attention.run_prefill), by wrapping
+    those module functions. Decode steps replay CUDA graphs: not timed."""
+
+    def __init__(self) -> None:
+        import torch
+        from cab_vllm.backend import attention
+
+        self.events: list = []
+        for name in ("gather_paged_ref", "prefill_selection", "run_prefill"):
+            fn = getattr(attention, name)
+
+            def timed(*args, _fn=fn, _name=name, **kw):
+                if torch.cuda.is_current_stream_capturing():
+                    return _fn(*args, **kw)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = _fn(*args, **kw)
+                end.record()
+                self.events.append((_name, start, end))
+                return out
+
+            setattr(attention, name, timed)
+
+    def reset(self) -> None:
+        self.events.clear()
+
+    def totals(self) -> dict:
+        import torch
+
+        torch.cuda.synchronize()
+        out: dict = {}
+        for name, start, end in self.events:
+            out[name] = out.get(name, 0.0) + start.elapsed_time(end) / 1e3
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", required=True, choices=["FLASH_ATTN", "CUSTOM"])
@@ -58,6 +97,7 @@ def main() -> None:
     mem0 = torch.cuda.memory_allocated() if a.tp == 1 else 0
     torch.cuda.reset_peak_memory_stats()
     rows = []
+    phases = PhaseTimer() if a.backend == "CUSTOM" else None
 
     def gen(ids, n_out):
         sp = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True, detokenize=False)
@@ -72,6 +112,8 @@ def main() -> None:
     for n in lens:
         ids = [random.Random(n + r).randrange(100, 40000) for r in range(n)]
         gen(ids, 2)  # warm: kernels specialised for this length
+        if phases is not None:
+            phases.reset()
         ttft, tot = [], []
         for _ in range(a.reps):
             ttft.append(gen(ids, 1)[0])
@@ -81,6 +123,8 @@ def main() -> None:
         row = dict(backend=a.backend, sparsity=a.sparsity, n=n, ttft_s=round(ttft_s, 4), tpot_ms=round(tpot, 3),
                    ttft_runs=[round(x, 4) for x in ttft], reps=a.reps, decode_tokens=a.decode_tokens, layers=a.layers,
                    tp=a.tp, eager=a.eager)
+        if phases is not None:  # CAB's prefill phases, GPU time summed over layers and chunks, per prompt
+            row["per_prompt_s"] = {k: round(v / (2 * a.reps), 4) for k, v in phases.totals().items()}
         rows.append(row)
         print("RES", json.dumps(row), flush=True)
     peak = torch.cuda.max_memory_allocated() if a.tp == 1 else 0
