@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, after install.sh: the engine comparison, one engine per process, printed as a table.
 #   bash benchmarks/gpu/run.sh OUTDIR "FLASH_ATTN: CUSTOM:0.95 CUSTOM:0.99" [LENS]
+#   TP=2 bash benchmarks/gpu/run.sh ...     tensor parallel over 2 GPUs (one host)
 set -uo pipefail
 out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
 mkdir -p "$out"
@@ -8,6 +9,7 @@ for r in $runs; do
   be=${r%%:*}; sp=${r#*:}
   args=(--backend "$be" --lens "$lens" --out "$out/engine_${be}_${sp:-dense}.jsonl")
   [ -n "$sp" ] && args+=(--sparsity "$sp")
+  [ -n "${TP:-}" ] && args+=(--tp "$TP")
   python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_${be}_${sp:-dense}.txt" 2>&1 || { echo "FAILED $r"; tail -40 "$out/log_${be}_${sp:-dense}.txt"; }
 done
 python3 - "$out" <<'PY'
