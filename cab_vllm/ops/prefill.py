@@ -24,7 +24,10 @@ if HAS_TRITON:
 
     # the selection's strides follow its per-chunk width K: left unspecialized so K's value (1, a multiple of 16 or
     # not) does not decide which compile a chunk needs
-    @triton.jit(do_not_specialize=["stride_ti_t", "stride_ti_h"])
+    # stride_bt unspecialized too: the engine's block table is [max_num_seqs, cdiv(max_model_len, page)] (its row
+    # stride often a multiple of 16) while the warm-up's is as wide as its own prompt (129 pages): the likely reason
+    # vLLM's JIT monitor saw this kernel compile on the first long request of every H200 engine run.
+    @triton.jit(do_not_specialize=["stride_ti_t", "stride_ti_h", "stride_bt"])
     def _sparse_prefill_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr,
         bt_ptr, qsl_ptr, seqlen_ptr,

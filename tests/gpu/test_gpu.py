@@ -188,3 +188,35 @@ def test_decode_selection_matches_twin():
     fin = torch.isfinite(a2)
     assert torch.equal(fin, torch.isfinite(a1))
     assert (a1 - a2)[fin].abs().max() < 1e-3
+
+
+def test_prefill_kernel_compiles_once_for_any_block_table_width():
+    """The engine's block table is as wide as max_model_len allows (a row stride that is often a multiple of 16),
+    the warm-up's as wide as its prompt: the sparse prefill kernel must not compile again for the other width."""
+    from cab_vllm.ops.prefill import _sparse_prefill_kernel
+
+    caches = getattr(_sparse_prefill_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps no per-device kernel cache to count")
+    hq, hkv, d, bs, page = 8, 2, 128, 64, 16
+    n = 1000
+    key_cache = torch.randn(1 + 2 * 8224, page, hkv, d, device=DEV, dtype=torch.bfloat16)
+    value_cache = torch.randn_like(key_cache)
+    q = torch.randn(n, hq, d, device=DEV, dtype=torch.bfloat16)
+    qsl = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    seq_lens = torch.tensor([n], dtype=torch.int32, device=DEV)
+    m = -(-n // bs)
+    idx = torch.arange(m, dtype=torch.int32, device=DEV).expand(m, hkv, m).contiguous()
+    cnt = (torch.arange(m, dtype=torch.int32, device=DEV) + 1)[:, None].expand(m, hkv).contiguous()
+    tiles = PrefillTiles(torch.zeros(m, dtype=torch.int32, device=DEV), torch.arange(m, dtype=torch.int32, device=DEV),
+                         idx, cnt)
+    outs = []
+    sizes = []
+    for width in (129, 8224):  # the warm-up's table and a 131584-token engine's
+        bt = torch.zeros(1, width, dtype=torch.int32, device=DEV)
+        bt[0, : -(-n // page)] = torch.arange(1, 1 + -(-n // page), dtype=torch.int32, device=DEV)
+        outs.append(paged_sparse_prefill(q, key_cache, value_cache, bt, qsl, seq_lens, tiles, bs))
+        torch.cuda.synchronize()
+        sizes.append(sum(len(c[0]) for c in caches.values()))
+    assert torch.equal(outs[0], outs[1])
+    assert sizes[1] == sizes[0], f"compiled again for the wider block table ({sizes})"
