@@ -131,6 +131,12 @@ def _replaced(base: CABConfig, sparsity: float | None, policy: str | None) -> CA
     return base.replace(**changes) if changes else base
 
 
+@functools.lru_cache(maxsize=256)
+def _as_dense(cfg: CABConfig) -> CABConfig:
+    """cfg with policy 'dense' (cached: a step's dense rows would otherwise build and validate one per row)."""
+    return cfg.replace(policy="dense")
+
+
 def request_config(base: CABConfig, extra_args: Mapping[str, object] | None) -> CABConfig:
     """The CABConfig of one request: ``base`` with its cab_sparsity / cab_policy (validated) applied."""
     validate_request_args(extra_args)
@@ -198,7 +204,7 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
             dense.append(True)
             continue
         d = sl[r] < dense_threshold or cfgs[r].policy == "dense" or cfgs[r].sparsity == 0.0
-        out_cfgs.append(cfgs[r].replace(policy="dense") if d and cfgs[r].policy != "dense" else cfgs[r])
+        out_cfgs.append(_as_dense(cfgs[r]) if d and cfgs[r].policy != "dense" else cfgs[r])
         dense.append(d)
         (dec if q_len == 1 else pre).append(r)
         if count:
