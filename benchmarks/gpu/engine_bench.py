@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--lens", default="512,4096,32768,131072")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, help="prompts of each length sent together (TTFT: the whole "
+                    "batch's first tokens; TPOT: per step of the batch)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -99,10 +101,13 @@ def main() -> None:
     rows = []
     phases = PhaseTimer() if a.backend == "CUSTOM" else None
 
-    def gen(ids, n_out):
+    def gen(ids, n_out, batch=1):
         sp = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True, detokenize=False)
+        # a batch: the same length, different ids (no prefix shared; prefix caching is off anyway)
+        prompts = [{"prompt_token_ids": ids if b == 0 else [(x + 7 * b) % 40000 + 100 for x in ids]}
+                   for b in range(batch)]
         t = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)
+        out = llm.generate(prompts, sp, use_tqdm=False)
         return time.perf_counter() - t, list(out[0].outputs[0].token_ids)
 
     rng = random.Random(0)
@@ -111,20 +116,20 @@ def main() -> None:
     t_second, _ = gen(probe, 24)
     for n in lens:
         ids = [random.Random(n + r).randrange(100, 40000) for r in range(n)]
-        gen(ids, 2)  # warm: kernels specialised for this length
+        gen(ids, 2, a.batch)  # warm: kernels specialised for this length
         if phases is not None:
             phases.reset()
         ttft, tot = [], []
         for _ in range(a.reps):
-            ttft.append(gen(ids, 1)[0])
-            tot.append(gen(ids, 1 + a.decode_tokens)[0])
+            ttft.append(gen(ids, 1, a.batch)[0])
+            tot.append(gen(ids, 1 + a.decode_tokens, a.batch)[0])
         ttft_s = statistics.median(ttft)
         tpot = statistics.median([(t - f) / a.decode_tokens * 1e3 for t, f in zip(tot, ttft)])
         row = dict(backend=a.backend, sparsity=a.sparsity, n=n, ttft_s=round(ttft_s, 4), tpot_ms=round(tpot, 3),
-                   ttft_runs=[round(x, 4) for x in ttft], reps=a.reps, decode_tokens=a.decode_tokens, layers=a.layers,
+                   ttft_runs=[round(x, 4) for x in ttft], reps=a.reps, batch=a.batch, decode_tokens=a.decode_tokens, layers=a.layers,
                    tp=a.tp, eager=a.eager)
         if phases is not None:  # CAB's prefill phases, GPU time summed over layers and chunks, per prompt
-            row["per_prompt_s"] = {k: round(v / (2 * a.reps), 4) for k, v in phases.totals().items()}
+            row["per_prompt_s"] = {k: round(v / (2 * a.reps * a.batch), 4) for k, v in phases.totals().items()}
         rows.append(row)
         print("RES", json.dumps(row), flush=True)
     peak = torch.cuda.max_memory_allocated() if a.tp == 1 else 0

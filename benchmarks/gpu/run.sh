@@ -2,15 +2,19 @@
 # On the GPU machine, after install.sh: the engine comparison, one engine per process, printed as a table.
 #   bash benchmarks/gpu/run.sh OUTDIR "FLASH_ATTN: CUSTOM:0.95 CUSTOM:0.99" [LENS]
 #   TP=2 bash benchmarks/gpu/run.sh ...     tensor parallel over 2 GPUs (one host)
+#   BATCH=8 bash benchmarks/gpu/run.sh ...  8 prompts of each length at once (8 x 128k of the 8B geometry's
+#                                           bf16 KV is 137 GB: more than one H200 holds beside the weights)
 set -uo pipefail
 out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
 mkdir -p "$out"
 for r in $runs; do
   be=${r%%:*}; sp=${r#*:}
-  args=(--backend "$be" --lens "$lens" --out "$out/engine_${be}_${sp:-dense}.jsonl")
+  tag=${be}_${sp:-dense}${BATCH:+_b$BATCH}${TP:+_tp$TP}
+  args=(--backend "$be" --lens "$lens" --out "$out/engine_$tag.jsonl")
   [ -n "$sp" ] && args+=(--sparsity "$sp")
   [ -n "${TP:-}" ] && args+=(--tp "$TP")
-  python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_${be}_${sp:-dense}.txt" 2>&1 || { echo "FAILED $r"; tail -40 "$out/log_${be}_${sp:-dense}.txt"; }
+  [ -n "${BATCH:-}" ] && args+=(--batch "$BATCH")
+  python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }
 done
 python3 - "$out" <<'PY'
 import json, glob, sys
@@ -21,7 +25,7 @@ for f in sorted(glob.glob(sys.argv[1] + "/engine_*.jsonl")):
 for r in rows:
     if "n" in r:
         ph = "  ".join(f"{k} {v:.3f} s" for k, v in r.get("per_prompt_s", {}).items())
-        print(f"{r['backend']:10} sp={r['sparsity']} n={r['n']:>6}  TTFT {r['ttft_s']:.3f} s  TPOT {r['tpot_ms']:.2f} ms  {ph}")
+        print(f"{r['backend']:10} sp={r['sparsity']} b={r.get('batch', 1)} n={r['n']:>6}  TTFT {r['ttft_s']:.3f} s  TPOT {r['tpot_ms']:.2f} ms  {ph}")
     else:
         print(f"{r['backend']:10} sp={r['sparsity']} init {r['init_s']} s first {r['first_request_s']} s second {r['second_request_s']} s mem {r['mem_after_init_gib']} peak {r['peak_during_runs_gib']} GiB out {r['probe_out'][:8]}")
 PY
