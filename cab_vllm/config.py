@@ -187,6 +187,8 @@ def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: floa
                          f"(got {tuple(fixed.shape)})")
     lead, h, r = mass.shape[:-3], mass.shape[-3], mass.shape[-2]
     dev = mass.device
+    if mass.numel() == 0:
+        return fixed.to(dev, torch.int64).expand(*mass.shape[:-1]).clone()
     w = torch.nan_to_num(mass.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0).masked_fill(~allowed, 0.0)
     w = torch.where(w.sum(-1, keepdim=True) > 0, w, allowed.float())
     p = w / w.sum(-1, keepdim=True).clamp(min=1e-30)

@@ -267,3 +267,13 @@ def test_adaptive_keep_counts_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="adaptive_keep_counts"):
         adaptive_keep_counts(torch.rand(2, m, m), causal_block_mask(m), forced, torch.ones(m - 1, dtype=torch.long),
                              0.9, 0.25, 4.0)
+
+
+def test_adaptive_keep_counts_empty_rows_and_heads():
+    m = 4
+    allowed, forced = causal_block_mask(m), forced_mask(m, 1, 1)
+    fixed = CABConfig(sparsity=0.5).keep_counts(m)
+    assert adaptive_keep_counts(torch.rand(1, 0, m, m), allowed, forced, fixed, 0.9, 0.25, 4.0).shape == (1, 0, m)
+    empty = torch.zeros(0, m, dtype=torch.bool)
+    got = adaptive_keep_counts(torch.rand(1, 2, 0, m), empty, empty, fixed[:0], 0.9, 0.25, 4.0)
+    assert got.shape == (1, 2, 0) and got.dtype == torch.int64
