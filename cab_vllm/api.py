@@ -22,7 +22,8 @@ class Selection:
 
     indices [B, Hkv, M, K] int32: absolute key-block ids, ascending, -1 past counts (Hsel = Hkv: the query
         heads of a GQA group share their KV head's selection).
-    counts  [B, Hkv, M] int32: valid entries per row; exactly CABConfig.keep_counts(M).
+    counts  [B, Hkv, M] int32: valid entries per row; exactly CABConfig.keep_counts(M) with the fixed budget;
+        with budget="adaptive" per (sequence, KV head) row, summing to the fixed total per sequence.
     block_size, seq_len: the geometry the selection was made for (M = ceil(seq_len / block_size)).
     """
 

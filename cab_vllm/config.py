@@ -9,6 +9,8 @@ from dataclasses import dataclass
 POLICIES = ("cab", "curvature", "magnitude", "h2o", "streaming", "random", "dense")
 ESTIMATORS = ("max_l2", "mean", "topr", "bounds", "sampled")
 DECODE_RULES = ("auto", "bounds", "prompt")
+BUDGETS = ("fixed", "adaptive")
+ADAPTIVE_POLICIES = ("cab", "magnitude", "h2o", "curvature")  # budget="adaptive" applies to these (the others: fixed)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,14 @@ class CABConfig:
                       "prompt" (SnapKV-style: the blocks the prompt's last query block kept, plus every block
                       after the prompt) or "auto" (the measured best: "prompt" for cab, h2o and curvature,
                       "bounds" for magnitude; experiments/RESULTS.md). streaming/random/dense keep their own.
+    budget            "fixed" (every KV head and query block keeps the count above) or "adaptive" (top-p:
+                      per (KV head, query block) the fewest highest-mass blocks reaching ``top_p`` of the
+                      estimated attention mass, clamped to [budget_floor, budget_cap] x the fixed count, then
+                      rescaled so each sequence keeps the fixed rule's total: ``sparsity`` stays the average).
+                      Prefill selection of cab, magnitude, h2o and curvature only; see adaptive_keep_counts.
+    top_p             adaptive budget: estimated attention mass a row's kept blocks must reach, in (0, 1].
+    budget_floor      adaptive budget: a row keeps at least ceil(budget_floor x its fixed count), in [0, 1].
+    budget_cap        adaptive budget: a row keeps at most floor(budget_cap x its fixed count), >= 1.
     """
 
     block_size: int = 64
@@ -51,6 +61,10 @@ class CABConfig:
     h2o_recent_share: float = 0.5
     seed: int = 0
     decode_rule: str = "auto"
+    budget: str = "fixed"
+    top_p: float = 0.95
+    budget_floor: float = 0.25
+    budget_cap: float = 4.0
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:
@@ -88,6 +102,14 @@ class CABConfig:
             raise bad("seed", "an integer")
         if self.decode_rule not in DECODE_RULES:
             raise bad("decode_rule", f"one of {', '.join(DECODE_RULES)}")
+        if self.budget not in BUDGETS:
+            raise bad("budget", f"one of {', '.join(BUDGETS)}")
+        if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "a number in (0, 1]")
+        if not is_real(self.budget_floor) or not 0.0 <= self.budget_floor <= 1.0:
+            raise bad("budget_floor", "a number in [0, 1] (a fraction of the fixed rule's count)")
+        if not is_real(self.budget_cap) or self.budget_cap < 1.0:
+            raise bad("budget_cap", "a finite number >= 1 (a multiple of the fixed rule's count)")
 
     @property
     def decodes_from_prompt(self) -> bool:
@@ -108,6 +130,12 @@ class CABConfig:
         if self.decodes_from_prompt:
             return "prompt"
         return {"streaming": "recent", "random": "random"}.get(self.policy, "bounds")
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether prefill selection uses the adaptive (top-p) budget: budget="adaptive" and a policy that
+        ranks blocks by estimated attention (ADAPTIVE_POLICIES); streaming/random/dense keep the fixed rule."""
+        return self.budget == "adaptive" and self.policy in ADAPTIVE_POLICIES
 
     def replace(self, **changes: object) -> "CABConfig":
         """A copy with ``changes`` applied (validated again)."""
@@ -130,3 +158,71 @@ def keep_counts(sparsity: float, forced: int, num_q_blocks: int, device=None):
     m1 = torch.arange(1, num_q_blocks + 1, device=device, dtype=torch.float64)
     want = torch.ceil((1.0 - sparsity) * m1 - 1e-9)
     return torch.minimum(m1, torch.maximum(torch.clamp(m1, max=float(forced)), want)).to(torch.int64)
+
+
+def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: float, cap: float):
+    """The adaptive (top-p) budget rule, the one place it is written (CABConfig.budget="adaptive").
+
+    mass [..., H, R, Mk] float >= 0: estimated attention mass of every (KV head, query block) row over the key
+    blocks (any positive scale: each row is normalised over its allowed blocks; an all-zero row counts as
+    uniform); allowed [R, Mk] bool (causal), forced [R, Mk] bool (sink/local, within allowed); fixed [R] int64:
+    the fixed rule's counts of these rows (CABConfig.keep_counts). Returns int64 [..., H, R]:
+
+      1. need  = the fewest blocks, forced ones first then by mass, whose mass reaches top_p;
+      2. bounds: lo = max(forced count, ceil(floor * fixed)), hi = min(allowed count, floor(cap * fixed));
+      3. counts = clamp(lam * need, lo, hi) with one multiplier lam per leading index (per sequence) found by
+         bisection so that the counts sum to H * fixed.sum(), the fixed rule's total; rounded down, then the
+         rows with the largest remainders get one block more until the total is met exactly.
+
+    So every sequence keeps exactly the fixed rule's number of blocks (the sparsity knob is the average) and
+    only their split over heads and query blocks adapts. lo <= fixed <= hi always, so the total is feasible.
+    Runs on the device of ``mass`` without a host sync.
+    """
+    import torch
+
+    if mass.dim() < 3 or tuple(mass.shape[-2:]) != tuple(allowed.shape) or allowed.shape != forced.shape \
+            or tuple(fixed.shape) != (mass.shape[-2],):
+        raise ValueError(f"adaptive_keep_counts: mass {tuple(mass.shape)} must be [..., H, R, Mk] with allowed and "
+                         f"forced [R, Mk] (got {tuple(allowed.shape)}, {tuple(forced.shape)}) and fixed [R] "
+                         f"(got {tuple(fixed.shape)})")
+    lead, h, r = mass.shape[:-3], mass.shape[-3], mass.shape[-2]
+    dev = mass.device
+    if mass.numel() == 0:
+        return fixed.to(dev, torch.int64).expand(*mass.shape[:-1]).clone()
+    w = torch.nan_to_num(mass.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0).masked_fill(~allowed, 0.0)
+    w = torch.where(w.sum(-1, keepdim=True) > 0, w, allowed.float())
+    p = w / w.sum(-1, keepdim=True).clamp(min=1e-30)
+    # forced blocks first (the selection keeps them anyway), then by mass; disallowed blocks last (mass 0)
+    order = p.masked_fill(forced, 2.0).masked_fill(~allowed, -1.0).argsort(dim=-1, descending=True, stable=True)
+    cum = p.gather(-1, order).cumsum(-1)
+    n_allowed = allowed.sum(-1)  # [R]
+    n_forced = forced.sum(-1)
+    need = (cum < top_p - 1e-6).sum(-1) + 1
+    need = torch.maximum(torch.minimum(need, n_allowed), n_forced).clamp(min=1)
+
+    fx = fixed.to(dev, torch.float64)
+    lo = torch.maximum(n_forced.double(), torch.ceil(fx * floor - 1e-9))  # [R]
+    hi = torch.minimum(n_allowed.double(), torch.floor(fx * cap + 1e-9))
+    c = need.double().reshape(*lead, h * r)
+    lo, hi = lo.repeat(h), hi.repeat(h)  # [H * R], row-major like c
+    total = float(h) * fx.sum()
+
+    lam_lo = torch.zeros(lead, dtype=torch.float64, device=dev)
+    lam_hi = (hi / c).amax(-1)  # clamp(lam_hi * c) = hi everywhere: the sum is >= total
+    for _ in range(60):
+        mid = (lam_lo + lam_hi) / 2
+        ok = torch.minimum(torch.maximum(mid[..., None] * c, lo), hi).sum(-1) >= total
+        lam_lo, lam_hi = torch.where(ok, lam_lo, mid), torch.where(ok, mid, lam_hi)
+    x = torch.minimum(torch.maximum(lam_hi[..., None] * c, lo), hi)
+    n = torch.floor(x + 1e-9).clamp(min=lo, max=hi)
+    short = total - n.sum(-1, keepdim=True)  # > 0: blocks to add; < 0 (float slack): blocks to take away
+    frac = x - n
+    add = torch.where(n < hi, frac, float("-inf"))
+    sub = torch.where(n > lo, -frac, float("-inf"))
+    key = torch.where(short > 0, add, sub)
+    rank = torch.empty_like(c, dtype=torch.int64).scatter_(
+        -1, key.argsort(dim=-1, descending=True, stable=True),
+        torch.arange(h * r, device=dev).expand_as(c).contiguous())
+    move = (rank < short.abs()) & (key > float("-inf"))
+    n = n + torch.sign(short) * move
+    return n.to(torch.int64).reshape(*lead, h, r)

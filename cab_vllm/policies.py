@@ -1,4 +1,6 @@
-"""Block-selection policies, side by side, all at the same budget (CABConfig.keep_counts).
+"""Block-selection policies, side by side, all at the same budget (CABConfig.keep_counts; with
+CABConfig.budget="adaptive", cab/magnitude/h2o/curvature split the same total over KV heads and query blocks by
+estimated attention mass: config.adaptive_keep_counts).
 
 Every policy keeps the sink and local blocks, then fills the rest of each query block's budget by its own
 rule. Selections are per KV head (Hsel = Hkv): the G query heads of a group share one selection, so a
@@ -29,7 +31,7 @@ import functools
 
 import torch
 
-from cab_vllm.config import CABConfig
+from cab_vllm.config import CABConfig, adaptive_keep_counts
 from cab_vllm.ops.coarsen import estimate_grouped, group_reduce, sampled_block_attention
 from cab_vllm.ops.curvature import curvature
 from cab_vllm.ops.reference import causal_block_mask, num_blocks
@@ -52,7 +54,10 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
 
     Row r is query block q_block_offset + r; q_block_offset = 0 with Mq = M is the full square, any other
     row subset needs a rows_only policy (ValueError otherwise) and gives the rows q_block_offset ..
-    q_block_offset + Mq - 1 of the square's selection.
+    q_block_offset + Mq - 1 of the square's selection (with the fixed budget; the adaptive one matches the
+    fixed total over the rows it is given, so a row subset may split its budget differently).
+    Counts: CABConfig.keep_counts per query block (budget="fixed"), or with cfg.adaptive per (sequence, KV
+    head, query block) from config.adaptive_keep_counts on a_max, each sequence keeping the fixed total.
     Returns (indices [B, Hkv, Mq, K] int32 ascending -1 padded, counts [B, Hkv, Mq] int32).
     """
     mq, m, dev = a_max.shape[-2], a_max.shape[-1], a_max.device
@@ -66,6 +71,8 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     policy = cfg.policy
     keep = (cfg.replace(sparsity=0.0) if policy == "dense" else cfg).keep_counts(first + mq, dev)[first:]
     forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, dev, first, mq)
+    if cfg.adaptive:  # per (KV head, query block) counts [B, Hkv, Mq] from the estimated mass, same total
+        keep = adaptive_keep_counts(a_max, allowed, forced, keep, cfg.top_p, cfg.budget_floor, cfg.budget_cap)
     fx = forced.expand_as(a_max)
     if policy == "dense":
         return select_topk(torch.where(allowed, 0.0, float("-inf")).expand_as(a_max), keep)
@@ -85,7 +92,7 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
         n_recent = torch.round(_free_counts(keep, forced) * cfg.h2o_recent_share).long()
         i = torch.arange(m, device=dev)
         # the n_recent blocks just left of the local window
-        lo = (i - cfg.local_blocks + 1 - n_recent)[:, None]
+        lo = (i - cfg.local_blocks + 1 - n_recent)[..., None]
         recent = (i[None, :] >= lo) & allowed
         return select_tiered([fx, recent.expand_as(a_max), acc], keep, allowed)
     if policy == "cab":

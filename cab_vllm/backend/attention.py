@@ -55,7 +55,9 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor, cfg: CABConfig, 
     (cached prefix + new). Returns (indices [R, Hkv, K] int32 ascending -1 padded, counts [R, Hkv] int32,
     first query block) for the R = last - first + 1 query blocks from (N - nq) // bs to (N - 1) // bs.
     Row-local policies (policies.rows_only) estimate and select those R rows only; the others compute the
-    full [M, M] square and keep its rows first..last (see the module docstring). The selection is the same.
+    full [M, M] square and keep its rows first..last (see the module docstring). The selection is the same
+    with the fixed budget; an adaptive one (CABConfig.budget) keeps the fixed total over the rows it selects,
+    so the chunk's rows of a rows_only policy keep exactly their fixed total, split by estimated mass.
     """
     hq, nq, d = q_new.shape
     hkv, n = k_all.shape[0], k_all.shape[1]

@@ -5,7 +5,8 @@ Inputs are vLLM's per-batch tensors (CommonAttentionMetadata): query_start_loc [
 block_table [S, max_pages], slot_mapping [T] (slot = page * page_size + offset, -1 = padding).
 
   EngineSettings     engine-wide defaults from CAB_* environment variables, validated through CABConfig.
-  request_config     one request's CABConfig from its SamplingParams.extra_args ({"cab_sparsity", "cab_policy"}).
+  request_config     one request's CABConfig from its SamplingParams.extra_args ({"cab_sparsity", "cab_policy",
+                     "cab_budget"}).
   plan_batch         host-side split of a batch into decode rows (1 query token) and prefill rows (>1), and the
                      dense/sparse decision per row (seq_len < dense_threshold -> dense).
   route_rows         per decode row, where its key blocks come from (MODE_*), its prompt-table slot and budget;
@@ -25,7 +26,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from cab_vllm.config import POLICIES, CABConfig
+from cab_vllm.config import BUDGETS, POLICIES, CABConfig
 
 # Per-process counters (requests/rows per step, not per layer): proof the backend ran and how often it went dense.
 METRICS: Counter = Counter()
@@ -41,13 +42,17 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_EXACT_ROWS": ("exact_rows", int),
     "CAB_CURVATURE_SHARE": ("curvature_share", float),
     "CAB_DECODE_RULE": ("decode_rule", str),
+    "CAB_BUDGET": ("budget", str),
+    "CAB_TOP_P": ("top_p", float),
+    "CAB_BUDGET_FLOOR": ("budget_floor", float),
+    "CAB_BUDGET_CAP": ("budget_cap", float),
 }
 
 
 IMPLS = ("auto", "torch", "triton")
 
 
-REQUEST_KEYS = ("cab_sparsity", "cab_policy")
+REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,8 @@ class EngineSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
-        CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_DENSE_THRESHOLD, CAB_IMPL); unset ones keep
-        the defaults. A bad value raises ValueError naming the variable."""
+        CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
+        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_DENSE_THRESHOLD, CAB_IMPL); unset ones keep the defaults. A bad value raises ValueError naming the variable."""
         env = os.environ if environ is None else environ
         changes: dict[str, object] = {}
         for var, (field, parse) in ENV_FIELDS.items():
@@ -119,15 +124,20 @@ def validate_request_args(extra_args: Mapping[str, object] | None) -> None:
     pol = extra_args.get("cab_policy")
     if pol is not None and (not isinstance(pol, str) or pol not in POLICIES):
         raise ValueError(f"cab_policy={pol!r} is invalid: expected one of {', '.join(POLICIES)}")
+    bud = extra_args.get("cab_budget")
+    if bud is not None and (not isinstance(bud, str) or bud not in BUDGETS):
+        raise ValueError(f"cab_budget={bud!r} is invalid: expected one of {', '.join(BUDGETS)}")
 
 
 @functools.lru_cache(maxsize=256)
-def _replaced(base: CABConfig, sparsity: float | None, policy: str | None) -> CABConfig:
+def _replaced(base: CABConfig, sparsity: float | None, policy: str | None, budget: str | None = None) -> CABConfig:
     changes: dict[str, object] = {}
     if sparsity is not None:
         changes["sparsity"] = float(sparsity)
     if policy is not None:
         changes["policy"] = policy
+    if budget is not None:
+        changes["budget"] = budget
     return base.replace(**changes) if changes else base
 
 
@@ -138,12 +148,14 @@ def _as_dense(cfg: CABConfig) -> CABConfig:
 
 
 def request_config(base: CABConfig, extra_args: Mapping[str, object] | None) -> CABConfig:
-    """The CABConfig of one request: ``base`` with its cab_sparsity / cab_policy (validated) applied."""
+    """The CABConfig of one request: ``base`` with its cab_sparsity / cab_policy / cab_budget (validated)
+    applied."""
     validate_request_args(extra_args)
     if not extra_args:
         return base
     sp = extra_args.get("cab_sparsity")
-    return _replaced(base, None if sp is None else _sparsity_value(sp), extra_args.get("cab_policy"))
+    return _replaced(base, None if sp is None else _sparsity_value(sp), extra_args.get("cab_policy"),
+                     extra_args.get("cab_budget"))
 
 
 @dataclass

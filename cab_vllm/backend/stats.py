@@ -2,7 +2,9 @@
 prometheus_client.
 
   STATS.record_plan(plan, cfgs, block_size)   once per step, from the metadata builder: key blocks kept vs
-                  causal (the achieved sparsity, from CABConfig.keep_counts on the host: no device sync), rows and
+                  causal (the achieved sparsity, from CABConfig.keep_counts on the host: no device sync; an
+                  adaptive budget keeps the same total per prefill selection, exact for row-local policies; a
+                  chunk of curvature/h2o, or a prompt-rule decode step, can differ by a few blocks), rows and
                   query tokens per requested sparsity / policy / mode, and the rows that ran dense and why.
   STATS.timed(phase, device)                   around block selection in the forward (the predictor): host
                   wall time on the CPU; on CUDA a pair of CUDA events, read lazily at the next step (never a

@@ -32,19 +32,22 @@ def forced_mask(m: int, sink_blocks: int, local_blocks: int, device=None, first:
 
 
 def select_topk(priority: torch.Tensor, keep: torch.Tensor, kmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the ``keep[i]`` highest-priority key blocks of every row i.
+    """Keep the ``keep[..., i]`` highest-priority key blocks of every row i.
 
-    priority [..., M, Mk] float (higher first; -inf = never), keep [M] int64 with keep[i] <= number of
-    finite-or-+inf entries of row i. Returns (indices [..., M, K] int32 ascending, padded with -1,
-    counts [..., M] int32), K = kmax (default max(keep), which costs a device sync; pass it when known).
+    priority [..., M, Mk] float (higher first; -inf = never); keep int64 [M] (one count per query block, the
+    fixed budget) or [..., M] broadcastable to priority.shape[:-1] (per (KV head, query block) counts, the
+    adaptive budget), each <= the number of finite-or-+inf entries of its row. Returns (indices [..., M, K]
+    int32 ascending, padded with -1, counts [..., M] int32), K = kmax (default max(keep), which costs a device
+    sync; pass it when known).
     """
-    if priority.shape[-2] != keep.shape[0]:
-        raise ValueError(f"keep has {keep.shape[0]} rows, priority {priority.shape[-2]}")
+    if keep.dim() == 0 or keep.dim() >= priority.dim() or keep.shape[-1] != priority.shape[-2]:
+        raise ValueError(f"keep {tuple(keep.shape)} must be [M] or [..., M] with M = {priority.shape[-2]} rows "
+                         f"of priority {tuple(priority.shape)}")
     if kmax is None:
         kmax = int(keep.max()) if keep.numel() else 0
     kmax = max(min(int(kmax), priority.shape[-1]), 1)
     top = priority.topk(kmax, dim=-1, sorted=True).indices
-    live = torch.arange(kmax, device=priority.device) < keep.to(priority.device)[:, None]
+    live = torch.arange(kmax, device=priority.device) < keep.to(priority.device)[..., None]
     big = torch.iinfo(torch.int32).max
     idx = torch.where(live, top.to(torch.int32), big).sort(dim=-1).values
     idx = torch.where(idx == big, PAD, idx)
@@ -56,7 +59,8 @@ def select_tiered(tiers: list[torch.Tensor], keep: torch.Tensor, allowed: torch.
     """Keep every block of the tier masks, then the highest-scoring other blocks up to the budget.
 
     tiers: bool masks [..., M, Mk] whose union must fit the budget (sink/local, a curvature or recency
-    share), followed by one float score [..., M, Mk] ordering the rest; allowed [M, Mk] bool (causal).
+    share), followed by one float score [..., M, Mk] ordering the rest; keep [M] or [..., M] (see select_topk);
+    allowed [M, Mk] bool (causal).
     Same return as select_topk.
     """
     *masks, score = tiers

@@ -264,6 +264,44 @@ def test_settings_decode_rule_from_env():
         EngineSettings.from_env({"CAB_DECODE_RULE": "sometimes"})
 
 
+def test_settings_budget_from_env():
+    cfg = EngineSettings.from_env({}).cfg
+    assert (cfg.budget, cfg.top_p, cfg.budget_floor, cfg.budget_cap) == ("fixed", 0.95, 0.25, 4.0)
+    cfg = EngineSettings.from_env({"CAB_BUDGET": "adaptive", "CAB_TOP_P": "0.9", "CAB_BUDGET_FLOOR": "0.5",
+                                   "CAB_BUDGET_CAP": "2"}).cfg
+    assert (cfg.budget, cfg.top_p, cfg.budget_floor, cfg.budget_cap) == ("adaptive", 0.9, 0.5, 2.0) and cfg.adaptive
+    for var, raw in [("CAB_BUDGET", "topp"), ("CAB_TOP_P", "0"), ("CAB_TOP_P", "high"), ("CAB_BUDGET_FLOOR", "2"),
+                     ("CAB_BUDGET_CAP", "0.5")]:
+        with pytest.raises(ValueError, match=var):
+            EngineSettings.from_env({var: raw})
+
+
+def test_request_config_budget():
+    base = CABConfig(sparsity=0.9)
+    c = request_config(base, {"cab_budget": "adaptive", "cab_sparsity": 0.8})
+    assert (c.budget, c.sparsity, c.top_p) == ("adaptive", 0.8, base.top_p)
+    assert request_config(c, {"cab_budget": "fixed"}).budget == "fixed"
+    for bad in ({"cab_budget": "topp"}, {"cab_budget": 1}, {"cab_budget": True}):
+        with pytest.raises(ValueError, match="cab_budget"):
+            validate_request_args(bad)
+
+
+def test_attention_salt_separates_the_adaptive_budget(monkeypatch):
+    from cab_vllm.backend import attention_salt
+
+    for var in ("CAB_BUDGET", "CAB_TOP_P", "CAB_SPARSITY", "CAB_POLICY"):
+        monkeypatch.delenv(var, raising=False)
+    assert attention_salt({"cab_sparsity": 0.5}) == "cab:0.5:cab"  # the fixed budget's salt is unchanged
+    assert attention_salt({"cab_budget": "adaptive"}) != attention_salt({"cab_budget": "fixed"})
+    # streaming ignores the budget: its KV is the same either way
+    assert attention_salt({"cab_budget": "adaptive", "cab_policy": "streaming"}) == \
+        attention_salt({"cab_policy": "streaming"})
+    monkeypatch.setenv("CAB_BUDGET", "adaptive")
+    a = attention_salt(None)
+    monkeypatch.setenv("CAB_TOP_P", "0.8")
+    assert attention_salt(None) != a
+
+
 @pytest.mark.parametrize("policy, rule", [("cab", "prompt"), ("h2o", "prompt"), ("cab", "auto"), ("h2o", "auto")])
 def test_prompt_decode_rule_reuses_the_prompts_last_block(policy, rule):
     """decode_rule="prompt": after a chunked prefill, every decode step attends to the blocks the prompt's last

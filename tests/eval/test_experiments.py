@@ -265,6 +265,31 @@ def test_phases_sparsify_one_phase_only(smol):
         Variant.parse("cab:phases=never")
 
 
+def test_adaptive_budget_through_the_adapter_keeps_the_fixed_total(smol):
+    """budget="adaptive" in the transformers adapter: each prefill layer keeps the fixed rule's total (split over KV
+    heads and query blocks by estimated mass), decode steps reuse the prompt's adaptive last row, and the model
+    still generates."""
+    from cab_vllm import hf
+
+    model, tok = smol
+    ids = torch.tensor([tok("The grass is green. The sky is blue. " * 60)["input_ids"][:600]])
+    layers, hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    m = math.ceil(600 / 64)
+    kept = {}
+    for budget in ("fixed", "adaptive"):
+        cfg = CABConfig(policy="cab", sparsity=0.8, budget=budget)
+        with torch.no_grad(), hf.using(cfg, impl="torch", phases="prefill") as st:
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+        kept[budget] = st["kept"]
+        assert gen.shape == (1, 602)
+    assert kept["adaptive"] == kept["fixed"] == layers * hkv * int(CABConfig(sparsity=0.8).keep_counts(m).sum())
+    with torch.no_grad(), hf.using(CABConfig(policy="cab", sparsity=0.8, budget="adaptive"), impl="torch") as st:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       pad_token_id=tok.eos_token_id)
+    assert st["decode_calls"] == layers and st["kept"] > kept["adaptive"]
+
+
 def test_prompt_decode_rule_keeps_the_prompt_selection(smol):
     from cab_vllm import hf
 
