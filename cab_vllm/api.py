@@ -10,7 +10,8 @@ import torch
 from cab_vllm.config import CABConfig
 from cab_vllm.ops._triton import check, resolve_impl
 from cab_vllm.ops.prefill import PrefillTiles, dense_sparse_prefill
-from cab_vllm.ops.reference import num_blocks, sparse_attention_ref
+from cab_vllm.ops.blocks import num_blocks
+from cab_vllm.ops.reference import sparse_attention_ref
 from cab_vllm.policies import estimate, select_from_attention
 
 NEEDS_ESTIMATE = ("cab", "curvature", "magnitude", "h2o")

@@ -28,7 +28,7 @@ from cab_vllm.api import select_blocks, sparse_attention
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import pool
 from cab_vllm.ops.decode import paged_sparse_decode
-from cab_vllm.ops.reference import num_blocks
+from cab_vllm.ops.blocks import num_blocks
 from cab_vllm.policies import extend_prompt_selection, select_decode_blocks
 
 ATTN_NAME = "cab"

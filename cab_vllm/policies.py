@@ -34,7 +34,7 @@ import torch
 from cab_vllm.config import CABConfig, adaptive_keep_counts
 from cab_vllm.ops.coarsen import estimate_grouped, group_reduce, sampled_block_attention
 from cab_vllm.ops.curvature import curvature
-from cab_vllm.ops.reference import causal_block_mask, num_blocks
+from cab_vllm.ops.blocks import causal_block_mask, num_blocks
 from cab_vllm.ops.select import decode_priority, forced_mask, is_forced, select_tiered, select_topk
 
 

@@ -63,3 +63,14 @@ def test_packages_and_console_scripts_are_shipped():
         source = (ROOT / Path(*module.split("."))).with_suffix(".py")
         assert source.exists() and f"def {func}(" in source.read_text(), f"{name}: {target} not found"
     assert meta["project"]["scripts"]["cab-exp"] == "cab_experiments.cli:main"
+
+
+def test_backend_runs_ops_not_their_twins():
+    """The vLLM backend reaches the kernels through the ops' public functions (which pick Triton or their PyTorch
+    implementation) and ops.blocks; it never imports the test oracles' module (ops.reference) itself."""
+    bad = []
+    for f in sorted((ROOT / "cab_vllm" / "backend").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("ops.reference"):
+                bad.append(str(f.relative_to(ROOT)))
+    assert not bad, f"backend modules importing ops.reference: {bad}"

@@ -31,7 +31,7 @@ LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_s
 
 class PhaseTimer:
     """CUDA-event timing of CAB's prefill phases inside the engine (the engine runs in this process): gathering a
-    chunk's keys from the paged cache (attention.gather_paged_ref), its block selection
+    chunk's keys from the paged cache (attention.gather_paged), its block selection
     (attention.prefill_selection: estimate + select) and its sparse attention (attention.run_prefill), by wrapping
     those module functions. Decode steps replay CUDA graphs: not timed."""
 
@@ -40,7 +40,7 @@ class PhaseTimer:
         from cab_vllm.backend import attention
 
         self.events: list = []
-        for name in ("gather_paged_ref", "prefill_selection", "run_prefill"):
+        for name in ("gather_paged", "prefill_selection", "run_prefill"):
             fn = getattr(attention, name)
 
             def timed(*args, _fn=fn, _name=name, **kw):

@@ -31,7 +31,7 @@ from cab_vllm.backend.plan import BatchPlan
 from cab_vllm.backend.stats import STATS
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
-from cab_vllm.ops.reference import gather_paged_ref, num_blocks
+from cab_vllm.ops.blocks import gather_paged, num_blocks
 from cab_vllm.policies import estimate, rows_only, select_from_attention
 
 
@@ -186,8 +186,8 @@ def run_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
     qsl, sl = query_start_loc.tolist(), seq_lens.tolist()
     for s, (idx, cnt, first) in enumerate(sels):
         n, q0, q1 = sl[s], qsl[s], qsl[s + 1]
-        k = gather_paged_ref(key_cache, block_table[s], n)
-        v = gather_paged_ref(value_cache, block_table[s], n)
+        k = gather_paged(key_cache, block_table[s], n)
+        v = gather_paged(value_cache, block_table[s], n)
         out[q0:q1] = _tiled_sparse_prefill(q[q0:q1].transpose(0, 1), k, v, idx, cnt, first, n - (q1 - q0),
                                            block_size, scale)
 
@@ -330,7 +330,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                 q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
                 cfg = plan.cfgs[r]
                 k_all = (key_cache.new_empty(hkv, n, 0) if cfg.policy == "dense"
-                         else gather_paged_ref(key_cache, block_table[r], n))
+                         else gather_paged(key_cache, block_table[r], n))
                 sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl))
                 entry = store.get(r)
                 if entry is not None and table is not None:

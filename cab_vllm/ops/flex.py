@@ -15,7 +15,7 @@ import math
 import torch
 
 from cab_vllm.ops._triton import check
-from cab_vllm.ops.reference import num_blocks, selection_to_block_mask
+from cab_vllm.ops.blocks import num_blocks, selection_to_block_mask
 
 KERNEL_BLOCK = 128
 

@@ -1,4 +1,6 @@
-"""Pure-PyTorch twins of every CAB kernel: the oracle the Triton kernels are tested against.
+"""Pure-PyTorch twins of every CAB kernel: the oracle the Triton kernels are tested against, and the PyTorch
+implementation the public ops run with impl="torch" (on a CPU, or where Triton is missing): written for clarity,
+not speed. The CPU backend's prefill attention has its own tiled implementation (backend/attention.py).
 
 Shapes: B batch, Hq query heads, Hkv key/value heads (G = Hq // Hkv query heads share one KV head),
 N tokens, D head dim, bs block size, M = ceil(N / bs) blocks, K selected key blocks per query block.
@@ -13,11 +15,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cab_vllm.ops.blocks import (block_lengths, causal_block_mask, gather_paged, num_blocks,  # noqa: F401
+                                 selection_to_block_mask)
+
 NEG_INF = float("-inf")
-
-
-def num_blocks(n: int, block_size: int) -> int:
-    return (n + block_size - 1) // block_size
 
 
 def _blocked(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,21 +70,6 @@ def topr_ref(x: torch.Tensor, block_size: int, r: int) -> tuple[torch.Tensor, to
 # estimators: row-stochastic estimated block attention A [B, Hq, M, M] (causal, zero above diagonal), or its
 # rows q_block_offset .. M-1 from the queries of those blocks only
 # ----------------------------------------------------------------------------------------------------
-def causal_block_mask(m: int, device=None, first: int = 0, rows: int | None = None) -> torch.Tensor:
-    """[rows, M] bool, True where key block j <= query block i, for the query blocks i = first .. first+rows-1
-    (default: first .. M-1; first = 0 gives the [M, M] square)."""
-    rows = m - first if rows is None else rows
-    i = torch.arange(first, first + rows, device=device)
-    return torch.arange(m, device=device)[None, :] <= i[:, None]
-
-
-def block_lengths(n: int, block_size: int, device=None) -> torch.Tensor:
-    """Valid tokens per block [M] (the last block may be partial)."""
-    m = num_blocks(n, block_size)
-    starts = torch.arange(m, device=device) * block_size
-    return torch.clamp(n - starts, max=block_size)
-
-
 def _gqa_expand(k: torch.Tensor, hq: int) -> torch.Tensor:
     hkv = k.shape[1]
     if hq % hkv:
@@ -193,16 +179,6 @@ def curvature_ref(a: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # sparse attention (dense layout)
 # ----------------------------------------------------------------------------------------------------
-def selection_to_block_mask(indices: torch.Tensor, counts: torch.Tensor, num_k_blocks: int) -> torch.Tensor:
-    """indices [.., M, K] (ascending, padded), counts [.., M] -> bool block mask [.., M, num_k_blocks]."""
-    kk = indices.shape[-1]
-    live = torch.arange(kk, device=indices.device) < counts[..., None]
-    mask = torch.zeros(*indices.shape[:-1], num_k_blocks + 1, dtype=torch.bool, device=indices.device)
-    idx = torch.where(live, indices.long(), num_k_blocks)
-    mask.scatter_(-1, idx, True)
-    return mask[..., :num_k_blocks]
-
-
 def sparse_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -262,14 +238,6 @@ def dense_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 # ----------------------------------------------------------------------------------------------------
 # paged KV cache (vLLM layout: key_cache/value_cache [num_pages, page_size, Hkv, D], any strides)
 # ----------------------------------------------------------------------------------------------------
-def gather_paged_ref(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Contiguous [Hkv, seq_len, D] copy of one sequence's keys or values from a paged cache."""
-    page = cache.shape[1]
-    pos = torch.arange(seq_len, device=cache.device)
-    pages = block_table_row.long()[pos // page]
-    return cache[pages, pos % page].transpose(0, 1)
-
-
 def paged_prefill_ref(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -301,8 +269,8 @@ def paged_prefill_ref(
         r0, r1 = max(mb * block_size, ctx), min((mb + 1) * block_size, seq_len)
         if r1 <= r0:
             continue
-        kx = gather_paged_ref(key_cache, block_table[s], r1)[None]
-        vx = gather_paged_ref(value_cache, block_table[s], r1)[None]
+        kx = gather_paged(key_cache, block_table[s], r1)[None]
+        vx = gather_paged(value_cache, block_table[s], r1)[None]
         qx = q[qsl[s] + r0 - ctx : qsl[s] + r1 - ctx].transpose(0, 1)[None]
         idx = torch.zeros(1, tile_indices.shape[1], mb + 1, tile_indices.shape[2], dtype=torch.int32, device=q.device)
         cnt = torch.zeros(1, tile_indices.shape[1], mb + 1, dtype=torch.int32, device=q.device)
@@ -334,8 +302,8 @@ def paged_decode_ref(
     for s in range(s_):
         n = int(seq_lens[s])
         mb = (n - 1) // block_size
-        kx = gather_paged_ref(key_cache, block_table[s], n)[None]
-        vx = gather_paged_ref(value_cache, block_table[s], n)[None]
+        kx = gather_paged(key_cache, block_table[s], n)[None]
+        vx = gather_paged(value_cache, block_table[s], n)[None]
         idx = torch.zeros(1, indices.shape[1], mb + 1, indices.shape[2], dtype=torch.int32, device=q.device)
         cnt = torch.zeros(1, indices.shape[1], mb + 1, dtype=torch.int32, device=q.device)
         idx[0, :, mb], cnt[0, :, mb] = indices[s], counts[s]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from cab_vllm.ops.reference import causal_block_mask
+from cab_vllm.ops.blocks import causal_block_mask
 
 PAD = -1
 
@@ -187,9 +187,10 @@ def _bounds_scores(q: torch.Tensor, key_cache: torch.Tensor, bt_row: torch.Tenso
                    ) -> torch.Tensor:
     """[Hkv, m] Quest upper bounds (max over the group's heads, / sqrt(D)) of q [Hq, D] against the m key blocks of
     one sequence of n tokens, from the elementwise min/max of each block's keys, read from the paged cache."""
-    from cab_vllm.ops.reference import coarsen_ref, gather_paged_ref
+    from cab_vllm.ops.blocks import gather_paged
+    from cab_vllm.ops.reference import coarsen_ref
 
-    k = gather_paged_ref(key_cache, bt_row, n).float()  # [Hkv, n, D]
+    k = gather_paged(key_cache, bt_row, n).float()  # [Hkv, n, D]
     hkv, _, d = k.shape
     lo, hi = (x[0] for x in coarsen_ref(k[None], block_size, "bounds"))  # [Hkv, m, D] each
     qf = q.float().view(hkv, q.shape[0] // hkv, 1, d)

@@ -122,8 +122,8 @@ def test_decode_128k_batch8_splits():
     b, lb = paged_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, dense_idx, cnt, 64)
     assert rel(a, b) < 1e-2 and torch.allclose(la, lb, atol=1e-3)
     # dense decode equals SDPA on the gathered cache (one sequence to bound memory)
-    kx = ref.gather_paged_ref(key_cache, block_table[3], int(seq_lens[3]))[None]
-    vx = ref.gather_paged_ref(value_cache, block_table[3], int(seq_lens[3]))[None]
+    kx = ref.gather_paged(key_cache, block_table[3], int(seq_lens[3]))[None]
+    vx = ref.gather_paged(value_cache, block_table[3], int(seq_lens[3]))[None]
     sd = torch.nn.functional.scaled_dot_product_attention(q[3][None, :, None].float(), kx.float(), vx.float(),
                                                           enable_gqa=True)
     assert rel(b[3], sd[0, :, 0]) < BF16_TOL

@@ -95,7 +95,7 @@ def same_dtype_error(batch, specs, tiles, rows, bs, scale, hq, oracle) -> float:
 def test_paged_cache_helper(page, layout):
     """The test cache itself: a permuted table that never uses the null page, the requested strides, and the
     library's gather returns the contiguous K/V."""
-    from cab_vllm.ops.reference import gather_paged_ref
+    from cab_vllm.ops.blocks import gather_paged
 
     batch = make_varlen_batch(SPECS, 2, 2, 64, torch.float32)
     kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout=layout)
@@ -111,8 +111,8 @@ def test_paged_cache_helper(page, layout):
     if layout == "head_major":
         assert kc.stride(2) > kc.stride(1)
     for s, (n, _) in enumerate(SPECS):
-        assert torch.equal(gather_paged_ref(kc, bt[s], n), batch["k"][s])
-        assert torch.equal(gather_paged_ref(vc, bt[s], n), batch["v"][s])
+        assert torch.equal(gather_paged(kc, bt[s], n), batch["k"][s])
+        assert torch.equal(gather_paged(vc, bt[s], n), batch["v"][s])
 
 
 @pytest.mark.parametrize("hq,hkv,d,bs,page,layout,dtype", CASES)

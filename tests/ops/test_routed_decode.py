@@ -66,14 +66,14 @@ def test_decode_select_matches_the_twin(impl, page, device):
 
 def test_bounds_scores_are_upper_bounds_of_every_key_score(device):
     """Quest's guarantee: a block's bound is >= q.k / sqrt(D) for every key of the block, for every head."""
-    from cab_vllm.ops.reference import gather_paged_ref
+    from cab_vllm.ops.blocks import gather_paged
     from cab_vllm.ops.select import _bounds_scores
 
     torch.manual_seed(5)
     batch, kc, vc, bt, q, sl = _case(device=device)
     r, n = 4, LENS[4]
     ub = _bounds_scores(q[r], kc, bt[r], n, 64)  # [Hkv, m]
-    k = gather_paged_ref(kc, bt[r], n).float()  # [Hkv, n, D]
+    k = gather_paged(kc, bt[r], n).float()  # [Hkv, n, D]
     g = q.shape[1] // k.shape[0]
     sc = torch.einsum("hgd,hnd->hgn", q[r].float().view(k.shape[0], g, -1), k) / math.sqrt(q.shape[-1])
     blk = torch.arange(n, device=sc.device) // 64

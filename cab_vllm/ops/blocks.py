@@ -1,0 +1,43 @@
+"""Block arithmetic and paged-cache access shared by the kernels' launchers, their PyTorch twins
+(ops/reference.py) and the PyTorch execution path (impl="torch", what runs on a CPU)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def num_blocks(n: int, block_size: int) -> int:
+    return (n + block_size - 1) // block_size
+
+
+def causal_block_mask(m: int, device=None, first: int = 0, rows: int | None = None) -> torch.Tensor:
+    """[rows, M] bool, True where key block j <= query block i, for the query blocks i = first .. first+rows-1
+    (default: first .. M-1; first = 0 gives the [M, M] square)."""
+    rows = m - first if rows is None else rows
+    i = torch.arange(first, first + rows, device=device)
+    return torch.arange(m, device=device)[None, :] <= i[:, None]
+
+
+def block_lengths(n: int, block_size: int, device=None) -> torch.Tensor:
+    """Valid tokens per block [M] (the last block may be partial)."""
+    m = num_blocks(n, block_size)
+    starts = torch.arange(m, device=device) * block_size
+    return torch.clamp(n - starts, max=block_size)
+
+
+def selection_to_block_mask(indices: torch.Tensor, counts: torch.Tensor, num_k_blocks: int) -> torch.Tensor:
+    """indices [.., M, K] (ascending, padded), counts [.., M] -> bool block mask [.., M, num_k_blocks]."""
+    kk = indices.shape[-1]
+    live = torch.arange(kk, device=indices.device) < counts[..., None]
+    mask = torch.zeros(*indices.shape[:-1], num_k_blocks + 1, dtype=torch.bool, device=indices.device)
+    idx = torch.where(live, indices.long(), num_k_blocks)
+    mask.scatter_(-1, idx, True)
+    return mask[..., :num_k_blocks]
+
+
+def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Contiguous [Hkv, seq_len, D] copy of one sequence's keys or values from a paged cache."""
+    page = cache.shape[1]
+    pos = torch.arange(seq_len, device=cache.device)
+    pages = block_table_row.long()[pos // page]
+    return cache[pages, pos % page].transpose(0, 1)
