@@ -121,6 +121,7 @@ def test_run_end_to_end(fake_server, tokenizer, tmp_path, bodies):
     assert report.workload(r) == ("completions", 64, 4, 2, None)
 
 
+@pytest.mark.filterwarnings("ignore:All requests failed:UserWarning")
 def test_failures_are_counted(fake_server, tokenizer, tmp_path, bodies, capsys):
     rc = run(fake_server, tokenizer, tmp_path, "--warmup", "0", body={"fake": {"mode": "http400"}})
     assert rc == 1
