@@ -1,10 +1,10 @@
-"""cab-exp: the experiments of issue 5 from one command line.
+"""python -m cab_experiments: the experiments of issue 5 from one command line.
 
-    cab-exp niah     --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --trials 5   (A: needle grid)
-    cab-exp ppl      --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --windows 4  (B: ppl vs latency)
-    cab-exp ablation --model qwen2.5-coder-0.5b-instruct                                   (D: equal-budget ablation)
-    cab-exp bridge   --lengths 16384 65536 131072                                          (seed graph + planted needles)
-    cab-exp plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
+    python -m cab_experiments niah     --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --trials 5   (A: needle grid)
+    python -m cab_experiments ppl      --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --windows 4  (B: ppl vs latency)
+    python -m cab_experiments ablation --model qwen2.5-coder-0.5b-instruct                                   (D: equal-budget ablation)
+    python -m cab_experiments bridge   --lengths 16384 65536 131072                                          (seed graph + planted needles)
+    python -m cab_experiments plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
 
 Every run appends one JSONL row per setting to --out and skips settings already there (resume after a stop).
 ``--config FILE`` reads defaults for any flag from a JSON file (experiments/configs/); flags given win.
@@ -70,7 +70,7 @@ def _ppl_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cab-exp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m cab_experiments", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("niah", help="A: passkey grid (lengths x depths x trials x policies x sparsities)")
@@ -117,7 +117,7 @@ def _resolve(device: str, dtype: str):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"cab-exp: --device {device} but CUDA is not available here")
+        raise SystemExit(f"python -m cab_experiments: --device {device} but CUDA is not available here")
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     return device, getattr(torch, dtype)
@@ -129,14 +129,14 @@ def _config_defaults(argv: list[str]) -> list[str]:
         return argv
     i = argv.index("--config")
     if i + 1 >= len(argv):
-        raise SystemExit("cab-exp: --config needs a file")
+        raise SystemExit("python -m cab_experiments: --config needs a file")
     path = Path(argv[i + 1])
     try:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"cab-exp: cannot read config {path}: {e}") from None
+        raise SystemExit(f"python -m cab_experiments: cannot read config {path}: {e}") from None
     if not isinstance(cfg, dict):
-        raise SystemExit(f"cab-exp: {path} must hold a JSON object of flag: value")
+        raise SystemExit(f"python -m cab_experiments: {path} must hold a JSON object of flag: value")
     rest = argv[:i] + argv[i + 2:]
     cmd, tail = rest[:1], rest[1:]
     flags = []
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Jsonl(a.out if a.cmd == "ppl" else f"{a.out}_ppl.jsonl", KEY)
         n += run_ppl(model, tok, name, out, a.lengths, a.windows, a.policies, a.sparsities, a.yarn, a.latency,
                      a.latency_reps, a.impl, a.time_budget, progress)
-    print(f"cab-exp {a.cmd}: {n} new rows")
+    print(f"python -m cab_experiments {a.cmd}: {n} new rows")
     return 0
 
 
@@ -208,13 +208,13 @@ def _plot(a) -> int:
 
     missing = [str(f) for f in a.files if not f.exists()]
     if missing:
-        raise SystemExit(f"cab-exp plot: no such file(s): {missing}")
+        raise SystemExit(f"python -m cab_experiments plot: no such file(s): {missing}")
     rows = read_jsonl(*a.files)
     niah = [r for r in rows if "passkey" in r]
     ppl = [r for r in rows if r.get("kind") in ("ppl", "latency")]
     bridge = [r for r in rows if "experiment" in r]
     if not (niah or ppl or bridge):
-        raise SystemExit("cab-exp plot: the files hold no niah, ppl or bridge rows")
+        raise SystemExit("python -m cab_experiments plot: the files hold no niah, ppl or bridge rows")
     a.outdir.mkdir(parents=True, exist_ok=True)
     made = []
     if niah:

@@ -269,27 +269,27 @@ def read_lazyload(rdx: Path, rdb: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Austen
 # ----------------------------------------------------------------------------------------------------------------
-def _run(cmd: list[str], cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+DEBIAN_PACKAGE = "r-cran-janeaustenr"
+FETCH_COMMAND = "python -m cab_models.text fetch"
 
 
-def _extract_austen(workdir: Path) -> dict[str, str]:
-    """apt-get download + dpkg-deb -x the Debian package into ``workdir``; {title: text} from its R data."""
-    proc = _run(["apt-get", "download", "r-cran-janeaustenr"], cwd=workdir)
-    if proc.returncode != 0:  # a fresh machine may need its package lists first
-        _run(["apt-get", "update", "-qq"])
-        proc = _run(["apt-get", "download", "r-cran-janeaustenr"], cwd=workdir)
-    debs = sorted(workdir.glob("r-cran-janeaustenr_*.deb"))
-    if proc.returncode != 0 or not debs:
-        raise RuntimeError(f"apt-get download r-cran-janeaustenr failed (needs Debian/Ubuntu apt and network): "
-                           f"{proc.stderr[-1000:]}")
-    tree = workdir / "x"
-    proc = _run(["dpkg-deb", "-x", str(debs[-1]), str(tree)])
+class AustenNotFetched(FileNotFoundError):
+    """The Austen text is not in the cache yet: ``python -m cab_models.text fetch`` puts it there."""
+
+
+def _austen_cache(cache_dir: str | Path | None) -> Path:
+    return cache_root(cache_dir) / "text" / "austen.json"
+
+
+def books_from_deb(deb: str | Path, workdir: str | Path) -> dict[str, str]:
+    """{title: text} from a downloaded ``r-cran-janeaustenr_*.deb`` (unpacked with dpkg-deb into ``workdir``)."""
+    deb, tree = Path(deb), Path(workdir) / "x"
+    proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"dpkg-deb -x {debs[-1].name} failed: {proc.stderr[-1000:]}")
+        raise RuntimeError(f"dpkg-deb -x {deb.name} failed: {proc.stderr[-1000:]}")
     rdx = [p for p in tree.rglob("Rdata.rdx") if p.parent.parent.name == "janeaustenr"]
     if not rdx:
-        raise RuntimeError(f"{debs[-1].name} holds no janeaustenr/data/Rdata.rdx")
+        raise RuntimeError(f"{deb.name} holds no janeaustenr/data/Rdata.rdx")
     objs = read_lazyload(rdx[0], rdx[0].with_suffix(".rdb"))
     books = {}
     for var, title in BOOKS.items():
@@ -299,21 +299,48 @@ def _extract_austen(workdir: Path) -> dict[str, str]:
     return books
 
 
-def austen_books(cache_dir: str | Path | None = None) -> dict[str, str]:
-    """{title: full text, lines joined by "\\n"} of Austen's six novels (about 4.0 M characters in all), from
-    Debian's r-cran-janeaustenr; cached as JSON in ``<cache>/text/austen.json`` after the first call."""
+def fetch_austen(cache_dir: str | Path | None = None, deb: str | Path | None = None) -> Path:
+    """The explicit download step (``python -m cab_models.text fetch``): ``apt-get download r-cran-janeaustenr``
+    (Debian/Ubuntu, network; no root, nothing installed), or a .deb already downloaded (``deb``), read into
+    ``<cache>/text/austen.json``. Returns that path; does nothing when it exists."""
     root = cache_root(cache_dir)
-    cached = root / "text" / "austen.json"
+    cached = _austen_cache(cache_dir)
+    if cached.exists():
+        return cached
+    with file_lock(root / "locks" / "austen.lock"):
+        if cached.exists():
+            return cached
+        with tempfile.TemporaryDirectory(dir=root, prefix=".austen-") as tmp:
+            if deb is None:
+                cmd = ["apt-get", "download", DEBIAN_PACKAGE]
+                try:
+                    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+                except FileNotFoundError:
+                    raise RuntimeError(f"{' '.join(cmd)}: no apt-get on this machine; download the .deb elsewhere "
+                                       f"and pass it: {FETCH_COMMAND} --deb PATH") from None
+                debs = sorted(Path(tmp).glob(f"{DEBIAN_PACKAGE}_*.deb"))
+                if proc.returncode != 0 or not debs:
+                    raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}; a fresh machine may need "
+                                       f"`apt-get update` first): {proc.stderr[-1000:]}")
+                deb = debs[-1]
+            books = books_from_deb(deb, tmp)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        part = cached.with_suffix(".json.part")
+        part.write_text(json.dumps(books, ensure_ascii=False), encoding="utf-8")
+        part.replace(cached)
+    return cached
+
+
+def austen_books(cache_dir: str | Path | None = None) -> dict[str, str]:
+    """{title: full text, lines joined by "\\n"} of Austen's six novels (about 4.0 M characters in all), read from
+    ``<cache>/text/austen.json``. Downloads nothing: AustenNotFetched says to run ``python -m cab_models.text
+    fetch`` first (fetch_austen)."""
+    cached = _austen_cache(cache_dir)
     if not cached.exists():
-        with file_lock(root / "locks" / "austen.lock"):
-            if not cached.exists():
-                with tempfile.TemporaryDirectory(dir=root, prefix=".austen-") as tmp:
-                    books = _extract_austen(Path(tmp))
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                part = cached.with_suffix(".json.part")
-                part.write_text(json.dumps(books, ensure_ascii=False), encoding="utf-8")
-                part.replace(cached)
-                return books
+        opt = f" --cache-dir {cache_dir}" if cache_dir is not None else ""
+        raise AustenNotFetched(f"Austen text not fetched ({cached} missing). Fetch it once with `{FETCH_COMMAND}{opt}` "
+                               f"(runs `apt-get download {DEBIAN_PACKAGE}`: Debian/Ubuntu, network, no root), or "
+                               f"`{FETCH_COMMAND}{opt} --deb PATH` with a {DEBIAN_PACKAGE}_*.deb fetched elsewhere")
     return json.loads(cached.read_text(encoding="utf-8"))
 
 
@@ -433,3 +460,23 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float, haystack: str = "aust
 def answer_has_passkey(text: str, passkey: str) -> bool:
     """Whether a model's answer contains the pass key as a whole number (not inside a longer one)."""
     return re.search(rf"(?<!\d){re.escape(passkey)}(?!\d)", text) is not None
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m cab_models.text", description="Fetch the Austen text once.")
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fetch", help=f"apt-get download {DEBIAN_PACKAGE} (or read --deb) into the cache; print "
+                                     "the cached JSON's path")
+    f.add_argument("--deb", type=Path, help=f"a {DEBIAN_PACKAGE}_*.deb already downloaded (no apt-get)")
+    f.add_argument("--cache-dir", help="default: $CAB_CACHE_DIR or ~/.cache/cab_vllm")
+    a = p.parse_args(argv)
+    try:
+        print(fetch_austen(a.cache_dir, a.deb))
+    except RuntimeError as e:
+        raise SystemExit(f"cab_models.text fetch: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@
 # on the GPU machine, with each piece in DIR:  bash benchmarks/gpu/carry.sh keep DIR; then once:
 #   bash benchmarks/gpu/carry.sh unpack
 #   bash experiments/device.sh prepare qwen2.5-coder-0.5b-instruct   (checks the GGUF digest, converts it)
-#   bash experiments/device.sh exp <cab-exp args...>                 (results as cab-exp writes them; copied to $OUT if set)
+#   bash experiments/device.sh exp <python -m cab_experiments args...>                 (results as python -m cab_experiments writes them; copied to $OUT if set)
 set -euo pipefail
 STORE=${STORE:-/tmp/cabstore}
 mkdir -p "$STORE/in/gguf" "$STORE/in/text" "$STORE/site"
@@ -24,7 +24,7 @@ case $cmd in
       $PY -m pip install -q --no-index --no-deps --no-compile --target "$STORE/site" "$STORE"/in/.whl/*.whl
     fi
     $PY -m cab_models.models prepare "$name" ;;
-  exp)      # exp <cab-exp args>: run, then hand the results back
+  exp)      # exp <python -m cab_experiments args>: run, then hand the results back
     rc=0; $PY -m cab_experiments.cli "$@" || rc=$?
     [ -n "${OUT:-}" ] && cp experiments/results/*.jsonl "$OUT/" 2>/dev/null || true
     exit $rc ;;

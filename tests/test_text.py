@@ -1,7 +1,7 @@
 """Austen text from the Debian package (R serialization reader, lazy-load DB) and passkey prompts.
 
-The reader tests run on hand-made streams and need no network; austen_books downloads the .deb once (then the
-JSON cache under $CAB_CACHE_DIR answers); the passkey tests need the SmolLM2 tokenizer (prepare_model)."""
+The reader tests run on hand-made streams and need no network; the Austen tests fetch the .deb once through the
+explicit step (fetch_austen, `python -m cab_models.text fetch`; then the JSON cache under $CAB_CACHE_DIR answers); the passkey tests need the SmolLM2 tokenizer (prepare_model)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import zlib
 
 import pytest
 
-from cab_models.text import (RReader, _insert_needle, answer_has_passkey, austen_books, needle_sentence,
-                           passkey_prompt, read_lazyload, unserialize)
+from cab_models.text import (AustenNotFetched, RReader, _insert_needle, answer_has_passkey, austen_books,
+                             fetch_austen, needle_sentence, passkey_prompt, read_lazyload, unserialize)
 
 
 # --- a tiny R XDR serializer for hand-made streams -------------------------------------------------------------
@@ -167,10 +167,33 @@ def test_insert_needle_at_sentence_boundaries():
     assert _insert_needle("", 0.5, "N.") == "N."
 
 
-# --- Austen (downloads the Debian package on the first run) ----------------------------------------------------
+# --- Austen (the explicit fetch step downloads the Debian package on the first run) -------------------------------
 @pytest.fixture(scope="session")
 def books():
+    fetch_austen()
     return austen_books()
+
+
+def test_austen_books_never_downloads(tmp_path, monkeypatch):
+    """A library call on an empty cache runs nothing (no apt-get) and names the command that fetches the text."""
+    import subprocess
+
+    def refuse(*a, **k):
+        raise AssertionError(f"austen_books ran a command: {a}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    with pytest.raises(AustenNotFetched, match=r"python -m cab_models\.text fetch --cache-dir .*apt-get download "
+                                                r"r-cran-janeaustenr"):
+        austen_books(tmp_path)
+    assert not (tmp_path / "text").exists()
+
+
+def test_fetch_cli_reads_the_cache(books, capsys):
+    from cab_models.text import main
+
+    main(["fetch"])  # cached: prints the path, downloads nothing
+    assert capsys.readouterr().out.strip().endswith("austen.json")
 
 
 def test_austen_books(books):

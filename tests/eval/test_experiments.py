@@ -1,4 +1,4 @@
-"""cab-exp: variants, resumable JSONL, YaRN, the chunked NLL, the needle grid / ppl / bridge runners on a real
+"""python -m cab_experiments: variants, resumable JSONL, YaRN, the chunked NLL, the needle grid / ppl / bridge runners on a real
 small model (SmolLM2, CPU), plots and the CLI's input errors."""
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""A small OpenAI-compatible SSE server with deterministic delays, for testing the load generator.
+"""A small OpenAI-compatible SSE server with deterministic delays, for testing the load tests (vllm bench serve).
 
-Each request may carry ``"fake": {...}`` (the generator's --extra-body puts it there):
+Each request may carry ``"fake": {...}`` (--extra-body puts it there):
     ttft      seconds before the first token chunk (default 0.2)
     itl       seconds between token chunks (default 0.05)
     mode      what to do: ok | http400 | drop (close the connection mid-stream) | no_done (end without [DONE]) |
               error_event (an error object mid-stream) | role_first (chat: a role-only chunk before the delay)
     fail_every  apply ``mode`` only to requests whose prompt tag index i has i % fail_every == 0; others are ok
-The prompt tag ``[request NONCE-I]`` that loadtests.prompts writes gives I. /tokenize counts whitespace-separated
+A prompt tag ``[request NONCE-I]`` gives I (prompts without one: I = -1). /tokenize counts whitespace-separated
 words (plus one, like a BOS token). Every request body is kept in ``app.state.bodies``;
 ``app.state.max_in_flight`` is the most streams open at once.
 """
