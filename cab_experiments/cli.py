@@ -3,7 +3,7 @@
     cab-exp niah     --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --trials 5   (A: needle grid)
     cab-exp ppl      --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --windows 4  (B: ppl vs latency)
     cab-exp ablation --model qwen2.5-coder-0.5b-instruct                                   (D: equal-budget ablation)
-    cab-exp tasks    --model qwen2.5-coder-0.5b-instruct --tasks single vartrack --trials 2 (E: RULER-style tasks)
+    cab-exp tasks    --model qwen2.5-coder-0.5b-instruct --tasks single vartrack           (E: RULER-style tasks)
     cab-exp bridge   --lengths 16384 65536 131072                                          (seed graph + planted needles)
     cab-exp plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
 
@@ -98,13 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", choices=["niah", "ppl"], default=None, help="run only one of the two measurements")
     p.add_argument("--out", default="experiments/results/ablation", help="prefix: PREFIX_niah.jsonl, PREFIX_ppl.jsonl")
 
-    p = sub.add_parser("tasks", help="E: RULER-style tasks on Austen (tasks x lengths x depths x policies x sparsities)")
+    p = sub.add_parser("tasks", help="E: RULER-style tasks on Austen (tasks x lengths x depths x policies x "
+                                     "sparsities)")
     _model_args(p, [4096, 8192, 16384, 32768])
     p.add_argument("--tasks", choices=TASKS, nargs="+", default=list(TASKS))
     p.add_argument("--depths", type=_depth, nargs="+", default=[0.1, 0.5, 0.9],
                    help="relative depth of the asked needle (freqwords has none)")
     p.add_argument("--trials", type=_positive_int, default=2)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: per task (tasks.MAX_NEW_TOKENS)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default: per task (tasks.MAX_NEW_TOKENS)")
     p.add_argument("--batch-tokens", type=_positive_int, default=131072, help="prompt tokens per generate() batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", type=_variant, nargs="+", default=POLICY_GRID + [SEED],

@@ -49,11 +49,11 @@ NOUNS = ("anchor", "beacon", "candle", "dragon", "ember", "falcon", "garden", "h
          "kettle", "lantern", "meadow", "nectar", "orchard", "pebble", "quill", "river", "saddle", "thistle",
          "valley", "willow", "zephyr", "compass", "fountain", "glacier", "hammock", "lighthouse", "minnow", "parcel")
 VALUE_WORDS = ("abacus", "bagpipe", "cactus", "dolphin", "eggplant", "flamingo", "gondola", "harmonica", "iguana",
-               "jukebox", "kangaroo", "lemonade", "marmalade", "noodle", "octopus", "pelican", "quartz", "raccoon",
+               "jukebox", "kangaroo", "lemonade", "mango", "noodle", "octopus", "pelican", "quartz", "raccoon",
                "saxophone", "tangerine", "ukulele", "volcano", "walrus", "xylophone", "yogurt", "zucchini",
-               "avocado", "broccoli", "chameleon", "dynamo", "espresso", "flannel", "giraffe", "hazelnut",
-               "igloo", "jaguar", "koala", "licorice", "mongoose", "nutmeg", "origami", "pistachio", "rhubarb",
-               "sardine", "toboggan", "umbrella", "vanilla", "wombat")
+               "avocado", "broccoli", "chameleon", "dynamo", "espresso", "falafel", "giraffe", "hazelnut", "igloo",
+               "jaguar", "koala", "licorice", "mongoose", "nutmeg", "origami", "pistachio", "radish", "sardine",
+               "toboggan", "unicorn", "vanilla", "wombat")  # none occurs in Austen's novels
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 _VAR_LETTERS = "BCDFGHJKLMNPQRSTVWXZ"  # no vowels: a variable name is never an English word
 
@@ -299,9 +299,9 @@ def _freqwords(rng: random.Random, length: int, seed: int) -> dict:
                 prefix=f"Answer: The top {TOP} words that appear most often in the list are:")
 
 
-def make_item(task: str, length: int, depth: float | None = 0.5, seed: int = 0, count: Callable[[str], int] = word_count,
-              chat: Callable[[str, str], str] = plain, split: Callable[[str], list[str]] = word_pieces,
-              corpus: str | None = None) -> TaskItem:
+def make_item(task: str, length: int, depth: float | None = 0.5, seed: int = 0,
+              count: Callable[[str], int] = word_count, chat: Callable[[str, str], str] = plain,
+              split: Callable[[str], list[str]] = word_pieces, corpus: str | None = None) -> TaskItem:
     """A ``task`` prompt of ``length`` tokens (``count(text)``, between (1 - TOLERANCE) * length and length) whose
     asked needle sits at relative ``depth`` of the Austen haystack (ignored by freqwords: depth None).
 
@@ -376,11 +376,12 @@ def run_tasks(model, tok, model_name: str, out: Jsonl, tasks, lengths, depths, t
     bar = tqdm(total=len(lengths) * per_length * len(todo), desc=f"tasks {model_name}", disable=not progress)
     for n in lengths:
         items = {t: build_items(tok, t, n, depths, trials, seed, corpus) for t in tasks}
+        base = dict(model=model_name, yarn=yarn, length=n)
         for variant, sp in todo:
             for t in tasks:
-                w, stopped = run_cell(model, tok, out, items[t], variant, sp, dict(model=model_name, yarn=yarn, length=n),
-                                      ("task", "depth", "trial"), _result, max_new_tokens or MAX_NEW_TOKENS[t],
-                                      batch_tokens, impl, deadline, bar)
+                w, stopped = run_cell(model, tok, out, items[t], variant, sp, base, ("task", "depth", "trial"),
+                                      _result, max_new_tokens or MAX_NEW_TOKENS[t], batch_tokens, impl, deadline,
+                                      bar)
                 written += w
                 if stopped:
                     bar.close()
