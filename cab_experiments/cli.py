@@ -3,6 +3,7 @@
     python -m cab_experiments niah     --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --trials 5   (A: needle grid)
     python -m cab_experiments ppl      --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --windows 4  (B: ppl vs latency)
     python -m cab_experiments ablation --model qwen2.5-coder-0.5b-instruct                                   (D: equal-budget ablation)
+    python -m cab_experiments tasks    --model qwen2.5-coder-0.5b-instruct --tasks single vartrack           (E: RULER-style tasks)
     python -m cab_experiments bridge   --lengths 16384 65536 131072                                          (seed graph + planted needles)
     python -m cab_experiments plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
 
@@ -19,10 +20,13 @@ from pathlib import Path
 
 from cab_vllm import argtypes
 
+TASKS = ("single", "multikey", "multivalue", "multiquery", "vartrack", "freqwords")  # cab_experiments.tasks.TASKS
+
 POLICY_GRID = ["dense", "cab", "h2o", "streaming", "magnitude", "random"]
+SEED = "curvature:estimator=max_l2"  # the seed pipeline
 ABLATION = ["cab", "curvature", "magnitude", "random", "cab:curvature_share=0.25", "cab:curvature_share=0.5",
             "cab:curvature_share=1.0", "cab:estimator=max_l2", "cab:estimator=mean", "cab:estimator=topr",
-            "cab:estimator=sampled", "cab:exact_rows=0", "curvature:estimator=max_l2"]
+            "cab:estimator=sampled", "cab:exact_rows=0", SEED]
 
 
 _unit = argtypes.sparsity
@@ -93,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", type=_variant, nargs="+", default=ABLATION)
     p.add_argument("--skip", choices=["niah", "ppl"], default=None, help="run only one of the two measurements")
     p.add_argument("--out", default="experiments/results/ablation", help="prefix: PREFIX_niah.jsonl, PREFIX_ppl.jsonl")
+
+    p = sub.add_parser("tasks", help="E: RULER-style tasks on Austen (tasks x lengths x depths x policies x "
+                                     "sparsities)")
+    _model_args(p, [4096, 8192, 16384, 32768])
+    p.add_argument("--tasks", choices=TASKS, nargs="+", default=list(TASKS))
+    p.add_argument("--depths", type=_depth, nargs="+", default=[0.1, 0.5, 0.9],
+                   help="relative depth of the asked needle (freqwords has none)")
+    p.add_argument("--trials", type=_positive_int, default=2)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default: per task (tasks.MAX_NEW_TOKENS)")
+    p.add_argument("--batch-tokens", type=_positive_int, default=131072, help="prompt tokens per generate() batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policies", type=_variant, nargs="+", default=POLICY_GRID + [SEED],
+                   help="variants: policy[:field=value,...]; the seed pipeline is " + SEED)
+    p.add_argument("--out", default="experiments/results/tasks.jsonl")
 
     p = sub.add_parser("bridge", help="the seed's bridge graph + planted low-norm needles at long lengths")
     p.add_argument("--lengths", type=_positive_int, nargs="+", default=[16384, 32768, 65536, 131072])
@@ -182,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         out = Jsonl(a.out if a.cmd == "ppl" else f"{a.out}_ppl.jsonl", KEY)
         n += run_ppl(model, tok, name, out, a.lengths, a.windows, a.policies, a.sparsities, a.yarn, a.latency,
                      a.latency_reps, a.impl, a.time_budget, progress)
+    if a.cmd == "tasks":
+        from cab_experiments.plots import tasks_markdown
+        from cab_experiments.tasks import KEY, run_tasks
+
+        out = Jsonl(a.out, KEY)
+        n += run_tasks(model, tok, name, out, a.tasks, a.lengths, a.depths, a.trials, a.policies, a.sparsities,
+                       a.yarn, a.max_new_tokens, a.batch_tokens, a.impl, a.seed, a.time_budget, progress)
+        print(tasks_markdown([r for r in out.rows if r["model"] == name]), end="\n\n")
     print(f"python -m cab_experiments {a.cmd}: {n} new rows")
     return 0
 
@@ -204,7 +231,7 @@ def _bridge(a) -> int:
 
 def _plot(a) -> int:
     from cab_experiments.plots import (bridge_markdown, niah_heatmaps, niah_markdown, pareto_plot, ppl_markdown,
-                                     read_jsonl)
+                                     read_jsonl, tasks_heatmaps, tasks_markdown)
 
     missing = [str(f) for f in a.files if not f.exists()]
     if missing:
@@ -213,8 +240,9 @@ def _plot(a) -> int:
     niah = [r for r in rows if "passkey" in r]
     ppl = [r for r in rows if r.get("kind") in ("ppl", "latency")]
     bridge = [r for r in rows if "experiment" in r]
-    if not (niah or ppl or bridge):
-        raise SystemExit("python -m cab_experiments plot: the files hold no niah, ppl or bridge rows")
+    tasks = [r for r in rows if "task" in r and "score" in r]
+    if not (niah or ppl or bridge or tasks):
+        raise SystemExit("python -m cab_experiments plot: the files hold no niah, ppl, bridge or tasks rows")
     a.outdir.mkdir(parents=True, exist_ok=True)
     made = []
     if niah:
@@ -225,6 +253,9 @@ def _plot(a) -> int:
         print(ppl_markdown(ppl), end="\n\n")
     if bridge:
         print(bridge_markdown(bridge), end="\n\n")
+    if tasks:
+        made += tasks_heatmaps(tasks, a.outdir)
+        print(tasks_markdown(tasks), end="\n\n")
     for p in made:
         print(f"wrote {p}")
     return 0

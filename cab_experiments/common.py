@@ -1,4 +1,5 @@
-"""Shared pieces of the experiments: policy variants, model loading (with YaRN), resumable JSONL, timing."""
+"""Shared pieces of the experiments: policy variants, model loading (with YaRN), resumable JSONL, timing, and the
+generation cell that the needle grid and the task suite both run (same batching, same row fields)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -121,6 +122,14 @@ def context_limit(model) -> int:
     return int(model.config.max_position_embeddings)
 
 
+def check_lengths(model, lengths) -> None:
+    """Refuse prompt lengths past the model's context (a YaRN factor raises it: load_model(yarn=...))."""
+    limit = context_limit(model)
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise ValueError(f"lengths {too_long} exceed the model's context ({limit} tokens); pass a YaRN factor")
+
+
 class Jsonl:
     """Append-only JSONL results with resume: rows whose ``key`` fields match an existing row are skipped."""
 
@@ -179,3 +188,58 @@ class Deadline:
 
     def passed(self) -> bool:
         return time.monotonic() > self.end
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# greedy generation over one (variant, sparsity) cell
+# ----------------------------------------------------------------------------------------------------------------
+def batches(items: list[dict], max_tokens: int) -> list[list[dict]]:
+    """Group by exact token count of ``it["input_ids"]`` (no padding), at most ``max_tokens`` prompt tokens a
+    batch."""
+    groups: dict[int, list[dict]] = {}
+    for it in items:
+        groups.setdefault(len(it["input_ids"]), []).append(it)
+    out = []
+    for n, g in sorted(groups.items()):
+        per = max(1, max_tokens // n)
+        out += [g[i: i + per] for i in range(0, len(g), per)]
+    return out
+
+
+@torch.no_grad()
+def generate(model, tok, batch: list[dict], max_new_tokens: int) -> tuple[list[str], float]:
+    """Greedy answers (decoded, special tokens dropped) of a batch of equal-length prompts, and the seconds taken."""
+    dev = model.device
+    ids = torch.tensor([it["input_ids"] for it in batch], device=dev)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with Clock(dev) as clk:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+    return tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True), clk.seconds
+
+
+def run_cell(model, tok, out: Jsonl, items: list[dict], variant: Variant, sparsity: float, base: dict,
+             keys: tuple[str, ...], result: Callable[[dict, str], dict], max_new_tokens: int, batch_tokens: int,
+             impl: str, deadline: Deadline, bar) -> tuple[int, bool]:
+    """Generate every item of ``items`` (dicts with ``input_ids`` and the ``keys`` fields) not yet in ``out`` with
+    ``variant`` at ``sparsity``; one row each: ``base``, the keys, policy, n_tokens, ``result(item, answer)``,
+    the achieved density, batch size and seconds per prompt. Returns (rows written, stopped at the deadline)."""
+    from cab_vllm import hf
+
+    base = {**base, "variant": variant.spec, "sparsity": sparsity}
+    pending = [it for it in items if not out.has(**base, **{k: it[k] for k in keys})]
+    bar.update(len(items) - len(pending))
+    written = 0
+    for batch in batches(pending, batch_tokens):
+        if deadline.passed():
+            return written, True
+        with hf.using(variant.config(sparsity), impl=impl, phases=variant.phases) as stats:
+            answers, secs = generate(model, tok, batch, max_new_tokens)
+        density = stats["kept"] / stats["causal"] if stats["causal"] else 1.0
+        for it, ans in zip(batch, answers):
+            out.write({**base, **{k: it[k] for k in keys}, "policy": variant.policy,
+                       "n_tokens": len(it["input_ids"]), **result(it, ans), "density": round(density, 5),
+                       "batch": len(batch), "seconds": round(secs / len(batch), 4)})
+            written += 1
+        bar.update(len(batch))
+    return written, False

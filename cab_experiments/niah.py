@@ -7,10 +7,7 @@ run the policy (decode rules: see cab_vllm.hf).
 
 from __future__ import annotations
 
-import torch
-
-from cab_vllm import hf
-from cab_experiments.common import Clock, Deadline, Jsonl, Variant, cells, context_limit
+from cab_experiments.common import Deadline, Jsonl, Variant, cells, check_lengths, run_cell
 from cab_models.text import answer_has_passkey, passkey_prompt
 
 KEY = ("model", "yarn", "haystack", "length", "depth", "trial", "variant", "sparsity")
@@ -22,31 +19,13 @@ def build_prompts(tok, length: int, depths, trials: int, haystack: str, seed: in
     for t in range(trials):
         for d in depths:
             p = passkey_prompt(tok, length, d, haystack=haystack, seed=seed + t)
-            out.append({"depth": d, "trial": t, "prompt": p})
+            out.append({"depth": d, "trial": t, "prompt": p, "input_ids": p.input_ids})
     return out
 
 
-def _batches(items: list[dict], max_tokens: int) -> list[list[dict]]:
-    """Group by exact token count (no padding), at most ``max_tokens`` prompt tokens a batch."""
-    groups: dict[int, list[dict]] = {}
-    for it in items:
-        groups.setdefault(len(it["prompt"].input_ids), []).append(it)
-    out = []
-    for n, g in sorted(groups.items()):
-        per = max(1, max_tokens // n)
-        out += [g[i: i + per] for i in range(0, len(g), per)]
-    return out
-
-
-@torch.no_grad()
-def generate(model, tok, batch: list[dict], max_new_tokens: int) -> tuple[list[str], float]:
-    dev = model.device
-    ids = torch.tensor([it["prompt"].input_ids for it in batch], device=dev)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with Clock(dev) as clk:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
-    return tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True), clk.seconds
+def _result(it: dict, answer: str) -> dict:
+    p = it["prompt"]
+    return {"passkey": p.passkey, "answer": answer.strip()[:200], "correct": answer_has_passkey(answer, p.passkey)}
 
 
 def run_niah(model, tok, model_name: str, out: Jsonl, lengths, depths, trials: int, variants: list[Variant],
@@ -57,10 +36,7 @@ def run_niah(model, tok, model_name: str, out: Jsonl, lengths, depths, trials: i
     skipped). Returns the number of rows written; stops early (cleanly, between batches) at ``time_budget``."""
     from tqdm.auto import tqdm
 
-    limit = context_limit(model)
-    too_long = [n for n in lengths if n > limit]
-    if too_long:
-        raise ValueError(f"lengths {too_long} exceed the model's context ({limit} tokens); pass a YaRN factor")
+    check_lengths(model, lengths)
     todo = cells(variants, sparsities)
     deadline, written = Deadline(time_budget), 0
     total = len(lengths) * len(depths) * trials * len(todo)
@@ -68,25 +44,13 @@ def run_niah(model, tok, model_name: str, out: Jsonl, lengths, depths, trials: i
     for n in lengths:
         prompts = build_prompts(tok, n, depths, trials, haystack, seed)
         for variant, sp in todo:
-            base = dict(model=model_name, yarn=yarn, haystack=haystack, length=n, variant=variant.spec,
-                        sparsity=sp)
-            pending = [it for it in prompts if not out.has(**base, depth=it["depth"], trial=it["trial"])]
-            bar.update(len(prompts) - len(pending))
-            for batch in _batches(pending, batch_tokens):
-                if deadline.passed():
-                    bar.close()
-                    return written
-                with hf.using(variant.config(sp), impl=impl, phases=variant.phases) as stats:
-                    answers, secs = generate(model, tok, batch, max_new_tokens)
-                density = stats["kept"] / stats["causal"] if stats["causal"] else 1.0
-                for it, ans in zip(batch, answers):
-                    p = it["prompt"]
-                    out.write({**base, "depth": it["depth"], "trial": it["trial"], "policy": variant.policy,
-                               "n_tokens": len(p.input_ids), "passkey": p.passkey, "answer": ans.strip()[:200],
-                               "correct": answer_has_passkey(ans, p.passkey), "density": round(density, 5),
-                               "batch": len(batch), "seconds": round(secs / len(batch), 4)})
-                    written += 1
-                bar.update(len(batch))
+            base = dict(model=model_name, yarn=yarn, haystack=haystack, length=n)
+            w, stopped = run_cell(model, tok, out, prompts, variant, sp, base, ("depth", "trial"), _result,
+                                  max_new_tokens, batch_tokens, impl, deadline, bar)
+            written += w
+            if stopped:
+                bar.close()
+                return written
     bar.close()
     return written
 

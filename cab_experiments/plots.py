@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cab_experiments.niah import accuracy_table
 from cab_experiments.ppl import summary as ppl_summary
+from cab_experiments.tasks import TASKS, score_table
 
 
 def read_jsonl(*paths) -> list[dict]:
@@ -122,6 +123,64 @@ def niah_markdown(rows: list[dict]) -> str:
                 vals.append(a)
         mean = f"{sum(vals) / len(vals):.2f}" if vals else ""
         lines.append(f"| {model} | {v} | {s:g} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
+def _task_order(rows: list[dict]) -> list[str]:
+    seen = {r["task"] for r in rows}
+    return [t for t in TASKS if t in seen] + sorted(seen - set(TASKS))
+
+
+def _cells(rows: list[dict]) -> list[tuple[str, float]]:
+    """(variant, sparsity) in the rows' order, dense first, each variant's sparsities ascending."""
+    variants = sorted(dict.fromkeys(r["variant"] for r in rows), key=lambda v: v != "dense")
+    return [(v, s) for v in variants for s in sorted({r["sparsity"] for r in rows if r["variant"] == v})]
+
+
+def tasks_heatmaps(rows: list[dict], outdir: str | Path) -> list[Path]:
+    """One figure per model, a panel per task: mean score per (variant @ sparsity) x length; * = YaRN lengths."""
+    plt = _plt()
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    table = score_table(rows)
+    paths = []
+    for model in sorted({r["model"] for r in rows}):
+        mr = [r for r in rows if r["model"] == model]
+        cols = sorted({(r["length"], r.get("yarn")) for r in mr}, key=lambda c: (c[0], c[1] or 0))
+        tasks, panels = _task_order(mr), _cells(mr)
+        ncol = min(3, len(tasks))
+        nrow = math.ceil(len(tasks) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(1.6 + (1.0 + 0.45 * len(cols)) * ncol,
+                                                      0.6 + (0.5 + 0.18 * len(panels)) * nrow), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, task in zip(axes.flat, tasks):
+            ax.axis("on")
+            img = [[table.get((model, y, task, v, s), {}).get(n, math.nan) for n, y in cols] for v, s in panels]
+            ax.imshow(img, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_title(task, fontsize=8)
+            ax.set_xticks(range(len(cols)), [_len_label(*c) for c in cols], fontsize=6, rotation=90)
+            ax.set_yticks(range(len(panels)), [f"{v} @ {s:g}" if s else v for v, s in panels], fontsize=5)
+        fig.suptitle(f"task scores, {model} (string match; *: YaRN)", fontsize=9)
+        paths.append(_save(plt, fig, outdir / f"tasks_{model}.png"))
+    return paths
+
+
+def tasks_markdown(rows: list[dict]) -> str:
+    """Mean score per (model, task, variant, sparsity) and length, with the mean over lengths."""
+    table = score_table(rows)
+    cols = sorted({(r["length"], r.get("yarn")) for r in rows}, key=lambda c: (c[0], c[1] or 0))
+    lines = ["| model | task | variant | sparsity | " + " | ".join(_len_label(*c) for c in cols) + " | mean |",
+             "|" + "---|" * (len(cols) + 5)]
+    for model in sorted({r["model"] for r in rows}):
+        mr = [r for r in rows if r["model"] == model]
+        for task in _task_order(mr):
+            for v, s in _cells([r for r in mr if r["task"] == task]):
+                vals = [table.get((model, y, task, v, s), {}).get(n) for n, y in cols]
+                got = [x for x in vals if x is not None]
+                mean = f"{sum(got) / len(got):.2f}" if got else ""
+                lines.append(f"| {model} | {task} | {v} | {s:g} | "
+                             + " | ".join("" if x is None else f"{x:.2f}" for x in vals) + f" | {mean} |")
     return "\n".join(lines)
 
 

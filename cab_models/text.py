@@ -384,12 +384,13 @@ def _insert_needle(hay: str, depth: float, needle: str) -> str:
     return hay[:cut] + needle + hay[cut - 1] + hay[cut:]  # hay[cut - 1] is the whitespace ending the sentence
 
 
-def _haystack_source(haystack: str, n_chars: int, position: float, cache_dir) -> str:
+def _haystack_source(haystack: str, n_chars: int, position: float, cache_dir, corpus: str | None = None) -> str:
     """At least ``n_chars`` characters of haystack text; Austen starts at the first paragraph after relative
-    ``position`` (0..1) of the six books joined, wrapping around at the end."""
+    ``position`` (0..1) of the six books joined (or of ``corpus`` if given), wrapping around at the end."""
     if haystack == "filler":
         return " ".join([FILLER] * (n_chars // len(FILLER) + 1))
-    corpus = "\n\n".join(austen_books(cache_dir).values())
+    if corpus is None:
+        corpus = "\n\n".join(austen_books(cache_dir).values())
     start = corpus.find("\n\n", int(position * len(corpus)))
     text = corpus[start:].lstrip() if start >= 0 else corpus
     while len(text) < n_chars:
