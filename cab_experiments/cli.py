@@ -1,4 +1,5 @@
-"""python -m cab_experiments: the experiments of issue 5 from one command line.
+"""python -m cab_experiments: the experiments (needle grid, task suite, perplexity vs latency, ablation, bridge check)
+from one command line.
 
     python -m cab_experiments niah     --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --trials 5   (A: needle grid)
     python -m cab_experiments ppl      --model qwen2.5-coder-0.5b-instruct --lengths 4096 8192 --windows 4  (B: ppl vs latency)
