@@ -58,6 +58,16 @@ def _model_args(p: argparse.ArgumentParser, lengths: list[int]) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: the transformers adapter (every CABConfig field per cell); vllm: the serving path, a "
+                        "vLLM engine with the CAB backend (policy, sparsity and budget per request; results go to "
+                        "--out with _vllm before .jsonl unless --out is given)")
+    p.add_argument("--gpu-memory-utilization", type=_unit, default=None, help="vllm: the engine's memory share")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+                   help="vllm: tokens per engine step (chunked prefill below the prompt length)")
+
+
 def _niah_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depths", type=_depth, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--trials", type=_positive_int, default=5)
@@ -83,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _niah_args(p)
     p.add_argument("--policies", type=_variant, nargs="+", default=POLICY_GRID,
                    help="variants: policy[:field=value,...], e.g. cab:curvature_share=0.5")
-    p.add_argument("--out", default="experiments/results/niah.jsonl")
+    p.add_argument("--out", default=None, help="default experiments/results/niah.jsonl (_vllm: the engine)")
+    _engine_args(p)
 
     p = sub.add_parser("ppl", help="B: perplexity vs attention latency on Austen windows")
     _model_args(p, [4096, 8192, 16384, 32768])
@@ -112,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", type=_variant, nargs="+", default=POLICY_GRID + [SEED],
                    help="variants: policy[:field=value,...]; the seed pipeline is " + SEED)
-    p.add_argument("--out", default="experiments/results/tasks.jsonl")
+    p.add_argument("--out", default=None, help="default experiments/results/tasks.jsonl (_vllm: the engine)")
+    _engine_args(p)
 
     p = sub.add_parser("bridge", help="the seed's bridge graph + planted low-norm needles at long lengths")
     p.add_argument("--lengths", type=_positive_int, nargs="+", default=[16384, 32768, 65536, 131072])
@@ -129,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--outdir", type=Path, default=Path("experiments/plots"))
     return ap
+
+
+def _engine_model(a, dtype):
+    """(EngineModel, tokenizer): a vLLM engine with the CAB backend long enough for every prompt and answer."""
+    from transformers import AutoTokenizer
+
+    from cab_experiments.common import EngineModel
+    from cab_models.models import prepare_model
+
+    for v in a.policies:  # refuse what the engine cannot take per request before it starts
+        try:
+            EngineModel.request_args(v, 0.9)
+        except ValueError as e:
+            raise SystemExit(f"python -m cab_experiments {a.cmd}: {e}") from None
+    path = prepare_model(a.model)
+    room = (a.max_new_tokens or 64) + 64
+    model = EngineModel(path, max(a.lengths) + room, a.yarn, a.gpu_memory_utilization,
+                        str(dtype).replace("torch.", ""), a.max_num_batched_tokens)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def _resolve(device: str, dtype: str):
@@ -184,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     from cab_experiments.common import Jsonl, load_model
 
     device, dtype = _resolve(a.device, a.dtype)
-    model, tok, _ = load_model(a.model, device, dtype, yarn=a.yarn)
+    engine = getattr(a, "engine", "hf")
+    if getattr(a, "out", "") is None:
+        a.out = f"experiments/results/{a.cmd}{'_vllm' if engine == 'vllm' else ''}.jsonl"
+    if engine == "vllm":
+        model, tok = _engine_model(a, dtype)
+    else:
+        model, tok, _ = load_model(a.model, device, dtype, yarn=a.yarn)
     name = Path(a.model).name if Path(a.model).is_dir() else a.model
     progress = not a.quiet
     if a.cmd in ("ppl", "ablation") and a.latency is None:

