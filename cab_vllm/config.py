@@ -160,6 +160,32 @@ def keep_counts(sparsity: float, forced: int, num_q_blocks: int, device=None):
     return torch.minimum(m1, torch.maximum(torch.clamp(m1, max=float(forced)), want)).to(torch.int64)
 
 
+def _budget_multiplier(c, lo, hi, total):
+    """The smallest lam >= 0 with sum(clamp(lam * c, lo, hi)) >= total, per leading index: c [..., n] > 0, lo, hi
+    [n] with sum(lo) <= total <= sum(hi). The sum is piecewise linear in lam with kinks at lo / c and hi / c: a
+    binary search over the sorted kinks (log2(2n) steps, each one sum) finds the segment, then one linear solve."""
+    import torch
+
+    def f(lam):  # [..., k] -> [..., k]
+        return torch.minimum(torch.maximum(lam[..., :, None] * c[..., None, :], lo), hi).sum(-1)
+
+    kinks = torch.cat([lo.expand_as(c) / c, hi.expand_as(c) / c], -1).sort(-1).values  # [..., 2n]
+    lead = kinks.shape[:-1]
+    lo_i = torch.zeros(lead, dtype=torch.long, device=c.device)  # invariant: f(kinks[hi_i]) >= total
+    hi_i = torch.full(lead, kinks.shape[-1] - 1, dtype=torch.long, device=c.device)
+    for _ in range(max(1, int(kinks.shape[-1]).bit_length())):
+        mid = (lo_i + hi_i) // 2
+        ok = f(kinks.gather(-1, mid[..., None]))[..., 0] >= total
+        hi_i, lo_i = torch.where(ok, mid, hi_i), torch.where(ok, lo_i, mid + 1)
+    right = kinks.gather(-1, hi_i[..., None])[..., 0]
+    left = kinks.gather(-1, (hi_i - 1).clamp(min=0)[..., None])[..., 0]
+    f_left, f_right = f(left[..., None])[..., 0], f(right[..., None])[..., 0]
+    slope = (f_right - f_left) / (right - left).clamp(min=1e-300)
+    solved = left + (total - f_left) / slope.clamp(min=1e-300)
+    # at or before the first kink the sum is sum(lo) (>= total only when it equals it); on a flat segment, right
+    return torch.where((hi_i == 0) | (f_left >= total), left, torch.where(slope > 0, solved.clamp(left, right), right))
+
+
 def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: float, cap: float):
     """The adaptive (top-p) budget rule, the one place it is written (CABConfig.budget="adaptive").
 
@@ -170,8 +196,8 @@ def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: floa
 
       1. need  = the fewest blocks, forced ones first then by mass, whose mass reaches top_p;
       2. bounds: lo = max(forced count, ceil(floor * fixed)), hi = min(allowed count, floor(cap * fixed));
-      3. counts = clamp(lam * need, lo, hi) with one multiplier lam per leading index (per sequence) found by
-         bisection so that the counts sum to H * fixed.sum(), the fixed rule's total; rounded down, then the
+      3. counts = clamp(lam * need, lo, hi) with one multiplier lam per leading index (per sequence), solved
+         exactly (_budget_multiplier) so that the counts sum to H * fixed.sum(), the fixed rule's total; rounded down, then the
          rows with the largest remainders get one block more until the total is met exactly.
 
     So every sequence keeps exactly the fixed rule's number of blocks (the sparsity knob is the average) and
@@ -207,13 +233,8 @@ def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: floa
     lo, hi = lo.repeat(h), hi.repeat(h)  # [H * R], row-major like c
     total = float(h) * fx.sum()
 
-    lam_lo = torch.zeros(lead, dtype=torch.float64, device=dev)
-    lam_hi = (hi / c).amax(-1)  # clamp(lam_hi * c) = hi everywhere: the sum is >= total
-    for _ in range(60):
-        mid = (lam_lo + lam_hi) / 2
-        ok = torch.minimum(torch.maximum(mid[..., None] * c, lo), hi).sum(-1) >= total
-        lam_lo, lam_hi = torch.where(ok, lam_lo, mid), torch.where(ok, mid, lam_hi)
-    x = torch.minimum(torch.maximum(lam_hi[..., None] * c, lo), hi)
+    lam = _budget_multiplier(c, lo, hi, total)
+    x = torch.minimum(torch.maximum(lam[..., None] * c, lo), hi)
     n = torch.floor(x + 1e-9).clamp(min=lo, max=hi)
     short = total - n.sum(-1, keepdim=True)  # > 0: blocks to add; < 0 (float slack): blocks to take away
     frac = x - n

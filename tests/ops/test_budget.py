@@ -277,3 +277,26 @@ def test_adaptive_keep_counts_empty_rows_and_heads():
     empty = torch.zeros(0, m, dtype=torch.bool)
     got = adaptive_keep_counts(torch.rand(1, 2, 0, m), empty, empty, fixed[:0], 0.9, 0.25, 4.0)
     assert got.shape == (1, 2, 0) and got.dtype == torch.int64
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 300])
+def test_budget_multiplier_is_the_smallest_that_meets_the_total(n):
+    """_budget_multiplier solves sum(clamp(lam * c, lo, hi)) >= total exactly: the sum at lam reaches the total and
+    any smaller multiplier falls short (or every row is already at its floor)."""
+    from cab_vllm.config import _budget_multiplier
+
+    gen = torch.Generator().manual_seed(n)
+    for _ in range(20):
+        c = torch.randint(1, 40, (3, n), generator=gen).double()
+        lo = torch.randint(0, 5, (n,), generator=gen).double()
+        hi = lo + torch.randint(0, 30, (n,), generator=gen).double()
+        w = torch.rand(3, generator=gen).double()
+        total = lo.sum() + w * (hi.sum() - lo.sum())  # feasible: sum(lo) <= total <= sum(hi)
+        lam = _budget_multiplier(c, lo, hi, total)
+
+        def f(x):
+            return torch.minimum(torch.maximum(x[:, None] * c, lo), hi).sum(-1)
+
+        assert (f(lam) >= total - 1e-6).all()
+        below = f(lam * (1 - 1e-7) - 1e-12)
+        assert ((below < total) | (f(torch.zeros(3, dtype=torch.float64)) >= total - 1e-9)).all()
