@@ -130,7 +130,6 @@ class EngineModel:
 
     def __init__(self, path, max_model_len: int, yarn: float | None = None, gpu_memory_utilization: float | None = None,
                  dtype: str = "auto", max_num_batched_tokens: int | None = None, enforce_eager: bool = False) -> None:
-        import json
         import os
         import types
 
@@ -145,15 +144,15 @@ class EngineModel:
             kw["gpu_memory_utilization"] = gpu_memory_utilization
         if max_num_batched_tokens is not None:
             kw["max_num_batched_tokens"] = max_num_batched_tokens
-        if yarn:
-            cfg = json.loads((Path(path) / "config.json").read_text())
-            orig = int(cfg["max_position_embeddings"])
-            rope = {"rope_type": "yarn", "factor": float(yarn), "original_max_position_embeddings": orig,
-                    "rope_theta": cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4))}
-            kw["hf_overrides"] = {"rope_parameters": rope, "max_position_embeddings": int(orig * yarn)}
+        if yarn:  # the transformers path's rule (yarn_rope), handed to the engine as config overrides
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path)
+            yarn_rope(config, yarn)
+            kw["hf_overrides"] = {"rope_parameters": config.rope_parameters,
+                                  "max_position_embeddings": config.max_position_embeddings}
         self.llm = LLM(str(path), **kw)
         self.config = types.SimpleNamespace(max_position_embeddings=max_model_len)
-        self.device = "engine"
 
     @classmethod
     def request_args(cls, variant: "Variant", sparsity: float) -> dict:
@@ -171,8 +170,6 @@ class EngineModel:
                  ) -> tuple[list[str], float, float | None]:
         """Greedy answers of a batch, seconds, and the achieved density of the batch's steps (kept / causal key
         blocks from CAB's step figures; None when they are not in this process)."""
-        import time
-
         from vllm import SamplingParams
 
         from cab_vllm.backend.stats import STATS

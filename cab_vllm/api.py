@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cab_vllm.config import CABConfig
+from cab_vllm.config import ESTIMATED_POLICIES, CABConfig
 from cab_vllm.ops._triton import check, resolve_impl
 from cab_vllm.ops.prefill import PrefillTiles, dense_sparse_prefill
 from cab_vllm.ops.blocks import num_blocks
 from cab_vllm.ops.reference import sparse_attention_ref
 from cab_vllm.policies import estimate, select_from_attention
 
-NEEDS_ESTIMATE = ("cab", "curvature", "magnitude", "h2o")
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig | None = None
     _check_qk(q, k)
     m = num_blocks(q.shape[2], cfg.block_size)
     hkv = k.shape[1]
-    if cfg.policy in NEEDS_ESTIMATE:
+    if cfg.policy in ESTIMATED_POLICIES:
         a_max, a_mean = estimate(q, k, cfg, impl=impl)
     else:
         a_max = a_mean = torch.zeros(q.shape[0], hkv, m, m, device=q.device)

@@ -10,7 +10,9 @@ POLICIES = ("cab", "curvature", "magnitude", "h2o", "streaming", "random", "dens
 ESTIMATORS = ("max_l2", "mean", "topr", "bounds", "sampled")
 DECODE_RULES = ("auto", "bounds", "prompt")
 BUDGETS = ("fixed", "adaptive")
-ADAPTIVE_POLICIES = ("cab", "magnitude", "h2o", "curvature")  # budget="adaptive" applies to these (the others: fixed)
+# the policies that rank key blocks by estimated attention: they need the estimate, may decode from their prompt
+# selection (decode_rule) and take the adaptive budget; streaming, random and dense do none of these
+ESTIMATED_POLICIES = ("cab", "curvature", "magnitude", "h2o")
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class CABConfig:
         rule = self.decode_rule
         if rule == "auto":
             rule = "bounds" if self.policy == "magnitude" else "prompt"
-        return rule == "prompt" and self.policy in ("cab", "magnitude", "h2o", "curvature")
+        return rule == "prompt" and self.policy in ESTIMATED_POLICIES
 
     @property
     def decode_scoring(self) -> str:
@@ -134,8 +136,8 @@ class CABConfig:
     @property
     def adaptive(self) -> bool:
         """Whether prefill selection uses the adaptive (top-p) budget: budget="adaptive" and a policy that
-        ranks blocks by estimated attention (ADAPTIVE_POLICIES); streaming/random/dense keep the fixed rule."""
-        return self.budget == "adaptive" and self.policy in ADAPTIVE_POLICIES
+        ranks blocks by estimated attention (ESTIMATED_POLICIES); streaming/random/dense keep the fixed rule."""
+        return self.budget == "adaptive" and self.policy in ESTIMATED_POLICIES
 
     def replace(self, **changes: object) -> "CABConfig":
         """A copy with ``changes`` applied (validated again)."""
@@ -197,8 +199,8 @@ def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: floa
       1. need  = the fewest blocks, forced ones first then by mass, whose mass reaches top_p;
       2. bounds: lo = max(forced count, ceil(floor * fixed)), hi = min(allowed count, floor(cap * fixed));
       3. counts = clamp(lam * need, lo, hi) with one multiplier lam per leading index (per sequence), solved
-         exactly (_budget_multiplier) so that the counts sum to H * fixed.sum(), the fixed rule's total; rounded down, then the
-         rows with the largest remainders get one block more until the total is met exactly.
+         exactly (_budget_multiplier) so that the counts sum to H * fixed.sum(), the fixed rule's total; rounded
+         down, then the rows with the largest remainders get one block more until the total is met exactly.
 
     So every sequence keeps exactly the fixed rule's number of blocks (the sparsity knob is the average) and
     only their split over heads and query blocks adapts. lo <= fixed <= hi always, so the total is feasible.

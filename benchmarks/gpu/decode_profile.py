@@ -90,20 +90,21 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
     keep_t = torch.full((rows,), keep, device=dev, dtype=torch.int32)
     res = {"n": n, "rows": rows, "sparsity": sparsity, "kept_blocks": keep, "blocks": m, "splits": ws.splits(rows)}
 
-    def routed(mode: int):
+    sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed)
+
+    def routes_of(mode: int) -> DecodeRoutes:  # every row in `mode`
         modes = torch.full((rows,), mode, device=dev, dtype=torch.int32)
         flag = torch.tensor([1 if mode == MODE_BOUNDS else 0], device=dev, dtype=torch.int32)
-        routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows], flag)
-        sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed)
+        return DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows], flag)
+
+    def routed(mode: int):
+        routes = routes_of(mode)
         return lambda: routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows),
                                      ws.partials(rows), impl="triton", select=sel, min_blocks_per_split=min_per,
                                      blocks_per_iter=bpi)
 
     def one_launch(mode: int):  # selection and attention in one launch (programs take roles from a ticket)
-        modes = torch.full((rows,), mode, device=dev, dtype=torch.int32)
-        flag = torch.tensor([1 if mode == MODE_BOUNDS else 0], device=dev, dtype=torch.int32)
-        routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows], flag)
-        sel = Selection(keep_t, ws.scores[:rows], cfg.sink_blocks, cfg.local_blocks, cfg.seed)
+        routes = routes_of(mode)
         scratch = ws.partials(rows)
         return lambda: step_launch(q, kc, vc, bt, sl, routes.sel_idx, routes.sel_cnt, block_size=BS, routes=routes,
                                    select=sel, scale=1 / math.sqrt(D), num_splits=ws.splits(rows), out=out,

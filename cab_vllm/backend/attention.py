@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from cab_vllm.backend.plan import BatchPlan
 from cab_vllm.backend.stats import STATS
-from cab_vllm.config import CABConfig
+from cab_vllm.config import ESTIMATED_POLICIES, CABConfig
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.blocks import gather_paged, num_blocks
 from cab_vllm.policies import estimate, rows_only, select_from_attention
@@ -71,7 +71,7 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor, cfg: CABConfig, 
     pad = n - nq - off * bs
     q = F.pad(q_new, (0, 0, pad, 0)) if pad else q_new
     qb, kb = q[None], k_all[None]
-    if cfg.policy in ("cab", "curvature", "magnitude", "h2o"):
+    if cfg.policy in ESTIMATED_POLICIES:
         a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off)
     else:
         m = num_blocks(n, bs)

@@ -47,11 +47,7 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_BUDGET_FLOOR": ("budget_floor", float),
     "CAB_BUDGET_CAP": ("budget_cap", float),
 }
-
-
 IMPLS = ("auto", "torch", "triton")
-
-
 REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
 
 
@@ -74,7 +70,8 @@ class EngineSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
-        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_DENSE_THRESHOLD, CAB_IMPL); unset ones keep the defaults. A bad value raises ValueError naming the variable."""
+        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_DENSE_THRESHOLD, CAB_IMPL); unset ones keep the defaults. A bad value
+        raises ValueError naming the variable."""
         env = os.environ if environ is None else environ
         changes: dict[str, object] = {}
         for var, (field, parse) in ENV_FIELDS.items():
@@ -121,12 +118,10 @@ def validate_request_args(extra_args: Mapping[str, object] | None) -> None:
         return
     if extra_args.get("cab_sparsity") is not None:
         _sparsity_value(extra_args["cab_sparsity"])
-    pol = extra_args.get("cab_policy")
-    if pol is not None and (not isinstance(pol, str) or pol not in POLICIES):
-        raise ValueError(f"cab_policy={pol!r} is invalid: expected one of {', '.join(POLICIES)}")
-    bud = extra_args.get("cab_budget")
-    if bud is not None and (not isinstance(bud, str) or bud not in BUDGETS):
-        raise ValueError(f"cab_budget={bud!r} is invalid: expected one of {', '.join(BUDGETS)}")
+    for key, allowed in (("cab_policy", POLICIES), ("cab_budget", BUDGETS)):
+        value = extra_args.get(key)
+        if value is not None and (not isinstance(value, str) or value not in allowed):
+            raise ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(allowed)}")
 
 
 @functools.lru_cache(maxsize=256)

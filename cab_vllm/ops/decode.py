@@ -7,8 +7,8 @@ a scratch buffer; the last split of each (sequence, KV head) to finish merges th
 launch costs microseconds even when it has nothing to do (short prompts run on vLLM's FlashAttention), so the
 attention and the merge share one launch, and the selection's programs return at once when no row selects. The
 kernel can also run selection and attention in one launch (programs take roles from a start-order ticket), but
-on the H200 that costs the attention role 1.5x at 8 rows of 128k, so routed_decode uses two. Twins: ops.reference.paged_decode_ref and
-ops.select.decode_select's PyTorch path.
+on the H200 that costs the attention role 1.5x at 8 rows of 128k, so routed_decode uses two.
+Twins: ops.reference.paged_decode_ref and ops.select.decode_select's PyTorch path.
 """
 
 from __future__ import annotations
@@ -281,16 +281,14 @@ if HAS_TRITON:
 MAX_SPLITS = 64  # split-K partials per (row, head), at most
 MIN_BLOCKS_PER_SPLIT = 4  # a (row, KV head) with fewer than num_splits * this many blocks uses fewer splits
 BLOCKS_PER_ITER = 1  # key blocks one attention program loads per loop iteration (a tile of this many blocks)
-
-
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, target_programs: int | None = None) -> int:
-    """Enough splits to fill ~2 waves of an H100 (132 SMs) while keeping >= 4 blocks per split."""
+    """Enough splits to fill ~2 waves of an H100 (132 SMs) while keeping >= MIN_BLOCKS_PER_SPLIT blocks per split."""
     target_programs = TARGET_PROGRAMS if target_programs is None else target_programs
     want = max(1, -(-target_programs // max(1, num_seqs * num_kv_heads)))
-    return int(max(1, min(want, -(-max_blocks // 4), MAX_SPLITS)))
+    return int(max(1, min(want, -(-max_blocks // MIN_BLOCKS_PER_SPLIT), MAX_SPLITS)))
 
 
 def paged_sparse_decode(

@@ -172,7 +172,8 @@ def decode_priority(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor, seq
 
 
 # ----------------------------------------------------------------------------------------------------
-# decode, CUDA-graph safe: per-row routed selection from the paged cache (scored and top-k in the decode launch)
+# decode, CUDA-graph safe: per-row routed selection from the paged cache (scores and top-k in the step's selection
+# launch, ops.decode.routed_decode)
 # ----------------------------------------------------------------------------------------------------
 def hash_score(j: torch.Tensor, h: int | torch.Tensor, n: int | torch.Tensor, seed: int) -> torch.Tensor:
     """Seeded integer hash in [0, 2^24) of (key block j, KV head h, context length n): the random decode

@@ -16,7 +16,7 @@ import torch
 
 import cab_vllm
 from conftest import KERNEL_FP32_TOL, block_mask_of, masked_attention_oracle, rel_err
-from cab_vllm.config import ADAPTIVE_POLICIES, POLICIES, CABConfig, adaptive_keep_counts
+from cab_vllm.config import ESTIMATED_POLICIES, POLICIES, CABConfig, adaptive_keep_counts
 from cab_vllm.ops.reference import causal_block_mask
 from cab_vllm.ops.select import forced_mask, select_topk
 from cab_vllm.policies import select_from_attention
@@ -92,7 +92,7 @@ def test_fixed_budget_select_blocks_is_byte_identical():
     assert _digest(sel.indices, sel.counts) == "97dda21b0f2273f5"
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in ADAPTIVE_POLICIES])
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in ESTIMATED_POLICIES])
 def test_adaptive_leaves_streaming_random_dense_fixed(policy):
     a_max, a_mean = graphs(2, 2, 37, seed=3)
     cfg = CABConfig(policy=policy, sparsity=0.8)
@@ -139,7 +139,7 @@ def test_adaptive_counts_total_and_bounds(sparsity, m, sink, local, top_p, floor
 @pytest.mark.parametrize("sink,local", SINK_LOCAL)
 @pytest.mark.parametrize("m", SIZES)
 @pytest.mark.parametrize("sparsity", [0.5, 0.9], ids=lambda s: f"s{s}")
-@pytest.mark.parametrize("policy", ADAPTIVE_POLICIES)
+@pytest.mark.parametrize("policy", ESTIMATED_POLICIES)
 def test_adaptive_selection_total_forced_causal(policy, sparsity, m, sink, local):
     cfg = CABConfig(policy=policy, sparsity=sparsity, sink_blocks=sink, local_blocks=local, budget="adaptive",
                     curvature_share=0.3 if policy == "cab" else 0.0)
@@ -174,7 +174,7 @@ def test_adaptive_total_per_sequence_not_shared_across_the_batch():
 # (d) concentrated heads keep fewer blocks than flat ones
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9], ids=lambda s: f"s{s}")
-@pytest.mark.parametrize("policy", ADAPTIVE_POLICIES)
+@pytest.mark.parametrize("policy", ESTIMATED_POLICIES)
 def test_concentrated_head_keeps_fewer_blocks_than_flat_head(policy, sparsity):
     m = 37
     cfg = CABConfig(policy=policy, sparsity=sparsity, budget="adaptive")

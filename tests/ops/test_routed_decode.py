@@ -30,6 +30,17 @@ def _case(hq=4, hkv=2, d=32, page=16, seed=0, dtype=torch.float32, device="cpu")
     return batch, kc, vc, bt, q, sl
 
 
+def _row1_prompt_table(hkv: int, device):
+    """A prompt table whose slot 1 stores blocks [0, 1] (KV head 0) and [2] (KV head 1), and the rows' (slots,
+    prompt blocks) that send row 1 (200 tokens, 4 blocks) there: its 3-block prompt's selection, then block 3."""
+    table = PromptTable(4, hkv, 8, device)
+    table.put(1, torch.tensor([[0, 1, -1], [2, -1, -1]], dtype=torch.int32, device=device),
+              torch.tensor([2, 1], dtype=torch.int32, device=device))
+    slots = torch.tensor([0, 1, 0, 0, 0, 0], dtype=torch.int32, device=device)
+    pblocks = torch.tensor([0, 3, 0, 0, 0, 0], dtype=torch.int32, device=device)
+    return table, slots, pblocks
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("page", [16, 32], ids=lambda p: f"page{p}")
 def test_decode_select_matches_the_twin(impl, page, device):
@@ -154,12 +165,8 @@ def test_routed_decode_selects_then_attends_like_the_twins(keep, device):
     _, kc, vc, bt, q, sl = _case(device=device)
     s, hq, d = q.shape
     hkv = kc.shape[2]
-    table = PromptTable(4, hkv, 8, device)
-    table.put(1, torch.tensor([[0, 1, -1], [2, -1, -1]], dtype=torch.int32, device=device),
-              torch.tensor([2, 1], dtype=torch.int32, device=device))
+    table, slots, pblocks = _row1_prompt_table(hkv, device)
     modes = torch.tensor(MODES, dtype=torch.int32, device=device)
-    slots = torch.tensor([0, 1, 0, 0, 0, 0], dtype=torch.int32, device=device)
-    pblocks = torch.tensor([0, 3, 0, 0, 0, 0], dtype=torch.int32, device=device)
     keep_t = torch.tensor(keep, dtype=torch.int32, device=device)
     ws = DecodeWorkspace(8, hq, hkv, d, 8, device)
     outs = {}
@@ -276,13 +283,9 @@ def test_short_selections_use_fewer_splits_with_the_same_output(device):
     _, kc, vc, bt, q, sl = _case(device=device)
     s, hq, d = q.shape
     hkv = kc.shape[2]
-    table = PromptTable(4, hkv, 8, device)
-    table.put(1, torch.tensor([[0, 1, -1], [2, -1, -1]], dtype=torch.int32, device=device),
-              torch.tensor([2, 1], dtype=torch.int32, device=device))
+    table, slots, pblocks = _row1_prompt_table(hkv, device)
     modes = torch.tensor([MODE_ALL, MODE_PROMPT, MODE_ALL, MODE_SKIP, MODE_ALL, MODE_ALL], dtype=torch.int32,
                          device=device)
-    slots = torch.tensor([0, 1, 0, 0, 0, 0], dtype=torch.int32, device=device)
-    pblocks = torch.tensor([0, 3, 0, 0, 0, 0], dtype=torch.int32, device=device)
     idx = torch.zeros(s, hkv, 8, dtype=torch.int32, device=device)
     cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
     routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, idx, cnt)
@@ -313,12 +316,8 @@ def test_selection_and_attention_in_one_launch_equal_two_launches(device):
     _, kc, vc, bt, q, sl = _case(device=device)
     s, hq, d = q.shape
     hkv = kc.shape[2]
-    table = PromptTable(4, hkv, 8, device)
-    table.put(1, torch.tensor([[0, 1, -1], [2, -1, -1]], dtype=torch.int32, device=device),
-              torch.tensor([2, 1], dtype=torch.int32, device=device))
+    table, slots, pblocks = _row1_prompt_table(hkv, device)
     modes = torch.tensor(MODES, dtype=torch.int32, device=device)
-    slots = torch.tensor([0, 1, 0, 0, 0, 0], dtype=torch.int32, device=device)
-    pblocks = torch.tensor([0, 3, 0, 0, 0, 0], dtype=torch.int32, device=device)
     keep = torch.tensor([0, 0, 2, 0, 3, 4], dtype=torch.int32, device=device)
     ws = DecodeWorkspace(8, hq, hkv, d, 8, device)
     outs = []
