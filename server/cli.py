@@ -211,6 +211,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if args.api_server_count not in (None, 1) or args.headless or getattr(args, "grpc", False):
         parser.error("cab-serve runs one API server process: --api-server-count > 1, --headless and --grpc are "
                      "not supported (use `vllm serve ... --attention-backend CUSTOM` for those)")
+    if str(args.attention_backend).upper() == "CUSTOM" and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        # CUDA vLLM 0.26+ picks Model Runner V2 for most models, which exposes no request ids to an attention
+        # backend: CAB would ignore every request's sparsity / policy and decode by key bounds (several times
+        # slower than its prompt rule at long contexts). The V1 runner is the one CAB supports per request.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if args.sparsity is not None:
         os.environ["CAB_SPARSITY"] = repr(args.sparsity)
     if args.policy is not None:
@@ -304,12 +309,10 @@ def main(argv: list[str] | None = None) -> None:
         args, keys = parse_args(argv)
         import uvloop
 
-        from vllm.logger import configure_logging_from_args
-
         from server import vllm_api
 
         vllm_api.cli_env_setup()()
-        configure_logging_from_args(args)
+        vllm_api.configure_logging(args)
         try:
             vllm_api.validate_parsed_serve_args()(args)
         except (TypeError, ValueError) as e:

@@ -66,7 +66,18 @@ def uvicorn_log_config(args):
     """vLLM's uvicorn log config for these args, or None (also when this vLLM has no such helper)."""
     try:
         fn = _first(("vllm.entrypoints.launchers.utils.server_utils", "get_uvicorn_log_config"),
+                    ("vllm.entrypoints.serve.utils.server_utils", "get_uvicorn_log_config"),
                     ("vllm.entrypoints.utils", "get_uvicorn_log_config"))
     except ImportError:
         return None
     return fn(args)
+
+
+def configure_logging(args) -> None:
+    """vLLM's logging set-up from the serve flags (newer releases); releases without it (0.26) configure logging
+    from the environment at import, which has already happened."""
+    try:
+        fn = _first(("vllm.logger", "configure_logging_from_args"))
+    except ImportError:
+        return
+    fn(args)

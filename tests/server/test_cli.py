@@ -15,7 +15,8 @@ pytest.importorskip("vllm")
 
 from server import cli  # noqa: E402
 
-CAB_ENV = ("CAB_SPARSITY", "CAB_POLICY", "CAB_DENSE_THRESHOLD", "VLLM_API_KEY", "VLLM_CPU_KVCACHE_SPACE")
+CAB_ENV = ("CAB_SPARSITY", "CAB_POLICY", "CAB_DENSE_THRESHOLD", "VLLM_API_KEY", "VLLM_CPU_KVCACHE_SPACE",
+           "VLLM_USE_V2_MODEL_RUNNER")
 
 
 @pytest.fixture(autouse=True)
@@ -160,3 +161,17 @@ def test_keep_alive_flag(monkeypatch, model_dir):
     assert cli.keep_alive_seconds(args) == 300
     monkeypatch.setenv("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "20")
     assert cli.keep_alive_seconds(cli.parse_args([])[0]) == 20
+
+
+def test_cab_backend_runs_the_v1_model_runner_unless_the_user_chose(model_dir, monkeypatch):
+    """CUDA vLLM 0.26+ defaults most models to Model Runner V2, which gives an attention backend no request ids:
+    CAB would then ignore every request's fields. cab-serve picks V1 for its backend, keeps an explicit choice,
+    and leaves other backends alone."""
+    cli.parse_args(["--model", model_dir])
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    cli.parse_args(["--model", model_dir, "--attention-backend", "FLASH_ATTN"])
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    cli.parse_args(["--model", model_dir])
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
