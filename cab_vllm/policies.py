@@ -108,16 +108,21 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     raise ValueError(f"unknown policy {policy!r}")
 
 
-def estimate(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, impl: str = "auto", q_block_offset: int = 0
+def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str = "auto", q_block_offset: int = 0,
+             summary: torch.Tensor | None = None, n_keys: int | None = None, exact: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated block attention per KV head for cfg: (max over the group's heads, mean), each
     [B, Hkv, Mq, M]. k [B, Hkv, N, D] holds all keys; q [B, Hq, N - q_block_offset * bs, D] the queries of
     query blocks q_block_offset .. M-1 (Mq = M - q_block_offset; 0: the full square; see
     coarsen.estimate_block_attention). The cab policy replaces the last query block's row by exact scores
-    of its last ``exact_rows`` query tokens (the rows that produce the answer)."""
+    of its last ``exact_rows`` query tokens (the rows that produce the answer), when ``exact``.
+    summary: the keys' block summaries (coarsen.key_summary for cfg.estimator) of n_keys keys, used instead of
+    pooling k; k is then read only for the exact rows (None when exact is False)."""
     a_max, a_mean = estimate_grouped(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl,
-                                     q_block_offset=q_block_offset)
-    if cfg.policy == "cab" and cfg.exact_rows > 0:
+                                     q_block_offset=q_block_offset, summary=summary, n_keys=n_keys)
+    if cfg.policy == "cab" and cfg.exact_rows > 0 and exact:
+        if k is None:
+            raise ValueError("estimate: the cab policy's exact rows need the keys (k is None)")
         last = torch.tensor([num_blocks(k.shape[2], cfg.block_size) - 1], device=q.device)
         ex = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl,
                                      q_offset=q_block_offset * cfg.block_size)

@@ -47,7 +47,8 @@ def _all_blocks(first_qb: int, last_qb: int, hkv: int, device) -> tuple[torch.Te
     return idx[:, None].expand(r, hkv, last_qb + 1).contiguous(), (qb + 1)[:, None].expand(r, hkv).contiguous()
 
 
-def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor, cfg: CABConfig, impl: str = "auto"
+def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABConfig, impl: str = "auto",
+                      summary: torch.Tensor | None = None, n: int | None = None, exact: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Selection for the query blocks holding one request's new tokens.
 
@@ -58,9 +59,16 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor, cfg: CABConfig, 
     full [M, M] square and keep its rows first..last (see the module docstring). The selection is the same
     with the fixed budget; an adaptive one (CABConfig.budget) keeps the fixed total over the rows it selects,
     so the chunk's rows of a rows_only policy keep exactly their fixed total, split by estimated mass.
+    summary [Hkv, M, W]: the keys' block summaries (KeySummaries) of the n keys, used instead of pooling k_all;
+    k_all may then be None unless the cab policy's exact rows run (exact: the chunk holds the prompt's end).
     """
     hq, nq, d = q_new.shape
-    hkv, n = k_all.shape[0], k_all.shape[1]
+    if k_all is not None:
+        hkv, n = k_all.shape[0], k_all.shape[1]
+    elif summary is None or n is None:
+        raise ValueError("prefill_selection needs the keys or their summary with the key count")
+    else:
+        hkv = summary.shape[0]
     bs = cfg.block_size
     first, last = (n - nq) // bs, (n - 1) // bs
     if cfg.policy == "dense":
@@ -70,9 +78,13 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor, cfg: CABConfig, 
     off = first if rows_only(cfg) else 0
     pad = n - nq - off * bs
     q = F.pad(q_new, (0, 0, pad, 0)) if pad else q_new
-    qb, kb = q[None], k_all[None]
+    qb, kb = q[None], (None if k_all is None else k_all[None])
     if cfg.policy in ESTIMATED_POLICIES:
-        a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off)
+        if summary is None:
+            a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off, exact=exact)
+        else:
+            a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off, summary=summary[None], n_keys=n,
+                                     exact=exact)
     else:
         m = num_blocks(n, bs)
         a_max = a_mean = torch.zeros(1, hkv, m - off, m, device=q.device)
@@ -95,6 +107,44 @@ def prefill_tiles(parts: Sequence[tuple[int, torch.Tensor, torch.Tensor, int]]) 
     idx = torch.cat([_pad_k(p[1], kmax) for p in parts]).contiguous()
     cnt = torch.cat([p[2] for p in parts]).contiguous()
     return PrefillTiles(seq, qb, idx, cnt)
+
+
+class KeySummaries:
+    """Per layer: the key-block summaries (ops.coarsen.key_summary for the engine's estimator) of the requests
+    being prefilled in chunks, kept from chunk to chunk so a chunk pools only its own key blocks (and a partial
+    block before them) instead of gathering and pooling the whole context again: a prompt's chunks together
+    read K about once for the estimate. data [slots, Hkv, max_blocks, W]; the builder's SummarySlots decides
+    which slot a chunk uses and from which block it must pool (backend.plan)."""
+
+    def __init__(self, num_slots: int, num_kv_heads: int, max_blocks: int, head_dim: int, estimator: str, dtype,
+                 device) -> None:
+        from cab_vllm.ops.reference import SUMMARY_ESTIMATORS
+
+        if estimator not in SUMMARY_ESTIMATORS:
+            raise ValueError(f"estimator {estimator!r} has no key summary; expected one of {SUMMARY_ESTIMATORS}")
+        width = 2 * head_dim if estimator == "bounds" else head_dim
+        self.estimator = estimator
+        self.data = torch.zeros(num_slots, num_kv_heads, max(1, max_blocks), width,
+                                dtype=torch.float32 if estimator == "mean" else dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def update_key_summaries(store: KeySummaries, slot: int, first_block: int, key_cache: torch.Tensor,
+                         block_table_row: torch.Tensor, n: int, block_size: int, impl: str = "auto") -> torch.Tensor:
+    """Pool the key blocks first_block .. M-1 of one request's n keys from the paged cache into its slot and
+    return the slot's summaries of all M blocks, [Hkv, M, W]."""
+    from cab_vllm.ops.coarsen import key_summary
+
+    m = num_blocks(n, block_size)
+    if m > store.data.shape[2]:
+        raise ValueError(f"{m} key blocks do not fit the key summaries ({store.data.shape[2]} blocks)")
+    if first_block < m:
+        k_new = gather_paged(key_cache, block_table_row, n, start=first_block * block_size)
+        store.data[slot, :, first_block:m] = key_summary(k_new[None], block_size, store.estimator, impl=impl)[0]
+    return store.data[slot, :, :m]
 
 
 class PromptTable:
@@ -268,7 +318,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
            seq_lens: torch.Tensor, plan: BatchPlan, scale: float, out: torch.Tensor, impl: str = "auto",
            record: dict | None = None, table: PromptTable | None = None, routes=None, keep: torch.Tensor | None = None,
            workspace: DecodeWorkspace | None = None, skip_dense: bool = False, decode_attention: bool = True,
-           prefills: bool = True) -> torch.Tensor:
+           prefills: bool = True, summaries: KeySummaries | None = None) -> torch.Tensor:
     """One layer of the backend: select and attend for the rows of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
@@ -276,7 +326,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     plan (decode rows that select by key bounds read each block's key min/max from the cache). routes/keep: the builder's device DecodeRoutes (built here when None); table: this layer's
     PromptTable (decode_rule="prompt"). skip_dense: dense rows are left to another kernel (vLLM's
     FlashAttention). decode_attention=False: decode rows are left alone (every one is dense and another kernel
-    runs it); prefills=False: prefill rows are left alone. Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
+    runs it); prefills=False: prefill rows are left alone. summaries: this layer's KeySummaries, used by the
+    prefill rows route_rows gave a summary slot (plan.summary). Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
     (indices, counts) of plan.decode_rows; 'prefill': (indices, counts, first query block) per plan.prefill_rows).
     """
     from cab_vllm.ops.decode import Selection, routed_decode, routed_indices
@@ -324,14 +375,27 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     rows = [r for r in plan.prefill_rows if not (skip_dense and plan.dense[r])] if prefills else []
     if rows:
         sels, toks, qsl_sub = [], [], [0]
-        store = dict(zip(plan.prefill_rows, plan.store or [None] * len(plan.prefill_rows)))
+        none = [None] * len(plan.prefill_rows)
+        store = dict(zip(plan.prefill_rows, plan.store or none))
+        kept = dict(zip(plan.prefill_rows, plan.summary or none))
+        final = dict(zip(plan.prefill_rows, plan.final or [True] * len(plan.prefill_rows)))
         with STATS.timed("prefill", dev):
             for r in rows:
                 q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
                 cfg = plan.cfgs[r]
-                k_all = (key_cache.new_empty(hkv, n, 0) if cfg.policy == "dense"
-                         else gather_paged(key_cache, block_table[r], n))
-                sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl))
+                entry, summary = kept.get(r), None
+                if cfg.policy == "dense":
+                    k_all = key_cache.new_empty(hkv, n, 0)
+                elif (entry is not None and summaries is not None and cfg.policy in ESTIMATED_POLICIES
+                      and cfg.estimator == summaries.estimator):
+                    summary = update_key_summaries(summaries, entry[0], entry[1], key_cache, block_table[r], n,
+                                                   cfg.block_size, sel_impl)
+                    exact_rows = cfg.policy == "cab" and cfg.exact_rows > 0 and final[r]
+                    k_all = gather_paged(key_cache, block_table[r], n) if exact_rows else None
+                else:
+                    k_all = gather_paged(key_cache, block_table[r], n)
+                sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl, summary=summary,
+                                              n=n, exact=final[r]))
                 entry = store.get(r)
                 if entry is not None and table is not None:
                     slot, qb = entry

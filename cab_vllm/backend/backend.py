@@ -57,8 +57,9 @@ from cab_vllm.backend import trace
 from cab_vllm.backend.stats import STATS
 from cab_vllm.ops.decode import SELECTED_MODES, DecodeRoutes
 from cab_vllm.backend import compat
-from cab_vllm.backend.plan import METRICS, BatchPlan, PromptSlots, plan_batch, request_config, route_rows
-from cab_vllm.backend.attention import DecodeWorkspace, PromptTable, attend, write_kv
+from cab_vllm.backend.plan import (METRICS, BatchPlan, PromptSlots, SummarySlots, plan_batch, request_config,
+                                   route_rows)
+from cab_vllm.backend.attention import DecodeWorkspace, KeySummaries, PromptTable, attend, write_kv
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         cap = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
         self.rows = max(int(sched.max_num_seqs), int(cap))
         self.slots = PromptSlots(int(sched.max_num_seqs))
+        self.summaries = summary_slots(self.settings)
         fa = compat.flash_attention()
         self.fa = fa[1](kv_cache_spec, layer_names, vllm_config, device) if fa is not None else None
         self._routes = torch.zeros(6, self.rows, dtype=torch.int32, device=device)
@@ -253,7 +255,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         cfgs, req_ids, live, prompt_lens = self._request_cfgs(n)
         plan = plan_batch(qsl_cpu, seq_lens_cpu, cfgs, self.settings.dense_threshold, req_ids=req_ids, live=live,
                           prompt_lens=prompt_lens)
-        route_rows(plan, self.slots, fa_dense=self.fa is not None)
+        route_rows(plan, self.slots, fa_dense=self.fa is not None, summaries=self.summaries)
         if self._record:
             STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold)
         if self._trace:
@@ -324,6 +326,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self.settings = compat.engine_settings()  # a bad CAB_* value fails engine start here, with its name
         self.table: PromptTable | None = None  # decode_rule="prompt": each request's prompt selection, this layer
         self.workspace: DecodeWorkspace | None = None
+        self.summaries: KeySummaries | None = None  # key-block summaries kept across a prompt's chunks
         self._traced = False
         self._vcfg = compat.current_vllm_config()
         _check_engine_features(self._vcfg)
@@ -343,9 +346,9 @@ class CABImpl(AttentionImpl[CABMetadata]):
         write_kv(key, value, key_cache, value_cache, slot_mapping)
 
     # -- buffers ----------------------------------------------------------------------------------------------
-    def _buffers(self, key_cache: torch.Tensor | None, dev) -> None:
-        """This layer's prompt table and the engine's shared decode workspace, made in the profiling run, so
-        vLLM counts them before it sizes the KV cache."""
+    def _buffers(self, dtype: torch.dtype, dev) -> None:
+        """This layer's prompt table and key summaries and the engine's shared decode workspace, made in the
+        profiling run, so vLLM counts them before it sizes the KV cache."""
         cfg = self.settings.cfg
         vc = self._vcfg
         max_len = vc.model_config.max_model_len if vc is not None else 1 << 15
@@ -357,6 +360,9 @@ class CABImpl(AttentionImpl[CABMetadata]):
         if self.workspace is None:
             self.workspace = _shared_workspace(max(rows, cap), self.num_heads, self.num_kv_heads, self.head_size,
                                                max_blocks, dev)
+        if self.summaries is None and summary_slots(self.settings) is not None:
+            self.summaries = KeySummaries(self.settings.summary_slots, self.num_kv_heads, max_blocks, self.head_size,
+                                          cfg.estimator, dtype, dev)
 
     # -- attention --------------------------------------------------------------------------------------------
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -365,7 +371,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("CAB backend: fused output quantization is not supported")
         if attn_metadata is None:  # profiling run: allocate (counted by vLLM's memory profile) and compile
-            self._buffers(None, query.device)
+            self._buffers(_cache_dtype(self.kv_cache_dtype, query.dtype), query.device)
             if query.is_cuda:
                 _warm_up(self, query)
             return output.fill_(0)
@@ -374,7 +380,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
             METRICS["layers"] += 1
             trace("forward")
         key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
-        self._buffers(key_cache, key_cache.device)
+        self._buffers(key_cache.dtype, key_cache.device)
         md = attn_metadata
         capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.fa is not None and (md.run_fa or capturing):
@@ -388,11 +394,26 @@ class CABImpl(AttentionImpl[CABMetadata]):
         attend(query.view(-1, self.num_heads, self.head_size), key_cache, value_cache, md.block_table, md.seq_lens,
                md.plan, self.scale, output.view(-1, self.num_heads, self.head_size),
                self.settings.impl, table=self.table, routes=routes, keep=md.keep, workspace=self.workspace,
-               skip_dense=self.fa is not None, decode_attention=decode_attention, prefills=md.run_cab_prefill)
+               skip_dense=self.fa is not None, decode_attention=decode_attention, prefills=md.run_cab_prefill,
+               summaries=self.summaries)
         return output
 
 
 _WORKSPACES: dict = {}
+
+
+def summary_slots(settings) -> SummarySlots | None:
+    """The builder's key-summary slots for these engine settings (None: summaries off, or an estimator that
+    has none)."""
+    from cab_vllm.ops.reference import SUMMARY_ESTIMATORS
+
+    if settings.summary_slots <= 0 or settings.cfg.estimator not in SUMMARY_ESTIMATORS:
+        return None
+    return SummarySlots(settings.summary_slots)
+
+
+def _cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(kv_cache_dtype, model_dtype)
 
 
 def _shared_workspace(rows, num_heads, num_kv_heads, head_size, max_blocks, device) -> DecodeWorkspace:

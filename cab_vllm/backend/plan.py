@@ -54,15 +54,20 @@ REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
 @dataclass(frozen=True)
 class EngineSettings:
     """Engine-wide defaults. cfg: the default CABConfig; dense_threshold: contexts of fewer tokens run dense;
-    impl: 'auto' (Triton kernels on CUDA, PyTorch on CPU), 'torch' or 'triton' (CPU needs TRITON_INTERPRET=1)."""
+    impl: 'auto' (Triton kernels on CUDA, PyTorch on CPU), 'torch' or 'triton' (CPU needs TRITON_INTERPRET=1);
+    summary_slots: requests whose key-block summaries are kept across prompt chunks at once (0: none kept, every
+    chunk pools its whole context)."""
 
     cfg: CABConfig = CABConfig()
     dense_threshold: int = 1024
     impl: str = "auto"
+    summary_slots: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.dense_threshold, int) or self.dense_threshold < 0:
             raise ValueError(f"dense_threshold={self.dense_threshold!r} is invalid: expected an integer >= 0")
+        if not isinstance(self.summary_slots, int) or self.summary_slots < 0:
+            raise ValueError(f"summary_slots={self.summary_slots!r} is invalid: expected an integer >= 0")
         if self.impl not in IMPLS:
             raise ValueError(f"impl={self.impl!r} is invalid: expected one of {IMPLS}")
 
@@ -70,7 +75,8 @@ class EngineSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
-        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_DENSE_THRESHOLD, CAB_IMPL); unset ones keep the defaults. A bad value
+        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS); unset ones keep the
+        defaults. A bad value
         raises ValueError naming the variable."""
         env = os.environ if environ is None else environ
         changes: dict[str, object] = {}
@@ -98,7 +104,14 @@ class EngineSettings:
         impl = env.get("CAB_IMPL", "").strip() or "auto"
         if impl not in IMPLS:
             raise ValueError(f"CAB_IMPL={impl!r} is invalid: expected one of {IMPLS}")
-        return cls(cfg, thr, impl)
+        raw_slots = env.get("CAB_SUMMARY_SLOTS", "").strip()
+        try:
+            slots = int(raw_slots) if raw_slots else cls.summary_slots
+        except ValueError:
+            raise ValueError(f"CAB_SUMMARY_SLOTS={raw_slots!r} is not a valid int") from None
+        if slots < 0:
+            raise ValueError(f"CAB_SUMMARY_SLOTS={slots} is invalid: expected an integer >= 0")
+        return cls(cfg, thr, impl, slots)
 
 
 def _sparsity_value(sp: object) -> float:
@@ -182,6 +195,10 @@ class BatchPlan:
     pblocks: list | None = None
     keep: list | None = None
     store: list | None = None
+    # filled by route_rows, per prefill row: (KeySummaries slot, first key block to pool) or None (gather and
+    # pool the whole context), and whether the chunk holds the prompt's last token (True when unknown)
+    summary: list | None = None
+    final: list | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -252,13 +269,66 @@ class PromptSlots:
         return got
 
 
-def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool) -> None:
+class SummarySlots:
+    """Builder side of the key summaries kept across a prompt's chunks (attention.KeySummaries): a slot per
+    request being prefilled sparsely with a one-pass estimator, and how many of its key blocks the slot holds.
+    Host bookkeeping only (once per step). A request keeps its slot until its prompt's last chunk has run, it
+    leaves the engine, or a request of a later step needs the slot (the oldest one not in that step is
+    evicted; it pools its whole context again if it comes back). No free slot: the chunk gathers and pools the
+    whole context, as without summaries (counted in ``misses``)."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.of: dict = {}  # request id -> [slot, full key blocks the slot holds]
+        self.ended: list = []  # requests whose prompt ended in the last step: released at the next one
+        self.misses = 0
+
+    def begin_step(self, live) -> None:
+        for rid in self.ended:
+            self._release(rid)
+        self.ended = []
+        if live is not None:
+            for rid in [r for r in self.of if r not in live]:
+                self._release(rid)
+
+    def _release(self, rid) -> None:
+        got = self.of.pop(rid, None)
+        if got is not None:
+            self.free.append(got[0])
+
+    def take(self, rid, start_block: int, step: frozenset) -> tuple[int, int] | None:
+        """(slot, first block to pool) for a chunk of request rid whose new tokens start in key block start_block;
+        step: the request ids of this step's rows (their slots are not evicted)."""
+        got = self.of.get(rid)
+        if got is not None:
+            return got[0], min(got[1], start_block)
+        if not self.free:
+            old = next((r for r in self.of if r not in step), None)
+            if old is None:
+                self.misses += 1
+                return None
+            self._release(old)
+        self.of[rid] = [self.free.pop(), 0]
+        return self.of[rid][0], 0
+
+    def done(self, rid, full_blocks: int, ended: bool) -> None:
+        self.of[rid][1] = full_blocks
+        if ended:
+            self.ended.append(rid)
+
+
+def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
+               summaries: SummarySlots | None = None) -> None:
     """Decide, once per step on the host, where every row's attention comes from (fills plan.modes, slots,
     pblocks, keep, store). Dense decode rows: MODE_SKIP when vLLM's FlashAttention runs them (fa_dense),
     else MODE_ALL. Sparse decode rows: MODE_PROMPT when the request's prompt selection is stored, else the
     step's own selection: MODE_BOUNDS (cab/magnitude/h2o/curvature), MODE_RECENT (streaming), MODE_RANDOM.
-    A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection."""
+    A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection. A
+    sparse prefill row of an estimating policy with a one-pass estimator gets a key-summary slot (summaries)."""
+    from cab_vllm.config import ESTIMATED_POLICIES
     from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP
+    from cab_vllm.ops.reference import SUMMARY_ESTIMATORS
 
     if slots is not None:
         slots.sync(plan.live)
@@ -278,16 +348,27 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool) -> No
         sl.append(slot)
         pbs.append(pb)
         keep.append(k)
-    store = []
+    if summaries is not None:
+        summaries.begin_step(plan.live)
+        step = frozenset(plan.req_ids or ())
+    store, kept, final = [], [], []
     for r in plan.prefill_rows:
         cfg, n = plan.cfgs[r], plan.seq_lens[r]
         rid = plan.req_ids[r] if plan.req_ids is not None else None
         pl = plan.prompt_lens[r] if plan.prompt_lens is not None else None
         q_len = plan.qsl[r + 1] - plan.qsl[r]
+        end = pl if pl is not None else n  # unknown prompt length: this chunk's end
+        holds_end = n - q_len <= end - 1 < n
+        final.append(holds_end)
+        got = None
+        if (summaries is not None and rid is not None and not plan.dense[r] and cfg.policy in ESTIMATED_POLICIES
+                and cfg.estimator in SUMMARY_ESTIMATORS):
+            got = summaries.take(rid, (n - q_len) // cfg.block_size, step)
+            if got is not None:
+                summaries.done(rid, n // cfg.block_size, ended=holds_end or n >= end)
+        kept.append(got)
         entry = None
         if slots is not None and rid is not None:
-            end = pl if pl is not None else n  # unknown prompt length: this chunk's end
-            holds_end = n - q_len <= end - 1 < n
             if holds_end and not plan.dense[r] and cfg.decode_scoring == "prompt":
                 slot = slots.slot(rid)
                 if slot is not None:
@@ -297,6 +378,7 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool) -> No
                 slots.stored.pop(rid, None)  # the prompt ran dense (or uses a per-step rule): nothing stored
         store.append(entry)
     plan.modes, plan.slots, plan.pblocks, plan.keep, plan.store = modes, sl, pbs, keep, store
+    plan.summary, plan.final = kept, final
 
 
 def keep_count(cfg: CABConfig, seq_len: int) -> int:

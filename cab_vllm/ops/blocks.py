@@ -35,9 +35,10 @@ def selection_to_block_mask(indices: torch.Tensor, counts: torch.Tensor, num_k_b
     return mask[..., :num_k_blocks]
 
 
-def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Contiguous [Hkv, seq_len, D] copy of one sequence's keys or values from a paged cache."""
+def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int, start: int = 0) -> torch.Tensor:
+    """[Hkv, seq_len - start, D] copy of one sequence's keys or values at positions start .. seq_len-1 from a
+    paged cache."""
     page = cache.shape[1]
-    pos = torch.arange(seq_len, device=cache.device)
+    pos = torch.arange(start, seq_len, device=cache.device)
     pages = block_table_row.long()[pos // page]
     return cache[pages, pos % page].transpose(0, 1)

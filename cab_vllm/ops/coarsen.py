@@ -29,6 +29,7 @@ import torch
 
 from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 from cab_vllm.ops import reference as ref
+from cab_vllm.ops.reference import SUMMARY_ESTIMATORS
 
 if HAS_TRITON:
     import triton
@@ -276,26 +277,49 @@ def block_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: s
     check(hq % hkv == 0, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if estimator == "topr" or resolve_impl(impl, q, k) == "torch":
         return ref.block_logits_ref(q, k, block_size, estimator, num_reps)
+    if estimator not in SUMMARY_ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r} has no logits")
+    return logits_from_summary(q, key_summary(k, block_size, estimator, impl=impl), block_size, estimator,
+                               impl=impl)
+
+
+def key_summary(k: torch.Tensor, block_size: int, estimator: str, impl: str = "auto") -> torch.Tensor:
+    """Each key block's summary for a one-pass estimator, [B, Hkv, Mk, W] (see reference.key_summary_ref: bounds
+    = [max | min], W = 2D; max_l2 / mean, W = D). One pass over k."""
+    check(estimator in SUMMARY_ESTIMATORS, f"estimator {estimator!r} has no key summary; expected one of "
+                                           f"{SUMMARY_ESTIMATORS}")
+    if resolve_impl(impl, k) == "torch":
+        return ref.key_summary_ref(k, block_size, estimator)
+    if estimator == "bounds":
+        kb = pool(k, block_size, bounds=True, impl=impl)
+        return torch.cat([kb["hi"], kb["lo"]], -1)
+    return pool(k, block_size, **{estimator: True}, impl=impl)[estimator]
+
+
+def logits_from_summary(q: torch.Tensor, ks: torch.Tensor, block_size: int, estimator: str, impl: str = "auto"
+                        ) -> torch.Tensor:
+    """block_logits from the keys' summaries ks [B, Hkv, Mk, W] (key_summary): [B, Hq, Mq, Mk] float32."""
+    hq, hkv, d = q.shape[1], ks.shape[1], q.shape[-1]
+    check(hq % hkv == 0, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    check(ks.shape[-1] == (2 * d if estimator == "bounds" else d),
+          f"key summary of width {ks.shape[-1]} does not fit estimator {estimator!r} at head dim {d}")
+    if resolve_impl(impl, q) == "torch":
+        return ref.logits_from_summary_ref(q, ks, block_size, estimator)
     scale = 1.0 / math.sqrt(d)
     g = hq // hkv
-    b, mq, mk = q.shape[0], ref.num_blocks(q.shape[2], block_size), ref.num_blocks(k.shape[2], block_size)
+    b, mq, mk = q.shape[0], ref.num_blocks(q.shape[2], block_size), ks.shape[2]
 
     def grouped(x):  # [B, Hq, Mq, D] -> [B, Hkv, G*Mq, D] so one matmul serves the whole group
         return x.reshape(b, hkv, g * mq, d)
 
-    if estimator not in ("max_l2", "mean", "bounds"):
-        raise ValueError(f"estimator {estimator!r} has no logits")
     with _tf32_matmul(q.is_cuda):
         if estimator in ("max_l2", "mean"):
             qc = pool(q, block_size, **{estimator: True}, impl=impl)[estimator].float()
-            kc = pool(k, block_size, **{estimator: True}, impl=impl)[estimator].float()
-            out = grouped(qc) @ kc.transpose(-1, -2)
+            out = grouped(qc) @ ks.float().transpose(-1, -2)
         else:
-            qm = pool(q, block_size, mean=True, impl=impl)["mean"]
-            kb = pool(k, block_size, bounds=True, impl=impl)
+            qg = grouped(pool(q, block_size, mean=True, impl=impl)["mean"])
             # sum_d max(q lo, q hi) = [q+, q-] . [hi, lo]: one matmul over 2D
-            qg = grouped(qm)
-            out = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1) @ torch.cat([kb["hi"], kb["lo"]], -1).float().transpose(-1, -2)
+            out = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1) @ ks.float().transpose(-1, -2)
     return (out * scale).view(b, hq, mq, mk)
 
 
@@ -328,14 +352,27 @@ def group_reduce(a: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torc
     return ag.amax(2), ag.mean(2)
 
 
-def estimate_grouped(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str, num_reps: int = 4,
-                     sample_rows: int = 4, impl: str = "auto", q_block_offset: int = 0
+def estimate_grouped(q: torch.Tensor, k: torch.Tensor | None, block_size: int, estimator: str, num_reps: int = 4,
+                     sample_rows: int = 4, impl: str = "auto", q_block_offset: int = 0,
+                     summary: torch.Tensor | None = None, n_keys: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated block attention reduced over each GQA group: (max, mean), each [B, Hkv, Mq, M] float32 for
     the query blocks q_block_offset .. M-1 that q holds (see estimate_block_attention; 0: the [M, M] square).
 
+    With ``summary`` (key_summary of the n_keys keys, [B, Hkv, M, W]) the keys are not read: k may be None.
     On the Triton path the logit estimators go through one fused causal-softmax + group-reduce kernel that
     never writes the per-head probabilities."""
+    if summary is not None:
+        check(n_keys is not None and summary.shape[2] == ref.num_blocks(n_keys, block_size),
+              f"key summary of {summary.shape[2]} blocks does not fit {n_keys} keys (block size {block_size})")
+        check(q_block_offset >= 0 and q_block_offset * block_size + q.shape[2] == n_keys,
+              f"q of {q.shape[2]} tokens from query block {q_block_offset} (block size {block_size}) must end "
+              f"with the {n_keys} keys")
+        hkv = summary.shape[1]
+        logits = logits_from_summary(q, summary, block_size, estimator, impl=impl)
+        if resolve_impl(impl, q) == "torch":
+            return group_reduce(ref.logits_to_block_attention(logits, n_keys, block_size, q_block_offset), hkv)
+        return softmax_group(logits, n_keys, hkv, block_size, q_block_offset)
     hkv = k.shape[1]
     if estimator == "sampled" or resolve_impl(impl, q, k) == "torch":
         return group_reduce(estimate_block_attention(q, k, block_size, estimator, num_reps, sample_rows, impl,

@@ -102,10 +102,8 @@ def block_logits_ref(q: torch.Tensor, k: torch.Tensor, block_size: int, estimato
     """
     hq, d = q.shape[1], q.shape[-1]
     scale = 1.0 / math.sqrt(d)
-    if estimator in ("max_l2", "mean"):
-        qc = coarsen_ref(q, block_size, estimator).float()
-        kc = _gqa_expand(coarsen_ref(k, block_size, estimator).float(), hq)
-        return qc @ kc.transpose(-1, -2) * scale
+    if estimator in SUMMARY_ESTIMATORS:
+        return logits_from_summary_ref(q, key_summary_ref(k, block_size, estimator), block_size, estimator)
     if estimator == "topr":
         qr, qv = topr_ref(q, block_size, num_reps)
         kr, kv = topr_ref(k, block_size, num_reps)
@@ -113,13 +111,38 @@ def block_logits_ref(q: torch.Tensor, k: torch.Tensor, block_size: int, estimato
         s = torch.einsum("bhird,bhjsd->bhijrs", qr.float(), kr.float()) * scale
         ok = qv[:, :, :, None, :, None] & kv[:, :, None, :, None, :]
         return s.masked_fill(~ok, NEG_INF).amax(dim=(-1, -2))
+    raise ValueError(f"estimator {estimator!r} has no logits; expected max_l2, mean, topr or bounds")
+
+
+SUMMARY_ESTIMATORS = ("max_l2", "mean", "bounds")  # one summary per key block, independent of the queries
+
+
+def key_summary_ref(k: torch.Tensor, block_size: int, estimator: str) -> torch.Tensor:
+    """What an estimator keeps of each key block, [B, Hkv, Mk, W]: max_l2 the block's token of largest L2 norm
+    (W = D, k.dtype), mean its mean (W = D, float32), bounds its elementwise max then min (W = 2D, k.dtype).
+    Blocks are pooled independently, so the summaries of a prefix's full blocks never change as keys are
+    appended: the engine keeps them across a prompt's chunks."""
+    if estimator == "bounds":
+        lo, hi = coarsen_ref(k, block_size, "bounds")
+        return torch.cat([hi, lo], -1)
+    if estimator in ("max_l2", "mean"):
+        return coarsen_ref(k, block_size, estimator)
+    raise ValueError(f"estimator {estimator!r} has no key summary; expected one of {SUMMARY_ESTIMATORS}")
+
+
+def logits_from_summary_ref(q: torch.Tensor, ks: torch.Tensor, block_size: int, estimator: str) -> torch.Tensor:
+    """block_logits_ref from the keys' summaries ks [B, Hkv, Mk, W] (key_summary_ref): [B, Hq, Mq, Mk] float32."""
+    hq, d = q.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(d)
     if estimator == "bounds":
         qm = coarsen_ref(q, block_size, "mean")
-        lo, hi = coarsen_ref(k, block_size, "bounds")
-        lo, hi = _gqa_expand(lo.float(), hq), _gqa_expand(hi.float(), hq)
+        hi, lo = _gqa_expand(ks[..., :d].float(), hq), _gqa_expand(ks[..., d:].float(), hq)
         s = torch.maximum(qm[:, :, :, None, :] * lo[:, :, None], qm[:, :, :, None, :] * hi[:, :, None])
         return s.sum(-1) * scale
-    raise ValueError(f"estimator {estimator!r} has no logits; expected max_l2, mean, topr or bounds")
+    if estimator in ("max_l2", "mean"):
+        qc = coarsen_ref(q, block_size, estimator).float()
+        return qc @ _gqa_expand(ks.float(), hq).transpose(-1, -2) * scale
+    raise ValueError(f"estimator {estimator!r} has no key summary; expected one of {SUMMARY_ESTIMATORS}")
 
 
 def sampled_block_attention_ref(

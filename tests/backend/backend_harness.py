@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from cab_vllm.backend.plan import PromptSlots, plan_batch, route_rows
-from cab_vllm.backend.attention import PromptTable, attend, write_kv
+from cab_vllm.backend.plan import PromptSlots, SummarySlots, plan_batch, route_rows
+from cab_vllm.backend.attention import KeySummaries, PromptTable, attend, write_kv
 from cab_vllm.config import CABConfig
 
 
@@ -22,7 +22,8 @@ class PagedSim:
     into key/value [num_pages, page_size, Hkv, D] views (K in [..., :D], V in [..., D:]).
     """
 
-    def __init__(self, q, k, v, page_size: int, cfg: CABConfig, seed: int = 0, extra_pages: int = 5):
+    def __init__(self, q, k, v, page_size: int, cfg: CABConfig, seed: int = 0, extra_pages: int = 5,
+                 summary_slots: int = 0):
         self.q, self.k, self.v = q, k, v
         self.page_size, self.cfg = page_size, cfg
         hkv, d = k[0].shape[0], k[0].shape[-1]
@@ -44,6 +45,10 @@ class PagedSim:
         self.prompt_lens: dict = {}  # sequence -> prompt length (unknown: a chunk's end is taken as the prompt's)
         self.prompt_slots = PromptSlots(len(k) + 2)  # request id of sequence s: f"req-{s}"
         self.table = PromptTable(len(k) + 2, hkv, max(pages) * page_size // cfg.block_size + 1, dev)
+        # key summaries kept across chunks (the engine's default is on; 0 here keeps the older tests' path)
+        self.summary_slots = SummarySlots(summary_slots) if summary_slots else None
+        self.summaries = (KeySummaries(summary_slots, hkv, max(pages) * page_size // cfg.block_size + 1, d,
+                                       cfg.estimator, dtype, dev) if summary_slots else None)
 
     def slots(self, s: int, a: int, b: int) -> torch.Tensor:
         pos = torch.arange(a, b, device=self.block_table.device)
@@ -74,13 +79,13 @@ class PagedSim:
         live = frozenset(f"req-{s}" for s in range(len(self.k)) if s not in getattr(self, "finished", ()))
         plan = plan_batch(qsl_t, sl_t, cfgs, dense_threshold, count=False, req_ids=[f"req-{s}" for s, _ in rows],
                           live=live, prompt_lens=[self.prompt_lens.get(s) for s, _ in rows])
-        route_rows(plan, self.prompt_slots, fa_dense=False)
+        route_rows(plan, self.prompt_slots, fa_dense=False, summaries=self.summary_slots)
         bt = self.block_table[torch.tensor([s for s, _ in rows], device=dev)]
         out = torch.full((q.shape[0], hq, d), float("nan"), dtype=q.dtype, device=dev)
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         record: dict = {}
         attend(q, self.key_cache, self.value_cache, bt, sl_t.to(dev), plan, scale, out, impl, record=record,
-               table=self.table)
+               table=self.table, summaries=self.summaries)
         return out, dict(query_start_loc=qsl_t, seq_lens=sl_t, block_table=bt, slot_mapping=slot_mapping, plan=plan,
                          rows=rows, **record)
 

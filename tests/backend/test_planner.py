@@ -162,9 +162,9 @@ def test_prefill_selection_takes_the_row_path_only_when_the_policy_allows(cfg, m
     over the whole prefix) and select exactly what they did; dense needs neither."""
     seen = []
 
-    def spy_estimate(q, k, cfg_, impl="auto", q_block_offset=0):
+    def spy_estimate(q, k, cfg_, impl="auto", q_block_offset=0, **kw):
         seen.append(("estimate", q.shape[2], q_block_offset))
-        return estimate(q, k, cfg_, impl=impl, q_block_offset=q_block_offset)
+        return estimate(q, k, cfg_, impl=impl, q_block_offset=q_block_offset, **kw)
 
     def spy_select(a_max, a_mean, cfg_, impl="auto", q_block_offset=0):
         seen.append(("select", tuple(a_max.shape[-2:]), q_block_offset))
