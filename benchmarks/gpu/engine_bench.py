@@ -31,17 +31,19 @@ LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_s
 
 
 class PhaseTimer:
-    """CUDA-event timing of CAB's prefill phases inside the engine (the engine runs in this process): gathering a
-    chunk's keys from the paged cache (attention.gather_paged), its block selection
+    """CUDA-event timing of CAB's prefill phases inside the engine (the engine runs in this process): gathering
+    keys from the paged cache (attention.gather_paged: the whole context for exact rows, or without a summary
+    slot), pooling a chunk's keys into the kept summaries (attention.update_key_summaries), its block selection
     (attention.prefill_selection: estimate + select) and its sparse attention (attention.run_prefill), by wrapping
-    those module functions. Decode steps replay CUDA graphs: not timed."""
+    those module functions (gather_paged also counts the gather inside update_key_summaries). Decode steps replay
+    CUDA graphs: not timed."""
 
     def __init__(self) -> None:
         import torch
         from cab_vllm.backend import attention
 
         self.events: list = []
-        for name in ("gather_paged", "prefill_selection", "run_prefill"):
+        for name in ("gather_paged", "update_key_summaries", "prefill_selection", "run_prefill"):
             fn = getattr(attention, name)
 
             def timed(*args, _fn=fn, _name=name, **kw):

@@ -3,13 +3,17 @@ the rows a step's plan (backend.plan) routed to CAB. Plain PyTorch + our Triton 
 
   prefill_selection  one request's key-block selection for the query blocks of its new tokens.
   prefill_tiles      the PrefillTiles of a varlen batch of prefills, padded to one K.
+  KeySummaries       per layer, the key-block summaries of prompts being prefilled in chunks.
   PromptTable        per layer, each request's stored prompt selection (decode_rule="prompt").
   DecodeWorkspace    the decode step's persistent buffers, shared by the layers (fixed addresses: CUDA graphs).
   attend             one layer: routed decode (ops.decode.routed_decode: selection, then attention + merge) and the
                      sparse prefill (run_prefill: our Triton kernels, or a PyTorch path on CPU).
 
 Chunked prefill with a cached prefix: the chunk's query blocks first..M-1 are estimated against the keys of the
-full context (gathered from the paged cache). For the row-local policies (policies.rows_only: cab without a
+full context. With a key-summary slot (KeySummaries, given by the builder's SummarySlots) the chunk pools only
+its own key blocks (from the block its new tokens start in) into the request's kept summaries and estimates from
+those; without one it gathers the whole context from the paged cache and pools it. The cab policy's exact last
+rows run in the chunk holding the prompt's last token only (the one chunk that still reads every key). For the row-local policies (policies.rows_only: cab without a
 curvature share, the default; magnitude, streaming, dense) only those rows are computed: the chunk's queries
 are zero-padded in front to the start of block first and the estimate and the selection run on the
 [M - first, M] rows, O((M - first) M) per chunk, so a prompt's chunks together cost about one full estimate.

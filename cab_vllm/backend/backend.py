@@ -437,7 +437,7 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
     from cab_vllm.backend.warmup import warm_up_kernels
 
     warm_up_kernels(impl.num_heads, impl.num_kv_heads, impl.head_size, query.dtype, query.device,
-                    impl.settings.cfg, impl.workspace)
+                    impl.settings.cfg, impl.workspace, summaries=impl.summaries)
 
 
 def _check_engine_features(vcfg) -> None:

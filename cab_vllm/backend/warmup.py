@@ -8,13 +8,14 @@ import math
 
 import torch
 
-from cab_vllm.backend.plan import PromptSlots, plan_batch, route_rows
-from cab_vllm.backend.attention import DecodeWorkspace, PromptTable, attend, write_kv
+from cab_vllm.backend.plan import PromptSlots, SummarySlots, plan_batch, route_rows
+from cab_vllm.backend.attention import DecodeWorkspace, KeySummaries, PromptTable, attend, write_kv
 from cab_vllm.config import CABConfig
 
 
 def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
-                    cfg: CABConfig, workspace: DecodeWorkspace, page_size: int = 16, n: int = 2048) -> None:
+                    cfg: CABConfig, workspace: DecodeWorkspace, page_size: int = 16, n: int = 2048,
+                    summaries: KeySummaries | None = None) -> None:
     gen = torch.Generator(device="cpu").manual_seed(0)
     cap = workspace.max_blocks * cfg.block_size - 2  # the longest sequence the engine (and its buffers) hold
     halves = [h for h in (n // 2, 550) if 2 * h + 1 <= cap]
@@ -25,6 +26,7 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
     key_cache, value_cache = kvt[..., :head_size], kvt[..., head_size:]
     bt = torch.arange(1, pages, dtype=torch.int32, device=device)[None]
     slots = PromptSlots(2)
+    kept = SummarySlots(1) if summaries is not None else None  # a prompt's later chunk pools only its own blocks
     table = PromptTable(2, num_kv_heads, workspace.max_blocks, device)
     sparse = cfg.replace(sparsity=max(cfg.sparsity, 0.5)) if cfg.policy != "dense" else CABConfig(sparsity=0.5)
     scale = 1.0 / math.sqrt(head_size)
@@ -37,10 +39,10 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
         write_kv(k, k, key_cache, value_cache, sm)
         plan = plan_batch([0, b - a], [b], [c], 0, count=False, req_ids=["warm"], live=frozenset({"warm"}),
                           prompt_lens=[prompt_len])
-        route_rows(plan, slots, fa_dense=False)
+        route_rows(plan, slots, fa_dense=False, summaries=kept)
         out = torch.empty_like(q)
         attend(q, key_cache, value_cache, bt, torch.tensor([b], dtype=torch.int32, device=device), plan, scale, out,
-               table=table, workspace=workspace)
+               table=table, workspace=workspace, summaries=summaries)
 
     # two prompts in two chunks each, one with lengths that are multiples of 16 and one without (Triton compiles
     # the two apart); the final chunk stores the prompt selection, then a decode step reads it (the prompt rule)

@@ -212,3 +212,49 @@ def test_exact_rows_only_in_the_chunk_that_holds_the_prompts_end():
     idx, cnt, first = attention.prefill_selection(q[0][:, :150], k[0][:, :150], cfg, impl="torch", exact=False)
     sel = got[0][1][0]
     assert torch.equal(sel[0], idx) and torch.equal(sel[1], cnt) and sel[2] == first
+
+
+def test_warm_up_runs_the_kept_summary_path(monkeypatch):
+    """Engine start compiles what a prompt's later chunks run (pooling its own blocks into the kept summaries):
+    the warm-up goes through that path, on scratch tensors."""
+    from cab_vllm.backend.attention import DecodeWorkspace
+    from cab_vllm.backend.warmup import warm_up_kernels
+
+    firsts = []
+    real = attention.update_key_summaries
+
+    def spy(store, slot, first_block, *a, **kw):
+        firsts.append(first_block)
+        return real(store, slot, first_block, *a, **kw)
+
+    monkeypatch.setattr(attention, "update_key_summaries", spy)
+    cfg = CABConfig()
+    store = KeySummaries(4, 2, 64, 32, cfg.estimator, torch.float32, "cpu")
+    warm_up_kernels(4, 2, 32, torch.float32, "cpu", cfg, DecodeWorkspace(4, 4, 2, 32, 64, "cpu"), summaries=store)
+    assert 0 in firsts and any(f > 0 for f in firsts)
+
+
+@pytest.mark.gpu
+def test_kept_summaries_select_the_same_blocks_on_the_gpu():
+    """A 64k prompt in 8k chunks (bf16, 32/8 heads, head dim 128): the kept summaries select exactly what pooling
+    the whole context per chunk selects, and give the same outputs."""
+    gen = torch.Generator().manual_seed(0)
+    n, hq, hkv, d = 65536 + 37, 32, 8, 128
+
+    def mk(h):
+        return [torch.randn(h, n, d, generator=gen).to("cuda", torch.bfloat16)]
+
+    q, k, v = mk(hq), mk(hkv), mk(hkv)
+    runs = []
+    for slots in (0, 4):
+        sim = PagedSim(q, k, v, page_size=16, cfg=CABConfig(sparsity=0.95), summary_slots=slots)
+        sim.prompt_lens[0] = n
+        steps, done = [], 0
+        while done < n:
+            step = min(8192, n - done)
+            out, md = sim.step([(0, step)], impl="triton")
+            steps.append((out, md["prefill"], md["plan"]))
+            done += step
+        runs.append(steps)
+    _same(runs[1], runs[0])
+    assert runs[1][-1][2].summary[0][1] == (n - (n % 8192 or 8192)) // 64

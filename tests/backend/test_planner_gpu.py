@@ -16,7 +16,8 @@ from backend_harness import PagedSim, check_step
 from cab_vllm.config import CABConfig
 
 
-def _run(n_long: int, dtype, device, impl, hq=32, hkv=8, d=128, page_size=16, sparsity=0.9, seed=0):
+def _run(n_long: int, dtype, device, impl, hq=32, hkv=8, d=128, page_size=16, sparsity=0.9, seed=0,
+         summary_slots=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     lens = [n_long + 3, 1000 + 37, n_long // 2 + 11]  # one long prompt, a short one, a half-length one
 
@@ -27,7 +28,7 @@ def _run(n_long: int, dtype, device, impl, hq=32, hkv=8, d=128, page_size=16, sp
     k = [mk(hkv, n) for n in lens]
     v = [mk(hkv, n) for n in lens]
     cfg = CABConfig(sparsity=sparsity)
-    sim = PagedSim(q, k, v, page_size, cfg, seed=seed)
+    sim = PagedSim(q, k, v, page_size, cfg, seed=seed, summary_slots=summary_slots)
     tol = {torch.float32: 1e-4, torch.bfloat16: 2.5e-2, torch.float16: 5e-3}[dtype]
     c = [cfg, cfg.replace(sparsity=0.5), cfg.replace(sparsity=0.0)]
     steps = [
@@ -47,9 +48,10 @@ def _run(n_long: int, dtype, device, impl, hq=32, hkv=8, d=128, page_size=16, sp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("slots", [0, 4], ids=["pool-all", "kept-summaries"])
 @pytest.mark.parametrize("n", [4096, 16384, 65536, 131072], ids=lambda n: f"{n // 1024}k")
-def test_backend_kernel_path_gpu(n):
-    _run(n, torch.bfloat16, "cuda", "triton")
+def test_backend_kernel_path_gpu(n, slots):
+    _run(n, torch.bfloat16, "cuda", "triton", summary_slots=slots)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -57,4 +59,4 @@ def test_backend_kernel_path_gpu(n):
 def test_backend_kernel_path_cpu(n, impl):
     if impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
-    _run(n, torch.float32, "cpu", impl, hq=4, hkv=2, d=64, sparsity=0.6)
+    _run(n, torch.float32, "cpu", impl, hq=4, hkv=2, d=64, sparsity=0.6, summary_slots=2)
