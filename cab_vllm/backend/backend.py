@@ -18,10 +18,11 @@ CAB's decode kernels; the forward reads nothing on the host and the per-step pla
 KV cache: the logical [num_pages, Hkv, page_size, 2*D] tensor FlashAttention uses (compat.py); the kernels read
 through strides.
 
-Per-request knobs: the builder reads the model runner's persistent batch (V1 runner: input_batch.req_ids, in
-the row order of the attention metadata, and requests[id].sampling_params.extra_args). The runner is found once,
-when vLLM constructs the builder, as the nearest caller frame whose ``self`` has ``input_batch`` and
-``requests``. Where that fails (e.g. Model Runner V2) every request uses the engine defaults and a warning is
+Per-request knobs: the builder reads the model runner's requests. V1 runner: its persistent batch
+(input_batch.req_ids, in the row order of the attention metadata, and requests[id].sampling_params.extra_args).
+Model Runner V2 keeps no SamplingParams: the builder reads the step from the runner's execute_model frame
+(V2Requests). The runner is found once, when vLLM constructs the builder, as the nearest caller frame whose
+``self`` looks like either runner. Where that fails every request uses the engine defaults and a warning is
 logged once. Invalid values are rejected at admission (cab_vllm.backend.register); one that still reaches the
 builder falls back to the defaults with a warning, so it can never take the engine down.
 
@@ -128,19 +129,71 @@ class CABMetadata:
     run_cab_prefill: bool = False  # some prefill row is sparse (or dense without FlashAttention)
 
 
+def _is_v1_runner(obj) -> bool:
+    return hasattr(obj, "input_batch") and hasattr(obj, "requests")
+
+
+def _is_v2_runner(obj) -> bool:
+    """Model Runner V2 (vllm.v1.worker.gpu.model_runner, CUDA vLLM 0.26+'s default for most models)."""
+    return hasattr(obj, "req_states") and hasattr(obj, "model_state") and not _is_v1_runner(obj)
+
+
 def _find_runner():
-    """The model runner constructing this builder: nearest caller ``self`` with input_batch and requests."""
+    """The model runner constructing this builder: nearest caller ``self`` that is a V1 runner (input_batch and
+    requests) or a V2 runner (req_states and model_state)."""
     frame = inspect.currentframe()
     try:
         f = frame.f_back if frame is not None else None
         while f is not None:
             obj = f.f_locals.get("self")
-            if obj is not None and hasattr(obj, "input_batch") and hasattr(obj, "requests"):
+            if obj is not None and (_is_v1_runner(obj) or _is_v2_runner(obj)):
                 return obj
             f = f.f_back
     finally:
         del frame
     return None
+
+
+class V2Requests:
+    """The requests of a step under Model Runner V2, which keeps no SamplingParams and hands a backend no request
+    ids: its execute_model (a caller of the builder) holds the step's input_batch (req_ids in row order) and
+    scheduler_output, whose scheduled_new_reqs carry each request's sampling params once, in its first step.
+    Kept here per request id (extra_args and prompt length) until the runner no longer holds the request."""
+
+    def __init__(self) -> None:
+        self.extra: dict = {}
+        self.prompt_len: dict = {}
+
+    def batch(self, runner, num_reqs: int) -> tuple[list, frozenset, list, list] | None:
+        """(request ids, live ids, extra_args, prompt lengths) of the rows of the step being built, or None when
+        no execute_model frame of this runner is found (CUDA-graph capture, dummy runs)."""
+        frame = inspect.currentframe()
+        found = None
+        try:
+            f = frame.f_back if frame is not None else None
+            while f is not None:
+                if f.f_code.co_name == "execute_model":
+                    loc = f.f_locals
+                    if loc.get("self") is runner:
+                        found = (loc.get("input_batch"), loc.get("scheduler_output"), loc.get("dummy_run"))
+                        break
+                f = f.f_back
+        finally:
+            del frame
+        if found is None or found[0] is None or found[1] is None or found[2]:
+            return None
+        input_batch, sched, _ = found
+        for new in getattr(sched, "scheduled_new_reqs", None) or ():
+            sp = getattr(new, "sampling_params", None)
+            self.extra[new.req_id] = getattr(sp, "extra_args", None)
+            ids = getattr(new, "prompt_token_ids", None)
+            self.prompt_len[new.req_id] = len(ids) if ids is not None else None
+        live = frozenset(runner.req_states.req_id_to_index)
+        for rid in [r for r in self.extra if r not in live]:
+            self.extra.pop(rid, None)
+            self.prompt_len.pop(rid, None)
+        req_ids = list(input_batch.req_ids[:num_reqs])
+        return (req_ids, live, [self.extra.get(r) for r in req_ids], [self.prompt_len.get(r) for r in req_ids])
 
 
 class _PinnedRing:
@@ -183,6 +236,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         self.page_size = kv_cache_spec.block_size
         runner = _find_runner()
         self._runner = weakref.ref(runner) if runner is not None else None
+        self._v2 = V2Requests() if runner is not None and _is_v2_runner(runner) else None
         if runner is None:
             self._no_request_ids()
             logger.warning("CAB: model runner not found; per-request cab_sparsity/cab_policy are ignored "
@@ -208,10 +262,10 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         start; the "auto" default switches the engine to the bounds rule, with a warning."""
         cfg = self.settings.cfg
         if cfg.decode_rule == "prompt" and cfg.decodes_from_prompt:
-            raise RuntimeError("CAB_DECODE_RULE=prompt needs the V1 model runner's request ids, which were not found "
-                               "(Model Runner V2?): set VLLM_USE_V2_MODEL_RUNNER=0 or CAB_DECODE_RULE=bounds")
+            raise RuntimeError("CAB_DECODE_RULE=prompt needs the model runner's request ids, which were not found: "
+                               "set VLLM_USE_V2_MODEL_RUNNER=0 (the V1 runner) or CAB_DECODE_RULE=bounds")
         if cfg.decode_rule == "auto":
-            logger.warning("CAB: no request ids from the model runner (Model Runner V2?): decode_rule 'auto' runs "
+            logger.warning("CAB: no request ids from the model runner: decode_rule 'auto' runs "
                            "as 'bounds', which decodes several times slower at long contexts (2.7x FLASH_ATTN's "
                            "time per token at 128k on an H200); set VLLM_USE_V2_MODEL_RUNNER=0 for the prompt rule")
             self.settings = dataclasses.replace(self.settings, cfg=cfg.replace(decode_rule="bounds"))
@@ -222,18 +276,24 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         runner = self._runner() if self._runner is not None else None
         if runner is None:
             return [base] * num_reqs, None, None, None
-        try:
-            req_ids = list(runner.input_batch.req_ids[:num_reqs])
-            reqs = runner.requests
-        except AttributeError:
-            self._no_request_ids()
-            return [self.settings.cfg] * num_reqs, None, None, None
-        cfgs, prompt_lens = [], []
-        for rid in req_ids:
-            st = reqs.get(rid) if rid is not None else None
-            prompt_lens.append(getattr(st, "num_prompt_tokens", None))
-            sp = getattr(st, "sampling_params", None)
-            extra = getattr(sp, "extra_args", None)
+        if self._v2 is not None:
+            got = self._v2.batch(runner, num_reqs)
+            if got is None:  # capture / dummy run: no requests
+                return [base] * num_reqs, None, None, None
+            req_ids, live, extras, prompt_lens = got
+        else:
+            try:
+                req_ids = list(runner.input_batch.req_ids[:num_reqs])
+                reqs = runner.requests
+            except AttributeError:
+                self._no_request_ids()
+                return [self.settings.cfg] * num_reqs, None, None, None
+            live = frozenset(reqs)
+            states = [reqs.get(rid) if rid is not None else None for rid in req_ids]
+            prompt_lens = [getattr(st, "num_prompt_tokens", None) for st in states]
+            extras = [getattr(getattr(st, "sampling_params", None), "extra_args", None) for st in states]
+        cfgs = []
+        for rid, extra in zip(req_ids, extras):
             try:
                 cfgs.append(request_config(base, extra))
             except ValueError as e:  # admission should have rejected it; never take the engine down
@@ -244,7 +304,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         cfgs.extend([base] * (num_reqs - len(cfgs)))
         req_ids.extend([None] * (num_reqs - len(req_ids)))
         prompt_lens.extend([None] * (num_reqs - len(prompt_lens)))
-        return cfgs, req_ids, frozenset(reqs), prompt_lens
+        return cfgs, req_ids, live, prompt_lens
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> CABMetadata:

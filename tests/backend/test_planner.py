@@ -357,7 +357,7 @@ def rel_err_of(sim, out, md):
 
 
 def test_without_request_ids_auto_runs_bounds_and_prompt_stops():
-    """No request ids from the model runner (e.g. Model Runner V2): the 'auto' default switches the engine to the
+    """No request ids from the model runner (one the builder cannot read): the 'auto' default switches the engine to the
     bounds rule; an explicit CAB_DECODE_RULE=prompt stops the start with a message."""
     from types import SimpleNamespace
 
