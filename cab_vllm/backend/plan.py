@@ -94,24 +94,24 @@ class EngineSettings:
             names = {f: v for v, (f, _) in ENV_FIELDS.items()}
             field = next((f for f in changes if f"CABConfig.{f}=" in str(e)), None)
             raise ValueError(f"{names.get(field, 'CAB_*')}: {e}") from None
-        raw_thr = env.get("CAB_DENSE_THRESHOLD", "").strip()
-        try:
-            thr = int(raw_thr) if raw_thr else cls.dense_threshold
-        except ValueError:
-            raise ValueError(f"CAB_DENSE_THRESHOLD={raw_thr!r} is not a valid int") from None
-        if thr < 0:
-            raise ValueError(f"CAB_DENSE_THRESHOLD={thr} is invalid: expected an integer >= 0")
+        thr = _count_from_env(env, "CAB_DENSE_THRESHOLD", cls.dense_threshold)
         impl = env.get("CAB_IMPL", "").strip() or "auto"
         if impl not in IMPLS:
             raise ValueError(f"CAB_IMPL={impl!r} is invalid: expected one of {IMPLS}")
-        raw_slots = env.get("CAB_SUMMARY_SLOTS", "").strip()
-        try:
-            slots = int(raw_slots) if raw_slots else cls.summary_slots
-        except ValueError:
-            raise ValueError(f"CAB_SUMMARY_SLOTS={raw_slots!r} is not a valid int") from None
-        if slots < 0:
-            raise ValueError(f"CAB_SUMMARY_SLOTS={slots} is invalid: expected an integer >= 0")
+        slots = _count_from_env(env, "CAB_SUMMARY_SLOTS", cls.summary_slots)
         return cls(cfg, thr, impl, slots)
+
+
+def _count_from_env(env: Mapping[str, str], var: str, default: int) -> int:
+    """A whole number >= 0 from the environment variable var (unset or empty: default)."""
+    raw = env.get(var, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not a valid int") from None
+    if value < 0:
+        raise ValueError(f"{var}={value} is invalid: expected an integer >= 0")
+    return value
 
 
 def _sparsity_value(sp: object) -> float:
