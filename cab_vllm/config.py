@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 POLICIES = ("cab", "curvature", "magnitude", "h2o", "streaming", "random", "dense")
 ESTIMATORS = ("max_l2", "mean", "topr", "bounds", "sampled")
+SUMMARY_ESTIMATORS = ("max_l2", "mean", "bounds")  # one summary per key block, independent of the queries
 DECODE_RULES = ("auto", "bounds", "prompt")
 BUDGETS = ("fixed", "adaptive")
 # the policies that rank key blocks by estimated attention: they need the estimate, may decode from their prompt

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cab_vllm.backend.plan import BatchPlan
 from cab_vllm.backend.stats import STATS
-from cab_vllm.config import ESTIMATED_POLICIES, CABConfig
+from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, CABConfig
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.blocks import gather_paged, num_blocks
 from cab_vllm.policies import estimate, rows_only, select_from_attention
@@ -122,8 +122,6 @@ class KeySummaries:
 
     def __init__(self, num_slots: int, num_kv_heads: int, max_blocks: int, head_dim: int, estimator: str, dtype,
                  device) -> None:
-        from cab_vllm.ops.reference import SUMMARY_ESTIMATORS
-
         if estimator not in SUMMARY_ESTIMATORS:
             raise ValueError(f"estimator {estimator!r} has no key summary; expected one of {SUMMARY_ESTIMATORS}")
         width = 2 * head_dim if estimator == "bounds" else head_dim

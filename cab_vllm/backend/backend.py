@@ -423,6 +423,11 @@ class CABImpl(AttentionImpl[CABMetadata]):
         if self.summaries is None and summary_slots(self.settings) is not None:
             self.summaries = KeySummaries(self.settings.summary_slots, self.num_kv_heads, max_blocks, self.head_size,
                                           cfg.estimator, dtype, dev)
+            if not _LOGGED_SUMMARIES:
+                _LOGGED_SUMMARIES.append(True)
+                logger.info("CAB: key summaries for %d prompts prefilling at once: %.1f MiB per layer "
+                            "(CAB_SUMMARY_SLOTS; 0 turns them off)", self.settings.summary_slots,
+                            self.summaries.nbytes / 2**20)
 
     # -- attention --------------------------------------------------------------------------------------------
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -460,12 +465,13 @@ class CABImpl(AttentionImpl[CABMetadata]):
 
 
 _WORKSPACES: dict = {}
+_LOGGED_SUMMARIES: list = []
 
 
 def summary_slots(settings) -> SummarySlots | None:
     """The builder's key-summary slots for these engine settings (None: summaries off, or an estimator that
     has none)."""
-    from cab_vllm.ops.reference import SUMMARY_ESTIMATORS
+    from cab_vllm.config import SUMMARY_ESTIMATORS
 
     if settings.summary_slots <= 0 or settings.cfg.estimator not in SUMMARY_ESTIMATORS:
         return None

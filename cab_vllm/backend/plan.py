@@ -326,9 +326,8 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
     step's own selection: MODE_BOUNDS (cab/magnitude/h2o/curvature), MODE_RECENT (streaming), MODE_RANDOM.
     A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection. A
     sparse prefill row of an estimating policy with a one-pass estimator gets a key-summary slot (summaries)."""
-    from cab_vllm.config import ESTIMATED_POLICIES
+    from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS
     from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP
-    from cab_vllm.ops.reference import SUMMARY_ESTIMATORS
 
     if slots is not None:
         slots.sync(plan.live)

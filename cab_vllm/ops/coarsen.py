@@ -29,7 +29,7 @@ import torch
 
 from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 from cab_vllm.ops import reference as ref
-from cab_vllm.ops.reference import SUMMARY_ESTIMATORS
+from cab_vllm.config import SUMMARY_ESTIMATORS
 
 if HAS_TRITON:
     import triton

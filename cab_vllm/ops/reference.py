@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cab_vllm.config import SUMMARY_ESTIMATORS
 from cab_vllm.ops.blocks import (block_lengths, causal_block_mask, gather_paged, num_blocks,  # noqa: F401
                                  selection_to_block_mask)
 
@@ -114,7 +115,6 @@ def block_logits_ref(q: torch.Tensor, k: torch.Tensor, block_size: int, estimato
     raise ValueError(f"estimator {estimator!r} has no logits; expected max_l2, mean, topr or bounds")
 
 
-SUMMARY_ESTIMATORS = ("max_l2", "mean", "bounds")  # one summary per key block, independent of the queries
 
 
 def key_summary_ref(k: torch.Tensor, block_size: int, estimator: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ from cab_vllm.backend.attention import KeySummaries
 from cab_vllm.backend.plan import EngineSettings, SummarySlots
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import block_logits, key_summary, logits_from_summary
-from cab_vllm.ops.reference import SUMMARY_ESTIMATORS
+from cab_vllm.config import SUMMARY_ESTIMATORS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["torch", "triton"] if INTERPRETED else ["torch"]
