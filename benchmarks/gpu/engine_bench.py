@@ -84,10 +84,13 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--runner", choices=("v1", "v2"), default="v1",
+                    help="vLLM's model runner (V2 is CUDA vLLM 0.26+'s default for this model; CAB reads its step)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.sparsity is not None:
         os.environ["CAB_SPARSITY"] = str(a.sparsity)
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if a.runner == "v2" else "0"
     lens = [int(x) for x in a.lens.split(",")]
     import torch
     from vllm import LLM, SamplingParams
@@ -141,7 +144,7 @@ def main() -> None:
         row = dict(backend=a.backend, sparsity=a.sparsity, n=n, ttft_s=round(ttft_s, 4), tpot_ms=round(tpot, 3),
                    tpot_from="engine first-to-last token" if None not in direct else "difference of wall times",
                    tpot_diff_ms=round(tpot_diff, 3), ttft_runs=[round(x, 4) for x in ttft], reps=a.reps, batch=a.batch, decode_tokens=a.decode_tokens, layers=a.layers,
-                   tp=a.tp, eager=a.eager)
+                   tp=a.tp, eager=a.eager, runner=a.runner)
         if phases is not None:  # CAB's prefill phases, GPU time summed over layers and chunks, per prompt
             row["per_prompt_s"] = {k: round(v / (2 * a.reps * a.batch), 4) for k, v in phases.totals().items()}
         rows.append(row)

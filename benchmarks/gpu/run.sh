@@ -2,6 +2,7 @@
 # On the GPU machine, after install.sh: the engine comparison, one engine per process, printed as a table.
 #   bash benchmarks/gpu/run.sh OUTDIR "FLASH_ATTN: CUSTOM:0.95 CUSTOM:0.99" [LENS]
 #   TP=2 bash benchmarks/gpu/run.sh ...     tensor parallel over 2 GPUs (one host)
+#   RUNNER=v2 bash benchmarks/gpu/run.sh ... vLLM's Model Runner V2 (default here: V1)
 #   BATCH=8 bash benchmarks/gpu/run.sh ...  8 prompts of each length at once (8 x 128k of the 8B geometry's
 #                                           bf16 KV is 137 GB: more than one H200 holds beside the weights)
 set -uo pipefail
@@ -9,11 +10,12 @@ out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
 mkdir -p "$out"
 for r in $runs; do
   be=${r%%:*}; sp=${r#*:}
-  tag=${be}_${sp:-dense}${BATCH:+_b$BATCH}${TP:+_tp$TP}
+  tag=${be}_${sp:-dense}${BATCH:+_b$BATCH}${TP:+_tp$TP}${RUNNER:+_$RUNNER}
   args=(--backend "$be" --lens "$lens" --out "$out/engine_$tag.jsonl")
   [ -n "$sp" ] && args+=(--sparsity "$sp")
   [ -n "${TP:-}" ] && args+=(--tp "$TP")
   [ -n "${BATCH:-}" ] && args+=(--batch "$BATCH")
+  [ -n "${RUNNER:-}" ] && args+=(--runner "$RUNNER")
   python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }
 done
 python3 - "$out" <<'PY'
