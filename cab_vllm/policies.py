@@ -48,6 +48,11 @@ def rows_only(cfg: CABConfig) -> bool:
     return cfg.policy in ("dense", "streaming", "magnitude") or (cfg.policy == "cab" and cfg.curvature_share == 0)
 
 
+def uses_exact_rows(cfg: CABConfig) -> bool:
+    """Whether cfg's estimate scores the last query block from its last query tokens exactly (reads every key)."""
+    return cfg.policy == "cab" and cfg.exact_rows > 0
+
+
 def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABConfig, impl: str = "auto",
                           q_block_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply cfg.policy to estimated block attention (both [B, Hkv, Mq, M], row-stochastic, causal).
@@ -120,7 +125,7 @@ def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str 
     pooling k; k is then read only for the exact rows (None when exact is False)."""
     a_max, a_mean = estimate_grouped(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl,
                                      q_block_offset=q_block_offset, summary=summary, n_keys=n_keys)
-    if cfg.policy == "cab" and cfg.exact_rows > 0 and exact:
+    if exact and uses_exact_rows(cfg):
         if k is None:
             raise ValueError("estimate: the cab policy's exact rows need the keys (k is None)")
         last = torch.tensor([num_blocks(k.shape[2], cfg.block_size) - 1], device=q.device)

@@ -140,9 +140,10 @@ def main() -> None:
         # by difference of two requests' wall times: at 128k the prefill's run-to-run spread (~0.1 s) moves this
         # by ~1.5 ms per token; the engine's first-to-last token time does not contain the prefill
         tpot_diff = statistics.median([(t - f) / a.decode_tokens * 1e3 for t, f in zip(tot, ttft)])
-        tpot = statistics.median(direct) if None not in direct else tpot_diff
+        measured = None not in direct
+        tpot = statistics.median(direct) if measured else tpot_diff
         row = dict(backend=a.backend, sparsity=a.sparsity, n=n, ttft_s=round(ttft_s, 4), tpot_ms=round(tpot, 3),
-                   tpot_from="engine first-to-last token" if None not in direct else "difference of wall times",
+                   tpot_from="engine first-to-last token" if measured else "difference of wall times",
                    tpot_diff_ms=round(tpot_diff, 3), ttft_runs=[round(x, 4) for x in ttft], reps=a.reps, batch=a.batch, decode_tokens=a.decode_tokens, layers=a.layers,
                    tp=a.tp, eager=a.eager, runner=a.runner)
         if phases is not None:  # CAB's prefill phases, GPU time summed over layers and chunks, per prompt

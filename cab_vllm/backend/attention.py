@@ -36,7 +36,7 @@ from cab_vllm.backend.stats import STATS
 from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, CABConfig
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.blocks import gather_paged, num_blocks
-from cab_vllm.policies import estimate, rows_only, select_from_attention
+from cab_vllm.policies import estimate, rows_only, select_from_attention, uses_exact_rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,11 +84,8 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     q = F.pad(q_new, (0, 0, pad, 0)) if pad else q_new
     qb, kb = q[None], (None if k_all is None else k_all[None])
     if cfg.policy in ESTIMATED_POLICIES:
-        if summary is None:
-            a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off, exact=exact)
-        else:
-            a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off, summary=summary[None], n_keys=n,
-                                     exact=exact)
+        a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off,
+                                 summary=None if summary is None else summary[None], n_keys=n, exact=exact)
     else:
         m = num_blocks(n, bs)
         a_max = a_mean = torch.zeros(1, hkv, m - off, m, device=q.device)
@@ -392,7 +389,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                       and cfg.estimator == summaries.estimator):
                     summary = update_key_summaries(summaries, entry[0], entry[1], key_cache, block_table[r], n,
                                                    cfg.block_size, sel_impl)
-                    exact_rows = cfg.policy == "cab" and cfg.exact_rows > 0 and final[r]
+                    exact_rows = final[r] and uses_exact_rows(cfg)  # the only rows that read every key
                     k_all = gather_paged(key_cache, block_table[r], n) if exact_rows else None
                 else:
                     k_all = gather_paged(key_cache, block_table[r], n)

@@ -247,7 +247,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         cap = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
         self.rows = max(int(sched.max_num_seqs), int(cap))
         self.slots = PromptSlots(int(sched.max_num_seqs))
-        self.summaries = summary_slots(self.settings)
+        self.summaries = SummarySlots(self.settings.summary_slots) if keeps_summaries(self.settings) else None
         fa = compat.flash_attention()
         self.fa = fa[1](kv_cache_spec, layer_names, vllm_config, device) if fa is not None else None
         self._routes = torch.zeros(6, self.rows, dtype=torch.int32, device=device)
@@ -420,7 +420,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         if self.workspace is None:
             self.workspace = _shared_workspace(max(rows, cap), self.num_heads, self.num_kv_heads, self.head_size,
                                                max_blocks, dev)
-        if self.summaries is None and summary_slots(self.settings) is not None:
+        if self.summaries is None and keeps_summaries(self.settings):
             self.summaries = KeySummaries(self.settings.summary_slots, self.num_kv_heads, max_blocks, self.head_size,
                                           cfg.estimator, dtype, dev)
             if not _LOGGED_SUMMARIES:
@@ -468,14 +468,12 @@ _WORKSPACES: dict = {}
 _LOGGED_SUMMARIES: list = []
 
 
-def summary_slots(settings) -> SummarySlots | None:
-    """The builder's key-summary slots for these engine settings (None: summaries off, or an estimator that
-    has none)."""
+def keeps_summaries(settings) -> bool:
+    """Whether the engine keeps key summaries across prompt chunks (CAB_SUMMARY_SLOTS > 0 and an estimator that
+    has them)."""
     from cab_vllm.config import SUMMARY_ESTIMATORS
 
-    if settings.summary_slots <= 0 or settings.cfg.estimator not in SUMMARY_ESTIMATORS:
-        return None
-    return SummarySlots(settings.summary_slots)
+    return settings.summary_slots > 0 and settings.cfg.estimator in SUMMARY_ESTIMATORS
 
 
 def _cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -323,11 +323,11 @@ def logits_from_summary(q: torch.Tensor, ks: torch.Tensor, block_size: int, esti
     return (out * scale).view(b, hq, mq, mk)
 
 
-def _check_rows(q: torch.Tensor, k: torch.Tensor, block_size: int, q_block_offset: int) -> None:
-    """q holds the query positions q_block_offset * bs .. N-1 of the N = k.shape[2] keys."""
-    check(q_block_offset >= 0 and q_block_offset * block_size + q.shape[2] == k.shape[2],
+def _check_rows(q: torch.Tensor, n_keys: int, block_size: int, q_block_offset: int) -> None:
+    """q holds the query positions q_block_offset * bs .. N-1 of the N = n_keys keys."""
+    check(q_block_offset >= 0 and q_block_offset * block_size + q.shape[2] == n_keys,
           f"q of {q.shape[2]} tokens from query block {q_block_offset} (block size {block_size}) must end with "
-          f"the {k.shape[2]} keys")
+          f"the {n_keys} keys")
 
 
 def estimate_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, estimator: str,
@@ -338,7 +338,7 @@ def estimate_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, 
     k [B, Hkv, N, D]; q [B, Hq, N - q_block_offset * bs, D] holds the queries of query blocks
     q_block_offset .. M-1 (Mq = M - q_block_offset rows; 0: the full square). A chunk of a longer prompt
     passes its queries zero-padded in front to the start of its first block."""
-    _check_rows(q, k, block_size, q_block_offset)
+    _check_rows(q, k.shape[2], block_size, q_block_offset)
     if estimator == "sampled":
         return sampled_block_attention(q, k, block_size, sample_rows, impl=impl, q_offset=q_block_offset * block_size)
     logits = block_logits(q, k, block_size, estimator, num_reps, impl=impl)
@@ -365,9 +365,7 @@ def estimate_grouped(q: torch.Tensor, k: torch.Tensor | None, block_size: int, e
     if summary is not None:
         check(n_keys is not None and summary.shape[2] == ref.num_blocks(n_keys, block_size),
               f"key summary of {summary.shape[2]} blocks does not fit {n_keys} keys (block size {block_size})")
-        check(q_block_offset >= 0 and q_block_offset * block_size + q.shape[2] == n_keys,
-              f"q of {q.shape[2]} tokens from query block {q_block_offset} (block size {block_size}) must end "
-              f"with the {n_keys} keys")
+        _check_rows(q, n_keys, block_size, q_block_offset)
         hkv = summary.shape[1]
         logits = logits_from_summary(q, summary, block_size, estimator, impl=impl)
         if resolve_impl(impl, q) == "torch":
@@ -377,7 +375,7 @@ def estimate_grouped(q: torch.Tensor, k: torch.Tensor | None, block_size: int, e
     if estimator == "sampled" or resolve_impl(impl, q, k) == "torch":
         return group_reduce(estimate_block_attention(q, k, block_size, estimator, num_reps, sample_rows, impl,
                                                      q_block_offset), hkv)
-    _check_rows(q, k, block_size, q_block_offset)
+    _check_rows(q, k.shape[2], block_size, q_block_offset)
     logits = block_logits(q, k, block_size, estimator, num_reps, impl=impl)
     return softmax_group(logits, k.shape[2], hkv, block_size, q_block_offset)
 

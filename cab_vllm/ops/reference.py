@@ -115,8 +115,6 @@ def block_logits_ref(q: torch.Tensor, k: torch.Tensor, block_size: int, estimato
     raise ValueError(f"estimator {estimator!r} has no logits; expected max_l2, mean, topr or bounds")
 
 
-
-
 def key_summary_ref(k: torch.Tensor, block_size: int, estimator: str) -> torch.Tensor:
     """What an estimator keeps of each key block, [B, Hkv, Mk, W]: max_l2 the block's token of largest L2 norm
     (W = D, k.dtype), mean its mean (W = D, float32), bounds its elementwise max then min (W = 2D, k.dtype).
