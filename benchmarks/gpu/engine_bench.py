@@ -23,11 +23,31 @@ import time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+# CAB's step metrics are recorded in the process running tensor-parallel rank 0's attention (a worker process under
+# TP > 1): prometheus_client's multiprocess mode lets this process read them (set before anything imports it)
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cab_prom_"))
 
 LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=49152,
                 max_position_embeddings=135168, rope_theta=500000.0, rms_norm_eps=1e-5, torch_dtype="bfloat16",
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def cab_counts() -> dict:
+    """CAB's metrics summed over every process of this run (multiprocess mode): prefill query tokens and decode
+    rows, the figures a request's size fixes (each counted once per step, whatever the tensor-parallel size)."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    reg = CollectorRegistry()
+    multiprocess.MultiProcessCollector(reg)
+    out = {"prefill_tokens": 0.0, "decode_rows": 0.0}
+    for fam in reg.collect():
+        for s in fam.samples:
+            if s.name == "cab_query_tokens_total" and s.labels.get("phase") == "prefill":
+                out["prefill_tokens"] += s.value
+            elif s.name == "cab_rows_total" and s.labels.get("phase") == "decode":
+                out["decode_rows"] += s.value
+    return out
 
 
 class PhaseTimer:
@@ -108,7 +128,12 @@ def main() -> None:
     rows = []
     phases = PhaseTimer() if a.backend == "CUSTOM" else None
 
+    sent = {"prefill_tokens": 0, "decode_rows": 0}  # what the requests below make CAB count, once
+    counts0 = cab_counts() if a.backend == "CUSTOM" else None  # start-up (profiling, warm-up, graphs) excluded
+
     def gen(ids, n_out, batch=1):
+        sent["prefill_tokens"] += len(ids) * batch
+        sent["decode_rows"] += (n_out - 1) * batch
         sp = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True, detokenize=False)
         # a batch: the same length, different ids (no prefix shared; prefix caching is off anyway)
         prompts = [{"prompt_token_ids": ids if b == 0 else [(x + 7 * b) % 40000 + 100 for x in ids]}
@@ -154,6 +179,9 @@ def main() -> None:
     summary = dict(backend=a.backend, sparsity=a.sparsity, init_s=round(init_s, 1), first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
                    probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp)
+    if counts0 is not None:  # equal: counted once (TP > 1 included); twice the requests' figures: once per rank
+        counts1 = cab_counts()
+        summary["cab_metrics"] = {k: dict(sent=sent[k], counted=counts1[k] - counts0[k]) for k in sent}
     print("SUM", json.dumps(summary), flush=True)
     with open(a.out, "w") as f:
         for r in rows:

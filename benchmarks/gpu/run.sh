@@ -29,5 +29,5 @@ for r in rows:
         ph = "  ".join(f"{k} {v:.3f} s" for k, v in r.get("per_prompt_s", {}).items())
         print(f"{r['backend']:10} sp={r['sparsity']} b={r.get('batch', 1)} n={r['n']:>6}  TTFT {r['ttft_s']:.3f} s  TPOT {r['tpot_ms']:.2f} ms  {ph}")
     else:
-        print(f"{r['backend']:10} sp={r['sparsity']} init {r['init_s']} s first {r['first_request_s']} s second {r['second_request_s']} s mem {r['mem_after_init_gib']} peak {r['peak_during_runs_gib']} GiB out {r['probe_out'][:8]}")
+        print(f"{r['backend']:10} sp={r['sparsity']} init {r['init_s']} s first {r['first_request_s']} s second {r['second_request_s']} s mem {r['mem_after_init_gib']} peak {r['peak_during_runs_gib']} GiB out {r['probe_out'][:8]} metrics {r.get('cab_metrics')}")
 PY
