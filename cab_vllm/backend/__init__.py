@@ -39,11 +39,26 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    _share_vllm_logging()
     if os.environ.get("CAB_OVERRIDE_CPU_ATTN") == "1":  # CPU without the platform plugin: replace CPU_ATTN itself
         register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
     _hook_request_validation()
     _hook_cache_salt()
     trace("register")
+
+
+def _share_vllm_logging() -> None:
+    """Route the ``cab_vllm`` loggers through vLLM's handlers and level (its format, its VLLM_LOGGING_LEVEL), so
+    the backend's INFO lines (e.g. the key summaries' size at start) appear in the server log beside vLLM's. Left
+    alone when the application configured ``cab_vllm`` itself or vLLM's logger has no handlers
+    (VLLM_CONFIGURE_LOGGING=0)."""
+    ours, theirs = logging.getLogger("cab_vllm"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for h in theirs.handlers:
+        ours.addHandler(h)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
 
 
 def _cab_selected(vllm_config) -> bool:

@@ -1,0 +1,51 @@
+"""The backend's log lines reach vLLM's handlers (format, level), once, and an application's own set-up wins."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from cab_vllm.backend import _share_vllm_logging
+
+
+@pytest.fixture
+def loggers():
+    ours, theirs = logging.getLogger("cab_vllm"), logging.getLogger("vllm")
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in (ours, theirs)]
+    for lg in (ours, theirs):
+        lg.handlers.clear()
+    yield ours, theirs
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+def test_backend_info_lines_go_through_vllms_handler_once(loggers):
+    ours, theirs = loggers
+    buf = io.StringIO()
+    h = logging.StreamHandler(buf)
+    h.setFormatter(logging.Formatter("VLLMFMT %(levelname)s %(name)s: %(message)s"))
+    theirs.addHandler(h)
+    theirs.setLevel(logging.INFO)
+    logging.getLogger("cab_vllm.backend.backend").info("hidden before")  # no handler: INFO is dropped
+    _share_vllm_logging()
+    _share_vllm_logging()  # vLLM may register the plugin more than once per process
+    logging.getLogger("cab_vllm.backend.backend").info("CAB: key summaries %d", 4)
+    logging.getLogger("cab_vllm.backend.backend").debug("below vLLM's level")
+    out = buf.getvalue().splitlines()
+    assert out == ["VLLMFMT INFO cab_vllm.backend.backend: CAB: key summaries 4"]
+    assert ours.handlers == [h] and ours.propagate is False
+
+
+def test_an_applications_own_logging_and_vllm_without_handlers_are_left_alone(loggers):
+    ours, theirs = loggers
+    _share_vllm_logging()  # VLLM_CONFIGURE_LOGGING=0: vLLM has no handler to share
+    assert ours.handlers == [] and ours.propagate is True
+    mine = logging.StreamHandler(io.StringIO())
+    ours.addHandler(mine)
+    theirs.addHandler(logging.StreamHandler(io.StringIO()))
+    _share_vllm_logging()
+    assert ours.handlers == [mine]
