@@ -66,6 +66,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=_unit, default=None, help="vllm: the engine's memory share")
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
                    help="vllm: tokens per engine step (chunked prefill below the prompt length)")
+    p.add_argument("--dense-threshold", type=argtypes.nonneg_int, default=None,
+                   help="vllm: contexts of fewer tokens run dense (CAB_DENSE_THRESHOLD; default the backend's: "
+                        "16384 on CUDA, where vLLM's FlashAttention takes them, so every policy is dense below "
+                        "it); each row records it")
 
 
 def _niah_args(p: argparse.ArgumentParser) -> None:
@@ -158,7 +162,7 @@ def _engine_model(a, dtype):
     path = prepare_model(a.model)
     room = (a.max_new_tokens or 64) + 64
     model = EngineModel(path, max(a.lengths) + room, a.yarn, a.gpu_memory_utilization,
-                        str(dtype).replace("torch.", ""), a.max_num_batched_tokens)
+                        str(dtype).replace("torch.", ""), a.max_num_batched_tokens, dense_threshold=a.dense_threshold)
     return model, AutoTokenizer.from_pretrained(path)
 
 

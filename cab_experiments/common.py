@@ -129,13 +129,16 @@ class EngineModel:
     PER_REQUEST = ("budget",)
 
     def __init__(self, path, max_model_len: int, yarn: float | None = None, gpu_memory_utilization: float | None = None,
-                 dtype: str = "auto", max_num_batched_tokens: int | None = None, enforce_eager: bool = False) -> None:
+                 dtype: str = "auto", max_num_batched_tokens: int | None = None, enforce_eager: bool = False,
+                 dense_threshold: int | None = None) -> None:
         import os
         import types
 
         # the engine core in this process: CAB's step figures (achieved density) are read from its STATS
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        if dense_threshold is not None:
+            os.environ["CAB_DENSE_THRESHOLD"] = str(int(dense_threshold))
         from vllm import LLM
 
         kw: dict = dict(attention_backend="CUSTOM", max_model_len=max_model_len, enable_prefix_caching=False,
@@ -153,6 +156,11 @@ class EngineModel:
                                   "max_position_embeddings": config.max_position_embeddings}
         self.llm = LLM(str(path), **kw)
         self.config = types.SimpleNamespace(max_position_embeddings=max_model_len)
+        from cab_vllm.backend import compat
+
+        # what the engine's backend applies (CAB_DENSE_THRESHOLD, else 16384 with vLLM's FlashAttention at hand):
+        # every row records it, since below it every policy runs dense
+        self.dense_threshold = compat.engine_settings().dense_threshold
 
     @classmethod
     def request_args(cls, variant: "Variant", sparsity: float) -> dict:
@@ -302,6 +310,8 @@ def run_cell(model, tok, out: Jsonl, items: list[dict], variant: Variant, sparsi
     from cab_vllm import hf
 
     base = {**base, "variant": variant.spec, "sparsity": sparsity}
+    if isinstance(model, EngineModel):
+        base["dense_threshold"] = model.dense_threshold
     pending = [it for it in items if not out.has(**base, **{k: it[k] for k in keys})]
     bar.update(len(items) - len(pending))
     written = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from cab_experiments.common import Deadline, Jsonl, Variant, cells, check_lengths, run_cell
 from cab_models.text import answer_has_passkey, passkey_prompt
 
-KEY = ("model", "yarn", "haystack", "length", "depth", "trial", "variant", "sparsity")
+KEY = ("model", "yarn", "haystack", "length", "depth", "trial", "variant", "sparsity", "dense_threshold")
 
 
 def build_prompts(tok, length: int, depths, trials: int, haystack: str, seed: int = 0) -> list[dict]:

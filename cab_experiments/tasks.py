@@ -32,7 +32,7 @@ from cab_models.text import _SENTENCE_END, _haystack_source
 
 TASKS = ("single", "multikey", "multivalue", "multiquery", "vartrack", "freqwords")
 KINDS = ("number", "word", "uuid")
-KEY = ("model", "yarn", "task", "length", "depth", "trial", "variant", "sparsity")
+KEY = ("model", "yarn", "task", "length", "depth", "trial", "variant", "sparsity", "dense_threshold")
 MAX_NEW_TOKENS = {"single": 32, "multikey": 32, "multivalue": 96, "multiquery": 96, "vartrack": 48,
                   "freqwords": 48}  # greedy answers stop at EOS; these bound the longest correct one
 DISTRACTORS = 3  # multikey: other keys

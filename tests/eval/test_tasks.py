@@ -260,6 +260,7 @@ def test_tasks_table_plot_and_cli(tmp_path, capsys):
     (["tasks", "--depths", "1.5"], "argument --depths: expected a number in [0, 1], got '1.5'"),
     (["tasks", "--max-new-tokens", "0"], "expected an integer >= 1, got '0'"),
     (["tasks", "--policies", "curvature:estimator=max"], "estimator"),
+    (["tasks", "--engine", "vllm", "--dense-threshold", "-1"], "argument --dense-threshold: expected an integer >= 0"),
 ])
 def test_cli_tasks_rejects_bad_input(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
@@ -292,7 +293,7 @@ def _engine_env() -> dict:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAB_") and k != "TRITON_INTERPRET"}
-    env.update({"VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"), "CAB_DENSE_THRESHOLD": "256",
+    env.update({"VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
     return env
 
@@ -308,12 +309,13 @@ def test_tasks_through_the_vllm_engine(tmp_path):
     cmd = [sys.executable, "-m", "cab_experiments", "tasks", "--engine", "vllm", "--model", "smollm2-135m-instruct",
            "--lengths", "700", "--tasks", "single", "--depths", "0.5", "--trials", "1", "--sparsities", "0.5",
            "--policies", "dense", "cab", "cab:budget=adaptive", "--dtype", "bfloat16", "--device", "cpu",
-           "--gpu-memory-utilization", "0.1", "--quiet", "--out", str(out)]
+           "--gpu-memory-utilization", "0.1", "--dense-threshold", "256", "--quiet", "--out", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_engine_env(), timeout=1200)
     assert p.returncode == 0, p.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["variant"] for r in rows) == ["cab", "cab:budget=adaptive", "dense"]
     assert all(r["engine"] == "vllm" and r["task"] == "single" and r["n_tokens"] <= 700 for r in rows)
+    assert all(r["dense_threshold"] == 256 for r in rows)  # what the backend applied, recorded per row
     assert len({tuple(r["answers"]) for r in rows}) == 1  # the same prompt for every policy
     density = {r["variant"]: r["density"] for r in rows}
     assert density["dense"] == 1.0
