@@ -1,0 +1,164 @@
+"""One long prompt's chunked prefill through CAB's per-layer path, phase by phase and kernel by kernel, to see
+where the prefill's CAB time goes (no vLLM needed).
+
+    python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
+
+Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
+keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
+(attention.attend): pool the chunk's key blocks into the kept summaries (update_key_summaries), gather every key
+for the exact last rows in the chunk holding the prompt's end (gather_paged), estimate and select
+(prefill_selection), sparse attention on the selection (run_prefill). Prints each phase's GPU time per chunk
+and summed over the prompt (CUDA events; a first pass compiles and is not timed), then the kernels of the
+selection phases (torch.profiler, one more pass) by total GPU time. The engine benchmark's phase times are these
+summed over the model's layers (engine_bench.py, per_prompt_s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+
+import torch
+
+from cab_vllm.backend.attention import KeySummaries, prefill_selection, run_prefill, update_key_summaries
+from cab_vllm.config import CABConfig
+from cab_vllm.ops.blocks import gather_paged
+from cab_vllm.policies import uses_exact_rows
+
+PHASES = ("update_key_summaries", "gather_paged", "prefill_selection", "run_prefill")
+
+
+class Timer:
+    """GPU time per (phase, chunk) from CUDA event pairs (wall time on the CPU), read once at the end."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.cuda = dev.type == "cuda"
+        self.marks: list = []
+
+    def __call__(self, phase: str, chunk: int, fn):
+        import time
+
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            self.marks.append((phase, chunk, start, end))
+        else:
+            t = time.perf_counter()
+            out = fn()
+            self.marks.append((phase, chunk, t, time.perf_counter()))
+        return out
+
+    def ms(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict = defaultdict(float)
+        for phase, chunk, a, b in self.marks:
+            out[(phase, chunk)] += a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+        return out
+
+
+def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySummaries, impl: str, timer=None,
+                label=None):
+    """Every chunk of one n-token prompt, as attention.attend runs a prefill row with a summary slot; each phase
+    timed by ``timer`` or labelled for torch.profiler by ``label`` (record_function)."""
+    dev = q.device
+    bs = cfg.block_size
+    sel_impl = "triton" if impl == "triton" and dev.type == "cuda" else "torch"
+    out = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    def labelled(phase, c, fn):
+        with label(phase):
+            return fn()
+
+    run = timer or (labelled if label else (lambda phase, c, fn: fn()))
+    for c, a in enumerate(range(0, n, chunk)):
+        b = min(n, a + chunk)
+        final = b == n
+        summary = run("update_key_summaries", c, lambda: update_key_summaries(store, 0, a // bs, kc, bt[0], b, bs,
+                                                                              sel_impl))
+        k_all = run("gather_paged", c, lambda: gather_paged(kc, bt[0], b)) if final and uses_exact_rows(cfg) else None
+        sel = run("prefill_selection", c, lambda: prefill_selection(q[a:b].transpose(0, 1), k_all, cfg,
+                                                                    impl=sel_impl, summary=summary, n=b,
+                                                                    exact=final))
+        qsl = torch.tensor([0, b - a], dtype=torch.int32, device=dev)
+        sl = torch.tensor([b], dtype=torch.int32, device=dev)
+        run("run_prefill", c, lambda: run_prefill(q[a:b], kc, vc, bt[:1], qsl, sl, [sel], bs, scale, out[a:b],
+                                                  impl))
+    return out
+
+
+def setup(n: int, hq: int, hkv: int, d: int, page: int, dev: str, dtype, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pages = math.ceil(n / page)
+    kc = torch.randn(pages + 1, page, hkv, d, generator=gen).to(dev, dtype)
+    vc = torch.randn(pages + 1, page, hkv, d, generator=gen).to(dev, dtype)
+    bt = (1 + torch.randperm(pages, generator=gen)).to(torch.int32).view(1, pages).to(dev)  # scattered pages
+    q = torch.randn(n, hq, d, generator=gen).to(dev, dtype)
+    return q, kc, vc, bt
+
+
+def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator: str = "bounds", dev: str = "cuda",
+            impl: str = "triton", hq: int = 32, hkv: int = 8, d: int = 128, page: int = 16, top: int = 25,
+            kernels: bool = True) -> dict:
+    if n < 1 or chunk < 1:
+        raise ValueError(f"n={n} and chunk={chunk} must be >= 1")
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    cfg = CABConfig(sparsity=sparsity, policy=policy, estimator=estimator)
+    if chunk % cfg.block_size:
+        raise ValueError(f"chunk={chunk} must be a multiple of the block size {cfg.block_size}")
+    q, kc, vc, bt = setup(n, hq, hkv, d, page, dev, dtype)
+    store = KeySummaries(1, hkv, math.ceil(n / cfg.block_size), d, cfg.estimator, dtype, torch.device(dev))
+    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl)  # compiles every kernel this prompt needs
+    timer = Timer(torch.device(dev))
+    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, timer)
+    ms = timer.ms()
+    chunks = math.ceil(n / chunk)
+    res = {"n": n, "chunk": chunk, "sparsity": sparsity, "policy": policy, "estimator": estimator,
+           "per_chunk_ms": {p: [round(ms.get((p, c), 0.0), 3) for c in range(chunks)] for p in PHASES},
+           "total_ms": {p: round(sum(ms.get((p, c), 0.0) for c in range(chunks)), 3) for p in PHASES}}
+    if kernels:
+        from torch.profiler import ProfilerActivity, profile as tprofile, record_function
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with tprofile(activities=acts) as prof:
+            prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, label=record_function)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+        try:
+            res["kernels"] = prof.key_averages().table(sort_by=key, row_limit=top)
+        except (AttributeError, KeyError, ValueError):  # newer torch names it device time
+            res["kernels"] = prof.key_averages().table(sort_by="self_device_time_total", row_limit=top)
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=131072, help="prompt tokens")
+    ap.add_argument("--chunk", type=int, default=16384, help="tokens per engine step (vLLM's chunk)")
+    ap.add_argument("--sparsities", default="0.95,0.99")
+    ap.add_argument("--policy", default="cab")
+    ap.add_argument("--estimator", default="bounds")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed (by GPU time)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--impl", default="triton", choices=["triton", "torch"])
+    ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
+    ap.add_argument("--no-kernels", action="store_true", help="phase times only (no torch.profiler pass)")
+    a = ap.parse_args(argv)
+    hq, hkv, d = (int(x) for x in a.heads.split(","))
+    for sp in (float(x) for x in a.sparsities.split(",")):
+        r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
+                    kernels=not a.no_kernels)
+        print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']} "
+              f"(one layer, ms)")
+        for p in PHASES:
+            print(f"{p:22} total {r['total_ms'][p]:9.3f}  per chunk {r['per_chunk_ms'][p]}")
+        if "kernels" in r:
+            print(r["kernels"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""benchmarks/gpu/prefill_profile.py (the chunked-prefill profile for the GPU) runs the backend's per-chunk path:
+at sparsity 0 its output is causal attention, and it times each phase in the chunks that run it."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cab_vllm.backend.attention import KeySummaries
+from cab_vllm.config import CABConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pp():
+    spec = importlib.util.spec_from_file_location("prefill_profile", ROOT / "benchmarks/gpu/prefill_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("n, chunk", [(1000, 256), (640, 640)])
+def test_chunked_pass_is_causal_attention_at_sparsity_zero(pp, n, chunk):
+    hq, hkv, d = 4, 2, 32
+    q, kc, vc, bt = pp.setup(n, hq, hkv, d, 16, "cpu", torch.float32, seed=3)
+    cfg = CABConfig(sparsity=0.0)  # cab's path with every block kept (not the dense policy's shortcut)
+    store = KeySummaries(1, hkv, math.ceil(n / 64), d, cfg.estimator, torch.float32, torch.device("cpu"))
+    out = pp.prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, "torch")
+    pos = torch.arange(n)
+    pages = bt[0].long()[pos // 16]
+    k, v = kc[pages, pos % 16], vc[pages, pos % 16]  # [n, Hkv, D]
+    rep = hq // hkv
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(rep, 0),
+                                          v.transpose(0, 1).repeat_interleave(rep, 0), is_causal=True)
+    assert torch.allclose(out, want.transpose(0, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_profile_times_each_phase_where_it_runs(pp):
+    r = pp.profile(1000, 256, 0.5, dev="cpu", impl="torch", hq=4, hkv=2, d=32, top=100)
+    assert set(r["total_ms"]) == set(pp.PHASES)
+    per = r["per_chunk_ms"]
+    assert all(len(v) == 4 for v in per.values())
+    assert per["gather_paged"][:3] == [0.0, 0.0, 0.0] and per["gather_paged"][3] > 0  # exact rows: last chunk
+    assert all(x > 0 for p in ("update_key_summaries", "prefill_selection", "run_prefill") for x in per[p])
+    assert "prefill_selection" in r["kernels"] and "run_prefill" in r["kernels"]
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        pp.profile(1000, 100, 0.5, dev="cpu", impl="torch", hq=4, hkv=2, d=32, kernels=False)
