@@ -28,10 +28,11 @@ and random draws its noise over the whole square: they need the full [M, M] esti
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
-from cab_vllm.config import CABConfig, adaptive_keep_counts
+from cab_vllm.config import CABConfig, adaptive_keep_counts, keep_counts
 from cab_vllm.ops.coarsen import estimate_grouped, group_reduce, sampled_block_attention
 from cab_vllm.ops.curvature import curvature
 from cab_vllm.ops.blocks import causal_block_mask, num_blocks
@@ -74,24 +75,26 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
                          f"[M, M] estimate, got rows {first}..{first + mq - 1} of {m}")
     allowed = causal_block_mask(m, dev, first, mq)
     policy = cfg.policy
-    keep = (cfg.replace(sparsity=0.0) if policy == "dense" else cfg).keep_counts(first + mq, dev)[first:]
+    budget = cfg.replace(sparsity=0.0) if policy == "dense" else cfg
+    keep = budget.keep_counts(first + mq, dev)[first:]
+    kmax = max_keep(budget, first, mq)  # on the host: no device sync in the selection
     forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, dev, first, mq)
     if cfg.adaptive:  # per (KV head, query block) counts [B, Hkv, Mq] from the estimated mass, same total
         keep = adaptive_keep_counts(a_max, allowed, forced, keep, cfg.top_p, cfg.budget_floor, cfg.budget_cap)
     fx = forced.expand_as(a_max)
     if policy == "dense":
-        return select_topk(torch.where(allowed, 0.0, float("-inf")).expand_as(a_max), keep)
+        return select_topk(torch.where(allowed, 0.0, float("-inf")).expand_as(a_max), keep, kmax)
     if policy == "streaming":
         recency = torch.arange(m, device=dev, dtype=torch.float32).expand_as(a_max)
-        return select_tiered([fx, recency], keep, allowed)
+        return select_tiered([fx, recency], keep, allowed, kmax)
     if policy == "random":
         gen = torch.Generator().manual_seed(cfg.seed)
         noise = torch.rand(a_max.shape, generator=gen).to(dev)
-        return select_tiered([fx, noise], keep, allowed)
+        return select_tiered([fx, noise], keep, allowed, kmax)
     if policy == "magnitude":
-        return select_tiered([fx, a_max], keep, allowed)
+        return select_tiered([fx, a_max], keep, allowed, kmax)
     if policy == "curvature":
-        return select_tiered([fx, -curvature(a_mean, impl=impl)], keep, allowed)
+        return select_tiered([fx, -curvature(a_mean, impl=impl)], keep, allowed, kmax)
     if policy == "h2o":
         acc = a_mean.cumsum(dim=-2)  # mass each key block has collected from query blocks <= i
         n_recent = torch.round(_free_counts(keep, forced) * cfg.h2o_recent_share).long()
@@ -99,18 +102,31 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
         # the n_recent blocks just left of the local window
         lo = (i - cfg.local_blocks + 1 - n_recent)[..., None]
         recent = (i[None, :] >= lo) & allowed
-        return select_tiered([fx, recent.expand_as(a_max), acc], keep, allowed)
+        return select_tiered([fx, recent.expand_as(a_max), acc], keep, allowed, kmax)
     if policy == "cab":
         tiers = [fx]
         if cfg.curvature_share > 0:
             n_curv = torch.round(_free_counts(keep, forced) * cfg.curvature_share).long()
             curv_pri = torch.where(fx, float("-inf"), -curvature(a_mean, impl=impl))
-            ci, cc = select_topk(curv_pri.masked_fill(~allowed, float("-inf")), torch.minimum(n_curv, keep))
+            ci, cc = select_topk(curv_pri.masked_fill(~allowed, float("-inf")), torch.minimum(n_curv, keep), kmax)
             chosen = torch.zeros(*a_max.shape[:-1], m + 1, dtype=torch.bool, device=dev)
             chosen.scatter_(-1, torch.where(ci >= 0, ci.long(), m), True)
             tiers.append(chosen[..., :m])
-        return select_tiered(tiers + [a_max], keep, allowed)
+        return select_tiered(tiers + [a_max], keep, allowed, kmax)
     raise ValueError(f"unknown policy {policy!r}")
+
+
+def max_keep(cfg: CABConfig, first: int, mq: int) -> int:
+    """The most key blocks any (KV head, query block) of rows first .. first+mq-1 keeps under cfg's budget,
+    from host arithmetic (no device sync): the fixed rule's count grows with the row, so its last row's; the
+    adaptive rule keeps at most floor(budget_cap * fixed) of a row's causal blocks (config.adaptive_keep_counts)."""
+    if mq <= 0:
+        return 0
+    last = first + mq - 1
+    fixed = int(keep_counts(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, last + 1)[-1])
+    if not cfg.adaptive:
+        return fixed
+    return min(last + 1, max(fixed, math.floor(fixed * cfg.budget_cap + 1e-9)))
 
 
 def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str = "auto", q_block_offset: int = 0,
@@ -128,7 +144,7 @@ def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str 
     if exact and uses_exact_rows(cfg):
         if k is None:
             raise ValueError("estimate: the cab policy's exact rows need the keys (k is None)")
-        last = torch.tensor([num_blocks(k.shape[2], cfg.block_size) - 1], device=q.device)
+        last = torch.full((1,), num_blocks(k.shape[2], cfg.block_size) - 1, device=q.device)  # no host copy
         ex = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl,
                                      q_offset=q_block_offset * cfg.block_size)
         emax, emean = group_reduce(ex, k.shape[1])

@@ -8,9 +8,10 @@ keys and values, one layer. Each chunk runs what the backend runs for a prefill 
 (attention.attend): pool the chunk's key blocks into the kept summaries (update_key_summaries), gather every key
 for the exact last rows in the chunk holding the prompt's end (gather_paged), estimate and select
 (prefill_selection), sparse attention on the selection (run_prefill). Prints each phase's GPU time per chunk
-and summed over the prompt (CUDA events; a first pass compiles and is not timed), then the kernels of the
-selection phases (torch.profiler, one more pass) by total GPU time. The engine benchmark's phase times are these
-summed over the model's layers (engine_bench.py, per_prompt_s).
+and summed over the prompt (CUDA events; a first pass compiles and is not timed), the host syncs of each phase
+(each one drains the GPU's queue; torch.cuda.set_sync_debug_mode), then the kernels by GPU time
+(torch.profiler, one more pass). The engine benchmark's phase times are these summed over the model's layers
+(engine_bench.py, per_prompt_s).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections import defaultdict
 
 import torch
 
-from cab_vllm.backend.attention import KeySummaries, prefill_selection, run_prefill, update_key_summaries
+from cab_vllm.backend.attention import (KeySummaries, device_ints, prefill_selection, run_prefill,
+                                        update_key_summaries)
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.blocks import gather_paged
 from cab_vllm.policies import uses_exact_rows
@@ -83,11 +85,33 @@ def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySum
         sel = run("prefill_selection", c, lambda: prefill_selection(q[a:b].transpose(0, 1), k_all, cfg,
                                                                     impl=sel_impl, summary=summary, n=b,
                                                                     exact=final))
-        qsl = torch.tensor([0, b - a], dtype=torch.int32, device=dev)
-        sl = torch.tensor([b], dtype=torch.int32, device=dev)
+        qsl = device_ints([0, b - a], dev, torch.int32)  # as attend builds them: no stream sync
+        sl = device_ints([b], dev, torch.int32)
         run("run_prefill", c, lambda: run_prefill(q[a:b], kc, vc, bt[:1], qsl, sl, [sel], bs, scale, out[a:b],
                                                   impl))
     return out
+
+
+def count_syncs(pass_fn) -> dict:
+    """{phase: stream synchronizations} in one pass_fn(run) (torch.cuda.set_sync_debug_mode's warnings)."""
+    import warnings
+
+    counts: dict = defaultdict(int)
+
+    def run(phase, c, fn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn()
+        counts[phase] += sum("synchroniz" in str(w.message) for w in caught)
+        return out
+
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        pass_fn(run)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    return {p: counts.get(p, 0) for p in PHASES}
 
 
 def setup(n: int, hq: int, hkv: int, d: int, page: int, dev: str, dtype, seed: int = 0):
@@ -119,6 +143,8 @@ def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator:
     res = {"n": n, "chunk": chunk, "sparsity": sparsity, "policy": policy, "estimator": estimator,
            "per_chunk_ms": {p: [round(ms.get((p, c), 0.0), 3) for c in range(chunks)] for p in PHASES},
            "total_ms": {p: round(sum(ms.get((p, c), 0.0) for c in range(chunks)), 3) for p in PHASES}}
+    if dev == "cuda":  # host syncs per phase: each drains the GPU's queue in the middle of a layer
+        res["syncs"] = count_syncs(lambda run: prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, run))
     if kernels:
         from torch.profiler import ProfilerActivity, profile as tprofile, record_function
 
@@ -156,6 +182,8 @@ def main(argv=None) -> None:
               f"(one layer, ms)")
         for p in PHASES:
             print(f"{p:22} total {r['total_ms'][p]:9.3f}  per chunk {r['per_chunk_ms'][p]}")
+        if "syncs" in r:
+            print("host syncs in one pass (drain the GPU's queue):", r["syncs"])
         if "kernels" in r:
             print(r["kernels"])
 

@@ -39,6 +39,16 @@ from cab_vllm.ops.blocks import gather_paged, num_blocks
 from cab_vllm.policies import estimate, rows_only, select_from_attention, uses_exact_rows
 
 
+def device_ints(values: Sequence[int], device, dtype=torch.int64) -> torch.Tensor:
+    """A short host list as a device tensor without a stream sync: on CUDA it is staged in pinned memory and
+    copied asynchronously (torch.tensor(values, device=cuda) copies from pageable memory and synchronizes the
+    stream, which drains the GPU's queue in the middle of a layer)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=dev)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(dev, non_blocking=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # selection
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,8 +352,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
         if prefix:
             qd, bt, sl = q[:d], block_table[:d], seq_lens[:d]
         else:
-            rt = torch.tensor(rows, device=dev)
-            tok = torch.tensor([plan.qsl[r] for r in rows], device=dev)
+            rt = device_ints(rows, dev)
+            tok = device_ints([plan.qsl[r] for r in rows], dev)
             qd, bt, sl = q[tok], block_table[rt], seq_lens[rt]
         mmax = workspace.max_blocks if workspace is not None else max(num_blocks(plan.seq_lens[r], bs) for r in rows)
         if routes is None:
@@ -404,13 +414,13 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                 qsl_sub.append(qsl_sub[-1] + q1 - q0)
         if record is not None:
             record["prefill"] = sels
-        rt = torch.tensor(rows, device=dev)
+        rt = device_ints(rows, dev)
         contiguous = rows == list(range(rows[0], rows[-1] + 1))
         a, b = plan.qsl[rows[0]], plan.qsl[rows[-1] + 1]
         tok = None if contiguous else torch.cat(toks)
         qp = q[a:b] if contiguous else q[tok]
         op = out[a:b] if contiguous else torch.empty_like(qp)
-        run_prefill(qp, key_cache, value_cache, block_table[rt], torch.tensor(qsl_sub, dtype=torch.int32, device=dev),
+        run_prefill(qp, key_cache, value_cache, block_table[rt], device_ints(qsl_sub, dev, torch.int32),
                     seq_lens[rt], sels, bs, scale, op, impl)
         if not contiguous:
             out[tok] = op

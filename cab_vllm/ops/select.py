@@ -38,13 +38,16 @@ def select_topk(priority: torch.Tensor, keep: torch.Tensor, kmax: int | None = N
     fixed budget) or [..., M] broadcastable to priority.shape[:-1] (per (KV head, query block) counts, the
     adaptive budget), each <= the number of finite-or-+inf entries of its row. Returns (indices [..., M, K]
     int32 ascending, padded with -1, counts [..., M] int32), K = kmax (default max(keep), which costs a device
-    sync; pass it when known).
+    sync; pass it when known). A kmax below max(keep) is an error, not a silent truncation (checked where
+    keep is on the host).
     """
     if keep.dim() == 0 or keep.dim() >= priority.dim() or keep.shape[-1] != priority.shape[-2]:
         raise ValueError(f"keep {tuple(keep.shape)} must be [M] or [..., M] with M = {priority.shape[-2]} rows "
                          f"of priority {tuple(priority.shape)}")
     if kmax is None:
         kmax = int(keep.max()) if keep.numel() else 0
+    elif keep.device.type == "cpu" and keep.numel() and int(keep.max()) > kmax:
+        raise ValueError(f"kmax={kmax} is below the largest count {int(keep.max())}")
     kmax = max(min(int(kmax), priority.shape[-1]), 1)
     top = priority.topk(kmax, dim=-1, sorted=True).indices
     live = torch.arange(kmax, device=priority.device) < keep.to(priority.device)[..., None]
@@ -55,19 +58,20 @@ def select_topk(priority: torch.Tensor, keep: torch.Tensor, kmax: int | None = N
     return idx.contiguous(), counts
 
 
-def select_tiered(tiers: list[torch.Tensor], keep: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_tiered(tiers: list[torch.Tensor], keep: torch.Tensor, allowed: torch.Tensor, kmax: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep every block of the tier masks, then the highest-scoring other blocks up to the budget.
 
     tiers: bool masks [..., M, Mk] whose union must fit the budget (sink/local, a curvature or recency
     share), followed by one float score [..., M, Mk] ordering the rest; keep [M] or [..., M] (see select_topk);
-    allowed [M, Mk] bool (causal).
+    allowed [M, Mk] bool (causal); kmax: as in select_topk (pass it to avoid a device sync).
     Same return as select_topk.
     """
     *masks, score = tiers
     pri = torch.nan_to_num(score.float(), nan=0.0, posinf=3e38, neginf=-3e38)
     for m in masks:
         pri = pri.masked_fill(m, float("inf"))
-    return select_topk(pri.masked_fill(~allowed, float("-inf")), keep)
+    return select_topk(pri.masked_fill(~allowed, float("-inf")), keep, kmax)
 
 
 # ----------------------------------------------------------------------------------------------------

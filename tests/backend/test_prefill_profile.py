@@ -51,3 +51,13 @@ def test_profile_times_each_phase_where_it_runs(pp):
     assert "prefill_selection" in r["kernels"] and "run_prefill" in r["kernels"]
     with pytest.raises(ValueError, match="multiple of the block size"):
         pp.profile(1000, 100, 0.5, dev="cpu", impl="torch", hq=4, hkv=2, d=32, kernels=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy", ["cab", "magnitude", "streaming"])
+def test_chunked_prefill_path_never_synchronizes_the_stream(pp, policy):
+    """No host sync in a layer's prefill (summaries, exact rows, selection, attention): each one would drain the
+    GPU's queue mid-layer, for every chunk of every layer."""
+    r = pp.profile(32768, 8192, 0.95, policy=policy, dev="cuda", impl="triton", kernels=False)
+    assert r["syncs"] == {p: 0 for p in pp.PHASES}, r["syncs"]

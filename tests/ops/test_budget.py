@@ -300,3 +300,38 @@ def test_budget_multiplier_is_the_smallest_that_meets_the_total(n):
         assert (f(lam) >= total - 1e-6).all()
         below = f(lam * (1 - 1e-7) - 1e-12)
         assert ((below < total) | (f(torch.zeros(3, dtype=torch.float64)) >= total - 1e-9)).all()
+
+
+@pytest.mark.parametrize("sink,local", SINK_LOCAL)
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("cap", [1.0, 1.5, 4.0, 8.0])
+def test_max_keep_bounds_every_count_from_the_host(sparsity, sink, local, cap):
+    """policies.max_keep (the selection's top-k width, known without a device sync) is the fixed rule's largest
+    count of the rows, and never below an adaptive count: a narrower top-k would drop blocks silently."""
+    from cab_vllm.policies import max_keep
+
+    m = 37
+    for budget in ("fixed", "adaptive"):
+        cfg = CABConfig(sparsity=sparsity, sink_blocks=sink, local_blocks=local, budget=budget, budget_cap=cap)
+        a_max, _ = graphs(2, 4, m, seed=int(cap * 10) + sink)
+        a_max[1] = _concentrated_and_flat(m).repeat(1, 2, 1, 1)[0]
+        for first, mq in [(0, m), (0, 1), (5, 9), (20, 17), (36, 1)]:
+            rows = slice(first, first + mq)
+            fixed = cfg.keep_counts(first + mq)[first:]
+            if budget == "fixed":
+                assert max_keep(cfg, first, mq) == int(fixed.max())
+                continue
+            allowed = causal_block_mask(m, "cpu")[rows]
+            forced = forced_mask(m, sink, local, "cpu", first, mq)
+            cnt = adaptive_keep_counts(a_max[:, :, rows], allowed, forced, fixed, cfg.top_p, cfg.budget_floor, cap)
+            assert int(cnt.max()) <= max_keep(cfg, first, mq) <= first + mq
+    assert max_keep(CABConfig(), 3, 0) == 0
+
+
+def test_select_topk_refuses_a_width_below_a_host_count():
+    pri = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="kmax=2 is below the largest count 3"):
+        select_topk(pri, torch.tensor([3, 1]), kmax=2)
+    idx, cnt = select_topk(pri, torch.tensor([3, 1]), kmax=4)  # wider than needed: the same blocks
+    ref_idx, ref_cnt = select_topk(pri, torch.tensor([3, 1]))
+    assert torch.equal(cnt, ref_cnt) and torch.equal(idx[:, :3], ref_idx) and (idx[:, 3] == -1).all()
