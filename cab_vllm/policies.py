@@ -123,7 +123,7 @@ def max_keep(cfg: CABConfig, first: int, mq: int) -> int:
     if mq <= 0:
         return 0
     last = first + mq - 1
-    fixed = int(keep_counts(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, last + 1)[-1])
+    fixed = int(keep_counts(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, last + 1).numpy()[-1])  # host
     if not cfg.adaptive:
         return fixed
     return min(last + 1, max(fixed, math.floor(fixed * cfg.budget_cap + 1e-9)))

@@ -63,12 +63,14 @@ class Timer:
 
 
 def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySummaries, impl: str, timer=None,
-                label=None):
+                label=None, sel_impl: str | None = None):
     """Every chunk of one n-token prompt, as attention.attend runs a prefill row with a summary slot; each phase
-    timed by ``timer`` or labelled for torch.profiler by ``label`` (record_function)."""
+    timed by ``timer`` or labelled for torch.profiler by ``label`` (record_function). sel_impl: the selection's
+    implementation (default: attend's choice for this device)."""
     dev = q.device
     bs = cfg.block_size
-    sel_impl = "triton" if impl == "triton" and dev.type == "cuda" else "torch"
+    if sel_impl is None:  # as attend picks it (the selection's Triton kernels on CUDA only)
+        sel_impl = "triton" if impl == "triton" and dev.type == "cuda" else "torch"
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(q.shape[-1])
     def labelled(phase, c, fn):

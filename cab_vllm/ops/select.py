@@ -46,8 +46,8 @@ def select_topk(priority: torch.Tensor, keep: torch.Tensor, kmax: int | None = N
                          f"of priority {tuple(priority.shape)}")
     if kmax is None:
         kmax = int(keep.max()) if keep.numel() else 0
-    elif keep.device.type == "cpu" and keep.numel() and int(keep.max()) > kmax:
-        raise ValueError(f"kmax={kmax} is below the largest count {int(keep.max())}")
+    elif keep.device.type == "cpu" and keep.numel() and keep.numpy().max() > kmax:  # a host array: no sync
+        raise ValueError(f"kmax={kmax} is below the largest count {keep.numpy().max()}")
     kmax = max(min(int(kmax), priority.shape[-1]), 1)
     top = priority.topk(kmax, dim=-1, sorted=True).indices
     live = torch.arange(kmax, device=priority.device) < keep.to(priority.device)[..., None]

@@ -61,3 +61,51 @@ def test_chunked_prefill_path_never_synchronizes_the_stream(pp, policy):
     GPU's queue mid-layer, for every chunk of every layer."""
     r = pp.profile(32768, 8192, 0.95, policy=policy, dev="cuda", impl="triton", kernels=False)
     assert r["syncs"] == {p: 0 for p in pp.PHASES}, r["syncs"]
+
+
+class HostReads:
+    """Records the calls that read a tensor's value on the host (each one a stream sync on CUDA) made from the
+    backend's code (cab_vllm/, its PyTorch twins in ops/reference.py excepted): a CPU stand-in for
+    torch.cuda.set_sync_debug_mode. Host-only arithmetic reads its tensors through .numpy(), which a CUDA tensor
+    refuses, so it is not counted."""
+
+    METHODS = ("item", "tolist", "__int__", "__float__", "__bool__")
+
+    def __init__(self, monkeypatch):
+        import sys
+
+        self.calls: list[str] = []
+        for name in self.METHODS:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _orig=orig, _name=name, **kw):
+                f = sys._getframe(1)
+                path = f.f_code.co_filename.replace("\\", "/")
+                if "/cab_vllm/" in path and not path.endswith("ops/reference.py"):
+                    self.calls.append(f"{_name} at {path.split('/cab_vllm/')[-1]}:{f.f_lineno} ({f.f_code.co_name})")
+                return _orig(t, *a, **kw)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapped)
+
+
+@pytest.mark.parametrize("policy", ["cab", "magnitude", "streaming", "cab:adaptive"])
+def test_chunked_prefill_path_reads_no_tensor_on_the_host(pp, policy, monkeypatch):
+    """The CPU side of the GPU test above: the kernel path (Triton, interpreted here) of every chunk reads no
+    tensor value on the host (which on CUDA waits for the GPU's queue to drain)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
+    n, hq, hkv, d = 700, 4, 2, 32
+    name, _, budget = policy.partition(":")
+    cfg = CABConfig(sparsity=0.7, policy=name, budget="adaptive" if budget else "fixed")
+    q, kc, vc, bt = pp.setup(n, hq, hkv, d, 16, "cpu", torch.float32, seed=1)
+    store = KeySummaries(1, hkv, math.ceil(n / 64), d, cfg.estimator, torch.float32, torch.device("cpu"))
+    reads = HostReads(monkeypatch)
+    out = pp.prompt_pass(q, kc, vc, bt, n, 256, cfg, store, "triton", sel_impl="triton")
+    assert not torch.isnan(out).any()
+    assert reads.calls == []
+    from cab_vllm.ops.select import select_topk
+
+    select_topk(torch.randn(3, 4), torch.tensor([1, 2, 2]))  # the guard sees a sync-prone read (no width given)
+    assert reads.calls and reads.calls[0].startswith("__int__ at ops/select.py")
