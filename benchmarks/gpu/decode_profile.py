@@ -8,7 +8,8 @@ context length and batch it times, in a CUDA graph (as the engine replays it), t
   prompt   the request's stored prompt selection (the default rule) + the blocks after the prompt
   bounds   the step's own selection by key bounds (scores + top-k)
   skip     every row left to FlashAttention (what short requests pay for CAB being in the graph)
-the same three with selection and attention in ONE launch (prompt1, bounds1, skip1: step_launch with both roles),
+the same three with selection and attention in ONE launch (prompt1, bounds1, skip1: step_launch with both roles;
+the engine's routed_decode takes it for batches of up to ops.decode.ONE_LAUNCH_MAX_ROWS rows),
 and, for comparison, the plain split-K kernel on the same blocks (ops.decode.paged_sparse_decode, no routing,
 no selection role) and dense decode through the same kernel (every block). Prints microseconds per step. By
 default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
@@ -101,7 +102,7 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         routes = routes_of(mode)
         return lambda: routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows),
                                      ws.partials(rows), impl="triton", select=sel, min_blocks_per_split=min_per,
-                                     blocks_per_iter=bpi)
+                                     blocks_per_iter=bpi, one_launch=False)
 
     def one_launch(mode: int):  # selection and attention in one launch (programs take roles from a ticket)
         routes = routes_of(mode)

@@ -50,9 +50,22 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
         step(0, half, sparse, 2 * half)
         step(half, 2 * half, sparse, 2 * half)
         step(2 * half, 2 * half + 1, sparse, 2 * half)
-    for policy in ("magnitude", "streaming"):  # decode with the step's own selection
-        slots.stored.clear()
-        step(n, n + 1, sparse.replace(policy=policy), n)
+    from cab_vllm.ops import decode as dec
+
+    one_row_max = dec.ONE_LAUNCH_MAX_ROWS
+    # a single-row decode step runs selection and attention in one launch, a larger batch in two: make both
+    for limit in dict.fromkeys((one_row_max, 0)):
+        dec.ONE_LAUNCH_MAX_ROWS = limit
+        try:
+            if limit != one_row_max and halves:  # the prompt rule again: the final chunk stores the selection
+                h = halves[-1]
+                step(h, 2 * h, sparse, 2 * h)
+                step(2 * h, 2 * h + 1, sparse, 2 * h)
+            for policy in ("magnitude", "streaming"):  # decode with the step's own selection
+                slots.stored.clear()
+                step(n, n + 1, sparse.replace(policy=policy), n)
+        finally:
+            dec.ONE_LAUNCH_MAX_ROWS = one_row_max
     if torch.device(device).type == "cuda":
         # the estimate's softmax compiles once per power of two of the key-block count: make every one from 16
         # blocks (1024 tokens) up to the engine's longest context (a 1-row softmax each)

@@ -7,7 +7,8 @@ a scratch buffer; the last split of each (sequence, KV head) to finish merges th
 launch costs microseconds even when it has nothing to do (short prompts run on vLLM's FlashAttention), so the
 attention and the merge share one launch, and the selection's programs return at once when no row selects. The
 kernel can also run selection and attention in one launch (programs take roles from a start-order ticket), but
-on the H200 that costs the attention role 1.5x at 8 rows of 128k, so routed_decode uses two.
+on the H200 that costs the attention role 1.5x at 8 rows of 128k, so routed_decode uses two, except for a
+single row (ONE_LAUNCH_MAX_ROWS), where one launch halves what a short request pays per layer.
 Twins: ops.reference.paged_decode_ref and ops.select.decode_select's PyTorch path.
 """
 
@@ -282,6 +283,12 @@ MAX_SPLITS = 64  # split-K partials per (row, head), at most
 MIN_BLOCKS_PER_SPLIT = 4  # a (row, KV head) with fewer than num_splits * this many blocks uses fewer splits
 BLOCKS_PER_ITER = 1  # key blocks one attention program loads per loop iteration (a tile of this many blocks)
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
+# Decode batches of at most this many rows run selection and attention in one launch. Measured on the H200 with
+# L2 flushed (benchmarks/results/decode_profile_h200_2026-11-30/profile_l2_flushed.txt), one row: one launch
+# 2.2-2.5 us per layer when every row is left to FlashAttention (two launches: 4.0-4.7: what short requests pay
+# per layer) and as fast with the prompt rule (28.9 vs 30.3 us at 128k); eight rows of 128k: 1.5x slower with
+# the prompt rule. Rows that select by key bounds are slower in one launch (618 vs 486 us at 128k, one row).
+ONE_LAUNCH_MAX_ROWS = 1
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, target_programs: int | None = None) -> int:
@@ -372,12 +379,15 @@ def routed_decode(
     select: Selection | None = None,
     min_blocks_per_split: int = MIN_BLOCKS_PER_SPLIT,
     blocks_per_iter: int | None = None,
+    one_launch: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention for rows routed by ``routes`` (DecodeRoutes): one query per row at seq_lens - 1;
     rows in MODE_SKIP are not written. q [S, Hq, D]; out [S, Hq, D] (written in place, returned).
     With ``select``, rows in SELECTED_MODES first get the step's selection into routes.sel_idx/sel_cnt
-    (ops.select.decode_select's rule) in a launch of their own, just before the attention's.
-    num_splits must not depend on the step's data (a CUDA graph replays it); workspace: DecodeScratch."""
+    (ops.select.decode_select's rule): in a launch of its own just before the attention's, or with
+    ``one_launch`` in the attention's launch (default: one launch for at most ONE_LAUNCH_MAX_ROWS rows, the
+    batch size being fixed per CUDA graph). num_splits must not depend on the step's data (a CUDA graph replays
+    it); workspace: DecodeScratch."""
     from cab_vllm.ops.select import check_selection, decode_select
 
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
@@ -397,15 +407,17 @@ def routed_decode(
         out[live] = o[live]
         return out
     lse = torch.empty(ns, hq, dtype=torch.float32, device=q.device) if workspace is None else workspace.lse[:ns]
-    if select is not None:
+    if one_launch is None:
+        one_launch = ns <= ONE_LAUNCH_MAX_ROWS
+    if select is not None and not one_launch:
         # The selection in a launch of its own (its programs return at once when no row selects): sharing one
         # launch with the attention cost the attention 1.5x at 8 rows of 128k on the H200 (BENCHMARKS.md).
         step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
                     block_size=block_size, routes=routes, select=select, attend=False, scratch=workspace)
     step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
-                block_size=block_size, routes=routes, scale=scale, num_splits=num_splits, out=out,
-                lse=lse, scratch=workspace, min_blocks_per_split=min_blocks_per_split,
-                blocks_per_iter=blocks_per_iter)
+                block_size=block_size, routes=routes, select=select if one_launch else None, scale=scale,
+                num_splits=num_splits, out=out, lse=lse, scratch=workspace,
+                min_blocks_per_split=min_blocks_per_split, blocks_per_iter=blocks_per_iter)
     return out
 
 

@@ -258,3 +258,31 @@ def test_kept_summaries_select_the_same_blocks_on_the_gpu():
         runs.append(steps)
     _same(runs[1], runs[0])
     assert runs[1][-1][2].summary[0][1] == (n - (n % 8192 or 8192)) // 64
+
+
+def test_warm_up_makes_both_decode_launch_shapes(monkeypatch):
+    """A single-row decode step runs selection and attention in one launch, a larger batch in two (their kernels
+    compile apart): the warm-up decodes under both, each with a step that selects its own blocks and one that
+    reads its prompt's selection, and leaves the row limit as it was."""
+    import cab_vllm.ops.decode as dec
+    from cab_vllm.backend.attention import DecodeWorkspace
+    from cab_vllm.backend.warmup import warm_up_kernels
+
+    seen = []
+    real = dec.routed_decode
+
+    def spy(q, *a, **kw):
+        one = q.shape[0] <= dec.ONE_LAUNCH_MAX_ROWS if kw.get("one_launch") is None else kw["one_launch"]
+        routes = a[4]
+        seen.append((one, tuple(routes.modes[: q.shape[0]].tolist())))
+        return real(q, *a, **kw)
+
+    monkeypatch.setattr(dec, "routed_decode", spy)
+    limit = dec.ONE_LAUNCH_MAX_ROWS
+    cfg = CABConfig()
+    store = KeySummaries(4, 2, 64, 32, cfg.estimator, torch.float32, "cpu")
+    warm_up_kernels(4, 2, 32, torch.float32, "cpu", cfg, DecodeWorkspace(4, 4, 2, 32, 64, "cpu"), summaries=store)
+    assert dec.ONE_LAUNCH_MAX_ROWS == limit
+    for one in (True, False):
+        modes = {m for o, ms in seen if o == one for m in ms}
+        assert dec.MODE_PROMPT in modes and modes & set(dec.SELECTED_MODES), (one, seen)

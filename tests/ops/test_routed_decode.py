@@ -375,3 +375,43 @@ def test_several_blocks_per_iteration_match_the_oracle(bpi, device):
     assert rel_err(out[live], ref[live]) < max(KERNEL_FP32_TOL, 1e-5)
     with pytest.raises(ValueError, match="blocks_per_iter"):
         routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.zeros_like(q), 2, impl="triton", blocks_per_iter=3)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_routed_decode_one_or_two_launches_give_the_same_step(rows, device, monkeypatch):
+    """routed_decode runs selection and attention in one launch for a batch of at most ONE_LAUNCH_MAX_ROWS rows
+    (fixed per CUDA graph: the batch size), two launches above; forced either way, every row gets the same
+    selection and output, and the counters are left at zero."""
+    import cab_vllm.ops.decode as dec
+    from cab_vllm.backend.attention import DecodeWorkspace
+    from cab_vllm.ops.decode import Selection
+
+    torch.manual_seed(8)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    hq, d, hkv = q.shape[1], q.shape[2], kc.shape[2]
+    table, slots, pblocks = _row1_prompt_table(hkv, device)
+    order = [2, 1, 4, 5, 0, 3][:rows]  # a bounds row first: rows=1 is a lone selecting row
+    pick = torch.tensor(order, device=device)
+    q, sl, bt, slots, pblocks = q[pick], sl[pick], bt[pick], slots[pick], pblocks[pick]
+    modes = torch.tensor([MODES[i] for i in order], dtype=torch.int32, device=device)
+    keep = torch.tensor([[0, 0, 2, 0, 3, 4][i] for i in order], dtype=torch.int32, device=device)
+    ws = DecodeWorkspace(8, hq, hkv, d, 8, device)
+    launches = []
+    real = dec.step_launch
+    monkeypatch.setattr(dec, "step_launch", lambda *a, **kw: (launches.append(kw.get("attend", True)), real(*a, **kw)))
+    outs = {}
+    for one in (None, False, True):
+        launches.clear()
+        ws.sel_idx.fill_(7)
+        ws.sel_cnt.fill_(99)
+        routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:rows], ws.sel_cnt[:rows])
+        out = torch.zeros_like(q)
+        routed_decode(q, kc, vc, bt, sl, routes, 64, 1 / math.sqrt(d), out, ws.splits(rows), ws.partials(rows),
+                      impl="triton", select=Selection(keep, ws.scores[:rows], 1, 1, 3), one_launch=one)
+        assert int(ws.sync.abs().sum()) == 0
+        outs[one] = (out, *routed_indices(routes, sl, 64))
+        auto_one = rows <= dec.ONE_LAUNCH_MAX_ROWS
+        assert len(launches) == (1 if (one or (one is None and auto_one)) else 2), (one, launches)
+    for one in (None, True):
+        assert torch.equal(outs[one][1], outs[False][1]) and torch.equal(outs[one][2], outs[False][2])
+        assert rel_err(outs[one][0], outs[False][0]) < max(KERNEL_FP32_TOL, 1e-6)
