@@ -272,8 +272,8 @@ def _bridge(a) -> int:
 
 
 def _plot(a) -> int:
-    from cab_experiments.plots import (bridge_markdown, niah_heatmaps, niah_markdown, pareto_plot, ppl_markdown,
-                                     read_jsonl, tasks_heatmaps, tasks_markdown)
+    from cab_experiments.plots import (bridge_markdown, density_markdown, density_plot, niah_heatmaps, niah_markdown,
+                                     pareto_plot, ppl_markdown, read_jsonl, tasks_heatmaps, tasks_markdown)
 
     missing = [str(f) for f in a.files if not f.exists()]
     if missing:
@@ -289,7 +289,9 @@ def _plot(a) -> int:
     made = []
     if niah:
         made += niah_heatmaps(niah, a.outdir)
+        made += density_plot(niah, a.outdir, "density_niah")
         print(niah_markdown(niah), end="\n\n")
+        print(density_markdown(niah), end="\n\n")
     if ppl:
         made += pareto_plot(ppl, a.outdir)
         print(ppl_markdown(ppl), end="\n\n")
@@ -297,7 +299,9 @@ def _plot(a) -> int:
         print(bridge_markdown(bridge), end="\n\n")
     if tasks:
         made += tasks_heatmaps(tasks, a.outdir)
+        made += density_plot(tasks, a.outdir, "density_tasks")
         print(tasks_markdown(tasks), end="\n\n")
+        print(density_markdown(tasks), end="\n\n")
     for p in made:
         print(f"wrote {p}")
     return 0

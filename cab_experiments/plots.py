@@ -126,6 +126,61 @@ def niah_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _score(r: dict) -> float:
+    """A row's accuracy: a task's string-match score, or 1/0 for a pass key found / missed."""
+    return float(r["score"]) if "score" in r else float(bool(r["correct"]))
+
+
+def density_table(rows: list[dict]) -> dict:
+    """{(model, yarn, variant, sparsity): (mean achieved density or None, mean accuracy, prompts)} over every
+    length, depth and task of the rows (niah or tasks rows; density = kept / causal key blocks of the runs)."""
+    acc: dict = defaultdict(lambda: [[], []])
+    for r in rows:
+        c = acc[(r["model"], r.get("yarn"), r["variant"], r["sparsity"])]
+        c[0].append(_score(r))
+        if r.get("density") is not None:
+            c[1].append(float(r["density"]))
+    return {k: (sum(d) / len(d) if d else None, sum(a) / len(a), len(a)) for k, (a, d) in acc.items()}
+
+
+def density_plot(rows: list[dict], outdir: str | Path, name: str = "density") -> list[Path]:
+    """Per (model, YaRN or not): accuracy against the achieved density, a line per variant through its
+    sparsities (dense at density 1). Log density axis."""
+    plt = _plt()
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    table = density_table(rows)
+    paths = []
+    for model, yarn in sorted({(k[0], k[1]) for k in table}, key=lambda k: (k[0], k[1] or 0)):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        cells = {k: v for k, v in table.items() if (k[0], k[1]) == (model, yarn) and v[0] is not None}
+        for variant in dict.fromkeys(k[2] for k in cells):
+            pts = sorted((v[0], v[1], k[3]) for k, v in cells.items() if k[2] == variant)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "*" if variant == "dense" else "o-", label=variant,
+                    ms=9 if variant == "dense" else 4)
+            for x, y, sp in pts:
+                if sp:
+                    ax.annotate(f"{sp:g}", (x, y), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("achieved density (kept / causal key blocks)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{model}{' (YaRN)' if yarn else ''}: accuracy vs density", fontsize=9)
+        ax.legend(fontsize=6)
+        paths.append(_save(plt, fig, outdir / f"{name}_{model}{'_yarn' if yarn else ''}.png"))
+    return paths
+
+
+def density_markdown(rows: list[dict]) -> str:
+    lines = ["| model | variant | sparsity | achieved density | accuracy | prompts |", "|---|---|---|---|---|---|"]
+    table = density_table(rows)
+    for k in sorted(table, key=lambda k: (k[0], k[1] or 0, k[3], k[2] != "dense", k[2])):
+        d, a, n = table[k]
+        label = f"{k[2]}{' (YaRN)' if k[1] else ''}"
+        lines.append(f"| {k[0]} | {label} | {k[3]:g} | {'' if d is None else f'{d:.3f}'} | {a:.2f} | {n} |")
+    return "\n".join(lines)
+
+
 def _task_order(rows: list[dict]) -> list[str]:
     seen = {r["task"] for r in rows}
     return [t for t in TASKS if t in seen] + sorted(seen - set(TASKS))

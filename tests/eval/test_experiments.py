@@ -219,7 +219,8 @@ def test_cli_plot(tmp_path, capsys):
         for n in (4096, 8192):
             for d in (0.0, 0.5):
                 rows.append({"model": "m", "yarn": None, "haystack": "austen", "length": n, "depth": d, "trial": 0,
-                             "variant": v, "sparsity": s, "passkey": "12345", "correct": v == "dense" or d == 0.0})
+                             "variant": v, "sparsity": s, "passkey": "12345", "correct": v == "dense" or d == 0.0,
+                             "density": 1.0 if v == "dense" else (0.05 if n == 4096 else 0.07)})
             rows.append({"kind": "ppl", "model": "m", "yarn": None, "length": n, "window": 0, "variant": v,
                          "sparsity": s, "nll": 3.0 + s, "nll_last_quarter": 3.1 + s})
             rows.append({"kind": "latency", "model": "m", "yarn": None, "length": n, "window": 0, "variant": v,
@@ -232,6 +233,9 @@ def test_cli_plot(tmp_path, capsys):
     assert "5.0x" in out  # dense 100 ms / cab 20 ms
     assert (tmp_path / "plots" / "niah_m.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "pareto_m_4096.png").exists()
+    # accuracy beside the achieved density (mean over the cell's prompts), table and plot
+    assert "| m | cab | 0.95 | 0.060 | 0.50 | 4 |" in out and "| m | dense | 0 | 1.000 | 1.00 | 4 |" in out
+    assert (tmp_path / "plots" / "density_niah_m.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="no such file"):
         cli.main(["plot", str(tmp_path / "missing.jsonl")])
 
