@@ -137,12 +137,17 @@ def main() -> None:
     ap.add_argument("--min-per", default="4", help="blocks per split at least (comma list to compare)")
     ap.add_argument("--blocks-per-iter", default="1", help="key blocks per loop iteration (comma list: 1,2,4,8)")
     ap.add_argument("--target-programs", type=int, default=None, help="split-K programs per step to aim for")
+    ap.add_argument("--score-programs", type=int, default=None,
+                    help="programs per (row, KV head) scoring its blocks in a selection (bounds mode)")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
     if a.target_programs is not None:
         import cab_vllm.ops.decode as decode_ops
         decode_ops.TARGET_PROGRAMS = a.target_programs
+    if a.score_programs is not None:
+        import cab_vllm.ops.decode as decode_ops
+        decode_ops.MAX_SCORE_PROGRAMS = a.score_programs
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py needs a CUDA GPU")
     global _FLUSH

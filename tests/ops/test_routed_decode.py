@@ -415,3 +415,37 @@ def test_routed_decode_one_or_two_launches_give_the_same_step(rows, device, monk
     for one in (None, True):
         assert torch.equal(outs[one][1], outs[False][1]) and torch.equal(outs[one][2], outs[False][2])
         assert rel_err(outs[one][0], outs[False][0]) < max(KERNEL_FP32_TOL, 1e-6)
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+def test_selection_is_the_same_for_any_number_of_scoring_programs(programs, device, monkeypatch):
+    """How many programs score a (row, KV head)'s blocks (MAX_SCORE_PROGRAMS, a tuning knob: each program takes
+    every programs-th tile of 16 blocks) changes no selection and no output; rows of 24-37 blocks here."""
+    import cab_vllm.ops.decode as dec
+    from cab_vllm.backend.attention import DecodeWorkspace
+    from cab_vllm.ops.decode import Selection
+
+    lens = [1500, 2300, 1900]
+    batch = make_varlen_batch([(n, 1) for n in lens], 4, 2, 32, torch.float32, seed=9, device=device)
+    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], 16, layout="kv_pair", seed=10)
+    q = torch.stack([x[:, -1] for x in batch["q"]])
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    s, hq, d = q.shape
+    hkv = kc.shape[2]
+    modes = torch.tensor([MODE_BOUNDS, MODE_RECENT, MODE_RANDOM], dtype=torch.int32, device=device)
+    keep = torch.tensor([5, 7, 4], dtype=torch.int32, device=device)
+    ws = DecodeWorkspace(4, hq, hkv, d, 40, device)
+    table = PromptTable(4, hkv, 40, device)
+    zeros = torch.zeros(s, dtype=torch.int32, device=device)
+    got = []
+    for n in (dec.MAX_SCORE_PROGRAMS, programs):
+        monkeypatch.setattr(dec, "MAX_SCORE_PROGRAMS", n)
+        routes = DecodeRoutes(modes, zeros, table.idx, table.cnt, zeros, ws.sel_idx[:s], ws.sel_cnt[:s])
+        out = torch.zeros_like(q)
+        routed_decode(q, kc, vc, bt, sl, routes, 64, 1 / math.sqrt(d), out, ws.splits(s), ws.partials(s),
+                      impl="triton", select=Selection(keep, ws.scores[:s], 1, 1, 3), one_launch=False)
+        assert int(ws.sync.abs().sum()) == 0
+        got.append((out, *routed_indices(routes, sl, 64)))
+    assert torch.equal(got[0][2], keep[:, None].expand(s, hkv))
+    assert torch.equal(got[0][1], got[1][1]) and torch.equal(got[0][2], got[1][2])
+    assert torch.equal(got[0][0], got[1][0])
