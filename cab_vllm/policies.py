@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from cab_vllm.config import CABConfig, adaptive_keep_counts, keep_counts
+from cab_vllm.config import SUMMARY_ESTIMATORS, CABConfig, adaptive_keep_counts, keep_counts
 from cab_vllm.ops.coarsen import estimate_grouped, group_reduce, sampled_block_attention
 from cab_vllm.ops.curvature import curvature
 from cab_vllm.ops.blocks import causal_block_mask, num_blocks
@@ -52,6 +52,39 @@ def rows_only(cfg: CABConfig) -> bool:
 def uses_exact_rows(cfg: CABConfig) -> bool:
     """Whether cfg's estimate scores the last query block from its last query tokens exactly (reads every key)."""
     return cfg.policy == "cab" and cfg.exact_rows > 0
+
+
+def fused_select_ok(cfg: CABConfig) -> bool:
+    """Whether ops.fused_select.estimate_select can select for cfg: a row-local policy ranking by the estimate's
+    group max (cab without a curvature share, magnitude), the fixed budget, an estimator with key summaries."""
+    return (cfg.policy in ("cab", "magnitude") and cfg.curvature_share == 0 and not cfg.adaptive
+            and cfg.estimator in SUMMARY_ESTIMATORS)
+
+
+def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, q_block_offset: int,
+                        summary: torch.Tensor, n_keys: int, exact: bool = True, impl: str = "auto"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_from_attention(*estimate(q, k, cfg, summary=summary, ...), cfg) in one Triton kernel
+    (ops.fused_select) for a cfg that fused_select_ok accepts: the same return, the same selection except among
+    tied scores. q [1, Hq, N - q_block_offset * bs, D]; summary [1, Hkv, M, W] of the n_keys keys; k [1, Hkv, N,
+    D] is read only for cab's exact rows (when ``exact``)."""
+    from cab_vllm.ops.fused_select import estimate_select
+
+    if not fused_select_ok(cfg):
+        raise ValueError(f"estimate_and_select cannot select for {cfg}")
+    m = num_blocks(n_keys, cfg.block_size)
+    mq = m - q_block_offset
+    ex = None
+    if exact and uses_exact_rows(cfg):
+        if k is None:
+            raise ValueError("estimate_and_select: the cab policy's exact rows need the keys (k is None)")
+        last = torch.full((1,), m - 1, device=q.device)
+        emax, _ = group_reduce(sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl,
+                                                       q_offset=q_block_offset * cfg.block_size), k.shape[1])
+        ex = emax[0, :, 0]
+    keep = cfg.keep_counts(m, q.device)[q_block_offset:]
+    return estimate_select(q, summary, n_keys, keep, max_keep(cfg, q_block_offset, mq), cfg.block_size,
+                           cfg.estimator, cfg.sink_blocks, cfg.local_blocks, q_block_offset, ex)
 
 
 def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABConfig, impl: str = "auto",

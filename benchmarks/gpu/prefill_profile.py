@@ -175,7 +175,13 @@ def main(argv=None) -> None:
     ap.add_argument("--impl", default="triton", choices=["triton", "torch"])
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     ap.add_argument("--no-kernels", action="store_true", help="phase times only (no torch.profiler pass)")
+    ap.add_argument("--fused-select", choices=["0", "1"], default=None,
+                    help="estimate + select in one kernel (CAB_FUSED_SELECT; default: the environment's)")
     a = ap.parse_args(argv)
+    if a.fused_select is not None:
+        import cab_vllm.backend.attention as attention
+
+        attention.FUSED_SELECT = a.fused_select == "1"
     hq, hkv, d = (int(x) for x in a.heads.split(","))
     for sp in (float(x) for x in a.sparsities.split(",")):
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,

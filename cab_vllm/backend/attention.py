@@ -26,6 +26,7 @@ estimator, the softmax temperature is not), and both give the same selection for
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -36,7 +37,16 @@ from cab_vllm.backend.stats import STATS
 from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, CABConfig
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.blocks import gather_paged, num_blocks
-from cab_vllm.policies import estimate, rows_only, select_from_attention, uses_exact_rows
+from cab_vllm.policies import (estimate, estimate_and_select, fused_select_ok, rows_only, select_from_attention,
+                               uses_exact_rows)
+
+# CAB_FUSED_SELECT=1: prefill selection of cab (no curvature share) / magnitude at the fixed budget in one Triton
+# kernel (ops.fused_select: no [M, M] estimate in memory, no sort); same selections except among tied scores.
+# Off by default until timed on a GPU.
+_FLAG = os.environ.get("CAB_FUSED_SELECT", "0").strip()
+if _FLAG not in ("0", "1", ""):
+    raise ValueError(f"CAB_FUSED_SELECT={_FLAG!r} is invalid: expected 0 or 1")
+FUSED_SELECT = _FLAG == "1"
 
 
 def device_ints(values: Sequence[int], device, dtype=torch.int64) -> torch.Tensor:
@@ -93,13 +103,19 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     pad = n - nq - off * bs
     q = F.pad(q_new, (0, 0, pad, 0)) if pad else q_new
     qb, kb = q[None], (None if k_all is None else k_all[None])
-    if cfg.policy in ESTIMATED_POLICIES:
-        a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off,
-                                 summary=None if summary is None else summary[None], n_keys=n, exact=exact)
+    if FUSED_SELECT and impl == "triton" and fused_select_ok(cfg):  # estimate + select in one kernel
+        from cab_vllm.ops.coarsen import key_summary
+
+        summ = summary[None] if summary is not None else key_summary(kb, bs, cfg.estimator, impl=impl)
+        idx, cnt = estimate_and_select(qb, kb, cfg, off, summ, n, exact=exact, impl=impl)
     else:
-        m = num_blocks(n, bs)
-        a_max = a_mean = torch.zeros(1, hkv, m - off, m, device=q.device)
-    idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl, q_block_offset=off)
+        if cfg.policy in ESTIMATED_POLICIES:
+            a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off,
+                                     summary=None if summary is None else summary[None], n_keys=n, exact=exact)
+        else:
+            m = num_blocks(n, bs)
+            a_max = a_mean = torch.zeros(1, hkv, m - off, m, device=q.device)
+        idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl, q_block_offset=off)
     r = slice(first - off, last + 1 - off)
     return idx[0, :, r].transpose(0, 1).contiguous(), cnt[0, :, r].t().contiguous(), first
 

@@ -55,10 +55,14 @@ def test_profile_times_each_phase_where_it_runs(pp):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("policy", ["cab", "magnitude", "streaming"])
-def test_chunked_prefill_path_never_synchronizes_the_stream(pp, policy):
+def test_chunked_prefill_path_never_synchronizes_the_stream(pp, policy, fused, monkeypatch):
     """No host sync in a layer's prefill (summaries, exact rows, selection, attention): each one would drain the
     GPU's queue mid-layer, for every chunk of every layer."""
+    import cab_vllm.backend.attention as attention
+
+    monkeypatch.setattr(attention, "FUSED_SELECT", fused)
     r = pp.profile(32768, 8192, 0.95, policy=policy, dev="cuda", impl="triton", kernels=False)
     assert r["syncs"] == {p: 0 for p in pp.PHASES}, r["syncs"]
 
@@ -88,8 +92,9 @@ class HostReads:
             monkeypatch.setattr(torch.Tensor, name, wrapped)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("policy", ["cab", "magnitude", "streaming", "cab:adaptive"])
-def test_chunked_prefill_path_reads_no_tensor_on_the_host(pp, policy, monkeypatch):
+def test_chunked_prefill_path_reads_no_tensor_on_the_host(pp, policy, fused, monkeypatch):
     """The CPU side of the GPU test above: the kernel path (Triton, interpreted here) of every chunk reads no
     tensor value on the host (which on CUDA waits for the GPU's queue to drain)."""
     import os
@@ -101,6 +106,9 @@ def test_chunked_prefill_path_reads_no_tensor_on_the_host(pp, policy, monkeypatc
     cfg = CABConfig(sparsity=0.7, policy=name, budget="adaptive" if budget else "fixed")
     q, kc, vc, bt = pp.setup(n, hq, hkv, d, 16, "cpu", torch.float32, seed=1)
     store = KeySummaries(1, hkv, math.ceil(n / 64), d, cfg.estimator, torch.float32, torch.device("cpu"))
+    import cab_vllm.backend.attention as attention
+
+    monkeypatch.setattr(attention, "FUSED_SELECT", fused)
     reads = HostReads(monkeypatch)
     out = pp.prompt_pass(q, kc, vc, bt, n, 256, cfg, store, "triton", sel_impl="triton")
     assert not torch.isnan(out).any()
@@ -109,3 +117,31 @@ def test_chunked_prefill_path_reads_no_tensor_on_the_host(pp, policy, monkeypatc
 
     select_topk(torch.randn(3, 4), torch.tensor([1, 2, 2]))  # the guard sees a sync-prone read (no width given)
     assert reads.calls and reads.calls[0].startswith("__int__ at ops/select.py")
+
+
+@pytest.mark.parametrize("policy", ["cab", "magnitude"])
+def test_fused_selection_gives_the_chunked_prefill_the_same_output(pp, policy, monkeypatch):
+    """CAB_FUSED_SELECT: every chunk (kept summaries, exact rows in the last) selects the same blocks, so the
+    prompt's attention output is the same."""
+    import os
+
+    import cab_vllm.backend.attention as attention
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
+    n, hq, hkv, d = 1100, 4, 2, 32
+    cfg = CABConfig(sparsity=0.8, policy=policy)
+    q, kc, vc, bt = pp.setup(n, hq, hkv, d, 16, "cpu", torch.float32, seed=2)
+    outs, sels = [], []
+    real = attention.prefill_selection
+    for fused in (False, True):
+        monkeypatch.setattr(attention, "FUSED_SELECT", fused)
+        got = []
+        monkeypatch.setattr(pp, "prefill_selection", lambda *a, **kw: got.append(real(*a, **kw)) or got[-1])
+        store = KeySummaries(1, hkv, math.ceil(n / 64), d, cfg.estimator, torch.float32, torch.device("cpu"))
+        outs.append(pp.prompt_pass(q, kc, vc, bt, n, 256, cfg, store, "triton", sel_impl="triton"))
+        sels.append(got)
+    assert len(sels[0]) == len(sels[1]) == 5
+    for (i0, c0, f0), (i1, c1, f1) in zip(*sels):
+        assert f0 == f1 and torch.equal(c0, c1) and torch.equal(i0, i1)
+    assert torch.equal(outs[0], outs[1])
