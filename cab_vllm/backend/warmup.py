@@ -11,6 +11,8 @@ import torch
 from cab_vllm.backend.plan import PromptSlots, SummarySlots, plan_batch, route_rows
 from cab_vllm.backend.attention import DecodeWorkspace, KeySummaries, PromptTable, attend, write_kv
 from cab_vllm.config import CABConfig
+from cab_vllm.ops.fused_select import estimate_select
+from cab_vllm.policies import fused_select_ok
 
 
 def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
@@ -72,9 +74,32 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
         from cab_vllm.ops._triton import next_pow2
         from cab_vllm.ops.coarsen import softmax_group
 
+        from cab_vllm.backend import attention
+
         p = 16
         while p <= next_pow2(workspace.max_blocks):
             logits = torch.zeros(1, num_heads, 1, p, dtype=torch.float32, device=device)
             softmax_group(logits, p * cfg.block_size, num_kv_heads, cfg.block_size, q_block_offset=p - 1)
             p *= 2
+        if attention.FUSED_SELECT and fused_select_ok(cfg):
+            warm_fused_select(num_heads, num_kv_heads, head_size, dtype, device, cfg, workspace.max_blocks)
         torch.cuda.synchronize(device)
+
+
+def warm_fused_select(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
+                      cfg: CABConfig, max_blocks: int) -> int:
+    """Compile the one-kernel predictor (ops.fused_select, CAB_FUSED_SELECT=1) for every power of two of the
+    key-block count from 16 up to max_blocks, with and without exact rows (its compiled variants). Returns the
+    number of launches."""
+    from cab_vllm.ops._triton import next_pow2
+
+    launches, p = 0, 16
+    while p <= next_pow2(max_blocks):
+        summ = KeySummaries(1, num_kv_heads, p, head_size, cfg.estimator, dtype, device).data
+        q1 = torch.zeros(1, num_heads, cfg.block_size, head_size, dtype=dtype, device=device)
+        for ex in (None, torch.zeros(num_kv_heads, p, device=device)):
+            estimate_select(q1, summ, p * cfg.block_size, torch.ones(1, dtype=torch.int32, device=device), 1,
+                            cfg.block_size, cfg.estimator, cfg.sink_blocks, cfg.local_blocks, p - 1, ex)
+            launches += 1
+        p *= 2
+    return launches

@@ -149,6 +149,8 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
         qf.stride(0), qf.stride(1), ks.stride(0), ks.stride(1), scores.stride(0), scores.stride(1),
         idx.stride(0), idx.stride(1), cnt.stride(0),
         W=width, WPAD=next_pow2(width), GPAD=max(1, next_pow2(group)), RB=ROWS_PER_PROGRAM, BJ=KEY_TILE,
-        BLOCK=block_size, MPAD=next_pow2(m), KPAD=next_pow2(kk), HAS_EXACT=exact is not None, num_warps=4,
+        BLOCK=block_size, MPAD=next_pow2(m), KPAD=next_pow2(m), HAS_EXACT=exact is not None, num_warps=4,
     )
+    # KPAD = MPAD: one compiled variant per power of two of the key blocks (and exact rows or not), whatever
+    # the budget (the warm-up makes them all; attention.warm_up_kernels)
     return idx.permute(1, 0, 2)[None].contiguous(), cnt.t()[None].contiguous()

@@ -85,3 +85,19 @@ def test_fused_selection_on_the_gpu(n, first):
     assert torch.equal(cnt, want_cnt)
     same = (idx == want_idx).all(-1).float().mean().item()
     assert same > 0.98, same
+
+
+def test_warm_up_compiles_every_fused_variant(monkeypatch):
+    """With CAB_FUSED_SELECT the engine start launches the one-kernel predictor for every power of two of the
+    key blocks up to the engine's longest context, with and without exact rows (its compiled variants)."""
+    import cab_vllm.backend.warmup as warmup
+
+    seen = []
+    real = warmup.estimate_select
+    monkeypatch.setattr(warmup, "estimate_select",
+                        lambda q, s, n, *a: seen.append((s.shape[2], a[-1] is not None)) or real(q, s, n, *a))
+    cfg = CABConfig()
+    n = warmup.warm_fused_select(4, 2, 32, torch.float32, _dev(), cfg, 40)
+    # 40 blocks at most: rows of 33-40 blocks pad to 64
+    assert n == 6 and sorted(seen) == [(p, e) for p in (16, 32, 64) for e in (False, True)]
+    assert seen[0][0] * 64 == 1024  # 16 blocks: from 1024 tokens, as the softmax's warm-up
