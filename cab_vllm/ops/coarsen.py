@@ -83,38 +83,45 @@ if HAS_TRITON:
         stride_kb, stride_kh, stride_kn,
         stride_ab, stride_ah, stride_ai,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, ROWS_PAD: tl.constexpr,
-        MASS_PASS: tl.constexpr,
+        GPAD: tl.constexpr, MASS_PASS: tl.constexpr,
     ):
-        """Program (b, h, i * num_splits + split) scores the sampled rows of query block qblk[i] against key
-        blocks split, split + num_splits, ... q row 0 is token position q_offset (earlier positions are zero
-        queries). Pass 1 (MASS_PASS=False) writes each row's partial max and sum
-        to part [B, Hq, Mq, splits, 2, ROWS_PAD]; pass 2 reads the merged lse [B, Hq, Mq, ROWS_PAD] (base 2)
-        and writes the per-key-block mass averaged over the rows."""
+        """Program (b, kvh, i * num_splits + split) scores the sampled rows of query block qblk[i], for every
+        query head of KV head kvh's group at once (tile rows = (head, row) pairs: each key block is loaded once
+        for the group), against key blocks split, split + num_splits, ... q row 0 is token position q_offset
+        (earlier positions are zero queries). Pass 1 (MASS_PASS=False) writes each row's partial max and sum to
+        part [B, Hq, Mq, splits, 2, ROWS_PAD]; pass 2 reads the merged lse [B, Hq, Mq, ROWS_PAD] (base 2) and
+        writes the per-key-block mass averaged over the rows of each head."""
         b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
+        num_heads = tl.num_programs(1) * group
+        mq = tl.num_programs(2) // num_splits
         i = tl.program_id(2) // num_splits
         split = tl.program_id(2) % num_splits
-        kvh = (h // group).to(tl.int64)
         mb = tl.load(qblk_ptr + i)
         end = tl.minimum((mb + 1) * BLOCK, n_tokens)
         r0 = tl.maximum(mb * BLOCK, end - rows)
-        r = tl.arange(0, ROWS_PAD)
+        t = tl.arange(0, GPAD * ROWS_PAD)
+        g = t // ROWS_PAD
+        r = t % ROWS_PAD
+        h = kvh * group + g
+        g_ok = g < group
         rpos = (r0 + r).to(tl.int64)  # offsets past 2**31 elements at long contexts
-        r_ok = rpos < end
+        r_ok = (rpos < end) & g_ok
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         q_ok = r_ok & (rpos >= q_offset)  # rows before q_offset: zero queries (a chunk's cached prefix)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + (rpos - q_offset)[:, None] * stride_qn + d[None, :],
-                    mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + (rpos - q_offset)[:, None] * stride_qn
+                    + d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
         kbase = k_ptr + b * stride_kb + kvh * stride_kh
-        row_id = (b * tl.num_programs(1) + h) * (tl.num_programs(2) // num_splits) + i
+        row_id = (b * num_heads + h) * mq + i  # per (head, row): [GPAD * ROWS_PAD]
         if MASS_PASS:
-            lse = tl.load(lse_ptr + row_id * ROWS_PAD + r)
+            lse = tl.load(lse_ptr + row_id * ROWS_PAD + r, mask=g_ok, other=0.0)
             nrows = (end - r0).to(tl.float32)
-            abase = a_ptr + b * stride_ab + h * stride_ah + i * stride_ai
+            hh = kvh * group + tl.arange(0, GPAD)
+            abase = a_ptr + b * stride_ab + hh * stride_ah + i * stride_ai
         else:
-            m_i = tl.full([ROWS_PAD], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([ROWS_PAD], dtype=tl.float32)
+            m_i = tl.full([GPAD * ROWS_PAD], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([GPAD * ROWS_PAD], dtype=tl.float32)
         for j in range(split, mb + 1, num_splits):
             kpos = (j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
             k = tl.load(kbase + kpos[:, None] * stride_kn + d[None, :],
@@ -123,7 +130,8 @@ if HAS_TRITON:
             ok = (kpos[None, :] <= rpos[:, None]) & r_ok[:, None]
             if MASS_PASS:
                 p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-                tl.store(abase + j, tl.sum(tl.sum(p, 1), 0) / nrows)
+                mass = tl.sum(tl.sum(tl.reshape(p, [GPAD, ROWS_PAD, BLOCK]), 2), 1)  # per head of the group
+                tl.store(abase + j, mass / nrows, mask=tl.arange(0, GPAD) < group)
             else:
                 s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -132,8 +140,8 @@ if HAS_TRITON:
                 m_i = m_new
         if not MASS_PASS:
             pbase = part_ptr + (row_id * num_splits + split) * 2 * ROWS_PAD
-            tl.store(pbase + r, m_i)
-            tl.store(pbase + ROWS_PAD + r, l_i)
+            tl.store(pbase + r, m_i, mask=g_ok)
+            tl.store(pbase + ROWS_PAD + r, l_i, mask=g_ok)
 
     @triton.jit(do_not_specialize=["n_tokens", "m", "q_block_offset", "stride_lb", "stride_lh", "stride_li",
                                    "stride_ob", "stride_oh", "stride_oi"])
@@ -235,15 +243,18 @@ def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, r
     if mq == 0:
         return a
     # split the key blocks over programs when there are few query blocks (the exact last rows at 128k)
-    splits = int(max(1, min(-(-m // 8), -(-1024 // (b * hq * mq)))))
+    hkv = k.shape[1]
+    splits = int(max(1, min(-(-m // 8), -(-1024 // (b * hkv * mq)))))
     rp = max(16, next_pow2(rows))
     part = torch.empty(b, hq, mq, splits, 2, rp, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, mq, rp, dtype=torch.float32, device=q.device)
-    args = dict(HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, ROWS_PAD=rp, num_warps=4)
+    gpad = next_pow2(hq // hkv)
+    args = dict(HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, ROWS_PAD=rp, GPAD=gpad,
+                num_warps=8 if gpad * rp >= 128 else 4)
     common = (n, q_offset, rows, 1.4426950408889634 / math.sqrt(d), hq // k.shape[1], splits,
               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               a.stride(0), a.stride(1), a.stride(2))
-    grid = (b, hq, mq * splits)
+    grid = (b, hkv, mq * splits)
     _sampled_kernel[grid](q, k, qb, part, lse, a, *common, MASS_PASS=False, **args)
     pm, pl = part[..., 0, :], part[..., 1, :]
     mx = pm.amax(3, keepdim=True)
