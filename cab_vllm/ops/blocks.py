@@ -39,6 +39,7 @@ def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: in
     """[Hkv, seq_len - start, D] copy of one sequence's keys or values at positions start .. seq_len-1 from a
     paged cache."""
     page = cache.shape[1]
-    pos = torch.arange(start, seq_len, device=cache.device)
-    pages = block_table_row.long()[pos // page]
-    return cache[pages, pos % page].transpose(0, 1)
+    p0, p1 = start // page, -(-seq_len // page)
+    # whole pages (page x Hkv x D contiguous runs) rather than one token at a time: several times faster on a GPU
+    rows = cache.index_select(0, block_table_row[p0:p1].long()).reshape(-1, *cache.shape[2:])
+    return rows[start - p0 * page: seq_len - p0 * page].transpose(0, 1)

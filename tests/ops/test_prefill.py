@@ -113,6 +113,9 @@ def test_paged_cache_helper(page, layout):
     for s, (n, _) in enumerate(SPECS):
         assert torch.equal(gather_paged(kc, bt[s], n), batch["k"][s])
         assert torch.equal(gather_paged(vc, bt[s], n), batch["v"][s])
+        for st in sorted({0, 1, page - 1, page, n // 2, n - 1} & set(range(n))):  # from any position, any layout
+            assert torch.equal(gather_paged(kc, bt[s], n, start=st), batch["k"][s][:, st:])
+            assert torch.equal(gather_paged(vc, bt[s], n - 1, start=st)[:, : n - 1 - st], batch["v"][s][:, st: n - 1])
 
 
 @pytest.mark.parametrize("hq,hkv,d,bs,page,layout,dtype", CASES)
