@@ -39,7 +39,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from cab_vllm.ops._triton import paged_coords
-    from cab_vllm.ops.select import (MAX_SCORE_PROGRAMS, SCORE_TILE, _group_query, _score_blocks,
+    from cab_vllm.ops.select import (MAX_SCORE_PROGRAMS, SCORE_TILE, SCORE_TOKENS, _group_query, _score_blocks,
                                      _topk_blocks)
 
     @triton.jit
@@ -235,7 +235,7 @@ if HAS_TRITON:
                 _score_blocks(q_ptr, k_ptr, bt_ptr, sc_ptr, s, kvh, t % n_tiles, n_tiles, mode, n,
                               sel_scale, group, page_size, sink_blocks, local_blocks, seed,
                               stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt, stride_ss,
-                              stride_sh, HEAD_DIM, BLOCK_D, GROUP_PAD, BLOCK_J, BLOCK)
+                              stride_sh, HEAD_DIM, BLOCK_D, GROUP_PAD, BLOCK_J, BLOCK, SCORE_TOKENS)
                 tl.debug_barrier()
                 c = tl.atomic_add(scored + s * num_kv_heads + kvh, 1, sem="acq_rel")
                 if c == n_tiles - 1:

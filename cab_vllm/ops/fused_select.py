@@ -22,7 +22,8 @@ import torch
 
 from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2
 
-ROWS_PER_PROGRAM = 16  # query blocks per program: the key summaries a program reads serve this many rows
+TILE_ROWS = 64  # (query block, head) rows per program: 64 // the group's padded size query blocks share the key
+# summaries a program reads (more rows exceed an H100's shared memory at 128k with GQA 8: tests/ops/hopper_compile)
 KEY_TILE = 64  # key blocks per step of a program's loop
 
 if HAS_TRITON:
@@ -143,13 +144,16 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
         check(exact.shape == (hkv, m), f"exact must be [{hkv}, {m}], got {tuple(exact.shape)}")
         exact = exact.float().contiguous()
     width = qf.shape[-1]
-    _estimate_select_kernel[(triton.cdiv(mq, ROWS_PER_PROGRAM), hkv)](
+    gpad = max(1, next_pow2(group))
+    rb = max(1, TILE_ROWS // gpad)
+    _estimate_select_kernel[(triton.cdiv(mq, rb), hkv)](
         qf, ks, exact if exact is not None else scores, scores, keep.to(torch.int32).contiguous(), idx, cnt,
         n_keys, q_block_offset, mq, m, kk, mq - 1, 1.0 / math.sqrt(d), group, sink_blocks, local_blocks,
         qf.stride(0), qf.stride(1), ks.stride(0), ks.stride(1), scores.stride(0), scores.stride(1),
         idx.stride(0), idx.stride(1), cnt.stride(0),
-        W=width, WPAD=next_pow2(width), GPAD=max(1, next_pow2(group)), RB=ROWS_PER_PROGRAM, BJ=KEY_TILE,
+        W=width, WPAD=next_pow2(width), GPAD=gpad, RB=rb, BJ=KEY_TILE,
         BLOCK=block_size, MPAD=next_pow2(m), KPAD=next_pow2(m), HAS_EXACT=exact is not None, num_warps=4,
+        num_stages=1,  # no pipelined key tiles: fp32 summaries would take 264 KB of shared memory (> an H100's)
     )
     # KPAD = MPAD: one compiled variant per power of two of the key blocks (and exact rows or not), whatever
     # the budget (the warm-up makes them all; attention.warm_up_kernels)

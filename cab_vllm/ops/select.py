@@ -290,13 +290,14 @@ if _HAS_TRITON:
 
     SCORE_TILE = 16  # key blocks a selection program scores at a time
     MAX_SCORE_PROGRAMS = 16  # programs per (row, KV head) that score its blocks (each loops over its tiles)
+    SCORE_TOKENS = tl.constexpr(4)  # tokens of each block a bounds-scoring step loads at once (BLOCK / this dependent steps)
 
     @triton.jit
     def _score_blocks(q_ptr, k_ptr, bt_ptr, sc_ptr, s, kvh, first, stride, mode, n,
                       scale, group, page_size, sink_blocks, local_blocks, seed,
                       stride_qs, stride_qh, stride_kp, stride_kpos, stride_kh, stride_bt, stride_ss, stride_sh,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_J: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, TOK_STEP: tl.constexpr):
         """Priorities of key blocks first, first + stride, ... (tiles of BLOCK_J) of row s, KV head kvh, into
         sc[s, kvh, :]: mode 3 the Quest bound of the group's queries against each block's key min/max (read from
         the paged cache), 4 the block index (recency), 5 hash_score; +inf for sink/local blocks."""
@@ -308,16 +309,17 @@ if _HAS_TRITON:
             if mode == 3:
                 blo = tl.full([BLOCK_J, BLOCK_D], float("inf"), dtype=tl.float32)
                 bhi = tl.full([BLOCK_J, BLOCK_D], float("-inf"), dtype=tl.float32)
-                for t in range(0, BLOCK):
-                    tok = j * BLOCK + t
-                    t_ok = j_ok & (tok < n)  # tokens past the sequence's end have no page
+                tt = tl.arange(0, TOK_STEP)
+                for t0 in range(0, BLOCK, TOK_STEP):  # TOK_STEP tokens of every block in flight at once
+                    tok = j[:, None] * BLOCK + t0 + tt[None, :]  # [BLOCK_J, TOK_STEP]
+                    t_ok = j_ok[:, None] & (tok < n)  # tokens past the sequence's end have no page
                     page = tl.load(bt_ptr + s * stride_bt + tok // page_size, mask=t_ok, other=0).to(tl.int64)
                     slot = (tok % page_size).to(tl.int64)
-                    m2 = t_ok[:, None] & d_ok[None, :]
-                    k = tl.load(k_ptr + (page * stride_kp + slot * stride_kpos + kvh * stride_kh)[:, None]
-                                + d[None, :], mask=m2, other=0.0).to(tl.float32)
-                    blo = tl.minimum(blo, tl.where(m2, k, float("inf")))
-                    bhi = tl.maximum(bhi, tl.where(m2, k, float("-inf")))
+                    m3 = t_ok[:, :, None] & d_ok[None, None, :]
+                    k = tl.load(k_ptr + (page * stride_kp + slot * stride_kpos + kvh * stride_kh)[:, :, None]
+                                + d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+                    blo = tl.minimum(blo, tl.min(tl.where(m3, k, float("inf")), 1))
+                    bhi = tl.maximum(bhi, tl.max(tl.where(m3, k, float("-inf")), 1))
                 blo = tl.where(blo == float("inf"), 0.0, blo)
                 bhi = tl.where(bhi == float("-inf"), 0.0, bhi)
                 score = _quest_bound(q, blo, bhi, g_ok, scale)

@@ -1,0 +1,70 @@
+"""Compile captured Triton launches for a Hopper GPU (sm_90) without one: Triton's code generator, its GPU passes
+and ptxas run on any machine, so a kernel that the interpreter runs but the GPU compiler rejects (a global that
+is not constexpr, a shape the lowering refuses, too much shared memory) fails here.
+
+    python hopper_compile.py launches.json     (in a process without TRITON_INTERPRET)
+
+launches.json: [{"module": ..., "kernel": ..., "args": [["tensor", "bf16"] | ["int", 5] | ["float", 0.1] |
+["bool", true], ...], "constexprs": {...}, "num_warps": 4, "num_stages": 2}, ...]. Prints one line per launch
+and exits non-zero when one fails."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "int32": "*i32", "int64": "*i64", "int16": "*i16",
+       "uint8": "*u8", "bool": "*i1"}
+SMEM_LIMIT = 232448  # bytes of shared memory a block may use on an H100 / H200
+
+
+def signature(fn, args, constexprs) -> dict:
+    sig, it = {}, iter(args)
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        kind, v = next(it)
+        if kind == "tensor":
+            sig[name] = PTR[v]
+        elif kind == "bool":
+            sig[name] = "i1"
+        elif kind == "int":
+            sig[name] = "i64" if abs(v) >= 2**31 else "i32"
+        else:
+            sig[name] = "fp32"
+    return sig
+
+
+def main(path: str) -> int:
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    failed = 0
+    for job in json.load(open(path)):
+        fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+        cx = job["constexprs"]
+        label = f"{job['kernel']} {sorted(cx.items())}"
+        try:
+            src = ASTSource(fn=fn, signature=signature(fn, job["args"], cx),
+                            constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
+            opts = {"num_warps": job.get("num_warps", 4)}
+            if job.get("num_stages") is not None:
+                opts["num_stages"] = job["num_stages"]
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+            smem = k.metadata.shared
+            if smem > SMEM_LIMIT:
+                raise RuntimeError(f"{smem} bytes of shared memory > {SMEM_LIMIT}")
+            print(f"ok {label} shared={smem}")
+        except Exception as e:  # noqa: BLE001 - report every launch, then fail
+            failed += 1
+            print(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,123 @@
+"""The Triton kernels compile for a Hopper GPU (sm_90) on this machine: launches captured from CPU runs (the
+interpreter accepts more than the GPU compiler does) are compiled by Triton's own pipeline and ptxas in a process
+without TRITON_INTERPRET (tests/ops/hopper_compile.py), at the test's shapes and at an 8B model's 128k shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                                reason="captures launches through the Triton interpreter (CPU machines)")
+
+
+def _ptxas_available() -> bool:
+    try:
+        import triton
+
+        return (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists()
+    except ImportError:
+        return False
+
+
+class Capture:
+    """Replaces module.kernel: records each launch's arguments (tensors by dtype) and constexprs, then runs it."""
+
+    def __init__(self, monkeypatch, module, name: str):
+        self.real, self.module, self.name, self.launches = getattr(module, name), module.__name__, name, []
+        monkeypatch.setattr(module, name, self)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            enc = []
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    enc.append(["tensor", str(a.dtype).replace("torch.", "")])
+                elif isinstance(a, bool):
+                    enc.append(["bool", a])
+                elif isinstance(a, int):
+                    enc.append(["int", a])
+                else:
+                    enc.append(["float", float(a)])
+            opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+            self.launches.append({"module": self.module, "kernel": self.name, "args": enc, "constexprs": kw, **opts})
+            return self.real[grid](*args, **kw, **opts)
+
+        return launch
+
+
+def _compile(tmp_path, launches) -> str:
+    uniq = {json.dumps(x, sort_keys=True): x for x in launches}
+    f = tmp_path / "launches.json"
+    f.write_text(json.dumps(list(uniq.values())))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    p = subprocess.run([sys.executable, str(ROOT / "tests/ops/hopper_compile.py"), str(f)], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=1800)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    return p.stdout
+
+
+def _scaled(launches, **cx):
+    """The launches again with some constexprs at GPU sizes."""
+    return [{**x, "constexprs": {**x["constexprs"], **{k: v for k, v in cx.items() if k in x["constexprs"]}}}
+            for x in launches]
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas is missing")
+def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
+    import cab_vllm.ops.coarsen as coarsen
+    import cab_vllm.ops.decode as dec
+    import cab_vllm.ops.fused_select as fs
+    from cab_vllm.backend.attention import DecodeWorkspace, PromptTable
+    from cab_vllm.config import CABConfig
+    from cab_vllm.ops.coarsen import key_summary
+    from cab_vllm.ops.decode import MODE_BOUNDS, MODE_PROMPT, MODE_SKIP, DecodeRoutes, Selection, routed_decode
+    from cab_vllm.policies import estimate_and_select
+
+    caps = [Capture(monkeypatch, fs, "_estimate_select_kernel"), Capture(monkeypatch, coarsen, "_sampled_kernel"),
+            Capture(monkeypatch, dec, "_decode_step_kernel")]
+    gen = torch.Generator().manual_seed(0)
+    # the fused predictor and the exact rows (GQA 4 in bf16, GQA 7 in fp32)
+    for hq, hkv, dt, policy in ((8, 2, torch.bfloat16, "cab"), (14, 2, torch.float32, "cab"),
+                                (8, 2, torch.bfloat16, "magnitude")):  # magnitude: no exact rows
+        n = 1100
+        q = torch.randn(1, hq, n, 64, generator=gen).to(dt)
+        k = torch.randn(1, hkv, n, 64, generator=gen).to(dt)
+        cfg = CABConfig(sparsity=0.9, policy=policy)
+        estimate_and_select(q, k, cfg, 0, key_summary(k, 64, cfg.estimator, impl="torch"), n, impl="triton")
+    # a decode step: one launch (one row) and two launches (three rows, bounds / prompt / skip)
+    n_blocks = 20
+    kc = torch.randn(n_blocks * 4 + 1, 16, 2, 64, generator=gen).to(torch.bfloat16)
+    ws = DecodeWorkspace(4, 8, 2, 64, n_blocks, "cpu")
+    table = PromptTable(4, 2, n_blocks, "cpu")
+    for rows, modes in ((1, [MODE_BOUNDS]), (3, [MODE_BOUNDS, MODE_PROMPT, MODE_SKIP])):
+        q = torch.randn(rows, 8, 64, generator=gen).to(torch.bfloat16)
+        bt = torch.arange(rows * 80, dtype=torch.int32).view(rows, 80) % (kc.shape[0] - 1) + 1  # 75 pages used
+        sl = torch.full((rows,), 1200, dtype=torch.int32)
+        z = torch.zeros(rows, dtype=torch.int32)
+        routes = DecodeRoutes(torch.tensor(modes, dtype=torch.int32), z, table.idx, table.cnt, z + 10,
+                              ws.sel_idx[:rows], ws.sel_cnt[:rows])
+        sel = Selection(torch.full((rows,), 5, dtype=torch.int32), ws.scores[:rows], 1, 1, 0)
+        routed_decode(q, kc, kc, bt, sl, routes, 64, 0.125, torch.zeros_like(q), ws.splits(rows), ws.partials(rows),
+                      impl="triton", select=sel)
+    fused, sampled, step = (c.launches for c in caps)
+    assert {x["constexprs"]["HAS_EXACT"] for x in fused} == {True, False}
+    assert {x["constexprs"]["GPAD"] for x in sampled} == {4, 8}
+    assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} == {(True, True), (True, False),
+                                                                                         (False, True)}
+    # an 8B model at 128k: 2048 key blocks, head dim 128 (summaries 2 x 128 wide), 16 exact rows
+    big = (_scaled(fused, MPAD=2048, KPAD=2048, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
+           + _scaled(step, MPAD=2048, HEAD_DIM=128, BLOCK_D=128))
+    out = _compile(tmp_path, fused + sampled + step + big)
+    assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in fused + sampled + step + big})
