@@ -32,6 +32,15 @@ if HAS_TRITON:
 
     from cab_vllm.ops.select import _topk_blocks
 
+    @triton.jit
+    def _tile_logits(qf, kbase, j, w, w_ok, m, n_tokens, scale, stride_km, BLOCK: tl.constexpr):
+        """Block logits of the tile rows' pooled queries qf [ROWS, WPAD] against key blocks j: the summaries'
+        dot product, scaled, plus the log of each block's token count (as coarsen.softmax_group weights it)."""
+        kt = tl.load(kbase + j[:, None].to(tl.int64) * stride_km + w[None, :],
+                     mask=(j < m)[:, None] & w_ok[None, :], other=0.0).to(tl.float32)
+        loglen = tl.log(tl.maximum(tl.minimum(n_tokens - j * BLOCK, BLOCK), 1).to(tl.float32))
+        return tl.dot(qf, tl.trans(kt)) * scale + loglen[None, :]
+
     @triton.jit(do_not_specialize=["n_tokens", "first", "rows", "m", "kmax", "exact_row", "stride_qh",
                                    "stride_qr", "stride_kh", "stride_km", "stride_sr", "stride_sh", "stride_ir",
                                    "stride_ih", "stride_cr"])
@@ -60,10 +69,7 @@ if HAS_TRITON:
         l_i = tl.zeros([RB * GPAD], dtype=tl.float32)
         for j0 in range(0, top + 1, BJ):
             j = j0 + tl.arange(0, BJ)
-            kt = tl.load(kbase + j[:, None].to(tl.int64) * stride_km + w[None, :],
-                         mask=(j < m)[:, None] & w_ok[None, :], other=0.0).to(tl.float32)
-            loglen = tl.log(tl.maximum(tl.minimum(n_tokens - j * BLOCK, BLOCK), 1).to(tl.float32))
-            z = tl.dot(qf, tl.trans(kt)) * scale + loglen[None, :]
+            z = _tile_logits(qf, kbase, j, w, w_ok, m, n_tokens, scale, stride_km, BLOCK)
             z = tl.where((j[None, :] <= b[:, None]) & row_ok[:, None], z, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -75,10 +81,7 @@ if HAS_TRITON:
         bb = first + rb
         for j0 in range(0, top + 1, BJ):
             j = j0 + tl.arange(0, BJ)
-            kt = tl.load(kbase + j[:, None].to(tl.int64) * stride_km + w[None, :],
-                         mask=(j < m)[:, None] & w_ok[None, :], other=0.0).to(tl.float32)
-            loglen = tl.log(tl.maximum(tl.minimum(n_tokens - j * BLOCK, BLOCK), 1).to(tl.float32))
-            z = tl.dot(qf, tl.trans(kt)) * scale + loglen[None, :]
+            z = _tile_logits(qf, kbase, j, w, w_ok, m, n_tokens, scale, stride_km, BLOCK)
             ok = (j[None, :] <= b[:, None]) & row_ok[:, None]
             p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
             a = tl.max(tl.reshape(p, [RB, GPAD, BJ]), 1)
