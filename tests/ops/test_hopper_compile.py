@@ -121,3 +121,37 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
            + _scaled(step, MPAD=2048, HEAD_DIM=128, BLOCK_D=128))
     out = _compile(tmp_path, fused + sampled + step + big)
     assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in fused + sampled + step + big})
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas is missing")
+def test_prefill_path_kernels_compile_for_hopper(tmp_path, monkeypatch):
+    """The rest of the prefill path (pooling, the estimate's softmax, the sparse prefill over the paged cache),
+    as the chunked prefill of a GQA 4 prompt in bf16 launches them, at the test's and at 128k shapes."""
+    import cab_vllm.ops.coarsen as coarsen
+    import cab_vllm.ops.prefill as prefill
+    from cab_vllm.backend.attention import KeySummaries, prefill_selection, run_prefill, update_key_summaries
+    from cab_vllm.config import CABConfig
+
+    caps = [Capture(monkeypatch, coarsen, "_pool_kernel"), Capture(monkeypatch, coarsen, "_softmax_group_kernel"),
+            Capture(monkeypatch, prefill, "_sparse_prefill_kernel")]
+    gen = torch.Generator().manual_seed(2)
+    n, hq, hkv, d, page = 600, 8, 2, 64, 16
+    pages = -(-n // page)
+    kc = torch.randn(pages + 1, page, hkv, d, generator=gen).to(torch.bfloat16)
+    vc = torch.randn(pages + 1, page, hkv, d, generator=gen).to(torch.bfloat16)
+    bt = (1 + torch.arange(pages, dtype=torch.int32))[None]
+    q = torch.randn(n, hq, d, generator=gen).to(torch.bfloat16)
+    cfg = CABConfig(sparsity=0.7)
+    store = KeySummaries(1, hkv, -(-n // 64), d, cfg.estimator, torch.bfloat16, "cpu")
+    a = 256
+    summ = update_key_summaries(store, 0, a // 64, kc, bt[0], n, 64, "triton")
+    sel = prefill_selection(q[a:].transpose(0, 1), None, cfg, impl="triton", summary=summ, n=n, exact=False)
+    out = torch.empty_like(q[a:])
+    run_prefill(q[a:], kc, vc, bt, torch.tensor([0, n - a], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
+                [sel], 64, d ** -0.5, out, "triton")
+    pool, soft, sparse = (c.launches for c in caps)
+    assert pool and soft and sparse
+    big = (_scaled(pool, HEAD_DIM=128, BLOCK_D=128) + _scaled(soft, COLS=2048)
+           + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128))
+    out = _compile(tmp_path, pool + soft + sparse + big)
+    assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in pool + soft + sparse + big})
