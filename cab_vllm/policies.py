@@ -74,14 +74,7 @@ def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig,
         raise ValueError(f"estimate_and_select cannot select for {cfg}")
     m = num_blocks(n_keys, cfg.block_size)
     mq = m - q_block_offset
-    ex = None
-    if exact and uses_exact_rows(cfg):
-        if k is None:
-            raise ValueError("estimate_and_select: the cab policy's exact rows need the keys (k is None)")
-        last = torch.full((1,), m - 1, device=q.device)
-        emax, _ = group_reduce(sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl,
-                                                       q_offset=q_block_offset * cfg.block_size), k.shape[1])
-        ex = emax[0, :, 0]
+    ex = exact_last_row(q, k, cfg, q_block_offset, impl)[0][0, :, 0] if exact and uses_exact_rows(cfg) else None
     keep = cfg.keep_counts(m, q.device)[q_block_offset:]
     return estimate_select(q, summary, n_keys, keep, max_keep(cfg, q_block_offset, mq), cfg.block_size,
                            cfg.estimator, cfg.sink_blocks, cfg.local_blocks, q_block_offset, ex)
@@ -175,14 +168,21 @@ def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str 
     a_max, a_mean = estimate_grouped(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl,
                                      q_block_offset=q_block_offset, summary=summary, n_keys=n_keys)
     if exact and uses_exact_rows(cfg):
-        if k is None:
-            raise ValueError("estimate: the cab policy's exact rows need the keys (k is None)")
-        last = torch.full((1,), num_blocks(k.shape[2], cfg.block_size) - 1, device=q.device)  # no host copy
-        ex = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl,
-                                     q_offset=q_block_offset * cfg.block_size)
-        emax, emean = group_reduce(ex, k.shape[1])
+        emax, emean = exact_last_row(q, k, cfg, q_block_offset, impl)
         a_max[:, :, -1], a_mean[:, :, -1] = emax[:, :, 0], emean[:, :, 0]
     return a_max, a_mean
+
+
+def exact_last_row(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, q_block_offset: int = 0,
+                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """cab's exact scores of the last query block from its last cfg.exact_rows query tokens against every key,
+    reduced over each GQA group: (max, mean), each [B, Hkv, 1, M]. q as in estimate; k [B, Hkv, N, D]."""
+    if k is None:
+        raise ValueError("the cab policy's exact rows need the keys (k is None)")
+    last = torch.full((1,), num_blocks(k.shape[2], cfg.block_size) - 1, device=q.device)  # no host copy
+    ex = sampled_block_attention(q, k, cfg.block_size, cfg.exact_rows, last, impl=impl,
+                                 q_offset=q_block_offset * cfg.block_size)
+    return group_reduce(ex, k.shape[1])
 
 
 def extend_prompt_selection(indices: torch.Tensor, counts: torch.Tensor, prompt_blocks: int, num_blocks_now: int

@@ -71,16 +71,12 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
     if torch.device(device).type == "cuda":
         # the estimate's softmax compiles once per power of two of the key-block count: make every one from 16
         # blocks (1024 tokens) up to the engine's longest context (a 1-row softmax each)
-        from cab_vllm.ops._triton import next_pow2
+        from cab_vllm.backend import attention
         from cab_vllm.ops.coarsen import softmax_group
 
-        from cab_vllm.backend import attention
-
-        p = 16
-        while p <= next_pow2(workspace.max_blocks):
+        for p in _block_counts(workspace.max_blocks):
             logits = torch.zeros(1, num_heads, 1, p, dtype=torch.float32, device=device)
             softmax_group(logits, p * cfg.block_size, num_kv_heads, cfg.block_size, q_block_offset=p - 1)
-            p *= 2
         if attention.FUSED_SELECT and fused_select_ok(cfg):
             warm_fused_select(num_heads, num_kv_heads, head_size, dtype, device, cfg, workspace.max_blocks)
         torch.cuda.synchronize(device)
@@ -89,17 +85,25 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
 def warm_fused_select(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
                       cfg: CABConfig, max_blocks: int) -> int:
     """Compile the one-kernel predictor (ops.fused_select, CAB_FUSED_SELECT=1) for every power of two of the
-    key-block count from 16 up to max_blocks, with and without exact rows (its compiled variants). Returns the
-    number of launches."""
-    from cab_vllm.ops._triton import next_pow2
-
-    launches, p = 0, 16
-    while p <= next_pow2(max_blocks):
+    key-block count (_block_counts), with and without exact rows (its compiled variants). Returns the number of
+    launches."""
+    launches = 0
+    q1 = torch.zeros(1, num_heads, cfg.block_size, head_size, dtype=dtype, device=device)
+    for p in _block_counts(max_blocks):
         summ = KeySummaries(1, num_kv_heads, p, head_size, cfg.estimator, dtype, device).data
-        q1 = torch.zeros(1, num_heads, cfg.block_size, head_size, dtype=dtype, device=device)
         for ex in (None, torch.zeros(num_kv_heads, p, device=device)):
             estimate_select(q1, summ, p * cfg.block_size, torch.ones(1, dtype=torch.int32, device=device), 1,
                             cfg.block_size, cfg.estimator, cfg.sink_blocks, cfg.local_blocks, p - 1, ex)
             launches += 1
-        p *= 2
     return launches
+
+
+def _block_counts(max_blocks: int) -> list[int]:
+    """The key-block counts whose power of two the per-row kernels compile for: 16 (1024 tokens) up to the
+    engine's longest context."""
+    from cab_vllm.ops._triton import next_pow2
+
+    top, counts = next_pow2(max_blocks), [16]
+    while counts[-1] * 2 <= top:
+        counts.append(counts[-1] * 2)
+    return [p for p in counts if p <= top]

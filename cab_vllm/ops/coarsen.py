@@ -307,6 +307,17 @@ def key_summary(k: torch.Tensor, block_size: int, estimator: str, impl: str = "a
     return pool(k, block_size, **{estimator: True}, impl=impl)[estimator]
 
 
+def query_features(q: torch.Tensor, block_size: int, estimator: str, impl: str = "auto") -> torch.Tensor:
+    """The pooled queries whose dot product with the keys' block summaries (key_summary) is the block logit
+    before scaling: q [B, Hq, N, D] -> [B, Hq, Mq, W] float32 (bounds: [q+, q-] of the block mean, W = 2D, since
+    sum_d max(q lo, q hi) = [q+, q-] . [hi, lo]; mean / max_l2: the block's mean / largest-norm query, W = D)."""
+    if estimator in ("max_l2", "mean"):
+        return pool(q, block_size, **{estimator: True}, impl=impl)[estimator].float()
+    check(estimator == "bounds", f"estimator {estimator!r} has no key summary")
+    qg = pool(q, block_size, mean=True, impl=impl)["mean"].float()
+    return torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1)
+
+
 def logits_from_summary(q: torch.Tensor, ks: torch.Tensor, block_size: int, estimator: str, impl: str = "auto"
                         ) -> torch.Tensor:
     """block_logits from the keys' summaries ks [B, Hkv, Mk, W] (key_summary): [B, Hq, Mq, Mk] float32."""
@@ -320,17 +331,9 @@ def logits_from_summary(q: torch.Tensor, ks: torch.Tensor, block_size: int, esti
     g = hq // hkv
     b, mq, mk = q.shape[0], ref.num_blocks(q.shape[2], block_size), ks.shape[2]
 
-    def grouped(x):  # [B, Hq, Mq, D] -> [B, Hkv, G*Mq, D] so one matmul serves the whole group
-        return x.reshape(b, hkv, g * mq, d)
-
-    with _tf32_matmul(q.is_cuda):
-        if estimator in ("max_l2", "mean"):
-            qc = pool(q, block_size, **{estimator: True}, impl=impl)[estimator].float()
-            out = grouped(qc) @ ks.float().transpose(-1, -2)
-        else:
-            qg = grouped(pool(q, block_size, mean=True, impl=impl)["mean"])
-            # sum_d max(q lo, q hi) = [q+, q-] . [hi, lo]: one matmul over 2D
-            out = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1) @ ks.float().transpose(-1, -2)
+    qf = query_features(q, block_size, estimator, impl=impl)
+    with _tf32_matmul(q.is_cuda):  # [B, Hkv, G*Mq, W]: one matmul serves the whole group
+        out = qf.reshape(b, hkv, g * mq, qf.shape[-1]) @ ks.float().transpose(-1, -2)
     return (out * scale).view(b, hq, mq, mk)
 
 

@@ -4,7 +4,7 @@ estimate_select(q, summary, n_keys, cfg, q_block_offset, exact) gives what
     select_from_attention(*estimate(q, None, cfg, summary=summary, ...), cfg, q_block_offset=...)
 gives for cab without a curvature share and for magnitude, with the fixed budget (policies.fused_select_ok):
 each program takes RB query blocks of one KV head, computes their pooled queries' logits against the keys' block
-summaries (the estimator's, coarsen.key_summary), the causal softmax of every query head (two passes over the key
+summaries (coarsen.query_features against coarsen.key_summary), the causal softmax of every query head (two passes over the key
 blocks: log-sum-exp, then probabilities), the max over the GQA group, forces the sink and local blocks, and keeps
 the top ``keep`` blocks of each row (ops.select's radix-threshold top-k, ties to the lower block). The estimate
 never leaves the chip except one row of scores per (query block, KV head) in a scratch buffer the same program
@@ -100,19 +100,6 @@ if HAS_TRITON:
                              stride_sr, stride_sh, stride_ir, stride_ih, stride_cr, MPAD, KPAD)
 
 
-def query_features(q: torch.Tensor, block_size: int, estimator: str, impl: str = "auto") -> torch.Tensor:
-    """The pooled queries whose dot product with the keys' block summaries (coarsen.key_summary) is the block
-    logit before scaling: q [B, Hq, N, D] -> [B, Hq, Mq, W] float32 (bounds: [q+, q-] of the block mean, W = 2D,
-    against [hi, lo]; mean / max_l2: the block's mean / largest-norm query, W = D)."""
-    from cab_vllm.ops.coarsen import pool
-
-    if estimator in ("max_l2", "mean"):
-        return pool(q, block_size, **{estimator: True}, impl=impl)[estimator].float()
-    check(estimator == "bounds", f"estimator {estimator!r} has no key summary")
-    qg = pool(q, block_size, mean=True, impl=impl)["mean"].float()
-    return torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1)
-
-
 def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: torch.Tensor, kmax: int,
                     block_size: int, estimator: str, sink_blocks: int, local_blocks: int, q_block_offset: int = 0,
                     exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +120,8 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
     mq = m - q_block_offset
     check(keep.shape == (mq,), f"keep must be [{mq}], got {tuple(keep.shape)}")
     check(isinstance(kmax, int) and 1 <= kmax, f"kmax={kmax!r} must be an int >= 1")
+    from cab_vllm.ops.coarsen import query_features
+
     qf = query_features(q, block_size, estimator)[0]  # [Hq, Mq, W]
     check(qf.shape[-1] == summary.shape[-1],
           f"key summary of width {summary.shape[-1]} does not fit estimator {estimator!r} at head dim {d}")
@@ -159,5 +148,5 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
         num_stages=1,  # no pipelined key tiles: fp32 summaries would take 264 KB of shared memory (> an H100's)
     )
     # KPAD = MPAD: one compiled variant per power of two of the key blocks (and exact rows or not), whatever
-    # the budget (the warm-up makes them all; attention.warm_up_kernels)
+    # the budget (the warm-up makes them all: backend.warmup.warm_fused_select)
     return idx.permute(1, 0, 2)[None].contiguous(), cnt.t()[None].contiguous()
