@@ -67,12 +67,68 @@ def test_fused_selection_without_exact_rows_and_its_errors():
             estimate_and_select(q, k, bad, 0, summ, 900)
 
 
+def _check_near_ties(a_max, cfg, first, idx, cnt, want_idx, want_cnt):
+    """Both selections keep every forced (sink and local) block and the same counts, and where their blocks
+    differ they trade blocks of equal estimated mass: each row's kept mass (a_max summed over the kept
+    blocks) agrees within rounding. Returns the share of rows with identical blocks."""
+    from cab_vllm.policies import forced_mask
+
+    assert torch.equal(cnt, want_cnt)
+    mq, m = a_max.shape[-2], a_max.shape[-1]
+    forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, a_max.device, first, mq)
+    for sel in (idx, want_idx):
+        kept = torch.zeros(*sel.shape[:-1], m + 1, dtype=torch.bool, device=sel.device)
+        kept.scatter_(-1, torch.where(sel >= 0, sel.long(), m), True)
+        assert not (forced & ~kept[..., :m]).any(), "a forced block is missing"
+    mass = [(a_max.gather(-1, sel.clamp_min(0).long()) * (sel >= 0)).sum(-1) for sel in (idx, want_idx)]
+    # the two paths' logits differ in the last bits (TF32 vs bf16 products): a near-tied block may swap
+    assert torch.allclose(mass[0], mass[1], rtol=2e-3, atol=1e-6), (mass[0] - mass[1]).abs().max().item()
+    return (idx == want_idx).all(-1).float().mean().item()
+
+
+@pytest.mark.parametrize("n, first", [(4096 + 37, 0), (6000, 40)], ids=["square", "chunk"])
+def test_near_tie_check_accepts_swaps_of_equal_mass_and_rejects_worse_blocks(n, first):
+    """The GPU test's check: a selection that swaps tied blocks passes; one that drops a forced block or swaps a
+    kept block for a much lighter one fails."""
+    q, k = _case(n, 4, 2, 32, seed=7)
+    cfg = CABConfig(sparsity=0.9)
+    qr = q[:, :, first * 64:]
+    summ = key_summary(k, 64, cfg.estimator, impl="torch")
+    a_max, a_mean = estimate(qr, k, cfg, impl="torch", q_block_offset=first, summary=summ, n_keys=n)
+    idx, cnt = select_from_attention(a_max, a_mean, cfg, impl="torch", q_block_offset=first)
+    assert _check_near_ties(a_max, cfg, first, idx, cnt, idx, cnt) == 1.0
+    # make two blocks of one row tie exactly, then swap which of them is kept
+    r = a_max.shape[-2] - 1
+    row_idx = idx[0, 0, r, : cnt[0, 0, r]].long()
+    forced = torch.tensor(sorted({0} | set(range(first + r - cfg.local_blocks + 1, first + r + 1))))
+    free = [int(b) for b in row_idx if int(b) not in forced.tolist()]
+    dropped = sorted(set(range(first + r + 1)) - set(row_idx.tolist()))
+    kept_b, out_b = free[0], dropped[0]
+    tied = a_max.clone()
+    tied[0, 0, r, out_b] = tied[0, 0, r, kept_b]
+    swapped = idx.clone()
+    swapped[0, 0, r, : cnt[0, 0, r]] = torch.tensor(sorted(set(row_idx.tolist()) - {kept_b} | {out_b}),
+                                                    dtype=idx.dtype)
+    assert _check_near_ties(tied, cfg, first, swapped, cnt, idx, cnt) < 1.0
+    lighter = a_max.clone()
+    lighter[0, 0, r, out_b] = 0.0
+    lighter[0, 0, r, kept_b] = 0.5
+    with pytest.raises(AssertionError):
+        _check_near_ties(lighter, cfg, first, swapped, cnt, idx, cnt)
+    no_sink = idx.clone()
+    no_sink[0, 0, r, : cnt[0, 0, r]] = torch.tensor(sorted(set(row_idx.tolist()) - {0} | {out_b}),
+                                                    dtype=idx.dtype)
+    with pytest.raises(AssertionError, match="forced block"):
+        _check_near_ties(a_max, cfg, first, no_sink, cnt, idx, cnt)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n, first", [(32768 + 37, 0), (131072, 1792)], ids=["32k", "128k-last-chunk"])
 def test_fused_selection_on_the_gpu(n, first):
-    """bf16, 32/8 heads, head dim 128: the same counts, and the same blocks in all but near-tied rows (the fused
-    kernel's TF32 logits and the unfused path's differ in the last bits)."""
+    """bf16, 32/8 heads, head dim 128: the same counts and forced blocks, and where the blocks differ the same
+    estimated mass (random keys make every block's score nearly equal at 128k: on the H200 5.6% of the rows of
+    the 128k case swapped near-tied blocks)."""
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, 32, n, 128, generator=gen).to("cuda", torch.bfloat16)
     k = torch.randn(1, 8, n, 128, generator=gen).to("cuda", torch.bfloat16)
@@ -82,9 +138,8 @@ def test_fused_selection_on_the_gpu(n, first):
     a_max, a_mean = estimate(qr, k, cfg, impl="triton", q_block_offset=first, summary=summ, n_keys=n)
     want_idx, want_cnt = select_from_attention(a_max, a_mean, cfg, impl="triton", q_block_offset=first)
     idx, cnt = estimate_and_select(qr, k, cfg, first, summ, n, impl="triton")
-    assert torch.equal(cnt, want_cnt)
-    same = (idx == want_idx).all(-1).float().mean().item()
-    assert same > 0.98, same
+    same = _check_near_ties(a_max, cfg, first, idx, cnt, want_idx, want_cnt)
+    assert same > 0.5, same
 
 
 def test_warm_up_compiles_every_fused_variant(monkeypatch):
