@@ -1,6 +1,7 @@
 """One decode step of CAB on a GPU, kernel by kernel, to see where its time goes (no vLLM needed).
 
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
+        [--min-per 1,4] [--blocks-per-iter 1,2] [--score-programs 64,128] [--prefetch 0,1] [--merge-splits 1,16]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
@@ -137,34 +138,47 @@ def main() -> None:
     ap.add_argument("--min-per", default="4", help="blocks per split at least (comma list to compare)")
     ap.add_argument("--blocks-per-iter", default="1", help="key blocks per loop iteration (comma list: 1,2,4,8)")
     ap.add_argument("--target-programs", type=int, default=None, help="split-K programs per step to aim for")
-    ap.add_argument("--score-programs", type=int, default=None,
-                    help="programs per (row, KV head) scoring its blocks in a selection (bounds mode)")
+    ap.add_argument("--score-programs", default=None,
+                    help="programs per (row, KV head) scoring its blocks in a selection (bounds mode; comma list)")
+    ap.add_argument("--prefetch", default=None,
+                    help="0/1 (comma list): attention programs look up the next block while this one loads "
+                         "(ops.decode.PREFETCH; needs --blocks-per-iter 1)")
+    ap.add_argument("--merge-splits", default=None,
+                    help="split partials merged per load (comma list of powers of two; ops.decode.MERGE_SPLITS)")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
+    import cab_vllm.ops.decode as decode_ops
+
     if a.target_programs is not None:
-        import cab_vllm.ops.decode as decode_ops
         decode_ops.TARGET_PROGRAMS = a.target_programs
-    if a.score_programs is not None:
-        import cab_vllm.ops.decode as decode_ops
-        decode_ops.MAX_SCORE_PROGRAMS = a.score_programs
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py needs a CUDA GPU")
+
+    def ints(text, default):
+        return [int(x) for x in text.split(",")] if text is not None else [default]
+
+    variants = [(mp, bpi, sp, bool(pf), ms) for mp in ints(a.min_per, 4) for bpi in ints(a.blocks_per_iter, 1)
+                for sp in ints(a.score_programs, decode_ops.MAX_SCORE_PROGRAMS)
+                for pf in ints(a.prefetch, int(decode_ops.PREFETCH)) for ms in ints(a.merge_splits, decode_ops.MERGE_SPLITS)
+                if not (pf and bpi > 1)]
     global _FLUSH
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'bpi':>4} {'kept':>5} {'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} "
-          f"{'prompt1':>8} {'bounds1':>8} {'skip1':>7} {'plain':>8} {'dense':>8}  (us per step, CUDA graph; "
-          f"1: selection and attention in one launch; L2 {'warm' if a.warm_l2 else 'flushed'})")
+    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'bpi':>4} {'score':>5} {'pf':>3} {'merge':>5} {'kept':>5} "
+          f"{'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} {'prompt1':>8} {'bounds1':>8} {'skip1':>7} "
+          f"{'plain':>8} {'dense':>8}  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
+          f"scoring programs; pf: prefetch; merge: splits per merge load; dense: this kernel over every block; "
+          f"L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
         for rows in (int(x) for x in a.rows.split(",")):
-            for mp, bpi in ((int(x), int(y)) for x in a.min_per.split(",") for y in a.blocks_per_iter.split(",")):
+            for mp, bpi, sp, pf, ms in variants:
+                decode_ops.MAX_SCORE_PROGRAMS, decode_ops.PREFETCH, decode_ops.MERGE_SPLITS = sp, pf, ms
                 r = profile(n, rows, a.sparsity, min_per=mp, bpi=bpi)
-                print(f"{n:>7} {rows:>4} {mp:>9} {bpi:>4} {r['kept_blocks']:>5} {r['splits']:>6} {r['prompt_us']:>8.1f} "
-                      f"{r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} {r['prompt_one_us']:>8.1f} "
-                      f"{r['bounds_one_us']:>8.1f} {r['skip_one_us']:>7.1f} {r['plain_same_blocks_us']:>8.1f} "
-                      f"{r['plain_dense_us']:>8.1f}")
-
+                print(f"{n:>7} {rows:>4} {mp:>9} {bpi:>4} {sp:>5} {int(pf):>3} {ms:>5} {r['kept_blocks']:>5} "
+                      f"{r['splits']:>6} {r['prompt_us']:>8.1f} {r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} "
+                      f"{r['prompt_one_us']:>8.1f} {r['bounds_one_us']:>8.1f} {r['skip_one_us']:>7.1f} "
+                      f"{r['plain_same_blocks_us']:>8.1f} {r['plain_dense_us']:>8.1f}")
 
 if __name__ == "__main__":
     main()

@@ -63,10 +63,11 @@ class Timer:
 
 
 def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySummaries, impl: str, timer=None,
-                label=None, sel_impl: str | None = None):
+                label=None, sel_impl: str | None = None, fused: bool = False):
     """Every chunk of one n-token prompt, as attention.attend runs a prefill row with a summary slot; each phase
     timed by ``timer`` or labelled for torch.profiler by ``label`` (record_function). sel_impl: the selection's
-    implementation (default: attend's choice for this device)."""
+    implementation (default: attend's choice for this device); fused: the one-kernel predictor
+    (KernelOptions.fused_select)."""
     dev = q.device
     bs = cfg.block_size
     if sel_impl is None:  # as attend picks it (the selection's Triton kernels on CUDA only)
@@ -86,7 +87,7 @@ def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySum
         k_all = run("gather_paged", c, lambda: gather_paged(kc, bt[0], b)) if final and uses_exact_rows(cfg) else None
         sel = run("prefill_selection", c, lambda: prefill_selection(q[a:b].transpose(0, 1), k_all, cfg,
                                                                     impl=sel_impl, summary=summary, n=b,
-                                                                    exact=final))
+                                                                    exact=final, fused=fused))
         qsl = device_ints([0, b - a], dev, torch.int32)  # as attend builds them: no stream sync
         sl = device_ints([b], dev, torch.int32)
         run("run_prefill", c, lambda: run_prefill(q[a:b], kc, vc, bt[:1], qsl, sl, [sel], bs, scale, out[a:b],
@@ -128,7 +129,7 @@ def setup(n: int, hq: int, hkv: int, d: int, page: int, dev: str, dtype, seed: i
 
 def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator: str = "bounds", dev: str = "cuda",
             impl: str = "triton", hq: int = 32, hkv: int = 8, d: int = 128, page: int = 16, top: int = 25,
-            kernels: bool = True) -> dict:
+            kernels: bool = True, fused: bool = False) -> dict:
     if n < 1 or chunk < 1:
         raise ValueError(f"n={n} and chunk={chunk} must be >= 1")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -137,22 +138,23 @@ def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator:
         raise ValueError(f"chunk={chunk} must be a multiple of the block size {cfg.block_size}")
     q, kc, vc, bt = setup(n, hq, hkv, d, page, dev, dtype)
     store = KeySummaries(1, hkv, math.ceil(n / cfg.block_size), d, cfg.estimator, dtype, torch.device(dev))
-    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl)  # compiles every kernel this prompt needs
+    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, fused=fused)  # compiles every kernel this prompt needs
     timer = Timer(torch.device(dev))
-    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, timer)
+    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, timer, fused=fused)
     ms = timer.ms()
     chunks = math.ceil(n / chunk)
     res = {"n": n, "chunk": chunk, "sparsity": sparsity, "policy": policy, "estimator": estimator,
            "per_chunk_ms": {p: [round(ms.get((p, c), 0.0), 3) for c in range(chunks)] for p in PHASES},
            "total_ms": {p: round(sum(ms.get((p, c), 0.0) for c in range(chunks)), 3) for p in PHASES}}
     if dev == "cuda":  # host syncs per phase: each drains the GPU's queue in the middle of a layer
-        res["syncs"] = count_syncs(lambda run: prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, run))
+        res["syncs"] = count_syncs(lambda run: prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, run,
+                                                                   fused=fused))
     if kernels:
         from torch.profiler import ProfilerActivity, profile as tprofile, record_function
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
         with tprofile(activities=acts) as prof:
-            prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, label=record_function)
+            prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, label=record_function, fused=fused)
         if dev == "cuda":
             torch.cuda.synchronize()
         key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
@@ -175,17 +177,13 @@ def main(argv=None) -> None:
     ap.add_argument("--impl", default="triton", choices=["triton", "torch"])
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     ap.add_argument("--no-kernels", action="store_true", help="phase times only (no torch.profiler pass)")
-    ap.add_argument("--fused-select", choices=["0", "1"], default=None,
-                    help="estimate + select in one kernel (CAB_FUSED_SELECT; default: the environment's)")
+    ap.add_argument("--fused-select", choices=["0", "1"], default="0",
+                    help="estimate + select in one kernel (what CAB_FUSED_SELECT=1 does in the engine)")
     a = ap.parse_args(argv)
-    if a.fused_select is not None:
-        import cab_vllm.backend.attention as attention
-
-        attention.FUSED_SELECT = a.fused_select == "1"
     hq, hkv, d = (int(x) for x in a.heads.split(","))
     for sp in (float(x) for x in a.sparsities.split(",")):
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
-                    kernels=not a.no_kernels)
+                    kernels=not a.no_kernels, fused=a.fused_select == "1")
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']} "
               f"(one layer, ms)")
         for p in PHASES:

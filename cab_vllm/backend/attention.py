@@ -26,28 +26,18 @@ estimator, the softmax temperature is not), and both give the same selection for
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from cab_vllm.backend.plan import BatchPlan
+from cab_vllm.backend.plan import BatchPlan, KernelOptions
 from cab_vllm.backend.stats import STATS
 from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, CABConfig
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.blocks import gather_paged, num_blocks
 from cab_vllm.policies import (estimate, estimate_and_select, fused_select_ok, rows_only, select_from_attention,
                                uses_exact_rows)
-
-# CAB_FUSED_SELECT=1: prefill selection of cab (no curvature share) / magnitude at the fixed budget in one Triton
-# kernel (ops.fused_select: no [M, M] estimate in memory, no sort); same selections except among tied scores.
-# Off by default until timed on a GPU.
-_FLAG = os.environ.get("CAB_FUSED_SELECT", "0").strip()
-if _FLAG not in ("0", "1", ""):
-    raise ValueError(f"CAB_FUSED_SELECT={_FLAG!r} is invalid: expected 0 or 1")
-FUSED_SELECT = _FLAG == "1"
-
 
 def device_ints(values: Sequence[int], device, dtype=torch.int64) -> torch.Tensor:
     """A short host list as a device tensor without a stream sync: on CUDA it is staged in pinned memory and
@@ -72,8 +62,8 @@ def _all_blocks(first_qb: int, last_qb: int, hkv: int, device) -> tuple[torch.Te
 
 
 def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABConfig, impl: str = "auto",
-                      summary: torch.Tensor | None = None, n: int | None = None, exact: bool = True
-                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                      summary: torch.Tensor | None = None, n: int | None = None, exact: bool = True,
+                      fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Selection for the query blocks holding one request's new tokens.
 
     q_new [Hq, nq, D]: the new queries (positions N-nq .. N-1); k_all [Hkv, N, D]: all keys of the request
@@ -85,6 +75,9 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     so the chunk's rows of a rows_only policy keep exactly their fixed total, split by estimated mass.
     summary [Hkv, M, W]: the keys' block summaries (KeySummaries) of the n keys, used instead of pooling k_all;
     k_all may then be None unless the cab policy's exact rows run (exact: the chunk holds the prompt's end).
+    fused: estimate and select in one Triton kernel where it applies (ops.fused_select: Triton, cab without a
+    curvature share or magnitude, fixed budget): no [M, M] estimate in memory, no sort; the same selections
+    except among tied scores (KernelOptions.fused_select, CAB_FUSED_SELECT).
     """
     hq, nq, d = q_new.shape
     if k_all is not None:
@@ -103,7 +96,7 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     pad = n - nq - off * bs
     q = F.pad(q_new, (0, 0, pad, 0)) if pad else q_new
     qb, kb = q[None], (None if k_all is None else k_all[None])
-    if FUSED_SELECT and impl == "triton" and fused_select_ok(cfg):  # estimate + select in one kernel
+    if fused and impl == "triton" and fused_select_ok(cfg):  # estimate + select in one kernel
         from cab_vllm.ops.coarsen import key_summary
 
         summ = summary[None] if summary is not None else key_summary(kb, bs, cfg.estimator, impl=impl)
@@ -343,7 +336,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
            seq_lens: torch.Tensor, plan: BatchPlan, scale: float, out: torch.Tensor, impl: str = "auto",
            record: dict | None = None, table: PromptTable | None = None, routes=None, keep: torch.Tensor | None = None,
            workspace: DecodeWorkspace | None = None, skip_dense: bool = False, decode_attention: bool = True,
-           prefills: bool = True, summaries: KeySummaries | None = None) -> torch.Tensor:
+           prefills: bool = True, summaries: KeySummaries | None = None,
+           kernels: KernelOptions | None = None) -> torch.Tensor:
     """One layer of the backend: select and attend for the rows of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
@@ -352,12 +346,14 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     PromptTable (decode_rule="prompt"). skip_dense: dense rows are left to another kernel (vLLM's
     FlashAttention). decode_attention=False: decode rows are left alone (every one is dense and another kernel
     runs it); prefills=False: prefill rows are left alone. summaries: this layer's KeySummaries, used by the
-    prefill rows route_rows gave a summary slot (plan.summary). Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
+    prefill rows route_rows gave a summary slot (plan.summary). kernels: the engine's KernelOptions (speed only).
+    Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
     (indices, counts) of plan.decode_rows; 'prefill': (indices, counts, first query block) per plan.prefill_rows).
     """
     from cab_vllm.ops.decode import Selection, routed_decode, routed_indices
 
     bs = plan.cfgs[0].block_size if plan.cfgs else 64
+    kernels = KernelOptions() if kernels is None else kernels
     hkv = key_cache.shape[2]
     dev = q.device
     sel_impl = "triton" if resolve(impl, dev) == "triton" and dev.type == "cuda" else "torch"
@@ -390,8 +386,10 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
             ws, ns = None, default_num_splits(d, hkv, mmax)
         select = Selection(keep, scores, cfg0.sink_blocks, cfg0.local_blocks, cfg0.seed)
         with STATS.timed("decode", dev):
+            rows_max = kernels.one_launch_rows
             routed_decode(qd, key_cache, value_cache, bt, sl, routes, bs, scale, od, ns, ws, impl=impl,
-                          select=select)
+                          select=select, one_launch=None if rows_max is None else d <= rows_max,
+                          prefetch=kernels.decode_prefetch, merge_splits=kernels.decode_merge_splits)
         if record is not None:
             record["decode"] = routed_indices(routes, sl, bs, d)
         if not prefix:
@@ -420,7 +418,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                 else:
                     k_all = gather_paged(key_cache, block_table[r], n)
                 sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl, summary=summary,
-                                              n=n, exact=final[r]))
+                                              n=n, exact=final[r], fused=kernels.fused_select))
                 entry = store.get(r)
                 if entry is not None and table is not None:
                     slot, qb = entry

@@ -460,7 +460,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
                md.plan, self.scale, output.view(-1, self.num_heads, self.head_size),
                self.settings.impl, table=self.table, routes=routes, keep=md.keep, workspace=self.workspace,
                skip_dense=self.fa is not None, decode_attention=decode_attention, prefills=md.run_cab_prefill,
-               summaries=self.summaries)
+               summaries=self.summaries, kernels=self.settings.kernels)
         return output
 
 
@@ -501,7 +501,7 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
     from cab_vllm.backend.warmup import warm_up_kernels
 
     warm_up_kernels(impl.num_heads, impl.num_kv_heads, impl.head_size, query.dtype, query.device,
-                    impl.settings.cfg, impl.workspace, summaries=impl.summaries)
+                    impl.settings.cfg, impl.workspace, summaries=impl.summaries, kernels=impl.settings.kernels)
 
 
 def _check_engine_features(vcfg) -> None:

@@ -52,6 +52,57 @@ REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
 
 
 @dataclass(frozen=True)
+class KernelOptions:
+    """Kernel choices of the engine that change speed, not results (each is tested against the same reference).
+    None keeps the kernel module's default. fused_select: the prefill's estimate and selection in one kernel
+    (ops.fused_select; cab without a curvature share and magnitude, fixed budget); decode_prefetch: decode
+    attention programs look up the next key block while this one's keys load (ops.decode.PREFETCH);
+    decode_merge_splits: split partials merged per load, a power of two up to 64 (ops.decode.MERGE_SPLITS);
+    one_launch_rows: decode batches of at most this many rows run selection and attention in one launch
+    (ops.decode.ONE_LAUNCH_MAX_ROWS)."""
+
+    fused_select: bool = False
+    decode_prefetch: bool | None = None
+    decode_merge_splits: int | None = None
+    one_launch_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("fused_select", "decode_prefetch"):
+            v = getattr(self, name)
+            if not (isinstance(v, bool) or (v is None and name != "fused_select")):
+                raise ValueError(f"{name}={v!r} is invalid: expected True or False")
+        m = self.decode_merge_splits
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 64 or m & (m - 1)):
+            raise ValueError(f"decode_merge_splits={m!r} is invalid: expected a power of two from 1 to 64")
+        r = self.one_launch_rows
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ValueError(f"one_launch_rows={r!r} is invalid: expected an integer >= 0")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "KernelOptions":
+        """CAB_FUSED_SELECT, CAB_DECODE_PREFETCH (0 or 1), CAB_DECODE_MERGE_SPLITS, CAB_DECODE_ONE_LAUNCH_ROWS;
+        unset ones keep the defaults; a bad value raises ValueError naming the variable."""
+        def flag(var: str) -> bool | None:
+            raw = env.get(var, "").strip()
+            if raw not in ("", "0", "1"):
+                raise ValueError(f"{var}={raw!r} is invalid: expected 0 or 1")
+            return None if raw == "" else raw == "1"
+
+        merge = env.get("CAB_DECODE_MERGE_SPLITS", "").strip()
+        rows = env.get("CAB_DECODE_ONE_LAUNCH_ROWS", "").strip()
+        try:
+            opts = cls(bool(flag("CAB_FUSED_SELECT")), flag("CAB_DECODE_PREFETCH"),
+                       _count_from_env(env, "CAB_DECODE_MERGE_SPLITS", 0) if merge else None,
+                       _count_from_env(env, "CAB_DECODE_ONE_LAUNCH_ROWS", 0) if rows else None)
+        except ValueError as e:
+            if "decode_merge_splits" in str(e):
+                raise ValueError(f"CAB_DECODE_MERGE_SPLITS={merge!r} is invalid: expected a power of two from 1 "
+                                 "to 64") from None
+            raise
+        return opts
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """Engine-wide defaults. cfg: the default CABConfig; dense_threshold: contexts of fewer tokens run dense;
     impl: 'auto' (Triton kernels on CUDA, PyTorch on CPU), 'torch' or 'triton' (CPU needs TRITON_INTERPRET=1);
@@ -62,6 +113,7 @@ class EngineSettings:
     dense_threshold: int = 1024
     impl: str = "auto"
     summary_slots: int = 4
+    kernels: KernelOptions = KernelOptions()
 
     def __post_init__(self) -> None:
         if not isinstance(self.dense_threshold, int) or self.dense_threshold < 0:
@@ -70,14 +122,16 @@ class EngineSettings:
             raise ValueError(f"summary_slots={self.summary_slots!r} is invalid: expected an integer >= 0")
         if self.impl not in IMPLS:
             raise ValueError(f"impl={self.impl!r} is invalid: expected one of {IMPLS}")
+        if not isinstance(self.kernels, KernelOptions):
+            raise ValueError(f"kernels={self.kernels!r} is invalid: expected a KernelOptions")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
-        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS); unset ones keep the
-        defaults. A bad value
-        raises ValueError naming the variable."""
+        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, and the kernel choices
+        of KernelOptions.from_env); unset ones keep the defaults. A bad value raises ValueError naming the
+        variable."""
         env = os.environ if environ is None else environ
         changes: dict[str, object] = {}
         for var, (field, parse) in ENV_FIELDS.items():
@@ -99,7 +153,7 @@ class EngineSettings:
         if impl not in IMPLS:
             raise ValueError(f"CAB_IMPL={impl!r} is invalid: expected one of {IMPLS}")
         slots = _count_from_env(env, "CAB_SUMMARY_SLOTS", cls.summary_slots)
-        return cls(cfg, thr, impl, slots)
+        return cls(cfg, thr, impl, slots, KernelOptions.from_env(env))
 
 
 def _count_from_env(env: Mapping[str, str], var: str, default: int) -> int:

@@ -4,11 +4,12 @@ the model's head geometry and dtype, through the same code path as the engine (a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from cab_vllm.backend.plan import PromptSlots, SummarySlots, plan_batch, route_rows
+from cab_vllm.backend.plan import KernelOptions, PromptSlots, SummarySlots, plan_batch, route_rows
 from cab_vllm.backend.attention import DecodeWorkspace, KeySummaries, PromptTable, attend, write_kv
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.fused_select import estimate_select
@@ -17,7 +18,9 @@ from cab_vllm.policies import fused_select_ok
 
 def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
                     cfg: CABConfig, workspace: DecodeWorkspace, page_size: int = 16, n: int = 2048,
-                    summaries: KeySummaries | None = None) -> None:
+                    summaries: KeySummaries | None = None, kernels: KernelOptions | None = None) -> None:
+    """kernels: the engine's KernelOptions, so the variants compiled here are the ones its steps launch."""
+    kernels = KernelOptions() if kernels is None else kernels
     gen = torch.Generator(device="cpu").manual_seed(0)
     cap = workspace.max_blocks * cfg.block_size - 2  # the longest sequence the engine (and its buffers) hold
     halves = [h for h in (n // 2, 550) if 2 * h + 1 <= cap]
@@ -33,7 +36,7 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
     sparse = cfg.replace(sparsity=max(cfg.sparsity, 0.5)) if cfg.policy != "dense" else CABConfig(sparsity=0.5)
     scale = 1.0 / math.sqrt(head_size)
 
-    def step(a: int, b: int, c: CABConfig, prompt_len: int) -> None:
+    def step(a: int, b: int, c: CABConfig, prompt_len: int, opts: KernelOptions = kernels) -> None:
         q = torch.randn(b - a, num_heads, head_size, generator=gen).to(device=device, dtype=dtype)
         k = torch.randn(b - a, num_kv_heads, head_size, generator=gen).to(device=device, dtype=dtype)
         pos = torch.arange(a, b, device=device)
@@ -44,7 +47,7 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
         route_rows(plan, slots, fa_dense=False, summaries=kept)
         out = torch.empty_like(q)
         attend(q, key_cache, value_cache, bt, torch.tensor([b], dtype=torch.int32, device=device), plan, scale, out,
-               table=table, workspace=workspace, summaries=summaries)
+               table=table, workspace=workspace, summaries=summaries, kernels=opts)
 
     # two prompts in two chunks each, one with lengths that are multiples of 16 and one without (Triton compiles
     # the two apart); the final chunk stores the prompt selection, then a decode step reads it (the prompt rule)
@@ -54,37 +57,34 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
         step(2 * half, 2 * half + 1, sparse, 2 * half)
     from cab_vllm.ops import decode as dec
 
-    one_row_max = dec.ONE_LAUNCH_MAX_ROWS
-    # a single-row decode step runs selection and attention in one launch, a larger batch in two: make both
+    one_row_max = dec.ONE_LAUNCH_MAX_ROWS if kernels.one_launch_rows is None else kernels.one_launch_rows
+    # a single-row decode step runs selection and attention in one launch (when one_row_max >= 1), a larger batch
+    # in two: make both
     for limit in dict.fromkeys((one_row_max, 0)):
-        dec.ONE_LAUNCH_MAX_ROWS = limit
-        try:
-            if limit != one_row_max and halves:  # the prompt rule again: the final chunk stores the selection
-                h = halves[-1]
-                step(h, 2 * h, sparse, 2 * h)
-                step(2 * h, 2 * h + 1, sparse, 2 * h)
-            for policy in ("magnitude", "streaming"):  # decode with the step's own selection
-                slots.stored.clear()
-                step(n, n + 1, sparse.replace(policy=policy), n)
-        finally:
-            dec.ONE_LAUNCH_MAX_ROWS = one_row_max
+        opts = dataclasses.replace(kernels, one_launch_rows=limit)
+        if limit != one_row_max and halves:  # the prompt rule again: the final chunk stores the selection
+            h = halves[-1]
+            step(h, 2 * h, sparse, 2 * h, opts)
+            step(2 * h, 2 * h + 1, sparse, 2 * h, opts)
+        for policy in ("magnitude", "streaming"):  # decode with the step's own selection
+            slots.stored.clear()
+            step(n, n + 1, sparse.replace(policy=policy), n, opts)
     if torch.device(device).type == "cuda":
         # the estimate's softmax compiles once per power of two of the key-block count: make every one from 16
         # blocks (1024 tokens) up to the engine's longest context (a 1-row softmax each)
-        from cab_vllm.backend import attention
         from cab_vllm.ops.coarsen import softmax_group
 
         for p in _block_counts(workspace.max_blocks):
             logits = torch.zeros(1, num_heads, 1, p, dtype=torch.float32, device=device)
             softmax_group(logits, p * cfg.block_size, num_kv_heads, cfg.block_size, q_block_offset=p - 1)
-        if attention.FUSED_SELECT and fused_select_ok(cfg):
+        if kernels.fused_select and fused_select_ok(cfg):
             warm_fused_select(num_heads, num_kv_heads, head_size, dtype, device, cfg, workspace.max_blocks)
         torch.cuda.synchronize(device)
 
 
 def warm_fused_select(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
                       cfg: CABConfig, max_blocks: int) -> int:
-    """Compile the one-kernel predictor (ops.fused_select, CAB_FUSED_SELECT=1) for every power of two of the
+    """Compile the one-kernel predictor (ops.fused_select, KernelOptions.fused_select: CAB_FUSED_SELECT=1) for every power of two of the
     key-block count (_block_counts), with and without exact rows (its compiled variants). Returns the number of
     launches."""
     launches = 0

@@ -65,6 +65,44 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _block_at(i, i1, mode, c1, pb, tab_base, idx_base):
+        """Key block number of the i-th block of a row's list when i < i1 (0 otherwise): the stored prompt
+        selection then every block after the prompt (mode 1), every block (mode 2), else the step's idx. The
+        loads read a clamped, always valid entry instead of a masked one (a scalar load)."""
+        if mode == 1:
+            kt = tl.load(tab_base + tl.maximum(tl.minimum(i, c1 - 1), 0)).to(tl.int32)
+            kb = tl.where(i < c1, kt, pb + (i - c1))
+        elif mode == 2:
+            kb = i
+        else:
+            kb = tl.load(idx_base + tl.maximum(tl.minimum(i, i1 - 1), 0), cache_modifier=".cg")
+        return tl.where(i < i1, kb, 0)
+
+    @triton.jit
+    def _load_kv(k_ptr, v_ptr, page, slot_in, k_ok, kvh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
+                 stride_vpos, stride_vh, d, d_ok):
+        """The K and V tiles [T, D] at (page, slot) (where k_ok), both loads issued before either is used."""
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
+                    mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
+    def _softmax_step(q, k, v, k_ok, scale_log2, m_i, l_i, acc):
+        """Online-softmax update of (m, l, acc) with the key/value tiles k, v [T, D] (keys where k_ok)."""
+        qk = tl.dot(q, tl.trans(k)) * scale_log2
+        qk = tl.where(k_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
                       tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
                       s, kvh, split, mode, seq_len, scale_log2, num_heads, group, num_splits, min_per, page_size,
@@ -72,7 +110,7 @@ if HAS_TRITON:
                       stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
                       stride_pos, stride_poh, stride_pok,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
-                      BLOCKS_PER_ITER: tl.constexpr):
+                      BLOCKS_PER_ITER: tl.constexpr, PREFETCH: tl.constexpr):
         """Split `split` of row s, KV head kvh: the group's queries over their share of the row's key blocks
         (mode 1: the stored prompt selection + every block after the prompt; 2: every causal block; else the
         step's idx/cnt) -> normalized partial output and base-2 LSE in po/plse. A split takes at least min_per
@@ -107,7 +145,25 @@ if HAS_TRITON:
         idx_base = idx_ptr + s * stride_is + kvh * stride_ih
         # One loop with the block's source chosen inside it: on the H200 (8 rows at 128k, attention launch alone)
         # this loop ran 1.6x faster than one loop per source, each under its own `if mode`.
-        if BLOCKS_PER_ITER == 1:
+        if PREFETCH:
+            # Software-pipelined: each iteration issues this block's K and V loads, then looks up the next block
+            # (its number, then its pages) while they are in flight, then computes. The dependent chain per
+            # block (block number -> page -> K, then V) becomes one round trip (K and V together).
+            lane = tl.arange(0, BLOCK)
+            kb = _block_at(i0, i1, mode, c1, pb, tab_base, idx_base)
+            kpos = kb * BLOCK + lane
+            k_ok = (kpos < seq_len) & (lane * 0 + i0 < i1)
+            page, slot_in = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
+            for i in range(i0, i1):
+                k, v = _load_kv(k_ptr, v_ptr, page, slot_in, k_ok, kvh, stride_kpage, stride_kpos, stride_kh,
+                                stride_vpage, stride_vpos, stride_vh, d, d_ok)
+                kb_n = _block_at(i + 1, i1, mode, c1, pb, tab_base, idx_base)
+                kpos_n = kb_n * BLOCK + lane
+                ok_n = (kpos_n < seq_len) & (lane * 0 + i + 1 < i1)
+                page_n, slot_n = paged_coords(bt_ptr, stride_bt, s, kpos_n, ok_n, page_size)
+                m_i, l_i, acc = _softmax_step(q, k, v, k_ok, scale_log2, m_i, l_i, acc)
+                page, slot_in, k_ok = page_n, slot_n, ok_n
+        elif BLOCKS_PER_ITER == 1:
             for i in range(i0, i1):
                 if mode == 1:
                     if i < c1:
@@ -184,6 +240,46 @@ if HAS_TRITON:
                          float("-inf"))
         tl.store(lse_ptr + s * num_heads + heads, total, mask=g_ok)
 
+    @triton.jit
+    def _merge_group_tiled(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
+                           stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_G: tl.constexpr,
+                           MERGE_SPLITS: tl.constexpr):
+        """_merge_group with MERGE_SPLITS splits per load: the group's partials [MERGE_G, MERGE_SPLITS, D] and their
+        LSEs come in one round trip per MERGE_SPLITS splits (the split-by-split loop waits for each split's load
+        in turn: 26 dependent L2 reads for one row at 128k)."""
+        g = tl.arange(0, MERGE_G)
+        g_ok = g < group
+        heads = kvh * group + g
+        kk = tl.arange(0, MERGE_SPLITS)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        m = tl.full([MERGE_G], float("-inf"), dtype=tl.float32)
+        tot = tl.zeros([MERGE_G], dtype=tl.float32)
+        acc = tl.zeros([MERGE_G, BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, used, MERGE_SPLITS):
+            k = k0 + kk
+            ok = g_ok[:, None] & (k < used)[None, :]
+            lse_k = tl.load(plse_ptr + (s * num_heads + heads)[:, None] * num_splits + k[None, :], mask=ok,
+                            other=float("-inf"), cache_modifier=".cg")
+            o_k = tl.load(po_ptr + s * stride_pos + heads[:, None, None] * stride_poh + k[None, :, None] * stride_pok
+                          + d[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
+                          cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse_k, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse_k - m_safe[:, None])
+            acc = acc * alpha[:, None] + tl.sum(o_k * w[:, :, None], 1)
+            tot = tot * alpha + tl.sum(w, 1)
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        out = acc / tl.where(tot > 0.0, tot, 1.0)[:, None]
+        tl.store(o_ptr + s * stride_os + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+        total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
+                         float("-inf"))
+        tl.store(lse_ptr + s * num_heads + heads, total, mask=g_ok)
+
     # The counts that change with the batch stay runtime values (no Triton specialization on == 1 or % 16): a decode
     # step compiles once per engine, not once per CUDA-graph batch size.
     @triton.jit(do_not_specialize=["num_splits", "n_tiles", "n_score", "n_total", "sync_rows", "min_per"])
@@ -205,6 +301,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
         ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr,
+        PREFETCH: tl.constexpr, MERGE_G: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     ):
         # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
         # MODE_RECENT / MODE_RANDOM; n_tiles programs per (row, KV head) score its blocks, the last to finish
@@ -267,21 +364,32 @@ if HAS_TRITON:
                                      stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
                                      stride_vpos, stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts,
                                      stride_th, stride_tcs, stride_pos, stride_poh, stride_pok,
-                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD, BLOCKS_PER_ITER)
+                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD, BLOCKS_PER_ITER, PREFETCH)
                 tl.debug_barrier()
                 c = tl.atomic_add(finished + s * num_kv_heads + kvh, 1, sem="acq_rel")
                 if c == num_splits - 1:
                     tl.atomic_xchg(finished + s * num_kv_heads + kvh, 0)
                     if SELECT:
                         tl.atomic_xchg(ready + s * num_kv_heads + kvh, 0)  # every split is past its wait
-                    _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
-                                 stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                                 HEAD_DIM, BLOCK_D, GROUP_PAD)
+                    if MERGE_SPLITS > 1:
+                        _merge_group_tiled(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
+                                           used, stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                                           HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS)
+                    else:
+                        _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
+                                     stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                                     HEAD_DIM, BLOCK_D, GROUP_PAD)
 
 
 MAX_SPLITS = 64  # split-K partials per (row, head), at most
 MIN_BLOCKS_PER_SPLIT = 4  # a (row, KV head) with fewer than num_splits * this many blocks uses fewer splits
 BLOCKS_PER_ITER = 1  # key blocks one attention program loads per loop iteration (a tile of this many blocks)
+# Latency options of the attention programs, off until timed on a GPU (benchmarks/gpu/decode_profile.py --prefetch
+# --merge-splits): PREFETCH looks up the next key block (number and pages) while this block's K and V loads are in
+# flight (blocks_per_iter 1 only); MERGE_SPLITS > 1 merges that many split partials per load (1: split by split).
+PREFETCH = False
+MERGE_SPLITS = 1
+MERGE_TILE = 64  # at most this many (group head, split) partials per merge load (registers: 64 x D fp32)
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
 # Decode batches of at most this many rows run selection and attention in one launch. Measured on the H200 with
 # L2 flushed (benchmarks/results/decode_profile_h200_2026-11-30/profile_l2_flushed.txt), one row: one launch
@@ -380,6 +488,8 @@ def routed_decode(
     min_blocks_per_split: int = MIN_BLOCKS_PER_SPLIT,
     blocks_per_iter: int | None = None,
     one_launch: bool | None = None,
+    prefetch: bool | None = None,
+    merge_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention for rows routed by ``routes`` (DecodeRoutes): one query per row at seq_lens - 1;
     rows in MODE_SKIP are not written. q [S, Hq, D]; out [S, Hq, D] (written in place, returned).
@@ -387,7 +497,8 @@ def routed_decode(
     (ops.select.decode_select's rule): in a launch of its own just before the attention's, or with
     ``one_launch`` in the attention's launch (default: one launch for at most ONE_LAUNCH_MAX_ROWS rows, the
     batch size being fixed per CUDA graph). num_splits must not depend on the step's data (a CUDA graph replays
-    it); workspace: DecodeScratch."""
+    it); workspace: DecodeScratch. prefetch / merge_splits: the attention programs' latency options (module
+    PREFETCH / MERGE_SPLITS when None; see there)."""
     from cab_vllm.ops.select import check_selection, decode_select
 
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
@@ -417,7 +528,8 @@ def routed_decode(
     step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
                 block_size=block_size, routes=routes, select=select if one_launch else None, scale=scale,
                 num_splits=num_splits, out=out, lse=lse, scratch=workspace,
-                min_blocks_per_split=min_blocks_per_split, blocks_per_iter=blocks_per_iter)
+                min_blocks_per_split=min_blocks_per_split, blocks_per_iter=blocks_per_iter, prefetch=prefetch,
+                merge_splits=merge_splits)
     return out
 
 
@@ -477,6 +589,13 @@ class Selection(NamedTuple):
     seed: int
 
 
+def merge_tile(merge_splits: int, group: int, num_splits: int) -> int:
+    """Split partials the merge reads per load: merge_splits, at most MERGE_TILE // (group rounded up to a power of
+    two) and no more than the splits there are (rounded up); 1 means the split-by-split merge."""
+    cap = max(1, MERGE_TILE // next_pow2(group))
+    return max(1, min(merge_splits, cap, next_pow2(num_splits)))
+
+
 def sync_size(rows: int, num_kv_heads: int) -> int:
     """int32 counters a decode launch of `rows` rows needs (DecodeScratch.sync)."""
     return 1 + 3 * rows * num_kv_heads
@@ -484,7 +603,7 @@ def sync_size(rows: int, num_kv_heads: int) -> int:
 
 def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, counts, *, block_size, modes=None,
                 routes=None, select=None, attend=True, scale=1.0, num_splits=1, out=None, lse=None, scratch=None,
-                min_blocks_per_split=MIN_BLOCKS_PER_SPLIT, blocks_per_iter=None):
+                min_blocks_per_split=MIN_BLOCKS_PER_SPLIT, blocks_per_iter=None, prefetch=None, merge_splits=None):
     """One Triton launch for a decode step (see _decode_step_kernel): with ``select`` the rows in
     SELECTED_MODES (by ``modes``, or routes.modes) first get their top-``keep`` blocks into indices/counts;
     with ``attend`` every row (routed by ``routes`` when given, else by indices/counts) attends into out/lse."""
@@ -494,6 +613,12 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
           f"min_blocks_per_split={min_blocks_per_split!r} must be an int >= 1")
     blocks_per_iter = BLOCKS_PER_ITER if blocks_per_iter is None else blocks_per_iter
     check(blocks_per_iter in (1, 2, 4, 8), f"blocks_per_iter={blocks_per_iter!r} must be 1, 2, 4 or 8")
+    prefetch = (PREFETCH and blocks_per_iter == 1) if prefetch is None else prefetch  # the default: where it applies
+    merge_splits = MERGE_SPLITS if merge_splits is None else merge_splits
+    check(isinstance(prefetch, bool), f"prefetch={prefetch!r} must be a bool")
+    check(not (prefetch and blocks_per_iter > 1), f"prefetch needs blocks_per_iter=1, got {blocks_per_iter}")
+    check(isinstance(merge_splits, int) and 1 <= merge_splits <= MAX_SPLITS and next_pow2(merge_splits) == merge_splits,
+          f"merge_splits={merge_splits!r} must be a power of two in [1, {MAX_SPLITS}]")
     ns, hq, d = q.shape
     hkv = key_cache.shape[2]
     if ns == 0:
@@ -553,5 +678,6 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         o.stride(0), o.stride(1),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
         BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
-        ATTEND=attend, BLOCKS_PER_ITER=blocks_per_iter, num_warps=4, num_stages=2,
+        ATTEND=attend, BLOCKS_PER_ITER=blocks_per_iter, PREFETCH=prefetch, MERGE_G=next_pow2(group),
+        MERGE_SPLITS=merge_tile(merge_splits, group, num_splits), num_warps=4, num_stages=2,
     )

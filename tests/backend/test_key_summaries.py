@@ -190,9 +190,9 @@ def test_only_the_prompts_last_chunk_reads_all_keys(monkeypatch):
         pooled.append(first_block)
         return real_update(store, slot, first_block, *a, **kw)
 
-    def spy_select(q_new, k_all, cfg, impl="auto", summary=None, n=None, exact=True):
+    def spy_select(q_new, k_all, cfg, impl="auto", summary=None, n=None, exact=True, fused=False):
         selected.append((k_all is None, summary is not None, exact))
-        return real_select(q_new, k_all, cfg, impl=impl, summary=summary, n=n, exact=exact)
+        return real_select(q_new, k_all, cfg, impl=impl, summary=summary, n=n, exact=exact, fused=fused)
 
     monkeypatch.setattr(attention, "update_key_summaries", spy_update)
     monkeypatch.setattr(attention, "prefill_selection", spy_select)
@@ -286,3 +286,25 @@ def test_warm_up_makes_both_decode_launch_shapes(monkeypatch):
     for one in (True, False):
         modes = {m for o, ms in seen if o == one for m in ms}
         assert dec.MODE_PROMPT in modes and modes & set(dec.SELECTED_MODES), (one, seen)
+
+
+def test_warm_up_compiles_the_engines_kernel_options(monkeypatch):
+    """The engine's KernelOptions reach every decode launch of the warm-up (the variants it compiles are the ones
+    the engine's steps run), and the prefill selections get the fused predictor's choice."""
+    import cab_vllm.backend.attention as attention
+    import cab_vllm.ops.decode as dec
+    from cab_vllm.backend.attention import DecodeWorkspace
+    from cab_vllm.backend.plan import KernelOptions
+    from cab_vllm.backend.warmup import warm_up_kernels
+
+    seen, fused = [], []
+    real_dec, real_sel = dec.routed_decode, attention.prefill_selection
+    monkeypatch.setattr(dec, "routed_decode", lambda *a, **kw: seen.append(kw) or real_dec(*a, **kw))
+    monkeypatch.setattr(attention, "prefill_selection",
+                        lambda *a, **kw: fused.append(kw.get("fused")) or real_sel(*a, **kw))
+    opts = KernelOptions(fused_select=True, decode_prefetch=True, decode_merge_splits=4, one_launch_rows=2)
+    cfg = CABConfig()
+    warm_up_kernels(4, 2, 32, torch.float32, "cpu", cfg, DecodeWorkspace(4, 4, 2, 32, 64, "cpu"), kernels=opts)
+    assert seen and all(kw["prefetch"] is True and kw["merge_splits"] == 4 for kw in seen)
+    assert {kw["one_launch"] for kw in seen} == {True, False}  # a one-row step under limits 2 and 0
+    assert fused and set(fused) == {True}

@@ -60,10 +60,7 @@ def test_profile_times_each_phase_where_it_runs(pp):
 def test_chunked_prefill_path_never_synchronizes_the_stream(pp, policy, fused, monkeypatch):
     """No host sync in a layer's prefill (summaries, exact rows, selection, attention): each one would drain the
     GPU's queue mid-layer, for every chunk of every layer."""
-    import cab_vllm.backend.attention as attention
-
-    monkeypatch.setattr(attention, "FUSED_SELECT", fused)
-    r = pp.profile(32768, 8192, 0.95, policy=policy, dev="cuda", impl="triton", kernels=False)
+    r = pp.profile(32768, 8192, 0.95, policy=policy, dev="cuda", impl="triton", kernels=False, fused=fused)
     assert r["syncs"] == {p: 0 for p in pp.PHASES}, r["syncs"]
 
 
@@ -106,11 +103,8 @@ def test_chunked_prefill_path_reads_no_tensor_on_the_host(pp, policy, fused, mon
     cfg = CABConfig(sparsity=0.7, policy=name, budget="adaptive" if budget else "fixed")
     q, kc, vc, bt = pp.setup(n, hq, hkv, d, 16, "cpu", torch.float32, seed=1)
     store = KeySummaries(1, hkv, math.ceil(n / 64), d, cfg.estimator, torch.float32, torch.device("cpu"))
-    import cab_vllm.backend.attention as attention
-
-    monkeypatch.setattr(attention, "FUSED_SELECT", fused)
     reads = HostReads(monkeypatch)
-    out = pp.prompt_pass(q, kc, vc, bt, n, 256, cfg, store, "triton", sel_impl="triton")
+    out = pp.prompt_pass(q, kc, vc, bt, n, 256, cfg, store, "triton", sel_impl="triton", fused=fused)
     assert not torch.isnan(out).any()
     assert reads.calls == []
     from cab_vllm.ops.select import select_topk
@@ -135,11 +129,10 @@ def test_fused_selection_gives_the_chunked_prefill_the_same_output(pp, policy, m
     outs, sels = [], []
     real = attention.prefill_selection
     for fused in (False, True):
-        monkeypatch.setattr(attention, "FUSED_SELECT", fused)
         got = []
         monkeypatch.setattr(pp, "prefill_selection", lambda *a, **kw: got.append(real(*a, **kw)) or got[-1])
         store = KeySummaries(1, hkv, math.ceil(n / 64), d, cfg.estimator, torch.float32, torch.device("cpu"))
-        outs.append(pp.prompt_pass(q, kc, vc, bt, n, 256, cfg, store, "triton", sel_impl="triton"))
+        outs.append(pp.prompt_pass(q, kc, vc, bt, n, 256, cfg, store, "triton", sel_impl="triton", fused=fused))
         sels.append(got)
     assert len(sels[0]) == len(sels[1]) == 5
     for (i0, c0, f0), (i1, c1, f1) in zip(*sels):

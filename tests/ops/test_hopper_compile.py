@@ -117,10 +117,15 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} == {(True, True), (True, False),
                                                                                          (False, True)}
     # an 8B model at 128k: 2048 key blocks, head dim 128 (summaries 2 x 128 wide), 16 exact rows
+    assert {(x["constexprs"]["PREFETCH"], x["constexprs"]["MERGE_SPLITS"]) for x in step} == {(False, 1)}
+    # the decode attention's latency options (the next block looked up during this one's loads; tiled merge)
+    attend = [x for x in step if x["constexprs"]["ATTEND"]]
+    options = _scaled(attend, PREFETCH=True) + _scaled(attend, MERGE_SPLITS=16) + _scaled(attend, PREFETCH=True,
+                                                                                            MERGE_SPLITS=8)
     big = (_scaled(fused, MPAD=2048, KPAD=2048, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
-           + _scaled(step, MPAD=2048, HEAD_DIM=128, BLOCK_D=128))
-    out = _compile(tmp_path, fused + sampled + step + big)
-    assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in fused + sampled + step + big})
+           + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128))
+    out = _compile(tmp_path, fused + sampled + step + options + big)
+    assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in fused + sampled + step + options + big})
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas is missing")

@@ -449,3 +449,67 @@ def test_selection_is_the_same_for_any_number_of_scoring_programs(programs, devi
     assert torch.equal(got[0][2], keep[:, None].expand(s, hkv))
     assert torch.equal(got[0][1], got[1][1]) and torch.equal(got[0][2], got[1][2])
     assert torch.equal(got[0][0], got[1][0])
+
+
+@pytest.mark.parametrize("prefetch, merge_splits", [(True, 1), (False, 2), (True, 4), (True, 64)],
+                         ids=["prefetch", "merge2", "prefetch-merge4", "prefetch-merge64"])
+@pytest.mark.parametrize("hq, hkv", [(4, 2), (7, 1), (16, 2)], ids=["g2", "g7", "g8"])
+def test_latency_options_match_the_oracle(prefetch, merge_splits, hq, hkv, device):
+    """The attention programs' latency options (the next block looked up while this one's K and V load; split
+    partials merged several per load) give the oracle's output and LSE in every mode: prompt rows whose stored
+    selection ends mid-split, every block, explicit indices, skipped rows; many splits and one block each
+    (min_blocks_per_split 1), more splits than blocks, one split."""
+    torch.manual_seed(11)
+    _, kc, vc, bt, q, sl = _case(hq=hq, hkv=hkv, device=device)
+    s, _, d = q.shape
+    table = PromptTable(4, hkv, 8, device)
+    sel = torch.tensor([[0, 1, 2], [1, -1, -1]], dtype=torch.int32, device=device)[:hkv]
+    table.put(2, sel, torch.tensor([3, 1], dtype=torch.int32, device=device)[:hkv])
+    modes = torch.tensor([MODE_ALL, MODE_PROMPT, MODE_ALL, MODE_SKIP, MODE_PROMPT, MODE_BOUNDS], dtype=torch.int32,
+                         device=device)
+    slots = torch.tensor([0, 2, 0, 0, 2, 0], dtype=torch.int32, device=device)
+    pblocks = torch.tensor([0, 3, 0, 0, 4, 0], dtype=torch.int32, device=device)
+    idx = torch.full((s, hkv, 8), -1, dtype=torch.int32, device=device)
+    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
+    idx[5, :, :2] = torch.tensor([0, 2], dtype=torch.int32)  # row 5 (130 tokens, 3 blocks): blocks 0 and 2
+    cnt[5] = 2
+    routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, idx, cnt)
+    ri, rc = routed_indices(routes, sl, 64)
+    ref, ref_lse = paged_decode_ref(q.double(), kc.double(), vc.double(), bt, sl, ri, rc, 64, 1 / math.sqrt(d))
+    live = modes != MODE_SKIP
+    for splits, min_per in ((1, 1), (3, 1), (6, 1), (8, 1), (2, 3)):
+        out = torch.zeros_like(q)
+        marker = torch.full_like(q[0], 7.0)
+        out[3] = marker
+        lse = torch.empty(s, hq, dtype=torch.float32, device=device)
+        from cab_vllm.ops.decode import step_launch
+
+        step_launch(q, kc, vc, bt, sl, idx, cnt, block_size=64, routes=routes, scale=1 / math.sqrt(d),
+                    num_splits=splits, out=out, lse=lse, min_blocks_per_split=min_per, prefetch=prefetch,
+                    merge_splits=merge_splits)
+        assert rel_err(out[live], ref[live]) < max(KERNEL_FP32_TOL, 1e-5), (splits, min_per)
+        torch.testing.assert_close(lse[live].double().cpu(), ref_lse[live].double().cpu(), rtol=0, atol=1e-4)
+        assert torch.equal(out[3], marker)  # a skipped row is not written
+
+
+def test_latency_options_are_checked(device):
+    _, kc, vc, bt, q, sl = _case(device=device)
+    routes = DecodeRoutes(torch.full((len(LENS),), MODE_ALL, dtype=torch.int32, device=device), sl, sl[:, None, None],
+                          sl[:, None], sl, sl[:, None, None], sl[:, None])
+    table = PromptTable(4, 2, 8, device)
+    routes = routes._replace(tab_idx=table.idx, tab_cnt=table.cnt,
+                             sel_idx=torch.zeros(len(LENS), 2, 8, dtype=torch.int32, device=device),
+                             sel_cnt=torch.zeros(len(LENS), 2, dtype=torch.int32, device=device))
+    for kw, msg in (({"merge_splits": 3}, "merge_splits"), ({"merge_splits": 128}, "merge_splits"),
+                    ({"prefetch": 1}, "prefetch"), ({"prefetch": True, "blocks_per_iter": 2}, "blocks_per_iter=1")):
+        with pytest.raises(ValueError, match=msg):
+            routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.zeros_like(q), 2, impl="triton", **kw)
+
+
+def test_merge_tile_fits_the_group_and_the_splits():
+    from cab_vllm.ops.decode import MERGE_TILE, merge_tile
+
+    assert merge_tile(1, 4, 33) == 1 and merge_tile(16, 4, 33) == 16 and merge_tile(64, 4, 33) == MERGE_TILE // 4
+    assert merge_tile(16, 8, 33) == MERGE_TILE // 8 and merge_tile(16, 7, 33) == MERGE_TILE // 8
+    assert merge_tile(16, 4, 3) == 4 and merge_tile(16, 4, 1) == 1 and merge_tile(64, 1, 64) == 64
+    assert merge_tile(8, 128, 64) == 1  # a group too large for the tile merges split by split

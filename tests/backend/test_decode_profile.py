@@ -1,0 +1,47 @@
+"""benchmarks/gpu/decode_profile.py runs its decode step variants on CPU tensors (interpreted Triton), with the
+attention programs' latency options set as the script sets them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("decode_profile", ROOT / "benchmarks/gpu/decode_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("prefetch, merge", [(False, 1), (True, 4)], ids=["default", "prefetch-merge4"])
+def test_decode_profile_runs_every_variant(prefetch, merge, monkeypatch):
+    import cab_vllm.ops.decode as decode_ops
+
+    prof = _script()
+    monkeypatch.setattr(prof, "HQ", 4)
+    monkeypatch.setattr(prof, "HKV", 2)
+    monkeypatch.setattr(prof, "D", 32)
+    monkeypatch.setattr(decode_ops, "PREFETCH", prefetch)
+    monkeypatch.setattr(decode_ops, "MERGE_SPLITS", merge)
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(1)
+        return float(len(calls))
+
+    r = prof.profile(700, 2, 0.5, dev="cpu", timer=timer, min_per=1)
+    assert len(calls) == 8
+    assert r["kept_blocks"] <= r["blocks"] == 11
+    assert [r[k] for k in ("prompt_us", "bounds_us", "skip_us", "prompt_one_us", "bounds_one_us", "skip_one_us",
+                           "plain_same_blocks_us", "plain_dense_us")] == [float(i) for i in range(1, 9)]
