@@ -52,17 +52,22 @@ if HAS_TRITON:
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
                     mask=kv_mask, other=0.0)
+        m_new, l_i, p, alpha = _softmax_p(q, k, k_ok, scale_log2, m_i, l_i)
+        v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
+                    mask=kv_mask, other=0.0)  # issued after the scores (the PREFETCH loop issues it with K)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _softmax_p(q, k, k_ok, scale_log2, m_i, l_i):
+        """The online softmax's scores step for keys k [T, D] (where k_ok): (m, l, p [G, T], the rescale alpha)."""
         qk = tl.dot(q, tl.trans(k)) * scale_log2
         qk = tl.where(k_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        return m_new, l_i, acc
+        return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
 
     @triton.jit
     def _block_at(i, i1, mode, c1, pb, tab_base, idx_base):
@@ -92,15 +97,8 @@ if HAS_TRITON:
     @triton.jit
     def _softmax_step(q, k, v, k_ok, scale_log2, m_i, l_i, acc):
         """Online-softmax update of (m, l, acc) with the key/value tiles k, v [T, D] (keys where k_ok)."""
-        qk = tl.dot(q, tl.trans(k)) * scale_log2
-        qk = tl.where(k_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        return m_new, l_i, acc
+        m_new, l_i, p, alpha = _softmax_p(q, k, k_ok, scale_log2, m_i, l_i)
+        return m_new, l_i, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
     def _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
@@ -204,6 +202,18 @@ if HAS_TRITON:
         return used
 
     @triton.jit
+    def _store_merged(acc, tot, m, o_ptr, lse_ptr, s, heads, g_ok, d, d_ok, num_heads, stride_os, stride_oh):
+        """Write a merge's result: out = acc / tot into o [S, Hq, D], its LSE (natural log; -inf where nothing
+        was attended) into lse [S, Hq]."""
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        out = acc / tl.where(tot > 0.0, tot, 1.0)[:, None]
+        tl.store(o_ptr + s * stride_os + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+        total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
+                         float("-inf"))
+        tl.store(lse_ptr + s * num_heads + heads, total, mask=g_ok)
+
+    @triton.jit
     def _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
                      stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr):
@@ -232,13 +242,7 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + o_k * w[:, None]
             tot = tot * alpha + w
             m = m_new
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        out = acc / tl.where(tot > 0.0, tot, 1.0)[:, None]
-        tl.store(o_ptr + s * stride_os + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=g_ok[:, None] & d_ok[None, :])
-        total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
-                         float("-inf"))
-        tl.store(lse_ptr + s * num_heads + heads, total, mask=g_ok)
+        _store_merged(acc, tot, m, o_ptr, lse_ptr, s, heads, g_ok, d, d_ok, num_heads, stride_os, stride_oh)
 
     @triton.jit
     def _merge_group_tiled(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
@@ -272,13 +276,7 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + tl.sum(o_k * w[:, :, None], 1)
             tot = tot * alpha + tl.sum(w, 1)
             m = m_new
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        out = acc / tl.where(tot > 0.0, tot, 1.0)[:, None]
-        tl.store(o_ptr + s * stride_os + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=g_ok[:, None] & d_ok[None, :])
-        total = tl.where(tot > 0.0, (m_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0))) / 1.4426950408889634,
-                         float("-inf"))
-        tl.store(lse_ptr + s * num_heads + heads, total, mask=g_ok)
+        _store_merged(acc, tot, m, o_ptr, lse_ptr, s, heads, g_ok, d, d_ok, num_heads, stride_os, stride_oh)
 
     # The counts that change with the batch stay runtime values (no Triton specialization on == 1 or % 16): a decode
     # step compiles once per engine, not once per CUDA-graph batch size.
