@@ -8,7 +8,13 @@ carry), batch 1, random prompt token ids, CUDA graphs on, chunked prefill on, pr
 One engine per process (run the backends one after the other). Each JSON line: backend, sparsity, n, ttft_s
 (median of --reps), tpot_ms (the engine's time from the first to the last token of a 1+T-token request / T,
 median of --reps; tpot_diff_ms: (wall time of 1+T tokens - TTFT) / T, which the prefill's spread blurs), the greedy output ids of a
-fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GPU memory."""
+fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GPU memory.
+
+--profile-decode N: after the timed runs, the GPU kernels of T decode steps of an N-token prompt (torch.profiler in
+this process, where the engine runs with tensor parallel 1): a prefill-only request and a 1+T-token one are
+profiled, and their difference per kernel name is what one decode step launches (calls and GPU time per step,
+and the step's span from its first kernel's start to its last's end: the gaps are host-side waits). In the
+summary line as decode_profile, printed as PROF lines."""
 
 from __future__ import annotations
 
@@ -91,6 +97,48 @@ class PhaseTimer:
         return out
 
 
+def decode_breakdown(prefill_only: list, with_decode: list, steps: int, top: int = 25) -> dict:
+    """Per decode step, from two kernel traces of the same prompt, [(name, start_us, end_us)] each: the prompt's
+    prefill alone and the prefill plus ``steps`` decode steps. Kernel calls and GPU time per step by name (the
+    difference of the two traces; names the prefill also runs cancel up to its run-to-run spread), the GPU time
+    and the span per step (the span counts the gaps between kernels, i.e. host-side waits)."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+
+    def by_name(trace):
+        out: dict = {}
+        for name, a, b in trace:
+            c, t = out.get(name, (0, 0.0))
+            out[name] = (c + 1, t + (b - a))
+        return out
+
+    def span(trace):
+        return (max(b for _, _, b in trace) - min(a for _, a, _ in trace)) if trace else 0.0
+
+    pa, pb = by_name(prefill_only), by_name(with_decode)
+    rows = []
+    for name in set(pa) | set(pb):
+        (ca, ta), (cb, tb) = pa.get(name, (0, 0.0)), pb.get(name, (0, 0.0))
+        rows.append((name, (cb - ca) / steps, (tb - ta) / steps))
+    rows.sort(key=lambda r: -r[2])
+    busy = sum(r[2] for r in rows)
+    return {"steps": steps, "gpu_us_per_step": round(busy, 1),
+            "span_us_per_step": round((span(with_decode) - span(prefill_only)) / steps, 1),
+            "kernels": [[n, round(c, 2), round(t, 2)] for n, c, t in rows[:top] if c > 0 or abs(t) >= 0.05]}
+
+
+def kernel_trace(fn) -> list:
+    """[(name, start_us, end_us)] of the GPU activity (kernels, copies, sets) while fn() runs."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", required=True, choices=["FLASH_ATTN", "CUSTOM"])
@@ -106,8 +154,13 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--runner", choices=("v1", "v2"), default="v1",
                     help="vLLM's model runner (V2 is CUDA vLLM 0.26+'s default for this model; CAB reads its step)")
+    ap.add_argument("--profile-decode", type=int, default=None, metavar="N",
+                    help="after the runs, the kernels of one decode step at an N-token context (tensor parallel 1)")
+    ap.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled (--profile-decode)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    if a.profile_decode is not None and (a.tp != 1 or a.profile_decode < 1 or a.profile_steps < 1):
+        ap.error("--profile-decode needs --tp 1, N >= 1 and --profile-steps >= 1")
     if a.sparsity is not None:
         os.environ["CAB_SPARSITY"] = str(a.sparsity)
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if a.runner == "v2" else "0"
@@ -182,6 +235,17 @@ def main() -> None:
     if counts0 is not None:  # equal: counted once (TP > 1 included); twice the requests' figures: once per rank
         counts1 = cab_counts()
         summary["cab_metrics"] = {k: dict(sent=sent[k], counted=counts1[k] - counts0[k]) for k in sent}
+    if a.profile_decode is not None:
+        ids = [random.Random(7 + r).randrange(100, 40000) for r in range(a.profile_decode)]
+        gen(ids, 1 + a.profile_steps)  # warm for this length
+        only = kernel_trace(lambda: gen(ids, 1))
+        both = kernel_trace(lambda: gen(ids, 1 + a.profile_steps))
+        prof = dict(n=a.profile_decode, **decode_breakdown(only, both, a.profile_steps))
+        summary["decode_profile"] = prof
+        print(f"PROF n={prof['n']} per decode step: GPU {prof['gpu_us_per_step']} us, span "
+              f"{prof['span_us_per_step']} us", flush=True)
+        for name, calls, us in prof["kernels"]:
+            print(f"PROF {us:9.2f} us {calls:7.2f} calls  {name[:110]}", flush=True)
     print("SUM", json.dumps(summary), flush=True)
     with open(a.out, "w") as f:
         for r in rows:

@@ -1,0 +1,52 @@
+"""benchmarks/gpu/engine_bench.py's decode-step breakdown (--profile-decode): what one decode step launches, from
+two kernel traces of the same prompt (prefill only, prefill + T steps)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def bench():
+    env = dict(os.environ)  # the script sets vLLM/Prometheus variables at import: keep them out of this process
+    try:
+        spec = importlib.util.spec_from_file_location("engine_bench", ROOT / "benchmarks/gpu/engine_bench.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    return mod
+
+
+def test_decode_breakdown_is_the_difference_per_step(bench):
+    prefill = [("gemm", 0, 50), ("flash_fwd", 50, 90), ("gemm", 90, 140)]
+    # the same prefill (its flash kernel 2 us slower this time), then 4 steps of: gemm 3 us, decode 2 us, a gap
+    decode = [("gemm", 0, 50), ("flash_fwd", 50, 92), ("gemm", 92, 142)]
+    t = 150
+    for _ in range(4):
+        decode += [("gemm", t, t + 3), ("cab_decode", t + 3, t + 5)]
+        t += 10  # 5 us of kernels per 10 us step
+    r = bench.decode_breakdown(prefill, decode, 4)
+    got = {n: (c, us) for n, c, us in r["kernels"]}
+    assert got["gemm"] == (1.0, 3.0) and got["cab_decode"] == (1.0, 2.0)
+    assert got["flash_fwd"] == (0.0, 0.5)  # the prefill's spread, spread over the steps
+    assert r["gpu_us_per_step"] == 5.5 and r["span_us_per_step"] == pytest.approx((185 - 140) / 4, abs=0.06)  # last kernel ends at 185
+    assert [k[0] for k in r["kernels"]][:2] == ["gemm", "cab_decode"]
+    with pytest.raises(ValueError, match="steps"):
+        bench.decode_breakdown(prefill, decode, 0)
+
+
+def test_profile_decode_needs_one_rank(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl", "--tp", "2",
+                                      "--profile-decode", "4096"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--profile-decode needs --tp 1" in capsys.readouterr().err
