@@ -59,12 +59,13 @@ class KernelOptions:
     attention programs look up the next key block while this one's keys load (ops.decode.PREFETCH);
     decode_merge_splits: split partials merged per load, a power of two up to 64 (ops.decode.MERGE_SPLITS);
     one_launch_rows: decode batches of at most this many rows run selection and attention in one launch
-    (ops.decode.ONE_LAUNCH_MAX_ROWS)."""
+    (ops.decode.ONE_LAUNCH_MAX_ROWS); decode_warps: warps per decode program, 4 or 8 (ops.decode.DECODE_WARPS)."""
 
     fused_select: bool = False
     decode_prefetch: bool | None = None
     decode_merge_splits: int | None = None
     one_launch_rows: int | None = None
+    decode_warps: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("fused_select", "decode_prefetch"):
@@ -77,10 +78,14 @@ class KernelOptions:
         r = self.one_launch_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"one_launch_rows={r!r} is invalid: expected an integer >= 0")
+        w = self.decode_warps
+        if w is not None and (isinstance(w, bool) or w not in (4, 8)):
+            raise ValueError(f"decode_warps={w!r} is invalid: expected 4 or 8")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "KernelOptions":
-        """CAB_FUSED_SELECT, CAB_DECODE_PREFETCH (0 or 1), CAB_DECODE_MERGE_SPLITS, CAB_DECODE_ONE_LAUNCH_ROWS;
+        """CAB_FUSED_SELECT, CAB_DECODE_PREFETCH (0 or 1), CAB_DECODE_MERGE_SPLITS, CAB_DECODE_ONE_LAUNCH_ROWS,
+        CAB_DECODE_WARPS;
         unset ones keep the defaults; a bad value raises ValueError naming the variable."""
         def flag(var: str) -> bool | None:
             raw = env.get(var, "").strip()
@@ -90,14 +95,18 @@ class KernelOptions:
 
         merge = env.get("CAB_DECODE_MERGE_SPLITS", "").strip()
         rows = env.get("CAB_DECODE_ONE_LAUNCH_ROWS", "").strip()
+        warps = env.get("CAB_DECODE_WARPS", "").strip()
         try:
             opts = cls(bool(flag("CAB_FUSED_SELECT")), flag("CAB_DECODE_PREFETCH"),
                        _count_from_env(env, "CAB_DECODE_MERGE_SPLITS", 0) if merge else None,
-                       _count_from_env(env, "CAB_DECODE_ONE_LAUNCH_ROWS", 0) if rows else None)
+                       _count_from_env(env, "CAB_DECODE_ONE_LAUNCH_ROWS", 0) if rows else None,
+                       _count_from_env(env, "CAB_DECODE_WARPS", 0) if warps else None)
         except ValueError as e:
             if "decode_merge_splits" in str(e):
                 raise ValueError(f"CAB_DECODE_MERGE_SPLITS={merge!r} is invalid: expected a power of two from 1 "
                                  "to 64") from None
+            if "decode_warps" in str(e):
+                raise ValueError(f"CAB_DECODE_WARPS={warps!r} is invalid: expected 4 or 8") from None
             raise
         return opts
 

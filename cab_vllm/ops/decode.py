@@ -387,6 +387,9 @@ BLOCKS_PER_ITER = 1  # key blocks one attention program loads per loop iteration
 # flight (blocks_per_iter 1 only); MERGE_SPLITS > 1 merges that many split partials per load (1: split by split).
 PREFETCH = False
 MERGE_SPLITS = 1
+# Warps per decode program. Compiled for sm_90 at the 8B geometry (tests/ops/hopper_compile.py), the attention
+# launch takes 255 registers per thread and spills ~700 bytes with 4 warps, 196 and none with 8; not yet timed.
+DECODE_WARPS = 4
 MERGE_TILE = 64  # at most this many (group head, split) partials per merge load (registers: 64 x D fp32)
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
 # Decode batches of at most this many rows run selection and attention in one launch. Measured on the H200 with
@@ -488,6 +491,7 @@ def routed_decode(
     one_launch: bool | None = None,
     prefetch: bool | None = None,
     merge_splits: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Decode attention for rows routed by ``routes`` (DecodeRoutes): one query per row at seq_lens - 1;
     rows in MODE_SKIP are not written. q [S, Hq, D]; out [S, Hq, D] (written in place, returned).
@@ -495,8 +499,8 @@ def routed_decode(
     (ops.select.decode_select's rule): in a launch of its own just before the attention's, or with
     ``one_launch`` in the attention's launch (default: one launch for at most ONE_LAUNCH_MAX_ROWS rows, the
     batch size being fixed per CUDA graph). num_splits must not depend on the step's data (a CUDA graph replays
-    it); workspace: DecodeScratch. prefetch / merge_splits: the attention programs' latency options (module
-    PREFETCH / MERGE_SPLITS when None; see there)."""
+    it); workspace: DecodeScratch. prefetch / merge_splits / num_warps: the launches' speed options (module
+    PREFETCH / MERGE_SPLITS / DECODE_WARPS when None; see there)."""
     from cab_vllm.ops.select import check_selection, decode_select
 
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
@@ -522,12 +526,13 @@ def routed_decode(
         # The selection in a launch of its own (its programs return at once when no row selects): sharing one
         # launch with the attention cost the attention 1.5x at 8 rows of 128k on the H200 (BENCHMARKS.md).
         step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
-                    block_size=block_size, routes=routes, select=select, attend=False, scratch=workspace)
+                    block_size=block_size, routes=routes, select=select, attend=False, scratch=workspace,
+                    num_warps=num_warps)
     step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
                 block_size=block_size, routes=routes, select=select if one_launch else None, scale=scale,
                 num_splits=num_splits, out=out, lse=lse, scratch=workspace,
                 min_blocks_per_split=min_blocks_per_split, blocks_per_iter=blocks_per_iter, prefetch=prefetch,
-                merge_splits=merge_splits)
+                merge_splits=merge_splits, num_warps=num_warps)
     return out
 
 
@@ -601,7 +606,8 @@ def sync_size(rows: int, num_kv_heads: int) -> int:
 
 def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, counts, *, block_size, modes=None,
                 routes=None, select=None, attend=True, scale=1.0, num_splits=1, out=None, lse=None, scratch=None,
-                min_blocks_per_split=MIN_BLOCKS_PER_SPLIT, blocks_per_iter=None, prefetch=None, merge_splits=None):
+                min_blocks_per_split=MIN_BLOCKS_PER_SPLIT, blocks_per_iter=None, prefetch=None, merge_splits=None,
+                num_warps=None):
     """One Triton launch for a decode step (see _decode_step_kernel): with ``select`` the rows in
     SELECTED_MODES (by ``modes``, or routes.modes) first get their top-``keep`` blocks into indices/counts;
     with ``attend`` every row (routed by ``routes`` when given, else by indices/counts) attends into out/lse."""
@@ -617,6 +623,8 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
     check(not (prefetch and blocks_per_iter > 1), f"prefetch needs blocks_per_iter=1, got {blocks_per_iter}")
     check(isinstance(merge_splits, int) and 1 <= merge_splits <= MAX_SPLITS and next_pow2(merge_splits) == merge_splits,
           f"merge_splits={merge_splits!r} must be a power of two in [1, {MAX_SPLITS}]")
+    num_warps = DECODE_WARPS if num_warps is None else num_warps
+    check(num_warps in (4, 8), f"num_warps={num_warps!r} must be 4 or 8")
     ns, hq, d = q.shape
     hkv = key_cache.shape[2]
     if ns == 0:
@@ -677,5 +685,5 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
         BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
         ATTEND=attend, BLOCKS_PER_ITER=blocks_per_iter, PREFETCH=prefetch, MERGE_G=next_pow2(group),
-        MERGE_SPLITS=merge_tile(merge_splits, group, num_splits), num_warps=4, num_stages=2,
+        MERGE_SPLITS=merge_tile(merge_splits, group, num_splits), num_warps=num_warps, num_stages=2,
     )

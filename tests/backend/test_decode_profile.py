@@ -33,6 +33,7 @@ def test_decode_profile_runs_every_variant(prefetch, merge, monkeypatch):
     monkeypatch.setattr(prof, "D", 32)
     monkeypatch.setattr(decode_ops, "PREFETCH", prefetch)
     monkeypatch.setattr(decode_ops, "MERGE_SPLITS", merge)
+    monkeypatch.setattr(decode_ops, "DECODE_WARPS", 8 if prefetch else 4)
     calls = []
 
     def timer(fn):

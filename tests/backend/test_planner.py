@@ -35,11 +35,12 @@ def test_kernel_options_from_env():
 
     assert EngineSettings.from_env({}).kernels == KernelOptions() == KernelOptions(False, None, None, None)
     k = EngineSettings.from_env({"CAB_FUSED_SELECT": "1", "CAB_DECODE_PREFETCH": "1", "CAB_DECODE_MERGE_SPLITS": "16",
-                                 "CAB_DECODE_ONE_LAUNCH_ROWS": "0"}).kernels
-    assert k == KernelOptions(fused_select=True, decode_prefetch=True, decode_merge_splits=16, one_launch_rows=0)
+                                 "CAB_DECODE_ONE_LAUNCH_ROWS": "0", "CAB_DECODE_WARPS": "8"}).kernels
+    assert k == KernelOptions(fused_select=True, decode_prefetch=True, decode_merge_splits=16, one_launch_rows=0,
+                              decode_warps=8)
     assert EngineSettings.from_env({"CAB_DECODE_PREFETCH": "0"}).kernels.decode_prefetch is False
     for bad in ({"decode_merge_splits": 12}, {"decode_merge_splits": 128}, {"decode_prefetch": 1},
-                {"one_launch_rows": -1}, {"fused_select": None}):
+                {"one_launch_rows": -1}, {"fused_select": None}, {"decode_warps": 2}, {"decode_warps": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             KernelOptions(**bad)
     with pytest.raises(ValueError, match="kernels"):
@@ -53,9 +54,9 @@ def test_kernel_options_from_env():
     ({"CAB_FUSED_SELECT": "yes"}, "CAB_FUSED_SELECT"), ({"CAB_DECODE_PREFETCH": "2"}, "CAB_DECODE_PREFETCH"),
     ({"CAB_DECODE_MERGE_SPLITS": "3"}, "CAB_DECODE_MERGE_SPLITS"),
     ({"CAB_DECODE_MERGE_SPLITS": "many"}, "CAB_DECODE_MERGE_SPLITS"),
-    ({"CAB_DECODE_ONE_LAUNCH_ROWS": "-2"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
+    ({"CAB_DECODE_ONE_LAUNCH_ROWS": "-2"}, "CAB_DECODE_ONE_LAUNCH_ROWS"), ({"CAB_DECODE_WARPS": "6"}, "CAB_DECODE_WARPS"),
 ], ids=["sparsity-range", "sparsity-type", "policy", "block-size", "threshold", "impl", "fused", "prefetch",
-        "merge-pow2", "merge-type", "one-launch"])
+        "merge-pow2", "merge-type", "one-launch", "warps"])
 def test_settings_from_env_rejects_bad_values(env, var):
     with pytest.raises(ValueError, match=var):
         EngineSettings.from_env(env)

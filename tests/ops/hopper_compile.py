@@ -6,7 +6,7 @@ is not constexpr, a shape the lowering refuses, too much shared memory) fails he
 
 launches.json: [{"module": ..., "kernel": ..., "args": [["tensor", "bf16"] | ["int", 5] | ["float", 0.1] |
 ["bool", true], ...], "constexprs": {...}, "num_warps": 4, "num_stages": 2}, ...]. Prints one line per launch
-and exits non-zero when one fails."""
+(with the registers per thread and spill stores ptxas reports) and exits non-zero when one fails."""
 
 from __future__ import annotations
 
@@ -38,6 +38,27 @@ def signature(fn, args, constexprs) -> dict:
     return sig
 
 
+def registers(ptx: str) -> str:
+    """"regs=N spill_stores=B" of the kernel, from the ptxas Triton uses for sm_90 run again with -v (register
+    pressure: 255 registers with spills means the tile does not fit a thread's registers)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = "sm_90a" if ".target sm_90a" in ptx else "sm_90"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        p = subprocess.run([get_ptxas(90).path, f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True,
+                           text=True)
+    log = p.stdout + p.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return f"regs={regs.group(1) if regs else '?'} spill_stores={spill.group(1) if spill else '?'}"
+
+
 def main(path: str) -> int:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
     import triton
@@ -59,7 +80,7 @@ def main(path: str) -> int:
             smem = k.metadata.shared
             if smem > SMEM_LIMIT:
                 raise RuntimeError(f"{smem} bytes of shared memory > {SMEM_LIMIT}")
-            print(f"ok {label} shared={smem}")
+            print(f"ok {label} shared={smem} {registers(k.asm['ptx'])}")
         except Exception as e:  # noqa: BLE001 - report every launch, then fail
             failed += 1
             print(f"FAILED {label}: {type(e).__name__}: {str(e)[:2000]}")

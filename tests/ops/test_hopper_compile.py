@@ -120,8 +120,8 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert {(x["constexprs"]["PREFETCH"], x["constexprs"]["MERGE_SPLITS"]) for x in step} == {(False, 1)}
     # the decode attention's latency options (the next block looked up during this one's loads; tiled merge)
     attend = [x for x in step if x["constexprs"]["ATTEND"]]
-    options = _scaled(attend, PREFETCH=True) + _scaled(attend, MERGE_SPLITS=16) + _scaled(attend, PREFETCH=True,
-                                                                                            MERGE_SPLITS=8)
+    options = (_scaled(attend, PREFETCH=True) + _scaled(attend, MERGE_SPLITS=16)
+               + [{**x, "num_warps": 8} for x in _scaled(step, PREFETCH=True, MERGE_SPLITS=8)])
     big = (_scaled(fused, MPAD=2048, KPAD=2048, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
            + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128))
     out = _compile(tmp_path, fused + sampled + step + options + big)

@@ -486,7 +486,7 @@ def test_latency_options_match_the_oracle(prefetch, merge_splits, hq, hkv, devic
 
         step_launch(q, kc, vc, bt, sl, idx, cnt, block_size=64, routes=routes, scale=1 / math.sqrt(d),
                     num_splits=splits, out=out, lse=lse, min_blocks_per_split=min_per, prefetch=prefetch,
-                    merge_splits=merge_splits)
+                    merge_splits=merge_splits, num_warps=8 if prefetch else 4)
         assert rel_err(out[live], ref[live]) < max(KERNEL_FP32_TOL, 1e-5), (splits, min_per)
         torch.testing.assert_close(lse[live].double().cpu(), ref_lse[live].double().cpu(), rtol=0, atol=1e-4)
         assert torch.equal(out[3], marker)  # a skipped row is not written
@@ -501,7 +501,8 @@ def test_latency_options_are_checked(device):
                              sel_idx=torch.zeros(len(LENS), 2, 8, dtype=torch.int32, device=device),
                              sel_cnt=torch.zeros(len(LENS), 2, dtype=torch.int32, device=device))
     for kw, msg in (({"merge_splits": 3}, "merge_splits"), ({"merge_splits": 128}, "merge_splits"),
-                    ({"prefetch": 1}, "prefetch"), ({"prefetch": True, "blocks_per_iter": 2}, "blocks_per_iter=1")):
+                    ({"prefetch": 1}, "prefetch"), ({"prefetch": True, "blocks_per_iter": 2}, "blocks_per_iter=1"),
+                    ({"num_warps": 2}, "num_warps")):
         with pytest.raises(ValueError, match=msg):
             routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.zeros_like(q), 2, impl="triton", **kw)
 
