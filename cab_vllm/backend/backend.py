@@ -444,15 +444,15 @@ class CABImpl(AttentionImpl[CABMetadata]):
             self._traced = True
             METRICS["layers"] += 1
             trace("forward")
-        key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
-        self._buffers(key_cache.dtype, key_cache.device)
         md = attn_metadata
         capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.fa is not None and (md.run_fa or capturing):
             self.fa.forward(layer, query, key, value, kv_cache, md.fa, output)
         decode_attention = md.run_cab_decode or capturing
         if not (decode_attention or md.run_cab_prefill):
-            return output
+            return output  # every row ran in FlashAttention: no CAB work at all (short requests, sparsity 0)
+        key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
+        self._buffers(key_cache.dtype, key_cache.device)
         routes = md.routes._replace(tab_idx=self.table.idx, tab_cnt=self.table.cnt,
                                     sel_idx=self.workspace.sel_idx[: len(md.plan.decode_rows)],
                                     sel_cnt=self.workspace.sel_cnt[: len(md.plan.decode_rows)])
