@@ -156,6 +156,7 @@ def test_prefill_path_kernels_compile_for_hopper(tmp_path, monkeypatch):
                 [sel], 64, d ** -0.5, out, "triton")
     pool, soft, sparse = (c.launches for c in caps)
     assert pool and soft and sparse
+    sparse = sparse + _scaled(sparse, DIAG_MASK=True)  # ops.prefill.DIAG_MASK's variant too
     big = (_scaled(pool, HEAD_DIM=128, BLOCK_D=128) + _scaled(soft, COLS=2048)
            + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128))
     out = _compile(tmp_path, pool + soft + sparse + big)

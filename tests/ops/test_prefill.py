@@ -270,3 +270,25 @@ def test_prefill_non_contiguous_metadata_is_rejected_or_honoured(which, device):
     except ValueError:
         return
     assert rel_err(got, want) < KERNEL_FP32_TOL, f"non-contiguous {name} accepted but the output is wrong"
+
+
+@pytest.mark.parametrize("hq,hkv,d,bs,page,layout,dtype", [CASES[0], CASES[2]])
+def test_diagonal_only_masking_gives_the_same_output(hq, hkv, d, bs, page, layout, dtype, device, monkeypatch):
+    """ops.prefill.DIAG_MASK: scores masked only in each tile's diagonal block (earlier blocks hold no key past a
+    row or past the sequence) give exactly the fully masked kernel's output, chunked tiles (a cached prefix)
+    included."""
+    from cab_vllm.ops import prefill
+
+    batch = make_varlen_batch(SPECS, hq, hkv, d, dtype, seed=5, device=device)
+    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout=layout, seed=6)
+    tiles, rows = random_tiles(SPECS, hkv, bs, kmax=4, seed=7, device=device)
+    args = (batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], tiles, bs)
+    outs = []
+    for diag in (False, True):
+        monkeypatch.setattr(prefill, "DIAG_MASK", diag)
+        outs.append(paged_sparse_prefill(*args, impl="triton"))
+    assert not outs[1].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+    oracle = prefill_oracle(batch, SPECS, tiles, rows, bs, 1.0 / math.sqrt(d), hq)
+    base = same_dtype_error(batch, SPECS, tiles, rows, bs, 1.0 / math.sqrt(d), hq, oracle)
+    assert rel_err(outs[1], oracle) <= 2 * base + KERNEL_FP32_TOL
