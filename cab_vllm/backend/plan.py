@@ -68,10 +68,10 @@ class KernelOptions:
     decode_warps: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("fused_select", "decode_prefetch"):
-            v = getattr(self, name)
-            if not (isinstance(v, bool) or (v is None and name != "fused_select")):
-                raise ValueError(f"{name}={v!r} is invalid: expected True or False")
+        if not isinstance(self.fused_select, bool):
+            raise ValueError(f"fused_select={self.fused_select!r} is invalid: expected True or False")
+        if self.decode_prefetch is not None and not isinstance(self.decode_prefetch, bool):
+            raise ValueError(f"decode_prefetch={self.decode_prefetch!r} is invalid: expected True or False")
         m = self.decode_merge_splits
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 64 or m & (m - 1)):
             raise ValueError(f"decode_merge_splits={m!r} is invalid: expected a power of two from 1 to 64")
@@ -82,33 +82,28 @@ class KernelOptions:
         if w is not None and (isinstance(w, bool) or w not in (4, 8)):
             raise ValueError(f"decode_warps={w!r} is invalid: expected 4 or 8")
 
+    # the whole-number fields and their variables
+    ENV_COUNTS = {"decode_merge_splits": "CAB_DECODE_MERGE_SPLITS", "one_launch_rows": "CAB_DECODE_ONE_LAUNCH_ROWS",
+                  "decode_warps": "CAB_DECODE_WARPS"}
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "KernelOptions":
         """CAB_FUSED_SELECT, CAB_DECODE_PREFETCH (0 or 1), CAB_DECODE_MERGE_SPLITS, CAB_DECODE_ONE_LAUNCH_ROWS,
-        CAB_DECODE_WARPS;
-        unset ones keep the defaults; a bad value raises ValueError naming the variable."""
+        CAB_DECODE_WARPS; unset ones keep the defaults; a bad value raises ValueError naming the variable."""
         def flag(var: str) -> bool | None:
             raw = env.get(var, "").strip()
             if raw not in ("", "0", "1"):
                 raise ValueError(f"{var}={raw!r} is invalid: expected 0 or 1")
             return None if raw == "" else raw == "1"
 
-        merge = env.get("CAB_DECODE_MERGE_SPLITS", "").strip()
-        rows = env.get("CAB_DECODE_ONE_LAUNCH_ROWS", "").strip()
-        warps = env.get("CAB_DECODE_WARPS", "").strip()
+        counts = {f: _count_from_env(env, var, 0) for f, var in cls.ENV_COUNTS.items() if env.get(var, "").strip()}
         try:
-            opts = cls(bool(flag("CAB_FUSED_SELECT")), flag("CAB_DECODE_PREFETCH"),
-                       _count_from_env(env, "CAB_DECODE_MERGE_SPLITS", 0) if merge else None,
-                       _count_from_env(env, "CAB_DECODE_ONE_LAUNCH_ROWS", 0) if rows else None,
-                       _count_from_env(env, "CAB_DECODE_WARPS", 0) if warps else None)
+            return cls(bool(flag("CAB_FUSED_SELECT")), flag("CAB_DECODE_PREFETCH"), **counts)
         except ValueError as e:
-            if "decode_merge_splits" in str(e):
-                raise ValueError(f"CAB_DECODE_MERGE_SPLITS={merge!r} is invalid: expected a power of two from 1 "
-                                 "to 64") from None
-            if "decode_warps" in str(e):
-                raise ValueError(f"CAB_DECODE_WARPS={warps!r} is invalid: expected 4 or 8") from None
-            raise
-        return opts
+            field = next((f for f in counts if str(e).startswith(f"{f}=")), None)
+            if field is None:
+                raise
+            raise ValueError(f"{cls.ENV_COUNTS[field]}: {e}") from None
 
 
 @dataclass(frozen=True)
