@@ -386,7 +386,7 @@ BLOCKS_PER_ITER = 1  # key blocks one attention program loads per loop iteration
 # --merge-splits): PREFETCH looks up the next key block (number and pages) while this block's K and V loads are in
 # flight (blocks_per_iter 1 only); MERGE_SPLITS > 1 merges that many split partials per load (1: split by split).
 PREFETCH = False
-MERGE_SPLITS = 1
+MERGE_SPLITS = 16
 # Warps per decode program. Compiled for sm_90 at the 8B geometry (tests/ops/hopper_compile.py), the attention
 # launch takes 255 registers per thread and spills ~700 bytes with 4 warps, 196 and none with 8; not yet timed.
 DECODE_WARPS = 4

@@ -190,8 +190,9 @@ def paged_sparse_prefill(
 # benchmarks/tune_prefill.py sets these to sweep launch parameters; empty in normal use
 LAUNCH_OVERRIDE: dict[str, int] = {}
 # Mask scores only in a tile's diagonal block (the causal and sequence-end masks are no-ops before it): less work
-# per key block; same output. Off until timed on a GPU (benchmarks/tune_prefill.py --diag-mask 0 1).
-DIAG_MASK = False
+# per key block; same output. H200, 128k, 95%, 4 heads: 22.9 -> 20.3 ms at 8 warps, 21.8 -> 18.1 ms at 16 warps
+# (benchmarks/tune_prefill.py --diag-mask 0 1; BENCHMARKS.md).
+DIAG_MASK = True
 
 
 def heads_per_program(group: int, block_size: int, head_dim: int, elem_size: int = 2) -> int:
@@ -240,9 +241,10 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     group = num_q_heads // hkv
     heads = LAUNCH_OVERRIDE.get("heads") or heads_per_program(group, block_size, d, q.element_size())
     rows = heads * block_size
-    # measured on an H200 (benchmarks/results/tune_prefill_h200_2026-11-28.log, D=128, N=32k):
-    # 256 rows: 8 warps, 2 stages (326 TFLOP/s dense); 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
-    num_warps = LAUNCH_OVERRIDE.get("num_warps") or (8 if rows >= 256 else 4)
+    # measured on an H200 (D=128; benchmarks/results/tune_prefill_h200_2026-11-28.log at N=32k, and with diagonal-only
+    # masking at 128k, 95%/99%, in BENCHMARKS.md): 256 rows: 16 warps, 2 stages (390 TFLOP/s at 95% against 350 with 8);
+    # 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
+    num_warps = LAUNCH_OVERRIDE.get("num_warps") or (16 if rows >= 256 else 4)
     num_stages = LAUNCH_OVERRIDE.get("num_stages") or {64: 3, 128: 1}.get(rows, 2)
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out,
