@@ -40,7 +40,7 @@ import logging
 import os
 import weakref
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -129,6 +129,18 @@ class CABMetadata:
     run_cab_prefill: bool = False  # some prefill row is sparse (or dense without FlashAttention)
 
 
+class _StepViews(NamedTuple):
+    routes: DecodeRoutes  # the decode rows' routes (prompt table and selection buffers filled per layer)
+    keep: torch.Tensor  # [d] blocks kept by rows that select their own
+    dense: torch.Tensor  # [n] 1 where the row runs in FlashAttention
+    fa_seq_lens: torch.Tensor  # [n] FlashAttention's sequence lengths (0 for rows CAB runs)
+
+
+def _head(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t[:k] without making a view when t already has k rows."""
+    return t if t.shape[0] == k else t[:k]
+
+
 def _is_v1_runner(obj) -> bool:
     return hasattr(obj, "input_batch") and hasattr(obj, "requests")
 
@@ -198,12 +210,23 @@ class V2Requests:
 
 class _PinnedRing:
     """A few pinned host buffers taken in turn for the per-step host-to-device copy of the routes: a buffer is
-    rewritten only after the copy that last read it has finished (its event), never stalling the stream."""
+    rewritten only after the copy that last read it has finished (its event), never stalling the stream.
+    extent[i]: the rows buffer i's last use wrote (the next use clears only those)."""
 
-    def __init__(self, shape, n: int = 4):
-        self.bufs = [torch.zeros(shape, dtype=torch.int32, pin_memory=True) for _ in range(n)]
+    def __init__(self, shape, n: int = 4, pin: bool = True):
+        self.bufs = [torch.zeros(shape, dtype=torch.int32, pin_memory=pin) for _ in range(n)]
+        self.arrays = [b.numpy() for b in self.bufs]
+        self.extent = [0] * n
         self.events = [None] * n
         self.i = 0
+
+    @classmethod
+    def plain(cls, shape) -> "_PinnedRing":
+        """One unpinned buffer (CPU devices: the copy is synchronous)."""
+        return cls(shape, 1, pin=False)
+
+    def array(self, i: int):
+        return self.arrays[i]
 
     def next(self) -> tuple[torch.Tensor, int]:
         self.i = (self.i + 1) % len(self.bufs)
@@ -252,7 +275,10 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         self.fa = fa[1](kv_cache_spec, layer_names, vllm_config, device) if fa is not None else None
         self._routes = torch.zeros(6, self.rows, dtype=torch.int32, device=device)
         self._fa_seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=device)
+        self._fa_tail = 0  # FlashAttention's sequence lengths past this row are zero
         self._ring = _PinnedRing((6, self.rows)) if torch.device(device).type == "cuda" else None
+        self._host = _PinnedRing.plain((6, self.rows)) if self._ring is None else None
+        self._views: dict = {}  # (rows, decode rows) -> the step's views of the fixed buffers
         self._record = compat.tensor_parallel_rank() == 0  # the step's figures are counted once, not per rank
         STATS.recording = self._record
         trace("builder")
@@ -328,33 +354,52 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         run_cab_decode = any(m != 0 for m in plan.modes)
         run_cab_prefill = any(not (self.fa is not None and plan.dense[r]) for r in plan.prefill_rows)
         d = len(plan.decode_rows)
-        # per-row routes -> one host-to-device copy into fixed buffers (rows past the batch: MODE_SKIP)
-        if self._ring is not None:
-            host, ri = self._ring.next()
-        else:
-            host, ri = torch.zeros(6, self.rows, dtype=torch.int32), None
-        host.zero_()
+        # per-row routes -> one host-to-device copy into fixed buffers (rows past the batch: MODE_SKIP); the
+        # host side is a numpy view and only what the buffer's last use wrote is cleared (host time per step is
+        # what a short request pays on top of FlashAttention)
+        ring = self._ring if self._ring is not None else self._host
+        host, ri = ring.next()
+        h = ring.array(ri)
+        used = max(n, ring.extent[ri])
+        h[:, :used] = 0
+        ring.extent[ri] = n
         if d:
-            host[:4, :d] = torch.tensor([plan.modes, plan.slots, plan.pblocks, plan.keep], dtype=torch.int32)
+            h[0, :d] = plan.modes
+            h[1, :d] = plan.slots
+            h[2, :d] = plan.pblocks
+            h[3, :d] = plan.keep
         if n:
-            host[4, :n] = torch.tensor([1 if plan.dense[r] else 0 for r in range(n)], dtype=torch.int32)
-        host[5, 0] = int(any(m in SELECTED_MODES for m in plan.modes))  # some row selects its own blocks
-        self._routes.copy_(host, non_blocking=ri is not None)
-        if ri is not None:
+            h[4, :n] = plan.dense
+        h[5, 0] = any(m in SELECTED_MODES for m in plan.modes)  # some row selects its own blocks
+        self._routes.copy_(host, non_blocking=self._ring is not None)
+        if self._ring is not None:
             self._ring.recorded(ri)
+        views = self._step_views(n, d)
         fa_md = None
         if self.fa is not None:
-            torch.mul(cm.seq_lens[:n], self._routes[4, :n], out=self._fa_seq_lens[:n])
-            self._fa_seq_lens[n:].zero_()
-            fa_md = self.fa.build(common_prefix_len, cm.replace(seq_lens=self._fa_seq_lens[:n]), fast_build)
-        slots = cm.slot_mapping[: cm.num_actual_tokens]
-        empty = self._routes[0, :0]
-        routes = DecodeRoutes(self._routes[0, :d], self._routes[1, :d], empty, empty, self._routes[2, :d], empty, empty,
-                              self._routes[5, :1])
-        return CABMetadata(cm.num_actual_tokens, cm.query_start_loc[: n + 1], cm.seq_lens[:n],
-                           cm.block_table_tensor[:n], slots, plan, fa=fa_md, routes=routes,
-                           keep=self._routes[3, :d], run_fa=run_fa, run_cab_decode=run_cab_decode,
+            torch.mul(_head(cm.seq_lens, n), views.dense, out=views.fa_seq_lens)
+            if self._fa_tail > n:  # a larger batch before: its rows past this one's must not attend
+                self._fa_seq_lens[n:self._fa_tail].zero_()
+            self._fa_tail = n
+            fa_md = self.fa.build(common_prefix_len, cm.replace(seq_lens=views.fa_seq_lens), fast_build)
+        slots = _head(cm.slot_mapping, cm.num_actual_tokens)
+        return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
+                           _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, routes=views.routes,
+                           keep=views.keep, run_fa=run_fa, run_cab_decode=run_cab_decode,
                            run_cab_prefill=run_cab_prefill)
+
+    def _step_views(self, n: int, d: int) -> "_StepViews":
+        """Views of the fixed device buffers for a step of n rows, d of them decodes (made once per shape)."""
+        v = self._views.get((n, d))
+        if v is None:
+            if len(self._views) >= 4096:
+                self._views.clear()
+            r = self._routes
+            empty = r[0, :0]
+            v = _StepViews(DecodeRoutes(r[0, :d], r[1, :d], empty, empty, r[2, :d], empty, empty, r[5, :1]),
+                           r[3, :d], r[4, :n], self._fa_seq_lens[:n])
+            self._views[(n, d)] = v
+        return v
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> CABMetadata:
         md = self.build(0, common_attn_metadata)
