@@ -161,17 +161,43 @@ class EngineModel:
         # what the engine's backend applies (CAB_DENSE_THRESHOLD, else 16384 with vLLM's FlashAttention at hand):
         # every row records it, since below it every policy runs dense
         self.dense_threshold = compat.engine_settings().dense_threshold
+        self.engine = self.engine_overrides()
+
+    @staticmethod
+    def engine_overrides(environ=None) -> dict:
+        """CABConfig fields the engine-wide CAB_* variables set away from their defaults (other than the per-request
+        sparsity, policy and budget): every request of the engine runs with them."""
+        from cab_vllm.backend.plan import ENV_FIELDS, EngineSettings
+
+        cfg, default = EngineSettings.from_env(environ).cfg, CABConfig()
+        wide = sorted({f for f, _ in ENV_FIELDS.values()} - {"sparsity", "policy", *EngineModel.PER_REQUEST})
+        return {f: getattr(cfg, f) for f in wide if getattr(cfg, f) != getattr(default, f)}
 
     @classmethod
-    def request_args(cls, variant: "Variant", sparsity: float) -> dict:
-        """The extra_args of a request for this cell; ValueError for a variant the engine cannot take per request."""
-        bad = [k for k, _ in variant.overrides if k not in cls.PER_REQUEST]
-        if bad:
-            raise ValueError(f"variant {variant.spec!r}: {', '.join(bad)} cannot be set per request in the vLLM engine "
-                             f"(only policy, sparsity and {', '.join(cls.PER_REQUEST)}); set it engine-wide with "
-                             f"its CAB_* variable and run that variant alone")
+    def request_args(cls, variant: "Variant", sparsity: float, engine: dict | None = None) -> dict:
+        """The extra_args of a request for this cell; ValueError for a variant the engine cannot run as named.
+        A variant's other overrides (an estimator, a curvature share, ...) are engine-wide: accepted when they are
+        exactly what the engine runs with (``engine``: engine_overrides(), read from CAB_* when None), so a row's
+        label always says what ran (``CAB_ESTIMATOR=max_l2`` with ``curvature:estimator=max_l2``)."""
+        engine = cls.engine_overrides() if engine is None else engine
+        wide = {k: v for k, v in variant.overrides if k not in cls.PER_REQUEST}
+        if not variant.is_dense and wide != engine:
+            bad = {k: v for k, v in wide.items() if engine.get(k, object()) != v}
+            if bad:
+                from cab_vllm.backend.plan import ENV_FIELDS
+
+                var = {f: name for name, (f, _) in ENV_FIELDS.items()}
+                how = " ".join(f"{var[k]}={v}" if k in var else f"({k}: no engine variable)" for k, v in bad.items())
+                raise ValueError(f"variant {variant.spec!r}: {', '.join(f'{k}={v}' for k, v in bad.items())} cannot "
+                                 f"be set per request in the vLLM engine (only policy, sparsity and "
+                                 f"{', '.join(cls.PER_REQUEST)}); set it engine-wide ({how}) and run that variant "
+                                 f"alone")
+            missing = [f"{k}={v}" for k, v in engine.items() if k not in wide]
+            raise ValueError(f"variant {variant.spec!r}: the engine runs with {', '.join(missing)} (CAB_* "
+                             f"variables), which the variant's name does not say: add it to the variant "
+                             f"({variant.policy}:{','.join(missing)}) or unset the variable")
         extra: dict = {"cab_sparsity": 0.0 if variant.is_dense else float(sparsity), "cab_policy": variant.policy}
-        extra.update({f"cab_{k}": v for k, v in variant.overrides})
+        extra.update({f"cab_{k}": v for k, v in variant.overrides if k in cls.PER_REQUEST})
         return extra
 
     def generate(self, tok, batch: list[dict], variant: "Variant", sparsity: float, max_new_tokens: int
@@ -183,7 +209,7 @@ class EngineModel:
         from cab_vllm.backend.stats import STATS
 
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
-                                extra_args=self.request_args(variant, sparsity))
+                                extra_args=self.request_args(variant, sparsity, self.engine))
         before = _kept_causal(STATS.totals)
         t0 = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": it["input_ids"]} for it in batch], params, use_tqdm=False)

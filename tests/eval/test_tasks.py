@@ -331,3 +331,25 @@ def test_the_engine_refuses_engine_wide_overrides_by_name(tmp_path):
            "--lengths", "700", "--policies", "curvature:estimator=max_l2", "--out", str(tmp_path / "x.jsonl")]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_engine_env(), timeout=600)
     assert p.returncode != 0 and "estimator cannot be set per request" in p.stderr, p.stderr[-2000:]
+
+
+def test_engine_wide_overrides_are_accepted_only_when_the_engine_runs_them():
+    """A variant's estimator (or other engine-wide field) cannot travel per request: it runs when the engine was
+    started with exactly that setting, and a plain variant is refused under an engine-wide setting it does not
+    name (its rows would be mislabeled)."""
+    from cab_experiments.common import EngineModel, Variant
+
+    seed = Variant.parse("curvature:estimator=max_l2")
+    wide = EngineModel.engine_overrides({"CAB_ESTIMATOR": "max_l2", "CAB_SPARSITY": "0.5", "CAB_BUDGET": "adaptive"})
+    assert wide == {"estimator": "max_l2"}  # per-request fields are not engine-wide
+    assert EngineModel.engine_overrides({}) == {}
+    assert EngineModel.request_args(seed, 0.95, wide) == {"cab_sparsity": 0.95, "cab_policy": "curvature"}
+    with pytest.raises(ValueError, match=r"estimator=max_l2 cannot be set per request.*CAB_ESTIMATOR=max_l2"):
+        EngineModel.request_args(seed, 0.95, {})
+    with pytest.raises(ValueError, match=r"the engine runs with estimator=max_l2.*cab:estimator=max_l2"):
+        EngineModel.request_args(Variant.parse("cab"), 0.95, wide)
+    with pytest.raises(ValueError, match="estimator=mean cannot be set per request"):
+        EngineModel.request_args(Variant.parse("cab:estimator=mean"), 0.95, wide)
+    assert EngineModel.request_args(Variant.parse("dense"), 0.95, wide) == {"cab_sparsity": 0.0, "cab_policy": "dense"}
+    assert EngineModel.request_args(Variant.parse("cab:budget=adaptive"), 0.9, {}) == {
+        "cab_sparsity": 0.9, "cab_policy": "cab", "cab_budget": "adaptive"}
