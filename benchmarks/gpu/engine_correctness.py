@@ -41,6 +41,15 @@ def run(a) -> dict:
         kw["attention_backend"] = a.backend
     if a.hf_overrides:
         kw["hf_overrides"] = json.loads(a.hf_overrides)
+    if a.yarn:  # the experiments' rule (cab_experiments.common.yarn_rope), as config overrides
+        from transformers import AutoConfig
+
+        from cab_experiments.common import yarn_rope
+
+        config = AutoConfig.from_pretrained(a.model)
+        yarn_rope(config, a.yarn)
+        kw["hf_overrides"] = {**kw.get("hf_overrides", {}), "rope_parameters": config.rope_parameters,
+                              "max_position_embeddings": config.max_position_embeddings}
     llm = LLM(a.model, **kw)
 
     def params(sp, n):
@@ -104,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=32768)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
-    ap.add_argument("--hf-overrides", default=None, help="JSON, e.g. YaRN rope parameters for 64k")
+    ap.add_argument("--hf-overrides", default=None, help="JSON config overrides for the engine")
+    ap.add_argument("--yarn", type=float, default=None,
+                    help="YaRN factor, as the experiments apply it (4: Qwen2.5's 32k to 128k; RESULTS.md's 64k/128k)")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--dtype", default="auto", help="float32 on CPU: bf16 near-ties flip greedy tokens between "
                     "two correct attention kernels")

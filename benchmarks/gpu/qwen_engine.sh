@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Qwen2.5-Coder-0.5B through CAB in the CUDA vLLM engine: the long-context checks that need the real model.
+# On the GPU machine, in the project root, after install.sh (vLLM in $STORE/site) and carry.sh unpack (the GGUF and
+# Austen's text under $STORE/in; see BENCHMARKS.md "Running on a GPU machine without network"):
+#   bash benchmarks/gpu/qwen_engine.sh OUT yarn     pass key at 64k and 128k with YaRN (factor 4, the experiments'
+#                                                   rule): FLASH_ATTN, then CAB at 0 / 0.9 / 0.95; OUT/yarn_compare.txt
+#   bash benchmarks/gpu/qwen_engine.sh OUT tasks    the task suite (python -m cab_experiments tasks --engine vllm) at
+#                                                   4k-32k, every policy and sparsity: OUT/tasks_vllm.jsonl
+#   bash benchmarks/gpu/qwen_engine.sh OUT seed     the same prompts with the seed pipeline (curvature policy on
+#                                                   max-L2 pooled blocks: CAB_ESTIMATOR=max_l2, an engine-wide setting)
+# Env: LENGTHS (tasks; default "4096 8192 16384 32768"), SPARSITIES ("0.9 0.95 0.98 0.99"), TRIALS (1), DEPTHS
+# ("0.1 0.5 0.9"), TIME_BUDGET (seconds per tasks run; rows already in the output are skipped when re-run),
+# YARN_LENS ("65536,131072"), DENSE_THRESHOLD (1024: rows below it run vLLM's FlashAttention whatever the policy).
+set -euo pipefail
+OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed}; what=${2:?usage: qwen_engine.sh OUT yarn|tasks|seed}
+STORE=${STORE:-/tmp/cabstore}
+NAME=qwen2.5-coder-0.5b-instruct
+# VLLM_ALLOW_LONG_MAX_MODEL_LEN: a prompt of the model's full context plus its answer (<= 128 tokens past it)
+export CAB_CACHE_DIR=$STORE/in PYTHONPATH=$STORE/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_LONG_MAX_MODEL_LEN=1
+mkdir -p "$OUT"
+model=$STORE/in/models/$NAME
+[ -d "$model" ] || bash experiments/device.sh prepare "$NAME"
+LENGTHS=${LENGTHS:-"4096 8192 16384 32768"}; SPARSITIES=${SPARSITIES:-"0.9 0.95 0.98 0.99"}; TRIALS=${TRIALS:-1}
+DEPTHS=${DEPTHS:-"0.1 0.5 0.9"}; DENSE_THRESHOLD=${DENSE_THRESHOLD:-1024}
+budget=(); [ -n "${TIME_BUDGET:-}" ] && budget=(--time-budget "$TIME_BUDGET")
+tasks() {  # tasks OUTFILE POLICY...
+  local out=$1; shift
+  python3 -m cab_experiments tasks --engine vllm --model "$NAME" --dense-threshold "$DENSE_THRESHOLD" \
+    --lengths $LENGTHS --sparsities $SPARSITIES --trials "$TRIALS" --depths $DEPTHS --policies "$@" \
+    --gpu-memory-utilization 0.85 --max-num-batched-tokens 16384 --quiet "${budget[@]}" --out "$out"
+}
+case $what in
+  yarn)
+    lens=${YARN_LENS:-65536,131072}
+    common=(--model "$model" --yarn 4 --lengths "$lens" --max-model-len 131200 --max-num-batched-tokens 16384
+            --gpu-memory-utilization 0.85)
+    python3 benchmarks/gpu/engine_correctness.py "${common[@]}" --backend FLASH_ATTN --out "$OUT/yarn_fa.json"
+    python3 benchmarks/gpu/engine_correctness.py "${common[@]}" --backend CUSTOM --sparsities 0,0.9,0.95 \
+      --out "$OUT/yarn_cab.json"
+    python3 benchmarks/gpu/engine_correctness.py --compare "$OUT/yarn_fa.json" "$OUT/yarn_cab.json" \
+      | tee "$OUT/yarn_compare.txt" ;;
+  tasks)
+    tasks "$OUT/tasks_vllm.jsonl" dense cab cab:budget=adaptive h2o streaming magnitude random ;;
+  seed)
+    CAB_ESTIMATOR=max_l2 tasks "$OUT/tasks_vllm_seed.jsonl" curvature:estimator=max_l2 ;;
+  *) echo "usage: qwen_engine.sh OUT yarn|tasks|seed"; exit 2 ;;
+esac
