@@ -330,7 +330,7 @@ def test_the_engine_refuses_engine_wide_overrides_by_name(tmp_path):
     cmd = [sys.executable, "-m", "cab_experiments", "tasks", "--engine", "vllm", "--model", "smollm2-135m-instruct",
            "--lengths", "700", "--policies", "curvature:estimator=max_l2", "--out", str(tmp_path / "x.jsonl")]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_engine_env(), timeout=600)
-    assert p.returncode != 0 and "estimator cannot be set per request" in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0 and "estimator=max_l2 cannot be set per request" in p.stderr, p.stderr[-2000:]
 
 
 def test_engine_wide_overrides_are_accepted_only_when_the_engine_runs_them():
