@@ -1,8 +1,7 @@
 """One decode step of CAB on a GPU, kernel by kernel, to see where its time goes (no vLLM needed).
 
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
-        [--min-per 1,4] [--blocks-per-iter 1,2] [--score-programs 64,128] [--prefetch 0,1] [--merge-splits 1,16]
-        [--warps 4,8]
+        [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
@@ -67,8 +66,7 @@ def graph_time_us(fn, reps: int = 200) -> float:
     return _replay_us(flushed, reps) - _replay_us(flush.zero_, reps)
 
 
-def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int = 4,
-            bpi: int = 1) -> dict:
+def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int = 4) -> dict:
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     pages_per_seq = math.ceil(n / PAGE)
     kc = torch.randn(rows * pages_per_seq + 1, PAGE, HKV, D, device=dev, dtype=dt)
@@ -104,15 +102,14 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         routes = routes_of(mode)
         return lambda: routed_decode(q, kc, vc, bt, sl, routes, BS, 1 / math.sqrt(D), out, ws.splits(rows),
                                      ws.partials(rows), impl="triton", select=sel, min_blocks_per_split=min_per,
-                                     blocks_per_iter=bpi, one_launch=False)
+                                     one_launch=False)
 
     def one_launch(mode: int):  # selection and attention in one launch (programs take roles from a ticket)
         routes = routes_of(mode)
         scratch = ws.partials(rows)
         return lambda: step_launch(q, kc, vc, bt, sl, routes.sel_idx, routes.sel_cnt, block_size=BS, routes=routes,
                                    select=sel, scale=1 / math.sqrt(D), num_splits=ws.splits(rows), out=out,
-                                   lse=ws.lse[:rows], scratch=scratch, min_blocks_per_split=min_per,
-                                   blocks_per_iter=bpi)
+                                   lse=ws.lse[:rows], scratch=scratch, min_blocks_per_split=min_per)
 
     res["prompt_us"] = timer(routed(MODE_PROMPT))
     res["bounds_us"] = timer(routed(MODE_BOUNDS))
@@ -137,16 +134,11 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--sparsity", type=float, default=0.95)
     ap.add_argument("--min-per", default="4", help="blocks per split at least (comma list to compare)")
-    ap.add_argument("--blocks-per-iter", default="1", help="key blocks per loop iteration (comma list: 1,2,4,8)")
     ap.add_argument("--target-programs", type=int, default=None, help="split-K programs per step to aim for")
     ap.add_argument("--score-programs", default=None,
                     help="programs per (row, KV head) scoring its blocks in a selection (bounds mode; comma list)")
-    ap.add_argument("--prefetch", default=None,
-                    help="0/1 (comma list): attention programs look up the next block while this one loads "
-                         "(ops.decode.PREFETCH; needs --blocks-per-iter 1)")
     ap.add_argument("--merge-splits", default=None,
                     help="split partials merged per load (comma list of powers of two; ops.decode.MERGE_SPLITS)")
-    ap.add_argument("--warps", default=None, help="warps per decode program (comma list of 4, 8; ops.decode.DECODE_WARPS)")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
@@ -160,25 +152,23 @@ def main() -> None:
     def ints(text, default):
         return [int(x) for x in text.split(",")] if text is not None else [default]
 
-    variants = [(mp, bpi, sp, bool(pf), ms, w) for mp in ints(a.min_per, 4) for bpi in ints(a.blocks_per_iter, 1)
+    variants = [(mp, sp, ms) for mp in ints(a.min_per, 4)
                 for sp in ints(a.score_programs, decode_ops.MAX_SCORE_PROGRAMS)
-                for pf in ints(a.prefetch, int(decode_ops.PREFETCH)) for ms in ints(a.merge_splits, decode_ops.MERGE_SPLITS)
-                for w in ints(a.warps, decode_ops.DECODE_WARPS) if not (pf and bpi > 1)]
+                for ms in ints(a.merge_splits, decode_ops.MERGE_SPLITS)]
     global _FLUSH
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'bpi':>4} {'score':>5} {'pf':>3} {'merge':>5} {'warps':>5} {'kept':>5} "
+    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'kept':>5} "
           f"{'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} {'prompt1':>8} {'bounds1':>8} {'skip1':>7} "
           f"{'plain':>8} {'dense':>8}  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
-          f"scoring programs; pf: prefetch; merge: splits per merge load; warps per program; dense: this kernel over every block; "
+          f"scoring programs; merge: splits per merge load; dense: this kernel over every block; "
           f"L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
         for rows in (int(x) for x in a.rows.split(",")):
-            for mp, bpi, sp, pf, ms, w in variants:
-                (decode_ops.MAX_SCORE_PROGRAMS, decode_ops.PREFETCH, decode_ops.MERGE_SPLITS,
-                 decode_ops.DECODE_WARPS) = sp, pf, ms, w
-                r = profile(n, rows, a.sparsity, min_per=mp, bpi=bpi)
-                print(f"{n:>7} {rows:>4} {mp:>9} {bpi:>4} {sp:>5} {int(pf):>3} {ms:>5} {w:>5} {r['kept_blocks']:>5} "
+            for mp, sp, ms in variants:
+                decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS = sp, ms
+                r = profile(n, rows, a.sparsity, min_per=mp)
+                print(f"{n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {r['kept_blocks']:>5} "
                       f"{r['splits']:>6} {r['prompt_us']:>8.1f} {r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} "
                       f"{r['prompt_one_us']:>8.1f} {r['bounds_one_us']:>8.1f} {r['skip_one_us']:>7.1f} "
                       f"{r['plain_same_blocks_us']:>8.1f} {r['plain_dense_us']:>8.1f}")

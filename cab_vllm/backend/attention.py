@@ -388,9 +388,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
         with STATS.timed("decode", dev):
             rows_max = kernels.one_launch_rows
             routed_decode(qd, key_cache, value_cache, bt, sl, routes, bs, scale, od, ns, ws, impl=impl,
-                          select=select, one_launch=None if rows_max is None else d <= rows_max,
-                          prefetch=kernels.decode_prefetch, merge_splits=kernels.decode_merge_splits,
-                          num_warps=kernels.decode_warps)
+                          select=select, one_launch=None if rows_max is None else d <= rows_max)
         if record is not None:
             record["decode"] = routed_indices(routes, sl, bs, d)
         if not prefix:

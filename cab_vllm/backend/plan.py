@@ -55,41 +55,26 @@ REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
 class KernelOptions:
     """Kernel choices of the engine that change speed, not results (each is tested against the same reference).
     None keeps the kernel module's default. fused_select: the prefill's estimate and selection in one kernel
-    (ops.fused_select; cab without a curvature share and magnitude, fixed budget); decode_prefetch: decode
-    attention programs look up the next key block while this one's keys load (ops.decode.PREFETCH);
-    decode_merge_splits: split partials merged per load, a power of two up to 64 (ops.decode.MERGE_SPLITS);
-    one_launch_rows: decode batches of at most this many rows run selection and attention in one launch
-    (ops.decode.ONE_LAUNCH_MAX_ROWS); decode_warps: warps per decode program, 4 or 8 (ops.decode.DECODE_WARPS)."""
+    (ops.fused_select; cab without a curvature share and magnitude, fixed budget); one_launch_rows: decode
+    batches of at most this many rows run selection and attention in one launch (ops.decode.ONE_LAUNCH_MAX_ROWS)."""
 
     fused_select: bool = False
-    decode_prefetch: bool | None = None
-    decode_merge_splits: int | None = None
     one_launch_rows: int | None = None
-    decode_warps: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fused_select, bool):
             raise ValueError(f"fused_select={self.fused_select!r} is invalid: expected True or False")
-        if self.decode_prefetch is not None and not isinstance(self.decode_prefetch, bool):
-            raise ValueError(f"decode_prefetch={self.decode_prefetch!r} is invalid: expected True or False")
-        m = self.decode_merge_splits
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 64 or m & (m - 1)):
-            raise ValueError(f"decode_merge_splits={m!r} is invalid: expected a power of two from 1 to 64")
         r = self.one_launch_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"one_launch_rows={r!r} is invalid: expected an integer >= 0")
-        w = self.decode_warps
-        if w is not None and (isinstance(w, bool) or w not in (4, 8)):
-            raise ValueError(f"decode_warps={w!r} is invalid: expected 4 or 8")
 
     # the whole-number fields and their variables
-    ENV_COUNTS = {"decode_merge_splits": "CAB_DECODE_MERGE_SPLITS", "one_launch_rows": "CAB_DECODE_ONE_LAUNCH_ROWS",
-                  "decode_warps": "CAB_DECODE_WARPS"}
+    ENV_COUNTS = {"one_launch_rows": "CAB_DECODE_ONE_LAUNCH_ROWS"}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "KernelOptions":
-        """CAB_FUSED_SELECT, CAB_DECODE_PREFETCH (0 or 1), CAB_DECODE_MERGE_SPLITS, CAB_DECODE_ONE_LAUNCH_ROWS,
-        CAB_DECODE_WARPS; unset ones keep the defaults; a bad value raises ValueError naming the variable."""
+        """CAB_FUSED_SELECT (0 or 1), CAB_DECODE_ONE_LAUNCH_ROWS; unset ones keep the defaults; a bad value raises
+        ValueError naming the variable."""
         def flag(var: str) -> bool | None:
             raw = env.get(var, "").strip()
             if raw not in ("", "0", "1"):
@@ -98,7 +83,7 @@ class KernelOptions:
 
         counts = {f: _count_from_env(env, var, 0) for f, var in cls.ENV_COUNTS.items() if env.get(var, "").strip()}
         try:
-            return cls(bool(flag("CAB_FUSED_SELECT")), flag("CAB_DECODE_PREFETCH"), **counts)
+            return cls(bool(flag("CAB_FUSED_SELECT")), **counts)
         except ValueError as e:
             field = next((f for f in counts if str(e).startswith(f"{f}=")), None)
             if field is None:

@@ -6,9 +6,10 @@ rows of one tile, so each selected key block is read once per group. Partial out
 a scratch buffer; the last split of each (sequence, KV head) to finish merges them. In a CUDA graph every
 launch costs microseconds even when it has nothing to do (short prompts run on vLLM's FlashAttention), so the
 attention and the merge share one launch, and the selection's programs return at once when no row selects. The
-kernel can also run selection and attention in one launch (programs take roles from a start-order ticket), but
-on the H200 that costs the attention role 1.5x at 8 rows of 128k, so routed_decode uses two, except for a
-single row (ONE_LAUNCH_MAX_ROWS), where one launch halves what a short request pays per layer.
+kernel can also run selection and attention in one launch (programs take roles from a start-order ticket); with
+the split-by-split merge that cost the attention role 1.5x at 8 rows of 128k on the H200 (with the tiled merge it
+no longer did, but not every batch shape has been timed), so routed_decode uses two, except for a single row
+(ONE_LAUNCH_MAX_ROWS), where one launch halves what a short request pays per layer.
 Twins: ops.reference.paged_decode_ref and ops.select.decode_select's PyTorch path.
 """
 
@@ -54,7 +55,7 @@ if HAS_TRITON:
                     mask=kv_mask, other=0.0)
         m_new, l_i, p, alpha = _softmax_p(q, k, k_ok, scale_log2, m_i, l_i)
         v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)  # issued after the scores (the PREFETCH loop issues it with K)
+                    mask=kv_mask, other=0.0)  # issued after the scores
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l_i, acc
 
@@ -70,45 +71,13 @@ if HAS_TRITON:
         return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
 
     @triton.jit
-    def _block_at(i, i1, mode, c1, pb, tab_base, idx_base):
-        """Key block number of the i-th block of a row's list when i < i1 (0 otherwise): the stored prompt
-        selection then every block after the prompt (mode 1), every block (mode 2), else the step's idx. The
-        loads read a clamped, always valid entry instead of a masked one (a scalar load)."""
-        if mode == 1:
-            kt = tl.load(tab_base + tl.maximum(tl.minimum(i, c1 - 1), 0)).to(tl.int32)
-            kb = tl.where(i < c1, kt, pb + (i - c1))
-        elif mode == 2:
-            kb = i
-        else:
-            kb = tl.load(idx_base + tl.maximum(tl.minimum(i, i1 - 1), 0), cache_modifier=".cg")
-        return tl.where(i < i1, kb, 0)
-
-    @triton.jit
-    def _load_kv(k_ptr, v_ptr, page, slot_in, k_ok, kvh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
-                 stride_vpos, stride_vh, d, d_ok):
-        """The K and V tiles [T, D] at (page, slot) (where k_ok), both loads issued before either is used."""
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)
-        return k, v
-
-    @triton.jit
-    def _softmax_step(q, k, v, k_ok, scale_log2, m_i, l_i, acc):
-        """Online-softmax update of (m, l, acc) with the key/value tiles k, v [T, D] (keys where k_ok)."""
-        m_new, l_i, p, alpha = _softmax_p(q, k, k_ok, scale_log2, m_i, l_i)
-        return m_new, l_i, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-
-    @triton.jit
     def _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
                       tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
                       s, kvh, split, mode, seq_len, scale_log2, num_heads, group, num_splits, min_per, page_size,
                       stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh,
                       stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
                       stride_pos, stride_poh, stride_pok,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
-                      BLOCKS_PER_ITER: tl.constexpr, PREFETCH: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr):
         """Split `split` of row s, KV head kvh: the group's queries over their share of the row's key blocks
         (mode 1: the stored prompt selection + every block after the prompt; 2: every causal block; else the
         step's idx/cnt) -> normalized partial output and base-2 LSE in po/plse. A split takes at least min_per
@@ -143,56 +112,20 @@ if HAS_TRITON:
         idx_base = idx_ptr + s * stride_is + kvh * stride_ih
         # One loop with the block's source chosen inside it: on the H200 (8 rows at 128k, attention launch alone)
         # this loop ran 1.6x faster than one loop per source, each under its own `if mode`.
-        if PREFETCH:
-            # Software-pipelined: each iteration issues this block's K and V loads, then looks up the next block
-            # (its number, then its pages) while they are in flight, then computes. The dependent chain per
-            # block (block number -> page -> K, then V) becomes one round trip (K and V together).
-            lane = tl.arange(0, BLOCK)
-            kb = _block_at(i0, i1, mode, c1, pb, tab_base, idx_base)
-            kpos = kb * BLOCK + lane
-            k_ok = (kpos < seq_len) & (lane * 0 + i0 < i1)
-            page, slot_in = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
-            for i in range(i0, i1):
-                k, v = _load_kv(k_ptr, v_ptr, page, slot_in, k_ok, kvh, stride_kpage, stride_kpos, stride_kh,
-                                stride_vpage, stride_vpos, stride_vh, d, d_ok)
-                kb_n = _block_at(i + 1, i1, mode, c1, pb, tab_base, idx_base)
-                kpos_n = kb_n * BLOCK + lane
-                ok_n = (kpos_n < seq_len) & (lane * 0 + i + 1 < i1)
-                page_n, slot_n = paged_coords(bt_ptr, stride_bt, s, kpos_n, ok_n, page_size)
-                m_i, l_i, acc = _softmax_step(q, k, v, k_ok, scale_log2, m_i, l_i, acc)
-                page, slot_in, k_ok = page_n, slot_n, ok_n
-        elif BLOCKS_PER_ITER == 1:
-            for i in range(i0, i1):
-                if mode == 1:
-                    if i < c1:
-                        kb = tl.load(tab_base + i).to(tl.int32)
-                    else:
-                        kb = pb + (i - c1)
-                elif mode == 2:
-                    kb = i
+        for i in range(i0, i1):
+            if mode == 1:
+                if i < c1:
+                    kb = tl.load(tab_base + i).to(tl.int32)
                 else:
-                    kb = tl.load(idx_base + i, cache_modifier=".cg")
-                kpos = kb * BLOCK + tl.arange(0, BLOCK)
-                m_i, l_i, acc = _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, kpos < seq_len, s, kvh, scale_log2,
-                                             page_size, stride_kpage, stride_kpos, stride_kh, stride_vpage,
-                                             stride_vpos, stride_vh, stride_bt, m_i, l_i, acc, d, d_ok)
-        else:
-            # BLOCKS_PER_ITER key blocks as one tile: more loads in flight per program (decode is latency-bound)
-            lane = tl.arange(0, BLOCKS_PER_ITER * BLOCK)
-            for i in range(i0, i1, BLOCKS_PER_ITER):
-                j = i + lane // BLOCK
-                j_ok = j < i1
-                if mode == 1:
-                    kt = tl.load(tab_base + j, mask=j_ok & (j < c1), other=0).to(tl.int32)
-                    kb = tl.where(j < c1, kt, pb + (j - c1))
-                elif mode == 2:
-                    kb = j
-                else:
-                    kb = tl.load(idx_base + j, mask=j_ok, other=0, cache_modifier=".cg")
-                kpos = kb * BLOCK + lane % BLOCK
-                m_i, l_i, acc = _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, j_ok & (kpos < seq_len), s, kvh,
-                                             scale_log2, page_size, stride_kpage, stride_kpos, stride_kh,
-                                             stride_vpage, stride_vpos, stride_vh, stride_bt, m_i, l_i, acc, d, d_ok)
+                    kb = pb + (i - c1)
+            elif mode == 2:
+                kb = i
+            else:
+                kb = tl.load(idx_base + i, cache_modifier=".cg")
+            kpos = kb * BLOCK + tl.arange(0, BLOCK)
+            m_i, l_i, acc = _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, kpos < seq_len, s, kvh, scale_log2,
+                                         page_size, stride_kpage, stride_kpos, stride_kh, stride_vpage,
+                                         stride_vpos, stride_vh, stride_bt, m_i, l_i, acc, d, d_ok)
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :],
@@ -216,42 +149,15 @@ if HAS_TRITON:
     @triton.jit
     def _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
                      stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_G: tl.constexpr,
+                     MERGE_SPLITS: tl.constexpr):
         """Log-sum-exp merge of the group's split partials (written by other programs: read from L2) into o
-        [S, Hq, D] and lse [S, Hq] (natural log): the first `used` splits, split by split, the group's heads as the
-        rows of one tile.
-        (An engine run with a head-by-head merge, all splits in one [64, D] tile, decoded at 128k in 7.7 ms per
-        token against 6.2 with this merge on the H200; other changes lay between the two runs: BENCHMARKS.md.)"""
-        g = tl.arange(0, GROUP_PAD)
-        g_ok = g < group
-        heads = kvh * group + g
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_DIM
-        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-        tot = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-        for k in range(0, used):
-            lse_k = tl.load(plse_ptr + (s * num_heads + heads) * num_splits + k, mask=g_ok, other=float("-inf"),
-                            cache_modifier=".cg")
-            o_k = tl.load(po_ptr + s * stride_pos + heads[:, None] * stride_poh + k * stride_pok + d[None, :],
-                          mask=g_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, lse_k)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            w = tl.exp2(lse_k - m_safe)
-            acc = acc * alpha[:, None] + o_k * w[:, None]
-            tot = tot * alpha + w
-            m = m_new
-        _store_merged(acc, tot, m, o_ptr, lse_ptr, s, heads, g_ok, d, d_ok, num_heads, stride_os, stride_oh)
-
-    @triton.jit
-    def _merge_group_tiled(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
-                           stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_G: tl.constexpr,
-                           MERGE_SPLITS: tl.constexpr):
-        """_merge_group with MERGE_SPLITS splits per load: the group's partials [MERGE_G, MERGE_SPLITS, D] and their
-        LSEs come in one round trip per MERGE_SPLITS splits (the split-by-split loop waits for each split's load
-        in turn: 26 dependent L2 reads for one row at 128k)."""
+        [S, Hq, D] and lse [S, Hq] (natural log): the first `used` splits, MERGE_SPLITS per load (the group's
+        partials [MERGE_G, MERGE_SPLITS, D] and their LSEs in one round trip; MERGE_SPLITS 1: split by split).
+        With 16 splits per load a decode step took 25.1 us per layer at 128k, one row, against 29.5 split by split
+        (H200, L2 flushed), which waits for each split's load in turn (26 dependent L2 reads). (An engine run with
+        a head-by-head merge, all splits in one [64, D] tile, decoded at 128k in 7.7 ms per token against 6.2 with
+        the split-by-split merge on the H200; other changes lay between the two runs: BENCHMARKS.md.)"""
         g = tl.arange(0, MERGE_G)
         g_ok = g < group
         heads = kvh * group + g
@@ -298,8 +204,8 @@ if HAS_TRITON:
         stride_os, stride_oh,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
-        ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr,
-        PREFETCH: tl.constexpr, MERGE_G: tl.constexpr, MERGE_SPLITS: tl.constexpr,
+        ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr, MERGE_G: tl.constexpr,
+        MERGE_SPLITS: tl.constexpr,
     ):
         # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
         # MODE_RECENT / MODE_RANDOM; n_tiles programs per (row, KV head) score its blocks, the last to finish
@@ -362,41 +268,32 @@ if HAS_TRITON:
                                      stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
                                      stride_vpos, stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts,
                                      stride_th, stride_tcs, stride_pos, stride_poh, stride_pok,
-                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD, BLOCKS_PER_ITER, PREFETCH)
+                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD)
                 tl.debug_barrier()
                 c = tl.atomic_add(finished + s * num_kv_heads + kvh, 1, sem="acq_rel")
                 if c == num_splits - 1:
                     tl.atomic_xchg(finished + s * num_kv_heads + kvh, 0)
                     if SELECT:
                         tl.atomic_xchg(ready + s * num_kv_heads + kvh, 0)  # every split is past its wait
-                    if MERGE_SPLITS > 1:
-                        _merge_group_tiled(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits,
-                                           used, stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                                           HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS)
-                    else:
-                        _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
-                                     stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                                     HEAD_DIM, BLOCK_D, GROUP_PAD)
+                    _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
+                                 stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                                 HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS)
 
 
 MAX_SPLITS = 64  # split-K partials per (row, head), at most
 MIN_BLOCKS_PER_SPLIT = 4  # a (row, KV head) with fewer than num_splits * this many blocks uses fewer splits
-BLOCKS_PER_ITER = 1  # key blocks one attention program loads per loop iteration (a tile of this many blocks)
-# Latency options of the attention programs, off until timed on a GPU (benchmarks/gpu/decode_profile.py --prefetch
-# --merge-splits): PREFETCH looks up the next key block (number and pages) while this block's K and V loads are in
-# flight (blocks_per_iter 1 only); MERGE_SPLITS > 1 merges that many split partials per load (1: split by split).
-PREFETCH = False
+# Split partials the merge reads per load (a power of two; 1: split by split; merge_tile caps it). H200, one row
+# at 128k, L2 flushed: a decode step of 25.1 us per layer with 16, 29.5 split by split
+# (benchmarks/gpu/decode_profile.py --merge-splits; BENCHMARKS.md).
 MERGE_SPLITS = 16
-# Warps per decode program. Compiled for sm_90 at the 8B geometry (tests/ops/hopper_compile.py), the attention
-# launch takes 255 registers per thread and spills ~700 bytes with 4 warps, 196 and none with 8; not yet timed.
-DECODE_WARPS = 4
 MERGE_TILE = 64  # at most this many (group head, split) partials per merge load (registers: 64 x D fp32)
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
 # Decode batches of at most this many rows run selection and attention in one launch. Measured on the H200 with
 # L2 flushed (benchmarks/results/decode_profile_h200_2026-11-30/profile_l2_flushed.txt), one row: one launch
 # 2.2-2.5 us per layer when every row is left to FlashAttention (two launches: 4.0-4.7: what short requests pay
 # per layer) and as fast with the prompt rule (28.9 vs 30.3 us at 128k); eight rows of 128k: 1.5x slower with
-# the prompt rule. Rows that select by key bounds are slower in one launch (618 vs 486 us at 128k, one row).
+# the prompt rule and the split-by-split merge, as fast with the tiled merge (80.8 vs 81.6 us, 2026-12-01; 32k x 8
+# rows not timed yet). Rows that select by key bounds are slower in one launch (618 vs 486 us at 128k, one row).
 ONE_LAUNCH_MAX_ROWS = 1
 
 
@@ -487,11 +384,8 @@ def routed_decode(
     impl: str = "auto",
     select: Selection | None = None,
     min_blocks_per_split: int = MIN_BLOCKS_PER_SPLIT,
-    blocks_per_iter: int | None = None,
     one_launch: bool | None = None,
-    prefetch: bool | None = None,
     merge_splits: int | None = None,
-    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Decode attention for rows routed by ``routes`` (DecodeRoutes): one query per row at seq_lens - 1;
     rows in MODE_SKIP are not written. q [S, Hq, D]; out [S, Hq, D] (written in place, returned).
@@ -499,8 +393,8 @@ def routed_decode(
     (ops.select.decode_select's rule): in a launch of its own just before the attention's, or with
     ``one_launch`` in the attention's launch (default: one launch for at most ONE_LAUNCH_MAX_ROWS rows, the
     batch size being fixed per CUDA graph). num_splits must not depend on the step's data (a CUDA graph replays
-    it); workspace: DecodeScratch. prefetch / merge_splits / num_warps: the launches' speed options (module
-    PREFETCH / MERGE_SPLITS / DECODE_WARPS when None; see there)."""
+    it); workspace: DecodeScratch. merge_splits: split partials the merge reads per load, a speed option (module
+    MERGE_SPLITS when None; see there)."""
     from cab_vllm.ops.select import check_selection, decode_select
 
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
@@ -524,15 +418,14 @@ def routed_decode(
         one_launch = ns <= ONE_LAUNCH_MAX_ROWS
     if select is not None and not one_launch:
         # The selection in a launch of its own (its programs return at once when no row selects): sharing one
-        # launch with the attention cost the attention 1.5x at 8 rows of 128k on the H200 (BENCHMARKS.md).
+        # launch with the attention cost the attention 1.5x at 8 rows of 128k on the H200 with the split-by-split
+        # merge (BENCHMARKS.md; ONE_LAUNCH_MAX_ROWS).
         step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
-                    block_size=block_size, routes=routes, select=select, attend=False, scratch=workspace,
-                    num_warps=num_warps)
+                    block_size=block_size, routes=routes, select=select, attend=False, scratch=workspace)
     step_launch(q, key_cache, value_cache, block_table, seq_lens, routes.sel_idx, routes.sel_cnt,
                 block_size=block_size, routes=routes, select=select if one_launch else None, scale=scale,
                 num_splits=num_splits, out=out, lse=lse, scratch=workspace,
-                min_blocks_per_split=min_blocks_per_split, blocks_per_iter=blocks_per_iter, prefetch=prefetch,
-                merge_splits=merge_splits, num_warps=num_warps)
+                min_blocks_per_split=min_blocks_per_split, merge_splits=merge_splits)
     return out
 
 
@@ -594,7 +487,7 @@ class Selection(NamedTuple):
 
 def merge_tile(merge_splits: int, group: int, num_splits: int) -> int:
     """Split partials the merge reads per load: merge_splits, at most MERGE_TILE // (group rounded up to a power of
-    two) and no more than the splits there are (rounded up); 1 means the split-by-split merge."""
+    two) and no more than the splits there are (rounded up); 1 means split by split."""
     cap = max(1, MERGE_TILE // next_pow2(group))
     return max(1, min(merge_splits, cap, next_pow2(num_splits)))
 
@@ -606,8 +499,7 @@ def sync_size(rows: int, num_kv_heads: int) -> int:
 
 def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, counts, *, block_size, modes=None,
                 routes=None, select=None, attend=True, scale=1.0, num_splits=1, out=None, lse=None, scratch=None,
-                min_blocks_per_split=MIN_BLOCKS_PER_SPLIT, blocks_per_iter=None, prefetch=None, merge_splits=None,
-                num_warps=None):
+                min_blocks_per_split=MIN_BLOCKS_PER_SPLIT, merge_splits=None):
     """One Triton launch for a decode step (see _decode_step_kernel): with ``select`` the rows in
     SELECTED_MODES (by ``modes``, or routes.modes) first get their top-``keep`` blocks into indices/counts;
     with ``attend`` every row (routed by ``routes`` when given, else by indices/counts) attends into out/lse."""
@@ -615,16 +507,9 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
           f"num_splits={num_splits!r} must be an int in [1, {MAX_SPLITS}]")
     check(isinstance(min_blocks_per_split, int) and min_blocks_per_split >= 1,
           f"min_blocks_per_split={min_blocks_per_split!r} must be an int >= 1")
-    blocks_per_iter = BLOCKS_PER_ITER if blocks_per_iter is None else blocks_per_iter
-    check(blocks_per_iter in (1, 2, 4, 8), f"blocks_per_iter={blocks_per_iter!r} must be 1, 2, 4 or 8")
-    prefetch = (PREFETCH and blocks_per_iter == 1) if prefetch is None else prefetch  # the default: where it applies
     merge_splits = MERGE_SPLITS if merge_splits is None else merge_splits
-    check(isinstance(prefetch, bool), f"prefetch={prefetch!r} must be a bool")
-    check(not (prefetch and blocks_per_iter > 1), f"prefetch needs blocks_per_iter=1, got {blocks_per_iter}")
     check(isinstance(merge_splits, int) and 1 <= merge_splits <= MAX_SPLITS and next_pow2(merge_splits) == merge_splits,
           f"merge_splits={merge_splits!r} must be a power of two in [1, {MAX_SPLITS}]")
-    num_warps = DECODE_WARPS if num_warps is None else num_warps
-    check(num_warps in (4, 8), f"num_warps={num_warps!r} must be 4 or 8")
     ns, hq, d = q.shape
     hkv = key_cache.shape[2]
     if ns == 0:
@@ -667,6 +552,7 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
     o = out if out is not None else q
     lse_t = lse if lse is not None else part_lse
     kk = indices.shape[-1]
+    # 4 warps per program: 8 ran 1.5x slower at 8 rows of 128k on the H200 (BENCHMARKS.md)
     _decode_step_kernel[(n_total,)](
         q, key_cache, v, block_table, seq_lens,
         modes, slots, tab_idx, tab_cnt, tab_blocks, indices, counts,
@@ -684,6 +570,6 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         o.stride(0), o.stride(1),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
         BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
-        ATTEND=attend, BLOCKS_PER_ITER=blocks_per_iter, PREFETCH=prefetch, MERGE_G=next_pow2(group),
-        MERGE_SPLITS=merge_tile(merge_splits, group, num_splits), num_warps=num_warps, num_stages=2,
+        ATTEND=attend, MERGE_G=next_pow2(group), MERGE_SPLITS=merge_tile(merge_splits, group, num_splits),
+        num_warps=4, num_stages=2,
     )

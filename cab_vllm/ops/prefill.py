@@ -40,7 +40,6 @@ if HAS_TRITON:
         stride_bt, stride_ti_t, stride_ti_h, stride_tc_t,
         page_size, group,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
-        DIAG_MASK: tl.constexpr = False,
     ):
         # HEADS query heads of one GQA group share the program: the rows of the tile are (head, position)
         # pairs, so every selected key block is loaded once for all of them and the MMA is HEADS x taller.
@@ -78,14 +77,12 @@ if HAS_TRITON:
             k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
                         mask=kv_mask, other=0.0)
             qk = tl.dot(q, tl.trans(k)) * scale_log2
-            if DIAG_MASK:
-                # a block before the tile's own holds no key past a row nor past the sequence: only the
-                # diagonal block (the tile's own, always the last selected) is masked
-                if kb >= mb:
-                    qk = tl.where(k_ok[None, :] & (kpos[None, :] <= rows[:, None]), qk, float("-inf"))
-            else:
-                allowed = k_ok[None, :] & (kpos[None, :] <= rows[:, None])
-                qk = tl.where(allowed, qk, float("-inf"))
+            # A block before the tile's own holds no key past a row nor past the sequence: only the diagonal block
+            # (the tile's own, always the last selected) is masked. Less work per key block than masking every
+            # block; H200, 128k, 95%, 4 heads: 22.9 -> 20.3 ms at 8 warps, 21.8 -> 18.1 ms at 16 warps
+            # (benchmarks/tune_prefill.py; BENCHMARKS.md).
+            if kb >= mb:
+                qk = tl.where(k_ok[None, :] & (kpos[None, :] <= rows[:, None]), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -189,10 +186,6 @@ def paged_sparse_prefill(
 
 # benchmarks/tune_prefill.py sets these to sweep launch parameters; empty in normal use
 LAUNCH_OVERRIDE: dict[str, int] = {}
-# Mask scores only in a tile's diagonal block (the causal and sequence-end masks are no-ops before it): less work
-# per key block; same output. H200, 128k, 95%, 4 heads: 22.9 -> 20.3 ms at 8 warps, 21.8 -> 18.1 ms at 16 warps
-# (benchmarks/tune_prefill.py --diag-mask 0 1; BENCHMARKS.md).
-DIAG_MASK = True
 
 
 def heads_per_program(group: int, block_size: int, head_dim: int, elem_size: int = 2) -> int:
@@ -257,5 +250,5 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
         block_table.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
         key_cache.shape[1], group,
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, HEADS=heads,
-        DIAG_MASK=bool(LAUNCH_OVERRIDE.get("diag_mask", DIAG_MASK)), num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )

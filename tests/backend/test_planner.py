@@ -33,14 +33,13 @@ def test_settings_from_env_defaults_and_overrides():
 def test_kernel_options_from_env():
     from cab_vllm.backend.plan import KernelOptions
 
-    assert EngineSettings.from_env({}).kernels == KernelOptions() == KernelOptions(False, None, None, None)
-    k = EngineSettings.from_env({"CAB_FUSED_SELECT": "1", "CAB_DECODE_PREFETCH": "1", "CAB_DECODE_MERGE_SPLITS": "16",
-                                 "CAB_DECODE_ONE_LAUNCH_ROWS": "0", "CAB_DECODE_WARPS": "8"}).kernels
-    assert k == KernelOptions(fused_select=True, decode_prefetch=True, decode_merge_splits=16, one_launch_rows=0,
-                              decode_warps=8)
-    assert EngineSettings.from_env({"CAB_DECODE_PREFETCH": "0"}).kernels.decode_prefetch is False
-    for bad in ({"decode_merge_splits": 12}, {"decode_merge_splits": 128}, {"decode_prefetch": 1},
-                {"one_launch_rows": -1}, {"fused_select": None}, {"decode_warps": 2}, {"decode_warps": True}):
+    assert EngineSettings.from_env({}).kernels == KernelOptions() == KernelOptions(False, None)
+    k = EngineSettings.from_env({"CAB_FUSED_SELECT": "1", "CAB_DECODE_ONE_LAUNCH_ROWS": "0"}).kernels
+    assert k == KernelOptions(fused_select=True, one_launch_rows=0)
+    k = EngineSettings.from_env({"CAB_FUSED_SELECT": "0", "CAB_DECODE_ONE_LAUNCH_ROWS": "8"}).kernels
+    assert k == KernelOptions(fused_select=False, one_launch_rows=8)
+    for bad in ({"one_launch_rows": -1}, {"one_launch_rows": True}, {"one_launch_rows": 1.0}, {"fused_select": None},
+                {"fused_select": 1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             KernelOptions(**bad)
     with pytest.raises(ValueError, match="kernels"):
@@ -51,12 +50,11 @@ def test_kernel_options_from_env():
     ({"CAB_SPARSITY": "1.5"}, "CAB_SPARSITY"), ({"CAB_SPARSITY": "lots"}, "CAB_SPARSITY"),
     ({"CAB_POLICY": "nope"}, "CAB_POLICY"), ({"CAB_BLOCK_SIZE": "48"}, "CAB_BLOCK_SIZE"),
     ({"CAB_DENSE_THRESHOLD": "-1"}, "CAB_DENSE_THRESHOLD"), ({"CAB_IMPL": "cuda"}, "CAB_IMPL"),
-    ({"CAB_FUSED_SELECT": "yes"}, "CAB_FUSED_SELECT"), ({"CAB_DECODE_PREFETCH": "2"}, "CAB_DECODE_PREFETCH"),
-    ({"CAB_DECODE_MERGE_SPLITS": "3"}, "CAB_DECODE_MERGE_SPLITS"),
-    ({"CAB_DECODE_MERGE_SPLITS": "many"}, "CAB_DECODE_MERGE_SPLITS"),
-    ({"CAB_DECODE_ONE_LAUNCH_ROWS": "-2"}, "CAB_DECODE_ONE_LAUNCH_ROWS"), ({"CAB_DECODE_WARPS": "6"}, "CAB_DECODE_WARPS"),
-], ids=["sparsity-range", "sparsity-type", "policy", "block-size", "threshold", "impl", "fused", "prefetch",
-        "merge-pow2", "merge-type", "one-launch", "warps"])
+    ({"CAB_FUSED_SELECT": "yes"}, "CAB_FUSED_SELECT"), ({"CAB_FUSED_SELECT": "2"}, "CAB_FUSED_SELECT"),
+    ({"CAB_DECODE_ONE_LAUNCH_ROWS": "-2"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
+    ({"CAB_DECODE_ONE_LAUNCH_ROWS": "many"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
+], ids=["sparsity-range", "sparsity-type", "policy", "block-size", "threshold", "impl", "fused-word", "fused-number",
+        "one-launch-range", "one-launch-type"])
 def test_settings_from_env_rejects_bad_values(env, var):
     with pytest.raises(ValueError, match=var):
         EngineSettings.from_env(env)

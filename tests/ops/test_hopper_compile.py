@@ -116,12 +116,14 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert {x["constexprs"]["GPAD"] for x in sampled} == {4, 8}
     assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} == {(True, True), (True, False),
                                                                                          (False, True)}
-    # an 8B model at 128k: 2048 key blocks, head dim 128 (summaries 2 x 128 wide), 16 exact rows
-    assert {(x["constexprs"]["PREFETCH"], x["constexprs"]["MERGE_SPLITS"]) for x in step} == {(False, 1)}
-    # the decode attention's latency options (the next block looked up during this one's loads; tiled merge)
+    # the merge's tile: 5 splits here (20 blocks, 4 per split) read 8 per load (MERGE_SPLITS=16 capped by the splits);
+    # the selection-only launch has one split
     attend = [x for x in step if x["constexprs"]["ATTEND"]]
-    options = (_scaled(attend, PREFETCH=True) + _scaled(attend, MERGE_SPLITS=16)
-               + [{**x, "num_warps": 8} for x in _scaled(step, PREFETCH=True, MERGE_SPLITS=8)])
+    assert {x["constexprs"]["MERGE_SPLITS"] for x in attend} == {8}
+    assert {x["constexprs"]["MERGE_SPLITS"] for x in step if not x["constexprs"]["ATTEND"]} == {1}
+    # the merge split by split (merge_splits=1) and 16 splits per load (the default where a step has 16 or more)
+    options = _scaled(attend, MERGE_SPLITS=1) + _scaled(attend, MERGE_SPLITS=16)
+    # an 8B model at 128k: 2048 key blocks, head dim 128 (summaries 2 x 128 wide), 16 exact rows
     big = (_scaled(fused, MPAD=2048, KPAD=2048, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
            + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128))
     out = _compile(tmp_path, fused + sampled + step + options + big)
@@ -156,7 +158,6 @@ def test_prefill_path_kernels_compile_for_hopper(tmp_path, monkeypatch):
                 [sel], 64, d ** -0.5, out, "triton")
     pool, soft, sparse = (c.launches for c in caps)
     assert pool and soft and sparse
-    sparse = sparse + _scaled(sparse, DIAG_MASK=True)  # ops.prefill.DIAG_MASK's variant too
     big = (_scaled(pool, HEAD_DIM=128, BLOCK_D=128) + _scaled(soft, COLS=2048)
            + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128))
     out = _compile(tmp_path, pool + soft + sparse + big)

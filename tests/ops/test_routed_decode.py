@@ -341,42 +341,6 @@ def test_selection_and_attention_in_one_launch_equal_two_launches(device):
     assert rel_err(o1, o2) < max(KERNEL_FP32_TOL, 1e-6)
 
 
-@pytest.mark.parametrize("bpi", [2, 4], ids=lambda b: f"bpi{b}")
-def test_several_blocks_per_iteration_match_the_oracle(bpi, device):
-    """blocks_per_iter > 1: each attention program loads that many key blocks as one tile (a pair/quad may
-    straddle the end of a split, of the prompt table and of the sequence) and still equals the oracle."""
-    torch.manual_seed(10)
-    _, kc, vc, bt, q, sl = _case(device=device)
-    s, hq, d = q.shape
-    hkv = kc.shape[2]
-    table = PromptTable(4, hkv, 8, device)
-    table.put(2, torch.tensor([[0, 1, 2], [1, -1, -1]], dtype=torch.int32, device=device),
-              torch.tensor([3, 1], dtype=torch.int32, device=device))
-    modes = torch.tensor([MODE_ALL, MODE_PROMPT, MODE_ALL, MODE_SKIP, MODE_PROMPT, MODE_ALL], dtype=torch.int32,
-                         device=device)
-    slots = torch.tensor([0, 2, 0, 0, 2, 0], dtype=torch.int32, device=device)
-    pblocks = torch.tensor([0, 3, 0, 0, 4, 0], dtype=torch.int32, device=device)
-    idx = torch.zeros(s, hkv, 8, dtype=torch.int32, device=device)
-    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
-    routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, idx, cnt)
-    ri, rc = routed_indices(routes, sl, 64)
-    ref, _ = paged_decode_ref(q.double(), kc.double(), vc.double(), bt, sl, ri, rc, 64, 1 / math.sqrt(d))
-    live = modes != MODE_SKIP
-    for splits, min_per in ((1, 1), (3, 1), (2, 3)):
-        out = torch.zeros_like(q)
-        routed_decode(q, kc, vc, bt, sl, routes, 64, 1 / math.sqrt(d), out, splits, impl="triton",
-                      min_blocks_per_split=min_per, blocks_per_iter=bpi)
-        assert rel_err(out[live], ref[live]) < max(KERNEL_FP32_TOL, 1e-5), (splits, min_per)
-    # explicit indices (the plain kernel's path) too
-    out = torch.zeros_like(q)
-    routed_decode(q, kc, vc, bt, sl, DecodeRoutes(torch.full_like(modes, MODE_BOUNDS), slots, table.idx, table.cnt,
-                                                  pblocks, ri, rc), 64, 1 / math.sqrt(d), out, 2, impl="triton",
-                  blocks_per_iter=bpi)
-    assert rel_err(out[live], ref[live]) < max(KERNEL_FP32_TOL, 1e-5)
-    with pytest.raises(ValueError, match="blocks_per_iter"):
-        routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.zeros_like(q), 2, impl="triton", blocks_per_iter=3)
-
-
 @pytest.mark.parametrize("rows", [1, 6])
 def test_routed_decode_one_or_two_launches_give_the_same_step(rows, device, monkeypatch):
     """routed_decode runs selection and attention in one launch for a batch of at most ONE_LAUNCH_MAX_ROWS rows
@@ -451,14 +415,13 @@ def test_selection_is_the_same_for_any_number_of_scoring_programs(programs, devi
     assert torch.equal(got[0][0], got[1][0])
 
 
-@pytest.mark.parametrize("prefetch, merge_splits", [(True, 1), (False, 2), (True, 4), (True, 64)],
-                         ids=["prefetch", "merge2", "prefetch-merge4", "prefetch-merge64"])
+@pytest.mark.parametrize("merge_splits", [1, 2, 4, 64], ids=lambda m: f"merge{m}")
 @pytest.mark.parametrize("hq, hkv", [(4, 2), (7, 1), (16, 2)], ids=["g2", "g7", "g8"])
-def test_latency_options_match_the_oracle(prefetch, merge_splits, hq, hkv, device):
-    """The attention programs' latency options (the next block looked up while this one's K and V load; split
-    partials merged several per load) give the oracle's output and LSE in every mode: prompt rows whose stored
-    selection ends mid-split, every block, explicit indices, skipped rows; many splits and one block each
-    (min_blocks_per_split 1), more splits than blocks, one split."""
+def test_merge_splits_match_the_oracle(merge_splits, hq, hkv, device):
+    """Split partials merged one by one or several per load (merge_splits; merge_tile caps it by the group and the
+    splits) give the oracle's output and LSE in every mode: prompt rows whose stored selection ends mid-split,
+    every block, explicit indices, skipped rows; many splits and one block each (min_blocks_per_split 1), more
+    splits than blocks, one split."""
     torch.manual_seed(11)
     _, kc, vc, bt, q, sl = _case(hq=hq, hkv=hkv, device=device)
     s, _, d = q.shape
@@ -485,14 +448,13 @@ def test_latency_options_match_the_oracle(prefetch, merge_splits, hq, hkv, devic
         from cab_vllm.ops.decode import step_launch
 
         step_launch(q, kc, vc, bt, sl, idx, cnt, block_size=64, routes=routes, scale=1 / math.sqrt(d),
-                    num_splits=splits, out=out, lse=lse, min_blocks_per_split=min_per, prefetch=prefetch,
-                    merge_splits=merge_splits, num_warps=8 if prefetch else 4)
+                    num_splits=splits, out=out, lse=lse, min_blocks_per_split=min_per, merge_splits=merge_splits)
         assert rel_err(out[live], ref[live]) < max(KERNEL_FP32_TOL, 1e-5), (splits, min_per)
         torch.testing.assert_close(lse[live].double().cpu(), ref_lse[live].double().cpu(), rtol=0, atol=1e-4)
         assert torch.equal(out[3], marker)  # a skipped row is not written
 
 
-def test_latency_options_are_checked(device):
+def test_merge_splits_is_checked(device):
     _, kc, vc, bt, q, sl = _case(device=device)
     routes = DecodeRoutes(torch.full((len(LENS),), MODE_ALL, dtype=torch.int32, device=device), sl, sl[:, None, None],
                           sl[:, None], sl, sl[:, None, None], sl[:, None])
@@ -500,11 +462,9 @@ def test_latency_options_are_checked(device):
     routes = routes._replace(tab_idx=table.idx, tab_cnt=table.cnt,
                              sel_idx=torch.zeros(len(LENS), 2, 8, dtype=torch.int32, device=device),
                              sel_cnt=torch.zeros(len(LENS), 2, dtype=torch.int32, device=device))
-    for kw, msg in (({"merge_splits": 3}, "merge_splits"), ({"merge_splits": 128}, "merge_splits"),
-                    ({"prefetch": 1}, "prefetch"), ({"prefetch": True, "blocks_per_iter": 2}, "blocks_per_iter=1"),
-                    ({"num_warps": 2}, "num_warps")):
-        with pytest.raises(ValueError, match=msg):
-            routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.zeros_like(q), 2, impl="triton", **kw)
+    for bad in (3, 128, 0, 2.0):
+        with pytest.raises(ValueError, match="merge_splits"):
+            routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.zeros_like(q), 2, impl="triton", merge_splits=bad)
 
 
 def test_merge_tile_fits_the_group_and_the_splits():
