@@ -58,6 +58,7 @@ from cab_vllm.backend import trace
 from cab_vllm.backend.stats import STATS
 from cab_vllm.ops.decode import SELECTED_MODES, DecodeRoutes
 from cab_vllm.backend import compat
+from cab_vllm.backend.graphs import check_supported, flag_views, graph_branch
 from cab_vllm.backend.plan import (METRICS, BatchPlan, PromptSlots, SummarySlots, plan_batch, request_config,
                                    route_rows)
 from cab_vllm.backend.attention import DecodeWorkspace, KeySummaries, PromptTable, attend, write_kv
@@ -127,6 +128,8 @@ class CABMetadata:
     run_fa: bool = False  # some row runs dense through FlashAttention
     run_cab_decode: bool = False  # some decode row is sparse
     run_cab_prefill: bool = False  # some prefill row is sparse (or dense without FlashAttention)
+    branches: tuple | None = None  # (FlashAttention rows, CAB decode rows): one-element bool device flags that a
+    # decode step's CUDA graph reads at replay (CAB_GRAPH_BRANCHES; cab_vllm.backend.graphs)
 
 
 class _StepViews(NamedTuple):
@@ -134,6 +137,11 @@ class _StepViews(NamedTuple):
     keep: torch.Tensor  # [d] blocks kept by rows that select their own
     dense: torch.Tensor  # [n] 1 where the row runs in FlashAttention
     fa_seq_lens: torch.Tensor  # [n] FlashAttention's sequence lengths (0 for rows CAB runs)
+
+
+def _capturing(query: torch.Tensor) -> bool:
+    """Whether this forward is being captured into a CUDA graph (a decode step's full graph)."""
+    return query.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _head(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -279,6 +287,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         self._ring = _PinnedRing((6, self.rows)) if torch.device(device).type == "cuda" else None
         self._host = _PinnedRing.plain((6, self.rows)) if self._ring is None else None
         self._views: dict = {}  # (rows, decode rows) -> the step's views of the fixed buffers
+        flags = flag_views(self._routes[5])
+        self._branches = (flags[1:2], flags[2:3])
         self._record = compat.tensor_parallel_rank() == 0  # the step's figures are counted once, not per rank
         STATS.recording = self._record
         trace("builder")
@@ -371,6 +381,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         if n:
             h[4, :n] = plan.dense
         h[5, 0] = any(m in SELECTED_MODES for m in plan.modes)  # some row selects its own blocks
+        h[5, 1] = run_fa  # the IF nodes of a replayed decode graph (CAB_GRAPH_BRANCHES) read these two
+        h[5, 2] = run_cab_decode
         self._routes.copy_(host, non_blocking=self._ring is not None)
         if self._ring is not None:
             self._ring.recorded(ri)
@@ -386,7 +398,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
                            _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, routes=views.routes,
                            keep=views.keep, run_fa=run_fa, run_cab_decode=run_cab_decode,
-                           run_cab_prefill=run_cab_prefill)
+                           run_cab_prefill=run_cab_prefill, branches=self._branches)
 
     def _step_views(self, n: int, d: int) -> "_StepViews":
         """Views of the fixed device buffers for a step of n rows, d of them decodes (made once per shape)."""
@@ -440,6 +452,13 @@ class CABImpl(AttentionImpl[CABMetadata]):
         if fa is not None:
             self.fa = fa[2](num_heads, head_size, scale, self.num_kv_heads, None, None, kv_cache_dtype, None,
                             attn_type, kv_sharing_target_layer_name, None)
+        if self.settings.kernels.graph_branches:
+            if self.fa is not None:
+                check_supported()  # fails the engine start, naming CAB_GRAPH_BRANCHES
+            elif "graph_branches" not in _WARNED:
+                _WARNED.add("graph_branches")
+                logger.warning("CAB: CAB_GRAPH_BRANCHES=1 has no effect here: only CUDA decode graphs (with vLLM's "
+                               "FlashAttention beside CAB) have branches to skip")
 
     # -- cache write ------------------------------------------------------------------------------------------
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -490,12 +509,24 @@ class CABImpl(AttentionImpl[CABMetadata]):
             METRICS["layers"] += 1
             trace("forward")
         md = attn_metadata
-        capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+        capturing = _capturing(query)
+        if capturing and self.fa is not None and self.settings.kernels.graph_branches:
+            # a decode step's CUDA graph: each launch in an IF node taken when the replayed step has rows for it
+            with graph_branch(md.branches[0]):
+                self.fa.forward(layer, query, key, value, kv_cache, md.fa, output)
+            with graph_branch(md.branches[1]):
+                self._attend(query, kv_cache, md, output, decode_attention=True)
+            return output
         if self.fa is not None and (md.run_fa or capturing):
             self.fa.forward(layer, query, key, value, kv_cache, md.fa, output)
         decode_attention = md.run_cab_decode or capturing
         if not (decode_attention or md.run_cab_prefill):
             return output  # every row ran in FlashAttention: no CAB work at all (short requests, sparsity 0)
+        return self._attend(query, kv_cache, md, output, decode_attention)
+
+    def _attend(self, query: torch.Tensor, kv_cache: torch.Tensor, md: CABMetadata, output: torch.Tensor,
+                decode_attention: bool) -> torch.Tensor:
+        """CAB's rows of the step (decode rows when decode_attention, sparse prefill rows when md says so)."""
         key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
         self._buffers(key_cache.dtype, key_cache.device)
         routes = md.routes._replace(tab_idx=self.table.idx, tab_cnt=self.table.cnt,
@@ -511,6 +542,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
 
 _WORKSPACES: dict = {}
 _LOGGED_SUMMARIES: list = []
+_WARNED: set = set()
 
 
 def keeps_summaries(settings) -> bool:

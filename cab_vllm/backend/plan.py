@@ -56,14 +56,18 @@ class KernelOptions:
     """Kernel choices of the engine that change speed, not results (each is tested against the same reference).
     None keeps the kernel module's default. fused_select: the prefill's estimate and selection in one kernel
     (ops.fused_select; cab without a curvature share and magnitude, fixed budget); one_launch_rows: decode
-    batches of at most this many rows run selection and attention in one launch (ops.decode.ONE_LAUNCH_MAX_ROWS)."""
+    batches of at most this many rows run selection and attention in one launch (ops.decode.ONE_LAUNCH_MAX_ROWS);
+    graph_branches: in a decode step's CUDA graph, vLLM's FlashAttention and CAB's decode launch each sit in an IF
+    node that runs only when the step has rows for it (cab_vllm.backend.graphs)."""
 
     fused_select: bool = False
     one_launch_rows: int | None = None
+    graph_branches: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fused_select, bool):
-            raise ValueError(f"fused_select={self.fused_select!r} is invalid: expected True or False")
+        for name in ("fused_select", "graph_branches"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected True or False")
         r = self.one_launch_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"one_launch_rows={r!r} is invalid: expected an integer >= 0")
@@ -73,8 +77,8 @@ class KernelOptions:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "KernelOptions":
-        """CAB_FUSED_SELECT (0 or 1), CAB_DECODE_ONE_LAUNCH_ROWS; unset ones keep the defaults; a bad value raises
-        ValueError naming the variable."""
+        """CAB_FUSED_SELECT and CAB_GRAPH_BRANCHES (0 or 1), CAB_DECODE_ONE_LAUNCH_ROWS; unset ones keep the
+        defaults; a bad value raises ValueError naming the variable."""
         def flag(var: str) -> bool | None:
             raw = env.get(var, "").strip()
             if raw not in ("", "0", "1"):
@@ -83,7 +87,7 @@ class KernelOptions:
 
         counts = {f: _count_from_env(env, var, 0) for f, var in cls.ENV_COUNTS.items() if env.get(var, "").strip()}
         try:
-            return cls(bool(flag("CAB_FUSED_SELECT")), **counts)
+            return cls(bool(flag("CAB_FUSED_SELECT")), graph_branches=bool(flag("CAB_GRAPH_BRANCHES")), **counts)
         except ValueError as e:
             field = next((f for f in counts if str(e).startswith(f"{f}=")), None)
             if field is None:

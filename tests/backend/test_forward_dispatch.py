@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("vllm")
 
 import cab_vllm.backend.backend as backend  # noqa: E402
-from cab_vllm.backend.plan import BatchPlan  # noqa: E402
+from cab_vllm.backend.plan import BatchPlan, KernelOptions  # noqa: E402
 
 
 class FakeFA:
@@ -64,3 +64,96 @@ def test_a_step_with_cab_rows_runs_them(monkeypatch, flags):
     impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, **flags), torch.zeros(1, 16))
     assert calls == ["split_kv", "buffers", "attend"]
     assert impl.fa.calls == (1 if flags.get("run_fa") else 0)
+
+
+@pytest.mark.parametrize("branches", [False, True], ids=["plain-graph", "graph-branches"])
+def test_a_captured_decode_step(monkeypatch, branches):
+    """While a decode step's CUDA graph is captured both launches are recorded (which rows are dense changes per
+    replay); with CAB_GRAPH_BRANCHES each sits in its own IF node, FlashAttention's on the builder's first flag and
+    CAB's on the second."""
+    import contextlib
+    import dataclasses
+
+    calls = []
+    impl = _impl(monkeypatch, calls)
+    impl.fa.forward = lambda *a: calls.append("fa")
+    impl.settings = dataclasses.replace(backend.compat.engine_settings(),
+                                        kernels=KernelOptions(graph_branches=branches))
+    impl.scale = 1.0
+
+    class T:
+        idx = cnt = sel_idx = sel_cnt = torch.zeros(1, dtype=torch.int32)
+
+    impl.table = impl.workspace = T()
+    impl.summaries = None
+    flags = (torch.zeros(1, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
+
+    @contextlib.contextmanager
+    def branch(pred):
+        calls.append(("if", "fa" if pred is flags[0] else "cab"))
+        yield
+        calls.append("end")
+
+    monkeypatch.setattr(backend, "graph_branch", branch)
+    monkeypatch.setattr(backend, "_capturing", lambda q: True)
+    routes = backend.DecodeRoutes(*[torch.zeros(1, dtype=torch.int32)] * 7)
+    q = torch.zeros(1, 16)
+    impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, branches=flags), torch.zeros(1, 16))
+    if branches:
+        assert calls == [("if", "fa"), "fa", "end", ("if", "cab"), "split_kv", "buffers", "attend", "end"]
+    else:
+        assert calls == ["fa", "split_kv", "buffers", "attend"]
+
+
+class _FakeFABuilder:
+    def build(self, common_prefix_len, cm, fast_build=False):
+        return ("fa", cm.seq_lens.tolist())
+
+
+def _builder(rows=8, fa=True):
+    from cab_vllm.backend.plan import EngineSettings, PromptSlots
+
+    b = object.__new__(backend.CABMetadataBuilder)
+    b.settings, b._runner, b._v2, b._warned, b._trace, b._record = EngineSettings(), None, None, set(), False, False
+    b.rows, b.slots, b.summaries, b.fa = rows, PromptSlots(rows), None, _FakeFABuilder() if fa else None
+    b._routes = torch.zeros(6, rows, dtype=torch.int32)
+    b._fa_seq_lens = torch.zeros(rows, dtype=torch.int32)
+    b._fa_tail, b._ring, b._host, b._views = 0, None, backend._PinnedRing.plain((6, rows)), {}
+    flags = backend.flag_views(b._routes[5])
+    b._branches = (flags[1:2], flags[2:3])
+    return b
+
+
+def _cm(seq_lens, qlens):
+    import inspect
+
+    from vllm.v1.attention.backends.utils import CommonAttentionMetadata
+
+    n = len(seq_lens)
+    qsl = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    kw = dict(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=sl, seq_lens_cpu=sl, num_reqs=n,
+              num_actual_tokens=int(qsl[-1]), max_query_len=max(qlens), max_seq_len=max(seq_lens),
+              block_table_tensor=torch.zeros(n, 512, dtype=torch.int32), slot_mapping=torch.zeros(int(qsl[-1]),
+                                                                                                  dtype=torch.int64),
+              causal=True, num_computed_tokens_cpu=sl - torch.tensor(qlens, dtype=torch.int32))
+    params = inspect.signature(CommonAttentionMetadata).parameters
+    return CommonAttentionMetadata(**{k: v for k, v in kw.items() if k in params})
+
+
+@pytest.mark.parametrize("seq_lens, fa, cab", [([100, 90], True, False), ([20000, 30000], False, True),
+                                               ([20000, 90, 30000], True, True)],
+                         ids=["all-dense", "all-sparse", "mixed"])
+def test_the_step_flags_the_graph_branches_read(seq_lens, fa, cab):
+    """The builder's flags for a decode step (copied to the device with the routes): FlashAttention has rows, CAB
+    has rows; the metadata's branch views read them as bools, and FlashAttention's sequence lengths are 0 for
+    CAB's rows. A smaller step after a larger one leaves no stale row behind."""
+    b = _builder()
+    b.build(0, _cm([20000] * 6, [1] * 6))  # a larger step first
+    md = b.build(0, _cm(seq_lens, [1] * len(seq_lens)))
+    assert [bool(md.branches[0]), bool(md.branches[1])] == [fa, cab]
+    assert md.run_fa == fa and md.run_cab_decode == cab
+    dense = [n < b.settings.dense_threshold for n in seq_lens]
+    assert b._fa_seq_lens.tolist() == [n if d else 0 for n, d in zip(seq_lens, dense)] + [0] * (8 - len(seq_lens))
+    assert b._routes[0, len(seq_lens):].tolist() == [0] * (8 - len(seq_lens))  # rows past the step: MODE_SKIP
+    assert b._routes[0, :len(seq_lens)].ne(0).tolist() == [not d for d in dense]

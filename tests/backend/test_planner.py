@@ -38,8 +38,10 @@ def test_kernel_options_from_env():
     assert k == KernelOptions(fused_select=True, one_launch_rows=0)
     k = EngineSettings.from_env({"CAB_FUSED_SELECT": "0", "CAB_DECODE_ONE_LAUNCH_ROWS": "8"}).kernels
     assert k == KernelOptions(fused_select=False, one_launch_rows=8)
+    assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "1"}).kernels == KernelOptions(graph_branches=True)
+    assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "0"}).kernels == KernelOptions()
     for bad in ({"one_launch_rows": -1}, {"one_launch_rows": True}, {"one_launch_rows": 1.0}, {"fused_select": None},
-                {"fused_select": 1}):
+                {"fused_select": 1}, {"graph_branches": 1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             KernelOptions(**bad)
     with pytest.raises(ValueError, match="kernels"):
@@ -53,8 +55,9 @@ def test_kernel_options_from_env():
     ({"CAB_FUSED_SELECT": "yes"}, "CAB_FUSED_SELECT"), ({"CAB_FUSED_SELECT": "2"}, "CAB_FUSED_SELECT"),
     ({"CAB_DECODE_ONE_LAUNCH_ROWS": "-2"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
     ({"CAB_DECODE_ONE_LAUNCH_ROWS": "many"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
+    ({"CAB_GRAPH_BRANCHES": "on"}, "CAB_GRAPH_BRANCHES"),
 ], ids=["sparsity-range", "sparsity-type", "policy", "block-size", "threshold", "impl", "fused-word", "fused-number",
-        "one-launch-range", "one-launch-type"])
+        "one-launch-range", "one-launch-type", "graph-branches"])
 def test_settings_from_env_rejects_bad_values(env, var):
     with pytest.raises(ValueError, match=var):
         EngineSettings.from_env(env)
