@@ -14,7 +14,12 @@ fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GP
 this process, where the engine runs with tensor parallel 1): a prefill-only request and a 1+T-token one are
 profiled, and their difference per kernel name is what one decode step launches (calls and GPU time per step,
 and the step's span from its first kernel's start to its last's end: the gaps are host-side waits). In the
-summary line as decode_profile, printed as PROF lines."""
+summary line as decode_profile, printed as PROF lines.
+
+--profile-prompt N: one request of an N-token prompt and one output token (its TTFT), profiled on the host and
+the GPU: the host time, where the GPU work starts and ends in it, the GPU busy time, and the host operations by
+self time (what a backend adds per request shows as extra host time and operations; in the summary line as
+prompt_profile, printed as HOST lines)."""
 
 from __future__ import annotations
 
@@ -127,6 +132,45 @@ def decode_breakdown(prefill_only: list, with_decode: list, steps: int, top: int
             "kernels": [[n, round(c, 2), round(t, 2)] for n, c, t in rows[:top] if c > 0 or abs(t) >= 0.05]}
 
 
+def host_breakdown(cpu: list, gpu: list, top: int = 25) -> dict:
+    """One request's host and GPU timeline from a profile: cpu [(name, start_us, end_us, self_us)] (host
+    operations), gpu [(name, start_us, end_us)] (kernels, copies): the host span, the GPU work's first start and
+    last end relative to it, the GPU busy time, the kernel count, and the host operations by self time."""
+    if not cpu:
+        raise ValueError("no host events in the profile")
+    t0, t1 = min(a for _, a, _, _ in cpu), max(b for _, _, b, _ in cpu)
+    ops: dict = {}
+    for name, _, _, self_us in cpu:
+        c, t = ops.get(name, (0, 0.0))
+        ops[name] = (c + 1, t + self_us)
+    rows = sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]
+    out = {"host_us": round(t1 - t0, 1), "host_ops": len(cpu), "kernels": len(gpu),
+           "gpu_busy_us": round(sum(b - a for _, a, b in gpu), 1),
+           "ops": [[n, c, round(t, 1)] for n, (c, t) in rows]}
+    if gpu:
+        out["first_gpu_us"] = round(min(a for _, a, _ in gpu) - t0, 1)
+        out["last_gpu_us"] = round(max(b for _, _, b in gpu) - t0, 1)
+    return out
+
+
+def host_trace(fn) -> tuple[list, list]:
+    """(host operations [(name, start_us, end_us, self_us)], GPU activity [(name, start_us, end_us)]) while fn()
+    runs."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    cpu, gpu = [], []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            gpu.append((e.name, e.time_range.start, e.time_range.end))
+        else:
+            cpu.append((e.name, e.time_range.start, e.time_range.end, e.self_cpu_time_total))
+    return cpu, gpu
+
+
 def kernel_trace(fn) -> list:
     """[(name, start_us, end_us)] of the GPU activity (kernels, copies, sets) while fn() runs."""
     import torch
@@ -157,10 +201,14 @@ def main() -> None:
     ap.add_argument("--profile-decode", type=int, default=None, metavar="N",
                     help="after the runs, the kernels of one decode step at an N-token context (tensor parallel 1)")
     ap.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled (--profile-decode)")
+    ap.add_argument("--profile-prompt", type=int, default=None, metavar="N",
+                    help="after the runs, the host and GPU timeline of one N-token request's first token")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.profile_decode is not None and (a.tp != 1 or a.profile_decode < 1 or a.profile_steps < 1):
         ap.error("--profile-decode needs --tp 1, N >= 1 and --profile-steps >= 1")
+    if a.profile_prompt is not None and (a.tp != 1 or a.profile_prompt < 1):
+        ap.error("--profile-prompt needs --tp 1 and N >= 1")
     if a.sparsity is not None:
         os.environ["CAB_SPARSITY"] = str(a.sparsity)
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if a.runner == "v2" else "0"
@@ -246,6 +294,17 @@ def main() -> None:
               f"{prof['span_us_per_step']} us", flush=True)
         for name, calls, us in prof["kernels"]:
             print(f"PROF {us:9.2f} us {calls:7.2f} calls  {name[:110]}", flush=True)
+    if a.profile_prompt is not None:
+        ids = [random.Random(11 + r).randrange(100, 40000) for r in range(a.profile_prompt)]
+        gen(ids, 1)
+        gen(ids, 1)  # warm for this length
+        prof = dict(n=a.profile_prompt, **host_breakdown(*host_trace(lambda: gen(ids, 1))))
+        summary["prompt_profile"] = prof
+        print(f"HOST n={prof['n']} one request: host {prof['host_us']} us ({prof['host_ops']} ops), GPU work from "
+              f"{prof.get('first_gpu_us')} to {prof.get('last_gpu_us')} us, busy {prof['gpu_busy_us']} us in "
+              f"{prof['kernels']} kernels", flush=True)
+        for name, calls, us in prof["ops"]:
+            print(f"HOST {us:9.1f} us {calls:6d} calls  {name[:110]}", flush=True)
     print("SUM", json.dumps(summary), flush=True)
     with open(a.out, "w") as f:
         for r in rows:

@@ -7,6 +7,8 @@
 #                                           bf16 KV is 137 GB: more than one H200 holds beside the weights)
 #   PROFILE=4096 bash benchmarks/gpu/run.sh ... also the kernels of one decode step at that context (PROF lines
 #                                           in each log; decode_profile in the summary line)
+#   PROFILE_PROMPT=512 bash benchmarks/gpu/run.sh ... also the host and GPU timeline of one 512-token request's
+#                                           first token (HOST lines; prompt_profile in the summary line)
 set -uo pipefail
 out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
 mkdir -p "$out"
@@ -19,6 +21,7 @@ for r in $runs; do
   [ -n "${BATCH:-}" ] && args+=(--batch "$BATCH")
   [ -n "${RUNNER:-}" ] && args+=(--runner "$RUNNER")
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")
+  [ -n "${PROFILE_PROMPT:-}" ] && args+=(--profile-prompt "$PROFILE_PROMPT")
   python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }
 done
 python3 - "$out" <<'PY'

@@ -50,3 +50,24 @@ def test_profile_decode_needs_one_rank(bench, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main()
     assert "--profile-decode needs --tp 1" in capsys.readouterr().err
+
+
+def test_host_breakdown_places_the_gpu_work_in_the_host_span(bench):
+    cpu = [("aten::mul", 100, 104, 4.0), ("aten::copy_", 110, 130, 15.0), ("aten::mul", 200, 203, 3.0),
+           ("cab::build", 90, 300, 50.0)]
+    gpu = [("gemm", 150, 250), ("flash_fwd", 250, 260)]
+    r = bench.host_breakdown(cpu, gpu)
+    assert r["host_us"] == 210 and r["host_ops"] == 4 and r["kernels"] == 2 and r["gpu_busy_us"] == 110
+    assert r["first_gpu_us"] == 60 and r["last_gpu_us"] == 170
+    assert r["ops"][0] == ["cab::build", 1, 50.0] and ["aten::mul", 2, 7.0] in r["ops"]
+    assert "first_gpu_us" not in bench.host_breakdown(cpu, [])
+    with pytest.raises(ValueError, match="no host events"):
+        bench.host_breakdown([], gpu)
+
+
+def test_profile_prompt_needs_one_rank(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl", "--tp", "2",
+                                      "--profile-prompt", "512"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--profile-prompt needs --tp 1" in capsys.readouterr().err
