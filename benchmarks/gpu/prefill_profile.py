@@ -179,13 +179,28 @@ def main(argv=None) -> None:
     ap.add_argument("--no-kernels", action="store_true", help="phase times only (no torch.profiler pass)")
     ap.add_argument("--fused-select", choices=["0", "1"], default="0",
                     help="estimate + select in one kernel (what CAB_FUSED_SELECT=1 does in the engine)")
+    ap.add_argument("--separate-topk", default=None,
+                    help="with --fused-select 1: the top-k in its own launch (1) or in the estimate programs (0); "
+                         "comma list to compare (ops.fused_select.SEPARATE_TOPK)")
+    ap.add_argument("--tile-rows", default=None,
+                    help="with --fused-select 1: (query block, head) rows per estimate program, comma list "
+                         "(ops.fused_select.TILE_ROWS)")
     a = ap.parse_args(argv)
     hq, hkv, d = (int(x) for x in a.heads.split(","))
-    for sp in (float(x) for x in a.sparsities.split(",")):
+    from cab_vllm.ops import fused_select as fs
+
+    def ints(s, default):
+        return [int(x) for x in s.split(",")] if s else [default]
+
+    variants = [(bool(st), tr) for st in ints(a.separate_topk, int(fs.SEPARATE_TOPK))
+                for tr in ints(a.tile_rows, fs.TILE_ROWS)]
+    for (separate, tile_rows), sp in ((v, float(x)) for v in variants for x in a.sparsities.split(",")):
+        fs.SEPARATE_TOPK, fs.TILE_ROWS = separate, tile_rows
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1")
-        print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']} "
-              f"(one layer, ms)")
+        opts = f" separate_topk={int(separate)} tile_rows={tile_rows}" if a.fused_select == "1" else ""
+        print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
+              f"{opts} (one layer, ms)")
         for p in PHASES:
             print(f"{p:22} total {r['total_ms'][p]:9.3f}  per chunk {r['per_chunk_ms'][p]}")
         if "syncs" in r:

@@ -25,6 +25,13 @@ from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2
 TILE_ROWS = 64  # (query block, head) rows per program: 64 // the group's padded size query blocks share the key
 # summaries a program reads (more rows exceed an H100's shared memory at 128k with GQA 8: tests/ops/hopper_compile)
 KEY_TILE = 64  # key blocks per step of a program's loop
+# The top-k in a launch of its own, one program per (query block, KV head) row, instead of each estimate program
+# selecting its RB rows one after another: an 8192-token chunk at 128k has 64 estimate programs (RB = 16 query
+# blocks each at GQA 4) and its kernel took 255 us on the H200 (benchmarks/results/profiles_h200_2026-12-01b),
+# most of it those serial top-ks; the estimate kernel also stops specializing on the key-block count (MPAD), so
+# the warm-up compiles one big kernel per exact-rows flag instead of one per power of two. Untimed: compare with
+# benchmarks/gpu/prefill_profile.py --fused-select 1 --separate-topk 0,1 [--tile-rows 16,32,64].
+SEPARATE_TOPK = True
 
 if HAS_TRITON:
     import triton
@@ -50,6 +57,7 @@ if HAS_TRITON:
         stride_qh, stride_qr, stride_kh, stride_km, stride_sr, stride_sh, stride_ir, stride_ih, stride_cr,
         W: tl.constexpr, WPAD: tl.constexpr, GPAD: tl.constexpr, RB: tl.constexpr, BJ: tl.constexpr,
         BLOCK: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, HAS_EXACT: tl.constexpr,
+        SELECT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         kvh = tl.program_id(1).to(tl.int64)
@@ -92,12 +100,24 @@ if HAS_TRITON:
             a = tl.where(forced, float("inf"), a)
             tl.store(sc_ptr + rb[:, None].to(tl.int64) * stride_sr + kvh * stride_sh + j[None, :], a,
                      mask=(rb < rows)[:, None] & (j[None, :] <= bb[:, None]))
-        tl.debug_barrier()  # the scores this program wrote, read back by its own threads
-        for i in range(0, RB):
-            row = pid * RB + i
-            if row < rows:
-                _topk_blocks(sc_ptr, keep_ptr, idx_ptr, cnt_ptr, row, kvh, first + row, kmax,
-                             stride_sr, stride_sh, stride_ir, stride_ih, stride_cr, MPAD, KPAD)
+        if SELECT:  # else _topk_rows_kernel selects, one program per row
+            tl.debug_barrier()  # the scores this program wrote, read back by its own threads
+            for i in range(0, RB):
+                row = pid * RB + i
+                if row < rows:
+                    _topk_blocks(sc_ptr, keep_ptr, idx_ptr, cnt_ptr, row, kvh, first + row, kmax,
+                                 stride_sr, stride_sh, stride_ir, stride_ih, stride_cr, MPAD, KPAD)
+
+    @triton.jit(do_not_specialize=["first", "kmax", "stride_sr", "stride_sh", "stride_ir", "stride_ih",
+                                   "stride_cr"])
+    def _topk_rows_kernel(sc_ptr, keep_ptr, idx_ptr, cnt_ptr, first, kmax,
+                          stride_sr, stride_sh, stride_ir, stride_ih, stride_cr,
+                          MPAD: tl.constexpr, KPAD: tl.constexpr):
+        """The top-k of one (query block, KV head) row of the scores _estimate_select_kernel wrote."""
+        row = tl.program_id(0)
+        kvh = tl.program_id(1).to(tl.int64)
+        _topk_blocks(sc_ptr, keep_ptr, idx_ptr, cnt_ptr, row, kvh, first + row, kmax,
+                     stride_sr, stride_sh, stride_ir, stride_ih, stride_cr, MPAD, KPAD)
 
 
 def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: torch.Tensor, kmax: int,
@@ -138,15 +158,22 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
     width = qf.shape[-1]
     gpad = max(1, next_pow2(group))
     rb = max(1, TILE_ROWS // gpad)
+    keep = keep.to(torch.int32).contiguous()
+    separate = SEPARATE_TOPK
+    mpad = next_pow2(m)
     _estimate_select_kernel[(triton.cdiv(mq, rb), hkv)](
-        qf, ks, exact if exact is not None else scores, scores, keep.to(torch.int32).contiguous(), idx, cnt,
+        qf, ks, exact if exact is not None else scores, scores, keep, idx, cnt,
         n_keys, q_block_offset, mq, m, kk, mq - 1, 1.0 / math.sqrt(d), group, sink_blocks, local_blocks,
         qf.stride(0), qf.stride(1), ks.stride(0), ks.stride(1), scores.stride(0), scores.stride(1),
         idx.stride(0), idx.stride(1), cnt.stride(0),
         W=width, WPAD=next_pow2(width), GPAD=gpad, RB=rb, BJ=KEY_TILE,
-        BLOCK=block_size, MPAD=next_pow2(m), KPAD=next_pow2(m), HAS_EXACT=exact is not None, num_warps=4,
+        BLOCK=block_size, MPAD=1 if separate else mpad, KPAD=1 if separate else mpad, HAS_EXACT=exact is not None,
+        SELECT=not separate, num_warps=4,
         num_stages=1,  # no pipelined key tiles: fp32 summaries would take 264 KB of shared memory (> an H100's)
     )
-    # KPAD = MPAD: one compiled variant per power of two of the key blocks (and exact rows or not), whatever
-    # the budget (the warm-up makes them all: backend.warmup.warm_fused_select)
+    if separate:
+        _topk_rows_kernel[(mq, hkv)](scores, keep, idx, cnt, q_block_offset, kk, scores.stride(0), scores.stride(1),
+                                     idx.stride(0), idx.stride(1), cnt.stride(0), MPAD=mpad, KPAD=mpad, num_warps=4)
+    # KPAD = MPAD: one compiled top-k per power of two of the key blocks, whatever the budget (the warm-up makes
+    # them all: backend.warmup.warm_fused_select)
     return idx.permute(1, 0, 2)[None].contiguous(), cnt.t()[None].contiguous()

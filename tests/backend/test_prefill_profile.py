@@ -138,3 +138,17 @@ def test_fused_selection_gives_the_chunked_prefill_the_same_output(pp, policy, m
     for (i0, c0, f0), (i1, c1, f1) in zip(*sels):
         assert f0 == f1 and torch.equal(c0, c1) and torch.equal(i0, i1)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_profile_main_runs_each_fused_select_variant(pp, monkeypatch, capsys):
+    """--separate-topk / --tile-rows lists: one profile per variant and sparsity, labelled with the fused
+    predictor's settings when it runs (here the unfused path: the labels stay off)."""
+    from cab_vllm.ops import fused_select as fs
+
+    monkeypatch.setattr(fs, "SEPARATE_TOPK", fs.SEPARATE_TOPK)
+    monkeypatch.setattr(fs, "TILE_ROWS", fs.TILE_ROWS)
+    pp.main(["--n", "1000", "--chunk", "256", "--sparsities", "0.5", "--device", "cpu", "--impl", "torch",
+             "--heads", "4,2,32", "--no-kernels", "--separate-topk", "0,1", "--tile-rows", "16"])
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("==")]
+    assert len(heads) == 2 and not any("separate_topk" in h for h in heads)
+    assert fs.TILE_ROWS == 16 and fs.SEPARATE_TOPK is True  # the last variant's

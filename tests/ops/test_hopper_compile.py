@@ -86,7 +86,7 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     from cab_vllm.policies import estimate_and_select
 
     caps = [Capture(monkeypatch, fs, "_estimate_select_kernel"), Capture(monkeypatch, coarsen, "_sampled_kernel"),
-            Capture(monkeypatch, dec, "_decode_step_kernel")]
+            Capture(monkeypatch, dec, "_decode_step_kernel"), Capture(monkeypatch, fs, "_topk_rows_kernel")]
     gen = torch.Generator().manual_seed(0)
     # the fused predictor and the exact rows (GQA 4 in bf16, GQA 7 in fp32)
     for hq, hkv, dt, policy in ((8, 2, torch.bfloat16, "cab"), (14, 2, torch.float32, "cab"),
@@ -111,8 +111,10 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
         sel = Selection(torch.full((rows,), 5, dtype=torch.int32), ws.scores[:rows], 1, 1, 0)
         routed_decode(q, kc, kc, bt, sl, routes, 64, 0.125, torch.zeros_like(q), ws.splits(rows), ws.partials(rows),
                       impl="triton", select=sel)
-    fused, sampled, step = (c.launches for c in caps)
+    fused, sampled, step, topk = (c.launches for c in caps)
     assert {x["constexprs"]["HAS_EXACT"] for x in fused} == {True, False}
+    assert {x["constexprs"]["SELECT"] for x in fused} == {False} and topk  # the top-k in its own launch
+    fused = fused + _scaled(fused, SELECT=True)  # and the estimate launch selecting its own rows
     assert {x["constexprs"]["GPAD"] for x in sampled} == {4, 8}
     assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} == {(True, True), (True, False),
                                                                                          (False, True)}
@@ -125,9 +127,10 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     options = _scaled(attend, MERGE_SPLITS=1) + _scaled(attend, MERGE_SPLITS=16)
     # an 8B model at 128k: 2048 key blocks, head dim 128 (summaries 2 x 128 wide), 16 exact rows
     big = (_scaled(fused, MPAD=2048, KPAD=2048, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
-           + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128))
-    out = _compile(tmp_path, fused + sampled + step + options + big)
-    assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in fused + sampled + step + options + big})
+           + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128) + _scaled(topk, MPAD=2048, KPAD=2048))
+    every = fused + sampled + step + options + topk + big
+    out = _compile(tmp_path, every)
+    assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in every})
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas is missing")
