@@ -1,7 +1,8 @@
 """One decode step of CAB on a GPU, kernel by kernel, to see where its time goes (no vLLM needed).
 
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
-        [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16]
+        [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16] [--target-programs 264,528,1056]
+        [--columns prompt,prompt1,skip1]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
@@ -66,7 +67,11 @@ def graph_time_us(fn, reps: int = 200) -> float:
     return _replay_us(flushed, reps) - _replay_us(flush.zero_, reps)
 
 
-def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int = 4) -> dict:
+COLUMNS = ("prompt", "bounds", "skip", "prompt1", "bounds1", "skip1", "plain", "dense")
+
+
+def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int = 4,
+            columns=COLUMNS) -> dict:
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     pages_per_seq = math.ceil(n / PAGE)
     kc = torch.randn(rows * pages_per_seq + 1, PAGE, HKV, D, device=dev, dtype=dt)
@@ -111,20 +116,21 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
                                    select=sel, scale=1 / math.sqrt(D), num_splits=ws.splits(rows), out=out,
                                    lse=ws.lse[:rows], scratch=scratch, min_blocks_per_split=min_per)
 
-    res["prompt_us"] = timer(routed(MODE_PROMPT))
-    res["bounds_us"] = timer(routed(MODE_BOUNDS))
-    res["skip_us"] = timer(routed(MODE_SKIP))
-    res["prompt_one_us"] = timer(one_launch(MODE_PROMPT))
-    res["bounds_one_us"] = timer(one_launch(MODE_BOUNDS))
-    res["skip_one_us"] = timer(one_launch(MODE_SKIP))
     idx = table.idx[:rows].to(torch.int32).contiguous()
     cnt = table.cnt[:rows].contiguous()
-    res["plain_same_blocks_us"] = timer(
-        lambda: paged_sparse_decode(q, kc, vc, bt, sl, idx, cnt, BS, num_splits=ws.splits(rows), out=out))
     all_idx = torch.arange(m, device=dev, dtype=torch.int32).expand(rows, HKV, m).contiguous()
     all_cnt = torch.full((rows, HKV), m, device=dev, dtype=torch.int32)
-    res["plain_dense_us"] = timer(
-        lambda: paged_sparse_decode(q, kc, vc, bt, sl, all_idx, all_cnt, BS, num_splits=ws.splits(rows), out=out))
+    runs = {
+        "prompt": lambda: routed(MODE_PROMPT), "bounds": lambda: routed(MODE_BOUNDS), "skip": lambda: routed(MODE_SKIP),
+        "prompt1": lambda: one_launch(MODE_PROMPT), "bounds1": lambda: one_launch(MODE_BOUNDS),
+        "skip1": lambda: one_launch(MODE_SKIP),
+        "plain": lambda: lambda: paged_sparse_decode(q, kc, vc, bt, sl, idx, cnt, BS, num_splits=ws.splits(rows),
+                                                     out=out),
+        "dense": lambda: lambda: paged_sparse_decode(q, kc, vc, bt, sl, all_idx, all_cnt, BS,
+                                                     num_splits=ws.splits(rows), out=out),
+    }
+    for c in COLUMNS:  # a column not asked for is None
+        res[f"{c}_us"] = timer(runs[c]()) if c in columns else None
     return res
 
 
@@ -134,7 +140,10 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--sparsity", type=float, default=0.95)
     ap.add_argument("--min-per", default="4", help="blocks per split at least (comma list to compare)")
-    ap.add_argument("--target-programs", type=int, default=None, help="split-K programs per step to aim for")
+    ap.add_argument("--target-programs", default=None,
+                    help="split-K programs per step to aim for (comma list; ops.decode.TARGET_PROGRAMS)")
+    ap.add_argument("--columns", default=",".join(COLUMNS),
+                    help=f"what to time, comma list of {', '.join(COLUMNS)} (fewer: a faster sweep)")
     ap.add_argument("--score-programs", default=None,
                     help="programs per (row, KV head) scoring its blocks in a selection (bounds mode; comma list)")
     ap.add_argument("--merge-splits", default=None,
@@ -144,34 +153,37 @@ def main() -> None:
     a = ap.parse_args()
     import cab_vllm.ops.decode as decode_ops
 
-    if a.target_programs is not None:
-        decode_ops.TARGET_PROGRAMS = a.target_programs
+    columns = a.columns.split(",")
+    bad = [c for c in columns if c not in COLUMNS]
+    if bad:
+        ap.error(f"--columns: unknown {', '.join(bad)} (expected some of {', '.join(COLUMNS)})")
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py needs a CUDA GPU")
 
     def ints(text, default):
         return [int(x) for x in text.split(",")] if text is not None else [default]
 
-    variants = [(mp, sp, ms) for mp in ints(a.min_per, 4)
+    variants = [(mp, sp, ms, tp) for mp in ints(a.min_per, 4)
                 for sp in ints(a.score_programs, decode_ops.MAX_SCORE_PROGRAMS)
-                for ms in ints(a.merge_splits, decode_ops.MERGE_SPLITS)]
+                for ms in ints(a.merge_splits, decode_ops.MERGE_SPLITS)
+                for tp in ints(a.target_programs, decode_ops.TARGET_PROGRAMS)]
     global _FLUSH
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'kept':>5} "
+    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'kept':>5} "
           f"{'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} {'prompt1':>8} {'bounds1':>8} {'skip1':>7} "
           f"{'plain':>8} {'dense':>8}  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
           f"scoring programs; merge: splits per merge load; dense: this kernel over every block; "
           f"L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
         for rows in (int(x) for x in a.rows.split(",")):
-            for mp, sp, ms in variants:
-                decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS = sp, ms
-                r = profile(n, rows, a.sparsity, min_per=mp)
-                print(f"{n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {r['kept_blocks']:>5} "
-                      f"{r['splits']:>6} {r['prompt_us']:>8.1f} {r['bounds_us']:>8.1f} {r['skip_us']:>7.1f} "
-                      f"{r['prompt_one_us']:>8.1f} {r['bounds_one_us']:>8.1f} {r['skip_one_us']:>7.1f} "
-                      f"{r['plain_same_blocks_us']:>8.1f} {r['plain_dense_us']:>8.1f}")
+            for mp, sp, ms, tp in variants:
+                decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS, decode_ops.TARGET_PROGRAMS = sp, ms, tp
+                r = profile(n, rows, a.sparsity, min_per=mp, columns=columns)
+                cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>{w}}"
+                                 for c, w in zip(COLUMNS, (8, 8, 7, 8, 8, 7, 8, 8)))
+                print(f"{n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {r['kept_blocks']:>5} {r['splits']:>6} "
+                      f"{cells}")
 
 if __name__ == "__main__":
     main()

@@ -42,5 +42,7 @@ def test_decode_profile_runs_every_variant(merge, monkeypatch):
     r = prof.profile(700, 2, 0.5, dev="cpu", timer=timer, min_per=1)
     assert len(calls) == 8
     assert r["kept_blocks"] <= r["blocks"] == 11
-    assert [r[k] for k in ("prompt_us", "bounds_us", "skip_us", "prompt_one_us", "bounds_one_us", "skip_one_us",
-                           "plain_same_blocks_us", "plain_dense_us")] == [float(i) for i in range(1, 9)]
+    assert [r[k] for k in ("prompt_us", "bounds_us", "skip_us", "prompt1_us", "bounds1_us", "skip1_us",
+                           "plain_us", "dense_us")] == [float(i) for i in range(1, 9)]
+    r = prof.profile(700, 2, 0.5, dev="cpu", timer=timer, min_per=1, columns=("prompt1", "skip1"))
+    assert len(calls) == 10 and (r["prompt1_us"], r["skip1_us"]) == (9.0, 10.0) and r["prompt_us"] is None
