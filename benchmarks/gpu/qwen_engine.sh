@@ -11,10 +11,11 @@
 # Env: LENGTHS (tasks; default "4096 8192 16384 32768"), SPARSITIES ("0.9 0.95 0.98 0.99"), TRIALS (1), DEPTHS
 # ("0.1 0.5 0.9"), TIME_BUDGET (seconds per tasks run; rows already in the output are skipped when re-run),
 # YARN_LENS ("65536,131072"), DENSE_THRESHOLD (1024: rows below it run vLLM's FlashAttention whatever the policy).
+# MODEL (a packaged model name; default qwen2.5-coder-0.5b-instruct), PY (the Python to run; python3).
 set -euo pipefail
 OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed}; what=${2:?usage: qwen_engine.sh OUT yarn|tasks|seed}
 STORE=${STORE:-/tmp/cabstore}
-NAME=qwen2.5-coder-0.5b-instruct
+NAME=${MODEL:-qwen2.5-coder-0.5b-instruct}; export PY=${PY:-python3}
 # VLLM_ALLOW_LONG_MAX_MODEL_LEN: a prompt of the model's full context plus its answer (<= 128 tokens past it)
 export CAB_CACHE_DIR=$STORE/in PYTHONPATH=$STORE/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
   VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_LONG_MAX_MODEL_LEN=1
@@ -26,7 +27,7 @@ DEPTHS=${DEPTHS:-"0.1 0.5 0.9"}; DENSE_THRESHOLD=${DENSE_THRESHOLD:-1024}
 budget=(); [ -n "${TIME_BUDGET:-}" ] && budget=(--time-budget "$TIME_BUDGET")
 tasks() {  # tasks OUTFILE POLICY...
   local out=$1; shift
-  python3 -m cab_experiments tasks --engine vllm --model "$NAME" --dense-threshold "$DENSE_THRESHOLD" \
+  "$PY" -m cab_experiments tasks --engine vllm --model "$NAME" --dense-threshold "$DENSE_THRESHOLD" \
     --lengths $LENGTHS --sparsities $SPARSITIES --trials "$TRIALS" --depths $DEPTHS --policies "$@" \
     --gpu-memory-utilization 0.85 --max-num-batched-tokens 16384 --quiet "${budget[@]}" --out "$out"
 }
@@ -35,10 +36,10 @@ case $what in
     lens=${YARN_LENS:-65536,131072}
     common=(--model "$model" --yarn 4 --lengths "$lens" --max-model-len 131200 --max-num-batched-tokens 16384
             --gpu-memory-utilization 0.85)
-    python3 benchmarks/gpu/engine_correctness.py "${common[@]}" --backend FLASH_ATTN --out "$OUT/yarn_fa.json"
-    python3 benchmarks/gpu/engine_correctness.py "${common[@]}" --backend CUSTOM --sparsities 0,0.9,0.95 \
+    "$PY" benchmarks/gpu/engine_correctness.py "${common[@]}" --backend FLASH_ATTN --out "$OUT/yarn_fa.json"
+    "$PY" benchmarks/gpu/engine_correctness.py "${common[@]}" --backend CUSTOM --sparsities 0,0.9,0.95 \
       --out "$OUT/yarn_cab.json"
-    python3 benchmarks/gpu/engine_correctness.py --compare "$OUT/yarn_fa.json" "$OUT/yarn_cab.json" \
+    "$PY" benchmarks/gpu/engine_correctness.py --compare "$OUT/yarn_fa.json" "$OUT/yarn_cab.json" \
       | tee "$OUT/yarn_compare.txt" ;;
   tasks)
     tasks "$OUT/tasks_vllm.jsonl" dense cab cab:budget=adaptive h2o streaming magnitude random ;;
