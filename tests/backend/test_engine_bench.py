@@ -44,12 +44,13 @@ def test_decode_breakdown_is_the_difference_per_step(bench):
         bench.decode_breakdown(prefill, decode, 0)
 
 
-def test_profile_decode_needs_one_rank(bench, monkeypatch, capsys):
+@pytest.mark.parametrize("flag", ["--profile-decode", "--profile-prompt"])
+def test_profiles_need_one_rank(bench, monkeypatch, capsys, flag):
     monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl", "--tp", "2",
-                                      "--profile-decode", "4096"])
+                                      flag, "4096"])
     with pytest.raises(SystemExit):
         bench.main()
-    assert "--profile-decode needs --tp 1" in capsys.readouterr().err
+    assert f"{flag} needs --tp 1" in capsys.readouterr().err
 
 
 def test_host_breakdown_places_the_gpu_work_in_the_host_span(bench):
@@ -63,11 +64,3 @@ def test_host_breakdown_places_the_gpu_work_in_the_host_span(bench):
     assert "first_gpu_us" not in bench.host_breakdown(cpu, [])
     with pytest.raises(ValueError, match="no host events"):
         bench.host_breakdown([], gpu)
-
-
-def test_profile_prompt_needs_one_rank(bench, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl", "--tp", "2",
-                                      "--profile-prompt", "512"])
-    with pytest.raises(SystemExit):
-        bench.main()
-    assert "--profile-prompt needs --tp 1" in capsys.readouterr().err
