@@ -9,12 +9,23 @@
 #                                           in each log; decode_profile in the summary line)
 #   PROFILE_PROMPT=512 bash benchmarks/gpu/run.sh ... also the host and GPU timeline of one 512-token request's
 #                                           first token (HOST lines; prompt_profile in the summary line)
+#   ... "CUSTOM:0.95 CUSTOM:0.95@CAB_GRAPH_BRANCHES=1,CAB_FUSED_SELECT=1" a run with CAB_* variables of its own
+#                                           (after @, comma separated; in its file names and summary line)
 set -uo pipefail
 out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
 mkdir -p "$out"
 for r in $runs; do
-  be=${r%%:*}; sp=${r#*:}
-  tag=${be}_${sp:-dense}${BATCH:+_b$BATCH}${TP:+_tp$TP}${RUNNER:+_$RUNNER}
+  spec=${r%%@*}; envs=""; [ "$spec" != "$r" ] && envs=${r#*@}
+  be=${spec%%:*}; sp=${spec#*:}; [ "$sp" = "$spec" ] && sp=""
+  extra=(); suffix=""
+  if [ -n "$envs" ]; then
+    IFS=, read -ra extra <<< "$envs"
+    for e in "${extra[@]}"; do
+      [[ $e =~ ^CAB_[A-Z_]+=[^[:space:]]*$ ]] || { echo "run.sh: $e in $r is not CAB_NAME=VALUE"; exit 2; }
+    done
+    suffix=_$(printf '%s' "$envs" | tr ',=' '_-')
+  fi
+  tag=${be}_${sp:-dense}${suffix}${BATCH:+_b$BATCH}${TP:+_tp$TP}${RUNNER:+_$RUNNER}
   args=(--backend "$be" --lens "$lens" --out "$out/engine_$tag.jsonl")
   [ -n "$sp" ] && args+=(--sparsity "$sp")
   [ -n "${TP:-}" ] && args+=(--tp "$TP")
@@ -22,22 +33,35 @@ for r in $runs; do
   [ -n "${RUNNER:-}" ] && args+=(--runner "$RUNNER")
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")
   [ -n "${PROFILE_PROMPT:-}" ] && args+=(--profile-prompt "$PROFILE_PROMPT")
-  python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }
+  env "${extra[@]}" python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 \
+    || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }
 done
 python3 - "$out" <<'PY'
 import json, glob, sys
 rows = []
 for f in sorted(glob.glob(sys.argv[1] + "/engine_*.jsonl")):
+    rows.append({"file": f.rsplit("/", 1)[-1][len("engine_"):-len(".jsonl")]})
     for line in open(f):
         rows.append(json.loads(line))
 for r in rows:
+    if "file" in r:
+        print(f"== {r['file']}")
+        continue
     if "n" in r:
         ph = "  ".join(f"{k} {v:.3f} s" for k, v in r.get("per_prompt_s", {}).items())
         print(f"{r['backend']:10} sp={r['sparsity']} b={r.get('batch', 1)} n={r['n']:>6}  TTFT {r['ttft_s']:.3f} s  TPOT {r['tpot_ms']:.2f} ms  {ph}")
     else:
+        env = " ".join(f"{k}={v}" for k, v in r.get("cab_env", {}).items() if k != "CAB_SPARSITY")
+        if env:
+            print(f"{r['backend']:10} sp={r['sparsity']} with {env}")
         print(f"{r['backend']:10} sp={r['sparsity']} init {r['init_s']} s first {r['first_request_s']} s second {r['second_request_s']} s mem {r['mem_after_init_gib']} peak {r['peak_during_runs_gib']} GiB out {r['probe_out'][:8]} metrics {r.get('cab_metrics')}")
         p = r.get("decode_profile")
         if p:
             print(f"{r['backend']:10} sp={r['sparsity']} decode step at n={p['n']}: GPU {p['gpu_us_per_step']} us, span {p['span_us_per_step']} us; top: "
                   + "; ".join(f"{k[0][:40]} {k[2]} us x{k[1]}" for k in p["kernels"][:4]))
+        h = r.get("prompt_profile")
+        if h:
+            print(f"{r['backend']:10} sp={r['sparsity']} one {h['n']}-token request: host {h['host_us']} us "
+                  f"({h['host_ops']} ops), GPU from {h.get('first_gpu_us')} to {h.get('last_gpu_us')} us, busy "
+                  f"{h['gpu_busy_us']} us; top host ops: " + "; ".join(f"{o[0][:30]} {o[2]} us x{o[1]}" for o in h["ops"][:4]))
 PY
