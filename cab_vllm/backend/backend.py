@@ -217,24 +217,19 @@ class V2Requests:
 
 
 class _PinnedRing:
-    """A few pinned host buffers taken in turn for the per-step host-to-device copy of the routes: a buffer is
-    rewritten only after the copy that last read it has finished (its event), never stalling the stream.
-    extent[i]: the rows buffer i's last use wrote (the next use clears only those)."""
+    """Host buffers taken in turn for the per-step host-to-device copy of the routes. Pinned (CUDA): a few, each
+    rewritten only after the copy that last read it has finished (its event), never stalling the stream; else one
+    plain buffer, copied synchronously. extent[i]: the rows buffer i's last use wrote (the next use clears only
+    those); arrays[i]: its numpy view (what the builder writes through)."""
 
-    def __init__(self, shape, n: int = 4, pin: bool = True):
-        self.bufs = [torch.zeros(shape, dtype=torch.int32, pin_memory=pin) for _ in range(n)]
+    def __init__(self, shape, pinned: bool):
+        n = 4 if pinned else 1
+        self.pinned = pinned
+        self.bufs = [torch.zeros(shape, dtype=torch.int32, pin_memory=pinned) for _ in range(n)]
         self.arrays = [b.numpy() for b in self.bufs]
         self.extent = [0] * n
         self.events = [None] * n
         self.i = 0
-
-    @classmethod
-    def plain(cls, shape) -> "_PinnedRing":
-        """One unpinned buffer (CPU devices: the copy is synchronous)."""
-        return cls(shape, 1, pin=False)
-
-    def array(self, i: int):
-        return self.arrays[i]
 
     def next(self) -> tuple[torch.Tensor, int]:
         self.i = (self.i + 1) % len(self.bufs)
@@ -244,9 +239,11 @@ class _PinnedRing:
         return self.bufs[self.i], self.i
 
     def recorded(self, i: int) -> None:
-        ev = torch.cuda.Event()
-        ev.record()
-        self.events[i] = ev
+        """After the copy from buffer i was queued (pinned buffers only: a plain copy has finished)."""
+        if self.pinned:
+            ev = torch.cuda.Event()
+            ev.record()
+            self.events[i] = ev
 
 
 class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
@@ -284,8 +281,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         self._routes = torch.zeros(6, self.rows, dtype=torch.int32, device=device)
         self._fa_seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=device)
         self._fa_tail = 0  # FlashAttention's sequence lengths past this row are zero
-        self._ring = _PinnedRing((6, self.rows)) if torch.device(device).type == "cuda" else None
-        self._host = _PinnedRing.plain((6, self.rows)) if self._ring is None else None
+        self._ring = _PinnedRing((6, self.rows), pinned=torch.device(device).type == "cuda")
         self._views: dict = {}  # (rows, decode rows) -> the step's views of the fixed buffers
         flags = flag_views(self._routes[5])
         self._branches = (flags[1:2], flags[2:3])
@@ -367,9 +363,9 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         # per-row routes -> one host-to-device copy into fixed buffers (rows past the batch: MODE_SKIP); the
         # host side is a numpy view and only what the buffer's last use wrote is cleared (host time per step is
         # what a short request pays on top of FlashAttention)
-        ring = self._ring if self._ring is not None else self._host
+        ring = self._ring
         host, ri = ring.next()
-        h = ring.array(ri)
+        h = ring.arrays[ri]
         used = max(n, ring.extent[ri])
         h[:, :used] = 0
         ring.extent[ri] = n
@@ -383,9 +379,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         h[5, 0] = any(m in SELECTED_MODES for m in plan.modes)  # some row selects its own blocks
         h[5, 1] = run_fa  # the IF nodes of a replayed decode graph (CAB_GRAPH_BRANCHES) read these two
         h[5, 2] = run_cab_decode
-        self._routes.copy_(host, non_blocking=self._ring is not None)
-        if self._ring is not None:
-            self._ring.recorded(ri)
+        self._routes.copy_(host, non_blocking=ring.pinned)
+        ring.recorded(ri)
         views = self._step_views(n, d)
         fa_md = None
         if self.fa is not None:

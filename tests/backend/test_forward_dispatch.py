@@ -118,7 +118,7 @@ def _builder(rows=8, fa=True):
     b.rows, b.slots, b.summaries, b.fa = rows, PromptSlots(rows), None, _FakeFABuilder() if fa else None
     b._routes = torch.zeros(6, rows, dtype=torch.int32)
     b._fa_seq_lens = torch.zeros(rows, dtype=torch.int32)
-    b._fa_tail, b._ring, b._host, b._views = 0, None, backend._PinnedRing.plain((6, rows)), {}
+    b._fa_tail, b._ring, b._views = 0, backend._PinnedRing((6, rows), pinned=False), {}
     flags = backend.flag_views(b._routes[5])
     b._branches = (flags[1:2], flags[2:3])
     return b
