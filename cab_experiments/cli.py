@@ -161,9 +161,29 @@ def _engine_model(a, dtype):
             raise SystemExit(f"python -m cab_experiments {a.cmd}: {e}") from None
     path = prepare_model(a.model)
     room = (a.max_new_tokens or 64) + 64
+    positions = engine_positions(path, a.yarn)
+    if max(a.lengths) + room > positions:
+        raise SystemExit(f"python -m cab_experiments {a.cmd} --engine vllm: a prompt of {max(a.lengths)} tokens and "
+                         f"its answer ({room} tokens of room) need {max(a.lengths) + room} positions; the engine's "
+                         f"rotary table holds {positions} (the model's context"
+                         f"{f' with YaRN x{a.yarn:g}' if a.yarn else ''}): use --lengths up to {positions - room}")
     model = EngineModel(path, max(a.lengths) + room, a.yarn, a.gpu_memory_utilization,
                         str(dtype).replace("torch.", ""), a.max_num_batched_tokens, dense_threshold=a.dense_threshold)
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def engine_positions(path, yarn: float | None = None) -> int:
+    """Positions a vLLM engine can hold for this model (prompt and answer together): its config's
+    max_position_embeddings, times the YaRN factor when one is asked for (vLLM sizes its rotary table by it;
+    past it a position indexes out of the table)."""
+    from transformers import AutoConfig
+
+    from cab_experiments.common import yarn_rope
+
+    config = AutoConfig.from_pretrained(path)
+    if yarn:
+        yarn_rope(config, yarn)
+    return int(config.max_position_embeddings)
 
 
 def _resolve(device: str, dtype: str):

@@ -70,8 +70,11 @@ def graph_time_us(fn, reps: int = 200) -> float:
 COLUMNS = ("prompt", "bounds", "skip", "prompt1", "bounds1", "skip1", "plain", "dense")
 
 
-def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int = 4,
+def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int | None = None,
             columns=COLUMNS) -> dict:
+    import cab_vllm.ops.decode as decode_ops
+
+    min_per = decode_ops.MIN_BLOCKS_PER_SPLIT if min_per is None else min_per
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     pages_per_seq = math.ceil(n / PAGE)
     kc = torch.randn(rows * pages_per_seq + 1, PAGE, HKV, D, device=dev, dtype=dt)
@@ -139,7 +142,7 @@ def main() -> None:
     ap.add_argument("--lens", default="4096,32768,131072")
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--sparsity", type=float, default=0.95)
-    ap.add_argument("--min-per", default="4", help="blocks per split at least (comma list to compare)")
+    ap.add_argument("--min-per", default=None, help="blocks per split at least (comma list to compare)")
     ap.add_argument("--target-programs", default=None,
                     help="split-K programs per step to aim for (comma list; ops.decode.TARGET_PROGRAMS)")
     ap.add_argument("--columns", default=",".join(COLUMNS),
@@ -163,7 +166,7 @@ def main() -> None:
     def ints(text, default):
         return [int(x) for x in text.split(",")] if text is not None else [default]
 
-    variants = [(mp, sp, ms, tp) for mp in ints(a.min_per, 4)
+    variants = [(mp, sp, ms, tp) for mp in ints(a.min_per, decode_ops.MIN_BLOCKS_PER_SPLIT)
                 for sp in ints(a.score_programs, decode_ops.MAX_SCORE_PROGRAMS)
                 for ms in ints(a.merge_splits, decode_ops.MERGE_SPLITS)
                 for tp in ints(a.target_programs, decode_ops.TARGET_PROGRAMS)]

@@ -25,6 +25,9 @@ CHATS = ["What is the capital of France?", "Write a haiku about the sea.",
          "List three prime numbers and explain why they are prime."]
 
 
+ANSWER_TOKENS = 16  # greedy tokens generated after each pass-key prompt
+
+
 def run(a) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -67,7 +70,7 @@ def run(a) -> dict:
     for n in lens:
         items = [(d, t, passkey_prompt(tok, n, d, seed=t)) for d in a.depths for t in range(a.trials)]
         for sp in sps:
-            res = llm.generate([{"prompt_token_ids": p.input_ids} for _, _, p in items], [params(sp, 16)] * len(items),
+            res = llm.generate([{"prompt_token_ids": p.input_ids} for _, _, p in items], [params(sp, ANSWER_TOKENS)] * len(items),
                                use_tqdm=False)
             for (d, t, p), r in zip(items, res):
                 text = r.outputs[0].text
@@ -126,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if compare(a.compare[0], a.compare[1:]) else 0
     if not (a.model and a.backend and a.out):
         ap.error("--model, --backend and --out are required (or --compare)")
+    need = max([int(x) for x in a.lengths.split(",")] if a.lengths else [0]) + ANSWER_TOKENS
+    if a.lengths and need > a.max_model_len:
+        ap.error(f"--lengths: the longest prompt and its {ANSWER_TOKENS}-token answer need {need} positions, past "
+                 f"--max-model-len {a.max_model_len} (vLLM's rotary table holds the model's positions: a longer "
+                 f"sequence indexes out of it)")
     res = run(a)
     json.dump(res, open(a.out, "w"))
     print(passkey_summary(res))

@@ -8,21 +8,23 @@
 #                                                   4k-32k, every policy and sparsity: OUT/tasks_vllm.jsonl
 #   bash benchmarks/gpu/qwen_engine.sh OUT seed     the same prompts with the seed pipeline (curvature policy on
 #                                                   max-L2 pooled blocks: CAB_ESTIMATOR=max_l2, an engine-wide setting)
-# Env: LENGTHS (tasks; default "4096 8192 16384 32768"), SPARSITIES ("0.9 0.95 0.98 0.99"), TRIALS (1), DEPTHS
-# ("0.1 0.5 0.9"), TIME_BUDGET (seconds per tasks run; rows already in the output are skipped when re-run),
-# YARN_LENS ("65536,131072"), DENSE_THRESHOLD (1024: rows below it run vLLM's FlashAttention whatever the policy).
+# Env: LENGTHS (tasks; default "4096 8192 16384 32640": the 32k cell leaves 128 positions for the answer),
+# SPARSITIES ("0.9 0.95 0.98 0.99"), TRIALS (1), DEPTHS ("0.1 0.5 0.9"), TIME_BUDGET (seconds per tasks run; rows
+# already in the output are skipped when re-run), YARN_LENS ("65536,131056": 16 positions for the answer),
+# DENSE_THRESHOLD (1024: rows below it run vLLM's FlashAttention whatever the policy).
 # MODEL (a packaged model name; default qwen2.5-coder-0.5b-instruct), PY (the Python to run; python3).
 set -euo pipefail
 OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed}; what=${2:?usage: qwen_engine.sh OUT yarn|tasks|seed}
 STORE=${STORE:-/tmp/cabstore}
 NAME=${MODEL:-qwen2.5-coder-0.5b-instruct}; export PY=${PY:-python3}
-# VLLM_ALLOW_LONG_MAX_MODEL_LEN: a prompt of the model's full context plus its answer (<= 128 tokens past it)
+# The longest prompts leave room for their answers inside the model's positions (32768, x4 with YaRN): vLLM's
+# rotary table holds exactly those, and a position past it stops the engine (a device-side assert).
 export CAB_CACHE_DIR=$STORE/in PYTHONPATH=$STORE/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_LONG_MAX_MODEL_LEN=1
+  VLLM_USE_FLASHINFER_SAMPLER=0
 mkdir -p "$OUT"
 model=$STORE/in/models/$NAME
 [ -d "$model" ] || bash experiments/device.sh prepare "$NAME"
-LENGTHS=${LENGTHS:-"4096 8192 16384 32768"}; SPARSITIES=${SPARSITIES:-"0.9 0.95 0.98 0.99"}; TRIALS=${TRIALS:-1}
+LENGTHS=${LENGTHS:-"4096 8192 16384 32640"}; SPARSITIES=${SPARSITIES:-"0.9 0.95 0.98 0.99"}; TRIALS=${TRIALS:-1}
 DEPTHS=${DEPTHS:-"0.1 0.5 0.9"}; DENSE_THRESHOLD=${DENSE_THRESHOLD:-1024}
 budget=(); [ -n "${TIME_BUDGET:-}" ] && budget=(--time-budget "$TIME_BUDGET")
 tasks() {  # tasks OUTFILE POLICY...
@@ -33,8 +35,8 @@ tasks() {  # tasks OUTFILE POLICY...
 }
 case $what in
   yarn)
-    lens=${YARN_LENS:-65536,131072}
-    common=(--model "$model" --yarn 4 --lengths "$lens" --max-model-len 131200 --max-num-batched-tokens 16384
+    lens=${YARN_LENS:-65536,131056}
+    common=(--model "$model" --yarn 4 --lengths "$lens" --max-model-len 131072 --max-num-batched-tokens 16384
             --gpu-memory-utilization 0.85)
     "$PY" benchmarks/gpu/engine_correctness.py "${common[@]}" --backend FLASH_ATTN --out "$OUT/yarn_fa.json"
     "$PY" benchmarks/gpu/engine_correctness.py "${common[@]}" --backend CUSTOM --sparsities 0,0.9,0.95 \

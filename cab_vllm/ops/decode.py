@@ -281,7 +281,10 @@ if HAS_TRITON:
 
 
 MAX_SPLITS = 64  # split-K partials per (row, head), at most
-MIN_BLOCKS_PER_SPLIT = 4  # a (row, KV head) with fewer than num_splits * this many blocks uses fewer splits
+# A (row, KV head) with fewer than num_splits * this many blocks uses fewer splits. H200, L2 flushed, prompt rule at
+# 95%, one row: 1 against 4 blocks per split 14.0 vs 20.5 us per layer at 16k, 16.0 vs 20.5 at 32k, 24.4 vs 25.1 at
+# 128k; equal at 8 rows (benchmarks/results/profiles_h200_2026-12-01d/).
+MIN_BLOCKS_PER_SPLIT = 1
 # Split partials the merge reads per load (a power of two; 1: split by split; merge_tile caps it). H200, one row
 # at 128k, L2 flushed: a decode step of 25.1 us per layer with 16, 29.5 split by split
 # (benchmarks/gpu/decode_profile.py --merge-splits; BENCHMARKS.md).

@@ -450,3 +450,43 @@ def test_prompt_slots_follow_the_engines_internal_request_ids():
     assert slots.of == {"req-7-9f8e7d6c": b} and slots.stored == {"req-7-9f8e7d6c": 5}
     assert slots.slot("new") == a  # the freed slot is reused
     assert slots.slot("one-too-many") is None and slots.exhausted == 1  # full: that request decodes by bounds
+
+
+def test_graph_branches_need_conditional_nodes(monkeypatch):
+    """CAB_GRAPH_BRANCHES needs PyTorch's CUDA-graph IF nodes (CUDA 12.4+): without them the engine start fails
+    naming the variable and the torch build; with them but without a way to name the graph being captured
+    (PyTorch before get_currently_capturing_graph), captures are tracked by their stream."""
+    import types
+
+    import torch
+
+    from cab_vllm.backend import graphs
+
+    class Graph:  # a CUDAGraph with the node methods and without get_currently_capturing_graph
+        def capture_begin(self, *a, **k):
+            pass
+
+        def capture_end(self):
+            pass
+
+        begin_capture_to_if_node = end_capture_to_conditional_node = capture_end
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.version, "cuda", "12.2")
+    assert not graphs.conditional_nodes_supported()
+    with pytest.raises(ValueError, match=r"CAB_GRAPH_BRANCHES=1 needs CUDA-graph conditional nodes.*CUDA 12.2"):
+        graphs.check_supported()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(graphs, "_TRACKING", [])
+    monkeypatch.setattr(graphs, "_CAPTURING", {})
+    graphs.check_supported()
+    assert graphs._TRACKING  # capture_begin / capture_end wrapped once
+    stream = types.SimpleNamespace(cuda_stream=1234)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    g = Graph()
+    with pytest.raises(RuntimeError, match="graph being captured is not known"):
+        graphs.capturing_graph()
+    g.capture_begin()
+    assert graphs.capturing_graph() is g
+    g.capture_end()
+    assert graphs._CAPTURING == {}

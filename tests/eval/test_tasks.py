@@ -333,6 +333,38 @@ def test_the_engine_refuses_engine_wide_overrides_by_name(tmp_path):
     assert p.returncode != 0 and "estimator=max_l2 cannot be set per request" in p.stderr, p.stderr[-2000:]
 
 
+def test_the_engine_refuses_a_prompt_and_answer_past_the_models_positions(tmp_path):
+    """vLLM's rotary table holds the model's positions (SmolLM2: 8192; x4 with YaRN): a prompt of the full context
+    plus its answer would index past it and stop the engine on a GPU, so the runner refuses it before starting."""
+    import subprocess
+    import sys
+
+    from cab_experiments.cli import engine_positions
+    from cab_models.models import prepare_model
+
+    path = prepare_model("smollm2-135m-instruct")
+    assert engine_positions(path) == 8192 and engine_positions(path, 4.0) == 32768
+    cmd = [sys.executable, "-m", "cab_experiments", "tasks", "--engine", "vllm", "--model", "smollm2-135m-instruct",
+           "--lengths", "8192", "--policies", "cab", "--out", str(tmp_path / "x.jsonl")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_engine_env(), timeout=600)
+    assert p.returncode != 0 and "need 8320 positions" in p.stderr and "use --lengths up to 8064" in p.stderr, \
+        p.stderr[-2000:]
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_engine_correctness_refuses_lengths_past_max_model_len(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("engine_correctness",
+                                                  ROOT / "benchmarks" / "gpu" / "engine_correctness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.main(["--model", "m", "--backend", "CUSTOM", "--out", "x.json", "--lengths", "131072",
+                  "--max-model-len", "131072"])
+    assert "need 131088 positions, past --max-model-len 131072" in capsys.readouterr().err
+
+
 def test_engine_wide_overrides_are_accepted_only_when_the_engine_runs_them():
     """A variant's estimator (or other engine-wide field) cannot travel per request: it runs when the engine was
     started with exactly that setting, and a plain variant is refused under an engine-wide setting it does not

@@ -7,9 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cab_vllm.backend.graphs import conditional_nodes_supported, flag_views, graph_branch
+from cab_vllm.backend.graphs import check_supported, conditional_nodes_supported, flag_views, graph_branch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(autouse=True)
+def _find_the_capturing_graph():
+    check_supported()  # as the backend does at engine start (tracks captures where PyTorch cannot name the graph)
 
 
 def _capture(fn) -> torch.cuda.CUDAGraph:
