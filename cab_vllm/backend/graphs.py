@@ -6,10 +6,8 @@ H200: 8 us per layer for a kernel and its split combine with nothing to do), and
 when every row is FlashAttention's (2 us per layer). With ``graph_branch`` each of the two is captured inside an
 IF node that the replay takes only when the step has rows for it (a flag the metadata builder copies to the
 device with the step's routes). PyTorch exposes the nodes (CUDA 12.4+) as
-``torch.cuda.CUDAGraph.begin_capture_to_if_node``; each node adds a one-thread kernel that reads its flag.
-The node is added to a graph object, the one being captured: newer PyTorch finds it
-(``CUDAGraph.get_currently_capturing_graph``); on older ones (2.11) ``track_captures`` records each graph as its
-capture begins, by the stream it captures on.
+``torch.cuda.CUDAGraph.begin_capture_to_if_node`` (PyTorch 2.13; not 2.11, the torch of vLLM 0.26); each node
+adds a one-thread kernel that reads its flag.
 """
 
 from __future__ import annotations
@@ -20,63 +18,21 @@ from typing import Iterator
 import torch
 
 
-_CAPTURING: dict[int, object] = {}  # capture stream -> the CUDAGraph capturing on it (track_captures)
-_TRACKING: list = []
-
-
 def conditional_nodes_supported() -> bool:
-    """Whether this PyTorch can capture IF nodes into a CUDA graph (the node methods, CUDA 12.4 or newer)."""
+    """Whether this PyTorch can capture IF nodes into a CUDA graph: the node methods and the lookup of the graph
+    being captured (PyTorch 2.13 has them; 2.11, which vLLM 0.26 pins, has none), built with CUDA 12.4 or newer."""
     g = getattr(torch.cuda, "CUDAGraph", None)
     cuda = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
-    return (g is not None and cuda >= (12, 4)
-            and all(hasattr(g, n) for n in ("begin_capture_to_if_node", "end_capture_to_conditional_node")))
+    return g is not None and cuda >= (12, 4) and all(hasattr(g, n) for n in (
+        "get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node"))
 
 
 def check_supported() -> None:
-    """ValueError naming what is missing when graph branches were asked for and cannot be captured here; else
-    makes sure the graph being captured can be found (``track_captures`` where PyTorch cannot find it)."""
+    """ValueError naming what is missing when graph branches were asked for and cannot be captured here."""
     if not conditional_nodes_supported():
         raise ValueError(f"CAB_GRAPH_BRANCHES=1 needs CUDA-graph conditional nodes (PyTorch's "
-                         f"CUDAGraph.begin_capture_to_if_node, CUDA 12.4+); torch {torch.__version__} "
-                         f"(CUDA {torch.version.cuda}) does not have them")
-    if not hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph"):
-        track_captures()
-
-
-def track_captures() -> None:
-    """Record each ``torch.cuda.CUDAGraph`` by its capture stream from ``capture_begin`` to ``capture_end`` (for
-    PyTorch without ``get_currently_capturing_graph``). Wraps the two methods once; vLLM and ``torch.cuda.graph``
-    call them as before."""
-    if _TRACKING:
-        return
-    cls = torch.cuda.CUDAGraph
-    begin, end = cls.capture_begin, cls.capture_end
-
-    def capture_begin(self, *args, **kwargs):
-        begin(self, *args, **kwargs)
-        _CAPTURING[torch.cuda.current_stream().cuda_stream] = self
-
-    def capture_end(self, *args, **kwargs):
-        try:
-            return end(self, *args, **kwargs)
-        finally:
-            for k in [k for k, g in _CAPTURING.items() if g is self]:
-                del _CAPTURING[k]
-
-    cls.capture_begin, cls.capture_end = capture_begin, capture_end
-    _TRACKING.append((begin, end))
-
-
-def capturing_graph():
-    """The CUDAGraph capturing on the current stream."""
-    cls = torch.cuda.CUDAGraph
-    if hasattr(cls, "get_currently_capturing_graph"):
-        return cls.get_currently_capturing_graph()
-    graph = _CAPTURING.get(torch.cuda.current_stream().cuda_stream)
-    if graph is None:
-        raise RuntimeError("graph_branch: the CUDA graph being captured is not known (this PyTorch cannot name it: "
-                           "call cab_vllm.backend.graphs.track_captures() before the capture begins)")
-    return graph
+                         f"CUDAGraph.begin_capture_to_if_node and get_currently_capturing_graph, CUDA 12.4+); "
+                         f"torch {torch.__version__} (CUDA {torch.version.cuda}) does not have them")
 
 
 @contextlib.contextmanager
@@ -88,7 +44,7 @@ def graph_branch(pred: torch.Tensor) -> Iterator[None]:
         return
     if pred.dtype != torch.bool or pred.numel() != 1:
         raise ValueError(f"graph_branch needs a one-element bool tensor, got {pred.dtype} of {pred.numel()} elements")
-    graph = capturing_graph()
+    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
     graph.begin_capture_to_if_node(pred)
     try:
         yield
