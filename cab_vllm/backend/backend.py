@@ -388,7 +388,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             if self._fa_tail > n:  # a larger batch before: its rows past this one's must not attend
                 self._fa_seq_lens[n:self._fa_tail].zero_()
             self._fa_tail = n
-            fa_md = self.fa.build(common_prefix_len, cm.replace(seq_lens=views.fa_seq_lens), fast_build)
+            fa_md = self.fa.build(common_prefix_len, compat.with_seq_lens(cm, views.fa_seq_lens), fast_build)
         slots = _head(cm.slot_mapping, cm.num_actual_tokens)
         return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
                            _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, routes=views.routes,

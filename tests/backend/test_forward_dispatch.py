@@ -157,3 +157,19 @@ def test_the_step_flags_the_graph_branches_read(seq_lens, fa, cab):
     assert b._fa_seq_lens.tolist() == [n if d else 0 for n, d in zip(seq_lens, dense)] + [0] * (8 - len(seq_lens))
     assert b._routes[0, len(seq_lens):].tolist() == [0] * (8 - len(seq_lens))  # rows past the step: MODE_SKIP
     assert b._routes[0, :len(seq_lens)].ne(0).tolist() == [not d for d in dense]
+
+
+def test_with_seq_lens_is_replace_without_the_init():
+    """The FlashAttention metadata's copy of the step's common metadata with CAB's rows zeroed: every field as
+    dataclasses.replace gives it, the original untouched."""
+    import dataclasses
+
+    from cab_vllm.backend import compat
+
+    cm = _cm([300, 20000, 90], [1, 1, 1])
+    zeroed = torch.tensor([300, 0, 90], dtype=torch.int32)
+    got, want = compat.with_seq_lens(cm, zeroed), cm.replace(seq_lens=zeroed)
+    assert type(got) is type(cm) and got is not cm
+    for f in dataclasses.fields(cm):
+        assert getattr(got, f.name) is getattr(want, f.name), f.name
+    assert cm.seq_lens.tolist() == [300, 20000, 90]
