@@ -118,10 +118,10 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert {x["constexprs"]["GPAD"] for x in sampled} == {4, 8}
     assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} == {(True, True), (True, False),
                                                                                          (False, True)}
-    # the merge's tile: 5 splits here (20 blocks, 4 per split) read 8 per load (MERGE_SPLITS=16 capped by the splits);
-    # the selection-only launch has one split
+    # the merge's tile: 20 splits here (20 blocks, one per split) read 16 per load (MERGE_SPLITS=16); the
+    # selection-only launch has one split
     attend = [x for x in step if x["constexprs"]["ATTEND"]]
-    assert {x["constexprs"]["MERGE_SPLITS"] for x in attend} == {8}
+    assert {x["constexprs"]["MERGE_SPLITS"] for x in attend} == {16}
     assert {x["constexprs"]["MERGE_SPLITS"] for x in step if not x["constexprs"]["ATTEND"]} == {1}
     # the merge split by split (merge_splits=1) and 16 splits per load (the default where a step has 16 or more)
     options = _scaled(attend, MERGE_SPLITS=1) + _scaled(attend, MERGE_SPLITS=16)
