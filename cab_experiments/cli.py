@@ -178,12 +178,11 @@ def engine_positions(path, yarn: float | None = None) -> int:
     past it a position indexes out of the table)."""
     from transformers import AutoConfig
 
-    from cab_experiments.common import yarn_rope
+    from cab_experiments.common import yarn_overrides
 
-    config = AutoConfig.from_pretrained(path)
     if yarn:
-        yarn_rope(config, yarn)
-    return int(config.max_position_embeddings)
+        return int(yarn_overrides(path, yarn)["max_position_embeddings"])
+    return int(AutoConfig.from_pretrained(path).max_position_embeddings)
 
 
 def _resolve(device: str, dtype: str):

@@ -98,6 +98,16 @@ def yarn_rope(config, factor: float) -> None:
     config.max_position_embeddings = int(orig * factor)
 
 
+def yarn_overrides(path, factor: float) -> dict:
+    """vLLM ``hf_overrides`` that extend the model at ``path`` by ``factor`` with YaRN, by yarn_rope's rule (the
+    transformers path's): its rope parameters and its scaled max_position_embeddings."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    yarn_rope(config, factor)
+    return {"rope_parameters": config.rope_parameters, "max_position_embeddings": config.max_position_embeddings}
+
+
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, yarn: float | None = None):
     """(model, tokenizer, path) for a prepared model name or HF folder, attention swapped to CAB (dense until
     ``cab_vllm.hf.using(cfg)``)."""
@@ -148,12 +158,7 @@ class EngineModel:
         if max_num_batched_tokens is not None:
             kw["max_num_batched_tokens"] = max_num_batched_tokens
         if yarn:  # the transformers path's rule (yarn_rope), handed to the engine as config overrides
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(path)
-            yarn_rope(config, yarn)
-            kw["hf_overrides"] = {"rope_parameters": config.rope_parameters,
-                                  "max_position_embeddings": config.max_position_embeddings}
+            kw["hf_overrides"] = yarn_overrides(path, yarn)
         self.llm = LLM(str(path), **kw)
         self.config = types.SimpleNamespace(max_position_embeddings=max_model_len)
         from cab_vllm.backend import compat

@@ -35,7 +35,7 @@ def run(a) -> dict:
     from cab_models.text import answer_has_passkey, passkey_prompt
 
     tok = AutoTokenizer.from_pretrained(a.model)
-    lens = [int(x) for x in a.lengths.split(",")] if a.lengths else []
+    lens = a.lengths
     sps = [float(x) for x in a.sparsities.split(",")] if a.backend == "CUSTOM" else [None]
     kw = dict(max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization, seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=a.max_num_batched_tokens,
@@ -45,14 +45,9 @@ def run(a) -> dict:
     if a.hf_overrides:
         kw["hf_overrides"] = json.loads(a.hf_overrides)
     if a.yarn:  # the experiments' rule (cab_experiments.common.yarn_rope), as config overrides
-        from transformers import AutoConfig
+        from cab_experiments.common import yarn_overrides
 
-        from cab_experiments.common import yarn_rope
-
-        config = AutoConfig.from_pretrained(a.model)
-        yarn_rope(config, a.yarn)
-        kw["hf_overrides"] = {**kw.get("hf_overrides", {}), "rope_parameters": config.rope_parameters,
-                              "max_position_embeddings": config.max_position_embeddings}
+        kw["hf_overrides"] = {**kw.get("hf_overrides", {}), **yarn_overrides(a.model, a.yarn)}
     llm = LLM(a.model, **kw)
 
     def params(sp, n):
@@ -109,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model")
     ap.add_argument("--backend", choices=["FLASH_ATTN", "CUSTOM", "default"])
     ap.add_argument("--sparsities", default="0,0.9,0.95")
-    ap.add_argument("--lengths", default="", help="pass-key prompt lengths, e.g. 16384,32768")
+    ap.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")] if v else [], default=[],
+                    help="pass-key prompt lengths, e.g. 16384,32768")
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.5, 0.9])
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--long-prompt", type=int, default=0, help="tokens of the long greedy-equality prompt")
@@ -129,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if compare(a.compare[0], a.compare[1:]) else 0
     if not (a.model and a.backend and a.out):
         ap.error("--model, --backend and --out are required (or --compare)")
-    need = max([int(x) for x in a.lengths.split(",")] if a.lengths else [0]) + ANSWER_TOKENS
+    need = max(a.lengths, default=0) + ANSWER_TOKENS
     if a.lengths and need > a.max_model_len:
         ap.error(f"--lengths: the longest prompt and its {ANSWER_TOKENS}-token answer need {need} positions, past "
                  f"--max-model-len {a.max_model_len} (vLLM's rotary table holds the model's positions: a longer "
