@@ -8,8 +8,8 @@ launch costs microseconds even when it has nothing to do (short prompts run on v
 attention and the merge share one launch, and the selection's programs return at once when no row selects. The
 kernel can also run selection and attention in one launch (programs take roles from a start-order ticket); with
 the split-by-split merge that cost the attention role 1.5x at 8 rows of 128k on the H200 (with the tiled merge it
-no longer did, but not every batch shape has been timed), so routed_decode uses two, except for a single row
-(ONE_LAUNCH_MAX_ROWS), where one launch halves what a short request pays per layer.
+no longer does for the prompt rule, but rows selecting by key bounds are slower in one), so routed_decode uses two,
+except for a single row (ONE_LAUNCH_MAX_ROWS), where one launch halves what a short request pays per layer.
 Twins: ops.reference.paged_decode_ref and ops.select.decode_select's PyTorch path.
 """
 
@@ -296,7 +296,8 @@ TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), be
 # 2.2-2.5 us per layer when every row is left to FlashAttention (two launches: 4.0-4.7: what short requests pay
 # per layer) and as fast with the prompt rule (28.9 vs 30.3 us at 128k); eight rows of 128k: 1.5x slower with
 # the prompt rule and the split-by-split merge, as fast with the tiled merge (80.8 vs 81.6 us, 2026-12-01; 32k x 8
-# rows not timed yet). Rows that select by key bounds are slower in one launch (618 vs 486 us at 128k, one row).
+# rows 33.5 vs 35.1 us, 2026-12-01d). Rows that select by key bounds are slower in one launch (618 vs 486 us at 128k,
+# one row), so larger batches keep two launches.
 ONE_LAUNCH_MAX_ROWS = 1
 
 
