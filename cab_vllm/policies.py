@@ -64,7 +64,7 @@ def fused_select_ok(cfg: CABConfig) -> bool:
 def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, q_block_offset: int,
                         summary: torch.Tensor, n_keys: int, exact: bool = True, impl: str = "auto"
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """select_from_attention(*estimate(q, k, cfg, summary=summary, ...), cfg) in one Triton kernel
+    """select_from_attention(*estimate(q, k, cfg, summary=summary, ...), cfg) in two Triton launches
     (ops.fused_select) for a cfg that fused_select_ok accepts: the same return, the same selection except among
     tied scores. q [1, Hq, N - q_block_offset * bs, D]; summary [1, Hkv, M, W] of the n_keys keys; k [1, Hkv, N,
     D] is read only for cab's exact rows (when ``exact``)."""

@@ -66,7 +66,7 @@ def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySum
                 label=None, sel_impl: str | None = None, fused: bool = False):
     """Every chunk of one n-token prompt, as attention.attend runs a prefill row with a summary slot; each phase
     timed by ``timer`` or labelled for torch.profiler by ``label`` (record_function). sel_impl: the selection's
-    implementation (default: attend's choice for this device); fused: the one-kernel predictor
+    implementation (default: attend's choice for this device); fused: the fused predictor
     (KernelOptions.fused_select)."""
     dev = q.device
     bs = cfg.block_size
@@ -177,11 +177,8 @@ def main(argv=None) -> None:
     ap.add_argument("--impl", default="triton", choices=["triton", "torch"])
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     ap.add_argument("--no-kernels", action="store_true", help="phase times only (no torch.profiler pass)")
-    ap.add_argument("--fused-select", choices=["0", "1"], default="0",
-                    help="estimate + select in one kernel (what CAB_FUSED_SELECT=1 does in the engine)")
-    ap.add_argument("--separate-topk", default=None,
-                    help="with --fused-select 1: the top-k in its own launch (1) or in the estimate programs (0); "
-                         "comma list to compare (ops.fused_select.SEPARATE_TOPK)")
+    ap.add_argument("--fused-select", choices=["0", "1"], default="1",
+                    help="estimate, then a top-k per row, no [M, M] estimate (the engine's default, CAB_FUSED_SELECT=1)")
     ap.add_argument("--tile-rows", default=None,
                     help="with --fused-select 1: (query block, head) rows per estimate program, comma list "
                          "(ops.fused_select.TILE_ROWS)")
@@ -192,13 +189,12 @@ def main(argv=None) -> None:
     def ints(s, default):
         return [int(x) for x in s.split(",")] if s else [default]
 
-    variants = [(bool(st), tr) for st in ints(a.separate_topk, int(fs.SEPARATE_TOPK))
-                for tr in ints(a.tile_rows, fs.TILE_ROWS)]
-    for (separate, tile_rows), sp in ((v, float(x)) for v in variants for x in a.sparsities.split(",")):
-        fs.SEPARATE_TOPK, fs.TILE_ROWS = separate, tile_rows
+    variants = ints(a.tile_rows, fs.TILE_ROWS)
+    for tile_rows, sp in ((v, float(x)) for v in variants for x in a.sparsities.split(",")):
+        fs.TILE_ROWS = tile_rows
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1")
-        opts = f" separate_topk={int(separate)} tile_rows={tile_rows}" if a.fused_select == "1" else ""
+        opts = f" tile_rows={tile_rows}" if a.fused_select == "1" else ""
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
               f"{opts} (one layer, ms)")
         for p in PHASES:

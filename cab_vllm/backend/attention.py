@@ -75,7 +75,7 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     so the chunk's rows of a rows_only policy keep exactly their fixed total, split by estimated mass.
     summary [Hkv, M, W]: the keys' block summaries (KeySummaries) of the n keys, used instead of pooling k_all;
     k_all may then be None unless the cab policy's exact rows run (exact: the chunk holds the prompt's end).
-    fused: estimate and select in one Triton kernel where it applies (ops.fused_select: Triton, cab without a
+    fused: estimate and select without the [M, M] estimate where it applies (ops.fused_select: Triton, cab without a
     curvature share or magnitude, fixed budget): no [M, M] estimate in memory, no sort; the same selections
     except among tied scores (KernelOptions.fused_select, CAB_FUSED_SELECT).
     """
@@ -96,7 +96,7 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     pad = n - nq - off * bs
     q = F.pad(q_new, (0, 0, pad, 0)) if pad else q_new
     qb, kb = q[None], (None if k_all is None else k_all[None])
-    if fused and impl == "triton" and fused_select_ok(cfg):  # estimate + select in one kernel
+    if fused and impl == "triton" and fused_select_ok(cfg):  # estimate, then top-k per row: no [M, M] estimate
         from cab_vllm.ops.coarsen import key_summary
 
         summ = summary[None] if summary is not None else key_summary(kb, bs, cfg.estimator, impl=impl)

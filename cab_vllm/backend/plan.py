@@ -54,13 +54,13 @@ REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
 @dataclass(frozen=True)
 class KernelOptions:
     """Kernel choices of the engine that change speed, not results (each is tested against the same reference).
-    None keeps the kernel module's default. fused_select: the prefill's estimate and selection in one kernel
-    (ops.fused_select; cab without a curvature share and magnitude, fixed budget); one_launch_rows: decode
+    None keeps the kernel module's default. fused_select (on by default): the prefill's estimate and selection
+    without the [M, M] estimate (ops.fused_select; cab without a curvature share and magnitude, fixed budget); one_launch_rows: decode
     batches of at most this many rows run selection and attention in one launch (ops.decode.ONE_LAUNCH_MAX_ROWS);
     graph_branches: in a decode step's CUDA graph, vLLM's FlashAttention and CAB's decode launch each sit in an IF
     node that runs only when the step has rows for it (cab_vllm.backend.graphs)."""
 
-    fused_select: bool = False
+    fused_select: bool = True
     one_launch_rows: int | None = None
     graph_branches: bool = False
 
@@ -87,7 +87,9 @@ class KernelOptions:
 
         counts = {f: _count_from_env(env, var, 0) for f, var in cls.ENV_COUNTS.items() if env.get(var, "").strip()}
         try:
-            return cls(bool(flag("CAB_FUSED_SELECT")), graph_branches=bool(flag("CAB_GRAPH_BRANCHES")), **counts)
+            flags = {f: v for f, v in (("fused_select", flag("CAB_FUSED_SELECT")),
+                                       ("graph_branches", flag("CAB_GRAPH_BRANCHES"))) if v is not None}
+            return cls(**flags, **counts)
         except ValueError as e:
             field = next((f for f in counts if str(e).startswith(f"{f}=")), None)
             if field is None:

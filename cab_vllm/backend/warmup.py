@@ -84,9 +84,9 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
 
 def warm_fused_select(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
                       cfg: CABConfig, max_blocks: int) -> int:
-    """Compile the one-kernel predictor (ops.fused_select, KernelOptions.fused_select: CAB_FUSED_SELECT=1) for every power of two of the
-    key-block count (_block_counts), with and without exact rows (its compiled variants). Returns the number of
-    launches."""
+    """Compile the fused predictor (ops.fused_select; KernelOptions.fused_select, CAB_FUSED_SELECT, on by default)
+    for every power of two of the key-block count (_block_counts), with and without exact rows (its compiled
+    variants). Returns the number of launches."""
     launches = 0
     q1 = torch.zeros(1, num_heads, cfg.block_size, head_size, dtype=dtype, device=device)
     for p in _block_counts(max_blocks):

@@ -1,14 +1,14 @@
-"""The prefill predictor of the row-local policies in one kernel: estimate and select without the [M, M] matrices.
+"""The prefill predictor of the row-local policies in two launches: estimate and select without the [M, M] matrices.
 
 estimate_select(q, summary, n_keys, cfg, q_block_offset, exact) gives what
     select_from_attention(*estimate(q, None, cfg, summary=summary, ...), cfg, q_block_offset=...)
 gives for cab without a curvature share and for magnitude, with the fixed budget (policies.fused_select_ok):
 each program takes RB query blocks of one KV head, computes their pooled queries' logits against the keys' block
 summaries (coarsen.query_features against coarsen.key_summary), the causal softmax of every query head (two passes over the key
-blocks: log-sum-exp, then probabilities), the max over the GQA group, forces the sink and local blocks, and keeps
-the top ``keep`` blocks of each row (ops.select's radix-threshold top-k, ties to the lower block). The estimate
-never leaves the chip except one row of scores per (query block, KV head) in a scratch buffer the same program
-reads back; the unfused path writes [Hq, Mq, M] logits, [Hkv, Mq, M] probabilities and sorts them.
+blocks: log-sum-exp, then probabilities), the max over the GQA group and forces the sink and local blocks; it
+writes one row of scores per (query block, KV head), and a second launch keeps the top ``keep`` blocks of each
+row (ops.select's radix-threshold top-k, ties to the lower block). The unfused path writes [Hq, Mq, M] logits,
+[Hkv, Mq, M] probabilities and sorts them.
 With ``exact`` ([Hkv, M] float32: the exact scores' group max of the prompt's last query block, cab's exact rows)
 that row's scores are those. Selections agree with the unfused path's except among blocks whose scores tie
 (torch.topk breaks ties its own way).
@@ -25,14 +25,11 @@ from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2
 TILE_ROWS = 64  # (query block, head) rows per program: 64 // the group's padded size query blocks share the key
 # summaries a program reads (more rows exceed an H100's shared memory at 128k with GQA 8: tests/ops/hopper_compile)
 KEY_TILE = 64  # key blocks per step of a program's loop
-# The top-k in a launch of its own, one program per (query block, KV head) row, instead of each estimate program
-# selecting its RB rows one after another: an 8192-token chunk at 128k has 64 estimate programs (RB = 16 query
-# blocks each at GQA 4) and its kernel took 255 us on the H200 (benchmarks/results/profiles_h200_2026-12-01b),
-# most of it those serial top-ks; the estimate kernel also stops specializing on the key-block count (MPAD), so
-# the warm-up compiles one big kernel per exact-rows flag instead of one per power of two. Timed on the H200
-# (prefill_profile.py --fused-select 1 --separate-topk 0,1, 128k in 16384-token chunks, one layer): selection 2.58
-# vs 3.17 ms at 95%, 2.85 vs 3.60 at 99% (benchmarks/results/profiles_h200_2026-12-01d/); --tile-rows not timed.
-SEPARATE_TOPK = True
+# The top-k runs in a launch of its own, one program per (query block, KV head) row (_topk_rows_kernel), not in the
+# estimate programs one row after another: on the H200 (prefill_profile.py, 128k in 16384-token chunks, one layer)
+# the selection took 2.58 vs 3.17 ms at 95% and 2.85 vs 3.60 at 99% (benchmarks/results/profiles_h200_2026-12-01d/),
+# and the estimate kernel need not specialize on the key-block count, so the warm-up compiles one estimate kernel
+# per exact-rows flag and one top-k per power of two of the key blocks.
 
 if HAS_TRITON:
     import triton
@@ -49,16 +46,14 @@ if HAS_TRITON:
         loglen = tl.log(tl.maximum(tl.minimum(n_tokens - j * BLOCK, BLOCK), 1).to(tl.float32))
         return tl.dot(qf, tl.trans(kt)) * scale + loglen[None, :]
 
-    @triton.jit(do_not_specialize=["n_tokens", "first", "rows", "m", "kmax", "exact_row", "stride_qh",
-                                   "stride_qr", "stride_kh", "stride_km", "stride_sr", "stride_sh", "stride_ir",
-                                   "stride_ih", "stride_cr"])
+    @triton.jit(do_not_specialize=["n_tokens", "first", "rows", "m", "exact_row", "stride_qh", "stride_qr",
+                                   "stride_kh", "stride_km", "stride_sr", "stride_sh"])
     def _estimate_select_kernel(
-        qf_ptr, ks_ptr, ex_ptr, sc_ptr, keep_ptr, idx_ptr, cnt_ptr,
-        n_tokens, first, rows, m, kmax, exact_row, scale, group, sink_blocks, local_blocks,
-        stride_qh, stride_qr, stride_kh, stride_km, stride_sr, stride_sh, stride_ir, stride_ih, stride_cr,
+        qf_ptr, ks_ptr, ex_ptr, sc_ptr,
+        n_tokens, first, rows, m, exact_row, scale, group, sink_blocks, local_blocks,
+        stride_qh, stride_qr, stride_kh, stride_km, stride_sr, stride_sh,
         W: tl.constexpr, WPAD: tl.constexpr, GPAD: tl.constexpr, RB: tl.constexpr, BJ: tl.constexpr,
-        BLOCK: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, HAS_EXACT: tl.constexpr,
-        SELECT: tl.constexpr,
+        BLOCK: tl.constexpr, HAS_EXACT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         kvh = tl.program_id(1).to(tl.int64)
@@ -101,13 +96,6 @@ if HAS_TRITON:
             a = tl.where(forced, float("inf"), a)
             tl.store(sc_ptr + rb[:, None].to(tl.int64) * stride_sr + kvh * stride_sh + j[None, :], a,
                      mask=(rb < rows)[:, None] & (j[None, :] <= bb[:, None]))
-        if SELECT:  # else _topk_rows_kernel selects, one program per row
-            tl.debug_barrier()  # the scores this program wrote, read back by its own threads
-            for i in range(0, RB):
-                row = pid * RB + i
-                if row < rows:
-                    _topk_blocks(sc_ptr, keep_ptr, idx_ptr, cnt_ptr, row, kvh, first + row, kmax,
-                                 stride_sr, stride_sh, stride_ir, stride_ih, stride_cr, MPAD, KPAD)
 
     @triton.jit(do_not_specialize=["first", "kmax", "stride_sr", "stride_sh", "stride_ir", "stride_ih",
                                    "stride_cr"])
@@ -160,21 +148,17 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
     gpad = max(1, next_pow2(group))
     rb = max(1, TILE_ROWS // gpad)
     keep = keep.to(torch.int32).contiguous()
-    separate = SEPARATE_TOPK
     mpad = next_pow2(m)
     _estimate_select_kernel[(triton.cdiv(mq, rb), hkv)](
-        qf, ks, exact if exact is not None else scores, scores, keep, idx, cnt,
-        n_keys, q_block_offset, mq, m, kk, mq - 1, 1.0 / math.sqrt(d), group, sink_blocks, local_blocks,
+        qf, ks, exact if exact is not None else scores, scores,
+        n_keys, q_block_offset, mq, m, mq - 1, 1.0 / math.sqrt(d), group, sink_blocks, local_blocks,
         qf.stride(0), qf.stride(1), ks.stride(0), ks.stride(1), scores.stride(0), scores.stride(1),
-        idx.stride(0), idx.stride(1), cnt.stride(0),
-        W=width, WPAD=next_pow2(width), GPAD=gpad, RB=rb, BJ=KEY_TILE,
-        BLOCK=block_size, MPAD=1 if separate else mpad, KPAD=1 if separate else mpad, HAS_EXACT=exact is not None,
-        SELECT=not separate, num_warps=4,
+        W=width, WPAD=next_pow2(width), GPAD=gpad, RB=rb, BJ=KEY_TILE, BLOCK=block_size,
+        HAS_EXACT=exact is not None, num_warps=4,
         num_stages=1,  # no pipelined key tiles: fp32 summaries would take 264 KB of shared memory (> an H100's)
     )
-    if separate:
-        _topk_rows_kernel[(mq, hkv)](scores, keep, idx, cnt, q_block_offset, kk, scores.stride(0), scores.stride(1),
-                                     idx.stride(0), idx.stride(1), cnt.stride(0), MPAD=mpad, KPAD=mpad, num_warps=4)
+    _topk_rows_kernel[(mq, hkv)](scores, keep, idx, cnt, q_block_offset, kk, scores.stride(0), scores.stride(1),
+                                 idx.stride(0), idx.stride(1), cnt.stride(0), MPAD=mpad, KPAD=mpad, num_warps=4)
     # KPAD = MPAD: one compiled top-k per power of two of the key blocks, whatever the budget (the warm-up makes
     # them all: backend.warmup.warm_fused_select)
     return idx.permute(1, 0, 2)[None].contiguous(), cnt.t()[None].contiguous()

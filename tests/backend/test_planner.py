@@ -33,12 +33,14 @@ def test_settings_from_env_defaults_and_overrides():
 def test_kernel_options_from_env():
     from cab_vllm.backend.plan import KernelOptions
 
-    assert EngineSettings.from_env({}).kernels == KernelOptions() == KernelOptions(False, None)
+    assert EngineSettings.from_env({}).kernels == KernelOptions() == KernelOptions(True, None)
     k = EngineSettings.from_env({"CAB_FUSED_SELECT": "1", "CAB_DECODE_ONE_LAUNCH_ROWS": "0"}).kernels
     assert k == KernelOptions(fused_select=True, one_launch_rows=0)
     k = EngineSettings.from_env({"CAB_FUSED_SELECT": "0", "CAB_DECODE_ONE_LAUNCH_ROWS": "8"}).kernels
     assert k == KernelOptions(fused_select=False, one_launch_rows=8)
     assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "1"}).kernels == KernelOptions(graph_branches=True)
+    assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "1", "CAB_FUSED_SELECT": "0"}).kernels == \
+        KernelOptions(fused_select=False, graph_branches=True)
     assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "0"}).kernels == KernelOptions()
     for bad in ({"one_launch_rows": -1}, {"one_launch_rows": True}, {"one_launch_rows": 1.0}, {"fused_select": None},
                 {"fused_select": 1}, {"graph_branches": 1}):

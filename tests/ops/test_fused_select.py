@@ -1,4 +1,4 @@
-"""ops.fused_select.estimate_select (estimate + select in one Triton kernel, for cab without a curvature share and
+"""ops.fused_select.estimate_select (estimate, then a top-k per row, in two Triton launches, for cab without a curvature share and
 magnitude at the fixed budget) selects what policies.estimate + select_from_attention select, row block by row
 block, chunk rows included, with and without cab's exact last rows."""
 
@@ -48,27 +48,6 @@ def test_fused_selection_equals_estimate_then_select(policy, estimator, n, first
     assert torch.equal(cnt, want_cnt)
     assert idx.shape == want_idx.shape and idx.dtype == torch.int32
     assert torch.equal(idx, want_idx)
-
-
-@pytest.mark.parametrize("n, first, heads", [(1337, 9, (4, 2)), (2100, 20, (14, 2))], ids=["chunk", "gqa7"])
-def test_the_top_k_in_the_estimate_launch_selects_the_same(monkeypatch, n, first, heads):
-    """ops.fused_select.SEPARATE_TOPK off: each estimate program selects its own rows (one launch); the same
-    selection as the separate top-k launch (the default) and as estimate then select."""
-    import cab_vllm.ops.fused_select as fs
-
-    hq, hkv = heads
-    q, k = _case(n, hq, hkv, 32, seed=n)
-    cfg = CABConfig(sparsity=0.9, exact_rows=16)
-    summ = key_summary(k, cfg.block_size, cfg.estimator, impl="torch")
-    qr = q[:, :, first * cfg.block_size:]
-    got = {}
-    for separate in (True, False):
-        monkeypatch.setattr(fs, "SEPARATE_TOPK", separate)
-        got[separate] = estimate_and_select(qr, k, cfg, first, summ, n, impl="torch")
-    a_max, a_mean = estimate(qr, k, cfg, impl="torch", q_block_offset=first, summary=summ, n_keys=n)
-    want = select_from_attention(a_max, a_mean, cfg, impl="torch", q_block_offset=first)
-    for idx, cnt in got.values():
-        assert torch.equal(cnt, want[1]) and torch.equal(idx, want[0])
 
 
 def test_fused_selection_without_exact_rows_and_its_errors():
@@ -164,8 +143,8 @@ def test_fused_selection_on_the_gpu(n, first):
 
 
 def test_warm_up_compiles_every_fused_variant(monkeypatch):
-    """With CAB_FUSED_SELECT the engine start launches the one-kernel predictor for every power of two of the
-    key blocks up to the engine's longest context, with and without exact rows (its compiled variants)."""
+    """With CAB_FUSED_SELECT (the default) the engine start launches the fused predictor for every power of two of
+    the key blocks up to the engine's longest context, with and without exact rows (its compiled variants)."""
     import cab_vllm.backend.warmup as warmup
 
     seen = []
