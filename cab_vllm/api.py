@@ -67,7 +67,8 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -
 def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig | None = None, impl: str = "auto") -> Selection:
     """Choose the key blocks every query block attends to.
 
-    q [B, Hq, N, D], k [B, Hkv, N, D] (post-RoPE; fp16/bf16/fp32) -> Selection with Hsel = Hkv.
+    q [B, Hq, N, D], k [B, Hkv, N, D] (post-RoPE; fp16/bf16/fp32) -> Selection with Hsel = Hkv. The sequence is a
+    whole prompt: its last query block produces the answer and keeps at least cfg.answer_blocks.
     impl: 'auto' (Triton on GPU, PyTorch on CPU), 'triton' or 'torch'.
     """
     cfg = CABConfig() if cfg is None else cfg
@@ -78,7 +79,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig | None = None
         a_max, a_mean = estimate(q, k, cfg, impl=impl)
     else:
         a_max = a_mean = torch.zeros(q.shape[0], hkv, m, m, device=q.device)
-    idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl)
+    idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl, answer=True)
     return Selection(idx, cnt, cfg.block_size, q.shape[2])
 
 

@@ -49,6 +49,12 @@ class CABConfig:
     top_p             adaptive budget: estimated attention mass a row's kept blocks must reach, in (0, 1].
     budget_floor      adaptive budget: a row keeps at least ceil(budget_floor x its fixed count), in [0, 1].
     budget_cap        adaptive budget: a row keeps at most floor(budget_cap x its fixed count), >= 1.
+    answer_blocks     the rows that produce the answer keep at least this many key blocks (all their causal
+                      blocks when fewer): the prompt's last query block (whose selection decode reuses under
+                      the prompt rule) and every decode query. 0: the sparsity rule alone. One query block of a
+                      prompt's prefill and its decode steps: the prefill's cost barely moves, and a decode step
+                      reads this many blocks at most where the rule keeps fewer (short contexts). Counted in the
+                      achieved density. See answer_keep.
     """
 
     block_size: int = 64
@@ -68,6 +74,7 @@ class CABConfig:
     top_p: float = 0.95
     budget_floor: float = 0.25
     budget_cap: float = 4.0
+    answer_blocks: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:
@@ -113,6 +120,8 @@ class CABConfig:
             raise bad("budget_floor", "a number in [0, 1] (a fraction of the fixed rule's count)")
         if not is_real(self.budget_cap) or self.budget_cap < 1.0:
             raise bad("budget_cap", "a finite number >= 1 (a multiple of the fixed rule's count)")
+        if not is_int(self.answer_blocks) or self.answer_blocks < 0:
+            raise bad("answer_blocks", "an integer >= 0 (key blocks; 0 = the sparsity rule alone)")
 
     @property
     def decodes_from_prompt(self) -> bool:
@@ -147,9 +156,18 @@ class CABConfig:
             raise ValueError(f"CABConfig has no field(s) {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
-    def keep_counts(self, num_q_blocks: int, device=None):
-        """Key blocks kept by query blocks 0..num_q_blocks-1, as an int64 tensor [num_q_blocks]."""
-        return keep_counts(self.sparsity, self.sink_blocks + self.local_blocks, num_q_blocks, device)
+    def keep_counts(self, num_q_blocks: int, device=None, answer: bool = False):
+        """Key blocks kept by query blocks 0..num_q_blocks-1, as an int64 tensor [num_q_blocks]; answer: the last
+        of them produces the answer (the prompt's last query block, or a decode query's block): answer_keep."""
+        t = keep_counts(self.sparsity, self.sink_blocks + self.local_blocks, num_q_blocks, device)
+        if answer and self.answer_blocks and num_q_blocks > 0:  # answer_keep, without a device sync
+            t[-1:] = t[-1:].clamp(min=min(self.answer_blocks, num_q_blocks))
+        return t
+
+    def answer_keep(self, count: int, causal: int) -> int:
+        """What a row that produces the answer keeps, given the rule's ``count`` and its ``causal`` blocks:
+        max(count, answer_blocks), at most causal."""
+        return min(causal, max(count, self.answer_blocks))
 
 
 def keep_counts(sparsity: float, forced: int, num_q_blocks: int, device=None):

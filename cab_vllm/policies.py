@@ -75,13 +75,13 @@ def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig,
     m = num_blocks(n_keys, cfg.block_size)
     mq = m - q_block_offset
     ex = exact_last_row(q, k, cfg, q_block_offset, impl)[0][0, :, 0] if exact and uses_exact_rows(cfg) else None
-    keep = cfg.keep_counts(m, q.device)[q_block_offset:]
-    return estimate_select(q, summary, n_keys, keep, max_keep(cfg, q_block_offset, mq), cfg.block_size,
+    keep = cfg.keep_counts(m, q.device, answer=exact)[q_block_offset:]  # the prompt's end: the answer row
+    return estimate_select(q, summary, n_keys, keep, max_keep(cfg, q_block_offset, mq, exact), cfg.block_size,
                            cfg.estimator, cfg.sink_blocks, cfg.local_blocks, q_block_offset, ex)
 
 
 def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABConfig, impl: str = "auto",
-                          q_block_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                          q_block_offset: int = 0, answer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply cfg.policy to estimated block attention (both [B, Hkv, Mq, M], row-stochastic, causal).
 
     Row r is query block q_block_offset + r; q_block_offset = 0 with Mq = M is the full square, any other
@@ -90,6 +90,8 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     fixed total over the rows it is given, so a row subset may split its budget differently).
     Counts: CABConfig.keep_counts per query block (budget="fixed"), or with cfg.adaptive per (sequence, KV
     head, query block) from config.adaptive_keep_counts on a_max, each sequence keeping the fixed total.
+    answer: the last row is the prompt's last query block (it produces the answer): it keeps at least
+    cfg.answer_blocks (CABConfig.answer_keep), on top of either budget.
     Returns (indices [B, Hkv, Mq, K] int32 ascending -1 padded, counts [B, Hkv, Mq] int32).
     """
     mq, m, dev = a_max.shape[-2], a_max.shape[-1], a_max.device
@@ -103,10 +105,13 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     policy = cfg.policy
     budget = cfg.replace(sparsity=0.0) if policy == "dense" else cfg
     keep = budget.keep_counts(first + mq, dev)[first:]
-    kmax = max_keep(budget, first, mq)  # on the host: no device sync in the selection
+    kmax = max_keep(budget, first, mq, answer)  # on the host: no device sync in the selection
     forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, dev, first, mq)
     if cfg.adaptive:  # per (KV head, query block) counts [B, Hkv, Mq] from the estimated mass, same total
         keep = adaptive_keep_counts(a_max, allowed, forced, keep, cfg.top_p, cfg.budget_floor, cfg.budget_cap)
+    if answer and cfg.answer_blocks and mq > 0:  # the answer row: at least answer_blocks (CABConfig.answer_keep)
+        keep = keep.clone()
+        keep[..., -1] = keep[..., -1].clamp(min=min(cfg.answer_blocks, first + mq))
     fx = forced.expand_as(a_max)
     if policy == "dense":
         return select_topk(torch.where(allowed, 0.0, float("-inf")).expand_as(a_max), keep, kmax)
@@ -142,17 +147,17 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     raise ValueError(f"unknown policy {policy!r}")
 
 
-def max_keep(cfg: CABConfig, first: int, mq: int) -> int:
+def max_keep(cfg: CABConfig, first: int, mq: int, answer: bool = False) -> int:
     """The most key blocks any (KV head, query block) of rows first .. first+mq-1 keeps under cfg's budget,
     from host arithmetic (no device sync): the fixed rule's count grows with the row, so its last row's; the
-    adaptive rule keeps at most floor(budget_cap * fixed) of a row's causal blocks (config.adaptive_keep_counts)."""
+    adaptive rule keeps at most floor(budget_cap * fixed) of a row's causal blocks (config.adaptive_keep_counts);
+    answer: the last row keeps at least cfg.answer_blocks (select_from_attention)."""
     if mq <= 0:
         return 0
     last = first + mq - 1
     fixed = int(keep_counts(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, last + 1).numpy()[-1])  # host
-    if not cfg.adaptive:
-        return fixed
-    return min(last + 1, max(fixed, math.floor(fixed * cfg.budget_cap + 1e-9)))
+    most = fixed if not cfg.adaptive else min(last + 1, max(fixed, math.floor(fixed * cfg.budget_cap + 1e-9)))
+    return cfg.answer_keep(most, last + 1) if answer else most
 
 
 def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str = "auto", q_block_offset: int = 0,
@@ -202,8 +207,12 @@ def extend_prompt_selection(indices: torch.Tensor, counts: torch.Tensor, prompt_
 
 @functools.lru_cache(maxsize=64)
 def _keep_table(cfg: CABConfig, num_blocks: int, device: str) -> torch.Tensor:
-    """Device-resident keep_counts(num_blocks): decode steps index it without a host-to-device copy."""
-    return cfg.keep_counts(num_blocks).to(device)
+    """Device-resident decode budgets: entry m is what a decode query in block m keeps (keep_counts, at least
+    cfg.answer_blocks: decode queries produce the answer); decode steps index it without a host-to-device copy."""
+    t = cfg.keep_counts(num_blocks)
+    if cfg.answer_blocks:
+        t = torch.minimum(torch.arange(1, num_blocks + 1), t.clamp(min=cfg.answer_blocks))
+    return t.to(device)
 
 
 def select_decode_blocks(q: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor, seq_lens: torch.Tensor,

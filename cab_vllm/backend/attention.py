@@ -108,7 +108,7 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
         else:
             m = num_blocks(n, bs)
             a_max = a_mean = torch.zeros(1, hkv, m - off, m, device=q.device)
-        idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl, q_block_offset=off)
+        idx, cnt = select_from_attention(a_max, a_mean, cfg, impl=impl, q_block_offset=off, answer=exact)
     r = slice(first - off, last + 1 - off)
     return idx[0, :, r].transpose(0, 1).contiguous(), cnt[0, :, r].t().contiguous(), first
 

@@ -46,6 +46,7 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_TOP_P": ("top_p", float),
     "CAB_BUDGET_FLOOR": ("budget_floor", float),
     "CAB_BUDGET_CAP": ("budget_cap", float),
+    "CAB_ANSWER_BLOCKS": ("answer_blocks", int),
 }
 IMPLS = ("auto", "torch", "triton")
 REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
@@ -124,7 +125,7 @@ class EngineSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
-        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, and the kernel choices
+        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_ANSWER_BLOCKS, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, and the kernel choices
         of KernelOptions.from_env); unset ones keep the defaults. A bad value raises ValueError naming the
         variable."""
         env = os.environ if environ is None else environ
@@ -430,10 +431,11 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
 
 
 def keep_count(cfg: CABConfig, seq_len: int) -> int:
-    """Key blocks a decode query at position seq_len - 1 keeps (CABConfig.keep_counts of its query block)."""
+    """Key blocks a decode query at position seq_len - 1 keeps (CABConfig.keep_counts of its query block, an answer
+    row: at least cfg.answer_blocks)."""
     return _keep_last(cfg, (seq_len - 1) // cfg.block_size + 1)
 
 
 @functools.lru_cache(maxsize=4096)
 def _keep_last(cfg: CABConfig, m: int) -> int:
-    return int(cfg.keep_counts(m)[-1])
+    return int(cfg.keep_counts(m, answer=True)[-1])

@@ -159,6 +159,7 @@ class Stats:
         of the previous step. Host arithmetic on the plan's lists only."""
         step: Counter = Counter()
         decode_index = {r: i for i, r in enumerate(plan.decode_rows)}
+        final = dict(zip(plan.prefill_rows, plan.final or ()))  # prefill rows holding their prompt's end
         for r in range(plan.num_reqs):
             q_len = plan.qsl[r + 1] - plan.qsl[r]
             if q_len <= 0:
@@ -178,14 +179,18 @@ class Stats:
                 # route_rows decided the row's source: the stored prompt selection (its budget + every block after
                 # the prompt) or the step's own selection (the query block's budget, as in the else branch)
                 i = decode_index[r]
-                if plan.modes[i] == 1:  # MODE_PROMPT
+                if plan.modes[i] == 1:  # MODE_PROMPT: the prompt's last row kept at least answer_blocks
                     mp = plan.pblocks[i] - 1
-                    kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp) + last - mp
+                    k_mp = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp)
+                    kept = cfg.answer_keep(k_mp, mp + 1) + last - mp
                 else:
                     kept = plan.keep[i]
                 mode = "sparse"
             else:
                 kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, first, last)
+                if final.get(r) and cfg.answer_blocks:  # the prompt's last row is an answer row
+                    k_last = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, last, last)
+                    kept += cfg.answer_keep(k_last, last + 1) - k_last
                 mode = "sparse"
             step[("kept", phase, sp)] += kept
             step[("causal", phase, sp)] += causal

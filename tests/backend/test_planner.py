@@ -191,9 +191,9 @@ def test_prefill_selection_takes_the_row_path_only_when_the_policy_allows(cfg, m
         seen.append(("estimate", q.shape[2], q_block_offset))
         return estimate(q, k, cfg_, impl=impl, q_block_offset=q_block_offset, **kw)
 
-    def spy_select(a_max, a_mean, cfg_, impl="auto", q_block_offset=0):
+    def spy_select(a_max, a_mean, cfg_, impl="auto", q_block_offset=0, **kw):
         seen.append(("select", tuple(a_max.shape[-2:]), q_block_offset))
-        return select_from_attention(a_max, a_mean, cfg_, impl=impl, q_block_offset=q_block_offset)
+        return select_from_attention(a_max, a_mean, cfg_, impl=impl, q_block_offset=q_block_offset, **kw)
 
     monkeypatch.setattr(attention, "estimate", spy_estimate)
     monkeypatch.setattr(attention, "select_from_attention", spy_select)
