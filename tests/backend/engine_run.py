@@ -74,8 +74,10 @@ def main(job_path: str, out_path: str) -> None:
         info["backends"] = sorted({f"{g.backend.__module__}.{g.backend.__name__}" for gs in runner.attn_groups
                                    for g in gs})
         from cab_vllm.backend.plan import METRICS
+        from cab_vllm.backend.stats import STATS
 
         info["metrics"] = dict(METRICS)
+        info["blocks"] = {"|".join(k): v for k, v in STATS.totals.items() if k[0] in ("kept", "causal")}
     except AttributeError:
         pass
     json.dump(info, open(out_path, "w"))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from cab_vllm.config import CABConfig
+
 pytest.importorskip("vllm")
 
 HERE = Path(__file__).parent
@@ -150,6 +152,27 @@ def test_passkey_prompt_decode_rule(model, tmp_path):
     print(f"prompt decode rule: {texts}")
     assert res["metrics"].get("decode_prompt_rule", 0) >= 2 * 7  # both requests, every decode step after the first
     assert PASSKEY in texts[0.5], texts
+
+
+def test_answer_blocks_in_the_engine(model, tmp_path):
+    """CAB_ANSWER_BLOCKS with chunked prefill and the prompt decode rule: the prompt's last query block keeps 16
+    blocks instead of the rule's 3 at 95%, so does every decode step that reuses it (the step metrics count what
+    was kept, from the same plan the kernels read); every other row keeps what it kept."""
+    job = {"model": model, "backend": "CUSTOM", "chat": False, "max_model_len": 4096,
+           "requests": [{"prompt": passkey_prompt(), "max_tokens": 8, "extra_args": {"cab_sparsity": 0.95}}],
+           "engine_kwargs": {"max_num_batched_tokens": 1024, "enable_chunked_prefill": True}}
+    env = {"CAB_DECODE_RULE": "prompt", "CAB_METRICS": "0"}
+    plain = run_engine(tmp_path / "plain", job, env=env)
+    floor = run_engine(tmp_path / "floor", job, env={**env, "CAB_ANSWER_BLOCKS": "16"})
+    n = plain["prompt_lens"][0]
+    m = (n - 1) // 64 + 1  # the prompt's blocks
+    rule = CABConfig(sparsity=0.95).keep_counts(m)[-1].item()
+    assert rule == 3 and m > 16
+    a, b = plain["blocks"], floor["blocks"]
+    assert b["causal|prefill|0.95"] == a["causal|prefill|0.95"] and b["causal|decode|0.95"] == a["causal|decode|0.95"]
+    assert b["kept|prefill|0.95"] - a["kept|prefill|0.95"] == 16 - rule
+    steps = floor["metrics"]["decode_prompt_rule"]
+    assert steps >= 7 and b["kept|decode|0.95"] - a["kept|decode|0.95"] == steps * (16 - rule)
 
 
 # -- (d) mixed batches with per-request sparsity, (e) bad values rejected ------------------------------------
