@@ -8,13 +8,16 @@
 #                                                   4k-32k, every policy and sparsity: OUT/tasks_vllm.jsonl
 #   bash benchmarks/gpu/qwen_engine.sh OUT seed     the same prompts with the seed pipeline (curvature policy on
 #                                                   max-L2 pooled blocks: CAB_ESTIMATOR=max_l2, an engine-wide setting)
+#   bash benchmarks/gpu/qwen_engine.sh OUT answer   the same prompts with the answer rows' floor (CAB_ANSWER_BLOCKS,
+#                                                   env ANSWER_BLOCKS, 32 = 2048 tokens): cab, its adaptive budget and
+#                                                   magnitude; OUT/tasks_vllm_answer.jsonl
 # Env: LENGTHS (tasks; default "4096 8192 16384 32640": the 32k cell leaves 128 positions for the answer),
 # SPARSITIES ("0.9 0.95 0.98 0.99"), TRIALS (1), DEPTHS ("0.1 0.5 0.9"), TIME_BUDGET (seconds per tasks run; rows
 # already in the output are skipped when re-run), YARN_LENS ("65536,131056": 16 positions for the answer),
 # DENSE_THRESHOLD (1024: rows below it run vLLM's FlashAttention whatever the policy).
 # MODEL (a packaged model name; default qwen2.5-coder-0.5b-instruct), PY (the Python to run; python3).
 set -euo pipefail
-OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed}; what=${2:?usage: qwen_engine.sh OUT yarn|tasks|seed}
+OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer}; what=${2:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer}
 STORE=${STORE:-/tmp/cabstore}
 NAME=${MODEL:-qwen2.5-coder-0.5b-instruct}; export PY=${PY:-python3}
 # The longest prompts leave room for their answers inside the model's positions (32768, x4 with YaRN): vLLM's
@@ -47,5 +50,9 @@ case $what in
     tasks "$OUT/tasks_vllm.jsonl" dense cab cab:budget=adaptive h2o streaming magnitude random ;;
   seed)
     CAB_ESTIMATOR=max_l2 tasks "$OUT/tasks_vllm_seed.jsonl" curvature:estimator=max_l2 ;;
-  *) echo "usage: qwen_engine.sh OUT yarn|tasks|seed"; exit 2 ;;
+  answer)
+    a=${ANSWER_BLOCKS:-32}
+    CAB_ANSWER_BLOCKS=$a tasks "$OUT/tasks_vllm_answer.jsonl" "cab:answer_blocks=$a" \
+      "cab:budget=adaptive,answer_blocks=$a" "magnitude:answer_blocks=$a" ;;
+  *) echo "usage: qwen_engine.sh OUT yarn|tasks|seed|answer"; exit 2 ;;
 esac
