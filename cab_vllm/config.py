@@ -160,9 +160,13 @@ class CABConfig:
         """Key blocks kept by query blocks 0..num_q_blocks-1, as an int64 tensor [num_q_blocks]; answer: the last
         of them produces the answer (the prompt's last query block, or a decode query's block): answer_keep."""
         t = keep_counts(self.sparsity, self.sink_blocks + self.local_blocks, num_q_blocks, device)
-        if answer and self.answer_blocks and num_q_blocks > 0:  # answer_keep, without a device sync
-            t[-1:] = t[-1:].clamp(min=min(self.answer_blocks, num_q_blocks))
+        if answer and num_q_blocks > 0:
+            t[-1:] = self.answer_floor(t[-1:], num_q_blocks)
         return t
+
+    def answer_floor(self, counts, causal: int):
+        """answer_keep on a tensor of counts of answer rows with ``causal`` blocks each, without a device sync."""
+        return counts.clamp(min=min(self.answer_blocks, causal)) if self.answer_blocks else counts
 
     def answer_keep(self, count: int, causal: int) -> int:
         """What a row that produces the answer keeps, given the rule's ``count`` and its ``causal`` blocks:

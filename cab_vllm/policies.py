@@ -111,7 +111,7 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
         keep = adaptive_keep_counts(a_max, allowed, forced, keep, cfg.top_p, cfg.budget_floor, cfg.budget_cap)
     if answer and cfg.answer_blocks and mq > 0:  # the answer row: at least answer_blocks (CABConfig.answer_keep)
         keep = keep.clone()
-        keep[..., -1] = keep[..., -1].clamp(min=min(cfg.answer_blocks, first + mq))
+        keep[..., -1] = cfg.answer_floor(keep[..., -1], first + mq)
     fx = forced.expand_as(a_max)
     if policy == "dense":
         return select_topk(torch.where(allowed, 0.0, float("-inf")).expand_as(a_max), keep, kmax)
