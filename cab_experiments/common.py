@@ -22,7 +22,8 @@ class Variant:
     """A policy with optional CABConfig overrides, written ``policy[:field=value,...]``.
 
     Examples: ``dense``, ``cab``, ``cab:curvature_share=0.5``, ``curvature:estimator=max_l2`` (the seed).
-    The extra key ``phases=prefill|decode`` sparsifies only that phase (cab_vllm.hf.using)."""
+    The extra key ``phases=prefill|decode`` sparsifies only that phase, ``layers=LO-HI`` only layers LO..HI-1
+    (cab_vllm.hf.using; the transformers adapter only)."""
 
     spec: str
     policy: str
@@ -45,6 +46,12 @@ class Variant:
                     raise ValueError(f"variant {spec!r}: phases={raw!r} must be one of {PHASES}")
                 overrides.append((key, raw))
                 continue
+            if key == "layers":
+                lo, dash, hi = raw.partition("-")
+                if not (dash and lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
+                    raise ValueError(f"variant {spec!r}: layers={raw!r} must be LO-HI with LO < HI (e.g. 2-24)")
+                overrides.append((key, (int(lo), int(hi))))
+                continue
             if key not in _FIELDS:
                 raise ValueError(f"variant {spec!r}: {key!r} is not a CABConfig field (one of {sorted(_FIELDS)})")
             default = CABConfig.__dataclass_fields__[key].default
@@ -62,6 +69,10 @@ class Variant:
         return dict(self.overrides).get("phases", "both")
 
     @property
+    def layers(self) -> tuple[int, int] | None:
+        return dict(self.overrides).get("layers")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
@@ -69,7 +80,7 @@ class Variant:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""
         if self.is_dense or sparsity == 0:
             return None
-        kw = {k: v for k, v in self.overrides if k != "phases"}
+        kw = {k: v for k, v in self.overrides if k not in ("phases", "layers")}
         return CABConfig(policy=self.policy, sparsity=sparsity, **kw)
 
 
@@ -352,7 +363,7 @@ def run_cell(model, tok, out: Jsonl, items: list[dict], variant: Variant, sparsi
         if isinstance(model, EngineModel):
             answers, secs, density = model.generate(tok, batch, variant, sparsity, max_new_tokens)
         else:
-            with hf.using(variant.config(sparsity), impl=impl, phases=variant.phases) as stats:
+            with hf.using(variant.config(sparsity), impl=impl, phases=variant.phases, layers=variant.layers) as stats:
                 answers, secs = generate(model, tok, batch, max_new_tokens)
             density = stats["kept"] / stats["causal"] if stats["causal"] else 1.0
         for it, ans in zip(batch, answers):

@@ -43,6 +43,7 @@ class _State:
     cfg: CABConfig | None = None
     impl: str = "auto"
     phases: str = "both"
+    layers: tuple[int, int] | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -55,21 +56,29 @@ PHASES = ("both", "prefill", "decode")
 
 
 @contextlib.contextmanager
-def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both"):
+def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
-    of where sparsity costs accuracy. "decode" needs a policy with a decode rule of its own."""
+    of where sparsity costs accuracy. "decode" needs a policy with a decode rule of its own.
+    layers: (lo, hi) sparsifies only layers lo <= layer_idx < hi; the others attend densely and are counted in
+    kept/causal as keeping every causal block (the density is the whole model's) — an ablation of which layers'
+    sparsity costs accuracy."""
     if phases not in PHASES:
         raise ValueError(f"phases={phases!r} must be one of {PHASES}")
     if phases == "decode" and cfg is not None and cfg.decodes_from_prompt:
         raise ValueError(f"policy {cfg.policy!r} decodes from its prompt selection; it cannot run decode-only")
-    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.prompt_sel, _STATE.stats)
-    _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.prompt_sel, _STATE.stats = cfg, impl, phases, {}, _new_stats()
+    if layers is not None:
+        lo, hi = layers
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi):
+            raise ValueError(f"layers={layers!r} must be (lo, hi) with 0 <= lo < hi")
+    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.prompt_sel, _STATE.stats)
+    _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers = cfg, impl, phases, layers
+    _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
-        _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.prompt_sel, _STATE.stats = prev
+        (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.prompt_sel, _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -133,6 +142,14 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
     cfg, impl = _STATE.cfg, _STATE.impl
     if (_STATE.phases == "prefill" and nq != nk) or (_STATE.phases == "decode" and nq == nk):
         cfg = None  # this phase runs dense
+    if cfg is not None and cfg.policy != "dense" and _STATE.layers is not None:
+        lo, hi = _STATE.layers
+        if not lo <= getattr(module, "layer_idx", 0) < hi:  # a dense layer: every causal block counted as kept
+            m = num_blocks(nk, cfg.block_size)
+            n_causal = key.shape[0] * key.shape[1] * (m * (m + 1) // 2 if nq == nk else m)
+            _STATE.stats["kept"] += n_causal
+            _STATE.stats["causal"] += n_causal
+            cfg = None
     if _STATE.captures is not None and nq == nk:
         _STATE.captures.append((getattr(module, "layer_idx", len(_STATE.captures)), query.detach(), key.detach()))
     if cfg is None or cfg.policy == "dense":

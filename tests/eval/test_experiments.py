@@ -269,6 +269,39 @@ def test_phases_sparsify_one_phase_only(smol):
         Variant.parse("cab:phases=never")
 
 
+def test_layers_sparsify_a_layer_range_only(smol):
+    """layers=(lo, hi): layers outside the range attend densely and count every causal block as kept, those inside
+    keep the sparsity rule's count; a range covering every layer is the plain run."""
+    from cab_vllm import hf
+
+    model, tok = smol
+    ids = torch.tensor([tok("The grass is green. " * 120)["input_ids"][:600]])
+    cfg = CABConfig(policy="cab", sparsity=0.8)
+    layers, hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    m = math.ceil(600 / 64)
+    causal, sparse = hkv * m * (m + 1) // 2, hkv * int(cfg.keep_counts(m).sum())
+    assert sparse < causal
+    logits = {}
+    for rng in (None, (0, layers), (2, layers), (0, 1)):
+        with torch.no_grad(), hf.using(cfg, impl="torch", layers=rng) as st:
+            logits[rng] = model(ids).logits[0, -1]
+        n_sparse = layers if rng is None else rng[1] - rng[0]
+        assert st["causal"] == layers * causal
+        assert st["kept"] == n_sparse * sparse + (layers - n_sparse) * causal
+    assert torch.equal(logits[None], logits[(0, layers)])
+    with torch.no_grad():
+        dense = model(ids).logits[0, -1]
+    assert not torch.allclose(logits[(0, 1)], dense, atol=1e-4)  # one sparse layer still changes the output
+    with pytest.raises(ValueError, match="layers="):
+        with hf.using(cfg, layers=(3, 3)):
+            pass
+    assert Variant.parse("cab:layers=2-24").layers == (2, 24)
+    assert Variant.parse("cab:layers=2-24").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    for bad in ("cab:layers=5", "cab:layers=4-2", "cab:layers=a-b"):
+        with pytest.raises(ValueError, match="layers="):
+            Variant.parse(bad)
+
+
 def test_adaptive_budget_through_the_adapter_keeps_the_fixed_total(smol):
     """budget="adaptive" in the transformers adapter: each prefill layer keeps the fixed rule's total (split over KV
     heads and query blocks by estimated mass), decode steps reuse the prompt's adaptive last row, and the model
