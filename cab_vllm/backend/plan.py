@@ -47,6 +47,7 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_BUDGET_FLOOR": ("budget_floor", float),
     "CAB_BUDGET_CAP": ("budget_cap", float),
     "CAB_ANSWER_BLOCKS": ("answer_blocks", int),
+    "CAB_DENSE_LAYERS": ("dense_layers", int),
 }
 IMPLS = ("auto", "torch", "triton")
 REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")

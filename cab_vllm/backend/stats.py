@@ -153,10 +153,13 @@ class Stats:
         child.inc(amount)
 
     # -- recording --------------------------------------------------------------------------------------------
-    def record_plan(self, plan, cfgs: Sequence, block_size: int, dense_threshold: int) -> None:
+    def record_plan(self, plan, cfgs: Sequence, block_size: int, dense_threshold: int,
+                    dense_share: float = 0.0) -> None:
         """Account one step's plan (cab_vllm.backend.plan.BatchPlan) with the rows' requested CABConfigs
         ``cfgs`` (before plan_batch turns dense rows into policy 'dense'); also flushes the predictor timings
-        of the previous step. Host arithmetic on the plan's lists only."""
+        of the previous step. Host arithmetic on the plan's lists only. dense_share: the fraction of the model's
+        attention layers that attend densely whatever the rule (CABConfig.dense_layers): a sparse row's kept
+        blocks are its layers' mean."""
         step: Counter = Counter()
         decode_index = {r: i for i, r in enumerate(plan.decode_rows)}
         final = dict(zip(plan.prefill_rows, plan.final or ()))  # prefill rows holding their prompt's end
@@ -192,6 +195,8 @@ class Stats:
                     k_last = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, last, last)
                     kept += cfg.answer_keep(k_last, last + 1) - k_last
                 mode = "sparse"
+            if dense_share and mode == "sparse":
+                kept += dense_share * (causal - kept)
             step[("kept", phase, sp)] += kept
             step[("causal", phase, sp)] += causal
             step[("rows", phase, sp, cfg.policy, mode)] += 1

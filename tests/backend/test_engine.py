@@ -390,3 +390,30 @@ def test_full_prefix_cache_hit_decodes_sparse(model, tmp_path):
     decodes = [r for r in rows if r[0] == 1 and r[1] > n]
     assert {r[5] for r in decodes} == {1, 3}  # request 0 decodes by its prompt rule, request 1 by bounds
     assert all(o["token_ids"] for o in res["outputs"])
+
+
+# -- (f) leading dense layers (CAB_DENSE_LAYERS) -------------------------------------------------------------
+def test_dense_layers_in_the_engine(model, tmp_path):
+    """CAB_DENSE_LAYERS: with every layer dense a 95%-sparse request decodes as the built-in backend does (float32,
+    chunked prefill, decode steps), and the step metrics count every block kept; with two of SmolLM2's 30 layers
+    dense the kept count moves 2/30 of the way from the rule's count to the causal one."""
+    job = {"model": model, "chat": False, "dtype": "float32", "max_model_len": 4096,
+           "requests": [{"prompt": passkey_prompt(target_words=600), "max_tokens": 8,
+                         "extra_args": {"cab_sparsity": 0.95}}],
+           "engine_kwargs": {"max_num_batched_tokens": 256, "enable_chunked_prefill": True}}
+    ref = run_engine(tmp_path / "builtin", {**job, "requests": [{**job["requests"][0], "extra_args": None}]})
+    cab = {"backend": "CUSTOM"}
+    env = {"CAB_DENSE_THRESHOLD": "0", "CAB_METRICS": "0"}
+    every = run_engine(tmp_path / "every", {**job, **cab}, env={**env, "CAB_DENSE_LAYERS": "30"})
+    plain = run_engine(tmp_path / "plain", {**job, **cab}, env=env)
+    two = run_engine(tmp_path / "two", {**job, **cab}, env={**env, "CAB_DENSE_LAYERS": "2"})
+    assert every["outputs"][0]["token_ids"] == ref["outputs"][0]["token_ids"]
+    assert plain["metrics"].get("prefill_sparse"), "the rows were not sparse"
+    for phase in ("prefill", "decode"):
+        key = f"|{phase}|0.95"
+        causal, kept = plain["blocks"]["causal" + key], plain["blocks"]["kept" + key]
+        assert kept < causal and every["blocks"]["causal" + key] == causal == two["blocks"]["causal" + key]
+        assert every["blocks"]["kept" + key] == pytest.approx(causal)
+        assert two["blocks"]["kept" + key] == pytest.approx(kept + 2 / 30 * (causal - kept))
+    with pytest.raises(AssertionError, match="CAB_DENSE_LAYERS=31 is more than"):
+        run_engine(tmp_path / "bad", {**job, **cab}, env={**env, "CAB_DENSE_LAYERS": "31"})

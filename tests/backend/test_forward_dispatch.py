@@ -25,7 +25,7 @@ class FakeFA:
 
 def _impl(monkeypatch, calls):
     impl = object.__new__(backend.CABImpl)
-    impl.fa, impl._traced, impl.head_size, impl.num_heads = FakeFA(), True, 8, 2
+    impl.fa, impl._traced, impl.head_size, impl.num_heads, impl._dense = FakeFA(), True, 8, 2, False
     monkeypatch.setattr(backend.compat, "split_kv", lambda *a: calls.append("split_kv") or (a[0], a[0]))
     monkeypatch.setattr(backend.CABImpl, "_buffers", lambda self, *a: calls.append("buffers"))
     monkeypatch.setattr(backend, "attend", lambda *a, **kw: calls.append("attend"))
@@ -116,6 +116,7 @@ def _builder(rows=8, fa=True):
     b = object.__new__(backend.CABMetadataBuilder)
     b.settings, b._runner, b._v2, b._warned, b._trace, b._record = EngineSettings(), None, None, set(), False, False
     b.rows, b.slots, b.summaries, b.fa = rows, PromptSlots(rows), None, _FakeFABuilder() if fa else None
+    b.fa_all, b._dense_share = None, 0.0
     b._routes = torch.zeros(6, rows, dtype=torch.int32)
     b._fa_seq_lens = torch.zeros(rows, dtype=torch.int32)
     b._fa_tail, b._ring, b._views = 0, backend._PinnedRing((6, rows), pinned=False), {}
@@ -173,3 +174,48 @@ def test_with_seq_lens_is_replace_without_the_init():
     for f in dataclasses.fields(cm):
         assert getattr(got, f.name) is getattr(want, f.name), f.name
     assert cm.seq_lens.tolist() == [300, 20000, 90]
+
+
+@pytest.mark.parametrize("fa", [True, False], ids=["flash-attention", "no-flash-attention"])
+def test_dense_layers_dispatch(monkeypatch, fa):
+    """CAB_DENSE_LAYERS=2: layers 0 and 1 (found from vLLM's layer name at their first step) run every row densely
+    - vLLM's FlashAttention on the all-rows metadata, or the dense twin where it is absent - and no CAB work;
+    layer 2 takes the usual dispatch."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    calls = []
+    impl = _impl(monkeypatch, calls)
+    seen = []
+    impl.fa.forward = lambda layer, q, k, v, kv, md, out: seen.append(md)
+    if not fa:
+        impl.fa = None
+    monkeypatch.setattr(backend, "attend_dense", lambda *a: calls.append("attend_dense"))
+    settings = backend.compat.engine_settings()
+    impl.settings = dataclasses.replace(settings, cfg=settings.cfg.replace(dense_layers=2))
+    impl.scale = 1.0
+    q = torch.zeros(1, 16)
+    for i in (0, 1, 2):
+        impl._dense = None
+        calls.clear()
+        seen.clear()
+        layer = SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn")
+        impl.forward(layer, q, q, q, torch.zeros(1), _md(run_fa=True, fa="fa", fa_all="fa_all"), torch.zeros(1, 16))
+        assert impl._dense == (i < 2)
+        if i < 2:
+            assert seen == (["fa_all"] if fa else []) and calls == ([] if fa else ["split_kv", "attend_dense"])
+        else:
+            assert seen == (["fa"] if fa else [])
+    with pytest.raises(ValueError, match="layer index"):
+        impl._dense = None
+        impl.forward(SimpleNamespace(layer_name="lm_head.attn"), q, q, q, torch.zeros(1), _md(), torch.zeros(1, 16))
+
+
+def test_the_dense_layers_metadata_has_every_row():
+    """With CAB_DENSE_LAYERS the builder also builds FlashAttention's metadata over every row at its own length (a
+    builder of its own), beside the one with CAB's rows zeroed."""
+    b = _builder()
+    b.fa_all = _FakeFABuilder()
+    md = b.build(0, _cm([300, 20000, 90], [1, 1, 1]))
+    assert md.fa == ("fa", [300, 0, 90]) and md.fa_all == ("fa", [300, 20000, 90])
+    assert _builder().build(0, _cm([300], [1])).fa_all is None

@@ -28,6 +28,7 @@ def test_settings_from_env_defaults_and_overrides():
                                  "CAB_DENSE_THRESHOLD": "0", "CAB_IMPL": "torch"})
     assert (s.cfg.sparsity, s.cfg.policy, s.cfg.block_size, s.dense_threshold, s.impl) == \
         (0.5, "streaming", 32, 0, "torch")
+    assert EngineSettings.from_env({"CAB_DENSE_LAYERS": "2"}).cfg.dense_layers == 2
 
 
 def test_kernel_options_from_env():
@@ -57,9 +58,10 @@ def test_kernel_options_from_env():
     ({"CAB_FUSED_SELECT": "yes"}, "CAB_FUSED_SELECT"), ({"CAB_FUSED_SELECT": "2"}, "CAB_FUSED_SELECT"),
     ({"CAB_DECODE_ONE_LAUNCH_ROWS": "-2"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
     ({"CAB_DECODE_ONE_LAUNCH_ROWS": "many"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
-    ({"CAB_GRAPH_BRANCHES": "on"}, "CAB_GRAPH_BRANCHES"),
+    ({"CAB_GRAPH_BRANCHES": "on"}, "CAB_GRAPH_BRANCHES"), ({"CAB_DENSE_LAYERS": "-1"}, "CAB_DENSE_LAYERS"),
+    ({"CAB_DENSE_LAYERS": "two"}, "CAB_DENSE_LAYERS"),
 ], ids=["sparsity-range", "sparsity-type", "policy", "block-size", "threshold", "impl", "fused-word", "fused-number",
-        "one-launch-range", "one-launch-type", "graph-branches"])
+        "one-launch-range", "one-launch-type", "graph-branches", "dense-layers-range", "dense-layers-type"])
 def test_settings_from_env_rejects_bad_values(env, var):
     with pytest.raises(ValueError, match=var):
         EngineSettings.from_env(env)
@@ -237,6 +239,25 @@ def test_dense_mixed_batch_matches_reference(impl, page_size):
     out, _ = sim.step([(0, 1), (1, 97), (2, 300)], dense_threshold=0, impl=impl)
     ref = torch.cat([dense_rows(sim.q, sim.k, sim.v, 0, 259, 260), dense_rows(sim.q, sim.k, sim.v, 1, 0, 97),
                      dense_rows(sim.q, sim.k, sim.v, 2, 400, 700)])
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("page_size", [16, 128], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("hq, hkv", [(6, 2), (4, 4)], ids=["gqa3", "mha"])
+def test_attend_dense_is_dense_causal_attention(page_size, hq, hkv):
+    """attend_dense (a CAB_DENSE_LAYERS layer without vLLM's FlashAttention): every row of a 90%-sparse step -
+    decodes, a new prompt, a chunk over a cached prefix, a row with no new tokens - attends to all its causal keys."""
+    lens = [260, 97, 700, 130, 75]
+    sim = _sim(lens, hq, hkv, 64, torch.float32, page_size, CABConfig(sparsity=0.9), seed=3)
+    sim.step([(0, 259), (2, 400), (3, 130), (4, 75)])
+    rows = [(0, 1), (4, 0), (1, 97), (2, 300)]
+    q = torch.cat([sim.q[s][:, sim.done[s]: sim.done[s] + n].transpose(0, 1) for s, n in rows])
+    _, md = sim.step(rows, dense_threshold=0)
+    assert not all(md["plan"].dense)
+    out = torch.full_like(q, float("nan"))
+    attention.attend_dense(q, sim.key_cache, sim.value_cache, md["block_table"], md["plan"], 0.125, out)
+    ref = torch.cat([dense_rows(sim.q, sim.k, sim.v, s, a, b, 0.125) for s, a, b in ((0, 259, 260), (1, 0, 97),
+                                                                                      (2, 400, 700))])
     assert rel_err(out, ref) < 1e-5
 
 

@@ -271,7 +271,8 @@ def test_phases_sparsify_one_phase_only(smol):
 
 def test_layers_sparsify_a_layer_range_only(smol):
     """layers=(lo, hi): layers outside the range attend densely and count every causal block as kept, those inside
-    keep the sparsity rule's count; a range covering every layer is the plain run."""
+    keep the sparsity rule's count; a range covering every layer is the plain run. CABConfig.dense_layers=N is
+    the range (N, layers); N = every layer is dense attention."""
     from cab_vllm import hf
 
     model, tok = smol
@@ -292,6 +293,13 @@ def test_layers_sparsify_a_layer_range_only(smol):
     with torch.no_grad():
         dense = model(ids).logits[0, -1]
     assert not torch.allclose(logits[(0, 1)], dense, atol=1e-4)  # one sparse layer still changes the output
+    # CABConfig.dense_layers: the leading layers dense, counted as the range ablation counts them
+    for n_dense, rng in ((2, (2, layers)), (layers, None)):
+        with torch.no_grad(), hf.using(cfg.replace(dense_layers=n_dense), impl="torch") as st:
+            got = model(ids).logits[0, -1]
+        assert st["kept"] == (layers - n_dense) * sparse + n_dense * causal and st["causal"] == layers * causal
+        assert torch.equal(got, logits[rng]) if rng else torch.allclose(got, dense, atol=1e-5)
+    assert Variant.parse("cab:dense_layers=2").config(0.9).dense_layers == 2
     with pytest.raises(ValueError, match="layers="):
         with hf.using(cfg, layers=(3, 3)):
             pass

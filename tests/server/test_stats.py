@@ -137,3 +137,29 @@ def test_a_process_that_does_not_record_times_nothing(stats):
         sum(range(1000))
     assert not stats._pending_host and not stats._pending_events
     stats.recording = True
+
+
+def test_dense_layers_move_kept_blocks_toward_causal(stats):
+    """record_plan's dense_share (CAB_DENSE_LAYERS / the model's layers): a sparse row's kept blocks are the mean
+    over layers, the dense layers keeping every causal block; dense rows are unchanged."""
+    cfg = CABConfig(sparsity=0.9, decode_rule="bounds")
+    qsl, seq = [0, 1, 1001, 1101], [3000, 5000, 100]
+    plan = plan_batch(qsl, seq, [cfg] * 3, dense_threshold=1024, count=False)
+    stats.record_plan(plan, [cfg] * 3, 64, 1024)
+    plain = dict(stats.totals)
+    shared = Stats()
+    shared.record_plan(plan, [cfg] * 3, 64, 1024, dense_share=0.25)
+    t = shared.totals
+    for phase in ("prefill", "decode"):
+        kept, causal = plain[("kept", phase, "0.90")], plain[("causal", phase, "0.90")]
+        assert kept < causal and t[("causal", phase, "0.90")] == causal
+        assert t[("kept", phase, "0.90")] == pytest.approx(kept + 0.25 * (causal - kept))
+    assert plain[("rows", "prefill", "0.90", "cab", "dense")] == t[("rows", "prefill", "0.90", "cab", "dense")] == 1
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "2", None])
+def test_config_rejects_bad_dense_layers(value):
+    with pytest.raises(ValueError, match=r"CABConfig\.dense_layers="):
+        CABConfig(dense_layers=value)
+    assert CABConfig(dense_layers=2).dense_layer(1) and not CABConfig(dense_layers=2).dense_layer(2)
+    assert not CABConfig().dense_layer(0)
