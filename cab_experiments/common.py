@@ -22,8 +22,8 @@ class Variant:
     """A policy with optional CABConfig overrides, written ``policy[:field=value,...]``.
 
     Examples: ``dense``, ``cab``, ``cab:curvature_share=0.5``, ``curvature:estimator=max_l2`` (the seed).
-    The extra key ``phases=prefill|decode`` sparsifies only that phase, ``layers=LO-HI`` only layers LO..HI-1
-    (cab_vllm.hf.using; the transformers adapter only)."""
+    The extra key ``phases=prefill|decode`` sparsifies only that phase, ``layers=LO-HI`` only layers LO..HI-1,
+    ``early=N@S`` runs layers below N at sparsity S (cab_vllm.hf.using; the transformers adapter only)."""
 
     spec: str
     policy: str
@@ -52,6 +52,16 @@ class Variant:
                     raise ValueError(f"variant {spec!r}: layers={raw!r} must be LO-HI with LO < HI (e.g. 2-24)")
                 overrides.append((key, (int(lo), int(hi))))
                 continue
+            if key == "early":
+                n, at, sp = raw.partition("@")
+                try:
+                    value = (int(n), float(sp))
+                except ValueError:
+                    value = None
+                if not at or value is None or value[0] < 1 or not 0.0 <= value[1] < 1.0:
+                    raise ValueError(f"variant {spec!r}: early={raw!r} must be N@S with N >= 1 and S in [0, 1)")
+                overrides.append((key, value))
+                continue
             if key not in _FIELDS:
                 raise ValueError(f"variant {spec!r}: {key!r} is not a CABConfig field (one of {sorted(_FIELDS)})")
             default = CABConfig.__dataclass_fields__[key].default
@@ -73,6 +83,10 @@ class Variant:
         return dict(self.overrides).get("layers")
 
     @property
+    def early(self) -> tuple[int, float] | None:
+        return dict(self.overrides).get("early")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
@@ -80,7 +94,7 @@ class Variant:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""
         if self.is_dense or sparsity == 0:
             return None
-        kw = {k: v for k, v in self.overrides if k not in ("phases", "layers")}
+        kw = {k: v for k, v in self.overrides if k not in ("phases", "layers", "early")}
         return CABConfig(policy=self.policy, sparsity=sparsity, **kw)
 
 
@@ -363,7 +377,8 @@ def run_cell(model, tok, out: Jsonl, items: list[dict], variant: Variant, sparsi
         if isinstance(model, EngineModel):
             answers, secs, density = model.generate(tok, batch, variant, sparsity, max_new_tokens)
         else:
-            with hf.using(variant.config(sparsity), impl=impl, phases=variant.phases, layers=variant.layers) as stats:
+            with hf.using(variant.config(sparsity), impl=impl, phases=variant.phases, layers=variant.layers,
+                          early=variant.early) as stats:
                 answers, secs = generate(model, tok, batch, max_new_tokens)
             density = stats["kept"] / stats["causal"] if stats["causal"] else 1.0
         for it, ans in zip(batch, answers):

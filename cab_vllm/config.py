@@ -56,10 +56,11 @@ class CABConfig:
                       reads this many blocks at most where the rule keeps fewer (short contexts). Counted in the
                       achieved density. See answer_keep.
     dense_layers      the model's first ``dense_layers`` attention layers attend densely (every causal block, in
-                      prefill and decode; Quest leaves its first two layers dense the same way): on the task suite
-                      the loss of sparse attention comes mostly from the early layers (experiments/RESULTS.md).
-                      0: every layer follows the rule. The achieved density counts those layers as dense, so it is
-                      above 1 - sparsity: ``sparsity`` is the other layers'. See dense_layer.
+                      prefill and decode; Quest leaves its first two layers dense the same way). 0: every layer
+                      follows the rule. The achieved density counts those layers as dense, so it is above
+                      1 - sparsity: ``sparsity`` is the other layers'. Two dense layers did not help Qwen's
+                      multi-key retrieval at 4k (experiments/RESULTS.md: its loss sits in layers 2-11 of 24).
+                      See dense_layer.
     """
 
     block_size: int = 64

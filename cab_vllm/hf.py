@@ -44,6 +44,7 @@ class _State:
     impl: str = "auto"
     phases: str = "both"
     layers: tuple[int, int] | None = None
+    early: tuple[int, float] | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -56,14 +57,16 @@ PHASES = ("both", "prefill", "decode")
 
 
 @contextlib.contextmanager
-def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None):
+def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
+          early: tuple[int, float] | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
     of where sparsity costs accuracy. "decode" needs a policy with a decode rule of its own.
     layers: (lo, hi) sparsifies only layers lo <= layer_idx < hi; the others attend densely and are counted in
     kept/causal as keeping every causal block (the density is the whole model's) — an ablation of which layers'
-    sparsity costs accuracy."""
+    sparsity costs accuracy. early: (n, s) runs layers below n at sparsity s, the others at cfg's (a budget moved
+    between layers: the achieved density counts what each layer kept)."""
     if phases not in PHASES:
         raise ValueError(f"phases={phases!r} must be one of {PHASES}")
     if phases == "decode" and cfg is not None and cfg.decodes_from_prompt:
@@ -72,13 +75,16 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
         lo, hi = layers
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi):
             raise ValueError(f"layers={layers!r} must be (lo, hi) with 0 <= lo < hi")
-    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.prompt_sel, _STATE.stats)
-    _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers = cfg, impl, phases, layers
+    if early is not None and cfg is not None:
+        cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
+    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.prompt_sel, _STATE.stats)
+    _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
-        (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.prompt_sel, _STATE.stats) = prev
+        (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.prompt_sel,
+         _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -151,6 +157,8 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
             _STATE.stats["kept"] += n_causal
             _STATE.stats["causal"] += n_causal
             cfg = None
+        elif _STATE.early is not None and layer < _STATE.early[0]:
+            cfg = cfg.replace(sparsity=_STATE.early[1])
     if _STATE.captures is not None and nq == nk:
         _STATE.captures.append((getattr(module, "layer_idx", len(_STATE.captures)), query.detach(), key.detach()))
     if cfg is None or cfg.policy == "dense":

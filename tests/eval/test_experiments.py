@@ -272,7 +272,7 @@ def test_phases_sparsify_one_phase_only(smol):
 def test_layers_sparsify_a_layer_range_only(smol):
     """layers=(lo, hi): layers outside the range attend densely and count every causal block as kept, those inside
     keep the sparsity rule's count; a range covering every layer is the plain run. CABConfig.dense_layers=N is
-    the range (N, layers); N = every layer is dense attention."""
+    the range (N, layers); N = every layer is dense attention. early=(n, s) moves the budget between layers."""
     from cab_vllm import hf
 
     model, tok = smol
@@ -300,6 +300,18 @@ def test_layers_sparsify_a_layer_range_only(smol):
         assert st["kept"] == (layers - n_dense) * sparse + n_dense * causal and st["causal"] == layers * causal
         assert torch.equal(got, logits[rng]) if rng else torch.allclose(got, dense, atol=1e-5)
     assert Variant.parse("cab:dense_layers=2").config(0.9).dense_layers == 2
+    # early=(n, s): layers below n at sparsity s, counted as they kept
+    with torch.no_grad(), hf.using(cfg, impl="torch", early=(2, 0.5)) as st:
+        model(ids)
+    assert st["kept"] == 2 * hkv * int(cfg.replace(sparsity=0.5).keep_counts(m).sum()) + (layers - 2) * sparse
+    assert Variant.parse("cab:early=12@0.8").early == (12, 0.8)
+    assert Variant.parse("cab:early=12@0.8").config(0.98) == CABConfig(policy="cab", sparsity=0.98)
+    for bad in ("cab:early=12", "cab:early=0@0.5", "cab:early=3@1.0", "cab:early=x@y"):
+        with pytest.raises(ValueError, match="early="):
+            Variant.parse(bad)
+    with pytest.raises(ValueError, match="sparsity"):
+        with hf.using(cfg, early=(2, 1.5)):
+            pass
     with pytest.raises(ValueError, match="layers="):
         with hf.using(cfg, layers=(3, 3)):
             pass
