@@ -90,6 +90,13 @@ class Variant:
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
+    def using(self, sparsity: float, impl: str = "auto"):
+        """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
+        layers, early); yields the block counts."""
+        from cab_vllm import hf
+
+        return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early)
+
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""
         if self.is_dense or sparsity == 0:
@@ -363,8 +370,6 @@ def run_cell(model, tok, out: Jsonl, items: list[dict], variant: Variant, sparsi
     """Generate every item of ``items`` (dicts with ``input_ids`` and the ``keys`` fields) not yet in ``out`` with
     ``variant`` at ``sparsity``; one row each: ``base``, the keys, policy, n_tokens, ``result(item, answer)``,
     the achieved density, batch size and seconds per prompt. Returns (rows written, stopped at the deadline)."""
-    from cab_vllm import hf
-
     base = {**base, "variant": variant.spec, "sparsity": sparsity}
     if isinstance(model, EngineModel):
         base["dense_threshold"] = model.dense_threshold
@@ -377,8 +382,7 @@ def run_cell(model, tok, out: Jsonl, items: list[dict], variant: Variant, sparsi
         if isinstance(model, EngineModel):
             answers, secs, density = model.generate(tok, batch, variant, sparsity, max_new_tokens)
         else:
-            with hf.using(variant.config(sparsity), impl=impl, phases=variant.phases, layers=variant.layers,
-                          early=variant.early) as stats:
+            with variant.using(sparsity, impl) as stats:
                 answers, secs = generate(model, tok, batch, max_new_tokens)
             density = stats["kept"] / stats["causal"] if stats["causal"] else 1.0
         for it, ans in zip(batch, answers):

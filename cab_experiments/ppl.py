@@ -121,8 +121,7 @@ def run_ppl(model, tok, model_name: str, out: Jsonl, lengths, windows: int, vari
                 if deadline.passed():
                     return written
                 ids = ids_all[off: off + n].to(dev)
-                with hf.using(variant.config(sp), impl=impl, phases=variant.phases, layers=variant.layers,
-                              early=variant.early) as stats, Clock(dev) as clk:
+                with variant.using(sp, impl) as stats, Clock(dev) as clk:
                     nll = token_nll(model, ids)
                 q4 = nll[-(nll.numel() // 4):]
                 out.write({"kind": "ppl", **base, "window": w, "offset": off, "policy": variant.policy,
