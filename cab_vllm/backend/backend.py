@@ -280,10 +280,13 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         fa = compat.flash_attention()
         self.fa = fa[1](kv_cache_spec, layer_names, vllm_config, device) if fa is not None else None
         dense_layers = self.settings.cfg.dense_layers
-        n_layers = compat.num_attention_layers(vllm_config)
-        if dense_layers > n_layers:
-            raise ValueError(f"CAB_DENSE_LAYERS={dense_layers} is more than the model's {n_layers} attention layers")
-        self._dense_share = dense_layers / n_layers if n_layers else 0.0
+        self._dense_share = 0.0
+        if dense_layers:  # the model's layer count is read only when the option is on
+            n_layers = compat.num_attention_layers(vllm_config)
+            if dense_layers > n_layers:
+                raise ValueError(f"CAB_DENSE_LAYERS={dense_layers} is more than the model's {n_layers} attention "
+                                 f"layers")
+            self._dense_share = dense_layers / n_layers
         # the dense layers' FlashAttention metadata, every row at its length: a builder of its own (each keeps
         # persistent buffers for its CUDA graphs)
         self.fa_all = (fa[1](kv_cache_spec, layer_names, vllm_config, device)
