@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 
-from conftest import (KERNEL_FP32_TOL, make_paged_cache, make_varlen_batch, masked_attention_oracle, pack_selection,
-                      random_block_subset, rel_err, skip_if_interpreted_bf16_dot)
+from conftest import (KERNEL_FP32_TOL, LSE_ATOL, make_paged_cache, make_varlen_batch, masked_attention_oracle,
+                      pack_selection, random_block_subset, rel_err, skip_if_interpreted_bf16_dot)
 from cab_vllm.ops.decode import default_num_splits, paged_sparse_decode
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 
 LENS = [1, 63, 64, 65, 97, 200]
-LSE_ATOL = 1e-4 if KERNEL_FP32_TOL < 1e-4 else 1e-2
 
 # (Hq, Hkv, D, block_size, page_size, layout, dtype)
 CASES = [
