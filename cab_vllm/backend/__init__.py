@@ -100,13 +100,31 @@ def attention_salt(extra_args) -> str:
     """The part of a request's prefix-cache key that CAB adds: its effective sparsity and policy, and the adaptive
     budget's knobs when it is on (engine defaults from CAB_* applied). KV computed under one attention config is
     never reused under another."""
-    from cab_vllm.backend.plan import EngineSettings, request_config
+    from cab_vllm.backend.plan import request_config
 
-    cfg = request_config(EngineSettings.from_env().cfg, extra_args or None)
+    cfg = request_config(_engine_default(), extra_args or None)
     salt = f"cab:{cfg.sparsity!r}:{cfg.policy}"
     if cfg.adaptive:
         salt += f":adaptive:{cfg.top_p!r}:{cfg.budget_floor!r}:{cfg.budget_cap!r}"
     return salt
+
+
+_DEFAULTS: dict = {}
+
+
+def _engine_default():
+    """The engine's default CABConfig from the CAB_* variables, parsed once per set of values (every request's
+    admission asks for it; parsing them all took ~60 us per request on a 2-core CPU)."""
+    from cab_vllm.backend.plan import ENV_FIELDS, EngineSettings
+
+    key = tuple(os.environ.get(var) for var in ENV_FIELDS)  # the variables the config is made of
+    cfg = _DEFAULTS.get(key)
+    if cfg is None:
+        cfg = EngineSettings.from_env().cfg
+        if len(_DEFAULTS) >= 64:
+            _DEFAULTS.clear()
+        _DEFAULTS[key] = cfg
+    return cfg
 
 
 def _hook_cache_salt() -> None:

@@ -348,6 +348,26 @@ def test_attention_salt_separates_the_adaptive_budget(monkeypatch):
     assert attention_salt(None) != a
 
 
+def test_attention_salt_reads_the_engine_defaults_once_per_set_of_values(monkeypatch):
+    """The engine's default config behind each request's salt is parsed once per set of CAB_* values: a changed
+    value is seen at the next request, a bad one raises every time (nothing cached for it)."""
+    import cab_vllm.backend as plugin
+    from cab_vllm.backend.plan import EngineSettings
+
+    monkeypatch.setenv("CAB_SPARSITY", "0.7")
+    parsed = []
+    real = EngineSettings.from_env.__func__
+    monkeypatch.setattr(EngineSettings, "from_env", classmethod(lambda cls, *a: parsed.append(1) or real(cls, *a)))
+    plugin._DEFAULTS.clear()
+    assert plugin.attention_salt(None) == plugin.attention_salt(None) == "cab:0.7:cab" and len(parsed) == 1
+    monkeypatch.setenv("CAB_SPARSITY", "0.8")
+    assert plugin.attention_salt(None) == "cab:0.8:cab" and len(parsed) == 2
+    monkeypatch.setenv("CAB_SPARSITY", "lots")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="CAB_SPARSITY"):
+            plugin.attention_salt(None)
+
+
 @pytest.mark.parametrize("policy, rule", [("cab", "prompt"), ("h2o", "prompt"), ("cab", "auto"), ("h2o", "auto")])
 def test_prompt_decode_rule_reuses_the_prompts_last_block(policy, rule):
     """decode_rule="prompt": after a chunked prefill, every decode step attends to the blocks the prompt's last
