@@ -2,6 +2,7 @@
 where the prefill's CAB time goes (no vLLM needed).
 
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
+        [--tile-rows 16,32,64] [--key-tile 32,64]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
 keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
@@ -182,6 +183,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tile-rows", default=None,
                     help="with --fused-select 1: (query block, head) rows per estimate program, comma list "
                          "(ops.fused_select.TILE_ROWS)")
+    ap.add_argument("--key-tile", default=None,
+                    help="with --fused-select 1: key blocks per step of an estimate program's loop, comma list of "
+                         "powers of two (ops.fused_select.KEY_TILE)")
     a = ap.parse_args(argv)
     hq, hkv, d = (int(x) for x in a.heads.split(","))
     from cab_vllm.ops import fused_select as fs
@@ -189,12 +193,12 @@ def main(argv=None) -> None:
     def ints(s, default):
         return [int(x) for x in s.split(",")] if s else [default]
 
-    variants = ints(a.tile_rows, fs.TILE_ROWS)
-    for tile_rows, sp in ((v, float(x)) for v in variants for x in a.sparsities.split(",")):
-        fs.TILE_ROWS = tile_rows
+    variants = [(t, k) for t in ints(a.tile_rows, fs.TILE_ROWS) for k in ints(a.key_tile, fs.KEY_TILE)]
+    for (tile_rows, key_tile), sp in ((v, float(x)) for v in variants for x in a.sparsities.split(",")):
+        fs.TILE_ROWS, fs.KEY_TILE = tile_rows, key_tile
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1")
-        opts = f" tile_rows={tile_rows}" if a.fused_select == "1" else ""
+        opts = f" tile_rows={tile_rows} key_tile={key_tile}" if a.fused_select == "1" else ""
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
               f"{opts} (one layer, ms)")
         for p in PHASES:

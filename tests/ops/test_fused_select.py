@@ -50,6 +50,26 @@ def test_fused_selection_equals_estimate_then_select(policy, estimator, n, first
     assert torch.equal(idx, want_idx)
 
 
+@pytest.mark.parametrize("tile_rows, key_tile", [(16, 32), (32, 16), (128, 128)])
+@pytest.mark.parametrize("n, first, heads", [(1337, 9, (4, 2)), (2100, 20, (14, 2))], ids=["chunk", "gqa7"])
+def test_fused_selection_for_any_tile(tile_rows, key_tile, n, first, heads, monkeypatch):
+    """The estimate kernel's tiles (query rows per program, key blocks per loop step: speed options) leave the
+    selection as the unfused path makes it: fewer rows than a group, key tiles past the last key block."""
+    from cab_vllm.ops import fused_select as fs
+
+    monkeypatch.setattr(fs, "TILE_ROWS", tile_rows)
+    monkeypatch.setattr(fs, "KEY_TILE", key_tile)
+    hq, hkv = heads
+    q, k = _case(n, hq, hkv, 32, seed=n + tile_rows)
+    cfg = CABConfig(sparsity=0.8, exact_rows=16)
+    qr = q[:, :, first * cfg.block_size:]
+    summ = key_summary(k, cfg.block_size, cfg.estimator, impl="torch")
+    a_max, a_mean = estimate(qr, k, cfg, impl="torch", q_block_offset=first, summary=summ, n_keys=n)
+    want_idx, want_cnt = select_from_attention(a_max, a_mean, cfg, impl="torch", q_block_offset=first)
+    idx, cnt = estimate_and_select(qr, k, cfg, first, summ, n, impl="torch")
+    assert torch.equal(cnt, want_cnt) and torch.equal(idx, want_idx)
+
+
 def test_fused_selection_without_exact_rows_and_its_errors():
     q, k = _case(900, 4, 2, 32, seed=3)
     cfg = CABConfig(sparsity=0.8)
