@@ -6,6 +6,8 @@
 #                                                   rule): FLASH_ATTN, then CAB at 0 / 0.9 / 0.95; OUT/yarn_compare.txt
 #   bash benchmarks/gpu/qwen_engine.sh OUT tasks    the task suite (python -m cab_experiments tasks --engine vllm) at
 #                                                   4k-32k, every policy and sparsity: OUT/tasks_vllm.jsonl
+#   YARN=4 LENGTHS="65536 130944" bash benchmarks/gpu/qwen_engine.sh OUT tasks   the suite at 64k and 128k with YaRN
+#                                                   (the rows carry yarn=4; 130,944 leaves the answer its 128 positions)
 #   bash benchmarks/gpu/qwen_engine.sh OUT seed     the same prompts with the seed pipeline (curvature policy on
 #                                                   max-L2 pooled blocks: CAB_ESTIMATOR=max_l2, an engine-wide setting)
 #   bash benchmarks/gpu/qwen_engine.sh OUT answer   the same prompts with the answer rows' floor (CAB_ANSWER_BLOCKS,
@@ -17,7 +19,8 @@
 # Env: LENGTHS (tasks; default "4096 8192 16384 32640": the 32k cell leaves 128 positions for the answer),
 # SPARSITIES ("0.9 0.95 0.98 0.99"), TRIALS (1), DEPTHS ("0.1 0.5 0.9"), TIME_BUDGET (seconds per tasks run; rows
 # already in the output are skipped when re-run), YARN_LENS ("65536,131056": 16 positions for the answer),
-# DENSE_THRESHOLD (1024: rows below it run vLLM's FlashAttention whatever the policy).
+# DENSE_THRESHOLD (1024: rows below it run vLLM's FlashAttention whatever the policy), YARN (tasks with YaRN at this
+# factor).
 # MODEL (a packaged model name; default qwen2.5-coder-0.5b-instruct), PY (the Python to run; python3).
 set -euo pipefail
 OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer|dense-layers}
@@ -33,12 +36,13 @@ model=$STORE/in/models/$NAME
 [ -d "$model" ] || bash experiments/device.sh prepare "$NAME"
 LENGTHS=${LENGTHS:-"4096 8192 16384 32640"}; SPARSITIES=${SPARSITIES:-"0.9 0.95 0.98 0.99"}; TRIALS=${TRIALS:-1}
 DEPTHS=${DEPTHS:-"0.1 0.5 0.9"}; DENSE_THRESHOLD=${DENSE_THRESHOLD:-1024}
-budget=(); [ -n "${TIME_BUDGET:-}" ] && budget=(--time-budget "$TIME_BUDGET")
+opts=(); [ -n "${TIME_BUDGET:-}" ] && opts+=(--time-budget "$TIME_BUDGET")
+[ -n "${YARN:-}" ] && opts+=(--yarn "$YARN")
 tasks() {  # tasks OUTFILE POLICY...
   local out=$1; shift
   "$PY" -m cab_experiments tasks --engine vllm --model "$NAME" --dense-threshold "$DENSE_THRESHOLD" \
     --lengths $LENGTHS --sparsities $SPARSITIES --trials "$TRIALS" --depths $DEPTHS --policies "$@" \
-    --gpu-memory-utilization 0.85 --max-num-batched-tokens 16384 --quiet "${budget[@]}" --out "$out"
+    --gpu-memory-utilization 0.85 --max-num-batched-tokens 16384 --quiet "${opts[@]}" --out "$out"
 }
 case $what in
   yarn)
