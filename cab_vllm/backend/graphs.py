@@ -7,7 +7,11 @@ when every row is FlashAttention's (2 us per layer). With ``graph_branch`` each 
 IF node that the replay takes only when the step has rows for it (a flag the metadata builder copies to the
 device with the step's routes). PyTorch exposes the nodes (CUDA 12.4+) as
 ``torch.cuda.CUDAGraph.begin_capture_to_if_node`` (PyTorch 2.13; not 2.11, the torch of vLLM 0.26); each node
-adds a one-thread kernel that reads its flag.
+adds a one-thread kernel that reads its flag. Where PyTorch lacks them, NVIDIA's CUDA Python bindings (the
+``cuda-bindings`` package, 13 or newer) build the same node: a one-thread kernel compiled with NVRTC sets the node's
+condition from the flag (``cudaGraphSetConditional`` exists only on the device), the node is added to the graph being
+captured, and the body is captured into the node's own graph on a side stream whose allocations go to a private
+memory pool of the branches (kept for the process: a replayed body writes into it).
 """
 
 from __future__ import annotations
@@ -18,21 +22,47 @@ from typing import Iterator
 import torch
 
 
-def conditional_nodes_supported() -> bool:
-    """Whether this PyTorch can capture IF nodes into a CUDA graph: the node methods and the lookup of the graph
-    being captured (PyTorch 2.13 has them; 2.11, which vLLM 0.26 pins, has none), built with CUDA 12.4 or newer."""
+def _cuda_at_least(major: int, minor: int) -> bool:
+    return tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2]) >= (major, minor)
+
+
+def native_nodes_supported() -> bool:
+    """Whether this PyTorch itself captures IF nodes: the node methods and the lookup of the graph being captured
+    (PyTorch 2.13 has them; 2.11, which vLLM 0.26 pins, has none), built with CUDA 12.4 or newer."""
     g = getattr(torch.cuda, "CUDAGraph", None)
-    cuda = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
-    return g is not None and cuda >= (12, 4) and all(hasattr(g, n) for n in (
+    return g is not None and _cuda_at_least(12, 4) and all(hasattr(g, n) for n in (
         "get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node"))
+
+
+def _bindings_problem() -> str | None:
+    """Why NVIDIA's CUDA Python bindings cannot build the nodes here (None: they can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not _cuda_at_least(12, 4):
+        return f"torch is built with CUDA {torch.version.cuda} (12.4+ needed)"
+    try:
+        from cuda.bindings import __version__ as version
+        from cuda.bindings import driver, nvrtc, runtime  # noqa: F401
+    except ImportError:
+        return "the cuda-bindings package is not installed (pip install 'cuda-bindings>=13')"
+    if int(version.split(".")[0]) < 13:
+        return f"cuda-bindings {version} is installed (13 or newer needed)"
+    if not all(hasattr(torch._C, n) for n in ("_cuda_beginAllocateCurrentThreadToPool", "_cuda_endAllocateToPool")):
+        return f"torch {torch.__version__} cannot route a branch's allocations to a memory pool"
+    return None
+
+
+def conditional_nodes_supported() -> bool:
+    """Whether IF nodes can be captured here: by PyTorch itself, or through NVIDIA's CUDA Python bindings."""
+    return native_nodes_supported() or _bindings_problem() is None
 
 
 def check_supported() -> None:
     """ValueError naming what is missing when graph branches were asked for and cannot be captured here."""
     if not conditional_nodes_supported():
-        raise ValueError(f"CAB_GRAPH_BRANCHES=1 needs CUDA-graph conditional nodes (PyTorch's "
-                         f"CUDAGraph.begin_capture_to_if_node and get_currently_capturing_graph, CUDA 12.4+); "
-                         f"torch {torch.__version__} (CUDA {torch.version.cuda}) does not have them")
+        raise ValueError(f"CAB_GRAPH_BRANCHES=1 needs CUDA-graph conditional nodes: PyTorch's own "
+                         f"(CUDAGraph.begin_capture_to_if_node, PyTorch 2.13+, CUDA 12.4+; torch {torch.__version__} "
+                         f"has none) or NVIDIA's CUDA Python bindings ({_bindings_problem()})")
 
 
 @contextlib.contextmanager
@@ -44,12 +74,116 @@ def graph_branch(pred: torch.Tensor) -> Iterator[None]:
         return
     if pred.dtype != torch.bool or pred.numel() != 1:
         raise ValueError(f"graph_branch needs a one-element bool tensor, got {pred.dtype} of {pred.numel()} elements")
+    if not native_nodes_supported():
+        with _bindings_branch(pred):
+            yield
+        return
     graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
     graph.begin_capture_to_if_node(pred)
     try:
         yield
     finally:
         graph.end_capture_to_conditional_node()
+
+
+_SETTER_SOURCE = r"""
+typedef __device_builtin__ unsigned long long cudaGraphConditionalHandle;
+extern "C" __device__ __cudart_builtin__ void cudaGraphSetConditional(cudaGraphConditionalHandle handle,
+                                                                      unsigned int value);
+extern "C" __global__ void cab_set_condition(cudaGraphConditionalHandle handle, const bool *flag) {
+    cudaGraphSetConditional(handle, *flag ? 1u : 0u);
+}
+"""
+_SETTERS: dict = {}  # device index -> (module, kernel): compiled once per device
+_KEEP: list = []  # per node: the launch arguments, node parameters and side stream (the graphs hold them for good)
+_POOL: dict = {}  # device index -> the branches' private memory pool
+
+
+def _ok(result):
+    """The values of a cuda-bindings call (its first element is the status), or RuntimeError with the status."""
+    err, *values = result
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA graph branch: a CUDA call failed with {err!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _setter(device: int):
+    """The NVRTC-compiled kernel that sets an IF node's condition from a bool flag (one per device)."""
+    got = _SETTERS.get(device)
+    if got is not None:
+        return got[1]
+    from cuda.bindings import driver, nvrtc
+
+    prog = _ok(nvrtc.nvrtcCreateProgram(_SETTER_SOURCE.encode(), b"cab_set_condition.cu", 0, [], []))
+    try:
+        err = nvrtc.nvrtcCompileProgram(prog, 0, [])[0]
+        if int(err) != 0:
+            size = _ok(nvrtc.nvrtcGetProgramLogSize(prog))
+            log = b" " * size
+            _ok(nvrtc.nvrtcGetProgramLog(prog, log))
+            raise RuntimeError(f"CUDA graph branch: NVRTC could not compile the condition setter: {log.decode()}")
+        size = _ok(nvrtc.nvrtcGetPTXSize(prog))
+        ptx = b" " * size
+        _ok(nvrtc.nvrtcGetPTX(prog, ptx))
+    finally:
+        _ok(nvrtc.nvrtcDestroyProgram(prog))
+    import numpy as np
+
+    image = np.frombuffer(ptx, dtype=np.uint8).copy()
+    module = _ok(driver.cuModuleLoadData(image.ctypes.data))
+    kernel = _ok(driver.cuModuleGetFunction(module, b"cab_set_condition"))
+    _SETTERS[device] = (module, kernel, image)
+    return kernel
+
+
+@contextlib.contextmanager
+def _bindings_branch(pred: torch.Tensor) -> Iterator[None]:
+    """graph_branch through cuda-bindings: the setter kernel on the capturing stream, an IF node after it, the body
+    captured into the node's graph on a side stream (made current meanwhile), its allocations in the branches' pool."""
+    import numpy as np
+    from cuda.bindings import driver, runtime
+
+    problem = _bindings_problem()
+    if problem is not None:
+        raise RuntimeError(f"CUDA graph branch: {problem}")
+    dev = pred.device.index if pred.device.index is not None else torch.cuda.current_device()
+    kernel = _setter(dev)
+    parent = torch.cuda.current_stream(pred.device)
+    status, _, graph, *_ = _ok(runtime.cudaStreamGetCaptureInfo(parent.cuda_stream))
+    if status != runtime.cudaStreamCaptureStatus.cudaStreamCaptureStatusActive:
+        raise RuntimeError("CUDA graph branch: the current stream is not capturing")
+    # the condition is reset to 0 at every launch of the graph and set from the flag by the kernel before the node
+    handle = _ok(runtime.cudaGraphConditionalHandleCreate(graph, 0, 1))
+    values = [np.array([int(handle)], dtype=np.uint64), np.array([pred.data_ptr()], dtype=np.uint64)]
+    args = np.array([v.ctypes.data for v in values], dtype=np.uint64)
+    _ok(driver.cuLaunchKernel(kernel, 1, 1, 1, 1, 1, 1, 0, parent.cuda_stream, args.ctypes.data, 0))
+    _, _, graph, deps, *_ = _ok(runtime.cudaStreamGetCaptureInfo(parent.cuda_stream))
+    params = driver.CUgraphNodeParams()
+    params.type = driver.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
+    params.conditional.handle = handle
+    params.conditional.type = driver.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF
+    params.conditional.size = 1
+    params.conditional.ctx = _ok(driver.cuCtxGetCurrent())
+    node = _ok(driver.cuGraphAddNode(graph, deps, None, len(deps), params))
+    body = params.conditional.phGraph_out[0]
+    _ok(runtime.cudaStreamUpdateCaptureDependencies(
+        parent.cuda_stream, [node], None, 1,
+        runtime.cudaStreamUpdateCaptureDependenciesFlags.cudaStreamSetCaptureDependencies))
+    side = torch.cuda.Stream(device=pred.device)
+    _KEEP.append((values, args, params, side, pred))
+    pool = _POOL.get(dev)
+    if pool is None:
+        pool = _POOL[dev] = torch.cuda.graph_pool_handle()
+    _ok(runtime.cudaStreamBeginCaptureToGraph(side.cuda_stream, body, None, None, 0,
+                                               runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+    torch._C._cuda_beginAllocateCurrentThreadToPool(dev, pool)
+    torch.cuda.set_stream(side)
+    try:
+        yield
+    finally:
+        torch.cuda.set_stream(parent)
+        torch._C._cuda_endAllocateToPool(dev, pool)
+        _ok(runtime.cudaStreamEndCapture(side.cuda_stream))
 
 
 def flag_views(row: torch.Tensor) -> torch.Tensor:

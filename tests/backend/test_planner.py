@@ -496,8 +496,9 @@ def test_prompt_slots_follow_the_engines_internal_request_ids():
 
 
 def test_graph_branches_need_conditional_nodes(monkeypatch):
-    """CAB_GRAPH_BRANCHES needs PyTorch's CUDA-graph IF nodes and its lookup of the graph being captured (CUDA
-    12.4+): without them (torch 2.11, a CPU build) the engine start fails naming the variable and the torch build."""
+    """CAB_GRAPH_BRANCHES needs CUDA-graph IF nodes: PyTorch's own (its node methods and its lookup of the graph being
+    captured, CUDA 12.4+) or NVIDIA's CUDA Python bindings. Without either the engine start fails naming the
+    variable, the torch build and what the bindings lack."""
     import torch
 
     from cab_vllm.backend import graphs
@@ -507,11 +508,47 @@ def test_graph_branches_need_conditional_nodes(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(graphs, "_bindings_problem", lambda: "the cuda-bindings package is not installed")
     assert not graphs.conditional_nodes_supported()  # no get_currently_capturing_graph (as in torch 2.11)
-    with pytest.raises(ValueError, match=r"CAB_GRAPH_BRANCHES=1 needs CUDA-graph conditional nodes.*CUDA 13.0"):
+    with pytest.raises(ValueError, match=r"CAB_GRAPH_BRANCHES=1 needs CUDA-graph conditional nodes.*torch .* has none"
+                                         r".*cuda-bindings package is not installed"):
         graphs.check_supported()
+    monkeypatch.setattr(graphs, "_bindings_problem", lambda: None)  # the bindings can build them
+    assert graphs.conditional_nodes_supported() and not graphs.native_nodes_supported()
+    graphs.check_supported()
+    monkeypatch.setattr(graphs, "_bindings_problem", lambda: "no CUDA device")
     Graph.get_currently_capturing_graph = staticmethod(lambda: None)
+    assert graphs.native_nodes_supported()
     graphs.check_supported()
     monkeypatch.setattr(torch.version, "cuda", "12.2")
-    with pytest.raises(ValueError, match=r"CUDA 12.2\) does not have them"):
+    assert not graphs.native_nodes_supported()
+    with pytest.raises(ValueError, match=r"CUDA-graph conditional nodes.*no CUDA device"):
         graphs.check_supported()
+
+
+def test_graph_branch_bindings_problems_are_named(monkeypatch):
+    """What the CUDA Python route lacks, in words: the CUDA build of torch, the package and its version."""
+    import sys
+    import types
+
+    import torch
+
+    from cab_vllm.backend import graphs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert graphs._bindings_problem() == "no CUDA device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.2")
+    assert "12.4+ needed" in graphs._bindings_problem()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    assert "cuda-bindings package is not installed" in graphs._bindings_problem()
+    fake = types.ModuleType("cuda.bindings")
+    fake.__version__, fake.driver, fake.nvrtc, fake.runtime = "12.9.0", object(), object(), object()
+    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", fake)
+    assert graphs._bindings_problem() == "cuda-bindings 12.9.0 is installed (13 or newer needed)"
+    fake.__version__ = "13.0.1"
+    want = None if hasattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool") else "cannot route"
+    got = graphs._bindings_problem()
+    assert got is None if want is None else want in got
