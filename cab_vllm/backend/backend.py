@@ -58,7 +58,7 @@ from cab_vllm.backend import trace
 from cab_vllm.backend.stats import STATS
 from cab_vllm.ops.decode import SELECTED_MODES, DecodeRoutes
 from cab_vllm.backend import compat
-from cab_vllm.backend.graphs import check_supported, flag_views, graph_branch
+from cab_vllm.backend.graphs import check_supported, flag_views, graph_branches
 from cab_vllm.backend.plan import (METRICS, BatchPlan, PromptSlots, SummarySlots, plan_batch, request_config,
                                    route_rows)
 from cab_vllm.backend.attention import DecodeWorkspace, KeySummaries, PromptTable, attend, attend_dense, write_kv
@@ -534,9 +534,10 @@ class CABImpl(AttentionImpl[CABMetadata]):
         capturing = _capturing(query)
         if capturing and self.fa is not None and self.settings.kernels.graph_branches:
             # a decode step's CUDA graph: each launch in an IF node taken when the replayed step has rows for it
-            with graph_branch(md.branches[0]):
+            fa_branch, cab_branch = graph_branches(md.branches[0], md.branches[1])
+            with fa_branch:
                 self.fa.forward(layer, query, key, value, kv_cache, md.fa, output)
-            with graph_branch(md.branches[1]):
+            with cab_branch:
                 self._attend(query, kv_cache, md, output, decode_attention=True)
             return output
         if self.fa is not None and (md.run_fa or capturing):

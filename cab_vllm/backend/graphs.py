@@ -86,12 +86,19 @@ def graph_branch(pred: torch.Tensor) -> Iterator[None]:
         graph.end_capture_to_conditional_node()
 
 
+MAX_BRANCHES = 4  # IF nodes one setter launch serves (graph_branches)
 _SETTER_SOURCE = r"""
 typedef __device_builtin__ unsigned long long cudaGraphConditionalHandle;
 extern "C" __device__ __cudart_builtin__ void cudaGraphSetConditional(cudaGraphConditionalHandle handle,
                                                                       unsigned int value);
-extern "C" __global__ void cab_set_condition(cudaGraphConditionalHandle handle, const bool *flag) {
-    cudaGraphSetConditional(handle, *flag ? 1u : 0u);
+extern "C" __global__ void cab_set_conditions(int n, cudaGraphConditionalHandle h0, const bool *f0,
+                                              cudaGraphConditionalHandle h1, const bool *f1,
+                                              cudaGraphConditionalHandle h2, const bool *f2,
+                                              cudaGraphConditionalHandle h3, const bool *f3) {
+    cudaGraphSetConditional(h0, *f0 ? 1u : 0u);
+    if (n > 1) cudaGraphSetConditional(h1, *f1 ? 1u : 0u);
+    if (n > 2) cudaGraphSetConditional(h2, *f2 ? 1u : 0u);
+    if (n > 3) cudaGraphSetConditional(h3, *f3 ? 1u : 0u);
 }
 """
 _SETTERS: dict = {}  # device index -> (module, kernel): compiled once per device
@@ -131,32 +138,64 @@ def _setter(device: int):
 
     image = np.frombuffer(ptx, dtype=np.uint8).copy()
     module = _ok(driver.cuModuleLoadData(image.ctypes.data))
-    kernel = _ok(driver.cuModuleGetFunction(module, b"cab_set_condition"))
+    kernel = _ok(driver.cuModuleGetFunction(module, b"cab_set_conditions"))
     _SETTERS[device] = (module, kernel, image)
     return kernel
 
 
-@contextlib.contextmanager
-def _bindings_branch(pred: torch.Tensor) -> Iterator[None]:
-    """graph_branch through cuda-bindings: the setter kernel on the capturing stream, an IF node after it, the body
-    captured into the node's graph on a side stream (made current meanwhile), its allocations in the branches' pool."""
+def _bindings_prepare(preds) -> list:
+    """Through cuda-bindings, for the flags ``preds``: one conditional handle each in the graph being captured
+    (reset to 0 at every launch of the graph) and ONE launch of the setter kernel that sets all of them from their
+    flags, captured on the current stream. Returns the handles, for _bindings_branch."""
     import numpy as np
     from cuda.bindings import driver, runtime
 
     problem = _bindings_problem()
     if problem is not None:
         raise RuntimeError(f"CUDA graph branch: {problem}")
-    dev = pred.device.index if pred.device.index is not None else torch.cuda.current_device()
+    if not 1 <= len(preds) <= MAX_BRANCHES:
+        raise ValueError(f"graph_branches takes 1 to {MAX_BRANCHES} flags, got {len(preds)}")
+    dev = preds[0].device.index if preds[0].device.index is not None else torch.cuda.current_device()
     kernel = _setter(dev)
-    parent = torch.cuda.current_stream(pred.device)
+    parent = torch.cuda.current_stream(preds[0].device)
     status, _, graph, *_ = _ok(runtime.cudaStreamGetCaptureInfo(parent.cuda_stream))
     if status != runtime.cudaStreamCaptureStatus.cudaStreamCaptureStatusActive:
         raise RuntimeError("CUDA graph branch: the current stream is not capturing")
-    # the condition is reset to 0 at every launch of the graph and set from the flag by the kernel before the node
-    handle = _ok(runtime.cudaGraphConditionalHandleCreate(graph, 0, 1))
-    values = [np.array([int(handle)], dtype=np.uint64), np.array([pred.data_ptr()], dtype=np.uint64)]
+    handles = [_ok(runtime.cudaGraphConditionalHandleCreate(graph, 0, 1)) for _ in preds]
+    values = [np.array([len(preds)], dtype=np.int32)]
+    for i in range(MAX_BRANCHES):
+        h, p = (handles[i], preds[i]) if i < len(preds) else (handles[0], preds[0])
+        values += [np.array([int(h)], dtype=np.uint64), np.array([p.data_ptr()], dtype=np.uint64)]
     args = np.array([v.ctypes.data for v in values], dtype=np.uint64)
     _ok(driver.cuLaunchKernel(kernel, 1, 1, 1, 1, 1, 1, 0, parent.cuda_stream, args.ctypes.data, 0))
+    _KEEP.append((values, args, list(preds)))
+    return handles
+
+
+def graph_branches(*preds: torch.Tensor) -> list:
+    """One context manager per flag in ``preds`` (one-element bool CUDA tensors), each capturing its body into an
+    IF node as graph_branch does. Through the CUDA Python bindings one setter launch sets every node's condition (a
+    layer's two branches cost one extra kernel in the graph, not two); with PyTorch's own nodes each sets its own."""
+    for p in preds:
+        if p.dtype != torch.bool or p.numel() != 1:
+            raise ValueError(f"graph_branches needs one-element bool tensors, got {p.dtype} of {p.numel()} elements")
+    capturing = all(p.is_cuda for p in preds) and torch.cuda.is_current_stream_capturing()
+    if not capturing or native_nodes_supported():
+        return [graph_branch(p) for p in preds]
+    return [_bindings_branch(p, h) for p, h in zip(preds, _bindings_prepare(preds))]
+
+
+@contextlib.contextmanager
+def _bindings_branch(pred: torch.Tensor, handle=None) -> Iterator[None]:
+    """graph_branch through cuda-bindings: an IF node after the setter's launch (made here unless ``handle`` comes
+    from _bindings_prepare), the body captured into the node's graph on a side stream (made current meanwhile),
+    its allocations in the branches' private pool."""
+    from cuda.bindings import driver, runtime
+
+    if handle is None:
+        handle = _bindings_prepare([pred])[0]
+    dev = pred.device.index if pred.device.index is not None else torch.cuda.current_device()
+    parent = torch.cuda.current_stream(pred.device)
     _, _, graph, deps, *_ = _ok(runtime.cudaStreamGetCaptureInfo(parent.cuda_stream))
     params = driver.CUgraphNodeParams()
     params.type = driver.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
@@ -170,7 +209,7 @@ def _bindings_branch(pred: torch.Tensor) -> Iterator[None]:
         parent.cuda_stream, [node], None, 1,
         runtime.cudaStreamUpdateCaptureDependenciesFlags.cudaStreamSetCaptureDependencies))
     side = torch.cuda.Stream(device=pred.device)
-    _KEEP.append((values, args, params, side, pred))
+    _KEEP.append((params, side))
     pool = _POOL.get(dev)
     if pool is None:
         pool = _POOL[dev] = torch.cuda.graph_pool_handle()

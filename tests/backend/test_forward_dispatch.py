@@ -94,7 +94,7 @@ def test_a_captured_decode_step(monkeypatch, branches):
         yield
         calls.append("end")
 
-    monkeypatch.setattr(backend, "graph_branch", branch)
+    monkeypatch.setattr(backend, "graph_branches", lambda *preds: [branch(p) for p in preds])
     monkeypatch.setattr(backend, "_capturing", lambda q: True)
     routes = backend.DecodeRoutes(*[torch.zeros(1, dtype=torch.int32)] * 7)
     q = torch.zeros(1, 16)

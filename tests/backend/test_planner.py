@@ -526,6 +526,25 @@ def test_graph_branches_need_conditional_nodes(monkeypatch):
         graphs.check_supported()
 
 
+def test_graph_branches_outside_a_capture_just_run_and_check_their_flags():
+    """Outside a CUDA-graph capture (CPU tensors here) each branch's body simply runs; a flag that is not a
+    one-element bool tensor is refused by name."""
+    import torch
+
+    from cab_vllm.backend.graphs import graph_branches
+
+    ran = []
+    a, b = graph_branches(torch.zeros(1, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
+    with a:
+        ran.append("a")
+    with b:
+        ran.append("b")
+    assert ran == ["a", "b"]
+    for bad in (torch.zeros(1, dtype=torch.int32), torch.zeros(2, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="one-element bool"):
+            graph_branches(torch.zeros(1, dtype=torch.bool), bad)
+
+
 def test_graph_branch_bindings_problems_are_named(monkeypatch):
     """What the CUDA Python route lacks, in words: the CUDA build of torch, the package and its version."""
     import sys

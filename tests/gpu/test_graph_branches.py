@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cab_vllm.backend.graphs import conditional_nodes_supported, flag_views, graph_branch
+from cab_vllm.backend.graphs import conditional_nodes_supported, flag_views, graph_branch, graph_branches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -54,6 +54,30 @@ def test_each_branch_runs_only_when_its_flag_is_set_at_replay():
     for fa, cab in [(1, 0), (0, 1), (1, 1), (0, 0), (1, 0)]:
         x.zero_()
         routes[1:3] = torch.tensor([fa, cab], dtype=torch.int32, device="cuda")  # as the builder's copy does
+        g.replay()
+        torch.cuda.synchronize()
+        assert x.tolist() == [fa * 1.0 + cab * 10.0] * 4
+
+
+@needs_nodes
+def test_a_pair_of_branches_from_one_setter_runs_each_on_its_own_flag():
+    """graph_branches (the backend's FlashAttention / CAB pair): each body, which allocates, runs at replay exactly
+    when its flag is set; flags written after capture are the ones read."""
+    routes = torch.zeros(8, dtype=torch.int32, device="cuda")
+    flags = flag_views(routes)
+    x = torch.zeros(4, device="cuda")
+
+    def step():
+        first, second = graph_branches(flags[1:2], flags[2:3])
+        with first:
+            x.add_(torch.ones(4, device="cuda"))  # a temporary allocated inside the body
+        with second:
+            x.add_(torch.full((4,), 10.0, device="cuda"))
+
+    g = _capture(step)
+    for fa, cab in [(1, 0), (0, 1), (1, 1), (0, 0), (1, 1)]:
+        x.zero_()
+        routes[1:3] = torch.tensor([fa, cab], dtype=torch.int32, device="cuda")
         g.replay()
         torch.cuda.synchronize()
         assert x.tolist() == [fa * 1.0 + cab * 10.0] * 4
