@@ -101,7 +101,7 @@ extern "C" __global__ void cab_set_conditions(int n, cudaGraphConditionalHandle 
     if (n > 3) cudaGraphSetConditional(h3, *f3 ? 1u : 0u);
 }
 """
-_SETTERS: dict = {}  # device index -> (module, kernel): compiled once per device
+_SETTERS: dict = {}  # device index -> (module, kernel, its PTX): compiled once per device
 _KEEP: list = []  # per node: the launch arguments, node parameters and side stream (the graphs hold them for good)
 _POOL: dict = {}  # device index -> the branches' private memory pool
 
@@ -115,15 +115,18 @@ def _ok(result):
 
 
 def _setter(device: int):
-    """The NVRTC-compiled kernel that sets an IF node's condition from a bool flag (one per device)."""
+    """The NVRTC-compiled kernel that sets IF nodes' conditions from bool flags (compiled once per device, for its
+    compute capability)."""
     got = _SETTERS.get(device)
     if got is not None:
         return got[1]
     from cuda.bindings import driver, nvrtc
 
-    prog = _ok(nvrtc.nvrtcCreateProgram(_SETTER_SOURCE.encode(), b"cab_set_condition.cu", 0, [], []))
+    major, minor = torch.cuda.get_device_capability(device)
+    opts = [f"--gpu-architecture=compute_{major}{minor}".encode()]
+    prog = _ok(nvrtc.nvrtcCreateProgram(_SETTER_SOURCE.encode(), b"cab_set_conditions.cu", 0, [], []))
     try:
-        err = nvrtc.nvrtcCompileProgram(prog, 0, [])[0]
+        err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
         if int(err) != 0:
             size = _ok(nvrtc.nvrtcGetProgramLogSize(prog))
             log = b" " * size
