@@ -72,12 +72,23 @@ def graph_branch(pred: torch.Tensor) -> Iterator[None]:
     if not (pred.is_cuda and torch.cuda.is_current_stream_capturing()):
         yield
         return
+    _check_flag(pred, "graph_branch")
+    with _native_branch(pred) if native_nodes_supported() else _bindings_branch(pred):
+        yield
+
+
+def _check_flag(pred: torch.Tensor, who: str) -> None:
     if pred.dtype != torch.bool or pred.numel() != 1:
-        raise ValueError(f"graph_branch needs a one-element bool tensor, got {pred.dtype} of {pred.numel()} elements")
-    if not native_nodes_supported():
-        with _bindings_branch(pred):
-            yield
-        return
+        raise ValueError(f"{who} needs a one-element bool tensor, got {pred.dtype} of {pred.numel()} elements")
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+@contextlib.contextmanager
+def _native_branch(pred: torch.Tensor) -> Iterator[None]:
+    """graph_branch through PyTorch's own IF nodes."""
     graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
     graph.begin_capture_to_if_node(pred)
     try:
@@ -158,7 +169,7 @@ def _bindings_prepare(preds) -> list:
         raise RuntimeError(f"CUDA graph branch: {problem}")
     if not 1 <= len(preds) <= MAX_BRANCHES:
         raise ValueError(f"graph_branches takes 1 to {MAX_BRANCHES} flags, got {len(preds)}")
-    dev = preds[0].device.index if preds[0].device.index is not None else torch.cuda.current_device()
+    dev = _device_index(preds[0])
     kernel = _setter(dev)
     parent = torch.cuda.current_stream(preds[0].device)
     status, _, graph, *_ = _ok(runtime.cudaStreamGetCaptureInfo(parent.cuda_stream))
@@ -180,8 +191,7 @@ def graph_branches(*preds: torch.Tensor) -> list:
     IF node as graph_branch does. Through the CUDA Python bindings one setter launch sets every node's condition (a
     layer's two branches cost one extra kernel in the graph, not two); with PyTorch's own nodes each sets its own."""
     for p in preds:
-        if p.dtype != torch.bool or p.numel() != 1:
-            raise ValueError(f"graph_branches needs one-element bool tensors, got {p.dtype} of {p.numel()} elements")
+        _check_flag(p, "graph_branches")
     capturing = all(p.is_cuda for p in preds) and torch.cuda.is_current_stream_capturing()
     if not capturing or native_nodes_supported():
         return [graph_branch(p) for p in preds]
@@ -197,7 +207,7 @@ def _bindings_branch(pred: torch.Tensor, handle=None) -> Iterator[None]:
 
     if handle is None:
         handle = _bindings_prepare([pred])[0]
-    dev = pred.device.index if pred.device.index is not None else torch.cuda.current_device()
+    dev = _device_index(pred)
     parent = torch.cuda.current_stream(pred.device)
     _, _, graph, deps, *_ = _ok(runtime.cudaStreamGetCaptureInfo(parent.cuda_stream))
     params = driver.CUgraphNodeParams()
