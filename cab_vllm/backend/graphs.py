@@ -113,8 +113,9 @@ extern "C" __global__ void cab_set_conditions(int n, cudaGraphConditionalHandle 
 }
 """
 _SETTERS: dict = {}  # device index -> (module, kernel, its PTX): compiled once per device
-_KEEP: list = []  # per node: the launch arguments, node parameters and side stream (the graphs hold them for good)
+_KEEP: list = []  # per node: the launch arguments and node parameters (the graphs hold them for good)
 _POOL: dict = {}  # device index -> the branches' private memory pool
+_SIDE: dict = {}  # device index -> the stream bodies are captured on (a stream of its own, made once, kept)
 
 
 def _ok(result):
@@ -221,8 +222,8 @@ def _bindings_branch(pred: torch.Tensor, handle=None) -> Iterator[None]:
     _ok(runtime.cudaStreamUpdateCaptureDependencies(
         parent.cuda_stream, [node], None, 1,
         runtime.cudaStreamUpdateCaptureDependenciesFlags.cudaStreamSetCaptureDependencies))
-    side = torch.cuda.Stream(device=pred.device)
-    _KEEP.append((params, side))
+    side = _side_stream(dev)
+    _KEEP.append(params)
     pool = _POOL.get(dev)
     if pool is None:
         pool = _POOL[dev] = torch.cuda.graph_pool_handle()
@@ -236,6 +237,21 @@ def _bindings_branch(pred: torch.Tensor, handle=None) -> Iterator[None]:
         torch.cuda.set_stream(parent)
         torch._C._cuda_endAllocateToPool(dev, pool)
         _ok(runtime.cudaStreamEndCapture(side.cuda_stream))
+
+
+def _side_stream(device: int) -> torch.cuda.ExternalStream:
+    """The stream branch bodies are captured on: created through the runtime once per device, never one of
+    PyTorch's pooled streams (``torch.cuda.Stream()`` hands out 32 streams round-robin, and vLLM captures its graphs
+    on one of them: after enough layers a pooled side stream is the capturing stream itself, and the runtime
+    refuses to begin a second capture on it)."""
+    side = _SIDE.get(device)
+    if side is None:
+        from cuda.bindings import runtime
+
+        with torch.cuda.device(device):
+            handle = _ok(runtime.cudaStreamCreateWithFlags(runtime.cudaStreamNonBlocking))
+        side = _SIDE[device] = torch.cuda.ExternalStream(int(handle), device=torch.device("cuda", device))
+    return side
 
 
 def flag_views(row: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,43 @@ def test_a_pair_of_branches_from_one_setter_runs_each_on_its_own_flag():
 
 
 @needs_nodes
+def test_forty_layers_of_branch_pairs_captured_on_a_pooled_stream_as_vllm_does():
+    """vLLM captures on a stream from PyTorch's pool (32 streams handed out round-robin): 40 layers' pairs of
+    branches (80 bodies, more than the pool) capture and replay, each layer's bodies on their own flags; the side
+    stream is made inside the capture, as at an engine's first capture."""
+    from cab_vllm.backend import graphs
+
+    graphs._SIDE.clear()
+    layers = 40
+    routes = torch.zeros(8, dtype=torch.int32, device="cuda")
+    flags = flag_views(routes)
+    x = torch.zeros(layers, device="cuda")
+
+    def step():
+        for i in range(layers):
+            first, second = graph_branches(flags[1:2], flags[2:3])
+            with first:
+                x[i:i + 1].add_(1.0)
+            with second:
+                x[i:i + 1].add_(torch.full((1,), 10.0, device="cuda"))
+
+    capture_stream = torch.cuda.Stream()
+    capture_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture_stream):
+        step()
+    torch.cuda.current_stream().wait_stream(capture_stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=capture_stream):
+        step()
+    for fa, cab in [(1, 0), (0, 1), (0, 0), (1, 1)]:
+        x.zero_()
+        routes[1:3] = torch.tensor([fa, cab], dtype=torch.int32, device="cuda")
+        g.replay()
+        torch.cuda.synchronize()
+        assert x.tolist() == [fa * 1.0 + cab * 10.0] * layers
+
+
+@needs_nodes
 def test_the_decode_launch_inside_a_branch_matches_the_eager_launch():
     from cab_vllm.ops.decode import MODE_ALL, MODE_PROMPT, DecodeRoutes, routed_decode
 
