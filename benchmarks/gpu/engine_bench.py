@@ -203,8 +203,13 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled (--profile-decode)")
     ap.add_argument("--profile-prompt", type=int, default=None, metavar="N",
                     help="after the runs, the host and GPU timeline of one N-token request's first token")
+    ap.add_argument("--fa-graph-splits", type=int, default=None, metavar="N",
+                    help="vLLM's attention_config.flash_attn_max_num_splits_for_cuda_graph (32 by default): the "
+                    "splits FlashAttention's decode graphs are captured for (with CUSTOM: CAB's FlashAttention rows)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    if a.fa_graph_splits is not None and a.fa_graph_splits < 1:
+        ap.error("--fa-graph-splits must be >= 1")
     if a.profile_decode is not None and (a.tp != 1 or a.profile_decode < 1 or a.profile_steps < 1):
         ap.error("--profile-decode needs --tp 1, N >= 1 and --profile-steps >= 1")
     if a.profile_prompt is not None and (a.tp != 1 or a.profile_prompt < 1):
@@ -222,7 +227,9 @@ def main() -> None:
     llm = LLM(d, load_format="dummy", attention_backend=a.backend, max_model_len=max(lens) + 512,
               gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=False, skip_tokenizer_init=True,
               disable_log_stats=False,  # per-request first/last token times (RequestOutput.metrics) for the TPOT
-              tensor_parallel_size=a.tp, enforce_eager=a.eager, seed=0)
+              tensor_parallel_size=a.tp, enforce_eager=a.eager, seed=0,
+              **({} if a.fa_graph_splits is None else
+                 {"attention_config": {"flash_attn_max_num_splits_for_cuda_graph": a.fa_graph_splits}}))
     init_s = time.time() - t0
     mem0 = torch.cuda.memory_allocated() if a.tp == 1 else 0
     torch.cuda.reset_peak_memory_stats()
@@ -280,7 +287,8 @@ def main() -> None:
     summary = dict(backend=a.backend, sparsity=a.sparsity, init_s=round(init_s, 1), first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
                    probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp,
-                   cab_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("CAB_")})
+                   cab_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("CAB_")},
+                   fa_graph_splits=a.fa_graph_splits)
     if counts0 is not None:  # equal: counted once (TP > 1 included); twice the requests' figures: once per rank
         counts1 = cab_counts()
         summary["cab_metrics"] = {k: dict(sent=sent[k], counted=counts1[k] - counts0[k]) for k in sent}

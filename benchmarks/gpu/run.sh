@@ -11,18 +11,24 @@
 #                                           first token (HOST lines; prompt_profile in the summary line)
 #   ... "CUSTOM:0.95 CUSTOM:0.95@CAB_GRAPH_BRANCHES=1,CAB_FUSED_SELECT=1" a run with CAB_* variables of its own
 #                                           (after @, comma separated; in its file names and summary line)
+#   ... "CUSTOM:0.95@FA_GRAPH_SPLITS=8"     vLLM's flash_attn_max_num_splits_for_cuda_graph for that run (may sit
+#                                           among the CAB_* variables)
 set -uo pipefail
 out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
 mkdir -p "$out"
 for r in $runs; do
   spec=${r%%@*}; envs=""; [ "$spec" != "$r" ] && envs=${r#*@}
   be=${spec%%:*}; sp=${spec#*:}; [ "$sp" = "$spec" ] && sp=""
-  extra=(); suffix=""
+  extra=(); suffix=""; fa_splits=""
   if [ -n "$envs" ]; then
     IFS=, read -ra extra <<< "$envs"
+    cab=()
     for e in "${extra[@]}"; do
+      if [[ $e =~ ^FA_GRAPH_SPLITS=([0-9]+)$ ]]; then fa_splits=${BASH_REMATCH[1]}; continue; fi
       [[ $e =~ ^CAB_[A-Z_]+=[^[:space:]]*$ ]] || { echo "run.sh: $e in $r is not CAB_NAME=VALUE"; exit 2; }
+      cab+=("$e")
     done
+    extra=("${cab[@]}")
     suffix=_$(printf '%s' "$envs" | tr ',=' '_-')
   fi
   tag=${be}_${sp:-dense}${suffix}${BATCH:+_b$BATCH}${TP:+_tp$TP}${RUNNER:+_$RUNNER}
@@ -31,6 +37,7 @@ for r in $runs; do
   [ -n "${TP:-}" ] && args+=(--tp "$TP")
   [ -n "${BATCH:-}" ] && args+=(--batch "$BATCH")
   [ -n "${RUNNER:-}" ] && args+=(--runner "$RUNNER")
+  [ -n "$fa_splits" ] && args+=(--fa-graph-splits "$fa_splits")
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")
   [ -n "${PROFILE_PROMPT:-}" ] && args+=(--profile-prompt "$PROFILE_PROMPT")
   env "${extra[@]}" python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 \
@@ -52,6 +59,8 @@ for r in rows:
         print(f"{r['backend']:10} sp={r['sparsity']} b={r.get('batch', 1)} n={r['n']:>6}  TTFT {r['ttft_s']:.3f} s  TPOT {r['tpot_ms']:.2f} ms  {ph}")
     else:
         env = " ".join(f"{k}={v}" for k, v in r.get("cab_env", {}).items() if k != "CAB_SPARSITY")
+        if r.get("fa_graph_splits") is not None:
+            env = (env + f" flash_attn_max_num_splits_for_cuda_graph={r['fa_graph_splits']}").strip()
         if env:
             print(f"{r['backend']:10} sp={r['sparsity']} with {env}")
         print(f"{r['backend']:10} sp={r['sparsity']} init {r['init_s']} s first {r['first_request_s']} s second {r['second_request_s']} s mem {r['mem_after_init_gib']} peak {r['peak_during_runs_gib']} GiB out {r['probe_out'][:8]} metrics {r.get('cab_metrics')}")

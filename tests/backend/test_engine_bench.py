@@ -64,3 +64,11 @@ def test_host_breakdown_places_the_gpu_work_in_the_host_span(bench):
     assert "first_gpu_us" not in bench.host_breakdown(cpu, [])
     with pytest.raises(ValueError, match="no host events"):
         bench.host_breakdown([], gpu)
+
+
+def test_flash_attention_graph_splits_must_be_positive(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl",
+                                      "--fa-graph-splits", "0"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--fa-graph-splits must be >= 1" in capsys.readouterr().err
