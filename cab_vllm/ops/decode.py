@@ -46,20 +46,16 @@ if HAS_TRITON:
     @triton.jit
     def _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, k_ok, s, kvh, scale_log2, page_size,
                      stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh, stride_bt,
-                     m_i, l_i, acc, d, d_ok, EARLY_V: tl.constexpr):
+                     m_i, l_i, acc, d, d_ok):
         """Online-softmax step of the group's queries q [G, D] over the keys at positions kpos [T] (where k_ok) of
-        row s (paged): new (m, l, acc). EARLY_V: the values' load is issued with the keys' (both in flight at
-        once), else after the scores."""
+        row s (paged): new (m, l, acc)."""
         page, slot_in = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        v_at = v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None] + d[None, :]
         k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
                     mask=kv_mask, other=0.0)
-        if EARLY_V:
-            v = tl.load(v_at, mask=kv_mask, other=0.0)
         m_new, l_i, p, alpha = _softmax_p(q, k, k_ok, scale_log2, m_i, l_i)
-        if not EARLY_V:
-            v = tl.load(v_at, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
+                    mask=kv_mask, other=0.0)  # issued after the scores
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l_i, acc
 
@@ -81,8 +77,7 @@ if HAS_TRITON:
                       stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh,
                       stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
                       stride_pos, stride_poh, stride_pok,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
-                      EARLY_V: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr):
         """Split `split` of row s, KV head kvh: the group's queries over their share of the row's key blocks
         (mode 1: the stored prompt selection + every block after the prompt; 2: every causal block; else the
         step's idx/cnt) -> normalized partial output and base-2 LSE in po/plse. A split takes at least min_per
@@ -130,7 +125,7 @@ if HAS_TRITON:
             kpos = kb * BLOCK + tl.arange(0, BLOCK)
             m_i, l_i, acc = _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, kpos < seq_len, s, kvh, scale_log2,
                                          page_size, stride_kpage, stride_kpos, stride_kh, stride_vpage,
-                                         stride_vpos, stride_vh, stride_bt, m_i, l_i, acc, d, d_ok, EARLY_V)
+                                         stride_vpos, stride_vh, stride_bt, m_i, l_i, acc, d, d_ok)
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :],
@@ -210,7 +205,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
         ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr, MERGE_G: tl.constexpr,
-        MERGE_SPLITS: tl.constexpr, EARLY_V: tl.constexpr,
+        MERGE_SPLITS: tl.constexpr,
     ):
         # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
         # MODE_RECENT / MODE_RANDOM; n_tiles programs per (row, KV head) score its blocks, the last to finish
@@ -273,7 +268,7 @@ if HAS_TRITON:
                                      stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
                                      stride_vpos, stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts,
                                      stride_th, stride_tcs, stride_pos, stride_poh, stride_pok,
-                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD, EARLY_V)
+                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD)
                 tl.debug_barrier()
                 c = tl.atomic_add(finished + s * num_kv_heads + kvh, 1, sem="acq_rel")
                 if c == num_splits - 1:
@@ -296,9 +291,6 @@ MIN_BLOCKS_PER_SPLIT = 1
 MERGE_SPLITS = 16
 MERGE_TILE = 64  # at most this many (group head, split) partials per merge load (registers: 64 x D fp32)
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
-# Issue each key block's value load with its key load (both in flight at once) rather than after its scores. Not
-# yet timed on a GPU (benchmarks/gpu/decode_profile.py --early-v 0,1); the results are the same either way.
-EARLY_V = False
 # Decode batches of at most this many rows run selection and attention in one launch. Measured on the H200 with
 # L2 flushed (benchmarks/results/decode_profile_h200_2026-11-30/profile_l2_flushed.txt), one row: one launch
 # 2.2-2.5 us per layer when every row is left to FlashAttention (two launches: 4.0-4.7: what short requests pay
@@ -583,6 +575,5 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
         BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
         ATTEND=attend, MERGE_G=next_pow2(group), MERGE_SPLITS=merge_tile(merge_splits, group, num_splits),
-        EARLY_V=bool(EARLY_V),
         num_warps=4, num_stages=2,
     )
