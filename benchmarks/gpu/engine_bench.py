@@ -6,8 +6,8 @@ carry), batch 1, random prompt token ids, CUDA graphs on, chunked prefill on, pr
   python benchmarks/gpu/engine_bench.py --backend CUSTOM --sparsity 0.95 ... --out cab95.jsonl
 
 One engine per process (run the backends one after the other). Each JSON line: backend, sparsity, n, ttft_s
-(median of --reps), tpot_ms (the engine's time from the first to the last token of a 1+T-token request / T,
-median of --reps; tpot_diff_ms: (wall time of 1+T tokens - TTFT) / T, which the prefill's spread blurs), the greedy output ids of a
+(median of --reps; of --short-reps for prompts of at most 8192 tokens), tpot_ms (the engine's time from the first to the last token of a 1+T-token request / T,
+median of the same; tpot_diff_ms: (wall time of 1+T tokens - TTFT) / T, which the prefill's spread blurs), the greedy output ids of a
 fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GPU memory.
 
 --profile-decode N: after the timed runs, the GPU kernels of T decode steps of an N-token prompt (torch.profiler in
@@ -37,6 +37,8 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 # CAB's step metrics are recorded in the process running tensor-parallel rank 0's attention (a worker process under
 # TP > 1): prometheus_client's multiprocess mode lets this process read them (set before anything imports it)
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cab_prom_"))
+
+SHORT_PROMPT = 8192  # prompts of at most this many tokens are repeated --short-reps times
 
 LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=49152,
@@ -190,6 +192,9 @@ def main() -> None:
     ap.add_argument("--lens", default="512,4096,32768,131072")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--short-reps", type=int, default=8, metavar="N",
+                    help="repetitions for prompts of at most 8192 tokens (cheap, and their few-percent gaps need "
+                    "more than two samples; at least --reps)")
     ap.add_argument("--batch", type=int, default=1, help="prompts of each length sent together (TTFT: the whole "
                     "batch's first tokens; TPOT: per step of the batch)")
     ap.add_argument("--layers", type=int, default=32)
@@ -210,6 +215,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.fa_graph_splits is not None and a.fa_graph_splits < 1:
         ap.error("--fa-graph-splits must be >= 1")
+    if a.reps < 1 or a.short_reps < 1:
+        ap.error("--reps and --short-reps must be >= 1")
     if a.profile_decode is not None and (a.tp != 1 or a.profile_decode < 1 or a.profile_steps < 1):
         ap.error("--profile-decode needs --tp 1, N >= 1 and --profile-steps >= 1")
     if a.profile_prompt is not None and (a.tp != 1 or a.profile_prompt < 1):
@@ -265,7 +272,8 @@ def main() -> None:
         if phases is not None:
             phases.reset()
         ttft, tot, direct = [], [], []
-        for _ in range(a.reps):
+        reps = max(a.reps, a.short_reps) if n <= SHORT_PROMPT else a.reps
+        for _ in range(reps):
             ttft.append(gen(ids, 1, a.batch)[0])
             tot.append(gen(ids, 1 + a.decode_tokens, a.batch)[0])
             direct.append(gen.decode_ms)
@@ -277,10 +285,10 @@ def main() -> None:
         tpot = statistics.median(direct) if measured else tpot_diff
         row = dict(backend=a.backend, sparsity=a.sparsity, n=n, ttft_s=round(ttft_s, 4), tpot_ms=round(tpot, 3),
                    tpot_from="engine first-to-last token" if measured else "difference of wall times",
-                   tpot_diff_ms=round(tpot_diff, 3), ttft_runs=[round(x, 4) for x in ttft], reps=a.reps, batch=a.batch, decode_tokens=a.decode_tokens, layers=a.layers,
+                   tpot_diff_ms=round(tpot_diff, 3), ttft_runs=[round(x, 4) for x in ttft], reps=reps, batch=a.batch, decode_tokens=a.decode_tokens, layers=a.layers,
                    tp=a.tp, eager=a.eager, runner=a.runner)
         if phases is not None:  # CAB's prefill phases, GPU time summed over layers and chunks, per prompt
-            row["per_prompt_s"] = {k: round(v / (2 * a.reps * a.batch), 4) for k, v in phases.totals().items()}
+            row["per_prompt_s"] = {k: round(v / (2 * reps * a.batch), 4) for k, v in phases.totals().items()}
         rows.append(row)
         print("RES", json.dumps(row), flush=True)
     peak = torch.cuda.max_memory_allocated() if a.tp == 1 else 0

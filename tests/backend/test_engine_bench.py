@@ -72,3 +72,11 @@ def test_flash_attention_graph_splits_must_be_positive(bench, monkeypatch, capsy
     with pytest.raises(SystemExit):
         bench.main()
     assert "--fa-graph-splits must be >= 1" in capsys.readouterr().err
+
+
+def test_repetitions_must_be_positive(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl",
+                                      "--short-reps", "0"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--short-reps must be >= 1" in capsys.readouterr().err
