@@ -240,11 +240,13 @@ class _PinnedRing:
         return self.bufs[self.i], self.i
 
     def recorded(self, i: int) -> None:
-        """After the copy from buffer i was queued (pinned buffers only: a plain copy has finished)."""
+        """After the copy from buffer i was queued (pinned buffers only: a plain copy has finished). Each buffer
+        keeps one event, recorded again at each use (no event created and destroyed per step)."""
         if self.pinned:
-            ev = torch.cuda.Event()
+            ev = self.events[i]
+            if ev is None:
+                ev = self.events[i] = torch.cuda.Event()
             ev.record()
-            self.events[i] = ev
 
 
 class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):

@@ -232,3 +232,38 @@ def test_layer_index_and_the_flash_attention_lookup():
         compat.layer_index("model.norm")
     assert compat.flash_attention() is compat.flash_attention()
     assert compat.flash_attention.cache_info().hits >= 1
+
+
+def test_the_pinned_ring_waits_for_a_buffers_last_copy_and_reuses_its_event(monkeypatch):
+    """Pinned buffers are taken in turn; taking one again first waits for the event of the copy that last read it;
+    each buffer keeps one event, recorded again at every use (none created per step)."""
+    log = []
+
+    class FakeEvent:
+        made = 0
+
+        def __init__(self):
+            FakeEvent.made += 1
+            self.n = FakeEvent.made
+
+        def record(self):
+            log.append(("record", self.n))
+
+        def synchronize(self):
+            log.append(("sync", self.n))
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    ring = object.__new__(backend._PinnedRing)  # pinned without pinned memory (a CPU machine)
+    ring.pinned, ring.bufs = True, [torch.zeros(2, 3, dtype=torch.int32) for _ in range(4)]
+    ring.arrays, ring.extent, ring.events, ring.i = [b.numpy() for b in ring.bufs], [0] * 4, [None] * 4, 0
+    taken = []
+    for _ in range(9):
+        _, i = ring.next()
+        taken.append(i)
+        ring.recorded(i)
+    assert taken == [1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert FakeEvent.made == 4  # one per buffer, for good
+    # buffer 1's second use (step 5) waits for its first copy's event before that event is recorded again
+    assert log[:4] == [("record", 1), ("record", 2), ("record", 3), ("record", 4)]
+    assert log[4:6] == [("sync", 1), ("record", 1)]
+    assert log.count(("sync", 1)) == 2 and log.count(("record", 1)) == 3
