@@ -66,17 +66,10 @@ def test_host_breakdown_places_the_gpu_work_in_the_host_span(bench):
         bench.host_breakdown([], gpu)
 
 
-def test_flash_attention_graph_splits_must_be_positive(bench, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl",
-                                      "--fa-graph-splits", "0"])
+@pytest.mark.parametrize("flag, message", [("--fa-graph-splits", "--fa-graph-splits must be >= 1"),
+                                           ("--short-reps", "--short-reps must be >= 1")])
+def test_counts_must_be_positive(bench, monkeypatch, capsys, flag, message):
+    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl", flag, "0"])
     with pytest.raises(SystemExit):
         bench.main()
-    assert "--fa-graph-splits must be >= 1" in capsys.readouterr().err
-
-
-def test_repetitions_must_be_positive(bench, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl",
-                                      "--short-reps", "0"])
-    with pytest.raises(SystemExit):
-        bench.main()
-    assert "--short-reps must be >= 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
