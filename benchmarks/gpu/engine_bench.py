@@ -193,8 +193,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--short-reps", type=int, default=8, metavar="N",
-                    help="repetitions for prompts of at most 8192 tokens (cheap, and their few-percent gaps need "
-                    "more than two samples; at least --reps)")
+                    help=f"repetitions for prompts of at most {SHORT_PROMPT} tokens (cheap, and their few-percent "
+                    "gaps need more than two samples; at least --reps)")
     ap.add_argument("--batch", type=int, default=1, help="prompts of each length sent together (TTFT: the whole "
                     "batch's first tokens; TPOT: per step of the batch)")
     ap.add_argument("--layers", type=int, default=32)

@@ -14,14 +14,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 needs_nodes = pytest.mark.skipif(not conditional_nodes_supported(), reason="this torch has no CUDA-graph IF nodes")
 
 
-def _capture(fn) -> torch.cuda.CUDAGraph:
+def _capture(fn, stream: torch.cuda.Stream | None = None) -> torch.cuda.CUDAGraph:
+    """fn warmed up outside a capture (allocations, Triton compilation), then captured (on ``stream`` if given)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn()  # warm-up outside the capture (allocations, Triton compilation)
+        fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=stream):
         fn()
     return g
 
@@ -104,14 +105,7 @@ def test_forty_layers_of_branch_pairs_captured_on_a_pooled_stream_as_vllm_does()
             with second:
                 x[i:i + 1].add_(torch.full((1,), 10.0, device="cuda"))
 
-    capture_stream = torch.cuda.Stream()
-    capture_stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(capture_stream):
-        step()
-    torch.cuda.current_stream().wait_stream(capture_stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=capture_stream):
-        step()
+    g = _capture(step, stream=torch.cuda.Stream())  # a pooled stream, as vLLM's capture stream is
     for fa, cab in [(1, 0), (0, 1), (0, 0), (1, 1)]:
         x.zero_()
         routes[1:3] = torch.tensor([fa, cab], dtype=torch.int32, device="cuda")
