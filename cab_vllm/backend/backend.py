@@ -603,7 +603,15 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
     from cab_vllm.backend.warmup import warm_up_kernels
 
     warm_up_kernels(impl.num_heads, impl.num_kv_heads, impl.head_size, query.dtype, query.device,
-                    impl.settings.cfg, impl.workspace, summaries=impl.summaries, kernels=impl.settings.kernels)
+                    impl.settings.cfg, impl.workspace, page_size=_engine_page_size(impl._vcfg),
+                    summaries=impl.summaries, kernels=impl.settings.kernels)
+
+
+def _engine_page_size(vcfg) -> int:
+    """Tokens per page of the engine's KV cache (vLLM's cache block size; 16, CUDA vLLM's default, when unknown):
+    the decode kernel compiles per page size, so the warm-up must use the engine's."""
+    size = getattr(getattr(vcfg, "cache_config", None), "block_size", None)
+    return int(size) if size else 16
 
 
 def _check_engine_features(vcfg) -> None:

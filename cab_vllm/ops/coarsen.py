@@ -31,6 +31,10 @@ from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 from cab_vllm.ops import reference as ref
 from cab_vllm.config import SUMMARY_ESTIMATORS
 
+# (head, row) pairs per program of the exact-row scorer at most: a GQA group of more heads is split over programs
+# (64 query heads of one KV head x 16 rows in one tile needed 304 KiB of shared memory on the H200, 227 KiB there).
+SAMPLED_TILE_ROWS = 128
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -78,22 +82,24 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n_tokens", "q_offset", "num_splits", "stride_ab", "stride_ah", "stride_ai"])
     def _sampled_kernel(
         q_ptr, k_ptr, qblk_ptr, part_ptr, lse_ptr, a_ptr,
-        n_tokens, q_offset, rows, scale_log2, group, num_splits,
+        n_tokens, q_offset, rows, scale_log2, group, group_chunks, num_splits,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_ab, stride_ah, stride_ai,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, ROWS_PAD: tl.constexpr,
         GPAD: tl.constexpr, MASS_PASS: tl.constexpr,
     ):
-        """Program (b, kvh, i * num_splits + split) scores the sampled rows of query block qblk[i], for every
-        query head of KV head kvh's group at once (tile rows = (head, row) pairs: each key block is loaded once
-        for the group), against key blocks split, split + num_splits, ... q row 0 is token position q_offset
-        (earlier positions are zero queries). Pass 1 (MASS_PASS=False) writes each row's partial max and sum to
-        part [B, Hq, Mq, splits, 2, ROWS_PAD]; pass 2 reads the merged lse [B, Hq, Mq, ROWS_PAD] (base 2) and
-        writes the per-key-block mass averaged over the rows of each head."""
+        """Program (b, kvh * group_chunks + c, i * num_splits + split) scores the sampled rows of query block
+        qblk[i], for GPAD query heads of KV head kvh's group at once (heads c * GPAD ...; tile rows = (head,
+        row) pairs: each key block is loaded once per GPAD heads, i.e. once per group of up to GPAD), against key
+        blocks split, split + num_splits, ... q row 0 is token position q_offset (earlier positions are zero
+        queries). Pass 1 (MASS_PASS=False) writes each row's partial max and sum to part [B, Hq, Mq, splits, 2,
+        ROWS_PAD]; pass 2 reads the merged lse [B, Hq, Mq, ROWS_PAD] (base 2) and writes the per-key-block mass
+        averaged over the rows of each head."""
         b = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1).to(tl.int64)
-        num_heads = tl.num_programs(1) * group
+        kvh = tl.program_id(1).to(tl.int64) // group_chunks
+        g0 = (tl.program_id(1) % group_chunks) * GPAD  # this program's first head of the group
+        num_heads = (tl.num_programs(1) // group_chunks) * group
         mq = tl.num_programs(2) // num_splits
         i = tl.program_id(2) // num_splits
         split = tl.program_id(2) % num_splits
@@ -101,7 +107,7 @@ if HAS_TRITON:
         end = tl.minimum((mb + 1) * BLOCK, n_tokens)
         r0 = tl.maximum(mb * BLOCK, end - rows)
         t = tl.arange(0, GPAD * ROWS_PAD)
-        g = t // ROWS_PAD
+        g = g0 + t // ROWS_PAD
         r = t % ROWS_PAD
         h = kvh * group + g
         g_ok = g < group
@@ -117,7 +123,8 @@ if HAS_TRITON:
         if MASS_PASS:
             lse = tl.load(lse_ptr + row_id * ROWS_PAD + r, mask=g_ok, other=0.0)
             nrows = (end - r0).to(tl.float32)
-            hh = kvh * group + tl.arange(0, GPAD)
+            gg = g0 + tl.arange(0, GPAD)
+            hh = kvh * group + gg
             abase = a_ptr + b * stride_ab + hh * stride_ah + i * stride_ai
         else:
             m_i = tl.full([GPAD * ROWS_PAD], float("-inf"), dtype=tl.float32)
@@ -131,7 +138,7 @@ if HAS_TRITON:
             if MASS_PASS:
                 p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
                 mass = tl.sum(tl.sum(tl.reshape(p, [GPAD, ROWS_PAD, BLOCK]), 2), 1)  # per head of the group
-                tl.store(abase + j, mass / nrows, mask=tl.arange(0, GPAD) < group)
+                tl.store(abase + j, mass / nrows, mask=gg < group)
             else:
                 s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -248,13 +255,15 @@ def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, r
     rp = max(16, next_pow2(rows))
     part = torch.empty(b, hq, mq, splits, 2, rp, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, mq, rp, dtype=torch.float32, device=q.device)
-    gpad = next_pow2(hq // hkv)
+    group = hq // hkv
+    gpad = min(next_pow2(group), 1 << (max(1, SAMPLED_TILE_ROWS // rp).bit_length() - 1))  # heads per program
+    chunks = -(-group // gpad)
     args = dict(HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, ROWS_PAD=rp, GPAD=gpad,
                 num_warps=8 if gpad * rp >= 128 else 4)
-    common = (n, q_offset, rows, 1.4426950408889634 / math.sqrt(d), hq // k.shape[1], splits,
+    common = (n, q_offset, rows, 1.4426950408889634 / math.sqrt(d), group, chunks, splits,
               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               a.stride(0), a.stride(1), a.stride(2))
-    grid = (b, hkv, mq * splits)
+    grid = (b, hkv * chunks, mq * splits)
     _sampled_kernel[grid](q, k, qb, part, lse, a, *common, MASS_PASS=False, **args)
     pm, pl = part[..., 0, :], part[..., 1, :]
     mx = pm.amax(3, keepdim=True)

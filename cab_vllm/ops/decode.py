@@ -192,7 +192,7 @@ if HAS_TRITON:
         mode_ptr, slot_ptr, tab_idx_ptr, tab_cnt_ptr, tab_blocks_ptr, idx_ptr, cnt_ptr,
         keep_ptr, sc_ptr, need_ptr, po_ptr, plse_ptr, o_ptr, lse_ptr, sync_ptr,
         scale_log2, sel_scale,
-        num_heads, num_kv_heads, num_splits, n_tiles, n_score, n_total, sync_rows, min_per, page_size,
+        num_heads, num_kv_heads, num_splits, n_tiles, n_score, n_total, sync_rows, min_per,
         sink_blocks, local_blocks, seed, kmax,
         stride_qs, stride_qh,
         stride_kpage, stride_kpos, stride_kh,
@@ -205,8 +205,11 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
         ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr, MERGE_G: tl.constexpr,
-        MERGE_SPLITS: tl.constexpr,
+        MERGE_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
     ):
+        # PAGE_SIZE (the cache's tokens per page) is a compile-time constant: a key's page and slot come from shifts
+        # or a multiply instead of an integer division per key row (the loop over key blocks 705 -> 586 instructions
+        # for sm_90, the step 3-6% faster on the H200; one value per engine).
         # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
         # MODE_RECENT / MODE_RANDOM; n_tiles programs per (row, KV head) score its blocks, the last to finish
         # keeps the top keep[s]); programs [n_score, n_total) attend (ATTEND: one per (row, KV head, split);
@@ -234,7 +237,7 @@ if HAS_TRITON:
             if mode >= 3:
                 n = tl.load(seqlen_ptr + s)
                 _score_blocks(q_ptr, k_ptr, bt_ptr, sc_ptr, s, kvh, t % n_tiles, n_tiles, mode, n,
-                              sel_scale, group, page_size, sink_blocks, local_blocks, seed,
+                              sel_scale, group, PAGE_SIZE, sink_blocks, local_blocks, seed,
                               stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt, stride_ss,
                               stride_sh, HEAD_DIM, BLOCK_D, GROUP_PAD, BLOCK_J, BLOCK, SCORE_TOKENS)
                 tl.debug_barrier()
@@ -264,7 +267,7 @@ if HAS_TRITON:
                 used = _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
                                      tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
                                      s, kvh, split, mode, tl.load(seqlen_ptr + s), scale_log2, num_heads, group,
-                                     num_splits, min_per, page_size,
+                                     num_splits, min_per, PAGE_SIZE,
                                      stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
                                      stride_vpos, stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts,
                                      stride_th, stride_tcs, stride_pos, stride_poh, stride_pok,
@@ -290,6 +293,9 @@ MIN_BLOCKS_PER_SPLIT = 1
 # (benchmarks/gpu/decode_profile.py --merge-splits; BENCHMARKS.md).
 MERGE_SPLITS = 16
 MERGE_TILE = 64  # at most this many (group head, split) partials per merge load (registers: 64 x D fp32)
+# Warps per decode program: 8 ran 1.5x slower than 4 at 8 rows of 128k on the H200, 2 slower at every shape timed
+# (up to 1.7x; BENCHMARKS.md).
+DECODE_WARPS = 4
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
 # Decode batches of at most this many rows run selection and attention in one launch. Measured on the H200 with
 # L2 flushed (benchmarks/results/decode_profile_h200_2026-11-30/profile_l2_flushed.txt), one row: one launch
@@ -556,13 +562,12 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
     o = out if out is not None else q
     lse_t = lse if lse is not None else part_lse
     kk = indices.shape[-1]
-    # 4 warps per program: 8 ran 1.5x slower at 8 rows of 128k on the H200 (BENCHMARKS.md)
     _decode_step_kernel[(n_total,)](
         q, key_cache, v, block_table, seq_lens,
         modes, slots, tab_idx, tab_cnt, tab_blocks, indices, counts,
         keep, scores, need, part_o, part_lse, o, lse_t, sync,
         scale * LOG2E, 1.0 / math.sqrt(d),
-        hq, hkv, num_splits, n_tiles, n_score, n_total, sync_rows, min_blocks_per_split, key_cache.shape[1],
+        hq, hkv, num_splits, n_tiles, n_score, n_total, sync_rows, min_blocks_per_split,
         select.sink_blocks if select else 0, select.local_blocks if select else 0, select.seed if select else 0, kk,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -575,5 +580,6 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
         BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
         ATTEND=attend, MERGE_G=next_pow2(group), MERGE_SPLITS=merge_tile(merge_splits, group, num_splits),
-        num_warps=4, num_stages=2,
+        PAGE_SIZE=key_cache.shape[1],
+        num_warps=DECODE_WARPS, num_stages=2,
     )

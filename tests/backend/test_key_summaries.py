@@ -307,3 +307,24 @@ def test_warm_up_compiles_the_engines_kernel_options(monkeypatch):
     warm_up_kernels(4, 2, 32, torch.float32, "cpu", cfg, DecodeWorkspace(4, 4, 2, 32, 64, "cpu"), kernels=opts)
     assert seen and {kw["one_launch"] for kw in seen} == {True, False}  # a one-row step under limits 2 and 0
     assert fused and set(fused) == {True}
+
+
+@pytest.mark.parametrize("block_size", [None, 32], ids=["unset", "bs32"])
+def test_warm_up_uses_the_engines_page_size(block_size, monkeypatch):
+    """The decode kernel compiles per page size (a constexpr): the engine start's warm-up builds its scratch cache
+    with the engine's cache block size (16, vLLM's CUDA default, when the config has none), else the first real
+    decode step would compile again."""
+    import types
+
+    import cab_vllm.backend.backend as backend
+    import cab_vllm.backend.warmup as warmup
+
+    got = []
+    monkeypatch.setattr(warmup, "warm_up_kernels", lambda *a, **kw: got.append(kw["page_size"]))
+    monkeypatch.setattr(backend, "_WARMED", set())
+    monkeypatch.delenv("CAB_WARMUP", raising=False)
+    vcfg = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=block_size))
+    impl = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_size=32, settings=backend.compat.engine_settings(),
+                                 workspace=None, summaries=None, _vcfg=vcfg)
+    backend._warm_up(impl, torch.zeros(1, 4, 32))
+    assert got == [block_size or 16]

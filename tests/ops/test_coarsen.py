@@ -265,6 +265,23 @@ def test_sampled_block_attention(n, hq, hkv, d, bs, rows, dtype, device):
         torch.testing.assert_close(want.cpu().double(), brute, rtol=0, atol=2 * atol)
 
 
+@pytest.mark.parametrize("tile_rows", [128, 48], ids=lambda t: f"tile{t}")
+def test_sampled_block_attention_splits_a_large_group(tile_rows, monkeypatch, device):
+    """A GQA group of more (head, row) pairs than one program's tile holds (20 query heads of one KV head x 16
+    rows; 64 x 16 overflowed the H200's shared memory) is split over programs, the last one partly empty (20
+    heads in programs of 8, or of 2 when the cap, 48 rows, is not a power of two): the same mass as the
+    reference, for every head."""
+    import cab_vllm.ops.coarsen as coarsen
+
+    monkeypatch.setattr(coarsen, "SAMPLED_TILE_ROWS", tile_rows)
+    q, k = _qk(200, 20, 1, 32, torch.float32, seed=10, device=device)
+    for rows, qb in ((16, None), (5, torch.tensor([1, 3], device=device))):
+        got = sampled_block_attention(q, k, 16, rows, qb, impl="triton")
+        want = sampled_block_attention(q, k, 16, rows, qb, impl="torch")
+        torch.testing.assert_close(got, want, rtol=0, atol=KERNEL_FP32_TOL)
+        assert (got.sum(-1) - 1).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("q_blocks", [[62], [0, 31, 62], [5, 5]], ids=["last", "three", "repeated"])
 def test_sampled_block_attention_subset_of_query_blocks(q_blocks, device):
     """A few query blocks over many key blocks: the kernel splits the key range over programs (the exact last

@@ -96,6 +96,11 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
         k = torch.randn(1, hkv, n, 64, generator=gen).to(dt)
         cfg = CABConfig(sparsity=0.9, policy=policy)
         estimate_and_select(q, k, cfg, 0, key_summary(k, 64, cfg.estimator, impl="torch"), n, impl="triton")
+    # the exact rows of a 64-query-head group over one KV head (an MQA model): 16 rows of 64 heads in one tile need
+    # more shared memory than a Hopper GPU has, so the group is split over programs
+    coarsen.sampled_block_attention(torch.randn(1, 64, 130, 64, generator=gen).to(torch.bfloat16),
+                                    torch.randn(1, 1, 130, 64, generator=gen).to(torch.bfloat16), 64, 16,
+                                    impl="triton")
     # a decode step: one launch (one row) and two launches (three rows, bounds / prompt / skip)
     n_blocks = 20
     kc = torch.randn(n_blocks * 4 + 1, 16, 2, 64, generator=gen).to(torch.bfloat16)
