@@ -39,23 +39,44 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from cab_vllm.ops._triton import paged_coords
     from cab_vllm.ops.select import (MAX_SCORE_PROGRAMS, SCORE_TILE, SCORE_TOKENS, _group_query, _score_blocks,
                                      _topk_blocks)
 
     @triton.jit
-    def _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, k_ok, s, kvh, scale_log2, page_size,
+    def _block_offsets(bt_ptr, stride_bt, s, kb, k_ok, kvh, stride_page, stride_pos, stride_h, d,
+                       BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr):
+        """Element offsets [BLOCK, BLOCK_D] (int64) of key block kb's tokens, head kvh, in row s's pages. A page of
+        whole blocks (PAGE_SIZE a multiple of BLOCK): one page-table read for the block; else one per token (masked
+        by k_ok). Only page * stride_page needs 64 bits; the in-page part is int32."""
+        t = tl.arange(0, BLOCK)
+        if PAGE_SIZE % BLOCK == 0:
+            pos0 = kb * BLOCK
+            page = tl.load(bt_ptr + s * stride_bt + pos0 // PAGE_SIZE).to(tl.int64)
+            base = page * stride_page + ((pos0 % PAGE_SIZE) * stride_pos + kvh * stride_h)
+            return base + (t * stride_pos)[:, None] + d[None, :]
+        else:
+            page = tl.load(bt_ptr + s * stride_bt + (kb * BLOCK + t) // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+            inner = ((kb * BLOCK + t) % PAGE_SIZE) * stride_pos + kvh * stride_h
+            return (page * stride_page + inner)[:, None] + d[None, :]
+
+    @triton.jit
+    def _attend_keys(q, k_ptr, v_ptr, bt_ptr, kb, seq_len, s, kvh, scale_log2,
                      stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh, stride_bt,
-                     m_i, l_i, acc, d, d_ok):
-        """Online-softmax step of the group's queries q [G, D] over the keys at positions kpos [T] (where k_ok) of
-        row s (paged): new (m, l, acc)."""
-        page, slot_in = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
+                     m_i, l_i, acc, d, d_ok, BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_SAME: tl.constexpr):
+        """Online-softmax step of the group's queries q [G, D] over key block kb of row s (paged; its tokens at
+        or past seq_len masked): new (m, l, acc). KV_SAME: the value cache has the key cache's strides (vLLM's
+        [2, pages, ...] KV tensor), so one offset tile addresses both."""
+        kpos = kb * BLOCK + tl.arange(0, BLOCK)
+        k_ok = kpos < seq_len
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + (page * stride_kpage + slot_in * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)
+        off = _block_offsets(bt_ptr, stride_bt, s, kb, k_ok, kvh, stride_kpage, stride_kpos, stride_kh, d,
+                             BLOCK, PAGE_SIZE)
+        k = tl.load(k_ptr + off, mask=kv_mask, other=0.0)
         m_new, l_i, p, alpha = _softmax_p(q, k, k_ok, scale_log2, m_i, l_i)
-        v = tl.load(v_ptr + (page * stride_vpage + slot_in * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)  # issued after the scores
+        if not KV_SAME:
+            off = _block_offsets(bt_ptr, stride_bt, s, kb, k_ok, kvh, stride_vpage, stride_vpos, stride_vh, d,
+                                 BLOCK, PAGE_SIZE)
+        v = tl.load(v_ptr + off, mask=kv_mask, other=0.0)  # issued after the scores
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l_i, acc
 
@@ -73,11 +94,12 @@ if HAS_TRITON:
     @triton.jit
     def _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
                       tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
-                      s, kvh, split, mode, seq_len, scale_log2, num_heads, group, num_splits, min_per, page_size,
+                      s, kvh, split, mode, seq_len, scale_log2, num_heads, group, num_splits, min_per,
                       stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh,
                       stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
                       stride_pos, stride_poh, stride_pok,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
+                      PAGE_SIZE: tl.constexpr, KV_SAME: tl.constexpr):
         """Split `split` of row s, KV head kvh: the group's queries over their share of the row's key blocks
         (mode 1: the stored prompt selection + every block after the prompt; 2: every causal block; else the
         step's idx/cnt) -> normalized partial output and base-2 LSE in po/plse. A split takes at least min_per
@@ -122,10 +144,9 @@ if HAS_TRITON:
                 kb = i
             else:
                 kb = tl.load(idx_base + i, cache_modifier=".cg")
-            kpos = kb * BLOCK + tl.arange(0, BLOCK)
-            m_i, l_i, acc = _attend_keys(q, k_ptr, v_ptr, bt_ptr, kpos, kpos < seq_len, s, kvh, scale_log2,
-                                         page_size, stride_kpage, stride_kpos, stride_kh, stride_vpage,
-                                         stride_vpos, stride_vh, stride_bt, m_i, l_i, acc, d, d_ok)
+            m_i, l_i, acc = _attend_keys(q, k_ptr, v_ptr, bt_ptr, kb, seq_len, s, kvh, scale_log2,
+                                         stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh,
+                                         stride_bt, m_i, l_i, acc, d, d_ok, BLOCK, PAGE_SIZE, KV_SAME)
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :],
@@ -205,11 +226,15 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_J: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr,
         ROUTED: tl.constexpr, SELECT: tl.constexpr, ATTEND: tl.constexpr, MERGE_G: tl.constexpr,
-        MERGE_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        MERGE_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_SAME: tl.constexpr,
     ):
-        # PAGE_SIZE (the cache's tokens per page) is a compile-time constant: a key's page and slot come from shifts
-        # or a multiply instead of an integer division per key row (the loop over key blocks 705 -> 586 instructions
-        # for sm_90, the step 3-6% faster on the H200; one value per engine).
+        # The step is bound by the length of its instruction stream (Nsight Compute on the H200: one instruction
+        # per 11.7 cycles per warp, DRAM at 20% of peak), so the loop over key blocks is kept short. PAGE_SIZE (the
+        # cache's tokens per page, one value per engine) is a compile-time constant: a key's page and slot come
+        # from shifts instead of an integer division per key row (loop 705 -> 586 sm_90 instructions, the step
+        # 3-6% faster on the H200). One offset tile for keys and values when their strides match (KV_SAME), the
+        # in-page part in 32 bits, one page-table read per block when a page holds whole blocks: 451 instructions
+        # with 16-token pages, 379 with 64 (not yet timed).
         # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
         # MODE_RECENT / MODE_RANDOM; n_tiles programs per (row, KV head) score its blocks, the last to finish
         # keeps the top keep[s]); programs [n_score, n_total) attend (ATTEND: one per (row, KV head, split);
@@ -267,11 +292,11 @@ if HAS_TRITON:
                 used = _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
                                      tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
                                      s, kvh, split, mode, tl.load(seqlen_ptr + s), scale_log2, num_heads, group,
-                                     num_splits, min_per, PAGE_SIZE,
+                                     num_splits, min_per,
                                      stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
                                      stride_vpos, stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts,
                                      stride_th, stride_tcs, stride_pos, stride_poh, stride_pok,
-                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD)
+                                     HEAD_DIM, BLOCK_D, BLOCK, GROUP_PAD, PAGE_SIZE, KV_SAME)
                 tl.debug_barrier()
                 c = tl.atomic_add(finished + s * num_kv_heads + kvh, 1, sem="acq_rel")
                 if c == num_splits - 1:
@@ -580,6 +605,6 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block_size, GROUP_PAD=max(16, next_pow2(group)),
         BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
         ATTEND=attend, MERGE_G=next_pow2(group), MERGE_SPLITS=merge_tile(merge_splits, group, num_splits),
-        PAGE_SIZE=key_cache.shape[1],
+        PAGE_SIZE=key_cache.shape[1], KV_SAME=v.stride()[:3] == key_cache.stride()[:3],
         num_warps=DECODE_WARPS, num_stages=2,
     )

@@ -28,6 +28,25 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("bs,page", [(64, 16), (16, 64), (32, 48)], ids=["pages-per-block", "blocks-per-page",
+                                                                        "straddling"])
+def test_decode_values_with_their_own_strides(bs, page, device):
+    """Keys in vLLM's [2, pages, ...] layout and values allocated head-major (other strides): the kernel must not
+    address the values through the keys' offsets (it shares one offset tile only when the strides match). Every
+    page/block relation: several pages per block, several blocks per page (one page-table read per block), blocks
+    straddling pages."""
+    hq, hkv, d = 4, 2, 32
+    batch = make_varlen_batch([(n, 1) for n in LENS], hq, hkv, d, torch.float32, seed=5, device=device)
+    kc, _, bt = make_paged_cache(batch["k"], batch["v"], page, layout="kv_pair", seed=6)
+    _, vc, bt2 = make_paged_cache(batch["k"], batch["v"], page, layout="head_major", seed=6)
+    assert torch.equal(bt, bt2) and kc.stride() != vc.stride()
+    idx, cnt, rows = random_decode_selection(LENS, hkv, bs, 5, 7, device=device)
+    q, sl = batch["q_packed"], batch["seq_lens"]
+    out, _ = paged_sparse_decode(q, kc, vc, bt, sl, idx, cnt, bs, impl="triton")
+    oout, _ = decode_oracle(batch, LENS, rows, bs, 1 / math.sqrt(d), hq)
+    assert rel_err(out, oout) < KERNEL_FP32_TOL
+
+
 def random_decode_selection(lens, hkv, bs, kmax, seed, empty_prob=0.1, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     rows = [[random_block_subset(gen, (n - 1) // bs, kmax, empty_prob) for _ in range(hkv)] for n in lens]
