@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
         [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16] [--target-programs 264,528,1056]
-        [--warps 2,4] [--columns prompt,prompt1,skip1]
+        [--warps 2,4] [--maxnreg 0,128] [--columns prompt,prompt1,skip1]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--merge-splits", default=None,
                     help="split partials merged per load (comma list of powers of two; ops.decode.MERGE_SPLITS)")
     ap.add_argument("--warps", default=None, help="warps per decode program (comma list; ops.decode.DECODE_WARPS)")
+    ap.add_argument("--maxnreg", default=None,
+                    help="registers per thread at most (comma list, 0: no limit; ops.decode.DECODE_MAXNREG)")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
@@ -171,24 +173,27 @@ def main() -> None:
                 for sp in ints(a.score_programs, decode_ops.MAX_SCORE_PROGRAMS)
                 for ms in ints(a.merge_splits, decode_ops.MERGE_SPLITS)
                 for tp in ints(a.target_programs, decode_ops.TARGET_PROGRAMS)
-                for w in ints(a.warps, getattr(decode_ops, "DECODE_WARPS", 4))]
+                for w in ints(a.warps, getattr(decode_ops, "DECODE_WARPS", 4))
+                for mr in ints(a.maxnreg, getattr(decode_ops, "DECODE_MAXNREG", None) or 0)]
     global _FLUSH
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'kept':>5} "
+    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} "
+          f"{'kept':>5} "
           f"{'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} {'prompt1':>8} {'bounds1':>8} {'skip1':>7} "
           f"{'plain':>8} {'dense':>8}  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
           f"scoring programs; merge: splits per merge load; dense: this kernel over every block; "
           f"L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
         for rows in (int(x) for x in a.rows.split(",")):
-            for mp, sp, ms, tp, w in variants:
+            for mp, sp, ms, tp, w, mr in variants:
                 decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS, decode_ops.TARGET_PROGRAMS = sp, ms, tp
-                decode_ops.DECODE_WARPS = w
+                decode_ops.DECODE_WARPS, decode_ops.DECODE_MAXNREG = w, mr or None
                 r = profile(n, rows, a.sparsity, min_per=mp, columns=columns)
                 cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>{wd}}"
                                  for c, wd in zip(COLUMNS, (8, 8, 7, 8, 8, 7, 8, 8)))
-                print(f"{n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {r['kept_blocks']:>5} {r['splits']:>6} "
+                print(f"{n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} "
+                      f"{r['kept_blocks']:>5} {r['splits']:>6} "
                       f"{cells}")
 
 if __name__ == "__main__":

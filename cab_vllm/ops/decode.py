@@ -93,7 +93,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
-                      tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
+                      tab_idx_ptr, tab_cnt_ptr, slot, prompt_blocks,
                       s, kvh, split, mode, seq_len, scale_log2, num_heads, group, num_splits, min_per,
                       stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh,
                       stride_bt, stride_is, stride_ih, stride_cs, stride_ts, stride_th, stride_tcs,
@@ -104,16 +104,20 @@ if HAS_TRITON:
         (mode 1: the stored prompt selection + every block after the prompt; 2: every causal block; else the
         step's idx/cnt) -> normalized partial output and base-2 LSE in po/plse. A split takes at least min_per
         blocks, so a short selection uses fewer splits than were launched (the rest return at once and the merge
-        reads fewer partials). Returns the number of splits the (row, KV head) uses."""
+        reads fewer partials). slot, prompt_blocks: the row's prompt-table slot and prompt block count (mode 1),
+        loaded by the caller beside the mode (one memory round trip less before the first key block).
+        Returns the number of splits the (row, KV head) uses."""
+        # the query first: its load is in flight while the block range is worked out
+        q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
         nb = (seq_len + BLOCK - 1) // BLOCK
         c1 = nb * 0
         pb = nb
         tab_base = tab_idx_ptr
         if mode == 1:
-            slot = tl.load(slot_ptr + s).to(tl.int64)
-            c1 = tl.load(tab_cnt_ptr + slot * stride_tcs + kvh)
-            pb = tl.load(tab_blocks_ptr + s)
-            tab_base = tab_idx_ptr + slot * stride_ts + kvh * stride_th
+            slot64 = slot.to(tl.int64)
+            c1 = tl.load(tab_cnt_ptr + slot64 * stride_tcs + kvh)
+            pb = prompt_blocks
+            tab_base = tab_idx_ptr + slot64 * stride_ts + kvh * stride_th
             cnt = c1 + tl.maximum(nb - pb, 0)
         elif mode == 2:
             cnt = nb
@@ -124,7 +128,6 @@ if HAS_TRITON:
         i0 = split * per
         i1 = tl.minimum(i0 + per, cnt)  # <= i0 for a split past `used`: no iterations, nothing stored
 
-        q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
         q = q.to(k_ptr.dtype.element_ty)
         heads = kvh * group + tl.arange(0, GROUP_PAD)
         live = g_ok & (tl.arange(0, GROUP_PAD) * 0 + split < used)  # the group's heads, in a split that is used
@@ -281,8 +284,13 @@ if HAS_TRITON:
             kvh = (u % per) // num_splits
             split = u % num_splits
             mode = 3
-            if ROUTED:
+            slot = s * 0
+            prompt_blocks = slot
+            if ROUTED:  # the row's routing, all in one round trip
                 mode = tl.load(mode_ptr + s)
+                slot = tl.load(slot_ptr + s)
+                prompt_blocks = tl.load(tab_blocks_ptr + s)
+            seq_len = tl.load(seqlen_ptr + s)
             if mode != 0:
                 if SELECT:
                     if mode >= 3:
@@ -290,8 +298,8 @@ if HAS_TRITON:
                         while r == 0:
                             r = tl.atomic_add(ready + s * num_kv_heads + kvh, 0, sem="acquire")
                 used = _attend_split(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, bt_ptr, idx_ptr, cnt_ptr,
-                                     tab_idx_ptr, tab_cnt_ptr, slot_ptr, tab_blocks_ptr,
-                                     s, kvh, split, mode, tl.load(seqlen_ptr + s), scale_log2, num_heads, group,
+                                     tab_idx_ptr, tab_cnt_ptr, slot, prompt_blocks,
+                                     s, kvh, split, mode, seq_len, scale_log2, num_heads, group,
                                      num_splits, min_per,
                                      stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage,
                                      stride_vpos, stride_vh, stride_bt, stride_is, stride_ih, stride_cs, stride_ts,
@@ -321,6 +329,10 @@ MERGE_TILE = 64  # at most this many (group head, split) partials per merge load
 # Warps per decode program: 8 ran 1.5x slower than 4 at 8 rows of 128k on the H200, 2 slower at every shape timed
 # (up to 1.7x; BENCHMARKS.md).
 DECODE_WARPS = 4
+# Registers per thread the decode kernel may use (None: as many as it needs, 166 for sm_90 with 16-token pages and
+# D=128: three 4-warp programs per SM). 128 would let four run at once (more splits in one wave), at the cost of
+# spills in the merge and the selection role; a speed option for decode_profile.py --maxnreg, not yet timed.
+DECODE_MAXNREG: int | None = None
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
 # Decode batches of at most this many rows run selection and attention in one launch. Measured on the H200 with
 # L2 flushed (benchmarks/results/decode_profile_h200_2026-11-30/profile_l2_flushed.txt), one row: one launch
@@ -606,5 +618,5 @@ def step_launch(q, key_cache, value_cache, block_table, seq_lens, indices, count
         BLOCK_J=SCORE_TILE, MPAD=mpad, KPAD=next_pow2(kk), ROUTED=routed, SELECT=select is not None,
         ATTEND=attend, MERGE_G=next_pow2(group), MERGE_SPLITS=merge_tile(merge_splits, group, num_splits),
         PAGE_SIZE=key_cache.shape[1], KV_SAME=v.stride()[:3] == key_cache.stride()[:3],
-        num_warps=DECODE_WARPS, num_stages=2,
+        num_warps=DECODE_WARPS, num_stages=2, **({} if DECODE_MAXNREG is None else {"maxnreg": DECODE_MAXNREG}),
     )
