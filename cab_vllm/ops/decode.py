@@ -446,7 +446,8 @@ def routed_decode(
 
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
     ns = q.shape[0]
-    check(routes.modes.shape[0] >= ns and routes.slots.shape[0] >= ns, "routes must cover every row of q")
+    check(routes.modes.shape[0] >= ns and routes.slots.shape[0] >= ns and routes.tab_blocks.shape[0] >= ns,
+          "routes must cover every row of q (modes, slots and tab_blocks: one entry per row)")
     check(routes.sel_idx.shape[1] == hkv and routes.tab_idx.shape[1] == hkv, "routes are not for this layer's heads")
     if select is not None:
         check_selection(ns, hkv, select.scores, routes.sel_idx, routes.sel_cnt)

@@ -215,6 +215,21 @@ def test_selection_buffers_are_checked(device):
                           select=Selection(z, scores, 1, 1, 0))
 
 
+def test_routes_must_cover_every_row(device):
+    """Every attention program reads its row's mode, slot and prompt length (whatever the mode), so each of them
+    needs an entry per row: a shorter one is refused with a clear error instead of being read past its end."""
+    _, kc, vc, bt, q, sl = _case(device=device)
+    s, hkv = q.shape[0], kc.shape[2]
+    modes = torch.full((s,), MODE_ALL, dtype=torch.int32, device=device)
+    z = torch.zeros(s, dtype=torch.int32, device=device)
+    idx = torch.zeros(s, hkv, 8, dtype=torch.int32, device=device)
+    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
+    for short in ("modes", "slots", "tab_blocks"):
+        routes = DecodeRoutes(modes, z, idx, cnt, z, idx, cnt)._replace(**{short: z[: s - 1]})
+        with pytest.raises(ValueError, match="routes must cover every row"):
+            routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.empty_like(q), 2, impl="triton")
+
+
 def test_a_step_without_selecting_rows_takes_no_tickets(device):
     """The builder's `selecting` flag 0 (no row selects its own blocks): the launch runs by program id, gives the
     same output as with the flag derived on the device, and leaves every counter at zero."""
