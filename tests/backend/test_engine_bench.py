@@ -67,7 +67,8 @@ def test_host_breakdown_places_the_gpu_work_in_the_host_span(bench):
 
 
 @pytest.mark.parametrize("flag, message", [("--fa-graph-splits", "--fa-graph-splits must be >= 1"),
-                                           ("--short-reps", "--short-reps must be >= 1")])
+                                           ("--short-reps", "--short-reps must be >= 1"),
+                                           ("--block-size", "--block-size must be a positive multiple of 16")])
 def test_counts_must_be_positive(bench, monkeypatch, capsys, flag, message):
     monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl", flag, "0"])
     with pytest.raises(SystemExit):

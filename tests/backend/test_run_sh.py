@@ -21,7 +21,8 @@ env = {k: v for k, v in os.environ.items() if k.startswith("CAB_")}
 row = dict(backend=sys.argv[sys.argv.index("--backend") + 1], sparsity=None, init_s=1, first_request_s=0,
            second_request_s=0, mem_after_init_gib=0, peak_during_runs_gib=0, probe_out=[], cab_env=env,
            args=sys.argv[1:], fa_graph_splits=(int(sys.argv[sys.argv.index("--fa-graph-splits") + 1])
-                                                if "--fa-graph-splits" in sys.argv else None))
+                                                if "--fa-graph-splits" in sys.argv else None),
+           block_size=(int(sys.argv[sys.argv.index("--block-size") + 1]) if "--block-size" in sys.argv else None))
 open(out, "w").write(json.dumps(row) + "\\n")' "$@"
 fi
 exec "%(py)s" "$@"
@@ -67,8 +68,20 @@ def test_a_runs_flash_attention_splits_reach_only_that_run_as_an_argument(tmp_pa
     assert "with CAB_FUSED_SELECT=0 flash_attn_max_num_splits_for_cuda_graph=8" in p.stdout
 
 
+def test_a_runs_block_size_reaches_only_that_run_as_an_argument(tmp_path):
+    p, out = _run(tmp_path, "CUSTOM:0.95 CUSTOM:0.95@BLOCK_SIZE=64,FA_GRAPH_SPLITS=8")
+    assert p.returncode == 0, p.stderr
+    rows = {f.name: json.loads(f.read_text()) for f in out.glob("engine_*.jsonl")}
+    mine = rows["engine_CUSTOM_0.95_BLOCK_SIZE-64_FA_GRAPH_SPLITS-8.jsonl"]
+    assert mine["cab_env"] == {}
+    assert mine["args"][mine["args"].index("--block-size") + 1] == "64"
+    assert mine["args"][mine["args"].index("--fa-graph-splits") + 1] == "8"
+    assert "--block-size" not in rows["engine_CUSTOM_0.95.jsonl"]["args"]
+    assert "flash_attn_max_num_splits_for_cuda_graph=8 block_size=64" in p.stdout
+
+
 def test_a_malformed_variable_stops_the_script(tmp_path):
-    for bad in ("CUSTOM:0.95@GRAPH_BRANCHES=1", "CUSTOM:0.95@FA_GRAPH_SPLITS=x"):
+    for bad in ("CUSTOM:0.95@GRAPH_BRANCHES=1", "CUSTOM:0.95@FA_GRAPH_SPLITS=x", "CUSTOM:0.95@BLOCK_SIZE=x"):
         p, out = _run(tmp_path, bad)
         assert p.returncode == 2 and "is not CAB_NAME=VALUE" in p.stdout
         assert not list(out.glob("engine_*.jsonl"))

@@ -28,8 +28,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("bs,page", [(64, 16), (16, 64), (32, 48)], ids=["pages-per-block", "blocks-per-page",
-                                                                        "straddling"])
+@pytest.mark.parametrize("bs,page", [(64, 16), (16, 64), (64, 128), (32, 48)],
+                         ids=["pages-per-block", "blocks-per-page", "bs64-page128", "straddling"])
 def test_decode_values_with_their_own_strides(bs, page, device):
     """Keys in vLLM's [2, pages, ...] layout and values allocated head-major (other strides): the kernel must not
     address the values through the keys' offsets (it shares one offset tile only when the strides match). Every
