@@ -198,16 +198,22 @@ def test_routed_decode_selects_then_attends_like_the_twins(keep, device):
     assert rel_err(o_k[r], ref[r]) < max(KERNEL_FP32_TOL, 1e-5)
 
 
+def _uniform_routes(q, kc, mode, device):
+    """Every row in `mode`, slot 0, zero-filled tables of 8 blocks: (routes, the zero [S] int32 vector)."""
+    s, hkv = q.shape[0], kc.shape[2]
+    modes = torch.full((s,), mode, dtype=torch.int32, device=device)
+    z = torch.zeros(s, dtype=torch.int32, device=device)
+    idx = torch.zeros(s, hkv, 8, dtype=torch.int32, device=device)
+    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
+    return DecodeRoutes(modes, z, idx, cnt, z, idx, cnt), z
+
+
 def test_selection_buffers_are_checked(device):
     from cab_vllm.ops.decode import Selection
 
     _, kc, vc, bt, q, sl = _case(device=device)
     s, hkv = q.shape[0], kc.shape[2]
-    modes = torch.full((s,), MODE_BOUNDS, dtype=torch.int32, device=device)
-    z = torch.zeros(s, dtype=torch.int32, device=device)
-    idx = torch.zeros(s, hkv, 8, dtype=torch.int32, device=device)
-    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
-    routes = DecodeRoutes(modes, z, idx, cnt, z, idx, cnt)
+    routes, z = _uniform_routes(q, kc, MODE_BOUNDS, device)
     for scores in (torch.zeros(s, hkv, 6, device=device), torch.zeros(s, hkv, 4, device=device),
                    torch.zeros(s - 1, hkv, 8, device=device), torch.zeros(s, hkv, 8, dtype=torch.float64, device=device)):
         with pytest.raises(ValueError, match="inconsistent buffers"):
@@ -219,13 +225,9 @@ def test_routes_must_cover_every_row(device):
     """Every attention program reads its row's mode, slot and prompt length (whatever the mode), so each of them
     needs an entry per row: a shorter one is refused with a clear error instead of being read past its end."""
     _, kc, vc, bt, q, sl = _case(device=device)
-    s, hkv = q.shape[0], kc.shape[2]
-    modes = torch.full((s,), MODE_ALL, dtype=torch.int32, device=device)
-    z = torch.zeros(s, dtype=torch.int32, device=device)
-    idx = torch.zeros(s, hkv, 8, dtype=torch.int32, device=device)
-    cnt = torch.zeros(s, hkv, dtype=torch.int32, device=device)
+    full, z = _uniform_routes(q, kc, MODE_ALL, device)
     for short in ("modes", "slots", "tab_blocks"):
-        routes = DecodeRoutes(modes, z, idx, cnt, z, idx, cnt)._replace(**{short: z[: s - 1]})
+        routes = full._replace(**{short: z[: q.shape[0] - 1]})
         with pytest.raises(ValueError, match="routes must cover every row"):
             routed_decode(q, kc, vc, bt, sl, routes, 64, 0.2, torch.empty_like(q), 2, impl="triton")
 
