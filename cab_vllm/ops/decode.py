@@ -39,6 +39,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from cab_vllm.ops._triton import paged_coords
     from cab_vllm.ops.select import (MAX_SCORE_PROGRAMS, SCORE_TILE, SCORE_TOKENS, _group_query, _score_blocks,
                                      _topk_blocks)
 
@@ -55,8 +56,8 @@ if HAS_TRITON:
             base = page * stride_page + ((pos0 % PAGE_SIZE) * stride_pos + kvh * stride_h)
             return base + (t * stride_pos)[:, None] + d[None, :]
         else:
-            page = tl.load(bt_ptr + s * stride_bt + (kb * BLOCK + t) // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-            inner = ((kb * BLOCK + t) % PAGE_SIZE) * stride_pos + kvh * stride_h
+            page, slot = paged_coords(bt_ptr, stride_bt, s, kb * BLOCK + t, k_ok, PAGE_SIZE)
+            inner = slot.to(tl.int32) * stride_pos + kvh * stride_h
             return (page * stride_page + inner)[:, None] + d[None, :]
 
     @triton.jit
