@@ -2,9 +2,9 @@
 
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
         [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16] [--target-programs 264,528,1056]
-        [--warps 2,4] [--maxnreg 0,128] [--columns prompt,prompt1,skip1]
+        [--warps 2,4] [--maxnreg 0,128] [--page 16,64] [--columns prompt,prompt1,skip1]
 
-Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16), one layer. For each
+Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16 unless --page), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
 (ops.decode.routed_decode: a selection launch, then attention + merge) in the modes the engine uses:
   prompt   the request's stored prompt selection (the default rule) + the blocks after the prompt
@@ -71,13 +71,15 @@ COLUMNS = ("prompt", "bounds", "skip", "prompt1", "bounds1", "skip1", "plain", "
 
 
 def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int | None = None,
-            columns=COLUMNS) -> dict:
+            columns=COLUMNS, page: int = PAGE) -> dict:
     import cab_vllm.ops.decode as decode_ops
 
     min_per = decode_ops.MIN_BLOCKS_PER_SPLIT if min_per is None else min_per
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    pages_per_seq = math.ceil(n / PAGE)
-    kc = torch.randn(rows * pages_per_seq + 1, PAGE, HKV, D, device=dev, dtype=dt)
+    if page <= 0:
+        raise ValueError(f"page size must be positive, got {page}")
+    pages_per_seq = math.ceil(n / page)
+    kc = torch.randn(rows * pages_per_seq + 1, page, HKV, D, device=dev, dtype=dt)
     vc = torch.randn_like(kc)
     bt = (1 + torch.arange(rows * pages_per_seq, device=dev, dtype=torch.int32)).view(rows, pages_per_seq)
     sl = torch.full((rows,), n, device=dev, dtype=torch.int32)
@@ -154,6 +156,8 @@ def main() -> None:
     ap.add_argument("--warps", default=None, help="warps per decode program (comma list; ops.decode.DECODE_WARPS)")
     ap.add_argument("--maxnreg", default=None,
                     help="registers per thread at most (comma list, 0: no limit; ops.decode.DECODE_MAXNREG)")
+    ap.add_argument("--page", default=str(PAGE),
+                    help="tokens per KV-cache page (comma list; vLLM's --block-size)")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
@@ -169,16 +173,17 @@ def main() -> None:
     def ints(text, default):
         return [int(x) for x in text.split(",")] if text is not None else [default]
 
-    variants = [(mp, sp, ms, tp, w) for mp in ints(a.min_per, decode_ops.MIN_BLOCKS_PER_SPLIT)
+    variants = [(mp, sp, ms, tp, w, mr, pg) for mp in ints(a.min_per, decode_ops.MIN_BLOCKS_PER_SPLIT)
                 for sp in ints(a.score_programs, decode_ops.MAX_SCORE_PROGRAMS)
                 for ms in ints(a.merge_splits, decode_ops.MERGE_SPLITS)
                 for tp in ints(a.target_programs, decode_ops.TARGET_PROGRAMS)
                 for w in ints(a.warps, getattr(decode_ops, "DECODE_WARPS", 4))
-                for mr in ints(a.maxnreg, getattr(decode_ops, "DECODE_MAXNREG", None) or 0)]
+                for mr in ints(a.maxnreg, getattr(decode_ops, "DECODE_MAXNREG", None) or 0)
+                for pg in ints(a.page, PAGE)]
     global _FLUSH
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} "
+    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
           f"{'kept':>5} "
           f"{'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} {'prompt1':>8} {'bounds1':>8} {'skip1':>7} "
           f"{'plain':>8} {'dense':>8}  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
@@ -186,13 +191,13 @@ def main() -> None:
           f"L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
         for rows in (int(x) for x in a.rows.split(",")):
-            for mp, sp, ms, tp, w, mr in variants:
+            for mp, sp, ms, tp, w, mr, pg in variants:
                 decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS, decode_ops.TARGET_PROGRAMS = sp, ms, tp
                 decode_ops.DECODE_WARPS, decode_ops.DECODE_MAXNREG = w, mr or None
-                r = profile(n, rows, a.sparsity, min_per=mp, columns=columns)
+                r = profile(n, rows, a.sparsity, min_per=mp, columns=columns, page=pg)
                 cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>{wd}}"
                                  for c, wd in zip(COLUMNS, (8, 8, 7, 8, 8, 7, 8, 8)))
-                print(f"{n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} "
+                print(f"{n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} {pg:>4} "
                       f"{r['kept_blocks']:>5} {r['splits']:>6} "
                       f"{cells}")
 

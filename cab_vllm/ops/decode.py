@@ -285,7 +285,7 @@ if HAS_TRITON:
             kvh = (u % per) // num_splits
             split = u % num_splits
             mode = 3
-            slot = s * 0
+            slot = u * 0  # int32, as the routed path's loads are (Triton needs one type on both sides of an if)
             prompt_blocks = slot
             if ROUTED:  # the row's routing, all in one round trip
                 mode = tl.load(mode_ptr + s)

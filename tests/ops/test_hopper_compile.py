@@ -116,16 +116,34 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
         sel = Selection(torch.full((rows,), 5, dtype=torch.int32), ws.scores[:rows], 1, 1, 0)
         routed_decode(q, kc, kc, bt, sl, routes, 64, 0.125, torch.zeros_like(q), ws.splits(rows), ws.partials(rows),
                       impl="triton", select=sel)
+    # the launches without routing (plain split-K decode; the selection alone), and a page holding whole blocks
+    from cab_vllm.ops.decode import paged_sparse_decode
+    from cab_vllm.ops.select import decode_select
+    q = torch.randn(2, 8, 64, generator=gen).to(torch.bfloat16)
+    sl = torch.full((2,), 1200, dtype=torch.int32)
+    idx = torch.arange(n_blocks, dtype=torch.int32).repeat(2, 2, 1)
+    cnt = torch.full((2, 2), 7, dtype=torch.int32)
+    kc64 = torch.randn(2 * 19 + 1, 64, 2, 64, generator=gen).to(torch.bfloat16)
+    bt64 = 1 + torch.arange(2 * 19, dtype=torch.int32).view(2, 19)
+    for cache, table_, page in ((kc, torch.arange(2 * 80, dtype=torch.int32).view(2, 80) % 75 + 1, 16),
+                                (kc64, bt64, 64)):
+        paged_sparse_decode(q, cache, cache, table_, sl, idx, cnt, 64, num_splits=3, impl="triton")
+    decode_select(q, kc, torch.arange(2 * 80, dtype=torch.int32).view(2, 80) % 75 + 1, sl,
+                  torch.full((2,), MODE_BOUNDS, dtype=torch.int32), torch.full((2,), 5, dtype=torch.int32), 64, 1, 2,
+                  5, torch.zeros(2, 2, n_blocks, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32),
+                  torch.zeros(2, 2, 32), impl="triton")
     fused, sampled, step, topk = (c.launches for c in caps)
+    assert not all(x["constexprs"]["ROUTED"] for x in step)  # the launches without routing are compiled too
+    assert {x["constexprs"]["PAGE_SIZE"] for x in step} >= {16, 64}
     assert {x["constexprs"]["HAS_EXACT"] for x in fused} == {True, False}
     assert topk  # the top-k in its own launch
     assert {x["constexprs"]["GPAD"] for x in sampled} == {4, 8}
-    assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} == {(True, True), (True, False),
+    assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} >= {(True, True), (True, False),
                                                                                          (False, True)}
     # the merge's tile: 20 splits here (20 blocks, one per split) read 16 per load (MERGE_SPLITS=16); the
     # selection-only launch has one split
     attend = [x for x in step if x["constexprs"]["ATTEND"]]
-    assert {x["constexprs"]["MERGE_SPLITS"] for x in attend} == {16}
+    assert {x["constexprs"]["MERGE_SPLITS"] for x in attend if x["constexprs"]["ROUTED"]} == {16}
     assert {x["constexprs"]["MERGE_SPLITS"] for x in step if not x["constexprs"]["ATTEND"]} == {1}
     # the merge split by split (merge_splits=1) and 16 splits per load (the default where a step has 16 or more)
     options = _scaled(attend, MERGE_SPLITS=1) + _scaled(attend, MERGE_SPLITS=16)
