@@ -211,11 +211,16 @@ def main() -> None:
     ap.add_argument("--fa-graph-splits", type=int, default=None, metavar="N",
                     help="vLLM's attention_config.flash_attn_max_num_splits_for_cuda_graph (32 by default): the "
                     "splits FlashAttention's decode graphs are captured for (with CUSTOM: CAB's FlashAttention rows)")
+    ap.add_argument("--fa-version", type=int, default=None, metavar="N",
+                    help="vLLM's attention_config flash_attn_version (2 or 3) for this engine: the FlashAttention "
+                         "that runs the dense rows (CAB) or every row (FLASH_ATTN)")
     ap.add_argument("--block-size", type=int, default=None, metavar="N",
                     help="tokens per page of the KV cache (vLLM's --block-size; 16 by default on CUDA): CAB's decode "
                     "kernel reads one page-table entry per 64-token key block when a page holds whole blocks")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    if a.fa_version is not None and a.fa_version not in (2, 3):
+        ap.error("--fa-version must be 2 or 3")
     if a.fa_graph_splits is not None and a.fa_graph_splits < 1:
         ap.error("--fa-graph-splits must be >= 1")
     if a.block_size is not None and (a.block_size < 16 or a.block_size % 16):
@@ -233,6 +238,8 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    attention_config = {k: v for k, v in (("flash_attn_max_num_splits_for_cuda_graph", a.fa_graph_splits),
+                                          ("flash_attn_version", a.fa_version)) if v is not None}
     d = tempfile.mkdtemp()
     json.dump(dict(LLAMA_8B, num_hidden_layers=a.layers), open(os.path.join(d, "config.json"), "w"))
     t0 = time.time()
@@ -240,8 +247,7 @@ def main() -> None:
               gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=False, skip_tokenizer_init=True,
               disable_log_stats=False,  # per-request first/last token times (RequestOutput.metrics) for the TPOT
               tensor_parallel_size=a.tp, enforce_eager=a.eager, seed=0,
-              **({} if a.fa_graph_splits is None else
-                 {"attention_config": {"flash_attn_max_num_splits_for_cuda_graph": a.fa_graph_splits}}),
+              **({"attention_config": attention_config} if attention_config else {}),
               **({} if a.block_size is None else {"block_size": a.block_size}))
     init_s = time.time() - t0
     mem0 = torch.cuda.memory_allocated() if a.tp == 1 else 0
@@ -302,7 +308,7 @@ def main() -> None:
                    probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp,
                    cab_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("CAB_")},
-                   fa_graph_splits=a.fa_graph_splits, block_size=a.block_size)
+                   fa_graph_splits=a.fa_graph_splits, fa_version=a.fa_version, block_size=a.block_size)
     if counts0 is not None:  # equal: counted once (TP > 1 included); twice the requests' figures: once per rank
         counts1 = cab_counts()
         summary["cab_metrics"] = {k: dict(sent=sent[k], counted=counts1[k] - counts0[k]) for k in sent}

@@ -1,7 +1,7 @@
 """Sparse decode through vLLM's FlashAttention: each (row, KV head) as a sequence of its own over a gathered page table.
 
     python benchmarks/gpu/fa_gather_profile.py [--lens 131072,32768,4096] [--rows 1,8] [--sparsity 0.95]
-        [--splits 0,8,16,32]
+        [--splits 0,8,16,32] [--fa-versions 3,2]
 
 A question for the decode path, timed before any engine code is written: CAB's decode selection keeps key blocks per
 (row, KV head); if the KV cache is laid out heads-before-tokens within a page (vLLM's HND order), a page of one KV
@@ -13,8 +13,9 @@ does the sparse attention: dense rows and sparse rows in one launch.
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), 16-token pages, one layer, in a CUDA graph with
 L2 flushed between calls (decode_profile.py's timer). Columns (us per layer): gathered: the kept blocks of every
 (row, head) through FlashAttention as above; dense_hnd: every block the same way (the virtual layout's cost for a
-dense row); dense: FlashAttention as vLLM runs it (NHD cache, all 32/8 heads per row, every block). Each gathered
-output is checked against a PyTorch reference over the same kept blocks (max abs error printed).
+dense row); dense: FlashAttention as vLLM runs it (NHD cache, all 32/8 heads per row, every block); empty: that launch
+with every row's sequence length 0 (what a CUDA graph of CAB's decode step pays for FlashAttention when every row is
+CAB's). Each gathered output is checked against a PyTorch reference over the same kept blocks (max abs error).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--sparsity", type=float, default=0.95)
     ap.add_argument("--splits", default="0,8,16,32", help="FlashAttention num_splits (0: its own heuristic)")
+    ap.add_argument("--fa-versions", default="3,2", help="FlashAttention versions to time (vLLM's fa_version)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fa_gather_profile.py needs a CUDA GPU")
@@ -65,8 +67,9 @@ def main() -> None:
     dev, dt = "cuda", torch.bfloat16
     scale = D ** -0.5
     splits = [int(x) for x in a.splits.split(",")]
-    print(f"{'n':>7} {'rows':>4} {'kept':>5} {'splits':>6} {'gathered':>9} {'dense_hnd':>9} {'dense':>8} "
-          f"{'max_err':>8}  (us per layer, CUDA graph, L2 flushed)")
+    versions = [int(x) for x in a.fa_versions.split(",")]
+    print(f"{'n':>7} {'rows':>4} {'kept':>5} {'fa':>2} {'splits':>6} {'gathered':>9} {'dense_hnd':>9} {'dense':>8} "
+          f"{'empty':>6} {'max_err':>8}  (us per layer, CUDA graph, L2 flushed)")
     for n in (int(x) for x in a.lens.split(",")):
         for rows in (int(x) for x in a.rows.split(",")):
             pages_per_seq = math.ceil(n / PAGE)
@@ -107,35 +110,48 @@ def main() -> None:
             sl = torch.full((rows,), n, device=dev, dtype=torch.int32)
             out_r = torch.empty_like(q)
 
-            def run(tab, lens, ns, kmax, o=out):
+            sl0 = torch.zeros_like(sl)
+
+            def run(tab, lens, ns, kmax, fa, o=out):
                 return lambda: flash_attn_varlen_func(q=qs, k=kv1, v=vv1, max_seqlen_q=1, cu_seqlens_q=cu,
                                                       max_seqlen_k=kmax, seqused_k=lens, softmax_scale=scale,
-                                                      causal=True, block_table=tab, out=o, fa_version=3,
+                                                      causal=True, block_table=tab, out=o, fa_version=fa,
                                                       num_splits=ns)
 
-            for ns in splits:
-                try:
-                    run(gtab, glen, ns, keep * BS)()
-                    torch.cuda.synchronize()
-                    err = 0.0
-                    for (r, h), blocks in list(picks.items())[:: max(1, len(picks) // 4)]:
-                        tok = torch.cat([torch.arange(b * BS, min((b + 1) * BS, n), device=dev) for b in blocks])
-                        phys, off = bt[r, tok // PAGE], tok % PAGE
-                        k = kc[phys, h, off].float()
-                        v = vc[phys, h, off].float()
-                        qq = q[r, h * (HQ // HKV):(h + 1) * (HQ // HKV)].float()
-                        ref = torch.softmax(qq @ k.T * scale, -1) @ v
-                        err = max(err, (out[r * HKV + h].float() - ref).abs().max().item())
-                    g_us = timer(run(gtab, glen, ns, keep * BS))
-                    d_us = timer(run(dtab, dlen, ns, n))
-                    r_us = timer(lambda: flash_attn_varlen_func(
-                        q=q, k=kn, v=vn, max_seqlen_q=1, cu_seqlens_q=cu_r, max_seqlen_k=n, seqused_k=sl,
-                        softmax_scale=scale, causal=True, block_table=bt, out=out_r, fa_version=3, num_splits=ns))
-                    print(f"{n:>7} {rows:>4} {keep:>5} {ns:>6} {g_us:>9.1f} {d_us:>9.1f} {r_us:>8.1f} {err:>8.4f}",
-                          flush=True)
-                except Exception as e:  # noqa: BLE001 -- a benchmark sweep: report the variant and go on
-                    print(f"{n:>7} {rows:>4} {keep:>5} {ns:>6} failed: {type(e).__name__}: {str(e)[:300]}",
-                          flush=True)
+            def plain(lens, ns, fa):
+                return lambda: flash_attn_varlen_func(
+                    q=q, k=kn, v=vn, max_seqlen_q=1, cu_seqlens_q=cu_r, max_seqlen_k=n, seqused_k=lens,
+                    softmax_scale=scale, causal=True, block_table=bt, out=out_r, fa_version=fa, num_splits=ns)
+
+            def check(fa, ns) -> float:
+                """Max abs error of the gathered launch against a PyTorch reference on a few (row, head) pairs."""
+                run(gtab, glen, ns, keep * BS, fa)()
+                torch.cuda.synchronize()
+                err = 0.0
+                for (r, h), blocks in list(picks.items())[:: max(1, len(picks) // 4)]:
+                    tok = torch.cat([torch.arange(b * BS, min((b + 1) * BS, n), device=dev) for b in blocks])
+                    phys, off = bt[r, tok // PAGE], tok % PAGE
+                    k, v = kc[phys, h, off].float(), vc[phys, h, off].float()
+                    qq = q[r, h * (HQ // HKV):(h + 1) * (HQ // HKV)].float()
+                    ref = torch.softmax(qq @ k.T * scale, -1) @ v
+                    err = max(err, (out[r * HKV + h].float() - ref).abs().max().item())
+                return err
+
+            for fa, ns in ((fa, ns) for fa in versions for ns in splits):
+                cells, errors = [], []
+                for what, make, width in (("max_err", lambda: check(fa, ns), 8),
+                                          ("gathered", lambda: timer(run(gtab, glen, ns, keep * BS, fa)), 9),
+                                          ("dense_hnd", lambda: timer(run(dtab, dlen, ns, n, fa)), 9),
+                                          ("dense", lambda: timer(plain(sl, ns, fa)), 8),
+                                          ("empty", lambda: timer(plain(sl0, ns, fa)), 6)):
+                    try:  # a benchmark sweep: a variant FlashAttention refuses is reported and the sweep goes on
+                        cells.append((what, f"{make():>{width}.{4 if what == 'max_err' else 1}f}"))
+                    except Exception as e:  # noqa: BLE001
+                        cells.append((what, f"{'failed':>{width}}"))
+                        errors.append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
+                c = dict(cells)
+                print(f"{n:>7} {rows:>4} {keep:>5} {fa:>2} {ns:>6} {c['gathered']} {c['dense_hnd']} {c['dense']} "
+                      f"{c['empty']} {c['max_err']}" + "".join(f"\n    {x}" for x in errors), flush=True)
 
 
 if __name__ == "__main__":

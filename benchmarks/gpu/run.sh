@@ -14,19 +14,21 @@
 #   ... "CUSTOM:0.95@FA_GRAPH_SPLITS=8"     vLLM's flash_attn_max_num_splits_for_cuda_graph for that run (may sit
 #                                           among the CAB_* variables)
 #   ... "CUSTOM:0.95@BLOCK_SIZE=64"         the KV cache's tokens per page for that run (vLLM's --block-size)
+#   ... "CUSTOM:0.95@FA_VERSION=2"          vLLM's flash_attn_version for that run (the FlashAttention of the dense rows)
 set -uo pipefail
 out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
 mkdir -p "$out"
 for r in $runs; do
   spec=${r%%@*}; envs=""; [ "$spec" != "$r" ] && envs=${r#*@}
   be=${spec%%:*}; sp=${spec#*:}; [ "$sp" = "$spec" ] && sp=""
-  extra=(); suffix=""; fa_splits=""; block_size=""
+  extra=(); suffix=""; fa_splits=""; block_size=""; fa_version=""
   if [ -n "$envs" ]; then
     IFS=, read -ra extra <<< "$envs"
     cab=()
     for e in "${extra[@]}"; do
       if [[ $e =~ ^FA_GRAPH_SPLITS=([0-9]+)$ ]]; then fa_splits=${BASH_REMATCH[1]}; continue; fi
       if [[ $e =~ ^BLOCK_SIZE=([0-9]+)$ ]]; then block_size=${BASH_REMATCH[1]}; continue; fi
+      if [[ $e =~ ^FA_VERSION=([0-9]+)$ ]]; then fa_version=${BASH_REMATCH[1]}; continue; fi
       [[ $e =~ ^CAB_[A-Z_]+=[^[:space:]]*$ ]] || { echo "run.sh: $e in $r is not CAB_NAME=VALUE"; exit 2; }
       cab+=("$e")
     done
@@ -41,6 +43,7 @@ for r in $runs; do
   [ -n "${RUNNER:-}" ] && args+=(--runner "$RUNNER")
   [ -n "$fa_splits" ] && args+=(--fa-graph-splits "$fa_splits")
   [ -n "$block_size" ] && args+=(--block-size "$block_size")
+  [ -n "$fa_version" ] && args+=(--fa-version "$fa_version")
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")
   [ -n "${PROFILE_PROMPT:-}" ] && args+=(--profile-prompt "$PROFILE_PROMPT")
   env "${extra[@]}" python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 \
@@ -64,6 +67,8 @@ for r in rows:
         env = " ".join(f"{k}={v}" for k, v in r.get("cab_env", {}).items() if k != "CAB_SPARSITY")
         if r.get("fa_graph_splits") is not None:
             env = (env + f" flash_attn_max_num_splits_for_cuda_graph={r['fa_graph_splits']}").strip()
+        if r.get("fa_version") is not None:
+            env = (env + f" flash_attn_version={r['fa_version']}").strip()
         if r.get("block_size") is not None:
             env = (env + f" block_size={r['block_size']}").strip()
         if env:

@@ -46,3 +46,39 @@ def test_decode_profile_runs_every_variant(merge, monkeypatch):
                            "plain_us", "dense_us")] == [float(i) for i in range(1, 9)]
     r = prof.profile(700, 2, 0.5, dev="cpu", timer=timer, min_per=1, columns=("prompt1", "skip1"))
     assert len(calls) == 10 and (r["prompt1_us"], r["skip1_us"]) == (9.0, 10.0) and r["prompt_us"] is None
+
+
+def test_decode_profile_takes_the_page_size(monkeypatch):
+    """--page: the cache's pages hold that many tokens (64: whole key blocks, one page-table read per block)."""
+    prof = _script()
+    monkeypatch.setattr(prof, "HQ", 4)
+    monkeypatch.setattr(prof, "HKV", 2)
+    monkeypatch.setattr(prof, "D", 32)
+    shapes = []
+
+    def timer(fn):
+        fn()
+        return 1.0
+
+    real = torch.randn
+
+    def randn(*shape, **kw):
+        shapes.append(shape)
+        return real(*shape, **kw)
+
+    monkeypatch.setattr(prof.torch, "randn", randn)
+    r = prof.profile(700, 2, 0.5, dev="cpu", timer=timer, min_per=1, page=64, columns=("prompt1",))
+    assert r["prompt1_us"] == 1.0
+    assert shapes[0] == (2 * 11 + 1, 64, 2, 32)  # 11 pages of 64 tokens per row, page 0 unused
+    with pytest.raises(ValueError, match="page size"):
+        prof.profile(700, 2, 0.5, dev="cpu", timer=timer, page=0)
+
+
+def test_fa_gather_profile_keeps_sink_and_current_block():
+    spec = importlib.util.spec_from_file_location("fa_gather_profile", ROOT / "benchmarks/gpu/fa_gather_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    gen = torch.Generator().manual_seed(0)
+    for m, keep in ((2048, 103), (64, 4), (3, 5), (1, 1)):
+        b = mod.kept_blocks(m, keep, gen)
+        assert b == sorted(set(b)) and b[0] == 0 and b[-1] == m - 1 and len(b) == min(keep, m)

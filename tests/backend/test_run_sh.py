@@ -22,7 +22,8 @@ row = dict(backend=sys.argv[sys.argv.index("--backend") + 1], sparsity=None, ini
            second_request_s=0, mem_after_init_gib=0, peak_during_runs_gib=0, probe_out=[], cab_env=env,
            args=sys.argv[1:], fa_graph_splits=(int(sys.argv[sys.argv.index("--fa-graph-splits") + 1])
                                                 if "--fa-graph-splits" in sys.argv else None),
-           block_size=(int(sys.argv[sys.argv.index("--block-size") + 1]) if "--block-size" in sys.argv else None))
+           block_size=(int(sys.argv[sys.argv.index("--block-size") + 1]) if "--block-size" in sys.argv else None),
+           fa_version=(int(sys.argv[sys.argv.index("--fa-version") + 1]) if "--fa-version" in sys.argv else None))
 open(out, "w").write(json.dumps(row) + "\\n")' "$@"
 fi
 exec "%(py)s" "$@"
@@ -80,8 +81,23 @@ def test_a_runs_block_size_reaches_only_that_run_as_an_argument(tmp_path):
     assert "flash_attn_max_num_splits_for_cuda_graph=8 block_size=64" in p.stdout
 
 
+def test_a_runs_flash_attention_version_reaches_only_that_run_as_an_argument(tmp_path):
+    p, out = _run(tmp_path, "FLASH_ATTN: CUSTOM:0.95@FA_VERSION=2,CAB_FUSED_SELECT=0 FLASH_ATTN:@FA_VERSION=2")
+    assert p.returncode == 0, p.stderr
+    rows = {f.name: json.loads(f.read_text()) for f in out.glob("engine_*.jsonl")}
+    assert set(rows) == {"engine_FLASH_ATTN_dense.jsonl", "engine_CUSTOM_0.95_FA_VERSION-2_CAB_FUSED_SELECT-0.jsonl",
+                         "engine_FLASH_ATTN_dense_FA_VERSION-2.jsonl"}
+    mine = rows["engine_CUSTOM_0.95_FA_VERSION-2_CAB_FUSED_SELECT-0.jsonl"]
+    assert mine["cab_env"] == {"CAB_FUSED_SELECT": "0"}
+    assert mine["args"][mine["args"].index("--fa-version") + 1] == "2"
+    assert rows["engine_FLASH_ATTN_dense_FA_VERSION-2.jsonl"]["fa_version"] == 2
+    assert "--fa-version" not in rows["engine_FLASH_ATTN_dense.jsonl"]["args"]
+    assert "with CAB_FUSED_SELECT=0 flash_attn_version=2" in p.stdout
+
+
 def test_a_malformed_variable_stops_the_script(tmp_path):
-    for bad in ("CUSTOM:0.95@GRAPH_BRANCHES=1", "CUSTOM:0.95@FA_GRAPH_SPLITS=x", "CUSTOM:0.95@BLOCK_SIZE=x"):
+    for bad in ("CUSTOM:0.95@GRAPH_BRANCHES=1", "CUSTOM:0.95@FA_GRAPH_SPLITS=x", "CUSTOM:0.95@BLOCK_SIZE=x",
+                "CUSTOM:0.95@FA_VERSION=x"):
         p, out = _run(tmp_path, bad)
         assert p.returncode == 2 and "is not CAB_NAME=VALUE" in p.stdout
         assert not list(out.glob("engine_*.jsonl"))
