@@ -14,7 +14,8 @@ fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GP
 this process, where the engine runs with tensor parallel 1): a prefill-only request and a 1+T-token one are
 profiled, and their difference per kernel name is what one decode step launches (calls and GPU time per step,
 and the step's span from its first kernel's start to its last's end: the gaps are host-side waits). In the
-summary line as decode_profile, printed as PROF lines.
+summary line as decode_profile, printed as PROF lines; then, from the 1+T-token trace alone, each step's length,
+GPU busy and idle time and its idle stretches by the kernels around them (GAP lines, decode_profile.step_gaps).
 
 --profile-prompt N: one request of an N-token prompt and one output token (its TTFT), profiled on the host and
 the GPU: the host time, where the GPU work starts and ends in it, the GPU busy time, and the host operations by
@@ -132,6 +133,43 @@ def decode_breakdown(prefill_only: list, with_decode: list, steps: int, top: int
     return {"steps": steps, "gpu_us_per_step": round(busy, 1),
             "span_us_per_step": round((span(with_decode) - span(prefill_only)) / steps, 1),
             "kernels": [[n, round(c, 2), round(t, 2)] for n, c, t in rows[:top] if c > 0 or abs(t) >= 0.05]}
+
+
+def step_gaps(trace: list, steps: int, marker: str = "ArgMaxOps", top: int = 8) -> dict:
+    """Where a decode step's GPU sits idle, from one kernel trace [(name, start_us, end_us)] that ends with ``steps``
+    decode steps: a step is the stretch between two ends of the sampler's kernel (``marker`` in its name: the
+    greedy sampler's argmax, once per step), the last ``steps`` of them are taken. Per step (medians): its length,
+    the GPU busy time (union of kernel intervals) and the idle time; and the idle stretches by the kernels on
+    either side ("before -> after", names cut to 60 characters), as µs per step (mean over the steps) with how often
+    they occur per step. The gaps say which host work the GPU waits for (e.g. a builder's, between the sampler
+    and the next step's first copy)."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    ev = sorted(trace, key=lambda e: e[1])
+    ends = [(b, name) for name, _, b in ev if marker in name]
+    if len(ends) < steps + 1:
+        raise ValueError(f"the trace has {len(ends)} '{marker}' kernels; {steps + 1} are needed for {steps} steps")
+    windows = list(zip(ends[-steps - 1:-1], ends[-steps:]))
+    lengths, busy, idle = [], [], []
+    pairs: dict = {}
+    for (w0, sampler), (w1, _) in windows:
+        inside = [(n, max(a, w0), min(b, w1)) for n, a, b in ev if b > w0 and a < w1]
+        covered, cur, prev = 0.0, w0, sampler
+        for name, a, b in inside:
+            if a > cur:
+                key = f"{prev[:60]} -> {name[:60]}"
+                c, t = pairs.get(key, (0, 0.0))
+                pairs[key] = (c + 1, t + (a - cur))
+            if b > cur:
+                covered += b - max(a, cur)
+                cur, prev = b, name
+        lengths.append(w1 - w0)
+        busy.append(covered)
+        idle.append(w1 - w0 - covered)
+    rows = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"steps": steps, "step_us": round(statistics.median(lengths), 1),
+            "busy_us": round(statistics.median(busy), 1), "idle_us": round(statistics.median(idle), 1),
+            "gaps": [[k, round(c / steps, 2), round(t / steps, 1)] for k, (c, t) in rows]}
 
 
 def host_breakdown(cpu: list, gpu: list, top: int = 25) -> dict:
@@ -323,6 +361,16 @@ def main() -> None:
               f"{prof['span_us_per_step']} us", flush=True)
         for name, calls, us in prof["kernels"]:
             print(f"PROF {us:9.2f} us {calls:7.2f} calls  {name[:110]}", flush=True)
+        try:
+            gaps = step_gaps(both, a.profile_steps)
+        except ValueError as e:  # e.g. a sampler without the argmax kernel: the rest of the profile stands
+            print(f"GAP not measured: {e}", flush=True)
+        else:
+            prof["step_gaps"] = gaps
+            print(f"GAP per decode step (median of {gaps['steps']}): {gaps['step_us']} us, GPU busy "
+                  f"{gaps['busy_us']} us, idle {gaps['idle_us']} us", flush=True)
+            for pair, per_step, us in gaps["gaps"]:
+                print(f"GAP {us:8.1f} us {per_step:5.2f}x  {pair}", flush=True)
     if a.profile_prompt is not None:
         ids = [random.Random(11 + r).randrange(100, 40000) for r in range(a.profile_prompt)]
         gen(ids, 1)

@@ -74,3 +74,24 @@ def test_counts_must_be_positive(bench, monkeypatch, capsys, flag, message):
     with pytest.raises(SystemExit):
         bench.main()
     assert message in capsys.readouterr().err
+
+
+def test_step_gaps_finds_the_idle_stretches_between_the_samplers(bench):
+    # a prefill, then 3 steps of: copy 2 us, gemm 5 us (a 1 us stream overlap with a side kernel), argmax 1 us,
+    # with a 4 us wait before each copy and a 2 us wait between gemm and argmax
+    trace = [("prefill_gemm", 0, 100), ("reduce_kernel<ArgMaxOps>", 100, 101)]
+    t = 101
+    for _ in range(3):
+        trace += [("Memcpy HtoD", t + 4, t + 6), ("gemm", t + 6, t + 11), ("side", t + 10, t + 12),
+                  ("reduce_kernel<ArgMaxOps>", t + 14, t + 15)]
+        t += 15
+    r = bench.step_gaps(trace, 3)
+    assert (r["step_us"], r["busy_us"], r["idle_us"]) == (15.0, 9.0, 6.0)
+    gaps = {k: (c, us) for k, c, us in r["gaps"]}
+    assert gaps == {"reduce_kernel<ArgMaxOps> -> Memcpy HtoD": (1.0, 4.0), "side -> reduce_kernel<ArgMaxOps>": (1.0, 2.0)}
+    assert [k for k, _, _ in r["gaps"]][0] == "reduce_kernel<ArgMaxOps> -> Memcpy HtoD"  # largest first
+    assert bench.step_gaps(trace, 2)["step_us"] == 15.0  # the last two steps
+    with pytest.raises(ValueError, match="5 are needed for 4 steps"):
+        bench.step_gaps(trace, 4)
+    with pytest.raises(ValueError, match="steps"):
+        bench.step_gaps(trace, 0)
