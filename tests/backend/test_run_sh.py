@@ -44,10 +44,15 @@ def _run(tmp_path, runs):
     return p, out
 
 
+def _ok_rows(p, out) -> dict:
+    """The run succeeded: its engine rows by file name."""
+    assert p.returncode == 0, p.stderr
+    return {f.name: json.loads(f.read_text()) for f in out.glob("engine_*.jsonl")}
+
+
 def test_each_run_gets_its_own_variables(tmp_path):
     p, out = _run(tmp_path, "FLASH_ATTN: CUSTOM:0.95 CUSTOM:0.95@CAB_GRAPH_BRANCHES=1,CAB_FUSED_SELECT=1")
-    assert p.returncode == 0, p.stderr
-    rows = {f.name: json.loads(f.read_text()) for f in out.glob("engine_*.jsonl")}
+    rows = _ok_rows(p, out)
     assert set(rows) == {"engine_FLASH_ATTN_dense.jsonl", "engine_CUSTOM_0.95.jsonl",
                          "engine_CUSTOM_0.95_CAB_GRAPH_BRANCHES-1_CAB_FUSED_SELECT-1.jsonl"}
     assert rows["engine_CUSTOM_0.95.jsonl"]["cab_env"] == {}
@@ -60,8 +65,7 @@ def test_each_run_gets_its_own_variables(tmp_path):
 
 def test_a_runs_flash_attention_splits_reach_only_that_run_as_an_argument(tmp_path):
     p, out = _run(tmp_path, "CUSTOM:0.95 CUSTOM:0.95@FA_GRAPH_SPLITS=8,CAB_FUSED_SELECT=0")
-    assert p.returncode == 0, p.stderr
-    rows = {f.name: json.loads(f.read_text()) for f in out.glob("engine_*.jsonl")}
+    rows = _ok_rows(p, out)
     mine = rows["engine_CUSTOM_0.95_FA_GRAPH_SPLITS-8_CAB_FUSED_SELECT-0.jsonl"]
     assert mine["cab_env"] == {"CAB_FUSED_SELECT": "0"}  # not passed on as a variable
     assert mine["args"][mine["args"].index("--fa-graph-splits") + 1] == "8"
@@ -71,8 +75,7 @@ def test_a_runs_flash_attention_splits_reach_only_that_run_as_an_argument(tmp_pa
 
 def test_a_runs_block_size_reaches_only_that_run_as_an_argument(tmp_path):
     p, out = _run(tmp_path, "CUSTOM:0.95 CUSTOM:0.95@BLOCK_SIZE=64,FA_GRAPH_SPLITS=8")
-    assert p.returncode == 0, p.stderr
-    rows = {f.name: json.loads(f.read_text()) for f in out.glob("engine_*.jsonl")}
+    rows = _ok_rows(p, out)
     mine = rows["engine_CUSTOM_0.95_BLOCK_SIZE-64_FA_GRAPH_SPLITS-8.jsonl"]
     assert mine["cab_env"] == {}
     assert mine["args"][mine["args"].index("--block-size") + 1] == "64"
@@ -83,8 +86,7 @@ def test_a_runs_block_size_reaches_only_that_run_as_an_argument(tmp_path):
 
 def test_a_runs_flash_attention_version_reaches_only_that_run_as_an_argument(tmp_path):
     p, out = _run(tmp_path, "FLASH_ATTN: CUSTOM:0.95@FA_VERSION=2,CAB_FUSED_SELECT=0 FLASH_ATTN:@FA_VERSION=2")
-    assert p.returncode == 0, p.stderr
-    rows = {f.name: json.loads(f.read_text()) for f in out.glob("engine_*.jsonl")}
+    rows = _ok_rows(p, out)
     assert set(rows) == {"engine_FLASH_ATTN_dense.jsonl", "engine_CUSTOM_0.95_FA_VERSION-2_CAB_FUSED_SELECT-0.jsonl",
                          "engine_FLASH_ATTN_dense_FA_VERSION-2.jsonl"}
     mine = rows["engine_CUSTOM_0.95_FA_VERSION-2_CAB_FUSED_SELECT-0.jsonl"]
