@@ -16,19 +16,21 @@
 #   ... "CUSTOM:0.95@BLOCK_SIZE=64"         the KV cache's tokens per page for that run (vLLM's --block-size)
 #   ... "CUSTOM:0.95@FA_VERSION=2"          vLLM's flash_attn_version for that run (the FlashAttention of the dense rows)
 set -uo pipefail
+# a run's variables that are engine_bench.py arguments (engine settings), not CAB_* variables
+declare -A ENGINE_ARG=([FA_GRAPH_SPLITS]=--fa-graph-splits [BLOCK_SIZE]=--block-size [FA_VERSION]=--fa-version)
 out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
 mkdir -p "$out"
 for r in $runs; do
   spec=${r%%@*}; envs=""; [ "$spec" != "$r" ] && envs=${r#*@}
   be=${spec%%:*}; sp=${spec#*:}; [ "$sp" = "$spec" ] && sp=""
-  extra=(); suffix=""; fa_splits=""; block_size=""; fa_version=""
+  extra=(); suffix=""; engine=()
   if [ -n "$envs" ]; then
     IFS=, read -ra extra <<< "$envs"
     cab=()
     for e in "${extra[@]}"; do
-      if [[ $e =~ ^FA_GRAPH_SPLITS=([0-9]+)$ ]]; then fa_splits=${BASH_REMATCH[1]}; continue; fi
-      if [[ $e =~ ^BLOCK_SIZE=([0-9]+)$ ]]; then block_size=${BASH_REMATCH[1]}; continue; fi
-      if [[ $e =~ ^FA_VERSION=([0-9]+)$ ]]; then fa_version=${BASH_REMATCH[1]}; continue; fi
+      if [[ $e =~ ^([A-Z_]+)=([0-9]+)$ && -n ${ENGINE_ARG[${BASH_REMATCH[1]}]:-} ]]; then
+        engine+=("${ENGINE_ARG[${BASH_REMATCH[1]}]}" "${BASH_REMATCH[2]}"); continue
+      fi
       [[ $e =~ ^CAB_[A-Z_]+=[^[:space:]]*$ ]] || { echo "run.sh: $e in $r is not CAB_NAME=VALUE"; exit 2; }
       cab+=("$e")
     done
@@ -41,9 +43,7 @@ for r in $runs; do
   [ -n "${TP:-}" ] && args+=(--tp "$TP")
   [ -n "${BATCH:-}" ] && args+=(--batch "$BATCH")
   [ -n "${RUNNER:-}" ] && args+=(--runner "$RUNNER")
-  [ -n "$fa_splits" ] && args+=(--fa-graph-splits "$fa_splits")
-  [ -n "$block_size" ] && args+=(--block-size "$block_size")
-  [ -n "$fa_version" ] && args+=(--fa-version "$fa_version")
+  args+=("${engine[@]}")
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")
   [ -n "${PROFILE_PROMPT:-}" ] && args+=(--profile-prompt "$PROFILE_PROMPT")
   env "${extra[@]}" python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 \
@@ -65,12 +65,10 @@ for r in rows:
         print(f"{r['backend']:10} sp={r['sparsity']} b={r.get('batch', 1)} n={r['n']:>6}  TTFT {r['ttft_s']:.3f} s  TPOT {r['tpot_ms']:.2f} ms  {ph}")
     else:
         env = " ".join(f"{k}={v}" for k, v in r.get("cab_env", {}).items() if k != "CAB_SPARSITY")
-        if r.get("fa_graph_splits") is not None:
-            env = (env + f" flash_attn_max_num_splits_for_cuda_graph={r['fa_graph_splits']}").strip()
-        if r.get("fa_version") is not None:
-            env = (env + f" flash_attn_version={r['fa_version']}").strip()
-        if r.get("block_size") is not None:
-            env = (env + f" block_size={r['block_size']}").strip()
+        for key, name in (("fa_graph_splits", "flash_attn_max_num_splits_for_cuda_graph"),
+                          ("fa_version", "flash_attn_version"), ("block_size", "block_size")):
+            if r.get(key) is not None:
+                env = (env + f" {name}={r[key]}").strip()
         if env:
             print(f"{r['backend']:10} sp={r['sparsity']} with {env}")
         print(f"{r['backend']:10} sp={r['sparsity']} init {r['init_s']} s first {r['first_request_s']} s second {r['second_request_s']} s mem {r['mem_after_init_gib']} peak {r['peak_during_runs_gib']} GiB out {r['probe_out'][:8]} metrics {r.get('cab_metrics')}")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 STUB = """#!/usr/bin/env bash
@@ -20,10 +22,10 @@ out = sys.argv[sys.argv.index("--out") + 1]
 env = {k: v for k, v in os.environ.items() if k.startswith("CAB_")}
 row = dict(backend=sys.argv[sys.argv.index("--backend") + 1], sparsity=None, init_s=1, first_request_s=0,
            second_request_s=0, mem_after_init_gib=0, peak_during_runs_gib=0, probe_out=[], cab_env=env,
-           args=sys.argv[1:], fa_graph_splits=(int(sys.argv[sys.argv.index("--fa-graph-splits") + 1])
-                                                if "--fa-graph-splits" in sys.argv else None),
-           block_size=(int(sys.argv[sys.argv.index("--block-size") + 1]) if "--block-size" in sys.argv else None),
-           fa_version=(int(sys.argv[sys.argv.index("--fa-version") + 1]) if "--fa-version" in sys.argv else None))
+           args=sys.argv[1:])
+for key in ("fa_graph_splits", "block_size", "fa_version"):  # the engine settings, as engine_bench.py records them
+    flag = "--" + key.replace("_", "-")
+    row[key] = int(sys.argv[sys.argv.index(flag) + 1]) if flag in sys.argv else None
 open(out, "w").write(json.dumps(row) + "\\n")' "$@"
 fi
 exec "%(py)s" "$@"
@@ -63,38 +65,37 @@ def test_each_run_gets_its_own_variables(tmp_path):
     assert "== CUSTOM_0.95_CAB_GRAPH_BRANCHES-1_CAB_FUSED_SELECT-1" in p.stdout
 
 
-def test_a_runs_flash_attention_splits_reach_only_that_run_as_an_argument(tmp_path):
-    p, out = _run(tmp_path, "CUSTOM:0.95 CUSTOM:0.95@FA_GRAPH_SPLITS=8,CAB_FUSED_SELECT=0")
+@pytest.mark.parametrize("runs, files, mine, env, given, printed", [
+    ("CUSTOM:0.95 CUSTOM:0.95@FA_GRAPH_SPLITS=8,CAB_FUSED_SELECT=0",
+     {"engine_CUSTOM_0.95.jsonl", "engine_CUSTOM_0.95_FA_GRAPH_SPLITS-8_CAB_FUSED_SELECT-0.jsonl"},
+     "engine_CUSTOM_0.95_FA_GRAPH_SPLITS-8_CAB_FUSED_SELECT-0.jsonl", {"CAB_FUSED_SELECT": "0"},
+     {"--fa-graph-splits": "8"}, "with CAB_FUSED_SELECT=0 flash_attn_max_num_splits_for_cuda_graph=8"),
+    ("CUSTOM:0.95 CUSTOM:0.95@BLOCK_SIZE=64,FA_GRAPH_SPLITS=8",
+     {"engine_CUSTOM_0.95.jsonl", "engine_CUSTOM_0.95_BLOCK_SIZE-64_FA_GRAPH_SPLITS-8.jsonl"},
+     "engine_CUSTOM_0.95_BLOCK_SIZE-64_FA_GRAPH_SPLITS-8.jsonl", {}, {"--block-size": "64", "--fa-graph-splits": "8"},
+     "flash_attn_max_num_splits_for_cuda_graph=8 block_size=64"),
+    ("FLASH_ATTN: CUSTOM:0.95@FA_VERSION=2,CAB_FUSED_SELECT=0 FLASH_ATTN:@FA_VERSION=2",
+     {"engine_FLASH_ATTN_dense.jsonl", "engine_CUSTOM_0.95_FA_VERSION-2_CAB_FUSED_SELECT-0.jsonl",
+      "engine_FLASH_ATTN_dense_FA_VERSION-2.jsonl"},
+     "engine_CUSTOM_0.95_FA_VERSION-2_CAB_FUSED_SELECT-0.jsonl", {"CAB_FUSED_SELECT": "0"}, {"--fa-version": "2"},
+     "with CAB_FUSED_SELECT=0 flash_attn_version=2"),
+], ids=["fa-graph-splits", "block-size", "fa-version"])
+def test_a_runs_engine_settings_reach_only_that_run_as_arguments(tmp_path, runs, files, mine, env, given, printed):
+    """FA_GRAPH_SPLITS, BLOCK_SIZE and FA_VERSION among a run's variables become engine_bench.py arguments of that
+    run only (not variables; CAB_* beside them stay variables), and its summary line names them."""
+    p, out = _run(tmp_path, runs)
     rows = _ok_rows(p, out)
-    mine = rows["engine_CUSTOM_0.95_FA_GRAPH_SPLITS-8_CAB_FUSED_SELECT-0.jsonl"]
-    assert mine["cab_env"] == {"CAB_FUSED_SELECT": "0"}  # not passed on as a variable
-    assert mine["args"][mine["args"].index("--fa-graph-splits") + 1] == "8"
-    assert "--fa-graph-splits" not in rows["engine_CUSTOM_0.95.jsonl"]["args"]
-    assert "with CAB_FUSED_SELECT=0 flash_attn_max_num_splits_for_cuda_graph=8" in p.stdout
-
-
-def test_a_runs_block_size_reaches_only_that_run_as_an_argument(tmp_path):
-    p, out = _run(tmp_path, "CUSTOM:0.95 CUSTOM:0.95@BLOCK_SIZE=64,FA_GRAPH_SPLITS=8")
-    rows = _ok_rows(p, out)
-    mine = rows["engine_CUSTOM_0.95_BLOCK_SIZE-64_FA_GRAPH_SPLITS-8.jsonl"]
-    assert mine["cab_env"] == {}
-    assert mine["args"][mine["args"].index("--block-size") + 1] == "64"
-    assert mine["args"][mine["args"].index("--fa-graph-splits") + 1] == "8"
-    assert "--block-size" not in rows["engine_CUSTOM_0.95.jsonl"]["args"]
-    assert "flash_attn_max_num_splits_for_cuda_graph=8 block_size=64" in p.stdout
-
-
-def test_a_runs_flash_attention_version_reaches_only_that_run_as_an_argument(tmp_path):
-    p, out = _run(tmp_path, "FLASH_ATTN: CUSTOM:0.95@FA_VERSION=2,CAB_FUSED_SELECT=0 FLASH_ATTN:@FA_VERSION=2")
-    rows = _ok_rows(p, out)
-    assert set(rows) == {"engine_FLASH_ATTN_dense.jsonl", "engine_CUSTOM_0.95_FA_VERSION-2_CAB_FUSED_SELECT-0.jsonl",
-                         "engine_FLASH_ATTN_dense_FA_VERSION-2.jsonl"}
-    mine = rows["engine_CUSTOM_0.95_FA_VERSION-2_CAB_FUSED_SELECT-0.jsonl"]
-    assert mine["cab_env"] == {"CAB_FUSED_SELECT": "0"}
-    assert mine["args"][mine["args"].index("--fa-version") + 1] == "2"
-    assert rows["engine_FLASH_ATTN_dense_FA_VERSION-2.jsonl"]["fa_version"] == 2
-    assert "--fa-version" not in rows["engine_FLASH_ATTN_dense.jsonl"]["args"]
-    assert "with CAB_FUSED_SELECT=0 flash_attn_version=2" in p.stdout
+    assert set(rows) == files
+    assert rows[mine]["cab_env"] == env  # the settings are not passed on as variables
+    for flag, value in given.items():
+        assert rows[mine]["args"][rows[mine]["args"].index(flag) + 1] == value
+        assert rows[mine][flag[2:].replace("-", "_")] == int(value)
+        for other in files:  # the runs without the setting (its NAME is in the file names of those with it)
+            if flag[2:].upper().replace("-", "_") not in other:
+                assert flag not in rows[other]["args"]
+    if "FLASH_ATTN:@FA_VERSION=2" in runs:
+        assert rows["engine_FLASH_ATTN_dense_FA_VERSION-2.jsonl"]["fa_version"] == 2
+    assert printed in p.stdout
 
 
 def test_a_malformed_variable_stops_the_script(tmp_path):
