@@ -340,8 +340,8 @@ MERGE_TILE = 64  # at most this many (group head, split) partials per merge load
 # (up to 1.7x; BENCHMARKS.md).
 DECODE_WARPS = 4
 # Registers per thread the decode kernel may use (None: as many as it needs, 166 for sm_90 with 16-token pages and
-# D=128: three 4-warp programs per SM). 128 would let four run at once (more splits in one wave), at the cost of
-# spills in the merge and the selection role; a speed option for decode_profile.py --maxnreg, not yet timed.
+# D=128: three 4-warp programs per SM). 128 lets four run at once, at the cost of spills in the merge and the
+# selection role; timed on the H200 (decode_profile.py --maxnreg) it lost at the default 264 programs (BENCHMARKS.md).
 DECODE_MAXNREG: int | None = None
 TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), before MAX_SPLITS caps it
 # Decode batches of at most this many rows run selection and attention in one launch. Measured on the H200 with
