@@ -67,6 +67,14 @@ def graph_time_us(fn, reps: int = 200) -> float:
     return _replay_us(flushed, reps) - _replay_us(flush.zero_, reps)
 
 
+def kept_blocks(m: int, keep: int, gen: torch.Generator) -> list[int]:
+    """Sink, the last (current) block, and random others: `keep` block indices of m, ascending (a stored prompt
+    selection's shape)."""
+    keep = min(keep, m)
+    others = (torch.randperm(m - 2, generator=gen)[: max(keep - 2, 0)] + 1).tolist() if m > 2 else []
+    return sorted({0, m - 1} | set(others))
+
+
 COLUMNS = ("prompt", "bounds", "skip", "prompt1", "bounds1", "skip1", "plain", "dense")
 
 
@@ -93,7 +101,7 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
     gen = torch.Generator(device="cpu").manual_seed(0)
     for r in range(rows):  # a stored prompt selection of `keep` blocks per head (sink + local + random others)
         for h in range(HKV):
-            pick = sorted({0, m - 1} | set((torch.randperm(m - 2, generator=gen)[: keep - 2] + 1).tolist()))
+            pick = kept_blocks(m, keep, gen)
             table.idx[r, h, : len(pick)] = torch.tensor(pick, dtype=table.idx.dtype)
             table.cnt[r, h] = len(pick)
     slots = torch.arange(rows, device=dev, dtype=torch.int32)

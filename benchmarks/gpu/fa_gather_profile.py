@@ -31,20 +31,14 @@ HQ, HKV, D, PAGE, BS = 32, 8, 128, 16, 64
 PER_BLOCK = BS // PAGE
 
 
-def _timer():
+def _decode_profile():
+    """decode_profile.py beside this file: its CUDA-graph timer (L2 flushed) and its prompt selections."""
     spec = importlib.util.spec_from_file_location("decode_profile", pathlib.Path(__file__).with_name(
         "decode_profile.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod._FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    return mod.graph_time_us
-
-
-def kept_blocks(m: int, keep: int, gen: torch.Generator) -> list[int]:
-    """Sink, the last (current) block, and random others: `keep` block indices, ascending."""
-    keep = min(keep, m)
-    others = (torch.randperm(m - 2, generator=gen)[: max(keep - 2, 0)] + 1).tolist() if m > 2 else []
-    return sorted({0, m - 1} | set(others))
+    return mod
 
 
 def main() -> None:
@@ -63,7 +57,8 @@ def main() -> None:
 
     from cab_vllm.config import CABConfig
 
-    timer = _timer()
+    dp = _decode_profile()
+    timer, kept_blocks = dp.graph_time_us, dp.kept_blocks
     dev, dt = "cuda", torch.bfloat16
     scale = D ** -0.5
     splits = [int(x) for x in a.splits.split(",")]

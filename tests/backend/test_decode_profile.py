@@ -74,10 +74,9 @@ def test_decode_profile_takes_the_page_size(monkeypatch):
         prof.profile(700, 2, 0.5, dev="cpu", timer=timer, page=0)
 
 
-def test_fa_gather_profile_keeps_sink_and_current_block():
-    spec = importlib.util.spec_from_file_location("fa_gather_profile", ROOT / "benchmarks/gpu/fa_gather_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_kept_blocks_keep_sink_and_current_block():
+    """The prompt selections decode_profile.py and fa_gather_profile.py time."""
+    mod = _script()
     gen = torch.Generator().manual_seed(0)
     for m, keep in ((2048, 103), (64, 4), (3, 5), (1, 1)):
         b = mod.kept_blocks(m, keep, gen)
