@@ -10,7 +10,9 @@ context length and batch it times, in a CUDA graph (as the engine replays it), t
   prompt   the request's stored prompt selection (the default rule) + the blocks after the prompt
   bounds   the step's own selection by key bounds (scores + top-k)
   skip     every row left to FlashAttention (what short requests pay for CAB being in the graph)
-the same three with selection and attention in ONE launch (prompt1, bounds1, skip1: step_launch with both roles;
+  all      every row dense in CAB's kernel (what a dense row costs with CAB_DENSE_DECODE=1, against
+           FlashAttention's dense decode: fa_gather_profile.py's "dense" column)
+the same four with selection and attention in ONE launch (prompt1, bounds1, skip1, all1: step_launch with both roles;
 the engine's routed_decode takes it for batches of up to ops.decode.ONE_LAUNCH_MAX_ROWS rows),
 and, for comparison, the plain split-K kernel on the same blocks (ops.decode.paged_sparse_decode, no routing,
 no selection role) and dense decode through the same kernel (every block). Prints microseconds per step. By
@@ -26,7 +28,7 @@ import torch
 
 from cab_vllm.backend.attention import DecodeWorkspace, PromptTable
 from cab_vllm.config import CABConfig
-from cab_vllm.ops.decode import (MODE_BOUNDS, MODE_PROMPT, MODE_SKIP, DecodeRoutes, Selection, paged_sparse_decode,
+from cab_vllm.ops.decode import (MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_SKIP, DecodeRoutes, Selection, paged_sparse_decode,
                                  routed_decode, step_launch)
 
 HQ, HKV, D, PAGE, BS = 32, 8, 128, 16, 64
@@ -75,7 +77,7 @@ def kept_blocks(m: int, keep: int, gen: torch.Generator) -> list[int]:
     return sorted({0, m - 1} | set(others))
 
 
-COLUMNS = ("prompt", "bounds", "skip", "prompt1", "bounds1", "skip1", "plain", "dense")
+COLUMNS = ("prompt", "bounds", "skip", "all", "prompt1", "bounds1", "skip1", "all1", "plain", "dense")
 
 
 def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int | None = None,
@@ -136,7 +138,7 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
     runs = {
         "prompt": lambda: routed(MODE_PROMPT), "bounds": lambda: routed(MODE_BOUNDS), "skip": lambda: routed(MODE_SKIP),
         "prompt1": lambda: one_launch(MODE_PROMPT), "bounds1": lambda: one_launch(MODE_BOUNDS),
-        "skip1": lambda: one_launch(MODE_SKIP),
+        "skip1": lambda: one_launch(MODE_SKIP), "all": lambda: routed(MODE_ALL), "all1": lambda: one_launch(MODE_ALL),
         "plain": lambda: lambda: paged_sparse_decode(q, kc, vc, bt, sl, idx, cnt, BS, num_splits=ws.splits(rows),
                                                      out=out),
         "dense": lambda: lambda: paged_sparse_decode(q, kc, vc, bt, sl, all_idx, all_cnt, BS,
@@ -193,8 +195,8 @@ def main() -> None:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
           f"{'kept':>5} "
-          f"{'splits':>6} {'prompt':>8} {'bounds':>8} {'skip':>7} {'prompt1':>8} {'bounds1':>8} {'skip1':>7} "
-          f"{'plain':>8} {'dense':>8}  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
+          f"{'splits':>6} " + " ".join(f"{c:>8}" for c in COLUMNS) +
+          f"  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
           f"scoring programs; merge: splits per merge load; dense: this kernel over every block; "
           f"L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
@@ -203,8 +205,8 @@ def main() -> None:
                 decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS, decode_ops.TARGET_PROGRAMS = sp, ms, tp
                 decode_ops.DECODE_WARPS, decode_ops.DECODE_MAXNREG = w, mr or None
                 r = profile(n, rows, a.sparsity, min_per=mp, columns=columns, page=pg)
-                cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>{wd}}"
-                                 for c, wd in zip(COLUMNS, (8, 8, 7, 8, 8, 7, 8, 8)))
+                cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>8}"
+                                 for c in COLUMNS)
                 print(f"{n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} {pg:>4} "
                       f"{r['kept_blocks']:>5} {r['splits']:>6} "
                       f"{cells}")

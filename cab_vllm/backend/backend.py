@@ -127,7 +127,7 @@ class CABMetadata:
     routes: object = None  # DecodeRoutes of the decode rows (device, fixed addresses), table filled per layer
     keep: torch.Tensor | None = None  # [decode rows] int32 blocks kept by MODE_BOUNDS/RECENT/RANDOM rows
     run_fa: bool = False  # some row runs dense through FlashAttention
-    run_cab_decode: bool = False  # some decode row is sparse
+    run_cab_decode: bool = False  # some decode row runs in CAB's decode kernel
     run_cab_prefill: bool = False  # some prefill row is sparse (or dense without FlashAttention)
     branches: tuple | None = None  # (FlashAttention rows, CAB decode rows): one-element bool device flags that a
     # decode step's CUDA graph reads at replay (CAB_GRAPH_BRANCHES; cab_vllm.backend.graphs)
@@ -362,7 +362,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         cfgs, req_ids, live, prompt_lens = self._request_cfgs(n)
         plan = plan_batch(qsl_cpu, seq_lens_cpu, cfgs, self.settings.dense_threshold, req_ids=req_ids, live=live,
                           prompt_lens=prompt_lens)
-        route_rows(plan, self.slots, fa_dense=self.fa is not None, summaries=self.summaries)
+        fa_decode = self.fa is not None and not self.settings.kernels.dense_decode  # FlashAttention's decode rows
+        route_rows(plan, self.slots, fa_dense=fa_decode, summaries=self.summaries)
         if self._record:
             STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold,
                               dense_share=self._dense_share)
@@ -371,8 +372,10 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             rows = [[plan.qsl[r + 1] - plan.qsl[r], plan.seq_lens[r], cfgs[r].sparsity, cfgs[r].policy, plan.dense[r],
                      mode.get(r)] for r in range(n)]
             trace("plan " + json.dumps(rows))
-        live_rows = [r for r in range(n) if plan.qsl[r + 1] > plan.qsl[r]]
-        run_fa = self.fa is not None and any(plan.dense[r] for r in live_rows)
+        fa_rows = [r for r in range(n) if plan.dense[r] and plan.qsl[r + 1] > plan.qsl[r]]
+        if not fa_decode:  # dense decode rows run in CAB's decode kernel (KernelOptions.dense_decode)
+            fa_rows = [r for r in fa_rows if plan.qsl[r + 1] - plan.qsl[r] > 1]
+        run_fa = self.fa is not None and bool(fa_rows)
         run_cab_decode = any(m != 0 for m in plan.modes)
         run_cab_prefill = any(not (self.fa is not None and plan.dense[r]) for r in plan.prefill_rows)
         d = len(plan.decode_rows)
@@ -390,8 +393,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             h[1, :d] = plan.slots
             h[2, :d] = plan.pblocks
             h[3, :d] = plan.keep
-        if n:
-            h[4, :n] = plan.dense
+        if fa_rows:
+            h[4, fa_rows] = 1  # the rows FlashAttention runs: the others get sequence length 0 there
         h[5, 0] = any(m in SELECTED_MODES for m in plan.modes)  # some row selects its own blocks
         h[5, 1] = run_fa  # the IF nodes of a replayed decode graph (CAB_GRAPH_BRANCHES) read these two
         h[5, 2] = run_cab_decode
@@ -428,7 +431,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> CABMetadata:
         md = self.build(0, common_attn_metadata)
-        md.run_fa = self.fa is not None
+        md.run_fa = self.fa is not None and not self.settings.kernels.dense_decode
         md.run_cab_decode = True
         return md
 
@@ -542,7 +545,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
             with cab_branch:
                 self._attend(query, kv_cache, md, output, decode_attention=True)
             return output
-        if self.fa is not None and (md.run_fa or capturing):
+        if self.fa is not None and (md.run_fa or (capturing and not self.settings.kernels.dense_decode)):
             self.fa.forward(layer, query, key, value, kv_cache, md.fa, output)
         decode_attention = md.run_cab_decode or capturing
         if not (decode_attention or md.run_cab_prefill):

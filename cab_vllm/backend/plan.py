@@ -60,16 +60,24 @@ class KernelOptions:
     without the [M, M] estimate (ops.fused_select; cab without a curvature share and magnitude, fixed budget); one_launch_rows: decode
     batches of at most this many rows run selection and attention in one launch (ops.decode.ONE_LAUNCH_MAX_ROWS);
     graph_branches: in a decode step's CUDA graph, vLLM's FlashAttention and CAB's decode launch each sit in an IF
-    node that runs only when the step has rows for it (cab_vllm.backend.graphs)."""
+    node that runs only when the step has rows for it (cab_vllm.backend.graphs); dense_decode: dense decode rows
+    (short contexts, sparsity 0) run in CAB's decode kernel over every key block instead of vLLM's FlashAttention,
+    so a decode step (and its CUDA graph) holds one attention launch per layer, not two (FlashAttention's launch
+    costs its time even when it has no rows); dense prefill rows still run in FlashAttention."""
 
     fused_select: bool = True
     one_launch_rows: int | None = None
     graph_branches: bool = False
+    dense_decode: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("fused_select", "graph_branches"):
+        for name in ("fused_select", "graph_branches", "dense_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected True or False")
+        if self.graph_branches and self.dense_decode:
+            raise ValueError("graph_branches and dense_decode (CAB_GRAPH_BRANCHES=1, CAB_DENSE_DECODE=1) exclude "
+                             "each other: with dense_decode a decode graph holds no FlashAttention launch to branch "
+                             "around")
         r = self.one_launch_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"one_launch_rows={r!r} is invalid: expected an integer >= 0")
@@ -79,7 +87,7 @@ class KernelOptions:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "KernelOptions":
-        """CAB_FUSED_SELECT and CAB_GRAPH_BRANCHES (0 or 1), CAB_DECODE_ONE_LAUNCH_ROWS; unset ones keep the
+        """CAB_FUSED_SELECT, CAB_GRAPH_BRANCHES and CAB_DENSE_DECODE (0 or 1), CAB_DECODE_ONE_LAUNCH_ROWS; unset ones keep the
         defaults; a bad value raises ValueError naming the variable."""
         def flag(var: str) -> bool | None:
             raw = env.get(var, "").strip()
@@ -90,7 +98,8 @@ class KernelOptions:
         counts = {f: _count_from_env(env, var, 0) for f, var in cls.ENV_COUNTS.items() if env.get(var, "").strip()}
         try:
             flags = {f: v for f, v in (("fused_select", flag("CAB_FUSED_SELECT")),
-                                       ("graph_branches", flag("CAB_GRAPH_BRANCHES"))) if v is not None}
+                                       ("graph_branches", flag("CAB_GRAPH_BRANCHES")),
+                                       ("dense_decode", flag("CAB_DENSE_DECODE"))) if v is not None}
             return cls(**flags, **counts)
         except ValueError as e:
             field = next((f for f in counts if str(e).startswith(f"{f}=")), None)

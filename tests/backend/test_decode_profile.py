@@ -40,12 +40,12 @@ def test_decode_profile_runs_every_variant(merge, monkeypatch):
         return float(len(calls))
 
     r = prof.profile(700, 2, 0.5, dev="cpu", timer=timer, min_per=1)
-    assert len(calls) == 8
+    assert len(calls) == 10
     assert r["kept_blocks"] <= r["blocks"] == 11
-    assert [r[k] for k in ("prompt_us", "bounds_us", "skip_us", "prompt1_us", "bounds1_us", "skip1_us",
-                           "plain_us", "dense_us")] == [float(i) for i in range(1, 9)]
+    assert [r[k] for k in ("prompt_us", "bounds_us", "skip_us", "all_us", "prompt1_us", "bounds1_us", "skip1_us",
+                           "all1_us", "plain_us", "dense_us")] == [float(i) for i in range(1, 11)]
     r = prof.profile(700, 2, 0.5, dev="cpu", timer=timer, min_per=1, columns=("prompt1", "skip1"))
-    assert len(calls) == 10 and (r["prompt1_us"], r["skip1_us"]) == (9.0, 10.0) and r["prompt_us"] is None
+    assert len(calls) == 12 and (r["prompt1_us"], r["skip1_us"]) == (11.0, 12.0) and r["prompt_us"] is None
 
 
 def test_decode_profile_takes_the_page_size(monkeypatch):

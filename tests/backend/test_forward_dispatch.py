@@ -66,11 +66,13 @@ def test_a_step_with_cab_rows_runs_them(monkeypatch, flags):
     assert impl.fa.calls == (1 if flags.get("run_fa") else 0)
 
 
-@pytest.mark.parametrize("branches", [False, True], ids=["plain-graph", "graph-branches"])
-def test_a_captured_decode_step(monkeypatch, branches):
+@pytest.mark.parametrize("mode", ["plain", "branches", "dense-decode"], ids=["plain-graph", "graph-branches",
+                                                                            "dense-decode"])
+def test_a_captured_decode_step(monkeypatch, mode):
     """While a decode step's CUDA graph is captured both launches are recorded (which rows are dense changes per
     replay); with CAB_GRAPH_BRANCHES each sits in its own IF node, FlashAttention's on the builder's first flag and
-    CAB's on the second."""
+    CAB's on the second; with CAB_DENSE_DECODE CAB's launch runs the dense rows too and FlashAttention's is not
+    recorded."""
     import contextlib
     import dataclasses
 
@@ -78,7 +80,8 @@ def test_a_captured_decode_step(monkeypatch, branches):
     impl = _impl(monkeypatch, calls)
     impl.fa.forward = lambda *a: calls.append("fa")
     impl.settings = dataclasses.replace(backend.compat.engine_settings(),
-                                        kernels=KernelOptions(graph_branches=branches))
+                                        kernels=KernelOptions(graph_branches=mode == "branches",
+                                                              dense_decode=mode == "dense-decode"))
     impl.scale = 1.0
 
     class T:
@@ -99,8 +102,10 @@ def test_a_captured_decode_step(monkeypatch, branches):
     routes = backend.DecodeRoutes(*[torch.zeros(1, dtype=torch.int32)] * 7)
     q = torch.zeros(1, 16)
     impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, branches=flags), torch.zeros(1, 16))
-    if branches:
+    if mode == "branches":
         assert calls == [("if", "fa"), "fa", "end", ("if", "cab"), "split_kv", "buffers", "attend", "end"]
+    elif mode == "dense-decode":
+        assert calls == ["split_kv", "buffers", "attend"]
     else:
         assert calls == ["fa", "split_kv", "buffers", "attend"]
 
@@ -158,6 +163,40 @@ def test_the_step_flags_the_graph_branches_read(seq_lens, fa, cab):
     assert b._fa_seq_lens.tolist() == [n if d else 0 for n, d in zip(seq_lens, dense)] + [0] * (8 - len(seq_lens))
     assert b._routes[0, len(seq_lens):].tolist() == [0] * (8 - len(seq_lens))  # rows past the step: MODE_SKIP
     assert b._routes[0, :len(seq_lens)].ne(0).tolist() == [not d for d in dense]
+
+
+@pytest.mark.parametrize("seq_lens, qlens", [([100, 90], [1, 1]), ([20000, 90, 30000], [1, 1, 1]),
+                                              ([100, 20000, 300], [1, 1, 300]), ([100, 90, 20000], [1, 1, 4000])],
+                         ids=["all-dense-decode", "mixed-decode", "dense-prefill", "sparse-prefill"])
+def test_dense_decode_rows_run_in_cab_with_dense_decode(seq_lens, qlens):
+    """CAB_DENSE_DECODE=1: a dense decode row is CAB's (MODE_ALL: every key block), FlashAttention gets sequence
+    length 0 for it and runs only when a dense prefill row is in the step; the captured-graph metadata does not
+    launch FlashAttention. Without the option the same dense decode rows are FlashAttention's (MODE_SKIP)."""
+    import dataclasses
+
+    from cab_vllm.backend.plan import EngineSettings
+    from cab_vllm.ops.decode import MODE_ALL, MODE_SKIP
+
+    for dense_decode in (False, True):
+        b = _builder()
+        b.settings = EngineSettings(kernels=KernelOptions(dense_decode=dense_decode))
+        b.build(0, _cm([20000] * 6, [1] * 6))  # a larger step first: no stale FlashAttention row left behind
+        md = b.build(0, _cm(seq_lens, qlens))
+        dense = [n < b.settings.dense_threshold for n in seq_lens]
+        decode = [q == 1 for q in qlens]
+        fa_rows = [d and (q > 1 or not dense_decode) for d, q in zip(dense, qlens)]
+        assert b._fa_seq_lens.tolist() == [n if f else 0 for n, f in zip(seq_lens, fa_rows)] + [0] * (8 - len(seq_lens))
+        assert md.run_fa == any(fa_rows)
+        d = sum(decode)
+        want = [(MODE_ALL if dense_decode else MODE_SKIP) if dn else None for dn in dense[:d]]
+        got = b._routes[0, :d].tolist()
+        assert [g for g, w in zip(got, want) if w is not None] == [w for w in want if w is not None]
+        assert all(g not in (MODE_ALL, MODE_SKIP) for g, w in zip(got, want) if w is None)  # sparse: selected
+        assert md.run_cab_decode == (any(not dn for dn in dense[:d]) or (dense_decode and d > 0))
+        cap = b.build_for_cudagraph_capture(_cm([100, 90], [1, 1]))
+        assert cap.run_fa is not dense_decode and cap.run_cab_decode
+    with pytest.raises(ValueError, match="CAB_GRAPH_BRANCHES=1, CAB_DENSE_DECODE=1"):
+        dataclasses.replace(KernelOptions(dense_decode=True), graph_branches=True)
 
 
 def test_with_seq_lens_is_replace_without_the_init():

@@ -43,8 +43,11 @@ def test_kernel_options_from_env():
     assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "1", "CAB_FUSED_SELECT": "0"}).kernels == \
         KernelOptions(fused_select=False, graph_branches=True)
     assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "0"}).kernels == KernelOptions()
+    assert EngineSettings.from_env({"CAB_DENSE_DECODE": "1"}).kernels == KernelOptions(dense_decode=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        EngineSettings.from_env({"CAB_DENSE_DECODE": "1", "CAB_GRAPH_BRANCHES": "1"})
     for bad in ({"one_launch_rows": -1}, {"one_launch_rows": True}, {"one_launch_rows": 1.0}, {"fused_select": None},
-                {"fused_select": 1}, {"graph_branches": 1}):
+                {"fused_select": 1}, {"graph_branches": 1}, {"dense_decode": 1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             KernelOptions(**bad)
     with pytest.raises(ValueError, match="kernels"):
@@ -59,9 +62,10 @@ def test_kernel_options_from_env():
     ({"CAB_DECODE_ONE_LAUNCH_ROWS": "-2"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
     ({"CAB_DECODE_ONE_LAUNCH_ROWS": "many"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
     ({"CAB_GRAPH_BRANCHES": "on"}, "CAB_GRAPH_BRANCHES"), ({"CAB_DENSE_LAYERS": "-1"}, "CAB_DENSE_LAYERS"),
-    ({"CAB_DENSE_LAYERS": "two"}, "CAB_DENSE_LAYERS"),
+    ({"CAB_DENSE_LAYERS": "two"}, "CAB_DENSE_LAYERS"), ({"CAB_DENSE_DECODE": "yes"}, "CAB_DENSE_DECODE"),
 ], ids=["sparsity-range", "sparsity-type", "policy", "block-size", "threshold", "impl", "fused-word", "fused-number",
-        "one-launch-range", "one-launch-type", "graph-branches", "dense-layers-range", "dense-layers-type"])
+        "one-launch-range", "one-launch-type", "graph-branches", "dense-layers-range", "dense-layers-type",
+        "dense-decode"])
 def test_settings_from_env_rejects_bad_values(env, var):
     with pytest.raises(ValueError, match=var):
         EngineSettings.from_env(env)
