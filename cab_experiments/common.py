@@ -23,7 +23,8 @@ class Variant:
 
     Examples: ``dense``, ``cab``, ``cab:curvature_share=0.5``, ``curvature:estimator=max_l2`` (the seed).
     The extra key ``phases=prefill|decode`` sparsifies only that phase, ``layers=LO-HI`` only layers LO..HI-1,
-    ``early=N@S`` runs layers below N at sparsity S (cab_vllm.hf.using; the transformers adapter only)."""
+    ``early=N@S`` runs layers below N at sparsity S, ``compensate=mean|mass`` adds the dropped blocks' average back
+    (cab_vllm.hf.using; the transformers adapter only)."""
 
     spec: str
     policy: str
@@ -51,6 +52,13 @@ class Variant:
                 if not (dash and lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
                     raise ValueError(f"variant {spec!r}: layers={raw!r} must be LO-HI with LO < HI (e.g. 2-24)")
                 overrides.append((key, (int(lo), int(hi))))
+                continue
+            if key == "compensate":
+                from cab_vllm.hf import COMPENSATIONS
+
+                if raw not in COMPENSATIONS:
+                    raise ValueError(f"variant {spec!r}: compensate={raw!r} must be one of {COMPENSATIONS}")
+                overrides.append((key, raw))
                 continue
             if key == "early":
                 n, at, sp = raw.partition("@")
@@ -87,21 +95,26 @@ class Variant:
         return dict(self.overrides).get("early")
 
     @property
+    def compensate(self) -> str | None:
+        return dict(self.overrides).get("compensate")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
     def using(self, sparsity: float, impl: str = "auto"):
         """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
-        layers, early); yields the block counts."""
+        layers, early, compensate); yields the block counts."""
         from cab_vllm import hf
 
-        return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early)
+        return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early,
+                        compensate=self.compensate)
 
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""
         if self.is_dense or sparsity == 0:
             return None
-        kw = {k: v for k, v in self.overrides if k not in ("phases", "layers", "early")}
+        kw = {k: v for k, v in self.overrides if k not in ("phases", "layers", "early", "compensate")}
         return CABConfig(policy=self.policy, sparsity=sparsity, **kw)
 
 

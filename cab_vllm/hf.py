@@ -28,7 +28,8 @@ from cab_vllm.api import select_blocks, sparse_attention
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import pool
 from cab_vllm.ops.decode import paged_sparse_decode
-from cab_vllm.ops.blocks import num_blocks
+from cab_vllm.ops.blocks import num_blocks, selection_to_block_mask
+from cab_vllm.ops.reference import sparse_attention_ref
 from cab_vllm.policies import extend_prompt_selection, select_decode_blocks
 
 ATTN_NAME = "cab"
@@ -45,6 +46,7 @@ class _State:
     phases: str = "both"
     layers: tuple[int, int] | None = None
     early: tuple[int, float] | None = None
+    compensate: str | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -54,11 +56,12 @@ _STATE = _State()
 
 
 PHASES = ("both", "prefill", "decode")
+COMPENSATIONS = ("mean", "mass")
 
 
 @contextlib.contextmanager
 def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
-          early: tuple[int, float] | None = None):
+          early: tuple[int, float] | None = None, compensate: str | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -66,7 +69,13 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     layers: (lo, hi) sparsifies only layers lo <= layer_idx < hi; the others attend densely and are counted in
     kept/causal as keeping every causal block (the density is the whole model's) — an ablation of which layers'
     sparsity costs accuracy. early: (n, s) runs layers below n at sparsity s, the others at cfg's (a budget moved
-    between layers: the achieved density counts what each layer kept)."""
+    between layers: the achieved density counts what each layer kept). compensate: "mean" or "mass" adds to every
+    sparse prefill row the key blocks it dropped, each as one token (its block's mean key and mean value), with the
+    estimated ("mean": exp of the score against the mean key, times the block's length) or exact ("mass": an oracle
+    that scores every key) share of the softmax — an ablation of whether what sparse attention loses is the dropped
+    blocks' average (PyTorch only; the achieved density counts the kept blocks)."""
+    if compensate is not None and compensate not in COMPENSATIONS:
+        raise ValueError(f"compensate={compensate!r} must be one of {COMPENSATIONS} or None")
     if phases not in PHASES:
         raise ValueError(f"phases={phases!r} must be one of {PHASES}")
     if phases == "decode" and cfg is not None and cfg.decodes_from_prompt:
@@ -77,13 +86,15 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
             raise ValueError(f"layers={layers!r} must be (lo, hi) with 0 <= lo < hi")
     if early is not None and cfg is not None:
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
-    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.prompt_sel, _STATE.stats)
+    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.prompt_sel,
+            _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
+    _STATE.compensate = compensate
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
-        (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.prompt_sel,
+        (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.prompt_sel,
          _STATE.stats) = prev
 
 
@@ -136,6 +147,38 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     return out[:, :, None]
 
 
+def with_dropped_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, scale: float, mode: str) -> torch.Tensor:
+    """Sparse causal attention over ``sel`` plus every dropped key block (an earlier block the row's query block did
+    not keep) as one token: its mean value, weighted by exp(score against its mean key) x its length ("mean") or by
+    its exact softmax mass ("mass"). q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D] in q.dtype (the ablation of
+    ``using(compensate=...)``; PyTorch, float32)."""
+    b, hq, n, d = q.shape
+    hkv, bs, m = k.shape[1], sel.block_size, sel.num_blocks
+    g = hq // hkv
+    out, lse = sparse_attention_ref(q, k, v, sel.indices, sel.counts, bs, scale)
+    blk = torch.arange(m, device=q.device)
+    dropped = (blk[None, :] < blk[:, None]) & ~selection_to_block_mask(sel.indices, sel.counts, m)  # [B, Hkv, M, M]
+    pad = m * bs - n
+    kb = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(b, hkv, m, bs, d)
+    vb = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).view(b, hkv, m, bs, d)
+    length = torch.full((m,), float(bs), device=q.device)
+    length[-1] = bs - pad
+    mean_v = vb.sum(3) / length[:, None]
+    qf = q.float().view(b, hkv, g, n, d)
+    if mode == "mean":
+        logit = scale * torch.einsum("bhgnd,bhmd->bhgnm", qf, kb.sum(3) / length[:, None]) + length.log()
+    else:  # "mass": log of the block's exact sum of exp(score) (the padding of the last block scores -inf)
+        s = scale * torch.einsum("bhgnd,bhmtd->bhgnmt", qf, kb)
+        s[..., -1, bs - pad:] = float("-inf")
+        logit = torch.logsumexp(s, dim=-1)
+    logit = logit.masked_fill(~dropped[:, :, None, blk.repeat_interleave(bs)[:n]], float("-inf"))
+    lse_s = lse.view(b, hkv, g, n)
+    total = torch.logaddexp(lse_s, torch.logsumexp(logit, dim=-1))
+    mixed = (torch.exp(lse_s - total)[..., None] * out.float().view(b, hkv, g, n, d)
+             + torch.einsum("bhgnm,bhmd->bhgnd", torch.exp(logit - total[..., None]), mean_v))
+    return mixed.view(b, hq, n, d).to(q.dtype)
+
+
 def cab_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers attention function: query [B, Hq, Nq, D], key/value [B, Hkv, Nk, D] ->
@@ -171,7 +214,10 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
         return out.transpose(1, 2).contiguous(), None
     if nq == nk:
         sel = select_blocks(query, key, cfg, impl=impl)
-        out = sparse_attention(query, key, value, sel, scale=scale, impl=impl)
+        if _STATE.compensate is not None:
+            out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
+        else:
+            out = sparse_attention(query, key, value, sel, scale=scale, impl=impl)
         _STATE.stats["prefill_calls"] += 1
         _STATE.stats["kept"] += int(sel.counts.sum())
         m = sel.num_blocks

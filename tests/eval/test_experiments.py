@@ -304,6 +304,10 @@ def test_layers_sparsify_a_layer_range_only(smol):
     with torch.no_grad(), hf.using(cfg, impl="torch", early=(2, 0.5)) as st:
         model(ids)
     assert st["kept"] == 2 * hkv * int(cfg.replace(sparsity=0.5).keep_counts(m).sum()) + (layers - 2) * sparse
+    assert Variant.parse("cab:compensate=mass").compensate == "mass"
+    assert Variant.parse("cab:compensate=mean").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    with pytest.raises(ValueError, match="compensate="):
+        Variant.parse("cab:compensate=median")
     assert Variant.parse("cab:early=12@0.8").early == (12, 0.8)
     assert Variant.parse("cab:early=12@0.8").config(0.98) == CABConfig(policy="cab", sparsity=0.98)
     for bad in ("cab:early=12", "cab:early=0@0.5", "cab:early=3@1.0", "cab:early=x@y"):
