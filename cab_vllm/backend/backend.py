@@ -402,7 +402,9 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         ring.recorded(ri)
         views = self._step_views(n, d)
         fa_md = None
-        if self.fa is not None:
+        # with dense decode rows in CAB's kernel no decode graph replays FlashAttention's buffers: its metadata is
+        # built only for the steps it runs in
+        if self.fa is not None and (run_fa or fa_decode):
             torch.mul(_head(cm.seq_lens, n), views.dense, out=views.fa_seq_lens)
             if self._fa_tail > n:  # a larger batch before: its rows past this one's must not attend
                 self._fa_seq_lens[n:self._fa_tail].zero_()
