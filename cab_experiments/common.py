@@ -40,11 +40,12 @@ class Variant:
             key, eq, raw = item.partition("=")
             if not eq:
                 raise ValueError(f"variant {spec!r}: {item!r} is not field=value")
-            if key == "phases":
-                from cab_vllm.hf import PHASES
+            if key in ("phases", "compensate"):
+                from cab_vllm.hf import COMPENSATIONS, PHASES
 
-                if raw not in PHASES:
-                    raise ValueError(f"variant {spec!r}: phases={raw!r} must be one of {PHASES}")
+                allowed = PHASES if key == "phases" else COMPENSATIONS
+                if raw not in allowed:
+                    raise ValueError(f"variant {spec!r}: {key}={raw!r} must be one of {allowed}")
                 overrides.append((key, raw))
                 continue
             if key == "layers":
@@ -52,13 +53,6 @@ class Variant:
                 if not (dash and lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
                     raise ValueError(f"variant {spec!r}: layers={raw!r} must be LO-HI with LO < HI (e.g. 2-24)")
                 overrides.append((key, (int(lo), int(hi))))
-                continue
-            if key == "compensate":
-                from cab_vllm.hf import COMPENSATIONS
-
-                if raw not in COMPENSATIONS:
-                    raise ValueError(f"variant {spec!r}: compensate={raw!r} must be one of {COMPENSATIONS}")
-                overrides.append((key, raw))
                 continue
             if key == "early":
                 n, at, sp = raw.partition("@")

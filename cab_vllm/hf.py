@@ -158,16 +158,15 @@ def with_dropped_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, 
     out, lse = sparse_attention_ref(q, k, v, sel.indices, sel.counts, bs, scale)
     blk = torch.arange(m, device=q.device)
     dropped = (blk[None, :] < blk[:, None]) & ~selection_to_block_mask(sel.indices, sel.counts, m)  # [B, Hkv, M, M]
-    pad = m * bs - n
-    kb = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(b, hkv, m, bs, d)
-    vb = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).view(b, hkv, m, bs, d)
-    length = torch.full((m,), float(bs), device=q.device)
-    length[-1] = bs - pad
-    mean_v = vb.sum(3) / length[:, None]
+    mean_v = pool(v, bs, mean=True, impl="torch")["mean"]  # [B, Hkv, M, D] float32, a short last block's own mean
     qf = q.float().view(b, hkv, g, n, d)
     if mode == "mean":
-        logit = scale * torch.einsum("bhgnd,bhmd->bhgnm", qf, kb.sum(3) / length[:, None]) + length.log()
+        length = (n - blk * bs).clamp(max=bs).float()
+        logit = (scale * torch.einsum("bhgnd,bhmd->bhgnm", qf, pool(k, bs, mean=True, impl="torch")["mean"])
+                 + length.log())
     else:  # "mass": log of the block's exact sum of exp(score) (the padding of the last block scores -inf)
+        pad = m * bs - n
+        kb = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(b, hkv, m, bs, d)
         s = scale * torch.einsum("bhgnd,bhmtd->bhgnmt", qf, kb)
         s[..., -1, bs - pad:] = float("-inf")
         logit = torch.logsumexp(s, dim=-1)
