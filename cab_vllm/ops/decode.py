@@ -44,26 +44,17 @@ if HAS_TRITON:
                                      _topk_blocks)
 
     @triton.jit
-    def _block_offsets(bt_ptr, stride_bt, s, kb, k_ok, seq_len, kvh, stride_page, stride_pos, stride_h, d,
+    def _block_offsets(bt_ptr, stride_bt, s, kb, k_ok, kvh, stride_page, stride_pos, stride_h, d,
                        BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr):
         """Element offsets [BLOCK, BLOCK_D] (int64) of key block kb's tokens, head kvh, in row s's pages. A page of
-        whole blocks (PAGE_SIZE a multiple of BLOCK): one page-table read for the block; a block of whole pages
-        (BLOCK a multiple of PAGE_SIZE, e.g. vLLM's 16-token pages): one read per page, pages past seq_len not read;
-        else one per token (masked by k_ok). Only page * stride_page needs 64 bits; the in-page part is int32."""
+        whole blocks (PAGE_SIZE a multiple of BLOCK): one page-table read for the block; else one per token (masked
+        by k_ok). Only page * stride_page needs 64 bits; the in-page part is int32."""
         t = tl.arange(0, BLOCK)
         if PAGE_SIZE % BLOCK == 0:
             pos0 = kb * BLOCK
             page = tl.load(bt_ptr + s * stride_bt + pos0 // PAGE_SIZE).to(tl.int64)
             base = page * stride_page + ((pos0 % PAGE_SIZE) * stride_pos + kvh * stride_h)
             return base + (t * stride_pos)[:, None] + d[None, :]
-        elif BLOCK % PAGE_SIZE == 0:
-            # whole pages in the block: one page-table read per page ([PAGES] loads, not one per token), the
-            # tokens' offsets broadcast from the pages' bases
-            PAGES: tl.constexpr = BLOCK // PAGE_SIZE
-            p = kb * PAGES + tl.arange(0, PAGES)
-            page = tl.load(bt_ptr + s * stride_bt + p, mask=p * PAGE_SIZE < seq_len, other=0).to(tl.int64)
-            tok = (page * stride_page)[:, None] + (tl.arange(0, PAGE_SIZE) * stride_pos)[None, :]
-            return (tl.reshape(tok, (BLOCK,)) + kvh * stride_h)[:, None] + d[None, :]
         else:
             page, slot = paged_coords(bt_ptr, stride_bt, s, kb * BLOCK + t, k_ok, PAGE_SIZE)
             inner = slot.to(tl.int32) * stride_pos + kvh * stride_h
@@ -79,12 +70,12 @@ if HAS_TRITON:
         kpos = kb * BLOCK + tl.arange(0, BLOCK)
         k_ok = kpos < seq_len
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        off = _block_offsets(bt_ptr, stride_bt, s, kb, k_ok, seq_len, kvh, stride_kpage, stride_kpos, stride_kh, d,
+        off = _block_offsets(bt_ptr, stride_bt, s, kb, k_ok, kvh, stride_kpage, stride_kpos, stride_kh, d,
                              BLOCK, PAGE_SIZE)
         k = tl.load(k_ptr + off, mask=kv_mask, other=0.0)
         m_new, l_i, p, alpha = _softmax_p(q, k, k_ok, scale_log2, m_i, l_i)
         if not KV_SAME:
-            off = _block_offsets(bt_ptr, stride_bt, s, kb, k_ok, seq_len, kvh, stride_vpage, stride_vpos, stride_vh, d,
+            off = _block_offsets(bt_ptr, stride_bt, s, kb, k_ok, kvh, stride_vpage, stride_vpos, stride_vh, d,
                                  BLOCK, PAGE_SIZE)
         v = tl.load(v_ptr + off, mask=kv_mask, other=0.0)  # issued after the scores
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -246,8 +237,8 @@ if HAS_TRITON:
         # cache's tokens per page, one value per engine) is a compile-time constant: a key's page and slot come
         # from shifts instead of an integer division per key row (loop 705 -> 586 sm_90 instructions, the step
         # 3-6% faster on the H200). One offset tile for keys and values when their strides match (KV_SAME), the
-        # in-page part in 32 bits (453 instructions, 6-10% faster on the H200), one page-table read per page
-        # rather than per key when a block holds whole pages: 400 with 16-token pages (not yet timed), 379 with 64.
+        # in-page part in 32 bits, one page-table read per block when a page holds whole blocks: 453 instructions
+        # with 16-token pages, 379 with 64 (not yet timed).
         # One launch for a whole decode step. Programs [0, n_score) select (SELECT: rows in MODE_BOUNDS /
         # MODE_RECENT / MODE_RANDOM; n_tiles programs per (row, KV head) score its blocks, the last to finish
         # keeps the top keep[s]); programs [n_score, n_total) attend (ATTEND: one per (row, KV head, split);
