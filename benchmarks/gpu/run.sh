@@ -5,6 +5,9 @@
 #   RUNNER=v2 bash benchmarks/gpu/run.sh ... vLLM's Model Runner V2 (default here: V1)
 #   BATCH=8 bash benchmarks/gpu/run.sh ...  8 prompts of each length at once (8 x 128k of the 8B geometry's
 #                                           bf16 KV is 137 GB: more than one H200 holds beside the weights)
+#   LAYERS=16 BATCH=8 bash benchmarks/gpu/run.sh ...  the 8B geometry with 16 of its 32 layers: every layer is the
+#                                           same, so CAB's TPOT against FLASH_ATTN's is the 32-layer ratio to first
+#                                           order, and 8 x 128k of KV (69 GB at 16 layers) fits one H200
 #   PROFILE=4096 bash benchmarks/gpu/run.sh ... also the kernels of one decode step at that context (PROF lines
 #                                           in each log; decode_profile in the summary line)
 #   PROFILE_PROMPT=512 bash benchmarks/gpu/run.sh ... also the host and GPU timeline of one 512-token request's
@@ -37,11 +40,12 @@ for r in $runs; do
     extra=("${cab[@]}")
     suffix=_$(printf '%s' "$envs" | tr ',=' '_-')
   fi
-  tag=${be}_${sp:-dense}${suffix}${BATCH:+_b$BATCH}${TP:+_tp$TP}${RUNNER:+_$RUNNER}
+  tag=${be}_${sp:-dense}${suffix}${BATCH:+_b$BATCH}${LAYERS:+_l$LAYERS}${TP:+_tp$TP}${RUNNER:+_$RUNNER}
   args=(--backend "$be" --lens "$lens" --out "$out/engine_$tag.jsonl")
   [ -n "$sp" ] && args+=(--sparsity "$sp")
   [ -n "${TP:-}" ] && args+=(--tp "$TP")
   [ -n "${BATCH:-}" ] && args+=(--batch "$BATCH")
+  [ -n "${LAYERS:-}" ] && args+=(--layers "$LAYERS")
   [ -n "${RUNNER:-}" ] && args+=(--runner "$RUNNER")
   args+=("${engine[@]}")
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")

@@ -153,8 +153,12 @@ def _cm(seq_lens, qlens):
 def test_the_step_flags_the_graph_branches_read(seq_lens, fa, cab):
     """The builder's flags for a decode step (copied to the device with the routes): FlashAttention has rows, CAB
     has rows; the metadata's branch views read them as bools, and FlashAttention's sequence lengths are 0 for
-    CAB's rows. A smaller step after a larger one leaves no stale row behind."""
+    CAB's rows. A smaller step after a larger one leaves no stale row behind. (The branches exist with
+    CAB_GRAPH_BRANCHES, which keeps dense decode rows in FlashAttention.)"""
+    from cab_vllm.backend.plan import EngineSettings
+
     b = _builder()
+    b.settings = EngineSettings(kernels=KernelOptions(graph_branches=True))
     b.build(0, _cm([20000] * 6, [1] * 6))  # a larger step first
     md = b.build(0, _cm(seq_lens, [1] * len(seq_lens)))
     assert [bool(md.branches[0]), bool(md.branches[1])] == [fa, cab]
@@ -254,11 +258,16 @@ def test_dense_layers_dispatch(monkeypatch, fa):
 
 def test_the_dense_layers_metadata_has_every_row():
     """With CAB_DENSE_LAYERS the builder also builds FlashAttention's metadata over every row at its own length (a
-    builder of its own), beside the one with CAB's rows zeroed."""
-    b = _builder()
-    b.fa_all = _FakeFABuilder()
-    md = b.build(0, _cm([300, 20000, 90], [1, 1, 1]))
-    assert md.fa == ("fa", [300, 0, 90]) and md.fa_all == ("fa", [300, 20000, 90])
+    builder of its own), beside the one with CAB's rows zeroed (built only when FlashAttention has rows in the other
+    layers: with dense decode rows in CAB's kernel, the default, a decode step has none)."""
+    from cab_vllm.backend.plan import EngineSettings
+
+    for dense_decode, fa in ((False, ("fa", [300, 0, 90])), (True, None)):
+        b = _builder()
+        b.settings = EngineSettings(kernels=KernelOptions(dense_decode=dense_decode))
+        b.fa_all = _FakeFABuilder()
+        md = b.build(0, _cm([300, 20000, 90], [1, 1, 1]))
+        assert md.fa == fa and md.fa_all == ("fa", [300, 20000, 90])
     assert _builder().build(0, _cm([300], [1])).fa_all is None
 
 

@@ -44,6 +44,11 @@ def test_kernel_options_from_env():
         KernelOptions(fused_select=False, graph_branches=True)
     assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "0"}).kernels == KernelOptions()
     assert EngineSettings.from_env({"CAB_DENSE_DECODE": "1"}).kernels == KernelOptions(dense_decode=True)
+    # dense decode rows in CAB's kernel by default, unless the decode graph branches around FlashAttention
+    assert KernelOptions().dense_decode is True and EngineSettings.from_env({}).kernels.dense_decode is True
+    assert EngineSettings.from_env({"CAB_DENSE_DECODE": "0"}).kernels.dense_decode is False
+    assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "1"}).kernels.dense_decode is False
+    assert KernelOptions(graph_branches=True).dense_decode is False
     with pytest.raises(ValueError, match="exclude each other"):
         EngineSettings.from_env({"CAB_DENSE_DECODE": "1", "CAB_GRAPH_BRANCHES": "1"})
     for bad in ({"one_launch_rows": -1}, {"one_launch_rows": True}, {"one_launch_rows": 1.0}, {"fused_select": None},
