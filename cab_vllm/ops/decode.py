@@ -50,7 +50,7 @@ if HAS_TRITON:
         whole blocks (PAGE_SIZE a multiple of BLOCK): one page-table read for the block; else one per token (masked
         by k_ok). Only page * stride_page needs 64 bits; the in-page part is int32. One read per page for a block
         of whole pages (a [pages, tokens] tile reshaped to [BLOCK]) was tried: fewer instructions, but the step took
-        twice as long on an H200 (BENCHMARKS.md, eleventh run; the reshape's layout change is the likely cause)."""
+        1.5-5x as long on an H200 (BENCHMARKS.md, eleventh run; the reshape's layout change is the likely cause)."""
         t = tl.arange(0, BLOCK)
         if PAGE_SIZE % BLOCK == 0:
             pos0 = kb * BLOCK
