@@ -2,7 +2,7 @@
 where the prefill's CAB time goes (no vLLM needed).
 
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
-        [--tile-rows 16,32,64] [--key-tile 32,64]
+        [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
 keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
@@ -181,11 +181,14 @@ def main(argv=None) -> None:
     ap.add_argument("--fused-select", choices=["0", "1"], default="1",
                     help="estimate, then a top-k per row, no [M, M] estimate (the engine's default, CAB_FUSED_SELECT=1)")
     ap.add_argument("--tile-rows", default=None,
-                    help="with --fused-select 1: (query block, head) rows per estimate program, comma list "
+                    help="with --fused-select 1: (query block, head) rows per logits program, comma list "
                          "(ops.fused_select.TILE_ROWS)")
     ap.add_argument("--key-tile", default=None,
-                    help="with --fused-select 1: key blocks per step of an estimate program's loop, comma list of "
+                    help="with --fused-select 1: key blocks per step of a logits program's loop, comma list of "
                          "powers of two (ops.fused_select.KEY_TILE)")
+    ap.add_argument("--key-split", default=None,
+                    help="with --fused-select 1: key blocks per program of the logits launch, comma list "
+                         "(ops.fused_select.KEY_SPLIT)")
     a = ap.parse_args(argv)
     hq, hkv, d = (int(x) for x in a.heads.split(","))
     from cab_vllm.ops import fused_select as fs
@@ -193,12 +196,13 @@ def main(argv=None) -> None:
     def ints(s, default):
         return [int(x) for x in s.split(",")] if s else [default]
 
-    variants = [(t, k) for t in ints(a.tile_rows, fs.TILE_ROWS) for k in ints(a.key_tile, fs.KEY_TILE)]
-    for (tile_rows, key_tile), sp in ((v, float(x)) for v in variants for x in a.sparsities.split(",")):
-        fs.TILE_ROWS, fs.KEY_TILE = tile_rows, key_tile
+    variants = [(t, k, s) for t in ints(a.tile_rows, fs.TILE_ROWS) for k in ints(a.key_tile, fs.KEY_TILE)
+                for s in ints(a.key_split, fs.KEY_SPLIT)]
+    for (tile_rows, key_tile, key_split), sp in ((v, float(x)) for v in variants for x in a.sparsities.split(",")):
+        fs.TILE_ROWS, fs.KEY_TILE, fs.KEY_SPLIT = tile_rows, key_tile, key_split
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1")
-        opts = f" tile_rows={tile_rows} key_tile={key_tile}" if a.fused_select == "1" else ""
+        opts = f" tile_rows={tile_rows} key_tile={key_tile} key_split={key_split}" if a.fused_select == "1" else ""
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
               f"{opts} (one layer, ms)")
         for p in PHASES:

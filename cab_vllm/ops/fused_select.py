@@ -2,16 +2,18 @@
 
 estimate_select(q, summary, n_keys, cfg, q_block_offset, exact) gives what
     select_from_attention(*estimate(q, None, cfg, summary=summary, ...), cfg, q_block_offset=...)
-gives for cab without a curvature share and for magnitude, with the fixed budget (policies.fused_select_ok):
-each program takes RB query blocks of one KV head, computes their pooled queries' logits against the keys' block
-summaries (coarsen.query_features against coarsen.key_summary), the causal softmax of every query head (two passes over the key
-blocks: log-sum-exp, then probabilities), the max over the GQA group and forces the sink and local blocks; it
-writes one row of scores per (query block, KV head), and a second launch keeps the top ``keep`` blocks of each
-row (ops.select's radix-threshold top-k, ties to the lower block). The unfused path writes [Hq, Mq, M] logits,
-[Hkv, Mq, M] probabilities and sorts them.
+gives for cab without a curvature share and for magnitude, with the fixed budget (policies.fused_select_ok).
+The first launch (_logits_kernel) computes the pooled queries' logits against the keys' block summaries
+(coarsen.query_features against coarsen.key_summary) once: each program takes RB query blocks of one KV head (the
+group's heads as rows) and one split of KEY_SPLIT key blocks, writes the causal logits to a scratch and each row's
+running max and sum of exponentials for its split. The second (_select_rows_kernel), one program per (query block,
+KV head) row, joins the splits into each head's log-sum-exp, turns the row's logits into probabilities, takes the
+max over the GQA group, forces the sink and local blocks and keeps the top ``keep`` blocks (ops.select's
+radix-threshold top-k, ties to the lower block). The unfused path writes [Hq, Mq, M] logits, [Hkv, Mq, M]
+probabilities and sorts them.
 With ``exact`` ([Hkv, M] float32: the exact scores' group max of the prompt's last query block, cab's exact rows)
 that row's scores are those. Selections agree with the unfused path's except among blocks whose scores tie
-(torch.topk breaks ties its own way).
+(torch.topk breaks ties its own way) or nearly tie (the summaries' bf16 products here, TF32 there).
 """
 
 from __future__ import annotations
@@ -23,90 +25,117 @@ import torch
 from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2
 
 TILE_ROWS = 64  # (query block, head) rows per program: 64 // the group's padded size query blocks share the key
-# summaries a program reads (more rows exceed an H100's shared memory at 128k with GQA 8: tests/ops/hopper_compile)
+# summaries a program reads (more rows exceed an H100's shared memory at 128k with GQA 8: tests/ops/hopper_compile;
+# 128 rows were slower on the H200 at 128k: benchmarks/results/profiles_h200_2026-12-02e/)
 KEY_TILE = 64  # key blocks per step of a program's loop
-# The top-k runs in a launch of its own, one program per (query block, KV head) row (_topk_rows_kernel), not in the
-# estimate programs one row after another: on the H200 (prefill_profile.py, 128k in 16384-token chunks, one layer)
-# the selection took 2.58 vs 3.17 ms at 95% and 2.85 vs 3.60 at 99% (benchmarks/results/profiles_h200_2026-12-01d/),
-# and the estimate kernel need not specialize on the key-block count, so the warm-up compiles one estimate kernel
-# per exact-rows flag and one top-k per power of two of the key blocks.
+KEY_SPLIT = 256  # key blocks per program of the logits launch (rounded to whole key tiles)
+SCRATCH_BYTES = 128 << 20  # the logits held at once (fp32); a longer chunk's rows go in slices
+# One pass over the summaries, then a launch per row, rather than one program per row tile that computed the logits
+# twice (log-sum-exp, then probabilities) and a top-k launch over its scores: on the H200 (prefill_profile.py, 128k
+# in 16384-token chunks, one layer, bf16 products in both) the two kernels took 1.13 ms against 1.35 and the
+# selection 2.20 ms against 2.44 (benchmarks/results/profiles_h200_2026-12-02e/). The warm-up compiles one logits
+# kernel and one selection kernel per power of two of the key blocks and exact-rows flag.
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from cab_vllm.ops.select import _topk_blocks
+    from cab_vllm.ops.select import _topk_values
 
     @triton.jit
     def _tile_logits(qf, kbase, j, w, w_ok, m, n_tokens, scale, stride_km, BLOCK: tl.constexpr):
         """Block logits of the tile rows' pooled queries qf [ROWS, WPAD] against key blocks j: the summaries'
-        dot product, scaled, plus the log of each block's token count (as coarsen.softmax_group weights it)."""
+        dot product, scaled, plus the log of each block's token count (as coarsen.softmax_group weights it).
+        qf comes in the summaries' dtype: bf16 / fp16 products (the engine's summaries are in the model's dtype)
+        with fp32 sums; fp32 summaries multiply in TF32."""
         kt = tl.load(kbase + j[:, None].to(tl.int64) * stride_km + w[None, :],
-                     mask=(j < m)[:, None] & w_ok[None, :], other=0.0).to(tl.float32)
+                     mask=(j < m)[:, None] & w_ok[None, :], other=0.0)
         loglen = tl.log(tl.maximum(tl.minimum(n_tokens - j * BLOCK, BLOCK), 1).to(tl.float32))
         return tl.dot(qf, tl.trans(kt)) * scale + loglen[None, :]
 
-    @triton.jit(do_not_specialize=["n_tokens", "first", "rows", "m", "exact_row", "stride_qh", "stride_qr",
-                                   "stride_kh", "stride_km", "stride_sr", "stride_sh"])
-    def _estimate_select_kernel(
-        qf_ptr, ks_ptr, ex_ptr, sc_ptr,
-        n_tokens, first, rows, m, exact_row, scale, group, sink_blocks, local_blocks,
-        stride_qh, stride_qr, stride_kh, stride_km, stride_sr, stride_sh,
+    @triton.jit(do_not_specialize=["n_tokens", "first", "rows", "m", "stride_qh", "stride_qr", "stride_kh",
+                                   "stride_km", "stride_zr", "stride_zh", "stride_zg", "stride_ps"])
+    def _logits_kernel(
+        qf_ptr, ks_ptr, z_ptr, pm_ptr, pl_ptr,
+        n_tokens, first, rows, m, scale, group, hq,
+        stride_qh, stride_qr, stride_kh, stride_km, stride_zr, stride_zh, stride_zg, stride_ps,
         W: tl.constexpr, WPAD: tl.constexpr, GPAD: tl.constexpr, RB: tl.constexpr, BJ: tl.constexpr,
-        BLOCK: tl.constexpr, HAS_EXACT: tl.constexpr,
+        BLOCK: tl.constexpr, SPLIT: tl.constexpr,
     ):
+        """The logits of RB query blocks x the group's heads (tile rows) of one KV head against the key blocks of
+        one split (SPLIT blocks): each written once to z [rows, Hkv, group, MPAD] (causal entries only), with the
+        split's running max and sum of exponentials per tile row in pm / pl [splits, rows, Hq] (hq = Hkv x group)."""
         pid = tl.program_id(0)
         kvh = tl.program_id(1).to(tl.int64)
-        rr = tl.arange(0, RB * GPAD)  # tile rows: (query block, head of the group)
+        sp = tl.program_id(2)
+        rr = tl.arange(0, RB * GPAD)
         r = pid * RB + rr // GPAD
         g = rr % GPAD
         row_ok = (r < rows) & (g < group)
-        b = first + r  # the row's query block: it sees key blocks 0..b
+        b = first + r
         w = tl.arange(0, WPAD)
         w_ok = w < W
-        qf = tl.load(qf_ptr + (kvh * group + g)[:, None] * stride_qh + r[:, None].to(tl.int64) * stride_qr
-                     + w[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0.0).to(tl.float32)
-        top = first + tl.minimum(pid * RB + RB, rows) - 1  # the last key block any row here sees
-        kbase = ks_ptr + kvh * stride_kh
-        # pass 1: each (query block, head) row's log-sum-exp over its causal key blocks
+        top = first + tl.minimum(pid * RB + RB, rows) - 1
+        j_lo = sp * SPLIT
+        j_hi = tl.minimum(j_lo + SPLIT, top + 1)
         m_i = tl.full([RB * GPAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([RB * GPAD], dtype=tl.float32)
-        for j0 in range(0, top + 1, BJ):
-            j = j0 + tl.arange(0, BJ)
-            z = _tile_logits(qf, kbase, j, w, w_ok, m, n_tokens, scale, stride_km, BLOCK)
-            z = tl.where((j[None, :] <= b[:, None]) & row_ok[:, None], z, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(z, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
-            m_i = m_new
-        lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), 0.0)
-        # pass 2: probabilities, the group's max, forced blocks first; one row of scores per query block
-        rb = pid * RB + tl.arange(0, RB)
-        bb = first + rb
-        for j0 in range(0, top + 1, BJ):
-            j = j0 + tl.arange(0, BJ)
-            z = _tile_logits(qf, kbase, j, w, w_ok, m, n_tokens, scale, stride_km, BLOCK)
-            ok = (j[None, :] <= b[:, None]) & row_ok[:, None]
-            p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
-            a = tl.max(tl.reshape(p, [RB, GPAD, BJ]), 1)
-            if HAS_EXACT:
-                ex = tl.load(ex_ptr + kvh * m + j, mask=j < m, other=0.0)
-                a = tl.where((rb == exact_row)[:, None], ex[None, :], a)
-            forced = (j[None, :] < sink_blocks) | (j[None, :] > bb[:, None] - local_blocks)
-            a = tl.where(forced, float("inf"), a)
-            tl.store(sc_ptr + rb[:, None].to(tl.int64) * stride_sr + kvh * stride_sh + j[None, :], a,
-                     mask=(rb < rows)[:, None] & (j[None, :] <= bb[:, None]))
+        zrow = z_ptr + r.to(tl.int64) * stride_zr + kvh * stride_zh + g * stride_zg
+        if j_lo < j_hi:
+            qf = tl.load(qf_ptr + (kvh * group + g)[:, None] * stride_qh + r[:, None].to(tl.int64) * stride_qr
+                         + w[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0.0).to(ks_ptr.dtype.element_ty)
+            kbase = ks_ptr + kvh * stride_kh
+            for j0 in range(j_lo, j_hi, BJ):
+                j = j0 + tl.arange(0, BJ)
+                z = _tile_logits(qf, kbase, j, w, w_ok, m, n_tokens, scale, stride_km, BLOCK)
+                ok = (j[None, :] <= b[:, None]) & (j[None, :] < j_hi) & row_ok[:, None]
+                z = tl.where(ok, z, float("-inf"))
+                tl.store(zrow[:, None] + j[None, :], z, mask=ok)
+                m_new = tl.maximum(m_i, tl.max(z, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
+                m_i = m_new
+        part = sp * stride_ps + r.to(tl.int64) * hq + kvh * group + g
+        tl.store(pm_ptr + part, m_i, mask=row_ok)
+        tl.store(pl_ptr + part, l_i, mask=row_ok)
 
-    @triton.jit(do_not_specialize=["first", "kmax", "stride_sr", "stride_sh", "stride_ir", "stride_ih",
-                                   "stride_cr"])
-    def _topk_rows_kernel(sc_ptr, keep_ptr, idx_ptr, cnt_ptr, first, kmax,
-                          stride_sr, stride_sh, stride_ir, stride_ih, stride_cr,
-                          MPAD: tl.constexpr, KPAD: tl.constexpr):
-        """The top-k of one (query block, KV head) row of the scores _estimate_select_kernel wrote."""
+    @triton.jit(do_not_specialize=["first", "kmax", "splits", "exact_row", "stride_zr", "stride_zh", "stride_zg",
+                                   "stride_ps", "stride_ir", "stride_ih", "stride_cr"])
+    def _select_rows_kernel(z_ptr, pm_ptr, pl_ptr, ex_ptr, keep_ptr, idx_ptr, cnt_ptr,
+                            first, kmax, splits, exact_row, group, hq, m, sink_blocks, local_blocks,
+                            stride_zr, stride_zh, stride_zg, stride_ps, stride_ir, stride_ih, stride_cr,
+                            GPAD: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, HAS_EXACT: tl.constexpr):
+        """One (query block, KV head) row: each head's log-sum-exp from the splits' partials, its probabilities
+        from the logits _logits_kernel wrote, the max over the group, the forced blocks, then the top-k."""
         row = tl.program_id(0)
         kvh = tl.program_id(1).to(tl.int64)
-        _topk_blocks(sc_ptr, keep_ptr, idx_ptr, cnt_ptr, row, kvh, first + row, kmax,
-                     stride_sr, stride_sh, stride_ir, stride_ih, stride_cr, MPAD, KPAD)
+        b = first + row
+        jj = tl.arange(0, MPAD)
+        causal = jj <= b
+        part = row.to(tl.int64) * hq + kvh * group
+        zbase = z_ptr + row.to(tl.int64) * stride_zr + kvh * stride_zh
+        a = tl.zeros([MPAD], dtype=tl.float32)
+        for gi in tl.static_range(GPAD):  # one head of the group at a time: one [MPAD] row in registers
+            if gi < group:
+                mx = float("-inf")
+                for s in range(0, splits):
+                    mx = tl.maximum(mx, tl.load(pm_ptr + s * stride_ps + part + gi))
+                m_safe = tl.where(mx == float("-inf"), 0.0, mx)
+                l = 0.0
+                for s in range(0, splits):
+                    l += tl.load(pl_ptr + s * stride_ps + part + gi) * tl.exp(
+                        tl.load(pm_ptr + s * stride_ps + part + gi) - m_safe)
+                lse = tl.where(l > 0.0, mx + tl.log(tl.where(l > 0.0, l, 1.0)), 0.0)
+                z = tl.load(zbase + gi * stride_zg + jj, mask=causal, other=float("-inf"))
+                a = tl.maximum(a, tl.where(causal, tl.exp(z - lse), 0.0))
+        if HAS_EXACT:
+            ex = tl.load(ex_ptr + kvh * m + jj, mask=jj < m, other=0.0)
+            a = tl.where(row == exact_row, ex, a)
+        a = tl.where((jj < sink_blocks) | (jj > b - local_blocks), float("inf"), a)
+        a = tl.where(jj <= b, a, float("-inf"))
+        k = tl.minimum(tl.load(keep_ptr + row), b + 1)
+        _topk_values(a, jj, k, idx_ptr + row * stride_ir + kvh * stride_ih, cnt_ptr + row * stride_cr + kvh, kmax,
+                     KPAD)
 
 
 def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: torch.Tensor, kmax: int,
@@ -138,7 +167,6 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
     dev = q.device
     group = hq // hkv
     kk = min(kmax, m)
-    scores = torch.empty(mq, hkv, next_pow2(m), dtype=torch.float32, device=dev)
     idx = torch.empty(mq, hkv, kk, dtype=torch.int32, device=dev)
     cnt = torch.empty(mq, hkv, dtype=torch.int32, device=dev)
     if exact is not None:
@@ -149,16 +177,32 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
     rb = max(1, TILE_ROWS // gpad)
     keep = keep.to(torch.int32).contiguous()
     mpad = next_pow2(m)
-    _estimate_select_kernel[(triton.cdiv(mq, rb), hkv)](
-        qf, ks, exact if exact is not None else scores, scores,
-        n_keys, q_block_offset, mq, m, mq - 1, 1.0 / math.sqrt(d), group, sink_blocks, local_blocks,
-        qf.stride(0), qf.stride(1), ks.stride(0), ks.stride(1), scores.stride(0), scores.stride(1),
-        W=width, WPAD=next_pow2(width), GPAD=gpad, RB=rb, BJ=KEY_TILE, BLOCK=block_size,
-        HAS_EXACT=exact is not None, num_warps=4,
-        num_stages=1,  # no pipelined key tiles: fp32 summaries would take 264 KB of shared memory (> an H100's)
-    )
-    _topk_rows_kernel[(mq, hkv)](scores, keep, idx, cnt, q_block_offset, kk, scores.stride(0), scores.stride(1),
-                                 idx.stride(0), idx.stride(1), cnt.stride(0), MPAD=mpad, KPAD=mpad, num_warps=4)
-    # KPAD = MPAD: one compiled top-k per power of two of the key blocks, whatever the budget (the warm-up makes
-    # them all: backend.warmup.warm_fused_select)
+    split = max(KEY_TILE, KEY_SPLIT // KEY_TILE * KEY_TILE)  # a whole number of key tiles per split
+    splits = triton.cdiv(m, split)
+    rs = max(1, min(mq, SCRATCH_BYTES // (hq * mpad * 4)))  # query blocks per slice
+    z = torch.empty(rs, hkv, group, mpad, dtype=torch.float32, device=dev)
+    pm = torch.empty(splits, rs, hq, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    for r0 in range(0, mq, rs):
+        rows = min(rs, mq - r0)
+        first = q_block_offset + r0
+        _logits_kernel[(triton.cdiv(rows, rb), hkv, splits)](
+            qf[:, r0:], ks, z, pm, pl,
+            n_keys, first, rows, m, 1.0 / math.sqrt(d), group, hq,
+            qf.stride(0), qf.stride(1), ks.stride(0), ks.stride(1), z.stride(0), z.stride(1), z.stride(2),
+            pm.stride(0),
+            W=width, WPAD=next_pow2(width), GPAD=gpad, RB=rb, BJ=KEY_TILE, BLOCK=block_size, SPLIT=split,
+            num_warps=4,
+            # two key tiles in flight for 16-bit summaries; one for fp32 ones, whose pipelined tiles would take
+            # 264 KB of shared memory (more than an H100 has)
+            num_stages=1 if ks.element_size() == 4 else 2,
+        )
+        # MPAD = KPAD: one compiled selection per power of two of the key blocks, whatever the budget (the warm-up
+        # makes them all: backend.warmup.warm_fused_select)
+        _select_rows_kernel[(rows, hkv)](
+            z, pm, pl, exact if exact is not None else z, keep[r0:], idx[r0:], cnt[r0:],
+            first, kk, splits, mq - 1 - r0, group, hq, m, sink_blocks, local_blocks,
+            z.stride(0), z.stride(1), z.stride(2), pm.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
+            GPAD=gpad, MPAD=mpad, KPAD=mpad, HAS_EXACT=exact is not None, num_warps=4,
+        )
     return idx.permute(1, 0, 2)[None].contiguous(), cnt.t()[None].contiguous()

@@ -343,6 +343,14 @@ if _HAS_TRITON:
         sc = tl.load(sc_ptr + s * stride_ss + kvh * stride_sh + jj, mask=jj <= last, other=float("-inf"),
                      cache_modifier=".cg")
         k = tl.minimum(tl.load(keep_ptr + s), last + 1)
+        _topk_values(sc, jj, k, idx_ptr + s * stride_is + kvh * stride_ih, cnt_ptr + s * stride_cs + kvh, kmax,
+                     KPAD)
+
+    @triton.jit
+    def _topk_values(sc, jj, k, base, cnt_at, kmax, KPAD: tl.constexpr):
+        """Keep the k highest of the priorities sc [MPAD] (blocks jj; -inf past the row's last block): their
+        indices ascending at base[0..k-1], -1 padded to kmax, the count at cnt_at. Exact bitwise threshold search,
+        ties by index."""
         # order-preserving integer key of each float, in [0, 2^32)
         b = sc.to(tl.int32, bitcast=True)
         b = b ^ ((b >> 31) & 0x7FFFFFFF)
@@ -360,9 +368,8 @@ if _HAS_TRITON:
         tie_rank = tl.cumsum(tie.to(tl.int32), 0)
         take = gt | (tie & (tie_rank <= k - n_gt))
         pos = tl.cumsum(take.to(tl.int32), 0) - 1
-        base = idx_ptr + s * stride_is + kvh * stride_ih
         tl.store(base + pos, jj.to(tl.int32), mask=take)
         cnt = tl.sum(take.to(tl.int32), 0)
         kp = tl.arange(0, KPAD)
         tl.store(base + kp, tl.full([KPAD], -1, dtype=tl.int32), mask=(kp >= cnt) & (kp < kmax))
-        tl.store(cnt_ptr + s * stride_cs + kvh, cnt)
+        tl.store(cnt_at, cnt)

@@ -145,10 +145,11 @@ def test_profile_main_runs_each_fused_select_variant(pp, monkeypatch, capsys):
     when it runs (--fused-select 0 here, the unfused path: the labels stay off)."""
     from cab_vllm.ops import fused_select as fs
 
-    monkeypatch.setattr(fs, "TILE_ROWS", fs.TILE_ROWS)
-    monkeypatch.setattr(fs, "KEY_TILE", fs.KEY_TILE)
+    for name in ("TILE_ROWS", "KEY_TILE", "KEY_SPLIT"):
+        monkeypatch.setattr(fs, name, getattr(fs, name))
     pp.main(["--n", "1000", "--chunk", "256", "--sparsities", "0.5,0.8", "--device", "cpu", "--impl", "torch",
-             "--heads", "4,2,32", "--no-kernels", "--fused-select", "0", "--tile-rows", "16,32", "--key-tile", "32,64"])
+             "--heads", "4,2,32", "--no-kernels", "--fused-select", "0", "--tile-rows", "16,32", "--key-tile", "32,64",
+             "--key-split", "128,256"])
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("==")]
-    assert len(heads) == 8 and not any("tile_rows" in h for h in heads)
-    assert fs.TILE_ROWS == 32 and fs.KEY_TILE == 64  # the last variant's
+    assert len(heads) == 16 and not any("tile_rows" in h for h in heads)
+    assert (fs.TILE_ROWS, fs.KEY_TILE, fs.KEY_SPLIT) == (32, 64, 256)  # the last variant's

@@ -50,15 +50,21 @@ def test_fused_selection_equals_estimate_then_select(policy, estimator, n, first
     assert torch.equal(idx, want_idx)
 
 
-@pytest.mark.parametrize("tile_rows, key_tile", [(16, 32), (32, 16), (128, 128)])
+@pytest.mark.parametrize("tile_rows, key_tile, key_split, scratch", [
+    (16, 16, 16, 1 << 30),  # a split per key tile
+    (32, 16, 40, 9000),  # splits of 32 blocks (whole tiles), the rows in slices of a few query blocks
+    (128, 128, 256, 1 << 30)])  # fewer rows than a group, a key tile past the last key block
 @pytest.mark.parametrize("n, first, heads", [(1337, 9, (4, 2)), (2100, 20, (14, 2))], ids=["chunk", "gqa7"])
-def test_fused_selection_for_any_tile(tile_rows, key_tile, n, first, heads, monkeypatch):
-    """The estimate kernel's tiles (query rows per program, key blocks per loop step: speed options) leave the
-    selection as the unfused path makes it: fewer rows than a group, key tiles past the last key block."""
+def test_fused_selection_for_any_tile(tile_rows, key_tile, key_split, scratch, n, first, heads, monkeypatch):
+    """The estimate kernels' tiles (query rows per program, key blocks per loop step, key blocks per split of
+    the logits launch, the logits held at once: speed options) leave the selection as the unfused path makes it:
+    fewer rows than a group, key tiles past the last key block, several splits, rows in slices."""
     from cab_vllm.ops import fused_select as fs
 
     monkeypatch.setattr(fs, "TILE_ROWS", tile_rows)
     monkeypatch.setattr(fs, "KEY_TILE", key_tile)
+    monkeypatch.setattr(fs, "KEY_SPLIT", key_split)
+    monkeypatch.setattr(fs, "SCRATCH_BYTES", scratch)
     hq, hkv = heads
     q, k = _case(n, hq, hkv, 32, seed=n + tile_rows)
     cfg = CABConfig(sparsity=0.8, exact_rows=16)

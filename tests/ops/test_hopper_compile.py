@@ -85,8 +85,8 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     from cab_vllm.ops.decode import MODE_BOUNDS, MODE_PROMPT, MODE_SKIP, DecodeRoutes, Selection, routed_decode
     from cab_vllm.policies import estimate_and_select
 
-    caps = [Capture(monkeypatch, fs, "_estimate_select_kernel"), Capture(monkeypatch, coarsen, "_sampled_kernel"),
-            Capture(monkeypatch, dec, "_decode_step_kernel"), Capture(monkeypatch, fs, "_topk_rows_kernel")]
+    caps = [Capture(monkeypatch, fs, "_logits_kernel"), Capture(monkeypatch, coarsen, "_sampled_kernel"),
+            Capture(monkeypatch, dec, "_decode_step_kernel"), Capture(monkeypatch, fs, "_select_rows_kernel")]
     gen = torch.Generator().manual_seed(0)
     # the fused predictor and the exact rows (GQA 4 in bf16, GQA 7 in fp32)
     for hq, hkv, dt, policy in ((8, 2, torch.bfloat16, "cab"), (14, 2, torch.float32, "cab"),
@@ -132,11 +132,11 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
                   torch.full((2,), MODE_BOUNDS, dtype=torch.int32), torch.full((2,), 5, dtype=torch.int32), 64, 1, 2,
                   5, torch.zeros(2, 2, n_blocks, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32),
                   torch.zeros(2, 2, 32), impl="triton")
-    fused, sampled, step, topk = (c.launches for c in caps)
+    logits, sampled, step, rows = (c.launches for c in caps)
     assert not all(x["constexprs"]["ROUTED"] for x in step)  # the launches without routing are compiled too
     assert {x["constexprs"]["PAGE_SIZE"] for x in step} >= {16, 64}
-    assert {x["constexprs"]["HAS_EXACT"] for x in fused} == {True, False}
-    assert topk  # the top-k in its own launch
+    assert logits and {x["constexprs"]["HAS_EXACT"] for x in rows} == {True, False}
+    assert {x["num_stages"] for x in logits} == {1, 2}  # fp32 summaries (one key tile in flight) and bf16 (two)
     assert {x["constexprs"]["GPAD"] for x in sampled} == {4, 8}
     assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} >= {(True, True), (True, False),
                                                                                          (False, True)}
@@ -148,9 +148,9 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     # the merge split by split (merge_splits=1) and 16 splits per load (the default where a step has 16 or more)
     options = _scaled(attend, MERGE_SPLITS=1) + _scaled(attend, MERGE_SPLITS=16)
     # an 8B model at 128k: 2048 key blocks, head dim 128 (summaries 2 x 128 wide), 16 exact rows
-    big = (_scaled(fused, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
-           + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128) + _scaled(topk, MPAD=2048, KPAD=2048))
-    every = fused + sampled + step + options + topk + big
+    big = (_scaled(logits, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
+           + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128) + _scaled(rows, MPAD=2048, KPAD=2048))
+    every = logits + sampled + step + options + rows + big
     out = _compile(tmp_path, every)
     assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in every})
 
