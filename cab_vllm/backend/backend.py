@@ -362,7 +362,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         cfgs, req_ids, live, prompt_lens = self._request_cfgs(n)
         plan = plan_batch(qsl_cpu, seq_lens_cpu, cfgs, self.settings.dense_threshold, req_ids=req_ids, live=live,
                           prompt_lens=prompt_lens)
-        fa_decode = self.fa is not None and not self.settings.kernels.dense_decode  # FlashAttention's decode rows
+        fa_decode = self.fa_decode
         route_rows(plan, self.slots, fa_dense=fa_decode, summaries=self.summaries)
         if self._record:
             STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold,
@@ -431,9 +431,15 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             self._views[(n, d)] = v
         return v
 
+    @property
+    def fa_decode(self) -> bool:
+        """Whether vLLM's FlashAttention runs the dense decode rows (else CAB's decode kernel does:
+        KernelOptions.dense_decode), so a captured decode graph holds its launch."""
+        return self.fa is not None and not self.settings.kernels.dense_decode
+
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> CABMetadata:
         md = self.build(0, common_attn_metadata)
-        md.run_fa = self.fa is not None and not self.settings.kernels.dense_decode
+        md.run_fa = self.fa_decode
         md.run_cab_decode = True
         return md
 
