@@ -40,6 +40,7 @@ if HAS_TRITON:
         stride_bt, stride_ti_t, stride_ti_h, stride_tc_t,
         page_size, group,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
+        STEP_BLOCKS: tl.constexpr,
     ):
         # HEADS query heads of one GQA group share the program: the rows of the tile are (head, position)
         # pairs, so every selected key block is loaded once for all of them and the MMA is HEADS x taller.
@@ -68,10 +69,18 @@ if HAS_TRITON:
         acc = tl.zeros([HEADS * BLOCK, BLOCK_D], dtype=tl.float32)
         cnt = tl.load(tcnt_ptr + t * stride_tc_t + kvh)
         idx_base = tidx_ptr + t.to(tl.int64) * stride_ti_t + kvh * stride_ti_h
-        for i in range(0, cnt):
-            kb = tl.load(idx_base + i)
-            kpos = kb * BLOCK + tl.arange(0, BLOCK)
-            k_ok = kpos < seq_len
+        for i in range(0, cnt, STEP_BLOCKS):
+            if STEP_BLOCKS == 1:
+                kb = tl.load(idx_base + i)
+                kpos = kb * BLOCK + tl.arange(0, BLOCK)
+                k_ok = kpos < seq_len
+            else:  # two selected blocks per step: keys [2 x BLOCK], the second absent past the row's last block
+                c = tl.arange(0, 2 * BLOCK)
+                kb0 = tl.load(idx_base + i)
+                has1 = i + 1 < cnt
+                kb = tl.where(has1, tl.load(idx_base + tl.minimum(i + 1, cnt - 1)), mb)  # the step's last block
+                kpos = tl.where(c < BLOCK, kb0, kb) * BLOCK + c % BLOCK
+                k_ok = (kpos < seq_len) & (i + c // BLOCK < cnt)
             page, slot = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
             kv_mask = k_ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
@@ -80,7 +89,8 @@ if HAS_TRITON:
             # A block before the tile's own holds no key past a row nor past the sequence: only the diagonal block
             # (the tile's own, always the last selected) is masked. Less work per key block than masking every
             # block; H200, 128k, 95%, 4 heads: 22.9 -> 20.3 ms at 8 warps, 21.8 -> 18.1 ms at 16 warps
-            # (benchmarks/tune_prefill.py; BENCHMARKS.md).
+            # (benchmarks/tune_prefill.py; BENCHMARKS.md). Two blocks per step: the step holding the diagonal
+            # block, or a missing second block, is masked.
             if kb >= mb:
                 qk = tl.where(k_ok[None, :] & (kpos[None, :] <= rows[:, None]), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -184,7 +194,8 @@ def paged_sparse_prefill(
     return out
 
 
-# benchmarks/tune_prefill.py sets these to sweep launch parameters; empty in normal use
+# benchmarks/tune_prefill.py sets these to sweep launch parameters (heads, num_warps, num_stages, blocks_per_step:
+# selected key blocks per loop step, 1 or 2; 2 not yet timed on a GPU); empty in normal use
 LAUNCH_OVERRIDE: dict[str, int] = {}
 
 
@@ -239,6 +250,8 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     # 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
     num_warps = LAUNCH_OVERRIDE.get("num_warps") or (16 if rows >= 256 else 4)
     num_stages = LAUNCH_OVERRIDE.get("num_stages") or {64: 3, 128: 1}.get(rows, 2)
+    step_blocks = LAUNCH_OVERRIDE.get("blocks_per_step", 1)
+    check(step_blocks in (1, 2), f"blocks_per_step must be 1 or 2, got {step_blocks!r}")
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out,
         block_table, query_start_loc, seq_lens,
@@ -250,5 +263,6 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
         block_table.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
         key_cache.shape[1], group,
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, HEADS=heads,
+        STEP_BLOCKS=step_blocks,
         num_warps=num_warps, num_stages=num_stages,
     )

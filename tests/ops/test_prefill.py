@@ -45,6 +45,21 @@ def random_tiles(specs, hkv: int, bs: int, kmax: int, seed: int, empty_prob: flo
     return PrefillTiles(*(t.to(device) for t in tiles)), rows
 
 
+def diagonal_tiles(specs, hkv: int, bs: int, device="cpu"):
+    """One tile per (sequence, query block holding new tokens); per (tile, KV head) in turn every causal block,
+    the diagonal block alone, or every block but the diagonal. Returns PrefillTiles and the selection lists."""
+    seq, qb, rows = [], [], []
+    for s, (n, ql) in enumerate(specs):
+        for mb in range((n - ql) // bs, (n - 1) // bs + 1):
+            pattern = [list(range(mb + 1)), [mb], list(range(mb))]
+            rows.append([pattern[(len(seq) + h) % 3] for h in range(hkv)])
+            seq.append(s)
+            qb.append(mb)
+    idx, cnt = pack_selection(rows, max(len(b) for per_head in rows for b in per_head))
+    tiles = PrefillTiles(torch.tensor(seq, dtype=torch.int32), torch.tensor(qb, dtype=torch.int32), idx, cnt)
+    return PrefillTiles(*(t.to(device) for t in tiles)), rows
+
+
 def allowed_mask(spec, s: int, tiles: PrefillTiles, rows, bs: int, hq: int, hkv: int) -> torch.Tensor:
     """[Hq, q_len, seq_len] bool of sequence s: row p may see key t iff t <= p and t's block is selected for
     the tile holding p."""
@@ -281,17 +296,7 @@ def test_only_the_diagonal_block_is_masked(hq, hkv, d, bs, page, layout, dtype, 
     specs = [(200, 200), (97, 40), (130, 70), (63, 63), (150, 1), (1, 1)]
     batch = make_varlen_batch(specs, hq, hkv, d, dtype, seed=5, device=device)
     kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout=layout, seed=6)
-    seq, qb, rows = [], [], []
-    for s, (n, ql) in enumerate(specs):
-        for mb in range((n - ql) // bs, (n - 1) // bs + 1):
-            pattern = [list(range(mb + 1)), [mb], list(range(mb))]
-            rows.append([pattern[(len(seq) + h) % 3] for h in range(hkv)])
-            seq.append(s)
-            qb.append(mb)
-    kmax = max(len(b) for per_head in rows for b in per_head)
-    idx, cnt = pack_selection(rows, kmax)
-    tiles = PrefillTiles(*(t.to(device) for t in (torch.tensor(seq, dtype=torch.int32),
-                                                  torch.tensor(qb, dtype=torch.int32), idx, cnt)))
+    tiles, rows = diagonal_tiles(specs, hkv, bs, device)
     scale = 1.0 / math.sqrt(d)
     args = (batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], tiles, bs)
     got = paged_sparse_prefill(*args, impl="triton")
@@ -300,3 +305,28 @@ def test_only_the_diagonal_block_is_masked(hq, hkv, d, bs, page, layout, dtype, 
     oracle = prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)
     assert rel_err(got, oracle) <= KERNEL_FP32_TOL
     assert rel_err(got, twin) <= KERNEL_FP32_TOL
+
+
+@pytest.mark.parametrize("hq,hkv,d,bs,page,layout,dtype", [CASES[0], CASES[2], CASES[3]])
+def test_two_key_blocks_per_step_give_the_same_attention(hq, hkv, d, bs, page, layout, dtype, device, monkeypatch):
+    """blocks_per_step=2 (a launch option for the tuning sweep: two selected blocks per loop step): random
+    selections (odd and even counts, empty ones) and the diagonal patterns (every block, the diagonal alone, all
+    but the diagonal) equal the float64 oracle as one block per step does."""
+    import cab_vllm.ops.prefill as prefill
+
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "blocks_per_step", 2)
+    specs = [(200, 200), (97, 40), (130, 70), (63, 63), (150, 1), (1, 1)]
+    batch = make_varlen_batch(specs, hq, hkv, d, dtype, seed=11, device=device)
+    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout=layout, seed=12)
+    scale = 1.0 / math.sqrt(d)
+    random, rows_r = random_tiles(specs, hkv, bs, kmax=5, seed=13, device=device)
+    diag, rows_d = diagonal_tiles(specs, hkv, bs, device)
+    for tiles, rows in ((random, rows_r), (diag, rows_d)):
+        got = paged_sparse_prefill(batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"],
+                                   tiles, bs, impl="triton")
+        assert not got.isnan().any()
+        assert rel_err(got, prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)) <= KERNEL_FP32_TOL
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "blocks_per_step", 3)
+    with pytest.raises(ValueError, match="blocks_per_step must be 1 or 2"):
+        paged_sparse_prefill(batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], diag, bs,
+                             impl="triton")
