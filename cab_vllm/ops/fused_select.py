@@ -68,14 +68,14 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         kvh = tl.program_id(1).to(tl.int64)
         sp = tl.program_id(2)
-        rr = tl.arange(0, RB * GPAD)
+        rr = tl.arange(0, RB * GPAD)  # tile rows: (query block, head of the group)
         r = pid * RB + rr // GPAD
         g = rr % GPAD
         row_ok = (r < rows) & (g < group)
-        b = first + r
+        b = first + r  # the row's query block: it sees key blocks 0..b
         w = tl.arange(0, WPAD)
         w_ok = w < W
-        top = first + tl.minimum(pid * RB + RB, rows) - 1
+        top = first + tl.minimum(pid * RB + RB, rows) - 1  # the last key block any row here sees
         j_lo = sp * SPLIT
         j_hi = tl.minimum(j_lo + SPLIT, top + 1)
         m_i = tl.full([RB * GPAD], float("-inf"), dtype=tl.float32)
