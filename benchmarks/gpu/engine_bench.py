@@ -17,6 +17,13 @@ and the step's span from its first kernel's start to its last's end: the gaps ar
 summary line as decode_profile, printed as PROF lines; then, from the 1+T-token trace alone, each step's length,
 GPU busy and idle time and its idle stretches by the kernels around them (GAP lines, decode_profile.step_gaps).
 
+--steady-decode: with --batch B, the decode step of B requests that all decode (nothing prefilling), per length:
+B prompts are sent together, each asked for enough tokens that they all still decode once the last one's prefill
+is done, and the engine is stepped by hand (LLMEngine.step, in this process): the steady steps are those in which
+every request got one token and had one before; their time per step (first to last of the longest run of such
+steps / steps) is the TPOT of B users decoding at once (in the row as steady_decode). The plain TPOT of a batch
+counts the steps that also prefill the others' chunks.
+
 --profile-prompt N: one request of an N-token prompt and one output token (its TTFT), profiled on the host and
 the GPU: the host time, where the GPU work starts and ends in it, the GPU busy time, and the host operations by
 self time (what a backend adds per request shows as extra host time and operations; in the summary line as
@@ -135,6 +142,52 @@ def decode_breakdown(prefill_only: list, with_decode: list, steps: int, top: int
             "kernels": [[n, round(c, 2), round(t, 2)] for n, c, t in rows[:top] if c > 0 or abs(t) >= 0.05]}
 
 
+def steady_decode(log: list, batch: int) -> dict:
+    """From a step log [(t_seconds, {request id: new tokens})] (one entry per engine step, in order) of ``batch``
+    requests: the longest run of steady steps, where each of the ``batch`` requests got exactly one token and had
+    got one in an earlier step (no request's prefill in it). Returns the run's step count and its time per step
+    (ms, first to last step of the run / steps in between); ValueError when no two steady steps follow each other."""
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1")
+    seen: set = set()
+    steady = []
+    for _, got in log:
+        steady.append(len(got) == batch and all(v == 1 for v in got.values()) and seen.issuperset(got))
+        seen.update(r for r, v in got.items() if v > 0)
+    best, start = (0, 0), None
+    for i, ok in enumerate(steady + [False]):
+        if ok and start is None:
+            start = i
+        elif not ok and start is not None:
+            best = max(best, (i - start, start))
+            start = None
+    steps, first = best
+    if steps < 2:
+        raise ValueError(f"no two steady decode steps in a row for {batch} requests ({sum(steady)} steady steps): "
+                         "ask for more tokens per request")
+    last = first + steps - 1
+    return {"steps": steps, "step_ms": round((log[last][0] - log[first][0]) / (steps - 1) * 1e3, 3)}
+
+
+def step_log(llm, prompts: list, n_out: int) -> list:
+    """Send ``prompts`` (token id lists) together for ``n_out`` greedy tokens each and step the engine by hand:
+    [(time after the step, {request id: tokens it got in the step})] for steady_decode."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    sp = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True, detokenize=False,
+                        output_kind=RequestOutputKind.DELTA)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"steady-{i}", {"prompt_token_ids": ids}, sp)
+    log = []
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        got = {o.request_id: len(o.outputs[0].token_ids) for o in outs if o.outputs}
+        log.append((time.perf_counter(), {r: v for r, v in got.items() if v > 0}))
+    return log
+
+
 def step_gaps(trace: list, steps: int, marker: str = "ArgMaxOps", top: int = 8) -> dict:
     """Where a decode step's GPU sits idle, from one kernel trace [(name, start_us, end_us)] that ends with ``steps``
     decode steps: a step is the stretch between two ends of the sampler's kernel (``marker`` in its name: the
@@ -241,6 +294,9 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--runner", choices=("v1", "v2"), default="v1",
                     help="vLLM's model runner (V2 is CUDA vLLM 0.26+'s default for this model; CAB reads its step)")
+    ap.add_argument("--steady-decode", action="store_true",
+                    help="per length, the decode step of --batch requests that all decode (see the module docstring)")
+    ap.add_argument("--steady-steps", type=int, default=32, help="steady decode steps asked for (--steady-decode)")
     ap.add_argument("--profile-decode", type=int, default=None, metavar="N",
                     help="after the runs, the kernels of one decode step at an N-token context (tensor parallel 1)")
     ap.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled (--profile-decode)")
@@ -263,6 +319,8 @@ def main() -> None:
         ap.error("--fa-graph-splits must be >= 1")
     if a.block_size is not None and (a.block_size < 16 or a.block_size % 16):
         ap.error("--block-size must be a positive multiple of 16")
+    if a.steady_decode and a.steady_steps < 2:
+        ap.error("--steady-steps must be >= 2")
     if a.reps < 1 or a.short_reps < 1:
         ap.error("--reps and --short-reps must be >= 1")
     if a.profile_decode is not None and (a.tp != 1 or a.profile_decode < 1 or a.profile_steps < 1):
@@ -339,6 +397,18 @@ def main() -> None:
                    tp=a.tp, eager=a.eager, runner=a.runner)
         if phases is not None:  # CAB's prefill phases, GPU time summed over layers and chunks, per prompt
             row["per_prompt_s"] = {k: round(v / (2 * reps * a.batch), 4) for k, v in phases.totals().items()}
+        if a.steady_decode:
+            budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+            # one prompt chunk per step (the others' decode rows take a token each): the last prompt is done after
+            # about this many steps, and every request must still decode for --steady-steps after that
+            prefill_steps = a.batch * -(-n // max(1, budget - a.batch))
+            prompts = [[(x + 13 * b) % 40000 + 100 for x in ids] for b in range(a.batch)]
+            n_out = prefill_steps + a.steady_steps + 2
+            sent["prefill_tokens"] += n * a.batch
+            sent["decode_rows"] += (n_out - 1) * a.batch
+            row["steady_decode"] = dict(batch=a.batch, **steady_decode(step_log(llm, prompts, n_out), a.batch))
+            print(f"STEADY n={n} batch={a.batch}: {row['steady_decode']['step_ms']} ms per step over "
+                  f"{row['steady_decode']['steps']} steps", flush=True)
         rows.append(row)
         print("RES", json.dumps(row), flush=True)
     peak = torch.cuda.max_memory_allocated() if a.tp == 1 else 0

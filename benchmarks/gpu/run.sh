@@ -10,6 +10,8 @@
 #                                           order, and 8 x 128k of KV (69 GB at 16 layers) fits one H200
 #   PROFILE=4096 bash benchmarks/gpu/run.sh ... also the kernels of one decode step at that context (PROF lines
 #                                           in each log; decode_profile in the summary line)
+#   STEADY=1 LAYERS=16 BATCH=8 bash benchmarks/gpu/run.sh ...  also the decode step of the batch with all of it
+#                                           decoding (engine_bench.py --steady-decode; STEADY lines, steady_decode)
 #   PROFILE_PROMPT=512 bash benchmarks/gpu/run.sh ... also the host and GPU timeline of one 512-token request's
 #                                           first token (HOST lines; prompt_profile in the summary line)
 #   ... "CUSTOM:0.95 CUSTOM:0.95@CAB_GRAPH_BRANCHES=1,CAB_FUSED_SELECT=1" a run with CAB_* variables of its own
@@ -50,6 +52,7 @@ for r in $runs; do
   args+=("${engine[@]}")
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")
   [ -n "${PROFILE_PROMPT:-}" ] && args+=(--profile-prompt "$PROFILE_PROMPT")
+  [ "${STEADY:-}" = 1 ] && args+=(--steady-decode)
   env "${extra[@]}" python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 \
     || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }
 done
@@ -66,7 +69,9 @@ for r in rows:
         continue
     if "n" in r:
         ph = "  ".join(f"{k} {v:.3f} s" for k, v in r.get("per_prompt_s", {}).items())
-        print(f"{r['backend']:10} sp={r['sparsity']} b={r.get('batch', 1)} n={r['n']:>6}  TTFT {r['ttft_s']:.3f} s  TPOT {r['tpot_ms']:.2f} ms  {ph}")
+        st = r.get("steady_decode")
+        st = f"  steady decode {st['step_ms']:.2f} ms/step ({st['steps']} steps)" if st else ""
+        print(f"{r['backend']:10} sp={r['sparsity']} b={r.get('batch', 1)} n={r['n']:>6}  TTFT {r['ttft_s']:.3f} s  TPOT {r['tpot_ms']:.2f} ms{st}  {ph}")
     else:
         env = " ".join(f"{k}={v}" for k, v in r.get("cab_env", {}).items() if k != "CAB_SPARSITY")
         for key, name in (("fa_graph_splits", "flash_attn_max_num_splits_for_cuda_graph"),

