@@ -132,7 +132,7 @@ if HAS_TRITON:
             ex = tl.load(ex_ptr + kvh * m + jj, mask=jj < m, other=0.0)
             a = tl.where(row == exact_row, ex, a)
         a = tl.where((jj < sink_blocks) | (jj > b - local_blocks), float("inf"), a)
-        a = tl.where(jj <= b, a, float("-inf"))
+        a = tl.where(causal, a, float("-inf"))
         k = tl.minimum(tl.load(keep_ptr + row), b + 1)
         _topk_values(a, jj, k, idx_ptr + row * stride_ir + kvh * stride_ih, cnt_ptr + row * stride_cr + kvh, kmax,
                      KPAD)
