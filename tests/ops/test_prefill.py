@@ -307,14 +307,18 @@ def test_only_the_diagonal_block_is_masked(hq, hkv, d, bs, page, layout, dtype, 
     assert rel_err(got, twin) <= KERNEL_FP32_TOL
 
 
+@pytest.mark.parametrize("blocks,peel", [(2, 0), (1, 1), (2, 1)])
 @pytest.mark.parametrize("hq,hkv,d,bs,page,layout,dtype", [CASES[0], CASES[2], CASES[3]])
-def test_two_key_blocks_per_step_give_the_same_attention(hq, hkv, d, bs, page, layout, dtype, device, monkeypatch):
-    """blocks_per_step=2 (a launch option for the tuning sweep: two selected blocks per loop step): random
-    selections (odd and even counts, empty ones) and the diagonal patterns (every block, the diagonal alone, all
-    but the diagonal) equal the float64 oracle as one block per step does."""
+def test_launch_options_give_the_same_attention(hq, hkv, d, bs, page, layout, dtype, blocks, peel, device,
+                                                monkeypatch):
+    """The tuning sweep's launch options (prefill.LAUNCH_OVERRIDE): two selected blocks per loop step, and the last
+    step peeled out of the loop (every other block without masks): random selections (odd and even counts, empty
+    ones) and the diagonal patterns (every block, the diagonal alone, all but the diagonal) equal the float64
+    oracle as the default launch does; values outside the options are refused by name."""
     import cab_vllm.ops.prefill as prefill
 
-    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "blocks_per_step", 2)
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "blocks_per_step", blocks)
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "peel_diagonal", peel)
     specs = [(200, 200), (97, 40), (130, 70), (63, 63), (150, 1), (1, 1)]
     batch = make_varlen_batch(specs, hq, hkv, d, dtype, seed=11, device=device)
     kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout=layout, seed=12)
@@ -326,7 +330,10 @@ def test_two_key_blocks_per_step_give_the_same_attention(hq, hkv, d, bs, page, l
                                    tiles, bs, impl="triton")
         assert not got.isnan().any()
         assert rel_err(got, prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)) <= KERNEL_FP32_TOL
-    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "blocks_per_step", 3)
-    with pytest.raises(ValueError, match="blocks_per_step must be 1 or 2"):
-        paged_sparse_prefill(batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], diag, bs,
-                             impl="triton")
+    for key, bad, msg in (("blocks_per_step", 3, "blocks_per_step must be 1 or 2"),
+                          ("peel_diagonal", 2, "peel_diagonal must be 0 or 1")):
+        monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, key, bad)
+        with pytest.raises(ValueError, match=msg):
+            paged_sparse_prefill(batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], diag,
+                                 bs, impl="triton")
+        monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, key, {"blocks_per_step": blocks, "peel_diagonal": peel}[key])
