@@ -154,14 +154,14 @@ def update_key_summaries(store: KeySummaries, slot: int, first_block: int, key_c
                          block_table_row: torch.Tensor, n: int, block_size: int, impl: str = "auto") -> torch.Tensor:
     """Pool the key blocks first_block .. M-1 of one request's n keys from the paged cache into its slot and
     return the slot's summaries of all M blocks, [Hkv, M, W]."""
-    from cab_vllm.ops.coarsen import key_summary
+    from cab_vllm.ops.coarsen import key_summary_paged
 
     m = num_blocks(n, block_size)
     if m > store.data.shape[2]:
         raise ValueError(f"{m} key blocks do not fit the key summaries ({store.data.shape[2]} blocks)")
-    if first_block < m:
-        k_new = gather_paged(key_cache, block_table_row, n, start=first_block * block_size)
-        store.data[slot, :, first_block:m] = key_summary(k_new[None], block_size, store.estimator, impl=impl)[0]
+    if first_block < m:  # pooled from the paged cache straight into the slot
+        key_summary_paged(key_cache, block_table_row, n, first_block, block_size, store.estimator,
+                          store.data[slot, :, first_block:m], impl=impl)
     return store.data[slot, :, :m]
 
 

@@ -42,25 +42,32 @@ if HAS_TRITON:
     # sizes that follow the context length stay unspecialized (Triton would compile again for every value that is
     # 1 or a multiple of 16): one compile per kernel serves every chunk of every prompt. Token strides are
     # multiples of the head dim, so their specialization never changes and keeps the loads vectorized.
-    @triton.jit(do_not_specialize=["n_tokens"])
+    # first_block too: it moves with every chunk of a prompt
+    @triton.jit(do_not_specialize=["n_tokens", "first_block"])
     def _pool_kernel(
-        x_ptr, rep_ptr, mean_ptr, lo_ptr, hi_ptr,
-        n_tokens,
+        x_ptr, rep_ptr, mean_ptr, lo_ptr, hi_ptr, bt_ptr,
+        n_tokens, first_block, page_size,
         stride_xb, stride_xh, stride_xn,
         stride_ob, stride_oh, stride_om,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-        DO_REP: tl.constexpr, DO_MEAN: tl.constexpr, DO_BOUNDS: tl.constexpr,
+        DO_REP: tl.constexpr, DO_MEAN: tl.constexpr, DO_BOUNDS: tl.constexpr, PAGED: tl.constexpr,
     ):
+        """Program (b, h, m) pools block first_block + m of x into output block m. PAGED: x is a paged cache
+        [pages, page_size, H, D] (strides: page, head, slot) of one sequence whose pages bt_ptr lists, b is 0."""
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         m = tl.program_id(2).to(tl.int64)
-        pos = m * BLOCK + tl.arange(0, BLOCK)
+        pos = (first_block + m) * BLOCK + tl.arange(0, BLOCK)
         ok = pos < n_tokens
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         mask = ok[:, None] & d_ok[None, :]
-        x = tl.load(x_ptr + b * stride_xb + h * stride_xh + pos[:, None] * stride_xn + d[None, :], mask=mask,
-                    other=0.0)
+        if PAGED:
+            page = tl.load(bt_ptr + pos // page_size, mask=ok, other=0).to(tl.int64)
+            row = page * stride_xb + (pos % page_size) * stride_xn
+        else:
+            row = b * stride_xb + pos * stride_xn
+        x = tl.load(x_ptr + h * stride_xh + row[:, None] + d[None, :], mask=mask, other=0.0)
         xf = x.to(tl.float32)
         obase = b * stride_ob + h * stride_oh + m * stride_om
         if DO_REP:
@@ -205,15 +212,8 @@ def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = Fa
     mn = torch.empty(shape, dtype=torch.float32, device=x.device) if mean else None
     lo = torch.empty(shape, dtype=x.dtype, device=x.device) if bounds else None
     hi = torch.empty(shape, dtype=x.dtype, device=x.device) if bounds else None
-    any_out = next(t for t in (rep, mn, lo, hi) if t is not None)
-    _pool_kernel[(b, h, m)](
-        x, rep if rep is not None else any_out, mn if mn is not None else any_out,
-        lo if lo is not None else any_out, hi if hi is not None else any_out,
-        n, x.stride(0), x.stride(1), x.stride(2),
-        any_out.stride(0), any_out.stride(1), any_out.stride(2),
-        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size,
-        DO_REP=max_l2, DO_MEAN=mean, DO_BOUNDS=bounds, num_warps=4,
-    )
+    _pool_launch(x, None, n, 0, (x.stride(0), x.stride(1), x.stride(2)), (b, h, m), block_size,
+                 rep=rep, mean=mn, lo=lo, hi=hi)
     out = {}
     if max_l2:
         out["max_l2"] = rep
@@ -222,6 +222,54 @@ def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = Fa
     if bounds:
         out["lo"], out["hi"] = lo, hi
     return out
+
+
+def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, mean=None, lo=None, hi=None):
+    """_pool_kernel over grid (b, h, blocks) into the given outputs (views with a contiguous last dim and equal
+    strides); x_strides: (per sequence or page, per head, per token or slot); bt: a paged x's page list or None."""
+    outs = (rep, mean, lo, hi)
+    any_out = next(t for t in outs if t is not None)
+    check(all(t is None or (t.stride() == any_out.stride() and t.stride(-1) == 1) for t in outs),
+          "the pooled outputs must share their strides and have a contiguous last dim")
+    d = x.shape[-1]
+    _pool_kernel[grid](
+        x, *(t if t is not None else any_out for t in outs), bt if bt is not None else any_out,
+        n, first_block, x.shape[1] if bt is not None else 1, *x_strides,
+        any_out.stride(0), any_out.stride(1), any_out.stride(2),
+        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size,
+        DO_REP=rep is not None, DO_MEAN=mean is not None, DO_BOUNDS=lo is not None, PAGED=bt is not None,
+        num_warps=4,
+    )
+
+
+def key_summary_paged(key_cache: torch.Tensor, block_table_row: torch.Tensor, n: int, first_block: int,
+                      block_size: int, estimator: str, out: torch.Tensor, impl: str = "auto") -> None:
+    """Write the key summaries (key_summary) of blocks first_block .. M-1 of one sequence's n keys, read straight
+    from the paged cache key_cache [pages, page_size, Hkv, D] through its pages block_table_row, into out [Hkv,
+    M - first_block, W] (e.g. a view of a kept summary store): no gathered copy of the keys, no concatenation."""
+    check(estimator in SUMMARY_ESTIMATORS, f"estimator {estimator!r} has no key summary; expected one of "
+                                           f"{SUMMARY_ESTIMATORS}")
+    check(key_cache.dim() == 4 and key_cache.stride(-1) == 1,
+          f"key_cache must be [pages, page_size, Hkv, D] with a contiguous last dim, got {tuple(key_cache.shape)}")
+    hkv, d = key_cache.shape[2], key_cache.shape[3]
+    m = ref.num_blocks(n, block_size)
+    width = 2 * d if estimator == "bounds" else d
+    check(0 <= first_block < m, f"first_block={first_block} outside the {m} key blocks of {n} keys")
+    check(tuple(out.shape) == (hkv, m - first_block, width) and out.stride(-1) == 1,
+          f"out must be [{hkv}, {m - first_block}, {width}] with a contiguous last dim, got {tuple(out.shape)}")
+    if resolve_impl(impl, key_cache) == "torch":
+        from cab_vllm.ops.blocks import gather_paged
+
+        k_new = gather_paged(key_cache, block_table_row, n, start=first_block * block_size)
+        out.copy_(ref.key_summary_ref(k_new[None], block_size, estimator)[0])
+        return
+    check(block_table_row.dtype == torch.int32 and block_table_row.stride(-1) == 1,
+          "block_table_row must be a contiguous int32 row")
+    o = out[None]
+    x_strides = (key_cache.stride(0), key_cache.stride(2), key_cache.stride(1))
+    grid = (1, hkv, m - first_block)
+    kw = dict(bounds=dict(hi=o[..., :d], lo=o[..., d:]), mean=dict(mean=o), max_l2=dict(rep=o))[estimator]
+    _pool_launch(key_cache, block_table_row, n, first_block, x_strides, grid, block_size, **kw)
 
 
 def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, rows: int,
@@ -310,9 +358,15 @@ def key_summary(k: torch.Tensor, block_size: int, estimator: str, impl: str = "a
                                            f"{SUMMARY_ESTIMATORS}")
     if resolve_impl(impl, k) == "torch":
         return ref.key_summary_ref(k, block_size, estimator)
-    if estimator == "bounds":
-        kb = pool(k, block_size, bounds=True, impl=impl)
-        return torch.cat([kb["hi"], kb["lo"]], -1)
+    if estimator == "bounds":  # both halves written in place: [hi | lo]
+        check(k.dim() == 4 and k.shape[2] >= 1 and k.stride(-1) == 1,
+              f"k must be [B, H, N, D] with tokens and a contiguous last dim, got {tuple(k.shape)}")
+        b, h, n, d = k.shape
+        m = ref.num_blocks(n, block_size)
+        out = torch.empty(b, h, m, 2 * d, dtype=k.dtype, device=k.device)
+        _pool_launch(k, None, n, 0, (k.stride(0), k.stride(1), k.stride(2)), (b, h, m), block_size,
+                     hi=out[..., :d], lo=out[..., d:])
+        return out
     return pool(k, block_size, **{estimator: True}, impl=impl)[estimator]
 
 

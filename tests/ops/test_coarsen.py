@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import KERNEL_FP32_TOL, TOL, interpreting, rel_err, skip_if_interpreted_bf16_dot
+from conftest import KERNEL_FP32_TOL, TOL, interpreting, make_paged_cache, rel_err, skip_if_interpreted_bf16_dot
 from cab_vllm.ops import reference as ref
 from cab_vllm.ops.coarsen import (block_logits, estimate_block_attention, estimate_grouped, group_reduce, pool,
                                   sampled_block_attention)
@@ -54,6 +54,61 @@ def test_pool_triton_matches_torch(n, hq, hkv, d, bs, dtype, device):
         assert torch.equal(got[name], want[name]), name
     assert got["mean"].dtype == torch.float32
     torch.testing.assert_close(got["mean"], want["mean"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["bounds", "max_l2", "mean"])
+@pytest.mark.parametrize("n,first,page,layout,hkv,d,bs,dtype", [
+    pytest.param(200, 0, 16, "plain", 2, 64, 64, torch.float32, id="n200-from0-page16"),
+    pytest.param(200, 2, 16, "kv_pair", 2, 64, 64, torch.bfloat16, id="n200-from2-page16-kvpair-bf16"),
+    pytest.param(97, 1, 64, "kv_interleaved", 1, 80, 32, torch.float32, id="n97-from1-page64-d80-bs32"),
+    pytest.param(1000, 5, 128, "head_major", 2, 64, 64, torch.bfloat16, id="n1000-from5-page128-headmajor"),
+    pytest.param(63, 3, 16, "plain", 1, 128, 16, torch.float32, id="n63-last-block-bs16"),
+])
+def test_key_summary_paged_equals_the_summary_of_the_gathered_keys(estimator, n, first, page, layout, hkv, d, bs,
+                                                                   dtype, device):
+    """key_summary_paged reads one sequence's keys straight from a paged cache (random page order, NaN in every
+    slot holding no token, several cache layouts, pages shorter or longer than a block, a partial last block) and
+    writes blocks first .. M-1 into a view of a larger store: the same values as key_summary_ref of those keys
+    (bit-exact for the max / min / largest-norm token, fp32-close for the mean), nothing outside the view
+    touched."""
+    from cab_vllm.ops.coarsen import key_summary_paged
+
+    gen = torch.Generator().manual_seed(n + first)
+    k = torch.randn(1, hkv, n, d, generator=gen).to(device, dtype)
+    kc, _, bt = make_paged_cache(k, k.clone(), page, layout=layout, seed=first)
+    m = ref.num_blocks(n, bs)
+    width = 2 * d if estimator == "bounds" else d
+    sdt = torch.float32 if estimator == "mean" else dtype
+    store = torch.full((2, hkv, m + 2, width), 7.0, dtype=sdt, device=device)  # a slot of a wider store
+    view = store[1, :, first:m]
+    key_summary_paged(kc, bt[0], n, first, bs, estimator, view, impl="triton")
+    want = ref.key_summary_ref(k, bs, estimator)[0, :, first:]
+    if estimator == "mean":
+        torch.testing.assert_close(view, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(view, want.to(sdt))
+    untouched = torch.ones_like(store, dtype=torch.bool)
+    untouched[1, :, first:m] = False
+    assert (store[untouched] == 7.0).all()
+    twin = torch.full_like(view, 7.0)
+    key_summary_paged(kc, bt[0], n, first, bs, estimator, twin, impl="torch")
+    torch.testing.assert_close(twin, view, rtol=1e-6, atol=1e-6)
+
+
+def test_key_summary_paged_refuses_bad_input(device):
+    from cab_vllm.ops.coarsen import key_summary_paged
+
+    k = torch.randn(1, 2, 100, 64).to(device)
+    kc, _, bt = make_paged_cache(k, k.clone(), 16)
+    out = torch.empty(2, 2, 128, device=device)
+    with pytest.raises(ValueError, match="first_block=2 outside the 2 key blocks"):
+        key_summary_paged(kc, bt[0], 100, 2, 64, "bounds", out, impl="triton")
+    with pytest.raises(ValueError, match=r"out must be \[2, 2, 128\]"):
+        key_summary_paged(kc, bt[0], 100, 0, 64, "bounds", out[:, :1], impl="triton")
+    with pytest.raises(ValueError, match="contiguous int32 row"):
+        key_summary_paged(kc, bt[0].long(), 100, 0, 64, "bounds", out, impl="triton")
+    with pytest.raises(ValueError, match="has no key summary"):
+        key_summary_paged(kc, bt[0], 100, 0, 64, "topr", out, impl="triton")
 
 
 @pytest.mark.parametrize("which", ["max_l2", "mean", "bounds"])

@@ -184,6 +184,7 @@ def test_prefill_path_kernels_compile_for_hopper(tmp_path, monkeypatch):
     pool, soft, sparse = (c.launches for c in caps)
     assert pool and soft and sparse
     assert {x["constexprs"]["STEP_BLOCKS"] for x in sparse} == {1}
+    assert {x["constexprs"]["PAGED"] for x in pool} == {True, False}  # keys from the paged cache, queries not
     assert {x["constexprs"]["PEEL"] for x in sparse} == {False}
     # the tuning sweep's options (prefill.LAUNCH_OVERRIDE): two selected key blocks per loop step, the last step
     # peeled out of the loop, and both
