@@ -1,8 +1,6 @@
-"""Sweep launch parameters of the Triton sparse prefill (heads per program, warps, stages, selected key blocks per
-loop step, the last step peeled out of the loop) on one GPU.
+"""Sweep launch parameters of the Triton sparse prefill (heads per program, warps, stages) on one GPU.
 
-    python benchmarks/tune_prefill.py --n 32768 --sparsity 0 0.95 [--heads 4] [--warps 8 16] [--stages 2] [--blocks 1 2]
-        [--peel 0 1]
+    python benchmarks/tune_prefill.py --n 32768 --sparsity 0 0.95 [--heads 4] [--warps 8 16] [--stages 2]
 Prints ms and TFLOP/s per setting, FA2 (SDPA flash) timed in the same run.
 """
 
@@ -27,10 +25,6 @@ def main() -> None:
     ap.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--blocks", type=int, nargs="+", default=[1], choices=[1, 2],
-                    help="selected key blocks per loop step (prefill.LAUNCH_OVERRIDE blocks_per_step)")
-    ap.add_argument("--peel", type=int, nargs="+", default=[0], choices=[0, 1],
-                    help="1: every block but the last without masks, the last step after the loop (peel_diagonal)")
     a = ap.parse_args()
     n, hq, hkv, d = a.n, 32, 8, 128
     q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
@@ -46,18 +40,16 @@ def main() -> None:
         sel = cab_vllm.select_blocks(q, k, cab_vllm.CABConfig(sparsity=s, policy="random"))
         dens = sel.density()
         ref = cab_vllm.sparse_attention(q, k, v, sel)
-        for heads, warps, stages, blocks, peel in itertools.product(a.heads, a.warps, a.stages, a.blocks, a.peel):
-            prefill.LAUNCH_OVERRIDE.update(heads=heads, num_warps=warps, num_stages=stages, blocks_per_step=blocks,
-                                           peel_diagonal=peel)
+        for heads, warps, stages in itertools.product(a.heads, a.warps, a.stages):
+            prefill.LAUNCH_OVERRIDE.update(heads=heads, num_warps=warps, num_stages=stages)
             try:
                 out = cab_vllm.sparse_attention(q, k, v, sel)
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 ms = triton.testing.do_bench(lambda: cab_vllm.sparse_attention(q, k, v, sel), return_mode="median")
-                print(f"s={s} heads={heads} warps={warps} stages={stages} blocks={blocks} peel={peel}: {ms:.3f} ms "
+                print(f"s={s} heads={heads} warps={warps} stages={stages}: {ms:.3f} ms "
                       f"{flops * dens / ms / 1e9:.0f} TFLOP/s err={err:.1e}", flush=True)
             except (OutOfResources, RuntimeError) as e:  # an infeasible config is reported, not fatal
-                print(f"s={s} heads={heads} warps={warps} stages={stages} blocks={blocks} peel={peel}: failed "
-                      f"{type(e).__name__}: {str(e)[:80]}")
+                print(f"s={s} heads={heads} warps={warps} stages={stages}: failed {type(e).__name__}: {str(e)[:80]}")
         prefill.LAUNCH_OVERRIDE.clear()
 
 

@@ -22,55 +22,6 @@ if HAS_TRITON:
 
     from cab_vllm.ops._triton import paged_coords
 
-    @triton.jit
-    def _prefill_step(q, acc, m_i, l_i, i, cnt, idx_base, mb, rows, seq_len, s, bt_ptr, stride_bt, page_size,
-                      k_ptr, v_ptr, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh, kvh,
-                      d, d_ok, scale_log2, BLOCK: tl.constexpr, STEP_BLOCKS: tl.constexpr, MASK: tl.constexpr):
-        """Selected key blocks i .. i + STEP_BLOCKS - 1 (the second only where i + 1 < cnt) into the online softmax.
-        MASK 0: no mask (blocks before the tile's diagonal block, all of them present: every key is before every
-        row and inside the sequence); 1: the causal, sequence-end and missing-block masks; 2: those masks where the
-        step's last block is at or past the diagonal (a run-time branch)."""
-        if STEP_BLOCKS == 1:
-            kb = tl.load(idx_base + i)
-            kpos = kb * BLOCK + tl.arange(0, BLOCK)
-            k_ok = kpos < seq_len
-        else:  # two selected blocks per step: keys [2 x BLOCK], the second absent past the row's last block
-            c = tl.arange(0, 2 * BLOCK)
-            kb0 = tl.load(idx_base + i)
-            has1 = i + 1 < cnt
-            kb = tl.where(has1, tl.load(idx_base + tl.minimum(i + 1, cnt - 1)), mb)  # the step's last block
-            kpos = tl.where(c < BLOCK, kb0, kb) * BLOCK + c % BLOCK
-            k_ok = (kpos < seq_len) & (i + c // BLOCK < cnt)
-        if MASK == 0:
-            page = tl.load(bt_ptr + s * stride_bt + kpos // page_size).to(tl.int64)
-            slot = (kpos % page_size).to(tl.int64)
-            kv_mask = d_ok[None, :]
-        else:
-            page, slot = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2
-        if MASK == 0:
-            # every score finite: no row's maximum is -inf
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-        else:
-            if MASK == 1:
-                qk = tl.where(k_ok[None, :] & (kpos[None, :] <= rows[:, None]), qk, float("-inf"))
-            elif kb >= mb:
-                qk = tl.where(k_ok[None, :] & (kpos[None, :] <= rows[:, None]), qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        return acc, m_new, l_i
-
     # the selection's strides follow its per-chunk width K: left unspecialized so K's value (1, a multiple of 16 or
     # not) does not decide which compile a chunk needs
     # stride_bt unspecialized too: the engine's block table is [max_num_seqs, cdiv(max_model_len, page)] (its row
@@ -89,7 +40,6 @@ if HAS_TRITON:
         stride_bt, stride_ti_t, stride_ti_h, stride_tc_t,
         page_size, group,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
-        STEP_BLOCKS: tl.constexpr, PEEL: tl.constexpr,
     ):
         # HEADS query heads of one GQA group share the program: the rows of the tile are (head, position)
         # pairs, so every selected key block is loaded once for all of them and the MMA is HEADS x taller.
@@ -118,31 +68,32 @@ if HAS_TRITON:
         acc = tl.zeros([HEADS * BLOCK, BLOCK_D], dtype=tl.float32)
         cnt = tl.load(tcnt_ptr + t * stride_tc_t + kvh)
         idx_base = tidx_ptr + t.to(tl.int64) * stride_ti_t + kvh * stride_ti_h
-        if PEEL:
-            # the selection is ascending and causal, so every block but the last is before the diagonal: those run
-            # in a loop without masks or branches, the last step (holding the last block) masked after it
-            n_main = tl.maximum(cnt - 1, 0) // STEP_BLOCKS * STEP_BLOCKS
-            for i in range(0, n_main, STEP_BLOCKS):
-                acc, m_i, l_i = _prefill_step(
-                    q, acc, m_i, l_i, i, cnt, idx_base, mb, rows, seq_len, s, bt_ptr, stride_bt, page_size,
-                    k_ptr, v_ptr, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh, kvh,
-                    d, d_ok, scale_log2, BLOCK, STEP_BLOCKS, 0)
-            for i in range(n_main, cnt, STEP_BLOCKS):  # one step: the last block (and one before it)
-                acc, m_i, l_i = _prefill_step(
-                    q, acc, m_i, l_i, i, cnt, idx_base, mb, rows, seq_len, s, bt_ptr, stride_bt, page_size,
-                    k_ptr, v_ptr, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh, kvh,
-                    d, d_ok, scale_log2, BLOCK, STEP_BLOCKS, 1)
-        else:
+        for i in range(0, cnt):
+            kb = tl.load(idx_base + i)
+            kpos = kb * BLOCK + tl.arange(0, BLOCK)
+            k_ok = kpos < seq_len
+            page, slot = paged_coords(bt_ptr, stride_bt, s, kpos, k_ok, page_size)
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
+                        mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * scale_log2
             # A block before the tile's own holds no key past a row nor past the sequence: only the diagonal block
             # (the tile's own, always the last selected) is masked. Less work per key block than masking every
             # block; H200, 128k, 95%, 4 heads: 22.9 -> 20.3 ms at 8 warps, 21.8 -> 18.1 ms at 16 warps
-            # (benchmarks/tune_prefill.py; BENCHMARKS.md). Two blocks per step: the step holding the diagonal
-            # block, or a missing second block, is masked.
-            for i in range(0, cnt, STEP_BLOCKS):
-                acc, m_i, l_i = _prefill_step(
-                    q, acc, m_i, l_i, i, cnt, idx_base, mb, rows, seq_len, s, bt_ptr, stride_bt, page_size,
-                    k_ptr, v_ptr, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos, stride_vh, kvh,
-                    d, d_ok, scale_log2, BLOCK, STEP_BLOCKS, 2)
+            # (benchmarks/tune_prefill.py; BENCHMARKS.md). Neither two selected blocks per loop step (a [256 x 128]
+            # score tile: 1.3-8x slower at 4 heads, 16 warps) nor the diagonal's step peeled out of the loop so the
+            # others run without this branch (0.6-4% slower) paid on the H200 (BENCHMARKS.md, thirteenth run).
+            if kb >= mb:
+                qk = tl.where(k_ok[None, :] & (kpos[None, :] <= rows[:, None]), qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
+                        mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_off = s * stride_os + tok * stride_ot + heads * stride_oh
         tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -235,10 +186,7 @@ def paged_sparse_prefill(
     return out
 
 
-# benchmarks/tune_prefill.py sets these to sweep launch parameters (heads, num_warps, num_stages, blocks_per_step:
-# selected key blocks per loop step, 1 or 2; peel_diagonal: 1 runs every block but the last in a loop without masks
-# and the last step after it, 0 masks inside the loop where a step reaches the diagonal; neither option is the
-# default until a GPU has timed it); empty in normal use
+# benchmarks/tune_prefill.py sets these to sweep launch parameters (heads, num_warps, num_stages); empty in normal use
 LAUNCH_OVERRIDE: dict[str, int] = {}
 
 
@@ -293,10 +241,6 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     # 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
     num_warps = LAUNCH_OVERRIDE.get("num_warps") or (16 if rows >= 256 else 4)
     num_stages = LAUNCH_OVERRIDE.get("num_stages") or {64: 3, 128: 1}.get(rows, 2)
-    step_blocks = LAUNCH_OVERRIDE.get("blocks_per_step", 1)
-    check(step_blocks in (1, 2), f"blocks_per_step must be 1 or 2, got {step_blocks!r}")
-    peel = LAUNCH_OVERRIDE.get("peel_diagonal", 0)
-    check(peel in (0, 1), f"peel_diagonal must be 0 or 1, got {peel!r}")
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out,
         block_table, query_start_loc, seq_lens,
@@ -308,6 +252,5 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
         block_table.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
         key_cache.shape[1], group,
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, HEADS=heads,
-        STEP_BLOCKS=step_blocks, PEEL=bool(peel),
         num_warps=num_warps, num_stages=num_stages,
     )

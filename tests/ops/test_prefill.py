@@ -305,35 +305,3 @@ def test_only_the_diagonal_block_is_masked(hq, hkv, d, bs, page, layout, dtype, 
     oracle = prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)
     assert rel_err(got, oracle) <= KERNEL_FP32_TOL
     assert rel_err(got, twin) <= KERNEL_FP32_TOL
-
-
-@pytest.mark.parametrize("blocks,peel", [(2, 0), (1, 1), (2, 1)])
-@pytest.mark.parametrize("hq,hkv,d,bs,page,layout,dtype", [CASES[0], CASES[2], CASES[3]])
-def test_launch_options_give_the_same_attention(hq, hkv, d, bs, page, layout, dtype, blocks, peel, device,
-                                                monkeypatch):
-    """The tuning sweep's launch options (prefill.LAUNCH_OVERRIDE): two selected blocks per loop step, and the last
-    step peeled out of the loop (every other block without masks): random selections (odd and even counts, empty
-    ones) and the diagonal patterns (every block, the diagonal alone, all but the diagonal) equal the float64
-    oracle as the default launch does; values outside the options are refused by name."""
-    import cab_vllm.ops.prefill as prefill
-
-    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "blocks_per_step", blocks)
-    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "peel_diagonal", peel)
-    specs = [(200, 200), (97, 40), (130, 70), (63, 63), (150, 1), (1, 1)]
-    batch = make_varlen_batch(specs, hq, hkv, d, dtype, seed=11, device=device)
-    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout=layout, seed=12)
-    scale = 1.0 / math.sqrt(d)
-    random, rows_r = random_tiles(specs, hkv, bs, kmax=5, seed=13, device=device)
-    diag, rows_d = diagonal_tiles(specs, hkv, bs, device)
-    for tiles, rows in ((random, rows_r), (diag, rows_d)):
-        got = paged_sparse_prefill(batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"],
-                                   tiles, bs, impl="triton")
-        assert not got.isnan().any()
-        assert rel_err(got, prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)) <= KERNEL_FP32_TOL
-    for key, bad, msg in (("blocks_per_step", 3, "blocks_per_step must be 1 or 2"),
-                          ("peel_diagonal", 2, "peel_diagonal must be 0 or 1")):
-        monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, key, bad)
-        with pytest.raises(ValueError, match=msg):
-            paged_sparse_prefill(batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], diag,
-                                 bs, impl="triton")
-        monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, key, {"blocks_per_step": blocks, "peel_diagonal": peel}[key])
