@@ -67,7 +67,7 @@ def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig,
     """select_from_attention(*estimate(q, k, cfg, summary=summary, ...), cfg) in two Triton launches
     (ops.fused_select) for a cfg that fused_select_ok accepts: the same return, the same selection except among
     tied scores. q [1, Hq, N - q_block_offset * bs, D]; summary [1, Hkv, M, W] of the n_keys keys; k [1, Hkv, N,
-    D] is read only for cab's exact rows (when ``exact``)."""
+    D] (or ops.blocks.PagedKeys) is read only for cab's exact rows (when ``exact``)."""
     from cab_vllm.ops.fused_select import estimate_select
 
     if not fused_select_ok(cfg):
@@ -181,7 +181,8 @@ def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str 
 def exact_last_row(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, q_block_offset: int = 0,
                    impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """cab's exact scores of the last query block from its last cfg.exact_rows query tokens against every key,
-    reduced over each GQA group: (max, mean), each [B, Hkv, 1, M]. q as in estimate; k [B, Hkv, N, D]."""
+    reduced over each GQA group: (max, mean), each [B, Hkv, 1, M]. q as in estimate; k [B, Hkv, N, D] or
+    ops.blocks.PagedKeys (read in place)."""
     if k is None:
         raise ValueError("the cab policy's exact rows need the keys (k is None)")
     last = torch.full((1,), num_blocks(k.shape[2], cfg.block_size) - 1, device=q.device)  # no host copy

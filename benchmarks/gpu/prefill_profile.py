@@ -6,9 +6,10 @@ where the prefill's CAB time goes (no vLLM needed).
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
 keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
-(attention.attend): pool the chunk's key blocks into the kept summaries (update_key_summaries), gather every key
-for the exact last rows in the chunk holding the prompt's end (gather_paged), estimate and select
-(prefill_selection), sparse attention on the selection (run_prefill). Prints each phase's GPU time per chunk
+(attention.attend): pool the chunk's key blocks into the kept summaries (update_key_summaries), estimate and select
+(prefill_selection; in the chunk holding the prompt's end the exact last rows read every key in place from the paged
+cache, ops.blocks.PagedKeys, or from a gathered copy on the unfused path), sparse attention on the selection
+(run_prefill). Prints each phase's GPU time per chunk
 and summed over the prompt (CUDA events; a first pass compiles and is not timed), the host syncs of each phase
 (each one drains the GPU's queue; torch.cuda.set_sync_debug_mode), then the kernels by GPU time
 (torch.profiler, one more pass). The engine benchmark's phase times are these summed over the model's layers
@@ -26,10 +27,10 @@ import torch
 from cab_vllm.backend.attention import (KeySummaries, device_ints, prefill_selection, run_prefill,
                                         update_key_summaries)
 from cab_vllm.config import CABConfig
-from cab_vllm.ops.blocks import gather_paged
+from cab_vllm.ops.blocks import PagedKeys
 from cab_vllm.policies import uses_exact_rows
 
-PHASES = ("update_key_summaries", "gather_paged", "prefill_selection", "run_prefill")
+PHASES = ("update_key_summaries", "prefill_selection", "run_prefill")
 
 
 class Timer:
@@ -85,7 +86,7 @@ def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySum
         final = b == n
         summary = run("update_key_summaries", c, lambda: update_key_summaries(store, 0, a // bs, kc, bt[0], b, bs,
                                                                               sel_impl))
-        k_all = run("gather_paged", c, lambda: gather_paged(kc, bt[0], b)) if final and uses_exact_rows(cfg) else None
+        k_all = PagedKeys(kc, bt[:1], b) if final and uses_exact_rows(cfg) else None
         sel = run("prefill_selection", c, lambda: prefill_selection(q[a:b].transpose(0, 1), k_all, cfg,
                                                                     impl=sel_impl, summary=summary, n=b,
                                                                     exact=final, fused=fused))

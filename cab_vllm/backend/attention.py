@@ -35,7 +35,7 @@ from cab_vllm.backend.plan import BatchPlan, KernelOptions
 from cab_vllm.backend.stats import STATS
 from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, CABConfig
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
-from cab_vllm.ops.blocks import gather_paged, num_blocks
+from cab_vllm.ops.blocks import PagedKeys, gather_paged, num_blocks
 from cab_vllm.policies import (estimate, estimate_and_select, fused_select_ok, rows_only, select_from_attention,
                                uses_exact_rows)
 
@@ -67,7 +67,8 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     """Selection for the query blocks holding one request's new tokens.
 
     q_new [Hq, nq, D]: the new queries (positions N-nq .. N-1); k_all [Hkv, N, D]: all keys of the request
-    (cached prefix + new). Returns (indices [R, Hkv, K] int32 ascending -1 padded, counts [R, Hkv] int32,
+    (cached prefix + new), or PagedKeys of the request (read in place by the fused selection's exact rows, gathered
+    for the other paths). Returns (indices [R, Hkv, K] int32 ascending -1 padded, counts [R, Hkv] int32,
     first query block) for the R = last - first + 1 query blocks from (N - nq) // bs to (N - 1) // bs.
     Row-local policies (policies.rows_only) estimate and select those R rows only; the others compute the
     full [M, M] square and keep its rows first..last (see the module docstring). The selection is the same
@@ -80,7 +81,12 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     except among tied scores (KernelOptions.fused_select, CAB_FUSED_SELECT).
     """
     hq, nq, d = q_new.shape
-    if k_all is not None:
+    fused = fused and impl == "triton" and fused_select_ok(cfg)
+    if isinstance(k_all, PagedKeys) and not (fused and summary is not None):
+        k_all = k_all.gather()[0]  # only the fused selection from kept summaries reads the keys in place
+    if isinstance(k_all, PagedKeys):
+        hkv, n = k_all.shape[1], k_all.n
+    elif k_all is not None:
         hkv, n = k_all.shape[0], k_all.shape[1]
     elif summary is None or n is None:
         raise ValueError("prefill_selection needs the keys or their summary with the key count")
@@ -95,8 +101,8 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     off = first if rows_only(cfg) else 0
     pad = n - nq - off * bs
     q = F.pad(q_new, (0, 0, pad, 0)) if pad else q_new
-    qb, kb = q[None], (None if k_all is None else k_all[None])
-    if fused and impl == "triton" and fused_select_ok(cfg):  # estimate, then top-k per row: no [M, M] estimate
+    qb, kb = q[None], (k_all if k_all is None or isinstance(k_all, PagedKeys) else k_all[None])
+    if fused:  # estimate, then top-k per row: no [M, M] estimate
         from cab_vllm.ops.coarsen import key_summary
 
         summ = summary[None] if summary is not None else key_summary(kb, bs, cfg.estimator, impl=impl)
@@ -434,7 +440,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                     summary = update_key_summaries(summaries, entry[0], entry[1], key_cache, block_table[r], n,
                                                    cfg.block_size, sel_impl)
                     exact_rows = final[r] and uses_exact_rows(cfg)  # the only rows that read every key
-                    k_all = gather_paged(key_cache, block_table[r], n) if exact_rows else None
+                    # read in place from the paged cache (no gathered copy of every key)
+                    k_all = PagedKeys(key_cache, block_table[r:r + 1], n) if exact_rows else None
                 else:
                     k_all = gather_paged(key_cache, block_table[r], n)
                 sels.append(prefill_selection(q[q0:q1].transpose(0, 1), k_all, cfg, impl=sel_impl, summary=summary,

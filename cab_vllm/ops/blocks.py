@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -43,3 +45,25 @@ def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: in
     # whole pages (page x Hkv x D contiguous runs) rather than one token at a time: several times faster on a GPU
     rows = cache.index_select(0, block_table_row[p0:p1].long()).reshape(-1, *cache.shape[2:])
     return rows[start - p0 * page: seq_len - p0 * page].transpose(0, 1)
+
+
+class PagedKeys(NamedTuple):
+    """The keys of B sequences as they sit in a paged cache, for kernels that read them in place (no gathered copy):
+    cache [pages, page_size, Hkv, D] (any strides, contiguous last dim), block_table [B, max_pages] int32, and n keys
+    per sequence. ``shape`` is that of the gathered keys, [B, Hkv, n, D]."""
+
+    cache: torch.Tensor
+    block_table: torch.Tensor
+    n: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.block_table.shape[0], self.cache.shape[2], self.n, self.cache.shape[3])
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    def gather(self) -> torch.Tensor:
+        """The keys as one tensor [B, Hkv, n, D] (a copy)."""
+        return torch.stack([gather_paged(self.cache, row, self.n) for row in self.block_table])

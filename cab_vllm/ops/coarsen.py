@@ -29,6 +29,7 @@ import torch
 
 from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 from cab_vllm.ops import reference as ref
+from cab_vllm.ops.blocks import PagedKeys
 from cab_vllm.config import SUMMARY_ESTIMATORS
 
 # (head, row) pairs per program of the exact-row scorer at most: a GQA group of more heads is split over programs
@@ -86,15 +87,16 @@ if HAS_TRITON:
             tl.store(lo_ptr + obase + d, lo.to(lo_ptr.dtype.element_ty), mask=d_ok)
             tl.store(hi_ptr + obase + d, hi.to(hi_ptr.dtype.element_ty), mask=d_ok)
 
-    @triton.jit(do_not_specialize=["n_tokens", "q_offset", "num_splits", "stride_ab", "stride_ah", "stride_ai"])
+    @triton.jit(do_not_specialize=["n_tokens", "q_offset", "num_splits", "stride_ab", "stride_ah", "stride_ai",
+                                   "stride_bt"])
     def _sampled_kernel(
-        q_ptr, k_ptr, qblk_ptr, part_ptr, lse_ptr, a_ptr,
-        n_tokens, q_offset, rows, scale_log2, group, group_chunks, num_splits,
+        q_ptr, k_ptr, qblk_ptr, part_ptr, lse_ptr, a_ptr, bt_ptr,
+        n_tokens, q_offset, rows, scale_log2, group, group_chunks, num_splits, page_size,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
-        stride_ab, stride_ah, stride_ai,
+        stride_ab, stride_ah, stride_ai, stride_bt,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, ROWS_PAD: tl.constexpr,
-        GPAD: tl.constexpr, MASS_PASS: tl.constexpr,
+        GPAD: tl.constexpr, MASS_PASS: tl.constexpr, PAGED: tl.constexpr,
     ):
         """Program (b, kvh * group_chunks + c, i * num_splits + split) scores the sampled rows of query block
         qblk[i], for GPAD query heads of KV head kvh's group at once (heads c * GPAD ...; tile rows = (head,
@@ -102,7 +104,8 @@ if HAS_TRITON:
         blocks split, split + num_splits, ... q row 0 is token position q_offset (earlier positions are zero
         queries). Pass 1 (MASS_PASS=False) writes each row's partial max and sum to part [B, Hq, Mq, splits, 2,
         ROWS_PAD]; pass 2 reads the merged lse [B, Hq, Mq, ROWS_PAD] (base 2) and writes the per-key-block mass
-        averaged over the rows of each head."""
+        averaged over the rows of each head. PAGED: k is a paged cache [pages, page_size, Hkv, D] (strides: page, head,
+        slot) read through sequence b's row of the block table bt_ptr."""
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64) // group_chunks
         g0 = (tl.program_id(1) % group_chunks) * GPAD  # this program's first head of the group
@@ -125,7 +128,10 @@ if HAS_TRITON:
         q_ok = r_ok & (rpos >= q_offset)  # rows before q_offset: zero queries (a chunk's cached prefix)
         q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + (rpos - q_offset)[:, None] * stride_qn
                     + d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-        kbase = k_ptr + b * stride_kb + kvh * stride_kh
+        if PAGED:
+            kbase = k_ptr + kvh * stride_kh
+        else:
+            kbase = k_ptr + b * stride_kb + kvh * stride_kh
         row_id = (b * num_heads + h) * mq + i  # per (head, row): [GPAD * ROWS_PAD]
         if MASS_PASS:
             lse = tl.load(lse_ptr + row_id * ROWS_PAD + r, mask=g_ok, other=0.0)
@@ -138,8 +144,13 @@ if HAS_TRITON:
             l_i = tl.zeros([GPAD * ROWS_PAD], dtype=tl.float32)
         for j in range(split, mb + 1, num_splits):
             kpos = (j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-            k = tl.load(kbase + kpos[:, None] * stride_kn + d[None, :],
-                        mask=(kpos < n_tokens)[:, None] & d_ok[None, :], other=0.0)
+            if PAGED:
+                page = tl.load(bt_ptr + b * stride_bt + kpos // page_size, mask=kpos < n_tokens, other=0)
+                krow = page.to(tl.int64) * stride_kb + (kpos % page_size) * stride_kn
+            else:
+                krow = kpos * stride_kn
+            k = tl.load(kbase + krow[:, None] + d[None, :], mask=(kpos < n_tokens)[:, None] & d_ok[None, :],
+                        other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale_log2
             ok = (kpos[None, :] <= rpos[:, None]) & r_ok[:, None]
             if MASS_PASS:
@@ -272,26 +283,33 @@ def key_summary_paged(key_cache: torch.Tensor, block_table_row: torch.Tensor, n:
     _pool_launch(key_cache, block_table_row, n, first_block, x_strides, grid, block_size, **kw)
 
 
-def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, rows: int,
+def sampled_block_attention(q: torch.Tensor, k: torch.Tensor | PagedKeys, block_size: int, rows: int,
                             q_blocks: torch.Tensor | None = None, impl: str = "auto", q_offset: int = 0
                             ) -> torch.Tensor:
     """Exact block attention mass of the last ``rows`` query tokens of each query block in ``q_blocks``.
 
-    k [B, Hkv, N, D]; q [B, Hq, N - q_offset, D]: the queries at token positions q_offset .. N-1 (earlier
-    positions count as zero queries, as a chunk's cached prefix does in a zero-padded q; q_offset = 0: q
-    holds every position). q_blocks [Mq] int: absolute query blocks (default: q_offset // bs .. M-1).
-    Returns A [B, Hq, Mq, M] float32, row-stochastic over the causal key blocks.
+    k [B, Hkv, N, D], or PagedKeys (the keys read in place from a paged cache); q [B, Hq, N - q_offset, D]: the
+    queries at token positions q_offset .. N-1 (earlier positions count as zero queries, as a chunk's cached prefix
+    does in a zero-padded q; q_offset = 0: q holds every position). q_blocks [Mq] int: absolute query blocks
+    (default: q_offset // bs .. M-1). Returns A [B, Hq, Mq, M] float32, row-stochastic over the causal key blocks.
     """
     b, hq, nq, d = q.shape
     n = k.shape[2]
+    paged = isinstance(k, PagedKeys)
+    if paged:
+        check(k.cache.dim() == 4 and k.cache.stride(-1) == 1 and k.block_table.dim() == 2
+              and k.block_table.shape[0] == b and k.block_table.dtype == torch.int32
+              and k.block_table.stride(-1) == 1 and k.cache.shape[3] == d,
+              f"paged keys must be a [pages, page_size, Hkv, {d}] cache with a contiguous last dim and a [{b}, pages] "
+              f"int32 block table with contiguous rows")
     check(0 <= q_offset and q_offset + nq == n, f"q ({nq} rows at position {q_offset}) must end with the keys ({n})")
     m = ref.num_blocks(n, block_size)
     if q_blocks is None:
         q_blocks = torch.arange(q_offset // block_size, m, device=q.device)
     check(1 <= rows <= block_size, f"rows={rows} must be in [1, block_size={block_size}]")
-    if resolve_impl(impl, q, k) == "torch":
-        return ref.sampled_block_attention_ref(q, k, block_size, rows, q_blocks, q_offset)
-    check(q.stride(-1) == 1 and k.stride(-1) == 1, "q and k must have a contiguous last dim")
+    if resolve_impl(impl, q, k.cache if paged else k) == "torch":
+        return ref.sampled_block_attention_ref(q, k.gather() if paged else k, block_size, rows, q_blocks, q_offset)
+    check(q.stride(-1) == 1 and (paged or k.stride(-1) == 1), "q and k must have a contiguous last dim")
     qb = q_blocks.to(device=q.device, dtype=torch.int32).contiguous()
     mq = qb.numel()
     a = torch.zeros(b, hq, mq, m, dtype=torch.float32, device=q.device)
@@ -308,17 +326,24 @@ def sampled_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, r
     chunks = -(-group // gpad)
     args = dict(HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, ROWS_PAD=rp, GPAD=gpad,
                 num_warps=8 if gpad * rp >= 128 else 4)
-    common = (n, q_offset, rows, 1.4426950408889634 / math.sqrt(d), group, chunks, splits,
-              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              a.stride(0), a.stride(1), a.stride(2))
+    if paged:  # (page, head, slot) strides and the block table
+        kt, bt = k.cache, k.block_table
+        k_strides, page_size = (kt.stride(0), kt.stride(2), kt.stride(1)), kt.shape[1]
+    else:
+        kt, bt = k, qb  # bt unused
+        k_strides, page_size = (k.stride(0), k.stride(1), k.stride(2)), 1
+    common = (n, q_offset, rows, 1.4426950408889634 / math.sqrt(d), group, chunks, splits, page_size,
+              q.stride(0), q.stride(1), q.stride(2), *k_strides,
+              a.stride(0), a.stride(1), a.stride(2), bt.stride(0) if paged else 0)
     grid = (b, hkv * chunks, mq * splits)
-    _sampled_kernel[grid](q, k, qb, part, lse, a, *common, MASS_PASS=False, **args)
+    args["PAGED"] = paged
+    _sampled_kernel[grid](q, kt, qb, part, lse, a, bt, *common, MASS_PASS=False, **args)
     pm, pl = part[..., 0, :], part[..., 1, :]
     mx = pm.amax(3, keepdim=True)
     mx_safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
     tot = (pl * torch.exp2(pm - mx_safe)).sum(3)
     lse.copy_(torch.where(tot > 0, mx_safe.squeeze(3) + torch.log2(tot.clamp(min=1e-30)), torch.zeros_like(tot)))
-    _sampled_kernel[grid](q, k, qb, part, lse, a, *common, MASS_PASS=True, **args)
+    _sampled_kernel[grid](q, kt, qb, part, lse, a, bt, *common, MASS_PASS=True, **args)
     return a
 
 

@@ -214,6 +214,30 @@ def test_exact_rows_only_in_the_chunk_that_holds_the_prompts_end():
     assert torch.equal(sel[0], idx) and torch.equal(sel[1], cnt) and sel[2] == first
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="the fused selection is Triton's (interpreted on the CPU)")
+@pytest.mark.parametrize("fused", [True, False])
+def test_exact_rows_read_the_keys_in_place(fused):
+    """The chunk holding the prompt's end hands the keys to the selection as PagedKeys (read in place from the paged
+    cache by the exact rows' kernel, no gathered copy): the same selection as with the gathered keys, fused or not
+    (the unfused path gathers them itself)."""
+    from conftest import make_paged_cache
+    from cab_vllm.backend.attention import update_key_summaries
+    from cab_vllm.ops.blocks import PagedKeys
+
+    cfg = CABConfig(policy="cab", sparsity=0.75, block_size=32)
+    n, a = 700, 530
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(8, n - a, 32, generator=gen)
+    k = torch.randn(2, n, 32, generator=gen)
+    kc, _, bt = make_paged_cache([k], [k.clone()], 16, layout="kv_pair", seed=4)
+    store = KeySummaries(1, 2, 32, 32, cfg.estimator, torch.float32, "cpu")
+    summ = update_key_summaries(store, 0, 0, kc, bt[0], n, 32, "triton")
+    args = dict(impl="triton", summary=summ, n=n, exact=True, fused=fused)
+    got = attention.prefill_selection(q, PagedKeys(kc, bt[:1], n), cfg, **args)
+    want = attention.prefill_selection(q, k, cfg, **args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+
+
 def test_warm_up_runs_the_kept_summary_path(monkeypatch):
     """Engine start compiles what a prompt's later chunks run (pooling its own blocks into the kept summaries):
     the warm-up goes through that path, on scratch tensors."""

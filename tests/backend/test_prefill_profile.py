@@ -46,7 +46,6 @@ def test_profile_times_each_phase_where_it_runs(pp):
     assert set(r["total_ms"]) == set(pp.PHASES)
     per = r["per_chunk_ms"]
     assert all(len(v) == 4 for v in per.values())
-    assert per["gather_paged"][:3] == [0.0, 0.0, 0.0] and per["gather_paged"][3] > 0  # exact rows: last chunk
     assert all(x > 0 for p in ("update_key_summaries", "prefill_selection", "run_prefill") for x in per[p])
     assert "prefill_selection" in r["kernels"] and "run_prefill" in r["kernels"]
     with pytest.raises(ValueError, match="multiple of the block size"):

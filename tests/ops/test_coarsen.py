@@ -351,6 +351,45 @@ def test_sampled_block_attention_subset_of_query_blocks(q_blocks, device):
     torch.testing.assert_close(got.cpu().double(), brute, rtol=0, atol=KERNEL_FP32_TOL)
 
 
+@pytest.mark.parametrize("n,page,layout,q_offset,q_blocks", [
+    pytest.param(200, 16, "plain", 0, None, id="n200-page16-all-blocks"),
+    pytest.param(1000, 64, "kv_interleaved", 0, [62], id="n1000-page64-last-block"),
+    pytest.param(333, 128, "head_major", 250, None, id="n333-page128-chunk-after-prefix"),
+    pytest.param(97, 16, "kv_pair", 64, [5, 6], id="n97-kvpair-two-blocks"),
+])
+def test_sampled_block_attention_reads_paged_keys_in_place(n, page, layout, q_offset, q_blocks, device):
+    """PagedKeys (the keys in a paged cache: random page order, NaN in every slot holding no token, several cache
+    layouts, pages shorter and longer than a block) give the mass the gathered keys give, bit for bit (the same
+    products in the same order), for the last rows of every query block, of a chunk after a cached prefix and of a
+    few blocks whose key range is split over programs."""
+    from cab_vllm.ops.blocks import PagedKeys
+
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(1, 8, n - q_offset, 64, generator=gen).to(device)
+    k = torch.randn(1, 2, n, 64, generator=gen).to(device)
+    kc, _, bt = make_paged_cache(k, k.clone(), page, layout=layout, seed=n)
+    qb = None if q_blocks is None else torch.tensor(q_blocks, device=device)
+    paged = PagedKeys(kc, bt, n)
+    assert paged.shape == tuple(k.shape)
+    assert torch.equal(paged.gather(), k)
+    got = sampled_block_attention(q, paged, 16, 8, qb, impl="triton", q_offset=q_offset)
+    want = sampled_block_attention(q, k, 16, 8, qb, impl="triton", q_offset=q_offset)
+    assert torch.equal(got, want)
+    twin = sampled_block_attention(q, paged, 16, 8, qb, impl="torch", q_offset=q_offset)
+    torch.testing.assert_close(twin, want, rtol=0, atol=KERNEL_FP32_TOL)
+
+
+def test_sampled_block_attention_refuses_bad_paged_keys(device):
+    from cab_vllm.ops.blocks import PagedKeys
+
+    q, k = _qk(100, 4, 2, 64, torch.float32, device=device)
+    kc, _, bt = make_paged_cache(k, k.clone(), 16)
+    for bad in (PagedKeys(kc, bt.long(), 100), PagedKeys(kc, torch.cat([bt, bt]), 100),
+                PagedKeys(kc[..., :32], bt, 100)):
+        with pytest.raises(ValueError, match="paged keys must be"):
+            sampled_block_attention(q, bad, 16, 8, impl="triton")
+
+
 def test_sampled_rejects_rows_out_of_range():
     q, k = _qk(40, 2, 2, 64, torch.float32)
     for rows in (0, 17):

@@ -101,6 +101,12 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     coarsen.sampled_block_attention(torch.randn(1, 64, 130, 64, generator=gen).to(torch.bfloat16),
                                     torch.randn(1, 1, 130, 64, generator=gen).to(torch.bfloat16), 64, 16,
                                     impl="triton")
+    # the exact rows reading the keys in place from a paged cache (the engine's final prompt chunk)
+    from cab_vllm.ops.blocks import PagedKeys
+    kcp = torch.randn(12, 16, 2, 64, generator=gen).to(torch.bfloat16)
+    coarsen.sampled_block_attention(torch.randn(1, 8, 130, 64, generator=gen).to(torch.bfloat16),
+                                    PagedKeys(kcp, 1 + torch.arange(9, dtype=torch.int32)[None], 130), 64, 16,
+                                    torch.tensor([2]), impl="triton")
     # a decode step: one launch (one row) and two launches (three rows, bounds / prompt / skip)
     n_blocks = 20
     kc = torch.randn(n_blocks * 4 + 1, 16, 2, 64, generator=gen).to(torch.bfloat16)
@@ -138,6 +144,7 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert logits and {x["constexprs"]["HAS_EXACT"] for x in rows} == {True, False}
     assert {x["num_stages"] for x in logits} == {1, 2}  # fp32 summaries (one key tile in flight) and bf16 (two)
     assert {x["constexprs"]["GPAD"] for x in sampled} == {4, 8}
+    assert {x["constexprs"]["PAGED"] for x in sampled} == {True, False}
     assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} >= {(True, True), (True, False),
                                                                                          (False, True)}
     # the merge's tile: 20 splits here (20 blocks, one per split) read 16 per load (MERGE_SPLITS=16); the
