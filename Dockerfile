@@ -39,15 +39,17 @@ RUN set -eux; \
     command -v cab-serve; \
     python3 -P -c "import cab_vllm.backend, server.cli, vllm, cab_models.models; print('cab_vllm on vllm', vllm.__version__)"
 
-# Non-root user; /models is the model / cache volume (Hugging Face cache, prepared models, vLLM's compile cache).
+# Non-root user; /models is the model / cache volume (Hugging Face cache, prepared models, vLLM's compile cache,
+# and Triton's kernel cache: CAB compiles its kernels at engine start, and a restarted container finds them there).
 RUN set -eux; \
     groupadd --gid "${CAB_UID}" cab; \
     useradd --create-home --uid "${CAB_UID}" --gid "${CAB_UID}" --shell /usr/sbin/nologin cab; \
-    mkdir -p /models/huggingface /models/cab /models/vllm; \
+    mkdir -p /models/huggingface /models/cab /models/vllm /models/triton; \
     chown -R cab:cab /models
 ENV HF_HOME=/models/huggingface \
     CAB_CACHE_DIR=/models/cab \
     VLLM_CACHE_ROOT=/models/vllm \
+    TRITON_CACHE_DIR=/models/triton \
     VLLM_USE_V2_MODEL_RUNNER=0 \
     CAB_SPARSITY=0.9 \
     CAB_POLICY=cab

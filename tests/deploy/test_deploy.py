@@ -174,7 +174,8 @@ def test_image_user_port_volume_health_entrypoint():
     assert instr("EXPOSE") == [str(PORT)]
     assert instr("VOLUME") == ['["/models"]']
     env = env_of_dockerfile()
-    assert all(env[k].startswith("/models/") for k in ("HF_HOME", "CAB_CACHE_DIR", "VLLM_CACHE_ROOT"))
+    # every cache on the volume, Triton's kernels included (CAB compiles them at engine start: a restart reuses them)
+    assert all(env[k].startswith("/models/") for k in ("HF_HOME", "CAB_CACHE_DIR", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR"))
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # per-request knobs need the V1 runner (README)
     (hc,) = instr("HEALTHCHECK")
     assert f"http://127.0.0.1:{PORT}{HEALTH}" in hc and "--start-period" in hc
