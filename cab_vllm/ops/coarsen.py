@@ -29,7 +29,7 @@ import torch
 
 from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 from cab_vllm.ops import reference as ref
-from cab_vllm.ops.blocks import PagedKeys
+from cab_vllm.ops.blocks import PagedKeys, gather_paged
 from cab_vllm.config import SUMMARY_ESTIMATORS
 
 # (head, row) pairs per program of the exact-row scorer at most: a GQA group of more heads is split over programs
@@ -269,8 +269,6 @@ def key_summary_paged(key_cache: torch.Tensor, block_table_row: torch.Tensor, n:
     check(tuple(out.shape) == (hkv, m - first_block, width) and out.stride(-1) == 1,
           f"out must be [{hkv}, {m - first_block}, {width}] with a contiguous last dim, got {tuple(out.shape)}")
     if resolve_impl(impl, key_cache) == "torch":
-        from cab_vllm.ops.blocks import gather_paged
-
         k_new = gather_paged(key_cache, block_table_row, n, start=first_block * block_size)
         out.copy_(ref.key_summary_ref(k_new[None], block_size, estimator)[0])
         return
