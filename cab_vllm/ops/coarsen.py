@@ -46,15 +46,18 @@ if HAS_TRITON:
     # first_block too: it moves with every chunk of a prompt
     @triton.jit(do_not_specialize=["n_tokens", "first_block"])
     def _pool_kernel(
-        x_ptr, rep_ptr, mean_ptr, lo_ptr, hi_ptr, bt_ptr,
+        x_ptr, rep_ptr, mean_ptr, lo_ptr, hi_ptr, neg_ptr, bt_ptr,
         n_tokens, first_block, page_size,
         stride_xb, stride_xh, stride_xn,
         stride_ob, stride_oh, stride_om,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
         DO_REP: tl.constexpr, DO_MEAN: tl.constexpr, DO_BOUNDS: tl.constexpr, PAGED: tl.constexpr,
+        SIGN_SPLIT: tl.constexpr,
     ):
         """Program (b, h, m) pools block first_block + m of x into output block m. PAGED: x is a paged cache
-        [pages, page_size, H, D] (strides: page, head, slot) of one sequence whose pages bt_ptr lists, b is 0."""
+        [pages, page_size, H, D] (strides: page, head, slot) of one sequence whose pages bt_ptr lists, b is 0.
+        SIGN_SPLIT: the mean goes out as its positive part (mean_ptr) and its negative part (neg_ptr), the bounds
+        estimator's query features."""
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         m = tl.program_id(2).to(tl.int64)
@@ -80,7 +83,12 @@ if HAS_TRITON:
             tl.store(rep_ptr + obase + d, rep.to(rep_ptr.dtype.element_ty), mask=d_ok)
         if DO_MEAN:
             cnt = tl.sum(ok.to(tl.float32), 0)
-            tl.store(mean_ptr + obase + d, tl.sum(xf, 0) / cnt, mask=d_ok)
+            mean = tl.sum(xf, 0) / cnt
+            if SIGN_SPLIT:
+                tl.store(mean_ptr + obase + d, tl.maximum(mean, 0.0), mask=d_ok)
+                tl.store(neg_ptr + obase + d, tl.minimum(mean, 0.0), mask=d_ok)
+            else:
+                tl.store(mean_ptr + obase + d, mean, mask=d_ok)
         if DO_BOUNDS:
             lo = tl.min(tl.where(mask, x, float("inf")), 0)
             hi = tl.max(tl.where(mask, x, float("-inf")), 0)
@@ -235,10 +243,13 @@ def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = Fa
     return out
 
 
-def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, mean=None, lo=None, hi=None):
+def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, mean=None, lo=None, hi=None,
+                 neg=None):
     """_pool_kernel over grid (b, h, blocks) into the given outputs (views with a contiguous last dim and equal
-    strides); x_strides: (per sequence or page, per head, per token or slot); bt: a paged x's page list or None."""
-    outs = (rep, mean, lo, hi)
+    strides); x_strides: (per sequence or page, per head, per token or slot); bt: a paged x's page list or None;
+    neg: with mean, the mean's negative part goes there and its positive part to mean."""
+    check(neg is None or mean is not None, "neg needs mean")
+    outs = (rep, mean, lo, hi, neg)
     any_out = next(t for t in outs if t is not None)
     check(all(t is None or (t.stride() == any_out.stride() and t.stride(-1) == 1) for t in outs),
           "the pooled outputs must share their strides and have a contiguous last dim")
@@ -249,7 +260,7 @@ def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, m
         any_out.stride(0), any_out.stride(1), any_out.stride(2),
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size,
         DO_REP=rep is not None, DO_MEAN=mean is not None, DO_BOUNDS=lo is not None, PAGED=bt is not None,
-        num_warps=4,
+        SIGN_SPLIT=neg is not None, num_warps=4,
     )
 
 
@@ -400,8 +411,17 @@ def query_features(q: torch.Tensor, block_size: int, estimator: str, impl: str =
     if estimator in ("max_l2", "mean"):
         return pool(q, block_size, **{estimator: True}, impl=impl)[estimator].float()
     check(estimator == "bounds", f"estimator {estimator!r} has no key summary")
-    qg = pool(q, block_size, mean=True, impl=impl)["mean"].float()
-    return torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1)
+    if resolve_impl(impl, q) == "torch":
+        qg = pool(q, block_size, mean=True, impl=impl)["mean"].float()
+        return torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1)
+    check(q.dim() == 4 and q.shape[2] >= 1 and q.stride(-1) == 1,
+          f"q must be [B, H, N, D] with tokens and a contiguous last dim, got {tuple(q.shape)}")
+    b, h, n, d = q.shape
+    m = ref.num_blocks(n, block_size)
+    out = torch.empty(b, h, m, 2 * d, dtype=torch.float32, device=q.device)  # [q+ | q-] in one launch
+    _pool_launch(q, None, n, 0, (q.stride(0), q.stride(1), q.stride(2)), (b, h, m), block_size,
+                 mean=out[..., :d], neg=out[..., d:])
+    return out
 
 
 def logits_from_summary(q: torch.Tensor, ks: torch.Tensor, block_size: int, estimator: str, impl: str = "auto"

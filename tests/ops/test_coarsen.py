@@ -111,6 +111,24 @@ def test_key_summary_paged_refuses_bad_input(device):
         key_summary_paged(kc, bt[0], 100, 0, 64, "topr", out, impl="triton")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,hq,hkv,d,bs", SHAPES)
+def test_query_features_of_the_bounds_estimator_in_one_launch(n, hq, hkv, d, bs, dtype, device):
+    """The bounds estimator's query features [q+ | q-] of each block's mean come out of the pooling kernel in one
+    launch (no clamp or concatenation afterwards): equal to the PyTorch twin's, the positive part never negative,
+    the negative part never positive, and their sum the block mean."""
+    from cab_vllm.ops.coarsen import query_features
+
+    q, _ = _qk(n, hq, hkv, d, dtype, seed=21, device=device)
+    got = query_features(q, bs, "bounds", impl="triton")
+    want = query_features(q, bs, "bounds", impl="torch")
+    m = ref.num_blocks(n, bs)
+    assert got.shape == (1, hq, m, 2 * d) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (got[..., :d] >= 0).all() and (got[..., d:] <= 0).all()
+    torch.testing.assert_close(got[..., :d] + got[..., d:], ref.coarsen_ref(q, bs, "mean"), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("which", ["max_l2", "mean", "bounds"])
 def test_pool_single_statistic(which, device):
     """Asking for one statistic returns exactly that one (the kernel's unused outputs are aliased)."""

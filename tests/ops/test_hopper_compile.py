@@ -191,6 +191,7 @@ def test_prefill_path_kernels_compile_for_hopper(tmp_path, monkeypatch):
     pool, soft, sparse = (c.launches for c in caps)
     assert pool and soft and sparse
     assert {x["constexprs"]["PAGED"] for x in pool} == {True, False}  # keys from the paged cache, queries not
+    assert {x["constexprs"]["SIGN_SPLIT"] for x in pool} == {True, False}  # the bounds' query features, key bounds
     big = (_scaled(pool, HEAD_DIM=128, BLOCK_D=128) + _scaled(soft, COLS=2048)
            + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128))
     out = _compile(tmp_path, pool + soft + sparse + big)
