@@ -81,8 +81,8 @@ if HAS_TRITON:
             # (the tile's own, always the last selected) is masked. Less work per key block than masking every
             # block; H200, 128k, 95%, 4 heads: 22.9 -> 20.3 ms at 8 warps, 21.8 -> 18.1 ms at 16 warps
             # (benchmarks/tune_prefill.py; BENCHMARKS.md). Neither two selected blocks per loop step (a [256 x 128]
-            # score tile: 1.3-8x slower at 4 heads, 16 warps) nor the diagonal's step peeled out of the loop so the
-            # others run without this branch (0.6-4% slower) paid on the H200 (BENCHMARKS.md, thirteenth run).
+            # score tile: 1.3-8x slower at 4 heads per program) nor the diagonal's step peeled out of the loop so the
+            # others run without this branch (0.3-4% slower) paid on the H200 (BENCHMARKS.md, thirteenth run).
             if kb >= mb:
                 qk = tl.where(k_ok[None, :] & (kpos[None, :] <= rows[:, None]), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
