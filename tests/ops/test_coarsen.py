@@ -374,17 +374,19 @@ def test_sampled_block_attention_subset_of_query_blocks(q_blocks, device):
     pytest.param(1000, 64, "kv_interleaved", 0, [62], id="n1000-page64-last-block"),
     pytest.param(333, 128, "head_major", 250, None, id="n333-page128-chunk-after-prefix"),
     pytest.param(97, 16, "kv_pair", 64, [5, 6], id="n97-kvpair-two-blocks"),
+    pytest.param(150, 16, "plain", 0, None, id="n150-two-sequences"),
 ])
 def test_sampled_block_attention_reads_paged_keys_in_place(n, page, layout, q_offset, q_blocks, device):
     """PagedKeys (the keys in a paged cache: random page order, NaN in every slot holding no token, several cache
-    layouts, pages shorter and longer than a block) give the mass the gathered keys give, bit for bit (the same
-    products in the same order), for the last rows of every query block, of a chunk after a cached prefix and of a
-    few blocks whose key range is split over programs."""
+    layouts, pages shorter and longer than a block, two sequences with their own pages) give the mass the gathered
+    keys give, bit for bit (the same products in the same order), for the last rows of every query block, of a
+    chunk after a cached prefix and of a few blocks whose key range is split over programs."""
     from cab_vllm.ops.blocks import PagedKeys
 
     gen = torch.Generator().manual_seed(n)
-    q = torch.randn(1, 8, n - q_offset, 64, generator=gen).to(device)
-    k = torch.randn(1, 2, n, 64, generator=gen).to(device)
+    b = 2 if n == 150 else 1
+    q = torch.randn(b, 8, n - q_offset, 64, generator=gen).to(device)
+    k = torch.randn(b, 2, n, 64, generator=gen).to(device)
     kc, _, bt = make_paged_cache(k, k.clone(), page, layout=layout, seed=n)
     qb = None if q_blocks is None else torch.tensor(q_blocks, device=device)
     paged = PagedKeys(kc, bt, n)
