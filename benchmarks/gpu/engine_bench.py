@@ -74,10 +74,9 @@ def cab_counts() -> dict:
 class PhaseTimer:
     """CUDA-event timing of CAB's prefill phases inside the engine (the engine runs in this process): gathering
     keys from the paged cache (attention.gather_paged: the whole context without a summary slot, or for the exact
-    rows on the unfused path), pooling a chunk's keys into the kept summaries (attention.update_key_summaries), its block selection
-    (attention.prefill_selection: estimate + select) and its sparse attention (attention.run_prefill), by wrapping
-    those module functions. Decode steps replay
-    CUDA graphs: not timed."""
+    rows on the unfused path), pooling a chunk's keys into the kept summaries (attention.update_key_summaries), its
+    block selection (attention.prefill_selection: estimate + select) and its sparse attention
+    (attention.run_prefill), by wrapping those module functions. Decode steps replay CUDA graphs: not timed."""
 
     def __init__(self) -> None:
         import torch

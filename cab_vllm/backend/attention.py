@@ -82,12 +82,12 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     """
     hq, nq, d = q_new.shape
     fused = fused and impl == "triton" and fused_select_ok(cfg)
-    if isinstance(k_all, PagedKeys) and not (fused and summary is not None):
-        k_all = k_all.gather()[0]  # only the fused selection from kept summaries reads the keys in place
-    if isinstance(k_all, PagedKeys):
-        hkv, n = k_all.shape[1], k_all.n
-    elif k_all is not None:
-        hkv, n = k_all.shape[0], k_all.shape[1]
+    paged = isinstance(k_all, PagedKeys)
+    if paged and not (fused and summary is not None):
+        # only the fused selection from kept summaries reads the keys in place
+        k_all, paged = k_all.gather()[0], False
+    if k_all is not None:
+        hkv, n = (k_all.shape[1], k_all.n) if paged else (k_all.shape[0], k_all.shape[1])
     elif summary is None or n is None:
         raise ValueError("prefill_selection needs the keys or their summary with the key count")
     else:
@@ -101,7 +101,7 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     off = first if rows_only(cfg) else 0
     pad = n - nq - off * bs
     q = F.pad(q_new, (0, 0, pad, 0)) if pad else q_new
-    qb, kb = q[None], (k_all if k_all is None or isinstance(k_all, PagedKeys) else k_all[None])
+    qb, kb = q[None], (k_all if k_all is None or paged else k_all[None])
     if fused:  # estimate, then top-k per row: no [M, M] estimate
         from cab_vllm.ops.coarsen import key_summary
 

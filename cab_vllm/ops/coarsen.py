@@ -40,6 +40,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from cab_vllm.ops._triton import paged_coords
+
     # sizes that follow the context length stay unspecialized (Triton would compile again for every value that is
     # 1 or a multiple of 16): one compile per kernel serves every chunk of every prompt. Token strides are
     # multiples of the head dim, so their specialization never changes and keeps the loads vectorized.
@@ -66,9 +68,9 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         mask = ok[:, None] & d_ok[None, :]
-        if PAGED:
-            page = tl.load(bt_ptr + pos // page_size, mask=ok, other=0).to(tl.int64)
-            row = page * stride_xb + (pos % page_size) * stride_xn
+        if PAGED:  # bt_ptr is the sequence's own row of the block table
+            page, slot = paged_coords(bt_ptr, 0, b, pos, ok, page_size)
+            row = page * stride_xb + slot * stride_xn
         else:
             row = b * stride_xb + pos * stride_xn
         x = tl.load(x_ptr + h * stride_xh + row[:, None] + d[None, :], mask=mask, other=0.0)
@@ -153,8 +155,8 @@ if HAS_TRITON:
         for j in range(split, mb + 1, num_splits):
             kpos = (j * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
             if PAGED:
-                page = tl.load(bt_ptr + b * stride_bt + kpos // page_size, mask=kpos < n_tokens, other=0)
-                krow = page.to(tl.int64) * stride_kb + (kpos % page_size) * stride_kn
+                page, slot = paged_coords(bt_ptr, stride_bt, b, kpos, kpos < n_tokens, page_size)
+                krow = page * stride_kb + slot * stride_kn
             else:
                 krow = kpos * stride_kn
             k = tl.load(kbase + krow[:, None] + d[None, :], mask=(kpos < n_tokens)[:, None] & d_ok[None, :],
@@ -262,6 +264,19 @@ def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, m
         DO_REP=rep is not None, DO_MEAN=mean is not None, DO_BOUNDS=lo is not None, PAGED=bt is not None,
         SIGN_SPLIT=neg is not None, num_warps=4,
     )
+
+
+def _pooled_pair(x: torch.Tensor, block_size: int, dtype: torch.dtype, left: str, right: str) -> torch.Tensor:
+    """Two of _pool_launch's outputs side by side from one launch over x [B, H, N, D]: [B, H, M, 2D] in dtype,
+    ``left`` in the first D columns and ``right`` in the last (e.g. the bounds' key summary [hi | lo])."""
+    check(x.dim() == 4 and x.shape[2] >= 1 and x.stride(-1) == 1,
+          f"x must be [B, H, N, D] with tokens and a contiguous last dim, got {tuple(x.shape)}")
+    b, h, n, d = x.shape
+    m = ref.num_blocks(n, block_size)
+    out = torch.empty(b, h, m, 2 * d, dtype=dtype, device=x.device)
+    _pool_launch(x, None, n, 0, (x.stride(0), x.stride(1), x.stride(2)), (b, h, m), block_size,
+                 **{left: out[..., :d], right: out[..., d:]})
+    return out
 
 
 def key_summary_paged(key_cache: torch.Tensor, block_table_row: torch.Tensor, n: int, first_block: int,
@@ -392,15 +407,8 @@ def key_summary(k: torch.Tensor, block_size: int, estimator: str, impl: str = "a
                                            f"{SUMMARY_ESTIMATORS}")
     if resolve_impl(impl, k) == "torch":
         return ref.key_summary_ref(k, block_size, estimator)
-    if estimator == "bounds":  # both halves written in place: [hi | lo]
-        check(k.dim() == 4 and k.shape[2] >= 1 and k.stride(-1) == 1,
-              f"k must be [B, H, N, D] with tokens and a contiguous last dim, got {tuple(k.shape)}")
-        b, h, n, d = k.shape
-        m = ref.num_blocks(n, block_size)
-        out = torch.empty(b, h, m, 2 * d, dtype=k.dtype, device=k.device)
-        _pool_launch(k, None, n, 0, (k.stride(0), k.stride(1), k.stride(2)), (b, h, m), block_size,
-                     hi=out[..., :d], lo=out[..., d:])
-        return out
+    if estimator == "bounds":
+        return _pooled_pair(k, block_size, k.dtype, "hi", "lo")
     return pool(k, block_size, **{estimator: True}, impl=impl)[estimator]
 
 
@@ -414,14 +422,7 @@ def query_features(q: torch.Tensor, block_size: int, estimator: str, impl: str =
     if resolve_impl(impl, q) == "torch":
         qg = pool(q, block_size, mean=True, impl=impl)["mean"].float()
         return torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1)
-    check(q.dim() == 4 and q.shape[2] >= 1 and q.stride(-1) == 1,
-          f"q must be [B, H, N, D] with tokens and a contiguous last dim, got {tuple(q.shape)}")
-    b, h, n, d = q.shape
-    m = ref.num_blocks(n, block_size)
-    out = torch.empty(b, h, m, 2 * d, dtype=torch.float32, device=q.device)  # [q+ | q-] in one launch
-    _pool_launch(q, None, n, 0, (q.stride(0), q.stride(1), q.stride(2)), (b, h, m), block_size,
-                 mean=out[..., :d], neg=out[..., d:])
-    return out
+    return _pooled_pair(q, block_size, torch.float32, "mean", "neg")  # [q+ | q-]
 
 
 def logits_from_summary(q: torch.Tensor, ks: torch.Tensor, block_size: int, estimator: str, impl: str = "auto"
