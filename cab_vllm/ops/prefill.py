@@ -22,6 +22,10 @@ if HAS_TRITON:
 
     from cab_vllm.ops._triton import paged_coords
 
+    # LAZY (a launch option, prefill.LAUNCH_OVERRIDE["lazy_rescale"]): how far (log2 units) a row's block maximum may
+    # pass its running maximum before the accumulator is rescaled
+    LAZY_TAU = tl.constexpr(8.0)
+
     # the selection's strides follow its per-chunk width K: left unspecialized so K's value (1, a multiple of 16 or
     # not) does not decide which compile a chunk needs
     # stride_bt unspecialized too: the engine's block table is [max_num_seqs, cdiv(max_model_len, page)] (its row
@@ -40,6 +44,7 @@ if HAS_TRITON:
         stride_bt, stride_ti_t, stride_ti_h, stride_tc_t,
         page_size, group,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
+        LAZY: tl.constexpr = False,
     ):
         # HEADS query heads of one GQA group share the program: the rows of the tile are (head, position)
         # pairs, so every selected key block is loaded once for all of them and the MMA is HEADS x taller.
@@ -85,15 +90,32 @@ if HAS_TRITON:
             # others run without this branch (0.3-4% slower) paid on the H200 (BENCHMARKS.md, thirteenth run).
             if kb >= mb:
                 qk = tl.where(k_ok[None, :] & (kpos[None, :] <= rows[:, None]), qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
-                        mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_blk = tl.max(qk, 1)
+            if LAZY:
+                # rescale the accumulator only when a row's block maximum passes its running maximum by more than
+                # LAZY_TAU (log2 units); otherwise keep the stale maximum: p <= 2**LAZY_TAU, exact after the final
+                # division (the rescale is skipped for the whole tile in most steps)
+                if tl.max((m_blk > m_i + LAZY_TAU).to(tl.int32), 0) > 0:
+                    m_new = tl.maximum(m_i, m_blk)
+                    alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                    l_i = l_i * alpha
+                    acc = acc * alpha[:, None]
+                    m_i = m_new
+                p = tl.exp2(qk - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+                l_i = l_i + tl.sum(p, 1)
+                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
+                            + d[None, :], mask=kv_mask, other=0.0)
+                acc = acc + tl.dot(p.to(v.dtype), v)
+            else:
+                m_new = tl.maximum(m_i, m_blk)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(qk - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
+                            + d[None, :], mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_off = s * stride_os + tok * stride_ot + heads * stride_oh
         tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -241,6 +263,8 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     # 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
     num_warps = LAUNCH_OVERRIDE.get("num_warps") or (16 if rows >= 256 else 4)
     num_stages = LAUNCH_OVERRIDE.get("num_stages") or {64: 3, 128: 1}.get(rows, 2)
+    lazy = LAUNCH_OVERRIDE.get("lazy_rescale", 0)
+    check(lazy in (0, 1), f"lazy_rescale must be 0 or 1, got {lazy!r}")
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out,
         block_table, query_start_loc, seq_lens,
@@ -251,6 +275,6 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
         key_cache.shape[1], group,
-        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, HEADS=heads,
+        HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, HEADS=heads, LAZY=bool(lazy),
         num_warps=num_warps, num_stages=num_stages,
     )
