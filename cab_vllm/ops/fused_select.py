@@ -104,9 +104,11 @@ if HAS_TRITON:
     def _select_rows_kernel(z_ptr, pm_ptr, pl_ptr, ex_ptr, keep_ptr, idx_ptr, cnt_ptr,
                             first, kmax, splits, exact_row, group, hq, m, sink_blocks, local_blocks,
                             stride_zr, stride_zh, stride_zg, stride_ps, stride_ir, stride_ih, stride_cr,
-                            GPAD: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, HAS_EXACT: tl.constexpr):
+                            GPAD: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, HAS_EXACT: tl.constexpr,
+                            SPAD: tl.constexpr):
         """One (query block, KV head) row: each head's log-sum-exp from the splits' partials, its probabilities
-        from the logits _logits_kernel wrote, the max over the group, the forced blocks, then the top-k."""
+        from the logits _logits_kernel wrote, the max over the group, the forced blocks, then the top-k.
+        SPAD >= splits (a power of two; MPAD decides it): each head's partials come in one load, not one per split."""
         row = tl.program_id(0)
         kvh = tl.program_id(1).to(tl.int64)
         b = first + row
@@ -114,17 +116,16 @@ if HAS_TRITON:
         causal = jj <= b
         part = row.to(tl.int64) * hq + kvh * group
         zbase = z_ptr + row.to(tl.int64) * stride_zr + kvh * stride_zh
+        ss = tl.arange(0, SPAD)
+        s_ok = ss < splits
         a = tl.zeros([MPAD], dtype=tl.float32)
         for gi in tl.static_range(GPAD):  # one head of the group at a time: one [MPAD] row in registers
             if gi < group:
-                mx = float("-inf")
-                for s in range(0, splits):
-                    mx = tl.maximum(mx, tl.load(pm_ptr + s * stride_ps + part + gi))
+                pms = tl.load(pm_ptr + ss * stride_ps + part + gi, mask=s_ok, other=float("-inf"))
+                pls = tl.load(pl_ptr + ss * stride_ps + part + gi, mask=s_ok, other=0.0)
+                mx = tl.max(pms, 0)
                 m_safe = tl.where(mx == float("-inf"), 0.0, mx)
-                l = 0.0
-                for s in range(0, splits):
-                    l += tl.load(pl_ptr + s * stride_ps + part + gi) * tl.exp(
-                        tl.load(pm_ptr + s * stride_ps + part + gi) - m_safe)
+                l = tl.sum(tl.where(pms == float("-inf"), 0.0, pls * tl.exp(pms - m_safe)), 0)
                 lse = tl.where(l > 0.0, mx + tl.log(tl.where(l > 0.0, l, 1.0)), 0.0)
                 z = tl.load(zbase + gi * stride_zg + jj, mask=causal, other=float("-inf"))
                 a = tl.maximum(a, tl.where(causal, tl.exp(z - lse), 0.0))
@@ -179,6 +180,7 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
     mpad = next_pow2(m)
     split = max(KEY_TILE, KEY_SPLIT // KEY_TILE * KEY_TILE)  # a whole number of key tiles per split
     splits = triton.cdiv(m, split)
+    spad = max(2, next_pow2(triton.cdiv(mpad, split)))  # >= splits, fixed by MPAD: no compile of its own
     rs = max(1, min(mq, SCRATCH_BYTES // (hq * mpad * 4)))  # query blocks per slice
     z = torch.empty(rs, hkv, group, mpad, dtype=torch.float32, device=dev)
     pm = torch.empty(splits, rs, hq, dtype=torch.float32, device=dev)
@@ -203,6 +205,6 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
             z, pm, pl, exact if exact is not None else z, keep[r0:], idx[r0:], cnt[r0:],
             first, kk, splits, mq - 1 - r0, group, hq, m, sink_blocks, local_blocks,
             z.stride(0), z.stride(1), z.stride(2), pm.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
-            GPAD=gpad, MPAD=mpad, KPAD=mpad, HAS_EXACT=exact is not None, num_warps=4,
+            GPAD=gpad, MPAD=mpad, KPAD=mpad, HAS_EXACT=exact is not None, SPAD=spad, num_warps=4,
         )
     return idx.permute(1, 0, 2)[None].contiguous(), cnt.t()[None].contiguous()

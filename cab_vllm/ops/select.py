@@ -351,15 +351,15 @@ if _HAS_TRITON:
         """Keep the k highest of the priorities sc [MPAD] (blocks jj; -inf past the row's last block): their
         indices ascending at base[0..k-1], -1 padded to kmax, the count at cnt_at. Exact bitwise threshold search,
         ties by index."""
-        # order-preserving integer key of each float, in [0, 2^32)
+        # order-preserving unsigned integer key of each float (32-bit compares in the 32 passes below, not 64-bit)
         b = sc.to(tl.int32, bitcast=True)
         b = b ^ ((b >> 31) & 0x7FFFFFFF)
-        key = b.to(tl.int64) + 2147483648
+        key = b.to(tl.uint32, bitcast=True) ^ 0x80000000
         # 1-D tiles throughout: Triton 3.6 fails to lower a cumsum over a [1, 512+] tile in this kernel (an assertion
         # in its scan lowering on the H200), while 1-D scans lower at every width.
-        thr = tl.zeros([1], dtype=tl.int64)
+        thr = tl.zeros([1], dtype=tl.uint32)
         for bit in tl.static_range(31, -1, -1):
-            cand = thr | (1 << bit)
+            cand = thr | tl.full([1], 1 << bit, dtype=tl.uint32)
             c = tl.sum((key >= cand).to(tl.int32), 0)
             thr = tl.where(c >= k, cand, thr)
         gt = key > thr
