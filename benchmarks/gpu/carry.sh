@@ -22,6 +22,6 @@ case ${1:-} in
   unpack)
     mkdir -p "$STORE/in"
     cat $(ls "$STORE"/pieces/carry.* | sort) | tar xf - -C "$STORE/in"
-    rm -rf "$STORE/pieces"; du -sh "$STORE/in"/* ;;
+    rm -rf "$STORE/pieces"; du -sh "$STORE/in" ;;  # (in/* would fail where only .gpu_carry is there)
   *) echo "usage: carry.sh pack DIR MB PATH... | keep DIR | unpack"; exit 2 ;;
 esac

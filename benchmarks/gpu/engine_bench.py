@@ -414,7 +414,8 @@ def main() -> None:
     summary = dict(backend=a.backend, sparsity=a.sparsity, init_s=round(init_s, 1), first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
                    probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp,
-                   cab_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("CAB_")},
+                   cab_env={k: v for k, v in sorted(os.environ.items())
+                            if k.startswith("CAB_") and k != "CAB_CACHE_DIR"},  # the model cache: no setting
                    fa_graph_splits=a.fa_graph_splits, fa_version=a.fa_version, block_size=a.block_size)
     if counts0 is not None:  # equal: counted once (TP > 1 included); twice the requests' figures: once per rank
         counts1 = cab_counts()
