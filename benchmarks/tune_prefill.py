@@ -1,6 +1,8 @@
-"""Sweep launch parameters of the Triton sparse prefill (heads per program, warps, stages) on one GPU.
+"""Sweep launch parameters of the Triton sparse prefill (heads per program, warps, stages, the launch options) on
+one GPU.
 
-    python benchmarks/tune_prefill.py --n 32768 --sparsity 0 0.95 [--heads 4] [--warps 8 16] [--stages 2] [--lazy 0 1]
+    python benchmarks/tune_prefill.py --n 32768 --sparsity 0 0.95 [--heads 4] [--warps 8 16] [--stages 2]
+        [--lazy 0 1] [--reverse 0 1]
 Prints ms and TFLOP/s per setting, FA2 (SDPA flash) timed in the same run.
 """
 
@@ -27,6 +29,8 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--lazy", type=int, nargs="+", default=[0], choices=[0, 1],
                     help="rescale the accumulator only when a row's maximum grows by more than 2**8 (launch option)")
+    ap.add_argument("--reverse", type=int, nargs="+", default=[0], choices=[0, 1],
+                    help="programs take the tiles last to first: longest selections first (launch option)")
     a = ap.parse_args()
     n, hq, hkv, d = a.n, 32, 8, 128
     q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
@@ -42,16 +46,18 @@ def main() -> None:
         sel = cab_vllm.select_blocks(q, k, cab_vllm.CABConfig(sparsity=s, policy="random"))
         dens = sel.density()
         ref = cab_vllm.sparse_attention(q, k, v, sel)
-        for heads, warps, stages, lazy in itertools.product(a.heads, a.warps, a.stages, a.lazy):
-            prefill.LAUNCH_OVERRIDE.update(heads=heads, num_warps=warps, num_stages=stages, lazy_rescale=lazy)
+        for heads, warps, stages, lazy, rev in itertools.product(a.heads, a.warps, a.stages, a.lazy, a.reverse):
+            prefill.LAUNCH_OVERRIDE.update(heads=heads, num_warps=warps, num_stages=stages, lazy_rescale=lazy,
+                                           reverse_tiles=rev)
+            tag = f"s={s} heads={heads} warps={warps} stages={stages} lazy={lazy} reverse={rev}"
             try:
                 out = cab_vllm.sparse_attention(q, k, v, sel)
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 ms = triton.testing.do_bench(lambda: cab_vllm.sparse_attention(q, k, v, sel), return_mode="median")
-                print(f"s={s} heads={heads} warps={warps} stages={stages} lazy={lazy}: {ms:.3f} ms "
+                print(f"{tag}: {ms:.3f} ms "
                       f"{flops * dens / ms / 1e9:.0f} TFLOP/s err={err:.1e}", flush=True)
             except (OutOfResources, RuntimeError) as e:  # an infeasible config is reported, not fatal
-                print(f"s={s} heads={heads} warps={warps} stages={stages} lazy={lazy}: failed {type(e).__name__}: {str(e)[:80]}")
+                print(f"{tag}: failed {type(e).__name__}: {str(e)[:80]}")
         prefill.LAUNCH_OVERRIDE.clear()
 
 

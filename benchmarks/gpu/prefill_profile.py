@@ -2,7 +2,7 @@
 where the prefill's CAB time goes (no vLLM needed).
 
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
-        [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256]
+        [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256] [--pool-warps 2,4,8]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
 keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
@@ -190,20 +190,26 @@ def main(argv=None) -> None:
     ap.add_argument("--key-split", default=None,
                     help="with --fused-select 1: key blocks per program of the logits launch, comma list "
                          "(ops.fused_select.KEY_SPLIT)")
+    ap.add_argument("--pool-warps", default=None,
+                    help="warps per program of the pooling kernel (queries' features, keys' summaries), comma list "
+                         "(ops.coarsen.POOL_WARPS)")
     a = ap.parse_args(argv)
     hq, hkv, d = (int(x) for x in a.heads.split(","))
+    from cab_vllm.ops import coarsen
     from cab_vllm.ops import fused_select as fs
 
     def ints(s, default):
         return [int(x) for x in s.split(",")] if s else [default]
 
-    variants = [(t, k, s) for t in ints(a.tile_rows, fs.TILE_ROWS) for k in ints(a.key_tile, fs.KEY_TILE)
-                for s in ints(a.key_split, fs.KEY_SPLIT)]
-    for (tile_rows, key_tile, key_split), sp in ((v, float(x)) for v in variants for x in a.sparsities.split(",")):
-        fs.TILE_ROWS, fs.KEY_TILE, fs.KEY_SPLIT = tile_rows, key_tile, key_split
+    variants = [(t, k, s, w) for t in ints(a.tile_rows, fs.TILE_ROWS) for k in ints(a.key_tile, fs.KEY_TILE)
+                for s in ints(a.key_split, fs.KEY_SPLIT) for w in ints(a.pool_warps, coarsen.POOL_WARPS)]
+    for (tile_rows, key_tile, key_split, pool_warps), sp in ((v, float(x)) for v in variants
+                                                             for x in a.sparsities.split(",")):
+        fs.TILE_ROWS, fs.KEY_TILE, fs.KEY_SPLIT, coarsen.POOL_WARPS = tile_rows, key_tile, key_split, pool_warps
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1")
         opts = f" tile_rows={tile_rows} key_tile={key_tile} key_split={key_split}" if a.fused_select == "1" else ""
+        opts += f" pool_warps={pool_warps}" if a.impl == "triton" else ""
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
               f"{opts} (one layer, ms)")
         for p in PHASES:

@@ -245,6 +245,9 @@ def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = Fa
     return out
 
 
+POOL_WARPS = 4  # warps per pooling program (one block of one head); benchmarks/gpu/prefill_profile.py --pool-warps
+
+
 def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, mean=None, lo=None, hi=None,
                  neg=None):
     """_pool_kernel over grid (b, h, blocks) into the given outputs (views with a contiguous last dim and equal
@@ -262,7 +265,7 @@ def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, m
         any_out.stride(0), any_out.stride(1), any_out.stride(2),
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size,
         DO_REP=rep is not None, DO_MEAN=mean is not None, DO_BOUNDS=lo is not None, PAGED=bt is not None,
-        SIGN_SPLIT=neg is not None, num_warps=4,
+        SIGN_SPLIT=neg is not None, num_warps=POOL_WARPS,
     )
 
 

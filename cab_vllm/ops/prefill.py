@@ -44,11 +44,13 @@ if HAS_TRITON:
         stride_bt, stride_ti_t, stride_ti_h, stride_tc_t,
         page_size, group,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
-        LAZY: tl.constexpr = False,
+        LAZY: tl.constexpr = False, REVERSE: tl.constexpr = False,
     ):
         # HEADS query heads of one GQA group share the program: the rows of the tile are (head, position)
         # pairs, so every selected key block is loaded once for all of them and the MMA is HEADS x taller.
         t = tl.program_id(0)
+        if REVERSE:  # the tiles last to first: a chunk's later query blocks (the most selected blocks) start first
+            t = tl.num_programs(0) - 1 - t
         h0 = tl.program_id(1) * HEADS
         kvh = h0 // group
         s = tl.load(tseq_ptr + t).to(tl.int64)
@@ -263,8 +265,9 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     # 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
     num_warps = LAUNCH_OVERRIDE.get("num_warps") or (16 if rows >= 256 else 4)
     num_stages = LAUNCH_OVERRIDE.get("num_stages") or {64: 3, 128: 1}.get(rows, 2)
-    lazy = LAUNCH_OVERRIDE.get("lazy_rescale", 0)
+    lazy, reverse = LAUNCH_OVERRIDE.get("lazy_rescale", 0), LAUNCH_OVERRIDE.get("reverse_tiles", 0)
     check(lazy in (0, 1), f"lazy_rescale must be 0 or 1, got {lazy!r}")
+    check(reverse in (0, 1), f"reverse_tiles must be 0 or 1, got {reverse!r}")
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out,
         block_table, query_start_loc, seq_lens,
@@ -276,5 +279,6 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
         block_table.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
         key_cache.shape[1], group,
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, HEADS=heads, LAZY=bool(lazy),
+        REVERSE=bool(reverse),
         num_warps=num_warps, num_stages=num_stages,
     )

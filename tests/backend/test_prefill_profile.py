@@ -150,5 +150,36 @@ def test_profile_main_runs_each_fused_select_variant(pp, monkeypatch, capsys):
              "--heads", "4,2,32", "--no-kernels", "--fused-select", "0", "--tile-rows", "16,32", "--key-tile", "32,64",
              "--key-split", "128,256"])
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("==")]
-    assert len(heads) == 16 and not any("tile_rows" in h for h in heads)
+    assert len(heads) == 16 and not any("tile_rows" in h or "pool_warps" in h for h in heads)
     assert (fs.TILE_ROWS, fs.KEY_TILE, fs.KEY_SPLIT) == (32, 64, 256)  # the last variant's
+
+
+def test_profile_main_sweeps_the_pooling_warps(pp, monkeypatch, capsys):
+    """--pool-warps: one profile per value, labelled, the module's setting left at the last one; the pooling
+    launches take their warps from it (the Triton path, interpreted here), with the same features whatever the
+    warps."""
+    from cab_vllm.ops import coarsen
+
+    monkeypatch.setattr(coarsen, "POOL_WARPS", coarsen.POOL_WARPS)
+    seen = []
+    real = coarsen._pool_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["num_warps"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(coarsen, "_pool_kernel", Spy())
+    pp.main(["--n", "300", "--chunk", "128", "--sparsities", "0.5", "--device", "cpu", "--impl", "triton",
+             "--heads", "4,2,16", "--no-kernels", "--pool-warps", "2,8"])
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("==")]
+    assert [h.split("pool_warps=")[1].split()[0] for h in heads] == ["2", "8"] and coarsen.POOL_WARPS == 8
+    q = torch.randn(1, 4, 130, 16, generator=torch.Generator().manual_seed(0))
+    feats = []
+    for warps in (2, 8):
+        coarsen.POOL_WARPS = warps
+        feats.append(coarsen.query_features(q, 64, "bounds", impl="triton"))
+        assert seen[-1] == warps
+    assert torch.equal(feats[0], feats[1])

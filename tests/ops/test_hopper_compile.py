@@ -192,9 +192,10 @@ def test_prefill_path_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert pool and soft and sparse
     assert {x["constexprs"]["PAGED"] for x in pool} == {True, False}  # keys from the paged cache, queries not
     assert {x["constexprs"]["SIGN_SPLIT"] for x in pool} == {True, False}  # the bounds' query features, key bounds
-    assert {x["constexprs"]["LAZY"] for x in sparse} == {False}
-    # the tuning sweep's launch option (prefill.LAUNCH_OVERRIDE["lazy_rescale"]) compiles too
+    assert {(x["constexprs"]["LAZY"], x["constexprs"]["REVERSE"]) for x in sparse} == {(False, False)}
+    # the tuning sweep's launch options (prefill.LAUNCH_OVERRIDE: lazy_rescale, reverse_tiles) compile too
     big = (_scaled(pool, HEAD_DIM=128, BLOCK_D=128) + _scaled(soft, COLS=2048)
-           + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128) + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128, LAZY=True))
+           + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128)
+           + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128, LAZY=True, REVERSE=True))
     out = _compile(tmp_path, pool + soft + sparse + big)
     assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in pool + soft + sparse + big})

@@ -307,13 +307,16 @@ def test_only_the_diagonal_block_is_masked(hq, hkv, d, bs, page, layout, dtype, 
     assert rel_err(got, twin) <= KERNEL_FP32_TOL
 
 
+@pytest.mark.parametrize("lazy,reverse", [(1, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("sharp", [1.0, 24.0], ids=["scale", "sharp"])
 @pytest.mark.parametrize("hq,hkv,d,bs,page,layout,dtype", [CASES[0], CASES[2], CASES[7], CASES[8]])
-def test_lazy_rescale_gives_the_same_attention(hq, hkv, d, bs, page, layout, dtype, sharp, device, monkeypatch):
-    """lazy_rescale=1 (a launch option for the tuning sweep: the accumulator is rescaled only when a row's block
-    maximum passes its running maximum by more than 2**8): random selections (empty ones included) and the
-    diagonal patterns equal the float64 oracle as the default launch does, also with scores sharpened so the
-    maxima jump from block to block (the rescale branch taken mid-loop); other values are refused by name."""
+def test_launch_options_give_the_same_attention(hq, hkv, d, bs, page, layout, dtype, sharp, lazy, reverse, device,
+                                                monkeypatch):
+    """The tuning sweep's launch options (prefill.LAUNCH_OVERRIDE): lazy_rescale=1 (the accumulator rescaled only
+    when a row's block maximum passes its running maximum by more than 2**8) and reverse_tiles=1 (programs take the
+    tiles last to first): random selections (empty ones included) and the diagonal patterns equal the float64
+    oracle as the default launch does, also with scores sharpened so the maxima jump from block to block (the
+    rescale branch taken mid-loop); other values are refused by name."""
     import cab_vllm.ops.prefill as prefill
 
     skip_if_interpreted_bf16_dot(dtype)
@@ -322,14 +325,17 @@ def test_lazy_rescale_gives_the_same_attention(hq, hkv, d, bs, page, layout, dty
     kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout=layout, seed=14)
     scale = sharp / math.sqrt(d)
     args = (batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"])
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "lazy_rescale", lazy)
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "reverse_tiles", reverse)
     for tiles, rows in (random_tiles(specs, hkv, bs, kmax=5, seed=15, device=device),
                         diagonal_tiles(specs, hkv, bs, device)):
-        monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "lazy_rescale", 1)
         got = paged_sparse_prefill(*args, tiles, bs, scale=scale, impl="triton")
         assert not got.isnan().any() and not got.isinf().any()
         oracle = prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)
         base = same_dtype_error(batch, specs, tiles, rows, bs, scale, hq, oracle)
         assert rel_err(got, oracle) <= 2 * base + KERNEL_FP32_TOL
-    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "lazy_rescale", 2)
-    with pytest.raises(ValueError, match="lazy_rescale must be 0 or 1"):
-        paged_sparse_prefill(*args, tiles, bs, impl="triton")
+    for key, bad in (("lazy_rescale", 2), ("reverse_tiles", -1)):
+        monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, key, bad)
+        with pytest.raises(ValueError, match=f"{key} must be 0 or 1"):
+            paged_sparse_prefill(*args, tiles, bs, impl="triton")
+        monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, key, 0)
