@@ -5,7 +5,9 @@ the model's head geometry and dtype, through the same code path as the engine (a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import time
 
 import torch
 
@@ -15,12 +17,27 @@ from cab_vllm.config import CABConfig
 from cab_vllm.ops.fused_select import estimate_select
 from cab_vllm.policies import fused_select_ok
 
+logger = logging.getLogger(__name__)
+
 
 def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
                     cfg: CABConfig, workspace: DecodeWorkspace, page_size: int = 16, n: int = 2048,
-                    summaries: KeySummaries | None = None, kernels: KernelOptions | None = None) -> None:
-    """kernels: the engine's KernelOptions, so the variants compiled here are the ones its steps launch."""
+                    summaries: KeySummaries | None = None, kernels: KernelOptions | None = None) -> dict[str, float]:
+    """kernels: the engine's KernelOptions, so the variants compiled here are the ones its steps launch. Returns
+    the seconds each part took (the compiles, mostly), also logged at INFO: where an engine's start time goes."""
     kernels = KernelOptions() if kernels is None else kernels
+    cuda = torch.device(device).type == "cuda"
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        if cuda:
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+        seconds[name] = t1 - t0
+        t0 = t1
+
     gen = torch.Generator(device="cpu").manual_seed(0)
     cap = workspace.max_blocks * cfg.block_size - 2  # the longest sequence the engine (and its buffers) hold
     halves = [h for h in (n // 2, 550) if 2 * h + 1 <= cap]
@@ -69,17 +86,28 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
         for policy in ("magnitude", "streaming"):  # decode with the step's own selection
             slots.stored.clear()
             step(n, n + 1, sparse.replace(policy=policy), n, opts)
-    if torch.device(device).type == "cuda":
+    lap("prefill_decode")
+    if cuda:
         # the estimate's softmax compiles once per power of two of the key-block count: make every one from 16
         # blocks (1024 tokens) up to the engine's longest context (a 1-row softmax each)
         from cab_vllm.ops.coarsen import softmax_group
 
-        for p in _block_counts(workspace.max_blocks):
+        counts = _block_counts(workspace.max_blocks)
+        for p in counts:
             logits = torch.zeros(1, num_heads, 1, p, dtype=torch.float32, device=device)
             softmax_group(logits, p * cfg.block_size, num_kv_heads, cfg.block_size, q_block_offset=p - 1)
+        lap("softmax")
+        launches = 0
         if kernels.fused_select and fused_select_ok(cfg):
-            warm_fused_select(num_heads, num_kv_heads, head_size, dtype, device, cfg, workspace.max_blocks)
-        torch.cuda.synchronize(device)
+            launches = warm_fused_select(num_heads, num_kv_heads, head_size, dtype, device, cfg, workspace.max_blocks)
+        lap("fused_select")
+        more = (f", the estimate's softmax for {len(counts)} key-block counts {seconds['softmax']:.1f} s, the fused "
+                f"predictor ({launches} launches) {seconds['fused_select']:.1f} s")
+    else:
+        more = ""
+    logger.info("CAB warm-up (%d/%d heads, head dim %d, %s): prefill and decode paths %.1f s%s", num_heads,
+                num_kv_heads, head_size, str(dtype).replace("torch.", ""), seconds["prefill_decode"], more)
+    return seconds
 
 
 def warm_fused_select(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,

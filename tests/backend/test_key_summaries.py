@@ -3,6 +3,7 @@ its own key blocks, and selects and attends exactly as when it gathers and pools
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -312,9 +313,10 @@ def test_warm_up_makes_both_decode_launch_shapes(monkeypatch):
         assert dec.MODE_PROMPT in modes and modes & set(dec.SELECTED_MODES), (one, seen)
 
 
-def test_warm_up_compiles_the_engines_kernel_options(monkeypatch):
+def test_warm_up_compiles_the_engines_kernel_options(monkeypatch, caplog):
     """The engine's KernelOptions reach every decode launch of the warm-up (the variants it compiles are the ones
-    the engine's steps run), and the prefill selections get the fused predictor's choice."""
+    the engine's steps run), and the prefill selections get the fused predictor's choice; the time it took is
+    returned and logged."""
     import cab_vllm.backend.attention as attention
     import cab_vllm.ops.decode as dec
     from cab_vllm.backend.attention import DecodeWorkspace
@@ -328,9 +330,15 @@ def test_warm_up_compiles_the_engines_kernel_options(monkeypatch):
                         lambda *a, **kw: fused.append(kw.get("fused")) or real_sel(*a, **kw))
     opts = KernelOptions(fused_select=True, one_launch_rows=2)
     cfg = CABConfig()
-    warm_up_kernels(4, 2, 32, torch.float32, "cpu", cfg, DecodeWorkspace(4, 4, 2, 32, 64, "cpu"), kernels=opts)
+    with caplog.at_level(logging.INFO, logger="cab_vllm.backend.warmup"):
+        took = warm_up_kernels(4, 2, 32, torch.float32, "cpu", cfg, DecodeWorkspace(4, 4, 2, 32, 64, "cpu"),
+                               kernels=opts)
     assert seen and {kw["one_launch"] for kw in seen} == {True, False}  # a one-row step under limits 2 and 0
     assert fused and set(fused) == {True}
+    # where the start time goes, returned and logged (on CPU: no per-size Triton compiles to make)
+    assert set(took) == {"prefill_decode"} and took["prefill_decode"] > 0
+    assert any("CAB warm-up (4/2 heads, head dim 32, float32): prefill and decode paths" in r.getMessage()
+               for r in caplog.records)
 
 
 @pytest.mark.parametrize("block_size", [None, 32], ids=["unset", "bs32"])
