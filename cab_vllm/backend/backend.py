@@ -615,7 +615,8 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
 
     warm_up_kernels(impl.num_heads, impl.num_kv_heads, impl.head_size, query.dtype, query.device,
                     impl.settings.cfg, impl.workspace, page_size=_engine_page_size(impl._vcfg),
-                    summaries=impl.summaries, kernels=impl.settings.kernels)
+                    summaries=impl.summaries, kernels=impl.settings.kernels,
+                    dense_threshold=impl.settings.dense_threshold)
 
 
 def _engine_page_size(vcfg) -> int:

@@ -22,9 +22,12 @@ logger = logging.getLogger(__name__)
 
 def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
                     cfg: CABConfig, workspace: DecodeWorkspace, page_size: int = 16, n: int = 2048,
-                    summaries: KeySummaries | None = None, kernels: KernelOptions | None = None) -> dict[str, float]:
-    """kernels: the engine's KernelOptions, so the variants compiled here are the ones its steps launch. Returns
-    the seconds each part took (the compiles, mostly), also logged at INFO: where an engine's start time goes."""
+                    summaries: KeySummaries | None = None, kernels: KernelOptions | None = None,
+                    dense_threshold: int = 0) -> dict[str, float]:
+    """kernels: the engine's KernelOptions, so the variants compiled here are the ones its steps launch.
+    dense_threshold: the engine's (EngineSettings.dense_threshold): contexts below it run dense, so the per-row
+    kernels that compile per power of two of the key blocks are made only from its block count up. Returns the
+    seconds each part took (the compiles, mostly), also logged at INFO: where an engine's start time goes."""
     kernels = KernelOptions() if kernels is None else kernels
     cuda = torch.device(device).type == "cuda"
     seconds: dict[str, float] = {}
@@ -88,18 +91,21 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
             step(n, n + 1, sparse.replace(policy=policy), n, opts)
     lap("prefill_decode")
     if cuda:
-        # the estimate's softmax compiles once per power of two of the key-block count: make every one from 16
-        # blocks (1024 tokens) up to the engine's longest context (a 1-row softmax each)
+        # the estimate's softmax compiles once per power of two of the key-block count: make every one a sparse row
+        # can have, from the dense threshold's (16 blocks, 1024 tokens, at least) up to the engine's longest
+        # context (a 1-row softmax each; CUDA's default threshold, 16384 tokens, leaves 4 of 8 sizes at 128k)
         from cab_vllm.ops.coarsen import softmax_group
 
-        counts = _block_counts(workspace.max_blocks)
+        least = -(-dense_threshold // cfg.block_size)  # the fewest key blocks a sparse row can have
+        counts = _block_counts(workspace.max_blocks, least)
         for p in counts:
             logits = torch.zeros(1, num_heads, 1, p, dtype=torch.float32, device=device)
             softmax_group(logits, p * cfg.block_size, num_kv_heads, cfg.block_size, q_block_offset=p - 1)
         lap("softmax")
         launches = 0
         if kernels.fused_select and fused_select_ok(cfg):
-            launches = warm_fused_select(num_heads, num_kv_heads, head_size, dtype, device, cfg, workspace.max_blocks)
+            launches = warm_fused_select(num_heads, num_kv_heads, head_size, dtype, device, cfg, workspace.max_blocks,
+                                         least)
         lap("fused_select")
         more = (f", the estimate's softmax for {len(counts)} key-block counts {seconds['softmax']:.1f} s, the fused "
                 f"predictor ({launches} launches) {seconds['fused_select']:.1f} s")
@@ -111,13 +117,13 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
 
 
 def warm_fused_select(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
-                      cfg: CABConfig, max_blocks: int) -> int:
+                      cfg: CABConfig, max_blocks: int, least: int = 0) -> int:
     """Compile the fused predictor (ops.fused_select; KernelOptions.fused_select, CAB_FUSED_SELECT, on by default)
-    for every power of two of the key-block count (_block_counts), with and without exact rows (its compiled
-    variants). Returns the number of launches."""
+    for every power of two of the key-block count (_block_counts; from that of ``least`` blocks, the fewest a sparse
+    row has), with and without exact rows (its compiled variants). Returns the number of launches."""
     launches = 0
     q1 = torch.zeros(1, num_heads, cfg.block_size, head_size, dtype=dtype, device=device)
-    for p in _block_counts(max_blocks):
+    for p in _block_counts(max_blocks, least):
         summ = KeySummaries(1, num_kv_heads, p, head_size, cfg.estimator, dtype, device).data
         for ex in (None, torch.zeros(num_kv_heads, p, device=device)):
             estimate_select(q1, summ, p * cfg.block_size, torch.ones(1, dtype=torch.int32, device=device), 1,
@@ -126,12 +132,16 @@ def warm_fused_select(num_heads: int, num_kv_heads: int, head_size: int, dtype: 
     return launches
 
 
-def _block_counts(max_blocks: int) -> list[int]:
-    """The key-block counts whose power of two the per-row kernels compile for: 16 (1024 tokens) up to the
-    engine's longest context."""
+def _block_counts(max_blocks: int, least: int = 0) -> list[int]:
+    """The key-block counts whose power of two the per-row kernels compile for: from 16 (1024 tokens), or from the
+    power of two of ``least`` (the fewest key blocks a sparse row has, the dense threshold's), up to the engine's
+    longest context (none where no sparse row fits it)."""
     from cab_vllm.ops._triton import next_pow2
 
-    top, counts = next_pow2(max_blocks), [16]
-    while counts[-1] * 2 <= top:
-        counts.append(counts[-1] * 2)
-    return [p for p in counts if p <= top]
+    if least > max_blocks:
+        return []
+    top, p, counts = next_pow2(max_blocks), max(16, next_pow2(max(least, 1))), []
+    while p <= top:
+        counts.append(p)
+        p *= 2
+    return counts

@@ -352,11 +352,14 @@ def test_warm_up_uses_the_engines_page_size(block_size, monkeypatch):
     import cab_vllm.backend.warmup as warmup
 
     got = []
-    monkeypatch.setattr(warmup, "warm_up_kernels", lambda *a, **kw: got.append(kw["page_size"]))
+    monkeypatch.setattr(warmup, "warm_up_kernels",
+                        lambda *a, **kw: got.append((kw["page_size"], kw["dense_threshold"])))
     monkeypatch.setattr(backend, "_WARMED", set())
     monkeypatch.delenv("CAB_WARMUP", raising=False)
+    monkeypatch.setenv("CAB_DENSE_THRESHOLD", "4096")
     vcfg = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=block_size))
     impl = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_size=32, settings=backend.compat.engine_settings(),
                                  workspace=None, summaries=None, _vcfg=vcfg)
     backend._warm_up(impl, torch.zeros(1, 4, 32))
-    assert got == [block_size or 16]
+    # and the engine's dense threshold: the per-size kernels are made only for sizes a sparse row can have
+    assert got == [(block_size or 16, 4096)]

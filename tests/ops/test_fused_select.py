@@ -182,3 +182,11 @@ def test_warm_up_compiles_every_fused_variant(monkeypatch):
     # 40 blocks at most: rows of 33-40 blocks pad to 64
     assert n == 6 and sorted(seen) == [(p, e) for p in (16, 32, 64) for e in (False, True)]
     assert seen[0][0] * 64 == 1024  # 16 blocks: from 1024 tokens, as the softmax's warm-up
+    # with a dense threshold (CUDA's 16384 tokens = 256 blocks) the sizes no sparse row can have are not made
+    seen.clear()
+    assert warmup.warm_fused_select(4, 2, 32, torch.float32, _dev(), cfg, 40, least=33) == 2
+    assert sorted(seen) == [(64, False), (64, True)]
+    assert warmup._block_counts(2048, 256) == [256, 512, 1024, 2048]
+    assert warmup._block_counts(2048, 300) == [512, 1024, 2048]
+    assert warmup._block_counts(2048) == warmup._block_counts(2048, 16) == [16 << i for i in range(8)]
+    assert warmup._block_counts(300, 256) == [256, 512] and warmup._block_counts(200, 256) == []
