@@ -34,7 +34,8 @@ SCRATCH_BYTES = 128 << 20  # the logits held at once (fp32); a longer chunk's ro
 # twice (log-sum-exp, then probabilities) and a top-k launch over its scores: on the H200 (prefill_profile.py, 128k
 # in 16384-token chunks, one layer, bf16 products in both) the two kernels took 1.13 ms against 1.35 and the
 # selection 2.20 ms against 2.44 (benchmarks/results/profiles_h200_2026-12-02e/). The warm-up compiles one logits
-# kernel and one selection kernel per power of two of the key blocks and exact-rows flag.
+# kernel and one selection kernel per power of two of the key blocks a sparse row can have (from the engine's dense
+# threshold up) and exact-rows flag.
 
 if HAS_TRITON:
     import triton
