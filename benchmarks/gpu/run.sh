@@ -60,12 +60,19 @@ python3 - "$out" <<'PY'
 import json, glob, sys
 rows = []
 for f in sorted(glob.glob(sys.argv[1] + "/engine_*.jsonl")):
-    rows.append({"file": f.rsplit("/", 1)[-1][len("engine_"):-len(".jsonl")]})
+    tag = f.rsplit("/", 1)[-1][len("engine_"):-len(".jsonl")]
+    try:  # where CAB's engine start went: the warm-up's own line in the run's log (backend.warmup)
+        warm = next((l.strip() for l in open(f"{sys.argv[1]}/log_{tag}.txt") if "CAB warm-up" in l), None)
+    except OSError:
+        warm = None
+    rows.append({"file": tag, "warm": warm})
     for line in open(f):
         rows.append(json.loads(line))
 for r in rows:
     if "file" in r:
         print(f"== {r['file']}")
+        if r["warm"]:
+            print("   " + r["warm"][r["warm"].index("CAB warm-up"):])
         continue
     if "n" in r:
         ph = "  ".join(f"{k} {v:.3f} s" for k, v in r.get("per_prompt_s", {}).items())

@@ -26,7 +26,10 @@ row = dict(backend=sys.argv[sys.argv.index("--backend") + 1], sparsity=None, ini
 for key in ("fa_graph_splits", "block_size", "fa_version"):  # the engine settings, as engine_bench.py records them
     flag = "--" + key.replace("_", "-")
     row[key] = int(sys.argv[sys.argv.index(flag) + 1]) if flag in sys.argv else None
-open(out, "w").write(json.dumps(row) + "\\n")' "$@"
+open(out, "w").write(json.dumps(row) + "\\n")
+if row["backend"] == "CUSTOM":  # the engine core logs where its start went (backend.warmup)
+    print("(EngineCore pid=7) INFO 12-03 [warmup.py:99] CAB warm-up (4/2 heads, head dim 32, bfloat16): "
+          "prefill and decode paths 1.5 s")' "$@"
 fi
 exec "%(py)s" "$@"
 """
@@ -65,6 +68,12 @@ def test_each_run_gets_its_own_variables(tmp_path):
     assert "--sparsity" not in rows["engine_FLASH_ATTN_dense.jsonl"]["args"]
     assert "with CAB_FUSED_SELECT=1 CAB_GRAPH_BRANCHES=1" in p.stdout
     assert "== CUSTOM_0.95_CAB_GRAPH_BRANCHES-1_CAB_FUSED_SELECT-1" in p.stdout
+    # each CAB run's warm-up line from its log, under its heading; none for FLASH_ATTN
+    lines = p.stdout.splitlines()
+    warm = "   CAB warm-up (4/2 heads, head dim 32, bfloat16): prefill and decode paths 1.5 s"
+    assert lines.count(warm) == 2
+    assert lines[lines.index("== CUSTOM_0.95") + 1] == warm
+    assert lines[lines.index("== FLASH_ATTN_dense") + 1] != warm
 
 
 @pytest.mark.parametrize("runs, files, mine, env, given, printed", [
