@@ -2,7 +2,7 @@
 one GPU.
 
     python benchmarks/tune_prefill.py --n 32768 --sparsity 0 0.95 [--heads 4] [--warps 8 16] [--stages 2]
-        [--lazy 0 1] [--reverse 0 1]
+        [--lazy 0 1] [--reverse 0 1] [--tma 0 1]
 Prints ms and TFLOP/s per setting, FA2 (SDPA flash) timed in the same run.
 """
 
@@ -31,6 +31,8 @@ def main() -> None:
                     help="rescale the accumulator only when a row's maximum grows by more than 2**8 (launch option)")
     ap.add_argument("--reverse", type=int, nargs="+", default=[0], choices=[0, 1],
                     help="programs take the tiles last to first: longest selections first (launch option)")
+    ap.add_argument("--tma", type=int, nargs="+", default=[0], choices=[0, 1],
+                    help="key and value blocks as tensor-descriptor boxes (bulk copies; launch option)")
     a = ap.parse_args()
     n, hq, hkv, d = a.n, 32, 8, 128
     q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
@@ -46,17 +48,18 @@ def main() -> None:
         sel = cab_vllm.select_blocks(q, k, cab_vllm.CABConfig(sparsity=s, policy="random"))
         dens = sel.density()
         ref = cab_vllm.sparse_attention(q, k, v, sel)
-        for heads, warps, stages, lazy, rev in itertools.product(a.heads, a.warps, a.stages, a.lazy, a.reverse):
+        for heads, warps, stages, lazy, rev, tma in itertools.product(a.heads, a.warps, a.stages, a.lazy, a.reverse,
+                                                                      a.tma):
             prefill.LAUNCH_OVERRIDE.update(heads=heads, num_warps=warps, num_stages=stages, lazy_rescale=lazy,
-                                           reverse_tiles=rev)
-            tag = f"s={s} heads={heads} warps={warps} stages={stages} lazy={lazy} reverse={rev}"
+                                           reverse_tiles=rev, tma=tma)
+            tag = f"s={s} heads={heads} warps={warps} stages={stages} lazy={lazy} reverse={rev} tma={tma}"
             try:
                 out = cab_vllm.sparse_attention(q, k, v, sel)
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 ms = triton.testing.do_bench(lambda: cab_vllm.sparse_attention(q, k, v, sel), return_mode="median")
                 print(f"{tag}: {ms:.3f} ms "
                       f"{flops * dens / ms / 1e9:.0f} TFLOP/s err={err:.1e}", flush=True)
-            except (OutOfResources, RuntimeError) as e:  # an infeasible config is reported, not fatal
+            except (OutOfResources, RuntimeError, ValueError) as e:  # an infeasible config is reported, not fatal
                 print(f"{tag}: failed {type(e).__name__}: {str(e)[:80]}")
         prefill.LAUNCH_OVERRIDE.clear()
 

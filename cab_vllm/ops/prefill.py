@@ -22,9 +22,49 @@ if HAS_TRITON:
 
     from cab_vllm.ops._triton import paged_coords
 
-    # LAZY (a launch option, prefill.LAUNCH_OVERRIDE["lazy_rescale"]): how far (log2 units) a row's block maximum may
-    # pass its running maximum before the accumulator is rescaled
+    # _softmax_step's LAZY: how far (log2 units) a row's block maximum may pass its running maximum before the
+    # accumulator is rescaled
     LAZY_TAU = tl.constexpr(8.0)
+
+    @triton.jit
+    def _softmax_step(qk, m_i, l_i, acc, v_ptr, v_desc, page, slot, kvh, d, v_mask, stride_vpage, stride_vpos,
+                      stride_vh, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, LAZY: tl.constexpr, TMA: tl.constexpr):
+        """The online softmax over one key block's scores qk [R, BLOCK] (log2 units) and its values, loaded after
+        the probabilities (as the loop always did): rows (page, slot) [BLOCK] of the paged v_ptr under v_mask, or
+        (TMA) the box of v_desc at page, slot (scalars: the block's page and first slot). LAZY (a launch option, prefill.LAUNCH_OVERRIDE["lazy_rescale"]): the accumulator is
+        rescaled only when a row's block maximum passes its running maximum by more than LAZY_TAU; otherwise the
+        stale maximum stays (p <= 2**LAZY_TAU, exact after the final division; the rescale is skipped for the whole
+        tile in most steps). Returns (m_i, l_i, acc)."""
+        m_blk = tl.max(qk, 1)
+        if LAZY:
+            if tl.max((m_blk > m_i + LAZY_TAU).to(tl.int32), 0) > 0:
+                m_new = tl.maximum(m_i, m_blk)
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            p = tl.exp2(qk - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            if TMA:
+                v = v_desc.load([page, slot, kvh, 0]).reshape([BLOCK, BLOCK_D])
+            else:
+                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
+                            + d[None, :], mask=v_mask, other=0.0)
+            acc = acc + tl.dot(p.to(v.dtype), v)
+        else:
+            m_new = tl.maximum(m_i, m_blk)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if TMA:
+                v = v_desc.load([page, slot, kvh, 0]).reshape([BLOCK, BLOCK_D])
+            else:
+                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
+                            + d[None, :], mask=v_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return m_i, l_i, acc
 
     # the selection's strides follow its per-chunk width K: left unspecialized so K's value (1, a multiple of 16 or
     # not) does not decide which compile a chunk needs
@@ -33,7 +73,7 @@ if HAS_TRITON:
     # vLLM's JIT monitor saw this kernel compile on the first long request of every H200 engine run.
     @triton.jit(do_not_specialize=["stride_ti_t", "stride_ti_h", "stride_bt"])
     def _sparse_prefill_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr,
+        q_ptr, k_ptr, v_ptr, o_ptr, k_desc, v_desc,
         bt_ptr, qsl_ptr, seqlen_ptr,
         tseq_ptr, tqb_ptr, tidx_ptr, tcnt_ptr,
         scale_log2,
@@ -44,7 +84,7 @@ if HAS_TRITON:
         stride_bt, stride_ti_t, stride_ti_h, stride_tc_t,
         page_size, group,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr,
-        LAZY: tl.constexpr = False, REVERSE: tl.constexpr = False,
+        LAZY: tl.constexpr = False, REVERSE: tl.constexpr = False, TMA: tl.constexpr = False,
     ):
         # HEADS query heads of one GQA group share the program: the rows of the tile are (head, position)
         # pairs, so every selected key block is loaded once for all of them and the MMA is HEADS x taller.
@@ -75,7 +115,18 @@ if HAS_TRITON:
         acc = tl.zeros([HEADS * BLOCK, BLOCK_D], dtype=tl.float32)
         cnt = tl.load(tcnt_ptr + t * stride_tc_t + kvh)
         idx_base = tidx_ptr + t.to(tl.int64) * stride_ti_t + kvh * stride_ti_h
-        for i in range(0, cnt):
+        first = 0
+        if TMA:  # (a launch option) every selected block but the last, unmasked: one box of its page each for
+            # its keys and values through the bulk tensor copy engine (pages of a multiple of BLOCK tokens)
+            for i in range(0, cnt - 1):
+                pos0 = tl.load(idx_base + i) * BLOCK
+                page0 = tl.load(bt_ptr + s * stride_bt + pos0 // page_size)
+                slot0 = pos0 % page_size
+                k = k_desc.load([page0, slot0, kvh, 0]).reshape([BLOCK, BLOCK_D])
+                m_i, l_i, acc = _softmax_step(tl.dot(q, tl.trans(k)) * scale_log2, m_i, l_i, acc, None, v_desc,
+                                              page0, slot0, kvh, None, None, 0, 0, 0, BLOCK, BLOCK_D, LAZY, True)
+            first = tl.maximum(cnt - 1, 0)  # the last (the diagonal block, where masks apply) as below
+        for i in range(first, cnt):
             kb = tl.load(idx_base + i)
             kpos = kb * BLOCK + tl.arange(0, BLOCK)
             k_ok = kpos < seq_len
@@ -92,32 +143,8 @@ if HAS_TRITON:
             # others run without this branch (0.3-4% slower) paid on the H200 (BENCHMARKS.md, thirteenth run).
             if kb >= mb:
                 qk = tl.where(k_ok[None, :] & (kpos[None, :] <= rows[:, None]), qk, float("-inf"))
-            m_blk = tl.max(qk, 1)
-            if LAZY:
-                # rescale the accumulator only when a row's block maximum passes its running maximum by more than
-                # LAZY_TAU (log2 units); otherwise keep the stale maximum: p <= 2**LAZY_TAU, exact after the final
-                # division (the rescale is skipped for the whole tile in most steps)
-                if tl.max((m_blk > m_i + LAZY_TAU).to(tl.int32), 0) > 0:
-                    m_new = tl.maximum(m_i, m_blk)
-                    alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-                    l_i = l_i * alpha
-                    acc = acc * alpha[:, None]
-                    m_i = m_new
-                p = tl.exp2(qk - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-                l_i = l_i + tl.sum(p, 1)
-                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
-                            + d[None, :], mask=kv_mask, other=0.0)
-                acc = acc + tl.dot(p.to(v.dtype), v)
-            else:
-                m_new = tl.maximum(m_i, m_blk)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(qk - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
-                            + d[None, :], mask=kv_mask, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+            m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc, v_ptr, None, page, slot, kvh, d, kv_mask, stride_vpage,
+                                          stride_vpos, stride_vh, BLOCK, BLOCK_D, LAZY, False)
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_off = s * stride_os + tok * stride_ot + heads * stride_oh
         tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -243,6 +270,25 @@ def dense_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile
     return out
 
 
+def _tma_descriptors(key_cache: torch.Tensor, value_cache: torch.Tensor, block_size: int):
+    """The key and value caches [pages, page_size, Hkv, D] as tensor descriptors whose box is one key block of one
+    head, [1, block_size, 1, D] (the launch option LAUNCH_OVERRIDE["tma"]: a block is then one bulk copy). Needs
+    pages of a multiple of block_size tokens (vLLM's --block-size 64 with CAB's 64-token blocks), a power-of-two
+    head dim and 16-byte aligned strides (the copy engine's rule); anything else is refused by name."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    page, d = key_cache.shape[1], key_cache.shape[-1]
+    check(page % block_size == 0, f"tma needs pages of a multiple of {block_size} tokens, got {page}")
+    check(d == next_pow2(d) and d >= 16, f"tma needs a power-of-two head dim >= 16, got {d}")
+    descs = []
+    for c in (key_cache, value_cache):
+        size = c.element_size()
+        check(c.stride(-1) == 1 and all(st * size % 16 == 0 for st in c.stride()[:-1]) and c.data_ptr() % 16 == 0,
+              f"tma needs 16-byte aligned cache strides and base, got strides {tuple(c.stride())}")
+        descs.append(TensorDescriptor(c, list(c.shape), list(c.stride()), [1, block_size, 1, d]))
+    return descs
+
+
 def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_start_loc, seq_lens, tiles,
                            block_size, scale, q_strides, o_strides, num_q_heads):
     """Launch over T tiles x Hq heads. q_strides/o_strides = (per sequence, per token, per head): the address
@@ -268,8 +314,11 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     lazy, reverse = LAUNCH_OVERRIDE.get("lazy_rescale", 0), LAUNCH_OVERRIDE.get("reverse_tiles", 0)
     check(lazy in (0, 1), f"lazy_rescale must be 0 or 1, got {lazy!r}")
     check(reverse in (0, 1), f"reverse_tiles must be 0 or 1, got {reverse!r}")
+    k_desc = v_desc = None
+    if LAUNCH_OVERRIDE.get("tma", 0):
+        k_desc, v_desc = _tma_descriptors(key_cache, value_cache, block_size)
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
-        q, key_cache, value_cache, out,
+        q, key_cache, value_cache, out, k_desc, v_desc,
         block_table, query_start_loc, seq_lens,
         tiles.seq, tiles.qblock, idx, cnt,
         scale * 1.4426950408889634,
@@ -279,6 +328,6 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
         block_table.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
         key_cache.shape[1], group,
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size, HEADS=heads, LAZY=bool(lazy),
-        REVERSE=bool(reverse),
+        REVERSE=bool(reverse), TMA=k_desc is not None,
         num_warps=num_warps, num_stages=num_stages,
     )

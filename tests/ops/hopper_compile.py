@@ -5,7 +5,8 @@ is not constexpr, a shape the lowering refuses, too much shared memory) fails he
     python hopper_compile.py launches.json     (in a process without TRITON_INTERPRET)
 
 launches.json: [{"module": ..., "kernel": ..., "args": [["tensor", "bf16"] | ["int", 5] | ["float", 0.1] |
-["bool", true], ...], "constexprs": {...}, "num_warps": 4, "num_stages": 2}, ...]. Prints one line per launch
+["bool", true] | ["none"] | ["tensordesc", "bf16", [1, 64, 1, 128]], ...], "constexprs": {...}, "num_warps": 4,
+"num_stages": 2}, ...]. Prints one line per launch
 (with the registers per thread and spill stores ptxas reports) and exits non-zero when one fails."""
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import sys
 
 PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "int32": "*i32", "int64": "*i64", "int16": "*i16",
        "uint8": "*u8", "bool": "*i1"}
+
+
+def none_args(fn, args, constexprs) -> dict:
+    """The launch's None arguments (an unused optional input), which Triton compiles as constexpr None."""
+    names = [n for n in fn.arg_names if n not in constexprs]
+    return {n: None for n, (kind, *_) in zip(names, args) if kind == "none"}
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on an H100 / H200
 
 
@@ -26,8 +33,13 @@ def signature(fn, args, constexprs) -> dict:
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        kind, v = next(it)
-        if kind == "tensor":
+        kind, *rest = next(it)
+        v = rest[0] if rest else None
+        if kind == "none":
+            sig[name] = "constexpr"
+        elif kind == "tensordesc":  # a host tensor descriptor: element type and box
+            sig[name] = f"tensordesc<{PTR[v][1:]}[{','.join(str(b) for b in rest[1])}]>"
+        elif kind == "tensor":
             sig[name] = PTR[v]
         elif kind == "bool":
             sig[name] = "i1"
@@ -68,10 +80,10 @@ def main(path: str) -> int:
     failed = 0
     for job in json.load(open(path)):
         fn = getattr(importlib.import_module(job["module"]), job["kernel"])
-        cx = job["constexprs"]
-        label = f"{job['kernel']} {sorted(cx.items())}"
+        label = f"{job['kernel']} {sorted(job['constexprs'].items())}"
+        cx = {**job["constexprs"], **none_args(fn, job["args"], job["constexprs"])}
         try:
-            src = ASTSource(fn=fn, signature=signature(fn, job["args"], cx),
+            src = ASTSource(fn=fn, signature=signature(fn, job["args"], job["constexprs"]),
                             constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
             opts = {"num_warps": job.get("num_warps", 4)}
             if job.get("num_stages") is not None:

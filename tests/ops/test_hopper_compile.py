@@ -40,7 +40,11 @@ class Capture:
         def launch(*args, **kw):
             enc = []
             for a in args:
-                if isinstance(a, torch.Tensor):
+                if a is None:
+                    enc.append(["none"])
+                elif hasattr(a, "block_shape") and hasattr(a, "base"):  # a host tensor descriptor
+                    enc.append(["tensordesc", str(a.base.dtype).replace("torch.", ""), list(a.block_shape)])
+                elif isinstance(a, torch.Tensor):
                     enc.append(["tensor", str(a.dtype).replace("torch.", "")])
                 elif isinstance(a, bool):
                     enc.append(["bool", a])
@@ -192,10 +196,25 @@ def test_prefill_path_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert pool and soft and sparse
     assert {x["constexprs"]["PAGED"] for x in pool} == {True, False}  # keys from the paged cache, queries not
     assert {x["constexprs"]["SIGN_SPLIT"] for x in pool} == {True, False}  # the bounds' query features, key bounds
-    assert {(x["constexprs"]["LAZY"], x["constexprs"]["REVERSE"]) for x in sparse} == {(False, False)}
-    # the tuning sweep's launch options (prefill.LAUNCH_OVERRIDE: lazy_rescale, reverse_tiles) compile too
+    assert {tuple(x["constexprs"][c] for c in ("LAZY", "REVERSE", "TMA")) for x in sparse} == {(False,) * 3}
+    # the tuning sweep's launch options (prefill.LAUNCH_OVERRIDE: lazy_rescale, reverse_tiles, tma) compile too;
+    # tma over 64-token pages (its keys and values as tensor descriptors)
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "tma", 1)
+    kc64, vc64 = (torch.randn(-(-n // 64) + 1, 64, hkv, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    bt64 = (1 + torch.arange(-(-n // 64), dtype=torch.int32))[None]
+    run_prefill(q[a:], kc64, vc64, bt64, torch.tensor([0, n - a], dtype=torch.int32),
+                torch.tensor([n], dtype=torch.int32), [sel], 64, d ** -0.5, out, "triton")
+    tma = sparse[-1:]
+    assert tma[0]["constexprs"]["TMA"] and [a for a in tma[0]["args"] if a[0] == "tensordesc"] == [
+        ["tensordesc", "bfloat16", [1, 64, 1, d]]] * 2
+
+    def box128(launches):
+        return [{**x, "args": [["tensordesc", a[1], [1, 64, 1, 128]] if a[0] == "tensordesc" else a
+                               for a in x["args"]]} for x in launches]
+
     big = (_scaled(pool, HEAD_DIM=128, BLOCK_D=128) + _scaled(soft, COLS=2048)
-           + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128)
-           + _scaled(sparse, HEAD_DIM=128, BLOCK_D=128, LAZY=True, REVERSE=True))
+           + _scaled(sparse[:-1], HEAD_DIM=128, BLOCK_D=128)
+           + _scaled(sparse[:-1], HEAD_DIM=128, BLOCK_D=128, LAZY=True, REVERSE=True)
+           + box128(_scaled(tma, HEAD_DIM=128, BLOCK_D=128)) + box128(_scaled(tma, HEAD_DIM=128, BLOCK_D=128, LAZY=True)))
     out = _compile(tmp_path, pool + soft + sparse + big)
     assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in pool + soft + sparse + big})

@@ -339,3 +339,55 @@ def test_launch_options_give_the_same_attention(hq, hkv, d, bs, page, layout, dt
         with pytest.raises(ValueError, match=f"{key} must be 0 or 1"):
             paged_sparse_prefill(*args, tiles, bs, impl="triton")
         monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, key, 0)
+
+
+TMA_CASES = [
+    pytest.param(7, 1, 64, 64, 64, "head_major", torch.float32, id="g7-d64-bs64-page64-headmajor-fp32"),
+    pytest.param(4, 1, 64, 16, 64, "plain", torch.float32, id="g4-d64-bs16-page64-plain-fp32"),
+    pytest.param(8, 2, 128, 64, 128, "kv_pair", torch.float16, id="g4-d128-bs64-page128-kvpair-fp16"),
+    pytest.param(8, 2, 128, 64, 64, "kv_interleaved", torch.bfloat16, id="g4-d128-bs64-page64-kvinterleaved-bf16"),
+]
+
+
+@pytest.mark.parametrize("lazy", [0, 1])
+@pytest.mark.parametrize("hq,hkv,d,bs,page,layout,dtype", TMA_CASES)
+def test_tma_launch_option_gives_the_same_attention(hq, hkv, d, bs, page, layout, dtype, lazy, device, monkeypatch):
+    """tma=1 (a launch option for the tuning sweep: every selected block but a tile's last loaded as one tensor-
+    descriptor box of its page, pages of a multiple of the block): random selections (empty ones, selections
+    without the diagonal block) and the diagonal patterns equal the float64 oracle, over caches whose unused slots
+    are NaN (the last block, the only one that can hold them, goes through the masked path); pages of other sizes
+    and non-power-of-two head dims are refused by name."""
+    import cab_vllm.ops.prefill as prefill
+
+    skip_if_interpreted_bf16_dot(dtype)
+    specs = [(200, 200), (97, 40), (130, 70), (63, 63), (150, 1), (1, 1), (333, 333)]
+    batch = make_varlen_batch(specs, hq, hkv, d, dtype, seed=21, device=device)
+    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout=layout, seed=22)
+    scale = 1.0 / math.sqrt(d)
+    args = (batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"])
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "tma", 1)
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "lazy_rescale", lazy)
+    for tiles, rows in (random_tiles(specs, hkv, bs, kmax=6, seed=23, device=device),
+                        diagonal_tiles(specs, hkv, bs, device)):
+        got = paged_sparse_prefill(*args, tiles, bs, impl="triton")
+        assert not got.isnan().any(), "a NaN slot was read"
+        oracle = prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)
+        base = same_dtype_error(batch, specs, tiles, rows, bs, scale, hq, oracle)
+        assert rel_err(got, oracle) <= 2 * base + KERNEL_FP32_TOL
+    kc16, vc16, bt16 = make_paged_cache(batch["k"], batch["v"], 16 if bs > 16 else 8, layout=layout, seed=22)
+    with pytest.raises(ValueError, match="tma needs pages of a multiple"):
+        paged_sparse_prefill(batch["q_packed"], kc16, vc16, bt16, batch["query_start_loc"], batch["seq_lens"], tiles,
+                             bs, impl="triton")
+
+
+def test_tma_launch_option_refuses_an_odd_head_dim(device, monkeypatch):
+    import cab_vllm.ops.prefill as prefill
+
+    specs = [(130, 130)]
+    batch = make_varlen_batch(specs, 4, 2, 80, torch.float32, seed=3, device=device)
+    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], 64, seed=4)
+    tiles, _ = diagonal_tiles(specs, 2, 64, device)
+    monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "tma", 1)
+    with pytest.raises(ValueError, match="tma needs a power-of-two head dim"):
+        paged_sparse_prefill(batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], tiles, 64,
+                             impl="triton")
