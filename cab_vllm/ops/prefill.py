@@ -27,11 +27,23 @@ if HAS_TRITON:
     LAZY_TAU = tl.constexpr(8.0)
 
     @triton.jit
+    def _load_v(v_ptr, v_desc, page, slot, kvh, d, v_mask, stride_vpage, stride_vpos, stride_vh,
+                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+        """One key block's values [BLOCK, BLOCK_D]: rows (page, slot) of the paged v_ptr under v_mask, or (TMA) the
+        box of v_desc at (page, slot) (scalars: the block's page and first slot)."""
+        if TMA:
+            v = v_desc.load([page, slot, kvh, 0]).reshape([BLOCK, BLOCK_D])
+        else:
+            v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
+                        mask=v_mask, other=0.0)
+        return v
+
+    @triton.jit
     def _softmax_step(qk, m_i, l_i, acc, v_ptr, v_desc, page, slot, kvh, d, v_mask, stride_vpage, stride_vpos,
                       stride_vh, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, LAZY: tl.constexpr, TMA: tl.constexpr):
         """The online softmax over one key block's scores qk [R, BLOCK] (log2 units) and its values, loaded after
-        the probabilities (as the loop always did): rows (page, slot) [BLOCK] of the paged v_ptr under v_mask, or
-        (TMA) the box of v_desc at page, slot (scalars: the block's page and first slot). LAZY (a launch option, prefill.LAUNCH_OVERRIDE["lazy_rescale"]): the accumulator is
+        the probabilities (as the loop always did; _load_v). LAZY (a launch option,
+        prefill.LAUNCH_OVERRIDE["lazy_rescale"]): the accumulator is
         rescaled only when a row's block maximum passes its running maximum by more than LAZY_TAU; otherwise the
         stale maximum stays (p <= 2**LAZY_TAU, exact after the final division; the rescale is skipped for the whole
         tile in most steps). Returns (m_i, l_i, acc)."""
@@ -45,11 +57,8 @@ if HAS_TRITON:
                 m_i = m_new
             p = tl.exp2(qk - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
             l_i = l_i + tl.sum(p, 1)
-            if TMA:
-                v = v_desc.load([page, slot, kvh, 0]).reshape([BLOCK, BLOCK_D])
-            else:
-                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
-                            + d[None, :], mask=v_mask, other=0.0)
+            v = _load_v(v_ptr, v_desc, page, slot, kvh, d, v_mask, stride_vpage, stride_vpos, stride_vh, BLOCK,
+                        BLOCK_D, TMA)
             acc = acc + tl.dot(p.to(v.dtype), v)
         else:
             m_new = tl.maximum(m_i, m_blk)
@@ -57,11 +66,8 @@ if HAS_TRITON:
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(qk - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if TMA:
-                v = v_desc.load([page, slot, kvh, 0]).reshape([BLOCK, BLOCK_D])
-            else:
-                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
-                            + d[None, :], mask=v_mask, other=0.0)
+            v = _load_v(v_ptr, v_desc, page, slot, kvh, d, v_mask, stride_vpage, stride_vpos, stride_vh, BLOCK,
+                        BLOCK_D, TMA)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         return m_i, l_i, acc
@@ -120,7 +126,7 @@ if HAS_TRITON:
             # its keys and values through the bulk tensor copy engine (pages of a multiple of BLOCK tokens)
             for i in range(0, cnt - 1):
                 pos0 = tl.load(idx_base + i) * BLOCK
-                page0 = tl.load(bt_ptr + s * stride_bt + pos0 // page_size)
+                page0 = tl.load(bt_ptr + s * stride_bt + pos0 // page_size)  # int32, as the box coordinates must
                 slot0 = pos0 % page_size
                 k = k_desc.load([page0, slot0, kvh, 0]).reshape([BLOCK, BLOCK_D])
                 m_i, l_i, acc = _softmax_step(tl.dot(q, tl.trans(k)) * scale_log2, m_i, l_i, acc, None, v_desc,
@@ -311,12 +317,10 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     # 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
     num_warps = LAUNCH_OVERRIDE.get("num_warps") or (16 if rows >= 256 else 4)
     num_stages = LAUNCH_OVERRIDE.get("num_stages") or {64: 3, 128: 1}.get(rows, 2)
-    lazy, reverse = LAUNCH_OVERRIDE.get("lazy_rescale", 0), LAUNCH_OVERRIDE.get("reverse_tiles", 0)
-    check(lazy in (0, 1), f"lazy_rescale must be 0 or 1, got {lazy!r}")
-    check(reverse in (0, 1), f"reverse_tiles must be 0 or 1, got {reverse!r}")
-    k_desc = v_desc = None
-    if LAUNCH_OVERRIDE.get("tma", 0):
-        k_desc, v_desc = _tma_descriptors(key_cache, value_cache, block_size)
+    lazy, reverse, tma = (LAUNCH_OVERRIDE.get(name, 0) for name in ("lazy_rescale", "reverse_tiles", "tma"))
+    for name, value in (("lazy_rescale", lazy), ("reverse_tiles", reverse), ("tma", tma)):
+        check(value in (0, 1), f"{name} must be 0 or 1, got {value!r}")
+    k_desc, v_desc = _tma_descriptors(key_cache, value_cache, block_size) if tma else (None, None)
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out, k_desc, v_desc,
         block_table, query_start_loc, seq_lens,

@@ -334,7 +334,7 @@ def test_launch_options_give_the_same_attention(hq, hkv, d, bs, page, layout, dt
         oracle = prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)
         base = same_dtype_error(batch, specs, tiles, rows, bs, scale, hq, oracle)
         assert rel_err(got, oracle) <= 2 * base + KERNEL_FP32_TOL
-    for key, bad in (("lazy_rescale", 2), ("reverse_tiles", -1)):
+    for key, bad in (("lazy_rescale", 2), ("reverse_tiles", -1), ("tma", 2)):
         monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, key, bad)
         with pytest.raises(ValueError, match=f"{key} must be 0 or 1"):
             paged_sparse_prefill(*args, tiles, bs, impl="triton")
