@@ -245,7 +245,8 @@ def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = Fa
     return out
 
 
-POOL_WARPS = 4  # warps per pooling program (one block of one head); benchmarks/gpu/prefill_profile.py --pool-warps
+POOL_WARPS = 2  # warps per pooling program (one block of one head): 2 pooled at 128k in 0.50 ms against 0.66 with 4
+# and 1.08 with 8 (H200, benchmarks/gpu/prefill_profile.py --pool-warps)
 
 
 def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, mean=None, lo=None, hi=None,
