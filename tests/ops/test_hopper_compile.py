@@ -196,7 +196,8 @@ def test_prefill_path_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert pool and soft and sparse
     assert {x["constexprs"]["PAGED"] for x in pool} == {True, False}  # keys from the paged cache, queries not
     assert {x["constexprs"]["SIGN_SPLIT"] for x in pool} == {True, False}  # the bounds' query features, key bounds
-    assert {tuple(x["constexprs"][c] for c in ("LAZY", "REVERSE", "TMA")) for x in sparse} == {(False,) * 3}
+    # the default launch: tiles last to first (reverse_tiles), no lazy rescale, no tensor descriptors
+    assert {tuple(x["constexprs"][c] for c in ("LAZY", "REVERSE", "TMA")) for x in sparse} == {(False, True, False)}
     # the tuning sweep's launch options (prefill.LAUNCH_OVERRIDE: lazy_rescale, reverse_tiles, tma) compile too;
     # tma over 64-token pages (its keys and values as tensor descriptors)
     monkeypatch.setitem(prefill.LAUNCH_OVERRIDE, "tma", 1)
@@ -214,7 +215,7 @@ def test_prefill_path_kernels_compile_for_hopper(tmp_path, monkeypatch):
 
     big = (_scaled(pool, HEAD_DIM=128, BLOCK_D=128) + _scaled(soft, COLS=2048)
            + _scaled(sparse[:-1], HEAD_DIM=128, BLOCK_D=128)
-           + _scaled(sparse[:-1], HEAD_DIM=128, BLOCK_D=128, LAZY=True, REVERSE=True)
+           + _scaled(sparse[:-1], HEAD_DIM=128, BLOCK_D=128, LAZY=True, REVERSE=False)
            + box128(_scaled(tma, HEAD_DIM=128, BLOCK_D=128)) + box128(_scaled(tma, HEAD_DIM=128, BLOCK_D=128, LAZY=True)))
     out = _compile(tmp_path, pool + soft + sparse + big)
     assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in pool + soft + sparse + big})
