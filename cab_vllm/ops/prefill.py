@@ -317,7 +317,8 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     # 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
     num_warps = LAUNCH_OVERRIDE.get("num_warps") or (16 if rows >= 256 else 4)
     num_stages = LAUNCH_OVERRIDE.get("num_stages") or {64: 3, 128: 1}.get(rows, 2)
-    # reverse_tiles is on by default: -1.8% at 95% and 128k in 16k chunks, 2.5% in one launch (H200, BENCHMARKS.md);
+    # reverse_tiles is on by default: -1.8% at 95% and 128k in 16k chunks, -2.5% in one launch, level (+0.7%) at 99%
+    # (H200, BENCHMARKS.md);
     # lazy_rescale and tma lost there (+8%, +1-4%) and stay off
     lazy, reverse, tma = (LAUNCH_OVERRIDE.get(name, dflt) for name, dflt in
                           (("lazy_rescale", 0), ("reverse_tiles", 1), ("tma", 0)))
