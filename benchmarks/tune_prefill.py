@@ -27,13 +27,13 @@ def main() -> None:
     ap.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
-    # the launch options' defaults are the kernel's (prefill._sparse_prefill_launch): tiles last to first on, the
-    # other two off (both lost on an H200 at 128k: BENCHMARKS.md, fifteenth run)
-    ap.add_argument("--lazy", type=int, nargs="+", default=[0], choices=[0, 1],
+    # the launch options' defaults are the kernel's (prefill.LAUNCH_OPTIONS)
+    dflt = prefill.LAUNCH_OPTIONS
+    ap.add_argument("--lazy", type=int, nargs="+", default=[dflt["lazy_rescale"]], choices=[0, 1],
                     help="rescale the accumulator only when a row's maximum grows by more than 2**8 (launch option)")
-    ap.add_argument("--reverse", type=int, nargs="+", default=[1], choices=[0, 1],
+    ap.add_argument("--reverse", type=int, nargs="+", default=[dflt["reverse_tiles"]], choices=[0, 1],
                     help="programs take the tiles last to first: longest selections first (launch option)")
-    ap.add_argument("--tma", type=int, nargs="+", default=[0], choices=[0, 1],
+    ap.add_argument("--tma", type=int, nargs="+", default=[dflt["tma"]], choices=[0, 1],
                     help="key and value blocks as tensor-descriptor boxes (bulk copies; launch option)")
     a = ap.parse_args()
     n, hq, hkv, d = a.n, 32, 8, 128

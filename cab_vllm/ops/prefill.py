@@ -243,8 +243,13 @@ def paged_sparse_prefill(
     return out
 
 
-# benchmarks/tune_prefill.py sets these to sweep launch parameters (heads, num_warps, num_stages); empty in normal use
+# benchmarks/tune_prefill.py sets these to sweep launch parameters (heads, num_warps, num_stages and the options
+# below); empty in normal use
 LAUNCH_OVERRIDE: dict[str, int] = {}
+# the launch options (0/1) and their defaults, measured on an H200 at 128k (BENCHMARKS.md, fifteenth run):
+# reverse_tiles -1.8% at 95% in 16k chunks, -2.5% in one launch, level (+0.7%) at 99%: on; lazy_rescale (+8-11%) and
+# tma (+1-4%) lost: off
+LAUNCH_OPTIONS: dict[str, int] = {"lazy_rescale": 0, "reverse_tiles": 1, "tma": 0}
 
 
 def heads_per_program(group: int, block_size: int, head_dim: int, elem_size: int = 2) -> int:
@@ -317,13 +322,10 @@ def _sparse_prefill_launch(q, key_cache, value_cache, out, block_table, query_st
     # 128 rows: 4 warps, 1 stage; 64 rows: 4 warps, 3 stages
     num_warps = LAUNCH_OVERRIDE.get("num_warps") or (16 if rows >= 256 else 4)
     num_stages = LAUNCH_OVERRIDE.get("num_stages") or {64: 3, 128: 1}.get(rows, 2)
-    # reverse_tiles is on by default: -1.8% at 95% and 128k in 16k chunks, -2.5% in one launch, level (+0.7%) at 99%
-    # (H200, BENCHMARKS.md);
-    # lazy_rescale and tma lost there (+8%, +1-4%) and stay off
-    lazy, reverse, tma = (LAUNCH_OVERRIDE.get(name, dflt) for name, dflt in
-                          (("lazy_rescale", 0), ("reverse_tiles", 1), ("tma", 0)))
-    for name, value in (("lazy_rescale", lazy), ("reverse_tiles", reverse), ("tma", tma)):
+    opts = {name: LAUNCH_OVERRIDE.get(name, default) for name, default in LAUNCH_OPTIONS.items()}
+    for name, value in opts.items():
         check(value in (0, 1), f"{name} must be 0 or 1, got {value!r}")
+    lazy, reverse, tma = opts["lazy_rescale"], opts["reverse_tiles"], opts["tma"]
     k_desc, v_desc = _tma_descriptors(key_cache, value_cache, block_size) if tma else (None, None)
     _sparse_prefill_kernel[(ntiles, num_q_heads // heads)](
         q, key_cache, value_cache, out, k_desc, v_desc,
