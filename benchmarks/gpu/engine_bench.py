@@ -27,7 +27,13 @@ counts the steps that also prefill the others' chunks.
 --profile-prompt N: one request of an N-token prompt and one output token (its TTFT), profiled on the host and
 the GPU: the host time, where the GPU work starts and ends in it, the GPU busy time, and the host operations by
 self time (what a backend adds per request shows as extra host time and operations; in the summary line as
-prompt_profile, printed as HOST lines)."""
+prompt_profile, printed as HOST lines).
+
+--host-phases N: --host-reps requests of an N-token prompt and one output token, with the engine's host steps
+(HOST_PHASES: admission, scheduling, input preparation, the attention metadata builders and forwards, sampling,
+output processing) wrapped in wall-clock timers: per step the calls, the time and where it starts and ends in the
+request (medians; in the summary line as host_phases, printed as PHASE lines). Two runs' tables side by side say
+which step a backend lengthens; the timers cost ~1 us per call in both."""
 
 from __future__ import annotations
 
@@ -109,6 +115,101 @@ class PhaseTimer:
         for name, start, end in self.events:
             out[name] = out.get(name, 0.0) + start.elapsed_time(end) / 1e3
         return out
+
+
+# (module, Class.method): a request's way through the engine on the host, in CUDA vLLM 0.26's V1 layout
+# (--host-phases); a name another vLLM lacks is reported as missing, not timed
+HOST_PHASES = (
+    ("vllm.entrypoints.offline_utils", "OfflineInferenceMixin._add_completion_requests"),
+    ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.add_request"),
+    ("vllm.entrypoints.offline_utils", "OfflineInferenceMixin._run_engine"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.step"),
+    ("vllm.v1.engine.core_client", "InprocClient.get_output"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._build_attention_metadata"),
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionMetadataBuilder.build"),
+    ("cab_vllm.backend.backend", "CABMetadataBuilder.build"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward"),
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.forward"),
+    ("cab_vllm.backend.backend", "CABImpl.forward"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._bookkeeping_sync"),
+    ("vllm.v1.worker.gpu_model_runner", "AsyncGPUModelRunnerOutput.get_output"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output"),
+    ("vllm.v1.engine.output_processor", "OutputProcessor.process_outputs"),
+)
+
+
+class HostPhases:
+    """Wall-clock timing of the methods in ``phases`` (HOST_PHASES) by wrapping them on their classes: each call's
+    (name, start, end) in perf_counter seconds. Wrap after the engine is made (the plugin's own wrappers on the
+    InputProcessor then run inside the timed call) and rebind ``rebind``'s bound attributes (the engine core keeps
+    its step function bound). What a backend adds on the host per request shows as the difference of two runs'
+    ``summary`` (host_phase_summary)."""
+
+    def __init__(self, phases=HOST_PHASES) -> None:
+        import importlib
+
+        self.calls: list = []
+        self.missing: list = []
+        self._undo: list = []
+        for mod_name, qual in phases:
+            cls_name, meth = qual.split(".")
+            try:
+                cls = getattr(importlib.import_module(mod_name), cls_name)
+                fn = cls.__dict__[meth]
+            except (ImportError, AttributeError, KeyError):
+                self.missing.append(qual)
+                continue
+
+            def timed(*args, _fn=fn, _name=qual, **kw):
+                t = time.perf_counter()
+                try:
+                    return _fn(*args, **kw)
+                finally:
+                    self.calls.append((_name, t, time.perf_counter()))
+
+            setattr(cls, meth, timed)
+            self._undo.append((cls, meth, fn))
+
+    def restore(self) -> None:
+        for cls, meth, fn in reversed(self._undo):
+            setattr(cls, meth, fn)
+        self._undo.clear()
+
+
+def host_phase_summary(windows: list, calls: list) -> dict:
+    """Per phase name, the median over requests of: calls per request, total time (ms), and where its first call
+    starts and its last call ends (ms after the request's start). ``windows``: [(t_start, t_end)] of each request
+    (perf_counter seconds); ``calls``: [(name, start, end)]; a call belongs to the window holding its start. Also
+    the requests' median wall time (ms). A phase seen in no window is left out."""
+    if not windows:
+        raise ValueError("no requests to summarise")
+    per: dict = {}
+    for i, (w0, w1) in enumerate(windows):
+        for name, a, b in calls:
+            if w0 <= a < w1:
+                d = per.setdefault(name, {}).setdefault(i, [0, 0.0, a, b])
+                d[0] += 1
+                d[1] += b - a
+                d[2], d[3] = min(d[2], a), max(d[3], b)
+    out = {"requests": len(windows),
+           "wall_ms": round(statistics.median((w1 - w0) * 1e3 for w0, w1 in windows), 3), "phases": {}}
+    for name, by_req in per.items():
+        vals = [by_req.get(i) for i in range(len(windows))]
+        got = [(v, windows[i][0]) for i, v in enumerate(vals) if v is not None]
+        out["phases"][name] = {
+            "calls": statistics.median(v[0] if v else 0 for v in vals),
+            "total_ms": round(statistics.median(v[1] * 1e3 if v else 0.0 for v in vals), 3),
+            "first_ms": round(statistics.median((v[2] - w0) * 1e3 for v, w0 in got), 3),
+            "last_ms": round(statistics.median((v[3] - w0) * 1e3 for v, w0 in got), 3),
+        }
+    return out
 
 
 def decode_breakdown(prefill_only: list, with_decode: list, steps: int, top: int = 25) -> dict:
@@ -301,6 +402,10 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled (--profile-decode)")
     ap.add_argument("--profile-prompt", type=int, default=None, metavar="N",
                     help="after the runs, the host and GPU timeline of one N-token request's first token")
+    ap.add_argument("--host-phases", type=int, default=None, metavar="N",
+                    help="after the runs, --host-reps requests of an N-token prompt and one output token with the "
+                    "engine's host steps timed (HOST_PHASES; tensor parallel 1): where a backend's host time goes")
+    ap.add_argument("--host-reps", type=int, default=16, help="requests timed (--host-phases)")
     ap.add_argument("--fa-graph-splits", type=int, default=None, metavar="N",
                     help="vLLM's attention_config.flash_attn_max_num_splits_for_cuda_graph (32 by default): the "
                     "splits FlashAttention's decode graphs are captured for (with CUSTOM: CAB's FlashAttention rows)")
@@ -326,6 +431,8 @@ def main() -> None:
         ap.error("--profile-decode needs --tp 1, N >= 1 and --profile-steps >= 1")
     if a.profile_prompt is not None and (a.tp != 1 or a.profile_prompt < 1):
         ap.error("--profile-prompt needs --tp 1 and N >= 1")
+    if a.host_phases is not None and (a.tp != 1 or a.host_phases < 1 or a.host_reps < 1):
+        ap.error("--host-phases needs --tp 1, N >= 1 and --host-reps >= 1")
     if a.sparsity is not None:
         os.environ["CAB_SPARSITY"] = str(a.sparsity)
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if a.runner == "v2" else "0"
@@ -452,6 +559,26 @@ def main() -> None:
               f"{prof['kernels']} kernels", flush=True)
         for name, calls, us in prof["ops"]:
             print(f"HOST {us:9.1f} us {calls:6d} calls  {name[:110]}", flush=True)
+    if a.host_phases is not None:
+        ids = [random.Random(13 + r).randrange(100, 40000) for r in range(a.host_phases)]
+        gen(ids, 1)
+        gen(ids, 1)  # warm for this length
+        timer = HostPhases()
+        windows = []
+        try:
+            for _ in range(a.host_reps):
+                t = time.perf_counter()
+                gen(ids, 1)
+                windows.append((t, time.perf_counter()))
+        finally:
+            timer.restore()
+        hp = dict(n=a.host_phases, missing=timer.missing, **host_phase_summary(windows, timer.calls))
+        summary["host_phases"] = hp
+        print(f"PHASE n={hp['n']} {hp['requests']} requests, wall {hp['wall_ms']} ms (median); not in this vLLM: "
+              f"{', '.join(hp['missing']) or 'none'}", flush=True)
+        for name, v in sorted(hp["phases"].items(), key=lambda kv: kv[1]["first_ms"]):
+            print(f"PHASE {v['first_ms']:9.3f} -> {v['last_ms']:9.3f} ms  {v['total_ms']:8.3f} ms in {v['calls']:5g} "
+                  f"calls  {name}", flush=True)
     print("SUM", json.dumps(summary), flush=True)
     with open(a.out, "w") as f:
         for r in rows:

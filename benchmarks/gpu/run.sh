@@ -14,6 +14,8 @@
 #                                           decoding (engine_bench.py --steady-decode; STEADY lines, steady_decode)
 #   PROFILE_PROMPT=512 bash benchmarks/gpu/run.sh ... also the host and GPU timeline of one 512-token request's
 #                                           first token (HOST lines; prompt_profile in the summary line)
+#   HOST_PHASES=512 bash benchmarks/gpu/run.sh ... also the engine's host steps of 16 512-token requests of one
+#                                           token, timed (PHASE lines; host_phases in the summary line)
 #   ... "CUSTOM:0.95 CUSTOM:0.95@CAB_GRAPH_BRANCHES=1,CAB_FUSED_SELECT=1" a run with CAB_* variables of its own
 #                                           (after @, comma separated; in its file names and summary line)
 #   ... "CUSTOM:0.95@FA_GRAPH_SPLITS=8"     vLLM's flash_attn_max_num_splits_for_cuda_graph for that run (may sit
@@ -52,6 +54,7 @@ for r in $runs; do
   args+=("${engine[@]}")
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")
   [ -n "${PROFILE_PROMPT:-}" ] && args+=(--profile-prompt "$PROFILE_PROMPT")
+  [ -n "${HOST_PHASES:-}" ] && args+=(--host-phases "$HOST_PHASES")
   [ "${STEADY:-}" = 1 ] && args+=(--steady-decode)
   env "${extra[@]}" python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 \
     || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }
@@ -92,6 +95,11 @@ for r in rows:
         if p:
             print(f"{r['backend']:10} sp={r['sparsity']} decode step at n={p['n']}: GPU {p['gpu_us_per_step']} us, span {p['span_us_per_step']} us; top: "
                   + "; ".join(f"{k[0][:40]} {k[2]} us x{k[1]}" for k in p["kernels"][:4]))
+        hp = r.get("host_phases")
+        if hp:
+            top = sorted(hp["phases"].items(), key=lambda kv: -kv[1]["total_ms"])[:6]
+            print(f"{r['backend']:10} sp={r['sparsity']} host steps of a {hp['n']}-token request: wall {hp['wall_ms']} ms; "
+                  + "; ".join(f"{k.split('.')[-1]} {v['total_ms']} ms" for k, v in top))
         h = r.get("prompt_profile")
         if h:
             print(f"{r['backend']:10} sp={r['sparsity']} one {h['n']}-token request: host {h['host_us']} us "

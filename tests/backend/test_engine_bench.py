@@ -68,6 +68,40 @@ def test_host_breakdown_places_the_gpu_work_in_the_host_span(bench):
         bench.host_breakdown([], gpu)
 
 
+def test_host_phase_summary_takes_medians_per_request(bench):
+    windows = [(0.0, 0.010), (1.0, 1.012), (2.0, 2.014)]
+    calls = [("A.step", 0.001, 0.003), ("A.step", 0.004, 0.005), ("B.build", 0.002, 0.0025),  # request 0
+             ("A.step", 1.002, 1.006), ("B.build", 1.003, 1.004),  # request 1
+             ("A.step", 2.001, 2.002), ("A.step", 2.003, 2.011),  # request 2 (no build)
+             ("A.step", 3.0, 3.1)]  # in no window
+    r = bench.host_phase_summary(windows, calls)
+    assert r["requests"] == 3 and r["wall_ms"] == 12.0
+    a, b = r["phases"]["A.step"], r["phases"]["B.build"]
+    assert a["calls"] == 2 and a["total_ms"] == 4.0 and a["first_ms"] == 1.0 and a["last_ms"] == 6.0
+    assert b["calls"] == 1 and b["total_ms"] == 0.5  # median of 0.5, 1.0 and 0 (request 2 had none)
+    assert b["first_ms"] == 2.5 and b["last_ms"] == 3.25  # over the requests that had one
+    with pytest.raises(ValueError, match="no requests"):
+        bench.host_phase_summary([], calls)
+
+
+def test_host_phases_wraps_and_restores(bench):
+    import json as js
+
+    orig = js.JSONEncoder.__dict__["encode"]
+    timer = bench.HostPhases((("json", "JSONEncoder.encode"), ("json", "Nope.encode"), ("no_such_mod", "A.b")))
+    try:
+        assert timer.missing == ["Nope.encode", "A.b"]
+        assert js.JSONEncoder.__dict__["encode"] is not orig
+        assert js.JSONEncoder().encode([1, 2]) == "[1, 2]"  # the wrapped method still returns its result
+        with pytest.raises(TypeError):
+            js.JSONEncoder().encode(object())  # and still raises, with the call recorded
+    finally:
+        timer.restore()
+    assert js.JSONEncoder.__dict__["encode"] is orig
+    assert [c[0] for c in timer.calls] == ["JSONEncoder.encode"] * 2
+    assert all(b >= a for _, a, b in timer.calls)
+
+
 @pytest.mark.parametrize("flag, message", [("--fa-graph-splits", "--fa-graph-splits must be >= 1"),
                                            ("--short-reps", "--short-reps must be >= 1"),
                                            ("--block-size", "--block-size must be a positive multiple of 16")])
@@ -137,7 +171,20 @@ llm = LLM({str(prepare_model("smollm2-135m-instruct"))!r}, attention_backend="CU
           max_num_batched_tokens=128, enforce_eager=True, enable_prefix_caching=False, dtype="bfloat16", seed=0)
 prompts = [[100 + (7 * i + 13 * b) % 20000 for i in range(300)] for b in range(3)]
 log = bench.step_log(llm, prompts, 3 * 3 + 6)
-print("RESULT", json.dumps({{"log": [[t, g] for t, g in log], "steady": bench.steady_decode(log, 3)}}))
+import time
+from vllm import SamplingParams
+timer = bench.HostPhases()
+windows = []
+try:
+    for i in range(2):
+        t = time.perf_counter()
+        llm.generate([{{"prompt_token_ids": prompts[i][:100]}}], SamplingParams(max_tokens=1), use_tqdm=False)
+        windows.append((t, time.perf_counter()))
+finally:
+    timer.restore()
+phases = bench.host_phase_summary(windows, timer.calls)
+print("RESULT", json.dumps({{"log": [[t, g] for t, g in log], "steady": bench.steady_decode(log, 3),
+                            "phases": phases, "missing": timer.missing}}))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAB_") and k != "TRITON_INTERPRET"}
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"))
@@ -157,3 +204,12 @@ print("RESULT", json.dumps({{"log": [[t, g] for t, g in log], "steady": bench.st
     assert res["steady"]["steps"] >= 2 and res["steady"]["step_ms"] > 0
     steady_from = firsts[-1] + 1
     assert all(len(g) == 3 for _, g in log[steady_from: steady_from + res["steady"]["steps"]])
+    # --host-phases on the same engine: the request's way through it, in order, inside each request's wall time
+    ph = res["phases"]["phases"]
+    for name in ("InputProcessor.process_inputs", "Scheduler.schedule", "GPUModelRunner.execute_model",
+                 "CABMetadataBuilder.build", "CABImpl.forward", "OutputProcessor.process_outputs"):
+        assert name not in res["missing"] and ph[name]["calls"] >= 1, name
+    assert ph["CABImpl.forward"]["calls"] == 30  # one per layer of SmolLM2-135M, one step
+    assert (ph["InputProcessor.process_inputs"]["last_ms"] <= ph["Scheduler.schedule"]["first_ms"]
+            <= ph["CABMetadataBuilder.build"]["first_ms"] <= ph["CABImpl.forward"]["first_ms"]
+            <= ph["OutputProcessor.process_outputs"]["first_ms"] <= res["phases"]["wall_ms"])
