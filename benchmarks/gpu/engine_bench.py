@@ -65,6 +65,10 @@ def cab_counts() -> dict:
     rows, the figures a request's size fixes (each counted once per step, whatever the tensor-parallel size)."""
     from prometheus_client import CollectorRegistry, multiprocess
 
+    from cab_vllm.backend.stats import FLUSH_SECONDS, STATS
+
+    STATS.flush()  # steps this process's background thread has not accounted yet
+    time.sleep(10 * FLUSH_SECONDS)  # and those of worker processes (tensor parallel)
     reg = CollectorRegistry()
     multiprocess.MultiProcessCollector(reg)
     out = {"prefill_tokens": 0.0, "decode_rows": 0.0}
@@ -133,6 +137,8 @@ HOST_PHASES = (
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._build_attention_metadata"),
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionMetadataBuilder.build"),
     ("cab_vllm.backend.backend", "CABMetadataBuilder.build"),
+    ("cab_vllm.backend.backend", "CABMetadataBuilder._request_cfgs"),
+    ("cab_vllm.backend.stats", "Stats.defer_plan"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward"),
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.forward"),
     ("cab_vllm.backend.backend", "CABImpl.forward"),

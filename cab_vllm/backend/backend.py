@@ -365,7 +365,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         fa_decode = self.fa_decode
         route_rows(plan, self.slots, fa_dense=fa_decode, summaries=self.summaries)
         if self._record:
-            STATS.record_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold,
+            STATS.defer_plan(plan, cfgs, self.settings.cfg.block_size, self.settings.dense_threshold,
                               dense_share=self._dense_share)
         if self._trace:
             mode = dict(zip(plan.decode_rows, plan.modes))  # decode rows: where their blocks come from (MODE_*)
@@ -379,6 +379,17 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         run_cab_decode = any(m != 0 for m in plan.modes)
         run_cab_prefill = any(not (self.fa is not None and plan.dense[r]) for r in plan.prefill_rows)
         d = len(plan.decode_rows)
+        if not d and not run_cab_prefill and self.fa is not None and len(fa_rows) == n:
+            # a prompt step of short requests (or sparsity 0): FlashAttention runs every row at its own length and
+            # nothing reads the routes (no decode graph replays this step), so neither is copied to the device:
+            # ~30 us less host time before the first token
+            views = self._step_views(n, 0)
+            fa_md = self.fa.build(common_prefix_len, cm, fast_build)
+            fa_all = self.fa_all.build(common_prefix_len, cm, fast_build) if self.fa_all is not None else None
+            return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
+                               _head(cm.block_table_tensor, n), _head(cm.slot_mapping, cm.num_actual_tokens), plan,
+                               fa=fa_md, fa_all=fa_all, routes=views.routes, keep=views.keep, run_fa=True,
+                               run_cab_decode=False, run_cab_prefill=False, branches=self._branches)
         # per-row routes -> one host-to-device copy into fixed buffers (rows past the batch: MODE_SKIP); the
         # host side is a numpy view and only what the buffer's last use wrote is cleared (host time per step is
         # what a short request pays on top of FlashAttention)

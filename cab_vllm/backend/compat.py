@@ -55,8 +55,8 @@ def host_seq_lens(cm, n: int) -> list[int]:
     for name in ("seq_lens_cpu_upper_bound", "_seq_lens_cpu"):
         t = getattr(cm, name, None)
         if t is not None:
-            return [int(x) for x in t[:n].tolist()]
-    return [int(x) for x in cm.seq_lens[:n].cpu().tolist()]
+            return t[:n].tolist()  # an integer tensor: Python ints
+    return cm.seq_lens[:n].cpu().tolist()
 
 
 def with_seq_lens(cm, seq_lens: torch.Tensor):

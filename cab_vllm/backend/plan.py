@@ -277,8 +277,8 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
     A row goes dense when its context (seq_len) is below ``dense_threshold`` or its sparsity is 0 (the result is
     the same; dense skips the selection). ``count`` adds the decisions to METRICS.
     """
-    qsl = [int(x) for x in query_start_loc_cpu]
-    sl = [int(x) for x in seq_lens_cpu]
+    qsl = _int_list(query_start_loc_cpu)
+    sl = _int_list(seq_lens_cpu)
     n = len(sl)
     if len(qsl) != n + 1 or len(cfgs) != n:
         raise ValueError(f"batch of {n} rows has {len(qsl)} query offsets and {len(cfgs)} configs")
@@ -301,6 +301,14 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
                 METRICS["decode_prompt_rule"] += 1
     return BatchPlan(dec, pre, out_cfgs, dense, qsl, sl, None if req_ids is None else list(req_ids), live,
                      None if prompt_lens is None else list(prompt_lens))
+
+
+def _int_list(xs) -> list[int]:
+    """A host tensor or a sequence as a list of Python ints (a tensor in one tolist(): iterating it makes a
+    0-d tensor per element, ~20 us for two rows inside the engine)."""
+    if hasattr(xs, "tolist"):
+        xs = xs.tolist()
+    return [int(x) for x in xs]
 
 
 class PromptSlots:
@@ -390,9 +398,8 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
     step's own selection: MODE_BOUNDS (cab/magnitude/h2o/curvature), MODE_RECENT (streaming), MODE_RANDOM.
     A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection. A
     sparse prefill row of an estimating policy with a one-pass estimator gets a key-summary slot (summaries)."""
-    from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS
-    from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP
-
+    ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP = \
+        _route_names()
     if slots is not None:
         slots.sync(plan.live)
     modes, sl, pbs, keep = [], [], [], []
@@ -442,6 +449,15 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
         store.append(entry)
     plan.modes, plan.slots, plan.pblocks, plan.keep, plan.store = modes, sl, pbs, keep, store
     plan.summary, plan.final = kept, final
+
+
+@functools.cache
+def _route_names() -> tuple:
+    """route_rows' names from the config and the decode kernel's module, imported once (not per step)."""
+    from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS
+    from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP
+
+    return ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP
 
 
 def keep_count(cfg: CABConfig, seq_len: int) -> int:

@@ -1,7 +1,12 @@
 """CAB's own serving figures, recorded where the attention runs (vLLM's worker process) and exported through
 prometheus_client.
 
-  STATS.record_plan(plan, cfgs, block_size)   once per step, from the metadata builder: key blocks kept vs
+  STATS.defer_plan(plan, cfgs, block_size)    once per step, from the metadata builder: record_plan off the step's
+                  path (a list append; a background thread of the process accounts the step within
+                  FLUSH_SECONDS, STATS.flush() at once). The step's accounting took 80-140 us of host time on a CPU
+                  inside vLLM's engine, ahead of the forward's first launch: time a short request's first token
+                  waited for.
+  STATS.record_plan(plan, cfgs, block_size)   the same, at once: key blocks kept vs
                   causal (the achieved sparsity, from CABConfig.keep_counts on the host: no device sync; an
                   adaptive budget keeps the same total per prefill selection, exact for row-local policies; a
                   chunk of curvature/h2o, or a prompt-rule decode step, can differ by a few blocks), rows and
@@ -35,6 +40,7 @@ Imports neither vLLM nor torch at module level.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -47,6 +53,9 @@ PHASES = ("prefill", "decode")
 DENSE_REASONS = ("below_threshold", "sparsity_zero", "policy_dense")
 STEP_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _MAX_PENDING_EVENTS = 8192  # CUDA event pairs awaiting completion (bounded: dropped oldest first, counted)
+# deferred steps (Stats.defer_plan) are accounted by a background thread that looks every this many seconds (a
+# wake-up per step instead cost the builder ~40 us: the thread switch)
+FLUSH_SECONDS = 0.05
 
 
 @functools.lru_cache(maxsize=256)
@@ -95,6 +104,12 @@ class Stats:
         self._children: dict = {}
         self._pending_events: list = []  # [(phase, start_event, end_event)]
         self._pending_host: Counter = Counter()  # phase -> seconds (CPU timings since the last step)
+        self._deferred: list = []  # record_plan arguments of steps not accounted yet (defer_plan)
+        self._deferred_lock = threading.Lock()  # the list's own: the builder never waits for an accounting
+        self._flushing = False  # this process runs the background thread that accounts deferred steps
+        self._exit_flush = False
+        if hasattr(os, "register_at_fork"):  # a forked child has no thread: it starts its own at its first step
+            os.register_at_fork(after_in_child=self._forked)
 
     # -- exporting --------------------------------------------------------------------------------------------
     def _metrics(self):
@@ -160,6 +175,58 @@ class Stats:
         of the previous step. Host arithmetic on the plan's lists only. dense_share: the fraction of the model's
         attention layers that attend densely whatever the rule (CABConfig.dense_layers): a sparse row's kept
         blocks are its layers' mean."""
+        step = self._plan_counts(plan, cfgs, block_size, dense_threshold, dense_share)
+        with self._lock:
+            for key, v in step.items():
+                self._inc(key, v)
+            self._flush_timings()
+
+    def defer_plan(self, plan, cfgs: Sequence, block_size: int, dense_threshold: int,
+                   dense_share: float = 0.0) -> None:
+        """record_plan later: the step is accounted by this process's background thread within about
+        FLUSH_SECONDS (or by flush()), in order (the caller's cost: a list append); the plan and cfgs must not change afterwards (the builder makes
+        new ones every step). The predictor timings of earlier steps are flushed here, on the caller's thread
+        (their CUDA events are queried where they were recorded), only when some are pending."""
+        with self._deferred_lock:
+            self._deferred.append((plan, cfgs, block_size, dense_threshold, dense_share))
+        if not self._flushing:
+            self._start_flusher()
+        if self._pending_events or self._pending_host:
+            with self._lock:
+                self._flush_timings()
+
+    def flush(self) -> None:
+        """Account every deferred step now (in-process readers of ``totals`` or the metrics call this first)."""
+        with self._deferred_lock:
+            todo, self._deferred = self._deferred, []
+        for args in todo:
+            step = self._plan_counts(*args)
+            with self._lock:
+                for key, v in step.items():
+                    self._inc(key, v)
+
+    def _start_flusher(self) -> None:
+        """The background thread of this process (a forked child starts its own; atexit accounts what is left)."""
+        self._flushing = True
+        threading.Thread(target=self._flush_loop, name="cab-stats", daemon=True).start()
+        if not self._exit_flush:
+            self._exit_flush = True
+            atexit.register(self.flush)
+
+    def _forked(self) -> None:
+        self._flushing = False
+        self._deferred_lock = threading.Lock()  # held by another thread of the parent at the fork, perhaps
+        self._deferred = []  # the parent's steps: the parent accounts them
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(FLUSH_SECONDS)  # mostly while the engine's thread waits for the GPU (the GIL released)
+            if self._deferred:
+                self.flush()
+
+    def _plan_counts(self, plan, cfgs: Sequence, block_size: int, dense_threshold: int,
+                     dense_share: float = 0.0) -> Counter:
+        """The figures record_plan adds for one step, by metric key."""
         step: Counter = Counter()
         decode_index = {r: i for i, r in enumerate(plan.decode_rows)}
         final = dict(zip(plan.prefill_rows, plan.final or ()))  # prefill rows holding their prompt's end
@@ -201,10 +268,7 @@ class Stats:
             step[("causal", phase, sp)] += causal
             step[("rows", phase, sp, cfg.policy, mode)] += 1
             step[("tokens", phase, sp, cfg.policy, mode)] += q_len
-        with self._lock:
-            for key, v in step.items():
-                self._inc(key, v)
-            self._flush_timings()
+        return step
 
     @contextlib.contextmanager
     def timed(self, phase: str, device) -> Iterator[None]:

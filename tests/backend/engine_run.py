@@ -76,6 +76,7 @@ def main(job_path: str, out_path: str) -> None:
         from cab_vllm.backend.plan import METRICS
         from cab_vllm.backend.stats import STATS
 
+        STATS.flush()  # steps the background thread has not accounted yet
         info["metrics"] = dict(METRICS)
         info["blocks"] = {"|".join(k): v for k, v in STATS.totals.items() if k[0] in ("kept", "causal")}
     except AttributeError:

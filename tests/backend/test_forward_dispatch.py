@@ -205,6 +205,27 @@ def test_dense_decode_rows_run_in_cab_with_dense_decode(seq_lens, qlens):
         dataclasses.replace(KernelOptions(dense_decode=True), graph_branches=True)
 
 
+def test_a_prompt_step_of_short_requests_copies_nothing_to_the_device():
+    """A step of prompt rows only, every one dense (below the threshold): FlashAttention's metadata over the step's
+    own sequence lengths, no routes copied (the buffer keeps what the last step left), no CAB work flagged; a step
+    with a sparse prompt row, or with decode rows, still writes its routes, and the next step's FlashAttention
+    lengths carry nothing stale."""
+    from cab_vllm.ops.decode import MODE_ALL
+
+    b = _builder()
+    b.build(0, _cm([20000, 100, 300], [1, 1, 1]))  # a decode step: routes written
+    routes0, ring0 = b._routes.clone(), list(b._ring.extent)
+    md = b.build(0, _cm([512, 90], [512, 90]))
+    assert md.fa == ("fa", [512, 90]) and md.run_fa and not md.run_cab_decode and not md.run_cab_prefill
+    assert torch.equal(b._routes, routes0) and list(b._ring.extent) == ring0  # nothing copied
+    assert md.plan.dense == [True, True] and md.plan.prefill_rows == [0, 1]
+    md = b.build(0, _cm([512, 30000], [512, 4000]))  # one sparse prompt row: FlashAttention gets only the dense one
+    assert md.fa == ("fa", [512, 0]) and md.run_cab_prefill
+    md = b.build(0, _cm([100], [1]))  # a dense decode row (CAB's dense-decode kernel by default)
+    assert md.fa is None and md.run_cab_decode and b._routes[0, 0].item() == MODE_ALL
+    assert b._fa_seq_lens[1:].tolist() == [0] * 7
+
+
 def test_with_seq_lens_is_replace_without_the_init():
     """The FlashAttention metadata's copy of the step's common metadata with CAB's rows zeroed: every field as
     dataclasses.replace gives it, the original untouched."""

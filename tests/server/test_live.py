@@ -64,6 +64,17 @@ class Server:
         assert r.status_code == 200, r.text
         return r.text
 
+    def settled_metrics(self, timeout: float = 10.0) -> str:
+        """The metrics once two reads 0.2 s apart agree: the engine accounts a step's CAB figures in the
+        background, a few tens of milliseconds after the step (cab_vllm.backend.stats.FLUSH_SECONDS)."""
+        text, deadline = self.metrics(), time.monotonic() + timeout
+        while True:
+            time.sleep(0.2)
+            again = self.metrics()
+            if again == text or time.monotonic() > deadline:
+                return again
+            text = again
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
@@ -208,7 +219,7 @@ def test_per_request_sparsity_is_applied_and_recorded(server):
     usage = r.json()["usage"]
     n = usage["prompt_tokens"]
     assert n > DENSE_THRESHOLD
-    after = server.metrics()
+    after = server.settled_metrics()
 
     def delta(name, **labels):
         return sample(after, name, **labels) - sample(before, name, **labels)
@@ -235,7 +246,7 @@ def test_dense_fallbacks_are_counted_by_reason(server):
         for extra, _ in reqs:
             r = c.post("/v1/completions", json={"model": MODEL, "max_tokens": 2, "temperature": 0, **extra})
             assert r.status_code == 200, r.text
-    after = server.metrics()
+    after = server.settled_metrics()
     for _, reason in reqs:
         got = sample(after, "cab_dense_rows_total", phase="prefill", reason=reason) - sample(
             before, "cab_dense_rows_total", phase="prefill", reason=reason)

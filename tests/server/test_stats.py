@@ -79,6 +79,111 @@ def test_predictor_timings_flush_on_the_next_step(stats):
     assert stats.totals[("step",)] == 1  # no new timings, no new step sample
 
 
+def _mixed_steps():
+    base = CABConfig(decode_rule="bounds")
+    steps = []
+    for i in range(5):
+        cfgs = [base.replace(sparsity=0.5 + 0.1 * i), base, base.replace(sparsity=0.0)]
+        qsl, seq = [0, 1, 1 + 700 + i, 2 + 700 + i], [3000 + i, 5000 + 64 * i, 900]
+        steps.append((plan_batch(qsl, seq, cfgs, dense_threshold=1024, count=False), cfgs))
+    return steps
+
+
+def test_deferred_steps_are_accounted_by_flush_as_record_plan_would(stats, monkeypatch):
+    """defer_plan: nothing counted on the caller's path; flush() then adds exactly what record_plan adds, every
+    step once, and a second flush adds nothing."""
+    import cab_vllm.backend.stats as mod
+
+    monkeypatch.setattr(mod, "FLUSH_SECONDS", 30.0)  # the background thread stays out of this test's way
+    at_once = Stats()
+    for plan, cfgs in _mixed_steps():
+        stats.defer_plan(plan, cfgs, 64, 1024)
+        at_once.record_plan(plan, cfgs, 64, 1024)
+    assert not +stats.totals  # nothing yet
+    stats.flush()
+    assert stats.totals == at_once.totals and stats.totals[("rows", "decode", "0.70", "cab", "sparse")] == 1
+    stats.flush()
+    assert stats.totals == at_once.totals
+
+
+def test_deferred_steps_are_accounted_in_the_background(stats):
+    """Without a flush() the process's background thread accounts deferred steps within FLUSH_SECONDS or so, and
+    one started per process (a forked child starts its own)."""
+    import threading
+    import time
+
+    at_once = Stats()
+    for plan, cfgs in _mixed_steps():
+        stats.defer_plan(plan, cfgs, 64, 1024)
+        at_once.record_plan(plan, cfgs, 64, 1024)
+    deadline = time.monotonic() + 10
+    while stats.totals != at_once.totals:
+        assert time.monotonic() < deadline, "the background thread did not account the deferred steps"
+        time.sleep(0.01)
+    plan, cfgs = _mixed_steps()[0]
+    stats.defer_plan(plan, cfgs, 64, 1024)
+    names = [t.name for t in threading.enumerate() if t.name == "cab-stats"]
+    assert len(names) >= 1
+    stats.flush()
+    assert stats.totals[("rows", "prefill", "0.90", "cab", "sparse")] == 6
+
+
+def test_a_forked_child_accounts_its_own_steps_not_its_parents(stats, monkeypatch):
+    """After a fork the child has no background thread: its first deferred step starts one; the steps its parent
+    had deferred are the parent's to account, not counted twice."""
+    import multiprocessing as mp
+
+    import cab_vllm.backend.stats as mod
+
+    monkeypatch.setattr(mod, "FLUSH_SECONDS", 0.01)
+    steps = _mixed_steps()
+    stats.defer_plan(*steps[0], 64, 1024)  # the parent's thread starts
+    stats.defer_plan(*steps[1], 64, 1024)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def child():
+        import time
+
+        before = dict(stats.totals)
+        stats.defer_plan(*steps[2], 64, 1024)
+        deadline = time.monotonic() + 10
+        one = Stats()
+        one.record_plan(*steps[2], 64, 1024)
+        want = {k: before.get(k, 0) + v for k, v in one.totals.items()}
+        while any(stats.totals[k] != v for k, v in want.items()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        q.put(all(stats.totals[k] == v for k, v in want.items()) and len(stats.totals) == len(
+            set(before) | set(want)))
+
+    p = ctx.Process(target=child)
+    p.start()
+    got = q.get(timeout=30)
+    p.join(30)
+    assert got, "the child did not account its own step (or counted its parent's)"
+    stats.flush()
+    at_once = Stats()
+    for plan, cfgs in steps[:2]:
+        at_once.record_plan(plan, cfgs, 64, 1024)
+    assert stats.totals == at_once.totals  # the parent: its two steps, not the child's
+
+
+def test_deferred_steps_flush_pending_predictor_timings_on_the_callers_thread(stats, monkeypatch):
+    """The predictor timings of earlier steps are flushed by defer_plan itself (their CUDA events are read on the
+    thread that recorded them), as by record_plan."""
+    import cab_vllm.backend.stats as mod
+
+    monkeypatch.setattr(mod, "FLUSH_SECONDS", 30.0)
+    plan = plan_batch([0, 1], [10], [CABConfig()], dense_threshold=0, count=False)
+    with stats.timed("decode", "cpu"):
+        sum(range(10000))
+    stats.defer_plan(plan, [CABConfig()], 64, 0)
+    assert stats.totals[("predictor", "decode")] > 0 and stats.totals[("step",)] == 1
+    assert stats.totals[("rows", "decode", "0.90", "cab", "sparse")] == 0  # the plan itself: deferred
+    stats.flush()
+    assert stats.totals[("rows", "decode", "0.90", "cab", "sparse")] == 1
+
+
 def test_prometheus_export(monkeypatch):
     """With prometheus_client, the same figures land in the process registry under the documented names."""
     pc = pytest.importorskip("prometheus_client")
