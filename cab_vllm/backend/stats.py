@@ -184,9 +184,10 @@ class Stats:
     def defer_plan(self, plan, cfgs: Sequence, block_size: int, dense_threshold: int,
                    dense_share: float = 0.0) -> None:
         """record_plan later: the step is accounted by this process's background thread within about
-        FLUSH_SECONDS (or by flush()), in order (the caller's cost: a list append); the plan and cfgs must not change afterwards (the builder makes
-        new ones every step). The predictor timings of earlier steps are flushed here, on the caller's thread
-        (their CUDA events are queried where they were recorded), only when some are pending."""
+        FLUSH_SECONDS (or by flush()); the caller's cost is a list append. The plan and cfgs must not change
+        afterwards (the builder makes new ones every step). The predictor timings of earlier steps are flushed
+        here, on the caller's thread (their CUDA events are queried where they were recorded), only when some are
+        pending."""
         with self._deferred_lock:
             self._deferred.append((plan, cfgs, block_size, dense_threshold, dense_share))
         if not self._flushing:
@@ -215,7 +216,8 @@ class Stats:
 
     def _forked(self) -> None:
         self._flushing = False
-        self._deferred_lock = threading.Lock()  # held by another thread of the parent at the fork, perhaps
+        self._lock = threading.Lock()  # either lock may have been held by the parent's thread at the fork
+        self._deferred_lock = threading.Lock()
         self._deferred = []  # the parent's steps: the parent accounts them
 
     def _flush_loop(self) -> None:
