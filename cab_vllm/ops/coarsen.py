@@ -97,8 +97,10 @@ if HAS_TRITON:
             tl.store(lo_ptr + obase + d, lo.to(lo_ptr.dtype.element_ty), mask=d_ok)
             tl.store(hi_ptr + obase + d, hi.to(hi_ptr.dtype.element_ty), mask=d_ok)
 
-    @triton.jit(do_not_specialize=["n_tokens", "q_offset", "num_splits", "stride_ab", "stride_ah", "stride_ai",
-                                   "stride_bt"])
+    # rows too (the scored rows of a query block: fewer in a prompt's last, partial block): vLLM's JIT monitor saw this
+    # kernel compile during serving in several H200 runs
+    @triton.jit(do_not_specialize=["n_tokens", "q_offset", "rows", "num_splits", "stride_ab", "stride_ah",
+                                   "stride_ai", "stride_bt"])
     def _sampled_kernel(
         q_ptr, k_ptr, qblk_ptr, part_ptr, lse_ptr, a_ptr, bt_ptr,
         n_tokens, q_offset, rows, scale_log2, group, group_chunks, num_splits, page_size,
