@@ -102,11 +102,14 @@ def attention_salt(extra_args) -> str:
     never reused under another."""
     from cab_vllm.backend.plan import request_config
 
-    base = _engine_default()
-    if not extra_args:  # most requests: the engine default's salt, made once
-        salt = _SALTS.get(id(base))
+    key = _env_key()
+    base = _engine_default(key)
+    if not extra_args:  # most requests: the engine default's salt, made once per set of CAB_* values
+        salt = _SALTS.get(key)
         if salt is None:
-            salt = _SALTS[id(base)] = _salt(base)  # base stays alive in _DEFAULTS, so its id is not reused
+            if len(_SALTS) >= 64:
+                _SALTS.clear()
+            salt = _SALTS[key] = _salt(base)
         return salt
     return _salt(request_config(base, extra_args))
 
@@ -119,22 +122,21 @@ def _salt(cfg) -> str:
 
 
 _DEFAULTS: dict = {}
-_SALTS: dict = {}  # id of a config in _DEFAULTS -> its salt
+_SALTS: dict = {}  # the CAB_* values (_env_key) -> the engine default's salt
 
 
-def _engine_default():
+def _engine_default(key: tuple | None = None):
     """The engine's default CABConfig from the CAB_* variables, parsed once per set of values (every request's
     admission asks for it: parsing them all took ~60 us per request on a 2-core CPU, reading the 15 variables
     through os.environ ~20 us; the process environment's own mapping is read with the names encoded once)."""
     from cab_vllm.backend.plan import EngineSettings
 
-    key = _env_key()
+    key = _env_key() if key is None else key
     cfg = _DEFAULTS.get(key)
     if cfg is None:
         cfg = EngineSettings.from_env().cfg
         if len(_DEFAULTS) >= 64:
             _DEFAULTS.clear()
-            _SALTS.clear()
         _DEFAULTS[key] = cfg
     return cfg
 

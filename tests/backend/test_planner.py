@@ -377,6 +377,26 @@ def test_attention_salt_reads_the_engine_defaults_once_per_set_of_values(monkeyp
             plugin.attention_salt(None)
 
 
+def test_the_default_salt_follows_the_variables_after_the_configs_are_dropped(monkeypatch):
+    """The engine default's salt is cached per set of CAB_* values: dropping the parsed configs (their cache is
+    bounded) and changing a value gives the new value's salt, never one cached for a config since freed."""
+    import gc
+
+    import cab_vllm.backend as plugin
+
+    monkeypatch.setenv("CAB_BUDGET", "adaptive")
+    monkeypatch.setenv("CAB_SPARSITY", "0.9")
+    assert plugin.attention_salt(None).startswith("cab:0.9:cab:adaptive:")
+    for value in ("0.7", "0.8", "0.7"):
+        plugin._DEFAULTS.clear()
+        gc.collect()
+        monkeypatch.delenv("CAB_BUDGET")
+        monkeypatch.setenv("CAB_SPARSITY", value)
+        assert plugin.attention_salt(None) == f"cab:{value}:cab"
+        monkeypatch.setenv("CAB_BUDGET", "adaptive")
+        assert plugin.attention_salt(None).startswith(f"cab:{value}:cab:adaptive:")
+
+
 @pytest.mark.parametrize("policy, rule", [("cab", "prompt"), ("h2o", "prompt"), ("cab", "auto"), ("h2o", "auto")])
 def test_prompt_decode_rule_reuses_the_prompts_last_block(policy, rule):
     """decode_rule="prompt": after a chunked prefill, every decode step attends to the blocks the prompt's last
