@@ -379,20 +379,36 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         run_cab_decode = any(m != 0 for m in plan.modes)
         run_cab_prefill = any(not (self.fa is not None and plan.dense[r]) for r in plan.prefill_rows)
         d = len(plan.decode_rows)
-        if not d and not run_cab_prefill and self.fa is not None and len(fa_rows) == n:
-            # a prompt step of short requests (or sparsity 0): FlashAttention runs every row at its own length and
-            # nothing reads the routes (no decode graph replays this step), so neither is copied to the device:
-            # ~30 us less host time before the first token
-            views = self._step_views(n, 0)
+        # a prompt step of short requests (or sparsity 0): FlashAttention runs every row at its own length and
+        # nothing reads the routes (no decode graph replays this step), so neither is copied to the device:
+        # ~30 us less host time before the first token
+        fa_only = not d and not run_cab_prefill and self.fa is not None and len(fa_rows) == n
+        views = self._step_views(n, d)
+        fa_md = None
+        if fa_only:
             fa_md = self.fa.build(common_prefix_len, cm, fast_build)
-            fa_all = self.fa_all.build(common_prefix_len, cm, fast_build) if self.fa_all is not None else None
-            return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
-                               _head(cm.block_table_tensor, n), _head(cm.slot_mapping, cm.num_actual_tokens), plan,
-                               fa=fa_md, fa_all=fa_all, routes=views.routes, keep=views.keep, run_fa=True,
-                               run_cab_decode=False, run_cab_prefill=False, branches=self._branches)
-        # per-row routes -> one host-to-device copy into fixed buffers (rows past the batch: MODE_SKIP); the
-        # host side is a numpy view and only what the buffer's last use wrote is cleared (host time per step is
-        # what a short request pays on top of FlashAttention)
+        else:
+            self._copy_routes(plan, n, d, fa_rows, run_fa, run_cab_decode)
+            # with dense decode rows in CAB's kernel no decode graph replays FlashAttention's buffers: its metadata
+            # is built only for the steps it runs in
+            if self.fa is not None and (run_fa or fa_decode):
+                torch.mul(_head(cm.seq_lens, n), views.dense, out=views.fa_seq_lens)
+                if self._fa_tail > n:  # a larger batch before: its rows past this one's must not attend
+                    self._fa_seq_lens[n:self._fa_tail].zero_()
+                self._fa_tail = n
+                fa_md = self.fa.build(common_prefix_len, compat.with_seq_lens(cm, views.fa_seq_lens), fast_build)
+        fa_all = self.fa_all.build(common_prefix_len, cm, fast_build) if self.fa_all is not None else None
+        slots = _head(cm.slot_mapping, cm.num_actual_tokens)
+        return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
+                           _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, fa_all=fa_all,
+                           routes=views.routes,
+                           keep=views.keep, run_fa=run_fa, run_cab_decode=run_cab_decode,
+                           run_cab_prefill=run_cab_prefill, branches=self._branches)
+
+    def _copy_routes(self, plan, n: int, d: int, fa_rows: list[int], run_fa: bool, run_cab_decode: bool) -> None:
+        """Per-row routes -> one host-to-device copy into fixed buffers (rows past the batch: MODE_SKIP); the host
+        side is a numpy view and only what the buffer's last use wrote is cleared (host time per step is what a
+        short request pays on top of FlashAttention)."""
         ring = self._ring
         host, ri = ring.next()
         h = ring.arrays[ri]
@@ -411,23 +427,6 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         h[5, 2] = run_cab_decode
         self._routes.copy_(host, non_blocking=ring.pinned)
         ring.recorded(ri)
-        views = self._step_views(n, d)
-        fa_md = None
-        # with dense decode rows in CAB's kernel no decode graph replays FlashAttention's buffers: its metadata is
-        # built only for the steps it runs in
-        if self.fa is not None and (run_fa or fa_decode):
-            torch.mul(_head(cm.seq_lens, n), views.dense, out=views.fa_seq_lens)
-            if self._fa_tail > n:  # a larger batch before: its rows past this one's must not attend
-                self._fa_seq_lens[n:self._fa_tail].zero_()
-            self._fa_tail = n
-            fa_md = self.fa.build(common_prefix_len, compat.with_seq_lens(cm, views.fa_seq_lens), fast_build)
-        fa_all = self.fa_all.build(common_prefix_len, cm, fast_build) if self.fa_all is not None else None
-        slots = _head(cm.slot_mapping, cm.num_actual_tokens)
-        return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
-                           _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, fa_all=fa_all,
-                           routes=views.routes,
-                           keep=views.keep, run_fa=run_fa, run_cab_decode=run_cab_decode,
-                           run_cab_prefill=run_cab_prefill, branches=self._branches)
 
     def _step_views(self, n: int, d: int) -> "_StepViews":
         """Views of the fixed device buffers for a step of n rows, d of them decodes (made once per shape)."""

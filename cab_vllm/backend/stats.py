@@ -167,6 +167,11 @@ class Stats:
             self._children[key] = child
         child.inc(amount)
 
+    def _apply(self, step: Counter) -> None:
+        """Add one step's figures (caller holds the lock)."""
+        for key, v in step.items():
+            self._inc(key, v)
+
     # -- recording --------------------------------------------------------------------------------------------
     def record_plan(self, plan, cfgs: Sequence, block_size: int, dense_threshold: int,
                     dense_share: float = 0.0) -> None:
@@ -175,10 +180,8 @@ class Stats:
         of the previous step. Host arithmetic on the plan's lists only. dense_share: the fraction of the model's
         attention layers that attend densely whatever the rule (CABConfig.dense_layers): a sparse row's kept
         blocks are its layers' mean."""
-        step = self._plan_counts(plan, cfgs, block_size, dense_threshold, dense_share)
         with self._lock:
-            for key, v in step.items():
-                self._inc(key, v)
+            self._apply(self._plan_counts(plan, cfgs, block_size, dense_threshold, dense_share))
             self._flush_timings()
 
     def defer_plan(self, plan, cfgs: Sequence, block_size: int, dense_threshold: int,
@@ -203,8 +206,7 @@ class Stats:
         for args in todo:
             step = self._plan_counts(*args)
             with self._lock:
-                for key, v in step.items():
-                    self._inc(key, v)
+                self._apply(step)
 
     def _start_flusher(self) -> None:
         """The background thread of this process (a forked child starts its own; atexit accounts what is left)."""
