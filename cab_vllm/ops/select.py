@@ -290,6 +290,8 @@ if _HAS_TRITON:
 
     SCORE_TILE = 16  # key blocks a selection program scores at a time
     MAX_SCORE_PROGRAMS = 16  # programs per (row, KV head) that score its blocks (each loops over its tiles)
+    TOPK_BITS = tl.constexpr(2)  # key bits a top-k pass decides (16 passes at most; 1 bit: 32 narrower passes)
+    TOPK_DIGITS = tl.constexpr(1 << TOPK_BITS.value)
     SCORE_TOKENS = tl.constexpr(4)  # tokens of each block a bounds-scoring step loads at once (BLOCK / this dependent steps)
 
     @triton.jit
@@ -349,19 +351,29 @@ if _HAS_TRITON:
     @triton.jit
     def _topk_values(sc, jj, k, base, cnt_at, kmax, KPAD: tl.constexpr):
         """Keep the k highest of the priorities sc [MPAD] (blocks jj; -inf past the row's last block): their
-        indices ascending at base[0..k-1], -1 padded to kmax, the count at cnt_at. Exact bitwise threshold search,
-        ties by index."""
-        # order-preserving unsigned integer key of each float (32-bit compares in the 32 passes below, not 64-bit)
+        indices ascending at base[0..k-1], -1 padded to kmax, the count at cnt_at. Exact radix threshold search
+        (TOPK_BITS bits of the key per pass, most significant first), ties by index."""
+        # order-preserving unsigned integer key of each float (32-bit compares in the passes below, not 64-bit)
         b = sc.to(tl.int32, bitcast=True)
         b = b ^ ((b >> 31) & 0x7FFFFFFF)
         key = b.to(tl.uint32, bitcast=True) ^ 0x80000000
-        # 1-D tiles throughout: Triton 3.6 fails to lower a cumsum over a [1, 512+] tile in this kernel (an assertion
-        # in its scan lowering on the H200), while 1-D scans lower at every width.
-        thr = tl.zeros([1], dtype=tl.uint32)
-        for bit in tl.static_range(31, -1, -1):
-            cand = thr | tl.full([1], 1 << bit, dtype=tl.uint32)
-            c = tl.sum((key >= cand).to(tl.int32), 0)
-            thr = tl.where(c >= k, cand, thr)
+        # 1-D tiles for the scans: Triton 3.6 fails to lower a cumsum over a [1, 512+] tile in this kernel (an
+        # assertion in its scan lowering on the H200), while 1-D scans lower at every width.
+        # thr: the largest key prefix with >= k keys at or above it; n_ge: how many. The search stops as soon as
+        # exactly k keys are at or above thr (they are the top k, ties included): fewer passes than the key's bits
+        # for most rows, the same selection.
+        thr = tl.full([], 0, dtype=tl.uint32)
+        n_ge = tl.sum(tl.full(jj.shape, 1, dtype=tl.int32), 0)
+        dd = tl.arange(0, TOPK_DIGITS).to(tl.uint32)
+        shift = 32
+        while (shift > 0) & (n_ge > k):
+            shift -= TOPK_BITS
+            cand = thr | (dd << shift)  # [DIGITS]: thr with each value of the next digit
+            c = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)  # keys at or above each candidate
+            ok = c >= k  # digit 0 always (n_ge >= k); the largest digit that still keeps k keys wins
+            best = tl.max(tl.where(ok, dd, 0), 0)
+            thr = thr | (best << shift)
+            n_ge = tl.sum(tl.where(dd == best, c, 0), 0)
         gt = key > thr
         tie = key == thr
         n_gt = tl.sum(gt.to(tl.int32), 0)
