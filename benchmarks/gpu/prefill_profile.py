@@ -3,6 +3,7 @@ where the prefill's CAB time goes (no vLLM needed).
 
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
         [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256] [--pool-warps 2,4,8]
+        [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8] [--topk-bits 1|2|4]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
 keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
@@ -193,7 +194,24 @@ def main(argv=None) -> None:
     ap.add_argument("--pool-warps", default=None,
                     help="warps per program of the pooling kernel (queries' features, keys' summaries), comma list "
                          "(ops.coarsen.POOL_WARPS)")
+    ap.add_argument("--logits-warps", default=None,
+                    help="with --fused-select 1: warps per logits program, comma list (ops.fused_select.LOGITS_WARPS)")
+    ap.add_argument("--logits-stages", default=None,
+                    help="with --fused-select 1: key tiles in flight per logits program, comma list "
+                         "(ops.fused_select.LOGITS_STAGES)")
+    ap.add_argument("--select-warps", default=None,
+                    help="with --fused-select 1: warps per selection program, comma list "
+                         "(ops.fused_select.SELECT_WARPS)")
+    ap.add_argument("--topk-bits", type=int, choices=[1, 2, 4], default=None,
+                    help="key bits each pass of the selections' radix top-k decides (ops.select.TOPK_BITS; one "
+                         "value per process: compiled kernels keep it)")
     a = ap.parse_args(argv)
+    if a.topk_bits is not None:
+        import triton.language as tl
+
+        from cab_vllm.ops import select
+
+        select.TOPK_BITS, select.TOPK_DIGITS = tl.constexpr(a.topk_bits), tl.constexpr(1 << a.topk_bits)
     hq, hkv, d = (int(x) for x in a.heads.split(","))
     from cab_vllm.ops import coarsen
     from cab_vllm.ops import fused_select as fs
@@ -201,15 +219,21 @@ def main(argv=None) -> None:
     def ints(s, default):
         return [int(x) for x in s.split(",")] if s else [default]
 
-    variants = [(t, k, s, w) for t in ints(a.tile_rows, fs.TILE_ROWS) for k in ints(a.key_tile, fs.KEY_TILE)
-                for s in ints(a.key_split, fs.KEY_SPLIT) for w in ints(a.pool_warps, coarsen.POOL_WARPS)]
-    for (tile_rows, key_tile, key_split, pool_warps), sp in ((v, float(x)) for v in variants
-                                                             for x in a.sparsities.split(",")):
+    variants = [(t, k, s, w, lw, ls, sw)
+                for t in ints(a.tile_rows, fs.TILE_ROWS) for k in ints(a.key_tile, fs.KEY_TILE)
+                for s in ints(a.key_split, fs.KEY_SPLIT) for w in ints(a.pool_warps, coarsen.POOL_WARPS)
+                for lw in ints(a.logits_warps, fs.LOGITS_WARPS) for ls in ints(a.logits_stages, fs.LOGITS_STAGES)
+                for sw in ints(a.select_warps, fs.SELECT_WARPS)]
+    for (tile_rows, key_tile, key_split, pool_warps, lw, ls, sw), sp in ((v, float(x)) for v in variants
+                                                                         for x in a.sparsities.split(",")):
         fs.TILE_ROWS, fs.KEY_TILE, fs.KEY_SPLIT, coarsen.POOL_WARPS = tile_rows, key_tile, key_split, pool_warps
+        fs.LOGITS_WARPS, fs.LOGITS_STAGES, fs.SELECT_WARPS = lw, ls, sw
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1")
-        opts = f" tile_rows={tile_rows} key_tile={key_tile} key_split={key_split}" if a.fused_select == "1" else ""
+        opts = (f" tile_rows={tile_rows} key_tile={key_tile} key_split={key_split} logits_warps={lw} logits_stages={ls}"
+                f" select_warps={sw}") if a.fused_select == "1" else ""
         opts += f" pool_warps={pool_warps}" if a.impl == "triton" else ""
+        opts += f" topk_bits={a.topk_bits}" if a.topk_bits is not None else ""
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
               f"{opts} (one layer, ms)")
         for p in PHASES:

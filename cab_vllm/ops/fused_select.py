@@ -29,6 +29,11 @@ TILE_ROWS = 64  # (query block, head) rows per program: 64 // the group's padded
 # 128 rows were slower on the H200 at 128k: benchmarks/results/profiles_h200_2026-12-02e/)
 KEY_TILE = 64  # key blocks per step of a program's loop
 KEY_SPLIT = 256  # key blocks per program of the logits launch (rounded to whole key tiles)
+# Warps and stages of the two launches: on the H200 at 128k (16k chunks, 95%) 8 warps took the logits from 0.535 to
+# 0.92 ms and the selection from 0.545 to 0.597; 3 stages changed nothing (benchmarks/results/profiles_h200_2026-12-03d/)
+LOGITS_WARPS = 4  # warps per program of the logits launch
+LOGITS_STAGES = 2  # key tiles in flight per logits program for 16-bit summaries (fp32 ones: 1, see below)
+SELECT_WARPS = 4  # warps per program of the selection launch (one (query block, KV head) row)
 SCRATCH_BYTES = 128 << 20  # the logits held at once (fp32); a longer chunk's rows go in slices
 # One pass over the summaries, then a launch per row, rather than one program per row tile that computed the logits
 # twice (log-sum-exp, then probabilities) and a top-k launch over its scores: on the H200 (prefill_profile.py, 128k
@@ -197,10 +202,10 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
             qf.stride(0), qf.stride(1), ks.stride(0), ks.stride(1), z.stride(0), z.stride(1), z.stride(2),
             pm.stride(0),
             W=width, WPAD=next_pow2(width), GPAD=gpad, RB=rb, BJ=KEY_TILE, BLOCK=block_size, SPLIT=split,
-            num_warps=4,
-            # two key tiles in flight for 16-bit summaries; one for fp32 ones, whose pipelined tiles would take
-            # 264 KB of shared memory (more than an H100 has)
-            num_stages=1 if ks.element_size() == 4 else 2,
+            num_warps=LOGITS_WARPS,
+            # one key tile in flight for fp32 summaries, whose pipelined tiles would take 264 KB of shared memory
+            # (more than an H100 has)
+            num_stages=1 if ks.element_size() == 4 else LOGITS_STAGES,
         )
         # MPAD = KPAD: one compiled selection per power of two of the key blocks, whatever the budget (the warm-up
         # makes them all: backend.warmup.warm_fused_select)
@@ -208,6 +213,6 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
             z, pm, pl, exact if exact is not None else z, keep[r0:], idx[r0:], cnt[r0:],
             first, kk, splits, mq - 1 - r0, group, hq, m, sink_blocks, local_blocks,
             z.stride(0), z.stride(1), z.stride(2), pm.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
-            GPAD=gpad, MPAD=mpad, KPAD=mpad, HAS_EXACT=exact is not None, SPAD=spad, num_warps=4,
+            GPAD=gpad, MPAD=mpad, KPAD=mpad, HAS_EXACT=exact is not None, SPAD=spad, num_warps=SELECT_WARPS,
         )
     return idx.permute(1, 0, 2)[None].contiguous(), cnt.t()[None].contiguous()

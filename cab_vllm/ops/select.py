@@ -290,7 +290,10 @@ if _HAS_TRITON:
 
     SCORE_TILE = 16  # key blocks a selection program scores at a time
     MAX_SCORE_PROGRAMS = 16  # programs per (row, KV head) that score its blocks (each loops over its tiles)
-    TOPK_BITS = tl.constexpr(2)  # key bits a top-k pass decides (16 passes at most; 1 bit: 32 narrower passes)
+    # key bits a top-k pass decides: 1 (32 passes at most). On the H200 (prefill_profile.py, 128k in 16k chunks, 95%)
+    # the prefill selection kernel took 0.546 ms at 1 bit, 0.599 at 2 and 1.272 at 4 (each pass compares every key
+    # with all 2^bits candidates); without the early stop 0.559 (benchmarks/results/profiles_h200_2026-12-03d/)
+    TOPK_BITS = tl.constexpr(1)
     TOPK_DIGITS = tl.constexpr(1 << TOPK_BITS.value)
     SCORE_TOKENS = tl.constexpr(4)  # tokens of each block a bounds-scoring step loads at once (BLOCK / this dependent steps)
 
