@@ -4,6 +4,7 @@ where the prefill's CAB time goes (no vLLM needed).
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
         [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256] [--pool-warps 2,4,8]
         [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8] [--topk-bits 1|2|4]
+        [--exact-two-passes]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
 keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
@@ -202,6 +203,9 @@ def main(argv=None) -> None:
     ap.add_argument("--select-warps", default=None,
                     help="with --fused-select 1: warps per selection program, comma list "
                          "(ops.fused_select.SELECT_WARPS)")
+    ap.add_argument("--exact-two-passes", action="store_true",
+                    help="the exact rows read the keys twice (ops.coarsen.SAMPLED_ONE_PASS_BYTES = 0), as before the "
+                         "one-pass kernel")
     ap.add_argument("--topk-bits", type=int, choices=[1, 2, 4], default=None,
                     help="key bits each pass of the selections' radix top-k decides (ops.select.TOPK_BITS; one "
                          "value per process: compiled kernels keep it)")
@@ -214,6 +218,9 @@ def main(argv=None) -> None:
         select.TOPK_BITS, select.TOPK_DIGITS = tl.constexpr(a.topk_bits), tl.constexpr(1 << a.topk_bits)
     hq, hkv, d = (int(x) for x in a.heads.split(","))
     from cab_vllm.ops import coarsen
+
+    if a.exact_two_passes:
+        coarsen.SAMPLED_ONE_PASS_BYTES = 0
     from cab_vllm.ops import fused_select as fs
 
     def ints(s, default):
@@ -234,6 +241,7 @@ def main(argv=None) -> None:
                 f" select_warps={sw}") if a.fused_select == "1" else ""
         opts += f" pool_warps={pool_warps}" if a.impl == "triton" else ""
         opts += f" topk_bits={a.topk_bits}" if a.topk_bits is not None else ""
+        opts += " exact_two_passes" if a.exact_two_passes else ""
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
               f"{opts} (one layer, ms)")
         for p in PHASES:

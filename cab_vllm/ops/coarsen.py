@@ -35,6 +35,11 @@ from cab_vllm.config import SUMMARY_ESTIMATORS
 # (head, row) pairs per program of the exact-row scorer at most: a GQA group of more heads is split over programs
 # (64 query heads of one KV head x 16 rows in one tile needed 304 KiB of shared memory on the H200, 227 KiB there).
 SAMPLED_TILE_ROWS = 128
+# The exact rows in one read of the keys when each scored row's per-key-block log-sum-exp fits this many bytes (the
+# prompt's last query block: 32 heads x 16 rows x 2048 blocks at 128k = 4 MiB); the sampled estimator over every query
+# block would need [rows x M x M] and keeps the two passes (the second reads the keys again)
+SAMPLED_ONE_PASS_BYTES = 64 << 20
+SAMPLED_MASS_TILE = 128  # key blocks per step of the mass kernel
 
 if HAS_TRITON:
     import triton
@@ -99,16 +104,16 @@ if HAS_TRITON:
 
     # rows too (the scored rows of a query block: fewer in a prompt's last, partial block): vLLM's JIT monitor saw this
     # kernel compile during serving in several H200 runs
-    @triton.jit(do_not_specialize=["n_tokens", "q_offset", "rows", "num_splits", "stride_ab", "stride_ah",
+    @triton.jit(do_not_specialize=["n_tokens", "q_offset", "rows", "num_splits", "m_blocks", "stride_ab", "stride_ah",
                                    "stride_ai", "stride_bt"])
     def _sampled_kernel(
-        q_ptr, k_ptr, qblk_ptr, part_ptr, lse_ptr, a_ptr, bt_ptr,
-        n_tokens, q_offset, rows, scale_log2, group, group_chunks, num_splits, page_size,
+        q_ptr, k_ptr, qblk_ptr, part_ptr, lse_ptr, a_ptr, bt_ptr, blse_ptr,
+        n_tokens, q_offset, rows, scale_log2, group, group_chunks, num_splits, page_size, m_blocks,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_ab, stride_ah, stride_ai, stride_bt,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, ROWS_PAD: tl.constexpr,
-        GPAD: tl.constexpr, MASS_PASS: tl.constexpr, PAGED: tl.constexpr,
+        GPAD: tl.constexpr, MASS_PASS: tl.constexpr, PAGED: tl.constexpr, BLOCK_LSE: tl.constexpr,
     ):
         """Program (b, kvh * group_chunks + c, i * num_splits + split) scores the sampled rows of query block
         qblk[i], for GPAD query heads of KV head kvh's group at once (heads c * GPAD ...; tile rows = (head,
@@ -116,8 +121,10 @@ if HAS_TRITON:
         blocks split, split + num_splits, ... q row 0 is token position q_offset (earlier positions are zero
         queries). Pass 1 (MASS_PASS=False) writes each row's partial max and sum to part [B, Hq, Mq, splits, 2,
         ROWS_PAD]; pass 2 reads the merged lse [B, Hq, Mq, ROWS_PAD] (base 2) and writes the per-key-block mass
-        averaged over the rows of each head. PAGED: k is a paged cache [pages, page_size, Hkv, D] (strides: page, head,
-        slot) read through sequence b's row of the block table bt_ptr."""
+        averaged over the rows of each head. BLOCK_LSE (pass 1 only): each row's log-sum-exp (base 2) over each key
+        block is also written, to blse [B, Hq, Mq, ROWS_PAD, m_blocks], and _sampled_mass_kernel turns them into the
+        masses instead of pass 2 (one read of the keys, not two). PAGED: k is a paged cache [pages, page_size, Hkv, D]
+        (strides: page, head, slot) read through sequence b's row of the block table bt_ptr."""
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64) // group_chunks
         g0 = (tl.program_id(1) % group_chunks) * GPAD  # this program's first head of the group
@@ -173,12 +180,53 @@ if HAS_TRITON:
                 s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+                l_blk = tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+                l_i = l_i * tl.exp2(m_i - m_safe) + l_blk
                 m_i = m_new
+                if BLOCK_LSE:  # the block's share relative to the running max: no extra exponential
+                    bl = tl.where(l_blk > 0.0, m_safe + tl.log2(tl.where(l_blk > 0.0, l_blk, 1.0)), float("-inf"))
+                    tl.store(blse_ptr + (row_id * ROWS_PAD + r) * m_blocks + j, bl, mask=g_ok)
         if not MASS_PASS:
             pbase = part_ptr + (row_id * num_splits + split) * 2 * ROWS_PAD
             tl.store(pbase + r, m_i, mask=g_ok)
             tl.store(pbase + ROWS_PAD + r, l_i, mask=g_ok)
+
+    @triton.jit(do_not_specialize=["n_tokens", "rows", "num_splits", "m_blocks", "stride_ab", "stride_ah",
+                                   "stride_ai"])
+    def _sampled_mass_kernel(qblk_ptr, part_ptr, blse_ptr, a_ptr, n_tokens, rows, num_splits, m_blocks,
+                             stride_ab, stride_ah, stride_ai,
+                             BLOCK: tl.constexpr, ROWS_PAD: tl.constexpr, SPAD: tl.constexpr, JT: tl.constexpr):
+        """Program (b, h, i): the rows' log-sum-exp from pass 1's split partials, then each key block's mass
+        (exp2(block lse - row lse), averaged over the block's scored rows) from the block lse pass 1 wrote."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        i = tl.program_id(2)
+        num_heads = tl.num_programs(1)
+        mq = tl.num_programs(2)
+        mb = tl.load(qblk_ptr + i)
+        end = tl.minimum((mb + 1) * BLOCK, n_tokens)
+        r0 = tl.maximum(mb * BLOCK, end - rows)
+        nrows = end - r0
+        row_id = (b * num_heads + h) * mq + i
+        r = tl.arange(0, ROWS_PAD)
+        sp = tl.arange(0, SPAD)
+        pbase = part_ptr + (row_id * num_splits + sp[:, None]) * 2 * ROWS_PAD + r[None, :]
+        s_ok = (sp < num_splits)[:, None]
+        pm = tl.load(pbase, mask=s_ok, other=float("-inf"))
+        pl = tl.load(pbase + ROWS_PAD, mask=s_ok, other=0.0)
+        mx = tl.max(pm, 0)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.sum(tl.where(pm == float("-inf"), 0.0, pl * tl.exp2(pm - mx_safe[None, :])), 0)
+        lse = tl.where(tot > 0.0, mx_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0)), 0.0)
+        r_ok = r < nrows
+        bbase = blse_ptr + (row_id * ROWS_PAD + r[:, None]) * m_blocks
+        abase = a_ptr + b * stride_ab + h * stride_ah + i * stride_ai
+        for j0 in range(0, mb + 1, JT):
+            j = j0 + tl.arange(0, JT)
+            j_ok = j <= mb
+            bl = tl.load(bbase + j[None, :], mask=r_ok[:, None] & j_ok[None, :], other=float("-inf"))
+            mass = tl.sum(tl.exp2(bl - lse[:, None]), 0)
+            tl.store(abase + j, mass / nrows.to(tl.float32), mask=j_ok)
 
     @triton.jit(do_not_specialize=["n_tokens", "m", "q_block_offset", "stride_lb", "stride_lh", "stride_li",
                                    "stride_ob", "stride_oh", "stride_oi"])
@@ -362,18 +410,25 @@ def sampled_block_attention(q: torch.Tensor, k: torch.Tensor | PagedKeys, block_
     else:
         kt, bt = k, qb  # bt unused
         k_strides, page_size = (k.stride(0), k.stride(1), k.stride(2)), 1
-    common = (n, q_offset, rows, 1.4426950408889634 / math.sqrt(d), group, chunks, splits, page_size,
+    one_pass = b * hq * mq * rp * m * 4 <= SAMPLED_ONE_PASS_BYTES
+    blse = torch.empty(b, hq, mq, rp, m if one_pass else 1, dtype=torch.float32, device=q.device)
+    common = (n, q_offset, rows, 1.4426950408889634 / math.sqrt(d), group, chunks, splits, page_size, m,
               q.stride(0), q.stride(1), q.stride(2), *k_strides,
               a.stride(0), a.stride(1), a.stride(2), bt.stride(0) if paged else 0)
     grid = (b, hkv * chunks, mq * splits)
     args["PAGED"] = paged
-    _sampled_kernel[grid](q, kt, qb, part, lse, a, bt, *common, MASS_PASS=False, **args)
+    _sampled_kernel[grid](q, kt, qb, part, lse, a, bt, blse, *common, MASS_PASS=False, BLOCK_LSE=one_pass, **args)
+    if one_pass:
+        _sampled_mass_kernel[(b, hq, mq)](qb, part, blse, a, n, rows, splits, m, a.stride(0), a.stride(1),
+                                          a.stride(2), BLOCK=block_size, ROWS_PAD=rp, SPAD=max(2, next_pow2(splits)),
+                                          JT=SAMPLED_MASS_TILE, num_warps=4)
+        return a
     pm, pl = part[..., 0, :], part[..., 1, :]
     mx = pm.amax(3, keepdim=True)
     mx_safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
     tot = (pl * torch.exp2(pm - mx_safe)).sum(3)
     lse.copy_(torch.where(tot > 0, mx_safe.squeeze(3) + torch.log2(tot.clamp(min=1e-30)), torch.zeros_like(tot)))
-    _sampled_kernel[grid](q, kt, qb, part, lse, a, bt, *common, MASS_PASS=True, **args)
+    _sampled_kernel[grid](q, kt, qb, part, lse, a, bt, blse, *common, MASS_PASS=True, BLOCK_LSE=False, **args)
     return a
 
 

@@ -322,8 +322,10 @@ def _sampled_brute(q, k, bs, rows, q_blocks):
                                    pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("rows", [1, 4, 16], ids=lambda r: f"rows{r}")
 @pytest.mark.parametrize("n,hq,hkv,d,bs", SHAPES)
-def test_sampled_block_attention(n, hq, hkv, d, bs, rows, dtype, device):
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_passes"])
+def test_sampled_block_attention(n, hq, hkv, d, bs, rows, dtype, one_pass, monkeypatch, device):
     skip_if_interpreted_bf16_dot(dtype)
+    _passes(monkeypatch, one_pass)
     q, k = _qk(n, hq, hkv, d, dtype, seed=8, device=device)
     got = sampled_block_attention(q, k, bs, rows, impl="triton")
     want = sampled_block_attention(q, k, bs, rows, impl="torch")
@@ -338,8 +340,17 @@ def test_sampled_block_attention(n, hq, hkv, d, bs, rows, dtype, device):
         torch.testing.assert_close(want.cpu().double(), brute, rtol=0, atol=2 * atol)
 
 
+def _passes(monkeypatch, one_pass: bool) -> None:
+    """The exact rows' two ways: one read of the keys (each row's block log-sum-exp kept, then the mass kernel) or
+    two (the second pass reads the keys again), chosen by the size of the kept log-sum-exps."""
+    import cab_vllm.ops.coarsen as coarsen
+
+    monkeypatch.setattr(coarsen, "SAMPLED_ONE_PASS_BYTES", 1 << 40 if one_pass else 0)
+
+
 @pytest.mark.parametrize("tile_rows", [128, 48], ids=lambda t: f"tile{t}")
-def test_sampled_block_attention_splits_a_large_group(tile_rows, monkeypatch, device):
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_passes"])
+def test_sampled_block_attention_splits_a_large_group(tile_rows, one_pass, monkeypatch, device):
     """A GQA group of more (head, row) pairs than one program's tile holds (20 query heads of one KV head x 16
     rows; 64 x 16 overflowed the H200's shared memory) is split over programs, the last one partly empty (20
     heads in programs of 8, or of 2 when the cap, 48 rows, is not a power of two): the same mass as the
@@ -347,6 +358,7 @@ def test_sampled_block_attention_splits_a_large_group(tile_rows, monkeypatch, de
     import cab_vllm.ops.coarsen as coarsen
 
     monkeypatch.setattr(coarsen, "SAMPLED_TILE_ROWS", tile_rows)
+    _passes(monkeypatch, one_pass)
     q, k = _qk(200, 20, 1, 32, torch.float32, seed=10, device=device)
     for rows, qb in ((16, None), (5, torch.tensor([1, 3], device=device))):
         got = sampled_block_attention(q, k, 16, rows, qb, impl="triton")
@@ -356,9 +368,11 @@ def test_sampled_block_attention_splits_a_large_group(tile_rows, monkeypatch, de
 
 
 @pytest.mark.parametrize("q_blocks", [[62], [0, 31, 62], [5, 5]], ids=["last", "three", "repeated"])
-def test_sampled_block_attention_subset_of_query_blocks(q_blocks, device):
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_passes"])
+def test_sampled_block_attention_subset_of_query_blocks(q_blocks, one_pass, monkeypatch, device):
     """A few query blocks over many key blocks: the kernel splits the key range over programs (the exact last
     rows of the cab policy); the result must not depend on the split."""
+    _passes(monkeypatch, one_pass)
     q, k = _qk(1000, 2, 1, 64, torch.float32, seed=9, device=device)
     qb = torch.tensor(q_blocks, device=device)
     got = sampled_block_attention(q, k, 16, 8, qb, impl="triton")
@@ -376,13 +390,16 @@ def test_sampled_block_attention_subset_of_query_blocks(q_blocks, device):
     pytest.param(97, 16, "kv_pair", 64, [5, 6], id="n97-kvpair-two-blocks"),
     pytest.param(150, 16, "plain", 0, None, id="n150-two-sequences"),
 ])
-def test_sampled_block_attention_reads_paged_keys_in_place(n, page, layout, q_offset, q_blocks, device):
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_passes"])
+def test_sampled_block_attention_reads_paged_keys_in_place(n, page, layout, q_offset, q_blocks, one_pass,
+                                                           monkeypatch, device):
     """PagedKeys (the keys in a paged cache: random page order, NaN in every slot holding no token, several cache
     layouts, pages shorter and longer than a block, two sequences with their own pages) give the mass the gathered
     keys give, bit for bit (the same products in the same order), for the last rows of every query block, of a
     chunk after a cached prefix and of a few blocks whose key range is split over programs."""
     from cab_vllm.ops.blocks import PagedKeys
 
+    _passes(monkeypatch, one_pass)
     gen = torch.Generator().manual_seed(n)
     b = 2 if n == 150 else 1
     q = torch.randn(b, 8, n - q_offset, 64, generator=gen).to(device)

@@ -90,6 +90,7 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     from cab_vllm.policies import estimate_and_select
 
     caps = [Capture(monkeypatch, fs, "_logits_kernel"), Capture(monkeypatch, coarsen, "_sampled_kernel"),
+            Capture(monkeypatch, coarsen, "_sampled_mass_kernel"),
             Capture(monkeypatch, dec, "_decode_step_kernel"), Capture(monkeypatch, fs, "_select_rows_kernel")]
     gen = torch.Generator().manual_seed(0)
     # the fused predictor and the exact rows (GQA 4 in bf16, GQA 7 in fp32)
@@ -142,13 +143,14 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
                   torch.full((2,), MODE_BOUNDS, dtype=torch.int32), torch.full((2,), 5, dtype=torch.int32), 64, 1, 2,
                   5, torch.zeros(2, 2, n_blocks, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32),
                   torch.zeros(2, 2, 32), impl="triton")
-    logits, sampled, step, rows = (c.launches for c in caps)
+    logits, sampled, mass, step, rows = (c.launches for c in caps)
     assert not all(x["constexprs"]["ROUTED"] for x in step)  # the launches without routing are compiled too
     assert {x["constexprs"]["PAGE_SIZE"] for x in step} >= {16, 64}
     assert logits and {x["constexprs"]["HAS_EXACT"] for x in rows} == {True, False}
     assert {x["num_stages"] for x in logits} == {1, 2}  # fp32 summaries (one key tile in flight) and bf16 (two)
     assert {x["constexprs"]["GPAD"] for x in sampled} == {4, 8}
     assert {x["constexprs"]["PAGED"] for x in sampled} == {True, False}
+    assert mass and all(x["constexprs"]["BLOCK_LSE"] for x in sampled)  # the exact rows read the keys once
     assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} >= {(True, True), (True, False),
                                                                                          (False, True)}
     # the merge's tile: 20 splits here (20 blocks, one per split) read 16 per load (MERGE_SPLITS=16); the
@@ -160,8 +162,11 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     options = _scaled(attend, MERGE_SPLITS=1) + _scaled(attend, MERGE_SPLITS=16)
     # an 8B model at 128k: 2048 key blocks, head dim 128 (summaries 2 x 128 wide), 16 exact rows
     big = (_scaled(logits, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
+           + _scaled(mass, SPAD=128)
            + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128) + _scaled(rows, MPAD=2048, KPAD=2048, SPAD=8))
-    every = logits + sampled + step + options + rows + big
+    # the two-pass exact rows (the sampled estimator over every query block keeps them)
+    two = _scaled(sampled, BLOCK_LSE=False) + _scaled(sampled, BLOCK_LSE=False, MASS_PASS=True)
+    every = logits + sampled + mass + two + step + options + rows + big
     out = _compile(tmp_path, every)
     assert out.count("ok ") == len({json.dumps(x, sort_keys=True) for x in every})
 

@@ -19,7 +19,8 @@ MOVING = {
     ("fused_select.py", "_select_rows_kernel"): {"first", "kmax", "splits", "exact_row", "m"},
     ("coarsen.py", "_pool_kernel"): {"n_tokens", "first_block"},
     ("coarsen.py", "_softmax_group_kernel"): {"n_tokens", "m", "q_block_offset"},
-    ("coarsen.py", "_sampled_kernel"): {"n_tokens", "q_offset", "rows", "num_splits"},
+    ("coarsen.py", "_sampled_kernel"): {"n_tokens", "q_offset", "rows", "num_splits", "m_blocks"},
+    ("coarsen.py", "_sampled_mass_kernel"): {"n_tokens", "rows", "num_splits", "m_blocks"},
 }
 
 
