@@ -40,6 +40,7 @@ SAMPLED_TILE_ROWS = 128
 # block would need [rows x M x M] and keeps the two passes (the second reads the keys again)
 SAMPLED_ONE_PASS_BYTES = 64 << 20
 SAMPLED_MASS_TILE = 128  # key blocks per step of the mass kernel
+SAMPLED_MASS_SPLITS = 16  # pass 1's split partials the mass kernel merges per load (a fixed tile: one compile)
 
 if HAS_TRITON:
     import triton
@@ -209,14 +210,20 @@ if HAS_TRITON:
         nrows = end - r0
         row_id = (b * num_heads + h) * mq + i
         r = tl.arange(0, ROWS_PAD)
-        sp = tl.arange(0, SPAD)
-        pbase = part_ptr + (row_id * num_splits + sp[:, None]) * 2 * ROWS_PAD + r[None, :]
-        s_ok = (sp < num_splits)[:, None]
-        pm = tl.load(pbase, mask=s_ok, other=float("-inf"))
-        pl = tl.load(pbase + ROWS_PAD, mask=s_ok, other=0.0)
-        mx = tl.max(pm, 0)
+        mx = tl.full([ROWS_PAD], float("-inf"), dtype=tl.float32)
+        tot = tl.zeros([ROWS_PAD], dtype=tl.float32)
+        for s0 in range(0, num_splits, SPAD):  # SPAD splits' partials per load (fixed: no compile per split count)
+            sp = s0 + tl.arange(0, SPAD)
+            pbase = part_ptr + (row_id * num_splits + sp[:, None]) * 2 * ROWS_PAD + r[None, :]
+            s_ok = (sp < num_splits)[:, None]
+            pm = tl.load(pbase, mask=s_ok, other=float("-inf"))
+            pl = tl.load(pbase + ROWS_PAD, mask=s_ok, other=0.0)
+            m_new = tl.maximum(mx, tl.max(pm, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            tot = tot * tl.exp2(mx - m_safe) + tl.sum(tl.where(pm == float("-inf"), 0.0,
+                                                                pl * tl.exp2(pm - m_safe[None, :])), 0)
+            mx = m_new
         mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-        tot = tl.sum(tl.where(pm == float("-inf"), 0.0, pl * tl.exp2(pm - mx_safe[None, :])), 0)
         lse = tl.where(tot > 0.0, mx_safe + tl.log2(tl.where(tot > 0.0, tot, 1.0)), 0.0)
         r_ok = r < nrows
         bbase = blse_ptr + (row_id * ROWS_PAD + r[:, None]) * m_blocks
@@ -420,7 +427,7 @@ def sampled_block_attention(q: torch.Tensor, k: torch.Tensor | PagedKeys, block_
     _sampled_kernel[grid](q, kt, qb, part, lse, a, bt, blse, *common, MASS_PASS=False, BLOCK_LSE=one_pass, **args)
     if one_pass:
         _sampled_mass_kernel[(b, hq, mq)](qb, part, blse, a, n, rows, splits, m, a.stride(0), a.stride(1),
-                                          a.stride(2), BLOCK=block_size, ROWS_PAD=rp, SPAD=max(2, next_pow2(splits)),
+                                          a.stride(2), BLOCK=block_size, ROWS_PAD=rp, SPAD=SAMPLED_MASS_SPLITS,
                                           JT=SAMPLED_MASS_TILE, num_warps=4)
         return a
     pm, pl = part[..., 0, :], part[..., 1, :]

@@ -340,12 +340,16 @@ def test_sampled_block_attention(n, hq, hkv, d, bs, rows, dtype, one_pass, monke
         torch.testing.assert_close(want.cpu().double(), brute, rtol=0, atol=2 * atol)
 
 
-def _passes(monkeypatch, one_pass: bool) -> None:
+def _passes(monkeypatch, one_pass: bool, mass_splits: int | None = None) -> None:
     """The exact rows' two ways: one read of the keys (each row's block log-sum-exp kept, then the mass kernel) or
-    two (the second pass reads the keys again), chosen by the size of the kept log-sum-exps."""
+    two (the second pass reads the keys again), chosen by the size of the kept log-sum-exps. mass_splits: the
+    split partials the mass kernel merges per load (fewer than the launch's splits: several loads, the last one
+    partly empty)."""
     import cab_vllm.ops.coarsen as coarsen
 
     monkeypatch.setattr(coarsen, "SAMPLED_ONE_PASS_BYTES", 1 << 40 if one_pass else 0)
+    if mass_splits is not None:
+        monkeypatch.setattr(coarsen, "SAMPLED_MASS_SPLITS", mass_splits)
 
 
 @pytest.mark.parametrize("tile_rows", [128, 48], ids=lambda t: f"tile{t}")
@@ -372,7 +376,7 @@ def test_sampled_block_attention_splits_a_large_group(tile_rows, one_pass, monke
 def test_sampled_block_attention_subset_of_query_blocks(q_blocks, one_pass, monkeypatch, device):
     """A few query blocks over many key blocks: the kernel splits the key range over programs (the exact last
     rows of the cab policy); the result must not depend on the split."""
-    _passes(monkeypatch, one_pass)
+    _passes(monkeypatch, one_pass, mass_splits=2)
     q, k = _qk(1000, 2, 1, 64, torch.float32, seed=9, device=device)
     qb = torch.tensor(q_blocks, device=device)
     got = sampled_block_attention(q, k, 16, 8, qb, impl="triton")
@@ -399,7 +403,7 @@ def test_sampled_block_attention_reads_paged_keys_in_place(n, page, layout, q_of
     chunk after a cached prefix and of a few blocks whose key range is split over programs."""
     from cab_vllm.ops.blocks import PagedKeys
 
-    _passes(monkeypatch, one_pass)
+    _passes(monkeypatch, one_pass, mass_splits=2)
     gen = torch.Generator().manual_seed(n)
     b = 2 if n == 150 else 1
     q = torch.randn(b, 8, n - q_offset, 64, generator=gen).to(device)

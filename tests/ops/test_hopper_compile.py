@@ -151,6 +151,9 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert {x["constexprs"]["GPAD"] for x in sampled} == {4, 8}
     assert {x["constexprs"]["PAGED"] for x in sampled} == {True, False}
     assert mass and all(x["constexprs"]["BLOCK_LSE"] for x in sampled)  # the exact rows read the keys once
+    # the mass kernel's constexprs do not follow the context's length (its split count): one compile per model
+    assert len({json.dumps(x["constexprs"], sort_keys=True) for x in mass}) == 1
+    assert len({x["args"][6][1] for x in mass}) > 1  # (the launches' split counts differ)
     assert {(x["constexprs"]["SELECT"], x["constexprs"]["ATTEND"]) for x in step} >= {(True, True), (True, False),
                                                                                          (False, True)}
     # the merge's tile: 20 splits here (20 blocks, one per split) read 16 per load (MERGE_SPLITS=16); the
@@ -162,7 +165,6 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     options = _scaled(attend, MERGE_SPLITS=1) + _scaled(attend, MERGE_SPLITS=16)
     # an 8B model at 128k: 2048 key blocks, head dim 128 (summaries 2 x 128 wide), 16 exact rows
     big = (_scaled(logits, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
-           + _scaled(mass, SPAD=128)
            + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128) + _scaled(rows, MPAD=2048, KPAD=2048, SPAD=8))
     # the two-pass exact rows (the sampled estimator over every query block keeps them)
     two = _scaled(sampled, BLOCK_LSE=False) + _scaled(sampled, BLOCK_LSE=False, MASS_PASS=True)
