@@ -21,6 +21,7 @@ and summed over the prompt (CUDA events; a first pass compiles and is not timed)
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from collections import defaultdict
 
@@ -33,6 +34,18 @@ from cab_vllm.ops.blocks import PagedKeys
 from cab_vllm.policies import uses_exact_rows
 
 PHASES = ("update_key_summaries", "prefill_selection", "run_prefill")
+# launch settings main() sweeps (each a comma list; every combination): option, module of cab_vllm.ops, its constant,
+# whether only the fused predictor reads it, what it is
+SWEEP = (
+    ("tile-rows", "fused_select", "TILE_ROWS", True, "(query block, head) rows per logits program"),
+    ("key-tile", "fused_select", "KEY_TILE", True, "key blocks per step of a logits program's loop, powers of two"),
+    ("key-split", "fused_select", "KEY_SPLIT", True, "key blocks per program of the logits launch"),
+    ("pool-warps", "coarsen", "POOL_WARPS", False,
+     "warps per program of the pooling kernel (queries' features, keys' summaries)"),
+    ("logits-warps", "fused_select", "LOGITS_WARPS", True, "warps per logits program"),
+    ("logits-stages", "fused_select", "LOGITS_STAGES", True, "key tiles in flight per logits program"),
+    ("select-warps", "fused_select", "SELECT_WARPS", True, "warps per selection program"),
+)
 
 
 class Timer:
@@ -183,26 +196,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-kernels", action="store_true", help="phase times only (no torch.profiler pass)")
     ap.add_argument("--fused-select", choices=["0", "1"], default="1",
                     help="estimate, then a top-k per row, no [M, M] estimate (the engine's default, CAB_FUSED_SELECT=1)")
-    ap.add_argument("--tile-rows", default=None,
-                    help="with --fused-select 1: (query block, head) rows per logits program, comma list "
-                         "(ops.fused_select.TILE_ROWS)")
-    ap.add_argument("--key-tile", default=None,
-                    help="with --fused-select 1: key blocks per step of a logits program's loop, comma list of "
-                         "powers of two (ops.fused_select.KEY_TILE)")
-    ap.add_argument("--key-split", default=None,
-                    help="with --fused-select 1: key blocks per program of the logits launch, comma list "
-                         "(ops.fused_select.KEY_SPLIT)")
-    ap.add_argument("--pool-warps", default=None,
-                    help="warps per program of the pooling kernel (queries' features, keys' summaries), comma list "
-                         "(ops.coarsen.POOL_WARPS)")
-    ap.add_argument("--logits-warps", default=None,
-                    help="with --fused-select 1: warps per logits program, comma list (ops.fused_select.LOGITS_WARPS)")
-    ap.add_argument("--logits-stages", default=None,
-                    help="with --fused-select 1: key tiles in flight per logits program, comma list "
-                         "(ops.fused_select.LOGITS_STAGES)")
-    ap.add_argument("--select-warps", default=None,
-                    help="with --fused-select 1: warps per selection program, comma list "
-                         "(ops.fused_select.SELECT_WARPS)")
+    for opt, mod, const, fused_only, text in SWEEP:
+        ap.add_argument(f"--{opt}", default=None, help=f"{'with --fused-select 1: ' if fused_only else ''}{text}, "
+                                                       f"comma list (ops.{mod}.{const})")
     ap.add_argument("--exact-two-passes", action="store_true",
                     help="the exact rows read the keys twice (ops.coarsen.SAMPLED_ONE_PASS_BYTES = 0), as before the "
                          "one-pass kernel")
@@ -223,23 +219,18 @@ def main(argv=None) -> None:
         coarsen.SAMPLED_ONE_PASS_BYTES = 0
     from cab_vllm.ops import fused_select as fs
 
-    def ints(s, default):
-        return [int(x) for x in s.split(",")] if s else [default]
-
-    variants = [(t, k, s, w, lw, ls, sw)
-                for t in ints(a.tile_rows, fs.TILE_ROWS) for k in ints(a.key_tile, fs.KEY_TILE)
-                for s in ints(a.key_split, fs.KEY_SPLIT) for w in ints(a.pool_warps, coarsen.POOL_WARPS)
-                for lw in ints(a.logits_warps, fs.LOGITS_WARPS) for ls in ints(a.logits_stages, fs.LOGITS_STAGES)
-                for sw in ints(a.select_warps, fs.SELECT_WARPS)]
-    for (tile_rows, key_tile, key_split, pool_warps, lw, ls, sw), sp in ((v, float(x)) for v in variants
-                                                                         for x in a.sparsities.split(",")):
-        fs.TILE_ROWS, fs.KEY_TILE, fs.KEY_SPLIT, coarsen.POOL_WARPS = tile_rows, key_tile, key_split, pool_warps
-        fs.LOGITS_WARPS, fs.LOGITS_STAGES, fs.SELECT_WARPS = lw, ls, sw
+    mods = {"fused_select": fs, "coarsen": coarsen}
+    lists = [[int(x) for x in v.split(",")] if (v := getattr(a, opt.replace("-", "_"))) else [getattr(mods[mod], c)]
+             for opt, mod, c, _, _ in SWEEP]
+    for values, sp in ((v, float(x)) for v in itertools.product(*lists) for x in a.sparsities.split(",")):
+        opts = ""
+        for (opt, mod, const, fused_only, _), v in zip(SWEEP, values):
+            setattr(mods[mod], const, v)
+            read = a.fused_select == "1" if fused_only else a.impl == "triton"  # whether this run reads the setting
+            if read:
+                opts += f" {opt.replace('-', '_')}={v}"
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1")
-        opts = (f" tile_rows={tile_rows} key_tile={key_tile} key_split={key_split} logits_warps={lw} logits_stages={ls}"
-                f" select_warps={sw}") if a.fused_select == "1" else ""
-        opts += f" pool_warps={pool_warps}" if a.impl == "triton" else ""
         opts += f" topk_bits={a.topk_bits}" if a.topk_bits is not None else ""
         opts += " exact_two_passes" if a.exact_two_passes else ""
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"

@@ -176,6 +176,9 @@ def test_profile_main_sweeps_the_pooling_warps(pp, monkeypatch, capsys):
              "--heads", "4,2,16", "--no-kernels", "--pool-warps", "2,8"])
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("==")]
     assert [h.split("pool_warps=")[1].split()[0] for h in heads] == ["2", "8"] and coarsen.POOL_WARPS == 8
+    from cab_vllm.ops import fused_select as fs  # the fused predictor's settings label the run that reads them
+
+    assert all(f"logits_warps={fs.LOGITS_WARPS} " in h and f"select_warps={fs.SELECT_WARPS} " in h for h in heads)
     q = torch.randn(1, 4, 130, 16, generator=torch.Generator().manual_seed(0))
     feats = []
     for warps in (2, 8):
