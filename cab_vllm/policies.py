@@ -62,12 +62,13 @@ def fused_select_ok(cfg: CABConfig) -> bool:
 
 
 def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, q_block_offset: int,
-                        summary: torch.Tensor, n_keys: int, exact: bool = True, impl: str = "auto"
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        summary: torch.Tensor, n_keys: int, exact: bool = True, impl: str = "auto",
+                        rows_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """select_from_attention(*estimate(q, k, cfg, summary=summary, ...), cfg) in two Triton launches
     (ops.fused_select) for a cfg that fused_select_ok accepts: the same return, the same selection except among
     tied scores. q [1, Hq, N - q_block_offset * bs, D]; summary [1, Hkv, M, W] of the n_keys keys; k [1, Hkv, N,
-    D] (or ops.blocks.PagedKeys) is read only for cab's exact rows (when ``exact``)."""
+    D] (or ops.blocks.PagedKeys) is read only for cab's exact rows (when ``exact``). rows_first: indices [Mq, Hkv, K]
+    and counts [Mq, Hkv] instead (ops.fused_select.estimate_select)."""
     from cab_vllm.ops.fused_select import estimate_select
 
     if not fused_select_ok(cfg):
@@ -77,7 +78,7 @@ def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig,
     ex = exact_last_row(q, k, cfg, q_block_offset, impl)[0][0, :, 0] if exact and uses_exact_rows(cfg) else None
     keep = cfg.keep_counts(m, q.device, answer=exact)[q_block_offset:]  # the prompt's end: the answer row
     return estimate_select(q, summary, n_keys, keep, max_keep(cfg, q_block_offset, mq, exact), cfg.block_size,
-                           cfg.estimator, cfg.sink_blocks, cfg.local_blocks, q_block_offset, ex)
+                           cfg.estimator, cfg.sink_blocks, cfg.local_blocks, q_block_offset, ex, rows_first=rows_first)
 
 
 def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABConfig, impl: str = "auto",

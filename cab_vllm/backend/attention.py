@@ -106,7 +106,9 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
         from cab_vllm.ops.coarsen import key_summary
 
         summ = summary[None] if summary is not None else key_summary(kb, bs, cfg.estimator, impl=impl)
-        idx, cnt = estimate_and_select(qb, kb, cfg, off, summ, n, exact=exact, impl=impl)
+        # the kernels' [rows, Hkv, K] as they are: rows first .. last are its last rows (all of them: off = first)
+        idx, cnt = estimate_and_select(qb, kb, cfg, off, summ, n, exact=exact, impl=impl, rows_first=True)
+        return idx[first - off:], cnt[first - off:], first
     else:
         if cfg.policy in ESTIMATED_POLICIES:
             a_max, a_mean = estimate(qb, kb, cfg, impl=impl, q_block_offset=off,

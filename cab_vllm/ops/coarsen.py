@@ -11,7 +11,9 @@ queries of block i pay to the keys of block j (causal, zero above the diagonal):
            q . k over the key block: sum_d max(q_d lo_d, q_d hi_d) = q+ . hi + q- . lo (two matmuls).
   sampled  exact: the last ``sample_rows`` real query rows of each query block against every key, softmax
            per row, attention mass summed per key block and averaged over the rows (MInference/XAttention
-           style). Never materialises the M x N scores (fused Triton kernel, two passes).
+           style). Never materialises the M x N scores (fused Triton kernel: one read of the keys that keeps each
+           row's per-key-block log-sum-exp, then a small kernel for the masses; or two reads of the keys where the
+           kept values would be large, SAMPLED_ONE_PASS_BYTES).
 
 Row subsets: given the queries of query blocks first .. M-1 only (q_block_offset = first; a chunk of a
 prompt, zero-padded in front to the start of its first block) and all N keys, every estimator returns the

@@ -30,7 +30,8 @@ TILE_ROWS = 64  # (query block, head) rows per program: 64 // the group's padded
 KEY_TILE = 64  # key blocks per step of a program's loop
 KEY_SPLIT = 256  # key blocks per program of the logits launch (rounded to whole key tiles)
 # Warps and stages of the two launches: on the H200 at 128k (16k chunks, 95%) 8 warps took the logits from 0.535 to
-# 0.92 ms and the selection from 0.545 to 0.597; 3 stages changed nothing (benchmarks/results/profiles_h200_2026-12-03d/)
+# 0.92 ms and the selection from 0.545 to 0.597; 3 stages changed nothing
+# (benchmarks/results/profiles_h200_2026-12-03d/)
 LOGITS_WARPS = 4  # warps per program of the logits launch
 LOGITS_STAGES = 2  # key tiles in flight per logits program for 16-bit summaries (fp32 ones: 1, see below)
 SELECT_WARPS = 4  # warps per program of the selection launch (one (query block, KV head) row)
@@ -149,12 +150,14 @@ if HAS_TRITON:
 
 def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: torch.Tensor, kmax: int,
                     block_size: int, estimator: str, sink_blocks: int, local_blocks: int, q_block_offset: int = 0,
-                    exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    exact: torch.Tensor | None = None, rows_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection of the query blocks q_block_offset .. M-1 that q [1, Hq, N - q_block_offset * bs, D] holds,
     from the key summaries summary [1, Hkv, M, W] of n_keys keys: keep [Mq] int (each row's count, the fixed
     budget), kmax >= max(keep) (the width of the indices). exact: [Hkv, M] float32 scores for the last query
     block (cab's exact rows) or None. Returns (indices [1, Hkv, Mq, kmax] int32 ascending, -1 padded,
-    counts [1, Hkv, Mq] int32), as policies.select_from_attention returns them. Triton (CUDA, or interpreted)."""
+    counts [1, Hkv, Mq] int32), as policies.select_from_attention returns them; rows_first: (indices [Mq, Hkv, kmax],
+    counts [Mq, Hkv]), the layout the kernels write and the backend's prefill tiles read (no copies). Triton (CUDA, or
+    interpreted)."""
     check(HAS_TRITON, "estimate_select needs Triton")
     check(q.dim() == 4 and summary.dim() == 4 and q.shape[0] == 1 and summary.shape[0] == 1,
           "q [1, Hq, N, D] and summary [1, Hkv, M, W] expected")
@@ -215,4 +218,6 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
             z.stride(0), z.stride(1), z.stride(2), pm.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
             GPAD=gpad, MPAD=mpad, KPAD=mpad, HAS_EXACT=exact is not None, SPAD=spad, num_warps=SELECT_WARPS,
         )
+    if rows_first:
+        return idx, cnt
     return idx.permute(1, 0, 2)[None].contiguous(), cnt.t()[None].contiguous()

@@ -343,7 +343,7 @@ if _HAS_TRITON:
                      stride_ss, stride_sh, stride_is, stride_ih, stride_cs,
                      MPAD: tl.constexpr, KPAD: tl.constexpr):
         """Keep the keep[s] highest of blocks 0..last's priorities (another program's writes: read from L2):
-        idx[s, kvh, :] ascending, -1 padded to kmax, cnt[s, kvh]. Exact bitwise threshold search, ties by index."""
+        idx[s, kvh, :] ascending, -1 padded to kmax, cnt[s, kvh]. Exact radix threshold search, ties by index."""
         jj = tl.arange(0, MPAD)
         sc = tl.load(sc_ptr + s * stride_ss + kvh * stride_sh + jj, mask=jj <= last, other=float("-inf"),
                      cache_modifier=".cg")
