@@ -292,7 +292,9 @@ if _HAS_TRITON:
     MAX_SCORE_PROGRAMS = 16  # programs per (row, KV head) that score its blocks (each loops over its tiles)
     # key bits a top-k pass decides: 1 (32 passes at most). On the H200 (prefill_profile.py, 128k in 16k chunks, 95%)
     # the prefill selection kernel took 0.546 ms at 1 bit, 0.599 at 2 and 1.272 at 4 (each pass compares every key
-    # with all 2^bits candidates); without the early stop 0.559 (benchmarks/results/profiles_h200_2026-12-03d/)
+    # with all 2^bits candidates); without the early stop 0.559 (benchmarks/results/profiles_h200_2026-12-03d/). The
+    # 1-bit figure was timed with its pass comparing against two candidates (the first always kept); it now compares
+    # against one (not timed since)
     TOPK_BITS = tl.constexpr(1)
     TOPK_DIGITS = tl.constexpr(1 << TOPK_BITS.value)
     SCORE_TOKENS = tl.constexpr(4)  # tokens of each block a bounds-scoring step loads at once (BLOCK / this dependent steps)
@@ -371,12 +373,18 @@ if _HAS_TRITON:
         shift = 32
         while (shift > 0) & (n_ge > k):
             shift -= TOPK_BITS
-            cand = thr | (dd << shift)  # [DIGITS]: thr with each value of the next digit
-            c = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)  # keys at or above each candidate
-            ok = c >= k  # digit 0 always (n_ge >= k); the largest digit that still keeps k keys wins
-            best = tl.max(tl.where(ok, dd, 0), 0)
-            thr = thr | (best << shift)
-            n_ge = tl.sum(tl.where(dd == best, c, 0), 0)
+            if TOPK_BITS == 1:  # one candidate per pass: thr with the next bit set
+                cand = thr | (tl.full([], 1, dtype=tl.uint32) << shift)
+                c = tl.sum((key >= cand).to(tl.int32), 0)
+                thr = tl.where(c >= k, cand, thr)
+                n_ge = tl.where(c >= k, c, n_ge)
+            else:
+                cand = thr | (dd << shift)  # [DIGITS]: thr with each value of the next digit
+                c = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)  # keys at or above each candidate
+                ok = c >= k  # digit 0 always (n_ge >= k); the largest digit that still keeps k keys wins
+                best = tl.max(tl.where(ok, dd, 0), 0)
+                thr = thr | (best << shift)
+                n_ge = tl.sum(tl.where(dd == best, c, 0), 0)
         gt = key > thr
         tie = key == thr
         n_gt = tl.sum(gt.to(tl.int32), 0)
