@@ -16,6 +16,7 @@ Select it with ``--attention-backend CUSTOM``. Nothing here imports vLLM at impo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -102,14 +103,8 @@ def attention_salt(extra_args) -> str:
     never reused under another."""
     from cab_vllm.backend.plan import request_config
 
-    key = _env_key()
-    base = _engine_default(key)
+    base, salt = _defaults(_env_key())
     if not extra_args:  # most requests: the engine default's salt, made once per set of CAB_* values
-        salt = _SALTS.get(key)
-        if salt is None:
-            if len(_SALTS) >= 64:
-                _SALTS.clear()
-            salt = _SALTS[key] = _salt(base)
         return salt
     return _salt(request_config(base, extra_args))
 
@@ -121,28 +116,20 @@ def _salt(cfg) -> str:
     return salt
 
 
-_DEFAULTS: dict = {}
-_SALTS: dict = {}  # the CAB_* values (_env_key) -> the engine default's salt
-
-
-def _engine_default(key: tuple | None = None):
-    """The engine's default CABConfig from the CAB_* variables, parsed once per set of values (every request's
-    admission asks for it: parsing them all took ~60 us per request on a 2-core CPU, reading the 15 variables
-    through os.environ ~20 us; the process environment's own mapping is read with the names encoded once)."""
+@functools.lru_cache(maxsize=64)
+def _defaults(key: tuple) -> tuple:
+    """The engine's default CABConfig from the CAB_* variables whose values are ``key`` (_env_key), and its salt,
+    made once per set of values (every request's admission asks for them: parsing the variables took ~60 us per
+    request on a 2-core CPU, reading the 15 of them through os.environ ~20 us; _env_key reads the process
+    environment's own mapping with the names encoded once). A bad value raises every time (nothing is cached)."""
     from cab_vllm.backend.plan import EngineSettings
 
-    key = _env_key() if key is None else key
-    cfg = _DEFAULTS.get(key)
-    if cfg is None:
-        cfg = EngineSettings.from_env().cfg
-        if len(_DEFAULTS) >= 64:
-            _DEFAULTS.clear()
-        _DEFAULTS[key] = cfg
-    return cfg
+    cfg = EngineSettings.from_env().cfg
+    return cfg, _salt(cfg)
 
 
 def _env_key() -> tuple:
-    """The values of the CAB_* variables the engine's config is made of (the cache key of _engine_default)."""
+    """The values of the CAB_* variables the engine's config is made of (the cache key of _defaults)."""
     global _ENV_NAMES
     if _ENV_NAMES is None:
         from cab_vllm.backend.plan import ENV_FIELDS

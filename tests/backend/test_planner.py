@@ -367,7 +367,7 @@ def test_attention_salt_reads_the_engine_defaults_once_per_set_of_values(monkeyp
     parsed = []
     real = EngineSettings.from_env.__func__
     monkeypatch.setattr(EngineSettings, "from_env", classmethod(lambda cls, *a: parsed.append(1) or real(cls, *a)))
-    plugin._DEFAULTS.clear()
+    plugin._defaults.cache_clear()
     assert plugin.attention_salt(None) == plugin.attention_salt(None) == "cab:0.7:cab" and len(parsed) == 1
     monkeypatch.setenv("CAB_SPARSITY", "0.8")
     assert plugin.attention_salt(None) == "cab:0.8:cab" and len(parsed) == 2
@@ -388,7 +388,7 @@ def test_the_default_salt_follows_the_variables_after_the_configs_are_dropped(mo
     monkeypatch.setenv("CAB_SPARSITY", "0.9")
     assert plugin.attention_salt(None).startswith("cab:0.9:cab:adaptive:")
     for value in ("0.7", "0.8", "0.7"):
-        plugin._DEFAULTS.clear()
+        plugin._defaults.cache_clear()
         gc.collect()
         monkeypatch.delenv("CAB_BUDGET")
         monkeypatch.setenv("CAB_SPARSITY", value)
