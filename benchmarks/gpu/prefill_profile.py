@@ -3,7 +3,7 @@ where the prefill's CAB time goes (no vLLM needed).
 
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
         [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256] [--pool-warps 2,4,8]
-        [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8] [--topk-bits 1|2|4]
+        [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8]
         [--exact-two-passes]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
@@ -202,16 +202,7 @@ def main(argv=None) -> None:
     ap.add_argument("--exact-two-passes", action="store_true",
                     help="the exact rows read the keys twice (ops.coarsen.SAMPLED_ONE_PASS_BYTES = 0), as before the "
                          "one-pass kernel")
-    ap.add_argument("--topk-bits", type=int, choices=[1, 2, 4], default=None,
-                    help="key bits each pass of the selections' radix top-k decides (ops.select.TOPK_BITS; one "
-                         "value per process: compiled kernels keep it)")
     a = ap.parse_args(argv)
-    if a.topk_bits is not None:
-        import triton.language as tl
-
-        from cab_vllm.ops import select
-
-        select.TOPK_BITS, select.TOPK_DIGITS = tl.constexpr(a.topk_bits), tl.constexpr(1 << a.topk_bits)
     hq, hkv, d = (int(x) for x in a.heads.split(","))
     from cab_vllm.ops import coarsen
 
@@ -231,7 +222,6 @@ def main(argv=None) -> None:
                 opts += f" {opt.replace('-', '_')}={v}"
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1")
-        opts += f" topk_bits={a.topk_bits}" if a.topk_bits is not None else ""
         opts += " exact_two_passes" if a.exact_two_passes else ""
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
               f"{opts} (one layer, ms)")

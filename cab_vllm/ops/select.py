@@ -290,13 +290,6 @@ if _HAS_TRITON:
 
     SCORE_TILE = 16  # key blocks a selection program scores at a time
     MAX_SCORE_PROGRAMS = 16  # programs per (row, KV head) that score its blocks (each loops over its tiles)
-    # key bits a top-k pass decides: 1 (32 passes at most). On the H200 (prefill_profile.py, 128k in 16k chunks, 95%)
-    # the prefill selection kernel took 0.546 ms at 1 bit, 0.599 at 2 and 1.272 at 4 (each pass compares every key
-    # with all 2^bits candidates); without the early stop 0.559 (benchmarks/results/profiles_h200_2026-12-03d/). The
-    # 1-bit figure was timed with its pass comparing against two candidates (the first always kept); it now compares
-    # against one (not timed since)
-    TOPK_BITS = tl.constexpr(1)
-    TOPK_DIGITS = tl.constexpr(1 << TOPK_BITS.value)
     SCORE_TOKENS = tl.constexpr(4)  # tokens of each block a bounds-scoring step loads at once (BLOCK / this dependent steps)
 
     @triton.jit
@@ -345,7 +338,7 @@ if _HAS_TRITON:
                      stride_ss, stride_sh, stride_is, stride_ih, stride_cs,
                      MPAD: tl.constexpr, KPAD: tl.constexpr):
         """Keep the keep[s] highest of blocks 0..last's priorities (another program's writes: read from L2):
-        idx[s, kvh, :] ascending, -1 padded to kmax, cnt[s, kvh]. Exact radix threshold search, ties by index."""
+        idx[s, kvh, :] ascending, -1 padded to kmax, cnt[s, kvh]. Exact bitwise threshold search, ties by index."""
         jj = tl.arange(0, MPAD)
         sc = tl.load(sc_ptr + s * stride_ss + kvh * stride_sh + jj, mask=jj <= last, other=float("-inf"),
                      cache_modifier=".cg")
@@ -356,8 +349,8 @@ if _HAS_TRITON:
     @triton.jit
     def _topk_values(sc, jj, k, base, cnt_at, kmax, KPAD: tl.constexpr):
         """Keep the k highest of the priorities sc [MPAD] (blocks jj; -inf past the row's last block): their
-        indices ascending at base[0..k-1], -1 padded to kmax, the count at cnt_at. Exact radix threshold search
-        (TOPK_BITS bits of the key per pass, most significant first), ties by index."""
+        indices ascending at base[0..k-1], -1 padded to kmax, the count at cnt_at. Exact bitwise threshold search
+        (most significant bit first), ties by index."""
         # order-preserving unsigned integer key of each float (32-bit compares in the passes below, not 64-bit)
         b = sc.to(tl.int32, bitcast=True)
         b = b ^ ((b >> 31) & 0x7FFFFFFF)
@@ -365,26 +358,19 @@ if _HAS_TRITON:
         # 1-D tiles for the scans: Triton 3.6 fails to lower a cumsum over a [1, 512+] tile in this kernel (an
         # assertion in its scan lowering on the H200), while 1-D scans lower at every width.
         # thr: the largest key prefix with >= k keys at or above it; n_ge: how many. The search stops as soon as
-        # exactly k keys are at or above thr (they are the top k, ties included): fewer passes than the key's bits
-        # for most rows, the same selection.
+        # exactly k keys are at or above thr (they are the top k, ties included): fewer passes than the key's 32 bits
+        # for most rows, the same selection. On the H200 (prefill_profile.py, 128k in 16k chunks, 95%) the prefill
+        # selection kernel took 0.546 ms against 0.559 with all 32 passes; deciding 2 or 4 bits per pass (comparing
+        # every key with 4 or 16 candidates) took 0.599 and 1.272 ms (benchmarks/results/profiles_h200_2026-12-03d/)
         thr = tl.full([], 0, dtype=tl.uint32)
         n_ge = tl.sum(tl.full(jj.shape, 1, dtype=tl.int32), 0)
-        dd = tl.arange(0, TOPK_DIGITS).to(tl.uint32)
         shift = 32
         while (shift > 0) & (n_ge > k):
-            shift -= TOPK_BITS
-            if TOPK_BITS == 1:  # one candidate per pass: thr with the next bit set
-                cand = thr | (tl.full([], 1, dtype=tl.uint32) << shift)
-                c = tl.sum((key >= cand).to(tl.int32), 0)
-                thr = tl.where(c >= k, cand, thr)
-                n_ge = tl.where(c >= k, c, n_ge)
-            else:
-                cand = thr | (dd << shift)  # [DIGITS]: thr with each value of the next digit
-                c = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)  # keys at or above each candidate
-                ok = c >= k  # digit 0 always (n_ge >= k); the largest digit that still keeps k keys wins
-                best = tl.max(tl.where(ok, dd, 0), 0)
-                thr = thr | (best << shift)
-                n_ge = tl.sum(tl.where(dd == best, c, 0), 0)
+            shift -= 1
+            cand = thr | (tl.full([], 1, dtype=tl.uint32) << shift)  # thr with the next bit set
+            c = tl.sum((key >= cand).to(tl.int32), 0)
+            thr = tl.where(c >= k, cand, thr)
+            n_ge = tl.where(c >= k, c, n_ge)
         gt = key > thr
         tie = key == thr
         n_gt = tl.sum(gt.to(tl.int32), 0)
