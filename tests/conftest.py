@@ -211,3 +211,30 @@ def assert_same_selection(idx: torch.Tensor, cnt: torch.Tensor, want_idx: torch.
     for r in (got != want).any(-1).nonzero().flatten().tolist():
         a, b = s[r][got[r]].sort().values, s[r][want[r]].sort().values
         torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda e: f"row {r} picks other blocks: {e}")
+
+
+def varlen_twin(*, q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, softmax_scale, causal, block_table,
+                out, fa_version):
+    """flash_attn_varlen_func's paged call in PyTorch (float32 math): sequence i is q[cu[i]:cu[i+1]] [L, H, D]
+    against the first seqused_k[i] keys of the pages block_table[i] lists ([pages, page_size, Hk, D] caches),
+    causal aligned bottom-right (query l sees keys 0 .. used - L + l), H / Hk query heads per key head."""
+    assert causal and fa_version in (2, 3)
+    for t in (q, k, v, out):
+        assert t.stride(-1) == 1, "FlashAttention needs a contiguous last dim"
+    assert block_table.dtype == torch.int32 and seqused_k.dtype == torch.int32 and cu_seqlens_q.dtype == torch.int32
+    page = k.shape[1]
+    cu, used = cu_seqlens_q.tolist(), seqused_k.tolist()
+    assert len(used) == len(cu) - 1 == block_table.shape[0]
+    g = q.shape[1] // k.shape[2]
+    for i in range(len(used)):
+        a, b, n = cu[i], cu[i + 1], used[i]
+        assert 0 <= b - a <= max_seqlen_q and 0 < n <= max_seqlen_k and b - a <= n
+        pages = block_table[i, : -(-n // page)].long()
+        assert pages.shape[0] == -(-n // page), "page table shorter than seqused_k"
+        kk = k[pages].flatten(0, 1)[:n].float().repeat_interleave(g, 1)  # [n, H, D]
+        vv = v[pages].flatten(0, 1)[:n].float().repeat_interleave(g, 1)
+        s = torch.einsum("lhd,nhd->hln", q[a:b].float(), kk) * softmax_scale
+        ok = torch.arange(n, device=q.device)[None, :] <= (n - (b - a) + torch.arange(b - a, device=q.device))[:, None]
+        s = s.masked_fill(~ok[None], float("-inf"))
+        out[a:b] = torch.einsum("hln,nhd->lhd", s.softmax(-1), vv).to(out.dtype)
+    return out

@@ -4,14 +4,15 @@ where the prefill's CAB time goes (no vLLM needed).
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
         [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256] [--pool-warps 2,4,8]
         [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8]
-        [--exact-two-passes]
+        [--exact-two-passes] [--fa-prefill 0|1]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
 keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
 (attention.attend): pool the chunk's key blocks into the kept summaries (update_key_summaries), estimate and select
 (prefill_selection; in the chunk holding the prompt's end the exact last rows read every key in place from the paged
 cache, ops.blocks.PagedKeys, or from a gathered copy on the unfused path), sparse attention on the selection
-(run_prefill). Prints each phase's GPU time per chunk
+(run_prefill: vLLM's FlashAttention over the kept pages, the engine's default on Hopper, or CAB's Triton kernel with
+--fa-prefill 0; the first needs vLLM installed). Prints each phase's GPU time per chunk
 and summed over the prompt (CUDA events; a first pass compiles and is not timed), the host syncs of each phase
 (each one drains the GPU's queue; torch.cuda.set_sync_debug_mode), then the kernels by GPU time
 (torch.profiler, one more pass). The engine benchmark's phase times are these summed over the model's layers
@@ -80,11 +81,11 @@ class Timer:
 
 
 def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySummaries, impl: str, timer=None,
-                label=None, sel_impl: str | None = None, fused: bool = False):
+                label=None, sel_impl: str | None = None, fused: bool = False, fa=None):
     """Every chunk of one n-token prompt, as attention.attend runs a prefill row with a summary slot; each phase
     timed by ``timer`` or labelled for torch.profiler by ``label`` (record_function). sel_impl: the selection's
     implementation (default: attend's choice for this device); fused: the fused predictor
-    (KernelOptions.fused_select)."""
+    (KernelOptions.fused_select); fa: run_prefill's (varlen, version) of vLLM's FlashAttention, or None."""
     dev = q.device
     bs = cfg.block_size
     if sel_impl is None:  # as attend picks it (the selection's Triton kernels on CUDA only)
@@ -108,7 +109,7 @@ def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySum
         qsl = device_ints([0, b - a], dev, torch.int32)  # as attend builds them: no stream sync
         sl = device_ints([b], dev, torch.int32)
         run("run_prefill", c, lambda: run_prefill(q[a:b], kc, vc, bt[:1], qsl, sl, [sel], bs, scale, out[a:b],
-                                                  impl))
+                                                  impl, fa=fa))
     return out
 
 
@@ -146,18 +147,26 @@ def setup(n: int, hq: int, hkv: int, d: int, page: int, dev: str, dtype, seed: i
 
 def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator: str = "bounds", dev: str = "cuda",
             impl: str = "triton", hq: int = 32, hkv: int = 8, d: int = 128, page: int = 16, top: int = 25,
-            kernels: bool = True, fused: bool = False) -> dict:
+            kernels: bool = True, fused: bool = False, fa_prefill: bool = False) -> dict:
     if n < 1 or chunk < 1:
         raise ValueError(f"n={n} and chunk={chunk} must be >= 1")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = CABConfig(sparsity=sparsity, policy=policy, estimator=estimator)
     if chunk % cfg.block_size:
         raise ValueError(f"chunk={chunk} must be a multiple of the block size {cfg.block_size}")
+    fa = None
+    if fa_prefill:
+        try:
+            from vllm.vllm_flash_attn import flash_attn_varlen_func
+        except ImportError as e:
+            raise SystemExit(f"--fa-prefill 1 needs vLLM's FlashAttention ({e}); --fa-prefill 0 runs CAB's Triton "
+                             f"kernel") from None
+        fa = (flash_attn_varlen_func, 3 if torch.cuda.get_device_capability()[0] == 9 else 2)
     q, kc, vc, bt = setup(n, hq, hkv, d, page, dev, dtype)
     store = KeySummaries(1, hkv, math.ceil(n / cfg.block_size), d, cfg.estimator, dtype, torch.device(dev))
-    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, fused=fused)  # compiles every kernel this prompt needs
+    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, fused=fused, fa=fa)  # compiles what this prompt needs
     timer = Timer(torch.device(dev))
-    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, timer, fused=fused)
+    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, timer, fused=fused, fa=fa)
     ms = timer.ms()
     chunks = math.ceil(n / chunk)
     res = {"n": n, "chunk": chunk, "sparsity": sparsity, "policy": policy, "estimator": estimator,
@@ -165,13 +174,13 @@ def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator:
            "total_ms": {p: round(sum(ms.get((p, c), 0.0) for c in range(chunks)), 3) for p in PHASES}}
     if dev == "cuda":  # host syncs per phase: each drains the GPU's queue in the middle of a layer
         res["syncs"] = count_syncs(lambda run: prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, run,
-                                                                   fused=fused))
+                                                                   fused=fused, fa=fa))
     if kernels:
         from torch.profiler import ProfilerActivity, profile as tprofile, record_function
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
         with tprofile(activities=acts) as prof:
-            prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, label=record_function, fused=fused)
+            prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, label=record_function, fused=fused, fa=fa)
         if dev == "cuda":
             torch.cuda.synchronize()
         key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
@@ -199,11 +208,15 @@ def main(argv=None) -> None:
     for opt, mod, const, fused_only, text in SWEEP:
         ap.add_argument(f"--{opt}", default=None, help=f"{'with --fused-select 1: ' if fused_only else ''}{text}, "
                                                        f"comma list (ops.{mod}.{const})")
+    ap.add_argument("--fa-prefill", choices=["0", "1"], default=None,
+                    help="1: the sparse attention in vLLM's FlashAttention over the kept pages (the engine's default "
+                         "on Hopper, CAB_FA_PREFILL; the default here on CUDA); 0: CAB's Triton kernel")
     ap.add_argument("--exact-two-passes", action="store_true",
                     help="the exact rows read the keys twice (ops.coarsen.SAMPLED_ONE_PASS_BYTES = 0), as before the "
                          "one-pass kernel")
     a = ap.parse_args(argv)
     hq, hkv, d = (int(x) for x in a.heads.split(","))
+    fa_prefill = (a.fa_prefill or ("1" if a.device == "cuda" else "0")) == "1"
     from cab_vllm.ops import coarsen
 
     if a.exact_two_passes:
@@ -221,8 +234,9 @@ def main(argv=None) -> None:
             if read:
                 opts += f" {opt.replace('-', '_')}={v}"
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
-                    kernels=not a.no_kernels, fused=a.fused_select == "1")
+                    kernels=not a.no_kernels, fused=a.fused_select == "1", fa_prefill=fa_prefill)
         opts += " exact_two_passes" if a.exact_two_passes else ""
+        opts += f" prefill={'flash_attention' if fa_prefill else 'triton'}"
         print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
               f"{opts} (one layer, ms)")
         for p in PHASES:

@@ -7,7 +7,8 @@ the rows a step's plan (backend.plan) routed to CAB. Plain PyTorch + our Triton 
   PromptTable        per layer, each request's stored prompt selection (decode_rule="prompt").
   DecodeWorkspace    the decode step's persistent buffers, shared by the layers (fixed addresses: CUDA graphs).
   attend             one layer: routed decode (ops.decode.routed_decode: selection, then attention + merge) and the
-                     sparse prefill (run_prefill: our Triton kernels, or a PyTorch path on CPU).
+                     sparse prefill (run_prefill: vLLM's FlashAttention over each query block's kept pages
+                     (ops.fa_prefill) or our Triton kernel on CUDA, a PyTorch path on CPU).
 
 Chunked prefill with a cached prefix: the chunk's query blocks first..M-1 are estimated against the keys of the
 full context. With a key-summary slot (KeySummaries, given by the builder's SummarySlots) the chunk pools only
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from cab_vllm.backend.plan import BatchPlan, KernelOptions
 from cab_vllm.backend.stats import STATS
 from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, CABConfig
+from cab_vllm.ops.fa_prefill import fa_sparse_prefill
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.blocks import PagedKeys, gather_paged, num_blocks
 from cab_vllm.policies import (estimate, estimate_and_select, fused_select_ok, rows_only, select_from_attention,
@@ -247,15 +249,20 @@ def _tiled_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx
 
 def run_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor, sels: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
-                block_size: int, scale: float, out: torch.Tensor, impl: str = "auto") -> None:
+                block_size: int, scale: float, out: torch.Tensor, impl: str = "auto", fa=None) -> None:
     """Block-sparse causal attention for a batch of prefill rows.
 
     q [T, Hq, D] packed by query_start_loc [S+1] (int32, starting at 0); seq_lens [S] int32; block_table [S, P];
     sels[s] = (indices [R, Hkv, K], counts [R, Hkv], first query block) from prefill_selection; out [T, Hq, D]
-    is written. impl 'triton' runs ops.prefill.paged_sparse_prefill over PrefillTiles; 'torch' gathers each
-    request's K/V and runs SDPA over each tile's selected key blocks (_tiled_sparse_prefill)."""
+    is written. impl 'triton' runs ops.prefill.paged_sparse_prefill over PrefillTiles, or with fa = (varlen,
+    version) ops.fa_prefill.fa_sparse_prefill (vLLM's FlashAttention over each tile's kept pages); 'torch' gathers
+    each request's K/V and runs SDPA over each tile's selected key blocks (_tiled_sparse_prefill)."""
     if resolve(impl, q.device) == "triton":
         tiles = prefill_tiles([(s, i, c, f) for s, (i, c, f) in enumerate(sels)])
+        if fa is not None:
+            fa_sparse_prefill(q, key_cache, value_cache, block_table, query_start_loc, seq_lens, tiles, block_size,
+                              scale, out, varlen=fa[0], fa_version=fa[1])
+            return
         paged_sparse_prefill(q, key_cache, value_cache, block_table, query_start_loc, seq_lens, tiles, block_size,
                              scale, out=out, impl="triton")
         return
@@ -366,7 +373,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
            record: dict | None = None, table: PromptTable | None = None, routes=None, keep: torch.Tensor | None = None,
            workspace: DecodeWorkspace | None = None, skip_dense: bool = False, decode_attention: bool = True,
            prefills: bool = True, summaries: KeySummaries | None = None,
-           kernels: KernelOptions | None = None) -> torch.Tensor:
+           kernels: KernelOptions | None = None, fa_prefill=None) -> torch.Tensor:
     """One layer of the backend: select and attend for the rows of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
@@ -376,6 +383,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     FlashAttention). decode_attention=False: decode rows are left alone (every one is dense and another kernel
     runs it); prefills=False: prefill rows are left alone. summaries: this layer's KeySummaries, used by the
     prefill rows route_rows gave a summary slot (plan.summary). kernels: the engine's KernelOptions (speed only).
+    fa_prefill: (varlen, version) of vLLM's FlashAttention to run the sparse prefill rows (run_prefill), or None.
     Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
     (indices, counts) of plan.decode_rows; 'prefill': (indices, counts, first query block) per plan.prefill_rows).
     """
@@ -464,7 +472,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
         qp = q[a:b] if contiguous else q[tok]
         op = out[a:b] if contiguous else torch.empty_like(qp)
         run_prefill(qp, key_cache, value_cache, block_table[rt], device_ints(qsl_sub, dev, torch.int32),
-                    seq_lens[rt], sels, bs, scale, op, impl)
+                    seq_lens[rt], sels, bs, scale, op, impl, fa=fa_prefill)
         if not contiguous:
             out[tok] = op
     return out

@@ -9,7 +9,8 @@ Flow per step:
   impl.do_kv_cache_update  vLLM's FlashAttention cache write on CUDA; an index_put on CPU.
   impl.forward    per layer, a thin dispatch: vLLM's FlashAttention for the dense rows (CUDA), then
                   attention.attend for the sparse rows: decode rows through routed_decode (a selection launch,
-                  then split-K attention and merge in one), prefill rows through the estimate/select/sparse-prefill path.
+                  then split-K attention and merge in one), prefill rows through the estimate/select/sparse-prefill path
+                  (the sparse attention in vLLM's FlashAttention over the kept pages where it runs: fa_prefill_launcher).
 
 CUDA graphs: UNIFORM_SINGLE_TOKEN_DECODE on CUDA. Decode batches replay a full graph holding FlashAttention and
 CAB's decode kernels; the forward reads nothing on the host and the per-step plan lives in fixed device buffers
@@ -480,6 +481,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self.summaries: KeySummaries | None = None  # key-block summaries kept across a prompt's chunks
         self._traced = False
         self._dense: bool | None = None  # this layer attends densely (CAB_DENSE_LAYERS): known at its first step
+        self._fa_prefill = _UNDECIDED  # FAPrefill or None: how sparse prefill rows run (_prefill_launcher)
         self._vcfg = compat.current_vllm_config()
         _check_engine_features(self._vcfg)
         fa = compat.flash_attention()
@@ -536,6 +538,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
             raise NotImplementedError("CAB backend: fused output quantization is not supported")
         if attn_metadata is None:  # profiling run: allocate (counted by vLLM's memory profile) and compile
             self._buffers(_cache_dtype(self.kv_cache_dtype, query.dtype), query.device)
+            self._prefill_launcher(_cache_dtype(self.kv_cache_dtype, query.dtype), _engine_page_size(self._vcfg))
             if query.is_cuda:
                 _warm_up(self, query)
             return output.fill_(0)
@@ -575,6 +578,10 @@ class CABImpl(AttentionImpl[CABMetadata]):
         """CAB's rows of the step (decode rows when decode_attention, sparse prefill rows when md says so)."""
         key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
         self._buffers(key_cache.dtype, key_cache.device)
+        fa_prefill = None
+        if md.run_cab_prefill:
+            fa_prefill = (self._fa_prefill if self._fa_prefill is not _UNDECIDED
+                          else self._prefill_launcher(key_cache.dtype, key_cache.shape[1]))
         routes = md.routes._replace(tab_idx=self.table.idx, tab_cnt=self.table.cnt,
                                     sel_idx=self.workspace.sel_idx[: len(md.plan.decode_rows)],
                                     sel_cnt=self.workspace.sel_cnt[: len(md.plan.decode_rows)])
@@ -582,8 +589,62 @@ class CABImpl(AttentionImpl[CABMetadata]):
                md.plan, self.scale, output.view(-1, self.num_heads, self.head_size),
                self.settings.impl, table=self.table, routes=routes, keep=md.keep, workspace=self.workspace,
                skip_dense=self.fa is not None, decode_attention=decode_attention, prefills=md.run_cab_prefill,
-               summaries=self.summaries, kernels=self.settings.kernels)
+               summaries=self.summaries, kernels=self.settings.kernels, fa_prefill=fa_prefill)
         return output
+
+    def _prefill_launcher(self, dtype: torch.dtype, page_size: int) -> "FAPrefill | None":
+        """This layer's sparse prefill through vLLM's FlashAttention, or None (CAB's Triton kernel): decided once,
+        in the profiling run at engine start (where CAB_FA_PREFILL=1 that cannot be honoured fails the start)."""
+        if self._fa_prefill is _UNDECIDED:
+            self._fa_prefill = fa_prefill_launcher(self.settings.kernels.fa_prefill, self.fa, page_size,
+                                                   self.settings.cfg.block_size, dtype)
+            if "fa_prefill" not in _WARNED:
+                _WARNED.add("fa_prefill")
+                logger.info("CAB: sparse prefill rows run in %s", "CAB's Triton kernel" if self._fa_prefill is None
+                            else f"vLLM's FlashAttention {self._fa_prefill.version} over the kept pages")
+        return self._fa_prefill
+
+
+_UNDECIDED = object()
+
+
+class FAPrefill(NamedTuple):
+    """vLLM's flash_attn_varlen_func and the FlashAttention version it runs (ops.fa_prefill.fa_sparse_prefill)."""
+
+    varlen: object
+    version: int
+
+
+def fa_prefill_launcher(option: bool | None, fa_impl, page_size: int, block_size: int,
+                        dtype: torch.dtype) -> FAPrefill | None:
+    """How sparse prefill rows run: FAPrefill (vLLM's FlashAttention, ops.fa_prefill) or None (CAB's Triton kernel).
+    option (KernelOptions.fa_prefill, CAB_FA_PREFILL): False: never; None: where it was measured faster
+    (FlashAttention 3: on an H200 at 128k, 95%, 14.9 against 19.9 ms per layer); True: wherever it can run, and
+    where it cannot, a ValueError that says why (the engine start fails). fa_impl: vLLM's FlashAttentionImpl
+    beside CAB (None without one)."""
+    from cab_vllm.ops.fa_prefill import FA_DTYPES
+
+    if option is False:
+        return None
+    varlen = compat.flash_attn_varlen() if fa_impl is not None else None
+    version = getattr(fa_impl, "vllm_flash_attn_version", None)
+    why = None
+    if varlen is None or version is None:
+        why = "vLLM's FlashAttention is not available here (CUDA vLLM only)"
+    elif version not in (2, 3):
+        why = f"vLLM runs FlashAttention {version} here; the sparse prefill needs version 2 or 3"
+    elif page_size <= 0 or block_size % page_size:
+        why = (f"the KV cache's {page_size}-token pages do not tile CAB's {block_size}-token key blocks (use a "
+               f"--block-size that divides {block_size})")
+    elif dtype not in FA_DTYPES:
+        why = f"the KV cache is {dtype}; FlashAttention needs fp16 or bf16"
+    if why is not None:
+        if option:
+            raise ValueError(f"CAB_FA_PREFILL=1 cannot be honoured: {why}")
+        return None
+    if option is None and version != 3:
+        return None  # measured on FlashAttention 3 only
+    return FAPrefill(varlen, int(version))
 
 
 _WORKSPACES: dict = {}
@@ -626,7 +687,8 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
     warm_up_kernels(impl.num_heads, impl.num_kv_heads, impl.head_size, query.dtype, query.device,
                     impl.settings.cfg, impl.workspace, page_size=_engine_page_size(impl._vcfg),
                     summaries=impl.summaries, kernels=impl.settings.kernels,
-                    dense_threshold=impl.settings.dense_threshold)
+                    dense_threshold=impl.settings.dense_threshold,
+                    fa_prefill=None if impl._fa_prefill is _UNDECIDED else impl._fa_prefill)
 
 
 def _engine_page_size(vcfg) -> int:

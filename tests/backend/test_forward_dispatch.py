@@ -26,6 +26,7 @@ class FakeFA:
 def _impl(monkeypatch, calls):
     impl = object.__new__(backend.CABImpl)
     impl.fa, impl._traced, impl.head_size, impl.num_heads, impl._dense = FakeFA(), True, 8, 2, False
+    impl._fa_prefill = None  # sparse prefill rows in CAB's Triton kernel (decided)
     monkeypatch.setattr(backend.compat, "split_kv", lambda *a: calls.append("split_kv") or (a[0], a[0]))
     monkeypatch.setattr(backend.CABImpl, "_buffers", lambda self, *a: calls.append("buffers"))
     monkeypatch.setattr(backend, "attend", lambda *a, **kw: calls.append("attend"))
@@ -338,3 +339,72 @@ def test_the_pinned_ring_waits_for_a_buffers_last_copy_and_reuses_its_event(monk
     assert log[:4] == [("record", 1), ("record", 2), ("record", 3), ("record", 4)]
     assert log[4:6] == [("sync", 1), ("record", 1)]
     assert log.count(("sync", 1)) == 2 and log.count(("record", 1)) == 3
+
+
+class FakeFAImpl:
+    vllm_flash_attn_version = 3
+
+
+@pytest.mark.parametrize("option", [None, True, False], ids=["default", "on", "off"])
+def test_the_sparse_prefill_kernel_choice(monkeypatch, option):
+    """backend.fa_prefill_launcher: vLLM's FlashAttention for the sparse prefill rows where it can run (16-bit cache,
+    pages that tile a key block) - by default only on FlashAttention 3, where it was measured faster; CAB_FA_PREFILL=1
+    wherever it can run, and a start-stopping error naming why where it cannot; CAB_FA_PREFILL=0 never."""
+    varlen = object()
+    monkeypatch.setattr(backend.compat, "flash_attn_varlen", lambda: varlen)
+    fa3, fa2, fa4 = FakeFAImpl(), FakeFAImpl(), FakeFAImpl()
+    fa2.vllm_flash_attn_version, fa4.vllm_flash_attn_version = 2, 4
+    launch = backend.fa_prefill_launcher
+    got = launch(option, fa3, 16, 64, torch.bfloat16)
+    assert got == (None if option is False else backend.FAPrefill(varlen, 3))
+    assert launch(option, fa3, 64, 64, torch.float16) == (None if option is False else backend.FAPrefill(varlen, 3))
+    if option is True:
+        assert launch(True, fa2, 32, 64, torch.float16) == backend.FAPrefill(varlen, 2)
+    else:
+        assert launch(option, fa2, 32, 64, torch.float16) is None  # not measured on FlashAttention 2
+    cannot = [((fa3, 48, 64, torch.bfloat16), "48-token pages do not tile CAB's 64-token key blocks"),
+              ((fa3, 128, 64, torch.bfloat16), "128-token pages"),
+              ((fa3, 16, 64, torch.float32), "fp16 or bf16"),
+              ((fa4, 16, 64, torch.bfloat16), "FlashAttention 4 here"),
+              ((None, 16, 64, torch.bfloat16), "not available here")]
+    for args, why in cannot:
+        if option is True:
+            with pytest.raises(ValueError, match=f"CAB_FA_PREFILL=1 cannot be honoured: .*{why}"):
+                launch(True, *args)
+        else:
+            assert launch(option, *args) is None
+    monkeypatch.setattr(backend.compat, "flash_attn_varlen", lambda: None)  # a vLLM without the function
+    if option is True:
+        with pytest.raises(ValueError, match="not available"):
+            launch(True, fa3, 16, 64, torch.bfloat16)
+    else:
+        assert launch(option, fa3, 16, 64, torch.bfloat16) is None
+
+
+def test_the_prefill_kernel_is_chosen_once_and_reaches_attend(monkeypatch):
+    """The layer decides in its first step with sparse prefill rows (in the engine: the profiling run) and hands the
+    choice to attend; steps without sparse prefill rows pass none and do not decide."""
+    calls, seen, decided = [], [], []
+    impl = _impl(monkeypatch, calls)
+    impl._fa_prefill = backend._UNDECIDED
+    monkeypatch.setattr(backend, "attend", lambda *a, **kw: seen.append(kw["fa_prefill"]))
+    choice = backend.FAPrefill(object(), 3)
+    monkeypatch.setattr(backend, "fa_prefill_launcher", lambda *a: decided.append(a) or choice)
+    monkeypatch.setattr(backend.compat, "split_kv", lambda *a: (torch.zeros(2, 16, 1, 8),) * 2)
+    impl.settings = backend.compat.engine_settings()
+    impl.scale = 1.0
+    impl.summaries = None
+
+    class T:
+        idx = cnt = sel_idx = sel_cnt = torch.zeros(1, dtype=torch.int32)
+
+    impl.table = impl.workspace = T()
+    routes = backend.DecodeRoutes(*[torch.zeros(1, dtype=torch.int32)] * 7)
+    q = torch.zeros(1, 16)
+    impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, run_cab_decode=True), torch.zeros(1, 16))
+    assert seen == [None] and decided == []
+    for _ in range(2):
+        impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, run_cab_prefill=True), torch.zeros(1, 16))
+    assert seen == [None, choice, choice]
+    assert len(decided) == 1 and decided[0][2:] == (16, impl.settings.cfg.block_size, torch.float32)
+

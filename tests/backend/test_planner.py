@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import cab_vllm.backend.attention as attention
-from backend_harness import PagedSim, dense_rows, rel_err
+from backend_harness import PagedSim, check_step, dense_rows, rel_err
 from conftest import KERNEL_FP32_TOL, assert_same_selection
 from cab_vllm.api import select_blocks
 from cab_vllm.backend.plan import METRICS, EngineSettings, plan_batch, request_config, validate_request_args
@@ -47,12 +47,15 @@ def test_kernel_options_from_env():
     # dense decode rows in CAB's kernel by default, unless the decode graph branches around FlashAttention
     assert KernelOptions().dense_decode is True and EngineSettings.from_env({}).kernels.dense_decode is True
     assert EngineSettings.from_env({"CAB_DENSE_DECODE": "0"}).kernels.dense_decode is False
+    assert KernelOptions().fa_prefill is None  # where measured faster (backend.fa_prefill_launcher)
+    assert EngineSettings.from_env({"CAB_FA_PREFILL": "1"}).kernels == KernelOptions(fa_prefill=True)
+    assert EngineSettings.from_env({"CAB_FA_PREFILL": "0"}).kernels == KernelOptions(fa_prefill=False)
     assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "1"}).kernels.dense_decode is False
     assert KernelOptions(graph_branches=True).dense_decode is False
     with pytest.raises(ValueError, match="exclude each other"):
         EngineSettings.from_env({"CAB_DENSE_DECODE": "1", "CAB_GRAPH_BRANCHES": "1"})
     for bad in ({"one_launch_rows": -1}, {"one_launch_rows": True}, {"one_launch_rows": 1.0}, {"fused_select": None},
-                {"fused_select": 1}, {"graph_branches": 1}, {"dense_decode": 1}):
+                {"fused_select": 1}, {"graph_branches": 1}, {"dense_decode": 1}, {"fa_prefill": 1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             KernelOptions(**bad)
     with pytest.raises(ValueError, match="kernels"):
@@ -68,9 +71,10 @@ def test_kernel_options_from_env():
     ({"CAB_DECODE_ONE_LAUNCH_ROWS": "many"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
     ({"CAB_GRAPH_BRANCHES": "on"}, "CAB_GRAPH_BRANCHES"), ({"CAB_DENSE_LAYERS": "-1"}, "CAB_DENSE_LAYERS"),
     ({"CAB_DENSE_LAYERS": "two"}, "CAB_DENSE_LAYERS"), ({"CAB_DENSE_DECODE": "yes"}, "CAB_DENSE_DECODE"),
+    ({"CAB_FA_PREFILL": "auto"}, "CAB_FA_PREFILL"),
 ], ids=["sparsity-range", "sparsity-type", "policy", "block-size", "threshold", "impl", "fused-word", "fused-number",
         "one-launch-range", "one-launch-type", "graph-branches", "dense-layers-range", "dense-layers-type",
-        "dense-decode"])
+        "dense-decode", "fa-prefill"])
 def test_settings_from_env_rejects_bad_values(env, var):
     with pytest.raises(ValueError, match=var):
         EngineSettings.from_env(env)
@@ -287,6 +291,32 @@ def test_sparse_mixed_batch_triton_equals_torch(page_size):
         outs.append(out)
     assert rel_err(outs[1], outs[0]) < 1e-5
     assert not torch.isnan(outs[0]).any()
+
+
+@pytest.mark.parametrize("page_size", [16, 64], ids=lambda p: f"page{p}")
+def test_sparse_prefill_through_flash_attention_equals_the_triton_kernel(page_size):
+    """The same steps (prompts, a chunk that starts inside a key block, decodes, mixed sparsities and policies) with
+    the sparse prefill rows through FlashAttention's paged varlen call (its PyTorch twin here) and through CAB's
+    Triton kernel (interpreted): the same selections, the same outputs, and both the attention of the selection."""
+    if not INTERPRETED:
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors)")
+    from conftest import varlen_twin
+
+    lens = [700, 1100, 300]
+    cfg = CABConfig(sparsity=0.5)
+    outs, recs = [], []
+    for fa in (None, (varlen_twin, 3)):
+        sim = _sim(lens, 4, 2, 64, torch.float16, page_size, cfg, seed=5)
+        sim.step([(0, 699), (1, 600)], dense_threshold=0, impl="triton", fa_prefill=fa)
+        cfgs = [cfg, cfg.replace(sparsity=0.7), cfg.replace(policy="streaming")]
+        out, md = sim.step([(0, 1), (1, 500), (2, 300)], cfgs=cfgs, dense_threshold=0, impl="triton", fa_prefill=fa)
+        assert not torch.isnan(out).any()
+        assert check_step(sim, out, md) < 5e-3
+        outs.append(out)
+        recs.append(md["prefill"])
+    for (i0, c0, f0), (i1, c1, f1) in zip(*recs):
+        assert f0 == f1 and torch.equal(c0, c1) and torch.equal(i0, i1)
+    assert rel_err(outs[1], outs[0]) < 2e-3
 
 
 def test_decode_equals_last_prefill_row():

@@ -17,7 +17,7 @@ from cab_vllm.config import CABConfig
 
 
 def _run(n_long: int, dtype, device, impl, hq=32, hkv=8, d=128, page_size=16, sparsity=0.9, seed=0,
-         summary_slots=0):
+         summary_slots=0, fa_prefill=None):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     lens = [n_long + 3, 1000 + 37, n_long // 2 + 11]  # one long prompt, a short one, a half-length one
 
@@ -41,7 +41,7 @@ def _run(n_long: int, dtype, device, impl, hq=32, hkv=8, d=128, page_size=16, sp
     ]
     worst = 0.0
     for rows, cfgs in steps:
-        out, md = sim.step(rows, cfgs=cfgs, dense_threshold=0, impl=impl)
+        out, md = sim.step(rows, cfgs=cfgs, dense_threshold=0, impl=impl, fa_prefill=fa_prefill)
         assert not torch.isnan(out).any()
         worst = max(worst, check_step(sim, out, md))
     assert worst < tol, f"worst relative error {worst:.2e} >= {tol:.0e}"
@@ -52,6 +52,18 @@ def _run(n_long: int, dtype, device, impl, hq=32, hkv=8, d=128, page_size=16, sp
 @pytest.mark.parametrize("n", [4096, 16384, 65536, 131072], ids=lambda n: f"{n // 1024}k")
 def test_backend_kernel_path_gpu(n, slots):
     _run(n, torch.bfloat16, "cuda", "triton", summary_slots=slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 64], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("n", [4096, 131072], ids=lambda n: f"{n // 1024}k")
+def test_backend_kernel_path_gpu_flash_attention_prefill(n, page_size):
+    """The same steps with the sparse prefill rows in vLLM's FlashAttention (ops.fa_prefill; its version on this
+    GPU), the cache's unused slots NaN: FlashAttention must read no key past a sequence's kept ones."""
+    fa = pytest.importorskip("vllm.vllm_flash_attn")
+    version = 3 if torch.cuda.get_device_capability()[0] == 9 else 2
+    _run(n, torch.bfloat16, "cuda", "triton", page_size=page_size, summary_slots=4,
+         fa_prefill=(fa.flash_attn_varlen_func, version))
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

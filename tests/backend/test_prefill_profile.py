@@ -59,7 +59,8 @@ def test_profile_times_each_phase_where_it_runs(pp):
 def test_chunked_prefill_path_never_synchronizes_the_stream(pp, policy, fused, monkeypatch):
     """No host sync in a layer's prefill (summaries, exact rows, selection, attention): each one would drain the
     GPU's queue mid-layer, for every chunk of every layer."""
-    r = pp.profile(32768, 8192, 0.95, policy=policy, dev="cuda", impl="triton", kernels=False, fused=fused)
+    r = pp.profile(32768, 8192, 0.95, policy=policy, dev="cuda", impl="triton", kernels=False, fused=fused,
+                   fa_prefill=fused and importlib.util.find_spec("vllm") is not None)
     assert r["syncs"] == {p: 0 for p in pp.PHASES}, r["syncs"]
 
 
@@ -110,6 +111,29 @@ def test_chunked_prefill_path_reads_no_tensor_on_the_host(pp, policy, fused, mon
 
     select_topk(torch.randn(3, 4), torch.tensor([1, 2, 2]))  # the guard sees a sync-prone read (no width given)
     assert reads.calls and reads.calls[0].startswith("__int__ at ops/select.py")
+
+
+def test_flash_attention_prefill_reads_no_tensor_on_the_host(pp, monkeypatch):
+    """The chunked prefill with the sparse attention in FlashAttention's paged varlen call (its PyTorch twin here):
+    building its tables reads no tensor value on the host either, and the output is the Triton kernel's."""
+    import os
+
+    from conftest import varlen_twin
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
+    n, hq, hkv, d = 700, 4, 2, 32
+    cfg = CABConfig(sparsity=0.7)
+    q, kc, vc, bt = pp.setup(n, hq, hkv, d, 16, "cpu", torch.float16, seed=1)
+    outs = []
+    for fa in (None, (varlen_twin, 3)):
+        store = KeySummaries(1, hkv, math.ceil(n / 64), d, cfg.estimator, torch.float16, torch.device("cpu"))
+        reads = HostReads(monkeypatch)
+        outs.append(pp.prompt_pass(q, kc, vc, bt, n, 256, cfg, store, "triton", sel_impl="triton", fused=True, fa=fa))
+        assert reads.calls == []
+        monkeypatch.undo()
+    assert not torch.isnan(outs[1]).any()
+    assert float((outs[1].float() - outs[0].float()).norm() / outs[0].float().norm()) < 2e-3
 
 
 @pytest.mark.parametrize("policy", ["cab", "magnitude"])

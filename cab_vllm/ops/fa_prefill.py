@@ -1,0 +1,99 @@
+"""Block-sparse prefill through FlashAttention's paged varlen kernel (vLLM's ``flash_attn_varlen_func``).
+
+CAB keeps key blocks per (query block, KV head), ascending, and always the query's own block (the diagonal, config
+local_blocks >= 1), which is then the last. Seen by FlashAttention, a query block's tokens (its KV head's group of
+query heads) are one sequence, and the pages of its kept key blocks, in order, are that sequence's page table: with
+bottom-right causal alignment (FlashAttention's, for a query shorter than its keys) query i of the block sees the kept
+keys up to its own position, which is exactly CAB's block-sparse causal attention. One launch per KV head over the
+head's strided view of the cache [pages, page_size, 1, D], so no copy of the cache, the queries or the output.
+
+Measured on an H200 (benchmarks/gpu/fa_prefill_profile.py, 128k tokens in 16k chunks, 32/8 heads, D=128, bf16, one
+layer, the same random selections): 95% 14.9 ms against 19.9 ms for CAB's Triton kernel, 99% 5.1 against 5.8
+(benchmarks/results/profiles_h200_2026-12-03e/). Needs pages that tile a key block (block_size a multiple of the
+cache's page size) and 16-bit tensors; ops.prefill.paged_sparse_prefill (Triton) runs everything else.
+
+    fa_tables          the launch's tables from PrefillTiles (device tensors, no host sync)
+    fa_sparse_prefill  the attention: Hkv launches of ``varlen`` (flash_attn_varlen_func or a twin with its call)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+from cab_vllm.ops._triton import check
+from cab_vllm.ops.prefill import PrefillTiles, _check_common
+
+FA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class FATables(NamedTuple):
+    """One launch's tables: tile t is FlashAttention sequence t.
+
+    cu_seqlens_q [T+1] int32  packed query rows of each tile (tiles in packed order, as prefill_tiles makes them)
+    seqused_k [Hkv, T] int32  kept keys of each (KV head, tile): full blocks, then the own block up to the tile's end
+    pages [Hkv, T, K * block_size / page_size] int32  the cache pages of the kept blocks, in order (unused tail: 0)
+    max_seqlen_k              an upper bound of seqused_k (K * block_size: host-known, no sync)
+    """
+
+    cu_seqlens_q: torch.Tensor
+    seqused_k: torch.Tensor
+    pages: torch.Tensor
+    max_seqlen_k: int
+
+
+def fa_tables(tiles: PrefillTiles, block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+              block_size: int, page_size: int) -> FATables:
+    """FlashAttention's tables for PrefillTiles that cover the packed rows in order (every row in exactly one tile,
+    tiles by sequence, then query block: what backend.attention.prefill_tiles gives), each tile's selection
+    ascending with its own block last. block_table [S, P] int32 (pages of page_size tokens), query_start_loc [S+1],
+    seq_lens [S] int32 (the cache holds the new tokens)."""
+    check(page_size >= 1 and block_size % page_size == 0,
+          f"FlashAttention's sparse prefill needs pages that tile a key block: block_size {block_size} is not a "
+          f"multiple of the cache's page size {page_size}")
+    ntiles = tiles.seq.shape[0]
+    check(ntiles > 0, "fa_tables needs at least one tile")
+    per_block = block_size // page_size
+    dev = tiles.indices.device
+    seq, qb = tiles.seq.long(), tiles.qblock.long()
+    qsl = query_start_loc.long()
+    n = seq_lens.long()[seq]
+    p0 = n - (qsl[1:] - qsl[:-1])[seq]  # position of the sequence's first new token
+    lo = torch.maximum(qb * block_size, p0)
+    hi = torch.minimum((qb + 1) * block_size, n)
+    start = qsl[seq] + lo - p0  # packed row of the tile's first token
+    cu = torch.cat([start, start[-1:] + (hi - lo)[-1:]]).to(torch.int32)
+    cnt = tiles.counts.long()
+    used = ((cnt - 1) * block_size + (hi - qb * block_size)[:, None]).t().to(torch.int32).contiguous()
+    idx = tiles.indices.long().clamp(min=0)
+    cols = (idx[..., None] * per_block + torch.arange(per_block, device=dev)).clamp(max=block_table.shape[1] - 1)
+    pages = block_table[seq[:, None, None, None], cols]  # [T, Hkv, K, per_block]
+    pages = pages.flatten(2).transpose(0, 1).contiguous()
+    return FATables(cu, used, pages, tiles.indices.shape[-1] * block_size)
+
+
+def fa_sparse_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, tiles: PrefillTiles, block_size: int,
+                      scale: float | None, out: torch.Tensor, varlen: Callable, fa_version: int) -> torch.Tensor:
+    """What ops.prefill.paged_sparse_prefill computes (same arguments; tiles as fa_tables wants them), through
+    ``varlen``: vLLM's flash_attn_varlen_func (fa_version: its FlashAttention version) or a twin with its call.
+    Writes and returns out [T, Hq, D]."""
+    hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
+    check(q.dtype in FA_DTYPES, f"FlashAttention's sparse prefill needs fp16/bf16, got {q.dtype}")
+    check(q.dim() == 3 and out.shape == q.shape and out.stride(-1) == 1,
+          f"q and out must be [T, Hq, D] with a contiguous last dim, got {tuple(q.shape)} and {tuple(out.shape)}")
+    check(tiles.indices.dim() == 3 and tiles.indices.shape[1] == hkv and tiles.counts.shape == tiles.indices.shape[:2],
+          f"tiles.indices must be [T, Hkv={hkv}, K] and tiles.counts [T, Hkv]")
+    if tiles.seq.shape[0] == 0:
+        return out
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    t = fa_tables(tiles, block_table, query_start_loc, seq_lens, block_size, key_cache.shape[1])
+    g = hq // hkv
+    for h in range(hkv):
+        hs = slice(h * g, (h + 1) * g)
+        varlen(q=q[:, hs], k=key_cache[:, :, h:h + 1], v=value_cache[:, :, h:h + 1], max_seqlen_q=block_size,
+               cu_seqlens_q=t.cu_seqlens_q, max_seqlen_k=t.max_seqlen_k, seqused_k=t.seqused_k[h],
+               softmax_scale=scale, causal=True, block_table=t.pages[h], out=out[:, hs], fa_version=fa_version)
+    return out
