@@ -353,13 +353,18 @@ def test_warm_up_uses_the_engines_page_size(block_size, monkeypatch):
 
     got = []
     monkeypatch.setattr(warmup, "warm_up_kernels",
-                        lambda *a, **kw: got.append((kw["page_size"], kw["dense_threshold"])))
+                        lambda *a, **kw: got.append((kw["page_size"], kw["dense_threshold"], kw["fa_prefill"])))
     monkeypatch.setattr(backend, "_WARMED", set())
     monkeypatch.delenv("CAB_WARMUP", raising=False)
     monkeypatch.setenv("CAB_DENSE_THRESHOLD", "4096")
     vcfg = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=block_size))
     impl = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_size=32, settings=backend.compat.engine_settings(),
-                                 workspace=None, summaries=None, _vcfg=vcfg)
+                                 workspace=None, summaries=None, _vcfg=vcfg, _fa_prefill=backend._UNDECIDED)
     backend._warm_up(impl, torch.zeros(1, 4, 32))
-    # and the engine's dense threshold: the per-size kernels are made only for sizes a sparse row can have
-    assert got == [(block_size or 16, 4096)]
+    # and the engine's dense threshold: the per-size kernels are made only for sizes a sparse row can have; the
+    # sparse prefill's kernel as the layer chose it (undecided: CAB's Triton kernel)
+    assert got == [(block_size or 16, 4096, None)]
+    choice = backend.FAPrefill(object(), 3)
+    impl = types.SimpleNamespace(**{**vars(impl), "_fa_prefill": choice, "num_heads": 8})
+    backend._warm_up(impl, torch.zeros(1, 8, 32))
+    assert got[-1] == (block_size or 16, 4096, choice)
