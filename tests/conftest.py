@@ -214,11 +214,11 @@ def assert_same_selection(idx: torch.Tensor, cnt: torch.Tensor, want_idx: torch.
 
 
 def varlen_twin(*, q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, softmax_scale, causal, block_table,
-                out, fa_version):
+                out, fa_version, num_splits=0):
     """flash_attn_varlen_func's paged call in PyTorch (float32 math): sequence i is q[cu[i]:cu[i+1]] [L, H, D]
     against the first seqused_k[i] keys of the pages block_table[i] lists ([pages, page_size, Hk, D] caches),
     causal aligned bottom-right (query l sees keys 0 .. used - L + l), H / Hk query heads per key head."""
-    assert causal and fa_version in (2, 3)
+    assert causal and fa_version in (2, 3) and isinstance(num_splits, int) and num_splits >= 0
     for t in (q, k, v, out):
         assert t.stride(-1) == 1, "FlashAttention needs a contiguous last dim"
     assert block_table.dtype == torch.int32 and seqused_k.dtype == torch.int32 and cu_seqlens_q.dtype == torch.int32

@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=16384, help="prompt tokens per launch (a multiple of 64)")
     ap.add_argument("--sparsities", default="0.95,0.99")
+    ap.add_argument("--splits", default="0", help="FlashAttention num_splits of the per-head launches, comma list "
+                                                  "(0: its own heuristic)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fa_prefill_profile.py needs a CUDA GPU")
@@ -116,7 +118,7 @@ def main() -> None:
 
         cu = {c: torch.arange(0, c[1] - c[0] + 1, BS, device=dev, dtype=torch.int32) for c in chunks}
 
-        def heads() -> None:
+        def heads(ns: int = 0) -> None:
             for c0, c1 in chunks:
                 r0, r1 = c0 // BS, c1 // BS
                 for h in range(HKV):
@@ -124,7 +126,8 @@ def main() -> None:
                     flash_attn_varlen_func(q=q[c0:c1, hs], k=kc[:, :, h:h + 1], v=vc[:, :, h:h + 1], max_seqlen_q=BS,
                                            cu_seqlens_q=cu[c0, c1], max_seqlen_k=kmax_keys,
                                            seqused_k=used[r0:r1, h].contiguous(), softmax_scale=scale, causal=True,
-                                           block_table=tab_h[h][r0:r1], out=out_h[c0:c1, hs], fa_version=3)
+                                           block_table=tab_h[h][r0:r1], out=out_h[c0:c1, hs], fa_version=3,
+                                           num_splits=ns)
 
         cu1 = {c: torch.arange(0, HKV * (c[1] - c[0]) + 1, BS, device=dev, dtype=torch.int32) for c in chunks}
         used1 = used.t().contiguous()  # [Hkv, m]
@@ -142,7 +145,9 @@ def main() -> None:
                 out_1[c0:c1].view(t, HKV, G, D).copy_(op.view(HKV, t, G, D).transpose(0, 1))
 
         res = {}
-        for name, fn, o in (("cab", cab, out_c), ("fa_heads", heads, out_h), ("fa_one", one, out_1)):
+        runs = [("cab", cab, out_c)] + [(f"fa_heads_splits{ns}", lambda ns=int(ns): heads(ns), out_h)
+                                        for ns in a.splits.split(",")] + [("fa_one", one, out_1)]
+        for name, fn, o in runs:
             try:
                 fn()
                 torch.cuda.synchronize()

@@ -95,17 +95,21 @@ def test_fa_prefill_refuses_what_it_cannot_run(device):
         fa_sparse_prefill(*args, out=torch.empty_like(batch["q_packed"]), varlen=varlen_twin, fa_version=3)
     b32 = make_varlen_batch([(100, 100)], 4, 2, 32, torch.float32, device=device)
     kc, vc, bt = make_paged_cache(b32["k"], b32["v"], 16)
+    with pytest.raises(ValueError, match="num_splits=-1"):
+        fa_sparse_prefill(*args, out=torch.empty_like(batch["q_packed"]), varlen=varlen_twin, fa_version=3,
+                          num_splits=-1)
     with pytest.raises(ValueError, match="fp16/bf16"):
         fa_sparse_prefill(b32["q_packed"], kc, vc, bt, b32["query_start_loc"], b32["seq_lens"], tiles, 64, None,
                           out=torch.empty_like(b32["q_packed"]), varlen=varlen_twin, fa_version=3)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", [0, 1])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("hq,hkv,d,bs,page,dtype", [(32, 8, 128, 64, 16, torch.bfloat16),
                                                     (14, 2, 64, 64, 32, torch.float16),
                                                     (9, 3, 64, 64, 64, torch.bfloat16)])
-def test_vllm_flash_attention_computes_the_selection(hq, hkv, d, bs, page, dtype, layout):
+def test_vllm_flash_attention_computes_the_selection(hq, hkv, d, bs, page, dtype, layout, splits):
     """vLLM's own FlashAttention (its version on this GPU) against the oracle and CAB's Triton kernel."""
     fa = pytest.importorskip("vllm.vllm_flash_attn")
     version = 3 if torch.cuda.get_device_capability()[0] == 9 else 2
@@ -116,7 +120,7 @@ def test_vllm_flash_attention_computes_the_selection(hq, hkv, d, bs, page, dtype
     scale = 1.0 / math.sqrt(d)
     args = (batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], tiles, bs, scale)
     got = fa_sparse_prefill(*args, out=torch.full_like(batch["q_packed"], float("nan")),
-                            varlen=fa.flash_attn_varlen_func, fa_version=version)
+                            varlen=fa.flash_attn_varlen_func, fa_version=version, num_splits=splits)
     assert not got.isnan().any()
     oracle = prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)
     base = same_dtype_error(batch, specs, tiles, rows, bs, scale, hq, oracle)
