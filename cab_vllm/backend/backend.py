@@ -619,7 +619,7 @@ def fa_prefill_launcher(option: bool | None, fa_impl, page_size: int, block_size
                         dtype: torch.dtype) -> FAPrefill | None:
     """How sparse prefill rows run: FAPrefill (vLLM's FlashAttention, ops.fa_prefill) or None (CAB's Triton kernel).
     option (KernelOptions.fa_prefill, CAB_FA_PREFILL): False: never; None: where it was measured faster
-    (FlashAttention 3: on an H200 at 128k, 95%, 14.9 against 19.9 ms per layer); True: wherever it can run, and
+    (FlashAttention 3: on an H200 at 128k, 95%, 13.8 against 19.2 ms per layer); True: wherever it can run, and
     where it cannot, a ValueError that says why (the engine start fails). fa_impl: vLLM's FlashAttentionImpl
     beside CAB (None without one)."""
     from cab_vllm.ops.fa_prefill import FA_DTYPES

@@ -8,8 +8,8 @@ keys up to its own position, which is exactly CAB's block-sparse causal attentio
 head's strided view of the cache [pages, page_size, 1, D], so no copy of the cache, the queries or the output.
 
 Measured on an H200 (benchmarks/gpu/fa_prefill_profile.py, 128k tokens in 16k chunks, 32/8 heads, D=128, bf16, one
-layer, the same random selections): 95% 14.9 ms against 19.9 ms for CAB's Triton kernel, 99% 5.1 against 5.8
-(benchmarks/results/profiles_h200_2026-12-03e/). Needs pages that tile a key block (block_size a multiple of the
+layer, the same random selections, one split per launch): 95% 13.8 ms against 19.2 ms for CAB's Triton kernel, 99%
+4.2 against 5.7 (benchmarks/results/profiles_h200_2026-12-03f/). Needs pages that tile a key block (block_size a multiple of the
 cache's page size) and 16-bit tensors; ops.prefill.paged_sparse_prefill (Triton) runs everything else.
 
     fa_tables          the launch's tables from PrefillTiles (device tensors, no host sync)
@@ -27,9 +27,11 @@ from cab_vllm.ops._triton import check
 from cab_vllm.ops.prefill import PrefillTiles, _check_common
 
 FA_DTYPES = (torch.float16, torch.bfloat16)
-# FlashAttention's num_splits for each launch: 0 lets its heuristic split a sequence's keys (it did for all 64 launches
-# of a 128k prompt at 95% on an H200, 0.8 ms of combines in 13.6 ms); 1 never splits
-NUM_SPLITS = 0
+# FlashAttention's num_splits for each launch: 1, no split. Its own heuristic (0) split the keys in every launch of a
+# 128k prompt (0.8 ms of combines in 13.6 ms at 95%); on an H200 at 128k in 16k chunks one split took 13.82 against
+# 14.74 ms at 95% and 4.17 against 5.02 ms at 99% (a launch holds 256 query blocks: tiles enough for every SM)
+# (benchmarks/results/profiles_h200_2026-12-03f/)
+NUM_SPLITS = 1
 
 
 class FATables(NamedTuple):
