@@ -173,7 +173,8 @@ def main() -> None:
             qpos = torch.arange(r * BS, (r + 1) * BS, device=dev)
             s = s.masked_fill(tok[None, None, :] > qpos[None, :, None], float("-inf"))
             ref = torch.einsum("gtk,kd->tgd", s.softmax(-1), vv)
-            errs = " ".join(f"{name}={float((o[r * BS:(r + 1) * BS, h * G:(h + 1) * G].double() - ref).abs().max()):.1e}"
+            rows = slice(r * BS, (r + 1) * BS)
+            errs = " ".join(f"{name}={float((o[rows, h * G:(h + 1) * G].double() - ref).abs().max()):.1e}"
                             for name, o in res.items())
             print(f"    row {r} head {h} ({int(cnt[r, h])} blocks) max abs err vs float64: {errs}", flush=True)
 

@@ -9,8 +9,9 @@ Flow per step:
   impl.do_kv_cache_update  vLLM's FlashAttention cache write on CUDA; an index_put on CPU.
   impl.forward    per layer, a thin dispatch: vLLM's FlashAttention for the dense rows (CUDA), then
                   attention.attend for the sparse rows: decode rows through routed_decode (a selection launch,
-                  then split-K attention and merge in one), prefill rows through the estimate/select/sparse-prefill path
-                  (the sparse attention in vLLM's FlashAttention over the kept pages where it runs: fa_prefill_launcher).
+                  then split-K attention and merge in one), prefill rows through the estimate/select/sparse-prefill
+                  path (the sparse attention in vLLM's FlashAttention over the kept pages where it runs:
+                  fa_prefill_launcher).
 
 CUDA graphs: UNIFORM_SINGLE_TOKEN_DECODE on CUDA. Decode batches replay a full graph holding FlashAttention and
 CAB's decode kernels; the forward reads nothing on the host and the per-step plan lives in fixed device buffers
@@ -482,6 +483,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self._traced = False
         self._dense: bool | None = None  # this layer attends densely (CAB_DENSE_LAYERS): known at its first step
         self._fa_prefill = _UNDECIDED  # FAPrefill or None: how sparse prefill rows run (_prefill_launcher)
+        self._fa_prefill_key = None  # the (cache dtype, page size) it was decided for
         self._vcfg = compat.current_vllm_config()
         _check_engine_features(self._vcfg)
         fa = compat.flash_attention()
@@ -578,10 +580,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         """CAB's rows of the step (decode rows when decode_attention, sparse prefill rows when md says so)."""
         key_cache, value_cache = compat.split_kv(kv_cache, self.head_size)
         self._buffers(key_cache.dtype, key_cache.device)
-        fa_prefill = None
-        if md.run_cab_prefill:
-            fa_prefill = (self._fa_prefill if self._fa_prefill is not _UNDECIDED
-                          else self._prefill_launcher(key_cache.dtype, key_cache.shape[1]))
+        fa_prefill = self._prefill_launcher(key_cache.dtype, key_cache.shape[1]) if md.run_cab_prefill else None
         routes = md.routes._replace(tab_idx=self.table.idx, tab_cnt=self.table.cnt,
                                     sel_idx=self.workspace.sel_idx[: len(md.plan.decode_rows)],
                                     sel_cnt=self.workspace.sel_cnt[: len(md.plan.decode_rows)])
@@ -593,9 +592,11 @@ class CABImpl(AttentionImpl[CABMetadata]):
         return output
 
     def _prefill_launcher(self, dtype: torch.dtype, page_size: int) -> "FAPrefill | None":
-        """This layer's sparse prefill through vLLM's FlashAttention, or None (CAB's Triton kernel): decided once,
-        in the profiling run at engine start (where CAB_FA_PREFILL=1 that cannot be honoured fails the start)."""
-        if self._fa_prefill is _UNDECIDED:
+        """This layer's sparse prefill through vLLM's FlashAttention, or None (CAB's Triton kernel): decided in the
+        profiling run at engine start (where CAB_FA_PREFILL=1 that cannot be honoured fails the start) for the
+        engine's page size, and again only if a step's cache has pages of another size."""
+        if self._fa_prefill is _UNDECIDED or self._fa_prefill_key != (dtype, page_size):
+            self._fa_prefill_key = (dtype, page_size)
             self._fa_prefill = fa_prefill_launcher(self.settings.kernels.fa_prefill, self.fa, page_size,
                                                    self.settings.cfg.block_size, dtype)
             if "fa_prefill" not in _WARNED:

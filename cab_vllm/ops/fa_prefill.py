@@ -9,8 +9,8 @@ head's strided view of the cache [pages, page_size, 1, D], so no copy of the cac
 
 Measured on an H200 (benchmarks/gpu/fa_prefill_profile.py, 128k tokens in 16k chunks, 32/8 heads, D=128, bf16, one
 layer, the same random selections, one split per launch): 95% 13.8 ms against 19.2 ms for CAB's Triton kernel, 99%
-4.2 against 5.7 (benchmarks/results/profiles_h200_2026-12-03f/). Needs pages that tile a key block (block_size a multiple of the
-cache's page size) and 16-bit tensors; ops.prefill.paged_sparse_prefill (Triton) runs everything else.
+4.2 against 5.7 (benchmarks/results/profiles_h200_2026-12-03f/). Needs pages that tile a key block (block_size a
+multiple of the cache's page size) and 16-bit tensors; ops.prefill.paged_sparse_prefill (Triton) runs the rest.
 
     fa_tables          the launch's tables from PrefillTiles (device tensors, no host sync)
     fa_sparse_prefill  the attention: Hkv launches of ``varlen`` (flash_attn_varlen_func or a twin with its call)

@@ -26,8 +26,9 @@ class FakeFA:
 def _impl(monkeypatch, calls):
     impl = object.__new__(backend.CABImpl)
     impl.fa, impl._traced, impl.head_size, impl.num_heads, impl._dense = FakeFA(), True, 8, 2, False
-    impl._fa_prefill = None  # sparse prefill rows in CAB's Triton kernel (decided)
-    monkeypatch.setattr(backend.compat, "split_kv", lambda *a: calls.append("split_kv") or (a[0], a[0]))
+    impl._fa_prefill, impl._fa_prefill_key = None, (torch.float32, 1)  # CAB's Triton kernel, decided for this cache
+    cache = torch.zeros(1, 1, 1, 8)
+    monkeypatch.setattr(backend.compat, "split_kv", lambda *a: calls.append("split_kv") or (cache, cache))
     monkeypatch.setattr(backend.CABImpl, "_buffers", lambda self, *a: calls.append("buffers"))
     monkeypatch.setattr(backend, "attend", lambda *a, **kw: calls.append("attend"))
     return impl
@@ -386,7 +387,7 @@ def test_the_prefill_kernel_is_chosen_once_and_reaches_attend(monkeypatch):
     choice to attend; steps without sparse prefill rows pass none and do not decide."""
     calls, seen, decided = [], [], []
     impl = _impl(monkeypatch, calls)
-    impl._fa_prefill = backend._UNDECIDED
+    impl._fa_prefill, impl._fa_prefill_key = backend._UNDECIDED, None
     monkeypatch.setattr(backend, "attend", lambda *a, **kw: seen.append(kw["fa_prefill"]))
     choice = backend.FAPrefill(object(), 3)
     monkeypatch.setattr(backend, "fa_prefill_launcher", lambda *a: decided.append(a) or choice)
@@ -407,4 +408,8 @@ def test_the_prefill_kernel_is_chosen_once_and_reaches_attend(monkeypatch):
         impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, run_cab_prefill=True), torch.zeros(1, 16))
     assert seen == [None, choice, choice]
     assert len(decided) == 1 and decided[0][2:] == (16, impl.settings.cfg.block_size, torch.float32)
+    # a cache with pages of another size than the one decided for (the engine's configured size): decided again
+    monkeypatch.setattr(backend.compat, "split_kv", lambda *a: (torch.zeros(2, 32, 1, 8),) * 2)
+    impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, run_cab_prefill=True), torch.zeros(1, 16))
+    assert len(decided) == 2 and decided[1][2] == 32
 
