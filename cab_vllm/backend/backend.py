@@ -601,7 +601,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
                                                    self.settings.cfg.block_size, dtype)
             if "fa_prefill" not in _WARNED:
                 _WARNED.add("fa_prefill")
-                logger.info("CAB: sparse prefill rows run in %s", "CAB's Triton kernel" if self._fa_prefill is None
+                logger.info("CAB: sparse prefill rows run in %s", "CAB's own kernel (Triton on CUDA, PyTorch on CPU)"
+                            if self._fa_prefill is None
                             else f"vLLM's FlashAttention {self._fa_prefill.version} over the kept pages")
         return self._fa_prefill
 
