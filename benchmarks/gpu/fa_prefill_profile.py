@@ -56,10 +56,10 @@ def main() -> None:
     ap.add_argument("--splits", default="0", help="FlashAttention num_splits of the per-head launches, comma list "
                                                   "(0: its own heuristic)")
     a = ap.parse_args()
+    if a.n <= 0 or a.n % BS or a.chunk % BS or a.chunk <= 0:
+        ap.error("--n and --chunk must be positive multiples of 64")
     if not torch.cuda.is_available():
         raise SystemExit("fa_prefill_profile.py needs a CUDA GPU")
-    if a.n % BS or a.chunk % BS or a.chunk <= 0:
-        ap.error("--n and --chunk must be multiples of 64")
     import triton.testing
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
