@@ -7,7 +7,9 @@ import time and imports nothing from cab_vllm at module level.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +110,15 @@ def make_paged_cache(k: list[torch.Tensor] | torch.Tensor, v: list[torch.Tensor]
         kc[pages, (pos % page_size).to(dev)] = ks.transpose(0, 1).to(dtype)
         vc[pages, (pos % page_size).to(dev)] = vs.transpose(0, 1).to(dtype)
     return kc, vc, block_table.to(dev)
+
+
+def load_script(relpath: str):
+    """A script of this repository (benchmarks/..., not a package) imported as a module from its path."""
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def interpreting() -> bool:

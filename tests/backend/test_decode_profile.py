@@ -3,24 +3,18 @@ merge's splits per load set as the script sets them (--merge-splits)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_script
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 def _script():
-    spec = importlib.util.spec_from_file_location("decode_profile", ROOT / "benchmarks/gpu/decode_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu/decode_profile.py")
 
 
 @pytest.mark.parametrize("merge", [1, 16], ids=lambda m: f"merge{m}")

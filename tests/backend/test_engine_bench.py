@@ -3,7 +3,6 @@ two kernel traces of the same prompt (prefill only, prefill + T steps)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -19,9 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def bench():
     env = dict(os.environ)  # the script sets vLLM/Prometheus variables at import: keep them out of this process
     try:
-        spec = importlib.util.spec_from_file_location("engine_bench", ROOT / "benchmarks/gpu/engine_bench.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        mod = load_script("benchmarks/gpu/engine_bench.py")
     finally:
         os.environ.clear()
         os.environ.update(env)

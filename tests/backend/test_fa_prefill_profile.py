@@ -4,23 +4,16 @@ budget), so FlashAttention's bottom-right causal mask applies; without a GPU it 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import load_script
 from cab_vllm.config import CABConfig
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def fp():
-    spec = importlib.util.spec_from_file_location("fa_prefill_profile", ROOT / "benchmarks/gpu/fa_prefill_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu/fa_prefill_profile.py")
 
 
 @pytest.mark.parametrize("m, sparsity", [(1, 0.95), (40, 0.9), (97, 0.99), (130, 0.5)])

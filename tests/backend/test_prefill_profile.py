@@ -5,24 +5,19 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import load_script
 from cab_vllm.backend.attention import KeySummaries
 from cab_vllm.config import CABConfig
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def pp():
-    spec = importlib.util.spec_from_file_location("prefill_profile", ROOT / "benchmarks/gpu/prefill_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu/prefill_profile.py")
 
 
 @pytest.mark.parametrize("n, chunk", [(1000, 256), (640, 640)])

@@ -353,12 +353,9 @@ def test_the_engine_refuses_a_prompt_and_answer_past_the_models_positions(tmp_pa
 
 
 def test_engine_correctness_refuses_lengths_past_max_model_len(capsys):
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("engine_correctness",
-                                                  ROOT / "benchmarks" / "gpu" / "engine_correctness.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/gpu/engine_correctness.py")
     with pytest.raises(SystemExit):
         mod.main(["--model", "m", "--backend", "CUSTOM", "--out", "x.json", "--lengths", "131072",
                   "--max-model-len", "131072"])
