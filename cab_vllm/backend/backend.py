@@ -482,8 +482,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self.summaries: KeySummaries | None = None  # key-block summaries kept across a prompt's chunks
         self._traced = False
         self._dense: bool | None = None  # this layer attends densely (CAB_DENSE_LAYERS): known at its first step
-        self._fa_prefill = _UNDECIDED  # FAPrefill or None: how sparse prefill rows run (_prefill_launcher)
-        self._fa_prefill_key = None  # the (cache dtype, page size) it was decided for
+        self._fa_prefill: FAPrefill | None = None  # how sparse prefill rows run (_prefill_launcher): None, CAB's kernel
+        self._fa_prefill_key = None  # the (cache dtype, page size) it was decided for; None: not decided yet
         self._vcfg = compat.current_vllm_config()
         _check_engine_features(self._vcfg)
         fa = compat.flash_attention()
@@ -595,7 +595,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         """This layer's sparse prefill through vLLM's FlashAttention, or None (CAB's Triton kernel): decided in the
         profiling run at engine start (where CAB_FA_PREFILL=1 that cannot be honoured fails the start) for the
         engine's page size, and again only if a step's cache has pages of another size."""
-        if self._fa_prefill is _UNDECIDED or self._fa_prefill_key != (dtype, page_size):
+        if self._fa_prefill_key != (dtype, page_size):
             self._fa_prefill_key = (dtype, page_size)
             self._fa_prefill = fa_prefill_launcher(self.settings.kernels.fa_prefill, self.fa, page_size,
                                                    self.settings.cfg.block_size, dtype)
@@ -605,9 +605,6 @@ class CABImpl(AttentionImpl[CABMetadata]):
                             if self._fa_prefill is None
                             else f"vLLM's FlashAttention {self._fa_prefill.version} over the kept pages")
         return self._fa_prefill
-
-
-_UNDECIDED = object()
 
 
 class FAPrefill(NamedTuple):
@@ -690,7 +687,7 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
                     impl.settings.cfg, impl.workspace, page_size=_engine_page_size(impl._vcfg),
                     summaries=impl.summaries, kernels=impl.settings.kernels,
                     dense_threshold=impl.settings.dense_threshold,
-                    fa_prefill=None if impl._fa_prefill is _UNDECIDED else impl._fa_prefill)
+                    fa_prefill=impl._fa_prefill)
 
 
 def _engine_page_size(vcfg) -> int:

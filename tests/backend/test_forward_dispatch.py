@@ -387,7 +387,7 @@ def test_the_prefill_kernel_is_chosen_once_and_reaches_attend(monkeypatch):
     choice to attend; steps without sparse prefill rows pass none and do not decide."""
     calls, seen, decided = [], [], []
     impl = _impl(monkeypatch, calls)
-    impl._fa_prefill, impl._fa_prefill_key = backend._UNDECIDED, None
+    impl._fa_prefill, impl._fa_prefill_key = None, None  # not decided yet
     monkeypatch.setattr(backend, "attend", lambda *a, **kw: seen.append(kw["fa_prefill"]))
     choice = backend.FAPrefill(object(), 3)
     monkeypatch.setattr(backend, "fa_prefill_launcher", lambda *a: decided.append(a) or choice)
