@@ -249,3 +249,10 @@ def varlen_twin(*, q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k,
         s = s.masked_fill(~ok[None], float("-inf"))
         out[a:b] = torch.einsum("hln,nhd->lhd", s.softmax(-1), vv).to(out.dtype)
     return out
+
+
+def vllm_flash_attention() -> tuple:
+    """(flash_attn_varlen_func, its FlashAttention version on this GPU: 3 on Hopper, else 2) of an installed CUDA
+    vLLM, for the GPU tests of the sparse prefill through it; the test is skipped without one."""
+    fa = pytest.importorskip("vllm.vllm_flash_attn")
+    return fa.flash_attn_varlen_func, 3 if torch.cuda.get_device_capability()[0] == 9 else 2

@@ -60,10 +60,9 @@ def test_backend_kernel_path_gpu(n, slots):
 def test_backend_kernel_path_gpu_flash_attention_prefill(n, page_size):
     """The same steps with the sparse prefill rows in vLLM's FlashAttention (ops.fa_prefill; its version on this
     GPU), the cache's unused slots NaN: FlashAttention must read no key past a sequence's kept ones."""
-    fa = pytest.importorskip("vllm.vllm_flash_attn")
-    version = 3 if torch.cuda.get_device_capability()[0] == 9 else 2
-    _run(n, torch.bfloat16, "cuda", "triton", page_size=page_size, summary_slots=4,
-         fa_prefill=(fa.flash_attn_varlen_func, version))
+    from conftest import vllm_flash_attention
+
+    _run(n, torch.bfloat16, "cuda", "triton", page_size=page_size, summary_slots=4, fa_prefill=vllm_flash_attention())
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from conftest import LAYOUTS, make_paged_cache, make_varlen_batch, pack_selection, rel_err, varlen_twin
+from conftest import (LAYOUTS, make_paged_cache, make_varlen_batch, pack_selection, rel_err, varlen_twin,
+                      vllm_flash_attention)
 from cab_vllm.ops.fa_prefill import fa_sparse_prefill, fa_tables
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from test_prefill import prefill_oracle, same_dtype_error
@@ -111,8 +112,7 @@ def test_fa_prefill_refuses_what_it_cannot_run(device):
                                                     (9, 3, 64, 64, 64, torch.bfloat16)])
 def test_vllm_flash_attention_computes_the_selection(hq, hkv, d, bs, page, dtype, layout, splits):
     """vLLM's own FlashAttention (its version on this GPU) against the oracle and CAB's Triton kernel."""
-    fa = pytest.importorskip("vllm.vllm_flash_attn")
-    version = 3 if torch.cuda.get_device_capability()[0] == 9 else 2
+    varlen, version = vllm_flash_attention()
     specs = SPECS + [(4096 + 37, 2048 + 5)]
     batch = make_varlen_batch(specs, hq, hkv, d, dtype, seed=hq, device="cuda")
     kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, layout=layout, seed=page)
@@ -120,7 +120,7 @@ def test_vllm_flash_attention_computes_the_selection(hq, hkv, d, bs, page, dtype
     scale = 1.0 / math.sqrt(d)
     args = (batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], tiles, bs, scale)
     got = fa_sparse_prefill(*args, out=torch.full_like(batch["q_packed"], float("nan")),
-                            varlen=fa.flash_attn_varlen_func, fa_version=version, num_splits=splits)
+                            varlen=varlen, fa_version=version, num_splits=splits)
     assert not got.isnan().any()
     oracle = prefill_oracle(batch, specs, tiles, rows, bs, scale, hq)
     base = same_dtype_error(batch, specs, tiles, rows, bs, scale, hq, oracle)
