@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from cab_vllm.ops._triton import check
-from cab_vllm.ops.prefill import PrefillTiles, _check_common
+from cab_vllm.ops.prefill import PrefillTiles, _check_common, _check_tiles
 
 FA_DTYPES = (torch.float16, torch.bfloat16)
 # FlashAttention's num_splits for each launch: 1, no split. Its own heuristic (0) split the keys in every launch of a
@@ -90,8 +90,7 @@ def fa_sparse_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     check(q.dtype in FA_DTYPES, f"FlashAttention's sparse prefill needs fp16/bf16, got {q.dtype}")
     check(q.dim() == 3 and out.shape == q.shape and out.stride(-1) == 1,
           f"q and out must be [T, Hq, D] with a contiguous last dim, got {tuple(q.shape)} and {tuple(out.shape)}")
-    check(tiles.indices.dim() == 3 and tiles.indices.shape[1] == hkv and tiles.counts.shape == tiles.indices.shape[:2],
-          f"tiles.indices must be [T, Hkv={hkv}, K] and tiles.counts [T, Hkv]")
+    _check_tiles(tiles, hkv)
     if tiles.seq.shape[0] == 0:
         return out
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)

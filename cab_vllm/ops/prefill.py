@@ -198,6 +198,11 @@ def _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size):
     return hq, hkv, d
 
 
+def _check_tiles(tiles: PrefillTiles, hkv: int) -> None:
+    check(tiles.indices.dim() == 3 and tiles.indices.shape[1] == hkv and tiles.counts.shape == tiles.indices.shape[:2],
+          f"tiles.indices must be [T, Hkv={hkv}, K] and tiles.counts [T, Hkv]")
+
+
 def paged_sparse_prefill(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -226,8 +231,7 @@ def paged_sparse_prefill(
     check(query_start_loc.dtype == torch.int32 and query_start_loc.dim() == 1
           and query_start_loc.numel() == seq_lens.numel() + 1 and query_start_loc.stride(0) == 1,
           "query_start_loc must be a contiguous int32 [S+1]")
-    check(tiles.indices.dim() == 3 and tiles.indices.shape[1] == hkv and tiles.counts.shape == tiles.indices.shape[:2],
-          f"tiles.indices must be [T, Hkv={hkv}, K] and tiles.counts [T, Hkv]")
+    _check_tiles(tiles, hkv)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if resolve_impl(impl, q, key_cache) == "torch":
         res = paged_prefill_ref(q, key_cache, value_cache, block_table, query_start_loc, seq_lens, *tiles,
