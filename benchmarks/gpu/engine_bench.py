@@ -60,6 +60,16 @@ LLAMA_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_s
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
+# the probe request: its greedy ids are compared between backends, and its first run times the first request
+PROBE_TOKENS, PROBE_OUT = 2000, 24
+
+
+def model_len(lens: list) -> int:
+    """The engine's max_model_len: room for the longest measured prompt and for the probe request, with 512 tokens
+    to spare for the generated ones (a run of short prompts alone still fits the probe)."""
+    return max(max(lens), PROBE_TOKENS + PROBE_OUT) + 512
+
+
 def cab_counts() -> dict:
     """CAB's metrics summed over every process of this run (multiprocess mode): prefill query tokens and decode
     rows, the figures a request's size fixes (each counted once per step, whatever the tensor-parallel size)."""
@@ -451,7 +461,7 @@ def main() -> None:
     d = tempfile.mkdtemp()
     json.dump(dict(LLAMA_8B, num_hidden_layers=a.layers), open(os.path.join(d, "config.json"), "w"))
     t0 = time.time()
-    llm = LLM(d, load_format="dummy", attention_backend=a.backend, max_model_len=max(lens) + 512,
+    llm = LLM(d, load_format="dummy", attention_backend=a.backend, max_model_len=model_len(lens),
               gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=False, skip_tokenizer_init=True,
               disable_log_stats=False,  # per-request first/last token times (RequestOutput.metrics) for the TPOT
               tensor_parallel_size=a.tp, enforce_eager=a.eager, seed=0,
@@ -483,9 +493,9 @@ def main() -> None:
         return wall, list(out[0].outputs[0].token_ids)
 
     rng = random.Random(0)
-    probe = [rng.randrange(100, 40000) for _ in range(2000)]
-    t_first, probe_out = gen(probe, 24)  # the first request: as fast as the second when kernels warmed at start
-    t_second, _ = gen(probe, 24)
+    probe = [rng.randrange(100, 40000) for _ in range(PROBE_TOKENS)]
+    t_first, probe_out = gen(probe, PROBE_OUT)  # the first request: as fast as the second when kernels warmed at start
+    t_second, _ = gen(probe, PROBE_OUT)
     for n in lens:
         ids = [random.Random(n + r).randrange(100, 40000) for r in range(n)]
         gen(ids, 2, a.batch)  # warm: kernels specialised for this length

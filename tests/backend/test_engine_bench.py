@@ -212,3 +212,13 @@ print("RESULT", json.dumps({{"log": [[t, g] for t, g in log], "steady": bench.st
     assert (ph["InputProcessor.process_inputs"]["last_ms"] <= ph["Scheduler.schedule"]["first_ms"]
             <= ph["CABMetadataBuilder.build"]["first_ms"] <= ph["CABImpl.forward"]["first_ms"]
             <= ph["OutputProcessor.process_outputs"]["first_ms"] <= res["phases"]["wall_ms"])
+
+
+def test_model_len_fits_the_probe_request_and_every_prompt():
+    """A run of 512-token prompts alone once got max_model_len 1024 and died on the 2000-token probe request."""
+    bench = load_script("benchmarks/gpu/engine_bench.py")
+    need = bench.PROBE_TOKENS + bench.PROBE_OUT
+    assert bench.model_len([512]) >= need + 1 and bench.model_len([512]) - 512 == need
+    assert bench.model_len([512, 131072, 4096]) == 131072 + 512
+    for lens in ([1], [512, 512], [need], [need + 1], [2 ** 17]):
+        assert bench.model_len(lens) >= max(max(lens), need) + 512
