@@ -11,7 +11,7 @@ from cab_vllm.config import ESTIMATED_POLICIES, CABConfig
 from cab_vllm.ops._triton import check, resolve_impl
 from cab_vllm.ops.prefill import PrefillTiles, dense_sparse_prefill
 from cab_vllm.ops.blocks import num_blocks
-from cab_vllm.ops.reference import sparse_attention_ref
+from cab_vllm.ops import gathered
 from cab_vllm.policies import estimate, select_from_attention
 
 
@@ -101,5 +101,5 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: Sel
 
         return flex_sparse_attention(q, k, v, sel.indices, sel.counts, sel.block_size, scale)
     if resolve_impl(impl, q, k) == "torch":
-        return sparse_attention_ref(q, k, v, sel.indices, sel.counts, sel.block_size, scale)[0]
+        return gathered.sparse_attention(q, k, v, sel.indices, sel.counts, sel.block_size, scale)
     return dense_sparse_prefill(q, k, v, sel.to_tiles(), sel.block_size, scale)

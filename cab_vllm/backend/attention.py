@@ -36,6 +36,7 @@ from cab_vllm.backend.plan import BatchPlan, KernelOptions
 from cab_vllm.backend.stats import STATS
 from cab_vllm.config import ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, CABConfig
 from cab_vllm.ops.fa_prefill import fa_sparse_prefill
+from cab_vllm.ops.gathered import sparse_prefill
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.blocks import PagedKeys, gather_paged, num_blocks
 from cab_vllm.policies import (estimate, estimate_and_select, fused_select_ok, rows_only, select_from_attention,
@@ -205,48 +206,6 @@ def resolve(impl: str, device: torch.device) -> str:
     return impl
 
 
-def _tiled_sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor,
-                          first: int, ctx: int, bs: int, scale: float, budget: int = 1 << 25) -> torch.Tensor:
-    """PyTorch block-sparse prefill of one request: compute grows with the selected blocks only.
-
-    q [Hq, nq, D] at positions ctx..ctx+nq-1; k, v [Hkv, N, D]; idx [R, Hkv, K] / cnt [R, Hkv]: the selection
-    of query blocks first..first+R-1. Each tile gathers its selected key blocks and runs one SDPA call with a
-    causal/validity mask, tiles batched ``budget`` gathered elements at a time. Returns [nq, Hq, D]."""
-    hq, nq, d = q.shape
-    hkv, n = k.shape[0], k.shape[1]
-    g, r, kk = hq // hkv, idx.shape[0], idx.shape[-1]
-    m = num_blocks(n, bs)
-    kp = F.pad(k, (0, 0, 0, m * bs - n)).view(hkv, m, bs, d)
-    vp = F.pad(v, (0, 0, 0, m * bs - n)).view(hkv, m, bs, d)
-    lo = first * bs
-    rows = lo + torch.arange(r * bs, device=q.device)
-    valid = (rows >= ctx) & (rows < n)
-    qt = q.new_zeros(hq, r * bs, d)
-    qt[:, valid] = q[:, rows[valid] - ctx]
-    qt = qt.view(hkv, g, r, bs, d).permute(2, 0, 1, 3, 4).reshape(r, hkv, g * bs, d)
-    out = torch.empty(r, hkv, g * bs, d, dtype=q.dtype, device=q.device)
-    hh = torch.arange(hkv, device=q.device)[None, :, None]
-    jj = torch.arange(bs, device=q.device)
-    step = max(1, budget // max(1, hkv * kk * bs * d))
-    for r0 in range(0, r, step):
-        r1 = min(r, r0 + step)
-        ii = idx[r0:r1].long()
-        live = ii >= 0
-        ii = ii.clamp(min=0)
-        kg = kp[hh, ii].reshape(r1 - r0, hkv, kk * bs, d)
-        vg = vp[hh, ii].reshape(r1 - r0, hkv, kk * bs, d)
-        kpos = (ii[..., None] * bs + jj).reshape(r1 - r0, hkv, kk * bs)
-        kok = (live & (torch.arange(kk, device=q.device) < cnt[r0:r1, :, None]))[..., None].expand(
-            *live.shape, bs).reshape(r1 - r0, hkv, kk * bs) & (kpos < n)
-        qpos = (lo + torch.arange(r0, r1, device=q.device)[:, None] * bs + jj).repeat(1, g)  # [c, g*bs]
-        mask = kok[:, :, None, :] & (kpos[:, :, None, :] <= qpos[:, None, :, None])
-        # rows of a tile before the chunk's first new token may see no key: give them key 0 (discarded below)
-        mask[..., 0] |= ~mask.any(-1)
-        out[r0:r1] = F.scaled_dot_product_attention(qt[r0:r1], kg, vg, attn_mask=mask, scale=scale)
-    out = out.view(r, hkv, g, bs, d).permute(1, 2, 0, 3, 4).reshape(hq, r * bs, d)
-    return out[:, valid].transpose(0, 1)
-
-
 def run_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor, sels: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
                 block_size: int, scale: float, out: torch.Tensor, impl: str = "auto", fa=None) -> None:
@@ -256,7 +215,7 @@ def run_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
     sels[s] = (indices [R, Hkv, K], counts [R, Hkv], first query block) from prefill_selection; out [T, Hq, D]
     is written. impl 'triton' runs ops.prefill.paged_sparse_prefill over PrefillTiles, or with fa = (varlen,
     version) ops.fa_prefill.fa_sparse_prefill (vLLM's FlashAttention over each tile's kept pages); 'torch' gathers
-    each request's K/V and runs SDPA over each tile's selected key blocks (_tiled_sparse_prefill)."""
+    each request's K/V and runs SDPA over each tile's selected key blocks (ops.gathered.sparse_prefill)."""
     if resolve(impl, q.device) == "triton":
         tiles = prefill_tiles([(s, i, c, f) for s, (i, c, f) in enumerate(sels)])
         if fa is not None:
@@ -271,8 +230,8 @@ def run_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
         n, q0, q1 = sl[s], qsl[s], qsl[s + 1]
         k = gather_paged(key_cache, block_table[s], n)
         v = gather_paged(value_cache, block_table[s], n)
-        out[q0:q1] = _tiled_sparse_prefill(q[q0:q1].transpose(0, 1), k, v, idx, cnt, first, n - (q1 - q0),
-                                           block_size, scale)
+        out[q0:q1] = sparse_prefill(q[q0:q1].transpose(0, 1), k, v, idx, cnt, first, n - (q1 - q0), block_size,
+                                    scale)
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -10,7 +10,8 @@ kernel can also run selection and attention in one launch (programs take roles f
 the split-by-split merge that cost the attention role 1.5x at 8 rows of 128k on the H200 (with the tiled merge it
 no longer does for the prompt rule, but rows selecting by key bounds are slower in one), so routed_decode uses two,
 except for a single row (ONE_LAUNCH_MAX_ROWS), where one launch halves what a short request pays per layer.
-Twins: ops.reference.paged_decode_ref and ops.select.decode_select's PyTorch path.
+Twins: ops.reference.paged_decode_ref (the oracle) and ops.select.decode_select's PyTorch path; without Triton
+(CPU) the attention runs ops.gathered.paged_decode, which reads only the kept blocks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 from cab_vllm.ops.prefill import _check_common
-from cab_vllm.ops.reference import paged_decode_ref
+from cab_vllm.ops import gathered
 
 LOG2E = 1.4426950408889634
 
@@ -384,7 +385,8 @@ def paged_sparse_decode(
     check(indices.dtype == torch.int32 and counts.dtype == torch.int32, "indices/counts must be int32")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if resolve_impl(impl, q, key_cache) == "torch":
-        o, lse = paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, indices, counts, block_size, scale)
+        o, lse = gathered.paged_decode(q, key_cache, value_cache, block_table, seq_lens, indices, counts, block_size,
+                                       scale)
         if out is not None:
             out.copy_(o)
             o = out
@@ -460,7 +462,7 @@ def routed_decode(
                           select.sink_blocks, select.local_blocks, select.seed, routes.sel_idx, routes.sel_cnt,
                           select.scores, impl="torch")
         idx, cnt = routed_indices(routes, seq_lens, block_size, ns)
-        o, _ = paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, idx, cnt, block_size, scale)
+        o, _ = gathered.paged_decode(q, key_cache, value_cache, block_table, seq_lens, idx, cnt, block_size, scale)
         live = routes.modes[:ns] != MODE_SKIP
         out[live] = o[live]
         return out
@@ -482,34 +484,38 @@ def routed_decode(
 
 def routed_indices(routes: "DecodeRoutes", seq_lens: torch.Tensor, block_size: int, ns: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The key blocks routed_decode reads, materialized: (indices [S, Hkv, K] int32 ascending -1 padded,
-    counts [S, Hkv] int32); MODE_SKIP rows get count 0. Host loop: for tests and the PyTorch path."""
+    """The key blocks routed_decode reads, materialized on the rows' device: (indices [S, Hkv, K] int32 ascending,
+    -1 padded, K = max(1, the largest count), counts [S, Hkv] int32); MODE_SKIP rows get count 0. A MODE_PROMPT row
+    reads its slot's stored blocks and every block from its prompt's block count on, MODE_ALL every causal block,
+    the selecting modes the step's selection. One host read (K); for the PyTorch path, tests and traces."""
     ns = routes.modes.shape[0] if ns is None else ns
     hkv = routes.sel_idx.shape[1]
     dev = seq_lens.device
-    rows = []
-    for s in range(ns):
-        mode, n = int(routes.modes[s]), int(seq_lens[s])
-        nb = -(-n // block_size)
-        if mode == MODE_SKIP:
-            rows.append([[] for _ in range(hkv)])
-        elif mode == MODE_ALL:
-            rows.append([list(range(nb)) for _ in range(hkv)])
-        elif mode == MODE_PROMPT:
-            slot = int(routes.slots[s])
-            pb = int(routes.tab_blocks[s])
-            rows.append([sorted(routes.tab_idx[slot, h, : int(routes.tab_cnt[slot, h])].tolist()
-                                + list(range(pb, nb))) for h in range(hkv)])
-        else:
-            rows.append([routes.sel_idx[s, h, : int(routes.sel_cnt[s, h])].tolist() for h in range(hkv)])
-    k = max([1] + [len(r) for row in rows for r in row])
-    idx = torch.full((ns, hkv, k), -1, dtype=torch.int32)
-    cnt = torch.zeros(ns, hkv, dtype=torch.int32)
-    for s, row in enumerate(rows):
-        for h, r in enumerate(row):
-            idx[s, h, : len(r)] = torch.tensor(r, dtype=torch.int32)
-            cnt[s, h] = len(r)
-    return idx.to(dev), cnt.to(dev)
+    modes = routes.modes[:ns].long().to(dev)[:, None, None]
+    nb = (seq_lens[:ns].long() + block_size - 1) // block_size
+    m = max(1, int(nb.max())) if ns else 1
+    blk = torch.arange(m, device=dev)
+    inside = (blk[None, :] < nb[:, None])[:, None, :]  # [S, 1, M]
+
+    def listed(idx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:  # [S, Hkv, K] + counts -> [S, Hkv, M] bool
+        idx = idx.long().to(dev)
+        ok = (torch.arange(idx.shape[-1], device=dev) < cnt.to(dev)[..., None]) & (idx >= 0) & (idx < m)
+        mask = torch.zeros(ns, hkv, m + 1, dtype=torch.bool, device=dev)
+        return mask.scatter_(-1, torch.where(ok, idx, m), True)[..., :m]
+
+    slots = routes.slots[:ns].long()
+    prompt = listed(routes.tab_idx[slots], routes.tab_cnt[slots]) | (
+        (blk[None, :] >= routes.tab_blocks[:ns].long().to(dev)[:, None])[:, None, :] & inside)
+    picked = listed(routes.sel_idx[:ns], routes.sel_cnt[:ns])
+    mask = torch.where(modes == MODE_PROMPT, prompt, torch.where(modes == MODE_ALL, inside.expand_as(picked),
+                                                                 picked))
+    mask &= modes != MODE_SKIP
+    cnt = mask.sum(-1, dtype=torch.int32)
+    k = max(1, int(cnt.max())) if ns else 1
+    # the kept blocks first, in ascending order (a stable sort of "not kept")
+    idx = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :k].to(torch.int32)
+    idx = idx.masked_fill(torch.arange(k, device=dev) >= cnt[..., None], -1)
+    return idx, cnt
 
 
 class DecodeScratch(NamedTuple):
