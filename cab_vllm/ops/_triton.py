@@ -24,7 +24,8 @@ def interpreting() -> bool:
 
 
 def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
-    """'auto' -> 'triton' when the tensors live on a GPU, else 'torch' (the reference twin).
+    """'auto' -> 'triton' when the tensors live on a GPU, else 'torch' (PyTorch: the reference twins, or for the
+    attention itself ops.gathered, which reads only the kept blocks).
 
     'triton' on CPU tensors needs TRITON_INTERPRET=1 set before cab_vllm is imported.
     """
