@@ -503,7 +503,7 @@ def routed_indices(routes: "DecodeRoutes", seq_lens: torch.Tensor, block_size: i
         mask = torch.zeros(ns, hkv, m + 1, dtype=torch.bool, device=dev)
         return mask.scatter_(-1, torch.where(ok, idx, m), True)[..., :m]
 
-    slots = routes.slots[:ns].long()
+    slots = torch.where(modes[:, 0, 0] == MODE_PROMPT, routes.slots[:ns].long().to(dev), 0)  # others: any value
     prompt = listed(routes.tab_idx[slots], routes.tab_cnt[slots]) | (
         (blk[None, :] >= routes.tab_blocks[:ns].long().to(dev)[:, None])[:, None, :] & inside)
     picked = listed(routes.sel_idx[:ns], routes.sel_cnt[:ns])

@@ -185,6 +185,7 @@ def test_routed_indices_follow_the_routing_rule(seed):
             sel_idx[s, h, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             sel_cnt[s, h] = len(blocks)
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    slots = [sl if modes[s] == MODE_PROMPT else 99 for s, sl in enumerate(slots)]  # no slot: never looked up
     routes = DecodeRoutes(i32(modes), i32(slots), tab_idx, tab_cnt, i32(tab_blocks), sel_idx, sel_cnt)
     idx, cnt = routed_indices(routes, i32(lens), bs)
     want = _routes_oracle(modes, slots, tab_idx, tab_cnt, tab_blocks, sel_idx, sel_cnt, lens, bs)
