@@ -309,7 +309,10 @@ def test_tasks_through_the_vllm_engine(tmp_path):
     cmd = [sys.executable, "-m", "cab_experiments", "tasks", "--engine", "vllm", "--model", "smollm2-135m-instruct",
            "--lengths", "700", "--tasks", "single", "--depths", "0.5", "--trials", "1", "--sparsities", "0.5",
            "--policies", "dense", "cab", "cab:budget=adaptive", "--dtype", "bfloat16", "--device", "cpu",
-           "--gpu-memory-utilization", "0.1", "--dense-threshold", "256", "--quiet", "--out", str(out)]
+           "--gpu-memory-utilization", "0.1", "--dense-threshold", "256", "--quiet", "--out", str(out),
+           # one token: no decode step, so the density is the prompt's alone (decode steps count too, and how many
+           # there are depends on when each policy's greedy answer ends, which bf16 rounding can move)
+           "--max-new-tokens", "1"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_engine_env(), timeout=1200)
     assert p.returncode == 0, p.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
