@@ -31,14 +31,14 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch
     q [Hq, nq, D] at positions ctx .. ctx+nq-1; k, v [Hkv, N, D] (N = ctx + nq); idx [R, Hkv, K] int (ascending or
     not; the first cnt entries of a row are its blocks, -1 entries among them are skipped) / cnt [R, Hkv]: the kept
     key blocks of query blocks first .. first+R-1, which must cover the new tokens. Tiles of query blocks are
-    batched ``budget`` gathered elements at a time. A row that may see no key
-    (count 0) gets a zero output, as the reference gives. Returns [nq, Hq, D] in q.dtype."""
+    batched ``budget`` gathered elements at a time. A row that may see no key (count 0) gets a zero output, as the
+    reference gives. Returns [nq, Hq, D] in q.dtype."""
     hq, nq, d = q.shape
     hkv, n = k.shape[0], k.shape[1]
     bs = block_size
     check(hq % hkv == 0, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     check(n == ctx + nq, f"keys ({n}) must cover the prefix ({ctx}) plus the queries ({nq})")
-    g, r, kk = hq // hkv, idx.shape[0], idx.shape[-1]
+    g, r = hq // hkv, idx.shape[0]
     check(idx.dim() == 3 and idx.shape[1] == hkv and cnt.shape == idx.shape[:2],
           f"idx must be [R, Hkv={hkv}, K] and cnt [R, Hkv], got {tuple(idx.shape)}, {tuple(cnt.shape)}")
     check(first * bs <= ctx and (first + r) * bs >= n,
