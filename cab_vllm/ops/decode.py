@@ -497,6 +497,8 @@ def routed_indices(routes: "DecodeRoutes", seq_lens: torch.Tensor, block_size: i
     blk = torch.arange(m, device=dev)
     inside = (blk[None, :] < nb[:, None])[:, None, :]  # [S, 1, M]
 
+    # blocks.selection_to_block_mask, but out-of-range entries dropped: a row's slot or selection may hold another
+    # (longer) request's blocks where the row's mode does not read them
     def listed(idx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:  # [S, Hkv, K] + counts -> [S, Hkv, M] bool
         idx = idx.long().to(dev)
         ok = (torch.arange(idx.shape[-1], device=dev) < cnt.to(dev)[..., None]) & (idx >= 0) & (idx < m)
