@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
         [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16] [--target-programs 264,528,1056]
-        [--warps 2,4] [--maxnreg 0,128] [--page 16,64] [--columns prompt,prompt1,skip1]
+        [--warps 2,4] [--maxnreg 0,128] [--page 16,64] [--columns prompt,prompt1,skip1] [--max-len 131072]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16 unless --page), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
@@ -17,11 +17,15 @@ the engine's routed_decode takes it for batches of up to ops.decode.ONE_LAUNCH_M
 and, for comparison, the plain split-K kernel on the same blocks (ops.decode.paged_sparse_decode, no routing,
 no selection role) and dense decode through the same kernel (every block). Prints microseconds per step. By
 default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
+--max-len sizes the decode workspace and the prompt table as an engine of that max_model_len does (default: the
+context timed), so a short row is timed as a long-context engine runs it; the kernels' registers per thread and
+spills follow the table (one line per compiled variant).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 
 import torch
@@ -81,7 +85,7 @@ COLUMNS = ("prompt", "bounds", "skip", "all", "prompt1", "bounds1", "skip1", "al
 
 
 def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int | None = None,
-            columns=COLUMNS, page: int = PAGE) -> dict:
+            columns=COLUMNS, page: int = PAGE, max_len: int | None = None) -> dict:
     import cab_vllm.ops.decode as decode_ops
 
     min_per = decode_ops.MIN_BLOCKS_PER_SPLIT if min_per is None else min_per
@@ -96,10 +100,13 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
     q = torch.randn(rows, HQ, D, device=dev, dtype=dt)
     out = torch.empty_like(q)
     m = math.ceil(n / BS)
+    if max_len is not None and max_len < n:
+        raise ValueError(f"max_len={max_len} is shorter than the context timed ({n})")
+    m_engine = m if max_len is None else math.ceil(max_len / BS)  # the engine's buffers: its max_model_len
     cfg = CABConfig(sparsity=sparsity)
     keep = int(cfg.keep_counts(m)[-1])
-    ws = DecodeWorkspace(rows, HQ, HKV, D, m, dev)
-    table = PromptTable(rows, HKV, m, dev)
+    ws = DecodeWorkspace(rows, HQ, HKV, D, m_engine, dev)
+    table = PromptTable(rows, HKV, m_engine, dev)
     gen = torch.Generator(device="cpu").manual_seed(0)
     for r in range(rows):  # a stored prompt selection of `keep` blocks per head (sink + local + random others)
         for h in range(HKV):
@@ -149,6 +156,23 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
     return res
 
 
+def compiled_resources() -> list[str]:
+    """Registers per thread and spilled bytes of each compiled variant of the decode kernel (Triton's device
+    caches; empty where this Triton keeps them elsewhere)."""
+    import cab_vllm.ops.decode as decode_ops
+
+    lines = []
+    for cache in getattr(decode_ops._decode_step_kernel, "device_caches", {}).values():
+        kernels = cache[0] if isinstance(cache, tuple) else cache
+        for key, k in getattr(kernels, "items", lambda: [])():
+            consts = {n: v for n, v in getattr(k, "constants", {}).items()} if hasattr(k, "constants") else {}
+            meta = getattr(k, "metadata", None)
+            lines.append(f"REGS {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} "
+                         f"shared {getattr(meta, 'shared', '?')} warps {getattr(meta, 'num_warps', '?')} "
+                         f"{str(key)[:300]}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lens", default="4096,32768,131072")
@@ -168,6 +192,9 @@ def main() -> None:
                     help="registers per thread at most (comma list, 0: no limit; ops.decode.DECODE_MAXNREG)")
     ap.add_argument("--page", default=str(PAGE),
                     help="tokens per KV-cache page (comma list; vLLM's --block-size)")
+    ap.add_argument("--max-len", default=None,
+                    help="size the workspace and prompt table for this max_model_len (comma list; default: each "
+                         "context's own length)")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
@@ -190,26 +217,31 @@ def main() -> None:
                 for w in ints(a.warps, getattr(decode_ops, "DECODE_WARPS", 4))
                 for mr in ints(a.maxnreg, getattr(decode_ops, "DECODE_MAXNREG", None) or 0)
                 for pg in ints(a.page, PAGE)]
+    max_lens = [None] if a.max_len is None else [int(x) for x in a.max_len.split(",")]
     global _FLUSH
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'n':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
+    print(f"{'n':>7} {'max_len':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
           f"{'kept':>5} "
           f"{'splits':>6} " + " ".join(f"{c:>8}" for c in COLUMNS) +
           f"  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
           f"scoring programs; merge: splits per merge load; dense: this kernel over every block; "
           f"L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
-        for rows in (int(x) for x in a.rows.split(",")):
-            for mp, sp, ms, tp, w, mr, pg in variants:
-                decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS, decode_ops.TARGET_PROGRAMS = sp, ms, tp
-                decode_ops.DECODE_WARPS, decode_ops.DECODE_MAXNREG = w, mr or None
-                r = profile(n, rows, a.sparsity, min_per=mp, columns=columns, page=pg)
-                cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>8}"
-                                 for c in COLUMNS)
-                print(f"{n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} {pg:>4} "
-                      f"{r['kept_blocks']:>5} {r['splits']:>6} "
-                      f"{cells}")
+        for rows, (mp, sp, ms, tp, w, mr, pg), ml in itertools.product(
+                (int(x) for x in a.rows.split(",")), variants, max_lens):
+            if ml is not None and ml < n:
+                continue
+            decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS, decode_ops.TARGET_PROGRAMS = sp, ms, tp
+            decode_ops.DECODE_WARPS, decode_ops.DECODE_MAXNREG = w, mr or None
+            r = profile(n, rows, a.sparsity, min_per=mp, columns=columns, page=pg, max_len=ml)
+            cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>8}"
+                             for c in COLUMNS)
+            print(f"{n:>7} {ml or n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} {pg:>4} "
+                  f"{r['kept_blocks']:>5} {r['splits']:>6} "
+                  f"{cells}")
+    for line in compiled_resources():
+        print(line)
 
 if __name__ == "__main__":
     main()

@@ -75,3 +75,28 @@ def test_kept_blocks_keep_sink_and_current_block():
     for m, keep in ((2048, 103), (64, 4), (3, 5), (1, 1)):
         b = mod.kept_blocks(m, keep, gen)
         assert b == sorted(set(b)) and b[0] == 0 and b[-1] == m - 1 and len(b) == min(keep, m)
+
+
+def test_decode_profile_sizes_buffers_for_the_engine(monkeypatch):
+    """--max-len: the workspace and the prompt table are an engine's of that max_model_len (the selection's scores
+    as wide as its longest context), whatever the context timed; shorter than the context is refused."""
+    from cab_vllm.backend import attention
+
+    prof = _script()
+    monkeypatch.setattr(prof, "HQ", 4)
+    monkeypatch.setattr(prof, "HKV", 2)
+    monkeypatch.setattr(prof, "D", 32)
+    made = []
+    real = attention.DecodeWorkspace.__init__
+
+    def init(self, *a, **kw):
+        real(self, *a, **kw)
+        made.append(self.mpad)
+
+    monkeypatch.setattr(prof.DecodeWorkspace, "__init__", init)
+    r = prof.profile(700, 1, 0.5, dev="cpu", timer=lambda fn: (fn(), 1.0)[1], columns=("all1",), max_len=4096)
+    assert made == [64] and r["blocks"] == 11 and r["all1_us"] == 1.0
+    prof.profile(700, 1, 0.5, dev="cpu", timer=lambda fn: (fn(), 1.0)[1], columns=("all1",))
+    assert made == [64, 16]
+    with pytest.raises(ValueError, match="shorter than the context"):
+        prof.profile(700, 1, 0.5, dev="cpu", timer=lambda fn: 1.0, columns=("all1",), max_len=512)
