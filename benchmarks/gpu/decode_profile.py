@@ -17,9 +17,10 @@ the engine's routed_decode takes it for batches of up to ops.decode.ONE_LAUNCH_M
 and, for comparison, the plain split-K kernel on the same blocks (ops.decode.paged_sparse_decode, no routing,
 no selection role) and dense decode through the same kernel (every block). Prints microseconds per step. By
 default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
---max-len sizes the decode workspace and the prompt table as an engine of that max_model_len does (default: the
-context timed), so a short row is timed as a long-context engine runs it; the kernels' registers per thread and
-spills follow the table (one line per compiled variant).
+--max-len sizes the decode workspace, the prompt table and the block table's rows as an engine of that max_model_len
+does (default: the context timed), --engine-rows the workspace's and prompt table's rows (the engine's: max(max_num_seqs,
+largest CUDA-graph batch), 512 by default), so a short row is timed as a long-context engine runs it; the kernels'
+registers per thread and spills follow the table (one line per compiled variant).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ COLUMNS = ("prompt", "bounds", "skip", "all", "prompt1", "bounds1", "skip1", "al
 
 
 def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int | None = None,
-            columns=COLUMNS, page: int = PAGE, max_len: int | None = None) -> dict:
+            columns=COLUMNS, page: int = PAGE, max_len: int | None = None, engine_rows: int | None = None) -> dict:
     import cab_vllm.ops.decode as decode_ops
 
     min_per = decode_ops.MIN_BLOCKS_PER_SPLIT if min_per is None else min_per
@@ -96,17 +97,23 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
     kc = torch.randn(rows * pages_per_seq + 1, page, HKV, D, device=dev, dtype=dt)
     vc = torch.randn_like(kc)
     bt = (1 + torch.arange(rows * pages_per_seq, device=dev, dtype=torch.int32)).view(rows, pages_per_seq)
+    if max_len is not None:  # vLLM's block table: a row as wide as max_model_len's pages, zeros past the context
+        if max_len < n:
+            raise ValueError(f"max_len={max_len} is shorter than the context timed ({n})")
+        wide = torch.zeros(rows, math.ceil(max_len / page), device=dev, dtype=torch.int32)
+        wide[:, :pages_per_seq] = bt
+        bt = wide
+    if engine_rows is not None and engine_rows < rows:
+        raise ValueError(f"engine_rows={engine_rows} is fewer than the rows timed ({rows})")
     sl = torch.full((rows,), n, device=dev, dtype=torch.int32)
     q = torch.randn(rows, HQ, D, device=dev, dtype=dt)
     out = torch.empty_like(q)
     m = math.ceil(n / BS)
-    if max_len is not None and max_len < n:
-        raise ValueError(f"max_len={max_len} is shorter than the context timed ({n})")
     m_engine = m if max_len is None else math.ceil(max_len / BS)  # the engine's buffers: its max_model_len
     cfg = CABConfig(sparsity=sparsity)
     keep = int(cfg.keep_counts(m)[-1])
-    ws = DecodeWorkspace(rows, HQ, HKV, D, m_engine, dev)
-    table = PromptTable(rows, HKV, m_engine, dev)
+    ws = DecodeWorkspace(engine_rows or rows, HQ, HKV, D, m_engine, dev)  # the engine's: every row it may batch
+    table = PromptTable(engine_rows or rows, HKV, m_engine, dev)
     gen = torch.Generator(device="cpu").manual_seed(0)
     for r in range(rows):  # a stored prompt selection of `keep` blocks per head (sink + local + random others)
         for h in range(HKV):
@@ -195,6 +202,8 @@ def main() -> None:
     ap.add_argument("--max-len", default=None,
                     help="size the workspace and prompt table for this max_model_len (comma list; default: each "
                          "context's own length)")
+    ap.add_argument("--engine-rows", default=None,
+                    help="rows of the workspace and prompt table (comma list; default: the rows timed)")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
@@ -218,26 +227,27 @@ def main() -> None:
                 for mr in ints(a.maxnreg, getattr(decode_ops, "DECODE_MAXNREG", None) or 0)
                 for pg in ints(a.page, PAGE)]
     max_lens = [None] if a.max_len is None else [int(x) for x in a.max_len.split(",")]
+    engine_rows = [None] if a.engine_rows is None else [int(x) for x in a.engine_rows.split(",")]
     global _FLUSH
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'n':>7} {'max_len':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
+    print(f"{'n':>7} {'max_len':>7} {'ws_rows':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
           f"{'kept':>5} "
           f"{'splits':>6} " + " ".join(f"{c:>8}" for c in COLUMNS) +
           f"  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
           f"scoring programs; merge: splits per merge load; dense: this kernel over every block; "
           f"L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
-        for rows, (mp, sp, ms, tp, w, mr, pg), ml in itertools.product(
-                (int(x) for x in a.rows.split(",")), variants, max_lens):
-            if ml is not None and ml < n:
+        for rows, (mp, sp, ms, tp, w, mr, pg), ml, er in itertools.product(
+                [int(x) for x in a.rows.split(",")], variants, max_lens, engine_rows):
+            if (ml is not None and ml < n) or (er is not None and er < rows):
                 continue
             decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS, decode_ops.TARGET_PROGRAMS = sp, ms, tp
             decode_ops.DECODE_WARPS, decode_ops.DECODE_MAXNREG = w, mr or None
-            r = profile(n, rows, a.sparsity, min_per=mp, columns=columns, page=pg, max_len=ml)
+            r = profile(n, rows, a.sparsity, min_per=mp, columns=columns, page=pg, max_len=ml, engine_rows=er)
             cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>8}"
                              for c in COLUMNS)
-            print(f"{n:>7} {ml or n:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} {pg:>4} "
+            print(f"{n:>7} {ml or n:>7} {er or rows:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} {pg:>4} "
                   f"{r['kept_blocks']:>5} {r['splits']:>6} "
                   f"{cells}")
     for line in compiled_resources():

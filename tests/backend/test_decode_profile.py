@@ -78,8 +78,9 @@ def test_kept_blocks_keep_sink_and_current_block():
 
 
 def test_decode_profile_sizes_buffers_for_the_engine(monkeypatch):
-    """--max-len: the workspace and the prompt table are an engine's of that max_model_len (the selection's scores
-    as wide as its longest context), whatever the context timed; shorter than the context is refused."""
+    """--max-len / --engine-rows: the workspace, the prompt table and the block table are an engine's of that
+    max_model_len and batch (the selection's scores as wide as its longest context, a block-table row as wide as its
+    pages), whatever the context and rows timed; shorter than the context or fewer rows are refused."""
     from cab_vllm.backend import attention
 
     prof = _script()
@@ -93,10 +94,29 @@ def test_decode_profile_sizes_buffers_for_the_engine(monkeypatch):
         real(self, *a, **kw)
         made.append(self.mpad)
 
+    tables = []
+    real_launch = prof.step_launch
+
+    def launch(q, kc, vc, bt, *a, **kw):
+        tables.append(tuple(bt.shape))
+        return real_launch(q, kc, vc, bt, *a, **kw)
+
     monkeypatch.setattr(prof.DecodeWorkspace, "__init__", init)
+    monkeypatch.setattr(prof, "step_launch", launch)
     r = prof.profile(700, 1, 0.5, dev="cpu", timer=lambda fn: (fn(), 1.0)[1], columns=("all1",), max_len=4096)
     assert made == [64] and r["blocks"] == 11 and r["all1_us"] == 1.0
+    assert tables == [(1, 4096 // prof.PAGE)]
+    ws_rows = []
+    monkeypatch.setattr(prof.PromptTable, "__init__",
+                        lambda self, rows, *a, _real=prof.PromptTable.__init__: (ws_rows.append(rows),
+                                                                                 _real(self, rows, *a))[1])
+    prof.profile(700, 2, 0.5, dev="cpu", timer=lambda fn: (fn(), 1.0)[1], columns=("all1",), max_len=4096,
+                 engine_rows=5)
+    assert ws_rows == [5] and made[-1] == 64
+    with pytest.raises(ValueError, match="fewer than the rows"):
+        prof.profile(700, 2, 0.5, dev="cpu", timer=lambda fn: 1.0, columns=("all1",), engine_rows=1)
+    made.clear()
     prof.profile(700, 1, 0.5, dev="cpu", timer=lambda fn: (fn(), 1.0)[1], columns=("all1",))
-    assert made == [64, 16]
+    assert made == [16]
     with pytest.raises(ValueError, match="shorter than the context"):
         prof.profile(700, 1, 0.5, dev="cpu", timer=lambda fn: 1.0, columns=("all1",), max_len=512)
