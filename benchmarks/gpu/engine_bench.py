@@ -431,6 +431,9 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=None, metavar="N",
                     help="tokens per page of the KV cache (vLLM's --block-size; 16 by default on CUDA): CAB's decode "
                     "kernel reads one page-table entry per 64-token key block when a page holds whole blocks")
+    ap.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                    help="the engine's max_model_len (default: model_len of --lens); CAB sizes its decode buffers by "
+                         "it, so a short prompt can be timed in an engine sized for long ones")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.fa_version is not None and a.fa_version not in (2, 3):
@@ -439,6 +442,9 @@ def main() -> None:
         ap.error("--fa-graph-splits must be >= 1")
     if a.block_size is not None and (a.block_size < 16 or a.block_size % 16):
         ap.error("--block-size must be a positive multiple of 16")
+    if a.max_model_len is not None and a.max_model_len < model_len([int(x) for x in a.lens.split(",")]):
+        ap.error(f"--max-model-len must be at least {model_len([int(x) for x in a.lens.split(',')])} (the longest "
+                 f"prompt, the probe request and 512 generated tokens)")
     if a.steady_decode and a.steady_steps < 2:
         ap.error("--steady-steps must be >= 2")
     if a.reps < 1 or a.short_reps < 1:
@@ -461,7 +467,8 @@ def main() -> None:
     d = tempfile.mkdtemp()
     json.dump(dict(LLAMA_8B, num_hidden_layers=a.layers), open(os.path.join(d, "config.json"), "w"))
     t0 = time.time()
-    llm = LLM(d, load_format="dummy", attention_backend=a.backend, max_model_len=model_len(lens),
+    llm = LLM(d, load_format="dummy", attention_backend=a.backend,
+              max_model_len=a.max_model_len or model_len(lens),
               gpu_memory_utilization=a.gpu_memory_utilization, enable_prefix_caching=False, skip_tokenizer_init=True,
               disable_log_stats=False,  # per-request first/last token times (RequestOutput.metrics) for the TPOT
               tensor_parallel_size=a.tp, enforce_eager=a.eager, seed=0,
@@ -539,7 +546,8 @@ def main() -> None:
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp,
                    cab_env={k: v for k, v in sorted(os.environ.items())
                             if k.startswith("CAB_") and k != "CAB_CACHE_DIR"},  # the model cache: no setting
-                   fa_graph_splits=a.fa_graph_splits, fa_version=a.fa_version, block_size=a.block_size)
+                   fa_graph_splits=a.fa_graph_splits, fa_version=a.fa_version, block_size=a.block_size,
+                   max_model_len=a.max_model_len)
     if counts0 is not None:  # equal: counted once (TP > 1 included); twice the requests' figures: once per rank
         counts1 = cab_counts()
         summary["cab_metrics"] = {k: dict(sent=sent[k], counted=counts1[k] - counts0[k]) for k in sent}

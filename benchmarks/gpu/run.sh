@@ -22,9 +22,11 @@
 #                                           among the CAB_* variables)
 #   ... "CUSTOM:0.95@BLOCK_SIZE=64"         the KV cache's tokens per page for that run (vLLM's --block-size)
 #   ... "CUSTOM:0.95@FA_VERSION=2"          vLLM's flash_attn_version for that run (the FlashAttention of the dense rows)
+#   ... "CUSTOM:0.95@MAX_LEN=131072"        the engine's max_model_len for that run (default: the longest prompt + room)
 set -uo pipefail
 # a run's variables that are engine_bench.py arguments (engine settings), not CAB_* variables
-declare -A ENGINE_ARG=([FA_GRAPH_SPLITS]=--fa-graph-splits [BLOCK_SIZE]=--block-size [FA_VERSION]=--fa-version)
+declare -A ENGINE_ARG=([FA_GRAPH_SPLITS]=--fa-graph-splits [BLOCK_SIZE]=--block-size [FA_VERSION]=--fa-version
+                       [MAX_LEN]=--max-model-len)
 out=$1; runs=$2; lens=${3:-512,4096,32768,131072}
 mkdir -p "$out"
 for r in $runs; do
@@ -85,7 +87,8 @@ for r in rows:
     else:
         env = " ".join(f"{k}={v}" for k, v in r.get("cab_env", {}).items() if k != "CAB_SPARSITY")
         for key, name in (("fa_graph_splits", "flash_attn_max_num_splits_for_cuda_graph"),
-                          ("fa_version", "flash_attn_version"), ("block_size", "block_size")):
+                          ("fa_version", "flash_attn_version"), ("block_size", "block_size"),
+                          ("max_model_len", "max_model_len")):
             if r.get(key) is not None:
                 env = (env + f" {name}={r[key]}").strip()
         if env:

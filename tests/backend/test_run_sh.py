@@ -23,7 +23,7 @@ env = {k: v for k, v in os.environ.items() if k.startswith("CAB_")}
 row = dict(backend=sys.argv[sys.argv.index("--backend") + 1], sparsity=None, init_s=1, first_request_s=0,
            second_request_s=0, mem_after_init_gib=0, peak_during_runs_gib=0, probe_out=[], cab_env=env,
            args=sys.argv[1:])
-for key in ("fa_graph_splits", "block_size", "fa_version"):  # the engine settings, as engine_bench.py records them
+for key in ("fa_graph_splits", "block_size", "fa_version", "max_model_len"):  # the engine settings, as engine_bench.py records them
     flag = "--" + key.replace("_", "-")
     row[key] = int(sys.argv[sys.argv.index(flag) + 1]) if flag in sys.argv else None
 open(out, "w").write(json.dumps(row) + "\\n")
@@ -90,10 +90,13 @@ def test_each_run_gets_its_own_variables(tmp_path):
       "engine_FLASH_ATTN_dense_FA_VERSION-2.jsonl"},
      "engine_CUSTOM_0.95_FA_VERSION-2_CAB_FUSED_SELECT-0.jsonl", {"CAB_FUSED_SELECT": "0"}, {"--fa-version": "2"},
      "with CAB_FUSED_SELECT=0 flash_attn_version=2"),
-], ids=["fa-graph-splits", "block-size", "fa-version"])
+    ("CUSTOM:0.95 CUSTOM:0.95@MAX_LEN=131072",
+     {"engine_CUSTOM_0.95.jsonl", "engine_CUSTOM_0.95_MAX_LEN-131072.jsonl"},
+     "engine_CUSTOM_0.95_MAX_LEN-131072.jsonl", {}, {"--max-model-len": "131072"}, "with max_model_len=131072"),
+], ids=["fa-graph-splits", "block-size", "fa-version", "max-len"])
 def test_a_runs_engine_settings_reach_only_that_run_as_arguments(tmp_path, runs, files, mine, env, given, printed):
-    """FA_GRAPH_SPLITS, BLOCK_SIZE and FA_VERSION among a run's variables become engine_bench.py arguments of that
-    run only (not variables; CAB_* beside them stay variables), and its summary line names them."""
+    """FA_GRAPH_SPLITS, BLOCK_SIZE, FA_VERSION and MAX_LEN among a run's variables become engine_bench.py arguments of
+    that run only (not variables; CAB_* beside them stay variables), and its summary line names them."""
     p, out = _run(tmp_path, runs)
     rows = _ok_rows(p, out)
     assert set(rows) == files
@@ -102,7 +105,7 @@ def test_a_runs_engine_settings_reach_only_that_run_as_arguments(tmp_path, runs,
         assert rows[mine]["args"][rows[mine]["args"].index(flag) + 1] == value
         assert rows[mine][flag[2:].replace("-", "_")] == int(value)
         for other in files:  # the runs without the setting (its NAME is in the file names of those with it)
-            if flag[2:].upper().replace("-", "_") not in other:
+            if {"--max-model-len": "MAX_LEN"}.get(flag, flag[2:].upper().replace("-", "_")) not in other:
                 assert flag not in rows[other]["args"]
     if "FLASH_ATTN:@FA_VERSION=2" in runs:
         assert rows["engine_FLASH_ATTN_dense_FA_VERSION-2.jsonl"]["fa_version"] == 2
@@ -111,7 +114,7 @@ def test_a_runs_engine_settings_reach_only_that_run_as_arguments(tmp_path, runs,
 
 def test_a_malformed_variable_stops_the_script(tmp_path):
     for bad in ("CUSTOM:0.95@GRAPH_BRANCHES=1", "CUSTOM:0.95@FA_GRAPH_SPLITS=x", "CUSTOM:0.95@BLOCK_SIZE=x",
-                "CUSTOM:0.95@FA_VERSION=x"):
+                "CUSTOM:0.95@FA_VERSION=x", "CUSTOM:0.95@MAX_LEN=x"):
         p, out = _run(tmp_path, bad)
         assert p.returncode == 2 and "is not CAB_NAME=VALUE" in p.stdout
         assert not list(out.glob("engine_*.jsonl"))
