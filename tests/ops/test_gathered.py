@@ -73,6 +73,33 @@ def test_paged_decode_reads_only_the_kept_blocks():
     assert torch.equal(got, want)
 
 
+def test_paged_decode_of_a_16_bit_cache():
+    """The engine's case on CPU: a bf16 cache and queries: the float32 twin's log-sum-exps on the same values, the
+    output within bf16 rounding; NaN in every slot outside the kept blocks (incl. heads with nothing kept) changes
+    nothing and an empty head's output is zero."""
+    lens, hq, hkv, d, bs, page = [70, 200, 129, 333], 6, 3, 32, 32, 16
+    batch, kc, vc, bt, idx, cnt, rows = _decode_case(lens, hq, hkv, d, bs, page, "plain", seed=11, empty_prob=0.25)
+    q, sl = batch["q_packed"].bfloat16(), batch["seq_lens"]
+    kc, vc = kc.bfloat16(), vc.bfloat16()
+    want, wlse = paged_decode_ref(q.float(), kc.float(), vc.float(), bt, sl, idx, cnt, bs, 1 / math.sqrt(d))
+    got, glse = gathered.paged_decode(q, kc, vc, bt, sl, idx, cnt, bs, 1 / math.sqrt(d))
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    fin = torch.isfinite(wlse)
+    assert torch.equal(torch.isfinite(glse), fin) and (~fin).any()
+    torch.testing.assert_close(glse[fin], wlse[fin], rtol=0, atol=1e-4)
+    assert rel_err(got.float(), want) < 2e-2 and (got[~fin] == 0).all()
+    keep = torch.zeros(kc.shape[0], page, hkv, dtype=torch.bool)
+    for s, n in enumerate(lens):
+        for h in range(hkv):
+            for j in rows[s][h]:
+                for t in range(j * bs, min(n, (j + 1) * bs)):
+                    keep[int(bt[s, t // page]), t % page, h] = True
+    kn = kc.masked_fill(~keep[..., None], float("nan"))
+    vn = vc.masked_fill(~keep[..., None], float("nan"))
+    got2, lse2 = gathered.paged_decode(q, kn, vn, bt, sl, idx, cnt, bs, 1 / math.sqrt(d))
+    assert torch.equal(got2, got) and torch.equal(lse2, glse)
+
+
 def _selection(b, hs, n, bs, kmax, seed, empty_prob=0.0):
     gen = torch.Generator().manual_seed(seed)
     m = -(-n // bs)
