@@ -18,9 +18,9 @@ and, for comparison, the plain split-K kernel on the same blocks (ops.decode.pag
 no selection role) and dense decode through the same kernel (every block). Prints microseconds per step. By
 default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
 --max-len sizes the decode workspace, the prompt table and the block table's rows as an engine of that max_model_len
-does (default: the context timed), --engine-rows the workspace's and prompt table's rows (the engine's: max(max_num_seqs,
-largest CUDA-graph batch), 512 by default), so a short row is timed as a long-context engine runs it; the kernels'
-registers per thread and spills follow the table (one line per compiled variant).
+does (default: the context timed), --engine-rows the workspace's and prompt table's rows (an engine's: max(max_num_seqs,
+its largest CUDA-graph batch), 512 with vLLM's defaults), so a short row is timed as a long-context engine runs it;
+the kernels' registers per thread, spills and shared memory follow the table (REGS lines, one per compiled variant).
 """
 
 from __future__ import annotations
@@ -172,7 +172,6 @@ def compiled_resources() -> list[str]:
     for cache in getattr(decode_ops._decode_step_kernel, "device_caches", {}).values():
         kernels = cache[0] if isinstance(cache, tuple) else cache
         for key, k in getattr(kernels, "items", lambda: [])():
-            consts = {n: v for n, v in getattr(k, "constants", {}).items()} if hasattr(k, "constants") else {}
             meta = getattr(k, "metadata", None)
             lines.append(f"REGS {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} "
                          f"shared {getattr(meta, 'shared', '?')} warps {getattr(meta, 'num_warps', '?')} "
@@ -200,8 +199,8 @@ def main() -> None:
     ap.add_argument("--page", default=str(PAGE),
                     help="tokens per KV-cache page (comma list; vLLM's --block-size)")
     ap.add_argument("--max-len", default=None,
-                    help="size the workspace and prompt table for this max_model_len (comma list; default: each "
-                         "context's own length)")
+                    help="size the workspace, prompt table and block-table rows for this max_model_len (comma "
+                         "list; default: each context's own length)")
     ap.add_argument("--engine-rows", default=None,
                     help="rows of the workspace and prompt table (comma list; default: the rows timed)")
     ap.add_argument("--warm-l2", action="store_true",
