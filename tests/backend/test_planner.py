@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -272,6 +273,34 @@ def test_attend_dense_is_dense_causal_attention(page_size, hq, hkv):
     ref = torch.cat([dense_rows(sim.q, sim.k, sim.v, s, a, b, 0.125) for s, a, b in ((0, 259, 260), (1, 0, 97),
                                                                                       (2, 400, 700))])
     assert rel_err(out, ref) < 1e-5
+
+
+def test_dense_prefill_rows_on_cpu_run_dense_attention(monkeypatch):
+    """On a CPU (no vLLM FlashAttention beside CAB) a step's dense prefill rows - sparsity 0, a context below the
+    dense threshold, a chunk over a cached prefix - are plain causal attention (_dense_row), not the sparse path with
+    every block kept; the sparse row beside them still goes through run_prefill, alone; the recorded selections
+    still cover every prefill row."""
+    lens = [700, 300, 900, 260]
+    hq, hkv, d = 6, 2, 64
+    cfg = CABConfig(sparsity=0.9)
+    sim = _sim(lens, hq, hkv, d, torch.float32, 16, cfg, seed=7)
+    sim.step([(0, 400)], cfgs=[cfg.replace(sparsity=0.0)], dense_threshold=0)
+    ran, dense = [], []
+    real_run, real_dense = attention.run_prefill, attention._dense_row
+    monkeypatch.setattr(attention, "run_prefill", lambda qp, *a, **kw: (ran.append(qp.shape[0]),
+                                                                       real_run(qp, *a, **kw))[1])
+    monkeypatch.setattr(attention, "_dense_row", lambda *a: (dense.append(a[5] - a[4]), real_dense(*a))[1])
+    rows = [(0, 300), (1, 300), (2, 900), (3, 260)]
+    cfgs = [cfg.replace(sparsity=0.0), cfg, cfg, cfg.replace(policy="dense")]
+    out, md = sim.step(rows, cfgs=cfgs, dense_threshold=512)
+    assert md["plan"].dense == [True, True, False, True]
+    assert sorted(dense) == [260, 300, 300] and ran == [900]  # the sparse row alone in the sparse path
+    assert len(md["prefill"]) == 4
+    ref = torch.cat([dense_rows(sim.q, sim.k, sim.v, s, a, b, 1 / math.sqrt(d))
+                     for s, a, b in ((0, 400, 700), (1, 0, 300))])
+    assert rel_err(out[:600], ref) < 1e-5
+    assert rel_err(out[1500:], dense_rows(sim.q, sim.k, sim.v, 3, 0, 260, 1 / math.sqrt(d))) < 1e-5
+    assert check_step(sim, out, md) < 1e-4  # every row, the sparse one against its recorded selection
 
 
 @pytest.mark.parametrize("page_size", [16, 64], ids=lambda p: f"page{p}")
