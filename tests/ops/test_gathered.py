@@ -28,6 +28,18 @@ def _decode_case(lens, hq, hkv, d, bs, page, layout, seed, kmax=6, empty_prob=0.
     return batch, kc, vc, bt, idx, cnt, rows
 
 
+def _kept_slots(kc, bt, lens, rows, bs):
+    """[pages, page, Hkv] bool: the cache slots of the kept blocks' tokens (rows[s][h]: row s, head h's blocks)."""
+    page, hkv = kc.shape[1], kc.shape[2]
+    keep = torch.zeros(kc.shape[0], page, hkv, dtype=torch.bool)
+    for s, n in enumerate(lens):
+        for h in range(hkv):
+            for j in rows[s][h]:
+                for t in range(j * bs, min(n, (j + 1) * bs)):
+                    keep[int(bt[s, t // page]), t % page, h] = True
+    return keep
+
+
 @pytest.mark.parametrize("hq,hkv,d,bs,page,layout", [
     (4, 2, 32, 64, 16, "kv_pair"), (7, 1, 64, 16, 64, "head_major"), (6, 3, 48, 32, 48, "kv_interleaved"),
     (8, 8, 16, 16, 1, "plain")], ids=["g2-bs64-page16", "g7-bs16-page64", "g2-bs32-page48", "g1-page1"])
@@ -61,12 +73,7 @@ def test_paged_decode_reads_only_the_kept_blocks():
     batch, kc, vc, bt, idx, cnt, rows = _decode_case(lens, hq, hkv, d, bs, page, "plain", seed=3, empty_prob=0.0)
     q, sl = batch["q_packed"], batch["seq_lens"]
     want, _ = gathered.paged_decode(q, kc, vc, bt, sl, idx, cnt, bs, 0.2)
-    keep = torch.zeros(kc.shape[0], page, hkv, dtype=torch.bool)
-    for s, n in enumerate(lens):
-        for h in range(hkv):
-            for j in rows[s][h]:
-                for t in range(j * bs, min(n, (j + 1) * bs)):
-                    keep[int(bt[s, t // page]), t % page, h] = True
+    keep = _kept_slots(kc, bt, lens, rows, bs)
     kn = kc.masked_fill(~keep[..., None], float("nan"))
     vn = vc.masked_fill(~keep[..., None], float("nan"))
     got, _ = gathered.paged_decode(q, kn, vn, bt, sl, idx, cnt, bs, 0.2)
@@ -88,12 +95,7 @@ def test_paged_decode_of_a_16_bit_cache():
     assert torch.equal(torch.isfinite(glse), fin) and (~fin).any()
     torch.testing.assert_close(glse[fin], wlse[fin], rtol=0, atol=1e-4)
     assert rel_err(got.float(), want) < 2e-2 and (got[~fin] == 0).all()
-    keep = torch.zeros(kc.shape[0], page, hkv, dtype=torch.bool)
-    for s, n in enumerate(lens):
-        for h in range(hkv):
-            for j in rows[s][h]:
-                for t in range(j * bs, min(n, (j + 1) * bs)):
-                    keep[int(bt[s, t // page]), t % page, h] = True
+    keep = _kept_slots(kc, bt, lens, rows, bs)
     kn = kc.masked_fill(~keep[..., None], float("nan"))
     vn = vc.masked_fill(~keep[..., None], float("nan"))
     got2, lse2 = gathered.paged_decode(q, kn, vn, bt, sl, idx, cnt, bs, 1 / math.sqrt(d))
