@@ -3,6 +3,7 @@
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
         [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16] [--target-programs 264,528,1056]
         [--warps 2,4] [--maxnreg 0,128] [--page 16,64] [--columns prompt,prompt1,skip1] [--max-len 131072]
+        [--page-order asc,desc,spread,random] [--cache-gib 3]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16 unless --page), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
@@ -21,6 +22,8 @@ default L2 is flushed before every call (the engine's other 31 layers evict a la
 does (default: the context timed), --engine-rows the workspace's and prompt table's rows (an engine's: max(max_num_seqs,
 its largest CUDA-graph batch), 512 with vLLM's defaults), so a short row is timed as a long-context engine runs it;
 the kernels' registers per thread, spills and shared memory follow the table (REGS lines, one per compiled variant).
+--page-order lays each row's pages out as an engine may (asc: a fresh engine's; desc: pages a finished request freed,
+handed out again last-first; spread: evenly over the cache; random) in a cache of --cache-gib (K and V together).
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ COLUMNS = ("prompt", "bounds", "skip", "all", "prompt1", "bounds1", "skip1", "al
 
 
 def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int | None = None,
-            columns=COLUMNS, page: int = PAGE, max_len: int | None = None, engine_rows: int | None = None) -> dict:
+            columns=COLUMNS, page: int = PAGE, max_len: int | None = None, engine_rows: int | None = None,
+            page_order: str = "asc", cache_pages: int | None = None) -> dict:
     import cab_vllm.ops.decode as decode_ops
 
     min_per = decode_ops.MIN_BLOCKS_PER_SPLIT if min_per is None else min_per
@@ -94,9 +98,13 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
     if page <= 0:
         raise ValueError(f"page size must be positive, got {page}")
     pages_per_seq = math.ceil(n / page)
-    kc = torch.randn(rows * pages_per_seq + 1, page, HKV, D, device=dev, dtype=dt)
+    need = rows * pages_per_seq + 1
+    num_pages = need if cache_pages is None else cache_pages
+    if num_pages < need:
+        raise ValueError(f"cache_pages={cache_pages} is fewer than the {need} pages the rows need")
+    kc = torch.randn(num_pages, page, HKV, D, device=dev, dtype=dt)
     vc = torch.randn_like(kc)
-    bt = (1 + torch.arange(rows * pages_per_seq, device=dev, dtype=torch.int32)).view(rows, pages_per_seq)
+    bt = page_ids(rows * pages_per_seq, num_pages, page_order).to(dev).view(rows, pages_per_seq)
     if max_len is not None:  # vLLM's block table: a row as wide as max_model_len's pages, zeros past the context
         if max_len < n:
             raise ValueError(f"max_len={max_len} is shorter than the context timed ({n})")
@@ -163,6 +171,28 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
     return res
 
 
+PAGE_ORDERS = ("asc", "desc", "spread", "random")
+
+
+def page_ids(count: int, num_pages: int, order: str) -> torch.Tensor:
+    """`count` distinct physical page ids in 1..num_pages-1 (page 0 is vLLM's null page) in the order a request's
+    block table would list them: asc (a fresh engine hands out pages in order), desc (pages a finished request
+    freed come back last-first), spread (ascending, evenly spaced over the whole cache), random."""
+    if order not in PAGE_ORDERS:
+        raise ValueError(f"page order {order!r} is not one of {', '.join(PAGE_ORDERS)}")
+    if count > num_pages - 1:
+        raise ValueError(f"{count} pages do not fit a cache of {num_pages} (page 0 is reserved)")
+    if order == "asc":
+        ids = torch.arange(1, count + 1)
+    elif order == "desc":
+        ids = torch.arange(count, 0, -1)
+    elif order == "spread":
+        ids = 1 + torch.arange(count) * ((num_pages - 1) // count)
+    else:
+        ids = 1 + torch.randperm(num_pages - 1, generator=torch.Generator().manual_seed(0))[:count]
+    return ids.to(torch.int32)
+
+
 def compiled_resources() -> list[str]:
     """Registers per thread and spilled bytes of each compiled variant of the decode kernel (Triton's device
     caches; empty where this Triton keeps them elsewhere)."""
@@ -203,6 +233,11 @@ def main() -> None:
                          "list; default: each context's own length)")
     ap.add_argument("--engine-rows", default=None,
                     help="rows of the workspace and prompt table (comma list; default: the rows timed)")
+    ap.add_argument("--page-order", default="asc",
+                    help=f"physical order of each row's pages (comma list of {', '.join(PAGE_ORDERS)})")
+    ap.add_argument("--cache-gib", type=float, default=None,
+                    help="size of the K and V cache together in GiB (default: just the pages timed; an engine's "
+                         "layer holds its share of the KV memory)")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
@@ -227,26 +262,36 @@ def main() -> None:
                 for pg in ints(a.page, PAGE)]
     max_lens = [None] if a.max_len is None else [int(x) for x in a.max_len.split(",")]
     engine_rows = [None] if a.engine_rows is None else [int(x) for x in a.engine_rows.split(",")]
+    orders = a.page_order.split(",")
+    bad = [o for o in orders if o not in PAGE_ORDERS]
+    if bad:
+        ap.error(f"--page-order: unknown {', '.join(bad)} (expected some of {', '.join(PAGE_ORDERS)})")
+    if a.cache_gib is not None and a.cache_gib <= 0:
+        ap.error("--cache-gib must be positive")
     global _FLUSH
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    print(f"{'n':>7} {'max_len':>7} {'ws_rows':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
+    print(f"{'n':>7} {'order':>6} {'max_len':>7} {'ws_rows':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
           f"{'kept':>5} "
           f"{'splits':>6} " + " ".join(f"{c:>8}" for c in COLUMNS) +
           f"  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
           f"scoring programs; merge: splits per merge load; dense: this kernel over every block; "
           f"L2 {'warm' if a.warm_l2 else 'flushed'})")
     for n in (int(x) for x in a.lens.split(",")):
-        for rows, (mp, sp, ms, tp, w, mr, pg), ml, er in itertools.product(
-                [int(x) for x in a.rows.split(",")], variants, max_lens, engine_rows):
+        for rows, (mp, sp, ms, tp, w, mr, pg), ml, er, order in itertools.product(
+                [int(x) for x in a.rows.split(",")], variants, max_lens, engine_rows, orders):
             if (ml is not None and ml < n) or (er is not None and er < rows):
                 continue
             decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS, decode_ops.TARGET_PROGRAMS = sp, ms, tp
             decode_ops.DECODE_WARPS, decode_ops.DECODE_MAXNREG = w, mr or None
-            r = profile(n, rows, a.sparsity, min_per=mp, columns=columns, page=pg, max_len=ml, engine_rows=er)
+            cache_pages = None
+            if a.cache_gib is not None:  # K and V pages of bf16 [page, Hkv, D]
+                cache_pages = int(a.cache_gib * (1 << 30) // (2 * pg * HKV * D * 2))
+            r = profile(n, rows, a.sparsity, min_per=mp, columns=columns, page=pg, max_len=ml, engine_rows=er,
+                        page_order=order, cache_pages=cache_pages)
             cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>8}"
                              for c in COLUMNS)
-            print(f"{n:>7} {ml or n:>7} {er or rows:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} {pg:>4} "
+            print(f"{n:>7} {order:>6} {ml or n:>7} {er or rows:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} {pg:>4} "
                   f"{r['kept_blocks']:>5} {r['splits']:>6} "
                   f"{cells}")
     for line in compiled_resources():

@@ -120,3 +120,47 @@ def test_decode_profile_sizes_buffers_for_the_engine(monkeypatch):
     assert made == [16]
     with pytest.raises(ValueError, match="shorter than the context"):
         prof.profile(700, 1, 0.5, dev="cpu", timer=lambda fn: 1.0, columns=("all1",), max_len=512)
+
+
+@pytest.mark.parametrize("order", ["asc", "desc", "spread", "random"])
+def test_page_ids_are_distinct_pages_past_the_null_page(order):
+    """--page-order: each layout lists `count` distinct physical pages in 1..num_pages-1 (page 0 is vLLM's null
+    page), asc / desc in order, spread over the whole cache; too many pages or an unknown order are refused."""
+    prof = _script()
+    ids = prof.page_ids(37, 200, order)
+    assert ids.dtype == torch.int32 and ids.numel() == 37 and len(set(ids.tolist())) == 37
+    assert int(ids.min()) >= 1 and int(ids.max()) <= 199
+    if order == "asc":
+        assert ids.tolist() == list(range(1, 38))
+    if order == "desc":
+        assert ids.tolist() == list(range(37, 0, -1))
+    if order == "spread":
+        assert ids.tolist() == sorted(ids.tolist()) and int(ids.max()) > 150
+    with pytest.raises(ValueError, match="do not fit"):
+        prof.page_ids(200, 200, order)
+    with pytest.raises(ValueError, match="not one of"):
+        prof.page_ids(3, 200, "backwards")
+
+
+def test_decode_profile_lays_pages_out_in_a_cache_of_the_size_asked(monkeypatch):
+    """--page-order / --cache-gib: the block table the kernel gets lists the layout's pages of a cache of that many
+    pages, and a cache too small for the rows timed is refused."""
+    prof = _script()
+    monkeypatch.setattr(prof, "HQ", 4)
+    monkeypatch.setattr(prof, "HKV", 2)
+    monkeypatch.setattr(prof, "D", 32)
+    seen = []
+    real_launch = prof.step_launch
+
+    def launch(q, kc, vc, bt, *a, **kw):
+        seen.append((kc.shape[0], bt.clone()))
+        return real_launch(q, kc, vc, bt, *a, **kw)
+
+    monkeypatch.setattr(prof, "step_launch", launch)
+    r = prof.profile(700, 2, 0.5, dev="cpu", timer=lambda fn: (fn(), 1.0)[1], columns=("all1",), page_order="desc",
+                     cache_pages=300)
+    pages = -(-700 // prof.PAGE)
+    assert r["all1_us"] == 1.0 and seen[0][0] == 300
+    assert seen[0][1].flatten().tolist() == list(range(2 * pages, 0, -1))
+    with pytest.raises(ValueError, match="fewer than"):
+        prof.profile(700, 2, 0.5, dev="cpu", timer=lambda fn: 1.0, columns=("all1",), cache_pages=2 * pages)
