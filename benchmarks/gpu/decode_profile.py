@@ -3,7 +3,7 @@
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
         [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16] [--target-programs 264,528,1056]
         [--warps 2,4] [--maxnreg 0,128] [--page 16,64] [--columns prompt,prompt1,skip1] [--max-len 131072]
-        [--page-order asc,desc,spread,random] [--cache-gib 3]
+        [--page-order asc,desc,spread,random] [--cache-gib 3] [--between gemm]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16 unless --page), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
@@ -24,6 +24,7 @@ its largest CUDA-graph batch), 512 with vLLM's defaults), so a short row is time
 the kernels' registers per thread, spills and shared memory follow the table (REGS lines, one per compiled variant).
 --page-order lays each row's pages out as an engine may (asc: a fresh engine's; desc: pages a finished request freed,
 handed out again last-first; spread: evenly over the cache; random) in a cache of --cache-gib (K and V together).
+--between gemm runs a decode layer's four GEMMs before each timed call (their time subtracted), as the engine does.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ HQ, HKV, D, PAGE, BS = 32, 8, 128, 16, 64
 
 
 _FLUSH: torch.Tensor | None = None  # set by main: a 256 MiB buffer zeroed before each timed call (cold L2)
+_BETWEEN = None  # set by main (--between gemm): kernels run before each timed call, as an engine's layer runs them
 
 
 def _replay_us(fn, reps: int) -> float:
@@ -64,17 +66,24 @@ def _replay_us(fn, reps: int) -> float:
 
 def graph_time_us(fn, reps: int = 200) -> float:
     """Mean time of one call of fn replayed in a CUDA graph, in µs. With _FLUSH set, every replay first zeroes a
-    buffer larger than L2 (as the engine's other layers do between two calls of one layer's attention) and the
-    time of that zeroing alone is subtracted."""
-    if _FLUSH is None:
+    buffer larger than L2 (as the engine's other layers do between two calls of one layer's attention), and with
+    _BETWEEN set also runs that (an engine layer's GEMMs: other kernels' code through the SMs' instruction caches);
+    the time of what runs before fn alone is subtracted."""
+    if _FLUSH is None and _BETWEEN is None:
         return _replay_us(fn, reps)
-    flush = _FLUSH
+    flush, between = _FLUSH, _BETWEEN
 
-    def flushed():
-        flush.zero_()
+    def before():
+        if flush is not None:
+            flush.zero_()
+        if between is not None:
+            between()
+
+    def both():
+        before()
         fn()
 
-    return _replay_us(flushed, reps) - _replay_us(flush.zero_, reps)
+    return _replay_us(both, reps) - _replay_us(before, reps)
 
 
 def kept_blocks(m: int, keep: int, gen: torch.Generator) -> list[int]:
@@ -193,6 +202,25 @@ def page_ids(count: int, num_pages: int, order: str) -> torch.Tensor:
     return ids.to(torch.int32)
 
 
+def layer_gemms(dev, hidden: int = 4096, inter: int = 14336):
+    """A decode layer's four GEMMs at batch 1 (Llama-3.1-8B: QKV, O, gate-up, down; bf16 weights as the engine
+    holds them), as one callable."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(1, hidden, generator=g).to(dev, torch.bfloat16)
+    qkv = torch.randn(hidden, (HQ + 2 * HKV) * D, generator=g).to(dev, torch.bfloat16)
+    o = torch.randn(HQ * D, hidden, generator=g).to(dev, torch.bfloat16)
+    up = torch.randn(hidden, 2 * inter, generator=g).to(dev, torch.bfloat16)
+    down = torch.randn(inter, hidden, generator=g).to(dev, torch.bfloat16)
+
+    def run():
+        y = x @ qkv
+        z = y[:, : HQ * D] @ o
+        h = z @ up
+        return h[:, :inter] @ down
+
+    return run
+
+
 def compiled_resources() -> list[str]:
     """Registers per thread and spilled bytes of each compiled variant of the decode kernel (Triton's device
     caches; empty where this Triton keeps them elsewhere)."""
@@ -238,6 +266,9 @@ def main() -> None:
     ap.add_argument("--cache-gib", type=float, default=None,
                     help="size of the K and V cache together in GiB (default: just the pages timed; an engine's "
                          "layer holds its share of the KV memory)")
+    ap.add_argument("--between", choices=("none", "gemm"), default="none",
+                    help="gemm: before each timed call also run a decode layer's GEMMs of the 8B geometry (QKV, O, "
+                         "gate-up, down at batch 1), as the engine does between two attention calls")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
@@ -268,7 +299,9 @@ def main() -> None:
         ap.error(f"--page-order: unknown {', '.join(bad)} (expected some of {', '.join(PAGE_ORDERS)})")
     if a.cache_gib is not None and a.cache_gib <= 0:
         ap.error("--cache-gib must be positive")
-    global _FLUSH
+    global _FLUSH, _BETWEEN
+    if a.between == "gemm":
+        _BETWEEN = layer_gemms(torch.device("cuda"))
     if not a.warm_l2:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"{'n':>7} {'order':>6} {'max_len':>7} {'ws_rows':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
@@ -276,7 +309,7 @@ def main() -> None:
           f"{'splits':>6} " + " ".join(f"{c:>8}" for c in COLUMNS) +
           f"  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
           f"scoring programs; merge: splits per merge load; dense: this kernel over every block; "
-          f"L2 {'warm' if a.warm_l2 else 'flushed'})")
+          f"L2 {'warm' if a.warm_l2 else 'flushed'}{'; GEMMs of a layer before each call' if a.between == 'gemm' else ''})")
     for n in (int(x) for x in a.lens.split(",")):
         for rows, (mp, sp, ms, tp, w, mr, pg), ml, er, order in itertools.product(
                 [int(x) for x in a.rows.split(",")], variants, max_lens, engine_rows, orders):

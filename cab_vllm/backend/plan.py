@@ -58,7 +58,8 @@ class KernelOptions:
     """Kernel choices of the engine that change speed, not results (each is tested against the same reference).
     None keeps the kernel module's default. fused_select (on by default): the prefill's estimate and selection
     without the [M, M] estimate (ops.fused_select; cab without a curvature share and magnitude, fixed budget); one_launch_rows: decode
-    batches of at most this many rows run selection and attention in one launch (ops.decode.ONE_LAUNCH_MAX_ROWS);
+    batches of at most this many rows run selection and attention in one launch (default: ops.decode.one_launch_default,
+    one row, in engines of at most ONE_LAUNCH_MAX_MPAD key blocks; a value given here holds at any max_model_len);
     graph_branches: in a decode step's CUDA graph, vLLM's FlashAttention and CAB's decode launch each sit in an IF
     node that runs only when the step has rows for it (cab_vllm.backend.graphs); dense_decode: dense decode rows
     (short contexts, sparsity 0) run in CAB's decode kernel over every key block instead of vLLM's FlashAttention,

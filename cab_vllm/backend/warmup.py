@@ -80,6 +80,8 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
     from cab_vllm.ops import decode as dec
 
     one_row_max = dec.ONE_LAUNCH_MAX_ROWS if kernels.one_launch_rows is None else kernels.one_launch_rows
+    if kernels.one_launch_rows is None and not dec.one_launch_default(1, workspace.mpad):
+        one_row_max = 0  # this engine's selection rows are too wide for one launch (ops.decode.ONE_LAUNCH_MAX_MPAD)
     # a single-row decode step runs selection and attention in one launch (when one_row_max >= 1), a larger batch
     # in two: make both
     for limit in dict.fromkeys((one_row_max, 0)):

@@ -9,7 +9,9 @@ attention and the merge share one launch, and the selection's programs return at
 kernel can also run selection and attention in one launch (programs take roles from a start-order ticket); with
 the split-by-split merge that cost the attention role 1.5x at 8 rows of 128k on the H200 (with the tiled merge it
 no longer does for the prompt rule, but rows selecting by key bounds are slower in one), so routed_decode uses two,
-except for a single row (ONE_LAUNCH_MAX_ROWS), where one launch halves what a short request pays per layer.
+except for a single row (ONE_LAUNCH_MAX_ROWS), where one launch halves what a short request pays per layer, in
+engines whose selection rows are at most ONE_LAUNCH_MAX_MPAD blocks wide (max_model_len up to 131,072 with 64-token
+blocks; wider, the one launch's attention runs slower).
 Twins: ops.reference.paged_decode_ref (the oracle) and ops.select.decode_select's PyTorch path; without Triton
 (CPU) the attention runs ops.gathered.paged_decode, which reads only the kept blocks.
 """
@@ -346,6 +348,21 @@ TARGET_PROGRAMS = 264  # attention programs a decode step aims for (split-K), be
 # rows 33.5 vs 35.1 us, 2026-12-01d). Rows that select by key bounds are slower in one launch (618 vs 486 us at 128k,
 # one row), so larger batches keep two launches.
 ONE_LAUNCH_MAX_ROWS = 1
+# ... and only while the selection's score rows are at most this wide (Selection.scores' last dim: the engine's
+# longest context in key blocks, to the next power of two). The selection role's code grows with the width (its
+# vectors span the row: 32 values a thread at 4,096), and past 2,048 the one launch runs its attention slower when
+# other kernels ran on the SMs before it, as a layer's GEMMs do in the engine: H200, a 4k dense row after a decode
+# layer's four GEMMs (decode_profile.py --between gemm), one launch 14.7 / 15.3 / 15.7 / 19.4 us for widths 512 /
+# 1,024 / 2,048 / 4,096 (max_model_len 32,768 / 65,536 / 131,072 / 131,584), two launches 16.0-16.5 us; a 128k row
+# with the prompt rule 20.8 / 24.0 us (2,048 / 4,096) in one launch, 20.1 / 20.4 in two. Inside the engine
+# (max_model_len 131,584) the one launch took 19.7 us a layer against 15.9 at 32,768 (BENCHMARKS.md).
+ONE_LAUNCH_MAX_MPAD = 2048
+
+
+def one_launch_default(rows: int, score_width: int) -> bool:
+    """Whether a decode step of `rows` rows whose selection scores rows of `score_width` blocks runs selection and
+    attention in one launch by default (ONE_LAUNCH_MAX_ROWS, ONE_LAUNCH_MAX_MPAD)."""
+    return rows <= ONE_LAUNCH_MAX_ROWS and score_width <= ONE_LAUNCH_MAX_MPAD
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, target_programs: int | None = None) -> int:
@@ -443,8 +460,9 @@ def routed_decode(
     rows in MODE_SKIP are not written. q [S, Hq, D]; out [S, Hq, D] (written in place, returned).
     With ``select``, rows in SELECTED_MODES first get the step's selection into routes.sel_idx/sel_cnt
     (ops.select.decode_select's rule): in a launch of its own just before the attention's, or with
-    ``one_launch`` in the attention's launch (default: one launch for at most ONE_LAUNCH_MAX_ROWS rows, the
-    batch size being fixed per CUDA graph). num_splits must not depend on the step's data (a CUDA graph replays
+    ``one_launch`` in the attention's launch (default: one_launch_default: one launch for at most
+    ONE_LAUNCH_MAX_ROWS rows, the batch size being fixed per CUDA graph, whose score rows are at most
+    ONE_LAUNCH_MAX_MPAD wide). num_splits must not depend on the step's data (a CUDA graph replays
     it); workspace: DecodeScratch. merge_splits: split partials the merge reads per load, a speed option (module
     MERGE_SPLITS when None; see there)."""
     from cab_vllm.ops.select import check_selection, decode_select
@@ -468,7 +486,7 @@ def routed_decode(
         return out
     lse = torch.empty(ns, hq, dtype=torch.float32, device=q.device) if workspace is None else workspace.lse[:ns]
     if one_launch is None:
-        one_launch = ns <= ONE_LAUNCH_MAX_ROWS
+        one_launch = one_launch_default(ns, select.scores.shape[-1] if select is not None else 1)
     if select is not None and not one_launch:
         # The selection in a launch of its own (its programs return at once when no row selects): sharing one
         # launch with the attention cost the attention 1.5x at 8 rows of 128k on the H200 with the split-by-split

@@ -297,7 +297,8 @@ def test_warm_up_makes_both_decode_launch_shapes(monkeypatch):
     real = dec.routed_decode
 
     def spy(q, *a, **kw):
-        one = q.shape[0] <= dec.ONE_LAUNCH_MAX_ROWS if kw.get("one_launch") is None else kw["one_launch"]
+        width = kw["select"].scores.shape[-1] if kw.get("select") is not None else 1
+        one = dec.one_launch_default(q.shape[0], width) if kw.get("one_launch") is None else kw["one_launch"]
         routes = a[4]
         seen.append((one, tuple(routes.modes[: q.shape[0]].tolist())))
         return real(q, *a, **kw)
@@ -311,6 +312,33 @@ def test_warm_up_makes_both_decode_launch_shapes(monkeypatch):
     for one in (True, False):
         modes = {m for o, ms in seen if o == one for m in ms}
         assert dec.MODE_PROMPT in modes and modes & set(dec.SELECTED_MODES), (one, seen)
+
+
+def test_warm_up_of_a_wide_engine_makes_only_two_launch_steps(monkeypatch):
+    """An engine whose selection rows are wider than ops.decode.ONE_LAUNCH_MAX_MPAD decodes every batch in two
+    launches by default: its warm-up compiles only those (one launch would be a compile the engine never uses); a
+    row limit the engine sets (CAB_DECODE_ONE_LAUNCH_ROWS) still gets its one-launch steps."""
+    import cab_vllm.ops.decode as dec
+    from cab_vllm.backend.attention import DecodeWorkspace
+    from cab_vllm.backend.plan import KernelOptions
+    from cab_vllm.backend.warmup import warm_up_kernels
+
+    seen = []
+    real = dec.routed_decode
+    monkeypatch.setattr(dec, "routed_decode", lambda q, *a, **kw: seen.append(
+        (q.shape[0], kw.get("one_launch"), kw["select"].scores.shape[-1])) or real(q, *a, **kw))
+    monkeypatch.setattr(dec, "ONE_LAUNCH_MAX_MPAD", 32)
+    ws = DecodeWorkspace(4, 4, 2, 32, 64, "cpu")  # selection rows 64 wide
+    warm_up_kernels(4, 2, 32, torch.float32, "cpu", CABConfig(), ws)
+
+    def launches():  # one launch or not, as routed_decode decides it
+        return {dec.one_launch_default(rows, w) if one is None else one for rows, one, w in seen}
+
+    assert seen and all(w == 64 for _, _, w in seen)
+    assert launches() == {False}
+    seen.clear()
+    warm_up_kernels(4, 2, 32, torch.float32, "cpu", CABConfig(), ws, kernels=KernelOptions(one_launch_rows=1))
+    assert launches() == {True, False}
 
 
 def test_warm_up_compiles_the_engines_kernel_options(monkeypatch, caplog):

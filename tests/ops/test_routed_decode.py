@@ -391,11 +391,50 @@ def test_routed_decode_one_or_two_launches_give_the_same_step(rows, device, monk
                       impl="triton", select=Selection(keep, ws.scores[:rows], 1, 1, 3), one_launch=one)
         assert int(ws.sync.abs().sum()) == 0
         outs[one] = (out, *routed_indices(routes, sl, 64))
-        auto_one = rows <= dec.ONE_LAUNCH_MAX_ROWS
+        auto_one = dec.one_launch_default(rows, ws.mpad)
+        assert auto_one == (rows <= dec.ONE_LAUNCH_MAX_ROWS)  # a narrow workspace: the rows decide
         assert len(launches) == (1 if (one or (one is None and auto_one)) else 2), (one, launches)
     for one in (None, True):
         assert torch.equal(outs[one][1], outs[False][1]) and torch.equal(outs[one][2], outs[False][2])
         assert rel_err(outs[one][0], outs[False][0]) < max(KERNEL_FP32_TOL, 1e-6)
+
+
+def test_one_launch_default_needs_a_narrow_selection(device, monkeypatch):
+    """By default a one-row step runs in one launch only while the selection's score rows are at most
+    ONE_LAUNCH_MAX_MPAD wide (the engine's longest context in blocks): wider, two launches (its attention was
+    slower in one on the H200); the result is the same either way, and an explicit one_launch still holds."""
+    import cab_vllm.ops.decode as dec
+    from cab_vllm.backend.attention import DecodeWorkspace
+    from cab_vllm.ops.decode import Selection
+
+    assert dec.one_launch_default(1, dec.ONE_LAUNCH_MAX_MPAD) and not dec.one_launch_default(1, 2 * dec.ONE_LAUNCH_MAX_MPAD)
+    assert not dec.one_launch_default(dec.ONE_LAUNCH_MAX_ROWS + 1, 16)
+    torch.manual_seed(11)
+    _, kc, vc, bt, q, sl = _case(device=device)
+    hq, d, hkv = q.shape[1], q.shape[2], kc.shape[2]
+    table, slots, pblocks = _row1_prompt_table(hkv, device)
+    pick = torch.tensor([2], device=device)  # a row that selects by key bounds
+    q, sl, bt, slots, pblocks = q[pick], sl[pick], bt[pick], slots[pick], pblocks[pick]
+    modes = torch.tensor([MODES[2]], dtype=torch.int32, device=device)
+    keep = torch.tensor([2], dtype=torch.int32, device=device)
+    ws = DecodeWorkspace(2, hq, hkv, d, 20, device)  # selection rows 32 wide
+    launches = []
+    real = dec.step_launch
+    monkeypatch.setattr(dec, "step_launch", lambda *a, **kw: (launches.append(kw.get("attend", True)), real(*a, **kw)))
+    outs = []
+    for cap, one, expect in ((64, None, 1), (16, None, 2), (16, True, 1)):
+        monkeypatch.setattr(dec, "ONE_LAUNCH_MAX_MPAD", cap)
+        launches.clear()
+        routes = DecodeRoutes(modes, slots, table.idx, table.cnt, pblocks, ws.sel_idx[:1], ws.sel_cnt[:1])
+        out = torch.zeros_like(q)
+        routed_decode(q, kc, vc, bt, sl, routes, 64, 1 / math.sqrt(d), out, ws.splits(1), ws.partials(1),
+                      impl="triton", select=Selection(keep, ws.scores[:1], 1, 1, 3), one_launch=one)
+        assert len(launches) == expect, (cap, one, launches)
+        assert int(ws.sync.abs().sum()) == 0
+        outs.append((out, *routed_indices(routes, sl, 64)))
+    for o, i, c in outs[1:]:
+        assert torch.equal(i, outs[0][1]) and torch.equal(c, outs[0][2])
+        assert rel_err(o, outs[0][0]) < max(KERNEL_FP32_TOL, 1e-6)
 
 
 @pytest.mark.parametrize("programs", [1, 3])
