@@ -164,3 +164,16 @@ def test_decode_profile_lays_pages_out_in_a_cache_of_the_size_asked(monkeypatch)
     assert seen[0][1].flatten().tolist() == list(range(2 * pages, 0, -1))
     with pytest.raises(ValueError, match="fewer than"):
         prof.profile(700, 2, 0.5, dev="cpu", timer=lambda fn: 1.0, columns=("all1",), cache_pages=2 * pages)
+
+
+def test_layer_gemms_run_a_decode_layers_four_products(monkeypatch):
+    """--between gemm: one callable runs a layer's QKV, O, gate-up and down products at batch 1 (bf16, the shapes of
+    the geometry asked), the same each call."""
+    prof = _script()
+    monkeypatch.setattr(prof, "HQ", 4)
+    monkeypatch.setattr(prof, "HKV", 2)
+    monkeypatch.setattr(prof, "D", 16)
+    run = prof.layer_gemms(torch.device("cpu"), hidden=64, inter=96)
+    out = run()
+    assert out.shape == (1, 64) and out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert torch.equal(run(), out)
