@@ -332,6 +332,8 @@ def _dense_row(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
     qr = q[q0:q1].transpose(0, 1)[None]  # [1, Hq, L, D]
     if q1 - q0 == n:
         o = F.scaled_dot_product_attention(qr, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv)
+    elif q1 - q0 == 1:  # the row's newest token (a decode row): every key, no mask
+        o = F.scaled_dot_product_attention(qr, k, v, scale=scale, enable_gqa=hq != hkv)
     else:
         qpos = torch.arange(n - (q1 - q0), n, device=q.device)
         mask = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
@@ -393,14 +395,30 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
 
             ws, ns = None, default_num_splits(d, hkv, mmax)
         select = Selection(keep, scores, cfg0.sink_blocks, cfg0.local_blocks, cfg0.seed)
+        # On a CPU the dense decode rows (MODE_ALL: below the dense threshold, sparsity 0) attend densely to their
+        # pages (_dense_row: whole pages copied, SDPA) rather than through the gathered path's per-token indexing;
+        # the routed launch skips them. (On CUDA they stay in the decode kernel, which a CUDA graph replays.)
+        dense_dec = [i for i, r in enumerate(rows) if plan.dense[r]] if dev.type == "cpu" else []
+        run = routes
+        if dense_dec:
+            from cab_vllm.ops.decode import MODE_SKIP
+
+            modes = routes.modes.clone()
+            modes[dense_dec] = MODE_SKIP
+            run = routes._replace(modes=modes)
         with STATS.timed("decode", dev):
-            rows_max = kernels.one_launch_rows
-            routed_decode(qd, key_cache, value_cache, bt, sl, routes, bs, scale, od, ns, ws, impl=impl,
-                          select=select, one_launch=None if rows_max is None else d <= rows_max)
+            for i in dense_dec:
+                r = rows[i]
+                _dense_row(q, key_cache, value_cache, block_table[r], plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r],
+                           scale, out)
+            if len(dense_dec) < d:
+                rows_max = kernels.one_launch_rows
+                routed_decode(qd, key_cache, value_cache, bt, sl, run, bs, scale, od, ns, ws, impl=impl,
+                              select=select, one_launch=None if rows_max is None else d <= rows_max)
         if record is not None:
             record["decode"] = routed_indices(routes, sl, bs, d)
         if not prefix:
-            live = routes.modes != 0
+            live = run.modes[:d] != 0
             out[tok[live]] = od[live]
     rows = [r for r in plan.prefill_rows if not (skip_dense and plan.dense[r])] if prefills else []
     if rows:

@@ -303,6 +303,40 @@ def test_dense_prefill_rows_on_cpu_run_dense_attention(monkeypatch):
     assert check_step(sim, out, md) < 1e-4  # every row, the sparse one against its recorded selection
 
 
+def test_dense_decode_rows_on_cpu_run_dense_attention(monkeypatch):
+    """On a CPU the dense decode rows of a step (sparsity 0, a context below the dense threshold) attend densely to
+    their pages (_dense_row, one query each) and the routed decode skips them; the sparse decode row beside them
+    still goes through it; the recorded decode selections still list every block of a dense row."""
+    import cab_vllm.ops.decode as dec
+
+    lens = [702, 302, 901]  # room for the decode steps below
+    hq, hkv, d = 6, 2, 64
+    cfg = CABConfig(sparsity=0.9)
+    sim = _sim(lens, hq, hkv, d, torch.float32, 16, cfg, seed=8)
+    sim.step([(0, 699), (1, 299), (2, 899)], dense_threshold=0)
+    dense, routed = [], []
+    real_dense, real_routed = attention._dense_row, dec.routed_decode
+    monkeypatch.setattr(attention, "_dense_row", lambda *a: (dense.append((a[4], a[5], a[6])), real_dense(*a))[1])
+    monkeypatch.setattr(dec, "routed_decode", lambda *a, **kw: (routed.append(a[5].modes[: a[0].shape[0]].tolist()),
+                                                                 real_routed(*a, **kw))[1])
+    cfgs = [cfg.replace(sparsity=0.0), cfg, cfg]
+    out, md = sim.step([(0, 1), (1, 1), (2, 1)], cfgs=cfgs, dense_threshold=512)
+    assert md["plan"].dense == [True, True, False]
+    assert dense == [(0, 1, 700), (1, 2, 300)]  # one query each, over the whole context
+    assert len(routed) == 1 and routed[0][:2] == [dec.MODE_SKIP, dec.MODE_SKIP] and routed[0][2] != dec.MODE_SKIP
+    idx, cnt = md["decode"]
+    assert cnt[0].tolist() == [num_blocks(700, 64)] * hkv and cnt[1].tolist() == [num_blocks(300, 64)] * hkv
+    scale = 1 / math.sqrt(d)
+    assert rel_err(out[0:1], dense_rows(sim.q, sim.k, sim.v, 0, 699, 700, scale)) < 1e-5
+    assert rel_err(out[1:2], dense_rows(sim.q, sim.k, sim.v, 1, 299, 300, scale)) < 1e-5
+    assert check_step(sim, out, md) < 1e-4  # the sparse row against its recorded selection
+    dense.clear()
+    routed.clear()
+    out, md = sim.step([(0, 1), (1, 1)], cfgs=cfgs[:2], dense_threshold=512)  # only dense rows: no routed launch
+    assert len(dense) == 2 and routed == []
+    assert rel_err(out[1:2], dense_rows(sim.q, sim.k, sim.v, 1, 300, 301, scale)) < 1e-5
+
+
 @pytest.mark.parametrize("page_size", [16, 64], ids=lambda p: f"page{p}")
 def test_sparse_mixed_batch_triton_equals_torch(page_size):
     """Same plan and selection through the Triton tile kernels (interpreted) and the PyTorch path."""
