@@ -1,7 +1,8 @@
 """Sparse prefill through vLLM's FlashAttention-3: each (query block, KV head) as a sequence over a page table that
 lists only its kept key blocks' pages, against CAB's Triton kernel on the same selection.
 
-    python benchmarks/gpu/fa_prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99]
+    python benchmarks/gpu/fa_prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--splits 1]
+        [--block 64] [--page 16]
 
 A question for the prefill path, timed before any engine code is written. CAB keeps key blocks per (query block, KV
 head), ascending, the query's own block last. FlashAttention's paged varlen kernel with a query block's 64 tokens as
@@ -12,7 +13,7 @@ so query i sees the keys up to itself). Two ways to give every KV head a page ta
 - heads: one launch per KV head over the head's strided view [pages, page_size, 1, D] (no copies);
 - one: one launch over an overlapping view whose "page" p' = page * page_size * Hkv + head starts at that page's
   head (stride 2*D, rows Hkv*2*D apart), with the queries and outputs permuted to heads-first (two copies, timed).
-Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), 16-token pages in a random order, random
+Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), 16-token pages (--page) in a random order, random
 selections with CAB's per-row budgets (sink and own block always kept). Times: triton.testing.do_bench medians (L2
 flushed), summed over the prompt's chunks; TFLOP/s over the kept causal FLOPs. Errors against CAB's kernel.
 """
@@ -55,9 +56,16 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.95,0.99")
     ap.add_argument("--splits", default="0", help="FlashAttention num_splits of the per-head launches, comma list "
                                                   "(0: its own heuristic)")
+    ap.add_argument("--block", type=int, default=BS, help="CAB's key block, tokens (a power of two >= 16)")
+    ap.add_argument("--page", type=int, default=PAGE, help="the cache's page, tokens (divides --block; FlashAttention-3 "
+                                                          "loads pages by TMA when they are a multiple of its 128-key tile)")
     a = ap.parse_args()
-    if a.n <= 0 or a.n % BS or a.chunk % BS or a.chunk <= 0:
-        ap.error("--n and --chunk must be positive multiples of 64")
+    bs, page = a.block, a.page
+    if bs < 16 or bs & (bs - 1) or page < 1 or bs % page:
+        ap.error(f"--block {bs} must be a power of two >= 16 and a multiple of --page {page}")
+    per_block = bs // page
+    if a.n <= 0 or a.n % bs or a.chunk % bs or a.chunk <= 0:
+        ap.error(f"--n and --chunk must be positive multiples of {bs}")
     if not torch.cuda.is_available():
         raise SystemExit("fa_prefill_profile.py needs a CUDA GPU")
     import triton.testing
@@ -67,14 +75,14 @@ def main() -> None:
 
     dev, dt, n = "cuda", torch.bfloat16, a.n
     scale = D ** -0.5
-    m, pages = n // BS, n // PAGE
+    m, pages = n // bs, n // page
     gen = torch.Generator().manual_seed(0)
-    phys = torch.randn(pages, PAGE, HKV, 2 * D, generator=gen).to(dev, dt)
+    phys = torch.randn(pages, page, HKV, 2 * D, generator=gen).to(dev, dt)
     kc, vc = phys[..., :D], phys[..., D:]
-    rows_per_page = PAGE * HKV  # the overlapping view's "pages" per real page
+    rows_per_page = page * HKV  # the overlapping view's "pages" per real page
     size1 = (pages - 1) * rows_per_page + HKV
-    k1 = torch.as_strided(phys, (size1, PAGE, 1, D), (2 * D, HKV * 2 * D, 2 * D, 1))
-    v1 = torch.as_strided(phys, (size1, PAGE, 1, D), (2 * D, HKV * 2 * D, 2 * D, 1), phys.storage_offset() + D)
+    k1 = torch.as_strided(phys, (size1, page, 1, D), (2 * D, HKV * 2 * D, 2 * D, 1))
+    v1 = torch.as_strided(phys, (size1, page, 1, D), (2 * D, HKV * 2 * D, 2 * D, 1), phys.storage_offset() + D)
     bt = torch.randperm(pages, generator=gen).to(dev, torch.int32)[None]
     q = torch.randn(n, HQ, D, generator=gen).to(dev, dt)
     qsl = torch.tensor([0, n], device=dev, dtype=torch.int32)
@@ -92,14 +100,15 @@ def main() -> None:
                                    softmax_scale=scale, causal=True, block_table=bt, out=out_d[c0:c1], fa_version=3)
 
     ms = triton.testing.do_bench(dense, return_mode="median")
-    print(f"n={n} chunk={a.chunk} FA3 dense (paged, NHD): {ms:.3f} ms {dense_flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+    print(f"n={n} chunk={a.chunk} block={bs} page={page} FA3 dense (paged, NHD): {ms:.3f} ms "
+          f"{dense_flops / ms / 1e9:.0f} TFLOP/s", flush=True)
     for sp in (float(x) for x in a.sparsities.split(",")):
         idx, cnt = selection(m, sp, gen, dev)
         b = torch.arange(m, device=dev)
-        used = ((cnt.long() - 1) * BS + torch.clamp(n - b * BS, max=BS)[:, None]).to(torch.int32)  # [m, Hkv]
-        flops = float(4.0 * G * D * (BS * (cnt.long() - 1) * BS + BS * (BS + 1) / 2).sum())
+        used = ((cnt.long() - 1) * bs + torch.clamp(n - b * bs, max=bs)[:, None]).to(torch.int32)  # [m, Hkv]
+        flops = float(4.0 * G * D * (bs * (cnt.long() - 1) * bs + bs * (bs + 1) / 2).sum())
         blk = idx.clamp(min=0).long()
-        pg = bt[0][(blk[..., None] * PER_BLOCK + torch.arange(PER_BLOCK, device=dev)).clamp(max=pages - 1)]
+        pg = bt[0][(blk[..., None] * per_block + torch.arange(per_block, device=dev)).clamp(max=pages - 1)]
         pg = pg.flatten(2)  # [m, Hkv, K * 4] physical pages
         tab_h = [pg[:, h].contiguous() for h in range(HKV)]
         tab_1 = (pg.long() * rows_per_page + torch.arange(HKV, device=dev)[None, :, None]).to(torch.int32)
@@ -109,36 +118,36 @@ def main() -> None:
 
         def cab() -> None:
             for c0, c1 in chunks:
-                r0, r1 = c0 // BS, c1 // BS
+                r0, r1 = c0 // bs, c1 // bs
                 tiles = PrefillTiles(torch.zeros(r1 - r0, device=dev, dtype=torch.int32),
                                      torch.arange(r0, r1, device=dev, dtype=torch.int32), idx[r0:r1], cnt[r0:r1])
                 paged_sparse_prefill(q[c0:c1], kc, vc, bt, torch.tensor([0, c1 - c0], device=dev, dtype=torch.int32),
-                                     torch.tensor([c1], device=dev, dtype=torch.int32), tiles, BS, scale,
+                                     torch.tensor([c1], device=dev, dtype=torch.int32), tiles, bs, scale,
                                      out=out_c[c0:c1], impl="triton")
 
-        cu = {c: torch.arange(0, c[1] - c[0] + 1, BS, device=dev, dtype=torch.int32) for c in chunks}
+        cu = {c: torch.arange(0, c[1] - c[0] + 1, bs, device=dev, dtype=torch.int32) for c in chunks}
 
         def heads(ns: int = 0) -> None:
             for c0, c1 in chunks:
-                r0, r1 = c0 // BS, c1 // BS
+                r0, r1 = c0 // bs, c1 // bs
                 for h in range(HKV):
                     hs = slice(h * G, (h + 1) * G)
-                    flash_attn_varlen_func(q=q[c0:c1, hs], k=kc[:, :, h:h + 1], v=vc[:, :, h:h + 1], max_seqlen_q=BS,
+                    flash_attn_varlen_func(q=q[c0:c1, hs], k=kc[:, :, h:h + 1], v=vc[:, :, h:h + 1], max_seqlen_q=bs,
                                            cu_seqlens_q=cu[c0, c1], max_seqlen_k=kmax_keys,
                                            seqused_k=used[r0:r1, h].contiguous(), softmax_scale=scale, causal=True,
                                            block_table=tab_h[h][r0:r1], out=out_h[c0:c1, hs], fa_version=3,
                                            num_splits=ns)
 
-        cu1 = {c: torch.arange(0, HKV * (c[1] - c[0]) + 1, BS, device=dev, dtype=torch.int32) for c in chunks}
+        cu1 = {c: torch.arange(0, HKV * (c[1] - c[0]) + 1, bs, device=dev, dtype=torch.int32) for c in chunks}
         used1 = used.t().contiguous()  # [Hkv, m]
 
         def one() -> None:
             for c0, c1 in chunks:
-                r0, r1 = c0 // BS, c1 // BS
+                r0, r1 = c0 // bs, c1 // bs
                 t = c1 - c0
                 qp = q[c0:c1].view(t, HKV, G, D).transpose(0, 1).reshape(HKV * t, G, D)
                 op = torch.empty_like(qp)
-                flash_attn_varlen_func(q=qp, k=k1, v=v1, max_seqlen_q=BS, cu_seqlens_q=cu1[c0, c1],
+                flash_attn_varlen_func(q=qp, k=k1, v=v1, max_seqlen_q=bs, cu_seqlens_q=cu1[c0, c1],
                                        max_seqlen_k=kmax_keys, seqused_k=used1[:, r0:r1].reshape(-1),
                                        softmax_scale=scale, causal=True,
                                        block_table=tab_1[:, r0:r1].reshape(HKV * (r1 - r0), -1), out=op, fa_version=3)
@@ -164,16 +173,16 @@ def main() -> None:
         # a few (row, head) pairs against a float64 reference over the same kept keys
         for r, h in ((m - 1, 0), (m // 2, 3), (5, 7)):
             blocks = idx[r, h, : cnt[r, h]].long()
-            tok = torch.cat([torch.arange(j * BS, min((j + 1) * BS, n), device=dev) for j in blocks.tolist()])
-            phys_p, off = bt[0][tok // PAGE].long(), tok % PAGE
+            tok = torch.cat([torch.arange(j * bs, min((j + 1) * bs, n), device=dev) for j in blocks.tolist()])
+            phys_p, off = bt[0][tok // page].long(), tok % page
             kk = kc[phys_p, off, h].double()
             vv = vc[phys_p, off, h].double()
-            qq = q[r * BS:(r + 1) * BS, h * G:(h + 1) * G].double()  # [64, G, D]
+            qq = q[r * bs:(r + 1) * bs, h * G:(h + 1) * G].double()  # [bs, G, D]
             s = torch.einsum("tgd,kd->gtk", qq, kk) * scale
-            qpos = torch.arange(r * BS, (r + 1) * BS, device=dev)
+            qpos = torch.arange(r * bs, (r + 1) * bs, device=dev)
             s = s.masked_fill(tok[None, None, :] > qpos[None, :, None], float("-inf"))
             ref = torch.einsum("gtk,kd->tgd", s.softmax(-1), vv)
-            rows = slice(r * BS, (r + 1) * BS)
+            rows = slice(r * bs, (r + 1) * bs)
             errs = " ".join(f"{name}={float((o[rows, h * G:(h + 1) * G].double() - ref).abs().max()):.1e}"
                             for name, o in res.items())
             print(f"    row {r} head {h} ({int(cnt[r, h])} blocks) max abs err vs float64: {errs}", flush=True)

@@ -4,7 +4,7 @@ where the prefill's CAB time goes (no vLLM needed).
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
         [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256] [--pool-warps 2,4,8]
         [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8]
-        [--exact-two-passes] [--fa-prefill 0|1]
+        [--exact-two-passes] [--fa-prefill 0|1] [--block-size 64,128] [--page 16]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16) holding the prompt's
 keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
@@ -147,11 +147,14 @@ def setup(n: int, hq: int, hkv: int, d: int, page: int, dev: str, dtype, seed: i
 
 def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator: str = "bounds", dev: str = "cuda",
             impl: str = "triton", hq: int = 32, hkv: int = 8, d: int = 128, page: int = 16, top: int = 25,
-            kernels: bool = True, fused: bool = False, fa_prefill: bool = False) -> dict:
+            kernels: bool = True, fused: bool = False, fa_prefill: bool = False, block_size: int = 64) -> dict:
     if n < 1 or chunk < 1:
         raise ValueError(f"n={n} and chunk={chunk} must be >= 1")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    cfg = CABConfig(sparsity=sparsity, policy=policy, estimator=estimator)
+    cfg = CABConfig(sparsity=sparsity, policy=policy, estimator=estimator, block_size=block_size)
+    if page < 1 or (fa_prefill and cfg.block_size % page):
+        raise ValueError(f"page={page} must be >= 1 and, for FlashAttention's sparse prefill, divide the block size "
+                         f"{cfg.block_size}")
     if chunk % cfg.block_size:
         raise ValueError(f"chunk={chunk} must be a multiple of the block size {cfg.block_size}")
     fa = None
@@ -211,6 +214,8 @@ def main(argv=None) -> None:
     ap.add_argument("--fa-prefill", choices=["0", "1"], default=None,
                     help="1: the sparse attention in vLLM's FlashAttention over the kept pages (the engine's default "
                          "on Hopper, CAB_FA_PREFILL; the default here on CUDA); 0: CAB's Triton kernel")
+    ap.add_argument("--block-size", default="64", help="CAB's query/key block, tokens, comma list (CABConfig.block_size)")
+    ap.add_argument("--page", type=int, default=16, help="the paged cache's page, tokens (vLLM's --block-size)")
     ap.add_argument("--exact-two-passes", action="store_true",
                     help="the exact rows read the keys twice (ops.coarsen.SAMPLED_ONE_PASS_BYTES = 0), as before the "
                          "one-pass kernel")
@@ -226,7 +231,9 @@ def main(argv=None) -> None:
     mods = {"fused_select": fs, "coarsen": coarsen}
     lists = [[int(x) for x in v.split(",")] if (v := getattr(a, opt.replace("-", "_"))) else [getattr(mods[mod], c)]
              for opt, mod, c, _, _ in SWEEP]
-    for values, sp in ((v, float(x)) for v in itertools.product(*lists) for x in a.sparsities.split(",")):
+    blocks = [int(x) for x in a.block_size.split(",")]
+    for values, bsz, sp in ((v, b, float(x)) for v in itertools.product(*lists) for b in blocks
+                            for x in a.sparsities.split(",")):
         opts = ""
         for (opt, mod, const, fused_only, _), v in zip(SWEEP, values):
             setattr(mods[mod], const, v)
@@ -234,10 +241,12 @@ def main(argv=None) -> None:
             if read:
                 opts += f" {opt.replace('-', '_')}={v}"
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
-                    kernels=not a.no_kernels, fused=a.fused_select == "1", fa_prefill=fa_prefill)
+                    kernels=not a.no_kernels, fused=a.fused_select == "1", fa_prefill=fa_prefill, page=a.page,
+                    block_size=bsz)
         opts += " exact_two_passes" if a.exact_two_passes else ""
         opts += f" prefill={'flash_attention' if fa_prefill else 'triton'}"
-        print(f"== n={r['n']} chunk={r['chunk']} sparsity={sp} policy={r['policy']} estimator={r['estimator']}"
+        print(f"== n={r['n']} chunk={r['chunk']} block={bsz} page={a.page} sparsity={sp} policy={r['policy']} "
+              f"estimator={r['estimator']}"
               f"{opts} (one layer, ms)")
         for p in PHASES:
             print(f"{p:22} total {r['total_ms'][p]:9.3f}  per chunk {r['per_chunk_ms'][p]}")

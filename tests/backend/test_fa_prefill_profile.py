@@ -36,9 +36,19 @@ def test_main_needs_a_gpu(fp, monkeypatch):
         fp.main()
 
 
-@pytest.mark.parametrize("args", [["--n", "1000"], ["--chunk", "100"], ["--n", "0"]])
-def test_main_refuses_lengths_that_are_not_whole_blocks(fp, monkeypatch, capsys, args):
+@pytest.mark.parametrize("args, size", [(["--n", "1000"], 64), (["--chunk", "100"], 64), (["--n", "0"], 64),
+                                        (["--block", "128", "--n", "4096", "--chunk", "192"], 128)])
+def test_main_refuses_lengths_that_are_not_whole_blocks(fp, monkeypatch, capsys, args, size):
     monkeypatch.setattr("sys.argv", ["fa_prefill_profile.py", *args])
     with pytest.raises(SystemExit):
         fp.main()
-    assert "positive multiples of 64" in capsys.readouterr().err
+    assert f"positive multiples of {size}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--block", "96"], ["--block", "8", "--page", "8"], ["--block", "64", "--page", "128"],
+                                  ["--block", "128", "--page", "48"], ["--page", "0"]])
+def test_main_refuses_blocks_that_pages_do_not_tile(fp, monkeypatch, capsys, args):
+    monkeypatch.setattr("sys.argv", ["fa_prefill_profile.py", *args])
+    with pytest.raises(SystemExit):
+        fp.main()
+    assert "must be a power of two >= 16 and a multiple of --page" in capsys.readouterr().err

@@ -20,16 +20,17 @@ def pp():
     return load_script("benchmarks/gpu/prefill_profile.py")
 
 
-@pytest.mark.parametrize("n, chunk", [(1000, 256), (640, 640)])
-def test_chunked_pass_is_causal_attention_at_sparsity_zero(pp, n, chunk):
+@pytest.mark.parametrize("n, chunk, block, page", [(1000, 256, 64, 16), (640, 640, 64, 16), (1000, 256, 128, 32),
+                                                   (700, 384, 128, 128)])
+def test_chunked_pass_is_causal_attention_at_sparsity_zero(pp, n, chunk, block, page):
     hq, hkv, d = 4, 2, 32
-    q, kc, vc, bt = pp.setup(n, hq, hkv, d, 16, "cpu", torch.float32, seed=3)
-    cfg = CABConfig(sparsity=0.0)  # cab's path with every block kept (not the dense policy's shortcut)
-    store = KeySummaries(1, hkv, math.ceil(n / 64), d, cfg.estimator, torch.float32, torch.device("cpu"))
+    q, kc, vc, bt = pp.setup(n, hq, hkv, d, page, "cpu", torch.float32, seed=3)
+    cfg = CABConfig(sparsity=0.0, block_size=block)  # cab's path with every block kept (not the dense shortcut)
+    store = KeySummaries(1, hkv, math.ceil(n / block), d, cfg.estimator, torch.float32, torch.device("cpu"))
     out = pp.prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, "torch")
     pos = torch.arange(n)
-    pages = bt[0].long()[pos // 16]
-    k, v = kc[pages, pos % 16], vc[pages, pos % 16]  # [n, Hkv, D]
+    pages = bt[0].long()[pos // page]
+    k, v = kc[pages, pos % page], vc[pages, pos % page]  # [n, Hkv, D]
     rep = hq // hkv
     want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(rep, 0),
                                           v.transpose(0, 1).repeat_interleave(rep, 0), is_causal=True)
@@ -45,6 +46,11 @@ def test_profile_times_each_phase_where_it_runs(pp):
     assert "prefill_selection" in r["kernels"] and "run_prefill" in r["kernels"]
     with pytest.raises(ValueError, match="multiple of the block size"):
         pp.profile(1000, 100, 0.5, dev="cpu", impl="torch", hq=4, hkv=2, d=32, kernels=False)
+    with pytest.raises(ValueError, match="multiple of the block size 128"):
+        pp.profile(1000, 192, 0.5, dev="cpu", impl="torch", hq=4, hkv=2, d=32, kernels=False, block_size=128)
+    with pytest.raises(ValueError, match="divide the block size 64"):
+        pp.profile(1000, 256, 0.5, dev="cpu", impl="torch", hq=4, hkv=2, d=32, kernels=False, fa_prefill=True,
+                   page=48)
 
 
 @pytest.mark.gpu
