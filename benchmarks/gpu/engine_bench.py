@@ -25,9 +25,9 @@ steps / steps) is the TPOT of B users decoding at once (in the row as steady_dec
 counts the steps that also prefill the others' chunks.
 
 --profile-prompt N: one request of an N-token prompt and one output token (its TTFT), profiled on the host and
-the GPU: the host time, where the GPU work starts and ends in it, the GPU busy time, and the host operations by
-self time (what a backend adds per request shows as extra host time and operations; in the summary line as
-prompt_profile, printed as HOST lines).
+the GPU: the host time, where the GPU work starts and ends in it, the GPU busy time and its idle time between its
+first and last kernel, the host operations by self time (what a backend adds per request shows as extra host time
+and operations) and the kernels by GPU time (in the summary line as prompt_profile, printed as HOST and KERN lines).
 
 --host-phases N: --host-reps requests of an N-token prompt and one output token, with the engine's host steps
 (HOST_PHASES: admission, scheduling, input preparation, the attention metadata builders and forwards, sampling,
@@ -353,12 +353,26 @@ def host_breakdown(cpu: list, gpu: list, top: int = 25) -> dict:
         c, t = ops.get(name, (0, 0.0))
         ops[name] = (c + 1, t + self_us)
     rows = sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]
+    kern: dict = {}
+    for name, a, b in gpu:
+        c, t = kern.get(name, (0, 0.0))
+        kern[name] = (c + 1, t + b - a)
+    krows = sorted(kern.items(), key=lambda kv: -kv[1][1])[:top]
     out = {"host_us": round(t1 - t0, 1), "host_ops": len(cpu), "kernels": len(gpu),
            "gpu_busy_us": round(sum(b - a for _, a, b in gpu), 1),
-           "ops": [[n, c, round(t, 1)] for n, (c, t) in rows]}
+           "ops": [[n, c, round(t, 1)] for n, (c, t) in rows],
+           "gpu_kernels": [[n, c, round(t, 1)] for n, (c, t) in krows]}
     if gpu:
         out["first_gpu_us"] = round(min(a for _, a, _ in gpu) - t0, 1)
         out["last_gpu_us"] = round(max(b for _, _, b in gpu) - t0, 1)
+        covered, end = 0.0, None  # the union of the GPU's intervals: what is left of its span is idle
+        for a, b in sorted((a, b) for _, a, b in gpu):
+            if end is None or a > end:
+                covered, end = covered + b - a, b
+            elif b > end:
+                covered, end = covered + b - end, b
+        out["gpu_covered_us"] = round(covered, 1)
+        out["gpu_idle_us"] = round(out["last_gpu_us"] - out["first_gpu_us"] - covered, 1)
     return out
 
 
@@ -581,8 +595,12 @@ def main() -> None:
         print(f"HOST n={prof['n']} one request: host {prof['host_us']} us ({prof['host_ops']} ops), GPU work from "
               f"{prof.get('first_gpu_us')} to {prof.get('last_gpu_us')} us, busy {prof['gpu_busy_us']} us in "
               f"{prof['kernels']} kernels", flush=True)
+        print(f"HOST GPU covered {prof.get('gpu_covered_us')} us, idle {prof.get('gpu_idle_us')} us between its first "
+              f"and last kernel", flush=True)
         for name, calls, us in prof["ops"]:
             print(f"HOST {us:9.1f} us {calls:6d} calls  {name[:110]}", flush=True)
+        for name, calls, us in prof["gpu_kernels"]:
+            print(f"KERN {us:9.1f} us {calls:6d} calls  {name[:110]}", flush=True)
     if a.host_phases is not None:
         ids = [random.Random(13 + r).randrange(100, 40000) for r in range(a.host_phases)]
         gen(ids, 1)

@@ -62,6 +62,12 @@ def test_host_breakdown_places_the_gpu_work_in_the_host_span(bench):
     assert r["host_us"] == 210 and r["host_ops"] == 4 and r["kernels"] == 2 and r["gpu_busy_us"] == 110
     assert r["first_gpu_us"] == 60 and r["last_gpu_us"] == 170
     assert r["ops"][0] == ["cab::build", 1, 50.0] and ["aten::mul", 2, 7.0] in r["ops"]
+    assert r["gpu_kernels"] == [["gemm", 1, 100], ["flash_fwd", 1, 10]]
+    assert r["gpu_covered_us"] == 110 and r["gpu_idle_us"] == 0
+    # overlapping and separated kernels: the union counts each microsecond once, the gaps are idle
+    r = bench.host_breakdown(cpu, [("k", 150, 200), ("k", 180, 220), ("flash_fwd", 240, 250), ("k", 245, 248)])
+    assert r["gpu_busy_us"] == 103 and r["gpu_covered_us"] == 80 and r["gpu_idle_us"] == 20
+    assert r["gpu_kernels"] == [["k", 3, 93], ["flash_fwd", 1, 10]]
     assert "first_gpu_us" not in bench.host_breakdown(cpu, [])
     with pytest.raises(ValueError, match="no host events"):
         bench.host_breakdown([], gpu)
