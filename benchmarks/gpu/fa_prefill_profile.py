@@ -25,7 +25,6 @@ import argparse
 import torch
 
 HQ, HKV, D, PAGE, BS = 32, 8, 128, 16, 64
-PER_BLOCK = BS // PAGE
 G = HQ // HKV
 
 
@@ -109,10 +108,10 @@ def main() -> None:
         flops = float(4.0 * G * D * (bs * (cnt.long() - 1) * bs + bs * (bs + 1) / 2).sum())
         blk = idx.clamp(min=0).long()
         pg = bt[0][(blk[..., None] * per_block + torch.arange(per_block, device=dev)).clamp(max=pages - 1)]
-        pg = pg.flatten(2)  # [m, Hkv, K * 4] physical pages
+        pg = pg.flatten(2)  # [m, Hkv, K * per_block] physical pages
         tab_h = [pg[:, h].contiguous() for h in range(HKV)]
         tab_1 = (pg.long() * rows_per_page + torch.arange(HKV, device=dev)[None, :, None]).to(torch.int32)
-        tab_1 = tab_1.transpose(0, 1).contiguous()  # [Hkv, m, K * 4]
+        tab_1 = tab_1.transpose(0, 1).contiguous()  # [Hkv, m, K * per_block]
         kmax_keys = int(used.max())
         out_c, out_h, out_1 = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
 
