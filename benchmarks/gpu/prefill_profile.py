@@ -6,8 +6,8 @@ where the prefill's CAB time goes (no vLLM needed).
         [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8]
         [--exact-two-passes] [--fa-prefill 0|1] [--block-size 64,128] [--page 16]
 
-Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (16-token pages, --page) holding the prompt's
-keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
+Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (16-token pages, --page) holding
+the prompt's keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
 (attention.attend): pool the chunk's key blocks into the kept summaries (update_key_summaries), estimate and select
 (prefill_selection; in the chunk holding the prompt's end the exact last rows read every key in place from the paged
 cache, ops.blocks.PagedKeys, or from a gathered copy on the unfused path), sparse attention on the selection
