@@ -56,8 +56,9 @@ def main() -> None:
     ap.add_argument("--splits", default="0", help="FlashAttention num_splits of the per-head launches, comma list "
                                                   "(0: its own heuristic)")
     ap.add_argument("--block", type=int, default=BS, help="CAB's key block, tokens (a power of two >= 16)")
-    ap.add_argument("--page", type=int, default=PAGE, help="the cache's page, tokens (divides --block; FlashAttention-3 "
-                                                          "loads pages by TMA when they are a multiple of its 128-key tile)")
+    ap.add_argument("--page", type=int, default=PAGE,
+                    help="the cache's page, tokens (divides --block; FlashAttention-3 loads pages by TMA when they are "
+                         "a multiple of its 128-key tile)")
     a = ap.parse_args()
     bs, page = a.block, a.page
     if bs < 16 or bs & (bs - 1) or page < 1 or bs % page:

@@ -214,7 +214,8 @@ def main(argv=None) -> None:
     ap.add_argument("--fa-prefill", choices=["0", "1"], default=None,
                     help="1: the sparse attention in vLLM's FlashAttention over the kept pages (the engine's default "
                          "on Hopper, CAB_FA_PREFILL; the default here on CUDA); 0: CAB's Triton kernel")
-    ap.add_argument("--block-size", default="64", help="CAB's query/key block, tokens, comma list (CABConfig.block_size)")
+    ap.add_argument("--block-size", default="64",
+                    help="CAB's query/key block, tokens, comma list (CABConfig.block_size)")
     ap.add_argument("--page", type=int, default=16, help="the paged cache's page, tokens (vLLM's --block-size)")
     ap.add_argument("--exact-two-passes", action="store_true",
                     help="the exact rows read the keys twice (ops.coarsen.SAMPLED_ONE_PASS_BYTES = 0), as before the "

@@ -45,8 +45,9 @@ def test_main_refuses_lengths_that_are_not_whole_blocks(fp, monkeypatch, capsys,
     assert f"positive multiples of {size}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["--block", "96"], ["--block", "8", "--page", "8"], ["--block", "64", "--page", "128"],
-                                  ["--block", "128", "--page", "48"], ["--page", "0"]])
+@pytest.mark.parametrize("args", [["--block", "96"], ["--block", "8", "--page", "8"],
+                                  ["--block", "64", "--page", "128"], ["--block", "128", "--page", "48"],
+                                  ["--page", "0"]])
 def test_main_refuses_blocks_that_pages_do_not_tile(fp, monkeypatch, capsys, args):
     monkeypatch.setattr("sys.argv", ["fa_prefill_profile.py", *args])
     with pytest.raises(SystemExit):
