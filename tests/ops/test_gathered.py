@@ -61,9 +61,12 @@ def test_paged_decode_equals_the_reference(hq, hkv, d, bs, page, layout):
     got2, _ = gathered.paged_decode(q, kc, vc, bt, sl, shuffled, torch.full_like(cnt, idx.shape[-1]), bs,
                                     1 / math.sqrt(d))
     assert rel_err(got2, want) < TOL
-    # rows in slices (a tiny budget): the same numbers
+    # rows in slices (a tiny budget): the same numbers up to rounding (a batched matmul of one row and one of
+    # seven may take different BLAS paths, so bitwise equality is not promised; it failed once in CI)
     got3, lse3 = gathered.paged_decode(q, kc, vc, bt, sl, idx, cnt, bs, 1 / math.sqrt(d), budget=1)
-    assert torch.equal(got3, got) and torch.equal(lse3, glse)
+    torch.testing.assert_close(got3, got, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.isfinite(lse3), fin)
+    torch.testing.assert_close(lse3[fin], glse[fin], rtol=1e-6, atol=1e-6)
 
 
 def test_paged_decode_reads_only_the_kept_blocks():
