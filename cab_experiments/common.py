@@ -23,7 +23,8 @@ class Variant:
 
     Examples: ``dense``, ``cab``, ``cab:curvature_share=0.5``, ``curvature:estimator=max_l2`` (the seed).
     The extra key ``phases=prefill|decode`` sparsifies only that phase, ``layers=LO-HI`` only layers LO..HI-1,
-    ``early=N@S`` runs layers below N at sparsity S, ``compensate=mean|mass`` adds the dropped blocks' average back
+    ``early=N@S`` runs layers below N at sparsity S, ``compensate=mean|mass`` adds the dropped blocks' average back,
+    ``oracle=token`` lets every sparse row keep its own best keys token by token at the same density
     (cab_vllm.hf.using; the transformers adapter only)."""
 
     spec: str
@@ -40,10 +41,10 @@ class Variant:
             key, eq, raw = item.partition("=")
             if not eq:
                 raise ValueError(f"variant {spec!r}: {item!r} is not field=value")
-            if key in ("phases", "compensate"):
-                from cab_vllm.hf import COMPENSATIONS, PHASES
+            if key in ("phases", "compensate", "oracle"):
+                from cab_vllm.hf import COMPENSATIONS, ORACLES, PHASES
 
-                allowed = PHASES if key == "phases" else COMPENSATIONS
+                allowed = {"phases": PHASES, "compensate": COMPENSATIONS, "oracle": ORACLES}[key]
                 if raw not in allowed:
                     raise ValueError(f"variant {spec!r}: {key}={raw!r} must be one of {allowed}")
                 overrides.append((key, raw))
@@ -93,22 +94,26 @@ class Variant:
         return dict(self.overrides).get("compensate")
 
     @property
+    def oracle(self) -> str | None:
+        return dict(self.overrides).get("oracle")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
     def using(self, sparsity: float, impl: str = "auto"):
         """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
-        layers, early, compensate); yields the block counts."""
+        layers, early, compensate, oracle); yields the block counts."""
         from cab_vllm import hf
 
         return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early,
-                        compensate=self.compensate)
+                        compensate=self.compensate, oracle=self.oracle)
 
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""
         if self.is_dense or sparsity == 0:
             return None
-        kw = {k: v for k, v in self.overrides if k not in ("phases", "layers", "early", "compensate")}
+        kw = {k: v for k, v in self.overrides if k not in ("phases", "layers", "early", "compensate", "oracle")}
         return CABConfig(policy=self.policy, sparsity=sparsity, **kw)
 
 

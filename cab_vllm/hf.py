@@ -47,6 +47,7 @@ class _State:
     layers: tuple[int, int] | None = None
     early: tuple[int, float] | None = None
     compensate: str | None = None
+    oracle: str | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -57,11 +58,12 @@ _STATE = _State()
 
 PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
+ORACLES = ("token",)
 
 
 @contextlib.contextmanager
 def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
-          early: tuple[int, float] | None = None, compensate: str | None = None):
+          early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -73,7 +75,14 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     sparse prefill row the key blocks it dropped, each as one token (its block's mean key and mean value), with the
     estimated ("mean": exp of the score against the mean key, times the block's length) or exact ("mass": an oracle
     that scores every key) share of the softmax — an ablation of whether what sparse attention loses is the dropped
-    blocks' average (PyTorch only; the achieved density counts the kept blocks)."""
+    blocks' average (PyTorch only; the achieved density counts the kept blocks). oracle: "token" makes every sparse
+    row (prefill and decode) attend to its own highest-scoring keys, token by token and per query head, as many as
+    the blocks its policy kept hold (token_oracle_attention) — an ablation of what 64-token blocks cost at the
+    same density (PyTorch; the achieved density is the block selection's)."""
+    if oracle is not None and oracle not in ORACLES:
+        raise ValueError(f"oracle={oracle!r} must be one of {ORACLES} or None")
+    if oracle is not None and compensate is not None:
+        raise ValueError("oracle and compensate are two ablations of the sparse rows: pick one")
     if compensate is not None and compensate not in COMPENSATIONS:
         raise ValueError(f"compensate={compensate!r} must be one of {COMPENSATIONS} or None")
     if phases not in PHASES:
@@ -86,16 +95,16 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
             raise ValueError(f"layers={layers!r} must be (lo, hi) with 0 <= lo < hi")
     if early is not None and cfg is not None:
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
-    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.prompt_sel,
-            _STATE.stats)
+    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.oracle,
+            _STATE.prompt_sel, _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
-    _STATE.compensate = compensate
+    _STATE.compensate, _STATE.oracle = compensate, oracle
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
-        (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.prompt_sel,
-         _STATE.stats) = prev
+        (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.oracle,
+         _STATE.prompt_sel, _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -141,6 +150,10 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     _STATE.stats["decode_calls"] += 1
     _STATE.stats["kept"] += int(cnt.sum())
     _STATE.stats["causal"] += cnt.numel() * num_blocks(n, bs)
+    if _STATE.oracle == "token":
+        size = (n - torch.arange(num_blocks(n, bs), device=q.device) * bs).clamp(max=bs)
+        kept = selection_to_block_mask(idx, cnt, num_blocks(n, bs))
+        return token_oracle_attention(q, k, v, (kept * size).sum(-1, keepdim=True), scale)
     qd = q[:, :, 0].contiguous()
     k_impl = impl if impl != "auto" else ("triton" if q.is_cuda else "torch")
     out, _ = paged_sparse_decode(qd, kc, vc, bt, seq_lens, idx, cnt, bs, scale, impl=k_impl)
@@ -176,6 +189,46 @@ def with_dropped_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, 
     mixed = (torch.exp(lse_s - total)[..., None] * out.float().view(b, hkv, g, n, d)
              + torch.einsum("bhgnm,bhmd->bhgnd", torch.exp(logit - total[..., None]), mean_v))
     return mixed.view(b, hq, n, d).to(q.dtype)
+
+
+def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+                           rows: int = 256) -> torch.Tensor:
+    """Causal attention where query token i of every query head keeps only its ``keep`` highest-scoring keys (exact
+    scores; ties at the threshold all kept): q [B, Hq, Nq, D] (the last Nq of the Nk positions), k/v [B, Hkv, Nk, D],
+    keep [B, Hkv, Nq] int (per row, shared by the KV head's query heads; clamped to the row's causal keys) ->
+    [B, Hq, Nq, D] in q.dtype. The token-level oracle of ``using(oracle="token")`` (PyTorch, float32, ``rows`` query
+    rows at a time)."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if keep.shape != (b, hkv, nq):
+        raise ValueError(f"keep must be [{b}, {hkv}, {nq}], got {tuple(keep.shape)}")
+    g = hq // hkv
+    out = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
+    pos = torch.arange(nk - nq, nk, device=q.device)
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
+        causal = torch.arange(nk, device=q.device)[None, :] <= pos[r0:r1, None]  # [R, Nk]
+        kt = torch.minimum(keep[:, :, r0:r1].long(), pos[r0:r1] + 1).clamp(min=1)  # [B, Hkv, R]
+        s = scale * torch.einsum("bhgrd,bhnd->bhgrn", q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d), k.float())
+        s = s.masked_fill(~causal, float("-inf"))
+        kmax = int(kt.max())
+        top = s.topk(kmax, dim=-1).values  # [B, Hkv, G, R, kmax]
+        thr = top.gather(-1, (kt - 1)[:, :, None, :, None].expand(b, hkv, g, r1 - r0, 1))
+        p = torch.softmax(s.masked_fill(s < thr, float("-inf")), dim=-1)
+        out[:, :, r0:r1] = torch.einsum("bhgrn,bhnd->bhgrd", p, v.float()).reshape(b, hq, r1 - r0, d)
+    return out.to(q.dtype)
+
+
+def _kept_tokens(sel) -> torch.Tensor:
+    """[B, Hkv, N] the causal keys each query token's kept blocks hold (the diagonal block up to the token)."""
+    bs, m, n = sel.block_size, sel.num_blocks, sel.seq_len
+    mask = selection_to_block_mask(sel.indices, sel.counts, m)  # [B, Hkv, M, M]
+    blk = torch.arange(m, device=mask.device)
+    size = (n - blk * bs).clamp(max=bs)
+    before = ((mask & (blk[None, :] < blk[:, None])) * size).sum(-1)  # [B, Hkv, M]: whole earlier blocks
+    i = torch.arange(n, device=mask.device)
+    diag = mask.diagonal(dim1=-2, dim2=-1).long()  # [B, Hkv, M]
+    return before[..., i // bs] + diag[..., i // bs] * (i % bs + 1)
 
 
 def cab_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -215,6 +268,8 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
         sel = select_blocks(query, key, cfg, impl=impl)
         if _STATE.compensate is not None:
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
+        elif _STATE.oracle == "token":
+            out = token_oracle_attention(query, key, value, _kept_tokens(sel), scale)
         else:
             out = sparse_attention(query, key, value, sel, scale=scale, impl=impl)
         _STATE.stats["prefill_calls"] += 1

@@ -21,6 +21,7 @@
 # already in the output are skipped when re-run), YARN_LENS ("65536,131056": 16 positions for the answer),
 # DENSE_THRESHOLD (1024: rows below it run vLLM's FlashAttention whatever the policy), YARN (tasks with YaRN at this
 # factor).
+# POLICIES (tasks: the variants to run; default "dense cab cab:budget=adaptive h2o streaming magnitude random"),
 # MODEL (a packaged model name; default qwen2.5-coder-0.5b-instruct), PY (the Python to run; python3).
 set -euo pipefail
 OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer|dense-layers}
@@ -55,7 +56,8 @@ case $what in
     "$PY" benchmarks/gpu/engine_correctness.py --compare "$OUT/yarn_fa.json" "$OUT/yarn_cab.json" \
       | tee "$OUT/yarn_compare.txt" ;;
   tasks)
-    tasks "$OUT/tasks_vllm.jsonl" dense cab cab:budget=adaptive h2o streaming magnitude random ;;
+    # shellcheck disable=SC2086
+    tasks "$OUT/tasks_vllm.jsonl" ${POLICIES:-dense cab cab:budget=adaptive h2o streaming magnitude random} ;;
   seed)
     CAB_ESTIMATOR=max_l2 tasks "$OUT/tasks_vllm_seed.jsonl" curvature:estimator=max_l2 ;;
   answer)

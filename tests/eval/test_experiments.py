@@ -308,6 +308,10 @@ def test_layers_sparsify_a_layer_range_only(smol):
     assert Variant.parse("cab:compensate=mean").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="compensate="):
         Variant.parse("cab:compensate=median")
+    assert Variant.parse("cab:oracle=token").oracle == "token" and Variant.parse("cab").oracle is None
+    assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    with pytest.raises(ValueError, match="oracle="):
+        Variant.parse("cab:oracle=block")
     assert Variant.parse("cab:early=12@0.8").early == (12, 0.8)
     assert Variant.parse("cab:early=12@0.8").config(0.98) == CABConfig(policy="cab", sparsity=0.98)
     for bad in ("cab:early=12", "cab:early=0@0.5", "cab:early=3@1.0", "cab:early=x@y"):

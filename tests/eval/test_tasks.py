@@ -382,7 +382,8 @@ def test_engine_wide_overrides_are_accepted_only_when_the_engine_runs_them():
         EngineModel.request_args(Variant.parse("cab"), 0.95, wide)
     with pytest.raises(ValueError, match="estimator=mean cannot be set per request"):
         EngineModel.request_args(Variant.parse("cab:estimator=mean"), 0.95, wide)
-    for adapter_only in ("cab:compensate=mean", "cab:layers=2-24", "cab:early=12@0.5"):  # ablations of the adapter
+    # ablations of the adapter
+    for adapter_only in ("cab:compensate=mean", "cab:layers=2-24", "cab:early=12@0.5", "cab:oracle=token"):
         with pytest.raises(ValueError, match=r"cannot be set per request.*no engine variable"):
             EngineModel.request_args(Variant.parse(adapter_only), 0.95, {})
     assert EngineModel.request_args(Variant.parse("dense"), 0.95, wide) == {"cab_sparsity": 0.0, "cab_policy": "dense"}
