@@ -6,6 +6,7 @@ from one command line.
     python -m cab_experiments ablation --model qwen2.5-coder-0.5b-instruct                                   (D: equal-budget ablation)
     python -m cab_experiments tasks    --model qwen2.5-coder-0.5b-instruct --tasks single vartrack           (E: RULER-style tasks)
     python -m cab_experiments bridge   --lengths 16384 65536 131072                                          (seed graph + planted needles)
+    python -m cab_experiments granularity --lengths 4096 --sparsities 0.9 0.98                           (oracle's tiles)
     python -m cab_experiments plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
 
 Every run appends one JSONL row per setting to --out and skips settings already there (resume after a stop).
@@ -141,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", choices=["auto", "triton", "torch", "flex"], default="auto")
     p.add_argument("--out", default="experiments/results/bridge.jsonl")
 
+    p = sub.add_parser("granularity", help="the (query tile x key block) tiles a token-level oracle's choices touch, "
+                                           "per layer of one real prompt")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--lengths", type=_positive_int, nargs="+", default=[4096])
+    p.add_argument("--sparsities", type=_unit, nargs="+", default=[0.9, 0.98])
+    p.add_argument("--tiles", type=_positive_int, nargs="+", default=[64, 16], help="query rows per tile")
+    p.add_argument("--task", choices=TASKS, default="multikey")
+    p.add_argument("--depth", type=_depth, default=0.5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument("--out", default="experiments/results/granularity.jsonl")
+
     p = sub.add_parser("plot", help="heatmaps, Pareto plots and markdown tables from JSONL files")
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--outdir", type=Path, default=Path("experiments/plots"))
@@ -234,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plot(a)
     if a.cmd == "bridge":
         return _bridge(a)
+    if a.cmd == "granularity":
+        return _granularity(a)
 
     from cab_experiments.common import Jsonl, load_model
 
@@ -287,6 +302,22 @@ def _bridge(a) -> int:
         for r in rows:
             f.write(json.dumps({**r, "device": device}) + "\n")
     print(bridge_markdown(rows))
+    return 0
+
+
+def _granularity(a) -> int:
+    from cab_experiments.granularity import markdown, run
+
+    device, dtype = _resolve(a.device, a.dtype)
+    if any(256 % t for t in a.tiles):
+        raise SystemExit(f"python -m cab_experiments granularity: --tiles {a.tiles}: each must divide 256")
+    rows = run(a.model, a.lengths, a.sparsities, a.tiles, a.task, a.depth, device, dtype)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "device": device}) + "\n")
+    print(markdown(rows))
     return 0
 
 

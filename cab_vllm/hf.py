@@ -191,35 +191,42 @@ def with_dropped_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, 
     return mixed.view(b, hq, n, d).to(q.dtype)
 
 
-def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-                           rows: int = 256) -> torch.Tensor:
-    """Causal attention where query token i of every query head keeps only its ``keep`` highest-scoring keys (exact
-    scores; ties at the threshold all kept): q [B, Hq, Nq, D] (the last Nq of the Nk positions), k/v [B, Hkv, Nk, D],
+def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float, r0: int, r1: int
+                        ) -> torch.Tensor:
+    """Scores of query rows r0..r1-1 with everything but each (query head, row)'s ``keep`` highest-scoring causal keys
+    at -inf (ties at the threshold all kept): q [B, Hq, Nq, D] (the last Nq of the Nk positions), k [B, Hkv, Nk, D],
     keep [B, Hkv, Nq] int (per row, shared by the KV head's query heads; clamped to the row's causal keys) ->
-    [B, Hq, Nq, D] in q.dtype. The token-level oracle of ``using(oracle="token")`` (PyTorch, float32, ``rows`` query
-    rows at a time)."""
+    [B, Hkv, G, r1 - r0, Nk] float32, G = Hq / Hkv."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     if keep.shape != (b, hkv, nq):
         raise ValueError(f"keep must be [{b}, {hkv}, {nq}], got {tuple(keep.shape)}")
     g = hq // hkv
+    pos = torch.arange(nk - nq + r0, nk - nq + r1, device=q.device)
+    causal = torch.arange(nk, device=q.device)[None, :] <= pos[:, None]  # [R, Nk]
+    kt = torch.minimum(keep[:, :, r0:r1].long(), pos + 1).clamp(min=1)  # [B, Hkv, R]
+    s = scale * torch.einsum("bhgrd,bhnd->bhgrn", q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d), k.float())
+    s = s.masked_fill(~causal, float("-inf"))
+    top = s.topk(int(kt.max()), dim=-1).values  # [B, Hkv, G, R, kmax]
+    thr = top.gather(-1, (kt - 1)[:, :, None, :, None].expand(b, hkv, g, r1 - r0, 1))
+    return s.masked_fill(s < thr, float("-inf"))
+
+
+def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+                           rows: int = 256) -> torch.Tensor:
+    """Causal attention where query token i of every query head keeps only its ``keep`` highest-scoring keys
+    (token_oracle_scores) -> [B, Hq, Nq, D] in q.dtype. The token-level oracle of ``using(oracle="token")``
+    (PyTorch, float32, ``rows`` query rows at a time)."""
+    b, hq, nq, d = q.shape
     out = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
-    pos = torch.arange(nk - nq, nk, device=q.device)
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        causal = torch.arange(nk, device=q.device)[None, :] <= pos[r0:r1, None]  # [R, Nk]
-        kt = torch.minimum(keep[:, :, r0:r1].long(), pos[r0:r1] + 1).clamp(min=1)  # [B, Hkv, R]
-        s = scale * torch.einsum("bhgrd,bhnd->bhgrn", q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d), k.float())
-        s = s.masked_fill(~causal, float("-inf"))
-        kmax = int(kt.max())
-        top = s.topk(kmax, dim=-1).values  # [B, Hkv, G, R, kmax]
-        thr = top.gather(-1, (kt - 1)[:, :, None, :, None].expand(b, hkv, g, r1 - r0, 1))
-        p = torch.softmax(s.masked_fill(s < thr, float("-inf")), dim=-1)
+        p = torch.softmax(token_oracle_scores(q, k, keep, scale, r0, r1), dim=-1)
         out[:, :, r0:r1] = torch.einsum("bhgrn,bhnd->bhgrd", p, v.float()).reshape(b, hq, r1 - r0, d)
     return out.to(q.dtype)
 
 
-def _kept_tokens(sel) -> torch.Tensor:
+def kept_tokens(sel) -> torch.Tensor:
     """[B, Hkv, N] the causal keys each query token's kept blocks hold (the diagonal block up to the token)."""
     bs, m, n = sel.block_size, sel.num_blocks, sel.seq_len
     mask = selection_to_block_mask(sel.indices, sel.counts, m)  # [B, Hkv, M, M]
@@ -269,7 +276,7 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
         if _STATE.compensate is not None:
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
         elif _STATE.oracle == "token":
-            out = token_oracle_attention(query, key, value, _kept_tokens(sel), scale)
+            out = token_oracle_attention(query, key, value, kept_tokens(sel), scale)
         else:
             out = sparse_attention(query, key, value, sel, scale=scale, impl=impl)
         _STATE.stats["prefill_calls"] += 1

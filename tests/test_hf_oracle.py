@@ -66,7 +66,7 @@ def test_kept_tokens_count_the_causal_keys_of_the_kept_blocks(n, bs):
     blocks = selection_to_block_mask(sel.indices, sel.counts, sel.num_blocks)  # [B, Hkv, M, M]
     tok = blocks.repeat_interleave(bs, -1).repeat_interleave(bs, -2)[..., :n, :n]
     tok &= torch.ones(n, n, dtype=torch.bool).tril()
-    assert torch.equal(hf._kept_tokens(sel), tok.sum(-1))
+    assert torch.equal(hf.kept_tokens(sel), tok.sum(-1))
 
 
 def test_a_model_runs_with_the_oracle_at_the_selections_density():

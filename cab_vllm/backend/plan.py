@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from cab_vllm.backend.stats import dense_reason
 from cab_vllm.config import BUDGETS, POLICIES, CABConfig
 
 # Per-process counters (requests/rows per step, not per layer): proof the backend ran and how often it went dense.
@@ -247,7 +248,8 @@ class BatchPlan:
     dense: per row, whether it runs dense. qsl, seq_lens: host copies (lists).
     req_ids: per row, the engine's request id (None: unknown); live: the ids of every request the engine still
     holds (None: unknown). Both are needed by decode_rule="prompt" (PromptSelections); prompt_lens (per row,
-    None: unknown) lets the metrics count what that rule keeps.
+    None: unknown) lets the metrics count what that rule keeps, and keeps the decode rows of a prompt that ran
+    dense dense.
     """
 
     decode_rows: list[int]
@@ -283,7 +285,8 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
     """Split a batch into decode and prefill rows and decide dense vs sparse per row.
 
     A row goes dense when its context (seq_len) is below ``dense_threshold`` or its sparsity is 0 (the result is
-    the same; dense skips the selection). ``count`` adds the decisions to METRICS.
+    the same; dense skips the selection), and a prompt-rule decode row when its prompt (prompt_lens, per row; None:
+    unknown) was below the threshold (stats.dense_reason). ``count`` adds the decisions to METRICS.
     """
     qsl = _int_list(query_start_loc_cpu)
     sl = _int_list(seq_lens_cpu)
@@ -292,6 +295,8 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
         raise ValueError(f"batch of {n} rows has {len(qsl)} query offsets and {len(cfgs)} configs")
     if req_ids is not None and len(req_ids) != n:
         raise ValueError(f"batch of {n} rows has {len(req_ids)} request ids")
+    if prompt_lens is not None and len(prompt_lens) != n:
+        raise ValueError(f"batch of {n} rows has {len(prompt_lens)} prompt lengths")
     dec, pre, out_cfgs, dense = [], [], [], []
     for r in range(n):
         q_len = qsl[r + 1] - qsl[r]
@@ -299,7 +304,8 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
             out_cfgs.append(cfgs[r])
             dense.append(True)
             continue
-        d = sl[r] < dense_threshold or cfgs[r].policy == "dense" or cfgs[r].sparsity == 0.0
+        pl = prompt_lens[r] if prompt_lens is not None else None
+        d = dense_reason(cfgs[r], sl[r], dense_threshold, pl, q_len == 1) is not None
         out_cfgs.append(_as_dense(cfgs[r]) if d and cfgs[r].policy != "dense" else cfgs[r])
         dense.append(d)
         (dec if q_len == 1 else pre).append(r)

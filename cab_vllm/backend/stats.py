@@ -24,7 +24,8 @@ Metrics (counters, so a scrape of several processes sums correctly; PromQL ratio
                                                 prefill once per chunk); mode = sparse | dense
   cab_query_tokens_total{phase,sparsity,policy,mode}   new query tokens those rows processed
   cab_dense_rows_total{phase,reason}            rows run dense: below_threshold (context < CAB_DENSE_THRESHOLD),
-                                                sparsity_zero, policy_dense
+                                                sparsity_zero, policy_dense, prompt_dense (a prompt-rule decode
+                                                step of a request whose prompt was below the threshold)
   cab_predictor_seconds_total{phase}            block-selection time summed over layers: prefill = estimate +
                                                 select per chunk; decode = the one decode launch (selection
                                                 fused with attention), eager steps only (CUDA-graph replays
@@ -81,14 +82,21 @@ def causal_blocks(first: int, last: int) -> int:
     return (last + 1) * (last + 2) // 2 - first * (first + 1) // 2
 
 
-def dense_reason(cfg, seq_len: int, dense_threshold: int) -> str | None:
-    """Why a row with this (requested) CABConfig runs dense, or None if it runs sparse (as plan_batch decides)."""
+def dense_reason(cfg, seq_len: int, dense_threshold: int, prompt_len: int | None = None,
+                 decode: bool = False) -> str | None:
+    """Why a row with this (requested) CABConfig runs dense, or None if it runs sparse (plan_batch decides by it).
+    A decode row under the prompt rule whose prompt (prompt_len tokens, None: unknown) was below the threshold
+    stays dense ("prompt_dense"): that rule keeps what the prompt's last row kept plus every later block, and a
+    dense prompt kept every block (a bounds-rule stand-in cost the task suite 0.74 -> 0.41 at 16k on the CUDA
+    default threshold; experiments/RESULTS.md)."""
     if cfg.policy == "dense":
         return "policy_dense"
     if cfg.sparsity == 0.0:
         return "sparsity_zero"
     if seq_len < dense_threshold:
         return "below_threshold"
+    if decode and prompt_len is not None and prompt_len < dense_threshold and cfg.decode_scoring == "prompt":
+        return "prompt_dense"
     return None
 
 
@@ -246,7 +254,8 @@ class Stats:
             causal = causal_blocks(first, last)
             if plan.dense[r]:
                 kept, mode = causal, "dense"
-                reason = dense_reason(cfg, n, dense_threshold)
+                pl = plan.prompt_lens[r] if plan.prompt_lens is not None else None
+                reason = dense_reason(cfg, n, dense_threshold, pl, phase == "decode")
                 if reason is not None:
                     step[("dense", phase, reason)] += 1
             elif phase == "decode" and plan.modes is not None:

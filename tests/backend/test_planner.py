@@ -16,7 +16,7 @@ from cab_vllm.api import select_blocks
 from cab_vllm.backend.plan import METRICS, EngineSettings, plan_batch, request_config, validate_request_args
 from cab_vllm.backend.attention import prefill_selection
 from cab_vllm.config import CABConfig
-from cab_vllm.ops.decode import MODE_BOUNDS
+from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS
 from cab_vllm.ops.reference import num_blocks
 from cab_vllm.policies import estimate, select_from_attention
 
@@ -524,7 +524,7 @@ def test_prompt_decode_rule_reuses_the_prompts_last_block(policy, rule):
     assert "req-0" not in sim.prompt_slots.of and "req-0" not in sim.prompt_slots.stored  # finished requests are dropped
 
 
-def test_prompt_decode_rule_after_a_dense_prompt_selects_by_bounds():
+def test_prompt_decode_rule_after_a_dense_prompt_of_unknown_length_selects_by_bounds():
     torch.manual_seed(4)
     hq, hkv, d = 2, 1, 16
     q, k, v = [torch.randn(hq, 400, d)], [torch.randn(hkv, 400, d)], [torch.randn(hkv, 400, d)]
@@ -536,6 +536,45 @@ def test_prompt_decode_rule_after_a_dense_prompt_selects_by_bounds():
     assert md["plan"].modes == [MODE_BOUNDS]  # it selects by key bounds with its own query (Quest), at the budget
     assert md["decode"][1][0].tolist() == [cfg.keep_counts((391 - 1) // 64 + 1)[-1].item()]
     assert rel_err_of(sim, out, md) < 1e-5
+
+
+@pytest.mark.parametrize("rule", ["prompt", "bounds"])
+def test_a_prompt_below_the_threshold_keeps_decoding_dense_under_the_prompt_rule(rule):
+    """The prompt rule keeps what the prompt's last row kept plus every later block; a prompt that ran dense kept
+    every block, so its decode steps stay dense past the threshold (counted as prompt_dense). A per-step rule
+    (bounds) selects as soon as the context reaches the threshold."""
+    from cab_vllm.backend.stats import Stats
+
+    torch.manual_seed(5)
+    hq, hkv, d = 2, 1, 16
+    q, k, v = [torch.randn(hq, 400, d)], [torch.randn(hkv, 400, d)], [torch.randn(hkv, 400, d)]
+    cfg = CABConfig(policy="cab", sparsity=0.9, decode_rule=rule)
+    sim = PagedSim(q, k, v, page_size=16, cfg=cfg)
+    sim.prompt_lens[0] = 200
+    sim.step([(0, 200)], dense_threshold=201)  # the prompt: 200 < 201, dense
+    stats = Stats()
+    for n in range(201, 205):  # decode contexts 201.. reach the threshold
+        out, md = sim.step([(0, 1)], dense_threshold=201)
+        plan = md["plan"]
+        assert plan.dense == [rule == "prompt"], n
+        assert plan.modes == [MODE_ALL if rule == "prompt" else MODE_BOUNDS]
+        assert rel_err_of(sim, out, md) < 1e-5
+        stats.record_plan(plan, [cfg], 64, 201)  # the requested configs, as the builder passes them
+    assert stats.totals[("dense", "decode", "prompt_dense")] == (4 if rule == "prompt" else 0)
+
+
+def test_plan_batch_decides_a_decode_row_by_its_prompt_only_under_the_prompt_rule():
+    cfg = CABConfig(sparsity=0.9, decode_rule="prompt")
+    # decode rows at 5000 tokens: prompts of 900 (below 1024), 2000, unknown; then the bounds rule with 900
+    cfgs = [cfg, cfg, cfg, cfg.replace(decode_rule="bounds")]
+    p = plan_batch([0, 1, 2, 3, 4], [5000] * 4, cfgs, dense_threshold=1024, count=False,
+                   prompt_lens=[900, 2000, None, 900])
+    assert p.dense == [True, False, False, False]
+    # a prefill chunk is decided by its context, whatever its prompt's length
+    p = plan_batch([0, 300], [1500], [cfg], dense_threshold=1024, count=False, prompt_lens=[900])
+    assert p.dense == [False]
+    with pytest.raises(ValueError, match="prompt lengths"):
+        plan_batch([0, 1], [5000], [cfg], dense_threshold=1024, prompt_lens=[900, 900])
 
 
 def rel_err_of(sim, out, md):

@@ -203,9 +203,11 @@ def test_prometheus_export(monkeypatch):
 
 def test_prompt_decode_rule_counts_what_it_keeps(stats):
     """decode_rule="prompt": a decode row whose prompt selection is stored keeps the prompt's last query block's
-    budget plus the blocks after the prompt; a row without one (its prompt ran dense, or came whole from the
-    prefix cache) selects at its own query block's budget, and is counted so."""
+    budget plus the blocks after the prompt; a row whose prompt ran dense (below the threshold) stays dense and is
+    counted as prompt_dense; a row without a stored selection otherwise (unknown prompt, or one that came whole
+    from the prefix cache) selects at its own query block's budget, and is counted so."""
     from cab_vllm.backend.plan import PromptSlots, route_rows
+    from cab_vllm.ops.decode import MODE_BOUNDS, MODE_PROMPT, MODE_SKIP
 
     cfg = CABConfig(sparsity=0.9, decode_rule="prompt")
     slots = PromptSlots(4)
@@ -219,13 +221,15 @@ def test_prompt_decode_rule_counts_what_it_keeps(stats):
     plan = plan_batch([0, 1, 2, 3], seq, [cfg] * 3, dense_threshold=1024, count=False, req_ids=["a", "b", "c"],
                       prompt_lens=[2048, 500, None], live=frozenset("abc"))
     route_rows(plan, slots, fa_dense=True)
-    assert plan.modes == [1, 3, 3]  # MODE_PROMPT, then MODE_BOUNDS twice
+    assert plan.modes == [MODE_PROMPT, MODE_SKIP, MODE_BOUNDS]  # b: vLLM's FlashAttention, as its prompt
     stats.record_plan(plan, [cfg] * 3, 64, 1024)
     m_prompt, m = 2048 // 64, (2100 - 1) // 64 + 1
     keep_prompt = int(cfg.keep_counts(m_prompt)[-1])
     keep_now = int(cfg.keep_counts(m)[-1])
-    assert stats.totals[("kept", "decode", "0.90")] == keep_prompt + (m - m_prompt) + 2 * keep_now
+    assert stats.totals[("kept", "decode", "0.90")] == keep_prompt + (m - m_prompt) + m + keep_now
     assert stats.totals[("causal", "decode", "0.90")] == 3 * m
+    assert stats.totals[("dense", "decode", "prompt_dense")] == 1
+    assert stats.totals[("rows", "decode", "0.90", "cab", "dense")] == 1
 
 
 def test_sparsity_label_keeps_every_digit_it_needs():

@@ -1,0 +1,63 @@
+"""cab_experiments.granularity: the (query tile x key block) tiles the token-level oracle's choices touch, against a
+loop over tiles; the CLI's refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cab_experiments.granularity import markdown, union_density
+from cab_vllm import hf
+
+
+def _brute(q, k, keep, scale, tile, bs):
+    n = q.shape[2]
+    kept = torch.isfinite(hf.token_oracle_scores(q, k, keep, scale, 0, n)).any(2)  # [B, Hkv, N, N]
+    touched = causal = 0
+    for b in range(q.shape[0]):
+        for h in range(k.shape[1]):
+            for t0 in range(0, n, tile):
+                rows = kept[b, h, t0:t0 + tile]
+                last = (min(n, t0 + tile) - 1) // bs
+                causal += last + 1
+                for j in range(last + 1):
+                    touched += bool(rows[:, j * bs:(j + 1) * bs].any())
+    return touched / causal
+
+
+@pytest.mark.parametrize("n,tile,bs,rows", [(37, 4, 8, 8), (64, 8, 8, 16), (50, 1, 16, 8), (45, 16, 4, 16)])
+def test_union_density_counts_the_touched_tiles(n, tile, bs, rows):
+    torch.manual_seed(n + tile)
+    q, k = torch.randn(2, 4, n, 8), torch.randn(2, 2, n, 8)
+    keep = torch.randint(1, 12, (2, 2, n))
+    got = union_density(q, k, keep, 0.3, tile, bs, rows=rows)
+    assert got == pytest.approx(_brute(q, k, keep, 0.3, tile, bs), abs=1e-12)
+    assert 0 < got <= 1
+
+
+def test_every_key_kept_touches_every_causal_tile_and_one_key_a_row_one_block():
+    torch.manual_seed(0)
+    n, bs = 70, 8
+    q, k = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)  # no GQA: one head per KV head
+    assert union_density(q, k, torch.full((1, 2, n), n), 0.3, 4, bs, rows=8) == 1.0
+    one = union_density(q, k, torch.ones(1, 2, n, dtype=torch.long), 0.3, 1, bs, rows=8)
+    causal = sum(i // bs + 1 for i in range(n))
+    assert one == pytest.approx(n / causal)
+    with pytest.raises(ValueError, match="divide rows"):
+        union_density(q, k, torch.ones(1, 2, n), 0.3, 3, bs, rows=8)
+    with pytest.raises(ValueError, match="a prefill"):
+        union_density(q[:, :, :10], k, torch.ones(1, 2, 10), 0.3, 1, bs)
+
+
+def test_markdown_averages_over_layers():
+    rows = [dict(length=4096, sparsity=0.9, tile=64, layer=i, block_density=0.1, token_density=0.1,
+                 union_density=u) for i, u in enumerate((0.2, 0.4))]
+    text = markdown(rows)
+    assert "| 4096 | 0.9 | 64 | 0.100 | 0.100 | 0.300 (0.200-0.400) |" in text
+
+
+def test_the_cli_refuses_a_tile_that_does_not_divide_the_row_chunk():
+    from cab_experiments.cli import main
+
+    with pytest.raises(SystemExit, match="each must divide 256"):
+        main(["granularity", "--tiles", "48", "--device", "cpu"])
