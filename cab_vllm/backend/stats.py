@@ -87,8 +87,8 @@ def dense_reason(cfg, seq_len: int, dense_threshold: int, prompt_len: int | None
     """Why a row with this (requested) CABConfig runs dense, or None if it runs sparse (plan_batch decides by it).
     A decode row under the prompt rule whose prompt (prompt_len tokens, None: unknown) was below the threshold
     stays dense ("prompt_dense"): that rule keeps what the prompt's last row kept plus every later block, and a
-    dense prompt kept every block (a bounds-rule stand-in cost the task suite 0.74 -> 0.41 at 16k on the CUDA
-    default threshold; experiments/RESULTS.md)."""
+    dense prompt kept every block (the key-bounds rule that stood in for it found the needle far less often:
+    experiments/RESULTS.md)."""
     if cfg.policy == "dense":
         return "policy_dense"
     if cfg.sparsity == 0.0:
