@@ -296,13 +296,18 @@ def _bridge(a) -> int:
     device, dtype = _resolve(a.device, a.dtype)
     rows = seed_graph_rows(a.sparsities) + synthetic_retrieval(a.lengths, a.policies, a.sparsities, a.seeds,
                                                                 device, dtype, a.impl)
-    out = Path(a.out)
+    _append_rows(a.out, rows, device)
+    print(bridge_markdown(rows))
+    return 0
+
+
+def _append_rows(path, rows: list[dict], device: str) -> None:
+    """Append rows (with the device they ran on) to the JSONL file at path."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
         for r in rows:
             f.write(json.dumps({**r, "device": device}) + "\n")
-    print(bridge_markdown(rows))
-    return 0
 
 
 def _granularity(a) -> int:
@@ -312,11 +317,7 @@ def _granularity(a) -> int:
     if any(256 % t for t in a.tiles):
         raise SystemExit(f"python -m cab_experiments granularity: --tiles {a.tiles}: each must divide 256")
     rows = run(a.model, a.lengths, a.sparsities, a.tiles, a.task, a.depth, device, dtype)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps({**r, "device": device}) + "\n")
+    _append_rows(a.out, rows, device)
     print(markdown(rows))
     return 0
 
