@@ -61,3 +61,24 @@ def test_the_cli_refuses_a_tile_that_does_not_divide_the_row_chunk():
 
     with pytest.raises(SystemExit, match="each must divide 256"):
         main(["granularity", "--tiles", "48", "--device", "cpu"])
+
+
+def test_the_cli_measures_every_layer_of_a_real_prompt(tmp_path):
+    """SmolLM2 (CPU) on a 512-token multi-key prompt: one row per layer, sparsity and tile; the oracle keeps what the
+    blocks hold (its keys' density at most the blocks', the diagonal block being partial), and a finer query tile
+    touches no more of the causal tiles than a coarser one."""
+    import json
+
+    from cab_experiments.cli import main
+
+    out = tmp_path / "g.jsonl"
+    assert main(["granularity", "--model", "smollm2-135m-instruct", "--lengths", "512", "--sparsities", "0.8",
+                 "--tiles", "64", "16", "--device", "cpu", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    layers = {r["layer"] for r in rows}
+    assert len(rows) == 2 * len(layers) and len(layers) == 30  # SmolLM2-135M: 30 layers
+    for r in rows:
+        assert 0 < r["token_density"] <= r["block_density"] < 1 and 0 < r["union_density"] <= 1
+        assert r["device"] == "cpu" and r["sparsity"] == 0.8 and r["n_tokens"] <= 512
+    by = {(r["layer"], r["tile"]): r["union_density"] for r in rows}
+    assert all(by[(layer, 16)] <= by[(layer, 64)] + 1e-9 for layer in layers)
