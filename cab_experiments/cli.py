@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", type=_positive_int, nargs="+", default=[64, 16], help="query rows per tile")
     p.add_argument("--task", choices=TASKS, default="multikey")
     p.add_argument("--depth", type=_depth, default=0.5)
+    p.add_argument("--per-head", action="store_true",
+                   help="tiles per query head (default: per KV head, the group's heads together)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.add_argument("--out", default="experiments/results/granularity.jsonl")
@@ -316,7 +318,7 @@ def _granularity(a) -> int:
     device, dtype = _resolve(a.device, a.dtype)
     if any(256 % t for t in a.tiles):
         raise SystemExit(f"python -m cab_experiments granularity: --tiles {a.tiles}: each must divide 256")
-    rows = run(a.model, a.lengths, a.sparsities, a.tiles, a.task, a.depth, device, dtype)
+    rows = run(a.model, a.lengths, a.sparsities, a.tiles, a.task, a.depth, device, dtype, per_head=a.per_head)
     _append_rows(a.out, rows, device)
     print(markdown(rows))
     return 0

@@ -16,10 +16,11 @@ import torch
 
 
 def union_density(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float, tile: int, block_size: int,
-                  rows: int = 256) -> float:
+                  rows: int = 256, per_head: bool = False) -> float:
     """Fraction of the causal (query tile of ``tile`` rows, key block of ``block_size``) pairs, per KV head, in which
     some query row of the tile, of some head of the group, keeps a key (cab_vllm.hf.token_oracle_scores with
-    ``keep``). q [B, Hq, N, D], k [B, Hkv, N, D] (a prefill: queries and keys of the same N positions)."""
+    ``keep``); per_head: per query head instead (a kernel whose heads of a group choose their own blocks).
+    q [B, Hq, N, D], k [B, Hkv, N, D] (a prefill: queries and keys of the same N positions)."""
     from cab_vllm import hf
 
     b, hq, n, _ = q.shape
@@ -32,21 +33,25 @@ def union_density(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: f
     touched = causal = 0
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        kept = torch.isfinite(hf.token_oracle_scores(q, k, keep, scale, r0, r1)).any(2)  # [B, Hkv, R, N]
+        kept = torch.isfinite(hf.token_oracle_scores(q, k, keep, scale, r0, r1))  # [B, Hkv, G, R, N]
+        kept = kept.flatten(1, 2) if per_head else kept.any(2)  # [B, H, R, N]
+        h = kept.shape[1]
         kept = torch.nn.functional.pad(kept, (0, m * block_size - n))
-        blocks = kept.view(b, hkv, r1 - r0, m, block_size).any(-1)  # [B, Hkv, R, M]
+        blocks = kept.view(b, h, r1 - r0, m, block_size).any(-1)  # [B, H, R, M]
         t = math.ceil((r1 - r0) / tile)
         blocks = torch.nn.functional.pad(blocks, (0, 0, 0, t * tile - (r1 - r0)))
-        touched += int(blocks.view(b, hkv, t, tile, m).any(3).sum())
+        touched += int(blocks.view(b, h, t, tile, m).any(3).sum())
         last = torch.clamp(torch.arange(r0, r1, tile) + tile - 1, max=r1 - 1) // block_size  # each tile's last block
-        causal += b * hkv * int((last + 1).sum())
+        causal += b * h * int((last + 1).sum())
     return touched / causal
 
 
 def run(model_name: str, lengths, sparsities, tiles, task: str = "multikey", depth: float = 0.5,
-        device: str = "cpu", dtype: torch.dtype = torch.float32, block_size: int = 64) -> list[dict]:
+        device: str = "cpu", dtype: torch.dtype = torch.float32, block_size: int = 64,
+        per_head: bool = False) -> list[dict]:
     """One ``task`` prompt per length through the dense model; for every layer, sparsity and query tile: the
-    block selection's density (cab), the oracle's kept keys over the causal ones, and union_density."""
+    block selection's density (cab), the oracle's kept keys over the causal ones, and union_density (per KV head,
+    or per query head with per_head)."""
     from cab_experiments.common import load_model
     from cab_experiments.tasks import build_items
     from cab_vllm import hf
@@ -67,12 +72,13 @@ def run(model_name: str, lengths, sparsities, tiles, task: str = "multikey", dep
                 sel = select_blocks(q, k, CABConfig(policy="cab", sparsity=sp, block_size=block_size))
                 keep = hf.kept_tokens(sel)
                 row = dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer, sparsity=sp,
-                           block_size=block_size, block_density=round(sel.density(), 5),
+                           block_size=block_size, per_head=per_head, block_density=round(sel.density(), 5),
                            token_density=round(float(keep.double().sum() / (keep.shape[0] * keep.shape[1]
                                                                             * nt * (nt + 1) / 2)), 5))
                 for t in tiles:
                     out.append({**row, "tile": t,
-                                "union_density": round(union_density(q, k, keep, scale, t, block_size), 5)})
+                                "union_density": round(union_density(q, k, keep, scale, t, block_size,
+                                                                     per_head=per_head), 5)})
     return out
 
 
@@ -80,12 +86,12 @@ def markdown(rows: list[dict]) -> str:
     """Per (length, sparsity, tile): the mean over layers of the three densities, and the range of union_density."""
     acc: dict = {}
     for r in rows:
-        acc.setdefault((r["length"], r["sparsity"], r["tile"]), []).append(r)
+        acc.setdefault((r["length"], r["sparsity"], r["tile"], r.get("per_head", False)), []).append(r)
     lines = ["| length | sparsity | query tile | block selection | oracle's keys | tiles the oracle touches (mean; "
              "min-max over layers) |", "|---|---|---|---|---|---|"]
-    for (n, sp, t), rs in sorted(acc.items()):
+    for (n, sp, t, ph), rs in sorted(acc.items()):
         u = [r["union_density"] for r in rs]
-        lines.append(f"| {n} | {sp:g} | {t} | {sum(r['block_density'] for r in rs) / len(rs):.3f} | "
+        lines.append(f"| {n} | {sp:g} | {t}{' per head' if ph else ''} | {sum(r['block_density'] for r in rs) / len(rs):.3f} | "
                      f"{sum(r['token_density'] for r in rs) / len(rs):.3f} | {sum(u) / len(u):.3f} "
                      f"({min(u):.3f}-{max(u):.3f}) |")
     return "\n".join(lines)

@@ -10,12 +10,13 @@ from cab_experiments.granularity import markdown, union_density
 from cab_vllm import hf
 
 
-def _brute(q, k, keep, scale, tile, bs):
+def _brute(q, k, keep, scale, tile, bs, per_head=False):
     n = q.shape[2]
-    kept = torch.isfinite(hf.token_oracle_scores(q, k, keep, scale, 0, n)).any(2)  # [B, Hkv, N, N]
+    kept = torch.isfinite(hf.token_oracle_scores(q, k, keep, scale, 0, n))  # [B, Hkv, G, N, N]
+    kept = kept.flatten(1, 2) if per_head else kept.any(2)
     touched = causal = 0
     for b in range(q.shape[0]):
-        for h in range(k.shape[1]):
+        for h in range(kept.shape[1]):
             for t0 in range(0, n, tile):
                 rows = kept[b, h, t0:t0 + tile]
                 last = (min(n, t0 + tile) - 1) // bs
@@ -25,14 +26,17 @@ def _brute(q, k, keep, scale, tile, bs):
     return touched / causal
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["per-kv-head", "per-head"])
 @pytest.mark.parametrize("n,tile,bs,rows", [(37, 4, 8, 8), (64, 8, 8, 16), (50, 1, 16, 8), (45, 16, 4, 16)])
-def test_union_density_counts_the_touched_tiles(n, tile, bs, rows):
+def test_union_density_counts_the_touched_tiles(n, tile, bs, rows, per_head):
     torch.manual_seed(n + tile)
     q, k = torch.randn(2, 4, n, 8), torch.randn(2, 2, n, 8)
     keep = torch.randint(1, 12, (2, 2, n))
-    got = union_density(q, k, keep, 0.3, tile, bs, rows=rows)
-    assert got == pytest.approx(_brute(q, k, keep, 0.3, tile, bs), abs=1e-12)
+    got = union_density(q, k, keep, 0.3, tile, bs, rows=rows, per_head=per_head)
+    assert got == pytest.approx(_brute(q, k, keep, 0.3, tile, bs, per_head), abs=1e-12)
     assert 0 < got <= 1
+    if per_head:  # a group's heads together touch at least what each touches alone
+        assert got <= union_density(q, k, keep, 0.3, tile, bs, rows=rows) + 1e-12
 
 
 def test_every_key_kept_touches_every_causal_tile_and_one_key_a_row_one_block():
@@ -52,8 +56,11 @@ def test_every_key_kept_touches_every_causal_tile_and_one_key_a_row_one_block():
 def test_markdown_averages_over_layers():
     rows = [dict(length=4096, sparsity=0.9, tile=64, layer=i, block_density=0.1, token_density=0.1,
                  union_density=u) for i, u in enumerate((0.2, 0.4))]
+    rows.append(dict(length=4096, sparsity=0.9, tile=1, per_head=True, layer=0, block_density=0.1,
+                     token_density=0.1, union_density=0.5))
     text = markdown(rows)
     assert "| 4096 | 0.9 | 64 | 0.100 | 0.100 | 0.300 (0.200-0.400) |" in text
+    assert "| 4096 | 0.9 | 1 per head | 0.100 | 0.100 | 0.500 (0.500-0.500) |" in text
 
 
 def test_the_cli_refuses_a_tile_that_does_not_divide_the_row_chunk():
