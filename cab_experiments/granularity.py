@@ -23,8 +23,7 @@ def union_density(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: f
     q [B, Hq, N, D], k [B, Hkv, N, D] (a prefill: queries and keys of the same N positions)."""
     from cab_vllm import hf
 
-    b, hq, n, _ = q.shape
-    hkv = k.shape[1]
+    b, n = q.shape[0], q.shape[2]
     if k.shape[2] != n:
         raise ValueError(f"a prefill is expected: {n} queries, {k.shape[2]} keys")
     if tile < 1 or rows % tile:
