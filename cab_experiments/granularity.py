@@ -15,21 +15,23 @@ import math
 import torch
 
 
-def union_density(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float, tile: int, block_size: int,
-                  rows: int = 256, per_head: bool = False) -> float:
-    """Fraction of the causal (query tile of ``tile`` rows, key block of ``block_size``) pairs, per KV head, in which
-    some query row of the tile, of some head of the group, keeps a key (cab_vllm.hf.token_oracle_scores with
-    ``keep``); per_head: per query head instead (a kernel whose heads of a group choose their own blocks).
-    q [B, Hq, N, D], k [B, Hkv, N, D] (a prefill: queries and keys of the same N positions)."""
+def union_density(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float, tiles, block_size: int,
+                  rows: int = 256, per_head: bool = False) -> list[float]:
+    """For each query tile size in ``tiles``: the fraction of the causal (query tile of that many rows, key block of
+    ``block_size``) pairs, per KV head, in which some query row of the tile, of some head of the group, keeps a key
+    (cab_vllm.hf.token_oracle_scores with ``keep``, scored once for every tile size); per_head: per query head
+    instead (a kernel whose heads of a group choose their own blocks). q [B, Hq, N, D], k [B, Hkv, N, D] (a prefill:
+    queries and keys of the same N positions)."""
     from cab_vllm import hf
 
     b, n = q.shape[0], q.shape[2]
     if k.shape[2] != n:
         raise ValueError(f"a prefill is expected: {n} queries, {k.shape[2]} keys")
-    if tile < 1 or rows % tile:
-        raise ValueError(f"tile={tile} must be >= 1 and divide rows={rows}")
+    for tile in tiles:
+        if tile < 1 or rows % tile:
+            raise ValueError(f"tile={tile} must be >= 1 and divide rows={rows}")
     m = math.ceil(n / block_size)
-    touched = causal = 0
+    touched, causal = [0] * len(tiles), [0] * len(tiles)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         kept = torch.isfinite(hf.token_oracle_scores(q, k, keep, scale, r0, r1))  # [B, Hkv, G, R, N]
@@ -37,12 +39,13 @@ def union_density(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: f
         h = kept.shape[1]
         kept = torch.nn.functional.pad(kept, (0, m * block_size - n))
         blocks = kept.view(b, h, r1 - r0, m, block_size).any(-1)  # [B, H, R, M]
-        t = math.ceil((r1 - r0) / tile)
-        blocks = torch.nn.functional.pad(blocks, (0, 0, 0, t * tile - (r1 - r0)))
-        touched += int(blocks.view(b, h, t, tile, m).any(3).sum())
-        last = torch.clamp(torch.arange(r0, r1, tile) + tile - 1, max=r1 - 1) // block_size  # each tile's last block
-        causal += b * h * int((last + 1).sum())
-    return touched / causal
+        for i, tile in enumerate(tiles):
+            t = math.ceil((r1 - r0) / tile)
+            padded = torch.nn.functional.pad(blocks, (0, 0, 0, t * tile - (r1 - r0)))
+            touched[i] += int(padded.view(b, h, t, tile, m).any(3).sum())
+            last = torch.clamp(torch.arange(r0, r1, tile) + tile - 1, max=r1 - 1) // block_size  # each tile's last
+            causal[i] += b * h * int((last + 1).sum())
+    return [x / c for x, c in zip(touched, causal)]
 
 
 def run(model_name: str, lengths, sparsities, tiles, task: str = "multikey", depth: float = 0.5,
@@ -74,10 +77,8 @@ def run(model_name: str, lengths, sparsities, tiles, task: str = "multikey", dep
                            block_size=block_size, per_head=per_head, block_density=round(sel.density(), 5),
                            token_density=round(float(keep.double().sum() / (keep.shape[0] * keep.shape[1]
                                                                             * nt * (nt + 1) / 2)), 5))
-                for t in tiles:
-                    out.append({**row, "tile": t,
-                                "union_density": round(union_density(q, k, keep, scale, t, block_size,
-                                                                     per_head=per_head), 5)})
+                dens = union_density(q, k, keep, scale, tiles, block_size, per_head=per_head)
+                out += [{**row, "tile": t, "union_density": round(u, 5)} for t, u in zip(tiles, dens)]
     return out
 
 
@@ -90,7 +91,8 @@ def markdown(rows: list[dict]) -> str:
              "min-max over layers) |", "|---|---|---|---|---|---|"]
     for (n, sp, t, ph), rs in sorted(acc.items()):
         u = [r["union_density"] for r in rs]
-        lines.append(f"| {n} | {sp:g} | {t}{' per head' if ph else ''} | {sum(r['block_density'] for r in rs) / len(rs):.3f} | "
-                     f"{sum(r['token_density'] for r in rs) / len(rs):.3f} | {sum(u) / len(u):.3f} "
-                     f"({min(u):.3f}-{max(u):.3f}) |")
+        blocks = sum(r["block_density"] for r in rs) / len(rs)
+        tokens = sum(r["token_density"] for r in rs) / len(rs)
+        lines.append(f"| {n} | {sp:g} | {t}{' per head' if ph else ''} | {blocks:.3f} | {tokens:.3f} | "
+                     f"{sum(u) / len(u):.3f} ({min(u):.3f}-{max(u):.3f}) |")
     return "\n".join(lines)

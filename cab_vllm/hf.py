@@ -28,7 +28,7 @@ from cab_vllm.api import select_blocks, sparse_attention
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import pool
 from cab_vllm.ops.decode import paged_sparse_decode
-from cab_vllm.ops.blocks import num_blocks, selection_to_block_mask
+from cab_vllm.ops.blocks import block_lengths, num_blocks, selection_to_block_mask
 from cab_vllm.ops.reference import sparse_attention_ref
 from cab_vllm.policies import extend_prompt_selection, select_decode_blocks
 
@@ -151,9 +151,8 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     _STATE.stats["kept"] += int(cnt.sum())
     _STATE.stats["causal"] += cnt.numel() * num_blocks(n, bs)
     if _STATE.oracle == "token":
-        size = (n - torch.arange(num_blocks(n, bs), device=q.device) * bs).clamp(max=bs)
         kept = selection_to_block_mask(idx, cnt, num_blocks(n, bs))
-        return token_oracle_attention(q, k, v, (kept * size).sum(-1, keepdim=True), scale)
+        return token_oracle_attention(q, k, v, (kept * block_lengths(n, bs, q.device)).sum(-1, keepdim=True), scale)
     qd = q[:, :, 0].contiguous()
     k_impl = impl if impl != "auto" else ("triton" if q.is_cuda else "torch")
     out, _ = paged_sparse_decode(qd, kc, vc, bt, seq_lens, idx, cnt, bs, scale, impl=k_impl)
@@ -174,7 +173,7 @@ def with_dropped_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, 
     mean_v = pool(v, bs, mean=True, impl="torch")["mean"]  # [B, Hkv, M, D] float32, a short last block's own mean
     qf = q.float().view(b, hkv, g, n, d)
     if mode == "mean":
-        length = (n - blk * bs).clamp(max=bs).float()
+        length = block_lengths(n, bs, q.device).float()
         logit = (scale * torch.einsum("bhgnd,bhmd->bhgnm", qf, pool(k, bs, mean=True, impl="torch")["mean"])
                  + length.log())
     else:  # "mass": log of the block's exact sum of exp(score) (the padding of the last block scores -inf)
@@ -231,8 +230,7 @@ def kept_tokens(sel) -> torch.Tensor:
     bs, m, n = sel.block_size, sel.num_blocks, sel.seq_len
     mask = selection_to_block_mask(sel.indices, sel.counts, m)  # [B, Hkv, M, M]
     blk = torch.arange(m, device=mask.device)
-    size = (n - blk * bs).clamp(max=bs)
-    before = ((mask & (blk[None, :] < blk[:, None])) * size).sum(-1)  # [B, Hkv, M]: whole earlier blocks
+    before = ((mask & (blk[None, :] < blk[:, None])) * block_lengths(n, bs, mask.device)).sum(-1)  # [B, Hkv, M]
     i = torch.arange(n, device=mask.device)
     diag = mask.diagonal(dim1=-2, dim2=-1).long()  # [B, Hkv, M]
     return before[..., i // bs] + diag[..., i // bs] * (i % bs + 1)

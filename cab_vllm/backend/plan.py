@@ -278,6 +278,10 @@ class BatchPlan:
     def num_reqs(self) -> int:
         return len(self.seq_lens)
 
+    def prompt_len(self, r: int) -> int | None:
+        """Row r's prompt length (None: unknown)."""
+        return self.prompt_lens[r] if self.prompt_lens is not None else None
+
 
 def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: torch.Tensor | Sequence[int],
                cfgs: Sequence[CABConfig], dense_threshold: int, count: bool = True, req_ids: Sequence | None = None,
@@ -439,7 +443,7 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
     for r in plan.prefill_rows:
         cfg, n = plan.cfgs[r], plan.seq_lens[r]
         rid = plan.req_ids[r] if plan.req_ids is not None else None
-        pl = plan.prompt_lens[r] if plan.prompt_lens is not None else None
+        pl = plan.prompt_len(r)
         q_len = plan.qsl[r + 1] - plan.qsl[r]
         end = pl if pl is not None else n  # unknown prompt length: this chunk's end
         holds_end = n - q_len <= end - 1 < n

@@ -254,8 +254,7 @@ class Stats:
             causal = causal_blocks(first, last)
             if plan.dense[r]:
                 kept, mode = causal, "dense"
-                pl = plan.prompt_lens[r] if plan.prompt_lens is not None else None
-                reason = dense_reason(cfg, n, dense_threshold, pl, phase == "decode")
+                reason = dense_reason(cfg, n, dense_threshold, plan.prompt_len(r), phase == "decode")
                 if reason is not None:
                     step[("dense", phase, reason)] += 1
             elif phase == "decode" and plan.modes is not None:

@@ -32,25 +32,28 @@ def test_union_density_counts_the_touched_tiles(n, tile, bs, rows, per_head):
     torch.manual_seed(n + tile)
     q, k = torch.randn(2, 4, n, 8), torch.randn(2, 2, n, 8)
     keep = torch.randint(1, 12, (2, 2, n))
-    got = union_density(q, k, keep, 0.3, tile, bs, rows=rows, per_head=per_head)
+    got = union_density(q, k, keep, 0.3, [tile], bs, rows=rows, per_head=per_head)[0]
     assert got == pytest.approx(_brute(q, k, keep, 0.3, tile, bs, per_head), abs=1e-12)
     assert 0 < got <= 1
+    several = union_density(q, k, keep, 0.3, [tile, 1, tile], bs, rows=rows, per_head=per_head)
+    assert several[0] == several[2] == got  # one scoring serves every tile size
+    assert several[1] == union_density(q, k, keep, 0.3, [1], bs, rows=rows, per_head=per_head)[0]
     if per_head:  # a group's heads together touch at least what each touches alone
-        assert got <= union_density(q, k, keep, 0.3, tile, bs, rows=rows) + 1e-12
+        assert got <= union_density(q, k, keep, 0.3, [tile], bs, rows=rows)[0] + 1e-12
 
 
 def test_every_key_kept_touches_every_causal_tile_and_one_key_a_row_one_block():
     torch.manual_seed(0)
     n, bs = 70, 8
     q, k = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)  # no GQA: one head per KV head
-    assert union_density(q, k, torch.full((1, 2, n), n), 0.3, 4, bs, rows=8) == 1.0
-    one = union_density(q, k, torch.ones(1, 2, n, dtype=torch.long), 0.3, 1, bs, rows=8)
+    assert union_density(q, k, torch.full((1, 2, n), n), 0.3, [4], bs, rows=8) == [1.0]
+    one, = union_density(q, k, torch.ones(1, 2, n, dtype=torch.long), 0.3, [1], bs, rows=8)
     causal = sum(i // bs + 1 for i in range(n))
     assert one == pytest.approx(n / causal)
     with pytest.raises(ValueError, match="divide rows"):
-        union_density(q, k, torch.ones(1, 2, n), 0.3, 3, bs, rows=8)
+        union_density(q, k, torch.ones(1, 2, n), 0.3, [1, 3], bs, rows=8)
     with pytest.raises(ValueError, match="a prefill"):
-        union_density(q[:, :, :10], k, torch.ones(1, 2, 10), 0.3, 1, bs)
+        union_density(q[:, :, :10], k, torch.ones(1, 2, 10), 0.3, [1], bs)
 
 
 def test_markdown_averages_over_layers():
