@@ -15,6 +15,8 @@ import torch
 from cab_vllm.config import POLICIES, CABConfig
 
 _FIELDS = {f for f in CABConfig.__dataclass_fields__} - {"sparsity", "policy"}
+# the transformers adapter's own keys (cab_vllm.hf.using), not CABConfig fields
+ADAPTER_KEYS = ("phases", "layers", "early", "compensate", "oracle", "tokens")
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,9 @@ class Variant:
     Examples: ``dense``, ``cab``, ``cab:curvature_share=0.5``, ``curvature:estimator=max_l2`` (the seed).
     The extra key ``phases=prefill|decode`` sparsifies only that phase, ``layers=LO-HI`` only layers LO..HI-1,
     ``early=N@S`` runs layers below N at sparsity S, ``compensate=mean|mass`` adds the dropped blocks' average back,
-    ``oracle=token`` lets every sparse row keep its own best keys token by token at the same density
-    (cab_vllm.hf.using; the transformers adapter only)."""
+    ``oracle=token`` lets every sparse row keep its own best keys token by token at the same density, and
+    ``tokens=pcaR|sparqR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
+    only; pca needs the model's key basis, cab_vllm.hf.calibrate_key_basis)."""
 
     spec: str
     policy: str
@@ -41,6 +44,15 @@ class Variant:
             key, eq, raw = item.partition("=")
             if not eq:
                 raise ValueError(f"variant {spec!r}: {item!r} is not field=value")
+            if key == "tokens":
+                from cab_vllm.hf import parse_tokens
+
+                try:
+                    parse_tokens(raw)
+                except ValueError as e:
+                    raise ValueError(f"variant {spec!r}: {e}") from None
+                overrides.append((key, raw))
+                continue
             if key in ("phases", "compensate", "oracle"):
                 from cab_vllm.hf import COMPENSATIONS, ORACLES, PHASES
 
@@ -98,22 +110,26 @@ class Variant:
         return dict(self.overrides).get("oracle")
 
     @property
+    def tokens(self) -> str | None:
+        return dict(self.overrides).get("tokens")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
     def using(self, sparsity: float, impl: str = "auto"):
         """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
-        layers, early, compensate, oracle); yields the block counts."""
+        layers, early, compensate, oracle, tokens); yields the block counts."""
         from cab_vllm import hf
 
         return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early,
-                        compensate=self.compensate, oracle=self.oracle)
+                        compensate=self.compensate, oracle=self.oracle, tokens=self.tokens)
 
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""
         if self.is_dense or sparsity == 0:
             return None
-        kw = {k: v for k, v in self.overrides if k not in ("phases", "layers", "early", "compensate", "oracle")}
+        kw = {k: v for k, v in self.overrides if k not in ADAPTER_KEYS}
         return CABConfig(policy=self.policy, sparsity=sparsity, **kw)
 
 
@@ -374,6 +390,27 @@ def generate(model, tok, batch: list[dict], max_new_tokens: int) -> tuple[list[s
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
     return tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True), clk.seconds
+
+
+CALIBRATION_TOKENS = 4096
+CALIBRATION_POSITION = 0.37  # where in the six novels the calibration text starts (any fixed place)
+
+
+def calibrate_keys(model, tok, variants, corpus: str | None = None) -> bool:
+    """Before a sweep whose variants rank keys by projection (``tokens=pcaR``): store each layer's key basis on
+    ``model`` (cab_vllm.hf.calibrate_key_basis) from a dense pass over CALIBRATION_TOKENS of plain Austen text (one
+    fixed window, no needles, no question). Returns whether it ran; the vLLM engine is refused."""
+    if not any((v.tokens or "").startswith("pca") for v in variants):
+        return False
+    if isinstance(model, EngineModel):
+        raise ValueError("tokens=pca... is a transformers-adapter ablation; the vLLM engine cannot run it")
+    from cab_models.text import _haystack_source
+    from cab_vllm import hf
+
+    text = _haystack_source("austen", 8 * CALIBRATION_TOKENS, CALIBRATION_POSITION, None, corpus=corpus)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :CALIBRATION_TOKENS]
+    hf.calibrate_key_basis(model, ids.to(next(model.parameters()).device))
+    return True
 
 
 def run_cell(model, tok, out: Jsonl, items: list[dict], variant: Variant, sparsity: float, base: dict,

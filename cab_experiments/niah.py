@@ -7,7 +7,7 @@ run the policy (decode rules: see cab_vllm.hf).
 
 from __future__ import annotations
 
-from cab_experiments.common import Deadline, Jsonl, Variant, cells, check_lengths, run_cell
+from cab_experiments.common import Deadline, Jsonl, Variant, calibrate_keys, cells, check_lengths, run_cell
 from cab_models.text import answer_has_passkey, passkey_prompt
 
 KEY = ("model", "yarn", "haystack", "length", "depth", "trial", "variant", "sparsity", "dense_threshold")
@@ -37,6 +37,7 @@ def run_niah(model, tok, model_name: str, out: Jsonl, lengths, depths, trials: i
     from tqdm.auto import tqdm
 
     check_lengths(model, lengths)
+    calibrate_keys(model, tok, variants)
     todo = cells(variants, sparsities)
     deadline, written = Deadline(time_budget), 0
     total = len(lengths) * len(depths) * trials * len(todo)

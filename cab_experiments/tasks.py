@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from cab_experiments.common import Deadline, Jsonl, Variant, cells, check_lengths, run_cell
+from cab_experiments.common import Deadline, Jsonl, Variant, calibrate_keys, cells, check_lengths, run_cell
 from cab_models.text import _SENTENCE_END, _haystack_source
 
 TASKS = ("single", "multikey", "multivalue", "multiquery", "vartrack", "freqwords")
@@ -370,6 +370,7 @@ def run_tasks(model, tok, model_name: str, out: Jsonl, tasks, lengths, depths, t
     if bad:
         raise ValueError(f"unknown task(s) {bad} (expected some of {', '.join(TASKS)})")
     check_lengths(model, lengths)
+    calibrate_keys(model, tok, variants, corpus)
     todo = cells(variants, sparsities)
     deadline, written = Deadline(time_budget), 0
     per_length = sum(trials * (1 if t == "freqwords" else len(depths)) for t in tasks)

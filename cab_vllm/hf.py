@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +48,7 @@ class _State:
     layers: tuple[int, int] | None = None
     early: tuple[int, float] | None = None
     compensate: str | None = None
-    oracle: str | None = None
+    tokens: tuple[str, int] | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -59,11 +60,30 @@ _STATE = _State()
 PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
+TOKEN_ESTIMATES = ("exact", "pca", "sparq", "int")
+_TOKENS_RE = re.compile(r"(exact)|(pca|sparq)([1-9][0-9]*)|(int)([2-8])")
+
+
+def parse_tokens(spec: str) -> tuple[str, int]:
+    """A token selector's name -> (kind, parameter): "exact" (the oracle: every key's exact score), "pcaR" (scores
+    of the keys and query projected on the layer's R leading key directions, key_basis), "sparqR" (each query's R
+    largest-magnitude dimensions, SparQ's first step), "intB" (keys rounded to B bits, per token and group of 32
+    dimensions, against the exact query). ValueError for anything else."""
+    m = _TOKENS_RE.fullmatch(spec) if isinstance(spec, str) else None
+    if m is None:
+        raise ValueError(f"tokens={spec!r} must be 'exact', 'pcaR' or 'sparqR' (R >= 1 dimensions) or 'intB' "
+                         f"(2 <= B <= 8 bits)")
+    if m.group(1):
+        return "exact", 0
+    if m.group(2):
+        return m.group(2), int(m.group(3))
+    return "int", int(m.group(5))
 
 
 @contextlib.contextmanager
 def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
-          early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None):
+          early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None,
+          tokens: str | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -78,11 +98,18 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     blocks' average (PyTorch only; the achieved density counts the kept blocks). oracle: "token" makes every sparse
     row (prefill and decode) attend to its own highest-scoring keys, token by token and per query head, as many as
     the blocks its policy kept hold (token_oracle_attention) — an ablation of what 64-token blocks cost at the
-    same density (PyTorch; the achieved density is the block selection's)."""
+    same density (PyTorch; the achieved density is the block selection's). tokens: the same with the keys ranked by
+    an estimate instead of their exact scores (parse_tokens: "exact" = oracle="token", "pcaR", "sparqR", "intB";
+    the kept keys' exact scores enter the softmax) — what a training-free token selector keeps of the oracle's
+    accuracy. "pcaR" needs each attention module's key basis (calibrate_key_basis)."""
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"oracle={oracle!r} must be one of {ORACLES} or None")
-    if oracle is not None and compensate is not None:
-        raise ValueError("oracle and compensate are two ablations of the sparse rows: pick one")
+    if oracle is not None and tokens is not None:
+        raise ValueError("oracle='token' is tokens='exact': give one of them")
+    token_sel = parse_tokens("exact" if oracle == "token" else tokens) if (oracle or tokens) is not None else None
+    if token_sel is not None and compensate is not None:
+        raise ValueError("token selection (oracle/tokens) and compensate are two ablations of the sparse rows: "
+                         "pick one")
     if compensate is not None and compensate not in COMPENSATIONS:
         raise ValueError(f"compensate={compensate!r} must be one of {COMPENSATIONS} or None")
     if phases not in PHASES:
@@ -95,15 +122,15 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
             raise ValueError(f"layers={layers!r} must be (lo, hi) with 0 <= lo < hi")
     if early is not None and cfg is not None:
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
-    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.oracle,
+    prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
             _STATE.prompt_sel, _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
-    _STATE.compensate, _STATE.oracle = compensate, oracle
+    _STATE.compensate, _STATE.tokens = compensate, token_sel
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
-        (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.oracle,
+        (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
          _STATE.prompt_sel, _STATE.stats) = prev
 
 
@@ -150,9 +177,10 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     _STATE.stats["decode_calls"] += 1
     _STATE.stats["kept"] += int(cnt.sum())
     _STATE.stats["causal"] += cnt.numel() * num_blocks(n, bs)
-    if _STATE.oracle == "token":
+    if _STATE.tokens is not None:
         kept = selection_to_block_mask(idx, cnt, num_blocks(n, bs))
-        return token_oracle_attention(q, k, v, (kept * block_lengths(n, bs, q.device)).sum(-1, keepdim=True), scale)
+        return token_oracle_attention(q, k, v, (kept * block_lengths(n, bs, q.device)).sum(-1, keepdim=True), scale,
+                                      estimate=_estimate(module, k))
     qd = q[:, :, 0].contiguous()
     k_impl = impl if impl != "auto" else ("triton" if q.is_cuda else "torch")
     out, _ = paged_sparse_decode(qd, kc, vc, bt, seq_lens, idx, cnt, bs, scale, impl=k_impl)
@@ -190,12 +218,14 @@ def with_dropped_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, 
     return mixed.view(b, hq, n, d).to(q.dtype)
 
 
-def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float, r0: int, r1: int
-                        ) -> torch.Tensor:
+def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float, r0: int, r1: int,
+                        estimate=None) -> torch.Tensor:
     """Scores of query rows r0..r1-1 with everything but each (query head, row)'s ``keep`` highest-scoring causal keys
-    at -inf (ties at the threshold all kept): q [B, Hq, Nq, D] (the last Nq of the Nk positions), k [B, Hkv, Nk, D],
-    keep [B, Hkv, Nq] int (per row, shared by the KV head's query heads; clamped to the row's causal keys) ->
-    [B, Hkv, G, r1 - r0, Nk] float32, G = Hq / Hkv."""
+    at -inf: q [B, Hq, Nq, D] (the last Nq of the Nk positions), k [B, Hkv, Nk, D], keep [B, Hkv, Nq] int (per row,
+    shared by the KV head's query heads; clamped to the row's causal keys) -> [B, Hkv, G, r1 - r0, Nk] float32,
+    G = Hq / Hkv. estimate: None ranks the keys by their exact scores (ties at the threshold all kept); else a
+    function of the rows' queries [B, Hkv, G, R, D] float32 -> [B, Hkv, G, R, Nk] estimated scores that rank them
+    (key_estimate; exactly ``keep`` kept), and the kept keys keep their exact scores."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     if keep.shape != (b, hkv, nq):
@@ -204,25 +234,107 @@ def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, sc
     pos = torch.arange(nk - nq + r0, nk - nq + r1, device=q.device)
     causal = torch.arange(nk, device=q.device)[None, :] <= pos[:, None]  # [R, Nk]
     kt = torch.minimum(keep[:, :, r0:r1].long(), pos + 1).clamp(min=1)  # [B, Hkv, R]
-    s = scale * torch.einsum("bhgrd,bhnd->bhgrn", q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d), k.float())
+    qr = q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d)
+    s = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
     s = s.masked_fill(~causal, float("-inf"))
-    top = s.topk(int(kt.max()), dim=-1).values  # [B, Hkv, G, R, kmax]
-    thr = top.gather(-1, (kt - 1)[:, :, None, :, None].expand(b, hkv, g, r1 - r0, 1))
-    return s.masked_fill(s < thr, float("-inf"))
+    kmax = int(kt.max())
+    if estimate is None:
+        top = s.topk(kmax, dim=-1).values  # [B, Hkv, G, R, kmax]
+        thr = top.gather(-1, (kt - 1)[:, :, None, :, None].expand(b, hkv, g, r1 - r0, 1))
+        return s.masked_fill(s < thr, float("-inf"))
+    est = estimate(qr).masked_fill(~causal, float("-inf"))
+    order = est.topk(kmax, dim=-1).indices  # [B, Hkv, G, R, kmax], best first
+    first = (torch.arange(kmax, device=q.device) < kt[:, :, None, :, None]).expand_as(order)  # the row's first kt
+    kept = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order, first)
+    return s.masked_fill(~kept, float("-inf"))
 
 
 def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-                           rows: int = 256) -> torch.Tensor:
+                           rows: int = 256, estimate=None) -> torch.Tensor:
     """Causal attention where query token i of every query head keeps only its ``keep`` highest-scoring keys
-    (token_oracle_scores) -> [B, Hq, Nq, D] in q.dtype. The token-level oracle of ``using(oracle="token")``
-    (PyTorch, float32, ``rows`` query rows at a time)."""
+    (token_oracle_scores; ranked by ``estimate`` when given) -> [B, Hq, Nq, D] in q.dtype. The token-level
+    selection of ``using(oracle="token")`` and ``using(tokens=...)`` (PyTorch, float32, ``rows`` query rows at a
+    time)."""
     b, hq, nq, d = q.shape
     out = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        p = torch.softmax(token_oracle_scores(q, k, keep, scale, r0, r1), dim=-1)
+        p = torch.softmax(token_oracle_scores(q, k, keep, scale, r0, r1, estimate), dim=-1)
         out[:, :, r0:r1] = torch.einsum("bhgrn,bhnd->bhgrd", p, v.float()).reshape(b, hq, r1 - r0, d)
     return out.to(q.dtype)
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
+    """k [..., D] rounded to signed ``bits``-bit integers with one absmax scale per ``group`` dimensions of each
+    token (a head dim below ``group`` is one group; else D % group == 0), dequantized -> float32 of k's shape."""
+    d = k.shape[-1]
+    group = min(group, d)
+    if d % group:
+        raise ValueError(f"head dim {d} is not a multiple of the quantization group {group}")
+    kg = k.float().unflatten(-1, (d // group, group))
+    top = 2 ** (bits - 1) - 1
+    step = kg.abs().amax(-1, keepdim=True).clamp(min=1e-12) / top
+    return ((kg / step).round().clamp(-top, top) * step).flatten(-2)
+
+
+def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | None = None):
+    """The estimated scores a token selector ranks keys by (parse_tokens' kinds but "exact"): a function of queries
+    [B, Hkv, G, R, D] float32 -> [B, Hkv, G, R, Nk], for keys k [B, Hkv, Nk, D]. basis [Hkv, D, D] (pca: the key
+    directions, leading first; key_basis). The scale is left out: it does not change the ranking."""
+    kf = k.float()
+    if kind == "pca":
+        if basis is None:
+            raise ValueError("tokens='pca...' needs the layer's key basis: calibrate_key_basis(model, input_ids) first")
+        p = basis[:, :, :param].to(kf.device, torch.float32)  # [Hkv, D, R]
+        kp = torch.einsum("bhnd,hdr->bhnr", kf, p)
+        return lambda qr: torch.einsum("bhgqr,bhnr->bhgqn", torch.einsum("bhgqd,hdr->bhgqr", qr, p), kp)
+    if kind == "sparq":
+        def sparq(qr):
+            dims = qr.abs().topk(min(param, qr.shape[-1]), dim=-1).indices
+            return torch.einsum("bhgqd,bhnd->bhgqn", torch.zeros_like(qr).scatter_(-1, dims, qr.gather(-1, dims)), kf)
+        return sparq
+    if kind == "int":
+        kq = quantize_keys(kf, param)
+        return lambda qr: torch.einsum("bhgqd,bhnd->bhgqn", qr, kq)
+    raise ValueError(f"no estimate for token selector kind {kind!r}")
+
+
+def _estimate(module, k: torch.Tensor):
+    """The estimate of ``using(tokens=...)`` for this layer (None: exact scores)."""
+    kind, param = _STATE.tokens
+    if kind == "exact":
+        return None
+    return key_estimate(kind, param, k, getattr(module, "cab_key_basis", None))
+
+
+def key_basis(keys: torch.Tensor) -> torch.Tensor:
+    """keys [B, Hkv, N, D] of one layer -> [Hkv, D, D] float32: per KV head the eigenvectors of the keys' second
+    moment (sum of k kᵀ), in columns, largest eigenvalue first: the directions on which projected keys keep the
+    most of their dot products (Loki's low-rank keys, uncentred)."""
+    kf = keys.float().transpose(0, 1).flatten(1, 2)  # [Hkv, B*N, D]
+    vecs = torch.linalg.eigh(kf.transpose(1, 2) @ kf).eigenvectors  # eigenvalues ascending
+    return vecs.flip(-1).contiguous()
+
+
+def calibrate_key_basis(model, input_ids: torch.Tensor) -> int:
+    """Run ``model`` densely on ``input_ids`` [1, N] and store on each attention module (by layer_idx) the basis of
+    its post-RoPE keys (key_basis) as ``cab_key_basis``, which ``tokens="pcaR"`` projects on. Returns the number
+    of layers calibrated; ValueError if the model has no "cab" attention layers."""
+    with torch.no_grad(), using(None), capture() as caps:
+        model(input_ids)
+    bases = {layer: key_basis(k) for layer, _, k in caps}
+    if not bases:
+        raise ValueError("the model ran no 'cab' attention layer (load it with attn_implementation='cab')")
+    done = 0
+    for mod in model.modules():
+        layer = getattr(mod, "layer_idx", None)
+        if layer in bases and hasattr(mod, "k_proj"):
+            mod.cab_key_basis = bases[layer]
+            done += 1
+    if done != len(bases):
+        raise ValueError(f"found attention modules for {done} of the {len(bases)} layers that ran (expected modules "
+                         f"with layer_idx and k_proj)")
+    return done
 
 
 def kept_tokens(sel) -> torch.Tensor:
@@ -273,8 +385,8 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
         sel = select_blocks(query, key, cfg, impl=impl)
         if _STATE.compensate is not None:
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
-        elif _STATE.oracle == "token":
-            out = token_oracle_attention(query, key, value, kept_tokens(sel), scale)
+        elif _STATE.tokens is not None:
+            out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key))
         else:
             out = sparse_attention(query, key, value, sel, scale=scale, impl=impl)
         _STATE.stats["prefill_calls"] += 1

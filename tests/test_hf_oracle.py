@@ -95,3 +95,142 @@ def test_a_model_runs_with_the_oracle_at_the_selections_density():
         with hf.using(cfg, oracle="block"):
             pass
     assert math.isfinite(float(out["token"].float().sum()))
+
+
+# ---- token selection ranked by an estimate (using(tokens=...)) ------------------------------------------------------
+def _brute_ranked(q, k, v, keep, scale, rank):
+    """Row by row: the top keep[b, kvh, i] causal keys of each (query head, token) by ``rank(bi, kvh, q_row, keys)``,
+    softmax of their exact scores."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    out = torch.zeros(b, hq, nq, d)
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(nq):
+                pos = nk - nq + i
+                keys = k[bi, h // g, :pos + 1].float()
+                kt = min(int(keep[bi, h // g, i]), pos + 1)
+                top = rank(bi, h // g, q[bi, h, i].float(), keys).topk(kt).indices
+                p = torch.softmax(scale * (keys[top] @ q[bi, h, i].float()), 0)
+                out[bi, h, i] = p @ v[bi, h // g, top].float()
+    return out
+
+
+@pytest.mark.parametrize("spec", ["pca5", "sparq3", "int2", "int4"])
+@pytest.mark.parametrize("nq,nk,rows", [(37, 37, 256), (37, 37, 7), (1, 50, 256)],
+                         ids=["prefill", "prefill-chunked", "decode"])
+def test_estimated_ranking_matches_the_row_by_row_reference(spec, nq, nk, rows):
+    torch.manual_seed(nq + nk + len(spec))
+    d = 32
+    q, k, v = torch.randn(2, 6, nq, d), torch.randn(2, 2, nk, d), torch.randn(2, 2, nk, d)
+    keep = torch.randint(1, nk + 5, (2, 2, nq))
+    kind, r = hf.parse_tokens(spec)
+    basis = torch.linalg.qr(torch.randn(2, d, d)).Q  # any orthonormal basis per KV head
+    est = hf.key_estimate(kind, r, k, basis)
+    got = hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est)
+    if kind == "pca":
+        def rank(bi, h, qi, keys):
+            p = basis[h, :, :r]
+            return (keys @ p) @ (p.T @ qi)
+    elif kind == "sparq":
+        def rank(bi, h, qi, keys):
+            dims = qi.abs().topk(r).indices
+            return keys[:, dims] @ qi[dims]
+    else:
+        kq = hf.quantize_keys(k, r)
+
+        def rank(bi, h, qi, keys):
+            return kq[bi, h, :keys.shape[0]] @ qi
+    torch.testing.assert_close(got, _brute_ranked(q, k, v, keep, 0.3, rank), atol=1e-5, rtol=1e-5)
+
+
+def test_full_rank_estimates_keep_the_exact_oracle():
+    """pca with every direction and sparq with every dimension rank keys by their exact scores: the oracle's output."""
+    torch.manual_seed(11)
+    q, k, v = torch.randn(1, 4, 60, 16), torch.randn(1, 2, 60, 16), torch.randn(1, 2, 60, 16)
+    keep = torch.randint(1, 30, (1, 2, 60))
+    want = hf.token_oracle_attention(q, k, v, keep, 0.25)
+    basis = hf.key_basis(k)
+    for est in (hf.key_estimate("pca", 16, k, basis), hf.key_estimate("sparq", 16, k)):
+        torch.testing.assert_close(hf.token_oracle_attention(q, k, v, keep, 0.25, estimate=est), want,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_key_basis_is_orthonormal_leading_first_and_exact_on_low_rank_keys():
+    torch.manual_seed(5)
+    d, r = 16, 3
+    span = torch.linalg.qr(torch.randn(2, d, r)).Q  # keys of each KV head lie in an r-dim subspace
+    k = torch.einsum("hdr,bhnr->bhnd", span, torch.randn(1, 2, 80, r) * torch.tensor([5.0, 2.0, 1.0]))
+    basis = hf.key_basis(k)
+    torch.testing.assert_close(basis.transpose(1, 2) @ basis, torch.eye(d).expand(2, d, d), atol=1e-5, rtol=1e-5)
+    energy = (k[0] @ basis).pow(2).sum(1)  # [Hkv, D]: each direction's share of the keys
+    assert bool((energy[:, :-1] >= energy[:, 1:] - 1e-3).all())  # leading directions first
+    qr = torch.randn(1, 2, 3, 5, d)
+    exact = torch.einsum("bhgqd,bhnd->bhgqn", qr, k)
+    torch.testing.assert_close(hf.key_estimate("pca", r, k, basis)(qr), exact, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(hf.key_estimate("pca", r - 1, k, basis)(qr), exact, atol=1e-2)
+
+
+def test_quantized_keys_step_and_error():
+    torch.manual_seed(2)
+    k = torch.randn(3, 64) * torch.logspace(-2, 2, 3)[:, None]
+    for bits in (2, 4, 8):
+        kq = hf.quantize_keys(k, bits)
+        step = k.view(3, 2, 32).abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert bool(((kq - k).view(3, 2, 32).abs() <= step / 2 + 1e-6).all())
+        levels = (kq.view(3, 2, 32) / step).round().unique()
+        assert levels.numel() <= 2 ** bits - 1
+    with pytest.raises(ValueError, match="multiple of"):
+        hf.quantize_keys(torch.randn(2, 40), 4)
+
+
+@pytest.mark.parametrize("spec,want", [("exact", ("exact", 0)), ("pca32", ("pca", 32)), ("sparq8", ("sparq", 8)),
+                                       ("int4", ("int", 4))])
+def test_parse_tokens(spec, want):
+    assert hf.parse_tokens(spec) == want
+
+
+@pytest.mark.parametrize("bad", ["pca", "pca0", "int1", "int9", "sparq-2", "token", "PCA32", "", None])
+def test_parse_tokens_refuses(bad):
+    with pytest.raises(ValueError, match="tokens="):
+        hf.parse_tokens(bad)
+
+
+def _tiny_model():
+    transformers = pytest.importorskip("transformers")
+    hf.register()
+    conf = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(conf, attn_implementation=hf.ATTN_NAME).eval()
+
+
+def test_a_model_runs_with_estimated_token_selection():
+    """using(tokens=...) in a tiny model: the block selection's counts; pca needs calibrate_key_basis first; pca at
+    full rank gives the exact oracle's logits; refused beside oracle= or compensate=."""
+    model = _tiny_model()
+    ids = torch.randint(0, 97, (1, 300))
+    cfg = CABConfig(policy="cab", sparsity=0.8)
+
+    def run(**kw):
+        with torch.no_grad(), hf.using(cfg, impl="torch", **kw) as st:
+            logits = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True).logits[0]
+        return logits, (st["kept"], st["causal"], st["decode_calls"])
+
+    with pytest.raises(ValueError, match="calibrate_key_basis"):
+        run(tokens="pca4")
+    assert hf.calibrate_key_basis(model, torch.randint(0, 97, (1, 128))) == 2
+    assert all(m.cab_key_basis.shape == (2, 16, 16) for m in model.modules() if hasattr(m, "cab_key_basis"))
+    exact, counts = run(oracle="token")
+    full, counts_full = run(tokens="pca16")
+    low, counts_low = run(tokens="pca2")
+    q4, counts_q4 = run(tokens="int4")
+    assert counts == counts_full == counts_low == counts_q4
+    torch.testing.assert_close(full, exact, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(low, exact, atol=1e-3)
+    with pytest.raises(ValueError, match="give one of them"):
+        run(oracle="token", tokens="exact")
+    with pytest.raises(ValueError, match="pick one"):
+        run(tokens="int4", compensate="mean")

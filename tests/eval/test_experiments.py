@@ -312,6 +312,10 @@ def test_layers_sparsify_a_layer_range_only(smol):
     assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="oracle="):
         Variant.parse("cab:oracle=block")
+    assert Variant.parse("cab:tokens=pca32").tokens == "pca32" and Variant.parse("cab").tokens is None
+    assert Variant.parse("cab:tokens=int4").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    with pytest.raises(ValueError, match="tokens="):
+        Variant.parse("cab:tokens=pca")
     assert Variant.parse("cab:early=12@0.8").early == (12, 0.8)
     assert Variant.parse("cab:early=12@0.8").config(0.98) == CABConfig(policy="cab", sparsity=0.98)
     for bad in ("cab:early=12", "cab:early=0@0.5", "cab:early=3@1.0", "cab:early=x@y"):

@@ -278,10 +278,13 @@ def test_tasks_on_smol(tmp_path):
     assert "".join(split(CORPUS)) == CORPUS
     out = Jsonl(tmp_path / "tasks.jsonl", tasks.KEY)
     n = tasks.run_tasks(model, tok, "smol", out, ["single", "freqwords"], [700], [0.5], 1,
-                        [Variant.parse("dense"), Variant.parse("streaming")], [0.75], max_new_tokens=12,
-                        impl="torch", progress=False, corpus=CORPUS)
-    assert n == 4
+                        [Variant.parse("dense"), Variant.parse("streaming"), Variant.parse("cab:tokens=pca8")],
+                        [0.75], max_new_tokens=12, impl="torch", progress=False, corpus=CORPUS)
+    assert n == 6
+    bases = [m.cab_key_basis for m in model.modules() if hasattr(m, "cab_key_basis")]  # calibrated for pca8
+    assert len(bases) == model.config.num_hidden_layers and bases[0].shape == (3, 64, 64)
     by = {(r["task"], r["variant"]): r for r in out.rows}
+    assert 0 < by[("single", "cab:tokens=pca8")]["density"] < 0.6
     assert by[("single", "dense")]["n_tokens"] == 700  # the tokenizer's own pieces: an exact fit
     assert 0.97 * 700 <= by[("freqwords", "dense")]["n_tokens"] <= 700
     for r in out.rows:
@@ -383,7 +386,8 @@ def test_engine_wide_overrides_are_accepted_only_when_the_engine_runs_them():
     with pytest.raises(ValueError, match="estimator=mean cannot be set per request"):
         EngineModel.request_args(Variant.parse("cab:estimator=mean"), 0.95, wide)
     # ablations of the adapter
-    for adapter_only in ("cab:compensate=mean", "cab:layers=2-24", "cab:early=12@0.5", "cab:oracle=token"):
+    for adapter_only in ("cab:compensate=mean", "cab:layers=2-24", "cab:early=12@0.5", "cab:oracle=token",
+                         "cab:tokens=pca16"):
         with pytest.raises(ValueError, match=r"cannot be set per request.*no engine variable"):
             EngineModel.request_args(Variant.parse(adapter_only), 0.95, {})
     assert EngineModel.request_args(Variant.parse("dense"), 0.95, wide) == {"cab_sparsity": 0.0, "cab_policy": "dense"}
