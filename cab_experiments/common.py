@@ -392,14 +392,14 @@ def generate(model, tok, batch: list[dict], max_new_tokens: int) -> tuple[list[s
     return tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True), clk.seconds
 
 
-CALIBRATION_TOKENS = 4096
 CALIBRATION_POSITION = 0.37  # where in the six novels the calibration text starts (any fixed place)
 
 
-def calibrate_keys(model, tok, variants, corpus: str | None = None) -> bool:
+def calibrate_keys(model, tok, variants, length: int, corpus: str | None = None) -> bool:
     """Before a sweep whose variants rank keys by projection (``tokens=pcaR``): store each layer's key basis on
-    ``model`` (cab_vllm.hf.calibrate_key_basis) from a dense pass over CALIBRATION_TOKENS of plain Austen text (one
-    fixed window, no needles, no question). Returns whether it ran; the vLLM engine is refused."""
+    ``model`` (cab_vllm.hf.calibrate_key_basis) from a dense pass over ``length`` tokens (the sweep's longest
+    prompt: post-RoPE keys at every position it will see) of plain Austen text (one fixed window, no needles, no
+    question). Returns whether it ran; the vLLM engine is refused."""
     if not any((v.tokens or "").startswith("pca") for v in variants):
         return False
     if isinstance(model, EngineModel):
@@ -407,8 +407,8 @@ def calibrate_keys(model, tok, variants, corpus: str | None = None) -> bool:
     from cab_models.text import _haystack_source
     from cab_vllm import hf
 
-    text = _haystack_source("austen", 8 * CALIBRATION_TOKENS, CALIBRATION_POSITION, None, corpus=corpus)
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :CALIBRATION_TOKENS]
+    text = _haystack_source("austen", 8 * length, CALIBRATION_POSITION, None, corpus=corpus)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :length]
     hf.calibrate_key_basis(model, ids.to(next(model.parameters()).device))
     return True
 

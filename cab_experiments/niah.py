@@ -37,7 +37,7 @@ def run_niah(model, tok, model_name: str, out: Jsonl, lengths, depths, trials: i
     from tqdm.auto import tqdm
 
     check_lengths(model, lengths)
-    calibrate_keys(model, tok, variants)
+    calibrate_keys(model, tok, variants, max(lengths))
     todo = cells(variants, sparsities)
     deadline, written = Deadline(time_budget), 0
     total = len(lengths) * len(depths) * trials * len(todo)

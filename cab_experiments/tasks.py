@@ -370,7 +370,7 @@ def run_tasks(model, tok, model_name: str, out: Jsonl, tasks, lengths, depths, t
     if bad:
         raise ValueError(f"unknown task(s) {bad} (expected some of {', '.join(TASKS)})")
     check_lengths(model, lengths)
-    calibrate_keys(model, tok, variants, corpus)
+    calibrate_keys(model, tok, variants, max(lengths), corpus)
     todo = cells(variants, sparsities)
     deadline, written = Deadline(time_budget), 0
     per_length = sum(trials * (1 if t == "freqwords" else len(depths)) for t in tasks)
