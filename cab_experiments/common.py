@@ -275,11 +275,11 @@ class EngineModel:
 
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
                                 extra_args=self.request_args(variant, sparsity, self.engine))
-        before = _kept_causal(STATS.totals)
+        before = kept_causal(STATS)
         t0 = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": it["input_ids"]} for it in batch], params, use_tqdm=False)
         secs = time.perf_counter() - t0
-        kept, causal = (a - b for a, b in zip(_kept_causal(STATS.totals), before))
+        kept, causal = (a - b for a, b in zip(kept_causal(STATS), before))
         answers = [tok.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outs]
         return answers, secs, (kept / causal if causal else None)
 
@@ -288,7 +288,12 @@ def _engine_name(model) -> str:
     return "vllm" if isinstance(model, EngineModel) else "hf"
 
 
-def _kept_causal(totals) -> tuple[float, float]:
+def kept_causal(stats) -> tuple[float, float]:
+    """(kept, causal) key blocks a cab_vllm.backend.stats.Stats has counted, every step so far included: the builder
+    defers its accounting to a background thread, so the totals are flushed first (read without it, a batch's
+    last steps would count in the next batch)."""
+    stats.flush()
+    totals = stats.totals
     return (sum(v for k, v in totals.items() if k[0] == "kept"), sum(v for k, v in totals.items() if k[0] == "causal"))
 
 

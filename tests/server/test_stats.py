@@ -106,6 +106,22 @@ def test_deferred_steps_are_accounted_by_flush_as_record_plan_would(stats, monke
     assert stats.totals == at_once.totals
 
 
+def test_the_experiments_read_kept_and_causal_after_a_flush(stats, monkeypatch):
+    """The experiment runner's density (kept / causal of a batch's steps) counts steps still deferred."""
+    import cab_vllm.backend.stats as mod
+    from cab_experiments.common import kept_causal
+
+    monkeypatch.setattr(mod, "FLUSH_SECONDS", 30.0)
+    at_once = Stats()
+    for plan, cfgs in _mixed_steps():
+        stats.defer_plan(plan, cfgs, 64, 1024)
+        at_once.record_plan(plan, cfgs, 64, 1024)
+    kept = sum(v for k, v in at_once.totals.items() if k[0] == "kept")
+    causal = sum(v for k, v in at_once.totals.items() if k[0] == "causal")
+    assert 0 < kept < causal
+    assert kept_causal(stats) == (kept, causal)
+
+
 def test_deferred_steps_are_accounted_in_the_background(stats):
     """Without a flush() the process's background thread accounts deferred steps within FLUSH_SECONDS or so, and
     one started per process (a forked child starts its own)."""
