@@ -60,19 +60,21 @@ _STATE = _State()
 PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
-TOKEN_ESTIMATES = ("exact", "pca", "sparq", "int")
-_TOKENS_RE = re.compile(r"(exact)|(pca|sparq)([1-9][0-9]*)|(int)([2-8])")
+TOKEN_ESTIMATES = ("exact", "pca", "sparq", "sparqg", "int")
+_TOKENS_RE = re.compile(r"(exact)|(pca|sparqg|sparq)([1-9][0-9]*)|(int)([2-8])")
 
 
 def parse_tokens(spec: str) -> tuple[str, int]:
     """A token selector's name -> (kind, parameter): "exact" (the oracle: every key's exact score), "pcaR" (scores
     of the keys and query projected on the layer's R leading key directions, key_basis), "sparqR" (each query's R
-    largest-magnitude dimensions, SparQ's first step), "intB" (keys rounded to B bits, per token and group of 32
-    dimensions, against the exact query). ValueError for anything else."""
+    largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for every query head of a KV
+    group: the largest of the group's summed |q|, so a group reads R dimensions of each key, not up to G x R),
+    "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact query). ValueError for
+    anything else."""
     m = _TOKENS_RE.fullmatch(spec) if isinstance(spec, str) else None
     if m is None:
-        raise ValueError(f"tokens={spec!r} must be 'exact', 'pcaR' or 'sparqR' (R >= 1 dimensions) or 'intB' "
-                         f"(2 <= B <= 8 bits)")
+        raise ValueError(f"tokens={spec!r} must be 'exact', 'pcaR', 'sparqR' or 'sparqgR' (R >= 1 dimensions) or "
+                         f"'intB' (2 <= B <= 8 bits)")
     if m.group(1):
         return "exact", 0
     if m.group(2):
@@ -288,9 +290,10 @@ def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | N
         p = basis[:, :, :param].to(kf.device, torch.float32)  # [Hkv, D, R]
         kp = torch.einsum("bhnd,hdr->bhnr", kf, p)
         return lambda qr: torch.einsum("bhgqr,bhnr->bhgqn", torch.einsum("bhgqd,hdr->bhgqr", qr, p), kp)
-    if kind == "sparq":
+    if kind in ("sparq", "sparqg"):
         def sparq(qr):
-            dims = qr.abs().topk(min(param, qr.shape[-1]), dim=-1).indices
+            mag = qr.abs() if kind == "sparq" else qr.abs().sum(2, keepdim=True).expand_as(qr)  # per head / group
+            dims = mag.topk(min(param, qr.shape[-1]), dim=-1).indices
             return torch.einsum("bhgqd,bhnd->bhgqn", torch.zeros_like(qr).scatter_(-1, dims, qr.gather(-1, dims)), kf)
         return sparq
     if kind == "int":

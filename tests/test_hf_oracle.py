@@ -99,7 +99,7 @@ def test_a_model_runs_with_the_oracle_at_the_selections_density():
 
 # ---- token selection ranked by an estimate (using(tokens=...)) ------------------------------------------------------
 def _brute_ranked(q, k, v, keep, scale, rank):
-    """Row by row: the top keep[b, kvh, i] causal keys of each (query head, token) by ``rank(bi, kvh, q_row, keys)``,
+    """Row by row: the top keep[b, kvh, i] causal keys of each (query head, token) by ``rank(bi, kvh, i, q_row, keys)``,
     softmax of their exact scores."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -111,13 +111,13 @@ def _brute_ranked(q, k, v, keep, scale, rank):
                 pos = nk - nq + i
                 keys = k[bi, h // g, :pos + 1].float()
                 kt = min(int(keep[bi, h // g, i]), pos + 1)
-                top = rank(bi, h // g, q[bi, h, i].float(), keys).topk(kt).indices
+                top = rank(bi, h // g, i, q[bi, h, i].float(), keys).topk(kt).indices
                 p = torch.softmax(scale * (keys[top] @ q[bi, h, i].float()), 0)
                 out[bi, h, i] = p @ v[bi, h // g, top].float()
     return out
 
 
-@pytest.mark.parametrize("spec", ["pca5", "sparq3", "int2", "int4"])
+@pytest.mark.parametrize("spec", ["pca5", "sparq3", "sparqg3", "int2", "int4"])
 @pytest.mark.parametrize("nq,nk,rows", [(37, 37, 256), (37, 37, 7), (1, 50, 256)],
                          ids=["prefill", "prefill-chunked", "decode"])
 def test_estimated_ranking_matches_the_row_by_row_reference(spec, nq, nk, rows):
@@ -130,17 +130,21 @@ def test_estimated_ranking_matches_the_row_by_row_reference(spec, nq, nk, rows):
     est = hf.key_estimate(kind, r, k, basis)
     got = hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est)
     if kind == "pca":
-        def rank(bi, h, qi, keys):
+        def rank(bi, h, i, qi, keys):
             p = basis[h, :, :r]
             return (keys @ p) @ (p.T @ qi)
     elif kind == "sparq":
-        def rank(bi, h, qi, keys):
+        def rank(bi, h, i, qi, keys):
             dims = qi.abs().topk(r).indices
+            return keys[:, dims] @ qi[dims]
+    elif kind == "sparqg":  # the dims of the KV group's summed |q| (3 query heads per KV head here)
+        def rank(bi, h, i, qi, keys):
+            dims = q[bi, 3 * h:3 * h + 3, i].abs().sum(0).topk(r).indices
             return keys[:, dims] @ qi[dims]
     else:
         kq = hf.quantize_keys(k, r)
 
-        def rank(bi, h, qi, keys):
+        def rank(bi, h, i, qi, keys):
             return kq[bi, h, :keys.shape[0]] @ qi
     torch.testing.assert_close(got, _brute_ranked(q, k, v, keep, 0.3, rank), atol=1e-5, rtol=1e-5)
 
@@ -152,7 +156,7 @@ def test_full_rank_estimates_keep_the_exact_oracle():
     keep = torch.randint(1, 30, (1, 2, 60))
     want = hf.token_oracle_attention(q, k, v, keep, 0.25)
     basis = hf.key_basis(k)
-    for est in (hf.key_estimate("pca", 16, k, basis), hf.key_estimate("sparq", 16, k)):
+    for est in (hf.key_estimate("pca", 16, k, basis), hf.key_estimate("sparq", 16, k), hf.key_estimate("sparqg", 16, k)):
         torch.testing.assert_close(hf.token_oracle_attention(q, k, v, keep, 0.25, estimate=est), want,
                                    atol=1e-5, rtol=1e-5)
 
@@ -186,7 +190,7 @@ def test_quantized_keys_step_and_error():
 
 
 @pytest.mark.parametrize("spec,want", [("exact", ("exact", 0)), ("pca32", ("pca", 32)), ("sparq8", ("sparq", 8)),
-                                       ("int4", ("int", 4))])
+                                       ("sparqg16", ("sparqg", 16)), ("int4", ("int", 4))])
 def test_parse_tokens(spec, want):
     assert hf.parse_tokens(spec) == want
 
