@@ -48,7 +48,7 @@ class _State:
     layers: tuple[int, int] | None = None
     early: tuple[int, float] | None = None
     compensate: str | None = None
-    tokens: tuple[str, int] | None = None
+    tokens: tuple[str, int, bool] | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -61,25 +61,28 @@ PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
 TOKEN_ESTIMATES = ("exact", "pca", "sparq", "sparqg", "int")
-_TOKENS_RE = re.compile(r"(exact)|(pca|sparqg|sparq)([1-9][0-9]*)|(int)([2-8])")
+_TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq)([1-9][0-9]*)|(int)([2-8]))(kv)?")
 
 
-def parse_tokens(spec: str) -> tuple[str, int]:
-    """A token selector's name -> (kind, parameter): "exact" (the oracle: every key's exact score), "pcaR" (scores
+def parse_tokens(spec: str) -> tuple[str, int, bool]:
+    """A token selector's name -> (kind, parameter, shared): "exact" (the oracle: every key's exact score), "pcaR" (scores
     of the keys and query projected on the layer's R leading key directions, key_basis), "sparqR" (each query's R
     largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for every query head of a KV
     group: the largest of the group's summed |q|, so a group reads R dimensions of each key, not up to G x R),
-    "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact query). ValueError for
-    anything else."""
+    "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact query); a "kv" suffix
+    (shared) keeps one set of keys per KV head and query token, the largest of the group's summed (estimated)
+    softmax, instead of one per query head (what a kernel that serves the group's heads from one gather needs).
+    ValueError for anything else."""
     m = _TOKENS_RE.fullmatch(spec) if isinstance(spec, str) else None
     if m is None:
         raise ValueError(f"tokens={spec!r} must be 'exact', 'pcaR', 'sparqR' or 'sparqgR' (R >= 1 dimensions) or "
-                         f"'intB' (2 <= B <= 8 bits)")
+                         f"'intB' (2 <= B <= 8 bits), each with an optional 'kv' suffix")
+    shared = m.group(6) is not None
     if m.group(1):
-        return "exact", 0
+        return "exact", 0, shared
     if m.group(2):
-        return m.group(2), int(m.group(3))
-    return "int", int(m.group(5))
+        return m.group(2), int(m.group(3)), shared
+    return "int", int(m.group(5)), shared
 
 
 @contextlib.contextmanager
@@ -101,8 +104,8 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     row (prefill and decode) attend to its own highest-scoring keys, token by token and per query head, as many as
     the blocks its policy kept hold (token_oracle_attention) — an ablation of what 64-token blocks cost at the
     same density (PyTorch; the achieved density is the block selection's). tokens: the same with the keys ranked by
-    an estimate instead of their exact scores (parse_tokens: "exact" = oracle="token", "pcaR", "sparqR", "intB";
-    the kept keys' exact scores enter the softmax) — what a training-free token selector keeps of the oracle's
+    an estimate instead of their exact scores (parse_tokens: "exact" = oracle="token", "pcaR", "sparqR", "sparqgR",
+    "intB", each with a "kv" suffix for one set per KV group; the kept keys' exact scores enter the softmax) — what a training-free token selector keeps of the oracle's
     accuracy. "pcaR" needs each attention module's key basis (calibrate_key_basis)."""
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"oracle={oracle!r} must be one of {ORACLES} or None")
@@ -182,7 +185,7 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     if _STATE.tokens is not None:
         kept = selection_to_block_mask(idx, cnt, num_blocks(n, bs))
         return token_oracle_attention(q, k, v, (kept * block_lengths(n, bs, q.device)).sum(-1, keepdim=True), scale,
-                                      estimate=_estimate(module, k))
+                                      estimate=_estimate(module, k), shared=_STATE.tokens[2])
     qd = q[:, :, 0].contiguous()
     k_impl = impl if impl != "auto" else ("triton" if q.is_cuda else "torch")
     out, _ = paged_sparse_decode(qd, kc, vc, bt, seq_lens, idx, cnt, bs, scale, impl=k_impl)
@@ -221,13 +224,14 @@ def with_dropped_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, 
 
 
 def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float, r0: int, r1: int,
-                        estimate=None) -> torch.Tensor:
+                        estimate=None, shared: bool = False) -> torch.Tensor:
     """Scores of query rows r0..r1-1 with everything but each (query head, row)'s ``keep`` highest-scoring causal keys
     at -inf: q [B, Hq, Nq, D] (the last Nq of the Nk positions), k [B, Hkv, Nk, D], keep [B, Hkv, Nq] int (per row,
     shared by the KV head's query heads; clamped to the row's causal keys) -> [B, Hkv, G, r1 - r0, Nk] float32,
     G = Hq / Hkv. estimate: None ranks the keys by their exact scores (ties at the threshold all kept); else a
     function of the rows' queries [B, Hkv, G, R, D] float32 -> [B, Hkv, G, R, Nk] estimated scores that rank them
-    (key_estimate; exactly ``keep`` kept), and the kept keys keep their exact scores."""
+    (key_estimate; exactly ``keep`` kept), and the kept keys keep their exact scores. shared: the KV group's query
+    heads keep the same keys, the ``keep`` largest of their summed softmax (of the estimate, else the exact scores)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     if keep.shape != (b, hkv, nq):
@@ -240,28 +244,31 @@ def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, sc
     s = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
     s = s.masked_fill(~causal, float("-inf"))
     kmax = int(kt.max())
-    if estimate is None:
+    if estimate is None and not shared:
         top = s.topk(kmax, dim=-1).values  # [B, Hkv, G, R, kmax]
         thr = top.gather(-1, (kt - 1)[:, :, None, :, None].expand(b, hkv, g, r1 - r0, 1))
         return s.masked_fill(s < thr, float("-inf"))
-    est = estimate(qr).masked_fill(~causal, float("-inf"))
-    order = est.topk(kmax, dim=-1).indices  # [B, Hkv, G, R, kmax], best first
+    est = s if estimate is None else estimate(qr).masked_fill(~causal, float("-inf"))
+    if shared:  # the group's (estimated) attention mass per key: [B, Hkv, 1, R, Nk]
+        est = torch.softmax(est, dim=-1).sum(2, keepdim=True).masked_fill(~causal, float("-inf"))
+    order = est.topk(kmax, dim=-1).indices  # [B, Hkv, G or 1, R, kmax], best first
     first = (torch.arange(kmax, device=q.device) < kt[:, :, None, :, None]).expand_as(order)  # the row's first kt
-    kept = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order, first)
+    kept = torch.zeros_like(est, dtype=torch.bool).scatter_(-1, order, first)
     return s.masked_fill(~kept, float("-inf"))
 
 
 def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-                           rows: int = 256, estimate=None) -> torch.Tensor:
+                           rows: int = 256, estimate=None, shared: bool = False) -> torch.Tensor:
     """Causal attention where query token i of every query head keeps only its ``keep`` highest-scoring keys
-    (token_oracle_scores; ranked by ``estimate`` when given) -> [B, Hq, Nq, D] in q.dtype. The token-level
+    (token_oracle_scores; ranked by ``estimate`` when given, shared by the KV group when ``shared``) -> [B, Hq, Nq, D]
+    in q.dtype. The token-level
     selection of ``using(oracle="token")`` and ``using(tokens=...)`` (PyTorch, float32, ``rows`` query rows at a
     time)."""
     b, hq, nq, d = q.shape
     out = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        p = torch.softmax(token_oracle_scores(q, k, keep, scale, r0, r1, estimate), dim=-1)
+        p = torch.softmax(token_oracle_scores(q, k, keep, scale, r0, r1, estimate, shared), dim=-1)
         out[:, :, r0:r1] = torch.einsum("bhgrn,bhnd->bhgrd", p, v.float()).reshape(b, hq, r1 - r0, d)
     return out.to(q.dtype)
 
@@ -304,7 +311,7 @@ def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | N
 
 def _estimate(module, k: torch.Tensor):
     """The estimate of ``using(tokens=...)`` for this layer (None: exact scores)."""
-    kind, param = _STATE.tokens
+    kind, param, _ = _STATE.tokens
     if kind == "exact":
         return None
     return key_estimate(kind, param, k, getattr(module, "cab_key_basis", None))
@@ -389,7 +396,8 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
         if _STATE.compensate is not None:
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
         elif _STATE.tokens is not None:
-            out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key))
+            out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key),
+                                         shared=_STATE.tokens[2])
         else:
             out = sparse_attention(query, key, value, sel, scale=scale, impl=impl)
         _STATE.stats["prefill_calls"] += 1

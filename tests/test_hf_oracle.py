@@ -125,7 +125,7 @@ def test_estimated_ranking_matches_the_row_by_row_reference(spec, nq, nk, rows):
     d = 32
     q, k, v = torch.randn(2, 6, nq, d), torch.randn(2, 2, nk, d), torch.randn(2, 2, nk, d)
     keep = torch.randint(1, nk + 5, (2, 2, nq))
-    kind, r = hf.parse_tokens(spec)
+    kind, r, _ = hf.parse_tokens(spec)
     basis = torch.linalg.qr(torch.randn(2, d, d)).Q  # any orthonormal basis per KV head
     est = hf.key_estimate(kind, r, k, basis)
     got = hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est)
@@ -147,6 +147,55 @@ def test_estimated_ranking_matches_the_row_by_row_reference(spec, nq, nk, rows):
         def rank(bi, h, i, qi, keys):
             return kq[bi, h, :keys.shape[0]] @ qi
     torch.testing.assert_close(got, _brute_ranked(q, k, v, keep, 0.3, rank), atol=1e-5, rtol=1e-5)
+
+
+def _brute_shared(q, k, v, keep, scale, rank):
+    """Row by row: per (KV head, token) the top keep causal keys by the group's summed softmax of ``rank(hq, i, keys)``
+    [pos + 1]; each query head then softmaxes its exact scores over them."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    out = torch.zeros(b, hq, nq, d)
+    for bi in range(b):
+        for h in range(hkv):
+            for i in range(nq):
+                pos = nk - nq + i
+                keys = k[bi, h, :pos + 1].float()
+                mass = sum(torch.softmax(rank(bi, h * g + j, i, keys), 0) for j in range(g))
+                top = mass.topk(min(int(keep[bi, h, i]), pos + 1)).indices
+                for j in range(h * g, (h + 1) * g):
+                    p = torch.softmax(scale * (keys[top] @ q[bi, j, i].float()), 0)
+                    out[bi, j, i] = p @ v[bi, h, top].float()
+    return out
+
+
+@pytest.mark.parametrize("spec", ["exactkv", "int4kv", "sparqg3kv"])
+@pytest.mark.parametrize("nq,nk,rows", [(29, 29, 256), (29, 29, 6), (1, 45, 256)], ids=["prefill", "chunked", "decode"])
+def test_kv_shared_selection_matches_the_row_by_row_reference(spec, nq, nk, rows):
+    torch.manual_seed(nq * 7 + nk + len(spec))
+    d = 32
+    q, k, v = torch.randn(2, 6, nq, d), torch.randn(2, 2, nk, d), torch.randn(2, 2, nk, d)
+    keep = torch.randint(1, nk + 5, (2, 2, nq))
+    kind, r, shared = hf.parse_tokens(spec)
+    assert shared
+    est = None if kind == "exact" else hf.key_estimate(kind, r, k)
+    got = hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est, shared=True)
+    kq = hf.quantize_keys(k, 4)
+
+    def rank(bi, j, i, keys):
+        qi = q[bi, j, i].float()
+        if kind == "exact":
+            return 0.3 * (keys @ qi)
+        if kind == "int":
+            return kq[bi, j // 3, :keys.shape[0]] @ qi
+        dims = q[bi, 3 * (j // 3):3 * (j // 3) + 3, i].abs().sum(0).topk(r).indices
+        return keys[:, dims] @ qi[dims]
+    # the estimate's scale enters the group's softmax: key_estimate leaves it out, so the reference does too
+    torch.testing.assert_close(got, _brute_shared(q, k, v, keep, 0.3, rank), atol=1e-5, rtol=1e-5)
+    # one query head per KV head: the group is the head, the same keys as its own oracle
+    q1 = q[:, ::3].contiguous()
+    torch.testing.assert_close(hf.token_oracle_attention(q1, k, v, keep, 0.3, shared=True),
+                               hf.token_oracle_attention(q1, k, v, keep, 0.3), atol=1e-5, rtol=1e-5)
 
 
 def test_full_rank_estimates_keep_the_exact_oracle():
@@ -189,13 +238,15 @@ def test_quantized_keys_step_and_error():
         hf.quantize_keys(torch.randn(2, 40), 4)
 
 
-@pytest.mark.parametrize("spec,want", [("exact", ("exact", 0)), ("pca32", ("pca", 32)), ("sparq8", ("sparq", 8)),
-                                       ("sparqg16", ("sparqg", 16)), ("int4", ("int", 4))])
+@pytest.mark.parametrize("spec,want", [("exact", ("exact", 0, False)), ("pca32", ("pca", 32, False)),
+                                       ("sparq8", ("sparq", 8, False)), ("sparqg16", ("sparqg", 16, False)),
+                                       ("int4", ("int", 4, False)), ("exactkv", ("exact", 0, True)),
+                                       ("sparqg16kv", ("sparqg", 16, True))])
 def test_parse_tokens(spec, want):
     assert hf.parse_tokens(spec) == want
 
 
-@pytest.mark.parametrize("bad", ["pca", "pca0", "int1", "int9", "sparq-2", "token", "PCA32", "", None])
+@pytest.mark.parametrize("bad", ["pca", "pca0", "int1", "int9", "sparq-2", "token", "PCA32", "", None, "kv", "exactkvkv"])
 def test_parse_tokens_refuses(bad):
     with pytest.raises(ValueError, match="tokens="):
         hf.parse_tokens(bad)
@@ -231,7 +282,9 @@ def test_a_model_runs_with_estimated_token_selection():
     full, counts_full = run(tokens="pca16")
     low, counts_low = run(tokens="pca2")
     q4, counts_q4 = run(tokens="int4")
-    assert counts == counts_full == counts_low == counts_q4
+    grouped, counts_grouped = run(tokens="exactkv")
+    assert counts == counts_full == counts_low == counts_q4 == counts_grouped
+    assert not torch.allclose(grouped, exact, atol=1e-3)  # two query heads per KV head: one set of keys for both
     torch.testing.assert_close(full, exact, atol=1e-3, rtol=1e-3)
     assert not torch.allclose(low, exact, atol=1e-3)
     with pytest.raises(ValueError, match="give one of them"):
