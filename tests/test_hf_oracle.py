@@ -15,8 +15,9 @@ from cab_vllm.ops.blocks import selection_to_block_mask
 from cab_vllm.ops.reference import dense_attention_ref
 
 
-def _brute(q, k, v, keep, scale):
-    """Row by row: the top keep[b, kvh, i] causal keys of each (query head, token) by exact score, softmax."""
+def _brute_ranked(q, k, v, keep, scale, rank):
+    """Row by row: the top keep[b, kvh, i] causal keys of each (query head, token) by ``rank(bi, kvh, i, q_row, keys)``,
+    softmax of their exact scores."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -25,12 +26,17 @@ def _brute(q, k, v, keep, scale):
         for h in range(hq):
             for i in range(nq):
                 pos = nk - nq + i
-                s = scale * (k[bi, h // g, :pos + 1].float() @ q[bi, h, i].float())
+                keys = k[bi, h // g, :pos + 1].float()
                 kt = min(int(keep[bi, h // g, i]), pos + 1)
-                top = s.topk(kt).indices
-                p = torch.softmax(s[top], 0)
+                top = rank(bi, h // g, i, q[bi, h, i].float(), keys).topk(kt).indices
+                p = torch.softmax(scale * (keys[top] @ q[bi, h, i].float()), 0)
                 out[bi, h, i] = p @ v[bi, h // g, top].float()
     return out
+
+
+def _brute(q, k, v, keep, scale):
+    """Row by row: the top keep[b, kvh, i] causal keys of each (query head, token) by exact score, softmax."""
+    return _brute_ranked(q, k, v, keep, scale, lambda bi, h, i, qi, keys: keys @ qi)
 
 
 @pytest.mark.parametrize("nq,nk,rows", [(37, 37, 256), (37, 37, 5), (1, 50, 256), (9, 70, 4)],
@@ -98,25 +104,6 @@ def test_a_model_runs_with_the_oracle_at_the_selections_density():
 
 
 # ---- token selection ranked by an estimate (using(tokens=...)) ------------------------------------------------------
-def _brute_ranked(q, k, v, keep, scale, rank):
-    """Row by row: the top keep[b, kvh, i] causal keys of each (query head, token) by ``rank(bi, kvh, i, q_row, keys)``,
-    softmax of their exact scores."""
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    out = torch.zeros(b, hq, nq, d)
-    for bi in range(b):
-        for h in range(hq):
-            for i in range(nq):
-                pos = nk - nq + i
-                keys = k[bi, h // g, :pos + 1].float()
-                kt = min(int(keep[bi, h // g, i]), pos + 1)
-                top = rank(bi, h // g, i, q[bi, h, i].float(), keys).topk(kt).indices
-                p = torch.softmax(scale * (keys[top] @ q[bi, h, i].float()), 0)
-                out[bi, h, i] = p @ v[bi, h // g, top].float()
-    return out
-
-
 @pytest.mark.parametrize("spec", ["pca5", "sparq3", "sparqg3", "int2", "int4"])
 @pytest.mark.parametrize("nq,nk,rows", [(37, 37, 256), (37, 37, 7), (1, 50, 256)],
                          ids=["prefill", "prefill-chunked", "decode"])
