@@ -60,16 +60,15 @@ _STATE = _State()
 PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
-TOKEN_ESTIMATES = ("exact", "pca", "sparq", "sparqg", "int")
 _TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq)([1-9][0-9]*)|(int)([2-8]))(kv)?")
 
 
 def parse_tokens(spec: str) -> tuple[str, int, bool]:
-    """A token selector's name -> (kind, parameter, shared): "exact" (the oracle: every key's exact score), "pcaR" (scores
-    of the keys and query projected on the layer's R leading key directions, key_basis), "sparqR" (each query's R
-    largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for every query head of a KV
-    group: the largest of the group's summed |q|, so a group reads R dimensions of each key, not up to G x R),
-    "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact query); a "kv" suffix
+    """A token selector's name -> (kind, parameter, shared): "exact" (the oracle: every key's exact score), "pcaR"
+    (scores of the keys and query projected on the layer's R leading key directions, key_basis), "sparqR" (each
+    query's R largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for every query
+    head of a KV group: the largest of the group's summed |q|, so a group reads R dimensions of each key, not up to
+    G x R), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact query); a "kv" suffix
     (shared) keeps one set of keys per KV head and query token, the largest of the group's summed (estimated)
     softmax, instead of one per query head (what a kernel that serves the group's heads from one gather needs).
     ValueError for anything else."""
@@ -105,8 +104,9 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     the blocks its policy kept hold (token_oracle_attention) — an ablation of what 64-token blocks cost at the
     same density (PyTorch; the achieved density is the block selection's). tokens: the same with the keys ranked by
     an estimate instead of their exact scores (parse_tokens: "exact" = oracle="token", "pcaR", "sparqR", "sparqgR",
-    "intB", each with a "kv" suffix for one set per KV group; the kept keys' exact scores enter the softmax) — what a training-free token selector keeps of the oracle's
-    accuracy. "pcaR" needs each attention module's key basis (calibrate_key_basis)."""
+    "intB", each with a "kv" suffix for one set per KV group; the kept keys' exact scores enter the softmax) — what
+    a training-free token selector keeps of the oracle's accuracy. "pcaR" needs each attention module's key basis
+    (calibrate_key_basis)."""
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"oracle={oracle!r} must be one of {ORACLES} or None")
     if oracle is not None and tokens is not None:
@@ -261,9 +261,8 @@ def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                            rows: int = 256, estimate=None, shared: bool = False) -> torch.Tensor:
     """Causal attention where query token i of every query head keeps only its ``keep`` highest-scoring keys
     (token_oracle_scores; ranked by ``estimate`` when given, shared by the KV group when ``shared``) -> [B, Hq, Nq, D]
-    in q.dtype. The token-level
-    selection of ``using(oracle="token")`` and ``using(tokens=...)`` (PyTorch, float32, ``rows`` query rows at a
-    time)."""
+    in q.dtype. The token-level selection of ``using(oracle="token")`` and ``using(tokens=...)`` (PyTorch, float32,
+    ``rows`` query rows at a time)."""
     b, hq, nq, d = q.shape
     out = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
     for r0 in range(0, nq, rows):
