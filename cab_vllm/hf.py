@@ -68,8 +68,8 @@ def parse_tokens(spec: str) -> tuple[str, int, bool]:
     (scores of the keys and query projected on the layer's R leading key directions, key_basis), "sparqR" (each
     query's R largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for every query
     head of a KV group: the largest of the group's summed |q|, so a group reads R dimensions of each key, not up to
-    G x R), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact query); a "kv" suffix
-    (shared) keeps one set of keys per KV head and query token, the largest of the group's summed (estimated)
+    G x R), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact query); a "kv"
+    suffix (shared) keeps one set of keys per KV head and query token, the largest of the group's summed (estimated)
     softmax, instead of one per query head (what a kernel that serves the group's heads from one gather needs).
     ValueError for anything else."""
     m = _TOKENS_RE.fullmatch(spec) if isinstance(spec, str) else None
