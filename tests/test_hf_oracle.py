@@ -15,28 +15,35 @@ from cab_vllm.ops.blocks import selection_to_block_mask
 from cab_vllm.ops.reference import dense_attention_ref
 
 
-def _brute_ranked(q, k, v, keep, scale, rank):
-    """Row by row: the top keep[b, kvh, i] causal keys of each (query head, token) by ``rank(bi, kvh, i, q_row, keys)``,
-    softmax of their exact scores."""
+def _brute_ranked(q, k, v, keep, scale, rank, shared=False):
+    """Row by row: for each (KV head, token) the top keep[b, kvh, i] causal keys of each query head j of the group by
+    ``rank(bi, j, i, keys)`` [pos + 1] or, ``shared``, of the group's summed softmax of it; each head then softmaxes
+    its exact scores over its keys."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     out = torch.zeros(b, hq, nq, d)
     for bi in range(b):
-        for h in range(hq):
+        for h in range(hkv):
+            heads = range(h * g, (h + 1) * g)
             for i in range(nq):
                 pos = nk - nq + i
-                keys = k[bi, h // g, :pos + 1].float()
-                kt = min(int(keep[bi, h // g, i]), pos + 1)
-                top = rank(bi, h // g, i, q[bi, h, i].float(), keys).topk(kt).indices
-                p = torch.softmax(scale * (keys[top] @ q[bi, h, i].float()), 0)
-                out[bi, h, i] = p @ v[bi, h // g, top].float()
+                keys = k[bi, h, :pos + 1].float()
+                kt = min(int(keep[bi, h, i]), pos + 1)
+                ranks = [rank(bi, j, i, keys) for j in heads]
+                if shared:
+                    tops = [sum(torch.softmax(x, 0) for x in ranks).topk(kt).indices] * g
+                else:
+                    tops = [x.topk(kt).indices for x in ranks]
+                for j, top in zip(heads, tops):
+                    p = torch.softmax(scale * (keys[top] @ q[bi, j, i].float()), 0)
+                    out[bi, j, i] = p @ v[bi, h, top].float()
     return out
 
 
 def _brute(q, k, v, keep, scale):
     """Row by row: the top keep[b, kvh, i] causal keys of each (query head, token) by exact score, softmax."""
-    return _brute_ranked(q, k, v, keep, scale, lambda bi, h, i, qi, keys: keys @ qi)
+    return _brute_ranked(q, k, v, keep, scale, lambda bi, j, i, keys: keys @ q[bi, j, i].float())
 
 
 @pytest.mark.parametrize("nq,nk,rows", [(37, 37, 256), (37, 37, 5), (1, 50, 256), (9, 70, 4)],
@@ -116,44 +123,19 @@ def test_estimated_ranking_matches_the_row_by_row_reference(spec, nq, nk, rows):
     basis = torch.linalg.qr(torch.randn(2, d, d)).Q  # any orthonormal basis per KV head
     est = hf.key_estimate(kind, r, k, basis)
     got = hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est)
-    if kind == "pca":
-        def rank(bi, h, i, qi, keys):
+    kq = hf.quantize_keys(k, r) if kind == "int" else None
+
+    def rank(bi, j, i, keys):  # query head j; 3 query heads per KV head here
+        qi, h = q[bi, j, i].float(), j // 3
+        if kind == "pca":
             p = basis[h, :, :r]
             return (keys @ p) @ (p.T @ qi)
-    elif kind == "sparq":
-        def rank(bi, h, i, qi, keys):
-            dims = qi.abs().topk(r).indices
-            return keys[:, dims] @ qi[dims]
-    elif kind == "sparqg":  # the dims of the KV group's summed |q| (3 query heads per KV head here)
-        def rank(bi, h, i, qi, keys):
-            dims = q[bi, 3 * h:3 * h + 3, i].abs().sum(0).topk(r).indices
-            return keys[:, dims] @ qi[dims]
-    else:
-        kq = hf.quantize_keys(k, r)
-
-        def rank(bi, h, i, qi, keys):
+        if kind == "int":
             return kq[bi, h, :keys.shape[0]] @ qi
+        mag = qi.abs() if kind == "sparq" else q[bi, 3 * h:3 * h + 3, i].abs().sum(0)  # sparqg: the group's |q|
+        dims = mag.topk(r).indices
+        return keys[:, dims] @ qi[dims]
     torch.testing.assert_close(got, _brute_ranked(q, k, v, keep, 0.3, rank), atol=1e-5, rtol=1e-5)
-
-
-def _brute_shared(q, k, v, keep, scale, rank):
-    """Row by row: per (KV head, token) the top keep causal keys by the group's summed softmax of ``rank(hq, i, keys)``
-    [pos + 1]; each query head then softmaxes its exact scores over them."""
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    out = torch.zeros(b, hq, nq, d)
-    for bi in range(b):
-        for h in range(hkv):
-            for i in range(nq):
-                pos = nk - nq + i
-                keys = k[bi, h, :pos + 1].float()
-                mass = sum(torch.softmax(rank(bi, h * g + j, i, keys), 0) for j in range(g))
-                top = mass.topk(min(int(keep[bi, h, i]), pos + 1)).indices
-                for j in range(h * g, (h + 1) * g):
-                    p = torch.softmax(scale * (keys[top] @ q[bi, j, i].float()), 0)
-                    out[bi, j, i] = p @ v[bi, h, top].float()
-    return out
 
 
 @pytest.mark.parametrize("spec", ["exactkv", "int4kv", "sparqg3kv"])
@@ -178,7 +160,7 @@ def test_kv_shared_selection_matches_the_row_by_row_reference(spec, nq, nk, rows
         dims = q[bi, 3 * (j // 3):3 * (j // 3) + 3, i].abs().sum(0).topk(r).indices
         return keys[:, dims] @ qi[dims]
     # the estimate's scale enters the group's softmax: key_estimate leaves it out, so the reference does too
-    torch.testing.assert_close(got, _brute_shared(q, k, v, keep, 0.3, rank), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, _brute_ranked(q, k, v, keep, 0.3, rank, shared=True), atol=1e-5, rtol=1e-5)
     # one query head per KV head: the group is the head, the same keys as its own oracle
     q1 = q[:, ::3].contiguous()
     torch.testing.assert_close(hf.token_oracle_attention(q1, k, v, keep, 0.3, shared=True),
