@@ -405,12 +405,13 @@ def calibrate_keys(model, tok, variants, length: int, corpus: str | None = None)
     ``model`` (cab_vllm.hf.calibrate_key_basis) from a dense pass over ``length`` tokens (the sweep's longest
     prompt: post-RoPE keys at every position it will see) of plain Austen text (one fixed window, no needles, no
     question). Returns whether it ran; the vLLM engine is refused."""
-    if not any((v.tokens or "").startswith("pca") for v in variants):
+    from cab_vllm import hf
+
+    if not any(v.tokens is not None and hf.parse_tokens(v.tokens)[0] == "pca" for v in variants):
         return False
     if isinstance(model, EngineModel):
         raise ValueError("tokens=pca... is a transformers-adapter ablation; the vLLM engine cannot run it")
     from cab_models.text import _haystack_source
-    from cab_vllm import hf
 
     text = _haystack_source("austen", 8 * length, CALIBRATION_POSITION, None, corpus=corpus)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :length]
