@@ -9,7 +9,7 @@ from dataclasses import dataclass
 POLICIES = ("cab", "curvature", "magnitude", "h2o", "streaming", "random", "dense")
 ESTIMATORS = ("max_l2", "mean", "topr", "bounds", "sampled")
 SUMMARY_ESTIMATORS = ("max_l2", "mean", "bounds")  # one summary per key block, independent of the queries
-DECODE_RULES = ("auto", "bounds", "prompt")
+DECODE_RULES = ("auto", "bounds", "prompt", "tokens")
 BUDGETS = ("fixed", "adaptive")
 # the policies that rank key blocks by estimated attention: they need the estimate, may decode from their prompt
 # selection (decode_rule) and take the adaptive budget; streaming, random and dense do none of these
@@ -40,7 +40,13 @@ class CABConfig:
                       upper bounds with the step's real query, re-chosen every step; h2o/curvature use cab's),
                       "prompt" (SnapKV-style: the blocks the prompt's last query block kept, plus every block
                       after the prompt) or "auto" (the measured best: "prompt" for cab, h2o and curvature,
-                      "bounds" for magnitude; experiments/RESULTS.md). streaming/random/dense keep their own.
+                      "bounds" for magnitude; experiments/RESULTS.md) or "tokens" (each query head keeps its own
+                      highest-scoring keys by exact score, as many as the blocks the bounds rule keeps hold:
+                      decode_tokens; token-level, not block-level: experiments/RESULTS.md, "Where the loss is: 64-token
+                      blocks"). streaming/random/dense keep their own.
+    dense_prefill     prompts attend densely (vLLM's FlashAttention in the CUDA engine); only decode steps are sparse.
+                      Needs a decode rule of its own ("tokens" or "bounds"): the prompt rule has no prompt selection
+                      to reuse. The achieved density counts the prompt as dense.
     budget            "fixed" (every KV head and query block keeps the count above) or "adaptive" (top-p:
                       per (KV head, query block) the fewest highest-mass blocks reaching ``top_p`` of the
                       estimated attention mass, clamped to [budget_floor, budget_cap] x the fixed count, then
@@ -82,6 +88,7 @@ class CABConfig:
     budget_cap: float = 4.0
     answer_blocks: int = 0
     dense_layers: int = 0
+    dense_prefill: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:
@@ -131,6 +138,12 @@ class CABConfig:
             raise bad("answer_blocks", "an integer >= 0 (key blocks; 0 = the sparsity rule alone)")
         if not is_int(self.dense_layers) or self.dense_layers < 0:
             raise bad("dense_layers", "an integer >= 0 (leading attention layers that attend densely; 0 = none)")
+        if not isinstance(self.dense_prefill, bool):
+            raise bad("dense_prefill", "True or False")
+        if self.dense_prefill and self.decodes_from_prompt:
+            raise ValueError(f"CABConfig.dense_prefill=True needs a decode rule of its own (decode_rule='tokens' or "
+                             f"'bounds'): decode_rule={self.decode_rule!r} with policy {self.policy!r} decodes from "
+                             f"the prompt's selection, which a dense prompt does not make")
 
     @property
     def decodes_from_prompt(self) -> bool:
@@ -144,12 +157,15 @@ class CABConfig:
     def decode_scoring(self) -> str:
         """How a decode step picks its key blocks, the one dispatch the engine and the adapter share: "all"
         (dense), "prompt" (the prompt's stored selection, decodes_from_prompt), "recent" (streaming), "random",
-        or "bounds" (Quest-style upper bounds with the real query: cab, magnitude, and h2o/curvature off the prompt
+        "tokens" (decode_rule="tokens": each query head's own best keys by exact score, decode_tokens of them), or
+        "bounds" (Quest-style upper bounds with the real query: cab, magnitude, and h2o/curvature off the prompt
         rule). A "prompt" row whose prompt selection is not stored falls back to "bounds"."""
         if self.policy == "dense":
             return "all"
         if self.decodes_from_prompt:
             return "prompt"
+        if self.decode_rule == "tokens" and self.policy in ESTIMATED_POLICIES:
+            return "tokens"
         return {"streaming": "recent", "random": "random"}.get(self.policy, "bounds")
 
     @property
@@ -157,6 +173,13 @@ class CABConfig:
         """Whether prefill selection uses the adaptive (top-p) budget: budget="adaptive" and a policy that
         ranks blocks by estimated attention (ESTIMATED_POLICIES); streaming/random/dense keep the fixed rule."""
         return self.budget == "adaptive" and self.policy in ESTIMATED_POLICIES
+
+    def decode_tokens(self, seq_len: int) -> int:
+        """Keys each query head keeps in a decode step at position seq_len - 1 under decode_rule="tokens": as many as
+        the key blocks the bounds rule keeps hold (keep_counts of the query's block, an answer row), the query's own
+        partial block counted by its length; at most seq_len."""
+        m = -(-seq_len // self.block_size)
+        return decode_token_count(int(self.keep_counts(m, answer=True)[-1]), seq_len, self.block_size)
 
     def dense_layer(self, layer: int) -> bool:
         """Whether attention layer ``layer`` (0-based, the model's order) attends densely: dense_layers."""
@@ -185,6 +208,13 @@ class CABConfig:
         """What a row that produces the answer keeps, given the rule's ``count`` and its ``causal`` blocks:
         max(count, answer_blocks), at most causal."""
         return min(causal, max(count, self.answer_blocks))
+
+
+def decode_token_count(blocks: int, seq_len: int, block_size: int) -> int:
+    """The keys that ``blocks`` key blocks hold for a decode query at position seq_len - 1, its own (last, partial)
+    block among them, counted by its length; at least 1, at most seq_len (CABConfig.decode_tokens)."""
+    pad = -(-seq_len // block_size) * block_size - seq_len
+    return max(1, min(seq_len, blocks * block_size - pad))
 
 
 def keep_counts(sparsity: float, forced: int, num_q_blocks: int, device=None):

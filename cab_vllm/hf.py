@@ -171,6 +171,16 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     bt = torch.arange(b, device=q.device, dtype=torch.int32)[:, None]
     seq_lens = torch.full((b,), n, device=q.device, dtype=torch.int32)
     layer = getattr(module, "layer_idx", 0)
+    if cfg.decode_scoring == "tokens":  # each query head's own best keys, as many as the bounds rule's blocks hold
+        m = num_blocks(n, bs)
+        _STATE.stats["decode_calls"] += 1
+        _STATE.stats["kept"] += b * k.shape[1] * int(cfg.keep_counts(m, answer=True)[-1])
+        _STATE.stats["causal"] += b * k.shape[1] * m
+        keep = torch.full((b, k.shape[1], 1), cfg.decode_tokens(n), device=q.device)
+        if _STATE.tokens is not None:  # ranked by the selector of using(tokens=...)
+            return token_oracle_attention(q, k, v, keep, scale, estimate=_estimate(module, k),
+                                          shared=_STATE.tokens[2])
+        return token_oracle_attention(q, k, v, keep, scale)
     if cfg.decode_scoring != "prompt":  # the policy's own per-step rule (CABConfig.decode_scoring)
         bnd = pool(k, bs, bounds=True, impl=impl)
         idx, cnt = select_decode_blocks(q[:, :, 0], bnd["lo"], bnd["hi"], seq_lens, cfg, impl=impl)
@@ -369,6 +379,12 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
     cfg, impl = _STATE.cfg, _STATE.impl
     if (_STATE.phases == "prefill" and nq != nk) or (_STATE.phases == "decode" and nq == nk):
         cfg = None  # this phase runs dense
+    elif cfg is not None and cfg.dense_prefill and nq == nk and cfg.policy != "dense":
+        # CABConfig.dense_prefill: the prompt attends densely and counts as keeping every causal block
+        m = num_blocks(nk, cfg.block_size)
+        _STATE.stats["kept"] += key.shape[0] * key.shape[1] * m * (m + 1) // 2
+        _STATE.stats["causal"] += key.shape[0] * key.shape[1] * m * (m + 1) // 2
+        cfg = None
     if cfg is not None and cfg.policy != "dense":
         layer, rng = getattr(module, "layer_idx", 0), _STATE.layers
         if cfg.dense_layer(layer) or (rng is not None and not rng[0] <= layer < rng[1]):

@@ -346,7 +346,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
            record: dict | None = None, table: PromptTable | None = None, routes=None, keep: torch.Tensor | None = None,
            workspace: DecodeWorkspace | None = None, skip_dense: bool = False, decode_attention: bool = True,
            prefills: bool = True, summaries: KeySummaries | None = None,
-           kernels: KernelOptions | None = None, fa_prefill=None) -> torch.Tensor:
+           kernels: KernelOptions | None = None, fa_prefill=None, tokens=None) -> torch.Tensor:
     """One layer of the backend: select and attend for the rows of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
@@ -357,6 +357,10 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     runs it); prefills=False: prefill rows are left alone. summaries: this layer's KeySummaries, used by the
     prefill rows route_rows gave a summary slot (plan.summary). kernels: the engine's KernelOptions (speed only).
     fa_prefill: (varlen, version) of vLLM's FlashAttention to run the sparse prefill rows (run_prefill), or None.
+    tokens: (tkeep [decode rows] int32 device, TokenScratch or None) for the rows route_rows gave a token budget
+    (decode_rule="tokens", plan.tkeep; the block kernel skips them): ops.token_decode runs them (on CUDA launched
+    for every decode step it is given to, rows with budget 0 returning at once: a CUDA graph replays it); None: from
+    plan.tkeep when some row has one.
     Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
     (indices, counts) of plan.decode_rows; 'prefill': (indices, counts, first query block) per plan.prefill_rows).
     """
@@ -406,19 +410,30 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
             modes = routes.modes.clone()
             modes[dense_dec] = MODE_SKIP
             run = routes._replace(modes=modes)
+        if tokens is None and plan.tkeep and any(plan.tkeep):
+            tokens = (device_ints(plan.tkeep, dev, torch.int32), None)
+        n_token_rows = sum(1 for t in plan.tkeep if t) if plan.tkeep else 0
         with STATS.timed("decode", dev):
             for i in dense_dec:
                 r = rows[i]
                 _dense_row(q, key_cache, value_cache, block_table[r], plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r],
                            scale, out)
-            if len(dense_dec) < d:
+            # on a CPU the block path runs only when some row needs it (on CUDA its launch is part of the step's graph)
+            if len(dense_dec) + (n_token_rows if dev.type == "cpu" else 0) < d:
                 rows_max = kernels.one_launch_rows
                 routed_decode(qd, key_cache, value_cache, bt, sl, run, bs, scale, od, ns, ws, impl=impl,
                               select=select, one_launch=None if rows_max is None else d <= rows_max)
+            if tokens is not None:
+                from cab_vllm.ops.token_decode import token_decode
+
+                token_decode(qd, key_cache, value_cache, bt, sl, tokens[0][:d], scale, od, scratch=tokens[1],
+                             impl="triton" if sel_impl == "triton" else impl)
         if record is not None:
             record["decode"] = routed_indices(routes, sl, bs, d)
         if not prefix:
             live = run.modes[:d] != 0
+            if tokens is not None:
+                live |= tokens[0][:d] > 0
             out[tok[live]] = od[live]
     rows = [r for r in plan.prefill_rows if not (skip_dense and plan.dense[r])] if prefills else []
     if rows:

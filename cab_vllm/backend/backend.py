@@ -128,6 +128,8 @@ class CABMetadata:
     fa_all: object = None  # FlashAttentionMetadata for every row: the layers CAB_DENSE_LAYERS keeps dense (CUDA)
     routes: object = None  # DecodeRoutes of the decode rows (device, fixed addresses), table filled per layer
     keep: torch.Tensor | None = None  # [decode rows] int32 blocks kept by MODE_BOUNDS/RECENT/RANDOM rows
+    tkeep: torch.Tensor | None = None  # [decode rows] int32 keys per query head of decode_rule="tokens" rows (0: none)
+    run_tokens: bool = False  # some decode row runs in ops.token_decode
     run_fa: bool = False  # some row runs dense through FlashAttention
     run_cab_decode: bool = False  # some decode row runs in CAB's decode kernel
     run_cab_prefill: bool = False  # some prefill row is sparse (or dense without FlashAttention)
@@ -138,6 +140,7 @@ class CABMetadata:
 class _StepViews(NamedTuple):
     routes: DecodeRoutes  # the decode rows' routes (prompt table and selection buffers filled per layer)
     keep: torch.Tensor  # [d] blocks kept by rows that select their own
+    tkeep: torch.Tensor  # [d] keys per query head of token rows (decode_rule="tokens"), 0 for the others
     dense: torch.Tensor  # [n] 1 where the row runs in FlashAttention
     fa_seq_lens: torch.Tensor  # [n] FlashAttention's sequence lengths (0 for rows CAB runs)
 
@@ -295,10 +298,10 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         # persistent buffers for its CUDA graphs)
         self.fa_all = (fa[1](kv_cache_spec, layer_names, vllm_config, device)
                        if fa is not None and dense_layers else None)
-        self._routes = torch.zeros(6, self.rows, dtype=torch.int32, device=device)
+        self._routes = torch.zeros(7, self.rows, dtype=torch.int32, device=device)
         self._fa_seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=device)
         self._fa_tail = 0  # FlashAttention's sequence lengths past this row are zero
-        self._ring = _PinnedRing((6, self.rows), pinned=torch.device(device).type == "cuda")
+        self._ring = _PinnedRing((7, self.rows), pinned=torch.device(device).type == "cuda")
         self._views: dict = {}  # (rows, decode rows) -> the step's views of the fixed buffers
         flags = flag_views(self._routes[5])
         self._branches = (flags[1:2], flags[2:3])
@@ -378,7 +381,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         if not fa_decode:  # dense decode rows run in CAB's decode kernel (KernelOptions.dense_decode)
             fa_rows = [r for r in fa_rows if plan.qsl[r + 1] - plan.qsl[r] > 1]
         run_fa = self.fa is not None and bool(fa_rows)
-        run_cab_decode = any(m != 0 for m in plan.modes)
+        run_tokens = any(plan.tkeep)
+        run_cab_decode = run_tokens or any(m != 0 for m in plan.modes)
         run_cab_prefill = any(not (self.fa is not None and plan.dense[r]) for r in plan.prefill_rows)
         d = len(plan.decode_rows)
         # a prompt step of short requests (or sparsity 0): FlashAttention runs every row at its own length and
@@ -404,7 +408,8 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
                            _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, fa_all=fa_all,
                            routes=views.routes,
-                           keep=views.keep, run_fa=run_fa, run_cab_decode=run_cab_decode,
+                           keep=views.keep, tkeep=views.tkeep, run_tokens=run_tokens, run_fa=run_fa,
+                           run_cab_decode=run_cab_decode,
                            run_cab_prefill=run_cab_prefill, branches=self._branches)
 
     def _copy_routes(self, plan, n: int, d: int, fa_rows: list[int], run_fa: bool, run_cab_decode: bool) -> None:
@@ -422,6 +427,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             h[1, :d] = plan.slots
             h[2, :d] = plan.pblocks
             h[3, :d] = plan.keep
+            h[6, :d] = plan.tkeep
         if fa_rows:
             h[4, fa_rows] = 1  # the rows FlashAttention runs: the others get sequence length 0 there
         h[5, 0] = any(m in SELECTED_MODES for m in plan.modes)  # some row selects its own blocks
@@ -439,7 +445,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             r = self._routes
             empty = r[0, :0]
             v = _StepViews(DecodeRoutes(r[0, :d], r[1, :d], empty, empty, r[2, :d], empty, empty, r[5, :1]),
-                           r[3, :d], r[4, :n], self._fa_seq_lens[:n])
+                           r[3, :d], r[6, :d], r[4, :n], self._fa_seq_lens[:n])
             self._views[(n, d)] = v
         return v
 
@@ -453,6 +459,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         md = self.build(0, common_attn_metadata)
         md.run_fa = self.fa_decode
         md.run_cab_decode = True
+        md.run_tokens = token_decode_on(self.settings)  # the graph holds the token launches
         return md
 
 
@@ -480,6 +487,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self.table: PromptTable | None = None  # decode_rule="prompt": each request's prompt selection, this layer
         self.workspace: DecodeWorkspace | None = None
         self.summaries: KeySummaries | None = None  # key-block summaries kept across a prompt's chunks
+        self.token_scratch = None  # decode_rule="tokens" on CUDA: the token decode's buffers, shared by the layers
         self._traced = False
         self._dense: bool | None = None  # this layer attends densely (CAB_DENSE_LAYERS): known at its first step
         self._fa_prefill: FAPrefill | None = None  # how sparse prefill rows run (_prefill_launcher): None, CAB's kernel
@@ -523,6 +531,9 @@ class CABImpl(AttentionImpl[CABMetadata]):
         if self.workspace is None:
             self.workspace = _shared_workspace(max(rows, cap), self.num_heads, self.num_kv_heads, self.head_size,
                                                max_blocks, dev)
+        if self.token_scratch is None and token_decode_on(self.settings) and torch.device(dev).type == "cuda":
+            self.token_scratch = _shared_token_scratch(max(rows, cap), self.num_heads, self.num_kv_heads,
+                                                       self.head_size, max_len, dev)
         if self.summaries is None and keeps_summaries(self.settings):
             self.summaries = KeySummaries(self.settings.summary_slots, self.num_kv_heads, max_blocks, self.head_size,
                                           cfg.estimator, dtype, dev)
@@ -588,7 +599,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
                md.plan, self.scale, output.view(-1, self.num_heads, self.head_size),
                self.settings.impl, table=self.table, routes=routes, keep=md.keep, workspace=self.workspace,
                skip_dense=self.fa is not None, decode_attention=decode_attention, prefills=md.run_cab_prefill,
-               summaries=self.summaries, kernels=self.settings.kernels, fa_prefill=fa_prefill)
+               summaries=self.summaries, kernels=self.settings.kernels, fa_prefill=fa_prefill,
+               tokens=(md.tkeep, self.token_scratch) if md.run_tokens else None)
         return output
 
     def _prefill_launcher(self, dtype: torch.dtype, page_size: int) -> "FAPrefill | None":
@@ -672,6 +684,30 @@ def _shared_workspace(rows, num_heads, num_kv_heads, head_size, max_blocks, devi
 
 
 _WARMED: set = set()
+
+
+def token_decode_on(settings) -> bool:
+    """Whether the engine's decode steps can have token rows (CAB_DECODE_RULE=tokens: the rows of the policies that
+    rank keys by attention; decode_rule is engine-wide), so its decode graphs hold the token decode's launches."""
+    return settings.cfg.decode_rule == "tokens"
+
+
+_TOKEN_SCRATCH: dict = {}
+
+
+def _shared_token_scratch(rows, num_heads, num_kv_heads, head_size, max_len, device):
+    """One TokenScratch per (engine shape, device) for every layer (layers run one after another), sized for the
+    longest context and as many rows as ops.token_decode.SCRATCH_BYTES of logits hold (more rows run in groups)."""
+    from cab_vllm.ops.token_decode import scratch_rows, token_scratch
+
+    key = (rows, num_heads, num_kv_heads, head_size, max_len, str(device))
+    got = _TOKEN_SCRATCH.get(key)
+    if got is None:
+        got = _TOKEN_SCRATCH[key] = token_scratch(scratch_rows(num_heads, max_len, rows), num_heads, num_kv_heads,
+                                                  head_size, max_len, device)
+        logger.info("CAB: token decode buffers for %d rows at once up to %d tokens: %.1f MiB (shared by the layers)",
+                    got.rows, max_len, got.nbytes / 2**20)
+    return got
 
 
 def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import torch
 
 from cab_vllm.backend.stats import dense_reason
-from cab_vllm.config import BUDGETS, POLICIES, CABConfig
+from cab_vllm.config import BUDGETS, POLICIES, CABConfig, decode_token_count
 
 # Per-process counters (requests/rows per step, not per layer): proof the backend ran and how often it went dense.
 METRICS: Counter = Counter()
@@ -49,6 +49,7 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_BUDGET_CAP": ("budget_cap", float),
     "CAB_ANSWER_BLOCKS": ("answer_blocks", int),
     "CAB_DENSE_LAYERS": ("dense_layers", int),
+    "CAB_DENSE_PREFILL": ("dense_prefill", None),  # 0 or 1 (_flag)
 }
 IMPLS = ("auto", "torch", "triton")
 REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
@@ -148,7 +149,7 @@ class EngineSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
-        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_ANSWER_BLOCKS, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, and the kernel choices
+        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_ANSWER_BLOCKS, CAB_DENSE_LAYERS, CAB_DENSE_PREFILL, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, and the kernel choices
         of KernelOptions.from_env); unset ones keep the defaults. A bad value raises ValueError naming the
         variable."""
         env = os.environ if environ is None else environ
@@ -156,6 +157,11 @@ class EngineSettings:
         for var, (field, parse) in ENV_FIELDS.items():
             raw = env.get(var)
             if raw is None or raw == "":
+                continue
+            if parse is None:  # a flag
+                if raw.strip() not in ("0", "1"):
+                    raise ValueError(f"{var}={raw!r} is invalid: expected 0 or 1")
+                changes[field] = raw.strip() == "1"
                 continue
             try:
                 changes[field] = parse(raw.strip())
@@ -273,6 +279,9 @@ class BatchPlan:
     # pool the whole context), and whether the chunk holds the prompt's last token (True when unknown)
     summary: list | None = None
     final: list | None = None
+    # filled by route_rows, per decode row: keys each query head keeps under decode_rule="tokens" (0: not a token
+    # row; such a row is MODE_SKIP for the block kernel and runs in ops.token_decode)
+    tkeep: list | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -411,24 +420,28 @@ class SummarySlots:
 def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
                summaries: SummarySlots | None = None) -> None:
     """Decide, once per step on the host, where every row's attention comes from (fills plan.modes, slots,
-    pblocks, keep, store). Dense decode rows: MODE_SKIP when vLLM's FlashAttention runs them (fa_dense),
-    else MODE_ALL. Sparse decode rows: MODE_PROMPT when the request's prompt selection is stored, else the
-    step's own selection: MODE_BOUNDS (cab/magnitude/h2o/curvature), MODE_RECENT (streaming), MODE_RANDOM.
+    pblocks, keep, store, tkeep). Dense decode rows: MODE_SKIP when vLLM's FlashAttention runs them (fa_dense),
+    else MODE_ALL. Sparse decode rows: under decode_rule="tokens" MODE_SKIP with their keys per head in tkeep
+    (ops.token_decode runs them; keep holds the blocks that budget stands for, what the metrics count); MODE_PROMPT
+    when the request's prompt selection is stored, else the step's own selection: MODE_BOUNDS (cab/magnitude/h2o/curvature), MODE_RECENT (streaming), MODE_RANDOM.
     A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection. A
     sparse prefill row of an estimating policy with a one-pass estimator gets a key-summary slot (summaries)."""
     ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP = \
         _route_names()
     if slots is not None:
         slots.sync(plan.live)
-    modes, sl, pbs, keep = [], [], [], []
+    modes, sl, pbs, keep, tkeep = [], [], [], [], []
     for r in plan.decode_rows:
         cfg, n = plan.cfgs[r], plan.seq_lens[r]
         rid = plan.req_ids[r] if plan.req_ids is not None else None
-        slot, pb, k = 0, 0, 0
+        slot, pb, k, tk = 0, 0, 0, 0
         if plan.dense[r]:
             mode = MODE_SKIP if fa_dense else MODE_ALL
         elif cfg.decode_scoring == "prompt" and slots is not None and rid in slots.stored:
             mode, slot, pb = MODE_PROMPT, slots.of[rid], slots.stored[rid]
+        elif cfg.decode_scoring == "tokens":  # ops.token_decode runs the row; the block kernel skips it
+            mode, k = MODE_SKIP, keep_count(cfg, n)
+            tk = decode_token_count(k, n, cfg.block_size)
         else:
             mode = {"recent": MODE_RECENT, "random": MODE_RANDOM}.get(cfg.decode_scoring, MODE_BOUNDS)
             k = keep_count(cfg, n)
@@ -436,6 +449,7 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
         sl.append(slot)
         pbs.append(pb)
         keep.append(k)
+        tkeep.append(tk)
     if summaries is not None:
         summaries.begin_step(plan.live)
         step = frozenset(plan.req_ids or ())
@@ -465,7 +479,7 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
             elif holds_end:
                 slots.stored.pop(rid, None)  # the prompt ran dense (or uses a per-step rule): nothing stored
         store.append(entry)
-    plan.modes, plan.slots, plan.pblocks, plan.keep, plan.store = modes, sl, pbs, keep, store
+    plan.modes, plan.slots, plan.pblocks, plan.keep, plan.store, plan.tkeep = modes, sl, pbs, keep, store, tkeep
     plan.summary, plan.final = kept, final
 
 

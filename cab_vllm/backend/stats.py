@@ -88,11 +88,13 @@ def dense_reason(cfg, seq_len: int, dense_threshold: int, prompt_len: int | None
     A decode row under the prompt rule whose prompt (prompt_len tokens, None: unknown) was below the threshold
     stays dense ("prompt_dense"): that rule keeps what the prompt's last row kept plus every later block, and a
     dense prompt kept every block (the key-bounds rule that stood in for it found the needle far less often:
-    experiments/RESULTS.md)."""
+    experiments/RESULTS.md). A prompt row of a config with dense_prefill runs dense ("dense_prefill")."""
     if cfg.policy == "dense":
         return "policy_dense"
     if cfg.sparsity == 0.0:
         return "sparsity_zero"
+    if not decode and cfg.dense_prefill:
+        return "dense_prefill"
     if seq_len < dense_threshold:
         return "below_threshold"
     if decode and prompt_len is not None and prompt_len < dense_threshold and cfg.decode_scoring == "prompt":

@@ -1,0 +1,212 @@
+"""Token-sparse decode (ops.token_decode): the Triton kernels (interpreted on a CPU) against the PyTorch twin, and the
+twin against an independent reference (softmax over each head's exact top-k keys, chosen by torch.topk)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cab_vllm.ops import token_decode as td
+from cab_vllm.ops._triton import HAS_TRITON, interpreting
+
+TRITON = pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+
+
+def paged(lens, hq, hkv, d, page, dtype=torch.float32, seed=0, keys=None):
+    """q [S, Hq, D], key/value caches [pages, page, Hkv, D] (one tensor, as vLLM's, so K and V share strides),
+    a permuted block table and seq_lens for rows of lengths ``lens``; keys: optional [S] list of [n, Hkv, D] keys."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = [-(-n // page) for n in lens]
+    total = sum(pages) + 3
+    kv = torch.randn(2, total, page, hkv, d, generator=gen).to(dtype)
+    ids = torch.randperm(total, generator=gen)
+    bt = torch.zeros(len(lens), max(pages), dtype=torch.int32)
+    off = 0
+    for s, p in enumerate(pages):
+        bt[s, :p] = ids[off:off + p].to(torch.int32)
+        off += p
+        if keys is not None:
+            flat = kv[0][bt[s, :p].long()].reshape(p * page, hkv, d)
+            flat[: lens[s]] = keys[s].to(dtype)
+            kv[0][bt[s, :p].long()] = flat.view(p, page, hkv, d)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
+    return q, kv[0], kv[1], bt, torch.tensor(lens, dtype=torch.int32)
+
+
+def topk_reference(q, kc, vc, bt, sl, keep, scale):
+    """Float64 attention of each row's query over each head's ``keep`` best keys (torch.topk of the exact scores),
+    every key when keep >= n; None for rows with keep <= 0."""
+    from cab_vllm.ops.blocks import gather_paged
+
+    hq, hkv = q.shape[1], kc.shape[2]
+    outs = []
+    for s, (n, kt) in enumerate(zip(sl.tolist(), keep.tolist())):
+        if kt <= 0:
+            outs.append(None)
+            continue
+        k = gather_paged(kc, bt[s], n).double().repeat_interleave(hq // hkv, 0)  # [Hq, n, D]
+        v = gather_paged(vc, bt[s], n).double().repeat_interleave(hq // hkv, 0)
+        sc = torch.einsum("hd,hnd->hn", q[s].double(), k) * scale
+        if kt < n:
+            top = sc.topk(kt, dim=-1).indices
+            sc = torch.full_like(sc, float("-inf")).scatter(-1, top, sc.gather(-1, top))
+        outs.append(torch.einsum("hn,hnd->hd", torch.softmax(sc, -1), v))
+    return outs
+
+
+CASES = [  # (lens, keep, Hq, Hkv, D, page)
+    ([77, 130, 300], [10, 0, 45], 4, 2, 32, 16),  # GQA 2, a row left alone
+    ([200, 65, 1], [300, 7, 5], 6, 2, 48, 64),  # keep > n (every key), a one-token context
+    ([513, 129], [37, 129], 3, 3, 64, 32),  # MHA, lengths off the 64-token tile, keep == n
+    ([4100, 900], [205, 45], 8, 2, 32, 16),  # a context over one logits chunk (CHUNK = 4096)
+]
+
+
+@pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES)
+def test_torch_twin_is_softmax_over_each_heads_top_keys(lens, keep, hq, hkv, d, page):
+    q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=len(lens) + d)
+    kp = torch.tensor(keep, dtype=torch.int32)
+    out = torch.full_like(q, 7.0)
+    counts = torch.zeros(len(lens), hq, dtype=torch.int32)
+    td.token_decode(q, kc, vc, bt, sl, kp, 1 / math.sqrt(d), out, counts=counts, impl="torch")
+    for s, ref in enumerate(topk_reference(q, kc, vc, bt, sl, kp, 1 / math.sqrt(d))):
+        if ref is None:
+            assert torch.all(out[s] == 7.0) and torch.all(counts[s] == 0)  # not written
+            continue
+        assert torch.allclose(out[s].double(), ref, atol=1e-5, rtol=1e-5)
+        assert counts[s].tolist() == [min(keep[s], lens[s])] * hq  # random scores: no ties at the threshold
+
+
+@pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+@pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES)
+def test_triton_equals_the_twin(lens, keep, hq, hkv, d, page):
+    q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=3 * len(lens) + d)
+    kp = torch.tensor(keep, dtype=torch.int32)
+    outs, counts = [], []
+    for impl in ("torch", "triton"):
+        o, c = torch.full_like(q, 7.0), torch.zeros(len(lens), hq, dtype=torch.int32)
+        td.token_decode(q, kc, vc, bt, sl, kp, 1 / math.sqrt(d), o, counts=c, impl=impl)
+        outs.append(o)
+        counts.append(c)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(counts[0], counts[1])
+
+
+@TRITON
+def test_ties_at_the_threshold_are_all_kept():
+    """Keys repeated many times score exactly alike: every key that ties with the keep-th is kept, by both paths,
+    and the output is the softmax over all of them."""
+    hq, hkv, d, n = 4, 2, 32, 300
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(5, hkv, d, generator=gen)
+    keys = base[torch.arange(n) % 5]  # five distinct keys, 60 copies each
+    q, kc, vc, bt, sl = paged([n], hq, hkv, d, 16, keys=[keys])
+    kp = torch.tensor([70], dtype=torch.int32)  # the best key's 60 copies, then ties among the next 60
+    res = []
+    for impl in ("torch", "triton"):
+        o, c = torch.empty_like(q), torch.zeros(1, hq, dtype=torch.int32)
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.2, o, counts=c, impl=impl)
+        res.append((o, c))
+    assert torch.equal(res[0][1], res[1][1])
+    assert res[0][1].tolist() == [[120] * hq]
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
+
+
+@TRITON
+def test_fp16_cache():
+    """Half-precision caches (fp16 here: the interpreter's tl.dot multiplies bf16 bit patterns; bf16 runs on the
+    GPU in test_gpu_bf16_long_context_and_graph_replay)."""
+    q, kc, vc, bt, sl = paged([333, 97], 8, 2, 64, 16, dtype=torch.float16, seed=4)
+    kp = torch.tensor([40, 12], dtype=torch.int32)
+    outs = []
+    for impl in ("torch", "triton"):
+        o = torch.empty_like(q)
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.125, o, impl=impl)
+        outs.append(o.float())
+    assert (outs[0] - outs[1]).abs().max() < 2e-3  # one fp16 rounding of the output, P in fp16 before P @ V
+
+
+@TRITON
+def test_rows_beyond_the_scratch_run_in_groups_and_the_scratch_is_reusable():
+    """A scratch of 2 rows serves 5 rows in three groups of launches; a second call on the same scratch (a CUDA
+    graph replay) gives the same result, and the merge counters are back at zero."""
+    lens, keep = [90, 300, 64, 200, 150], [20, 0, 64, 13, 1]
+    q, kc, vc, bt, sl = paged(lens, 4, 2, 32, 16, seed=6)
+    kp = torch.tensor(keep, dtype=torch.int32)
+    scratch = td.token_scratch(2, 4, 2, 32, 320, "cpu")
+    ref = torch.full_like(q, 5.0)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.17, ref, impl="torch")
+    for _ in range(2):
+        out = torch.full_like(q, 5.0)
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.17, out, scratch=scratch, impl="triton")
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.all(scratch.sync == 0)
+
+
+def test_order_key_orders_like_the_floats():
+    x = torch.cat([torch.randn(1000) * 50, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-30, -1e-30])])
+    k = td.order_key(x)
+    assert torch.equal(torch.argsort(x, stable=True), torch.argsort(k, stable=True)) or torch.equal(
+        x[torch.argsort(k, stable=True)], x.sort().values)
+    assert torch.all(x[torch.argsort(k, stable=True)].diff() >= 0)
+
+
+def test_kept_keys_rule():
+    z = torch.tensor([[3.0, 1.0, 2.0, 2.0, -1.0]])
+    assert td.kept_keys(z, 2).tolist() == [[True, False, True, True, False]]  # the tie with the 2nd kept
+    assert td.kept_keys(z, 5).all() and td.kept_keys(z, 9).all()
+    assert td.kept_keys(z, 1).tolist() == [[True, False, False, False, False]]
+
+
+def test_bad_inputs_are_named():
+    q, kc, vc, bt, sl = paged([50], 4, 2, 32, 16)
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="keep must be an int32"):
+        td.token_decode(q, kc, vc, bt, sl, torch.tensor([5]), 0.1, out)
+    with pytest.raises(ValueError, match="out must be like q"):
+        td.token_decode(q, kc, vc, bt, sl, torch.tensor([5], dtype=torch.int32), 0.1, out[:, :2])
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        td.token_decode(q[:, :3], kc, vc, bt, sl, torch.tensor([5], dtype=torch.int32), 0.1, out[:, :3])
+    with pytest.raises(ValueError, match="rows >= 1"):
+        td.token_scratch(0, 4, 2, 32, 100, "cpu")
+
+
+@TRITON
+def test_a_scratch_of_other_heads_is_refused():
+    q, kc, vc, bt, sl = paged([50], 4, 2, 32, 16)
+    with pytest.raises(ValueError, match="scratch does not match"):
+        td.token_decode(q, kc, vc, bt, sl, torch.tensor([5], dtype=torch.int32), 0.1, torch.empty_like(q),
+                        scratch=td.token_scratch(1, 8, 2, 32, 64, "cpu"), impl="triton")
+
+
+def test_scratch_sizes():
+    assert td.scratch_rows(32, 131072, 256) == (256 << 20) // (32 * 131072 * 4)  # 16 rows of 8B at 128k
+    assert td.scratch_rows(14, 4096, 8) == 8
+    assert 1 <= td.num_splits(1, 8, 131072) <= td.MAX_SPLITS
+    assert td.num_splits(1, 2, 100) == 1  # two tiles: one split
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_long_context_and_graph_replay():
+    """On a GPU: 8B geometry (32/8 heads, D=128, 16-token pages), rows of 32k and 5k tokens in bf16, Triton against
+    the twin; then the launches captured in a CUDA graph and replayed on new queries and budgets."""
+    lens, keep = [32768, 5000], [655, 100]
+    q, kc, vc, bt, sl = (t.cuda() for t in paged(lens, 32, 8, 128, 16, dtype=torch.bfloat16, seed=9))
+    kp = torch.tensor(keep, dtype=torch.int32, device="cuda")
+    scratch = td.token_scratch(2, 32, 8, 128, 32768, "cuda")
+    ref, out = torch.empty_like(q), torch.empty_like(q)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, ref, impl="torch")
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, scratch=scratch, impl="triton")
+    assert (out.float() - ref.float()).abs().max() < 2e-2
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, scratch=scratch, impl="triton")
+    q.copy_(torch.randn_like(q))
+    kp.copy_(torch.tensor([2000, 5000], dtype=torch.int32))
+    g.replay()
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, ref, impl="torch")
+    torch.cuda.synchronize()
+    assert (out.float() - ref.float()).abs().max() < 2e-2
+    assert torch.all(scratch.sync == 0)
