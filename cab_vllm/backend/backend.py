@@ -254,6 +254,11 @@ class _PinnedRing:
             ev.record()
 
 
+# The builder's per-row device fields, one int32 row each (_copy_routes): 0 modes, 1 prompt-table slots, 2 prompt
+# blocks, 3 blocks kept, 4 FlashAttention's rows, 5 step flags, 6 keys per head of token rows (decode_rule="tokens")
+ROUTE_FIELDS = 7
+
+
 class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
     reorder_batch_threshold: int | None = 1  # decodes first: the decode kernels read rows 0..D-1
@@ -298,10 +303,10 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
         # persistent buffers for its CUDA graphs)
         self.fa_all = (fa[1](kv_cache_spec, layer_names, vllm_config, device)
                        if fa is not None and dense_layers else None)
-        self._routes = torch.zeros(7, self.rows, dtype=torch.int32, device=device)
+        self._routes = torch.zeros(ROUTE_FIELDS, self.rows, dtype=torch.int32, device=device)
         self._fa_seq_lens = torch.zeros(self.rows, dtype=torch.int32, device=device)
         self._fa_tail = 0  # FlashAttention's sequence lengths past this row are zero
-        self._ring = _PinnedRing((7, self.rows), pinned=torch.device(device).type == "cuda")
+        self._ring = _PinnedRing((ROUTE_FIELDS, self.rows), pinned=torch.device(device).type == "cuda")
         self._views: dict = {}  # (rows, decode rows) -> the step's views of the fixed buffers
         flags = flag_views(self._routes[5])
         self._branches = (flags[1:2], flags[2:3])

@@ -124,9 +124,9 @@ def _builder(rows=8, fa=True):
     b.settings, b._runner, b._v2, b._warned, b._trace, b._record = EngineSettings(), None, None, set(), False, False
     b.rows, b.slots, b.summaries, b.fa = rows, PromptSlots(rows), None, _FakeFABuilder() if fa else None
     b.fa_all, b._dense_share = None, 0.0
-    b._routes = torch.zeros(6, rows, dtype=torch.int32)
+    b._routes = torch.zeros(backend.ROUTE_FIELDS, rows, dtype=torch.int32)
     b._fa_seq_lens = torch.zeros(rows, dtype=torch.int32)
-    b._fa_tail, b._ring, b._views = 0, backend._PinnedRing((6, rows), pinned=False), {}
+    b._fa_tail, b._ring, b._views = 0, backend._PinnedRing((backend.ROUTE_FIELDS, rows), pinned=False), {}
     flags = backend.flag_views(b._routes[5])
     b._branches = (flags[1:2], flags[2:3])
     return b
@@ -205,6 +205,29 @@ def test_dense_decode_rows_run_in_cab_with_dense_decode(seq_lens, qlens):
         assert cap.run_fa is not dense_decode and cap.run_cab_decode
     with pytest.raises(ValueError, match="CAB_GRAPH_BRANCHES=1, CAB_DENSE_DECODE=1"):
         dataclasses.replace(KernelOptions(dense_decode=True), graph_branches=True)
+
+
+def test_token_rows_reach_the_device_and_the_capture_holds_their_launches():
+    """CAB_DECODE_RULE=tokens with dense prompts: a long decode row gets its keys per head in the routes' token row
+    (the block kernel sees MODE_SKIP), a short one is dense; the step runs CAB's decode (run_cab_decode, run_tokens);
+    the prompt rows are FlashAttention's; the captured graph's metadata holds the token launches. Without the rule
+    neither the routes nor the capture have them."""
+    from cab_vllm.backend.plan import EngineSettings
+    from cab_vllm.ops.decode import MODE_ALL, MODE_SKIP
+
+    b = _builder()
+    b.settings = EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_DENSE_PREFILL": "1"})
+    cfg = b.settings.cfg
+    md = b.build(0, _cm([30000, 100, 20000], [1, 1, 5000]))
+    assert md.run_tokens and md.run_cab_decode and md.run_fa and not md.run_cab_prefill
+    assert b._routes[0, :2].tolist() == [MODE_SKIP, MODE_ALL]
+    assert md.tkeep.tolist() == [cfg.decode_tokens(30000), 0] == b._routes[6, :2].tolist()
+    assert md.fa == ("fa", [0, 0, 20000])  # the dense prompt: FlashAttention's; decode rows: CAB's
+    assert b.build_for_cudagraph_capture(_cm([100, 90], [1, 1])).run_tokens
+    b = _builder()
+    md = b.build(0, _cm([30000, 100], [1, 1]))
+    assert not md.run_tokens and md.tkeep.tolist() == [0, 0]
+    assert not b.build_for_cudagraph_capture(_cm([100, 90], [1, 1])).run_tokens
 
 
 def test_a_prompt_step_of_short_requests_copies_nothing_to_the_device():

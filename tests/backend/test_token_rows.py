@@ -1,0 +1,158 @@
+"""decode_rule="tokens" and dense_prefill through the backend's planning and kernel path (no vLLM): the knobs, the
+routing of token rows (the block kernel skips them, ops.token_decode runs them), the step figures, and the outputs
+of a mixed batch against each row's own reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backend_harness import PagedSim, dense_rows, rel_err
+from cab_vllm.backend.plan import EngineSettings, plan_batch, route_rows
+from cab_vllm.backend.stats import Stats, dense_reason
+from cab_vllm.config import CABConfig, decode_token_count
+from cab_vllm.ops._triton import HAS_TRITON, interpreting
+from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS, MODE_RECENT, MODE_SKIP
+from cab_vllm.ops.token_decode import kept_keys
+
+
+# -- knobs ----------------------------------------------------------------------------------------------------
+def test_knobs_from_env_and_their_errors():
+    s = EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_DENSE_PREFILL": "1"})
+    assert s.cfg.decode_rule == "tokens" and s.cfg.dense_prefill and s.cfg.decode_scoring == "tokens"
+    assert not EngineSettings.from_env({"CAB_DENSE_PREFILL": "0"}).cfg.dense_prefill
+    with pytest.raises(ValueError, match="CAB_DENSE_PREFILL='yes' is invalid: expected 0 or 1"):
+        EngineSettings.from_env({"CAB_DENSE_PREFILL": "yes"})
+    # a dense prompt leaves the prompt rule nothing to reuse: the engine's start names it
+    with pytest.raises(ValueError, match="CAB_DENSE_PREFILL.*needs a decode rule of its own"):
+        EngineSettings.from_env({"CAB_DENSE_PREFILL": "1"})
+    with pytest.raises(ValueError, match="dense_prefill=True needs a decode rule of its own"):
+        CABConfig(dense_prefill=True, decode_rule="prompt")
+    with pytest.raises(ValueError, match="dense_prefill"):
+        CABConfig(dense_prefill=1, decode_rule="tokens")
+    # the policies with a decode rule of their own keep it; "tokens" is for those that rank keys by attention
+    assert CABConfig(policy="streaming", decode_rule="tokens").decode_scoring == "recent"
+    assert CABConfig(policy="h2o", decode_rule="tokens").decode_scoring == "tokens"
+    assert CABConfig(policy="streaming", dense_prefill=True).decode_scoring == "recent"
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 700, 4096, 131072])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_decode_tokens_is_what_the_kept_blocks_hold(n, sparsity):
+    cfg = CABConfig(sparsity=sparsity, decode_rule="tokens")
+    m = -(-n // 64)
+    k = int(cfg.keep_counts(m, answer=True)[-1])
+    lengths = [64] * (m - 1) + [n - 64 * (m - 1)]  # the query's own block is the last, partial one
+    assert cfg.decode_tokens(n) == min(n, 64 * (k - 1) + lengths[-1]) == decode_token_count(k, n, 64)
+    assert 1 <= cfg.decode_tokens(n) <= n
+
+
+def test_dense_reason_of_a_dense_prefill():
+    cfg = CABConfig(dense_prefill=True, decode_rule="tokens", sparsity=0.9)
+    assert dense_reason(cfg, 5000, 1024) == "dense_prefill"
+    assert dense_reason(cfg, 5000, 1024, decode=True) is None
+    assert dense_reason(cfg, 500, 1024, decode=True) == "below_threshold"
+
+
+# -- routing and figures --------------------------------------------------------------------------------------
+def test_route_rows_gives_token_rows_their_budget_and_the_block_kernel_skips_them():
+    tok = CABConfig(sparsity=0.9, decode_rule="tokens", dense_prefill=True)
+    cfgs = [tok, tok.replace(policy="streaming"), tok, tok]
+    # three decodes (one below the threshold) and a prompt
+    plan = plan_batch([0, 1, 2, 3, 3003], [5000, 3000, 700, 3000], cfgs, 1024, count=False)
+    route_rows(plan, None, fa_dense=True)
+    assert plan.dense == [False, False, True, True]  # the prompt runs dense (dense_prefill), the short decode too
+    assert plan.modes == [MODE_SKIP, MODE_RECENT, MODE_SKIP]
+    assert plan.tkeep == [tok.decode_tokens(5000), 0, 0]
+    assert plan.keep[0] == int(tok.keep_counts(-(-5000 // 64), answer=True)[-1])  # what the figures count
+    st = Stats()
+    step = st._plan_counts(plan, cfgs, 64, 1024)
+    assert step[("dense", "prefill", "dense_prefill")] == 1
+    assert step[("rows", "decode", "0.90", "cab", "sparse")] == 1
+    m = -(-5000 // 64)
+    m_s = -(-3000 // 64)
+    kept_stream = plan.keep[1]
+    m_short = -(-700 // 64)
+    assert step[("kept", "decode", "0.90")] == plan.keep[0] + kept_stream + m_short
+    assert step[("causal", "decode", "0.90")] == m + m_s + m_short
+
+
+def test_without_the_tokens_rule_no_row_gets_a_token_budget():
+    cfg = CABConfig(sparsity=0.9, decode_rule="bounds")
+    plan = plan_batch([0, 1], [5000], [cfg], 1024, count=False)
+    route_rows(plan, None, fa_dense=True)
+    assert plan.modes == [MODE_BOUNDS] and plan.tkeep == [0]
+
+
+# -- outputs --------------------------------------------------------------------------------------------------
+def token_reference(sim, s, n, keep, scale):
+    """Float64 attention of sequence s's query at n - 1 over each head's kept keys (kept_keys' rule)."""
+    q = sim.q[s][:, n - 1].double()  # [Hq, D]
+    k, v = sim.k[s][:, :n].double(), sim.v[s][:, :n].double()
+    g = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+    z = torch.einsum("hd,hnd->hn", q, k) * scale
+    z = z.masked_fill(~kept_keys((z * 1.4426950408889634).float(), keep), float("-inf"))
+    return torch.einsum("hn,hnd->hd", torch.softmax(z, -1), v)[None]
+
+
+IMPLS = ["torch"] + (["triton"] if HAS_TRITON and interpreting() else [])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("page_size", [16, 64], ids=lambda p: f"page{p}")
+def test_a_mixed_batch_with_token_rows(impl, page_size):
+    """Dense prompts (dense_prefill), then decode steps where token rows, a streaming row (block kernel) and a dense
+    row sit together: every row equals its own reference."""
+    lens = [900, 700, 710, 660]
+    hq, hkv, d = 6, 2, 32
+    gen = torch.Generator().manual_seed(11)
+    mk = lambda h, n: torch.randn(h, n, d, generator=gen)  # noqa: E731
+    tok = CABConfig(sparsity=0.9, decode_rule="tokens", dense_prefill=True)
+    sim = PagedSim([mk(hq, n) for n in lens], [mk(hkv, n) for n in lens], [mk(hkv, n) for n in lens], page_size,
+                   tok)
+    cfgs = [tok, tok.replace(sparsity=0.98), tok.replace(policy="streaming"), tok.replace(sparsity=0.0)]
+    scale = 1 / math.sqrt(d)
+    out, md = sim.step([(0, 895), (1, 695), (2, 705), (3, 650)], cfgs=cfgs, dense_threshold=512, impl=impl)
+    assert md["plan"].dense == [True] * 4  # dense_prefill: every prompt, whatever its policy
+    want = torch.cat([dense_rows(sim.q, sim.k, sim.v, 0, 0, 895, scale), dense_rows(sim.q, sim.k, sim.v, 1, 0, 695,
+                                                                                      scale)])
+    assert rel_err(out[: 895 + 695], want) < 1e-5
+    for _ in range(3):
+        out, md = sim.step([(0, 1), (1, 1), (2, 1), (3, 1)], cfgs=cfgs, dense_threshold=512, impl=impl)
+        plan = md["plan"]
+        assert plan.modes == [MODE_SKIP, MODE_SKIP, MODE_RECENT, MODE_ALL] and plan.tkeep[2:] == [0, 0]
+        n3 = sim.done[3]
+        assert rel_err(out[3:4], dense_rows(sim.q, sim.k, sim.v, 3, n3 - 1, n3, scale)) < 1e-5
+        for r, s in ((0, 0), (1, 1)):
+            n = sim.done[s]
+            assert plan.tkeep[r] == cfgs[r].decode_tokens(n) < n
+            assert rel_err(out[r:r + 1], token_reference(sim, s, n, plan.tkeep[r], scale)) < 1e-5
+        # the streaming row through the block kernel: its recorded blocks
+        n = sim.done[2]
+        idx, cnt = md["decode"]
+        blocks = idx[2, 0, : int(cnt[2, 0])].tolist()
+        keys = torch.zeros(n, dtype=torch.bool)
+        for j in blocks:
+            keys[j * 64:(j + 1) * 64] = True
+        q = sim.q[2][:, n - 1].double()
+        kk = sim.k[2][:, :n].double().repeat_interleave(3, 0)
+        vv = sim.v[2][:, :n].double().repeat_interleave(3, 0)
+        z = torch.einsum("hd,hnd->hn", q, kk).mul(scale).masked_fill(~keys, float("-inf"))
+        assert rel_err(out[2:3], torch.einsum("hn,hnd->hd", torch.softmax(z, -1), vv)[None]) < 1e-5
+
+
+def test_token_rows_not_first_in_the_batch_are_written_back():
+    """A decode row after a prompt row (not vLLM's order): its output is gathered and written back."""
+    lens = [400, 300]
+    hq, hkv, d = 4, 2, 16
+    gen = torch.Generator().manual_seed(2)
+    mk = lambda h, n: torch.randn(h, n, d, generator=gen)  # noqa: E731
+    tok = CABConfig(sparsity=0.9, decode_rule="tokens")
+    sim = PagedSim([mk(hq, n) for n in lens], [mk(hkv, n) for n in lens], [mk(hkv, n) for n in lens], 16, tok)
+    sim.step([(0, 399)], dense_threshold=0)
+    out, md = sim.step([(1, 300), (0, 1)], dense_threshold=0)
+    assert md["plan"].decode_rows == [1] and md["plan"].tkeep == [tok.decode_tokens(400)]
+    assert rel_err(out[300:301], token_reference(sim, 0, 400, md["plan"].tkeep[0], 1 / math.sqrt(d))) < 1e-5
