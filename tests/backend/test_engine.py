@@ -417,3 +417,35 @@ def test_dense_layers_in_the_engine(model, tmp_path):
         assert two["blocks"]["kept" + key] == pytest.approx(kept + 2 / 30 * (causal - kept))
     with pytest.raises(AssertionError, match="CAB_DENSE_LAYERS=31 is more than"):
         run_engine(tmp_path / "bad", {**job, **cab}, env={**env, "CAB_DENSE_LAYERS": "31"})
+
+
+# -- (g) dense prompts, token-sparse decode (CAB_DENSE_PREFILL=1, CAB_DECODE_RULE=tokens) -------------------------
+def test_dense_prompt_and_token_decode_in_the_engine(model, tmp_path):
+    """The prompt runs dense (its chunks counted dense_prefill), each decode step keeps every query head's own best
+    keys (5% at 0.95: the block kernel skips the rows, the token decode runs them). float32 with chunked prefill:
+    the first token is the built-in backend's (the prompt is dense), the pass key is found at 0.95, and at 0.5 the
+    answer is the built-in's token for token; the step figures count the prompt dense and the decode steps at the
+    budget the tokens stand for."""
+    prompt = passkey_prompt()
+    job = {"model": model, "chat": False, "dtype": "float32", "max_model_len": 4096,
+           "requests": [{"prompt": prompt, "max_tokens": 10}],
+           "engine_kwargs": {"max_num_batched_tokens": 1024, "enable_chunked_prefill": True}}
+    ref = run_engine(tmp_path / "builtin", job)
+    cab_job = {**job, "backend": "CUSTOM", "requests": [{"prompt": prompt, "max_tokens": 10,
+                                                         "extra_args": {"cab_sparsity": s}} for s in (0.95, 0.5)],
+               "batches": [[0], [1]]}
+    res = run_engine(tmp_path / "cab", cab_job, env={"CAB_DECODE_RULE": "tokens", "CAB_DENSE_PREFILL": "1"})
+    want = ref["outputs"][0]["token_ids"]
+    hi, half = res["outputs"]
+    assert PASSKEY in ref["outputs"][0]["text"], ref["outputs"][0]["text"]
+    assert hi["token_ids"][0] == want[0] and PASSKEY in hi["text"], hi["text"]
+    assert half["token_ids"] == want, (half["text"], ref["outputs"][0]["text"])
+    n = res["prompt_lens"][0]
+    assert res["metrics"].get("prefill_dense", 0) >= 2 * 3 and not res["metrics"].get("prefill_sparse")
+    assert res["metrics"].get("decode_sparse", 0) >= 2 * 8
+    rows = [r for st in plans(res["trace"]) for r in st]
+    decodes = [r for r in rows if r[0] == 1 and r[1] > n]
+    assert decodes and all(r[4] is False and r[5] == 0 for r in decodes)  # sparse, not the block kernel's
+    key = "|decode|0.95"
+    assert res["blocks"]["kept" + key] < 0.1 * res["blocks"]["causal" + key]
+    assert res["blocks"]["kept|prefill|0.95"] == res["blocks"]["causal|prefill|0.95"]
