@@ -260,3 +260,38 @@ def test_a_model_runs_with_estimated_token_selection():
         run(oracle="token", tokens="exact")
     with pytest.raises(ValueError, match="pick one"):
         run(tokens="int4", compensate="mean")
+
+
+# ---- decode_rule="tokens" and dense_prefill in the adapter (what the engine runs) -------------------------------------
+def test_dense_prefill_and_token_decode_in_the_adapter():
+    """CABConfig(dense_prefill=True, decode_rule="tokens"): the prompt's logits are dense attention's and counted as
+    keeping every block; every decode step is the exact token oracle at decode_tokens keys per head (what the
+    engine's token rows keep), counted at the bounds rule's blocks; and at a budget of every key it is dense."""
+    model = _tiny_model()
+    ids = torch.randint(0, 97, (1, 300))
+    cfg = CABConfig(policy="cab", sparsity=0.9, decode_rule="tokens", dense_prefill=True)
+
+    def run(c):
+        with torch.no_grad(), hf.using(c, impl="torch") as st:
+            logits = torch.cat(model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                              return_dict_in_generate=True).logits)  # [steps, vocab]
+        return logits, dict(st)
+
+    dense, _ = run(None)
+    tok, st = run(cfg)
+    torch.testing.assert_close(tok[0], dense[0], atol=1e-4, rtol=1e-4)  # the prompt's own logits: dense
+    assert not torch.allclose(tok[1:], dense[1:], atol=1e-4)  # decode keeps 10% of the keys
+    m, hkv, layers = 5, 2, 2  # 300 tokens = 5 blocks; the decode steps see 301..303
+    prompt_blocks = layers * hkv * m * (m + 1) // 2
+    decode_kept = sum(layers * hkv * int(cfg.keep_counts(-(-n // 64), answer=True)[-1]) for n in (301, 302, 303))
+    assert st["kept"] == prompt_blocks + decode_kept and st["causal"] == prompt_blocks + 3 * layers * hkv * 5
+    # the adapter's decode step is token_oracle_attention at cfg.decode_tokens keys
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 301, 16), torch.randn(1, 2, 301, 16)
+    with hf.using(cfg, impl="torch"):
+        got = hf._decode(torch.nn.Module(), q, k, v, cfg, 0.25, "torch")
+    want = hf.token_oracle_attention(q, k, v, torch.full((1, 2, 1), cfg.decode_tokens(301)), 0.25)
+    torch.testing.assert_close(got, want)
+    every, _ = run(cfg.replace(sparsity=0.01))  # 0.99 of the blocks: at 5 blocks, every block and every key
+    torch.testing.assert_close(every, dense, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs a decode rule of its own"):
+        CABConfig(dense_prefill=True)
