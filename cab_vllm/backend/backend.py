@@ -728,7 +728,7 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
                     impl.settings.cfg, impl.workspace, page_size=_engine_page_size(impl._vcfg),
                     summaries=impl.summaries, kernels=impl.settings.kernels,
                     dense_threshold=impl.settings.dense_threshold,
-                    fa_prefill=impl._fa_prefill)
+                    fa_prefill=impl._fa_prefill, token_scratch=impl.token_scratch)
 
 
 def _engine_page_size(vcfg) -> int:

@@ -23,8 +23,10 @@ logger = logging.getLogger(__name__)
 def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
                     cfg: CABConfig, workspace: DecodeWorkspace, page_size: int = 16, n: int = 2048,
                     summaries: KeySummaries | None = None, kernels: KernelOptions | None = None,
-                    dense_threshold: int = 0, fa_prefill=None) -> dict[str, float]:
+                    dense_threshold: int = 0, fa_prefill=None, token_scratch=None) -> dict[str, float]:
     """kernels: the engine's KernelOptions, so the variants compiled here are the ones its steps launch;
+    token_scratch: the engine's TokenScratch when its decode rule is "tokens" (the decode steps below then run the
+    token decode on it: cfg's rule applies to every decode step of an estimating policy);
     fa_prefill: the layer's (varlen, version) when its sparse prefill rows run in vLLM's FlashAttention (no Triton
     prefill kernel to compile then).
     dense_threshold: the engine's (EngineSettings.dense_threshold): contexts below it run dense, so the per-row
@@ -68,8 +70,12 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
                           prompt_lens=[prompt_len])
         route_rows(plan, slots, fa_dense=False, summaries=kept)
         out = torch.empty_like(q)
+        tokens = None
+        if token_scratch is not None and plan.tkeep and any(plan.tkeep):
+            tokens = (torch.tensor(plan.tkeep, dtype=torch.int32, device=device), token_scratch)
         attend(q, key_cache, value_cache, bt, torch.tensor([b], dtype=torch.int32, device=device), plan, scale, out,
-               table=table, workspace=workspace, summaries=summaries, kernels=opts, fa_prefill=fa_prefill)
+               table=table, workspace=workspace, summaries=summaries, kernels=opts, fa_prefill=fa_prefill,
+               tokens=tokens)
 
     # two prompts in two chunks each, one with lengths that are multiples of 16 and one without (Triton compiles
     # the two apart); the final chunk stores the prompt selection, then a decode step reads it (the prompt rule)

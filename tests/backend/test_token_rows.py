@@ -156,3 +156,25 @@ def test_token_rows_not_first_in_the_batch_are_written_back():
     out, md = sim.step([(1, 300), (0, 1)], dense_threshold=0)
     assert md["plan"].decode_rows == [1] and md["plan"].tkeep == [tok.decode_tokens(400)]
     assert rel_err(out[300:301], token_reference(sim, 0, 400, md["plan"].tkeep[0], 1 / math.sqrt(d))) < 1e-5
+
+
+def test_warm_up_runs_the_token_decode_on_the_engines_scratch(monkeypatch):
+    """With the tokens rule the warm-up's decode steps of an estimating policy run the token decode, on the scratch
+    the engine's steps use (the compiled variants are theirs); without it none does."""
+    import cab_vllm.ops.token_decode as td
+    from cab_vllm.backend.attention import DecodeWorkspace
+    from cab_vllm.backend.warmup import warm_up_kernels
+
+    seen = []
+    real = td.token_decode
+    monkeypatch.setattr(td, "token_decode", lambda *a, **kw: seen.append((a[5].tolist(), kw.get("scratch")))
+                        or real(*a, **kw))
+    scratch = td.token_scratch(1, 4, 2, 32, 64 * 64, "cpu")
+    cfg = CABConfig(decode_rule="tokens", dense_prefill=True)
+    warm_up_kernels(4, 2, 32, torch.float32, "cpu", cfg, DecodeWorkspace(4, 4, 2, 32, 64, "cpu"),
+                    token_scratch=scratch)
+    assert seen and all(s is scratch and k[0] > 0 for k, s in seen)
+    seen.clear()
+    warm_up_kernels(4, 2, 32, torch.float32, "cpu", CABConfig(decode_rule="bounds"),
+                    DecodeWorkspace(4, 4, 2, 32, 64, "cpu"), token_scratch=scratch)
+    assert seen == []
