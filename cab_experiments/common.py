@@ -80,6 +80,12 @@ class Variant:
             if key not in _FIELDS:
                 raise ValueError(f"variant {spec!r}: {key!r} is not a CABConfig field (one of {sorted(_FIELDS)})")
             default = CABConfig.__dataclass_fields__[key].default
+            if isinstance(default, bool):  # bool("0") is True: a flag is written 0/1 (or false/true)
+                flags = {"0": False, "false": False, "1": True, "true": True}
+                if raw.lower() not in flags:
+                    raise ValueError(f"variant {spec!r}: {key}={raw!r} must be 0 or 1")
+                overrides.append((key, flags[raw.lower()]))
+                continue
             try:
                 value = type(default)(raw) if not isinstance(default, str) else raw
             except ValueError as e:

@@ -23,6 +23,9 @@ def test_variant_parse():
     assert cfg == CABConfig(policy="cab", sparsity=0.95, curvature_share=0.5, estimator="max_l2", exact_rows=0)
     assert Variant.parse("dense").config(0.9) is None
     assert Variant.parse("streaming").config(0.0) is None  # sparsity 0 is dense attention
+    tok = Variant.parse("cab:decode_rule=tokens,dense_prefill=1").config(0.98)
+    assert tok.dense_prefill is True and tok.decode_scoring == "tokens"
+    assert Variant.parse("cab:dense_prefill=0").config(0.9).dense_prefill is False  # not bool("0")
 
 
 @pytest.mark.parametrize("spec, msg", [
@@ -32,6 +35,8 @@ def test_variant_parse():
     ("cab:exact_rows=many", "is not a int"),
     ("cab:curvature_share=2", "curvature_share"),  # validated by CABConfig at parse time
     ("cab:sparsity=0.5", "not a CABConfig field"),  # sparsity comes from the grid, not the variant
+    ("cab:decode_rule=tokens,dense_prefill=yes", "dense_prefill='yes' must be 0 or 1"),
+    ("cab:dense_prefill=1", "needs a decode rule of its own"),
 ])
 def test_variant_errors(spec, msg):
     with pytest.raises(ValueError, match=msg):

@@ -393,3 +393,8 @@ def test_engine_wide_overrides_are_accepted_only_when_the_engine_runs_them():
     assert EngineModel.request_args(Variant.parse("dense"), 0.95, wide) == {"cab_sparsity": 0.0, "cab_policy": "dense"}
     assert EngineModel.request_args(Variant.parse("cab:budget=adaptive"), 0.9, {}) == {
         "cab_sparsity": 0.9, "cab_policy": "cab", "cab_budget": "adaptive"}
+    # dense prompts with token decode: engine-wide, named by the variant
+    tok = EngineModel.engine_overrides({"CAB_DECODE_RULE": "tokens", "CAB_DENSE_PREFILL": "1"})
+    assert tok == {"decode_rule": "tokens", "dense_prefill": True}
+    assert EngineModel.request_args(Variant.parse("cab:decode_rule=tokens,dense_prefill=1"), 0.98, tok) == {
+        "cab_sparsity": 0.98, "cab_policy": "cab"}
