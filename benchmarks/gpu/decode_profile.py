@@ -16,7 +16,10 @@ context length and batch it times, in a CUDA graph (as the engine replays it), t
 the same four with selection and attention in ONE launch (prompt1, bounds1, skip1, all1: step_launch with both roles;
 the engine's routed_decode takes it for batches of up to ops.decode.ONE_LAUNCH_MAX_ROWS rows),
 and, for comparison, the plain split-K kernel on the same blocks (ops.decode.paged_sparse_decode, no routing,
-no selection role) and dense decode through the same kernel (every block). Prints microseconds per step. By
+no selection role) and dense decode through the same kernel (every block); and the token decode of
+decode_rule="tokens" (ops.token_decode, every row keeping CABConfig.decode_tokens keys per head: tokens; its first
+launch alone, the exact logits of every key: tok_logits; with the threshold's radix select: tok_select).
+Prints microseconds per step. By
 default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
 --max-len sizes the decode workspace, the prompt table and the block table's rows as an engine of that max_model_len
 does (default: the context timed), --engine-rows the workspace's and prompt table's rows (an engine's: max(max_num_seqs,
@@ -94,7 +97,8 @@ def kept_blocks(m: int, keep: int, gen: torch.Generator) -> list[int]:
     return sorted({0, m - 1} | set(others))
 
 
-COLUMNS = ("prompt", "bounds", "skip", "all", "prompt1", "bounds1", "skip1", "all1", "plain", "dense")
+COLUMNS = ("prompt", "bounds", "skip", "all", "prompt1", "bounds1", "skip1", "all1", "plain", "dense", "tokens",
+           "tok_logits", "tok_select")
 
 
 def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int | None = None,
@@ -175,6 +179,18 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         "dense": lambda: lambda: paged_sparse_decode(q, kc, vc, bt, sl, all_idx, all_cnt, BS,
                                                      num_splits=ws.splits(rows), out=out),
     }
+    from cab_vllm.ops import token_decode as td
+
+    tscratch = td.token_scratch(td.scratch_rows(HQ, max_len or n, engine_rows or rows), HQ, HKV, D, max_len or n,
+                                dev) if any(c.startswith("tok") for c in columns) else None
+    tkeep = torch.full((rows,), cfg.decode_tokens(n), device=dev, dtype=torch.int32)
+    res["kept_tokens"] = cfg.decode_tokens(n)
+
+    def tokens(stages: int):
+        return lambda: td.token_decode(q, kc, vc, bt, sl, tkeep, 1 / math.sqrt(D), out, scratch=tscratch,
+                                       impl="triton", stages=stages)
+
+    runs.update({"tokens": lambda: tokens(3), "tok_logits": lambda: tokens(1), "tok_select": lambda: tokens(2)})
     for c in COLUMNS:  # a column not asked for is None
         res[f"{c}_us"] = timer(runs[c]()) if c in columns else None
     return res

@@ -321,7 +321,7 @@ if HAS_TRITON:
 def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor,
                  scratch: TokenScratch | None = None, counts: torch.Tensor | None = None,
-                 impl: str = "auto") -> torch.Tensor:
+                 impl: str = "auto", stages: int = 3) -> torch.Tensor:
     """Decode attention of one new token per row (at position seq_lens[s] - 1) over each query head's own
     ``keep[s]`` highest-scoring keys (kept_keys' rule: ties with the keep-th within the threshold's bucket kept too;
     every key when keep[s] >= seq_lens[s]); rows with keep[s] <= 0 are not written.
@@ -330,8 +330,10 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     block_table [S, max_pages] int32; seq_lens [S] int32; keep [S] int32 (on the device: a CUDA graph replays it);
     out [S, Hq, D] (written in place, returned). scratch: a TokenScratch whose logits hold the longest context
     (fixed addresses for CUDA graphs; made here when None, from one host read of seq_lens); rows beyond its row
-    count run in further groups of launches. counts [S, Hq] int32: filled with the keys each head kept."""
+    count run in further groups of launches. counts [S, Hq] int32: filled with the keys each head kept. stages: the
+    launches run, for profiling (1: the logits, 2: and the threshold; 3: all, the only value that writes out)."""
     hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out)
+    check(stages in (1, 2, 3), f"stages={stages!r} must be 1, 2 or 3")
     ns = q.shape[0]
     if resolve_impl(impl, q, key_cache) == "torch":
         return token_decode_torch(q, key_cache, value_cache, block_table, seq_lens, keep, scale, out, counts)
@@ -357,9 +359,13 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0),
             lg.stride(0), lg.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, CHUNK_T=CHUNK, TILE_T=TILE, PAGE_SIZE=page, num_warps=4)
+        if stages == 1:
+            continue
         _threshold_kernel[(r * hq,)](
             lg, sl, kp, thr, cnt, hq, lg.stride(0), lg.stride(1), thr.stride(0),
             PASSES=RADIX_PASSES, RTILE=RADIX_TILE, TAKE=TAKE_ALL, num_warps=8)
+        if stages == 2:
+            continue
         _attend_kernel[(r * hkv * splits,)](
             lg, value_cache, bt, sl, kp, thr, po, plse, os_, lse, sync, hq, hkv, splits, MIN_TILES_PER_SPLIT,
             lg.stride(0), lg.stride(1), thr.stride(0), value_cache.stride(0), value_cache.stride(1),

@@ -210,3 +210,23 @@ def test_gpu_bf16_long_context_and_graph_replay():
     torch.cuda.synchronize()
     assert (out.float() - ref.float()).abs().max() < 2e-2
     assert torch.all(scratch.sync == 0)
+
+
+@TRITON
+def test_profiling_stages_stop_after_their_launch():
+    """stages=1 runs the logits launch only (the scratch holds every key's base-2 logit, out untouched), 2 adds the
+    threshold (counts filled), 3 everything; other values are refused."""
+    q, kc, vc, bt, sl = paged([150], 4, 2, 32, 16, seed=8)
+    kp = torch.tensor([20], dtype=torch.int32)
+    scratch = td.token_scratch(1, 4, 2, 32, 150, "cpu")
+    out = torch.full_like(q, 3.0)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=1)
+    from cab_vllm.ops.blocks import gather_paged
+
+    k = gather_paged(kc, bt[0], 150).repeat_interleave(2, 0)
+    z = torch.einsum("hd,hnd->hn", q[0], k) * 0.2 * td.LOG2E
+    assert torch.allclose(scratch.logits[0, :, :150], z, atol=1e-5) and torch.all(out == 3.0)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=2)
+    assert scratch.cnt[0].tolist() == [20] * 4 and torch.all(out == 3.0)
+    with pytest.raises(ValueError, match="stages=4"):
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=4)
