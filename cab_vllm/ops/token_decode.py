@@ -102,8 +102,9 @@ def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
 class TokenScratch(NamedTuple):
     """Buffers of the token decode launches (fixed addresses for CUDA graphs), for up to ``rows`` rows at once:
     logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), thr / cnt [rows, Hq] int32 (each head's threshold
-    and kept count), part_o [rows, Hq, splits, D] / part_lse [rows, Hq, splits] float32 split partials, lse [rows, Hq],
-    sync [rows * Hkv] int32 zeros (the launch leaves them zero)."""
+    and kept count), part_o / part_lse flat float32 split partials for rows x Hq x max_splits (x D) (a launch of r rows
+    views them as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync
+    [rows * Hkv] int32 zeros (the launch leaves them zero)."""
 
     logits: torch.Tensor
     thr: torch.Tensor
@@ -116,6 +117,16 @@ class TokenScratch(NamedTuple):
     @property
     def rows(self) -> int:
         return self.logits.shape[0]
+
+    @property
+    def max_splits(self) -> int:
+        return self.part_lse.numel() // (self.rows * self.logits.shape[1])
+
+    def partials(self, rows: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """part_o [rows, Hq, splits, D] and part_lse [rows, Hq, splits] views (contiguous)."""
+        hq, d = self.logits.shape[1], self.part_o.numel() // self.part_lse.numel()
+        n = rows * hq * splits
+        return self.part_o[: n * d].view(rows, hq, splits, d), self.part_lse[:n].view(rows, hq, splits)
 
     @property
     def nbytes(self) -> int:
@@ -136,17 +147,18 @@ def num_splits(rows: int, num_kv_heads: int, max_len: int) -> int:
     return int(max(1, min(want, MAX_SPLITS, -(-tiles // MIN_TILES_PER_SPLIT))))
 
 
-def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int, device,
-                  splits: int | None = None) -> TokenScratch:
-    """A TokenScratch for launches of ``rows`` rows (scratch_rows: the engine's row cap) of contexts up to max_len."""
+def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int, device
+                  ) -> TokenScratch:
+    """A TokenScratch for launches of up to ``rows`` rows (scratch_rows: the engine's row cap) of contexts up to
+    max_len, with partials for the most splits any launch of 1..rows rows takes (num_splits)."""
     check(rows >= 1 and max_len >= 1, f"token scratch needs rows >= 1 and max_len >= 1, got {rows}, {max_len}")
     npad = -(-max_len // TILE) * TILE
-    k = num_splits(rows, num_kv_heads, max_len) if splits is None else splits
+    cap = max(r * num_splits(r, num_kv_heads, max_len) for r in range(1, rows + 1))  # rows x splits, at most
     f32 = dict(dtype=torch.float32, device=device)
     return TokenScratch(torch.zeros(rows, num_heads, npad, **f32),
                         torch.zeros(rows, num_heads, dtype=torch.int32, device=device),
                         torch.zeros(rows, num_heads, dtype=torch.int32, device=device),
-                        torch.zeros(rows, num_heads, k, head_dim, **f32), torch.zeros(rows, num_heads, k, **f32),
+                        torch.zeros(cap * num_heads * head_dim, **f32), torch.zeros(cap * num_heads, **f32),
                         torch.zeros(rows, num_heads, **f32), torch.zeros(rows * num_kv_heads, dtype=torch.int32,
                                                                          device=device))
 
@@ -328,8 +340,9 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
 
     q [S, Hq, D]; key_cache, value_cache [num_pages, page_size, Hkv, D] (any strides, contiguous head dim);
     block_table [S, max_pages] int32; seq_lens [S] int32; keep [S] int32 (on the device: a CUDA graph replays it);
-    out [S, Hq, D] (written in place, returned). scratch: a TokenScratch whose logits hold the longest context
-    (fixed addresses for CUDA graphs; made here when None, from one host read of seq_lens); rows beyond its row
+    out [S, Hq, D] (written in place, returned). scratch: a TokenScratch whose logits hold the longest context (on a
+    GPU not checked: the engine sizes it for max_model_len; fixed addresses for CUDA graphs; made here when None,
+    from one host read of seq_lens); rows beyond its row
     count run in further groups of launches. counts [S, Hq] int32: filled with the keys each head kept. stages: the
     launches run, for profiling (1: the logits, 2: and the threshold; 3: all, the only value that writes out)."""
     hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out)
@@ -342,17 +355,22 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     if scratch is None:
         max_len = int(seq_lens[:ns].max())
         scratch = token_scratch(scratch_rows(hq, max_len, ns), hq, hkv, d, max_len, q.device)
-    check(scratch.logits.shape[1] == hq and scratch.part_o.shape[1] == hq and scratch.part_o.shape[-1] == d
+    check(scratch.logits.shape[1] == hq and scratch.part_o.numel() == scratch.part_lse.numel() * d
           and scratch.sync.numel() >= scratch.rows * hkv,
           "token decode scratch does not match (heads, head dim, KV heads)")
-    npad, splits = scratch.logits.shape[-1], scratch.part_o.shape[2]
+    npad = scratch.logits.shape[-1]
+    if q.device.type == "cpu":  # (on a GPU this would be a host sync, and a CUDA graph cannot hold one)
+        check(int(seq_lens[:ns].max()) <= npad, f"a row of {int(seq_lens[:ns].max())} tokens does not fit the "
+                                                f"scratch's logits ({npad} tokens)")
     n_chunks = triton.cdiv(npad, CHUNK)
     block_d = max(16, next_pow2(d))
     gpad = max(16, next_pow2(hq // hkv))
     page = key_cache.shape[1]
-    lg, thr, cnt, po, plse, lse, sync = scratch
+    lg, thr, cnt, _, _, lse, sync = scratch
     for r0 in range(0, ns, scratch.rows):
         r = min(scratch.rows, ns - r0)
+        splits = num_splits(r, hkv, npad)
+        po, plse = scratch.partials(r, splits)
         qs, bt, sl, kp, os_ = q[r0:r0 + r], block_table[r0:r0 + r], seq_lens[r0:r0 + r], keep[r0:r0 + r], out[r0:r0 + r]
         _logits_kernel[(r * hkv * n_chunks,)](
             qs, key_cache, bt, sl, kp, lg, scale * LOG2E, hq, hkv, n_chunks,

@@ -179,6 +179,10 @@ def test_a_scratch_of_other_heads_is_refused():
     with pytest.raises(ValueError, match="scratch does not match"):
         td.token_decode(q, kc, vc, bt, sl, torch.tensor([5], dtype=torch.int32), 0.1, torch.empty_like(q),
                         scratch=td.token_scratch(1, 8, 2, 32, 64, "cpu"), impl="triton")
+    q, kc, vc, bt, sl = paged([100], 4, 2, 32, 16)
+    with pytest.raises(ValueError, match=r"a row of 100 tokens does not fit the scratch's logits \(64 tokens\)"):
+        td.token_decode(q, kc, vc, bt, sl, torch.tensor([5], dtype=torch.int32), 0.1, torch.empty_like(q),
+                        scratch=td.token_scratch(1, 4, 2, 32, 40, "cpu"), impl="triton")
 
 
 def test_scratch_sizes():
