@@ -387,7 +387,8 @@ def test_warm_up_uses_the_engines_page_size(block_size, monkeypatch):
     monkeypatch.setenv("CAB_DENSE_THRESHOLD", "4096")
     vcfg = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=block_size))
     impl = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_size=32, settings=backend.compat.engine_settings(),
-                                 workspace=None, summaries=None, _vcfg=vcfg, _fa_prefill=None)
+                                 workspace=None, summaries=None, _vcfg=vcfg, _fa_prefill=None,
+                                 token_scratch=None)
     backend._warm_up(impl, torch.zeros(1, 4, 32))
     # and the engine's dense threshold: the per-size kernels are made only for sizes a sparse row can have; the
     # sparse prefill's kernel as the layer chose it (undecided: CAB's Triton kernel)
