@@ -407,16 +407,18 @@ CALIBRATION_POSITION = 0.37  # where in the six novels the calibration text star
 
 
 def calibrate_keys(model, tok, variants, length: int, corpus: str | None = None) -> bool:
-    """Before a sweep whose variants rank keys by projection (``tokens=pcaR``): store each layer's key basis on
+    """Before a sweep whose variants rank keys by projection or fixed dimensions (``tokens=pcaR``, ``dimsR``): store
+    each layer's key basis and dimension order on
     ``model`` (cab_vllm.hf.calibrate_key_basis) from a dense pass over ``length`` tokens (the sweep's longest
     prompt: post-RoPE keys at every position it will see) of plain Austen text (one fixed window, no needles, no
     question). Returns whether it ran; the vLLM engine is refused."""
     from cab_vllm import hf
 
-    if not any(v.tokens is not None and hf.parse_tokens(v.tokens)[0] == "pca" for v in variants):
+    if not any(v.tokens is not None and hf.parse_tokens(v.tokens)[0] in ("pca", "dims") for v in variants):
         return False
     if isinstance(model, EngineModel):
-        raise ValueError("tokens=pca... is a transformers-adapter ablation; the vLLM engine cannot run it")
+        raise ValueError("tokens=pca... and tokens=dims... are transformers-adapter ablations; the vLLM engine cannot "
+                         "run them")
     from cab_models.text import _haystack_source
 
     text = _haystack_source("austen", 8 * length, CALIBRATION_POSITION, None, corpus=corpus)

@@ -60,7 +60,8 @@ _STATE = _State()
 PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
-_TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq)([1-9][0-9]*)|(int)([2-8]))(kv)?")
+_TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(int)([2-8]))(kv)?")
+DIM_GROUP = 16  # dimsR ranks keys by whole groups of this many dimensions (32 bytes of a bf16 key: one DRAM sector)
 
 
 def parse_tokens(spec: str) -> tuple[str, int, bool]:
@@ -68,7 +69,10 @@ def parse_tokens(spec: str) -> tuple[str, int, bool]:
     (scores of the keys and query projected on the layer's R leading key directions, key_basis), "sparqR" (each
     query's R largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for every query
     head of a KV group: the largest of the group's summed |q|, so a group reads R dimensions of each key, not up to
-    G x R), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact query); a "kv"
+    G x R), "dimsR" (R fixed dimensions per layer and KV head, in aligned groups of DIM_GROUP, chosen once from a
+    dense calibration pass (key_dims): what a kernel reads in whole 32-byte sectors of the cache as it is; R a
+    multiple of DIM_GROUP), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact
+    query); a "kv"
     suffix (shared) keeps one set of keys per KV head and query token, the largest of the group's summed (estimated)
     softmax, instead of one per query head (what a kernel that serves the group's heads from one gather needs).
     ValueError for anything else."""
@@ -79,6 +83,8 @@ def parse_tokens(spec: str) -> tuple[str, int, bool]:
     shared = m.group(6) is not None
     if m.group(1):
         return "exact", 0, shared
+    if m.group(2) == "dims" and int(m.group(3)) % DIM_GROUP:
+        raise ValueError(f"tokens={spec!r}: dimsR takes R a multiple of {DIM_GROUP} (whole groups of dimensions)")
     if m.group(2):
         return m.group(2), int(m.group(3)), shared
     return "int", int(m.group(5)), shared
@@ -315,6 +321,16 @@ def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | N
     if kind == "int":
         kq = quantize_keys(kf, param)
         return lambda qr: torch.einsum("bhgqd,bhnd->bhgqn", qr, kq)
+    if kind == "dims":
+        if basis is None:
+            raise ValueError("tokens='dims...' needs the layer's key dimensions: calibrate_key_basis(model, input_ids) "
+                             "first")
+        if param > basis.shape[-1]:
+            raise ValueError(f"tokens='dims{param}' asks for more than the head's {basis.shape[-1]} dimensions")
+        idx = basis[:, :param].to(kf.device, torch.long)  # [Hkv, R]
+        kd = kf.gather(-1, idx[None, :, None, :].expand(kf.shape[0], -1, kf.shape[2], -1))  # [B, Hkv, Nk, R]
+        return lambda qr: torch.einsum("bhgqr,bhnr->bhgqn", qr.gather(-1, idx[None, :, None, None, :].expand(
+            *qr.shape[:-1], param)), kd)
     raise ValueError(f"no estimate for token selector kind {kind!r}")
 
 
@@ -323,7 +339,7 @@ def _estimate(module, k: torch.Tensor):
     kind, param, _ = _STATE.tokens
     if kind == "exact":
         return None
-    return key_estimate(kind, param, k, getattr(module, "cab_key_basis", None))
+    return key_estimate(kind, param, k, getattr(module, "cab_key_dims" if kind == "dims" else "cab_key_basis", None))
 
 
 def key_basis(keys: torch.Tensor) -> torch.Tensor:
@@ -335,20 +351,39 @@ def key_basis(keys: torch.Tensor) -> torch.Tensor:
     return vecs.flip(-1).contiguous()
 
 
+def key_dims(queries: torch.Tensor, keys: torch.Tensor, group: int = DIM_GROUP) -> torch.Tensor:
+    """queries [B, Hq, N, D] and keys [B, Hkv, N, D] of one layer -> [Hkv, D] int64: per KV head the dimensions in
+    aligned groups of ``group`` (the whole head when it is narrower), the groups in decreasing order of their share of
+    the scores' energy (sum over the group's dimensions of E[q_d^2] E[k_d^2], q over the KV group's query heads), each
+    group's dimensions ascending: the first R are the R dimensions tokens="dimsR" reads."""
+    b, hq, n, d = queries.shape
+    hkv = keys.shape[1]
+    group = min(group, d)
+    if d % group:
+        raise ValueError(f"head dim {d} is not a multiple of the dimension group {group}")
+    eq = queries.float().pow(2).mean(2).view(b, hkv, hq // hkv, d).sum(2).mean(0)  # [Hkv, D]
+    ek = keys.float().pow(2).mean(2).mean(0)
+    energy = (eq * ek).view(hkv, d // group, group).sum(-1)  # [Hkv, groups]
+    order = energy.argsort(dim=-1, descending=True)
+    return (order[..., None] * group + torch.arange(group)).flatten(1)
+
+
 def calibrate_key_basis(model, input_ids: torch.Tensor) -> int:
     """Run ``model`` densely on ``input_ids`` [1, N] and store on each attention module (by layer_idx) the basis of
-    its post-RoPE keys (key_basis) as ``cab_key_basis``, which ``tokens="pcaR"`` projects on. Returns the number
-    of layers calibrated; ValueError if the model has no "cab" attention layers."""
+    its post-RoPE keys (key_basis) as ``cab_key_basis``, which ``tokens="pcaR"`` projects on, and the order of its
+    dimension groups by score energy (key_dims) as ``cab_key_dims``, which ``tokens="dimsR"`` reads. Returns the
+    number of layers calibrated; ValueError if the model has no "cab" attention layers."""
     with torch.no_grad(), using(None), capture() as caps:
         model(input_ids)
     bases = {layer: key_basis(k) for layer, _, k in caps}
+    dims = {layer: key_dims(q, k) for layer, q, k in caps}
     if not bases:
         raise ValueError("the model ran no 'cab' attention layer (load it with attn_implementation='cab')")
     done = 0
     for mod in model.modules():
         layer = getattr(mod, "layer_idx", None)
         if layer in bases and hasattr(mod, "k_proj"):
-            mod.cab_key_basis = bases[layer]
+            mod.cab_key_basis, mod.cab_key_dims = bases[layer], dims[layer]
             done += 1
     if done != len(bases):
         raise ValueError(f"found attention modules for {done} of the {len(bases)} layers that ran (expected modules "

@@ -207,7 +207,35 @@ def test_quantized_keys_step_and_error():
         hf.quantize_keys(torch.randn(2, 40), 4)
 
 
+def test_key_dims_rank_groups_by_score_energy_and_the_estimate_reads_them():
+    """key_dims: whole groups of 16 dimensions, by E[q^2] E[k^2] summed over the group (the KV group's query heads'
+    E[q^2] added); dimsR's estimate is the dot product over the first R of them; all of them is the exact score."""
+    torch.manual_seed(9)
+    d = 64
+    q, k = torch.randn(1, 4, 50, d), torch.randn(1, 2, 50, d)
+    q[:, :2, :, 32:48] *= 10.0  # KV head 0's queries: group 2 carries the scores
+    k[:, 1, :, 0:16] *= 10.0  # KV head 1's keys: group 0 does
+    dims = hf.key_dims(q, k)
+    assert dims.shape == (2, d) and dims[0, :16].tolist() == list(range(32, 48)) and dims[1, :16].tolist() == list(
+        range(16))
+    assert sorted(dims[0].tolist()) == list(range(d))
+    qr = torch.randn(1, 2, 2, 3, d)
+    got = hf.key_estimate("dims", 16, k, dims)(qr)
+    want = torch.stack([torch.einsum("gqd,nd->gqn", qr[0, h][..., dims[h, :16]], k[0, h][:, dims[h, :16]])
+                        for h in range(2)])[None]
+    torch.testing.assert_close(got, want)
+    exact = torch.einsum("bhgqd,bhnd->bhgqn", qr, k)
+    torch.testing.assert_close(hf.key_estimate("dims", d, k, dims)(qr), exact, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="calibrate_key_basis"):
+        hf.key_estimate("dims", 16, k)
+    with pytest.raises(ValueError, match="more than the head's 64"):
+        hf.key_estimate("dims", 80, k, dims)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        hf.parse_tokens("dims24")
+
+
 @pytest.mark.parametrize("spec,want", [("exact", ("exact", 0, False)), ("pca32", ("pca", 32, False)),
+                                       ("dims32", ("dims", 32, False)),
                                        ("sparq8", ("sparq", 8, False)), ("sparqg16", ("sparqg", 16, False)),
                                        ("int4", ("int", 4, False)), ("exactkv", ("exact", 0, True)),
                                        ("sparqg16kv", ("sparqg", 16, True))])
@@ -245,13 +273,19 @@ def test_a_model_runs_with_estimated_token_selection():
 
     with pytest.raises(ValueError, match="calibrate_key_basis"):
         run(tokens="pca4")
+    with pytest.raises(ValueError, match="calibrate_key_basis"):
+        run(tokens="dims16")
     assert hf.calibrate_key_basis(model, torch.randint(0, 97, (1, 128))) == 2
     assert all(m.cab_key_basis.shape == (2, 16, 16) for m in model.modules() if hasattr(m, "cab_key_basis"))
+    assert all(m.cab_key_dims.shape == (2, 16) for m in model.modules() if hasattr(m, "cab_key_dims"))
     exact, counts = run(oracle="token")
     full, counts_full = run(tokens="pca16")
     low, counts_low = run(tokens="pca2")
     q4, counts_q4 = run(tokens="int4")
     grouped, counts_grouped = run(tokens="exactkv")
+    every_dim, counts_dims = run(tokens="dims16")  # head dim 16: every dimension, the exact oracle
+    torch.testing.assert_close(every_dim, exact, atol=1e-3, rtol=1e-3)
+    assert counts_dims == counts
     assert counts == counts_full == counts_low == counts_q4 == counts_grouped
     assert not torch.allclose(grouped, exact, atol=1e-3)  # two query heads per KV head: one set of keys for both
     torch.testing.assert_close(full, exact, atol=1e-3, rtol=1e-3)

@@ -318,6 +318,7 @@ def test_layers_sparsify_a_layer_range_only(smol):
     with pytest.raises(ValueError, match="oracle="):
         Variant.parse("cab:oracle=block")
     assert Variant.parse("cab:tokens=pca32").tokens == "pca32" and Variant.parse("cab").tokens is None
+    assert Variant.parse("cab:tokens=dims16").tokens == "dims16"
     assert Variant.parse("cab:tokens=int4").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="tokens="):
         Variant.parse("cab:tokens=pca")
