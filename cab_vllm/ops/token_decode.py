@@ -4,19 +4,20 @@ ranked by their exact scores (decode_rule="tokens"). Three launches:
   1. logits     one program per (row, KV head, chunk of CHUNK tokens): the group's queries against every key of the
                 chunk, read in place from the paged cache; base-2 logits (scale x log2 e folded in) into a scratch
                 [rows, Hq, NPAD] float32.
-  2. threshold  one program per (row, query head): a radix select of the keep-th largest logit over RADIX_PASSES
-                8-bit digits of an order-preserving integer key of the float (order_key), so the head keeps every
-                key whose key's top 8 x RADIX_PASSES bits are at least the keep-th largest's: the keep best, and the
-                keys that tie with the keep-th within the last digit's bucket (2^-15 relative at 3 passes: the
-                scores' own bf16 rounding is coarser); with the count each head kept.
+  2. threshold  one program per (row, query head): a radix select of the keep-th largest logit over two digits of
+                an order-preserving integer key of the float (order_key): its top 8 bits, whose histogram launch 1
+                counted per chunk, then LO_BITS more in one scan of the head's logits. The head keeps every key whose
+                key's top 8 + LO_BITS bits are at least the keep-th largest's: the keep best, and the keys that tie
+                with the keep-th within that bucket (2^-11 relative: the scores' own bf16 rounding is coarser); with
+                the count each head kept.
   3. attention  one program per (row, KV head, split of the row's 64-token tiles): the stored logits of the group's
                 heads, each head's kept keys only (a tile no head of the group keeps is skipped; only the kept keys'
                 values are loaded), online softmax over the kept keys; the last split of a (row, KV head) merges the
                 partials (ops.decode's merge).
 
 What it reads per layer and row: every key once (launch 1; what a selector that scores every key exactly must read),
-the logits three or four times (launch 2 reads the row's logits once per pass; with fp32 logits and 32/8 heads of
-dimension 128 each pass is 6% of the keys' bytes), and the kept keys' values. A cheaper scorer (a compressed or
+the logits twice (once by launch 2, once by launch 3; with fp32 logits and 32/8 heads of dimension 128 each read
+is 6% of the keys' bytes), and the kept keys' values. A cheaper scorer (a compressed or
 dimension-major copy of K) would replace launch 1; the rest stays.
 
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
@@ -37,8 +38,8 @@ from cab_vllm.ops.prefill import _check_common
 LOG2E = 1.4426950408889634
 TILE = 64  # tokens per step of the logits and attention loops
 CHUNK = 4096  # tokens per program of the logits launch
-RADIX_PASSES = 3  # 8-bit digits of the threshold's key
-SHIFT = 32 - 8 * RADIX_PASSES  # the threshold compares order_key >> SHIFT
+LO_BITS = 12  # the threshold's key: order_key's top 8 bits (counted by the logits launch) + LO_BITS (one scan)
+SHIFT = 24 - LO_BITS  # the threshold compares order_key >> SHIFT
 RADIX_TILE = 2048  # logits per histogram step of the threshold launch
 TARGET_PROGRAMS = 264  # attention programs a step aims for (split over the row's tiles)
 MAX_SPLITS = 64
@@ -101,12 +102,14 @@ def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
 
 class TokenScratch(NamedTuple):
     """Buffers of the token decode launches (fixed addresses for CUDA graphs), for up to ``rows`` rows at once:
-    logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), thr / cnt [rows, Hq] int32 (each head's threshold
+    logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), chist [rows, NPAD / CHUNK, Hq, 256] int32 (per
+    chunk and head, the histogram of the logits' first radix digit), thr / cnt [rows, Hq] int32 (each head's threshold
     and kept count), part_o / part_lse flat float32 split partials for rows x Hq x max_splits (x D) (a launch of r rows
     views them as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync
     [rows * Hkv] int32 zeros (the launch leaves them zero)."""
 
     logits: torch.Tensor
+    chist: torch.Tensor
     thr: torch.Tensor
     cnt: torch.Tensor
     part_o: torch.Tensor
@@ -156,6 +159,7 @@ def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, m
     cap = max(r * num_splits(r, num_kv_heads, max_len) for r in range(1, rows + 1))  # rows x splits, at most
     f32 = dict(dtype=torch.float32, device=device)
     return TokenScratch(torch.zeros(rows, num_heads, npad, **f32),
+                        torch.zeros(rows, -(-npad // CHUNK), num_heads, 256, dtype=torch.int32, device=device),
                         torch.zeros(rows, num_heads, dtype=torch.int32, device=device),
                         torch.zeros(rows, num_heads, dtype=torch.int32, device=device),
                         torch.zeros(cap * num_heads * head_dim, **f32), torch.zeros(cap * num_heads, **f32),
@@ -177,24 +181,30 @@ if HAS_TRITON:
         return b ^ ((b >> 31) & 0x7FFFFFFF)
 
     @triton.jit(do_not_specialize=["n_chunks"])
-    def _logits_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, scale_log2, num_heads, num_kv_heads,
-                       n_chunks, stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt, stride_ls,
-                       stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
-                       CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, PAGE_SIZE: tl.constexpr):
-        """Base-2 logits of the group's queries against the keys of one chunk of one row."""
+    def _logits_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, ch_ptr, scale_log2, num_heads,
+                       num_kv_heads, n_chunks, stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt,
+                       stride_ls, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       GROUP_P2: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr,
+                       PAGE_SIZE: tl.constexpr):
+        """Base-2 logits of the group's queries against the keys of one chunk of one row, and per head the
+        histogram of their keys' first digit (order_key >> 24, 256 buckets) over the chunk, into ch [rows, chunks,
+        Hq, 256]: the threshold's first radix pass, counted while the logits are in registers."""
         pid = tl.program_id(0)
         per = num_kv_heads * n_chunks
         s = (pid // per).to(tl.int64)
         kvh = (pid % per) // n_chunks
-        t0 = (pid % n_chunks) * CHUNK_T
+        c = pid % n_chunks
+        t0 = c * CHUNK_T
         n = tl.load(seqlen_ptr + s)
         kt = tl.load(keep_ptr + s)
         if (kt > 0) & (t0 < n):
             group = num_heads // num_kv_heads
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
             q = q.to(k_ptr.dtype.element_ty)
-            heads = kvh * group + tl.arange(0, GROUP_PAD)
+            g = tl.arange(0, GROUP_PAD)
+            heads = kvh * group + g
             row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
+            hist = tl.zeros([2 * GROUP_P2 * 256], dtype=tl.int32)  # (head, digit); the upper half: not counted
             t1 = tl.minimum(t0 + CHUNK_T, n)
             for p0 in range(t0, t1, TILE_T):
                 pos = p0 + tl.arange(0, TILE_T)
@@ -203,63 +213,59 @@ if HAS_TRITON:
                                      stride_kh, d, TILE_T, PAGE_SIZE)
                 k = tl.load(k_ptr + off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
                 z = tl.dot(q, tl.trans(k)) * scale_log2
-                tl.store(row + pos[None, :], z, mask=g_ok[:, None] & k_ok[None, :])
+                live = g_ok[:, None] & k_ok[None, :]
+                tl.store(row + pos[None, :], z, mask=live)
+                bucket = tl.where(live, g[:, None] * 256 + (_order_key(z) >> 24) + 128, GROUP_P2 * 256)
+                hist += tl.histogram(tl.reshape(bucket, [GROUP_PAD * TILE_T]),
+                                     2 * GROUP_P2 * 256)
+            b = tl.arange(0, 2 * GROUP_P2 * 256)
+            tl.store(ch_ptr + ((s * n_chunks + c) * num_heads + kvh * group) * 256 + b, hist, mask=b < group * 256)
 
     @triton.jit
-    def _radix_pass(base, n, prefix, need, P: tl.constexpr, RTILE: tl.constexpr):
-        """Pass P of the threshold's radix select: the histogram of digit P of the keys whose higher digits equal
-        prefix, and the digit whose bucket holds the need-th largest of them -> (new prefix, keys above that
-        bucket, keys in it)."""
-        bins = tl.arange(0, 512)
-        real = bins < 256
-        hist = tl.zeros([512], dtype=tl.int32)
-        for i0 in range(0, n, RTILE):
-            i = i0 + tl.arange(0, RTILE)
-            ok = i < n
-            key = _order_key(tl.load(base + i, mask=ok, other=0.0))
-            if P == 0:
-                digit = (key >> 24) + 128
-                inside = ok
-            else:
-                digit = (key >> (24 - 8 * P)) & 255
-                inside = ok & ((key >> (32 - 8 * P)) == prefix)
-            hist += tl.histogram(tl.where(inside, digit, 256), 512)  # bin 256: not counted
-        hist = tl.where(real, hist, 0)
+    def _bucket(hist, bins, need):
+        """The bucket of ``hist`` [B] (ascending buckets) holding the need-th largest key: (bucket, keys above it,
+        keys in it)."""
         ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys in this bucket or above
-        b = tl.max(tl.where(real & (ge >= need), bins, -1), 0)
+        b = tl.max(tl.where(ge >= need, bins, -1), 0)
         here = tl.sum(tl.where(bins == b, hist, 0), 0)
-        above = tl.sum(tl.where(bins == b, ge, 0), 0) - here
-        if P == 0:
-            prefix = b - 128
-        else:
-            prefix = prefix * 256 + b
-        return prefix, above, here
+        return b, tl.sum(tl.where(bins == b, ge, 0), 0) - here, here
 
-    @triton.jit
-    def _threshold_kernel(lg_ptr, seqlen_ptr, keep_ptr, thr_ptr, cnt_ptr, num_heads, stride_ls, stride_lh,
-                          stride_ts, PASSES: tl.constexpr, RTILE: tl.constexpr, TAKE: tl.constexpr):
-        """One (row, query head): the threshold of its keep best keys (the prefix of the keep-th largest key's top
-        8 x PASSES bits; TAKE when it keeps every key) and how many keys reach it."""
+    @triton.jit(do_not_specialize=["n_chunks"])
+    def _threshold_kernel(lg_ptr, ch_ptr, seqlen_ptr, keep_ptr, thr_ptr, cnt_ptr, num_heads, n_chunks, stride_ls,
+                          stride_lh, stride_ts, CHUNK_T: tl.constexpr, LO: tl.constexpr, RTILE: tl.constexpr,
+                          TAKE: tl.constexpr):
+        """One (row, query head): the threshold of its keep best keys, the keep-th largest key's top 8 + LO bits
+        (order_key >> (24 - LO); TAKE when the head keeps every key), and how many keys reach it. The first digit's
+        histogram is the logits launch's, summed over the row's chunks; the second is counted in one scan of the
+        head's logits, over the keys in the first digit's bucket."""
         pid = tl.program_id(0)
         s = (pid // num_heads).to(tl.int64)
         h = pid % num_heads
         n = tl.load(seqlen_ptr + s)
         kt = tl.load(keep_ptr + s)
         if kt > 0:
-            base = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
             thr = n * 0 + TAKE
             count = n
             if kt < n:
-                need = kt
-                prefix = n * 0
-                count = n * 0
-                for p in tl.static_range(PASSES):
-                    prefix, above, here = _radix_pass(base, n, prefix, need, p, RTILE)
-                    need -= above
-                    count += above
-                    if p == PASSES - 1:
-                        count += here
-                thr = prefix
+                b1 = tl.arange(0, 256)
+                h1 = tl.zeros([256], dtype=tl.int32)
+                for c in range(0, tl.cdiv(n, CHUNK_T)):
+                    h1 += tl.load(ch_ptr + ((s * n_chunks + c) * num_heads + h) * 256 + b1)
+                top, above1, _ = _bucket(h1, b1, kt)
+                hi = top - 128  # the keep-th largest key >> 24
+                base = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
+                b2 = tl.arange(0, 2 << LO)
+                h2 = tl.zeros([2 << LO], dtype=tl.int32)
+                for i0 in range(0, n, RTILE):
+                    i = i0 + tl.arange(0, RTILE)
+                    ok = i < n
+                    key = _order_key(tl.load(base + i, mask=ok, other=0.0))
+                    inside = ok & ((key >> 24) == hi)
+                    h2 += tl.histogram(tl.where(inside, (key >> (24 - LO)) & ((1 << LO) - 1), 1 << LO), 2 << LO)
+                h2 = tl.where(b2 < (1 << LO), h2, 0)  # the upper half: keys outside the bucket
+                low, above2, here2 = _bucket(h2, b2, kt - above1)
+                thr = hi * (1 << LO) + low
+                count = above1 + above2 + here2
             tl.store(thr_ptr + s * stride_ts + h, thr)
             tl.store(cnt_ptr + s * stride_ts + h, count)
 
@@ -356,7 +362,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         max_len = int(seq_lens[:ns].max())
         scratch = token_scratch(scratch_rows(hq, max_len, ns), hq, hkv, d, max_len, q.device)
     check(scratch.logits.shape[1] == hq and scratch.part_o.numel() == scratch.part_lse.numel() * d
-          and scratch.sync.numel() >= scratch.rows * hkv,
+          and scratch.sync.numel() >= scratch.rows * hkv
+          and tuple(scratch.chist.shape[1:]) == (-(-scratch.logits.shape[-1] // CHUNK), hq, 256),
           "token decode scratch does not match (heads, head dim, KV heads)")
     npad = scratch.logits.shape[-1]
     if q.device.type == "cpu":  # (on a GPU this would be a host sync, and a CUDA graph cannot hold one)
@@ -366,22 +373,23 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     block_d = max(16, next_pow2(d))
     gpad = max(16, next_pow2(hq // hkv))
     page = key_cache.shape[1]
-    lg, thr, cnt, _, _, lse, sync = scratch
+    lg, chist, thr, cnt, _, _, lse, sync = scratch
     for r0 in range(0, ns, scratch.rows):
         r = min(scratch.rows, ns - r0)
         splits = num_splits(r, hkv, npad)
         po, plse = scratch.partials(r, splits)
         qs, bt, sl, kp, os_ = q[r0:r0 + r], block_table[r0:r0 + r], seq_lens[r0:r0 + r], keep[r0:r0 + r], out[r0:r0 + r]
         _logits_kernel[(r * hkv * n_chunks,)](
-            qs, key_cache, bt, sl, kp, lg, scale * LOG2E, hq, hkv, n_chunks,
+            qs, key_cache, bt, sl, kp, lg, chist, scale * LOG2E, hq, hkv, n_chunks,
             qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0),
             lg.stride(0), lg.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, CHUNK_T=CHUNK, TILE_T=TILE, PAGE_SIZE=page, num_warps=4)
+            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, GROUP_P2=next_pow2(hq // hkv), CHUNK_T=CHUNK, TILE_T=TILE,
+            PAGE_SIZE=page, num_warps=4)
         if stages == 1:
             continue
         _threshold_kernel[(r * hq,)](
-            lg, sl, kp, thr, cnt, hq, lg.stride(0), lg.stride(1), thr.stride(0),
-            PASSES=RADIX_PASSES, RTILE=RADIX_TILE, TAKE=TAKE_ALL, num_warps=8)
+            lg, chist, sl, kp, thr, cnt, hq, n_chunks, lg.stride(0), lg.stride(1), thr.stride(0),
+            CHUNK_T=CHUNK, LO=LO_BITS, RTILE=RADIX_TILE, TAKE=TAKE_ALL, num_warps=8)
         if stages == 2:
             continue
         _attend_kernel[(r * hkv * splits,)](
