@@ -4,20 +4,24 @@ ranked by their exact scores (decode_rule="tokens"). Three launches:
   1. logits     one program per (row, KV head, chunk of CHUNK tokens): the group's queries against every key of the
                 chunk, read in place from the paged cache; base-2 logits (scale x log2 e folded in) into a scratch
                 [rows, Hq, NPAD] float32.
-  2. threshold  one program per (row, query head): a radix select of the keep-th largest logit over two digits of
-                an order-preserving integer key of the float (order_key): its top 8 bits, whose histogram launch 1
-                counted per chunk, then LO_BITS more in one scan of the head's logits. The head keeps every key whose
-                key's top 8 + LO_BITS bits are at least the keep-th largest's: the keep best, and the keys that tie
-                with the keep-th within that bucket (2^-11 relative: the scores' own bf16 rounding is coarser); with
-                the count each head kept.
-  3. attention  one program per (row, KV head, split of the row's 64-token tiles): the stored logits of the group's
+  2. counts     one program per (row, query head, chunk), twice: how many of the chunk's keys fall in each of
+                BUCKETS buckets of the head's logits below its maximum (the maxima of launch 1's chunks), first
+                buckets of STEP_A (a window of BUCKETS x STEP_A below the maximum), then, inside the bucket that
+                holds the keep-th largest key, buckets of STEP_B = STEP_A / BUCKETS.
+  3. threshold  one program per (row, query head): the two buckets that hold its keep-th largest key, summed over
+                the chunks: the head keeps every key above them and in them (the keep best, and those within STEP_B
+                of the keep-th: ties at 0.002 of a base-2 logit), or every key of the window when fewer than keep
+                are in it (the others weigh under 2^-32 of the best key); and how many it keeps.
+  4. attention  one program per (row, KV head, split of the row's 64-token tiles): the stored logits of the group's
                 heads, each head's kept keys only (a tile no head of the group keeps is skipped; only the kept keys'
                 values are loaded), online softmax over the kept keys; the last split of a (row, KV head) merges the
                 partials (ops.decode's merge).
 
 What it reads per layer and row: every key once (launch 1; what a selector that scores every key exactly must read),
-the logits twice (once by launch 2, once by launch 3; with fp32 logits and 32/8 heads of dimension 128 each read
-is 6% of the keys' bytes), and the kept keys' values. A cheaper scorer (a compressed or
+the logits three times (twice to count, once to attend; with fp32 logits and 32/8 heads of dimension 128 each read
+is 6% of the keys' bytes), and the kept keys' values. Every launch spreads over the row's chunks or splits: no
+program scans a whole row (one program per head that scans it several times, as a radix select would, runs on a
+few SMs and, with Triton's warp-ballot histograms of hundreds of buckets, at a few instructions per key). A cheaper scorer (a compressed or
 dimension-major copy of K) would replace launch 1; the rest stays.
 
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
@@ -38,30 +42,53 @@ from cab_vllm.ops.prefill import _check_common
 LOG2E = 1.4426950408889634
 TILE = 64  # tokens per step of the logits and attention loops
 CHUNK = 4096  # tokens per program of the logits launch
-LO_BITS = 12  # the threshold's key: order_key's top 8 bits (counted by the logits launch) + LO_BITS (one scan)
-SHIFT = 24 - LO_BITS  # the threshold compares order_key >> SHIFT
-RADIX_TILE = 2048  # logits per histogram step of the threshold launch
+BUCKETS = 128  # buckets per counting pass
+STEP_A = 0.25  # width of the first pass's buckets, base-2 logits: a window of BUCKETS x STEP_A = 32 below the max
+STEP_B = STEP_A / BUCKETS  # width of the second pass's buckets (1/512)
+COUNT_TILE = 1024  # logits per step of a counting program
 TARGET_PROGRAMS = 264  # attention programs a step aims for (split over the row's tiles)
 MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 8  # a split reads at least this many tiles' logits
 SCRATCH_BYTES = 256 << 20  # logits held at once: more rows than fit run in groups of launches
-TAKE_ALL = -(1 << 30)  # a threshold below every key >> SHIFT: the head keeps every key
-
-
-def order_key(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys of float32 ``x`` that order as the floats do (for finite values and infinities)."""
-    b = x.float().contiguous().view(torch.int32)
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
+ALL = BUCKETS + 1  # a first-pass threshold bucket past every key's: the head keeps every key
 
 
 def kept_keys(logits: torch.Tensor, keep: int) -> torch.Tensor:
-    """The selection rule, [..., n] float32 logits -> [..., n] bool: the ``keep`` largest of each row and every key
-    whose order_key's top bits (>> SHIFT) tie with the keep-th largest's; all of them when keep >= n."""
+    """The selection rule, [..., n] float32 base-2 logits -> [..., n] bool (every key when keep >= n). Each row's keys
+    fall in buckets below its maximum: first pass a = floor((max - z) / STEP_A), capped at BUCKETS (the window's
+    end); the bucket A holding the keep-th largest key (BUCKETS when fewer than keep are in the window), then inside
+    it b = floor((max - z - A STEP_A) / STEP_B) and the bucket B holding the keep-th; kept: a < A, or a == A and
+    b <= B. So the keep best and every key within STEP_B of the keep-th, or, when fewer than keep keys are within
+    BUCKETS x STEP_A of the maximum, those."""
     n = logits.shape[-1]
     if keep >= n:
         return torch.ones_like(logits, dtype=torch.bool)
-    kth = logits.float().topk(keep, dim=-1).values[..., -1:]
-    return (order_key(logits) >> SHIFT) >= (order_key(kth) >> SHIFT)
+    a, b = _buckets(logits.float())
+    big_a, above = _bucket_of(a, keep)  # [..., 1]
+    b = torch.where(a == big_a, b, BUCKETS)
+    big_b, _ = _bucket_of(b, keep - above)
+    return (a < big_a) | ((a == big_a) & (big_a < BUCKETS) & (b <= big_b))
+
+
+def _buckets(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-pass buckets of z [..., n] (BUCKETS past the window) and their second-pass buckets, int64. The same
+    float32 operations as the kernels' (exact: the steps are powers of two)."""
+    d = z.amax(-1, keepdim=True) - z
+    a = torch.clamp(d * (1.0 / STEP_A), max=float(BUCKETS)).long()
+    b = torch.clamp((d - a.float() * STEP_A) * (1.0 / STEP_B), min=0.0, max=float(BUCKETS - 1)).long()
+    return a, b
+
+
+def _bucket_of(buckets: torch.Tensor, need) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bucket (of 0..BUCKETS-1, ascending = larger logits first) where the running count of ``buckets``
+    [..., n] reaches ``need`` (BUCKETS when it does not), and the count in the buckets before it: [..., 1] each."""
+    hist = torch.zeros(*buckets.shape[:-1], BUCKETS + 1, dtype=torch.long, device=buckets.device)
+    hist.scatter_add_(-1, buckets, torch.ones_like(buckets))
+    cum = hist[..., :BUCKETS].cumsum(-1)
+    need = torch.as_tensor(need, device=buckets.device)
+    at = (cum < need).sum(-1, keepdim=True)  # the first bucket whose running count reaches need
+    before = torch.where(at > 0, cum.gather(-1, (at - 1).clamp(min=0).clamp(max=BUCKETS - 1)), 0)
+    return at, before
 
 
 def _check(q, key_cache, value_cache, block_table, seq_lens, keep, out):
@@ -102,16 +129,18 @@ def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
 
 class TokenScratch(NamedTuple):
     """Buffers of the token decode launches (fixed addresses for CUDA graphs), for up to ``rows`` rows at once:
-    logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), chist [rows, NPAD / CHUNK, Hq, 256] int32 (per
-    chunk and head, the histogram of the logits' first radix digit), thr / cnt [rows, Hq] int32 (each head's threshold
-    and kept count), part_o / part_lse flat float32 split partials for rows x Hq x max_splits (x D) (a launch of r rows
-    views them as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync
-    [rows * Hkv] int32 zeros (the launch leaves them zero)."""
+    logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), cmax [rows, Hq, NPAD / CHUNK] float32 (each chunk's
+    largest logit per head), count_a / count_b [rows, Hq, NPAD / CHUNK, BUCKETS] int32 (the counting passes), sel
+    [rows, Hq, 4] int32 (per head: the two threshold buckets, the kept count, and the maximum's float32 bits),
+    part_o / part_lse flat float32 split partials for rows x Hq x max_splits (x D) (a launch of r rows views them
+    as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
+    int32 zeros (the launch leaves them zero)."""
 
     logits: torch.Tensor
-    chist: torch.Tensor
-    thr: torch.Tensor
-    cnt: torch.Tensor
+    cmax: torch.Tensor
+    count_a: torch.Tensor
+    count_b: torch.Tensor
+    sel: torch.Tensor
     part_o: torch.Tensor
     part_lse: torch.Tensor
     lse: torch.Tensor
@@ -158,13 +187,13 @@ def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, m
     npad = -(-max_len // TILE) * TILE
     cap = max(r * num_splits(r, num_kv_heads, max_len) for r in range(1, rows + 1))  # rows x splits, at most
     f32 = dict(dtype=torch.float32, device=device)
-    return TokenScratch(torch.zeros(rows, num_heads, npad, **f32),
-                        torch.zeros(rows, -(-npad // CHUNK), num_heads, 256, dtype=torch.int32, device=device),
-                        torch.zeros(rows, num_heads, dtype=torch.int32, device=device),
-                        torch.zeros(rows, num_heads, dtype=torch.int32, device=device),
+    chunks = -(-npad // CHUNK)
+    i32 = dict(dtype=torch.int32, device=device)
+    return TokenScratch(torch.zeros(rows, num_heads, npad, **f32), torch.zeros(rows, num_heads, chunks, **f32),
+                        torch.zeros(rows, num_heads, chunks, BUCKETS, **i32),
+                        torch.zeros(rows, num_heads, chunks, BUCKETS, **i32), torch.zeros(rows, num_heads, 4, **i32),
                         torch.zeros(cap * num_heads * head_dim, **f32), torch.zeros(cap * num_heads, **f32),
-                        torch.zeros(rows, num_heads, **f32), torch.zeros(rows * num_kv_heads, dtype=torch.int32,
-                                                                         device=device))
+                        torch.zeros(rows, num_heads, **f32), torch.zeros(rows * num_kv_heads, **i32))
 
 
 if HAS_TRITON:
@@ -174,21 +203,13 @@ if HAS_TRITON:
     from cab_vllm.ops.decode import MERGE_SPLITS, _block_offsets, _merge_group, merge_tile
     from cab_vllm.ops.select import _group_query
 
-    @triton.jit
-    def _order_key(z):
-        """order_key in Triton: int32 keys of float32 z that order as z does."""
-        b = z.to(tl.int32, bitcast=True)
-        return b ^ ((b >> 31) & 0x7FFFFFFF)
-
     @triton.jit(do_not_specialize=["n_chunks"])
-    def _logits_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, ch_ptr, scale_log2, num_heads,
+    def _logits_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, cm_ptr, scale_log2, num_heads,
                        num_kv_heads, n_chunks, stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt,
                        stride_ls, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
-                       GROUP_P2: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr,
-                       PAGE_SIZE: tl.constexpr):
-        """Base-2 logits of the group's queries against the keys of one chunk of one row, and per head the
-        histogram of their keys' first digit (order_key >> 24, 256 buckets) over the chunk, into ch [rows, chunks,
-        Hq, 256]: the threshold's first radix pass, counted while the logits are in registers."""
+                       CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, PAGE_SIZE: tl.constexpr):
+        """Base-2 logits of the group's queries against the keys of one chunk of one row, and each head's largest
+        logit over the chunk into cm [rows, Hq, chunks]."""
         pid = tl.program_id(0)
         per = num_kv_heads * n_chunks
         s = (pid // per).to(tl.int64)
@@ -201,10 +222,9 @@ if HAS_TRITON:
             group = num_heads // num_kv_heads
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
             q = q.to(k_ptr.dtype.element_ty)
-            g = tl.arange(0, GROUP_PAD)
-            heads = kvh * group + g
+            heads = kvh * group + tl.arange(0, GROUP_PAD)
             row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
-            hist = tl.zeros([2 * GROUP_P2 * 256], dtype=tl.int32)  # (head, digit); the upper half: not counted
+            m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
             t1 = tl.minimum(t0 + CHUNK_T, n)
             for p0 in range(t0, t1, TILE_T):
                 pos = p0 + tl.arange(0, TILE_T)
@@ -215,68 +235,116 @@ if HAS_TRITON:
                 z = tl.dot(q, tl.trans(k)) * scale_log2
                 live = g_ok[:, None] & k_ok[None, :]
                 tl.store(row + pos[None, :], z, mask=live)
-                bucket = tl.where(live, g[:, None] * 256 + (_order_key(z) >> 24) + 128, GROUP_P2 * 256)
-                hist += tl.histogram(tl.reshape(bucket, [GROUP_PAD * TILE_T]),
-                                     2 * GROUP_P2 * 256)
-            b = tl.arange(0, 2 * GROUP_P2 * 256)
-            tl.store(ch_ptr + ((s * n_chunks + c) * num_heads + kvh * group) * 256 + b, hist, mask=b < group * 256)
+                m = tl.maximum(m, tl.max(tl.where(live, z, float("-inf")), 1))
+            tl.store(cm_ptr + (s * num_heads + heads) * n_chunks + c, m, mask=g_ok)
 
     @triton.jit
-    def _bucket(hist, bins, need):
-        """The bucket of ``hist`` [B] (ascending buckets) holding the need-th largest key: (bucket, keys above it,
-        keys in it)."""
-        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys in this bucket or above
-        b = tl.max(tl.where(ge >= need, bins, -1), 0)
-        here = tl.sum(tl.where(bins == b, hist, 0), 0)
-        return b, tl.sum(tl.where(bins == b, ge, 0), 0) - here, here
+    def _row_max(cm_ptr, s, h, num_heads, n_chunks, nch, NCH: tl.constexpr):
+        """A head's largest logit: the maximum of its row's first nch chunk maxima."""
+        c = tl.arange(0, NCH)
+        return tl.max(tl.load(cm_ptr + (s * num_heads + h) * n_chunks + c, mask=c < nch, other=float("-inf")), 0)
+
+    @triton.jit
+    def _first_bucket(cnt_ptr, s, h, num_heads, n_chunks, nch, need, NB: tl.constexpr):
+        """A head's bucket counts [chunks, NB] summed over its row's first nch chunks -> (the bucket where the
+        running count reaches need, NB when it does not; the count before it; the count in it)."""
+        b = tl.arange(0, NB)
+        hist = tl.zeros([NB], dtype=tl.int32)
+        base = cnt_ptr + (s * num_heads + h) * n_chunks * NB
+        for c in range(0, nch):
+            hist += tl.load(base + c * NB + b)
+        cum = tl.cumsum(hist, 0)
+        at = tl.sum((cum < need).to(tl.int32), 0)
+        return at, tl.sum(tl.where(b == at - 1, cum, 0), 0), tl.sum(tl.where(b == at, hist, 0), 0)
+
+    @triton.jit
+    def _key_buckets(d, big_a, NB: tl.constexpr, INV_A: tl.constexpr, STEP_A_T: tl.constexpr, INV_B: tl.constexpr):
+        """First- and second-pass buckets (int32) of keys d below their head's maximum (as _buckets in PyTorch);
+        the second relative to first-pass bucket big_a."""
+        a = tl.minimum(d * INV_A, NB).to(tl.int32)
+        b = tl.minimum(tl.maximum((d - big_a.to(tl.float32) * STEP_A_T) * INV_B, 0.0), NB - 1).to(tl.int32)
+        return a, b
 
     @triton.jit(do_not_specialize=["n_chunks"])
-    def _threshold_kernel(lg_ptr, ch_ptr, seqlen_ptr, keep_ptr, thr_ptr, cnt_ptr, num_heads, n_chunks, stride_ls,
-                          stride_lh, stride_ts, CHUNK_T: tl.constexpr, LO: tl.constexpr, RTILE: tl.constexpr,
-                          TAKE: tl.constexpr):
-        """One (row, query head): the threshold of its keep best keys, the keep-th largest key's top 8 + LO bits
-        (order_key >> (24 - LO); TAKE when the head keeps every key), and how many keys reach it. The first digit's
-        histogram is the logits launch's, summed over the row's chunks; the second is counted in one scan of the
-        head's logits, over the keys in the first digit's bucket."""
+    def _count_kernel(lg_ptr, cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, num_heads, n_chunks, stride_ls,
+                      stride_lh, SECOND: tl.constexpr, CHUNK_T: tl.constexpr, RTILE: tl.constexpr, NB: tl.constexpr,
+                      NCH: tl.constexpr, INV_A: tl.constexpr, STEP_A_T: tl.constexpr, INV_B: tl.constexpr):
+        """One (row, query head, chunk): how many of the chunk's keys fall in each first-pass bucket (into ca), or
+        (SECOND) in each second-pass bucket of the first-pass bucket holding the head's keep-th largest key (into
+        cb). Rows that keep every key count nothing."""
+        pid = tl.program_id(0)
+        per = num_heads * n_chunks
+        s = (pid // per).to(tl.int64)
+        h = (pid % per) // n_chunks
+        c = pid % n_chunks
+        n = tl.load(seqlen_ptr + s)
+        kt = tl.load(keep_ptr + s)
+        t0 = c * CHUNK_T
+        if (kt > 0) & (kt < n) & (t0 < n):
+            nch = tl.cdiv(n, CHUNK_T)
+            gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, nch, NCH)
+            big_a = n * 0
+            if SECOND:
+                big_a, _, _ = _first_bucket(ca_ptr, s, h, num_heads, n_chunks, nch, kt, NB)
+            base = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
+            hist = tl.zeros([2 * NB], dtype=tl.int32)  # the upper half: keys not counted
+            t1 = tl.minimum(t0 + CHUNK_T, n)
+            for i0 in range(t0, t1, RTILE):
+                i = i0 + tl.arange(0, RTILE)
+                ok = i < t1
+                z = tl.load(base + i, mask=ok, other=0.0)
+                a, b = _key_buckets(gmax - z, big_a, NB, INV_A, STEP_A_T, INV_B)
+                if SECOND:
+                    bucket = tl.where(ok & (a == big_a), b, NB)
+                else:
+                    bucket = tl.where(ok, a, NB)  # a == NB: past the window
+                hist += tl.histogram(bucket, 2 * NB)
+            bb = tl.arange(0, 2 * NB)
+            off = ((s * num_heads + h) * n_chunks + c) * NB + bb
+            if SECOND:
+                tl.store(cb_ptr + off, hist, mask=bb < NB)
+            else:
+                tl.store(ca_ptr + off, hist, mask=bb < NB)
+
+    @triton.jit(do_not_specialize=["n_chunks"])
+    def _select_kernel(cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, sel_ptr, num_heads, n_chunks,
+                       CHUNK_T: tl.constexpr, NB: tl.constexpr, NCH: tl.constexpr, ALL_T: tl.constexpr):
+        """One (row, query head): its threshold buckets (A, B: keep a < A, or a == A and b <= B; A = ALL_T keeps
+        every key, B = -1 nothing of bucket A), how many keys that keeps, and its maximum (float32 bits) into
+        sel [rows, Hq, 4]."""
         pid = tl.program_id(0)
         s = (pid // num_heads).to(tl.int64)
         h = pid % num_heads
         n = tl.load(seqlen_ptr + s)
         kt = tl.load(keep_ptr + s)
         if kt > 0:
-            thr = n * 0 + TAKE
+            nch = tl.cdiv(n, CHUNK_T)
+            gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, nch, NCH)
+            big_a = n * 0 + ALL_T
+            big_b = n * 0
             count = n
             if kt < n:
-                b1 = tl.arange(0, 256)
-                h1 = tl.zeros([256], dtype=tl.int32)
-                for c in range(0, tl.cdiv(n, CHUNK_T)):
-                    h1 += tl.load(ch_ptr + ((s * n_chunks + c) * num_heads + h) * 256 + b1)
-                top, above1, _ = _bucket(h1, b1, kt)
-                hi = top - 128  # the keep-th largest key >> 24
-                base = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
-                b2 = tl.arange(0, 2 << LO)
-                h2 = tl.zeros([2 << LO], dtype=tl.int32)
-                for i0 in range(0, n, RTILE):
-                    i = i0 + tl.arange(0, RTILE)
-                    ok = i < n
-                    key = _order_key(tl.load(base + i, mask=ok, other=0.0))
-                    inside = ok & ((key >> 24) == hi)
-                    h2 += tl.histogram(tl.where(inside, (key >> (24 - LO)) & ((1 << LO) - 1), 1 << LO), 2 << LO)
-                h2 = tl.where(b2 < (1 << LO), h2, 0)  # the upper half: keys outside the bucket
-                low, above2, here2 = _bucket(h2, b2, kt - above1)
-                thr = hi * (1 << LO) + low
-                count = above1 + above2 + here2
-            tl.store(thr_ptr + s * stride_ts + h, thr)
-            tl.store(cnt_ptr + s * stride_ts + h, count)
+                big_a, above, _ = _first_bucket(ca_ptr, s, h, num_heads, n_chunks, nch, kt, NB)
+                if big_a < NB:
+                    big_b, above_b, here_b = _first_bucket(cb_ptr, s, h, num_heads, n_chunks, nch, kt - above, NB)
+                    count = above + above_b + here_b
+                else:  # fewer than keep keys in the window: all of those
+                    big_b = n * 0 - 1
+                    count = above
+            out = sel_ptr + (s * num_heads + h) * 4
+            tl.store(out, big_a)
+            tl.store(out + 1, big_b)
+            tl.store(out + 2, count)
+            tl.store(out + 3, gmax.to(tl.int32, bitcast=True))
 
     @triton.jit(do_not_specialize=["num_splits"])
-    def _attend_kernel(lg_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, thr_ptr, po_ptr, plse_ptr, o_ptr, lse_ptr,
+    def _attend_kernel(lg_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, po_ptr, plse_ptr, o_ptr, lse_ptr,
                        sync_ptr, num_heads, num_kv_heads, num_splits, min_per,
-                       stride_ls, stride_lh, stride_ts, stride_vpage, stride_vpos, stride_vh, stride_bt,
+                       stride_ls, stride_lh, stride_vpage, stride_vpos, stride_vh, stride_bt,
                        stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_T: tl.constexpr,
-                       PAGE_SIZE: tl.constexpr, SHIFT_T: tl.constexpr, MERGE_G: tl.constexpr,
-                       MERGE_SPLITS_T: tl.constexpr):
+                       PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, STEP_A_T: tl.constexpr,
+                       INV_B: tl.constexpr, MERGE_G: tl.constexpr, MERGE_SPLITS_T: tl.constexpr):
         """Split `split` of (row, KV head): online softmax over the kept keys of its tiles (stored logits; values
         of kept keys only) -> normalized partial and base-2 LSE; the last split to finish merges the group's."""
         u = tl.program_id(0)
@@ -293,7 +361,10 @@ if HAS_TRITON:
             heads = kvh * group + g
             d = tl.arange(0, BLOCK_D)
             d_ok = d < HEAD_DIM
-            thr = tl.load(thr_ptr + s * stride_ts + heads, mask=g_ok, other=1 << 30)
+            sel_row = sel_ptr + (s * num_heads + heads) * 4
+            big_a = tl.load(sel_row, mask=g_ok, other=-1)  # a padded head keeps nothing
+            big_b = tl.load(sel_row + 1, mask=g_ok, other=-1)
+            gmax = tl.load(sel_row + 3, mask=g_ok, other=0).to(tl.float32, bitcast=True)
             tiles = tl.cdiv(n, TILE_T)
             per_split = tl.maximum(tl.cdiv(tiles, num_splits), min_per)
             used = tl.cdiv(tiles, per_split)
@@ -307,7 +378,9 @@ if HAS_TRITON:
                 pos = i * TILE_T + tl.arange(0, TILE_T)
                 ok = pos < n
                 z = tl.load(row + pos[None, :], mask=g_ok[:, None] & ok[None, :], other=0.0)
-                sel = ((_order_key(z) >> SHIFT_T) >= thr[:, None]) & ok[None, :] & g_ok[:, None]
+                a, b = _key_buckets(gmax[:, None] - z, big_a[:, None], NB, INV_A, STEP_A_T, INV_B)
+                sel = ((a < big_a[:, None]) | ((a == big_a[:, None]) & (b <= big_b[:, None]))) & ok[None, :] \
+                    & g_ok[:, None]
                 tok = tl.max(sel.to(tl.int32), 0) > 0  # some head of the group keeps the key
                 if tl.max(tok.to(tl.int32), 0) > 0:
                     off = _block_offsets(bt_ptr, stride_bt, s, i, tok, kvh, stride_vpage, stride_vpos, stride_vh, d,
@@ -350,7 +423,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     GPU not checked: the engine sizes it for max_model_len; fixed addresses for CUDA graphs; made here when None,
     from one host read of seq_lens); rows beyond its row
     count run in further groups of launches. counts [S, Hq] int32: filled with the keys each head kept. stages: the
-    launches run, for profiling (1: the logits, 2: and the threshold; 3: all, the only value that writes out)."""
+    launches run, for profiling (1: the logits, 2: and the counts and thresholds; 3: all, the only value that writes
+    out)."""
     hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out)
     check(stages in (1, 2, 3), f"stages={stages!r} must be 1, 2 or 3")
     ns = q.shape[0]
@@ -361,45 +435,47 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     if scratch is None:
         max_len = int(seq_lens[:ns].max())
         scratch = token_scratch(scratch_rows(hq, max_len, ns), hq, hkv, d, max_len, q.device)
-    check(scratch.logits.shape[1] == hq and scratch.part_o.numel() == scratch.part_lse.numel() * d
-          and scratch.sync.numel() >= scratch.rows * hkv
-          and tuple(scratch.chist.shape[1:]) == (-(-scratch.logits.shape[-1] // CHUNK), hq, 256),
-          "token decode scratch does not match (heads, head dim, KV heads)")
     npad = scratch.logits.shape[-1]
+    n_chunks = triton.cdiv(npad, CHUNK)
+    check(scratch.logits.shape[1] == hq and scratch.part_o.numel() == scratch.part_lse.numel() * d
+          and scratch.sync.numel() >= scratch.rows * hkv and tuple(scratch.cmax.shape[1:]) == (hq, n_chunks)
+          and tuple(scratch.count_a.shape[1:]) == (hq, n_chunks, BUCKETS),
+          "token decode scratch does not match (heads, head dim, KV heads)")
     if q.device.type == "cpu":  # (on a GPU this would be a host sync, and a CUDA graph cannot hold one)
         check(int(seq_lens[:ns].max()) <= npad, f"a row of {int(seq_lens[:ns].max())} tokens does not fit the "
                                                 f"scratch's logits ({npad} tokens)")
-    n_chunks = triton.cdiv(npad, CHUNK)
     block_d = max(16, next_pow2(d))
     gpad = max(16, next_pow2(hq // hkv))
     page = key_cache.shape[1]
-    lg, chist, thr, cnt, _, _, lse, sync = scratch
+    steps = dict(NB=BUCKETS, INV_A=1.0 / STEP_A, STEP_A_T=STEP_A, INV_B=1.0 / STEP_B)
+    lg, cmax, ca, cb, sel = scratch.logits, scratch.cmax, scratch.count_a, scratch.count_b, scratch.sel
     for r0 in range(0, ns, scratch.rows):
         r = min(scratch.rows, ns - r0)
         splits = num_splits(r, hkv, npad)
         po, plse = scratch.partials(r, splits)
         qs, bt, sl, kp, os_ = q[r0:r0 + r], block_table[r0:r0 + r], seq_lens[r0:r0 + r], keep[r0:r0 + r], out[r0:r0 + r]
         _logits_kernel[(r * hkv * n_chunks,)](
-            qs, key_cache, bt, sl, kp, lg, chist, scale * LOG2E, hq, hkv, n_chunks,
+            qs, key_cache, bt, sl, kp, lg, cmax, scale * LOG2E, hq, hkv, n_chunks,
             qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0),
             lg.stride(0), lg.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, GROUP_P2=next_pow2(hq // hkv), CHUNK_T=CHUNK, TILE_T=TILE,
-            PAGE_SIZE=page, num_warps=4)
+            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, CHUNK_T=CHUNK, TILE_T=TILE, PAGE_SIZE=page, num_warps=4)
         if stages == 1:
             continue
-        _threshold_kernel[(r * hq,)](
-            lg, chist, sl, kp, thr, cnt, hq, n_chunks, lg.stride(0), lg.stride(1), thr.stride(0),
-            CHUNK_T=CHUNK, LO=LO_BITS, RTILE=RADIX_TILE, TAKE=TAKE_ALL, num_warps=8)
+        for second in (False, True):
+            _count_kernel[(r * hq * n_chunks,)](
+                lg, cmax, ca, cb, sl, kp, hq, n_chunks, lg.stride(0), lg.stride(1), SECOND=second, CHUNK_T=CHUNK,
+                RTILE=COUNT_TILE, NCH=next_pow2(n_chunks), **steps, num_warps=4)
+        _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, CHUNK_T=CHUNK, NB=BUCKETS,
+                                  NCH=next_pow2(n_chunks), ALL_T=ALL, num_warps=4)
         if stages == 2:
             continue
         _attend_kernel[(r * hkv * splits,)](
-            lg, value_cache, bt, sl, kp, thr, po, plse, os_, lse, sync, hq, hkv, splits, MIN_TILES_PER_SPLIT,
-            lg.stride(0), lg.stride(1), thr.stride(0), value_cache.stride(0), value_cache.stride(1),
+            lg, value_cache, bt, sl, kp, sel, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
+            MIN_TILES_PER_SPLIT, lg.stride(0), lg.stride(1), value_cache.stride(0), value_cache.stride(1),
             value_cache.stride(2), bt.stride(0), po.stride(0), po.stride(1), po.stride(2), os_.stride(0),
             os_.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=TILE, PAGE_SIZE=page, SHIFT_T=SHIFT,
+            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=TILE, PAGE_SIZE=page, **steps,
             MERGE_G=next_pow2(hq // hkv), MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), num_warps=4)
         if counts is not None:
-            live = kp > 0
-            counts[r0:r0 + r] = torch.where(live[:, None], cnt[:r], counts[r0:r0 + r])
+            counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
     return out

@@ -145,19 +145,32 @@ def test_rows_beyond_the_scratch_run_in_groups_and_the_scratch_is_reusable():
         assert torch.all(scratch.sync == 0)
 
 
-def test_order_key_orders_like_the_floats():
-    x = torch.cat([torch.randn(1000) * 50, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-30, -1e-30])])
-    k = td.order_key(x)
-    assert torch.equal(torch.argsort(x, stable=True), torch.argsort(k, stable=True)) or torch.equal(
-        x[torch.argsort(k, stable=True)], x.sort().values)
-    assert torch.all(x[torch.argsort(k, stable=True)].diff() >= 0)
-
-
 def test_kept_keys_rule():
     z = torch.tensor([[3.0, 1.0, 2.0, 2.0, -1.0]])
     assert td.kept_keys(z, 2).tolist() == [[True, False, True, True, False]]  # the tie with the 2nd kept
     assert td.kept_keys(z, 5).all() and td.kept_keys(z, 9).all()
     assert td.kept_keys(z, 1).tolist() == [[True, False, False, False, False]]
+    # within STEP_B (1/512 of a base-2 logit) of the keep-th: kept; further: not
+    z = torch.tensor([[10.0, 9.5, 9.5 - 1e-4, 9.49, 5.0]])
+    assert td.kept_keys(z, 2).tolist() == [[True, True, True, False, False]]
+    # fewer than keep keys within the window (BUCKETS x STEP_A = 32 below the maximum): those only
+    z = torch.tensor([[40.0, 30.0, 0.0, -1.0, -2.0]])
+    assert td.kept_keys(z, 3).tolist() == [[True, True, False, False, False]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kept_keys_are_the_top_keys_and_their_near_ties(seed):
+    """On random logits of any spread: every one of the keep best is kept, and nothing below the keep-th by more
+    than STEP_B (unless fewer than keep lie within the window, where the window's keys are kept)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(3, 5, 700, generator=gen) * (1.0 + 10.0 * seed)
+    for keep in (1, 7, 100, 699):
+        kept = td.kept_keys(z, keep)
+        kth = z.topk(keep, dim=-1).values[..., -1:]
+        window = z >= z.amax(-1, keepdim=True) - td.BUCKETS * td.STEP_A
+        in_window = window.sum(-1, keepdim=True) >= keep
+        assert bool(torch.where(in_window, (z >= kth) <= kept, kept == window).all())
+        assert bool(torch.where(in_window, ~kept | (z >= kth - td.STEP_B), True).all())
 
 
 def test_bad_inputs_are_named():
@@ -231,6 +244,24 @@ def test_profiling_stages_stop_after_their_launch():
     z = torch.einsum("hd,hnd->hn", q[0], k) * 0.2 * td.LOG2E
     assert torch.allclose(scratch.logits[0, :, :150], z, atol=1e-5) and torch.all(out == 3.0)
     td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=2)
-    assert scratch.cnt[0].tolist() == [20] * 4 and torch.all(out == 3.0)
+    assert scratch.sel[0, :, 2].tolist() == [20] * 4 and torch.all(out == 3.0)
     with pytest.raises(ValueError, match="stages=4"):
         td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=4)
+
+
+@TRITON
+@pytest.mark.parametrize("keep", [3, 40, 250])
+def test_triton_equals_the_twin_on_peaked_scores(keep):
+    """Scores spread over far more than the window (32 base-2 units below the maximum): heads keep the window's
+    keys where fewer than keep lie in it; Triton and the twin keep the same keys."""
+    q, kc, vc, bt, sl = paged([300, 130], 4, 2, 32, 16, seed=12)
+    kp = torch.tensor([keep, keep], dtype=torch.int32)
+    res = []
+    for impl in ("torch", "triton"):
+        o, c = torch.empty_like(q), torch.zeros(2, 4, dtype=torch.int32)
+        td.token_decode(q, kc, vc, bt, sl, kp, 4.0, o, counts=c, impl=impl)
+        res.append((o, c))
+    assert torch.equal(res[0][1], res[1][1])
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
+    if keep == 250:
+        assert (res[0][1][0] < 250).any()  # some head found fewer than keep keys in its window
