@@ -18,7 +18,7 @@ the engine's routed_decode takes it for batches of up to ops.decode.ONE_LAUNCH_M
 and, for comparison, the plain split-K kernel on the same blocks (ops.decode.paged_sparse_decode, no routing,
 no selection role) and dense decode through the same kernel (every block); and the token decode of
 decode_rule="tokens" (ops.token_decode, every row keeping CABConfig.decode_tokens keys per head: tokens; its first
-launch alone, the exact logits of every key: tok_logits; with the threshold's radix select: tok_select).
+launch alone, the exact logits of every key: tok_logits; with the counting and threshold launches: tok_select).
 Prints microseconds per step. By
 default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
 --max-len sizes the decode workspace, the prompt table and the block table's rows as an engine of that max_model_len
