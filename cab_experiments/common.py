@@ -27,8 +27,8 @@ class Variant:
     The extra key ``phases=prefill|decode`` sparsifies only that phase, ``layers=LO-HI`` only layers LO..HI-1,
     ``early=N@S`` runs layers below N at sparsity S, ``compensate=mean|mass`` adds the dropped blocks' average back,
     ``oracle=token`` lets every sparse row keep its own best keys token by token at the same density, and
-    ``tokens=pcaR|sparqR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
-    only; pca needs the model's key basis, cab_vllm.hf.calibrate_key_basis)."""
+    ``tokens=pcaR|sparqR|sparqgR|dimsR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
+    only; pca and dims need the model's key basis and dimension order, cab_vllm.hf.calibrate_key_basis)."""
 
     spec: str
     policy: str

@@ -110,9 +110,9 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     the blocks its policy kept hold (token_oracle_attention) — an ablation of what 64-token blocks cost at the
     same density (PyTorch; the achieved density is the block selection's). tokens: the same with the keys ranked by
     an estimate instead of their exact scores (parse_tokens: "exact" = oracle="token", "pcaR", "sparqR", "sparqgR",
-    "intB", each with a "kv" suffix for one set per KV group; the kept keys' exact scores enter the softmax) — what
-    a training-free token selector keeps of the oracle's accuracy. "pcaR" needs each attention module's key basis
-    (calibrate_key_basis)."""
+    "dimsR", "intB", each with a "kv" suffix for one set per KV group; the kept keys' exact scores enter the
+    softmax) — what a training-free token selector keeps of the oracle's accuracy. "pcaR" and "dimsR" need each
+    attention module's key basis and dimension order (calibrate_key_basis)."""
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"oracle={oracle!r} must be one of {ORACLES} or None")
     if oracle is not None and tokens is not None:
