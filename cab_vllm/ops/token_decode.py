@@ -1,5 +1,5 @@
 """Token-sparse decode over vLLM's paged KV cache: each query head attends to its own ``keep`` highest-scoring keys,
-ranked by their exact scores (decode_rule="tokens"). Three launches:
+ranked by their exact scores (decode_rule="tokens"). Five launches (the counting one runs twice):
 
   1. logits     one program per (row, KV head, chunk of CHUNK tokens): the group's queries against every key of the
                 chunk, read in place from the paged cache; base-2 logits (scale x log2 e folded in) into a scratch
@@ -21,8 +21,10 @@ What it reads per layer and row: every key once (launch 1; what a selector that 
 the logits three times (twice to count, once to attend; with fp32 logits and 32/8 heads of dimension 128 each read
 is 6% of the keys' bytes), and the kept keys' values. Every launch spreads over the row's chunks or splits: no
 program scans a whole row (one program per head that scans it several times, as a radix select would, runs on a
-few SMs and, with Triton's warp-ballot histograms of hundreds of buckets, at a few instructions per key). A cheaper scorer (a compressed or
-dimension-major copy of K) would replace launch 1; the rest stays.
+few SMs), and the histograms have 128 buckets (Triton builds tl.histogram from warp ballots, whose cost per key grows
+with the bucket count). A cheaper scorer (a compressed or dimension-major copy of K) would replace launch 1; the rest
+stays. (A fixed subset of each key's dimensions is no such scorer: experiments/RESULTS.md, "Fixed dimensions do not
+rank keys".)
 
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
 with keep 0 return at once and are not written. Twin: token_decode_torch (the same rule in PyTorch: the CPU path and
