@@ -178,3 +178,25 @@ def test_warm_up_runs_the_token_decode_on_the_engines_scratch(monkeypatch):
     warm_up_kernels(4, 2, 32, torch.float32, "cpu", CABConfig(decode_rule="bounds"),
                     DecodeWorkspace(4, 4, 2, 32, 64, "cpu"), token_scratch=scratch)
     assert seen == []
+
+
+@pytest.mark.gpu
+def test_token_rows_through_the_kernel_path_gpu():
+    """On a GPU, 8B geometry in bf16: dense prompts of 20k and 5k tokens, then decode steps at 98% whose token rows
+    run the Triton token decode; each row against its own float64 reference (the same kept keys)."""
+    lens = [20010, 5010]
+    hq, hkv, d = 32, 8, 128
+    gen = torch.Generator().manual_seed(21)
+    mk = lambda h, n: torch.randn(h, n, d, generator=gen).to("cuda", torch.bfloat16)  # noqa: E731
+    tok = CABConfig(sparsity=0.98, decode_rule="tokens", dense_prefill=True)
+    sim = PagedSim([mk(hq, n) for n in lens], [mk(hkv, n) for n in lens], [mk(hkv, n) for n in lens], 16, tok)
+    sim.step([(0, 20000), (1, 5000)], dense_threshold=1024, impl="triton")
+    scale = 1 / math.sqrt(d)
+    for _ in range(3):
+        out, md = sim.step([(0, 1), (1, 1)], dense_threshold=1024, impl="triton")
+        plan = md["plan"]
+        assert plan.modes == [MODE_SKIP, MODE_SKIP] and all(plan.tkeep)
+        for r in (0, 1):
+            n = sim.done[r]
+            ref = token_reference(sim, r, n, plan.tkeep[r], scale)
+            assert rel_err(out[r:r + 1], ref) < 2e-2
