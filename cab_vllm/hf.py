@@ -414,16 +414,12 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
     cfg, impl = _STATE.cfg, _STATE.impl
     if (_STATE.phases == "prefill" and nq != nk) or (_STATE.phases == "decode" and nq == nk):
         cfg = None  # this phase runs dense
-    elif cfg is not None and cfg.dense_prefill and nq == nk and cfg.policy != "dense":
-        # CABConfig.dense_prefill: the prompt attends densely and counts as keeping every causal block
-        m = num_blocks(nk, cfg.block_size)
-        _STATE.stats["kept"] += key.shape[0] * key.shape[1] * m * (m + 1) // 2
-        _STATE.stats["causal"] += key.shape[0] * key.shape[1] * m * (m + 1) // 2
-        cfg = None
     if cfg is not None and cfg.policy != "dense":
         layer, rng = getattr(module, "layer_idx", 0), _STATE.layers
-        if cfg.dense_layer(layer) or (rng is not None and not rng[0] <= layer < rng[1]):
-            # a dense layer (CABConfig.dense_layers, or outside the ablation's range): every causal block counted
+        if (cfg.dense_layer(layer) or (rng is not None and not rng[0] <= layer < rng[1])
+                or (cfg.dense_prefill and nq == nk)):
+            # a dense layer (CABConfig.dense_layers, or outside the ablation's range) or a dense prompt
+            # (CABConfig.dense_prefill): every causal block counted
             m = num_blocks(nk, cfg.block_size)
             n_causal = key.shape[0] * key.shape[1] * (m * (m + 1) // 2 if nq == nk else m)
             _STATE.stats["kept"] += n_causal

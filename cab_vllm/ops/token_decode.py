@@ -33,7 +33,6 @@ the reference of the tests).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -134,7 +133,7 @@ class TokenScratch(NamedTuple):
     logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), cmax [rows, Hq, NPAD / CHUNK] float32 (each chunk's
     largest logit per head), count_a / count_b [rows, Hq, NPAD / CHUNK, BUCKETS] int32 (the counting passes), sel
     [rows, Hq, 4] int32 (per head: the two threshold buckets, the kept count, and the maximum's float32 bits),
-    part_o / part_lse flat float32 split partials for rows x Hq x max_splits (x D) (a launch of r rows views them
+    part_o / part_lse flat float32 split partials for rows x Hq x the most splits (x D) (a launch of r rows views them
     as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
     int32 zeros (the launch leaves them zero)."""
 
@@ -151,10 +150,6 @@ class TokenScratch(NamedTuple):
     @property
     def rows(self) -> int:
         return self.logits.shape[0]
-
-    @property
-    def max_splits(self) -> int:
-        return self.part_lse.numel() // (self.rows * self.logits.shape[1])
 
     def partials(self, rows: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """part_o [rows, Hq, splits, D] and part_lse [rows, Hq, splits] views (contiguous)."""
@@ -205,6 +200,14 @@ if HAS_TRITON:
     from cab_vllm.ops.decode import MERGE_SPLITS, _block_offsets, _merge_group, merge_tile
     from cab_vllm.ops.select import _group_query
 
+    @triton.jit
+    def _program_row(seqlen_ptr, keep_ptr, mids, inners):
+        """This program's place in a grid of rows x mids x inners -> (row (int64), mid, inner), and the row's length
+        and budget (keep)."""
+        pid = tl.program_id(0)
+        s = (pid // (mids * inners)).to(tl.int64)
+        return s, (pid % (mids * inners)) // inners, pid % inners, tl.load(seqlen_ptr + s), tl.load(keep_ptr + s)
+
     @triton.jit(do_not_specialize=["n_chunks"])
     def _logits_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, cm_ptr, scale_log2, num_heads,
                        num_kv_heads, n_chunks, stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt,
@@ -212,14 +215,8 @@ if HAS_TRITON:
                        CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, PAGE_SIZE: tl.constexpr):
         """Base-2 logits of the group's queries against the keys of one chunk of one row, and each head's largest
         logit over the chunk into cm [rows, Hq, chunks]."""
-        pid = tl.program_id(0)
-        per = num_kv_heads * n_chunks
-        s = (pid // per).to(tl.int64)
-        kvh = (pid % per) // n_chunks
-        c = pid % n_chunks
+        s, kvh, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, n_chunks)
         t0 = c * CHUNK_T
-        n = tl.load(seqlen_ptr + s)
-        kt = tl.load(keep_ptr + s)
         if (kt > 0) & (t0 < n):
             group = num_heads // num_kv_heads
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
@@ -274,13 +271,7 @@ if HAS_TRITON:
         """One (row, query head, chunk): how many of the chunk's keys fall in each first-pass bucket (into ca), or
         (SECOND) in each second-pass bucket of the first-pass bucket holding the head's keep-th largest key (into
         cb). Rows that keep every key count nothing."""
-        pid = tl.program_id(0)
-        per = num_heads * n_chunks
-        s = (pid // per).to(tl.int64)
-        h = (pid % per) // n_chunks
-        c = pid % n_chunks
-        n = tl.load(seqlen_ptr + s)
-        kt = tl.load(keep_ptr + s)
+        s, h, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_heads, n_chunks)
         t0 = c * CHUNK_T
         if (kt > 0) & (kt < n) & (t0 < n):
             nch = tl.cdiv(n, CHUNK_T)
@@ -314,11 +305,7 @@ if HAS_TRITON:
         """One (row, query head): its threshold buckets (A, B: keep a < A, or a == A and b <= B; A = ALL_T keeps
         every key, B = -1 nothing of bucket A), how many keys that keeps, and its maximum (float32 bits) into
         sel [rows, Hq, 4]."""
-        pid = tl.program_id(0)
-        s = (pid // num_heads).to(tl.int64)
-        h = pid % num_heads
-        n = tl.load(seqlen_ptr + s)
-        kt = tl.load(keep_ptr + s)
+        s, _, h, n, kt = _program_row(seqlen_ptr, keep_ptr, 1, num_heads)
         if kt > 0:
             nch = tl.cdiv(n, CHUNK_T)
             gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, nch, NCH)
@@ -349,13 +336,7 @@ if HAS_TRITON:
                        INV_B: tl.constexpr, MERGE_G: tl.constexpr, MERGE_SPLITS_T: tl.constexpr):
         """Split `split` of (row, KV head): online softmax over the kept keys of its tiles (stored logits; values
         of kept keys only) -> normalized partial and base-2 LSE; the last split to finish merges the group's."""
-        u = tl.program_id(0)
-        per = num_kv_heads * num_splits
-        s = (u // per).to(tl.int64)
-        kvh = (u % per) // num_splits
-        split = u % num_splits
-        n = tl.load(seqlen_ptr + s)
-        kt = tl.load(keep_ptr + s)
+        s, kvh, split, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, num_splits)
         if kt > 0:
             group = num_heads // num_kv_heads
             g = tl.arange(0, GROUP_PAD)
