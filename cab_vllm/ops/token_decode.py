@@ -4,7 +4,7 @@ ranked by their exact scores (decode_rule="tokens"). Five launches (the counting
   1. logits     one program per (row, KV head, chunk of CHUNK tokens): the group's queries against every key of the
                 chunk, read in place from the paged cache; base-2 logits (scale x log2 e folded in) into a scratch
                 [rows, Hq, NPAD] float32.
-  2. counts     one program per (row, query head, chunk), twice: how many of the chunk's keys fall in each of
+  2. counts     one program per (row, query head, COUNT_CHUNK logits), twice: how many of them fall in each of
                 BUCKETS buckets of the head's logits below its maximum (the maxima of launch 1's chunks), first
                 buckets of STEP_A (a window of BUCKETS x STEP_A below the maximum), then, inside the bucket that
                 holds the keep-th largest key, buckets of STEP_B = STEP_A / BUCKETS.
@@ -13,16 +13,17 @@ ranked by their exact scores (decode_rule="tokens"). Five launches (the counting
                 of the keep-th: ties at 0.002 of a base-2 logit), or every key of the window when fewer than keep
                 are in it (the others weigh under 2^-32 of the best key); and how many it keeps.
   4. attention  one program per (row, KV head, split of the row's 64-token tiles): the stored logits of the group's
-                heads, each head's kept keys only (a tile no head of the group keeps is skipped; only the kept keys'
-                values are loaded), online softmax over the kept keys; the last split of a (row, KV head) merges the
-                partials (ops.decode's merge).
+                heads, each head's kept keys only (only the kept keys' values are loaded), online softmax over the
+                kept keys; the last split of a (row, KV head) merges the partials (ops.decode's merge).
 
 What it reads per layer and row: every key once (launch 1; what a selector that scores every key exactly must read),
 the logits three times (twice to count, once to attend; with fp32 logits and 32/8 heads of dimension 128 each read
 is 6% of the keys' bytes), and the kept keys' values. Every launch spreads over the row's chunks or splits: no
 program scans a whole row (one program per head that scans it several times, as a radix select would, runs on a
 few SMs), and the histograms have 128 buckets (Triton builds tl.histogram from warp ballots, whose cost per key grows
-with the bucket count). A cheaper scorer (a compressed or dimension-major copy of K) would replace launch 1; the rest
+with the bucket count). Each launch is bound by memory latency unless many programs are in flight: a logits
+program reads CHUNK keys and an attention split at most TILES_PER_SPLIT tiles (on the H200 at 128k, one row,
+4096-key logits programs and 62-tile splits took 125 and 148 us per layer). A cheaper scorer (a compressed or dimension-major copy of K) would replace launch 1; the rest
 stays. (A fixed subset of each key's dimensions is no such scorer: experiments/RESULTS.md, "Fixed dimensions do not
 rank keys".)
 
@@ -42,13 +43,15 @@ from cab_vllm.ops.prefill import _check_common
 
 LOG2E = 1.4426950408889634
 TILE = 64  # tokens per step of the logits and attention loops
-CHUNK = 4096  # tokens per program of the logits launch
+CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
+COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
 BUCKETS = 128  # buckets per counting pass
 STEP_A = 0.25  # width of the first pass's buckets, base-2 logits: a window of BUCKETS x STEP_A = 32 below the max
 STEP_B = STEP_A / BUCKETS  # width of the second pass's buckets (1/512)
 COUNT_TILE = 1024  # logits per step of a counting program
-TARGET_PROGRAMS = 264  # attention programs a step aims for (split over the row's tiles)
-MAX_SPLITS = 64
+TARGET_PROGRAMS = 264  # attention programs a step aims for at least (split over the row's tiles)
+TILES_PER_SPLIT = 16  # and a split reads at most this many tiles at max_len (unless MAX_SPLITS caps the splits)
+MAX_SPLITS = 128
 MIN_TILES_PER_SPLIT = 8  # a split reads at least this many tiles' logits
 SCRATCH_BYTES = 256 << 20  # logits held at once: more rows than fit run in groups of launches
 ALL = BUCKETS + 1  # a first-pass threshold bucket past every key's: the head keeps every key
@@ -131,7 +134,7 @@ def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
 class TokenScratch(NamedTuple):
     """Buffers of the token decode launches (fixed addresses for CUDA graphs), for up to ``rows`` rows at once:
     logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), cmax [rows, Hq, NPAD / CHUNK] float32 (each chunk's
-    largest logit per head), count_a / count_b [rows, Hq, NPAD / CHUNK, BUCKETS] int32 (the counting passes), sel
+    largest logit per head), count_a / count_b [rows, Hq, NPAD / COUNT_CHUNK, BUCKETS] int32 (the counting passes), sel
     [rows, Hq, 4] int32 (per head: the two threshold buckets, the kept count, and the maximum's float32 bits),
     part_o / part_lse flat float32 split partials for rows x Hq x the most splits (x D) (a launch of r rows views them
     as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
@@ -169,10 +172,10 @@ def scratch_rows(num_heads: int, max_len: int, rows: int) -> int:
 
 
 def num_splits(rows: int, num_kv_heads: int, max_len: int) -> int:
-    """Splits per (row, KV head) of the attention launch: ~TARGET_PROGRAMS programs, at most MAX_SPLITS, at least
-    MIN_TILES_PER_SPLIT tiles each at max_len."""
-    want = -(-TARGET_PROGRAMS // max(1, rows * num_kv_heads))
+    """Splits per (row, KV head) of the attention launch: TARGET_PROGRAMS programs at least and at most
+    TILES_PER_SPLIT tiles per split at max_len, capped at MAX_SPLITS and at MIN_TILES_PER_SPLIT tiles per split."""
     tiles = -(-max(1, max_len) // TILE)
+    want = max(-(-TARGET_PROGRAMS // max(1, rows * num_kv_heads)), -(-tiles // TILES_PER_SPLIT))
     return int(max(1, min(want, MAX_SPLITS, -(-tiles // MIN_TILES_PER_SPLIT))))
 
 
@@ -184,11 +187,11 @@ def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, m
     npad = -(-max_len // TILE) * TILE
     cap = max(r * num_splits(r, num_kv_heads, max_len) for r in range(1, rows + 1))  # rows x splits, at most
     f32 = dict(dtype=torch.float32, device=device)
-    chunks = -(-npad // CHUNK)
+    chunks, cchunks = -(-npad // CHUNK), -(-npad // COUNT_CHUNK)
     i32 = dict(dtype=torch.int32, device=device)
     return TokenScratch(torch.zeros(rows, num_heads, npad, **f32), torch.zeros(rows, num_heads, chunks, **f32),
-                        torch.zeros(rows, num_heads, chunks, BUCKETS, **i32),
-                        torch.zeros(rows, num_heads, chunks, BUCKETS, **i32), torch.zeros(rows, num_heads, 4, **i32),
+                        torch.zeros(rows, num_heads, cchunks, BUCKETS, **i32),
+                        torch.zeros(rows, num_heads, cchunks, BUCKETS, **i32), torch.zeros(rows, num_heads, 4, **i32),
                         torch.zeros(cap * num_heads * head_dim, **f32), torch.zeros(cap * num_heads, **f32),
                         torch.zeros(rows, num_heads, **f32), torch.zeros(rows * num_kv_heads, **i32))
 
@@ -264,58 +267,57 @@ if HAS_TRITON:
         b = tl.minimum(tl.maximum((d - big_a.to(tl.float32) * STEP_A_T) * INV_B, 0.0), NB - 1).to(tl.int32)
         return a, b
 
-    @triton.jit(do_not_specialize=["n_chunks"])
-    def _count_kernel(lg_ptr, cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, num_heads, n_chunks, stride_ls,
-                      stride_lh, SECOND: tl.constexpr, CHUNK_T: tl.constexpr, RTILE: tl.constexpr, NB: tl.constexpr,
-                      NCH: tl.constexpr, INV_A: tl.constexpr, STEP_A_T: tl.constexpr, INV_B: tl.constexpr):
-        """One (row, query head, chunk): how many of the chunk's keys fall in each first-pass bucket (into ca), or
-        (SECOND) in each second-pass bucket of the first-pass bucket holding the head's keep-th largest key (into
-        cb). Rows that keep every key count nothing."""
-        s, h, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_heads, n_chunks)
-        t0 = c * CHUNK_T
+    @triton.jit(do_not_specialize=["n_chunks", "n_cchunks"])
+    def _count_kernel(lg_ptr, cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, num_heads, n_chunks, n_cchunks,
+                      stride_ls, stride_lh, SECOND: tl.constexpr, CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr,
+                      RTILE: tl.constexpr, NB: tl.constexpr, NCH: tl.constexpr, INV_A: tl.constexpr,
+                      STEP_A_T: tl.constexpr, INV_B: tl.constexpr):
+        """One (row, query head, counting chunk): how many of the chunk's keys fall in each first-pass bucket (into
+        ca), or (SECOND) in each second-pass bucket of the first-pass bucket holding the head's keep-th largest key
+        (into cb). Rows that keep every key count nothing."""
+        s, h, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_heads, n_cchunks)
+        t0 = c * CCHUNK_T
         if (kt > 0) & (kt < n) & (t0 < n):
-            nch = tl.cdiv(n, CHUNK_T)
-            gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, nch, NCH)
+            gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, tl.cdiv(n, CHUNK_T), NCH)
             big_a = n * 0
             if SECOND:
-                big_a, _, _ = _first_bucket(ca_ptr, s, h, num_heads, n_chunks, nch, kt, NB)
+                big_a, _, _ = _first_bucket(ca_ptr, s, h, num_heads, n_cchunks, tl.cdiv(n, CCHUNK_T), kt, NB)
             base = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
-            hist = tl.zeros([2 * NB], dtype=tl.int32)  # the upper half: keys not counted
-            t1 = tl.minimum(t0 + CHUNK_T, n)
+            hist = tl.zeros([NB], dtype=tl.int32)
+            t1 = tl.minimum(t0 + CCHUNK_T, n)
             for i0 in range(t0, t1, RTILE):
                 i = i0 + tl.arange(0, RTILE)
                 ok = i < t1
                 z = tl.load(base + i, mask=ok, other=0.0)
                 a, b = _key_buckets(gmax - z, big_a, NB, INV_A, STEP_A_T, INV_B)
                 if SECOND:
-                    bucket = tl.where(ok & (a == big_a), b, NB)
+                    hist += tl.histogram(tl.minimum(b, NB - 1), NB, mask=ok & (a == big_a))
                 else:
-                    bucket = tl.where(ok, a, NB)  # a == NB: past the window
-                hist += tl.histogram(bucket, 2 * NB)
-            bb = tl.arange(0, 2 * NB)
-            off = ((s * num_heads + h) * n_chunks + c) * NB + bb
+                    hist += tl.histogram(tl.minimum(a, NB - 1), NB, mask=ok & (a < NB))  # a == NB: past the window
+            off = ((s * num_heads + h) * n_cchunks + c) * NB + tl.arange(0, NB)
             if SECOND:
-                tl.store(cb_ptr + off, hist, mask=bb < NB)
+                tl.store(cb_ptr + off, hist)
             else:
-                tl.store(ca_ptr + off, hist, mask=bb < NB)
+                tl.store(ca_ptr + off, hist)
 
-    @triton.jit(do_not_specialize=["n_chunks"])
-    def _select_kernel(cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, sel_ptr, num_heads, n_chunks,
-                       CHUNK_T: tl.constexpr, NB: tl.constexpr, NCH: tl.constexpr, ALL_T: tl.constexpr):
+    @triton.jit(do_not_specialize=["n_chunks", "n_cchunks"])
+    def _select_kernel(cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, sel_ptr, num_heads, n_chunks, n_cchunks,
+                       CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr, NB: tl.constexpr, NCH: tl.constexpr,
+                       ALL_T: tl.constexpr):
         """One (row, query head): its threshold buckets (A, B: keep a < A, or a == A and b <= B; A = ALL_T keeps
         every key, B = -1 nothing of bucket A), how many keys that keeps, and its maximum (float32 bits) into
         sel [rows, Hq, 4]."""
         s, _, h, n, kt = _program_row(seqlen_ptr, keep_ptr, 1, num_heads)
         if kt > 0:
-            nch = tl.cdiv(n, CHUNK_T)
-            gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, nch, NCH)
+            gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, tl.cdiv(n, CHUNK_T), NCH)
+            ncc = tl.cdiv(n, CCHUNK_T)
             big_a = n * 0 + ALL_T
             big_b = n * 0
             count = n
             if kt < n:
-                big_a, above, _ = _first_bucket(ca_ptr, s, h, num_heads, n_chunks, nch, kt, NB)
+                big_a, above, _ = _first_bucket(ca_ptr, s, h, num_heads, n_cchunks, ncc, kt, NB)
                 if big_a < NB:
-                    big_b, above_b, here_b = _first_bucket(cb_ptr, s, h, num_heads, n_chunks, nch, kt - above, NB)
+                    big_b, above_b, here_b = _first_bucket(cb_ptr, s, h, num_heads, n_cchunks, ncc, kt - above, NB)
                     count = above + above_b + here_b
                 else:  # fewer than keep keys in the window: all of those
                     big_b = n * 0 - 1
@@ -364,19 +366,20 @@ if HAS_TRITON:
                 a, b = _key_buckets(gmax[:, None] - z, big_a[:, None], NB, INV_A, STEP_A_T, INV_B)
                 sel = ((a < big_a[:, None]) | ((a == big_a[:, None]) & (b <= big_b[:, None]))) & ok[None, :] \
                     & g_ok[:, None]
-                tok = tl.max(sel.to(tl.int32), 0) > 0  # some head of the group keeps the key
-                if tl.max(tok.to(tl.int32), 0) > 0:
-                    off = _block_offsets(bt_ptr, stride_bt, s, i, tok, kvh, stride_vpage, stride_vpos, stride_vh, d,
-                                         TILE_T, PAGE_SIZE)
-                    v = tl.load(v_ptr + off, mask=tok[:, None] & d_ok[None, :], other=0.0)
-                    zs = tl.where(sel, z, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(zs, 1))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m_i - m_safe)
-                    p = tl.exp2(zs - m_safe[:, None])
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                    m_i = m_new
+                tok = tl.max(sel.to(tl.int32), 0) > 0  # some head of the group keeps the key: load its value
+                # (no branch on an empty tile: a loop without one is software-pipelined, and masked loads read
+                # nothing)
+                off = _block_offsets(bt_ptr, stride_bt, s, i, tok, kvh, stride_vpage, stride_vpos, stride_vh, d,
+                                     TILE_T, PAGE_SIZE)
+                v = tl.load(v_ptr + off, mask=tok[:, None] & d_ok[None, :], other=0.0)
+                zs = tl.where(sel, z, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(zs, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(zs - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
             out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
             lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
             live = g_ok & (tl.arange(0, GROUP_PAD) * 0 + split < used)
@@ -419,10 +422,10 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         max_len = int(seq_lens[:ns].max())
         scratch = token_scratch(scratch_rows(hq, max_len, ns), hq, hkv, d, max_len, q.device)
     npad = scratch.logits.shape[-1]
-    n_chunks = triton.cdiv(npad, CHUNK)
+    n_chunks, n_cchunks = triton.cdiv(npad, CHUNK), triton.cdiv(npad, COUNT_CHUNK)
     check(scratch.logits.shape[1] == hq and scratch.part_o.numel() == scratch.part_lse.numel() * d
           and scratch.sync.numel() >= scratch.rows * hkv and tuple(scratch.cmax.shape[1:]) == (hq, n_chunks)
-          and tuple(scratch.count_a.shape[1:]) == (hq, n_chunks, BUCKETS),
+          and tuple(scratch.count_a.shape[1:]) == (hq, n_cchunks, BUCKETS),
           "token decode scratch does not match (heads, head dim, KV heads)")
     if q.device.type == "cpu":  # (on a GPU this would be a host sync, and a CUDA graph cannot hold one)
         check(int(seq_lens[:ns].max()) <= npad, f"a row of {int(seq_lens[:ns].max())} tokens does not fit the "
@@ -445,11 +448,11 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         if stages == 1:
             continue
         for second in (False, True):
-            _count_kernel[(r * hq * n_chunks,)](
-                lg, cmax, ca, cb, sl, kp, hq, n_chunks, lg.stride(0), lg.stride(1), SECOND=second, CHUNK_T=CHUNK,
-                RTILE=COUNT_TILE, NCH=next_pow2(n_chunks), **steps, num_warps=4)
-        _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, CHUNK_T=CHUNK, NB=BUCKETS,
-                                  NCH=next_pow2(n_chunks), ALL_T=ALL, num_warps=4)
+            _count_kernel[(r * hq * n_cchunks,)](
+                lg, cmax, ca, cb, sl, kp, hq, n_chunks, n_cchunks, lg.stride(0), lg.stride(1), SECOND=second,
+                CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, NCH=next_pow2(n_chunks), **steps, num_warps=4)
+        _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, n_cchunks, CHUNK_T=CHUNK,
+                                  CCHUNK_T=COUNT_CHUNK, NB=BUCKETS, NCH=next_pow2(n_chunks), ALL_T=ALL, num_warps=4)
         if stages == 2:
             continue
         _attend_kernel[(r * hkv * splits,)](

@@ -60,7 +60,7 @@ CASES = [  # (lens, keep, Hq, Hkv, D, page)
     ([77, 130, 300], [10, 0, 45], 4, 2, 32, 16),  # GQA 2, a row left alone
     ([200, 65, 1], [300, 7, 5], 6, 2, 48, 64),  # keep > n (every key), a one-token context
     ([513, 129], [37, 129], 3, 3, 64, 32),  # MHA, lengths off the 64-token tile, keep == n
-    ([4100, 900], [205, 45], 8, 2, 32, 16),  # a context over one logits chunk (CHUNK = 4096)
+    ([4100, 900], [205, 45], 8, 2, 32, 16),  # over a counting chunk (4096 keys)
 ]
 
 
