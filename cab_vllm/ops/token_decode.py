@@ -23,8 +23,8 @@ program scans a whole row (one program per head that scans it several times, as 
 few SMs), and the histograms have 128 buckets (Triton builds tl.histogram from warp ballots, whose cost per key grows
 with the bucket count). Each launch is bound by memory latency unless many programs are in flight: a logits
 program reads CHUNK keys and an attention split at most TILES_PER_SPLIT tiles (on the H200 at 128k, one row,
-4096-key logits programs and 62-tile splits took 125 and 148 us per layer). A cheaper scorer (a compressed or dimension-major copy of K) would replace launch 1; the rest
-stays. (A fixed subset of each key's dimensions is no such scorer: experiments/RESULTS.md, "Fixed dimensions do not
+4096-key logits programs and 62-tile splits took 125 and 148 us per layer). A cheaper scorer (a compressed or
+dimension-major copy of K) would replace launch 1; the rest stays. (A fixed subset of each key's dimensions is no such scorer: experiments/RESULTS.md, "Fixed dimensions do not
 rank keys".)
 
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
@@ -54,6 +54,7 @@ TILES_PER_SPLIT = 16  # and a split reads at most this many tiles at max_len (un
 MAX_SPLITS = 128
 MIN_TILES_PER_SPLIT = 8  # a split reads at least this many tiles' logits
 SCRATCH_BYTES = 256 << 20  # logits held at once: more rows than fit run in groups of launches
+HIST_LOAD = 32  # counting chunks' histograms summed per load (32 x 128 int32: 16 KiB)
 ALL = BUCKETS + 1  # a first-pass threshold bucket past every key's: the head keeps every key
 
 
@@ -247,14 +248,17 @@ if HAS_TRITON:
         return tl.max(tl.load(cm_ptr + (s * num_heads + h) * n_chunks + c, mask=c < nch, other=float("-inf")), 0)
 
     @triton.jit
-    def _first_bucket(cnt_ptr, s, h, num_heads, n_chunks, nch, need, NB: tl.constexpr):
+    def _first_bucket(cnt_ptr, s, h, num_heads, n_chunks, nch, need, NB: tl.constexpr, HL: tl.constexpr):
         """A head's bucket counts [chunks, NB] summed over its row's first nch chunks -> (the bucket where the
-        running count reaches need, NB when it does not; the count before it; the count in it)."""
+        running count reaches need, NB when it does not; the count before it; the count in it). HL chunks'
+        counts per load (one round trip up to 128k tokens, where a load per chunk waited for each in turn)."""
         b = tl.arange(0, NB)
+        cc = tl.arange(0, HL)
         hist = tl.zeros([NB], dtype=tl.int32)
         base = cnt_ptr + (s * num_heads + h) * n_chunks * NB
-        for c in range(0, nch):
-            hist += tl.load(base + c * NB + b)
+        for c0 in range(0, nch, HL):
+            c = c0 + cc
+            hist += tl.sum(tl.load(base + c[:, None] * NB + b[None, :], mask=(c < nch)[:, None], other=0), 0)
         cum = tl.cumsum(hist, 0)
         at = tl.sum((cum < need).to(tl.int32), 0)
         return at, tl.sum(tl.where(b == at - 1, cum, 0), 0), tl.sum(tl.where(b == at, hist, 0), 0)
@@ -271,7 +275,7 @@ if HAS_TRITON:
     def _count_kernel(lg_ptr, cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, num_heads, n_chunks, n_cchunks,
                       stride_ls, stride_lh, SECOND: tl.constexpr, CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr,
                       RTILE: tl.constexpr, NB: tl.constexpr, NCH: tl.constexpr, INV_A: tl.constexpr,
-                      STEP_A_T: tl.constexpr, INV_B: tl.constexpr):
+                      STEP_A_T: tl.constexpr, INV_B: tl.constexpr, HL: tl.constexpr):
         """One (row, query head, counting chunk): how many of the chunk's keys fall in each first-pass bucket (into
         ca), or (SECOND) in each second-pass bucket of the first-pass bucket holding the head's keep-th largest key
         (into cb). Rows that keep every key count nothing."""
@@ -281,7 +285,7 @@ if HAS_TRITON:
             gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, tl.cdiv(n, CHUNK_T), NCH)
             big_a = n * 0
             if SECOND:
-                big_a, _, _ = _first_bucket(ca_ptr, s, h, num_heads, n_cchunks, tl.cdiv(n, CCHUNK_T), kt, NB)
+                big_a, _, _ = _first_bucket(ca_ptr, s, h, num_heads, n_cchunks, tl.cdiv(n, CCHUNK_T), kt, NB, HL)
             base = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
             hist = tl.zeros([NB], dtype=tl.int32)
             t1 = tl.minimum(t0 + CCHUNK_T, n)
@@ -303,7 +307,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n_chunks", "n_cchunks"])
     def _select_kernel(cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, sel_ptr, num_heads, n_chunks, n_cchunks,
                        CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr, NB: tl.constexpr, NCH: tl.constexpr,
-                       ALL_T: tl.constexpr):
+                       ALL_T: tl.constexpr, HL: tl.constexpr):
         """One (row, query head): its threshold buckets (A, B: keep a < A, or a == A and b <= B; A = ALL_T keeps
         every key, B = -1 nothing of bucket A), how many keys that keeps, and its maximum (float32 bits) into
         sel [rows, Hq, 4]."""
@@ -315,9 +319,9 @@ if HAS_TRITON:
             big_b = n * 0
             count = n
             if kt < n:
-                big_a, above, _ = _first_bucket(ca_ptr, s, h, num_heads, n_cchunks, ncc, kt, NB)
+                big_a, above, _ = _first_bucket(ca_ptr, s, h, num_heads, n_cchunks, ncc, kt, NB, HL)
                 if big_a < NB:
-                    big_b, above_b, here_b = _first_bucket(cb_ptr, s, h, num_heads, n_cchunks, ncc, kt - above, NB)
+                    big_b, above_b, here_b = _first_bucket(cb_ptr, s, h, num_heads, n_cchunks, ncc, kt - above, NB, HL)
                     count = above + above_b + here_b
                 else:  # fewer than keep keys in the window: all of those
                     big_b = n * 0 - 1
@@ -450,9 +454,11 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         for second in (False, True):
             _count_kernel[(r * hq * n_cchunks,)](
                 lg, cmax, ca, cb, sl, kp, hq, n_chunks, n_cchunks, lg.stride(0), lg.stride(1), SECOND=second,
-                CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, NCH=next_pow2(n_chunks), **steps, num_warps=4)
+                CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, NCH=next_pow2(n_chunks), HL=HIST_LOAD, **steps,
+                num_warps=4)
         _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, n_cchunks, CHUNK_T=CHUNK,
-                                  CCHUNK_T=COUNT_CHUNK, NB=BUCKETS, NCH=next_pow2(n_chunks), ALL_T=ALL, num_warps=4)
+                                  CCHUNK_T=COUNT_CHUNK, NB=BUCKETS, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD,
+                                  num_warps=4)
         if stages == 2:
             continue
         _attend_kernel[(r * hkv * splits,)](
