@@ -42,7 +42,8 @@ from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 from cab_vllm.ops.prefill import _check_common
 
 LOG2E = 1.4426950408889634
-TILE = 64  # tokens per step of the logits and attention loops
+TILE = 64  # tokens per step of the logits loop (and the unit of the attention's splits)
+ATTEND_TILE = 64  # tokens per step of the attention loop (a multiple of TILE)
 CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
 COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
 BUCKETS = 128  # buckets per counting pass
@@ -373,7 +374,8 @@ if HAS_TRITON:
                 tok = tl.max(sel.to(tl.int32), 0) > 0  # some head of the group keeps the key: load its value
                 # (no branch on an empty tile: a loop without one is software-pipelined, and masked loads read
                 # nothing)
-                off = _block_offsets(bt_ptr, stride_bt, s, i, tok, kvh, stride_vpage, stride_vpos, stride_vh, d,
+                # (the page table read masked by the tile's length alone: its load does not wait for the logits')
+                off = _block_offsets(bt_ptr, stride_bt, s, i, ok, kvh, stride_vpage, stride_vpos, stride_vh, d,
                                      TILE_T, PAGE_SIZE)
                 v = tl.load(v_ptr + off, mask=tok[:, None] & d_ok[None, :], other=0.0)
                 zs = tl.where(sel, z, float("-inf"))
@@ -463,10 +465,11 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             continue
         _attend_kernel[(r * hkv * splits,)](
             lg, value_cache, bt, sl, kp, sel, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
-            MIN_TILES_PER_SPLIT, lg.stride(0), lg.stride(1), value_cache.stride(0), value_cache.stride(1),
+            max(1, MIN_TILES_PER_SPLIT * TILE // ATTEND_TILE), lg.stride(0), lg.stride(1), value_cache.stride(0),
+            value_cache.stride(1),
             value_cache.stride(2), bt.stride(0), po.stride(0), po.stride(1), po.stride(2), os_.stride(0),
             os_.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=TILE, PAGE_SIZE=page, **steps,
+            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=ATTEND_TILE, PAGE_SIZE=page, **steps,
             MERGE_G=next_pow2(hq // hkv), MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), num_warps=4)
         if counts is not None:
             counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
