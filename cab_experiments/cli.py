@@ -7,6 +7,7 @@ from one command line.
     python -m cab_experiments tasks    --model qwen2.5-coder-0.5b-instruct --tasks single vartrack           (E: RULER-style tasks)
     python -m cab_experiments bridge   --lengths 16384 65536 131072                                          (seed graph + planted needles)
     python -m cab_experiments granularity --lengths 4096 --sparsities 0.9 0.98                           (oracle's tiles)
+    python -m cab_experiments granularity --bounds --lengths 4096 8192 --sparsities 0.98        (blocks bounds rule out)
     python -m cab_experiments plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
 
 Every run appends one JSONL row per setting to --out and skips settings already there (resume after a stop).
@@ -24,6 +25,7 @@ from cab_vllm import argtypes
 
 TASKS = ("single", "multikey", "multivalue", "multiquery", "vartrack", "freqwords")  # cab_experiments.tasks.TASKS
 
+GRANULARITY_OUT = "experiments/results/granularity.jsonl"
 POLICY_GRID = ["dense", "cab", "h2o", "streaming", "magnitude", "random"]
 SEED = "curvature:estimator=max_l2"  # the seed pipeline
 ABLATION = ["cab", "curvature", "magnitude", "random", "cab:curvature_share=0.25", "cab:curvature_share=0.5",
@@ -152,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=_depth, default=0.5)
     p.add_argument("--per-head", action="store_true",
                    help="tiles per query head (default: per KV head, the group's heads together)")
+    p.add_argument("--bounds", action="store_true",
+                   help="instead: how many key blocks an exact token decode (the prompt's last query token, "
+                        "CABConfig.decode_tokens keys per head) could skip by their box bounds")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
-    p.add_argument("--out", default="experiments/results/granularity.jsonl")
+    p.add_argument("--out", default=GRANULARITY_OUT, help="(with --bounds: experiments/results/bounds.jsonl)")
 
     p = sub.add_parser("plot", help="heatmaps, Pareto plots and markdown tables from JSONL files")
     p.add_argument("files", nargs="+", type=Path)
@@ -318,6 +323,14 @@ def _granularity(a) -> int:
     device, dtype = _resolve(a.device, a.dtype)
     if any(256 % t for t in a.tiles):
         raise SystemExit(f"python -m cab_experiments granularity: --tiles {a.tiles}: each must divide 256")
+    if a.bounds:
+        from cab_experiments.granularity import bounds_markdown, run_bounds
+
+        out = a.out if a.out != GRANULARITY_OUT else "experiments/results/bounds.jsonl"
+        rows = run_bounds(a.model, a.lengths, a.sparsities, a.task, a.depth, device, dtype)
+        _append_rows(out, rows, device)
+        print(bounds_markdown(rows))
+        return 0
     rows = run(a.model, a.lengths, a.sparsities, a.tiles, a.task, a.depth, device, dtype, per_head=a.per_head)
     _append_rows(a.out, rows, device)
     print(markdown(rows))

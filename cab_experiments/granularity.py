@@ -82,6 +82,84 @@ def run(model_name: str, lengths, sparsities, tiles, task: str = "multikey", dep
     return out
 
 
+def bound_prunable(q: torch.Tensor, k: torch.Tensor, keep: int, block_size: int = 64) -> dict:
+    """Could an exact token-sparse decode skip key blocks by their box bounds? q [Hq, D] one decode step's queries,
+    k [Hkv, N, D] its keys; each query head keeps its ``keep`` highest-scoring keys. A block whose bound
+    sum_d max(q_d lo_d, q_d hi_d) (lo, hi: the block's per-dimension key minima and maxima) lies below the head's
+    keep-th score holds none of them, so skipping it changes nothing. Returns the fraction of (query head, block)
+    pairs so bounded with the exact keep-th score (head), of (KV head, block) pairs where every head of the group's
+    is (group: a kernel reads K per KV head), and the same with the threshold a kernel could know before reading
+    every key: the keep-th score among the blocks of the 2 keep / block_size highest bounds, a lower bound of the
+    exact one (group_kernel)."""
+    hq, d = q.shape
+    hkv, n, _ = k.shape
+    if hq % hkv or k.shape[2] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (heads, head dim)")
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep={keep} must be in [1, {n}]")
+    g, m = hq // hkv, math.ceil(n / block_size)
+    q, k = q.double(), k.double()
+    pad = m * block_size - n
+    kf = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(hkv, m, block_size, d)
+    valid = (torch.arange(m * block_size) < n).view(1, m, block_size, 1)
+    lo = torch.where(valid, kf, float("inf")).amin(2).repeat_interleave(g, 0)  # [Hq, M, D]
+    hi = torch.where(valid, kf, float("-inf")).amax(2).repeat_interleave(g, 0)
+    bound = torch.maximum(q[:, None] * lo, q[:, None] * hi).sum(-1)  # [Hq, M]
+    z = torch.einsum("hd,hnd->hn", q, k.repeat_interleave(g, 0))  # [Hq, N]
+    tau = z.topk(keep, -1).values[:, -1:]
+    zb = torch.nn.functional.pad(z, (0, pad), value=float("-inf")).view(hq, m, block_size)
+    top = bound.topk(min(m, math.ceil(2 * keep / block_size)), -1).indices
+    seen = zb.gather(1, top[..., None].expand(-1, -1, block_size)).flatten(1)
+    tau_kernel = seen.topk(min(keep, seen.shape[1]), -1).values[:, -1:]
+    head = bound < tau
+    return dict(head=float(head.double().mean()), group=float(head.view(hkv, g, m).all(1).double().mean()),
+                group_kernel=float((bound < tau_kernel).view(hkv, g, m).all(1).double().mean()))
+
+
+def run_bounds(model_name: str, lengths, sparsities, task: str = "multikey", depth: float = 0.5,
+               device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One ``task`` prompt per length through the dense model; for every layer and sparsity, bound_prunable of the
+    prompt's last query token over its keys, each head keeping CABConfig.decode_tokens keys (the engine's token
+    decode budget)."""
+    from cab_experiments.common import load_model
+    from cab_experiments.tasks import build_items
+    from cab_vllm import hf
+    from cab_vllm.config import CABConfig
+
+    model, tok, _ = load_model(model_name, device, dtype)
+    out = []
+    for n in lengths:
+        item = build_items(tok, task, n, [depth], 1)[0]
+        ids = torch.tensor([item["input_ids"]], device=device)
+        with torch.no_grad(), hf.capture() as caps:
+            model(ids)
+        for layer, q, k in caps:
+            nt = k.shape[2]
+            for sp in sparsities:
+                cfg = CABConfig(policy="cab", sparsity=sp)
+                keep = cfg.decode_tokens(nt)
+                r = bound_prunable(q[0, :, -1], k[0], keep, cfg.block_size)
+                out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer,
+                                sparsity=sp, block_size=cfg.block_size, keep=keep,
+                                **{f"prunable_{key}": round(v, 5) for key, v in r.items()}))
+    return out
+
+
+def bounds_markdown(rows: list[dict]) -> str:
+    """Per (length, sparsity): the mean over layers of bound_prunable's three fractions, and the largest."""
+    acc: dict = {}
+    for r in rows:
+        acc.setdefault((r["length"], r["sparsity"]), []).append(r)
+    lines = ["| length | sparsity | keys kept per head | blocks a bound rules out, per head | per KV group | per KV "
+             "group, a kernel's threshold | largest over layers (per KV group) |", "|---|---|---|---|---|---|---|"]
+    for (n, sp), rs in sorted(acc.items()):
+        def mean(key):
+            return sum(r[key] for r in rs) / len(rs)
+        lines.append(f"| {n} | {sp:g} | {rs[0]['keep']} | {mean('prunable_head'):.3f} | {mean('prunable_group'):.3f} | "
+                     f"{mean('prunable_group_kernel'):.3f} | {max(r['prunable_group'] for r in rs):.3f} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     """Per (length, sparsity, tile): the mean over layers of the three densities, and the range of union_density."""
     acc: dict = {}

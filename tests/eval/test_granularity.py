@@ -92,3 +92,51 @@ def test_the_cli_measures_every_layer_of_a_real_prompt(tmp_path):
         assert r["device"] == "cpu" and r["sparsity"] == 0.8 and r["n_tokens"] <= 512
     by = {(r["layer"], r["tile"]): r["union_density"] for r in rows}
     assert all(by[(layer, 16)] <= by[(layer, 64)] + 1e-9 for layer in layers)
+
+
+def _brute_prunable(q, k, keep, bs):
+    """bound_prunable by loops: a block's bound is the sum over dimensions of the larger of q_d * min and q_d * max."""
+    hq, d = q.shape
+    hkv, n, _ = k.shape
+    g, m = hq // hkv, -(-n // bs)
+    head = torch.zeros(hq, m, dtype=torch.bool)
+    for h in range(hq):
+        z = k[h // g].double() @ q[h].double()
+        tau = sorted(z.tolist(), reverse=True)[keep - 1]
+        for j in range(m):
+            blk = k[h // g, j * bs:(j + 1) * bs].double()
+            bound = sum(max(q[h, e].item() * blk[:, e].min().item(), q[h, e].item() * blk[:, e].max().item())
+                        for e in range(d))
+            head[h, j] = bound < tau
+    return head
+
+
+@pytest.mark.parametrize("n,bs,keep", [(37, 8, 3), (64, 16, 10), (50, 16, 1), (9, 4, 9)])
+def test_bound_prunable_matches_loops_and_never_rules_out_a_kept_key(n, bs, keep):
+    from cab_experiments.granularity import bound_prunable
+
+    torch.manual_seed(n * 7 + keep)
+    q, k = torch.randn(4, 6), torch.randn(2, n, 6)
+    got = bound_prunable(q, k, keep, bs)
+    head = _brute_prunable(q, k, keep, bs)
+    assert got["head"] == pytest.approx(head.double().mean().item(), abs=1e-12)
+    assert got["group"] == pytest.approx(head.view(2, 2, -1).all(1).double().mean().item(), abs=1e-12)
+    assert 0 <= got["group_kernel"] <= got["group"] <= 1  # a lower threshold rules out fewer blocks
+    # safety: no block holding one of a head's keep best keys is ruled out
+    z = torch.einsum("hd,hnd->hn", q.double(), k.double().repeat_interleave(2, 0))
+    best = z.topk(keep, -1).indices
+    for h in range(4):
+        assert not head[h, best[h] // bs].any()
+
+
+def test_bound_prunable_rules_out_far_blocks_and_refuses_bad_input():
+    from cab_experiments.granularity import bound_prunable
+
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.zeros(1, 32, 2)
+    k[0, :8, 0] = 10.0  # block 0 scores 10, the other three blocks 0: each of their bounds is 0 < 10
+    assert bound_prunable(q, k, 4, 8) == {"head": 0.75, "group": 0.75, "group_kernel": 0.75}
+    with pytest.raises(ValueError, match="keep"):
+        bound_prunable(q, k, 0, 8)
+    with pytest.raises(ValueError, match="do not match"):
+        bound_prunable(torch.zeros(3, 2), k.expand(2, -1, -1), 1, 8)
