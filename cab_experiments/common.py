@@ -86,8 +86,8 @@ class Variant:
                     raise ValueError(f"variant {spec!r}: {key}={raw!r} must be 0 or 1")
                 overrides.append((key, flags[raw.lower()]))
                 continue
-            try:
-                value = type(default)(raw) if not isinstance(default, str) else raw
+            try:  # (the one field without a default value, decode_sparsity, is a number)
+                value = float(raw) if default is None else type(default)(raw) if not isinstance(default, str) else raw
             except ValueError as e:
                 raise ValueError(f"variant {spec!r}: {key}={raw!r} is not a {type(default).__name__}") from e
             overrides.append((key, value))

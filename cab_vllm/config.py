@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ class CABConfig:
                       highest-scoring keys by exact score, as many as the blocks the bounds rule keeps hold:
                       decode_tokens; token-level, not block-level: experiments/RESULTS.md, "Where the loss is: 64-token
                       blocks"). streaming/random/dense keep their own.
+    decode_sparsity   decode_rule="tokens" only: the sparsity whose budget sets a decode step's keys per head
+                      (decode_tokens), in place of ``sparsity``, which then sets the prompt's alone (a prompt sparse at
+                      0.8 whose decode keeps 98%'s keys). None: ``sparsity`` for both.
     dense_prefill     prompts attend densely (vLLM's FlashAttention in the CUDA engine); only decode steps are sparse.
                       Needs a decode rule of its own ("tokens" or "bounds"): the prompt rule has no prompt selection
                       to reuse. The achieved density counts the prompt as dense.
@@ -89,6 +93,7 @@ class CABConfig:
     answer_blocks: int = 0
     dense_layers: int = 0
     dense_prefill: bool = False
+    decode_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:
@@ -138,6 +143,12 @@ class CABConfig:
             raise bad("answer_blocks", "an integer >= 0 (key blocks; 0 = the sparsity rule alone)")
         if not is_int(self.dense_layers) or self.dense_layers < 0:
             raise bad("dense_layers", "an integer >= 0 (leading attention layers that attend densely; 0 = none)")
+        if self.decode_sparsity is not None:
+            if not is_real(self.decode_sparsity) or not 0.0 <= self.decode_sparsity < 1.0:
+                raise bad("decode_sparsity", "None or a number in [0, 1)")
+            if self.decode_rule != "tokens":
+                raise ValueError(f"CABConfig.decode_sparsity={self.decode_sparsity!r} needs decode_rule='tokens' (the "
+                                 f"rule whose budget it sets), got decode_rule={self.decode_rule!r}")
         if not isinstance(self.dense_prefill, bool):
             raise bad("dense_prefill", "True or False")
         if self.dense_prefill and self.decodes_from_prompt:
@@ -177,9 +188,16 @@ class CABConfig:
     def decode_tokens(self, seq_len: int) -> int:
         """Keys each query head keeps in a decode step at position seq_len - 1 under decode_rule="tokens": as many as
         the key blocks the bounds rule keeps hold (keep_counts of the query's block, an answer row), the query's own
-        partial block counted by its length; at most seq_len."""
+        partial block counted by its length; at most seq_len. With decode_sparsity, that sparsity's blocks."""
         m = -(-seq_len // self.block_size)
-        return decode_token_count(int(self.keep_counts(m, answer=True)[-1]), seq_len, self.block_size)
+        return decode_token_count(int(self.decode_config.keep_counts(m, answer=True)[-1]), seq_len, self.block_size)
+
+    @functools.cached_property
+    def decode_config(self) -> "CABConfig":
+        """The config whose budget a decode step spends: this one, or with decode_sparsity as its sparsity."""
+        if self.decode_sparsity is None:
+            return self
+        return dataclasses.replace(self, sparsity=self.decode_sparsity, decode_sparsity=None)
 
     def dense_layer(self, layer: int) -> bool:
         """Whether attention layer ``layer`` (0-based, the model's order) attends densely: dense_layers."""

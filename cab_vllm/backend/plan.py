@@ -50,6 +50,7 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_ANSWER_BLOCKS": ("answer_blocks", int),
     "CAB_DENSE_LAYERS": ("dense_layers", int),
     "CAB_DENSE_PREFILL": ("dense_prefill", None),  # 0 or 1 (_flag)
+    "CAB_DECODE_SPARSITY": ("decode_sparsity", float),
 }
 IMPLS = ("auto", "torch", "triton")
 REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
@@ -149,7 +150,8 @@ class EngineSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
-        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_ANSWER_BLOCKS, CAB_DENSE_LAYERS, CAB_DENSE_PREFILL, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, and the kernel choices
+        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_ANSWER_BLOCKS, CAB_DENSE_LAYERS, CAB_DENSE_PREFILL, CAB_DECODE_SPARSITY,
+        CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, and the kernel choices
         of KernelOptions.from_env); unset ones keep the defaults. A bad value raises ValueError naming the
         variable."""
         env = os.environ if environ is None else environ
@@ -440,7 +442,7 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
         elif cfg.decode_scoring == "prompt" and slots is not None and rid in slots.stored:
             mode, slot, pb = MODE_PROMPT, slots.of[rid], slots.stored[rid]
         elif cfg.decode_scoring == "tokens":  # ops.token_decode runs the row; the block kernel skips it
-            mode, k = MODE_SKIP, keep_count(cfg, n)
+            mode, k = MODE_SKIP, keep_count(cfg.decode_config, n)
             tk = decode_token_count(k, n, cfg.block_size)
         else:
             mode = {"recent": MODE_RECENT, "random": MODE_RANDOM}.get(cfg.decode_scoring, MODE_BOUNDS)

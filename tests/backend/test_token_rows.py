@@ -49,6 +49,31 @@ def test_decode_tokens_is_what_the_kept_blocks_hold(n, sparsity):
     assert 1 <= cfg.decode_tokens(n) <= n
 
 
+def test_decode_sparsity_sets_the_decode_budget_alone():
+    cfg = CABConfig(sparsity=0.8, decode_rule="tokens", decode_sparsity=0.98)
+    for n in (65, 4096, 131072):
+        assert cfg.decode_tokens(n) == CABConfig(sparsity=0.98, decode_rule="tokens").decode_tokens(n)
+        assert cfg.decode_tokens(n) <= CABConfig(sparsity=0.8, decode_rule="tokens").decode_tokens(n)
+    assert cfg.decode_tokens(4096) < CABConfig(sparsity=0.8, decode_rule="tokens").decode_tokens(4096)
+    assert cfg.keep_counts(64).tolist() == CABConfig(sparsity=0.8).keep_counts(64).tolist()  # the prompt's budget
+    assert cfg.decode_config.sparsity == 0.98 and cfg.decode_config.decode_sparsity is None
+    assert CABConfig(decode_rule="tokens").decode_config == CABConfig(decode_rule="tokens")
+    # the engine's planner gives a token row that budget, and counts its blocks
+    plan = plan_batch([0, 1], [5000], [cfg], 1024, count=False)
+    route_rows(plan, None, fa_dense=True)
+    assert plan.tkeep == [cfg.decode_tokens(5000)]
+    assert plan.keep == [int(cfg.decode_config.keep_counts(-(-5000 // 64), answer=True)[-1])]
+    s = EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_DECODE_SPARSITY": "0.98", "CAB_SPARSITY": "0.8"})
+    assert (s.cfg.sparsity, s.cfg.decode_sparsity) == (0.8, 0.98)
+    with pytest.raises(ValueError, match="CAB_DECODE_SPARSITY.*needs decode_rule='tokens'"):
+        EngineSettings.from_env({"CAB_DECODE_SPARSITY": "0.98"})
+    with pytest.raises(ValueError, match="CAB_DECODE_SPARSITY='high' is not a valid float"):
+        EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_DECODE_SPARSITY": "high"})
+    for bad in (1.0, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="decode_sparsity"):
+            CABConfig(decode_rule="tokens", decode_sparsity=bad)
+
+
 def test_dense_reason_of_a_dense_prefill():
     cfg = CABConfig(dense_prefill=True, decode_rule="tokens", sparsity=0.9)
     assert dense_reason(cfg, 5000, 1024) == "dense_prefill"
