@@ -48,37 +48,46 @@ def union_density(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: f
     return [x / c for x, c in zip(touched, causal)]
 
 
-def run(model_name: str, lengths, sparsities, tiles, task: str = "multikey", depth: float = 0.5,
-        device: str = "cpu", dtype: torch.dtype = torch.float32, block_size: int = 64,
-        per_head: bool = False) -> list[dict]:
-    """One ``task`` prompt per length through the dense model; for every layer, sparsity and query tile: the
-    block selection's density (cab), the oracle's kept keys over the causal ones, and union_density (per KV head,
-    or per query head with per_head)."""
+def _captures(model_name: str, lengths, task: str, depth: float, device: str, dtype: torch.dtype):
+    """(length, layer, q [1, Hq, N, D], k [1, Hkv, N, D]) of one ``task`` prompt per length through the dense model
+    (post-RoPE, every layer)."""
     from cab_experiments.common import load_model
     from cab_experiments.tasks import build_items
     from cab_vllm import hf
-    from cab_vllm.api import select_blocks
-    from cab_vllm.config import CABConfig
 
     model, tok, _ = load_model(model_name, device, dtype)
-    out = []
     for n in lengths:
         item = build_items(tok, task, n, [depth], 1)[0]
         ids = torch.tensor([item["input_ids"]], device=device)
         with torch.no_grad(), hf.capture() as caps:
             model(ids)
         for layer, q, k in caps:
-            scale = 1.0 / math.sqrt(q.shape[-1])
-            nt = q.shape[2]
-            for sp in sparsities:
-                sel = select_blocks(q, k, CABConfig(policy="cab", sparsity=sp, block_size=block_size))
-                keep = hf.kept_tokens(sel)
-                row = dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer, sparsity=sp,
-                           block_size=block_size, per_head=per_head, block_density=round(sel.density(), 5),
-                           token_density=round(float(keep.double().sum() / (keep.shape[0] * keep.shape[1]
-                                                                            * nt * (nt + 1) / 2)), 5))
-                dens = union_density(q, k, keep, scale, tiles, block_size, per_head=per_head)
-                out += [{**row, "tile": t, "union_density": round(u, 5)} for t, u in zip(tiles, dens)]
+            yield n, layer, q, k
+
+
+def run(model_name: str, lengths, sparsities, tiles, task: str = "multikey", depth: float = 0.5,
+        device: str = "cpu", dtype: torch.dtype = torch.float32, block_size: int = 64,
+        per_head: bool = False) -> list[dict]:
+    """One ``task`` prompt per length through the dense model; for every layer, sparsity and query tile: the
+    block selection's density (cab), the oracle's kept keys over the causal ones, and union_density (per KV head,
+    or per query head with per_head)."""
+    from cab_vllm import hf
+    from cab_vllm.api import select_blocks
+    from cab_vllm.config import CABConfig
+
+    out = []
+    for n, layer, q, k in _captures(model_name, lengths, task, depth, device, dtype):
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        nt = q.shape[2]
+        for sp in sparsities:
+            sel = select_blocks(q, k, CABConfig(policy="cab", sparsity=sp, block_size=block_size))
+            keep = hf.kept_tokens(sel)
+            row = dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer, sparsity=sp,
+                       block_size=block_size, per_head=per_head, block_density=round(sel.density(), 5),
+                       token_density=round(float(keep.double().sum() / (keep.shape[0] * keep.shape[1]
+                                                                        * nt * (nt + 1) / 2)), 5))
+            dens = union_density(q, k, keep, scale, tiles, block_size, per_head=per_head)
+            out += [{**row, "tile": t, "union_density": round(u, 5)} for t, u in zip(tiles, dens)]
     return out
 
 
@@ -121,27 +130,18 @@ def run_bounds(model_name: str, lengths, sparsities, task: str = "multikey", dep
     """One ``task`` prompt per length through the dense model; for every layer and sparsity, bound_prunable of the
     prompt's last query token over its keys, each head keeping CABConfig.decode_tokens keys (the engine's token
     decode budget)."""
-    from cab_experiments.common import load_model
-    from cab_experiments.tasks import build_items
-    from cab_vllm import hf
     from cab_vllm.config import CABConfig
 
-    model, tok, _ = load_model(model_name, device, dtype)
     out = []
-    for n in lengths:
-        item = build_items(tok, task, n, [depth], 1)[0]
-        ids = torch.tensor([item["input_ids"]], device=device)
-        with torch.no_grad(), hf.capture() as caps:
-            model(ids)
-        for layer, q, k in caps:
-            nt = k.shape[2]
-            for sp in sparsities:
-                cfg = CABConfig(policy="cab", sparsity=sp)
-                keep = cfg.decode_tokens(nt)
-                r = bound_prunable(q[0, :, -1], k[0], keep, cfg.block_size)
-                out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer,
-                                sparsity=sp, block_size=cfg.block_size, keep=keep,
-                                **{f"prunable_{key}": round(v, 5) for key, v in r.items()}))
+    for n, layer, q, k in _captures(model_name, lengths, task, depth, device, dtype):
+        nt = k.shape[2]
+        for sp in sparsities:
+            cfg = CABConfig(policy="cab", sparsity=sp)
+            keep = cfg.decode_tokens(nt)
+            r = bound_prunable(q[0, :, -1], k[0], keep, cfg.block_size)
+            out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer,
+                            sparsity=sp, block_size=cfg.block_size, keep=keep,
+                            **{f"prunable_{key}": round(v, 5) for key, v in r.items()}))
     return out
 
 

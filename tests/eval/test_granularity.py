@@ -94,6 +94,24 @@ def test_the_cli_measures_every_layer_of_a_real_prompt(tmp_path):
     assert all(by[(layer, 16)] <= by[(layer, 64)] + 1e-9 for layer in layers)
 
 
+def test_the_cli_bounds_mode_measures_every_layer(tmp_path):
+    """granularity --bounds on SmolLM2 (CPU, 512 tokens): one row per layer and sparsity, fractions in [0, 1] with the
+    group's at most the head's, the keys kept what the decode budget says."""
+    import json
+
+    from cab_experiments.cli import main
+    from cab_vllm.config import CABConfig
+
+    out = tmp_path / "b.jsonl"
+    assert main(["granularity", "--bounds", "--model", "smollm2-135m-instruct", "--lengths", "512", "--sparsities",
+                 "0.9", "--device", "cpu", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 30 and {r["layer"] for r in rows} == set(range(30))
+    for r in rows:
+        assert 0 <= r["prunable_group_kernel"] <= r["prunable_group"] <= r["prunable_head"] <= 1
+        assert r["keep"] == CABConfig(sparsity=0.9).decode_tokens(r["n_tokens"])
+
+
 def _brute_prunable(q, k, keep, bs):
     """bound_prunable by loops: a block's bound is the sum over dimensions of the larger of q_d * min and q_d * max."""
     hq, d = q.shape
