@@ -22,10 +22,13 @@ is 6% of the keys' bytes), and the kept keys' values. Every launch spreads over 
 program scans a whole row (one program per head that scans it several times, as a radix select would, runs on a
 few SMs), and the histograms have 128 buckets (Triton builds tl.histogram from warp ballots, whose cost per key grows
 with the bucket count). Each launch is bound by memory latency unless many programs are in flight: a logits
-program reads CHUNK keys and an attention split at most TILES_PER_SPLIT tiles (on the H200 at 128k, one row,
-4096-key logits programs and 62-tile splits took 125 and 148 us per layer). A cheaper scorer (a compressed or
-dimension-major copy of K) would replace launch 1; the rest stays. (A fixed subset of each key's dimensions is no such scorer: experiments/RESULTS.md, "Fixed dimensions do not
-rank keys".)
+program reads CHUNK keys and an attention split at most TILES_PER_SPLIT tiles (H200, 128k, one row: 4096-key logits
+programs took 125 us per layer, 1024-key ones 98; the attention launch took ~130-150 us with 62- or 16-tile splits,
+a chain of dependent loads per tile: BENCHMARKS.md, twenty-fifth run). Reading every key is this rule's floor: box
+bounds of key blocks rule out no block of a KV group on a real model (experiments/RESULTS.md, "Block bounds do not
+let an exact token decode skip keys"). A cheaper scorer (a compressed or dimension-major copy of K) would replace
+launch 1; the rest stays. (A fixed subset of each key's dimensions is no such scorer: experiments/RESULTS.md,
+"Fixed dimensions do not rank keys".)
 
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
 with keep 0 return at once and are not written. Twin: token_decode_torch (the same rule in PyTorch: the CPU path and
