@@ -89,7 +89,8 @@ class Variant:
             try:  # (the one field without a default value, decode_sparsity, is a number)
                 value = float(raw) if default is None else type(default)(raw) if not isinstance(default, str) else raw
             except ValueError as e:
-                raise ValueError(f"variant {spec!r}: {key}={raw!r} is not a {type(default).__name__}") from e
+                kind = "number" if default is None else type(default).__name__
+                raise ValueError(f"variant {spec!r}: {key}={raw!r} is not a {kind}") from e
             overrides.append((key, value))
         v = cls(spec.strip(), policy, tuple(overrides))
         v.config(0.9)  # validate the overrides now, not in the middle of a sweep

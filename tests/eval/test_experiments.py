@@ -26,6 +26,8 @@ def test_variant_parse():
     tok = Variant.parse("cab:decode_rule=tokens,dense_prefill=1").config(0.98)
     assert tok.dense_prefill is True and tok.decode_scoring == "tokens"
     assert Variant.parse("cab:dense_prefill=0").config(0.9).dense_prefill is False  # not bool("0")
+    mixed = Variant.parse("cab:decode_rule=tokens,decode_sparsity=0.98").config(0.8)
+    assert (mixed.sparsity, mixed.decode_sparsity) == (0.8, 0.98)
 
 
 @pytest.mark.parametrize("spec, msg", [
@@ -37,6 +39,8 @@ def test_variant_parse():
     ("cab:sparsity=0.5", "not a CABConfig field"),  # sparsity comes from the grid, not the variant
     ("cab:decode_rule=tokens,dense_prefill=yes", "dense_prefill='yes' must be 0 or 1"),
     ("cab:dense_prefill=1", "needs a decode rule of its own"),
+    ("cab:decode_rule=tokens,decode_sparsity=high", "decode_sparsity='high' is not a number"),
+    ("cab:decode_sparsity=0.98", "needs decode_rule='tokens'"),
 ])
 def test_variant_errors(spec, msg):
     with pytest.raises(ValueError, match=msg):
