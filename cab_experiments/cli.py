@@ -25,7 +25,6 @@ from cab_vllm import argtypes
 
 TASKS = ("single", "multikey", "multivalue", "multiquery", "vartrack", "freqwords")  # cab_experiments.tasks.TASKS
 
-GRANULARITY_OUT = "experiments/results/granularity.jsonl"
 POLICY_GRID = ["dense", "cab", "h2o", "streaming", "magnitude", "random"]
 SEED = "curvature:estimator=max_l2"  # the seed pipeline
 ABLATION = ["cab", "curvature", "magnitude", "random", "cab:curvature_share=0.25", "cab:curvature_share=0.5",
@@ -159,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "CABConfig.decode_tokens keys per head) could skip by their box bounds")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
-    p.add_argument("--out", default=GRANULARITY_OUT, help="(with --bounds: experiments/results/bounds.jsonl)")
+    p.add_argument("--out", default=None, help="default experiments/results/granularity.jsonl (with --bounds: "
+                                              "experiments/results/bounds.jsonl)")
 
     p = sub.add_parser("plot", help="heatmaps, Pareto plots and markdown tables from JSONL files")
     p.add_argument("files", nargs="+", type=Path)
@@ -326,13 +326,12 @@ def _granularity(a) -> int:
     if a.bounds:
         from cab_experiments.granularity import bounds_markdown, run_bounds
 
-        out = a.out if a.out != GRANULARITY_OUT else "experiments/results/bounds.jsonl"
         rows = run_bounds(a.model, a.lengths, a.sparsities, a.task, a.depth, device, dtype)
-        _append_rows(out, rows, device)
+        _append_rows(a.out or "experiments/results/bounds.jsonl", rows, device)
         print(bounds_markdown(rows))
         return 0
     rows = run(a.model, a.lengths, a.sparsities, a.tiles, a.task, a.depth, device, dtype, per_head=a.per_head)
-    _append_rows(a.out, rows, device)
+    _append_rows(a.out or "experiments/results/granularity.jsonl", rows, device)
     print(markdown(rows))
     return 0
 

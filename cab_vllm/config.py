@@ -189,8 +189,12 @@ class CABConfig:
         """Keys each query head keeps in a decode step at position seq_len - 1 under decode_rule="tokens": as many as
         the key blocks the bounds rule keeps hold (keep_counts of the query's block, an answer row), the query's own
         partial block counted by its length; at most seq_len. With decode_sparsity, that sparsity's blocks."""
-        m = -(-seq_len // self.block_size)
-        return decode_token_count(int(self.decode_config.keep_counts(m, answer=True)[-1]), seq_len, self.block_size)
+        return decode_token_count(self.decode_blocks(seq_len), seq_len, self.block_size)
+
+    def decode_blocks(self, seq_len: int) -> int:
+        """Key blocks a decode step at position seq_len - 1 spends under decode_rule="tokens" (what its keys stand
+        for in the figures): keep_counts of the query's block, an answer row, at decode_sparsity when set."""
+        return int(self.decode_config.keep_counts(-(-seq_len // self.block_size), answer=True)[-1])
 
     @functools.cached_property
     def decode_config(self) -> "CABConfig":

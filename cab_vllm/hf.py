@@ -180,7 +180,7 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     if cfg.decode_scoring == "tokens":  # each query head's own best keys, as many as the bounds rule's blocks hold
         m = num_blocks(n, bs)
         _STATE.stats["decode_calls"] += 1
-        _STATE.stats["kept"] += b * k.shape[1] * int(cfg.decode_config.keep_counts(m, answer=True)[-1])
+        _STATE.stats["kept"] += b * k.shape[1] * cfg.decode_blocks(n)
         _STATE.stats["causal"] += b * k.shape[1] * m
         keep = torch.full((b, k.shape[1], 1), cfg.decode_tokens(n), device=q.device)
         if _STATE.tokens is not None:  # ranked by the selector of using(tokens=...)

@@ -468,10 +468,9 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             continue
         _attend_kernel[(r * hkv * splits,)](
             lg, value_cache, bt, sl, kp, sel, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
-            max(1, MIN_TILES_PER_SPLIT * TILE // ATTEND_TILE), lg.stride(0), lg.stride(1), value_cache.stride(0),
-            value_cache.stride(1),
-            value_cache.stride(2), bt.stride(0), po.stride(0), po.stride(1), po.stride(2), os_.stride(0),
-            os_.stride(1),
+            max(1, MIN_TILES_PER_SPLIT * TILE // ATTEND_TILE), lg.stride(0), lg.stride(1),
+            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), bt.stride(0),
+            po.stride(0), po.stride(1), po.stride(2), os_.stride(0), os_.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=ATTEND_TILE, PAGE_SIZE=page, **steps,
             MERGE_G=next_pow2(hq // hkv), MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), num_warps=4)
         if counts is not None:

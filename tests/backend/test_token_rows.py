@@ -63,6 +63,7 @@ def test_decode_sparsity_sets_the_decode_budget_alone():
     route_rows(plan, None, fa_dense=True)
     assert plan.tkeep == [cfg.decode_tokens(5000)]
     assert plan.keep == [int(cfg.decode_config.keep_counts(-(-5000 // 64), answer=True)[-1])]
+    assert plan.keep == [cfg.decode_blocks(5000)]
     s = EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_DECODE_SPARSITY": "0.98", "CAB_SPARSITY": "0.8"})
     assert (s.cfg.sparsity, s.cfg.decode_sparsity) == (0.8, 0.98)
     with pytest.raises(ValueError, match="CAB_DECODE_SPARSITY.*needs decode_rule='tokens'"):
