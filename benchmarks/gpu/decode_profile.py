@@ -3,8 +3,8 @@
     python benchmarks/gpu/decode_profile.py [--lens 4096,32768,131072] [--rows 1,8] [--sparsity 0.95]
         [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16] [--target-programs 264,528,1056]
         [--warps 2,4] [--maxnreg 0,128] [--page 16,64] [--columns prompt,prompt1,skip1] [--max-len 131072]
-        [--page-order asc,desc,spread,random] [--cache-gib 3] [--between gemm] [--tok-chunk 1024,4096]
-        [--tok-split-tiles 16,64] [--tok-attend-tile 64,128] [--tok-max-splits 128,512]
+        [--page-order asc,desc,spread,random] [--cache-gib 3] [--between gemm] [--tok CHUNK=512,1024]
+        [--tok ATTEND=list,tiles] [--tok SCAN_TILE=256,512] ...
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16 unless --page), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
@@ -20,9 +20,8 @@ and, for comparison, the plain split-K kernel on the same blocks (ops.decode.pag
 no selection role) and dense decode through the same kernel (every block); and the token decode of
 decode_rule="tokens" (ops.token_decode, every row keeping CABConfig.decode_tokens keys per head: tokens; its first
 launch alone, the exact logits of every key: tok_logits; with the counting and threshold launches: tok_select;
---tok-chunk: keys per logits program, --tok-split-tiles: 64-token tiles per attention split at most,
---tok-attend-tile: tokens per step of the attention loop, --tok-max-splits: attention splits per row and KV head at
-most).
+--tok NAME=v1,v2 (repeatable) times each value of ops.token_decode's constant NAME, one of TOKEN_KNOBS: keys per
+logits program, tiles per attention split, the attention variant and its steps, warps per launch).
 Prints microseconds per step. By
 default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
 --max-len sizes the decode workspace, the prompt table and the block table's rows as an engine of that max_model_len
@@ -257,6 +256,22 @@ def compiled_resources() -> list[str]:
     return lines
 
 
+TOKEN_KNOBS = ("CHUNK", "TILES_PER_SPLIT", "MAX_SPLITS", "ATTEND", "ATTEND_TILE", "SCAN_TILE", "MERGE_SPLITS",
+               "LOGITS_TILE", "LOGITS_WARPS", "LOGITS_STAGES", "ATTEND_WARPS")
+
+
+def token_knob_variants(specs: list[str]) -> list[dict]:
+    """--tok NAME=V1,V2 options -> every combination of their values, as {NAME: value} (ints where they parse):
+    [{}] without options. A name that is not a knob, or a value list that is empty, is a ValueError."""
+    axes = []
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        if name not in TOKEN_KNOBS or not values:
+            raise ValueError(f"--tok {spec!r}: expected NAME=V1,V2 with NAME one of {', '.join(TOKEN_KNOBS)}")
+        axes.append([(name, int(v) if v.lstrip("-").isdigit() else v) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lens", default="4096,32768,131072")
@@ -289,17 +304,9 @@ def main() -> None:
     ap.add_argument("--between", choices=("none", "gemm"), default="none",
                     help="gemm: before each timed call also run a decode layer's GEMMs of the 8B geometry (QKV, O, "
                          "gate-up, down at batch 1), as the engine does between two attention calls")
-    ap.add_argument("--tok-chunk", default=None,
-                    help="token decode: keys per logits program (comma list; ops.token_decode.CHUNK)")
-    ap.add_argument("--tok-split-tiles", default=None,
-                    help="token decode: tiles per attention split at most (comma list; "
-                         "ops.token_decode.TILES_PER_SPLIT)")
-    ap.add_argument("--tok-attend-tile", default=None,
-                    help="token decode: tokens per step of the attention loop (comma list of multiples of 64; "
-                         "ops.token_decode.ATTEND_TILE)")
-    ap.add_argument("--tok-max-splits", default=None,
-                    help="token decode: attention splits per (row, KV head) at most (comma list; "
-                         "ops.token_decode.MAX_SPLITS)")
+    ap.add_argument("--tok", action="append", default=[], metavar="NAME=V1,V2",
+                    help=f"token decode: values of ops.token_decode's constant NAME to time (repeatable; NAME one of "
+                         f"{', '.join(TOKEN_KNOBS)})")
     ap.add_argument("--warm-l2", action="store_true",
                     help="do not flush L2 between calls (by default each call finds the KV cache cold, as in the engine)")
     a = ap.parse_args()
@@ -323,13 +330,10 @@ def main() -> None:
                 for w in ints(a.warps, getattr(decode_ops, "DECODE_WARPS", 4))
                 for mr in ints(a.maxnreg, getattr(decode_ops, "DECODE_MAXNREG", None) or 0)
                 for pg in ints(a.page, PAGE)]
-    token_variants = [(tc, ts, ta, tm) for tc in ints(a.tok_chunk, token_ops.CHUNK)
-                      for ts in ints(a.tok_split_tiles, token_ops.TILES_PER_SPLIT)
-                      for ta in ints(a.tok_attend_tile, token_ops.ATTEND_TILE)
-                      for tm in ints(a.tok_max_splits, token_ops.MAX_SPLITS)]
-    bad = [t for tc, _, ta, _ in token_variants for t in (tc, ta) if t < token_ops.TILE or t % token_ops.TILE]
-    if bad:
-        ap.error(f"--tok-chunk, --tok-attend-tile: {bad} not a multiple of {token_ops.TILE}")
+    try:
+        token_variants = token_knob_variants(a.tok)
+    except ValueError as e:
+        ap.error(str(e))
     max_lens = [None] if a.max_len is None else [int(x) for x in a.max_len.split(",")]
     engine_rows = [None] if a.engine_rows is None else [int(x) for x in a.engine_rows.split(",")]
     orders = a.page_order.split(",")
@@ -345,18 +349,19 @@ def main() -> None:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"{'n':>7} {'order':>6} {'max_len':>7} {'ws_rows':>7} {'rows':>4} {'min/split':>9} {'score':>5} {'merge':>5} {'target':>6} {'warps':>5} {'regs':>4} {'page':>4} "
           f"{'kept':>5} "
-          f"{'splits':>6} {'tchunk':>6} {'ttiles':>6} {'ttile':>5} {'tmax':>4} " + " ".join(f"{c:>8}" for c in COLUMNS) +
+          f"{'splits':>6} " + " ".join(f"{c:>8}" for c in COLUMNS) + "  token knobs" +
           f"  (us per step, CUDA graph; 1: selection and attention in one launch; score: "
           f"scoring programs; merge: splits per merge load; dense: this kernel over every block; "
           f"L2 {'warm' if a.warm_l2 else 'flushed'}{'; GEMMs of a layer before each call' if a.between == 'gemm' else ''})")
     for n in (int(x) for x in a.lens.split(",")):
-        for rows, (mp, sp, ms, tp, w, mr, pg), ml, er, order, (tc, ts, ta, tm) in itertools.product(
+        for rows, (mp, sp, ms, tp, w, mr, pg), ml, er, order, knobs in itertools.product(
                 [int(x) for x in a.rows.split(",")], variants, max_lens, engine_rows, orders, token_variants):
             if (ml is not None and ml < n) or (er is not None and er < rows):
                 continue
             decode_ops.MAX_SCORE_PROGRAMS, decode_ops.MERGE_SPLITS, decode_ops.TARGET_PROGRAMS = sp, ms, tp
             decode_ops.DECODE_WARPS, decode_ops.DECODE_MAXNREG = w, mr or None
-            token_ops.CHUNK, token_ops.TILES_PER_SPLIT, token_ops.ATTEND_TILE, token_ops.MAX_SPLITS = tc, ts, ta, tm
+            for name, value in knobs.items():
+                setattr(token_ops, name, value)
             cache_pages = None
             if a.cache_gib is not None:  # K and V pages of bf16 [page, Hkv, D]
                 cache_pages = int(a.cache_gib * (1 << 30) // (2 * pg * HKV * D * 2))
@@ -365,8 +370,8 @@ def main() -> None:
             cells = " ".join(f"{'-' if r[c + '_us'] is None else format(r[c + '_us'], '.1f'):>8}"
                              for c in COLUMNS)
             print(f"{n:>7} {order:>6} {ml or n:>7} {er or rows:>7} {rows:>4} {mp:>9} {sp:>5} {ms:>5} {tp:>6} {w:>5} {mr or '-':>4} {pg:>4} "
-                  f"{r['kept_blocks']:>5} {r['splits']:>6} {tc:>6} {ts:>6} {ta:>5} {tm:>4} "
-                  f"{cells}")
+                  f"{r['kept_blocks']:>5} {r['splits']:>6} {cells}  "
+                  + " ".join(f"{k}={v}" for k, v in knobs.items()))
     for line in compiled_resources():
         print(line)
 

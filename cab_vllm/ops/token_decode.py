@@ -46,8 +46,12 @@ from cab_vllm.ops.prefill import _check_common
 
 LOG2E = 1.4426950408889634
 TILE = 64  # tokens per step of the logits loop (and the unit of the attention's splits)
-ATTEND_TILE = 64  # tokens per step of the attention loop (a multiple of TILE)
+ATTEND = "list"  # the attention launch: "list" (scan, then attend the kept keys' list) or "tiles" (tile by tile)
+ATTEND_TILE = 64  # listed keys per step of the attention ("list"; a power of two >= 16)
+SCAN_TILE = 512  # logits per step of the attention's scan ("list")
 CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
+LOGITS_TILE = 64  # keys per step of a logits program (a power of two dividing CHUNK)
+LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
 COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
 BUCKETS = 128  # buckets per counting pass
 STEP_A = 0.25  # width of the first pass's buckets, base-2 logits: a window of BUCKETS x STEP_A = 32 below the max
@@ -143,7 +147,8 @@ class TokenScratch(NamedTuple):
     [rows, Hq, 4] int32 (per head: the two threshold buckets, the kept count, and the maximum's float32 bits),
     part_o / part_lse flat float32 split partials for rows x Hq x the most splits (x D) (a launch of r rows views them
     as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
-    int32 zeros (the launch leaves them zero)."""
+    int32 zeros (the launch leaves them zero), kept [rows, Hkv, NPAD] int32 (each attention split's list of the positions
+    some head of its group keeps, at the split's own offset)."""
 
     logits: torch.Tensor
     cmax: torch.Tensor
@@ -154,6 +159,7 @@ class TokenScratch(NamedTuple):
     part_lse: torch.Tensor
     lse: torch.Tensor
     sync: torch.Tensor
+    kept: torch.Tensor
 
     @property
     def rows(self) -> int:
@@ -198,13 +204,15 @@ def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, m
                         torch.zeros(rows, num_heads, cchunks, BUCKETS, **i32),
                         torch.zeros(rows, num_heads, cchunks, BUCKETS, **i32), torch.zeros(rows, num_heads, 4, **i32),
                         torch.zeros(cap * num_heads * head_dim, **f32), torch.zeros(cap * num_heads, **f32),
-                        torch.zeros(rows, num_heads, **f32), torch.zeros(rows * num_kv_heads, **i32))
+                        torch.zeros(rows, num_heads, **f32), torch.zeros(rows * num_kv_heads, **i32),
+                        torch.zeros(rows, num_kv_heads, npad, **i32))
 
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from cab_vllm.ops._triton import paged_coords
     from cab_vllm.ops.decode import MERGE_SPLITS, _block_offsets, _merge_group, merge_tile
     from cab_vllm.ops.select import _group_query
 
@@ -403,6 +411,98 @@ if HAS_TRITON:
                              stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
                              HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS_T)
 
+    @triton.jit(do_not_specialize=["num_splits"])
+    def _attend_list_kernel(lg_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, kl_ptr, po_ptr, plse_ptr, o_ptr,
+                            lse_ptr, sync_ptr, num_heads, num_kv_heads, num_splits, min_per,
+                            stride_ls, stride_lh, stride_vpage, stride_vpos, stride_vh, stride_bt, stride_ks,
+                            stride_kh, stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                            SCAN_G: tl.constexpr, TILE_T: tl.constexpr, SCAN_T: tl.constexpr, LIST_T: tl.constexpr,
+                            PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, STEP_A_T: tl.constexpr,
+                            INV_B: tl.constexpr, MERGE_G: tl.constexpr, MERGE_SPLITS_T: tl.constexpr):
+        """Split `split` of (row, KV head), in two phases: a scan of its logits (SCAN_T per step, SCAN_G heads) writes
+        the positions some head of the group keeps into kl (the split's own stretch of it: a compacted list), then
+        an online softmax runs over that list, LIST_T keys per step (the stored logits and the values of listed
+        keys only; a head's keys the threshold drops masked) -> normalized partial and base-2 LSE; the last split to
+        finish merges the group's. Every step of the second phase is full of kept keys, where a step per 64-token
+        tile of the context waits for a tile that holds one or two."""
+        s, kvh, split, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, num_splits)
+        if kt > 0:
+            group = num_heads // num_kv_heads
+            tiles = tl.cdiv(n, TILE_T)
+            per_split = tl.maximum(tl.cdiv(tiles, num_splits), min_per)
+            used = tl.cdiv(tiles, per_split)
+            p0 = split * per_split * TILE_T
+            p1 = tl.minimum(p0 + per_split * TILE_T, n)
+            kl = kl_ptr + s * stride_ks + kvh.to(tl.int64) * stride_kh + p0
+            # phase 1: the split's kept positions (union over the group's heads) into kl[0:cnt]
+            gs = tl.arange(0, SCAN_G)
+            gs_ok = gs < group
+            sel_s = sel_ptr + (s * num_heads + kvh * group + gs) * 4
+            a_s = tl.load(sel_s, mask=gs_ok, other=-1)
+            b_s = tl.load(sel_s + 1, mask=gs_ok, other=-1)
+            m_s = tl.load(sel_s + 3, mask=gs_ok, other=0).to(tl.float32, bitcast=True)
+            row_s = lg_ptr + s * stride_ls + (kvh * group + gs)[:, None].to(tl.int64) * stride_lh
+            cnt = n * 0
+            for c0 in range(p0, p1, SCAN_T):
+                pos = c0 + tl.arange(0, SCAN_T)
+                ok = pos < p1
+                z = tl.load(row_s + pos[None, :], mask=gs_ok[:, None] & ok[None, :], other=0.0)
+                a, b = _key_buckets(m_s[:, None] - z, a_s[:, None], NB, INV_A, STEP_A_T, INV_B)
+                sel = ((a < a_s[:, None]) | ((a == a_s[:, None]) & (b <= b_s[:, None]))) & gs_ok[:, None]
+                tok = (tl.max(sel.to(tl.int32), 0) > 0) & ok
+                ti = tok.to(tl.int32)
+                tl.store(kl + cnt + tl.cumsum(ti, 0) - ti, pos, mask=tok)
+                cnt += tl.sum(ti, 0)
+            tl.debug_barrier()  # the list's stores, visible to every thread of the program
+            # phase 2: online softmax over the listed keys
+            g = tl.arange(0, GROUP_PAD)
+            g_ok = g < group
+            heads = kvh * group + g
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < HEAD_DIM
+            sel_row = sel_ptr + (s * num_heads + heads) * 4
+            big_a = tl.load(sel_row, mask=g_ok, other=-1)  # a padded head keeps nothing
+            big_b = tl.load(sel_row + 1, mask=g_ok, other=-1)
+            gmax = tl.load(sel_row + 3, mask=g_ok, other=0).to(tl.float32, bitcast=True)
+            row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
+            m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+            acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+            for j0 in range(0, cnt, LIST_T):
+                j = j0 + tl.arange(0, LIST_T)
+                jok = j < cnt
+                pos = tl.load(kl + j, mask=jok, other=0, cache_modifier=".cg")
+                z = tl.load(row + pos[None, :], mask=g_ok[:, None] & jok[None, :], other=0.0)
+                page, slot = paged_coords(bt_ptr, stride_bt, s, pos, jok, PAGE_SIZE)
+                off = (page * stride_vpage + (slot.to(tl.int32) * stride_vpos + kvh * stride_vh))[:, None] + d[None, :]
+                v = tl.load(v_ptr + off, mask=jok[:, None] & d_ok[None, :], other=0.0)
+                a, b = _key_buckets(gmax[:, None] - z, big_a[:, None], NB, INV_A, STEP_A_T, INV_B)
+                sel = ((a < big_a[:, None]) | ((a == big_a[:, None]) & (b <= big_b[:, None]))) & jok[None, :] \
+                    & g_ok[:, None]
+                zs = tl.where(sel, z, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(zs, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(zs - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+            lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+            live = g_ok & (tl.arange(0, GROUP_PAD) * 0 + split < used)
+            tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :], out,
+                     mask=live[:, None] & d_ok[None, :])
+            tl.store(plse_ptr + (s * num_heads + heads) * num_splits + split, lse, mask=live)
+            tl.debug_barrier()
+            c = tl.atomic_add(sync_ptr + s * num_kv_heads + kvh, 1, sem="acq_rel")
+            if c == num_splits - 1:
+                tl.atomic_xchg(sync_ptr + s * num_kv_heads + kvh, 0)
+                _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
+                             stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                             HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS_T)
+
+
 
 def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor,
@@ -434,7 +534,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     n_chunks, n_cchunks = triton.cdiv(npad, CHUNK), triton.cdiv(npad, COUNT_CHUNK)
     check(scratch.logits.shape[1] == hq and scratch.part_o.numel() == scratch.part_lse.numel() * d
           and scratch.sync.numel() >= scratch.rows * hkv and tuple(scratch.cmax.shape[1:]) == (hq, n_chunks)
-          and tuple(scratch.count_a.shape[1:]) == (hq, n_cchunks, BUCKETS),
+          and tuple(scratch.count_a.shape[1:]) == (hq, n_cchunks, BUCKETS)
+          and tuple(scratch.kept.shape) == (scratch.rows, hkv, npad),
           "token decode scratch does not match (heads, head dim, KV heads)")
     if q.device.type == "cpu":  # (on a GPU this would be a host sync, and a CUDA graph cannot hold one)
         check(int(seq_lens[:ns].max()) <= npad, f"a row of {int(seq_lens[:ns].max())} tokens does not fit the "
@@ -453,7 +554,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             qs, key_cache, bt, sl, kp, lg, cmax, scale * LOG2E, hq, hkv, n_chunks,
             qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0),
             lg.stride(0), lg.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, CHUNK_T=CHUNK, TILE_T=TILE, PAGE_SIZE=page, num_warps=4)
+            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, CHUNK_T=CHUNK, TILE_T=LOGITS_TILE, PAGE_SIZE=page,
+            num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES)
         if stages == 1:
             continue
         for second in (False, True):
@@ -466,13 +568,24 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
                                   num_warps=4)
         if stages == 2:
             continue
-        _attend_kernel[(r * hkv * splits,)](
-            lg, value_cache, bt, sl, kp, sel, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
-            max(1, MIN_TILES_PER_SPLIT * TILE // ATTEND_TILE), lg.stride(0), lg.stride(1),
-            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), bt.stride(0),
-            po.stride(0), po.stride(1), po.stride(2), os_.stride(0), os_.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=ATTEND_TILE, PAGE_SIZE=page, **steps,
-            MERGE_G=next_pow2(hq // hkv), MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), num_warps=4)
+        merge = dict(MERGE_G=next_pow2(hq // hkv), MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits))
+        if ATTEND == "list":
+            kl = scratch.kept
+            _attend_list_kernel[(r * hkv * splits,)](
+                lg, value_cache, bt, sl, kp, sel, kl, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
+                MIN_TILES_PER_SPLIT, lg.stride(0), lg.stride(1), value_cache.stride(0), value_cache.stride(1),
+                value_cache.stride(2), bt.stride(0), kl.stride(0), kl.stride(1), po.stride(0), po.stride(1),
+                po.stride(2), os_.stride(0), os_.stride(1),
+                HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=next_pow2(hq // hkv), TILE_T=TILE,
+                SCAN_T=SCAN_TILE, LIST_T=ATTEND_TILE, PAGE_SIZE=page, **steps, **merge, num_warps=ATTEND_WARPS)
+        else:
+            _attend_kernel[(r * hkv * splits,)](
+                lg, value_cache, bt, sl, kp, sel, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
+                MIN_TILES_PER_SPLIT, lg.stride(0), lg.stride(1),
+                value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), bt.stride(0),
+                po.stride(0), po.stride(1), po.stride(2), os_.stride(0), os_.stride(1),
+                HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=TILE, PAGE_SIZE=page, **steps, **merge,
+                num_warps=ATTEND_WARPS)
         if counts is not None:
             counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
     return out

@@ -178,3 +178,20 @@ def test_layer_gemms_run_a_decode_layers_four_products(monkeypatch):
     out = run()
     assert out.shape == (1, 64) and out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert torch.equal(run(), out)
+
+
+def test_token_knobs_are_every_combination_of_their_values():
+    prof = _script()
+    assert prof.token_knob_variants([]) == [{}]
+    assert prof.token_knob_variants(["ATTEND=list,tiles", "CHUNK=512,1024"]) == [
+        {"ATTEND": "list", "CHUNK": 512}, {"ATTEND": "list", "CHUNK": 1024},
+        {"ATTEND": "tiles", "CHUNK": 512}, {"ATTEND": "tiles", "CHUNK": 1024}]
+    for bad in ("CHUNKS=512", "CHUNK=", "CHUNK"):
+        with pytest.raises(ValueError, match="expected NAME=V1,V2"):
+            prof.token_knob_variants([bad])
+
+
+def test_every_token_knob_is_a_constant_of_the_token_decode():
+    import cab_vllm.ops.token_decode as td
+
+    assert all(hasattr(td, name) for name in _script().TOKEN_KNOBS)

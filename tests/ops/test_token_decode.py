@@ -61,6 +61,7 @@ CASES = [  # (lens, keep, Hq, Hkv, D, page)
     ([200, 65, 1], [300, 7, 5], 6, 2, 48, 64),  # keep > n (every key), a one-token context
     ([513, 129], [37, 129], 3, 3, 64, 32),  # MHA, lengths off the 64-token tile, keep == n
     ([4100, 900], [205, 45], 8, 2, 32, 16),  # over a counting chunk (4096 keys)
+    ([700, 1500], [8, 12], 14, 2, 64, 16),  # Qwen's group of 7 (padded to 8 in the scan, 16 in the dot)
 ]
 
 
@@ -88,6 +89,27 @@ def test_triton_equals_the_twin(lens, keep, hq, hkv, d, page):
     for impl in ("torch", "triton"):
         o, c = torch.full_like(q, 7.0), torch.zeros(len(lens), hq, dtype=torch.int32)
         td.token_decode(q, kc, vc, bt, sl, kp, 1 / math.sqrt(d), o, counts=c, impl=impl)
+        outs.append(o)
+        counts.append(c)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(counts[0], counts[1])
+
+
+@TRITON
+@pytest.mark.parametrize("attend, scan_tile, list_tile", [("list", 64, 16), ("list", 128, 32), ("tiles", 512, 64)])
+def test_attention_launch_variants_equal_the_twin(monkeypatch, attend, scan_tile, list_tile):
+    """The attention launch's knobs: several scan steps per split and several list steps per split (a budget of
+    half the keys: the kept list of a group is long), and the tile-by-tile variant."""
+    monkeypatch.setattr(td, "ATTEND", attend)
+    monkeypatch.setattr(td, "SCAN_TILE", scan_tile)
+    monkeypatch.setattr(td, "ATTEND_TILE", list_tile)
+    lens, keep = [1100, 333, 700], [550, 20, 699]
+    q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=11)
+    kp = torch.tensor(keep, dtype=torch.int32)
+    outs, counts = [], []
+    for impl in ("torch", "triton"):
+        o, c = torch.full_like(q, 7.0), torch.zeros(len(lens), 8, dtype=torch.int32)
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.2, o, counts=c, impl=impl)
         outs.append(o)
         counts.append(c)
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
@@ -206,9 +228,11 @@ def test_scratch_sizes():
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_long_context_and_graph_replay():
+@pytest.mark.parametrize("attend", ["list", "tiles"])
+def test_gpu_bf16_long_context_and_graph_replay(monkeypatch, attend):
     """On a GPU: 8B geometry (32/8 heads, D=128, 16-token pages), rows of 32k and 5k tokens in bf16, Triton against
     the twin; then the launches captured in a CUDA graph and replayed on new queries and budgets."""
+    monkeypatch.setattr(td, "ATTEND", attend)
     lens, keep = [32768, 5000], [655, 100]
     q, kc, vc, bt, sl = (t.cuda() for t in paged(lens, 32, 8, 128, 16, dtype=torch.bfloat16, seed=9))
     kp = torch.tensor(keep, dtype=torch.int32, device="cuda")
