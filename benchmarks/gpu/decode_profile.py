@@ -4,7 +4,7 @@
         [--min-per 1,4] [--score-programs 64,128] [--merge-splits 1,16] [--target-programs 264,528,1056]
         [--warps 2,4] [--maxnreg 0,128] [--page 16,64] [--columns prompt,prompt1,skip1] [--max-len 131072]
         [--page-order asc,desc,spread,random] [--cache-gib 3] [--between gemm] [--tok CHUNK=512,1024]
-        [--tok ATTEND=list,tiles] [--tok SCAN_TILE=256,512] ...
+        [--tok ATTEND_TILE=32,64] [--tok SCAN_TILE=256,512] ...
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (page 16 unless --page), one layer. For each
 context length and batch it times, in a CUDA graph (as the engine replays it), the routed decode of the engine
@@ -21,7 +21,7 @@ no selection role) and dense decode through the same kernel (every block); and t
 decode_rule="tokens" (ops.token_decode, every row keeping CABConfig.decode_tokens keys per head: tokens; its first
 launch alone, the exact logits of every key: tok_logits; with the counting and threshold launches: tok_select;
 --tok NAME=v1,v2 (repeatable) times each value of ops.token_decode's constant NAME, one of TOKEN_KNOBS: keys per
-logits program, tiles per attention split, the attention variant and its steps, warps per launch).
+logits program, tiles per attention split, the attention's steps, warps per launch).
 Prints microseconds per step. By
 default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
 --max-len sizes the decode workspace, the prompt table and the block table's rows as an engine of that max_model_len
@@ -256,7 +256,7 @@ def compiled_resources() -> list[str]:
     return lines
 
 
-TOKEN_KNOBS = ("CHUNK", "TILES_PER_SPLIT", "MAX_SPLITS", "ATTEND", "ATTEND_TILE", "SCAN_TILE", "MERGE_SPLITS",
+TOKEN_KNOBS = ("CHUNK", "COUNT_CHUNK", "TILES_PER_SPLIT", "MAX_SPLITS", "ATTEND_TILE", "SCAN_TILE", "MERGE_SPLITS",
                "LOGITS_TILE", "LOGITS_WARPS", "LOGITS_STAGES", "ATTEND_WARPS")
 
 

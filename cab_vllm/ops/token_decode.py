@@ -1,34 +1,37 @@
 """Token-sparse decode over vLLM's paged KV cache: each query head attends to its own ``keep`` highest-scoring keys,
-ranked by their exact scores (decode_rule="tokens"). Five launches (the counting one runs twice):
+ranked by their exact scores (decode_rule="tokens"). Five launches (the threshold one runs twice):
 
   1. logits     one program per (row, KV head, chunk of CHUNK tokens): the group's queries against every key of the
                 chunk, read in place from the paged cache; base-2 logits (scale x log2 e folded in) into a scratch
-                [rows, Hq, NPAD] float32.
-  2. counts     one program per (row, query head, COUNT_CHUNK logits), twice: how many of them fall in each of
-                BUCKETS buckets of the head's logits below its maximum (the maxima of launch 1's chunks), first
-                buckets of STEP_A (a window of BUCKETS x STEP_A below the maximum), then, inside the bucket that
-                holds the keep-th largest key, buckets of STEP_B = STEP_A / BUCKETS.
-  3. threshold  one program per (row, query head): the two buckets that hold its keep-th largest key, summed over
-                the chunks: the head keeps every key above them and in them (the keep best, and those within STEP_B
-                of the keep-th: ties at 0.002 of a base-2 logit), or every key of the window when fewer than keep
-                are in it (the others weigh under 2^-32 of the best key); and how many it keeps.
-  4. attention  one program per (row, KV head, split of the row's 64-token tiles): the stored logits of the group's
-                heads, each head's kept keys only (only the kept keys' values are loaded), online softmax over the
-                kept keys; the last split of a (row, KV head) merges the partials (ops.decode's merge).
+                [rows, Hq, NPAD] float32, each head's maximum over the chunk, and the first counting pass over the
+                chunk: per head, how many of its keys fall in each of BUCKETS buckets of STEP_A on an absolute grid,
+                from the bucket of the chunk's maximum down (the logits read back from L2 right after they are
+                stored, head by head).
+  2. threshold  one program per (row, query head): the chunks' counts, each shifted from its chunk's maximum onto
+                the row's, summed: the bucket A that holds the keep-th largest key (a window of BUCKETS x STEP_A).
+  3. counts     one program per (row, query head, COUNT_CHUNK logits): how many of the keys in bucket A fall in
+                each of BUCKETS buckets of STEP_B = STEP_A / BUCKETS.
+  4. threshold  again: the bucket B inside A that holds the keep-th largest key: the head keeps every key above it
+                and in it (the keep best, and those within STEP_B of the keep-th: ties at 0.002 of a base-2 logit),
+                or every key of the window when fewer than keep are in it (the others weigh under 2^-31 of the best
+                key); and how many it keeps.
+  5. attention  one program per (row, KV head, split of the row's 64-token tiles), in two phases: a scan of the
+                split's stored logits writes the positions some head of the group keeps into a compacted list, then
+                an online softmax runs over the list, ATTEND_TILE keys per step (values of listed keys only; each
+                head's own threshold masks the others'); the last split of a (row, KV head) merges the partials
+                (ops.decode's merge). A step per 64-token tile instead, mostly empty at high sparsity, was a chain
+                of dependent loads per tile: 1.5-3.5x slower (BENCHMARKS.md, "token decode, list attention").
 
 What it reads per layer and row: every key once (launch 1; what a selector that scores every key exactly must read),
-the logits three times (twice to count, once to attend; with fp32 logits and 32/8 heads of dimension 128 each read
-is 6% of the keys' bytes), and the kept keys' values. Every launch spreads over the row's chunks or splits: no
-program scans a whole row (one program per head that scans it several times, as a radix select would, runs on a
+the logits twice more (the second count and the attention's scan; with fp32 logits and 32/8 heads of dimension 128
+each read is 6% of the keys' bytes), and the kept keys' values. Every launch spreads over the row's chunks or splits:
+no program scans a whole row (one program per head that scans it several times, as a radix select would, runs on a
 few SMs), and the histograms have 128 buckets (Triton builds tl.histogram from warp ballots, whose cost per key grows
-with the bucket count). Each launch is bound by memory latency unless many programs are in flight: a logits
-program reads CHUNK keys and an attention split at most TILES_PER_SPLIT tiles (H200, 128k, one row: 4096-key logits
-programs took 125 us per layer, 1024-key ones 98; the attention launch took ~130-150 us with 62- or 16-tile splits,
-a chain of dependent loads per tile: BENCHMARKS.md, twenty-fifth run). Reading every key is this rule's floor: box
-bounds of key blocks rule out no block of a KV group on a real model (experiments/RESULTS.md, "Block bounds do not
-let an exact token decode skip keys"). A cheaper scorer (a compressed or dimension-major copy of K) would replace
-launch 1; the rest stays. (A fixed subset of each key's dimensions is no such scorer: experiments/RESULTS.md,
-"Fixed dimensions do not rank keys".)
+with the bucket count). Each launch is bound by memory latency unless many programs are in flight. Reading every key
+is this rule's floor: box bounds of key blocks rule out no block of a KV group on a real model
+(experiments/RESULTS.md, "Block bounds do not let an exact token decode skip keys"). A cheaper scorer (a compressed
+or dimension-major copy of K) would replace launch 1; the rest stays. (A fixed subset of each key's dimensions is no
+such scorer: experiments/RESULTS.md, "Fixed dimensions do not rank keys".)
 
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
 with keep 0 return at once and are not written. Twin: token_decode_torch (the same rule in PyTorch: the CPU path and
@@ -46,9 +49,8 @@ from cab_vllm.ops.prefill import _check_common
 
 LOG2E = 1.4426950408889634
 TILE = 64  # tokens per step of the logits loop (and the unit of the attention's splits)
-ATTEND = "list"  # the attention launch: "list" (scan, then attend the kept keys' list) or "tiles" (tile by tile)
-ATTEND_TILE = 64  # listed keys per step of the attention ("list"; a power of two >= 16)
-SCAN_TILE = 512  # logits per step of the attention's scan ("list")
+ATTEND_TILE = 32  # listed keys per step of the attention (a power of two >= 16)
+SCAN_TILE = 512  # logits per step of the attention's scan
 CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
 LOGITS_TILE = 64  # keys per step of a logits program (a power of two dividing CHUNK)
 LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
@@ -67,12 +69,13 @@ ALL = BUCKETS + 1  # a first-pass threshold bucket past every key's: the head ke
 
 
 def kept_keys(logits: torch.Tensor, keep: int) -> torch.Tensor:
-    """The selection rule, [..., n] float32 base-2 logits -> [..., n] bool (every key when keep >= n). Each row's keys
-    fall in buckets below its maximum: first pass a = floor((max - z) / STEP_A), capped at BUCKETS (the window's
-    end); the bucket A holding the keep-th largest key (BUCKETS when fewer than keep are in the window), then inside
-    it b = floor((max - z - A STEP_A) / STEP_B) and the bucket B holding the keep-th; kept: a < A, or a == A and
-    b <= B. So the keep best and every key within STEP_B of the keep-th, or, when fewer than keep keys are within
-    BUCKETS x STEP_A of the maximum, those."""
+    """The selection rule, [..., n] float32 base-2 logits -> [..., n] bool (every key when keep >= n). Keys fall in
+    buckets of STEP_A on an absolute grid, numbered down from the one of the row's maximum: a = floor(-z / STEP_A) -
+    floor(-max / STEP_A), capped at BUCKETS (past the window); A is the bucket holding the keep-th largest key
+    (BUCKETS when fewer than keep are in the window), and inside their own bucket keys fall in BUCKETS buckets of
+    STEP_B = STEP_A / BUCKETS, b; B is the one holding the keep-th; kept: a < A, or a == A and b <= B. So the keep
+    best and every key within STEP_B of the keep-th, or, when fewer than keep keys lie in the window (31.75-32 below
+    the maximum), those."""
     n = logits.shape[-1]
     if keep >= n:
         return torch.ones_like(logits, dtype=torch.bool)
@@ -86,9 +89,11 @@ def kept_keys(logits: torch.Tensor, keep: int) -> torch.Tensor:
 def _buckets(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """First-pass buckets of z [..., n] (BUCKETS past the window) and their second-pass buckets, int64. The same
     float32 operations as the kernels' (exact: the steps are powers of two)."""
-    d = z.amax(-1, keepdim=True) - z
-    a = torch.clamp(d * (1.0 / STEP_A), max=float(BUCKETS)).long()
-    b = torch.clamp((d - a.float() * STEP_A) * (1.0 / STEP_B), min=0.0, max=float(BUCKETS - 1)).long()
+    u = -z * (1.0 / STEP_A)
+    ab = torch.floor(u)
+    top = ab.amin(-1, keepdim=True)  # the maximum's bucket
+    a = torch.clamp(ab - top, max=float(BUCKETS)).long()
+    b = torch.clamp((u - (top + a.float())) * float(BUCKETS), min=0.0, max=float(BUCKETS - 1)).long()
     return a, b
 
 
@@ -143,8 +148,9 @@ def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
 class TokenScratch(NamedTuple):
     """Buffers of the token decode launches (fixed addresses for CUDA graphs), for up to ``rows`` rows at once:
     logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), cmax [rows, Hq, NPAD / CHUNK] float32 (each chunk's
-    largest logit per head), count_a / count_b [rows, Hq, NPAD / COUNT_CHUNK, BUCKETS] int32 (the counting passes), sel
-    [rows, Hq, 4] int32 (per head: the two threshold buckets, the kept count, and the maximum's float32 bits),
+    largest logit per head), count_a [rows, Hq, NPAD / CHUNK, BUCKETS] and count_b [rows, Hq, NPAD / COUNT_CHUNK,
+    BUCKETS] int32 (the counting passes), sel [rows, Hq, 4] int32 (per head: the two threshold buckets, the kept count,
+    and the float32 bits of the maximum's absolute bucket),
     part_o / part_lse flat float32 split partials for rows x Hq x the most splits (x D) (a launch of r rows views them
     as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
     int32 zeros (the launch leaves them zero), kept [rows, Hkv, NPAD] int32 (each attention split's list of the positions
@@ -201,7 +207,7 @@ def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, m
     chunks, cchunks = -(-npad // CHUNK), -(-npad // COUNT_CHUNK)
     i32 = dict(dtype=torch.int32, device=device)
     return TokenScratch(torch.zeros(rows, num_heads, npad, **f32), torch.zeros(rows, num_heads, chunks, **f32),
-                        torch.zeros(rows, num_heads, cchunks, BUCKETS, **i32),
+                        torch.zeros(rows, num_heads, chunks, BUCKETS, **i32),
                         torch.zeros(rows, num_heads, cchunks, BUCKETS, **i32), torch.zeros(rows, num_heads, 4, **i32),
                         torch.zeros(cap * num_heads * head_dim, **f32), torch.zeros(cap * num_heads, **f32),
                         torch.zeros(rows, num_heads, **f32), torch.zeros(rows * num_kv_heads, **i32),
@@ -224,20 +230,30 @@ if HAS_TRITON:
         s = (pid // (mids * inners)).to(tl.int64)
         return s, (pid % (mids * inners)) // inners, pid % inners, tl.load(seqlen_ptr + s), tl.load(keep_ptr + s)
 
+    @triton.jit
+    def _abs_bucket(z, INV_A: tl.constexpr):
+        """Buckets of base-2 logits z on the absolute grid: floor(-z / STEP_A), float32 (exact: STEP_A is a power of
+        two)."""
+        return tl.floor(-z * INV_A)
+
     @triton.jit(do_not_specialize=["n_chunks"])
-    def _logits_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, cm_ptr, scale_log2, num_heads,
+    def _logits_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, cm_ptr, ca_ptr, scale_log2, num_heads,
                        num_kv_heads, n_chunks, stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt,
                        stride_ls, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
-                       CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, PAGE_SIZE: tl.constexpr):
-        """Base-2 logits of the group's queries against the keys of one chunk of one row, and each head's largest
-        logit over the chunk into cm [rows, Hq, chunks]."""
+                       SCAN_G: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, RTILE: tl.constexpr,
+                       PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr):
+        """Base-2 logits of the group's queries against the keys of one chunk of one row, each head's largest logit
+        over the chunk into cm [rows, Hq, chunks], and (rows that keep fewer keys than they have) each head's first
+        counting pass over the chunk into ca [rows, Hq, chunks, NB]: how many of its keys fall in each of the NB
+        absolute buckets from the one of the chunk's maximum down (the select launch shifts them onto the row's)."""
         s, kvh, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, n_chunks)
         t0 = c * CHUNK_T
         if (kt > 0) & (t0 < n):
             group = num_heads // num_kv_heads
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
             q = q.to(k_ptr.dtype.element_ty)
-            heads = kvh * group + tl.arange(0, GROUP_PAD)
+            g = tl.arange(0, GROUP_PAD)
+            heads = kvh * group + g
             row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
             m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
             t1 = tl.minimum(t0 + CHUNK_T, n)
@@ -252,164 +268,128 @@ if HAS_TRITON:
                 tl.store(row + pos[None, :], z, mask=live)
                 m = tl.maximum(m, tl.max(tl.where(live, z, float("-inf")), 1))
             tl.store(cm_ptr + (s * num_heads + heads) * n_chunks + c, m, mask=g_ok)
+            if kt < n:
+                tl.debug_barrier()  # the chunk's logits, stored by every thread of the program, read back per head
+                b = tl.arange(0, NB)
+                for h in tl.static_range(SCAN_G):
+                    if h < group:
+                        top = _abs_bucket(tl.sum(tl.where(g == h, m, 0.0), 0), INV_A)
+                        hrow = lg_ptr + s * stride_ls + (kvh * group + h).to(tl.int64) * stride_lh
+                        hist = tl.zeros([NB], dtype=tl.int32)
+                        for i0 in range(t0, t1, RTILE):
+                            i = i0 + tl.arange(0, RTILE)
+                            ok = i < t1
+                            ab = _abs_bucket(tl.load(hrow + i, mask=ok, other=0.0, cache_modifier=".cg"), INV_A)
+                            a = (ab - top).to(tl.int32)
+                            hist += tl.histogram(tl.maximum(tl.minimum(a, NB - 1), 0), NB, mask=ok & (a < NB))
+                        tl.store(ca_ptr + ((s * num_heads + kvh * group + h) * n_chunks + c) * NB + b, hist)
 
     @triton.jit
-    def _row_max(cm_ptr, s, h, num_heads, n_chunks, nch, NCH: tl.constexpr):
-        """A head's largest logit: the maximum of its row's first nch chunk maxima."""
+    def _row_top(cm_ptr, s, h, num_heads, n_chunks, nch, NCH: tl.constexpr, INV_A: tl.constexpr):
+        """A head's largest logit over its row's first nch chunks, and its absolute bucket (float32)."""
         c = tl.arange(0, NCH)
-        return tl.max(tl.load(cm_ptr + (s * num_heads + h) * n_chunks + c, mask=c < nch, other=float("-inf")), 0)
+        gmax = tl.max(tl.load(cm_ptr + (s * num_heads + h) * n_chunks + c, mask=c < nch, other=float("-inf")), 0)
+        return gmax, _abs_bucket(gmax, INV_A)
 
     @triton.jit
-    def _first_bucket(cnt_ptr, s, h, num_heads, n_chunks, nch, need, NB: tl.constexpr, HL: tl.constexpr):
-        """A head's bucket counts [chunks, NB] summed over its row's first nch chunks -> (the bucket where the
-        running count reaches need, NB when it does not; the count before it; the count in it). HL chunks'
-        counts per load (one round trip up to 128k tokens, where a load per chunk waited for each in turn)."""
+    def _pick_bucket(hist, need, NB: tl.constexpr):
+        """Bucket counts [NB] -> (the bucket where the running count reaches need, NB when it does not; the count
+        before it; the count in it)."""
+        b = tl.arange(0, NB)
+        cum = tl.cumsum(hist, 0)
+        at = tl.sum((cum < need).to(tl.int32), 0)
+        return at, tl.sum(tl.where(b == at - 1, cum, 0), 0), tl.sum(tl.where(b == at, hist, 0), 0)
+
+    @triton.jit
+    def _sum_counts(cnt_ptr, cm_ptr, s, h, num_heads, n_chunks, nch, top, NB: tl.constexpr, HL: tl.constexpr,
+                    SHIFT: tl.constexpr, INV_A: tl.constexpr):
+        """A head's bucket counts [chunks, NB] summed over its row's first nch chunks, HL chunks per load (one round
+        trip up to 128k tokens, where a load per chunk waited for each in turn). SHIFT: each chunk's counts start at
+        its own maximum's bucket (cm), moved onto the row's (top) on the way."""
         b = tl.arange(0, NB)
         cc = tl.arange(0, HL)
         hist = tl.zeros([NB], dtype=tl.int32)
         base = cnt_ptr + (s * num_heads + h) * n_chunks * NB
         for c0 in range(0, nch, HL):
             c = c0 + cc
-            hist += tl.sum(tl.load(base + c[:, None] * NB + b[None, :], mask=(c < nch)[:, None], other=0), 0)
-        cum = tl.cumsum(hist, 0)
-        at = tl.sum((cum < need).to(tl.int32), 0)
-        return at, tl.sum(tl.where(b == at - 1, cum, 0), 0), tl.sum(tl.where(b == at, hist, 0), 0)
+            c_ok = c < nch
+            if SHIFT:
+                ctop = _abs_bucket(tl.load(cm_ptr + (s * num_heads + h) * n_chunks + c, mask=c_ok, other=0.0),
+                                      INV_A)
+                src = b[None, :] - (ctop - top).to(tl.int32)[:, None]
+                hist += tl.sum(tl.load(base + c[:, None] * NB + src, mask=c_ok[:, None] & (src >= 0), other=0), 0)
+            else:
+                hist += tl.sum(tl.load(base + c[:, None] * NB + b[None, :], mask=c_ok[:, None], other=0), 0)
+        return hist
 
     @triton.jit
-    def _key_buckets(d, big_a, NB: tl.constexpr, INV_A: tl.constexpr, STEP_A_T: tl.constexpr, INV_B: tl.constexpr):
-        """First- and second-pass buckets (int32) of keys d below their head's maximum (as _buckets in PyTorch);
-        the second relative to first-pass bucket big_a."""
-        a = tl.minimum(d * INV_A, NB).to(tl.int32)
-        b = tl.minimum(tl.maximum((d - big_a.to(tl.float32) * STEP_A_T) * INV_B, 0.0), NB - 1).to(tl.int32)
+    def _key_buckets(z, top, big_a, NB: tl.constexpr, INV_A: tl.constexpr):
+        """First-pass buckets (int32, NB past the window) of keys z below their head's maximum's absolute bucket top,
+        and their second-pass buckets inside their own first-pass bucket (as _buckets in PyTorch)."""
+        u = -z * INV_A
+        a = tl.minimum(tl.floor(u) - top, NB).to(tl.int32)
+        b = tl.minimum(tl.maximum((u - (top + big_a.to(tl.float32))) * NB, 0.0), NB - 1).to(tl.int32)
         return a, b
 
-    @triton.jit(do_not_specialize=["n_chunks", "n_cchunks"])
-    def _count_kernel(lg_ptr, cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, num_heads, n_chunks, n_cchunks,
-                      stride_ls, stride_lh, SECOND: tl.constexpr, CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr,
-                      RTILE: tl.constexpr, NB: tl.constexpr, NCH: tl.constexpr, INV_A: tl.constexpr,
-                      STEP_A_T: tl.constexpr, INV_B: tl.constexpr, HL: tl.constexpr):
-        """One (row, query head, counting chunk): how many of the chunk's keys fall in each first-pass bucket (into
-        ca), or (SECOND) in each second-pass bucket of the first-pass bucket holding the head's keep-th largest key
-        (into cb). Rows that keep every key count nothing."""
+    @triton.jit(do_not_specialize=["n_cchunks"])
+    def _count_kernel(lg_ptr, sel_ptr, cb_ptr, seqlen_ptr, keep_ptr, num_heads, n_cchunks, stride_ls, stride_lh,
+                      CCHUNK_T: tl.constexpr, RTILE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr):
+        """One (row, query head, counting chunk) of a row whose head needs a second pass: how many of the chunk's keys
+        in the first-pass bucket A holding the head's keep-th largest key fall in each second-pass bucket (into cb)."""
         s, h, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_heads, n_cchunks)
         t0 = c * CCHUNK_T
         if (kt > 0) & (kt < n) & (t0 < n):
-            gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, tl.cdiv(n, CHUNK_T), NCH)
-            big_a = n * 0
-            if SECOND:
-                big_a, _, _ = _first_bucket(ca_ptr, s, h, num_heads, n_cchunks, tl.cdiv(n, CCHUNK_T), kt, NB, HL)
-            base = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
-            hist = tl.zeros([NB], dtype=tl.int32)
-            t1 = tl.minimum(t0 + CCHUNK_T, n)
-            for i0 in range(t0, t1, RTILE):
-                i = i0 + tl.arange(0, RTILE)
-                ok = i < t1
-                z = tl.load(base + i, mask=ok, other=0.0)
-                a, b = _key_buckets(gmax - z, big_a, NB, INV_A, STEP_A_T, INV_B)
-                if SECOND:
-                    hist += tl.histogram(tl.minimum(b, NB - 1), NB, mask=ok & (a == big_a))
-                else:
-                    hist += tl.histogram(tl.minimum(a, NB - 1), NB, mask=ok & (a < NB))  # a == NB: past the window
-            off = ((s * num_heads + h) * n_cchunks + c) * NB + tl.arange(0, NB)
-            if SECOND:
-                tl.store(cb_ptr + off, hist)
-            else:
-                tl.store(ca_ptr + off, hist)
+            out = sel_ptr + (s * num_heads + h) * 4
+            big_a = tl.load(out)
+            if big_a < NB:
+                top = tl.load(out + 3).to(tl.float32, bitcast=True)
+                base = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
+                hist = tl.zeros([NB], dtype=tl.int32)
+                t1 = tl.minimum(t0 + CCHUNK_T, n)
+                for i0 in range(t0, t1, RTILE):
+                    i = i0 + tl.arange(0, RTILE)
+                    ok = i < t1
+                    a, b = _key_buckets(tl.load(base + i, mask=ok, other=0.0), top, big_a, NB, INV_A)
+                    hist += tl.histogram(b, NB, mask=ok & (a == big_a))
+                tl.store(cb_ptr + ((s * num_heads + h) * n_cchunks + c) * NB + tl.arange(0, NB), hist)
 
     @triton.jit(do_not_specialize=["n_chunks", "n_cchunks"])
     def _select_kernel(cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, sel_ptr, num_heads, n_chunks, n_cchunks,
-                       CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr, NB: tl.constexpr, NCH: tl.constexpr,
-                       ALL_T: tl.constexpr, HL: tl.constexpr):
-        """One (row, query head): its threshold buckets (A, B: keep a < A, or a == A and b <= B; A = ALL_T keeps
-        every key, B = -1 nothing of bucket A), how many keys that keeps, and its maximum (float32 bits) into
-        sel [rows, Hq, 4]."""
+                       SECOND: tl.constexpr, CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr, NB: tl.constexpr,
+                       NCH: tl.constexpr, ALL_T: tl.constexpr, HL: tl.constexpr, INV_A: tl.constexpr):
+        """One (row, query head), after the first counting pass: its first threshold bucket A (the one holding its
+        keep-th largest key; ALL_T keeps every key), the count above it and its maximum's absolute bucket into
+        sel [rows, Hq, 4] (A, -, above, top as float32 bits); after the second (SECOND): the second threshold B
+        (keep a < A, or a == A and b <= B; -1: nothing of bucket A) and how many keys that keeps (A, B, count, top)."""
         s, _, h, n, kt = _program_row(seqlen_ptr, keep_ptr, 1, num_heads)
         if kt > 0:
-            gmax = _row_max(cm_ptr, s, h, num_heads, n_chunks, tl.cdiv(n, CHUNK_T), NCH)
-            ncc = tl.cdiv(n, CCHUNK_T)
-            big_a = n * 0 + ALL_T
-            big_b = n * 0
-            count = n
-            if kt < n:
-                big_a, above, _ = _first_bucket(ca_ptr, s, h, num_heads, n_cchunks, ncc, kt, NB, HL)
-                if big_a < NB:
-                    big_b, above_b, here_b = _first_bucket(cb_ptr, s, h, num_heads, n_cchunks, ncc, kt - above, NB, HL)
-                    count = above + above_b + here_b
-                else:  # fewer than keep keys in the window: all of those
-                    big_b = n * 0 - 1
-                    count = above
             out = sel_ptr + (s * num_heads + h) * 4
-            tl.store(out, big_a)
-            tl.store(out + 1, big_b)
-            tl.store(out + 2, count)
-            tl.store(out + 3, gmax.to(tl.int32, bitcast=True))
-
-    @triton.jit(do_not_specialize=["num_splits"])
-    def _attend_kernel(lg_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, po_ptr, plse_ptr, o_ptr, lse_ptr,
-                       sync_ptr, num_heads, num_kv_heads, num_splits, min_per,
-                       stride_ls, stride_lh, stride_vpage, stride_vpos, stride_vh, stride_bt,
-                       stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_T: tl.constexpr,
-                       PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, STEP_A_T: tl.constexpr,
-                       INV_B: tl.constexpr, MERGE_G: tl.constexpr, MERGE_SPLITS_T: tl.constexpr):
-        """Split `split` of (row, KV head): online softmax over the kept keys of its tiles (stored logits; values
-        of kept keys only) -> normalized partial and base-2 LSE; the last split to finish merges the group's."""
-        s, kvh, split, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, num_splits)
-        if kt > 0:
-            group = num_heads // num_kv_heads
-            g = tl.arange(0, GROUP_PAD)
-            g_ok = g < group
-            heads = kvh * group + g
-            d = tl.arange(0, BLOCK_D)
-            d_ok = d < HEAD_DIM
-            sel_row = sel_ptr + (s * num_heads + heads) * 4
-            big_a = tl.load(sel_row, mask=g_ok, other=-1)  # a padded head keeps nothing
-            big_b = tl.load(sel_row + 1, mask=g_ok, other=-1)
-            gmax = tl.load(sel_row + 3, mask=g_ok, other=0).to(tl.float32, bitcast=True)
-            tiles = tl.cdiv(n, TILE_T)
-            per_split = tl.maximum(tl.cdiv(tiles, num_splits), min_per)
-            used = tl.cdiv(tiles, per_split)
-            i0 = split * per_split
-            i1 = tl.minimum(i0 + per_split, tiles)
-            row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
-            m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-            acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-            for i in range(i0, i1):
-                pos = i * TILE_T + tl.arange(0, TILE_T)
-                ok = pos < n
-                z = tl.load(row + pos[None, :], mask=g_ok[:, None] & ok[None, :], other=0.0)
-                a, b = _key_buckets(gmax[:, None] - z, big_a[:, None], NB, INV_A, STEP_A_T, INV_B)
-                sel = ((a < big_a[:, None]) | ((a == big_a[:, None]) & (b <= big_b[:, None]))) & ok[None, :] \
-                    & g_ok[:, None]
-                tok = tl.max(sel.to(tl.int32), 0) > 0  # some head of the group keeps the key: load its value
-                # (no branch on an empty tile: a loop without one is software-pipelined, and masked loads read
-                # nothing)
-                # (the page table read masked by the tile's length alone: its load does not wait for the logits')
-                off = _block_offsets(bt_ptr, stride_bt, s, i, ok, kvh, stride_vpage, stride_vpos, stride_vh, d,
-                                     TILE_T, PAGE_SIZE)
-                v = tl.load(v_ptr + off, mask=tok[:, None] & d_ok[None, :], other=0.0)
-                zs = tl.where(sel, z, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(zs, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(zs - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
-            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-            lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-            live = g_ok & (tl.arange(0, GROUP_PAD) * 0 + split < used)
-            tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :], out,
-                     mask=live[:, None] & d_ok[None, :])
-            tl.store(plse_ptr + (s * num_heads + heads) * num_splits + split, lse, mask=live)
-            tl.debug_barrier()
-            c = tl.atomic_add(sync_ptr + s * num_kv_heads + kvh, 1, sem="acq_rel")
-            if c == num_splits - 1:
-                tl.atomic_xchg(sync_ptr + s * num_kv_heads + kvh, 0)
-                _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
-                             stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                             HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS_T)
+            if SECOND:
+                big_a = tl.load(out)
+                count = n
+                if big_a < NB:
+                    above = tl.load(out + 2)
+                    hist = _sum_counts(cb_ptr, cm_ptr, s, h, num_heads, n_cchunks, tl.cdiv(n, CCHUNK_T), 0.0, NB, HL,
+                                       False, INV_A)
+                    big_b, above_b, here_b = _pick_bucket(hist, kt - above, NB)
+                    tl.store(out + 1, big_b)
+                    count = above + above_b + here_b
+                elif big_a == NB:  # fewer than keep keys in the window: all of those
+                    tl.store(out + 1, big_a * 0 - 1)
+                    count = tl.load(out + 2)
+                tl.store(out + 2, count)
+            else:
+                nch = tl.cdiv(n, CHUNK_T)
+                gmax, top = _row_top(cm_ptr, s, h, num_heads, n_chunks, nch, NCH, INV_A)
+                big_a = n * 0 + ALL_T
+                above = n * 0
+                if kt < n:
+                    hist = _sum_counts(ca_ptr, cm_ptr, s, h, num_heads, n_chunks, nch, top, NB, HL, True, INV_A)
+                    big_a, above, here = _pick_bucket(hist, kt, NB)
+                tl.store(out, big_a)
+                tl.store(out + 1, big_a * 0)
+                tl.store(out + 2, above)
+                tl.store(out + 3, top.to(tl.int32, bitcast=True))
 
     @triton.jit(do_not_specialize=["num_splits"])
     def _attend_list_kernel(lg_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, kl_ptr, po_ptr, plse_ptr, o_ptr,
@@ -418,8 +398,8 @@ if HAS_TRITON:
                             stride_kh, stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
                             SCAN_G: tl.constexpr, TILE_T: tl.constexpr, SCAN_T: tl.constexpr, LIST_T: tl.constexpr,
-                            PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, STEP_A_T: tl.constexpr,
-                            INV_B: tl.constexpr, MERGE_G: tl.constexpr, MERGE_SPLITS_T: tl.constexpr):
+                            PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, MERGE_G: tl.constexpr,
+                            MERGE_SPLITS_T: tl.constexpr):
         """Split `split` of (row, KV head), in two phases: a scan of its logits (SCAN_T per step, SCAN_G heads) writes
         the positions some head of the group keeps into kl (the split's own stretch of it: a compacted list), then
         an online softmax runs over that list, LIST_T keys per step (the stored logits and the values of listed
@@ -441,14 +421,14 @@ if HAS_TRITON:
             sel_s = sel_ptr + (s * num_heads + kvh * group + gs) * 4
             a_s = tl.load(sel_s, mask=gs_ok, other=-1)
             b_s = tl.load(sel_s + 1, mask=gs_ok, other=-1)
-            m_s = tl.load(sel_s + 3, mask=gs_ok, other=0).to(tl.float32, bitcast=True)
+            top_s = tl.load(sel_s + 3, mask=gs_ok, other=0).to(tl.float32, bitcast=True)
             row_s = lg_ptr + s * stride_ls + (kvh * group + gs)[:, None].to(tl.int64) * stride_lh
             cnt = n * 0
             for c0 in range(p0, p1, SCAN_T):
                 pos = c0 + tl.arange(0, SCAN_T)
                 ok = pos < p1
                 z = tl.load(row_s + pos[None, :], mask=gs_ok[:, None] & ok[None, :], other=0.0)
-                a, b = _key_buckets(m_s[:, None] - z, a_s[:, None], NB, INV_A, STEP_A_T, INV_B)
+                a, b = _key_buckets(z, top_s[:, None], a_s[:, None], NB, INV_A)
                 sel = ((a < a_s[:, None]) | ((a == a_s[:, None]) & (b <= b_s[:, None]))) & gs_ok[:, None]
                 tok = (tl.max(sel.to(tl.int32), 0) > 0) & ok
                 ti = tok.to(tl.int32)
@@ -464,7 +444,7 @@ if HAS_TRITON:
             sel_row = sel_ptr + (s * num_heads + heads) * 4
             big_a = tl.load(sel_row, mask=g_ok, other=-1)  # a padded head keeps nothing
             big_b = tl.load(sel_row + 1, mask=g_ok, other=-1)
-            gmax = tl.load(sel_row + 3, mask=g_ok, other=0).to(tl.float32, bitcast=True)
+            top = tl.load(sel_row + 3, mask=g_ok, other=0).to(tl.float32, bitcast=True)
             row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
             m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -477,7 +457,7 @@ if HAS_TRITON:
                 page, slot = paged_coords(bt_ptr, stride_bt, s, pos, jok, PAGE_SIZE)
                 off = (page * stride_vpage + (slot.to(tl.int32) * stride_vpos + kvh * stride_vh))[:, None] + d[None, :]
                 v = tl.load(v_ptr + off, mask=jok[:, None] & d_ok[None, :], other=0.0)
-                a, b = _key_buckets(gmax[:, None] - z, big_a[:, None], NB, INV_A, STEP_A_T, INV_B)
+                a, b = _key_buckets(z, top[:, None], big_a[:, None], NB, INV_A)
                 sel = ((a < big_a[:, None]) | ((a == big_a[:, None]) & (b <= big_b[:, None]))) & jok[None, :] \
                     & g_ok[:, None]
                 zs = tl.where(sel, z, float("-inf"))
@@ -534,7 +514,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     n_chunks, n_cchunks = triton.cdiv(npad, CHUNK), triton.cdiv(npad, COUNT_CHUNK)
     check(scratch.logits.shape[1] == hq and scratch.part_o.numel() == scratch.part_lse.numel() * d
           and scratch.sync.numel() >= scratch.rows * hkv and tuple(scratch.cmax.shape[1:]) == (hq, n_chunks)
-          and tuple(scratch.count_a.shape[1:]) == (hq, n_cchunks, BUCKETS)
+          and tuple(scratch.count_a.shape[1:]) == (hq, n_chunks, BUCKETS)
           and tuple(scratch.kept.shape) == (scratch.rows, hkv, npad),
           "token decode scratch does not match (heads, head dim, KV heads)")
     if q.device.type == "cpu":  # (on a GPU this would be a host sync, and a CUDA graph cannot hold one)
@@ -543,49 +523,38 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     block_d = max(16, next_pow2(d))
     gpad = max(16, next_pow2(hq // hkv))
     page = key_cache.shape[1]
-    steps = dict(NB=BUCKETS, INV_A=1.0 / STEP_A, STEP_A_T=STEP_A, INV_B=1.0 / STEP_B)
-    lg, cmax, ca, cb, sel = scratch.logits, scratch.cmax, scratch.count_a, scratch.count_b, scratch.sel
+    steps = dict(NB=BUCKETS, INV_A=1.0 / STEP_A)
+    sg = next_pow2(hq // hkv)
+    lg, cmax, ca, cb, sel, kl = scratch.logits, scratch.cmax, scratch.count_a, scratch.count_b, scratch.sel, scratch.kept
     for r0 in range(0, ns, scratch.rows):
         r = min(scratch.rows, ns - r0)
         splits = num_splits(r, hkv, npad)
         po, plse = scratch.partials(r, splits)
         qs, bt, sl, kp, os_ = q[r0:r0 + r], block_table[r0:r0 + r], seq_lens[r0:r0 + r], keep[r0:r0 + r], out[r0:r0 + r]
         _logits_kernel[(r * hkv * n_chunks,)](
-            qs, key_cache, bt, sl, kp, lg, cmax, scale * LOG2E, hq, hkv, n_chunks,
+            qs, key_cache, bt, sl, kp, lg, cmax, ca, scale * LOG2E, hq, hkv, n_chunks,
             qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0),
-            lg.stride(0), lg.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, CHUNK_T=CHUNK, TILE_T=LOGITS_TILE, PAGE_SIZE=page,
-            num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES)
+            lg.stride(0), lg.stride(1), HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg, CHUNK_T=CHUNK,
+            TILE_T=LOGITS_TILE, RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps, num_warps=LOGITS_WARPS,
+            num_stages=LOGITS_STAGES)
         if stages == 1:
             continue
-        for second in (False, True):
-            _count_kernel[(r * hq * n_cchunks,)](
-                lg, cmax, ca, cb, sl, kp, hq, n_chunks, n_cchunks, lg.stride(0), lg.stride(1), SECOND=second,
-                CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, NCH=next_pow2(n_chunks), HL=HIST_LOAD, **steps,
-                num_warps=4)
-        _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, n_cchunks, CHUNK_T=CHUNK,
-                                  CCHUNK_T=COUNT_CHUNK, NB=BUCKETS, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD,
-                                  num_warps=4)
+        select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,
+                      num_warps=4)
+        _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, n_cchunks, SECOND=False, **select)
+        _count_kernel[(r * hq * n_cchunks,)](lg, sel, cb, sl, kp, hq, n_cchunks, lg.stride(0), lg.stride(1),
+                                             CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, **steps, num_warps=4)
+        _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, n_cchunks, SECOND=True, **select)
         if stages == 2:
             continue
-        merge = dict(MERGE_G=next_pow2(hq // hkv), MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits))
-        if ATTEND == "list":
-            kl = scratch.kept
-            _attend_list_kernel[(r * hkv * splits,)](
-                lg, value_cache, bt, sl, kp, sel, kl, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
-                MIN_TILES_PER_SPLIT, lg.stride(0), lg.stride(1), value_cache.stride(0), value_cache.stride(1),
-                value_cache.stride(2), bt.stride(0), kl.stride(0), kl.stride(1), po.stride(0), po.stride(1),
-                po.stride(2), os_.stride(0), os_.stride(1),
-                HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=next_pow2(hq // hkv), TILE_T=TILE,
-                SCAN_T=SCAN_TILE, LIST_T=ATTEND_TILE, PAGE_SIZE=page, **steps, **merge, num_warps=ATTEND_WARPS)
-        else:
-            _attend_kernel[(r * hkv * splits,)](
-                lg, value_cache, bt, sl, kp, sel, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
-                MIN_TILES_PER_SPLIT, lg.stride(0), lg.stride(1),
-                value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), bt.stride(0),
-                po.stride(0), po.stride(1), po.stride(2), os_.stride(0), os_.stride(1),
-                HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=TILE, PAGE_SIZE=page, **steps, **merge,
-                num_warps=ATTEND_WARPS)
+        _attend_list_kernel[(r * hkv * splits,)](
+            lg, value_cache, bt, sl, kp, sel, kl, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
+            MIN_TILES_PER_SPLIT, lg.stride(0), lg.stride(1), value_cache.stride(0), value_cache.stride(1),
+            value_cache.stride(2), bt.stride(0), kl.stride(0), kl.stride(1), po.stride(0), po.stride(1),
+            po.stride(2), os_.stride(0), os_.stride(1),
+            HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg, TILE_T=TILE, SCAN_T=SCAN_TILE, LIST_T=ATTEND_TILE,
+            PAGE_SIZE=page, MERGE_G=next_pow2(hq // hkv), MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits),
+            **steps, num_warps=ATTEND_WARPS)
         if counts is not None:
             counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
     return out

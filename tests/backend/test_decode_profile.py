@@ -183,9 +183,9 @@ def test_layer_gemms_run_a_decode_layers_four_products(monkeypatch):
 def test_token_knobs_are_every_combination_of_their_values():
     prof = _script()
     assert prof.token_knob_variants([]) == [{}]
-    assert prof.token_knob_variants(["ATTEND=list,tiles", "CHUNK=512,1024"]) == [
-        {"ATTEND": "list", "CHUNK": 512}, {"ATTEND": "list", "CHUNK": 1024},
-        {"ATTEND": "tiles", "CHUNK": 512}, {"ATTEND": "tiles", "CHUNK": 1024}]
+    assert prof.token_knob_variants(["ATTEND_TILE=32,64", "CHUNK=512,1024"]) == [
+        {"ATTEND_TILE": 32, "CHUNK": 512}, {"ATTEND_TILE": 32, "CHUNK": 1024},
+        {"ATTEND_TILE": 64, "CHUNK": 512}, {"ATTEND_TILE": 64, "CHUNK": 1024}]
     for bad in ("CHUNKS=512", "CHUNK=", "CHUNK"):
         with pytest.raises(ValueError, match="expected NAME=V1,V2"):
             prof.token_knob_variants([bad])

@@ -96,13 +96,15 @@ def test_triton_equals_the_twin(lens, keep, hq, hkv, d, page):
 
 
 @TRITON
-@pytest.mark.parametrize("attend, scan_tile, list_tile", [("list", 64, 16), ("list", 128, 32), ("tiles", 512, 64)])
-def test_attention_launch_variants_equal_the_twin(monkeypatch, attend, scan_tile, list_tile):
-    """The attention launch's knobs: several scan steps per split and several list steps per split (a budget of
-    half the keys: the kept list of a group is long), and the tile-by-tile variant."""
-    monkeypatch.setattr(td, "ATTEND", attend)
-    monkeypatch.setattr(td, "SCAN_TILE", scan_tile)
-    monkeypatch.setattr(td, "ATTEND_TILE", list_tile)
+@pytest.mark.parametrize("chunk, count_chunk, scan_tile, list_tile", [(1024, 4096, 64, 16), (64, 128, 128, 32),
+                                                                     (128, 256, 512, 64)])
+def test_launch_steps_equal_the_twin(monkeypatch, chunk, count_chunk, scan_tile, list_tile):
+    """The launches' steps: logits chunks (whose first-pass counts the threshold launch shifts onto the row's
+    maximum) and counting chunks of several sizes, several scan and list steps per attention split (a budget of
+    half the keys: a group's kept list is long)."""
+    for name, value in (("CHUNK", chunk), ("COUNT_CHUNK", count_chunk), ("SCAN_TILE", scan_tile),
+                        ("ATTEND_TILE", list_tile)):
+        monkeypatch.setattr(td, name, value)
     lens, keep = [1100, 333, 700], [550, 20, 699]
     q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=11)
     kp = torch.tensor(keep, dtype=torch.int32)
@@ -114,6 +116,28 @@ def test_attention_launch_variants_equal_the_twin(monkeypatch, attend, scan_tile
         counts.append(c)
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     assert torch.equal(counts[0], counts[1])
+
+
+@TRITON
+def test_a_chunk_far_above_the_rest(monkeypatch):
+    """Keys of one 64-token chunk score ~40 base-2 logits above the others: the other chunks' first-pass counts
+    shift past the window, and the heads keep only the keys in it (fewer than their budget), as the twin does."""
+    monkeypatch.setattr(td, "CHUNK", 64)
+    n, hq, hkv, d = 400, 4, 2, 32
+    gen = torch.Generator().manual_seed(5)
+    q = paged([n], hq, hkv, d, 16, seed=5)[0]  # (the same queries with any keys)
+    keys = torch.randn(n, hkv, d, generator=gen) * 0.1
+    keys[128:192] = q[0].view(hkv, hq // hkv, d).sum(1) + torch.randn(64, hkv, d, generator=gen) * 0.05
+    q, kc, vc, bt, sl = paged([n], hq, hkv, d, 16, seed=5, keys=[keys])
+    kp = torch.tensor([150], dtype=torch.int32)
+    res = []
+    for impl in ("torch", "triton"):
+        o, c = torch.empty_like(q), torch.zeros(1, hq, dtype=torch.int32)
+        td.token_decode(q, kc, vc, bt, sl, kp, 1.0, o, counts=c, impl=impl)
+        res.append((o, c))
+    assert torch.equal(res[0][1], res[1][1])
+    assert 0 < int(res[0][1].min()) and int(res[0][1].max()) <= 64  # only the far chunk's keys are in the window
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
 
 
 @TRITON
@@ -175,7 +199,7 @@ def test_kept_keys_rule():
     # within STEP_B (1/512 of a base-2 logit) of the keep-th: kept; further: not
     z = torch.tensor([[10.0, 9.5, 9.5 - 1e-4, 9.49, 5.0]])
     assert td.kept_keys(z, 2).tolist() == [[True, True, True, False, False]]
-    # fewer than keep keys within the window (BUCKETS x STEP_A = 32 below the maximum): those only
+    # fewer than keep keys within the window (31.75-32 below the maximum): those only
     z = torch.tensor([[40.0, 30.0, 0.0, -1.0, -2.0]])
     assert td.kept_keys(z, 3).tolist() == [[True, True, False, False, False]]
 
@@ -189,7 +213,10 @@ def test_kept_keys_are_the_top_keys_and_their_near_ties(seed):
     for keep in (1, 7, 100, 699):
         kept = td.kept_keys(z, keep)
         kth = z.topk(keep, dim=-1).values[..., -1:]
-        window = z >= z.amax(-1, keepdim=True) - td.BUCKETS * td.STEP_A
+        # the window: BUCKETS buckets of STEP_A on the absolute grid, from the maximum's down (31.75-32 below it)
+        window = torch.floor(-z / td.STEP_A) - torch.floor(-z.amax(-1, keepdim=True) / td.STEP_A) < td.BUCKETS
+        assert bool((window >= (z > z.amax(-1, keepdim=True) - (td.BUCKETS - 1) * td.STEP_A)).all())
+        assert bool((window <= (z > z.amax(-1, keepdim=True) - td.BUCKETS * td.STEP_A)).all())
         in_window = window.sum(-1, keepdim=True) >= keep
         assert bool(torch.where(in_window, (z >= kth) <= kept, kept == window).all())
         assert bool(torch.where(in_window, ~kept | (z >= kth - td.STEP_B), True).all())
@@ -228,11 +255,9 @@ def test_scratch_sizes():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attend", ["list", "tiles"])
-def test_gpu_bf16_long_context_and_graph_replay(monkeypatch, attend):
+def test_gpu_bf16_long_context_and_graph_replay():
     """On a GPU: 8B geometry (32/8 heads, D=128, 16-token pages), rows of 32k and 5k tokens in bf16, Triton against
     the twin; then the launches captured in a CUDA graph and replayed on new queries and budgets."""
-    monkeypatch.setattr(td, "ATTEND", attend)
     lens, keep = [32768, 5000], [655, 100]
     q, kc, vc, bt, sl = (t.cuda() for t in paged(lens, 32, 8, 128, 16, dtype=torch.bfloat16, seed=9))
     kp = torch.tensor(keep, dtype=torch.int32, device="cuda")
