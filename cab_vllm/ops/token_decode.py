@@ -59,6 +59,7 @@ BUCKETS = 128  # buckets per counting pass
 STEP_A = 0.25  # width of the first pass's buckets, base-2 logits: a window of BUCKETS x STEP_A = 32 below the max
 STEP_B = STEP_A / BUCKETS  # width of the second pass's buckets (1/512)
 COUNT_TILE = 1024  # logits per step of a counting program
+COUNT_ATOMIC = True  # the second counting pass adds each key of bucket A to its head's counts (else a histogram)
 TARGET_PROGRAMS = 264  # attention programs a step aims for at least (split over the row's tiles)
 TILES_PER_SPLIT = 16  # and a split reads at most this many tiles at max_len (unless MAX_SPLITS caps the splits)
 MAX_SPLITS = 128
@@ -333,9 +334,12 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["n_cchunks"])
     def _count_kernel(lg_ptr, sel_ptr, cb_ptr, seqlen_ptr, keep_ptr, num_heads, n_cchunks, stride_ls, stride_lh,
-                      CCHUNK_T: tl.constexpr, RTILE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr):
+                      CCHUNK_T: tl.constexpr, RTILE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr,
+                      ATOMIC: tl.constexpr):
         """One (row, query head, counting chunk) of a row whose head needs a second pass: how many of the chunk's keys
-        in the first-pass bucket A holding the head's keep-th largest key fall in each second-pass bucket (into cb)."""
+        in the first-pass bucket A holding the head's keep-th largest key fall in each second-pass bucket (into cb;
+        ATOMIC: each such key adds one to the head's first chunk's counts, which the first threshold launch zeroed:
+        few keys fall in A, and a histogram of the chunk costs every key a pass of warp ballots)."""
         s, h, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_heads, n_cchunks)
         t0 = c * CCHUNK_T
         if (kt > 0) & (kt < n) & (t0 < n):
@@ -346,17 +350,23 @@ if HAS_TRITON:
                 base = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
                 hist = tl.zeros([NB], dtype=tl.int32)
                 t1 = tl.minimum(t0 + CCHUNK_T, n)
+                head = cb_ptr + (s * num_heads + h) * n_cchunks * NB
                 for i0 in range(t0, t1, RTILE):
                     i = i0 + tl.arange(0, RTILE)
                     ok = i < t1
                     a, b = _key_buckets(tl.load(base + i, mask=ok, other=0.0), top, big_a, NB, INV_A)
-                    hist += tl.histogram(b, NB, mask=ok & (a == big_a))
-                tl.store(cb_ptr + ((s * num_heads + h) * n_cchunks + c) * NB + tl.arange(0, NB), hist)
+                    if ATOMIC:
+                        tl.atomic_add(head + b, tl.full([RTILE], 1, tl.int32), mask=ok & (a == big_a), sem="relaxed")
+                    else:
+                        hist += tl.histogram(b, NB, mask=ok & (a == big_a))
+                if not ATOMIC:
+                    tl.store(head + c * NB + tl.arange(0, NB), hist)
 
     @triton.jit(do_not_specialize=["n_chunks", "n_cchunks"])
     def _select_kernel(cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, sel_ptr, num_heads, n_chunks, n_cchunks,
                        SECOND: tl.constexpr, CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr, NB: tl.constexpr,
-                       NCH: tl.constexpr, ALL_T: tl.constexpr, HL: tl.constexpr, INV_A: tl.constexpr):
+                       NCH: tl.constexpr, ALL_T: tl.constexpr, HL: tl.constexpr, INV_A: tl.constexpr,
+                       ATOMIC: tl.constexpr):
         """One (row, query head), after the first counting pass: its first threshold bucket A (the one holding its
         keep-th largest key; ALL_T keeps every key), the count above it and its maximum's absolute bucket into
         sel [rows, Hq, 4] (A, -, above, top as float32 bits); after the second (SECOND): the second threshold B
@@ -369,8 +379,10 @@ if HAS_TRITON:
                 count = n
                 if big_a < NB:
                     above = tl.load(out + 2)
-                    hist = _sum_counts(cb_ptr, cm_ptr, s, h, num_heads, n_cchunks, tl.cdiv(n, CCHUNK_T), 0.0, NB, HL,
-                                       False, INV_A)
+                    nch = tl.cdiv(n, CCHUNK_T)
+                    if ATOMIC:
+                        nch = 1
+                    hist = _sum_counts(cb_ptr, cm_ptr, s, h, num_heads, n_cchunks, nch, 0.0, NB, HL, False, INV_A)
                     big_b, above_b, here_b = _pick_bucket(hist, kt - above, NB)
                     tl.store(out + 1, big_b)
                     count = above + above_b + here_b
@@ -390,6 +402,8 @@ if HAS_TRITON:
                 tl.store(out + 1, big_a * 0)
                 tl.store(out + 2, above)
                 tl.store(out + 3, top.to(tl.int32, bitcast=True))
+                if ATOMIC:  # the second pass's counts, added key by key
+                    tl.store(cb_ptr + (s * num_heads + h) * n_cchunks * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
 
     @triton.jit(do_not_specialize=["num_splits"])
     def _attend_list_kernel(lg_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, kl_ptr, po_ptr, plse_ptr, o_ptr,
@@ -540,10 +554,11 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,
-                      num_warps=4)
+                      ATOMIC=COUNT_ATOMIC, num_warps=4)
         _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, n_cchunks, SECOND=False, **select)
         _count_kernel[(r * hq * n_cchunks,)](lg, sel, cb, sl, kp, hq, n_cchunks, lg.stride(0), lg.stride(1),
-                                             CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, **steps, num_warps=4)
+                                             CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, **steps, ATOMIC=COUNT_ATOMIC,
+                                             num_warps=4)
         _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, n_cchunks, SECOND=True, **select)
         if stages == 2:
             continue

@@ -96,14 +96,14 @@ def test_triton_equals_the_twin(lens, keep, hq, hkv, d, page):
 
 
 @TRITON
-@pytest.mark.parametrize("chunk, count_chunk, scan_tile, list_tile", [(1024, 4096, 64, 16), (64, 128, 128, 32),
-                                                                     (128, 256, 512, 64)])
-def test_launch_steps_equal_the_twin(monkeypatch, chunk, count_chunk, scan_tile, list_tile):
+@pytest.mark.parametrize("chunk, count_chunk, scan_tile, list_tile, atomic", [
+    (1024, 4096, 64, 16, True), (64, 128, 128, 32, True), (128, 256, 512, 64, False), (64, 128, 64, 32, False)])
+def test_launch_steps_equal_the_twin(monkeypatch, chunk, count_chunk, scan_tile, list_tile, atomic):
     """The launches' steps: logits chunks (whose first-pass counts the threshold launch shifts onto the row's
-    maximum) and counting chunks of several sizes, several scan and list steps per attention split (a budget of
-    half the keys: a group's kept list is long)."""
+    maximum) and counting chunks of several sizes, the second count by atomics or by histograms, several scan and
+    list steps per attention split (a budget of half the keys: a group's kept list is long)."""
     for name, value in (("CHUNK", chunk), ("COUNT_CHUNK", count_chunk), ("SCAN_TILE", scan_tile),
-                        ("ATTEND_TILE", list_tile)):
+                        ("ATTEND_TILE", list_tile), ("COUNT_ATOMIC", atomic)):
         monkeypatch.setattr(td, name, value)
     lens, keep = [1100, 333, 700], [550, 20, 699]
     q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=11)
