@@ -549,8 +549,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             qs, key_cache, bt, sl, kp, lg, cmax, ca, scale * LOG2E, hq, hkv, n_chunks,
             qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0),
             lg.stride(0), lg.stride(1), HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg, CHUNK_T=CHUNK,
-            TILE_T=min(LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps, num_warps=LOGITS_WARPS,
-            num_stages=LOGITS_STAGES)
+            TILE_T=min(LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps,
+            num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES)
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,
