@@ -154,8 +154,8 @@ class TokenScratch(NamedTuple):
     and the float32 bits of the maximum's absolute bucket),
     part_o / part_lse flat float32 split partials for rows x Hq x the most splits (x D) (a launch of r rows views them
     as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
-    int32 zeros (the launch leaves them zero), kept [rows, Hkv, NPAD] int32 (each attention split's list of the positions
-    some head of its group keeps, at the split's own offset)."""
+    int32 zeros (the launch leaves them zero), kept [rows, Hkv, NPAD] int32 (each attention split's list of the
+    positions some head of its group keeps, at the split's own offset)."""
 
     logits: torch.Tensor
     cmax: torch.Tensor
@@ -539,7 +539,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     page = key_cache.shape[1]
     steps = dict(NB=BUCKETS, INV_A=1.0 / STEP_A)
     sg = next_pow2(hq // hkv)
-    lg, cmax, ca, cb, sel, kl = scratch.logits, scratch.cmax, scratch.count_a, scratch.count_b, scratch.sel, scratch.kept
+    lg, cmax, ca, cb, sel, kl = (scratch.logits, scratch.cmax, scratch.count_a, scratch.count_b, scratch.sel,
+                                 scratch.kept)
     for r0 in range(0, ns, scratch.rows):
         r = min(scratch.rows, ns - r0)
         splits = num_splits(r, hkv, npad)
