@@ -22,6 +22,7 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -60,34 +61,49 @@ _STATE = _State()
 PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
-_TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(int)([2-8]))(kv)?")
+_TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(int)([2-8]))(?:x([1-9][0-9]*))?(kv)?")
+
+
+class TokenSpec(NamedTuple):
+    """A token selector (parse_tokens): its kind, parameter (dimensions or bits), whether the KV group shares one set
+    of keys, and the rerank factor (0: the estimate picks the keys; F: it picks F times as many candidates, which
+    their exact scores narrow down)."""
+
+    kind: str
+    param: int
+    shared: bool
+    rerank: int = 0
 DIM_GROUP = 16  # dimsR ranks keys by whole groups of this many dimensions (32 bytes of a bf16 key: one DRAM sector)
 
 
-def parse_tokens(spec: str) -> tuple[str, int, bool]:
-    """A token selector's name -> (kind, parameter, shared): "exact" (the oracle: every key's exact score), "pcaR"
+def parse_tokens(spec: str) -> TokenSpec:
+    """A token selector's name -> TokenSpec(kind, parameter, shared, rerank): "exact" (the oracle: every key's exact score), "pcaR"
     (scores of the keys and query projected on the layer's R leading key directions, key_basis), "sparqR" (each
     query's R largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for every query
     head of a KV group: the largest of the group's summed |q|, so a group reads R dimensions of each key, not up to
     G x R), "dimsR" (R fixed dimensions per layer and KV head, in aligned groups of DIM_GROUP, chosen once from a
     dense calibration pass (key_dims): what a kernel reads in whole 32-byte sectors of the cache as it is; R a
     multiple of DIM_GROUP), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact
-    query); a "kv"
-    suffix (shared) keeps one set of keys per KV head and query token, the largest of the group's summed (estimated)
-    softmax, instead of one per query head (what a kernel that serves the group's heads from one gather needs).
-    ValueError for anything else."""
+    query); an "xF" suffix (rerank F) makes the estimate pick F times the budget as candidates and keeps the
+    budget's best of them by exact score (what a kernel that scores a compressed key copy, then reads the candidates'
+    keys, keeps: "int4x4"); a "kv" suffix (shared) keeps one set of keys per KV head and query token, the largest of
+    the group's summed (estimated) softmax, instead of one per query head (what a kernel that serves the group's
+    heads from one gather needs). ValueError for anything else."""
     m = _TOKENS_RE.fullmatch(spec) if isinstance(spec, str) else None
     if m is None:
         raise ValueError(f"tokens={spec!r} must be 'exact', 'pcaR', 'sparqR' or 'sparqgR' (R >= 1 dimensions) or "
-                         f"'intB' (2 <= B <= 8 bits), each with an optional 'kv' suffix")
-    shared = m.group(6) is not None
+                         f"'intB' (2 <= B <= 8 bits), each with an optional 'xF' (rerank) or 'kv' suffix")
+    shared, rerank = m.group(7) is not None, int(m.group(6) or 0)
+    if rerank and (m.group(1) or shared):
+        raise ValueError(f"tokens={spec!r}: 'xF' reranks an estimate's candidates per query head: not with 'exact' "
+                         f"or 'kv'")
     if m.group(1):
-        return "exact", 0, shared
+        return TokenSpec("exact", 0, shared)
     if m.group(2) == "dims" and int(m.group(3)) % DIM_GROUP:
         raise ValueError(f"tokens={spec!r}: dimsR takes R a multiple of {DIM_GROUP} (whole groups of dimensions)")
     if m.group(2):
-        return m.group(2), int(m.group(3)), shared
-    return "int", int(m.group(5)), shared
+        return TokenSpec(m.group(2), int(m.group(3)), shared, rerank)
+    return TokenSpec("int", int(m.group(5)), shared, rerank)
 
 
 @contextlib.contextmanager
@@ -185,7 +201,7 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
         keep = torch.full((b, k.shape[1], 1), cfg.decode_tokens(n), device=q.device)
         if _STATE.tokens is not None:  # ranked by the selector of using(tokens=...)
             return token_oracle_attention(q, k, v, keep, scale, estimate=_estimate(module, k),
-                                          shared=_STATE.tokens[2])
+                                          shared=_STATE.tokens.shared, rerank=_STATE.tokens.rerank)
         return token_oracle_attention(q, k, v, keep, scale)
     if cfg.decode_scoring != "prompt":  # the policy's own per-step rule (CABConfig.decode_scoring)
         bnd = pool(k, bs, bounds=True, impl=impl)
@@ -201,7 +217,8 @@ def _decode(module, q, k, v, cfg: CABConfig, scale: float, impl: str) -> torch.T
     if _STATE.tokens is not None:
         kept = selection_to_block_mask(idx, cnt, num_blocks(n, bs))
         return token_oracle_attention(q, k, v, (kept * block_lengths(n, bs, q.device)).sum(-1, keepdim=True), scale,
-                                      estimate=_estimate(module, k), shared=_STATE.tokens[2])
+                                      estimate=_estimate(module, k), shared=_STATE.tokens.shared,
+                                      rerank=_STATE.tokens.rerank)
     qd = q[:, :, 0].contiguous()
     k_impl = impl if impl != "auto" else ("triton" if q.is_cuda else "torch")
     out, _ = paged_sparse_decode(qd, kc, vc, bt, seq_lens, idx, cnt, bs, scale, impl=k_impl)
@@ -240,16 +257,21 @@ def with_dropped_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, 
 
 
 def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float, r0: int, r1: int,
-                        estimate=None, shared: bool = False) -> torch.Tensor:
+                        estimate=None, shared: bool = False, rerank: int = 0) -> torch.Tensor:
     """Scores of query rows r0..r1-1 with everything but each (query head, row)'s ``keep`` highest-scoring causal keys
     at -inf: q [B, Hq, Nq, D] (the last Nq of the Nk positions), k [B, Hkv, Nk, D], keep [B, Hkv, Nq] int (per row,
     shared by the KV head's query heads; clamped to the row's causal keys) -> [B, Hkv, G, r1 - r0, Nk] float32,
     G = Hq / Hkv. estimate: None ranks the keys by their exact scores (ties at the threshold all kept); else a
     function of the rows' queries [B, Hkv, G, R, D] float32 -> [B, Hkv, G, R, Nk] estimated scores that rank them
     (key_estimate; exactly ``keep`` kept), and the kept keys keep their exact scores. shared: the KV group's query
-    heads keep the same keys, the ``keep`` largest of their summed softmax (of the estimate, else the exact scores)."""
+    heads keep the same keys, the ``keep`` largest of their summed softmax (of the estimate, else the exact scores).
+    rerank F > 0 (with an estimate, per query head): the estimate's F x keep best are candidates, and the ``keep``
+    of them with the highest exact scores are kept."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
+    if rerank and (estimate is None or shared):
+        raise ValueError("rerank narrows an estimate's candidates per query head: it needs an estimate and "
+                         "shared=False")
     if keep.shape != (b, hkv, nq):
         raise ValueError(f"keep must be [{b}, {hkv}, {nq}], got {tuple(keep.shape)}")
     g = hq // hkv
@@ -265,6 +287,11 @@ def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, sc
         thr = top.gather(-1, (kt - 1)[:, :, None, :, None].expand(b, hkv, g, r1 - r0, 1))
         return s.masked_fill(s < thr, float("-inf"))
     est = s if estimate is None else estimate(qr).masked_fill(~causal, float("-inf"))
+    if rerank:
+        kc = torch.minimum(kt * rerank, pos + 1)  # candidates per row, [B, Hkv, R]
+        order = est.topk(int(kc.max()), dim=-1).indices
+        first = (torch.arange(order.shape[-1], device=q.device) < kc[:, :, None, :, None]).expand_as(order)
+        est = s.masked_fill(~torch.zeros_like(est, dtype=torch.bool).scatter_(-1, order, first), float("-inf"))
     if shared:  # the group's (estimated) attention mass per key: [B, Hkv, 1, R, Nk]
         est = torch.softmax(est, dim=-1).sum(2, keepdim=True).masked_fill(~causal, float("-inf"))
     order = est.topk(kmax, dim=-1).indices  # [B, Hkv, G or 1, R, kmax], best first
@@ -274,16 +301,17 @@ def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, sc
 
 
 def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-                           rows: int = 256, estimate=None, shared: bool = False) -> torch.Tensor:
+                           rows: int = 256, estimate=None, shared: bool = False, rerank: int = 0) -> torch.Tensor:
     """Causal attention where query token i of every query head keeps only its ``keep`` highest-scoring keys
-    (token_oracle_scores; ranked by ``estimate`` when given, shared by the KV group when ``shared``) -> [B, Hq, Nq, D]
+    (token_oracle_scores; ranked by ``estimate`` when given, its rerank x keep best narrowed by exact score when
+    rerank, shared by the KV group when ``shared``) -> [B, Hq, Nq, D]
     in q.dtype. The token-level selection of ``using(oracle="token")`` and ``using(tokens=...)`` (PyTorch, float32,
     ``rows`` query rows at a time)."""
     b, hq, nq, d = q.shape
     out = torch.empty(b, hq, nq, d, dtype=torch.float32, device=q.device)
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        p = torch.softmax(token_oracle_scores(q, k, keep, scale, r0, r1, estimate, shared), dim=-1)
+        p = torch.softmax(token_oracle_scores(q, k, keep, scale, r0, r1, estimate, shared, rerank), dim=-1)
         out[:, :, r0:r1] = torch.einsum("bhgrn,bhnd->bhgrd", p, v.float()).reshape(b, hq, r1 - r0, d)
     return out.to(q.dtype)
 
@@ -336,7 +364,7 @@ def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | N
 
 def _estimate(module, k: torch.Tensor):
     """The estimate of ``using(tokens=...)`` for this layer (None: exact scores)."""
-    kind, param, _ = _STATE.tokens
+    kind, param = _STATE.tokens.kind, _STATE.tokens.param
     if kind == "exact":
         return None
     return key_estimate(kind, param, k, getattr(module, "cab_key_dims" if kind == "dims" else "cab_key_basis", None))
@@ -443,7 +471,7 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
         elif _STATE.tokens is not None:
             out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key),
-                                         shared=_STATE.tokens[2])
+                                         shared=_STATE.tokens.shared, rerank=_STATE.tokens.rerank)
         else:
             out = sparse_attention(query, key, value, sel, scale=scale, impl=impl)
         _STATE.stats["prefill_calls"] += 1

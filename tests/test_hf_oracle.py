@@ -119,7 +119,7 @@ def test_estimated_ranking_matches_the_row_by_row_reference(spec, nq, nk, rows):
     d = 32
     q, k, v = torch.randn(2, 6, nq, d), torch.randn(2, 2, nk, d), torch.randn(2, 2, nk, d)
     keep = torch.randint(1, nk + 5, (2, 2, nq))
-    kind, r, _ = hf.parse_tokens(spec)
+    kind, r = hf.parse_tokens(spec)[:2]
     basis = torch.linalg.qr(torch.randn(2, d, d)).Q  # any orthonormal basis per KV head
     est = hf.key_estimate(kind, r, k, basis)
     got = hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est)
@@ -138,6 +138,36 @@ def test_estimated_ranking_matches_the_row_by_row_reference(spec, nq, nk, rows):
     torch.testing.assert_close(got, _brute_ranked(q, k, v, keep, 0.3, rank), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("nq,nk,rows", [(37, 37, 256), (37, 37, 7), (1, 50, 256)],
+                         ids=["prefill", "prefill-chunked", "decode"])
+def test_reranked_candidates_match_the_row_by_row_reference(nq, nk, rows):
+    """int2x3: each row's 3 x keep best keys by their int2 estimate are candidates, the keep of them with the highest
+    exact scores are kept; a factor past the row's keys is the exact oracle, factor 1 the estimate alone."""
+    torch.manual_seed(nq + 3 * nk)
+    d = 32
+    q, k, v = torch.randn(2, 6, nq, d), torch.randn(2, 2, nk, d), torch.randn(2, 2, nk, d)
+    keep = torch.randint(1, nk // 4, (2, 2, nq))
+    spec = hf.parse_tokens("int2x3")
+    est = hf.key_estimate(spec.kind, spec.param, k)
+    got = hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est, rerank=spec.rerank)
+    kq = hf.quantize_keys(k, 2)
+
+    def rank(bi, j, i, keys):  # the candidates' exact scores, the others far below
+        qi = q[bi, j, i].float()
+        kt = min(int(keep[bi, j // 3, i]), keys.shape[0])
+        cand = (kq[bi, j // 3, :keys.shape[0]] @ qi).topk(min(3 * kt, keys.shape[0])).indices
+        return torch.full((keys.shape[0],), -1e9).index_copy(0, cand, keys[cand] @ qi)
+    torch.testing.assert_close(got, _brute_ranked(q, k, v, keep, 0.3, rank), atol=1e-5, rtol=1e-5)
+    exact = hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows)
+    torch.testing.assert_close(hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est, rerank=nk),
+                               exact, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est, rerank=1),
+                               hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est))
+    assert not torch.allclose(got, exact, atol=1e-3)  # int2 candidates at 3x miss some of the exact best
+    with pytest.raises(ValueError, match="rerank"):
+        hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, rerank=2)
+
+
 @pytest.mark.parametrize("spec", ["exactkv", "int4kv", "sparqg3kv"])
 @pytest.mark.parametrize("nq,nk,rows", [(29, 29, 256), (29, 29, 6), (1, 45, 256)], ids=["prefill", "chunked", "decode"])
 def test_kv_shared_selection_matches_the_row_by_row_reference(spec, nq, nk, rows):
@@ -145,7 +175,7 @@ def test_kv_shared_selection_matches_the_row_by_row_reference(spec, nq, nk, rows
     d = 32
     q, k, v = torch.randn(2, 6, nq, d), torch.randn(2, 2, nk, d), torch.randn(2, 2, nk, d)
     keep = torch.randint(1, nk + 5, (2, 2, nq))
-    kind, r, shared = hf.parse_tokens(spec)
+    kind, r, shared = hf.parse_tokens(spec)[:3]
     assert shared
     est = None if kind == "exact" else hf.key_estimate(kind, r, k)
     got = hf.token_oracle_attention(q, k, v, keep, 0.3, rows=rows, estimate=est, shared=True)
@@ -238,12 +268,14 @@ def test_key_dims_rank_groups_by_score_energy_and_the_estimate_reads_them():
                                        ("dims32", ("dims", 32, False)),
                                        ("sparq8", ("sparq", 8, False)), ("sparqg16", ("sparqg", 16, False)),
                                        ("int4", ("int", 4, False)), ("exactkv", ("exact", 0, True)),
-                                       ("sparqg16kv", ("sparqg", 16, True))])
+                                       ("sparqg16kv", ("sparqg", 16, True)), ("int4x4", ("int", 4, False, 4)),
+                                       ("sparqg16x2", ("sparqg", 16, False, 2))])
 def test_parse_tokens(spec, want):
-    assert hf.parse_tokens(spec) == want
+    assert hf.parse_tokens(spec) == (want + (0,) if len(want) == 3 else want)
 
 
-@pytest.mark.parametrize("bad", ["pca", "pca0", "int1", "int9", "sparq-2", "token", "PCA32", "", None, "kv", "exactkvkv"])
+@pytest.mark.parametrize("bad", ["pca", "pca0", "int1", "int9", "sparq-2", "token", "PCA32", "", None, "kv", "exactkvkv",
+                                 "int4x0", "exactx2", "int4x2kv", "int4kvx2"])
 def test_parse_tokens_refuses(bad):
     with pytest.raises(ValueError, match="tokens="):
         hf.parse_tokens(bad)
