@@ -8,6 +8,7 @@ from one command line.
     python -m cab_experiments bridge   --lengths 16384 65536 131072                                          (seed graph + planted needles)
     python -m cab_experiments granularity --lengths 4096 --sparsities 0.9 0.98                           (oracle's tiles)
     python -m cab_experiments granularity --bounds --lengths 4096 8192 --sparsities 0.98        (blocks bounds rule out)
+    python -m cab_experiments granularity --rerank-bits 4 --lengths 4096 --sparsities 0.98      (int4 candidates' recall)
     python -m cab_experiments plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
 
 Every run appends one JSONL row per setting to --out and skips settings already there (resume after a stop).
@@ -156,10 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bounds", action="store_true",
                    help="instead: how many key blocks an exact token decode (the prompt's last query token, "
                         "CABConfig.decode_tokens keys per head) could skip by their box bounds")
+    p.add_argument("--rerank-bits", type=int, choices=range(2, 9), default=None, metavar="{2..8}",
+                   help="instead: how many of an exact token decode's keys (the prompt's last query token, "
+                        "CABConfig.decode_tokens per head) a selector keeps that scores keys rounded to this many bits "
+                        "and reranks its F x budget best by exact score (--rerank-factors F)")
+    p.add_argument("--rerank-factors", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.add_argument("--out", default=None, help="default experiments/results/granularity.jsonl (with --bounds: "
-                                              "experiments/results/bounds.jsonl)")
+                                              "experiments/results/bounds.jsonl, with --rerank-bits: "
+                                              "experiments/results/rerank.jsonl)")
 
     p = sub.add_parser("plot", help="heatmaps, Pareto plots and markdown tables from JSONL files")
     p.add_argument("files", nargs="+", type=Path)
@@ -323,6 +330,17 @@ def _granularity(a) -> int:
     device, dtype = _resolve(a.device, a.dtype)
     if any(256 % t for t in a.tiles):
         raise SystemExit(f"python -m cab_experiments granularity: --tiles {a.tiles}: each must divide 256")
+    if a.bounds and a.rerank_bits:
+        raise SystemExit("python -m cab_experiments granularity: --bounds and --rerank-bits are two questions: "
+                         "ask one")
+    if a.rerank_bits:
+        from cab_experiments.granularity import rerank_markdown, run_rerank
+
+        rows = run_rerank(a.model, a.lengths, a.sparsities, a.rerank_bits, tuple(a.rerank_factors), a.task, a.depth,
+                          device, dtype)
+        _append_rows(a.out or "experiments/results/rerank.jsonl", rows, device)
+        print(rerank_markdown(rows))
+        return 0
     if a.bounds:
         from cab_experiments.granularity import bounds_markdown, run_bounds
 

@@ -145,6 +145,71 @@ def run_bounds(model_name: str, lengths, sparsities, task: str = "multikey", dep
     return out
 
 
+def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factors) -> dict:
+    """Could a decode score a quantized copy of K, then only its candidates exactly? q [Hq, D] one step's queries,
+    k [Hkv, N, D] its keys; each query head keeps its ``keep`` highest-scoring keys. For each factor F: candidates are
+    the F x keep best by the keys rounded to ``bits`` bits (hf.quantize_keys: per token and 32 dimensions); kept,
+    the keep best of them by exact score. Returns, averaged over query heads, the fraction of the exact best keep in
+    the candidates (recall_F) and the softmax mass of the kept keys over that of the exact best keep (mass_F)."""
+    from cab_vllm.hf import quantize_keys
+
+    hq, d = q.shape
+    hkv, n, _ = k.shape
+    if hq % hkv or k.shape[2] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (heads, head dim)")
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep={keep} must be in [1, {n}]")
+    g = hq // hkv
+    q = q.double()
+    z = torch.einsum("hd,hnd->hn", q, k.double().repeat_interleave(g, 0)) / math.sqrt(d)  # [Hq, N]
+    zq = torch.einsum("hd,hnd->hn", q, quantize_keys(k, bits).double().repeat_interleave(g, 0))
+    p = torch.softmax(z, -1)
+    best = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, z.topk(keep, -1).indices, True)
+    out = {}
+    for f in factors:
+        cand = torch.zeros_like(best).scatter_(-1, zq.topk(min(n, f * keep), -1).indices, True)
+        kept = torch.zeros_like(best).scatter_(-1, z.masked_fill(~cand, float("-inf")).topk(keep, -1).indices, True)
+        out[f"recall_{f}"] = float(((best & cand).sum(-1).double() / keep).mean())
+        out[f"mass_{f}"] = float(((p * kept).sum(-1) / (p * best).sum(-1)).mean())
+    return out
+
+
+def run_rerank(model_name: str, lengths, sparsities, bits: int = 4, factors=(1, 2, 4, 8), task: str = "multikey",
+               depth: float = 0.5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One ``task`` prompt per length through the dense model; for every layer and sparsity, rerank_recall of the
+    prompt's last query token over its keys, each head keeping CABConfig.decode_tokens keys."""
+    from cab_vllm.config import CABConfig
+
+    out = []
+    for n, layer, q, k in _captures(model_name, lengths, task, depth, device, dtype):
+        nt = k.shape[2]
+        for sp in sparsities:
+            keep = CABConfig(policy="cab", sparsity=sp).decode_tokens(nt)
+            r = rerank_recall(q[0, :, -1], k[0], keep, bits, factors)
+            out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer,
+                            sparsity=sp, keep=keep, bits=bits, **{key: round(v, 5) for key, v in r.items()}))
+    return out
+
+
+def rerank_markdown(rows: list[dict]) -> str:
+    """Per (length, sparsity, bits): over layers, the mean and the smallest recall and mass of each factor."""
+    factors = sorted({int(key.split("_")[1]) for r in rows for key in r if key.startswith("recall_")})
+    acc: dict = {}
+    for r in rows:
+        acc.setdefault((r["length"], r["sparsity"], r["bits"], r["keep"]), []).append(r)
+    head = "| length | sparsity | keys kept per head | bits | " + " | ".join(
+        f"recall x{f} (mean / min) | mass x{f} (mean / min)" for f in factors) + " |"
+    lines = [head, "|" + "---|" * (4 + 2 * len(factors))]
+    for (n, sp, bits, keep), rs in sorted(acc.items()):
+        cells = []
+        for f in factors:
+            for m in ("recall", "mass"):
+                v = [r[f"{m}_{f}"] for r in rs]
+                cells.append(f"{sum(v) / len(v):.3f} / {min(v):.3f}")
+        lines.append(f"| {n} | {sp} | {keep} | {bits} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def bounds_markdown(rows: list[dict]) -> str:
     """Per (length, sparsity): the mean over layers of bound_prunable's three fractions, and the largest."""
     acc: dict = {}
