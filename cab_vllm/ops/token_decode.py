@@ -20,7 +20,7 @@ ranked by their exact scores (decode_rule="tokens"). Five launches (the threshol
                 an online softmax runs over the list, ATTEND_TILE keys per step (values of listed keys only; each
                 head's own threshold masks the others'); the last split of a (row, KV head) merges the partials
                 (ops.decode's merge). A step per 64-token tile instead, mostly empty at high sparsity, was a chain
-                of dependent loads per tile: 1.5-3.5x slower (BENCHMARKS.md, "token decode, list attention").
+                of dependent loads per tile: 2.4-3.5x slower (BENCHMARKS.md, twenty-sixth run).
 
 What it reads per layer and row: every key once (launch 1; what a selector that scores every key exactly must read),
 the logits twice more (the second count and the attention's scan; with fp32 logits and 32/8 heads of dimension 128
