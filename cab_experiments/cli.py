@@ -157,11 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bounds", action="store_true",
                    help="instead: how many key blocks an exact token decode (the prompt's last query token, "
                         "CABConfig.decode_tokens keys per head) could skip by their box bounds")
-    p.add_argument("--rerank-bits", type=int, choices=range(2, 9), default=None, metavar="{2..8}",
+    p.add_argument("--rerank-bits", type=int, choices=range(2, 9), nargs="+", default=None, metavar="{2..8}",
                    help="instead: how many of an exact token decode's keys (the prompt's last query token, "
-                        "CABConfig.decode_tokens per head) a selector keeps that scores keys rounded to this many bits "
+                        "CABConfig.decode_tokens per head) a selector keeps that scores keys rounded to these many bits "
                         "and reranks its F x budget best by exact score (--rerank-factors F)")
     p.add_argument("--rerank-factors", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--rerank-quant", choices=["channel", "token"], nargs="+", default=["channel"],
+                   help="the key copy's quantizer: each channel's range per 16-token page, or a scale per token and "
+                        "32 dimensions")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.add_argument("--out", default=None, help="default experiments/results/granularity.jsonl (with --bounds: "
@@ -336,8 +339,8 @@ def _granularity(a) -> int:
     if a.rerank_bits:
         from cab_experiments.granularity import rerank_markdown, run_rerank
 
-        rows = run_rerank(a.model, a.lengths, a.sparsities, a.rerank_bits, tuple(a.rerank_factors), a.task, a.depth,
-                          device, dtype)
+        rows = run_rerank(a.model, a.lengths, a.sparsities, tuple(a.rerank_bits), tuple(a.rerank_factors),
+                          tuple(a.rerank_quant), a.task, a.depth, device, dtype)
         _append_rows(a.out or "experiments/results/rerank.jsonl", rows, device)
         print(rerank_markdown(rows))
         return 0

@@ -145,13 +145,18 @@ def run_bounds(model_name: str, lengths, sparsities, task: str = "multikey", dep
     return out
 
 
-def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factors) -> dict:
+def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factors, quant: str = "channel") -> dict:
     """Could a decode score a quantized copy of K, then only its candidates exactly? q [Hq, D] one step's queries,
     k [Hkv, N, D] its keys; each query head keeps its ``keep`` highest-scoring keys. For each factor F: candidates are
-    the F x keep best by the keys rounded to ``bits`` bits (hf.quantize_keys: per token and 32 dimensions); kept,
-    the keep best of them by exact score. Returns, averaged over query heads, the fraction of the exact best keep in
-    the candidates (recall_F) and the softmax mass of the kept keys over that of the exact best keep (mass_F)."""
-    from cab_vllm.hf import quantize_keys
+    the F x keep best by the keys rounded to ``bits`` bits (quant "token": hf.quantize_keys, a scale per token and 32
+    dimensions; "channel": hf.quantize_keys_channel, each channel's range per 16-token page); kept, the keep best of
+    them by exact score. Returns, averaged over query heads, the fraction of the exact best keep in the candidates
+    (recall_F) and the softmax mass of the kept keys over that of the exact best keep (mass_F), and each one's
+    smallest over the heads (recall_min_F, mass_min_F)."""
+    from cab_vllm.hf import quantize_keys, quantize_keys_channel
+
+    if quant not in ("token", "channel"):
+        raise ValueError(f"quant={quant!r} must be 'token' or 'channel'")
 
     hq, d = q.shape
     hkv, n, _ = k.shape
@@ -162,22 +167,25 @@ def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factor
     g = hq // hkv
     q = q.double()
     z = torch.einsum("hd,hnd->hn", q, k.double().repeat_interleave(g, 0)) / math.sqrt(d)  # [Hq, N]
-    zq = torch.einsum("hd,hnd->hn", q, quantize_keys(k, bits).double().repeat_interleave(g, 0))
+    kq = quantize_keys(k, bits) if quant == "token" else quantize_keys_channel(k, bits)
+    zq = torch.einsum("hd,hnd->hn", q, kq.double().repeat_interleave(g, 0))
     p = torch.softmax(z, -1)
     best = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, z.topk(keep, -1).indices, True)
     out = {}
     for f in factors:
         cand = torch.zeros_like(best).scatter_(-1, zq.topk(min(n, f * keep), -1).indices, True)
         kept = torch.zeros_like(best).scatter_(-1, z.masked_fill(~cand, float("-inf")).topk(keep, -1).indices, True)
-        out[f"recall_{f}"] = float(((best & cand).sum(-1).double() / keep).mean())
-        out[f"mass_{f}"] = float(((p * kept).sum(-1) / (p * best).sum(-1)).mean())
+        recall, mass = (best & cand).sum(-1).double() / keep, (p * kept).sum(-1) / (p * best).sum(-1)
+        out.update({f"recall_{f}": float(recall.mean()), f"mass_{f}": float(mass.mean()),
+                    f"recall_min_{f}": float(recall.min()), f"mass_min_{f}": float(mass.min())})
     return out
 
 
-def run_rerank(model_name: str, lengths, sparsities, bits: int = 4, factors=(1, 2, 4, 8), task: str = "multikey",
-               depth: float = 0.5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
-    """One ``task`` prompt per length through the dense model; for every layer and sparsity, rerank_recall of the
-    prompt's last query token over its keys, each head keeping CABConfig.decode_tokens keys."""
+def run_rerank(model_name: str, lengths, sparsities, bits=(4,), factors=(1, 2, 4, 8), quants=("channel",),
+               task: str = "multikey", depth: float = 0.5, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One ``task`` prompt per length through the dense model; for every layer, sparsity, bit width and quantizer,
+    rerank_recall of the prompt's last query token over its keys, each head keeping CABConfig.decode_tokens keys."""
     from cab_vllm.config import CABConfig
 
     out = []
@@ -185,28 +193,34 @@ def run_rerank(model_name: str, lengths, sparsities, bits: int = 4, factors=(1, 
         nt = k.shape[2]
         for sp in sparsities:
             keep = CABConfig(policy="cab", sparsity=sp).decode_tokens(nt)
-            r = rerank_recall(q[0, :, -1], k[0], keep, bits, factors)
-            out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer,
-                            sparsity=sp, keep=keep, bits=bits, **{key: round(v, 5) for key, v in r.items()}))
+            for b in bits:
+                for quant in quants:
+                    r = rerank_recall(q[0, :, -1], k[0], keep, b, factors, quant)
+                    out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer,
+                                    sparsity=sp, keep=keep, bits=b, quant=quant,
+                                    **{key: round(v, 5) for key, v in r.items()}))
     return out
 
 
 def rerank_markdown(rows: list[dict]) -> str:
-    """Per (length, sparsity, bits): over layers, the mean and the smallest recall and mass of each factor."""
-    factors = sorted({int(key.split("_")[1]) for r in rows for key in r if key.startswith("recall_")})
+    """Per (length, sparsity, quantizer, bits): over layers, the mean of each factor's recall and mass, and the
+    smallest of any head (rows written before the quantizer was recorded: "token")."""
+    factors = sorted({int(key.split("_")[1]) for r in rows for key in r if key.startswith("recall_")
+                      and key.split("_")[1].isdigit()})
     acc: dict = {}
     for r in rows:
-        acc.setdefault((r["length"], r["sparsity"], r["bits"], r["keep"]), []).append(r)
-    head = "| length | sparsity | keys kept per head | bits | " + " | ".join(
+        acc.setdefault((r["length"], r["sparsity"], r.get("quant", "token"), r["bits"], r["keep"]), []).append(r)
+    head = "| length | sparsity | keys kept per head | quantizer | bits | " + " | ".join(
         f"recall x{f} (mean / min) | mass x{f} (mean / min)" for f in factors) + " |"
-    lines = [head, "|" + "---|" * (4 + 2 * len(factors))]
-    for (n, sp, bits, keep), rs in sorted(acc.items()):
+    lines = [head, "|" + "---|" * (5 + 2 * len(factors))]
+    for (n, sp, quant, bits, keep), rs in sorted(acc.items()):
         cells = []
         for f in factors:
             for m in ("recall", "mass"):
                 v = [r[f"{m}_{f}"] for r in rs]
-                cells.append(f"{sum(v) / len(v):.3f} / {min(v):.3f}")
-        lines.append(f"| {n} | {sp} | {keep} | {bits} | " + " | ".join(cells) + " |")
+                low = min(r.get(f"{m}_min_{f}", r[f"{m}_{f}"]) for r in rs)
+                cells.append(f"{sum(v) / len(v):.3f} / {low:.3f}")
+        lines.append(f"| {n} | {sp} | {keep} | {quant} | {bits} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

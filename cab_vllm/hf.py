@@ -61,7 +61,8 @@ _STATE = _State()
 PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
-_TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(int)([2-8]))(?:x([1-9][0-9]*))?(kv)?")
+_TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(intc|int)([2-8]))(?:x([1-9][0-9]*))?(kv)?")
+CHANNEL_GROUP = 16  # intcB: tokens per group of a channel's quantization range (a vLLM page of 16 tokens)
 
 
 class TokenSpec(NamedTuple):
@@ -84,7 +85,8 @@ def parse_tokens(spec: str) -> TokenSpec:
     G x R), "dimsR" (R fixed dimensions per layer and KV head, in aligned groups of DIM_GROUP, chosen once from a
     dense calibration pass (key_dims): what a kernel reads in whole 32-byte sectors of the cache as it is; R a
     multiple of DIM_GROUP), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact
-    query); an "xF" suffix (rerank F) makes the estimate pick F times the budget as candidates and keeps the
+    query), "intcB" (keys rounded to B bits per channel, each channel's range over groups of CHANNEL_GROUP tokens,
+    asymmetric: what outlier channels need, quantize_keys_channel); an "xF" suffix (rerank F) makes the estimate pick F times the budget as candidates and keeps the
     budget's best of them by exact score (what a kernel that scores a compressed key copy, then reads the candidates'
     keys, keeps: "int4x4"); a "kv" suffix (shared) keeps one set of keys per KV head and query token, the largest of
     the group's summed (estimated) softmax, instead of one per query head (what a kernel that serves the group's
@@ -92,7 +94,7 @@ def parse_tokens(spec: str) -> TokenSpec:
     m = _TOKENS_RE.fullmatch(spec) if isinstance(spec, str) else None
     if m is None:
         raise ValueError(f"tokens={spec!r} must be 'exact', 'pcaR', 'sparqR' or 'sparqgR' (R >= 1 dimensions) or "
-                         f"'intB' (2 <= B <= 8 bits), each with an optional 'xF' (rerank) or 'kv' suffix")
+                         f"'intB' or 'intcB' (2 <= B <= 8 bits), each with an optional 'xF' (rerank) or 'kv' suffix")
     shared, rerank = m.group(7) is not None, int(m.group(6) or 0)
     if rerank and (m.group(1) or shared):
         raise ValueError(f"tokens={spec!r}: 'xF' reranks an estimate's candidates per query head: not with 'exact' "
@@ -103,7 +105,7 @@ def parse_tokens(spec: str) -> TokenSpec:
         raise ValueError(f"tokens={spec!r}: dimsR takes R a multiple of {DIM_GROUP} (whole groups of dimensions)")
     if m.group(2):
         return TokenSpec(m.group(2), int(m.group(3)), shared, rerank)
-    return TokenSpec("int", int(m.group(5)), shared, rerank)
+    return TokenSpec(m.group(4), int(m.group(5)), shared, rerank)
 
 
 @contextlib.contextmanager
@@ -329,6 +331,23 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
     return ((kg / step).round().clamp(-top, top) * step).flatten(-2)
 
 
+def quantize_keys_channel(k: torch.Tensor, bits: int, group: int = CHANNEL_GROUP) -> torch.Tensor:
+    """k [..., N, D] rounded to ``bits``-bit unsigned integers per channel: each channel's minimum and range over
+    groups of ``group`` consecutive tokens (the last group may be short), 2^bits - 1 steps between them (KIVI's key
+    quantization; post-RoPE keys have outlier channels that a per-token scale lets swamp the others), dequantized ->
+    float32 of k's shape."""
+    n = k.shape[-2]
+    pad = (-n) % group
+    kg = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).unflatten(-2, ((n + pad) // group, group))
+    valid = (torch.arange(n + pad, device=k.device) < n).view((n + pad) // group, group, 1)
+    lo = torch.where(valid, kg, float("inf")).amin(-2, keepdim=True)
+    hi = torch.where(valid, kg, float("-inf")).amax(-2, keepdim=True)
+    levels = 2 ** bits - 1
+    step = (hi - lo).clamp(min=1e-12) / levels
+    out = ((kg - lo) / step).round().clamp(0, levels) * step + lo
+    return out.flatten(-3, -2)[..., :n, :]
+
+
 def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | None = None):
     """The estimated scores a token selector ranks keys by (parse_tokens' kinds but "exact"): a function of queries
     [B, Hkv, G, R, D] float32 -> [B, Hkv, G, R, Nk], for keys k [B, Hkv, Nk, D]. basis [Hkv, D, D] (pca: the key
@@ -346,8 +365,8 @@ def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | N
             dims = mag.topk(min(param, qr.shape[-1]), dim=-1).indices
             return torch.einsum("bhgqd,bhnd->bhgqn", torch.zeros_like(qr).scatter_(-1, dims, qr.gather(-1, dims)), kf)
         return sparq
-    if kind == "int":
-        kq = quantize_keys(kf, param)
+    if kind in ("int", "intc"):
+        kq = quantize_keys(kf, param) if kind == "int" else quantize_keys_channel(kf, param)
         return lambda qr: torch.einsum("bhgqd,bhnd->bhgqn", qr, kq)
     if kind == "dims":
         if basis is None:

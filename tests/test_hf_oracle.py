@@ -269,13 +269,14 @@ def test_key_dims_rank_groups_by_score_energy_and_the_estimate_reads_them():
                                        ("sparq8", ("sparq", 8, False)), ("sparqg16", ("sparqg", 16, False)),
                                        ("int4", ("int", 4, False)), ("exactkv", ("exact", 0, True)),
                                        ("sparqg16kv", ("sparqg", 16, True)), ("int4x4", ("int", 4, False, 4)),
-                                       ("sparqg16x2", ("sparqg", 16, False, 2))])
+                                       ("sparqg16x2", ("sparqg", 16, False, 2)), ("intc4x2", ("intc", 4, False, 2)),
+                                       ("intc2kv", ("intc", 2, True))])
 def test_parse_tokens(spec, want):
     assert hf.parse_tokens(spec) == (want + (0,) if len(want) == 3 else want)
 
 
 @pytest.mark.parametrize("bad", ["pca", "pca0", "int1", "int9", "sparq-2", "token", "PCA32", "", None, "kv", "exactkvkv",
-                                 "int4x0", "exactx2", "int4x2kv", "int4kvx2"])
+                                 "int4x0", "exactx2", "int4x2kv", "int4kvx2", "intc1", "intc9"])
 def test_parse_tokens_refuses(bad):
     with pytest.raises(ValueError, match="tokens="):
         hf.parse_tokens(bad)
@@ -361,3 +362,34 @@ def test_dense_prefill_and_token_decode_in_the_adapter():
     torch.testing.assert_close(every, dense, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="needs a decode rule of its own"):
         CABConfig(dense_prefill=True)
+
+
+@pytest.mark.parametrize("n, bits, group", [(37, 4, 16), (16, 2, 16), (5, 8, 4)])
+def test_quantize_keys_channel_by_loops(n, bits, group):
+    """Per channel and group of tokens (the last one short): the minimum plus a whole number of 2^bits - 1 steps of
+    the group's range, the nearest to the key (within half a step); a channel constant over a group comes back exact;
+    an outlier channel does not coarsen the others (it has its own range)."""
+    torch.manual_seed(n + bits)
+    k = torch.randn(2, 3, n, 8)
+    k[..., 5] *= 100.0  # an outlier channel
+    k[0, 0, :, 2] = 0.7  # a constant one
+    got = hf.quantize_keys_channel(k, bits, group)
+    assert got.shape == k.shape
+    levels = 2 ** bits - 1
+    for g0 in range(0, n, group):
+        seg = k[..., g0:g0 + group, :]
+        lo, hi = seg.amin(-2, keepdim=True), seg.amax(-2, keepdim=True)
+        step = (hi - lo).clamp(min=1e-12) / levels
+        want = ((seg - lo) / step).round().clamp(0, levels) * step + lo
+        torch.testing.assert_close(got[..., g0:g0 + group, :], want)
+        assert bool(((got[..., g0:g0 + group, :] - seg).abs() <= step / 2 + 1e-5).all())
+    torch.testing.assert_close(got[0, 0, :, 2], k[0, 0, :, 2])
+    err = (got - k).abs()
+    assert err[..., :5].max() < err[..., 5].max() / 20  # the other channels keep their own, finer steps
+
+
+def test_intc_estimate_ranks_by_the_channel_quantized_keys():
+    torch.manual_seed(3)
+    k, qr = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 3, 1, 16)
+    est = hf.key_estimate("intc", 4, k)
+    torch.testing.assert_close(est(qr), torch.einsum("bhgqd,bhnd->bhgqn", qr, hf.quantize_keys_channel(k, 4)))

@@ -162,17 +162,18 @@ def test_bound_prunable_rules_out_far_blocks_and_refuses_bad_input():
         bound_prunable(torch.zeros(3, 2), k.expand(2, -1, -1), 1, 8)
 
 
-@pytest.mark.parametrize("n, keep, bits", [(200, 10, 4), (97, 30, 2), (64, 64, 8)])
-def test_rerank_recall_matches_loops(n, keep, bits):
+@pytest.mark.parametrize("n, keep, bits, quant", [(200, 10, 4, "token"), (97, 30, 2, "channel"),
+                                                  (64, 64, 8, "token"), (150, 12, 4, "channel")])
+def test_rerank_recall_matches_loops(n, keep, bits, quant):
     """rerank_recall by loops per head: the exact best keep among the quantized estimate's F x keep best, and the
     softmax mass of the keep best candidates by exact score over that of the exact best keep."""
     from cab_experiments.granularity import rerank_recall
-    from cab_vllm.hf import quantize_keys
+    from cab_vllm.hf import quantize_keys, quantize_keys_channel
 
     torch.manual_seed(n + keep + bits)
     q, k = torch.randn(6, 32), torch.randn(2, n, 32)
-    got = rerank_recall(q, k, keep, bits, (1, 2, 4))
-    kq = quantize_keys(k, bits)
+    got = rerank_recall(q, k, keep, bits, (1, 2, 4), quant)
+    kq = quantize_keys(k, bits) if quant == "token" else quantize_keys_channel(k, bits)
     for f in (1, 2, 4):
         rec, mass = [], []
         for h in range(6):
@@ -185,12 +186,15 @@ def test_rerank_recall_matches_loops(n, keep, bits):
             mass.append(float(p[kept].sum() / p[list(best)].sum()))
         assert got[f"recall_{f}"] == pytest.approx(sum(rec) / 6, abs=1e-9)
         assert got[f"mass_{f}"] == pytest.approx(sum(mass) / 6, abs=1e-9)
+        assert (got[f"recall_min_{f}"], got[f"mass_min_{f}"]) == pytest.approx((min(rec), min(mass)), abs=1e-9)
         assert 0 < got[f"mass_{f}"] <= 1 + 1e-9
     assert got["recall_1"] <= got["recall_2"] <= got["recall_4"]  # more candidates, no fewer of the best
     if keep == n:
         assert got["recall_1"] == 1.0 and got["mass_1"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="keep"):
         rerank_recall(q, k, n + 1, bits, (1,))
+    with pytest.raises(ValueError, match="quant"):
+        rerank_recall(q, k, keep, bits, (1,), "page")
 
 
 def test_the_cli_rerank_mode_measures_every_layer(tmp_path):
@@ -202,10 +206,12 @@ def test_the_cli_rerank_mode_measures_every_layer(tmp_path):
     from cab_vllm.config import CABConfig
 
     out = tmp_path / "r.jsonl"
-    assert main(["granularity", "--rerank-bits", "4", "--rerank-factors", "1", "4", "--model", "smollm2-135m-instruct",
-                 "--lengths", "512", "--sparsities", "0.9", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["granularity", "--rerank-bits", "4", "--rerank-factors", "1", "4", "--rerank-quant", "channel", "token",
+                 "--model", "smollm2-135m-instruct", "--lengths", "512", "--sparsities", "0.9", "--device", "cpu",
+                 "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 30 and {r["layer"] for r in rows} == set(range(30))
+    assert len(rows) == 60 and {r["layer"] for r in rows} == set(range(30))
+    assert {r["quant"] for r in rows} == {"channel", "token"}
     for r in rows:
         assert 0 < r["recall_1"] <= r["recall_4"] <= 1 and 0 < r["mass_1"] <= 1.00001 and r["bits"] == 4
         assert r["keep"] == CABConfig(sparsity=0.9).decode_tokens(r["n_tokens"])
