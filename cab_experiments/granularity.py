@@ -91,6 +91,18 @@ def run(model_name: str, lengths, sparsities, tiles, task: str = "multikey", dep
     return out
 
 
+def _step_shapes(q: torch.Tensor, k: torch.Tensor, keep: int) -> tuple[int, int, int, int]:
+    """(Hq, Hkv, D, N) of one decode step's queries q [Hq, D] and keys k [Hkv, N, D]; ValueError unless they match
+    and 1 <= keep <= N."""
+    hq, d = q.shape
+    hkv, n, _ = k.shape
+    if hq % hkv or k.shape[2] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (heads, head dim)")
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep={keep} must be in [1, {n}]")
+    return hq, hkv, d, n
+
+
 def bound_prunable(q: torch.Tensor, k: torch.Tensor, keep: int, block_size: int = 64) -> dict:
     """Could an exact token-sparse decode skip key blocks by their box bounds? q [Hq, D] one decode step's queries,
     k [Hkv, N, D] its keys; each query head keeps its ``keep`` highest-scoring keys. A block whose bound
@@ -100,12 +112,7 @@ def bound_prunable(q: torch.Tensor, k: torch.Tensor, keep: int, block_size: int 
     is (group: a kernel reads K per KV head), and the same with the threshold a kernel could know before reading
     every key: the keep-th score among the blocks of the 2 keep / block_size highest bounds, a lower bound of the
     exact one (group_kernel)."""
-    hq, d = q.shape
-    hkv, n, _ = k.shape
-    if hq % hkv or k.shape[2] != d:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (heads, head dim)")
-    if not 1 <= keep <= n:
-        raise ValueError(f"keep={keep} must be in [1, {n}]")
+    hq, hkv, d, n = _step_shapes(q, k, keep)
     g, m = hq // hkv, math.ceil(n / block_size)
     q, k = q.double(), k.double()
     pad = m * block_size - n
@@ -157,13 +164,7 @@ def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factor
 
     if quant not in ("token", "channel"):
         raise ValueError(f"quant={quant!r} must be 'token' or 'channel'")
-
-    hq, d = q.shape
-    hkv, n, _ = k.shape
-    if hq % hkv or k.shape[2] != d:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (heads, head dim)")
-    if not 1 <= keep <= n:
-        raise ValueError(f"keep={keep} must be in [1, {n}]")
+    hq, hkv, d, n = _step_shapes(q, k, keep)
     g = hq // hkv
     q = q.double()
     z = torch.einsum("hd,hnd->hn", q, k.double().repeat_interleave(g, 0)) / math.sqrt(d)  # [Hq, N]
