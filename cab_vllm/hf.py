@@ -63,6 +63,7 @@ COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
 _TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(intc|int)([2-8]))(?:x([1-9][0-9]*))?(kv)?")
 CHANNEL_GROUP = 16  # intcB: tokens per group of a channel's quantization range (a vLLM page of 16 tokens)
+DIM_GROUP = 16  # dimsR ranks keys by whole groups of this many dimensions (32 bytes of a bf16 key: one DRAM sector)
 
 
 class TokenSpec(NamedTuple):
@@ -74,23 +75,23 @@ class TokenSpec(NamedTuple):
     param: int
     shared: bool
     rerank: int = 0
-DIM_GROUP = 16  # dimsR ranks keys by whole groups of this many dimensions (32 bytes of a bf16 key: one DRAM sector)
 
 
 def parse_tokens(spec: str) -> TokenSpec:
-    """A token selector's name -> TokenSpec(kind, parameter, shared, rerank): "exact" (the oracle: every key's exact score), "pcaR"
-    (scores of the keys and query projected on the layer's R leading key directions, key_basis), "sparqR" (each
-    query's R largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for every query
-    head of a KV group: the largest of the group's summed |q|, so a group reads R dimensions of each key, not up to
-    G x R), "dimsR" (R fixed dimensions per layer and KV head, in aligned groups of DIM_GROUP, chosen once from a
-    dense calibration pass (key_dims): what a kernel reads in whole 32-byte sectors of the cache as it is; R a
-    multiple of DIM_GROUP), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against the exact
-    query), "intcB" (keys rounded to B bits per channel, each channel's range over groups of CHANNEL_GROUP tokens,
-    asymmetric: what outlier channels need, quantize_keys_channel); an "xF" suffix (rerank F) makes the estimate pick F times the budget as candidates and keeps the
-    budget's best of them by exact score (what a kernel that scores a compressed key copy, then reads the candidates'
-    keys, keeps: "int4x4"); a "kv" suffix (shared) keeps one set of keys per KV head and query token, the largest of
-    the group's summed (estimated) softmax, instead of one per query head (what a kernel that serves the group's
-    heads from one gather needs). ValueError for anything else."""
+    """A token selector's name -> TokenSpec(kind, parameter, shared, rerank): "exact" (the oracle: every key's exact
+    score), "pcaR" (scores of the keys and query projected on the layer's R leading key directions, key_basis),
+    "sparqR" (each query's R largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for
+    every query head of a KV group: the largest of the group's summed |q|, so a group reads R dimensions of each
+    key, not up to G x R), "dimsR" (R fixed dimensions per layer and KV head, in aligned groups of DIM_GROUP, chosen
+    once from a dense calibration pass (key_dims): what a kernel reads in whole 32-byte sectors of the cache as it
+    is; R a multiple of DIM_GROUP), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against
+    the exact query), "intcB" (keys rounded to B bits per channel, each channel's range over groups of CHANNEL_GROUP
+    tokens, asymmetric: what outlier channels need, quantize_keys_channel); an "xF" suffix (rerank F) makes the
+    estimate pick F times the budget as candidates and keeps the budget's best of them by exact score (what a kernel
+    that scores a compressed key copy, then reads the candidates' keys, keeps: "int4x4"); a "kv" suffix (shared)
+    keeps one set of keys per KV head and query token, the largest of the group's summed (estimated) softmax,
+    instead of one per query head (what a kernel that serves the group's heads from one gather needs). ValueError
+    for anything else."""
     m = _TOKENS_RE.fullmatch(spec) if isinstance(spec, str) else None
     if m is None:
         raise ValueError(f"tokens={spec!r} must be 'exact', 'pcaR', 'sparqR' or 'sparqgR' (R >= 1 dimensions) or "

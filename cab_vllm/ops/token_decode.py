@@ -56,7 +56,7 @@ LOGITS_TILE = 128  # keys per step of a logits program (a power of two dividing 
 LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
 COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
 BUCKETS = 128  # buckets per counting pass
-STEP_A = 0.25  # width of the first pass's buckets, base-2 logits: a window of BUCKETS x STEP_A = 32 below the max
+STEP_A = 0.25  # first-pass bucket width, base-2 logits: BUCKETS of them from the max's bucket, 31.75-32 below the max
 STEP_B = STEP_A / BUCKETS  # width of the second pass's buckets (1/512)
 COUNT_TILE = 1024  # logits per step of a counting program
 COUNT_ATOMIC = True  # the second counting pass adds each key of bucket A to its head's counts (else a histogram)
@@ -287,10 +287,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_top(cm_ptr, s, h, num_heads, n_chunks, nch, NCH: tl.constexpr, INV_A: tl.constexpr):
-        """A head's largest logit over its row's first nch chunks, and its absolute bucket (float32)."""
+        """The absolute bucket (float32) of a head's largest logit over its row's first nch chunks."""
         c = tl.arange(0, NCH)
         gmax = tl.max(tl.load(cm_ptr + (s * num_heads + h) * n_chunks + c, mask=c < nch, other=float("-inf")), 0)
-        return gmax, _abs_bucket(gmax, INV_A)
+        return _abs_bucket(gmax, INV_A)
 
     @triton.jit
     def _pick_bucket(hist, need, NB: tl.constexpr):
@@ -331,6 +331,12 @@ if HAS_TRITON:
         a = tl.minimum(tl.floor(u) - top, NB).to(tl.int32)
         b = tl.minimum(tl.maximum((u - (top + big_a.to(tl.float32))) * NB, 0.0), NB - 1).to(tl.int32)
         return a, b
+
+    @triton.jit
+    def _kept(z, top, big_a, big_b, NB: tl.constexpr, INV_A: tl.constexpr):
+        """Whether each key z (broadcast against its head's top, A and B) is kept: a < A, or a == A and b <= B."""
+        a, b = _key_buckets(z, top, big_a, NB, INV_A)
+        return (a < big_a) | ((a == big_a) & (b <= big_b))
 
     @triton.jit(do_not_specialize=["n_cchunks"])
     def _count_kernel(lg_ptr, sel_ptr, cb_ptr, seqlen_ptr, keep_ptr, num_heads, n_cchunks, stride_ls, stride_lh,
@@ -392,7 +398,7 @@ if HAS_TRITON:
                 tl.store(out + 2, count)
             else:
                 nch = tl.cdiv(n, CHUNK_T)
-                gmax, top = _row_top(cm_ptr, s, h, num_heads, n_chunks, nch, NCH, INV_A)
+                top = _row_top(cm_ptr, s, h, num_heads, n_chunks, nch, NCH, INV_A)
                 big_a = n * 0 + ALL_T
                 above = n * 0
                 if kt < n:
@@ -442,8 +448,7 @@ if HAS_TRITON:
                 pos = c0 + tl.arange(0, SCAN_T)
                 ok = pos < p1
                 z = tl.load(row_s + pos[None, :], mask=gs_ok[:, None] & ok[None, :], other=0.0)
-                a, b = _key_buckets(z, top_s[:, None], a_s[:, None], NB, INV_A)
-                sel = ((a < a_s[:, None]) | ((a == a_s[:, None]) & (b <= b_s[:, None]))) & gs_ok[:, None]
+                sel = _kept(z, top_s[:, None], a_s[:, None], b_s[:, None], NB, INV_A) & gs_ok[:, None]
                 tok = (tl.max(sel.to(tl.int32), 0) > 0) & ok
                 ti = tok.to(tl.int32)
                 tl.store(kl + cnt + tl.cumsum(ti, 0) - ti, pos, mask=tok)
@@ -471,9 +476,7 @@ if HAS_TRITON:
                 page, slot = paged_coords(bt_ptr, stride_bt, s, pos, jok, PAGE_SIZE)
                 off = (page * stride_vpage + (slot.to(tl.int32) * stride_vpos + kvh * stride_vh))[:, None] + d[None, :]
                 v = tl.load(v_ptr + off, mask=jok[:, None] & d_ok[None, :], other=0.0)
-                a, b = _key_buckets(z, top[:, None], big_a[:, None], NB, INV_A)
-                sel = ((a < big_a[:, None]) | ((a == big_a[:, None]) & (b <= big_b[:, None]))) & jok[None, :] \
-                    & g_ok[:, None]
+                sel = _kept(z, top[:, None], big_a[:, None], big_b[:, None], NB, INV_A) & jok[None, :] & g_ok[:, None]
                 zs = tl.where(sel, z, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(zs, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -495,7 +498,6 @@ if HAS_TRITON:
                 _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
                              stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
                              HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS_T)
-
 
 
 def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
@@ -569,7 +571,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             value_cache.stride(2), bt.stride(0), kl.stride(0), kl.stride(1), po.stride(0), po.stride(1),
             po.stride(2), os_.stride(0), os_.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg, TILE_T=TILE, SCAN_T=SCAN_TILE, LIST_T=ATTEND_TILE,
-            PAGE_SIZE=page, MERGE_G=next_pow2(hq // hkv), MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits),
+            PAGE_SIZE=page, MERGE_G=sg, MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits),
             **steps, num_warps=ATTEND_WARPS)
         if counts is not None:
             counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])

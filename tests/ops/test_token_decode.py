@@ -56,6 +56,17 @@ def topk_reference(q, kc, vc, bt, sl, keep, scale):
     return outs
 
 
+def both_impls(q, kc, vc, bt, sl, kp, scale):
+    """[(out, counts)] of the PyTorch twin and of the Triton kernels on the same inputs (out starts at 7.0: a row
+    not written keeps it)."""
+    res = []
+    for impl in ("torch", "triton"):
+        o, c = torch.full_like(q, 7.0), torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32)
+        td.token_decode(q, kc, vc, bt, sl, kp, scale, o, counts=c, impl=impl)
+        res.append((o, c))
+    return res
+
+
 CASES = [  # (lens, keep, Hq, Hkv, D, page)
     ([77, 130, 300], [10, 0, 45], 4, 2, 32, 16),  # GQA 2, a row left alone
     ([200, 65, 1], [300, 7, 5], 6, 2, 48, 64),  # keep > n (every key), a one-token context
@@ -84,15 +95,9 @@ def test_torch_twin_is_softmax_over_each_heads_top_keys(lens, keep, hq, hkv, d, 
 @pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES)
 def test_triton_equals_the_twin(lens, keep, hq, hkv, d, page):
     q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=3 * len(lens) + d)
-    kp = torch.tensor(keep, dtype=torch.int32)
-    outs, counts = [], []
-    for impl in ("torch", "triton"):
-        o, c = torch.full_like(q, 7.0), torch.zeros(len(lens), hq, dtype=torch.int32)
-        td.token_decode(q, kc, vc, bt, sl, kp, 1 / math.sqrt(d), o, counts=c, impl=impl)
-        outs.append(o)
-        counts.append(c)
-    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
-    assert torch.equal(counts[0], counts[1])
+    (o0, c0), (o1, c1) = both_impls(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 1 / math.sqrt(d))
+    assert torch.allclose(o0, o1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(c0, c1)
 
 
 @TRITON
@@ -107,15 +112,9 @@ def test_launch_steps_equal_the_twin(monkeypatch, chunk, count_chunk, scan_tile,
         monkeypatch.setattr(td, name, value)
     lens, keep = [1100, 333, 700], [550, 20, 699]
     q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=11)
-    kp = torch.tensor(keep, dtype=torch.int32)
-    outs, counts = [], []
-    for impl in ("torch", "triton"):
-        o, c = torch.full_like(q, 7.0), torch.zeros(len(lens), 8, dtype=torch.int32)
-        td.token_decode(q, kc, vc, bt, sl, kp, 0.2, o, counts=c, impl=impl)
-        outs.append(o)
-        counts.append(c)
-    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
-    assert torch.equal(counts[0], counts[1])
+    (o0, c0), (o1, c1) = both_impls(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 0.2)
+    assert torch.allclose(o0, o1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(c0, c1)
 
 
 @TRITON
@@ -129,12 +128,7 @@ def test_a_chunk_far_above_the_rest(monkeypatch):
     keys = torch.randn(n, hkv, d, generator=gen) * 0.1
     keys[128:192] = q[0].view(hkv, hq // hkv, d).sum(1) + torch.randn(64, hkv, d, generator=gen) * 0.05
     q, kc, vc, bt, sl = paged([n], hq, hkv, d, 16, seed=5, keys=[keys])
-    kp = torch.tensor([150], dtype=torch.int32)
-    res = []
-    for impl in ("torch", "triton"):
-        o, c = torch.empty_like(q), torch.zeros(1, hq, dtype=torch.int32)
-        td.token_decode(q, kc, vc, bt, sl, kp, 1.0, o, counts=c, impl=impl)
-        res.append((o, c))
+    res = both_impls(q, kc, vc, bt, sl, torch.tensor([150], dtype=torch.int32), 1.0)
     assert torch.equal(res[0][1], res[1][1])
     assert 0 < int(res[0][1].min()) and int(res[0][1].max()) <= 64  # only the far chunk's keys are in the window
     assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
@@ -150,11 +144,7 @@ def test_ties_at_the_threshold_are_all_kept():
     keys = base[torch.arange(n) % 5]  # five distinct keys, 60 copies each
     q, kc, vc, bt, sl = paged([n], hq, hkv, d, 16, keys=[keys])
     kp = torch.tensor([70], dtype=torch.int32)  # the best key's 60 copies, then ties among the next 60
-    res = []
-    for impl in ("torch", "triton"):
-        o, c = torch.empty_like(q), torch.zeros(1, hq, dtype=torch.int32)
-        td.token_decode(q, kc, vc, bt, sl, kp, 0.2, o, counts=c, impl=impl)
-        res.append((o, c))
+    res = both_impls(q, kc, vc, bt, sl, kp, 0.2)
     assert torch.equal(res[0][1], res[1][1])
     assert res[0][1].tolist() == [[120] * hq]
     assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
