@@ -45,6 +45,8 @@ from typing import NamedTuple
 import torch
 
 from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
+from cab_vllm.ops.key_codes import GROUP as CODE_GROUP
+from cab_vllm.ops.key_codes import KeyCodes, check_codes, dequantize
 from cab_vllm.ops.prefill import _check_common
 
 LOG2E = 1.4426950408889634
@@ -67,6 +69,8 @@ MIN_TILES_PER_SPLIT = 8  # a split reads at least this many tiles' logits
 SCRATCH_BYTES = 256 << 20  # logits held at once: more rows than fit run in groups of launches
 HIST_LOAD = 32  # counting chunks' histograms summed per load (32 x 128 int32: 16 KiB)
 ALL = BUCKETS + 1  # a first-pass threshold bucket past every key's: the head keeps every key
+RERANK = 2  # with a 4-bit key copy: candidates per kept key, ranked by the copy, then narrowed by exact score
+MAX_RERANK = 64
 
 
 def kept_keys(logits: torch.Tensor, keep: int) -> torch.Tensor:
@@ -110,8 +114,12 @@ def _bucket_of(buckets: torch.Tensor, need) -> tuple[torch.Tensor, torch.Tensor]
     return at, before
 
 
-def _check(q, key_cache, value_cache, block_table, seq_lens, keep, out):
+def _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes=None, rerank=RERANK):
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, 16)
+    if codes is not None:
+        check_codes(key_cache, codes)
+        check(isinstance(rerank, int) and 1 <= rerank <= MAX_RERANK,
+              f"rerank={rerank!r} must be an integer 1..{MAX_RERANK} (candidates per kept key)")
     check(q.dim() == 3, f"q must be [S, Hq, D], got {tuple(q.shape)}")
     ns = q.shape[0]
     check(block_table.shape[0] >= ns and seq_lens.shape[0] >= ns, "block_table and seq_lens must cover every row of q")
@@ -124,19 +132,24 @@ def _check(q, key_cache, value_cache, block_table, seq_lens, keep, out):
 
 def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                        seq_lens: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor,
-                       counts: torch.Tensor | None = None) -> torch.Tensor:
+                       counts: torch.Tensor | None = None, codes: KeyCodes | None = None,
+                       rerank: int = RERANK) -> torch.Tensor:
     """PyTorch twin of token_decode (float32; one host read of the rows' lengths and budgets)."""
     from cab_vllm.ops.blocks import gather_paged
 
-    hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out)
+    hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes, rerank)
     ns, g = q.shape[0], hq // hkv
     for s, (n, kt) in enumerate(zip(seq_lens[:ns].tolist(), keep[:ns].tolist())):
         if kt <= 0:
             continue
         k = gather_paged(key_cache, block_table[s], n).float()  # [Hkv, n, D]
         v = gather_paged(value_cache, block_table[s], n).float()
-        z = torch.einsum("hgd,hnd->hgn", q[s].float().view(hkv, g, d), k) * (scale * LOG2E)
-        sel = kept_keys(z, kt)
+        qs = q[s].float().view(hkv, g, d)
+        z = torch.einsum("hgd,hnd->hgn", qs, k) * (scale * LOG2E)
+        if codes is not None:  # the estimate's candidates, then the exact rule among them
+            est = torch.einsum("hgd,hnd->hgn", qs, dequantize(codes, block_table[s], n)) * (scale * LOG2E)
+            z = z.masked_fill(~kept_keys(est, kt * rerank), float("-inf"))
+        sel = kept_keys(z, kt) & (z > float("-inf"))
         z = z.masked_fill(~sel, float("-inf"))
         p = torch.exp2(z - z.amax(-1, keepdim=True))
         o = torch.einsum("hgn,hnd->hgd", p, v) / p.sum(-1, keepdim=True)
@@ -155,7 +168,8 @@ class TokenScratch(NamedTuple):
     part_o / part_lse flat float32 split partials for rows x Hq x the most splits (x D) (a launch of r rows views them
     as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
     int32 zeros (the launch leaves them zero), kept [rows, Hkv, NPAD] int32 (each attention split's list of the
-    positions some head of its group keeps, at the split's own offset)."""
+    positions some head of its group keeps, at the split's own offset; with a key copy, first each chunk's list of
+    candidates), cand [rows] int32 (with a key copy: the candidates per head, rerank x keep)."""
 
     logits: torch.Tensor
     cmax: torch.Tensor
@@ -167,6 +181,7 @@ class TokenScratch(NamedTuple):
     lse: torch.Tensor
     sync: torch.Tensor
     kept: torch.Tensor
+    cand: torch.Tensor
 
     @property
     def rows(self) -> int:
@@ -212,7 +227,7 @@ def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, m
                         torch.zeros(rows, num_heads, cchunks, BUCKETS, **i32), torch.zeros(rows, num_heads, 4, **i32),
                         torch.zeros(cap * num_heads * head_dim, **f32), torch.zeros(cap * num_heads, **f32),
                         torch.zeros(rows, num_heads, **f32), torch.zeros(rows * num_kv_heads, **i32),
-                        torch.zeros(rows, num_kv_heads, npad, **i32))
+                        torch.zeros(rows, num_kv_heads, npad, **i32), torch.zeros(rows, **i32))
 
 
 if HAS_TRITON:
@@ -221,6 +236,7 @@ if HAS_TRITON:
 
     from cab_vllm.ops._triton import paged_coords
     from cab_vllm.ops.decode import MERGE_SPLITS, _block_offsets, _merge_group, merge_tile
+    from cab_vllm.ops.key_codes import dequant_tile
     from cab_vllm.ops.select import _group_query
 
     @triton.jit
@@ -237,16 +253,38 @@ if HAS_TRITON:
         two)."""
         return tl.floor(-z * INV_A)
 
+    @triton.jit
+    def _chunk_counts(lg_ptr, ca_ptr, m, g, s, kvh, c, group, t0, t1, num_heads, n_chunks, stride_ls, stride_lh,
+                      SCAN_G: tl.constexpr, RTILE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr):
+        """Each head's first counting pass over its chunk's stored logits t0..t1-1 (read back from L2 head by head)
+        into ca [rows, Hq, chunks, NB]: how many fall in each of the NB absolute buckets from the one of the chunk's
+        maximum m [GROUP_PAD] down (-inf logits, a rescored chunk's dropped keys, in none)."""
+        b = tl.arange(0, NB)
+        for h in tl.static_range(SCAN_G):
+            if h < group:
+                top = _abs_bucket(tl.sum(tl.where(g == h, m, 0.0), 0), INV_A)
+                hrow = lg_ptr + s * stride_ls + (kvh * group + h).to(tl.int64) * stride_lh
+                hist = tl.zeros([NB], dtype=tl.int32)
+                for i0 in range(t0, t1, RTILE):
+                    i = i0 + tl.arange(0, RTILE)
+                    z = tl.load(hrow + i, mask=i < t1, other=float("-inf"), cache_modifier=".cg")
+                    ok = z > float("-inf")
+                    a = tl.where(ok, tl.minimum(_abs_bucket(tl.where(ok, z, 0.0), INV_A) - top, NB), NB).to(tl.int32)
+                    hist += tl.histogram(tl.maximum(tl.minimum(a, NB - 1), 0), NB, mask=a < NB)
+                tl.store(ca_ptr + ((s * num_heads + kvh * group + h) * n_chunks + c) * NB + b, hist)
+
     @triton.jit(do_not_specialize=["n_chunks"])
-    def _logits_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, cm_ptr, ca_ptr, scale_log2, num_heads,
-                       num_kv_heads, n_chunks, stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt,
+    def _logits_kernel(q_ptr, k_ptr, c_ptr, b_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, cm_ptr, ca_ptr, scale_log2,
+                       num_heads, num_kv_heads, n_chunks, stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh,
+                       stride_cpage, stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh, stride_bt,
                        stride_ls, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
                        SCAN_G: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, RTILE: tl.constexpr,
-                       PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr):
-        """Base-2 logits of the group's queries against the keys of one chunk of one row, each head's largest logit
-        over the chunk into cm [rows, Hq, chunks], and (rows that keep fewer keys than they have) each head's first
-        counting pass over the chunk into ca [rows, Hq, chunks, NB]: how many of its keys fall in each of the NB
-        absolute buckets from the one of the chunk's maximum down (the select launch shifts them onto the row's)."""
+                       PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, CODES: tl.constexpr,
+                       CGROUP: tl.constexpr):
+        """Base-2 logits of the group's queries against the keys of one chunk of one row (CODES: against the keys
+        the 4-bit copy reads back as, ops.key_codes), each head's largest logit over the chunk into cm [rows, Hq,
+        chunks], and (rows that keep fewer keys than they have) each head's first counting pass over the chunk
+        (_chunk_counts; the select launch shifts the chunks' counts onto the row's maximum)."""
         s, kvh, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, n_chunks)
         t0 = c * CHUNK_T
         if (kt > 0) & (t0 < n):
@@ -261,9 +299,15 @@ if HAS_TRITON:
             for p0 in range(t0, t1, TILE_T):
                 pos = p0 + tl.arange(0, TILE_T)
                 k_ok = pos < n
-                off = _block_offsets(bt_ptr, stride_bt, s, p0 // TILE_T, k_ok, kvh, stride_kpage, stride_kpos,
-                                     stride_kh, d, TILE_T, PAGE_SIZE)
-                k = tl.load(k_ptr + off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                if CODES:
+                    page, slot = paged_coords(bt_ptr, stride_bt, s, pos, k_ok, PAGE_SIZE)
+                    k = dequant_tile(c_ptr, b_ptr, page, slot.to(tl.int32), kvh, d, k_ok[:, None] & d_ok[None, :],
+                                     stride_cpage, stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh,
+                                     HEAD_DIM // 2, CGROUP).to(k_ptr.dtype.element_ty)
+                else:
+                    off = _block_offsets(bt_ptr, stride_bt, s, p0 // TILE_T, k_ok, kvh, stride_kpage, stride_kpos,
+                                         stride_kh, d, TILE_T, PAGE_SIZE)
+                    k = tl.load(k_ptr + off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
                 z = tl.dot(q, tl.trans(k)) * scale_log2
                 live = g_ok[:, None] & k_ok[None, :]
                 tl.store(row + pos[None, :], z, mask=live)
@@ -271,19 +315,8 @@ if HAS_TRITON:
             tl.store(cm_ptr + (s * num_heads + heads) * n_chunks + c, m, mask=g_ok)
             if kt < n:
                 tl.debug_barrier()  # the chunk's logits, stored by every thread of the program, read back per head
-                b = tl.arange(0, NB)
-                for h in tl.static_range(SCAN_G):
-                    if h < group:
-                        top = _abs_bucket(tl.sum(tl.where(g == h, m, 0.0), 0), INV_A)
-                        hrow = lg_ptr + s * stride_ls + (kvh * group + h).to(tl.int64) * stride_lh
-                        hist = tl.zeros([NB], dtype=tl.int32)
-                        for i0 in range(t0, t1, RTILE):
-                            i = i0 + tl.arange(0, RTILE)
-                            ok = i < t1
-                            ab = _abs_bucket(tl.load(hrow + i, mask=ok, other=0.0, cache_modifier=".cg"), INV_A)
-                            a = (ab - top).to(tl.int32)
-                            hist += tl.histogram(tl.maximum(tl.minimum(a, NB - 1), 0), NB, mask=ok & (a < NB))
-                        tl.store(ca_ptr + ((s * num_heads + kvh * group + h) * n_chunks + c) * NB + b, hist)
+                _chunk_counts(lg_ptr, ca_ptr, m, g, s, kvh, c, group, t0, t1, num_heads, n_chunks, stride_ls,
+                              stride_lh, SCAN_G, RTILE, NB, INV_A)
 
     @triton.jit
     def _row_top(cm_ptr, s, h, num_heads, n_chunks, nch, NCH: tl.constexpr, INV_A: tl.constexpr):
@@ -317,7 +350,7 @@ if HAS_TRITON:
             if SHIFT:
                 ctop = _abs_bucket(tl.load(cm_ptr + (s * num_heads + h) * n_chunks + c, mask=c_ok, other=0.0),
                                       INV_A)
-                src = b[None, :] - (ctop - top).to(tl.int32)[:, None]
+                src = b[None, :] - tl.minimum(ctop - top, NB).to(tl.int32)[:, None]  # (a chunk of -inf: past NB)
                 hist += tl.sum(tl.load(base + c[:, None] * NB + src, mask=c_ok[:, None] & (src >= 0), other=0), 0)
             else:
                 hist += tl.sum(tl.load(base + c[:, None] * NB + b[None, :], mask=c_ok[:, None], other=0), 0)
@@ -411,6 +444,68 @@ if HAS_TRITON:
                 if ATOMIC:  # the second pass's counts, added key by key
                     tl.store(cb_ptr + (s * num_heads + h) * n_cchunks * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
 
+    @triton.jit(do_not_specialize=["n_chunks"])
+    def _rescore_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, kl_ptr, lg_ptr, cm_ptr, ca_ptr,
+                        scale_log2, num_heads, num_kv_heads, n_chunks, stride_qs, stride_qh, stride_kpage,
+                        stride_kpos, stride_kh, stride_bt, stride_ls, stride_lh, stride_ks, stride_kh2,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr, SCAN_G: tl.constexpr,
+                        CHUNK_T: tl.constexpr, SCAN_T: tl.constexpr, LIST_T: tl.constexpr, RTILE: tl.constexpr,
+                        PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr):
+        """One chunk of one row after the estimate's thresholds (sel: each head's candidates): a scan of the chunk's
+        estimated logits writes -inf for every head's non-candidates and the positions that are some head's
+        candidate into a compacted list (kl, at the chunk's offset); then the exact logits of the listed keys (their
+        keys read from the cache) replace the estimates of the heads they are candidates of; then each head's
+        maximum and first counting pass over the chunk, as the logits launch does for exact logits."""
+        s, kvh, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, n_chunks)
+        t0 = c * CHUNK_T
+        if (kt > 0) & (t0 < n):
+            group = num_heads // num_kv_heads
+            t1 = tl.minimum(t0 + CHUNK_T, n)
+            kl = kl_ptr + s * stride_ks + kvh.to(tl.int64) * stride_kh2 + t0
+            gs = tl.arange(0, SCAN_G)
+            gs_ok = gs < group
+            sel_s = sel_ptr + (s * num_heads + kvh * group + gs) * 4
+            a_s = tl.load(sel_s, mask=gs_ok, other=-1)
+            b_s = tl.load(sel_s + 1, mask=gs_ok, other=-1)
+            top_s = tl.load(sel_s + 3, mask=gs_ok, other=0).to(tl.float32, bitcast=True)
+            row_s = lg_ptr + s * stride_ls + (kvh * group + gs)[:, None].to(tl.int64) * stride_lh
+            cnt = n * 0
+            for c0 in range(t0, t1, SCAN_T):
+                pos = c0 + tl.arange(0, SCAN_T)
+                ok = pos < t1
+                live = gs_ok[:, None] & ok[None, :]
+                z = tl.load(row_s + pos[None, :], mask=live, other=0.0)
+                cand = _kept(z, top_s[:, None], a_s[:, None], b_s[:, None], NB, INV_A) & live
+                tl.store(row_s + pos[None, :], tl.full([SCAN_G, SCAN_T], float("-inf"), tl.float32),
+                         mask=live & ~cand)
+                tok = (tl.max(cand.to(tl.int32), 0) > 0) & ok
+                ti = tok.to(tl.int32)
+                tl.store(kl + cnt + tl.cumsum(ti, 0) - ti, pos, mask=tok)
+                cnt += tl.sum(ti, 0)
+            tl.debug_barrier()  # the list and the -inf, visible to every thread of the program
+            q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
+            q = q.to(k_ptr.dtype.element_ty)
+            g = tl.arange(0, GROUP_PAD)
+            row = lg_ptr + s * stride_ls + (kvh * group + g)[:, None].to(tl.int64) * stride_lh
+            m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+            for j0 in range(0, cnt, LIST_T):
+                j = j0 + tl.arange(0, LIST_T)
+                jok = j < cnt
+                pos = tl.load(kl + j, mask=jok, other=0, cache_modifier=".cg")
+                page, slot = paged_coords(bt_ptr, stride_bt, s, pos, jok, PAGE_SIZE)
+                off = (page * stride_kpage + (slot.to(tl.int32) * stride_kpos + kvh * stride_kh))[:, None] + d[None, :]
+                k = tl.load(k_ptr + off, mask=jok[:, None] & d_ok[None, :], other=0.0)
+                live = g_ok[:, None] & jok[None, :]
+                est = tl.load(row + pos[None, :], mask=live, other=float("-inf"), cache_modifier=".cg")
+                z = tl.where(est > float("-inf"), tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+                tl.store(row + pos[None, :], z, mask=live)
+                m = tl.maximum(m, tl.max(tl.where(live, z, float("-inf")), 1))
+            tl.store(cm_ptr + (s * num_heads + kvh * group + g) * n_chunks + c, m, mask=g_ok)
+            if kt < n:
+                tl.debug_barrier()  # the chunk's exact logits, read back per head
+                _chunk_counts(lg_ptr, ca_ptr, m, g, s, kvh, c, group, t0, t1, num_heads, n_chunks, stride_ls,
+                              stride_lh, SCAN_G, RTILE, NB, INV_A)
+
     @triton.jit(do_not_specialize=["num_splits"])
     def _attend_list_kernel(lg_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, kl_ptr, po_ptr, plse_ptr, o_ptr,
                             lse_ptr, sync_ptr, num_heads, num_kv_heads, num_splits, min_per,
@@ -503,7 +598,8 @@ if HAS_TRITON:
 def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor,
                  scratch: TokenScratch | None = None, counts: torch.Tensor | None = None,
-                 impl: str = "auto", stages: int = 3) -> torch.Tensor:
+                 impl: str = "auto", stages: int = 3, codes: KeyCodes | None = None,
+                 rerank: int = RERANK) -> torch.Tensor:
     """Decode attention of one new token per row (at position seq_lens[s] - 1) over each query head's own
     ``keep[s]`` highest-scoring keys (kept_keys' rule: ties with the keep-th within the threshold's bucket kept too;
     every key when keep[s] >= seq_lens[s]); rows with keep[s] <= 0 are not written.
@@ -515,12 +611,15 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     from one host read of seq_lens); rows beyond its row
     count run in further groups of launches. counts [S, Hq] int32: filled with the keys each head kept. stages: the
     launches run, for profiling (1: the logits, 2: and the counts and thresholds; 3: all, the only value that writes
-    out)."""
-    hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out)
+    out). codes: a 4-bit copy of the key cache (ops.key_codes, current for every key of the rows): every key is
+    scored with it, each head's rerank x keep[s] best by that estimate (the same rule) are its candidates, and the
+    rule runs again on the candidates' exact scores (the only keys read from the key cache)."""
+    hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes, rerank)
     check(stages in (1, 2, 3), f"stages={stages!r} must be 1, 2 or 3")
     ns = q.shape[0]
     if resolve_impl(impl, q, key_cache) == "torch":
-        return token_decode_torch(q, key_cache, value_cache, block_table, seq_lens, keep, scale, out, counts)
+        return token_decode_torch(q, key_cache, value_cache, block_table, seq_lens, keep, scale, out, counts, codes,
+                                  rerank)
     if ns == 0:
         return out
     if scratch is None:
@@ -531,7 +630,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     check(scratch.logits.shape[1] == hq and scratch.part_o.numel() == scratch.part_lse.numel() * d
           and scratch.sync.numel() >= scratch.rows * hkv and tuple(scratch.cmax.shape[1:]) == (hq, n_chunks)
           and tuple(scratch.count_a.shape[1:]) == (hq, n_chunks, BUCKETS)
-          and tuple(scratch.kept.shape) == (scratch.rows, hkv, npad),
+          and tuple(scratch.kept.shape) == (scratch.rows, hkv, npad) and scratch.cand.shape == (scratch.rows,),
           "token decode scratch does not match (heads, head dim, KV heads)")
     if q.device.type == "cpu":  # (on a GPU this would be a host sync, and a CUDA graph cannot hold one)
         check(int(seq_lens[:ns].max()) <= npad, f"a row of {int(seq_lens[:ns].max())} tokens does not fit the "
@@ -543,26 +642,44 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     sg = next_pow2(hq // hkv)
     lg, cmax, ca, cb, sel, kl = (scratch.logits, scratch.cmax, scratch.count_a, scratch.count_b, scratch.sel,
                                  scratch.kept)
+    cc, cs = (codes.codes, codes.bounds) if codes is not None else (key_cache, key_cache)  # (unread without codes)
+    cstr = (cc.stride(0), cc.stride(1), cc.stride(2), cs.stride(0), cs.stride(1), cs.stride(2)) \
+        if codes is not None else (0,) * 6
     for r0 in range(0, ns, scratch.rows):
         r = min(scratch.rows, ns - r0)
         splits = num_splits(r, hkv, npad)
         po, plse = scratch.partials(r, splits)
         qs, bt, sl, kp, os_ = q[r0:r0 + r], block_table[r0:r0 + r], seq_lens[r0:r0 + r], keep[r0:r0 + r], out[r0:r0 + r]
+        first = kp
+        if codes is not None:
+            first = torch.mul(kp, rerank, out=scratch.cand[:r])
         _logits_kernel[(r * hkv * n_chunks,)](
-            qs, key_cache, bt, sl, kp, lg, cmax, ca, scale * LOG2E, hq, hkv, n_chunks,
-            qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0),
-            lg.stride(0), lg.stride(1), HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg, CHUNK_T=CHUNK,
-            TILE_T=min(LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps,
-            num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES)
+            qs, key_cache, cc, cs, bt, sl, first, lg, cmax, ca, scale * LOG2E, hq, hkv, n_chunks,
+            qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), *cstr,
+            bt.stride(0), lg.stride(0), lg.stride(1), HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg,
+            CHUNK_T=CHUNK, TILE_T=min(LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps,
+            CODES=codes is not None, CGROUP=CODE_GROUP, num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES)
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,
                       ATOMIC=COUNT_ATOMIC, num_warps=4)
-        _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, n_cchunks, SECOND=False, **select)
-        _count_kernel[(r * hq * n_cchunks,)](lg, sel, cb, sl, kp, hq, n_cchunks, lg.stride(0), lg.stride(1),
-                                             CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, **steps, ATOMIC=COUNT_ATOMIC,
-                                             num_warps=4)
-        _select_kernel[(r * hq,)](cmax, ca, cb, sl, kp, sel, hq, n_chunks, n_cchunks, SECOND=True, **select)
+
+        def thresholds(budget):
+            _select_kernel[(r * hq,)](cmax, ca, cb, sl, budget, sel, hq, n_chunks, n_cchunks, SECOND=False, **select)
+            _count_kernel[(r * hq * n_cchunks,)](lg, sel, cb, sl, budget, hq, n_cchunks, lg.stride(0), lg.stride(1),
+                                                 CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, **steps, ATOMIC=COUNT_ATOMIC,
+                                                 num_warps=4)
+            _select_kernel[(r * hq,)](cmax, ca, cb, sl, budget, sel, hq, n_chunks, n_cchunks, SECOND=True, **select)
+
+        thresholds(first)
+        if codes is not None:
+            _rescore_kernel[(r * hkv * n_chunks,)](
+                qs, key_cache, bt, sl, kp, sel, kl, lg, cmax, ca, scale * LOG2E, hq, hkv, n_chunks, qs.stride(0),
+                qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0),
+                lg.stride(0), lg.stride(1), kl.stride(0), kl.stride(1), HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad,
+                SCAN_G=sg, CHUNK_T=CHUNK, SCAN_T=min(SCAN_TILE, CHUNK), LIST_T=ATTEND_TILE,
+                RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps, num_warps=LOGITS_WARPS)
+            thresholds(kp)
         if stages == 2:
             continue
         _attend_list_kernel[(r * hkv * splits,)](

@@ -304,3 +304,150 @@ def test_triton_equals_the_twin_on_peaked_scores(keep):
     assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
     if keep == 250:
         assert (res[0][1][0] < 250).any()  # some head found fewer than keep keys in its window
+
+
+# -- with a 4-bit key copy (codes=): the copy ranks every key, the exact rule runs on rerank x keep candidates ------
+def encoded(kc, bt, sl):
+    from cab_vllm.ops import key_codes as kq
+
+    codes = kq.key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], "cpu")
+    return kq.encode_keys(kc, codes, bt, sl, sl.clone(), impl="torch")
+
+
+def rerank_reference(q, kc, vc, bt, sl, keep, scale, codes, rerank):
+    """Float64: each head's candidates by the copy's scores (kept_keys' rule for rerank x keep keys: the rule is
+    tested against torch.topk above), the keep best of those by exact score (torch.topk), softmax over them; None
+    for rows with keep <= 0."""
+    from cab_vllm.ops.blocks import gather_paged
+    from cab_vllm.ops.key_codes import dequantize
+
+    hq, hkv = q.shape[1], kc.shape[2]
+    outs = []
+    for s, (n, kt) in enumerate(zip(sl.tolist(), keep.tolist())):
+        if kt <= 0:
+            outs.append(None)
+            continue
+        k = gather_paged(kc, bt[s], n).double().repeat_interleave(hq // hkv, 0)
+        v = gather_paged(vc, bt[s], n).double().repeat_interleave(hq // hkv, 0)
+        est = torch.einsum("hd,hnd->hn", q[s].float(), dequantize(codes, bt[s], n).repeat_interleave(hq // hkv, 0))
+        cand = td.kept_keys(est * (scale * td.LOG2E), kt * rerank)
+        sc = torch.einsum("hd,hnd->hn", q[s].double(), k) * scale
+        top = sc.masked_fill(~cand, float("-inf")).topk(min(kt, n), dim=-1).indices
+        sc = torch.full_like(sc, float("-inf")).scatter(-1, top, sc.gather(-1, top))
+        outs.append(torch.einsum("hn,hnd->hd", torch.softmax(sc, -1), v))
+    return outs
+
+
+def both_with_codes(q, kc, vc, bt, sl, kp, scale, codes, rerank=td.RERANK):
+    res = []
+    for impl in ("torch", "triton"):
+        o, c = torch.full_like(q, 7.0), torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32)
+        td.token_decode(q, kc, vc, bt, sl, kp, scale, o, counts=c, impl=impl, codes=codes, rerank=rerank)
+        res.append((o, c))
+    return res
+
+
+@pytest.mark.parametrize("rerank", [1, 2, 4])
+@pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES)
+def test_codes_twin_is_exact_top_of_the_estimates_candidates(lens, keep, hq, hkv, d, page, rerank):
+    q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=len(lens) + d + 1)
+    codes = encoded(kc, bt, sl)
+    kp = torch.tensor(keep, dtype=torch.int32)
+    out = torch.full_like(q, 7.0)
+    counts = torch.zeros(len(lens), hq, dtype=torch.int32)
+    td.token_decode(q, kc, vc, bt, sl, kp, 1 / math.sqrt(d), out, counts=counts, impl="torch", codes=codes,
+                    rerank=rerank)
+    for s, ref in enumerate(rerank_reference(q, kc, vc, bt, sl, kp, 1 / math.sqrt(d), codes, rerank)):
+        if ref is None:
+            assert torch.all(out[s] == 7.0) and torch.all(counts[s] == 0)
+            continue
+        exact = counts[s] == min(keep[s], lens[s])  # else a near tie (within STEP_B) kept beside the keep-th
+        assert bool((counts[s] >= min(keep[s], lens[s])).all()) and int(exact.sum()) >= hq - 2
+        assert torch.allclose(out[s][exact].double(), ref[exact], atol=1e-5, rtol=1e-5)
+
+
+@TRITON
+@pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES)
+def test_codes_triton_equals_the_twin(lens, keep, hq, hkv, d, page):
+    q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=5 * len(lens) + d)
+    (o0, c0), (o1, c1) = both_with_codes(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 1 / math.sqrt(d),
+                                         encoded(kc, bt, sl))
+    assert torch.allclose(o0, o1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(c0, c1)
+
+
+@TRITON
+@pytest.mark.parametrize("chunk, scan_tile, list_tile, atomic", [(64, 64, 16, True), (128, 512, 32, False)])
+def test_codes_launch_steps_and_chunks_without_candidates(monkeypatch, chunk, scan_tile, list_tile, atomic):
+    """Small chunks, where most hold no head's candidate (their maxima -inf after the rescoring: their counts
+    shift past the window), several scan and list steps per chunk, both second-count paths; one row keeps a key
+    of every chunk's far-scoring block, one has every key a candidate (rerank x keep >= n)."""
+    for name, value in (("CHUNK", chunk), ("SCAN_TILE", scan_tile), ("ATTEND_TILE", list_tile),
+                        ("COUNT_ATOMIC", atomic)):
+        monkeypatch.setattr(td, name, value)
+    n, hq, hkv, d = 700, 8, 2, 32
+    gen = torch.Generator().manual_seed(13)
+    q = paged([n], hq, hkv, d, 16, seed=13)[0]
+    keys = torch.randn(n, hkv, d, generator=gen) * 0.1
+    keys[300:340] = q[0].view(hkv, hq // hkv, d).sum(1) + torch.randn(40, hkv, d, generator=gen) * 0.3
+    q, kc, vc, bt, sl = paged([n, n, 90], hq, hkv, d, 16, seed=13, keys=[keys, keys, keys[:90]])
+    q[1:] = q[:1]
+    kp = torch.tensor([15, 200, 50], dtype=torch.int32)
+    (o0, c0), (o1, c1) = both_with_codes(q, kc, vc, bt, sl, kp, 1.0, encoded(kc, bt, sl))
+    assert torch.equal(c0, c1)
+    assert torch.allclose(o0, o1, atol=1e-5)
+
+
+def test_codes_with_every_key_a_candidate_is_the_exact_decode():
+    """rerank x keep >= n: every key is a candidate, and the decode is the exact one (same keys, same output)."""
+    q, kc, vc, bt, sl = paged([120, 300], 4, 2, 32, 16, seed=14)
+    kp = torch.tensor([40, 75], dtype=torch.int32)
+    exact, est = torch.empty_like(q), torch.empty_like(q)
+    c0, c1 = torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, 4, dtype=torch.int32)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.3, exact, counts=c0, impl="torch")
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.3, est, counts=c1, impl="torch", codes=encoded(kc, bt, sl), rerank=4)
+    assert torch.equal(c0, c1) and torch.allclose(exact, est, atol=1e-6)
+
+
+def test_codes_bad_inputs_are_named():
+    from cab_vllm.ops import key_codes as kq
+
+    q, kc, vc, bt, sl = paged([50], 4, 2, 32, 16)
+    kp = torch.tensor([5], dtype=torch.int32)
+    codes = encoded(kc, bt, sl)
+    with pytest.raises(ValueError, match="rerank=0 must be an integer 1..64"):
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.1, torch.empty_like(q), codes=codes, rerank=0)
+    with pytest.raises(ValueError, match="codes must be uint8"):
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.1, torch.empty_like(q),
+                        codes=kq.KeyCodes(codes.codes[:-1], codes.bounds))
+
+
+@pytest.mark.gpu
+def test_gpu_codes_bf16_long_context_and_graph_replay():
+    """On a GPU (8B geometry, bf16, 32k and 5k rows): the copy encoded by its kernel, the decode with it against
+    the twin on the same copy (the twin's estimates in float32 against the kernel's bf16 dot: outputs within bf16's
+    error, kept counts within 1%), then captured in a CUDA graph and replayed on new queries and budgets."""
+    from cab_vllm.ops import key_codes as kq
+
+    lens, keep = [32768, 5000], [655, 100]
+    q, kc, vc, bt, sl = (t.cuda() for t in paged(lens, 32, 8, 128, 16, dtype=torch.bfloat16, seed=9))
+    codes = kq.key_codes(kc.shape[0], 16, 8, 128, "cuda")
+    kq.encode_keys(kc, codes, bt, sl, sl.clone())
+    kp = torch.tensor(keep, dtype=torch.int32, device="cuda")
+    scratch = td.token_scratch(2, 32, 8, 128, 32768, "cuda")
+    ref, out = torch.empty_like(q), torch.empty_like(q)
+    c0, c1 = (torch.zeros(2, 32, dtype=torch.int32, device="cuda") for _ in range(2))
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, ref, counts=c0, impl="torch", codes=codes)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, counts=c1, scratch=scratch, impl="triton", codes=codes)
+    assert (out.float() - ref.float()).abs().max() < 3e-2
+    assert ((c0 - c1).abs().float() <= 0.01 * c0.float() + 1).all()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, scratch=scratch, impl="triton", codes=codes)
+    q.copy_(torch.randn_like(q))
+    kp.copy_(torch.tensor([2000, 5000], dtype=torch.int32))
+    g.replay()
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, ref, impl="torch", codes=codes)
+    torch.cuda.synchronize()
+    assert (out.float() - ref.float()).abs().max() < 3e-2
+    assert torch.all(scratch.sync == 0)

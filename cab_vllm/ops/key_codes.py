@@ -1,0 +1,245 @@
+"""A 4-bit copy of the paged key cache that the token decode scores every key with (ops.token_decode, ``codes=``):
+each channel of each group of GROUP consecutive tokens of a page rounded to LEVELS + 1 levels between the group's
+minimum and maximum of that channel (asymmetric, per channel: post-RoPE keys have outlier channels that a per-token
+scale would let swamp the others; KIVI's key quantization). Kept beside the cache, page for page:
+
+  codes   [num_pages, page_size, Hkv, D / 2] uint8   byte j of a token holds channel j (low nibble) and j + D/2
+  bounds  [num_pages, page_size, Hkv, 2D / GROUP] float16   a group's per-channel minima then steps ([2, D]),
+          spread over its GROUP token slots, 2D / GROUP values each
+
+A key reads back as minimum + step x code. Per token and head that is D/2 bytes of codes and 4D/GROUP bytes of bounds
+(every array indexed by page, slot and head alike: one slot of a token's K, V, codes and bounds share can sit
+together in a cache page, as vLLM's per-slot state layouts put them):
+3/8 of a bf16 key at GROUP 16 (experiments/RESULTS.md: ranked by such a copy, with twice the budget rescored by exact
+score, the keys an exact ranking keeps are kept, 4k-16k tokens). encode_keys rewrites the groups that hold a step's
+new keys (every token of such a group: its range may have grown); the codes of a group still filling are rewritten
+as it fills.
+
+Twin: encode_keys_torch (and dequantize, the keys a copy reads back as). Both round the same float32 way:
+code = floor((k - min) / step + 0.5) clamped to 0..LEVELS, min and step stored as float16 (step at least 2^-14)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
+
+GROUP = 16  # tokens that share a channel's range (a vLLM page holds page_size / GROUP groups)
+LEVELS = 15  # 4 bits
+MIN_STEP = 2.0 ** -14  # float16's smallest normal: a channel constant over its group still has a step to divide by
+
+
+class KeyCodes(NamedTuple):
+    """The 4-bit key copy: codes [num_pages, page_size, Hkv, D / 2] uint8, bounds [num_pages, page_size, Hkv,
+    2D / GROUP] float16 (a group's [2, D] minima and steps over its GROUP slots). Any strides but a contiguous last
+    dim."""
+
+    codes: torch.Tensor
+    bounds: torch.Tensor
+
+
+def key_codes(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, device) -> KeyCodes:
+    """An empty KeyCodes for a cache of num_pages pages of page_size tokens (zeros)."""
+    _check_geometry(page_size, head_dim)
+    return KeyCodes(torch.zeros(num_pages, page_size, num_kv_heads, head_dim // 2, dtype=torch.uint8, device=device),
+                    torch.zeros(num_pages, page_size, num_kv_heads, 2 * head_dim // GROUP, dtype=torch.float16,
+                                device=device))
+
+
+def _check_geometry(page_size: int, head_dim: int) -> None:
+    check(page_size % GROUP == 0 and head_dim % 8 == 0,
+          f"a 4-bit key copy needs page_size % {GROUP} == 0 and a head dim divisible by 8, got {page_size}, "
+          f"{head_dim}")
+
+
+def bytes_per_token(num_kv_heads: int, head_dim: int) -> int:
+    """Bytes of the copy per token of the cache (all KV heads)."""
+    return num_kv_heads * (head_dim // 2 + 4 * head_dim // GROUP)
+
+
+def check_codes(key_cache: torch.Tensor, kc: KeyCodes) -> None:
+    """The copy's shapes, dtypes and device against a [num_pages, page_size, Hkv, D] key cache."""
+    pages, page, hkv, d = key_cache.shape
+    check(isinstance(kc, KeyCodes), f"codes must be a KeyCodes (codes, bounds), got {type(kc).__name__}")
+    _check_geometry(page, d)
+    want_c, want_b = (pages, page, hkv, d // 2), (pages, page, hkv, 2 * d // GROUP)
+    check(tuple(kc.codes.shape) == want_c and kc.codes.dtype == torch.uint8 and kc.codes.stride(-1) == 1,
+          f"codes must be uint8 {want_c} with a contiguous last dim, got {kc.codes.dtype} {tuple(kc.codes.shape)}")
+    check(tuple(kc.bounds.shape) == want_b and kc.bounds.dtype == torch.float16 and kc.bounds.stride(-1) == 1,
+          f"bounds must be float16 {want_b} with a contiguous last dim, got {kc.bounds.dtype} "
+          f"{tuple(kc.bounds.shape)}")
+    check(kc.codes.device == key_cache.device and kc.bounds.device == key_cache.device,
+          "the key copy must be on the key cache's device")
+
+
+def _quantize(k: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One group per leading index: k [..., GROUP, D] float32, valid [..., GROUP, 1] -> codes [..., GROUP, D] uint8
+    (0 where not valid), minimum and step [..., D] (float16 values, as float32)."""
+    lo = torch.where(valid, k, float("inf")).amin(-2)
+    hi = torch.where(valid, k, float("-inf")).amax(-2)
+    lo16 = lo.half().float()
+    step = torch.clamp((hi - lo) / LEVELS, min=MIN_STEP).half().float()
+    code = torch.clamp(torch.floor((k - lo16[..., None, :]) / step[..., None, :] + 0.5), 0, LEVELS)
+    return torch.where(valid, code, 0.0).to(torch.uint8), lo16, step
+
+
+def _pack(code: torch.Tensor) -> torch.Tensor:
+    """[..., D] codes 0..15 -> [..., D / 2] bytes (channel j low, j + D/2 high)."""
+    h = code.shape[-1] // 2
+    return code[..., :h] | (code[..., h:] << 4)
+
+
+def _unpack(byte: torch.Tensor) -> torch.Tensor:
+    return torch.cat([byte & 15, byte >> 4], -1)
+
+
+def encode_keys_torch(key_cache: torch.Tensor, kc: KeyCodes, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                      num_new: torch.Tensor) -> KeyCodes:
+    """PyTorch twin of encode_keys (one host read of the rows' lengths)."""
+    page = key_cache.shape[1]
+    for s, (n, m) in enumerate(zip(seq_lens.tolist(), num_new.tolist())):
+        if m <= 0 or n <= 0:
+            continue
+        for g in range(max(0, n - m) // GROUP, (n - 1) // GROUP + 1):
+            p, slot = int(block_table[s, g * GROUP // page]), g * GROUP % page
+            k = key_cache[p, slot: slot + GROUP].float().transpose(0, 1)  # [Hkv, GROUP, D]
+            valid = (torch.arange(GROUP, device=key_cache.device) < n - g * GROUP).view(1, GROUP, 1)
+            code, lo, step = _quantize(k, valid)
+            kc.codes[p, slot: slot + GROUP] = _pack(code).transpose(0, 1)
+            kc.bounds[p, slot: slot + GROUP] = torch.cat([lo, step], -1).half().view(-1, GROUP, kc.bounds.shape[-1]
+                                                                                       ).transpose(0, 1)
+    return kc
+
+
+def dequantize(kc: KeyCodes, block_table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n keys of one row as the copy reads them back: [Hkv, n, D] float32."""
+    from cab_vllm.ops.blocks import gather_paged
+
+    code = _unpack(gather_paged(kc.codes, block_table_row, n)).float()  # [Hkv, n, D]
+    hkv, d = code.shape[0], code.shape[-1]
+    groups = -(-n // GROUP)  # (a group never crosses a page: the last one's slots are in the row's last page)
+    b = gather_paged(kc.bounds, block_table_row, groups * GROUP).float().reshape(hkv, groups, 2, d)
+    b = b.repeat_interleave(GROUP, 1)[:, :n]  # [Hkv, n, 2, D]
+    return b[:, :, 0] + b[:, :, 1] * code
+
+
+def _check(key_cache, kc, block_table, seq_lens, num_new):
+    check(key_cache.dim() == 4, f"key_cache must be [num_pages, page_size, Hkv, D], got {tuple(key_cache.shape)}")
+    check_codes(key_cache, kc)
+    check(block_table.dim() == 2 and block_table.dtype == torch.int32, "block_table must be int32 [S, max_pages]")
+    check(seq_lens.dim() == 1 and num_new.dim() == 1 and seq_lens.shape == num_new.shape
+          and seq_lens.dtype == torch.int32 and num_new.dtype == torch.int32 and block_table.shape[0] >= len(seq_lens),
+          "seq_lens and num_new must be int32 [S] tensors, block_table [>= S, max_pages]")
+
+
+def encode_keys(key_cache: torch.Tensor, kc: KeyCodes, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                num_new: torch.Tensor, max_new: int | None = None, impl: str = "auto") -> KeyCodes:
+    """Rewrite the copy's groups that hold each row's last num_new[s] keys (positions seq_lens[s] - num_new[s] ..
+    seq_lens[s] - 1, already in the cache), every token of each such group below seq_lens[s] re-rounded to the group's
+    new range.
+
+    key_cache [num_pages, page_size, Hkv, D] (any strides, contiguous head dim); kc a KeyCodes of the same pages;
+    block_table [S', max_pages] int32 (S' >= S); seq_lens, num_new [S] int32 on the cache's device. max_new: an upper
+    bound on num_new (the grid; one host read when None). Returns kc, written in place."""
+    _check(key_cache, kc, block_table, seq_lens, num_new)
+    if resolve_impl(impl, key_cache) == "torch":
+        return encode_keys_torch(key_cache, kc, block_table, seq_lens, num_new)
+    ns = seq_lens.shape[0]
+    if max_new is None:
+        max_new = int(num_new.max()) if ns else 0
+    check(max_new >= 0, f"max_new={max_new} must be >= 0")
+    if ns == 0 or max_new == 0:
+        return kc
+    _, page, hkv, d = key_cache.shape
+    groups = (max_new - 1) // GROUP + 2  # a run of max_new keys spans at most this many groups
+    h = d // 2
+    _encode_kernel[(ns * hkv * groups,)](
+        key_cache, kc.codes, kc.bounds, block_table, seq_lens, num_new, hkv, groups,
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), kc.codes.stride(0), kc.codes.stride(1),
+        kc.codes.stride(2), kc.bounds.stride(0), kc.bounds.stride(1), kc.bounds.stride(2),
+        block_table.stride(0), HALF=h, BLOCK_H=max(16, next_pow2(h)), GROUP_T=GROUP, PAGE_SIZE=page,
+        LEVELS_T=LEVELS, MIN_STEP_T=MIN_STEP, num_warps=2)
+    return kc
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _round_group(k, valid, LEVELS_T: tl.constexpr, MIN_STEP_T: tl.constexpr):
+        """k [GROUP, H] float32 of one group (rows valid) -> codes (int32, 0 where not valid), minimum, step [H]
+        (float16)."""
+        lo = tl.min(tl.where(valid, k, float("inf")), 0)
+        hi = tl.max(tl.where(valid, k, float("-inf")), 0)
+        lo16 = lo.to(tl.float16)
+        step16 = tl.maximum((hi - lo) / LEVELS_T, MIN_STEP_T).to(tl.float16)
+        x = tl.floor((k - lo16.to(tl.float32)[None, :]) / step16.to(tl.float32)[None, :] + 0.5)
+        code = tl.minimum(tl.maximum(x, 0.0), LEVELS_T).to(tl.int32)
+        return tl.where(valid, code, 0), lo16, step16
+
+    @triton.jit(do_not_specialize=["groups"])
+    def _encode_kernel(k_ptr, c_ptr, b_ptr, bt_ptr, seqlen_ptr, new_ptr, num_kv_heads, groups,
+                       stride_kpage, stride_kpos, stride_kh, stride_cpage, stride_cpos, stride_ch,
+                       stride_bpage, stride_bpos, stride_bh, stride_bt,
+                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_T: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                       LEVELS_T: tl.constexpr, MIN_STEP_T: tl.constexpr):
+        """One (row, KV head, group of the row's new keys): the group's tokens below the row's length, rounded per
+        channel (the two halves of the head dim: a byte holds one channel of each)."""
+        pid = tl.program_id(0)
+        s = (pid // (num_kv_heads * groups)).to(tl.int64)
+        kvh = (pid // groups) % num_kv_heads
+        j = pid % groups
+        n = tl.load(seqlen_ptr + s)
+        m = tl.load(new_ptr + s)
+        grp = tl.maximum(n - m, 0) // GROUP_T + j
+        if (m > 0) & (grp * GROUP_T < n):
+            pos0 = grp * GROUP_T
+            page = tl.load(bt_ptr + s * stride_bt + pos0 // PAGE_SIZE).to(tl.int64)
+            slot0 = pos0 % PAGE_SIZE
+            t = tl.arange(0, GROUP_T)
+            e = tl.arange(0, BLOCK_H)
+            valid = (pos0 + t < n)[:, None] & (e < HALF)[None, :]
+            koff = page * stride_kpage + ((slot0 + t) * stride_kpos + kvh * stride_kh)[:, None] + e[None, :]
+            k_lo = tl.load(k_ptr + koff, mask=valid, other=0.0).to(tl.float32)
+            k_hi = tl.load(k_ptr + koff + HALF, mask=valid, other=0.0).to(tl.float32)
+            c_lo, lo_lo, st_lo = _round_group(k_lo, valid, LEVELS_T, MIN_STEP_T)
+            c_hi, lo_hi, st_hi = _round_group(k_hi, valid, LEVELS_T, MIN_STEP_T)
+            coff = page * stride_cpage + ((slot0 + t) * stride_cpos + kvh * stride_ch)[:, None] + e[None, :]
+            tl.store(c_ptr + coff, (c_lo | (c_hi << 4)).to(tl.uint8), mask=(t < GROUP_T)[:, None] & (e < HALF)[None, :])
+            e_ok = e < HALF
+            tl.store(b_ptr + _bound_offsets(page, slot0, kvh, e, stride_bpage, stride_bpos, stride_bh, HALF,
+                                            GROUP_T), lo_lo, mask=e_ok)
+            tl.store(b_ptr + _bound_offsets(page, slot0, kvh, e + HALF, stride_bpage, stride_bpos, stride_bh, HALF,
+                                            GROUP_T), lo_hi, mask=e_ok)
+            tl.store(b_ptr + _bound_offsets(page, slot0, kvh, e + 2 * HALF, stride_bpage, stride_bpos, stride_bh,
+                                            HALF, GROUP_T), st_lo, mask=e_ok)
+            tl.store(b_ptr + _bound_offsets(page, slot0, kvh, e + 3 * HALF, stride_bpage, stride_bpos, stride_bh,
+                                            HALF, GROUP_T), st_hi, mask=e_ok)
+
+    @triton.jit
+    def _bound_offsets(page, slot0, kvh, f, stride_bpage, stride_bpos, stride_bh, HALF: tl.constexpr,
+                       GROUP_T: tl.constexpr):
+        """Offsets of entries f (of the [2, D] minima then steps, flattened) of the bounds of the group whose first
+        slot is slot0: slot slot0 + f // W, entry f % W (W = 2D / GROUP)."""
+        w: tl.constexpr = 4 * HALF // GROUP_T
+        return page * stride_bpage + (slot0 + f // w) * stride_bpos + kvh * stride_bh + f % w
+
+    @triton.jit
+    def dequant_tile(c_ptr, b_ptr, page, slot, kvh, d, mask, stride_cpage, stride_cpos, stride_ch, stride_bpage,
+                     stride_bpos, stride_bh, HALF: tl.constexpr, GROUP_T: tl.constexpr):
+        """Keys at (page, slot) [T] of KV head kvh as the copy reads them back: [T, BLOCK_D] float32 (channels d;
+        mask [T, BLOCK_D])."""
+        hi = (d >= HALF).to(tl.int32)
+        e = d - hi * HALF
+        byte = tl.load(c_ptr + (page * stride_cpage + (slot * stride_cpos + kvh * stride_ch))[:, None] + e[None, :],
+                       mask=mask, other=0).to(tl.int32)
+        code = ((byte >> (hi * 4)[None, :]) & 15).to(tl.float32)
+        slot0 = (slot // GROUP_T * GROUP_T)[:, None]
+        lo = tl.load(b_ptr + _bound_offsets(page[:, None], slot0, kvh, d[None, :], stride_bpage, stride_bpos,
+                                            stride_bh, HALF, GROUP_T), mask=mask, other=0.0).to(tl.float32)
+        step = tl.load(b_ptr + _bound_offsets(page[:, None], slot0, kvh, d[None, :] + 2 * HALF, stride_bpage,
+                                              stride_bpos, stride_bh, HALF, GROUP_T), mask=mask, other=0.0)
+        return lo + step.to(tl.float32) * code
