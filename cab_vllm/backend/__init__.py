@@ -45,6 +45,9 @@ def register() -> None:
         register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
     _hook_request_validation()
     _hook_cache_salt()
+    from cab_vllm.backend import compat
+
+    compat.hook_key_code_pages()  # (vLLM 0.26/0.27; later ones ask CABBackend.customize_spec)
     trace("register")
 
 

@@ -95,6 +95,12 @@ class CABBackend(AttentionBackend):
         return [32, 64, 80, 96, 112, 128, 160, 192, 256]
 
     @classmethod
+    def customize_spec(cls, spec):
+        """vLLM >= 0.28: with CAB_TOKEN_SCORER=int4 each page also holds the 4-bit key copy (vLLM counts it when it
+        sizes the cache; 0.26/0.27 get the same from compat.hook_key_code_pages)."""
+        return compat.with_key_code_pages(spec) if compat.engine_settings().key_codes else spec
+
+    @classmethod
     def supported_kv_cache_layouts(cls):
         return None  # the kernels read through strides: any layout (vLLM >= 0.32)
 
@@ -130,6 +136,8 @@ class CABMetadata:
     keep: torch.Tensor | None = None  # [decode rows] int32 blocks kept by MODE_BOUNDS/RECENT/RANDOM rows
     tkeep: torch.Tensor | None = None  # [decode rows] int32 keys per query head of decode_rule="tokens" rows (0: none)
     run_tokens: bool = False  # some decode row runs in ops.token_decode
+    num_new: torch.Tensor | None = None  # [S] int32 keys each row adds this step (the 4-bit key copy's encode)
+    max_new: int = 0  # the most keys a row adds (host; the encode's grid)
     run_fa: bool = False  # some row runs dense through FlashAttention
     run_cab_decode: bool = False  # some decode row runs in CAB's decode kernel
     run_cab_prefill: bool = False  # some prefill row is sparse (or dense without FlashAttention)
@@ -143,6 +151,7 @@ class _StepViews(NamedTuple):
     tkeep: torch.Tensor  # [d] keys per query head of token rows (decode_rule="tokens"), 0 for the others
     dense: torch.Tensor  # [n] 1 where the row runs in FlashAttention
     fa_seq_lens: torch.Tensor  # [n] FlashAttention's sequence lengths (0 for rows CAB runs)
+    num_new: torch.Tensor  # [n] keys each row adds this step
 
 
 def _capturing(query: torch.Tensor) -> bool:
@@ -255,8 +264,9 @@ class _PinnedRing:
 
 
 # The builder's per-row device fields, one int32 row each (_copy_routes): 0 modes, 1 prompt-table slots, 2 prompt
-# blocks, 3 blocks kept, 4 FlashAttention's rows, 5 step flags, 6 keys per head of token rows (decode_rule="tokens")
-ROUTE_FIELDS = 7
+# blocks, 3 blocks kept, 4 FlashAttention's rows, 5 step flags, 6 keys per head of token rows (decode_rule="tokens"),
+# 7 keys each row adds (the 4-bit key copy's encode)
+ROUTE_FIELDS = 8
 
 
 class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
@@ -410,12 +420,17 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
                 fa_md = self.fa.build(common_prefix_len, compat.with_seq_lens(cm, views.fa_seq_lens), fast_build)
         fa_all = self.fa_all.build(common_prefix_len, cm, fast_build) if self.fa_all is not None else None
         slots = _head(cm.slot_mapping, cm.num_actual_tokens)
+        num_new, max_new = None, 0
+        if self.settings.key_codes:  # (a step without the routes' copy is a prompt step: no graph replays it)
+            num_new = torch.diff(_head(cm.query_start_loc, n + 1)) if fa_only else views.num_new
+            max_new = max((plan.qsl[r + 1] - plan.qsl[r] for r in range(n)), default=0)
         return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
                            _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, fa_all=fa_all,
                            routes=views.routes,
                            keep=views.keep, tkeep=views.tkeep, run_tokens=run_tokens, run_fa=run_fa,
                            run_cab_decode=run_cab_decode,
-                           run_cab_prefill=run_cab_prefill, branches=self._branches)
+                           run_cab_prefill=run_cab_prefill, branches=self._branches, num_new=num_new,
+                           max_new=max_new)
 
     def _copy_routes(self, plan, n: int, d: int, fa_rows: list[int], run_fa: bool, run_cab_decode: bool) -> None:
         """Per-row routes -> one host-to-device copy into fixed buffers (rows past the batch: MODE_SKIP); the host
@@ -433,6 +448,9 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             h[2, :d] = plan.pblocks
             h[3, :d] = plan.keep
             h[6, :d] = plan.tkeep
+        if self.settings.key_codes:
+            q = plan.qsl
+            h[7, :n] = [q[r + 1] - q[r] for r in range(n)]
         if fa_rows:
             h[4, fa_rows] = 1  # the rows FlashAttention runs: the others get sequence length 0 there
         h[5, 0] = any(m in SELECTED_MODES for m in plan.modes)  # some row selects its own blocks
@@ -450,7 +468,7 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
             r = self._routes
             empty = r[0, :0]
             v = _StepViews(DecodeRoutes(r[0, :d], r[1, :d], empty, empty, r[2, :d], empty, empty, r[5, :1]),
-                           r[3, :d], r[6, :d], r[4, :n], self._fa_seq_lens[:n])
+                           r[3, :d], r[6, :d], r[4, :n], self._fa_seq_lens[:n], r[7, :n])
             self._views[(n, d)] = v
         return v
 
@@ -493,6 +511,10 @@ class CABImpl(AttentionImpl[CABMetadata]):
         self.workspace: DecodeWorkspace | None = None
         self.summaries: KeySummaries | None = None  # key-block summaries kept across a prompt's chunks
         self.token_scratch = None  # decode_rule="tokens" on CUDA: the token decode's buffers, shared by the layers
+        # CAB_TOKEN_SCORER=int4: the layer keeps its pages' 4-bit key copy current (a layer reading another's cache
+        # leaves it to that one)
+        self._encodes = self.settings.key_codes and kv_sharing_target_layer_name is None
+        self._codes: tuple | None = None  # (the cache tensor's identity, its KeyCodes views)
         self._traced = False
         self._dense: bool | None = None  # this layer attends densely (CAB_DENSE_LAYERS): known at its first step
         self._fa_prefill: FAPrefill | None = None  # how sparse prefill rows run (_prefill_launcher): None, CAB's kernel
@@ -565,6 +587,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
             METRICS["layers"] += 1
             trace("forward")
         md = attn_metadata
+        if self._encodes:
+            self._encode(kv_cache, md)
         if self._dense is None:
             self._dense = self.settings.cfg.dense_layer(compat.layer_index(layer.layer_name))
         if self._dense:  # every row attends densely in this layer: vLLM's FlashAttention, or the dense twin
@@ -591,6 +615,21 @@ class CABImpl(AttentionImpl[CABMetadata]):
             return output  # every row ran in FlashAttention: no CAB work at all (short requests, sparsity 0)
         return self._attend(query, kv_cache, md, output, decode_attention)
 
+    def _key_codes(self, kv_cache: torch.Tensor):
+        """The KeyCodes in this layer's cache pages (views made once per cache tensor)."""
+        ident = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.stride())
+        if self._codes is None or self._codes[0] != ident:
+            self._codes = (ident, compat.key_codes_view(kv_cache, self.head_size))
+        return self._codes[1]
+
+    def _encode(self, kv_cache: torch.Tensor, md: CABMetadata) -> None:
+        """Every layer, every step (whatever runs the rows): the key copy's groups that got this step's keys."""
+        from cab_vllm.ops.key_codes import encode_keys
+
+        key_cache, _ = compat.split_kv(kv_cache, self.head_size)
+        encode_keys(key_cache, self._key_codes(kv_cache), md.block_table, md.seq_lens, md.num_new,
+                    max_new=md.max_new, impl=self.settings.impl)
+
     def _attend(self, query: torch.Tensor, kv_cache: torch.Tensor, md: CABMetadata, output: torch.Tensor,
                 decode_attention: bool) -> torch.Tensor:
         """CAB's rows of the step (decode rows when decode_attention, sparse prefill rows when md says so)."""
@@ -605,7 +644,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
                self.settings.impl, table=self.table, routes=routes, keep=md.keep, workspace=self.workspace,
                skip_dense=self.fa is not None, decode_attention=decode_attention, prefills=md.run_cab_prefill,
                summaries=self.summaries, kernels=self.settings.kernels, fa_prefill=fa_prefill,
-               tokens=(md.tkeep, self.token_scratch) if md.run_tokens else None)
+               tokens=(md.tkeep, self.token_scratch) if md.run_tokens else None,
+               key_codes=(self._key_codes(kv_cache), self.settings.token_rerank) if self.settings.key_codes else None)
         return output
 
     def _prefill_launcher(self, dtype: torch.dtype, page_size: int) -> "FAPrefill | None":
@@ -728,7 +768,8 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
                     impl.settings.cfg, impl.workspace, page_size=_engine_page_size(impl._vcfg),
                     summaries=impl.summaries, kernels=impl.settings.kernels,
                     dense_threshold=impl.settings.dense_threshold,
-                    fa_prefill=impl._fa_prefill, token_scratch=impl.token_scratch)
+                    fa_prefill=impl._fa_prefill, token_scratch=impl.token_scratch,
+                    token_rerank=impl.settings.token_rerank if impl.settings.key_codes else None)
 
 
 def _engine_page_size(vcfg) -> int:

@@ -53,6 +53,8 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_DECODE_SPARSITY": ("decode_sparsity", float),
 }
 IMPLS = ("auto", "torch", "triton")
+TOKEN_SCORERS = ("exact", "int4")
+MAX_RERANK = 64  # (ops.token_decode.MAX_RERANK; plan.py imports no kernel module)
 REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
 
 
@@ -128,13 +130,18 @@ class EngineSettings:
     """Engine-wide defaults. cfg: the default CABConfig; dense_threshold: contexts of fewer tokens run dense;
     impl: 'auto' (Triton kernels on CUDA, PyTorch on CPU), 'torch' or 'triton' (CPU needs TRITON_INTERPRET=1);
     summary_slots: requests whose key-block summaries are kept across prompt chunks at once (0: none kept, every
-    chunk pools its whole context)."""
+    chunk pools its whole context). token_scorer (decode_rule="tokens" only): what ranks a token decode's keys,
+    "exact" (every key's exact score) or "int4" (a 4-bit copy of the keys kept in each cache page's tail, ops.key_codes,
+    whose token_rerank x budget best keys per head are rescored exactly: reads ~3/8 of the key bytes, not all;
+    the cache holds ~16% fewer tokens in the same memory at 16-bit)."""
 
     cfg: CABConfig = CABConfig()
     dense_threshold: int = 1024
     impl: str = "auto"
     summary_slots: int = 4
     kernels: KernelOptions = KernelOptions()
+    token_scorer: str = "exact"
+    token_rerank: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.dense_threshold, int) or self.dense_threshold < 0:
@@ -145,14 +152,27 @@ class EngineSettings:
             raise ValueError(f"impl={self.impl!r} is invalid: expected one of {IMPLS}")
         if not isinstance(self.kernels, KernelOptions):
             raise ValueError(f"kernels={self.kernels!r} is invalid: expected a KernelOptions")
+        if self.token_scorer not in TOKEN_SCORERS:
+            raise ValueError(f"token_scorer={self.token_scorer!r} is invalid: expected one of {TOKEN_SCORERS}")
+        if self.token_scorer != "exact" and self.cfg.decode_rule != "tokens":
+            raise ValueError(f"token_scorer={self.token_scorer!r} ranks the keys of the tokens decode rule: it needs "
+                             f"decode_rule='tokens', got {self.cfg.decode_rule!r}")
+        r = self.token_rerank
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RERANK:
+            raise ValueError(f"token_rerank={r!r} is invalid: expected an integer 1..{MAX_RERANK}")
+
+    @property
+    def key_codes(self) -> bool:
+        """Whether the engine keeps the 4-bit key copy in its cache pages (token_scorer="int4")."""
+        return self.token_scorer == "int4"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
         CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_ANSWER_BLOCKS, CAB_DENSE_LAYERS, CAB_DENSE_PREFILL, CAB_DECODE_SPARSITY,
-        CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, and the kernel choices
-        of KernelOptions.from_env); unset ones keep the defaults. A bad value raises ValueError naming the
+        CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, CAB_TOKEN_SCORER, CAB_TOKEN_RERANK, and the kernel
+        choices of KernelOptions.from_env); unset ones keep the defaults. A bad value raises ValueError naming the
         variable."""
         env = os.environ if environ is None else environ
         changes: dict[str, object] = {}
@@ -180,7 +200,16 @@ class EngineSettings:
         if impl not in IMPLS:
             raise ValueError(f"CAB_IMPL={impl!r} is invalid: expected one of {IMPLS}")
         slots = _count_from_env(env, "CAB_SUMMARY_SLOTS", cls.summary_slots)
-        return cls(cfg, thr, impl, slots, KernelOptions.from_env(env))
+        scorer = env.get("CAB_TOKEN_SCORER", "").strip() or cls.token_scorer
+        rerank = _count_from_env(env, "CAB_TOKEN_RERANK", cls.token_rerank)
+        try:
+            return cls(cfg, thr, impl, slots, KernelOptions.from_env(env), scorer, rerank)
+        except ValueError as e:
+            var = {"token_scorer": "CAB_TOKEN_SCORER", "token_rerank": "CAB_TOKEN_RERANK"}
+            field = next((f for f in var if str(e).startswith(f"{f}=")), None)
+            if field is None:
+                raise
+            raise ValueError(f"{var[field]}: {e}") from None
 
 
 def _count_from_env(env: Mapping[str, str], var: str, default: int) -> int:

@@ -23,10 +23,13 @@ logger = logging.getLogger(__name__)
 def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device,
                     cfg: CABConfig, workspace: DecodeWorkspace, page_size: int = 16, n: int = 2048,
                     summaries: KeySummaries | None = None, kernels: KernelOptions | None = None,
-                    dense_threshold: int = 0, fa_prefill=None, token_scratch=None) -> dict[str, float]:
+                    dense_threshold: int = 0, fa_prefill=None, token_scratch=None,
+                    token_rerank: int | None = None) -> dict[str, float]:
     """kernels: the engine's KernelOptions, so the variants compiled here are the ones its steps launch;
     token_scratch: the engine's TokenScratch when its decode rule is "tokens" (the decode steps below then run the
-    token decode on it: cfg's rule applies to every decode step of an estimating policy);
+    token decode on it: cfg's rule applies to every decode step of an estimating policy); token_rerank: the
+    engine's EngineSettings.token_rerank when it keeps the 4-bit key copy (every step below then encodes its keys,
+    and the token decode ranks by the copy), else None;
     fa_prefill: the layer's (varlen, version) when its sparse prefill rows run in vLLM's FlashAttention (no Triton
     prefill kernel to compile then).
     dense_threshold: the engine's (EngineSettings.dense_threshold): contexts below it run dense, so the per-row
@@ -54,6 +57,11 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
     kvt = kv.transpose(1, 2)
     key_cache, value_cache = kvt[..., :head_size], kvt[..., head_size:]
     bt = torch.arange(1, pages, dtype=torch.int32, device=device)[None]
+    codes = None
+    if token_rerank is not None:
+        from cab_vllm.ops.key_codes import encode_keys, key_codes
+
+        codes = key_codes(pages, page_size, num_kv_heads, head_size, device)
     slots = PromptSlots(2)
     kept = SummarySlots(1) if summaries is not None else None  # a prompt's later chunk pools only its own blocks
     table = PromptTable(2, num_kv_heads, workspace.max_blocks, device)
@@ -66,6 +74,9 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
         pos = torch.arange(a, b, device=device)
         sm = bt[0].long()[pos // page_size] * page_size + pos % page_size
         write_kv(k, k, key_cache, value_cache, sm)
+        if codes is not None:
+            encode_keys(key_cache, codes, bt, torch.tensor([b], dtype=torch.int32, device=device),
+                        torch.tensor([b - a], dtype=torch.int32, device=device), max_new=b - a)
         plan = plan_batch([0, b - a], [b], [c], 0, count=False, req_ids=["warm"], live=frozenset({"warm"}),
                           prompt_lens=[prompt_len])
         route_rows(plan, slots, fa_dense=False, summaries=kept)
@@ -75,7 +86,7 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
             tokens = (torch.tensor(plan.tkeep, dtype=torch.int32, device=device), token_scratch)
         attend(q, key_cache, value_cache, bt, torch.tensor([b], dtype=torch.int32, device=device), plan, scale, out,
                table=table, workspace=workspace, summaries=summaries, kernels=opts, fa_prefill=fa_prefill,
-               tokens=tokens)
+               tokens=tokens, key_codes=(codes, token_rerank) if codes is not None else None)
 
     # two prompts in two chunks each, one with lengths that are multiples of 16 and one without (Triton compiles
     # the two apart); the final chunk stores the prompt selection, then a decode step reads it (the prompt rule)

@@ -59,6 +59,32 @@ def bytes_per_token(num_kv_heads: int, head_dim: int) -> int:
     return num_kv_heads * (head_dim // 2 + 4 * head_dim // GROUP)
 
 
+def page_tail_bytes(page_size: int, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes of the copy for one cache page: its codes [page_size, Hkv, D / 2] uint8, then its bounds [page_size,
+    Hkv, 2D / GROUP] float16 (a multiple of 16 bytes: page_size is a multiple of GROUP)."""
+    _check_geometry(page_size, head_dim)
+    return page_size * bytes_per_token(num_kv_heads, head_dim)
+
+
+def codes_in_pages(storage: torch.Tensor, num_pages: int, page_stride: int, offset: int, page_size: int,
+                   num_kv_heads: int, head_dim: int) -> KeyCodes:
+    """KeyCodes views of copies laid out as page_tail_bytes describes, page p's at byte offset + p * page_stride of
+    ``storage`` (a uint8 tensor over the whole buffer, e.g. a KV cache's bytes)."""
+    _check_geometry(page_size, head_dim)
+    h, w = head_dim // 2, 2 * head_dim // GROUP
+    check(storage.dtype == torch.uint8 and storage.dim() == 1, "storage must be a flat uint8 tensor")
+    check(page_stride % 2 == 0 and offset % 2 == 0, f"page stride {page_stride} and offset {offset} must be even")
+    check(offset + (num_pages - 1) * page_stride + page_tail_bytes(page_size, num_kv_heads, head_dim)
+          <= storage.numel(), "the pages' copies run past the storage")
+    codes = torch.as_strided(storage, (num_pages, page_size, num_kv_heads, h), (page_stride, num_kv_heads * h, h, 1),
+                             offset)
+    half = storage.view(torch.float16) if storage.numel() % 2 == 0 else storage[:-1].view(torch.float16)
+    b0 = offset + page_size * num_kv_heads * h
+    bounds = torch.as_strided(half, (num_pages, page_size, num_kv_heads, w),
+                              (page_stride // 2, num_kv_heads * w, w, 1), b0 // 2)
+    return KeyCodes(codes, bounds)
+
+
 def check_codes(key_cache: torch.Tensor, kc: KeyCodes) -> None:
     """The copy's shapes, dtypes and device against a [num_pages, page_size, Hkv, D] key cache."""
     pages, page, hkv, d = key_cache.shape

@@ -23,7 +23,7 @@ class PagedSim:
     """
 
     def __init__(self, q, k, v, page_size: int, cfg: CABConfig, seed: int = 0, extra_pages: int = 5,
-                 summary_slots: int = 0):
+                 summary_slots: int = 0, token_rerank: int | None = None):
         self.q, self.k, self.v = q, k, v
         self.page_size, self.cfg = page_size, cfg
         hkv, d = k[0].shape[0], k[0].shape[-1]
@@ -38,7 +38,19 @@ class PagedSim:
             self.block_table[s, :p] = torch.tensor(ids[off: off + p], dtype=torch.int32)
             off += p
         self.block_table = self.block_table.to(dev)
-        self.kv = torch.full((total, hkv, page_size, 2 * d), float("nan"), dtype=dtype, device=dev)
+        # token_rerank (CAB_TOKEN_SCORER=int4): each page ends with the 4-bit key copy, as the engine's padded pages
+        self.token_rerank, self.codes = token_rerank, None
+        page_elems = hkv * page_size * 2 * d
+        if token_rerank is not None:
+            from cab_vllm.ops.key_codes import page_tail_bytes
+
+            page_elems += page_tail_bytes(page_size, hkv, d) * 8 // torch.finfo(dtype).bits
+        flat = torch.full((total * page_elems,), float("nan"), dtype=dtype, device=dev)
+        self.kv = flat.as_strided((total, hkv, page_size, 2 * d), (page_elems, page_size * 2 * d, 2 * d, 1))
+        if token_rerank is not None:
+            from cab_vllm.backend.compat import key_codes_view
+
+            self.codes = key_codes_view(self.kv, d)
         kv = self.kv.transpose(1, 2)
         self.key_cache, self.value_cache = kv[..., :d], kv[..., d:]
         self.done = [0] * len(k)  # tokens already in the cache per sequence
@@ -76,17 +88,23 @@ class PagedSim:
         write_kv(k, v, self.key_cache, self.value_cache, slot_mapping)
         qsl_t = torch.tensor(qsl, dtype=torch.int32)
         sl_t = torch.tensor(sl, dtype=torch.int32)
+        bt = self.block_table[torch.tensor([s for s, _ in rows], device=dev)]
+        if self.codes is not None:  # every step, as the engine's layers do
+            from cab_vllm.ops.key_codes import encode_keys
+
+            encode_keys(self.key_cache, self.codes, bt, sl_t.to(dev), torch.diff(qsl_t).to(dev, torch.int32),
+                        impl=impl)
         cfgs = cfgs or [self.cfg] * len(rows)
         live = frozenset(f"req-{s}" for s in range(len(self.k)) if s not in getattr(self, "finished", ()))
         plan = plan_batch(qsl_t, sl_t, cfgs, dense_threshold, count=False, req_ids=[f"req-{s}" for s, _ in rows],
                           live=live, prompt_lens=[self.prompt_lens.get(s) for s, _ in rows])
         route_rows(plan, self.prompt_slots, fa_dense=False, summaries=self.summary_slots)
-        bt = self.block_table[torch.tensor([s for s, _ in rows], device=dev)]
         out = torch.full((q.shape[0], hq, d), float("nan"), dtype=q.dtype, device=dev)
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         record: dict = {}
         attend(q, self.key_cache, self.value_cache, bt, sl_t.to(dev), plan, scale, out, impl, record=record,
-               table=self.table, summaries=self.summaries, fa_prefill=fa_prefill)
+               table=self.table, summaries=self.summaries, fa_prefill=fa_prefill,
+               key_codes=(self.codes, self.token_rerank) if self.codes is not None else None)
         return out, dict(query_start_loc=qsl_t, seq_lens=sl_t, block_table=bt, slot_mapping=slot_mapping, plan=plan,
                          rows=rows, **record)
 

@@ -19,6 +19,26 @@ import sys
 import time
 
 
+def key_code_pages(kv_cache, spec) -> int:
+    """Pages of one layer's cache whose 4-bit key copy (CAB_TOKEN_SCORER=int4, in each page's tail) equals a fresh
+    encode of the page's keys, taken as a full page (the pages a finished prompt filled)."""
+    import torch
+
+    from cab_vllm.backend import compat
+    from cab_vllm.ops import key_codes as kq
+
+    stored = compat.key_codes_view(kv_cache, spec.head_size)
+    key_cache, _ = compat.split_kv(kv_cache, spec.head_size)
+    pages, page = key_cache.shape[0], key_cache.shape[1]
+    fresh = kq.key_codes(pages, page, key_cache.shape[2], spec.head_size, "cpu")
+    bt = torch.arange(pages, dtype=torch.int32)[:, None]
+    full = torch.full((pages,), page, dtype=torch.int32)
+    kq.encode_keys(key_cache, fresh, bt, full, full, impl="torch")
+    same = [torch.equal(stored.codes[p], fresh.codes[p]) and torch.equal(stored.bounds[p], fresh.bounds[p])
+            for p in range(pages)]
+    return sum(same)
+
+
 def main(job_path: str, out_path: str) -> None:
     job = json.load(open(job_path))
     from vllm import LLM, SamplingParams
@@ -73,6 +93,12 @@ def main(job_path: str, out_path: str) -> None:
         runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
         info["backends"] = sorted({f"{g.backend.__module__}.{g.backend.__name__}" for gs in runner.attn_groups
                                    for g in gs})
+        kcc = getattr(runner, "kv_cache_config", None)
+        if kcc is not None:  # what vLLM sized the cache by: bytes per page, pages
+            info["kv_page_bytes"] = int(kcc.kv_cache_groups[0].kv_cache_spec.page_size_bytes)
+            info["kv_num_blocks"] = int(kcc.num_blocks)
+        if job.get("check_key_codes"):
+            info["key_code_pages"] = key_code_pages(runner.kv_caches[0], kcc.kv_cache_groups[0].kv_cache_spec)
         from cab_vllm.backend.plan import METRICS
         from cab_vllm.backend.stats import STATS
 

