@@ -334,19 +334,13 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
 
 def quantize_keys_channel(k: torch.Tensor, bits: int, group: int = CHANNEL_GROUP) -> torch.Tensor:
     """k [..., N, D] rounded to ``bits``-bit unsigned integers per channel: each channel's minimum and range over
-    groups of ``group`` consecutive tokens (the last group may be short), 2^bits - 1 steps between them (KIVI's key
-    quantization; post-RoPE keys have outlier channels that a per-token scale lets swamp the others), dequantized ->
-    float32 of k's shape."""
-    n = k.shape[-2]
-    pad = (-n) % group
-    kg = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).unflatten(-2, ((n + pad) // group, group))
-    valid = (torch.arange(n + pad, device=k.device) < n).view((n + pad) // group, group, 1)
-    lo = torch.where(valid, kg, float("inf")).amin(-2, keepdim=True)
-    hi = torch.where(valid, kg, float("-inf")).amax(-2, keepdim=True)
-    levels = 2 ** bits - 1
-    step = (hi - lo).clamp(min=1e-12) / levels
-    out = ((kg - lo) / step).round().clamp(0, levels) * step + lo
-    return out.flatten(-3, -2)[..., :n, :]
+    groups of ``group`` consecutive tokens (the last group may be short), 2^bits - 1 steps between them, minimum
+    and step held as float16 (KIVI's key quantization; post-RoPE keys have outlier channels that a per-token scale
+    lets swamp the others), dequantized -> float32 of k's shape. The engine's 4-bit copy rounds the same way
+    (ops.key_codes.round_keys: one rule for both)."""
+    from cab_vllm.ops.key_codes import round_keys
+
+    return round_keys(k, bits, group)
 
 
 def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | None = None):

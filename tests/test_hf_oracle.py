@@ -367,8 +367,11 @@ def test_dense_prefill_and_token_decode_in_the_adapter():
 @pytest.mark.parametrize("n, bits, group", [(37, 4, 16), (16, 2, 16), (5, 8, 4)])
 def test_quantize_keys_channel_by_loops(n, bits, group):
     """Per channel and group of tokens (the last one short): the minimum plus a whole number of 2^bits - 1 steps of
-    the group's range, the nearest to the key (within half a step); a channel constant over a group comes back exact;
-    an outlier channel does not coarsen the others (it has its own range)."""
+    the group's range (both held as float16, the step at least 2^-14), the nearest to the key (within half a step
+    and the minimum's float16 rounding); a channel constant over a group comes back within that rounding; an outlier
+    channel does not coarsen the others (it has its own range). The engine's 4-bit copy reads back the same."""
+    from cab_vllm.ops import key_codes as kq
+
     torch.manual_seed(n + bits)
     k = torch.randn(2, 3, n, 8)
     k[..., 5] *= 100.0  # an outlier channel
@@ -379,13 +382,23 @@ def test_quantize_keys_channel_by_loops(n, bits, group):
     for g0 in range(0, n, group):
         seg = k[..., g0:g0 + group, :]
         lo, hi = seg.amin(-2, keepdim=True), seg.amax(-2, keepdim=True)
-        step = (hi - lo).clamp(min=1e-12) / levels
-        want = ((seg - lo) / step).round().clamp(0, levels) * step + lo
+        lo16 = lo.half().float()
+        step = ((hi - lo) / levels).clamp(min=2 ** -14).half().float()
+        want = torch.floor((seg - lo16) / step + 0.5).clamp(0, levels) * step + lo16
         torch.testing.assert_close(got[..., g0:g0 + group, :], want)
-        assert bool(((got[..., g0:g0 + group, :] - seg).abs() <= step / 2 + 1e-5).all())
-    torch.testing.assert_close(got[0, 0, :, 2], k[0, 0, :, 2])
+        assert bool(((got[..., g0:g0 + group, :] - seg).abs() <= step / 2 + lo.abs() * 2 ** -11 + 1e-6).all())
+    torch.testing.assert_close(got[0, 0, :, 2], k[0, 0, :, 2], atol=0.7 * 2 ** -11, rtol=0)
     err = (got - k).abs()
     assert err[..., :5].max() < err[..., 5].max() / 20  # the other channels keep their own, finer steps
+    if bits == 4 and group == kq.GROUP:  # the engine's copy of the same keys, in 16-token pages
+        pages = -(-n // 16)
+        cache = torch.zeros(pages * 16, 3, 8)
+        cache[:n] = k[1].transpose(0, 1)
+        codes = kq.key_codes(pages, 16, 3, 8, "cpu")
+        bt = torch.arange(pages, dtype=torch.int32)[None]
+        ln = torch.tensor([n], dtype=torch.int32)
+        kq.encode_keys(cache.view(pages, 16, 3, 8), codes, bt, ln, ln, impl="torch")
+        assert torch.equal(kq.dequantize(codes, bt[0], n), got[1])
 
 
 def test_intc_estimate_ranks_by_the_channel_quantized_keys():

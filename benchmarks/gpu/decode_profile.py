@@ -20,6 +20,9 @@ and, for comparison, the plain split-K kernel on the same blocks (ops.decode.pag
 no selection role) and dense decode through the same kernel (every block); and the token decode of
 decode_rule="tokens" (ops.token_decode, every row keeping CABConfig.decode_tokens keys per head: tokens; its first
 launch alone, the exact logits of every key: tok_logits; with the counting and threshold launches: tok_select;
+the same with the 4-bit key copy ranking the keys (CAB_TOKEN_SCORER=int4, ops.key_codes; rerank x keep candidates
+rescored exactly, --tok RERANK=1,2,4): tok4, its first launch (every key's estimate) tok4_logits, up to the final
+thresholds (with the rescoring) tok4_select, and the copy's encode of a decode step's new key per row: tok4_encode);
 --tok NAME=v1,v2 (repeatable) times each value of ops.token_decode's constant NAME, one of TOKEN_KNOBS: keys per
 logits program, tiles per attention split, the attention's steps, warps per launch).
 Prints microseconds per step. By
@@ -101,7 +104,7 @@ def kept_blocks(m: int, keep: int, gen: torch.Generator) -> list[int]:
 
 
 COLUMNS = ("prompt", "bounds", "skip", "all", "prompt1", "bounds1", "skip1", "all1", "plain", "dense", "tokens",
-           "tok_logits", "tok_select")
+           "tok_logits", "tok_select", "tok4", "tok4_logits", "tok4_select", "tok4_encode")
 
 
 def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int | None = None,
@@ -193,7 +196,21 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         return lambda: td.token_decode(q, kc, vc, bt, sl, tkeep, 1 / math.sqrt(D), out, scratch=tscratch,
                                        impl="triton", stages=stages)
 
-    runs.update({"tokens": lambda: tokens(3), "tok_logits": lambda: tokens(1), "tok_select": lambda: tokens(2)})
+    codes = None
+    if any(c.startswith("tok4") for c in columns):
+        from cab_vllm.ops.key_codes import encode_keys, key_codes
+
+        codes = key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], dev)
+        encode_keys(kc, codes, bt, sl, sl)
+    one = torch.ones_like(sl)
+
+    def tokens4(stages: int):
+        return lambda: td.token_decode(q, kc, vc, bt, sl, tkeep, 1 / math.sqrt(D), out, scratch=tscratch,
+                                       impl="triton", stages=stages, codes=codes, rerank=td.RERANK)
+
+    runs.update({"tokens": lambda: tokens(3), "tok_logits": lambda: tokens(1), "tok_select": lambda: tokens(2),
+                 "tok4": lambda: tokens4(3), "tok4_logits": lambda: tokens4(1), "tok4_select": lambda: tokens4(2),
+                 "tok4_encode": lambda: lambda: encode_keys(kc, codes, bt, sl, one, max_new=1)})
     for c in COLUMNS:  # a column not asked for is None
         res[f"{c}_us"] = timer(runs[c]()) if c in columns else None
     return res
@@ -257,7 +274,7 @@ def compiled_resources() -> list[str]:
 
 
 TOKEN_KNOBS = ("CHUNK", "COUNT_CHUNK", "TILES_PER_SPLIT", "MAX_SPLITS", "ATTEND_TILE", "SCAN_TILE", "MERGE_SPLITS",
-               "LOGITS_TILE", "LOGITS_WARPS", "LOGITS_STAGES", "ATTEND_WARPS", "COUNT_ATOMIC")
+               "LOGITS_TILE", "LOGITS_WARPS", "LOGITS_STAGES", "ATTEND_WARPS", "COUNT_ATOMIC", "RERANK")
 
 
 def token_knob_variants(specs: list[str]) -> list[dict]:

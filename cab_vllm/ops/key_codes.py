@@ -100,15 +100,29 @@ def check_codes(key_cache: torch.Tensor, kc: KeyCodes) -> None:
           "the key copy must be on the key cache's device")
 
 
-def _quantize(k: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One group per leading index: k [..., GROUP, D] float32, valid [..., GROUP, 1] -> codes [..., GROUP, D] uint8
-    (0 where not valid), minimum and step [..., D] (float16 values, as float32)."""
+def _quantize(k: torch.Tensor, valid: torch.Tensor, levels: int = LEVELS
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One group per leading index: k [..., G, D] float32, valid [..., G, 1] -> codes [..., G, D] uint8 (0 where
+    not valid), minimum and step [..., D] (float16 values, as float32)."""
     lo = torch.where(valid, k, float("inf")).amin(-2)
     hi = torch.where(valid, k, float("-inf")).amax(-2)
     lo16 = lo.half().float()
-    step = torch.clamp((hi - lo) / LEVELS, min=MIN_STEP).half().float()
-    code = torch.clamp(torch.floor((k - lo16[..., None, :]) / step[..., None, :] + 0.5), 0, LEVELS)
+    step = torch.clamp((hi - lo) / levels, min=MIN_STEP).half().float()
+    code = torch.clamp(torch.floor((k - lo16[..., None, :]) / step[..., None, :] + 0.5), 0, levels)
     return torch.where(valid, code, 0.0).to(torch.uint8), lo16, step
+
+
+def round_keys(k: torch.Tensor, bits: int = 4, group: int = GROUP) -> torch.Tensor:
+    """Keys k [..., N, D] as a copy of ``bits`` bits per channel reads them back (this module's rounding: each
+    channel's range over groups of ``group`` consecutive tokens, the last possibly short; 4 bits and GROUP: what the
+    engine's copy holds) -> float32 of k's shape. The transformers adapter's "intcB" selectors."""
+    check(1 <= bits <= 8 and group >= 1, f"bits={bits} must be 1..8 and group={group} >= 1")
+    n = k.shape[-2]
+    pad = (-n) % group
+    kg = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).unflatten(-2, ((n + pad) // group, group))
+    valid = (torch.arange(n + pad, device=k.device) < n).view((n + pad) // group, group, 1)
+    code, lo, step = _quantize(kg, valid, 2 ** bits - 1)
+    return (lo[..., None, :] + step[..., None, :] * code.float()).flatten(-3, -2)[..., :n, :]
 
 
 def _pack(code: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ class FakeFA:
 def _impl(monkeypatch, calls):
     impl = object.__new__(backend.CABImpl)
     impl.fa, impl._traced, impl.head_size, impl.num_heads, impl._dense = FakeFA(), True, 8, 2, False
+    impl._encodes, impl._codes = False, None  # (CAB_TOKEN_SCORER=int4 off)
     impl._fa_prefill, impl._fa_prefill_key = None, (torch.float32, 1)  # CAB's Triton kernel, decided for this cache
     cache = torch.zeros(1, 1, 1, 8)
     monkeypatch.setattr(backend.compat, "split_kv", lambda *a: calls.append("split_kv") or (cache, cache))
@@ -46,6 +47,20 @@ def test_an_all_dense_step_does_no_cab_work_after_flash_attention(monkeypatch):
     q = torch.zeros(1, 16)
     out = impl.forward(None, q, q, q, torch.zeros(1), _md(run_fa=True), torch.zeros(1, 16))
     assert impl.fa.calls == 1 and calls == [] and bool((out == 1).all())
+
+
+@pytest.mark.parametrize("dense_layer", [False, True], ids=["sparse-layer", "dense-layer"])
+def test_the_key_copy_is_encoded_in_every_step_whatever_runs_it(monkeypatch, dense_layer):
+    """CAB_TOKEN_SCORER=int4: a step whose rows all run in FlashAttention (a dense prompt, a short request that may
+    later grow past the dense threshold) and the layers CAB_DENSE_LAYERS keeps dense still encode their new keys
+    first: a later token decode ranks every key by the copy."""
+    calls = []
+    impl = _impl(monkeypatch, calls)
+    impl._encodes, impl._dense = True, dense_layer
+    monkeypatch.setattr(backend.CABImpl, "_encode", lambda self, kv, md: calls.append("encode"))
+    q = torch.zeros(1, 16)
+    impl.forward(None, q, q, q, torch.zeros(1), _md(run_fa=True, fa_all=object()), torch.zeros(1, 16))
+    assert calls == ["encode"] and impl.fa.calls == 1
 
 
 @pytest.mark.parametrize("flags", [dict(run_fa=True, run_cab_prefill=True), dict(run_cab_decode=True)],
