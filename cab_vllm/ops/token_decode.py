@@ -29,9 +29,15 @@ no program scans a whole row (one program per head that scans it several times, 
 few SMs), and the histograms have 128 buckets (Triton builds tl.histogram from warp ballots, whose cost per key grows
 with the bucket count). Each launch is bound by memory latency unless many programs are in flight. Reading every key
 is this rule's floor: box bounds of key blocks rule out no block of a KV group on a real model
-(experiments/RESULTS.md, "Block bounds do not let an exact token decode skip keys"). A cheaper scorer (a compressed
-or dimension-major copy of K) would replace launch 1; the rest stays. (A fixed subset of each key's dimensions is no
-such scorer: experiments/RESULTS.md, "Fixed dimensions do not rank keys".)
+(experiments/RESULTS.md, "Block bounds do not let an exact token decode skip keys"). (A fixed subset of each key's
+dimensions is no cheaper scorer either: experiments/RESULTS.md, "Fixed dimensions do not rank keys".)
+
+With a 4-bit copy of K (codes=, ops.key_codes: 3/8 of a bf16 key's bytes) launch 1 scores every key by the copy
+instead, launches 2-4 pick each head's rerank x keep best by that estimate (its candidates), and a rescoring launch,
+one program per (row, KV head, chunk), compacts the chunk's candidates into a list (the -inf of the others written
+over their estimates), reads those keys from the cache and writes their exact logits, with the chunk's maxima and
+first counts; launches 2-4 then run again on the exact logits for keep, and the attention is unchanged (every key
+it can keep is a candidate: the rest are -inf).
 
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
 with keep 0 return at once and are not written. Twin: token_decode_torch (the same rule in PyTorch: the CPU path and
