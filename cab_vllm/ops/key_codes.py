@@ -208,6 +208,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from cab_vllm.ops._triton import paged_coords
+
     @triton.jit
     def _round_group(k, valid, LEVELS_T: tl.constexpr, MIN_STEP_T: tl.constexpr):
         """k [GROUP, H] float32 of one group (rows valid) -> codes (int32, 0 where not valid), minimum, step [H]
@@ -268,18 +270,41 @@ if HAS_TRITON:
         return page * stride_bpage + (slot0 + f // w) * stride_bpos + kvh * stride_bh + f % w
 
     @triton.jit
-    def dequant_tile(c_ptr, b_ptr, page, slot, kvh, d, mask, stride_cpage, stride_cpos, stride_ch, stride_bpage,
-                     stride_bpos, stride_bh, HALF: tl.constexpr, GROUP_T: tl.constexpr):
-        """Keys at (page, slot) [T] of KV head kvh as the copy reads them back: [T, BLOCK_D] float32 (channels d;
-        mask [T, BLOCK_D])."""
-        hi = (d >= HALF).to(tl.int32)
-        e = d - hi * HALF
-        byte = tl.load(c_ptr + (page * stride_cpage + (slot * stride_cpos + kvh * stride_ch))[:, None] + e[None, :],
-                       mask=mask, other=0).to(tl.int32)
-        code = ((byte >> (hi * 4)[None, :]) & 15).to(tl.float32)
-        slot0 = (slot // GROUP_T * GROUP_T)[:, None]
-        lo = tl.load(b_ptr + _bound_offsets(page[:, None], slot0, kvh, d[None, :], stride_bpage, stride_bpos,
-                                            stride_bh, HALF, GROUP_T), mask=mask, other=0.0).to(tl.float32)
-        step = tl.load(b_ptr + _bound_offsets(page[:, None], slot0, kvh, d[None, :] + 2 * HALF, stride_bpage,
-                                              stride_bpos, stride_bh, HALF, GROUP_T), mask=mask, other=0.0)
-        return lo + step.to(tl.float32) * code
+    def dequant_halves(c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, e, e_ok, stride_cpage, stride_cpos, stride_ch,
+                       stride_bpage, stride_bpos, stride_bh, TILE_T: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                       HALF: tl.constexpr, GROUP_T: tl.constexpr, DT: tl.constexpr):
+        """Keys p0 .. p0 + TILE_T - 1 of row s (p0 a multiple of GROUP_T), KV head kvh, as the copy reads them back,
+        in two halves of the head dim: channels e and HALF + e ([TILE_T, BLOCK_H] each, in DT; 0 past n). A byte of
+        codes holds one channel of each half, so each half is a tile of its own (a dot per half); the bounds are read
+        once per group of GROUP_T keys and broadcast over its keys."""
+        pos = p0 + tl.arange(0, TILE_T)
+        ok = pos < n
+        page, slot = paged_coords(bt_ptr, stride_bt, s, pos, ok, PAGE_SIZE)
+        mask = ok[:, None] & e_ok[None, :]
+        byte = tl.load(c_ptr + (page * stride_cpage + (slot.to(tl.int32) * stride_cpos + kvh * stride_ch))[:, None]
+                       + e[None, :], mask=mask, other=0)
+        ng: tl.constexpr = TILE_T // GROUP_T
+        gpos = p0 + tl.arange(0, ng) * GROUP_T
+        g_ok = gpos < n
+        gpage, gslot = paged_coords(bt_ptr, stride_bt, s, gpos, g_ok, PAGE_SIZE)
+        w: tl.constexpr = 4 * HALF // GROUP_T  # bounds per slot; a half's minima fill HALF / w slots
+        q_slots: tl.constexpr = HALF // w
+        base = (gpage * stride_bpage + (gslot.to(tl.int32) * stride_bpos + kvh * stride_bh))[:, None] \
+            + (e // w * stride_bpos + e % w)[None, :]
+        gm = g_ok[:, None] & e_ok[None, :]
+        step = q_slots * stride_bpos  # minima of the two halves, then steps
+        lo_lo = _per_key(tl.load(b_ptr + base, mask=gm, other=0.0).to(DT), ng, GROUP_T)
+        lo_hi = _per_key(tl.load(b_ptr + base + step, mask=gm, other=0.0).to(DT), ng, GROUP_T)
+        st_lo = _per_key(tl.load(b_ptr + base + 2 * step, mask=gm, other=0.0).to(DT), ng, GROUP_T)
+        st_hi = _per_key(tl.load(b_ptr + base + 3 * step, mask=gm, other=0.0).to(DT), ng, GROUP_T)
+        if DT == tl.float16:  # 1024 + code is exact in float16: its bits are 0x6400 | code (no int-to-float)
+            c_lo = ((byte & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+            c_hi = ((byte >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        else:
+            c_lo, c_hi = (byte & 15).to(DT), (byte >> 4).to(DT)
+        return lo_lo + st_lo * c_lo, lo_hi + st_hi * c_hi
+
+    @triton.jit
+    def _per_key(b, NG: tl.constexpr, GROUP_T: tl.constexpr):
+        """A group's row [NG, H] repeated for each of its GROUP_T keys: [NG * GROUP_T, H]."""
+        return tl.reshape(tl.broadcast_to(b[:, None, :], [NG, GROUP_T, b.shape[1]]), [NG * GROUP_T, b.shape[1]])

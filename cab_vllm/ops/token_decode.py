@@ -242,7 +242,7 @@ if HAS_TRITON:
 
     from cab_vllm.ops._triton import paged_coords
     from cab_vllm.ops.decode import MERGE_SPLITS, _block_offsets, _merge_group, merge_tile
-    from cab_vllm.ops.key_codes import dequant_tile
+    from cab_vllm.ops.key_codes import dequant_halves
     from cab_vllm.ops.select import _group_query
 
     @triton.jit
@@ -286,7 +286,7 @@ if HAS_TRITON:
                        stride_ls, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
                        SCAN_G: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, RTILE: tl.constexpr,
                        PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, CODES: tl.constexpr,
-                       CGROUP: tl.constexpr):
+                       CGROUP: tl.constexpr, BLOCK_H: tl.constexpr, EST_DT: tl.constexpr):
         """Base-2 logits of the group's queries against the keys of one chunk of one row (CODES: against the keys
         the 4-bit copy reads back as, ops.key_codes), each head's largest logit over the chunk into cm [rows, Hq,
         chunks], and (rows that keep fewer keys than they have) each head's first counting pass over the chunk
@@ -298,6 +298,13 @@ if HAS_TRITON:
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
             q = q.to(k_ptr.dtype.element_ty)
             g = tl.arange(0, GROUP_PAD)
+            if CODES:  # the queries' two halves (what each byte of codes holds one channel of)
+                e = tl.arange(0, BLOCK_H)
+                e_ok = e < HEAD_DIM // 2
+                qrow = q_ptr + s * stride_qs + (kvh * group + g)[:, None] * stride_qh + e[None, :]
+                qm = g_ok[:, None] & e_ok[None, :]
+                q_lo = tl.load(qrow, mask=qm, other=0.0).to(EST_DT)
+                q_hi = tl.load(qrow + HEAD_DIM // 2, mask=qm, other=0.0).to(EST_DT)
             heads = kvh * group + g
             row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
             m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
@@ -305,16 +312,16 @@ if HAS_TRITON:
             for p0 in range(t0, t1, TILE_T):
                 pos = p0 + tl.arange(0, TILE_T)
                 k_ok = pos < n
-                if CODES:
-                    page, slot = paged_coords(bt_ptr, stride_bt, s, pos, k_ok, PAGE_SIZE)
-                    k = dequant_tile(c_ptr, b_ptr, page, slot.to(tl.int32), kvh, d, k_ok[:, None] & d_ok[None, :],
-                                     stride_cpage, stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh,
-                                     HEAD_DIM // 2, CGROUP).to(k_ptr.dtype.element_ty)
+                if CODES:  # the copy's keys, a dot per half of the head dim
+                    k_lo, k_hi = dequant_halves(c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, e, e_ok, stride_cpage,
+                                                stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh, TILE_T,
+                                                PAGE_SIZE, HEAD_DIM // 2, CGROUP, EST_DT)
+                    z = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * scale_log2
                 else:
                     off = _block_offsets(bt_ptr, stride_bt, s, p0 // TILE_T, k_ok, kvh, stride_kpage, stride_kpos,
                                          stride_kh, d, TILE_T, PAGE_SIZE)
                     k = tl.load(k_ptr + off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                z = tl.dot(q, tl.trans(k)) * scale_log2
+                    z = tl.dot(q, tl.trans(k)) * scale_log2
                 live = g_ok[:, None] & k_ok[None, :]
                 tl.store(row + pos[None, :], z, mask=live)
                 m = tl.maximum(m, tl.max(tl.where(live, z, float("-inf")), 1))
@@ -664,7 +671,9 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), *cstr,
             bt.stride(0), lg.stride(0), lg.stride(1), HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg,
             CHUNK_T=CHUNK, TILE_T=min(LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps,
-            CODES=codes is not None, CGROUP=CODE_GROUP, num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES)
+            CODES=codes is not None, CGROUP=CODE_GROUP, BLOCK_H=max(16, next_pow2(d // 2)),
+            EST_DT=tl.float32 if key_cache.dtype == torch.float32 else tl.float16, num_warps=LOGITS_WARPS,
+            num_stages=LOGITS_STAGES)
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,

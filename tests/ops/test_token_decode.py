@@ -398,6 +398,18 @@ def test_codes_launch_steps_and_chunks_without_candidates(monkeypatch, chunk, sc
     assert torch.allclose(o0, o1, atol=1e-5)
 
 
+@TRITON
+def test_codes_fp16_cache():
+    """A half-precision cache: the kernel's estimate in float16 (codes made float16 by their bits, 0x6400 | code,
+    less 1024), the twin's in float32: at rerank 2 on random keys both keep the same keys (counts equal), outputs
+    within one fp16 rounding."""
+    q, kc, vc, bt, sl = paged([333, 97, 1200], 8, 2, 64, 16, dtype=torch.float16, seed=15)
+    kp = torch.tensor([40, 12, 100], dtype=torch.int32)
+    res = both_with_codes(q, kc, vc, bt, sl, kp, 0.125, encoded(kc, bt, sl))
+    assert torch.equal(res[0][1], res[1][1])
+    assert (res[0][0].float() - res[1][0].float()).abs().max() < 2e-3
+
+
 def test_codes_with_every_key_a_candidate_is_the_exact_decode():
     """rerank x keep >= n: every key is a candidate, and the decode is the exact one (same keys, same output)."""
     q, kc, vc, bt, sl = paged([120, 300], 4, 2, 32, 16, seed=14)
