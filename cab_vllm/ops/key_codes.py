@@ -137,19 +137,23 @@ def _unpack(byte: torch.Tensor) -> torch.Tensor:
 
 def encode_keys_torch(key_cache: torch.Tensor, kc: KeyCodes, block_table: torch.Tensor, seq_lens: torch.Tensor,
                       num_new: torch.Tensor) -> KeyCodes:
-    """PyTorch twin of encode_keys (one host read of the rows' lengths)."""
+    """PyTorch twin of encode_keys (one host read of the rows' lengths; each row's groups at once)."""
     page = key_cache.shape[1]
+    dev = key_cache.device
+    w = kc.bounds.shape[-1]
     for s, (n, m) in enumerate(zip(seq_lens.tolist(), num_new.tolist())):
         if m <= 0 or n <= 0:
             continue
-        for g in range(max(0, n - m) // GROUP, (n - 1) // GROUP + 1):
-            p, slot = int(block_table[s, g * GROUP // page]), g * GROUP % page
-            k = key_cache[p, slot: slot + GROUP].float().transpose(0, 1)  # [Hkv, GROUP, D]
-            valid = (torch.arange(GROUP, device=key_cache.device) < n - g * GROUP).view(1, GROUP, 1)
-            code, lo, step = _quantize(k, valid)
-            kc.codes[p, slot: slot + GROUP] = _pack(code).transpose(0, 1)
-            kc.bounds[p, slot: slot + GROUP] = torch.cat([lo, step], -1).half().view(-1, GROUP, kc.bounds.shape[-1]
-                                                                                       ).transpose(0, 1)
+        g0, g1 = max(0, n - m) // GROUP, (n - 1) // GROUP + 1
+        pos = torch.arange(g0 * GROUP, g1 * GROUP, device=dev)
+        pages = block_table[s, pos // page].long()
+        slots = pos % page
+        k = key_cache[pages, slots].float().unflatten(0, (g1 - g0, GROUP)).transpose(1, 2)  # [groups, Hkv, GROUP, D]
+        valid = (pos < n).view(g1 - g0, 1, GROUP, 1)
+        code, lo, step = _quantize(k, valid)  # [groups, Hkv, GROUP, D], [groups, Hkv, D] x 2
+        kc.codes[pages, slots] = _pack(code).transpose(1, 2).flatten(0, 1)
+        spread = torch.cat([lo, step], -1).half().view(g1 - g0, -1, GROUP, w)  # [groups, Hkv, GROUP, W]
+        kc.bounds[pages, slots] = spread.transpose(1, 2).flatten(0, 1)
     return kc
 
 
