@@ -231,15 +231,15 @@ def int4_reference(sim, s, n, keep, scale, rerank):
     again on their exact scores."""
     from cab_vllm.ops import key_codes as kq
 
-    hkv, d = sim.k[s].shape[0], sim.k[s].shape[-1]
+    hkv, d, dev = sim.k[s].shape[0], sim.k[s].shape[-1], sim.k[s].device
     pages = -(-n // 16)
-    cache = torch.zeros(pages * 16, hkv, d)
+    cache = torch.zeros(pages * 16, hkv, d, dtype=sim.k[s].dtype, device=dev)
     cache[:n] = sim.k[s][:, :n].transpose(0, 1)
     cache = cache.view(pages, 16, hkv, d)
-    bt = torch.arange(pages, dtype=torch.int32)[None]
-    codes = kq.key_codes(pages, 16, hkv, d, "cpu")
-    kq.encode_keys(cache, codes, bt, torch.tensor([n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
-                   impl="torch")
+    bt = torch.arange(pages, dtype=torch.int32, device=dev)[None]
+    codes = kq.key_codes(pages, 16, hkv, d, dev)
+    ln = torch.tensor([n], dtype=torch.int32, device=dev)
+    kq.encode_keys(cache, codes, bt, ln, ln, impl="torch")
     q = sim.q[s][:, n - 1].double()
     g = q.shape[0] // hkv
     est = torch.einsum("hd,hnd->hn", q.float(), kq.dequantize(codes, bt[0], n).repeat_interleave(g, 0))
@@ -336,3 +336,24 @@ def test_token_rows_through_the_kernel_path_gpu():
             n = sim.done[r]
             ref = token_reference(sim, r, n, plan.tkeep[r], scale)
             assert rel_err(out[r:r + 1], ref) < 2e-2
+
+
+@pytest.mark.gpu
+def test_token_rows_ranked_by_the_key_copy_gpu():
+    """On a GPU, 8B geometry in bf16, the cache's pages padded for the 4-bit key copy (CAB_TOKEN_SCORER=int4): dense
+    prompts of 20k and 5k tokens encoded by the kernel, then decode steps at 98% whose token rows rank by the copy
+    (rerank 2) in the Triton launches; each row against its own float64 reference (the copy made by the twin)."""
+    lens = [20010, 5010]
+    hq, hkv, d = 32, 8, 128
+    gen = torch.Generator().manual_seed(22)
+    mk = lambda h, n: torch.randn(h, n, d, generator=gen).to("cuda", torch.bfloat16)  # noqa: E731
+    tok = CABConfig(sparsity=0.98, decode_rule="tokens", dense_prefill=True)
+    sim = PagedSim([mk(hq, n) for n in lens], [mk(hkv, n) for n in lens], [mk(hkv, n) for n in lens], 16, tok,
+                   token_rerank=2)
+    sim.step([(0, 20000), (1, 5000)], dense_threshold=1024, impl="triton")
+    scale = 1 / math.sqrt(d)
+    for _ in range(3):
+        out, md = sim.step([(0, 1), (1, 1)], dense_threshold=1024, impl="triton")
+        for r in (0, 1):
+            n = sim.done[r]
+            assert rel_err(out[r:r + 1], int4_reference(sim, r, n, md["plan"].tkeep[r], scale, 2)) < 2e-2
