@@ -384,6 +384,35 @@ if HAS_TRITON:
         a, b = _key_buckets(z, top, big_a, NB, INV_A)
         return (a < big_a) | ((a == big_a) & (b <= big_b))
 
+    @triton.jit
+    def _list_kept(lg_ptr, sel_ptr, kl, s, kvh, group, num_heads, p0, p1, stride_ls, stride_lh, SCAN_G: tl.constexpr,
+                   SCAN_T: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, DROP: tl.constexpr):
+        """A scan of the stored logits p0..p1-1 of the group's heads (SCAN_T per step) under each head's thresholds
+        (sel): the positions some head keeps, compacted into kl[0:count]; returns count. DROP: -inf written over each
+        head's logits it does not keep (the estimate's non-candidates)."""
+        gs = tl.arange(0, SCAN_G)
+        gs_ok = gs < group
+        sel_s = sel_ptr + (s * num_heads + kvh * group + gs) * 4
+        a_s = tl.load(sel_s, mask=gs_ok, other=-1)
+        b_s = tl.load(sel_s + 1, mask=gs_ok, other=-1)
+        top_s = tl.load(sel_s + 3, mask=gs_ok, other=0).to(tl.float32, bitcast=True)
+        row_s = lg_ptr + s * stride_ls + (kvh * group + gs)[:, None].to(tl.int64) * stride_lh
+        cnt = p0 * 0
+        for c0 in range(p0, p1, SCAN_T):
+            pos = c0 + tl.arange(0, SCAN_T)
+            ok = pos < p1
+            live = gs_ok[:, None] & ok[None, :]
+            z = tl.load(row_s + pos[None, :], mask=live, other=0.0)
+            sel = _kept(z, top_s[:, None], a_s[:, None], b_s[:, None], NB, INV_A) & live
+            if DROP:
+                tl.store(row_s + pos[None, :], tl.full([SCAN_G, SCAN_T], float("-inf"), tl.float32),
+                         mask=live & ~sel)
+            tok = (tl.max(sel.to(tl.int32), 0) > 0) & ok
+            ti = tok.to(tl.int32)
+            tl.store(kl + cnt + tl.cumsum(ti, 0) - ti, pos, mask=tok)
+            cnt += tl.sum(ti, 0)
+        return cnt
+
     @triton.jit(do_not_specialize=["n_cchunks"])
     def _count_kernel(lg_ptr, sel_ptr, cb_ptr, seqlen_ptr, keep_ptr, num_heads, n_cchunks, stride_ls, stride_lh,
                       CCHUNK_T: tl.constexpr, RTILE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr,
@@ -475,26 +504,8 @@ if HAS_TRITON:
             group = num_heads // num_kv_heads
             t1 = tl.minimum(t0 + CHUNK_T, n)
             kl = kl_ptr + s * stride_ks + kvh.to(tl.int64) * stride_kh2 + t0
-            gs = tl.arange(0, SCAN_G)
-            gs_ok = gs < group
-            sel_s = sel_ptr + (s * num_heads + kvh * group + gs) * 4
-            a_s = tl.load(sel_s, mask=gs_ok, other=-1)
-            b_s = tl.load(sel_s + 1, mask=gs_ok, other=-1)
-            top_s = tl.load(sel_s + 3, mask=gs_ok, other=0).to(tl.float32, bitcast=True)
-            row_s = lg_ptr + s * stride_ls + (kvh * group + gs)[:, None].to(tl.int64) * stride_lh
-            cnt = n * 0
-            for c0 in range(t0, t1, SCAN_T):
-                pos = c0 + tl.arange(0, SCAN_T)
-                ok = pos < t1
-                live = gs_ok[:, None] & ok[None, :]
-                z = tl.load(row_s + pos[None, :], mask=live, other=0.0)
-                cand = _kept(z, top_s[:, None], a_s[:, None], b_s[:, None], NB, INV_A) & live
-                tl.store(row_s + pos[None, :], tl.full([SCAN_G, SCAN_T], float("-inf"), tl.float32),
-                         mask=live & ~cand)
-                tok = (tl.max(cand.to(tl.int32), 0) > 0) & ok
-                ti = tok.to(tl.int32)
-                tl.store(kl + cnt + tl.cumsum(ti, 0) - ti, pos, mask=tok)
-                cnt += tl.sum(ti, 0)
+            cnt = _list_kept(lg_ptr, sel_ptr, kl, s, kvh, group, num_heads, t0, t1, stride_ls, stride_lh, SCAN_G,
+                             SCAN_T, NB, INV_A, True)
             tl.debug_barrier()  # the list and the -inf, visible to every thread of the program
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
             q = q.to(k_ptr.dtype.element_ty)
@@ -544,23 +555,8 @@ if HAS_TRITON:
             p1 = tl.minimum(p0 + per_split * TILE_T, n)
             kl = kl_ptr + s * stride_ks + kvh.to(tl.int64) * stride_kh + p0
             # phase 1: the split's kept positions (union over the group's heads) into kl[0:cnt]
-            gs = tl.arange(0, SCAN_G)
-            gs_ok = gs < group
-            sel_s = sel_ptr + (s * num_heads + kvh * group + gs) * 4
-            a_s = tl.load(sel_s, mask=gs_ok, other=-1)
-            b_s = tl.load(sel_s + 1, mask=gs_ok, other=-1)
-            top_s = tl.load(sel_s + 3, mask=gs_ok, other=0).to(tl.float32, bitcast=True)
-            row_s = lg_ptr + s * stride_ls + (kvh * group + gs)[:, None].to(tl.int64) * stride_lh
-            cnt = n * 0
-            for c0 in range(p0, p1, SCAN_T):
-                pos = c0 + tl.arange(0, SCAN_T)
-                ok = pos < p1
-                z = tl.load(row_s + pos[None, :], mask=gs_ok[:, None] & ok[None, :], other=0.0)
-                sel = _kept(z, top_s[:, None], a_s[:, None], b_s[:, None], NB, INV_A) & gs_ok[:, None]
-                tok = (tl.max(sel.to(tl.int32), 0) > 0) & ok
-                ti = tok.to(tl.int32)
-                tl.store(kl + cnt + tl.cumsum(ti, 0) - ti, pos, mask=tok)
-                cnt += tl.sum(ti, 0)
+            cnt = _list_kept(lg_ptr, sel_ptr, kl, s, kvh, group, num_heads, p0, p1, stride_ls, stride_lh, SCAN_G,
+                             SCAN_T, NB, INV_A, False)
             tl.debug_barrier()  # the list's stores, visible to every thread of the program
             # phase 2: online softmax over the listed keys
             g = tl.arange(0, GROUP_PAD)
