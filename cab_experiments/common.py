@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +296,14 @@ def _engine_name(model) -> str:
     return "vllm" if isinstance(model, EngineModel) else "hf"
 
 
+def _engine_env(model) -> dict:
+    """An engine row's CAB_* environment (the engine-wide settings it ran under, e.g. CAB_TOKEN_SCORER), as
+    {"cab_env": {...}}; nothing for the adapter's rows."""
+    if not isinstance(model, EngineModel):
+        return {}
+    return {"cab_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CAB_")}}
+
+
 def kept_causal(stats) -> tuple[float, float]:
     """(kept, causal) key blocks a cab_vllm.backend.stats.Stats has counted, every step so far included: the builder
     defers its accounting to a background thread, so the totals are flushed first (read without it, a batch's
@@ -453,7 +462,7 @@ def run_cell(model, tok, out: Jsonl, items: list[dict], variant: Variant, sparsi
             out.write({**base, **{k: it[k] for k in keys}, "policy": variant.policy,
                        "n_tokens": len(it["input_ids"]), **result(it, ans),
                        "density": None if density is None else round(density, 5), "engine": _engine_name(model),
-                       "batch": len(batch), "seconds": round(secs / len(batch), 4)})
+                       **_engine_env(model), "batch": len(batch), "seconds": round(secs / len(batch), 4)})
             written += 1
         bar.update(len(batch))
     return written, False

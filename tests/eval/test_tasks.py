@@ -316,10 +316,12 @@ def test_tasks_through_the_vllm_engine(tmp_path):
            # one token: no decode step, so the density is the prompt's alone (decode steps count too, and how many
            # there are depends on when each policy's greedy answer ends, which bf16 rounding can move)
            "--max-new-tokens", "1"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_engine_env(), timeout=1200)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**_engine_env(), "CAB_SUMMARY_SLOTS": "3"},
+                       timeout=1200)
     assert p.returncode == 0, p.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["variant"] for r in rows) == ["cab", "cab:budget=adaptive", "dense"]
+    assert all(r["cab_env"].get("CAB_SUMMARY_SLOTS") == "3" for r in rows)  # the engine-wide settings, per row
     assert all(r["engine"] == "vllm" and r["task"] == "single" and r["n_tokens"] <= 700 for r in rows)
     assert all(r["dense_threshold"] == 256 for r in rows)  # what the backend applied, recorded per row
     assert len({tuple(r["answers"]) for r in rows}) == 1  # the same prompt for every policy
