@@ -26,8 +26,8 @@ import tempfile
 import torch
 
 HQ, HKV, D, BS = 32, 8, 128, 64
-PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int16: "*i16",
-       torch.int64: "*i64"}
+PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
+       torch.int16: "*i16", torch.int64: "*i64", torch.uint8: "*u8"}
 
 
 def capture_launch(n: int, page: int) -> tuple[tuple, dict]:
@@ -66,16 +66,17 @@ def capture_launch(n: int, page: int) -> tuple[tuple, dict]:
     return got["args"], got["kw"]
 
 
-def compile_sass(args: tuple, kw: dict, maxnreg: int | None) -> str:
-    """SASS of the decode kernel compiled for sm_90 with these launch arguments, specialized as a launch on a GPU
-    would be (pointers and integers divisible by 16 marked so, integers equal to 1 made constants)."""
+def compile_sass(args: tuple, kw: dict, maxnreg: int | None, fn=None) -> str:
+    """SASS of the decode kernel (or another @triton.jit kernel ``fn``) compiled for sm_90 with these launch
+    arguments, specialized as a launch on a GPU would be (pointers and integers divisible by 16 marked so, integers
+    equal to 1 made constants)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import cab_vllm.ops.decode as dec
 
-    fn = dec._decode_step_kernel
+    fn = dec._decode_step_kernel if fn is None else fn
     kw = dict(kw)
     opts = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages")}
     if maxnreg:

@@ -274,7 +274,8 @@ def compiled_resources() -> list[str]:
 
 
 TOKEN_KNOBS = ("CHUNK", "COUNT_CHUNK", "TILES_PER_SPLIT", "MAX_SPLITS", "ATTEND_TILE", "SCAN_TILE", "MERGE_SPLITS",
-               "LOGITS_TILE", "LOGITS_WARPS", "LOGITS_STAGES", "ATTEND_WARPS", "COUNT_ATOMIC", "RERANK")
+               "LOGITS_TILE", "LOGITS_WARPS", "LOGITS_STAGES", "ATTEND_WARPS", "COUNT_ATOMIC", "RERANK",
+               "CODE_ASM")
 
 
 def token_knob_variants(specs: list[str]) -> list[dict]:

@@ -276,7 +276,7 @@ if HAS_TRITON:
     @triton.jit
     def dequant_halves(c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, e, e_ok, stride_cpage, stride_cpos, stride_ch,
                        stride_bpage, stride_bpos, stride_bh, TILE_T: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                       HALF: tl.constexpr, GROUP_T: tl.constexpr, DT: tl.constexpr):
+                       HALF: tl.constexpr, GROUP_T: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
         """Keys p0 .. p0 + TILE_T - 1 of row s (p0 a multiple of GROUP_T), KV head kvh, as the copy reads them back,
         in two halves of the head dim: channels e and HALF + e ([TILE_T, BLOCK_H] each, in DT; 0 past n). A byte of
         codes holds one channel of each half, so each half is a tile of its own (a dot per half); the bounds are read
@@ -302,11 +302,30 @@ if HAS_TRITON:
         st_lo = _per_key(tl.load(b_ptr + base + 2 * step, mask=gm, other=0.0).to(DT), ng, GROUP_T)
         st_hi = _per_key(tl.load(b_ptr + base + 3 * step, mask=gm, other=0.0).to(DT), ng, GROUP_T)
         if DT == tl.float16:  # 1024 + code is exact in float16: its bits are 0x6400 | code (no int-to-float)
-            c_lo = ((byte & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-            c_hi = ((byte >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+            if ASM:
+                c_lo, c_hi = _nibbles_asm(byte, 0) - 1024.0, _nibbles_asm(byte, 4) - 1024.0
+            else:
+                c_lo = ((byte & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+                c_hi = ((byte >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
         else:
             c_lo, c_hi = (byte & 15).to(DT), (byte >> 4).to(DT)
         return lo_lo + st_lo * c_lo, lo_hi + st_hi * c_hi
+
+    @triton.jit
+    def _nibbles_asm(byte, SHIFT: tl.constexpr):
+        """(byte >> SHIFT) & 15 of a uint8 tensor as float16 1024 + nibble, four bytes per step: one AND (and a
+        shift) of the 32-bit word, then two PRMTs set each 16-bit lane to 0x64 | nibble (no byte-by-byte unpacking).
+        PTX: only on a GPU (Triton's interpreter runs no inline assembly)."""
+        if SHIFT == 0:
+            return tl.inline_asm_elementwise(
+                asm="{ .reg .b32 t; and.b32 t, $2, 0x0F0F0F0F; prmt.b32 $0, t, 0x64646464, 0x4140; "
+                    "prmt.b32 $1, t, 0x64646464, 0x4342; }",
+                constraints="=r,=r,r", args=[byte], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(
+                asm="{ .reg .b32 t; shr.b32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; "
+                    "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }",
+                constraints="=r,=r,r", args=[byte], dtype=tl.float16, is_pure=True, pack=4)
 
     @triton.jit
     def _per_key(b, NG: tl.constexpr, GROUP_T: tl.constexpr):

@@ -76,6 +76,7 @@ SCRATCH_BYTES = 256 << 20  # logits held at once: more rows than fit run in grou
 HIST_LOAD = 32  # counting chunks' histograms summed per load (32 x 128 int32: 16 KiB)
 ALL = BUCKETS + 1  # a first-pass threshold bucket past every key's: the head keeps every key
 RERANK = 2  # with a 4-bit key copy: candidates per kept key, ranked by the copy, then narrowed by exact score
+CODE_ASM = False  # 16-bit caches on a GPU: the copy's nibbles made float16 four at a time in inline PTX (not timed yet)
 MAX_RERANK = 64
 
 
@@ -286,7 +287,7 @@ if HAS_TRITON:
                        stride_ls, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
                        SCAN_G: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, RTILE: tl.constexpr,
                        PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, CODES: tl.constexpr,
-                       CGROUP: tl.constexpr, BLOCK_H: tl.constexpr, EST_DT: tl.constexpr):
+                       CGROUP: tl.constexpr, BLOCK_H: tl.constexpr, EST_DT: tl.constexpr, CODE_ASM_T: tl.constexpr):
         """Base-2 logits of the group's queries against the keys of one chunk of one row (CODES: against the keys
         the 4-bit copy reads back as, ops.key_codes), each head's largest logit over the chunk into cm [rows, Hq,
         chunks], and (rows that keep fewer keys than they have) each head's first counting pass over the chunk
@@ -315,7 +316,7 @@ if HAS_TRITON:
                 if CODES:  # the copy's keys, a dot per half of the head dim
                     k_lo, k_hi = dequant_halves(c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, e, e_ok, stride_cpage,
                                                 stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh, TILE_T,
-                                                PAGE_SIZE, HEAD_DIM // 2, CGROUP, EST_DT)
+                                                PAGE_SIZE, HEAD_DIM // 2, CGROUP, EST_DT, CODE_ASM_T)
                     z = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * scale_log2
                 else:
                     off = _block_offsets(bt_ptr, stride_bt, s, p0 // TILE_T, k_ok, kvh, stride_kpage, stride_kpos,
@@ -668,8 +669,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             bt.stride(0), lg.stride(0), lg.stride(1), HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg,
             CHUNK_T=CHUNK, TILE_T=min(LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps,
             CODES=codes is not None, CGROUP=CODE_GROUP, BLOCK_H=max(16, next_pow2(d // 2)),
-            EST_DT=tl.float32 if key_cache.dtype == torch.float32 else tl.float16, num_warps=LOGITS_WARPS,
-            num_stages=LOGITS_STAGES)
+            EST_DT=tl.float32 if key_cache.dtype == torch.float32 else tl.float16,
+            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES)
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,

@@ -434,12 +434,89 @@ def test_codes_bad_inputs_are_named():
                         codes=kq.KeyCodes(codes.codes[:-1], codes.bounds))
 
 
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32 (default mode): result byte i is byte (sel >> 4i) & 7 of b:a (a's bytes 0-3, b's 4-7)."""
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+
+@pytest.mark.parametrize("shift", [0, 4])
+def test_the_nibble_asm_makes_1024_plus_each_bytes_nibble(shift):
+    """key_codes._nibbles_asm's PTX, emulated on every byte value at each of a word's four places: the two output
+    registers hold, in element order (element i: byte i of the packed input, lane i % 2 of register i // 2), the
+    float16 bits of 1024 + (byte >> shift) & 15."""
+    import random
+
+    rng = random.Random(shift)
+    for _ in range(2000):
+        e = [rng.randrange(256) for _ in range(4)]
+        word = sum(x << (8 * i) for i, x in enumerate(e))
+        t = ((word >> shift) if shift else word) & 0x0F0F0F0F
+        r0, r1 = _prmt(t, 0x64646464, 0x4140), _prmt(t, 0x64646464, 0x4342)
+        lanes = [r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16]
+        assert lanes == [0x6400 | ((x >> shift) & 15) for x in e]
+        assert [float(torch.tensor(v, dtype=torch.int16).view(torch.float16)) - 1024 for v in lanes] == \
+            [float((x >> shift) & 15) for x in e]
+
+
+def test_the_estimate_with_the_nibble_asm_compiles_for_hopper():
+    """The logits launch with the key copy and CODE_ASM compiled for sm_90 by Triton's own compiler and ptxas (no GPU
+    needed): the inline PTX assembles, and the estimate's loop holds no int-to-float conversions."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("Triton's bundled ptxas is missing")
+    root = Path(__file__).resolve().parents[2]
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(root / 'benchmarks')!r})
+import decode_sass as ds
+import cab_vllm.ops.token_decode as td
+from cab_vllm.ops import key_codes as kq
+got = {{}}
+class Rec:
+    def __init__(self, name): self.name = name
+    def __getitem__(self, grid): return lambda *a, **kw: got.setdefault(self.name, (a, kw))
+names = ["_logits_kernel", "_select_kernel", "_count_kernel", "_rescore_kernel", "_attend_list_kernel"]
+real = {{nm: getattr(td, nm) for nm in names}}
+for nm in names: setattr(td, nm, Rec(nm))
+td.resolve_impl = lambda *a, **k: "triton"
+n, page = 8192, 16
+kc = torch.empty(n // page + 1, page, 8, 128, dtype=torch.bfloat16)
+bt = torch.zeros(1, n // page + 1, dtype=torch.int32)
+q = torch.empty(1, 32, 128, dtype=torch.bfloat16)
+td.token_decode(q, kc, kc, bt, torch.full((1,), n, dtype=torch.int32), torch.full((1,), 160, dtype=torch.int32),
+                0.088, torch.empty_like(q), scratch=td.token_scratch(1, 32, 8, 128, n, "cpu"),
+                codes=kq.key_codes(n // page + 1, page, 8, 128, "cpu"))
+a, kw = got["_logits_kernel"]
+kw = dict(kw, CODE_ASM_T=True)
+print(ds.analyse(ds.compile_sass(a, kw, None, fn=real["_logits_kernel"]))["loop_opcodes"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    ops = dict(eval(p.stdout.strip().splitlines()[-1]))  # the loop's most frequent opcodes
+    assert ops.get("HMMA", 0) > 0 and "I2F" not in ops
+
+
 @pytest.mark.gpu
-def test_gpu_codes_bf16_long_context_and_graph_replay():
+@pytest.mark.parametrize("asm", [False, True], ids=["plain", "nibble-asm"])
+def test_gpu_codes_bf16_long_context_and_graph_replay(monkeypatch, asm):
     """On a GPU (8B geometry, bf16, 32k and 5k rows): the copy encoded by its kernel, the decode with it against
-    the twin on the same copy (the twin's estimates in float32 against the kernel's bf16 dot: outputs within bf16's
-    error, kept counts within 1%), then captured in a CUDA graph and replayed on new queries and budgets."""
+    the twin on the same copy (the twin's estimates in float32 against the kernel's float16 dot: outputs within
+    bf16's error, kept counts within 1%), then captured in a CUDA graph and replayed on new queries and budgets;
+    with the codes made float16 in Triton or in inline PTX (CODE_ASM)."""
     from cab_vllm.ops import key_codes as kq
+
+    monkeypatch.setattr(td, "CODE_ASM", asm)
 
     lens, keep = [32768, 5000], [655, 100]
     q, kc, vc, bt, sl = (t.cuda() for t in paged(lens, 32, 8, 128, 16, dtype=torch.bfloat16, seed=9))
