@@ -92,6 +92,51 @@ def test_pages_padded_for_the_key_copy_and_its_views():
         compat.key_codes_view(torch.zeros(pages, hkv, page, 2 * d, dtype=torch.bfloat16), d)
 
 
+def test_releases_without_customize_spec_get_padded_pages_from_the_layer(monkeypatch):
+    """vLLM 0.26/0.27 (no AttentionBackend.customize_spec): the plugin wraps Attention.get_kv_cache_spec once; with
+    CAB_TOKEN_SCORER=int4 a CAB layer's spec comes back with its pages padded for the copy, another backend's and an
+    engine without the copy's unchanged."""
+    import dataclasses
+
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.attention import attention as attn_mod
+    from vllm.v1.attention.backend import AttentionBackend
+
+    from cab_vllm.backend import compat
+    from cab_vllm.ops.key_codes import page_tail_bytes
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:
+        block_size: int = 16
+        num_kv_heads: int = 8
+        head_size: int = 128
+        page_size_padded: int | None = None
+
+        @property
+        def page_size_bytes(self):
+            return self.page_size_padded or 2 * 16 * 8 * 128 * 2
+
+    monkeypatch.delattr(AttentionBackend, "customize_spec")
+    monkeypatch.setattr(attn_mod.Attention, "get_kv_cache_spec", lambda self, vc: Spec())
+    compat.hook_key_code_pages()
+    compat.hook_key_code_pages()  # idempotent: wrapped once
+    wrapped = attn_mod.Attention.get_kv_cache_spec
+    assert wrapped._cab_hooked
+
+    class CABLayer:
+        from cab_vllm.backend.backend import CABBackend as attn_backend
+
+    class OtherLayer:
+        attn_backend = AttentionBackend
+
+    monkeypatch.setenv("CAB_DECODE_RULE", "tokens")
+    monkeypatch.setenv("CAB_TOKEN_SCORER", "int4")
+    assert wrapped(CABLayer(), None).page_size_padded == 2 * 16 * 8 * 128 * 2 + page_tail_bytes(16, 8, 128)
+    assert wrapped(OtherLayer(), None).page_size_padded is None
+    monkeypatch.setenv("CAB_TOKEN_SCORER", "exact")
+    assert wrapped(CABLayer(), None).page_size_padded is None
+
+
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 700, 4096, 131072])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
 def test_decode_tokens_is_what_the_kept_blocks_hold(n, sparsity):
