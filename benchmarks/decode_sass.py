@@ -78,7 +78,7 @@ def compile_sass(args: tuple, kw: dict, maxnreg: int | None, fn=None) -> str:
 
     fn = dec._decode_step_kernel if fn is None else fn
     kw = dict(kw)
-    opts = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages")}
+    opts = {"num_warps": kw.pop("num_warps", 4), "num_stages": kw.pop("num_stages", 3)}  # (Triton's defaults)
     if maxnreg:
         opts["maxnreg"] = maxnreg
     kw.pop("maxnreg", None)
@@ -103,11 +103,20 @@ def compile_sass(args: tuple, kw: dict, maxnreg: int | None, fn=None) -> str:
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    _LAST[0] = k
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+_LAST: list = [None]
+
+
+def last_compiled():
+    """The kernel compile_sass compiled last (its cubin for cuobjdump -res-usage, its metadata's shared memory)."""
+    return _LAST[0]
 
 
 def analyse(sass: str) -> dict:

@@ -43,6 +43,27 @@ def test_decode_loop_counts_and_the_page_of_whole_blocks(tmp_path):
     assert res[64]["loop_instructions"] < res[16]["loop_instructions"]
 
 
+@pytest.mark.skipif(not _tools_available(), reason="Triton's bundled ptxas / cuobjdump are missing")
+def test_token_decode_estimate_with_the_key_copy_compiles_for_hopper(tmp_path):
+    """benchmarks/token_sass.py: the token decode's logits launch compiled for sm_90, exact, with the 4-bit key copy,
+    and with CODE_ASM's inline PTX (ptxas assembles it): each has its loop of tensor-core instructions, the PTX
+    nibbles leave the loop shorter and without the byte-by-byte unpacking's int-to-float conversions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = tmp_path / "token.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks/token_sass.py"), "--n", "8192", "--kernels",
+                        "_logits_kernel", "--json", str(out)], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    r = json.loads(out.read_text())
+    exact, plain, asm = (r[f"_logits_kernel/{v}"] for v in ("exact", "int4", "int4_asm"))
+    for x in (exact, plain, asm):
+        assert 0 < x["loop_instructions"] < x["instructions"] and x["registers"] <= 255
+    assert asm["loop_instructions"] < plain["loop_instructions"]
+    assert "I2F" not in dict(map(tuple, asm["loop_opcodes"]))
+
+
 def test_refuses_to_run_interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
