@@ -35,9 +35,10 @@ def paged(lens, hq, hkv, d, page, dtype=torch.float32, seed=0, keys=None):
     return q, kv[0], kv[1], bt, torch.tensor(lens, dtype=torch.int32)
 
 
-def topk_reference(q, kc, vc, bt, sl, keep, scale):
+def topk_reference(q, kc, vc, bt, sl, keep, scale, candidates=None):
     """Float64 attention of each row's query over each head's ``keep`` best keys (torch.topk of the exact scores),
-    every key when keep >= n; None for rows with keep <= 0."""
+    every key when keep >= n; None for rows with keep <= 0. candidates(s, n, keep) -> [Hq, n] bool: the keys a
+    head's best are taken from (all when None)."""
     from cab_vllm.ops.blocks import gather_paged
 
     hq, hkv = q.shape[1], kc.shape[2]
@@ -49,6 +50,8 @@ def topk_reference(q, kc, vc, bt, sl, keep, scale):
         k = gather_paged(kc, bt[s], n).double().repeat_interleave(hq // hkv, 0)  # [Hq, n, D]
         v = gather_paged(vc, bt[s], n).double().repeat_interleave(hq // hkv, 0)
         sc = torch.einsum("hd,hnd->hn", q[s].double(), k) * scale
+        if candidates is not None:
+            sc = sc.masked_fill(~candidates(s, n, kt), float("-inf"))
         if kt < n:
             top = sc.topk(kt, dim=-1).indices
             sc = torch.full_like(sc, float("-inf")).scatter(-1, top, sc.gather(-1, top))
@@ -316,26 +319,17 @@ def encoded(kc, bt, sl):
 
 def rerank_reference(q, kc, vc, bt, sl, keep, scale, codes, rerank):
     """Float64: each head's candidates by the copy's scores (kept_keys' rule for rerank x keep keys: the rule is
-    tested against torch.topk above), the keep best of those by exact score (torch.topk), softmax over them; None
-    for rows with keep <= 0."""
-    from cab_vllm.ops.blocks import gather_paged
+    tested against torch.topk above), the keep best of those by exact score (topk_reference), softmax over them;
+    None for rows with keep <= 0."""
     from cab_vllm.ops.key_codes import dequantize
 
-    hq, hkv = q.shape[1], kc.shape[2]
-    outs = []
-    for s, (n, kt) in enumerate(zip(sl.tolist(), keep.tolist())):
-        if kt <= 0:
-            outs.append(None)
-            continue
-        k = gather_paged(kc, bt[s], n).double().repeat_interleave(hq // hkv, 0)
-        v = gather_paged(vc, bt[s], n).double().repeat_interleave(hq // hkv, 0)
-        est = torch.einsum("hd,hnd->hn", q[s].float(), dequantize(codes, bt[s], n).repeat_interleave(hq // hkv, 0))
-        cand = td.kept_keys(est * (scale * td.LOG2E), kt * rerank)
-        sc = torch.einsum("hd,hnd->hn", q[s].double(), k) * scale
-        top = sc.masked_fill(~cand, float("-inf")).topk(min(kt, n), dim=-1).indices
-        sc = torch.full_like(sc, float("-inf")).scatter(-1, top, sc.gather(-1, top))
-        outs.append(torch.einsum("hn,hnd->hd", torch.softmax(sc, -1), v))
-    return outs
+    g = q.shape[1] // kc.shape[2]
+
+    def candidates(s, n, kt):
+        est = torch.einsum("hd,hnd->hn", q[s].float(), dequantize(codes, bt[s], n).repeat_interleave(g, 0))
+        return td.kept_keys(est * (scale * td.LOG2E), kt * rerank)
+
+    return topk_reference(q, kc, vc, bt, sl, keep, scale, candidates)
 
 
 def both_with_codes(q, kc, vc, bt, sl, kp, scale, codes, rerank=td.RERANK):
