@@ -137,7 +137,8 @@ class CABMetadata:
     tkeep: torch.Tensor | None = None  # [decode rows] int32 keys per query head of decode_rule="tokens" rows (0: none)
     run_tokens: bool = False  # some decode row runs in ops.token_decode
     num_new: torch.Tensor | None = None  # [S] int32 keys each row adds this step (the 4-bit key copy's encode)
-    max_new: int = 0  # the most keys a row adds (host; the encode's grid)
+    enc_split: int = 0  # the leading rows that add one key each (decode rows: vLLM puts them first)
+    max_new: int = 0  # the most keys a row after them adds (host; the encode's grid)
     run_fa: bool = False  # some row runs dense through FlashAttention
     run_cab_decode: bool = False  # some decode row runs in CAB's decode kernel
     run_cab_prefill: bool = False  # some prefill row is sparse (or dense without FlashAttention)
@@ -420,17 +421,20 @@ class CABMetadataBuilder(AttentionMetadataBuilder[CABMetadata]):
                 fa_md = self.fa.build(common_prefix_len, compat.with_seq_lens(cm, views.fa_seq_lens), fast_build)
         fa_all = self.fa_all.build(common_prefix_len, cm, fast_build) if self.fa_all is not None else None
         slots = _head(cm.slot_mapping, cm.num_actual_tokens)
-        num_new, max_new = None, 0
+        num_new, split, max_new = None, 0, 0
         if self.settings.key_codes:  # (a step without the routes' copy is a prompt step: no graph replays it)
             num_new = torch.diff(_head(cm.query_start_loc, n + 1)) if fa_only else views.num_new
-            max_new = max((plan.qsl[r + 1] - plan.qsl[r] for r in range(n)), default=0)
+            q = plan.qsl
+            while split < n and q[split + 1] - q[split] <= 1:
+                split += 1
+            max_new = max((q[r + 1] - q[r] for r in range(split, n)), default=0)
         return CABMetadata(cm.num_actual_tokens, _head(cm.query_start_loc, n + 1), _head(cm.seq_lens, n),
                            _head(cm.block_table_tensor, n), slots, plan, fa=fa_md, fa_all=fa_all,
                            routes=views.routes,
                            keep=views.keep, tkeep=views.tkeep, run_tokens=run_tokens, run_fa=run_fa,
                            run_cab_decode=run_cab_decode,
                            run_cab_prefill=run_cab_prefill, branches=self._branches, num_new=num_new,
-                           max_new=max_new)
+                           enc_split=split, max_new=max_new)
 
     def _copy_routes(self, plan, n: int, d: int, fa_rows: list[int], run_fa: bool, run_cab_decode: bool) -> None:
         """Per-row routes -> one host-to-device copy into fixed buffers (rows past the batch: MODE_SKIP); the host
@@ -623,12 +627,18 @@ class CABImpl(AttentionImpl[CABMetadata]):
         return self._codes[1]
 
     def _encode(self, kv_cache: torch.Tensor, md: CABMetadata) -> None:
-        """Every layer, every step (whatever runs the rows): the key copy's groups that got this step's keys."""
+        """Every layer, every step (whatever runs the rows): the key copy's groups that got this step's keys, in two
+        launches: the leading rows that add one key each (a group apiece), then the others (as many groups each as
+        the longest of them needs: a prompt chunk's grid is not multiplied by the decode rows beside it)."""
         from cab_vllm.ops.key_codes import encode_keys
 
         key_cache, _ = compat.split_kv(kv_cache, self.head_size)
-        encode_keys(key_cache, self._key_codes(kv_cache), md.block_table, md.seq_lens, md.num_new,
-                    max_new=md.max_new, impl=self.settings.impl)
+        codes, s = self._key_codes(kv_cache), md.enc_split
+        bt, sl, new = md.block_table, md.seq_lens, md.num_new
+        if s:
+            encode_keys(key_cache, codes, bt[:s], sl[:s], new[:s], max_new=1, impl=self.settings.impl)
+        if s < sl.shape[0]:
+            encode_keys(key_cache, codes, bt[s:], sl[s:], new[s:], max_new=md.max_new, impl=self.settings.impl)
 
     def _attend(self, query: torch.Tensor, kv_cache: torch.Tensor, md: CABMetadata, output: torch.Tensor,
                 decode_attention: bool) -> torch.Tensor:

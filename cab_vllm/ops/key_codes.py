@@ -197,7 +197,7 @@ def encode_keys(key_cache: torch.Tensor, kc: KeyCodes, block_table: torch.Tensor
     if ns == 0 or max_new == 0:
         return kc
     _, page, hkv, d = key_cache.shape
-    groups = (max_new - 1) // GROUP + 2  # a run of max_new keys spans at most this many groups
+    groups = (max_new + GROUP - 2) // GROUP + 1  # a run of max_new keys spans at most this many groups (1 key: 1)
     h = d // 2
     _encode_kernel[(ns * hkv * groups,)](
         key_cache, kc.codes, kc.bounds, block_table, seq_lens, num_new, hkv, groups,

@@ -451,3 +451,24 @@ def test_the_prefill_kernel_is_chosen_once_and_reaches_attend(monkeypatch):
     impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, run_cab_prefill=True), torch.zeros(1, 16))
     assert len(decided) == 2 and decided[1][2] == 32
 
+
+
+def test_the_builder_hands_the_key_copy_its_new_keys():
+    """CAB_TOKEN_SCORER=int4: each row's new keys on the device (the routes' row 7 for a step with decode rows,
+    which a CUDA graph replays), the leading one-key rows counted apart (their encode launch takes one group
+    each) and the longest of the others (the second launch's grid); a prompt-only step of FlashAttention rows gets
+    them from query_start_loc."""
+    from cab_vllm.backend.plan import EngineSettings
+    from cab_vllm.config import CABConfig
+
+    b = _builder()
+    b.settings = EngineSettings(cfg=CABConfig(decode_rule="tokens"), token_scorer="int4")
+    md = b.build(0, _cm([20000, 30000, 5000, 700], [1, 1, 4096, 700]))
+    assert md.num_new.tolist() == [1, 1, 4096, 700] and md.enc_split == 2 and md.max_new == 4096
+    assert md.num_new.data_ptr() == b._routes[7].data_ptr()  # the fixed buffer
+    md = b.build(0, _cm([20000, 30000], [1, 1]))  # a decode step: one launch, a group per row
+    assert md.num_new.tolist() == [1, 1] and md.enc_split == 2 and md.max_new == 0
+    md = b.build(0, _cm([500, 300], [500, 300]))  # short prompts, all in FlashAttention
+    assert md.num_new.tolist() == [500, 300] and md.enc_split == 0 and md.max_new == 500
+    b.settings = EngineSettings()
+    assert b.build(0, _cm([20000], [1])).num_new is None  # without the copy: nothing to encode

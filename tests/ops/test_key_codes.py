@@ -167,3 +167,18 @@ def test_gpu_encode_equals_the_twin():
         step = token_bounds(ref, bt[s], n)[1]
         assert torch.all((a - b).abs() <= step * 1.001)
         assert all(torch.equal(x, y) for x, y in zip(token_bounds(ref, bt[s], n), token_bounds(got, bt[s], n)))
+
+
+@TRITON
+@pytest.mark.parametrize("m", [1, 2, 15, 16, 17, 18, 33])
+def test_the_grid_covers_every_group_a_run_of_new_keys_touches(m):
+    """max_new = m: a run of m keys from any offset in its first group (up to ceil((m - 1) / 16) + 1 groups) is
+    encoded whole, as the twin encodes it."""
+    kc, bt, sl = cache([64 + 16 + m], 1, 16, 16, seed=m)
+    for start in range(16):
+        n = 48 + start + m
+        got, want = (kq.key_codes(kc.shape[0], 16, 1, 16, "cpu") for _ in range(2))
+        ln, new = torch.tensor([n], dtype=torch.int32), torch.tensor([m], dtype=torch.int32)
+        kq.encode_keys(kc, got, bt, ln, new, max_new=m, impl="triton")
+        kq.encode_keys(kc, want, bt, ln, new, impl="torch")
+        assert_same(rows_of(got, bt, ln), rows_of(want, bt, ln))
