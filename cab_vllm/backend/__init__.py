@@ -81,23 +81,22 @@ def _hook_request_validation() -> None:
     except ImportError:  # another vLLM layout: the builder still falls back to defaults on bad values
         logger.warning("cab_vllm: cannot hook request validation on this vLLM version")
         return
-    orig = InputProcessor._validate_params
-    if getattr(orig, "_cab_hooked", False):
-        return
+    from cab_vllm.backend.compat import wrap_once
 
-    def _validate_params(self, params, *args, **kwargs):
-        extra = getattr(params, "extra_args", None)
-        if extra and _cab_selected(self.vllm_config):
-            from cab_vllm.backend.plan import validate_request_args
+    def wrap(orig):
+        def _validate_params(self, params, *args, **kwargs):
+            extra = getattr(params, "extra_args", None)
+            if extra and _cab_selected(self.vllm_config):
+                from cab_vllm.backend.plan import validate_request_args
 
-            try:
-                validate_request_args(extra)
-            except ValueError as e:
-                raise VLLMValidationError(str(e), parameter="extra_args") from None
-        return orig(self, params, *args, **kwargs)
+                try:
+                    validate_request_args(extra)
+                except ValueError as e:
+                    raise VLLMValidationError(str(e), parameter="extra_args") from None
+            return orig(self, params, *args, **kwargs)
+        return _validate_params
 
-    _validate_params._cab_hooked = True
-    InputProcessor._validate_params = _validate_params
+    wrap_once(InputProcessor, "_validate_params", wrap)
 
 
 def attention_salt(extra_args) -> str:
@@ -159,16 +158,15 @@ def _hook_cache_salt() -> None:
     except ImportError:
         logger.warning("cab_vllm: cannot salt the prefix cache by sparsity on this vLLM version")
         return
-    orig = InputProcessor.process_inputs
-    if getattr(orig, "_cab_hooked", False):
-        return
+    from cab_vllm.backend.compat import wrap_once
 
-    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        req = orig(self, request_id, prompt, params, *args, **kwargs)
-        if _cab_selected(self.vllm_config) and getattr(req, "sampling_params", None) is not None:
-            salt = attention_salt(getattr(req.sampling_params, "extra_args", None))
-            req.cache_salt = f"{req.cache_salt}|{salt}" if req.cache_salt else salt
-        return req
+    def wrap(orig):
+        def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+            req = orig(self, request_id, prompt, params, *args, **kwargs)
+            if _cab_selected(self.vllm_config) and getattr(req, "sampling_params", None) is not None:
+                salt = attention_salt(getattr(req.sampling_params, "extra_args", None))
+                req.cache_salt = f"{req.cache_salt}|{salt}" if req.cache_salt else salt
+            return req
+        return process_inputs
 
-    process_inputs._cab_hooked = True
-    InputProcessor.process_inputs = process_inputs
+    wrap_once(InputProcessor, "process_inputs", wrap)

@@ -425,9 +425,9 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                 routed_decode(qd, key_cache, value_cache, bt, sl, run, bs, scale, od, ns, ws, impl=impl,
                               select=select, one_launch=None if rows_max is None else d <= rows_max)
             if tokens is not None:
-                from cab_vllm.ops.token_decode import token_decode
+                from cab_vllm.ops.token_decode import RERANK, token_decode
 
-                codes, rerank = key_codes if key_codes is not None else (None, 2)
+                codes, rerank = key_codes if key_codes is not None else (None, RERANK)
                 token_decode(qd, key_cache, value_cache, bt, sl, tokens[0][:d], scale, od, scratch=tokens[1],
                              impl="triton" if sel_impl == "triton" else impl, codes=codes, rerank=rerank)
         if record is not None:

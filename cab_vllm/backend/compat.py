@@ -85,20 +85,29 @@ def hook_key_code_pages() -> None:
     except ImportError:
         logger.warning("cab_vllm: cannot find vLLM's Attention layer: CAB_TOKEN_SCORER=int4 cannot size its pages")
         return
-    orig = Attention.get_kv_cache_spec
+
+    def wrap(orig):
+        def get_kv_cache_spec(self, vllm_config):
+            spec = orig(self, vllm_config)
+            backend = getattr(self, "attn_backend", None)
+            if spec is not None and str(getattr(backend, "__module__", "")).startswith("cab_vllm") \
+                    and engine_settings().key_codes:
+                spec = with_key_code_pages(spec)
+            return spec
+        return get_kv_cache_spec
+
+    wrap_once(Attention, "get_kv_cache_spec", wrap)
+
+
+def wrap_once(cls, name: str, wrap) -> None:
+    """Replace cls.name by wrap(the original), once per process: vLLM may load the plugin more than once, and a
+    second call leaves the wrapped method as it is."""
+    orig = getattr(cls, name)
     if getattr(orig, "_cab_hooked", False):
         return
-
-    def get_kv_cache_spec(self, vllm_config):
-        spec = orig(self, vllm_config)
-        backend = getattr(self, "attn_backend", None)
-        if spec is not None and str(getattr(backend, "__module__", "")).startswith("cab_vllm") \
-                and engine_settings().key_codes:
-            spec = with_key_code_pages(spec)
-        return spec
-
-    get_kv_cache_spec._cab_hooked = True
-    Attention.get_kv_cache_spec = get_kv_cache_spec
+    new = wrap(orig)
+    new._cab_hooked = True
+    setattr(cls, name, new)
 
 
 def key_codes_view(kv_cache: torch.Tensor, head_size: int):

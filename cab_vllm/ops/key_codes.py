@@ -7,13 +7,12 @@ scale would let swamp the others; KIVI's key quantization). Kept beside the cach
   bounds  [num_pages, page_size, Hkv, 2D / GROUP] float16   a group's per-channel minima then steps ([2, D]),
           spread over its GROUP token slots, 2D / GROUP values each
 
-A key reads back as minimum + step x code. Per token and head that is D/2 bytes of codes and 4D/GROUP bytes of bounds
-(every array indexed by page, slot and head alike: one slot of a token's K, V, codes and bounds share can sit
-together in a cache page, as vLLM's per-slot state layouts put them):
-3/8 of a bf16 key at GROUP 16 (experiments/RESULTS.md: ranked by such a copy, with twice the budget rescored by exact
-score, the keys an exact ranking keeps are kept, 4k-16k tokens). encode_keys rewrites the groups that hold a step's
-new keys (every token of such a group: its range may have grown); the codes of a group still filling are rewritten
-as it fills.
+A key reads back as minimum + step x code. Per token and head that is D/2 bytes of codes and 4D/GROUP bytes of
+bounds: 3/8 of a bf16 key at GROUP 16 (experiments/RESULTS.md: ranked by such a copy, with twice the budget rescored
+by exact score, the keys an exact ranking keeps are kept, 4k-16k tokens). Both arrays are indexed by page, slot and
+head, as K is, so a page's copy can sit in the page's own tail (page_tail_bytes, codes_in_pages). encode_keys
+rewrites the groups that hold a step's new keys (every token of such a group: its range may have grown); the codes
+of a group still filling are rewritten as it fills.
 
 Twin: encode_keys_torch (and dequantize, the keys a copy reads back as). Both round the same float32 way:
 code = floor((k - min) / step + 0.5) clamped to 0..LEVELS, min and step stored as float16 (step at least 2^-14)."""
@@ -247,31 +246,32 @@ if HAS_TRITON:
             slot0 = pos0 % PAGE_SIZE
             t = tl.arange(0, GROUP_T)
             e = tl.arange(0, BLOCK_H)
-            valid = (pos0 + t < n)[:, None] & (e < HALF)[None, :]
+            e_ok = e < HALF
+            valid = (pos0 + t < n)[:, None] & e_ok[None, :]
             koff = page * stride_kpage + ((slot0 + t) * stride_kpos + kvh * stride_kh)[:, None] + e[None, :]
             k_lo = tl.load(k_ptr + koff, mask=valid, other=0.0).to(tl.float32)
             k_hi = tl.load(k_ptr + koff + HALF, mask=valid, other=0.0).to(tl.float32)
             c_lo, lo_lo, st_lo = _round_group(k_lo, valid, LEVELS_T, MIN_STEP_T)
             c_hi, lo_hi, st_hi = _round_group(k_hi, valid, LEVELS_T, MIN_STEP_T)
             coff = page * stride_cpage + ((slot0 + t) * stride_cpos + kvh * stride_ch)[:, None] + e[None, :]
-            tl.store(c_ptr + coff, (c_lo | (c_hi << 4)).to(tl.uint8), mask=(t < GROUP_T)[:, None] & (e < HALF)[None, :])
-            e_ok = e < HALF
-            tl.store(b_ptr + _bound_offsets(page, slot0, kvh, e, stride_bpage, stride_bpos, stride_bh, HALF,
-                                            GROUP_T), lo_lo, mask=e_ok)
-            tl.store(b_ptr + _bound_offsets(page, slot0, kvh, e + HALF, stride_bpage, stride_bpos, stride_bh, HALF,
-                                            GROUP_T), lo_hi, mask=e_ok)
-            tl.store(b_ptr + _bound_offsets(page, slot0, kvh, e + 2 * HALF, stride_bpage, stride_bpos, stride_bh,
-                                            HALF, GROUP_T), st_lo, mask=e_ok)
-            tl.store(b_ptr + _bound_offsets(page, slot0, kvh, e + 3 * HALF, stride_bpage, stride_bpos, stride_bh,
-                                            HALF, GROUP_T), st_hi, mask=e_ok)
+            tl.store(c_ptr + coff, (c_lo | (c_hi << 4)).to(tl.uint8),
+                     mask=tl.broadcast_to(e_ok[None, :], [GROUP_T, BLOCK_H]))
+            base, quarter = _bound_offsets(page, slot0, kvh, e, stride_bpage, stride_bpos, stride_bh, HALF, GROUP_T)
+            tl.store(b_ptr + base, lo_lo, mask=e_ok)
+            tl.store(b_ptr + base + quarter, lo_hi, mask=e_ok)
+            tl.store(b_ptr + base + 2 * quarter, st_lo, mask=e_ok)
+            tl.store(b_ptr + base + 3 * quarter, st_hi, mask=e_ok)
 
     @triton.jit
-    def _bound_offsets(page, slot0, kvh, f, stride_bpage, stride_bpos, stride_bh, HALF: tl.constexpr,
+    def _bound_offsets(page, slot0, kvh, e, stride_bpage, stride_bpos, stride_bh, HALF: tl.constexpr,
                        GROUP_T: tl.constexpr):
-        """Offsets of entries f (of the [2, D] minima then steps, flattened) of the bounds of the group whose first
-        slot is slot0: slot slot0 + f // W, entry f % W (W = 2D / GROUP)."""
+        """Offsets of the minima of channels e < HALF of the group whose first slot is slot0 (entry e of the group's
+        [2, D] minima then steps, flattened: slot slot0 + e // W, entry e % W, W = 2D / GROUP), and the offset from
+        one quarter of that array to the next (the minima of channels HALF + e, then the two halves' steps)."""
         w: tl.constexpr = 4 * HALF // GROUP_T
-        return page * stride_bpage + (slot0 + f // w) * stride_bpos + kvh * stride_bh + f % w
+        quarter = HALF // w * stride_bpos
+        # (the group's part and the channels' part apart, so a [groups, 1] and a [1, channels] operand broadcast once)
+        return (page * stride_bpage + (slot0 * stride_bpos + kvh * stride_bh)) + (e // w * stride_bpos + e % w), quarter
 
     @triton.jit
     def dequant_halves(c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, e, e_ok, stride_cpage, stride_cpos, stride_ch,
@@ -291,12 +291,9 @@ if HAS_TRITON:
         gpos = p0 + tl.arange(0, ng) * GROUP_T
         g_ok = gpos < n
         gpage, gslot = paged_coords(bt_ptr, stride_bt, s, gpos, g_ok, PAGE_SIZE)
-        w: tl.constexpr = 4 * HALF // GROUP_T  # bounds per slot; a half's minima fill HALF / w slots
-        q_slots: tl.constexpr = HALF // w
-        base = (gpage * stride_bpage + (gslot.to(tl.int32) * stride_bpos + kvh * stride_bh))[:, None] \
-            + (e // w * stride_bpos + e % w)[None, :]
+        base, step = _bound_offsets(gpage[:, None], gslot.to(tl.int32)[:, None], kvh, e[None, :], stride_bpage,
+                                    stride_bpos, stride_bh, HALF, GROUP_T)  # minima of the two halves, then steps
         gm = g_ok[:, None] & e_ok[None, :]
-        step = q_slots * stride_bpos  # minima of the two halves, then steps
         lo_lo = _per_key(tl.load(b_ptr + base, mask=gm, other=0.0).to(DT), ng, GROUP_T)
         lo_hi = _per_key(tl.load(b_ptr + base + step, mask=gm, other=0.0).to(DT), ng, GROUP_T)
         st_lo = _per_key(tl.load(b_ptr + base + 2 * step, mask=gm, other=0.0).to(DT), ng, GROUP_T)

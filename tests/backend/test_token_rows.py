@@ -4,6 +4,7 @@ of a mixed batch against each row's own reference."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -56,26 +57,27 @@ def test_token_scorer_knobs_and_their_errors():
         EngineSettings.from_env({"CAB_TOKEN_RERANK": "x"})
 
 
+@dataclasses.dataclass(frozen=True)
+class FakeSpec:
+    """The fields of vLLM's KV cache spec that the key copy's page padding reads (a bf16 cache)."""
+
+    block_size: int = 16
+    num_kv_heads: int = 2
+    head_size: int = 64
+    page_size_padded: int | None = None
+
+    @property
+    def page_size_bytes(self):
+        return self.page_size_padded or 2 * self.block_size * self.num_kv_heads * self.head_size * 2
+
+
 def test_pages_padded_for_the_key_copy_and_its_views():
     """The KV cache spec's pages grow by the copy's bytes (what vLLM then counts); the views of a padded cache
     address each page's tail (the K/V content untouched by writes to them); a cache without the room is refused."""
-    import dataclasses
-
     from cab_vllm.backend import compat
     from cab_vllm.ops.key_codes import page_tail_bytes
 
-    @dataclasses.dataclass(frozen=True)
-    class Spec:
-        block_size: int = 16
-        num_kv_heads: int = 2
-        head_size: int = 64
-        page_size_padded: int | None = None
-
-        @property
-        def page_size_bytes(self):
-            return self.page_size_padded or 2 * self.block_size * self.num_kv_heads * self.head_size * 2
-
-    padded = compat.with_key_code_pages(Spec())
+    padded = compat.with_key_code_pages(FakeSpec())
     assert padded.page_size_padded == 2 * 16 * 2 * 64 * 2 + 16 * 2 * (32 + 16) == 8192 + page_tail_bytes(16, 2, 64)
     with pytest.raises(NotImplementedError, match="already padded"):
         compat.with_key_code_pages(padded)
@@ -96,8 +98,6 @@ def test_releases_without_customize_spec_get_padded_pages_from_the_layer(monkeyp
     """vLLM 0.26/0.27 (no AttentionBackend.customize_spec): the plugin wraps Attention.get_kv_cache_spec once; with
     CAB_TOKEN_SCORER=int4 a CAB layer's spec comes back with its pages padded for the copy, another backend's and an
     engine without the copy's unchanged."""
-    import dataclasses
-
     pytest.importorskip("vllm")
     from vllm.model_executor.layers.attention import attention as attn_mod
     from vllm.v1.attention.backend import AttentionBackend
@@ -105,19 +105,9 @@ def test_releases_without_customize_spec_get_padded_pages_from_the_layer(monkeyp
     from cab_vllm.backend import compat
     from cab_vllm.ops.key_codes import page_tail_bytes
 
-    @dataclasses.dataclass(frozen=True)
-    class Spec:
-        block_size: int = 16
-        num_kv_heads: int = 8
-        head_size: int = 128
-        page_size_padded: int | None = None
-
-        @property
-        def page_size_bytes(self):
-            return self.page_size_padded or 2 * 16 * 8 * 128 * 2
-
     monkeypatch.delattr(AttentionBackend, "customize_spec")
-    monkeypatch.setattr(attn_mod.Attention, "get_kv_cache_spec", lambda self, vc: Spec())
+    monkeypatch.setattr(attn_mod.Attention, "get_kv_cache_spec",
+                        lambda self, vc: FakeSpec(num_kv_heads=8, head_size=128))
     compat.hook_key_code_pages()
     compat.hook_key_code_pages()  # idempotent: wrapped once
     wrapped = attn_mod.Attention.get_kv_cache_spec
