@@ -24,7 +24,7 @@ the same with the 4-bit key copy ranking the keys (CAB_TOKEN_SCORER=int4, ops.ke
 rescored exactly, --tok RERANK=1,2,4): tok4, its first launch (every key's estimate) tok4_logits, up to the final
 thresholds (with the rescoring) tok4_select, and the copy's encode of a decode step's new key per row: tok4_encode);
 --tok NAME=v1,v2 (repeatable) times each value of ops.token_decode's constant NAME, one of TOKEN_KNOBS: keys per
-logits program, tiles per attention split, the attention's steps, warps per launch).
+logits program, tiles per attention split and programs per step, the attention's steps, warps and registers per launch).
 Prints microseconds per step. By
 default L2 is flushed before every call (the engine's other 31 layers evict a layer's KV); --warm-l2 keeps it.
 --max-len sizes the decode workspace, the prompt table and the block table's rows as an engine of that max_model_len
@@ -274,8 +274,8 @@ def compiled_resources() -> list[str]:
 
 
 TOKEN_KNOBS = ("CHUNK", "COUNT_CHUNK", "TILES_PER_SPLIT", "MAX_SPLITS", "ATTEND_TILE", "SCAN_TILE", "MERGE_SPLITS",
-               "LOGITS_TILE", "LOGITS_WARPS", "LOGITS_STAGES", "ATTEND_WARPS", "COUNT_ATOMIC", "RERANK",
-               "CODE_ASM")
+               "LOGITS_TILE", "LOGITS_WARPS", "LOGITS_STAGES", "ATTEND_WARPS", "ATTEND_MAXNREG", "COUNT_ATOMIC",
+               "RERANK", "CODE_ASM", "TARGET_PROGRAMS", "MIN_TILES_PER_SPLIT")
 
 
 def token_knob_variants(specs: list[str]) -> list[dict]:

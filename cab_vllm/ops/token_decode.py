@@ -62,6 +62,7 @@ SCAN_TILE = 512  # logits per step of the attention's scan
 CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
 LOGITS_TILE = 128  # keys per step of a logits program (a power of two dividing CHUNK; 64: up to 1.2x slower on an H100)
 LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
+ATTEND_MAXNREG = 0  # registers per thread at most in the attention launch (0: the compiler's choice)
 COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
 BUCKETS = 128  # buckets per counting pass
 STEP_A = 0.25  # first-pass bucket width, base-2 logits: BUCKETS of them from the max's bucket, 31.75-32 below the max
@@ -701,7 +702,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             po.stride(2), os_.stride(0), os_.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg, TILE_T=TILE, SCAN_T=SCAN_TILE, LIST_T=ATTEND_TILE,
             PAGE_SIZE=page, MERGE_G=sg, MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits),
-            **steps, num_warps=ATTEND_WARPS)
+            **steps, num_warps=ATTEND_WARPS, **({"maxnreg": ATTEND_MAXNREG} if ATTEND_MAXNREG else {}))
         if counts is not None:
             counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
     return out
