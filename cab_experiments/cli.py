@@ -9,6 +9,7 @@ from one command line.
     python -m cab_experiments granularity --lengths 4096 --sparsities 0.9 0.98                           (oracle's tiles)
     python -m cab_experiments granularity --bounds --lengths 4096 8192 --sparsities 0.98        (blocks bounds rule out)
     python -m cab_experiments granularity --rerank-bits 4 --lengths 4096 --sparsities 0.98      (int4 candidates' recall)
+    python -m cab_experiments granularity --reuse-lags 1 2 4 8 --lengths 4096 --sparsities 0.98 (a step's keys reused)
     python -m cab_experiments plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
 
 Every run appends one JSONL row per setting to --out and skips settings already there (resume after a stop).
@@ -161,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: how many of an exact token decode's keys (the prompt's last query token, "
                         "CABConfig.decode_tokens per head) a selector keeps that scores keys rounded to these many bits "
                         "and reranks its F x budget best by exact score (--rerank-factors F)")
-    p.add_argument("--rerank-factors", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--rerank-factors", type=_positive_int, nargs="+", default=[1, 2, 4, 8],
+                   help="candidates per kept key (--rerank-bits, --reuse-lags)")
+    p.add_argument("--reuse-lags", type=_positive_int, nargs="+", default=None, metavar="R",
+                   help="instead: how many of a decode step's exact best keys (CABConfig.decode_tokens per head) are "
+                        "among the F x budget best of the step R steps before, plus the keys written since (the dense "
+                        "model's own answer, up to max(R) tokens; --rerank-factors F)")
     p.add_argument("--rerank-quant", choices=["channel", "token"], nargs="+", default=["channel"],
                    help="the key copy's quantizer: each channel's range per 16-token page, or a scale per token and "
                         "32 dimensions")
@@ -169,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.add_argument("--out", default=None, help="default experiments/results/granularity.jsonl (with --bounds: "
                                               "experiments/results/bounds.jsonl, with --rerank-bits: "
-                                              "experiments/results/rerank.jsonl)")
+                                              "experiments/results/rerank.jsonl, with --reuse-lags: "
+                                              "experiments/results/reuse.jsonl)")
 
     p = sub.add_parser("plot", help="heatmaps, Pareto plots and markdown tables from JSONL files")
     p.add_argument("files", nargs="+", type=Path)
@@ -333,9 +340,17 @@ def _granularity(a) -> int:
     device, dtype = _resolve(a.device, a.dtype)
     if any(256 % t for t in a.tiles):
         raise SystemExit(f"python -m cab_experiments granularity: --tiles {a.tiles}: each must divide 256")
-    if a.bounds and a.rerank_bits:
-        raise SystemExit("python -m cab_experiments granularity: --bounds and --rerank-bits are two questions: "
-                         "ask one")
+    if sum(map(bool, (a.bounds, a.rerank_bits, a.reuse_lags))) > 1:
+        raise SystemExit("python -m cab_experiments granularity: --bounds, --rerank-bits and --reuse-lags are "
+                         "separate questions: ask one")
+    if a.reuse_lags:
+        from cab_experiments.granularity import reuse_markdown, run_reuse
+
+        rows = run_reuse(a.model, a.lengths, a.sparsities, tuple(a.reuse_lags), tuple(a.rerank_factors), a.task,
+                         a.depth, device, dtype, max(a.reuse_lags))
+        _append_rows(a.out or "experiments/results/reuse.jsonl", rows, device)
+        print(reuse_markdown(rows))
+        return 0
     if a.rerank_bits:
         from cab_experiments.granularity import rerank_markdown, run_rerank
 

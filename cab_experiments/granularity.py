@@ -203,6 +203,91 @@ def run_rerank(model_name: str, lengths, sparsities, bits=(4,), factors=(1, 2, 4
     return out
 
 
+def reuse_recall(q: torch.Tensor, k: torch.Tensor, p0: int, lags, factors, keep_of) -> dict:
+    """Could a decode choose its keys once and keep them for the next steps? q [Hq, N, D], k [Hkv, N, D]: the queries
+    and keys of positions 0..N-1 (a prompt of p0 + 1 tokens followed by its generated tokens); each query head at
+    position p keeps its keep_of(p + 1) highest-scoring keys of positions 0..p. At step p0 the candidates are each
+    head's F x keep_of(p0 + 1) best keys; at p0 + r (r in lags) they are those plus the r keys written since, and the
+    keep best of them by exact score are kept. Returns {(r, F): {recall, mass, recall_min, mass_min}}: the fraction of
+    step p0 + r's exact best keep among the candidates and the softmax mass of the kept over that of the exact best,
+    the mean over heads and the smallest head's."""
+    hq, n, d = q.shape
+    hkv = k.shape[0]
+    if hq % hkv or tuple(k.shape[1:]) != (n, d):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (heads, positions, head dim)")
+    if not 0 <= p0 < n or any(r < 1 or p0 + r >= n for r in lags):
+        raise ValueError(f"p0={p0} and lags {list(lags)}: every step p0 + lag must be one of the {n} positions")
+    kk = k.double().repeat_interleave(hq // hkv, 0)
+
+    def scores(p):
+        return torch.einsum("hd,hnd->hn", q[:, p].double(), kk[:, :p + 1]) / math.sqrt(d)
+
+    def top(z, m):
+        return torch.zeros_like(z, dtype=torch.bool).scatter_(-1, z.topk(m, -1).indices, True)
+
+    z0 = scores(p0)
+    out = {}
+    for f in factors:
+        cand0 = top(z0, min(p0 + 1, f * keep_of(p0 + 1)))
+        for r in lags:
+            z = scores(p0 + r)
+            keep = keep_of(p0 + r + 1)
+            cand = torch.cat([cand0, torch.ones(hq, r, dtype=torch.bool)], 1)
+            best = top(z, keep)
+            kept = top(z.masked_fill(~cand, float("-inf")), keep)
+            p = torch.softmax(z, -1)
+            recall, mass = (best & cand).sum(-1).double() / keep, (p * kept).sum(-1) / (p * best).sum(-1)
+            out[(r, f)] = {"recall": float(recall.mean()), "mass": float(mass.mean()),
+                           "recall_min": float(recall.min()), "mass_min": float(mass.min())}
+    return out
+
+
+def run_reuse(model_name: str, lengths, sparsities, lags=(1, 2, 4, 8), factors=(2, 4), task: str = "multikey",
+              depth: float = 0.5, device: str = "cpu", dtype: torch.dtype = torch.float32,
+              new_tokens: int = 16) -> list[dict]:
+    """One ``task`` prompt per length: the dense model generates up to new_tokens greedily, then prompt and answer
+    run through it once more (a prefill, captured); for every layer and sparsity, reuse_recall of the prompt's last
+    query token's selection at each lag the answer reaches, each head keeping CABConfig.decode_tokens keys."""
+    from cab_experiments.common import load_model
+    from cab_experiments.tasks import build_items
+    from cab_vllm import hf
+    from cab_vllm.config import CABConfig
+
+    model, tok, _ = load_model(model_name, device, dtype)
+    out = []
+    for n in lengths:
+        item = build_items(tok, task, n, [depth], 1)[0]
+        ids = torch.tensor([item["input_ids"]], device=device)
+        with torch.no_grad():
+            seq = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+            with hf.capture() as caps:
+                model(seq)
+        p0 = ids.shape[1] - 1
+        reach = [r for r in lags if p0 + r < seq.shape[1]]
+        for layer, q, k in caps:
+            for sp in sparsities:
+                cfg = CABConfig(policy="cab", sparsity=sp)
+                for (r, f), v in reuse_recall(q[0], k[0], p0, reach, factors, cfg.decode_tokens).items():
+                    out.append(dict(model=model_name, length=n, n_tokens=p0 + 1, task=task, depth=depth, layer=layer,
+                                    sparsity=sp, lag=r, factor=f, keep=cfg.decode_tokens(p0 + r + 1),
+                                    generated=seq.shape[1] - p0 - 1, **{key: round(x, 5) for key, x in v.items()}))
+    return out
+
+
+def reuse_markdown(rows: list[dict]) -> str:
+    """Per (task, length, sparsity, factor, lag): over layers, the mean recall and mass and the smallest head's."""
+    acc: dict = {}
+    for r in rows:
+        acc.setdefault((r["task"], r["length"], r["sparsity"], r["factor"], r["lag"]), []).append(r)
+    lines = ["| task | length | sparsity | candidates (x keep) | steps later | recall (mean / smallest head) | mass (mean "
+             "/ smallest head) |", "|---|---|---|---|---|---|---|"]
+    for (task, n, sp, f, lag), rs in sorted(acc.items()):
+        def cell(m):
+            return f"{sum(r[m] for r in rs) / len(rs):.3f} / {min(r[m + '_min'] for r in rs):.3f}"
+        lines.append(f"| {task} | {n} | {sp:g} | {f} | {lag} | {cell('recall')} | {cell('mass')} |")
+    return "\n".join(lines)
+
+
 def rerank_markdown(rows: list[dict]) -> str:
     """Per (length, sparsity, quantizer, bits): over layers, the mean of each factor's recall and mass, and the
     smallest of any head (rows written before the quantizer was recorded: "token")."""

@@ -215,5 +215,67 @@ def test_the_cli_rerank_mode_measures_every_layer(tmp_path):
     for r in rows:
         assert 0 < r["recall_1"] <= r["recall_4"] <= 1 and 0 < r["mass_1"] <= 1.00001 and r["bits"] == 4
         assert r["keep"] == CABConfig(sparsity=0.9).decode_tokens(r["n_tokens"])
-    with pytest.raises(SystemExit, match="two questions"):
+    with pytest.raises(SystemExit, match="separate questions"):
         main(["granularity", "--rerank-bits", "4", "--bounds", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="separate questions"):
+        main(["granularity", "--rerank-bits", "4", "--reuse-lags", "1", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("n, p0, lags, factors", [(120, 90, (1, 2, 7), (1, 3)), (64, 40, (1, 23), (2,)),
+                                                  (33, 10, (5,), (4, 100))])
+def test_reuse_recall_matches_loops(n, p0, lags, factors):
+    """reuse_recall by loops per head: step p0's F x keep best keys plus those written since are the candidates of
+    step p0 + r; recall of that step's exact best keep among them, mass of the keep best candidates over the best's."""
+    from cab_experiments.granularity import reuse_recall
+
+    torch.manual_seed(n + p0)
+    q, k = torch.randn(6, n, 16), torch.randn(2, n, 16)
+
+    def keep_of(m):
+        return max(1, m // 9)
+
+    got = reuse_recall(q, k, p0, lags, factors, keep_of)
+    assert set(got) == {(r, f) for r in lags for f in factors}
+    for (r, f), v in got.items():
+        rec, mass = [], []
+        for h in range(6):
+            def z(p):
+                return k[h // 3, :p + 1].double() @ q[h, p].double() / 4.0
+            c0 = z(p0).topk(min(p0 + 1, f * keep_of(p0 + 1))).indices.tolist()
+            cand = sorted(set(c0) | set(range(p0 + 1, p0 + r + 1)))
+            zr, keep = z(p0 + r), keep_of(p0 + r + 1)
+            pr = torch.softmax(zr, 0)
+            best = zr.topk(keep).indices.tolist()
+            kept = [cand[i] for i in zr[cand].topk(keep).indices.tolist()]
+            rec.append(len(set(best) & set(cand)) / keep)
+            mass.append(float(pr[kept].sum() / pr[best].sum()))
+        assert v["recall"] == pytest.approx(sum(rec) / 6, abs=1e-9)
+        assert v["mass"] == pytest.approx(sum(mass) / 6, abs=1e-9)
+        assert (v["recall_min"], v["mass_min"]) == pytest.approx((min(rec), min(mass)), abs=1e-9)
+        if f * keep_of(p0 + 1) >= p0 + 1:  # every key a candidate: nothing lost
+            assert v["recall"] == 1.0 and v["mass"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="positions"):
+        reuse_recall(q, k, p0, (n - p0,), factors, keep_of)
+    with pytest.raises(ValueError, match="do not match"):
+        reuse_recall(q[:, :-1], k, p0, lags, factors, keep_of)
+
+
+def test_the_cli_reuse_mode_measures_every_layer(tmp_path):
+    """granularity --reuse-lags on SmolLM2 (CPU, 512 tokens): one row per layer, lag and factor the answer reaches,
+    fractions in [0, 1], the keep of the later step's length."""
+    import json
+
+    from cab_experiments.cli import main
+    from cab_vllm.config import CABConfig
+
+    out = tmp_path / "u.jsonl"
+    assert main(["granularity", "--reuse-lags", "1", "2", "--rerank-factors", "2", "--model", "smollm2-135m-instruct",
+                 "--lengths", "512", "--sparsities", "0.9", "--device", "cpu", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    lags = sorted({r["lag"] for r in rows})
+    assert lags and set(lags) <= {1, 2} and len(rows) == 30 * len(lags)
+    assert {r["layer"] for r in rows} == set(range(30)) and {r["factor"] for r in rows} == {2}
+    for r in rows:
+        assert 0 <= r["recall_min"] <= r["recall"] <= 1 and 0 <= r["mass_min"] <= r["mass"] <= 1.00001
+        assert r["keep"] == CABConfig(sparsity=0.9).decode_tokens(r["n_tokens"] + r["lag"])
+        assert r["generated"] >= r["lag"]
