@@ -62,7 +62,7 @@ SCAN_TILE = 512  # logits per step of the attention's scan
 CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
 LOGITS_TILE = 128  # keys per step of a logits program (a power of two dividing CHUNK; 64: up to 1.2x slower on an H100)
 LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
-ATTEND_MAXNREG = 0  # registers per thread at most in the attention launch (0: the compiler's choice)
+ATTEND_MAXNREG = LOGITS_MAXNREG = 0  # registers per thread at most in those launches (0: the compiler's choice)
 COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
 BUCKETS = 128  # buckets per counting pass
 STEP_A = 0.25  # first-pass bucket width, base-2 logits: BUCKETS of them from the max's bucket, 31.75-32 below the max
@@ -671,7 +671,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             CHUNK_T=CHUNK, TILE_T=min(LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps,
             CODES=codes is not None, CGROUP=CODE_GROUP, BLOCK_H=max(16, next_pow2(d // 2)),
             EST_DT=tl.float32 if key_cache.dtype == torch.float32 else tl.float16,
-            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES)
+            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES,
+            **({"maxnreg": LOGITS_MAXNREG} if LOGITS_MAXNREG else {}))
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,
