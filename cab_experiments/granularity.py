@@ -152,6 +152,20 @@ def run_bounds(model_name: str, lengths, sparsities, task: str = "multikey", dep
     return out
 
 
+def _top(z: torch.Tensor, m: int) -> torch.Tensor:
+    """Each row's m highest entries of z, as a mask."""
+    return torch.zeros_like(z, dtype=torch.bool).scatter_(-1, z.topk(m, -1).indices, True)
+
+
+def _recall_mass(z: torch.Tensor, cand: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of exact scores z [H, N] with candidates cand [H, N] (mask): the fraction of the keep best keys among
+    the candidates (recall), and the softmax mass of the keep best candidates over that of the keep best (mass)."""
+    best = _top(z, keep)
+    kept = _top(z.masked_fill(~cand, float("-inf")), keep)
+    p = torch.softmax(z, -1)
+    return (best & cand).sum(-1).double() / keep, (p * kept).sum(-1) / (p * best).sum(-1)
+
+
 def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factors, quant: str = "channel") -> dict:
     """Could a decode score a quantized copy of K, then only its candidates exactly? q [Hq, D] one step's queries,
     k [Hkv, N, D] its keys; each query head keeps its ``keep`` highest-scoring keys. For each factor F: candidates are
@@ -170,13 +184,9 @@ def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factor
     z = torch.einsum("hd,hnd->hn", q, k.double().repeat_interleave(g, 0)) / math.sqrt(d)  # [Hq, N]
     kq = quantize_keys(k, bits) if quant == "token" else quantize_keys_channel(k, bits)
     zq = torch.einsum("hd,hnd->hn", q, kq.double().repeat_interleave(g, 0))
-    p = torch.softmax(z, -1)
-    best = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, z.topk(keep, -1).indices, True)
     out = {}
     for f in factors:
-        cand = torch.zeros_like(best).scatter_(-1, zq.topk(min(n, f * keep), -1).indices, True)
-        kept = torch.zeros_like(best).scatter_(-1, z.masked_fill(~cand, float("-inf")).topk(keep, -1).indices, True)
-        recall, mass = (best & cand).sum(-1).double() / keep, (p * kept).sum(-1) / (p * best).sum(-1)
+        recall, mass = _recall_mass(z, _top(zq, min(n, f * keep)), keep)
         out.update({f"recall_{f}": float(recall.mean()), f"mass_{f}": float(mass.mean()),
                     f"recall_min_{f}": float(recall.min()), f"mass_min_{f}": float(mass.min())})
     return out
@@ -222,21 +232,14 @@ def reuse_recall(q: torch.Tensor, k: torch.Tensor, p0: int, lags, factors, keep_
     def scores(p):
         return torch.einsum("hd,hnd->hn", q[:, p].double(), kk[:, :p + 1]) / math.sqrt(d)
 
-    def top(z, m):
-        return torch.zeros_like(z, dtype=torch.bool).scatter_(-1, z.topk(m, -1).indices, True)
-
     z0 = scores(p0)
+    cand0 = {f: _top(z0, min(p0 + 1, f * keep_of(p0 + 1))) for f in factors}
     out = {}
-    for f in factors:
-        cand0 = top(z0, min(p0 + 1, f * keep_of(p0 + 1)))
-        for r in lags:
-            z = scores(p0 + r)
-            keep = keep_of(p0 + r + 1)
-            cand = torch.cat([cand0, torch.ones(hq, r, dtype=torch.bool)], 1)
-            best = top(z, keep)
-            kept = top(z.masked_fill(~cand, float("-inf")), keep)
-            p = torch.softmax(z, -1)
-            recall, mass = (best & cand).sum(-1).double() / keep, (p * kept).sum(-1) / (p * best).sum(-1)
+    for r in lags:
+        z = scores(p0 + r)  # (once per step, for every factor)
+        for f in factors:
+            cand = torch.cat([cand0[f], torch.ones(hq, r, dtype=torch.bool)], 1)
+            recall, mass = _recall_mass(z, cand, keep_of(p0 + r + 1))
             out[(r, f)] = {"recall": float(recall.mean()), "mass": float(mass.mean()),
                            "recall_min": float(recall.min()), "mass_min": float(mass.min())}
     return out
