@@ -10,6 +10,13 @@ One engine per process (run the backends one after the other). Each JSON line: b
 median of the same; tpot_diff_ms: (wall time of 1+T tokens - TTFT) / T, which the prefill's spread blurs), the greedy output ids of a
 fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GPU memory.
 
+--weights normal: after vLLM's dummy load (every weight uniform in +-1e-3: every query and key comes out near zero,
+so every key of a context scores about the same and a rule that keeps a score's ties keeps them all), the model's
+weights are drawn again in the engine (LLM.apply_model): norms 1, every other weight normal(0, 0.02), a
+freshly initialised model's spread. Keys then score apart as a trained model's do (base-2 logits spread over
+units, not thousandths), so the cost of a decode that ranks keys by score is its cost on real text; FlashAttention's
+does not depend on the values. Needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 (set here) to send the function.
+
 --profile-decode N: after the timed runs, the GPU kernels of T decode steps of an N-token prompt (torch.profiler in
 this process, where the engine runs with tensor parallel 1): a prefill-only request and a 1+T-token one are
 profiled, and their difference per kernel name is what one decode step launches (calls and GPU time per step,
@@ -406,6 +413,23 @@ def kernel_trace(fn) -> list:
             if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def redraw_weights(model) -> int:
+    """Every parameter of model drawn again in place (the CUDA graphs captured at start keep their pointers): norm
+    weights 1, the rest normal(0, 0.02); returns how many tensors."""
+    import torch
+
+    n = 0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+            n += 1
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", required=True, choices=["FLASH_ATTN", "CUSTOM"])
@@ -419,6 +443,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="prompts of each length sent together (TTFT: the whole "
                     "batch's first tokens; TPOT: per step of the batch)")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--weights", choices=("dummy", "normal"), default="dummy",
+                    help="dummy: vLLM's uniform +-1e-3 (every key scores alike); normal: redrawn in the engine as a "
+                         "fresh model's (norms 1, the rest normal(0, 0.02))")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--eager", action="store_true")
@@ -472,6 +499,8 @@ def main() -> None:
     if a.sparsity is not None:
         os.environ["CAB_SPARSITY"] = str(a.sparsity)
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if a.runner == "v2" else "0"
+    if a.weights == "normal":
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # LLM.apply_model sends a function to the engine
     lens = [int(x) for x in a.lens.split(",")]
     import torch
     from vllm import LLM, SamplingParams
@@ -489,6 +518,8 @@ def main() -> None:
               **({"attention_config": attention_config} if attention_config else {}),
               **({} if a.block_size is None else {"block_size": a.block_size}))
     init_s = time.time() - t0
+    if a.weights == "normal":
+        print(f"weights redrawn: {sum(llm.apply_model(redraw_weights))} tensors", flush=True)
     mem0 = torch.cuda.memory_allocated() if a.tp == 1 else 0
     torch.cuda.reset_peak_memory_stats()
     rows = []
@@ -555,7 +586,7 @@ def main() -> None:
         rows.append(row)
         print("RES", json.dumps(row), flush=True)
     peak = torch.cuda.max_memory_allocated() if a.tp == 1 else 0
-    summary = dict(backend=a.backend, sparsity=a.sparsity, init_s=round(init_s, 1), first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
+    summary = dict(backend=a.backend, sparsity=a.sparsity, weights=a.weights, init_s=round(init_s, 1), first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
                    probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp,
                    cab_env={k: v for k, v in sorted(os.environ.items())

@@ -8,6 +8,8 @@
 #   LAYERS=16 BATCH=8 bash benchmarks/gpu/run.sh ...  the 8B geometry with 16 of its 32 layers: every layer is the
 #                                           same, so CAB's TPOT against FLASH_ATTN's is the 32-layer ratio to first
 #                                           order, and 8 x 128k of KV (69 GB at 16 layers) fits one H200
+#   WEIGHTS=normal bash benchmarks/gpu/run.sh ...  the model's weights redrawn as a fresh model's (engine_bench.py
+#                                           --weights normal: keys score apart as on real text)
 #   PROFILE=4096 bash benchmarks/gpu/run.sh ... also the kernels of one decode step at that context (PROF lines
 #                                           in each log; decode_profile in the summary line)
 #   STEADY=1 LAYERS=16 BATCH=8 bash benchmarks/gpu/run.sh ...  also the decode step of the batch with all of it
@@ -46,12 +48,13 @@ for r in $runs; do
     extra=("${cab[@]}")
     suffix=_$(printf '%s' "$envs" | tr ',=' '_-')
   fi
-  tag=${be}_${sp:-dense}${suffix}${BATCH:+_b$BATCH}${LAYERS:+_l$LAYERS}${TP:+_tp$TP}${RUNNER:+_$RUNNER}
+  tag=${be}_${sp:-dense}${suffix}${WEIGHTS:+_w$WEIGHTS}${BATCH:+_b$BATCH}${LAYERS:+_l$LAYERS}${TP:+_tp$TP}${RUNNER:+_$RUNNER}
   args=(--backend "$be" --lens "$lens" --out "$out/engine_$tag.jsonl")
   [ -n "$sp" ] && args+=(--sparsity "$sp")
   [ -n "${TP:-}" ] && args+=(--tp "$TP")
   [ -n "${BATCH:-}" ] && args+=(--batch "$BATCH")
   [ -n "${LAYERS:-}" ] && args+=(--layers "$LAYERS")
+  [ -n "${WEIGHTS:-}" ] && args+=(--weights "$WEIGHTS")
   [ -n "${RUNNER:-}" ] && args+=(--runner "$RUNNER")
   args+=("${engine[@]}")
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")

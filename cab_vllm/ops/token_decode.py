@@ -75,6 +75,9 @@ MAX_SPLITS = 128
 MIN_TILES_PER_SPLIT = 8  # a split reads at least this many tiles' logits
 SCRATCH_BYTES = 256 << 20  # logits held at once: more rows than fit run in groups of launches
 HIST_LOAD = 32  # counting chunks' histograms summed per load (32 x 128 int32: 16 KiB)
+TIE_SLACK = 16  # tied keys (bucket B) a head keeps beyond its budget before the tie cap picks among them (tie_cut)
+TIE_MULT = 2654435769  # 2^32 / golden ratio: tie_hash's multiplier
+SEL = 8  # int32 slots per head of the thresholds (sel): A, B, kept count, the max's bucket (float32 bits), tie cut
 ALL = BUCKETS + 1  # a first-pass threshold bucket past every key's: the head keeps every key
 RERANK = 2  # with a 4-bit key copy: candidates per kept key, ranked by the copy, then narrowed by exact score
 CODE_ASM = False  # 16-bit caches on a GPU: the copy's nibbles made float16 four at a time in inline PTX (not timed yet)
@@ -88,15 +91,45 @@ def kept_keys(logits: torch.Tensor, keep: int) -> torch.Tensor:
     (BUCKETS when fewer than keep are in the window), and inside their own bucket keys fall in BUCKETS buckets of
     STEP_B = STEP_A / BUCKETS, b; B is the one holding the keep-th; kept: a < A, or a == A and b <= B. So the keep
     best and every key within STEP_B of the keep-th, or, when fewer than keep keys lie in the window (31.75-32 below
-    the maximum), those."""
+    the maximum), those. Unless bucket B holds more than TIE_SLACK keys beyond those it needs (tie_cut): then only
+    about the number it needs of them, picked by a hash of their positions, so ties cannot make a head keep more
+    than about keep + TIE_SLACK keys."""
+    return _rule(logits, keep)[0]
+
+
+def _rule(logits: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kept_keys, and which heads [..., 1] the tie cap cut (their kept count is reported as keep, as the kernels do:
+    the hash keeps about that many)."""
     n = logits.shape[-1]
     if keep >= n:
-        return torch.ones_like(logits, dtype=torch.bool)
+        return torch.ones_like(logits, dtype=torch.bool), torch.zeros(*logits.shape[:-1], 1, dtype=torch.bool)
     a, b = _buckets(logits.float())
     big_a, above = _bucket_of(a, keep)  # [..., 1]
     b = torch.where(a == big_a, b, BUCKETS)
-    big_b, _ = _bucket_of(b, keep - above)
-    return (a < big_a) | ((a == big_a) & (big_a < BUCKETS) & (b <= big_b))
+    big_b, above_b = _bucket_of(b, keep - above)
+    tie = (a == big_a) & (big_a < BUCKETS) & (b == big_b)
+    here = tie.sum(-1, keepdim=True)
+    t = tie_cut(keep - above - above_b, here)
+    pos = torch.arange(n, device=logits.device).expand_as(tie)
+    kept = (a < big_a) | ((a == big_a) & (big_a < BUCKETS) & (b < big_b)) | (tie & ((t < 0) | (tie_hash(pos) < t)))
+    return kept, t >= 0
+
+
+def tie_cut(need, here):
+    """The tie cap: a head whose threshold bucket (its keep-th key's, STEP_B wide) holds ``here`` keys, of which it
+    needs ``need``, keeps them all when here <= need + TIE_SLACK (-1 returned), else only the keys whose tie_hash is
+    below the returned cut need x 2^31 // here (about ``need`` of them, spread over the positions): when many keys
+    score alike (a flood of ties: repeated text, or a model whose keys all score the same) the head keeps about its
+    budget, not every tied key. Tensors or ints (int64 arithmetic)."""
+    need = torch.as_tensor(need, dtype=torch.long)
+    here = torch.as_tensor(here, dtype=torch.long, device=need.device)
+    return torch.where(here > need + TIE_SLACK, (need << 31) // here.clamp(min=1), -1)
+
+
+def tie_hash(pos: torch.Tensor) -> torch.Tensor:
+    """A key position's place among its ties, 0..2^31-1: the low 32 bits of pos x 2654435769 (Fibonacci hashing:
+    consecutive positions spread evenly), halved; the kernels' uint32 arithmetic, in int64."""
+    return ((pos.long() * TIE_MULT) & 0xFFFFFFFF) >> 1
 
 
 def _buckets(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,13 +190,14 @@ def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         if codes is not None:  # the estimate's candidates, then the exact rule among them
             est = torch.einsum("hgd,hnd->hgn", qs, dequantize(codes, block_table[s], n)) * (scale * LOG2E)
             z = z.masked_fill(~kept_keys(est, kt * rerank), float("-inf"))
-        sel = kept_keys(z, kt) & (z > float("-inf"))
+        sel, cut = _rule(z, kt)
+        sel &= z > float("-inf")
         z = z.masked_fill(~sel, float("-inf"))
         p = torch.exp2(z - z.amax(-1, keepdim=True))
         o = torch.einsum("hgn,hnd->hgd", p, v) / p.sum(-1, keepdim=True)
         out[s] = o.reshape(hq, d).to(out.dtype)
         if counts is not None:
-            counts[s] = sel.sum(-1).reshape(hq).to(counts.dtype)
+            counts[s] = torch.where(cut[..., 0], kt, sel.sum(-1)).reshape(hq).to(counts.dtype)
     return out
 
 
@@ -171,8 +205,8 @@ class TokenScratch(NamedTuple):
     """Buffers of the token decode launches (fixed addresses for CUDA graphs), for up to ``rows`` rows at once:
     logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), cmax [rows, Hq, NPAD / CHUNK] float32 (each chunk's
     largest logit per head), count_a [rows, Hq, NPAD / CHUNK, BUCKETS] and count_b [rows, Hq, NPAD / COUNT_CHUNK,
-    BUCKETS] int32 (the counting passes), sel [rows, Hq, 4] int32 (per head: the two threshold buckets, the kept count,
-    and the float32 bits of the maximum's absolute bucket),
+    BUCKETS] int32 (the counting passes), sel [rows, Hq, SEL] int32 (per head: the two threshold buckets, the kept count,
+    the float32 bits of the maximum's absolute bucket and the tie cut, tie_cut's),
     part_o / part_lse flat float32 split partials for rows x Hq x the most splits (x D) (a launch of r rows views them
     as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
     int32 zeros (the launch leaves them zero), kept [rows, Hkv, NPAD] int32 (each attention split's list of the
@@ -232,7 +266,7 @@ def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, m
     i32 = dict(dtype=torch.int32, device=device)
     return TokenScratch(torch.zeros(rows, num_heads, npad, **f32), torch.zeros(rows, num_heads, chunks, **f32),
                         torch.zeros(rows, num_heads, chunks, BUCKETS, **i32),
-                        torch.zeros(rows, num_heads, cchunks, BUCKETS, **i32), torch.zeros(rows, num_heads, 4, **i32),
+                        torch.zeros(rows, num_heads, cchunks, BUCKETS, **i32), torch.zeros(rows, num_heads, SEL, **i32),
                         torch.zeros(cap * num_heads * head_dim, **f32), torch.zeros(cap * num_heads, **f32),
                         torch.zeros(rows, num_heads, **f32), torch.zeros(rows * num_kv_heads, **i32),
                         torch.zeros(rows, num_kv_heads, npad, **i32), torch.zeros(rows, **i32))
@@ -381,10 +415,12 @@ if HAS_TRITON:
         return a, b
 
     @triton.jit
-    def _kept(z, top, big_a, big_b, NB: tl.constexpr, INV_A: tl.constexpr):
-        """Whether each key z (broadcast against its head's top, A and B) is kept: a < A, or a == A and b <= B."""
+    def _kept(z, pos, top, big_a, big_b, cut, NB: tl.constexpr, INV_A: tl.constexpr):
+        """Whether each key z at position pos (broadcast against its head's top, A, B and tie cut) is kept: a < A,
+        or a == A and b < B, or a == A and b == B and (no cut, or the position's tie hash under the cut)."""
         a, b = _key_buckets(z, top, big_a, NB, INV_A)
-        return (a < big_a) | ((a == big_a) & (b <= big_b))
+        h = (((pos.to(tl.int64) * 2654435769) & 0xFFFFFFFF) >> 1).to(tl.int32)  # tie_hash
+        return (a < big_a) | ((a == big_a) & ((b < big_b) | ((b == big_b) & ((cut < 0) | (h < cut)))))
 
     @triton.jit
     def _list_kept(lg_ptr, sel_ptr, kl, s, kvh, group, num_heads, p0, p1, stride_ls, stride_lh, SCAN_G: tl.constexpr,
@@ -394,10 +430,11 @@ if HAS_TRITON:
         head's logits it does not keep (the estimate's non-candidates)."""
         gs = tl.arange(0, SCAN_G)
         gs_ok = gs < group
-        sel_s = sel_ptr + (s * num_heads + kvh * group + gs) * 4
+        sel_s = sel_ptr + (s * num_heads + kvh * group + gs) * 8
         a_s = tl.load(sel_s, mask=gs_ok, other=-1)
         b_s = tl.load(sel_s + 1, mask=gs_ok, other=-1)
         top_s = tl.load(sel_s + 3, mask=gs_ok, other=0).to(tl.float32, bitcast=True)
+        cut_s = tl.load(sel_s + 4, mask=gs_ok, other=-1)
         row_s = lg_ptr + s * stride_ls + (kvh * group + gs)[:, None].to(tl.int64) * stride_lh
         cnt = p0 * 0
         for c0 in range(p0, p1, SCAN_T):
@@ -405,7 +442,7 @@ if HAS_TRITON:
             ok = pos < p1
             live = gs_ok[:, None] & ok[None, :]
             z = tl.load(row_s + pos[None, :], mask=live, other=0.0)
-            sel = _kept(z, top_s[:, None], a_s[:, None], b_s[:, None], NB, INV_A) & live
+            sel = _kept(z, pos[None, :], top_s[:, None], a_s[:, None], b_s[:, None], cut_s[:, None], NB, INV_A) & live
             if DROP:
                 tl.store(row_s + pos[None, :], tl.full([SCAN_G, SCAN_T], float("-inf"), tl.float32),
                          mask=live & ~sel)
@@ -426,7 +463,7 @@ if HAS_TRITON:
         s, h, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_heads, n_cchunks)
         t0 = c * CCHUNK_T
         if (kt > 0) & (kt < n) & (t0 < n):
-            out = sel_ptr + (s * num_heads + h) * 4
+            out = sel_ptr + (s * num_heads + h) * 8
             big_a = tl.load(out)
             if big_a < NB:
                 top = tl.load(out + 3).to(tl.float32, bitcast=True)
@@ -438,10 +475,15 @@ if HAS_TRITON:
                     i = i0 + tl.arange(0, RTILE)
                     ok = i < t1
                     a, b = _key_buckets(tl.load(base + i, mask=ok, other=0.0), top, big_a, NB, INV_A)
+                    in_a = ok & (a == big_a)
                     if ATOMIC:
-                        tl.atomic_add(head + b, tl.full([RTILE], 1, tl.int32), mask=ok & (a == big_a), sem="relaxed")
+                        if tl.sum(in_a.to(tl.int32), 0) > RTILE // 16:  # many (ties): one add per bucket, not per key
+                            tile = tl.histogram(b, NB, mask=in_a)
+                            tl.atomic_add(head + tl.arange(0, NB), tile, mask=tile > 0, sem="relaxed")
+                        else:
+                            tl.atomic_add(head + b, tl.full([RTILE], 1, tl.int32), mask=in_a, sem="relaxed")
                     else:
-                        hist += tl.histogram(b, NB, mask=ok & (a == big_a))
+                        hist += tl.histogram(b, NB, mask=in_a)
                 if not ATOMIC:
                     tl.store(head + c * NB + tl.arange(0, NB), hist)
 
@@ -449,14 +491,15 @@ if HAS_TRITON:
     def _select_kernel(cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, sel_ptr, num_heads, n_chunks, n_cchunks,
                        SECOND: tl.constexpr, CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr, NB: tl.constexpr,
                        NCH: tl.constexpr, ALL_T: tl.constexpr, HL: tl.constexpr, INV_A: tl.constexpr,
-                       ATOMIC: tl.constexpr):
+                       ATOMIC: tl.constexpr, TIE_SLACK_T: tl.constexpr):
         """One (row, query head), after the first counting pass: its first threshold bucket A (the one holding its
         keep-th largest key; ALL_T keeps every key), the count above it and its maximum's absolute bucket into
-        sel [rows, Hq, 4] (A, -, above, top as float32 bits); after the second (SECOND): the second threshold B
-        (keep a < A, or a == A and b <= B; -1: nothing of bucket A) and how many keys that keeps (A, B, count, top)."""
+        sel [rows, Hq, SEL] (A, -, above, top as float32 bits, no tie cut); after the second (SECOND): the second
+        threshold B (keep a < A, or a == A and b <= B; -1: nothing of bucket A), how many keys that keeps, and the
+        tie cut when bucket B holds more than TIE_SLACK_T keys beyond those needed (tie_cut; the count is then keep)."""
         s, _, h, n, kt = _program_row(seqlen_ptr, keep_ptr, 1, num_heads)
         if kt > 0:
-            out = sel_ptr + (s * num_heads + h) * 4
+            out = sel_ptr + (s * num_heads + h) * 8
             if SECOND:
                 big_a = tl.load(out)
                 count = n
@@ -468,7 +511,11 @@ if HAS_TRITON:
                     hist = _sum_counts(cb_ptr, cm_ptr, s, h, num_heads, n_cchunks, nch, 0.0, NB, HL, False, INV_A)
                     big_b, above_b, here_b = _pick_bucket(hist, kt - above, NB)
                     tl.store(out + 1, big_b)
+                    need = kt - above - above_b
                     count = above + above_b + here_b
+                    if here_b > need + TIE_SLACK_T:  # a flood of ties: about need of them, by position hash
+                        tl.store(out + 4, ((need.to(tl.int64) << 31) // here_b).to(tl.int32))
+                        count = kt
                 elif big_a == NB:  # fewer than keep keys in the window: all of those
                     tl.store(out + 1, big_a * 0 - 1)
                     count = tl.load(out + 2)
@@ -485,6 +532,7 @@ if HAS_TRITON:
                 tl.store(out + 1, big_a * 0)
                 tl.store(out + 2, above)
                 tl.store(out + 3, top.to(tl.int32, bitcast=True))
+                tl.store(out + 4, big_a * 0 - 1)  # no tie cut (the second launch may set one)
                 if ATOMIC:  # the second pass's counts, added key by key
                     tl.store(cb_ptr + (s * num_heads + h) * n_cchunks * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
 
@@ -566,10 +614,11 @@ if HAS_TRITON:
             heads = kvh * group + g
             d = tl.arange(0, BLOCK_D)
             d_ok = d < HEAD_DIM
-            sel_row = sel_ptr + (s * num_heads + heads) * 4
+            sel_row = sel_ptr + (s * num_heads + heads) * 8
             big_a = tl.load(sel_row, mask=g_ok, other=-1)  # a padded head keeps nothing
             big_b = tl.load(sel_row + 1, mask=g_ok, other=-1)
             top = tl.load(sel_row + 3, mask=g_ok, other=0).to(tl.float32, bitcast=True)
+            cut = tl.load(sel_row + 4, mask=g_ok, other=-1)
             row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
             m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -582,7 +631,8 @@ if HAS_TRITON:
                 page, slot = paged_coords(bt_ptr, stride_bt, s, pos, jok, PAGE_SIZE)
                 off = (page * stride_vpage + (slot.to(tl.int32) * stride_vpos + kvh * stride_vh))[:, None] + d[None, :]
                 v = tl.load(v_ptr + off, mask=jok[:, None] & d_ok[None, :], other=0.0)
-                sel = _kept(z, top[:, None], big_a[:, None], big_b[:, None], NB, INV_A) & jok[None, :] & g_ok[:, None]
+                sel = _kept(z, pos[None, :], top[:, None], big_a[:, None], big_b[:, None], cut[:, None], NB,
+                            INV_A) & jok[None, :] & g_ok[:, None]
                 zs = tl.where(sel, z, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(zs, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -676,7 +726,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,
-                      ATOMIC=COUNT_ATOMIC, num_warps=4)
+                      ATOMIC=COUNT_ATOMIC, TIE_SLACK_T=TIE_SLACK, num_warps=4)
 
         def thresholds(budget):
             _select_kernel[(r * hq,)](cmax, ca, cb, sl, budget, sel, hq, n_chunks, n_cchunks, SECOND=False, **select)

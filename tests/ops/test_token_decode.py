@@ -10,6 +10,7 @@ import torch
 
 from cab_vllm.ops import token_decode as td
 from cab_vllm.ops._triton import HAS_TRITON, interpreting
+from cab_vllm.ops.blocks import gather_paged
 
 TRITON = pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
 
@@ -138,19 +139,57 @@ def test_a_chunk_far_above_the_rest(monkeypatch):
 
 
 @TRITON
-def test_ties_at_the_threshold_are_all_kept():
-    """Keys repeated many times score exactly alike: every key that ties with the keep-th is kept, by both paths,
-    and the output is the softmax over all of them."""
+def test_ties_at_the_threshold_are_kept_up_to_the_slack():
+    """Keys repeated a few times score exactly alike: every key that ties with the keep-th is kept while the tied
+    keys beyond the budget are at most TIE_SLACK, by both paths, and the output is the softmax over all of them."""
     hq, hkv, d, n = 4, 2, 32, 300
     gen = torch.Generator().manual_seed(1)
-    base = torch.randn(5, hkv, d, generator=gen)
-    keys = base[torch.arange(n) % 5]  # five distinct keys, 60 copies each
+    base = torch.randn(30, hkv, d, generator=gen)
+    keys = base[torch.arange(n) % 30]  # thirty distinct keys, ten copies each
     q, kc, vc, bt, sl = paged([n], hq, hkv, d, 16, keys=[keys])
-    kp = torch.tensor([70], dtype=torch.int32)  # the best key's 60 copies, then ties among the next 60
+    kp = torch.tensor([15], dtype=torch.int32)  # the best key's 10 copies, then 5 of the next 10 ties: all 10
     res = both_impls(q, kc, vc, bt, sl, kp, 0.2)
     assert torch.equal(res[0][1], res[1][1])
-    assert res[0][1].tolist() == [[120] * hq]
+    assert res[0][1].tolist() == [[20] * hq]
     assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
+
+
+@TRITON
+@pytest.mark.parametrize("distinct", [5, 1])
+def test_a_flood_of_ties_keeps_about_the_budget(distinct):
+    """Keys repeated many times (five distinct keys, 60 copies each; or one key everywhere: a model whose keys all
+    score the same): the tied keys beyond the budget exceed TIE_SLACK, so each head keeps about the keys it needs
+    of them, picked by position hash, in both paths (the count reported is the budget), and the outputs agree."""
+    hq, hkv, d, n = 4, 2, 32, 300
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(distinct, hkv, d, generator=gen)
+    keys = base[torch.arange(n) % distinct]
+    q, kc, vc, bt, sl = paged([n], hq, hkv, d, 16, keys=[keys])
+    keep = 70  # five keys: the best one's 60 copies, then 10 of the next 60 ties; one key: 70 of 300 ties
+    kp = torch.tensor([keep], dtype=torch.int32)
+    res = both_impls(q, kc, vc, bt, sl, kp, 0.2)
+    assert torch.equal(res[0][1], res[1][1])
+    assert res[0][1].tolist() == [[keep] * hq]
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-5)
+    k = gather_paged(kc, bt[0], n).float()  # what the rule keeps of these logits, head by head
+    z = torch.einsum("hgd,hnd->hgn", q[0].float().view(hkv, hq // hkv, d), k) * (0.2 * td.LOG2E)
+    kept = td.kept_keys(z, keep)
+    assert bool((abs(kept.sum(-1) - keep) <= 3).all()), kept.sum(-1)  # about the budget, not every tie
+    pos = torch.arange(n)
+    for h in kept.view(hq, n):
+        assert int(pos[h].max() - pos[h].min()) > n * 3 // 4  # spread over the context, not its first keys
+
+
+def test_tie_cut():
+    """No cut while the ties beyond the need are at most TIE_SLACK; past it a cut that keeps about need of the
+    tied keys (of consecutive positions: within 2 of need)."""
+    assert int(td.tie_cut(5, 5 + td.TIE_SLACK)) == -1 and int(td.tie_cut(0, 0)) == -1
+    for need, here in ((10, 60), (1, 100), (70, 300), (999, 5000)):
+        cut = int(td.tie_cut(need, here))
+        assert 0 <= cut < 2 ** 31
+        for start in (0, 12345):
+            got = int((td.tie_hash(torch.arange(start, start + here)) < cut).sum())
+            assert abs(got - need) <= 2, (need, here, start, got)
 
 
 @TRITON
