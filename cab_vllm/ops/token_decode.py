@@ -12,9 +12,10 @@ ranked by their exact scores (decode_rule="tokens"). Five launches (the threshol
   3. counts     one program per (row, query head, COUNT_CHUNK logits): how many of the keys in bucket A fall in
                 each of BUCKETS buckets of STEP_B = STEP_A / BUCKETS.
   4. threshold  again: the bucket B inside A that holds the keep-th largest key: the head keeps every key above it
-                and in it (the keep best, and those within STEP_B of the keep-th: ties at 0.002 of a base-2 logit),
-                or every key of the window when fewer than keep are in it (the others weigh under 2^-31 of the best
-                key); and how many it keeps.
+                and in it (the keep best, and those within STEP_B of the keep-th: ties at 0.002 of a base-2 logit;
+                when bucket B holds more than TIE_SLACK keys beyond those needed, only about the needed number of
+                them, by a hash of their positions: tie_cut), or every key of the window when fewer than keep are
+                in it (the others weigh under 2^-31 of the best key); and how many it keeps.
   5. attention  one program per (row, KV head, split of the row's 64-token tiles), in two phases: a scan of the
                 split's stored logits writes the positions some head of the group keeps into a compacted list, then
                 an online softmax runs over the list, ATTEND_TILE keys per step (values of listed keys only; each
