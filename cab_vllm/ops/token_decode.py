@@ -16,6 +16,9 @@ ranked by their exact scores (decode_rule="tokens"). Five launches (the threshol
                 when bucket B holds more than TIE_SLACK keys beyond those needed, only about the needed number of
                 them, by a hash of their positions: tie_cut), or every key of the window when fewer than keep are
                 in it (the others weigh under 2^-31 of the best key); and how many it keeps.
+  (PASSES 1: launches 3 and 4 do not run; the first threshold launch keeps every key above bucket A and samples
+  bucket A's keys, STEP_A wide, by position hash down to the number needed: one launch and one pass over the
+  logits fewer, about keep keys kept. Not the default: untimed on a GPU, and a sampled boundary bucket, not its best.)
   5. attention  one program per (row, KV head, split of the row's 64-token tiles), in two phases: a scan of the
                 split's stored logits writes the positions some head of the group keeps into a compacted list, then
                 an online softmax runs over the list, ATTEND_TILE keys per step (values of listed keys only; each
@@ -76,6 +79,7 @@ MAX_SPLITS = 128
 MIN_TILES_PER_SPLIT = 8  # a split reads at least this many tiles' logits
 SCRATCH_BYTES = 256 << 20  # logits held at once: more rows than fit run in groups of launches
 HIST_LOAD = 32  # counting chunks' histograms summed per load (32 x 128 int32: 16 KiB)
+PASSES = 2  # counting passes: 2 pins the keep-th key to STEP_B; 1 samples bucket A by position hash (kept_keys)
 TIE_SLACK = 16  # tied keys (bucket B) a head keeps beyond its budget before the tie cap picks among them (tie_cut)
 TIE_MULT = 2654435769  # 2^32 / golden ratio: tie_hash's multiplier
 SEL = 8  # int32 slots per head of the thresholds (sel): A, B, kept count, the max's bucket (float32 bits), tie cut
@@ -94,7 +98,8 @@ def kept_keys(logits: torch.Tensor, keep: int) -> torch.Tensor:
     best and every key within STEP_B of the keep-th, or, when fewer than keep keys lie in the window (31.75-32 below
     the maximum), those. Unless bucket B holds more than TIE_SLACK keys beyond those it needs (tie_cut): then only
     about the number it needs of them, picked by a hash of their positions, so ties cannot make a head keep more
-    than about keep + TIE_SLACK keys."""
+    than about keep + TIE_SLACK keys. With PASSES 1 there is no bucket B: every key above bucket A, and of bucket
+    A's keys (STEP_A wide: weights within 2^0.25 of each other) about the number needed, by position hash."""
     return _rule(logits, keep)[0]
 
 
@@ -106,25 +111,30 @@ def _rule(logits: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ones_like(logits, dtype=torch.bool), torch.zeros(*logits.shape[:-1], 1, dtype=torch.bool)
     a, b = _buckets(logits.float())
     big_a, above = _bucket_of(a, keep)  # [..., 1]
+    pos = torch.arange(n, device=logits.device).expand_as(a)
+    if PASSES == 1:  # bucket A sampled by position hash down to the keys it needs
+        tie = (a == big_a) & (big_a < BUCKETS)
+        t = tie_cut(keep - above, tie.sum(-1, keepdim=True), slack=0)
+        return (a < big_a) | (tie & ((t < 0) | (tie_hash(pos) < t))), t >= 0
     b = torch.where(a == big_a, b, BUCKETS)
     big_b, above_b = _bucket_of(b, keep - above)
     tie = (a == big_a) & (big_a < BUCKETS) & (b == big_b)
     here = tie.sum(-1, keepdim=True)
     t = tie_cut(keep - above - above_b, here)
-    pos = torch.arange(n, device=logits.device).expand_as(tie)
     kept = (a < big_a) | ((a == big_a) & (big_a < BUCKETS) & (b < big_b)) | (tie & ((t < 0) | (tie_hash(pos) < t)))
     return kept, t >= 0
 
 
-def tie_cut(need, here):
+def tie_cut(need, here, slack: int | None = None):
     """The tie cap: a head whose threshold bucket (its keep-th key's, STEP_B wide) holds ``here`` keys, of which it
     needs ``need``, keeps them all when here <= need + TIE_SLACK (-1 returned), else only the keys whose tie_hash is
     below the returned cut need x 2^31 // here (about ``need`` of them, spread over the positions): when many keys
     score alike (a flood of ties: repeated text, or a model whose keys all score the same) the head keeps about its
-    budget, not every tied key. Tensors or ints (int64 arithmetic)."""
+    budget, not every tied key. Tensors or ints (int64 arithmetic); slack: TIE_SLACK unless given (0 with PASSES 1)."""
     need = torch.as_tensor(need, dtype=torch.long)
     here = torch.as_tensor(here, dtype=torch.long, device=need.device)
-    return torch.where(here > need + TIE_SLACK, (need << 31) // here.clamp(min=1), -1)
+    slack = TIE_SLACK if slack is None else slack
+    return torch.where(here > need + slack, (need << 31) // here.clamp(min=1), -1)
 
 
 def tie_hash(pos: torch.Tensor) -> torch.Tensor:
@@ -418,10 +428,13 @@ if HAS_TRITON:
     @triton.jit
     def _kept(z, pos, top, big_a, big_b, cut, NB: tl.constexpr, INV_A: tl.constexpr):
         """Whether each key z at position pos (broadcast against its head's top, A, B and tie cut) is kept: a < A,
-        or a == A and b < B, or a == A and b == B and (no cut, or the position's tie hash under the cut)."""
+        or a == A and b < B, or a == A and b == B and (no cut, or the position's tie hash under the cut); B == NB
+        (one counting pass): every key of bucket A as a tie."""
         a, b = _key_buckets(z, top, big_a, NB, INV_A)
         h = (((pos.to(tl.int64) * 2654435769) & 0xFFFFFFFF) >> 1).to(tl.int32)  # tie_hash
-        return (a < big_a) | ((a == big_a) & ((b < big_b) | ((b == big_b) & ((cut < 0) | (h < cut)))))
+        one = big_b == NB  # one counting pass: every key of bucket A is a tie
+        at_b = (b == big_b) | one
+        return (a < big_a) | ((a == big_a) & (((b < big_b) & ~one) | (at_b & ((cut < 0) | (h < cut)))))
 
     @triton.jit
     def _list_kept(lg_ptr, sel_ptr, kl, s, kvh, group, num_heads, p0, p1, stride_ls, stride_lh, SCAN_G: tl.constexpr,
@@ -492,7 +505,7 @@ if HAS_TRITON:
     def _select_kernel(cm_ptr, ca_ptr, cb_ptr, seqlen_ptr, keep_ptr, sel_ptr, num_heads, n_chunks, n_cchunks,
                        SECOND: tl.constexpr, CHUNK_T: tl.constexpr, CCHUNK_T: tl.constexpr, NB: tl.constexpr,
                        NCH: tl.constexpr, ALL_T: tl.constexpr, HL: tl.constexpr, INV_A: tl.constexpr,
-                       ATOMIC: tl.constexpr, TIE_SLACK_T: tl.constexpr):
+                       ATOMIC: tl.constexpr, TIE_SLACK_T: tl.constexpr, ONE_PASS: tl.constexpr):
         """One (row, query head), after the first counting pass: its first threshold bucket A (the one holding its
         keep-th largest key; ALL_T keeps every key), the count above it and its maximum's absolute bucket into
         sel [rows, Hq, SEL] (A, -, above, top as float32 bits, no tie cut); after the second (SECOND): the second
@@ -526,14 +539,25 @@ if HAS_TRITON:
                 top = _row_top(cm_ptr, s, h, num_heads, n_chunks, nch, NCH, INV_A)
                 big_a = n * 0 + ALL_T
                 above = n * 0
+                big_b = big_a * 0
+                cut = (big_a * 0 - 1).to(tl.int64)  # no tie cut (the second launch may set one)
+                count = n
                 if kt < n:
                     hist = _sum_counts(ca_ptr, cm_ptr, s, h, num_heads, n_chunks, nch, top, NB, HL, True, INV_A)
                     big_a, above, here = _pick_bucket(hist, kt, NB)
+                    if ONE_PASS:  # no second pass: bucket A sampled down to the keys it needs (B = NB marks it)
+                        big_b = tl.where(big_a < NB, NB, -1)
+                        count = tl.where(big_a < NB, above + here, above)
+                        if (big_a < NB) & (here > kt - above):
+                            cut = ((kt - above).to(tl.int64) << 31) // here
+                            count = kt
                 tl.store(out, big_a)
-                tl.store(out + 1, big_a * 0)
+                tl.store(out + 1, big_b)
                 tl.store(out + 2, above)
                 tl.store(out + 3, top.to(tl.int32, bitcast=True))
-                tl.store(out + 4, big_a * 0 - 1)  # no tie cut (the second launch may set one)
+                tl.store(out + 4, cut.to(tl.int32))
+                if ONE_PASS:
+                    tl.store(out + 2, count)
                 if ATOMIC:  # the second pass's counts, added key by key
                     tl.store(cb_ptr + (s * num_heads + h) * n_cchunks * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
 
@@ -727,10 +751,12 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,
-                      ATOMIC=COUNT_ATOMIC, TIE_SLACK_T=TIE_SLACK, num_warps=4)
+                      ATOMIC=COUNT_ATOMIC, TIE_SLACK_T=TIE_SLACK, ONE_PASS=PASSES == 1, num_warps=4)
 
         def thresholds(budget):
             _select_kernel[(r * hq,)](cmax, ca, cb, sl, budget, sel, hq, n_chunks, n_cchunks, SECOND=False, **select)
+            if PASSES == 1:
+                return
             _count_kernel[(r * hq * n_cchunks,)](lg, sel, cb, sl, budget, hq, n_cchunks, lg.stride(0), lg.stride(1),
                                                  CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, **steps, ATOMIC=COUNT_ATOMIC,
                                                  num_warps=4)

@@ -122,6 +122,52 @@ def test_launch_steps_equal_the_twin(monkeypatch, chunk, count_chunk, scan_tile,
 
 
 @TRITON
+@pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES[:1] + CASES[3:])
+def test_one_counting_pass_equals_the_twin(monkeypatch, lens, keep, hq, hkv, d, page):
+    """PASSES 1 (no second counting pass: bucket A sampled by position hash): the kernels keep what the twin's rule
+    keeps, and the counts agree (the budget for a sampled head)."""
+    monkeypatch.setattr(td, "PASSES", 1)
+    q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=5 * len(lens) + d)
+    (o0, c0), (o1, c1) = both_impls(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 1 / math.sqrt(d))
+    assert torch.allclose(o0, o1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(c0, c1)
+
+
+@TRITON
+@pytest.mark.parametrize("scale", [0.2, 4.0])
+def test_one_counting_pass_with_codes_and_a_wide_spread(monkeypatch, scale):
+    """PASSES 1 with the 4-bit key copy (the candidates' thresholds and the final ones both one-pass), and with
+    scores spread past the window (scale 4: heads whose window holds fewer keys than their budget)."""
+    monkeypatch.setattr(td, "PASSES", 1)
+    lens, keep = [300, 700], [40, 60]
+    q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=13)
+    kp = torch.tensor(keep, dtype=torch.int32)
+    codes = encoded(kc, bt, sl)
+    res = []
+    for impl in ("torch", "triton"):
+        o, c = torch.full_like(q, 7.0), torch.zeros(2, 8, dtype=torch.int32)
+        td.token_decode(q, kc, vc, bt, sl, kp, scale, o, counts=c, impl=impl, codes=codes)
+        res.append((o, c))
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(res[0][1], res[1][1])
+
+
+def test_one_counting_pass_keeps_the_keys_above_bucket_a_and_about_the_budget(monkeypatch):
+    """PASSES 1 on random logits: every key above the keep-th's STEP_A bucket is kept, none below it, and about
+    keep keys in all (the bucket's keys sampled by position hash: within keep / 8 + 3 per head, 5% on average)."""
+    monkeypatch.setattr(td, "PASSES", 1)
+    z = torch.randn(4, 6, 3000, generator=torch.Generator().manual_seed(3)) * 2.0
+    for keep in (5, 60, 600):
+        kept, cut = td._rule(z, keep)
+        a, _ = td._buckets(z)
+        big_a = (torch.sort(a, -1).values[..., keep - 1:keep])  # the keep-th largest key's bucket
+        assert bool(((a < big_a) <= kept).all()) and not bool((kept & (a > big_a)).any())
+        got = kept.sum(-1).float()  # the bucket's keys sit at scattered positions: the hash keeps about need
+        assert bool((abs(got - keep) <= keep // 8 + 3).all()) and abs(float(got.mean()) - keep) <= 0.05 * keep + 1, got
+        assert bool(cut.any())
+
+
+@TRITON
 def test_a_chunk_far_above_the_rest(monkeypatch):
     """Keys of one 64-token chunk score ~40 base-2 logits above the others: the other chunks' first-pass counts
     shift past the window, and the heads keep only the keys in it (fewer than their budget), as the twin does."""
