@@ -346,7 +346,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
            record: dict | None = None, table: PromptTable | None = None, routes=None, keep: torch.Tensor | None = None,
            workspace: DecodeWorkspace | None = None, skip_dense: bool = False, decode_attention: bool = True,
            prefills: bool = True, summaries: KeySummaries | None = None,
-           kernels: KernelOptions | None = None, fa_prefill=None, tokens=None, key_codes=None) -> torch.Tensor:
+           kernels: KernelOptions | None = None, fa_prefill=None, tokens=None, key_codes=None,
+           token_passes: int = 2) -> torch.Tensor:
     """One layer of the backend: select and attend for the rows of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
@@ -361,8 +362,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     (decode_rule="tokens", plan.tkeep; the block kernel skips them): ops.token_decode runs them (on CUDA launched
     for every decode step it is given to, rows with budget 0 returning at once: a CUDA graph replays it); None: from
     plan.tkeep when some row has one. key_codes: (KeyCodes, rerank) when the token decode ranks keys by the cache's
-    4-bit copy (EngineSettings.token_scorer="int4"; the copy current for every key of the rows), else None.
-    Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
+    4-bit copy (EngineSettings.token_scorer="int4"; the copy current for every key of the rows), else None;
+    token_passes: the token decode's counting passes (EngineSettings.token_passes). Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
     (indices, counts) of plan.decode_rows; 'prefill': (indices, counts, first query block) per plan.prefill_rows).
     """
     from cab_vllm.ops.decode import Selection, routed_decode, routed_indices
@@ -429,7 +430,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
 
                 codes, rerank = key_codes if key_codes is not None else (None, RERANK)
                 token_decode(qd, key_cache, value_cache, bt, sl, tokens[0][:d], scale, od, scratch=tokens[1],
-                             impl="triton" if sel_impl == "triton" else impl, codes=codes, rerank=rerank)
+                             impl="triton" if sel_impl == "triton" else impl, codes=codes, rerank=rerank,
+                             passes=token_passes)
         if record is not None:
             record["decode"] = routed_indices(routes, sl, bs, d)
         if not prefix:

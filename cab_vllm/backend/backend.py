@@ -655,7 +655,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
                skip_dense=self.fa is not None, decode_attention=decode_attention, prefills=md.run_cab_prefill,
                summaries=self.summaries, kernels=self.settings.kernels, fa_prefill=fa_prefill,
                tokens=(md.tkeep, self.token_scratch) if md.run_tokens else None,
-               key_codes=(self._key_codes(kv_cache), self.settings.token_rerank) if self.settings.key_codes else None)
+               key_codes=(self._key_codes(kv_cache), self.settings.token_rerank) if self.settings.key_codes else None,
+               token_passes=self.settings.token_passes)
         return output
 
     def _prefill_launcher(self, dtype: torch.dtype, page_size: int) -> "FAPrefill | None":
@@ -779,7 +780,8 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
                     summaries=impl.summaries, kernels=impl.settings.kernels,
                     dense_threshold=impl.settings.dense_threshold,
                     fa_prefill=impl._fa_prefill, token_scratch=impl.token_scratch,
-                    token_rerank=impl.settings.token_rerank if impl.settings.key_codes else None)
+                    token_rerank=impl.settings.token_rerank if impl.settings.key_codes else None,
+                    token_passes=impl.settings.token_passes)
 
 
 def _engine_page_size(vcfg) -> int:

@@ -133,7 +133,9 @@ class EngineSettings:
     chunk pools its whole context). token_scorer (decode_rule="tokens" only): what ranks a token decode's keys,
     "exact" (every key's exact score) or "int4" (a 4-bit copy of the keys kept in each cache page's tail, ops.key_codes,
     whose token_rerank x budget best keys per head are rescored exactly: reads ~3/8 of the key bytes, not all;
-    the cache holds ~16% fewer tokens in the same memory at 16-bit)."""
+    the cache holds ~16% fewer tokens in the same memory at 16-bit). token_passes: the token decode's counting passes
+    (ops.token_decode.kept_keys): 2 pins each head's keep-th key to 1/512 of a base-2 logit; 1 keeps every key
+    above its 1/4-wide bucket and samples that bucket's keys by position hash to the budget (one launch fewer)."""
 
     cfg: CABConfig = CABConfig()
     dense_threshold: int = 1024
@@ -142,6 +144,7 @@ class EngineSettings:
     kernels: KernelOptions = KernelOptions()
     token_scorer: str = "exact"
     token_rerank: int = 2
+    token_passes: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.dense_threshold, int) or self.dense_threshold < 0:
@@ -160,6 +163,9 @@ class EngineSettings:
         r = self.token_rerank
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RERANK:
             raise ValueError(f"token_rerank={r!r} is invalid: expected an integer 1..{MAX_RERANK}")
+        p = self.token_passes
+        if isinstance(p, bool) or p not in (1, 2):
+            raise ValueError(f"token_passes={p!r} is invalid: expected 1 or 2")
 
     @property
     def key_codes(self) -> bool:
@@ -171,7 +177,7 @@ class EngineSettings:
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
         CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_ANSWER_BLOCKS, CAB_DENSE_LAYERS, CAB_DENSE_PREFILL, CAB_DECODE_SPARSITY,
-        CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, CAB_TOKEN_SCORER, CAB_TOKEN_RERANK, and the kernel
+        CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, CAB_TOKEN_SCORER, CAB_TOKEN_RERANK, CAB_TOKEN_PASSES, and the kernel
         choices of KernelOptions.from_env); unset ones keep the defaults. A bad value raises ValueError naming the
         variable."""
         env = os.environ if environ is None else environ
@@ -202,10 +208,12 @@ class EngineSettings:
         slots = _count_from_env(env, "CAB_SUMMARY_SLOTS", cls.summary_slots)
         scorer = env.get("CAB_TOKEN_SCORER", "").strip() or cls.token_scorer
         rerank = _count_from_env(env, "CAB_TOKEN_RERANK", cls.token_rerank)
+        passes = _count_from_env(env, "CAB_TOKEN_PASSES", cls.token_passes)
         try:
-            return cls(cfg, thr, impl, slots, KernelOptions.from_env(env), scorer, rerank)
+            return cls(cfg, thr, impl, slots, KernelOptions.from_env(env), scorer, rerank, passes)
         except ValueError as e:
-            var = {"token_scorer": "CAB_TOKEN_SCORER", "token_rerank": "CAB_TOKEN_RERANK"}
+            var = {"token_scorer": "CAB_TOKEN_SCORER", "token_rerank": "CAB_TOKEN_RERANK",
+                   "token_passes": "CAB_TOKEN_PASSES"}
             field = next((f for f in var if str(e).startswith(f"{f}=")), None)
             if field is None:
                 raise

@@ -89,7 +89,7 @@ CODE_ASM = False  # 16-bit caches on a GPU: the copy's nibbles made float16 four
 MAX_RERANK = 64
 
 
-def kept_keys(logits: torch.Tensor, keep: int) -> torch.Tensor:
+def kept_keys(logits: torch.Tensor, keep: int, passes: int | None = None) -> torch.Tensor:
     """The selection rule, [..., n] float32 base-2 logits -> [..., n] bool (every key when keep >= n). Keys fall in
     buckets of STEP_A on an absolute grid, numbered down from the one of the row's maximum: a = floor(-z / STEP_A) -
     floor(-max / STEP_A), capped at BUCKETS (past the window); A is the bucket holding the keep-th largest key
@@ -98,12 +98,12 @@ def kept_keys(logits: torch.Tensor, keep: int) -> torch.Tensor:
     best and every key within STEP_B of the keep-th, or, when fewer than keep keys lie in the window (31.75-32 below
     the maximum), those. Unless bucket B holds more than TIE_SLACK keys beyond those it needs (tie_cut): then only
     about the number it needs of them, picked by a hash of their positions, so ties cannot make a head keep more
-    than about keep + TIE_SLACK keys. With PASSES 1 there is no bucket B: every key above bucket A, and of bucket
+    than about keep + TIE_SLACK keys. With passes 1 (PASSES unless given) there is no bucket B: every key above bucket A, and of bucket
     A's keys (STEP_A wide: weights within 2^0.25 of each other) about the number needed, by position hash."""
-    return _rule(logits, keep)[0]
+    return _rule(logits, keep, passes)[0]
 
 
-def _rule(logits: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rule(logits: torch.Tensor, keep: int, passes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """kept_keys, and which heads [..., 1] the tie cap cut (their kept count is reported as keep, as the kernels do:
     the hash keeps about that many)."""
     n = logits.shape[-1]
@@ -112,7 +112,7 @@ def _rule(logits: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = _buckets(logits.float())
     big_a, above = _bucket_of(a, keep)  # [..., 1]
     pos = torch.arange(n, device=logits.device).expand_as(a)
-    if PASSES == 1:  # bucket A sampled by position hash down to the keys it needs
+    if (PASSES if passes is None else passes) == 1:  # bucket A sampled by position hash down to the keys it needs
         tie = (a == big_a) & (big_a < BUCKETS)
         t = tie_cut(keep - above, tie.sum(-1, keepdim=True), slack=0)
         return (a < big_a) | (tie & ((t < 0) | (tie_hash(pos) < t))), t >= 0
@@ -166,8 +166,10 @@ def _bucket_of(buckets: torch.Tensor, need) -> tuple[torch.Tensor, torch.Tensor]
     return at, before
 
 
-def _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes=None, rerank=RERANK):
+def _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes=None, rerank=RERANK, passes=None):
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, 16)
+    check(passes is None or (passes in (1, 2) and not isinstance(passes, bool)),
+          f"passes={passes!r} must be 1 or 2 (counting passes)")
     if codes is not None:
         check_codes(key_cache, codes)
         check(isinstance(rerank, int) and 1 <= rerank <= MAX_RERANK,
@@ -185,11 +187,11 @@ def _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes=No
 def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                        seq_lens: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor,
                        counts: torch.Tensor | None = None, codes: KeyCodes | None = None,
-                       rerank: int = RERANK) -> torch.Tensor:
+                       rerank: int = RERANK, passes: int | None = None) -> torch.Tensor:
     """PyTorch twin of token_decode (float32; one host read of the rows' lengths and budgets)."""
     from cab_vllm.ops.blocks import gather_paged
 
-    hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes, rerank)
+    hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes, rerank, passes)
     ns, g = q.shape[0], hq // hkv
     for s, (n, kt) in enumerate(zip(seq_lens[:ns].tolist(), keep[:ns].tolist())):
         if kt <= 0:
@@ -200,8 +202,8 @@ def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         z = torch.einsum("hgd,hnd->hgn", qs, k) * (scale * LOG2E)
         if codes is not None:  # the estimate's candidates, then the exact rule among them
             est = torch.einsum("hgd,hnd->hgn", qs, dequantize(codes, block_table[s], n)) * (scale * LOG2E)
-            z = z.masked_fill(~kept_keys(est, kt * rerank), float("-inf"))
-        sel, cut = _rule(z, kt)
+            z = z.masked_fill(~kept_keys(est, kt * rerank, passes), float("-inf"))
+        sel, cut = _rule(z, kt, passes)
         sel &= z > float("-inf")
         z = z.masked_fill(~sel, float("-inf"))
         p = torch.exp2(z - z.amax(-1, keepdim=True))
@@ -685,7 +687,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
                  seq_lens: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor,
                  scratch: TokenScratch | None = None, counts: torch.Tensor | None = None,
                  impl: str = "auto", stages: int = 3, codes: KeyCodes | None = None,
-                 rerank: int = RERANK) -> torch.Tensor:
+                 rerank: int = RERANK, passes: int | None = None) -> torch.Tensor:
     """Decode attention of one new token per row (at position seq_lens[s] - 1) over each query head's own
     ``keep[s]`` highest-scoring keys (kept_keys' rule: ties with the keep-th within the threshold's bucket kept too;
     every key when keep[s] >= seq_lens[s]); rows with keep[s] <= 0 are not written.
@@ -699,13 +701,15 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     launches run, for profiling (1: the logits, 2: and the counts and thresholds; 3: all, the only value that writes
     out). codes: a 4-bit copy of the key cache (ops.key_codes, current for every key of the rows): every key is
     scored with it, each head's rerank x keep[s] best by that estimate (the same rule) are its candidates, and the
-    rule runs again on the candidates' exact scores (the only keys read from the key cache)."""
-    hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes, rerank)
+    rule runs again on the candidates' exact scores (the only keys read from the key cache). passes: kept_keys'
+    counting passes, 1 or 2 (PASSES when None)."""
+    hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes, rerank, passes)
+    passes = PASSES if passes is None else passes
     check(stages in (1, 2, 3), f"stages={stages!r} must be 1, 2 or 3")
     ns = q.shape[0]
     if resolve_impl(impl, q, key_cache) == "torch":
         return token_decode_torch(q, key_cache, value_cache, block_table, seq_lens, keep, scale, out, counts, codes,
-                                  rerank)
+                                  rerank, passes)
     if ns == 0:
         return out
     if scratch is None:
@@ -751,11 +755,11 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,
-                      ATOMIC=COUNT_ATOMIC, TIE_SLACK_T=TIE_SLACK, ONE_PASS=PASSES == 1, num_warps=4)
+                      ATOMIC=COUNT_ATOMIC, TIE_SLACK_T=TIE_SLACK, ONE_PASS=passes == 1, num_warps=4)
 
         def thresholds(budget):
             _select_kernel[(r * hq,)](cmax, ca, cb, sl, budget, sel, hq, n_chunks, n_cchunks, SECOND=False, **select)
-            if PASSES == 1:
+            if passes == 1:
                 return
             _count_kernel[(r * hq * n_cchunks,)](lg, sel, cb, sl, budget, hq, n_cchunks, lg.stride(0), lg.stride(1),
                                                  CCHUNK_T=COUNT_CHUNK, RTILE=COUNT_TILE, **steps, ATOMIC=COUNT_ATOMIC,

@@ -135,10 +135,9 @@ def test_one_counting_pass_equals_the_twin(monkeypatch, lens, keep, hq, hkv, d, 
 
 @TRITON
 @pytest.mark.parametrize("scale", [0.2, 4.0])
-def test_one_counting_pass_with_codes_and_a_wide_spread(monkeypatch, scale):
-    """PASSES 1 with the 4-bit key copy (the candidates' thresholds and the final ones both one-pass), and with
+def test_one_counting_pass_with_codes_and_a_wide_spread(scale):
+    """passes=1 (the argument) with the 4-bit key copy (the candidates' thresholds and the final ones both one-pass), and with
     scores spread past the window (scale 4: heads whose window holds fewer keys than their budget)."""
-    monkeypatch.setattr(td, "PASSES", 1)
     lens, keep = [300, 700], [40, 60]
     q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=13)
     kp = torch.tensor(keep, dtype=torch.int32)
@@ -146,7 +145,7 @@ def test_one_counting_pass_with_codes_and_a_wide_spread(monkeypatch, scale):
     res = []
     for impl in ("torch", "triton"):
         o, c = torch.full_like(q, 7.0), torch.zeros(2, 8, dtype=torch.int32)
-        td.token_decode(q, kc, vc, bt, sl, kp, scale, o, counts=c, impl=impl, codes=codes)
+        td.token_decode(q, kc, vc, bt, sl, kp, scale, o, counts=c, impl=impl, codes=codes, passes=1)
         res.append((o, c))
     assert torch.allclose(res[0][0], res[1][0], atol=1e-5, rtol=1e-5)
     assert torch.equal(res[0][1], res[1][1])
@@ -311,6 +310,9 @@ def test_bad_inputs_are_named():
         td.token_decode(q[:, :3], kc, vc, bt, sl, torch.tensor([5], dtype=torch.int32), 0.1, out[:, :3])
     with pytest.raises(ValueError, match="rows >= 1"):
         td.token_scratch(0, 4, 2, 32, 100, "cpu")
+    for bad in (0, 3, True):
+        with pytest.raises(ValueError, match="must be 1 or 2 \\(counting passes\\)"):
+            td.token_decode(q, kc, vc, bt, sl, torch.tensor([5], dtype=torch.int32), 0.1, out, passes=bad)
 
 
 @TRITON
