@@ -10,6 +10,7 @@ from one command line.
     python -m cab_experiments granularity --bounds --lengths 4096 8192 --sparsities 0.98        (blocks bounds rule out)
     python -m cab_experiments granularity --rerank-bits 4 --lengths 4096 --sparsities 0.98      (int4 candidates' recall)
     python -m cab_experiments granularity --reuse-lags 1 2 4 8 --lengths 4096 --sparsities 0.98 (a step's keys reused)
+    python -m cab_experiments granularity --rule-passes --lengths 4096 8192 (the token decode's one-pass rule)
     python -m cab_experiments plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
 
 Every run appends one JSONL row per setting to --out and skips settings already there (resume after a stop).
@@ -168,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: how many of a decode step's exact best keys (CABConfig.decode_tokens per head) are "
                         "among the F x budget best of the step R steps before, plus the keys written since (the dense "
                         "model's own answer, up to max(R) tokens; --rerank-factors F)")
+    p.add_argument("--rule-passes", action="store_true",
+                   help="instead: the attention mass the token decode's one-pass rule (CAB_TOKEN_PASSES=1) loses "
+                        "against the two-pass rule, and how often the tie cap cuts (the prompt's last query token, "
+                        "CABConfig.decode_tokens keys per head)")
     p.add_argument("--rerank-quant", choices=["channel", "token"], nargs="+", default=["channel"],
                    help="the key copy's quantizer: each channel's range per 16-token page, or a scale per token and "
                         "32 dimensions")
@@ -176,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default experiments/results/granularity.jsonl (with --bounds: "
                                               "experiments/results/bounds.jsonl, with --rerank-bits: "
                                               "experiments/results/rerank.jsonl, with --reuse-lags: "
-                                              "experiments/results/reuse.jsonl)")
+                                              "experiments/results/reuse.jsonl, with --rule-passes: "
+                                              "experiments/results/passes.jsonl)")
 
     p = sub.add_parser("plot", help="heatmaps, Pareto plots and markdown tables from JSONL files")
     p.add_argument("files", nargs="+", type=Path)
@@ -340,9 +346,16 @@ def _granularity(a) -> int:
     device, dtype = _resolve(a.device, a.dtype)
     if any(256 % t for t in a.tiles):
         raise SystemExit(f"python -m cab_experiments granularity: --tiles {a.tiles}: each must divide 256")
-    if sum(map(bool, (a.bounds, a.rerank_bits, a.reuse_lags))) > 1:
-        raise SystemExit("python -m cab_experiments granularity: --bounds, --rerank-bits and --reuse-lags are "
-                         "separate questions: ask one")
+    if sum(map(bool, (a.bounds, a.rerank_bits, a.reuse_lags, a.rule_passes))) > 1:
+        raise SystemExit("python -m cab_experiments granularity: --bounds, --rerank-bits, --reuse-lags and "
+                         "--rule-passes are separate questions: ask one")
+    if a.rule_passes:
+        from cab_experiments.granularity import passes_markdown, run_passes
+
+        rows = run_passes(a.model, a.lengths, a.sparsities, a.task, a.depth, device, dtype)
+        _append_rows(a.out or "experiments/results/passes.jsonl", rows, device)
+        print(passes_markdown(rows))
+        return 0
     if a.reuse_lags:
         from cab_experiments.granularity import reuse_markdown, run_reuse
 

@@ -277,6 +277,64 @@ def run_reuse(model_name: str, lengths, sparsities, lags=(1, 2, 4, 8), factors=(
     return out
 
 
+def passes_mass(q: torch.Tensor, k: torch.Tensor, keep: int) -> dict:
+    """What the token decode's one-pass rule keeps against its two-pass rule (ops.token_decode.kept_keys with
+    passes 1 and 2), for one query per head: q [Hq, D], k [Hkv, N, D] (post-RoPE), each head keeping keep keys.
+    Returns the softmax mass the two-pass rule keeps (mean over heads, smallest), the mass the one-pass rule loses
+    against it (mean, largest; negative: it kept more), how far each rule's kept count is from keep at most, and how
+    many heads the two-pass rule's tie cap cut."""
+    from cab_vllm.ops import token_decode as td
+
+    hq, d = q.shape
+    hkv = k.shape[0]
+    if hq % hkv or k.shape[2] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (heads, head dim)")
+    z = torch.einsum("hd,hnd->hn", q.float(), k.float().repeat_interleave(hq // hkv, 0)) * (td.LOG2E / math.sqrt(d))
+    p = torch.softmax(z.double() * math.log(2.0), -1)
+    two, cut = td._rule(z, keep, passes=2)
+    one = td.kept_keys(z, keep, passes=1)
+    m2, m1 = (p * two).sum(-1), (p * one).sum(-1)
+    lost = m2 - m1
+    return {"mass_two": float(m2.mean()), "mass_two_min": float(m2.min()), "lost_one": float(lost.mean()),
+            "lost_one_max": float(lost.max()), "count_two_dev": int((two.sum(-1) - keep).abs().max()),
+            "count_one_dev": int((one.sum(-1) - keep).abs().max()), "tie_cuts": int(cut.sum())}
+
+
+def run_passes(model_name: str, lengths, sparsities, task: str = "multikey", depth: float = 0.5, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One ``task`` prompt per length through the dense model; for every layer and sparsity, passes_mass of the
+    prompt's last query token over its keys, each head keeping CABConfig.decode_tokens keys."""
+    from cab_vllm.config import CABConfig
+
+    out = []
+    for n, layer, q, k in _captures(model_name, lengths, task, depth, device, dtype):
+        nt = k.shape[2]
+        for sp in sparsities:
+            keep = CABConfig(policy="cab", sparsity=sp).decode_tokens(nt)
+            r = passes_mass(q[0, :, -1], k[0], keep)
+            out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer, sparsity=sp,
+                            keep=keep, **{key: round(v, 6) if isinstance(v, float) else v for key, v in r.items()}))
+    return out
+
+
+def passes_markdown(rows: list[dict]) -> str:
+    """Per (task, length, sparsity): over layers, the two-pass rule's mass (mean / smallest head), the one-pass rule's
+    loss against it (mean / largest), the counts' largest distance from the budget and the tie cap's cuts."""
+    acc: dict = {}
+    for r in rows:
+        acc.setdefault((r["task"], r["length"], r["sparsity"]), []).append(r)
+    lines = ["| task | length | sparsity | mass kept, two passes (mean / smallest head) | mass one pass loses (mean / "
+             "largest) | count - budget, two / one pass (largest) | heads the tie cap cut |",
+             "|---|---|---|---|---|---|---|"]
+    for (task, n, sp), rs in sorted(acc.items()):
+        m = sum(r["mass_two"] for r in rs) / len(rs)
+        lo = sum(r["lost_one"] for r in rs) / len(rs)
+        lines.append(f"| {task} | {n} | {sp:g} | {m:.4f} / {min(r['mass_two_min'] for r in rs):.4f} | {lo:.5f} / "
+                     f"{max(r['lost_one_max'] for r in rs):.4f} | {max(r['count_two_dev'] for r in rs)} / "
+                     f"{max(r['count_one_dev'] for r in rs)} | {sum(r['tie_cuts'] for r in rs)} |")
+    return "\n".join(lines)
+
+
 def reuse_markdown(rows: list[dict]) -> str:
     """Per (task, length, sparsity, factor, lag): over layers, the mean recall and mass and the smallest head's."""
     acc: dict = {}

@@ -279,3 +279,52 @@ def test_the_cli_reuse_mode_measures_every_layer(tmp_path):
         assert 0 <= r["recall_min"] <= r["recall"] <= 1 and 0 <= r["mass_min"] <= r["mass"] <= 1.00001
         assert r["keep"] == CABConfig(sparsity=0.9).decode_tokens(r["n_tokens"] + r["lag"])
         assert r["generated"] >= r["lag"]
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0])
+def test_passes_mass_against_the_rules_by_hand(spread):
+    """passes_mass on random queries and keys: the masses of kept_keys' two rules computed here head by head, the
+    counts' distances from the budget, and the tie cap's cuts (none on random keys; every head on keys that all tie)."""
+    from cab_experiments.granularity import passes_mass
+    from cab_vllm.ops import token_decode as td
+
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(6, 32, generator=gen) * spread, torch.randn(2, 900, 32, generator=gen)
+    keep = 40
+    got = passes_mass(q, k, keep)
+    masses, lost, dev1, dev2 = [], [], [], []
+    for h in range(6):
+        z = (q[h] @ k[h // 3].T) * (td.LOG2E / math.sqrt(32))
+        p = torch.softmax(z.double() * math.log(2.0), -1)
+        two, one = td.kept_keys(z[None], keep, passes=2)[0], td.kept_keys(z[None], keep, passes=1)[0]
+        masses.append(float(p[two].sum()))
+        lost.append(float(p[two].sum() - p[one].sum()))
+        dev1.append(abs(int(one.sum()) - keep))
+        dev2.append(abs(int(two.sum()) - keep))  # (keys within 1/512 of the keep-th kept too)
+    assert got["mass_two"] == pytest.approx(sum(masses) / 6) and got["mass_two_min"] == pytest.approx(min(masses))
+    assert got["lost_one"] == pytest.approx(sum(lost) / 6, abs=1e-12)
+    assert got["lost_one_max"] == pytest.approx(max(lost), abs=1e-12)
+    assert got["count_one_dev"] == max(dev1) and got["count_two_dev"] == max(dev2) <= td.TIE_SLACK
+    assert got["tie_cuts"] == 0
+    tied = passes_mass(q, torch.ones(2, 900, 32), keep)  # every key the same: the cap cuts every head
+    assert tied["tie_cuts"] == 6 and tied["mass_two"] == pytest.approx(keep / 900, abs=0.01)
+    with pytest.raises(ValueError, match="do not match"):
+        passes_mass(q[:5], k, keep)
+
+
+def test_the_cli_passes_mode_measures_every_layer(tmp_path):
+    """granularity --rule-passes on SmolLM2 (CPU, 512 tokens): one row per layer and sparsity, masses in [0, 1]."""
+    import json
+
+    from cab_experiments.cli import main
+
+    out = tmp_path / "p.jsonl"
+    assert main(["granularity", "--rule-passes", "--model", "smollm2-135m-instruct", "--lengths", "512",
+                 "--sparsities", "0.9", "0.98", "--device", "cpu", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 30 * 2 and {r["layer"] for r in rows} == set(range(30))
+    for r in rows:
+        assert 0 <= r["mass_two_min"] <= r["mass_two"] <= 1.00001 and r["lost_one"] <= r["lost_one_max"] + 1e-9
+        assert r["count_two_dev"] >= 0 and r["count_one_dev"] >= 0 and r["tie_cuts"] >= 0
+    with pytest.raises(SystemExit, match="separate questions"):
+        main(["granularity", "--rule-passes", "--bounds", "--device", "cpu"])
