@@ -586,7 +586,8 @@ def main() -> None:
         rows.append(row)
         print("RES", json.dumps(row), flush=True)
     peak = torch.cuda.max_memory_allocated() if a.tp == 1 else 0
-    summary = dict(backend=a.backend, sparsity=a.sparsity, weights=a.weights, init_s=round(init_s, 1), first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
+    summary = dict(backend=a.backend, sparsity=a.sparsity, weights=a.weights, init_s=round(init_s, 1),
+                   first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
                    probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp,
                    cab_env={k: v for k, v in sorted(os.environ.items())

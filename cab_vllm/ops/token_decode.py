@@ -98,8 +98,9 @@ def kept_keys(logits: torch.Tensor, keep: int, passes: int | None = None) -> tor
     best and every key within STEP_B of the keep-th, or, when fewer than keep keys lie in the window (31.75-32 below
     the maximum), those. Unless bucket B holds more than TIE_SLACK keys beyond those it needs (tie_cut): then only
     about the number it needs of them, picked by a hash of their positions, so ties cannot make a head keep more
-    than about keep + TIE_SLACK keys. With passes 1 (PASSES unless given) there is no bucket B: every key above bucket A, and of bucket
-    A's keys (STEP_A wide: weights within 2^0.25 of each other) about the number needed, by position hash."""
+    than about keep + TIE_SLACK keys. With passes 1 (PASSES unless given) there is no bucket B: every key above
+    bucket A, and of bucket A's keys (STEP_A wide: weights within 2^0.25 of each other) about the number needed,
+    by position hash."""
     return _rule(logits, keep, passes)[0]
 
 
@@ -218,8 +219,8 @@ class TokenScratch(NamedTuple):
     """Buffers of the token decode launches (fixed addresses for CUDA graphs), for up to ``rows`` rows at once:
     logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), cmax [rows, Hq, NPAD / CHUNK] float32 (each chunk's
     largest logit per head), count_a [rows, Hq, NPAD / CHUNK, BUCKETS] and count_b [rows, Hq, NPAD / COUNT_CHUNK,
-    BUCKETS] int32 (the counting passes), sel [rows, Hq, SEL] int32 (per head: the two threshold buckets, the kept count,
-    the float32 bits of the maximum's absolute bucket and the tie cut, tie_cut's),
+    BUCKETS] int32 (the counting passes), sel [rows, Hq, SEL] int32 (per head: the two threshold buckets, the kept
+    count, the float32 bits of the maximum's absolute bucket and the tie cut, tie_cut's),
     part_o / part_lse flat float32 split partials for rows x Hq x the most splits (x D) (a launch of r rows views them
     as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
     int32 zeros (the launch leaves them zero), kept [rows, Hkv, NPAD] int32 (each attention split's list of the
