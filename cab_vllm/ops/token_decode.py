@@ -434,7 +434,7 @@ if HAS_TRITON:
         or a == A and b < B, or a == A and b == B and (no cut, or the position's tie hash under the cut); B == NB
         (one counting pass): every key of bucket A as a tie."""
         a, b = _key_buckets(z, top, big_a, NB, INV_A)
-        h = (((pos.to(tl.int64) * 2654435769) & 0xFFFFFFFF) >> 1).to(tl.int32)  # tie_hash
+        h = ((pos.to(tl.uint32) * tl.full([], 2654435769, tl.uint32)) >> 1).to(tl.int32)  # tie_hash: TIE_MULT, mod 2^32
         one = big_b == NB  # one counting pass: every key of bucket A is a tie
         at_b = (b == big_b) | one
         return (a < big_a) | ((a == big_a) & (((b < big_b) & ~one) | (at_b & ((cut < 0) | (h < cut)))))
@@ -556,11 +556,12 @@ if HAS_TRITON:
                             count = kt
                 tl.store(out, big_a)
                 tl.store(out + 1, big_b)
-                tl.store(out + 2, above)
+                if ONE_PASS:  # the final count (no second launch)
+                    tl.store(out + 2, count)
+                else:  # the keys above A (the second launch's start)
+                    tl.store(out + 2, above)
                 tl.store(out + 3, top.to(tl.int32, bitcast=True))
                 tl.store(out + 4, cut.to(tl.int32))
-                if ONE_PASS:
-                    tl.store(out + 2, count)
                 if ATOMIC:  # the second pass's counts, added key by key
                     tl.store(cb_ptr + (s * num_heads + h) * n_cchunks * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
 

@@ -137,8 +137,8 @@ def test_one_counting_pass_equals_the_twin(monkeypatch, lens, keep, hq, hkv, d, 
 @pytest.mark.parametrize("scale", [0.2, 4.0])
 def test_one_counting_pass_with_codes_and_a_wide_spread(scale):
     """passes=1 (the argument) with the 4-bit key copy (the candidates' thresholds and the final ones both
-    one-pass), and with
-    scores spread past the window (scale 4: heads whose window holds fewer keys than their budget)."""
+    one-pass), and with scores spread past the window (scale 4: heads whose window holds fewer keys than their
+    budget)."""
     lens, keep = [300, 700], [40, 60]
     q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=13)
     kp = torch.tensor(keep, dtype=torch.int32)
