@@ -347,7 +347,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
            workspace: DecodeWorkspace | None = None, skip_dense: bool = False, decode_attention: bool = True,
            prefills: bool = True, summaries: KeySummaries | None = None,
            kernels: KernelOptions | None = None, fa_prefill=None, tokens=None, key_codes=None,
-           token_passes: int = 2) -> torch.Tensor:
+           token_passes: int | None = None) -> torch.Tensor:
     """One layer of the backend: select and attend for the rows of the plan.
 
     q [T, Hq, D] (new tokens, packed as plan.qsl); key_cache, value_cache [num_pages, page_size, Hkv, D] holding
@@ -363,8 +363,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
     for every decode step it is given to, rows with budget 0 returning at once: a CUDA graph replays it); None: from
     plan.tkeep when some row has one. key_codes: (KeyCodes, rerank) when the token decode ranks keys by the cache's
     4-bit copy (EngineSettings.token_scorer="int4"; the copy current for every key of the rows), else None;
-    token_passes: the token decode's counting passes (EngineSettings.token_passes). Writes and returns out
-    [T, Hq, D]. record: if a dict, receives the selections ('decode':
+    token_passes: the token decode's counting passes (EngineSettings.token_passes; None: ops.token_decode.PASSES).
+    Writes and returns out [T, Hq, D]. record: if a dict, receives the selections ('decode':
     (indices, counts) of plan.decode_rows; 'prefill': (indices, counts, first query block) per plan.prefill_rows).
     """
     from cab_vllm.ops.decode import Selection, routed_decode, routed_indices

@@ -134,8 +134,9 @@ class EngineSettings:
     "exact" (every key's exact score) or "int4" (a 4-bit copy of the keys kept in each cache page's tail, ops.key_codes,
     whose token_rerank x budget best keys per head are rescored exactly: reads ~3/8 of the key bytes, not all;
     the cache holds ~16% fewer tokens in the same memory at 16-bit). token_passes: the token decode's counting passes
-    (ops.token_decode.kept_keys): 2 pins each head's keep-th key to 1/512 of a base-2 logit; 1 keeps every key
-    above its 1/4-wide bucket and samples that bucket's keys by position hash to the budget (one launch fewer)."""
+    (ops.token_decode.kept_keys): 1 keeps every key above its keep-th key's 1/4-wide bucket and samples that
+    bucket's keys by position hash to the budget; 2 pins each head's keep-th key to 1/512 of a base-2 logit (two
+    launches more per layer)."""
 
     cfg: CABConfig = CABConfig()
     dense_threshold: int = 1024
@@ -144,7 +145,7 @@ class EngineSettings:
     kernels: KernelOptions = KernelOptions()
     token_scorer: str = "exact"
     token_rerank: int = 2
-    token_passes: int = 2
+    token_passes: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.dense_threshold, int) or self.dense_threshold < 0:
