@@ -173,9 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the attention mass the token decode's one-pass rule (CAB_TOKEN_PASSES=1) loses "
                         "against the two-pass rule, and how often the tie cap cuts (the prompt's last query token, "
                         "CABConfig.decode_tokens keys per head)")
-    p.add_argument("--rerank-quant", choices=["channel", "token"], nargs="+", default=["channel"],
-                   help="the key copy's quantizer: each channel's range per 16-token page, or a scale per token and "
-                        "32 dimensions")
+    p.add_argument("--rerank-quant", choices=["channel", "token", "fp8", "fp8qk", "fp8c"], nargs="+",
+                   default=["channel"],
+                   help="the key copy's quantizer: each channel's range per 16-token page, a scale per token and 32 "
+                        "dimensions, or float8 e4m3 with a scale per token (fp8qk: the queries in float8 too; fp8c: "
+                        "each channel centered per 16-token page first; --rerank-bits unused)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.add_argument("--out", default=None, help="default experiments/results/granularity.jsonl (with --bounds: "

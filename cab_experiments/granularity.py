@@ -166,24 +166,56 @@ def _recall_mass(z: torch.Tensor, cand: torch.Tensor, keep: int) -> tuple[torch.
     return (best & cand).sum(-1).double() / keep, (p * kept).sum(-1) / (p * best).sum(-1)
 
 
+RERANK_QUANTS = ("channel", "token", "fp8", "fp8qk", "fp8c")
+
+
+def fp8_round(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to float8 e4m3 with one scale per row of its last dimension (the row's largest magnitude at e4m3's
+    448), back in x's dtype: what a float8 copy of the keys (or queries) would hold."""
+    s = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 448.0
+    return ((x / s).to(torch.float8_e4m3fn).to(x.dtype)) * s
+
+
+def fp8_round_centered(k: torch.Tensor, group: int = 16) -> torch.Tensor:
+    """k [..., N, D] as a centered float8 copy would hold it: each channel's mid-range over groups of ``group``
+    consecutive tokens (a cache page; the last group may be short) kept in float16 and subtracted, the rest rounded
+    by fp8_round (a scale per token). Post-RoPE keys carry channels of large, nearly constant value: rounded
+    uncentered, their relative error swamps the differences between tokens."""
+    *lead, n, d = k.shape
+    pad = (-n) % group
+    kp = torch.cat([k, k[..., -1:, :].expand(*lead, pad, d)], -2) if pad else k
+    g = kp.reshape(*lead, -1, group, d)
+    mid = ((g.amax(-2, keepdim=True) + g.amin(-2, keepdim=True)) / 2).half().to(k.dtype)
+    out = fp8_round((g - mid).reshape(*lead, -1, d)).reshape(g.shape) + mid
+    return out.reshape(*lead, -1, d)[..., :n, :]
+
+
 def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factors, quant: str = "channel") -> dict:
     """Could a decode score a quantized copy of K, then only its candidates exactly? q [Hq, D] one step's queries,
     k [Hkv, N, D] its keys; each query head keeps its ``keep`` highest-scoring keys. For each factor F: candidates are
     the F x keep best by the keys rounded to ``bits`` bits (quant "token": hf.quantize_keys, a scale per token and 32
-    dimensions; "channel": hf.quantize_keys_channel, each channel's range per 16-token page); kept, the keep best of
-    them by exact score. Returns, averaged over query heads, the fraction of the exact best keep in the candidates
+    dimensions; "channel": hf.quantize_keys_channel, each channel's range per 16-token page) or to float8 e4m3 with a
+    scale per token (fp8_round; "fp8qk": the queries too, as a float8 x float8 tensor-core dot would take them;
+    "fp8c": centered per channel and page first, fp8_round_centered; bits unused); kept, the keep best of them by
+    exact score. Returns, averaged over query heads, the fraction of the exact best keep in the candidates
     (recall_F) and the softmax mass of the kept keys over that of the exact best keep (mass_F), and each one's
     smallest over the heads (recall_min_F, mass_min_F)."""
     from cab_vllm.hf import quantize_keys, quantize_keys_channel
 
-    if quant not in ("token", "channel"):
-        raise ValueError(f"quant={quant!r} must be 'token' or 'channel'")
+    if quant not in RERANK_QUANTS:
+        raise ValueError(f"quant={quant!r} must be one of {', '.join(RERANK_QUANTS)}")
     hq, hkv, d, n = _step_shapes(q, k, keep)
     g = hq // hkv
     q = q.double()
     z = torch.einsum("hd,hnd->hn", q, k.double().repeat_interleave(g, 0)) / math.sqrt(d)  # [Hq, N]
-    kq = quantize_keys(k, bits) if quant == "token" else quantize_keys_channel(k, bits)
-    zq = torch.einsum("hd,hnd->hn", q, kq.double().repeat_interleave(g, 0))
+    if quant in ("fp8", "fp8qk"):
+        kq = fp8_round(k.float())
+    elif quant == "fp8c":
+        kq = fp8_round_centered(k.float())
+    else:
+        kq = quantize_keys(k, bits) if quant == "token" else quantize_keys_channel(k, bits)
+    qe = fp8_round(q.float()).double() if quant == "fp8qk" else q
+    zq = torch.einsum("hd,hnd->hn", qe, kq.double().repeat_interleave(g, 0))
     out = {}
     for f in factors:
         recall, mass = _recall_mass(z, _top(zq, min(n, f * keep)), keep)
@@ -204,12 +236,13 @@ def run_rerank(model_name: str, lengths, sparsities, bits=(4,), factors=(1, 2, 4
         nt = k.shape[2]
         for sp in sparsities:
             keep = CABConfig(policy="cab", sparsity=sp).decode_tokens(nt)
-            for b in bits:
-                for quant in quants:
-                    r = rerank_recall(q[0, :, -1], k[0], keep, b, factors, quant)
-                    out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer,
-                                    sparsity=sp, keep=keep, bits=b, quant=quant,
-                                    **{key: round(v, 5) for key, v in r.items()}))
+            pairs = [(b, qn) for b in bits for qn in quants if not qn.startswith("fp8")]
+            pairs += [(8, qn) for qn in quants if qn.startswith("fp8")]  # (float8: one row, bits 8)
+            for b, quant in pairs:
+                r = rerank_recall(q[0, :, -1], k[0], keep, b, factors, quant)
+                out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer,
+                                sparsity=sp, keep=keep, bits=b, quant=quant,
+                                **{key: round(v, 5) for key, v in r.items()}))
     return out
 
 

@@ -70,3 +70,24 @@ def test_refuses_to_run_interpreted():
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks/decode_sass.py")], capture_output=True, text=True,
                        cwd=ROOT, env=env, timeout=300)
     assert p.returncode != 0 and "without TRITON_INTERPRET" in p.stderr
+
+
+@pytest.mark.skipif(not _tools_available(), reason="Triton's bundled ptxas / cuobjdump are missing")
+def test_fp8_estimate_compiles_for_hopper():
+    """benchmarks/fp8_estimate_sass.py: the three ways of scoring a 128-key step compile for sm_90; with 64 query
+    rows the float8 dot has no float8-to-half conversions (F2FP) in its loop and a shorter loop than bf16 keys, while
+    keys made bf16 in registers convert every element (F2F). A bad --group-pad is refused."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    script = str(ROOT / "benchmarks/fp8_estimate_sass.py")
+    p = subprocess.run([sys.executable, script, "--group-pad", "64"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    rows = {ln.split("  ")[1].strip(): ln for ln in p.stdout.splitlines() if ln.strip().startswith("64 rows")}
+    assert set(rows) == {"bf16 keys", "fp8 keys, fp8 queries", "fp8 keys made bf16"}, p.stdout
+    loop = {k: int(v.split("loop (128 keys)")[1].split()[0]) for k, v in rows.items()}
+    assert "F2FP" not in rows["fp8 keys, fp8 queries"] and "F2F " in rows["fp8 keys made bf16"]
+    assert loop["fp8 keys, fp8 queries"] < loop["bf16 keys"] < loop["fp8 keys made bf16"]
+    bad = subprocess.run([sys.executable, script, "--group-pad", "24"], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and "power of two" in bad.stderr

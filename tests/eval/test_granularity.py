@@ -197,9 +197,71 @@ def test_rerank_recall_matches_loops(n, keep, bits, quant):
         rerank_recall(q, k, keep, bits, (1,), "page")
 
 
+def test_fp8_round_per_row_scale():
+    """fp8_round: each row's largest magnitude lands on e4m3's 448 and comes back exact; the others within e4m3's
+    relative step (2^-3 of a power of two, half of it after rounding); a zero row stays zero."""
+    from cab_experiments.granularity import fp8_round
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 1.0])[:, None]
+    x[4] = 0.0
+    y = fp8_round(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    top = x.abs().argmax(-1)
+    for r in range(4):
+        assert y[r, top[r]] == pytest.approx(float(x[r, top[r]]), rel=1e-6)
+        s = float(x[r].abs().max()) / 448.0
+        err = (y[r] - x[r]).abs()
+        # normals: within 1/16 of the value; subnormals (below 2^-6 in scaled units): within half a 2^-9 step
+        assert bool((err <= torch.maximum(x[r].abs() / 16, torch.full_like(err, 2.0 ** -10 * s)) * 1.0001).all())
+        assert float(err.max()) > 0  # it rounds
+    assert torch.equal(y[4], x[4])
+
+
+def test_fp8_round_centered_keeps_a_large_constant_channel_apart():
+    """Channels of large, nearly constant value (as post-RoPE keys carry): rounded with a scale per token, the one
+    that is not the token's largest is off by steps of ~14 (-150 of 200 lands at -336 of 448, where e4m3's steps are
+    32), more than the other channels' spread; centered per 16-token group first (the mid-range in float16) it is
+    not. Short last group, leading dimensions kept."""
+    from cab_experiments.granularity import fp8_round, fp8_round_centered
+
+    torch.manual_seed(1)
+    k = torch.randn(2, 3, 37, 16)
+    k[..., 5] = 200.0 + 0.01 * torch.randn(2, 3, 37)
+    k[..., 6] = -150.0 + 0.01 * torch.randn(2, 3, 37)
+    c = fp8_round_centered(k)
+    assert c.shape == k.shape
+    assert float((fp8_round(k) - k)[..., 6].abs().max()) > 1.0
+    assert float((c - k).abs().max()) < 0.1
+    mid = (k[..., 32:, :].amax(-2) + k[..., 32:, :].amin(-2)) / 2  # the short last group: its own five tokens
+    assert torch.allclose(c[..., 32:, 5], k[..., 32:, 5], atol=0.05) and mid.shape == (2, 3, 16)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "fp8qk", "fp8c"])
+def test_rerank_recall_with_float8_copies(quant):
+    """rerank_recall with a float8 copy of the keys (fp8: exact queries; fp8qk: the queries rounded too), against
+    loops on fp8_round's values; more candidates never lose a best key, and the float8 estimate holds most of them."""
+    from cab_experiments.granularity import fp8_round, fp8_round_centered, rerank_recall
+
+    torch.manual_seed(4)
+    n, keep = 300, 20
+    q, k = torch.randn(4, 64), torch.randn(2, n, 64) * 3.0
+    got = rerank_recall(q, k, keep, 8, (1, 2), quant)
+    kq = fp8_round_centered(k) if quant == "fp8c" else fp8_round(k)
+    qq = fp8_round(q) if quant == "fp8qk" else q
+    for f in (1, 2):
+        rec = []
+        for h in range(4):
+            z = k[h // 2].double() @ q[h].double()
+            cand = (kq[h // 2].double() @ qq[h].double()).topk(f * keep).indices
+            rec.append(len(set(z.topk(keep).indices.tolist()) & set(cand.tolist())) / keep)
+        assert got[f"recall_{f}"] == pytest.approx(sum(rec) / 4, abs=1e-9)
+    assert 0.8 <= got["recall_1"] <= got["recall_2"] <= 1.0
+
+
 def test_the_cli_rerank_mode_measures_every_layer(tmp_path):
-    """granularity --rerank-bits on SmolLM2 (CPU, 512 tokens): one row per layer, recall growing with the factor, the
-    keys kept what the decode budget says; --bounds with it is refused."""
+    """granularity --rerank-bits on SmolLM2 (CPU, 512 tokens): one row per layer and quantizer (float8: bits 8), recall
+    growing with the factor, the keys kept what the decode budget says; --bounds with it is refused."""
     import json
 
     from cab_experiments.cli import main
@@ -207,13 +269,14 @@ def test_the_cli_rerank_mode_measures_every_layer(tmp_path):
 
     out = tmp_path / "r.jsonl"
     assert main(["granularity", "--rerank-bits", "4", "--rerank-factors", "1", "4", "--rerank-quant", "channel", "token",
-                 "--model", "smollm2-135m-instruct", "--lengths", "512", "--sparsities", "0.9", "--device", "cpu",
-                 "--out", str(out)]) == 0
+                 "fp8", "--model", "smollm2-135m-instruct", "--lengths", "512", "--sparsities", "0.9",
+                 "--device", "cpu", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 60 and {r["layer"] for r in rows} == set(range(30))
-    assert {r["quant"] for r in rows} == {"channel", "token"}
+    assert len(rows) == 90 and {r["layer"] for r in rows} == set(range(30))
+    assert {r["quant"] for r in rows} == {"channel", "token", "fp8"}
     for r in rows:
-        assert 0 < r["recall_1"] <= r["recall_4"] <= 1 and 0 < r["mass_1"] <= 1.00001 and r["bits"] == 4
+        assert 0 < r["recall_1"] <= r["recall_4"] <= 1 and 0 < r["mass_1"] <= 1.00001
+        assert r["bits"] == (8 if r["quant"] == "fp8" else 4)
         assert r["keep"] == CABConfig(sparsity=0.9).decode_tokens(r["n_tokens"])
     with pytest.raises(SystemExit, match="separate questions"):
         main(["granularity", "--rerank-bits", "4", "--bounds", "--device", "cpu"])
