@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["channel"],
                    help="the key copy's quantizer: each channel's range per 16-token page, a scale per token and 32 "
                         "dimensions, or float8 e4m3 with a scale per token (fp8qk: the queries in float8 too; fp8c: "
-                        "each channel centered per 16-token page first; --rerank-bits unused)")
+                        "each channel centered per group of --center-groups tokens first; --rerank-bits unused)")
+    p.add_argument("--center-groups", type=_positive_int, nargs="+", default=[16], metavar="N",
+                   help="tokens per centering group of the fp8c copy (each value one row; 16: a cache page)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.add_argument("--out", default=None, help="default experiments/results/granularity.jsonl (with --bounds: "
@@ -370,7 +372,7 @@ def _granularity(a) -> int:
         from cab_experiments.granularity import rerank_markdown, run_rerank
 
         rows = run_rerank(a.model, a.lengths, a.sparsities, tuple(a.rerank_bits), tuple(a.rerank_factors),
-                          tuple(a.rerank_quant), a.task, a.depth, device, dtype)
+                          tuple(a.rerank_quant), a.task, a.depth, device, dtype, tuple(a.center_groups))
         _append_rows(a.out or "experiments/results/rerank.jsonl", rows, device)
         print(rerank_markdown(rows))
         return 0

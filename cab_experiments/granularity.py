@@ -190,13 +190,15 @@ def fp8_round_centered(k: torch.Tensor, group: int = 16) -> torch.Tensor:
     return out.reshape(*lead, -1, d)[..., :n, :]
 
 
-def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factors, quant: str = "channel") -> dict:
+def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factors, quant: str = "channel",
+                  center_group: int = 16) -> dict:
     """Could a decode score a quantized copy of K, then only its candidates exactly? q [Hq, D] one step's queries,
     k [Hkv, N, D] its keys; each query head keeps its ``keep`` highest-scoring keys. For each factor F: candidates are
     the F x keep best by the keys rounded to ``bits`` bits (quant "token": hf.quantize_keys, a scale per token and 32
     dimensions; "channel": hf.quantize_keys_channel, each channel's range per 16-token page) or to float8 e4m3 with a
     scale per token (fp8_round; "fp8qk": the queries too, as a float8 x float8 tensor-core dot would take them;
-    "fp8c": centered per channel and page first, fp8_round_centered; bits unused); kept, the keep best of them by
+    "fp8c": centered per channel over groups of center_group tokens first, fp8_round_centered; bits unused); kept,
+    the keep best of them by
     exact score. Returns, averaged over query heads, the fraction of the exact best keep in the candidates
     (recall_F) and the softmax mass of the kept keys over that of the exact best keep (mass_F), and each one's
     smallest over the heads (recall_min_F, mass_min_F)."""
@@ -211,7 +213,7 @@ def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factor
     if quant in ("fp8", "fp8qk"):
         kq = fp8_round(k.float())
     elif quant == "fp8c":
-        kq = fp8_round_centered(k.float())
+        kq = fp8_round_centered(k.float(), center_group)
     else:
         kq = quantize_keys(k, bits) if quant == "token" else quantize_keys_channel(k, bits)
     qe = fp8_round(q.float()).double() if quant == "fp8qk" else q
@@ -226,7 +228,7 @@ def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factor
 
 def run_rerank(model_name: str, lengths, sparsities, bits=(4,), factors=(1, 2, 4, 8), quants=("channel",),
                task: str = "multikey", depth: float = 0.5, device: str = "cpu",
-               dtype: torch.dtype = torch.float32) -> list[dict]:
+               dtype: torch.dtype = torch.float32, center_groups=(16,)) -> list[dict]:
     """One ``task`` prompt per length through the dense model; for every layer, sparsity, bit width and quantizer,
     rerank_recall of the prompt's last query token over its keys, each head keeping CABConfig.decode_tokens keys."""
     from cab_vllm.config import CABConfig
@@ -236,13 +238,14 @@ def run_rerank(model_name: str, lengths, sparsities, bits=(4,), factors=(1, 2, 4
         nt = k.shape[2]
         for sp in sparsities:
             keep = CABConfig(policy="cab", sparsity=sp).decode_tokens(nt)
-            pairs = [(b, qn) for b in bits for qn in quants if not qn.startswith("fp8")]
-            pairs += [(8, qn) for qn in quants if qn.startswith("fp8")]  # (float8: one row, bits 8)
-            for b, quant in pairs:
-                r = rerank_recall(q[0, :, -1], k[0], keep, b, factors, quant)
+            runs = [(b, qn, None) for b in bits for qn in quants if not qn.startswith("fp8")]
+            runs += [(8, qn, None) for qn in quants if qn in ("fp8", "fp8qk")]  # (float8: one row, bits 8)
+            runs += [(8, qn, cg) for qn in quants if qn == "fp8c" for cg in center_groups]
+            for b, quant, cg in runs:
+                r = rerank_recall(q[0, :, -1], k[0], keep, b, factors, quant, cg or 16)
                 out.append(dict(model=model_name, length=n, n_tokens=nt, task=task, depth=depth, layer=layer,
                                 sparsity=sp, keep=keep, bits=b, quant=quant,
-                                **{key: round(v, 5) for key, v in r.items()}))
+                                **({"center_group": cg} if cg else {}), **{key: round(v, 5) for key, v in r.items()}))
     return out
 
 
@@ -389,7 +392,8 @@ def rerank_markdown(rows: list[dict]) -> str:
                       and key.split("_")[1].isdigit()})
     acc: dict = {}
     for r in rows:
-        acc.setdefault((r["length"], r["sparsity"], r.get("quant", "token"), r["bits"], r["keep"]), []).append(r)
+        quant = r.get("quant", "token") + (f"/{r['center_group']}" if "center_group" in r else "")
+        acc.setdefault((r["length"], r["sparsity"], quant, r["bits"], r["keep"]), []).append(r)
     head = "| length | sparsity | keys kept per head | quantizer | bits | " + " | ".join(
         f"recall x{f} (mean / min) | mass x{f} (mean / min)" for f in factors) + " |"
     lines = [head, "|" + "---|" * (5 + 2 * len(factors))]

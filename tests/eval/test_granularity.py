@@ -237,8 +237,8 @@ def test_fp8_round_centered_keeps_a_large_constant_channel_apart():
     assert torch.allclose(c[..., 32:, 5], k[..., 32:, 5], atol=0.05) and mid.shape == (2, 3, 16)
 
 
-@pytest.mark.parametrize("quant", ["fp8", "fp8qk", "fp8c"])
-def test_rerank_recall_with_float8_copies(quant):
+@pytest.mark.parametrize("quant, group", [("fp8", 16), ("fp8qk", 16), ("fp8c", 16), ("fp8c", 64)])
+def test_rerank_recall_with_float8_copies(quant, group):
     """rerank_recall with a float8 copy of the keys (fp8: exact queries; fp8qk: the queries rounded too), against
     loops on fp8_round's values; more candidates never lose a best key, and the float8 estimate holds most of them."""
     from cab_experiments.granularity import fp8_round, fp8_round_centered, rerank_recall
@@ -246,8 +246,8 @@ def test_rerank_recall_with_float8_copies(quant):
     torch.manual_seed(4)
     n, keep = 300, 20
     q, k = torch.randn(4, 64), torch.randn(2, n, 64) * 3.0
-    got = rerank_recall(q, k, keep, 8, (1, 2), quant)
-    kq = fp8_round_centered(k) if quant == "fp8c" else fp8_round(k)
+    got = rerank_recall(q, k, keep, 8, (1, 2), quant, group)
+    kq = fp8_round_centered(k, group) if quant == "fp8c" else fp8_round(k)
     qq = fp8_round(q) if quant == "fp8qk" else q
     for f in (1, 2):
         rec = []
@@ -269,14 +269,15 @@ def test_the_cli_rerank_mode_measures_every_layer(tmp_path):
 
     out = tmp_path / "r.jsonl"
     assert main(["granularity", "--rerank-bits", "4", "--rerank-factors", "1", "4", "--rerank-quant", "channel", "token",
-                 "fp8", "--model", "smollm2-135m-instruct", "--lengths", "512", "--sparsities", "0.9",
-                 "--device", "cpu", "--out", str(out)]) == 0
+                 "fp8", "fp8c", "--center-groups", "16", "128", "--model", "smollm2-135m-instruct", "--lengths",
+                 "512", "--sparsities", "0.9", "--device", "cpu", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 90 and {r["layer"] for r in rows} == set(range(30))
-    assert {r["quant"] for r in rows} == {"channel", "token", "fp8"}
+    assert len(rows) == 150 and {r["layer"] for r in rows} == set(range(30))
+    assert {r["quant"] for r in rows} == {"channel", "token", "fp8", "fp8c"}
+    assert sorted(r["center_group"] for r in rows if "center_group" in r) == [16] * 30 + [128] * 30
     for r in rows:
         assert 0 < r["recall_1"] <= r["recall_4"] <= 1 and 0 < r["mass_1"] <= 1.00001
-        assert r["bits"] == (8 if r["quant"] == "fp8" else 4)
+        assert r["bits"] == (8 if r["quant"].startswith("fp8") else 4)
         assert r["keep"] == CABConfig(sparsity=0.9).decode_tokens(r["n_tokens"])
     with pytest.raises(SystemExit, match="separate questions"):
         main(["granularity", "--rerank-bits", "4", "--bounds", "--device", "cpu"])
