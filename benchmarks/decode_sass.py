@@ -119,9 +119,10 @@ def last_compiled():
     return _LAST[0]
 
 
-def analyse(sass: str) -> dict:
-    """Instruction count of the kernel and of its loop over key blocks (the backward branch whose body holds HMMA
-    instructions), with the loop's opcodes by frequency."""
+def analyse(sass: str, mma: str = "HMMA") -> dict:
+    """Instruction count of the kernel and of its loop over key blocks (the longest backward branch whose body holds
+    tensor-core instructions: opcodes containing ``mma``; "MMA" also counts Hopper's HGMMA), with the loop's opcodes
+    by frequency."""
     lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
     addr = {int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16): i for i, ln in enumerate(lines)}
     loops = []
@@ -129,7 +130,7 @@ def analyse(sass: str) -> dict:
         t = re.search(r"BRA\s+(?:\S+\s+)?`?\(?0x([0-9a-f]+)", ln)
         if t and int(t.group(1), 16) in addr and addr[int(t.group(1), 16)] < i:
             body = lines[addr[int(t.group(1), 16)]: i + 1]
-            if any("HMMA" in b for b in body):
+            if any(mma in b for b in body):
                 loops.append(body)
     if not loops:
         raise RuntimeError("no loop with tensor-core instructions found in the decode kernel's SASS")

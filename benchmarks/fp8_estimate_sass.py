@@ -16,9 +16,7 @@ float8 operands as they are. Run without TRITON_INTERPRET; counts are this machi
 from __future__ import annotations
 
 import argparse
-import collections
 import os
-import re
 import sys
 
 import torch
@@ -56,28 +54,6 @@ def _kernel():
     return estimate
 
 
-def loop_of(sass: str) -> tuple[int, int, list]:
-    """(kernel instructions, main-loop instructions, the loop's most frequent opcodes): the loop is the longest
-    backward branch whose body holds a tensor-core instruction (HMMA or HGMMA)."""
-    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
-    addr = {int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16): i for i, ln in enumerate(lines)}
-    loops = []
-    for i, ln in enumerate(lines):
-        t = re.search(r"BRA\s+(?:\S+\s+)?`?\(?0x([0-9a-f]+)", ln)
-        if t and int(t.group(1), 16) in addr and addr[int(t.group(1), 16)] < i:
-            body = lines[addr[int(t.group(1), 16)]: i + 1]
-            if any("MMA" in b for b in body):
-                loops.append(body)
-    if not loops:
-        raise RuntimeError("no loop with tensor-core instructions in the SASS")
-
-    def opcode(ln: str) -> str:
-        return re.sub(r"^@!?U?P\w+\s+", "", ln.split("*/")[1].strip()).split(" ")[0].split(".")[0]
-
-    body = max(loops, key=len)
-    return len(lines), len(body), collections.Counter(opcode(b) for b in body).most_common(8)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--group-pad", default="16,64", help="query rows per dot (comma list; powers of two >= 16)")
@@ -92,10 +68,10 @@ def main() -> None:
             q, k, z = torch.zeros(gp, 128), torch.zeros(16, 128, dtype=dt), torch.zeros(16, 16)
             sass = decode_sass.compile_sass((q, k, z, 131072), dict(MODE=mode, G=gp, D=128, T=128, CH=1024,
                                                                      num_warps=4, num_stages=3), None, fn=fn)
-            total, loop, ops = loop_of(sass)
+            r = decode_sass.analyse(sass, mma="MMA")  # (HMMA, or Hopper's HGMMA)
             shared = decode_sass.last_compiled().metadata.shared
-            print(f"{gp:3d} rows  {name:22s}  shared {shared:6d} B  instructions {total:4d}  loop (128 keys) "
-                  f"{loop:4d}  {', '.join(f'{o} {c}' for o, c in ops)}")
+            print(f"{gp:3d} rows  {name:22s}  shared {shared:6d} B  instructions {r['instructions']:4d}  loop (128 "
+                  f"keys) {r['loop_instructions']:4d}  {', '.join(f'{o} {c}' for o, c in r['loop_opcodes'][:8])}")
 
 
 if __name__ == "__main__":
