@@ -198,10 +198,9 @@ def rerank_recall(q: torch.Tensor, k: torch.Tensor, keep: int, bits: int, factor
     dimensions; "channel": hf.quantize_keys_channel, each channel's range per 16-token page) or to float8 e4m3 with a
     scale per token (fp8_round; "fp8qk": the queries too, as a float8 x float8 tensor-core dot would take them;
     "fp8c": centered per channel over groups of center_group tokens first, fp8_round_centered; bits unused); kept,
-    the keep best of them by
-    exact score. Returns, averaged over query heads, the fraction of the exact best keep in the candidates
-    (recall_F) and the softmax mass of the kept keys over that of the exact best keep (mass_F), and each one's
-    smallest over the heads (recall_min_F, mass_min_F)."""
+    the keep best of them by exact score. Returns, averaged over query heads, the fraction of the exact best keep in
+    the candidates (recall_F) and the softmax mass of the kept keys over that of the exact best keep (mass_F), and
+    each one's smallest over the heads (recall_min_F, mass_min_F)."""
     from cab_vllm.hf import quantize_keys, quantize_keys_channel
 
     if quant not in RERANK_QUANTS:

@@ -90,6 +90,13 @@ def fp8_logits_kernel(q_ptr, q8_ptr, sq_ptr, k_ptr, ks_ptr, mid_ptr, bt_ptr, lg_
         tl.store(row + pos[None, :], z * scale_log2, mask=g_ok[:, None] & ok[None, :])
 
 
+def cache_keys(key_cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's first n keys gathered from its pages: [rows, Hkv, n, D] float32."""
+    page, hkv, d = key_cache.shape[1:]
+    return torch.stack([key_cache[block_table[s, :-(-n // page)].long()].reshape(-1, hkv, d)[:n].float().transpose(0, 1)
+                        for s in range(block_table.shape[0])])
+
+
 def make_copy(key_cache: torch.Tensor, block_table: torch.Tensor, n: int, center: int = CENTER):
     """The centered float8 copy of rows' first n keys: (k8 [pages, page, Hkv, D] float8 e4m3, ks [pages, page, Hkv]
     float32, mid [rows, Hkv, groups, D] bfloat16). Each group of ``center`` logical tokens of a row and head is
@@ -100,9 +107,10 @@ def make_copy(key_cache: torch.Tensor, block_table: torch.Tensor, n: int, center
     k8 = torch.zeros(key_cache.shape, dtype=torch.float8_e4m3fn, device=key_cache.device)
     ks = torch.zeros(key_cache.shape[:3], dtype=torch.float32, device=key_cache.device)
     mid = torch.zeros(rows, hkv, groups, d, dtype=torch.bfloat16, device=key_cache.device)
+    keys = cache_keys(key_cache, block_table, n)
     for s in range(rows):
         pages = block_table[s, :-(-n // page)].long()
-        k = key_cache[pages].reshape(-1, hkv, d)[:n].float()  # [n, Hkv, D]
+        k = keys[s].transpose(0, 1)  # [n, Hkv, D]
         for gi in range(groups):
             sl = k[gi * center:(gi + 1) * center]
             mid[s, :, gi] = ((sl.amax(0) + sl.amin(0)) / 2).to(torch.bfloat16)
@@ -177,7 +185,8 @@ def check(n: int, rows: int, dev: str, group_pad: int) -> dict:
     scale = 1 / math.sqrt(D)
     copy = make_copy(kc, bt, n)
     lg = torch.zeros(rows, HQ, n, device=dev)
-    exact = torch.einsum("shd,shnd->shn", q.float(), _keys(kc, bt, n).repeat_interleave(HQ // HKV, 1)) * scale * LOG2E
+    keys = cache_keys(kc, bt, n).repeat_interleave(HQ // HKV, 1)
+    exact = torch.einsum("shd,shnd->shn", q.float(), keys) * scale * LOG2E
     probe_logits(q, kc, bt, n, scale, lg, None, group_pad)
     err_bf16 = float((lg - exact).abs().max())
     probe_logits(q, kc, bt, n, scale, lg, copy, group_pad)
@@ -189,12 +198,6 @@ def check(n: int, rows: int, dev: str, group_pad: int) -> dict:
     hit = (best[..., :, None] == got[..., None, :]).any(-1).float().mean(-1)
     return {"err_bf16": err_bf16, "err_fp8": err_fp8, "recall_mean": float(hit.mean()), "recall_min": float(hit.min()),
             "logit_spread": float(exact.std())}
-
-
-def _keys(kc, bt, n):
-    rows = bt.shape[0]
-    return torch.stack([kc[bt[s, :-(-n // PAGE)].long()].reshape(-1, HKV, D)[:n].float().transpose(0, 1)
-                        for s in range(rows)])
 
 
 def main() -> None:
@@ -214,8 +217,9 @@ def main() -> None:
     pads = [int(x) for x in a.group_pad.split(",")]
     lens, rows_list = [int(x) for x in a.lens.split(",")], [int(x) for x in a.rows.split(",")]
     if a.check:
+        nc = min(lens[0], 32768)
         for gp in pads:
-            print(f"check n={lens[0]} G={gp}: {check(min(lens[0], 32768), 1, 'cuda', gp)}")
+            print(f"check n={nc} G={gp}: {check(nc, 1, 'cuda', gp)}")
     print("      n rows    exact     bf16 " + " ".join(f"  fp8/{gp:<3d}" for gp in pads) + "  (us per step)")
     for n in lens:
         for rows in rows_list:

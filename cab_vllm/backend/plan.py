@@ -179,8 +179,7 @@ class EngineSettings:
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
         CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_ANSWER_BLOCKS, CAB_DENSE_LAYERS, CAB_DENSE_PREFILL, CAB_DECODE_SPARSITY,
         CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, CAB_TOKEN_SCORER, CAB_TOKEN_RERANK, CAB_TOKEN_PASSES, and the
-        kernel
-        choices of KernelOptions.from_env); unset ones keep the defaults. A bad value raises ValueError naming the
+        kernel choices of KernelOptions.from_env); unset ones keep the defaults. A bad value raises ValueError naming the
         variable."""
         env = os.environ if environ is None else environ
         changes: dict[str, object] = {}

@@ -33,11 +33,6 @@ def _inputs(rows=2, hq=8, hkv=2, d=32, page=16, n=1500, seed=0):
     return torch.randn(rows, hq, d, generator=gen), kc, bt
 
 
-def _keys(kc, bt, n):
-    hkv, d = kc.shape[2], kc.shape[3]
-    return torch.stack([kc[bt[s].long()].reshape(-1, hkv, d)[:n].transpose(0, 1) for s in range(bt.shape[0])])
-
-
 @pytest.mark.parametrize("n", [1500, 1024, 77])
 def test_exact_logits_over_shuffled_pages(n):
     """Exact scores (base 2) of every key of each row, a partial last chunk and a row shorter than a step included;
@@ -47,7 +42,7 @@ def test_exact_logits_over_shuffled_pages(n):
     scale = 1 / math.sqrt(q.shape[-1])
     lg = torch.full((q.shape[0], q.shape[1], n + 9), 7.0)
     fp.probe_logits(q, kc, bt, n, scale, lg, None, 16)
-    ref = torch.einsum("shd,shnd->shn", q, _keys(kc, bt, n).repeat_interleave(4, 1)) * scale * fp.LOG2E
+    ref = torch.einsum("shd,shnd->shn", q, fp.cache_keys(kc, bt, n).repeat_interleave(4, 1)) * scale * fp.LOG2E
     assert (lg[..., :n] - ref).abs().max() < 1e-4
     assert torch.all(lg[..., n:] == 7.0)
 
@@ -62,7 +57,7 @@ def test_centered_float8_estimate():
     q, kc, bt = _inputs(n=n)
     scale = 1 / math.sqrt(q.shape[-1])
     copy = fp.make_copy(kc, bt, n)
-    keys = _keys(kc, bt, n)
+    keys = fp.cache_keys(kc, bt, n)
     deq = fp.copy_keys(*copy, bt, n)
     assert deq.shape == keys.shape
     assert (deq - keys).abs().max() < 0.1 and (deq - keys)[..., 3].abs().max() < 0.1
