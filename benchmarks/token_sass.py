@@ -3,8 +3,8 @@
     python benchmarks/token_sass.py [--n 131072] [--page 16] [--kernels _logits_kernel,_rescore_kernel] [--json OUT]
 
 Records the launches ops.token_decode makes for one row of the Llama-3.1-8B attention geometry (32/8 heads, D=128,
-bf16, a paged cache of `--page`-token pages, 98%), exactly scored and with the 4-bit key copy (codes=, with the
-copy's nibbles made float16 in Triton and with CODE_ASM's inline PTX), compiles each kernel for sm_90 with Triton's
+bf16, a paged cache of `--page`-token pages, 98%), exactly scored, with the 4-bit key copy (codes=, with the
+copy's nibbles made float16 in Triton and with CODE_ASM's inline PTX) and with the float8 one, compiles each kernel for sm_90 with Triton's
 own compiler and the ptxas it ships (benchmarks/decode_sass.py), and prints per kernel and variant its registers,
 shared memory, SASS instruction count and those of its main loop (the backward branch whose body holds tensor-core
 instructions; none for kernels without one), with the loop's most frequent opcodes. Run without TRITON_INTERPRET.
@@ -33,7 +33,7 @@ HQ, HKV, D = 32, 8, 128
 KERNELS = ("_logits_kernel", "_select_kernel", "_count_kernel", "_rescore_kernel", "_attend_list_kernel")
 
 
-def record(n: int, page: int, codes: bool, sparsity: float = 0.98) -> dict:
+def record(n: int, page: int, codes: str | None, sparsity: float = 0.98) -> dict:
     """{kernel name: (positional arguments, keywords)} of one token_decode call on CPU tensors (nothing runs)."""
     import cab_vllm.ops.token_decode as td
     from cab_vllm.ops.key_codes import key_codes
@@ -60,7 +60,7 @@ def record(n: int, page: int, codes: bool, sparsity: float = 0.98) -> dict:
         keep = torch.full((1,), max(1, round(n * (1 - sparsity))), dtype=torch.int32)
         td.token_decode(q, kc, kc, bt, torch.full((1,), n, dtype=torch.int32), keep, 1 / math.sqrt(D),
                         torch.empty_like(q), scratch=td.token_scratch(1, HQ, HKV, D, n, "cpu"),
-                        codes=key_codes(pages, page, HKV, D, "cpu") if codes else None)
+                        codes=key_codes(pages, page, HKV, D, "cpu", codes) if codes else None)
     finally:
         for k, f in real.items():
             setattr(td, k, f)
@@ -103,7 +103,8 @@ def main() -> None:
     if bad:
         ap.error(f"--kernels: unknown {', '.join(bad)} (expected some of {', '.join(KERNELS)})")
     out = {}
-    for variant, codes, asm in (("exact", False, False), ("int4", True, False), ("int4_asm", True, True)):
+    for variant, codes, asm in (("exact", None, False), ("int4", "int4", False), ("int4_asm", "int4", True),
+                                ("fp8", "fp8", False)):
         launches = record(a.n, a.page, codes)
         for name in names:
             if name not in launches or (asm and name != "_logits_kernel"):

@@ -22,7 +22,9 @@ decode_rule="tokens" (ops.token_decode, every row keeping CABConfig.decode_token
 launch alone, the exact logits of every key: tok_logits; with the counting and threshold launches: tok_select;
 the same with the 4-bit key copy ranking the keys (CAB_TOKEN_SCORER=int4, ops.key_codes; rerank x keep candidates
 rescored exactly, --tok RERANK=1,2,4): tok4, its first launch (every key's estimate) tok4_logits, up to the final
-thresholds (with the rescoring) tok4_select, and the copy's encode of a decode step's new key per row: tok4_encode);
+thresholds (with the rescoring) tok4_select, and the copy's encode of a decode step's new key per row: tok4_encode;
+the same with the float8 key copy (CAB_TOKEN_SCORER=fp8: each head's keep best by the estimate, attended by exact
+score, no rescoring): tok8, tok8_logits, tok8_select, tok8_encode);
 --tok NAME=v1,v2 (repeatable) times each value of ops.token_decode's constant NAME, one of TOKEN_KNOBS: keys per
 logits program, tiles per attention split and programs per step, the attention's steps, warps and registers per launch).
 Prints microseconds per step. By
@@ -104,7 +106,8 @@ def kept_blocks(m: int, keep: int, gen: torch.Generator) -> list[int]:
 
 
 COLUMNS = ("prompt", "bounds", "skip", "all", "prompt1", "bounds1", "skip1", "all1", "plain", "dense", "tokens",
-           "tok_logits", "tok_select", "tok4", "tok4_logits", "tok4_select", "tok4_encode")
+           "tok_logits", "tok_select", "tok4", "tok4_logits", "tok4_select", "tok4_encode", "tok8", "tok8_logits",
+           "tok8_select", "tok8_encode")
 
 
 def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_time_us, min_per: int | None = None,
@@ -208,6 +211,19 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         return lambda: td.token_decode(q, kc, vc, bt, sl, tkeep, 1 / math.sqrt(D), out, scratch=tscratch,
                                        impl="triton", stages=stages, codes=codes, rerank=td.RERANK)
 
+    codes8 = None
+    if any(c.startswith("tok8") for c in columns):
+        from cab_vllm.ops.key_codes import encode_keys, key_codes
+
+        codes8 = key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], dev, "fp8")
+        encode_keys(kc, codes8, bt, sl, sl)
+
+    def tokens8(stages: int):
+        return lambda: td.token_decode(q, kc, vc, bt, sl, tkeep, 1 / math.sqrt(D), out, scratch=tscratch,
+                                       impl="triton", stages=stages, codes=codes8)
+
+    runs.update({"tok8": lambda: tokens8(3), "tok8_logits": lambda: tokens8(1), "tok8_select": lambda: tokens8(2),
+                 "tok8_encode": lambda: lambda: encode_keys(kc, codes8, bt, sl, one, max_new=1)})
     runs.update({"tokens": lambda: tokens(3), "tok_logits": lambda: tokens(1), "tok_select": lambda: tokens(2),
                  "tok4": lambda: tokens4(3), "tok4_logits": lambda: tokens4(1), "tok4_select": lambda: tokens4(2),
                  "tok4_encode": lambda: lambda: encode_keys(kc, codes, bt, sl, one, max_new=1)})

@@ -1,21 +1,36 @@
-"""A 4-bit copy of the paged key cache that the token decode scores every key with (ops.token_decode, ``codes=``):
-each channel of each group of GROUP consecutive tokens of a page rounded to LEVELS + 1 levels between the group's
-minimum and maximum of that channel (asymmetric, per channel: post-RoPE keys have outlier channels that a per-token
-scale would let swamp the others; KIVI's key quantization). Kept beside the cache, page for page:
+"""A low-precision copy of the paged key cache that the token decode scores every key with (ops.token_decode,
+``codes=``), kept beside the cache page for page, in one of two formats (KeyCodes.fmt):
+
+"int4": each channel of each group of GROUP consecutive tokens of a page rounded to LEVELS + 1 levels between the
+group's minimum and maximum of that channel (asymmetric, per channel: post-RoPE keys have outlier channels that a
+per-token scale would let swamp the others; KIVI's key quantization):
 
   codes   [num_pages, page_size, Hkv, D / 2] uint8   byte j of a token holds channel j (low nibble) and j + D/2
   bounds  [num_pages, page_size, Hkv, 2D / GROUP] float16   a group's per-channel minima then steps ([2, D]),
           spread over its GROUP token slots, 2D / GROUP values each
 
-A key reads back as minimum + step x code. Per token and head that is D/2 bytes of codes and 4D/GROUP bytes of
-bounds: 3/8 of a bf16 key at GROUP 16 (experiments/RESULTS.md: ranked by such a copy, with twice the budget rescored
-by exact score, the keys an exact ranking keeps are kept, 4k-16k tokens). Both arrays are indexed by page, slot and
-head, as K is, so a page's copy can sit in the page's own tail (page_tail_bytes, codes_in_pages). encode_keys
-rewrites the groups that hold a step's new keys (every token of such a group: its range may have grown); the codes
-of a group still filling are rewritten as it fills.
+  A key reads back as minimum + step x code: D/2 bytes of codes and 4D/GROUP bytes of bounds per token and head, 3/8
+  of a bf16 key at GROUP 16.
 
-Twin: encode_keys_torch (and dequantize, the keys a copy reads back as). Both round the same float32 way:
-code = floor((k - min) / step + 0.5) clamped to 0..LEVELS, min and step stored as float16 (step at least 2^-14)."""
+"fp8": each channel's mid-range over the group subtracted (float16), the rest float8 e4m3 with a scale per token
+(its largest magnitude at e4m3's 448; experiments/RESULTS.md, "A float8 copy of K": centered, a float8 copy ranks keys
+better than int4 per channel, and a tensor-core dot takes float8 operands without unpacking):
+
+  codes   [num_pages, page_size, Hkv, D] uint8   the e4m3 bits of (k - mid) / scale
+  bounds  [num_pages, page_size, Hkv, D / GROUP + 1] float16   a group's mid-range [D] spread over its GROUP token
+          slots (D / GROUP values each), then each token's largest magnitude (scale = that / 448)
+
+  A key reads back as mid + scale x e4m3(code): D + 2D/GROUP + 2 bytes per token and head, 57% of a bf16 key at D=128.
+
+Both arrays are indexed by page, slot and head, as K is, so a page's copy can sit in the page's own tail
+(page_tail_bytes, codes_in_pages), and a page's copy is a function of the page's keys alone (pages a prefix cache shares
+hold the same copy whoever wrote it). encode_keys rewrites the groups that hold a step's new keys (every token of such
+a group: its range may have grown); the codes of a group still filling are rewritten as it fills.
+
+Twin: encode_keys_torch (and dequantize, the keys a copy reads back as; estimate, the scores a decode ranks keys by).
+Both round the same float32 way: int4 code = floor((k - min) / step + 0.5) clamped to 0..LEVELS, min and step stored
+as float16 (step at least 2^-14); fp8 by round-to-nearest-even (the kernels round in integer arithmetic, so Triton's
+interpreter rounds as a GPU does)."""
 
 from __future__ import annotations
 
@@ -28,52 +43,70 @@ from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 GROUP = 16  # tokens that share a channel's range (a vLLM page holds page_size / GROUP groups)
 LEVELS = 15  # 4 bits
 MIN_STEP = 2.0 ** -14  # float16's smallest normal: a channel constant over its group still has a step to divide by
+FORMATS = ("int4", "fp8")
+FP8_MAX = 448.0  # e4m3's largest finite value
 
 
 class KeyCodes(NamedTuple):
-    """The 4-bit key copy: codes [num_pages, page_size, Hkv, D / 2] uint8, bounds [num_pages, page_size, Hkv,
-    2D / GROUP] float16 (a group's [2, D] minima and steps over its GROUP slots). Any strides but a contiguous last
-    dim."""
+    """The key copy: codes [num_pages, page_size, Hkv, C] uint8 and bounds [num_pages, page_size, Hkv, W] float16,
+    C and W by fmt ("int4": D / 2 and 2D / GROUP, a group's [2, D] minima and steps over its GROUP slots; "fp8": D and
+    D / GROUP + 1, a group's mid-range over its slots, then each token's largest magnitude). Any strides but a
+    contiguous last dim."""
 
     codes: torch.Tensor
     bounds: torch.Tensor
+    fmt: str = "int4"
 
 
-def key_codes(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, device) -> KeyCodes:
-    """An empty KeyCodes for a cache of num_pages pages of page_size tokens (zeros)."""
-    _check_geometry(page_size, head_dim)
-    return KeyCodes(torch.zeros(num_pages, page_size, num_kv_heads, head_dim // 2, dtype=torch.uint8, device=device),
-                    torch.zeros(num_pages, page_size, num_kv_heads, 2 * head_dim // GROUP, dtype=torch.float16,
-                                device=device))
+def code_width(head_dim: int, fmt: str = "int4") -> int:
+    """Bytes of codes per token and head."""
+    return head_dim // 2 if fmt == "int4" else head_dim
 
 
-def _check_geometry(page_size: int, head_dim: int) -> None:
-    check(page_size % GROUP == 0 and head_dim % 8 == 0,
-          f"a 4-bit key copy needs page_size % {GROUP} == 0 and a head dim divisible by 8, got {page_size}, "
-          f"{head_dim}")
+def bound_width(head_dim: int, fmt: str = "int4") -> int:
+    """float16 values of bounds per token and head."""
+    return 2 * head_dim // GROUP if fmt == "int4" else head_dim // GROUP + 1
 
 
-def bytes_per_token(num_kv_heads: int, head_dim: int) -> int:
+def key_codes(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, device, fmt: str = "int4"
+              ) -> KeyCodes:
+    """An empty KeyCodes of format fmt for a cache of num_pages pages of page_size tokens (zeros)."""
+    _check_geometry(page_size, head_dim, fmt)
+    return KeyCodes(torch.zeros(num_pages, page_size, num_kv_heads, code_width(head_dim, fmt), dtype=torch.uint8,
+                                device=device),
+                    torch.zeros(num_pages, page_size, num_kv_heads, bound_width(head_dim, fmt), dtype=torch.float16,
+                                device=device), fmt)
+
+
+def _check_geometry(page_size: int, head_dim: int, fmt: str = "int4") -> None:
+    check(fmt in FORMATS, f"a key copy's format must be one of {FORMATS}, got {fmt!r}")
+    mult = 8 if fmt == "int4" else GROUP
+    check(page_size % GROUP == 0 and head_dim % mult == 0 and (fmt == "int4" or head_dim >= 32),
+          f"a {fmt} key copy needs page_size % {GROUP} == 0 and a head dim divisible by {mult}"
+          f"{'' if fmt == 'int4' else ' and at least 32'}, got {page_size}, {head_dim}")
+
+
+def bytes_per_token(num_kv_heads: int, head_dim: int, fmt: str = "int4") -> int:
     """Bytes of the copy per token of the cache (all KV heads)."""
-    return num_kv_heads * (head_dim // 2 + 4 * head_dim // GROUP)
+    return num_kv_heads * (code_width(head_dim, fmt) + 2 * bound_width(head_dim, fmt))
 
 
-def page_tail_bytes(page_size: int, num_kv_heads: int, head_dim: int) -> int:
-    """Bytes of the copy for one cache page: its codes [page_size, Hkv, D / 2] uint8, then its bounds [page_size,
-    Hkv, 2D / GROUP] float16 (a multiple of 16 bytes: page_size is a multiple of GROUP)."""
-    _check_geometry(page_size, head_dim)
-    return page_size * bytes_per_token(num_kv_heads, head_dim)
+def page_tail_bytes(page_size: int, num_kv_heads: int, head_dim: int, fmt: str = "int4") -> int:
+    """Bytes of the copy for one cache page: its codes [page_size, Hkv, C] uint8, then its bounds [page_size, Hkv, W]
+    float16 (KeyCodes; a multiple of 16 bytes: page_size is a multiple of GROUP)."""
+    _check_geometry(page_size, head_dim, fmt)
+    return page_size * bytes_per_token(num_kv_heads, head_dim, fmt)
 
 
 def codes_in_pages(storage: torch.Tensor, num_pages: int, page_stride: int, offset: int, page_size: int,
-                   num_kv_heads: int, head_dim: int) -> KeyCodes:
+                   num_kv_heads: int, head_dim: int, fmt: str = "int4") -> KeyCodes:
     """KeyCodes views of copies laid out as page_tail_bytes describes, page p's at byte offset + p * page_stride of
     ``storage`` (a uint8 tensor over the whole buffer, e.g. a KV cache's bytes)."""
-    _check_geometry(page_size, head_dim)
-    h, w = head_dim // 2, 2 * head_dim // GROUP
+    _check_geometry(page_size, head_dim, fmt)
+    h, w = code_width(head_dim, fmt), bound_width(head_dim, fmt)
     check(storage.dtype == torch.uint8 and storage.dim() == 1, "storage must be a flat uint8 tensor")
     check(page_stride % 2 == 0 and offset % 2 == 0, f"page stride {page_stride} and offset {offset} must be even")
-    check(offset + (num_pages - 1) * page_stride + page_tail_bytes(page_size, num_kv_heads, head_dim)
+    check(offset + (num_pages - 1) * page_stride + page_tail_bytes(page_size, num_kv_heads, head_dim, fmt)
           <= storage.numel(), "the pages' copies run past the storage")
     codes = torch.as_strided(storage, (num_pages, page_size, num_kv_heads, h), (page_stride, num_kv_heads * h, h, 1),
                              offset)
@@ -81,15 +114,15 @@ def codes_in_pages(storage: torch.Tensor, num_pages: int, page_stride: int, offs
     b0 = offset + page_size * num_kv_heads * h
     bounds = torch.as_strided(half, (num_pages, page_size, num_kv_heads, w),
                               (page_stride // 2, num_kv_heads * w, w, 1), b0 // 2)
-    return KeyCodes(codes, bounds)
+    return KeyCodes(codes, bounds, fmt)
 
 
 def check_codes(key_cache: torch.Tensor, kc: KeyCodes) -> None:
     """The copy's shapes, dtypes and device against a [num_pages, page_size, Hkv, D] key cache."""
     pages, page, hkv, d = key_cache.shape
     check(isinstance(kc, KeyCodes), f"codes must be a KeyCodes (codes, bounds), got {type(kc).__name__}")
-    _check_geometry(page, d)
-    want_c, want_b = (pages, page, hkv, d // 2), (pages, page, hkv, 2 * d // GROUP)
+    _check_geometry(page, d, kc.fmt)
+    want_c, want_b = (pages, page, hkv, code_width(d, kc.fmt)), (pages, page, hkv, bound_width(d, kc.fmt))
     check(tuple(kc.codes.shape) == want_c and kc.codes.dtype == torch.uint8 and kc.codes.stride(-1) == 1,
           f"codes must be uint8 {want_c} with a contiguous last dim, got {kc.codes.dtype} {tuple(kc.codes.shape)}")
     check(tuple(kc.bounds.shape) == want_b and kc.bounds.dtype == torch.float16 and kc.bounds.stride(-1) == 1,
@@ -134,6 +167,25 @@ def _unpack(byte: torch.Tensor) -> torch.Tensor:
     return torch.cat([byte & 15, byte >> 4], -1)
 
 
+def _quantize_fp8(k: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One group per leading index, the "fp8" format: k [..., G, D] float32, valid [..., G, 1] -> codes [..., G, D]
+    uint8 (e4m3 bits, 0 where not valid), mid-range [..., D] (float16 values, as float32), each token's largest
+    magnitude after centering [..., G] (float16 values, at least MIN_STEP; 0 where not valid)."""
+    hi = torch.where(valid, k, float("-inf")).amax(-2)
+    lo = torch.where(valid, k, float("inf")).amin(-2)
+    mid = ((hi + lo) / 2).half().float()
+    r = torch.where(valid, k - mid[..., None, :], 0.0)
+    amax = r.abs().amax(-1).clamp_min(MIN_STEP).half().float()
+    x = (r / (amax / FP8_MAX)[..., None]).clamp(-FP8_MAX, FP8_MAX)
+    code = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.where(valid, code, 0), mid, torch.where(valid[..., 0], amax, 0.0)
+
+
+def fp8_values(code: torch.Tensor) -> torch.Tensor:
+    """e4m3 bits (uint8) -> their values, float32."""
+    return code.view(torch.float8_e4m3fn).float()
+
+
 def encode_keys_torch(key_cache: torch.Tensor, kc: KeyCodes, block_table: torch.Tensor, seq_lens: torch.Tensor,
                       num_new: torch.Tensor) -> KeyCodes:
     """PyTorch twin of encode_keys (one host read of the rows' lengths; each row's groups at once)."""
@@ -149,23 +201,66 @@ def encode_keys_torch(key_cache: torch.Tensor, kc: KeyCodes, block_table: torch.
         slots = pos % page
         k = key_cache[pages, slots].float().unflatten(0, (g1 - g0, GROUP)).transpose(1, 2)  # [groups, Hkv, GROUP, D]
         valid = (pos < n).view(g1 - g0, 1, GROUP, 1)
-        code, lo, step = _quantize(k, valid)  # [groups, Hkv, GROUP, D], [groups, Hkv, D] x 2
-        kc.codes[pages, slots] = _pack(code).transpose(1, 2).flatten(0, 1)
-        spread = torch.cat([lo, step], -1).half().view(g1 - g0, -1, GROUP, w)  # [groups, Hkv, GROUP, W]
+        if kc.fmt == "fp8":
+            code, mid, amax = _quantize_fp8(k, valid)  # [groups, Hkv, GROUP, D], [groups, Hkv, D], [groups, Hkv, GROUP]
+            kc.codes[pages, slots] = code.transpose(1, 2).flatten(0, 1)
+            spread = torch.cat([mid.half().view(g1 - g0, -1, GROUP, w - 1), amax.half()[..., None]], -1)
+        else:
+            code, lo, step = _quantize(k, valid)  # [groups, Hkv, GROUP, D], [groups, Hkv, D] x 2
+            kc.codes[pages, slots] = _pack(code).transpose(1, 2).flatten(0, 1)
+            spread = torch.cat([lo, step], -1).half().view(g1 - g0, -1, GROUP, w)  # [groups, Hkv, GROUP, W]
         kc.bounds[pages, slots] = spread.transpose(1, 2).flatten(0, 1)
     return kc
+
+
+def _fp8_parts(kc: KeyCodes, block_table_row: torch.Tensor, n: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first n keys of one row in an "fp8" copy: e4m3 values [Hkv, n, D], scales [Hkv, n], mid-ranges
+    [Hkv, n, D] (each key's group's), float32."""
+    from cab_vllm.ops.blocks import gather_paged
+
+    r8 = fp8_values(gather_paged(kc.codes, block_table_row, n))  # [Hkv, n, D]
+    hkv, d = r8.shape[0], r8.shape[-1]
+    groups = -(-n // GROUP)
+    b = gather_paged(kc.bounds, block_table_row, groups * GROUP).float()  # [Hkv, groups * GROUP, W]
+    scale = b[:, :n, -1] / FP8_MAX
+    mid = b[..., :-1].reshape(hkv, groups, d).repeat_interleave(GROUP, 1)[:, :n]
+    return r8, scale, mid
 
 
 def dequantize(kc: KeyCodes, block_table_row: torch.Tensor, n: int) -> torch.Tensor:
     """The first n keys of one row as the copy reads them back: [Hkv, n, D] float32."""
     from cab_vllm.ops.blocks import gather_paged
 
+    if kc.fmt == "fp8":
+        r8, scale, mid = _fp8_parts(kc, block_table_row, n)
+        return mid + r8 * scale[..., None]
     code = _unpack(gather_paged(kc.codes, block_table_row, n)).float()  # [Hkv, n, D]
     hkv, d = code.shape[0], code.shape[-1]
     groups = -(-n // GROUP)  # (a group never crosses a page: the last one's slots are in the row's last page)
     b = gather_paged(kc.bounds, block_table_row, groups * GROUP).float().reshape(hkv, groups, 2, d)
     b = b.repeat_interleave(GROUP, 1)[:, :n]  # [Hkv, n, 2, D]
     return b[:, :, 0] + b[:, :, 1] * code
+
+
+def fp8_queries(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries [..., D] as the "fp8" estimate takes them: (e4m3 values, float32, and the scale per query: its largest
+    magnitude / 448)."""
+    sq = q.float().abs().amax(-1).clamp_min(1e-30) / FP8_MAX
+    return (q.float() / sq[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float(), sq
+
+
+def estimate(q: torch.Tensor, kc: KeyCodes, block_table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """The scores q [Hkv, G, D] (a row's queries by KV head) give the row's first n keys by the copy, unscaled:
+    [Hkv, G, n] float32. int4: q . (the key the copy reads back as); fp8: the queries in e4m3 too (a float8 x float8
+    dot), s_q s_k (q8 . k8) + q . mid."""
+    q = q.float()
+    if kc.fmt != "fp8":
+        return torch.einsum("hgd,hnd->hgn", q, dequantize(kc, block_table_row, n))
+    r8, scale, mid = _fp8_parts(kc, block_table_row, n)
+    q8, sq = fp8_queries(q)
+    return (torch.einsum("hgd,hnd->hgn", q8, r8) * sq[..., None] * scale[:, None, :]
+            + torch.einsum("hgd,hnd->hgn", q, mid))
 
 
 def _check(key_cache, kc, block_table, seq_lens, num_new):
@@ -197,13 +292,16 @@ def encode_keys(key_cache: torch.Tensor, kc: KeyCodes, block_table: torch.Tensor
         return kc
     _, page, hkv, d = key_cache.shape
     groups = (max_new + GROUP - 2) // GROUP + 1  # a run of max_new keys spans at most this many groups (1 key: 1)
+    args = (key_cache, kc.codes, kc.bounds, block_table, seq_lens, num_new, hkv, groups,
+            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), kc.codes.stride(0), kc.codes.stride(1),
+            kc.codes.stride(2), kc.bounds.stride(0), kc.bounds.stride(1), kc.bounds.stride(2), block_table.stride(0))
+    if kc.fmt == "fp8":
+        _encode_fp8_kernel[(ns * hkv * groups,)](*args, HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), GROUP_T=GROUP,
+                                                 PAGE_SIZE=page, MIN_STEP_T=MIN_STEP, FMAX=FP8_MAX, num_warps=2)
+        return kc
     h = d // 2
-    _encode_kernel[(ns * hkv * groups,)](
-        key_cache, kc.codes, kc.bounds, block_table, seq_lens, num_new, hkv, groups,
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), kc.codes.stride(0), kc.codes.stride(1),
-        kc.codes.stride(2), kc.bounds.stride(0), kc.bounds.stride(1), kc.bounds.stride(2),
-        block_table.stride(0), HALF=h, BLOCK_H=max(16, next_pow2(h)), GROUP_T=GROUP, PAGE_SIZE=page,
-        LEVELS_T=LEVELS, MIN_STEP_T=MIN_STEP, num_warps=2)
+    _encode_kernel[(ns * hkv * groups,)](*args, HALF=h, BLOCK_H=max(16, next_pow2(h)), GROUP_T=GROUP, PAGE_SIZE=page,
+                                         LEVELS_T=LEVELS, MIN_STEP_T=MIN_STEP, num_warps=2)
     return kc
 
 
@@ -261,6 +359,95 @@ if HAS_TRITON:
             tl.store(b_ptr + base + quarter, lo_hi, mask=e_ok)
             tl.store(b_ptr + base + 2 * quarter, st_lo, mask=e_ok)
             tl.store(b_ptr + base + 3 * quarter, st_hi, mask=e_ok)
+
+    @triton.jit
+    def fp8_bits(x):
+        """x float32 within +-448 -> its float8 e4m3 (fn) bits, uint8, rounded to nearest even in integer arithmetic
+        (Triton's interpreter rounds float32 to float8 wrongly near powers of two; this rounds as PyTorch does):
+        below 2^-6 a multiple of 2^-9 (subnormal codes 0..8, 8 being 2^-6), else the mantissa cut to 3 bits."""
+        bits = x.to(tl.int32, bitcast=True)
+        a = tl.abs(x)
+        sub = (((a + 24576.0) - 24576.0) * 512.0).to(tl.int32)  # 24576 = 1.5 x 2^14: its ulp is 2^-9
+        b = a.to(tl.int32, bitcast=True)
+        b = (b + (0x7FFFF + ((b >> 20) & 1))) & 0x7FF00000
+        normal = (((b >> 23) - 120) << 3) | ((b >> 20) & 7)
+        return (tl.where(a < 0.015625, sub, normal) | ((bits >> 24) & 0x80)).to(tl.uint8)
+
+    @triton.jit(do_not_specialize=["groups"])
+    def _encode_fp8_kernel(k_ptr, c_ptr, b_ptr, bt_ptr, seqlen_ptr, new_ptr, num_kv_heads, groups,
+                           stride_kpage, stride_kpos, stride_kh, stride_cpage, stride_cpos, stride_ch,
+                           stride_bpage, stride_bpos, stride_bh, stride_bt,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_T: tl.constexpr,
+                           PAGE_SIZE: tl.constexpr, MIN_STEP_T: tl.constexpr, FMAX: tl.constexpr):
+        """The "fp8" copy of one (row, KV head, group of the row's new keys): the group's tokens below the row's
+        length centered on each channel's mid-range (float16) and scaled per token to e4m3's range."""
+        pid = tl.program_id(0)
+        s = (pid // (num_kv_heads * groups)).to(tl.int64)
+        kvh = (pid // groups) % num_kv_heads
+        j = pid % groups
+        n = tl.load(seqlen_ptr + s)
+        m = tl.load(new_ptr + s)
+        grp = tl.maximum(n - m, 0) // GROUP_T + j
+        if (m > 0) & (grp * GROUP_T < n):
+            pos0 = grp * GROUP_T
+            page = tl.load(bt_ptr + s * stride_bt + pos0 // PAGE_SIZE).to(tl.int64)
+            slot0 = pos0 % PAGE_SIZE
+            t = tl.arange(0, GROUP_T)
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < HEAD_DIM
+            tok = pos0 + t < n
+            valid = tok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + page * stride_kpage + ((slot0 + t) * stride_kpos + kvh * stride_kh)[:, None]
+                        + d[None, :], mask=valid, other=0.0).to(tl.float32)
+            hi = tl.max(tl.where(valid, k, float("-inf")), 0)
+            lo = tl.min(tl.where(valid, k, float("inf")), 0)
+            mid16 = ((hi + lo) / 2).to(tl.float16)
+            r = tl.where(valid, k - mid16.to(tl.float32)[None, :], 0.0)
+            amax16 = tl.maximum(tl.max(tl.abs(r), 1), MIN_STEP_T).to(tl.float16)
+            x = r / (amax16.to(tl.float32) / FMAX)[:, None]
+            code = tl.where(valid, fp8_bits(tl.minimum(tl.maximum(x, -FMAX), FMAX)), 0)
+            tl.store(c_ptr + page * stride_cpage + ((slot0 + t) * stride_cpos + kvh * stride_ch)[:, None] + d[None, :],
+                     code.to(tl.uint8), mask=tl.broadcast_to(d_ok[None, :], [GROUP_T, BLOCK_D]))
+            wc: tl.constexpr = HEAD_DIM // GROUP_T
+            base = b_ptr + page * stride_bpage + kvh * stride_bh
+            tl.store(base + (slot0 + d // wc) * stride_bpos + d % wc, mid16, mask=d_ok)
+            tl.store(base + (slot0 + t) * stride_bpos + wc, tl.where(tok, amax16, 0.0).to(tl.float16))
+
+    @triton.jit
+    def fp8_estimate(q8, sq, qc, expand, c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, d, d_ok, stride_cpage,
+                     stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh, scale_log2, TILE_T: tl.constexpr,
+                     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_T: tl.constexpr, FMAX: tl.constexpr,
+                     CDT: tl.constexpr):
+        """Base-2 logits, by the "fp8" copy, of keys p0 .. p0 + TILE_T - 1 of row s (p0 a multiple of GROUP_T; 16
+        groups: TILE_T = 16 GROUP_T), KV head kvh: s_q s_k (q8 . k8), a float8 x float8 dot, plus q . mid, one dot
+        of the queries (qc, in CDT) against the tile's 16 group centers whose [rows, 16] result ``expand`` ([16,
+        TILE_T] 0/1, a group's row over its keys) spreads over the keys, in two float16 halves (exact to ~2^-22)
+        for 16-bit CDT. q8 [GP, BLOCK_D] float8, sq [GP] the queries' scales. -> [GP, TILE_T] float32."""
+        pos = p0 + tl.arange(0, TILE_T)
+        ok = pos < n
+        page, slot = paged_coords(bt_ptr, stride_bt, s, pos, ok, PAGE_SIZE)
+        slot = slot.to(tl.int32)
+        k8 = tl.load(c_ptr + (page * stride_cpage + (slot * stride_cpos + kvh * stride_ch))[:, None] + d[None, :],
+                     mask=ok[:, None] & d_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
+        wc: tl.constexpr = HEAD_DIM // GROUP_T
+        amax = tl.load(b_ptr + page * stride_bpage + (slot * stride_bpos + kvh * stride_bh + wc), mask=ok,
+                       other=0.0).to(tl.float32)
+        z = tl.dot(q8, tl.trans(k8)) * (sq[:, None] * (amax * (scale_log2 / FMAX))[None, :])
+        ng: tl.constexpr = TILE_T // GROUP_T
+        gpos = p0 + tl.arange(0, ng) * GROUP_T
+        g_ok = gpos < n
+        gpage, gslot = paged_coords(bt_ptr, stride_bt, s, gpos, g_ok, PAGE_SIZE)
+        coff = gpage[:, None] * stride_bpage + ((gslot.to(tl.int32)[:, None] + d[None, :] // wc) * stride_bpos
+                                                + kvh * stride_bh + d[None, :] % wc)
+        cen = tl.load(b_ptr + coff, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(CDT)
+        if CDT == tl.float32:
+            zc = tl.dot(qc, tl.trans(cen), input_precision="ieee") * scale_log2
+            z += tl.dot(zc, expand, input_precision="ieee")
+        else:
+            zc = tl.dot(qc, tl.trans(cen)) * scale_log2
+            hi = zc.to(CDT)
+            z += tl.dot(hi, expand) + tl.dot((zc - hi.to(tl.float32)).to(CDT), expand)
+        return z
 
     @triton.jit
     def _bound_offsets(page, slot0, kvh, e, stride_bpage, stride_bpos, stride_bh, HALF: tl.constexpr,

@@ -56,7 +56,7 @@ import torch
 
 from cab_vllm.ops._triton import HAS_TRITON, check, next_pow2, resolve_impl
 from cab_vllm.ops.key_codes import GROUP as CODE_GROUP
-from cab_vllm.ops.key_codes import KeyCodes, check_codes, dequantize
+from cab_vllm.ops.key_codes import FP8_MAX, KeyCodes, check_codes, estimate
 from cab_vllm.ops.prefill import _check_common
 
 LOG2E = 1.4426950408889634
@@ -65,6 +65,7 @@ ATTEND_TILE = 32  # listed keys per step of the attention (a power of two >= 16)
 SCAN_TILE = 512  # logits per step of the attention's scan
 CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
 LOGITS_TILE = 128  # keys per step of a logits program (a power of two dividing CHUNK; 64: up to 1.2x slower on an H100)
+FP8_TILE = 256  # keys per step with a float8 key copy: 16 groups of 16 (a dot's smallest width) share one center dot
 LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
 ATTEND_MAXNREG, LOGITS_MAXNREG = 128, 0  # registers per thread at most in those launches (0: the compiler's choice)
 COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
@@ -201,10 +202,13 @@ def token_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         v = gather_paged(value_cache, block_table[s], n).float()
         qs = q[s].float().view(hkv, g, d)
         z = torch.einsum("hgd,hnd->hgn", qs, k) * (scale * LOG2E)
-        if codes is not None:  # the estimate's candidates, then the exact rule among them
-            est = torch.einsum("hgd,hnd->hgn", qs, dequantize(codes, block_table[s], n)) * (scale * LOG2E)
-            z = z.masked_fill(~kept_keys(est, kt * rerank, passes), float("-inf"))
-        sel, cut = _rule(z, kt, passes)
+        if codes is not None and codes.fmt == "fp8":  # the estimate's keep best, attended by exact score
+            sel, cut = _rule(estimate(qs, codes, block_table[s], n) * (scale * LOG2E), kt, passes)
+        else:
+            if codes is not None:  # the estimate's candidates, then the exact rule among them
+                est = estimate(qs, codes, block_table[s], n) * (scale * LOG2E)
+                z = z.masked_fill(~kept_keys(est, kt * rerank, passes), float("-inf"))
+            sel, cut = _rule(z, kt, passes)
         sel &= z > float("-inf")
         z = z.masked_fill(~sel, float("-inf"))
         p = torch.exp2(z - z.amax(-1, keepdim=True))
@@ -292,7 +296,7 @@ if HAS_TRITON:
 
     from cab_vllm.ops._triton import paged_coords
     from cab_vllm.ops.decode import MERGE_SPLITS, _block_offsets, _merge_group, merge_tile
-    from cab_vllm.ops.key_codes import dequant_halves
+    from cab_vllm.ops.key_codes import dequant_halves, fp8_bits, fp8_estimate
     from cab_vllm.ops.select import _group_query
 
     @triton.jit
@@ -336,9 +340,11 @@ if HAS_TRITON:
                        stride_ls, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
                        SCAN_G: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, RTILE: tl.constexpr,
                        PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, CODES: tl.constexpr,
-                       CGROUP: tl.constexpr, BLOCK_H: tl.constexpr, EST_DT: tl.constexpr, CODE_ASM_T: tl.constexpr):
+                       CGROUP: tl.constexpr, BLOCK_H: tl.constexpr, EST_DT: tl.constexpr, CODE_ASM_T: tl.constexpr,
+                       FP8: tl.constexpr = False, FMAX: tl.constexpr = 448.0):
         """Base-2 logits of the group's queries against the keys of one chunk of one row (CODES: against the keys
-        the 4-bit copy reads back as, ops.key_codes), each head's largest logit over the chunk into cm [rows, Hq,
+        the 4-bit copy reads back as, ops.key_codes; FP8: the float8 copy's estimate, fp8_estimate, TILE_T = 16
+        CGROUP), each head's largest logit over the chunk into cm [rows, Hq,
         chunks], and (rows that keep fewer keys than they have) each head's first counting pass over the chunk
         (_chunk_counts; the select launch shifts the chunks' counts onto the row's maximum)."""
         s, kvh, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, n_chunks)
@@ -348,7 +354,14 @@ if HAS_TRITON:
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
             q = q.to(k_ptr.dtype.element_ty)
             g = tl.arange(0, GROUP_PAD)
-            if CODES:  # the queries' two halves (what each byte of codes holds one channel of)
+            if FP8:  # the queries in float8 (a scale per head), and in EST_DT for the group centers' dot
+                qf = q.to(tl.float32)
+                sq = tl.maximum(tl.max(tl.abs(qf), 1), 1e-30) / FMAX
+                q8 = fp8_bits(tl.minimum(tl.maximum(qf / sq[:, None], -FMAX), FMAX)).to(tl.float8e4nv, bitcast=True)
+                qc = qf.to(EST_DT)
+                ng: tl.constexpr = TILE_T // CGROUP
+                expand = (tl.arange(0, TILE_T)[None, :] // CGROUP == tl.arange(0, ng)[:, None]).to(EST_DT)
+            elif CODES:  # the queries' two halves (what each byte of codes holds one channel of)
                 e = tl.arange(0, BLOCK_H)
                 e_ok = e < HEAD_DIM // 2
                 qrow = q_ptr + s * stride_qs + (kvh * group + g)[:, None] * stride_qh + e[None, :]
@@ -362,7 +375,11 @@ if HAS_TRITON:
             for p0 in range(t0, t1, TILE_T):
                 pos = p0 + tl.arange(0, TILE_T)
                 k_ok = pos < n
-                if CODES:  # the copy's keys, a dot per half of the head dim
+                if FP8:
+                    z = fp8_estimate(q8, sq, qc, expand, c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, d, d_ok,
+                                     stride_cpage, stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh,
+                                     scale_log2, TILE_T, PAGE_SIZE, HEAD_DIM, CGROUP, FMAX, EST_DT)
+                elif CODES:  # the copy's keys, a dot per half of the head dim
                     k_lo, k_hi = dequant_halves(c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, e, e_ok, stride_cpage,
                                                 stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh, TILE_T,
                                                 PAGE_SIZE, HEAD_DIM // 2, CGROUP, EST_DT, CODE_ASM_T)
@@ -614,16 +631,19 @@ if HAS_TRITON:
                             lse_ptr, sync_ptr, num_heads, num_kv_heads, num_splits, min_per,
                             stride_ls, stride_lh, stride_vpage, stride_vpos, stride_vh, stride_bt, stride_ks,
                             stride_kh, stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                            q_ptr, k_ptr, stride_qs, stride_qh, scale_log2,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
                             SCAN_G: tl.constexpr, TILE_T: tl.constexpr, SCAN_T: tl.constexpr, LIST_T: tl.constexpr,
                             PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, MERGE_G: tl.constexpr,
-                            MERGE_SPLITS_T: tl.constexpr):
+                            MERGE_SPLITS_T: tl.constexpr, EXACT_K: tl.constexpr = False):
         """Split `split` of (row, KV head), in two phases: a scan of its logits (SCAN_T per step, SCAN_G heads) writes
         the positions some head of the group keeps into kl (the split's own stretch of it: a compacted list), then
         an online softmax runs over that list, LIST_T keys per step (the stored logits and the values of listed
         keys only; a head's keys the threshold drops masked) -> normalized partial and base-2 LSE; the last split to
         finish merges the group's. Every step of the second phase is full of kept keys, where a step per 64-token
-        tile of the context waits for a tile that holds one or two."""
+        tile of the context waits for a tile that holds one or two. EXACT_K (the stored logits are a float8 copy's
+        estimates): the estimates pick the keys, whose exact logits the softmax takes (their keys read from the cache
+        (k_ptr, the value cache's strides), the queries from q_ptr)."""
         s, kvh, split, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, num_splits)
         if kt > 0:
             group = num_heads // num_kv_heads
@@ -652,6 +672,9 @@ if HAS_TRITON:
             m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
             acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+            if EXACT_K:
+                q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + d[None, :],
+                            mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(k_ptr.dtype.element_ty)
             for j0 in range(0, cnt, LIST_T):
                 j = j0 + tl.arange(0, LIST_T)
                 jok = j < cnt
@@ -662,6 +685,9 @@ if HAS_TRITON:
                 v = tl.load(v_ptr + off, mask=jok[:, None] & d_ok[None, :], other=0.0)
                 sel = _kept(z, pos[None, :], top[:, None], big_a[:, None], big_b[:, None], cut[:, None], NB,
                             INV_A) & jok[None, :] & g_ok[:, None]
+                if EXACT_K:
+                    k = tl.load(k_ptr + off, mask=jok[:, None] & d_ok[None, :], other=0.0)
+                    z = tl.dot(q, tl.trans(k)) * scale_log2
                 zs = tl.where(sel, z, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(zs, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -735,6 +761,10 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     lg, cmax, ca, cb, sel, kl = (scratch.logits, scratch.cmax, scratch.count_a, scratch.count_b, scratch.sel,
                                  scratch.kept)
     cc, cs = (codes.codes, codes.bounds) if codes is not None else (key_cache, key_cache)  # (unread without codes)
+    fp8 = codes is not None and codes.fmt == "fp8"
+    if fp8:  # (the attention reads the kept keys through the value cache's strides)
+        check(key_cache.stride() == value_cache.stride(), "an fp8 key copy's decode needs the key and value caches to "
+                                                          "share strides (views of one KV cache)")
     cstr = (cc.stride(0), cc.stride(1), cc.stride(2), cs.stride(0), cs.stride(1), cs.stride(2)) \
         if codes is not None else (0,) * 6
     for r0 in range(0, ns, scratch.rows):
@@ -743,16 +773,17 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         po, plse = scratch.partials(r, splits)
         qs, bt, sl, kp, os_ = q[r0:r0 + r], block_table[r0:r0 + r], seq_lens[r0:r0 + r], keep[r0:r0 + r], out[r0:r0 + r]
         first = kp
-        if codes is not None:
+        if codes is not None and not fp8:
             first = torch.mul(kp, rerank, out=scratch.cand[:r])
         _logits_kernel[(r * hkv * n_chunks,)](
             qs, key_cache, cc, cs, bt, sl, first, lg, cmax, ca, scale * LOG2E, hq, hkv, n_chunks,
             qs.stride(0), qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), *cstr,
             bt.stride(0), lg.stride(0), lg.stride(1), HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg,
-            CHUNK_T=CHUNK, TILE_T=min(LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE), PAGE_SIZE=page, **steps,
-            CODES=codes is not None, CGROUP=CODE_GROUP, BLOCK_H=max(16, next_pow2(d // 2)),
+            CHUNK_T=CHUNK, TILE_T=min(FP8_TILE if fp8 else LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE),
+            PAGE_SIZE=page, **steps, CODES=codes is not None, CGROUP=CODE_GROUP, BLOCK_H=max(16, next_pow2(d // 2)),
             EST_DT=tl.float32 if key_cache.dtype == torch.float32 else tl.float16,
-            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", num_warps=LOGITS_WARPS, num_stages=LOGITS_STAGES,
+            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", FP8=fp8, FMAX=FP8_MAX, num_warps=LOGITS_WARPS,
+            num_stages=LOGITS_STAGES,
             **({"maxnreg": LOGITS_MAXNREG} if LOGITS_MAXNREG else {}))
         if stages == 1:
             continue
@@ -769,7 +800,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             _select_kernel[(r * hq,)](cmax, ca, cb, sl, budget, sel, hq, n_chunks, n_cchunks, SECOND=True, **select)
 
         thresholds(first)
-        if codes is not None:
+        if codes is not None and not fp8:
             _rescore_kernel[(r * hkv * n_chunks,)](
                 qs, key_cache, bt, sl, kp, sel, kl, lg, cmax, ca, scale * LOG2E, hq, hkv, n_chunks, qs.stride(0),
                 qs.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0),
@@ -783,9 +814,9 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             lg, value_cache, bt, sl, kp, sel, kl, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
             MIN_TILES_PER_SPLIT, lg.stride(0), lg.stride(1), value_cache.stride(0), value_cache.stride(1),
             value_cache.stride(2), bt.stride(0), kl.stride(0), kl.stride(1), po.stride(0), po.stride(1),
-            po.stride(2), os_.stride(0), os_.stride(1),
+            po.stride(2), os_.stride(0), os_.stride(1), qs, key_cache, qs.stride(0), qs.stride(1), scale * LOG2E,
             HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg, TILE_T=TILE, SCAN_T=SCAN_TILE, LIST_T=ATTEND_TILE,
-            PAGE_SIZE=page, MERGE_G=sg, MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits),
+            PAGE_SIZE=page, MERGE_G=sg, MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), EXACT_K=fp8,
             **steps, num_warps=ATTEND_WARPS, **({"maxnreg": ATTEND_MAXNREG} if ATTEND_MAXNREG else {}))
         if counts is not None:
             counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])

@@ -182,3 +182,147 @@ def test_the_grid_covers_every_group_a_run_of_new_keys_touches(m):
         kq.encode_keys(kc, got, bt, ln, new, max_new=m, impl="triton")
         kq.encode_keys(kc, want, bt, ln, new, impl="torch")
         assert_same(rows_of(got, bt, ln), rows_of(want, bt, ln))
+
+
+# -- the "fp8" format: each channel centered on its group's mid-range, the rest float8 e4m3 scaled per token --------
+FP8_CASES = [  # (lens, Hkv, D, page)
+    ([1, 17, 100], 2, 32, 16),
+    ([300, 64], 1, 48, 32),  # 3 mid-range values per slot
+    ([129, 47], 4, 128, 64),
+]
+
+
+def fp8_copy(kc, bt, sl, impl="torch"):
+    codes = kq.key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], "cpu", "fp8")
+    return kq.encode_keys(kc, codes, bt, sl, sl.clone(), impl=impl)
+
+
+def test_fp8_rule_written_out():
+    """One group of one head, by hand: each channel's mid-range over the valid tokens (float16), each token's largest
+    magnitude after centering (float16), the codes e4m3 of (k - mid) / (that / 448); the mid-range spread over the
+    group's slots (D / 16 values each), each token's magnitude last in its slot; tokens past the row's length keep
+    code 0 and magnitude 0."""
+    kc, bt, sl = cache([21], 1, 32, 16, seed=1)
+    codes = fp8_copy(kc, bt, sl)
+    p = int(bt[0, 1])  # the second group: tokens 16..20 valid
+    k = kc[p, :5, 0].float()
+    mid = ((k.amax(0) + k.amin(0)) / 2).half().float()
+    amax = (k - mid).abs().amax(-1).clamp(min=2 ** -14).half().float()
+    code = ((k - mid) / (amax / 448)[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(codes.codes[p, :5, 0], code)
+    assert torch.all(codes.codes[p, 5:, 0] == 0)
+    b = codes.bounds[p, :, 0].float()  # [16, 3]
+    assert torch.equal(b[:, :2].reshape(32), mid)
+    assert torch.equal(b[:5, 2], amax) and torch.all(b[5:, 2] == 0)
+
+
+@pytest.mark.parametrize("page", [16, 64])
+def test_fp8_error_is_float8s(page):
+    """Every key the copy reads back lies within e4m3's half ulp (2^-4 relative, 2^-10 of the scale below its normal
+    range) of the centered key, plus float16's rounding of mid and scale; a channel constant over a group reads back
+    as its float16 value."""
+    kc, bt, sl = cache([200, 33], 2, 64, page, seed=2)
+    kc[:, :, :, 5] = 1.25
+    codes = fp8_copy(kc, bt, sl)
+    for s, n in enumerate(sl.tolist()):
+        k = gather_paged(kc, bt[s], n).float()
+        back = kq.dequantize(codes, bt[s], n)
+        r8, scale, mid = kq._fp8_parts(codes, bt[s], n)
+        r = k - mid
+        tol = r.abs() * 2 ** -4 + scale[..., None] * 448 * 2 ** -10 + 1e-6
+        assert torch.all((back - k).abs() <= tol)
+        assert torch.all(back[:, :, 5] == 1.25)
+    assert float((back - k).norm() / k.norm()) < 0.03
+
+
+@TRITON
+def test_fp8_bits_round_as_pytorch():
+    """The kernels' float32 -> e4m3 rounding (integer arithmetic, fp8_bits) gives PyTorch's bits for every e4m3
+    value, every midpoint between two (ties to even), both zeros and random values over the whole range."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def bits(x_ptr, o_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(o_ptr + i, kq.fp8_bits(tl.load(x_ptr + i)))
+
+    vals = kq.fp8_values(torch.arange(256, dtype=torch.uint8))
+    s = torch.sort(vals[torch.isfinite(vals)].unique()).values
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([s, (s[1:] + s[:-1]) / 2, torch.tensor([-0.0, 447.9, -447.99, 2 ** -6, 3 * 2 ** -10]),
+                   torch.randn(3000, generator=gen) * 60, torch.randn(1000, generator=gen) * 0.01]).clamp(-448, 448)
+    xp = torch.zeros(8192)
+    xp[:x.numel()] = x
+    out = torch.zeros(8192, dtype=torch.uint8)
+    bits[(1,)](xp, out, N=8192)
+    assert torch.equal(out, xp.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@TRITON
+@pytest.mark.parametrize("lens, hkv, d, page", FP8_CASES)
+def test_fp8_triton_equals_the_twin_and_appends_equal_one_encode(lens, hkv, d, page):
+    kc, bt, sl = cache(lens, hkv, d, page, seed=len(lens) + d + 7)
+    ref = fp8_copy(kc, bt, sl)
+    assert_same(rows_of(ref, bt, sl), rows_of(fp8_copy(kc, bt, sl, "triton"), bt, sl))
+    for impl in ("torch", "triton"):
+        step = kq.key_codes(kc.shape[0], page, hkv, d, "cpu", "fp8")
+        done = torch.zeros_like(sl)
+        gen = torch.Generator().manual_seed(3)
+        while bool((done < sl).any()):
+            new = torch.minimum(torch.randint(0, 40, sl.shape, generator=gen, dtype=torch.int32), sl - done)
+            kq.encode_keys(kc, step, bt, done + new, new, impl=impl)
+            done += new
+        assert_same(rows_of(step, bt, sl), rows_of(ref, bt, sl))
+
+
+def test_fp8_estimate_is_the_float8_dot_plus_the_centers():
+    """estimate: s_q s_k (q8 . k8) + q . mid, the queries rounded to e4m3 by fp8_queries (a scale per query) in the
+    first term only; close to the exact scores, and not the exact queries' scores of the keys read back."""
+    kc, bt, sl = cache([90], 2, 32, 16, seed=6)
+    codes = fp8_copy(kc, bt, sl)
+    q = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(6))
+    est = kq.estimate(q, codes, bt[0], 90)
+    q8, sq = kq.fp8_queries(q)
+    assert torch.equal(q8, (q / sq[..., None]).to(torch.float8_e4m3fn).float()) and torch.allclose(
+        sq, q.abs().amax(-1) / 448)
+    r8, scale, mid = kq._fp8_parts(codes, bt[0], 90)
+    want = (torch.einsum("hgd,hnd->hgn", q8 * sq[..., None], r8 * scale[..., None])
+            + torch.einsum("hgd,hnd->hgn", q, mid))
+    assert torch.allclose(est, want, rtol=1e-5, atol=1e-5)
+    exact = torch.einsum("hgd,hnd->hgn", q, gather_paged(kc, bt[0], 90).float())
+    assert float((est - exact).abs().max()) < 0.1 * float(exact.abs().max())
+    assert not torch.equal(est, torch.einsum("hgd,hnd->hgn", q, kq.dequantize(codes, bt[0], 90)))
+
+
+def test_fp8_geometry_and_bytes():
+    """D + 2 (D / 16 + 1) bytes per token and head (57% of a bf16 key at D = 128); a head dim must be a multiple of
+    16 and at least 32 (a float8 dot's depth); a wrong-format copy is named."""
+    assert kq.bytes_per_token(8, 128, "fp8") == 8 * (128 + 18)
+    assert kq.page_tail_bytes(16, 8, 128, "fp8") % 16 == 0
+    with pytest.raises(ValueError, match="divisible by 16 and at least 32"):
+        kq.key_codes(4, 16, 2, 24, "cpu", "fp8")
+    with pytest.raises(ValueError, match="format must be one of"):
+        kq.key_codes(4, 16, 2, 32, "cpu", "int8")
+    kc, bt, sl = cache([50], 2, 32, 16)
+    int4 = kq.key_codes(kc.shape[0], 16, 2, 32, "cpu")
+    with pytest.raises(ValueError, match="codes must be uint8"):
+        kq.encode_keys(kc, kq.KeyCodes(int4.codes, int4.bounds, "fp8"), bt, sl, sl.clone())
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_encode_equals_the_twin():
+    """On a GPU (bf16, 8B geometry): mid-ranges and magnitudes equal the twin's; codes within one e4m3 step (the
+    GPU's float division may round a value across a midpoint)."""
+    kc, bt, sl = cache([5000, 700], 8, 128, 16, seed=5, dtype=torch.bfloat16)
+    kc, bt, sl = kc.cuda(), bt.cuda(), sl.cuda()
+    ref = kq.key_codes(kc.shape[0], 16, 8, 128, "cuda", "fp8")
+    got = kq.key_codes(kc.shape[0], 16, 8, 128, "cuda", "fp8")
+    kq.encode_keys(kc, ref, bt, sl, sl.clone(), impl="torch")
+    kq.encode_keys(kc, got, bt, sl, sl.clone(), impl="triton")
+    for s, n in enumerate(sl.tolist()):
+        assert torch.equal(gather_paged(ref.bounds, bt[s], n), gather_paged(got.bounds, bt[s], n))
+        a = kq.fp8_values(gather_paged(ref.codes, bt[s], n))
+        b = kq.fp8_values(gather_paged(got.codes, bt[s], n))
+        assert torch.all((a - b).abs() <= a.abs() * 2 ** -3 + 2 ** -9)
+        assert float((a != b).float().mean()) < 1e-3

@@ -590,3 +590,117 @@ def test_gpu_codes_bf16_long_context_and_graph_replay(monkeypatch, asm):
     torch.cuda.synchronize()
     assert (out.float() - ref.float()).abs().max() < 3e-2
     assert torch.all(scratch.sync == 0)
+
+
+# -- with a float8 key copy (codes= of fmt "fp8"): the estimate picks each head's keep keys, attended by exact score --
+def fp8_encoded(kc, bt, sl):
+    from cab_vllm.ops import key_codes as kq
+
+    codes = kq.key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], kc.device, "fp8")
+    return kq.encode_keys(kc, codes, bt, sl, sl.clone(), impl="torch")
+
+
+def both_fp8(q, kc, vc, bt, sl, kp, scale, codes):
+    res = []
+    for impl in ("torch", "triton"):
+        o, c = torch.full_like(q, 7.0), torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32)
+        td.token_decode(q, kc, vc, bt, sl, kp, scale, o, counts=c, impl=impl, codes=codes)
+        res.append((o, c))
+    return res
+
+
+@pytest.mark.usefixtures("two_passes")
+@pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES)
+def test_fp8_twin_is_exact_softmax_over_the_estimates_best(lens, keep, hq, hkv, d, page):
+    """The twin keeps what the rule keeps of the copy's estimates (kept_keys, tested against torch.topk above) and
+    attends to those keys by their exact scores (float64 reference); the estimate's choice differs from the exact
+    best keys somewhere (it is an estimate), and the kept keys are not rescored into another set."""
+    from cab_vllm.ops.key_codes import estimate
+
+    q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=len(lens) + d + 2)
+    codes = fp8_encoded(kc, bt, sl)
+    kp = torch.tensor(keep, dtype=torch.int32)
+    out, counts = torch.full_like(q, 7.0), torch.zeros(len(lens), hq, dtype=torch.int32)
+    scale = 1 / math.sqrt(d)
+    td.token_decode(q, kc, vc, bt, sl, kp, scale, out, counts=counts, impl="torch", codes=codes)
+    g = hq // hkv
+    differs = False
+    for s, (n, kt) in enumerate(zip(lens, keep)):
+        if kt <= 0:
+            assert torch.all(out[s] == 7.0) and torch.all(counts[s] == 0)
+            continue
+        est = estimate(q[s].view(hkv, g, d), codes, bt[s], n).reshape(hq, n) * (scale * td.LOG2E)
+        sel = td.kept_keys(est, kt)
+        k = gather_paged(kc, bt[s], n).double().repeat_interleave(g, 0)
+        v = gather_paged(vc, bt[s], n).double().repeat_interleave(g, 0)
+        z = (torch.einsum("hd,hnd->hn", q[s].double(), k) * scale).masked_fill(~sel, float("-inf"))
+        ref = torch.einsum("hn,hnd->hd", torch.softmax(z, -1), v)
+        assert torch.equal(counts[s], sel.sum(-1).to(torch.int32))
+        assert torch.allclose(out[s].double(), ref, atol=1e-5, rtol=1e-5)
+        if kt < n:
+            exact = td.kept_keys(torch.einsum("hd,hnd->hn", q[s].double(), k).float(), kt)
+            differs |= not torch.equal(exact, sel)
+    assert differs or max(min(k, n) for k, n in zip(keep, lens)) == max(lens)
+
+
+@TRITON
+@pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES)
+def test_fp8_triton_equals_the_twin(lens, keep, hq, hkv, d, page):
+    q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=5 * len(lens) + d + 1)
+    (o0, c0), (o1, c1) = both_fp8(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 1 / math.sqrt(d),
+                                  fp8_encoded(kc, bt, sl))
+    assert torch.allclose(o0, o1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(c0, c1)
+
+
+@TRITON
+def test_fp8_fp16_cache_and_small_chunks(monkeypatch):
+    """A half-precision cache (the group centers' dot in float16, its result spread over the keys in two float16
+    halves) and 256-key chunks (a tile each, several chunks a row): the kernel keeps the twin's keys; outputs
+    within one fp16 rounding."""
+    monkeypatch.setattr(td, "CHUNK", 256)
+    q, kc, vc, bt, sl = paged([333, 97, 1200], 8, 2, 64, 16, dtype=torch.float16, seed=16)
+    kp = torch.tensor([40, 12, 100], dtype=torch.int32)
+    res = both_fp8(q, kc, vc, bt, sl, kp, 0.125, fp8_encoded(kc, bt, sl))
+    assert torch.equal(res[0][1], res[1][1])
+    assert (res[0][0].float() - res[1][0].float()).abs().max() < 2e-3
+
+
+def test_fp8_bad_inputs_are_named():
+    q, kc, vc, bt, sl = paged([50], 4, 2, 32, 16)
+    kp = torch.tensor([5], dtype=torch.int32)
+    codes = fp8_encoded(kc, bt, sl)
+    with pytest.raises(ValueError, match="share strides"):
+        td.token_decode(q, kc, vc.transpose(0, 1).contiguous().transpose(0, 1), bt, sl, kp, 0.1, torch.empty_like(q),
+                        codes=codes, impl="triton")
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_bf16_long_context_and_graph_replay():
+    """On a GPU (8B geometry, bf16, 32k and 5k rows): the float8 copy encoded by its kernel, the decode with it
+    against the twin on the same copy (outputs within bf16's error, kept counts within 1%), then captured in a CUDA
+    graph and replayed on new queries and budgets."""
+    from cab_vllm.ops import key_codes as kq
+
+    lens, keep = [32768, 5000], [655, 100]
+    q, kc, vc, bt, sl = (t.cuda() for t in paged(lens, 32, 8, 128, 16, dtype=torch.bfloat16, seed=9))
+    codes = kq.key_codes(kc.shape[0], 16, 8, 128, "cuda", "fp8")
+    kq.encode_keys(kc, codes, bt, sl, sl.clone())
+    kp = torch.tensor(keep, dtype=torch.int32, device="cuda")
+    scratch = td.token_scratch(2, 32, 8, 128, 32768, "cuda")
+    ref, out = torch.empty_like(q), torch.empty_like(q)
+    c0, c1 = (torch.zeros(2, 32, dtype=torch.int32, device="cuda") for _ in range(2))
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, ref, counts=c0, impl="torch", codes=codes)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, counts=c1, scratch=scratch, impl="triton", codes=codes)
+    assert (out.float() - ref.float()).abs().max() < 3e-2
+    assert ((c0 - c1).abs().float() <= 0.01 * c0.float() + 1).all()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, scratch=scratch, impl="triton", codes=codes)
+    q.copy_(torch.randn_like(q))
+    kp.copy_(torch.tensor([2000, 5000], dtype=torch.int32))
+    g.replay()
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, ref, impl="torch", codes=codes)
+    torch.cuda.synchronize()
+    assert (out.float() - ref.float()).abs().max() < 3e-2
+    assert torch.all(scratch.sync == 0)
