@@ -27,7 +27,7 @@ import torch
 
 HQ, HKV, D, BS = 32, 8, 128, 64
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
-       torch.int16: "*i16", torch.int64: "*i64", torch.uint8: "*u8"}
+       torch.int16: "*i16", torch.int64: "*i64", torch.uint8: "*u8", torch.float8_e4m3fn: "*fp8e4nv"}
 
 
 def capture_launch(n: int, page: int) -> tuple[tuple, dict]:

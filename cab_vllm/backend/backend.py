@@ -96,9 +96,10 @@ class CABBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec):
-        """vLLM >= 0.28: with CAB_TOKEN_SCORER=int4 each page also holds the 4-bit key copy (vLLM counts it when it
+        """vLLM >= 0.28: with CAB_TOKEN_SCORER=int4 or fp8 each page also holds that key copy (vLLM counts it when it
         sizes the cache; 0.26/0.27 get the same from compat.hook_key_code_pages)."""
-        return compat.with_key_code_pages(spec) if compat.engine_settings().key_codes else spec
+        settings = compat.engine_settings()
+        return compat.with_key_code_pages(spec, settings.token_scorer) if settings.key_codes else spec
 
     @classmethod
     def supported_kv_cache_layouts(cls):
@@ -623,7 +624,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
         """The KeyCodes in this layer's cache pages (views made once per cache tensor)."""
         ident = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.stride())
         if self._codes is None or self._codes[0] != ident:
-            self._codes = (ident, compat.key_codes_view(kv_cache, self.head_size))
+            self._codes = (ident, compat.key_codes_view(kv_cache, self.head_size, self.settings.token_scorer))
         return self._codes[1]
 
     def _encode(self, kv_cache: torch.Tensor, md: CABMetadata) -> None:
@@ -781,7 +782,8 @@ def _warm_up(impl: "CABImpl", query: torch.Tensor) -> None:
                     dense_threshold=impl.settings.dense_threshold,
                     fa_prefill=impl._fa_prefill, token_scratch=impl.token_scratch,
                     token_rerank=impl.settings.token_rerank if impl.settings.key_codes else None,
-                    token_passes=impl.settings.token_passes)
+                    token_passes=impl.settings.token_passes,
+                    token_scorer=impl.settings.token_scorer if impl.settings.key_codes else "int4")
 
 
 def _engine_page_size(vcfg) -> int:

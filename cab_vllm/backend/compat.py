@@ -52,28 +52,29 @@ def split_kv(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torc
     return kv[..., :head_size], kv[..., head_size: 2 * head_size]
 
 
-def with_key_code_pages(spec):
-    """A KV cache spec whose pages also hold the 4-bit key copy (ops.key_codes.page_tail_bytes, after each page's
-    K/V: vLLM's page_size_padded), so vLLM counts its memory when it sizes the cache. Both vLLM lines lay a padded
-    page out as its content, then the padding; FlashAttention reads the content through the cache's strides."""
+def with_key_code_pages(spec, fmt: str = "int4"):
+    """A KV cache spec whose pages also hold the key copy of format fmt ("int4" or "fp8": ops.key_codes.page_tail_bytes,
+    after each page's K/V: vLLM's page_size_padded), so vLLM counts its memory when it sizes the cache. Both vLLM lines
+    lay a padded page out as its content, then the padding; FlashAttention reads the content through the cache's
+    strides."""
     import dataclasses
 
     from cab_vllm.ops.key_codes import page_tail_bytes
 
     if getattr(spec, "page_size_padded", None) is not None:
-        raise NotImplementedError(f"CAB_TOKEN_SCORER=int4: this layer's KV cache pages are already padded "
-                                  f"({type(spec).__name__}.page_size_padded={spec.page_size_padded}); the 4-bit key "
+        raise NotImplementedError(f"CAB_TOKEN_SCORER={fmt}: this layer's KV cache pages are already padded "
+                                  f"({type(spec).__name__}.page_size_padded={spec.page_size_padded}); the key "
                                   f"copy needs that space for itself")
     if getattr(spec, "head_size_v", spec.head_size) != spec.head_size:
-        raise NotImplementedError("CAB_TOKEN_SCORER=int4 needs equal key and value head sizes")
-    tail = page_tail_bytes(spec.block_size, spec.num_kv_heads, spec.head_size)
+        raise NotImplementedError(f"CAB_TOKEN_SCORER={fmt} needs equal key and value head sizes")
+    tail = page_tail_bytes(spec.block_size, spec.num_kv_heads, spec.head_size, fmt)
     return dataclasses.replace(spec, page_size_padded=spec.page_size_bytes + tail)
 
 
 def hook_key_code_pages() -> None:
     """vLLM releases whose AttentionBackend has no customize_spec (0.26, 0.27): wrap Attention.get_kv_cache_spec so
-    the CAB layers' pages hold the key copy when CAB_TOKEN_SCORER=int4 (with_key_code_pages). Later releases call
-    CABBackend.customize_spec instead."""
+    the CAB layers' pages hold the key copy when CAB_TOKEN_SCORER is int4 or fp8 (with_key_code_pages). Later
+    releases call CABBackend.customize_spec instead."""
     try:
         from vllm.v1.attention.backend import AttentionBackend
     except ImportError:
@@ -83,16 +84,18 @@ def hook_key_code_pages() -> None:
     try:
         from vllm.model_executor.layers.attention.attention import Attention
     except ImportError:
-        logger.warning("cab_vllm: cannot find vLLM's Attention layer: CAB_TOKEN_SCORER=int4 cannot size its pages")
+        logger.warning("cab_vllm: cannot find vLLM's Attention layer: CAB_TOKEN_SCORER=int4/fp8 cannot size its "
+                       "pages")
         return
 
     def wrap(orig):
         def get_kv_cache_spec(self, vllm_config):
             spec = orig(self, vllm_config)
             backend = getattr(self, "attn_backend", None)
+            settings = engine_settings()
             if spec is not None and str(getattr(backend, "__module__", "")).startswith("cab_vllm") \
-                    and engine_settings().key_codes:
-                spec = with_key_code_pages(spec)
+                    and settings.key_codes:
+                spec = with_key_code_pages(spec, settings.token_scorer)
             return spec
         return get_kv_cache_spec
 
@@ -110,28 +113,29 @@ def wrap_once(cls, name: str, wrap) -> None:
     setattr(cls, name, new)
 
 
-def key_codes_view(kv_cache: torch.Tensor, head_size: int):
-    """The KeyCodes of a [num_pages, Hkv, page_size, 2*D] cache whose pages end with the 4-bit key copy
+def key_codes_view(kv_cache: torch.Tensor, head_size: int, fmt: str = "int4"):
+    """The KeyCodes of a [num_pages, Hkv, page_size, 2*D] cache whose pages end with the key copy of format fmt
     (with_key_code_pages): views of each page's tail, after its K/V. A page without room for it (an engine started
-    without CAB_TOKEN_SCORER=int4 in its worker's environment) raises."""
+    without CAB_TOKEN_SCORER in its worker's environment) raises."""
     from cab_vllm.ops.key_codes import codes_in_pages, page_tail_bytes
 
     if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
-        raise NotImplementedError(f"CAB_TOKEN_SCORER=int4 needs a [pages, Hkv, page_size, 2*D] KV cache, got "
+        raise NotImplementedError(f"CAB_TOKEN_SCORER={fmt} needs a [pages, Hkv, page_size, 2*D] KV cache, got "
                                   f"{tuple(kv_cache.shape)}")
     pages, hkv, page, c = kv_cache.shape
     esz = kv_cache.element_size()
     inner = sorted(zip(kv_cache.stride()[1:], kv_cache.shape[1:]))
     dense = all(st == math.prod(sz for _, sz in inner[:i]) for i, (st, _) in enumerate(inner))
     content = hkv * page * c * esz
-    need = content + page_tail_bytes(page, hkv, head_size)
+    need = content + page_tail_bytes(page, hkv, head_size, fmt)
     stride = kv_cache.stride(0) * esz
     if not dense or stride < need:
-        raise RuntimeError(f"CAB_TOKEN_SCORER=int4: the KV cache's pages have no room for the 4-bit key copy (page "
+        raise RuntimeError(f"CAB_TOKEN_SCORER={fmt}: the KV cache's pages have no room for the key copy (page "
                            f"stride {stride} bytes, {need} needed, pages {'dense' if dense else 'not dense'}): was "
-                           f"the engine started with CAB_TOKEN_SCORER=int4 in every process's environment?")
+                           f"the engine started with CAB_TOKEN_SCORER={fmt} in every process's environment?")
     storage = torch.empty(0, dtype=torch.uint8, device=kv_cache.device).set_(kv_cache.untyped_storage())
-    return codes_in_pages(storage, pages, stride, kv_cache.storage_offset() * esz + content, page, hkv, head_size)
+    return codes_in_pages(storage, pages, stride, kv_cache.storage_offset() * esz + content, page, hkv, head_size,
+                          fmt)
 
 
 def host_seq_lens(cm, n: int) -> list[int]:

@@ -24,12 +24,13 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
                     cfg: CABConfig, workspace: DecodeWorkspace, page_size: int = 16, n: int = 2048,
                     summaries: KeySummaries | None = None, kernels: KernelOptions | None = None,
                     dense_threshold: int = 0, fa_prefill=None, token_scratch=None,
-                    token_rerank: int | None = None, token_passes: int | None = None) -> dict[str, float]:
+                    token_rerank: int | None = None, token_passes: int | None = None,
+                    token_scorer: str = "int4") -> dict[str, float]:
     """kernels: the engine's KernelOptions, so the variants compiled here are the ones its steps launch;
     token_scratch: the engine's TokenScratch when its decode rule is "tokens" (the decode steps below then run the
     token decode on it: cfg's rule applies to every decode step of an estimating policy); token_rerank: the
-    engine's EngineSettings.token_rerank when it keeps the 4-bit key copy (every step below then encodes its keys,
-    and the token decode ranks by the copy), else None; token_passes: the engine's EngineSettings.token_passes
+    engine's EngineSettings.token_rerank when it keeps a key copy (every step below then encodes its keys, and the
+    token decode ranks by the copy), else None; token_scorer: that copy's format ("int4" or "fp8"); token_passes: the engine's EngineSettings.token_passes
     (None: ops.token_decode.PASSES);
     fa_prefill: the layer's (varlen, version) when its sparse prefill rows run in vLLM's FlashAttention (no Triton
     prefill kernel to compile then).
@@ -62,7 +63,7 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
     if token_rerank is not None:
         from cab_vllm.ops.key_codes import encode_keys, key_codes
 
-        codes = key_codes(pages, page_size, num_kv_heads, head_size, device)
+        codes = key_codes(pages, page_size, num_kv_heads, head_size, device, token_scorer)
     slots = PromptSlots(2)
     kept = SummarySlots(1) if summaries is not None else None  # a prompt's later chunk pools only its own blocks
     table = PromptTable(2, num_kv_heads, workspace.max_blocks, device)

@@ -243,24 +243,15 @@ def dequantize(kc: KeyCodes, block_table_row: torch.Tensor, n: int) -> torch.Ten
     return b[:, :, 0] + b[:, :, 1] * code
 
 
-def fp8_queries(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries [..., D] as the "fp8" estimate takes them: (e4m3 values, float32, and the scale per query: its largest
-    magnitude / 448)."""
-    sq = q.float().abs().amax(-1).clamp_min(1e-30) / FP8_MAX
-    return (q.float() / sq[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float(), sq
-
-
 def estimate(q: torch.Tensor, kc: KeyCodes, block_table_row: torch.Tensor, n: int) -> torch.Tensor:
     """The scores q [Hkv, G, D] (a row's queries by KV head) give the row's first n keys by the copy, unscaled:
-    [Hkv, G, n] float32. int4: q . (the key the copy reads back as); fp8: the queries in e4m3 too (a float8 x float8
-    dot), s_q s_k (q8 . k8) + q . mid."""
+    [Hkv, G, n] float32: q . (the key the copy reads back as; fp8: s_k (q . k8) + q . mid, as the kernel sums
+    it)."""
     q = q.float()
     if kc.fmt != "fp8":
         return torch.einsum("hgd,hnd->hgn", q, dequantize(kc, block_table_row, n))
     r8, scale, mid = _fp8_parts(kc, block_table_row, n)
-    q8, sq = fp8_queries(q)
-    return (torch.einsum("hgd,hnd->hgn", q8, r8) * sq[..., None] * scale[:, None, :]
-            + torch.einsum("hgd,hnd->hgn", q, mid))
+    return torch.einsum("hgd,hnd->hgn", q, r8) * scale[:, None, :] + torch.einsum("hgd,hnd->hgn", q, mid)
 
 
 def _check(key_cache, kc, block_table, seq_lens, num_new):
@@ -414,32 +405,40 @@ if HAS_TRITON:
             tl.store(base + (slot0 + t) * stride_bpos + wc, tl.where(tok, amax16, 0.0).to(tl.float16))
 
     @triton.jit
-    def fp8_estimate(q8, sq, qc, expand, c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, d, d_ok, stride_cpage,
+    def fp8_estimate(qc, expand, cpart, c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, d, d_ok, stride_cpage,
                      stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh, scale_log2, TILE_T: tl.constexpr,
                      PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_T: tl.constexpr, FMAX: tl.constexpr,
-                     CDT: tl.constexpr):
-        """Base-2 logits, by the "fp8" copy, of keys p0 .. p0 + TILE_T - 1 of row s (p0 a multiple of GROUP_T; 16
-        groups: TILE_T = 16 GROUP_T), KV head kvh: s_q s_k (q8 . k8), a float8 x float8 dot, plus q . mid, one dot
-        of the queries (qc, in CDT) against the tile's 16 group centers whose [rows, 16] result ``expand`` ([16,
-        TILE_T] 0/1, a group's row over its keys) spreads over the keys, in two float16 halves (exact to ~2^-22)
-        for 16-bit CDT. q8 [GP, BLOCK_D] float8, sq [GP] the queries' scales. -> [GP, TILE_T] float32."""
+                     CDT: tl.constexpr, CENTER: tl.constexpr = 1):
+        """Base-2 logits, by the "fp8" copy, of keys p0 .. p0 + TILE_T - 1 of row s (p0 a multiple of GROUP_T), KV
+        head kvh: the queries qc [GP, BLOCK_D] (in CDT) against the keys the copy reads back as, s_k (q . k8) + q .
+        mid. The first a dot of the queries against the float8 codes made CDT (what a tensor core's 16-row dot does
+        to float8 operands anyway: queries kept exact), the second a dot against the tile's group centers (at least
+        16 rows, those past the tile's groups zero) whose [rows, groups] result ``expand`` ([groups, TILE_T] 0/1, a
+        group's row over its keys) spreads over the keys, in two float16 halves (exact to ~2^-22) for 16-bit CDT.
+        cpart: the offsets of a group's mid-range entries from its first slot's (channel e at slot e // (D /
+        GROUP_T), entry e % (D / GROUP_T)); c_ptr the codes as float8 e4m3. -> [GP, TILE_T] float32."""
         pos = p0 + tl.arange(0, TILE_T)
         ok = pos < n
         page, slot = paged_coords(bt_ptr, stride_bt, s, pos, ok, PAGE_SIZE)
         slot = slot.to(tl.int32)
         k8 = tl.load(c_ptr + (page * stride_cpage + (slot * stride_cpos + kvh * stride_ch))[:, None] + d[None, :],
-                     mask=ok[:, None] & d_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
+                     mask=ok[:, None] & d_ok[None, :], other=0.0)  # (c_ptr float8: loads a dot pipelines)
         wc: tl.constexpr = HEAD_DIM // GROUP_T
         amax = tl.load(b_ptr + page * stride_bpage + (slot * stride_bpos + kvh * stride_bh + wc), mask=ok,
                        other=0.0).to(tl.float32)
-        z = tl.dot(q8, tl.trans(k8)) * (sq[:, None] * (amax * (scale_log2 / FMAX))[None, :])
-        ng: tl.constexpr = TILE_T // GROUP_T
-        gpos = p0 + tl.arange(0, ng) * GROUP_T
-        g_ok = gpos < n
+        if CDT == tl.float32:
+            z = tl.dot(qc, tl.trans(k8.to(CDT)), input_precision="ieee") * (amax * (scale_log2 / FMAX))[None, :]
+        else:
+            z = tl.dot(qc, tl.trans(k8.to(CDT))) * (amax * (scale_log2 / FMAX))[None, :]
+        if CENTER == 0:
+            return z
+        ng: tl.constexpr = TILE_T // GROUP_T  # the tile's groups, in a dot at least 16 wide (rows past ng masked)
+        gi = tl.arange(0, 16 if ng < 16 else ng)
+        gpos = p0 + gi * GROUP_T
+        g_ok = (gpos < n) & (gi < ng)
         gpage, gslot = paged_coords(bt_ptr, stride_bt, s, gpos, g_ok, PAGE_SIZE)
-        coff = gpage[:, None] * stride_bpage + ((gslot.to(tl.int32)[:, None] + d[None, :] // wc) * stride_bpos
-                                                + kvh * stride_bh + d[None, :] % wc)
-        cen = tl.load(b_ptr + coff, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(CDT)
+        cen = tl.load(b_ptr + (gpage * stride_bpage + (gslot.to(tl.int32) * stride_bpos + kvh * stride_bh))[:, None]
+                      + cpart[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(CDT)
         if CDT == tl.float32:
             zc = tl.dot(qc, tl.trans(cen), input_precision="ieee") * scale_log2
             z += tl.dot(zc, expand, input_precision="ieee")

@@ -65,7 +65,8 @@ ATTEND_TILE = 32  # listed keys per step of the attention (a power of two >= 16)
 SCAN_TILE = 512  # logits per step of the attention's scan
 CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
 LOGITS_TILE = 128  # keys per step of a logits program (a power of two dividing CHUNK; 64: up to 1.2x slower on an H100)
-FP8_TILE = 256  # keys per step with a float8 key copy: 16 groups of 16 (a dot's smallest width) share one center dot
+FP8_TILE = 128  # keys per step with a float8 key copy
+FP8_CENTER = 1  # TEMP knob
 LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
 ATTEND_MAXNREG, LOGITS_MAXNREG = 128, 0  # registers per thread at most in those launches (0: the compiler's choice)
 COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
@@ -296,7 +297,7 @@ if HAS_TRITON:
 
     from cab_vllm.ops._triton import paged_coords
     from cab_vllm.ops.decode import MERGE_SPLITS, _block_offsets, _merge_group, merge_tile
-    from cab_vllm.ops.key_codes import dequant_halves, fp8_bits, fp8_estimate
+    from cab_vllm.ops.key_codes import dequant_halves, fp8_estimate
     from cab_vllm.ops.select import _group_query
 
     @triton.jit
@@ -341,10 +342,9 @@ if HAS_TRITON:
                        SCAN_G: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, RTILE: tl.constexpr,
                        PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, CODES: tl.constexpr,
                        CGROUP: tl.constexpr, BLOCK_H: tl.constexpr, EST_DT: tl.constexpr, CODE_ASM_T: tl.constexpr,
-                       FP8: tl.constexpr = False, FMAX: tl.constexpr = 448.0):
+                       FP8: tl.constexpr = False, FMAX: tl.constexpr = 448.0, FP8_CENTER_T: tl.constexpr = 1):
         """Base-2 logits of the group's queries against the keys of one chunk of one row (CODES: against the keys
-        the 4-bit copy reads back as, ops.key_codes; FP8: the float8 copy's estimate, fp8_estimate, TILE_T = 16
-        CGROUP), each head's largest logit over the chunk into cm [rows, Hq,
+        the 4-bit copy reads back as, ops.key_codes; FP8: the float8 copy's estimate, fp8_estimate), each head's largest logit over the chunk into cm [rows, Hq,
         chunks], and (rows that keep fewer keys than they have) each head's first counting pass over the chunk
         (_chunk_counts; the select launch shifts the chunks' counts onto the row's maximum)."""
         s, kvh, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, n_chunks)
@@ -354,13 +354,12 @@ if HAS_TRITON:
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
             q = q.to(k_ptr.dtype.element_ty)
             g = tl.arange(0, GROUP_PAD)
-            if FP8:  # the queries in float8 (a scale per head), and in EST_DT for the group centers' dot
-                qf = q.to(tl.float32)
-                sq = tl.maximum(tl.max(tl.abs(qf), 1), 1e-30) / FMAX
-                q8 = fp8_bits(tl.minimum(tl.maximum(qf / sq[:, None], -FMAX), FMAX)).to(tl.float8e4nv, bitcast=True)
-                qc = qf.to(EST_DT)
-                ng: tl.constexpr = TILE_T // CGROUP
-                expand = (tl.arange(0, TILE_T)[None, :] // CGROUP == tl.arange(0, ng)[:, None]).to(EST_DT)
+            if FP8:  # the queries in EST_DT (float16 for 16-bit caches: the dots' operand type)
+                qc = q.to(EST_DT)
+                ngl: tl.constexpr = 16 if TILE_T // CGROUP < 16 else TILE_T // CGROUP
+                expand = (tl.arange(0, TILE_T)[None, :] // CGROUP == tl.arange(0, ngl)[:, None]).to(EST_DT)
+                wc: tl.constexpr = HEAD_DIM // CGROUP
+                cpart = (d // wc) * stride_bpos + d % wc
             elif CODES:  # the queries' two halves (what each byte of codes holds one channel of)
                 e = tl.arange(0, BLOCK_H)
                 e_ok = e < HEAD_DIM // 2
@@ -376,9 +375,9 @@ if HAS_TRITON:
                 pos = p0 + tl.arange(0, TILE_T)
                 k_ok = pos < n
                 if FP8:
-                    z = fp8_estimate(q8, sq, qc, expand, c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, d, d_ok,
+                    z = fp8_estimate(qc, expand, cpart, c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, d, d_ok,
                                      stride_cpage, stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh,
-                                     scale_log2, TILE_T, PAGE_SIZE, HEAD_DIM, CGROUP, FMAX, EST_DT)
+                                     scale_log2, TILE_T, PAGE_SIZE, HEAD_DIM, CGROUP, FMAX, EST_DT, FP8_CENTER_T)
                 elif CODES:  # the copy's keys, a dot per half of the head dim
                     k_lo, k_hi = dequant_halves(c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, e, e_ok, stride_cpage,
                                                 stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh, TILE_T,
@@ -762,6 +761,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
                                  scratch.kept)
     cc, cs = (codes.codes, codes.bounds) if codes is not None else (key_cache, key_cache)  # (unread without codes)
     fp8 = codes is not None and codes.fmt == "fp8"
+    if fp8:
+        cc = cc.view(torch.float8_e4m3fn)  # (float8 loads: Triton pipelines them into the dot; uint8 ones it does not)
     if fp8:  # (the attention reads the kept keys through the value cache's strides)
         check(key_cache.stride() == value_cache.stride(), "an fp8 key copy's decode needs the key and value caches to "
                                                           "share strides (views of one KV cache)")
@@ -782,7 +783,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             CHUNK_T=CHUNK, TILE_T=min(FP8_TILE if fp8 else LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE),
             PAGE_SIZE=page, **steps, CODES=codes is not None, CGROUP=CODE_GROUP, BLOCK_H=max(16, next_pow2(d // 2)),
             EST_DT=tl.float32 if key_cache.dtype == torch.float32 else tl.float16,
-            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", FP8=fp8, FMAX=FP8_MAX, num_warps=LOGITS_WARPS,
+            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", FP8=fp8, FMAX=FP8_MAX, FP8_CENTER_T=FP8_CENTER,
+            num_warps=LOGITS_WARPS,
             num_stages=LOGITS_STAGES,
             **({"maxnreg": LOGITS_MAXNREG} if LOGITS_MAXNREG else {}))
         if stages == 1:

@@ -23,7 +23,7 @@ class PagedSim:
     """
 
     def __init__(self, q, k, v, page_size: int, cfg: CABConfig, seed: int = 0, extra_pages: int = 5,
-                 summary_slots: int = 0, token_rerank: int | None = None):
+                 summary_slots: int = 0, token_rerank: int | None = None, token_scorer: str = "int4"):
         self.q, self.k, self.v = q, k, v
         self.page_size, self.cfg = page_size, cfg
         hkv, d = k[0].shape[0], k[0].shape[-1]
@@ -38,19 +38,20 @@ class PagedSim:
             self.block_table[s, :p] = torch.tensor(ids[off: off + p], dtype=torch.int32)
             off += p
         self.block_table = self.block_table.to(dev)
-        # token_rerank (CAB_TOKEN_SCORER=int4): each page ends with the 4-bit key copy, as the engine's padded pages
+        # token_rerank (CAB_TOKEN_SCORER=int4 or fp8, token_scorer): each page ends with that key copy, as the
+        # engine's padded pages
         self.token_rerank, self.codes = token_rerank, None
         page_elems = hkv * page_size * 2 * d
         if token_rerank is not None:
             from cab_vllm.ops.key_codes import page_tail_bytes
 
-            page_elems += page_tail_bytes(page_size, hkv, d) * 8 // torch.finfo(dtype).bits
+            page_elems += page_tail_bytes(page_size, hkv, d, token_scorer) * 8 // torch.finfo(dtype).bits
         flat = torch.full((total * page_elems,), float("nan"), dtype=dtype, device=dev)
         self.kv = flat.as_strided((total, hkv, page_size, 2 * d), (page_elems, page_size * 2 * d, 2 * d, 1))
         if token_rerank is not None:
             from cab_vllm.backend.compat import key_codes_view
 
-            self.codes = key_codes_view(self.kv, d)
+            self.codes = key_codes_view(self.kv, d, token_scorer)
         kv = self.kv.transpose(1, 2)
         self.key_cache, self.value_cache = kv[..., :d], kv[..., d:]
         self.done = [0] * len(k)  # tokens already in the cache per sequence

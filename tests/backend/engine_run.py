@@ -20,17 +20,20 @@ import time
 
 
 def key_code_pages(kv_cache, spec) -> int:
-    """Pages of one layer's cache whose 4-bit key copy (CAB_TOKEN_SCORER=int4, in each page's tail) equals a fresh
+    """Pages of one layer's cache whose key copy (CAB_TOKEN_SCORER=int4 or fp8, in each page's tail) equals a fresh
     encode of the page's keys, taken as a full page (the pages a finished prompt filled)."""
+    import os
+
     import torch
 
     from cab_vllm.backend import compat
     from cab_vllm.ops import key_codes as kq
 
-    stored = compat.key_codes_view(kv_cache, spec.head_size)
+    fmt = os.environ.get("CAB_TOKEN_SCORER", "int4")
+    stored = compat.key_codes_view(kv_cache, spec.head_size, fmt)
     key_cache, _ = compat.split_kv(kv_cache, spec.head_size)
     pages, page = key_cache.shape[0], key_cache.shape[1]
-    fresh = kq.key_codes(pages, page, key_cache.shape[2], spec.head_size, "cpu")
+    fresh = kq.key_codes(pages, page, key_cache.shape[2], spec.head_size, "cpu", fmt)
     bt = torch.arange(pages, dtype=torch.int32)[:, None]
     full = torch.full((pages,), page, dtype=torch.int32)
     kq.encode_keys(key_cache, fresh, bt, full, full, impl="torch")

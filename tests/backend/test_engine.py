@@ -471,7 +471,8 @@ def test_token_decode_ranked_by_the_pages_key_copy(model, tmp_path):
     each page grown by the 4-bit key copy (fewer pages in the same memory); the copy in the pages a prompt filled
     equals a fresh encode of their keys (the engine's layers keep it current, chunk by chunk); with every key a
     candidate (rerank 64) the greedy tokens equal the exact scorer's, and ranked by the copy alone (rerank 1) the
-    pass key is still found at 90%."""
+    pass key is still found at 90%. CAB_TOKEN_SCORER=fp8 the same with the float8 copy's bytes (each head keeps the
+    copy's best keys, attended by exact score): the copy current, the pass key found."""
     from cab_vllm.ops.key_codes import page_tail_bytes
 
     job = {"model": model, "backend": "CUSTOM", "chat": False, "max_model_len": 4096, "dtype": "float32",
@@ -489,3 +490,8 @@ def test_token_decode_ranked_by_the_pages_key_copy(model, tmp_path):
         assert res["key_code_pages"] >= res["prompt_lens"][0] // page - 1
     assert runs[64]["outputs"][0]["token_ids"] == exact["outputs"][0]["token_ids"]
     assert PASSKEY in runs[1]["outputs"][0]["text"], runs[1]["outputs"][0]["text"]
+    fp8 = run_engine(tmp_path / "fp8", job, env={**base, "CAB_TOKEN_SCORER": "fp8"})
+    assert fp8["kv_page_bytes"] == exact["kv_page_bytes"] + page_tail_bytes(page, 3, 64, "fp8")
+    assert fp8["key_code_pages"] >= fp8["prompt_lens"][0] // page - 1
+    assert PASSKEY in fp8["outputs"][0]["text"], fp8["outputs"][0]["text"]
+    assert fp8["metrics"].get("decode_sparse", 0) >= 8

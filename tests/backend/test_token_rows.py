@@ -96,7 +96,7 @@ def test_pages_padded_for_the_key_copy_and_its_views():
     codes.bounds.fill_(1.0009765625)  # 0x3C01: both bytes nonzero
     assert torch.all(kv == 0)  # the tails are outside every page's K/V
     assert int((flat.view(torch.uint8) != 0).sum()) == pages * page_tail_bytes(page, hkv, d)
-    with pytest.raises(RuntimeError, match="no room for the 4-bit key copy"):
+    with pytest.raises(RuntimeError, match="CAB_TOKEN_SCORER=int4: the KV cache.s pages have no room for the key copy"):
         compat.key_codes_view(torch.zeros(pages, hkv, page, 2 * d, dtype=torch.bfloat16), d)
 
 
@@ -398,3 +398,107 @@ def test_token_rows_ranked_by_the_key_copy_gpu():
         for r in (0, 1):
             n = sim.done[r]
             assert rel_err(out[r:r + 1], int4_reference(sim, r, n, md["plan"].tkeep[r], scale, 2)) < 2e-2
+
+
+# -- CAB_TOKEN_SCORER=fp8: a centered float8 copy in the pages' tails; the estimate's keep best attended exactly ----
+def test_fp8_scorer_setting_and_its_pages():
+    """CAB_TOKEN_SCORER=fp8 keeps a copy (key_codes); its pages grow by the float8 copy's bytes (D + 2 (D/16 + 1)
+    per token and head), whose views address each page's tail only; an int4-sized page has no room for it."""
+    from cab_vllm.backend import compat
+    from cab_vllm.ops.key_codes import page_tail_bytes
+
+    s = EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_TOKEN_SCORER": "fp8"})
+    assert s.key_codes and s.token_scorer == "fp8"
+    padded = compat.with_key_code_pages(FakeSpec(), "fp8")
+    assert padded.page_size_padded == 8192 + 16 * 2 * (64 + 2 * 5) == 8192 + page_tail_bytes(16, 2, 64, "fp8")
+    pages, hkv, page, d = 5, 2, 16, 64
+    elems = padded.page_size_padded // 2
+    flat = torch.zeros(pages * elems, dtype=torch.bfloat16)
+    kv = flat.as_strided((pages, hkv, page, 2 * d), (elems, 2 * d, hkv * 2 * d, 1))
+    codes = compat.key_codes_view(kv, d, "fp8")
+    assert codes.fmt == "fp8" and codes.codes.shape[-1] == d and codes.bounds.shape[-1] == d // 16 + 1
+    codes.codes.fill_(0xFF)
+    codes.bounds.fill_(1.0009765625)
+    assert torch.all(kv == 0)
+    assert int((flat.view(torch.uint8) != 0).sum()) == pages * page_tail_bytes(page, hkv, d, "fp8")
+    small = compat.with_key_code_pages(FakeSpec(), "int4").page_size_padded // 2
+    kv4 = torch.zeros(pages * small, dtype=torch.bfloat16).as_strided((pages, hkv, page, 2 * d),
+                                                                       (small, 2 * d, hkv * 2 * d, 1))
+    with pytest.raises(RuntimeError, match="CAB_TOKEN_SCORER=fp8: the KV cache's pages have no room"):
+        compat.key_codes_view(kv4, d, "fp8")
+
+
+def fp8_reference(sim, s, n, keep, scale):
+    """Float64 attention of sequence s's query at n - 1 over the keys kept_keys' rule keeps of the float8 copy's
+    estimates (the copy made in one go on a contiguous cache: the engine's, encoded step by step in its pages, must
+    read back the same), by their exact scores."""
+    from cab_vllm.ops import key_codes as kq
+
+    hkv, d, dev = sim.k[s].shape[0], sim.k[s].shape[-1], sim.k[s].device
+    pages = -(-n // 16)
+    cache = torch.zeros(pages * 16, hkv, d, dtype=sim.k[s].dtype, device=dev)
+    cache[:n] = sim.k[s][:, :n].transpose(0, 1)
+    cache = cache.view(pages, 16, hkv, d)
+    bt = torch.arange(pages, dtype=torch.int32, device=dev)[None]
+    codes = kq.key_codes(pages, 16, hkv, d, dev, "fp8")
+    ln = torch.tensor([n], dtype=torch.int32, device=dev)
+    kq.encode_keys(cache, codes, bt, ln, ln, impl="torch")
+    q = sim.q[s][:, n - 1].double()
+    g = q.shape[0] // hkv
+    est = kq.estimate(q.view(hkv, g, d), codes, bt[0], n).reshape(hkv * g, n)
+    k, v = sim.k[s][:, :n].double().repeat_interleave(g, 0), sim.v[s][:, :n].double().repeat_interleave(g, 0)
+    z = torch.einsum("hd,hnd->hn", q, k) * scale
+    z = z.masked_fill(~kept_keys(est * (scale * 1.4426950408889634), keep), float("-inf"))
+    return torch.einsum("hn,hnd->hd", torch.softmax(z, -1), v)[None]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("page_size", [16, 32], ids=lambda p: f"page{p}")
+def test_token_rows_ranked_by_the_pages_fp8_copy(impl, page_size):
+    """CAB_TOKEN_SCORER=fp8: the pages' float8 copy encoded step by step as prompts arrive in chunks and decode
+    steps add keys; token rows keep the copy's best keys (which differ from the exact best here, so the test tells
+    the two apart) attended by exact score, each equal to its own reference; a streaming row beside them untouched."""
+    lens = [700, 650, 600]
+    hq, hkv, d = 4, 2, 32
+    gen = torch.Generator().manual_seed(13)
+    mk = lambda h, n: torch.randn(h, n, d, generator=gen)  # noqa: E731
+    tok = CABConfig(sparsity=0.9, decode_rule="tokens", dense_prefill=True)
+    sim = PagedSim([mk(hq, n) for n in lens], [mk(hkv, n) for n in lens], [mk(hkv, n) for n in lens], page_size,
+                   tok, token_rerank=1, token_scorer="fp8")
+    cfgs = [tok, tok.replace(sparsity=0.98), tok.replace(policy="streaming")]
+    sim.step([(0, 300), (1, 250), (2, 590)], cfgs=cfgs, dense_threshold=256, impl=impl)
+    sim.step([(0, 390), (1, 390)], cfgs=cfgs[:2], dense_threshold=256, impl=impl)
+    scale = 1 / math.sqrt(d)
+    differs = False
+    for _ in range(3):
+        out, md = sim.step([(0, 1), (1, 1), (2, 1)], cfgs=cfgs, dense_threshold=256, impl=impl)
+        plan = md["plan"]
+        assert plan.modes == [MODE_SKIP, MODE_SKIP, MODE_RECENT]
+        for r in (0, 1):
+            n = sim.done[r]
+            ref = fp8_reference(sim, r, n, plan.tkeep[r], scale)
+            assert rel_err(out[r:r + 1], ref) < 1e-5
+            differs |= rel_err(ref, token_reference(sim, r, n, plan.tkeep[r], scale)) > 1e-4
+        assert torch.isfinite(out[2]).all()
+    assert differs
+
+
+@pytest.mark.gpu
+def test_token_rows_ranked_by_the_fp8_copy_gpu():
+    """On a GPU, 8B geometry in bf16, the pages padded for the float8 copy (CAB_TOKEN_SCORER=fp8): dense prompts of
+    20k and 5k tokens encoded by the kernel, then decode steps at 98% whose token rows keep the copy's best keys in
+    the Triton launches; each row against its own float64 reference (the copy made by the twin)."""
+    lens = [20010, 5010]
+    hq, hkv, d = 32, 8, 128
+    gen = torch.Generator().manual_seed(23)
+    mk = lambda h, n: torch.randn(h, n, d, generator=gen).to("cuda", torch.bfloat16)  # noqa: E731
+    tok = CABConfig(sparsity=0.98, decode_rule="tokens", dense_prefill=True)
+    sim = PagedSim([mk(hq, n) for n in lens], [mk(hkv, n) for n in lens], [mk(hkv, n) for n in lens], 16, tok,
+                   token_rerank=1, token_scorer="fp8")
+    sim.step([(0, 20000), (1, 5000)], dense_threshold=1024, impl="triton")
+    scale = 1 / math.sqrt(d)
+    for _ in range(3):
+        out, md = sim.step([(0, 1), (1, 1)], dense_threshold=1024, impl="triton")
+        for r in (0, 1):
+            n = sim.done[r]
+            assert rel_err(out[r:r + 1], fp8_reference(sim, r, n, md["plan"].tkeep[r], scale)) < 2e-2

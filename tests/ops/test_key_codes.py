@@ -276,23 +276,18 @@ def test_fp8_triton_equals_the_twin_and_appends_equal_one_encode(lens, hkv, d, p
         assert_same(rows_of(step, bt, sl), rows_of(ref, bt, sl))
 
 
-def test_fp8_estimate_is_the_float8_dot_plus_the_centers():
-    """estimate: s_q s_k (q8 . k8) + q . mid, the queries rounded to e4m3 by fp8_queries (a scale per query) in the
-    first term only; close to the exact scores, and not the exact queries' scores of the keys read back."""
+def test_fp8_estimate_is_the_keys_read_back():
+    """estimate: the exact queries against the keys the copy reads back as (s_k (q . k8) + q . mid): close to the
+    exact scores, not equal to them."""
     kc, bt, sl = cache([90], 2, 32, 16, seed=6)
     codes = fp8_copy(kc, bt, sl)
     q = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(6))
     est = kq.estimate(q, codes, bt[0], 90)
-    q8, sq = kq.fp8_queries(q)
-    assert torch.equal(q8, (q / sq[..., None]).to(torch.float8_e4m3fn).float()) and torch.allclose(
-        sq, q.abs().amax(-1) / 448)
-    r8, scale, mid = kq._fp8_parts(codes, bt[0], 90)
-    want = (torch.einsum("hgd,hnd->hgn", q8 * sq[..., None], r8 * scale[..., None])
-            + torch.einsum("hgd,hnd->hgn", q, mid))
-    assert torch.allclose(est, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(est, torch.einsum("hgd,hnd->hgn", q, kq.dequantize(codes, bt[0], 90)), rtol=1e-5,
+                          atol=1e-4)
     exact = torch.einsum("hgd,hnd->hgn", q, gather_paged(kc, bt[0], 90).float())
-    assert float((est - exact).abs().max()) < 0.1 * float(exact.abs().max())
-    assert not torch.equal(est, torch.einsum("hgd,hnd->hgn", q, kq.dequantize(codes, bt[0], 90)))
+    err = float((est - exact).abs().max())
+    assert 0 < err < 0.05 * float(exact.abs().max())
 
 
 def test_fp8_geometry_and_bytes():
