@@ -314,6 +314,21 @@ if HAS_TRITON:
         code = tl.minimum(tl.maximum(x, 0.0), LEVELS_T).to(tl.int32)
         return tl.where(valid, code, 0), lo16, step16
 
+    @triton.jit
+    def _encode_group(bt_ptr, seqlen_ptr, new_ptr, num_kv_heads, groups, stride_bt, GROUP_T: tl.constexpr,
+                      PAGE_SIZE: tl.constexpr):
+        """An encode program's (row, KV head, j-th group of the row's new keys): the KV head, the row's length, the
+        group's first position, its page and first slot, and whether it has keys to encode."""
+        pid = tl.program_id(0)
+        s = (pid // (num_kv_heads * groups)).to(tl.int64)
+        kvh = (pid // groups) % num_kv_heads
+        n = tl.load(seqlen_ptr + s)
+        m = tl.load(new_ptr + s)
+        pos0 = (tl.maximum(n - m, 0) // GROUP_T + pid % groups) * GROUP_T
+        live = (m > 0) & (pos0 < n)
+        page = tl.load(bt_ptr + s * stride_bt + pos0 // PAGE_SIZE, mask=live, other=0).to(tl.int64)
+        return kvh, n, pos0, page, pos0 % PAGE_SIZE, live
+
     @triton.jit(do_not_specialize=["groups"])
     def _encode_kernel(k_ptr, c_ptr, b_ptr, bt_ptr, seqlen_ptr, new_ptr, num_kv_heads, groups,
                        stride_kpage, stride_kpos, stride_kh, stride_cpage, stride_cpos, stride_ch,
@@ -322,17 +337,9 @@ if HAS_TRITON:
                        LEVELS_T: tl.constexpr, MIN_STEP_T: tl.constexpr):
         """One (row, KV head, group of the row's new keys): the group's tokens below the row's length, rounded per
         channel (the two halves of the head dim: a byte holds one channel of each)."""
-        pid = tl.program_id(0)
-        s = (pid // (num_kv_heads * groups)).to(tl.int64)
-        kvh = (pid // groups) % num_kv_heads
-        j = pid % groups
-        n = tl.load(seqlen_ptr + s)
-        m = tl.load(new_ptr + s)
-        grp = tl.maximum(n - m, 0) // GROUP_T + j
-        if (m > 0) & (grp * GROUP_T < n):
-            pos0 = grp * GROUP_T
-            page = tl.load(bt_ptr + s * stride_bt + pos0 // PAGE_SIZE).to(tl.int64)
-            slot0 = pos0 % PAGE_SIZE
+        kvh, n, pos0, page, slot0, live = _encode_group(bt_ptr, seqlen_ptr, new_ptr, num_kv_heads, groups, stride_bt,
+                                                        GROUP_T, PAGE_SIZE)
+        if live:
             t = tl.arange(0, GROUP_T)
             e = tl.arange(0, BLOCK_H)
             e_ok = e < HALF
@@ -372,17 +379,9 @@ if HAS_TRITON:
                            PAGE_SIZE: tl.constexpr, MIN_STEP_T: tl.constexpr, FMAX: tl.constexpr):
         """The "fp8" copy of one (row, KV head, group of the row's new keys): the group's tokens below the row's
         length centered on each channel's mid-range (float16) and scaled per token to e4m3's range."""
-        pid = tl.program_id(0)
-        s = (pid // (num_kv_heads * groups)).to(tl.int64)
-        kvh = (pid // groups) % num_kv_heads
-        j = pid % groups
-        n = tl.load(seqlen_ptr + s)
-        m = tl.load(new_ptr + s)
-        grp = tl.maximum(n - m, 0) // GROUP_T + j
-        if (m > 0) & (grp * GROUP_T < n):
-            pos0 = grp * GROUP_T
-            page = tl.load(bt_ptr + s * stride_bt + pos0 // PAGE_SIZE).to(tl.int64)
-            slot0 = pos0 % PAGE_SIZE
+        kvh, n, pos0, page, slot0, live = _encode_group(bt_ptr, seqlen_ptr, new_ptr, num_kv_heads, groups, stride_bt,
+                                                        GROUP_T, PAGE_SIZE)
+        if live:
             t = tl.arange(0, GROUP_T)
             d = tl.arange(0, BLOCK_D)
             d_ok = d < HEAD_DIM
@@ -445,7 +444,10 @@ if HAS_TRITON:
         else:
             zc = tl.dot(qc, tl.trans(cen)) * scale_log2
             hi = zc.to(CDT)
-            z += tl.dot(hi, expand) + tl.dot((zc - hi.to(tl.float32)).to(CDT), expand)
+            if CENTER == 2:
+                z += tl.dot(hi, expand)
+            else:
+                z += tl.dot(hi, expand) + tl.dot((zc - hi.to(tl.float32)).to(CDT), expand)
         return z
 
     @triton.jit

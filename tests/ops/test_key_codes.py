@@ -50,6 +50,20 @@ def token_bounds(kc: kq.KeyCodes, bt_row, n):
     return b[:, :, 0], b[:, :, 1]
 
 
+def appended(kc, bt, sl, impl, fmt):
+    """A copy of format fmt encoded as keys arrive a few at a time (0-39 per row and step: decode steps, chunked
+    prefill)."""
+    page, hkv, d = kc.shape[1:]
+    step = kq.key_codes(kc.shape[0], page, hkv, d, "cpu", fmt)
+    done = torch.zeros_like(sl)
+    gen = torch.Generator().manual_seed(3)
+    while bool((done < sl).any()):
+        new = torch.minimum(torch.randint(0, 40, sl.shape, generator=gen, dtype=torch.int32), sl - done)
+        kq.encode_keys(kc, step, bt, done + new, new, impl=impl)
+        done += new
+    return step
+
+
 def assert_same(a, b):
     for x, y in zip(a, b):
         assert torch.equal(x, y)
@@ -108,14 +122,7 @@ def test_triton_equals_the_twin_and_appends_equal_one_encode(lens, hkv, d, page)
         kq.encode_keys(kc, whole[impl], bt, sl, sl.clone(), impl=impl)
     assert_same(rows_of(whole["torch"], bt, sl), rows_of(whole["triton"], bt, sl))
     for impl in ("torch", "triton"):
-        step = kq.key_codes(kc.shape[0], page, hkv, d, "cpu")
-        done = torch.zeros_like(sl)
-        gen = torch.Generator().manual_seed(3)
-        while bool((done < sl).any()):
-            new = torch.minimum(torch.randint(0, 40, sl.shape, generator=gen, dtype=torch.int32), sl - done)
-            kq.encode_keys(kc, step, bt, done + new, new, impl=impl)
-            done += new
-        assert_same(rows_of(step, bt, sl), rows_of(whole["torch"], bt, sl))
+        assert_same(rows_of(appended(kc, bt, sl, impl, "int4"), bt, sl), rows_of(whole["torch"], bt, sl))
 
 
 @TRITON
@@ -266,14 +273,7 @@ def test_fp8_triton_equals_the_twin_and_appends_equal_one_encode(lens, hkv, d, p
     ref = fp8_copy(kc, bt, sl)
     assert_same(rows_of(ref, bt, sl), rows_of(fp8_copy(kc, bt, sl, "triton"), bt, sl))
     for impl in ("torch", "triton"):
-        step = kq.key_codes(kc.shape[0], page, hkv, d, "cpu", "fp8")
-        done = torch.zeros_like(sl)
-        gen = torch.Generator().manual_seed(3)
-        while bool((done < sl).any()):
-            new = torch.minimum(torch.randint(0, 40, sl.shape, generator=gen, dtype=torch.int32), sl - done)
-            kq.encode_keys(kc, step, bt, done + new, new, impl=impl)
-            done += new
-        assert_same(rows_of(step, bt, sl), rows_of(ref, bt, sl))
+        assert_same(rows_of(appended(kc, bt, sl, impl, "fp8"), bt, sl), rows_of(ref, bt, sl))
 
 
 def test_fp8_estimate_is_the_keys_read_back():

@@ -557,20 +557,15 @@ def test_the_nibble_asm_makes_1024_plus_each_bytes_nibble(shift):
             [float((x >> shift) & 15) for x in e]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("asm", [False, True], ids=["plain", "nibble-asm"])
-def test_gpu_codes_bf16_long_context_and_graph_replay(monkeypatch, asm):
-    """On a GPU (8B geometry, bf16, 32k and 5k rows): the copy encoded by its kernel, the decode with it against
-    the twin on the same copy (the twin's estimates in float32 against the kernel's float16 dot: outputs within
-    bf16's error, kept counts within 1%), then captured in a CUDA graph and replayed on new queries and budgets;
-    with the codes made float16 in Triton or in inline PTX (CODE_ASM)."""
+def gpu_long_context_with_codes(fmt):
+    """8B geometry, bf16, 32k and 5k rows on a GPU: the copy of format fmt encoded by its kernel, the decode with it
+    against the twin on the same copy (outputs within bf16's error, kept counts within 1%), then captured in a CUDA
+    graph and replayed on new queries and budgets."""
     from cab_vllm.ops import key_codes as kq
-
-    monkeypatch.setattr(td, "CODE_ASM", asm)
 
     lens, keep = [32768, 5000], [655, 100]
     q, kc, vc, bt, sl = (t.cuda() for t in paged(lens, 32, 8, 128, 16, dtype=torch.bfloat16, seed=9))
-    codes = kq.key_codes(kc.shape[0], 16, 8, 128, "cuda")
+    codes = kq.key_codes(kc.shape[0], 16, 8, 128, "cuda", fmt)
     kq.encode_keys(kc, codes, bt, sl, sl.clone())
     kp = torch.tensor(keep, dtype=torch.int32, device="cuda")
     scratch = td.token_scratch(2, 32, 8, 128, 32768, "cuda")
@@ -590,6 +585,17 @@ def test_gpu_codes_bf16_long_context_and_graph_replay(monkeypatch, asm):
     torch.cuda.synchronize()
     assert (out.float() - ref.float()).abs().max() < 3e-2
     assert torch.all(scratch.sync == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asm", [False, True], ids=["plain", "nibble-asm"])
+def test_gpu_codes_bf16_long_context_and_graph_replay(monkeypatch, asm):
+    """On a GPU (8B geometry, bf16, 32k and 5k rows): the copy encoded by its kernel, the decode with it against
+    the twin on the same copy (the twin's estimates in float32 against the kernel's float16 dot: outputs within
+    bf16's error, kept counts within 1%), then captured in a CUDA graph and replayed on new queries and budgets;
+    with the codes made float16 in Triton or in inline PTX (CODE_ASM)."""
+    monkeypatch.setattr(td, "CODE_ASM", asm)
+    gpu_long_context_with_codes("int4")
 
 
 # -- with a float8 key copy (codes= of fmt "fp8"): the estimate picks each head's keep keys, attended by exact score --
@@ -680,27 +686,4 @@ def test_gpu_fp8_bf16_long_context_and_graph_replay():
     """On a GPU (8B geometry, bf16, 32k and 5k rows): the float8 copy encoded by its kernel, the decode with it
     against the twin on the same copy (outputs within bf16's error, kept counts within 1%), then captured in a CUDA
     graph and replayed on new queries and budgets."""
-    from cab_vllm.ops import key_codes as kq
-
-    lens, keep = [32768, 5000], [655, 100]
-    q, kc, vc, bt, sl = (t.cuda() for t in paged(lens, 32, 8, 128, 16, dtype=torch.bfloat16, seed=9))
-    codes = kq.key_codes(kc.shape[0], 16, 8, 128, "cuda", "fp8")
-    kq.encode_keys(kc, codes, bt, sl, sl.clone())
-    kp = torch.tensor(keep, dtype=torch.int32, device="cuda")
-    scratch = td.token_scratch(2, 32, 8, 128, 32768, "cuda")
-    ref, out = torch.empty_like(q), torch.empty_like(q)
-    c0, c1 = (torch.zeros(2, 32, dtype=torch.int32, device="cuda") for _ in range(2))
-    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, ref, counts=c0, impl="torch", codes=codes)
-    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, counts=c1, scratch=scratch, impl="triton", codes=codes)
-    assert (out.float() - ref.float()).abs().max() < 3e-2
-    assert ((c0 - c1).abs().float() <= 0.01 * c0.float() + 1).all()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, scratch=scratch, impl="triton", codes=codes)
-    q.copy_(torch.randn_like(q))
-    kp.copy_(torch.tensor([2000, 5000], dtype=torch.int32))
-    g.replay()
-    td.token_decode(q, kc, vc, bt, sl, kp, 0.088, ref, impl="torch", codes=codes)
-    torch.cuda.synchronize()
-    assert (out.float() - ref.float()).abs().max() < 3e-2
-    assert torch.all(scratch.sync == 0)
+    gpu_long_context_with_codes("fp8")
