@@ -67,6 +67,7 @@ CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
 LOGITS_TILE = 128  # keys per step of a logits program (a power of two dividing CHUNK; 64: up to 1.2x slower on an H100)
 FP8_TILE = 128  # keys per step with a float8 key copy
 FP8_CENTER = 1  # TEMP knob
+LOGITS_RUNMAX = False  # TEMP knob
 LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
 ATTEND_MAXNREG, LOGITS_MAXNREG = 128, 0  # registers per thread at most in those launches (0: the compiler's choice)
 COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
@@ -342,7 +343,8 @@ if HAS_TRITON:
                        SCAN_G: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, RTILE: tl.constexpr,
                        PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, CODES: tl.constexpr,
                        CGROUP: tl.constexpr, BLOCK_H: tl.constexpr, EST_DT: tl.constexpr, CODE_ASM_T: tl.constexpr,
-                       FP8: tl.constexpr = False, FMAX: tl.constexpr = 448.0, FP8_CENTER_T: tl.constexpr = 1):
+                       FP8: tl.constexpr = False, FMAX: tl.constexpr = 448.0, FP8_CENTER_T: tl.constexpr = 1,
+                       RUNMAX: tl.constexpr = False):
         """Base-2 logits of the group's queries against the keys of one chunk of one row (CODES: against the keys
         the 4-bit copy reads back as, ops.key_codes; FP8: the float8 copy's estimate, fp8_estimate), each head's largest logit over the chunk into cm [rows, Hq,
         chunks], and (rows that keep fewer keys than they have) each head's first counting pass over the chunk
@@ -370,6 +372,7 @@ if HAS_TRITON:
             heads = kvh * group + g
             row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
             m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+            mz = tl.full([GROUP_PAD, TILE_T], float("-inf"), dtype=tl.float32)  # RUNMAX: running maxima, reduced once
             t1 = tl.minimum(t0 + CHUNK_T, n)
             for p0 in range(t0, t1, TILE_T):
                 pos = p0 + tl.arange(0, TILE_T)
@@ -390,7 +393,12 @@ if HAS_TRITON:
                     z = tl.dot(q, tl.trans(k)) * scale_log2
                 live = g_ok[:, None] & k_ok[None, :]
                 tl.store(row + pos[None, :], z, mask=live)
-                m = tl.maximum(m, tl.max(tl.where(live, z, float("-inf")), 1))
+                if RUNMAX:
+                    mz = tl.maximum(mz, tl.where(live, z, float("-inf")))
+                else:
+                    m = tl.maximum(m, tl.max(tl.where(live, z, float("-inf")), 1))
+            if RUNMAX:
+                m = tl.max(mz, 1)
             tl.store(cm_ptr + (s * num_heads + heads) * n_chunks + c, m, mask=g_ok)
             if kt < n:
                 tl.debug_barrier()  # the chunk's logits, stored by every thread of the program, read back per head
@@ -783,7 +791,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             CHUNK_T=CHUNK, TILE_T=min(FP8_TILE if fp8 else LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE),
             PAGE_SIZE=page, **steps, CODES=codes is not None, CGROUP=CODE_GROUP, BLOCK_H=max(16, next_pow2(d // 2)),
             EST_DT=tl.float32 if key_cache.dtype == torch.float32 else tl.float16,
-            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", FP8=fp8, FMAX=FP8_MAX, FP8_CENTER_T=FP8_CENTER,
+            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", FP8=fp8, FMAX=FP8_MAX, FP8_CENTER_T=FP8_CENTER, RUNMAX=LOGITS_RUNMAX,
             num_warps=LOGITS_WARPS,
             num_stages=LOGITS_STAGES,
             **({"maxnreg": LOGITS_MAXNREG} if LOGITS_MAXNREG else {}))
