@@ -407,7 +407,7 @@ if HAS_TRITON:
     def fp8_estimate(qc, expand, cpart, c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, d, d_ok, stride_cpage,
                      stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh, scale_log2, TILE_T: tl.constexpr,
                      PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_T: tl.constexpr, FMAX: tl.constexpr,
-                     CDT: tl.constexpr, CENTER: tl.constexpr = 1):
+                     CDT: tl.constexpr):
         """Base-2 logits, by the "fp8" copy, of keys p0 .. p0 + TILE_T - 1 of row s (p0 a multiple of GROUP_T), KV
         head kvh: the queries qc [GP, BLOCK_D] (in CDT) against the keys the copy reads back as, s_k (q . k8) + q .
         mid. The first a dot of the queries against the float8 codes made CDT (what a tensor core's 16-row dot does
@@ -429,8 +429,6 @@ if HAS_TRITON:
             z = tl.dot(qc, tl.trans(k8.to(CDT)), input_precision="ieee") * (amax * (scale_log2 / FMAX))[None, :]
         else:
             z = tl.dot(qc, tl.trans(k8.to(CDT))) * (amax * (scale_log2 / FMAX))[None, :]
-        if CENTER == 0:
-            return z
         ng: tl.constexpr = TILE_T // GROUP_T  # the tile's groups, in a dot at least 16 wide (rows past ng masked)
         gi = tl.arange(0, 16 if ng < 16 else ng)
         gpos = p0 + gi * GROUP_T
@@ -444,10 +442,7 @@ if HAS_TRITON:
         else:
             zc = tl.dot(qc, tl.trans(cen)) * scale_log2
             hi = zc.to(CDT)
-            if CENTER == 2:
-                z += tl.dot(hi, expand)
-            else:
-                z += tl.dot(hi, expand) + tl.dot((zc - hi.to(tl.float32)).to(CDT), expand)
+            z += tl.dot(hi, expand) + tl.dot((zc - hi.to(tl.float32)).to(CDT), expand)
         return z
 
     @triton.jit

@@ -43,6 +43,12 @@ over their estimates), reads those keys from the cache and writes their exact lo
 first counts; launches 2-4 then run again on the exact logits for keep, and the attention is unchanged (every key
 it can keep is a candidate: the rest are -inf).
 
+With a float8 copy (codes of fmt "fp8": each channel centered on its 16-token group's mid-range, the rest e4m3
+scaled per token, 57% of a bf16 key's bytes at D=128) launch 1 scores every key by the keys the copy reads back as
+(the codes made float16 for the 16-row dot, plus a dot against the groups' centers spread over their keys: key_codes.
+fp8_estimate), launches 2-4 pick each head's keep best by that estimate, and the attention reads the listed keys from
+the cache and takes their exact scores (no rescoring launch; the estimates only pick the keys).
+
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
 with keep 0 return at once and are not written. Twin: token_decode_torch (the same rule in PyTorch: the CPU path and
 the reference of the tests).
@@ -66,8 +72,10 @@ SCAN_TILE = 512  # logits per step of the attention's scan
 CHUNK = 1024  # tokens per program of the logits launch (and per stored maximum)
 LOGITS_TILE = 128  # keys per step of a logits program (a power of two dividing CHUNK; 64: up to 1.2x slower on an H100)
 FP8_TILE = 128  # keys per step with a float8 key copy
-FP8_CENTER = 1  # TEMP knob
-LOGITS_RUNMAX = False  # TEMP knob
+# the float8 copy's logits launch: its codes load into registers (no asynchronous copies), so registers bound the
+# programs in flight: 1 stage, at most 128 registers, running maxima reduced once (H100 at 128k x 1: 116.7 us
+# against 134-163 with 2-3 stages or no register cap; BENCHMARKS.md)
+FP8_STAGES, FP8_MAXNREG = 1, 128
 LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
 ATTEND_MAXNREG, LOGITS_MAXNREG = 128, 0  # registers per thread at most in those launches (0: the compiler's choice)
 COUNT_CHUNK = 4096  # logits per program of a counting launch (and per stored histogram)
@@ -343,8 +351,7 @@ if HAS_TRITON:
                        SCAN_G: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, RTILE: tl.constexpr,
                        PAGE_SIZE: tl.constexpr, NB: tl.constexpr, INV_A: tl.constexpr, CODES: tl.constexpr,
                        CGROUP: tl.constexpr, BLOCK_H: tl.constexpr, EST_DT: tl.constexpr, CODE_ASM_T: tl.constexpr,
-                       FP8: tl.constexpr = False, FMAX: tl.constexpr = 448.0, FP8_CENTER_T: tl.constexpr = 1,
-                       RUNMAX: tl.constexpr = False):
+                       FP8: tl.constexpr = False, FMAX: tl.constexpr = 448.0):
         """Base-2 logits of the group's queries against the keys of one chunk of one row (CODES: against the keys
         the 4-bit copy reads back as, ops.key_codes; FP8: the float8 copy's estimate, fp8_estimate), each head's largest logit over the chunk into cm [rows, Hq,
         chunks], and (rows that keep fewer keys than they have) each head's first counting pass over the chunk
@@ -372,7 +379,7 @@ if HAS_TRITON:
             heads = kvh * group + g
             row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
             m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-            mz = tl.full([GROUP_PAD, TILE_T], float("-inf"), dtype=tl.float32)  # RUNMAX: running maxima, reduced once
+            mz = tl.full([GROUP_PAD, TILE_T], float("-inf"), dtype=tl.float32)  # FP8: running maxima, reduced once
             t1 = tl.minimum(t0 + CHUNK_T, n)
             for p0 in range(t0, t1, TILE_T):
                 pos = p0 + tl.arange(0, TILE_T)
@@ -380,7 +387,7 @@ if HAS_TRITON:
                 if FP8:
                     z = fp8_estimate(qc, expand, cpart, c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, d, d_ok,
                                      stride_cpage, stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh,
-                                     scale_log2, TILE_T, PAGE_SIZE, HEAD_DIM, CGROUP, FMAX, EST_DT, FP8_CENTER_T)
+                                     scale_log2, TILE_T, PAGE_SIZE, HEAD_DIM, CGROUP, FMAX, EST_DT)
                 elif CODES:  # the copy's keys, a dot per half of the head dim
                     k_lo, k_hi = dequant_halves(c_ptr, b_ptr, bt_ptr, stride_bt, s, p0, n, kvh, e, e_ok, stride_cpage,
                                                 stride_cpos, stride_ch, stride_bpage, stride_bpos, stride_bh, TILE_T,
@@ -393,11 +400,11 @@ if HAS_TRITON:
                     z = tl.dot(q, tl.trans(k)) * scale_log2
                 live = g_ok[:, None] & k_ok[None, :]
                 tl.store(row + pos[None, :], z, mask=live)
-                if RUNMAX:
+                if FP8:
                     mz = tl.maximum(mz, tl.where(live, z, float("-inf")))
                 else:
                     m = tl.maximum(m, tl.max(tl.where(live, z, float("-inf")), 1))
-            if RUNMAX:
+            if FP8:
                 m = tl.max(mz, 1)
             tl.store(cm_ptr + (s * num_heads + heads) * n_chunks + c, m, mask=g_ok)
             if kt < n:
@@ -734,9 +741,11 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     from one host read of seq_lens); rows beyond its row
     count run in further groups of launches. counts [S, Hq] int32: filled with the keys each head kept. stages: the
     launches run, for profiling (1: the logits, 2: and the counts and thresholds; 3: all, the only value that writes
-    out). codes: a 4-bit copy of the key cache (ops.key_codes, current for every key of the rows): every key is
-    scored with it, each head's rerank x keep[s] best by that estimate (the same rule) are its candidates, and the
-    rule runs again on the candidates' exact scores (the only keys read from the key cache). passes: kept_keys'
+    out). codes: a copy of the key cache (ops.key_codes, current for every key of the rows): every key is scored
+    with it; with an "int4" copy each head's rerank x keep[s] best by that estimate (the same rule) are its
+    candidates, and the rule runs again on the candidates' exact scores (the only keys read from the key cache);
+    with an "fp8" copy each head's keep[s] best by the estimate are attended by exact score (rerank unused; the key
+    and value caches must share strides, views of one KV cache). passes: kept_keys'
     counting passes, 1 or 2 (PASSES when None)."""
     hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes, rerank, passes)
     passes = PASSES if passes is None else passes
@@ -776,6 +785,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
                                                           "share strides (views of one KV cache)")
     cstr = (cc.stride(0), cc.stride(1), cc.stride(2), cs.stride(0), cs.stride(1), cs.stride(2)) \
         if codes is not None else (0,) * 6
+    maxnreg = FP8_MAXNREG if fp8 else LOGITS_MAXNREG
     for r0 in range(0, ns, scratch.rows):
         r = min(scratch.rows, ns - r0)
         splits = num_splits(r, hkv, npad)
@@ -791,10 +801,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             CHUNK_T=CHUNK, TILE_T=min(FP8_TILE if fp8 else LOGITS_TILE, CHUNK), RTILE=min(CHUNK, COUNT_TILE),
             PAGE_SIZE=page, **steps, CODES=codes is not None, CGROUP=CODE_GROUP, BLOCK_H=max(16, next_pow2(d // 2)),
             EST_DT=tl.float32 if key_cache.dtype == torch.float32 else tl.float16,
-            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", FP8=fp8, FMAX=FP8_MAX, FP8_CENTER_T=FP8_CENTER, RUNMAX=LOGITS_RUNMAX,
-            num_warps=LOGITS_WARPS,
-            num_stages=LOGITS_STAGES,
-            **({"maxnreg": LOGITS_MAXNREG} if LOGITS_MAXNREG else {}))
+            CODE_ASM_T=CODE_ASM and q.device.type == "cuda", FP8=fp8, FMAX=FP8_MAX, num_warps=LOGITS_WARPS,
+            num_stages=FP8_STAGES if fp8 else LOGITS_STAGES, **({"maxnreg": maxnreg} if maxnreg else {}))
         if stages == 1:
             continue
         select = dict(CHUNK_T=CHUNK, CCHUNK_T=COUNT_CHUNK, NCH=next_pow2(n_chunks), ALL_T=ALL, HL=HIST_LOAD, **steps,

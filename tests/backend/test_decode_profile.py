@@ -34,13 +34,14 @@ def test_decode_profile_runs_every_variant(merge, monkeypatch):
         return float(len(calls))
 
     r = prof.profile(700, 2, 0.5, dev="cpu", timer=timer, min_per=1)
-    assert len(calls) == 17
+    assert len(calls) == 21
     assert r["kept_blocks"] <= r["blocks"] == 11 and r["kept_tokens"] < 700
     assert [r[k] for k in ("prompt_us", "bounds_us", "skip_us", "all_us", "prompt1_us", "bounds1_us", "skip1_us",
                            "all1_us", "plain_us", "dense_us", "tokens_us", "tok_logits_us", "tok_select_us", "tok4_us",
-                           "tok4_logits_us", "tok4_select_us", "tok4_encode_us")] == [float(i) for i in range(1, 18)]
+                           "tok4_logits_us", "tok4_select_us", "tok4_encode_us", "tok8_us", "tok8_logits_us",
+                           "tok8_select_us", "tok8_encode_us")] == [float(i) for i in range(1, 22)]
     r = prof.profile(700, 2, 0.5, dev="cpu", timer=timer, min_per=1, columns=("prompt1", "skip1"))
-    assert len(calls) == 19 and (r["prompt1_us"], r["skip1_us"]) == (18.0, 19.0) and r["prompt_us"] is None
+    assert len(calls) == 23 and (r["prompt1_us"], r["skip1_us"]) == (22.0, 23.0) and r["prompt_us"] is None
 
 
 def test_decode_profile_takes_the_page_size(monkeypatch):

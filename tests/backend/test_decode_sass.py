@@ -46,8 +46,9 @@ def test_decode_loop_counts_and_the_page_of_whole_blocks(tmp_path):
 @pytest.mark.skipif(not _tools_available(), reason="Triton's bundled ptxas / cuobjdump are missing")
 def test_token_decode_estimate_with_the_key_copy_compiles_for_hopper(tmp_path):
     """benchmarks/token_sass.py: the token decode's logits launch compiled for sm_90, exact, with the 4-bit key copy,
-    and with CODE_ASM's inline PTX (ptxas assembles it): each has its loop of tensor-core instructions, the PTX
-    nibbles leave the loop shorter and without the byte-by-byte unpacking's int-to-float conversions."""
+    with CODE_ASM's inline PTX (ptxas assembles it) and with the float8 copy: each has its loop of tensor-core
+    instructions, the PTX nibbles leave the loop shorter and without the byte-by-byte unpacking's int-to-float
+    conversions."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
@@ -57,8 +58,8 @@ def test_token_decode_estimate_with_the_key_copy_compiles_for_hopper(tmp_path):
                        timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     r = json.loads(out.read_text())
-    exact, plain, asm = (r[f"_logits_kernel/{v}"] for v in ("exact", "int4", "int4_asm"))
-    for x in (exact, plain, asm):
+    exact, plain, asm, fp8 = (r[f"_logits_kernel/{v}"] for v in ("exact", "int4", "int4_asm", "fp8"))
+    for x in (exact, plain, asm, fp8):
         assert 0 < x["loop_instructions"] < x["instructions"] and x["registers"] <= 255
     assert asm["loop_instructions"] < plain["loop_instructions"]
     assert "I2F" not in dict(map(tuple, asm["loop_opcodes"]))
