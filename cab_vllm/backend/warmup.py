@@ -30,8 +30,8 @@ def warm_up_kernels(num_heads: int, num_kv_heads: int, head_size: int, dtype: to
     token_scratch: the engine's TokenScratch when its decode rule is "tokens" (the decode steps below then run the
     token decode on it: cfg's rule applies to every decode step of an estimating policy); token_rerank: the
     engine's EngineSettings.token_rerank when it keeps a key copy (every step below then encodes its keys, and the
-    token decode ranks by the copy), else None; token_scorer: that copy's format ("int4" or "fp8"); token_passes: the engine's EngineSettings.token_passes
-    (None: ops.token_decode.PASSES);
+    token decode ranks by the copy), else None; token_scorer: that copy's format ("int4" or "fp8"); token_passes:
+    the engine's EngineSettings.token_passes (None: ops.token_decode.PASSES);
     fa_prefill: the layer's (varlen, version) when its sparse prefill rows run in vLLM's FlashAttention (no Triton
     prefill kernel to compile then).
     dense_threshold: the engine's (EngineSettings.dense_threshold): contexts below it run dense, so the per-row
