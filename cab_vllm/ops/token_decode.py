@@ -354,8 +354,9 @@ if HAS_TRITON:
                        FP8: tl.constexpr = False, FMAX: tl.constexpr = 448.0):
         """Base-2 logits of the group's queries against the keys of one chunk of one row (CODES: against the keys
         the 4-bit copy reads back as, ops.key_codes; FP8: the float8 copy's estimate, fp8_estimate), each head's
-        largest logit over the chunk into cm [rows, Hq, chunks], and (rows that keep fewer keys than they have) each head's first counting pass over the chunk
-        (_chunk_counts; the select launch shifts the chunks' counts onto the row's maximum)."""
+        largest logit over the chunk into cm [rows, Hq, chunks], and (rows that keep fewer keys than they have) each
+        head's first counting pass over the chunk (_chunk_counts; the select launch shifts the chunks' counts onto the
+        row's maximum)."""
         s, kvh, c, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, n_chunks)
         t0 = c * CHUNK_T
         if (kt > 0) & (t0 < n):
