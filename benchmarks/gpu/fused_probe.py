@@ -16,7 +16,8 @@ graph with L2 flushed before each call (decode_profile.graph_time_us). Prints mi
   tokens   ops.token_decode, exact scores, its defaults (the baseline)
   sample   the sampled logits and the thresholds (a Triton launch, then torch.topk of the sample)
   fused    the one-pass launch and the merge
-  whole    sample + fused
+  fused2   the same with two loops per chunk (logits stored, then read back from L2 for the kept keys' values)
+  whole    sample + fused (whole2: + fused2)
 --check compares each kernel with PyTorch on the GPU and reports the kept keys per head against keep.
 """
 
@@ -73,13 +74,16 @@ def sample_kernel(q_ptr, k_ptr, bt_ptr, sg_ptr, n, m, scale_log2, stride_bt, str
 
 
 @triton.jit
-def fused_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, thr_ptr, po_ptr, pl_ptr, cnt_ptr, n, scale_log2, stride_bt, stride_kp,
-                 stride_kt, stride_kh, GROUP: tl.constexpr, GP: tl.constexpr, HEADS_KV: tl.constexpr,
-                 DIM: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr, PAGE_T: tl.constexpr):
+def fused_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, thr_ptr, po_ptr, pl_ptr, cnt_ptr, lg_ptr, n, scale_log2, stride_bt,
+                 stride_kp, stride_kt, stride_kh, stride_ls, GROUP: tl.constexpr, GP: tl.constexpr,
+                 HEADS_KV: tl.constexpr, DIM: tl.constexpr, CHUNK_T: tl.constexpr, TILE_T: tl.constexpr,
+                 PAGE_T: tl.constexpr, TWO_PHASE: tl.constexpr):
     """One chunk of one row and KV head: every key's base-2 logit, and the online softmax of each head over its keys
     at or above its threshold thr [rows, Hq] (values loaded for the rows some head keeps). Partial output (normalized)
     into po [rows, Hq, chunks, D], its base-2 LSE into pl [rows, Hq, chunks] (-inf: nothing kept), the keys each
-    head kept into cnt [rows, Hq, chunks]. K and V share strides."""
+    head kept into cnt [rows, Hq, chunks]. K and V share strides. TWO_PHASE: the chunk's logits stored (lg [rows,
+    Hq, >= n]) in a first loop, read back in a second that loads the kept keys' values (those loads then wait on L2,
+    not on the tile's dot)."""
     pid = tl.program_id(0)
     chunks = tl.cdiv(n, CHUNK_T)
     s = pid // (HEADS_KV * chunks)
@@ -93,13 +97,28 @@ def fused_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, thr_ptr, po_ptr, pl_ptr, cnt_ptr, 
     kept = tl.zeros([GP], tl.int32)
     acc = tl.zeros([GP, DIM], tl.float32)
     t0 = c * CHUNK_T
-    for p0 in range(t0, tl.minimum(t0 + CHUNK_T, n), TILE_T):
+    t1 = tl.minimum(t0 + CHUNK_T, n)
+    row_lg = lg_ptr + s * stride_ls + heads[:, None] * n
+    if TWO_PHASE:
+        for p0 in range(t0, t1, TILE_T):
+            pos = p0 + tl.arange(0, TILE_T)
+            ok = pos < n
+            page = tl.load(bt_ptr + s * stride_bt + pos // PAGE_T, mask=ok, other=0).to(tl.int64)
+            off = (page * stride_kp + (pos % PAGE_T) * stride_kt + kvh * stride_kh)[:, None] + d[None, :]
+            k = tl.load(k_ptr + off, mask=ok[:, None], other=0.0)
+            tl.store(row_lg + pos[None, :], tl.dot(q, tl.trans(k)) * scale_log2, mask=g_ok[:, None] & ok[None, :])
+        tl.debug_barrier()
+    for p0 in range(t0, t1, TILE_T):
         pos = p0 + tl.arange(0, TILE_T)
         ok = pos < n
         page = tl.load(bt_ptr + s * stride_bt + pos // PAGE_T, mask=ok, other=0).to(tl.int64)
         off = (page * stride_kp + (pos % PAGE_T) * stride_kt + kvh * stride_kh)[:, None] + d[None, :]
-        k = tl.load(k_ptr + off, mask=ok[:, None], other=0.0)
-        z = tl.dot(q, tl.trans(k)) * scale_log2
+        if TWO_PHASE:
+            z = tl.load(row_lg + pos[None, :], mask=g_ok[:, None] & ok[None, :], other=float("-inf"),
+                        cache_modifier=".cg")
+        else:
+            k = tl.load(k_ptr + off, mask=ok[:, None], other=0.0)
+            z = tl.dot(q, tl.trans(k)) * scale_log2
         keep = (z >= thr[:, None]) & ok[None, :] & g_ok[:, None]
         row = tl.max(keep.to(tl.int32), 0) > 0  # keys some head of the group keeps: their values only
         v = tl.load(v_ptr + off, mask=row[:, None], other=0.0)
@@ -153,6 +172,7 @@ class Fused:
         self.po = torch.empty(rows, hq, self.chunks, d, **f32)
         self.pl = torch.empty(rows, hq, self.chunks, **f32)
         self.cnt = torch.empty(rows, hq, self.chunks, dtype=torch.int32, device=device)
+        self.lg = torch.empty(rows, hq, n, **f32)  # (TWO_PHASE's logits)
 
     def thresholds(self, q, kc, bt, scale):
         rows, hq, d = q.shape
@@ -164,13 +184,14 @@ class Fused:
                             TILE_T=SAMPLE_TILE, PAGE_T=kc.shape[1], num_warps=4)
         self.thr.copy_(torch.topk(self.sg[..., :self.m], self.k, dim=-1, sorted=True).values[..., -1])
 
-    def attend(self, q, kc, vc, bt, scale, out):
+    def attend(self, q, kc, vc, bt, scale, out, two_phase: bool = False):
         rows, hq, d = q.shape
         g = hq // self.hkv
         fused_kernel[(rows * self.hkv * self.chunks,)](
-            q, kc, vc, bt, self.thr, self.po, self.pl, self.cnt, self.n, scale * LOG2E, bt.stride(0), kc.stride(0),
-            kc.stride(1), kc.stride(2), GROUP=g, GP=max(16, triton.next_power_of_2(g)), HEADS_KV=self.hkv, DIM=d,
-            CHUNK_T=CHUNK, TILE_T=TILE, PAGE_T=kc.shape[1], num_warps=4)
+            q, kc, vc, bt, self.thr, self.po, self.pl, self.cnt, self.lg, self.n, scale * LOG2E, bt.stride(0),
+            kc.stride(0), kc.stride(1), kc.stride(2), self.lg.stride(0), GROUP=g, GP=max(16, triton.next_power_of_2(g)),
+            HEADS_KV=self.hkv, DIM=d, CHUNK_T=CHUNK, TILE_T=TILE, PAGE_T=kc.shape[1], TWO_PHASE=two_phase,
+            num_warps=4)
         merge_kernel[(rows * hq,)](self.po, self.pl, out, self.chunks, DIM=d,
                                    CP=max(2, triton.next_power_of_2(self.chunks)), num_warps=4)
         return out
@@ -222,11 +243,13 @@ def check(n: int, rows: int, sparsity: float, sample: int, dev: str) -> dict:
     fz = Fused(rows, HQ, HKV, D, n, keep, sample, dev)
     fz.thresholds(q, kc, bt, scale)
     sg_err = float((fz.sg[..., :fz.m] - sampled_reference(q, kc, bt, n, scale, sample)).abs().max())
-    out = torch.empty_like(q)
+    out, out2 = torch.empty_like(q), torch.empty_like(q)
     fz.attend(q, kc, vc, bt, scale, out)
+    fz.attend(q, kc, vc, bt, scale, out2, True)
     ref, kept = reference(q, kc, vc, bt, n, scale, fz.thr)
     ratio = kept.float() / keep
     return {"sample_err": sg_err, "out_err": float((out.float() - ref).abs().max()),
+            "out2_err": float((out2.float() - ref).abs().max()),
             "kept_counted_as_reference": bool(torch.equal(fz.cnt.sum(-1), kept.to(torch.int32))),
             "kept_over_keep_mean": float(ratio.mean()), "min": float(ratio.min()), "max": float(ratio.max())}
 
@@ -250,7 +273,7 @@ def main() -> None:
     if a.check:
         for n in lens:
             print(f"check n={n}: {check(n, 1, a.sparsity, a.sample, 'cuda')}", flush=True)
-    print("      n rows   tokens   sample    fused    whole  (us per step)")
+    print("      n rows   tokens   sample    fused   fused2    whole   whole2  (us per step)")
     for n in lens:
         for rows in rows_list:
             q, kc, vc, bt = setup(n, rows, "cuda")
@@ -264,8 +287,12 @@ def main() -> None:
             t_tok = dp.graph_time_us(lambda: td.token_decode(q, kc, vc, bt, sl, kp, scale, out, scratch=scratch))
             t_s = dp.graph_time_us(lambda: fz.thresholds(q, kc, bt, scale))
             t_f = dp.graph_time_us(lambda: fz.attend(q, kc, vc, bt, scale, out))
+            t_f2 = dp.graph_time_us(lambda: fz.attend(q, kc, vc, bt, scale, out, True))
             t_w = dp.graph_time_us(lambda: (fz.thresholds(q, kc, bt, scale), fz.attend(q, kc, vc, bt, scale, out)))
-            print(f"{n:7d} {rows:4d} {t_tok:8.1f} {t_s:8.1f} {t_f:8.1f} {t_w:8.1f}", flush=True)
+            t_w2 = dp.graph_time_us(lambda: (fz.thresholds(q, kc, bt, scale),
+                                             fz.attend(q, kc, vc, bt, scale, out, True)))
+            print(f"{n:7d} {rows:4d} {t_tok:8.1f} {t_s:8.1f} {t_f:8.1f} {t_f2:8.1f} {t_w:8.1f} {t_w2:8.1f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

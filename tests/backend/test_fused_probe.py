@@ -36,8 +36,9 @@ def _inputs(rows=2, hq=8, hkv=2, d=32, page=16, n=1500, seed=0):
 @pytest.mark.parametrize("n, sample, keep", [(1500, 4, 30), (2100, 16, 42), (77, 1, 5)])
 def test_sampled_thresholds_and_one_pass_attention(n, sample, keep):
     """The sampled logits are PyTorch's; each head's threshold is its sample's round(keep / sample)-th largest; the
-    one-pass launch and merge give PyTorch's softmax over the keys at or above it (chunks, a partial last tile and
-    a row shorter than a step included), count them as PyTorch does, and keep about keep keys per head."""
+    one-pass launch and merge (one loop per chunk, or two: logits stored, then read back) give PyTorch's softmax
+    over the keys at or above it (chunks, a partial last tile and a row shorter than a step included), count them as
+    PyTorch does, and keep about keep keys per head."""
     fp = _probe()
     q, kc, vc, bt = _inputs(n=n)
     scale = 1 / math.sqrt(q.shape[-1])
@@ -47,11 +48,13 @@ def test_sampled_thresholds_and_one_pass_attention(n, sample, keep):
     assert (fz.sg[..., :fz.m] - sg).abs().max() < 1e-4
     assert torch.allclose(fz.thr, sg.topk(fz.k, -1).values[..., -1])
     fz.thr -= 1e-3  # (the threshold's own key clear of it: two dots of the same key may differ in the last bit)
-    out = torch.full_like(q, 7.0)
-    fz.attend(q, kc, vc, bt, scale, out)
     ref, kept = fp.reference(q, kc, vc, bt, n, scale, fz.thr)
-    assert (out - ref).abs().max() < 1e-4
-    assert torch.equal(fz.cnt.sum(-1), kept.to(torch.int32))
+    for two_phase in (False, True):
+        out = torch.full_like(q, 7.0)
+        fz.cnt.zero_()
+        fz.attend(q, kc, vc, bt, scale, out, two_phase)
+        assert (out - ref).abs().max() < 1e-4
+        assert torch.equal(fz.cnt.sum(-1), kept.to(torch.int32))
     assert bool((kept >= fz.k).all())
     if sample == 1:
         assert bool((kept == keep).all())  # the whole row sampled: exactly the keep best (distinct scores)
