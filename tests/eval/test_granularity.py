@@ -366,8 +366,9 @@ def test_passes_mass_against_the_rules_by_hand(spread):
         dev1.append(abs(int(one.sum()) - keep))
         dev2.append(abs(int(two.sum()) - keep))  # (keys within 1/512 of the keep-th kept too)
     assert got["mass_two"] == pytest.approx(sum(masses) / 6) and got["mass_two_min"] == pytest.approx(min(masses))
-    assert got["lost_one"] == pytest.approx(sum(lost) / 6, abs=1e-12)
-    assert got["lost_one_max"] == pytest.approx(max(lost), abs=1e-12)
+    # (abs 1e-9: the logits here by matmul, there by einsum, may differ in float32's last bit; lost is ~1e-4)
+    assert got["lost_one"] == pytest.approx(sum(lost) / 6, abs=1e-9)
+    assert got["lost_one_max"] == pytest.approx(max(lost), abs=1e-9)
     assert got["count_one_dev"] == max(dev1) and got["count_two_dev"] == max(dev2) <= td.TIE_SLACK
     assert got["tie_cuts"] == 0
     tied = passes_mass(q, torch.ones(2, 900, 32), keep)  # every key the same: the cap cuts every head
