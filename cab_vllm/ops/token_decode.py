@@ -74,7 +74,7 @@ LOGITS_TILE = 128  # keys per step of a logits program (a power of two dividing 
 FP8_TILE = 128  # keys per step with a float8 key copy
 # the float8 copy's logits launch: its codes load into registers (no asynchronous copies), so registers bound the
 # programs in flight: 1 stage, at most 128 registers, running maxima reduced once (H100 at 128k x 1: 116.7 us
-# against 134-163 with 2-3 stages or no register cap; BENCHMARKS.md)
+# against 121.8-162.9 with 2-3 stages or no register cap; BENCHMARKS.md)
 FP8_STAGES, FP8_MAXNREG = 1, 128
 LOGITS_WARPS, LOGITS_STAGES, ATTEND_WARPS = 4, 3, 4  # warps per program (and the logits loop's pipeline stages)
 ATTEND_MAXNREG, LOGITS_MAXNREG = 128, 0  # registers per thread at most in those launches (0: the compiler's choice)
