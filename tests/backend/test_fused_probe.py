@@ -4,25 +4,18 @@ only) with its merge, each against PyTorch on the same values (the GPU run times
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from cab_vllm.ops._triton import HAS_TRITON, interpreting
+from conftest import load_script
 
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="needs Triton's CPU interpreter")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 def _probe():
-    spec = importlib.util.spec_from_file_location("fused_probe", ROOT / "benchmarks/gpu/fused_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu/fused_probe.py")
 
 
 def _inputs(rows=2, hq=8, hkv=2, d=32, page=16, n=1500, seed=0):
