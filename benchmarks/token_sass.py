@@ -5,9 +5,10 @@
 Records the launches ops.token_decode makes for one row of the Llama-3.1-8B attention geometry (32/8 heads, D=128,
 bf16, a paged cache of `--page`-token pages, 98%), exactly scored, with the 4-bit key copy (codes=, with the
 copy's nibbles made float16 in Triton and with CODE_ASM's inline PTX) and with the float8 one, compiles each kernel
-for sm_90 with Triton's own compiler and the ptxas it ships (benchmarks/decode_sass.py), and prints per kernel and variant its registers,
-shared memory, SASS instruction count and those of its main loop (the backward branch whose body holds tensor-core
-instructions; none for kernels without one), with the loop's most frequent opcodes. Run without TRITON_INTERPRET.
+for sm_90 with Triton's own compiler and the ptxas it ships (benchmarks/decode_sass.py), and prints per kernel and
+variant its registers, shared memory, SASS instruction count and those of its main loop (the backward branch whose
+body holds tensor-core instructions; none for kernels without one), with the loop's most frequent opcodes. Run without
+TRITON_INTERPRET.
 Counts come from this machine's Triton (the GPU machine's may differ by a few percent); compare variants with the
 same one.
 """

@@ -199,34 +199,23 @@ def profile(n: int, rows: int, sparsity: float, dev: str = "cuda", timer=graph_t
         return lambda: td.token_decode(q, kc, vc, bt, sl, tkeep, 1 / math.sqrt(D), out, scratch=tscratch,
                                        impl="triton", stages=stages)
 
-    codes = None
-    if any(c.startswith("tok4") for c in columns):
-        from cab_vllm.ops.key_codes import encode_keys, key_codes
+    from cab_vllm.ops.key_codes import encode_keys, key_codes
 
-        codes = key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], dev)
-        encode_keys(kc, codes, bt, sl, sl)
     one = torch.ones_like(sl)
+    runs.update({"tokens": lambda: tokens(3), "tok_logits": lambda: tokens(1), "tok_select": lambda: tokens(2)})
+    for prefix, fmt in (("tok4", "int4"), ("tok8", "fp8")):  # the key copies' columns: each copy made when asked for
+        if not any(c.startswith(prefix) for c in columns):
+            continue
+        codes = key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], dev, fmt)
+        encode_keys(kc, codes, bt, sl, sl)
 
-    def tokens4(stages: int):
-        return lambda: td.token_decode(q, kc, vc, bt, sl, tkeep, 1 / math.sqrt(D), out, scratch=tscratch,
-                                       impl="triton", stages=stages, codes=codes, rerank=td.RERANK)
+        def copied(stages: int, codes=codes):
+            return lambda: td.token_decode(q, kc, vc, bt, sl, tkeep, 1 / math.sqrt(D), out, scratch=tscratch,
+                                           impl="triton", stages=stages, codes=codes, rerank=td.RERANK)
 
-    codes8 = None
-    if any(c.startswith("tok8") for c in columns):
-        from cab_vllm.ops.key_codes import encode_keys, key_codes
-
-        codes8 = key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], dev, "fp8")
-        encode_keys(kc, codes8, bt, sl, sl)
-
-    def tokens8(stages: int):
-        return lambda: td.token_decode(q, kc, vc, bt, sl, tkeep, 1 / math.sqrt(D), out, scratch=tscratch,
-                                       impl="triton", stages=stages, codes=codes8)
-
-    runs.update({"tok8": lambda: tokens8(3), "tok8_logits": lambda: tokens8(1), "tok8_select": lambda: tokens8(2),
-                 "tok8_encode": lambda: lambda: encode_keys(kc, codes8, bt, sl, one, max_new=1)})
-    runs.update({"tokens": lambda: tokens(3), "tok_logits": lambda: tokens(1), "tok_select": lambda: tokens(2),
-                 "tok4": lambda: tokens4(3), "tok4_logits": lambda: tokens4(1), "tok4_select": lambda: tokens4(2),
-                 "tok4_encode": lambda: lambda: encode_keys(kc, codes, bt, sl, one, max_new=1)})
+        runs.update({prefix: lambda f=copied: f(3), f"{prefix}_logits": lambda f=copied: f(1),
+                     f"{prefix}_select": lambda f=copied: f(2),
+                     f"{prefix}_encode": lambda c=codes: lambda: encode_keys(kc, c, bt, sl, one, max_new=1)})
     for c in COLUMNS:  # a column not asked for is None
         res[f"{c}_us"] = timer(runs[c]()) if c in columns else None
     return res

@@ -421,7 +421,7 @@ if HAS_TRITON:
         page, slot = paged_coords(bt_ptr, stride_bt, s, pos, ok, PAGE_SIZE)
         slot = slot.to(tl.int32)
         k8 = tl.load(c_ptr + (page * stride_cpage + (slot * stride_cpos + kvh * stride_ch))[:, None] + d[None, :],
-                     mask=ok[:, None] & d_ok[None, :], other=0.0)  # (c_ptr float8: loads a dot pipelines)
+                     mask=ok[:, None] & d_ok[None, :], other=0.0)  # (into registers: not asynchronous copies)
         wc: tl.constexpr = HEAD_DIM // GROUP_T
         amax = tl.load(b_ptr + page * stride_bpage + (slot * stride_bpos + kvh * stride_bh + wc), mask=ok,
                        other=0.0).to(tl.float32)

@@ -688,8 +688,8 @@ if HAS_TRITON:
             l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
             acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
             if EXACT_K:
-                q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + d[None, :],
-                            mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(k_ptr.dtype.element_ty)
+                q = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D,
+                                 GROUP_PAD)[0].to(k_ptr.dtype.element_ty)
             for j0 in range(0, cnt, LIST_T):
                 j = j0 + tl.arange(0, LIST_T)
                 jok = j < cnt
@@ -780,8 +780,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     cc, cs = (codes.codes, codes.bounds) if codes is not None else (key_cache, key_cache)  # (unread without codes)
     fp8 = codes is not None and codes.fmt == "fp8"
     if fp8:
-        cc = cc.view(torch.float8_e4m3fn)  # (float8 loads: Triton pipelines them into the dot; uint8 ones it does not)
-    if fp8:  # (the attention reads the kept keys through the value cache's strides)
+        cc = cc.view(torch.float8_e4m3fn)  # (the codes load as e4m3 values)
+        # (the attention reads the kept keys through the value cache's strides)
         check(key_cache.stride() == value_cache.stride(), "an fp8 key copy's decode needs the key and value caches to "
                                                           "share strides (views of one KV cache)")
     cstr = (cc.stride(0), cc.stride(1), cc.stride(2), cs.stride(0), cs.stride(1), cs.stride(2)) \

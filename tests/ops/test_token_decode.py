@@ -413,10 +413,10 @@ def test_triton_equals_the_twin_on_peaked_scores(keep):
 
 
 # -- with a 4-bit key copy (codes=): the copy ranks every key, the exact rule runs on rerank x keep candidates ------
-def encoded(kc, bt, sl):
+def encoded(kc, bt, sl, fmt="int4"):
     from cab_vllm.ops import key_codes as kq
 
-    codes = kq.key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], "cpu")
+    codes = kq.key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], kc.device, fmt)
     return kq.encode_keys(kc, codes, bt, sl, sl.clone(), impl="torch")
 
 
@@ -599,22 +599,6 @@ def test_gpu_codes_bf16_long_context_and_graph_replay(monkeypatch, asm):
 
 
 # -- with a float8 key copy (codes= of fmt "fp8"): the estimate picks each head's keep keys, attended by exact score --
-def fp8_encoded(kc, bt, sl):
-    from cab_vllm.ops import key_codes as kq
-
-    codes = kq.key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], kc.device, "fp8")
-    return kq.encode_keys(kc, codes, bt, sl, sl.clone(), impl="torch")
-
-
-def both_fp8(q, kc, vc, bt, sl, kp, scale, codes):
-    res = []
-    for impl in ("torch", "triton"):
-        o, c = torch.full_like(q, 7.0), torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32)
-        td.token_decode(q, kc, vc, bt, sl, kp, scale, o, counts=c, impl=impl, codes=codes)
-        res.append((o, c))
-    return res
-
-
 @pytest.mark.usefixtures("two_passes")
 @pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES)
 def test_fp8_twin_is_exact_softmax_over_the_estimates_best(lens, keep, hq, hkv, d, page):
@@ -624,7 +608,7 @@ def test_fp8_twin_is_exact_softmax_over_the_estimates_best(lens, keep, hq, hkv, 
     from cab_vllm.ops.key_codes import estimate
 
     q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=len(lens) + d + 2)
-    codes = fp8_encoded(kc, bt, sl)
+    codes = encoded(kc, bt, sl, "fp8")
     kp = torch.tensor(keep, dtype=torch.int32)
     out, counts = torch.full_like(q, 7.0), torch.zeros(len(lens), hq, dtype=torch.int32)
     scale = 1 / math.sqrt(d)
@@ -653,8 +637,8 @@ def test_fp8_twin_is_exact_softmax_over_the_estimates_best(lens, keep, hq, hkv, 
 @pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES)
 def test_fp8_triton_equals_the_twin(lens, keep, hq, hkv, d, page):
     q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=5 * len(lens) + d + 1)
-    (o0, c0), (o1, c1) = both_fp8(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 1 / math.sqrt(d),
-                                  fp8_encoded(kc, bt, sl))
+    (o0, c0), (o1, c1) = both_with_codes(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 1 / math.sqrt(d),
+                                         encoded(kc, bt, sl, "fp8"))
     assert torch.allclose(o0, o1, atol=1e-5, rtol=1e-5)
     assert torch.equal(c0, c1)
 
@@ -667,7 +651,7 @@ def test_fp8_fp16_cache_and_small_chunks(monkeypatch):
     monkeypatch.setattr(td, "CHUNK", 256)
     q, kc, vc, bt, sl = paged([333, 97, 1200], 8, 2, 64, 16, dtype=torch.float16, seed=16)
     kp = torch.tensor([40, 12, 100], dtype=torch.int32)
-    res = both_fp8(q, kc, vc, bt, sl, kp, 0.125, fp8_encoded(kc, bt, sl))
+    res = both_with_codes(q, kc, vc, bt, sl, kp, 0.125, encoded(kc, bt, sl, "fp8"))
     assert torch.equal(res[0][1], res[1][1])
     assert (res[0][0].float() - res[1][0].float()).abs().max() < 2e-3
 
@@ -675,7 +659,7 @@ def test_fp8_fp16_cache_and_small_chunks(monkeypatch):
 def test_fp8_bad_inputs_are_named():
     q, kc, vc, bt, sl = paged([50], 4, 2, 32, 16)
     kp = torch.tensor([5], dtype=torch.int32)
-    codes = fp8_encoded(kc, bt, sl)
+    codes = encoded(kc, bt, sl, "fp8")
     with pytest.raises(ValueError, match="share strides"):
         td.token_decode(q, kc, vc.transpose(0, 1).contiguous().transpose(0, 1), bt, sl, kp, 0.1, torch.empty_like(q),
                         codes=codes, impl="triton")
