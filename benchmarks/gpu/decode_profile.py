@@ -281,7 +281,8 @@ def compiled_resources() -> list[str]:
 TOKEN_KNOBS = ("CHUNK", "COUNT_CHUNK", "TILES_PER_SPLIT", "MAX_SPLITS", "ATTEND_TILE", "SCAN_TILE", "MERGE_SPLITS",
                "LOGITS_TILE", "LOGITS_WARPS", "LOGITS_STAGES", "LOGITS_MAXNREG", "ATTEND_WARPS", "ATTEND_MAXNREG",
                "COUNT_ATOMIC", "RERANK", "CODE_ASM", "TARGET_PROGRAMS", "MIN_TILES_PER_SPLIT", "PASSES", "FP8_STAGES",
-               "FP8_MAXNREG")
+               "FP8_MAXNREG", "SAMPLE", "SAMPLE_Q", "SAMPLE_ITERS", "FUSED_CHUNK", "FUSED_TILE", "FUSED_WARPS",
+               "FUSED_STAGES")
 
 
 def token_knob_variants(specs: list[str]) -> list[dict]:

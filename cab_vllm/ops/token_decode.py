@@ -98,6 +98,18 @@ ALL = BUCKETS + 1  # a first-pass threshold bucket past every key's: the head ke
 RERANK = 2  # with a 4-bit key copy: candidates per kept key, ranked by the copy, then narrowed by exact score
 CODE_ASM = False  # 16-bit caches on a GPU: the copy's nibbles made float16 four at a time in inline PTX (not timed yet)
 MAX_RERANK = 64
+# PASSES 0: no counting; each head's threshold from a sample of its exact logits, then one launch that scores every
+# key and attends to those at or above it (sampled_rule)
+SAMPLE = 16  # at most one key in SAMPLE sampled (every SAMPLE-th position) ...
+SAMPLE_Q = 64  # ... and at least about SAMPLE_Q sampled keys above the threshold: the stride is keep // SAMPLE_Q
+SAMPLE_RANGE = 32.0  # the threshold lies at most this far below the sample's maximum (base-2 logits; 2^-32 weights)
+SAMPLE_ITERS = 16  # bisection steps: the threshold within SAMPLE_RANGE / 2^16 (0.0005) of the sample's quantile
+SAMPLE_TILE = 128  # sampled keys per step of the sampling launch
+SAMPLE_SEL_TILE = 2048  # sampled logits per step of the threshold launch
+FUSED_TILE = 128  # keys per step of the one-pass attention
+FUSED_CHUNK = 1024  # keys per program of the one-pass attention at max_len (more programs for fewer rows)
+FUSED_MIN_TILES = 2  # and at least this many steps per program
+FUSED_WARPS, FUSED_STAGES = 4, 3  # its warps per program and pipeline stages
 
 
 def kept_keys(logits: torch.Tensor, keep: int, passes: int | None = None) -> torch.Tensor:
@@ -115,12 +127,48 @@ def kept_keys(logits: torch.Tensor, keep: int, passes: int | None = None) -> tor
     return _rule(logits, keep, passes)[0]
 
 
+def sample_stride(keep: int) -> int:
+    """PASSES 0: the sampling stride of a row whose heads keep ``keep`` keys: keep // SAMPLE_Q within 1..SAMPLE."""
+    return max(1, min(SAMPLE, keep // SAMPLE_Q))
+
+
+def sampled_threshold(sample: torch.Tensor, keep: int, stride: int) -> torch.Tensor:
+    """PASSES 0: each head's threshold from its sampled base-2 logits sample [..., m] (keys 0, stride, 2 stride, ...)
+    -> [...] float32: the sample's k-th largest, k = round(keep / stride) within 1..m, found as the kernel finds it:
+    SAMPLE_ITERS bisection steps between the sample's maximum less SAMPLE_RANGE and its maximum, keeping the lower
+    end where at least k sampled logits lie at or above it (so never above the k-th largest, at most SAMPLE_RANGE /
+    2^SAMPLE_ITERS below it, and at most SAMPLE_RANGE below the maximum)."""
+    m = sample.shape[-1]
+    k = max(1, min(m, (keep + stride // 2) // stride))
+    z = sample.float()
+    hi = z.amax(-1)
+    lo = hi - SAMPLE_RANGE
+    for _ in range(SAMPLE_ITERS):
+        mid = (lo + hi) * 0.5
+        big = (z >= mid[..., None]).sum(-1) >= k
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    return lo
+
+
+def sampled_rule(logits: torch.Tensor, keep: int) -> torch.Tensor:
+    """PASSES 0's selection, [..., n] float32 base-2 logits -> [..., n] bool: every key at or above its head's
+    sampled_threshold over the logits of keys 0, s, 2 s, ... (s = sample_stride(keep)); every key when keep >= n.
+    About keep keys (the sample's quantile: a relative spread of about 1 / sqrt(keep / s)), each head's best."""
+    n = logits.shape[-1]
+    if keep >= n:
+        return torch.ones_like(logits, dtype=torch.bool)
+    st = sample_stride(keep)
+    return logits >= sampled_threshold(logits[..., ::st], keep, st)[..., None]
+
+
 def _rule(logits: torch.Tensor, keep: int, passes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """kept_keys, and which heads [..., 1] the tie cap cut (their kept count is reported as keep, as the kernels do:
     the hash keeps about that many)."""
     n = logits.shape[-1]
     if keep >= n:
         return torch.ones_like(logits, dtype=torch.bool), torch.zeros(*logits.shape[:-1], 1, dtype=torch.bool)
+    if (PASSES if passes is None else passes) == 0:
+        return sampled_rule(logits, keep), torch.zeros(*logits.shape[:-1], 1, dtype=torch.bool)
     a, b = _buckets(logits.float())
     big_a, above = _bucket_of(a, keep)  # [..., 1]
     pos = torch.arange(n, device=logits.device).expand_as(a)
@@ -180,8 +228,10 @@ def _bucket_of(buckets: torch.Tensor, need) -> tuple[torch.Tensor, torch.Tensor]
 
 def _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes=None, rerank=RERANK, passes=None):
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, 16)
-    check(passes is None or (passes in (1, 2) and not isinstance(passes, bool)),
-          f"passes={passes!r} must be 1 or 2 (counting passes)")
+    check(passes is None or (passes in (0, 1, 2) and not isinstance(passes, bool)),
+          f"passes={passes!r} must be 0, 1 or 2 (counting passes; 0: a sampled threshold)")
+    check(codes is None or (PASSES if passes is None else passes) != 0,
+          "a key copy ranks keys by counting passes: passes=0 (a sampled threshold over exact scores) takes none")
     if codes is not None:
         check_codes(key_cache, codes)
         check(isinstance(rerank, int) and 1 <= rerank <= MAX_RERANK,
@@ -282,13 +332,22 @@ def num_splits(rows: int, num_kv_heads: int, max_len: int) -> int:
     return int(max(1, min(want, MAX_SPLITS, -(-tiles // MIN_TILES_PER_SPLIT))))
 
 
+def fused_splits(rows: int, num_kv_heads: int, max_len: int) -> int:
+    """PASSES 0: programs per (row, KV head) of the one-pass attention: one per FUSED_CHUNK keys of max_len, or
+    TARGET_PROGRAMS over the rows' KV heads if more, at least FUSED_MIN_TILES steps each."""
+    tiles = -(-max(1, max_len) // FUSED_TILE)
+    want = max(-(-TARGET_PROGRAMS // max(1, rows * num_kv_heads)), -(-max(1, max_len) // FUSED_CHUNK))
+    return int(max(1, min(want, -(-tiles // FUSED_MIN_TILES))))
+
+
 def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int, device
                   ) -> TokenScratch:
     """A TokenScratch for launches of up to ``rows`` rows (scratch_rows: the engine's row cap) of contexts up to
     max_len, with partials for the most splits any launch of 1..rows rows takes (num_splits)."""
     check(rows >= 1 and max_len >= 1, f"token scratch needs rows >= 1 and max_len >= 1, got {rows}, {max_len}")
     npad = -(-max_len // TILE) * TILE
-    cap = max(r * num_splits(r, num_kv_heads, max_len) for r in range(1, rows + 1))  # rows x splits, at most
+    cap = max(r * max(num_splits(r, num_kv_heads, max_len), fused_splits(r, num_kv_heads, max_len))
+              for r in range(1, rows + 1))  # rows x splits, at most (either attention launch's)
     f32 = dict(dtype=torch.float32, device=device)
     chunks, cchunks = -(-npad // CHUNK), -(-npad // COUNT_CHUNK)
     i32 = dict(dtype=torch.int32, device=device)
@@ -725,6 +784,130 @@ if HAS_TRITON:
                              stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
                              HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS_T)
 
+    @triton.jit
+    def _sample_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, scale_log2, num_heads, num_kv_heads,
+                       programs, stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt, stride_ls,
+                       stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       TILE_T: tl.constexpr, PAGE_SIZE: tl.constexpr, SMAX: tl.constexpr, SQ: tl.constexpr):
+        """PASSES 0, launch 1: program p of (row, KV head) of `programs`: the group's exact base-2 logits of keys 0,
+        st, 2 st, ... (st = clamp(keep // SQ, 1, SMAX), m = ceil(n / st) of them), TILE_T per step, steps p,
+        p + programs, ... -> lg[s, head, j] for sampled key j. Rows that keep every key (or none) skip."""
+        s, kvh, p, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, programs)
+        if (kt > 0) & (kt < n):
+            group = num_heads // num_kv_heads
+            q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
+            q = q.to(k_ptr.dtype.element_ty)
+            st = tl.minimum(tl.maximum(kt // SQ, 1), SMAX)
+            m = tl.cdiv(n, st)
+            heads = kvh * group + tl.arange(0, GROUP_PAD)
+            row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
+            for j0 in range(p * TILE_T, m, programs * TILE_T):
+                j = j0 + tl.arange(0, TILE_T)
+                ok = j < m
+                page, slot = paged_coords(bt_ptr, stride_bt, s, j * st, ok, PAGE_SIZE)
+                k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
+                            mask=ok[:, None] & d_ok[None, :], other=0.0)
+                z = tl.dot(q, tl.trans(k)) * scale_log2
+                tl.store(row + j[None, :], z, mask=g_ok[:, None] & ok[None, :])
+
+    @triton.jit
+    def _sample_select_kernel(lg_ptr, seqlen_ptr, keep_ptr, sel_ptr, num_heads, stride_ls, stride_lh,
+                              SMAX: tl.constexpr, SQ: tl.constexpr, MT: tl.constexpr, ITERS: tl.constexpr,
+                              RANGE: tl.constexpr):
+        """PASSES 0, launch 2: one program per (row, query head): its threshold from the sampled logits (the
+        sampled_threshold twin's bisection, MT logits per load, read back from L1/L2 each step) -> sel[s, h, 5] (float32
+        bits; -inf for a row that keeps every key), and sel[s, h, 2] zeroed (the attention adds its kept keys)."""
+        s, h, _, n, kt = _program_row(seqlen_ptr, keep_ptr, num_heads, 1)
+        if kt > 0:
+            st = tl.minimum(tl.maximum(kt // SQ, 1), SMAX)
+            m = tl.where(kt < n, tl.cdiv(n, st), 0)
+            k = tl.minimum(tl.maximum((kt + st // 2) // st, 1), m)
+            row = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
+            jj = tl.arange(0, MT)
+            top = tl.max(tl.full([MT], float("-inf"), tl.float32), 0)
+            for j0 in range(0, m, MT):
+                top = tl.maximum(top, tl.max(tl.load(row + j0 + jj, mask=j0 + jj < m, other=float("-inf")), 0))
+            lo = top - RANGE
+            hi = top
+            for _ in range(ITERS):
+                mid = (lo + hi) * 0.5
+                cnt = tl.sum(tl.zeros([MT], tl.int32), 0)
+                for j0 in range(0, m, MT):
+                    z = tl.load(row + j0 + jj, mask=j0 + jj < m, other=float("-inf"))
+                    cnt += tl.sum((z >= mid).to(tl.int32), 0)
+                big = cnt >= k
+                lo = tl.where(big, mid, lo)
+                hi = tl.where(big, hi, mid)
+            thr = tl.where(kt < n, lo, float("-inf"))
+            out = sel_ptr + (s * num_heads + h) * 8
+            tl.store(out + 5, thr.to(tl.int32, bitcast=True))
+            tl.store(out + 2, 0)
+
+    @triton.jit
+    def _fused_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, po_ptr, plse_ptr, o_ptr,
+                             lse_ptr, sync_ptr, scale_log2, num_heads, num_kv_heads, num_splits, min_per,
+                             stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos,
+                             stride_vh, stride_bt, stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                             TILE_T: tl.constexpr, PAGE_SIZE: tl.constexpr, MERGE_G: tl.constexpr,
+                             MERGE_SPLITS_T: tl.constexpr):
+        """PASSES 0, launch 3: split `split` of (row, KV head): every key's exact base-2 logit, TILE_T keys per step,
+        and in the same step the online softmax of each head over its keys at or above its threshold (sel[s, h, 5])
+        (the values of the keys some head of the group keeps: the others' loads are masked off) -> normalized
+        partial and base-2 LSE, each head's kept keys added to sel[s, h, 2]; the last split to finish merges the
+        group's (ops.decode's merge)."""
+        s, kvh, split, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, num_splits)
+        if kt > 0:
+            group = num_heads // num_kv_heads
+            tiles = tl.cdiv(n, TILE_T)
+            per_split = tl.maximum(tl.cdiv(tiles, num_splits), min_per)
+            used = tl.cdiv(tiles, per_split)
+            p0 = split * per_split * TILE_T
+            p1 = tl.minimum(p0 + per_split * TILE_T, n)
+            q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
+            q = q.to(k_ptr.dtype.element_ty)
+            heads = kvh * group + tl.arange(0, GROUP_PAD)
+            sel_row = sel_ptr + (s * num_heads + heads) * 8
+            thr = tl.load(sel_row + 5, mask=g_ok, other=0x7F800000).to(tl.float32, bitcast=True)  # padded: +inf
+            m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+            kept = tl.zeros([GROUP_PAD], dtype=tl.int32)
+            acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+            for t in range(p0, p1, TILE_T):
+                pos = t + tl.arange(0, TILE_T)
+                ok = pos < p1
+                page, slot = paged_coords(bt_ptr, stride_bt, s, pos, ok, PAGE_SIZE)
+                k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
+                            mask=ok[:, None] & d_ok[None, :], other=0.0)
+                z = tl.dot(q, tl.trans(k)) * scale_log2
+                sel = (z >= thr[:, None]) & ok[None, :]
+                some = tl.max(sel.to(tl.int32), 0) > 0  # keys some head of the group keeps: their values only
+                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
+                            mask=some[:, None] & d_ok[None, :], other=0.0)
+                zs = tl.where(sel, z, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(zs, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(zs - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+                kept += tl.sum(sel.to(tl.int32), 1)
+            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+            lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+            live = g_ok & (tl.arange(0, GROUP_PAD) * 0 + split < used)
+            tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :], out,
+                     mask=live[:, None] & d_ok[None, :])
+            tl.store(plse_ptr + (s * num_heads + heads) * num_splits + split, lse, mask=live)
+            tl.atomic_add(sel_row + 2, kept, mask=live & (kept > 0))
+            tl.debug_barrier()
+            c = tl.atomic_add(sync_ptr + s * num_kv_heads + kvh, 1, sem="acq_rel")
+            if c == num_splits - 1:
+                tl.atomic_xchg(sync_ptr + s * num_kv_heads + kvh, 0)
+                _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
+                             stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                             HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS_T)
+
 
 def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, keep: torch.Tensor, scale: float, out: torch.Tensor,
@@ -792,6 +975,11 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         splits = num_splits(r, hkv, npad)
         po, plse = scratch.partials(r, splits)
         qs, bt, sl, kp, os_ = q[r0:r0 + r], block_table[r0:r0 + r], seq_lens[r0:r0 + r], keep[r0:r0 + r], out[r0:r0 + r]
+        if passes == 0:
+            _sampled_launches(qs, key_cache, value_cache, bt, sl, kp, scale, os_, scratch, r, hq, hkv, d, stages)
+            if counts is not None and stages == 3:
+                counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
+            continue
         first = kp
         if codes is not None and not fp8:
             first = torch.mul(kp, rerank, out=scratch.cand[:r])
@@ -840,3 +1028,32 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         if counts is not None:
             counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
     return out
+
+
+def _sampled_launches(q, key_cache, value_cache, bt, sl, kp, scale, out, scratch, r, hq, hkv, d, stages):
+    """PASSES 0 for r rows: the sample (launch 1), the thresholds (2), the one-pass attention and merge (3); stages
+    as token_decode's. The sampled logits go to scratch.logits (their first ceil(n / stride) columns), the
+    thresholds and kept counts to scratch.sel, the partials to scratch.partials."""
+    npad = scratch.logits.shape[-1]
+    lg, sel = scratch.logits, scratch.sel
+    block_d, gpad, page = max(16, next_pow2(d)), max(16, next_pow2(hq // hkv)), key_cache.shape[1]
+    sp = triton.cdiv(triton.cdiv(npad, SAMPLE), SAMPLE_TILE)  # programs per (row, KV head): one step each at stride SAMPLE
+    _sample_kernel[(r * hkv * sp,)](
+        q, key_cache, bt, sl, kp, lg, scale * LOG2E, hq, hkv, sp, q.stride(0), q.stride(1), key_cache.stride(0),
+        key_cache.stride(1), key_cache.stride(2), bt.stride(0), lg.stride(0), lg.stride(1), HEAD_DIM=d,
+        BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=SAMPLE_TILE, PAGE_SIZE=page, SMAX=SAMPLE, SQ=SAMPLE_Q, num_warps=4)
+    if stages == 1:
+        return
+    _sample_select_kernel[(r * hq,)](lg, sl, kp, sel, hq, lg.stride(0), lg.stride(1), SMAX=SAMPLE, SQ=SAMPLE_Q,
+                                     MT=SAMPLE_SEL_TILE, ITERS=SAMPLE_ITERS, RANGE=SAMPLE_RANGE, num_warps=8)
+    if stages == 2:
+        return
+    splits = fused_splits(r, hkv, npad)
+    po, plse = scratch.partials(r, splits)
+    _fused_attend_kernel[(r * hkv * splits,)](
+        q, key_cache, value_cache, bt, sl, kp, sel, po, plse, out, scratch.lse, scratch.sync, scale * LOG2E, hq, hkv,
+        splits, FUSED_MIN_TILES, q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), bt.stride(0),
+        po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_D=block_d,
+        GROUP_PAD=gpad, TILE_T=FUSED_TILE, PAGE_SIZE=page, MERGE_G=next_pow2(hq // hkv),
+        MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), num_warps=FUSED_WARPS, num_stages=FUSED_STAGES)

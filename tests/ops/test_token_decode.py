@@ -321,8 +321,8 @@ def test_bad_inputs_are_named():
         td.token_decode(q[:, :3], kc, vc, bt, sl, torch.tensor([5], dtype=torch.int32), 0.1, out[:, :3])
     with pytest.raises(ValueError, match="rows >= 1"):
         td.token_scratch(0, 4, 2, 32, 100, "cpu")
-    for bad in (0, 3, True):
-        with pytest.raises(ValueError, match="must be 1 or 2 \\(counting passes\\)"):
+    for bad in (-1, 3, True):
+        with pytest.raises(ValueError, match="must be 0, 1 or 2 \\(counting passes; 0: a sampled threshold\\)"):
             td.token_decode(q, kc, vc, bt, sl, torch.tensor([5], dtype=torch.int32), 0.1, out, passes=bad)
 
 
@@ -346,7 +346,7 @@ def test_scratch_sizes():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("passes", [0, 1, 2])
 def test_gpu_bf16_long_context_and_graph_replay(monkeypatch, passes):
     """On a GPU: 8B geometry (32/8 heads, D=128, 16-token pages), rows of 32k and 5k tokens in bf16, Triton against
     the twin, with one counting pass and with two; then the launches captured in a CUDA graph and replayed on new
@@ -361,7 +361,8 @@ def test_gpu_bf16_long_context_and_graph_replay(monkeypatch, passes):
     td.token_decode(q, kc, vc, bt, sl, kp, 0.088, ref, counts=c0, impl="torch")
     td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, counts=c1, scratch=scratch, impl="triton")
     assert (out.float() - ref.float()).abs().max() < 2e-2
-    assert ((c0 - c1).abs().float() <= 0.01 * c0.float() + 1).all()  # (bf16 logits summed in another order)
+    # (bf16 logits summed in another order; with a sampled threshold the keys near it move the count more)
+    assert ((c0 - c1).abs().float() <= (0.03 if passes == 0 else 0.01) * c0.float() + 1).all()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         td.token_decode(q, kc, vc, bt, sl, kp, 0.088, out, scratch=scratch, impl="triton")
