@@ -672,3 +672,95 @@ def test_gpu_fp8_bf16_long_context_and_graph_replay():
     against the twin on the same copy (outputs within bf16's error, kept counts within 1%), then captured in a CUDA
     graph and replayed on new queries and budgets."""
     gpu_long_context_with_codes("fp8")
+
+
+# -- passes=0: each head's threshold from a sample of its exact logits, one pass that scores and attends ------------
+@pytest.fixture
+def sampled(monkeypatch):
+    monkeypatch.setattr(td, "PASSES", 0)
+
+
+@TRITON
+@pytest.mark.usefixtures("sampled")
+@pytest.mark.parametrize("lens, keep, hq, hkv, d, page", CASES + [([5000, 3000], [300, 40], 8, 2, 32, 16)])
+def test_sampled_threshold_kernels_equal_the_twin(lens, keep, hq, hkv, d, page):
+    """The sampling, threshold and one-pass launches keep what the twin's sampled_rule keeps (rows left alone,
+    every key kept, strides 1 and 4, Qwen's group of 7 included), with the same counts."""
+    q, kc, vc, bt, sl = paged(lens, hq, hkv, d, page, seed=7 * len(lens) + d)
+    (o0, c0), (o1, c1) = both_impls(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 1 / math.sqrt(d))
+    assert torch.allclose(o0, o1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(c0, c1)
+
+
+@TRITON
+@pytest.mark.usefixtures("sampled")
+@pytest.mark.parametrize("chunk, tile, min_tiles", [(1024, 128, 2), (64, 16, 1), (256, 32, 4)])
+def test_sampled_launch_steps_equal_the_twin(monkeypatch, chunk, tile, min_tiles):
+    """The one-pass launch split into other chunk and step sizes (several splits per row, a row's last split short,
+    more splits than a short row fills), the sampling launch's steps of 16 keys (several per program)."""
+    for name, value in (("FUSED_CHUNK", chunk), ("FUSED_TILE", tile), ("FUSED_MIN_TILES", min_tiles),
+                        ("SAMPLE_TILE", 16), ("SAMPLE_SEL_TILE", 64)):
+        monkeypatch.setattr(td, name, value)
+    lens, keep = [1100, 333, 700], [550, 20, 699]
+    q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=11)
+    (o0, c0), (o1, c1) = both_impls(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 0.2)
+    assert torch.allclose(o0, o1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(c0, c1)
+
+
+def test_sampled_rule_keeps_each_heads_best_about_keep():
+    """The twin's rule: a threshold never above the sample's k-th largest logit and within the bisection's step of
+    it; the kept keys are those at or above it (each head's best), about keep of them on a long row; with a
+    stride of 1 (keep < 2 SAMPLE_Q) exactly the keep best; every key when keep >= n."""
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(6, 40000, generator=gen) * 3
+    for keep in (800, 2000):
+        st = td.sample_stride(keep)
+        assert st == min(td.SAMPLE, keep // td.SAMPLE_Q)
+        thr = td.sampled_threshold(z[:, ::st], keep, st)
+        kth = z[:, ::st].topk(round(keep / st), dim=-1).values[:, -1]
+        assert torch.all(thr <= kth) and torch.all(kth - thr <= td.SAMPLE_RANGE / 2 ** td.SAMPLE_ITERS * 1.01)
+        sel = td.sampled_rule(z, keep)
+        assert torch.equal(sel, z >= thr[:, None])
+        ratio = sel.sum(-1).float() / keep
+        assert ratio.min() > 0.6 and ratio.max() < 1.4, ratio  # the sample's quantile: a spread ~ 1/sqrt(keep/st)
+    sel = td.sampled_rule(z[:, :3000], 100)  # stride 1: the k-th largest itself
+    assert sel.sum(-1).tolist() == [100] * 6
+    assert torch.equal(sel, z[:, :3000] >= z[:, :3000].topk(100, dim=-1).values[:, -1:])
+    assert td.sampled_rule(z[:, :50], 50).all()
+
+
+def test_sampled_threshold_stays_within_the_window():
+    """A head whose sampled logits fall far below its maximum (more than SAMPLE_RANGE) stops at the window's
+    floor: it keeps the keys within SAMPLE_RANGE of the sample's maximum (the others weigh under 2^-32)."""
+    z = torch.zeros(1, 640)
+    z[0, ::10] = -100.0
+    z[0, 0] = 0.0
+    thr = td.sampled_threshold(z[:, ::10], 300, 10)
+    assert float(thr) == -td.SAMPLE_RANGE
+
+
+@TRITON
+@pytest.mark.usefixtures("sampled")
+def test_sampled_stages_and_refusals():
+    """passes=0's profiling stages: 1 writes the sampled logits (every stride-th key's) and nothing else, 2 the
+    thresholds (sel[..., 5], float32 bits) the twin computes from them; a key copy with passes=0 is refused."""
+    q, kc, vc, bt, sl = paged([2000], 4, 2, 32, 16, seed=8)
+    kp = torch.tensor([300], dtype=torch.int32)
+    scratch = td.token_scratch(1, 4, 2, 32, 2000, "cpu")
+    out = torch.full_like(q, 3.0)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=1)
+    k = gather_paged(kc, bt[0], 2000).repeat_interleave(2, 0)
+    z = torch.einsum("hd,hnd->hn", q[0], k) * 0.2 * td.LOG2E
+    st = td.sample_stride(300)
+    m = -(-2000 // st)
+    assert torch.allclose(scratch.logits[0, :, :m], z[:, ::st], atol=1e-5) and torch.all(out == 3.0)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=2)
+    thr = scratch.sel[0, :, 5].view(torch.float32)
+    assert torch.allclose(thr, td.sampled_threshold(scratch.logits[0, :, :m], 300, st), atol=1e-6)
+    assert torch.all(out == 3.0)
+    from cab_vllm.ops import key_codes as kq
+
+    codes = kq.key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], "cpu")
+    with pytest.raises(ValueError, match="passes=0 \\(a sampled threshold over exact scores\\) takes none"):
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, codes=codes)
