@@ -138,7 +138,9 @@ class EngineSettings:
     bytes at D=128; the cache holds ~22% fewer tokens). token_passes: the token decode's counting passes
     (ops.token_decode.kept_keys): 1 keeps every key above its keep-th key's 1/4-wide bucket and samples that
     bucket's keys by position hash to the budget; 2 pins each head's keep-th key to 1/512 of a base-2 logit (two
-    launches more per layer)."""
+    launches more per layer); 0 counts nothing: each head's threshold is a quantile of a sample of its exact logits
+    (one key in up to 16), then one launch scores every key and attends to those above it (about the budget, not
+    exactly: ops.token_decode.sampled_rule; exact scores only)."""
 
     cfg: CABConfig = CABConfig()
     dense_threshold: int = 1024
@@ -167,8 +169,11 @@ class EngineSettings:
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RERANK:
             raise ValueError(f"token_rerank={r!r} is invalid: expected an integer 1..{MAX_RERANK}")
         p = self.token_passes
-        if isinstance(p, bool) or p not in (1, 2):
-            raise ValueError(f"token_passes={p!r} is invalid: expected 1 or 2")
+        if isinstance(p, bool) or p not in (0, 1, 2):
+            raise ValueError(f"token_passes={p!r} is invalid: expected 0, 1 or 2")
+        if p == 0 and self.token_scorer != "exact":
+            raise ValueError(f"token_passes=0 (a sampled threshold over exact scores) takes no key copy: "
+                             f"token_scorer={self.token_scorer!r} ranks by counting passes (1 or 2)")
 
     @property
     def key_codes(self) -> bool:

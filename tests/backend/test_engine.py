@@ -453,17 +453,20 @@ def test_dense_prompt_and_token_decode_in_the_engine(model, tmp_path):
 
 def test_token_decode_with_one_and_two_counting_passes_in_the_engine(model, tmp_path):
     """The default CAB_TOKEN_PASSES=1 (each head keeps the keys above its keep-th key's 1/4-wide bucket and a
-    hash-sampled share of that bucket) and CAB_TOKEN_PASSES=2: the engine starts with each (its warm-up compiles
-    their launches), the first tokens agree (dense prompt) and the pass key is found at 0.95 with one pass."""
+    hash-sampled share of that bucket), CAB_TOKEN_PASSES=2 and CAB_TOKEN_PASSES=0 (a sampled threshold, one pass
+    that scores and attends): the engine starts with each (its warm-up compiles their launches), the first tokens
+    agree (dense prompt) and the pass key is found at 0.95 with one pass and with a sampled threshold."""
     job = {"model": model, "backend": "CUSTOM", "chat": False, "dtype": "float32", "max_model_len": 4096,
            "requests": [{"prompt": passkey_prompt(), "max_tokens": 10, "extra_args": {"cab_sparsity": 0.95}}],
            "engine_kwargs": {"max_num_batched_tokens": 1024, "enable_chunked_prefill": True}}
     env = {"CAB_DECODE_RULE": "tokens", "CAB_DENSE_PREFILL": "1"}
     one = run_engine(tmp_path / "one", job, env=env)
     two = run_engine(tmp_path / "two", job, env={**env, "CAB_TOKEN_PASSES": "2"})
-    assert one["outputs"][0]["token_ids"][0] == two["outputs"][0]["token_ids"][0]
+    zero = run_engine(tmp_path / "zero", job, env={**env, "CAB_TOKEN_PASSES": "0"})
+    assert one["outputs"][0]["token_ids"][0] == two["outputs"][0]["token_ids"][0] == zero["outputs"][0]["token_ids"][0]
     assert PASSKEY in one["outputs"][0]["text"], one["outputs"][0]["text"]
-    assert one["metrics"].get("decode_sparse", 0) >= 8
+    assert PASSKEY in zero["outputs"][0]["text"], zero["outputs"][0]["text"]
+    assert one["metrics"].get("decode_sparse", 0) >= 8 and zero["metrics"].get("decode_sparse", 0) >= 8
 
 
 def test_token_decode_ranked_by_the_pages_key_copy(model, tmp_path):

@@ -57,8 +57,11 @@ def test_token_scorer_knobs_and_their_errors():
         EngineSettings.from_env({"CAB_TOKEN_RERANK": "x"})
     assert EngineSettings.from_env({}).token_passes == 1
     assert EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_TOKEN_PASSES": "2"}).token_passes == 2
-    with pytest.raises(ValueError, match="CAB_TOKEN_PASSES: token_passes=3 is invalid: expected 1 or 2"):
+    assert EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_TOKEN_PASSES": "0"}).token_passes == 0
+    with pytest.raises(ValueError, match="CAB_TOKEN_PASSES: token_passes=3 is invalid: expected 0, 1 or 2"):
         EngineSettings.from_env({"CAB_TOKEN_PASSES": "3"})
+    with pytest.raises(ValueError, match="CAB_TOKEN_PASSES: token_passes=0 .* takes no key copy"):
+        EngineSettings.from_env({"CAB_DECODE_RULE": "tokens", "CAB_TOKEN_SCORER": "fp8", "CAB_TOKEN_PASSES": "0"})
     with pytest.raises(ValueError, match="CAB_TOKEN_PASSES='one' is not a valid int"):
         EngineSettings.from_env({"CAB_TOKEN_PASSES": "one"})
 
