@@ -105,7 +105,7 @@ SAMPLE_Q = 64  # ... and at least about SAMPLE_Q sampled keys above the threshol
 SAMPLE_RANGE = 32.0  # the threshold lies at most this far below the sample's maximum (base-2 logits; 2^-32 weights)
 SAMPLE_ITERS = 16  # bisection steps: the threshold within SAMPLE_RANGE / 2^16 (0.0005) of the sample's quantile
 SAMPLE_TILE = 128  # sampled keys per step of the sampling launch
-SAMPLE_SEL_TILE = 2048  # sampled logits per step of the threshold launch
+SAMPLE_SEL_TILE = 8192  # sampled logits the threshold launch holds in registers (more: read again per bisection step)
 FUSED_TILE = 128  # keys per step of the one-pass attention
 FUSED_CHUNK = 1024  # keys per program of the one-pass attention at max_len (more programs for fewer rows)
 FUSED_MIN_TILES = 2  # and at least this many steps per program
@@ -815,8 +815,9 @@ if HAS_TRITON:
                               SMAX: tl.constexpr, SQ: tl.constexpr, MT: tl.constexpr, ITERS: tl.constexpr,
                               RANGE: tl.constexpr):
         """PASSES 0, launch 2: one program per (row, query head): its threshold from the sampled logits (the
-        sampled_threshold twin's bisection, MT logits per load, read back from L1/L2 each step) -> sel[s, h, 5] (float32
-        bits; -inf for a row that keeps every key), and sel[s, h, 2] zeroed (the attention adds its kept keys)."""
+        sampled_threshold twin's bisection over the first MT held in registers, any beyond read again from L1/L2 at
+        each step) -> sel[s, h, 5] (float32 bits; -inf for a row that keeps every key), and sel[s, h, 2] zeroed (the
+        attention adds its kept keys)."""
         s, h, _, n, kt = _program_row(seqlen_ptr, keep_ptr, num_heads, 1)
         if kt > 0:
             st = tl.minimum(tl.maximum(kt // SQ, 1), SMAX)
@@ -824,15 +825,16 @@ if HAS_TRITON:
             k = tl.minimum(tl.maximum((kt + st // 2) // st, 1), m)
             row = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
             jj = tl.arange(0, MT)
-            top = tl.max(tl.full([MT], float("-inf"), tl.float32), 0)
-            for j0 in range(0, m, MT):
+            z0 = tl.load(row + jj, mask=jj < m, other=float("-inf"))  # the first MT stay in registers
+            top = tl.max(z0, 0)
+            for j0 in range(MT, m, MT):
                 top = tl.maximum(top, tl.max(tl.load(row + j0 + jj, mask=j0 + jj < m, other=float("-inf")), 0))
             lo = top - RANGE
             hi = top
             for _ in range(ITERS):
                 mid = (lo + hi) * 0.5
-                cnt = tl.sum(tl.zeros([MT], tl.int32), 0)
-                for j0 in range(0, m, MT):
+                cnt = tl.sum((z0 >= mid).to(tl.int32), 0)
+                for j0 in range(MT, m, MT):
                     z = tl.load(row + j0 + jj, mask=j0 + jj < m, other=float("-inf"))
                     cnt += tl.sum((z >= mid).to(tl.int32), 0)
                 big = cnt >= k
