@@ -4,7 +4,8 @@
 
 Records the launches ops.token_decode makes for one row of the Llama-3.1-8B attention geometry (32/8 heads, D=128,
 bf16, a paged cache of `--page`-token pages, 98%), exactly scored, with the 4-bit key copy (codes=, with the
-copy's nibbles made float16 in Triton and with CODE_ASM's inline PTX) and with the float8 one, compiles each kernel
+copy's nibbles made float16 in Triton and with CODE_ASM's inline PTX), with the float8 one, and with a sampled threshold
+(passes=0: its sampling, threshold and one-pass launches), compiles each kernel
 for sm_90 with Triton's own compiler and the ptxas it ships (benchmarks/decode_sass.py), and prints per kernel and
 variant its registers, shared memory, SASS instruction count and those of its main loop (the backward branch whose
 body holds tensor-core instructions; none for kernels without one), with the loop's most frequent opcodes. Run without
@@ -31,10 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_sass  # noqa: E402  (beside this script)
 
 HQ, HKV, D = 32, 8, 128
-KERNELS = ("_logits_kernel", "_select_kernel", "_count_kernel", "_rescore_kernel", "_attend_list_kernel")
+KERNELS = ("_logits_kernel", "_select_kernel", "_count_kernel", "_rescore_kernel", "_attend_list_kernel",
+           "_sample_kernel", "_sample_select_kernel", "_fused_attend_kernel")
 
 
-def record(n: int, page: int, codes: str | None, sparsity: float = 0.98) -> dict:
+def record(n: int, page: int, codes: str | None, sparsity: float = 0.98, passes: int | None = None) -> dict:
     """{kernel name: (positional arguments, keywords)} of one token_decode call on CPU tensors (nothing runs)."""
     import cab_vllm.ops.token_decode as td
     from cab_vllm.ops.key_codes import key_codes
@@ -61,7 +63,7 @@ def record(n: int, page: int, codes: str | None, sparsity: float = 0.98) -> dict
         keep = torch.full((1,), max(1, round(n * (1 - sparsity))), dtype=torch.int32)
         td.token_decode(q, kc, kc, bt, torch.full((1,), n, dtype=torch.int32), keep, 1 / math.sqrt(D),
                         torch.empty_like(q), scratch=td.token_scratch(1, HQ, HKV, D, n, "cpu"),
-                        codes=key_codes(pages, page, HKV, D, "cpu", codes) if codes else None)
+                        codes=key_codes(pages, page, HKV, D, "cpu", codes) if codes else None, passes=passes)
     finally:
         for k, f in real.items():
             setattr(td, k, f)
@@ -104,9 +106,10 @@ def main() -> None:
     if bad:
         ap.error(f"--kernels: unknown {', '.join(bad)} (expected some of {', '.join(KERNELS)})")
     out = {}
-    for variant, codes, asm in (("exact", None, False), ("int4", "int4", False), ("int4_asm", "int4", True),
-                                ("fp8", "fp8", False)):
-        launches = record(a.n, a.page, codes)
+    for variant, codes, asm, passes in (("exact", None, False, None), ("int4", "int4", False, None),
+                                        ("int4_asm", "int4", True, None), ("fp8", "fp8", False, None),
+                                        ("sampled", None, False, 0)):
+        launches = record(a.n, a.page, codes, passes=passes)
         for name in names:
             if name not in launches or (asm and name != "_logits_kernel"):
                 continue

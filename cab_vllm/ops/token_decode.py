@@ -109,7 +109,7 @@ SAMPLE_SEL_TILE = 8192  # sampled logits the threshold launch holds in registers
 FUSED_TILE = 128  # keys per step of the one-pass attention
 FUSED_CHUNK = 1024  # keys per program of the one-pass attention at max_len (more programs for fewer rows)
 FUSED_MIN_TILES = 2  # and at least this many steps per program
-FUSED_WARPS, FUSED_STAGES = 4, 3  # its warps per program and pipeline stages
+FUSED_WARPS, FUSED_STAGES, FUSED_MAXNREG = 4, 3, 0  # its warps per program, pipeline stages, registers (0: any)
 
 
 def kept_keys(logits: torch.Tensor, keep: int, passes: int | None = None) -> torch.Tensor:
@@ -1058,4 +1058,5 @@ def _sampled_launches(q, key_cache, value_cache, bt, sl, kp, scale, out, scratch
         key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), bt.stride(0),
         po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_D=block_d,
         GROUP_PAD=gpad, TILE_T=FUSED_TILE, PAGE_SIZE=page, MERGE_G=next_pow2(hq // hkv),
-        MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), num_warps=FUSED_WARPS, num_stages=FUSED_STAGES)
+        MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), num_warps=FUSED_WARPS, num_stages=FUSED_STAGES,
+        **({"maxnreg": FUSED_MAXNREG} if FUSED_MAXNREG else {}))
