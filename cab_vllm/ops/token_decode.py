@@ -700,6 +700,46 @@ if HAS_TRITON:
                 _chunk_counts(lg_ptr, ca_ptr, m, g, s, kvh, c, group, t0, t1, num_heads, n_chunks, stride_ls,
                               stride_lh, SCAN_G, RTILE, NB, INV_A)
 
+    @triton.jit
+    def _split_range(n, split, num_splits, min_per, TILE_T: tl.constexpr):
+        """A split's keys p0..p1-1 of a row of n keys (TILE_T-key tiles spread over num_splits splits, at least
+        min_per tiles each), and how many splits hold keys (used)."""
+        tiles = tl.cdiv(n, TILE_T)
+        per_split = tl.maximum(tl.cdiv(tiles, num_splits), min_per)
+        p0 = split * per_split * TILE_T
+        return tl.cdiv(tiles, per_split), p0, tl.minimum(p0 + per_split * TILE_T, n)
+
+    @triton.jit
+    def _online_step(m_i, l_i, acc, z, sel, v):
+        """One step of the online softmax: base-2 logits z [G, T] where sel, values v [T, D] -> (m_i, l_i, acc)."""
+        zs = tl.where(sel, z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(zs, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(zs - m_safe[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    @triton.jit
+    def _finish_split(m_i, l_i, acc, g_ok, heads, d, d_ok, s, kvh, split, used, group, num_heads, num_kv_heads,
+                      num_splits, po_ptr, plse_ptr, o_ptr, lse_ptr, sync_ptr, stride_pos, stride_poh, stride_pok,
+                      stride_os, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                      MERGE_G: tl.constexpr, MERGE_SPLITS_T: tl.constexpr):
+        """A split's normalized partial and base-2 LSE stored (splits past `used` store none); the last split of
+        (row, KV head) to finish merges the group's (ops.decode's merge) and leaves its counter zero."""
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        live = g_ok & (tl.arange(0, GROUP_PAD) * 0 + split < used)
+        tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :], out,
+                 mask=live[:, None] & d_ok[None, :])
+        tl.store(plse_ptr + (s * num_heads + heads) * num_splits + split, lse, mask=live)
+        tl.debug_barrier()
+        c = tl.atomic_add(sync_ptr + s * num_kv_heads + kvh, 1, sem="acq_rel")
+        if c == num_splits - 1:
+            tl.atomic_xchg(sync_ptr + s * num_kv_heads + kvh, 0)
+            _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
+                         stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
+                         HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS_T)
+
     @triton.jit(do_not_specialize=["num_splits"])
     def _attend_list_kernel(lg_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, kl_ptr, po_ptr, plse_ptr, o_ptr,
                             lse_ptr, sync_ptr, num_heads, num_kv_heads, num_splits, min_per,
@@ -721,11 +761,7 @@ if HAS_TRITON:
         s, kvh, split, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, num_splits)
         if kt > 0:
             group = num_heads // num_kv_heads
-            tiles = tl.cdiv(n, TILE_T)
-            per_split = tl.maximum(tl.cdiv(tiles, num_splits), min_per)
-            used = tl.cdiv(tiles, per_split)
-            p0 = split * per_split * TILE_T
-            p1 = tl.minimum(p0 + per_split * TILE_T, n)
+            used, p0, p1 = _split_range(n, split, num_splits, min_per, TILE_T)
             kl = kl_ptr + s * stride_ks + kvh.to(tl.int64) * stride_kh + p0
             # phase 1: the split's kept positions (union over the group's heads) into kl[0:cnt]
             cnt = _list_kept(lg_ptr, sel_ptr, kl, s, kvh, group, num_heads, p0, p1, stride_ls, stride_lh, SCAN_G,
@@ -762,27 +798,10 @@ if HAS_TRITON:
                 if EXACT_K:
                     k = tl.load(k_ptr + off, mask=jok[:, None] & d_ok[None, :], other=0.0)
                     z = tl.dot(q, tl.trans(k)) * scale_log2
-                zs = tl.where(sel, z, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(zs, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(zs - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
-            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-            lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-            live = g_ok & (tl.arange(0, GROUP_PAD) * 0 + split < used)
-            tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :], out,
-                     mask=live[:, None] & d_ok[None, :])
-            tl.store(plse_ptr + (s * num_heads + heads) * num_splits + split, lse, mask=live)
-            tl.debug_barrier()
-            c = tl.atomic_add(sync_ptr + s * num_kv_heads + kvh, 1, sem="acq_rel")
-            if c == num_splits - 1:
-                tl.atomic_xchg(sync_ptr + s * num_kv_heads + kvh, 0)
-                _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
-                             stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                             HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS_T)
+                m_i, l_i, acc = _online_step(m_i, l_i, acc, z, sel, v)
+            _finish_split(m_i, l_i, acc, g_ok, heads, d, d_ok, s, kvh, split, used, group, num_heads, num_kv_heads,
+                          num_splits, po_ptr, plse_ptr, o_ptr, lse_ptr, sync_ptr, stride_pos, stride_poh, stride_pok,
+                          stride_os, stride_oh, HEAD_DIM, BLOCK_D, GROUP_PAD, MERGE_G, MERGE_SPLITS_T)
 
     @triton.jit
     def _sample_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, scale_log2, num_heads, num_kv_heads,
@@ -845,7 +864,7 @@ if HAS_TRITON:
             tl.store(out + 5, thr.to(tl.int32, bitcast=True))
             tl.store(out + 2, 0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _fused_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seqlen_ptr, keep_ptr, sel_ptr, po_ptr, plse_ptr, o_ptr,
                              lse_ptr, sync_ptr, scale_log2, num_heads, num_kv_heads, num_splits, min_per,
                              stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos,
@@ -861,11 +880,7 @@ if HAS_TRITON:
         s, kvh, split, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, num_splits)
         if kt > 0:
             group = num_heads // num_kv_heads
-            tiles = tl.cdiv(n, TILE_T)
-            per_split = tl.maximum(tl.cdiv(tiles, num_splits), min_per)
-            used = tl.cdiv(tiles, per_split)
-            p0 = split * per_split * TILE_T
-            p1 = tl.minimum(p0 + per_split * TILE_T, n)
+            used, p0, p1 = _split_range(n, split, num_splits, min_per, TILE_T)
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
             q = q.to(k_ptr.dtype.element_ty)
             heads = kvh * group + tl.arange(0, GROUP_PAD)
@@ -886,29 +901,12 @@ if HAS_TRITON:
                 some = tl.max(sel.to(tl.int32), 0) > 0  # keys some head of the group keeps: their values only
                 v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
                             mask=some[:, None] & d_ok[None, :], other=0.0)
-                zs = tl.where(sel, z, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(zs, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(zs - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _online_step(m_i, l_i, acc, z, sel, v)
                 kept += tl.sum(sel.to(tl.int32), 1)
-            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-            lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-            live = g_ok & (tl.arange(0, GROUP_PAD) * 0 + split < used)
-            tl.store(po_ptr + s * stride_pos + heads[:, None] * stride_poh + split * stride_pok + d[None, :], out,
-                     mask=live[:, None] & d_ok[None, :])
-            tl.store(plse_ptr + (s * num_heads + heads) * num_splits + split, lse, mask=live)
-            tl.atomic_add(sel_row + 2, kept, mask=live & (kept > 0))
-            tl.debug_barrier()
-            c = tl.atomic_add(sync_ptr + s * num_kv_heads + kvh, 1, sem="acq_rel")
-            if c == num_splits - 1:
-                tl.atomic_xchg(sync_ptr + s * num_kv_heads + kvh, 0)
-                _merge_group(po_ptr, plse_ptr, o_ptr, lse_ptr, s, kvh, num_heads, group, num_splits, used,
-                             stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                             HEAD_DIM, BLOCK_D, MERGE_G, MERGE_SPLITS_T)
+            tl.atomic_add(sel_row + 2, kept, mask=g_ok & (kept > 0))
+            _finish_split(m_i, l_i, acc, g_ok, heads, d, d_ok, s, kvh, split, used, group, num_heads, num_kv_heads,
+                          num_splits, po_ptr, plse_ptr, o_ptr, lse_ptr, sync_ptr, stride_pos, stride_poh, stride_pok,
+                          stride_os, stride_oh, HEAD_DIM, BLOCK_D, GROUP_PAD, MERGE_G, MERGE_SPLITS_T)
 
 
 def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
