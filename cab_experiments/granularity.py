@@ -317,7 +317,8 @@ def passes_mass(q: torch.Tensor, k: torch.Tensor, keep: int) -> dict:
     passes 1 and 2), for one query per head: q [Hq, D], k [Hkv, N, D] (post-RoPE), each head keeping keep keys.
     Returns the softmax mass the two-pass rule keeps (mean over heads, smallest), the mass the one-pass rule loses
     against it (mean, largest; negative: it kept more), how far each rule's kept count is from keep at most, and how
-    many heads the two-pass rule's tie cap cut."""
+    many heads the two-pass rule's tie cap cut; the same loss and count for the sampled threshold (passes 0,
+    ops.token_decode.sampled_rule), with its kept count over keep (mean, smallest, largest over heads)."""
     from cab_vllm.ops import token_decode as td
 
     hq, d = q.shape
@@ -328,11 +329,16 @@ def passes_mass(q: torch.Tensor, k: torch.Tensor, keep: int) -> dict:
     p = torch.softmax(z.double() * math.log(2.0), -1)
     two, cut = td._rule(z, keep, passes=2)
     one = td.kept_keys(z, keep, passes=1)
-    m2, m1 = (p * two).sum(-1), (p * one).sum(-1)
-    lost = m2 - m1
+    zero = td.kept_keys(z, keep, passes=0)
+    m2, m1, m0 = (p * two).sum(-1), (p * one).sum(-1), (p * zero).sum(-1)
+    lost, lost0 = m2 - m1, m2 - m0
+    ratio0 = zero.sum(-1).double() / min(keep, z.shape[-1])
     return {"mass_two": float(m2.mean()), "mass_two_min": float(m2.min()), "lost_one": float(lost.mean()),
             "lost_one_max": float(lost.max()), "count_two_dev": int((two.sum(-1) - keep).abs().max()),
-            "count_one_dev": int((one.sum(-1) - keep).abs().max()), "tie_cuts": int(cut.sum())}
+            "count_one_dev": int((one.sum(-1) - keep).abs().max()), "tie_cuts": int(cut.sum()),
+            "lost_sampled": float(lost0.mean()), "lost_sampled_max": float(lost0.max()),
+            "count_sampled_dev": int((zero.sum(-1) - keep).abs().max()), "count_sampled_ratio": float(ratio0.mean()),
+            "count_sampled_ratio_min": float(ratio0.min()), "count_sampled_ratio_max": float(ratio0.max())}
 
 
 def run_passes(model_name: str, lengths, sparsities, task: str = "multikey", depth: float = 0.5, device: str = "cpu",
@@ -359,14 +365,24 @@ def passes_markdown(rows: list[dict]) -> str:
     for r in rows:
         acc.setdefault((r["task"], r["length"], r["sparsity"]), []).append(r)
     lines = ["| task | length | sparsity | mass kept, two passes (mean / smallest head) | mass one pass loses (mean / "
-             "largest) | count - budget, two / one pass (largest) | heads the tie cap cut |",
-             "|---|---|---|---|---|---|---|"]
+             "largest) | count - budget, two / one pass (largest) | heads the tie cap cut | mass a sampled threshold "
+             "loses (mean / largest) | its kept count / budget (mean, smallest - largest head) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (task, n, sp), rs in sorted(acc.items()):
         m = sum(r["mass_two"] for r in rs) / len(rs)
         lo = sum(r["lost_one"] for r in rs) / len(rs)
-        lines.append(f"| {task} | {n} | {sp:g} | {m:.4f} / {min(r['mass_two_min'] for r in rs):.4f} | {lo:.5f} / "
-                     f"{max(r['lost_one_max'] for r in rs):.4f} | {max(r['count_two_dev'] for r in rs)} / "
-                     f"{max(r['count_one_dev'] for r in rs)} | {sum(r['tie_cuts'] for r in rs)} |")
+        line = (f"| {task} | {n} | {sp:g} | {m:.4f} / {min(r['mass_two_min'] for r in rs):.4f} | {lo:.5f} / "
+                f"{max(r['lost_one_max'] for r in rs):.4f} | {max(r['count_two_dev'] for r in rs)} / "
+                f"{max(r['count_one_dev'] for r in rs)} | {sum(r['tie_cuts'] for r in rs)} |")
+        if all("lost_sampled" in r for r in rs):  # (rows written before the sampled threshold have none)
+            ls = sum(r["lost_sampled"] for r in rs) / len(rs)
+            cr = sum(r["count_sampled_ratio"] for r in rs) / len(rs)
+            line += (f" {ls:.5f} / {max(r['lost_sampled_max'] for r in rs):.4f} | {cr:.3f}, "
+                     f"{min(r['count_sampled_ratio_min'] for r in rs):.3f} - "
+                     f"{max(r['count_sampled_ratio_max'] for r in rs):.3f} |")
+        else:
+            line += " - | - |"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -356,13 +356,16 @@ def test_passes_mass_against_the_rules_by_hand(spread):
     q, k = torch.randn(6, 32, generator=gen) * spread, torch.randn(2, 900, 32, generator=gen)
     keep = 40
     got = passes_mass(q, k, keep)
-    masses, lost, dev1, dev2 = [], [], [], []
+    masses, lost, dev1, dev2, lost0, ratio0 = [], [], [], [], [], []
     for h in range(6):
         z = (q[h] @ k[h // 3].T) * (td.LOG2E / math.sqrt(32))
         p = torch.softmax(z.double() * math.log(2.0), -1)
         two, one = td.kept_keys(z[None], keep, passes=2)[0], td.kept_keys(z[None], keep, passes=1)[0]
+        zero = td.sampled_rule(z[None], keep)[0]  # (head by head; the rule itself: tests/ops/test_token_decode.py)
         masses.append(float(p[two].sum()))
         lost.append(float(p[two].sum() - p[one].sum()))
+        lost0.append(float(p[two].sum() - p[zero].sum()))
+        ratio0.append(int(zero.sum()) / keep)
         dev1.append(abs(int(one.sum()) - keep))
         dev2.append(abs(int(two.sum()) - keep))  # (keys within 1/512 of the keep-th kept too)
     assert got["mass_two"] == pytest.approx(sum(masses) / 6) and got["mass_two_min"] == pytest.approx(min(masses))
@@ -371,6 +374,10 @@ def test_passes_mass_against_the_rules_by_hand(spread):
     assert got["lost_one_max"] == pytest.approx(max(lost), abs=1e-9)
     assert got["count_one_dev"] == max(dev1) and got["count_two_dev"] == max(dev2) <= td.TIE_SLACK
     assert got["tie_cuts"] == 0
+    assert got["lost_sampled"] == pytest.approx(sum(lost0) / 6, abs=1e-9)
+    assert got["lost_sampled_max"] == pytest.approx(max(lost0), abs=1e-9)
+    assert got["count_sampled_ratio"] == pytest.approx(sum(ratio0) / 6)
+    assert got["count_sampled_ratio_min"] <= got["count_sampled_ratio"] <= got["count_sampled_ratio_max"]
     tied = passes_mass(q, torch.ones(2, 900, 32), keep)  # every key the same: the cap cuts every head
     assert tied["tie_cuts"] == 6 and tied["mass_two"] == pytest.approx(keep / 900, abs=0.01)
     with pytest.raises(ValueError, match="do not match"):
@@ -391,5 +398,6 @@ def test_the_cli_passes_mode_measures_every_layer(tmp_path):
     for r in rows:
         assert 0 <= r["mass_two_min"] <= r["mass_two"] <= 1.00001 and r["lost_one"] <= r["lost_one_max"] + 1e-9
         assert r["count_two_dev"] >= 0 and r["count_one_dev"] >= 0 and r["tie_cuts"] >= 0
+        assert r["lost_sampled"] <= r["lost_sampled_max"] + 1e-9 and r["count_sampled_ratio_min"] > 0
     with pytest.raises(SystemExit, match="separate questions"):
         main(["granularity", "--rule-passes", "--bounds", "--device", "cpu"])
