@@ -111,15 +111,27 @@ def test_triton_equals_the_twin(lens, keep, hq, hkv, d, page):
     assert torch.equal(c0, c1)
 
 
+def steps(chunk, count_chunk, scan_tile, list_tile, atomic):
+    return dict(CHUNK=chunk, COUNT_CHUNK=count_chunk, SCAN_TILE=scan_tile, ATTEND_TILE=list_tile, COUNT_ATOMIC=atomic)
+
+
+def sampled_steps(chunk, tile, min_tiles):
+    return dict(PASSES=0, FUSED_CHUNK=chunk, FUSED_TILE=tile, FUSED_MIN_TILES=min_tiles, SAMPLE_TILE=16,
+                SAMPLE_SEL_TILE=64)
+
+
 @TRITON
-@pytest.mark.parametrize("chunk, count_chunk, scan_tile, list_tile, atomic", [
-    (1024, 4096, 64, 16, True), (64, 128, 128, 32, True), (128, 256, 512, 64, False), (64, 128, 64, 32, False)])
-def test_launch_steps_equal_the_twin(monkeypatch, chunk, count_chunk, scan_tile, list_tile, atomic):
+@pytest.mark.parametrize("knobs", [
+    steps(1024, 4096, 64, 16, True), steps(64, 128, 128, 32, True), steps(128, 256, 512, 64, False),
+    steps(64, 128, 64, 32, False), sampled_steps(1024, 128, 2), sampled_steps(64, 16, 1), sampled_steps(256, 32, 4)])
+def test_launch_steps_equal_the_twin(monkeypatch, knobs):
     """The launches' steps: logits chunks (whose first-pass counts the threshold launch shifts onto the row's
     maximum) and counting chunks of several sizes, the second count by atomics or by histograms, several scan and
-    list steps per attention split (a budget of half the keys: a group's kept list is long)."""
-    for name, value in (("CHUNK", chunk), ("COUNT_CHUNK", count_chunk), ("SCAN_TILE", scan_tile),
-                        ("ATTEND_TILE", list_tile), ("COUNT_ATOMIC", atomic)):
+    list steps per attention split (a budget of half the keys: a group's kept list is long). With a sampled
+    threshold (PASSES 0): the one-pass launch split into other chunk and step sizes (several splits per row, a row's
+    last split short, more splits than a short row fills), the sampling launch's steps of 16 keys (several per
+    program), the threshold launch's 64 logits in registers (the rest read again at each bisection step)."""
+    for name, value in knobs.items():
         monkeypatch.setattr(td, name, value)
     lens, keep = [1100, 333, 700], [550, 20, 699]
     q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=11)
@@ -375,19 +387,23 @@ def test_gpu_bf16_long_context_and_graph_replay(monkeypatch, passes):
     assert torch.all(scratch.sync == 0)
 
 
+def first_stage(n, keep):
+    """One row of n keys (4/2 heads, D=32) run to stages=1 by the kernels: (inputs..., scratch, out (3.0: untouched
+    so far), the row's exact base-2 logits [Hq, n])."""
+    q, kc, vc, bt, sl = paged([n], 4, 2, 32, 16, seed=8)
+    kp = torch.tensor([keep], dtype=torch.int32)
+    scratch = td.token_scratch(1, 4, 2, 32, n, "cpu")
+    out = torch.full_like(q, 3.0)
+    td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=1)
+    k = gather_paged(kc, bt[0], n).repeat_interleave(2, 0)
+    return q, kc, vc, bt, sl, kp, scratch, out, torch.einsum("hd,hnd->hn", q[0], k) * 0.2 * td.LOG2E
+
+
 @TRITON
 def test_profiling_stages_stop_after_their_launch():
     """stages=1 runs the logits launch only (the scratch holds every key's base-2 logit, out untouched), 2 adds the
     threshold (counts filled), 3 everything; other values are refused."""
-    q, kc, vc, bt, sl = paged([150], 4, 2, 32, 16, seed=8)
-    kp = torch.tensor([20], dtype=torch.int32)
-    scratch = td.token_scratch(1, 4, 2, 32, 150, "cpu")
-    out = torch.full_like(q, 3.0)
-    td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=1)
-    from cab_vllm.ops.blocks import gather_paged
-
-    k = gather_paged(kc, bt[0], 150).repeat_interleave(2, 0)
-    z = torch.einsum("hd,hnd->hn", q[0], k) * 0.2 * td.LOG2E
+    q, kc, vc, bt, sl, kp, scratch, out, z = first_stage(150, 20)
     assert torch.allclose(scratch.logits[0, :, :150], z, atol=1e-5) and torch.all(out == 3.0)
     td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=2)
     assert scratch.sel[0, :, 2].tolist() == [20] * 4 and torch.all(out == 3.0)
@@ -692,22 +708,6 @@ def test_sampled_threshold_kernels_equal_the_twin(lens, keep, hq, hkv, d, page):
     assert torch.equal(c0, c1)
 
 
-@TRITON
-@pytest.mark.usefixtures("sampled")
-@pytest.mark.parametrize("chunk, tile, min_tiles", [(1024, 128, 2), (64, 16, 1), (256, 32, 4)])
-def test_sampled_launch_steps_equal_the_twin(monkeypatch, chunk, tile, min_tiles):
-    """The one-pass launch split into other chunk and step sizes (several splits per row, a row's last split short,
-    more splits than a short row fills), the sampling launch's steps of 16 keys (several per program)."""
-    for name, value in (("FUSED_CHUNK", chunk), ("FUSED_TILE", tile), ("FUSED_MIN_TILES", min_tiles),
-                        ("SAMPLE_TILE", 16), ("SAMPLE_SEL_TILE", 64)):
-        monkeypatch.setattr(td, name, value)
-    lens, keep = [1100, 333, 700], [550, 20, 699]
-    q, kc, vc, bt, sl = paged(lens, 8, 2, 32, 16, seed=11)
-    (o0, c0), (o1, c1) = both_impls(q, kc, vc, bt, sl, torch.tensor(keep, dtype=torch.int32), 0.2)
-    assert torch.allclose(o0, o1, atol=1e-5, rtol=1e-5)
-    assert torch.equal(c0, c1)
-
-
 def test_sampled_rule_keeps_each_heads_best_about_keep():
     """The twin's rule: a threshold never above the sample's k-th largest logit and within the bisection's step of
     it; the kept keys are those at or above it (each head's best), about keep of them on a long row; with a
@@ -745,13 +745,7 @@ def test_sampled_threshold_stays_within_the_window():
 def test_sampled_stages_and_refusals():
     """passes=0's profiling stages: 1 writes the sampled logits (every stride-th key's) and nothing else, 2 the
     thresholds (sel[..., 5], float32 bits) the twin computes from them; a key copy with passes=0 is refused."""
-    q, kc, vc, bt, sl = paged([2000], 4, 2, 32, 16, seed=8)
-    kp = torch.tensor([300], dtype=torch.int32)
-    scratch = td.token_scratch(1, 4, 2, 32, 2000, "cpu")
-    out = torch.full_like(q, 3.0)
-    td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=scratch, impl="triton", stages=1)
-    k = gather_paged(kc, bt[0], 2000).repeat_interleave(2, 0)
-    z = torch.einsum("hd,hnd->hn", q[0], k) * 0.2 * td.LOG2E
+    q, kc, vc, bt, sl, kp, scratch, out, z = first_stage(2000, 300)
     st = td.sample_stride(300)
     m = -(-2000 // st)
     assert torch.allclose(scratch.logits[0, :, :m], z[:, ::st], atol=1e-5) and torch.all(out == 3.0)
