@@ -109,7 +109,7 @@ SAMPLE_SEL_TILE = 8192  # sampled logits the threshold launch holds in registers
 FUSED_TILE = 128  # keys per step of the one-pass attention
 FUSED_CHUNK = 1024  # keys per program of the one-pass attention at max_len (more programs for fewer rows)
 FUSED_MIN_TILES = 2  # and at least this many steps per program
-FUSED_WARPS, FUSED_STAGES, FUSED_MAXNREG = 4, 3, 0  # its warps per program, pipeline stages, registers (0: any)
+FUSED_WARPS, FUSED_STAGES, FUSED_MAXNREG = 4, 1, 128  # its warps per program, pipeline stages, registers (0: any)
 
 
 def kept_keys(logits: torch.Tensor, keep: int, passes: int | None = None) -> torch.Tensor:
@@ -165,10 +165,11 @@ def _rule(logits: torch.Tensor, keep: int, passes: int | None = None) -> tuple[t
     """kept_keys, and which heads [..., 1] the tie cap cut (their kept count is reported as keep, as the kernels do:
     the hash keeps about that many)."""
     n = logits.shape[-1]
+    uncut = torch.zeros(*logits.shape[:-1], 1, dtype=torch.bool, device=logits.device)
     if keep >= n:
-        return torch.ones_like(logits, dtype=torch.bool), torch.zeros(*logits.shape[:-1], 1, dtype=torch.bool)
+        return torch.ones_like(logits, dtype=torch.bool), uncut
     if (PASSES if passes is None else passes) == 0:
-        return sampled_rule(logits, keep), torch.zeros(*logits.shape[:-1], 1, dtype=torch.bool)
+        return sampled_rule(logits, keep), uncut
     a, b = _buckets(logits.float())
     big_a, above = _bucket_of(a, keep)  # [..., 1]
     pos = torch.arange(n, device=logits.device).expand_as(a)
