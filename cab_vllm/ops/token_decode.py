@@ -49,6 +49,13 @@ scaled per token, 57% of a bf16 key's bytes at D=128) launch 1 scores every key 
 fp8_estimate), launches 2-4 pick each head's keep best by that estimate, and the attention reads the listed keys from
 the cache and takes their exact scores (no rescoring launch; the estimates only pick the keys).
 
+With PASSES 0 (sampled_rule) there are three launches: the exact logits of every s-th key (s = keep // SAMPLE_Q
+within 1..SAMPLE), each head's threshold from them (a bisection for their round(keep / s)-th largest), and one launch
+split as the attention is that computes every key's logit and runs the online softmax over the keys at or above the
+threshold in the same step (no stored logits, counting or scan; about keep keys per head, not exactly). On an H100
+it is 0.93-0.94x the counting rule's time at 128k x 1 and 1.13-1.16x at 32k x 1 (BENCHMARKS.md, thirty-second run):
+its key-reading launch, heavier by the softmax, bounds it as the logits launch bounds the counting rule.
+
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
 with keep 0 return at once and are not written. Twin: token_decode_torch (the same rule in PyTorch: the CPU path and
 the reference of the tests).
@@ -931,7 +938,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     candidates, and the rule runs again on the candidates' exact scores (the only keys read from the key cache);
     with an "fp8" copy each head's keep[s] best by the estimate are attended by exact score (rerank unused; the key
     and value caches must share strides, views of one KV cache). passes: kept_keys'
-    counting passes, 1 or 2 (PASSES when None)."""
+    counting passes, 1 or 2, or 0 for a sampled threshold (sampled_rule; no codes) (PASSES when None)."""
     hq, hkv, d = _check(q, key_cache, value_cache, block_table, seq_lens, keep, out, codes, rerank, passes)
     passes = PASSES if passes is None else passes
     check(stages in (1, 2, 3), f"stages={stages!r} must be 1, 2 or 3")
