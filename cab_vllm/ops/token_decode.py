@@ -292,7 +292,8 @@ class TokenScratch(NamedTuple):
     logits [rows, Hq, NPAD] float32 (NPAD >= the longest context), cmax [rows, Hq, NPAD / CHUNK] float32 (each chunk's
     largest logit per head), count_a [rows, Hq, NPAD / CHUNK, BUCKETS] and count_b [rows, Hq, NPAD / COUNT_CHUNK,
     BUCKETS] int32 (the counting passes), sel [rows, Hq, SEL] int32 (per head: the two threshold buckets, the kept
-    count, the float32 bits of the maximum's absolute bucket and the tie cut, tie_cut's),
+    count, the float32 bits of the maximum's absolute bucket and the tie cut, tie_cut's; with PASSES 0 the kept count
+    and the float32 bits of the sampled threshold, slot 5; the logits then hold the sampled logits),
     part_o / part_lse flat float32 split partials for rows x Hq x the most splits (x D) (a launch of r rows views them
     as [r, Hq, splits(, D)], splits = num_splits(r, ...): fewer rows, more splits), lse [rows, Hq], sync [rows * Hkv]
     int32 zeros (the launch leaves them zero), kept [rows, Hkv, NPAD] int32 (each attention split's list of the
@@ -351,7 +352,7 @@ def fused_splits(rows: int, num_kv_heads: int, max_len: int) -> int:
 def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int, device
                   ) -> TokenScratch:
     """A TokenScratch for launches of up to ``rows`` rows (scratch_rows: the engine's row cap) of contexts up to
-    max_len, with partials for the most splits any launch of 1..rows rows takes (num_splits)."""
+    max_len, with partials for the most splits any launch of 1..rows rows takes (num_splits, fused_splits)."""
     check(rows >= 1 and max_len >= 1, f"token scratch needs rows >= 1 and max_len >= 1, got {rows}, {max_len}")
     npad = -(-max_len // TILE) * TILE
     cap = max(r * max(num_splits(r, num_kv_heads, max_len), fused_splits(r, num_kv_heads, max_len))
