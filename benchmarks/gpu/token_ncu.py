@@ -19,16 +19,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=131072, help="context length in tokens")
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--sparsity", type=float, default=0.98)
-    a = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("token_ncu.py runs CUDA kernels for a profiler: no CUDA device here")
+    a = ap.parse_args(argv)
     if a.n < 1 or a.rows < 1 or not 0.0 <= a.sparsity < 1.0:
         raise SystemExit(f"--n {a.n} and --rows {a.rows} must be >= 1 and --sparsity {a.sparsity} in [0, 1)")
+    if not torch.cuda.is_available():
+        raise SystemExit("token_ncu.py runs CUDA kernels for a profiler: no CUDA device here")
     from cab_vllm.ops import token_decode as td
 
     gen = torch.Generator(device="cpu").manual_seed(0)
