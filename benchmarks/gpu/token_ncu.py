@@ -1,5 +1,5 @@
 """The token decode's launches, once warm, for a profiler: one row of the Llama-3.1-8B attention geometry (32/8 heads,
-D=128, bf16, 16-token pages in a shuffled order), 98%, with the counting rule (passes 1) and the sampled threshold
+D=128, bf16, 16-token pages handed out in order, as decode_profile.py lays them out by default), 98%, with the counting rule (passes 1) and the sampled threshold
 (passes 0), each run twice (the first compiles). Under Nsight Compute, e.g.
 
     ncu --clock-control none --kernel-name _logits_kernel --launch-skip 1 --launch-count 1 \\
@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
@@ -29,12 +30,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--n {a.n} and --rows {a.rows} must be >= 1 and --sparsity {a.sparsity} in [0, 1)")
     if not torch.cuda.is_available():
         raise SystemExit("token_ncu.py runs CUDA kernels for a profiler: no CUDA device here")
+    import decode_profile as dp
     from cab_vllm.ops import token_decode as td
 
-    gen = torch.Generator(device="cpu").manual_seed(0)
     per_row = -(-a.n // 16)
-    bt = torch.randperm(a.rows * per_row + 1, generator=gen)[:a.rows * per_row].view(a.rows, per_row)
-    bt = bt.to(torch.int32).cuda()
+    bt = dp.page_ids(a.rows * per_row, a.rows * per_row + 1, "asc").view(a.rows, per_row).cuda()
     kv = torch.randn(2, a.rows * per_row + 1, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(a.rows, 32, 128, device="cuda", dtype=torch.bfloat16) * 2.0
     sl = torch.full((a.rows,), a.n, dtype=torch.int32, device="cuda")

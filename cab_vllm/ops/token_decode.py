@@ -813,6 +813,11 @@ if HAS_TRITON:
                           stride_os, stride_oh, HEAD_DIM, BLOCK_D, GROUP_PAD, MERGE_G, MERGE_SPLITS_T)
 
     @triton.jit
+    def _sample_stride(kt, SQ: tl.constexpr, SMAX: tl.constexpr):
+        """sample_stride in Triton: a row's sampling stride, kt // SQ within 1..SMAX."""
+        return tl.minimum(tl.maximum(kt // SQ, 1), SMAX)
+
+    @triton.jit
     def _sample_kernel(q_ptr, k_ptr, bt_ptr, seqlen_ptr, keep_ptr, lg_ptr, scale_log2, num_heads, num_kv_heads,
                        programs, stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_bt, stride_ls,
                        stride_lh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -825,7 +830,7 @@ if HAS_TRITON:
             group = num_heads // num_kv_heads
             q, g_ok, d, d_ok = _group_query(q_ptr, s, kvh, group, stride_qs, stride_qh, HEAD_DIM, BLOCK_D, GROUP_PAD)
             q = q.to(k_ptr.dtype.element_ty)
-            st = tl.minimum(tl.maximum(kt // SQ, 1), SMAX)
+            st = _sample_stride(kt, SQ, SMAX)
             m = tl.cdiv(n, st)
             heads = kvh * group + tl.arange(0, GROUP_PAD)
             row = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh
@@ -848,7 +853,7 @@ if HAS_TRITON:
         attention adds its kept keys)."""
         s, h, _, n, kt = _program_row(seqlen_ptr, keep_ptr, num_heads, 1)
         if kt > 0:
-            st = tl.minimum(tl.maximum(kt // SQ, 1), SMAX)
+            st = _sample_stride(kt, SQ, SMAX)
             m = tl.where(kt < n, tl.cdiv(n, st), 0)
             k = tl.minimum(tl.maximum((kt + st // 2) // st, 1), m)
             row = lg_ptr + s * stride_ls + h.to(tl.int64) * stride_lh
@@ -979,15 +984,18 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     cstr = (cc.stride(0), cc.stride(1), cc.stride(2), cs.stride(0), cs.stride(1), cs.stride(2)) \
         if codes is not None else (0,) * 6
     maxnreg = FP8_MAXNREG if fp8 else LOGITS_MAXNREG
+
+    def report(r0, r, kp):  # each head's kept keys (sel slot 2) into counts, for the rows whose decode ran
+        if counts is not None:
+            counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
+
     for r0 in range(0, ns, scratch.rows):
         r = min(scratch.rows, ns - r0)
-        splits = num_splits(r, hkv, npad)
-        po, plse = scratch.partials(r, splits)
         qs, bt, sl, kp, os_ = q[r0:r0 + r], block_table[r0:r0 + r], seq_lens[r0:r0 + r], keep[r0:r0 + r], out[r0:r0 + r]
         if passes == 0:
             _sampled_launches(qs, key_cache, value_cache, bt, sl, kp, scale, os_, scratch, r, hq, hkv, d, stages)
-            if counts is not None and stages == 3:
-                counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
+            if stages == 3:
+                report(r0, r, kp)
             continue
         first = kp
         if codes is not None and not fp8:
@@ -1026,6 +1034,8 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             thresholds(kp)
         if stages == 2:
             continue
+        splits = num_splits(r, hkv, npad)
+        po, plse = scratch.partials(r, splits)
         _attend_list_kernel[(r * hkv * splits,)](
             lg, value_cache, bt, sl, kp, sel, kl, po, plse, os_, scratch.lse, scratch.sync, hq, hkv, splits,
             MIN_TILES_PER_SPLIT, lg.stride(0), lg.stride(1), value_cache.stride(0), value_cache.stride(1),
@@ -1034,8 +1044,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, SCAN_G=sg, TILE_T=TILE, SCAN_T=SCAN_TILE, LIST_T=ATTEND_TILE,
             PAGE_SIZE=page, MERGE_G=sg, MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), EXACT_K=fp8,
             **steps, num_warps=ATTEND_WARPS, **({"maxnreg": ATTEND_MAXNREG} if ATTEND_MAXNREG else {}))
-        if counts is not None:
-            counts[r0:r0 + r] = torch.where((kp > 0)[:, None], sel[:r, :, 2], counts[r0:r0 + r])
+        report(r0, r, kp)
     return out
 
 
