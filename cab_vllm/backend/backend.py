@@ -565,7 +565,7 @@ class CABImpl(AttentionImpl[CABMetadata]):
                                                max_blocks, dev)
         if self.token_scratch is None and token_decode_on(self.settings) and torch.device(dev).type == "cuda":
             self.token_scratch = _shared_token_scratch(max(rows, cap), self.num_heads, self.num_kv_heads,
-                                                       self.head_size, max_len, dev)
+                                                       self.head_size, max_len, dev, self.settings.token_passes)
         if self.summaries is None and keeps_summaries(self.settings):
             self.summaries = KeySummaries(self.settings.summary_slots, self.num_kv_heads, max_blocks, self.head_size,
                                           cfg.estimator, dtype, dev)
@@ -752,16 +752,17 @@ def token_decode_on(settings) -> bool:
 _TOKEN_SCRATCH: dict = {}
 
 
-def _shared_token_scratch(rows, num_heads, num_kv_heads, head_size, max_len, device):
-    """One TokenScratch per (engine shape, device) for every layer (layers run one after another), sized for the
-    longest context and as many rows as ops.token_decode.SCRATCH_BYTES of logits hold (more rows run in groups)."""
+def _shared_token_scratch(rows, num_heads, num_kv_heads, head_size, max_len, device, passes):
+    """One TokenScratch per (engine shape, device, counting passes) for every layer (layers run one after another),
+    sized for the longest context and as many rows as ops.token_decode.SCRATCH_BYTES of logits hold (more rows run
+    in groups)."""
     from cab_vllm.ops.token_decode import scratch_rows, token_scratch
 
-    key = (rows, num_heads, num_kv_heads, head_size, max_len, str(device))
+    key = (rows, num_heads, num_kv_heads, head_size, max_len, str(device), passes)
     got = _TOKEN_SCRATCH.get(key)
     if got is None:
         got = _TOKEN_SCRATCH[key] = token_scratch(scratch_rows(num_heads, max_len, rows), num_heads, num_kv_heads,
-                                                  head_size, max_len, device)
+                                                  head_size, max_len, device, passes)
         logger.info("CAB: token decode buffers for %d rows at once up to %d tokens: %.1f MiB (shared by the layers)",
                     got.rows, max_len, got.nbytes / 2**20)
     return got

@@ -349,14 +349,16 @@ def fused_splits(rows: int, num_kv_heads: int, max_len: int) -> int:
     return int(max(1, min(want, -(-tiles // FUSED_MIN_TILES))))
 
 
-def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int, device
-                  ) -> TokenScratch:
+def token_scratch(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int, device,
+                  passes: int | None = None) -> TokenScratch:
     """A TokenScratch for launches of up to ``rows`` rows (scratch_rows: the engine's row cap) of contexts up to
-    max_len, with partials for the most splits any launch of 1..rows rows takes (num_splits, fused_splits)."""
+    max_len, with partials for the most splits any launch of 1..rows rows takes (num_splits; with passes 0 (PASSES
+    when None), also fused_splits: a sampled threshold's one-pass launch, up to twice as many at 128k)."""
     check(rows >= 1 and max_len >= 1, f"token scratch needs rows >= 1 and max_len >= 1, got {rows}, {max_len}")
     npad = -(-max_len // TILE) * TILE
-    cap = max(r * max(num_splits(r, num_kv_heads, max_len), fused_splits(r, num_kv_heads, max_len))
-              for r in range(1, rows + 1))  # rows x splits, at most (either attention launch's)
+    sampled = (PASSES if passes is None else passes) == 0
+    cap = max(r * max(num_splits(r, num_kv_heads, max_len), fused_splits(r, num_kv_heads, max_len) if sampled else 0)
+              for r in range(1, rows + 1))  # rows x splits, at most (the attention launch's)
     f32 = dict(dtype=torch.float32, device=device)
     chunks, cchunks = -(-npad // CHUNK), -(-npad // COUNT_CHUNK)
     i32 = dict(dtype=torch.int32, device=device)
@@ -956,7 +958,7 @@ def token_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         return out
     if scratch is None:
         max_len = int(seq_lens[:ns].max())
-        scratch = token_scratch(scratch_rows(hq, max_len, ns), hq, hkv, d, max_len, q.device)
+        scratch = token_scratch(scratch_rows(hq, max_len, ns), hq, hkv, d, max_len, q.device, passes)
     npad = scratch.logits.shape[-1]
     n_chunks, n_cchunks = triton.cdiv(npad, CHUNK), triton.cdiv(npad, COUNT_CHUNK)
     check(scratch.logits.shape[1] == hq and scratch.part_o.numel() == scratch.part_lse.numel() * d
@@ -1067,6 +1069,8 @@ def _sampled_launches(q, key_cache, value_cache, bt, sl, kp, scale, out, scratch
     if stages == 2:
         return
     splits = fused_splits(r, hkv, npad)
+    check(scratch.part_lse.numel() >= r * hq * splits, "token decode scratch holds the counting rule's split "
+                                                       "partials only: make it with token_scratch(..., passes=0)")
     po, plse = scratch.partials(r, splits)
     _fused_attend_kernel[(r * hkv * splits,)](
         q, key_cache, value_cache, bt, sl, kp, sel, po, plse, out, scratch.lse, scratch.sync, scale * LOG2E, hq, hkv,

@@ -744,7 +744,8 @@ def test_sampled_threshold_stays_within_the_window():
 @pytest.mark.usefixtures("sampled")
 def test_sampled_stages_and_refusals():
     """passes=0's profiling stages: 1 writes the sampled logits (every stride-th key's) and nothing else, 2 the
-    thresholds (sel[..., 5], float32 bits) the twin computes from them; a key copy with passes=0 is refused."""
+    thresholds (sel[..., 5], float32 bits) the twin computes from them; a key copy with passes=0 is refused, and so
+    is a scratch made for the counting rule (whose split partials are fewer than the one-pass launch's here)."""
     q, kc, vc, bt, sl, kp, scratch, out, z = first_stage(2000, 300)
     st = td.sample_stride(300)
     m = -(-2000 // st)
@@ -758,3 +759,7 @@ def test_sampled_stages_and_refusals():
     codes = kq.key_codes(kc.shape[0], kc.shape[1], kc.shape[2], kc.shape[3], "cpu")
     with pytest.raises(ValueError, match="passes=0 \\(a sampled threshold over exact scores\\) takes none"):
         td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, codes=codes)
+    counting = td.token_scratch(1, 4, 2, 32, 2000, "cpu", passes=1)
+    assert counting.part_lse.numel() < 4 * td.fused_splits(1, 2, 2000) <= scratch.part_lse.numel()
+    with pytest.raises(ValueError, match="make it with token_scratch\\(..., passes=0\\)"):
+        td.token_decode(q, kc, vc, bt, sl, kp, 0.2, out, scratch=counting, impl="triton")
