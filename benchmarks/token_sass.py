@@ -62,7 +62,7 @@ def record(n: int, page: int, codes: str | None, sparsity: float = 0.98, passes:
         q = torch.empty(1, HQ, D, dtype=torch.bfloat16)
         keep = torch.full((1,), max(1, round(n * (1 - sparsity))), dtype=torch.int32)
         td.token_decode(q, kc, kc, bt, torch.full((1,), n, dtype=torch.int32), keep, 1 / math.sqrt(D),
-                        torch.empty_like(q), scratch=td.token_scratch(1, HQ, HKV, D, n, "cpu"),
+                        torch.empty_like(q), scratch=td.token_scratch(1, HQ, HKV, D, n, "cpu", passes),
                         codes=key_codes(pages, page, HKV, D, "cpu", codes) if codes else None, passes=passes)
     finally:
         for k, f in real.items():
