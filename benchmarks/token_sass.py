@@ -106,17 +106,10 @@ def main() -> None:
     if bad:
         ap.error(f"--kernels: unknown {', '.join(bad)} (expected some of {', '.join(KERNELS)})")
     out = {}
-    import cab_vllm.ops.token_decode as td
-
     for variant, codes, asm, passes in (("exact", None, False, None), ("int4", "int4", False, None),
                                         ("int4_asm", "int4", True, None), ("fp8", "fp8", False, None),
-                                        ("sampled", None, False, 0), ("deferred", None, False, 0)):
-        defer = td.FUSED_DEFER
-        td.FUSED_DEFER = variant == "deferred" or (defer and variant != "sampled")
-        try:
-            launches = record(a.n, a.page, codes, passes=passes)
-        finally:
-            td.FUSED_DEFER = defer
+                                        ("sampled", None, False, 0)):
+        launches = record(a.n, a.page, codes, passes=passes)
         for name in names:
             if name not in launches or (asm and name != "_logits_kernel"):
                 continue

@@ -117,9 +117,6 @@ FUSED_TILE = 128  # keys per step of the one-pass attention
 FUSED_CHUNK = 1024  # keys per program of the one-pass attention at max_len (more programs for fewer rows)
 FUSED_MIN_TILES = 2  # and at least this many steps per program
 FUSED_WARPS, FUSED_STAGES, FUSED_MAXNREG = 4, 1, 128  # its warps per program, pipeline stages, registers (0: any)
-# the one-pass launch's key loop only scores and lists the kept keys; their softmax and values after it (not timed)
-FUSED_DEFER = False
-DEFER_STAGES, DEFER_MAXNREG = 3, 0  # (with FUSED_DEFER: no value loads in the key loop, which pipelines as launch 1)
 
 
 def kept_keys(logits: torch.Tensor, keep: int, passes: int | None = None) -> torch.Tensor:
@@ -888,18 +885,14 @@ if HAS_TRITON:
                              lse_ptr, sync_ptr, scale_log2, num_heads, num_kv_heads, num_splits, min_per,
                              stride_qs, stride_qh, stride_kpage, stride_kpos, stride_kh, stride_vpage, stride_vpos,
                              stride_vh, stride_bt, stride_pos, stride_poh, stride_pok, stride_os, stride_oh,
-                             kl_ptr, lg_ptr, stride_ks, stride_kh_l, stride_ls, stride_lh,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_PAD: tl.constexpr,
                              TILE_T: tl.constexpr, PAGE_SIZE: tl.constexpr, MERGE_G: tl.constexpr,
-                             MERGE_SPLITS_T: tl.constexpr, DEFER: tl.constexpr = False, LIST_T: tl.constexpr = 32):
+                             MERGE_SPLITS_T: tl.constexpr):
         """PASSES 0, launch 3: split `split` of (row, KV head): every key's exact base-2 logit, TILE_T keys per step,
         and in the same step the online softmax of each head over its keys at or above its threshold (sel[s, h, 5])
         (the values of the keys some head of the group keeps: the others' loads are masked off) -> normalized
         partial and base-2 LSE, each head's kept keys added to sel[s, h, 2]; the last split to finish merges the
-        group's (ops.decode's merge). DEFER: the key loop only scores and lists the keys some head keeps (positions
-        into kl, the group's logits of each into lg, both from the split's first column on: its own stretch, the
-        sample's logits no longer read), and the online softmax runs after it over that list, LIST_T keys per step
-        (a lean, pipelined key loop; the values' gathers all at the end)."""
+        group's (ops.decode's merge)."""
         s, kvh, split, n, kt = _program_row(seqlen_ptr, keep_ptr, num_kv_heads, num_splits)
         if kt > 0:
             group = num_heads // num_kv_heads
@@ -913,48 +906,19 @@ if HAS_TRITON:
             l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
             kept = tl.zeros([GROUP_PAD], dtype=tl.int32)
             acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-            if DEFER:
-                kl = kl_ptr + s * stride_ks + kvh.to(tl.int64) * stride_kh_l + p0
-                zrow = lg_ptr + s * stride_ls + heads[:, None].to(tl.int64) * stride_lh + p0
-                cnt = p0 * 0
-                for t in range(p0, p1, TILE_T):
-                    pos = t + tl.arange(0, TILE_T)
-                    ok = pos < p1
-                    page, slot = paged_coords(bt_ptr, stride_bt, s, pos, ok, PAGE_SIZE)
-                    k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None]
-                                + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-                    z = tl.dot(q, tl.trans(k)) * scale_log2
-                    sel = (z >= thr[:, None]) & ok[None, :]
-                    ti = (tl.max(sel.to(tl.int32), 0) > 0).to(tl.int32)  # keys some head of the group keeps
-                    at = cnt + tl.cumsum(ti, 0) - ti
-                    tl.store(kl + at, pos, mask=ti > 0)
-                    tl.store(zrow + at[None, :], z, mask=g_ok[:, None] & (ti > 0)[None, :])
-                    kept += tl.sum(sel.to(tl.int32), 1)
-                    cnt += tl.sum(ti, 0)
-                tl.debug_barrier()  # the list's stores, visible to every thread of the program
-                for j0 in range(0, cnt, LIST_T):
-                    j = j0 + tl.arange(0, LIST_T)
-                    jok = j < cnt
-                    pos = tl.load(kl + j, mask=jok, other=0, cache_modifier=".cg")
-                    z = tl.load(zrow + j[None, :], mask=g_ok[:, None] & jok[None, :], other=0.0, cache_modifier=".cg")
-                    page, slot = paged_coords(bt_ptr, stride_bt, s, pos, jok, PAGE_SIZE)
-                    v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
-                                + d[None, :], mask=jok[:, None] & d_ok[None, :], other=0.0)
-                    m_i, l_i, acc = _online_step(m_i, l_i, acc, z, (z >= thr[:, None]) & jok[None, :], v)
-            else:
-                for t in range(p0, p1, TILE_T):
-                    pos = t + tl.arange(0, TILE_T)
-                    ok = pos < p1
-                    page, slot = paged_coords(bt_ptr, stride_bt, s, pos, ok, PAGE_SIZE)
-                    k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None]
-                                + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-                    z = tl.dot(q, tl.trans(k)) * scale_log2
-                    sel = (z >= thr[:, None]) & ok[None, :]
-                    some = tl.max(sel.to(tl.int32), 0) > 0  # keys some head of the group keeps: their values only
-                    v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None]
-                                + d[None, :], mask=some[:, None] & d_ok[None, :], other=0.0)
-                    m_i, l_i, acc = _online_step(m_i, l_i, acc, z, sel, v)
-                    kept += tl.sum(sel.to(tl.int32), 1)
+            for t in range(p0, p1, TILE_T):
+                pos = t + tl.arange(0, TILE_T)
+                ok = pos < p1
+                page, slot = paged_coords(bt_ptr, stride_bt, s, pos, ok, PAGE_SIZE)
+                k = tl.load(k_ptr + (page * stride_kpage + slot * stride_kpos + kvh * stride_kh)[:, None] + d[None, :],
+                            mask=ok[:, None] & d_ok[None, :], other=0.0)
+                z = tl.dot(q, tl.trans(k)) * scale_log2
+                sel = (z >= thr[:, None]) & ok[None, :]
+                some = tl.max(sel.to(tl.int32), 0) > 0  # keys some head of the group keeps: their values only
+                v = tl.load(v_ptr + (page * stride_vpage + slot * stride_vpos + kvh * stride_vh)[:, None] + d[None, :],
+                            mask=some[:, None] & d_ok[None, :], other=0.0)
+                m_i, l_i, acc = _online_step(m_i, l_i, acc, z, sel, v)
+                kept += tl.sum(sel.to(tl.int32), 1)
             tl.atomic_add(sel_row + 2, kept, mask=g_ok & (kept > 0))
             _finish_split(m_i, l_i, acc, g_ok, heads, d, d_ok, s, kvh, split, used, group, num_heads, num_kv_heads,
                           num_splits, po_ptr, plse_ptr, o_ptr, lse_ptr, sync_ptr, stride_pos, stride_poh, stride_pok,
@@ -1091,8 +1055,7 @@ def _sampled_launches(q, key_cache, value_cache, bt, sl, kp, scale, out, scratch
     as token_decode's. The sampled logits go to scratch.logits (their first ceil(n / stride) columns), the
     thresholds and kept counts to scratch.sel, the partials to scratch.partials."""
     npad = scratch.logits.shape[-1]
-    lg, sel, kl = scratch.logits, scratch.sel, scratch.kept
-    maxnreg = DEFER_MAXNREG if FUSED_DEFER else FUSED_MAXNREG
+    lg, sel = scratch.logits, scratch.sel
     block_d, gpad, page = max(16, next_pow2(d)), max(16, next_pow2(hq // hkv)), key_cache.shape[1]
     sp = triton.cdiv(triton.cdiv(npad, SAMPLE), SAMPLE_TILE)  # programs per (row, KV head): one step each at stride SAMPLE
     _sample_kernel[(r * hkv * sp,)](
@@ -1113,8 +1076,7 @@ def _sampled_launches(q, key_cache, value_cache, bt, sl, kp, scale, out, scratch
         q, key_cache, value_cache, bt, sl, kp, sel, po, plse, out, scratch.lse, scratch.sync, scale * LOG2E, hq, hkv,
         splits, FUSED_MIN_TILES, q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), bt.stride(0),
-        po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1), kl, lg, kl.stride(0), kl.stride(1),
-        lg.stride(0), lg.stride(1), HEAD_DIM=d, BLOCK_D=block_d, GROUP_PAD=gpad, TILE_T=FUSED_TILE, PAGE_SIZE=page,
-        MERGE_G=next_pow2(hq // hkv), MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), DEFER=FUSED_DEFER,
-        LIST_T=ATTEND_TILE, num_warps=FUSED_WARPS, num_stages=DEFER_STAGES if FUSED_DEFER else FUSED_STAGES,
-        **({"maxnreg": maxnreg} if maxnreg else {}))
+        po.stride(0), po.stride(1), po.stride(2), out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_D=block_d,
+        GROUP_PAD=gpad, TILE_T=FUSED_TILE, PAGE_SIZE=page, MERGE_G=next_pow2(hq // hkv),
+        MERGE_SPLITS_T=merge_tile(MERGE_SPLITS, hq // hkv, splits), num_warps=FUSED_WARPS, num_stages=FUSED_STAGES,
+        **({"maxnreg": FUSED_MAXNREG} if FUSED_MAXNREG else {}))

@@ -115,25 +115,22 @@ def steps(chunk, count_chunk, scan_tile, list_tile, atomic):
     return dict(CHUNK=chunk, COUNT_CHUNK=count_chunk, SCAN_TILE=scan_tile, ATTEND_TILE=list_tile, COUNT_ATOMIC=atomic)
 
 
-def sampled_steps(chunk, tile, min_tiles, defer=False, list_tile=32):
+def sampled_steps(chunk, tile, min_tiles):
     return dict(PASSES=0, FUSED_CHUNK=chunk, FUSED_TILE=tile, FUSED_MIN_TILES=min_tiles, SAMPLE_TILE=16,
-                SAMPLE_SEL_TILE=64, FUSED_DEFER=defer, ATTEND_TILE=list_tile)
+                SAMPLE_SEL_TILE=64)
 
 
 @TRITON
 @pytest.mark.parametrize("knobs", [
     steps(1024, 4096, 64, 16, True), steps(64, 128, 128, 32, True), steps(128, 256, 512, 64, False),
-    steps(64, 128, 64, 32, False), sampled_steps(1024, 128, 2), sampled_steps(64, 16, 1), sampled_steps(256, 32, 4),
-    sampled_steps(1024, 128, 2, True), sampled_steps(64, 16, 1, True, 16), sampled_steps(256, 32, 4, True, 64)])
+    steps(64, 128, 64, 32, False), sampled_steps(1024, 128, 2), sampled_steps(64, 16, 1), sampled_steps(256, 32, 4)])
 def test_launch_steps_equal_the_twin(monkeypatch, knobs):
     """The launches' steps: logits chunks (whose first-pass counts the threshold launch shifts onto the row's
     maximum) and counting chunks of several sizes, the second count by atomics or by histograms, several scan and
     list steps per attention split (a budget of half the keys: a group's kept list is long). With a sampled
     threshold (PASSES 0): the one-pass launch split into other chunk and step sizes (several splits per row, a row's
     last split short, more splits than a short row fills), the sampling launch's steps of 16 keys (several per
-    program), the threshold launch's 64 logits in registers (the rest read again at each bisection step); and the
-    one-pass launch that lists the kept keys first and attends to the list after its key loop (FUSED_DEFER), with
-    list steps of 16-64 keys (a list of one step, of several, and a step past its end)."""
+    program), the threshold launch's 64 logits in registers (the rest read again at each bisection step)."""
     for name, value in knobs.items():
         monkeypatch.setattr(td, name, value)
     lens, keep = [1100, 333, 700], [550, 20, 699]
@@ -694,11 +691,9 @@ def test_gpu_fp8_bf16_long_context_and_graph_replay():
 
 
 # -- passes=0: each head's threshold from a sample of its exact logits, one pass that scores and attends ------------
-@pytest.fixture(params=[False, True], ids=["inline", "deferred"])
-def sampled(monkeypatch, request):
-    """The sampled threshold, its one-pass launch attending inline or after its key loop (FUSED_DEFER)."""
+@pytest.fixture
+def sampled(monkeypatch):
     monkeypatch.setattr(td, "PASSES", 0)
-    monkeypatch.setattr(td, "FUSED_DEFER", request.param)
 
 
 @TRITON
