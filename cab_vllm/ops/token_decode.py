@@ -1,5 +1,6 @@
 """Token-sparse decode over vLLM's paged KV cache: each query head attends to its own ``keep`` highest-scoring keys,
-ranked by their exact scores (decode_rule="tokens"). Five launches (the threshold one runs twice):
+ranked by their exact scores (decode_rule="tokens"). With two counting passes (PASSES 2), five launches (the threshold
+one runs twice); with one (PASSES 1, the default) three: 1, 2 and 5 below.
 
   1. logits     one program per (row, KV head, chunk of CHUNK tokens): the group's queries against every key of the
                 chunk, read in place from the paged cache; base-2 logits (scale x log2 e folded in) into a scratch
@@ -16,9 +17,10 @@ ranked by their exact scores (decode_rule="tokens"). Five launches (the threshol
                 when bucket B holds more than TIE_SLACK keys beyond those needed, only about the needed number of
                 them, by a hash of their positions: tie_cut), or every key of the window when fewer than keep are
                 in it (the others weigh under 2^-31 of the best key); and how many it keeps.
-  (PASSES 1: launches 3 and 4 do not run; the first threshold launch keeps every key above bucket A and samples
-  bucket A's keys, STEP_A wide, by position hash down to the number needed: one launch and one pass over the
-  logits fewer, about keep keys kept. Not the default: untimed on a GPU, and a sampled boundary bucket, not its best.)
+  (PASSES 1, the default: launches 3 and 4 do not run; the first threshold launch keeps every key above bucket A and
+  samples bucket A's keys, STEP_A wide, by position hash down to the number needed: one launch and one pass over the
+  logits fewer, about keep keys kept; the boundary bucket's keys are sampled, not its best. 10-12 us less a layer at
+  128k x 1 on an H100 or H200, BENCHMARKS.md, thirtieth run.)
   5. attention  one program per (row, KV head, split of the row's 64-token tiles), in two phases: a scan of the
                 split's stored logits writes the positions some head of the group keeps into a compacted list, then
                 an online softmax runs over the list, ATTEND_TILE keys per step (values of listed keys only; each
@@ -27,8 +29,9 @@ ranked by their exact scores (decode_rule="tokens"). Five launches (the threshol
                 of dependent loads per tile: 2.4-3.5x slower (BENCHMARKS.md, twenty-sixth run).
 
 What it reads per layer and row: every key once (launch 1; what a selector that scores every key exactly must read),
-the logits twice more (the second count and the attention's scan; with fp32 logits and 32/8 heads of dimension 128
-each read is 6% of the keys' bytes), and the kept keys' values. Every launch spreads over the row's chunks or splits:
+the logits once more (the attention's scan; with two passes the second count reads them too; with fp32 logits and
+32/8 heads of dimension 128 each read is 6% of the keys' bytes), and the kept keys' values. On an H100 at 128k the
+first launch reads the keys at 73% of the memory's peak bandwidth (Nsight Compute: BENCHMARKS.md, thirty-third run). Every launch spreads over the row's chunks or splits:
 no program scans a whole row (one program per head that scans it several times, as a radix select would, runs on a
 few SMs), and the histograms have 128 buckets (Triton builds tl.histogram from warp ballots, whose cost per key grows
 with the bucket count). Each launch is bound by memory latency unless many programs are in flight. Reading every key
