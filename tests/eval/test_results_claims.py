@@ -98,3 +98,18 @@ def test_a_changed_cell_is_caught(tmp_path, suite):
     got = table(tmp_path / "R.md", "| length | dense | dense prompt, token decode 98% | 99% |")
     tokens, _ = suite
     assert got["128k (130,944, YaRN x4)"][2] == "0.61" != f"{mean(cells(tokens, 130944, TOKENS, 0.99)):.2f}"
+
+
+def test_sparse_prompt_token_decode_claims_match_their_rows():
+    """The block-sparse prompt + token decode rows at 128k (YaRN): the suite means and densities README.md and
+    RESULTS.md quote."""
+    rs = rows("tasks_qwen_gpu_engine_sparse_prompt_tokens_yarn.jsonl")
+    var = "cab:decode_rule=tokens,decode_sparsity=0.98"
+    s90, s95 = cells(rs, 130944, var, 0.9), cells(rs, 130944, var, 0.95)
+    assert len(s90) == len(s95) == 16
+    readme = (ROOT / "README.md").read_text()
+    assert (f"128k with YaRN: {mean(s90):.2f} at 90% and {mean(s95):.2f} at 95% (density {mean(s90, 'density'):.2f} / "
+            f"{mean(s95, 'density'):.2f}) against dense's") in readme
+    results = (ROOT / "experiments" / "RESULTS.md").read_text()
+    assert (f"{mean(s90):.2f} / {mean(s95):.2f} at density {mean(s90, 'density'):.3f} / {mean(s95, 'density'):.3f}"
+            in results)
