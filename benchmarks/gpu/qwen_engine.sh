@@ -16,6 +16,10 @@
 #   bash benchmarks/gpu/qwen_engine.sh OUT tokens   the same prompts with dense prompts and token-sparse decode
 #                                                   (CAB_DENSE_PREFILL=1 CAB_DECODE_RULE=tokens): cab and magnitude;
 #                                                   OUT/tasks_vllm_tokens.jsonl
+#   bash benchmarks/gpu/qwen_engine.sh OUT sparse-tokens  the same prompts with block-sparse prompts and token-sparse
+#                                                   decode (CAB_DECODE_RULE=tokens, each decode step keeping
+#                                                   DECODE_SPARSITY's keys, default 0.98, whatever the prompt's
+#                                                   sparsity): cab and its adaptive budget; OUT/tasks_vllm_sparse_tokens.jsonl
 #   bash benchmarks/gpu/qwen_engine.sh OUT dense-layers   the same prompts with the first layers dense
 #                                                   (CAB_DENSE_LAYERS, env DENSE_LAYERS, 2): cab, its adaptive budget
 #                                                   and magnitude; OUT/tasks_vllm_dense_layers.jsonl
@@ -27,8 +31,8 @@
 # POLICIES (tasks: the variants to run; default "dense cab cab:budget=adaptive h2o streaming magnitude random"),
 # MODEL (a packaged model name; default qwen2.5-coder-0.5b-instruct), PY (the Python to run; python3).
 set -euo pipefail
-OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer|tokens|dense-layers}
-what=${2:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer|tokens|dense-layers}
+OUT=${1:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer|tokens|sparse-tokens|dense-layers}
+what=${2:?usage: qwen_engine.sh OUT yarn|tasks|seed|answer|tokens|sparse-tokens|dense-layers}
 STORE=${STORE:-/tmp/cabstore}
 NAME=${MODEL:-qwen2.5-coder-0.5b-instruct}; export PY=${PY:-python3}
 # The longest prompts leave room for their answers inside the model's positions (32768, x4 with YaRN): vLLM's
@@ -70,9 +74,13 @@ case $what in
   tokens)
     CAB_DENSE_PREFILL=1 CAB_DECODE_RULE=tokens tasks "$OUT/tasks_vllm_tokens.jsonl" \
       "cab:decode_rule=tokens,dense_prefill=1" "magnitude:decode_rule=tokens,dense_prefill=1" ;;
+  sparse-tokens)
+    ds=${DECODE_SPARSITY:-0.98}
+    CAB_DECODE_RULE=tokens CAB_DECODE_SPARSITY=$ds tasks "$OUT/tasks_vllm_sparse_tokens.jsonl" \
+      "cab:decode_rule=tokens,decode_sparsity=$ds" "cab:budget=adaptive,decode_rule=tokens,decode_sparsity=$ds" ;;
   dense-layers)
     n=${DENSE_LAYERS:-2}
     CAB_DENSE_LAYERS=$n tasks "$OUT/tasks_vllm_dense_layers.jsonl" "cab:dense_layers=$n" \
       "cab:budget=adaptive,dense_layers=$n" "magnitude:dense_layers=$n" ;;
-  *) echo "usage: qwen_engine.sh OUT yarn|tasks|seed|answer|tokens|dense-layers"; exit 2 ;;
+  *) echo "usage: qwen_engine.sh OUT yarn|tasks|seed|answer|tokens|sparse-tokens|dense-layers"; exit 2 ;;
 esac
