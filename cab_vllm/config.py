@@ -65,6 +65,11 @@ class CABConfig:
                       prompt's prefill and its decode steps: the prefill's cost barely moves, and a decode step
                       reads this many blocks at most where the rule keeps fewer (short contexts). Counted in the
                       achieved density. See answer_keep.
+    answer_dense      the prompt's last query block attends to every causal key block (its last row's output is the
+                      first generated token; a block-sparse prompt otherwise picks that token from its estimate): one
+                      query block of the prompt, ~1/M of a dense prompt's cost. Decode keeps its own budget, so it
+                      needs a decode rule of its own ("tokens" or "bounds"; the prompt rule would reuse that dense
+                      selection at every step). Counted in the achieved density.
     dense_layers      the model's first ``dense_layers`` attention layers attend densely (every causal block, in
                       prefill and decode; Quest leaves its first two layers dense the same way). 0: every layer
                       follows the rule. The achieved density counts those layers as dense, so it is above
@@ -91,6 +96,7 @@ class CABConfig:
     budget_floor: float = 0.25
     budget_cap: float = 4.0
     answer_blocks: int = 0
+    answer_dense: bool = False
     dense_layers: int = 0
     dense_prefill: bool = False
     decode_sparsity: float | None = None
@@ -149,6 +155,12 @@ class CABConfig:
             if self.decode_rule != "tokens":
                 raise ValueError(f"CABConfig.decode_sparsity={self.decode_sparsity!r} needs decode_rule='tokens' (the "
                                  f"rule whose budget it sets), got decode_rule={self.decode_rule!r}")
+        if not isinstance(self.answer_dense, bool):
+            raise bad("answer_dense", "True or False")
+        if self.answer_dense and self.decodes_from_prompt:
+            raise ValueError(f"CABConfig.answer_dense=True needs a decode rule of its own (decode_rule='tokens' or "
+                             f"'bounds'): decode_rule={self.decode_rule!r} with policy {self.policy!r} decodes from "
+                             f"the prompt's last selection, which would then be dense at every step")
         if not isinstance(self.dense_prefill, bool):
             raise bad("dense_prefill", "True or False")
         if self.dense_prefill and self.decodes_from_prompt:
@@ -214,21 +226,26 @@ class CABConfig:
             raise ValueError(f"CABConfig has no field(s) {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
-    def keep_counts(self, num_q_blocks: int, device=None, answer: bool = False):
+    def keep_counts(self, num_q_blocks: int, device=None, answer: bool = False, prompt: bool = False):
         """Key blocks kept by query blocks 0..num_q_blocks-1, as an int64 tensor [num_q_blocks]; answer: the last
-        of them produces the answer (the prompt's last query block, or a decode query's block): answer_keep."""
+        of them produces the answer (the prompt's last query block, or a decode query's block): answer_keep;
+        prompt: that row is the prompt's (answer_dense applies)."""
         t = keep_counts(self.sparsity, self.sink_blocks + self.local_blocks, num_q_blocks, device)
         if answer and num_q_blocks > 0:
-            t[-1:] = self.answer_floor(t[-1:], num_q_blocks)
+            t[-1:] = self.answer_floor(t[-1:], num_q_blocks, prompt)
         return t
 
-    def answer_floor(self, counts, causal: int):
+    def answer_floor(self, counts, causal: int, prompt: bool = False):
         """answer_keep on a tensor of counts of answer rows with ``causal`` blocks each, without a device sync."""
+        if prompt and self.answer_dense:
+            return counts.clamp(min=causal)
         return counts.clamp(min=min(self.answer_blocks, causal)) if self.answer_blocks else counts
 
-    def answer_keep(self, count: int, causal: int) -> int:
+    def answer_keep(self, count: int, causal: int, prompt: bool = False) -> int:
         """What a row that produces the answer keeps, given the rule's ``count`` and its ``causal`` blocks:
-        max(count, answer_blocks), at most causal."""
+        max(count, answer_blocks), at most causal; the prompt's last query block (prompt) with answer_dense: causal."""
+        if prompt and self.answer_dense:
+            return causal
         return min(causal, max(count, self.answer_blocks))
 
 

@@ -76,7 +76,7 @@ def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig,
     m = num_blocks(n_keys, cfg.block_size)
     mq = m - q_block_offset
     ex = exact_last_row(q, k, cfg, q_block_offset, impl)[0][0, :, 0] if exact and uses_exact_rows(cfg) else None
-    keep = cfg.keep_counts(m, q.device, answer=exact)[q_block_offset:]  # the prompt's end: the answer row
+    keep = cfg.keep_counts(m, q.device, answer=exact, prompt=True)[q_block_offset:]  # the prompt's end: the answer row
     return estimate_select(q, summary, n_keys, keep, max_keep(cfg, q_block_offset, mq, exact), cfg.block_size,
                            cfg.estimator, cfg.sink_blocks, cfg.local_blocks, q_block_offset, ex, rows_first=rows_first)
 
@@ -92,7 +92,7 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     Counts: CABConfig.keep_counts per query block (budget="fixed"), or with cfg.adaptive per (sequence, KV
     head, query block) from config.adaptive_keep_counts on a_max, each sequence keeping the fixed total.
     answer: the last row is the prompt's last query block (it produces the answer): it keeps at least
-    cfg.answer_blocks (CABConfig.answer_keep), on top of either budget.
+    cfg.answer_blocks (CABConfig.answer_keep), on top of either budget, and every causal block with answer_dense.
     Returns (indices [B, Hkv, Mq, K] int32 ascending -1 padded, counts [B, Hkv, Mq] int32).
     """
     mq, m, dev = a_max.shape[-2], a_max.shape[-1], a_max.device
@@ -110,9 +110,9 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, dev, first, mq)
     if cfg.adaptive:  # per (KV head, query block) counts [B, Hkv, Mq] from the estimated mass, same total
         keep = adaptive_keep_counts(a_max, allowed, forced, keep, cfg.top_p, cfg.budget_floor, cfg.budget_cap)
-    if answer and cfg.answer_blocks and mq > 0:  # the answer row: at least answer_blocks (CABConfig.answer_keep)
+    if answer and (cfg.answer_blocks or cfg.answer_dense) and mq > 0:  # the answer row (CABConfig.answer_keep)
         keep = keep.clone()
-        keep[..., -1] = cfg.answer_floor(keep[..., -1], first + mq)
+        keep[..., -1] = cfg.answer_floor(keep[..., -1], first + mq, prompt=True)
     fx = forced.expand_as(a_max)
     if policy == "dense":
         return select_topk(torch.where(allowed, 0.0, float("-inf")).expand_as(a_max), keep, kmax)
@@ -152,13 +152,14 @@ def max_keep(cfg: CABConfig, first: int, mq: int, answer: bool = False) -> int:
     """The most key blocks any (KV head, query block) of rows first .. first+mq-1 keeps under cfg's budget,
     from host arithmetic (no device sync): the fixed rule's count grows with the row, so its last row's; the
     adaptive rule keeps at most floor(budget_cap * fixed) of a row's causal blocks (config.adaptive_keep_counts);
-    answer: the last row keeps at least cfg.answer_blocks (select_from_attention)."""
+    answer: the last row (the prompt's) keeps at least cfg.answer_blocks, every block with cfg.answer_dense
+    (select_from_attention)."""
     if mq <= 0:
         return 0
     last = first + mq - 1
     fixed = int(keep_counts(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, last + 1).numpy()[-1])  # host
     most = fixed if not cfg.adaptive else min(last + 1, max(fixed, math.floor(fixed * cfg.budget_cap + 1e-9)))
-    return cfg.answer_keep(most, last + 1) if answer else most
+    return cfg.answer_keep(most, last + 1, prompt=True) if answer else most
 
 
 def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str = "auto", q_block_offset: int = 0,

@@ -272,9 +272,9 @@ class Stats:
                 mode = "sparse"
             else:
                 kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, first, last)
-                if final.get(r) and cfg.answer_blocks:  # the prompt's last row is an answer row
+                if final.get(r) and (cfg.answer_blocks or cfg.answer_dense):  # the prompt's last row: an answer row
                     k_last = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, last, last)
-                    kept += cfg.answer_keep(k_last, last + 1) - k_last
+                    kept += cfg.answer_keep(k_last, last + 1, prompt=True) - k_last
                 mode = "sparse"
             if dense_share and mode == "sparse":
                 kept += dense_share * (causal - kept)

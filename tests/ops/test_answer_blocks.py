@@ -172,3 +172,88 @@ def test_engine_setting_from_the_environment():
     for bad in ("-1", "x", "1.5"):
         with pytest.raises(ValueError, match="CAB_ANSWER_BLOCKS"):
             EngineSettings.from_env({"CAB_ANSWER_BLOCKS": bad})
+
+
+# -- answer_dense: the prompt's last query block attends to every causal block; decode keeps its own budget ---------
+def test_answer_dense_makes_the_prompts_last_row_dense_and_leaves_decode_alone():
+    from cab_vllm.backend.plan import keep_count
+
+    base = CABConfig(sparsity=0.95, decode_rule="tokens", decode_sparsity=0.98)
+    cfg = base.replace(answer_dense=True)
+    for m in (1, 5, 64, 300):
+        plain = base.keep_counts(m)
+        got = cfg.keep_counts(m, answer=True, prompt=True)
+        assert torch.equal(got[:-1], plain[:-1]) and int(got[-1]) == m
+        assert torch.equal(cfg.keep_counts(m, answer=True), base.keep_counts(m, answer=True))  # a decode row: as before
+    assert cfg.answer_keep(3, 64, prompt=True) == 64 and cfg.answer_keep(3, 64) == 3
+    for n in (100, 4096, 64 * 500 + 7):  # the decode budgets (tokens and blocks) do not move
+        assert cfg.decode_tokens(n) == base.decode_tokens(n) <= n
+        assert n < 4096 or cfg.decode_tokens(n) < n
+        assert keep_count(cfg, n) == keep_count(base, n)
+    m = 37
+    a = _rows_mass(1, 2, m, seed=4)
+    i0, c0 = select_from_attention(a, a, base, impl="torch", answer=True)
+    i1, c1 = select_from_attention(a, a, cfg, impl="torch", answer=True)
+    assert torch.equal(c0[..., :-1], c1[..., :-1]) and (c1[..., -1] == m).all() and (c0[..., -1] < m).all()
+    assert sorted(i1[0, 0, -1].tolist()) == list(range(m)) and i1.shape[-1] == max_keep(cfg, 0, m, answer=True) == m
+    i2, c2 = select_from_attention(a, a, cfg, impl="torch")  # not the prompt's end: no change
+    assert torch.equal(c2, c0)
+
+
+def test_answer_dense_needs_a_decode_rule_of_its_own_and_a_bool():
+    with pytest.raises(ValueError, match="answer_dense=True needs a decode rule of its own"):
+        CABConfig(answer_dense=True)  # cab's "auto" rule decodes from the prompt's last selection
+    with pytest.raises(ValueError, match="answer_dense=True needs a decode rule of its own"):
+        CABConfig(answer_dense=True, decode_rule="prompt")
+    assert CABConfig(answer_dense=True, decode_rule="bounds").answer_dense
+    assert CABConfig(answer_dense=True, policy="magnitude").answer_dense  # magnitude's "auto": bounds
+    for bad in (1, "1", None):
+        with pytest.raises(ValueError, match=r"CABConfig\.answer_dense="):
+            CABConfig(answer_dense=bad, decode_rule="tokens")
+
+
+@pytest.mark.parametrize("policy", ["cab", "magnitude"])
+def test_fused_predictor_makes_the_answer_row_dense_as_the_unfused_path(policy):
+    from cab_vllm.ops.coarsen import key_summary
+    from cab_vllm.policies import estimate_and_select
+
+    q, k = random_inputs(1, 4, 2, 1337, 32, seed=10)
+    cfg = CABConfig(sparsity=0.9, policy=policy, decode_rule="tokens", answer_dense=True)
+    first = 9
+    summ = key_summary(k, 64, cfg.estimator, impl="torch")
+    qr = q[:, :, first * 64:]
+    for exact in (True, False):
+        a_max, a_mean = estimate(qr, k, cfg, impl="torch", q_block_offset=first, summary=summ, n_keys=1337,
+                                 exact=exact)
+        want = select_from_attention(a_max, a_mean, cfg, impl="torch", q_block_offset=first, answer=exact)
+        got = estimate_and_select(qr, k, cfg, first, summ, 1337, exact=exact, impl="torch")
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        assert (got[1][..., -1] == (21 if exact else 3)).all()  # 1337 keys: 21 blocks, all of them at the end
+
+
+def test_metrics_count_the_dense_answer_row(monkeypatch):
+    monkeypatch.setenv("CAB_METRICS", "0")
+    from cab_vllm.backend.plan import PromptSlots, plan_batch, route_rows
+    from cab_vllm.backend.stats import Stats, kept_blocks
+
+    cfg = CABConfig(sparsity=0.95, decode_rule="tokens", answer_dense=True)
+    forced = cfg.sink_blocks + cfg.local_blocks
+    plan = plan_batch([0, 1000], [3000], [cfg], 0, count=False, req_ids=["a"], live=frozenset("a"),
+                      prompt_lens=[3000])  # the prompt's last chunk: tokens 2000..2999
+    route_rows(plan, PromptSlots(4), fa_dense=False)
+    st = Stats()
+    st.record_plan(plan, [cfg], 64, 0)
+    last = 2999 // 64
+    want = kept_blocks(0.95, forced, 2000 // 64, last) - kept_blocks(0.95, forced, last, last) + last + 1
+    assert st.totals[("kept", "prefill", "0.95")] == want
+
+
+def test_answer_dense_from_the_environment():
+    from cab_vllm.backend.plan import EngineSettings
+
+    assert EngineSettings.from_env({"CAB_ANSWER_DENSE": "1", "CAB_DECODE_RULE": "tokens"}).cfg.answer_dense
+    assert not EngineSettings.from_env({}).cfg.answer_dense
+    with pytest.raises(ValueError, match="CAB_ANSWER_DENSE"):
+        EngineSettings.from_env({"CAB_ANSWER_DENSE": "2", "CAB_DECODE_RULE": "tokens"})
+    with pytest.raises(ValueError, match="CAB_ANSWER_DENSE.*needs a decode rule of its own"):
+        EngineSettings.from_env({"CAB_ANSWER_DENSE": "1"})
