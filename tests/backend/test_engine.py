@@ -175,6 +175,27 @@ def test_answer_blocks_in_the_engine(model, tmp_path):
     assert steps >= 7 and b["kept|decode|0.95"] - a["kept|decode|0.95"] == steps * (16 - rule)
 
 
+def test_answer_dense_in_the_engine(model, tmp_path):
+    """CAB_ANSWER_DENSE with chunked prefill and the token decode: the prompt's last query block keeps every causal
+    block (m instead of the rule's 3 at 95%), each decode step keeps what it kept (the metrics count it from the plan
+    the kernels read); both engines generate the 8 tokens."""
+    job = {"model": model, "backend": "CUSTOM", "chat": False, "max_model_len": 4096,
+           "requests": [{"prompt": passkey_prompt(), "max_tokens": 8, "extra_args": {"cab_sparsity": 0.95}}],
+           "engine_kwargs": {"max_num_batched_tokens": 1024, "enable_chunked_prefill": True}}
+    env = {"CAB_DECODE_RULE": "tokens", "CAB_METRICS": "0"}
+    plain = run_engine(tmp_path / "plain", job, env=env)
+    dense = run_engine(tmp_path / "dense", job, env={**env, "CAB_ANSWER_DENSE": "1"})
+    n = plain["prompt_lens"][0]
+    m = (n - 1) // 64 + 1
+    rule = CABConfig(sparsity=0.95).keep_counts(m)[-1].item()
+    assert rule == 3 and m > 16
+    a, b = plain["blocks"], dense["blocks"]
+    assert b["causal|prefill|0.95"] == a["causal|prefill|0.95"]
+    assert b["kept|prefill|0.95"] - a["kept|prefill|0.95"] == m - rule
+    assert b["kept|decode|0.95"] == a["kept|decode|0.95"] > 0
+    assert all(r["outputs"][0]["text"].strip() for r in (plain, dense))
+
+
 # -- (d) mixed batches with per-request sparsity, (e) bad values rejected ------------------------------------
 @pytest.fixture(scope="module")
 def mixed_run(model, tmp_path_factory):

