@@ -154,13 +154,18 @@ def test_passkey_prompt_decode_rule(model, tmp_path):
     assert PASSKEY in texts[0.5], texts
 
 
+def answer_row_job(model) -> dict:
+    """One pass-key prompt at 95% in 1,024-token chunks (the answer-row tests' engine job)."""
+    return {"model": model, "backend": "CUSTOM", "chat": False, "max_model_len": 4096,
+            "requests": [{"prompt": passkey_prompt(), "max_tokens": 8, "extra_args": {"cab_sparsity": 0.95}}],
+            "engine_kwargs": {"max_num_batched_tokens": 1024, "enable_chunked_prefill": True}}
+
+
 def test_answer_blocks_in_the_engine(model, tmp_path):
     """CAB_ANSWER_BLOCKS with chunked prefill and the prompt decode rule: the prompt's last query block keeps 16
     blocks instead of the rule's 3 at 95%, so does every decode step that reuses it (the step metrics count what
     was kept, from the same plan the kernels read); every other row keeps what it kept."""
-    job = {"model": model, "backend": "CUSTOM", "chat": False, "max_model_len": 4096,
-           "requests": [{"prompt": passkey_prompt(), "max_tokens": 8, "extra_args": {"cab_sparsity": 0.95}}],
-           "engine_kwargs": {"max_num_batched_tokens": 1024, "enable_chunked_prefill": True}}
+    job = answer_row_job(model)
     env = {"CAB_DECODE_RULE": "prompt", "CAB_METRICS": "0"}
     plain = run_engine(tmp_path / "plain", job, env=env)
     floor = run_engine(tmp_path / "floor", job, env={**env, "CAB_ANSWER_BLOCKS": "16"})
@@ -179,9 +184,7 @@ def test_answer_dense_in_the_engine(model, tmp_path):
     """CAB_ANSWER_DENSE with chunked prefill and the token decode: the prompt's last query block keeps every causal
     block (m instead of the rule's 3 at 95%), each decode step keeps what it kept (the metrics count it from the plan
     the kernels read); both engines generate the 8 tokens."""
-    job = {"model": model, "backend": "CUSTOM", "chat": False, "max_model_len": 4096,
-           "requests": [{"prompt": passkey_prompt(), "max_tokens": 8, "extra_args": {"cab_sparsity": 0.95}}],
-           "engine_kwargs": {"max_num_batched_tokens": 1024, "enable_chunked_prefill": True}}
+    job = answer_row_job(model)
     env = {"CAB_DECODE_RULE": "tokens", "CAB_METRICS": "0"}
     plain = run_engine(tmp_path / "plain", job, env=env)
     dense = run_engine(tmp_path / "dense", job, env={**env, "CAB_ANSWER_DENSE": "1"})

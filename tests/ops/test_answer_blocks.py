@@ -98,12 +98,16 @@ def test_chunked_prefill_floors_only_the_chunk_that_ends_the_prompt():
 
 
 @pytest.mark.parametrize("policy", ["cab", "magnitude"])
-def test_fused_predictor_floors_the_answer_row_as_the_unfused_path(policy):
+@pytest.mark.parametrize("answer, last", [({"answer_blocks": 9}, 9), ({"answer_dense": True}, 21)],
+                         ids=["answer_blocks", "answer_dense"])
+def test_fused_predictor_floors_the_answer_row_as_the_unfused_path(policy, answer, last):
+    """The fused predictor against the unfused path with the answer row's floor (answer_blocks) or dense answer row
+    (answer_dense: 1337 keys, all 21 blocks), in the chunk that ends the prompt only (exact)."""
     from cab_vllm.ops.coarsen import key_summary
     from cab_vllm.policies import estimate_and_select
 
     q, k = random_inputs(1, 4, 2, 1337, 32, seed=9)
-    cfg = CABConfig(sparsity=0.9, policy=policy, answer_blocks=9)
+    cfg = CABConfig(sparsity=0.9, policy=policy, decode_rule="tokens", **answer)
     first = 9
     summ = key_summary(k, 64, cfg.estimator, impl="torch")
     qr = q[:, :, first * 64:]
@@ -113,7 +117,7 @@ def test_fused_predictor_floors_the_answer_row_as_the_unfused_path(policy):
         want = select_from_attention(a_max, a_mean, cfg, impl="torch", q_block_offset=first, answer=exact)
         got = estimate_and_select(qr, k, cfg, first, summ, 1337, exact=exact, impl="torch")
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
-        assert (got[1][..., -1] == (9 if exact else 3)).all()
+        assert (got[1][..., -1] == (last if exact else 3)).all()
 
 
 def test_decode_budgets_floor_every_decode_query():
@@ -210,25 +214,6 @@ def test_answer_dense_needs_a_decode_rule_of_its_own_and_a_bool():
     for bad in (1, "1", None):
         with pytest.raises(ValueError, match=r"CABConfig\.answer_dense="):
             CABConfig(answer_dense=bad, decode_rule="tokens")
-
-
-@pytest.mark.parametrize("policy", ["cab", "magnitude"])
-def test_fused_predictor_makes_the_answer_row_dense_as_the_unfused_path(policy):
-    from cab_vllm.ops.coarsen import key_summary
-    from cab_vllm.policies import estimate_and_select
-
-    q, k = random_inputs(1, 4, 2, 1337, 32, seed=10)
-    cfg = CABConfig(sparsity=0.9, policy=policy, decode_rule="tokens", answer_dense=True)
-    first = 9
-    summ = key_summary(k, 64, cfg.estimator, impl="torch")
-    qr = q[:, :, first * 64:]
-    for exact in (True, False):
-        a_max, a_mean = estimate(qr, k, cfg, impl="torch", q_block_offset=first, summary=summ, n_keys=1337,
-                                 exact=exact)
-        want = select_from_attention(a_max, a_mean, cfg, impl="torch", q_block_offset=first, answer=exact)
-        got = estimate_and_select(qr, k, cfg, first, summ, 1337, exact=exact, impl="torch")
-        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
-        assert (got[1][..., -1] == (21 if exact else 3)).all()  # 1337 keys: 21 blocks, all of them at the end
 
 
 def test_metrics_count_the_dense_answer_row(monkeypatch):
