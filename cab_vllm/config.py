@@ -155,18 +155,16 @@ class CABConfig:
             if self.decode_rule != "tokens":
                 raise ValueError(f"CABConfig.decode_sparsity={self.decode_sparsity!r} needs decode_rule='tokens' (the "
                                  f"rule whose budget it sets), got decode_rule={self.decode_rule!r}")
-        if not isinstance(self.answer_dense, bool):
-            raise bad("answer_dense", "True or False")
-        if self.answer_dense and self.decodes_from_prompt:
-            raise ValueError(f"CABConfig.answer_dense=True needs a decode rule of its own (decode_rule='tokens' or "
-                             f"'bounds'): decode_rule={self.decode_rule!r} with policy {self.policy!r} decodes from "
-                             f"the prompt's last selection, which would then be dense at every step")
-        if not isinstance(self.dense_prefill, bool):
-            raise bad("dense_prefill", "True or False")
-        if self.dense_prefill and self.decodes_from_prompt:
-            raise ValueError(f"CABConfig.dense_prefill=True needs a decode rule of its own (decode_rule='tokens' or "
-                             f"'bounds'): decode_rule={self.decode_rule!r} with policy {self.policy!r} decodes from "
-                             f"the prompt's selection, which a dense prompt does not make")
+        # flags that make (part of) the prompt dense: the prompt rule would have no selection to reuse, or reuse a
+        # dense one at every decode step
+        for flag, why in (("answer_dense", "the prompt's last selection, which would then be dense at every step"),
+                          ("dense_prefill", "the prompt's selection, which a dense prompt does not make")):
+            if not isinstance(getattr(self, flag), bool):
+                raise bad(flag, "True or False")
+            if getattr(self, flag) and self.decodes_from_prompt:
+                raise ValueError(f"CABConfig.{flag}=True needs a decode rule of its own (decode_rule='tokens' or "
+                                 f"'bounds'): decode_rule={self.decode_rule!r} with policy {self.policy!r} decodes "
+                                 f"from {why}")
 
     @property
     def decodes_from_prompt(self) -> bool:
@@ -234,6 +232,11 @@ class CABConfig:
         if answer and num_q_blocks > 0:
             t[-1:] = self.answer_floor(t[-1:], num_q_blocks, prompt)
         return t
+
+    @property
+    def raises_answer_row(self) -> bool:
+        """Whether the prompt's last query block keeps more than the rule's count (answer_blocks or answer_dense)."""
+        return bool(self.answer_blocks) or self.answer_dense
 
     def answer_floor(self, counts, causal: int, prompt: bool = False):
         """answer_keep on a tensor of counts of answer rows with ``causal`` blocks each, without a device sync."""

@@ -110,7 +110,7 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, dev, first, mq)
     if cfg.adaptive:  # per (KV head, query block) counts [B, Hkv, Mq] from the estimated mass, same total
         keep = adaptive_keep_counts(a_max, allowed, forced, keep, cfg.top_p, cfg.budget_floor, cfg.budget_cap)
-    if answer and (cfg.answer_blocks or cfg.answer_dense) and mq > 0:  # the answer row (CABConfig.answer_keep)
+    if answer and cfg.raises_answer_row and mq > 0:  # the answer row (CABConfig.answer_keep)
         keep = keep.clone()
         keep[..., -1] = cfg.answer_floor(keep[..., -1], first + mq, prompt=True)
     fx = forced.expand_as(a_max)

@@ -1,6 +1,7 @@
 """The token decode's launches, once warm, for a profiler: one row of the Llama-3.1-8B attention geometry (32/8 heads,
-D=128, bf16, 16-token pages handed out in order, as decode_profile.py lays them out by default), 98%, with the counting rule (passes 1) and the sampled threshold
-(passes 0), each run twice (the first compiles). Under Nsight Compute, e.g.
+D=128, bf16, 16-token pages handed out in order, as decode_profile.py lays them out by default), 98%, with the
+counting rule (passes 1) and the sampled threshold (passes 0), each run twice (the first compiles). Under Nsight
+Compute, e.g.
 
     ncu --clock-control none --kernel-name _logits_kernel --launch-skip 1 --launch-count 1 \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\

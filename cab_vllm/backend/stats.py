@@ -272,7 +272,7 @@ class Stats:
                 mode = "sparse"
             else:
                 kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, first, last)
-                if final.get(r) and (cfg.answer_blocks or cfg.answer_dense):  # the prompt's last row: an answer row
+                if final.get(r) and cfg.raises_answer_row:  # the prompt's last row: an answer row
                     k_last = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, last, last)
                     kept += cfg.answer_keep(k_last, last + 1, prompt=True) - k_last
                 mode = "sparse"

@@ -31,13 +31,14 @@ one runs twice); with one (PASSES 1, the default) three: 1, 2 and 5 below.
 What it reads per layer and row: every key once (launch 1; what a selector that scores every key exactly must read),
 the logits once more (the attention's scan; with two passes the second count reads them too; with fp32 logits and
 32/8 heads of dimension 128 each read is 6% of the keys' bytes), and the kept keys' values. On an H100 at 128k the
-first launch reads the keys at 73% of the memory's peak bandwidth (Nsight Compute: BENCHMARKS.md, thirty-third run). Every launch spreads over the row's chunks or splits:
-no program scans a whole row (one program per head that scans it several times, as a radix select would, runs on a
-few SMs), and the histograms have 128 buckets (Triton builds tl.histogram from warp ballots, whose cost per key grows
-with the bucket count). Each launch is bound by memory latency unless many programs are in flight. Reading every key
-is this rule's floor: box bounds of key blocks rule out no block of a KV group on a real model
-(experiments/RESULTS.md, "Block bounds do not let an exact token decode skip keys"). (A fixed subset of each key's
-dimensions is no cheaper scorer either: experiments/RESULTS.md, "Fixed dimensions do not rank keys".)
+first launch reads the keys at 73% of the memory's peak bandwidth (Nsight Compute: BENCHMARKS.md, thirty-third run).
+Every launch spreads over the row's chunks or splits: no program scans a whole row (one program per head that scans
+it several times, as a radix select would, runs on a few SMs), and the histograms have 128 buckets (Triton builds
+tl.histogram from warp ballots, whose cost per key grows with the bucket count). Each launch is bound by memory
+latency unless many programs are in flight. Reading every key is this rule's floor: box bounds of key blocks rule out
+no block of a KV group on a real model (experiments/RESULTS.md, "Block bounds do not let an exact token decode skip
+keys"). (A fixed subset of each key's dimensions is no cheaper scorer either: experiments/RESULTS.md, "Fixed
+dimensions do not rank keys".)
 
 With a 4-bit copy of K (codes=, ops.key_codes: 3/8 of a bf16 key's bytes) launch 1 scores every key by the copy
 instead, launches 2-4 pick each head's rerank x keep best by that estimate (its candidates), and a rescoring launch,
@@ -56,8 +57,10 @@ With PASSES 0 (sampled_rule) there are three launches: the exact logits of every
 within 1..SAMPLE), each head's threshold from them (a bisection for their round(keep / s)-th largest), and one launch
 split as the attention is that computes every key's logit and runs the online softmax over the keys at or above the
 threshold in the same step (no stored logits, counting or scan; about keep keys per head, not exactly). On an H100
-it is 0.93-0.94x the counting rule's time at 128k x 1 and 1.13-1.16x at 32k x 1 (BENCHMARKS.md, thirty-second run):
-its key-reading launch, heavier by the softmax, bounds it as the logits launch bounds the counting rule.
+it is 0.93-0.94x the counting rule's time at 128k x 1 and 1.13-1.16x at 32k x 1 with a workspace sized for 32k
+(BENCHMARKS.md, thirty-second run), 0.96x at both with one sized for 128k, as an engine of that max_model_len sizes it
+(thirty-third run): its key-reading launch, heavier by the softmax, bounds it as the logits launch bounds the
+counting rule.
 
 CUDA-graph safe: fixed grids (the rows and the engine's longest context, NPAD), every count read on the device; rows
 with keep 0 return at once and are not written. Twin: token_decode_torch (the same rule in PyTorch: the CPU path and
@@ -1060,7 +1063,8 @@ def _sampled_launches(q, key_cache, value_cache, bt, sl, kp, scale, out, scratch
     npad = scratch.logits.shape[-1]
     lg, sel = scratch.logits, scratch.sel
     block_d, gpad, page = max(16, next_pow2(d)), max(16, next_pow2(hq // hkv)), key_cache.shape[1]
-    sp = triton.cdiv(triton.cdiv(npad, SAMPLE), SAMPLE_TILE)  # programs per (row, KV head): one step each at stride SAMPLE
+    # programs per (row, KV head): one step each at stride SAMPLE
+    sp = triton.cdiv(triton.cdiv(npad, SAMPLE), SAMPLE_TILE)
     _sample_kernel[(r * hkv * sp,)](
         q, key_cache, bt, sl, kp, lg, scale * LOG2E, hq, hkv, sp, q.stride(0), q.stride(1), key_cache.stride(0),
         key_cache.stride(1), key_cache.stride(2), bt.stride(0), lg.stride(0), lg.stride(1), HEAD_DIM=d,
