@@ -17,7 +17,7 @@ from cab_vllm.config import POLICIES, CABConfig
 
 _FIELDS = {f for f in CABConfig.__dataclass_fields__} - {"sparsity", "policy"}
 # the transformers adapter's own keys (cab_vllm.hf.using), not CABConfig fields
-ADAPTER_KEYS = ("phases", "layers", "early", "compensate", "oracle", "tokens")
+ADAPTER_KEYS = ("phases", "layers", "early", "compensate", "oracle", "tokens", "prefill")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class Variant:
     Examples: ``dense``, ``cab``, ``cab:curvature_share=0.5``, ``curvature:estimator=max_l2`` (the seed).
     The extra key ``phases=prefill|decode`` sparsifies only that phase, ``layers=LO-HI`` only layers LO..HI-1,
     ``early=N@S`` runs layers below N at sparsity S, ``compensate=mean|mass`` adds the dropped blocks' average back,
-    ``oracle=token`` lets every sparse row keep its own best keys token by token at the same density, and
+    ``oracle=token`` lets every sparse row keep its own best keys token by token at the same density,
+    ``prefill=vertical`` lets every prompt row keep its recent keys and the keys the prompt's last rows attend to most
+    (one token-level set per KV head) at the same density, and
     ``tokens=pcaR|sparqR|sparqgR|dimsR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
     only; pca and dims need the model's key basis and dimension order, cab_vllm.hf.calibrate_key_basis)."""
 
@@ -54,10 +56,10 @@ class Variant:
                     raise ValueError(f"variant {spec!r}: {e}") from None
                 overrides.append((key, raw))
                 continue
-            if key in ("phases", "compensate", "oracle"):
-                from cab_vllm.hf import COMPENSATIONS, ORACLES, PHASES
+            if key in ("phases", "compensate", "oracle", "prefill"):
+                from cab_vllm.hf import COMPENSATIONS, ORACLES, PHASES, PREFILLS
 
-                allowed = {"phases": PHASES, "compensate": COMPENSATIONS, "oracle": ORACLES}[key]
+                allowed = {"phases": PHASES, "compensate": COMPENSATIONS, "oracle": ORACLES, "prefill": PREFILLS}[key]
                 if raw not in allowed:
                     raise ValueError(f"variant {spec!r}: {key}={raw!r} must be one of {allowed}")
                 overrides.append((key, raw))
@@ -122,16 +124,20 @@ class Variant:
         return dict(self.overrides).get("tokens")
 
     @property
+    def prefill(self) -> str | None:
+        return dict(self.overrides).get("prefill")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
     def using(self, sparsity: float, impl: str = "auto"):
         """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
-        layers, early, compensate, oracle, tokens); yields the block counts."""
+        layers, early, compensate, oracle, tokens, prefill); yields the block counts."""
         from cab_vllm import hf
 
         return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early,
-                        compensate=self.compensate, oracle=self.oracle, tokens=self.tokens)
+                        compensate=self.compensate, oracle=self.oracle, tokens=self.tokens, prefill=self.prefill)
 
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""

@@ -50,6 +50,7 @@ class _State:
     early: tuple[int, float] | None = None
     compensate: str | None = None
     tokens: tuple[str, int, bool] | None = None
+    prefill: str | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -61,6 +62,9 @@ _STATE = _State()
 PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
+PREFILLS = ("vertical",)
+VERTICAL_ROWS = 64  # prefill="vertical": the prompt's last rows whose exact attention ranks the keys
+VERTICAL_LOCAL = 64  # prefill="vertical": each row's most recent keys, always kept
 _TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(intc|int)([2-8]))(?:x([1-9][0-9]*))?(kv)?")
 CHANNEL_GROUP = 16  # intcB: tokens per group of a channel's quantization range (a vLLM page of 16 tokens)
 DIM_GROUP = 16  # dimsR ranks keys by whole groups of this many dimensions (32 bytes of a bf16 key: one DRAM sector)
@@ -112,7 +116,7 @@ def parse_tokens(spec: str) -> TokenSpec:
 @contextlib.contextmanager
 def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
           early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None,
-          tokens: str | None = None):
+          tokens: str | None = None, prefill: str | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -131,7 +135,16 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     an estimate instead of their exact scores (parse_tokens: "exact" = oracle="token", "pcaR", "sparqR", "sparqgR",
     "dimsR", "intB", each with a "kv" suffix for one set per KV group; the kept keys' exact scores enter the
     softmax) — what a training-free token selector keeps of the oracle's accuracy. "pcaR" and "dimsR" need each
-    attention module's key basis and dimension order (calibrate_key_basis)."""
+    attention module's key basis and dimension order (calibrate_key_basis). prefill: "vertical" makes every sparse
+    prefill row keep, as many keys as its kept blocks hold, its VERTICAL_LOCAL most recent keys and the rest from
+    one ranking of the keys per KV head, their attention mass in the prompt's last VERTICAL_ROWS rows (exact scores,
+    summed over the group's query heads): MInference's vertical lines at token granularity, a set a tiled kernel
+    can gather once per head (vertical_attention; decode follows the policy's own rule)."""
+    if prefill is not None and prefill not in PREFILLS:
+        raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS} or None")
+    if prefill is not None and (oracle or tokens or compensate) is not None:
+        raise ValueError("prefill='vertical' chooses the prompt rows' keys itself: not with oracle, tokens or "
+                         "compensate")
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"oracle={oracle!r} must be one of {ORACLES} or None")
     if oracle is not None and tokens is not None:
@@ -153,15 +166,15 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     if early is not None and cfg is not None:
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
     prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-            _STATE.prompt_sel, _STATE.stats)
+            _STATE.prefill, _STATE.prompt_sel, _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
-    _STATE.compensate, _STATE.tokens = compensate, token_sel
+    _STATE.compensate, _STATE.tokens, _STATE.prefill = compensate, token_sel, prefill
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
         (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-         _STATE.prompt_sel, _STATE.stats) = prev
+         _STATE.prefill, _STATE.prompt_sel, _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -315,6 +328,57 @@ def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
         p = torch.softmax(token_oracle_scores(q, k, keep, scale, r0, r1, estimate, shared, rerank), dim=-1)
+        out[:, :, r0:r1] = torch.einsum("bhgrn,bhnd->bhgrd", p, v.float()).reshape(b, hq, r1 - r0, d)
+    return out.to(q.dtype)
+
+
+def vertical_rank(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int = VERTICAL_ROWS) -> torch.Tensor:
+    """[B, Hkv, N] float32: each key's attention mass in the prompt's last ``rows`` rows (causal softmax of their
+    exact scores), summed over those rows and the KV group's query heads; q [B, Hq, N, D], k [B, Hkv, N, D]."""
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    r = min(rows, n)
+    qr = q[:, :, n - r:].float().view(b, hkv, hq // hkv, r, d)
+    s = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
+    causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - r, n, device=q.device)[:, None]
+    return torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1).sum((2, 3))
+
+
+def vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+                       rank: torch.Tensor | None = None, local: int = VERTICAL_LOCAL, rows: int = 256) -> torch.Tensor:
+    """Causal prefill where query token i keeps ``keep[b, h, i]`` keys (clamped to 1..i+1): its ``local`` most recent
+    keys, and the rest the highest of ``rank`` [B, Hkv, N] among its earlier keys (one ranking per KV head, shared by
+    every row and query head: vertical_rank when None); the kept keys enter the softmax with their exact scores.
+    q [B, Hq, N, D], k/v [B, Hkv, N, D], keep [B, Hkv, N] int -> [B, Hq, N, D] in q.dtype (PyTorch, float32)."""
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    if keep.shape != (b, hkv, n):
+        raise ValueError(f"keep must be [{b}, {hkv}, {n}], got {tuple(keep.shape)}")
+    if local < 1:
+        raise ValueError(f"local must be >= 1, got {local}")
+    rank = vertical_rank(q, k, scale) if rank is None else rank.float()
+    if rank.shape != (b, hkv, n):
+        raise ValueError(f"rank must be [{b}, {hkv}, {n}], got {tuple(rank.shape)}")
+    out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
+    j = torch.arange(n, device=q.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        pos = torch.arange(r0, r1, device=q.device)
+        causal = j[None, :] <= pos[:, None]  # [R, N]
+        recent = causal & (j[None, :] > pos[:, None] - local)
+        kt = torch.minimum(keep[:, :, r0:r1].long(), pos + 1).clamp(min=1)  # [B, Hkv, R]
+        # the recent keys first, most recent first (above any rank), then the earlier keys by rank
+        top = float(rank.max()) + 1.0
+        est = torch.where(recent, top + 1.0 + j.float(), rank[:, :, None, :])  # [B, Hkv, R, N]
+        est = est.masked_fill(~causal, float("-inf"))
+        kmax = int(kt.max())
+        order = est.topk(kmax, dim=-1).indices
+        first = torch.arange(kmax, device=q.device) < kt[..., None]
+        kept = torch.zeros_like(est, dtype=torch.bool).scatter_(-1, order, first)  # [B, Hkv, R, N]
+        qr = q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d)
+        sc = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
+        p = torch.softmax(sc.masked_fill(~kept[:, :, None], float("-inf")), dim=-1)
         out[:, :, r0:r1] = torch.einsum("bhgrn,bhnd->bhgrd", p, v.float()).reshape(b, hq, r1 - r0, d)
     return out.to(q.dtype)
 
@@ -483,6 +547,8 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
         sel = select_blocks(query, key, cfg, impl=impl)
         if _STATE.compensate is not None:
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
+        elif _STATE.prefill == "vertical":
+            out = vertical_attention(query, key, value, kept_tokens(sel), scale)
         elif _STATE.tokens is not None:
             out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key),
                                          shared=_STATE.tokens.shared, rerank=_STATE.tokens.rerank)

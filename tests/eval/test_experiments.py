@@ -318,6 +318,10 @@ def test_layers_sparsify_a_layer_range_only(smol):
     with pytest.raises(ValueError, match="compensate="):
         Variant.parse("cab:compensate=median")
     assert Variant.parse("cab:oracle=token").oracle == "token" and Variant.parse("cab").oracle is None
+    assert Variant.parse("cab:prefill=vertical").prefill == "vertical" and Variant.parse("cab").prefill is None
+    assert Variant.parse("cab:prefill=vertical").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    with pytest.raises(ValueError, match="prefill="):
+        Variant.parse("cab:prefill=slash")
     assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="oracle="):
         Variant.parse("cab:oracle=block")

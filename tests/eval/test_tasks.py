@@ -389,7 +389,7 @@ def test_engine_wide_overrides_are_accepted_only_when_the_engine_runs_them():
         EngineModel.request_args(Variant.parse("cab:estimator=mean"), 0.95, wide)
     # ablations of the adapter
     for adapter_only in ("cab:compensate=mean", "cab:layers=2-24", "cab:early=12@0.5", "cab:oracle=token",
-                         "cab:tokens=pca16"):
+                         "cab:tokens=pca16", "cab:prefill=vertical"):
         with pytest.raises(ValueError, match=r"cannot be set per request.*no engine variable"):
             EngineModel.request_args(Variant.parse(adapter_only), 0.95, {})
     assert EngineModel.request_args(Variant.parse("dense"), 0.95, wide) == {"cab_sparsity": 0.0, "cab_policy": "dense"}
