@@ -51,6 +51,7 @@ class _State:
     compensate: str | None = None
     tokens: tuple[str, int, bool] | None = None
     prefill: str | None = None
+    prefill_chunk: int | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -62,7 +63,7 @@ _STATE = _State()
 PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
-PREFILLS = ("vertical",)
+PREFILLS = ("vertical", "vslash")
 VERTICAL_ROWS = 64  # prefill="vertical": the prompt's last rows whose exact attention ranks the keys
 VERTICAL_LOCAL = 64  # prefill="vertical": each row's most recent keys, always kept
 _TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(intc|int)([2-8]))(?:x([1-9][0-9]*))?(kv)?")
@@ -116,7 +117,7 @@ def parse_tokens(spec: str) -> TokenSpec:
 @contextlib.contextmanager
 def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
           early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None,
-          tokens: str | None = None, prefill: str | None = None):
+          tokens: str | None = None, prefill: str | None = None, prefill_chunk: int | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -139,11 +140,16 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     prefill row keep, as many keys as its kept blocks hold, its VERTICAL_LOCAL most recent keys and the rest from
     one ranking of the keys per KV head, their attention mass in the prompt's last VERTICAL_ROWS rows (exact scores,
     summed over the group's query heads): MInference's vertical lines at token granularity, a set a tiled kernel
-    can gather once per head (vertical_attention; decode follows the policy's own rule)."""
+    can gather once per head (vertical_attention; decode follows the policy's own rule). "vslash" ranks key j for
+    row i by the larger of j's and of the offset i - j's mass in those rows (MInference's vertical and slash lines).
+    prefill_chunk: with either, the prompt's rows in chunks of this many rows, each ranking the keys by its own last
+    rows, as a chunked prefill must (chunked_vertical_attention; None: the whole prompt's last rows rank for all)."""
+    if prefill_chunk is not None and (prefill is None or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk={prefill_chunk!r} needs prefill='vertical' or 'vslash' and a positive size")
     if prefill is not None and prefill not in PREFILLS:
         raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS} or None")
     if prefill is not None and (oracle or tokens or compensate) is not None:
-        raise ValueError("prefill='vertical' chooses the prompt rows' keys itself: not with oracle, tokens or "
+        raise ValueError(f"prefill={prefill!r} chooses the prompt rows' keys itself: not with oracle, tokens or "
                          "compensate")
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"oracle={oracle!r} must be one of {ORACLES} or None")
@@ -166,15 +172,16 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     if early is not None and cfg is not None:
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
     prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-            _STATE.prefill, _STATE.prompt_sel, _STATE.stats)
+            _STATE.prefill, _STATE.prefill_chunk, _STATE.prompt_sel, _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
-    _STATE.compensate, _STATE.tokens, _STATE.prefill = compensate, token_sel, prefill
+    _STATE.compensate, _STATE.tokens = compensate, token_sel
+    _STATE.prefill, _STATE.prefill_chunk = prefill, prefill_chunk
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
         (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-         _STATE.prefill, _STATE.prompt_sel, _STATE.stats) = prev
+         _STATE.prefill, _STATE.prefill_chunk, _STATE.prompt_sel, _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -332,24 +339,44 @@ def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     return out.to(q.dtype)
 
 
-def vertical_rank(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int = VERTICAL_ROWS) -> torch.Tensor:
-    """[B, Hkv, N] float32: each key's attention mass in the prompt's last ``rows`` rows (causal softmax of their
-    exact scores), summed over those rows and the KV group's query heads; q [B, Hq, N, D], k [B, Hkv, N, D]."""
+def _last_rows_attention(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int) -> torch.Tensor:
+    """[B, Hkv, R, N] float32: the causal softmax of the prompt's last R = min(rows, N) rows, summed over the KV
+    group's query heads."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     r = min(rows, n)
     qr = q[:, :, n - r:].float().view(b, hkv, hq // hkv, r, d)
     s = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
     causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - r, n, device=q.device)[:, None]
-    return torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1).sum((2, 3))
+    return torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1).sum(2)
+
+
+def vertical_rank(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int = VERTICAL_ROWS) -> torch.Tensor:
+    """[B, Hkv, N] float32: each key's attention mass in the prompt's last ``rows`` rows (causal softmax of their
+    exact scores), summed over those rows and the KV group's query heads; q [B, Hq, N, D], k [B, Hkv, N, D]."""
+    return _last_rows_attention(q, k, scale, rows).sum(2)
+
+
+def slash_rank(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int = VERTICAL_ROWS) -> torch.Tensor:
+    """[B, Hkv, N] float32: each offset o's attention mass in the prompt's last ``rows`` rows: the mass row i gives
+    key i - o, summed over those rows and the KV group's query heads (MInference's slash lines)."""
+    p = _last_rows_attention(q, k, scale, rows)  # [B, Hkv, R, N]
+    n, r = p.shape[-1], p.shape[-2]
+    pos = torch.arange(n - r, n, device=p.device)[:, None]  # [R, 1]
+    j = pos - torch.arange(n, device=p.device)[None, :]  # key of offset o for row r: [R, N], negative past the start
+    got = p.gather(-1, j.clamp(min=0).expand(p.shape[:2] + j.shape)) * (j >= 0)
+    return got.sum(2)
 
 
 def vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-                       rank: torch.Tensor | None = None, local: int = VERTICAL_LOCAL, rows: int = 256) -> torch.Tensor:
+                       rank: torch.Tensor | None = None, local: int = VERTICAL_LOCAL, rows: int = 256,
+                       slash: torch.Tensor | None = None, first_row: int = 0) -> torch.Tensor:
     """Causal prefill where query token i keeps ``keep[b, h, i]`` keys (clamped to 1..i+1): its ``local`` most recent
     keys, and the rest the highest of ``rank`` [B, Hkv, N] among its earlier keys (one ranking per KV head, shared by
-    every row and query head: vertical_rank when None); the kept keys enter the softmax with their exact scores.
-    q [B, Hq, N, D], k/v [B, Hkv, N, D], keep [B, Hkv, N] int -> [B, Hq, N, D] in q.dtype (PyTorch, float32)."""
+    every row and query head: vertical_rank when None); with ``slash`` [B, Hkv, N] (a rank per offset, slash_rank)
+    key j ranks for row i by the larger of rank[j] and slash[i - j]. The kept keys enter the softmax with their
+    exact scores. q [B, Hq, N, D], k/v [B, Hkv, N, D], keep [B, Hkv, N] int -> [B, Hq, N - first_row, D] (the rows
+    from ``first_row`` on) in q.dtype (PyTorch, float32)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -358,19 +385,28 @@ def vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
     if local < 1:
         raise ValueError(f"local must be >= 1, got {local}")
     rank = vertical_rank(q, k, scale) if rank is None else rank.float()
-    if rank.shape != (b, hkv, n):
-        raise ValueError(f"rank must be [{b}, {hkv}, {n}], got {tuple(rank.shape)}")
+    if rank.shape != (b, hkv, n) or (slash is not None and slash.shape != (b, hkv, n)):
+        raise ValueError(f"rank and slash must be [{b}, {hkv}, {n}], got {tuple(rank.shape)}"
+                         f"{'' if slash is None else ', ' + str(tuple(slash.shape))}")
+    if not 0 <= first_row < n:
+        raise ValueError(f"first_row must be in [0, {n}), got {first_row}")
     out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
     j = torch.arange(n, device=q.device)
-    for r0 in range(0, n, rows):
+    for r0 in range(first_row, n, rows):
         r1 = min(n, r0 + rows)
         pos = torch.arange(r0, r1, device=q.device)
         causal = j[None, :] <= pos[:, None]  # [R, N]
         recent = causal & (j[None, :] > pos[:, None] - local)
         kt = torch.minimum(keep[:, :, r0:r1].long(), pos + 1).clamp(min=1)  # [B, Hkv, R]
         # the recent keys first, most recent first (above any rank), then the earlier keys by rank
+        score = rank[:, :, None, :]  # [B, Hkv, 1 or R, N]
         top = float(rank.max()) + 1.0
-        est = torch.where(recent, top + 1.0 + j.float(), rank[:, :, None, :])  # [B, Hkv, R, N]
+        if slash is not None:  # row i, key j: the offset i - j's rank (0 past the causal keys: masked below)
+            off = (pos[:, None] - j[None, :]).clamp(min=0)
+            score = torch.maximum(score, slash.gather(-1, off.reshape(1, 1, -1).expand(b, hkv, -1)).view(
+                b, hkv, r1 - r0, n))
+            top = max(top, float(slash.max()) + 1.0)
+        est = torch.where(recent, top + 1.0 + j.float(), score)  # [B, Hkv, R, N]
         est = est.masked_fill(~causal, float("-inf"))
         kmax = int(kt.max())
         order = est.topk(kmax, dim=-1).indices
@@ -380,7 +416,26 @@ def vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
         sc = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
         p = torch.softmax(sc.masked_fill(~kept[:, :, None], float("-inf")), dim=-1)
         out[:, :, r0:r1] = torch.einsum("bhgrn,bhnd->bhgrd", p, v.float()).reshape(b, hq, r1 - r0, d)
-    return out.to(q.dtype)
+    return out[:, :, first_row:].to(q.dtype)
+
+
+def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+                               chunk: int | None = None, slash: bool = False,
+                               local: int = VERTICAL_LOCAL) -> torch.Tensor:
+    """vertical_attention as a chunked prefill runs it: the prompt's rows in chunks of ``chunk`` (None: one chunk),
+    each chunk's rows ranking the keys by the chunk's own last VERTICAL_ROWS rows (vertical_rank, and slash_rank when
+    ``slash``), since the prompt's later rows do not exist yet when a chunk runs -> [B, Hq, N, D] in q.dtype."""
+    n = q.shape[2]
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
+    step = n if chunk is None else chunk
+    outs = []
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        qc, kc = q[:, :, :c1], k[:, :, :c1]
+        outs.append(vertical_attention(qc, kc, v[:, :, :c1], keep[..., :c1], scale, rank=vertical_rank(qc, kc, scale),
+                                       local=local, slash=slash_rank(qc, kc, scale) if slash else None, first_row=c0))
+    return torch.cat(outs, dim=2)
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
@@ -547,8 +602,9 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
         sel = select_blocks(query, key, cfg, impl=impl)
         if _STATE.compensate is not None:
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
-        elif _STATE.prefill == "vertical":
-            out = vertical_attention(query, key, value, kept_tokens(sel), scale)
+        elif _STATE.prefill is not None:  # "vertical" / "vslash", the prompt in chunks of prefill_chunk rows
+            out = chunked_vertical_attention(query, key, value, kept_tokens(sel), scale, chunk=_STATE.prefill_chunk,
+                                             slash=_STATE.prefill == "vslash")
         elif _STATE.tokens is not None:
             out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key),
                                          shared=_STATE.tokens.shared, rerank=_STATE.tokens.rerank)

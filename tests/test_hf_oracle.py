@@ -409,10 +409,10 @@ def test_intc_estimate_ranks_by_the_channel_quantized_keys():
 
 
 # ---- prefill="vertical": recent keys and one token-level set per KV head ------------------------------------------
-def _brute_vertical(q, k, v, keep, scale, rank, local):
+def _brute_vertical(q, k, v, keep, scale, rank, local, slash=None):
     """Row by row: each (KV head, token) keeps its ``local`` most recent keys, then the highest-ranked earlier keys
-    (``rank`` [B, Hkv, N]) up to keep[b, kvh, i]; every query head of the group softmaxes its exact scores over
-    those keys."""
+    (``rank`` [B, Hkv, N]; with ``slash``, key j of row i by max(rank[j], slash[i - j])) up to keep[b, kvh, i];
+    every query head of the group softmaxes its exact scores over those keys."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -422,7 +422,10 @@ def _brute_vertical(q, k, v, keep, scale, rank, local):
             for i in range(n):
                 kt = max(1, min(int(keep[bi, h, i]), i + 1))
                 recent = list(range(i, max(-1, i - local), -1))[:kt]
-                older = sorted(range(0, max(0, i - local + 1)), key=lambda j: -float(rank[bi, h, j]))
+
+                def score(j, i=i, h=h, bi=bi):
+                    return max(float(rank[bi, h, j]), float(slash[bi, h, i - j]) if slash is not None else -1.0)
+                older = sorted(range(0, max(0, i - local + 1)), key=lambda j: -score(j))
                 top = torch.tensor(recent + older[:kt - len(recent)])
                 for j in range(h * g, (h + 1) * g):
                     p = torch.softmax(scale * (k[bi, h, top].float() @ q[bi, j, i].float()), 0)
@@ -439,6 +442,61 @@ def test_vertical_attention_matches_the_row_by_row_reference(n, local, rows):
     rank = torch.rand(2, 2, n)  # distinct values: one order
     got = hf.vertical_attention(q, k, v, keep, 0.4, rank=rank, local=local, rows=rows)
     torch.testing.assert_close(got, _brute_vertical(q, k, v, keep, 0.4, rank, local), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,local,rows", [(37, 5, 256), (37, 3, 6), (20, 1, 7)], ids=["whole", "chunked", "local1"])
+def test_vertical_and_slash_attention_matches_the_row_by_row_reference(n, local, rows):
+    torch.manual_seed(n * 3 + local)
+    q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    keep = torch.randint(0, n + 3, (1, 2, n))
+    rank, slash = torch.rand(1, 2, n), torch.rand(1, 2, n)  # distinct values: one order
+    got = hf.vertical_attention(q, k, v, keep, 0.4, rank=rank, local=local, rows=rows, slash=slash)
+    want = _brute_vertical(q, k, v, keep, 0.4, rank, local, slash)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, hf.vertical_attention(q, k, v, keep, 0.4, rank=rank, local=local, rows=rows))
+
+
+def test_slash_rank_is_the_last_rows_attention_by_offset():
+    torch.manual_seed(6)
+    q, k = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8)
+    got = hf.slash_rank(q, k, 0.3, rows=5)
+    want = torch.zeros(1, 2, 30)
+    for h in range(2):
+        for j in (2 * h, 2 * h + 1):
+            for i in range(25, 30):
+                p = torch.softmax(0.3 * (k[0, h, :i + 1] @ q[0, j, i]), 0)
+                for key in range(i + 1):
+                    want[0, h, i - key] += p[key]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.sum(-1), hf.vertical_rank(q, k, 0.3, rows=5).sum(-1))  # the same mass
+
+
+@pytest.mark.parametrize("slash", [False, True], ids=["vertical", "vslash"])
+def test_chunked_vertical_attention_ranks_each_chunk_by_its_own_last_rows(slash):
+    """Chunks of 13 rows of a 37-row prompt: each chunk's rows as the row-by-row reference with the ranking of that
+    chunk's last rows over its keys; one chunk (None, or one as long as the prompt) is the whole prompt's ranking."""
+    torch.manual_seed(11 + slash)
+    n, chunk, local = 37, 13, 4
+    q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    keep = torch.randint(1, n, (1, 2, n))
+    got = hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, slash=slash, local=local)
+    assert got.shape == q.shape
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        qc, kc = q[:, :, :c1], k[:, :, :c1]
+        want = _brute_vertical(qc, kc, v[:, :, :c1], keep[..., :c1], 0.4, hf.vertical_rank(qc, kc, 0.4), local,
+                               hf.slash_rank(qc, kc, 0.4) if slash else None)
+        torch.testing.assert_close(got[:, :, c0:c1], want[:, :, c0:c1], atol=1e-5, rtol=1e-5)
+    whole = hf.vertical_attention(q, k, v, keep, 0.4, local=local,
+                                  slash=hf.slash_rank(q, k, 0.4) if slash else None)
+    for one in (None, n, n + 5):
+        torch.testing.assert_close(hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=one, slash=slash,
+                                                                 local=local), whole)
+    assert not torch.allclose(got, whole, atol=1e-4)  # the early chunks rank by other rows
+    with pytest.raises(ValueError, match="chunk must be"):
+        hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=0)
+    with pytest.raises(ValueError, match="first_row must be"):
+        hf.vertical_attention(q, k, v, keep, 0.4, first_row=n)
 
 
 def test_vertical_rank_is_the_last_rows_summed_attention():
@@ -458,7 +516,7 @@ def test_vertical_rank_is_the_last_rows_summed_attention():
     torch.testing.assert_close(full, dense_attention_ref(q, k, v, scale=0.3).float(), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="keep must be"):
         hf.vertical_attention(q, k, v, torch.ones(1, 2, 39), 0.3)
-    with pytest.raises(ValueError, match="rank must be"):
+    with pytest.raises(ValueError, match="rank and slash must be"):
         hf.vertical_attention(q, k, v, torch.ones(1, 2, 40), 0.3, rank=torch.ones(1, 1, 40))
     with pytest.raises(ValueError, match="local must be"):
         hf.vertical_attention(q, k, v, torch.ones(1, 2, 40), 0.3, local=0)
@@ -480,12 +538,20 @@ def test_a_model_runs_with_the_vertical_prefill():
 
     block, c_block = run()
     vert, c_vert = run(prefill="vertical")
+    vslash, c_vslash = run(prefill="vslash")
     tok, c_tok = run(oracle="token")
-    assert c_block == c_vert and c_block[0] < c_block[1]
-    assert not torch.allclose(vert[0], block[0], atol=1e-4) and not torch.allclose(vert[0], tok[0], atol=1e-4)
-    assert math.isfinite(float(vert.sum()))
+    assert c_block == c_vert == c_vslash and c_block[0] < c_block[1]
+    for other in (block, tok, vslash):
+        assert not torch.allclose(vert[0], other[0], atol=1e-4)
+    assert math.isfinite(float(vert.sum())) and math.isfinite(float(vslash.sum()))
     for bad in (dict(oracle="token"), dict(tokens="int4"), dict(compensate="mean")):
         with pytest.raises(ValueError, match="not with oracle, tokens or compensate"):
-            run(prefill="vertical", **bad)
+            run(prefill="vslash", **bad)
     with pytest.raises(ValueError, match="prefill="):
         run(prefill="slash")
+    chunked, c_chunked = run(prefill="vertical", prefill_chunk=128)  # 300 rows: 3 chunks
+    assert c_chunked == c_vert and not torch.allclose(chunked[0], vert[0], atol=1e-4)
+    whole, _ = run(prefill="vertical", prefill_chunk=300)
+    torch.testing.assert_close(whole, vert)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        run(prefill_chunk=128)

@@ -322,6 +322,11 @@ def test_layers_sparsify_a_layer_range_only(smol):
     assert Variant.parse("cab:prefill=vertical").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="prefill="):
         Variant.parse("cab:prefill=slash")
+    assert Variant.parse("cab:prefill=vslash,prefill_chunk=1024").prefill_chunk == 1024
+    assert Variant.parse("cab:prefill=vslash,prefill_chunk=1024").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    for bad in ("0", "-3", "1k"):
+        with pytest.raises(ValueError, match="prefill_chunk="):
+            Variant.parse(f"cab:prefill=vertical,prefill_chunk={bad}")
     assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="oracle="):
         Variant.parse("cab:oracle=block")
