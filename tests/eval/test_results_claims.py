@@ -195,3 +195,24 @@ def test_sparse_prompt_token_decode_timings_match_their_runs():
         claim = (f"128k: TTFT {t[0]} / {t[1]} lower, TPOT {p[0]} / {p[1]}" if n == 131072
                  else f"32k: {t[0]} / {t[1]}, TPOT {p[0]} / {p[1]} (H100)")
         assert claim in readme, (size, claim)
+
+
+def test_vertical_prefill_table_matches_its_rows():
+    """The adapter's vertical / slash prefill table at 4k (RESULTS.md): scores per task, suite means, densities and
+    the count of answers equal to dense's, from the rows."""
+    rs = rows("tasks_qwen_cpu_vertical.jsonl")
+    got = table(ROOT / "experiments" / "RESULTS.md", "| prompt rows keep (90%) | density |")
+    tasks = ("single", "multikey", "multivalue", "multiquery", "vartrack", "freqwords")
+    key = lambda r: (r["task"], r["depth"], r["trial"])  # noqa: E731
+    dense = {key(r): r["answer"] for r in rs if r["variant"] == "dense"}
+    labels = {"dense (adapter)": "dense", "cab's 64-token blocks": "cab:decode_rule=tokens",
+              "recent keys + vertical lines": "cab:decode_rule=tokens,prefill=vertical",
+              "recent keys + vertical and slash lines": "cab:decode_rule=tokens,prefill=vslash"}
+    assert set(got) == set(labels)
+    for label, variant in labels.items():
+        cell = [r for r in rs if r["variant"] == variant and r["length"] == 4096]
+        assert len(cell) == 16, (label, len(cell))
+        want = [f"{mean(cell, 'density'):.3f}"] + [f"{mean([r for r in cell if r['task'] == t]):.2f}" for t in tasks]
+        want += [f"{mean(cell):.2f}", "—" if variant == "dense" else str(sum(dense[key(r)] == r["answer"]
+                                                                                 for r in cell))]
+        assert got[label] == want, (label, got[label], want)
