@@ -456,18 +456,26 @@ def test_vertical_and_slash_attention_matches_the_row_by_row_reference(n, local,
     assert not torch.allclose(got, hf.vertical_attention(q, k, v, keep, 0.4, rank=rank, local=local, rows=rows))
 
 
+def _last_rows_mass(q, k, scale, rows):
+    """By loops, one batch, two query heads per KV head: (each key's, each offset's) attention mass in the last
+    ``rows`` rows, summed over those rows and the group's heads: ([1, Hkv, N], [1, Hkv, N])."""
+    n, hkv = q.shape[2], k.shape[1]
+    by_key, by_offset = torch.zeros(1, hkv, n), torch.zeros(1, hkv, n)
+    for h in range(hkv):
+        for j in (2 * h, 2 * h + 1):
+            for i in range(n - rows, n):
+                p = torch.softmax(scale * (k[0, h, :i + 1] @ q[0, j, i]), 0)
+                by_key[0, h, :i + 1] += p
+                for key in range(i + 1):
+                    by_offset[0, h, i - key] += p[key]
+    return by_key, by_offset
+
+
 def test_slash_rank_is_the_last_rows_attention_by_offset():
     torch.manual_seed(6)
     q, k = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8)
     got = hf.slash_rank(q, k, 0.3, rows=5)
-    want = torch.zeros(1, 2, 30)
-    for h in range(2):
-        for j in (2 * h, 2 * h + 1):
-            for i in range(25, 30):
-                p = torch.softmax(0.3 * (k[0, h, :i + 1] @ q[0, j, i]), 0)
-                for key in range(i + 1):
-                    want[0, h, i - key] += p[key]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, _last_rows_mass(q, k, 0.3, 5)[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.sum(-1), hf.vertical_rank(q, k, 0.3, rows=5).sum(-1))  # the same mass
 
 
@@ -503,12 +511,7 @@ def test_vertical_rank_is_the_last_rows_summed_attention():
     torch.manual_seed(5)
     q, k = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
     got = hf.vertical_rank(q, k, 0.3, rows=7)
-    want = torch.zeros(1, 2, 40)
-    for h in range(2):
-        for j in (2 * h, 2 * h + 1):
-            for i in range(33, 40):
-                want[0, h, :i + 1] += torch.softmax(0.3 * (k[0, h, :i + 1] @ q[0, j, i]), 0)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, _last_rows_mass(q, k, 0.3, 7)[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.sum(-1), torch.full((1, 2), 14.0))  # 7 rows x 2 heads, each summing to 1
     # every key kept: dense causal attention, whatever the ranking
     v = torch.randn(1, 2, 40, 8)
