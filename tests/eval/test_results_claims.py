@@ -207,7 +207,9 @@ def test_vertical_prefill_table_matches_its_rows():
     dense = {key(r): r["answer"] for r in rs if r["variant"] == "dense"}
     labels = {"dense (adapter)": "dense", "cab's 64-token blocks": "cab:decode_rule=tokens",
               "recent keys + vertical lines": "cab:decode_rule=tokens,prefill=vertical",
-              "recent keys + vertical and slash lines": "cab:decode_rule=tokens,prefill=vslash"}
+              "recent keys + vertical and slash lines": "cab:decode_rule=tokens,prefill=vslash",
+              "recent keys + vertical lines, each 1,024-row chunk ranking by its own last rows":
+                  "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=1024"}
     assert set(got) == set(labels)
     for label, variant in labels.items():
         cell = [r for r in rs if r["variant"] == variant and r["length"] == 4096]
