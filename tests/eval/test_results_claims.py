@@ -201,20 +201,25 @@ def test_vertical_prefill_table_matches_its_rows():
     """The adapter's vertical / slash prefill table at 4k (RESULTS.md): scores per task, suite means, densities and
     the count of answers equal to dense's, from the rows."""
     rs = rows("tasks_qwen_cpu_vertical.jsonl")
-    got = table(ROOT / "experiments" / "RESULTS.md", "| prompt rows keep (90%) | density |")
+    md = (ROOT / "experiments" / "RESULTS.md").read_text().splitlines()
+    at = next(i for i, line in enumerate(md) if line.startswith("| prompt rows keep | sparsity | density |"))
+    got = [[c.strip().replace("**", "") for c in line.strip().strip("|").split("|")] for line in md[at + 2:at + 9]]
     tasks = ("single", "multikey", "multivalue", "multiquery", "vartrack", "freqwords")
     key = lambda r: (r["task"], r["depth"], r["trial"])  # noqa: E731
     dense = {key(r): r["answer"] for r in rs if r["variant"] == "dense"}
+    chunked = "recent keys + vertical lines, each 1,024-row chunk ranking by its own last rows"
     labels = {"dense (adapter)": "dense", "cab's 64-token blocks": "cab:decode_rule=tokens",
               "recent keys + vertical lines": "cab:decode_rule=tokens,prefill=vertical",
               "recent keys + vertical and slash lines": "cab:decode_rule=tokens,prefill=vslash",
-              "recent keys + vertical lines, each 1,024-row chunk ranking by its own last rows":
-                  "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=1024"}
-    assert set(got) == set(labels)
-    for label, variant in labels.items():
-        cell = [r for r in rs if r["variant"] == variant and r["length"] == 4096]
-        assert len(cell) == 16, (label, len(cell))
+              chunked: "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=1024"}
+    want_rows = [(label, sp) for label, sp in [("dense (adapter)", None), ("cab's 64-token blocks", 0.9),
+                                               ("recent keys + vertical lines", 0.9),
+                                               ("recent keys + vertical and slash lines", 0.9), (chunked, 0.9),
+                                               ("cab's 64-token blocks", 0.95), (chunked, 0.95)]]
+    assert [(g[0], g[1]) for g in got] == [(label, "—" if sp is None else str(sp)) for label, sp in want_rows]
+    for g, (label, sp) in zip(got, want_rows):
+        cell = cells(rs, 4096, labels[label], sp)
+        assert len(cell) == 16, (label, sp, len(cell))
         want = [f"{mean(cell, 'density'):.3f}"] + [f"{mean([r for r in cell if r['task'] == t]):.2f}" for t in tasks]
-        want += [f"{mean(cell):.2f}", "—" if variant == "dense" else str(sum(dense[key(r)] == r["answer"]
-                                                                                 for r in cell))]
-        assert got[label] == want, (label, got[label], want)
+        want += [f"{mean(cell):.2f}", "—" if sp is None else str(sum(dense[key(r)] == r["answer"] for r in cell))]
+        assert g[2:] == want, (label, sp, g[2:], want)
