@@ -279,6 +279,15 @@ def with_dropped_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel, 
     return mixed.view(b, hq, n, d).to(q.dtype)
 
 
+def _top_mask(est: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask of est's shape: in each row of est's last dimension, its ``counts`` highest entries (counts
+    broadcastable to est.shape[:-1]; ties broken by topk's order)."""
+    kmax = int(counts.max())
+    order = est.topk(kmax, dim=-1).indices
+    first = (torch.arange(kmax, device=est.device) < counts[..., None]).expand_as(order)
+    return torch.zeros_like(est, dtype=torch.bool).scatter_(-1, order, first)
+
+
 def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float, r0: int, r1: int,
                         estimate=None, shared: bool = False, rerank: int = 0) -> torch.Tensor:
     """Scores of query rows r0..r1-1 with everything but each (query head, row)'s ``keep`` highest-scoring causal keys
@@ -312,15 +321,10 @@ def token_oracle_scores(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, sc
     est = s if estimate is None else estimate(qr).masked_fill(~causal, float("-inf"))
     if rerank:
         kc = torch.minimum(kt * rerank, pos + 1)  # candidates per row, [B, Hkv, R]
-        order = est.topk(int(kc.max()), dim=-1).indices
-        first = (torch.arange(order.shape[-1], device=q.device) < kc[:, :, None, :, None]).expand_as(order)
-        est = s.masked_fill(~torch.zeros_like(est, dtype=torch.bool).scatter_(-1, order, first), float("-inf"))
+        est = s.masked_fill(~_top_mask(est, kc[:, :, None]), float("-inf"))
     if shared:  # the group's (estimated) attention mass per key: [B, Hkv, 1, R, Nk]
         est = torch.softmax(est, dim=-1).sum(2, keepdim=True).masked_fill(~causal, float("-inf"))
-    order = est.topk(kmax, dim=-1).indices  # [B, Hkv, G or 1, R, kmax], best first
-    first = (torch.arange(kmax, device=q.device) < kt[:, :, None, :, None]).expand_as(order)  # the row's first kt
-    kept = torch.zeros_like(est, dtype=torch.bool).scatter_(-1, order, first)
-    return s.masked_fill(~kept, float("-inf"))
+    return s.masked_fill(~_top_mask(est, kt[:, :, None]), float("-inf"))  # each row's kt best (G or 1 sets)
 
 
 def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
@@ -360,7 +364,11 @@ def vertical_rank(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int = VE
 def slash_rank(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int = VERTICAL_ROWS) -> torch.Tensor:
     """[B, Hkv, N] float32: each offset o's attention mass in the prompt's last ``rows`` rows: the mass row i gives
     key i - o, summed over those rows and the KV group's query heads (MInference's slash lines)."""
-    p = _last_rows_attention(q, k, scale, rows)  # [B, Hkv, R, N]
+    return _by_offset(_last_rows_attention(q, k, scale, rows))
+
+
+def _by_offset(p: torch.Tensor) -> torch.Tensor:
+    """The last rows' attention p [B, Hkv, R, N] (rows N - R .. N - 1) summed by offset row - key -> [B, Hkv, N]."""
     n, r = p.shape[-1], p.shape[-2]
     pos = torch.arange(n - r, n, device=p.device)[:, None]  # [R, 1]
     j = pos - torch.arange(n, device=p.device)[None, :]  # key of offset o for row r: [R, N], negative past the start
@@ -392,26 +400,22 @@ def vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
         raise ValueError(f"first_row must be in [0, {n}), got {first_row}")
     out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
     j = torch.arange(n, device=q.device)
+    # the recent keys rank above every rank (and offset rank), most recent first; the earlier keys by rank
+    top = max(float(rank.max()), float(slash.max()) if slash is not None else float("-inf")) + 2.0
     for r0 in range(first_row, n, rows):
         r1 = min(n, r0 + rows)
         pos = torch.arange(r0, r1, device=q.device)
         causal = j[None, :] <= pos[:, None]  # [R, N]
         recent = causal & (j[None, :] > pos[:, None] - local)
         kt = torch.minimum(keep[:, :, r0:r1].long(), pos + 1).clamp(min=1)  # [B, Hkv, R]
-        # the recent keys first, most recent first (above any rank), then the earlier keys by rank
         score = rank[:, :, None, :]  # [B, Hkv, 1 or R, N]
-        top = float(rank.max()) + 1.0
         if slash is not None:  # row i, key j: the offset i - j's rank (0 past the causal keys: masked below)
             off = (pos[:, None] - j[None, :]).clamp(min=0)
             score = torch.maximum(score, slash.gather(-1, off.reshape(1, 1, -1).expand(b, hkv, -1)).view(
                 b, hkv, r1 - r0, n))
-            top = max(top, float(slash.max()) + 1.0)
-        est = torch.where(recent, top + 1.0 + j.float(), score)  # [B, Hkv, R, N]
+        est = torch.where(recent, top + j.float(), score)  # [B, Hkv, R, N]
         est = est.masked_fill(~causal, float("-inf"))
-        kmax = int(kt.max())
-        order = est.topk(kmax, dim=-1).indices
-        first = torch.arange(kmax, device=q.device) < kt[..., None]
-        kept = torch.zeros_like(est, dtype=torch.bool).scatter_(-1, order, first)  # [B, Hkv, R, N]
+        kept = _top_mask(est, kt)  # [B, Hkv, R, N]
         qr = q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d)
         sc = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
         p = torch.softmax(sc.masked_fill(~kept[:, :, None], float("-inf")), dim=-1)
@@ -432,9 +436,10 @@ def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     outs = []
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        qc, kc = q[:, :, :c1], k[:, :, :c1]
-        outs.append(vertical_attention(qc, kc, v[:, :, :c1], keep[..., :c1], scale, rank=vertical_rank(qc, kc, scale),
-                                       local=local, slash=slash_rank(qc, kc, scale) if slash else None, first_row=c0))
+        p = _last_rows_attention(q[:, :, :c1], k[:, :, :c1], scale, VERTICAL_ROWS)  # once for both ranks
+        outs.append(vertical_attention(q[:, :, :c1], k[:, :, :c1], v[:, :, :c1], keep[..., :c1], scale,
+                                       rank=p.sum(2), local=local, slash=_by_offset(p) if slash else None,
+                                       first_row=c0))
     return torch.cat(outs, dim=2)
 
 

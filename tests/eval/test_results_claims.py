@@ -39,9 +39,14 @@ def table(md: Path, header_start: str) -> dict[str, list[str]]:
     for line in lines[at + 2:]:
         if not line.startswith("|"):
             break
-        cols = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+        cols = cells_of(line)
         out[cols[0]] = cols[1:]
     return out
+
+
+def cells_of(line: str) -> list[str]:
+    """A markdown table row's cells, stripped, bold marks dropped."""
+    return [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +208,7 @@ def test_vertical_prefill_table_matches_its_rows():
     rs = rows("tasks_qwen_cpu_vertical.jsonl")
     md = (ROOT / "experiments" / "RESULTS.md").read_text().splitlines()
     at = next(i for i, line in enumerate(md) if line.startswith("| prompt rows keep | sparsity | density |"))
-    got = [[c.strip().replace("**", "") for c in line.strip().strip("|").split("|")] for line in md[at + 2:at + 9]]
+    got = [cells_of(line) for line in md[at + 2:at + 9]]
     tasks = ("single", "multikey", "multivalue", "multiquery", "vartrack", "freqwords")
     key = lambda r: (r["task"], r["depth"], r["trial"])  # noqa: E731
     dense = {key(r): r["answer"] for r in rs if r["variant"] == "dense"}
