@@ -70,6 +70,12 @@ class CABConfig:
                       query block of the prompt, ~1/M of a dense prompt's cost. Decode keeps its own budget, so it
                       needs a decode rule of its own ("tokens" or "bounds"; the prompt rule would reuse that dense
                       selection at every step). Counted in the achieved density.
+    vertical_blocks   cab policy: every chunk of a prompt, not only the one that ends it, scores its last ``exact_rows``
+                      query tokens exactly against every key, and every query block of the chunk ranks each key
+                      block by the larger of its own estimate and those exact scores (block-level vertical lines: the
+                      blocks the chunk's end attends to are kept by the rows before it, where the budget allows).
+                      The budget is unchanged; one pass over the keys per chunk. Needs exact_rows > 0; the
+                      other policies ignore it (as they ignore curvature_share), so a request may switch policy.
     dense_layers      the model's first ``dense_layers`` attention layers attend densely (every causal block, in
                       prefill and decode; Quest leaves its first two layers dense the same way). 0: every layer
                       follows the rule. The achieved density counts those layers as dense, so it is above
@@ -97,6 +103,7 @@ class CABConfig:
     budget_cap: float = 4.0
     answer_blocks: int = 0
     answer_dense: bool = False
+    vertical_blocks: bool = False
     dense_layers: int = 0
     dense_prefill: bool = False
     decode_sparsity: float | None = None
@@ -155,6 +162,11 @@ class CABConfig:
             if self.decode_rule != "tokens":
                 raise ValueError(f"CABConfig.decode_sparsity={self.decode_sparsity!r} needs decode_rule='tokens' (the "
                                  f"rule whose budget it sets), got decode_rule={self.decode_rule!r}")
+        if not isinstance(self.vertical_blocks, bool):
+            raise bad("vertical_blocks", "True or False")
+        if self.vertical_blocks and self.policy == "cab" and self.exact_rows == 0:
+            raise ValueError("CABConfig.vertical_blocks=True ranks key blocks by the cab policy's exact rows: needs "
+                             "exact_rows > 0, got 0")
         # flags that make (part of) the prompt dense: the prompt rule would have no selection to reuse, or reuse a
         # dense one at every decode step
         for flag, why in (("answer_dense", "the prompt's last selection, which would then be dense at every step"),

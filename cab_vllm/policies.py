@@ -54,6 +54,12 @@ def uses_exact_rows(cfg: CABConfig) -> bool:
     return cfg.policy == "cab" and cfg.exact_rows > 0
 
 
+def uses_vertical_blocks(cfg: CABConfig) -> bool:
+    """Whether every chunk of cfg's prompts scores its last query tokens exactly and every query block ranks key blocks
+    by the larger of its estimate and those scores (CABConfig.vertical_blocks; the cab policy only)."""
+    return cfg.vertical_blocks and uses_exact_rows(cfg)
+
+
 def fused_select_ok(cfg: CABConfig) -> bool:
     """Whether ops.fused_select.estimate_select can select for cfg: a row-local policy ranking by the estimate's
     group max (cab without a curvature share, magnitude), the fixed budget, an estimator with key summaries."""
@@ -75,10 +81,13 @@ def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig,
         raise ValueError(f"estimate_and_select cannot select for {cfg}")
     m = num_blocks(n_keys, cfg.block_size)
     mq = m - q_block_offset
-    ex = exact_last_row(q, k, cfg, q_block_offset, impl)[0][0, :, 0] if exact and uses_exact_rows(cfg) else None
+    vertical = uses_vertical_blocks(cfg)
+    scored = (exact or vertical) and uses_exact_rows(cfg)
+    ex = exact_last_row(q, k, cfg, q_block_offset, impl)[0][0, :, 0] if scored else None
     keep = cfg.keep_counts(m, q.device, answer=exact, prompt=True)[q_block_offset:]  # the prompt's end: the answer row
     return estimate_select(q, summary, n_keys, keep, max_keep(cfg, q_block_offset, mq, exact), cfg.block_size,
-                           cfg.estimator, cfg.sink_blocks, cfg.local_blocks, q_block_offset, ex, rows_first=rows_first)
+                           cfg.estimator, cfg.sink_blocks, cfg.local_blocks, q_block_offset, ex, rows_first=rows_first,
+                           exact_last=exact, blend=vertical)
 
 
 def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABConfig, impl: str = "auto",
@@ -169,14 +178,22 @@ def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str 
     [B, Hkv, Mq, M]. k [B, Hkv, N, D] holds all keys; q [B, Hq, N - q_block_offset * bs, D] the queries of
     query blocks q_block_offset .. M-1 (Mq = M - q_block_offset; 0: the full square; see
     coarsen.estimate_block_attention). The cab policy replaces the last query block's row by exact scores
-    of its last ``exact_rows`` query tokens (the rows that produce the answer), when ``exact``.
+    of its last ``exact_rows`` query tokens (the rows that produce the answer), when ``exact``; with
+    CABConfig.vertical_blocks every row takes, per key block, the larger of its estimate and those scores.
     summary: the keys' block summaries (coarsen.key_summary for cfg.estimator) of n_keys keys, used instead of
     pooling k; k is then read only for the exact rows (None when exact is False)."""
     a_max, a_mean = estimate_grouped(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl,
                                      q_block_offset=q_block_offset, summary=summary, n_keys=n_keys)
-    if exact and uses_exact_rows(cfg):
+    vertical = uses_vertical_blocks(cfg)
+    if (exact or vertical) and uses_exact_rows(cfg):
         emax, emean = exact_last_row(q, k, cfg, q_block_offset, impl)
-        a_max[:, :, -1], a_mean[:, :, -1] = emax[:, :, 0], emean[:, :, 0]
+        if vertical:  # every row: the larger of its estimate and the chunk's end's exact scores, on its causal blocks
+            mq, m = a_max.shape[-2:]
+            allowed = causal_block_mask(m, a_max.device, q_block_offset, mq)
+            a_max = torch.where(allowed, torch.maximum(a_max, emax), a_max)
+            a_mean = torch.where(allowed, torch.maximum(a_mean, emean), a_mean)
+        if exact:
+            a_max[:, :, -1], a_mean[:, :, -1] = emax[:, :, 0], emean[:, :, 0]
     return a_max, a_mean
 
 

@@ -102,7 +102,7 @@ def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySum
         final = b == n
         summary = run("update_key_summaries", c, lambda: update_key_summaries(store, 0, a // bs, kc, bt[0], b, bs,
                                                                               sel_impl))
-        k_all = PagedKeys(kc, bt[:1], b) if final and uses_exact_rows(cfg) else None
+        k_all = PagedKeys(kc, bt[:1], b) if (final or cfg.vertical_blocks) and uses_exact_rows(cfg) else None
         sel = run("prefill_selection", c, lambda: prefill_selection(q[a:b].transpose(0, 1), k_all, cfg,
                                                                     impl=sel_impl, summary=summary, n=b,
                                                                     exact=final, fused=fused))

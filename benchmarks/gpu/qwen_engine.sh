@@ -21,7 +21,10 @@
 #                                                   DECODE_SPARSITY's keys, default 0.98, whatever the prompt's
 #                                                   sparsity): cab and its adaptive budget; OUT/tasks_vllm_sparse_tokens.jsonl
 #                                                   (ANSWER_DENSE=1: the prompt's last query block dense too,
-#                                                   CAB_ANSWER_DENSE; the variants carry answer_dense=1)
+#                                                   CAB_ANSWER_DENSE; the variants carry answer_dense=1;
+#                                                   VERTICAL=1: every chunk's last rows' exact scores raise every
+#                                                   query block's, CAB_VERTICAL_BLOCKS, vertical_blocks=1;
+#                                                   ADAPTIVE=0: without the adaptive budget's variant)
 #   bash benchmarks/gpu/qwen_engine.sh OUT dense-layers   the same prompts with the first layers dense
 #                                                   (CAB_DENSE_LAYERS, env DENSE_LAYERS, 2): cab, its adaptive budget
 #                                                   and magnitude; OUT/tasks_vllm_dense_layers.jsonl
@@ -77,11 +80,13 @@ case $what in
     CAB_DENSE_PREFILL=1 CAB_DECODE_RULE=tokens tasks "$OUT/tasks_vllm_tokens.jsonl" \
       "cab:decode_rule=tokens,dense_prefill=1" "magnitude:decode_rule=tokens,dense_prefill=1" ;;
   sparse-tokens)
-    ds=${DECODE_SPARSITY:-0.98}; ad=${ANSWER_DENSE:-0}; extra=""
+    ds=${DECODE_SPARSITY:-0.98}; ad=${ANSWER_DENSE:-0}; vb=${VERTICAL:-0}; extra=""
     [ "$ad" = 1 ] && extra=",answer_dense=1"
-    CAB_DECODE_RULE=tokens CAB_DECODE_SPARSITY=$ds CAB_ANSWER_DENSE=$ad tasks "$OUT/tasks_vllm_sparse_tokens.jsonl" \
-      "cab:decode_rule=tokens,decode_sparsity=$ds$extra" \
-      "cab:budget=adaptive,decode_rule=tokens,decode_sparsity=$ds$extra" ;;
+    [ "$vb" = 1 ] && extra="$extra,vertical_blocks=1"
+    variants=("cab:decode_rule=tokens,decode_sparsity=$ds$extra")
+    [ "${ADAPTIVE:-1}" = 1 ] && variants+=("cab:budget=adaptive,decode_rule=tokens,decode_sparsity=$ds$extra")
+    CAB_DECODE_RULE=tokens CAB_DECODE_SPARSITY=$ds CAB_ANSWER_DENSE=$ad CAB_VERTICAL_BLOCKS=$vb \
+      tasks "$OUT/tasks_vllm_sparse_tokens.jsonl" "${variants[@]}" ;;
   dense-layers)
     n=${DENSE_LAYERS:-2}
     CAB_DENSE_LAYERS=$n tasks "$OUT/tasks_vllm_dense_layers.jsonl" "cab:dense_layers=$n" \

@@ -458,7 +458,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                       and cfg.estimator == summaries.estimator):
                     summary = update_key_summaries(summaries, entry[0], entry[1], key_cache, block_table[r], n,
                                                    cfg.block_size, sel_impl)
-                    exact_rows = final[r] and uses_exact_rows(cfg)  # the only rows that read every key
+                    # the only rows that read every key: the prompt's end, every chunk's end with vertical blocks
+                    exact_rows = (final[r] or cfg.vertical_blocks) and uses_exact_rows(cfg)
                     # read in place from the paged cache (no gathered copy of every key)
                     k_all = PagedKeys(key_cache, block_table[r:r + 1], n) if exact_rows else None
                 else:

@@ -49,6 +49,7 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_BUDGET_CAP": ("budget_cap", float),
     "CAB_ANSWER_BLOCKS": ("answer_blocks", int),
     "CAB_ANSWER_DENSE": ("answer_dense", None),  # 0 or 1 (_flag)
+    "CAB_VERTICAL_BLOCKS": ("vertical_blocks", None),  # 0 or 1 (_flag)
     "CAB_DENSE_LAYERS": ("dense_layers", int),
     "CAB_DENSE_PREFILL": ("dense_prefill", None),  # 0 or 1 (_flag)
     "CAB_DECODE_SPARSITY": ("decode_sparsity", float),

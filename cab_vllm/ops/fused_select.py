@@ -108,16 +108,19 @@ if HAS_TRITON:
 
     # m (the key blocks) moves with every chunk too: specialized, a chunk whose block count is not a multiple of 16
     # compiled a variant of its own during serving (vLLM's JIT monitor, 128k at 4 users: a 1.7 s token gap)
-    @triton.jit(do_not_specialize=["first", "kmax", "splits", "exact_row", "m", "stride_zr", "stride_zh",
+    @triton.jit(do_not_specialize=["first", "kmax", "splits", "exact_row", "blend", "m", "stride_zr", "stride_zh",
                                    "stride_zg", "stride_ps", "stride_ir", "stride_ih", "stride_cr"])
     def _select_rows_kernel(z_ptr, pm_ptr, pl_ptr, ex_ptr, keep_ptr, idx_ptr, cnt_ptr,
-                            first, kmax, splits, exact_row, group, hq, m, sink_blocks, local_blocks,
+                            first, kmax, splits, exact_row, blend, group, hq, m, sink_blocks, local_blocks,
                             stride_zr, stride_zh, stride_zg, stride_ps, stride_ir, stride_ih, stride_cr,
                             GPAD: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, HAS_EXACT: tl.constexpr,
                             SPAD: tl.constexpr):
         """One (query block, KV head) row: each head's log-sum-exp from the splits' partials, its probabilities
         from the logits _logits_kernel wrote, the max over the group, the forced blocks, then the top-k.
-        SPAD >= splits (a power of two; MPAD decides it): each head's partials come in one load, not one per split."""
+        SPAD >= splits (a power of two; MPAD decides it): each head's partials come in one load, not one per split.
+        With exact scores (HAS_EXACT): row exact_row (-1: none) takes them instead of its estimate, and with blend != 0
+        every row takes the larger of the two per key block (CABConfig.vertical_blocks; runtime flags: no compile of
+        their own)."""
         row = tl.program_id(0)
         kvh = tl.program_id(1).to(tl.int64)
         b = first + row
@@ -140,6 +143,7 @@ if HAS_TRITON:
                 a = tl.maximum(a, tl.where(causal, tl.exp(z - lse), 0.0))
         if HAS_EXACT:
             ex = tl.load(ex_ptr + kvh * m + jj, mask=jj < m, other=0.0)
+            a = tl.where(blend != 0, tl.maximum(a, ex), a)
             a = tl.where(row == exact_row, ex, a)
         a = tl.where((jj < sink_blocks) | (jj > b - local_blocks), float("inf"), a)
         a = tl.where(causal, a, float("-inf"))
@@ -150,11 +154,13 @@ if HAS_TRITON:
 
 def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: torch.Tensor, kmax: int,
                     block_size: int, estimator: str, sink_blocks: int, local_blocks: int, q_block_offset: int = 0,
-                    exact: torch.Tensor | None = None, rows_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    exact: torch.Tensor | None = None, rows_first: bool = False, exact_last: bool = True,
+                    blend: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection of the query blocks q_block_offset .. M-1 that q [1, Hq, N - q_block_offset * bs, D] holds,
     from the key summaries summary [1, Hkv, M, W] of n_keys keys: keep [Mq] int (each row's count, the fixed
     budget), kmax >= max(keep) (the width of the indices). exact: [Hkv, M] float32 scores for the last query
-    block (cab's exact rows) or None. Returns (indices [1, Hkv, Mq, kmax] int32 ascending, -1 padded,
+    block (cab's exact rows) or None; exact_last: the last row takes them (the prompt's end); blend: every row ranks
+    each key block by the larger of its estimate and them (CABConfig.vertical_blocks). Returns (indices [1, Hkv, Mq, kmax] int32 ascending, -1 padded,
     counts [1, Hkv, Mq] int32), as policies.select_from_attention returns them; rows_first: (indices [Mq, Hkv, kmax],
     counts [Mq, Hkv]), the layout the kernels write and the backend's prefill tiles read (no copies). Triton (CUDA, or
     interpreted)."""
@@ -184,6 +190,8 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
     if exact is not None:
         check(exact.shape == (hkv, m), f"exact must be [{hkv}, {m}], got {tuple(exact.shape)}")
         exact = exact.float().contiguous()
+    else:
+        check(not blend, "blend needs the exact scores (exact is None)")
     width = qf.shape[-1]
     gpad = max(1, next_pow2(group))
     rb = max(1, TILE_ROWS // gpad)
@@ -214,7 +222,7 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
         # makes them all: backend.warmup.warm_fused_select)
         _select_rows_kernel[(rows, hkv)](
             z, pm, pl, exact if exact is not None else z, keep[r0:], idx[r0:], cnt[r0:],
-            first, kk, splits, mq - 1 - r0, group, hq, m, sink_blocks, local_blocks,
+            first, kk, splits, mq - 1 - r0 if exact_last else -1, int(blend), group, hq, m, sink_blocks, local_blocks,
             z.stride(0), z.stride(1), z.stride(2), pm.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
             GPAD=gpad, MPAD=mpad, KPAD=mpad, HAS_EXACT=exact is not None, SPAD=spad, num_warps=SELECT_WARPS,
         )

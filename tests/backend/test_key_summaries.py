@@ -129,7 +129,9 @@ CFGS = [pytest.param(CABConfig(policy="cab", sparsity=0.75, block_size=32), id="
                      id="magnitude-max_l2"),
         pytest.param(CABConfig(policy="cab", sparsity=0.75, block_size=32, estimator="mean", exact_rows=0),
                      id="cab-mean"),
-        pytest.param(CABConfig(policy="h2o", sparsity=0.75, block_size=32), id="h2o-square")]
+        pytest.param(CABConfig(policy="h2o", sparsity=0.75, block_size=32), id="h2o-square"),
+        pytest.param(CABConfig(policy="cab", sparsity=0.75, block_size=32, vertical_blocks=True),
+                     id="cab-vertical")]
 
 
 @pytest.mark.parametrize("cfg", CFGS)
@@ -201,6 +203,29 @@ def test_only_the_prompts_last_chunk_reads_all_keys(monkeypatch):
     _run(cfg, [700], [[(0, 150)], [(0, 200)], [(0, 330)]], 2, prompt_lens={0: 680})
     assert pooled == [0, 150 // 32, 350 // 32]
     assert selected == [(True, True, False), (True, True, False), (False, True, True)]
+
+
+def test_vertical_blocks_score_every_chunks_end(monkeypatch):
+    """With vertical_blocks every chunk takes the whole context for its own last rows' exact scores (not only the one
+    that ends the prompt), and a chunk selects what prefill_selection selects from the keys up to its end."""
+    selected = []
+    real_select = attention.prefill_selection
+
+    def spy_select(q_new, k_all, cfg, impl="auto", summary=None, n=None, exact=True, fused=False):
+        selected.append((k_all is None, exact))
+        return real_select(q_new, k_all, cfg, impl=impl, summary=summary, n=n, exact=exact, fused=fused)
+
+    monkeypatch.setattr(attention, "prefill_selection", spy_select)
+    cfg = CABConfig(policy="cab", sparsity=0.75, block_size=32, vertical_blocks=True)
+    got, _ = _run(cfg, [700], [[(0, 150)], [(0, 200)], [(0, 330)]], 2, prompt_lens={0: 680})
+    assert selected == [(False, False), (False, False), (False, True)]
+    q, k, _ = _inputs([700])
+    for step, (a, b) in enumerate([(0, 150), (150, 350)]):
+        idx, cnt, first = real_select(q[0][:, a:b], k[0][:, :b], cfg, impl="torch", exact=False)
+        sel = got[step][1][0]
+        assert torch.equal(sel[0], idx) and torch.equal(sel[1], cnt) and sel[2] == first
+        plain = real_select(q[0][:, a:b], k[0][:, :b], cfg.replace(vertical_blocks=False), impl="torch", exact=False)
+        assert torch.equal(plain[1], cnt)  # the same budget
 
 
 def test_exact_rows_only_in_the_chunk_that_holds_the_prompts_end():

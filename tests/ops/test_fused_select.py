@@ -76,6 +76,33 @@ def test_fused_selection_for_any_tile(tile_rows, key_tile, key_split, scratch, n
     assert torch.equal(cnt, want_cnt) and torch.equal(idx, want_idx)
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["prompt-end", "earlier-chunk"])
+@pytest.mark.parametrize("n, first, heads", [(1337, 9, (4, 2)), (2100, 20, (14, 2)), (1000, 0, (4, 2))],
+                         ids=["chunk", "gqa7", "square"])
+def test_fused_vertical_blocks_equal_estimate_then_select(n, first, heads, exact):
+    """vertical_blocks: every row ranks by the larger of its estimate and the chunk end's exact scores, in the kernel
+    as in policies.estimate, whether the chunk ends the prompt (its last row then takes the exact scores) or not."""
+    hq, hkv = heads
+    q, k = _case(n, hq, hkv, 32, seed=7 * n + first)
+    probe = torch.randn(32, generator=torch.Generator().manual_seed(n)).to(q.device)
+    k[:, :, 3 * 64 + 5] = probe * 2  # a key of block 3 that the last rows (the exact rows) attend to
+    q[:, :, -16:] = probe * 2
+    cfg = CABConfig(sparsity=0.8, exact_rows=16, vertical_blocks=True)
+    qr = q[:, :, first * cfg.block_size:]
+    summ = key_summary(k, cfg.block_size, cfg.estimator, impl="torch")
+    a_max, a_mean = estimate(qr, k, cfg, impl="torch", q_block_offset=first, summary=summ, n_keys=n, exact=exact)
+    want_idx, want_cnt = select_from_attention(a_max, a_mean, cfg, impl="torch", q_block_offset=first, answer=exact)
+    idx, cnt = estimate_and_select(qr, k, cfg, first, summ, n, exact=exact, impl="torch")
+    assert torch.equal(cnt, want_cnt) and torch.equal(idx, want_idx)
+    plain = estimate_and_select(qr, k, cfg.replace(vertical_blocks=False), first, summ, n, exact=exact, impl="torch")
+    assert not torch.equal(plain[0], idx)  # the blend changes some rows' blocks on these inputs
+    with pytest.raises(ValueError, match="blend needs the exact scores"):
+        from cab_vllm.ops.fused_select import estimate_select
+
+        estimate_select(qr, summ, n, torch.ones(a_max.shape[-2], dtype=torch.int32), 4, 64, cfg.estimator, 1, 1,
+                        first, None, blend=True)
+
+
 def test_fused_selection_without_exact_rows_and_its_errors():
     q, k = _case(900, 4, 2, 32, seed=3)
     cfg = CABConfig(sparsity=0.8)
