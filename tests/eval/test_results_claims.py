@@ -103,7 +103,7 @@ def test_cpu_token_rows_in_results_match_their_rows():
 def test_a_changed_cell_is_caught(tmp_path, suite):
     """The table reader sees a hand-edited cell (the check above is not vacuous)."""
     md = (ROOT / "experiments" / "RESULTS.md").read_text()
-    line = next(x for x in md.splitlines() if x.startswith("| 128k (130,944, YaRN x4) | 0.57 |"))
+    line = next(x for x in md.splitlines() if x.startswith("| 128k (130,944, YaRN x4) | 0.57 |") and "**0.60**" in x)
     (tmp_path / "R.md").write_text(md.replace(line, re.sub(r"\*\*0\.60\*\*", "**0.61**", line)))
     got = table(tmp_path / "R.md", "| length | dense | dense prompt, token decode 98% | 99% |")
     tokens, _ = suite
@@ -228,3 +228,45 @@ def test_vertical_prefill_table_matches_its_rows():
         want = [f"{mean(cell, 'density'):.3f}"] + [f"{mean([r for r in cell if r['task'] == t]):.2f}" for t in tasks]
         want += [f"{mean(cell):.2f}", "—" if sp is None else str(sum(dense[key(r)] == r["answer"] for r in cell))]
         assert g[2:] == want, (label, sp, g[2:], want)
+
+
+def test_long_vertical_tables_match_their_rows():
+    """The vertical lines at 32k/64k (the adapter on the GPU) and the engine's vertical blocks at 64k/128k
+    (RESULTS.md): every cell from the rows, the prompt counts included."""
+    md = ROOT / "experiments" / "RESULTS.md"
+    rs = rows("tasks_qwen_gpu_vertical.jsonl")
+    blocks, chunked, whole = ("cab:decode_rule=tokens", "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=16384",
+                              "cab:decode_rule=tokens,prefill=vertical")
+    lines = [cells_of(x) for x in md.read_text().splitlines()]
+    at = next(i for i, c in enumerate(lines) if c[:4] == ["length", "sparsity", "prompts", "dense"])
+    got = lines[at + 2:at + 7]
+    key = lambda r: (r["task"], r["depth"], r["trial"])  # noqa: E731
+    for c in got:
+        n = 32640 if c[0].startswith("32k") else 65536
+        sp = float(c[1])
+        ref = cells(rs, n, whole if n == 32640 and c[2].startswith("15") else chunked, sp)
+        if c[2] == "16":  # the full cell: dense, blocks, chunked (where it ran), every prompt
+            ref = cells(rs, n, blocks, sp)
+        keys = {key(r) for r in ref}
+        pick = lambda v, s: [r for r in cells(rs, n, v, s) if key(r) in keys]  # noqa: E731
+        assert c[2].split()[0] == str(len(keys)), c
+        b = pick(blocks, sp)
+        want = [f"{mean(pick('dense', None)):.2f}", f"{mean(b):.2f}"]
+        for v in (chunked, whole):
+            got_v = pick(v, sp)
+            want.append(f"{mean(got_v):.2f}" if len(got_v) == len(keys) else "—")
+        want.append(f"{mean(b, 'density'):.3f}")
+        assert c[3:] == want, (c, want)
+    eng = rows("tasks_qwen_gpu_engine_vertical_blocks_yarn.jsonl")
+    plain = rows("tasks_qwen_gpu_engine_sparse_prompt_tokens_yarn.jsonl")
+    dense = rows("tasks_qwen_vllm_yarn.jsonl")
+    got = table(md, "| length | dense | 90%: without / with vertical blocks |")
+    assert set(got) == {"64k (YaRN x4)", "128k (130,944, YaRN x4)"}
+    for label, n in (("64k (YaRN x4)", 65536), ("128k (130,944, YaRN x4)", 130944)):
+        v = {s: cells(eng, n, SPARSE_TOKENS + ",vertical_blocks=1", s) for s in (0.9, 0.95)}
+        p = {s: cells(plain, n, SPARSE_TOKENS, s) for s in (0.9, 0.95)}
+        assert all(len(x) == 16 for x in (*v.values(), *p.values()))
+        want = [f"{mean(cells(dense, n, 'dense', None)):.2f}",
+                *(f"{mean(p[s]):.2f} / {mean(v[s]):.2f}" for s in (0.9, 0.95)),
+                " / ".join(f"{mean(v[s], 'density'):.3f}" for s in (0.9, 0.95))]
+        assert got[label] == want, (label, got[label], want)
