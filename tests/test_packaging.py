@@ -112,3 +112,12 @@ def test_backend_runs_ops_not_their_twins():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("ops.reference"):
                 bad.append(str(f.relative_to(ROOT)))
     assert not bad, f"backend modules importing ops.reference: {bad}"
+
+
+def test_readme_documents_every_engine_variable():
+    """Every CAB_* variable the engine reads into its CABConfig (backend.plan.ENV_FIELDS) has a row in README.md."""
+    from cab_vllm.backend.plan import ENV_FIELDS
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in ENV_FIELDS if f"`{k}`" not in readme]
+    assert not missing, f"README.md does not document {missing}"

@@ -4,7 +4,8 @@
 
 job: {"model": path, "backend": "CUSTOM" | null, "max_model_len": int, "dtype": str,
       "engine_kwargs": {...}, "chat": bool,
-      "requests": [{"prompt": str | "prompt_token_ids": [...], "max_tokens": int, "extra_args": {...}}],
+      "requests": [{"prompt": str | "prompt_token_ids": [...], "max_tokens": int, "extra_args": {...},
+                    "ignore_eos": bool (optional)}],
       "batches": [[request indices], ...]   (default: one batch of all requests),
       "bad_requests": [{"prompt": ..., "extra_args": {...}}]   (each must be rejected; the engine must go on)}
 The CAB_* and VLLM_* environment of the process configures the engine. Runs in its own process so each
@@ -64,7 +65,8 @@ def main(job_path: str, out_path: str) -> None:
         return r["prompt"]
 
     def params(r):
-        return SamplingParams(max_tokens=r.get("max_tokens", 16), temperature=0.0, extra_args=r.get("extra_args"))
+        return SamplingParams(max_tokens=r.get("max_tokens", 16), temperature=0.0, extra_args=r.get("extra_args"),
+                              ignore_eos=r.get("ignore_eos", False))
 
     reqs = job["requests"]
     batches = job.get("batches") or [list(range(len(reqs)))]

@@ -199,6 +199,22 @@ def test_answer_dense_in_the_engine(model, tmp_path):
     assert all(r["outputs"][0]["text"].strip() for r in (plain, dense))
 
 
+def test_vertical_blocks_in_the_engine(model, tmp_path):
+    """CAB_VERTICAL_BLOCKS with chunked prefill (every chunk scores its end's rows exactly: the backend's path is tested
+    against prefill_selection in tests/backend/test_key_summaries.py): the engine starts with it, keeps the plain
+    rule's block counts in both phases (the same budget) and generates."""
+    job = answer_row_job(model)
+    job["requests"][0]["ignore_eos"] = True  # both engines decode 8 steps whatever they generate
+    env = {"CAB_DECODE_RULE": "tokens", "CAB_METRICS": "0"}
+    plain = run_engine(tmp_path / "plain", job, env=env)
+    vert = run_engine(tmp_path / "vertical", job, env={**env, "CAB_VERTICAL_BLOCKS": "1"})
+    a, b = plain["blocks"], vert["blocks"]
+    assert a["kept|prefill|0.95"] > 0 and a["kept|decode|0.95"] > 0
+    for k in ("causal|prefill|0.95", "kept|prefill|0.95", "kept|decode|0.95", "causal|decode|0.95"):
+        assert b[k] == a[k], k
+    assert vert["outputs"][0]["text"].strip()
+
+
 # -- (d) mixed batches with per-request sparsity, (e) bad values rejected ------------------------------------
 @pytest.fixture(scope="module")
 def mixed_run(model, tmp_path_factory):
