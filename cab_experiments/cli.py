@@ -11,6 +11,7 @@ from one command line.
     python -m cab_experiments granularity --rerank-bits 4 --lengths 4096 --sparsities 0.98      (int4 candidates' recall)
     python -m cab_experiments granularity --reuse-lags 1 2 4 8 --lengths 4096 --sparsities 0.98 (a step's keys reused)
     python -m cab_experiments granularity --rule-passes --lengths 4096 8192 (the token decode's one-pass rule)
+    python -m cab_experiments granularity --prefill-mass 0 1024 4096 --lengths 8192 (prompt rows' mass kept)
     python -m cab_experiments plot     experiments/results/*.jsonl --outdir experiments/plots               (heatmaps, Pareto, tables)
 
 Every run appends one JSONL row per setting to --out and skips settings already there (resume after a stop).
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the attention mass the token decode's one-pass rule (CAB_TOKEN_PASSES=1) loses "
                         "against the two-pass rule, and how often the tie cap cuts (the prompt's last query token, "
                         "CABConfig.decode_tokens keys per head)")
+    p.add_argument("--prefill-mass", type=int, nargs="+", default=None, metavar="C",
+                   help="instead: the share of prompt rows' exact attention mass cab's blocks, vertical lines ranked "
+                        "by the last rows of each chunk of C rows (0: the whole prompt) and each row's own best keys "
+                        "keep at the same count per row")
     p.add_argument("--rerank-quant", choices=["channel", "token", "fp8", "fp8qk", "fp8c"], nargs="+",
                    default=["channel"],
                    help="the key copy's quantizer: each channel's range per 16-token page, a scale per token and 32 "
@@ -186,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "experiments/results/bounds.jsonl, with --rerank-bits: "
                                               "experiments/results/rerank.jsonl, with --reuse-lags: "
                                               "experiments/results/reuse.jsonl, with --rule-passes: "
-                                              "experiments/results/passes.jsonl)")
+                                              "experiments/results/passes.jsonl, with --prefill-mass: "
+                                              "experiments/results/prefill_mass.jsonl)")
 
     p = sub.add_parser("plot", help="heatmaps, Pareto plots and markdown tables from JSONL files")
     p.add_argument("files", nargs="+", type=Path)
@@ -350,9 +356,20 @@ def _granularity(a) -> int:
     device, dtype = _resolve(a.device, a.dtype)
     if any(256 % t for t in a.tiles):
         raise SystemExit(f"python -m cab_experiments granularity: --tiles {a.tiles}: each must divide 256")
-    if sum(map(bool, (a.bounds, a.rerank_bits, a.reuse_lags, a.rule_passes))) > 1:
-        raise SystemExit("python -m cab_experiments granularity: --bounds, --rerank-bits, --reuse-lags and "
-                         "--rule-passes are separate questions: ask one")
+    if sum(map(bool, (a.bounds, a.rerank_bits, a.reuse_lags, a.rule_passes, a.prefill_mass))) > 1:
+        raise SystemExit("python -m cab_experiments granularity: --bounds, --rerank-bits, --reuse-lags, "
+                         "--rule-passes and --prefill-mass are separate questions: ask one")
+    if a.prefill_mass:
+        from cab_experiments.granularity import prefill_mass_markdown, run_prefill_mass
+
+        if any(c < 0 for c in a.prefill_mass):
+            raise SystemExit(f"python -m cab_experiments granularity: --prefill-mass {a.prefill_mass}: chunk sizes "
+                             "must be >= 0 (0: the whole prompt)")
+        rows = run_prefill_mass(a.model, a.lengths, a.sparsities, tuple(a.prefill_mass), a.task, a.depth, device,
+                                dtype)
+        _append_rows(a.out or "experiments/results/prefill_mass.jsonl", rows, device)
+        print(prefill_mass_markdown(rows))
+        return 0
     if a.rule_passes:
         from cab_experiments.granularity import passes_markdown, run_passes
 

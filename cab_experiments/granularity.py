@@ -358,6 +358,91 @@ def run_passes(model_name: str, lengths, sparsities, task: str = "multikey", dep
     return out
 
 
+def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sample: int = 128) -> dict:
+    """What share of prompt rows' exact attention mass each prefill selection keeps, at the same count of keys per
+    row (cab's kept blocks' tokens, hf.kept_tokens of ``sel``), for ``sample`` rows spread evenly over the prompt
+    past its first two blocks. q [1, Hq, N, D], k [1, Hkv, N, D] (post-RoPE, a prefill); sel: cab's BlockSelection
+    of the same q, k. Each query head's softmax over its causal keys; per selection the mean over rows and heads of
+    the mass its kept keys hold:
+      "blocks": cab's kept 64-token blocks (one set per KV head and query block);
+      "vertical@C" for C in ``chunks`` (0: the whole prompt): hf.vertical_kept, the row's VERTICAL_LOCAL most recent
+        keys, then the keys the last VERTICAL_ROWS rows of its chunk of C rows attend to most (one ranking per KV
+        head), as hf.chunked_vertical_attention keeps them; with "early@C" the same over the rows in the first half
+        of their chunk (the farthest from the rows that ranked);
+      "oracle": each row's and head's own highest-probability keys."""
+    from cab_vllm import hf
+
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    if b != 1 or k.shape[2] != n or hq % hkv:
+        raise ValueError(f"one prefill expected: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    bs = sel.block_size
+    first = min(2 * bs, n - 1)
+    sample = max(1, min(sample, n - first))
+    pos = torch.linspace(first, n - 1, sample, device=q.device).round().long().unique()
+    keep = hf.kept_tokens(sel)[:, :, pos]  # [1, Hkv, R]
+    z = scale * torch.einsum("hrd,hnd->hrn", q[0, :, pos].float(), k[0].float().repeat_interleave(g, 0))
+    j = torch.arange(n, device=q.device)
+    causal = j[None, :] <= pos[:, None]
+    p = torch.softmax(z.masked_fill(~causal, float("-inf")), -1).view(hkv, g, pos.numel(), n)
+    mass = lambda kept: (p * kept[0][:, None]).sum(-1)  # noqa: E731  kept [1, Hkv, R, N] -> [Hkv, G, R]
+    m = sel.num_blocks
+    qb = pos // bs
+    idx, cnt = sel.indices[0][:, qb], sel.counts[0][:, qb]  # [Hkv, R, K], [Hkv, R]
+    live = torch.arange(idx.shape[-1], device=q.device) < cnt[..., None]
+    blk = torch.zeros(hkv, pos.numel(), m + 1, dtype=torch.bool, device=q.device)
+    blk.scatter_(-1, torch.where(live, idx.long(), m), True)
+    out = {"blocks": float(mass((blk[..., :m].repeat_interleave(bs, -1)[..., :n] & causal)[None]).mean())}
+    for c in chunks:
+        step = n if c == 0 else c
+        ends = torch.clamp((pos // step + 1) * step, max=n)
+        got, early = torch.empty(hkv, g, pos.numel(), device=q.device), torch.zeros(pos.numel(), dtype=torch.bool)
+        for e in ends.unique().tolist():
+            rows = (ends == e).nonzero().flatten()
+            rank = hf._last_rows_attention(q[:, :, :e], k[:, :, :e], scale, hf.VERTICAL_ROWS).sum(2)  # [1, Hkv, e]
+            kept = hf.vertical_kept(rank, pos[rows], keep[:, :, rows])  # [1, Hkv, R', e]
+            got[:, :, rows] = (p[:, :, rows, :e] * kept[0][:, None]).sum(-1)
+            start = max(0, e - step) if c else 0
+            early[rows.cpu()] = (pos[rows] < start + (e - start) // 2).cpu()
+        out[f"vertical@{c}"] = float(got.mean())
+        if c and early.any():
+            out[f"early@{c}"] = float(got[:, :, early.to(q.device)].mean())
+    oracle = hf._top_mask(p, keep[0][:, None].expand(hkv, g, -1))
+    out["oracle"] = float((p * oracle).sum(-1).mean())
+    return out
+
+
+def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "multikey", depth: float = 0.5,
+                     device: str = "cpu", dtype: torch.dtype = torch.float32, sample: int = 128) -> list[dict]:
+    """One ``task`` prompt per length through the dense model; for every layer and sparsity, prefill_mass of cab's
+    selection against vertical lines ranked chunk by chunk and the per-row oracle."""
+    from cab_vllm.api import select_blocks
+    from cab_vllm.config import CABConfig
+
+    out = []
+    for n, layer, q, k in _captures(model_name, lengths, task, depth, device, dtype):
+        for sp in sparsities:
+            sel = select_blocks(q, k, CABConfig(policy="cab", sparsity=sp))
+            r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample)
+            out.append(dict(model=model_name, length=n, n_tokens=q.shape[2], task=task, depth=depth, layer=layer,
+                            sparsity=sp, sample=sample, **{key: round(v, 5) for key, v in r.items()}))
+    return out
+
+
+def prefill_mass_markdown(rows: list[dict]) -> str:
+    """Per (task, length, sparsity): each selection's kept mass, averaged over layers."""
+    keys = [k for k in rows[0] if k == "blocks" or k.startswith(("vertical@", "early@")) or k == "oracle"] if rows else []
+    lines = ["| task | length | sparsity | layers | " + " | ".join(keys) + " |", "|---" * (4 + len(keys)) + "|"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["length"], r["sparsity"]), []).append(r)
+    for (task, n, sp), rs in groups.items():
+        vals = [sum(r[k] for r in rs) / len(rs) for k in keys]
+        lines.append(f"| {task} | {n} | {sp} | {len(rs)} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
 def passes_markdown(rows: list[dict]) -> str:
     """Per (task, length, sparsity): over layers, the two-pass rule's mass (mean / smallest head), the one-pass rule's
     loss against it (mean / largest), the counts' largest distance from the budget and the tie cap's cuts."""

@@ -399,28 +399,39 @@ def vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
     if not 0 <= first_row < n:
         raise ValueError(f"first_row must be in [0, {n}), got {first_row}")
     out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
-    j = torch.arange(n, device=q.device)
     # the recent keys rank above every rank (and offset rank), most recent first; the earlier keys by rank
     top = max(float(rank.max()), float(slash.max()) if slash is not None else float("-inf")) + 2.0
     for r0 in range(first_row, n, rows):
         r1 = min(n, r0 + rows)
         pos = torch.arange(r0, r1, device=q.device)
-        causal = j[None, :] <= pos[:, None]  # [R, N]
-        recent = causal & (j[None, :] > pos[:, None] - local)
-        kt = torch.minimum(keep[:, :, r0:r1].long(), pos + 1).clamp(min=1)  # [B, Hkv, R]
-        score = rank[:, :, None, :]  # [B, Hkv, 1 or R, N]
-        if slash is not None:  # row i, key j: the offset i - j's rank (0 past the causal keys: masked below)
-            off = (pos[:, None] - j[None, :]).clamp(min=0)
-            score = torch.maximum(score, slash.gather(-1, off.reshape(1, 1, -1).expand(b, hkv, -1)).view(
-                b, hkv, r1 - r0, n))
-        est = torch.where(recent, top + j.float(), score)  # [B, Hkv, R, N]
-        est = est.masked_fill(~causal, float("-inf"))
-        kept = _top_mask(est, kt)  # [B, Hkv, R, N]
+        kept = vertical_kept(rank, pos, keep[:, :, r0:r1], local, slash, top)  # [B, Hkv, R, N]
         qr = q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d)
         sc = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
         p = torch.softmax(sc.masked_fill(~kept[:, :, None], float("-inf")), dim=-1)
         out[:, :, r0:r1] = torch.einsum("bhgrn,bhnd->bhgrd", p, v.float()).reshape(b, hq, r1 - r0, d)
     return out[:, :, first_row:].to(q.dtype)
+
+
+def vertical_kept(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, local: int = VERTICAL_LOCAL,
+                  slash: torch.Tensor | None = None, top: float | None = None) -> torch.Tensor:
+    """[B, Hkv, R, N] bool: the keys query rows ``pos`` [R] keep under vertical_attention's rule: keep [B, Hkv, R]
+    keys each (clamped to 1..pos+1), the ``local`` most recent first, then the highest of ``rank`` [B, Hkv, N] among
+    the earlier causal keys (with ``slash`` [B, Hkv, N], key j ranks for row i by the larger of rank[j] and
+    slash[i - j]); top: a value above every rank and slash value (computed here when None)."""
+    b, hkv, n = rank.shape
+    if top is None:
+        top = max(float(rank.max()), float(slash.max()) if slash is not None else float("-inf")) + 2.0
+    j = torch.arange(n, device=rank.device)
+    causal = j[None, :] <= pos[:, None]  # [R, N]
+    recent = causal & (j[None, :] > pos[:, None] - local)
+    kt = torch.minimum(keep.long(), pos + 1).clamp(min=1)  # [B, Hkv, R]
+    score = rank[:, :, None, :]  # [B, Hkv, 1 or R, N]
+    if slash is not None:  # row i, key j: the offset i - j's rank (0 past the causal keys: masked below)
+        off = (pos[:, None] - j[None, :]).clamp(min=0)
+        score = torch.maximum(score, slash.gather(-1, off.reshape(1, 1, -1).expand(b, hkv, -1)).view(
+            b, hkv, pos.numel(), n))
+    est = torch.where(recent, top + j.float(), score)  # [B, Hkv, R, N]
+    return _top_mask(est.masked_fill(~causal, float("-inf")), kt)
 
 
 def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,

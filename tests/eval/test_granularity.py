@@ -401,3 +401,84 @@ def test_the_cli_passes_mode_measures_every_layer(tmp_path):
         assert r["lost_sampled"] <= r["lost_sampled_max"] + 1e-9 and r["count_sampled_ratio_min"] > 0
     with pytest.raises(SystemExit, match="separate questions"):
         main(["granularity", "--rule-passes", "--bounds", "--device", "cpu"])
+
+
+# -- prefill_mass: the share of prompt rows' exact mass each prefill selection keeps ----------------------------------
+def _mass_case(n=700, seed=0):
+    from cab_vllm.api import select_blocks
+    from cab_vllm.config import CABConfig
+
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 4, n, 32, generator=g), torch.randn(1, 2, n, 32, generator=g)
+    return q, k, select_blocks(q, k, CABConfig(sparsity=0.8))
+
+
+def test_prefill_mass_against_a_loop_over_rows():
+    """Every figure recomputed row by row: the row's softmax, cab's kept blocks' tokens, the vertical lines of the row's
+    chunk (hf.chunked_vertical_attention's ranking: the chunk's last VERTICAL_ROWS rows over the keys up to its end)
+    and the row's own best keys; the oracle keeps the most, as it must."""
+    from cab_experiments.granularity import prefill_mass
+
+    q, k, sel = _mass_case()
+    n, scale = q.shape[2], 1 / math.sqrt(32)
+    got = prefill_mass(q, k, sel, scale, (0, 256), sample=20)
+    pos = torch.linspace(128, n - 1, 20).round().long().unique()
+    keep = hf.kept_tokens(sel)[0]  # [Hkv, N]
+    want = {"blocks": [], "vertical@0": [], "vertical@256": [], "oracle": []}
+    for i in pos.tolist():
+        for h in range(4):
+            kvh = h // 2
+            p = torch.softmax(scale * (q[0, h, i] @ k[0, kvh, : i + 1].T), -1)
+            m = sel.counts[0, kvh, i // 64]
+            blocks = sel.indices[0, kvh, i // 64, :m].tolist()
+            want["blocks"].append(sum(float(p[b * 64:(b + 1) * 64].sum()) for b in blocks))
+            kt = min(int(keep[kvh, i]), i + 1)
+            want["oracle"].append(float(p.topk(kt).values.sum()))
+            for c in (0, 256):
+                e = n if c == 0 else min(n, (i // c + 1) * c)
+                rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale)[0, kvh]
+                local = list(range(max(0, i - hf.VERTICAL_LOCAL + 1), i + 1))
+                rest = [j for j in rank[: i + 1].argsort(descending=True).tolist() if j not in local]
+                kept = (local[::-1] + rest)[:kt]
+                want[f"vertical@{c}"].append(float(p[kept].sum()))
+    for key, vals in want.items():
+        assert got[key] == pytest.approx(sum(vals) / len(vals), abs=1e-4), key
+    assert got["oracle"] >= max(got["blocks"], got["vertical@0"], got["vertical@256"])
+    assert "early@256" in got and "early@0" not in got
+
+
+def test_prefill_mass_keeps_a_key_every_row_needs_when_the_chunk_end_needs_it_too():
+    """A key that nearly every row (the prompt's last ones included) attends to: the vertical lines keep it, their mass
+    close to the oracle's; ranked chunk by chunk, a chunk whose last rows look away loses it for its other rows."""
+    from cab_experiments.granularity import prefill_mass
+
+    q, k, sel = _mass_case(seed=1)
+    probe = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(9)), dim=0)
+    k[0, :, 40] = probe * 30
+    q[0, :, :] = q[0, :, :] * 0.05 + probe * 2  # every row looks for key 40
+    q[0, :, 448:512] = -probe * 2  # the last rows of chunk 1 (256..511) look away from it
+    got = prefill_mass(q, k, sel, 1 / math.sqrt(32), (0, 256), sample=40)
+    assert got["vertical@0"] > got["oracle"] - 0.03 > 0.85  # all but the rows that look away keep it
+    assert got["vertical@256"] < got["vertical@0"] - 0.2  # chunk 1's rows (256..511) lose it
+    assert got["early@256"] < got["vertical@256"]
+
+
+def test_the_cli_prefill_mass_mode(tmp_path):
+    """granularity --prefill-mass on SmolLM2 (CPU, 512 tokens): one row per layer and sparsity, masses in [0, 1] with
+    the oracle's the largest; a negative chunk size is refused."""
+    import json
+
+    from cab_experiments.cli import main
+
+    out = tmp_path / "m.jsonl"
+    assert main(["granularity", "--model", "smollm2-135m-instruct", "--lengths", "512", "--sparsities", "0.8",
+                 "--prefill-mass", "0", "128", "--device", "cpu", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 30 and {r["layer"] for r in rows} == set(range(30))
+    for r in rows:
+        vals = [r["blocks"], r["vertical@0"], r["vertical@128"], r["early@128"], r["oracle"]]
+        assert all(0 <= v <= 1 for v in vals) and r["oracle"] >= max(vals[:3]) - 1e-4
+    with pytest.raises(SystemExit, match="chunk sizes must be >= 0"):
+        main(["granularity", "--prefill-mass", "-1", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="separate questions"):
+        main(["granularity", "--prefill-mass", "0", "--bounds", "--device", "cpu"])
