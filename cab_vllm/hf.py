@@ -399,8 +399,7 @@ def vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
     if not 0 <= first_row < n:
         raise ValueError(f"first_row must be in [0, {n}), got {first_row}")
     out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
-    # the recent keys rank above every rank (and offset rank), most recent first; the earlier keys by rank
-    top = max(float(rank.max()), float(slash.max()) if slash is not None else float("-inf")) + 2.0
+    top = _above_ranks(rank, slash)  # once, not per row block
     for r0 in range(first_row, n, rows):
         r1 = min(n, r0 + rows)
         pos = torch.arange(r0, r1, device=q.device)
@@ -412,6 +411,11 @@ def vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: 
     return out[:, :, first_row:].to(q.dtype)
 
 
+def _above_ranks(rank: torch.Tensor, slash: torch.Tensor | None) -> float:
+    """A value above every rank and offset rank: the recent keys rank there (most recent first), above the others."""
+    return max(float(rank.max()), float(slash.max()) if slash is not None else float("-inf")) + 2.0
+
+
 def vertical_kept(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, local: int = VERTICAL_LOCAL,
                   slash: torch.Tensor | None = None, top: float | None = None) -> torch.Tensor:
     """[B, Hkv, R, N] bool: the keys query rows ``pos`` [R] keep under vertical_attention's rule: keep [B, Hkv, R]
@@ -420,7 +424,7 @@ def vertical_kept(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, loc
     slash[i - j]); top: a value above every rank and slash value (computed here when None)."""
     b, hkv, n = rank.shape
     if top is None:
-        top = max(float(rank.max()), float(slash.max()) if slash is not None else float("-inf")) + 2.0
+        top = _above_ranks(rank, slash)
     j = torch.arange(n, device=rank.device)
     causal = j[None, :] <= pos[:, None]  # [R, N]
     recent = causal & (j[None, :] > pos[:, None] - local)

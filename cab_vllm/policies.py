@@ -60,6 +60,13 @@ def uses_vertical_blocks(cfg: CABConfig) -> bool:
     return cfg.vertical_blocks and uses_exact_rows(cfg)
 
 
+def scores_chunk_end(cfg: CABConfig, final: bool) -> bool:
+    """Whether a chunk's selection scores its last query tokens exactly against every key (the only selection step
+    that reads every key): cab's exact rows in the chunk that ends the prompt (final), in every chunk with
+    vertical_blocks."""
+    return uses_exact_rows(cfg) and (final or cfg.vertical_blocks)
+
+
 def fused_select_ok(cfg: CABConfig) -> bool:
     """Whether ops.fused_select.estimate_select can select for cfg: a row-local policy ranking by the estimate's
     group max (cab without a curvature share, magnitude), the fixed budget, an estimator with key summaries."""
@@ -82,8 +89,7 @@ def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig,
     m = num_blocks(n_keys, cfg.block_size)
     mq = m - q_block_offset
     vertical = uses_vertical_blocks(cfg)
-    scored = (exact or vertical) and uses_exact_rows(cfg)
-    ex = exact_last_row(q, k, cfg, q_block_offset, impl)[0][0, :, 0] if scored else None
+    ex = exact_last_row(q, k, cfg, q_block_offset, impl)[0][0, :, 0] if scores_chunk_end(cfg, exact) else None
     keep = cfg.keep_counts(m, q.device, answer=exact, prompt=True)[q_block_offset:]  # the prompt's end: the answer row
     return estimate_select(q, summary, n_keys, keep, max_keep(cfg, q_block_offset, mq, exact), cfg.block_size,
                            cfg.estimator, cfg.sink_blocks, cfg.local_blocks, q_block_offset, ex, rows_first=rows_first,
@@ -184,10 +190,9 @@ def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str 
     pooling k; k is then read only for the exact rows (None when exact is False)."""
     a_max, a_mean = estimate_grouped(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl,
                                      q_block_offset=q_block_offset, summary=summary, n_keys=n_keys)
-    vertical = uses_vertical_blocks(cfg)
-    if (exact or vertical) and uses_exact_rows(cfg):
+    if scores_chunk_end(cfg, exact):
         emax, emean = exact_last_row(q, k, cfg, q_block_offset, impl)
-        if vertical:  # every row: the larger of its estimate and the chunk's end's exact scores, on its causal blocks
+        if uses_vertical_blocks(cfg):  # every row: the larger of its estimate and the chunk's end's exact scores, on its causal blocks
             mq, m = a_max.shape[-2:]
             allowed = causal_block_mask(m, a_max.device, q_block_offset, mq)
             a_max = torch.where(allowed, torch.maximum(a_max, emax), a_max)

@@ -32,7 +32,7 @@ from cab_vllm.backend.attention import (KeySummaries, device_ints, prefill_selec
                                         update_key_summaries)
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.blocks import PagedKeys
-from cab_vllm.policies import uses_exact_rows
+from cab_vllm.policies import scores_chunk_end
 
 PHASES = ("update_key_summaries", "prefill_selection", "run_prefill")
 # launch settings main() sweeps (each a comma list; every combination): option, module of cab_vllm.ops, its constant,
@@ -102,7 +102,7 @@ def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySum
         final = b == n
         summary = run("update_key_summaries", c, lambda: update_key_summaries(store, 0, a // bs, kc, bt[0], b, bs,
                                                                               sel_impl))
-        k_all = PagedKeys(kc, bt[:1], b) if (final or cfg.vertical_blocks) and uses_exact_rows(cfg) else None
+        k_all = PagedKeys(kc, bt[:1], b) if scores_chunk_end(cfg, final) else None
         sel = run("prefill_selection", c, lambda: prefill_selection(q[a:b].transpose(0, 1), k_all, cfg,
                                                                     impl=sel_impl, summary=summary, n=b,
                                                                     exact=final, fused=fused))

@@ -40,7 +40,8 @@ from cab_vllm.ops.gathered import sparse_prefill
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from cab_vllm.ops.blocks import PagedKeys, gather_paged, num_blocks
 from cab_vllm.policies import (estimate, estimate_and_select, fused_select_ok, rows_only, select_from_attention,
-                               uses_exact_rows)
+                               scores_chunk_end)
+
 
 def device_ints(values: Sequence[int], device, dtype=torch.int64) -> torch.Tensor:
     """A short host list as a device tensor without a stream sync: on CUDA it is staged in pinned memory and
@@ -458,9 +459,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                       and cfg.estimator == summaries.estimator):
                     summary = update_key_summaries(summaries, entry[0], entry[1], key_cache, block_table[r], n,
                                                    cfg.block_size, sel_impl)
-                    # the only rows that read every key: the prompt's end, every chunk's end with vertical blocks
-                    exact_rows = (final[r] or cfg.vertical_blocks) and uses_exact_rows(cfg)
-                    # read in place from the paged cache (no gathered copy of every key)
+                    # the keys, read in place from the paged cache (no gathered copy), only for the exact rows
+                    exact_rows = scores_chunk_end(cfg, final[r])
                     k_all = PagedKeys(key_cache, block_table[r:r + 1], n) if exact_rows else None
                 else:
                     k_all = gather_paged(key_cache, block_table[r], n)

@@ -160,10 +160,10 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
     from the key summaries summary [1, Hkv, M, W] of n_keys keys: keep [Mq] int (each row's count, the fixed
     budget), kmax >= max(keep) (the width of the indices). exact: [Hkv, M] float32 scores for the last query
     block (cab's exact rows) or None; exact_last: the last row takes them (the prompt's end); blend: every row ranks
-    each key block by the larger of its estimate and them (CABConfig.vertical_blocks). Returns (indices [1, Hkv, Mq, kmax] int32 ascending, -1 padded,
-    counts [1, Hkv, Mq] int32), as policies.select_from_attention returns them; rows_first: (indices [Mq, Hkv, kmax],
-    counts [Mq, Hkv]), the layout the kernels write and the backend's prefill tiles read (no copies). Triton (CUDA, or
-    interpreted)."""
+    each key block by the larger of its estimate and them (CABConfig.vertical_blocks). Returns (indices [1, Hkv, Mq,
+    kmax] int32 ascending, -1 padded, counts [1, Hkv, Mq] int32), as policies.select_from_attention returns them;
+    rows_first: (indices [Mq, Hkv, kmax], counts [Mq, Hkv]), the layout the kernels write and the backend's prefill
+    tiles read (no copies). Triton (CUDA, or interpreted)."""
     check(HAS_TRITON, "estimate_select needs Triton")
     check(q.dim() == 4 and summary.dim() == 4 and q.shape[0] == 1 and summary.shape[0] == 1,
           "q [1, Hq, N, D] and summary [1, Hkv, M, W] expected")
