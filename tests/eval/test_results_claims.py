@@ -270,3 +270,17 @@ def test_long_vertical_tables_match_their_rows():
                 *(f"{mean(p[s]):.2f} / {mean(v[s]):.2f}" for s in (0.9, 0.95)),
                 " / ".join(f"{mean(v[s], 'density'):.3f}" for s in (0.9, 0.95))]
         assert got[label] == want, (label, got[label], want)
+
+
+def test_prefill_mass_table_matches_its_rows():
+    """The prefill selections' kept-mass table (RESULTS.md) is granularity.prefill_mass_markdown of its rows, line for
+    line, and each task's prompt has every layer at both lengths and sparsities."""
+    from cab_experiments.granularity import prefill_mass_markdown
+
+    rs = rows("prefill_mass.jsonl")
+    assert {(r["task"], r["length"], r["sparsity"]) for r in rs} == {
+        (t, n, s) for t in ("vartrack", "multikey") for n in (8192, 16384) for s in (0.9, 0.95)}
+    assert len(rs) == 8 * 24
+    text = (ROOT / "experiments" / "RESULTS.md").read_text()
+    for line in prefill_mass_markdown(rs).splitlines():
+        assert line in text, line
