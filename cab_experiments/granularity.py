@@ -358,7 +358,8 @@ def run_passes(model_name: str, lengths, sparsities, task: str = "multikey", dep
     return out
 
 
-def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sample: int = 128) -> dict:
+def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sample: int = 128,
+                 others: dict | None = None) -> dict:
     """What share of prompt rows' exact attention mass each prefill selection keeps, at the same count of keys per
     row (cab's kept blocks' tokens, hf.kept_tokens of ``sel``), for ``sample`` rows spread evenly over the prompt
     past its first two blocks. q [1, Hq, N, D], k [1, Hkv, N, D] (post-RoPE, a prefill); sel: cab's BlockSelection
@@ -369,7 +370,8 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
         keys, then the keys the last VERTICAL_ROWS rows of its chunk of C rows attend to most (one ranking per KV
         head), as hf.chunked_vertical_attention keeps them; with "early@C" the same over the rows in the first half
         of their chunk (the farthest from the rows that ranked);
-      "oracle": each row's and head's own highest-probability keys."""
+      "oracle": each row's and head's own highest-probability keys;
+      and for each name: selection of ``others`` (selections with sel's counts), its kept blocks as for "blocks"."""
     from cab_vllm import hf
 
     b, hq, n, d = q.shape
@@ -389,11 +391,17 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
     mass = lambda kept: (p * kept[0][:, None]).sum(-1)  # noqa: E731  kept [1, Hkv, R, N] -> [Hkv, G, R]
     m = sel.num_blocks
     qb = pos // bs
-    idx, cnt = sel.indices[0][:, qb], sel.counts[0][:, qb]  # [Hkv, R, K], [Hkv, R]
-    live = torch.arange(idx.shape[-1], device=q.device) < cnt[..., None]
-    blk = torch.zeros(hkv, pos.numel(), m + 1, dtype=torch.bool, device=q.device)
-    blk.scatter_(-1, torch.where(live, idx.long(), m), True)
-    out = {"blocks": float(mass((blk[..., :m].repeat_interleave(bs, -1)[..., :n] & causal)[None]).mean())}
+
+    def block_mass(s) -> float:
+        if not torch.equal(s.counts, sel.counts):
+            raise ValueError("every selection must keep sel's counts")
+        idx, cnt = s.indices[0][:, qb], s.counts[0][:, qb]  # [Hkv, R, K], [Hkv, R]
+        live = torch.arange(idx.shape[-1], device=q.device) < cnt[..., None]
+        blk = torch.zeros(hkv, pos.numel(), m + 1, dtype=torch.bool, device=q.device)
+        blk.scatter_(-1, torch.where(live, idx.long(), m), True)
+        return float(mass((blk[..., :m].repeat_interleave(bs, -1)[..., :n] & causal)[None]).mean())
+
+    out = {"blocks": block_mass(sel), **{name: block_mass(s) for name, s in (others or {}).items()}}
     for c in chunks:
         step = n if c == 0 else c
         ends = torch.clamp((pos // step + 1) * step, max=n)
@@ -416,15 +424,19 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
 def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "multikey", depth: float = 0.5,
                      device: str = "cpu", dtype: torch.dtype = torch.float32, sample: int = 128) -> list[dict]:
     """One ``task`` prompt per length through the dense model; for every layer and sparsity, prefill_mass of cab's
-    selection against vertical lines ranked chunk by chunk and the per-row oracle."""
+    selection against vertical lines ranked chunk by chunk, the per-row oracle and "block_oracle": the blocks of
+    highest exact mass for each query block (all its rows scored against every key: estimator="sampled" with
+    sample_rows=block_size; what no block estimate beats at this budget)."""
     from cab_vllm.api import select_blocks
     from cab_vllm.config import CABConfig
 
     out = []
     for n, layer, q, k in _captures(model_name, lengths, task, depth, device, dtype):
         for sp in sparsities:
-            sel = select_blocks(q, k, CABConfig(policy="cab", sparsity=sp))
-            r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample)
+            cfg = CABConfig(policy="cab", sparsity=sp)
+            sel = select_blocks(q, k, cfg)
+            exact = select_blocks(q, k, cfg.replace(estimator="sampled", sample_rows=cfg.block_size))
+            r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample, {"block_oracle": exact})
             out.append(dict(model=model_name, length=n, n_tokens=q.shape[2], task=task, depth=depth, layer=layer,
                             sparsity=sp, sample=sample, **{key: round(v, 5) for key, v in r.items()}))
     return out
@@ -432,7 +444,8 @@ def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "
 
 def prefill_mass_markdown(rows: list[dict]) -> str:
     """Per (task, length, sparsity): each selection's kept mass, averaged over layers."""
-    keys = [k for k in rows[0] if k == "blocks" or k.startswith(("vertical@", "early@")) or k == "oracle"] if rows else []
+    names = ("blocks", "block_oracle", "oracle")
+    keys = [k for k in rows[0] if k in names or k.startswith(("vertical@", "early@"))] if rows else []
     lines = ["| task | length | sparsity | layers | " + " | ".join(keys) + " |", "|---" * (4 + len(keys)) + "|"]
     groups: dict = {}
     for r in rows:

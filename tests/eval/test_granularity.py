@@ -445,6 +445,15 @@ def test_prefill_mass_against_a_loop_over_rows():
         assert got[key] == pytest.approx(sum(vals) / len(vals), abs=1e-4), key
     assert got["oracle"] >= max(got["blocks"], got["vertical@0"], got["vertical@256"])
     assert "early@256" in got and "early@0" not in got
+    # other selections of the same counts are measured as "blocks" is; other counts are refused
+    from cab_vllm.api import select_blocks
+    from cab_vllm.config import CABConfig
+
+    exact = select_blocks(q, k, CABConfig(sparsity=0.8, estimator="sampled", sample_rows=64))
+    both = prefill_mass(q, k, sel, scale, (), sample=20, others={"same": sel, "block_oracle": exact})
+    assert both["same"] == both["blocks"] == got["blocks"] and 0 < both["block_oracle"] <= got["oracle"]
+    with pytest.raises(ValueError, match="must keep sel's counts"):
+        prefill_mass(q, k, sel, scale, (), sample=20, others={"x": select_blocks(q, k, CABConfig(sparsity=0.5))})
 
 
 def test_prefill_mass_keeps_a_key_every_row_needs_when_the_chunk_end_needs_it_too():
@@ -476,8 +485,8 @@ def test_the_cli_prefill_mass_mode(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 30 and {r["layer"] for r in rows} == set(range(30))
     for r in rows:
-        vals = [r["blocks"], r["vertical@0"], r["vertical@128"], r["early@128"], r["oracle"]]
-        assert all(0 <= v <= 1 for v in vals) and r["oracle"] >= max(vals[:3]) - 1e-4
+        vals = [r["blocks"], r["block_oracle"], r["vertical@0"], r["vertical@128"], r["early@128"], r["oracle"]]
+        assert all(0 <= v <= 1 for v in vals) and r["oracle"] >= max(vals[:4]) - 1e-4
     with pytest.raises(SystemExit, match="chunk sizes must be >= 0"):
         main(["granularity", "--prefill-mass", "-1", "--device", "cpu"])
     with pytest.raises(SystemExit, match="separate questions"):
