@@ -284,3 +284,24 @@ def test_prefill_mass_table_matches_its_rows():
     text = (ROOT / "experiments" / "RESULTS.md").read_text()
     for line in prefill_mass_markdown(rs).splitlines():
         assert line in text, line
+
+
+def test_block_oracle_table_matches_its_rows():
+    """The block oracle's kept mass (RESULTS.md) from its rows (means over layers), whose other figures are the main
+    kept-mass table's rows of the same prompts (the measurement is deterministic)."""
+    rs = rows("prefill_mass_block_oracle.jsonl")
+    first = {(r["task"], r["length"], r["sparsity"], r["layer"]): r for r in rows("prefill_mass.jsonl")}
+    for r in rs:
+        old = first[(r["task"], r["length"], r["sparsity"], r["layer"])]
+        assert {k: v for k, v in r.items() if k != "block_oracle"} == old
+    md = [line.strip() for line in (ROOT / "experiments" / "RESULTS.md").read_text().splitlines()]
+    at = md.index("| task | length | sparsity | cab's blocks | block oracle | per-row oracle |")
+    body = md[at + 2:at + 6]
+    groups: dict = {}
+    for r in rs:
+        groups.setdefault((r["task"], r["length"], r["sparsity"]), []).append(r)
+    assert len(groups) == 4 and all(len(g) == 24 for g in groups.values()) and md[at + 6] == ""
+    want = [f"| {task} | {n} | {sp} | " + " | ".join(f"{sum(r[k] for r in g) / len(g):.3f}"
+                                                    for k in ("blocks", "block_oracle", "oracle")) + " |"
+            for (task, n, sp), g in groups.items()]
+    assert body == want, (body, want)
