@@ -373,6 +373,7 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
       "oracle": each row's and head's own highest-probability keys;
       and for each name: selection of ``others`` (selections with sel's counts), its kept blocks as for "blocks"."""
     from cab_vllm import hf
+    from cab_vllm.ops.blocks import selection_to_block_mask
 
     b, hq, n, d = q.shape
     hkv = k.shape[1]
@@ -395,27 +396,25 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
     def block_mass(s) -> float:
         if not torch.equal(s.counts, sel.counts):
             raise ValueError("every selection must keep sel's counts")
-        idx, cnt = s.indices[0][:, qb], s.counts[0][:, qb]  # [Hkv, R, K], [Hkv, R]
-        live = torch.arange(idx.shape[-1], device=q.device) < cnt[..., None]
-        blk = torch.zeros(hkv, pos.numel(), m + 1, dtype=torch.bool, device=q.device)
-        blk.scatter_(-1, torch.where(live, idx.long(), m), True)
-        return float(mass((blk[..., :m].repeat_interleave(bs, -1)[..., :n] & causal)[None]).mean())
+        blk = selection_to_block_mask(s.indices[0][:, qb], s.counts[0][:, qb], m)  # [Hkv, R, M]
+        return float(mass((blk.repeat_interleave(bs, -1)[..., :n] & causal)[None]).mean())
 
     out = {"blocks": block_mass(sel), **{name: block_mass(s) for name, s in (others or {}).items()}}
     for c in chunks:
         step = n if c == 0 else c
         ends = torch.clamp((pos // step + 1) * step, max=n)
-        got, early = torch.empty(hkv, g, pos.numel(), device=q.device), torch.zeros(pos.numel(), dtype=torch.bool)
+        got = torch.empty(hkv, g, pos.numel(), device=q.device)
+        early = torch.zeros(pos.numel(), dtype=torch.bool, device=q.device)
         for e in ends.unique().tolist():
             rows = (ends == e).nonzero().flatten()
-            rank = hf._last_rows_attention(q[:, :, :e], k[:, :, :e], scale, hf.VERTICAL_ROWS).sum(2)  # [1, Hkv, e]
+            rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale)  # [1, Hkv, e]
             kept = hf.vertical_kept(rank, pos[rows], keep[:, :, rows])  # [1, Hkv, R', e]
             got[:, :, rows] = (p[:, :, rows, :e] * kept[0][:, None]).sum(-1)
             start = max(0, e - step) if c else 0
-            early[rows.cpu()] = (pos[rows] < start + (e - start) // 2).cpu()
+            early[rows] = pos[rows] < start + (e - start) // 2
         out[f"vertical@{c}"] = float(got.mean())
         if c and early.any():
-            out[f"early@{c}"] = float(got[:, :, early.to(q.device)].mean())
+            out[f"early@{c}"] = float(got[:, :, early].mean())
     oracle = hf._top_mask(p, keep[0][:, None].expand(hkv, g, -1))
     out["oracle"] = float((p * oracle).sum(-1).mean())
     return out

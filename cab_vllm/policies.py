@@ -80,8 +80,8 @@ def estimate_and_select(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig,
     """select_from_attention(*estimate(q, k, cfg, summary=summary, ...), cfg) in two Triton launches
     (ops.fused_select) for a cfg that fused_select_ok accepts: the same return, the same selection except among
     tied scores. q [1, Hq, N - q_block_offset * bs, D]; summary [1, Hkv, M, W] of the n_keys keys; k [1, Hkv, N,
-    D] (or ops.blocks.PagedKeys) is read only for cab's exact rows (when ``exact``). rows_first: indices [Mq, Hkv, K]
-    and counts [Mq, Hkv] instead (ops.fused_select.estimate_select)."""
+    D] (or ops.blocks.PagedKeys) is read only for cab's exact rows (when scores_chunk_end(cfg, exact)). rows_first:
+    indices [Mq, Hkv, K] and counts [Mq, Hkv] instead (ops.fused_select.estimate_select)."""
     from cab_vllm.ops.fused_select import estimate_select
 
     if not fused_select_ok(cfg):
@@ -187,12 +187,12 @@ def estimate(q: torch.Tensor, k: torch.Tensor | None, cfg: CABConfig, impl: str 
     of its last ``exact_rows`` query tokens (the rows that produce the answer), when ``exact``; with
     CABConfig.vertical_blocks every row takes, per key block, the larger of its estimate and those scores.
     summary: the keys' block summaries (coarsen.key_summary for cfg.estimator) of n_keys keys, used instead of
-    pooling k; k is then read only for the exact rows (None when exact is False)."""
+    pooling k; k is then read only for the exact rows (None when scores_chunk_end(cfg, exact) is False)."""
     a_max, a_mean = estimate_grouped(q, k, cfg.block_size, cfg.estimator, cfg.num_reps, cfg.sample_rows, impl=impl,
                                      q_block_offset=q_block_offset, summary=summary, n_keys=n_keys)
     if scores_chunk_end(cfg, exact):
         emax, emean = exact_last_row(q, k, cfg, q_block_offset, impl)
-        if uses_vertical_blocks(cfg):  # every row: the larger of its estimate and the chunk's end's exact scores, on its causal blocks
+        if uses_vertical_blocks(cfg):  # every row: the larger of its estimate and the chunk end's, causal blocks only
             mq, m = a_max.shape[-2:]
             allowed = causal_block_mask(m, a_max.device, q_block_offset, mq)
             a_max = torch.where(allowed, torch.maximum(a_max, emax), a_max)

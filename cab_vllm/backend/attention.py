@@ -79,7 +79,8 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     with the fixed budget; an adaptive one (CABConfig.budget) keeps the fixed total over the rows it selects,
     so the chunk's rows of a rows_only policy keep exactly their fixed total, split by estimated mass.
     summary [Hkv, M, W]: the keys' block summaries (KeySummaries) of the n keys, used instead of pooling k_all;
-    k_all may then be None unless the cab policy's exact rows run (exact: the chunk holds the prompt's end).
+    k_all may then be None unless the cab policy's exact rows run (policies.scores_chunk_end; exact: the chunk holds
+    the prompt's end).
     fused: estimate and select without the [M, M] estimate where it applies (ops.fused_select: Triton, cab without a
     curvature share or magnitude, fixed budget): no [M, M] estimate in memory, no sort; the same selections
     except among tied scores (KernelOptions.fused_select, CAB_FUSED_SELECT).
