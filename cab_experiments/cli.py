@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the share of prompt rows' exact attention mass cab's blocks, vertical lines ranked "
                         "by the last rows of each chunk of C rows (0: the whole prompt) and each row's own best keys "
                         "keep at the same count per row")
+    p.add_argument("--rank-rows", type=_positive_int, nargs="+", default=None, metavar="R",
+                   help="with --prefill-mass: rank each chunk's vertical lines by its last R rows (each value one "
+                        "column, vertical@C/R; default 64, vertical@C)")
+    p.add_argument("--no-block-oracle", action="store_true",
+                   help="with --prefill-mass: leave out the block oracle (every query block's rows scored against "
+                        "every key: the slow part at 16k and longer)")
     p.add_argument("--rerank-quant", choices=["channel", "token", "fp8", "fp8qk", "fp8c"], nargs="+",
                    default=["channel"],
                    help="the key copy's quantizer: each channel's range per 16-token page, a scale per token and 32 "
@@ -359,6 +365,9 @@ def _granularity(a) -> int:
     if sum(map(bool, (a.bounds, a.rerank_bits, a.reuse_lags, a.rule_passes, a.prefill_mass))) > 1:
         raise SystemExit("python -m cab_experiments granularity: --bounds, --rerank-bits, --reuse-lags, "
                          "--rule-passes and --prefill-mass are separate questions: ask one")
+    if (a.rank_rows or a.no_block_oracle) and not a.prefill_mass:
+        raise SystemExit("python -m cab_experiments granularity: --rank-rows and --no-block-oracle go with "
+                         "--prefill-mass")
     if a.prefill_mass:
         from cab_experiments.granularity import prefill_mass_markdown, run_prefill_mass
 
@@ -366,7 +375,7 @@ def _granularity(a) -> int:
             raise SystemExit(f"python -m cab_experiments granularity: --prefill-mass {a.prefill_mass}: chunk sizes "
                              "must be >= 0 (0: the whole prompt)")
         rows = run_prefill_mass(a.model, a.lengths, a.sparsities, tuple(a.prefill_mass), a.task, a.depth, device,
-                                dtype)
+                                dtype, rank_rows=a.rank_rows, block_oracle=not a.no_block_oracle)
         _append_rows(a.out or "experiments/results/prefill_mass.jsonl", rows, device)
         print(prefill_mass_markdown(rows))
         return 0

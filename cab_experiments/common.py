@@ -17,7 +17,8 @@ from cab_vllm.config import POLICIES, CABConfig
 
 _FIELDS = {f for f in CABConfig.__dataclass_fields__} - {"sparsity", "policy"}
 # the transformers adapter's own keys (cab_vllm.hf.using), not CABConfig fields
-ADAPTER_KEYS = ("phases", "layers", "early", "compensate", "oracle", "tokens", "prefill", "prefill_chunk")
+ADAPTER_KEYS = ("phases", "layers", "early", "compensate", "oracle", "tokens", "prefill", "prefill_chunk",
+                "prefill_rows")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Variant:
     ``oracle=token`` lets every sparse row keep its own best keys token by token at the same density,
     ``prefill=vertical`` lets every prompt row keep its recent keys and the keys the prompt's last rows attend to most
     (one token-level set per KV head) at the same density (``prefill=vslash``: also the offsets they attend to most;
-    ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows), and
+    ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows, ``prefill_rows=R``: by its last R), and
     ``tokens=pcaR|sparqR|sparqgR|dimsR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
     only; pca and dims need the model's key basis and dimension order, cab_vllm.hf.calibrate_key_basis)."""
 
@@ -65,9 +66,9 @@ class Variant:
                     raise ValueError(f"variant {spec!r}: {key}={raw!r} must be one of {allowed}")
                 overrides.append((key, raw))
                 continue
-            if key == "prefill_chunk":
+            if key in ("prefill_chunk", "prefill_rows"):
                 if not raw.isdigit() or int(raw) < 1:
-                    raise ValueError(f"variant {spec!r}: prefill_chunk={raw!r} must be a positive number of rows")
+                    raise ValueError(f"variant {spec!r}: {key}={raw!r} must be a positive number of rows")
                 overrides.append((key, int(raw)))
                 continue
             if key == "layers":
@@ -138,17 +139,21 @@ class Variant:
         return dict(self.overrides).get("prefill_chunk")
 
     @property
+    def prefill_rows(self) -> int | None:
+        return dict(self.overrides).get("prefill_rows")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
     def using(self, sparsity: float, impl: str = "auto"):
         """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
-        layers, early, compensate, oracle, tokens, prefill, prefill_chunk); yields the block counts."""
+        layers, early, compensate, oracle, tokens, prefill, prefill_chunk, prefill_rows); yields the block counts."""
         from cab_vllm import hf
 
         return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early,
                         compensate=self.compensate, oracle=self.oracle, tokens=self.tokens, prefill=self.prefill,
-                        prefill_chunk=self.prefill_chunk)
+                        prefill_chunk=self.prefill_chunk, prefill_rows=self.prefill_rows)
 
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""

@@ -359,7 +359,7 @@ def run_passes(model_name: str, lengths, sparsities, task: str = "multikey", dep
 
 
 def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sample: int = 128,
-                 others: dict | None = None) -> dict:
+                 others: dict | None = None, rank_rows=None) -> dict:
     """What share of prompt rows' exact attention mass each prefill selection keeps, at the same count of keys per
     row (cab's kept blocks' tokens, hf.kept_tokens of ``sel``), for ``sample`` rows spread evenly over the prompt
     past its first two blocks. q [1, Hq, N, D], k [1, Hkv, N, D] (post-RoPE, a prefill); sel: cab's BlockSelection
@@ -369,7 +369,9 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
       "vertical@C" for C in ``chunks`` (0: the whole prompt): hf.vertical_kept, the row's VERTICAL_LOCAL most recent
         keys, then the keys the last VERTICAL_ROWS rows of its chunk of C rows attend to most (one ranking per KV
         head), as hf.chunked_vertical_attention keeps them; with "early@C" the same over the rows in the first half
-        of their chunk (the farthest from the rows that ranked);
+        of their chunk (the farthest from the rows that ranked); for each R in ``rank_rows`` other than
+        VERTICAL_ROWS, "vertical@C/R" and "early@C/R" ranked by the chunk's last R rows instead (C = the block size
+        with R < C: each query block's keys chosen by a few of its own rows' exact scores);
       "oracle": each row's and head's own highest-probability keys;
       and for each name: selection of ``others`` (selections with sel's counts), its kept blocks as for "blocks"."""
     from cab_vllm import hf
@@ -400,32 +402,37 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
         return float(mass((blk.repeat_interleave(bs, -1)[..., :n] & causal)[None]).mean())
 
     out = {"blocks": block_mass(sel), **{name: block_mass(s) for name, s in (others or {}).items()}}
-    for c in chunks:
+    for c, r in ((c, r) for c in chunks for r in (rank_rows or (hf.VERTICAL_ROWS,))):
+        if r < 1:
+            raise ValueError(f"rank_rows must be >= 1, got {r}")
+        name = f"@{c}" if r == hf.VERTICAL_ROWS else f"@{c}/{r}"
         step = n if c == 0 else c
         ends = torch.clamp((pos // step + 1) * step, max=n)
         got = torch.empty(hkv, g, pos.numel(), device=q.device)
         early = torch.zeros(pos.numel(), dtype=torch.bool, device=q.device)
         for e in ends.unique().tolist():
             rows = (ends == e).nonzero().flatten()
-            rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale)  # [1, Hkv, e]
+            rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale, rows=r)  # [1, Hkv, e]
             kept = hf.vertical_kept(rank, pos[rows], keep[:, :, rows])  # [1, Hkv, R', e]
             got[:, :, rows] = (p[:, :, rows, :e] * kept[0][:, None]).sum(-1)
             start = max(0, e - step) if c else 0
             early[rows] = pos[rows] < start + (e - start) // 2
-        out[f"vertical@{c}"] = float(got.mean())
+        out[f"vertical{name}"] = float(got.mean())
         if c and early.any():
-            out[f"early@{c}"] = float(got[:, :, early].mean())
+            out[f"early{name}"] = float(got[:, :, early].mean())
     oracle = hf._top_mask(p, keep[0][:, None].expand(hkv, g, -1))
     out["oracle"] = float((p * oracle).sum(-1).mean())
     return out
 
 
 def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "multikey", depth: float = 0.5,
-                     device: str = "cpu", dtype: torch.dtype = torch.float32, sample: int = 128) -> list[dict]:
+                     device: str = "cpu", dtype: torch.dtype = torch.float32, sample: int = 128, rank_rows=None,
+                     block_oracle: bool = True) -> list[dict]:
     """One ``task`` prompt per length through the dense model; for every layer and sparsity, prefill_mass of cab's
-    selection against vertical lines ranked chunk by chunk, the per-row oracle and "block_oracle": the blocks of
-    highest exact mass for each query block (all its rows scored against every key: estimator="sampled" with
-    sample_rows=block_size; what no block estimate beats at this budget)."""
+    selection against vertical lines ranked chunk by chunk (by the last R rows of each chunk, R in ``rank_rows``),
+    the per-row oracle and, with block_oracle, "block_oracle": the blocks of highest exact mass for each query block
+    (all its rows scored against every key: estimator="sampled" with sample_rows=block_size; what no block estimate
+    beats at this budget)."""
     from cab_vllm.api import select_blocks
     from cab_vllm.config import CABConfig
 
@@ -434,8 +441,11 @@ def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "
         for sp in sparsities:
             cfg = CABConfig(policy="cab", sparsity=sp)
             sel = select_blocks(q, k, cfg)
-            exact = select_blocks(q, k, cfg.replace(estimator="sampled", sample_rows=cfg.block_size))
-            r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample, {"block_oracle": exact})
+            others = {}
+            if block_oracle:
+                others["block_oracle"] = select_blocks(q, k, cfg.replace(estimator="sampled",
+                                                                         sample_rows=cfg.block_size))
+            r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample, others, rank_rows)
             out.append(dict(model=model_name, length=n, n_tokens=q.shape[2], task=task, depth=depth, layer=layer,
                             sparsity=sp, sample=sample, **{key: round(v, 5) for key, v in r.items()}))
     return out

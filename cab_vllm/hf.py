@@ -41,6 +41,10 @@ def _new_stats() -> dict:
     return {"prefill_calls": 0, "decode_calls": 0, "kept": 0, "causal": 0}
 
 
+VERTICAL_ROWS = 64  # prefill="vertical": the prompt's last rows whose exact attention ranks the keys
+VERTICAL_LOCAL = 64  # prefill="vertical": each row's most recent keys, always kept
+
+
 @dataclass
 class _State:
     cfg: CABConfig | None = None
@@ -52,6 +56,7 @@ class _State:
     tokens: tuple[str, int, bool] | None = None
     prefill: str | None = None
     prefill_chunk: int | None = None
+    prefill_rows: int = VERTICAL_ROWS
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -64,8 +69,6 @@ PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
 PREFILLS = ("vertical", "vslash")
-VERTICAL_ROWS = 64  # prefill="vertical": the prompt's last rows whose exact attention ranks the keys
-VERTICAL_LOCAL = 64  # prefill="vertical": each row's most recent keys, always kept
 _TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(intc|int)([2-8]))(?:x([1-9][0-9]*))?(kv)?")
 CHANNEL_GROUP = 16  # intcB: tokens per group of a channel's quantization range (a vLLM page of 16 tokens)
 DIM_GROUP = 16  # dimsR ranks keys by whole groups of this many dimensions (32 bytes of a bf16 key: one DRAM sector)
@@ -117,7 +120,8 @@ def parse_tokens(spec: str) -> TokenSpec:
 @contextlib.contextmanager
 def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
           early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None,
-          tokens: str | None = None, prefill: str | None = None, prefill_chunk: int | None = None):
+          tokens: str | None = None, prefill: str | None = None, prefill_chunk: int | None = None,
+          prefill_rows: int | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -143,9 +147,13 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     can gather once per head (vertical_attention; decode follows the policy's own rule). "vslash" ranks key j for
     row i by the larger of j's and of the offset i - j's mass in those rows (MInference's vertical and slash lines).
     prefill_chunk: with either, the prompt's rows in chunks of this many rows, each ranking the keys by its own last
-    rows, as a chunked prefill must (chunked_vertical_attention; None: the whole prompt's last rows rank for all)."""
+    rows, as a chunked prefill must (chunked_vertical_attention; None: the whole prompt's last rows rank for all).
+    prefill_rows: with either, how many of those last rows rank (default VERTICAL_ROWS; with prefill_chunk set to the
+    block size, each query block's keys chosen by a few of its own rows)."""
     if prefill_chunk is not None and (prefill is None or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk={prefill_chunk!r} needs prefill='vertical' or 'vslash' and a positive size")
+    if prefill_rows is not None and (prefill is None or prefill_rows < 1):
+        raise ValueError(f"prefill_rows={prefill_rows!r} needs prefill='vertical' or 'vslash' and a positive count")
     if prefill is not None and prefill not in PREFILLS:
         raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS} or None")
     if prefill is not None and (oracle or tokens or compensate) is not None:
@@ -172,16 +180,17 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     if early is not None and cfg is not None:
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
     prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-            _STATE.prefill, _STATE.prefill_chunk, _STATE.prompt_sel, _STATE.stats)
+            _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prompt_sel, _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
     _STATE.compensate, _STATE.tokens = compensate, token_sel
     _STATE.prefill, _STATE.prefill_chunk = prefill, prefill_chunk
+    _STATE.prefill_rows = VERTICAL_ROWS if prefill_rows is None else prefill_rows
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
         (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-         _STATE.prefill, _STATE.prefill_chunk, _STATE.prompt_sel, _STATE.stats) = prev
+         _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prompt_sel, _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -440,18 +449,20 @@ def vertical_kept(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, loc
 
 def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
                                chunk: int | None = None, slash: bool = False,
-                               local: int = VERTICAL_LOCAL) -> torch.Tensor:
+                               local: int = VERTICAL_LOCAL, rows: int = VERTICAL_ROWS) -> torch.Tensor:
     """vertical_attention as a chunked prefill runs it: the prompt's rows in chunks of ``chunk`` (None: one chunk),
-    each chunk's rows ranking the keys by the chunk's own last VERTICAL_ROWS rows (vertical_rank, and slash_rank when
+    each chunk's rows ranking the keys by the chunk's own last ``rows`` rows (vertical_rank, and slash_rank when
     ``slash``), since the prompt's later rows do not exist yet when a chunk runs -> [B, Hq, N, D] in q.dtype."""
     n = q.shape[2]
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
     step = n if chunk is None else chunk
     outs = []
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        p = _last_rows_attention(q[:, :, :c1], k[:, :, :c1], scale, VERTICAL_ROWS)  # once for both ranks
+        p = _last_rows_attention(q[:, :, :c1], k[:, :, :c1], scale, rows)  # once for both ranks
         outs.append(vertical_attention(q[:, :, :c1], k[:, :, :c1], v[:, :, :c1], keep[..., :c1], scale,
                                        rank=p.sum(2), local=local, slash=_by_offset(p) if slash else None,
                                        first_row=c0))
@@ -624,7 +635,7 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
         elif _STATE.prefill is not None:  # "vertical" / "vslash", the prompt in chunks of prefill_chunk rows
             out = chunked_vertical_attention(query, key, value, kept_tokens(sel), scale, chunk=_STATE.prefill_chunk,
-                                             slash=_STATE.prefill == "vslash")
+                                             slash=_STATE.prefill == "vslash", rows=_STATE.prefill_rows)
         elif _STATE.tokens is not None:
             out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key),
                                          shared=_STATE.tokens.shared, rerank=_STATE.tokens.rerank)

@@ -501,6 +501,17 @@ def test_chunked_vertical_attention_ranks_each_chunk_by_its_own_last_rows(slash)
         torch.testing.assert_close(hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=one, slash=slash,
                                                                  local=local), whole)
     assert not torch.allclose(got, whole, atol=1e-4)  # the early chunks rank by other rows
+    # ranked by each chunk's last 3 rows (rows=): the reference with that ranking; differs from the 64-row one
+    few = hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, slash=slash, local=local, rows=3)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        qc, kc = q[:, :, :c1], k[:, :, :c1]
+        want = _brute_vertical(qc, kc, v[:, :, :c1], keep[..., :c1], 0.4, hf.vertical_rank(qc, kc, 0.4, rows=3),
+                               local, hf.slash_rank(qc, kc, 0.4, rows=3) if slash else None)
+        torch.testing.assert_close(few[:, :, c0:c1], want[:, :, c0:c1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(few, got, atol=1e-4)
+    with pytest.raises(ValueError, match="rows must be"):
+        hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, rows=0)
     with pytest.raises(ValueError, match="chunk must be"):
         hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=0)
     with pytest.raises(ValueError, match="first_row must be"):
@@ -558,3 +569,10 @@ def test_a_model_runs_with_the_vertical_prefill():
     torch.testing.assert_close(whole, vert)
     with pytest.raises(ValueError, match="prefill_chunk"):
         run(prefill_chunk=128)
+    # each 64-row chunk ranked by its own last 8 rows: the block selection's counts, another answer than 64 rows'
+    few, c_few = run(prefill="vertical", prefill_chunk=64, prefill_rows=8)
+    tile, _ = run(prefill="vertical", prefill_chunk=64)
+    assert c_few == c_vert and not torch.allclose(few[0], tile[0], atol=1e-4)
+    for bad in (dict(prefill_rows=8), dict(prefill="vertical", prefill_rows=0)):
+        with pytest.raises(ValueError, match="prefill_rows"):
+            run(**bad)

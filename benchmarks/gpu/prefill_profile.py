@@ -3,7 +3,7 @@ where the prefill's CAB time goes (no vLLM needed).
 
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
         [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256] [--pool-warps 2,4,8]
-        [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8]
+        [--pool-bounds-warps 2,4,8] [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8]
         [--exact-two-passes] [--fa-prefill 0|1] [--block-size 64,128] [--page 16]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (16-token pages, --page) holding
@@ -43,6 +43,8 @@ SWEEP = (
     ("key-split", "fused_select", "KEY_SPLIT", True, "key blocks per program of the logits launch"),
     ("pool-warps", "coarsen", "POOL_WARPS", False,
      "warps per program of the pooling kernel (queries' features, keys' summaries)"),
+    ("pool-bounds-warps", "coarsen", "POOL_BOUNDS_WARPS", False,
+     "warps per pooling program of the bounds' minima and maxima (the keys' summaries)"),
     ("logits-warps", "fused_select", "LOGITS_WARPS", True, "warps per logits program"),
     ("logits-stages", "fused_select", "LOGITS_STAGES", True, "key tiles in flight per logits program"),
     ("select-warps", "fused_select", "SELECT_WARPS", True, "warps per selection program"),

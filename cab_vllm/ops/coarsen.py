@@ -306,6 +306,9 @@ def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = Fa
 
 POOL_WARPS = 2  # warps per pooling program (one block of one head): 2 pooled at 128k in 0.50 ms against 0.66 with 4
 # and 1.08 with 8 (H200, benchmarks/gpu/prefill_profile.py --pool-warps)
+POOL_BOUNDS_WARPS = 2  # the same for the bounds' per-dimension minima and maxima (the keys' summaries), which hold
+# the whole block in registers: with 2 warps 167 registers a thread, 18.75% occupancy, 44% of the DRAM peak (H100,
+# Nsight Compute, BENCHMARKS.md)
 
 
 def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, mean=None, lo=None, hi=None,
@@ -325,7 +328,7 @@ def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, m
         any_out.stride(0), any_out.stride(1), any_out.stride(2),
         HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK=block_size,
         DO_REP=rep is not None, DO_MEAN=mean is not None, DO_BOUNDS=lo is not None, PAGED=bt is not None,
-        SIGN_SPLIT=neg is not None, num_warps=POOL_WARPS,
+        SIGN_SPLIT=neg is not None, num_warps=POOL_BOUNDS_WARPS if lo is not None else POOL_WARPS,
     )
 
 

@@ -5,11 +5,10 @@ estimate_select(q, summary, n_keys, cfg, q_block_offset, exact) gives what
 gives for cab without a curvature share and for magnitude, with the fixed budget (policies.fused_select_ok).
 The first launch (_logits_kernel) computes the pooled queries' logits against the keys' block summaries
 (coarsen.query_features against coarsen.key_summary) once: each program takes RB query blocks of one KV head (the
-group's heads as rows) and one split of KEY_SPLIT key blocks, writes the causal logits to a scratch and each row's
-running max and sum of exponentials for its split. The second (_select_rows_kernel), one program per (query block,
-KV head) row, joins the splits into each head's log-sum-exp, turns the row's logits into probabilities, takes the
-max over the GQA group, forces the sink and local blocks and keeps the top ``keep`` blocks (ops.select's
-radix-threshold top-k, ties to the lower block). The unfused path writes [Hq, Mq, M] logits, [Hkv, Mq, M]
+group's heads as rows) and one split of KEY_SPLIT key blocks, writes the causal logits to a scratch. The second
+(_select_rows_kernel), one program per (query block, KV head) row, loads each head's row of logits whole, turns it
+into probabilities (its own softmax), takes the max over the GQA group, forces the sink and local blocks and keeps
+the top ``keep`` blocks (ops.select's radix-threshold top-k, ties to the lower block). The unfused path writes [Hq, Mq, M] logits, [Hkv, Mq, M]
 probabilities and sorts them.
 With ``exact`` ([Hkv, M] float32: the exact scores' group max of the prompt's last query block, cab's exact rows)
 that row's scores are those. Selections agree with the unfused path's except among blocks whose scores tie
@@ -61,19 +60,20 @@ if HAS_TRITON:
         return tl.dot(qf, tl.trans(kt)) * scale + loglen[None, :]
 
     @triton.jit(do_not_specialize=["n_tokens", "first", "rows", "m", "stride_qh", "stride_qr", "stride_kh",
-                                   "stride_km", "stride_zr", "stride_zh", "stride_zg", "stride_ps"])
+                                   "stride_km", "stride_zr", "stride_zh", "stride_zg"])
     def _logits_kernel(
-        qf_ptr, ks_ptr, z_ptr, pm_ptr, pl_ptr,
-        n_tokens, first, rows, m, scale, group, hq,
-        stride_qh, stride_qr, stride_kh, stride_km, stride_zr, stride_zh, stride_zg, stride_ps,
+        qf_ptr, ks_ptr, z_ptr,
+        n_tokens, first, rows, m, scale, group,
+        stride_qh, stride_qr, stride_kh, stride_km, stride_zr, stride_zh, stride_zg,
         W: tl.constexpr, WPAD: tl.constexpr, GPAD: tl.constexpr, RB: tl.constexpr, BJ: tl.constexpr,
         BLOCK: tl.constexpr, SPLIT: tl.constexpr,
     ):
         """The logits of RB query blocks x the group's heads (tile rows) of one KV head against the key blocks of
-        one split (SPLIT blocks): each written once to z [rows, Hkv, group, MPAD] (causal entries only), with the
-        split's running max and sum of exponentials per tile row in pm / pl [splits, rows, Hq] (hq = Hkv x group)."""
+        one split (SPLIT blocks), each written once to z [rows, Hkv, group, MPAD] (causal entries only; int32
+        offsets: estimate_select keeps z under 2**31 entries). Nothing else per entry: the selection launch takes
+        each head's softmax over the row it loads whole."""
         pid = tl.program_id(0)
-        kvh = tl.program_id(1).to(tl.int64)
+        kvh = tl.program_id(1)
         sp = tl.program_id(2)
         rr = tl.arange(0, RB * GPAD)  # tile rows: (query block, head of the group)
         r = pid * RB + rr // GPAD
@@ -85,39 +85,28 @@ if HAS_TRITON:
         top = first + tl.minimum(pid * RB + RB, rows) - 1  # the last key block any row here sees
         j_lo = sp * SPLIT
         j_hi = tl.minimum(j_lo + SPLIT, top + 1)
-        m_i = tl.full([RB * GPAD], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([RB * GPAD], dtype=tl.float32)
-        zrow = z_ptr + r.to(tl.int64) * stride_zr + kvh * stride_zh + g * stride_zg
+        zrow = r * stride_zr + kvh * stride_zh + g * stride_zg
         if j_lo < j_hi:
-            qf = tl.load(qf_ptr + (kvh * group + g)[:, None] * stride_qh + r[:, None].to(tl.int64) * stride_qr
-                         + w[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0.0).to(ks_ptr.dtype.element_ty)
-            kbase = ks_ptr + kvh * stride_kh
+            qf = tl.load(qf_ptr + (kvh.to(tl.int64) * group + g)[:, None] * stride_qh
+                         + r[:, None].to(tl.int64) * stride_qr + w[None, :],
+                         mask=row_ok[:, None] & w_ok[None, :], other=0.0).to(ks_ptr.dtype.element_ty)
+            kbase = ks_ptr + kvh.to(tl.int64) * stride_kh
             for j0 in range(j_lo, j_hi, BJ):
                 j = j0 + tl.arange(0, BJ)
                 z = _tile_logits(qf, kbase, j, w, w_ok, m, n_tokens, scale, stride_km, BLOCK)
                 ok = (j[None, :] <= b[:, None]) & (j[None, :] < j_hi) & row_ok[:, None]
-                z = tl.where(ok, z, float("-inf"))
-                tl.store(zrow[:, None] + j[None, :], z, mask=ok)
-                m_new = tl.maximum(m_i, tl.max(z, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
-                m_i = m_new
-        part = sp * stride_ps + r.to(tl.int64) * hq + kvh * group + g
-        tl.store(pm_ptr + part, m_i, mask=row_ok)
-        tl.store(pl_ptr + part, l_i, mask=row_ok)
+                tl.store(z_ptr + (zrow[:, None] + j[None, :]), z, mask=ok)
 
     # m (the key blocks) moves with every chunk too: specialized, a chunk whose block count is not a multiple of 16
     # compiled a variant of its own during serving (vLLM's JIT monitor, 128k at 4 users: a 1.7 s token gap)
-    @triton.jit(do_not_specialize=["first", "kmax", "splits", "exact_row", "blend", "m", "stride_zr", "stride_zh",
-                                   "stride_zg", "stride_ps", "stride_ir", "stride_ih", "stride_cr"])
-    def _select_rows_kernel(z_ptr, pm_ptr, pl_ptr, ex_ptr, keep_ptr, idx_ptr, cnt_ptr,
-                            first, kmax, splits, exact_row, blend, group, hq, m, sink_blocks, local_blocks,
-                            stride_zr, stride_zh, stride_zg, stride_ps, stride_ir, stride_ih, stride_cr,
-                            GPAD: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, HAS_EXACT: tl.constexpr,
-                            SPAD: tl.constexpr):
-        """One (query block, KV head) row: each head's log-sum-exp from the splits' partials, its probabilities
-        from the logits _logits_kernel wrote, the max over the group, the forced blocks, then the top-k.
-        SPAD >= splits (a power of two; MPAD decides it): each head's partials come in one load, not one per split.
+    @triton.jit(do_not_specialize=["first", "kmax", "exact_row", "blend", "m", "stride_zr", "stride_zh",
+                                   "stride_zg", "stride_ir", "stride_ih", "stride_cr"])
+    def _select_rows_kernel(z_ptr, ex_ptr, keep_ptr, idx_ptr, cnt_ptr,
+                            first, kmax, exact_row, blend, group, m, sink_blocks, local_blocks,
+                            stride_zr, stride_zh, stride_zg, stride_ir, stride_ih, stride_cr,
+                            GPAD: tl.constexpr, MPAD: tl.constexpr, KPAD: tl.constexpr, HAS_EXACT: tl.constexpr):
+        """One (query block, KV head) row: each head's softmax over its causal logits (the row _logits_kernel wrote,
+        loaded whole), the max over the group, the forced blocks, then the top-k.
         With exact scores (HAS_EXACT): row exact_row (-1: none) takes them instead of its estimate, and with blend != 0
         every row takes the larger of the two per key block (CABConfig.vertical_blocks; runtime flags: no compile of
         their own)."""
@@ -126,21 +115,13 @@ if HAS_TRITON:
         b = first + row
         jj = tl.arange(0, MPAD)
         causal = jj <= b
-        part = row.to(tl.int64) * hq + kvh * group
         zbase = z_ptr + row.to(tl.int64) * stride_zr + kvh * stride_zh
-        ss = tl.arange(0, SPAD)
-        s_ok = ss < splits
         a = tl.zeros([MPAD], dtype=tl.float32)
         for gi in tl.static_range(GPAD):  # one head of the group at a time: one [MPAD] row in registers
             if gi < group:
-                pms = tl.load(pm_ptr + ss * stride_ps + part + gi, mask=s_ok, other=float("-inf"))
-                pls = tl.load(pl_ptr + ss * stride_ps + part + gi, mask=s_ok, other=0.0)
-                mx = tl.max(pms, 0)
-                m_safe = tl.where(mx == float("-inf"), 0.0, mx)
-                l = tl.sum(tl.where(pms == float("-inf"), 0.0, pls * tl.exp(pms - m_safe)), 0)
-                lse = tl.where(l > 0.0, mx + tl.log(tl.where(l > 0.0, l, 1.0)), 0.0)
                 z = tl.load(zbase + gi * stride_zg + jj, mask=causal, other=float("-inf"))
-                a = tl.maximum(a, tl.where(causal, tl.exp(z - lse), 0.0))
+                e = tl.exp(z - tl.max(z, 0))  # block 0 is always causal: the max is finite
+                a = tl.maximum(a, e * (1.0 / tl.sum(e, 0)))
         if HAS_EXACT:
             ex = tl.load(ex_ptr + kvh * m + jj, mask=jj < m, other=0.0)
             a = tl.where(blend != 0, tl.maximum(a, ex), a)
@@ -199,19 +180,16 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
     mpad = next_pow2(m)
     split = max(KEY_TILE, KEY_SPLIT // KEY_TILE * KEY_TILE)  # a whole number of key tiles per split
     splits = triton.cdiv(m, split)
-    spad = max(2, next_pow2(triton.cdiv(mpad, split)))  # >= splits, fixed by MPAD: no compile of its own
     rs = max(1, min(mq, SCRATCH_BYTES // (hq * mpad * 4)))  # query blocks per slice
+    check(rs * hq * mpad < 2 ** 31, "the logits scratch must hold fewer than 2**31 entries (int32 offsets)")
     z = torch.empty(rs, hkv, group, mpad, dtype=torch.float32, device=dev)
-    pm = torch.empty(splits, rs, hq, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
     for r0 in range(0, mq, rs):
         rows = min(rs, mq - r0)
         first = q_block_offset + r0
         _logits_kernel[(triton.cdiv(rows, rb), hkv, splits)](
-            qf[:, r0:], ks, z, pm, pl,
-            n_keys, first, rows, m, 1.0 / math.sqrt(d), group, hq,
+            qf[:, r0:], ks, z,
+            n_keys, first, rows, m, 1.0 / math.sqrt(d), group,
             qf.stride(0), qf.stride(1), ks.stride(0), ks.stride(1), z.stride(0), z.stride(1), z.stride(2),
-            pm.stride(0),
             W=width, WPAD=next_pow2(width), GPAD=gpad, RB=rb, BJ=KEY_TILE, BLOCK=block_size, SPLIT=split,
             num_warps=LOGITS_WARPS,
             # one key tile in flight for fp32 summaries, whose pipelined tiles would take 264 KB of shared memory
@@ -221,10 +199,10 @@ def estimate_select(q: torch.Tensor, summary: torch.Tensor, n_keys: int, keep: t
         # MPAD = KPAD: one compiled selection per power of two of the key blocks, whatever the budget (the warm-up
         # makes them all: backend.warmup.warm_fused_select)
         _select_rows_kernel[(rows, hkv)](
-            z, pm, pl, exact if exact is not None else z, keep[r0:], idx[r0:], cnt[r0:],
-            first, kk, splits, mq - 1 - r0 if exact_last else -1, int(blend), group, hq, m, sink_blocks, local_blocks,
-            z.stride(0), z.stride(1), z.stride(2), pm.stride(0), idx.stride(0), idx.stride(1), cnt.stride(0),
-            GPAD=gpad, MPAD=mpad, KPAD=mpad, HAS_EXACT=exact is not None, SPAD=spad, num_warps=SELECT_WARPS,
+            z, exact if exact is not None else z, keep[r0:], idx[r0:], cnt[r0:],
+            first, kk, mq - 1 - r0 if exact_last else -1, int(blend), group, m, sink_blocks, local_blocks,
+            z.stride(0), z.stride(1), z.stride(2), idx.stride(0), idx.stride(1), cnt.stride(0),
+            GPAD=gpad, MPAD=mpad, KPAD=mpad, HAS_EXACT=exact is not None, num_warps=SELECT_WARPS,
         )
     if rows_first:
         return idx, cnt

@@ -327,6 +327,11 @@ def test_layers_sparsify_a_layer_range_only(smol):
     for bad in ("0", "-3", "1k"):
         with pytest.raises(ValueError, match="prefill_chunk="):
             Variant.parse(f"cab:prefill=vertical,prefill_chunk={bad}")
+        with pytest.raises(ValueError, match="prefill_rows="):
+            Variant.parse(f"cab:prefill=vertical,prefill_rows={bad}")
+    v = Variant.parse("cab:prefill=vertical,prefill_chunk=64,prefill_rows=16")
+    assert (v.prefill_chunk, v.prefill_rows) == (64, 16) and Variant.parse("cab").prefill_rows is None
+    assert v.config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="oracle="):
         Variant.parse("cab:oracle=block")

@@ -421,10 +421,11 @@ def test_prefill_mass_against_a_loop_over_rows():
 
     q, k, sel = _mass_case()
     n, scale = q.shape[2], 1 / math.sqrt(32)
-    got = prefill_mass(q, k, sel, scale, (0, 256), sample=20)
+    got = prefill_mass(q, k, sel, scale, (0, 256), sample=20, rank_rows=(64, 16))
     pos = torch.linspace(128, n - 1, 20).round().long().unique()
     keep = hf.kept_tokens(sel)[0]  # [Hkv, N]
-    want = {"blocks": [], "vertical@0": [], "vertical@256": [], "oracle": []}
+    want = {"blocks": [], "vertical@0": [], "vertical@256": [], "vertical@0/16": [], "vertical@256/16": [],
+            "oracle": []}
     for i in pos.tolist():
         for h in range(4):
             kvh = h // 2
@@ -434,17 +435,20 @@ def test_prefill_mass_against_a_loop_over_rows():
             want["blocks"].append(sum(float(p[b * 64:(b + 1) * 64].sum()) for b in blocks))
             kt = min(int(keep[kvh, i]), i + 1)
             want["oracle"].append(float(p.topk(kt).values.sum()))
-            for c in (0, 256):
+            for c, r in ((0, 64), (256, 64), (0, 16), (256, 16)):
                 e = n if c == 0 else min(n, (i // c + 1) * c)
-                rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale)[0, kvh]
+                rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale, rows=r)[0, kvh]
                 local = list(range(max(0, i - hf.VERTICAL_LOCAL + 1), i + 1))
                 rest = [j for j in rank[: i + 1].argsort(descending=True).tolist() if j not in local]
                 kept = (local[::-1] + rest)[:kt]
-                want[f"vertical@{c}"].append(float(p[kept].sum()))
+                want[f"vertical@{c}" + ("" if r == 64 else f"/{r}")].append(float(p[kept].sum()))
     for key, vals in want.items():
         assert got[key] == pytest.approx(sum(vals) / len(vals), abs=1e-4), key
     assert got["oracle"] >= max(got["blocks"], got["vertical@0"], got["vertical@256"])
-    assert "early@256" in got and "early@0" not in got
+    assert "early@256" in got and "early@0" not in got and "early@256/16" in got
+    assert got["vertical@256/16"] != got["vertical@256"]
+    with pytest.raises(ValueError, match="rank_rows must be"):
+        prefill_mass(q, k, sel, scale, (0,), sample=20, rank_rows=(0,))
     # other selections of the same counts are measured as "blocks" is; other counts are refused
     from cab_vllm.api import select_blocks
     from cab_vllm.config import CABConfig
@@ -487,6 +491,18 @@ def test_the_cli_prefill_mass_mode(tmp_path):
     for r in rows:
         vals = [r["blocks"], r["block_oracle"], r["vertical@0"], r["vertical@128"], r["early@128"], r["oracle"]]
         assert all(0 <= v <= 1 for v in vals) and r["oracle"] >= max(vals[:4]) - 1e-4
+    # ranked by each chunk's last 16 rows too, without the block oracle
+    out2 = tmp_path / "m2.jsonl"
+    assert main(["granularity", "--model", "smollm2-135m-instruct", "--lengths", "512", "--sparsities", "0.8",
+                 "--prefill-mass", "128", "--rank-rows", "64", "16", "--no-block-oracle", "--device", "cpu",
+                 "--out", str(out2)]) == 0
+    rows2 = [json.loads(line) for line in out2.read_text().splitlines()]
+    assert len(rows2) == 30 and all("block_oracle" not in r for r in rows2)
+    for r, r1 in zip(rows2, rows):
+        assert r["vertical@128"] == r1["vertical@128"] and 0 <= r["vertical@128/16"] <= r["oracle"] + 1e-4
+    for bad in (["--rank-rows", "16"], ["--no-block-oracle"]):
+        with pytest.raises(SystemExit, match="go with --prefill-mass"):
+            main(["granularity", *bad, "--device", "cpu"])
     with pytest.raises(SystemExit, match="chunk sizes must be >= 0"):
         main(["granularity", "--prefill-mass", "-1", "--device", "cpu"])
     with pytest.raises(SystemExit, match="separate questions"):

@@ -165,7 +165,7 @@ def test_changed_kernels_compile_for_hopper(tmp_path, monkeypatch):
     options = _scaled(attend, MERGE_SPLITS=1) + _scaled(attend, MERGE_SPLITS=16)
     # an 8B model at 128k: 2048 key blocks, head dim 128 (summaries 2 x 128 wide), 16 exact rows
     big = (_scaled(logits, W=256, WPAD=256) + _scaled(sampled, HEAD_DIM=128, BLOCK_D=128)
-           + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128) + _scaled(rows, MPAD=2048, KPAD=2048, SPAD=8))
+           + _scaled(step + options, MPAD=2048, HEAD_DIM=128, BLOCK_D=128) + _scaled(rows, MPAD=2048, KPAD=2048))
     # the two-pass exact rows (the sampled estimator over every query block keeps them)
     two = _scaled(sampled, BLOCK_LSE=False) + _scaled(sampled, BLOCK_LSE=False, MASS_PASS=True)
     every = logits + sampled + mass + two + step + options + rows + big

@@ -16,7 +16,7 @@ OPS = Path(__file__).resolve().parents[2] / "cab_vllm" / "ops"
 # kernel -> arguments that change from one chunk (or step) of a request to the next
 MOVING = {
     ("fused_select.py", "_logits_kernel"): {"n_tokens", "first", "rows", "m"},
-    ("fused_select.py", "_select_rows_kernel"): {"first", "kmax", "splits", "exact_row", "m"},
+    ("fused_select.py", "_select_rows_kernel"): {"first", "kmax", "exact_row", "m"},
     ("coarsen.py", "_pool_kernel"): {"n_tokens", "first_block"},
     ("coarsen.py", "_softmax_group_kernel"): {"n_tokens", "m", "q_block_offset"},
     ("coarsen.py", "_sampled_kernel"): {"n_tokens", "q_offset", "rows", "num_splits", "m_blocks"},
