@@ -359,7 +359,7 @@ def run_passes(model_name: str, lengths, sparsities, task: str = "multikey", dep
 
 
 def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sample: int = 128,
-                 others: dict | None = None, rank_rows=None) -> dict:
+                 others: dict | None = None, rank_rows=None, within: dict | None = None) -> dict:
     """What share of prompt rows' exact attention mass each prefill selection keeps, at the same count of keys per
     row (cab's kept blocks' tokens, hf.kept_tokens of ``sel``), for ``sample`` rows spread evenly over the prompt
     past its first two blocks. q [1, Hq, N, D], k [1, Hkv, N, D] (post-RoPE, a prefill); sel: cab's BlockSelection
@@ -371,7 +371,10 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
         head), as hf.chunked_vertical_attention keeps them; with "early@C" the same over the rows in the first half
         of their chunk (the farthest from the rows that ranked); for each R in ``rank_rows`` other than
         VERTICAL_ROWS, "vertical@C/R" and "early@C/R" ranked by the chunk's last R rows instead (C = the block size
-        with R < C: each query block's keys chosen by a few of its own rows' exact scores);
+        with R < C: each query block's keys chosen by a few of its own rows' exact scores); for each name and wider
+        selection W of ``within`` (BlockSelection of the same q, k: more blocks per row than sel), "NAME@C/R" ranked
+        the same way among the tokens of the row's query block's blocks in W first (the keys a kernel would score:
+        only W's), the others after them;
       "oracle": each row's and head's own highest-probability keys;
       and for each name: selection of ``others`` (selections with sel's counts), its kept blocks as for "blocks"."""
     from cab_vllm import hf
@@ -409,30 +412,57 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
         step = n if c == 0 else c
         ends = torch.clamp((pos // step + 1) * step, max=n)
         got = torch.empty(hkv, g, pos.numel(), device=q.device)
+        wgot = {wname: torch.empty_like(got) for wname in within or {}}
         early = torch.zeros(pos.numel(), dtype=torch.bool, device=q.device)
         for e in ends.unique().tolist():
             rows = (ends == e).nonzero().flatten()
             rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale, rows=r)  # [1, Hkv, e]
             kept = hf.vertical_kept(rank, pos[rows], keep[:, :, rows])  # [1, Hkv, R', e]
             got[:, :, rows] = (p[:, :, rows, :e] * kept[0][:, None]).sum(-1)
+            for wname, wide in (within or {}).items():
+                kw = _kept_within(rank, pos[rows], keep[:, :, rows], wide, qb[rows], bs)
+                wgot[wname][:, :, rows] = (p[:, :, rows, :e] * kw[:, None]).sum(-1)
             start = max(0, e - step) if c else 0
             early[rows] = pos[rows] < start + (e - start) // 2
         out[f"vertical{name}"] = float(got.mean())
         if c and early.any():
             out[f"early{name}"] = float(got[:, :, early].mean())
+        for wname in within or {}:
+            out[f"{wname}{name}"] = float(wgot[wname].mean())
     oracle = hf._top_mask(p, keep[0][:, None].expand(hkv, g, -1))
     out["oracle"] = float((p * oracle).sum(-1).mean())
     return out
 
 
+def _kept_within(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, wide, qb: torch.Tensor,
+                 bs: int) -> torch.Tensor:
+    """[Hkv, R, e] bool: hf.vertical_kept's keys for rows ``pos`` (keep [1, Hkv, R]), ``rank`` [1, Hkv, e] read
+    first among the tokens of the blocks ``wide`` (a BlockSelection) keeps for each row's query block ``qb``, the
+    other keys ranked after every one of those."""
+    from cab_vllm import hf
+    from cab_vllm.ops.blocks import selection_to_block_mask
+
+    e = rank.shape[-1]
+    blk = selection_to_block_mask(wide.indices[0][:, qb], wide.counts[0][:, qb], wide.num_blocks)  # [Hkv, R, M]
+    cand = blk.repeat_interleave(bs, -1)[..., :e]
+    j = torch.arange(e, device=rank.device)
+    causal = j[None, :] <= pos[:, None]
+    recent = causal & (j[None, :] > pos[:, None] - hf.VERTICAL_LOCAL)
+    big = float(rank.max()) + 2.0
+    est = torch.where(cand, rank[0][:, None, :], rank[0][:, None, :] - big)  # candidates above every other key
+    est = torch.where(recent, 2 * big + j.float(), est).masked_fill(~causal, float("-inf"))
+    return hf._top_mask(est, torch.minimum(keep[0].long(), pos + 1).clamp(min=1))
+
+
 def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "multikey", depth: float = 0.5,
                      device: str = "cpu", dtype: torch.dtype = torch.float32, sample: int = 128, rank_rows=None,
-                     block_oracle: bool = True) -> list[dict]:
+                     block_oracle: bool = True, within=()) -> list[dict]:
     """One ``task`` prompt per length through the dense model; for every layer and sparsity, prefill_mass of cab's
     selection against vertical lines ranked chunk by chunk (by the last R rows of each chunk, R in ``rank_rows``),
     the per-row oracle and, with block_oracle, "block_oracle": the blocks of highest exact mass for each query block
     (all its rows scored against every key: estimator="sampled" with sample_rows=block_size; what no block estimate
-    beats at this budget)."""
+    beats at this budget); for each F in ``within``, "within{F}": those rankings among the tokens of cab's blocks at F
+    times the budget (sparsity 1 - F (1 - s)) first."""
     from cab_vllm.api import select_blocks
     from cab_vllm.config import CABConfig
 
@@ -445,7 +475,9 @@ def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "
             if block_oracle:
                 others["block_oracle"] = select_blocks(q, k, cfg.replace(estimator="sampled",
                                                                          sample_rows=cfg.block_size))
-            r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample, others, rank_rows)
+            wide = {f"within{f:g}": select_blocks(q, k, cfg.replace(sparsity=max(0.0, 1 - f * (1 - sp))))
+                    for f in within}
+            r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample, others, rank_rows, wide)
             out.append(dict(model=model_name, length=n, n_tokens=q.shape[2], task=task, depth=depth, layer=layer,
                             sparsity=sp, sample=sample, **{key: round(v, 5) for key, v in r.items()}))
     return out
@@ -454,7 +486,7 @@ def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "
 def prefill_mass_markdown(rows: list[dict]) -> str:
     """Per (task, length, sparsity): each selection's kept mass, averaged over layers."""
     names = ("blocks", "block_oracle", "oracle")
-    keys = [k for k in rows[0] if k in names or k.startswith(("vertical@", "early@"))] if rows else []
+    keys = [k for k in rows[0] if k in names or k.startswith(("vertical@", "early@", "within"))] if rows else []
     lines = ["| task | length | sparsity | layers | " + " | ".join(keys) + " |", "|---" * (4 + len(keys)) + "|"]
     groups: dict = {}
     for r in rows:

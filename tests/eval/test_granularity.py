@@ -458,6 +458,13 @@ def test_prefill_mass_against_a_loop_over_rows():
     assert both["same"] == both["blocks"] == got["blocks"] and 0 < both["block_oracle"] <= got["oracle"]
     with pytest.raises(ValueError, match="must keep sel's counts"):
         prefill_mass(q, k, sel, scale, (), sample=20, others={"x": select_blocks(q, k, CABConfig(sparsity=0.5))})
+    # ranked first among a wider selection's blocks: every block (sparsity 0) is the plain ranking; cab's own blocks
+    # keep about what the blocks keep; a selection in between, in between
+    wide = {"all": select_blocks(q, k, CABConfig(sparsity=0.0)), "w2": select_blocks(q, k, CABConfig(sparsity=0.6))}
+    inside = prefill_mass(q, k, sel, scale, (64, 256), sample=20, rank_rows=(64, 16), within=wide)
+    for name in ("@64", "@256", "@64/16", "@256/16"):
+        assert inside[f"all{name}"] == pytest.approx(inside[f"vertical{name}"], abs=1e-6)
+        assert got["blocks"] - 0.02 < inside[f"w2{name}"] < inside[f"vertical{name}"] + 0.02
 
 
 def test_prefill_mass_keeps_a_key_every_row_needs_when_the_chunk_end_needs_it_too():
@@ -500,9 +507,11 @@ def test_the_cli_prefill_mass_mode(tmp_path):
     assert len(rows2) == 30 and all("block_oracle" not in r for r in rows2)
     for r, r1 in zip(rows2, rows):
         assert r["vertical@128"] == r1["vertical@128"] and 0 <= r["vertical@128/16"] <= r["oracle"] + 1e-4
-    for bad in (["--rank-rows", "16"], ["--no-block-oracle"]):
+    for bad in (["--rank-rows", "16"], ["--no-block-oracle"], ["--within", "2"]):
         with pytest.raises(SystemExit, match="go with --prefill-mass"):
             main(["granularity", *bad, "--device", "cpu"])
+    with pytest.raises(SystemExit, match="each must be >= 1"):
+        main(["granularity", "--prefill-mass", "64", "--within", "0.5", "--device", "cpu"])
     with pytest.raises(SystemExit, match="chunk sizes must be >= 0"):
         main(["granularity", "--prefill-mass", "-1", "--device", "cpu"])
     with pytest.raises(SystemExit, match="separate questions"):
