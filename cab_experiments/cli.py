@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--within", type=float, nargs="+", default=(), metavar="F",
                    help="with --prefill-mass: also rank each chunk's vertical lines among the tokens of cab's blocks "
                         "at F times the budget first (withinF@C/R: the keys a kernel would score)")
+    p.add_argument("--pooled-rows", type=_positive_int, nargs="+", default=(), metavar="R",
+                   help="with --prefill-mass: also rank each chunk's vertical lines by the mean query of its last R "
+                        "rows (pooled@C/R: one row per head)")
     p.add_argument("--no-block-oracle", action="store_true",
                    help="with --prefill-mass: leave out the block oracle (every query block's rows scored against "
                         "every key: the slow part at 16k and longer)")
@@ -368,9 +371,9 @@ def _granularity(a) -> int:
     if sum(map(bool, (a.bounds, a.rerank_bits, a.reuse_lags, a.rule_passes, a.prefill_mass))) > 1:
         raise SystemExit("python -m cab_experiments granularity: --bounds, --rerank-bits, --reuse-lags, "
                          "--rule-passes and --prefill-mass are separate questions: ask one")
-    if (a.rank_rows or a.no_block_oracle or a.within) and not a.prefill_mass:
-        raise SystemExit("python -m cab_experiments granularity: --rank-rows, --within and --no-block-oracle go "
-                         "with --prefill-mass")
+    if (a.rank_rows or a.no_block_oracle or a.within or a.pooled_rows) and not a.prefill_mass:
+        raise SystemExit("python -m cab_experiments granularity: --rank-rows, --pooled-rows, --within and "
+                         "--no-block-oracle go with --prefill-mass")
     if any(f < 1 for f in a.within):
         raise SystemExit(f"python -m cab_experiments granularity: --within {a.within}: each must be >= 1 (times "
                          "the budget)")
@@ -381,7 +384,8 @@ def _granularity(a) -> int:
             raise SystemExit(f"python -m cab_experiments granularity: --prefill-mass {a.prefill_mass}: chunk sizes "
                              "must be >= 0 (0: the whole prompt)")
         rows = run_prefill_mass(a.model, a.lengths, a.sparsities, tuple(a.prefill_mass), a.task, a.depth, device,
-                                dtype, rank_rows=a.rank_rows, block_oracle=not a.no_block_oracle, within=a.within)
+                                dtype, rank_rows=a.rank_rows, block_oracle=not a.no_block_oracle, within=a.within,
+                                pooled_rows=a.pooled_rows)
         _append_rows(a.out or "experiments/results/prefill_mass.jsonl", rows, device)
         print(prefill_mass_markdown(rows))
         return 0

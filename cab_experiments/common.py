@@ -18,7 +18,7 @@ from cab_vllm.config import POLICIES, CABConfig
 _FIELDS = {f for f in CABConfig.__dataclass_fields__} - {"sparsity", "policy"}
 # the transformers adapter's own keys (cab_vllm.hf.using), not CABConfig fields
 ADAPTER_KEYS = ("phases", "layers", "early", "compensate", "oracle", "tokens", "prefill", "prefill_chunk",
-                "prefill_rows")
+                "prefill_rows", "prefill_pooled")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Variant:
     ``oracle=token`` lets every sparse row keep its own best keys token by token at the same density,
     ``prefill=vertical`` lets every prompt row keep its recent keys and the keys the prompt's last rows attend to most
     (one token-level set per KV head) at the same density (``prefill=vslash``: also the offsets they attend to most;
-    ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows, ``prefill_rows=R``: by its last R), and
+    ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows, ``prefill_rows=R``: by its last R, ``prefill_pooled=1``: by their mean query), and
     ``tokens=pcaR|sparqR|sparqgR|dimsR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
     only; pca and dims need the model's key basis and dimension order, cab_vllm.hf.calibrate_key_basis)."""
 
@@ -65,6 +65,11 @@ class Variant:
                 if raw not in allowed:
                     raise ValueError(f"variant {spec!r}: {key}={raw!r} must be one of {allowed}")
                 overrides.append((key, raw))
+                continue
+            if key == "prefill_pooled":
+                if raw not in ("0", "1"):
+                    raise ValueError(f"variant {spec!r}: prefill_pooled={raw!r} must be 0 or 1")
+                overrides.append((key, raw == "1"))
                 continue
             if key in ("prefill_chunk", "prefill_rows"):
                 if not raw.isdigit() or int(raw) < 1:
@@ -143,17 +148,23 @@ class Variant:
         return dict(self.overrides).get("prefill_rows")
 
     @property
+    def prefill_pooled(self) -> bool:
+        return dict(self.overrides).get("prefill_pooled", False)
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
     def using(self, sparsity: float, impl: str = "auto"):
         """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
-        layers, early, compensate, oracle, tokens, prefill, prefill_chunk, prefill_rows); yields the block counts."""
+        layers, early, compensate, oracle, tokens, prefill, prefill_chunk, prefill_rows, prefill_pooled); yields the
+        block counts."""
         from cab_vllm import hf
 
         return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early,
                         compensate=self.compensate, oracle=self.oracle, tokens=self.tokens, prefill=self.prefill,
-                        prefill_chunk=self.prefill_chunk, prefill_rows=self.prefill_rows)
+                        prefill_chunk=self.prefill_chunk, prefill_rows=self.prefill_rows,
+                        prefill_pooled=self.prefill_pooled)
 
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""

@@ -359,7 +359,7 @@ def run_passes(model_name: str, lengths, sparsities, task: str = "multikey", dep
 
 
 def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sample: int = 128,
-                 others: dict | None = None, rank_rows=None, within: dict | None = None) -> dict:
+                 others: dict | None = None, rank_rows=None, within: dict | None = None, pooled_rows=()) -> dict:
     """What share of prompt rows' exact attention mass each prefill selection keeps, at the same count of keys per
     row (cab's kept blocks' tokens, hf.kept_tokens of ``sel``), for ``sample`` rows spread evenly over the prompt
     past its first two blocks. q [1, Hq, N, D], k [1, Hkv, N, D] (post-RoPE, a prefill); sel: cab's BlockSelection
@@ -374,7 +374,8 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
         with R < C: each query block's keys chosen by a few of its own rows' exact scores); for each name and wider
         selection W of ``within`` (BlockSelection of the same q, k: more blocks per row than sel), "NAME@C/R" ranked
         the same way among the tokens of the row's query block's blocks in W first (the keys a kernel would score:
-        only W's), the others after them;
+        only W's), the others after them; for each R in ``pooled_rows``, "pooled@C/R": ranked by the mean query of
+        the chunk's last R rows (one row per head, hf.vertical_rank with pooled);
       "oracle": each row's and head's own highest-probability keys;
       and for each name: selection of ``others`` (selections with sel's counts), its kept blocks as for "blocks"."""
     from cab_vllm import hf
@@ -405,10 +406,13 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
         return float(mass((blk.repeat_interleave(bs, -1)[..., :n] & causal)[None]).mean())
 
     out = {"blocks": block_mass(sel), **{name: block_mass(s) for name, s in (others or {}).items()}}
-    for c, r in ((c, r) for c in chunks for r in (rank_rows or (hf.VERTICAL_ROWS,))):
+    plans = [(c, r, False) for c in chunks for r in (rank_rows or (hf.VERTICAL_ROWS,))]
+    plans += [(c, r, True) for c in chunks for r in pooled_rows]
+    for c, r, pooled in plans:
         if r < 1:
-            raise ValueError(f"rank_rows must be >= 1, got {r}")
-        name = f"@{c}" if r == hf.VERTICAL_ROWS else f"@{c}/{r}"
+            raise ValueError(f"rank_rows and pooled_rows must be >= 1, got {r}")
+        name = f"@{c}" if r == hf.VERTICAL_ROWS and not pooled else f"@{c}/{r}"
+        kind = "pooled" if pooled else "vertical"
         step = n if c == 0 else c
         ends = torch.clamp((pos // step + 1) * step, max=n)
         got = torch.empty(hkv, g, pos.numel(), device=q.device)
@@ -416,7 +420,7 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
         early = torch.zeros(pos.numel(), dtype=torch.bool, device=q.device)
         for e in ends.unique().tolist():
             rows = (ends == e).nonzero().flatten()
-            rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale, rows=r)  # [1, Hkv, e]
+            rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale, rows=r, pooled=pooled)  # [1, Hkv, e]
             kept = hf.vertical_kept(rank, pos[rows], keep[:, :, rows])  # [1, Hkv, R', e]
             got[:, :, rows] = (p[:, :, rows, :e] * kept[0][:, None]).sum(-1)
             for wname, wide in (within or {}).items():
@@ -424,11 +428,11 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
                 wgot[wname][:, :, rows] = (p[:, :, rows, :e] * kw[:, None]).sum(-1)
             start = max(0, e - step) if c else 0
             early[rows] = pos[rows] < start + (e - start) // 2
-        out[f"vertical{name}"] = float(got.mean())
-        if c and early.any():
+        out[f"{kind}{name}"] = float(got.mean())
+        if c and early.any() and not pooled:
             out[f"early{name}"] = float(got[:, :, early].mean())
         for wname in within or {}:
-            out[f"{wname}{name}"] = float(wgot[wname].mean())
+            out[f"{wname}{'_pooled' if pooled else ''}{name}"] = float(wgot[wname].mean())
     oracle = hf._top_mask(p, keep[0][:, None].expand(hkv, g, -1))
     out["oracle"] = float((p * oracle).sum(-1).mean())
     return out
@@ -456,13 +460,14 @@ def _kept_within(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, wide
 
 def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "multikey", depth: float = 0.5,
                      device: str = "cpu", dtype: torch.dtype = torch.float32, sample: int = 128, rank_rows=None,
-                     block_oracle: bool = True, within=()) -> list[dict]:
+                     block_oracle: bool = True, within=(), pooled_rows=()) -> list[dict]:
     """One ``task`` prompt per length through the dense model; for every layer and sparsity, prefill_mass of cab's
     selection against vertical lines ranked chunk by chunk (by the last R rows of each chunk, R in ``rank_rows``),
     the per-row oracle and, with block_oracle, "block_oracle": the blocks of highest exact mass for each query block
     (all its rows scored against every key: estimator="sampled" with sample_rows=block_size; what no block estimate
     beats at this budget); for each F in ``within``, "within{F}": those rankings among the tokens of cab's blocks at F
-    times the budget (sparsity 1 - F (1 - s)) first."""
+    times the budget (sparsity 1 - F (1 - s)) first; for each R in ``pooled_rows`` the rankings by the mean query
+    of the last R rows."""
     from cab_vllm.api import select_blocks
     from cab_vllm.config import CABConfig
 
@@ -477,7 +482,8 @@ def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "
                                                                          sample_rows=cfg.block_size))
             wide = {f"within{f:g}": select_blocks(q, k, cfg.replace(sparsity=max(0.0, 1 - f * (1 - sp))))
                     for f in within}
-            r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample, others, rank_rows, wide)
+            r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample, others, rank_rows, wide,
+                             pooled_rows)
             out.append(dict(model=model_name, length=n, n_tokens=q.shape[2], task=task, depth=depth, layer=layer,
                             sparsity=sp, sample=sample, **{key: round(v, 5) for key, v in r.items()}))
     return out
@@ -486,7 +492,7 @@ def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "
 def prefill_mass_markdown(rows: list[dict]) -> str:
     """Per (task, length, sparsity): each selection's kept mass, averaged over layers."""
     names = ("blocks", "block_oracle", "oracle")
-    keys = [k for k in rows[0] if k in names or k.startswith(("vertical@", "early@", "within"))] if rows else []
+    keys = [k for k in rows[0] if k in names or k.startswith(("vertical@", "early@", "within", "pooled@"))] if rows else []
     lines = ["| task | length | sparsity | layers | " + " | ".join(keys) + " |", "|---" * (4 + len(keys)) + "|"]
     groups: dict = {}
     for r in rows:

@@ -57,6 +57,7 @@ class _State:
     prefill: str | None = None
     prefill_chunk: int | None = None
     prefill_rows: int = VERTICAL_ROWS
+    prefill_pooled: bool = False
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -121,7 +122,7 @@ def parse_tokens(spec: str) -> TokenSpec:
 def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
           early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None,
           tokens: str | None = None, prefill: str | None = None, prefill_chunk: int | None = None,
-          prefill_rows: int | None = None):
+          prefill_rows: int | None = None, prefill_pooled: bool = False):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -149,11 +150,15 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     prefill_chunk: with either, the prompt's rows in chunks of this many rows, each ranking the keys by its own last
     rows, as a chunked prefill must (chunked_vertical_attention; None: the whole prompt's last rows rank for all).
     prefill_rows: with either, how many of those last rows rank (default VERTICAL_ROWS; with prefill_chunk set to the
-    block size, each query block's keys chosen by a few of its own rows)."""
+    block size, each query block's keys chosen by a few of its own rows). prefill_pooled: those rows' mean query
+    ranks instead (one row per head: 1/R of the rows' products; vertical only)."""
     if prefill_chunk is not None and (prefill is None or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk={prefill_chunk!r} needs prefill='vertical' or 'vslash' and a positive size")
     if prefill_rows is not None and (prefill is None or prefill_rows < 1):
         raise ValueError(f"prefill_rows={prefill_rows!r} needs prefill='vertical' or 'vslash' and a positive count")
+    if prefill_pooled and prefill != "vertical":
+        raise ValueError(f"prefill_pooled ranks vertical lines by a mean query: it needs prefill='vertical', got "
+                         f"{prefill!r}")
     if prefill is not None and prefill not in PREFILLS:
         raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS} or None")
     if prefill is not None and (oracle or tokens or compensate) is not None:
@@ -180,17 +185,20 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     if early is not None and cfg is not None:
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
     prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-            _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prompt_sel, _STATE.stats)
+            _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prompt_sel,
+            _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
     _STATE.compensate, _STATE.tokens = compensate, token_sel
     _STATE.prefill, _STATE.prefill_chunk = prefill, prefill_chunk
     _STATE.prefill_rows = VERTICAL_ROWS if prefill_rows is None else prefill_rows
+    _STATE.prefill_pooled = bool(prefill_pooled)
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
         (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-         _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prompt_sel, _STATE.stats) = prev
+         _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prompt_sel,
+         _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -352,22 +360,29 @@ def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     return out.to(q.dtype)
 
 
-def _last_rows_attention(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int) -> torch.Tensor:
+def _last_rows_attention(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int,
+                         pooled: bool = False) -> torch.Tensor:
     """[B, Hkv, R, N] float32: the causal softmax of the prompt's last R = min(rows, N) rows, summed over the KV
-    group's query heads."""
+    group's query heads; pooled: of one row instead, their mean query (each head's), over every key ([B, Hkv, 1, N]:
+    what one pooled query per head and tile costs, 1/R of the rows' products)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     r = min(rows, n)
     qr = q[:, :, n - r:].float().view(b, hkv, hq // hkv, r, d)
+    if pooled:
+        qr = qr.mean(3, keepdim=True)
     s = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
-    causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - r, n, device=q.device)[:, None]
+    last = torch.arange(n - qr.shape[3], n, device=q.device)
+    causal = torch.arange(n, device=q.device)[None, :] <= last[:, None]
     return torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1).sum(2)
 
 
-def vertical_rank(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int = VERTICAL_ROWS) -> torch.Tensor:
+def vertical_rank(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int = VERTICAL_ROWS,
+                  pooled: bool = False) -> torch.Tensor:
     """[B, Hkv, N] float32: each key's attention mass in the prompt's last ``rows`` rows (causal softmax of their
-    exact scores), summed over those rows and the KV group's query heads; q [B, Hq, N, D], k [B, Hkv, N, D]."""
-    return _last_rows_attention(q, k, scale, rows).sum(2)
+    exact scores), summed over those rows and the KV group's query heads; pooled: in their mean query's softmax
+    instead (one row per head). q [B, Hq, N, D], k [B, Hkv, N, D]."""
+    return _last_rows_attention(q, k, scale, rows, pooled).sum(2)
 
 
 def slash_rank(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int = VERTICAL_ROWS) -> torch.Tensor:
@@ -449,20 +464,23 @@ def vertical_kept(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, loc
 
 def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
                                chunk: int | None = None, slash: bool = False,
-                               local: int = VERTICAL_LOCAL, rows: int = VERTICAL_ROWS) -> torch.Tensor:
+                               local: int = VERTICAL_LOCAL, rows: int = VERTICAL_ROWS,
+                               pooled: bool = False) -> torch.Tensor:
     """vertical_attention as a chunked prefill runs it: the prompt's rows in chunks of ``chunk`` (None: one chunk),
     each chunk's rows ranking the keys by the chunk's own last ``rows`` rows (vertical_rank, and slash_rank when
-    ``slash``), since the prompt's later rows do not exist yet when a chunk runs -> [B, Hq, N, D] in q.dtype."""
+    ``slash``; pooled: by those rows' mean query, vertical lines only), since the prompt's later rows do not exist yet when a chunk runs -> [B, Hq, N, D] in q.dtype."""
     n = q.shape[2]
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
+    if pooled and slash:
+        raise ValueError("pooled ranks keys by one mean query per head: no slash lines (offsets need rows)")
     step = n if chunk is None else chunk
     outs = []
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        p = _last_rows_attention(q[:, :, :c1], k[:, :, :c1], scale, rows)  # once for both ranks
+        p = _last_rows_attention(q[:, :, :c1], k[:, :, :c1], scale, rows, pooled)  # once for both ranks
         outs.append(vertical_attention(q[:, :, :c1], k[:, :, :c1], v[:, :, :c1], keep[..., :c1], scale,
                                        rank=p.sum(2), local=local, slash=_by_offset(p) if slash else None,
                                        first_row=c0))
@@ -635,7 +653,8 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
         elif _STATE.prefill is not None:  # "vertical" / "vslash", the prompt in chunks of prefill_chunk rows
             out = chunked_vertical_attention(query, key, value, kept_tokens(sel), scale, chunk=_STATE.prefill_chunk,
-                                             slash=_STATE.prefill == "vslash", rows=_STATE.prefill_rows)
+                                             slash=_STATE.prefill == "vslash", rows=_STATE.prefill_rows,
+                                             pooled=_STATE.prefill_pooled)
         elif _STATE.tokens is not None:
             out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key),
                                          shared=_STATE.tokens.shared, rerank=_STATE.tokens.rerank)

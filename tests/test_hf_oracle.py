@@ -510,6 +510,17 @@ def test_chunked_vertical_attention_ranks_each_chunk_by_its_own_last_rows(slash)
                                local, hf.slash_rank(qc, kc, 0.4, rows=3) if slash else None)
         torch.testing.assert_close(few[:, :, c0:c1], want[:, :, c0:c1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(few, got, atol=1e-4)
+    if not slash:  # ranked by the mean query of each chunk's last 5 rows: the reference with that ranking
+        pooled = hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, local=local, rows=5, pooled=True)
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            qm = q[:, :, c1 - 5:c1].mean(2, keepdim=True).view(1, 2, 2, 1, 8)  # [B, Hkv, G, 1, D]
+            rank = torch.softmax(0.4 * torch.einsum("bhgrd,bhnd->bhgrn", qm, k[:, :, :c1]), -1).sum((2, 3))
+            want = _brute_vertical(q[:, :, :c1], k[:, :, :c1], v[:, :, :c1], keep[..., :c1], 0.4, rank, local)
+            torch.testing.assert_close(pooled[:, :, c0:c1], want[:, :, c0:c1], atol=1e-5, rtol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="no slash lines"):
+            hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, slash=True, pooled=True)
     with pytest.raises(ValueError, match="rows must be"):
         hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, rows=0)
     with pytest.raises(ValueError, match="chunk must be"):
@@ -575,4 +586,9 @@ def test_a_model_runs_with_the_vertical_prefill():
     assert c_few == c_vert and not torch.allclose(few[0], tile[0], atol=1e-4)
     for bad in (dict(prefill_rows=8), dict(prefill="vertical", prefill_rows=0)):
         with pytest.raises(ValueError, match="prefill_rows"):
+            run(**bad)
+    pooled, c_pooled = run(prefill="vertical", prefill_chunk=64, prefill_pooled=True)
+    assert c_pooled == c_vert and not torch.allclose(pooled[0], tile[0], atol=1e-4)
+    for bad in (dict(prefill_pooled=True), dict(prefill="vslash", prefill_pooled=True)):
+        with pytest.raises(ValueError, match="prefill_pooled"):
             run(**bad)

@@ -332,6 +332,10 @@ def test_layers_sparsify_a_layer_range_only(smol):
     v = Variant.parse("cab:prefill=vertical,prefill_chunk=64,prefill_rows=16")
     assert (v.prefill_chunk, v.prefill_rows) == (64, 16) and Variant.parse("cab").prefill_rows is None
     assert v.config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    assert Variant.parse("cab:prefill=vertical,prefill_pooled=1").prefill_pooled is True
+    assert Variant.parse("cab:prefill=vertical").prefill_pooled is False
+    with pytest.raises(ValueError, match="prefill_pooled="):
+        Variant.parse("cab:prefill=vertical,prefill_pooled=yes")
     assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="oracle="):
         Variant.parse("cab:oracle=block")

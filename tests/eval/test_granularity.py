@@ -447,7 +447,7 @@ def test_prefill_mass_against_a_loop_over_rows():
     assert got["oracle"] >= max(got["blocks"], got["vertical@0"], got["vertical@256"])
     assert "early@256" in got and "early@0" not in got and "early@256/16" in got
     assert got["vertical@256/16"] != got["vertical@256"]
-    with pytest.raises(ValueError, match="rank_rows must be"):
+    with pytest.raises(ValueError, match="rank_rows and pooled_rows must be"):
         prefill_mass(q, k, sel, scale, (0,), sample=20, rank_rows=(0,))
     # other selections of the same counts are measured as "blocks" is; other counts are refused
     from cab_vllm.api import select_blocks
@@ -465,6 +465,20 @@ def test_prefill_mass_against_a_loop_over_rows():
     for name in ("@64", "@256", "@64/16", "@256/16"):
         assert inside[f"all{name}"] == pytest.approx(inside[f"vertical{name}"], abs=1e-6)
         assert got["blocks"] - 0.02 < inside[f"w2{name}"] < inside[f"vertical{name}"] + 0.02
+    # ranked by the mean query of each chunk's last 16 rows: as the loop above ranks, with that ranking
+    pooled = prefill_mass(q, k, sel, scale, (256,), sample=20, pooled_rows=(16,), within=wide)
+    assert pooled["all_pooled@256/16"] == pytest.approx(pooled["pooled@256/16"], abs=1e-6)
+    vals = []
+    for i in pos.tolist():
+        for h in range(4):
+            kvh = h // 2
+            p = torch.softmax(scale * (q[0, h, i] @ k[0, kvh, : i + 1].T), -1)
+            e = min(n, (i // 256 + 1) * 256)
+            rank = hf.vertical_rank(q[:, :, :e], k[:, :, :e], scale, rows=16, pooled=True)[0, kvh]
+            local = list(range(max(0, i - hf.VERTICAL_LOCAL + 1), i + 1))
+            rest = [j for j in rank[: i + 1].argsort(descending=True).tolist() if j not in local]
+            vals.append(float(p[(local[::-1] + rest)[:min(int(keep[kvh, i]), i + 1)]].sum()))
+    assert pooled["pooled@256/16"] == pytest.approx(sum(vals) / len(vals), abs=1e-4)
 
 
 def test_prefill_mass_keeps_a_key_every_row_needs_when_the_chunk_end_needs_it_too():
