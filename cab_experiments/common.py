@@ -31,7 +31,8 @@ class Variant:
     ``oracle=token`` lets every sparse row keep its own best keys token by token at the same density,
     ``prefill=vertical`` lets every prompt row keep its recent keys and the keys the prompt's last rows attend to most
     (one token-level set per KV head) at the same density (``prefill=vslash``: also the offsets they attend to most;
-    ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows, ``prefill_rows=R``: by its last R, ``prefill_pooled=1``: by their mean query), and
+    ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows, ``prefill_rows=R``: by its last R,
+    ``prefill_pooled=1``: by their mean query), and
     ``tokens=pcaR|sparqR|sparqgR|dimsR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
     only; pca and dims need the model's key basis and dimension order, cab_vllm.hf.calibrate_key_basis)."""
 

@@ -468,7 +468,8 @@ def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                pooled: bool = False) -> torch.Tensor:
     """vertical_attention as a chunked prefill runs it: the prompt's rows in chunks of ``chunk`` (None: one chunk),
     each chunk's rows ranking the keys by the chunk's own last ``rows`` rows (vertical_rank, and slash_rank when
-    ``slash``; pooled: by those rows' mean query, vertical lines only), since the prompt's later rows do not exist yet when a chunk runs -> [B, Hq, N, D] in q.dtype."""
+    ``slash``; pooled: by those rows' mean query, vertical lines only), since the prompt's later rows do not exist
+    yet when a chunk runs -> [B, Hq, N, D] in q.dtype."""
     n = q.shape[2]
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1 or None, got {chunk}")

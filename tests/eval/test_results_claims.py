@@ -305,3 +305,54 @@ def test_block_oracle_table_matches_its_rows():
                                                     for k in ("blocks", "block_oracle", "oracle")) + " |"
             for (task, n, sp), g in groups.items()]
     assert body == want, (body, want)
+
+
+def test_query_block_key_set_tables_match_their_rows():
+    """"One token-level key set per query block" (RESULTS.md): the kept-mass table's cells are the means over layers
+    of its rows' columns, and the accuracy table's cells the mean scores over the prompts every variant of the row
+    finished (their count in the table), densities included."""
+    md = ROOT / "experiments" / "RESULTS.md"
+    tiles, pooled, chunks = rows("prefill_mass_tiles.jsonl"), rows("prefill_mass_pooled.jsonl"), rows(
+        "prefill_mass.jsonl")
+    chunks = [r for r in chunks if r["task"] == "vartrack" and r["length"] == 8192]
+    labels = {"cab's 64-token blocks": (tiles, "blocks"),
+              "per 1,024-row chunk, ranked by its last 64 rows (above)": (chunks, "vertical@1024"),
+              "per query block, ranked by its last 4 rows": (tiles, "vertical@64/4"),
+              "per query block, ranked by its last 16 rows": (tiles, "vertical@64/16"),
+              "per query block, ranked by its rows' mean query (pooled)": (pooled, "pooled@64/64"),
+              "per query block, ranked by all its 64 rows (oracle of a shared set)": (tiles, "vertical@64"),
+              "per query block, all its rows ranking, among the tokens of cab's blocks at 2x / 3x the budget first":
+                  (pooled, ("within2@64", "within3@64")),
+              "per 16-row tile, ranked by its 16 rows": (tiles, "vertical@16/16"),
+              "each row's own keys (per-row oracle)": (tiles, "oracle")}
+    got = table(md, "| keys per row at cab's count (8k vartrack) |")
+    assert list(got) == list(labels)
+    for r in pooled:  # the second run's columns that the first measured too are the same (deterministic)
+        first = next(x for x in tiles if (x["layer"], x["sparsity"]) == (r["layer"], r["sparsity"]))
+        assert (r["blocks"], r["vertical@64"], r["oracle"]) == (first["blocks"], first["vertical@64"], first["oracle"])
+    for label, (rs, keys) in labels.items():
+        want = []
+        for sp in (0.9, 0.95):
+            layer = [r for r in rs if r["sparsity"] == sp]
+            assert len(layer) == 24, (label, sp)
+            want.append(" / ".join(f"{mean(layer, k):.3f}" for k in ((keys,) if isinstance(keys, str) else keys)))
+        assert got[label] == want, (label, got[label], want)
+    tile = "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=64"
+    variants = {"4k (CPU, fp32)": (rows("tasks_qwen_cpu_vertical.jsonl", "tasks_qwen_cpu_tiles.jsonl"), 4096,
+                                   "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=1024"),
+                "32k (H100, bf16)": (rows("tasks_qwen_gpu_vertical.jsonl", "tasks_qwen_gpu_tiles.jsonl"), 32640,
+                                     "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=16384")}
+    got = table(md, "| length (card) | prompts | density |")
+    assert list(got) == list(variants)
+    key = lambda r: (r["task"], r["depth"], r["trial"])  # noqa: E731
+    for label, (rs, n, chunked) in variants.items():
+        names = [("dense", None), ("cab:decode_rule=tokens", 0.9), (chunked, 0.9), (tile + ",prefill_rows=16", 0.9),
+                 (tile + ",prefill_pooled=1", 0.9), (tile, 0.9)]
+        ran = {v: cells(rs, n, v, s) for v, s in names}
+        ran = {v: c for v, c in ran.items() if c}
+        common = set.intersection(*({key(r) for r in c} for c in ran.values()))
+        blocks = [r for r in ran["cab:decode_rule=tokens"] if key(r) in common]
+        want = [str(len(common)), f"{mean(blocks, 'density'):.3f}"]
+        for v, _ in names:
+            want.append(f"{mean([r for r in ran[v] if key(r) in common]):.2f}" if v in ran else "—")
+        assert got[label] == want, (label, got[label], want)
