@@ -307,8 +307,8 @@ def pool(x: torch.Tensor, block_size: int, max_l2: bool = False, mean: bool = Fa
 POOL_WARPS = 2  # warps per pooling program (one block of one head): 2 pooled at 128k in 0.50 ms against 0.66 with 4
 # and 1.08 with 8 (H200, benchmarks/gpu/prefill_profile.py --pool-warps)
 POOL_BOUNDS_WARPS = 2  # the same for the bounds' per-dimension minima and maxima (the keys' summaries), which hold
-# the whole block in registers: with 2 warps 167 registers a thread, 18.75% occupancy, 44% of the DRAM peak (H100,
-# Nsight Compute, BENCHMARKS.md)
+# the whole block in registers (167 a thread with 2 warps, 44% of the DRAM peak under Nsight Compute); yet 4 and 8
+# warps took the 128k key summaries from 0.213 to 0.233 and 0.381 ms (H100, BENCHMARKS.md, thirty-sixth run)
 
 
 def _pool_launch(x, bt, n, first_block, x_strides, grid, block_size, rep=None, mean=None, lo=None, hi=None,

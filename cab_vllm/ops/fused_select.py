@@ -8,8 +8,8 @@ The first launch (_logits_kernel) computes the pooled queries' logits against th
 group's heads as rows) and one split of KEY_SPLIT key blocks, writes the causal logits to a scratch. The second
 (_select_rows_kernel), one program per (query block, KV head) row, loads each head's row of logits whole, turns it
 into probabilities (its own softmax), takes the max over the GQA group, forces the sink and local blocks and keeps
-the top ``keep`` blocks (ops.select's radix-threshold top-k, ties to the lower block). The unfused path writes [Hq, Mq, M] logits, [Hkv, Mq, M]
-probabilities and sorts them.
+the top ``keep`` blocks (ops.select's radix-threshold top-k, ties to the lower block). The unfused path writes
+[Hq, Mq, M] logits, [Hkv, Mq, M] probabilities and sorts them.
 With ``exact`` ([Hkv, M] float32: the exact scores' group max of the prompt's last query block, cab's exact rows)
 that row's scores are those. Selections agree with the unfused path's except among blocks whose scores tie
 (torch.topk breaks ties its own way) or nearly tie (the summaries' bf16 products here, TF32 there).

@@ -186,6 +186,7 @@ def test_profile_main_sweeps_the_pooling_warps(pp, monkeypatch, capsys):
     from cab_vllm.ops import coarsen
 
     monkeypatch.setattr(coarsen, "POOL_WARPS", coarsen.POOL_WARPS)
+    monkeypatch.setattr(coarsen, "POOL_BOUNDS_WARPS", coarsen.POOL_BOUNDS_WARPS)
     seen = []
     real = coarsen._pool_kernel
 
@@ -198,9 +199,13 @@ def test_profile_main_sweeps_the_pooling_warps(pp, monkeypatch, capsys):
 
     monkeypatch.setattr(coarsen, "_pool_kernel", Spy())
     pp.main(["--n", "300", "--chunk", "128", "--sparsities", "0.5", "--device", "cpu", "--impl", "triton",
-             "--heads", "4,2,16", "--no-kernels", "--pool-warps", "2,8"])
+             "--heads", "4,2,16", "--no-kernels", "--pool-warps", "2,8", "--pool-bounds-warps", "4"])
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("==")]
-    assert [h.split("pool_warps=")[1].split()[0] for h in heads] == ["2", "8"] and coarsen.POOL_WARPS == 8
+    assert [h.split(" pool_warps=")[1].split()[0] for h in heads] == ["2", "8"] and coarsen.POOL_WARPS == 8
+    assert all(" pool_bounds_warps=4 " in h for h in heads) and coarsen.POOL_BOUNDS_WARPS == 4
+    k = torch.randn(1, 2, 130, 16, generator=torch.Generator().manual_seed(1))
+    coarsen.key_summary(k, 64, "bounds", impl="triton")  # the keys' bounds: their own warps
+    assert seen[-1] == 4
     from cab_vllm.ops import fused_select as fs  # the fused predictor's settings label the run that reads them
 
     assert all(f"logits_warps={fs.LOGITS_WARPS} " in h and f"select_warps={fs.SELECT_WARPS} " in h for h in heads)
