@@ -448,14 +448,9 @@ def _kept_within(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, wide
 
     e = rank.shape[-1]
     blk = selection_to_block_mask(wide.indices[0][:, qb], wide.counts[0][:, qb], wide.num_blocks)  # [Hkv, R, M]
-    cand = blk.repeat_interleave(bs, -1)[..., :e]
-    j = torch.arange(e, device=rank.device)
-    causal = j[None, :] <= pos[:, None]
-    recent = causal & (j[None, :] > pos[:, None] - hf.VERTICAL_LOCAL)
-    big = float(rank.max()) + 2.0
-    est = torch.where(cand, rank[0][:, None, :], rank[0][:, None, :] - big)  # candidates above every other key
-    est = torch.where(recent, 2 * big + j.float(), est).masked_fill(~causal, float("-inf"))
-    return hf._top_mask(est, torch.minimum(keep[0].long(), pos + 1).clamp(min=1))
+    cand = blk.repeat_interleave(bs, -1)[None, ..., :e]  # [1, Hkv, R, e]
+    lifted = rank[:, :, None, :] - (~cand) * (float(rank.max()) + 2.0)  # candidates above every other key
+    return hf.vertical_kept(lifted, pos, keep)[0]
 
 
 def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "multikey", depth: float = 0.5,
@@ -492,7 +487,8 @@ def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "
 def prefill_mass_markdown(rows: list[dict]) -> str:
     """Per (task, length, sparsity): each selection's kept mass, averaged over layers."""
     names = ("blocks", "block_oracle", "oracle")
-    keys = [k for k in rows[0] if k in names or k.startswith(("vertical@", "early@", "within", "pooled@"))] if rows else []
+    kinds = ("vertical@", "early@", "within", "pooled@")
+    keys = [k for k in rows[0] if k in names or k.startswith(kinds)] if rows else []
     lines = ["| task | length | sparsity | layers | " + " | ".join(keys) + " |", "|---" * (4 + len(keys)) + "|"]
     groups: dict = {}
     for r in rows:

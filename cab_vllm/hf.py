@@ -443,17 +443,18 @@ def _above_ranks(rank: torch.Tensor, slash: torch.Tensor | None) -> float:
 def vertical_kept(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, local: int = VERTICAL_LOCAL,
                   slash: torch.Tensor | None = None, top: float | None = None) -> torch.Tensor:
     """[B, Hkv, R, N] bool: the keys query rows ``pos`` [R] keep under vertical_attention's rule: keep [B, Hkv, R]
-    keys each (clamped to 1..pos+1), the ``local`` most recent first, then the highest of ``rank`` [B, Hkv, N] among
-    the earlier causal keys (with ``slash`` [B, Hkv, N], key j ranks for row i by the larger of rank[j] and
-    slash[i - j]); top: a value above every rank and slash value (computed here when None)."""
-    b, hkv, n = rank.shape
+    keys each (clamped to 1..pos+1), the ``local`` most recent first, then the highest of ``rank`` [B, Hkv, N] (or
+    [B, Hkv, R, N]: a ranking of each row's own) among the earlier causal keys (with ``slash`` [B, Hkv, N], key j ranks
+    for row i by the larger of rank[j] and slash[i - j]); top: a value above every rank and slash value (computed here
+    when None)."""
+    b, hkv, n = rank.shape[0], rank.shape[1], rank.shape[-1]
     if top is None:
         top = _above_ranks(rank, slash)
     j = torch.arange(n, device=rank.device)
     causal = j[None, :] <= pos[:, None]  # [R, N]
     recent = causal & (j[None, :] > pos[:, None] - local)
     kt = torch.minimum(keep.long(), pos + 1).clamp(min=1)  # [B, Hkv, R]
-    score = rank[:, :, None, :]  # [B, Hkv, 1 or R, N]
+    score = rank[:, :, None, :] if rank.dim() == 3 else rank  # [B, Hkv, 1 or R, N]
     if slash is not None:  # row i, key j: the offset i - j's rank (0 past the causal keys: masked below)
         off = (pos[:, None] - j[None, :]).clamp(min=0)
         score = torch.maximum(score, slash.gather(-1, off.reshape(1, 1, -1).expand(b, hkv, -1)).view(
