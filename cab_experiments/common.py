@@ -18,7 +18,7 @@ from cab_vllm.config import POLICIES, CABConfig
 _FIELDS = {f for f in CABConfig.__dataclass_fields__} - {"sparsity", "policy"}
 # the transformers adapter's own keys (cab_vllm.hf.using), not CABConfig fields
 ADAPTER_KEYS = ("phases", "layers", "early", "compensate", "oracle", "tokens", "prefill", "prefill_chunk",
-                "prefill_rows", "prefill_pooled")
+                "prefill_rows", "prefill_pooled", "prefill_est")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class Variant:
     ``prefill=vertical`` lets every prompt row keep its recent keys and the keys the prompt's last rows attend to most
     (one token-level set per KV head) at the same density (``prefill=vslash``: also the offsets they attend to most;
     ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows, ``prefill_rows=R``: by its last R,
-    ``prefill_pooled=1``: by their mean query), and
+    ``prefill_pooled=1``: by their mean query, ``prefill_est=sparqb16``: by their scores estimated as a token
+    selector estimates them), and
     ``tokens=pcaR|sparqR|sparqgR|dimsR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
     only; pca and dims need the model's key basis and dimension order, cab_vllm.hf.calibrate_key_basis)."""
 
@@ -50,11 +51,11 @@ class Variant:
             key, eq, raw = item.partition("=")
             if not eq:
                 raise ValueError(f"variant {spec!r}: {item!r} is not field=value")
-            if key == "tokens":
-                from cab_vllm.hf import parse_tokens
+            if key in ("tokens", "prefill_est"):
+                from cab_vllm.hf import parse_prefill_est, parse_tokens
 
                 try:
-                    parse_tokens(raw)
+                    (parse_tokens if key == "tokens" else parse_prefill_est)(raw)
                 except ValueError as e:
                     raise ValueError(f"variant {spec!r}: {e}") from None
                 overrides.append((key, raw))
@@ -153,19 +154,23 @@ class Variant:
         return dict(self.overrides).get("prefill_pooled", False)
 
     @property
+    def prefill_est(self) -> str | None:
+        return dict(self.overrides).get("prefill_est")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
     def using(self, sparsity: float, impl: str = "auto"):
         """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
-        layers, early, compensate, oracle, tokens, prefill, prefill_chunk, prefill_rows, prefill_pooled); yields the
-        block counts."""
+        layers, early, compensate, oracle, tokens, prefill, prefill_chunk, prefill_rows, prefill_pooled, prefill_est);
+        yields the block counts."""
         from cab_vllm import hf
 
         return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early,
                         compensate=self.compensate, oracle=self.oracle, tokens=self.tokens, prefill=self.prefill,
                         prefill_chunk=self.prefill_chunk, prefill_rows=self.prefill_rows,
-                        prefill_pooled=self.prefill_pooled)
+                        prefill_pooled=self.prefill_pooled, prefill_est=self.prefill_est)
 
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""
@@ -451,14 +456,16 @@ CALIBRATION_POSITION = 0.37  # where in the six novels the calibration text star
 
 
 def calibrate_keys(model, tok, variants, length: int, corpus: str | None = None) -> bool:
-    """Before a sweep whose variants rank keys by projection or fixed dimensions (``tokens=pcaR``, ``dimsR``): store
+    """Before a sweep whose variants rank keys by projection or fixed dimensions (``tokens=pcaR``, ``dimsR``, or the
+    same as ``prefill_est``): store
     each layer's key basis and dimension order on
     ``model`` (cab_vllm.hf.calibrate_key_basis) from a dense pass over ``length`` tokens (the sweep's longest
     prompt: post-RoPE keys at every position it will see) of plain Austen text (one fixed window, no needles, no
     question). Returns whether it ran; the vLLM engine is refused."""
     from cab_vllm import hf
 
-    if not any(v.tokens is not None and hf.parse_tokens(v.tokens)[0] in ("pca", "dims") for v in variants):
+    if not any(spec is not None and hf.parse_tokens(spec)[0] in ("pca", "dims")
+               for v in variants for spec in (v.tokens, v.prefill_est)):
         return False
     if isinstance(model, EngineModel):
         raise ValueError("tokens=pca... and tokens=dims... are transformers-adapter ablations; the vLLM engine cannot "

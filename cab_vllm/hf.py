@@ -58,6 +58,7 @@ class _State:
     prefill_chunk: int | None = None
     prefill_rows: int = VERTICAL_ROWS
     prefill_pooled: bool = False
+    prefill_est: TokenSpec | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -70,7 +71,8 @@ PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
 PREFILLS = ("vertical", "vslash")
-_TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqg|sparq|dims)([1-9][0-9]*)|(intc|int)([2-8]))(?:x([1-9][0-9]*))?(kv)?")
+_TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqb|sparqg|sparq|dims)([1-9][0-9]*)|(intc|int)([2-8]))"
+                        r"(?:x([1-9][0-9]*))?(kv)?")
 CHANNEL_GROUP = 16  # intcB: tokens per group of a channel's quantization range (a vLLM page of 16 tokens)
 DIM_GROUP = 16  # dimsR ranks keys by whole groups of this many dimensions (32 bytes of a bf16 key: one DRAM sector)
 
@@ -91,7 +93,9 @@ def parse_tokens(spec: str) -> TokenSpec:
     score), "pcaR" (scores of the keys and query projected on the layer's R leading key directions, key_basis),
     "sparqR" (each query's R largest-magnitude dimensions, SparQ's first step), "sparqgR" (the same R dimensions for
     every query head of a KV group: the largest of the group's summed |q|, so a group reads R dimensions of each
-    key, not up to G x R), "dimsR" (R fixed dimensions per layer and KV head, in aligned groups of DIM_GROUP, chosen
+    key, not up to G x R), "sparqbR" (the same R dimensions for every query head of a KV group and every row ranked
+    together: one query block's with prefill_chunk = the block size, what a tiled kernel gathers once per block;
+    prefill_est only), "dimsR" (R fixed dimensions per layer and KV head, in aligned groups of DIM_GROUP, chosen
     once from a dense calibration pass (key_dims): what a kernel reads in whole 32-byte sectors of the cache as it
     is; R a multiple of DIM_GROUP), "intB" (keys rounded to B bits, per token and group of 32 dimensions, against
     the exact query), "intcB" (keys rounded to B bits per channel, each channel's range over groups of CHANNEL_GROUP
@@ -103,8 +107,9 @@ def parse_tokens(spec: str) -> TokenSpec:
     for anything else."""
     m = _TOKENS_RE.fullmatch(spec) if isinstance(spec, str) else None
     if m is None:
-        raise ValueError(f"tokens={spec!r} must be 'exact', 'pcaR', 'sparqR' or 'sparqgR' (R >= 1 dimensions) or "
-                         f"'intB' or 'intcB' (2 <= B <= 8 bits), each with an optional 'xF' (rerank) or 'kv' suffix")
+        raise ValueError(f"tokens={spec!r} must be 'exact', 'pcaR', 'sparqR', 'sparqgR', 'sparqbR' (R >= 1 "
+                         f"dimensions) or 'intB' or 'intcB' (2 <= B <= 8 bits), each with an optional 'xF' (rerank) or "
+                         f"'kv' suffix")
     shared, rerank = m.group(7) is not None, int(m.group(6) or 0)
     if rerank and (m.group(1) or shared):
         raise ValueError(f"tokens={spec!r}: 'xF' reranks an estimate's candidates per query head: not with 'exact' "
@@ -118,11 +123,21 @@ def parse_tokens(spec: str) -> TokenSpec:
     return TokenSpec(m.group(4), int(m.group(5)), shared, rerank)
 
 
+def parse_prefill_est(spec: str) -> TokenSpec:
+    """prefill_est's selector (parse_tokens' names without a suffix, not "exact": exact scores are the default) ->
+    TokenSpec; ValueError for anything else."""
+    t = parse_tokens(spec)
+    if t.kind == "exact" or t.shared or t.rerank:
+        raise ValueError(f"prefill_est={spec!r} must be an estimate without a suffix (e.g. 'sparqb16', 'pca16'): the "
+                         f"ranking rows' exact scores are the default, and their mass is summed over the group anyway")
+    return t
+
+
 @contextlib.contextmanager
 def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
           early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None,
           tokens: str | None = None, prefill: str | None = None, prefill_chunk: int | None = None,
-          prefill_rows: int | None = None, prefill_pooled: bool = False):
+          prefill_rows: int | None = None, prefill_pooled: bool = False, prefill_est: str | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -151,7 +166,9 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     rows, as a chunked prefill must (chunked_vertical_attention; None: the whole prompt's last rows rank for all).
     prefill_rows: with either, how many of those last rows rank (default VERTICAL_ROWS; with prefill_chunk set to the
     block size, each query block's keys chosen by a few of its own rows). prefill_pooled: those rows' mean query
-    ranks instead (one row per head: 1/R of the rows' products; vertical only)."""
+    ranks instead (one row per head: 1/R of the rows' products; vertical only). prefill_est: those rows' scores
+    estimated by a token selector (parse_prefill_est: e.g. "sparqb16", the R dimensions of largest |q| over the
+    rows and the group, or "pca16") instead of exact: what a cheaper ranking keeps (not with prefill_pooled)."""
     if prefill_chunk is not None and (prefill is None or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk={prefill_chunk!r} needs prefill='vertical' or 'vslash' and a positive size")
     if prefill_rows is not None and (prefill is None or prefill_rows < 1):
@@ -159,6 +176,10 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     if prefill_pooled and prefill != "vertical":
         raise ValueError(f"prefill_pooled ranks vertical lines by a mean query: it needs prefill='vertical', got "
                          f"{prefill!r}")
+    if prefill_est is not None and (prefill is None or prefill_pooled):
+        raise ValueError(f"prefill_est={prefill_est!r} estimates the ranking rows' scores: it needs prefill='vertical' "
+                         f"or 'vslash' and not prefill_pooled")
+    est_sel = parse_prefill_est(prefill_est) if prefill_est is not None else None
     if prefill is not None and prefill not in PREFILLS:
         raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS} or None")
     if prefill is not None and (oracle or tokens or compensate) is not None:
@@ -169,6 +190,9 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     if oracle is not None and tokens is not None:
         raise ValueError("oracle='token' is tokens='exact': give one of them")
     token_sel = parse_tokens("exact" if oracle == "token" else tokens) if (oracle or tokens) is not None else None
+    if token_sel is not None and token_sel.kind == "sparqb":
+        raise ValueError(f"tokens={tokens!r}: sparqbR shares dimensions across the rows ranked together: a prefill_est "
+                         f"selector (with prefill='vertical'), not a per-row one")
     if token_sel is not None and compensate is not None:
         raise ValueError("token selection (oracle/tokens) and compensate are two ablations of the sparse rows: "
                          "pick one")
@@ -185,20 +209,21 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     if early is not None and cfg is not None:
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
     prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-            _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prompt_sel,
-            _STATE.stats)
+            _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prefill_est,
+            _STATE.prompt_sel, _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
     _STATE.compensate, _STATE.tokens = compensate, token_sel
     _STATE.prefill, _STATE.prefill_chunk = prefill, prefill_chunk
     _STATE.prefill_rows = VERTICAL_ROWS if prefill_rows is None else prefill_rows
     _STATE.prefill_pooled = bool(prefill_pooled)
+    _STATE.prefill_est = est_sel
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
         (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
-         _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prompt_sel,
-         _STATE.stats) = prev
+         _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prefill_est,
+         _STATE.prompt_sel, _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -361,17 +386,21 @@ def token_oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
 
 
 def _last_rows_attention(q: torch.Tensor, k: torch.Tensor, scale: float, rows: int,
-                         pooled: bool = False) -> torch.Tensor:
+                         pooled: bool = False, estimate=None) -> torch.Tensor:
     """[B, Hkv, R, N] float32: the causal softmax of the prompt's last R = min(rows, N) rows, summed over the KV
     group's query heads; pooled: of one row instead, their mean query (each head's), over every key ([B, Hkv, 1, N]:
-    what one pooled query per head and tile costs, 1/R of the rows' products)."""
+    what one pooled query per head and tile costs, 1/R of the rows' products). estimate: the rows' scores from
+    key_estimate's function (of keys that begin with these N) instead of exact."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     r = min(rows, n)
     qr = q[:, :, n - r:].float().view(b, hkv, hq // hkv, r, d)
     if pooled:
         qr = qr.mean(3, keepdim=True)
-    s = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
+    if estimate is not None:
+        s = scale * estimate(qr)[..., :n]
+    else:
+        s = scale * torch.einsum("bhgrd,bhnd->bhgrn", qr, k.float())
     last = torch.arange(n - qr.shape[3], n, device=q.device)
     causal = torch.arange(n, device=q.device)[None, :] <= last[:, None]
     return torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1).sum(2)
@@ -466,11 +495,12 @@ def vertical_kept(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, loc
 def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
                                chunk: int | None = None, slash: bool = False,
                                local: int = VERTICAL_LOCAL, rows: int = VERTICAL_ROWS,
-                               pooled: bool = False) -> torch.Tensor:
+                               pooled: bool = False, estimate=None) -> torch.Tensor:
     """vertical_attention as a chunked prefill runs it: the prompt's rows in chunks of ``chunk`` (None: one chunk),
     each chunk's rows ranking the keys by the chunk's own last ``rows`` rows (vertical_rank, and slash_rank when
-    ``slash``; pooled: by those rows' mean query, vertical lines only), since the prompt's later rows do not exist
-    yet when a chunk runs -> [B, Hq, N, D] in q.dtype."""
+    ``slash``; pooled: by those rows' mean query, vertical lines only; estimate: by their scores as key_estimate's
+    function of the whole prompt's keys estimates them), since the prompt's later rows do not exist yet when a chunk
+    runs -> [B, Hq, N, D] in q.dtype."""
     n = q.shape[2]
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
@@ -478,11 +508,13 @@ def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"rows must be >= 1, got {rows}")
     if pooled and slash:
         raise ValueError("pooled ranks keys by one mean query per head: no slash lines (offsets need rows)")
+    if pooled and estimate is not None:
+        raise ValueError("pooled ranks keys by exact scores of one mean query: not with an estimate")
     step = n if chunk is None else chunk
     outs = []
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        p = _last_rows_attention(q[:, :, :c1], k[:, :, :c1], scale, rows, pooled)  # once for both ranks
+        p = _last_rows_attention(q[:, :, :c1], k[:, :, :c1], scale, rows, pooled, estimate)  # once for both ranks
         outs.append(vertical_attention(q[:, :, :c1], k[:, :, :c1], v[:, :, :c1], keep[..., :c1], scale,
                                        rank=p.sum(2), local=local, slash=_by_offset(p) if slash else None,
                                        first_row=c0))
@@ -524,9 +556,11 @@ def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | N
         p = basis[:, :, :param].to(kf.device, torch.float32)  # [Hkv, D, R]
         kp = torch.einsum("bhnd,hdr->bhnr", kf, p)
         return lambda qr: torch.einsum("bhgqr,bhnr->bhgqn", torch.einsum("bhgqd,hdr->bhgqr", qr, p), kp)
-    if kind in ("sparq", "sparqg"):
+    if kind in ("sparq", "sparqg", "sparqb"):
         def sparq(qr):
-            mag = qr.abs() if kind == "sparq" else qr.abs().sum(2, keepdim=True).expand_as(qr)  # per head / group
+            # per head / group / group and every row given at once
+            mag = (qr.abs() if kind == "sparq" else qr.abs().sum(2, keepdim=True) if kind == "sparqg"
+                   else qr.abs().sum((2, 3), keepdim=True)).expand_as(qr)
             dims = mag.topk(min(param, qr.shape[-1]), dim=-1).indices
             return torch.einsum("bhgqd,bhnd->bhgqn", torch.zeros_like(qr).scatter_(-1, dims, qr.gather(-1, dims)), kf)
         return sparq
@@ -546,9 +580,10 @@ def key_estimate(kind: str, param: int, k: torch.Tensor, basis: torch.Tensor | N
     raise ValueError(f"no estimate for token selector kind {kind!r}")
 
 
-def _estimate(module, k: torch.Tensor):
-    """The estimate of ``using(tokens=...)`` for this layer (None: exact scores)."""
-    kind, param = _STATE.tokens.kind, _STATE.tokens.param
+def _estimate(module, k: torch.Tensor, spec: TokenSpec | None = None):
+    """The estimate of ``using(tokens=...)`` (or of the TokenSpec ``spec``: prefill_est's) for this layer (None:
+    exact scores)."""
+    kind, param = (_STATE.tokens if spec is None else spec)[:2]
     if kind == "exact":
         return None
     return key_estimate(kind, param, k, getattr(module, "cab_key_dims" if kind == "dims" else "cab_key_basis", None))
@@ -656,7 +691,9 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
         elif _STATE.prefill is not None:  # "vertical" / "vslash", the prompt in chunks of prefill_chunk rows
             out = chunked_vertical_attention(query, key, value, kept_tokens(sel), scale, chunk=_STATE.prefill_chunk,
                                              slash=_STATE.prefill == "vslash", rows=_STATE.prefill_rows,
-                                             pooled=_STATE.prefill_pooled)
+                                             pooled=_STATE.prefill_pooled,
+                                             estimate=None if _STATE.prefill_est is None else _estimate(
+                                                 module, key, _STATE.prefill_est))
         elif _STATE.tokens is not None:
             out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key),
                                          shared=_STATE.tokens.shared, rerank=_STATE.tokens.rerank)

@@ -267,6 +267,7 @@ def test_key_dims_rank_groups_by_score_energy_and_the_estimate_reads_them():
 @pytest.mark.parametrize("spec,want", [("exact", ("exact", 0, False)), ("pca32", ("pca", 32, False)),
                                        ("dims32", ("dims", 32, False)),
                                        ("sparq8", ("sparq", 8, False)), ("sparqg16", ("sparqg", 16, False)),
+                                       ("sparqb16", ("sparqb", 16, False)),
                                        ("int4", ("int", 4, False)), ("exactkv", ("exact", 0, True)),
                                        ("sparqg16kv", ("sparqg", 16, True)), ("int4x4", ("int", 4, False, 4)),
                                        ("sparqg16x2", ("sparqg", 16, False, 2)), ("intc4x2", ("intc", 4, False, 2)),
@@ -521,6 +522,28 @@ def test_chunked_vertical_attention_ranks_each_chunk_by_its_own_last_rows(slash)
     else:
         with pytest.raises(ValueError, match="no slash lines"):
             hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, slash=True, pooled=True)
+    if not slash:  # ranked by each chunk's last 5 rows' scores on the 3 dimensions of largest |q| over those rows and
+        # the group (sparqb3): the reference with that ranking; every dimension (sparqb8) is the exact ranking
+        est = hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, local=local, rows=5,
+                                            estimate=hf.key_estimate("sparqb", 3, k))
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            qr = q[:, :, c1 - 5:c1].view(1, 2, 2, 5, 8)
+            dims = qr.abs().sum((2, 3)).topk(3, dim=-1).indices  # [B, Hkv, 3]
+            qd = qr.gather(-1, dims[:, :, None, None].expand(1, 2, 2, 5, 3))
+            kd = k[:, :, :c1].gather(-1, dims[:, :, None].expand(1, 2, c1, 3))
+            s = 0.4 * torch.einsum("bhgrd,bhnd->bhgrn", qd, kd)
+            causal = torch.arange(c1)[None, :] <= torch.arange(c1 - 5, c1)[:, None]
+            rank = torch.softmax(s.masked_fill(~causal, float("-inf")), -1).sum((2, 3))
+            want = _brute_vertical(q[:, :, :c1], k[:, :, :c1], v[:, :, :c1], keep[..., :c1], 0.4, rank, local)
+            torch.testing.assert_close(est[:, :, c0:c1], want[:, :, c0:c1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(est, few5 := hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk,
+                                                                              local=local, rows=5), atol=1e-4)
+        torch.testing.assert_close(hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, local=local, rows=5,
+                                                                 estimate=hf.key_estimate("sparqb", 8, k)), few5)
+        with pytest.raises(ValueError, match="not with an estimate"):
+            hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, pooled=True,
+                                          estimate=hf.key_estimate("sparqb", 3, k))
     with pytest.raises(ValueError, match="rows must be"):
         hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=chunk, rows=0)
     with pytest.raises(ValueError, match="chunk must be"):
@@ -592,3 +615,16 @@ def test_a_model_runs_with_the_vertical_prefill():
     for bad in (dict(prefill_pooled=True), dict(prefill="vslash", prefill_pooled=True)):
         with pytest.raises(ValueError, match="prefill_pooled"):
             run(**bad)
+    # ranked by the block's rows' scores on 4 of the 16 dimensions: the block selection's counts, another answer;
+    # on all 16, the exact ranking's
+    est, c_est = run(prefill="vertical", prefill_chunk=64, prefill_est="sparqb4")
+    assert c_est == c_vert and not torch.allclose(est[0], tile[0], atol=1e-4)
+    torch.testing.assert_close(run(prefill="vertical", prefill_chunk=64, prefill_est="sparqb16")[0], tile)
+    for bad in (dict(prefill_est="sparqb4"), dict(prefill="vertical", prefill_pooled=True, prefill_est="sparqb4")):
+        with pytest.raises(ValueError, match="prefill_est=.*needs prefill="):
+            run(**bad)
+    for bad in ("exact", "sparqb4kv", "int4x2", "sparqb"):
+        with pytest.raises(ValueError, match="prefill_est=|tokens="):
+            run(prefill="vertical", prefill_est=bad)
+    with pytest.raises(ValueError, match="sparqbR shares dimensions"):
+        run(tokens="sparqb4")

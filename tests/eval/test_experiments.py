@@ -336,6 +336,12 @@ def test_layers_sparsify_a_layer_range_only(smol):
     assert Variant.parse("cab:prefill=vertical").prefill_pooled is False
     with pytest.raises(ValueError, match="prefill_pooled="):
         Variant.parse("cab:prefill=vertical,prefill_pooled=yes")
+    v = Variant.parse("cab:prefill=vertical,prefill_chunk=64,prefill_est=sparqb16")
+    assert v.prefill_est == "sparqb16" and Variant.parse("cab").prefill_est is None
+    assert v.config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    for bad in ("exact", "sparqb", "int4kv"):
+        with pytest.raises(ValueError, match="prefill_est="):
+            Variant.parse(f"cab:prefill=vertical,prefill_est={bad}")
     assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="oracle="):
         Variant.parse("cab:oracle=block")
