@@ -358,3 +358,39 @@ def test_query_block_key_set_tables_match_their_rows():
         for v, _ in names:
             want.append(f"{mean([r for r in ran[v] if key(r) in common]):.2f}" if v in ran else "—")
         assert got[label] == want, (label, got[label], want)
+
+
+MAIN_ENGINE = ROOT / "benchmarks" / "results" / "engine_main_2026-12-06"
+
+
+def test_current_main_engine_tables_match_their_runs():
+    """The thirty-seventh run's engine tables (BENCHMARKS.md) and README's first mode: TTFT and TPOT and their ratios to
+    FLASH_ATTN, recomputed from the engine's raw JSON lines."""
+    def row(run: str, name: str, n: int) -> dict:
+        f = MAIN_ENGINE / run / f"engine_{name}_wnormal.jsonl"
+        return next(r for r in map(json.loads, f.read_text().splitlines()) if r.get("n") == n)
+
+    bench = ROOT / "BENCHMARKS.md"
+    got = table(bench, "| prompt | FLASH_ATTN TTFT | CAB 95% | CAB 99% |")
+    names = dict(s95=("a", "CUSTOM_0.95"), s99=("b", "CUSTOM_0.99"),
+                 t90=("b", "CUSTOM_0.9_CAB_DECODE_RULE-tokens_CAB_DECODE_SPARSITY-0.98"))
+    for n, label in ((32768, "32,768"), (131072, "131,072")):
+        fa = row("a", "FLASH_ATTN_dense", n)
+        r = {k: row(run, name, n) for k, (run, name) in names.items()}
+        ttft = [f"{r[k]['ttft_s']:.3f} s ({fa['ttft_s'] / r[k]['ttft_s']:.2f}x{' lower' if k == 's95' else ''})"
+                for k in names]
+        tpot = [f"{r[k]['tpot_ms']:.2f} ms ({r[k]['tpot_ms'] / fa['tpot_ms']:.2f}x)" for k in names]
+        want = [f"{fa['ttft_s']:.3f} s", *ttft, f"{fa['tpot_ms']:.2f} ms", *tpot]
+        assert got[label] == want, (label, got[label], want)
+    short = table(bench, "| short prompt (`c/`) |")
+    for n in (512, 4096, 8192):
+        fa, cab = row("c", "FLASH_ATTN_dense", n), row("c", "CUSTOM_0.95", n)
+        want = [f"{1000 * fa['ttft_s']:.1f} ms", f"{1000 * cab['ttft_s']:.1f} ms "
+                f"({100 * (cab['ttft_s'] / fa['ttft_s'] - 1):+.1f}%)", f"{fa['tpot_ms']:.2f} ms",
+                f"{cab['tpot_ms']:.2f} ms ({100 * (cab['tpot_ms'] / fa['tpot_ms'] - 1):+.1f}%)"]
+        assert short[f"{n:,}"] == want, (n, short[f"{n:,}"], want)
+    fa128, fa32 = row("a", "FLASH_ATTN_dense", 131072), row("a", "FLASH_ATTN_dense", 32768)
+    c128, c32 = row("a", "CUSTOM_0.95", 131072), row("a", "CUSTOM_0.95", 32768)
+    claim = (f"128k: TTFT {fa128['ttft_s'] / c128['ttft_s']:.2f}x lower, TPOT {c128['tpot_ms'] / fa128['tpot_ms']:.2f}x; "
+             f"32k: {fa32['ttft_s'] / c32['ttft_s']:.2f}x / {c32['tpot_ms'] / fa32['tpot_ms']:.2f}x (H100)")
+    assert claim in (ROOT / "README.md").read_text(), claim
