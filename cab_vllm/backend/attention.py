@@ -133,8 +133,14 @@ def _pad_k(idx: torch.Tensor, k: int) -> torch.Tensor:
 def prefill_tiles(parts: Sequence[tuple[int, torch.Tensor, torch.Tensor, int]]) -> PrefillTiles:
     """Concatenate per-request selections [(row in the launch, indices [R, Hkv, K_r], counts [R, Hkv], first
     query block)] into one PrefillTiles padded to max K_r."""
-    kmax = max(p[1].shape[-1] for p in parts)
     dev = parts[0][1].device
+    if len(parts) == 1:  # one request (batch 1, a long prompt's chunks): no copies
+        row, idx, cnt, first = parts[0]
+        r = idx.shape[0]
+        return PrefillTiles(torch.full((r,), row, dtype=torch.int32, device=dev),
+                            torch.arange(first, first + r, dtype=torch.int32, device=dev), idx.contiguous(),
+                            cnt.contiguous())
+    kmax = max(p[1].shape[-1] for p in parts)
     seq = torch.cat([torch.full((p[1].shape[0],), p[0], dtype=torch.int32, device=dev) for p in parts])
     qb = torch.cat([torch.arange(p[3], p[3] + p[1].shape[0], dtype=torch.int32, device=dev) for p in parts])
     idx = torch.cat([_pad_k(p[1], kmax) for p in parts]).contiguous()

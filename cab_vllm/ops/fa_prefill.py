@@ -12,7 +12,8 @@ layer, the same random selections, one split per launch): 95% 13.8 ms against 19
 4.2 against 5.7 (benchmarks/results/profiles_h200_2026-12-03f/). Needs pages that tile a key block (block_size a
 multiple of the cache's page size) and 16-bit tensors; ops.prefill.paged_sparse_prefill (Triton) runs the rest.
 
-    fa_tables          the launch's tables from PrefillTiles (device tensors, no host sync)
+    fa_tables          the launch's tables from PrefillTiles (device tensors, no host sync): one Triton launch
+                       (_fa_tables_kernel) on a GPU, a PyTorch twin of ~20 small ops otherwise
     fa_sparse_prefill  the attention: Hkv launches of ``varlen`` (flash_attn_varlen_func or a twin with its call)
 """
 
@@ -23,7 +24,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from cab_vllm.ops._triton import check
+from cab_vllm.ops._triton import HAS_TRITON, check, resolve_impl
 from cab_vllm.ops.prefill import PrefillTiles, _check_common, _check_tiles
 
 FA_DTYPES = (torch.float16, torch.bfloat16)
@@ -32,6 +33,7 @@ FA_DTYPES = (torch.float16, torch.bfloat16)
 # 14.74 ms at 95% and 4.17 against 5.02 ms at 99% (a launch holds 256 query blocks: tiles enough for every SM)
 # (benchmarks/results/profiles_h200_2026-12-03f/)
 NUM_SPLITS = 1
+TABLE_WIDTH = 512  # page-table entries a program of _fa_tables_kernel writes per step
 
 
 class FATables(NamedTuple):
@@ -49,12 +51,51 @@ class FATables(NamedTuple):
     max_seqlen_k: int
 
 
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["ntiles", "pages_per_seq", "width", "stride_it", "stride_ih", "stride_ct",
+                                   "stride_bt", "stride_uh", "stride_ph", "stride_pt"])
+    def _fa_tables_kernel(seq_ptr, qb_ptr, idx_ptr, cnt_ptr, bt_ptr, qsl_ptr, sl_ptr, cu_ptr, used_ptr, pages_ptr,
+                          ntiles, pages_per_seq, width, stride_it, stride_ih, stride_ct, stride_bt, stride_uh,
+                          stride_ph, stride_pt, BLOCK: tl.constexpr, PER: tl.constexpr, BW: tl.constexpr):
+        """Tile t, KV head h (one program): the tile's packed rows (cu_seqlens_q, written by head 0), its kept keys
+        (seqused_k) and the pages of its kept blocks in order, -1 entries as block 0 (fa_tables' twin)."""
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.load(seq_ptr + t).to(tl.int64)
+        qb = tl.load(qb_ptr + t).to(tl.int64)
+        q0 = tl.load(qsl_ptr + s).to(tl.int64)
+        n = tl.load(sl_ptr + s).to(tl.int64)
+        p0 = n - (tl.load(qsl_ptr + s + 1).to(tl.int64) - q0)  # position of the sequence's first new token
+        lo = tl.maximum(qb * BLOCK, p0)
+        hi = tl.minimum((qb + 1) * BLOCK, n)
+        start = q0 + lo - p0
+        if h == 0:
+            tl.store(cu_ptr + t, start.to(tl.int32))
+            if t == ntiles - 1:
+                tl.store(cu_ptr + ntiles, (start + hi - lo).to(tl.int32))
+        cnt = tl.load(cnt_ptr + t * stride_ct + h).to(tl.int64)
+        tl.store(used_ptr + h * stride_uh + t, ((cnt - 1) * BLOCK + hi - qb * BLOCK).to(tl.int32))
+        ibase = idx_ptr + t.to(tl.int64) * stride_it + h * stride_ih
+        pbase = pages_ptr + h.to(tl.int64) * stride_ph + t.to(tl.int64) * stride_pt
+        for w0 in range(0, width, BW):
+            w = w0 + tl.arange(0, BW)
+            ok = w < width
+            blk = tl.maximum(tl.load(ibase + w // PER, mask=ok, other=0), 0).to(tl.int64)
+            col = tl.minimum(blk * PER + w % PER, pages_per_seq - 1)
+            page = tl.load(bt_ptr + s * stride_bt + col, mask=ok, other=0)
+            tl.store(pbase + w, page, mask=ok)
+
+
 def fa_tables(tiles: PrefillTiles, block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-              block_size: int, page_size: int) -> FATables:
+              block_size: int, page_size: int, impl: str = "auto") -> FATables:
     """FlashAttention's tables for PrefillTiles that cover the packed rows in order (every row in exactly one tile,
     tiles by sequence, then query block: what backend.attention.prefill_tiles gives), each tile's selection
     ascending with its own block last. block_table [S, P] int32 (pages of page_size tokens), query_start_loc [S+1],
-    seq_lens [S] int32 (the cache holds the new tokens)."""
+    seq_lens [S] int32 (the cache holds the new tokens). impl: "triton" one launch (auto on a GPU), "torch" the
+    PyTorch twin; the same tables."""
     check(page_size >= 1 and block_size % page_size == 0,
           f"FlashAttention's sparse prefill needs pages that tile a key block: block_size {block_size} is not a "
           f"multiple of the cache's page size {page_size}")
@@ -62,6 +103,21 @@ def fa_tables(tiles: PrefillTiles, block_table: torch.Tensor, query_start_loc: t
     check(ntiles > 0, "fa_tables needs at least one tile")
     per_block = block_size // page_size
     dev = tiles.indices.device
+    if resolve_impl(impl, tiles.indices, block_table) == "triton":
+        hkv, kmax = tiles.indices.shape[1], tiles.indices.shape[2]
+        idx, cnt = tiles.indices.contiguous(), tiles.counts.contiguous()
+        check(idx.dtype == torch.int32 and cnt.dtype == torch.int32, "tiles' indices and counts must be int32")
+        check(block_table.stride(-1) == 1, "block_table's rows must be contiguous")
+        cu = torch.empty(ntiles + 1, dtype=torch.int32, device=dev)
+        used = torch.empty(hkv, ntiles, dtype=torch.int32, device=dev)
+        pages = torch.empty(hkv, ntiles, kmax * per_block, dtype=block_table.dtype, device=dev)
+        width = kmax * per_block
+        _fa_tables_kernel[(ntiles, hkv)](
+            tiles.seq.contiguous(), tiles.qblock.contiguous(), idx, cnt, block_table, query_start_loc.contiguous(),
+            seq_lens.contiguous(), cu, used, pages, ntiles, block_table.shape[1], width, idx.stride(0), idx.stride(1),
+            cnt.stride(0), block_table.stride(0), used.stride(0), pages.stride(0), pages.stride(1),
+            BLOCK=block_size, PER=per_block, BW=TABLE_WIDTH)  # one compiled variant per engine (block, page)
+        return FATables(cu, used, pages, kmax * block_size)
     seq, qb = tiles.seq.long(), tiles.qblock.long()
     qsl = query_start_loc.long()
     n = seq_lens.long()[seq]

@@ -732,3 +732,25 @@ def test_graph_branch_bindings_problems_are_named(monkeypatch):
     want = None if hasattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool") else "cannot route"
     got = graphs._bindings_problem()
     assert got is None if want is None else want in got
+
+
+def test_prefill_tiles_one_request_equals_the_concatenated_batch():
+    """prefill_tiles: one request's selection comes back as it is (no copies), tile rows numbered from its first
+    query block; several requests are concatenated in order, each padded to the widest selection with -1."""
+    from cab_vllm.backend.attention import prefill_tiles
+
+    gen = torch.Generator().manual_seed(3)
+    parts = [(0, torch.randint(0, 9, (3, 2, 4), generator=gen, dtype=torch.int32),
+              torch.randint(1, 5, (3, 2), generator=gen, dtype=torch.int32), 5),
+             (2, torch.randint(0, 9, (2, 2, 6), generator=gen, dtype=torch.int32),
+              torch.randint(1, 7, (2, 2), generator=gen, dtype=torch.int32), 0)]
+    one = prefill_tiles(parts[:1])
+    assert one.seq.tolist() == [0, 0, 0] and one.qblock.tolist() == [5, 6, 7]
+    assert one.indices.data_ptr() == parts[0][1].data_ptr() and one.counts.data_ptr() == parts[0][2].data_ptr()
+    both = prefill_tiles(parts)
+    assert both.seq.tolist() == [0, 0, 0, 2, 2] and both.qblock.tolist() == [5, 6, 7, 0, 1]
+    assert both.indices.shape == (5, 2, 6) and (both.indices[:3, :, 4:] == -1).all()
+    assert torch.equal(both.indices[:3, :, :4], parts[0][1]) and torch.equal(both.indices[3:], parts[1][1])
+    assert torch.equal(both.counts, torch.cat([parts[0][2], parts[1][2]]))
+    for a, b in zip(one, prefill_tiles([(0, parts[0][1], parts[0][2], 5), (1, parts[0][1][:0], parts[0][2][:0], 8)])):
+        assert torch.equal(a, b)  # an empty second request changes nothing

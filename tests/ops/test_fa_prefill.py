@@ -12,7 +12,7 @@ import torch
 
 from conftest import (LAYOUTS, make_paged_cache, make_varlen_batch, pack_selection, rel_err, varlen_twin,
                       vllm_flash_attention)
-from cab_vllm.ops.fa_prefill import fa_sparse_prefill, fa_tables
+from cab_vllm.ops.fa_prefill import TABLE_WIDTH, fa_sparse_prefill, fa_tables
 from cab_vllm.ops.prefill import PrefillTiles, paged_sparse_prefill
 from test_prefill import prefill_oracle, same_dtype_error
 
@@ -66,14 +66,16 @@ def test_fa_launches_compute_the_selection(hq, hkv, d, bs, page, layout, dtype, 
     assert rel_err(got, ref) <= 2 * base + 1e-4
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("page", [16, 32, 64])
-def test_fa_tables(page, device):
-    """Tile t's packed rows, kept keys and pages, written out by hand for a chunk that starts inside a block."""
+def test_fa_tables(page, impl, device):
+    """Tile t's packed rows, kept keys and pages, written out by hand for a chunk that starts inside a block (the
+    PyTorch twin and the Triton launch)."""
     specs, bs, hkv = [(300, 77), (64, 64), (130, 1)], 64, 2
     batch = make_varlen_batch(specs, 2, hkv, 16, torch.float16, device=device)
     kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, seed=3)
     tiles, rows = own_block_tiles(specs, hkv, bs, kmax=3, seed=5, device=device)
-    t = fa_tables(tiles, bt, batch["query_start_loc"], batch["seq_lens"], bs, page)
+    t = fa_tables(tiles, bt.to(device), batch["query_start_loc"], batch["seq_lens"], bs, page, impl=impl)
     # sequence 0: new tokens 223..299 -> blocks 3 (223..255) and 4 (256..299); 1: block 0; 2: block 2 (token 129)
     assert t.cu_seqlens_q.tolist() == [0, 33, 77, 141, 142]
     assert t.max_seqlen_k == 3 * bs
@@ -85,6 +87,26 @@ def test_fa_tables(page, device):
             assert int(t.seqused_k[h, i]) == (len(blocks) - 1) * bs + own[i]
             want = [int(bt[s, min(j * per + p, bt.shape[1] - 1)]) for j in blocks for p in range(per)]
             assert t.pages[h, i, : len(want)].tolist() == want
+
+
+@pytest.mark.parametrize("bs,page,kmax", [(64, 16, 3), (64, 16, 150), (32, 32, 7), (128, 16, 70)])
+def test_fa_tables_launch_equals_its_twin(bs, page, kmax, device):
+    """The Triton launch writes every entry the PyTorch twin writes (the unused tail and -1 padding as block 0
+    included) on random selections of awkward batches, with more page-table entries per tile than one step of a
+    program writes (kmax 150 x 4 pages, 70 x 8)."""
+    specs = SPECS + [(kmax * bs + 37, bs + 5), (3 * bs, 2 * bs)]
+    hkv = 3
+    batch = make_varlen_batch(specs, 3, hkv, 16, torch.float16, device=device)
+    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], page, seed=kmax)
+    tiles, _ = own_block_tiles(specs, hkv, bs, kmax=kmax, seed=kmax + bs, device=device)
+    args = (tiles, bt.to(device), batch["query_start_loc"], batch["seq_lens"], bs, page)
+    want, got = fa_tables(*args, impl="torch"), fa_tables(*args, impl="triton")
+    for w, g in zip(want, got):
+        if isinstance(w, torch.Tensor):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+        else:
+            assert g == w
+    assert kmax < 100 or got.pages.shape[-1] > TABLE_WIDTH  # the long rows take several steps
 
 
 def test_fa_prefill_refuses_what_it_cannot_run(device):
