@@ -349,7 +349,7 @@ def test_query_block_key_set_tables_match_their_rows():
     for label, (rs, n, chunked) in variants.items():
         names = [("dense", None), ("cab:decode_rule=tokens", 0.9), (chunked, 0.9), (tile + ",prefill_rows=16", 0.9),
                  (tile + ",prefill_pooled=1", 0.9), (tile + ",prefill_est=sparqb16", 0.9),
-                 (tile + ",prefill_est=pca16", 0.9), (tile, 0.9)]
+                 (tile + ",prefill_est=pca16", 0.9), (tile + ",prefill_est=int4", 0.9), (tile, 0.9)]
         ran = {v: cells(rs, n, v, s) for v, s in names}
         ran = {v: c for v, c in ran.items() if c}
         common = set.intersection(*({key(r) for r in c} for c in ran.values()))
