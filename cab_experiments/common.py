@@ -52,10 +52,10 @@ class Variant:
             if not eq:
                 raise ValueError(f"variant {spec!r}: {item!r} is not field=value")
             if key in ("tokens", "prefill_est"):
-                from cab_vllm.hf import parse_prefill_est, parse_tokens
+                from cab_vllm.hf import parse_prefill_est, parse_row_tokens
 
                 try:
-                    (parse_tokens if key == "tokens" else parse_prefill_est)(raw)
+                    (parse_row_tokens if key == "tokens" else parse_prefill_est)(raw)
                 except ValueError as e:
                     raise ValueError(f"variant {spec!r}: {e}") from None
                 overrides.append((key, raw))

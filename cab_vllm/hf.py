@@ -123,6 +123,16 @@ def parse_tokens(spec: str) -> TokenSpec:
     return TokenSpec(m.group(4), int(m.group(5)), shared, rerank)
 
 
+def parse_row_tokens(spec: str) -> TokenSpec:
+    """The tokens= selector (each row's own keys): parse_tokens' names but sparqbR, whose dimensions are shared by the
+    rows ranked together (a prefill_est selector) -> TokenSpec; ValueError for anything else."""
+    t = parse_tokens(spec)
+    if t.kind == "sparqb":
+        raise ValueError(f"tokens={spec!r}: sparqbR shares dimensions across the rows ranked together: a prefill_est "
+                         f"selector (with prefill='vertical'), not a per-row one")
+    return t
+
+
 def parse_prefill_est(spec: str) -> TokenSpec:
     """prefill_est's selector (parse_tokens' names without a suffix, not "exact": exact scores are the default) ->
     TokenSpec; ValueError for anything else."""
@@ -189,10 +199,7 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
         raise ValueError(f"oracle={oracle!r} must be one of {ORACLES} or None")
     if oracle is not None and tokens is not None:
         raise ValueError("oracle='token' is tokens='exact': give one of them")
-    token_sel = parse_tokens("exact" if oracle == "token" else tokens) if (oracle or tokens) is not None else None
-    if token_sel is not None and token_sel.kind == "sparqb":
-        raise ValueError(f"tokens={tokens!r}: sparqbR shares dimensions across the rows ranked together: a prefill_est "
-                         f"selector (with prefill='vertical'), not a per-row one")
+    token_sel = parse_row_tokens("exact" if oracle == "token" else tokens) if (oracle or tokens) is not None else None
     if token_sel is not None and compensate is not None:
         raise ValueError("token selection (oracle/tokens) and compensate are two ablations of the sparse rows: "
                          "pick one")

@@ -110,8 +110,8 @@ def fa_tables(tiles: PrefillTiles, block_table: torch.Tensor, query_start_loc: t
         check(block_table.stride(-1) == 1, "block_table's rows must be contiguous")
         cu = torch.empty(ntiles + 1, dtype=torch.int32, device=dev)
         used = torch.empty(hkv, ntiles, dtype=torch.int32, device=dev)
-        pages = torch.empty(hkv, ntiles, kmax * per_block, dtype=block_table.dtype, device=dev)
         width = kmax * per_block
+        pages = torch.empty(hkv, ntiles, width, dtype=block_table.dtype, device=dev)
         _fa_tables_kernel[(ntiles, hkv)](
             tiles.seq.contiguous(), tiles.qblock.contiguous(), idx, cnt, block_table, query_start_loc.contiguous(),
             seq_lens.contiguous(), cu, used, pages, ntiles, block_table.shape[1], width, idx.stride(0), idx.stride(1),

@@ -342,6 +342,8 @@ def test_layers_sparsify_a_layer_range_only(smol):
     for bad in ("exact", "sparqb", "int4kv"):
         with pytest.raises(ValueError, match="prefill_est="):
             Variant.parse(f"cab:prefill=vertical,prefill_est={bad}")
+    with pytest.raises(ValueError, match="sparqbR shares dimensions"):  # refused when parsed, not mid-sweep
+        Variant.parse("cab:tokens=sparqb16")
     assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
     with pytest.raises(ValueError, match="oracle="):
         Variant.parse("cab:oracle=block")
