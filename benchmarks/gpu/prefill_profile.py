@@ -4,7 +4,7 @@ where the prefill's CAB time goes (no vLLM needed).
     python benchmarks/gpu/prefill_profile.py [--n 131072] [--chunk 16384] [--sparsities 0.95,0.99] [--top 25]
         [--tile-rows 16,32,64] [--key-tile 32,64] [--key-split 128,256] [--pool-warps 2,4,8]
         [--pool-bounds-warps 2,4,8] [--logits-warps 4,8] [--logits-stages 2,3] [--select-warps 4,8]
-        [--exact-two-passes] [--fa-prefill 0|1] [--block-size 64,128] [--page 16]
+        [--fa-streams 1,2] [--exact-two-passes] [--fa-prefill 0|1] [--block-size 64,128] [--page 16] [--baselines]
 
 Llama-3.1-8B attention geometry (32/8 heads, head dim 128, bf16), a paged cache (16-token pages, --page) holding
 the prompt's keys and values, one layer. Each chunk runs what the backend runs for a prefill row with a key-summary slot
@@ -16,7 +16,10 @@ cache, ops.blocks.PagedKeys, or from a gathered copy on the unfused path), spars
 and summed over the prompt (CUDA events; a first pass compiles and is not timed), the host syncs of each phase
 (each one drains the GPU's queue; torch.cuda.set_sync_debug_mode), then the kernels by GPU time
 (torch.profiler, one more pass). The engine benchmark's phase times are these summed over the model's layers
-(engine_bench.py, per_prompt_s).
+(engine_bench.py, per_prompt_s). Also the causal FLOPs the selection keeps and the sparse attention's TFLOP/s
+against the floor (those FLOPs at PEAK_TFLOPS). --baselines: the same layer dense on the same machine, the same
+inputs: vLLM's FlashAttention over the paged cache in the same chunks (what FLASH_ATTN runs in the engine) and in
+one launch, FlashAttention-2 (SDPA's flash backend) and cuDNN (SDPA's cudnn backend) on contiguous copies.
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ SWEEP = (
     ("logits-warps", "fused_select", "LOGITS_WARPS", True, "warps per logits program"),
     ("logits-stages", "fused_select", "LOGITS_STAGES", True, "key tiles in flight per logits program"),
     ("select-warps", "fused_select", "SELECT_WARPS", True, "warps per selection program"),
+    ("fa-streams", "fa_prefill", "FA_STREAMS", False,
+     "CUDA streams the KV heads' FlashAttention launches take turns on (with --fa-prefill 1)"),
 )
+PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak of an H100 / H200 SXM (no sparsity), for the floor
 
 
 class Timer:
@@ -83,11 +89,12 @@ class Timer:
 
 
 def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySummaries, impl: str, timer=None,
-                label=None, sel_impl: str | None = None, fused: bool = False, fa=None):
+                label=None, sel_impl: str | None = None, fused: bool = False, fa=None, kept: list | None = None):
     """Every chunk of one n-token prompt, as attention.attend runs a prefill row with a summary slot; each phase
     timed by ``timer`` or labelled for torch.profiler by ``label`` (record_function). sel_impl: the selection's
     implementation (default: attend's choice for this device); fused: the fused predictor
-    (KernelOptions.fused_select); fa: run_prefill's (varlen, version) of vLLM's FlashAttention, or None."""
+    (KernelOptions.fused_select); fa: run_prefill's (varlen, version) of vLLM's FlashAttention, or None; kept: a
+    list that gets each chunk's (selection counts [R, Hkv], first query block, chunk start, chunk end)."""
     dev = q.device
     bs = cfg.block_size
     if sel_impl is None:  # as attend picks it (the selection's Triton kernels on CUDA only)
@@ -108,11 +115,82 @@ def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySum
         sel = run("prefill_selection", c, lambda: prefill_selection(q[a:b].transpose(0, 1), k_all, cfg,
                                                                     impl=sel_impl, summary=summary, n=b,
                                                                     exact=final, fused=fused))
+        if kept is not None:
+            kept.append((sel[1], sel[2], a, b))
         qsl = device_ints([0, b - a], dev, torch.int32)  # as attend builds them: no stream sync
         sl = device_ints([b], dev, torch.int32)
         run("run_prefill", c, lambda: run_prefill(q[a:b], kc, vc, bt[:1], qsl, sl, [sel], bs, scale, out[a:b],
                                                   impl, fa=fa))
     return out
+
+
+def kept_flops(kept: list, hq: int, d: int, block_size: int) -> tuple[float, float]:
+    """(FLOPs, causal FLOPs) of the sparse attention over one prompt's chunks: each query block's rows against its
+    kept full blocks and its own block's keys up to each row (4 * d per (row, key, head): QK^T and PV), and the
+    same for every causal key (dense)."""
+    flops = dense = 0.0
+    for cnt, first, a, b in kept:
+        cnt = cnt.double().cpu()  # [R, Hkv]
+        g = hq // cnt.shape[1]
+        for r in range(cnt.shape[0]):
+            qb = first + r
+            lo, hi = max(qb * block_size, a), min((qb + 1) * block_size, b)
+            rows = hi - lo
+            own = sum(p - qb * block_size + 1 for p in range(lo, hi))  # own-block keys each row sees
+            flops += g * 4 * d * float(((cnt[r] - 1) * block_size * rows + own).sum())
+            dense += hq * 4 * d * sum(p + 1 for p in range(lo, hi))
+    return flops, dense
+
+
+def dense_baselines(q, kc, vc, bt, n: int, chunk: int, fa, reps: int = 3) -> dict:
+    """ms of the dense causal layer, medians of reps: vLLM's FlashAttention over the paged cache in chunks and in
+    one launch, SDPA's flash (FlashAttention-2) and cudnn backends on contiguous [1, Hq, n, D] copies (keys and
+    values repeated to every query head)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = q.device
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty_like(q)
+
+    def timed(fn) -> float:
+        fn()  # compile / warm
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return round(sorted(times)[len(times) // 2], 3)
+
+    def fa_chunks(step: int):
+        def run():
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                fa[0](q=q[a:b], k=kc, v=vc, max_seqlen_q=b - a, cu_seqlens_q=torch.tensor([0, b - a], device=dev,
+                      dtype=torch.int32), max_seqlen_k=b, seqused_k=torch.tensor([b], device=dev, dtype=torch.int32),
+                      softmax_scale=scale, causal=True, block_table=bt, out=out[a:b], fa_version=fa[1])
+        return run
+
+    res = {}
+    if fa is not None:
+        res[f"FlashAttention-{fa[1]} paged, {chunk}-token chunks"] = timed(fa_chunks(chunk))
+        res[f"FlashAttention-{fa[1]} paged, one launch"] = timed(fa_chunks(n))
+    g = q.shape[1] // kc.shape[2]
+    pages = bt[0, : math.ceil(n / kc.shape[1])].long()
+    qt = q.transpose(0, 1)[None]
+    kt = kc[pages].flatten(0, 1)[:n].repeat_interleave(g, 1).transpose(0, 1)[None].contiguous()
+    vt = vc[pages].flatten(0, 1)[:n].repeat_interleave(g, 1).transpose(0, 1)[None].contiguous()
+    for name, backend in (("FlashAttention-2 (SDPA flash)", SDPBackend.FLASH_ATTENTION),
+                          ("cuDNN (SDPA cudnn)", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                res[name] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt,
+                                                                                            is_causal=True))
+        except RuntimeError as e:  # a backend this build or card lacks
+            res[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
+    return res
 
 
 def count_syncs(pass_fn) -> dict:
@@ -149,7 +227,8 @@ def setup(n: int, hq: int, hkv: int, d: int, page: int, dev: str, dtype, seed: i
 
 def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator: str = "bounds", dev: str = "cuda",
             impl: str = "triton", hq: int = 32, hkv: int = 8, d: int = 128, page: int = 16, top: int = 25,
-            kernels: bool = True, fused: bool = False, fa_prefill: bool = False, block_size: int = 64) -> dict:
+            kernels: bool = True, fused: bool = False, fa_prefill: bool = False, block_size: int = 64,
+            baselines: bool = False) -> dict:
     if n < 1 or chunk < 1:
         raise ValueError(f"n={n} and chunk={chunk} must be >= 1")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -169,7 +248,8 @@ def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator:
         fa = (flash_attn_varlen_func, 3 if torch.cuda.get_device_capability()[0] == 9 else 2)
     q, kc, vc, bt = setup(n, hq, hkv, d, page, dev, dtype)
     store = KeySummaries(1, hkv, math.ceil(n / cfg.block_size), d, cfg.estimator, dtype, torch.device(dev))
-    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, fused=fused, fa=fa)  # compiles what this prompt needs
+    kept: list = []
+    prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, fused=fused, fa=fa, kept=kept)  # compiles what it needs
     timer = Timer(torch.device(dev))
     prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, timer, fused=fused, fa=fa)
     ms = timer.ms()
@@ -177,6 +257,10 @@ def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator:
     res = {"n": n, "chunk": chunk, "sparsity": sparsity, "policy": policy, "estimator": estimator,
            "per_chunk_ms": {p: [round(ms.get((p, c), 0.0), 3) for c in range(chunks)] for p in PHASES},
            "total_ms": {p: round(sum(ms.get((p, c), 0.0) for c in range(chunks)), 3) for p in PHASES}}
+    flops, dense = kept_flops(kept, hq, d, cfg.block_size)
+    res["kept_flops"], res["density"] = flops, flops / dense
+    if baselines and dev == "cuda":
+        res["baselines_ms"] = dense_baselines(q, kc, vc, bt, n, chunk, fa)
     if dev == "cuda":  # host syncs per phase: each drains the GPU's queue in the middle of a layer
         res["syncs"] = count_syncs(lambda run: prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, run,
                                                                    fused=fused, fa=fa))
@@ -219,6 +303,9 @@ def main(argv=None) -> None:
     ap.add_argument("--block-size", default="64",
                     help="CAB's query/key block, tokens, comma list (CABConfig.block_size)")
     ap.add_argument("--page", type=int, default=16, help="the paged cache's page, tokens (vLLM's --block-size)")
+    ap.add_argument("--baselines", action="store_true",
+                    help="also time the dense layer: vLLM's FlashAttention (chunked and one launch), FlashAttention-2 "
+                         "and cuDNN through SDPA")
     ap.add_argument("--exact-two-passes", action="store_true",
                     help="the exact rows read the keys twice (ops.coarsen.SAMPLED_ONE_PASS_BYTES = 0), as before the "
                          "one-pass kernel")
@@ -229,9 +316,10 @@ def main(argv=None) -> None:
 
     if a.exact_two_passes:
         coarsen.SAMPLED_ONE_PASS_BYTES = 0
+    from cab_vllm.ops import fa_prefill as fap
     from cab_vllm.ops import fused_select as fs
 
-    mods = {"fused_select": fs, "coarsen": coarsen}
+    mods = {"fused_select": fs, "coarsen": coarsen, "fa_prefill": fap}
     lists = [[int(x) for x in v.split(",")] if (v := getattr(a, opt.replace("-", "_"))) else [getattr(mods[mod], c)]
              for opt, mod, c, _, _ in SWEEP]
     blocks = [int(x) for x in a.block_size.split(",")]
@@ -241,11 +329,12 @@ def main(argv=None) -> None:
         for (opt, mod, const, fused_only, _), v in zip(SWEEP, values):
             setattr(mods[mod], const, v)
             read = a.fused_select == "1" if fused_only else a.impl == "triton"  # whether this run reads the setting
+            read = read and (fa_prefill or mod != "fa_prefill")
             if read:
                 opts += f" {opt.replace('-', '_')}={v}"
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1", fa_prefill=fa_prefill, page=a.page,
-                    block_size=bsz)
+                    block_size=bsz, baselines=a.baselines)
         opts += " exact_two_passes" if a.exact_two_passes else ""
         opts += f" prefill={'flash_attention' if fa_prefill else 'triton'}"
         print(f"== n={r['n']} chunk={r['chunk']} block={bsz} page={a.page} sparsity={sp} policy={r['policy']} "
@@ -253,6 +342,14 @@ def main(argv=None) -> None:
               f"{opts} (one layer, ms)")
         for p in PHASES:
             print(f"{p:22} total {r['total_ms'][p]:9.3f}  per chunk {r['per_chunk_ms'][p]}")
+        att, cab = r["total_ms"]["run_prefill"], sum(r["total_ms"].values())
+        floor = r["kept_flops"] / PEAK_TFLOPS / 1e9
+        print(f"sparse attention: {r['kept_flops'] / 1e12:.3f} TFLOP kept (density {r['density']:.4f} of the causal "
+              f"FLOPs), {r['kept_flops'] / att / 1e9:.0f} TFLOP/s; floor at {PEAK_TFLOPS:.0f} TFLOP/s {floor:.3f} ms "
+              f"= {100 * floor / att:.0f}% of its time")
+        for name, t in r.get("baselines_ms", {}).items():
+            ratio = f"  CAB's three phases ({cab:.3f} ms) {t / cab:.1f}x lower" if isinstance(t, float) else ""
+            print(f"dense {name:42} {t if isinstance(t, str) else f'{t:9.3f} ms'}{ratio}")
         if "syncs" in r:
             print("host syncs in one pass (drain the GPU's queue):", r["syncs"])
         if "kernels" in r:

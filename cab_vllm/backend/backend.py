@@ -667,7 +667,8 @@ class CABImpl(AttentionImpl[CABMetadata]):
         if self._fa_prefill_key != (dtype, page_size):
             self._fa_prefill_key = (dtype, page_size)
             self._fa_prefill = fa_prefill_launcher(self.settings.kernels.fa_prefill, self.fa, page_size,
-                                                   self.settings.cfg.block_size, dtype)
+                                                   self.settings.cfg.block_size, dtype,
+                                                   self.settings.kernels.fa_streams)
             if "fa_prefill" not in _WARNED:
                 _WARNED.add("fa_prefill")
                 logger.info("CAB: sparse prefill rows run in %s", "CAB's own kernel (Triton on CUDA, PyTorch on CPU)"
@@ -677,19 +678,21 @@ class CABImpl(AttentionImpl[CABMetadata]):
 
 
 class FAPrefill(NamedTuple):
-    """vLLM's flash_attn_varlen_func and the FlashAttention version it runs (ops.fa_prefill.fa_sparse_prefill)."""
+    """vLLM's flash_attn_varlen_func, the FlashAttention version it runs and the streams its launches take turns on
+    (None: ops.fa_prefill.FA_STREAMS) (ops.fa_prefill.fa_sparse_prefill)."""
 
     varlen: object
     version: int
+    streams: int | None = None
 
 
 def fa_prefill_launcher(option: bool | None, fa_impl, page_size: int, block_size: int,
-                        dtype: torch.dtype) -> FAPrefill | None:
+                        dtype: torch.dtype, streams: int | None = None) -> FAPrefill | None:
     """How sparse prefill rows run: FAPrefill (vLLM's FlashAttention, ops.fa_prefill) or None (CAB's Triton kernel).
     option (KernelOptions.fa_prefill, CAB_FA_PREFILL): False: never; None: where it was measured faster
     (FlashAttention 3: on an H200 at 128k, 95%, 13.8 against 19.2 ms per layer); True: wherever it can run, and
     where it cannot, a ValueError that says why (the engine start fails). fa_impl: vLLM's FlashAttentionImpl
-    beside CAB (None without one)."""
+    beside CAB (None without one); streams: KernelOptions.fa_streams."""
     from cab_vllm.ops.fa_prefill import FA_DTYPES
 
     if option is False:
@@ -712,7 +715,7 @@ def fa_prefill_launcher(option: bool | None, fa_impl, page_size: int, block_size
         return None
     if option is None and version != 3:
         return None  # measured on FlashAttention 3 only
-    return FAPrefill(varlen, int(version))
+    return FAPrefill(varlen, int(version), streams)
 
 
 _WORKSPACES: dict = {}

@@ -76,13 +76,15 @@ class KernelOptions:
     0.590x FLASH_ATTN with it against 0.621x without, short requests within run-to-run noise). fa_prefill: the
     sparse prefill rows run in vLLM's FlashAttention, one sequence per (query block, KV head) over its kept pages
     (ops.fa_prefill), instead of CAB's Triton kernel; None (the default) means where it was measured faster:
-    FlashAttention 3 (Hopper), 16-bit caches, pages that tile a key block (backend.fa_prefill_launcher)."""
+    FlashAttention 3 (Hopper), 16-bit caches, pages that tile a key block (backend.fa_prefill_launcher). fa_streams:
+    the CUDA streams those launches (one per KV head) take turns on (None: ops.fa_prefill.FA_STREAMS)."""
 
     fused_select: bool = True
     one_launch_rows: int | None = None
     graph_branches: bool = False
     dense_decode: bool | None = None
     fa_prefill: bool | None = None
+    fa_streams: int | None = None
 
     def __post_init__(self) -> None:
         if self.dense_decode is None:  # the default: on, unless the decode graph branches around FlashAttention
@@ -99,14 +101,17 @@ class KernelOptions:
         r = self.one_launch_rows
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"one_launch_rows={r!r} is invalid: expected an integer >= 0")
+        s = self.fa_streams
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
+            raise ValueError(f"fa_streams={s!r} is invalid: expected an integer >= 1")
 
     # the whole-number fields and their variables
-    ENV_COUNTS = {"one_launch_rows": "CAB_DECODE_ONE_LAUNCH_ROWS"}
+    ENV_COUNTS = {"one_launch_rows": "CAB_DECODE_ONE_LAUNCH_ROWS", "fa_streams": "CAB_FA_STREAMS"}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "KernelOptions":
         """CAB_FUSED_SELECT, CAB_GRAPH_BRANCHES, CAB_DENSE_DECODE and CAB_FA_PREFILL (0 or 1),
-        CAB_DECODE_ONE_LAUNCH_ROWS; unset ones keep the defaults; a bad value raises ValueError naming the variable."""
+        CAB_DECODE_ONE_LAUNCH_ROWS, CAB_FA_STREAMS; unset ones keep the defaults; a bad value raises ValueError naming the variable."""
         def flag(var: str) -> bool | None:
             raw = env.get(var, "").strip()
             if raw not in ("", "0", "1"):

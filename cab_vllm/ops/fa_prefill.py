@@ -14,7 +14,8 @@ multiple of the cache's page size) and 16-bit tensors; ops.prefill.paged_sparse_
 
     fa_tables          the launch's tables from PrefillTiles (device tensors, no host sync): one Triton launch
                        (_fa_tables_kernel) on a GPU, a PyTorch twin of ~20 small ops otherwise
-    fa_sparse_prefill  the attention: Hkv launches of ``varlen`` (flash_attn_varlen_func or a twin with its call)
+    fa_sparse_prefill  the attention: Hkv launches of ``varlen`` (flash_attn_varlen_func or a twin with its call),
+                       on FA_STREAMS CUDA streams in turn
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ FA_DTYPES = (torch.float16, torch.bfloat16)
 # (benchmarks/results/profiles_h200_2026-12-03f/)
 NUM_SPLITS = 1
 TABLE_WIDTH = 512  # page-table entries a program of _fa_tables_kernel writes per step
+# CUDA streams the Hkv launches of one call take turns on (1: all on the caller's stream). Each launch's last wave
+# leaves SMs idle until the next launch starts; on a second stream the next head's tiles fill them. The caller's
+# stream waits for every launch before the call returns, so nothing after it (and no reuse of the tables' memory)
+# can overtake a launch.
+FA_STREAMS = 1
+_SIDE_STREAMS: dict = {}  # (device index, i) -> the i-th side stream of that device, made once
 
 
 class FATables(NamedTuple):
@@ -138,10 +145,11 @@ def fa_tables(tiles: PrefillTiles, block_table: torch.Tensor, query_start_loc: t
 def fa_sparse_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, tiles: PrefillTiles, block_size: int,
                       scale: float | None, out: torch.Tensor, varlen: Callable, fa_version: int,
-                      num_splits: int | None = None) -> torch.Tensor:
+                      num_splits: int | None = None, streams: int | None = None) -> torch.Tensor:
     """What ops.prefill.paged_sparse_prefill computes (same arguments; tiles as fa_tables wants them), through
     ``varlen``: vLLM's flash_attn_varlen_func (fa_version: its FlashAttention version) or a twin with its call;
-    num_splits: FlashAttention's (None: NUM_SPLITS). Writes and returns out [T, Hq, D]."""
+    num_splits: FlashAttention's (None: NUM_SPLITS); streams: the CUDA streams the KV heads' launches take turns on
+    (None: FA_STREAMS; ignored off CUDA). Writes and returns out [T, Hq, D]."""
     hq, hkv, d = _check_common(q, key_cache, value_cache, block_table, seq_lens, block_size)
     check(q.dtype in FA_DTYPES, f"FlashAttention's sparse prefill needs fp16/bf16, got {q.dtype}")
     check(q.dim() == 3 and out.shape == q.shape and out.stride(-1) == 1,
@@ -152,12 +160,43 @@ def fa_sparse_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     num_splits = NUM_SPLITS if num_splits is None else num_splits
     check(isinstance(num_splits, int) and num_splits >= 0, f"num_splits={num_splits!r} must be an integer >= 0")
+    streams = FA_STREAMS if streams is None else streams
+    check(isinstance(streams, int) and streams >= 1, f"streams={streams!r} must be an integer >= 1")
     t = fa_tables(tiles, block_table, query_start_loc, seq_lens, block_size, key_cache.shape[1])
     g = hq // hkv
+    lanes = _streams(q.device, min(streams, hkv))
     for h in range(hkv):
         hs = slice(h * g, (h + 1) * g)
-        varlen(q=q[:, hs], k=key_cache[:, :, h:h + 1], v=value_cache[:, :, h:h + 1], max_seqlen_q=block_size,
-               cu_seqlens_q=t.cu_seqlens_q, max_seqlen_k=t.max_seqlen_k, seqused_k=t.seqused_k[h],
-               softmax_scale=scale, causal=True, block_table=t.pages[h], out=out[:, hs], fa_version=fa_version,
-               num_splits=num_splits)
+        with torch.cuda.stream(lanes[h % len(lanes)]):  # None: the caller's stream
+            varlen(q=q[:, hs], k=key_cache[:, :, h:h + 1], v=value_cache[:, :, h:h + 1], max_seqlen_q=block_size,
+                   cu_seqlens_q=t.cu_seqlens_q, max_seqlen_k=t.max_seqlen_k, seqused_k=t.seqused_k[h],
+                   softmax_scale=scale, causal=True, block_table=t.pages[h], out=out[:, hs], fa_version=fa_version,
+                   num_splits=num_splits)
+    _join(lanes)
     return out
+
+
+def _streams(device: torch.device, n: int) -> list:
+    """n lanes for the launches: None (the caller's stream), then n - 1 side streams of the device, each made to
+    wait for the work the caller's stream has queued so far (the tables, q). One lane off CUDA or for n = 1."""
+    if n <= 1 or device.type != "cuda":
+        return [None]
+    cur = torch.cuda.current_stream(device)
+    lanes = [None]
+    for i in range(1, n):
+        key = (device.index, i)
+        if key not in _SIDE_STREAMS:
+            _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
+        side = _SIDE_STREAMS[key]
+        side.wait_stream(cur)
+        lanes.append(side)
+    return lanes
+
+
+def _join(lanes: list) -> None:
+    """The caller's stream waits for every side lane's launches."""
+    side = [lane for lane in lanes if lane is not None]
+    if side:
+        cur = torch.cuda.current_stream(side[0].device)
+        for s in side:
+            cur.wait_stream(s)

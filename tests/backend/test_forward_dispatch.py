@@ -397,6 +397,8 @@ def test_the_sparse_prefill_kernel_choice(monkeypatch, option):
     got = launch(option, fa3, 16, 64, torch.bfloat16)
     assert got == (None if option is False else backend.FAPrefill(varlen, 3))
     assert launch(option, fa3, 64, 64, torch.float16) == (None if option is False else backend.FAPrefill(varlen, 3))
+    assert launch(option, fa3, 16, 64, torch.bfloat16, 2) == (None if option is False
+                                                               else backend.FAPrefill(varlen, 3, 2))  # CAB_FA_STREAMS
     if option is True:
         assert launch(True, fa2, 32, 64, torch.float16) == backend.FAPrefill(varlen, 2)
     else:
@@ -445,7 +447,8 @@ def test_the_prefill_kernel_is_chosen_once_and_reaches_attend(monkeypatch):
     for _ in range(2):
         impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, run_cab_prefill=True), torch.zeros(1, 16))
     assert seen == [None, choice, choice]
-    assert len(decided) == 1 and decided[0][2:] == (16, impl.settings.cfg.block_size, torch.float32)
+    assert len(decided) == 1 and decided[0][2:] == (16, impl.settings.cfg.block_size, torch.float32,
+                                                    impl.settings.kernels.fa_streams)
     # a cache with pages of another size than the one decided for (the engine's configured size): decided again
     monkeypatch.setattr(backend.compat, "split_kv", lambda *a: (torch.zeros(2, 32, 1, 8),) * 2)
     impl.forward(None, q, q, q, torch.zeros(1), _md(routes=routes, run_cab_prefill=True), torch.zeros(1, 16))

@@ -51,12 +51,15 @@ def test_kernel_options_from_env():
     assert KernelOptions().fa_prefill is None  # where measured faster (backend.fa_prefill_launcher)
     assert EngineSettings.from_env({"CAB_FA_PREFILL": "1"}).kernels == KernelOptions(fa_prefill=True)
     assert EngineSettings.from_env({"CAB_FA_PREFILL": "0"}).kernels == KernelOptions(fa_prefill=False)
+    assert KernelOptions().fa_streams is None  # ops.fa_prefill.FA_STREAMS
+    assert EngineSettings.from_env({"CAB_FA_STREAMS": "2"}).kernels == KernelOptions(fa_streams=2)
     assert EngineSettings.from_env({"CAB_GRAPH_BRANCHES": "1"}).kernels.dense_decode is False
     assert KernelOptions(graph_branches=True).dense_decode is False
     with pytest.raises(ValueError, match="exclude each other"):
         EngineSettings.from_env({"CAB_DENSE_DECODE": "1", "CAB_GRAPH_BRANCHES": "1"})
     for bad in ({"one_launch_rows": -1}, {"one_launch_rows": True}, {"one_launch_rows": 1.0}, {"fused_select": None},
-                {"fused_select": 1}, {"graph_branches": 1}, {"dense_decode": 1}, {"fa_prefill": 1}):
+                {"fused_select": 1}, {"graph_branches": 1}, {"dense_decode": 1}, {"fa_prefill": 1}, {"fa_streams": 0},
+                {"fa_streams": True}, {"fa_streams": 2.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             KernelOptions(**bad)
     with pytest.raises(ValueError, match="kernels"):
@@ -72,10 +75,11 @@ def test_kernel_options_from_env():
     ({"CAB_DECODE_ONE_LAUNCH_ROWS": "many"}, "CAB_DECODE_ONE_LAUNCH_ROWS"),
     ({"CAB_GRAPH_BRANCHES": "on"}, "CAB_GRAPH_BRANCHES"), ({"CAB_DENSE_LAYERS": "-1"}, "CAB_DENSE_LAYERS"),
     ({"CAB_DENSE_LAYERS": "two"}, "CAB_DENSE_LAYERS"), ({"CAB_DENSE_DECODE": "yes"}, "CAB_DENSE_DECODE"),
-    ({"CAB_FA_PREFILL": "auto"}, "CAB_FA_PREFILL"),
+    ({"CAB_FA_PREFILL": "auto"}, "CAB_FA_PREFILL"), ({"CAB_FA_STREAMS": "0"}, "CAB_FA_STREAMS"),
+    ({"CAB_FA_STREAMS": "two"}, "CAB_FA_STREAMS"),
 ], ids=["sparsity-range", "sparsity-type", "policy", "block-size", "threshold", "impl", "fused-word", "fused-number",
         "one-launch-range", "one-launch-type", "graph-branches", "dense-layers-range", "dense-layers-type",
-        "dense-decode", "fa-prefill"])
+        "dense-decode", "fa-prefill", "fa-streams-range", "fa-streams-type"])
 def test_settings_from_env_rejects_bad_values(env, var):
     with pytest.raises(ValueError, match=var):
         EngineSettings.from_env(env)

@@ -53,6 +53,20 @@ def test_profile_times_each_phase_where_it_runs(pp):
                    page=48)
 
 
+def test_kept_flops_counts_each_rows_kept_keys(pp):
+    """By hand: blocks of 64, 4 query / 2 KV heads, d = 1 (4 FLOPs per row, key and query head). Chunk [0, 100):
+    query block 0 (64 rows, only its own block: 2080 causal pairs per head), block 1 (36 rows: 666 own-block
+    pairs; head 0 keeps one more full block: 64 x 36). Then a chunk [80, 100) that starts inside block 1."""
+    kept = [(torch.tensor([[1, 1], [2, 1]]), 0, 0, 100)]
+    assert pp.kept_flops(kept, 4, 1, 64) == (2 * 4 * (2080 * 2 + 64 * 36 + 666 * 2), 4 * 4 * 5050)
+    assert pp.kept_flops([(torch.tensor([[1, 2]]), 1, 80, 100)], 4, 1, 64) == (
+        2 * 4 * (530 * 2 + 64 * 20), 4 * 4 * sum(range(81, 101)))
+    full = pp.profile(700, 256, 0.0, dev="cpu", impl="torch", hq=4, hkv=2, d=16, kernels=False)
+    assert full["density"] == 1.0 and full["kept_flops"] == 4 * 4 * 16 * 700 * 701 / 2
+    sparse = pp.profile(700, 256, 0.9, dev="cpu", impl="torch", hq=4, hkv=2, d=16, kernels=False)
+    assert 0 < sparse["density"] < 0.5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
@@ -216,3 +230,17 @@ def test_profile_main_sweeps_the_pooling_warps(pp, monkeypatch, capsys):
         feats.append(coarsen.query_features(q, 64, "bounds", impl="triton"))
         assert seen[-1] == warps
     assert torch.equal(feats[0], feats[1])
+
+
+def test_profile_main_sweeps_the_flash_attention_streams_and_prints_the_floor(pp, monkeypatch, capsys):
+    """--fa-streams sets ops.fa_prefill.FA_STREAMS for each run and labels only runs that read it (the FlashAttention
+    prefill, not CAB's Triton kernel here); every run prints the kept FLOPs against the floor."""
+    from cab_vllm.ops import fa_prefill
+
+    monkeypatch.setattr(fa_prefill, "FA_STREAMS", fa_prefill.FA_STREAMS)
+    pp.main(["--n", "300", "--chunk", "128", "--sparsities", "0.5", "--device", "cpu", "--impl", "torch",
+             "--heads", "4,2,16", "--no-kernels", "--fa-streams", "1,3", "--fa-prefill", "0"])
+    out = capsys.readouterr().out.splitlines()
+    heads = [line for line in out if line.startswith("==")]
+    assert len(heads) == 2 and not any("fa_streams" in h for h in heads) and fa_prefill.FA_STREAMS == 3
+    assert sum(line.startswith("sparse attention: ") and "TFLOP kept (density 0." in line for line in out) == 2

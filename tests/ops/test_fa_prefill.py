@@ -57,7 +57,7 @@ def test_fa_launches_compute_the_selection(hq, hkv, d, bs, page, layout, dtype, 
     scale = 1.0 / math.sqrt(d)
     args = (batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], tiles, bs, scale)
     out = torch.full_like(batch["q_packed"], float("nan"))
-    got = fa_sparse_prefill(*args, out=out, varlen=varlen_twin, fa_version=3)
+    got = fa_sparse_prefill(*args, out=out, varlen=varlen_twin, fa_version=3, streams=2)
     assert got is out and not got.isnan().any(), "a row was left unwritten or read a NaN slot"
     oracle = prefill_oracle(batch, SPECS, tiles, rows, bs, scale, hq)
     base = same_dtype_error(batch, SPECS, tiles, rows, bs, scale, hq, oracle)
@@ -116,6 +116,10 @@ def test_fa_prefill_refuses_what_it_cannot_run(device):
     args = (batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], tiles, 64, None)
     with pytest.raises(ValueError, match="multiple of the cache's page size 48"):
         fa_sparse_prefill(*args, out=torch.empty_like(batch["q_packed"]), varlen=varlen_twin, fa_version=3)
+    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], 16)
+    with pytest.raises(ValueError, match="streams=0"):
+        fa_sparse_prefill(batch["q_packed"], kc, vc, bt, *args[4:], out=torch.empty_like(batch["q_packed"]),
+                          varlen=varlen_twin, fa_version=3, streams=0)
     b32 = make_varlen_batch([(100, 100)], 4, 2, 32, torch.float32, device=device)
     kc, vc, bt = make_paged_cache(b32["k"], b32["v"], 16)
     with pytest.raises(ValueError, match="num_splits=-1"):
@@ -149,3 +153,22 @@ def test_vllm_flash_attention_computes_the_selection(hq, hkv, d, bs, page, dtype
     assert rel_err(got, oracle) <= 2 * base + 1e-4
     triton = paged_sparse_prefill(*args, impl="triton")
     assert rel_err(got, triton) <= 2 * base + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("streams", [2, 3, 8])
+def test_vllm_flash_attention_on_several_streams(streams):
+    """The KV heads' launches taking turns on side streams write what one stream writes, bit for bit, and the
+    caller's stream sees every head's rows (a NaN-filled output read right after the call, no synchronize)."""
+    varlen, version = vllm_flash_attention()
+    hq, hkv, d, bs = 32, 8, 128, 64
+    specs = SPECS + [(8192 + 37, 4096 + 5)]
+    batch = make_varlen_batch(specs, hq, hkv, d, torch.bfloat16, seed=streams, device="cuda")
+    kc, vc, bt = make_paged_cache(batch["k"], batch["v"], 16, layout="kv_pair", seed=streams)
+    tiles, _ = own_block_tiles(specs, hkv, bs, kmax=20, seed=streams, device="cuda")
+    args = (batch["q_packed"], kc, vc, bt, batch["query_start_loc"], batch["seq_lens"], tiles, bs, d ** -0.5)
+    one = fa_sparse_prefill(*args, out=torch.full_like(batch["q_packed"], float("nan")), varlen=varlen,
+                            fa_version=version, streams=1)
+    many = fa_sparse_prefill(*args, out=torch.full_like(batch["q_packed"], float("nan")), varlen=varlen,
+                             fa_version=version, streams=streams)
+    assert not many.isnan().any() and torch.equal(many, one)
