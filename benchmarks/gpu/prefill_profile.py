@@ -259,8 +259,6 @@ def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator:
            "total_ms": {p: round(sum(ms.get((p, c), 0.0) for c in range(chunks)), 3) for p in PHASES}}
     flops, dense = kept_flops(kept, hq, d, cfg.block_size)
     res["kept_flops"], res["density"] = flops, flops / dense
-    if baselines and dev == "cuda":
-        res["baselines_ms"] = dense_baselines(q, kc, vc, bt, n, chunk, fa)
     if dev == "cuda":  # host syncs per phase: each drains the GPU's queue in the middle of a layer
         res["syncs"] = count_syncs(lambda run: prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, run,
                                                                    fused=fused, fa=fa))
@@ -277,6 +275,8 @@ def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator:
             res["kernels"] = prof.key_averages().table(sort_by=key, row_limit=top)
         except (AttributeError, KeyError, ValueError):  # newer torch names it device time
             res["kernels"] = prof.key_averages().table(sort_by="self_device_time_total", row_limit=top)
+    if baselines and dev == "cuda":  # last: seconds of dense attention leave the card hotter (slower clocks)
+        res["baselines_ms"] = dense_baselines(q, kc, vc, bt, n, chunk, fa)
     return res
 
 

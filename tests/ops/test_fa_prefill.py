@@ -155,6 +155,38 @@ def test_vllm_flash_attention_computes_the_selection(hq, hkv, d, bs, page, dtype
     assert rel_err(got, triton) <= 2 * base + 1e-4
 
 
+def test_side_streams_wait_for_the_caller_and_the_caller_for_them(monkeypatch):
+    """The lanes of fa_sparse_prefill's launches (CUDA streams faked here): the caller's stream first, then side
+    streams made once per device and index, each waiting for the caller's queued work; _join makes the caller wait
+    for every side stream. One lane off CUDA or for one stream."""
+    from cab_vllm.ops import fa_prefill
+
+    log, made = [], []
+
+    class FakeStream:
+        def __init__(self, device=None, name=None):
+            self.device, self.name = device, name or f"side{len(made)}"
+            made.append(self)
+
+        def wait_stream(self, other):
+            log.append((self.name, other.name))
+
+    caller = FakeStream(name="caller")
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(fa_prefill, "_SIDE_STREAMS", {})
+    dev = torch.device("cuda", 0)
+    lanes = fa_prefill._streams(dev, 3)
+    assert lanes[0] is None and [s.name for s in lanes[1:]] == ["side1", "side2"]
+    assert log == [("side1", "caller"), ("side2", "caller")]
+    again = fa_prefill._streams(dev, 2)
+    assert again[1] is lanes[1] and len(made) == 3  # made once
+    log.clear()
+    fa_prefill._join(lanes)
+    assert log == [("caller", "side1"), ("caller", "side2")]
+    assert fa_prefill._streams(torch.device("cpu"), 3) == [None] and fa_prefill._streams(dev, 1) == [None]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("streams", [2, 3, 8])
 def test_vllm_flash_attention_on_several_streams(streams):
