@@ -364,8 +364,8 @@ MAIN_ENGINE = ROOT / "benchmarks" / "results" / "engine_main_2026-12-06"
 
 
 def test_current_main_engine_tables_match_their_runs():
-    """The thirty-seventh run's engine tables (BENCHMARKS.md) and README's first mode: TTFT and TPOT and their ratios to
-    FLASH_ATTN, recomputed from the engine's raw JSON lines."""
+    """The thirty-seventh run's engine tables (BENCHMARKS.md): TTFT and TPOT and their ratios to FLASH_ATTN,
+    recomputed from the engine's raw JSON lines."""
     def row(run: str, name: str, n: int) -> dict:
         f = MAIN_ENGINE / run / f"engine_{name}_wnormal.jsonl"
         return next(r for r in map(json.loads, f.read_text().splitlines()) if r.get("n") == n)
@@ -389,6 +389,38 @@ def test_current_main_engine_tables_match_their_runs():
                 f"({100 * (cab['ttft_s'] / fa['ttft_s'] - 1):+.1f}%)", f"{fa['tpot_ms']:.2f} ms",
                 f"{cab['tpot_ms']:.2f} ms ({100 * (cab['tpot_ms'] / fa['tpot_ms'] - 1):+.1f}%)"]
         assert short[f"{n:,}"] == want, (n, short[f"{n:,}"], want)
+
+
+STREAMS_ENGINE = ROOT / "benchmarks" / "results" / "fa_streams_2026-12-06"
+
+
+def test_fa_streams_engine_tables_match_their_runs():
+    """The thirty-eighth run's engine tables (BENCHMARKS.md: batch 1 with one and two streams, batch 8) and README's
+    first mode (the default, one stream): TTFT, TPOT, the steady decode step and their ratios to FLASH_ATTN,
+    recomputed from the engine's raw JSON lines."""
+    def row(run: str, name: str, n: int) -> dict:
+        tail = "_b8_l8" if run == "c" else ""
+        f = STREAMS_ENGINE / run / f"engine_{name}_wnormal{tail}.jsonl"
+        return next(r for r in map(json.loads, f.read_text().splitlines()) if r.get("n") == n)
+
+    bench = ROOT / "BENCHMARKS.md"
+    got = table(bench, "| prompt | FLASH_ATTN TTFT | CAB 95%, 1 stream |")
+    names = [("a", "CUSTOM_0.95"), ("a", "CUSTOM_0.95_CAB_FA_STREAMS-2"), ("b", "CUSTOM_0.99"),
+             ("b", "CUSTOM_0.99_CAB_FA_STREAMS-2")]
+    for n, label in ((32768, "32,768"), (131072, "131,072")):
+        fa = row("a", "FLASH_ATTN_dense", n)
+        r = [row(run, name, n) for run, name in names]
+        want = [f"{fa['ttft_s']:.3f} s", *(f"{x['ttft_s']:.3f} s ({fa['ttft_s'] / x['ttft_s']:.2f}x)" for x in r),
+                f"{fa['tpot_ms']:.2f} ms", *(f"{x['tpot_ms']:.2f} ms ({x['tpot_ms'] / fa['tpot_ms']:.3f}x)" for x in r)]
+        assert got[label] == want, (label, got[label], want)
+    b8 = table(bench, "| backend | TTFT (8 x 128k) | TPOT (others' prefill included) |")
+    fa, cab = row("c", "FLASH_ATTN_dense", 131072), row("c", "CUSTOM_0.95_CAB_FA_STREAMS-2", 131072)
+    assert b8["FLASH_ATTN"] == [f"{fa['ttft_s']:.3f} s", f"{fa['tpot_ms']:.2f} ms",
+                                f"{fa['steady_decode']['step_ms']:.2f} ms"]
+    step = cab["steady_decode"]["step_ms"]
+    assert b8["CAB 95%"] == [f"{cab['ttft_s']:.3f} s ({fa['ttft_s'] / cab['ttft_s']:.2f}x lower)",
+                             f"{cab['tpot_ms']:.2f} ms ({cab['tpot_ms'] / fa['tpot_ms']:.3f}x)",
+                             f"{step:.2f} ms ({step / fa['steady_decode']['step_ms']:.3f}x)"]
     fa128, fa32 = row("a", "FLASH_ATTN_dense", 131072), row("a", "FLASH_ATTN_dense", 32768)
     c128, c32 = row("a", "CUSTOM_0.95", 131072), row("a", "CUSTOM_0.95", 32768)
     claim = (f"128k: TTFT {fa128['ttft_s'] / c128['ttft_s']:.2f}x lower, "
