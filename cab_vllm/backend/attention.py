@@ -222,8 +222,9 @@ def run_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
     q [T, Hq, D] packed by query_start_loc [S+1] (int32, starting at 0); seq_lens [S] int32; block_table [S, P];
     sels[s] = (indices [R, Hkv, K], counts [R, Hkv], first query block) from prefill_selection; out [T, Hq, D]
     is written. impl 'triton' runs ops.prefill.paged_sparse_prefill over PrefillTiles, or with fa = (varlen,
-    version[, streams]) ops.fa_prefill.fa_sparse_prefill (vLLM's FlashAttention over each tile's kept pages); 'torch' gathers
-    each request's K/V and runs SDPA over each tile's selected key blocks (ops.gathered.sparse_prefill)."""
+    version[, streams]) ops.fa_prefill.fa_sparse_prefill (vLLM's FlashAttention over each tile's kept pages);
+    'torch' gathers each request's K/V and runs SDPA over each tile's selected key blocks
+    (ops.gathered.sparse_prefill)."""
     if resolve(impl, q.device) == "triton":
         tiles = prefill_tiles([(s, i, c, f) for s, (i, c, f) in enumerate(sels)])
         if fa is not None:

@@ -111,7 +111,8 @@ class KernelOptions:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "KernelOptions":
         """CAB_FUSED_SELECT, CAB_GRAPH_BRANCHES, CAB_DENSE_DECODE and CAB_FA_PREFILL (0 or 1),
-        CAB_DECODE_ONE_LAUNCH_ROWS, CAB_FA_STREAMS; unset ones keep the defaults; a bad value raises ValueError naming the variable."""
+        CAB_DECODE_ONE_LAUNCH_ROWS, CAB_FA_STREAMS; unset ones keep the defaults; a bad value raises ValueError
+        naming the variable."""
         def flag(var: str) -> bool | None:
             raw = env.get(var, "").strip()
             if raw not in ("", "0", "1"):
