@@ -8,7 +8,9 @@ carry), batch 1, random prompt token ids, CUDA graphs on, chunked prefill on, pr
 One engine per process (run the backends one after the other). Each JSON line: backend, sparsity, n, ttft_s
 (median of --reps; of --short-reps for prompts of at most 8192 tokens), tpot_ms (the engine's time from the first to the last token of a 1+T-token request / T,
 median of the same; tpot_diff_ms: (wall time of 1+T tokens - TTFT) / T, which the prefill's spread blurs), the greedy output ids of a
-fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GPU memory.
+fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GPU memory; per timed request (and for
+the first request) the Triton kernels compiled or loaded from disk while it ran and the CUDA allocations it made
+(LoadWatch: what one request pays once that the next does not).
 
 --weights normal: after vLLM's dummy load (every weight uniform in +-1e-3: every query and key comes out near zero,
 so every key of a context scores about the same and a rule that keeps a score's ties keeps them all), the model's
@@ -96,6 +98,45 @@ def cab_counts() -> dict:
             elif s.name == "cab_rows_total" and s.labels.get("phase") == "decode":
                 out["decode_rows"] += s.value
     return out
+
+
+class LoadWatch:
+    """What each timed request paid once: the Triton kernels this process compiled or loaded from Triton's disk
+    cache while it ran (its in-memory cache misses, triton.knobs.runtime.jit_cache_hook, chained to a hook already
+    there) and the CUDA allocations torch's caching allocator made (memory_stats' num_device_alloc). A request whose
+    TTFT exceeds the next one's shows here what it did that the next did not. knobs: Triton's (for tests)."""
+
+    def __init__(self, knobs=None) -> None:
+        self.names: list = []
+        self.installed = False
+        self._allocs = self._device_allocs()
+        try:
+            if knobs is None:
+                from triton import knobs
+            prev = knobs.runtime.jit_cache_hook
+        except (ImportError, AttributeError):  # a Triton without knobs: no kernel names, allocations still counted
+            return
+
+        def hook(*args, **kw):
+            fn = kw.get("fn")
+            self.names.append(getattr(fn, "name", None) or str(kw.get("repr", "?"))[:80])
+            return prev(*args, **kw) if prev is not None else False  # False: compile / load as usual
+
+        knobs.runtime.jit_cache_hook = hook
+        self.installed = True
+
+    @staticmethod
+    def _device_allocs() -> int:
+        import torch
+
+        return int(torch.cuda.memory_stats().get("num_device_alloc", 0)) if torch.cuda.is_available() else 0
+
+    def take(self) -> tuple[list, int]:
+        """(kernel names, CUDA allocations) since the last take (or since the watch began)."""
+        names, self.names = self.names, []
+        allocs = self._device_allocs()
+        grew, self._allocs = allocs - self._allocs, allocs
+        return names, grew
 
 
 class PhaseTimer:
@@ -546,17 +587,22 @@ def main() -> None:
 
     rng = random.Random(0)
     probe = [rng.randrange(100, 40000) for _ in range(PROBE_TOKENS)]
+    watch = LoadWatch()
+    watch.take()
     t_first, probe_out = gen(probe, PROBE_OUT)  # the first request: as fast as the second when kernels warmed at start
+    first_loads = watch.take()
     t_second, _ = gen(probe, PROBE_OUT)
     for n in lens:
         ids = [random.Random(n + r).randrange(100, 40000) for r in range(n)]
         gen(ids, 2, a.batch)  # warm: kernels specialised for this length
         if phases is not None:
             phases.reset()
-        ttft, tot, direct = [], [], []
+        ttft, tot, direct, loads = [], [], [], []
         reps = max(a.reps, a.short_reps) if n <= SHORT_PROMPT else a.reps
         for _ in range(reps):
+            watch.take()
             ttft.append(gen(ids, 1, a.batch)[0])
+            loads.append(watch.take())
             tot.append(gen(ids, 1 + a.decode_tokens, a.batch)[0])
             direct.append(gen.decode_ms)
         ttft_s = statistics.median(ttft)
@@ -567,8 +613,10 @@ def main() -> None:
         tpot = statistics.median(direct) if measured else tpot_diff
         row = dict(backend=a.backend, sparsity=a.sparsity, n=n, ttft_s=round(ttft_s, 4), tpot_ms=round(tpot, 3),
                    tpot_from="engine first-to-last token" if measured else "difference of wall times",
-                   tpot_diff_ms=round(tpot_diff, 3), ttft_runs=[round(x, 4) for x in ttft], reps=reps, batch=a.batch, decode_tokens=a.decode_tokens, layers=a.layers,
-                   tp=a.tp, eager=a.eager, runner=a.runner)
+                   tpot_diff_ms=round(tpot_diff, 3), ttft_runs=[round(x, 4) for x in ttft],
+                   ttft_runs_triton_loads=[names for names, _ in loads],
+                   ttft_runs_device_allocs=[grew for _, grew in loads], reps=reps, batch=a.batch,
+                   decode_tokens=a.decode_tokens, layers=a.layers, tp=a.tp, eager=a.eager, runner=a.runner)
         if phases is not None:  # CAB's prefill phases, GPU time summed over layers and chunks, per prompt
             row["per_prompt_s"] = {k: round(v / (2 * reps * a.batch), 4) for k, v in phases.totals().items()}
         if a.steady_decode:
@@ -588,6 +636,7 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() if a.tp == 1 else 0
     summary = dict(backend=a.backend, sparsity=a.sparsity, weights=a.weights, init_s=round(init_s, 1),
                    first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
+                   first_request_triton_loads=first_loads[0], first_request_device_allocs=first_loads[1],
                    probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp,
                    cab_env={k: v for k, v in sorted(os.environ.items())

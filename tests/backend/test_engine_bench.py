@@ -228,3 +228,25 @@ def test_model_len_fits_the_probe_request_and_every_prompt():
     assert bench.model_len([512, 131072, 4096]) == 131072 + 512
     for lens in ([1], [512, 512], [need], [need + 1], [2 ** 17]):
         assert bench.model_len(lens) >= max(max(lens), need) + 512
+
+
+def test_load_watch_names_each_requests_triton_loads(bench):
+    """LoadWatch chains itself before a jit cache hook already set (whose answer it passes on), names the kernels
+    loaded between two takes and forgets them at each take; without Triton's knobs it names none."""
+    from types import SimpleNamespace
+
+    seen = []
+    knobs = SimpleNamespace(runtime=SimpleNamespace(jit_cache_hook=lambda *a, **kw: seen.append(kw) or False))
+    watch = bench.LoadWatch(knobs)
+    assert watch.installed
+    hook = knobs.runtime.jit_cache_hook
+    assert hook(key="k", fn=SimpleNamespace(name="_logits_kernel")) is False and len(seen) == 1
+    hook(key="k2", repr="_select_rows_kernel[...]")
+    names, allocs = watch.take()
+    assert names == ["_logits_kernel", "_select_rows_kernel[...]"] and allocs == 0  # no CUDA here
+    assert watch.take() == ([], 0)
+    assert not bench.LoadWatch(SimpleNamespace()).installed
+    bare = SimpleNamespace(runtime=SimpleNamespace(jit_cache_hook=None))  # Triton's default: no hook
+    alone = bench.LoadWatch(bare)
+    assert bare.runtime.jit_cache_hook(fn=SimpleNamespace(name="_pool_kernel")) is False  # compile / load as usual
+    assert alone.take()[0] == ["_pool_kernel"]
