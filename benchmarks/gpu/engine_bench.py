@@ -10,7 +10,8 @@ One engine per process (run the backends one after the other). Each JSON line: b
 median of the same; tpot_diff_ms: (wall time of 1+T tokens - TTFT) / T, which the prefill's spread blurs), the greedy output ids of a
 fixed prompt (sparsity-0 runs must equal FLASH_ATTN's), engine start time and GPU memory; per timed request (and for
 the first request) the Triton kernels compiled or loaded from disk while it ran and the CUDA allocations it made
-(LoadWatch: what one request pays once that the next does not).
+(LoadWatch: what one request pays once that the next does not); the probe's margin of each greedy id over the
+runner-up (probe_margins: a near-tie where two engines' ids part).
 
 --weights normal: after vLLM's dummy load (every weight uniform in +-1e-3: every query and key comes out near zero,
 so every key of a context scores about the same and a rule that keeps a score's ties keeps them all), the model's
@@ -97,6 +98,20 @@ def cab_counts() -> dict:
                 out["prefill_tokens"] += s.value
             elif s.name == "cab_rows_total" and s.labels.get("phase") == "decode":
                 out["decode_rows"] += s.value
+    return out
+
+
+def probe_margins(logprobs) -> list | None:
+    """Per generated token, how far the chosen token's log-probability stands above the runner-up's (vLLM's
+    per-step {token id: Logprob} dicts with logprobs=2), rounded to 1e-4: where two engines' greedy ids part, a
+    margin near 0 says a near-tie that summation order decides, a large one that the two computed different
+    things. None without logprobs."""
+    if not logprobs:
+        return None
+    out = []
+    for step in logprobs:
+        vals = sorted((getattr(v, "logprob", v) for v in step.values()), reverse=True)
+        out.append(round(vals[0] - vals[1], 4) if len(vals) > 1 else None)
     return out
 
 
@@ -569,10 +584,10 @@ def main() -> None:
     sent = {"prefill_tokens": 0, "decode_rows": 0}  # what the requests below make CAB count, once
     counts0 = cab_counts() if a.backend == "CUSTOM" else None  # start-up (profiling, warm-up, graphs) excluded
 
-    def gen(ids, n_out, batch=1):
+    def gen(ids, n_out, batch=1, logprobs=None):
         sent["prefill_tokens"] += len(ids) * batch
         sent["decode_rows"] += (n_out - 1) * batch
-        sp = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True, detokenize=False)
+        sp = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True, detokenize=False, logprobs=logprobs)
         # a batch: the same length, different ids (no prefix shared; prefix caching is off anyway)
         prompts = [{"prompt_token_ids": ids if b == 0 else [(x + 7 * b) % 40000 + 100 for x in ids]}
                    for b in range(batch)]
@@ -583,6 +598,7 @@ def main() -> None:
         decode = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (n_out - 1) * 1e3 for o in out
                   if n_out > 1 and getattr(o, "metrics", None) is not None and o.metrics.last_token_ts > 0]
         gen.decode_ms = statistics.median(decode) if decode else None
+        gen.margins = probe_margins(out[0].outputs[0].logprobs) if logprobs else None
         return wall, list(out[0].outputs[0].token_ids)
 
     rng = random.Random(0)
@@ -591,7 +607,8 @@ def main() -> None:
     watch.take()
     t_first, probe_out = gen(probe, PROBE_OUT)  # the first request: as fast as the second when kernels warmed at start
     first_loads = watch.take()
-    t_second, _ = gen(probe, PROBE_OUT)
+    t_second, _ = gen(probe, PROBE_OUT, logprobs=2)
+    margins = gen.margins  # the greedy ids' margins over the runner-up (near-ties flip between kernels)
     for n in lens:
         ids = [random.Random(n + r).randrange(100, 40000) for r in range(n)]
         gen(ids, 2, a.batch)  # warm: kernels specialised for this length
@@ -637,6 +654,7 @@ def main() -> None:
     summary = dict(backend=a.backend, sparsity=a.sparsity, weights=a.weights, init_s=round(init_s, 1),
                    first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
                    first_request_triton_loads=first_loads[0], first_request_device_allocs=first_loads[1],
+                   probe_margins=margins,
                    probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp,
                    cab_env={k: v for k, v in sorted(os.environ.items())

@@ -250,3 +250,14 @@ def test_load_watch_names_each_requests_triton_loads(bench):
     alone = bench.LoadWatch(bare)
     assert bare.runtime.jit_cache_hook(fn=SimpleNamespace(name="_pool_kernel")) is False  # compile / load as usual
     assert alone.take()[0] == ["_pool_kernel"]
+
+
+def test_probe_margins_are_the_chosen_tokens_lead(bench):
+    """The chosen token's log-probability minus the runner-up's, per step (vLLM's Logprob objects or bare floats);
+    None without logprobs, None for a step with one candidate."""
+    from types import SimpleNamespace
+
+    lp = SimpleNamespace
+    steps = [{5: lp(logprob=-0.1), 9: lp(logprob=-2.35)}, {7: -1.00001, 3: -1.0}, {4: lp(logprob=-0.5)}]
+    assert bench.probe_margins(steps) == [2.25, 0.0, None]
+    assert bench.probe_margins(None) is None and bench.probe_margins([]) is None
