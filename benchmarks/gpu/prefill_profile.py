@@ -39,19 +39,20 @@ from cab_vllm.policies import scores_chunk_end
 
 PHASES = ("update_key_summaries", "prefill_selection", "run_prefill")
 # launch settings main() sweeps (each a comma list; every combination): option, module of cab_vllm.ops, its constant,
-# whether only the fused predictor reads it, what it is
+# which run reads it ("fused": the fused predictor, --fused-select 1; "triton": CAB's Triton kernels, --impl triton;
+# "fa": vLLM's FlashAttention prefill, --impl triton with --fa-prefill 1), what it is
 SWEEP = (
-    ("tile-rows", "fused_select", "TILE_ROWS", True, "(query block, head) rows per logits program"),
-    ("key-tile", "fused_select", "KEY_TILE", True, "key blocks per step of a logits program's loop, powers of two"),
-    ("key-split", "fused_select", "KEY_SPLIT", True, "key blocks per program of the logits launch"),
-    ("pool-warps", "coarsen", "POOL_WARPS", False,
+    ("tile-rows", "fused_select", "TILE_ROWS", "fused", "(query block, head) rows per logits program"),
+    ("key-tile", "fused_select", "KEY_TILE", "fused", "key blocks per step of a logits program's loop, powers of two"),
+    ("key-split", "fused_select", "KEY_SPLIT", "fused", "key blocks per program of the logits launch"),
+    ("pool-warps", "coarsen", "POOL_WARPS", "triton",
      "warps per program of the pooling kernel (queries' features, keys' summaries)"),
-    ("pool-bounds-warps", "coarsen", "POOL_BOUNDS_WARPS", False,
+    ("pool-bounds-warps", "coarsen", "POOL_BOUNDS_WARPS", "triton",
      "warps per pooling program of the bounds' minima and maxima (the keys' summaries)"),
-    ("logits-warps", "fused_select", "LOGITS_WARPS", True, "warps per logits program"),
-    ("logits-stages", "fused_select", "LOGITS_STAGES", True, "key tiles in flight per logits program"),
-    ("select-warps", "fused_select", "SELECT_WARPS", True, "warps per selection program"),
-    ("fa-streams", "fa_prefill", "FA_STREAMS", False,
+    ("logits-warps", "fused_select", "LOGITS_WARPS", "fused", "warps per logits program"),
+    ("logits-stages", "fused_select", "LOGITS_STAGES", "fused", "key tiles in flight per logits program"),
+    ("select-warps", "fused_select", "SELECT_WARPS", "fused", "warps per selection program"),
+    ("fa-streams", "fa_prefill", "FA_STREAMS", "fa",
      "CUDA streams the KV heads' FlashAttention launches take turns on (with --fa-prefill 1)"),
 )
 PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak of an H100 / H200 SXM (no sparsity), for the floor
@@ -165,11 +166,12 @@ def dense_baselines(q, kc, vc, bt, n: int, chunk: int, fa, reps: int = 3) -> dic
         return round(sorted(times)[len(times) // 2], 3)
 
     def fa_chunks(step: int):
+        spans = [(a, min(n, a + step)) for a in range(0, n, step)]
+        lens = [(device_ints([0, b - a], dev, torch.int32), device_ints([b], dev, torch.int32)) for a, b in spans]
+
         def run():
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                fa[0](q=q[a:b], k=kc, v=vc, max_seqlen_q=b - a, cu_seqlens_q=torch.tensor([0, b - a], device=dev,
-                      dtype=torch.int32), max_seqlen_k=b, seqused_k=torch.tensor([b], device=dev, dtype=torch.int32),
+            for (a, b), (qsl, used) in zip(spans, lens):
+                fa[0](q=q[a:b], k=kc, v=vc, max_seqlen_q=b - a, cu_seqlens_q=qsl, max_seqlen_k=b, seqused_k=used,
                       softmax_scale=scale, causal=True, block_table=bt, out=out[a:b], fa_version=fa[1])
         return run
 
@@ -294,9 +296,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-kernels", action="store_true", help="phase times only (no torch.profiler pass)")
     ap.add_argument("--fused-select", choices=["0", "1"], default="1",
                     help="estimate, then a top-k per row, no [M, M] estimate (the engine's default, CAB_FUSED_SELECT=1)")
-    for opt, mod, const, fused_only, text in SWEEP:
-        ap.add_argument(f"--{opt}", default=None, help=f"{'with --fused-select 1: ' if fused_only else ''}{text}, "
-                                                       f"comma list (ops.{mod}.{const})")
+    for opt, mod, const, reader, text in SWEEP:
+        need = "with --fused-select 1: " if reader == "fused" else ""
+        ap.add_argument(f"--{opt}", default=None, help=f"{need}{text}, comma list (ops.{mod}.{const})")
     ap.add_argument("--fa-prefill", choices=["0", "1"], default=None,
                     help="1: the sparse attention in vLLM's FlashAttention over the kept pages (the engine's default "
                          "on Hopper, CAB_FA_PREFILL; the default here on CUDA); 0: CAB's Triton kernel")
@@ -326,11 +328,11 @@ def main(argv=None) -> None:
     for values, bsz, sp in ((v, b, float(x)) for v in itertools.product(*lists) for b in blocks
                             for x in a.sparsities.split(",")):
         opts = ""
-        for (opt, mod, const, fused_only, _), v in zip(SWEEP, values):
+        reads = {"fused": a.fused_select == "1", "triton": a.impl == "triton",
+                 "fa": a.impl == "triton" and fa_prefill}  # which settings this run reads
+        for (opt, mod, const, reader, _), v in zip(SWEEP, values):
             setattr(mods[mod], const, v)
-            read = a.fused_select == "1" if fused_only else a.impl == "triton"  # whether this run reads the setting
-            read = read and (fa_prefill or mod != "fa_prefill")
-            if read:
+            if reads[reader]:
                 opts += f" {opt.replace('-', '_')}={v}"
         r = profile(a.n, a.chunk, sp, a.policy, a.estimator, a.device, a.impl, hq, hkv, d, top=a.top,
                     kernels=not a.no_kernels, fused=a.fused_select == "1", fa_prefill=fa_prefill, page=a.page,

@@ -98,12 +98,10 @@ class KernelOptions:
             raise ValueError("graph_branches and dense_decode (CAB_GRAPH_BRANCHES=1, CAB_DENSE_DECODE=1) exclude "
                              "each other: with dense_decode a decode graph holds no FlashAttention launch to branch "
                              "around")
-        r = self.one_launch_rows
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
-            raise ValueError(f"one_launch_rows={r!r} is invalid: expected an integer >= 0")
-        s = self.fa_streams
-        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
-            raise ValueError(f"fa_streams={s!r} is invalid: expected an integer >= 1")
+        for name, least in (("one_launch_rows", 0), ("fa_streams", 1)):  # the whole-number fields (None: default)
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise ValueError(f"{name}={v!r} is invalid: expected an integer >= {least}")
 
     # the whole-number fields and their variables
     ENV_COUNTS = {"one_launch_rows": "CAB_DECODE_ONE_LAUNCH_ROWS", "fa_streams": "CAB_FA_STREAMS"}
