@@ -118,11 +118,18 @@ def probe_margins(logprobs) -> list | None:
 class LoadWatch:
     """What each timed request paid once: the Triton kernels this process compiled or loaded from Triton's disk
     cache while it ran (its in-memory cache misses, triton.knobs.runtime.jit_cache_hook, chained to a hook already
-    there) and the CUDA allocations torch's caching allocator made (memory_stats' num_device_alloc). A request whose
-    TTFT exceeds the next one's shows here what it did that the next did not. knobs: Triton's (for tests)."""
+    there), the CUDA allocations torch's caching allocator made (memory_stats' num_device_alloc) and Python's
+    garbage collections of the oldest generation with their pause (gc.callbacks; the engine runs in this process).
+    A request whose TTFT exceeds the next one's shows here what it did that the next did not. knobs: Triton's (for
+    tests)."""
 
     def __init__(self, knobs=None) -> None:
+        import gc
+
         self.names: list = []
+        self.full_gcs: list = []  # ms of each generation-2 collection since the last take
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)
         self.installed = False
         self._allocs = self._device_allocs()
         try:
@@ -140,18 +147,27 @@ class LoadWatch:
         knobs.runtime.jit_cache_hook = hook
         self.installed = True
 
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.full_gcs.append(round((time.perf_counter() - self._gc_start) * 1e3, 2))
+
     @staticmethod
     def _device_allocs() -> int:
         import torch
 
         return int(torch.cuda.memory_stats().get("num_device_alloc", 0)) if torch.cuda.is_available() else 0
 
-    def take(self) -> tuple[list, int]:
-        """(kernel names, CUDA allocations) since the last take (or since the watch began)."""
+    def take(self) -> tuple[list, int, list]:
+        """(kernel names, CUDA allocations, full collections' ms) since the last take (or since the watch began)."""
         names, self.names = self.names, []
+        gcs, self.full_gcs = self.full_gcs, []
         allocs = self._device_allocs()
         grew, self._allocs = allocs - self._allocs, allocs
-        return names, grew
+        return names, grew, gcs
 
 
 class PhaseTimer:
@@ -632,7 +648,8 @@ def main() -> None:
                    tpot_from="engine first-to-last token" if measured else "difference of wall times",
                    tpot_diff_ms=round(tpot_diff, 3), ttft_runs=[round(x, 4) for x in ttft],
                    ttft_runs_triton_loads=[names for names, _ in loads],
-                   ttft_runs_device_allocs=[grew for _, grew in loads], reps=reps, batch=a.batch,
+                   ttft_runs_device_allocs=[grew for _, grew, _ in loads],
+                   ttft_runs_full_gc_ms=[gcs for _, _, gcs in loads], reps=reps, batch=a.batch,
                    decode_tokens=a.decode_tokens, layers=a.layers, tp=a.tp, eager=a.eager, runner=a.runner)
         if phases is not None:  # CAB's prefill phases, GPU time summed over layers and chunks, per prompt
             row["per_prompt_s"] = {k: round(v / (2 * reps * a.batch), 4) for k, v in phases.totals().items()}
@@ -654,6 +671,7 @@ def main() -> None:
     summary = dict(backend=a.backend, sparsity=a.sparsity, weights=a.weights, init_s=round(init_s, 1),
                    first_request_s=round(t_first, 4), second_request_s=round(t_second, 4),
                    first_request_triton_loads=first_loads[0], first_request_device_allocs=first_loads[1],
+                   first_request_full_gc_ms=first_loads[2],
                    probe_margins=margins,
                    probe_out=probe_out, mem_after_init_gib=round(mem0 / 2**30, 2),
                    peak_during_runs_gib=round(peak / 2**30, 2), gpu=torch.cuda.get_device_name(), tp=a.tp,

@@ -242,14 +242,33 @@ def test_load_watch_names_each_requests_triton_loads(bench):
     hook = knobs.runtime.jit_cache_hook
     assert hook(key="k", fn=SimpleNamespace(name="_logits_kernel")) is False and len(seen) == 1
     hook(key="k2", repr="_select_rows_kernel[...]")
-    names, allocs = watch.take()
+    names, allocs, gcs = watch.take()
     assert names == ["_logits_kernel", "_select_rows_kernel[...]"] and allocs == 0  # no CUDA here
-    assert watch.take() == ([], 0)
+    assert watch.take() == ([], 0, [])
     assert not bench.LoadWatch(SimpleNamespace()).installed
     bare = SimpleNamespace(runtime=SimpleNamespace(jit_cache_hook=None))  # Triton's default: no hook
     alone = bench.LoadWatch(bare)
     assert bare.runtime.jit_cache_hook(fn=SimpleNamespace(name="_pool_kernel")) is False  # compile / load as usual
     assert alone.take()[0] == ["_pool_kernel"]
+
+
+def test_load_watch_times_full_collections_only(bench):
+    """Each generation-2 collection between two takes is listed with its pause in ms; younger ones are not."""
+    import gc
+    from types import SimpleNamespace
+
+    watch = bench.LoadWatch(SimpleNamespace())
+    try:
+        watch.take()
+        gc.collect(0)
+        assert watch.take()[2] == []
+        gc.collect()
+        gc.collect(2)
+        gcs = watch.take()[2]
+        assert len(gcs) == 2 and all(isinstance(ms, float) and ms >= 0 for ms in gcs)
+        assert watch.take()[2] == []
+    finally:
+        gc.callbacks.remove(watch._on_gc)
 
 
 def test_probe_margins_are_the_chosen_tokens_lead(bench):
