@@ -17,7 +17,8 @@ and summed over the prompt (CUDA events; a first pass compiles and is not timed)
 (each one drains the GPU's queue; torch.cuda.set_sync_debug_mode), then the kernels by GPU time
 (torch.profiler, one more pass). The engine benchmark's phase times are these summed over the model's layers
 (engine_bench.py, per_prompt_s). Also the causal FLOPs the selection keeps and the sparse attention's TFLOP/s
-against the floor (those FLOPs at PEAK_TFLOPS). --baselines: the same layer dense on the same machine, the same
+against the floor (those FLOPs at PEAK_TFLOPS), and the bytes its tiles read if none shares keys through L2
+(kept_bytes) against the card's DRAM bandwidth. --baselines: the same layer dense on the same machine, the same
 inputs: vLLM's FlashAttention over the paged cache in the same chunks (what FLASH_ATTN runs in the engine) and in
 one launch, FlashAttention-2 (SDPA's flash backend) and cuDNN (SDPA's cudnn backend) on contiguous copies.
 """
@@ -143,6 +144,28 @@ def kept_flops(kept: list, hq: int, d: int, block_size: int) -> tuple[float, flo
     return flops, dense
 
 
+def kept_bytes(kept: list, hq: int, d: int, block_size: int, elem: int = 2) -> float:
+    """Bytes the sparse attention moves if each (query block, KV head) tile reads its kept keys and values itself
+    (no reuse between tiles through L2: the tiles' own traffic, which L2 hits can only lower): its kept full blocks'
+    and its own block's keys up to its last row, K and V, plus its rows' queries and outputs for the group's heads;
+    elem bytes per value."""
+    total = 0.0
+    for cnt, first, a, b in kept:
+        cnt = cnt.double().cpu()  # [R, Hkv]
+        g = hq // cnt.shape[1]
+        for r in range(cnt.shape[0]):
+            qb = first + r
+            lo, hi = max(qb * block_size, a), min((qb + 1) * block_size, b)
+            keys = (cnt[r] - 1) * block_size + (hi - qb * block_size)  # per KV head
+            total += elem * d * float(2 * keys.sum() + 2 * g * (hi - lo) * cnt.shape[1])
+    return total
+
+
+def peak_tbps(name: str) -> float:
+    """The card's DRAM bandwidth in TB/s for the bytes' floor: H200 4.8, H100 SXM 3.35 (others: the H100's)."""
+    return 4.8 if "H200" in name else 3.35
+
+
 def dense_baselines(q, kc, vc, bt, n: int, chunk: int, fa, reps: int = 3) -> dict:
     """ms of the dense causal layer, medians of reps: vLLM's FlashAttention over the paged cache in chunks and in
     one launch, SDPA's flash (FlashAttention-2) and cudnn backends on contiguous [1, Hq, n, D] copies (keys and
@@ -261,6 +284,7 @@ def profile(n: int, chunk: int, sparsity: float, policy: str = "cab", estimator:
            "total_ms": {p: round(sum(ms.get((p, c), 0.0) for c in range(chunks)), 3) for p in PHASES}}
     flops, dense = kept_flops(kept, hq, d, cfg.block_size)
     res["kept_flops"], res["density"] = flops, flops / dense
+    res["kept_bytes"] = kept_bytes(kept, hq, d, cfg.block_size, q.element_size())
     if dev == "cuda":  # host syncs per phase: each drains the GPU's queue in the middle of a layer
         res["syncs"] = count_syncs(lambda run: prompt_pass(q, kc, vc, bt, n, chunk, cfg, store, impl, run,
                                                                    fused=fused, fa=fa))
@@ -349,6 +373,12 @@ def main(argv=None) -> None:
         print(f"sparse attention: {r['kept_flops'] / 1e12:.3f} TFLOP kept (density {r['density']:.4f} of the causal "
               f"FLOPs), {r['kept_flops'] / att / 1e9:.0f} TFLOP/s; floor at {PEAK_TFLOPS:.0f} TFLOP/s {floor:.3f} ms "
               f"= {100 * floor / att:.0f}% of its time")
+        if a.device == "cuda":
+            bw = peak_tbps(torch.cuda.get_device_name())
+            bfloor = r["kept_bytes"] / bw / 1e9
+            print(f"sparse attention: {r['kept_bytes'] / 1e9:.2f} GB if each tile reads its kept keys and values "
+                  f"(no reuse through L2), {r['kept_bytes'] / att / 1e9:.2f} TB/s; at {bw} TB/s {bfloor:.3f} ms = "
+                  f"{100 * bfloor / att:.0f}% of its time")
         for name, t in r.get("baselines_ms", {}).items():
             ratio = f"  CAB's three phases ({cab:.3f} ms) {t / cab:.1f}x lower" if isinstance(t, float) else ""
             print(f"dense {name:42} {t if isinstance(t, str) else f'{t:9.3f} ms'}{ratio}")

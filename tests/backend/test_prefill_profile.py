@@ -61,8 +61,19 @@ def test_kept_flops_counts_each_rows_kept_keys(pp):
     assert pp.kept_flops(kept, 4, 1, 64) == (2 * 4 * (2080 * 2 + 64 * 36 + 666 * 2), 4 * 4 * 5050)
     assert pp.kept_flops([(torch.tensor([[1, 2]]), 1, 80, 100)], 4, 1, 64) == (
         2 * 4 * (530 * 2 + 64 * 20), 4 * 4 * sum(range(81, 101)))
+    # bytes, 2 per value, d = 1: query block 0 reads 64 keys per head (K and V: 512 B for both heads) and its 64 rows'
+    # queries and outputs for 2 heads of each group (1024 B); block 1 reads 100 and 36 keys (400 + 144 B) and 36 rows
+    # (576 B); a chunk [80, 100) inside block 1: 20 rows, keys 36 + 64 and 36 + 0
+    assert pp.kept_bytes(kept, 4, 1, 64) == 512 + 1024 + 400 + 144 + 576
+    inside = [(torch.tensor([[1, 2]]), 1, 80, 100)]
+    assert pp.kept_bytes(inside, 4, 1, 64, elem=4) == 4 * (2 * (36 + 100) + 2 * 2 * 20 * 2)
+    assert pp.peak_tbps("NVIDIA H200") == 4.8 and pp.peak_tbps("NVIDIA H100 80GB HBM3") == 3.35
     full = pp.profile(700, 256, 0.0, dev="cpu", impl="torch", hq=4, hkv=2, d=16, kernels=False)
     assert full["density"] == 1.0 and full["kept_flops"] == 4 * 4 * 16 * 700 * 701 / 2
+    assert full["kept_bytes"] == pp.kept_bytes([(torch.tensor([[b + 1] * 2 for b in range(4)]), 0, 0, 256),
+                                                (torch.tensor([[b + 1] * 2 for b in range(4, 8)]), 4, 256, 512),
+                                                (torch.tensor([[b + 1] * 2 for b in range(8, 11)]), 8, 512, 700)],
+                                               4, 16, 64, elem=4)
     sparse = pp.profile(700, 256, 0.9, dev="cpu", impl="torch", hq=4, hkv=2, d=16, kernels=False)
     assert 0 < sparse["density"] < 0.5
 
