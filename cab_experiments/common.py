@@ -18,7 +18,7 @@ from cab_vllm.config import POLICIES, CABConfig
 _FIELDS = {f for f in CABConfig.__dataclass_fields__} - {"sparsity", "policy"}
 # the transformers adapter's own keys (cab_vllm.hf.using), not CABConfig fields
 ADAPTER_KEYS = ("phases", "layers", "early", "compensate", "oracle", "tokens", "prefill", "prefill_chunk",
-                "prefill_rows", "prefill_pooled", "prefill_est")
+                "prefill_rows", "prefill_pooled", "prefill_est", "prefill_within")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Variant:
     (one token-level set per KV head) at the same density (``prefill=vslash``: also the offsets they attend to most;
     ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows, ``prefill_rows=R``: by its last R,
     ``prefill_pooled=1``: by their mean query, ``prefill_est=sparqb16``: by their scores estimated as a token
-    selector estimates them), and
+    selector estimates them, ``prefill_within=F``: first among the tokens of cab's blocks at F x the budget), and
     ``tokens=pcaR|sparqR|sparqgR|dimsR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
     only; pca and dims need the model's key basis and dimension order, cab_vllm.hf.calibrate_key_basis)."""
 
@@ -72,6 +72,16 @@ class Variant:
                 if raw not in ("0", "1"):
                     raise ValueError(f"variant {spec!r}: prefill_pooled={raw!r} must be 0 or 1")
                 overrides.append((key, raw == "1"))
+                continue
+            if key == "prefill_within":
+                try:
+                    f = float(raw)
+                except ValueError:
+                    f = float("nan")
+                if not f >= 1:
+                    raise ValueError(f"variant {spec!r}: prefill_within={raw!r} must be a number >= 1 (times the "
+                                     f"budget)")
+                overrides.append((key, f))
                 continue
             if key in ("prefill_chunk", "prefill_rows"):
                 if not raw.isdigit() or int(raw) < 1:
@@ -158,19 +168,25 @@ class Variant:
         return dict(self.overrides).get("prefill_est")
 
     @property
+    def prefill_within(self) -> float | None:
+        return dict(self.overrides).get("prefill_within")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
     def using(self, sparsity: float, impl: str = "auto"):
         """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
-        layers, early, compensate, oracle, tokens, prefill, prefill_chunk, prefill_rows, prefill_pooled, prefill_est);
+        layers, early, compensate, oracle, tokens, prefill, prefill_chunk, prefill_rows, prefill_pooled, prefill_est,
+        prefill_within);
         yields the block counts."""
         from cab_vllm import hf
 
         return hf.using(self.config(sparsity), impl=impl, phases=self.phases, layers=self.layers, early=self.early,
                         compensate=self.compensate, oracle=self.oracle, tokens=self.tokens, prefill=self.prefill,
                         prefill_chunk=self.prefill_chunk, prefill_rows=self.prefill_rows,
-                        prefill_pooled=self.prefill_pooled, prefill_est=self.prefill_est)
+                        prefill_pooled=self.prefill_pooled, prefill_est=self.prefill_est,
+                        prefill_within=self.prefill_within)
 
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""

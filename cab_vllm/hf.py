@@ -59,6 +59,7 @@ class _State:
     prefill_rows: int = VERTICAL_ROWS
     prefill_pooled: bool = False
     prefill_est: TokenSpec | None = None
+    prefill_within: float | None = None
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -147,7 +148,8 @@ def parse_prefill_est(spec: str) -> TokenSpec:
 def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layers: tuple[int, int] | None = None,
           early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None,
           tokens: str | None = None, prefill: str | None = None, prefill_chunk: int | None = None,
-          prefill_rows: int | None = None, prefill_pooled: bool = False, prefill_est: str | None = None):
+          prefill_rows: int | None = None, prefill_pooled: bool = False, prefill_est: str | None = None,
+          prefill_within: float | None = None):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -178,7 +180,12 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     block size, each query block's keys chosen by a few of its own rows). prefill_pooled: those rows' mean query
     ranks instead (one row per head: 1/R of the rows' products; vertical only). prefill_est: those rows' scores
     estimated by a token selector (parse_prefill_est: e.g. "sparqb16", the R dimensions of largest |q| over the
-    rows and the group, or "pca16") instead of exact: what a cheaper ranking keeps (not with prefill_pooled)."""
+    rows and the group, or "pca16") instead of exact: what a cheaper ranking keeps (not with prefill_pooled).
+    prefill_within: F >= 1, with prefill='vertical' and prefill_chunk = the block size (one query block per chunk):
+    the ranking reads first among the tokens of the blocks cab's own selection keeps for that query block at F times
+    the budget (sparsity 1 - F * (1 - s)), every other key after them: the keys a kernel would score exactly
+    (F x the budget of each block's rows' products) to pick the budget's tokens from (the kept count is the
+    selection's at s, as without it)."""
     if prefill_chunk is not None and (prefill is None or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk={prefill_chunk!r} needs prefill='vertical' or 'vslash' and a positive size")
     if prefill_rows is not None and (prefill is None or prefill_rows < 1):
@@ -190,6 +197,14 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
         raise ValueError(f"prefill_est={prefill_est!r} estimates the ranking rows' scores: it needs prefill='vertical' "
                          f"or 'vslash' and not prefill_pooled")
     est_sel = parse_prefill_est(prefill_est) if prefill_est is not None else None
+    if prefill_within is not None:
+        bs = None if cfg is None else cfg.block_size
+        if not prefill_within >= 1:
+            raise ValueError(f"prefill_within={prefill_within!r} must be >= 1 (times the budget)")
+        if prefill != "vertical" or (cfg is not None and prefill_chunk != bs):
+            raise ValueError(f"prefill_within={prefill_within!r} ranks each query block's keys among its wider "
+                             f"selection's: it needs prefill='vertical' and prefill_chunk = the block size ({bs}), got "
+                             f"prefill={prefill!r}, prefill_chunk={prefill_chunk!r}")
     if prefill is not None and prefill not in PREFILLS:
         raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS} or None")
     if prefill is not None and (oracle or tokens or compensate) is not None:
@@ -217,20 +232,21 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
     prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
             _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prefill_est,
-            _STATE.prompt_sel, _STATE.stats)
+            _STATE.prefill_within, _STATE.prompt_sel, _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
     _STATE.compensate, _STATE.tokens = compensate, token_sel
     _STATE.prefill, _STATE.prefill_chunk = prefill, prefill_chunk
     _STATE.prefill_rows = VERTICAL_ROWS if prefill_rows is None else prefill_rows
     _STATE.prefill_pooled = bool(prefill_pooled)
     _STATE.prefill_est = est_sel
+    _STATE.prefill_within = None if prefill_within is None else float(prefill_within)
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
         (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
          _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prefill_est,
-         _STATE.prompt_sel, _STATE.stats) = prev
+         _STATE.prefill_within, _STATE.prompt_sel, _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -502,12 +518,15 @@ def vertical_kept(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, loc
 def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
                                chunk: int | None = None, slash: bool = False,
                                local: int = VERTICAL_LOCAL, rows: int = VERTICAL_ROWS,
-                               pooled: bool = False, estimate=None) -> torch.Tensor:
+                               pooled: bool = False, estimate=None,
+                               within: torch.Tensor | None = None) -> torch.Tensor:
     """vertical_attention as a chunked prefill runs it: the prompt's rows in chunks of ``chunk`` (None: one chunk),
     each chunk's rows ranking the keys by the chunk's own last ``rows`` rows (vertical_rank, and slash_rank when
     ``slash``; pooled: by those rows' mean query, vertical lines only; estimate: by their scores as key_estimate's
     function of the whole prompt's keys estimates them), since the prompt's later rows do not exist yet when a chunk
-    runs -> [B, Hq, N, D] in q.dtype."""
+    runs -> [B, Hq, N, D] in q.dtype. within [B, Hkv, M, M] bool (a block mask, chunk = the block size N / M rounds
+    up to): each chunk's ranking reads first among the tokens of its query block's row of blocks, the other keys
+    after all of them (hf.using's prefill_within)."""
     n = q.shape[2]
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
@@ -518,12 +537,20 @@ def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if pooled and estimate is not None:
         raise ValueError("pooled ranks keys by exact scores of one mean query: not with an estimate")
     step = n if chunk is None else chunk
+    if within is not None and (slash or within.shape[:2] != k.shape[:2] or within.shape[-1] != within.shape[-2]
+                               or chunk is None or -(-n // chunk) != within.shape[-1]):
+        raise ValueError(f"within must be a [B, Hkv, M, M] block mask with M = ceil(N / chunk), N = {n}, chunk = "
+                         f"{chunk}, vertical lines only; got {tuple(within.shape)}")
     outs = []
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         p = _last_rows_attention(q[:, :, :c1], k[:, :, :c1], scale, rows, pooled, estimate)  # once for both ranks
+        rank = p.sum(2)
+        if within is not None:  # the query block's candidate tokens first
+            cand = within[:, :, c0 // step].repeat_interleave(step, -1)[..., :c1]
+            rank = rank - (~cand) * (float(rank.max()) + 2.0)
         outs.append(vertical_attention(q[:, :, :c1], k[:, :, :c1], v[:, :, :c1], keep[..., :c1], scale,
-                                       rank=p.sum(2), local=local, slash=_by_offset(p) if slash else None,
+                                       rank=rank, local=local, slash=_by_offset(p) if slash else None,
                                        first_row=c0))
     return torch.cat(outs, dim=2)
 
@@ -696,11 +723,16 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
         if _STATE.compensate is not None:
             out = with_dropped_blocks(query, key, value, sel, scale, _STATE.compensate)
         elif _STATE.prefill is not None:  # "vertical" / "vslash", the prompt in chunks of prefill_chunk rows
+            within = None
+            if _STATE.prefill_within is not None:  # cab's blocks at F x the budget, each query block's candidates
+                wide = select_blocks(query, key, cfg.replace(
+                    sparsity=max(0.0, 1 - _STATE.prefill_within * (1 - cfg.sparsity))), impl=impl)
+                within = selection_to_block_mask(wide.indices, wide.counts, wide.num_blocks)
             out = chunked_vertical_attention(query, key, value, kept_tokens(sel), scale, chunk=_STATE.prefill_chunk,
                                              slash=_STATE.prefill == "vslash", rows=_STATE.prefill_rows,
                                              pooled=_STATE.prefill_pooled,
                                              estimate=None if _STATE.prefill_est is None else _estimate(
-                                                 module, key, _STATE.prefill_est))
+                                                 module, key, _STATE.prefill_est), within=within)
         elif _STATE.tokens is not None:
             out = token_oracle_attention(query, key, value, kept_tokens(sel), scale, estimate=_estimate(module, key),
                                          shared=_STATE.tokens.shared, rerank=_STATE.tokens.rerank)

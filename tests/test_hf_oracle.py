@@ -552,6 +552,35 @@ def test_chunked_vertical_attention_ranks_each_chunk_by_its_own_last_rows(slash)
         hf.vertical_attention(q, k, v, keep, 0.4, first_row=n)
 
 
+def test_chunked_vertical_attention_within_reads_each_blocks_candidates_first():
+    """within (a block mask, one chunk per block): each chunk's rows as the row-by-row reference whose ranking puts
+    the tokens of that query block's candidate blocks above every other key (each group by the chunk's own last rows'
+    mass); every block a candidate is the plain chunked ranking; bad shapes are refused."""
+    torch.manual_seed(21)
+    n, bs, local = 37, 8, 3
+    m = -(-n // bs)
+    q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    keep = torch.randint(1, n, (1, 2, n))
+    within = (torch.rand(1, 2, m, m) < 0.4) & torch.ones(m, m, dtype=torch.bool).tril()
+    got = hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=bs, local=local, rows=5, within=within)
+    plain = hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=bs, local=local, rows=5)
+    for c0 in range(0, n, bs):
+        c1 = min(n, c0 + bs)
+        qc, kc = q[:, :, :c1], k[:, :, :c1]
+        cand = torch.stack([within[0, h, c0 // bs, torch.arange(c1) // bs] for h in range(2)])[None]  # [1, 2, c1]
+        rank = hf.vertical_rank(qc, kc, 0.4, rows=5) + 1000.0 * cand  # candidates first, each group by mass
+        want = _brute_vertical(qc, kc, v[:, :, :c1], keep[..., :c1], 0.4, rank, local)
+        torch.testing.assert_close(got[:, :, c0:c1], want[:, :, c0:c1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-4)
+    every = torch.ones(1, 2, m, m, dtype=torch.bool)
+    torch.testing.assert_close(hf.chunked_vertical_attention(q, k, v, keep, 0.4, chunk=bs, local=local, rows=5,
+                                                             within=every), plain)
+    for bad in (dict(within=within[..., :-1, :-1]), dict(within=within[:, :1]), dict(within=within, chunk=16),
+                dict(within=within, chunk=None), dict(within=within, slash=True)):
+        with pytest.raises(ValueError, match="within must be"):
+            hf.chunked_vertical_attention(q, k, v, keep, 0.4, **{"chunk": bs, **bad})
+
+
 def test_vertical_rank_is_the_last_rows_summed_attention():
     torch.manual_seed(5)
     q, k = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
@@ -628,3 +657,15 @@ def test_a_model_runs_with_the_vertical_prefill():
             run(prefill="vertical", prefill_est=bad)
     with pytest.raises(ValueError, match="sparqbR shares dimensions"):
         run(tokens="sparqb4")
+    # ranked first among the tokens of cab's blocks at 2x the budget: the block selection's counts, another answer;
+    # at a factor that keeps every causal block, the plain per-block ranking's
+    within, c_within = run(prefill="vertical", prefill_chunk=64, prefill_within=2)
+    assert c_within == c_vert and not torch.allclose(within[0], tile[0], atol=1e-4)
+    torch.testing.assert_close(run(prefill="vertical", prefill_chunk=64, prefill_within=5)[0], tile)
+    for bad in (dict(prefill_within=2), dict(prefill="vertical", prefill_within=2),
+                dict(prefill="vslash", prefill_chunk=64, prefill_within=2),
+                dict(prefill="vertical", prefill_chunk=128, prefill_within=2)):
+        with pytest.raises(ValueError, match="prefill_within=2 ranks each query block"):
+            run(**bad)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        run(prefill="vertical", prefill_chunk=64, prefill_within=0.5)

@@ -342,6 +342,12 @@ def test_layers_sparsify_a_layer_range_only(smol):
     for bad in ("exact", "sparqb", "int4kv"):
         with pytest.raises(ValueError, match="prefill_est="):
             Variant.parse(f"cab:prefill=vertical,prefill_est={bad}")
+    v = Variant.parse("cab:prefill=vertical,prefill_chunk=64,prefill_within=3")
+    assert v.prefill_within == 3.0 and Variant.parse("cab").prefill_within is None
+    assert v.config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    for bad in ("0.5", "x", "nan"):
+        with pytest.raises(ValueError, match="prefill_within="):
+            Variant.parse(f"cab:prefill=vertical,prefill_chunk=64,prefill_within={bad}")
     with pytest.raises(ValueError, match="sparqbR shares dimensions"):  # refused when parsed, not mid-sweep
         Variant.parse("cab:tokens=sparqb16")
     assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
