@@ -647,7 +647,7 @@ def main() -> None:
         row = dict(backend=a.backend, sparsity=a.sparsity, n=n, ttft_s=round(ttft_s, 4), tpot_ms=round(tpot, 3),
                    tpot_from="engine first-to-last token" if measured else "difference of wall times",
                    tpot_diff_ms=round(tpot_diff, 3), ttft_runs=[round(x, 4) for x in ttft],
-                   ttft_runs_triton_loads=[names for names, _ in loads],
+                   ttft_runs_triton_loads=[names for names, _, _ in loads],
                    ttft_runs_device_allocs=[grew for _, grew, _ in loads],
                    ttft_runs_full_gc_ms=[gcs for _, _, gcs in loads], reps=reps, batch=a.batch,
                    decode_tokens=a.decode_tokens, layers=a.layers, tp=a.tp, eager=a.eager, runner=a.runner)

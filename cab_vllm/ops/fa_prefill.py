@@ -41,10 +41,11 @@ TABLE_WIDTH = 512  # page-table entries a program of _fa_tables_kernel writes pe
 # can overtake a launch. On an H100 (one 128k layer in 16k chunks, two sweeps in opposite orders) the attention took
 # 11.82 / 11.85 ms on 2 streams against 12.48 / 12.47 on 1 at 95% (12.38 / 15.14 on 4), 6.19 / 6.17 against
 # 6.38 / 6.50 at 99%; in the 8B engine at 128k 0.465 against 0.491 s a prompt at 95%, 0.147 against 0.164 s at 99%
-# (benchmarks/results/fa_streams_2026-12-06/). Not the default yet: in that run the engine with 2 streams at 99% gave
-# other greedy ids for its 2,000-token probe (dense, from the 11th token; random weights, near-flat logits) than the
-# four other engines, and why is not known (the path is bit-exact against one stream in the GPU tests)
-FA_STREAMS = 1
+# (benchmarks/results/fa_streams_2026-12-06/); on an H200 12.30 / 12.34 -> 11.68 / 11.69 ms at 95%, 99% unchanged
+# (5.00 / 5.05 against 5.16 / 4.97; benchmarks/results/engine_diag_h200_2026-12-06/). The H100 run's one engine whose
+# 2,000-token probe parted from the others at the 11th token was a tie: that token's margin over the runner-up is 0
+# in the CAB engines of the H200 run, whose ids and margins are the same with 1 and 2 streams.
+FA_STREAMS = 2
 _SIDE_STREAMS: dict = {}  # (device index, i) -> the i-th side stream of that device, made once
 
 
