@@ -396,7 +396,7 @@ STREAMS_ENGINE = ROOT / "benchmarks" / "results" / "fa_streams_2026-12-06"
 
 def test_fa_streams_engine_tables_match_their_runs():
     """The thirty-eighth run's engine tables (BENCHMARKS.md: batch 1 with one and two streams, batch 8) and README's
-    first mode (the default, one stream): TTFT, TPOT, the steady decode step and their ratios to FLASH_ATTN,
+    first mode (the default, two streams): TTFT, TPOT, the steady decode step and their ratios to FLASH_ATTN,
     recomputed from the engine's raw JSON lines."""
     def row(run: str, name: str, n: int) -> dict:
         tail = "_b8_l8" if run == "c" else ""
@@ -422,8 +422,82 @@ def test_fa_streams_engine_tables_match_their_runs():
                              f"{cab['tpot_ms']:.2f} ms ({cab['tpot_ms'] / fa['tpot_ms']:.3f}x)",
                              f"{step:.2f} ms ({step / fa['steady_decode']['step_ms']:.3f}x)"]
     fa128, fa32 = row("a", "FLASH_ATTN_dense", 131072), row("a", "FLASH_ATTN_dense", 32768)
-    c128, c32 = row("a", "CUSTOM_0.95", 131072), row("a", "CUSTOM_0.95", 32768)
+    # README's first mode: the default's run (2 streams since the thirty-ninth run)
+    c128, c32 = row("a", "CUSTOM_0.95_CAB_FA_STREAMS-2", 131072), row("a", "CUSTOM_0.95_CAB_FA_STREAMS-2", 32768)
     claim = (f"128k: TTFT {fa128['ttft_s'] / c128['ttft_s']:.2f}x lower, "
              f"TPOT {c128['tpot_ms'] / fa128['tpot_ms']:.2f}x; "
              f"32k: {fa32['ttft_s'] / c32['ttft_s']:.2f}x / {c32['tpot_ms'] / fa32['tpot_ms']:.2f}x (H100)")
     assert claim in (ROOT / "README.md").read_text(), claim
+
+
+DIAG = ROOT / "benchmarks" / "results" / "engine_diag_h200_2026-12-06"
+
+
+def test_engine_diagnostics_and_layer_tables_match_their_runs():
+    """The thirty-ninth run's tables (BENCHMARKS.md): the 32k engines' TTFT runs, medians, TPOT, ratios, what the timed
+    requests loaded / allocated / collected and the probe's 11th-token margins, from the engine JSON; the one-layer
+    table's phase times, floor shares and layer sums, and the dense ratios, from the profile's text."""
+    import re
+
+    bench = ROOT / "BENCHMARKS.md"
+
+    def eng(name: str) -> dict:
+        return json.loads((DIAG / "d" / f"engine_{name}_wnormal.jsonl").read_text().splitlines()[0])
+
+    def summary(name: str) -> dict:
+        return json.loads((DIAG / "d" / f"engine_{name}_wnormal.jsonl").read_text().splitlines()[-1])
+
+    got = table(bench, "| engine | TTFT (first / second timed request) |")
+    fa = eng("FLASH_ATTN_dense")
+    for label, name in (("FLASH_ATTN", "FLASH_ATTN_dense"), ("CAB 99%, 1 stream", "CUSTOM_0.99"),
+                        ("CAB 99%, 2 streams", "CUSTOM_0.99_CAB_FA_STREAMS-2")):
+        r, sm = eng(name), summary(name)
+        runs = " / ".join(f"{x:.4f}" for x in r["ttft_runs"]) + " s"
+        ratio = "" if name == "FLASH_ATTN_dense" else f" ({fa['ttft_s'] / r['ttft_s']:.2f}x lower)"
+        tpot = "" if name == "FLASH_ATTN_dense" else f" ({r['tpot_ms'] / fa['tpot_ms']:.3f}x)"
+        assert got[label][:4] == [runs, f"{r['ttft_s']:.3f} s{ratio}", f"{r['tpot_ms']:.2f} ms{tpot}",
+                                  "none, none, none"], (label, got[label])
+        assert r["ttft_runs_triton_loads"] == [[], []] and r["ttft_runs_device_allocs"] == [0, 0]
+        assert r["ttft_runs_full_gc_ms"] == [[], []]
+        assert got[label][5] == str(sm["probe_margins"][10])
+    a, b = summary("CUSTOM_0.99"), summary("CUSTOM_0.99_CAB_FA_STREAMS-2")
+    assert a["probe_out"] == b["probe_out"] and a["probe_margins"] == b["probe_margins"]
+    fa_ids = summary("FLASH_ATTN_dense")["probe_out"]
+    assert a["probe_out"][:10] == fa_ids[:10] and a["probe_out"][10] != fa_ids[10]  # they part at the 11th token
+    gaps = [1000 * (eng(n)["ttft_runs"][0] - eng(n)["ttft_runs"][1])
+            for n in ("CUSTOM_0.99", "CUSTOM_0.99_CAB_FA_STREAMS-2", "FLASH_ATTN_dense")]
+    assert f"({gaps[0]:.1f} / {gaps[1]:.1f} ms)" in bench.read_text() and f"({gaps[2]:.1f} ms)" in bench.read_text()
+
+    def passes(f: str) -> dict:
+        out = {}
+        for sec in (DIAG / "prof" / f).read_text().split("== ")[1:]:
+            sp = re.search(r"sparsity=([\d.]+)", sec).group(1)
+            st = re.search(r"fa_streams=(\d)", sec).group(1)
+            tot = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\w+)\s+total\s+([\d.]+)", sec, re.M)}
+            shares = re.findall(r"= (\d+)% of its time", sec)
+            dense = {m.group(1).strip(): float(m.group(2))
+                     for m in re.finditer(r"^dense (.+?)\s+([\d.]+) ms", sec, re.M)}
+            out[(sp, st)] = (tot, shares, dense)
+        return out
+
+    one, two = passes("prof_bytes.txt"), passes("prof_bytes_rev.txt")
+    layer = table(bench, "| | 95%, 1 stream (sweep 1 / 2) | 95%, 2 streams |")
+    cols = [("0.95", "1"), ("0.95", "2"), ("0.99", "1"), ("0.99", "2")]
+    def cells(f) -> list:
+        return [f"{f(one[c])} / {f(two[c])}" for c in cols]
+
+    assert layer["sparse attention"] == [x + " ms" for x in cells(lambda p: f"{p[0]['run_prefill']:.3f}")]
+    assert layer["of the FLOP floor (7.118 / 1.432 ms)"] == cells(lambda p: p[1][0] + "%")
+    assert layer["of the bytes' floor (29.91 GB: 6.231 ms; 7.94 GB: 1.655 ms)"] == cells(lambda p: p[1][1] + "%")
+    assert layer["the layer: key summaries + predictor + attention"] == [
+        x + " ms" for x in cells(lambda p: f"{sum(p[0].values()):.3f}")]
+    text = " ".join(bench.read_text().split())
+    for sp, st in (("0.95", "2"), ("0.95", "1"), ("0.99", "2"), ("0.99", "1")):
+        tot, _, dense = two[(sp, st)]
+        cab = sum(tot.values())
+        r = [dense[k] / cab for k in ("FlashAttention-3 paged, 16384-token chunks",
+                                      "FlashAttention-3 paged, one launch", "cuDNN (SDPA cudnn)",
+                                      "FlashAttention-2 (SDPA flash)")]
+        assert f"{r[0]:.1f}x / {r[1]:.1f}x / {r[2]:.1f}x / {r[3]:.1f}x" in text or (
+            sp == "0.95" and st == "2" and f"{r[0]:.1f}x below FlashAttention-3 in chunks, {r[1]:.1f}x in one launch, "
+            f"{r[2]:.1f}x below cuDNN and {r[3]:.1f}x below FlashAttention-2" in text), (sp, st, r)
