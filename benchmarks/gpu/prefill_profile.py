@@ -126,21 +126,26 @@ def prompt_pass(q, kc, vc, bt, n: int, chunk: int, cfg: CABConfig, store: KeySum
     return out
 
 
+def _tiles(kept: list, block_size: int):
+    """Each query block of the selections ``kept`` ((counts [R, Hkv], first block, chunk start, chunk end) per
+    chunk): (its kept blocks per KV head as float64 [Hkv], the query block, its first row, one past its last row)."""
+    for cnt, first, a, b in kept:
+        cnt = cnt.double().cpu()  # [R, Hkv]
+        for r in range(cnt.shape[0]):
+            qb = first + r
+            yield cnt[r], qb, max(qb * block_size, a), min((qb + 1) * block_size, b)
+
+
 def kept_flops(kept: list, hq: int, d: int, block_size: int) -> tuple[float, float]:
     """(FLOPs, causal FLOPs) of the sparse attention over one prompt's chunks: each query block's rows against its
     kept full blocks and its own block's keys up to each row (4 * d per (row, key, head): QK^T and PV), and the
     same for every causal key (dense)."""
     flops = dense = 0.0
-    for cnt, first, a, b in kept:
-        cnt = cnt.double().cpu()  # [R, Hkv]
-        g = hq // cnt.shape[1]
-        for r in range(cnt.shape[0]):
-            qb = first + r
-            lo, hi = max(qb * block_size, a), min((qb + 1) * block_size, b)
-            rows = hi - lo
-            own = sum(p - qb * block_size + 1 for p in range(lo, hi))  # own-block keys each row sees
-            flops += g * 4 * d * float(((cnt[r] - 1) * block_size * rows + own).sum())
-            dense += hq * 4 * d * sum(p + 1 for p in range(lo, hi))
+    for cnt, qb, lo, hi in _tiles(kept, block_size):
+        g = hq // cnt.numel()
+        own = sum(p - qb * block_size + 1 for p in range(lo, hi))  # own-block keys each row sees
+        flops += g * 4 * d * float(((cnt - 1) * block_size * (hi - lo) + own).sum())
+        dense += hq * 4 * d * sum(p + 1 for p in range(lo, hi))
     return flops, dense
 
 
@@ -150,14 +155,9 @@ def kept_bytes(kept: list, hq: int, d: int, block_size: int, elem: int = 2) -> f
     and its own block's keys up to its last row, K and V, plus its rows' queries and outputs for the group's heads;
     elem bytes per value."""
     total = 0.0
-    for cnt, first, a, b in kept:
-        cnt = cnt.double().cpu()  # [R, Hkv]
-        g = hq // cnt.shape[1]
-        for r in range(cnt.shape[0]):
-            qb = first + r
-            lo, hi = max(qb * block_size, a), min((qb + 1) * block_size, b)
-            keys = (cnt[r] - 1) * block_size + (hi - qb * block_size)  # per KV head
-            total += elem * d * float(2 * keys.sum() + 2 * g * (hi - lo) * cnt.shape[1])
+    for cnt, qb, lo, hi in _tiles(kept, block_size):
+        keys = (cnt - 1) * block_size + (hi - qb * block_size)  # per KV head
+        total += elem * d * float(2 * keys.sum() + 2 * hq * (hi - lo))  # hq = the group's heads x the KV heads
     return total
 
 
