@@ -339,7 +339,7 @@ def test_query_block_key_set_tables_match_their_rows():
         assert got[label] == want, (label, got[label], want)
     tile = "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=64"
     variants = {"4k (CPU, fp32)": (rows("tasks_qwen_cpu_vertical.jsonl", "tasks_qwen_cpu_tiles.jsonl",
-                                        "tasks_qwen_cpu_blockest.jsonl"), 4096,
+                                        "tasks_qwen_cpu_blockest.jsonl", "tasks_qwen_cpu_within.jsonl"), 4096,
                                    "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=1024"),
                 "32k (H100, bf16)": (rows("tasks_qwen_gpu_vertical.jsonl", "tasks_qwen_gpu_tiles.jsonl"), 32640,
                                      "cab:decode_rule=tokens,prefill=vertical,prefill_chunk=16384")}
@@ -349,7 +349,8 @@ def test_query_block_key_set_tables_match_their_rows():
     for label, (rs, n, chunked) in variants.items():
         names = [("dense", None), ("cab:decode_rule=tokens", 0.9), (chunked, 0.9), (tile + ",prefill_rows=16", 0.9),
                  (tile + ",prefill_pooled=1", 0.9), (tile + ",prefill_est=sparqb16", 0.9),
-                 (tile + ",prefill_est=pca16", 0.9), (tile + ",prefill_est=int4", 0.9), (tile, 0.9)]
+                 (tile + ",prefill_est=pca16", 0.9), (tile + ",prefill_est=int4", 0.9),
+                 (tile + ",prefill_within=2", 0.9), (tile + ",prefill_within=3", 0.9), (tile, 0.9)]
         ran = {v: cells(rs, n, v, s) for v, s in names}
         ran = {v: c for v, c in ran.items() if c}
         common = set.intersection(*({key(r) for r in c} for c in ran.values()))
