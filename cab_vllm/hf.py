@@ -524,8 +524,8 @@ def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     each chunk's rows ranking the keys by the chunk's own last ``rows`` rows (vertical_rank, and slash_rank when
     ``slash``; pooled: by those rows' mean query, vertical lines only; estimate: by their scores as key_estimate's
     function of the whole prompt's keys estimates them), since the prompt's later rows do not exist yet when a chunk
-    runs -> [B, Hq, N, D] in q.dtype. within [B, Hkv, M, M] bool (a block mask, chunk = the block size N / M rounds
-    up to): each chunk's ranking reads first among the tokens of its query block's row of blocks, the other keys
+    runs -> [B, Hq, N, D] in q.dtype. within [B, Hkv, M, M] bool: a block mask whose blocks are the chunks
+    (M = ceil(N / chunk)); each chunk's ranking reads first among the tokens of its own row of blocks, the other keys
     after all of them (hf.using's prefill_within)."""
     n = q.shape[2]
     if chunk is not None and chunk < 1:
