@@ -39,6 +39,12 @@ the GPU: the host time, where the GPU work starts and ends in it, the GPU busy t
 first and last kernel, the host operations by self time (what a backend adds per request shows as extra host time
 and operations) and the kernels by GPU time (in the summary line as prompt_profile, printed as HOST and KERN lines).
 
+--first-request-profile N: the same timeline for two requests of an N-token prompt and one output token, the first
+right after a request of 2 output tokens and the second after one of 1 + --decode-tokens (the order of the timed
+runs, whose first TTFT has been the slower), and what the first had more: host span, GPU busy and idle time, the
+kernels and host operations whose time differs most (summary line: first_request_profile; FIRSTREQ, FIRSTKERN and
+FIRSTHOST lines). The profiler is started once before, so its own start is in neither.
+
 --host-phases N: --host-reps requests of an N-token prompt and one output token, with the engine's host steps
 (HOST_PHASES: admission, scheduling, input preparation, the attention metadata builders and forwards, sampling,
 output processing) wrapped in wall-clock timers: per step the calls, the time and where it starts and ends in the
@@ -420,10 +426,11 @@ def step_gaps(trace: list, steps: int, marker: str = "ArgMaxOps", top: int = 8) 
             "gaps": [[k, round(c / steps, 2), round(t / steps, 1)] for k, (c, t) in rows]}
 
 
-def host_breakdown(cpu: list, gpu: list, top: int = 25) -> dict:
+def host_breakdown(cpu: list, gpu: list, top: int | None = 25) -> dict:
     """One request's host and GPU timeline from a profile: cpu [(name, start_us, end_us, self_us)] (host
     operations), gpu [(name, start_us, end_us)] (kernels, copies): the host span, the GPU work's first start and
-    last end relative to it, the GPU busy time, the kernel count, and the host operations by self time."""
+    last end relative to it, the GPU busy time, the kernel count, and the host operations by self time (the top
+    rows of each; None: all)."""
     if not cpu:
         raise ValueError("no host events in the profile")
     t0, t1 = min(a for _, a, _, _ in cpu), max(b for _, _, b, _ in cpu)
@@ -452,6 +459,28 @@ def host_breakdown(cpu: list, gpu: list, top: int = 25) -> dict:
                 covered, end = covered + b - end, b
         out["gpu_covered_us"] = round(covered, 1)
         out["gpu_idle_us"] = round(out["last_gpu_us"] - out["first_gpu_us"] - covered, 1)
+    return out
+
+
+def timeline_diff(first: dict, second: dict, top: int = 15) -> dict:
+    """What one request's timeline had more than another's (two host_breakdown results of the same prompt, every
+    row kept): the differences of the host span, the GPU's busy, covered and idle time and its last end; then the
+    kernels and the host operations whose summed time differs most, as [name, calls first, calls second, us first
+    - us second], largest difference first (a name missing on one side counts 0 there)."""
+    keys = ("host_us", "gpu_busy_us", "gpu_covered_us", "gpu_idle_us", "last_gpu_us")
+    out = {f"{k}_diff": round(first[k] - second[k], 1) for k in keys if k in first and k in second}
+
+    def rows(field: str) -> list:
+        a = {n: (c, t) for n, c, t in first[field]}
+        b = {n: (c, t) for n, c, t in second[field]}
+        got = []
+        for n in a.keys() | b.keys():
+            (ca, ta), (cb, tb) = a.get(n, (0, 0.0)), b.get(n, (0, 0.0))
+            got.append([n, ca, cb, round(ta - tb, 1)])
+        return sorted(got, key=lambda r: (-abs(r[3]), r[0]))[:top]
+
+    out["gpu_kernels"] = rows("gpu_kernels")
+    out["ops"] = rows("ops")
     return out
 
 
@@ -531,6 +560,10 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled (--profile-decode)")
     ap.add_argument("--profile-prompt", type=int, default=None, metavar="N",
                     help="after the runs, the host and GPU timeline of one N-token request's first token")
+    ap.add_argument("--first-request-profile", type=int, default=None, metavar="N",
+                    help="after the runs, the timelines of two N-token requests of one output token, the first "
+                         "after a request of 2 tokens, the second after one of 1 + --decode-tokens, and their "
+                         "difference")
     ap.add_argument("--host-phases", type=int, default=None, metavar="N",
                     help="after the runs, --host-reps requests of an N-token prompt and one output token with the "
                     "engine's host steps timed (HOST_PHASES; tensor parallel 1): where a backend's host time goes")
@@ -566,6 +599,9 @@ def main() -> None:
         ap.error("--profile-decode needs --tp 1, N >= 1 and --profile-steps >= 1")
     if a.profile_prompt is not None and (a.tp != 1 or a.profile_prompt < 1):
         ap.error("--profile-prompt needs --tp 1 and N >= 1")
+    longest = max(int(x) for x in a.lens.split(","))
+    if a.first_request_profile is not None and (a.tp != 1 or not 1 <= a.first_request_profile <= longest):
+        ap.error(f"--first-request-profile needs --tp 1 and 1 <= N <= {longest} (the longest of --lens)")
     if a.host_phases is not None and (a.tp != 1 or a.host_phases < 1 or a.host_reps < 1):
         ap.error("--host-phases needs --tp 1, N >= 1 and --host-reps >= 1")
     if a.sparsity is not None:
@@ -738,6 +774,28 @@ def main() -> None:
         for name, v in sorted(hp["phases"].items(), key=lambda kv: kv[1]["first_ms"]):
             print(f"PHASE {v['first_ms']:9.3f} -> {v['last_ms']:9.3f} ms  {v['total_ms']:8.3f} ms in {v['calls']:5g} "
                   f"calls  {name}", flush=True)
+    if a.first_request_profile is not None:
+        n = a.first_request_profile
+        ids = [random.Random(17 + r).randrange(100, 40000) for r in range(n)]
+        host_trace(lambda: gen(ids, 1))  # the profiler's own first use (CUPTI's start) is in neither request below
+        gen(ids, 2)  # as before the timed runs' first request
+        walls, lines = [], []
+        for before in (None, 1 + a.decode_tokens):  # the second after a longer request, as the timed runs' second
+            if before is not None:
+                gen(ids, before)
+            t = time.perf_counter()
+            lines.append(host_breakdown(*host_trace(lambda: gen(ids, 1)), top=None))
+            walls.append(round(time.perf_counter() - t, 4))
+        fp = dict(n=n, wall_s=walls, first=lines[0], second=lines[1], diff=timeline_diff(lines[0], lines[1]))
+        summary["first_request_profile"] = fp
+        d = fp["diff"]
+        print(f"FIRSTREQ n={n} profiled requests {walls[0]} / {walls[1]} s; first minus second: host "
+              f"{d.get('host_us_diff')} us, GPU busy {d.get('gpu_busy_us_diff')} us, idle {d.get('gpu_idle_us_diff')} "
+              f"us, last GPU end {d.get('last_gpu_us_diff')} us", flush=True)
+        for name, c1, c2, us in d["gpu_kernels"]:
+            print(f"FIRSTKERN {us:9.1f} us {c1:6d} / {c2:6d} calls  {name[:110]}", flush=True)
+        for name, c1, c2, us in d["ops"]:
+            print(f"FIRSTHOST {us:9.1f} us {c1:6d} / {c2:6d} calls  {name[:110]}", flush=True)
     print("SUM", json.dumps(summary), flush=True)
     with open(a.out, "w") as f:
         for r in rows:

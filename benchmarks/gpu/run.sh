@@ -16,6 +16,9 @@
 #                                           decoding (engine_bench.py --steady-decode; STEADY lines, steady_decode)
 #   PROFILE_PROMPT=512 bash benchmarks/gpu/run.sh ... also the host and GPU timeline of one 512-token request's
 #                                           first token (HOST lines; prompt_profile in the summary line)
+#   FIRST_PROFILE=32768 bash benchmarks/gpu/run.sh ... also the timelines of two 32k requests of one token, the
+#                                           first after a 2-token request, the second after a 65-token one (the
+#                                           timed runs' order), and their difference (FIRSTREQ/FIRSTKERN lines)
 #   HOST_PHASES=512 bash benchmarks/gpu/run.sh ... also the engine's host steps of 16 512-token requests of one
 #                                           token, timed (PHASE lines; host_phases in the summary line)
 #   ... "CUSTOM:0.95 CUSTOM:0.95@CAB_GRAPH_BRANCHES=1,CAB_FUSED_SELECT=1" a run with CAB_* variables of its own
@@ -60,6 +63,7 @@ for r in $runs; do
   [ -n "${PROFILE:-}" ] && args+=(--profile-decode "$PROFILE")
   [ -n "${PROFILE_PROMPT:-}" ] && args+=(--profile-prompt "$PROFILE_PROMPT")
   [ -n "${HOST_PHASES:-}" ] && args+=(--host-phases "$HOST_PHASES")
+  [ -n "${FIRST_PROFILE:-}" ] && args+=(--first-request-profile "$FIRST_PROFILE")
   [ "${STEADY:-}" = 1 ] && args+=(--steady-decode)
   env "${extra[@]}" python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 \
     || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }

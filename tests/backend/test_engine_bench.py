@@ -45,7 +45,7 @@ def test_decode_breakdown_is_the_difference_per_step(bench):
         bench.decode_breakdown(prefill, decode, 0)
 
 
-@pytest.mark.parametrize("flag", ["--profile-decode", "--profile-prompt"])
+@pytest.mark.parametrize("flag", ["--profile-decode", "--profile-prompt", "--first-request-profile"])
 def test_profiles_need_one_rank(bench, monkeypatch, capsys, flag):
     monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl", "--tp", "2",
                                       flag, "4096"])
@@ -71,6 +71,29 @@ def test_host_breakdown_places_the_gpu_work_in_the_host_span(bench):
     assert "first_gpu_us" not in bench.host_breakdown(cpu, [])
     with pytest.raises(ValueError, match="no host events"):
         bench.host_breakdown([], gpu)
+
+
+@pytest.mark.parametrize("n", ["0", "4097"])
+def test_first_request_profile_needs_a_measured_size(bench, monkeypatch, capsys, n):
+    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl", "--lens",
+                                      "512,4096", "--first-request-profile", n])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--first-request-profile needs --tp 1 and 1 <= N <= 4096" in capsys.readouterr().err
+
+
+def test_timeline_diff_ranks_what_the_first_request_had_more(bench):
+    cpu = [("cab::build", 0, 100, 40.0), ("aten::copy_", 10, 20, 5.0)]
+    first = bench.host_breakdown(cpu + [("aten::sort", 30, 60, 30.0)],
+                                 [("gemm", 50, 150), ("fa_fwd", 150, 170), ("fa_fwd", 200, 230)], top=None)
+    second = bench.host_breakdown(cpu, [("gemm", 50, 150), ("fa_fwd", 150, 170), ("pool", 170, 175)], top=None)
+    d = bench.timeline_diff(first, second)
+    assert d["gpu_busy_us_diff"] == 150 - 125 and d["gpu_idle_us_diff"] == 30 - 0
+    assert d["last_gpu_us_diff"] == 230 - 175 and d["host_us_diff"] == 0
+    # fa_fwd: 50 against 20 us; pool only in the second (-5); gemm the same, ranked last
+    assert d["gpu_kernels"] == [["fa_fwd", 2, 1, 30.0], ["pool", 0, 1, -5.0], ["gemm", 1, 1, 0.0]]
+    assert d["ops"][0] == ["aten::sort", 1, 0, 30.0]
+    assert bench.timeline_diff(first, second, top=1)["gpu_kernels"] == [["fa_fwd", 2, 1, 30.0]]
 
 
 def test_host_phase_summary_takes_medians_per_request(bench):
