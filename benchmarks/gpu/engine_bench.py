@@ -588,8 +588,9 @@ def main() -> None:
         ap.error("--fa-graph-splits must be >= 1")
     if a.block_size is not None and (a.block_size < 16 or a.block_size % 16):
         ap.error("--block-size must be a positive multiple of 16")
-    if a.max_model_len is not None and a.max_model_len < model_len([int(x) for x in a.lens.split(",")]):
-        ap.error(f"--max-model-len must be at least {model_len([int(x) for x in a.lens.split(',')])} (the longest "
+    lens = [int(x) for x in a.lens.split(",")]
+    if a.max_model_len is not None and a.max_model_len < model_len(lens):
+        ap.error(f"--max-model-len must be at least {model_len(lens)} (the longest "
                  f"prompt, the probe request and 512 generated tokens)")
     if a.steady_decode and a.steady_steps < 2:
         ap.error("--steady-steps must be >= 2")
@@ -599,9 +600,8 @@ def main() -> None:
         ap.error("--profile-decode needs --tp 1, N >= 1 and --profile-steps >= 1")
     if a.profile_prompt is not None and (a.tp != 1 or a.profile_prompt < 1):
         ap.error("--profile-prompt needs --tp 1 and N >= 1")
-    longest = max(int(x) for x in a.lens.split(","))
-    if a.first_request_profile is not None and (a.tp != 1 or not 1 <= a.first_request_profile <= longest):
-        ap.error(f"--first-request-profile needs --tp 1 and 1 <= N <= {longest} (the longest of --lens)")
+    if a.first_request_profile is not None and (a.tp != 1 or not 1 <= a.first_request_profile <= max(lens)):
+        ap.error(f"--first-request-profile needs --tp 1 and 1 <= N <= {max(lens)} (the longest of --lens)")
     if a.host_phases is not None and (a.tp != 1 or a.host_phases < 1 or a.host_reps < 1):
         ap.error("--host-phases needs --tp 1, N >= 1 and --host-reps >= 1")
     if a.sparsity is not None:
@@ -609,7 +609,6 @@ def main() -> None:
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if a.runner == "v2" else "0"
     if a.weights == "normal":
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # LLM.apply_model sends a function to the engine
-    lens = [int(x) for x in a.lens.split(",")]
     import torch
     from vllm import LLM, SamplingParams
 
