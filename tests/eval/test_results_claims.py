@@ -537,3 +537,76 @@ def test_first_request_gap_table_matches_the_engine_files():
         want = [f"{len(v)}, {statistics.median(v):.1f} ms ({sum(x > 15 for x in v)})"
                 for v in (gaps[(kind, 32768)], gaps[(kind, 131072)])]
         assert got[label] == want, (label, got[label], want)
+
+
+LOADTEST_H100 = ROOT / "loadtests" / "results" / "gpu_h100_2026-12-07"
+
+
+def test_h100_load_test_tables_match_their_results():
+    """The fortieth run's load test: loadtests/RESULTS.md carries `loadtests compare`'s table of its JSON verbatim;
+    BENCHMARKS.md's summary table (medians and p99 of TTFT and TPOT) and target 4 (CAB ahead on every one at 64k and
+    128k) are recomputed from the same files."""
+    from loadtests.report import compare_table, load_result
+
+    runs = [load_result(f) for f in sorted(LOADTEST_H100.glob("fa_*.json"))]
+    runs += [load_result(f) for f in sorted(LOADTEST_H100.glob("cab-0.95_*.json"))]
+    assert len(runs) == 12 and all(r["completed"] == 4 and not r.get("failed") for r in runs)
+    rows_md = [line for line in compare_table(runs, baseline="fa").splitlines() if line.startswith("| ")][1:]
+    results = (ROOT / "loadtests" / "RESULTS.md").read_text()
+    for line in rows_md:
+        assert line in results, line
+    by = {(r["label"], r["loadtests"]["scenario"]["prompt_tokens"], r["loadtests"]["scenario"]["concurrency"]): r
+          for r in runs}
+    got = table(ROOT / "BENCHMARKS.md", "| prompt x concurrency | FLASH_ATTN TTFT median / p99 |")
+    for n, name in ((32768, "32k"), (65536, "64k"), (131072, "128k")):
+        for c in (1, 4):
+            fa, cab = by[("fa", n, c)], by[("cab-0.95", n, c)]
+            want = [f"{fa['median_ttft_ms']:.1f} / {fa['p99_ttft_ms']:.1f}",
+                    f"{cab['median_ttft_ms']:.1f} / {cab['p99_ttft_ms']:.1f}",
+                    f"{fa['median_tpot_ms']:.2f} / {fa['p99_tpot_ms']:.2f}",
+                    f"{cab['median_tpot_ms']:.2f} / {cab['p99_tpot_ms']:.2f}"]
+            assert got[f"{name} x {c}"] == want, (name, c, got[f"{name} x {c}"], want)
+            for m in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms"):
+                assert cab[m] < fa[m], (name, c, m)
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    r = {k[1:]: by[k]["median_ttft_ms"] / by[("cab-0.95",) + k[1:]]["median_ttft_ms"] for k in by if k[0] == "fa"}
+    assert (f"Median TTFT {r[(131072, 1)]:.2f}x / {r[(131072, 4)]:.2f}x lower at 128k (concurrency 1 / 4), "
+            f"{r[(65536, 1)]:.2f}x / {r[(65536, 4)]:.2f}x at 64k") in " ".join(text.split())
+
+
+def test_first_request_profile_table_matches_its_engines():
+    """The fortieth run's first-request table (BENCHMARKS.md): timed TTFT, profiled wall and GPU time by kernel group
+    of the first and second 32k requests, recomputed from the engine files; the power-cap sample counts from
+    nvidia-smi's CSV."""
+    import csv
+
+    base = ROOT / "benchmarks" / "results" / "first_request_h100_2026-12-07"
+    got = table(ROOT / "BENCHMARKS.md", "| engine | timed TTFT | profiled wall | GPU busy |")
+
+    def pair(a: float, b: float) -> str:
+        return f"{a:.1f} / {b:.1f}"
+
+    for label, f in (("CAB 95%, `a/`", "a/engine_CUSTOM_0.95_wnormal.jsonl"),
+                     ("CAB 95%, `b/`", "b/engine_CUSTOM_0.95_wnormal.jsonl"),
+                     ("FLASH_ATTN, `a/`", "a/engine_FLASH_ATTN_dense_wnormal.jsonl")):
+        lines = [json.loads(x) for x in (base / f).read_text().splitlines() if x.strip()]
+        ttft = next(x["ttft_runs"] for x in lines if "ttft_runs" in x)
+        prof = next(x["first_request_profile"] for x in lines if "first_request_profile" in x)
+        assert prof["n"] == 32768
+        want = [pair(1000 * ttft[0], 1000 * ttft[1]), pair(1000 * prof["wall_s"][0], 1000 * prof["wall_s"][1])]
+        groups = {w: {"busy": prof[w]["gpu_busy_us"] / 1000,
+                      "gemm": sum(k[2] for k in prof[w]["gpu_kernels"] if "nvjet" in k[0]) / 1000,
+                      "fa": sum(k[2] for k in prof[w]["gpu_kernels"] if "flash::" in k[0] and "Fwd" in k[0]) / 1000}
+                  for w in ("first", "second")}
+        for g in groups.values():
+            g["other"] = g["busy"] - g["gemm"] - g["fa"]
+        want += [pair(groups["first"][k], groups["second"][k]) for k in ("busy", "gemm", "fa", "other")]
+        assert got[label] == want, (label, got[label], want)
+    smi = list(csv.reader((base / "b" / "smi.csv").read_text().splitlines()))[1:]
+    capped = [r for r in smi if int(r[5], 16) & 0x4]
+    assert not [r for r in smi if int(r[5], 16) & ~0x5], "a slowdown other than idle or the power cap"
+    clock = min(int(r[1].split()[0]) for r in capped)
+    watts = max(float(r[3].split()[0]) for r in smi)
+    text = " ".join((ROOT / "BENCHMARKS.md").read_text().split())
+    assert f"active in {len(capped)} of {len(smi):,} samples" in text
+    assert f"to as low as {clock:,} MHz and the power up to {watts:.0f} W against the 700 W limit" in text
