@@ -572,6 +572,14 @@ def test_h100_load_test_tables_match_their_results():
     r = {k[1:]: by[k]["median_ttft_ms"] / by[("cab-0.95",) + k[1:]]["median_ttft_ms"] for k in by if k[0] == "fa"}
     assert (f"Median TTFT {r[(131072, 1)]:.2f}x / {r[(131072, 4)]:.2f}x lower at 128k (concurrency 1 / 4), "
             f"{r[(65536, 1)]:.2f}x / {r[(65536, 4)]:.2f}x at 64k") in " ".join(text.split())
+    s = {k[1:]: by[("cab-0.95",) + k[1:]]["median_tpot_ms"] / by[k]["median_tpot_ms"] for k in by if k[0] == "fa"}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"at 128k time to first token {r[(131072, 1)]:.2f}× lower than FLASH_ATTN at concurrency 1 and "
+            f"{r[(131072, 4)]:.2f}× at concurrency 4, time per output token {s[(131072, 1)]:.2f}× / "
+            f"{s[(131072, 4)]:.2f}×; at 64k TTFT {r[(65536, 1)]:.2f}× / {r[(65536, 4)]:.2f}× lower, TPOT "
+            f"{s[(65536, 1)]:.2f}× / {s[(65536, 4)]:.2f}×; at 32k {r[(32768, 1)]:.2f}× / {r[(32768, 4)]:.2f}×, "
+            f"{s[(32768, 1)]:.2f}× / {s[(32768, 4)]:.2f}×") in readme
+    assert all(by[("cab-0.95",) + k[1:]]["p99_itl_ms"] < by[k]["p99_itl_ms"] for k in by if k[0] == "fa")
 
 
 def test_first_request_profile_table_matches_its_engines():
