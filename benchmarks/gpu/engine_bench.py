@@ -45,6 +45,10 @@ runs, whose first TTFT has been the slower), and what the first had more: host s
 kernels and host operations whose time differs most (summary line: first_request_profile; FIRSTREQ, FIRSTKERN and
 FIRSTHOST lines). The profiler is started once before, so its own start is in neither.
 
+--idle-before S: the engine idles S seconds before each timed first-token request and each of the two profiled
+ones (outside the profile): if the first request's extra time is the card's clocks under its power limit after a
+long prompt just before, it goes away with a pause.
+
 --host-phases N: --host-reps requests of an N-token prompt and one output token, with the engine's host steps
 (HOST_PHASES: admission, scheduling, input preparation, the attention metadata builders and forwards, sampling,
 output processing) wrapped in wall-clock timers: per step the calls, the time and where it starts and ends in the
@@ -564,6 +568,10 @@ def main() -> None:
                     help="after the runs, the timelines of two N-token requests of one output token, the first "
                          "after a request of 2 tokens, the second after one of 1 + --decode-tokens, and their "
                          "difference")
+    ap.add_argument("--idle-before", type=float, default=0.0, metavar="S",
+                    help="seconds the engine sits idle before each timed first-token request (and each profiled one "
+                         "of --first-request-profile): whether a request's time depends on what the card ran just "
+                         "before it (its clocks under the power limit)")
     ap.add_argument("--host-phases", type=int, default=None, metavar="N",
                     help="after the runs, --host-reps requests of an N-token prompt and one output token with the "
                     "engine's host steps timed (HOST_PHASES; tensor parallel 1): where a backend's host time goes")
@@ -602,6 +610,8 @@ def main() -> None:
         ap.error("--profile-prompt needs --tp 1 and N >= 1")
     if a.first_request_profile is not None and (a.tp != 1 or not 1 <= a.first_request_profile <= max(lens)):
         ap.error(f"--first-request-profile needs --tp 1 and 1 <= N <= {max(lens)} (the longest of --lens)")
+    if not 0 <= a.idle_before <= 600:
+        ap.error(f"--idle-before must be between 0 and 600 seconds, got {a.idle_before}")
     if a.host_phases is not None and (a.tp != 1 or a.host_phases < 1 or a.host_reps < 1):
         ap.error("--host-phases needs --tp 1, N >= 1 and --host-reps >= 1")
     if a.sparsity is not None:
@@ -668,6 +678,7 @@ def main() -> None:
         ttft, tot, direct, loads = [], [], [], []
         reps = max(a.reps, a.short_reps) if n <= SHORT_PROMPT else a.reps
         for _ in range(reps):
+            time.sleep(a.idle_before)
             watch.take()
             ttft.append(gen(ids, 1, a.batch)[0])
             loads.append(watch.take())
@@ -685,7 +696,8 @@ def main() -> None:
                    ttft_runs_triton_loads=[names for names, _, _ in loads],
                    ttft_runs_device_allocs=[grew for _, grew, _ in loads],
                    ttft_runs_full_gc_ms=[gcs for _, _, gcs in loads], reps=reps, batch=a.batch,
-                   decode_tokens=a.decode_tokens, layers=a.layers, tp=a.tp, eager=a.eager, runner=a.runner)
+                   decode_tokens=a.decode_tokens, layers=a.layers, tp=a.tp, eager=a.eager, runner=a.runner,
+                   idle_before_s=a.idle_before)
         if phases is not None:  # CAB's prefill phases, GPU time summed over layers and chunks, per prompt
             row["per_prompt_s"] = {k: round(v / (2 * reps * a.batch), 4) for k, v in phases.totals().items()}
         if a.steady_decode:
@@ -788,6 +800,7 @@ def main() -> None:
         for before in (None, 1 + a.decode_tokens):  # the second after a longer request, as the timed runs' second
             if before is not None:
                 gen(ids, before)
+            time.sleep(a.idle_before)  # outside the profile
             lines.append(host_breakdown(*host_trace(timed_request), top=None))
         fp = dict(n=n, wall_s=walls, first=lines[0], second=lines[1], diff=timeline_diff(lines[0], lines[1]))
         summary["first_request_profile"] = fp

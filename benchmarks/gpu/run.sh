@@ -19,6 +19,8 @@
 #   FIRST_PROFILE=32768 bash benchmarks/gpu/run.sh ... also the timelines of two 32k requests of one token, the
 #                                           first after a 2-token request, the second after a 65-token one (the
 #                                           timed runs' order), and their difference (FIRSTREQ/FIRSTKERN lines)
+#   IDLE=2 bash benchmarks/gpu/run.sh ...     the engine idles 2 s before each timed first-token request (and each
+#                                           profiled one of FIRST_PROFILE): engine_bench.py --idle-before
 #   HOST_PHASES=512 bash benchmarks/gpu/run.sh ... also the engine's host steps of 16 512-token requests of one
 #                                           token, timed (PHASE lines; host_phases in the summary line)
 #   ... "CUSTOM:0.95 CUSTOM:0.95@CAB_GRAPH_BRANCHES=1,CAB_FUSED_SELECT=1" a run with CAB_* variables of its own
@@ -51,7 +53,7 @@ for r in $runs; do
     extra=("${cab[@]}")
     suffix=_$(printf '%s' "$envs" | tr ',=' '_-')
   fi
-  tag=${be}_${sp:-dense}${suffix}${WEIGHTS:+_w$WEIGHTS}${BATCH:+_b$BATCH}${LAYERS:+_l$LAYERS}${TP:+_tp$TP}${RUNNER:+_$RUNNER}
+  tag=${be}_${sp:-dense}${suffix}${WEIGHTS:+_w$WEIGHTS}${BATCH:+_b$BATCH}${LAYERS:+_l$LAYERS}${TP:+_tp$TP}${RUNNER:+_$RUNNER}${IDLE:+_idle$IDLE}
   args=(--backend "$be" --lens "$lens" --out "$out/engine_$tag.jsonl")
   [ -n "$sp" ] && args+=(--sparsity "$sp")
   [ -n "${TP:-}" ] && args+=(--tp "$TP")
@@ -64,6 +66,7 @@ for r in $runs; do
   [ -n "${PROFILE_PROMPT:-}" ] && args+=(--profile-prompt "$PROFILE_PROMPT")
   [ -n "${HOST_PHASES:-}" ] && args+=(--host-phases "$HOST_PHASES")
   [ -n "${FIRST_PROFILE:-}" ] && args+=(--first-request-profile "$FIRST_PROFILE")
+  [ -n "${IDLE:-}" ] && args+=(--idle-before "$IDLE")
   [ "${STEADY:-}" = 1 ] && args+=(--steady-decode)
   env "${extra[@]}" python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 \
     || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }

@@ -303,3 +303,12 @@ def test_probe_margins_are_the_chosen_tokens_lead(bench):
     steps = [{5: lp(logprob=-0.1), 9: lp(logprob=-2.35)}, {7: -1.00001, 3: -1.0}, {4: lp(logprob=-0.5)}]
     assert bench.probe_margins(steps) == [2.25, 0.0, None]
     assert bench.probe_margins(None) is None and bench.probe_margins([]) is None
+
+
+@pytest.mark.parametrize("s", ["-1", "601", "nan"])
+def test_idle_before_is_a_pause_of_seconds(bench, monkeypatch, capsys, s):
+    monkeypatch.setattr(sys, "argv", ["engine_bench.py", "--backend", "CUSTOM", "--out", "x.jsonl",
+                                      "--idle-before", s])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--idle-before must be between 0 and 600 seconds" in capsys.readouterr().err
