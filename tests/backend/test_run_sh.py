@@ -43,7 +43,8 @@ def _run(tmp_path, runs, **extra_env):
     stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env = {k: v for k, v in env.items()
-           if not k.startswith("CAB_") and k not in ("BATCH", "LAYERS", "TP", "RUNNER", "STEADY")}
+           if not k.startswith("CAB_") and k not in ("BATCH", "LAYERS", "TP", "RUNNER", "STEADY", "IDLE",
+                                                         "FIRST_PROFILE")}
     env.update(extra_env)
     out = tmp_path / "out"
     p = subprocess.run(["bash", "benchmarks/gpu/run.sh", str(out), runs, "512"], cwd=ROOT, env=env,
@@ -134,3 +135,12 @@ def test_batch_and_layers_reach_every_run_and_name_its_files(tmp_path):
     p, out = _run(tmp_path / "plain", "CUSTOM:0.95")
     (row,) = _ok_rows(p, out).values()
     assert "--layers" not in row["args"] and "--batch" not in row["args"] and "--steady-decode" not in row["args"]
+
+
+def test_idle_and_first_profile_reach_the_engine_and_idle_names_its_files(tmp_path):
+    """IDLE=2 FIRST_PROFILE=512: the engine gets --idle-before 2 (its files say _idle2) and --first-request-profile."""
+    p, out = _run(tmp_path, "CUSTOM:0.95", IDLE="2", FIRST_PROFILE="512")
+    rows = _ok_rows(p, out)
+    assert set(rows) == {"engine_CUSTOM_0.95_idle2.jsonl"}
+    args = rows["engine_CUSTOM_0.95_idle2.jsonl"]["args"]
+    assert args[args.index("--idle-before") + 1] == "2" and args[args.index("--first-request-profile") + 1] == "512"
