@@ -517,7 +517,8 @@ def first_request_gaps(root: Path, last_day: str) -> dict:
         env = next((x.get("cab_env") or {} for x in lines if "init_s" in x), {})
         for r in lines:
             if ("ttft_runs" not in r or r["n"] not in (32768, 131072) or len(r["ttft_runs"]) < 2
-                    or r.get("batch", 1) != 1 or r.get("layers", 32) != 32 or r.get("tp", 1) != 1 or r.get("eager")):
+                    or r.get("batch", 1) != 1 or r.get("layers", 32) != 32 or r.get("tp", 1) != 1 or r.get("eager")
+                    or r.get("idle_before_s")):  # engines paused before each request: another experiment
                 continue
             kind = r["backend"] if r["backend"] == "FLASH_ATTN" else (
                 "dense" if env.get("CAB_DENSE_PREFILL") == "1" else "sparse")
