@@ -619,3 +619,28 @@ def test_first_request_profile_table_matches_its_engines():
     text = " ".join((ROOT / "BENCHMARKS.md").read_text().split())
     assert f"active in {len(capped)} of {len(smi):,} samples" in text
     assert f"to as low as {clock:,} MHz and the power up to {watts:.0f} W against the 700 W limit" in text
+
+
+def test_h100_load_test_kv_room_matches_the_server_logs():
+    """The fortieth run's KV sizes and profiled peak activations (BENCHMARKS.md, README) as both servers logged them,
+    and the ~2.2 GiB of CAB's buffers they differ by, from the sizes the text gives."""
+    logs = {b: (LOADTEST_H100 / f"server-{b}.log").read_text() for b in ("cab", "fa")}
+    tokens = {b: int(re.search(r"GPU KV cache size: ([\d,]+) tokens", s).group(1).replace(",", ""))
+              for b, s in logs.items()}
+    peak = {b: float(re.search(r"([\d.]+) GiB for peak activation", s).group(1)) for b, s in logs.items()}
+    summaries = float(re.search(r"key summaries for 4 prompts prefilling at once: ([\d.]+) MiB per layer",
+                                logs["cab"]).group(1))
+    text = " ".join((ROOT / "BENCHMARKS.md").read_text().split())
+    assert (f"CAB's server holds {tokens['cab']:,} tokens of KV against FLASH_ATTN's {tokens['fa']:,} "
+            f"({100 * (1 - tokens['cab'] / tokens['fa']):.1f}% fewer)") in text
+    assert f"{peak['cab']:.2f} GiB of peak activation in CAB's server against {peak['fa']:.2f} GiB" in text
+    assert f"the key summaries of 4 prompts ({summaries:.1f} MiB a layer" in text
+    tables = 2 * 8 * -(-131584 // 64) * 1024 * 32
+    assert f"{tables / 1e9:.2f} GB over 32 layers" in text and abs(summaries * 2**20 * 32 - tables) / tables < 0.01
+    from cab_vllm.backend.attention import DecodeWorkspace
+
+    workspace = DecodeWorkspace(1024, 32, 8, 128, -(-131584 // 64), "meta").nbytes / 2**30
+    assert f"the shared decode workspace (~{workspace:.1f} GiB)" in text
+    assert abs((peak["cab"] - peak["fa"]) - (2 * tables / 2**30 + workspace)) < 0.1
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"CAB's server held {tokens['cab']:,} tokens of KV against FLASH_ATTN's {tokens['fa']:,}" in readme
