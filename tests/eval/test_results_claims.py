@@ -17,7 +17,17 @@ LENGTHS = {"16k": 16384, "32k (32,640)": 32640, "64k (YaRN x4)": 65536, "128k (1
 
 
 def rows(*names: str) -> list[dict]:
-    return [json.loads(line) for n in names for line in (RES / n).read_text().splitlines() if line.strip()]
+    return [r for n in names for r in jsonl(RES / n)]
+
+
+def jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (an engine's, a result's), blank lines skipped."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def flat(path: Path) -> str:
+    """A document's text with every run of whitespace one space: a claim reads the same across wrapped lines."""
+    return " ".join(path.read_text().split())
 
 
 def mean(rs: list[dict], key: str = "score") -> float:
@@ -492,7 +502,7 @@ def test_engine_diagnostics_and_layer_tables_match_their_runs():
     assert layer["of the bytes' floor (29.91 GB: 6.231 ms; 7.94 GB: 1.655 ms)"] == cells(lambda p: p[1][1] + "%")
     assert layer["the layer: key summaries + predictor + attention"] == [
         x + " ms" for x in cells(lambda p: f"{sum(p[0].values()):.3f}")]
-    text = " ".join(bench.read_text().split())
+    text = flat(bench)
     for sp, st in (("0.95", "2"), ("0.95", "1"), ("0.99", "2"), ("0.99", "1")):
         tot, _, dense = two[(sp, st)]
         cab = sum(tot.values())
@@ -513,7 +523,7 @@ def first_request_gaps(root: Path, last_day: str) -> dict:
         day = re.search(r"\d{4}-\d\d-\d\d", f.relative_to(root).parts[0])
         if day is None or day.group(0) > last_day:
             continue
-        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        lines = jsonl(f)
         env = next((x.get("cab_env") or {} for x in lines if "init_s" in x), {})
         for r in lines:
             if ("ttft_runs" not in r or r["n"] not in (32768, 131072) or len(r["ttft_runs"]) < 2
@@ -569,12 +579,12 @@ def test_h100_load_test_tables_match_their_results():
             assert got[f"{name} x {c}"] == want, (name, c, got[f"{name} x {c}"], want)
             for m in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms"):
                 assert cab[m] < fa[m], (name, c, m)
-    text = (ROOT / "BENCHMARKS.md").read_text()
+    text = flat(ROOT / "BENCHMARKS.md")
     r = {k[1:]: by[k]["median_ttft_ms"] / by[("cab-0.95",) + k[1:]]["median_ttft_ms"] for k in by if k[0] == "fa"}
     assert (f"Median TTFT {r[(131072, 1)]:.2f}x / {r[(131072, 4)]:.2f}x lower at 128k (concurrency 1 / 4), "
-            f"{r[(65536, 1)]:.2f}x / {r[(65536, 4)]:.2f}x at 64k") in " ".join(text.split())
+            f"{r[(65536, 1)]:.2f}x / {r[(65536, 4)]:.2f}x at 64k") in text
     s = {k[1:]: by[("cab-0.95",) + k[1:]]["median_tpot_ms"] / by[k]["median_tpot_ms"] for k in by if k[0] == "fa"}
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = flat(ROOT / "README.md")
     assert (f"at 128k time to first token {r[(131072, 1)]:.2f}× lower than FLASH_ATTN at concurrency 1 and "
             f"{r[(131072, 4)]:.2f}× at concurrency 4, time per output token {s[(131072, 1)]:.2f}× / "
             f"{s[(131072, 4)]:.2f}×; at 64k TTFT {r[(65536, 1)]:.2f}× / {r[(65536, 4)]:.2f}× lower, TPOT "
@@ -598,7 +608,7 @@ def test_first_request_profile_table_matches_its_engines():
     for label, f in (("CAB 95%, `a/`", "a/engine_CUSTOM_0.95_wnormal.jsonl"),
                      ("CAB 95%, `b/`", "b/engine_CUSTOM_0.95_wnormal.jsonl"),
                      ("FLASH_ATTN, `a/`", "a/engine_FLASH_ATTN_dense_wnormal.jsonl")):
-        lines = [json.loads(x) for x in (base / f).read_text().splitlines() if x.strip()]
+        lines = jsonl(base / f)
         ttft = next(x["ttft_runs"] for x in lines if "ttft_runs" in x)
         prof = next(x["first_request_profile"] for x in lines if "first_request_profile" in x)
         assert prof["n"] == 32768
@@ -616,7 +626,7 @@ def test_first_request_profile_table_matches_its_engines():
     assert not [r for r in smi if int(r[5], 16) & ~0x5], "a slowdown other than idle or the power cap"
     clock = min(int(r[1].split()[0]) for r in capped)
     watts = max(float(r[3].split()[0]) for r in smi)
-    text = " ".join((ROOT / "BENCHMARKS.md").read_text().split())
+    text = flat(ROOT / "BENCHMARKS.md")
     assert f"active in {len(capped)} of {len(smi):,} samples" in text
     assert f"to as low as {clock:,} MHz and the power up to {watts:.0f} W against the 700 W limit" in text
 
@@ -630,17 +640,18 @@ def test_h100_load_test_kv_room_matches_the_server_logs():
     peak = {b: float(re.search(r"([\d.]+) GiB for peak activation", s).group(1)) for b, s in logs.items()}
     summaries = float(re.search(r"key summaries for 4 prompts prefilling at once: ([\d.]+) MiB per layer",
                                 logs["cab"]).group(1))
-    text = " ".join((ROOT / "BENCHMARKS.md").read_text().split())
+    text = flat(ROOT / "BENCHMARKS.md")
     assert (f"CAB's server holds {tokens['cab']:,} tokens of KV against FLASH_ATTN's {tokens['fa']:,} "
             f"({100 * (1 - tokens['cab'] / tokens['fa']):.1f}% fewer)") in text
     assert f"{peak['cab']:.2f} GiB of peak activation in CAB's server against {peak['fa']:.2f} GiB" in text
     assert f"the key summaries of 4 prompts ({summaries:.1f} MiB a layer" in text
-    tables = 2 * 8 * -(-131584 // 64) * 1024 * 32
+    blocks = -(-131584 // 64)  # key blocks at the servers' max-model-len
+    tables = 2 * 8 * blocks * 1024 * 32
     assert f"{tables / 1e9:.2f} GB over 32 layers" in text and abs(summaries * 2**20 * 32 - tables) / tables < 0.01
     from cab_vllm.backend.attention import DecodeWorkspace
 
-    workspace = DecodeWorkspace(1024, 32, 8, 128, -(-131584 // 64), "meta").nbytes / 2**30
+    workspace = DecodeWorkspace(1024, 32, 8, 128, blocks, "meta").nbytes / 2**30
     assert f"the shared decode workspace (~{workspace:.1f} GiB)" in text
     assert abs((peak["cab"] - peak["fa"]) - (2 * tables / 2**30 + workspace)) < 0.1
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = flat(ROOT / "README.md")
     assert f"CAB's server held {tokens['cab']:,} tokens of KV against FLASH_ATTN's {tokens['fa']:,}" in readme
