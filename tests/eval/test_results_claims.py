@@ -40,11 +40,11 @@ def cells(rs: list[dict], length: int, variant: str, sparsity: float | None) -> 
             and (sparsity is None or abs(r["sparsity"] - sparsity) < 1e-9)]
 
 
-def table(md: Path, header_start: str) -> dict[str, list[str]]:
-    """{first cell: the row's other cells} of the markdown table whose header line starts with header_start (the
-    table may be indented, as in a list item)."""
+def table(md: Path, header_start: str, nth: int = 0) -> dict[str, list[str]]:
+    """{first cell: the row's other cells} of the nth markdown table (from 0, in file order) whose header line starts
+    with header_start (the table may be indented, as in a list item)."""
     lines = [line.lstrip() for line in md.read_text().splitlines()]
-    at = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    at = [i for i, line in enumerate(lines) if line.startswith(header_start)][nth]
     out = {}
     for line in lines[at + 2:]:
         if not line.startswith("|"):
@@ -593,42 +593,105 @@ def test_h100_load_test_tables_match_their_results():
     assert all(by[("cab-0.95",) + k[1:]]["p99_itl_ms"] < by[k]["p99_itl_ms"] for k in by if k[0] == "fa")
 
 
-def test_first_request_profile_table_matches_its_engines():
-    """The fortieth run's first-request table (BENCHMARKS.md): timed TTFT, profiled wall and GPU time by kernel group
-    of the first and second 32k requests, recomputed from the engine files; the power-cap sample counts from
-    nvidia-smi's CSV."""
-    import csv
-
-    base = ROOT / "benchmarks" / "results" / "first_request_h100_2026-12-07"
-    got = table(ROOT / "BENCHMARKS.md", "| engine | timed TTFT | profiled wall | GPU busy |")
+def first_request_row(path: Path) -> list[str]:
+    """A first-request table row (BENCHMARKS.md) from an engine file: timed TTFT, profiled wall, GPU busy and GPU time
+    by kernel group (GEMMs, FlashAttention-3, the rest) of the first and second 32k requests, ms, "first / second"."""
+    lines = jsonl(path)
+    ttft = next(x["ttft_runs"] for x in lines if "ttft_runs" in x)
+    prof = next(x["first_request_profile"] for x in lines if "first_request_profile" in x)
+    assert prof["n"] == 32768
 
     def pair(a: float, b: float) -> str:
         return f"{a:.1f} / {b:.1f}"
 
+    groups = {w: {"busy": prof[w]["gpu_busy_us"] / 1000,
+                  "gemm": sum(k[2] for k in prof[w]["gpu_kernels"] if "nvjet" in k[0]) / 1000,
+                  "fa": sum(k[2] for k in prof[w]["gpu_kernels"] if "flash::" in k[0] and "Fwd" in k[0]) / 1000}
+              for w in ("first", "second")}
+    for g in groups.values():
+        g["other"] = g["busy"] - g["gemm"] - g["fa"]
+    return ([pair(1000 * ttft[0], 1000 * ttft[1]), pair(1000 * prof["wall_s"][0], 1000 * prof["wall_s"][1])]
+            + [pair(groups["first"][k], groups["second"][k]) for k in ("busy", "gemm", "fa", "other")])
+
+
+def smi_samples(path: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """nvidia-smi's CSV (timestamp, SM clock, memory clock, power, temperature, clock event reasons): every sample and
+    those with the software power cap (0x4) active; no slowdown reason but idle and the power cap."""
+    import csv
+
+    smi = list(csv.reader(path.read_text().splitlines()))[1:]
+    assert not [r for r in smi if int(r[5], 16) & ~0x5], "a slowdown other than idle or the power cap"
+    return smi, [r for r in smi if int(r[5], 16) & 0x4]
+
+
+def test_first_request_profile_table_matches_its_engines():
+    """The fortieth run's first-request table (BENCHMARKS.md), recomputed from the engine files; the power-cap sample
+    counts from nvidia-smi's CSV."""
+    base = ROOT / "benchmarks" / "results" / "first_request_h100_2026-12-07"
+    got = table(ROOT / "BENCHMARKS.md", "| engine | timed TTFT | profiled wall | GPU busy |", nth=1)
     for label, f in (("CAB 95%, `a/`", "a/engine_CUSTOM_0.95_wnormal.jsonl"),
                      ("CAB 95%, `b/`", "b/engine_CUSTOM_0.95_wnormal.jsonl"),
                      ("FLASH_ATTN, `a/`", "a/engine_FLASH_ATTN_dense_wnormal.jsonl")):
-        lines = jsonl(base / f)
-        ttft = next(x["ttft_runs"] for x in lines if "ttft_runs" in x)
-        prof = next(x["first_request_profile"] for x in lines if "first_request_profile" in x)
-        assert prof["n"] == 32768
-        want = [pair(1000 * ttft[0], 1000 * ttft[1]), pair(1000 * prof["wall_s"][0], 1000 * prof["wall_s"][1])]
-        groups = {w: {"busy": prof[w]["gpu_busy_us"] / 1000,
-                      "gemm": sum(k[2] for k in prof[w]["gpu_kernels"] if "nvjet" in k[0]) / 1000,
-                      "fa": sum(k[2] for k in prof[w]["gpu_kernels"] if "flash::" in k[0] and "Fwd" in k[0]) / 1000}
-                  for w in ("first", "second")}
-        for g in groups.values():
-            g["other"] = g["busy"] - g["gemm"] - g["fa"]
-        want += [pair(groups["first"][k], groups["second"][k]) for k in ("busy", "gemm", "fa", "other")]
-        assert got[label] == want, (label, got[label], want)
-    smi = list(csv.reader((base / "b" / "smi.csv").read_text().splitlines()))[1:]
-    capped = [r for r in smi if int(r[5], 16) & 0x4]
-    assert not [r for r in smi if int(r[5], 16) & ~0x5], "a slowdown other than idle or the power cap"
+        assert got[label] == first_request_row(base / f), label
+    smi, capped = smi_samples(base / "b" / "smi.csv")
     clock = min(int(r[1].split()[0]) for r in capped)
     watts = max(float(r[3].split()[0]) for r in smi)
     text = flat(ROOT / "BENCHMARKS.md")
     assert f"active in {len(capped)} of {len(smi):,} samples" in text
     assert f"to as low as {clock:,} MHz and the power up to {watts:.0f} W against the 700 W limit" in text
+
+
+def test_first_request_idle_table_matches_its_engines():
+    """The forty-first run (BENCHMARKS.md): the first-request table with and without 2 s of idle before each request,
+    the gaps and ratios the text draws from it, the power-cap counts and the probe's ids and margins."""
+    base = ROOT / "benchmarks" / "results" / "first_request_idle_h100_2026-12-07"
+    files = {"cab": base / "idle" / "engine_CUSTOM_0.95_wnormal_idle2.jsonl",
+             "fa": base / "idle" / "engine_FLASH_ATTN_dense_wnormal_idle2.jsonl",
+             "cab_noidle": base / "noidle" / "engine_CUSTOM_0.95_wnormal.jsonl"}
+    got = table(ROOT / "BENCHMARKS.md", "| engine | timed TTFT | profiled wall | GPU busy |")
+    rows = {k: first_request_row(f) for k, f in files.items()}
+    assert got["CAB 95%, 2 s idle before each request (`idle/`)"] == rows["cab"]
+    assert got["FLASH_ATTN, 2 s idle before each request (`idle/`)"] == rows["fa"]
+    assert got["CAB 95%, no idle (`noidle/`, the same lease)"] == rows["cab_noidle"]
+    lines = {k: jsonl(f) for k, f in files.items()}
+    timed = {k: next(x for x in v if "ttft_runs" in x) for k, v in lines.items()}
+    assert [timed[k]["idle_before_s"] for k in ("cab", "fa", "cab_noidle")] == [2.0, 2.0, 0.0]
+    prof = {k: next(x["first_request_profile"] for x in v if "first_request_profile" in x) for k, v in lines.items()}
+
+    def gaps(k: str) -> tuple[float, float, float]:
+        t, p = timed[k]["ttft_runs"], prof[k]
+        gemm = [sum(g[2] for g in p[w]["gpu_kernels"] if "nvjet" in g[0]) for w in ("first", "second")]
+        return (1000 * (t[0] - t[1]), (p["first"]["gpu_busy_us"] - p["second"]["gpu_busy_us"]) / 1000,
+                (gemm[0] - gemm[1]) / 1000)
+
+    text = flat(ROOT / "BENCHMARKS.md")
+    idle, busy_idle, _ = gaps("cab")
+    cold, busy_cold, gemm_cold = gaps("cab_noidle")
+    assert f"(timed TTFT +{idle:.1f} ms, GPU busy +{busy_idle:.1f} ms, 0.2-0.3%)" in text
+    assert 0 < idle / 753 < 0.004 and 0 < busy_idle / 756 < 0.003
+    gemm2 = sum(g[2] for g in prof["cab_noidle"]["second"]["gpu_kernels"] if "nvjet" in g[0]) / 1000
+    assert (f"the first is again {cold:.1f} ms slower (GPU busy +{busy_cold:.1f} ms, of it +{gemm_cold:.1f} ms in the "
+            f"model's GEMMs, {100 * gemm_cold / gemm2:.1f}%)") in text
+    n = {s: [len(x) for x in smi_samples(base / s / "smi.csv")] for s in ("idle", "noidle")}
+    assert (f"({n['idle'][1]} of {n['idle'][0]:,} samples in `idle/`, {n['noidle'][1]} of {n['noidle'][0]:,} in "
+            f"`noidle/`)") in text
+    clocks = [min(int(r[1].split()[0]) for r in smi_samples(base / s / "smi.csv")[1]) for s in ("idle", "noidle")]
+    watts = [max(float(r[3].split()[0]) for r in smi_samples(base / s / "smi.csv")[0]) for s in ("idle", "noidle")]
+    assert (f"SM clock down to {clocks[0]:,} / {clocks[1]:,} MHz and the power up to {watts[0]:.0f} / "
+            f"{watts[1]:.0f} W") in text
+    t_cab, t_fa = timed["cab"], timed["fa"]
+    assert (f"CAB {1000 * t_cab['ttft_s']:.1f} ms against FLASH_ATTN {1000 * t_fa['ttft_s']:.1f} ms, "
+            f"{t_fa['ttft_s'] / t_cab['ttft_s']:.2f}x lower; TPOT {t_cab['tpot_ms']:.2f} against {t_fa['tpot_ms']:.2f} "
+            f"ms ({t_cab['tpot_ms'] / t_fa['tpot_ms']:.2f}x)") in text
+    for k in ("cab", "cab_noidle"):
+        m = next(x["cab_metrics"] for x in lines[k] if "cab_metrics" in x)
+        assert m["prefill_tokens"]["sent"] == m["prefill_tokens"]["counted"] == 167840
+        assert m["decode_rows"]["sent"] == m["decode_rows"]["counted"] == 175
+    probes = {k: next(x for x in v if "probe_out" in x) for k, v in lines.items()}
+    assert len({tuple(p["probe_out"]) for p in probes.values()}) == 1 and len(probes["cab"]["probe_out"]) == 24
+    assert probes["cab"]["probe_margins"] == probes["cab_noidle"]["probe_margins"]
+    apart = sum(a != b for a, b in zip(probes["cab"]["probe_margins"], probes["fa"]["probe_margins"]))
+    assert f"FLASH_ATTN's differ in {apart} of 24 places by bf16 rounding" in text
 
 
 def test_h100_load_test_kv_room_matches_the_server_logs():
