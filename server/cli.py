@@ -216,6 +216,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         # backend: CAB would ignore every request's sparsity / policy and decode by key bounds (several times
         # slower than its prompt rule at long contexts). The V1 runner is the one CAB supports per request.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if str(args.attention_backend).upper() == "CUSTOM" and not _flag_given(argv, "--scheduler-cls"):
+        # prefill chunks end at CAB's blocks and its dense threshold, so no other request moves a prompt's
+        # selections (cab_vllm.backend.scheduler)
+        from cab_vllm.backend.scheduler import QUALNAME
+
+        args.scheduler_cls = QUALNAME
     if args.sparsity is not None:
         os.environ["CAB_SPARSITY"] = repr(args.sparsity)
     if args.policy is not None:

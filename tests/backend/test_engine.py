@@ -432,6 +432,71 @@ def test_full_prefix_cache_hit_decodes_sparse(model, tmp_path):
     assert all(o["token_ids"] for o in res["outputs"])
 
 
+def test_cab_scheduler_full_prefix_cache_hit_decodes_like_the_first_request(model, tmp_path):
+    """With CABScheduler the same full hit keeps the prompt's last 65 tokens to compute (576 of 641 from the cache,
+    whole 64-token blocks): the second request stores its prompt selection and decodes by the prompt rule
+    (MODE_PROMPT = 1) as the first did, to the same tokens."""
+    from cab_vllm.backend.scheduler import QUALNAME
+
+    ids = [int(x) for x in range(1000, 1000 + 16 * 40 + 1)]
+    req = {"prompt_token_ids": ids, "max_tokens": 4, "extra_args": {"cab_sparsity": 0.9}}
+    res = run_engine(tmp_path, {"model": model, "backend": "CUSTOM", "requests": [req, req], "batches": [[0], [1]],
+                                "dtype": "float32",
+                                "engine_kwargs": {"enable_prefix_caching": True, "block_size": 16,
+                                                  "max_num_batched_tokens": 2048, "scheduler_cls": QUALNAME}},
+                     env={"CAB_DENSE_THRESHOLD": "0"})
+    n = len(ids)
+    rows = [r for st in plans(res["trace"]) for r in st]
+    first = [r for r in rows if r[1] == n]
+    assert [r[0] for r in first] == [n, n - 576], first
+    decodes = [r for r in rows if r[0] == 1 and r[1] > n]
+    assert {r[5] for r in decodes} == {1}
+    assert res["outputs"][0]["token_ids"] == res["outputs"][1]["token_ids"]
+
+
+def _prefill_ends(res: dict, copies: int) -> list[list[tuple[int, bool]]]:
+    """(chunk end, dense) of each prefill row longer than 100 tokens (the long prompt's chunks), split into the
+    prompt's copies in the order they ran (each copy's chunks end at the prompt's length)."""
+    out: list[list[tuple[int, bool]]] = [[]]
+    for st in plans(res["trace"]):
+        for q_len, seq_len, _sp, _pol, dense, _mode in st:
+            if q_len > 1 and seq_len > 100:
+                out[-1].append((seq_len, dense))
+                if seq_len == 1000:
+                    out.append([])
+    assert len(out) == copies + 1 and not out[-1], out
+    return out[:-1]
+
+
+def test_cab_scheduler_cuts_a_prompt_the_same_way_whatever_runs_beside_it(model, tmp_path):
+    """A 1000-token prompt at 80%, first alone, then behind eight short requests that take tokens of every step's
+    budget (300). vLLM's scheduler cuts its second copy elsewhere, inside 64-token blocks; CABScheduler cuts both at
+    whole blocks and at the dense threshold (500: chunks up to it dense, after it sparse), and the two copies
+    generate the same tokens."""
+    from cab_vllm.backend.scheduler import QUALNAME
+
+    ids = [1000 + (i * 7919) % 20000 for i in range(1000)]
+    x = {"prompt_token_ids": ids, "max_tokens": 8, "extra_args": {"cab_sparsity": 0.8}}
+    words = "the quick brown fox jumps over a lazy dog while seven small birds sing in the old oak tree".split()
+    shorts = [{"prompt": " ".join(words[k:] + words[:k]) + f" Count from one to {k}:", "max_tokens": 32,
+               "ignore_eos": True} for k in range(8)]  # ~25 tokens each: 8 decode rows in every later step
+    job = {"model": model, "backend": "CUSTOM", "dtype": "float32", "requests": [x, *shorts, x],
+           "batches": [[0], list(range(1, 10))]}
+    kw = {"max_num_batched_tokens": 300, "enable_chunked_prefill": True, "enable_prefix_caching": False}
+    env = {"CAB_DENSE_THRESHOLD": "500"}
+    cab = run_engine(tmp_path / "cab", {**job, "engine_kwargs": {**kw, "scheduler_cls": QUALNAME}}, env=env)
+    alone, beside = _prefill_ends(cab, 2)
+    assert [e for e, _ in alone] == [256, 500, 768, 1000], alone
+    assert [e for e, _ in beside] != [e for e, _ in alone], beside  # the short requests moved the cuts ...
+    assert all(e in (500, 1000) or e % 64 == 0 for e, _ in beside), beside  # ... to other whole blocks
+    assert all(dense == (e <= 500) for e, dense in alone + beside)
+    assert cab["outputs"][0]["token_ids"] == cab["outputs"][9]["token_ids"]
+    vllm = run_engine(tmp_path / "vllm", {**job, "engine_kwargs": kw}, env=env)
+    alone, beside = _prefill_ends(vllm, 2)
+    assert [e for e, _ in alone] == [300, 600, 900, 1000], alone
+    assert any(e % 64 and e not in (500, 1000) for e, _ in beside), beside
+
+
 # -- (f) leading dense layers (CAB_DENSE_LAYERS) -------------------------------------------------------------
 def test_dense_layers_in_the_engine(model, tmp_path):
     """CAB_DENSE_LAYERS: with every layer dense a 95%-sparse request decodes as the built-in backend does (float32,

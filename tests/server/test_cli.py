@@ -175,3 +175,17 @@ def test_cab_backend_runs_the_v1_model_runner_unless_the_user_chose(model_dir, m
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     cli.parse_args(["--model", model_dir])
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+
+
+def test_cab_backend_gets_cabs_scheduler_unless_the_user_chose(model_dir):
+    """cab-serve with CAB as the backend schedules with CABScheduler (prefill chunks at CAB's blocks), which the
+    engine config resolves to its class; an explicit --scheduler-cls and other backends keep theirs."""
+    from cab_vllm.backend.scheduler import QUALNAME, CABScheduler
+
+    args, _ = cli.parse_args(["--model", model_dir])
+    assert args.scheduler_cls == QUALNAME
+    assert _engine_config(["--model", model_dir]).scheduler_config.get_scheduler_cls() is CABScheduler
+    args, _ = cli.parse_args(["--model", model_dir, "--scheduler-cls", "vllm.v1.core.sched.scheduler.Scheduler"])
+    assert args.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler"
+    args, _ = cli.parse_args(["--model", model_dir, "--attention-backend", "FLASH_ATTN"])
+    assert args.scheduler_cls is None

@@ -1,0 +1,121 @@
+"""A vLLM scheduler whose prefill chunks end where no other request can move them: CABScheduler.
+
+CAB selects key blocks per 64-token query block from the rows of the block that its chunk holds, runs a chunk dense
+when its context is at most the dense threshold, scores the prompt's last ``exact_rows`` rows exactly in the chunk that
+ends the prompt, and stores that chunk's selection for the prompt decode rule (a prompt whose last token arrives alone
+is handed to attention as a decode row and selects by key bounds instead). vLLM's own scheduler ends a prefill chunk
+wherever the step's token budget runs out, and a prefix-cache hit wherever the cached pages end; the budget is shared
+with the other requests' tokens and the cache holds what other requests left. So with vLLM's scheduler a long
+prompt's selections, and its answer, can change with the traffic around it.
+
+CABScheduler (vLLM's Scheduler, or AsyncScheduler when async scheduling is on) cuts every prompt the same way
+whatever else is running:
+- a chunk that does not end the prompt ends on a multiple of CAB's block (CAB_BLOCK_SIZE), and at least
+  ``exact_rows`` (at least 2) tokens before the prompt's end, so no query block is split, the chunk that ends the
+  prompt holds every row the exact scores read, and the prompt's last token never arrives alone;
+- no chunk crosses the dense threshold: the chunk before it ends there (chunks at most that long run dense);
+- a prefix-cache hit is used up to a multiple of CAB's block (and of the page size), leaving the same rows;
+- a preempted request, prefilled again over its prompt and the tokens it had generated, stops at the prompt's end.
+It does this through the hook vLLM 0.26-0.33 have for Mamba's block-aligned chunks (``_mamba_block_aligned_split``,
+``need_mamba_block_aligned_split``), so models with Mamba layers are refused.
+
+cab-serve uses it; with ``vllm serve`` or ``LLM(...)`` pass ``--scheduler-cls cab_vllm.backend.scheduler.CABScheduler``
+(``scheduler_cls=...``). What still depends on other requests: tokens a preempted request had generated (decoded
+one by one before, prefilled together when it is recomputed), KV pages loaded by a KV connector, and the adaptive
+budget (CAB_BUDGET=adaptive), which splits a chunk's total over the query blocks the chunk holds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+
+QUALNAME = "cab_vllm.backend.scheduler.CABScheduler"
+
+
+def chunk_tokens(start: int, num_new: int, prompt_len: int, prefill_end: int, block: int, last_rows: int,
+                 dense_stop: int) -> int:
+    """The tokens a prefill chunk from position ``start`` may take when vLLM's budget offers ``num_new``: up to the
+    first stop after start (the dense threshold ``dense_stop``, the prompt's end, the end of the prefill: past the
+    prompt for a preempted request prefilled again) it may reach; a chunk that stops short of it ends on a multiple of
+    ``block``, and short of the prompt's end by at least ``last_rows`` tokens. A prompt that ends fewer than last_rows
+    tokens past the dense threshold has its dense stop moved down to a block that leaves them. 0: no allowed end
+    within the budget (the request waits for a step with more room)."""
+    if start >= prefill_end:
+        return num_new
+    if 0 < dense_stop < prompt_len and prompt_len - dense_stop < last_rows:
+        # the prompt ends within last_rows of the threshold: the dense part stops a whole block earlier
+        dense_stop = (prompt_len - last_rows) // block * block
+    if not 0 < dense_stop < prompt_len:
+        dense_stop = prefill_end
+    end = start + num_new
+    stop = min(s for s in (dense_stop, prompt_len, prefill_end) if s > start)
+    if end >= stop:
+        return stop - start
+    cap = stop - last_rows if stop == prompt_len else stop
+    return max(min(end, cap) // block * block - start, 0)
+
+
+def kept_hit(hit: int, num_tokens: int, unit: int, last_rows: int) -> int:
+    """The tokens of a prefix-cache hit of ``hit`` tokens (of a request of num_tokens) to use: a multiple of unit that
+    leaves at least last_rows tokens to compute."""
+    return max(min(hit, num_tokens - last_rows), 0) // unit * unit
+
+
+class CABScheduler(Scheduler):
+    """vLLM's scheduler with CAB's chunk ends (module docstring). Built as CABAsyncScheduler when the engine schedules
+    asynchronously, so it keeps vLLM's async scheduling."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if cls is CABScheduler:
+            vcfg = kwargs.get("vllm_config", args[0] if args else None)
+            if getattr(getattr(vcfg, "scheduler_config", None), "async_scheduling", False):
+                cls = CABAsyncScheduler
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.need_mamba_block_aligned_split:
+            raise NotImplementedError("CABScheduler cuts prefill chunks at CAB's blocks through the hook vLLM keeps "
+                                      "for Mamba's block-aligned chunks; this model has Mamba layers, which the CAB "
+                                      "backend does not support")
+        from cab_vllm.backend.compat import engine_settings
+
+        settings = engine_settings()
+        self.cab_block = settings.cfg.block_size
+        self.cab_last_rows = max(settings.cfg.exact_rows, 2)
+        self.cab_dense_stop = settings.dense_threshold
+        budget = self.scheduler_config.max_num_batched_tokens
+        if budget < self.cab_block + self.cab_last_rows:
+            raise ValueError(f"CABScheduler: max_num_batched_tokens={budget} must be at least CAB's block "
+                             f"({self.cab_block}) + {self.cab_last_rows} tokens, or a prompt's chunks could never end "
+                             f"on a block")
+        pages = {g.kv_cache_spec.block_size for g in self.kv_cache_config.kv_cache_groups}
+        self.cab_hit_unit = math.lcm(self.cab_block, *pages)
+        self.cab_group_pages = [g.kv_cache_spec.block_size for g in self.kv_cache_config.kv_cache_groups]
+        self.need_mamba_block_aligned_split = True  # vLLM then calls _mamba_block_aligned_split for every chunk
+        # the cache manager's prefix-cache hits (read by this scheduler, and by the manager's own connector path)
+        self.vllm_computed_blocks = self.kv_cache_manager.get_computed_blocks
+        self.kv_cache_manager.get_computed_blocks = self.cab_computed_blocks
+
+    def cab_computed_blocks(self, request):
+        """vLLM's prefix-cache hit for the request (KVCacheBlocks per cache group, tokens, ...), cut to kept_hit."""
+        blocks, hit, *rest = self.vllm_computed_blocks(request)
+        keep = kept_hit(hit, request.num_tokens, self.cab_hit_unit, self.cab_last_rows)
+        if keep < hit:
+            blocks = type(blocks)(tuple(list(g)[:keep // p] for g, p in zip(blocks.blocks, self.cab_group_pages)))
+        return (blocks, keep, *rest)
+
+    def _mamba_block_aligned_split(self, request, num_new_tokens: int, num_new_local_computed_tokens: int = 0,
+                                   num_external_computed_tokens: int = 0) -> int:
+        start = request.num_computed_tokens + num_new_local_computed_tokens + num_external_computed_tokens
+        prefill_end = max(request.num_prompt_tokens, request.num_tokens - 1)
+        return chunk_tokens(start, num_new_tokens, request.num_prompt_tokens, prefill_end, self.cab_block,
+                            self.cab_last_rows, self.cab_dense_stop)
+
+
+class CABAsyncScheduler(CABScheduler, AsyncScheduler):
+    """CABScheduler over vLLM's AsyncScheduler (async scheduling on)."""

