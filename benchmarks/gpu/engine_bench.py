@@ -588,6 +588,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=None, metavar="N",
                     help="the engine's max_model_len (default: model_len of --lens); CAB sizes its decode buffers by "
                          "it, so a short prompt can be timed in an engine sized for long ones")
+    ap.add_argument("--scheduler", choices=("vllm", "cab"), default="vllm",
+                    help="vllm: vLLM's own scheduler (as LLM(...) and `vllm serve` have it); cab: CABScheduler "
+                         "(cab_vllm.backend.scheduler, what cab-serve uses: prefill chunks end at CAB's blocks)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.fa_version is not None and a.fa_version not in (2, 3):
@@ -633,7 +636,8 @@ def main() -> None:
               disable_log_stats=False,  # per-request first/last token times (RequestOutput.metrics) for the TPOT
               tensor_parallel_size=a.tp, enforce_eager=a.eager, seed=0,
               **({"attention_config": attention_config} if attention_config else {}),
-              **({} if a.block_size is None else {"block_size": a.block_size}))
+              **({} if a.block_size is None else {"block_size": a.block_size}),
+              **({"scheduler_cls": "cab_vllm.backend.scheduler.CABScheduler"} if a.scheduler == "cab" else {}))
     init_s = time.time() - t0
     if a.weights == "normal":
         print(f"weights redrawn: {sum(llm.apply_model(redraw_weights))} tensors", flush=True)
@@ -725,7 +729,9 @@ def main() -> None:
                    cab_env={k: v for k, v in sorted(os.environ.items())
                             if k.startswith("CAB_") and k != "CAB_CACHE_DIR"},  # the model cache: no setting
                    fa_graph_splits=a.fa_graph_splits, fa_version=a.fa_version, block_size=a.block_size,
-                   max_model_len=a.max_model_len)
+                   max_model_len=a.max_model_len, scheduler=a.scheduler,
+                   scheduler_class=type(llm.llm_engine.engine_core.engine_core.scheduler).__name__
+                   if hasattr(getattr(llm.llm_engine.engine_core, "engine_core", None), "scheduler") else None)
     if counts0 is not None:  # equal: counted once (TP > 1 included); twice the requests' figures: once per rank
         counts1 = cab_counts()
         summary["cab_metrics"] = {k: dict(sent=sent[k], counted=counts1[k] - counts0[k]) for k in sent}

@@ -21,6 +21,8 @@
 #                                           timed runs' order), and their difference (FIRSTREQ/FIRSTKERN lines)
 #   IDLE=2 bash benchmarks/gpu/run.sh ...     the engine idles 2 s before each timed first-token request (and each
 #                                           profiled one of FIRST_PROFILE): engine_bench.py --idle-before
+#   SCHED=cab bash benchmarks/gpu/run.sh ...  CAB's scheduler (cab-serve's: prefill chunks end at CAB's blocks):
+#                                           engine_bench.py --scheduler cab
 #   HOST_PHASES=512 bash benchmarks/gpu/run.sh ... also the engine's host steps of 16 512-token requests of one
 #                                           token, timed (PHASE lines; host_phases in the summary line)
 #   ... "CUSTOM:0.95 CUSTOM:0.95@CAB_GRAPH_BRANCHES=1,CAB_FUSED_SELECT=1" a run with CAB_* variables of its own
@@ -53,7 +55,7 @@ for r in $runs; do
     extra=("${cab[@]}")
     suffix=_$(printf '%s' "$envs" | tr ',=' '_-')
   fi
-  tag=${be}_${sp:-dense}${suffix}${WEIGHTS:+_w$WEIGHTS}${BATCH:+_b$BATCH}${LAYERS:+_l$LAYERS}${TP:+_tp$TP}${RUNNER:+_$RUNNER}${IDLE:+_idle$IDLE}
+  tag=${be}_${sp:-dense}${suffix}${WEIGHTS:+_w$WEIGHTS}${BATCH:+_b$BATCH}${LAYERS:+_l$LAYERS}${TP:+_tp$TP}${RUNNER:+_$RUNNER}${IDLE:+_idle$IDLE}${SCHED:+_sched$SCHED}
   args=(--backend "$be" --lens "$lens" --out "$out/engine_$tag.jsonl")
   [ -n "$sp" ] && args+=(--sparsity "$sp")
   [ -n "${TP:-}" ] && args+=(--tp "$TP")
@@ -67,6 +69,7 @@ for r in $runs; do
   [ -n "${HOST_PHASES:-}" ] && args+=(--host-phases "$HOST_PHASES")
   [ -n "${FIRST_PROFILE:-}" ] && args+=(--first-request-profile "$FIRST_PROFILE")
   [ -n "${IDLE:-}" ] && args+=(--idle-before "$IDLE")
+  [ -n "${SCHED:-}" ] && args+=(--scheduler "$SCHED")
   [ "${STEADY:-}" = 1 ] && args+=(--steady-decode)
   env "${extra[@]}" python3 benchmarks/gpu/engine_bench.py "${args[@]}" > "$out/log_$tag.txt" 2>&1 \
     || { echo "FAILED $r"; tail -40 "$out/log_$tag.txt"; }

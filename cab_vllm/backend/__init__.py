@@ -99,16 +99,19 @@ def _hook_request_validation() -> None:
     wrap_once(InputProcessor, "_validate_params", wrap)
 
 
-def attention_salt(extra_args) -> str:
-    """The part of a request's prefix-cache key that CAB adds: its effective sparsity and policy, and the adaptive
-    budget's knobs when it is on (engine defaults from CAB_* applied). KV computed under one attention config is
-    never reused under another."""
+def attention_salt(extra_args, prompt_len: int | None = None) -> str:
+    """The part of a request's prefix-cache key that CAB adds: its effective sparsity and policy, the adaptive
+    budget's knobs when it is on (engine defaults from CAB_* applied), and whether its prompt (prompt_len tokens) is
+    shorter than the engine's dense threshold, so runs dense. KV computed under one attention config is never reused
+    under another."""
     from cab_vllm.backend.plan import request_config
 
-    base, salt = _defaults(_env_key())
-    if not extra_args:  # most requests: the engine default's salt, made once per set of CAB_* values
-        return salt
-    return _salt(request_config(base, extra_args))
+    base, salt, threshold = _defaults(_env_key())
+    if extra_args:  # most requests have none: the engine default's salt, made once per set of CAB_* values
+        salt = _salt(request_config(base, extra_args))
+    if prompt_len is not None and prompt_len < threshold:
+        salt += ":dense-prompt"
+    return salt
 
 
 def _salt(cfg) -> str:
@@ -120,26 +123,27 @@ def _salt(cfg) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _defaults(key: tuple) -> tuple:
-    """The engine's default CABConfig from the CAB_* variables whose values are ``key`` (_env_key), and its salt,
-    made once per set of values (every request's admission asks for them: parsing the variables took ~60 us per
+    """The engine's default CABConfig from the CAB_* variables whose values are ``key`` (_env_key), its salt and the
+    dense threshold, made once per set of values (every request's admission asks for them: parsing the variables took ~60 us per
     request on a 2-core CPU, reading the 15 of them through os.environ ~20 us; _env_key reads the process
     environment's own mapping with the names encoded once). A bad value raises every time (nothing is cached)."""
-    from cab_vllm.backend.plan import EngineSettings
+    from cab_vllm.backend.compat import engine_settings
 
-    cfg = EngineSettings.from_env().cfg
-    return cfg, _salt(cfg)
+    settings = engine_settings()
+    return settings.cfg, _salt(settings.cfg), settings.dense_threshold
 
 
 def _env_key() -> tuple:
-    """The values of the CAB_* variables the engine's config is made of (the cache key of _defaults)."""
+    """The values of the CAB_* variables the engine's config and dense threshold are made of (the cache key of
+    _defaults)."""
     global _ENV_NAMES
     if _ENV_NAMES is None:
         from cab_vllm.backend.plan import ENV_FIELDS
 
         data = getattr(os.environ, "_data", None)
         encode = getattr(os.environ, "encodekey", None)
-        _ENV_NAMES = (tuple(ENV_FIELDS), tuple(encode(v) for v in ENV_FIELDS) if data is not None and encode
-                      else None)
+        names = (*ENV_FIELDS, "CAB_DENSE_THRESHOLD")
+        _ENV_NAMES = (names, tuple(encode(v) for v in names) if data is not None and encode else None)
     names, encoded = _ENV_NAMES
     if encoded is not None:  # os.environ's own storage (what os.environ.get reads, without the per-name encoding)
         return tuple(map(os.environ._data.get, encoded))
@@ -152,7 +156,8 @@ _ENV_NAMES: tuple | None = None
 def _hook_cache_salt() -> None:
     """Wrap InputProcessor.process_inputs (request admission, every vLLM entry point) so the request's
     cache_salt includes attention_salt: vLLM's prefix-cache hash ignores extra_args, so without it a dense
-    request would reuse KV computed at 0.9 sparsity. A user's own cache_salt is kept in front."""
+    request would reuse KV computed at 0.9 sparsity, and a long prompt the dense KV of a short one that shares its
+    beginning. A user's own cache_salt is kept in front."""
     try:
         from vllm.v1.engine.input_processor import InputProcessor
     except ImportError:
@@ -164,7 +169,9 @@ def _hook_cache_salt() -> None:
         def process_inputs(self, request_id, prompt, params, *args, **kwargs):
             req = orig(self, request_id, prompt, params, *args, **kwargs)
             if _cab_selected(self.vllm_config) and getattr(req, "sampling_params", None) is not None:
-                salt = attention_salt(getattr(req.sampling_params, "extra_args", None))
+                ids = getattr(req, "prompt_token_ids", None)
+                salt = attention_salt(getattr(req.sampling_params, "extra_args", None),
+                                      None if ids is None else len(ids))
                 req.cache_salt = f"{req.cache_salt}|{salt}" if req.cache_salt else salt
             return req
         return process_inputs

@@ -8,8 +8,8 @@ block_table [S, max_pages], slot_mapping [T] (slot = page * page_size + offset, 
   request_config     one request's CABConfig from its SamplingParams.extra_args ({"cab_sparsity", "cab_policy",
                      "cab_budget"}).
   plan_batch         host-side split of a batch into decode rows (1 query token) and prefill rows (>1), and the
-                     dense/sparse decision per row (stats.dense_reason: a prompt chunk with seq_len <=
-                     dense_threshold, a decode row with seq_len < it -> dense).
+                     dense/sparse decision per row (stats.dense_reason: prompt rows of a prompt, decode
+                     rows of a context, shorter than dense_threshold -> dense).
   route_rows         per decode row, where its key blocks come from (MODE_*), its prompt-table slot and budget;
                      per prefill row, whether it stores the prompt's selection (PromptSlots).
 
@@ -134,8 +134,8 @@ class KernelOptions:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Engine-wide defaults. cfg: the default CABConfig; dense_threshold: prompt chunks of at most this context,
-    decode rows of less, run dense;
+    """Engine-wide defaults. cfg: the default CABConfig; dense_threshold: shorter prompts (decode rows: contexts) run
+    dense;
     impl: 'auto' (Triton kernels on CUDA, PyTorch on CPU), 'torch' or 'triton' (CPU needs TRITON_INTERPRET=1);
     summary_slots: requests whose key-block summaries are kept across prompt chunks at once (0: none kept, every
     chunk pools its whole context). token_scorer (decode_rule="tokens" only): what ranks a token decode's keys,
@@ -353,8 +353,8 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
                live: frozenset | None = None, prompt_lens: Sequence | None = None) -> BatchPlan:
     """Split a batch into decode and prefill rows and decide dense vs sparse per row.
 
-    A row goes dense when its context (seq_len) is at most ``dense_threshold`` (a decode row: below it) or its
-    sparsity is 0 (the result is
+    A row goes dense when its prompt (decode: its context) is below ``dense_threshold`` or its sparsity is 0 (the
+    result is
     the same; dense skips the selection), and a prompt-rule decode row when its prompt (prompt_lens, per row; None:
     unknown) was below the threshold (stats.dense_reason). ``count`` adds the decisions to METRICS.
     """

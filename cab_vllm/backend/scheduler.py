@@ -1,9 +1,9 @@
 """A vLLM scheduler whose prefill chunks end where no other request can move them: CABScheduler.
 
-CAB selects key blocks per 64-token query block from the rows of the block that its chunk holds, runs a chunk dense
-when its context is at most the dense threshold, scores the prompt's last ``exact_rows`` rows exactly in the chunk that
-ends the prompt, and stores that chunk's selection for the prompt decode rule (a prompt whose last token arrives alone
-is handed to attention as a decode row and selects by key bounds instead). vLLM's own scheduler ends a prefill chunk
+CAB selects key blocks per 64-token query block from the rows of the block that its chunk holds, scores the prompt's
+last ``exact_rows`` rows exactly in the chunk that ends the prompt, and stores that chunk's selection for the prompt
+decode rule (a prompt whose last token arrives alone is handed to attention as a decode row and selects by key bounds
+instead). vLLM's own scheduler ends a prefill chunk
 wherever the step's token budget runs out, and a prefix-cache hit wherever the cached pages end; the budget is shared
 with the other requests' tokens and the cache holds what other requests left. So with vLLM's scheduler a long
 prompt's selections, and its answer, can change with the traffic around it.
@@ -13,9 +13,10 @@ whatever else is running:
 - a chunk that does not end the prompt ends on a multiple of CAB's block (CAB_BLOCK_SIZE), and at least
   ``exact_rows`` (at least 2) tokens before the prompt's end, so no query block is split, the chunk that ends the
   prompt holds every row the exact scores read, and the prompt's last token never arrives alone;
-- no chunk crosses the dense threshold: the chunk before it ends there (chunks at most that long run dense);
 - a prefix-cache hit is used up to a multiple of CAB's block (and of the page size), leaving the same rows;
 - a preempted request, prefilled again over its prompt and the tokens it had generated, stops at the prompt's end.
+Which rows run dense does not depend on the chunks either: a prompt shorter than the dense threshold runs dense, a
+longer one sparse in every chunk (stats.dense_reason).
 It does this through the hook vLLM 0.26-0.33 have for Mamba's block-aligned chunks (``_mamba_block_aligned_split``,
 ``need_mamba_block_aligned_split``), so models with Mamba layers are refused.
 
@@ -36,23 +37,16 @@ from vllm.v1.core.sched.scheduler import Scheduler
 QUALNAME = "cab_vllm.backend.scheduler.CABScheduler"
 
 
-def chunk_tokens(start: int, num_new: int, prompt_len: int, prefill_end: int, block: int, last_rows: int,
-                 dense_stop: int) -> int:
+def chunk_tokens(start: int, num_new: int, prompt_len: int, prefill_end: int, block: int, last_rows: int) -> int:
     """The tokens a prefill chunk from position ``start`` may take when vLLM's budget offers ``num_new``: up to the
-    first stop after start (the dense threshold ``dense_stop``, the prompt's end, the end of the prefill: past the
-    prompt for a preempted request prefilled again) it may reach; a chunk that stops short of it ends on a multiple of
-    ``block``, and short of the prompt's end by at least ``last_rows`` tokens. A prompt that ends fewer than last_rows
-    tokens past the dense threshold has its dense stop moved down to a block that leaves them. 0: no allowed end
-    within the budget (the request waits for a step with more room)."""
+    first stop after start (the prompt's end, the end of the prefill: past the prompt for a preempted request
+    prefilled again) it may reach; a chunk that stops short of it ends on a multiple of ``block``, and short of the
+    prompt's end by at least ``last_rows`` tokens. 0: no allowed end within the budget (the request waits for a step
+    with more room)."""
     if start >= prefill_end:
         return num_new
-    if 0 < dense_stop < prompt_len and prompt_len - dense_stop < last_rows:
-        # the prompt ends within last_rows of the threshold: the dense part stops a whole block earlier
-        dense_stop = (prompt_len - last_rows) // block * block
-    if not 0 < dense_stop < prompt_len:
-        dense_stop = prefill_end
     end = start + num_new
-    stop = min(s for s in (dense_stop, prompt_len, prefill_end) if s > start)
+    stop = prompt_len if start < prompt_len else prefill_end
     if end >= stop:
         return stop - start
     cap = stop - last_rows if stop == prompt_len else stop
@@ -87,7 +81,6 @@ class CABScheduler(Scheduler):
         settings = engine_settings()
         self.cab_block = settings.cfg.block_size
         self.cab_last_rows = max(settings.cfg.exact_rows, 2)
-        self.cab_dense_stop = settings.dense_threshold
         budget = self.scheduler_config.max_num_batched_tokens
         if budget < self.cab_block + self.cab_last_rows:
             raise ValueError(f"CABScheduler: max_num_batched_tokens={budget} must be at least CAB's block "
@@ -114,7 +107,7 @@ class CABScheduler(Scheduler):
         start = request.num_computed_tokens + num_new_local_computed_tokens + num_external_computed_tokens
         prefill_end = max(request.num_prompt_tokens, request.num_tokens - 1)
         return chunk_tokens(start, num_new_tokens, request.num_prompt_tokens, prefill_end, self.cab_block,
-                            self.cab_last_rows, self.cab_dense_stop)
+                            self.cab_last_rows)
 
 
 class CABAsyncScheduler(CABScheduler, AsyncScheduler):

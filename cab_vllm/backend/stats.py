@@ -23,10 +23,10 @@ Metrics (counters, so a scrape of several processes sums correctly; PromQL ratio
   cab_rows_total{phase,sparsity,policy,mode}    request rows per step (a decode request counts once a step, a
                                                 prefill once per chunk); mode = sparse | dense
   cab_query_tokens_total{phase,sparsity,policy,mode}   new query tokens those rows processed
-  cab_dense_rows_total{phase,reason}            rows run dense: below_threshold (a prompt chunk whose context is
-                                                at most CAB_DENSE_THRESHOLD, a decode row with a shorter one),
+  cab_dense_rows_total{phase,reason}            rows run dense: below_threshold (prompt rows of a prompt, decode
+                                                rows of a context, shorter than CAB_DENSE_THRESHOLD),
                                                 sparsity_zero, policy_dense, prompt_dense (a prompt-rule decode
-                                                step of a request whose prompt was at most the threshold)
+                                                step of a request whose prompt was below the threshold)
   cab_predictor_seconds_total{phase}            block-selection time summed over layers: prefill = estimate +
                                                 select per chunk; decode = the one decode launch (selection
                                                 fused with attention), eager steps only (CUDA-graph replays
@@ -86,21 +86,22 @@ def causal_blocks(first: int, last: int) -> int:
 def dense_reason(cfg, seq_len: int, dense_threshold: int, prompt_len: int | None = None,
                  decode: bool = False) -> str | None:
     """Why a row with this (requested) CABConfig runs dense, or None if it runs sparse (plan_batch decides by it).
-    A prompt chunk runs dense when its context (seq_len) is at most the threshold, a decode row when it is shorter:
-    the chunk that ends at the threshold is dense, so a scheduler that stops chunks there (backend.scheduler) runs
-    the same rows dense however the prompt is chunked. A decode row under the prompt rule whose prompt (prompt_len
-    tokens, None: unknown) was at most the threshold stays dense ("prompt_dense"): that rule keeps what the prompt's
-    last row kept plus every later block, and a dense prompt kept every block (the key-bounds rule that stood in for
-    it found the needle far less often: experiments/RESULTS.md). A prompt row of a config with dense_prefill runs dense ("dense_prefill")."""
+    A prompt row runs dense when its request's prompt (prompt_len) is shorter than the threshold, whatever its chunk
+    (with the prompt length unknown: when its context, seq_len, is), so how vLLM chunks a prompt does not decide which
+    of its rows run dense; a decode row when its context is shorter. A decode row under the prompt rule whose prompt
+    (prompt_len tokens, None: unknown) was below the threshold stays dense ("prompt_dense"): that rule keeps what the
+    prompt's last row kept plus every later block, and a dense prompt kept every block (the key-bounds rule that stood
+    in for it found the needle far less often: experiments/RESULTS.md). A prompt row of a config with dense_prefill runs
+    dense ("dense_prefill")."""
     if cfg.policy == "dense":
         return "policy_dense"
     if cfg.sparsity == 0.0:
         return "sparsity_zero"
     if not decode and cfg.dense_prefill:
         return "dense_prefill"
-    if seq_len < dense_threshold or (not decode and seq_len == dense_threshold):
+    if (seq_len if decode or prompt_len is None else prompt_len) < dense_threshold:
         return "below_threshold"
-    if decode and prompt_len is not None and prompt_len <= dense_threshold and cfg.decode_scoring == "prompt":
+    if decode and prompt_len is not None and prompt_len < dense_threshold and cfg.decode_scoring == "prompt":
         return "prompt_dense"
     return None
 

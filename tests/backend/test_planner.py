@@ -494,6 +494,38 @@ def test_the_default_salt_follows_the_variables_after_the_configs_are_dropped(mo
         assert plugin.attention_salt(None).startswith(f"cab:{value}:cab:adaptive:")
 
 
+def test_attention_salt_separates_prompts_that_run_dense(monkeypatch):
+    """A prompt shorter than the dense threshold runs dense, a longer one sparse from its first chunk: the two never
+    share prefix-cache pages, whatever their sparsity. The threshold is read with the other CAB_* values."""
+    import cab_vllm.backend as plugin
+
+    monkeypatch.setenv("CAB_DENSE_THRESHOLD", "1000")
+    monkeypatch.setenv("CAB_SPARSITY", "0.9")
+    assert plugin.attention_salt(None, 999) == "cab:0.9:cab:dense-prompt"
+    assert plugin.attention_salt(None, 1000) == plugin.attention_salt(None) == "cab:0.9:cab"
+    assert plugin.attention_salt({"cab_sparsity": 0.5}, 10) == "cab:0.5:cab:dense-prompt"
+    monkeypatch.setenv("CAB_DENSE_THRESHOLD", "0")
+    assert plugin.attention_salt(None, 999) == "cab:0.9:cab"
+
+
+def test_prompt_rows_run_dense_by_their_prompts_length_not_their_chunks():
+    """A prompt row is dense when its request's prompt is shorter than the threshold, whatever the chunk's context:
+    a long prompt's first chunk of 300 tokens runs sparse, a short prompt's last chunk dense; without the prompt
+    length (no runner request ids) the chunk's context decides. Decode rows go by their context."""
+    from cab_vllm.backend.stats import dense_reason
+
+    cfg = CABConfig(sparsity=0.9)
+    assert dense_reason(cfg, 300, 1000, prompt_len=5000) is None
+    assert dense_reason(cfg, 900, 1000, prompt_len=900) == "below_threshold"
+    assert dense_reason(cfg, 1000, 1000, prompt_len=1000) is None
+    assert dense_reason(cfg, 300, 1000) == "below_threshold" and dense_reason(cfg, 1500, 1000) is None
+    assert dense_reason(cfg, 999, 1000, prompt_len=5000, decode=True) == "below_threshold"
+    assert dense_reason(cfg, 1200, 1000, prompt_len=900, decode=True) == "prompt_dense"
+    p = plan_batch([0, 300, 600], [300, 900], [cfg, cfg], dense_threshold=1000, count=False, req_ids=["a", "b"],
+                   prompt_lens=[5000, 900])
+    assert p.dense == [False, True]
+
+
 @pytest.mark.parametrize("policy, rule", [("cab", "prompt"), ("h2o", "prompt"), ("cab", "auto"), ("h2o", "auto")])
 def test_prompt_decode_rule_reuses_the_prompts_last_block(policy, rule):
     """decode_rule="prompt": after a chunked prefill, every decode step attends to the blocks the prompt's last
@@ -574,9 +606,10 @@ def test_plan_batch_decides_a_decode_row_by_its_prompt_only_under_the_prompt_rul
     p = plan_batch([0, 1, 2, 3, 4], [5000] * 4, cfgs, dense_threshold=1024, count=False,
                    prompt_lens=[900, 2000, None, 900])
     assert p.dense == [True, False, False, False]
-    # a prefill chunk is decided by its context, whatever its prompt's length
+    # a prefill chunk is decided by its prompt's length, whatever its context: a request preempted after 600 tokens
+    # of its answer to a 900-token prompt is prefilled again dense, as its prompt ran and its decode steps did
     p = plan_batch([0, 300], [1500], [cfg], dense_threshold=1024, count=False, prompt_lens=[900])
-    assert p.dense == [False]
+    assert p.dense == [True]
     with pytest.raises(ValueError, match="prompt lengths"):
         plan_batch([0, 1], [5000], [cfg], dense_threshold=1024, prompt_lens=[900, 900])
 

@@ -44,7 +44,7 @@ def _run(tmp_path, runs, **extra_env):
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env = {k: v for k, v in env.items()
            if not k.startswith("CAB_") and k not in ("BATCH", "LAYERS", "TP", "RUNNER", "STEADY", "IDLE",
-                                                         "FIRST_PROFILE")}
+                                                         "FIRST_PROFILE", "SCHED")}
     env.update(extra_env)
     out = tmp_path / "out"
     p = subprocess.run(["bash", "benchmarks/gpu/run.sh", str(out), runs, "512"], cwd=ROOT, env=env,
@@ -144,3 +144,12 @@ def test_idle_and_first_profile_reach_the_engine_and_idle_names_its_files(tmp_pa
     assert set(rows) == {"engine_CUSTOM_0.95_idle2.jsonl"}
     args = rows["engine_CUSTOM_0.95_idle2.jsonl"]["args"]
     assert args[args.index("--idle-before") + 1] == "2" and args[args.index("--first-request-profile") + 1] == "512"
+
+
+def test_sched_reaches_the_engine_and_names_its_files(tmp_path):
+    """SCHED=cab: the engine runs CAB's scheduler (--scheduler cab), its files say _schedcab."""
+    p, out = _run(tmp_path, "CUSTOM:0.95", SCHED="cab")
+    rows = _ok_rows(p, out)
+    assert set(rows) == {"engine_CUSTOM_0.95_schedcab.jsonl"}
+    args = rows["engine_CUSTOM_0.95_schedcab.jsonl"]["args"]
+    assert args[args.index("--scheduler") + 1] == "cab"

