@@ -718,3 +718,52 @@ def test_h100_load_test_kv_room_matches_the_server_logs():
     assert abs((peak["cab"] - peak["fa"]) - (2 * tables / 2**30 + workspace)) < 0.1
     readme = flat(ROOT / "README.md")
     assert f"CAB's server held {tokens['cab']:,} tokens of KV against FLASH_ATTN's {tokens['fa']:,}" in readme
+
+
+def test_cab_scheduler_run_matches_its_files():
+    """The forty-second run (BENCHMARKS.md): CAB's TTFT and TPOT with CABScheduler and vLLM's scheduler, and the
+    long prompt's chunk ends and answers beside other requests, recomputed from the run's files."""
+    base = ROOT / "benchmarks" / "results" / "cab_scheduler_h100_2026-12-07"
+    got = table(ROOT / "BENCHMARKS.md", "| CAB 95%, scheduler | TTFT 32k |")
+    runs = {}
+    for label, f in (("CABScheduler (`SCHED=cab`)", "engine_CUSTOM_0.95_wnormal_schedcab.jsonl"),
+                     ("vLLM's", "engine_CUSTOM_0.95_wnormal.jsonl")):
+        lines = jsonl(base / "engine" / f)
+        by_n = {x["n"]: x for x in lines if "n" in x}
+        summary = next(x for x in lines if "scheduler_class" in x)
+        runs[label] = (by_n, summary)
+        want = [f"{1000 * by_n[32768]['ttft_s']:.1f} ms", f"{1000 * by_n[131072]['ttft_s']:.1f} ms",
+                f"{by_n[32768]['tpot_ms']:.3f} ms", f"{by_n[131072]['tpot_ms']:.3f} ms", summary["scheduler_class"]]
+        assert got[label] == want, (label, got[label], want)
+        m = summary["cab_metrics"]
+        assert m["prefill_tokens"]["sent"] == m["prefill_tokens"]["counted"] == 823200
+        assert m["decode_rows"]["sent"] == m["decode_rows"]["counted"] == 304
+    (cab, cab_s), (vl, vl_s) = runs["CABScheduler (`SCHED=cab`)"], runs["vLLM's"]
+    assert cab_s["probe_out"] == vl_s["probe_out"]
+    text = flat(ROOT / "BENCHMARKS.md")
+
+    def pct(a: float, b: float) -> str:
+        return f"{100 * (a / b - 1):+.1f}%"
+
+    ttft = [pct(cab[n]["ttft_s"], vl[n]["ttft_s"]) for n in (32768, 131072)]
+    tpot = [pct(cab[n]["tpot_ms"], vl[n]["tpot_ms"]) for n in (32768, 131072)]
+    assert f"(TTFT {ttft[0]} / {ttft[1]}, TPOT {tpot[0]} / {tpot[1]})" in text
+    assert f"(init {cab_s['init_s']} s against {vl_s['init_s']} s)" in text
+    inv = {(r["backend"], r["scheduler"]): r for r in jsonl(base / "invariance" / "invariance.jsonl")}
+    got = table(ROOT / "BENCHMARKS.md", "| engine | chunk ends alone | chunk ends beside")
+
+    def ends(xs: list[int]) -> str:
+        return f"{xs[0]}, {xs[1]}, {xs[2]}, ..., {xs[-2]}, {xs[-1]}" if xs else ""
+
+    for label, key in (("CAB 95%, CABScheduler", ("CUSTOM", "cab")), ("CAB 95%, vLLM's scheduler", ("CUSTOM", "vllm")),
+                       ("FLASH_ATTN, vLLM's scheduler (control)", ("FLASH_ATTN", "vllm"))):
+        r = inv[key]
+        assert r["long"] == 40000 and r["shorts"] == 12 and r["budget"] == 4096 and len(r["alone"]) == 32
+        alike = r["first_difference"] if r["first_difference"] is not None else 32
+        assert alike == next((i for i, (x, y) in enumerate(zip(r["alone"], r["beside"])) if x != y), 32)
+        runs_ = r["chunk_ends"] or [[], []]
+        off = " / ".join(str(len([e for e in run[:-1] if e % 64])) for run in runs_) if r["chunk_ends"] else ""
+        want = [ends(runs_[0]), ends(runs_[1]), off, f"{alike} of 32"]
+        assert got[label] == want, (label, got[label], want)
+    cuts = inv[("CUSTOM", "vllm")]["chunk_ends"][1][:-1]
+    assert f"inside 64-token blocks at {len([e for e in cuts if e % 64])} of its {len(cuts)} cuts" in text
