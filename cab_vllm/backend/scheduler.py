@@ -3,10 +3,10 @@
 CAB selects key blocks per 64-token query block from the rows of the block that its chunk holds, scores the prompt's
 last ``exact_rows`` rows exactly in the chunk that ends the prompt, and stores that chunk's selection for the prompt
 decode rule (a prompt whose last token arrives alone is handed to attention as a decode row and selects by key bounds
-instead). vLLM's own scheduler ends a prefill chunk
-wherever the step's token budget runs out, and a prefix-cache hit wherever the cached pages end; the budget is shared
-with the other requests' tokens and the cache holds what other requests left. So with vLLM's scheduler a long
-prompt's selections, and its answer, can change with the traffic around it.
+instead). vLLM's own scheduler ends a prefill chunk wherever the step's token budget runs out, and a prefix-cache hit
+wherever the cached pages end; the budget is shared with the other requests' tokens and the cache holds what other
+requests left. So with vLLM's scheduler a long prompt's selections, and its answer, can change with the traffic
+around it (BENCHMARKS.md, forty-second run: from the first generated token, in CUDA vLLM on an H100).
 
 CABScheduler (vLLM's Scheduler, or AsyncScheduler when async scheduling is on) cuts every prompt the same way
 whatever else is running:
@@ -16,8 +16,7 @@ whatever else is running:
 - a prefix-cache hit is used up to a multiple of CAB's block (and of the page size), leaving the same rows;
 - a preempted request, prefilled again over its prompt and the tokens it had generated, stops at the prompt's end.
 Which rows run dense does not depend on the chunks either: a prompt shorter than the dense threshold runs dense, a
-longer one sparse in every chunk (stats.dense_reason).
-It does this through the hook vLLM 0.26-0.33 have for Mamba's block-aligned chunks (``_mamba_block_aligned_split``,
+longer one sparse in every chunk (stats.dense_reason). It does this through the hook vLLM 0.26-0.33 have for Mamba's block-aligned chunks (``_mamba_block_aligned_split``,
 ``need_mamba_block_aligned_split``), so models with Mamba layers are refused.
 
 cab-serve uses it; with ``vllm serve`` or ``LLM(...)`` pass ``--scheduler-cls cab_vllm.backend.scheduler.CABScheduler``
