@@ -71,6 +71,13 @@ class CABScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        hooked = "need_mamba_block_aligned_split" in vars(self) and any(
+            "_mamba_block_aligned_split" in vars(c) for c in type(self).__mro__ if c.__module__ != __name__)
+        if not hooked:
+            raise NotImplementedError("CABScheduler: this vLLM's scheduler has no block-aligned chunk hook "
+                                      "(need_mamba_block_aligned_split / _mamba_block_aligned_split, vLLM 0.26-0.33), "
+                                      "so it cannot end prefill chunks on CAB's blocks; drop --scheduler-cls to run "
+                                      "vLLM's scheduler, whose chunk ends follow the other requests")
         if self.need_mamba_block_aligned_split:
             raise NotImplementedError("CABScheduler cuts prefill chunks at CAB's blocks through the hook vLLM keeps "
                                       "for Mamba's block-aligned chunks; this model has Mamba layers, which the CAB "

@@ -173,3 +173,28 @@ def test_scheduler_cuts_prefix_cache_hits(tmp_path, monkeypatch):
     assert hit == 640 and got is blocks
     s.vllm_computed_blocks = lambda request: (blocks, 0, 0)
     assert s.kv_cache_manager.get_computed_blocks(SimpleNamespace(num_tokens=641))[1] == 0
+
+
+def test_scheduler_refuses_a_vllm_without_the_hook(tmp_path, monkeypatch):
+    """A vLLM whose scheduler lacks the block-aligned chunk hook would never call CAB's chunk ends: refused at start,
+    not run as vLLM's scheduler under CAB's name."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    monkeypatch.delattr(Scheduler, "_mamba_block_aligned_split")
+    with pytest.raises(NotImplementedError, match="no block-aligned chunk hook"):
+        _make_scheduler(tmp_path, monkeypatch, False)
+
+
+def test_scheduler_refuses_models_with_mamba_layers(tmp_path, monkeypatch):
+    """Mamba layers already use the hook (vLLM turns it on for their block-aligned cache): refused, naming them."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    init = Scheduler.__init__
+
+    def mamba_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.need_mamba_block_aligned_split = True
+
+    monkeypatch.setattr(Scheduler, "__init__", mamba_init)
+    with pytest.raises(NotImplementedError, match="Mamba layers"):
+        _make_scheduler(tmp_path, monkeypatch, False)
