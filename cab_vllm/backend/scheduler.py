@@ -16,8 +16,10 @@ whatever else is running:
 - a prefix-cache hit is used up to a multiple of CAB's block (and of the page size), leaving the same rows;
 - a preempted request, prefilled again over its prompt and the tokens it had generated, stops at the prompt's end.
 Which rows run dense does not depend on the chunks either: a prompt shorter than the dense threshold runs dense, a
-longer one sparse in every chunk (stats.dense_reason). It does this through the hook vLLM 0.26-0.33 have for Mamba's block-aligned chunks (``_mamba_block_aligned_split``,
-``need_mamba_block_aligned_split``), so models with Mamba layers are refused.
+longer one sparse in every chunk (stats.dense_reason).
+CABScheduler works through the hook vLLM 0.26-0.33 have for Mamba's block-aligned chunks
+(``_mamba_block_aligned_split``, ``need_mamba_block_aligned_split``): models with Mamba layers, and a vLLM without the
+hook, are refused at start.
 
 cab-serve uses it; with ``vllm serve`` or ``LLM(...)`` pass ``--scheduler-cls cab_vllm.backend.scheduler.CABScheduler``
 (``scheduler_cls=...``). What still depends on other requests: tokens a preempted request had generated (decoded
