@@ -124,8 +124,8 @@ def _salt(cfg) -> str:
 @functools.lru_cache(maxsize=64)
 def _defaults(key: tuple) -> tuple:
     """The engine's default CABConfig from the CAB_* variables whose values are ``key`` (_env_key), its salt and the
-    dense threshold, made once per set of values (every request's admission asks for them: parsing the variables took ~60 us per
-    request on a 2-core CPU, reading the 15 of them through os.environ ~20 us; _env_key reads the process
+    dense threshold, made once per set of values (every request's admission asks for them: parsing the variables took
+    ~60 us per request on a 2-core CPU, reading the 15 of them through os.environ ~20 us; _env_key reads the process
     environment's own mapping with the names encoded once). A bad value raises every time (nothing is cached)."""
     from cab_vllm.backend.compat import engine_settings
 

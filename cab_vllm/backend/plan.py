@@ -135,8 +135,7 @@ class KernelOptions:
 @dataclass(frozen=True)
 class EngineSettings:
     """Engine-wide defaults. cfg: the default CABConfig; dense_threshold: shorter prompts (decode rows: contexts) run
-    dense;
-    impl: 'auto' (Triton kernels on CUDA, PyTorch on CPU), 'torch' or 'triton' (CPU needs TRITON_INTERPRET=1);
+    dense; impl: 'auto' (Triton kernels on CUDA, PyTorch on CPU), 'torch' or 'triton' (CPU needs TRITON_INTERPRET=1);
     summary_slots: requests whose key-block summaries are kept across prompt chunks at once (0: none kept, every
     chunk pools its whole context). token_scorer (decode_rule="tokens" only): what ranks a token decode's keys,
     "exact" (every key's exact score), "int4" (a 4-bit copy of the keys kept in each cache page's tail, ops.key_codes,
@@ -354,9 +353,8 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
     """Split a batch into decode and prefill rows and decide dense vs sparse per row.
 
     A row goes dense when its prompt (decode: its context) is below ``dense_threshold`` or its sparsity is 0 (the
-    result is
-    the same; dense skips the selection), and a prompt-rule decode row when its prompt (prompt_lens, per row; None:
-    unknown) was below the threshold (stats.dense_reason). ``count`` adds the decisions to METRICS.
+    result is the same; dense skips the selection), and a prompt-rule decode row when its prompt (prompt_lens, per
+    row; None: unknown) was below the threshold (stats.dense_reason). ``count`` adds the decisions to METRICS.
     """
     qsl = _int_list(query_start_loc_cpu)
     sl = _int_list(seq_lens_cpu)
