@@ -208,6 +208,30 @@ class PromptTable:
 # ---------------------------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------------------------
+def replay_selection(table: PromptTable, slot: int, pblocks: int, first: int, last: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The selection of query blocks first..last (from the prompt's last block, pblocks - 1, on) that the prompt
+    decode rule gives their rows: the prompt selection stored in ``slot`` of the table, then every block from pblocks
+    up to the row's own. (indices [R, Hkv, W + last - pblocks + 1] int32 ascending -1 padded, counts [R, Hkv], first),
+    as prefill_selection returns them; built on the device from the table (no host read)."""
+    if first < pblocks - 1:
+        raise ValueError(f"replayed query blocks start at {first}, inside the prompt's {pblocks} blocks")
+    base = table.idx[slot].to(torch.int32)  # [Hkv, W], ascending, -1 past each head's count
+    cnt = table.cnt[slot]
+    dev = base.device
+    hkv, w = base.shape
+    rows = last - first + 1
+    new = torch.arange(pblocks, max(last + 1, pblocks), dtype=torch.int32, device=dev)
+    idx = torch.full((rows, hkv, w + new.numel()), -1, dtype=torch.int32, device=dev)
+    idx[:, :, :w] = base
+    sees = new[None, :] <= torch.arange(first, last + 1, dtype=torch.int32, device=dev)[:, None]  # [R, new]
+    pos = (cnt[:, None] + torch.arange(new.numel(), device=dev)[None, :]).long()  # each head's slots after its own
+    idx.scatter_(2, pos[None].expand(rows, hkv, -1).contiguous(),
+                 torch.where(sees[:, None, :], new[None, None, :], -1).expand(rows, hkv, -1).contiguous())
+    counts = (cnt[None, :] + sees.sum(1, dtype=torch.int32)[:, None]).to(torch.int32)
+    return idx, counts, first
+
+
 def resolve(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
@@ -454,6 +478,7 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
         sels, toks, qsl_sub = [], [], [0]
         none = [None] * len(plan.prefill_rows)
         store = dict(zip(plan.prefill_rows, plan.store or none))
+        replays = dict(zip(plan.prefill_rows, plan.replay or none))
         kept = dict(zip(plan.prefill_rows, plan.summary or none))
         final = dict(zip(plan.prefill_rows, plan.final or [True] * len(plan.prefill_rows)))
         with STATS.timed("prefill", dev):
@@ -461,6 +486,13 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                 q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
                 cfg = plan.cfgs[r]
                 entry, summary = kept.get(r), None
+                if replays.get(r) is not None and table is not None:
+                    slot, pblocks = replays[r]
+                    sels.append(replay_selection(table, slot, pblocks, (n - (q1 - q0)) // cfg.block_size,
+                                                 (n - 1) // cfg.block_size))
+                    toks.append(torch.arange(q0, q1, device=dev))
+                    qsl_sub.append(qsl_sub[-1] + q1 - q0)
+                    continue
                 if cfg.policy == "dense":
                     k_all = key_cache.new_empty(hkv, n, 0)
                 elif (entry is not None and summaries is not None and cfg.policy in ESTIMATED_POLICIES

@@ -334,6 +334,10 @@ class BatchPlan:
     # pool the whole context), and whether the chunk holds the prompt's last token (True when unknown)
     summary: list | None = None
     final: list | None = None
+    # filled by route_rows, per prefill row: (prompt-table slot, prompt block count) for a chunk past its prompt's end
+    # under the prompt rule (a preempted request prefilled again over the tokens it had generated): its rows keep what
+    # they kept as decode rows, the stored prompt selection and every later block (attention.replay_selection); None
+    replay: list | None = None
     # filled by route_rows, per decode row: keys each query head keeps under decode_rule="tokens" (0: not a token
     # row; such a row is MODE_SKIP for the block kernel and runs in ops.token_decode)
     tkeep: list | None = None
@@ -479,8 +483,9 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
     else MODE_ALL. Sparse decode rows: under decode_rule="tokens" MODE_SKIP with their keys per head in tkeep
     (ops.token_decode runs them; keep holds the blocks that budget stands for, what the metrics count); MODE_PROMPT
     when the request's prompt selection is stored, else the step's own selection: MODE_BOUNDS (cab/magnitude/h2o/curvature), MODE_RECENT (streaming), MODE_RANDOM.
-    A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection. A
-    sparse prefill row of an estimating policy with a one-pass estimator gets a key-summary slot (summaries)."""
+    A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection; one whose
+    chunk starts past the prompt's end, with the selection stored, replays it (plan.replay). A sparse prefill row of an
+    estimating policy with a one-pass estimator gets a key-summary slot (summaries)."""
     ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP = \
         _route_names()
     if slots is not None:
@@ -508,7 +513,7 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
     if summaries is not None:
         summaries.begin_step(plan.live)
         step = frozenset(plan.req_ids or ())
-    store, kept, final = [], [], []
+    store, kept, final, replay = [], [], [], []
     for r in plan.prefill_rows:
         cfg, n = plan.cfgs[r], plan.seq_lens[r]
         rid = plan.req_ids[r] if plan.req_ids is not None else None
@@ -517,9 +522,12 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
         end = pl if pl is not None else n  # unknown prompt length: this chunk's end
         holds_end = n - q_len <= end - 1 < n
         final.append(holds_end)
+        past = (pl is not None and n - q_len >= pl and not plan.dense[r] and cfg.decode_scoring == "prompt"
+                and slots is not None and rid in slots.stored)
+        replay.append((slots.of[rid], slots.stored[rid]) if past else None)
         got = None
         if (summaries is not None and rid is not None and not plan.dense[r] and cfg.policy in ESTIMATED_POLICIES
-                and cfg.estimator in SUMMARY_ESTIMATORS):
+                and cfg.estimator in SUMMARY_ESTIMATORS and not past):
             got = summaries.take(rid, (n - q_len) // cfg.block_size, step)
             if got is not None:
                 summaries.done(rid, n // cfg.block_size, ended=holds_end or n >= end)
@@ -535,7 +543,7 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
                 slots.stored.pop(rid, None)  # the prompt ran dense (or uses a per-step rule): nothing stored
         store.append(entry)
     plan.modes, plan.slots, plan.pblocks, plan.keep, plan.store, plan.tkeep = modes, sl, pbs, keep, store, tkeep
-    plan.summary, plan.final = kept, final
+    plan.summary, plan.final, plan.replay = kept, final, replay
 
 
 @functools.cache

@@ -22,9 +22,10 @@ CABScheduler works through the hook vLLM 0.26-0.33 have for Mamba's block-aligne
 hook, are refused at start.
 
 cab-serve uses it; with ``vllm serve`` or ``LLM(...)`` pass ``--scheduler-cls cab_vllm.backend.scheduler.CABScheduler``
-(``scheduler_cls=...``). What still depends on other requests: tokens a preempted request had generated (decoded
-one by one before, prefilled together when it is recomputed), KV pages loaded by a KV connector, and the adaptive
-budget (CAB_BUDGET=adaptive), which splits a chunk's total over the query blocks the chunk holds.
+(``scheduler_cls=...``). The chunk of a preempted request past its prompt's end replays, under the prompt decode rule,
+what its rows kept as decode rows (plan.route_rows, attention.replay_selection). What still depends on other
+requests: those rows under the per-step decode rules, KV pages loaded by a KV connector, and the adaptive budget
+(CAB_BUDGET=adaptive), which splits a chunk's total over the query blocks the chunk holds.
 """
 
 from __future__ import annotations

@@ -560,6 +560,49 @@ def test_prompt_decode_rule_reuses_the_prompts_last_block(policy, rule):
     assert "req-0" not in sim.prompt_slots.of and "req-0" not in sim.prompt_slots.stored  # finished requests are dropped
 
 
+def test_replay_selection_is_the_stored_selection_and_every_later_block():
+    from cab_vllm.backend.attention import PromptTable, replay_selection
+
+    t = PromptTable(2, 2, 6, "cpu")
+    t.put(1, torch.tensor([[0, 3, 4, -1], [0, 1, 2, 4]]), torch.tensor([3, 4]))
+    idx, cnt, first = replay_selection(t, 1, 5, 5, 7)
+    assert first == 5 and idx.dtype == cnt.dtype == torch.int32
+    got = [[idx[r, h, : cnt[r, h]].tolist() for h in range(2)] for r in range(3)]
+    assert got == [[[0, 3, 4, 5], [0, 1, 2, 4, 5]], [[0, 3, 4, 5, 6], [0, 1, 2, 4, 5, 6]],
+                   [[0, 3, 4, 5, 6, 7], [0, 1, 2, 4, 5, 6, 7]]]
+    assert bool((idx[0, 0, 4:] == -1).all()) and bool((idx[2, 1, 7:] == -1).all())
+    idx, cnt, _ = replay_selection(t, 1, 5, 4, 4)  # the prompt's last block, past its end: the stored selection
+    assert [idx[0, h, : cnt[0, h]].tolist() for h in range(2)] == [[0, 3, 4], [0, 1, 2, 4]]
+    with pytest.raises(ValueError, match="inside the prompt"):
+        replay_selection(t, 1, 5, 3, 7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_preempted_request_replays_its_decode_selections(impl):
+    """A preempted request is prefilled again over its prompt and the tokens it had generated: under the prompt rule
+    the chunk past the prompt's end keeps, row by row, what those rows kept as decode rows (the stored prompt
+    selection and every later block), so its keys and values come out as they did; the same tokens decoded one by
+    one and prefilled as one chunk give the same outputs (the prefill through the torch path or the Triton kernel)."""
+    torch.manual_seed(6)
+    hq, hkv, d = 4, 2, 32
+    n_prompt, n_gen = (700, 140) if impl == "torch" else (330, 70)
+    q = [torch.randn(hq, n_prompt + n_gen, d)]
+    k = [torch.randn(hkv, n_prompt + n_gen, d)]
+    v = [torch.randn(hkv, n_prompt + n_gen, d)]
+    cfg = CABConfig(sparsity=0.8)  # decode_rule "auto": the prompt rule for cab
+    decoded, replayed = PagedSim(q, k, v, page_size=16, cfg=cfg), PagedSim(q, k, v, page_size=16, cfg=cfg)
+    for sim in (decoded, replayed):
+        sim.prompt_lens[0] = n_prompt
+        sim.step([(0, 128)], impl=impl)
+        sim.step([(0, n_prompt - 128)], impl=impl)
+    outs = [decoded.step([(0, 1)])[0] for _ in range(n_gen)]
+    out, md = replayed.step([(0, n_gen)], impl=impl)
+    assert md["plan"].replay == [(replayed.prompt_slots.of["req-0"], (n_prompt - 1) // 64 + 1)]
+    assert md["plan"].store == [None] and md["plan"].summary == [None]
+    torch.testing.assert_close(out, torch.cat(outs), rtol=1e-4, atol=1e-5)
+    assert check_step(replayed, out, md) < 1e-5
+
+
 def test_prompt_decode_rule_after_a_dense_prompt_of_unknown_length_selects_by_bounds():
     torch.manual_seed(4)
     hq, hkv, d = 2, 1, 16
