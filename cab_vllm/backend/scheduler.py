@@ -13,7 +13,8 @@ whatever else is running:
 - a chunk that does not end the prompt ends on a multiple of CAB's block (CAB_BLOCK_SIZE), and at least
   ``exact_rows`` (at least 2) tokens before the prompt's end, so no query block is split, the chunk that ends the
   prompt holds every row the exact scores read, and the prompt's last token never arrives alone;
-- a prefix-cache hit is used up to a multiple of CAB's block (and of the page size), leaving the same rows;
+- a prefix-cache hit is used up to a multiple of CAB's block (and of the page size), leaving the same rows (for a
+  preempted request, those of its prompt);
 - a preempted request, prefilled again over its prompt and the tokens it had generated, stops at the prompt's end.
 Which rows run dense does not depend on the chunks either: a prompt shorter than the dense threshold runs dense, a
 longer one sparse in every chunk (stats.dense_reason).
@@ -106,7 +107,10 @@ class CABScheduler(Scheduler):
     def cab_computed_blocks(self, request):
         """vLLM's prefix-cache hit for the request (KVCacheBlocks per cache group, tokens, ...), cut to kept_hit."""
         blocks, hit, *rest = self.vllm_computed_blocks(request)
-        keep = kept_hit(hit, request.num_tokens, self.cab_hit_unit, self.cab_last_rows)
+        # a preempted request's hit may run past its prompt: stop before the prompt's end, so the chunk that ends the
+        # prompt runs again (it stores the prompt's selection, which the tokens after it replay)
+        keep = kept_hit(hit, min(request.num_tokens, request.num_prompt_tokens), self.cab_hit_unit,
+                        self.cab_last_rows)
         if keep < hit:
             blocks = type(blocks)(tuple(list(g)[:keep // p] for g, p in zip(blocks.blocks, self.cab_group_pages)))
         return (blocks, keep, *rest)

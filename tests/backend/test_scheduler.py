@@ -160,19 +160,25 @@ def test_scheduler_refuses_a_budget_that_cannot_end_a_chunk_on_a_block(tmp_path,
 
 def test_scheduler_cuts_prefix_cache_hits(tmp_path, monkeypatch):
     """The cache manager hands the scheduler (and its own connector path) a hit cut to whole blocks (pages of 16: 4
-    per block) that leaves the prompt's last 16 tokens to compute, with the pages that cover it."""
+    per block) that leaves the prompt's last 16 tokens to compute, with the pages that cover it; a preempted request's
+    hit stops inside its prompt too."""
     from types import SimpleNamespace
 
     s = _make_scheduler(tmp_path, monkeypatch, False)
     pages = [SimpleNamespace(block_id=i) for i in range(40)]
     blocks = type(s.kv_cache_manager.empty_kv_cache_blocks)((pages,))
     s.vllm_computed_blocks = lambda request: (blocks, 640, 0)
-    got, hit, boundary = s.kv_cache_manager.get_computed_blocks(SimpleNamespace(num_tokens=641))
+    def request(n: int, prompt: int | None = None):
+        return SimpleNamespace(num_tokens=n, num_prompt_tokens=n if prompt is None else prompt)
+
+    got, hit, boundary = s.kv_cache_manager.get_computed_blocks(request(641))
     assert (hit, boundary) == (576, 0) and [b.block_id for b in got.blocks[0]] == list(range(36))
-    got, hit, _ = s.kv_cache_manager.get_computed_blocks(SimpleNamespace(num_tokens=5000))
+    got, hit, _ = s.kv_cache_manager.get_computed_blocks(request(5000))
     assert hit == 640 and got is blocks
+    # preempted after 300 tokens of its answer to a 600-token prompt: the hit stops before the prompt's last 16
+    assert s.kv_cache_manager.get_computed_blocks(request(900, 600))[1] == 576
     s.vllm_computed_blocks = lambda request: (blocks, 0, 0)
-    assert s.kv_cache_manager.get_computed_blocks(SimpleNamespace(num_tokens=641))[1] == 0
+    assert s.kv_cache_manager.get_computed_blocks(request(641))[1] == 0
 
 
 def test_scheduler_refuses_a_vllm_without_the_hook(tmp_path, monkeypatch):
