@@ -248,6 +248,7 @@ class Stats:
         step: Counter = Counter()
         decode_index = {r: i for i, r in enumerate(plan.decode_rows)}
         final = dict(zip(plan.prefill_rows, plan.final or ()))  # prefill rows holding their prompt's end
+        replay = dict(zip(plan.prefill_rows, plan.replay or ()))  # prefill rows replaying the prompt rule
         for r in range(plan.num_reqs):
             q_len = plan.qsl[r + 1] - plan.qsl[r]
             if q_len <= 0:
@@ -273,6 +274,14 @@ class Stats:
                     kept = cfg.answer_keep(k_mp, mp + 1) + last - mp
                 else:
                     kept = plan.keep[i]
+                mode = "sparse"
+            elif replay.get(r) is not None:
+                # a preempted request's rows past its prompt keep what they kept as decode rows: the prompt's last
+                # query block's blocks (mp) and every block after it up to their own, per query block first..last
+                mp = replay[r][1] - 1
+                k_mp = cfg.answer_keep(kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp), mp + 1)
+                rows = last - first + 1
+                kept = rows * (k_mp - mp) + (first + last) * rows // 2
                 mode = "sparse"
             else:
                 kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, first, last)

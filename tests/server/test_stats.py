@@ -288,3 +288,23 @@ def test_config_rejects_bad_dense_layers(value):
         CABConfig(dense_layers=value)
     assert CABConfig(dense_layers=2).dense_layer(1) and not CABConfig(dense_layers=2).dense_layer(2)
     assert not CABConfig().dense_layer(0)
+
+
+def test_record_plan_counts_a_replayed_chunk_as_its_decode_rows(stats):
+    """A preempted request's chunk past its prompt's end (plan.replay) keeps per query block what its decode rows
+    kept: the prompt's last query block's count and every block after it, as attention.replay_selection builds."""
+    import torch
+
+    from cab_vllm.backend.attention import PromptTable, replay_selection
+    from cab_vllm.backend.stats import kept_blocks
+
+    bs, cfg = 64, CABConfig(sparsity=0.8)
+    plan = plan_batch([0, 140], [840], [cfg], dense_threshold=0, count=False, prompt_lens=[700])
+    plan.replay, plan.final = [(0, 11)], [False]
+    stats.record_plan(plan, [cfg], bs, 0)
+    k_mp = cfg.answer_keep(kept_blocks(0.8, cfg.sink_blocks + cfg.local_blocks, 10, 10), 11)
+    table = PromptTable(1, 2, 14, "cpu")
+    table.put(0, torch.arange(k_mp).repeat(2, 1), torch.full((2,), k_mp))
+    _, counts, first = replay_selection(table, 0, 11, 700 // bs, 839 // bs)
+    assert first == 10 and counts[:, 0].tolist() == [k_mp, k_mp + 1, k_mp + 2, k_mp + 3]
+    assert stats.totals[("kept", "prefill", "0.80")] == int(counts[:, 0].sum())
