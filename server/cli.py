@@ -217,8 +217,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         # slower than its prompt rule at long contexts). The V1 runner is the one CAB supports per request.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if str(args.attention_backend).upper() == "CUSTOM" and not _flag_given(argv, "--scheduler-cls"):
-        # prefill chunks end at CAB's blocks and its dense threshold, so no other request moves a prompt's
-        # selections (cab_vllm.backend.scheduler)
+        # prefill chunks end at CAB's blocks, so no other request moves a prompt's selections
+        # (cab_vllm.backend.scheduler)
         from cab_vllm.backend.scheduler import QUALNAME
 
         args.scheduler_cls = QUALNAME

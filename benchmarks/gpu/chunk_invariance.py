@@ -63,13 +63,15 @@ def main() -> None:
     from engine_bench import LLAMA_8B, redraw_weights
     from vllm import LLM, SamplingParams
 
+    from cab_vllm.backend.scheduler import QUALNAME
+
     d = tempfile.mkdtemp()
     json.dump(LLAMA_8B, open(os.path.join(d, "config.json"), "w"))
     t0 = time.time()
     llm = LLM(d, load_format="dummy", attention_backend=a.backend, max_model_len=a.long + 1024,
               max_num_batched_tokens=a.budget, enable_prefix_caching=False, skip_tokenizer_init=True, seed=0,
               gpu_memory_utilization=0.9,
-              **({"scheduler_cls": "cab_vllm.backend.scheduler.CABScheduler"} if a.scheduler == "cab" else {}))
+              **({"scheduler_cls": QUALNAME} if a.scheduler == "cab" else {}))
     llm.apply_model(redraw_weights)
     init_s = time.time() - t0
     rng = random.Random(0)

@@ -625,6 +625,8 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    from cab_vllm.backend.scheduler import QUALNAME
+
     attention_config = {k: v for k, v in (("flash_attn_max_num_splits_for_cuda_graph", a.fa_graph_splits),
                                           ("flash_attn_version", a.fa_version)) if v is not None}
     d = tempfile.mkdtemp()
@@ -637,7 +639,7 @@ def main() -> None:
               tensor_parallel_size=a.tp, enforce_eager=a.eager, seed=0,
               **({"attention_config": attention_config} if attention_config else {}),
               **({} if a.block_size is None else {"block_size": a.block_size}),
-              **({"scheduler_cls": "cab_vllm.backend.scheduler.CABScheduler"} if a.scheduler == "cab" else {}))
+              **({"scheduler_cls": QUALNAME} if a.scheduler == "cab" else {}))
     init_s = time.time() - t0
     if a.weights == "normal":
         print(f"weights redrawn: {sum(llm.apply_model(redraw_weights))} tensors", flush=True)

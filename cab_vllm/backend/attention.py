@@ -485,13 +485,13 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
             for r in rows:
                 q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
                 cfg = plan.cfgs[r]
+                toks.append(torch.arange(q0, q1, device=dev))
+                qsl_sub.append(qsl_sub[-1] + q1 - q0)
                 entry, summary = kept.get(r), None
                 if replays.get(r) is not None and table is not None:
                     slot, pblocks = replays[r]
                     sels.append(replay_selection(table, slot, pblocks, (n - (q1 - q0)) // cfg.block_size,
                                                  (n - 1) // cfg.block_size))
-                    toks.append(torch.arange(q0, q1, device=dev))
-                    qsl_sub.append(qsl_sub[-1] + q1 - q0)
                     continue
                 if cfg.policy == "dense":
                     k_all = key_cache.new_empty(hkv, n, 0)
@@ -511,8 +511,6 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                     slot, qb = entry
                     idx, cnt, first = sels[-1]
                     table.put(slot, idx[qb - first], cnt[qb - first])
-                toks.append(torch.arange(q0, q1, device=dev))
-                qsl_sub.append(qsl_sub[-1] + q1 - q0)
         if record is not None:
             record["prefill"] = sels
         if dev.type == "cpu" and not skip_dense:

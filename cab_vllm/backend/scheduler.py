@@ -96,9 +96,8 @@ class CABScheduler(Scheduler):
             raise ValueError(f"CABScheduler: max_num_batched_tokens={budget} must be at least CAB's block "
                              f"({self.cab_block}) + {self.cab_last_rows} tokens, or a prompt's chunks could never end "
                              f"on a block")
-        pages = {g.kv_cache_spec.block_size for g in self.kv_cache_config.kv_cache_groups}
-        self.cab_hit_unit = math.lcm(self.cab_block, *pages)
         self.cab_group_pages = [g.kv_cache_spec.block_size for g in self.kv_cache_config.kv_cache_groups]
+        self.cab_hit_unit = math.lcm(self.cab_block, *self.cab_group_pages)
         self.need_mamba_block_aligned_split = True  # vLLM then calls _mamba_block_aligned_split for every chunk
         # the cache manager's prefix-cache hits (read by this scheduler, and by the manager's own connector path)
         self.vllm_computed_blocks = self.kv_cache_manager.get_computed_blocks

@@ -83,6 +83,15 @@ def causal_blocks(first: int, last: int) -> int:
     return (last + 1) * (last + 2) // 2 - first * (first + 1) // 2
 
 
+def prompt_rule_kept(cfg, pblocks: int, first: int, last: int) -> int:
+    """Key blocks the prompt decode rule keeps for query blocks first..last of a prompt of pblocks blocks: the prompt's
+    last query block's count (at least answer_blocks), then every block after it up to the row's own."""
+    mp = pblocks - 1
+    k_mp = cfg.answer_keep(kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp), mp + 1)
+    rows = last - first + 1
+    return rows * (k_mp - mp) + (first + last) * rows // 2
+
+
 def dense_reason(cfg, seq_len: int, dense_threshold: int, prompt_len: int | None = None,
                  decode: bool = False) -> str | None:
     """Why a row with this (requested) CABConfig runs dense, or None if it runs sparse (plan_batch decides by it).
@@ -269,19 +278,12 @@ class Stats:
                 # the prompt) or the step's own selection (the query block's budget, as in the else branch)
                 i = decode_index[r]
                 if plan.modes[i] == 1:  # MODE_PROMPT: the prompt's last row kept at least answer_blocks
-                    mp = plan.pblocks[i] - 1
-                    k_mp = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp)
-                    kept = cfg.answer_keep(k_mp, mp + 1) + last - mp
+                    kept = prompt_rule_kept(cfg, plan.pblocks[i], last, last)
                 else:
                     kept = plan.keep[i]
                 mode = "sparse"
-            elif replay.get(r) is not None:
-                # a preempted request's rows past its prompt keep what they kept as decode rows: the prompt's last
-                # query block's blocks (mp) and every block after it up to their own, per query block first..last
-                mp = replay[r][1] - 1
-                k_mp = cfg.answer_keep(kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, mp, mp), mp + 1)
-                rows = last - first + 1
-                kept = rows * (k_mp - mp) + (first + last) * rows // 2
+            elif replay.get(r) is not None:  # a preempted request's rows past its prompt: as its decode rows
+                kept = prompt_rule_kept(cfg, replay[r][1], first, last)
                 mode = "sparse"
             else:
                 kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, first, last)
