@@ -54,11 +54,18 @@ class CABConfig:
     budget            "fixed" (every KV head and query block keeps the count above) or "adaptive" (top-p:
                       per (KV head, query block) the fewest highest-mass blocks reaching ``top_p`` of the
                       estimated attention mass, clamped to [budget_floor, budget_cap] x the fixed count, then
-                      rescaled so each sequence keeps the fixed rule's total: ``sparsity`` stays the average).
-                      Prefill selection of cab, magnitude, h2o and curvature only; see adaptive_keep_counts.
+                      rescaled so each window of ``budget_window`` query blocks keeps the fixed rule's total:
+                      ``sparsity`` stays the average). Prefill selection of cab, magnitude, h2o and curvature only;
+                      see adaptive_keep_counts.
     top_p             adaptive budget: estimated attention mass a row's kept blocks must reach, in (0, 1].
     budget_floor      adaptive budget: a row keeps at least ceil(budget_floor x its fixed count), in [0, 1].
     budget_cap        adaptive budget: a row keeps at most floor(budget_cap x its fixed count), >= 1.
+    budget_window     adaptive budget: query blocks whose rows share one total, counted from the prompt's first
+                      block (blocks w*W .. w*W + W - 1 for W = budget_window), >= 1. 1: each query block keeps the
+                      fixed rule's count over its KV heads, and only the split over the heads adapts; larger windows
+                      also move blocks between a window's query blocks. A window is only ever selected whole when a
+                      prefill chunk never ends inside one: CABScheduler ends an adaptive request's chunks on whole
+                      windows, so its selections do not depend on how the other requests cut its prompt.
     answer_blocks     the rows that produce the answer keep at least this many key blocks (all their causal
                       blocks when fewer): the prompt's last query block (whose selection decode reuses under
                       the prompt rule) and every decode query. 0: the sparsity rule alone. One query block of a
@@ -101,6 +108,7 @@ class CABConfig:
     top_p: float = 0.95
     budget_floor: float = 0.25
     budget_cap: float = 4.0
+    budget_window: int = 1
     answer_blocks: int = 0
     answer_dense: bool = False
     vertical_blocks: bool = False
@@ -152,6 +160,8 @@ class CABConfig:
             raise bad("budget_floor", "a number in [0, 1] (a fraction of the fixed rule's count)")
         if not is_real(self.budget_cap) or self.budget_cap < 1.0:
             raise bad("budget_cap", "a finite number >= 1 (a multiple of the fixed rule's count)")
+        if not is_int(self.budget_window) or self.budget_window < 1:
+            raise bad("budget_window", "an integer >= 1 (query blocks that share one adaptive total)")
         if not is_int(self.answer_blocks) or self.answer_blocks < 0:
             raise bad("answer_blocks", "an integer >= 0 (key blocks; 0 = the sparsity rule alone)")
         if not is_int(self.dense_layers) or self.dense_layers < 0:
@@ -284,15 +294,20 @@ def keep_counts(sparsity: float, forced: int, num_q_blocks: int, device=None):
 
 def _budget_multiplier(c, lo, hi, total):
     """The smallest lam >= 0 with sum(clamp(lam * c, lo, hi)) >= total, per leading index: c [..., n] > 0, lo, hi
-    [n] with sum(lo) <= total <= sum(hi). The sum is piecewise linear in lam with kinks at lo / c and hi / c: a
-    binary search over the sorted kinks (log2(2n) steps, each one sum) finds the segment, then one linear solve."""
+    broadcastable to c, total broadcastable to c's leading shape, sum(lo) <= total <= sum(hi). The sum is piecewise
+    linear in lam with kinks at lo / c and hi / c: a binary search over the sorted kinks (log2(2n) steps, each one
+    sum) finds the segment, then one linear solve."""
     import torch
 
-    def f(lam):  # [..., k] -> [..., k]
-        return torch.minimum(torch.maximum(lam[..., :, None] * c[..., None, :], lo), hi).sum(-1)
+    lo, hi = lo.expand_as(c), hi.expand_as(c)
 
-    kinks = torch.cat([lo.expand_as(c) / c, hi.expand_as(c) / c], -1).sort(-1).values  # [..., 2n]
+    def f(lam):  # [..., k] -> [..., k]
+        return torch.minimum(torch.maximum(lam[..., :, None] * c[..., None, :], lo[..., None, :]),
+                             hi[..., None, :]).sum(-1)
+
+    kinks = torch.cat([lo / c, hi / c], -1).sort(-1).values  # [..., 2n]
     lead = kinks.shape[:-1]
+    total = torch.as_tensor(total, dtype=c.dtype, device=c.device).expand(lead)
     lo_i = torch.zeros(lead, dtype=torch.long, device=c.device)  # invariant: f(kinks[hi_i]) >= total
     hi_i = torch.full(lead, kinks.shape[-1] - 1, dtype=torch.long, device=c.device)
     for _ in range(max(1, int(kinks.shape[-1]).bit_length())):
@@ -308,23 +323,28 @@ def _budget_multiplier(c, lo, hi, total):
     return torch.where((hi_i == 0) | (f_left >= total), left, torch.where(slope > 0, solved.clamp(left, right), right))
 
 
-def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: float, cap: float):
+def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: float, cap: float, first: int = 0,
+                         window: int = 1):
     """The adaptive (top-p) budget rule, the one place it is written (CABConfig.budget="adaptive").
 
     mass [..., H, R, Mk] float >= 0: estimated attention mass of every (KV head, query block) row over the key
     blocks (any positive scale: each row is normalised over its allowed blocks; an all-zero row counts as
     uniform); allowed [R, Mk] bool (causal), forced [R, Mk] bool (sink/local, within allowed); fixed [R] int64:
-    the fixed rule's counts of these rows (CABConfig.keep_counts). Returns int64 [..., H, R]:
+    the fixed rule's counts of these rows (CABConfig.keep_counts); row r is query block first + r; window
+    (CABConfig.budget_window): query blocks w * window .. w * window + window - 1 share one total. Returns int64
+    [..., H, R]:
 
       1. need  = the fewest blocks, forced ones first then by mass, whose mass reaches top_p;
       2. bounds: lo = max(forced count, ceil(floor * fixed)), hi = min(allowed count, floor(cap * fixed));
-      3. counts = clamp(lam * need, lo, hi) with one multiplier lam per leading index (per sequence), solved
-         exactly (_budget_multiplier) so that the counts sum to H * fixed.sum(), the fixed rule's total; rounded
-         down, then the rows with the largest remainders get one block more until the total is met exactly.
+      3. counts = clamp(lam * need, lo, hi) with one multiplier lam per leading index and window, solved exactly
+         (_budget_multiplier) so that a window's counts sum to H x the fixed rule's counts of its rows; rounded
+         down, then the window's rows with the largest remainders get one block more until its total is met exactly.
 
-    So every sequence keeps exactly the fixed rule's number of blocks (the sparsity knob is the average) and
-    only their split over heads and query blocks adapts. lo <= fixed <= hi always, so the total is feasible.
-    Runs on the device of ``mass`` without a host sync.
+    So every window keeps exactly the fixed rule's number of blocks (the sparsity knob is the average) and only
+    their split over its heads and query blocks adapts. A row's count depends on the rows of its window alone, so
+    the rows given must hold whole windows (the prompt's last may end early) for the counts not to depend on how
+    a prompt is cut into chunks. lo <= fixed <= hi always, so the total is feasible. Runs on the device of ``mass``
+    without a host sync.
     """
     import torch
 
@@ -333,6 +353,9 @@ def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: floa
         raise ValueError(f"adaptive_keep_counts: mass {tuple(mass.shape)} must be [..., H, R, Mk] with allowed and "
                          f"forced [R, Mk] (got {tuple(allowed.shape)}, {tuple(forced.shape)}) and fixed [R] "
                          f"(got {tuple(fixed.shape)})")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or first < 0:
+        raise ValueError(f"adaptive_keep_counts: window must be an integer >= 1 and first >= 0, got window={window!r}, "
+                         f"first={first!r}")
     lead, h, r = mass.shape[:-3], mass.shape[-3], mass.shape[-2]
     dev = mass.device
     if mass.numel() == 0:
@@ -348,24 +371,37 @@ def adaptive_keep_counts(mass, allowed, forced, fixed, top_p: float, floor: floa
     need = (cum < top_p - 1e-6).sum(-1) + 1
     need = torch.maximum(torch.minimum(need, n_allowed), n_forced).clamp(min=1)
 
+    # rows laid out by window: row r at slot (first + r) - window * (first // window) of G windows of `window` slots;
+    # the slots before the first row and after the last are padding (lo = hi = 0: they keep 0 and never move)
+    pad_l = first % window
+    g = -(-(pad_l + r) // window)
+    pad_r = g * window - pad_l - r
+
+    def windows(x, value):  # [..., H, R] -> [..., G, H * window]
+        x = torch.nn.functional.pad(x, (pad_l, pad_r), value=value)
+        x = x.reshape(*x.shape[:-1], g, window)
+        return x.movedim(-2, -3).reshape(*x.shape[:-3], g, x.shape[-3] * window)
+
     fx = fixed.to(dev, torch.float64)
     lo = torch.maximum(n_forced.double(), torch.ceil(fx * floor - 1e-9))  # [R]
     hi = torch.minimum(n_allowed.double(), torch.floor(fx * cap + 1e-9))
-    c = need.double().reshape(*lead, h * r)
-    lo, hi = lo.repeat(h), hi.repeat(h)  # [H * R], row-major like c
-    total = float(h) * fx.sum()
+    c = windows(need.double(), 1.0)  # [*lead, G, H * window]
+    lo, hi = windows(lo.expand(h, r), 0.0), windows(hi.expand(h, r), 0.0)  # [G, H * window]
+    total = float(h) * torch.nn.functional.pad(fx, (pad_l, pad_r)).reshape(g, window).sum(-1)  # [G]
 
     lam = _budget_multiplier(c, lo, hi, total)
     x = torch.minimum(torch.maximum(lam[..., None] * c, lo), hi)
     n = torch.floor(x + 1e-9).clamp(min=lo, max=hi)
-    short = total - n.sum(-1, keepdim=True)  # > 0: blocks to add; < 0 (float slack): blocks to take away
+    short = total[:, None] - n.sum(-1, keepdim=True)  # > 0: blocks to add; < 0 (float slack): blocks to take away
     frac = x - n
     add = torch.where(n < hi, frac, float("-inf"))
     sub = torch.where(n > lo, -frac, float("-inf"))
     key = torch.where(short > 0, add, sub)
+    slots = c.shape[-1]
     rank = torch.empty_like(c, dtype=torch.int64).scatter_(
         -1, key.argsort(dim=-1, descending=True, stable=True),
-        torch.arange(h * r, device=dev).expand_as(c).contiguous())
+        torch.arange(slots, device=dev).expand_as(c).contiguous())
     move = (rank < short.abs()) & (key > float("-inf"))
     n = n + torch.sign(short) * move
-    return n.to(torch.int64).reshape(*lead, h, r)
+    n = n.reshape(*n.shape[:-1], h, window).movedim(-3, -2).reshape(*n.shape[:-2], h, g * window)
+    return n[..., pad_l:pad_l + r].to(torch.int64)

@@ -102,10 +102,11 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
 
     Row r is query block q_block_offset + r; q_block_offset = 0 with Mq = M is the full square, any other
     row subset needs a rows_only policy (ValueError otherwise) and gives the rows q_block_offset ..
-    q_block_offset + Mq - 1 of the square's selection (with the fixed budget; the adaptive one matches the
-    fixed total over the rows it is given, so a row subset may split its budget differently).
+    q_block_offset + Mq - 1 of the square's selection (the adaptive budget too when the rows hold whole windows
+    of cfg.budget_window query blocks, the prompt's last window excepted).
     Counts: CABConfig.keep_counts per query block (budget="fixed"), or with cfg.adaptive per (sequence, KV
-    head, query block) from config.adaptive_keep_counts on a_max, each sequence keeping the fixed total.
+    head, query block) from config.adaptive_keep_counts on a_max, each window of query blocks keeping the fixed
+    total.
     answer: the last row is the prompt's last query block (it produces the answer): it keeps at least
     cfg.answer_blocks (CABConfig.answer_keep), on top of either budget, and every causal block with answer_dense.
     Returns (indices [B, Hkv, Mq, K] int32 ascending -1 padded, counts [B, Hkv, Mq] int32).
@@ -124,7 +125,8 @@ def select_from_attention(a_max: torch.Tensor, a_mean: torch.Tensor, cfg: CABCon
     kmax = max_keep(budget, first, mq, answer)  # on the host: no device sync in the selection
     forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks, dev, first, mq)
     if cfg.adaptive:  # per (KV head, query block) counts [B, Hkv, Mq] from the estimated mass, same total
-        keep = adaptive_keep_counts(a_max, allowed, forced, keep, cfg.top_p, cfg.budget_floor, cfg.budget_cap)
+        keep = adaptive_keep_counts(a_max, allowed, forced, keep, cfg.top_p, cfg.budget_floor, cfg.budget_cap,
+                                    first, cfg.budget_window)
     if answer and cfg.raises_answer_row and mq > 0:  # the answer row (CABConfig.answer_keep)
         keep = keep.clone()
         keep[..., -1] = cfg.answer_floor(keep[..., -1], first + mq, prompt=True)

@@ -117,7 +117,7 @@ def attention_salt(extra_args, prompt_len: int | None = None) -> str:
 def _salt(cfg) -> str:
     salt = f"cab:{cfg.sparsity!r}:{cfg.policy}"
     if cfg.adaptive:
-        salt += f":adaptive:{cfg.top_p!r}:{cfg.budget_floor!r}:{cfg.budget_cap!r}"
+        salt += f":adaptive:{cfg.top_p!r}:{cfg.budget_floor!r}:{cfg.budget_cap!r}:{cfg.budget_window}"
     return salt
 
 

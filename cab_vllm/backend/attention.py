@@ -76,8 +76,9 @@ def prefill_selection(q_new: torch.Tensor, k_all: torch.Tensor | None, cfg: CABC
     first query block) for the R = last - first + 1 query blocks from (N - nq) // bs to (N - 1) // bs.
     Row-local policies (policies.rows_only) estimate and select those R rows only; the others compute the
     full [M, M] square and keep its rows first..last (see the module docstring). The selection is the same
-    with the fixed budget; an adaptive one (CABConfig.budget) keeps the fixed total over the rows it selects,
-    so the chunk's rows of a rows_only policy keep exactly their fixed total, split by estimated mass.
+    with the fixed budget, and with an adaptive one (CABConfig.budget) when the chunk holds whole windows of
+    CABConfig.budget_window query blocks (CABScheduler's chunks do): each window keeps exactly its fixed total,
+    split over its heads and query blocks by estimated mass.
     summary [Hkv, M, W]: the keys' block summaries (KeySummaries) of the n keys, used instead of pooling k_all;
     k_all may then be None unless the cab policy's exact rows run (policies.scores_chunk_end; exact: the chunk holds
     the prompt's end).

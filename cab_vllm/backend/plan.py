@@ -48,6 +48,7 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
     "CAB_TOP_P": ("top_p", float),
     "CAB_BUDGET_FLOOR": ("budget_floor", float),
     "CAB_BUDGET_CAP": ("budget_cap", float),
+    "CAB_BUDGET_WINDOW": ("budget_window", int),
     "CAB_ANSWER_BLOCKS": ("answer_blocks", int),
     "CAB_ANSWER_DENSE": ("answer_dense", None),  # 0 or 1 (_flag)
     "CAB_VERTICAL_BLOCKS": ("vertical_blocks", None),  # 0 or 1 (_flag)
@@ -192,10 +193,10 @@ class EngineSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "EngineSettings":
         """Read CAB_* variables (CAB_SPARSITY, CAB_POLICY, CAB_BLOCK_SIZE, CAB_ESTIMATOR, CAB_SINK_BLOCKS,
         CAB_LOCAL_BLOCKS, CAB_EXACT_ROWS, CAB_CURVATURE_SHARE, CAB_DECODE_RULE, CAB_BUDGET, CAB_TOP_P,
-        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_ANSWER_BLOCKS, CAB_ANSWER_DENSE, CAB_DENSE_LAYERS, CAB_DENSE_PREFILL,
-        CAB_DECODE_SPARSITY, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, CAB_TOKEN_SCORER, CAB_TOKEN_RERANK,
-        CAB_TOKEN_PASSES, and the kernel choices of KernelOptions.from_env); unset ones keep the defaults. A bad value
-        raises ValueError naming the variable."""
+        CAB_BUDGET_FLOOR, CAB_BUDGET_CAP, CAB_BUDGET_WINDOW, CAB_ANSWER_BLOCKS, CAB_ANSWER_DENSE, CAB_DENSE_LAYERS,
+        CAB_DENSE_PREFILL, CAB_DECODE_SPARSITY, CAB_DENSE_THRESHOLD, CAB_IMPL, CAB_SUMMARY_SLOTS, CAB_TOKEN_SCORER,
+        CAB_TOKEN_RERANK, CAB_TOKEN_PASSES, and the kernel choices of KernelOptions.from_env); unset ones keep the
+        defaults. A bad value raises ValueError naming the variable."""
         env = os.environ if environ is None else environ
         changes: dict[str, object] = {}
         for var, (field, parse) in ENV_FIELDS.items():

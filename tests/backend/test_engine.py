@@ -498,6 +498,29 @@ def test_cab_scheduler_cuts_a_prompt_the_same_way_whatever_runs_beside_it(model,
     assert not any(dense for _, dense in alone + beside)
 
 
+def test_cab_scheduler_cuts_an_adaptive_prompt_at_whole_windows(model, tmp_path):
+    """The same prompt under the adaptive budget with windows of 2 blocks (CAB_BUDGET_WINDOW=2), alone and behind the
+    eight short requests (budget 400): its chunks end elsewhere, but always on 128-token windows (or its end), so
+    each window's total is split over the same rows both times, and the two copies generate the same tokens."""
+    from cab_vllm.backend.scheduler import QUALNAME
+
+    ids = [1000 + (i * 7919) % 20000 for i in range(1000)]
+    x = {"prompt_token_ids": ids, "max_tokens": 8, "extra_args": {"cab_sparsity": 0.8, "cab_budget": "adaptive"}}
+    words = "the quick brown fox jumps over a lazy dog while seven small birds sing in the old oak tree".split()
+    shorts = [{"prompt": " ".join(words[k:] + words[:k]) + f" Count from one to {k}:", "max_tokens": 32,
+               "ignore_eos": True} for k in range(8)]
+    job = {"model": model, "backend": "CUSTOM", "dtype": "float32", "requests": [x, *shorts, x],
+           "batches": [[0], list(range(1, 10))],
+           "engine_kwargs": {"max_num_batched_tokens": 400, "enable_chunked_prefill": True,
+                             "enable_prefix_caching": False, "scheduler_cls": QUALNAME}}
+    res = run_engine(tmp_path, job, env={"CAB_DENSE_THRESHOLD": "500", "CAB_BUDGET_WINDOW": "2"})
+    alone, beside = _prefill_ends(res, 2)
+    assert [e for e, _ in alone] == [384, 768, 1000], alone
+    assert [e for e, _ in beside] != [e for e, _ in alone], beside  # the short requests moved the cuts ...
+    assert all(e == 1000 or e % 128 == 0 for e, _ in beside), beside  # ... to other whole windows
+    assert res["outputs"][0]["token_ids"] == res["outputs"][9]["token_ids"]
+
+
 # -- (f) leading dense layers (CAB_DENSE_LAYERS) -------------------------------------------------------------
 def test_dense_layers_in_the_engine(model, tmp_path):
     """CAB_DENSE_LAYERS: with every layer dense a 95%-sparse request decodes as the built-in backend does (float32,

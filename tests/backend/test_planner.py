@@ -418,12 +418,14 @@ def test_settings_decode_rule_from_env():
 
 def test_settings_budget_from_env():
     cfg = EngineSettings.from_env({}).cfg
-    assert (cfg.budget, cfg.top_p, cfg.budget_floor, cfg.budget_cap) == ("fixed", 0.95, 0.25, 4.0)
+    assert (cfg.budget, cfg.top_p, cfg.budget_floor, cfg.budget_cap, cfg.budget_window) == \
+        ("fixed", 0.95, 0.25, 4.0, 1)
     cfg = EngineSettings.from_env({"CAB_BUDGET": "adaptive", "CAB_TOP_P": "0.9", "CAB_BUDGET_FLOOR": "0.5",
-                                   "CAB_BUDGET_CAP": "2"}).cfg
-    assert (cfg.budget, cfg.top_p, cfg.budget_floor, cfg.budget_cap) == ("adaptive", 0.9, 0.5, 2.0) and cfg.adaptive
+                                   "CAB_BUDGET_CAP": "2", "CAB_BUDGET_WINDOW": "16"}).cfg
+    assert (cfg.budget, cfg.top_p, cfg.budget_floor, cfg.budget_cap, cfg.budget_window) == \
+        ("adaptive", 0.9, 0.5, 2.0, 16) and cfg.adaptive
     for var, raw in [("CAB_BUDGET", "topp"), ("CAB_TOP_P", "0"), ("CAB_TOP_P", "high"), ("CAB_BUDGET_FLOOR", "2"),
-                     ("CAB_BUDGET_CAP", "0.5")]:
+                     ("CAB_BUDGET_CAP", "0.5"), ("CAB_BUDGET_WINDOW", "0"), ("CAB_BUDGET_WINDOW", "1.5")]:
         with pytest.raises(ValueError, match=var):
             EngineSettings.from_env({var: raw})
 
@@ -441,7 +443,7 @@ def test_request_config_budget():
 def test_attention_salt_separates_the_adaptive_budget(monkeypatch):
     from cab_vllm.backend import attention_salt
 
-    for var in ("CAB_BUDGET", "CAB_TOP_P", "CAB_SPARSITY", "CAB_POLICY"):
+    for var in ("CAB_BUDGET", "CAB_TOP_P", "CAB_SPARSITY", "CAB_POLICY", "CAB_BUDGET_WINDOW"):
         monkeypatch.delenv(var, raising=False)
     assert attention_salt({"cab_sparsity": 0.5}) == "cab:0.5:cab"  # the fixed budget's salt is unchanged
     assert attention_salt({"cab_budget": "adaptive"}) != attention_salt({"cab_budget": "fixed"})
@@ -451,7 +453,9 @@ def test_attention_salt_separates_the_adaptive_budget(monkeypatch):
     monkeypatch.setenv("CAB_BUDGET", "adaptive")
     a = attention_salt(None)
     monkeypatch.setenv("CAB_TOP_P", "0.8")
-    assert attention_salt(None) != a
+    b = attention_salt(None)
+    monkeypatch.setenv("CAB_BUDGET_WINDOW", "4")  # other windows split other totals: other KV
+    assert len({a, b, attention_salt(None)}) == 3
 
 
 def test_attention_salt_reads_the_engine_defaults_once_per_set_of_values(monkeypatch):

@@ -15,7 +15,8 @@ pytest.importorskip("vllm")
 from cab_vllm.backend.scheduler import chunk_tokens, kept_hit  # noqa: E402
 
 
-def chunks(length: int, budgets, block: int = 64, last_rows: int = 16, prefill_end: int | None = None) -> list[int]:
+def chunks(length: int, budgets, block: int = 64, last_rows: int = 16, prefill_end: int | None = None,
+           hit_stop: int = 0) -> list[int]:
     """The chunk ends of a prompt of ``length`` tokens prefilled with the step budgets given in turn (the last one
     repeated), as the scheduler cuts them; a step whose budget reaches no allowed end schedules nothing."""
     end_of_prefill = prefill_end or length
@@ -23,7 +24,8 @@ def chunks(length: int, budgets, block: int = 64, last_rows: int = 16, prefill_e
     while start < end_of_prefill:
         budget = budgets[min(i, len(budgets) - 1)]
         i += 1
-        n = chunk_tokens(start, min(budget, end_of_prefill - start), length, end_of_prefill, block, last_rows)
+        n = chunk_tokens(start, min(budget, end_of_prefill - start), length, end_of_prefill, block, last_rows,
+                         hit_stop)
         if n:
             start += n
             ends.append(start)
@@ -66,6 +68,22 @@ def test_every_chunking_cuts_the_same_blocks(length, budget):
         assert e % 64 == 0 and e <= length - 16, (ends, e)
     start = ends[-2] if len(ends) > 1 else 0
     assert length - start >= min(16, length)
+
+
+def test_hit_stop_makes_the_last_chunk_start_where_a_full_hit_resumes():
+    """With deterministic prefix caching the chunk before the prompt's end stops at the full hit's resume point
+    (kept_hit of the whole prompt), even when the budget would take the prompt whole; windows of 256 tokens too."""
+    assert chunks(1000, [2000], hit_stop=kept_hit(1000, 1000, 64, 16)) == [960, 1000]
+    assert chunks(1000, [300], hit_stop=960) == [256, 512, 768, 960, 1000]
+    assert chunks(1000, [300], block=256, hit_stop=kept_hit(1000, 1000, 256, 16)) == [256, 512, 768, 1000]
+    assert chunks(1000, [2000], block=256, hit_stop=768) == [768, 1000]
+    assert chunk_tokens(960, 40, 1000, 1000, 64, 16, 960) == 40  # at the stop: the suffix in a step of its own
+
+
+def test_window_chunks_end_on_windows():
+    assert chunks(1000, [300], block=256) == [256, 512, 768, 1000]
+    assert chunks(1000, [600, 300], block=256) == [512, 768, 1000]
+    assert chunks(1030, [1500], block=256) == [1030]
 
 
 def test_kept_hit():
@@ -118,7 +136,7 @@ def _make_scheduler(tmp_path, monkeypatch, async_scheduling: bool, budget: int =
     from cab_vllm.backend.scheduler import CABScheduler
 
     cfg = tmp_path / "model"
-    cfg.mkdir()
+    cfg.mkdir(exist_ok=True)
     (cfg / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 1000,
@@ -156,6 +174,67 @@ def test_scheduler_in_vllm(tmp_path, monkeypatch, async_scheduling):
 def test_scheduler_refuses_a_budget_that_cannot_end_a_chunk_on_a_block(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"max_num_batched_tokens=64 must be at least CAB's block \(64\) \+ 16"):
         _make_scheduler(tmp_path, monkeypatch, False, budget=64)
+    monkeypatch.setenv("CAB_BUDGET_WINDOW", "8")
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens=300 must be at least an adaptive budget window "
+                                         r"\(CAB_BUDGET_WINDOW=8 blocks of 64: 512\) \+ 16"):
+        _make_scheduler(tmp_path, monkeypatch, False)
+
+
+def _request(n: int, prompt: int | None = None, computed: int = 0, extra=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_tokens=n, num_prompt_tokens=n if prompt is None else prompt,
+                           num_computed_tokens=computed, sampling_params=SimpleNamespace(extra_args=extra))
+
+
+@pytest.mark.parametrize("default", ["adaptive", "fixed"])
+def test_scheduler_cuts_adaptive_requests_at_whole_windows(tmp_path, monkeypatch, default):
+    """CAB_BUDGET_WINDOW=4: an adaptive request's chunks end on 256-token windows and its hits are cut to them (so a
+    window is always selected whole); a fixed-budget request keeps 64-token blocks, whichever is the default."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("CAB_BUDGET_WINDOW", "4")
+    monkeypatch.setenv("CAB_BUDGET", default)
+    s = _make_scheduler(tmp_path, monkeypatch, False)
+    other = "fixed" if default == "adaptive" else "adaptive"
+    adaptive = _request(1000, extra=None if default == "adaptive" else {"cab_budget": "adaptive"})
+    fixed = _request(1000, extra={"cab_budget": other} if default == "adaptive" else None)
+    assert s.cab_windowed(adaptive) and not s.cab_windowed(fixed)
+    assert s._mamba_block_aligned_split(adaptive, 300) == 256 and s._mamba_block_aligned_split(fixed, 300) == 256
+    assert s._mamba_block_aligned_split(adaptive, 250) == 0 and s._mamba_block_aligned_split(fixed, 250) == 192
+    pages = [SimpleNamespace(block_id=i) for i in range(40)]
+    blocks = type(s.kv_cache_manager.empty_kv_cache_blocks)((pages,))
+    s.vllm_computed_blocks = lambda request: (blocks, 640, 0)
+    assert s.kv_cache_manager.get_computed_blocks(adaptive)[1] == 512
+    assert s.kv_cache_manager.get_computed_blocks(fixed)[1] == 640
+
+
+def test_scheduler_takes_later_hook_arguments(tmp_path, monkeypatch):
+    """A newer vLLM may pass the hook more (a shared-prefix hint for Mamba's cache): taken and ignored."""
+    s = _make_scheduler(tmp_path, monkeypatch, False)
+    r = _request(1000)
+    assert s._mamba_block_aligned_split(r, 300, 0, 0, 7) == 256
+    assert s._mamba_block_aligned_split(r, 300, num_uncached_common_prefix_tokens=7) == 256
+
+
+def test_scheduler_replaces_vllms_deterministic_prefix_caching_cut(tmp_path, monkeypatch):
+    """A vLLM with deterministic prefix caching stops a prompt's chunk at its last page before CAB's hook runs; with
+    CAB's rule after it, a chunk from the last block end short of that page could never be scheduled. CABScheduler
+    leaves vLLM's cut out and stops the chunk before the prompt's end where a full hit resumes instead."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    init = Scheduler.__init__
+
+    def deterministic_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.deterministic_prefix_caching = True
+
+    monkeypatch.setattr(Scheduler, "__init__", deterministic_init)
+    s = _make_scheduler(tmp_path, monkeypatch, False, budget=2000)
+    assert s.cab_hit_stops and s._prefix_cache_aligned_split(_request(1000), 1000, 0) == 1000
+    assert s._mamba_block_aligned_split(_request(1000), 1000) == 960
+    assert s._mamba_block_aligned_split(_request(1000, computed=960), 40) == 40
+    assert s._mamba_block_aligned_split(_request(1300, 1000), 1299) == 1000  # preempted: its prompt's end, no stop
 
 
 def test_scheduler_cuts_prefix_cache_hits(tmp_path, monkeypatch):

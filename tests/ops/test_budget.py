@@ -1,9 +1,11 @@
 """The per-row budget: the fixed rule (unchanged) and the adaptive top-p rule (config.adaptive_keep_counts) as
 select_from_attention, select_blocks and the backend's prefill selection use it.
 
-Adaptive counts are checked against their contract: each sequence keeps exactly the fixed rule's total, every
-row stays within [max(forced, ceil(floor * fixed)), min(m + 1, floor(cap * fixed))], the selection keeps the
-forced blocks and stays causal, and a head whose estimated mass is concentrated keeps fewer blocks than a flat one.
+Adaptive counts are checked against their contract: each window of budget_window query blocks keeps exactly the
+fixed rule's total, every row stays within [max(forced, ceil(floor * fixed)), min(m + 1, floor(cap * fixed))], a
+row's count depends on its window's rows alone (so chunks of whole windows select as the whole prompt does), the
+selection keeps the forced blocks and stays causal, and a head whose estimated mass is concentrated keeps fewer
+blocks than a flat one.
 """
 
 from __future__ import annotations
@@ -48,7 +50,14 @@ def _adaptive(a: torch.Tensor, cfg: CABConfig) -> torch.Tensor:
     m = a.shape[-1]
     forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks)
     return adaptive_keep_counts(a, causal_block_mask(m), forced, cfg.keep_counts(m), cfg.top_p, cfg.budget_floor,
-                                cfg.budget_cap)
+                                cfg.budget_cap, 0, cfg.budget_window)
+
+
+def _window_totals(cnt: torch.Tensor, window: int, first: int = 0) -> torch.Tensor:
+    """cnt [..., H, R] (rows first .. first + R - 1) summed over heads and each window's rows: [..., windows]."""
+    w = (torch.arange(first, first + cnt.shape[-1]) // window) - first // window
+    out = torch.zeros(*cnt.shape[:-2], int(w.max()) + 1, dtype=torch.int64)
+    return out.index_add_(-1, w, cnt.sum(-2).long())
 
 
 def _concentrated_and_flat(m: int) -> torch.Tensor:
@@ -122,15 +131,17 @@ def test_select_topk_per_row_counts_match_per_query_block_counts():
 @pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{s}")
 @pytest.mark.parametrize("top_p,floor,cap", [(0.95, 0.25, 4.0), (0.5, 0.0, 8.0), (0.99, 0.5, 1.5), (1.0, 1.0, 1.0)],
                          ids=["p95-f.25-c4", "p50-f0-c8", "p99-f.5-c1.5", "p100-f1-c1"])
-def test_adaptive_counts_total_and_bounds(sparsity, m, sink, local, top_p, floor, cap):
+@pytest.mark.parametrize("window", [1, 4, 64])
+def test_adaptive_counts_total_and_bounds(sparsity, m, sink, local, top_p, floor, cap, window):
     cfg = CABConfig(sparsity=sparsity, sink_blocks=sink, local_blocks=local, budget="adaptive", top_p=top_p,
-                    budget_floor=floor, budget_cap=cap)
+                    budget_floor=floor, budget_cap=cap, budget_window=window)
     a_max, _ = graphs(3, 4, m, seed=m)
     a_max[1] = _concentrated_and_flat(m).repeat(1, 2, 1, 1)[0]  # sequence 1: two streaming-like, two flat heads
     cnt = _adaptive(a_max, cfg)
     fixed, lo, hi = _bounds(cfg, m)
     assert cnt.dtype == torch.int64 and cnt.shape == (3, 4, m)
-    assert torch.equal(cnt.sum((1, 2)), torch.full((3,), 4 * int(fixed.sum()))), "each sequence keeps the fixed total"
+    want = _window_totals(4 * fixed[None, None], window)[0]  # the fixed rule's total of each window, 4 heads
+    assert torch.equal(_window_totals(cnt, window), want.expand(3, -1)), "each window keeps the fixed total"
     assert (cnt >= lo).all() and (cnt <= hi).all(), "a row left [floor, cap]"
     if floor == cap == 1.0:
         assert torch.equal(cnt, fixed.expand_as(cnt)), "floor = cap = 1 is the fixed rule"
@@ -148,7 +159,7 @@ def test_adaptive_selection_total_forced_causal(policy, sparsity, m, sink, local
     fixed, lo, hi = _bounds(cfg, m)
     assert idx.dtype == torch.int32 and cnt.dtype == torch.int32 and cnt.shape == (2, 3, m)
     assert torch.equal(cnt.long(), _adaptive(a_max, cfg)), "the selection keeps adaptive_keep_counts on a_max"
-    assert torch.equal(cnt.sum((1, 2)).long(), torch.full((2,), 3 * int(fixed.sum())))
+    assert torch.equal(cnt.sum(1).long(), 3 * fixed.expand(2, -1)), "each query block keeps the fixed total"
     assert (cnt >= lo).all() and (cnt <= hi).all()
     live = torch.arange(idx.shape[-1]) < cnt[..., None]
     assert (idx[~live] == -1).all() and (idx[live] >= 0).all()
@@ -187,18 +198,54 @@ def test_concentrated_head_keeps_fewer_blocks_than_flat_head(policy, sparsity):
     assert torch.equal(conc, lo), "the concentrated head sits on its floor (its mass is in the sink block)"
 
 
-def test_peaked_rows_keep_fewer_blocks_than_flat_rows_of_one_head():
-    """Within one head: query blocks whose mass sits on one block give budget to the flat query blocks."""
+@pytest.mark.parametrize("window", [4, 37])
+def test_peaked_rows_keep_fewer_blocks_than_flat_rows_of_one_head(window):
+    """Within one head and window: query blocks whose mass sits on one block give budget to the flat query blocks
+    (with budget_window=1 a single head keeps the fixed count in every block: nothing to move it to)."""
     m = 37
     allowed = causal_block_mask(m)
     a = allowed.float() / allowed.sum(-1, keepdim=True)
     peaked = torch.arange(m) % 2 == 0
     a[peaked] = torch.eye(m)[peaked] * 0.999 + a[peaked] * 0.001  # all mass on the diagonal (local) block
-    cfg = CABConfig(sparsity=0.8, budget="adaptive", policy="magnitude")
+    cfg = CABConfig(sparsity=0.8, budget="adaptive", policy="magnitude", budget_window=window)
     cnt = _adaptive(a[None, None], cfg)[0, 0]
     fixed = cfg.keep_counts(m)
-    rows = torch.arange(m) >= 10  # past the first rows, where floor = fixed = forced
+    rows = torch.arange(m) >= 12  # past the first rows, where floor = fixed = forced
+    if window == 4:
+        rows &= torch.arange(m) < 36  # the last window holds one peaked row alone
     assert (cnt[peaked & rows] < fixed[peaked & rows]).all() and (cnt[~peaked & rows] > fixed[~peaked & rows]).all()
+    assert torch.equal(_adaptive(a[None, None], cfg.replace(budget_window=1))[0, 0], fixed)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9], ids=lambda s: f"s{s}")
+def test_adaptive_counts_of_whole_windows_do_not_depend_on_the_chunks(window, sparsity):
+    """Rows given in chunks of whole windows (what CABScheduler cuts) get the counts the whole prompt's rows get; a
+    chunk that ends inside a window splits that window's total over the rows it holds instead."""
+    m = 40
+    cfg = CABConfig(sparsity=sparsity, budget="adaptive", budget_window=window)
+    a_max, _ = graphs(2, 4, m, seed=window)
+    allowed = causal_block_mask(m)
+    peaked = torch.arange(m) % 2 == 0  # sequence 1: peaked and flat query blocks in turn
+    a_max[1] = allowed.float() / allowed.sum(-1, keepdim=True)
+    a_max[1, :, peaked] = torch.eye(m)[peaked] * 0.999 + a_max[1, :, peaked] * 0.001
+    whole = _adaptive(a_max, cfg)
+    forced = forced_mask(m, cfg.sink_blocks, cfg.local_blocks)
+
+    def chunked(ends):
+        out, start = [], 0
+        for end in ends:
+            fixed = cfg.keep_counts(end)[start:]
+            out.append(adaptive_keep_counts(a_max[..., start:end, :], allowed[start:end], forced[start:end], fixed,
+                                            cfg.top_p, cfg.budget_floor, cfg.budget_cap, start, window))
+            start = end
+        return torch.cat(out, -1)
+
+    aligned = [e for e in range(window * 2, m, window * 2)] + [m]
+    assert torch.equal(chunked(aligned), whole)
+    if window > 1:  # cut one row into the last whole window, where the rows keep several blocks each
+        cut = (m // window - 1) * window + 1
+        assert not torch.equal(chunked([cut, m]), whole), "a cut inside a window moved no block"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,6 +294,7 @@ BAD_FIELDS = [
     ("top_p", 0.0), ("top_p", -0.1), ("top_p", 1.5), ("top_p", float("nan")), ("top_p", True), ("top_p", "0.9"),
     ("budget_floor", -0.1), ("budget_floor", 1.5), ("budget_floor", float("inf")), ("budget_floor", None),
     ("budget_cap", 0.5), ("budget_cap", float("inf")), ("budget_cap", False), ("budget_cap", "4"),
+    ("budget_window", 0), ("budget_window", -2), ("budget_window", 1.0), ("budget_window", True),
 ]
 
 
@@ -267,6 +315,15 @@ def test_adaptive_keep_counts_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="adaptive_keep_counts"):
         adaptive_keep_counts(torch.rand(2, m, m), causal_block_mask(m), forced, torch.ones(m - 1, dtype=torch.long),
                              0.9, 0.25, 4.0)
+
+
+def test_adaptive_keep_counts_rejects_a_bad_window():
+    m = 5
+    args = (torch.rand(2, m, m), causal_block_mask(m), forced_mask(m, 1, 1), torch.ones(m, dtype=torch.long), 0.9,
+            0.25, 4.0)
+    for first, window in [(0, 0), (0, -1), (0, True), (0, 2.0), (-1, 1)]:
+        with pytest.raises(ValueError, match="window must be an integer >= 1"):
+            adaptive_keep_counts(*args, first, window)
 
 
 def test_adaptive_keep_counts_empty_rows_and_heads():
@@ -323,8 +380,10 @@ def test_max_keep_bounds_every_count_from_the_host(sparsity, sink, local, cap):
                 continue
             allowed = causal_block_mask(m, "cpu")[rows]
             forced = forced_mask(m, sink, local, "cpu", first, mq)
-            cnt = adaptive_keep_counts(a_max[:, :, rows], allowed, forced, fixed, cfg.top_p, cfg.budget_floor, cap)
-            assert int(cnt.max()) <= max_keep(cfg, first, mq) <= first + mq
+            for window in (1, 4, m):
+                cnt = adaptive_keep_counts(a_max[:, :, rows], allowed, forced, fixed, cfg.top_p, cfg.budget_floor,
+                                           cap, first, window)
+                assert int(cnt.max()) <= max_keep(cfg, first, mq) <= first + mq
     assert max_keep(CABConfig(), 3, 0) == 0
 
 
