@@ -5,11 +5,14 @@ in both runs (from CAB's step trace) and whether its generated tokens agree.
 
     python3 benchmarks/gpu/chunk_invariance.py --backend CUSTOM --scheduler cab --out OUT.jsonl
     python3 benchmarks/gpu/chunk_invariance.py --backend CUSTOM --scheduler vllm --out OUT.jsonl
+    CAB_BUDGET_WINDOW=4 python3 benchmarks/gpu/chunk_invariance.py --cab-budget adaptive --out OUT.jsonl
 
 With --scheduler cab every chunk but the last ends on a multiple of 64 tokens; with vLLM's scheduler the short
-requests' tokens move the ends inside 64-token blocks. The generated tokens can still differ for reasons that are not
-CAB's (vLLM's GEMMs are not batch-invariant: the same row computed beside other rows rounds differently);
---backend FLASH_ATTN runs the same requests as that control (no trace there).
+requests' tokens move the ends inside 64-token blocks. --cab-budget adaptive sends the long prompt under the adaptive
+budget, whose windows (CAB_BUDGET_WINDOW blocks) CABScheduler's chunks end on (off_window: the ends that do not).
+The generated tokens can still differ for reasons that are not CAB's (vLLM's GEMMs are not batch-invariant: the same
+row computed beside other rows rounds differently); --backend FLASH_ATTN runs the same requests as that control (no
+trace there).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def main() -> None:
     ap.add_argument("--shorts", type=int, default=12, help="short requests beside it (300 tokens, 400 generated)")
     ap.add_argument("--budget", type=int, default=4096, help="max_num_batched_tokens")
     ap.add_argument("--sparsity", type=float, default=0.95)
+    ap.add_argument("--cab-budget", choices=("fixed", "adaptive"), default="fixed",
+                    help="the long prompt's cab_budget (adaptive: windows of CAB_BUDGET_WINDOW blocks)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.long <= 4096:
@@ -77,7 +82,8 @@ def main() -> None:
     rng = random.Random(0)
     long_ids = [rng.randrange(3, 49152) for _ in range(a.long)]
     shorts = [[rng.randrange(3, 49152) for _ in range(300)] for _ in range(a.shorts)]
-    extra = {"cab_sparsity": a.sparsity} if a.backend == "CUSTOM" else None
+    extra = {"cab_sparsity": a.sparsity, "cab_budget": a.cab_budget} if a.backend == "CUSTOM" else None
+    window = 64 * int(os.environ.get("CAB_BUDGET_WINDOW") or 1) if a.cab_budget == "adaptive" else 64
     p_long = SamplingParams(max_tokens=32, temperature=0.0, extra_args=extra)
     p_short = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     alone = llm.generate([{"prompt_token_ids": long_ids}], [p_long], use_tqdm=False)[0].outputs[0].token_ids
@@ -87,10 +93,12 @@ def main() -> None:
     ends = chunk_ends(trace, a.long) if a.backend == "CUSTOM" else []
     row = dict(backend=a.backend, scheduler=a.scheduler, long=a.long, shorts=a.shorts, budget=a.budget,
                sparsity=a.sparsity if a.backend == "CUSTOM" else None, init_s=round(init_s, 1),
+               cab_budget=a.cab_budget if a.backend == "CUSTOM" else None, window_tokens=window,
                chunk_ends=ends, off_block=[[e for e in r[:-1] if e % 64] for r in ends],
+               off_window=[[e for e in r[:-1] if e % window] for r in ends],
                alone=list(alone), beside=list(beside), same=list(alone) == list(beside),
                first_difference=next((i for i, (x, y) in enumerate(zip(alone, beside)) if x != y), None))
-    print("INVARIANCE", json.dumps({k: v for k, v in row.items() if k not in ("alone", "beside", "chunk_ends")}),
+    print("INVARIANCE", json.dumps({k: v for k, v in row.items() if k not in ("alone", "beside")}),
           flush=True)
     with open(a.out, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -587,12 +587,22 @@ def test_a_preempted_request_replays_its_decode_selections(impl):
     the chunk past the prompt's end keeps, row by row, what those rows kept as decode rows (the stored prompt
     selection and every later block), so its keys and values come out as they did; the same tokens decoded one by
     one and prefilled as one chunk give the same outputs (the prefill through the torch path or the Triton kernel)."""
+    _check_replay(impl, "cpu", *((700, 140) if impl == "torch" else (330, 70)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_preempted_request_replays_its_decode_selections_on_the_gpu(impl):
+    """The same on a CUDA device (compiled Triton kernels, float32), at a longer prompt."""
+    _check_replay(impl, "cuda", 2000, 300)
+
+
+def _check_replay(impl: str, dev: str, n_prompt: int, n_gen: int) -> None:
     torch.manual_seed(6)
     hq, hkv, d = 4, 2, 32
-    n_prompt, n_gen = (700, 140) if impl == "torch" else (330, 70)
-    q = [torch.randn(hq, n_prompt + n_gen, d)]
-    k = [torch.randn(hkv, n_prompt + n_gen, d)]
-    v = [torch.randn(hkv, n_prompt + n_gen, d)]
+    q = [torch.randn(hq, n_prompt + n_gen, d, device=dev)]
+    k = [torch.randn(hkv, n_prompt + n_gen, d, device=dev)]
+    v = [torch.randn(hkv, n_prompt + n_gen, d, device=dev)]
     cfg = CABConfig(sparsity=0.8)  # decode_rule "auto": the prompt rule for cab
     decoded, replayed = PagedSim(q, k, v, page_size=16, cfg=cfg), PagedSim(q, k, v, page_size=16, cfg=cfg)
     for sim in (decoded, replayed):
