@@ -591,13 +591,17 @@ def test_a_preempted_request_replays_its_decode_selections(impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_a_preempted_request_replays_its_decode_selections_on_the_gpu(impl):
-    """The same on a CUDA device (compiled Triton kernels, float32), at a longer prompt."""
-    _check_replay(impl, "cuda", 2000, 300)
+    """The same on a CUDA device, float32, at a longer prompt, the decode steps through the same implementation as
+    the replayed chunk: torch to 1e-4; the compiled Triton kernels multiply in TF32 (10-bit mantissas), so the
+    one-row decode and the chunk's tiles round differently, to ~1e-3 (a wrong block would move outputs by ~0.1)."""
+    _check_replay(impl, "cuda", 2000, 300, decode_impl=impl,
+                  tol=dict(rtol=1e-4, atol=1e-5) if impl == "torch" else dict(rtol=2e-2, atol=5e-3))
 
 
-def _check_replay(impl: str, dev: str, n_prompt: int, n_gen: int) -> None:
+def _check_replay(impl: str, dev: str, n_prompt: int, n_gen: int, decode_impl: str = "auto",
+                  tol: dict | None = None) -> None:
     torch.manual_seed(6)
     hq, hkv, d = 4, 2, 32
     q = [torch.randn(hq, n_prompt + n_gen, d, device=dev)]
@@ -609,12 +613,12 @@ def _check_replay(impl: str, dev: str, n_prompt: int, n_gen: int) -> None:
         sim.prompt_lens[0] = n_prompt
         sim.step([(0, 128)], impl=impl)
         sim.step([(0, n_prompt - 128)], impl=impl)
-    outs = [decoded.step([(0, 1)])[0] for _ in range(n_gen)]
+    outs = [decoded.step([(0, 1)], impl=decode_impl)[0] for _ in range(n_gen)]
     out, md = replayed.step([(0, n_gen)], impl=impl)
     assert md["plan"].replay == [(replayed.prompt_slots.of["req-0"], (n_prompt - 1) // 64 + 1)]
     assert md["plan"].store == [None] and md["plan"].summary == [None]
-    torch.testing.assert_close(out, torch.cat(outs), rtol=1e-4, atol=1e-5)
-    assert check_step(replayed, out, md) < 1e-5
+    torch.testing.assert_close(out, torch.cat(outs), **(tol or dict(rtol=1e-4, atol=1e-5)))
+    assert check_step(replayed, out, md) < (1e-5 if impl == "torch" or dev == "cpu" else 5e-3)
 
 
 def test_prompt_decode_rule_after_a_dense_prompt_of_unknown_length_selects_by_bounds():

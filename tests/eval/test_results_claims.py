@@ -767,3 +767,36 @@ def test_cab_scheduler_run_matches_its_files():
         assert got[label] == want, (label, got[label], want)
     cuts = inv[("CUSTOM", "vllm")]["chunk_ends"][1][:-1]
     assert f"inside 64-token blocks at {len([e for e in cuts if e % 64])} of its {len(cuts)} cuts" in text
+
+
+def test_adaptive_windows_run_matches_its_files():
+    """The forty-third run (BENCHMARKS.md): the long prompt's chunk ends and answers under the adaptive budget with
+    windows of 256 tokens, and the GPU test counts, recomputed from the run's files."""
+    base = ROOT / "benchmarks" / "results" / "adaptive_windows_h100_2026-12-07"
+    inv = {r["scheduler"]: r for r in jsonl(base / "invariance_adaptive.jsonl")}
+    got = table(ROOT / "BENCHMARKS.md", "| engine, adaptive budget | chunk ends beside")
+
+    def ends(xs: list[int]) -> str:
+        return f"{xs[0]}, {xs[1]}, {xs[2]}, ..., {xs[-2]}, {xs[-1]}"
+
+    alone = None
+    for label, key in (("CAB 95%, CABScheduler", "cab"), ("CAB 95%, vLLM's scheduler", "vllm")):
+        r = inv[key]
+        assert (r["backend"], r["cab_budget"], r["window_tokens"], r["long"], r["shorts"], r["budget"]) == \
+            ("CUSTOM", "adaptive", 256, 40000, 12, 4096) and len(r["alone"]) == 32
+        alike = next((i for i, (x, y) in enumerate(zip(r["alone"], r["beside"])) if x != y), 32)
+        assert alike == (r["first_difference"] if r["first_difference"] is not None else 32)
+        first, beside = r["chunk_ends"]
+        alone = alone or first
+        assert first == alone, "both engines cut the prompt alone the same way"
+        off = f"{len([e for e in beside[:-1] if e % 64])} / {len([e for e in beside[:-1] if e % 256])}"
+        assert got[label] == [ends(beside), off, f"{alike} of 32"], (label, got[label])
+    text = flat(ROOT / "BENCHMARKS.md")
+    assert f"both engines cut the prompt at {alone[0]}, {alone[1]}, ..., {alone[-2]}, {alone[-1]}" in text
+    cuts = inv["vllm"]["chunk_ends"][1][:-1]
+    assert len(cuts) == 9 and all(e % 256 for e in cuts)
+    assert f"cuts inside windows at all {len(cuts)} of its cuts (inside 64-token blocks at " \
+           f"{len([e for e in cuts if e % 64])})" in text
+    tests = (base / "gpu_tests.txt").read_text()
+    assert "1 failed, 87 passed" in tests and "test_a_preempted_request_replays_its_decode_selections_on_the_gpu" in tests
+    assert "87 passed and the new test of a preempted request's replay on the GPU failed" in text
