@@ -800,3 +800,17 @@ def test_adaptive_windows_run_matches_its_files():
     tests = (base / "gpu_tests.txt").read_text()
     assert "1 failed, 87 passed" in tests and "test_a_preempted_request_replays_its_decode_selections_on_the_gpu" in tests
     assert "87 passed and the new test of a preempted request's replay on the GPU failed" in text
+
+
+def test_adaptive_windows_cpu_check_matches_its_rows():
+    """RESULTS.md: the CPU check of the adaptive budget's windows, each variant's mean score and density."""
+    rows = jsonl(ROOT / "experiments" / "results" / "tasks_qwen_cpu_adaptive_windows.jsonl")
+    text = flat(ROOT / "experiments" / "RESULTS.md")
+    got = {}
+    for v in ("cab", "cab:budget=adaptive", "cab:budget=adaptive,budget_window=64"):
+        mine = [r for r in rows if r["variant"] == v]
+        assert len(mine) == 16 and {r["length"] for r in mine} == {4096} and {r["sparsity"] for r in mine} == {0.9}
+        got[v] = (f"{sum(r['score'] for r in mine) / 16:.2f}", f"{sum(r['density'] for r in mine) / 16:.3f}")
+    a, b, c = got["cab"], got["cab:budget=adaptive"], got["cab:budget=adaptive,budget_window=64"]
+    assert f"fixed {a[0]} (density {a[1]}), adaptive with windows of one block {b[0]} ({b[1]}), adaptive with one " \
+           f"window over the whole 4k prompt, the old rule's split, {c[0]} ({c[1]})" in text
