@@ -68,6 +68,7 @@ def main() -> None:
     from engine_bench import LLAMA_8B, redraw_weights
     from vllm import LLM, SamplingParams
 
+    from cab_vllm.backend.plan import EngineSettings
     from cab_vllm.backend.scheduler import QUALNAME
 
     d = tempfile.mkdtemp()
@@ -83,7 +84,8 @@ def main() -> None:
     long_ids = [rng.randrange(3, 49152) for _ in range(a.long)]
     shorts = [[rng.randrange(3, 49152) for _ in range(300)] for _ in range(a.shorts)]
     extra = {"cab_sparsity": a.sparsity, "cab_budget": a.cab_budget} if a.backend == "CUSTOM" else None
-    window = 64 * int(os.environ.get("CAB_BUDGET_WINDOW") or 1) if a.cab_budget == "adaptive" else 64
+    cfg = EngineSettings.from_env().cfg  # the engine's CAB_* values, as the backend and CABScheduler read them
+    window = cfg.block_size * (cfg.budget_window if a.cab_budget == "adaptive" else 1)
     p_long = SamplingParams(max_tokens=32, temperature=0.0, extra_args=extra)
     p_short = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     alone = llm.generate([{"prompt_token_ids": long_ids}], [p_long], use_tqdm=False)[0].outputs[0].token_ids
@@ -94,7 +96,7 @@ def main() -> None:
     row = dict(backend=a.backend, scheduler=a.scheduler, long=a.long, shorts=a.shorts, budget=a.budget,
                sparsity=a.sparsity if a.backend == "CUSTOM" else None, init_s=round(init_s, 1),
                cab_budget=a.cab_budget if a.backend == "CUSTOM" else None, window_tokens=window,
-               chunk_ends=ends, off_block=[[e for e in r[:-1] if e % 64] for r in ends],
+               chunk_ends=ends, off_block=[[e for e in r[:-1] if e % cfg.block_size] for r in ends],
                off_window=[[e for e in r[:-1] if e % window] for r in ends],
                alone=list(alone), beside=list(beside), same=list(alone) == list(beside),
                first_difference=next((i for i, (x, y) in enumerate(zip(alone, beside)) if x != y), None))

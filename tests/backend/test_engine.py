@@ -454,6 +454,17 @@ def test_cab_scheduler_full_prefix_cache_hit_decodes_like_the_first_request(mode
     assert res["outputs"][0]["token_ids"] == res["outputs"][1]["token_ids"]
 
 
+def _long_prompt_beside_shorts(extra_args: dict) -> dict:
+    """requests and batches of a 1000-token prompt (``extra_args``, 8 tokens) run alone, then again behind eight
+    short prompts (~25 tokens each, 32 tokens generated: 8 decode rows in every later step)."""
+    ids = [1000 + (i * 7919) % 20000 for i in range(1000)]
+    x = {"prompt_token_ids": ids, "max_tokens": 8, "extra_args": extra_args}
+    words = "the quick brown fox jumps over a lazy dog while seven small birds sing in the old oak tree".split()
+    shorts = [{"prompt": " ".join(words[k:] + words[:k]) + f" Count from one to {k}:", "max_tokens": 32,
+               "ignore_eos": True} for k in range(8)]
+    return {"requests": [x, *shorts, x], "batches": [[0], list(range(1, 10))]}
+
+
 def _prefill_ends(res: dict, copies: int) -> list[list[tuple[int, bool]]]:
     """(chunk end, dense) of each prefill row longer than 100 tokens (the long prompt's chunks), split into the
     prompt's copies in the order they ran (each copy's chunks end at the prompt's length)."""
@@ -475,13 +486,8 @@ def test_cab_scheduler_cuts_a_prompt_the_same_way_whatever_runs_beside_it(model,
     than the dense threshold (500), whatever its chunks' contexts (vLLM's first chunks of 300 and 91 tokens too)."""
     from cab_vllm.backend.scheduler import QUALNAME
 
-    ids = [1000 + (i * 7919) % 20000 for i in range(1000)]
-    x = {"prompt_token_ids": ids, "max_tokens": 8, "extra_args": {"cab_sparsity": 0.8}}
-    words = "the quick brown fox jumps over a lazy dog while seven small birds sing in the old oak tree".split()
-    shorts = [{"prompt": " ".join(words[k:] + words[:k]) + f" Count from one to {k}:", "max_tokens": 32,
-               "ignore_eos": True} for k in range(8)]  # ~25 tokens each: 8 decode rows in every later step
-    job = {"model": model, "backend": "CUSTOM", "dtype": "float32", "requests": [x, *shorts, x],
-           "batches": [[0], list(range(1, 10))]}
+    job = {"model": model, "backend": "CUSTOM", "dtype": "float32",
+           **_long_prompt_beside_shorts({"cab_sparsity": 0.8})}
     kw = {"max_num_batched_tokens": 300, "enable_chunked_prefill": True, "enable_prefix_caching": False}
     env = {"CAB_DENSE_THRESHOLD": "500"}
     cab = run_engine(tmp_path / "cab", {**job, "engine_kwargs": {**kw, "scheduler_cls": QUALNAME}}, env=env)
@@ -504,13 +510,8 @@ def test_cab_scheduler_cuts_an_adaptive_prompt_at_whole_windows(model, tmp_path)
     each window's total is split over the same rows both times, and the two copies generate the same tokens."""
     from cab_vllm.backend.scheduler import QUALNAME
 
-    ids = [1000 + (i * 7919) % 20000 for i in range(1000)]
-    x = {"prompt_token_ids": ids, "max_tokens": 8, "extra_args": {"cab_sparsity": 0.8, "cab_budget": "adaptive"}}
-    words = "the quick brown fox jumps over a lazy dog while seven small birds sing in the old oak tree".split()
-    shorts = [{"prompt": " ".join(words[k:] + words[:k]) + f" Count from one to {k}:", "max_tokens": 32,
-               "ignore_eos": True} for k in range(8)]
-    job = {"model": model, "backend": "CUSTOM", "dtype": "float32", "requests": [x, *shorts, x],
-           "batches": [[0], list(range(1, 10))],
+    job = {"model": model, "backend": "CUSTOM", "dtype": "float32",
+           **_long_prompt_beside_shorts({"cab_sparsity": 0.8, "cab_budget": "adaptive"}),
            "engine_kwargs": {"max_num_batched_tokens": 400, "enable_chunked_prefill": True,
                              "enable_prefix_caching": False, "scheduler_cls": QUALNAME}}
     res = run_engine(tmp_path, job, env={"CAB_DENSE_THRESHOLD": "500", "CAB_BUDGET_WINDOW": "2"})

@@ -181,18 +181,27 @@ def test_scheduler_refuses_a_budget_that_cannot_end_a_chunk_on_a_block(tmp_path,
 
 
 def _request(n: int, prompt: int | None = None, computed: int = 0, extra=None):
+    """The fields of a vLLM Request the scheduler's hooks read: n tokens, of them ``prompt`` (n) the prompt's."""
     from types import SimpleNamespace
 
     return SimpleNamespace(num_tokens=n, num_prompt_tokens=n if prompt is None else prompt,
                            num_computed_tokens=computed, sampling_params=SimpleNamespace(extra_args=extra))
 
 
+def _vllm_hit(s, hit: int):
+    """Make vLLM's cache manager report a prefix-cache hit of ``hit`` tokens over 40 pages (of 16) for any request;
+    returns the KVCacheBlocks it reports."""
+    from types import SimpleNamespace
+
+    blocks = type(s.kv_cache_manager.empty_kv_cache_blocks)(([SimpleNamespace(block_id=i) for i in range(40)],))
+    s.vllm_computed_blocks = lambda request: (blocks, hit, 0)
+    return blocks
+
+
 @pytest.mark.parametrize("default", ["adaptive", "fixed"])
 def test_scheduler_cuts_adaptive_requests_at_whole_windows(tmp_path, monkeypatch, default):
     """CAB_BUDGET_WINDOW=4: an adaptive request's chunks end on 256-token windows and its hits are cut to them (so a
     window is always selected whole); a fixed-budget request keeps 64-token blocks, whichever is the default."""
-    from types import SimpleNamespace
-
     monkeypatch.setenv("CAB_BUDGET_WINDOW", "4")
     monkeypatch.setenv("CAB_BUDGET", default)
     s = _make_scheduler(tmp_path, monkeypatch, False)
@@ -202,9 +211,7 @@ def test_scheduler_cuts_adaptive_requests_at_whole_windows(tmp_path, monkeypatch
     assert s.cab_windowed(adaptive) and not s.cab_windowed(fixed)
     assert s._mamba_block_aligned_split(adaptive, 300) == 256 and s._mamba_block_aligned_split(fixed, 300) == 256
     assert s._mamba_block_aligned_split(adaptive, 250) == 0 and s._mamba_block_aligned_split(fixed, 250) == 192
-    pages = [SimpleNamespace(block_id=i) for i in range(40)]
-    blocks = type(s.kv_cache_manager.empty_kv_cache_blocks)((pages,))
-    s.vllm_computed_blocks = lambda request: (blocks, 640, 0)
+    _vllm_hit(s, 640)
     assert s.kv_cache_manager.get_computed_blocks(adaptive)[1] == 512
     assert s.kv_cache_manager.get_computed_blocks(fixed)[1] == 640
 
@@ -241,23 +248,16 @@ def test_scheduler_cuts_prefix_cache_hits(tmp_path, monkeypatch):
     """The cache manager hands the scheduler (and its own connector path) a hit cut to whole blocks (pages of 16: 4
     per block) that leaves the prompt's last 16 tokens to compute, with the pages that cover it; a preempted request's
     hit stops inside its prompt too."""
-    from types import SimpleNamespace
-
     s = _make_scheduler(tmp_path, monkeypatch, False)
-    pages = [SimpleNamespace(block_id=i) for i in range(40)]
-    blocks = type(s.kv_cache_manager.empty_kv_cache_blocks)((pages,))
-    s.vllm_computed_blocks = lambda request: (blocks, 640, 0)
-    def request(n: int, prompt: int | None = None):
-        return SimpleNamespace(num_tokens=n, num_prompt_tokens=n if prompt is None else prompt)
-
-    got, hit, boundary = s.kv_cache_manager.get_computed_blocks(request(641))
+    blocks = _vllm_hit(s, 640)
+    got, hit, boundary = s.kv_cache_manager.get_computed_blocks(_request(641))
     assert (hit, boundary) == (576, 0) and [b.block_id for b in got.blocks[0]] == list(range(36))
-    got, hit, _ = s.kv_cache_manager.get_computed_blocks(request(5000))
+    got, hit, _ = s.kv_cache_manager.get_computed_blocks(_request(5000))
     assert hit == 640 and got is blocks
     # preempted after 300 tokens of its answer to a 600-token prompt: the hit stops before the prompt's last 16
-    assert s.kv_cache_manager.get_computed_blocks(request(900, 600))[1] == 576
-    s.vllm_computed_blocks = lambda request: (blocks, 0, 0)
-    assert s.kv_cache_manager.get_computed_blocks(request(641))[1] == 0
+    assert s.kv_cache_manager.get_computed_blocks(_request(900, 600))[1] == 576
+    _vllm_hit(s, 0)
+    assert s.kv_cache_manager.get_computed_blocks(_request(641))[1] == 0
 
 
 def test_scheduler_refuses_a_vllm_without_the_hook(tmp_path, monkeypatch):

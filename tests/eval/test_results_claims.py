@@ -720,6 +720,11 @@ def test_h100_load_test_kv_room_matches_the_server_logs():
     assert f"CAB's server held {tokens['cab']:,} tokens of KV against FLASH_ATTN's {tokens['fa']:,}" in readme
 
 
+def _ends(xs: list[int]) -> str:
+    """A run's chunk ends as BENCHMARKS' tables abbreviate them (empty: no trace)."""
+    return f"{xs[0]}, {xs[1]}, {xs[2]}, ..., {xs[-2]}, {xs[-1]}" if xs else ""
+
+
 def test_cab_scheduler_run_matches_its_files():
     """The forty-second run (BENCHMARKS.md): CAB's TTFT and TPOT with CABScheduler and vLLM's scheduler, and the
     long prompt's chunk ends and answers beside other requests, recomputed from the run's files."""
@@ -752,9 +757,6 @@ def test_cab_scheduler_run_matches_its_files():
     inv = {(r["backend"], r["scheduler"]): r for r in jsonl(base / "invariance" / "invariance.jsonl")}
     got = table(ROOT / "BENCHMARKS.md", "| engine | chunk ends alone | chunk ends beside")
 
-    def ends(xs: list[int]) -> str:
-        return f"{xs[0]}, {xs[1]}, {xs[2]}, ..., {xs[-2]}, {xs[-1]}" if xs else ""
-
     for label, key in (("CAB 95%, CABScheduler", ("CUSTOM", "cab")), ("CAB 95%, vLLM's scheduler", ("CUSTOM", "vllm")),
                        ("FLASH_ATTN, vLLM's scheduler (control)", ("FLASH_ATTN", "vllm"))):
         r = inv[key]
@@ -763,7 +765,7 @@ def test_cab_scheduler_run_matches_its_files():
         assert alike == next((i for i, (x, y) in enumerate(zip(r["alone"], r["beside"])) if x != y), 32)
         runs_ = r["chunk_ends"] or [[], []]
         off = " / ".join(str(len([e for e in run[:-1] if e % 64])) for run in runs_) if r["chunk_ends"] else ""
-        want = [ends(runs_[0]), ends(runs_[1]), off, f"{alike} of 32"]
+        want = [_ends(runs_[0]), _ends(runs_[1]), off, f"{alike} of 32"]
         assert got[label] == want, (label, got[label], want)
     cuts = inv[("CUSTOM", "vllm")]["chunk_ends"][1][:-1]
     assert f"inside 64-token blocks at {len([e for e in cuts if e % 64])} of its {len(cuts)} cuts" in text
@@ -776,9 +778,6 @@ def test_adaptive_windows_run_matches_its_files():
     inv = {r["scheduler"]: r for r in jsonl(base / "invariance_adaptive.jsonl")}
     got = table(ROOT / "BENCHMARKS.md", "| engine, adaptive budget | chunk ends beside")
 
-    def ends(xs: list[int]) -> str:
-        return f"{xs[0]}, {xs[1]}, {xs[2]}, ..., {xs[-2]}, {xs[-1]}"
-
     alone = None
     for label, key in (("CAB 95%, CABScheduler", "cab"), ("CAB 95%, vLLM's scheduler", "vllm")):
         r = inv[key]
@@ -790,7 +789,7 @@ def test_adaptive_windows_run_matches_its_files():
         alone = alone or first
         assert first == alone, "both engines cut the prompt alone the same way"
         off = f"{len([e for e in beside[:-1] if e % 64])} / {len([e for e in beside[:-1] if e % 256])}"
-        assert got[label] == [ends(beside), off, f"{alike} of 32"], (label, got[label])
+        assert got[label] == [_ends(beside), off, f"{alike} of 32"], (label, got[label])
     text = flat(ROOT / "BENCHMARKS.md")
     assert f"both engines cut the prompt at {alone[0]}, {alone[1]}, ..., {alone[-2]}, {alone[-1]}" in text
     cuts = inv["vllm"]["chunk_ends"][1][:-1]
@@ -798,7 +797,8 @@ def test_adaptive_windows_run_matches_its_files():
     assert f"cuts inside windows at all {len(cuts)} of its cuts (inside 64-token blocks at " \
            f"{len([e for e in cuts if e % 64])})" in text
     tests = (base / "gpu_tests.txt").read_text()
-    assert "1 failed, 87 passed" in tests and "test_a_preempted_request_replays_its_decode_selections_on_the_gpu" in tests
+    assert "1 failed, 87 passed" in tests
+    assert "test_a_preempted_request_replays_its_decode_selections_on_the_gpu" in tests
     assert "87 passed and the new test of a preempted request's replay on the GPU failed" in text
 
 
