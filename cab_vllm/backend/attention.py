@@ -233,6 +233,25 @@ def replay_selection(table: PromptTable, slot: int, pblocks: int, first: int, la
     return idx, counts, first
 
 
+def _attend_as_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_table_row: torch.Tensor, q0: int, pieces: list, scale: float, out: torch.Tensor,
+                      impl: str, record: dict | None, r: int,
+                      kernels, key_codes, token_passes) -> None:
+    """A prefill row's chunk whose rows run as the decode rows they were (BatchPlan.as_decode: a preempted request's
+    tokens past its prompt under a per-step decode rule): each piece's rows through attend's decode path, one query
+    token each at its own context, over the same pages. record["as_decode"][r]: each piece's decode selections."""
+    dev = q.device
+    for sub in pieces:
+        k = sub.num_reqs
+        rec = {} if record is not None else None
+        attend(q[q0:q0 + k], key_cache, value_cache, block_table_row[None].expand(k, -1).contiguous(),
+               device_ints(sub.seq_lens, dev, torch.int32), sub, scale, out[q0:q0 + k], impl, record=rec,
+               kernels=kernels, key_codes=key_codes, token_passes=token_passes)
+        if record is not None:
+            record.setdefault("as_decode", {}).setdefault(r, []).append(rec.get("decode"))
+        q0 += k
+
+
 def resolve(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
@@ -482,10 +501,18 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
         replays = dict(zip(plan.prefill_rows, plan.replay or none))
         kept = dict(zip(plan.prefill_rows, plan.summary or none))
         final = dict(zip(plan.prefill_rows, plan.final or [True] * len(plan.prefill_rows)))
+        as_decode = dict(zip(plan.prefill_rows, plan.as_decode or none))
+        for r in rows:
+            if as_decode.get(r):
+                _attend_as_decode(q, key_cache, value_cache, block_table[r], plan.qsl[r], as_decode[r], scale, out,
+                                  impl, record, r, kernels, key_codes, token_passes)
         with STATS.timed("prefill", dev):
             for r in rows:
                 q0, q1, n = plan.qsl[r], plan.qsl[r + 1], plan.seq_lens[r]
                 cfg = plan.cfgs[r]
+                if as_decode.get(r):  # ran as decode rows (above)
+                    sels.append(None)
+                    continue
                 toks.append(torch.arange(q0, q1, device=dev))
                 qsl_sub.append(qsl_sub[-1] + q1 - q0)
                 entry, summary = kept.get(r), None
@@ -514,6 +541,8 @@ def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                     table.put(slot, idx[qb - first], cnt[qb - first])
         if record is not None:
             record["prefill"] = sels
+        if any(s is None for s in sels):
+            rows, sels = [r for r, s in zip(rows, sels) if s is not None], [s for s in sels if s is not None]
         if dev.type == "cpu" and not skip_dense:
             # dense rows (short contexts, sparsity 0, policy "dense") on a CPU: dense causal attention, not the
             # sparse path with every block kept (3x the time to first token of vLLM's CPU attention at 4k, whose

@@ -59,6 +59,9 @@ ENV_FIELDS = {  # environment variable -> (CABConfig field, parser)
 IMPLS = ("auto", "torch", "triton")
 TOKEN_SCORERS = ("exact", "int4", "fp8")
 MAX_RERANK = 64  # (ops.token_decode.MAX_RERANK; plan.py imports no kernel module)
+# Rows per piece of a chunk that runs as decode rows (BatchPlan.as_decode): each piece's decode launches hold its
+# rows' scores and selections ([rows, Hkv, key blocks] each; 64 MiB apiece at 512 rows, 8 KV heads and 128k)
+AS_DECODE_ROWS = 512
 REQUEST_KEYS = ("cab_sparsity", "cab_policy", "cab_budget")
 
 
@@ -342,6 +345,11 @@ class BatchPlan:
     # filled by route_rows, per decode row: keys each query head keeps under decode_rule="tokens" (0: not a token
     # row; such a row is MODE_SKIP for the block kernel and runs in ops.token_decode)
     tkeep: list | None = None
+    # per prefill row (plan.prefill_rows order): for a sparse chunk past its prompt's end under a per-step decode rule
+    # (a preempted request prefilled again over the tokens it had generated), the plans of its rows as the decode
+    # rows they were, in pieces of up to AS_DECODE_ROWS rows (each row one query token at its own context, routed by
+    # route_rows; attention.attend runs them through the decode path); None
+    as_decode: list | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -370,7 +378,7 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
         raise ValueError(f"batch of {n} rows has {len(req_ids)} request ids")
     if prompt_lens is not None and len(prompt_lens) != n:
         raise ValueError(f"batch of {n} rows has {len(prompt_lens)} prompt lengths")
-    dec, pre, out_cfgs, dense = [], [], [], []
+    dec, pre, out_cfgs, dense, as_decode = [], [], [], [], []
     for r in range(n):
         q_len = qsl[r + 1] - qsl[r]
         if q_len <= 0:  # padding row
@@ -378,16 +386,41 @@ def plan_batch(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
             dense.append(True)
             continue
         pl = prompt_lens[r] if prompt_lens is not None else None
-        d = dense_reason(cfgs[r], sl[r], dense_threshold, pl, q_len == 1) is not None
+        subs = None
+        if q_len > 1 and pl is not None and sl[r] - q_len >= pl and cfgs[r].decode_scoring not in ("prompt", "all"):
+            subs = decode_pieces(sl[r], q_len, cfgs[r], dense_threshold, pl)
+            d = all(all(s.dense) for s in subs)  # each row dense or not by its own context, as a decode row
+            if d:
+                subs = None
+        else:
+            d = dense_reason(cfgs[r], sl[r], dense_threshold, pl, q_len == 1) is not None
         out_cfgs.append(_as_dense(cfgs[r]) if d and cfgs[r].policy != "dense" else cfgs[r])
         dense.append(d)
         (dec if q_len == 1 else pre).append(r)
+        if q_len > 1:
+            as_decode.append(subs)
         if count:
             METRICS[("decode" if q_len == 1 else "prefill") + ("_dense" if d else "_sparse")] += 1
             if q_len == 1 and not d and cfgs[r].decode_scoring == "prompt":
                 METRICS["decode_prompt_rule"] += 1
     return BatchPlan(dec, pre, out_cfgs, dense, qsl, sl, None if req_ids is None else list(req_ids), live,
-                     None if prompt_lens is None else list(prompt_lens))
+                     None if prompt_lens is None else list(prompt_lens), as_decode=as_decode)
+
+
+def decode_pieces(seq_len: int, q_len: int, cfg: CABConfig, dense_threshold: int, prompt_len: int
+                  ) -> list[BatchPlan]:
+    """The rows of a chunk of q_len tokens ending at seq_len, past its prompt (prompt_len tokens), as decode rows:
+    plans of up to AS_DECODE_ROWS rows, row i one query token at context seq_len - q_len + i + 1 (BatchPlan.as_decode).
+    Each row is planned as a decode row of the same request: dense or sparse by its own context, then (route_rows)
+    its blocks by the same per-step rule, so a preempted request's recomputed tokens select what they did when they
+    were decoded, whatever other requests shared either step."""
+    start = seq_len - q_len
+    pieces = []
+    for a in range(0, q_len, AS_DECODE_ROWS):
+        k = min(AS_DECODE_ROWS, q_len - a)
+        pieces.append(plan_batch(range(k + 1), range(start + a + 1, start + a + k + 1), [cfg] * k, dense_threshold,
+                                 count=False, prompt_lens=[prompt_len] * k))
+    return pieces
 
 
 def _int_list(xs) -> list[int]:
@@ -485,8 +518,9 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
     (ops.token_decode runs them; keep holds the blocks that budget stands for, what the metrics count); MODE_PROMPT
     when the request's prompt selection is stored, else the step's own selection: MODE_BOUNDS (cab/magnitude/h2o/curvature), MODE_RECENT (streaming), MODE_RANDOM.
     A sparse prefill row whose chunk holds the prompt's last token stores that query block's selection; one whose
-    chunk starts past the prompt's end, with the selection stored, replays it (plan.replay). A sparse prefill row of an
-    estimating policy with a one-pass estimator gets a key-summary slot (summaries)."""
+    chunk starts past the prompt's end, with the selection stored, replays it (plan.replay); under a per-step rule
+    its rows are routed as the decode rows they were (plan.as_decode). A sparse prefill row of an estimating policy
+    with a one-pass estimator gets a key-summary slot (summaries)."""
     ESTIMATED_POLICIES, SUMMARY_ESTIMATORS, MODE_ALL, MODE_BOUNDS, MODE_PROMPT, MODE_RANDOM, MODE_RECENT, MODE_SKIP = \
         _route_names()
     if slots is not None:
@@ -515,7 +549,7 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
         summaries.begin_step(plan.live)
         step = frozenset(plan.req_ids or ())
     store, kept, final, replay = [], [], [], []
-    for r in plan.prefill_rows:
+    for i, r in enumerate(plan.prefill_rows):
         cfg, n = plan.cfgs[r], plan.seq_lens[r]
         rid = plan.req_ids[r] if plan.req_ids is not None else None
         pl = plan.prompt_len(r)
@@ -526,9 +560,20 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
         past = (pl is not None and n - q_len >= pl and not plan.dense[r] and cfg.decode_scoring == "prompt"
                 and slots is not None and rid in slots.stored)
         replay.append((slots.of[rid], slots.stored[rid]) if past else None)
+        subs = plan.as_decode[i] if plan.as_decode else None
+        if (subs is None and pl is not None and n - q_len >= pl and not plan.dense[r]
+                and cfg.decode_scoring == "prompt" and not past):
+            # the prompt rule without a stored selection (no free slot): its decode rows chose by key bounds, every
+            # one sparse (a sparse prompt's rows are at least the threshold long)
+            subs = decode_pieces(n, q_len, cfg, 0, pl)
+            if plan.as_decode is None:
+                plan.as_decode = [None] * len(plan.prefill_rows)
+            plan.as_decode[i] = subs
+        for sub in subs or ():  # its rows as the decode rows they were: their own rule, no prompt table
+            route_rows(sub, None, fa_dense=False)
         got = None
         if (summaries is not None and rid is not None and not plan.dense[r] and cfg.policy in ESTIMATED_POLICIES
-                and cfg.estimator in SUMMARY_ESTIMATORS and not past):
+                and cfg.estimator in SUMMARY_ESTIMATORS and not past and not subs):
             got = summaries.take(rid, (n - q_len) // cfg.block_size, step)
             if got is not None:
                 summaries.done(rid, n // cfg.block_size, ended=holds_end or n >= end)

@@ -28,9 +28,10 @@ CABScheduler works through the hook vLLM 0.26-0.33 have for Mamba's block-aligne
 hook, are refused at start.
 
 cab-serve uses it; with ``vllm serve`` or ``LLM(...)`` pass ``--scheduler-cls cab_vllm.backend.scheduler.CABScheduler``
-(``scheduler_cls=...``). The chunk of a preempted request past its prompt's end replays, under the prompt decode rule,
-what its rows kept as decode rows (plan.route_rows, attention.replay_selection). What still depends on other
-requests: those rows under the per-step decode rules, and KV pages loaded by a KV connector.
+(``scheduler_cls=...``). The chunk of a preempted request past its prompt's end replays what its rows kept as decode
+rows: under the prompt decode rule the stored selection (plan.route_rows, attention.replay_selection), under the per-step
+rules each row as the decode row it was (plan.decode_pieces). What still depends on other requests: KV pages loaded
+by a KV connector.
 """
 
 from __future__ import annotations

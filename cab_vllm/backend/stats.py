@@ -258,6 +258,7 @@ class Stats:
         decode_index = {r: i for i, r in enumerate(plan.decode_rows)}
         final = dict(zip(plan.prefill_rows, plan.final or ()))  # prefill rows holding their prompt's end
         replay = dict(zip(plan.prefill_rows, plan.replay or ()))  # prefill rows replaying the prompt rule
+        as_decode = dict(zip(plan.prefill_rows, plan.as_decode or ()))  # prefill rows run as decode rows
         for r in range(plan.num_reqs):
             q_len = plan.qsl[r + 1] - plan.qsl[r]
             if q_len <= 0:
@@ -284,6 +285,14 @@ class Stats:
                 mode = "sparse"
             elif replay.get(r) is not None:  # a preempted request's rows past its prompt: as its decode rows
                 kept = prompt_rule_kept(cfg, replay[r][1], first, last)
+                mode = "sparse"
+            elif as_decode.get(r):  # the same under a per-step rule: the rows' share of their contexts' blocks,
+                # counted on the chunk's query blocks as every prefill chunk is
+                rows = Counter()
+                for sub in as_decode[r]:
+                    rows += self._plan_counts(sub, [cfg] * sub.num_reqs, block_size, dense_threshold)
+                k_rows, c_rows = (sum(v for key, v in rows.items() if key[0] == name) for name in ("kept", "causal"))
+                kept = causal * k_rows / c_rows
                 mode = "sparse"
             else:
                 kept = kept_blocks(cfg.sparsity, cfg.sink_blocks + cfg.local_blocks, first, last)

@@ -454,6 +454,29 @@ def test_cab_scheduler_full_prefix_cache_hit_decodes_like_the_first_request(mode
     assert res["outputs"][0]["token_ids"] == res["outputs"][1]["token_ids"]
 
 
+@pytest.mark.parametrize("rule", ["bounds", "prompt"])
+def test_a_preempted_request_generates_what_it_does_alone(model, tmp_path, rule):
+    """Two copies of a 700-token prompt at 80%, each generating 160 tokens, in a KV cache too small for both: vLLM
+    preempts one and prefills it again over its prompt and the tokens it had generated. The chunk past the prompt
+    keeps what those tokens kept as decode rows (the prompt rule: the stored selection and every later block; bounds:
+    each row as the decode row it was), so both copies generate what the prompt generates alone."""
+    from cab_vllm.backend.scheduler import QUALNAME
+
+    ids = [1000 + (i * 7919) % 20000 for i in range(700)]
+    req = {"prompt_token_ids": ids, "max_tokens": 160, "ignore_eos": True, "extra_args": {"cab_sparsity": 0.8}}
+    job = {"model": model, "backend": "CUSTOM", "dtype": "float32", "max_model_len": 1024,
+           "requests": [req, req, req], "batches": [[0], [1, 2]],
+           "engine_kwargs": {"block_size": 16, "num_gpu_blocks_override": 90, "max_num_batched_tokens": 1024,
+                             "enable_prefix_caching": False, "scheduler_cls": QUALNAME}}
+    res = run_engine(tmp_path, job, env={"CAB_DENSE_THRESHOLD": "500", "CAB_DECODE_RULE": rule})
+    rows = [r for st in plans(res["trace"]) for r in st]
+    past = [r for r in rows if r[0] > 1 and r[1] - r[0] >= len(ids)]  # recomputed tokens past the prompt
+    assert past and not any(r[4] for r in past), rows
+    alone = res["outputs"][0]["token_ids"]
+    assert len(alone) == 160
+    assert res["outputs"][1]["token_ids"] == alone and res["outputs"][2]["token_ids"] == alone
+
+
 def _long_prompt_beside_shorts(extra_args: dict) -> dict:
     """requests and batches of a 1000-token prompt (``extra_args``, 8 tokens) run alone, then again behind eight
     short prompts (~25 tokens each, 32 tokens generated: 8 decode rows in every later step)."""

@@ -16,7 +16,7 @@ from cab_vllm.api import select_blocks
 from cab_vllm.backend.plan import METRICS, EngineSettings, plan_batch, request_config, validate_request_args
 from cab_vllm.backend.attention import prefill_selection
 from cab_vllm.config import CABConfig
-from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS
+from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS, MODE_RANDOM, MODE_RECENT, MODE_SKIP
 from cab_vllm.ops.reference import num_blocks
 from cab_vllm.policies import estimate, select_from_attention
 
@@ -619,6 +619,89 @@ def _check_replay(impl: str, dev: str, n_prompt: int, n_gen: int, decode_impl: s
     assert md["plan"].store == [None] and md["plan"].summary == [None]
     torch.testing.assert_close(out, torch.cat(outs), **(tol or dict(rtol=1e-4, atol=1e-5)))
     assert check_step(replayed, out, md) < (1e-5 if impl == "torch" or dev == "cpu" else 5e-3)
+
+
+PER_STEP_RULES = [dict(decode_rule="bounds"), dict(decode_rule="tokens"), dict(policy="streaming"),
+                  dict(policy="random"), dict(decode_rule="prompt")]  # the last with no free prompt-table slot
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("rule", PER_STEP_RULES, ids=lambda kw: "-".join(kw.values()))
+def test_a_preempted_request_recomputes_its_tokens_as_decode_rows_under_a_per_step_rule(monkeypatch, impl, rule):
+    """Under a per-step decode rule (key bounds, tokens, streaming's recent blocks, random; the prompt rule without a
+    stored selection, which decodes by bounds) a preempted request's chunk past its prompt runs row by row as the
+    decode rows those tokens were: each row's selection is the one its decode step made and its output the same,
+    whatever the chunk's size and where it starts (pieces of 50 rows here, the last one short)."""
+    from cab_vllm.backend.plan import PromptSlots
+
+    monkeypatch.setattr("cab_vllm.backend.plan.AS_DECODE_ROWS", 50)
+    torch.manual_seed(8)
+    hq, hkv, d = 4, 2, 32
+    n_prompt, n_gen = (700, 140) if impl == "torch" else (330, 70)
+    q = [torch.randn(hq, n_prompt + n_gen, d)]
+    k = [torch.randn(hkv, n_prompt + n_gen, d)]
+    v = [torch.randn(hkv, n_prompt + n_gen, d)]
+    cfg = CABConfig(sparsity=0.8, **rule)
+    decoded, replayed = PagedSim(q, k, v, page_size=16, cfg=cfg), PagedSim(q, k, v, page_size=16, cfg=cfg)
+    for sim in (decoded, replayed):
+        if cfg.decode_scoring == "prompt":
+            sim.prompt_slots = PromptSlots(0)
+        sim.prompt_lens[0] = n_prompt
+        sim.step([(0, n_prompt)], impl=impl)
+    steps = [decoded.step([(0, 1)], impl=impl) for _ in range(n_gen)]
+    out, md = replayed.step([(0, n_gen)], impl=impl)
+    plan = md["plan"]
+    pieces = plan.as_decode[0]
+    assert [p.num_reqs for p in pieces] == [50] * (n_gen // 50) + [n_gen % 50]
+    assert plan.replay == [None] and md["prefill"] == [None]
+    assert {m for _, s in steps for m in s["plan"].modes} == {dict(tokens=MODE_SKIP, recent=MODE_RECENT,
+                                                                 random=MODE_RANDOM).get(cfg.decode_scoring, MODE_BOUNDS)}
+    assert [p.modes for p in pieces] == [[m for _, s in steps[a:a + p.num_reqs] for m in s["plan"].modes]
+                                         for a, p in zip(range(0, n_gen, 50), pieces)]
+    assert [t for p in pieces for t in p.tkeep] == [s["plan"].tkeep[0] for _, s in steps]
+    if cfg.decode_scoring != "tokens":  # the block rules: each row's blocks, head by head
+        got = [(idx[i], cnt[i]) for idx, cnt in md["as_decode"][0] for i in range(idx.shape[0])]
+        for (idx, cnt), (_, s) in zip(got, steps, strict=True):
+            assert torch.equal(cnt, s["decode"][1][0])
+            for h in range(hkv):
+                assert torch.equal(idx[h, : cnt[h]], s["decode"][0][0, h, : cnt[h]])
+    torch.testing.assert_close(out, torch.cat([o for o, _ in steps]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_chunk_past_a_short_prompt_runs_its_rows_dense_or_sparse_by_their_own_contexts():
+    """A per-step rule decides a decode row by its context, so a preempted request whose answer crossed the dense
+    threshold has a recomputed chunk with dense rows, then sparse ones (the prompt rule: dense, by the prompt); a
+    chunk wholly below the threshold stays a dense prefill row (vLLM's FlashAttention runs it)."""
+    from cab_vllm.backend.stats import Stats
+
+    bounds = CABConfig(sparsity=0.9, decode_rule="bounds")
+    p = plan_batch([0, 300], [1200], [bounds], dense_threshold=1000, count=False, prompt_lens=[900])
+    assert p.dense == [False]
+    (piece,) = p.as_decode[0]
+    assert piece.seq_lens == list(range(901, 1201)) and piece.dense == [n < 1000 for n in range(901, 1201)]
+    assert plan_batch([0, 300], [1200], [CABConfig(sparsity=0.9)], dense_threshold=1000, count=False,
+                      prompt_lens=[900]).dense == [True]  # the prompt rule
+    p = plan_batch([0, 50], [950], [bounds], dense_threshold=1000, count=False, prompt_lens=[900])
+    assert p.dense == [True] and p.as_decode == [None]
+    p = plan_batch([0, 300], [1200], [bounds], dense_threshold=0, count=False, prompt_lens=[1000])  # spans the end
+    assert p.as_decode == [None]
+    # the metrics count the chunk's query blocks at its rows' share of their contexts' blocks
+    p = plan_batch([0, 300], [1200], [bounds], dense_threshold=1000, count=False, prompt_lens=[900])
+    attention_route(p)
+    stats = Stats()
+    stats.record_plan(p, [bounds], 64, 1000)
+    rows = sum(s.keep[i] if not s.dense[i] else (s.seq_lens[i] - 1) // 64 + 1 for s in p.as_decode[0]
+               for i in range(s.num_reqs))
+    ctx = sum((n - 1) // 64 + 1 for n in range(901, 1201))
+    causal = sum(b + 1 for b in range(900 // 64, 1199 // 64 + 1))
+    assert stats.totals[("kept", "prefill", "0.90")] == pytest.approx(causal * rows / ctx)
+    assert stats.totals[("causal", "prefill", "0.90")] == causal
+
+
+def attention_route(plan):
+    from cab_vllm.backend.plan import route_rows
+
+    route_rows(plan, None, fa_dense=False)
 
 
 def test_prompt_decode_rule_after_a_dense_prompt_of_unknown_length_selects_by_bounds():
