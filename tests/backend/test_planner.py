@@ -632,15 +632,28 @@ def test_a_preempted_request_recomputes_its_tokens_as_decode_rows_under_a_per_st
     stored selection, which decodes by bounds) a preempted request's chunk past its prompt runs row by row as the
     decode rows those tokens were: each row's selection is the one its decode step made and its output the same,
     whatever the chunk's size and where it starts (pieces of 50 rows here, the last one short)."""
+
+    _check_as_decode(monkeypatch, impl, "cpu", rule, *((700, 140) if impl == "torch" else (330, 70)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", PER_STEP_RULES, ids=lambda kw: "-".join(kw.values()))
+def test_a_preempted_request_recomputes_its_tokens_as_decode_rows_on_the_gpu(monkeypatch, rule):
+    """The same through the CUDA kernels (Triton, float32), at a longer prompt: the decode steps and the recomputed
+    rows run the same kernels, one row or 50 at a time (split-K merges in another order: 1e-4)."""
+    _check_as_decode(monkeypatch, "auto", "cuda", rule, 3000, 140, tol=dict(rtol=1e-4, atol=1e-5))
+
+
+def _check_as_decode(monkeypatch, impl: str, dev: str, rule: dict, n_prompt: int, n_gen: int,
+                     tol: dict | None = None) -> None:
     from cab_vllm.backend.plan import PromptSlots
 
     monkeypatch.setattr("cab_vllm.backend.plan.AS_DECODE_ROWS", 50)
     torch.manual_seed(8)
     hq, hkv, d = 4, 2, 32
-    n_prompt, n_gen = (700, 140) if impl == "torch" else (330, 70)
-    q = [torch.randn(hq, n_prompt + n_gen, d)]
-    k = [torch.randn(hkv, n_prompt + n_gen, d)]
-    v = [torch.randn(hkv, n_prompt + n_gen, d)]
+    q = [torch.randn(hq, n_prompt + n_gen, d, device=dev)]
+    k = [torch.randn(hkv, n_prompt + n_gen, d, device=dev)]
+    v = [torch.randn(hkv, n_prompt + n_gen, d, device=dev)]
     cfg = CABConfig(sparsity=0.8, **rule)
     decoded, replayed = PagedSim(q, k, v, page_size=16, cfg=cfg), PagedSim(q, k, v, page_size=16, cfg=cfg)
     for sim in (decoded, replayed):
@@ -665,7 +678,7 @@ def test_a_preempted_request_recomputes_its_tokens_as_decode_rows_under_a_per_st
             assert torch.equal(cnt, s["decode"][1][0])
             for h in range(hkv):
                 assert torch.equal(idx[h, : cnt[h]], s["decode"][0][0, h, : cnt[h]])
-    torch.testing.assert_close(out, torch.cat([o for o, _ in steps]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, torch.cat([o for o, _ in steps]), **(tol or dict(rtol=1e-5, atol=1e-6)))
 
 
 def test_a_chunk_past_a_short_prompt_runs_its_rows_dense_or_sparse_by_their_own_contexts():
