@@ -131,9 +131,15 @@ def check_step(sim: "PagedSim", out: torch.Tensor, md: dict, max_rows: int = 256
         pos = (rel + ctx).to(sim.block_table.device)
         kind, i = sel[r]
         m = (n - 1) // bs + 1
+        by_row = kind == "prefill" and md["prefill"][i] is None  # a chunk run as decode rows: a selection per row
         if kind == "decode":
             idx, cnt = md["decode"][0][i][None], md["decode"][1][i][None]  # [1, Hkv, K]
             first = (n - 1) // bs
+        elif by_row:
+            pieces = md["as_decode"][r]
+            width = max(p[0].shape[-1] for p in pieces)
+            idx = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[-1]), value=-1) for p in pieces])
+            cnt = torch.cat([p[1] for p in pieces])  # [n_new, Hkv]
         else:
             idx, cnt, first = md["prefill"][i]
         live = torch.arange(idx.shape[-1], device=idx.device) < cnt[..., None]
@@ -144,7 +150,7 @@ def check_step(sim: "PagedSim", out: torch.Tensor, md: dict, max_rows: int = 256
         k, v = sim.k[s][:, :n].float(), sim.v[s][:, :n].float()
         g = q.shape[0] // k.shape[0]
         kpos = torch.arange(n, device=q.device)
-        allowed = blk[pos // bs - first][..., kpos // bs]  # [P, Hkv, n]
+        allowed = (blk[rel.to(blk.device)] if by_row else blk[pos // bs - first])[..., kpos // bs]  # [P, Hkv, n]
         allowed = allowed & (kpos[None, None, :] <= pos[:, None, None])
         allowed = allowed.permute(1, 0, 2).repeat_interleave(g, 0)  # [Hq, P, n]
         sc = (q @ k.repeat_interleave(g, 0).transpose(-1, -2)) / math.sqrt(q.shape[-1])
