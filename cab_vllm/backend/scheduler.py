@@ -29,9 +29,9 @@ hook, are refused at start.
 
 cab-serve uses it; with ``vllm serve`` or ``LLM(...)`` pass ``--scheduler-cls cab_vllm.backend.scheduler.CABScheduler``
 (``scheduler_cls=...``). The chunk of a preempted request past its prompt's end replays what its rows kept as decode
-rows: under the prompt decode rule the stored selection (plan.route_rows, attention.replay_selection), under the per-step
-rules each row as the decode row it was (plan.decode_pieces). What still depends on other requests: KV pages loaded
-by a KV connector.
+rows: under the prompt decode rule the stored selection (plan.route_rows, attention.replay_selection), under the
+per-step rules each row as the decode row it was (plan.decode_pieces). What still depends on other requests: KV
+pages loaded by a KV connector.
 """
 
 from __future__ import annotations

@@ -667,8 +667,8 @@ def _check_as_decode(monkeypatch, impl: str, dev: str, rule: dict, n_prompt: int
     pieces = plan.as_decode[0]
     assert [p.num_reqs for p in pieces] == [50] * (n_gen // 50) + [n_gen % 50]
     assert plan.replay == [None] and md["prefill"] == [None]
-    assert {m for _, s in steps for m in s["plan"].modes} == {dict(tokens=MODE_SKIP, recent=MODE_RECENT,
-                                                                 random=MODE_RANDOM).get(cfg.decode_scoring, MODE_BOUNDS)}
+    mode = dict(tokens=MODE_SKIP, recent=MODE_RECENT, random=MODE_RANDOM).get(cfg.decode_scoring, MODE_BOUNDS)
+    assert {m for _, s in steps for m in s["plan"].modes} == {mode}
     assert [p.modes for p in pieces] == [[m for _, s in steps[a:a + p.num_reqs] for m in s["plan"].modes]
                                          for a, p in zip(range(0, n_gen, 50), pieces)]
     assert [t for p in pieces for t in p.tkeep] == [s["plan"].tkeep[0] for _, s in steps]
