@@ -557,12 +557,11 @@ def route_rows(plan: BatchPlan, slots: PromptSlots | None, fa_dense: bool,
         end = pl if pl is not None else n  # unknown prompt length: this chunk's end
         holds_end = n - q_len <= end - 1 < n
         final.append(holds_end)
-        past = (pl is not None and n - q_len >= pl and not plan.dense[r] and cfg.decode_scoring == "prompt"
-                and slots is not None and rid in slots.stored)
+        beyond = pl is not None and n - q_len >= pl and not plan.dense[r] and cfg.decode_scoring == "prompt"
+        past = beyond and slots is not None and rid in slots.stored
         replay.append((slots.of[rid], slots.stored[rid]) if past else None)
         subs = plan.as_decode[i] if plan.as_decode else None
-        if (subs is None and pl is not None and n - q_len >= pl and not plan.dense[r]
-                and cfg.decode_scoring == "prompt" and not past):
+        if subs is None and beyond and not past:
             # the prompt rule without a stored selection (no free slot): its decode rows chose by key bounds, every
             # one sparse (a sparse prompt's rows are at least the threshold long)
             subs = decode_pieces(n, q_len, cfg, 0, pl)

@@ -13,7 +13,8 @@ import cab_vllm.backend.attention as attention
 from backend_harness import PagedSim, check_step, dense_rows, rel_err
 from conftest import KERNEL_FP32_TOL, assert_same_selection
 from cab_vllm.api import select_blocks
-from cab_vllm.backend.plan import METRICS, EngineSettings, plan_batch, request_config, validate_request_args
+from cab_vllm.backend.plan import (METRICS, EngineSettings, plan_batch, request_config, route_rows,
+                                   validate_request_args)
 from cab_vllm.backend.attention import prefill_selection
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.decode import MODE_ALL, MODE_BOUNDS, MODE_RANDOM, MODE_RECENT, MODE_SKIP
@@ -600,19 +601,33 @@ def test_a_preempted_request_replays_its_decode_selections_on_the_gpu(impl):
                   tol=dict(rtol=1e-4, atol=1e-5) if impl == "torch" else dict(rtol=2e-2, atol=5e-3))
 
 
-def _check_replay(impl: str, dev: str, n_prompt: int, n_gen: int, decode_impl: str = "auto",
-                  tol: dict | None = None) -> None:
-    torch.manual_seed(6)
+def _prefilled_twins(cfg: CABConfig, dev: str, n_prompt: int, n_gen: int, seed: int, chunks: list[int],
+                     impl: str, prompt_slots: int | None = None) -> tuple[PagedSim, PagedSim]:
+    """Two PagedSims of one random request (4/2 heads, D 32, 16-token pages) with its n_prompt-token prompt prefilled
+    in ``chunks`` (the last takes the rest): one to decode its next n_gen tokens, one to recompute them as a chunk.
+    prompt_slots: the prompt table's slots (None: the harness's)."""
+    from cab_vllm.backend.plan import PromptSlots
+
+    torch.manual_seed(seed)
     hq, hkv, d = 4, 2, 32
     q = [torch.randn(hq, n_prompt + n_gen, d, device=dev)]
     k = [torch.randn(hkv, n_prompt + n_gen, d, device=dev)]
     v = [torch.randn(hkv, n_prompt + n_gen, d, device=dev)]
-    cfg = CABConfig(sparsity=0.8)  # decode_rule "auto": the prompt rule for cab
-    decoded, replayed = PagedSim(q, k, v, page_size=16, cfg=cfg), PagedSim(q, k, v, page_size=16, cfg=cfg)
-    for sim in (decoded, replayed):
+    twins = PagedSim(q, k, v, page_size=16, cfg=cfg), PagedSim(q, k, v, page_size=16, cfg=cfg)
+    for sim in twins:
+        if prompt_slots is not None:
+            sim.prompt_slots = PromptSlots(prompt_slots)
         sim.prompt_lens[0] = n_prompt
-        sim.step([(0, 128)], impl=impl)
-        sim.step([(0, n_prompt - 128)], impl=impl)
+        for c in chunks:
+            sim.step([(0, c)], impl=impl)
+        sim.step([(0, n_prompt - sum(chunks))], impl=impl)
+    return twins
+
+
+def _check_replay(impl: str, dev: str, n_prompt: int, n_gen: int, decode_impl: str = "auto",
+                  tol: dict | None = None) -> None:
+    cfg = CABConfig(sparsity=0.8)  # decode_rule "auto": the prompt rule for cab
+    decoded, replayed = _prefilled_twins(cfg, dev, n_prompt, n_gen, 6, [128], impl)
     outs = [decoded.step([(0, 1)], impl=decode_impl)[0] for _ in range(n_gen)]
     out, md = replayed.step([(0, n_gen)], impl=impl)
     assert md["plan"].replay == [(replayed.prompt_slots.of["req-0"], (n_prompt - 1) // 64 + 1)]
@@ -632,7 +647,6 @@ def test_a_preempted_request_recomputes_its_tokens_as_decode_rows_under_a_per_st
     stored selection, which decodes by bounds) a preempted request's chunk past its prompt runs row by row as the
     decode rows those tokens were: each row's selection is the one its decode step made and its output the same,
     whatever the chunk's size and where it starts (pieces of 50 rows here, the last one short)."""
-
     _check_as_decode(monkeypatch, impl, "cpu", rule, *((700, 140) if impl == "torch" else (330, 70)))
 
 
@@ -646,21 +660,11 @@ def test_a_preempted_request_recomputes_its_tokens_as_decode_rows_on_the_gpu(mon
 
 def _check_as_decode(monkeypatch, impl: str, dev: str, rule: dict, n_prompt: int, n_gen: int,
                      tol: dict | None = None) -> None:
-    from cab_vllm.backend.plan import PromptSlots
-
     monkeypatch.setattr("cab_vllm.backend.plan.AS_DECODE_ROWS", 50)
-    torch.manual_seed(8)
-    hq, hkv, d = 4, 2, 32
-    q = [torch.randn(hq, n_prompt + n_gen, d, device=dev)]
-    k = [torch.randn(hkv, n_prompt + n_gen, d, device=dev)]
-    v = [torch.randn(hkv, n_prompt + n_gen, d, device=dev)]
     cfg = CABConfig(sparsity=0.8, **rule)
-    decoded, replayed = PagedSim(q, k, v, page_size=16, cfg=cfg), PagedSim(q, k, v, page_size=16, cfg=cfg)
-    for sim in (decoded, replayed):
-        if cfg.decode_scoring == "prompt":
-            sim.prompt_slots = PromptSlots(0)
-        sim.prompt_lens[0] = n_prompt
-        sim.step([(0, n_prompt)], impl=impl)
+    hkv = 2
+    decoded, replayed = _prefilled_twins(cfg, dev, n_prompt, n_gen, 8, [], impl,
+                                         prompt_slots=0 if cfg.decode_scoring == "prompt" else None)
     steps = [decoded.step([(0, 1)], impl=impl) for _ in range(n_gen)]
     out, md = replayed.step([(0, n_gen)], impl=impl)
     plan = md["plan"]
@@ -700,7 +704,7 @@ def test_a_chunk_past_a_short_prompt_runs_its_rows_dense_or_sparse_by_their_own_
     assert p.as_decode == [None]
     # the metrics count the chunk's query blocks at its rows' share of their contexts' blocks
     p = plan_batch([0, 300], [1200], [bounds], dense_threshold=1000, count=False, prompt_lens=[900])
-    attention_route(p)
+    route_rows(p, None, fa_dense=False)
     stats = Stats()
     stats.record_plan(p, [bounds], 64, 1000)
     rows = sum(s.keep[i] if not s.dense[i] else (s.seq_lens[i] - 1) // 64 + 1 for s in p.as_decode[0]
@@ -710,11 +714,6 @@ def test_a_chunk_past_a_short_prompt_runs_its_rows_dense_or_sparse_by_their_own_
     assert stats.totals[("kept", "prefill", "0.90")] == pytest.approx(causal * rows / ctx)
     assert stats.totals[("causal", "prefill", "0.90")] == causal
 
-
-def attention_route(plan):
-    from cab_vllm.backend.plan import route_rows
-
-    route_rows(plan, None, fa_dense=False)
 
 
 def test_prompt_decode_rule_after_a_dense_prompt_of_unknown_length_selects_by_bounds():
