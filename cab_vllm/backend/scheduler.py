@@ -135,9 +135,10 @@ class CABScheduler(Scheduler):
             return self.cab_window_block, self.cab_window_hit_unit
         return self.cab_block, self.cab_hit_unit
 
-    def cab_computed_blocks(self, request):
-        """vLLM's prefix-cache hit for the request (KVCacheBlocks per cache group, tokens, ...), cut to kept_hit."""
-        blocks, hit, *rest = self.vllm_computed_blocks(request)
+    def cab_computed_blocks(self, request, *args: Any, **kwargs: Any):
+        """vLLM's prefix-cache hit for the request (KVCacheBlocks per cache group, tokens, ...), cut to kept_hit.
+        Later arguments go to vLLM's lookup as they came (0.33+: an upper bound of the hit, max_cache_hit_length)."""
+        blocks, hit, *rest = self.vllm_computed_blocks(request, *args, **kwargs)
         # a preempted request's hit may run past its prompt: stop before the prompt's end, so the chunk that ends the
         # prompt runs again (it stores the prompt's selection, which the tokens after it replay)
         keep = kept_hit(hit, min(request.num_tokens, request.num_prompt_tokens), self.cab_units(request)[1],

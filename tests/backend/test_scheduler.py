@@ -188,13 +188,20 @@ def _request(n: int, prompt: int | None = None, computed: int = 0, extra=None):
                            num_computed_tokens=computed, sampling_params=SimpleNamespace(extra_args=extra))
 
 
-def _vllm_hit(s, hit: int):
-    """Make vLLM's cache manager report a prefix-cache hit of ``hit`` tokens over 40 pages (of 16) for any request;
-    returns the KVCacheBlocks it reports."""
+def _vllm_hit(s, hit: int, calls: list | None = None):
+    """Make vLLM's cache manager report a prefix-cache hit of ``hit`` tokens over 40 pages (of 16) for any request
+    (vLLM 0.33+ pass an upper bound of the hit, max_cache_hit_length, which then caps it); returns the KVCacheBlocks
+    it reports. calls: gets the arguments of each lookup after the request."""
     from types import SimpleNamespace
 
     blocks = type(s.kv_cache_manager.empty_kv_cache_blocks)(([SimpleNamespace(block_id=i) for i in range(40)],))
-    s.vllm_computed_blocks = lambda request: (blocks, hit, 0)
+
+    def lookup(request, max_cache_hit_length=None):
+        if calls is not None:
+            calls.append(max_cache_hit_length)
+        return blocks, hit if max_cache_hit_length is None else min(hit, max_cache_hit_length), 0
+
+    s.vllm_computed_blocks = lookup
     return blocks
 
 
@@ -258,6 +265,19 @@ def test_scheduler_cuts_prefix_cache_hits(tmp_path, monkeypatch):
     assert s.kv_cache_manager.get_computed_blocks(_request(900, 600))[1] == 576
     _vllm_hit(s, 0)
     assert s.kv_cache_manager.get_computed_blocks(_request(641))[1] == 0
+
+
+def test_scheduler_passes_vllms_hit_bound_on(tmp_path, monkeypatch):
+    """vLLM 0.33+ call the cache manager's lookup with an upper bound of the hit, positionally from the scheduler
+    (get_computed_blocks(request, max_cache_hit_length)) or by name: CAB's cut takes it and hands it on, then cuts
+    vLLM's bounded hit to whole blocks."""
+    s = _make_scheduler(tmp_path, monkeypatch, False)
+    calls = []
+    _vllm_hit(s, 640, calls)
+    assert s.kv_cache_manager.get_computed_blocks(_request(5000), 600)[1] == 576
+    assert s.kv_cache_manager.get_computed_blocks(_request(5000), max_cache_hit_length=320)[1] == 320
+    assert s.kv_cache_manager.get_computed_blocks(_request(5000))[1] == 640
+    assert calls == [600, 320, None]
 
 
 def test_scheduler_refuses_a_vllm_without_the_hook(tmp_path, monkeypatch):
