@@ -74,7 +74,8 @@ def _cab_selected(vllm_config) -> bool:
 def _hook_request_validation() -> None:
     """Wrap InputProcessor._validate_params (request admission, in the API-server / LLM process) so that a bad
     cab_* value in SamplingParams.extra_args raises VLLMValidationError for that request only (HTTP 400 in the
-    OpenAI server, ValueError from LLM.generate); the engine never sees the request."""
+    OpenAI server; LLM.generate raises it, a ValueError in vLLM 0.26, a VLLMClientError from 0.27 on); the engine never
+    sees the request."""
     try:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.input_processor import InputProcessor

@@ -103,9 +103,9 @@ class CABBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls):
-        return None  # the kernels read through strides: any layout (vLLM >= 0.32)
+        return None  # the kernels read through strides: any layout (vLLM >= 0.29)
 
-    # vLLM 0.26-0.31 ask the backend for the cache's logical shape and physical order: FlashAttention's, so
+    # vLLM 0.26-0.28 ask the backend for the cache's logical shape and physical order: FlashAttention's, so
     # vLLM's FlashAttention kernels (which run the dense rows) and ours read the same tensor.
     @staticmethod
     def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,

