@@ -41,6 +41,7 @@ def register() -> None:
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     _share_vllm_logging()
+    _warn_unsupported_vllm()
     if os.environ.get("CAB_OVERRIDE_CPU_ATTN") == "1":  # CPU without the platform plugin: replace CPU_ATTN itself
         register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
     _hook_request_validation()
@@ -49,6 +50,31 @@ def register() -> None:
 
     compat.hook_key_code_pages()  # (vLLM 0.26/0.27; later ones ask CABBackend.customize_spec)
     trace("register")
+
+
+SUPPORTED_VLLM = ((0, 26), (0, 33))  # the releases CAB was checked against (pyproject: vllm>=0.26,<0.34)
+
+
+def vllm_release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a vLLM version string ('0.32.0', '0.33.0+cpu', '0.34.0rc1.dev5'), None if unreadable."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unsupported_vllm() -> None:
+    """One warning per process where vLLM's release is outside SUPPORTED_VLLM: a later vLLM may have moved what CAB
+    hooks (0.34 dropped the V1 model runner cab-serve selects), an earlier one lacks it. CAB still registers."""
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    release = vllm_release(version)
+    (lo, hi) = SUPPORTED_VLLM
+    if release is None or not lo <= release <= hi:
+        logger.warning("cab_vllm supports vLLM %d.%d-%d.%d; this is vLLM %s, which CAB was not checked against: "
+                       "expect errors at start or in the first requests", *lo, *hi, version)
 
 
 def _share_vllm_logging() -> None:

@@ -49,3 +49,21 @@ def test_an_applications_own_logging_and_vllm_without_handlers_are_left_alone(lo
     theirs.addHandler(logging.StreamHandler(io.StringIO()))
     _share_vllm_logging()
     assert ours.handlers == [mine]
+
+
+@pytest.mark.parametrize("version, warned", [("0.32.0", False), ("0.32.0+cpu", False), ("0.26.0", False),
+                                             ("0.33.0", False), ("0.34.0", True), ("0.34.0rc1.dev5", True),
+                                             ("0.25.1", True), ("1.0.0", True), ("unknown", True)])
+def test_a_vllm_outside_the_checked_releases_gets_one_warning(monkeypatch, caplog, version, warned):
+    vllm = pytest.importorskip("vllm")
+    from cab_vllm.backend import _warn_unsupported_vllm
+
+    monkeypatch.setattr(vllm, "__version__", version)
+    _warn_unsupported_vllm.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="cab_vllm"):
+        _warn_unsupported_vllm()
+        _warn_unsupported_vllm()  # vLLM may register the plugin more than once per process
+    hits = [r.getMessage() for r in caplog.records if "CAB was not checked against" in r.getMessage()]
+    assert hits == ([f"cab_vllm supports vLLM 0.26-0.33; this is vLLM {version}, which CAB was not checked against: "
+                     "expect errors at start or in the first requests"] if warned else [])
+    _warn_unsupported_vllm.cache_clear()
