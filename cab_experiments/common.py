@@ -18,7 +18,7 @@ from cab_vllm.config import POLICIES, CABConfig
 _FIELDS = {f for f in CABConfig.__dataclass_fields__} - {"sparsity", "policy"}
 # the transformers adapter's own keys (cab_vllm.hf.using), not CABConfig fields
 ADAPTER_KEYS = ("phases", "layers", "early", "compensate", "oracle", "tokens", "prefill", "prefill_chunk",
-                "prefill_rows", "prefill_pooled", "prefill_est", "prefill_within")
+                "prefill_rows", "prefill_pooled", "prefill_est", "prefill_within", "prefill_cand")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class Variant:
     (one token-level set per KV head) at the same density (``prefill=vslash``: also the offsets they attend to most;
     ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows, ``prefill_rows=R``: by its last R,
     ``prefill_pooled=1``: by their mean query, ``prefill_est=sparqb16``: by their scores estimated as a token
-    selector estimates them, ``prefill_within=F``: first among the tokens of cab's blocks at F x the budget), and
+    selector estimates them, ``prefill_within=F``: first among the tokens of cab's blocks at F x the budget, ``prefill_cand=rowbounds``: of as
+    many blocks ranked by every row's box bound), and
     ``tokens=pcaR|sparqR|sparqgR|dimsR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
     only; pca and dims need the model's key basis and dimension order, cab_vllm.hf.calibrate_key_basis)."""
 
@@ -60,10 +61,11 @@ class Variant:
                     raise ValueError(f"variant {spec!r}: {e}") from None
                 overrides.append((key, raw))
                 continue
-            if key in ("phases", "compensate", "oracle", "prefill"):
-                from cab_vllm.hf import COMPENSATIONS, ORACLES, PHASES, PREFILLS
+            if key in ("phases", "compensate", "oracle", "prefill", "prefill_cand"):
+                from cab_vllm.hf import CANDIDATES, COMPENSATIONS, ORACLES, PHASES, PREFILLS
 
-                allowed = {"phases": PHASES, "compensate": COMPENSATIONS, "oracle": ORACLES, "prefill": PREFILLS}[key]
+                allowed = {"phases": PHASES, "compensate": COMPENSATIONS, "oracle": ORACLES, "prefill": PREFILLS,
+                           "prefill_cand": CANDIDATES}[key]
                 if raw not in allowed:
                     raise ValueError(f"variant {spec!r}: {key}={raw!r} must be one of {allowed}")
                 overrides.append((key, raw))
@@ -172,13 +174,17 @@ class Variant:
         return dict(self.overrides).get("prefill_within")
 
     @property
+    def prefill_cand(self) -> str:
+        return dict(self.overrides).get("prefill_cand", "cab")
+
+    @property
     def is_dense(self) -> bool:
         return self.policy == "dense"
 
     def using(self, sparsity: float, impl: str = "auto"):
         """cab_vllm.hf.using for this cell: the config at ``sparsity`` and the adapter's ablation keys (phases,
         layers, early, compensate, oracle, tokens, prefill, prefill_chunk, prefill_rows, prefill_pooled, prefill_est,
-        prefill_within);
+        prefill_within, prefill_cand);
         yields the block counts."""
         from cab_vllm import hf
 
@@ -186,7 +192,7 @@ class Variant:
                         compensate=self.compensate, oracle=self.oracle, tokens=self.tokens, prefill=self.prefill,
                         prefill_chunk=self.prefill_chunk, prefill_rows=self.prefill_rows,
                         prefill_pooled=self.prefill_pooled, prefill_est=self.prefill_est,
-                        prefill_within=self.prefill_within)
+                        prefill_within=self.prefill_within, prefill_cand=self.prefill_cand)
 
     def config(self, sparsity: float) -> CABConfig | None:
         """The CABConfig at ``sparsity``; None (dense attention) for the dense policy or sparsity 0."""

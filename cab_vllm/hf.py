@@ -60,6 +60,7 @@ class _State:
     prefill_pooled: bool = False
     prefill_est: TokenSpec | None = None
     prefill_within: float | None = None
+    prefill_cand: str = "cab"
     captures: list | None = None
     prompt_sel: dict = field(default_factory=dict)  # layer -> (indices [B, Hkv, K], counts, prompt blocks)
     stats: dict = field(default_factory=lambda: _new_stats())
@@ -72,6 +73,7 @@ PHASES = ("both", "prefill", "decode")
 COMPENSATIONS = ("mean", "mass")
 ORACLES = ("token",)
 PREFILLS = ("vertical", "vslash")
+CANDIDATES = ("cab", "rowbounds")  # prefill_within's candidate blocks: cab's selection, or each row's box bounds
 _TOKENS_RE = re.compile(r"(?:(exact)|(pca|sparqb|sparqg|sparq|dims)([1-9][0-9]*)|(intc|int)([2-8]))"
                         r"(?:x([1-9][0-9]*))?(kv)?")
 CHANNEL_GROUP = 16  # intcB: tokens per group of a channel's quantization range (a vLLM page of 16 tokens)
@@ -149,7 +151,7 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
           early: tuple[int, float] | None = None, compensate: str | None = None, oracle: str | None = None,
           tokens: str | None = None, prefill: str | None = None, prefill_chunk: int | None = None,
           prefill_rows: int | None = None, prefill_pooled: bool = False, prefill_est: str | None = None,
-          prefill_within: float | None = None):
+          prefill_within: float | None = None, prefill_cand: str = "cab"):
     """Run the model's "cab" attention layers with ``cfg`` (None = dense) inside the block; yields a dict
     counting prefill/decode calls and kept/causal key blocks (achieved density = kept / causal).
     phases: "both", or "prefill" / "decode" to sparsify only that phase (the other runs dense) — an ablation
@@ -185,7 +187,13 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     the ranking reads first among the tokens of the blocks cab's own selection keeps for that query block at F times
     the budget (sparsity 1 - F * (1 - s)), every other key after them: the keys a kernel would score exactly
     (F x the budget of each block's rows' products) to pick the budget's tokens from (the kept count is the
-    selection's at s, as without it)."""
+    selection's at s, as without it). prefill_cand: which blocks are those candidates, "cab" (its selection, above)
+    or "rowbounds" (as many blocks per query block and KV head as that selection keeps, ranked row by row by every
+    query row's box bound on each key block: row_bound_candidates)."""
+    if prefill_cand not in CANDIDATES:
+        raise ValueError(f"prefill_cand={prefill_cand!r} must be one of {CANDIDATES}")
+    if prefill_cand != "cab" and prefill_within is None:
+        raise ValueError(f"prefill_cand={prefill_cand!r} chooses prefill_within's candidates: it needs prefill_within")
     if prefill_chunk is not None and (prefill is None or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk={prefill_chunk!r} needs prefill='vertical' or 'vslash' and a positive size")
     if prefill_rows is not None and (prefill is None or prefill_rows < 1):
@@ -232,7 +240,7 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
         cfg.replace(sparsity=early[1])  # a bad sparsity fails here, not in the first layer
     prev = (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
             _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prefill_est,
-            _STATE.prefill_within, _STATE.prompt_sel, _STATE.stats)
+            _STATE.prefill_within, _STATE.prefill_cand, _STATE.prompt_sel, _STATE.stats)
     _STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early = cfg, impl, phases, layers, early
     _STATE.compensate, _STATE.tokens = compensate, token_sel
     _STATE.prefill, _STATE.prefill_chunk = prefill, prefill_chunk
@@ -240,13 +248,14 @@ def using(cfg: CABConfig | None, impl: str = "auto", phases: str = "both", layer
     _STATE.prefill_pooled = bool(prefill_pooled)
     _STATE.prefill_est = est_sel
     _STATE.prefill_within = None if prefill_within is None else float(prefill_within)
+    _STATE.prefill_cand = prefill_cand
     _STATE.prompt_sel, _STATE.stats = {}, _new_stats()
     try:
         yield _STATE.stats
     finally:
         (_STATE.cfg, _STATE.impl, _STATE.phases, _STATE.layers, _STATE.early, _STATE.compensate, _STATE.tokens,
          _STATE.prefill, _STATE.prefill_chunk, _STATE.prefill_rows, _STATE.prefill_pooled, _STATE.prefill_est,
-         _STATE.prefill_within, _STATE.prompt_sel, _STATE.stats) = prev
+         _STATE.prefill_within, _STATE.prefill_cand, _STATE.prompt_sel, _STATE.stats) = prev
 
 
 @contextlib.contextmanager
@@ -555,6 +564,51 @@ def chunked_vertical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return torch.cat(outs, dim=2)
 
 
+def row_bound_candidates(q: torch.Tensor, k: torch.Tensor, counts: torch.Tensor, block_size: int,
+                         sink_blocks: int = 1, local_blocks: int = 1, rows_per_step: int = 4096) -> torch.Tensor:
+    """Candidate key blocks per query block from every query row's box bound (Quest's, per row rather than per
+    pooled query): row i's bound on key block j is sum_d max(q_id lo_jd, q_id hi_jd) (lo / hi: the block's
+    per-dimension key minima and maxima), scaled as a logit, plus the log of the block's length; each row's softmax
+    over its causal blocks; a query block ranks key blocks by the largest of its rows' and the KV group's heads'.
+    The sink and local blocks come first. q [B, Hq, N, D], k [B, Hkv, N, D], counts [B, Hkv, M] (blocks to keep per
+    query block) -> [B, Hkv, M, M] bool (causal). Costs N x M x 2D products per query head: 1/32 of QK^T at
+    64-token blocks."""
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, Hq, N, D] / [B, Hkv, N, D]")
+    m = num_blocks(n, block_size)
+    if counts.shape != (b, hkv, m):
+        raise ValueError(f"counts must be [{b}, {hkv}, {m}], got {tuple(counts.shape)}")
+    g = hq // hkv
+    st = pool(k, block_size, bounds=True, impl="torch")
+    lo, hi = st["lo"].float(), st["hi"].float()  # [B, Hkv, M, D]
+    loglen = block_lengths(n, block_size, device=q.device).float().log()  # [M]
+    score = torch.full((b, hkv, m, m), float("-inf"), device=q.device)
+    qg = q.float().reshape(b, hkv, g, n, d)
+    blk = torch.arange(m, device=q.device)
+    step = max(block_size, rows_per_step // block_size * block_size)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        qr = qg[:, :, :, r0:r1]
+        s = (qr.clamp(min=0) @ hi[:, :, None].transpose(-1, -2) + qr.clamp(max=0) @ lo[:, :, None].transpose(-1, -2))
+        s = s / math.sqrt(d) + loglen  # [B, Hkv, G, rows, M]
+        rb = torch.arange(r0, r1, device=q.device) // block_size  # each row's query block
+        s = s.masked_fill(blk[None, :] > rb[:, None], float("-inf")).softmax(-1)
+        s = s.amax(2)  # over the group's heads: [B, Hkv, rows, M]
+        q0, q1 = r0 // block_size, -(-r1 // block_size)
+        pad = q1 * block_size - r1
+        if pad:
+            s = torch.nn.functional.pad(s, (0, 0, 0, pad))
+        score[:, :, q0:q1] = s.reshape(b, hkv, q1 - q0, block_size, m).amax(3)
+    i, j = blk[:, None], blk[None, :]
+    causal = j <= i
+    forced = causal & ((j < sink_blocks) | (j > i - local_blocks))
+    score = score.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
+    rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # each block's place in its row
+    return (rank < counts[..., None]) & causal
+
+
 def quantize_keys(k: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
     """k [..., D] rounded to signed ``bits``-bit integers with one absmax scale per ``group`` dimensions of each
     token (a head dim below ``group`` is one group; else D % group == 0), dequantized -> float32 of k's shape."""
@@ -727,7 +781,10 @@ def cab_attention_forward(module, query, key, value, attention_mask, dropout: fl
             if _STATE.prefill_within is not None:  # cab's blocks at F x the budget, each query block's candidates
                 wide = select_blocks(query, key, cfg.replace(
                     sparsity=max(0.0, 1 - _STATE.prefill_within * (1 - cfg.sparsity))), impl=impl)
-                within = selection_to_block_mask(wide.indices, wide.counts, wide.num_blocks)
+                within = (selection_to_block_mask(wide.indices, wide.counts, wide.num_blocks)
+                          if _STATE.prefill_cand == "cab" else
+                          row_bound_candidates(query, key, wide.counts, cfg.block_size, cfg.sink_blocks,
+                                               cfg.local_blocks))
             out = chunked_vertical_attention(query, key, value, kept_tokens(sel), scale, chunk=_STATE.prefill_chunk,
                                              slash=_STATE.prefill == "vslash", rows=_STATE.prefill_rows,
                                              pooled=_STATE.prefill_pooled,

@@ -669,3 +669,68 @@ def test_a_model_runs_with_the_vertical_prefill():
             run(**bad)
     with pytest.raises(ValueError, match="must be >= 1"):
         run(prefill="vertical", prefill_chunk=64, prefill_within=0.5)
+    # the candidates ranked by every row's box bounds instead (their choice: the tests below): the same counts
+    rows_b, c_rows_b = run(prefill="vertical", prefill_chunk=64, prefill_within=2, prefill_cand="rowbounds")
+    assert c_rows_b == c_vert and math.isfinite(float(rows_b.sum()))
+    torch.testing.assert_close(run(prefill="vertical", prefill_chunk=64, prefill_within=5,
+                                   prefill_cand="rowbounds")[0], tile)
+    with pytest.raises(ValueError, match="prefill_cand='rowbounds' chooses prefill_within's candidates"):
+        run(prefill="vertical", prefill_chunk=64, prefill_cand="rowbounds")
+    with pytest.raises(ValueError, match="prefill_cand='pooled' must be one of"):
+        run(prefill="vertical", prefill_chunk=64, prefill_within=2, prefill_cand="pooled")
+
+
+def _row_bound_candidates_by_loops(q, k, counts, bs, sink, local):
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    g, m = hq // hkv, -(-n // bs)
+    out = torch.zeros(b, hkv, m, m, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hkv):
+            for i in range(m):
+                best = torch.full((m,), -1.0, dtype=torch.float64)
+                for gi in range(g):
+                    for r in range(i * bs, min(n, (i + 1) * bs)):
+                        qr = q[bi, h * g + gi, r].double()
+                        logit = torch.empty(i + 1, dtype=torch.float64)
+                        for j in range(i + 1):
+                            kb = k[bi, h, j * bs:min(n, (j + 1) * bs)].double()
+                            lo, hi = kb.min(0).values, kb.max(0).values
+                            logit[j] = torch.maximum(qr * lo, qr * hi).sum() / math.sqrt(d) + math.log(kb.shape[0])
+                        best[:i + 1] = torch.maximum(best[:i + 1], logit.softmax(0))
+                forced = [j for j in range(i + 1) if j < sink or j > i - local]
+                rest = sorted((j for j in range(i + 1) if j not in forced), key=lambda j: (-float(best[j]), j))
+                for j in (forced + rest)[:int(counts[bi, h, i])]:
+                    out[bi, h, i, j] = True
+    return out
+
+
+@pytest.mark.parametrize("n,bs,g,step", [(70, 16, 2, 4096), (97, 8, 3, 16), (64, 16, 1, 32)])
+def test_row_bound_candidates_match_the_row_by_row_reference(n, bs, g, step):
+    """Every row's box bound on each causal key block, its softmax, the largest over the query block's rows and the
+    group's heads, sink and local blocks first, then the best counts: the loops' choice, in slices of rows too."""
+    torch.manual_seed(n)
+    hkv, d = 2, 8
+    m = -(-n // bs)
+    q, k = torch.randn(1, hkv * g, n, d), torch.randn(1, hkv, n, d)
+    counts = torch.minimum(torch.randint(1, m + 1, (1, hkv, m)), torch.arange(1, m + 1))
+    got = hf.row_bound_candidates(q, k, counts, bs, sink_blocks=1, local_blocks=2, rows_per_step=step)
+    assert torch.equal(got, _row_bound_candidates_by_loops(q, k, counts, bs, 1, 2))
+    assert torch.equal(got.sum(-1), counts)
+    with pytest.raises(ValueError, match="counts must be"):
+        hf.row_bound_candidates(q, k, counts[..., :-1], bs)
+
+
+def test_row_bound_candidates_find_the_block_one_row_needs():
+    """One query row aligned with one key of a far block, the other rows with nothing: that row's bound picks the
+    block, which the block's mean query (cab's pooled estimate) would not single out."""
+    torch.manual_seed(0)
+    n, bs, d = 512, 64, 16
+    q, k = 0.1 * torch.randn(1, 1, n, d), 0.1 * torch.randn(1, 1, n, d)
+    needle = torch.zeros(d)
+    needle[3] = 6.0
+    k[0, 0, 130] = needle  # key block 2
+    q[0, 0, 7 * bs + 5] = needle  # one row of the last query block
+    counts = torch.minimum(torch.full((1, 1, 8), 3), torch.arange(1, 9))
+    got = hf.row_bound_candidates(q, k, counts, bs, sink_blocks=1, local_blocks=1)
+    assert bool(got[0, 0, 7, 2]) and int(got[0, 0, 7].sum()) == 3

@@ -348,6 +348,11 @@ def test_layers_sparsify_a_layer_range_only(smol):
     for bad in ("0.5", "x", "nan"):
         with pytest.raises(ValueError, match="prefill_within="):
             Variant.parse(f"cab:prefill=vertical,prefill_chunk=64,prefill_within={bad}")
+    v = Variant.parse("cab:prefill=vertical,prefill_chunk=64,prefill_within=3,prefill_cand=rowbounds")
+    assert v.prefill_cand == "rowbounds" and Variant.parse("cab").prefill_cand == "cab"
+    assert v.config(0.9) == CABConfig(policy="cab", sparsity=0.9)
+    with pytest.raises(ValueError, match="prefill_cand="):
+        Variant.parse("cab:prefill=vertical,prefill_chunk=64,prefill_within=3,prefill_cand=bounds")
     with pytest.raises(ValueError, match="sparqbR shares dimensions"):  # refused when parsed, not mid-sweep
         Variant.parse("cab:tokens=sparqb16")
     assert Variant.parse("cab:oracle=token").config(0.9) == CABConfig(policy="cab", sparsity=0.9)
