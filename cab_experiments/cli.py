@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--within", type=float, nargs="+", default=(), metavar="F",
                    help="with --prefill-mass: also rank each chunk's vertical lines among the tokens of cab's blocks "
                         "at F times the budget first (withinF@C/R: the keys a kernel would score)")
+    p.add_argument("--within-rowbounds", action="store_true",
+                   help="with --within: also among as many blocks per query block ranked by every row's box bounds "
+                        "(withinrbF@C/R)")
     p.add_argument("--pooled-rows", type=_positive_int, nargs="+", default=(), metavar="R",
                    help="with --prefill-mass: also rank each chunk's vertical lines by the mean query of its last R "
                         "rows (pooled@C/R: one row per head)")
@@ -374,6 +377,8 @@ def _granularity(a) -> int:
     if (a.rank_rows or a.no_block_oracle or a.within or a.pooled_rows) and not a.prefill_mass:
         raise SystemExit("python -m cab_experiments granularity: --rank-rows, --pooled-rows, --within and "
                          "--no-block-oracle go with --prefill-mass")
+    if a.within_rowbounds and not a.within:
+        raise SystemExit("python -m cab_experiments granularity: --within-rowbounds goes with --within")
     if any(f < 1 for f in a.within):
         raise SystemExit(f"python -m cab_experiments granularity: --within {a.within}: each must be >= 1 (times "
                          "the budget)")
@@ -385,7 +390,7 @@ def _granularity(a) -> int:
                              "must be >= 0 (0: the whole prompt)")
         rows = run_prefill_mass(a.model, a.lengths, a.sparsities, tuple(a.prefill_mass), a.task, a.depth, device,
                                 dtype, rank_rows=a.rank_rows, block_oracle=not a.no_block_oracle, within=a.within,
-                                pooled_rows=a.pooled_rows)
+                                pooled_rows=a.pooled_rows, within_rowbounds=a.within_rowbounds)
         _append_rows(a.out or "experiments/results/prefill_mass.jsonl", rows, device)
         print(prefill_mass_markdown(rows))
         return 0

@@ -441,13 +441,16 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
 def _kept_within(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, wide, qb: torch.Tensor,
                  bs: int) -> torch.Tensor:
     """[Hkv, R, e] bool: hf.vertical_kept's keys for rows ``pos`` (keep [1, Hkv, R]), ``rank`` [1, Hkv, e] read
-    first among the tokens of the blocks ``wide`` (a BlockSelection) keeps for each row's query block ``qb``, the
+    first among the tokens of the blocks ``wide`` (a BlockSelection, or a [1, Hkv, M, M] block mask) keeps for each row's query block ``qb``, the
     other keys ranked after every one of those."""
     from cab_vllm import hf
     from cab_vllm.ops.blocks import selection_to_block_mask
 
     e = rank.shape[-1]
-    blk = selection_to_block_mask(wide.indices[0][:, qb], wide.counts[0][:, qb], wide.num_blocks)  # [Hkv, R, M]
+    if isinstance(wide, torch.Tensor):  # a block mask [1, Hkv, M, M] (hf.row_bound_candidates)
+        blk = wide[0][:, qb]
+    else:
+        blk = selection_to_block_mask(wide.indices[0][:, qb], wide.counts[0][:, qb], wide.num_blocks)  # [Hkv, R, M]
     cand = blk.repeat_interleave(bs, -1)[None, ..., :e]  # [1, Hkv, R, e]
     lifted = rank[:, :, None, :] - (~cand) * (float(rank.max()) + 2.0)  # candidates above every other key
     return hf.vertical_kept(lifted, pos, keep)[0]
@@ -455,14 +458,16 @@ def _kept_within(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, wide
 
 def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "multikey", depth: float = 0.5,
                      device: str = "cpu", dtype: torch.dtype = torch.float32, sample: int = 128, rank_rows=None,
-                     block_oracle: bool = True, within=(), pooled_rows=()) -> list[dict]:
+                     block_oracle: bool = True, within=(), pooled_rows=(), within_rowbounds: bool = False
+                     ) -> list[dict]:
     """One ``task`` prompt per length through the dense model; for every layer and sparsity, prefill_mass of cab's
     selection against vertical lines ranked chunk by chunk (by the last R rows of each chunk, R in ``rank_rows``),
     the per-row oracle and, with block_oracle, "block_oracle": the blocks of highest exact mass for each query block
     (all its rows scored against every key: estimator="sampled" with sample_rows=block_size; what no block estimate
     beats at this budget); for each F in ``within``, "within{F}": those rankings among the tokens of cab's blocks at F
-    times the budget (sparsity 1 - F (1 - s)) first; for each R in ``pooled_rows`` the rankings by the mean query
-    of the last R rows."""
+    times the budget (sparsity 1 - F (1 - s)) first, and with within_rowbounds "withinrb{F}": among as many blocks
+    per query block ranked by every row's box bounds (hf.row_bound_candidates); for each R in ``pooled_rows`` the
+    rankings by the mean query of the last R rows."""
     from cab_vllm.api import select_blocks
     from cab_vllm.config import CABConfig
 
@@ -477,6 +482,12 @@ def run_prefill_mass(model_name: str, lengths, sparsities, chunks, task: str = "
                                                                          sample_rows=cfg.block_size))
             wide = {f"within{f:g}": select_blocks(q, k, cfg.replace(sparsity=max(0.0, 1 - f * (1 - sp))))
                     for f in within}
+            if within_rowbounds:
+                from cab_vllm import hf
+
+                wide.update({f"withinrb{f:g}": hf.row_bound_candidates(
+                    q, k, wide[f"within{f:g}"].counts, cfg.block_size, cfg.sink_blocks, cfg.local_blocks)
+                    for f in within})
             r = prefill_mass(q, k, sel, 1.0 / math.sqrt(q.shape[-1]), chunks, sample, others, rank_rows, wide,
                              pooled_rows)
             out.append(dict(model=model_name, length=n, n_tokens=q.shape[2], task=task, depth=depth, layer=layer,

@@ -465,6 +465,13 @@ def test_prefill_mass_against_a_loop_over_rows():
     for name in ("@64", "@256", "@64/16", "@256/16"):
         assert inside[f"all{name}"] == pytest.approx(inside[f"vertical{name}"], abs=1e-6)
         assert got["blocks"] - 0.02 < inside[f"w2{name}"] < inside[f"vertical{name}"] + 0.02
+    # a block mask of the same blocks as a selection (hf.row_bound_candidates' form) reads as the selection does
+    from cab_vllm.ops.blocks import selection_to_block_mask
+
+    w2 = wide["w2"]
+    as_mask = prefill_mass(q, k, sel, scale, (64,), sample=20, within={
+        "m": selection_to_block_mask(w2.indices, w2.counts, w2.num_blocks)})
+    assert as_mask["m@64"] == pytest.approx(inside["w2@64"], abs=1e-6)
     # ranked by the mean query of each chunk's last 16 rows: as the loop above ranks, with that ranking
     pooled = prefill_mass(q, k, sel, scale, (256,), sample=20, pooled_rows=(16,), within=wide)
     assert pooled["all_pooled@256/16"] == pytest.approx(pooled["pooled@256/16"], abs=1e-6)
@@ -526,6 +533,8 @@ def test_the_cli_prefill_mass_mode(tmp_path):
             main(["granularity", *bad, "--device", "cpu"])
     with pytest.raises(SystemExit, match="each must be >= 1"):
         main(["granularity", "--prefill-mass", "64", "--within", "0.5", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--within-rowbounds goes with --within"):
+        main(["granularity", "--prefill-mass", "64", "--within-rowbounds", "--device", "cpu"])
     with pytest.raises(SystemExit, match="chunk sizes must be >= 0"):
         main(["granularity", "--prefill-mass", "-1", "--device", "cpu"])
     with pytest.raises(SystemExit, match="separate questions"):
