@@ -573,6 +573,8 @@ def row_bound_candidates(q: torch.Tensor, k: torch.Tensor, counts: torch.Tensor,
     The sink and local blocks come first. q [B, Hq, N, D], k [B, Hkv, N, D], counts [B, Hkv, M] (blocks to keep per
     query block) -> [B, Hkv, M, M] bool (causal). Costs N x M x 2D products per query head: 1/32 of QK^T at
     64-token blocks."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, Hq, N, D] / [B, Hkv, N, D]")
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d or hq % hkv:

@@ -719,6 +719,9 @@ def test_row_bound_candidates_match_the_row_by_row_reference(n, bs, g, step):
     assert torch.equal(got.sum(-1), counts)
     with pytest.raises(ValueError, match="counts must be"):
         hf.row_bound_candidates(q, k, counts[..., :-1], bs)
+    for bad_q, bad_k in ((q[0], k), (q, k[:, :, :-1]), (q[:, :3] if g == 2 else q[:, :1], k)):
+        with pytest.raises(ValueError, match="must be \\[B, Hq, N, D\\]"):
+            hf.row_bound_candidates(bad_q, bad_k, counts, bs)
 
 
 def test_row_bound_candidates_find_the_block_one_row_needs():
