@@ -33,8 +33,8 @@ class Variant:
     (one token-level set per KV head) at the same density (``prefill=vslash``: also the offsets they attend to most;
     ``prefill_chunk=N``: each chunk of N rows ranks by its own last rows, ``prefill_rows=R``: by its last R,
     ``prefill_pooled=1``: by their mean query, ``prefill_est=sparqb16``: by their scores estimated as a token
-    selector estimates them, ``prefill_within=F``: first among the tokens of cab's blocks at F x the budget, ``prefill_cand=rowbounds``: of as
-    many blocks ranked by every row's box bound), and
+    selector estimates them, ``prefill_within=F``: first among the tokens of cab's blocks at F x the budget,
+    ``prefill_cand=rowbounds``: of as many blocks ranked by every row's box bound), and
     ``tokens=pcaR|sparqR|sparqgR|dimsR|intB`` the same keys ranked by an estimate (cab_vllm.hf.using; the transformers adapter
     only; pca and dims need the model's key basis and dimension order, cab_vllm.hf.calibrate_key_basis)."""
 

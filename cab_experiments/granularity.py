@@ -441,8 +441,8 @@ def prefill_mass(q: torch.Tensor, k: torch.Tensor, sel, scale: float, chunks, sa
 def _kept_within(rank: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, wide, qb: torch.Tensor,
                  bs: int) -> torch.Tensor:
     """[Hkv, R, e] bool: hf.vertical_kept's keys for rows ``pos`` (keep [1, Hkv, R]), ``rank`` [1, Hkv, e] read
-    first among the tokens of the blocks ``wide`` (a BlockSelection, or a [1, Hkv, M, M] block mask) keeps for each row's query block ``qb``, the
-    other keys ranked after every one of those."""
+    first among the tokens of the blocks ``wide`` (a BlockSelection, or a [1, Hkv, M, M] block mask) keeps for each
+    row's query block ``qb``, the other keys ranked after every one of those."""
     from cab_vllm import hf
     from cab_vllm.ops.blocks import selection_to_block_mask
 

@@ -30,8 +30,9 @@ from cab_vllm.api import select_blocks, sparse_attention
 from cab_vllm.config import CABConfig
 from cab_vllm.ops.coarsen import pool
 from cab_vllm.ops.decode import paged_sparse_decode
-from cab_vllm.ops.blocks import block_lengths, num_blocks, selection_to_block_mask
+from cab_vllm.ops.blocks import block_lengths, causal_block_mask, num_blocks, selection_to_block_mask
 from cab_vllm.ops.reference import sparse_attention_ref
+from cab_vllm.ops.select import forced_mask
 from cab_vllm.policies import extend_prompt_selection, select_decode_blocks
 
 ATTN_NAME = "cab"
@@ -603,9 +604,8 @@ def row_bound_candidates(q: torch.Tensor, k: torch.Tensor, counts: torch.Tensor,
         if pad:
             s = torch.nn.functional.pad(s, (0, 0, 0, pad))
         score[:, :, q0:q1] = s.reshape(b, hkv, q1 - q0, block_size, m).amax(3)
-    i, j = blk[:, None], blk[None, :]
-    causal = j <= i
-    forced = causal & ((j < sink_blocks) | (j > i - local_blocks))
+    causal = causal_block_mask(m, q.device)
+    forced = forced_mask(m, sink_blocks, local_blocks, q.device)
     score = score.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))
     rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # each block's place in its row
     return (rank < counts[..., None]) & causal
