@@ -31,6 +31,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _cab_env_restored():
+    """The CAB_* variables are the engine defaults every backend test reads: whatever a test sets in os.environ
+    (directly, or through code such as cab-serve's parser) is put back afterwards, so no test's outcome depends on
+    which tests ran before it in the same process (pytest-xdist workers run them in any order)."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("CAB_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("CAB_") and k not in before]:
+        del os.environ[k]
+    os.environ.update(before)
+
+
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -21,8 +21,15 @@ CAB_ENV = ("CAB_SPARSITY", "CAB_POLICY", "CAB_DENSE_THRESHOLD", "VLLM_API_KEY", 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
+    """Each test starts without CAB_ENV, and every variable parse_args sets (CAB_POLICY, CAB_SPARSITY, ...) is gone
+    afterwards: monkeypatch only restores variables it saw set, so the whole environment is put back here (a leaked
+    CAB_POLICY would change the engine defaults of whatever test runs next in the same process)."""
+    before = dict(os.environ)
     for var in CAB_ENV:
-        monkeypatch.delenv(var, raising=False)  # parse_args sets some: monkeypatch restores them afterwards
+        monkeypatch.delenv(var, raising=False)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
 
 
 @pytest.fixture(scope="module")
