@@ -7,6 +7,7 @@ import time and imports nothing from cab_vllm at module level.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -29,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def environ_restored():
+    """Put the whole os.environ back on exit, whatever the code inside set or removed (monkeypatch only restores the
+    variables it was asked about; code such as cab-serve's parser sets others)."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 @pytest.fixture(autouse=True)

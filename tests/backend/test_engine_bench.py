@@ -11,20 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_script
+from conftest import environ_restored, load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
 def bench():
-    env = dict(os.environ)  # the script sets vLLM/Prometheus variables at import: keep them out of this process
-    try:
-        mod = load_script("benchmarks/gpu/engine_bench.py")
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-    return mod
+    with environ_restored():  # the script sets vLLM/Prometheus variables at import: keep them out of this process
+        return load_script("benchmarks/gpu/engine_bench.py")
 
 
 def test_decode_breakdown_is_the_difference_per_step(bench):

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from conftest import environ_restored  # noqa: E402
 from server import cli  # noqa: E402
 
 CAB_ENV = ("CAB_SPARSITY", "CAB_POLICY", "CAB_DENSE_THRESHOLD", "VLLM_API_KEY", "VLLM_CPU_KVCACHE_SPACE",
@@ -20,16 +21,13 @@ CAB_ENV = ("CAB_SPARSITY", "CAB_POLICY", "CAB_DENSE_THRESHOLD", "VLLM_API_KEY", 
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
+def clean_env():
     """Each test starts without CAB_ENV, and every variable parse_args sets (CAB_POLICY, CAB_SPARSITY, ...) is gone
-    afterwards: monkeypatch only restores variables it saw set, so the whole environment is put back here (a leaked
-    CAB_POLICY would change the engine defaults of whatever test runs next in the same process)."""
-    before = dict(os.environ)
-    for var in CAB_ENV:
-        monkeypatch.delenv(var, raising=False)
-    yield
-    os.environ.clear()
-    os.environ.update(before)
+    afterwards (a leaked CAB_POLICY would change the engine defaults of whatever test runs next in the process)."""
+    with environ_restored():
+        for var in CAB_ENV:
+            os.environ.pop(var, None)
+        yield
 
 
 @pytest.fixture(scope="module")
